@@ -1,0 +1,29 @@
+//! The command line: what the binary does when it is not called as a CNI plugin.
+
+pub mod crds;
+pub mod install;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "whereabouts", version, about = "Cluster-wide IPAM for CNI")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Install the plugin on this node: binary, flat file, kubeconfig, node name.
+    Install(install::InstallArgs),
+    /// Print the CustomResourceDefinitions generated from the Rust types.
+    Crds(crds::CrdsArgs),
+}
+
+/// Runs a subcommand.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Install(args) => install::run(args),
+        Command::Crds(args) => crds::run(args),
+    }
+}

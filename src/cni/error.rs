@@ -1,0 +1,60 @@
+//! CNI errors: a code, a message a person can act on, and details.
+
+use serde::Serialize;
+
+/// CNI error codes (spec section "Error"), and this plugin's own (100 and up).
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENVIRONMENT: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const DECODING_FAILURE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN: u32 = 11;
+    pub const NOT_AVAILABLE: u32 = 50;
+    pub const LIMITED_CONNECTIVITY: u32 = 51;
+    /// No free address left in a range.
+    pub const POOL_EXHAUSTED: u32 = 100;
+    /// A requested static address is held by another attachment.
+    pub const ADDRESS_IN_USE: u32 = 101;
+    /// CHECK: the attachment's addresses are not recorded.
+    pub const NOT_RECORDED: u32 = 102;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{msg}")]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub details: String,
+}
+
+impl CniError {
+    pub fn new(code: u32, msg: impl Into<String>) -> CniError {
+        CniError {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
+    }
+
+    pub fn with_details(mut self, details: impl Into<String>) -> CniError {
+        self.details = details.into();
+        self
+    }
+
+    /// The error JSON printed on stdout.
+    pub fn to_json(&self, cni_version: &str) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        value["cniVersion"] = cni_version.into();
+        value
+    }
+}
+
+impl From<crate::store::StoreError> for CniError {
+    fn from(err: crate::store::StoreError) -> Self {
+        CniError::new(err.code(), err.to_string())
+    }
+}

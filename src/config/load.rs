@@ -1,0 +1,334 @@
+//! From the `ipam` object (and the flat file) to a validated [`IpamConfig`].
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::raw::{field, lowercase_keys, merge_flat_file, text};
+use super::{
+    Datastore, EtcdConfig, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
+    DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS,
+};
+use crate::cni::error::{code, CniError};
+use crate::cni::types::{Dns, Route};
+use crate::ipam::addr::parse_ip;
+use crate::ipam::slices::parse_slice_size;
+use crate::ipam::{parse_exclude, parse_range_text, Cidr, Range, RangeSpec};
+
+fn invalid(msg: impl Into<String>) -> CniError {
+    CniError::new(code::INVALID_CONFIG, msg)
+}
+
+/// Loads the configuration from the `ipam` object of a network configuration, looking up the
+/// flat file in the standard places.
+pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
+    let defaults: Vec<PathBuf> = FLAT_FILE_PATHS.iter().map(PathBuf::from).collect();
+    load_with_flat_files(ipam, &defaults)
+}
+
+/// As [`load`], with the list of default flat-file locations given (for tests).
+pub fn load_with_flat_files(
+    ipam: Option<&Value>,
+    default_flat_files: &[PathBuf],
+) -> Result<IpamConfig, CniError> {
+    let ipam = ipam.ok_or_else(|| invalid("IPAM config missing 'ipam' key"))?;
+    let Value::Object(_) = ipam else {
+        return Err(invalid(format!("ipam must be an object, got {ipam}")));
+    };
+    let Value::Object(mut map) = lowercase_keys(ipam) else {
+        unreachable!("lowercase_keys keeps objects");
+    };
+    let kind = text(&map, "type", "ipam.type")?.unwrap_or_default();
+    if kind != "whereabouts" {
+        return Err(invalid(format!(
+            "ipam.type is {kind:?}: this plugin only serves \"whereabouts\""
+        )));
+    }
+    let configuration_path = text(&map, "configuration_path", "ipam.configuration_path")?;
+    if let Some(file) = find_flat_file(configuration_path.as_deref(), default_flat_files) {
+        let flat = read_flat_file(&file)?;
+        merge_flat_file(&mut map, &flat);
+    }
+    resolve(&map)
+}
+
+/// The first flat file that exists: `configuration_path` (a file, or a folder holding
+/// `whereabouts.conf`), then the defaults. None is not an error.
+pub fn find_flat_file(configuration_path: Option<&str>, defaults: &[PathBuf]) -> Option<PathBuf> {
+    let explicit = configuration_path.map(|p| {
+        let path = PathBuf::from(p);
+        if path.is_dir() {
+            path.join("whereabouts.conf")
+        } else {
+            path
+        }
+    });
+    explicit
+        .into_iter()
+        .chain(defaults.iter().cloned())
+        .find(|p| p.is_file())
+}
+
+fn read_flat_file(path: &Path) -> Result<Map<String, Value>, CniError> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        CniError::new(
+            code::IO_FAILURE,
+            format!("cannot read flat file {}: {err}", path.display()),
+        )
+    })?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(value @ Value::Object(_)) => match lowercase_keys(&value) {
+            Value::Object(map) => Ok(map),
+            _ => unreachable!("lowercase_keys keeps objects"),
+        },
+        Ok(other) => Err(invalid(format!(
+            "flat file {} must hold a JSON object, got {other}",
+            path.display()
+        ))),
+        Err(err) => Err(invalid(format!(
+            "cannot parse flat file {}: {err}",
+            path.display()
+        ))),
+    }
+}
+
+fn ip_field(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<IpAddr>, CniError> {
+    text(map, key, path)?
+        .map(|t| {
+            parse_ip(&t)
+                .ok_or_else(|| invalid(format!("invalid {path}: {t:?} is not an IP address")))
+        })
+        .transpose()
+}
+
+/// One range entry (the top level or an `ipRanges` item).
+fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>, CniError> {
+    let Some(range_text) = text(map, "range", &format!("{path}range"))? else {
+        return Ok(None);
+    };
+    let (cidr, dash_start, dash_end) = parse_range_text(range_text.trim())
+        .map_err(|err| invalid(format!("invalid {path}range: {err}")))?;
+    let start = match dash_start {
+        Some(start) => Some(start),
+        None => ip_field(map, "range_start", &format!("{path}range_start"))?,
+    };
+    let end = match dash_end {
+        Some(end) => Some(end),
+        None => ip_field(map, "range_end", &format!("{path}range_end"))?,
+    };
+    let exclude_texts: Vec<String> =
+        field(map, "exclude", &format!("{path}exclude"))?.unwrap_or_default();
+    let mut exclude = Vec::with_capacity(exclude_texts.len());
+    for (i, text) in exclude_texts.iter().enumerate() {
+        exclude.push(
+            parse_exclude(text)
+                .map_err(|err| invalid(format!("invalid {path}exclude[{i}]: {err}")))?,
+        );
+    }
+    let spec = RangeSpec {
+        cidr,
+        start,
+        end,
+        exclude,
+    };
+    // Resolving now reports an unusable range, a start outside it or a family mismatch up front.
+    Range::resolve(&spec, None)
+        .map_err(|err| invalid(format!("invalid {path}range {range_text:?}: {err}")))?;
+    Ok(Some(spec))
+}
+
+fn resolve(map: &Map<String, Value>) -> Result<IpamConfig, CniError> {
+    let mut ranges = Vec::new();
+    if let Some(top) = range_spec(map, "ipam.")? {
+        ranges.push(top);
+    } else {
+        for key in ["range_start", "range_end", "exclude"] {
+            if map.get(key).is_some_and(|v| !super::raw::is_unset(v)) {
+                return Err(invalid(format!("ipam.{key} is set but ipam.range is not")));
+            }
+        }
+    }
+    let ip_ranges: Vec<Value> = field(map, "ipranges", "ipam.ipRanges")?.unwrap_or_default();
+    for (i, item) in ip_ranges.iter().enumerate() {
+        let path = format!("ipam.ipRanges[{i}].");
+        let Value::Object(entry) = item else {
+            return Err(invalid(format!("invalid {path}: {item} is not an object")));
+        };
+        let spec =
+            range_spec(entry, &path)?.ok_or_else(|| invalid(format!("{path}range is missing")))?;
+        if ranges.iter().any(|r: &RangeSpec| r.cidr == spec.cidr) {
+            return Err(invalid(format!(
+                "invalid {path}range: {} is configured twice (one address is taken per range)",
+                spec.cidr
+            )));
+        }
+        ranges.push(spec);
+    }
+
+    let gateway = ip_field(map, "gateway", "ipam.gateway")?;
+    let routes: Vec<Route> = field(map, "routes", "ipam.routes")?.unwrap_or_default();
+    for (i, route) in routes.iter().enumerate() {
+        if Cidr::parse(&route.dst, false).is_none() {
+            return Err(invalid(format!(
+                "invalid ipam.routes[{i}].dst: {:?} is not a CIDR",
+                route.dst
+            )));
+        }
+        if let Some(gw) = &route.gw {
+            if parse_ip(gw).is_none() {
+                return Err(invalid(format!(
+                    "invalid ipam.routes[{i}].gw: {gw:?} is not an IP address"
+                )));
+            }
+        }
+    }
+    let dns: Option<Dns> = field(map, "dns", "ipam.dns")?;
+
+    let raw_addresses: Vec<Value> = field(map, "addresses", "ipam.addresses")?.unwrap_or_default();
+    let mut addresses = Vec::new();
+    for (i, item) in raw_addresses.iter().enumerate() {
+        let path = format!("ipam.addresses[{i}]");
+        let Value::Object(entry) = item else {
+            return Err(invalid(format!("invalid {path}: {item} is not an object")));
+        };
+        let address = text(entry, "address", &format!("{path}.address"))?
+            .ok_or_else(|| invalid(format!("{path}.address is missing")))?;
+        let address = Cidr::parse(&address, false).ok_or_else(|| {
+            invalid(format!("invalid {path}.address: {address:?} is not an address with a prefix length (10.0.0.5/24)"))
+        })?;
+        let gateway = ip_field(entry, "gateway", &format!("{path}.gateway"))?;
+        addresses.push(StaticAddress { address, gateway });
+    }
+    if ranges.is_empty() && addresses.is_empty() {
+        return Err(invalid(
+            "ipam needs a range, ipRanges or addresses: none is set",
+        ));
+    }
+
+    let log_level = text(map, "log_level", "ipam.log_level")?
+        .map(|level| match level.to_ascii_lowercase().as_str() {
+            "debug" => Ok(LogLevel::Debug),
+            "verbose" => Ok(LogLevel::Verbose),
+            "error" => Ok(LogLevel::Error),
+            "panic" => Ok(LogLevel::Panic),
+            _ => Err(invalid(format!(
+                "invalid ipam.log_level: {level:?} (expected debug, verbose, error or panic)"
+            ))),
+        })
+        .transpose()?;
+    let node_slice_size = text(map, "node_slice_size", "ipam.node_slice_size")?
+        .map(|s| {
+            parse_slice_size(&s)
+                .map_err(|err| invalid(format!("invalid ipam.node_slice_size: {err}")))
+        })
+        .transpose()?;
+    for key in [
+        "leader_lease_duration",
+        "leader_renew_deadline",
+        "leader_retry_period",
+    ] {
+        field::<u64>(map, key, &format!("ipam.{key}"))?;
+    }
+
+    Ok(IpamConfig {
+        ranges,
+        gateway,
+        routes,
+        dns,
+        addresses,
+        enable_overlapping_ranges: field(
+            map,
+            "enable_overlapping_ranges",
+            "ipam.enable_overlapping_ranges",
+        )?
+        .unwrap_or(true),
+        network_name: text(map, "network_name", "ipam.network_name")?.unwrap_or_default(),
+        configuration_path: text(map, "configuration_path", "ipam.configuration_path")?
+            .map(PathBuf::from),
+        log_file: text(map, "log_file", "ipam.log_file")?.map(PathBuf::from),
+        log_level,
+        node_slice_size,
+        reconciler_cron_expression: text(
+            map,
+            "reconciler_cron_expression",
+            "ipam.reconciler_cron_expression",
+        )?,
+        sleep_for_race: field(map, "sleep_for_race", "ipam.sleep_for_race")?.unwrap_or(0),
+        datastore: datastore(map)?,
+    })
+}
+
+fn datastore(map: &Map<String, Value>) -> Result<Datastore, CniError> {
+    let kubeconfig = match map.get("kubernetes") {
+        Some(Value::Object(k)) => text(k, "kubeconfig", "ipam.kubernetes.kubeconfig")?,
+        Some(Value::Null) | None => None,
+        Some(other) => {
+            return Err(invalid(format!(
+                "invalid ipam.kubernetes: {other} is not an object"
+            )))
+        }
+    };
+    let etcd_host = text(map, "etcd_host", "ipam.etcd_host")?;
+    let chosen = text(map, "datastore", "ipam.datastore")?.map(|s| s.to_ascii_lowercase());
+    let chosen = chosen.unwrap_or_else(|| {
+        if kubeconfig.is_some() {
+            "kubernetes".into()
+        } else if etcd_host.is_some() {
+            "etcd".into()
+        } else {
+            "local".into()
+        }
+    });
+    match chosen.as_str() {
+        "local" => Ok(Datastore::Local {
+            path: PathBuf::from(
+                text(map, "local_path", "ipam.local_path")?
+                    .unwrap_or_else(|| DEFAULT_LOCAL_PATH.into()),
+            ),
+        }),
+        "kubernetes" => Ok(Datastore::Kubernetes(KubernetesConfig {
+            kubeconfig: PathBuf::from(kubeconfig.ok_or_else(|| {
+                invalid(
+                    "ipam.datastore is \"kubernetes\" but ipam.kubernetes.kubeconfig is not set",
+                )
+            })?),
+        })),
+        "etcd" => {
+            let hosts = etcd_host.ok_or_else(|| {
+                invalid("ipam.datastore is \"etcd\" but ipam.etcd_host is not set")
+            })?;
+            let endpoints: Vec<String> = hosts
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+            if endpoints.is_empty() {
+                return Err(invalid(format!(
+                    "invalid ipam.etcd_host: {hosts:?} names no endpoint"
+                )));
+            }
+            let path = |key: &str| -> Result<Option<PathBuf>, CniError> {
+                Ok(text(map, key, &format!("ipam.{key}"))?.map(PathBuf::from))
+            };
+            let cfg = EtcdConfig {
+                endpoints,
+                username: text(map, "etcd_username", "ipam.etcd_username")?,
+                password: text(map, "etcd_password", "ipam.etcd_password")?,
+                cert_file: path("etcd_cert_file")?,
+                key_file: path("etcd_key_file")?,
+                ca_cert_file: path("etcd_ca_cert_file")?,
+            };
+            if cfg.cert_file.is_some() != cfg.key_file.is_some() {
+                return Err(invalid(
+                    "ipam.etcd_cert_file and ipam.etcd_key_file must be set together",
+                ));
+            }
+            Ok(Datastore::Etcd(cfg))
+        }
+        other => Err(invalid(format!(
+            "invalid ipam.datastore: {other:?} (expected \"local\", \"kubernetes\" or \"etcd\")"
+        ))),
+    }
+}

@@ -1,0 +1,83 @@
+//! The `ipam` configuration: parsed case-insensitively as upstream does, merged with the flat
+//! file, validated up front, and resolved into typed values.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use crate::cni::types::{Dns, Route};
+use crate::ipam::{Cidr, RangeSpec};
+
+/// Where the embedded store keeps its database unless `local_path` says otherwise.
+pub const DEFAULT_LOCAL_PATH: &str = "/var/lib/cni/whereabouts/whereabouts.db";
+
+/// The flat files looked up, in order, after `configuration_path`.
+pub const FLAT_FILE_PATHS: [&str; 3] = [
+    "/etc/kubernetes/cni/net.d/whereabouts.d/whereabouts.conf",
+    "/etc/cni/net.d/whereabouts.d/whereabouts.conf",
+    "/host/etc/cni/net.d/whereabouts.d/whereabouts.conf",
+];
+
+/// A static address from `addresses`, CNI_ARGS `IP=` or `runtimeConfig.ips`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaticAddress {
+    /// The address with its prefix length (host bits kept).
+    pub address: Cidr,
+    pub gateway: Option<IpAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Verbose,
+    Error,
+    Panic,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    pub kubeconfig: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Endpoints as given (comma separated in `etcd_host`), with or without scheme.
+    pub endpoints: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub ca_cert_file: Option<PathBuf>,
+}
+
+/// The engine that keeps allocations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Datastore {
+    Local { path: PathBuf },
+    Kubernetes(KubernetesConfig),
+    Etcd(EtcdConfig),
+}
+
+/// The resolved `ipam` configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpamConfig {
+    /// The top-level `range` first, then `ipRanges` in order.
+    pub ranges: Vec<RangeSpec>,
+    pub gateway: Option<IpAddr>,
+    pub routes: Vec<Route>,
+    pub dns: Option<Dns>,
+    pub addresses: Vec<StaticAddress>,
+    pub enable_overlapping_ranges: bool,
+    pub network_name: String,
+    pub configuration_path: Option<PathBuf>,
+    pub log_file: Option<PathBuf>,
+    pub log_level: Option<LogLevel>,
+    pub node_slice_size: Option<u8>,
+    pub reconciler_cron_expression: Option<String>,
+    pub sleep_for_race: u64,
+    pub datastore: Datastore,
+}
+
+mod load;
+mod raw;
+
+pub use load::{find_flat_file, load, load_with_flat_files};

@@ -1,0 +1,75 @@
+//! Reading the `ipam` object the way upstream's decoder does: keys matched case-insensitively,
+//! unknown keys ignored, each field decoded on its own so an error can name it.
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::cni::error::{code, CniError};
+
+/// The object with every key lower-cased, recursively.
+pub fn lowercase_keys(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), lowercase_keys(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(lowercase_keys).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Whether a value counts as "not set" when merging with the flat file (Go's zero values).
+pub fn is_unset(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.values().all(is_unset),
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::Bool(_) => false,
+    }
+}
+
+/// Fills the fields `inline` leaves unset from `file`; the inline value always wins, and
+/// `enable_overlapping_ranges` is never taken from the file.
+pub fn merge_flat_file(inline: &mut Map<String, Value>, file: &Map<String, Value>) {
+    for (key, file_value) in file {
+        if key == "enable_overlapping_ranges" {
+            continue;
+        }
+        match inline.get_mut(key) {
+            Some(Value::Object(inner)) if file_value.is_object() => {
+                merge_flat_file(inner, file_value.as_object().unwrap_or(&Map::new()))
+            }
+            Some(existing) if !is_unset(existing) => {}
+            _ => {
+                inline.insert(key.clone(), file_value.clone());
+            }
+        }
+    }
+}
+
+/// Decodes field `key` of `map`, naming `path` in the error.
+pub fn field<T: DeserializeOwned>(
+    map: &Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<Option<T>, CniError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => serde_json::from_value(value.clone())
+            .map(Some)
+            .map_err(|err| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("invalid {path}: {value}: {err}"),
+                )
+            }),
+    }
+}
+
+/// A string field; an empty string is treated as absent.
+pub fn text(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<String>, CniError> {
+    Ok(field::<String>(map, key, path)?.filter(|s| !s.trim().is_empty()))
+}

@@ -1,0 +1,12 @@
+//! The pure core: address math, ranges, the choice of the next address and object names.
+//! No I/O, no clock, no async: plain functions over plain values.
+
+pub mod addr;
+pub mod intervals;
+pub mod names;
+pub mod range;
+pub mod slices;
+
+pub use addr::Cidr;
+pub use intervals::{Intervals, OffsetRuns};
+pub use range::{parse_exclude, parse_range_text, Range, RangeError, RangeSpec};

@@ -1,0 +1,3 @@
+//! Kubernetes types shared by the Kubernetes engine, the installer and the controller.
+
+pub mod crd;

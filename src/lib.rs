@@ -1,0 +1,8 @@
+//! Whereabouts: a cluster-wide IP address management (IPAM) plugin for CNI.
+
+pub mod cli;
+pub mod cni;
+pub mod config;
+pub mod ipam;
+pub mod k8s;
+pub mod store;

@@ -1,0 +1,155 @@
+//! The one storage trait. The plugin, the cleanup and the CLI speak only this; nothing above it
+//! knows which engine runs.
+//!
+//! Every engine allocates the same way: read the pool, let the core choose
+//! ([`crate::ipam::Range::lowest_free`]), write only if what was read is unchanged, retry
+//! otherwise. A pool entry and its network-wide overlap reservation change together or not at all.
+
+use std::net::IpAddr;
+
+use crate::ipam::{Cidr, Range, RangeSpec};
+
+pub mod error;
+pub mod etcd;
+pub mod kubernetes;
+pub mod local;
+pub mod retry;
+
+pub use error::StoreError;
+
+use crate::config::{Datastore, IpamConfig};
+
+/// Opens the engine the configuration selects.
+pub fn open(ipam: &IpamConfig) -> Result<Box<dyn Store>, StoreError> {
+    match &ipam.datastore {
+        Datastore::Local { path } => local::open(path),
+        Datastore::Kubernetes(cfg) => kubernetes::open(ipam, cfg),
+        Datastore::Etcd(cfg) => etcd::open(ipam, cfg),
+    }
+}
+
+/// Who holds an address: the attachment (container ID, interface name), and the pod it belongs
+/// to when the runtime says so.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+    /// `namespace/name`, from `K8S_POD_NAMESPACE` and `K8S_POD_NAME`.
+    pub pod_ref: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+impl Attachment {
+    /// Whether `other` is the same attachment for idempotent ADD: same pod and interface when
+    /// the pod is known (the container ID changes when a kubelet restarts a sandbox), otherwise
+    /// same container and interface.
+    pub fn same_owner(&self, other: &Attachment) -> bool {
+        if self.ifname != other.ifname {
+            return false;
+        }
+        match (&self.pod_ref, &other.pod_ref) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.container_id == other.container_id,
+        }
+    }
+}
+
+/// A pool: one range under one network name (and, with node slices, one node).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolRef {
+    /// Upstream's pool name ([`crate::ipam::names::pool_name`]).
+    pub name: String,
+    /// The range as configured, for engines that re-resolve it (node slices).
+    pub spec: RangeSpec,
+    pub gateway: Option<IpAddr>,
+    /// The resolved range the core allocates from.
+    pub range: Range,
+}
+
+impl PoolRef {
+    pub fn cidr(&self) -> Cidr {
+        self.range.cidr
+    }
+}
+
+/// One range of an ADD: the pool and, for a static address inside it, the offset asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeRequest {
+    pub pool: PoolRef,
+    pub requested: Option<u128>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddRequest {
+    /// The CNI network configuration's `name`: the scope of GC.
+    pub cni_network: String,
+    /// `network_name`: the scope in which overlapping ranges share addresses.
+    pub network_name: String,
+    /// `enable_overlapping_ranges`: an address is unique across all ranges of `network_name`.
+    pub overlap: bool,
+    pub attachment: Attachment,
+    pub ranges: Vec<RangeRequest>,
+    /// `node_slice_size`, for engines that support node slices.
+    pub node_slice_size: Option<u8>,
+    /// `sleep_for_race` (seconds): pause between read and write, to widen races in tests.
+    pub sleep_for_race: u64,
+}
+
+/// The pools and attachment of a DEL or CHECK.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachmentRequest {
+    pub cni_network: String,
+    pub network_name: String,
+    pub container_id: String,
+    pub ifname: String,
+    pub pools: Vec<PoolRef>,
+    pub node_slice_size: Option<u8>,
+}
+
+/// A GC: free every allocation of `cni_network` whose attachment is not listed in `valid`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GcRequest {
+    pub cni_network: String,
+    pub network_name: String,
+    pub pools: Vec<PoolRef>,
+    /// (container ID, interface name) pairs still in use.
+    pub valid: Vec<(String, String)>,
+}
+
+/// An address held in a pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub pool: String,
+    pub range: Cidr,
+    pub ip: IpAddr,
+    pub network_name: String,
+    /// The CNI network that allocated it, where the engine records it.
+    pub cni_network: Option<String>,
+    pub attachment: Attachment,
+}
+
+/// What every engine provides. Methods are synchronous: engines that need async I/O run it on a
+/// runtime of their own, with explicit timeouts.
+pub trait Store {
+    /// Allocates one address per range, in the order of `req.ranges`, all or nothing. A repeated
+    /// ADD for the same owner ([`Attachment::same_owner`]) returns what it already holds.
+    fn add(&self, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError>;
+
+    /// Releases everything the attachment holds; succeeds when it holds nothing.
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError>;
+
+    /// What the attachment holds in the request's pools.
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError>;
+
+    /// Releases the allocations of `req.cni_network` whose attachment is not in `req.valid`.
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError>;
+
+    /// Ok when the engine can serve an ADD now.
+    fn status(&self) -> Result<(), StoreError>;
+
+    /// Every allocation, or those of one pool.
+    fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError>;
+
+    /// Releases one address of one pool, whoever holds it; returns what was released.
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError>;
+}

@@ -1,0 +1,36 @@
+//! Bounded retries with jittered exponential backoff, for optimistic concurrency.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// How often and how patiently to retry a conflicting write.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub attempts: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            attempts: 30,
+            base: Duration::from_millis(5),
+            max: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Backoff {
+    /// The pause before attempt `attempt` (1-based for the first retry): a random duration
+    /// between zero and the exponential ceiling ("full jitter"), so contenders spread out.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
+        let nanos = ceiling.as_nanos() as u64;
+        Duration::from_nanos(rand::rng().random_range(0..=nanos))
+    }
+}
