@@ -152,9 +152,12 @@ fn macvlan_pods_get_addresses_and_reach_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let master = format!("wbdm{}", std::process::id() % 100_000);
     let mut host = Host::new();
-    must(&["ip", "link", "add", &master, "type", "dummy"]);
+    // A veth end is the parent: it needs no hardware and no kernel module beyond veth.
+    let peer = format!("{master}p");
+    must(&["ip", "link", "add", &master, "type", "veth", "peer", "name", &peer]);
     host.links.push(master.clone());
     must(&["ip", "link", "set", &master, "up"]);
+    must(&["ip", "link", "set", &peer, "up"]);
     let conf = json!({"cniVersion": "1.0.0", "name": "e2e-macvlan", "type": "macvlan", "master": master, "mode": "bridge",
         "ipam": {"type": "whereabouts", "range": "10.199.2.0/24", "range_start": "10.199.2.100",
                  "local_path": dir.path().join("wb.db")}});
