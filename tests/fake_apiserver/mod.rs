@@ -700,3 +700,4 @@ fn delete(state: &mut State, plural: &str, ns: &str, name: &str, options: &Value
 }
 
 pub mod harness;
+pub mod cni;
