@@ -701,3 +701,4 @@ fn delete(state: &mut State, plural: &str, ns: &str, name: &str, options: &Value
 
 pub mod harness;
 pub mod cni;
+pub mod burst;
