@@ -57,7 +57,7 @@ impl Reply {
 /// A network configuration delegating to whereabouts with `ipam`.
 pub fn netconf(name: &str, ipam: &Value) -> String {
     json!({
-        "cniVersion": "1.0.0",
+        "cniVersion": "1.1.0",
         "name": name,
         "type": "macvlan",
         "ipam": ipam,
