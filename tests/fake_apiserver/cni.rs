@@ -83,6 +83,11 @@ pub fn run(bin: &Path, call: &Call, stdin: &str) -> Reply {
     if let Some(node) = call.node {
         cmd.env("NODENAME", node);
     }
+    // A spool of our own, not the system's (requests of different servers never meet there).
+    cmd.env(
+        "WHEREABOUTS_KUBERNETES_SPOOL",
+        std::env::temp_dir().join("whereabouts-test-spool"),
+    );
     for (k, v) in &call.env {
         cmd.env(k, v);
     }

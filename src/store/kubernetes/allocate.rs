@@ -8,9 +8,12 @@ use std::time::Duration;
 use super::api::ApiError;
 use super::choose;
 use super::engine::{Engine, Step, UndoLog};
+use super::node_slice;
 use super::pool_doc::{add_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
+use super::spool::{Answer, Failure, Granted, Job, Spool};
 use crate::ipam::names::object_name;
+use crate::ipam::OffsetRuns;
 use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
 
 /// What reserving an address found.
@@ -53,6 +56,8 @@ impl Engine {
         Ok(ips)
     }
 
+    /// One address of one pool: through the node's spool when there is one (so that a burst
+    /// on the node costs one pool write), otherwise directly.
     async fn allocate(
         &self,
         pool: &PoolRef,
@@ -60,13 +65,131 @@ impl Engine {
         req: &AddRequest,
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
+        let job = Job::new(&req.attachment, requested);
+        let node = std::env::var(node_slice::NODENAME_ENV).ok();
+        let spool = Spool::open(
+            &self.scope,
+            node.as_deref(),
+            &object_name(&pool.name),
+            &pool.range,
+            &req.network_name,
+            req.overlap,
+        );
+        let Some(spool) = spool else {
+            return self.serve_one(pool, req, job, undo).await;
+        };
+        let Ok(ticket) = spool.submit(&job) else {
+            return self.serve_one(pool, req, job, undo).await;
+        };
+        loop {
+            if let Some(answer) = spool.answer(&ticket) {
+                return self.accept(answer, pool, req, undo);
+            }
+            if let Some(lock) = spool.try_lock() {
+                if let Some(answer) = spool.answer(&ticket) {
+                    return self.accept(answer, pool, req, undo);
+                }
+                let mut pending = spool.pending(&lock);
+                if !pending.iter().any(|(id, _)| *id == ticket.id) {
+                    pending.push((ticket.id.clone(), job.clone()));
+                }
+                let jobs: Vec<Job> = pending.iter().map(|(_, j)| j.clone()).collect();
+                let who = &req.attachment;
+                return match self.serve(pool, req, jobs, undo).await {
+                    Ok(results) => {
+                        let mut mine = None;
+                        for ((id, _), result) in pending.iter().zip(results) {
+                            if *id == ticket.id {
+                                mine = Some(result);
+                            } else {
+                                spool.reply(&lock, id, &Answer(result.map_err(|e| Failure::from(&e))));
+                            }
+                        }
+                        // Served: the neighbours' allocations are theirs to take back.
+                        undo.split_off_others(&who.container_id, &who.ifname);
+                        match mine {
+                            Some(result) => result.map(|granted| granted.ip),
+                            None => Err(StoreError::Io("the spool lost this request".into())),
+                        }
+                    }
+                    Err(err) => {
+                        // The batch failed as a whole: take back what it wrote for the
+                        // neighbours and tell them.
+                        let others = undo.split_off_others(&who.container_id, &who.ifname);
+                        if let Err(undo_err) = self.undo(others).await {
+                            tracing::error!(%undo_err, "could not take back a failed batch");
+                        }
+                        for (id, _) in pending.iter().filter(|(id, _)| *id != ticket.id) {
+                            spool.reply(&lock, id, &Answer(Err(Failure::from(&err))));
+                        }
+                        Err(err)
+                    }
+                };
+            }
+            tokio::time::sleep(SPOOL_POLL).await;
+        }
+    }
+
+    /// Takes an answer left by the process that served this request.
+    fn accept(
+        &self,
+        answer: Answer,
+        pool: &PoolRef,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let granted = answer.0.map_err(StoreError::from)?;
+        if granted.fresh {
+            let who = &req.attachment;
+            undo.push(Step::PoolEntry {
+                pool: object_name(&pool.name),
+                cidr: pool.range.cidr,
+                key: granted.key.clone(),
+                container_id: who.container_id.clone(),
+                ifname: who.ifname.clone(),
+            });
+            if let Some((name, uid)) = granted.reservation {
+                undo.push(Step::Reservation {
+                    held: Held { name, uid },
+                    container_id: who.container_id.clone(),
+                    ifname: who.ifname.clone(),
+                });
+            }
+        }
+        Ok(granted.ip)
+    }
+
+    async fn serve_one(
+        &self,
+        pool: &PoolRef,
+        req: &AddRequest,
+        job: Job,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let mut results = self.serve(pool, req, vec![job], undo).await?;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Io("no result".into())))
+            .map(|granted| granted.ip)
+    }
+
+    /// Allocates for every job with one read and one write of the pool (more on conflict).
+    /// A job that cannot be served (pool full, static address held) gets its error; a failure
+    /// of the pool itself fails the whole call, its writes left in `undo`.
+    async fn serve(
+        &self,
+        pool: &PoolRef,
+        req: &AddRequest,
+        jobs: Vec<Job>,
+        undo: &UndoLog,
+    ) -> Result<Vec<Result<Granted, StoreError>>, StoreError> {
         let name = object_name(&pool.name);
-        let who = &req.attachment;
         let range = &pool.range;
-        // Addresses whose reservation another attachment holds (the pool does not show them).
-        let mut avoid: BTreeSet<u128> = BTreeSet::new();
-        let mut reserved: Option<(u128, Held)> = None;
-        let mut salt = 0u32;
+        let mut slots: Vec<Slot> = jobs.into_iter().map(Slot::new).collect();
+        // The same attachment twice (a runtime retrying while the first call waits) is one job.
+        let twin_of: Vec<Option<usize>> = (0..slots.len())
+            .map(|i| (0..i).find(|j| slots[*j].who.same_owner(&slots[i].who)))
+            .collect();
         let mut conflicts = 0u32;
         // The resourceVersion of the last write that failed: reading it back unchanged means the
         // write was refused for another reason than a concurrent change.
@@ -81,126 +204,197 @@ impl Engine {
                     )));
                 }
             }
-
-            if let Some(entry) = doc.held_by_same_owner(who) {
-                // A repeated ADD: hand back what the owner holds, with the new container ID.
-                if let Some((offset, held)) = reserved.take() {
-                    if offset != entry.offset {
+            let mut taken = doc.taken();
+            for slot in &slots {
+                if let Some((offset, _)) = &slot.reserved {
+                    taken.insert(*offset);
+                }
+            }
+            let mut ops = Vec::new();
+            let mut fresh_entries = Vec::new();
+            let mut planned: Vec<(usize, u128, String, bool)> = Vec::new();
+            for i in 0..slots.len() {
+                if slots[i].done.is_some() || twin_of[i].is_some() {
+                    continue;
+                }
+                let who = slots[i].who.clone();
+                if let Some(entry) = doc.held_by_same_owner(&who) {
+                    // A repeated ADD: hand back what the owner holds, with the new container ID.
+                    if let Some((offset, held)) = slots[i].reserved.take() {
+                        if offset == entry.offset {
+                            undo.forget_reservation(&held);
+                        } else {
+                            self.drop_reservation(&held, undo).await?;
+                        }
+                    }
+                    if entry.attachment.container_id != who.container_id {
+                        ops.push(replace_id_op(&entry.key, &who.container_id));
+                    }
+                    planned.push((i, entry.offset, entry.key, false));
+                    continue;
+                }
+                if let Some((offset, held)) = slots[i].reserved.take() {
+                    if doc.taken().contains(offset) {
+                        // Written meanwhile by someone that does not use reservations.
                         self.drop_reservation(&held, undo).await?;
+                        slots[i].avoid.insert(offset);
+                    } else {
+                        slots[i].reserved = Some((offset, held));
                     }
                 }
-                if entry.attachment.container_id != who.container_id {
-                    let rv = doc.resource_version().unwrap_or_default().to_string();
-                    let op = replace_id_op(&entry.key, &who.container_id);
-                    match self.kube.patch_pool(&name, &rv, &[op]).await {
-                        Ok(_) => {}
-                        Err(ApiError::Conflict(_)) => {
-                            failed_rv = Some(rv);
-                            conflicts = self.after_conflict(&name, conflicts).await?;
+                let offset = match &slots[i].reserved {
+                    Some((offset, _)) => *offset,
+                    None => match self.choose(pool, &doc, &taken, &mut slots[i], req, undo).await? {
+                        Ok(offset) => offset,
+                        Err(err) => {
+                            slots[i].done = Some(Err(err));
                             continue;
                         }
-                        Err(err) => return Err(err.into()),
-                    }
-                }
-                if req.overlap {
-                    self.ensure_reservation(entry.ip, req).await?;
-                }
-                return Ok(entry.ip);
+                    },
+                };
+                taken.insert(offset);
+                let key = doc.key_of(offset).ok_or_else(|| {
+                    StoreError::Io(format!("IPPool {name} cannot record {}", range.ip(offset)))
+                })?;
+                undo.push(Step::PoolEntry {
+                    pool: name.clone(),
+                    cidr: range.cidr,
+                    key: key.clone(),
+                    container_id: who.container_id.clone(),
+                    ifname: who.ifname.clone(),
+                });
+                ops.push(add_op(&key, &who));
+                fresh_entries.push((key.clone(), who));
+                planned.push((i, offset, key, true));
             }
 
-            let taken = doc.taken();
-            if let Some((offset, held)) = reserved.take() {
-                if taken.contains(offset) {
-                    // Someone that does not use reservations wrote this address meanwhile.
-                    self.drop_reservation(&held, undo).await?;
-                    avoid.insert(offset);
-                } else {
-                    reserved = Some((offset, held));
-                }
-            }
-            let offset = match &reserved {
-                Some((offset, _)) => *offset,
-                None => loop {
-                    let offset = match requested {
-                        Some(offset) => {
-                            self.check_requested(pool, &doc, offset)?;
-                            offset
-                        }
-                        None => {
-                            let offset =
-                                choose::candidate(range, &taken, &avoid, choose::seed(who, salt))
-                                    .ok_or_else(|| StoreError::Exhausted {
-                                    range: range.to_string(),
-                                })?;
-                            if doc.unaddressable(offset) {
-                                avoid.insert(offset);
-                                continue;
-                            }
-                            offset
-                        }
-                    };
-                    if !req.overlap {
-                        break offset;
-                    }
-                    match self.reserve(range.ip(offset), req, undo).await? {
-                        Reserve::Ours(held) => {
-                            reserved = Some((offset, held));
-                            break offset;
-                        }
-                        Reserve::Taken(holder) => {
-                            if requested.is_some() {
-                                return Err(StoreError::InUse {
-                                    ip: range.ip(offset),
-                                    range: range.to_string(),
-                                    holder,
-                                });
-                            }
-                            avoid.insert(offset);
-                            salt += 1;
-                        }
-                    }
-                },
-            };
-
-            if req.sleep_for_race > 0 {
+            if req.sleep_for_race > 0 && !ops.is_empty() {
                 tokio::time::sleep(Duration::from_secs(req.sleep_for_race)).await;
             }
-
-            let Some(key) = doc.key_of(offset) else {
-                return Err(StoreError::Io(format!(
-                    "IPPool {name} cannot record {}",
-                    range.ip(offset)
-                )));
-            };
-            undo.push(Step::PoolEntry {
-                pool: name.clone(),
-                cidr: range.cidr,
-                key: key.clone(),
-                container_id: who.container_id.clone(),
-                ifname: who.ifname.clone(),
-            });
-            let written = match doc.resource_version() {
-                Some(rv) => {
-                    let result = self.kube.patch_pool(&name, rv, &[add_op(&key, who)]).await;
+            let written = match (ops.is_empty(), doc.resource_version()) {
+                (true, _) => Ok(()),
+                (false, Some(rv)) => {
+                    let result = self.kube.patch_pool(&name, rv, &ops).await;
                     if result.is_err() {
                         failed_rv = Some(rv.to_string());
                     }
                     result.map(drop)
                 }
-                None => {
+                (false, None) => {
                     failed_rv = None;
                     self.kube
-                        .create_pool(&doc.new_object(&key, who))
+                        .create_pool(&doc.new_object(&fresh_entries))
                         .await
                         .map(drop)
                 }
             };
             match written {
-                Ok(()) => return Ok(range.ip(offset)),
+                Ok(()) => {
+                    for (i, offset, key, fresh) in planned {
+                        let ip = range.ip(offset);
+                        if !fresh && req.overlap {
+                            self.ensure_reservation(ip, &slots[i].who, &req.network_name)
+                                .await?;
+                        }
+                        let reservation = slots[i]
+                            .reserved
+                            .take()
+                            .map(|(_, held)| (held.name, held.uid));
+                        slots[i].done = Some(Ok(Granted {
+                            ip,
+                            key,
+                            reservation,
+                            fresh,
+                        }));
+                    }
+                    let mut results: Vec<Result<Granted, StoreError>> = Vec::new();
+                    for i in 0..slots.len() {
+                        let result = match twin_of[i] {
+                            Some(first) => match &slots[first].done {
+                                Some(Ok(granted)) => Ok(Granted {
+                                    fresh: false,
+                                    reservation: None,
+                                    ..granted.clone()
+                                }),
+                                Some(Err(err)) => Err(err.clone()),
+                                None => Err(StoreError::Io("not served".into())),
+                            },
+                            None => slots[i]
+                                .done
+                                .take()
+                                .unwrap_or_else(|| Err(StoreError::Io("not served".into()))),
+                        };
+                        results.push(result);
+                    }
+                    return Ok(results);
+                }
                 Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
                     conflicts = self.after_conflict(&name, conflicts).await?;
                 }
                 Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// Chooses the job's address and reserves it; Ok(Err) when this job cannot be served.
+    async fn choose(
+        &self,
+        pool: &PoolRef,
+        doc: &PoolDoc,
+        taken: &OffsetRuns,
+        slot: &mut Slot,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<Result<u128, StoreError>, StoreError> {
+        let range = &pool.range;
+        loop {
+            let offset = match slot.requested {
+                Some(offset) => {
+                    if let Err(err) = self.check_requested(pool, doc, offset) {
+                        return Ok(Err(err));
+                    }
+                    offset
+                }
+                None => {
+                    let Some(offset) = choose::candidate(
+                        range,
+                        taken,
+                        &slot.avoid,
+                        choose::seed(&slot.who, slot.salt),
+                    ) else {
+                        return Ok(Err(StoreError::Exhausted {
+                            range: range.to_string(),
+                        }));
+                    };
+                    if doc.unaddressable(offset) {
+                        slot.avoid.insert(offset);
+                        continue;
+                    }
+                    offset
+                }
+            };
+            if !req.overlap {
+                return Ok(Ok(offset));
+            }
+            match self
+                .reserve(range.ip(offset), &slot.who, &req.network_name, undo)
+                .await?
+            {
+                Reserve::Ours(held) => {
+                    slot.reserved = Some((offset, held));
+                    return Ok(Ok(offset));
+                }
+                Reserve::Taken(holder) => {
+                    if slot.requested.is_some() {
+                        return Ok(Err(StoreError::InUse {
+                            ip: range.ip(offset),
+                            range: range.to_string(),
+                            holder,
+                        }));
+                    }
+                    slot.avoid.insert(offset);
+                    slot.salt += 1;
+                }
             }
         }
     }
@@ -246,17 +440,18 @@ impl Engine {
     async fn reserve(
         &self,
         ip: IpAddr,
-        req: &AddRequest,
+        who: &Attachment,
+        network_name: &str,
         undo: &UndoLog,
     ) -> Result<Reserve, StoreError> {
-        let name = reservation::name(ip, &req.network_name);
-        let object = reservation::new_object(&name, &req.attachment);
+        let name = reservation::name(ip, network_name);
+        let object = reservation::new_object(&name, who);
         // A reservation can vanish between the failed create and the read; try again then.
         for _ in 0..3 {
             match self.kube.create_reservation(&object).await {
                 Ok(created) => {
                     let held = Held::of(&created);
-                    undo.push(Step::Reservation(held.clone()));
+                    undo.push(reservation_step(&held, who));
                     return Ok(Reserve::Ours(held));
                 }
                 Err(ApiError::AlreadyExists(_)) => {}
@@ -264,9 +459,9 @@ impl Engine {
             }
             match self.kube.get_reservation(&name).await? {
                 // Left by an earlier attempt of this same attachment: adopt it.
-                Some(found) if reservation::held_by(&found, &req.attachment) => {
+                Some(found) if reservation::held_by(&found, who) => {
                     let held = Held::of(&found);
-                    undo.push(Step::Reservation(held.clone()));
+                    undo.push(reservation_step(&held, who));
                     return Ok(Reserve::Ours(held));
                 }
                 Some(found) => {
@@ -289,11 +484,16 @@ impl Engine {
     }
 
     /// A repeated ADD keeps its reservation: re-create it if it is missing.
-    async fn ensure_reservation(&self, ip: IpAddr, req: &AddRequest) -> Result<(), StoreError> {
-        let name = reservation::name(ip, &req.network_name);
+    async fn ensure_reservation(
+        &self,
+        ip: IpAddr,
+        who: &Attachment,
+        network_name: &str,
+    ) -> Result<(), StoreError> {
+        let name = reservation::name(ip, network_name);
         match self
             .kube
-            .create_reservation(&reservation::new_object(&name, &req.attachment))
+            .create_reservation(&reservation::new_object(&name, who))
             .await
         {
             Ok(_) | Err(ApiError::AlreadyExists(_)) => Ok(()),
@@ -346,7 +546,7 @@ impl Engine {
             }
         }
         for step in reservations.into_iter().rev() {
-            if let Step::Reservation(held) = step {
+            if let Step::Reservation { held, .. } = step {
                 let result = self
                     .kube
                     .delete_reservation(&held.name, held.uid.as_deref(), None)
@@ -365,6 +565,41 @@ impl Engine {
         }
     }
 }
+
+fn reservation_step(held: &Held, who: &Attachment) -> Step {
+    Step::Reservation {
+        held: held.clone(),
+        container_id: who.container_id.clone(),
+        ifname: who.ifname.clone(),
+    }
+}
+
+/// One job of a batch while it is being served.
+struct Slot {
+    who: Attachment,
+    requested: Option<u128>,
+    /// Addresses whose reservation another attachment holds (the pool does not show them).
+    avoid: BTreeSet<u128>,
+    reserved: Option<(u128, Held)>,
+    salt: u32,
+    done: Option<Result<Granted, StoreError>>,
+}
+
+impl Slot {
+    fn new(job: Job) -> Slot {
+        Slot {
+            who: job.attachment(),
+            requested: job.requested(),
+            avoid: BTreeSet::new(),
+            reserved: None,
+            salt: 0,
+            done: None,
+        }
+    }
+}
+
+/// How often a waiting ADD looks for its answer or for the spool's lock.
+const SPOOL_POLL: Duration = Duration::from_micros(500);
 
 /// The holder of an address, for messages.
 pub fn describe(who: &Attachment) -> String {

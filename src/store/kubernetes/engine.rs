@@ -12,6 +12,8 @@ use crate::store::{PoolRef, StoreError};
 
 pub struct Engine {
     pub kube: Kube,
+    /// The API server and namespace: requests for different clusters never share a spool.
+    pub scope: String,
     pub settings: Settings,
     pub configuration_path: Option<PathBuf>,
 }
@@ -19,8 +21,13 @@ pub struct Engine {
 /// Something an ADD wrote that must be taken back if the ADD cannot finish.
 #[derive(Clone, Debug)]
 pub enum Step {
-    /// A reservation this ADD created (or adopted from an earlier attempt of the same owner).
-    Reservation(Held),
+    /// A reservation this ADD created (or adopted from an earlier attempt of the same owner),
+    /// for the attachment (container ID, interface).
+    Reservation {
+        held: Held,
+        container_id: String,
+        ifname: String,
+    },
     /// A pool entry this ADD sent (it may or may not have landed).
     PoolEntry {
         pool: String,
@@ -29,6 +36,23 @@ pub enum Step {
         container_id: String,
         ifname: String,
     },
+}
+
+impl Step {
+    fn belongs_to(&self, container: &str, interface: &str) -> bool {
+        match self {
+            Step::Reservation {
+                container_id,
+                ifname,
+                ..
+            }
+            | Step::PoolEntry {
+                container_id,
+                ifname,
+                ..
+            } => container_id == container && ifname == interface,
+        }
+    }
 }
 
 /// The steps of the running ADD. It lives outside the ADD's future so that the steps survive
@@ -43,11 +67,25 @@ impl UndoLog {
         }
     }
 
-    /// Forgets a reservation that was released on the way.
+    /// Forgets a reservation that was released on the way, or that turned out to belong to an
+    /// allocation made before this ADD.
     pub fn forget_reservation(&self, held: &Held) {
         if let Ok(mut steps) = self.0.lock() {
-            steps.retain(|s| !matches!(s, Step::Reservation(h) if h == held));
+            steps.retain(|s| !matches!(s, Step::Reservation { held: h, .. } if h == held));
         }
+    }
+
+    /// Removes and returns the steps taken for other attachments than (container, ifname): a
+    /// process that served its neighbours' requests is not answerable for them once served.
+    pub fn split_off_others(&self, container: &str, interface: &str) -> Vec<Step> {
+        let Ok(mut steps) = self.0.lock() else {
+            return Vec::new();
+        };
+        let (mine, others): (Vec<Step>, Vec<Step>) = std::mem::take(&mut *steps)
+            .into_iter()
+            .partition(|s| s.belongs_to(container, interface));
+        *steps = mine;
+        others
     }
 
     pub fn take(&self) -> Vec<Step> {

@@ -15,6 +15,7 @@ mod pool_doc;
 mod release;
 mod reservation;
 mod settings;
+mod spool;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ use crate::store::{AddRequest, AttachmentRequest, GcRequest, Lease, Store, Store
 pub use connect::DEFAULT_NAMESPACE;
 pub use node_slice::NODENAME_ENV;
 pub use settings::TIMEOUT_ENV;
+pub use spool::SPOOL_ENV;
 
 use api::{ApiError, Kube};
 use engine::{Engine, UndoLog};
@@ -54,9 +56,10 @@ pub fn open(ipam: &IpamConfig, cfg: &KubernetesConfig) -> Result<Box<dyn Store>,
     );
     Ok(Box::new(KubernetesStore {
         runtime,
-        server: connection.server,
+        server: connection.server.clone(),
         engine: Engine {
             kube,
+            scope: format!("{} {}", connection.server, connection.namespace),
             settings,
             configuration_path: ipam.configuration_path.clone(),
         },

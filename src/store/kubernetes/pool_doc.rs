@@ -124,10 +124,12 @@ impl PoolDoc {
             .collect()
     }
 
-    /// The new pool object holding one allocation, for when the pool does not exist yet.
-    pub fn new_object(&self, key: &str, who: &Attachment) -> IPPool {
-        let mut allocations = BTreeMap::new();
-        allocations.insert(key.to_string(), allocation_of(who));
+    /// The new pool object holding the allocations, for when the pool does not exist yet.
+    pub fn new_object(&self, entries: &[(String, Attachment)]) -> IPPool {
+        let allocations: BTreeMap<String, IPAllocation> = entries
+            .iter()
+            .map(|(key, who)| (key.clone(), allocation_of(who)))
+            .collect();
         IPPool {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
