@@ -11,7 +11,8 @@ use super::engine::{Engine, Step, UndoLog};
 use super::node_slice;
 use super::pool_doc::{add_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
-use super::spool::{Answer, Failure, Granted, Job, Spool};
+use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
+use crate::k8s::crd::IPPool;
 use crate::ipam::names::object_name;
 use crate::ipam::OffsetRuns;
 use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
@@ -89,45 +90,76 @@ impl Engine {
                 if let Some(answer) = spool.answer(&ticket) {
                     return self.accept(answer, pool, req, undo);
                 }
-                let mut pending = spool.pending(&lock);
-                if !pending.iter().any(|(id, _)| *id == ticket.id) {
-                    pending.push((ticket.id.clone(), job.clone()));
-                }
-                let jobs: Vec<Job> = pending.iter().map(|(_, j)| j.clone()).collect();
-                let who = &req.attachment;
-                return match self.serve(pool, req, jobs, undo).await {
-                    Ok(results) => {
-                        let mut mine = None;
-                        for ((id, _), result) in pending.iter().zip(results) {
-                            if *id == ticket.id {
-                                mine = Some(result);
-                            } else {
-                                spool.reply(&lock, id, &Answer(result.map_err(|e| Failure::from(&e))));
-                            }
-                        }
-                        // Served: the neighbours' allocations are theirs to take back.
-                        undo.split_off_others(&who.container_id, &who.ifname);
-                        match mine {
-                            Some(result) => result.map(|granted| granted.ip),
-                            None => Err(StoreError::Io("the spool lost this request".into())),
-                        }
-                    }
-                    Err(err) => {
-                        // The batch failed as a whole: take back what it wrote for the
-                        // neighbours and tell them.
-                        let others = undo.split_off_others(&who.container_id, &who.ifname);
-                        if let Err(undo_err) = self.undo(others).await {
-                            tracing::error!(%undo_err, "could not take back a failed batch");
-                        }
-                        for (id, _) in pending.iter().filter(|(id, _)| *id != ticket.id) {
-                            spool.reply(&lock, id, &Answer(Err(Failure::from(&err))));
-                        }
-                        Err(err)
-                    }
-                };
+                return self.lead(&spool, &lock, &ticket, &job, pool, req, undo).await;
             }
             tokio::time::sleep(SPOOL_POLL).await;
         }
+    }
+
+    /// Holding the spool's lock: serves every waiting request, ours included, in batches, until
+    /// nobody waits. Each batch after the first starts from the pool this process just wrote,
+    /// so while the node is the only writer a batch costs a single request to the pool.
+    #[allow(clippy::too_many_arguments)]
+    async fn lead(
+        &self,
+        spool: &Spool,
+        lock: &Lock,
+        ticket: &Ticket,
+        job: &Job,
+        pool: &PoolRef,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let who = &req.attachment;
+        let mut mine: Option<Result<IpAddr, StoreError>> = None;
+        let mut known: Option<IPPool> = None;
+        let started = tokio::time::Instant::now();
+        loop {
+            let mut pending = spool.pending(lock);
+            if mine.is_some() {
+                pending.retain(|(id, _)| *id != ticket.id);
+            } else if !pending.iter().any(|(id, _)| *id == ticket.id) {
+                pending.push((ticket.id.clone(), job.clone()));
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let jobs: Vec<Job> = pending.iter().map(|(_, j)| j.clone()).collect();
+            match self.serve(pool, req, jobs, known.take(), undo).await {
+                Ok((results, written)) => {
+                    for ((id, _), result) in pending.iter().zip(results) {
+                        if *id == ticket.id {
+                            mine = Some(result.map(|granted| granted.ip));
+                        } else {
+                            spool.reply(lock, id, &Answer(result.map_err(|e| Failure::from(&e))));
+                        }
+                    }
+                    // Served: the neighbours' allocations are theirs to take back.
+                    undo.split_off_others(&who.container_id, &who.ifname);
+                    known = written;
+                }
+                Err(err) => {
+                    // The batch failed as a whole: take back what it wrote for the neighbours
+                    // and tell them.
+                    let others = undo.split_off_others(&who.container_id, &who.ifname);
+                    if let Err(undo_err) = self.undo(others).await {
+                        tracing::error!(%undo_err, "could not take back a failed batch");
+                    }
+                    for (id, _) in pending.iter().filter(|(id, _)| *id != ticket.id) {
+                        spool.reply(lock, id, &Answer(Err(Failure::from(&err))));
+                    }
+                    if mine.is_none() {
+                        mine = Some(Err(err));
+                    }
+                    break;
+                }
+            }
+            // Leave the rest to the next process once this one has served long enough.
+            if started.elapsed() > self.settings.request_timeout {
+                break;
+            }
+        }
+        mine.unwrap_or_else(|| Err(StoreError::Io("the spool lost this request".into())))
     }
 
     /// Takes an answer left by the process that served this request.
@@ -166,7 +198,7 @@ impl Engine {
         job: Job,
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
-        let mut results = self.serve(pool, req, vec![job], undo).await?;
+        let (mut results, _) = self.serve(pool, req, vec![job], None, undo).await?;
         results
             .pop()
             .unwrap_or_else(|| Err(StoreError::Io("no result".into())))
@@ -176,13 +208,16 @@ impl Engine {
     /// Allocates for every job with one read and one write of the pool (more on conflict).
     /// A job that cannot be served (pool full, static address held) gets its error; a failure
     /// of the pool itself fails the whole call, its writes left in `undo`.
+    /// `known` is the pool as this process last wrote it, tried before reading it again.
+    /// Returns the results and the pool as written.
     async fn serve(
         &self,
         pool: &PoolRef,
         req: &AddRequest,
         jobs: Vec<Job>,
+        mut known: Option<IPPool>,
         undo: &UndoLog,
-    ) -> Result<Vec<Result<Granted, StoreError>>, StoreError> {
+    ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>), StoreError> {
         let name = object_name(&pool.name);
         let range = &pool.range;
         let mut slots: Vec<Slot> = jobs.into_iter().map(Slot::new).collect();
@@ -195,7 +230,10 @@ impl Engine {
         // write was refused for another reason than a concurrent change.
         let mut failed_rv: Option<String> = None;
         loop {
-            let object = self.kube.get_pool(&name).await?;
+            let object = match known.take() {
+                Some(object) => Some(object),
+                None => self.kube.get_pool(&name).await?,
+            };
             let doc = PoolDoc::new(&name, range.cidr, object)?;
             if let (Some(failed), Some(now)) = (&failed_rv, doc.resource_version()) {
                 if failed == now {
@@ -272,24 +310,24 @@ impl Engine {
                 tokio::time::sleep(Duration::from_secs(req.sleep_for_race)).await;
             }
             let written = match (ops.is_empty(), doc.resource_version()) {
-                (true, _) => Ok(()),
+                (true, _) => Ok(doc.object.clone()),
                 (false, Some(rv)) => {
                     let result = self.kube.patch_pool(&name, rv, &ops).await;
                     if result.is_err() {
                         failed_rv = Some(rv.to_string());
                     }
-                    result.map(drop)
+                    result.map(Some)
                 }
                 (false, None) => {
                     failed_rv = None;
                     self.kube
                         .create_pool(&doc.new_object(&fresh_entries))
                         .await
-                        .map(drop)
+                        .map(Some)
                 }
             };
             match written {
-                Ok(()) => {
+                Ok(written) => {
                     for (i, offset, key, fresh) in planned {
                         let ip = range.ip(offset);
                         if !fresh && req.overlap {
@@ -326,7 +364,7 @@ impl Engine {
                         };
                         results.push(result);
                     }
-                    return Ok(results);
+                    return Ok((results, written));
                 }
                 Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
                     conflicts = self.after_conflict(&name, conflicts).await?;
