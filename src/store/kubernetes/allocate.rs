@@ -8,7 +8,6 @@ use std::time::Duration;
 use super::api::ApiError;
 use super::choose;
 use super::engine::{Engine, Step, UndoLog};
-use super::node_slice;
 use super::pool_doc::{add_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
 use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
@@ -67,10 +66,8 @@ impl Engine {
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
         let job = Job::new(&req.attachment, requested);
-        let node = std::env::var(node_slice::NODENAME_ENV).ok();
         let spool = Spool::open(
             &self.scope,
-            node.as_deref(),
             &object_name(&pool.name),
             &pool.range,
             &req.network_name,
@@ -390,6 +387,13 @@ impl Engine {
                 Some(offset) => {
                     if let Err(err) = self.check_requested(pool, doc, offset) {
                         return Ok(Err(err));
+                    }
+                    if taken.contains(offset) {
+                        return Ok(Err(StoreError::InUse {
+                            ip: range.ip(offset),
+                            range: range.to_string(),
+                            holder: "another ADD served in the same batch".into(),
+                        }));
                     }
                     offset
                 }

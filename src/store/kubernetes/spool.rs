@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::ipam::Range;
 use crate::store::{Attachment, StoreError};
 
-/// Where the spool folders live (one per node and pool); overridable for tests.
+/// Where the spool folders live (one per pool); overridable, e.g. to give simulated nodes on one
+/// machine a spool each.
 pub const SPOOL_ENV: &str = "WHEREABOUTS_KUBERNETES_SPOOL";
 const DEFAULT_SPOOL: &str = "/run/whereabouts/kubernetes";
 
@@ -128,12 +129,11 @@ impl Drop for Ticket {
 pub struct Lock(#[allow(dead_code)] File);
 
 impl Spool {
-    /// The spool of a pool: one folder per node, pool and way of allocating in it, so only
-    /// requests that can be served together meet. None when no folder can be made (then every
-    /// ADD writes on its own).
+    /// The spool of a pool on this machine: one folder per cluster, pool and way of allocating
+    /// in it, so only requests that can be served together meet. None when no folder can be
+    /// made (then every ADD writes on its own).
     pub fn open(
         scope: &str,
-        node: Option<&str>,
         pool: &str,
         range: &Range,
         network_name: &str,
@@ -146,10 +146,7 @@ impl Spool {
         (pool, range.cidr.to_string(), range.first, range.last).hash(&mut hasher);
         range.blocked.as_slice().hash(&mut hasher);
         (network_name, overlap, scope).hash(&mut hasher);
-        let node = node.filter(|n| !n.is_empty()).unwrap_or("node");
-        let dir = base
-            .join(sanitize(node))
-            .join(format!("{}.{:016x}", sanitize(pool), hasher.finish()));
+        let dir = base.join(format!("{}.{:016x}", sanitize(pool), hasher.finish()));
         fs::create_dir_all(&dir).ok()?;
         Some(Spool { dir })
     }
