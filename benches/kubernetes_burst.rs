@@ -50,7 +50,18 @@ fn scenario(title: &str, spool: Option<String>) {
         env: env.clone(),
     };
     assert_eq!(run(bin, &warm, &conf).code, 0);
-    assert_eq!(run(bin, &Call { command: "DEL", ..warm }, &conf).code, 0);
+    assert_eq!(
+        run(
+            bin,
+            &Call {
+                command: "DEL",
+                ..warm
+            },
+            &conf
+        )
+        .code,
+        0
+    );
 
     server.set_latency(LATENCY);
     server.reset_counts();
@@ -72,8 +83,14 @@ fn scenario(title: &str, spool: Option<String>) {
     assert_eq!(ips.len(), ADDS);
     println!("{title}");
     println!("  wall time      {:>8.1} ms", out.wall.as_secs_f64() * 1e3);
-    println!("  ADD p50        {:>8.1} ms", out.percentile(0.50).as_secs_f64() * 1e3);
-    println!("  ADD p99        {:>8.1} ms", out.percentile(0.99).as_secs_f64() * 1e3);
+    println!(
+        "  ADD p50        {:>8.1} ms",
+        out.percentile(0.50).as_secs_f64() * 1e3
+    );
+    println!(
+        "  ADD p99        {:>8.1} ms",
+        out.percentile(0.99).as_secs_f64() * 1e3
+    );
     println!("  requests/ADD   {:>8.2}", requests as f64 / ADDS as f64);
     println!("  requests       {:?}", server.requests_by_verb());
 }
@@ -93,6 +110,9 @@ fn main() {
     let file = base.join("not-a-folder");
     let _ = std::fs::create_dir_all(&base);
     let _ = std::fs::write(&file, b"");
-    scenario("no spool (every ADD writes alone)", Some(file.join("x").display().to_string()));
+    scenario(
+        "no spool (every ADD writes alone)",
+        Some(file.join("x").display().to_string()),
+    );
     let _ = std::fs::remove_dir_all(&base);
 }

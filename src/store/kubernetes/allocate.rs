@@ -11,9 +11,9 @@ use super::engine::{Engine, Step, UndoLog};
 use super::pool_doc::{add_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
 use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
-use crate::k8s::crd::IPPool;
 use crate::ipam::names::object_name;
 use crate::ipam::OffsetRuns;
+use crate::k8s::crd::IPPool;
 use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
 
 /// What reserving an address found.
@@ -87,7 +87,9 @@ impl Engine {
                 if let Some(answer) = spool.answer(&ticket) {
                     return self.accept(answer, pool, req, undo);
                 }
-                return self.lead(&spool, &lock, &ticket, &job, pool, req, undo).await;
+                return self
+                    .lead(&spool, &lock, &ticket, &job, pool, req, undo)
+                    .await;
             }
             tokio::time::sleep(SPOOL_POLL).await;
         }
@@ -314,7 +316,10 @@ impl Engine {
                 }
                 let offset = match &slots[i].reserved {
                     Some((offset, _)) => *offset,
-                    None => match self.choose(pool, &doc, &taken, &mut slots[i], req, undo).await? {
+                    None => match self
+                        .choose(pool, &doc, &taken, &mut slots[i], req, undo)
+                        .await?
+                    {
                         Ok(offset) => offset,
                         Err(err) => {
                             slots[i].done = Some(Err(err));

@@ -74,8 +74,14 @@ pub struct Granted {
 /// A store error as it travels through an answer file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Failure {
-    Exhausted { range: String },
-    InUse { ip: std::net::IpAddr, range: String, holder: String },
+    Exhausted {
+        range: String,
+    },
+    InUse {
+        ip: std::net::IpAddr,
+        range: String,
+        holder: String,
+    },
     TryAgain(String),
     Config(String),
     Io(String),
@@ -192,7 +198,10 @@ impl Spool {
         let mut found = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_prefix("req-").and_then(|n| n.strip_suffix(".json")) else {
+            let Some(id) = name
+                .strip_prefix("req-")
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
                 if name.starts_with("res-") {
                     self.drop_if_stale(&entry.path());
                 }
@@ -244,14 +253,24 @@ impl Spool {
 
 fn sanitize(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(100)
         .collect()
 }
 
 /// Writes a file so that readers see all of it or nothing.
 fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".tmp-{}-{:x}", std::process::id(), rand::random::<u64>()));
+    let tmp = dir.join(format!(
+        ".tmp-{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let mut file = File::create(&tmp)?;
     file.write_all(bytes)?;
     drop(file);
