@@ -417,3 +417,55 @@ fn node_slices_from_a_nodeslicepool() {
         .unwrap();
     assert_eq!(pool_ips(&pool).len(), 11);
 }
+
+#[test]
+fn without_a_spool_every_add_writes_alone_and_still_never_duplicates() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf = netconf("nospool", &ipam("10.130.0.0/24", &kubeconfig, json!({})));
+    // A spool folder below a regular file cannot be made.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let env = vec![(
+        "WHEREABOUTS_KUBERNETES_SPOOL",
+        file.join("spool").display().to_string(),
+    )];
+    let burst = Burst {
+        calls: 40,
+        parallel: 10,
+        nodes: 1,
+        command: "ADD",
+    };
+    let added = run_burst(bin(), &conf, &burst, &env);
+    let mut ips = BTreeSet::new();
+    for (i, _, reply) in &added.calls {
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        assert!(ips.insert(reply.ips()[0].clone()));
+    }
+    assert_consistent(&server, "");
+    // A DEL of every other one, then the same ADDs again: the holders keep their addresses.
+    for i in (0..40).step_by(2) {
+        let c = container(i);
+        let reply = run(
+            bin(),
+            &Call {
+                env: env.clone(),
+                pod: Some(("bench", "x")),
+                ..call("DEL", &c, "x")
+            },
+            &conf,
+        );
+        assert_eq!(reply.code, 0, "{reply:?}");
+    }
+    assert_eq!(server.list(RESERVATIONS, NS).len(), 20);
+    let again = run_burst(bin(), &conf, &burst, &env);
+    for (i, _, reply) in &again.calls {
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        if i % 2 == 1 {
+            assert_eq!(reply.ips(), added.calls[*i].2.ips(), "a repeated ADD moved");
+        }
+    }
+    assert_consistent(&server, "");
+    assert_eq!(server.list(RESERVATIONS, NS).len(), 40);
+}
