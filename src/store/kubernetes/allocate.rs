@@ -182,6 +182,8 @@ impl Engine {
                 break;
             }
         }
+        // Out of the spool before the lock goes, or the next holder would serve it again.
+        ticket.withdraw();
         mine.unwrap_or_else(|| Err(StoreError::Io("the spool lost this request".into())))
     }
 

@@ -125,9 +125,16 @@ pub struct Ticket {
     request: PathBuf,
 }
 
+impl Ticket {
+    /// Takes the request out of the spool.
+    pub fn withdraw(&self) {
+        let _ = fs::remove_file(&self.request);
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.request);
+        self.withdraw();
     }
 }
 
@@ -182,10 +189,12 @@ impl Spool {
         Some(Lock(file))
     }
 
-    /// The answer to `ticket`, if there is one (consumed).
+    /// The answer to `ticket`, if there is one (consumed, with the request: a request without
+    /// an answer would be served again).
     pub fn answer(&self, ticket: &Ticket) -> Option<Answer> {
         let path = self.dir.join(format!("res-{}.json", ticket.id));
         let bytes = fs::read(&path).ok()?;
+        ticket.withdraw();
         let _ = fs::remove_file(&path);
         serde_json::from_slice(&bytes).ok()
     }
