@@ -354,3 +354,48 @@ fn a_process_killed_inside_its_transaction_changes_nothing() {
     );
     assert_eq!(holdings(&db).len(), 3);
 }
+
+#[test]
+fn adds_and_dels_at_once_keep_runs_and_allocations_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("wb.db");
+    let conf = conf(&db);
+    for i in 0..60 {
+        add(&db, &format!("old{i}")).ok();
+    }
+    // Every other old attachment leaves while new ones arrive, all at once.
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for i in 0..60 {
+        let (command, name) = if i % 2 == 0 {
+            ("DEL", format!("old{i}"))
+        } else {
+            ("ADD", format!("new{i}"))
+        };
+        let err = dir.path().join(format!("{name}.err"));
+        children.push((name.clone(), start(command, &name, &err)));
+    }
+    for (_, child) in &mut children {
+        feed(child, &conf);
+    }
+    for (name, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{name}: {out:?}");
+    }
+    integrity_ok(&db);
+    let held = holdings(&db);
+    assert_eq!(held.len(), 60);
+    for i in 0..60 {
+        let (name, kept) = if i % 2 == 0 {
+            (format!("old{i}"), false)
+        } else {
+            (format!("new{i}"), true)
+        };
+        assert_eq!(held.contains_key(&name), kept, "{name}");
+        assert!(held.contains_key(&format!("old{}", i | 1)));
+    }
+    // The freed addresses were reused: everything sits in the lowest 90 (30 ADDs may have run
+    // before the DELs that would have made room for them).
+    let max = held.values().max().unwrap().to_string();
+    let last: u32 = max.rsplit('.').next().unwrap().parse().unwrap();
+    assert!(last <= 90, "{max}");
+}

@@ -96,6 +96,30 @@ struct AllocRow {
 }
 
 impl AllocRow {
+    /// [`AllocRow::from_row`] for columns starting at `start`.
+    fn from_row_at(row: &Row<'_>, start: usize) -> rusqlite::Result<AllocRow> {
+        let col = |i: usize| start + i;
+        let base = runs::unblob(row.get(col(2))?);
+        let prefix: u8 = row.get(col(3))?;
+        let v6: bool = row.get(col(4))?;
+        Ok(AllocRow {
+            pool: row.get(col(0))?,
+            offset: runs::unblob(row.get(col(1))?),
+            cidr: Cidr {
+                addr: from_u128(base, v6),
+                prefix,
+            },
+            network_name: row.get(col(5))?,
+            cni_network: row.get(col(6))?,
+            attachment: Attachment {
+                container_id: row.get(col(7))?,
+                ifname: row.get(col(8))?,
+                pod_ref: row.get(col(9))?,
+                pod_uid: row.get(col(10))?,
+            },
+        })
+    }
+
     /// Columns selected by [`ALLOC_COLUMNS`], in that order.
     fn from_row(row: &Row<'_>) -> rusqlite::Result<AllocRow> {
         AllocRow::from_row_at(row, 0)
@@ -243,32 +267,6 @@ impl LocalStore {
                 }
             }
             Ok(problems)
-        })
-    }
-}
-
-impl AllocRow {
-    /// [`AllocRow::from_row`] for columns starting at `start`.
-    fn from_row_at(row: &Row<'_>, start: usize) -> rusqlite::Result<AllocRow> {
-        let col = |i: usize| start + i;
-        let base = runs::unblob(row.get(col(2))?);
-        let prefix: u8 = row.get(col(3))?;
-        let v6: bool = row.get(col(4))?;
-        Ok(AllocRow {
-            pool: row.get(col(0))?,
-            offset: runs::unblob(row.get(col(1))?),
-            cidr: Cidr {
-                addr: from_u128(base, v6),
-                prefix,
-            },
-            network_name: row.get(col(5))?,
-            cni_network: row.get(col(6))?,
-            attachment: Attachment {
-                container_id: row.get(col(7))?,
-                ifname: row.get(col(8))?,
-                pod_ref: row.get(col(9))?,
-                pod_uid: row.get(col(10))?,
-            },
         })
     }
 }
