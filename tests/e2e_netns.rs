@@ -139,10 +139,9 @@ fn two_pods(plugin: &str, conf: Value, tag: &str) {
         let reply = main_plugin(plugin, "ADD", &conf, &container, path);
         let result = reply.ok();
         let address = bare(
-            &result["ips"][0]["address"]
+            result["ips"][0]["address"]
                 .as_str()
-                .unwrap_or_else(|| panic!("{result}"))
-                .to_string(),
+                .unwrap_or_else(|| panic!("{result}")),
         );
         assert!(
             address_in(name).contains(&address),
