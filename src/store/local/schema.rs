@@ -78,6 +78,13 @@ pub fn connect(path: &Path) -> Result<Connection, Fail> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Each CNI call is a process that closes the database right away. By default the last
+    // connection to close checkpoints the WAL and deletes it (several fsyncs and unlinks per
+    // call); keeping the WAL leaves checkpoints to SQLite's periodic auto-checkpoint instead.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
     let deadline = Instant::now() + BUSY_TIMEOUT;
     // Reading the header first makes SQLite notice a database that is already in WAL mode, so
     // the common case needs no lock at all.
