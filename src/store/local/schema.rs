@@ -8,7 +8,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use super::Fail;
@@ -93,10 +92,6 @@ pub fn connect(path: &Path) -> Result<Connection, Fail> {
     // NORMAL is durable against a killed process (the WAL is fsynced at checkpoints; only a
     // power loss can drop the last transactions) and much cheaper than FULL.
     conn.execute_batch("PRAGMA synchronous = NORMAL")?;
-    // Each CNI call is a process of its own, so "checkpoint when the last connection closes"
-    // would mean a checkpoint (and its fsyncs) on nearly every call. The WAL is safe to leave
-    // behind; SQLite's automatic checkpoint folds it in every thousand pages instead.
-    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
     if version != SCHEMA_VERSION {
         create_schema(&conn)?;
     }
