@@ -407,6 +407,15 @@ fn node_slices_from_a_nodeslicepool() {
         bin(),
         &Call {
             node: Some("node-a"),
+            ..call("CHECK", "a-1", "a-1")
+        },
+        &conf,
+    );
+    assert_eq!(reply.code, 0, "CHECK in a node slice: {reply:?}");
+    let reply = run(
+        bin(),
+        &Call {
+            node: Some("node-a"),
             ..call("DEL", "a-0", "a-0")
         },
         &conf,
