@@ -112,6 +112,9 @@ impl Engine {
         let who = &req.attachment;
         let mut mine: Option<Result<IpAddr, StoreError>> = None;
         let mut known: Option<IPPool> = None;
+        // Starting a batch from the pool this process wrote saves a read while the node is the
+        // only writer; once that guess has failed (other nodes write too), read instead.
+        let mut trust_known = true;
         let started = tokio::time::Instant::now();
         loop {
             let mut pending = spool.pending(lock);
@@ -140,11 +143,19 @@ impl Engine {
                 fresh.into_iter().map(|(_, job)| job).collect()
             };
             let served = self
-                .serve(pool, req, jobs, known.take(), undo, &mut refill)
+                .serve(
+                    pool,
+                    req,
+                    jobs,
+                    known.take().filter(|_| trust_known),
+                    undo,
+                    &mut refill,
+                )
                 .await;
             pending.extend(joined);
             match served {
-                Ok((results, written)) => {
+                Ok((results, written, guessed_wrong)) => {
+                    trust_known &= !guessed_wrong;
                     for ((id, _), result) in pending.iter().zip(results) {
                         if *id == ticket.id {
                             mine = Some(result.map(|granted| granted.ip));
@@ -223,7 +234,7 @@ impl Engine {
         job: Job,
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
-        let (mut results, _) = self
+        let (mut results, _, _) = self
             .serve(pool, req, vec![job], None, undo, &mut Vec::new)
             .await?;
         results
@@ -236,7 +247,7 @@ impl Engine {
     /// A job that cannot be served (pool full, static address held) gets its error; a failure
     /// of the pool itself fails the whole call, its writes left in `undo`.
     /// `known` is the pool as this process last wrote it, tried before reading it again.
-    /// Returns the results and the pool as written.
+    /// Returns the results, the pool as written, and whether `known` turned out stale.
     async fn serve(
         &self,
         pool: &PoolRef,
@@ -245,7 +256,8 @@ impl Engine {
         mut known: Option<IPPool>,
         undo: &UndoLog,
         refill: &mut dyn FnMut() -> Vec<Job>,
-    ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>), StoreError> {
+    ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>, bool), StoreError> {
+        let guessing = known.is_some();
         let name = object_name(&pool.name);
         let range = &pool.range;
         let mut slots: Vec<Slot> = jobs.into_iter().map(Slot::new).collect();
@@ -443,7 +455,7 @@ impl Engine {
                         };
                         results.push(result);
                     }
-                    return Ok((results, written));
+                    return Ok((results, written, guessing && conflicts > 0));
                 }
                 Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
                     conflicts = self.after_conflict(&name, conflicts).await?;
