@@ -150,6 +150,7 @@ fn burst(
     pods: &[Pod],
     conf: &[u8],
     progress: &AtomicUsize,
+    env: &[(&str, &str)],
 ) -> BTreeMap<Pod, Reply> {
     let queue = Mutex::new(pods.to_vec());
     let replies = Mutex::new(BTreeMap::new());
@@ -159,7 +160,7 @@ fn burst(
                 let Some(pod) = queue.lock().unwrap().pop() else {
                     return;
                 };
-                let reply = plugin(command, Some(&pod), conf, &[]);
+                let reply = plugin(command, Some(&pod), conf, env);
                 progress.fetch_add(1, Ordering::SeqCst);
                 replies.lock().unwrap().insert(pod, reply);
             });
@@ -194,7 +195,10 @@ fn recorded(cluster: &Cluster) -> BTreeMap<String, IpAddr> {
                 .expect("record JSON");
         let ip = record["ip"].as_str().unwrap().parse().unwrap();
         let previous = map.insert(record["container_id"].as_str().unwrap().to_string(), ip);
-        assert!(previous.is_none(), "two records for one container: {record}");
+        assert!(
+            previous.is_none(),
+            "two records for one container: {record}"
+        );
     }
     map
 }
@@ -245,14 +249,18 @@ fn burst_of_1000_adds_is_unique_and_del_leaves_nothing() {
     let conf = net.conf("1.0.0");
     let all = pods(10, 100);
     let started = Instant::now();
-    let replies = burst("ADD", &all, &conf, &AtomicUsize::new(0));
+    let replies = burst("ADD", &all, &conf, &AtomicUsize::new(0), &[]);
     let took = started.elapsed();
     for (pod, reply) in &replies {
         assert_eq!(reply.exit, 0, "ADD {pod:?} failed: {}", reply.stdout);
     }
     let got = assert_unique(&replies);
     assert_eq!(got.len(), all.len());
-    assert_eq!(recorded(&cluster), got, "etcd records differ from the results");
+    assert_eq!(
+        recorded(&cluster),
+        got,
+        "etcd records differ from the results"
+    );
     eprintln!("1000 ADDs through the binary in {took:?}");
 
     // A repeated ADD returns the same address.
@@ -262,12 +270,15 @@ fn burst_of_1000_adds_is_unique_and_del_leaves_nothing() {
     let check = plugin("CHECK", Some(&all[3]), &conf, &[]);
     assert_eq!(check.exit, 0, "CHECK: {}", check.stdout);
 
-    let dels = burst("DEL", &all, &conf, &AtomicUsize::new(0));
+    let dels = burst("DEL", &all, &conf, &AtomicUsize::new(0), &[]);
     for (pod, reply) in &dels {
         assert_eq!(reply.exit, 0, "DEL {pod:?} failed: {}", reply.stdout);
     }
     let left = cluster.keys("/whereabouts/");
-    assert!(left.is_empty(), "keys left after DEL of everything: {left:?}");
+    assert!(
+        left.is_empty(),
+        "keys left after DEL of everything: {left:?}"
+    );
 }
 
 #[test]
@@ -282,19 +293,35 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
     let all = pods(10, 40);
     let progress = Arc::new(AtomicUsize::new(0));
 
-    let replies = std::thread::scope(|scope| {
-        let runner = scope.spawn(|| burst("ADD", &all, &conf, &progress));
-        while progress.load(Ordering::SeqCst) < all.len() / 4 && !runner.is_finished() {
+    // A short deadline so that ADDs caught while the cluster has no quorum give up (code 11)
+    // instead of waiting it out.
+    let env = [("WHEREABOUTS_ETCD_TIMEOUT_MS", "2500")];
+    let wait_for = |n: usize, runner: &std::thread::ScopedJoinHandle<'_, _>| {
+        while progress.load(Ordering::SeqCst) < n && !runner.is_finished() {
             std::thread::sleep(Duration::from_millis(5));
         }
+    };
+    let replies = std::thread::scope(|scope| {
+        let runner = scope.spawn(|| burst("ADD", &all, &conf, &progress, &env));
+        wait_for(all.len() / 4, &runner);
         let leader = cluster.leader();
         eprintln!(
             "killing leader m{leader} after {} ADDs",
             progress.load(Ordering::SeqCst)
         );
         cluster.kill(leader);
-        let replies = runner.join().expect("burst thread");
+        // Then the new leader too: no quorum until the first one is back.
+        wait_for(all.len() / 2, &runner);
+        let second = cluster.leader();
+        eprintln!(
+            "killing leader m{second} after {} ADDs: no quorum for 3 s",
+            progress.load(Ordering::SeqCst)
+        );
+        cluster.kill(second);
+        std::thread::sleep(Duration::from_secs(3));
         cluster.restart(leader);
+        let replies = runner.join().expect("burst thread");
+        cluster.restart(second);
         replies
     });
     cluster.wait_healthy(Duration::from_secs(30));
@@ -321,17 +348,24 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
         got.insert(pod.container(), reply.ip().expect("an address"));
     }
     let distinct: BTreeSet<IpAddr> = got.values().copied().collect();
-    assert_eq!(distinct.len(), all.len(), "duplicate addresses after retries");
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "duplicate addresses after retries"
+    );
     assert_eq!(
         recorded(&cluster),
         got,
         "etcd holds allocations that no ADD returned (a leak) or misses some"
     );
 
-    let dels = burst("DEL", &all, &conf, &AtomicUsize::new(0));
+    let dels = burst("DEL", &all, &conf, &AtomicUsize::new(0), &[]);
     assert!(dels.values().all(|r| r.exit == 0));
     let left = cluster.keys("/whereabouts/");
-    assert!(left.is_empty(), "keys left after DEL of everything: {left:?}");
+    assert!(
+        left.is_empty(),
+        "keys left after DEL of everything: {left:?}"
+    );
 }
 
 #[test]
@@ -361,7 +395,11 @@ fn all_members_down_add_is_code_11_within_the_timeout_and_status_is_50() {
     );
     let status = plugin("STATUS", None, &net.conf("1.1.0"), &timeout);
     assert_eq!(status.code(), Some(50), "{}", status.stdout);
-    assert!(status.elapsed < Duration::from_millis(5000), "{:?}", status.elapsed);
+    assert!(
+        status.elapsed < Duration::from_millis(5000),
+        "{:?}",
+        status.elapsed
+    );
     // DEL cannot succeed either: the runtime must retry it rather than believe it done.
     let del = plugin("DEL", Some(&pod), &net.conf("1.0.0"), &timeout);
     assert_eq!(del.code(), Some(11), "{}", del.stdout);

@@ -20,7 +20,9 @@ pub fn etcd_available() -> bool {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("etcd is not installed but CI=true: install etcd-server and etcd-client");
         }
-        eprintln!("==== SKIPPING etcd test: `etcd` is not installed (apt install etcd-server) ====");
+        eprintln!(
+            "==== SKIPPING etcd test: `etcd` is not installed (apt install etcd-server) ===="
+        );
     }
     found
 }
@@ -211,26 +213,35 @@ impl Cluster {
         }
     }
 
-    /// The index of the current leader.
+    /// The index of the current leader, waiting for an election if there is none yet.
     pub fn leader(&self) -> usize {
+        let start = Instant::now();
+        loop {
+            if let Some(i) = self.find_leader() {
+                return i;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!("no etcd leader elected within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn find_leader(&self) -> Option<usize> {
         let out = self.etcdctl(&self.running_urls(), &["endpoint", "status", "-w", "json"]);
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("etcdctl endpoint status JSON");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         for entry in v.as_array().into_iter().flatten() {
             let status = &entry["Status"];
             let member = status["header"]["member_id"].as_u64();
             if member.is_some() && member == status["leader"].as_u64() {
                 let endpoint = entry["Endpoint"].as_str().unwrap_or_default();
-                if let Some(i) = self
+                return self
                     .members
                     .iter()
-                    .position(|m| endpoint.ends_with(&format!(":{}", m.client_port)))
-                {
-                    return i;
-                }
+                    .position(|m| endpoint.ends_with(&format!(":{}", m.client_port)));
             }
         }
-        panic!("no leader found in {v}");
+        None
     }
 
     /// Kills member `i` at once (SIGKILL), as a crash would.
@@ -256,7 +267,10 @@ impl Cluster {
 
     /// Every key under `prefix`, as text.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        let out = self.etcdctl(&self.running_urls(), &["get", "--prefix", "--keys-only", prefix]);
+        let out = self.etcdctl(
+            &self.running_urls(),
+            &["get", "--prefix", "--keys-only", prefix],
+        );
         assert!(
             out.status.success(),
             "etcdctl get: {}",
@@ -291,8 +305,19 @@ fn make_certs(dir: &Path) -> Tls {
         );
     };
     run(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=wb-test-ca",
-        "-keyout", "ca.key", "-out", "ca.pem",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=wb-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
     ]);
     std::fs::write(
         dir.join("server.ext"),
