@@ -7,12 +7,17 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp};
+use std::collections::HashSet;
+
+use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse};
+use rand::Rng;
 
 use super::keys::{hex, parse_hex};
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun, Run};
 use super::session::{floor_get, key_get, CallFailed, Deadline, Session};
+use super::window::{self, Window};
+use crate::ipam::Range;
 use crate::store::retry::Backoff;
 use crate::store::{AddRequest, Attachment, RangeRequest, StoreError};
 
@@ -44,12 +49,19 @@ enum Plan {
     Take {
         offset: u128,
         ip: IpAddr,
-        left: Option<ReadRun>,
-        right: Option<ReadRun>,
+        /// The runs the search crossed: adjacent ones are merged after the commit when they
+        /// form a long chain.
+        walked: Vec<ReadRun>,
         owner_rev: Option<i64>,
         pod_rev: Option<i64>,
     },
 }
+
+/// Chains of adjacent runs shorter than this (plus a random part) are left alone.
+const COMPACT_AT: usize = 8;
+
+/// Runs merged by one commit at most: keeps the transaction well under etcd's operation limit.
+const MERGE_CAP: usize = 32;
 
 /// Index entries found for one range: (revision, offset) of the owner and pod keys.
 #[derive(Default, Clone, Copy)]
@@ -73,19 +85,36 @@ pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAdd
         }
     }
     let dl = Deadline::after(s.timeouts.deadline);
+    let mut memory = Memory::new(req.ranges.len());
     let mut last = String::from("no attempt finished");
     for attempt in 0..backoff.attempts.max(1) {
-        if attempt > 0 {
-            s.pause(&dl, backoff.delay(attempt));
+        if attempt > 0 && memory.wait {
+            s.pause(&dl, backoff.delay(memory.conflicts.min(attempt)));
+        } else if attempt > 0 {
+            // A light jitter even when spreading, so that retries do not arrive in lockstep.
+            s.pause(&dl, backoff.delay(0));
         }
         if dl.passed() {
             break;
         }
-        match attempt_add(s, req, &dl) {
-            Ok(Some(ips)) => return Ok(ips),
+        match attempt_add(s, req, &dl, &mut memory) {
+            Ok(Some(ips)) => {
+                if std::env::var("WB_DEBUG_ATTEMPTS").is_ok() {
+                    eprintln!(
+                        "attempts {} conflicts {} {:?}",
+                        attempt + 1,
+                        memory.conflicts,
+                        ips
+                    );
+                }
+                return Ok(ips);
+            }
             Ok(None) => last = "the pool changed while allocating (conflicting writer)".into(),
             Err(Stop::Final(e)) => return Err(e),
-            Err(Stop::Retry(msg)) => last = msg,
+            Err(Stop::Retry(msg)) => {
+                memory.call_failed();
+                last = msg;
+            }
         }
     }
     Err(StoreError::TryAgain(format!(
@@ -94,14 +123,71 @@ pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAdd
     )))
 }
 
+/// What one ADD learns across its attempts.
+struct Memory {
+    /// Addresses found reserved network-wide by another pool.
+    reserved_elsewhere: HashSet<IpAddr>,
+    /// Per range, where the next search starts: after losing an offset to a concurrent
+    /// writer, a random distance past it, so that contenders stop colliding on one address.
+    start_hint: Vec<Option<u128>>,
+    /// Per range, the run window at `start_hint`, read by the failed commit itself.
+    prefetched: Vec<Option<Window>>,
+    /// The index entries as last read; valid after a cleanly failed compare, whose commit
+    /// certainly did not apply (the next commit compares them again anyway).
+    hits: Option<Vec<IndexHits>>,
+    conflicts: u32,
+    /// Whether to back off before the next attempt.
+    wait: bool,
+}
+
+impl Memory {
+    fn new(ranges: usize) -> Memory {
+        Memory {
+            reserved_elsewhere: HashSet::new(),
+            start_hint: vec![None; ranges],
+            prefetched: vec![None; ranges],
+            hits: None,
+            conflicts: 0,
+            wait: false,
+        }
+    }
+
+    fn start(&self, i: usize, range: &Range) -> u128 {
+        self.start_hint[i]
+            .filter(|h| *h > range.first && *h <= range.last)
+            .unwrap_or(range.first)
+    }
+
+    /// Where to search next if `offset` is lost: a random distance past it, the spread growing
+    /// with repeated conflicts. A search that finds nothing from there starts over from the
+    /// beginning of the range, so no free address is ever missed.
+    fn next_hint(&self, offset: u128) -> Option<u128> {
+        let spread = 8u128 << self.conflicts.min(5);
+        offset.checked_add(1 + rand::rng().random_range(0..spread))
+    }
+
+    /// Forgets what a failed call may have made stale.
+    fn call_failed(&mut self) {
+        self.hits = None;
+        self.prefetched.iter_mut().for_each(|w| *w = None);
+        self.wait = true;
+    }
+}
+
 /// One read-decide-commit round. `Ok(None)` when a compare failed.
-fn attempt_add(s: &Session, req: &AddRequest, dl: &Deadline) -> Result<Option<Vec<IpAddr>>, Stop> {
+fn attempt_add(
+    s: &Session,
+    req: &AddRequest,
+    dl: &Deadline,
+    memory: &mut Memory,
+) -> Result<Option<Vec<IpAddr>>, Stop> {
     let who = &req.attachment;
-    let hits = read_index(s, req, dl)?;
+    let (hits, mut windows) = first_read(s, req, dl, memory)?;
+    let hits_for_memory = hits.clone();
     let held = read_held(s, req, &hits, dl)?;
     let mut plans = Vec::with_capacity(req.ranges.len());
     let mut chosen: Vec<IpAddr> = Vec::new();
-    for ((rr, hit), held) in req.ranges.iter().zip(&hits).zip(held) {
+    for (i, ((rr, hit), held)) in req.ranges.iter().zip(&hits).zip(held).enumerate() {
         let plan = match held {
             Some((offset, kv, record)) => {
                 if let Some(wanted) = rr.requested.filter(|w| *w != offset) {
@@ -123,7 +209,13 @@ fn attempt_add(s: &Session, req: &AddRequest, dl: &Deadline) -> Result<Option<Ve
             }
             None => match rr.requested {
                 Some(offset) => plan_static(s, req, rr, *hit, offset, &chosen, dl)?,
-                None => plan_dynamic(s, req, rr, *hit, &chosen, dl)?,
+                None => {
+                    let window = windows[i].take().unwrap_or_default();
+                    let start = memory.start(i, &rr.pool.range);
+                    let taken =
+                        |ip: &IpAddr| chosen.contains(ip) || memory.reserved_elsewhere.contains(ip);
+                    plan_dynamic(s, rr, *hit, start, window, &taken, dl)?
+                }
             },
         };
         chosen.push(match &plan {
@@ -139,22 +231,100 @@ fn attempt_add(s: &Session, req: &AddRequest, dl: &Deadline) -> Result<Option<Ve
         // Every range is already held by this attachment, unchanged: nothing to write.
         return Ok(Some(chosen));
     }
-    let resp = s.txn(
-        dl,
-        "allocation commit",
-        Txn::new().when(compares).and_then(ops),
-    )?;
+    // On a failed compare, learn why without another round trip: which chosen offsets are now
+    // held in their pool, which addresses are reserved through another pool; and read the run
+    // window where the next search would start.
+    let mut probes = Vec::new();
+    let mut probe_gets = Vec::new();
+    for (i, (rr, plan)) in req.ranges.iter().zip(&plans).enumerate() {
+        if let Plan::Take { offset, ip, .. } = plan {
+            let akey = s.keys.allocation(&rr.pool.name, *offset);
+            probe_gets.push(key_get(&akey));
+            probe_gets.push(key_get(&if req.overlap {
+                s.keys.reservation(&req.network_name, *ip)
+            } else {
+                akey
+            }));
+            let hint = memory
+                .next_hint(*offset)
+                .filter(|h| *h <= rr.pool.range.last && rr.requested.is_none());
+            if let Some(h) = hint {
+                probe_gets.extend(window::gets(&s.keys, &rr.pool.name, h));
+            }
+            probes.push((i, *ip, hint));
+        }
+    }
+    let txn = Txn::new().when(compares).and_then(ops).or_else(probe_gets);
+    let resp = s.txn(dl, "allocation commit", txn)?;
     if resp.succeeded() {
         tracing::debug!(container = %who.container_id, ips = ?chosen, "etcd: allocated");
-        Ok(Some(chosen))
-    } else {
-        Ok(None)
+        let revision = resp.header().map_or(0, |h| h.revision());
+        for (rr, plan) in req.ranges.iter().zip(&plans) {
+            if let Plan::Take { offset, walked, .. } = plan {
+                compact_chain(s, dl, &rr.pool.name, walked, *offset, revision);
+            }
+        }
+        return Ok(Some(chosen));
     }
+    let mut answers = resp.op_responses().into_iter().map(|r| match r {
+        TxnOpResponse::Get(mut g) => g.take_kvs(),
+        _ => Vec::new(),
+    });
+    memory.wait = false;
+    memory.prefetched.iter_mut().for_each(|w| *w = None);
+    memory.hits = Some(hits_for_memory);
+    let mut lost_any = false;
+    for (i, ip, hint) in probes {
+        let held = !answers.next().unwrap_or_default().is_empty();
+        let reserved = !answers.next().unwrap_or_default().is_empty();
+        let window = hint.map(|h| {
+            let floor = answers.next().unwrap_or_default();
+            (
+                h,
+                Window::parse(h, floor, answers.next().unwrap_or_default()),
+            )
+        });
+        if held {
+            lost_any = true;
+            memory.start_hint[i] = window.as_ref().map(|(h, _)| *h);
+            memory.prefetched[i] = window.map(|(_, w)| w);
+        } else if req.overlap && reserved {
+            // Reserved through an overlapping range: not contention; search again at once.
+            memory.reserved_elsewhere.insert(ip);
+        } else {
+            // A run or index entry changed under us: contention all the same.
+            memory.wait = true;
+        }
+    }
+    if lost_any {
+        memory.conflicts += 1;
+        memory.wait |= memory.conflicts > 2;
+    }
+    Ok(None)
 }
 
-/// The owner and pod index entries of the attachment in every pool of the request.
-fn read_index(s: &Session, req: &AddRequest, dl: &Deadline) -> Result<Vec<IndexHits>, Stop> {
+/// One read for the whole request: the attachment's owner and pod index entries in every pool,
+/// and for every range to be chosen dynamically, the run window where its search starts.
+#[allow(clippy::type_complexity)]
+fn first_read(
+    s: &Session,
+    req: &AddRequest,
+    dl: &Deadline,
+    memory: &mut Memory,
+) -> Result<(Vec<IndexHits>, Vec<Option<Window>>), Stop> {
     let who = &req.attachment;
+    // After a lost race the failed commit already read everything the next attempt needs.
+    let all_prefetched = req
+        .ranges
+        .iter()
+        .zip(&memory.prefetched)
+        .all(|(rr, w)| rr.requested.is_some() || w.is_some());
+    if all_prefetched {
+        if let Some(hits) = memory.hits.take() {
+            let windows = memory.prefetched.iter_mut().map(Option::take).collect();
+            return Ok((hits, windows));
+        }
+    }
     let mut gets = Vec::new();
     for rr in &req.ranges {
         gets.push(key_get(&s.keys.owner(
@@ -166,7 +336,18 @@ fn read_index(s: &Session, req: &AddRequest, dl: &Deadline) -> Result<Vec<IndexH
             gets.push(key_get(&s.keys.pod(pod, &who.ifname, &rr.pool.name)));
         }
     }
-    let mut results = s.reads(dl, "index read", gets)?.into_iter();
+    let mut starts = Vec::with_capacity(req.ranges.len());
+    for (i, rr) in req.ranges.iter().enumerate() {
+        let start = rr
+            .requested
+            .is_none()
+            .then(|| memory.start(i, &rr.pool.range));
+        if let Some(start) = start {
+            gets.extend(window::gets(&s.keys, &rr.pool.name, start));
+        }
+        starts.push(start);
+    }
+    let mut results = s.reads(dl, "pool read", gets)?.into_iter();
     let mut hits = Vec::with_capacity(req.ranges.len());
     let hit = |kvs: Option<Vec<KeyValue>>| {
         kvs.and_then(|kvs| kvs.into_iter().next()).map(|kv| {
@@ -183,7 +364,17 @@ fn read_index(s: &Session, req: &AddRequest, dl: &Deadline) -> Result<Vec<IndexH
         };
         hits.push(IndexHits { owner, pod });
     }
-    Ok(hits)
+    let windows = starts
+        .into_iter()
+        .map(|start| {
+            start.map(|from| {
+                let floor = results.next().unwrap_or_default();
+                let ahead = results.next().unwrap_or_default();
+                Window::parse(from, floor, ahead)
+            })
+        })
+        .collect();
+    Ok((hits, windows))
 }
 
 /// For every range, the allocation the attachment already holds there, if any.
@@ -235,61 +426,104 @@ fn read_held(
     Ok(held)
 }
 
-/// The lowest free offset of the range, and what its commit must compare.
+/// The lowest free offset of the range at or after `start` (or, failing that, from the
+/// beginning), and what its commit must compare. Reservations through overlapping ranges are
+/// checked by the commit itself: it requires the reservation key to be absent.
 fn plan_dynamic(
     s: &Session,
-    req: &AddRequest,
     rr: &RangeRequest,
     hit: IndexHits,
-    chosen: &[IpAddr],
+    start: u128,
+    mut window: Window,
+    taken: &dyn Fn(&IpAddr) -> bool,
     dl: &Deadline,
 ) -> Result<Plan, Stop> {
     let range = &rr.pool.range;
     let pool = &rr.pool.name;
-    let runs_dir = s.keys.runs_dir(pool);
-    let mut found: Option<Plan> = None;
-    let result = range.lowest_free(|candidate| {
-        let ip = range.ip(candidate);
-        if chosen.contains(&ip) {
-            return Ok(Some(candidate));
-        }
-        let mut gets = vec![floor_get(&runs_dir, &s.keys.run(pool, candidate))];
-        let next = candidate.checked_add(1);
-        if let Some(n) = next {
-            gets.push(key_get(&s.keys.run(pool, n)));
-        }
-        if req.overlap {
-            gets.push(key_get(&s.keys.reservation(&req.network_name, ip)));
-        }
-        let mut res = s.reads(dl, "pool read", gets)?.into_iter();
-        let floor = first_run(res.next());
-        if let Some(f) = floor.filter(|f| f.run.end >= candidate) {
-            return Ok(Some(f.run.end));
-        }
-        let right = if next.is_some() {
-            first_run(res.next())
-        } else {
-            None
-        };
-        if req.overlap && res.next().is_some_and(|kvs| !kvs.is_empty()) {
-            // Held network-wide through an overlapping range.
-            return Ok(Some(candidate));
-        }
-        found = Some(Plan::Take {
-            offset: candidate,
-            ip,
-            left: floor.filter(|f| f.run.end.checked_add(1) == Some(candidate)),
-            right,
-            owner_rev: hit.owner.map(|(rev, _)| rev),
-            pod_rev: hit.pod.map(|(rev, _)| rev),
-        });
-        Ok::<_, CallFailed>(None)
-    })?;
-    match (result, found) {
-        (Some(_), Some(plan)) => Ok(plan),
-        _ => Err(Stop::Final(StoreError::Exhausted {
+    let mut from = range.clone();
+    from.first = start;
+    let mut walked: Vec<ReadRun> = Vec::new();
+    let mut search = |r: &Range, window: &mut Window| {
+        let mut found = None;
+        r.lowest_free(|candidate| {
+            if taken(&range.ip(candidate)) {
+                return Ok(Some(candidate));
+            }
+            if !window.knows(candidate) {
+                let mut res = s
+                    .reads(dl, "pool read", window::gets(&s.keys, pool, candidate))?
+                    .into_iter();
+                let floor = res.next().unwrap_or_default();
+                *window = Window::parse(candidate, floor, res.next().unwrap_or_default());
+            }
+            if let Some(r) = window.covering(candidate) {
+                walked.push(r);
+                return Ok(Some(r.run.end));
+            }
+            found = Some(candidate);
+            Ok::<_, CallFailed>(None)
+        })?;
+        Ok::<_, CallFailed>(found)
+    };
+    let mut found = search(&from, &mut window)?;
+    if found.is_none() && start > range.first {
+        found = search(range, &mut window)?;
+    }
+    let Some(offset) = found else {
+        return Err(Stop::Final(StoreError::Exhausted {
             range: range.to_string(),
-        })),
+        }));
+    };
+    Ok(Plan::Take {
+        offset,
+        ip: range.ip(offset),
+        walked,
+        owner_rev: hit.owner.map(|(rev, _)| rev),
+        pod_rev: hit.pod.map(|(rev, _)| rev),
+    })
+}
+
+/// Merges the chain of adjacent runs that ends with the new run `[offset, offset]` (committed
+/// at `revision`) when it has grown long. Best effort: the allocation is already committed, a
+/// failed or conflicting merge leaves a valid partition and the next search tries again.
+fn compact_chain(
+    s: &Session,
+    dl: &Deadline,
+    pool: &str,
+    walked: &[ReadRun],
+    offset: u128,
+    revision: i64,
+) {
+    // A threshold that differs between writers, so that they rarely all merge the same chain.
+    let threshold = COMPACT_AT + rand::rng().random_range(0..COMPACT_AT);
+    let mut runs = walked.to_vec();
+    runs.push(ReadRun {
+        run: Run {
+            start: offset,
+            end: offset,
+        },
+        mod_revision: revision,
+    });
+    for chain in runs::chains(&runs, MERGE_CAP) {
+        if chain.len() < threshold {
+            continue;
+        }
+        let mut compares: Vec<Compare> = chain
+            .iter()
+            .map(|r| unchanged(&s.keys.run(pool, r.run.start), Some(r.mod_revision)))
+            .collect();
+        let mut ops = Vec::new();
+        let plain: Vec<Run> = chain.iter().map(|r| r.run).collect();
+        push_run_change(
+            &s.keys,
+            pool,
+            runs::compact(&plain),
+            &mut compares,
+            &mut ops,
+        );
+        if let Err(e) = s.txn(dl, "run merge", Txn::new().when(compares).and_then(ops)) {
+            tracing::debug!("etcd: merging runs of {pool} failed (harmless): {}", e.0);
+        }
     }
 }
 
@@ -320,10 +554,6 @@ fn plan_static(
         key_get(&s.keys.allocation(pool, offset)),
         floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, offset)),
     ];
-    let next = offset.checked_add(1);
-    if let Some(n) = next {
-        gets.push(key_get(&s.keys.run(pool, n)));
-    }
     if req.overlap {
         gets.push(key_get(&s.keys.reservation(&req.network_name, ip)));
     }
@@ -340,11 +570,6 @@ fn plan_static(
             "pool {pool} in etcd is inconsistent: offset {offset} is in a run but has no record"
         ))));
     }
-    let right = if next.is_some() {
-        first_run(res.next())
-    } else {
-        None
-    };
     if req.overlap {
         if let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) {
             let holder = ReservationRecord::from_json(kv.value())
@@ -356,8 +581,7 @@ fn plan_static(
     Ok(Plan::Take {
         offset,
         ip,
-        left: floor.filter(|f| f.run.end.checked_add(1) == Some(offset)),
-        right,
+        walked: Vec::new(),
         owner_rev: hit.owner.map(|(rev, _)| rev),
         pod_rev: hit.pod.map(|(rev, _)| rev),
     })
@@ -446,10 +670,9 @@ fn build_commit(s: &Session, req: &AddRequest, plans: &[Plan]) -> (Vec<Compare>,
             Plan::Take {
                 offset,
                 ip,
-                left,
-                right,
                 owner_rev,
                 pod_rev,
+                ..
             } => {
                 let akey = keys.allocation(pool, *offset);
                 compares.push(unchanged(&akey, None));
@@ -484,13 +707,7 @@ fn build_commit(s: &Session, req: &AddRequest, plans: &[Plan]) -> (Vec<Compare>,
                     };
                     ops.push(TxnOp::put(rkey, reservation.to_json(), None));
                 }
-                for read in left.iter().chain(right.iter()) {
-                    compares.push(unchanged(
-                        &keys.run(pool, read.run.start),
-                        Some(read.mod_revision),
-                    ));
-                }
-                let change = runs::take(*offset, left.map(|l| l.run), right.map(|r| r.run));
+                let change = runs::take(*offset);
                 push_run_change(keys, pool, change, &mut compares, &mut ops);
             }
         }

@@ -10,6 +10,7 @@ mod records;
 mod release;
 mod runs;
 mod session;
+mod window;
 
 use std::net::IpAddr;
 
@@ -95,4 +96,8 @@ impl Store for EtcdStore {
     fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError> {
         release::release(&self.session, &self.backoff, pool, ip)
     }
+}
+
+pub fn dbg_dump() {
+    session::DBG.with(|d| eprintln!("DBG {:?}", d.borrow()));
 }

@@ -1,9 +1,14 @@
 //! Runs: the allocated offsets of a pool, kept as a partition into intervals, one key per
 //! interval (`r/<start>` -> `<end>`). The run holding an offset is one descending range read
-//! away, so finding the lowest free address costs one read per run crossed, however many
-//! allocations the pool holds. Runs need not be maximal (two adjacent runs are fine when
-//! concurrent writers each made one); they must never overlap and must cover exactly the
-//! allocated offsets, which every change guarantees by committing with the allocation itself.
+//! away, so finding the lowest free address costs one read per few runs crossed, however many
+//! allocations the pool holds.
+//!
+//! An allocation never touches an existing run: it creates the run `[x, x]` (a key that must
+//! not exist), so two writers taking different addresses never conflict. Runs left adjacent
+//! that way are merged later by [`compact`], in a transaction of its own that may fail
+//! harmlessly. The runs must never overlap and must cover exactly the allocated offsets, which
+//! every change guarantees by committing with the allocation, the release or the revisions of
+//! the runs it merges.
 
 use etcd_client::KeyValue;
 
@@ -43,23 +48,69 @@ pub struct RunChange {
     pub deletes: Vec<u128>,
 }
 
-/// Taking `offset`: extend `left` (the run ending at `offset - 1`, if any) or start a new run,
-/// and absorb `right` (the run starting at `offset + 1`, if any).
-pub fn take(offset: u128, left: Option<Run>, right: Option<Run>) -> RunChange {
-    let end = right.map_or(offset, |r| r.end);
-    let mut change = RunChange::default();
-    match left {
-        Some(l) => change.puts.push((
+/// Taking `offset`: a run of its own, which must not exist yet.
+pub fn take(offset: u128) -> RunChange {
+    RunChange {
+        puts: vec![(
             Run {
-                start: l.start,
-                end,
+                start: offset,
+                end: offset,
+            },
+            true,
+        )],
+        deletes: Vec::new(),
+    }
+}
+
+/// Adjacent runs among those a search walked over, grouped into chains that can be merged:
+/// sorted, each chain at least two runs long, at most `cap` runs in all (a transaction has a
+/// bounded number of operations).
+pub fn chains(walked: &[ReadRun], cap: usize) -> Vec<Vec<ReadRun>> {
+    let mut sorted = walked.to_vec();
+    sorted.sort_by_key(|r| r.run.start);
+    sorted.dedup_by_key(|r| r.run.start);
+    let mut chains: Vec<Vec<ReadRun>> = Vec::new();
+    let mut current: Vec<ReadRun> = Vec::new();
+    for r in sorted {
+        let adjacent = current
+            .last()
+            .is_some_and(|prev| prev.run.end.checked_add(1) == Some(r.run.start));
+        if !adjacent && current.len() >= 2 {
+            chains.push(std::mem::take(&mut current));
+        } else if !adjacent {
+            current.clear();
+        }
+        current.push(r);
+    }
+    if current.len() >= 2 {
+        chains.push(current);
+    }
+    let mut budget = cap;
+    chains
+        .into_iter()
+        .filter_map(|mut c| {
+            if budget < 2 {
+                return None;
+            }
+            c.truncate(budget);
+            budget -= c.len();
+            Some(c)
+        })
+        .collect()
+}
+
+/// Merging a chain of adjacent runs into one.
+pub fn compact(chain: &[Run]) -> RunChange {
+    let mut change = RunChange::default();
+    if let (Some(first), Some(last)) = (chain.first(), chain.last()) {
+        change.puts.push((
+            Run {
+                start: first.start,
+                end: last.end,
             },
             false,
-        )),
-        None => change.puts.push((Run { start: offset, end }, true)),
-    }
-    if let Some(r) = right {
-        change.deletes.push(r.start);
+        ));
+        change.deletes.extend(chain.iter().skip(1).map(|r| r.start));
     }
     change
 }
@@ -99,38 +150,6 @@ mod tests {
     }
 
     #[test]
-    fn take_extends_merges_or_starts() {
-        assert_eq!(
-            take(5, None, None),
-            RunChange {
-                puts: vec![(r(5, 5), true)],
-                deletes: vec![]
-            }
-        );
-        assert_eq!(
-            take(5, Some(r(1, 4)), None),
-            RunChange {
-                puts: vec![(r(1, 5), false)],
-                deletes: vec![]
-            }
-        );
-        assert_eq!(
-            take(5, Some(r(1, 4)), Some(r(6, 9))),
-            RunChange {
-                puts: vec![(r(1, 9), false)],
-                deletes: vec![6]
-            }
-        );
-        assert_eq!(
-            take(5, None, Some(r(6, 9))),
-            RunChange {
-                puts: vec![(r(5, 9), true)],
-                deletes: vec![6]
-            }
-        );
-    }
-
-    #[test]
     fn release_shrinks_or_splits() {
         assert_eq!(
             release(5, r(5, 5)),
@@ -162,7 +181,36 @@ mod tests {
         );
     }
 
-    /// Any sequence of takes and releases keeps the runs an exact partition.
+    #[test]
+    fn chains_group_adjacent_runs_and_compaction_merges_them() {
+        let rr = |start, end| ReadRun {
+            run: r(start, end),
+            mod_revision: 1,
+        };
+        let walked = [
+            rr(1, 3),
+            rr(4, 4),
+            rr(5, 9),
+            rr(11, 12),
+            rr(13, 13),
+            rr(20, 20),
+        ];
+        let c = chains(&walked, 64);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].len(), 3);
+        assert_eq!(c[1].len(), 2);
+        let runs: Vec<Run> = c[0].iter().map(|x| x.run).collect();
+        assert_eq!(
+            compact(&runs),
+            RunChange {
+                puts: vec![(r(1, 9), false)],
+                deletes: vec![4, 5],
+            }
+        );
+        assert_eq!(chains(&walked, 3).iter().map(Vec::len).sum::<usize>(), 3);
+    }
+
+    /// Any sequence of takes, releases and compactions keeps the runs an exact partition.
     #[test]
     fn runs_stay_a_partition() {
         use std::collections::BTreeMap;
@@ -189,10 +237,21 @@ mod tests {
                 apply(&mut runs, release(o, run));
                 held.remove(&o);
             } else {
-                let left = floor.filter(|f| f.end + 1 == o);
-                let right = runs.get(&(o + 1)).map(|e| r(o + 1, *e));
-                apply(&mut runs, take(o, left, right));
+                apply(&mut runs, take(o));
                 held.insert(o);
+            }
+            if x % 3 == 0 {
+                let walked: Vec<ReadRun> = runs
+                    .iter()
+                    .map(|(s, e)| ReadRun {
+                        run: r(*s, *e),
+                        mod_revision: 0,
+                    })
+                    .collect();
+                for chain in chains(&walked, 8) {
+                    let chain: Vec<Run> = chain.iter().map(|c| c.run).collect();
+                    apply(&mut runs, compact(&chain));
+                }
             }
             let covered: Vec<u128> = runs.iter().flat_map(|(s, e)| *s..=*e).collect();
             assert_eq!(covered, held.iter().copied().collect::<Vec<_>>());
