@@ -168,7 +168,6 @@ fn library_rate(cluster: &Cluster, nodes: usize, range: &str) -> f64 {
                     let ips = store.add(&req).expect("allocation");
                     seen.lock().unwrap().extend(ips);
                 }
-                whereabouts::store::etcd::dbg_dump();
             });
         }
     });

@@ -126,32 +126,32 @@ fn store_semantics_on_a_real_cluster() {
     );
 
     let b = store
-        .add(&add_req(who("c2", None), &[p4.clone()], ""))
+        .add(&add_req(who("c2", None), std::slice::from_ref(&p4), ""))
         .unwrap();
     assert_eq!(b, vec![ip("10.0.0.2")]);
 
     // A static address: reserved, refused to anyone else.
-    let mut fixed = add_req(who("c3", None), &[p4.clone()], "");
+    let mut fixed = add_req(who("c3", None), std::slice::from_ref(&p4), "");
     fixed.ranges[0].requested = Some(10);
     assert_eq!(store.add(&fixed).unwrap(), vec![ip("10.0.0.10")]);
-    let mut taken = add_req(who("c4", None), &[p4.clone()], "");
+    let mut taken = add_req(who("c4", None), std::slice::from_ref(&p4), "");
     taken.ranges[0].requested = Some(10);
     assert!(matches!(store.add(&taken), Err(StoreError::InUse { .. })));
 
     // Overlapping ranges in one network share addresses: 10.0.0.0/16 skips what /24 holds.
     let wide = pool("10.0.0.0/16", "");
     let w = store
-        .add(&add_req(who("c5", None), &[wide.clone()], ""))
+        .add(&add_req(who("c5", None), std::slice::from_ref(&wide), ""))
         .unwrap();
     assert_eq!(w, vec![ip("10.0.0.3")]);
 
     // All or nothing: the second range is full, so the first keeps nothing either.
     let tiny = pool("10.9.0.0/30", "");
     store
-        .add(&add_req(who("t1", None), &[tiny.clone()], ""))
+        .add(&add_req(who("t1", None), std::slice::from_ref(&tiny), ""))
         .unwrap();
     store
-        .add(&add_req(who("t2", None), &[tiny.clone()], ""))
+        .add(&add_req(who("t2", None), std::slice::from_ref(&tiny), ""))
         .unwrap();
     let before = store.leases(Some(&p6.name)).unwrap().len();
     let err = store
@@ -164,7 +164,7 @@ fn store_semantics_on_a_real_cluster() {
     let released = store.release(&p4.name, ip("10.0.0.2")).unwrap().unwrap();
     assert_eq!(released.attachment.container_id, "c2");
     let c7 = store
-        .add(&add_req(who("c7", None), &[p4.clone()], ""))
+        .add(&add_req(who("c7", None), std::slice::from_ref(&p4), ""))
         .unwrap();
     assert_eq!(c7, vec![ip("10.0.0.2")]);
 
@@ -220,7 +220,7 @@ fn a_million_allocations_do_not_slow_down_the_next() {
     assert!(out.status.success());
     let start = Instant::now();
     let got = store
-        .add(&add_req(who("x", None), &[p.clone()], ""))
+        .add(&add_req(who("x", None), std::slice::from_ref(&p), ""))
         .unwrap();
     // 1_000_001 = 0x0F4241.
     assert_eq!(got, vec![ip("10.15.66.65")]);

@@ -42,8 +42,9 @@ enum Plan {
     Keep {
         offset: u128,
         ip: IpAddr,
-        kv: KeyValue,
-        record: AllocationRecord,
+        /// The record's revision as read, which the commit compares.
+        mod_revision: i64,
+        record: Box<AllocationRecord>,
     },
     /// Take the free `offset`.
     Take {
@@ -57,8 +58,11 @@ enum Plan {
     },
 }
 
+/// Free offsets after the first choice considered for alternatives.
+const SPARE: usize = 32;
+
 /// Chains of adjacent runs shorter than this (plus a random part) are left alone.
-const COMPACT_AT: usize = 8;
+const COMPACT_AT: usize = 16;
 
 /// Runs merged by one commit at most: keeps the transaction well under etcd's operation limit.
 const MERGE_CAP: usize = 32;
@@ -98,17 +102,7 @@ pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAdd
             break;
         }
         match attempt_add(s, req, &dl, &mut memory) {
-            Ok(Some(ips)) => {
-                if std::env::var("WB_DEBUG_ATTEMPTS").is_ok() {
-                    eprintln!(
-                        "attempts {} conflicts {} {:?}",
-                        attempt + 1,
-                        memory.conflicts,
-                        ips
-                    );
-                }
-                return Ok(ips);
-            }
+            Ok(Some(ips)) => return Ok(ips),
             Ok(None) => last = "the pool changed while allocating (conflicting writer)".into(),
             Err(Stop::Final(e)) => return Err(e),
             Err(Stop::Retry(msg)) => {
@@ -187,9 +181,10 @@ fn attempt_add(
     let held = read_held(s, req, &hits, dl)?;
     let mut plans = Vec::with_capacity(req.ranges.len());
     let mut chosen: Vec<IpAddr> = Vec::new();
+    let mut spare: Vec<u128> = Vec::new();
     for (i, ((rr, hit), held)) in req.ranges.iter().zip(&hits).zip(held).enumerate() {
         let plan = match held {
-            Some((offset, kv, record)) => {
+            Some((offset, mod_revision, record)) => {
                 if let Some(wanted) = rr.requested.filter(|w| *w != offset) {
                     return Err(Stop::Final(StoreError::InUse {
                         ip: rr.pool.range.ip(wanted),
@@ -203,8 +198,8 @@ fn attempt_add(
                 Plan::Keep {
                     offset,
                     ip: rr.pool.range.ip(offset),
-                    kv,
-                    record,
+                    mod_revision,
+                    record: Box::new(record),
                 }
             }
             None => match rr.requested {
@@ -214,7 +209,9 @@ fn attempt_add(
                     let start = memory.start(i, &rr.pool.range);
                     let taken =
                         |ip: &IpAddr| chosen.contains(ip) || memory.reserved_elsewhere.contains(ip);
-                    plan_dynamic(s, rr, *hit, start, window, &taken, dl)?
+                    let (plan, free_after) = plan_dynamic(s, rr, *hit, start, window, &taken, dl)?;
+                    spare = free_after;
+                    plan
                 }
             },
         };
@@ -231,6 +228,7 @@ fn attempt_add(
         // Every range is already held by this attachment, unchanged: nothing to write.
         return Ok(Some(chosen));
     }
+    let alternatives = alternatives(req, &plans, &spare);
     // On a failed compare, learn why without another round trip: which chosen offsets are now
     // held in their pool, which addresses are reserved through another pool; and read the run
     // window where the next search would start.
@@ -254,18 +252,80 @@ fn attempt_add(
             probes.push((i, *ip, hint));
         }
     }
-    let txn = Txn::new().when(compares).and_then(ops).or_else(probe_gets);
+    // The first choice, then, only if it was lost to a writer of the same pool (its record
+    // now exists), each alternative in the failure branch of the one before: one round trip
+    // tries them in order, and the cluster applies at most one. A first choice refused for
+    // another reason (reserved through another range) falls through to the probes, so the
+    // next attempt still takes the lowest free address.
+    let mut inner: Option<Txn> = None;
+    for alt in alternatives.iter().rev() {
+        let (c, o) = build_commit(s, req, std::slice::from_ref(alt));
+        let otherwise = match inner.take() {
+            Some(t) => vec![TxnOp::txn(t)],
+            None => probe_gets.clone(),
+        };
+        inner = Some(Txn::new().when(c).and_then(o).or_else(otherwise));
+    }
+    let otherwise = match (inner, plans.as_slice(), req.ranges.as_slice()) {
+        (Some(first_alt), [Plan::Take { offset, .. }], [rr]) => {
+            let lost = Compare::create_revision(
+                s.keys.allocation(&rr.pool.name, *offset),
+                CompareOp::Greater,
+                0,
+            );
+            let gate = Txn::new()
+                .when([lost])
+                .and_then([TxnOp::txn(first_alt)])
+                .or_else(probe_gets);
+            vec![TxnOp::txn(gate)]
+        }
+        _ => probe_gets,
+    };
+    let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
     let resp = s.txn(dl, "allocation commit", txn)?;
-    if resp.succeeded() {
+    let revision = resp.header().map_or(0, |h| h.revision());
+    // Walk down the failure branches to the one that applied, or to the probes.
+    let mut levels = vec![resp];
+    if !alternatives.is_empty() && !levels[0].succeeded() {
+        if let Some(TxnOpResponse::Txn(gate)) = levels[0].op_responses().into_iter().next() {
+            let mut current = gate;
+            if current.succeeded() {
+                for _ in 0..alternatives.len() {
+                    match current.op_responses().into_iter().next() {
+                        Some(TxnOpResponse::Txn(next)) => {
+                            levels.push(next.clone());
+                            if next.succeeded() {
+                                break;
+                            }
+                            current = next;
+                        }
+                        _ => break,
+                    }
+                }
+            } else {
+                levels.push(current);
+            }
+        }
+    }
+    let winner = levels.iter().position(|r| r.succeeded());
+    if let Some(level) = winner {
+        if level > 0 {
+            if let Some(Plan::Take { ip, .. }) = alternatives.get(level - 1) {
+                chosen = vec![*ip];
+            }
+        }
         tracing::debug!(container = %who.container_id, ips = ?chosen, "etcd: allocated");
-        let revision = resp.header().map_or(0, |h| h.revision());
         for (rr, plan) in req.ranges.iter().zip(&plans) {
             if let Plan::Take { offset, walked, .. } = plan {
-                compact_chain(s, dl, &rr.pool.name, walked, *offset, revision);
+                let new_run = (level == 0).then_some(*offset);
+                compact_chain(s, dl, &rr.pool.name, walked, new_run, revision);
             }
         }
         return Ok(Some(chosen));
     }
+    let Some(resp) = levels.pop() else {
+        return Ok(None);
+    };
     let mut answers = resp.op_responses().into_iter().map(|r| match r {
         TxnOpResponse::Get(mut g) => g.take_kvs(),
         _ => Vec::new(),
@@ -384,7 +444,7 @@ fn read_held(
     req: &AddRequest,
     hits: &[IndexHits],
     dl: &Deadline,
-) -> Result<Vec<Option<(u128, KeyValue, AllocationRecord)>>, Stop> {
+) -> Result<Vec<Option<(u128, i64, AllocationRecord)>>, Stop> {
     // The pod entry first: it survives a sandbox restart that changes the container ID.
     let candidates: Vec<Vec<u128>> = hits
         .iter()
@@ -416,7 +476,7 @@ fn read_held(
             if let Some(kv) = kv {
                 if let Some(record) = AllocationRecord::from_json(kv.value()) {
                     if record.attachment().same_owner(&req.attachment) {
-                        found = Some((*o, kv, record));
+                        found = Some((*o, kv.mod_revision(), record));
                     }
                 }
             }
@@ -437,7 +497,7 @@ fn plan_dynamic(
     mut window: Window,
     taken: &dyn Fn(&IpAddr) -> bool,
     dl: &Deadline,
-) -> Result<Plan, Stop> {
+) -> Result<(Plan, Vec<u128>), Stop> {
     let range = &rr.pool.range;
     let pool = &rr.pool.name;
     let mut from = range.clone();
@@ -474,36 +534,107 @@ fn plan_dynamic(
             range: range.to_string(),
         }));
     };
-    Ok(Plan::Take {
+    let free_after = free_after(range, &window, offset, taken, SPARE);
+    let plan = Plan::Take {
         offset,
         ip: range.ip(offset),
         walked,
         owner_rev: hit.owner.map(|(rev, _)| rev),
         pod_rev: hit.pod.map(|(rev, _)| rev),
-    })
+    };
+    Ok((plan, free_after))
 }
 
-/// Merges the chain of adjacent runs that ends with the new run `[offset, offset]` (committed
-/// at `revision`) when it has grown long. Best effort: the allocation is already committed, a
+/// Up to `max` offsets after `offset` that the window shows free (no reads): candidates for
+/// the alternatives of a contended commit.
+fn free_after(
+    range: &Range,
+    window: &Window,
+    offset: u128,
+    taken: &dyn Fn(&IpAddr) -> bool,
+    max: usize,
+) -> Vec<u128> {
+    let mut out = Vec::new();
+    let mut from = range.clone();
+    let mut next = offset.checked_add(1);
+    while let Some(first) = next.filter(|n| *n <= range.last && out.len() < max) {
+        from.first = first;
+        let found = from.lowest_free(|c| {
+            if taken(&range.ip(c)) {
+                return Ok(Some(c));
+            }
+            if !window.knows(c) {
+                return Err(());
+            }
+            Ok(window.covering(c).map(|r| r.run.end))
+        });
+        match found {
+            Ok(Some(c)) => {
+                out.push(c);
+                next = c.checked_add(1);
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// For a request with one dynamic range: alternative offsets to try in the same commit if the
+/// first choice is lost to a concurrent writer, one close after it and one further on, picked
+/// at random so that the losers of a race spread out instead of colliding again.
+fn alternatives(req: &AddRequest, plans: &[Plan], spare: &[u128]) -> Vec<Plan> {
+    let (
+        [rr],
+        [Plan::Take {
+            owner_rev, pod_rev, ..
+        }],
+    ) = (req.ranges.as_slice(), plans)
+    else {
+        return Vec::new();
+    };
+    if rr.requested.is_some() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (lo, hi) in [(0, SPARE / 4), (SPARE / 4, SPARE)] {
+        let hi = hi.min(spare.len());
+        if lo < hi {
+            let offset = spare[rand::rng().random_range(lo..hi)];
+            out.push(Plan::Take {
+                offset,
+                ip: rr.pool.range.ip(offset),
+                walked: Vec::new(),
+                owner_rev: *owner_rev,
+                pod_rev: *pod_rev,
+            });
+        }
+    }
+    out
+}
+
+/// Merges chains of adjacent runs the search crossed, the new run `[offset, offset]`
+/// (committed at `revision`) included, when they have grown long. Best effort: the allocation is already committed, a
 /// failed or conflicting merge leaves a valid partition and the next search tries again.
 fn compact_chain(
     s: &Session,
     dl: &Deadline,
     pool: &str,
     walked: &[ReadRun],
-    offset: u128,
+    new_run: Option<u128>,
     revision: i64,
 ) {
     // A threshold that differs between writers, so that they rarely all merge the same chain.
     let threshold = COMPACT_AT + rand::rng().random_range(0..COMPACT_AT);
     let mut runs = walked.to_vec();
-    runs.push(ReadRun {
-        run: Run {
-            start: offset,
-            end: offset,
-        },
-        mod_revision: revision,
-    });
+    if let Some(offset) = new_run {
+        runs.push(ReadRun {
+            run: Run {
+                start: offset,
+                end: offset,
+            },
+            mod_revision: revision,
+        });
+    }
     for chain in runs::chains(&runs, MERGE_CAP) {
         if chain.len() < threshold {
             continue;
@@ -617,21 +748,24 @@ fn build_commit(s: &Session, req: &AddRequest, plans: &[Plan]) -> (Vec<Compare>,
         let pool = &rr.pool.name;
         match plan {
             Plan::Keep {
-                offset, kv, record, ..
+                offset,
+                mod_revision,
+                record,
+                ..
             } => {
                 let akey = keys.allocation(pool, *offset);
                 compares.push(Compare::mod_revision(
                     akey.clone(),
                     CompareOp::Equal,
-                    kv.mod_revision(),
+                    *mod_revision,
                 ));
                 let updated = AllocationRecord {
                     container_id: who.container_id.clone(),
                     pod_uid: who.pod_uid.clone().or_else(|| record.pod_uid.clone()),
                     pod_ref: who.pod_ref.clone().or_else(|| record.pod_ref.clone()),
-                    ..record.clone()
+                    ..(**record).clone()
                 };
-                if &updated == record {
+                if updated == **record {
                     continue;
                 }
                 ops.push(TxnOp::put(akey, updated.to_json(), None));

@@ -97,7 +97,3 @@ impl Store for EtcdStore {
         release::release(&self.session, &self.backoff, pool, ip)
     }
 }
-
-pub fn dbg_dump() {
-    session::DBG.with(|d| eprintln!("DBG {:?}", d.borrow()));
-}

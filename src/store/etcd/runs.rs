@@ -240,7 +240,7 @@ mod tests {
                 apply(&mut runs, take(o));
                 held.insert(o);
             }
-            if x % 3 == 0 {
+            if x.is_multiple_of(3) {
                 let walked: Vec<ReadRun> = runs
                     .iter()
                     .map(|(s, e)| ReadRun {

@@ -15,10 +15,6 @@ use super::connect::Timeouts;
 use super::keys::Keys;
 use crate::store::StoreError;
 
-thread_local! {
-    pub static DBG: std::cell::RefCell<std::collections::BTreeMap<String, (u32, Duration)>> = Default::default();
-}
-
 /// When one operation must have finished.
 #[derive(Clone, Copy, Debug)]
 pub struct Deadline(Instant);
@@ -122,16 +118,9 @@ impl Session {
             )));
         }
         let fut = make(self.client.clone());
-        let t0 = Instant::now();
         let r = self
             .rt
             .block_on(async { tokio::time::timeout(limit, fut).await });
-        DBG.with(|d| {
-            let mut d = d.borrow_mut();
-            let e = d.entry(what.to_string()).or_insert((0, Duration::ZERO));
-            e.0 += 1;
-            e.1 += t0.elapsed();
-        });
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(CallFailed(format!("etcd {what} failed: {e}"))),
@@ -141,14 +130,7 @@ impl Session {
 
     /// Sleeps for `d` or until the deadline, whichever comes first.
     pub fn pause(&self, dl: &Deadline, d: Duration) {
-        let t0 = Instant::now();
         std::thread::sleep(d.min(dl.remaining()));
-        DBG.with(|x| {
-            let mut x = x.borrow_mut();
-            let e = x.entry("pause".to_string()).or_insert((0, Duration::ZERO));
-            e.0 += 1;
-            e.1 += t0.elapsed();
-        });
     }
 
     pub fn txn(&self, dl: &Deadline, what: &str, txn: Txn) -> Result<TxnResponse, CallFailed> {
