@@ -50,7 +50,12 @@ fn main() {
         NODES * PER_NODE,
         lib / raw
     );
-    let bin = binary_rate(&cluster);
+    let seq = binary_rate(&cluster, 1, 1, "10.80.0.0/16");
+    println!(
+        "binary: {PER_NODE} ADDs, one process at a time: {seq:.0} allocations/s, ratio to raw {:.2}",
+        seq / raw
+    );
+    let bin = binary_rate(&cluster, NODES, IN_FLIGHT, "10.70.0.0/16");
     println!(
         "binary: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {bin:.0} allocations/s, ratio to raw {:.2}",
         NODES * PER_NODE,
@@ -176,23 +181,24 @@ fn library_rate(cluster: &Cluster, nodes: usize, range: &str) -> f64 {
     rate
 }
 
-fn binary_rate(cluster: &Cluster) -> f64 {
+/// `nodes * PER_NODE` ADDs through the binary, `in_flight` processes at a time.
+fn binary_rate(cluster: &Cluster, nodes: usize, in_flight: usize, range: &str) -> f64 {
     let conf = serde_json::to_vec(&json!({
         "cniVersion": "1.0.0",
         "name": "net",
         "type": "bridge",
-        "ipam": ipam(cluster, "10.70.0.0/16"),
+        "ipam": ipam(cluster, range),
     }))
     .expect("config");
     let queue = Mutex::new(
-        (0..NODES)
+        (0..nodes)
             .flat_map(|n| (0..PER_NODE).map(move |i| (n, i)))
             .collect::<Vec<_>>(),
     );
     let seen = Mutex::new(Vec::<IpAddr>::new());
     let start = Instant::now();
     std::thread::scope(|scope| {
-        for _ in 0..IN_FLIGHT {
+        for _ in 0..in_flight {
             scope.spawn(|| loop {
                 let Some((node, i)) = queue.lock().unwrap().pop() else {
                     return;
@@ -203,8 +209,8 @@ fn binary_rate(cluster: &Cluster) -> f64 {
             });
         }
     });
-    let rate = (NODES * PER_NODE) as f64 / start.elapsed().as_secs_f64();
-    check_unique(seen.into_inner().unwrap(), NODES * PER_NODE);
+    let rate = (nodes * PER_NODE) as f64 / start.elapsed().as_secs_f64();
+    check_unique(seen.into_inner().unwrap(), nodes * PER_NODE);
     rate
 }
 

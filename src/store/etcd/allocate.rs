@@ -93,7 +93,10 @@ pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAdd
     let mut last = String::from("no attempt finished");
     for attempt in 0..backoff.attempts.max(1) {
         if attempt > 0 && memory.wait {
-            s.pause(&dl, backoff.delay(memory.conflicts.min(attempt)));
+            // Failed calls (no leader, a member gone) back off exponentially so that an
+            // election is waited out rather than hammered.
+            let step = memory.conflicts.max(memory.failures).min(attempt);
+            s.pause(&dl, backoff.delay(step));
         } else if attempt > 0 {
             // A light jitter even when spreading, so that retries do not arrive in lockstep.
             s.pause(&dl, backoff.delay(0));
@@ -130,6 +133,8 @@ struct Memory {
     /// certainly did not apply (the next commit compares them again anyway).
     hits: Option<Vec<IndexHits>>,
     conflicts: u32,
+    /// Calls that failed (transport errors, timeouts).
+    failures: u32,
     /// Whether to back off before the next attempt.
     wait: bool,
 }
@@ -142,6 +147,7 @@ impl Memory {
             prefetched: vec![None; ranges],
             hits: None,
             conflicts: 0,
+            failures: 0,
             wait: false,
         }
     }
@@ -164,6 +170,7 @@ impl Memory {
     fn call_failed(&mut self) {
         self.hits = None;
         self.prefetched.iter_mut().for_each(|w| *w = None);
+        self.failures += 1;
         self.wait = true;
     }
 }
