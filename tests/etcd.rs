@@ -290,7 +290,7 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
     let mut cluster = Cluster::start(false);
     let net = Net::new(&cluster, "10.30.0.0/16");
     let conf = net.conf("1.0.0");
-    let all = pods(10, 40);
+    let all = pods(10, 100);
     let progress = Arc::new(AtomicUsize::new(0));
 
     // A short deadline so that ADDs caught while the cluster has no quorum give up (code 11)
@@ -369,7 +369,7 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
 }
 
 #[test]
-fn all_members_down_add_is_code_11_within_the_timeout_and_status_is_50() {
+fn gc_then_all_members_down_add_is_code_11_within_the_timeout_and_status_is_50() {
     if !etcd_available() {
         return;
     }
@@ -381,6 +381,24 @@ fn all_members_down_add_is_code_11_within_the_timeout_and_status_is_50() {
     assert_eq!(up.exit, 0, "STATUS with a healthy cluster: {}", up.stdout);
     let first = plugin("ADD", Some(&pod), &net.conf("1.0.0"), &[]);
     assert_eq!(first.exit, 0, "{}", first.stdout);
+
+    // GC through the binary: only the attachments listed as valid keep their address.
+    let stale = Pod { node: 5, index: 5 };
+    let gone = plugin("ADD", Some(&stale), &net.conf("1.0.0"), &[]);
+    assert_eq!(gone.exit, 0, "{}", gone.stdout);
+    let mut gc_conf: Value = serde_json::from_slice(&net.conf("1.1.0")).unwrap();
+    gc_conf["cni.dev/valid-attachments"] =
+        json!([{"containerID": pod.container(), "ifname": "net1"}]);
+    let gc = plugin("GC", None, &serde_json::to_vec(&gc_conf).unwrap(), &[]);
+    assert_eq!(gc.exit, 0, "GC: {}", gc.stdout);
+    let held = recorded(&cluster);
+    assert_eq!(held.keys().collect::<Vec<_>>(), vec![&pod.container()]);
+    let check = plugin("CHECK", Some(&stale), &net.conf("1.0.0"), &[]);
+    assert_ne!(
+        check.exit, 0,
+        "CHECK after GC released it: {}",
+        check.stdout
+    );
 
     cluster.stop_all();
     let timeout = [("WHEREABOUTS_ETCD_TIMEOUT_MS", "3000")];
