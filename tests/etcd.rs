@@ -467,3 +467,35 @@ fn tls_with_client_certificates() {
     }
     assert!(cluster.keys("/whereabouts/").is_empty());
 }
+
+#[test]
+fn username_and_password() {
+    if !etcd_available() {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = Cluster::start(false);
+    cluster.enable_auth("s3cret");
+    let mut net = Net::new(&cluster, "10.60.0.0/24");
+    net.ipam["etcd_username"] = json!("root");
+    net.ipam["etcd_password"] = json!("s3cret");
+    let pod = Pod { node: 1, index: 1 };
+    let add = plugin("ADD", Some(&pod), &net.conf("1.0.0"), &[]);
+    assert_eq!(add.exit, 0, "ADD with credentials: {}", add.stdout);
+    assert_eq!(cluster.keys("/whereabouts/pools/").len(), 2);
+
+    // A wrong password is a configuration error, not something to retry.
+    net.ipam["etcd_password"] = json!("wrong");
+    let refused = plugin(
+        "ADD",
+        Some(&Pod { node: 1, index: 2 }),
+        &net.conf("1.0.0"),
+        &[],
+    );
+    assert_eq!(refused.code(), Some(7), "{}", refused.stdout);
+
+    net.ipam["etcd_password"] = json!("s3cret");
+    let del = plugin("DEL", Some(&pod), &net.conf("1.0.0"), &[]);
+    assert_eq!(del.exit, 0, "{}", del.stdout);
+    assert!(cluster.keys("/whereabouts/").is_empty());
+}

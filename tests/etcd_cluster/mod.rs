@@ -48,6 +48,8 @@ pub struct Cluster {
     initial: String,
     token: String,
     tls: Option<Tls>,
+    /// `user:password` once authentication is enabled.
+    auth: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -82,6 +84,7 @@ impl Cluster {
             initial,
             token,
             tls,
+            auth: None,
         };
         for i in 0..3 {
             cluster.spawn(i);
@@ -179,6 +182,9 @@ impl Cluster {
                 .arg(format!("--cert={}", tls.cert.display()))
                 .arg(format!("--key={}", tls.key.display()));
         }
+        if let Some(auth) = &self.auth {
+            cmd.arg(format!("--user={auth}"));
+        }
         cmd.args(args)
             .output()
             .expect("etcdctl runs (apt install etcd-client)")
@@ -242,6 +248,30 @@ impl Cluster {
             }
         }
         None
+    }
+
+    /// Adds `root` with `password` and turns authentication on.
+    pub fn enable_auth(&mut self, password: &str) {
+        let urls = self.running_urls();
+        for args in [
+            vec![
+                "user",
+                "add",
+                "root",
+                "--interactive=false",
+                "--new-user-password",
+                password,
+            ],
+            vec!["auth", "enable"],
+        ] {
+            let out = self.etcdctl(&urls, &args);
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.auth = Some(format!("root:{password}"));
     }
 
     /// Kills member `i` at once (SIGKILL), as a crash would.

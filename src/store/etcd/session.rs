@@ -15,6 +15,10 @@ use super::connect::Timeouts;
 use super::keys::Keys;
 use crate::store::StoreError;
 
+/// gRPC status codes for credentials etcd will not accept: invalid argument, permission
+/// denied, unauthenticated.
+const REFUSED_CREDENTIALS: [i32; 3] = [3, 7, 16];
+
 /// When one operation must have finished.
 #[derive(Clone, Copy, Debug)]
 pub struct Deadline(Instant);
@@ -78,6 +82,16 @@ impl Session {
             }
             Ok(Err(etcd_client::Error::InvalidUri(e))) => {
                 return Err(StoreError::Config(format!("invalid etcd endpoint: {e}")))
+            }
+            // Wrong credentials: retrying cannot help, the configuration must change.
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if REFUSED_CREDENTIALS.contains(&i32::from(status.code())) =>
+            {
+                return Err(StoreError::Config(format!(
+                    "etcd at {} refused the credentials of ipam.etcd_username: {}",
+                    endpoints.join(","),
+                    status.message()
+                )))
             }
             Ok(Err(e)) => {
                 return Err(StoreError::TryAgain(format!(
