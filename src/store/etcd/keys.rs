@@ -100,7 +100,7 @@ pub fn range_end(dir: &str) -> Vec<u8> {
     let mut end = dir.as_bytes().to_vec();
     // Keys here are ASCII, so the last byte is never 0xff and incrementing it is exact.
     if let Some(last) = end.last_mut() {
-        *last += 1;
+        *last = last.saturating_add(1);
     }
     end
 }

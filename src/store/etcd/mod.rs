@@ -4,8 +4,10 @@
 //! reading the whole pool.
 
 mod allocate;
+mod commit;
 mod connect;
 mod keys;
+mod plan;
 mod records;
 mod release;
 mod runs;

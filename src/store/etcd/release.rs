@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
 
-use super::allocate::push_run_change;
+use super::commit::push_run_change;
 use super::keys::{parse_hex, unescape};
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun};
