@@ -28,7 +28,8 @@ pub struct IPAllocation {
     kind = "IPPool",
     plural = "ippools",
     singular = "ippool",
-    namespaced
+    namespaced,
+    doc = "One range of addresses and the allocations made from it."
 )]
 pub struct IPPoolSpec {
     /// Range is a RFC 4632/4291-style string that represents an IP address and prefix length in
@@ -48,7 +49,8 @@ pub struct IPPoolSpec {
     kind = "OverlappingRangeIPReservation",
     plural = "overlappingrangeipreservations",
     singular = "overlappingrangeipreservation",
-    namespaced
+    namespaced,
+    doc = "One address held cluster-wide, so that overlapping ranges never hand it out twice."
 )]
 pub struct OverlappingRangeIPReservationSpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -67,7 +69,8 @@ pub struct OverlappingRangeIPReservationSpec {
     plural = "nodeslicepools",
     singular = "nodeslicepool",
     namespaced,
-    status = "NodeSlicePoolStatus"
+    status = "NodeSlicePoolStatus",
+    doc = "A range divided into per-node slices, and which node holds which slice."
 )]
 pub struct NodeSlicePoolSpec {
     /// Range is a RFC 4632/4291-style string that represents an IP address and prefix length in

@@ -1,0 +1,120 @@
+//! Atomic file replacement: a reader (the plugin, the kubelet starting the plugin) sees either the
+//! old file or the new one, never a half-written one, and a binary that is executing is never
+//! opened for writing (Linux refuses that with ETXTBSY; a rename only swaps directory entries, so
+//! the running process keeps its old inode).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Replaces `dest` with `contents` and `mode`, unless it already holds exactly that.
+/// Returns whether the file changed.
+pub fn write_atomic(dest: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
+    if unchanged(dest, mode, |existing| Ok(existing == contents))? {
+        return Ok(false);
+    }
+    replace_with(dest, mode, |file| file.write_all(contents))?;
+    Ok(true)
+}
+
+/// Replaces `dest` with a copy of `src` and `mode`, unless it already is one.
+/// Returns whether the file changed.
+pub fn copy_atomic(src: &Path, dest: &Path, mode: u32) -> io::Result<bool> {
+    let same = unchanged(dest, mode, |existing| {
+        let mut wanted = Vec::with_capacity(existing.len());
+        File::open(src)?.read_to_end(&mut wanted)?;
+        Ok(wanted == existing)
+    })?;
+    if same {
+        return Ok(false);
+    }
+    let mut source = File::open(src)?;
+    replace_with(dest, mode, |file| io::copy(&mut source, file).map(drop))?;
+    Ok(true)
+}
+
+/// Whether `dest` exists with `mode` and contents that `same` accepts.
+fn unchanged(
+    dest: &Path,
+    mode: u32,
+    same: impl FnOnce(&[u8]) -> io::Result<bool>,
+) -> io::Result<bool> {
+    let existing = match fs::read(dest) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(err) => return Err(err),
+    };
+    let current_mode = fs::metadata(dest)?.permissions().mode() & 0o7777;
+    Ok(current_mode == mode && same(&existing)?)
+}
+
+/// Writes a temporary file next to `dest` (same filesystem, so the rename is atomic), flushes it
+/// to disk, renames it over `dest` and flushes the directory entry.
+fn replace_with(
+    dest: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
+    let dir = parent(dest);
+    let tmp = temp_path(dest);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The creation mode is filtered by the umask, and a stale temporary file keeps its old
+        // mode: set it explicitly.
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        fill(&mut file)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, dest)?;
+        File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        // Best effort: a leftover temporary file is harmless but untidy.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A hidden name in the same directory. It includes the pid because two installers may share a
+/// host directory (for example two DaemonSets during a migration); in a container the pid is
+/// usually 1, so a leftover from a crash is simply truncated and reused.
+fn temp_path(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    parent(dest).join(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_then_skips_identical_then_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        assert!(write_atomic(&path, b"one", 0o600).unwrap());
+        assert!(!write_atomic(&path, b"one", 0o600).unwrap());
+        assert!(write_atomic(&path, b"one", 0o644).unwrap());
+        assert!(write_atomic(&path, b"two", 0o644).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o644);
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
