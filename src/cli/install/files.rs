@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// Replaces `dest` with `contents` and `mode`, unless it already holds exactly that.
 /// Returns whether the file changed.
 pub fn write_atomic(dest: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
-    if unchanged(dest, mode, |existing| Ok(existing == contents))? {
+    if unchanged(dest, mode, |existing| Ok(fs::read(existing)? == contents))? {
         return Ok(false);
     }
     replace_with(dest, mode, |file| file.write_all(contents))?;
@@ -21,11 +21,7 @@ pub fn write_atomic(dest: &Path, contents: &[u8], mode: u32) -> io::Result<bool>
 /// Replaces `dest` with a copy of `src` and `mode`, unless it already is one.
 /// Returns whether the file changed.
 pub fn copy_atomic(src: &Path, dest: &Path, mode: u32) -> io::Result<bool> {
-    let same = unchanged(dest, mode, |existing| {
-        let mut wanted = Vec::with_capacity(existing.len());
-        File::open(src)?.read_to_end(&mut wanted)?;
-        Ok(wanted == existing)
-    })?;
+    let same = unchanged(dest, mode, |existing| same_bytes(src, existing))?;
     if same {
         return Ok(false);
     }
@@ -38,15 +34,47 @@ pub fn copy_atomic(src: &Path, dest: &Path, mode: u32) -> io::Result<bool> {
 fn unchanged(
     dest: &Path,
     mode: u32,
-    same: impl FnOnce(&[u8]) -> io::Result<bool>,
+    same: impl FnOnce(&Path) -> io::Result<bool>,
 ) -> io::Result<bool> {
-    let existing = match fs::read(dest) {
-        Ok(bytes) => bytes,
+    let meta = match fs::metadata(dest) {
+        Ok(meta) => meta,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(err) => return Err(err),
     };
-    let current_mode = fs::metadata(dest)?.permissions().mode() & 0o7777;
-    Ok(current_mode == mode && same(&existing)?)
+    Ok(meta.is_file() && meta.permissions().mode() & 0o7777 == mode && same(dest)?)
+}
+
+/// Compares two files in chunks: binaries are tens of megabytes and the DaemonSet's memory
+/// limit is small.
+fn same_bytes(a: &Path, b: &Path) -> io::Result<bool> {
+    let (mut a, mut b) = (File::open(a)?, File::open(b)?);
+    if a.metadata()?.len() != b.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut buf_a, mut buf_b) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = read_full(&mut a, &mut buf_a)?;
+        if n != read_full(&mut b, &mut buf_b)? || buf_a[..n] != buf_b[..n] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Fills `buf` unless the file ends first; returns how much was read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(filled)
 }
 
 /// Writes a temporary file next to `dest` (same filesystem, so the rename is atomic), flushes it
