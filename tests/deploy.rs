@@ -278,55 +278,41 @@ fn crds_keep_upstreams_wire_contract() {
 fn the_crd_comparison_notices_what_a_client_relies_on() {
     let theirs = yaml_doc(&upstream_crds().join("whereabouts.cni.cncf.io_ippools.yaml"));
     assert!(crd_differences(&theirs, &theirs).is_empty());
-    let spec = "/spec/versions/0/schema/openAPIV3Schema/properties/spec";
-    let mutations: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    // Each mutation sets the value at a JSON pointer of the upstream CRD.
+    const SPEC: &str = "/spec/versions/0/schema/openAPIV3Schema/properties/spec";
+    let mutations = [
         (
             "type",
-            Box::new(|v| {
-                v.pointer_mut(&format!("{spec}/properties/range/type"))
-                    .map(|t| *t = json!("integer"))
-                    .unwrap_or(())
-            }),
+            format!("{SPEC}/properties/range/type"),
+            json!("integer"),
         ),
-        (
-            "required",
-            Box::new(|v| {
-                v.pointer_mut(&format!("{spec}/required"))
-                    .map(|t| *t = json!(["range"]))
-                    .unwrap_or(())
-            }),
-        ),
-        (
-            "field",
-            Box::new(|v| {
-                v.pointer_mut(&format!("{spec}/properties"))
-                    .and_then(Value::as_object_mut)
-                    .map(|m| m.remove("range"));
-            }),
-        ),
+        ("required", format!("{SPEC}/required"), json!(["range"])),
+        ("field", format!("{SPEC}/properties/range"), Value::Null),
         (
             "nested required",
-            Box::new(|v| {
-                v.pointer_mut(&format!(
-                    "{spec}/properties/allocations/additionalProperties/required"
-                ))
-                .map(|t| *t = json!(["id"]))
-                .unwrap_or(())
-            }),
+            format!("{SPEC}/properties/allocations/additionalProperties/required"),
+            json!(["id"]),
         ),
-        (
-            "listKind",
-            Box::new(|v| v["spec"]["names"]["listKind"] = json!("Pools")),
-        ),
-        ("scope", Box::new(|v| v["spec"]["scope"] = json!("Cluster"))),
+        ("listKind", "/spec/names/listKind".into(), json!("Pools")),
+        ("scope", "/spec/scope".into(), json!("Cluster")),
         (
             "subresource",
-            Box::new(|v| v["spec"]["versions"][0]["subresources"] = json!({"status": {}})),
+            "/spec/versions/0/subresources".into(),
+            json!({"status": {}}),
         ),
     ];
-    for (what, mutate) in mutations {
+    for (what, pointer, new_value) in mutations {
         let mut changed = theirs.clone();
-        mutate(&mut changed);
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        let map = changed
+            .pointer_mut(parent)
+            .and_then(Value::as_object_mut)
+            .unwrap();
+        if new_value.is_null() {
+            map.remove(key);
+        } else {
+            map.insert(key.to_string(), new_value);
+        }
         assert_ne!(changed, theirs, "mutation {what} did not apply");
         assert!(
             !crd_differences(&changed, &theirs).is_empty(),

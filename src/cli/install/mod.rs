@@ -42,8 +42,29 @@ pub const KUBECONFIG_MODE: u32 = 0o600;
 pub const FLAT_FILE_MODE: u32 = 0o600;
 pub const NODENAME_MODE: u32 = 0o644;
 
+/// The flags of `whereabouts install`, boxed so that the CLI's subcommand enum stays small;
+/// fields are reached through `Deref` to [`InstallOptions`].
 #[derive(clap::Args, Debug, Clone)]
 pub struct InstallArgs {
+    #[command(flatten)]
+    pub options: Box<InstallOptions>,
+}
+
+impl std::ops::Deref for InstallArgs {
+    type Target = InstallOptions;
+    fn deref(&self) -> &InstallOptions {
+        &self.options
+    }
+}
+
+impl std::ops::DerefMut for InstallArgs {
+    fn deref_mut(&mut self) -> &mut InstallOptions {
+        &mut self.options
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct InstallOptions {
     /// Host CNI bin directory, as mounted in this container.
     #[arg(long, env = "CNI_BIN_DIR", default_value = DEFAULT_CNI_BIN_DIR)]
     pub cni_bin_dir: PathBuf,
