@@ -5,4 +5,6 @@ pub mod cni;
 pub mod config;
 pub mod ipam;
 pub mod k8s;
+pub mod logging;
+pub mod plugin;
 pub mod store;

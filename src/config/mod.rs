@@ -81,3 +81,6 @@ mod load;
 mod raw;
 
 pub use load::{find_flat_file, load, load_with_flat_files};
+
+#[cfg(test)]
+mod tests;

@@ -6,6 +6,8 @@ pub mod intervals;
 pub mod names;
 pub mod range;
 pub mod slices;
+#[cfg(test)]
+mod vectors;
 
 pub use addr::Cidr;
 pub use intervals::{Intervals, OffsetRuns};

@@ -1,0 +1,217 @@
+//! A CNI call as the runtime makes it: environment variables and the network configuration on
+//! stdin.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use super::error::{code, CniError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Gc,
+    Status,
+    Version,
+}
+
+impl Command {
+    pub fn parse(text: &str) -> Result<Command, CniError> {
+        Ok(match text {
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "GC" => Command::Gc,
+            "STATUS" => Command::Status,
+            "VERSION" => Command::Version,
+            other => {
+                return Err(CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    format!("unknown CNI_COMMAND {other:?} (expected ADD, DEL, CHECK, GC, STATUS or VERSION)"),
+                ))
+            }
+        })
+    }
+}
+
+/// `CNI_ARGS`: `K=V;K=V`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CniArgs(Vec<(String, String)>);
+
+impl CniArgs {
+    pub fn parse(text: &str) -> Result<CniArgs, CniError> {
+        let mut pairs = Vec::new();
+        for item in text.split(';').filter(|s| !s.trim().is_empty()) {
+            let (k, v) = item.split_once('=').ok_or_else(|| {
+                CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    format!("invalid CNI_ARGS item {item:?}: expected KEY=VALUE"),
+                )
+            })?;
+            pairs.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        Ok(CniArgs(pairs))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// The CNI environment of one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CniEnv {
+    pub command: Command,
+    pub container_id: Option<String>,
+    pub netns: Option<String>,
+    pub ifname: Option<String>,
+    pub args: CniArgs,
+}
+
+impl CniEnv {
+    /// Reads the environment; `vars` is the process environment in production.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<CniEnv, CniError> {
+        let get = |k: &str| {
+            vars.get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let command = get("CNI_COMMAND")
+            .ok_or_else(|| CniError::new(code::INVALID_ENVIRONMENT, "CNI_COMMAND is not set"))?;
+        Ok(CniEnv {
+            command: Command::parse(&command)?,
+            container_id: get("CNI_CONTAINERID"),
+            netns: get("CNI_NETNS"),
+            ifname: get("CNI_IFNAME"),
+            args: CniArgs::parse(&get("CNI_ARGS").unwrap_or_default())?,
+        })
+    }
+
+    /// The variable a command needs, or a code 4 error naming it.
+    pub fn require<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, CniError> {
+        value.as_deref().ok_or_else(|| {
+            CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!("required environment variable {name} is not set"),
+            )
+        })
+    }
+}
+
+/// The network configuration on stdin, as far as an IPAM plugin reads it.
+#[derive(Clone, Debug, Default)]
+pub struct NetConf {
+    pub cni_version: Option<String>,
+    pub cni_versions: Vec<String>,
+    pub name: String,
+    pub ipam: Option<Value>,
+    /// Static addresses from `runtimeConfig.ips` and `args.cni.ips`.
+    pub requested_ips: Vec<String>,
+    /// `cni.dev/valid-attachments` (or the older `cni.dev/attachments`) of a GC.
+    pub valid_attachments: Option<Vec<(String, String)>>,
+}
+
+fn decode_error(err: impl std::fmt::Display) -> CniError {
+    CniError::new(
+        code::DECODING_FAILURE,
+        format!("cannot decode the network configuration: {err}"),
+    )
+}
+
+impl NetConf {
+    pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
+        let value: Value = serde_json::from_slice(stdin).map_err(decode_error)?;
+        let Value::Object(map) = &value else {
+            return Err(decode_error(format!("expected a JSON object, got {value}")));
+        };
+        let string = |key: &str| -> Result<Option<String>, CniError> {
+            match map.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(decode_error(format!("{key} must be a string, got {other}"))),
+            }
+        };
+        let strings = |v: Option<&Value>, what: &str| -> Result<Vec<String>, CniError> {
+            match v {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(v) => serde_json::from_value(v.clone())
+                    .map_err(|e| decode_error(format!("{what} must be a list of strings: {e}"))),
+            }
+        };
+        let mut requested_ips = strings(
+            map.get("runtimeConfig").and_then(|r| r.get("ips")),
+            "runtimeConfig.ips",
+        )?;
+        requested_ips.extend(strings(
+            map.get("args")
+                .and_then(|a| a.get("cni"))
+                .and_then(|c| c.get("ips")),
+            "args.cni.ips",
+        )?);
+        let attachments = map
+            .get("cni.dev/valid-attachments")
+            .or_else(|| map.get("cni.dev/attachments"));
+        let valid_attachments = match attachments {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|item| {
+                        let field = |k: &str| item.get(k).and_then(Value::as_str).map(String::from);
+                        match (field("containerID"), field("ifname")) {
+                            (Some(c), Some(i)) => Ok((c, i)),
+                            _ => Err(decode_error(format!(
+                                "cni.dev/valid-attachments entry {item} needs containerID and ifname"
+                            ))),
+                        }
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(other) => return Err(decode_error(format!("cni.dev/valid-attachments must be a list, got {other}"))),
+        };
+        Ok(NetConf {
+            cni_version: string("cniVersion")?,
+            cni_versions: strings(map.get("cniVersions"), "cniVersions")?,
+            name: string("name")?.unwrap_or_default(),
+            ipam: map.get("ipam").filter(|v| !v.is_null()).cloned(),
+            requested_ips,
+            valid_attachments,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_args() {
+        let args =
+            CniArgs::parse("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;IP=").unwrap();
+        assert_eq!(args.get("K8S_POD_NAME"), Some("p"));
+        assert_eq!(args.get("IP"), None);
+        assert_eq!(CniArgs::parse("garbage").unwrap_err().code, 4);
+    }
+
+    #[test]
+    fn netconf() {
+        let conf = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","runtimeConfig":{"ips":["10.0.0.5/24"]},
+                "cni.dev/valid-attachments":[{"containerID":"c","ifname":"eth0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.requested_ips, ["10.0.0.5/24"]);
+        assert_eq!(
+            conf.valid_attachments.unwrap(),
+            [("c".to_string(), "eth0".to_string())]
+        );
+        assert!(conf.ipam.is_none());
+        assert_eq!(NetConf::parse(b"{ asdf }").unwrap_err().code, 6);
+    }
+}

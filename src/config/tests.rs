@@ -1,0 +1,238 @@
+//! The configuration vectors of upstream's tests, and our own validation cases.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use super::*;
+
+fn load(ipam: Value) -> Result<IpamConfig, crate::cni::error::CniError> {
+    load_with_flat_files(Some(&ipam), &[])
+}
+
+fn err(ipam: Value) -> String {
+    let e = load(ipam).unwrap_err();
+    assert_eq!(e.code, 7, "{}", e.msg);
+    e.msg
+}
+
+#[test]
+fn dash_range_sets_start_and_end() {
+    let cfg = load(json!({"type": "whereabouts", "range": "192.168.1.5-192.168.1.25/24"})).unwrap();
+    let r = &cfg.ranges[0];
+    assert_eq!(r.cidr.to_string(), "192.168.1.0/24");
+    assert_eq!(r.start.unwrap().to_string(), "192.168.1.5");
+    assert_eq!(r.end.unwrap().to_string(), "192.168.1.25");
+    assert_eq!(
+        cfg.datastore,
+        Datastore::Local {
+            path: DEFAULT_LOCAL_PATH.into()
+        }
+    );
+    assert!(cfg.enable_overlapping_ranges);
+}
+
+#[test]
+fn flat_file_fills_what_inline_leaves_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let flat = dir.path().join("whereabouts.conf");
+    std::fs::write(
+        &flat,
+        r#"{"kubernetes":{"kubeconfig":"/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"},
+            "log_file":"/var/log/whereabouts.log","log_level":"debug","gateway":"192.168.5.5"}"#,
+    )
+    .unwrap();
+    let cfg = load(json!({
+        "type": "whereabouts", "configuration_path": flat,
+        "range": "192.168.2.230/24", "range_start": "192.168.2.223", "gateway": "192.168.10.1"
+    }))
+    .unwrap();
+    assert_eq!(cfg.ranges[0].cidr.to_string(), "192.168.2.0/24");
+    assert_eq!(cfg.ranges[0].start.unwrap().to_string(), "192.168.2.223");
+    assert_eq!(cfg.gateway.unwrap().to_string(), "192.168.10.1");
+    assert_eq!(
+        cfg.log_file,
+        Some(PathBuf::from("/var/log/whereabouts.log"))
+    );
+    assert_eq!(cfg.log_level, Some(LogLevel::Debug));
+    assert_eq!(
+        cfg.datastore,
+        Datastore::Kubernetes(KubernetesConfig {
+            kubeconfig: "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig".into()
+        })
+    );
+    // configuration_path may also name the folder holding whereabouts.conf.
+    let by_dir = load(
+        json!({"type": "whereabouts", "configuration_path": dir.path(), "range": "10.0.0.0/24"}),
+    )
+    .unwrap();
+    assert_eq!(by_dir.log_level, Some(LogLevel::Debug));
+}
+
+#[test]
+fn overlapping_ranges_flag_is_inline_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let flat = dir.path().join("f.conf");
+    let with_file = |file_value: bool, inline: Option<bool>| {
+        std::fs::write(
+            &flat,
+            json!({"enable_overlapping_ranges": file_value}).to_string(),
+        )
+        .unwrap();
+        let mut ipam =
+            json!({"type": "whereabouts", "range": "10.0.0.0/24", "configuration_path": flat});
+        if let Some(v) = inline {
+            ipam["enable_overlapping_ranges"] = v.into();
+        }
+        load(ipam).unwrap().enable_overlapping_ranges
+    };
+    assert!(with_file(false, Some(true)));
+    assert!(!with_file(true, Some(false)));
+    assert!(with_file(false, None));
+}
+
+#[test]
+fn missing_flat_file_is_not_an_error() {
+    let cfg = load_with_flat_files(
+        Some(&json!({"type": "whereabouts", "range": "10.0.0.0/24", "configuration_path": "/nonexistent/x.conf"})),
+        &[PathBuf::from("/nonexistent/y.conf")],
+    )
+    .unwrap();
+    assert_eq!(cfg.ranges.len(), 1);
+}
+
+#[test]
+fn unparsable_flat_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let flat = dir.path().join("bad.conf");
+    std::fs::write(&flat, "{ nope").unwrap();
+    let msg =
+        err(json!({"type": "whereabouts", "range": "10.0.0.0/24", "configuration_path": flat}));
+    assert!(msg.contains("bad.conf"), "{msg}");
+}
+
+#[test]
+fn not_ours_or_missing() {
+    assert!(err(json!({"type": "static"})).contains("static"));
+    let missing = load_with_flat_files(None, &[]).unwrap_err();
+    assert_eq!(missing.msg, "IPAM config missing 'ipam' key");
+}
+
+#[test]
+fn keys_are_case_insensitive() {
+    let cfg = load(
+        json!({"Type": "whereabouts", "RANGE": "10.0.0.0/24", "Network_Name": "blue",
+        "IPRanges": [{"Range": "fd00::/64", "Exclude": ["fd00::1"]}]}),
+    )
+    .unwrap();
+    assert_eq!(cfg.network_name, "blue");
+    assert_eq!(cfg.ranges.len(), 2);
+    assert_eq!(cfg.ranges[1].exclude.len(), 1);
+}
+
+#[test]
+fn top_level_range_comes_first() {
+    let cfg = load(json!({"type": "whereabouts", "ipRanges": [{"range": "10.1.0.0/24"}], "range": "10.0.0.0/24"})).unwrap();
+    let cidrs: Vec<String> = cfg.ranges.iter().map(|r| r.cidr.to_string()).collect();
+    assert_eq!(cidrs, ["10.0.0.0/24", "10.1.0.0/24"]);
+}
+
+#[test]
+fn bad_values_are_named() {
+    let base = |k: &str, v: Value| {
+        let mut ipam = json!({"type": "whereabouts", "range": "192.168.0.0/29"});
+        ipam[k] = v;
+        err(ipam)
+    };
+    assert!(base("range", "192.168.1.5-192.168.2.25/28".into())
+        .contains("invalid range start for CIDR 192.168.2.16/28: 192.168.1.5"));
+    let m = base("range", "10.0.0.0/33".into());
+    assert!(m.contains("ipam.range") && m.contains("10.0.0.0/33"), "{m}");
+    let m = base("exclude", json!(["192.168.0.1/123"]));
+    assert!(
+        m.contains("ipam.exclude[0]") && m.contains("192.168.0.1/123"),
+        "{m}"
+    );
+    let m = base("range_start", "192.168.0.300".into());
+    assert!(
+        m.contains("ipam.range_start") && m.contains("192.168.0.300"),
+        "{m}"
+    );
+    let m = base("range_start", "10.0.0.1".into());
+    assert!(
+        m.contains("10.0.0.1") && m.contains("192.168.0.0/29"),
+        "{m}"
+    );
+    let m = base("gateway", "nope".into());
+    assert!(m.contains("ipam.gateway") && m.contains("nope"), "{m}");
+    let m = base("exclude", "192.168.0.1".into());
+    assert!(m.contains("ipam.exclude"), "{m}");
+    let m = base("datastore", "redis".into());
+    assert!(m.contains("redis"), "{m}");
+    let m = base("log_level", "loud".into());
+    assert!(m.contains("loud"), "{m}");
+    let m = base("node_slice_size", "/x".into());
+    assert!(m.contains("node_slice_size"), "{m}");
+    let m = err(
+        json!({"type": "whereabouts", "ipRanges": [{"range": "100::2:1/125", "exclude": ["100::2::1"]}]}),
+    );
+    assert!(
+        m.contains("ipam.ipRanges[0].exclude[0]") && m.contains("100::2::1"),
+        "{m}"
+    );
+    let m = err(json!({"type": "whereabouts", "range": "192.168.0.0/31"}));
+    assert!(m.contains("no usable"), "{m}");
+    let m = err(json!({"type": "whereabouts"}));
+    assert!(m.contains("range"), "{m}");
+    let m = err(
+        json!({"type": "whereabouts", "range": "10.0.0.0/24", "ipRanges": [{"range": "10.0.0.7/24"}]}),
+    );
+    assert!(m.contains("twice"), "{m}");
+    let m = err(json!({"type": "whereabouts", "range": "10.0.0.0/24", "datastore": "etcd"}));
+    assert!(m.contains("etcd_host"), "{m}");
+}
+
+#[test]
+fn engines_are_selected() {
+    let ds = |ipam: Value| load(ipam).unwrap().datastore;
+    assert_eq!(
+        ds(json!({"type": "whereabouts", "range": "10.0.0.0/24", "local_path": "/tmp/a.db"})),
+        Datastore::Local {
+            path: "/tmp/a.db".into()
+        }
+    );
+    match ds(
+        json!({"type": "whereabouts", "range": "10.0.0.0/24", "datastore": "etcd",
+        "etcd_host": "https://a:2379, b:2379", "etcd_username": "u"}),
+    ) {
+        Datastore::Etcd(e) => {
+            assert_eq!(e.endpoints, ["https://a:2379", "b:2379"]);
+            assert_eq!(e.username.as_deref(), Some("u"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        ds(
+            json!({"type": "whereabouts", "range": "10.0.0.0/24", "kubernetes": {"kubeconfig": "/k"}})
+        ),
+        Datastore::Kubernetes(_)
+    ));
+}
+
+#[test]
+fn statics_routes_and_dns() {
+    let cfg = load(json!({"type": "whereabouts", "range": "10.0.0.0/24",
+        "addresses": [{"address": "10.0.0.9/24", "gateway": "10.0.0.1"}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "10.0.0.1"}],
+        "dns": {"nameservers": ["10.0.0.53"]}}))
+    .unwrap();
+    assert_eq!(cfg.addresses[0].address.to_string(), "10.0.0.9/24");
+    assert_eq!(cfg.routes[0].gw.as_deref(), Some("10.0.0.1"));
+    assert_eq!(cfg.dns.unwrap().nameservers, ["10.0.0.53"]);
+    let m = err(
+        json!({"type": "whereabouts", "range": "10.0.0.0/24", "addresses": [{"address": "10.0.0.9"}]}),
+    );
+    assert!(m.contains("ipam.addresses[0].address"), "{m}");
+    let m = err(json!({"type": "whereabouts", "range": "10.0.0.0/24", "routes": [{"dst": "x"}]}));
+    assert!(m.contains("ipam.routes[0].dst"), "{m}");
+}

@@ -1,0 +1,278 @@
+//! The plugin: one CNI call, from environment and stdin to the JSON on stdout and an exit code.
+
+mod pools;
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::cni::error::{code, CniError};
+use crate::cni::request::{CniEnv, Command, NetConf};
+use crate::cni::result::{IpConfig, IpamResult};
+use crate::cni::version::{self, at_least, LATEST, SUPPORTED};
+use crate::config::{self, IpamConfig};
+use crate::ipam::addr::parse_ip;
+use crate::ipam::Cidr;
+use crate::store::{self, AddRequest, Attachment, AttachmentRequest, GcRequest, Store};
+
+pub use pools::{parse_requested, place_statics, pools, Requested};
+
+/// What the process prints on stdout and the code it exits with.
+pub struct Outcome {
+    pub stdout: Option<Value>,
+    pub exit_code: i32,
+}
+
+/// The "about" text printed on stderr when the binary runs without CNI_COMMAND.
+pub fn about() -> String {
+    format!(
+        "CNI whereabouts plugin v{} (cluster-wide IPAM); CNI protocol versions supported: {}",
+        env!("CARGO_PKG_VERSION"),
+        SUPPORTED.join(", ")
+    )
+}
+
+/// Runs one CNI call. Never panics on input: every failure becomes CNI error JSON.
+pub fn run(vars: &HashMap<String, String>, stdin: &[u8]) -> Outcome {
+    // The version errors are reported in: the request's own, once known.
+    let mut reply_version = LATEST.to_string();
+    match call(vars, stdin, &mut reply_version) {
+        Ok(stdout) => Outcome {
+            stdout,
+            exit_code: 0,
+        },
+        Err(err) => {
+            tracing::error!(code = err.code, "{}", err.msg);
+            Outcome {
+                stdout: Some(err.to_json(&reply_version)),
+                exit_code: 1,
+            }
+        }
+    }
+}
+
+fn call(
+    vars: &HashMap<String, String>,
+    stdin: &[u8],
+    reply_version: &mut String,
+) -> Result<Option<Value>, CniError> {
+    let env = CniEnv::from_vars(vars)?;
+    if env.command == Command::Version {
+        return Ok(Some(version_reply(stdin, reply_version)));
+    }
+    let conf = NetConf::parse(stdin)?;
+    if let Some(v) = conf
+        .cni_version
+        .as_deref()
+        .filter(|v| version::is_supported(v))
+    {
+        *reply_version = v.to_string();
+    }
+    let version = version::negotiate(conf.cni_version.as_deref(), &conf.cni_versions)?;
+    *reply_version = version.clone();
+    if matches!(env.command, Command::Gc | Command::Status) && !at_least(&version, "1.1.0") {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "{:?} needs cniVersion 1.1.0 or later, the configuration has {version}",
+                env.command
+            ),
+        ));
+    }
+    let cfg = config::load(conf.ipam.as_ref())?;
+    crate::logging::init(cfg.log_file.as_deref(), cfg.log_level);
+    tracing::debug!(command = ?env.command, container = ?env.container_id, ifname = ?env.ifname, "CNI call");
+    match env.command {
+        Command::Add => add(&env, &conf, &cfg, &version).map(Some),
+        Command::Del => del(&env, &conf, &cfg).map(|_| None),
+        Command::Check => check(&env, &conf, &cfg).map(|_| None),
+        Command::Gc => gc(&conf, &cfg).map(|_| None),
+        Command::Status => status(&cfg).map(|_| None),
+        Command::Version => unreachable!("answered above"),
+    }
+}
+
+fn version_reply(stdin: &[u8], reply_version: &mut String) -> Value {
+    let asked = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .filter(|v| version::is_supported(v))
+        .unwrap_or_else(|| LATEST.to_string());
+    *reply_version = asked.clone();
+    serde_json::json!({ "cniVersion": asked, "supportedVersions": SUPPORTED })
+}
+
+fn open_store(cfg: &IpamConfig) -> Result<Box<dyn Store>, CniError> {
+    store::open(cfg).map_err(CniError::from)
+}
+
+fn attachment(env: &CniEnv) -> Result<Attachment, CniError> {
+    let args = &env.args;
+    let pod_ref = match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
+        (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+        (None, Some(name)) => Some(format!("default/{name}")),
+        _ => None,
+    };
+    Ok(Attachment {
+        container_id: CniEnv::require(&env.container_id, "CNI_CONTAINERID")?.to_string(),
+        ifname: CniEnv::require(&env.ifname, "CNI_IFNAME")?.to_string(),
+        pod_ref,
+        pod_uid: args.get("K8S_POD_UID").map(String::from),
+    })
+}
+
+/// Static addresses of the call: `addresses`, CNI_ARGS `IP=` and `runtimeConfig.ips`.
+fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Requested>, CniError> {
+    let mut out: Vec<Requested> = cfg
+        .addresses
+        .iter()
+        .map(|s| Requested {
+            ip: s.address.addr,
+            prefix: Some(s.address.prefix),
+            gateway: s.gateway,
+        })
+        .collect();
+    let arg_gateway = match env.args.get("GATEWAY") {
+        Some(text) => Some(parse_ip(text).ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("invalid CNI_ARGS GATEWAY: {text:?} is not an IP address"),
+            )
+        })?),
+        None => None,
+    };
+    for text in env
+        .args
+        .get("IP")
+        .map(|v| v.split(',').collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        let (ip, prefix) = parse_requested(text, "CNI_ARGS IP")?;
+        out.push(Requested {
+            ip,
+            prefix,
+            gateway: arg_gateway,
+        });
+    }
+    for text in &conf.requested_ips {
+        let (ip, prefix) = parse_requested(text, "runtimeConfig.ips")?;
+        out.push(Requested {
+            ip,
+            prefix,
+            gateway: None,
+        });
+    }
+    Ok(out)
+}
+
+fn add(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig, version: &str) -> Result<Value, CniError> {
+    CniEnv::require(&env.netns, "CNI_NETNS")?;
+    let attachment = attachment(env)?;
+    let placement = place_statics(pools(cfg)?, statics(env, conf, cfg)?)?;
+    let mut result = IpamResult {
+        ips: Vec::new(),
+        routes: cfg.routes.clone(),
+        dns: cfg.dns.clone(),
+    };
+    if !placement.ranges.is_empty() {
+        let req = AddRequest {
+            cni_network: conf.name.clone(),
+            network_name: cfg.network_name.clone(),
+            overlap: cfg.enable_overlapping_ranges,
+            attachment,
+            ranges: placement.ranges.clone(),
+            node_slice_size: cfg.node_slice_size,
+            sleep_for_race: cfg.sleep_for_race,
+        };
+        let ips = open_store(cfg)?.add(&req)?;
+        for (ip, slot) in ips.into_iter().zip(&placement.ranges) {
+            let cidr = slot.pool.cidr();
+            result.ips.push(IpConfig {
+                address: Cidr {
+                    addr: ip,
+                    prefix: cidr.prefix,
+                },
+                gateway: cfg.gateway.filter(|gw| cidr.contains(*gw)),
+            });
+        }
+    }
+    for s in placement.outside {
+        result.ips.push(IpConfig {
+            address: s.address,
+            gateway: s.gateway,
+        });
+    }
+    tracing::info!(ips = ?result.ips.iter().map(|i| i.address.to_string()).collect::<Vec<_>>(), "allocated");
+    Ok(result.to_json(version))
+}
+
+fn attachment_request(
+    env: &CniEnv,
+    conf: &NetConf,
+    cfg: &IpamConfig,
+) -> Result<AttachmentRequest, CniError> {
+    Ok(AttachmentRequest {
+        cni_network: conf.name.clone(),
+        network_name: cfg.network_name.clone(),
+        container_id: CniEnv::require(&env.container_id, "CNI_CONTAINERID")?.to_string(),
+        ifname: CniEnv::require(&env.ifname, "CNI_IFNAME")?.to_string(),
+        pools: pools(cfg)?,
+        node_slice_size: cfg.node_slice_size,
+    })
+}
+
+fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
+    let req = attachment_request(env, conf, cfg)?;
+    let released = open_store(cfg)?.del(&req)?;
+    tracing::info!(released = released.len(), "released");
+    Ok(())
+}
+
+fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
+    CniEnv::require(&env.netns, "CNI_NETNS")?;
+    let req = attachment_request(env, conf, cfg)?;
+    let leases = open_store(cfg)?.check(&req)?;
+    for pool in &req.pools {
+        if !leases.iter().any(|l| l.range == pool.cidr()) {
+            return Err(CniError::new(
+                code::NOT_RECORDED,
+                format!(
+                    "no address is recorded for container {} interface {} in range {}",
+                    req.container_id,
+                    req.ifname,
+                    pool.cidr()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn gc(conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
+    let req = GcRequest {
+        cni_network: conf.name.clone(),
+        network_name: cfg.network_name.clone(),
+        pools: pools(cfg)?,
+        valid: conf.valid_attachments.clone().unwrap_or_default(),
+    };
+    let released = open_store(cfg)?.gc(&req)?;
+    tracing::info!(released = released.len(), "garbage collected");
+    Ok(())
+}
+
+fn status(cfg: &IpamConfig) -> Result<(), CniError> {
+    let not_available = |err: CniError| {
+        CniError::new(
+            code::NOT_AVAILABLE,
+            format!("store not available: {}", err.msg),
+        )
+    };
+    open_store(cfg)
+        .map_err(not_available)?
+        .status()
+        .map_err(|e| not_available(e.into()))
+}

@@ -1,0 +1,110 @@
+//! From the configuration to the pools of a request, and static addresses to their ranges.
+
+use std::net::IpAddr;
+
+use crate::cni::error::{code, CniError};
+use crate::config::{IpamConfig, StaticAddress};
+use crate::ipam::addr::{family_bits, parse_ip};
+use crate::ipam::names::pool_name;
+use crate::ipam::{Cidr, Range};
+use crate::store::{PoolRef, RangeRequest};
+
+/// The pools of the configured ranges, in order.
+pub fn pools(cfg: &IpamConfig) -> Result<Vec<PoolRef>, CniError> {
+    cfg.ranges
+        .iter()
+        .map(|spec| {
+            let range = Range::resolve(spec, cfg.gateway).map_err(|err| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("invalid range {}: {err}", spec.cidr),
+                )
+            })?;
+            Ok(PoolRef {
+                name: pool_name(&spec.cidr, &cfg.network_name, None),
+                spec: spec.clone(),
+                gateway: cfg.gateway,
+                range,
+            })
+        })
+        .collect()
+}
+
+/// Parses a requested address from CNI_ARGS `IP=` or `runtimeConfig.ips`: a CIDR, or a bare
+/// address (which takes the prefix length of the range containing it).
+pub fn parse_requested(text: &str, source: &str) -> Result<(IpAddr, Option<u8>), CniError> {
+    let bad = || {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!("invalid {source}: {text:?} is not an IP address or CIDR"),
+        )
+    };
+    match text.trim().split_once('/') {
+        Some(_) => {
+            let cidr = Cidr::parse(text, false).ok_or_else(bad)?;
+            Ok((cidr.addr, Some(cidr.prefix)))
+        }
+        None => Ok((parse_ip(text).ok_or_else(bad)?, None)),
+    }
+}
+
+/// A static address asked for: the address, its prefix length if given, and its gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Requested {
+    pub ip: IpAddr,
+    pub prefix: Option<u8>,
+    pub gateway: Option<IpAddr>,
+}
+
+/// The static addresses of a call, split between the ranges that contain them (reserved there,
+/// replacing the dynamic choice) and the rest (returned as they are).
+pub struct Placement {
+    pub ranges: Vec<RangeRequest>,
+    pub outside: Vec<StaticAddress>,
+}
+
+pub fn place_statics(pools: Vec<PoolRef>, statics: Vec<Requested>) -> Result<Placement, CniError> {
+    let mut ranges: Vec<RangeRequest> = pools
+        .into_iter()
+        .map(|pool| RangeRequest {
+            pool,
+            requested: None,
+        })
+        .collect();
+    let mut outside = Vec::new();
+    for Requested {
+        ip,
+        prefix,
+        gateway,
+    } in statics
+    {
+        match ranges.iter_mut().find(|r| r.pool.cidr().contains(ip)) {
+            Some(slot) => {
+                let offset = slot.pool.cidr().offset_of(ip).unwrap_or_default();
+                match slot.requested {
+                    Some(prev) if prev != offset => {
+                        return Err(CniError::new(
+                            code::INVALID_CONFIG,
+                            format!(
+                                "two static addresses requested in range {}: {} and {ip} (one address per range)",
+                                slot.pool.cidr(),
+                                slot.pool.cidr().at(prev)
+                            ),
+                        ))
+                    }
+                    _ => slot.requested = Some(offset),
+                }
+            }
+            None => {
+                let address = Cidr {
+                    addr: ip,
+                    prefix: prefix.unwrap_or_else(|| family_bits(ip)),
+                };
+                if !outside.iter().any(|s: &StaticAddress| s.address.addr == ip) {
+                    outside.push(StaticAddress { address, gateway });
+                }
+            }
+        }
+    }
+    Ok(Placement { ranges, outside })
+}

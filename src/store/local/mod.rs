@@ -1,0 +1,690 @@
+//! The embedded default engine: a SQLite database on the local machine.
+//!
+//! One short-lived process per CNI call, so every write is one `BEGIN IMMEDIATE` transaction:
+//! the write lock is taken before anything is read, the choice is made on what cannot change
+//! underneath, and a process killed at any point leaves either all of its change or none of it.
+//! WAL mode keeps readers (CHECK, the CLI) off the writers' path.
+
+mod runs;
+mod schema;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use crate::ipam::addr::from_u128;
+use crate::ipam::{Cidr, Range};
+use crate::store::{
+    AddRequest, Attachment, AttachmentRequest, GcRequest, Lease, PoolRef, RangeRequest, Store,
+    StoreError,
+};
+
+pub use schema::{BUSY_TIMEOUT, SCHEMA_VERSION};
+
+/// Opens (creating if needed) the database at `path`.
+pub fn open(path: &Path) -> Result<Box<dyn Store>, StoreError> {
+    Ok(Box::new(LocalStore::open(path)?))
+}
+
+/// A failure inside the engine, turned into a [`StoreError`] naming the database at the edge.
+#[derive(Debug)]
+pub(crate) enum Fail {
+    Sql(rusqlite::Error),
+    /// Already a store error (exhausted, in use): passed through unchanged.
+    Store(StoreError),
+    /// An I/O or consistency problem described in words.
+    Msg(String),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Fail::Sql(e)
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+/// Whether SQLite gave up waiting for another process's lock.
+pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+fn to_store_error(path: &Path, fail: Fail) -> StoreError {
+    match fail {
+        Fail::Store(e) => e,
+        Fail::Sql(e) if is_busy(&e) => StoreError::TryAgain(format!(
+            "local database {} is busy: another process held its lock for over {} s ({e})",
+            path.display(),
+            BUSY_TIMEOUT.as_secs()
+        )),
+        Fail::Sql(e) => StoreError::Io(format!("local database {}: {e}", path.display())),
+        Fail::Msg(m) => StoreError::Io(format!("local database {}: {m}", path.display())),
+    }
+}
+
+/// The SQLite engine. Public beyond [`open`] for benchmarks and tests that need to build large
+/// pools quickly ([`LocalStore::import`]) or audit the database ([`LocalStore::audit`]).
+pub struct LocalStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// A pool as recorded in the `pools` table.
+struct PoolRow {
+    name: String,
+    cidr: Cidr,
+}
+
+/// One allocation row, with its pool's prefix.
+struct AllocRow {
+    pool: String,
+    cidr: Cidr,
+    offset: u128,
+    network_name: String,
+    cni_network: String,
+    attachment: Attachment,
+}
+
+impl AllocRow {
+    /// Columns selected by [`ALLOC_COLUMNS`], in that order.
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<AllocRow> {
+        AllocRow::from_row_at(row, 0)
+    }
+
+    fn lease(self) -> Lease {
+        Lease {
+            ip: self.cidr.at(self.offset),
+            pool: self.pool,
+            range: self.cidr,
+            network_name: self.network_name,
+            cni_network: Some(self.cni_network),
+            attachment: self.attachment,
+        }
+    }
+}
+
+/// The columns [`AllocRow::from_row`] reads, from `allocations a JOIN pools p`.
+const ALLOC_COLUMNS: &str = "a.pool, a.off, p.base, p.prefix, p.v6, a.network_name, \
+     a.cni_network, a.container_id, a.ifname, a.pod_ref, a.pod_uid \
+     FROM allocations a JOIN pools p ON p.name = a.pool";
+
+impl LocalStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<LocalStore, StoreError> {
+        let conn = schema::connect(path).map_err(|f| to_store_error(path, f))?;
+        Ok(LocalStore {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, fail: Fail) -> StoreError {
+        to_store_error(&self.path, fail)
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction, committed only if `f` succeeds.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, Fail>,
+    ) -> Result<T, StoreError> {
+        let run = || -> Result<T, Fail> {
+            let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        };
+        run().map_err(|f| self.err(f))
+    }
+
+    /// Runs `f` in one read transaction, so it sees a single snapshot.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, Fail>,
+    ) -> Result<T, StoreError> {
+        let run = || -> Result<T, Fail> {
+            let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Deferred)?;
+            f(&tx)
+        };
+        run().map_err(|f| self.err(f))
+    }
+
+    /// Records many allocations of one pool in one transaction (for benchmarks and tests that
+    /// need a pool with a million entries). Offsets already held are left as they are. Returns
+    /// how many were added.
+    pub fn import(
+        &self,
+        pool: &PoolRef,
+        network_name: &str,
+        cni_network: &str,
+        allocations: impl IntoIterator<Item = (u128, Attachment)>,
+    ) -> Result<u64, StoreError> {
+        self.write(|tx| {
+            ensure_pool(tx, pool, network_name)?;
+            let mut stmt = tx.prepare(
+                "INSERT OR IGNORE INTO allocations (pool, off, ip, network_name, cni_network, \
+                 container_id, ifname, pod_ref, pod_uid, created) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, CAST(strftime('%s','now') AS INTEGER))",
+            )?;
+            let mut added = 0;
+            for (offset, who) in allocations {
+                if offset > pool.cidr().last_offset() {
+                    return Err(Fail::Store(StoreError::Config(format!(
+                        "offset {offset} is outside range {}",
+                        pool.cidr()
+                    ))));
+                }
+                added += stmt.execute((
+                    &pool.name,
+                    runs::blob(offset),
+                    pool.cidr().at(offset).to_string(),
+                    network_name,
+                    cni_network,
+                    &who.container_id,
+                    &who.ifname,
+                    &who.pod_ref,
+                    &who.pod_uid,
+                ))? as u64;
+            }
+            runs::rebuild(tx, &pool.name)?;
+            Ok(added)
+        })
+    }
+
+    /// Checks the database for damage: SQLite's own integrity check, every pool's runs against
+    /// its allocations, and every recorded address against its offset. Returns the problems
+    /// found (empty when sound).
+    pub fn audit(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|tx| {
+            let mut problems = Vec::new();
+            let mut stmt = tx.prepare("PRAGMA integrity_check")?;
+            for line in stmt.query_map([], |row| row.get::<_, String>(0))? {
+                let line = line?;
+                if line != "ok" {
+                    problems.push(format!("integrity_check: {line}"));
+                }
+            }
+            let names: Vec<String> = tx
+                .prepare("SELECT name FROM pools UNION SELECT DISTINCT pool FROM allocations")?
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            for name in names {
+                if pool_row(tx, &name)?.is_none() {
+                    problems.push(format!("allocations of pool {name} without a pools row"));
+                }
+                if runs::derive(tx, &name)? != runs::stored(tx, &name)? {
+                    problems.push(format!("runs of pool {name} differ from its allocations"));
+                }
+            }
+            let mut stmt = tx.prepare(&format!("SELECT a.ip, {ALLOC_COLUMNS}"))?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let ip: String = row.get(0)?;
+                let alloc = AllocRow::from_row_at(row, 1)?;
+                let expected = alloc.cidr.at(alloc.offset).to_string();
+                if ip != expected || alloc.offset > alloc.cidr.last_offset() {
+                    problems.push(format!(
+                        "pool {} offset {} records {ip}, expected {expected}",
+                        alloc.pool, alloc.offset
+                    ));
+                }
+            }
+            Ok(problems)
+        })
+    }
+}
+
+impl AllocRow {
+    /// [`AllocRow::from_row`] for columns starting at `start`.
+    fn from_row_at(row: &Row<'_>, start: usize) -> rusqlite::Result<AllocRow> {
+        let col = |i: usize| start + i;
+        let base = runs::unblob(row.get(col(2))?);
+        let prefix: u8 = row.get(col(3))?;
+        let v6: bool = row.get(col(4))?;
+        Ok(AllocRow {
+            pool: row.get(col(0))?,
+            offset: runs::unblob(row.get(col(1))?),
+            cidr: Cidr {
+                addr: from_u128(base, v6),
+                prefix,
+            },
+            network_name: row.get(col(5))?,
+            cni_network: row.get(col(6))?,
+            attachment: Attachment {
+                container_id: row.get(col(7))?,
+                ifname: row.get(col(8))?,
+                pod_ref: row.get(col(9))?,
+                pod_uid: row.get(col(10))?,
+            },
+        })
+    }
+}
+
+/// Records the pool (its prefix and network) so overlap checks and the CLI can find it.
+fn ensure_pool(tx: &Connection, pool: &PoolRef, network_name: &str) -> Result<(), Fail> {
+    let cidr = pool.cidr().network();
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO pools (name, network_name, cidr, base, prefix, v6) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute((
+        &pool.name,
+        network_name,
+        cidr.to_string(),
+        runs::blob(cidr.base()),
+        cidr.prefix,
+        cidr.is_v6(),
+    ))?;
+    Ok(())
+}
+
+fn pool_row(tx: &Connection, name: &str) -> Result<Option<PoolRow>, Fail> {
+    let row = tx
+        .prepare_cached("SELECT base, prefix, v6 FROM pools WHERE name = ?1")?
+        .query_row([name], |row| {
+            let base = runs::unblob(row.get(0)?);
+            Ok(Cidr {
+                addr: from_u128(base, row.get(2)?),
+                prefix: row.get(1)?,
+            })
+        })
+        .optional()?;
+    Ok(row.map(|cidr| PoolRow {
+        name: name.to_string(),
+        cidr,
+    }))
+}
+
+/// The other pools of `network_name` whose prefix shares addresses with `cidr`.
+fn overlapping_pools(
+    tx: &Connection,
+    own: &str,
+    network_name: &str,
+    cidr: Cidr,
+) -> Result<Vec<PoolRow>, Fail> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT name, base, prefix FROM pools WHERE network_name = ?1 AND v6 = ?2 AND name <> ?3",
+    )?;
+    let rows = stmt.query_map((network_name, cidr.is_v6(), own), |row| {
+        let base = runs::unblob(row.get(1)?);
+        Ok(PoolRow {
+            name: row.get(0)?,
+            cidr: Cidr {
+                addr: from_u128(base, cidr.is_v6()),
+                prefix: row.get(2)?,
+            },
+        })
+    })?;
+    let mut pools = Vec::new();
+    for pool in rows {
+        let pool = pool?;
+        if pool.cidr.overlaps(&cidr) {
+            pools.push(pool);
+        }
+    }
+    Ok(pools)
+}
+
+/// The attachment holding `offset` of `pool`, if any.
+fn holder(tx: &Connection, pool: &str, offset: u128) -> Result<Option<Attachment>, Fail> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT container_id, ifname, pod_ref, pod_uid FROM allocations \
+             WHERE pool = ?1 AND off = ?2",
+        )?
+        .query_row((pool, runs::blob(offset)), |row| {
+            Ok(Attachment {
+                container_id: row.get(0)?,
+                ifname: row.get(1)?,
+                pod_ref: row.get(2)?,
+                pod_uid: row.get(3)?,
+            })
+        })
+        .optional()?)
+}
+
+/// The offsets of `pool` held by the same owner as `who` ([`Attachment::same_owner`]), lowest
+/// first.
+fn owned(tx: &Connection, pool: &str, who: &Attachment) -> Result<Vec<(u128, Attachment)>, Fail> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT off, container_id, ifname, pod_ref, pod_uid FROM allocations \
+         WHERE pool = ?1 AND ifname = ?2 AND (container_id = ?3 OR pod_ref = ?4) ORDER BY off",
+    )?;
+    let rows = stmt.query_map(
+        (pool, &who.ifname, &who.container_id, &who.pod_ref),
+        |row| {
+            Ok((
+                runs::unblob(row.get(0)?),
+                Attachment {
+                    container_id: row.get(1)?,
+                    ifname: row.get(2)?,
+                    pod_ref: row.get(3)?,
+                    pod_uid: row.get(4)?,
+                },
+            ))
+        },
+    )?;
+    let mut held = Vec::new();
+    for item in rows {
+        let item = item?;
+        if item.1.same_owner(who) {
+            held.push(item);
+        }
+    }
+    Ok(held)
+}
+
+/// How an error names who holds an address.
+fn describe(who: &Attachment) -> String {
+    match &who.pod_ref {
+        Some(pod) => format!(
+            "pod {pod} (container {}, interface {})",
+            who.container_id, who.ifname
+        ),
+        None => format!("container {} (interface {})", who.container_id, who.ifname),
+    }
+}
+
+fn insert_allocation(
+    tx: &Connection,
+    pool: &PoolRef,
+    offset: u128,
+    req: &AddRequest,
+) -> Result<(), Fail> {
+    let who = &req.attachment;
+    tx.prepare_cached(
+        "INSERT INTO allocations (pool, off, ip, network_name, cni_network, container_id, \
+         ifname, pod_ref, pod_uid, created) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, CAST(strftime('%s','now') AS INTEGER))",
+    )?
+    .execute((
+        &pool.name,
+        runs::blob(offset),
+        pool.range.ip(offset).to_string(),
+        &req.network_name,
+        &req.cni_network,
+        &who.container_id,
+        &who.ifname,
+        &who.pod_ref,
+        &who.pod_uid,
+    ))?;
+    runs::insert(tx, &pool.name, offset)
+}
+
+fn delete_allocation(tx: &Connection, pool: &str, offset: u128) -> Result<(), Fail> {
+    let deleted = tx
+        .prepare_cached("DELETE FROM allocations WHERE pool = ?1 AND off = ?2")?
+        .execute((pool, runs::blob(offset)))?;
+    if deleted > 0 {
+        runs::remove(tx, pool, offset)?;
+    }
+    Ok(())
+}
+
+/// Hands the existing allocation to the attachment asking again: a restarted sandbox has a new
+/// container ID (and possibly pod UID) but is the same owner.
+fn refresh_owner(tx: &Connection, pool: &str, offset: u128, who: &Attachment) -> Result<(), Fail> {
+    tx.prepare_cached(
+        "UPDATE allocations SET container_id = ?3, pod_uid = COALESCE(?4, pod_uid), \
+         pod_ref = COALESCE(?5, pod_ref) WHERE pool = ?1 AND off = ?2",
+    )?
+    .execute((
+        pool,
+        runs::blob(offset),
+        &who.container_id,
+        &who.pod_uid,
+        &who.pod_ref,
+    ))?;
+    Ok(())
+}
+
+/// Where an offset of `range` falls in another pool, if inside it.
+fn offset_in(range: &Range, offset: u128, other: &Cidr) -> Option<u128> {
+    other.offset_of(range.ip(offset))
+}
+
+/// The end of the taken block containing `offset` of `pool`, counting the pool's own runs and,
+/// for overlapping ranges, the runs of `others` mapped back into this range (clipped to it), so
+/// collisions with other pools are also skipped a whole run at a time.
+fn taken_until(
+    tx: &Connection,
+    pool: &PoolRef,
+    others: &[PoolRow],
+    offset: u128,
+) -> Result<Option<u128>, Fail> {
+    let mut end = runs::end_of_run(tx, &pool.name, offset)?;
+    let cidr = pool.cidr();
+    for other in others {
+        let Some(there) = offset_in(&pool.range, offset, &other.cidr) else {
+            continue;
+        };
+        if let Some(hi) = runs::end_of_run(tx, &other.name, there)? {
+            // hi >= there, so the absolute address is >= ours, and fits: it is inside `other`.
+            let absolute = other.cidr.base() + hi;
+            let back = (absolute - cidr.base()).min(cidr.last_offset());
+            end = Some(end.map_or(back, |e| e.max(back)));
+        }
+    }
+    Ok(end)
+}
+
+/// Allocates (or finds) the address of one range of an ADD, inside the ADD's transaction.
+fn add_one(
+    tx: &Connection,
+    req: &AddRequest,
+    wanted: &RangeRequest,
+    slept: &mut bool,
+) -> Result<IpAddr, Fail> {
+    let pool = &wanted.pool;
+    let range = &pool.range;
+    let who = &req.attachment;
+    ensure_pool(tx, pool, &req.network_name)?;
+    let mine = owned(tx, &pool.name, who)?;
+    let others = if req.overlap {
+        overlapping_pools(tx, &pool.name, &req.network_name, pool.cidr())?
+    } else {
+        Vec::new()
+    };
+
+    let (chosen, already_mine) = match wanted.requested {
+        Some(offset) => {
+            if offset > pool.cidr().last_offset() {
+                return Err(Fail::Store(StoreError::Config(format!(
+                    "requested offset {offset} is outside range {}",
+                    pool.cidr()
+                ))));
+            }
+            let in_use = |holder: Attachment, range: String| {
+                Fail::Store(StoreError::InUse {
+                    ip: pool.range.ip(offset),
+                    range,
+                    holder: describe(&holder),
+                })
+            };
+            let current = holder(tx, &pool.name, offset)?;
+            if let Some(current) = &current {
+                if !current.same_owner(who) {
+                    return Err(in_use(current.clone(), range.to_string()));
+                }
+            }
+            for other in &others {
+                if let Some(there) = offset_in(range, offset, &other.cidr) {
+                    if let Some(h) = holder(tx, &other.name, there)? {
+                        if !h.same_owner(who) {
+                            return Err(in_use(h, other.cidr.to_string()));
+                        }
+                    }
+                }
+            }
+            (offset, current.is_some())
+        }
+        None => match mine.first() {
+            Some((offset, _)) => (*offset, true),
+            None => {
+                let free = range.lowest_free(|c| taken_until(tx, pool, &others, c))?;
+                let offset = free.ok_or_else(|| {
+                    Fail::Store(StoreError::Exhausted {
+                        range: range.to_string(),
+                    })
+                })?;
+                (offset, false)
+            }
+        },
+    };
+
+    if req.sleep_for_race > 0 && !*slept {
+        *slept = true;
+        std::thread::sleep(Duration::from_secs(req.sleep_for_race));
+    }
+
+    // One address per range: whatever else this owner holds in the pool goes.
+    for (offset, _) in &mine {
+        if *offset != chosen {
+            delete_allocation(tx, &pool.name, *offset)?;
+        }
+    }
+    if already_mine {
+        refresh_owner(tx, &pool.name, chosen, who)?;
+    } else {
+        insert_allocation(tx, pool, chosen, req)?;
+    }
+    Ok(range.ip(chosen))
+}
+
+impl Store for LocalStore {
+    fn add(&self, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
+        self.write(|tx| {
+            let mut slept = false;
+            req.ranges
+                .iter()
+                .map(|wanted| add_one(tx, req, wanted, &mut slept))
+                .collect()
+        })
+    }
+
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+        self.write(|tx| {
+            // Every pool of the database, not only the configured ones: a configuration that
+            // changed since the ADD must not leak the old addresses.
+            let held = select_allocations(
+                tx,
+                "WHERE a.container_id = ?1 AND a.ifname = ?2",
+                (&req.container_id, &req.ifname),
+            )?;
+            for alloc in &held {
+                delete_allocation(tx, &alloc.pool, alloc.offset)?;
+            }
+            Ok(held.into_iter().map(AllocRow::lease).collect())
+        })
+    }
+
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+        self.read(|tx| {
+            let pools: HashSet<&str> = req.pools.iter().map(|p| p.name.as_str()).collect();
+            let held = select_allocations(
+                tx,
+                "WHERE a.container_id = ?1 AND a.ifname = ?2",
+                (&req.container_id, &req.ifname),
+            )?;
+            Ok(held
+                .into_iter()
+                .filter(|a| pools.contains(a.pool.as_str()))
+                .map(AllocRow::lease)
+                .collect())
+        })
+    }
+
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+        self.write(|tx| {
+            let valid: HashSet<(&str, &str)> = req
+                .valid
+                .iter()
+                .map(|(c, i)| (c.as_str(), i.as_str()))
+                .collect();
+            let recorded = select_allocations(tx, "WHERE a.cni_network = ?1", [&req.cni_network])?;
+            let mut released = Vec::new();
+            for alloc in recorded {
+                let key = (
+                    alloc.attachment.container_id.as_str(),
+                    alloc.attachment.ifname.as_str(),
+                );
+                if !valid.contains(&key) {
+                    delete_allocation(tx, &alloc.pool, alloc.offset)?;
+                    released.push(alloc.lease());
+                }
+            }
+            Ok(released)
+        })
+    }
+
+    fn status(&self) -> Result<(), StoreError> {
+        self.read(|tx| {
+            let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+            if version != SCHEMA_VERSION {
+                return Err(Fail::Msg(format!(
+                    "schema version {version}, expected {SCHEMA_VERSION}"
+                )));
+            }
+            tx.query_row("SELECT count(*) FROM pools", [], |row| row.get::<_, i64>(0))?;
+            Ok(())
+        })
+    }
+
+    fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
+        self.read(|tx| {
+            let rows = match pool {
+                Some(name) => select_allocations(tx, "WHERE a.pool = ?1", [name])?,
+                None => select_allocations(tx, "", [])?,
+            };
+            Ok(rows.into_iter().map(AllocRow::lease).collect())
+        })
+    }
+
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError> {
+        self.write(|tx| {
+            let Some(row) = pool_row(tx, pool)? else {
+                return Ok(None);
+            };
+            let Some(offset) = row.cidr.offset_of(ip) else {
+                return Ok(None);
+            };
+            let mut held = select_allocations(
+                tx,
+                "WHERE a.pool = ?1 AND a.off = ?2",
+                (&row.name, runs::blob(offset)),
+            )?;
+            let Some(alloc) = held.pop() else {
+                return Ok(None);
+            };
+            delete_allocation(tx, &alloc.pool, alloc.offset)?;
+            Ok(Some(alloc.lease()))
+        })
+    }
+}
+
+fn select_allocations(
+    tx: &Connection,
+    filter: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<AllocRow>, Fail> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {ALLOC_COLUMNS} {filter} ORDER BY a.pool, a.off"
+    ))?;
+    let rows = stmt
+        .query_map(params, AllocRow::from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}

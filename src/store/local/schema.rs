@@ -1,0 +1,140 @@
+//! Opening the database: pragmas and a schema that many processes may race to create.
+//!
+//! Every CNI call is a fresh process, so opening must cost a few page reads when the schema is
+//! already there, and must be safe when hundreds of processes meet a brand-new file at once.
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::Fail;
+
+/// The schema this binary writes. Bumped (with a migration) when the tables change.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long a process waits for another one's write lock before giving up with "try again".
+/// Generous: 300 plugins started at once must all get through one after the other.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Offsets and run bounds are 16-byte big-endian blobs, so SQLite's memcmp order is numeric
+/// order and `lo <= ?` range scans work for the whole u128 space (IPv6 /64 and wider).
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS pools (
+    name         TEXT PRIMARY KEY,
+    network_name TEXT NOT NULL,
+    cidr         TEXT NOT NULL,
+    base         BLOB NOT NULL,
+    prefix       INTEGER NOT NULL,
+    v6           INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pools_by_network ON pools(network_name, v6);
+
+CREATE TABLE IF NOT EXISTS allocations (
+    pool         TEXT NOT NULL,
+    off          BLOB NOT NULL,
+    ip           TEXT NOT NULL,
+    network_name TEXT NOT NULL,
+    cni_network  TEXT NOT NULL,
+    container_id TEXT NOT NULL,
+    ifname       TEXT NOT NULL,
+    pod_ref      TEXT,
+    pod_uid      TEXT,
+    created      INTEGER NOT NULL,
+    PRIMARY KEY (pool, off)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS allocations_by_container ON allocations(container_id, ifname);
+CREATE INDEX IF NOT EXISTS allocations_by_pod ON allocations(pod_ref, ifname);
+CREATE INDEX IF NOT EXISTS allocations_by_cni_network ON allocations(cni_network);
+
+-- Maximal runs of allocated offsets per pool, kept in step with `allocations` in the same
+-- transaction, so the next free offset is found by jumping over whole runs.
+CREATE TABLE IF NOT EXISTS runs (
+    pool TEXT NOT NULL,
+    lo   BLOB NOT NULL,
+    hi   BLOB NOT NULL,
+    PRIMARY KEY (pool, lo)
+) WITHOUT ROWID;
+";
+
+/// Opens `path` (creating it and its directory), sets the pragmas and makes sure the schema is
+/// there.
+pub fn connect(path: &Path) -> Result<Connection, Fail> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Fail::Msg(format!(
+                "cannot create the directory {} of the local database: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    // Reading the header first makes SQLite notice a database that is already in WAL mode, so
+    // the common case needs no lock at all.
+    let version = user_version(&conn)?;
+    enable_wal(&conn, deadline)?;
+    // NORMAL is durable against a killed process (the WAL is fsynced at checkpoints; only a
+    // power loss can drop the last transactions) and much cheaper than FULL.
+    conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+    if version != SCHEMA_VERSION {
+        create_schema(&conn)?;
+    }
+    Ok(conn)
+}
+
+fn user_version(conn: &Connection) -> Result<i64, Fail> {
+    Ok(conn.query_row("PRAGMA user_version", [], |row| row.get(0))?)
+}
+
+/// Switches the file to WAL. The switch needs an exclusive lock and SQLite reports SQLITE_BUSY
+/// for it without always consulting the busy handler, so retry with jitter until the deadline.
+fn enable_wal(conn: &Connection, deadline: Instant) -> Result<(), Fail> {
+    let current: String = conn.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
+    if current.eq_ignore_ascii_case("wal") {
+        return Ok(());
+    }
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |row| {
+            row.get::<_, String>(0)
+        }) {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(mode) => {
+                return Err(Fail::Msg(format!(
+                    "cannot switch the local database to WAL mode (it stays in {mode} mode)"
+                )))
+            }
+            Err(e) if super::is_busy(&e) && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(rand::rng().random_range(1..=20)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Creates the tables inside `BEGIN IMMEDIATE`, re-checking the version under the write lock so
+/// that of many processes racing on a fresh file exactly one creates and the others see it done.
+fn create_schema(conn: &Connection) -> Result<(), Fail> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    let version = user_version(&tx)?;
+    if version > SCHEMA_VERSION {
+        return Err(Fail::Msg(format!(
+            "the local database has schema version {version}, newer than this binary's \
+             {SCHEMA_VERSION}: use a newer whereabouts binary"
+        )));
+    }
+    if version < SCHEMA_VERSION {
+        tx.execute_batch(SCHEMA)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    }
+    tx.commit()?;
+    Ok(())
+}

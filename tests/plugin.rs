@@ -1,0 +1,305 @@
+//! The plugin through the real binary, called the way a runtime calls it.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn version_lists_every_supported_version() {
+    let reply = run(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#);
+    let v = reply.ok();
+    assert_eq!(v["cniVersion"], "0.4.0");
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
+    assert_eq!(run(&[("CNI_COMMAND", "VERSION")], "").ok()["cniVersion"], "1.1.0");
+}
+
+#[test]
+fn about_goes_to_stderr_without_cni_command() {
+    let reply = run(&[], "");
+    assert_eq!(reply.code, 0);
+    assert!(reply.stdout.is_empty(), "{reply:?}");
+    assert!(reply.stderr.contains("whereabouts") && reply.stderr.contains("1.1.0"), "{reply:?}");
+}
+
+#[test]
+fn result_shape_follows_the_version() {
+    for version in ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
+        let mut net = Net::local(json!({"range": "10.10.0.0/24", "gateway": "10.10.0.1",
+            "ipRanges": [{"range": "fd10::/64"}],
+            "routes": [{"dst": "0.0.0.0/0"}], "dns": {"nameservers": ["10.10.0.53"]}}));
+        net.conf["cniVersion"] = version.into();
+        let r = net.add("c1", "eth0").ok();
+        assert_eq!(r["cniVersion"], version);
+        assert!(r.get("interfaces").is_none());
+        assert_eq!(r["dns"]["nameservers"][0], "10.10.0.53");
+        if version < "0.3.0" {
+            assert_eq!(r["ip4"]["ip"], "10.10.0.2/24", "{version}: {r}");
+            assert_eq!(r["ip4"]["gateway"], "10.10.0.1");
+            assert_eq!(r["ip4"]["routes"][0]["dst"], "0.0.0.0/0");
+            assert_eq!(r["ip6"]["ip"], "fd10::1/64");
+            assert!(r.get("ips").is_none());
+        } else {
+            assert_eq!(ips(&r), ["10.10.0.2/24", "fd10::1/64"], "{version}");
+            assert_eq!(r["ips"][0]["gateway"], "10.10.0.1");
+            assert!(r["ips"][1].get("gateway").is_none());
+            assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
+            let versioned = r["ips"][0].get("version").is_some();
+            assert_eq!(versioned, version < "1.0.0", "{version}: {r}");
+        }
+    }
+}
+
+#[test]
+fn dns_is_always_present_before_1_0_and_omitted_when_empty_after() {
+    let mut net = Net::local(json!({"range": "10.11.0.0/24"}));
+    net.conf["cniVersion"] = "0.4.0".into();
+    assert!(net.add("a", "eth0").ok().get("dns").is_some());
+    net.conf["cniVersion"] = "1.0.0".into();
+    assert!(net.add("b", "eth0").ok().get("dns").is_none());
+}
+
+#[test]
+fn cni_versions_negotiates_the_highest_common_version() {
+    let mut net = Net::local(json!({"range": "10.12.0.0/24"}));
+    net.conf["cniVersion"] = "1.0.0".into();
+    net.conf["cniVersions"] = json!(["0.4.0", "1.0.0", "1.1.0", "9.0.0"]);
+    assert_eq!(net.add("c1", "eth0").ok()["cniVersion"], "1.1.0");
+}
+
+#[test]
+fn unsupported_version_is_code_1() {
+    let mut net = Net::local(json!({"range": "10.13.0.0/24"}));
+    net.conf["cniVersion"] = "7.0.0".into();
+    let reply = net.add("c1", "eth0");
+    assert_eq!(reply.err_code(), 1);
+    assert!(reply.msg().contains("7.0.0"));
+}
+
+#[test]
+fn bad_json_is_code_6_with_the_position() {
+    let reply = run(
+        &[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0")],
+        r#"{"cniVersion":"1.0.0","ipam": { asdf }}"#,
+    );
+    assert_eq!(reply.err_code(), 6);
+    assert!(reply.msg().contains("line 1 column"), "{reply:?}");
+}
+
+#[test]
+fn config_errors_are_code_7_naming_field_and_value() {
+    let cases = [
+        (json!({"range": "10.0.0.0/33"}), vec!["ipam.range", "10.0.0.0/33"]),
+        (json!({"range": "192.168.0.0/29", "exclude": ["192.168.0.1/123"]}), vec!["ipam.exclude[0]", "192.168.0.1/123"]),
+        (json!({"range": "10.0.0.0/24", "range_start": "10.0.1.5"}), vec!["10.0.1.5", "10.0.0.0/24"]),
+        (json!({"range": "10.0.0.0/24", "gateway": "10.0.0.x"}), vec!["ipam.gateway", "10.0.0.x"]),
+        (json!({"range": "10.0.0.0/24", "datastore": "kubernetes"}), vec!["kubeconfig"]),
+    ];
+    for (ipam, needles) in cases {
+        let reply = Net::local(ipam.clone()).add("c1", "eth0");
+        assert_eq!(reply.err_code(), 7, "{ipam}");
+        for needle in needles {
+            assert!(reply.msg().contains(needle), "{ipam}: {:?} lacks {needle}", reply.msg());
+        }
+    }
+    let mut net = Net::local(json!({"range": "10.0.0.0/24"}));
+    net.conf.as_object_mut().unwrap().remove("ipam");
+    let reply = net.add("c1", "eth0");
+    assert_eq!(reply.err_code(), 7);
+    assert_eq!(reply.msg(), "IPAM config missing 'ipam' key");
+}
+
+#[test]
+fn missing_variables_are_code_4_naming_them() {
+    let net = Net::local(json!({"range": "10.14.0.0/24"}));
+    let conf = net.conf.to_string();
+    let full = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_NETNS", "/var/run/netns/x"),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    for missing in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"] {
+        let vars: Vec<_> = full.iter().copied().filter(|(k, _)| *k != missing).collect();
+        let reply = run(&vars, &conf);
+        assert_eq!(reply.err_code(), 4, "{missing}");
+        assert!(reply.msg().contains(missing), "{reply:?}");
+    }
+    // DEL may lack CNI_NETNS.
+    let vars = [("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")];
+    run(&vars, &conf).ok_empty();
+    assert_eq!(run(&[("CNI_COMMAND", "FROB")], &conf).err_code(), 4);
+}
+
+#[test]
+fn exhausted_pool_names_the_range() {
+    let net = Net::local(json!({"range": "10.15.0.0/30"}));
+    assert_eq!(ips(&net.add("a", "eth0").ok()), ["10.15.0.1/30"]);
+    assert_eq!(ips(&net.add("b", "eth0").ok()), ["10.15.0.2/30"]);
+    let reply = net.add("c", "eth0");
+    assert_eq!(reply.err_code(), 100);
+    assert!(reply.msg().contains("10.15.0.0/30"), "{reply:?}");
+}
+
+#[test]
+fn repeated_add_returns_the_same_address() {
+    let net = Net::local(json!({"range": "10.16.0.0/24"}));
+    let first = ips(&net.add_pod("c1", "net1", "ns/pod-a").ok());
+    // A kubelet restart repeats ADD with a new sandbox: same pod and interface, same address.
+    assert_eq!(ips(&net.add_pod("c2", "net1", "ns/pod-a").ok()), first);
+    // Another interface of the same pod is another attachment.
+    assert_ne!(ips(&net.add_pod("c2", "net2", "ns/pod-a").ok()), first);
+    // Without pod information the container and interface identify the attachment.
+    let anon = ips(&net.add("c9", "eth0").ok());
+    assert_eq!(ips(&net.add("c9", "eth0").ok()), anon);
+    // The container ID was updated: DEL with the new one releases it.
+    net.del("c2", "net1").ok_empty();
+    assert_eq!(ips(&net.add_pod("c3", "net1", "ns/pod-b").ok()), first);
+}
+
+#[test]
+fn del_releases_and_is_idempotent() {
+    let net = Net::local(json!({"range": "10.17.0.0/24", "ipRanges": [{"range": "fd17::/120"}]}));
+    let a = ips(&net.add("a", "eth0").ok());
+    net.add("b", "eth0").ok();
+    net.del("a", "eth0").ok_empty();
+    net.del("a", "eth0").ok_empty();
+    net.del("never-seen", "eth0").ok_empty();
+    // Lowest free first: the released addresses come back, in both ranges.
+    assert_eq!(ips(&net.add("c", "eth0").ok()), a);
+}
+
+#[test]
+fn check_fails_when_nothing_is_recorded() {
+    let net = Net::local(json!({"range": "10.18.0.0/24"}));
+    net.add("a", "eth0").ok();
+    net.call("CHECK", "a", "eth0", "").ok_empty();
+    net.del("a", "eth0").ok_empty();
+    let reply = net.call("CHECK", "a", "eth0", "");
+    assert_eq!(reply.err_code(), 102);
+    assert!(reply.msg().contains("10.18.0.0/24"));
+}
+
+#[test]
+fn gc_releases_what_is_not_valid() {
+    for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
+        let mut net = Net::local(json!({"range": "10.19.0.0/24"}));
+        for c in ["a", "b", "c"] {
+            net.add(c, "eth0").ok();
+        }
+        // Another network in the same store is out of GC's reach.
+        let other = net.sibling("othernet", json!({"range": "10.20.0.0/24"}));
+        call_with(&other, "ADD", "z", "eth0", "").ok();
+        net.conf[key] = json!([{"containerID": "b", "ifname": "eth0"}]);
+        net.call("GC", "", "", "").ok_empty();
+        net.conf.as_object_mut().unwrap().remove(key);
+        // a (.1) and c (.3) were freed: the next two ADDs get them back; b keeps .2.
+        assert_eq!(ips(&net.add("d", "eth0").ok()), ["10.19.0.1/24"], "{key}");
+        assert_eq!(ips(&net.add("e", "eth0").ok()), ["10.19.0.3/24"], "{key}");
+        assert_eq!(ips(&net.add("b", "eth0").ok()), ["10.19.0.2/24"], "{key}");
+        assert_eq!(ips(&call_with(&other, "ADD", "z", "eth0", "").ok()), ["10.20.0.1/24"]);
+    }
+}
+
+#[test]
+fn gc_and_status_need_1_1_0() {
+    let mut net = Net::local(json!({"range": "10.21.0.0/24"}));
+    net.conf["cniVersion"] = "1.0.0".into();
+    assert_eq!(net.call("GC", "", "", "").err_code(), 1);
+    assert_eq!(net.call("STATUS", "", "", "").err_code(), 1);
+}
+
+#[test]
+fn status_reports_an_unusable_store_as_code_50() {
+    let net = Net::local(json!({"range": "10.22.0.0/24"}));
+    net.call("STATUS", "", "", "").ok_empty();
+    // A database path below a regular file cannot be created.
+    let blocker = net.path().join("not-a-dir");
+    std::fs::write(&blocker, "x").unwrap();
+    let bad = Net::local(json!({"range": "10.22.0.0/24", "local_path": blocker.join("db.sqlite")}));
+    let reply = bad.call("STATUS", "", "", "");
+    assert_eq!(reply.err_code(), 50);
+    assert!(reply.msg().contains("not-a-dir"), "{reply:?}");
+}
+
+#[test]
+fn static_addresses_are_reserved() {
+    let net = Net::local(json!({"range": "10.23.0.0/24", "addresses": [{"address": "192.0.2.10/24", "gateway": "192.0.2.1"}]}));
+    // runtimeConfig.ips inside the range replaces the dynamic choice; outside addresses are returned as-is.
+    let mut conf = net.conf.clone();
+    conf["runtimeConfig"] = json!({"ips": ["10.23.0.7/24"]});
+    let r = call_with(&conf, "ADD", "a", "eth0", "").ok();
+    assert_eq!(ips(&r), ["10.23.0.7/24", "192.0.2.10/24"]);
+    assert_eq!(r["ips"][1]["gateway"], "192.0.2.1");
+    // Another pod cannot take it, by CNI_ARGS IP= either.
+    let reply = net.call("ADD", "b", "eth0", "IgnoreUnknown=1;IP=10.23.0.7");
+    assert_eq!(reply.err_code(), 101);
+    assert!(reply.msg().contains("10.23.0.7"), "{reply:?}");
+    // Dynamic allocation skips it.
+    for expected in ["10.23.0.1/24", "10.23.0.2/24", "10.23.0.3/24", "10.23.0.4/24", "10.23.0.5/24", "10.23.0.6/24", "10.23.0.8/24"] {
+        let c = format!("dyn-{expected}");
+        assert_eq!(ips(&net.add(&c, "eth0").ok())[0], expected);
+    }
+    // Released with its attachment.
+    call_with(&conf, "DEL", "a", "eth0", "").ok_empty();
+    let r = net.call("ADD", "b", "eth0", "IgnoreUnknown=1;IP=10.23.0.7/24");
+    assert_eq!(ips(&r.ok())[0], "10.23.0.7/24");
+}
+
+#[test]
+fn overlapping_ranges_share_uniqueness_within_a_network_name() {
+    let net = Net::local(json!({"range": "10.24.0.0/24", "network_name": "blue"}));
+    let wide = net.sibling("wide", json!({"range": "10.24.0.0/16", "network_name": "blue"}));
+    let a = ips(&net.add("a", "eth0").ok());
+    let b = ips(&call_with(&wide, "ADD", "b", "eth0", "").ok());
+    assert_eq!(bare(&a[0]), "10.24.0.1");
+    assert_eq!(bare(&b[0]), "10.24.0.2", "overlapping range must skip 10.24.0.1");
+    // Without overlap protection, the same address can be handed out twice.
+    let mut loose = net.sibling("loose", json!({"range": "10.24.0.0/16", "network_name": "blue"}));
+    loose["ipam"]["enable_overlapping_ranges"] = false.into();
+    let c = ips(&call_with(&loose, "ADD", "c", "eth0", "").ok());
+    assert_eq!(bare(&c[0]), "10.24.0.1");
+    // A different network name is a separate pool.
+    let red = net.sibling("red", json!({"range": "10.24.0.0/24", "network_name": "red"}));
+    assert_eq!(bare(&ips(&call_with(&red, "ADD", "d", "eth0", "").ok())[0]), "10.24.0.1");
+}
+
+#[test]
+fn ipv6_offsets_beyond_2_pow_63() {
+    let net = Net::local(json!({"range": "fd25::/64", "range_start": "fd25::ffff:ffff:ffff:fff0"}));
+    assert_eq!(ips(&net.add("a", "eth0").ok()), ["fd25::ffff:ffff:ffff:fff0/64"]);
+    assert_eq!(ips(&net.add("b", "eth0").ok()), ["fd25::ffff:ffff:ffff:fff1/64"]);
+}
+
+#[test]
+fn exclusions_gateway_and_leading_zeros() {
+    let net = Net::local(json!({"range": "00192.00168.26.5-000000192.168.26.25/24",
+        "exclude": ["192.168.26.6/31", "192.168.26.9"], "gateway": "192.168.26.5"}));
+    let got: Vec<String> = (0..4).map(|i| ips(&net.add(&format!("c{i}"), "eth0").ok())[0].clone()).collect();
+    assert_eq!(got, ["192.168.26.8/24", "192.168.26.10/24", "192.168.26.11/24", "192.168.26.12/24"]);
+}
+
+#[test]
+fn log_file_receives_the_logs() {
+    let net = Net::local(json!({"range": "10.27.0.0/24", "log_level": "debug"}));
+    let log = net.path().join("plugin.log");
+    let mut conf = net.conf.clone();
+    conf["ipam"]["log_file"] = log.to_string_lossy().into();
+    let reply = call_with(&conf, "ADD", "a", "eth0", "");
+    reply.ok();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("10.27.0.1"), "{text}");
+    assert!(!reply.stderr.contains("10.27.0.1"), "logs went to stderr too: {}", reply.stderr);
+}
+
+#[test]
+fn an_engine_not_reachable_is_an_error_not_a_panic() {
+    let net = Net::local(json!({"range": "10.28.0.0/24", "local_path": "/proc/whereabouts/nope.db"}));
+    let reply = net.add("a", "eth0");
+    assert_ne!(reply.code, 0);
+    assert!(!reply.stderr.contains("panicked"), "{reply:?}");
+    assert!(reply.msg().contains("/proc/whereabouts/nope.db"), "{reply:?}");
+}
