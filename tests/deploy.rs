@@ -1032,3 +1032,37 @@ fn daemonsets_agree_with_the_installer_and_the_image() {
         "the image does not put the binary at /whereabouts"
     );
 }
+
+#[test]
+fn the_crds_command_prints_and_writes_them() {
+    let bin = env!("CARGO_BIN_EXE_whereabouts");
+    let out = std::process::Command::new(bin)
+        .arg("crds")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let printed = yaml_docs(&String::from_utf8(out.stdout).unwrap(), "crds output");
+    let generated: Vec<Value> = crds::definitions()
+        .iter()
+        .map(|f| serde_json::to_value(&f.crd).unwrap())
+        .collect();
+    assert_eq!(printed, generated);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["crds", "--output-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for file in crds::definitions() {
+        // Byte for byte what is committed: regenerating is a no-op while nothing drifted.
+        assert_eq!(
+            read(&dir.path().join(&file.file_name)),
+            read(&deploy().join(&file.file_name)),
+            "{} is stale; run `{}`",
+            file.file_name,
+            crds::REGENERATE
+        );
+    }
+}

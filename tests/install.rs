@@ -344,3 +344,77 @@ fn rewrites_the_kubeconfig_when_the_token_or_ca_rotates() {
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
 }
+
+/// The real binary, with a clean environment (the DaemonSet's variables are given as flags).
+fn binary(host: &Host) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_whereabouts"));
+    cmd.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("CNI_BIN_DIR", host.bin_dir())
+        .env("CNI_CONF_DIR", host.path("host/etc/cni/net.d"))
+        .env("HOST_CNI_CONF_DIR", "/etc/cni/net.d")
+        .env("SERVICE_ACCOUNT_PATH", host.sa())
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443")
+        .env("NODENAME", "node-b");
+    cmd
+}
+
+#[test]
+fn the_binary_installs_itself_from_its_environment() {
+    let host = Host::new();
+    let out = binary(&host).args(["install", "--once"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "stdout is for CNI results only");
+    // With no --cni-bin-src it copies itself.
+    assert_eq!(
+        fs::read(host.bin_dir().join("whereabouts")).unwrap(),
+        fs::read(env!("CARGO_BIN_EXE_whereabouts")).unwrap()
+    );
+    assert_eq!(
+        fs::read_to_string(host.wd().join("nodename")).unwrap(),
+        "node-b\n"
+    );
+    assert_eq!(
+        kubeconfig(&host)["contexts"][0]["context"]["namespace"],
+        "whereabouts-ns"
+    );
+
+    // A missing setting is a clear error and a failing exit code.
+    let out = binary(&host)
+        .env_remove("NODENAME")
+        .args(["install", "--once"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NODENAME"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn the_watcher_stops_on_sigterm() {
+    let host = Host::new();
+    let mut child = Running(
+        binary(&host)
+            .args(["install", "--poll-interval-ms=50"])
+            .spawn()
+            .unwrap(),
+    );
+    let path = host.wd().join("whereabouts.kubeconfig");
+    assert!(eventually(Duration::from_secs(10), || path.exists()));
+    // It stays up...
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.0.try_wait().unwrap().is_none());
+    // ...and, as pid 1 of its container would, ends promptly and cleanly on SIGTERM.
+    let pid = libc::pid_t::try_from(child.0.id()).unwrap();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut status = None;
+    assert!(eventually(Duration::from_secs(5), || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    }));
+    assert!(status.unwrap().success(), "{status:?}");
+}

@@ -363,20 +363,21 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 pub fn run(args: InstallArgs) -> anyhow::Result<()> {
-    // Harmless when the caller already set up logging.
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .try_init();
+    // The installer's progress goes to the pod log (stderr); ignored if logging is already set up.
+    crate::logging::init(None, Some(crate::config::LogLevel::Verbose));
     let settings = Settings::from_args(&args)?;
+    if !args.once {
+        // Before installing, so that a stop request during the copy is not lost.
+        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGTERM, handler);
+            libc::signal(libc::SIGINT, handler);
+        }
+    }
     install_once(&settings)?;
     if args.once {
         return Ok(());
-    }
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, handler);
-        libc::signal(libc::SIGINT, handler);
     }
     tracing::info!(
         interval_ms = settings.poll_interval.as_millis() as u64,
