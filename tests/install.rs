@@ -226,6 +226,7 @@ fn missing_or_bad_input_is_an_error_not_a_panic() {
 
     assert!(Settings::from_args(&host.args(&["--kubernetes-service-port=http"])).is_err());
     assert!(Settings::from_args(&host.args(&["--log-level=loud"])).is_err());
+    assert!(Settings::from_args(&host.args(&["--host-cni-conf-dir=etc/cni"])).is_err());
 
     fs::write(host.sa().join("token"), "\n").unwrap();
     let err = install::install_once(&host.settings(&[])).unwrap_err();

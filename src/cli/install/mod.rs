@@ -180,6 +180,13 @@ impl Settings {
             Some(dir) => dir.clone(),
             None => strip_host_prefix(&args.cni_conf_dir),
         };
+        // The plugin reads these paths from the flat file, whatever its working directory.
+        if !host_cni_conf_dir.is_absolute() {
+            return Err(InstallError::Invalid(format!(
+                "host CNI configuration directory {} (HOST_CNI_CONF_DIR): it must be absolute",
+                host_cni_conf_dir.display()
+            )));
+        }
         let server = kubeconfig::server_url(
             args.kubernetes_service_host.as_deref().unwrap_or(""),
             args.kubernetes_service_port.as_deref().unwrap_or("443"),
