@@ -262,7 +262,11 @@ impl Drop for Running {
 fn replaces_the_binary_while_the_old_one_runs() {
     let host = Host::new();
     // The "old plugin" is a copy of sleep, so it can be left running.
-    fs::copy("/usr/bin/sleep", host.path("source")).unwrap();
+    let sleep = ["/usr/bin/sleep", "/bin/sleep"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("sleep(1)");
+    fs::copy(sleep, host.path("source")).unwrap();
     install::install_once(&host.settings(&[])).unwrap();
     let installed = host.bin_dir().join("whereabouts");
     let mut old = Running(Command::new(&installed).arg("30").spawn().unwrap());
