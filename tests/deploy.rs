@@ -252,6 +252,11 @@ fn upstream_crds() -> PathBuf {
 #[test]
 fn crds_keep_upstreams_wire_contract() {
     let upstream = upstream_crds();
+    assert!(
+        upstream.is_dir(),
+        "upstream's CRDs are expected in {} (the shared reference folder next to the repository)",
+        upstream.display()
+    );
     let mut seen = 0;
     for path in files_with_ext(&upstream, "yaml") {
         let name = path.file_name().unwrap();
