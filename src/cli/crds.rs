@@ -34,9 +34,9 @@ pub struct CrdFile {
     pub crd: CustomResourceDefinition,
 }
 
-/// Whether upstream's root schema lists `spec` as required. Upstream's Go types mark `spec`
-/// `omitempty` on IPPool and NodeSlicePool (so the API server accepts objects without it) but not
-/// on OverlappingRangeIPReservation; kube's derive always requires it.
+/// Whether upstream's root schema lists `spec` as required: it does for
+/// OverlappingRangeIPReservation only (the API server accepts IPPools and NodeSlicePools without
+/// a spec), while kube's derive always requires it.
 #[derive(Clone, Copy)]
 enum SpecRequired {
     Yes,
