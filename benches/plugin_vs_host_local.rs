@@ -1,1 +1,144 @@
-fn main() {}
+//! Whole-process benchmark: ADD and DEL through our binary and through Debian's `host-local`,
+//! on the same machine in the same run, one at a time and 8 at a time. Prints per-operation
+//! medians and our/host-local ratio.
+//!
+//! Run: `cargo bench --bench plugin_vs_host_local` (needs containernetworking-plugins).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
+const OPS_PER_WORKER: usize = 200;
+
+struct Plugin {
+    name: &'static str,
+    exe: PathBuf,
+    conf: String,
+}
+
+fn call(plugin: &Plugin, command: &str, container: &str) -> Duration {
+    let start = Instant::now();
+    let mut child = Command::new(&plugin.exe)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", "/var/run/netns/bench")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start plugin");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(plugin.conf.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("wait plugin");
+    let elapsed = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{} {command} failed: {}",
+        plugin.name,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    elapsed
+}
+
+/// Runs `workers` threads, each doing OPS_PER_WORKER ADDs then as many DELs; returns the ADD and
+/// DEL latencies and the wall time.
+fn measure(plugin: &Plugin, workers: usize) -> (Vec<Duration>, Vec<Duration>, Duration) {
+    let start = Instant::now();
+    let results: Vec<(Vec<Duration>, Vec<Duration>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                s.spawn(move || {
+                    let ids: Vec<String> = (0..OPS_PER_WORKER)
+                        .map(|i| format!("bench-{workers}-{w}-{i}"))
+                        .collect();
+                    let adds = ids.iter().map(|id| call(plugin, "ADD", id)).collect();
+                    let dels = ids.iter().map(|id| call(plugin, "DEL", id)).collect();
+                    (adds, dels)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wall = start.elapsed();
+    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    for (a, d) in results {
+        adds.extend(a);
+        dels.extend(d);
+    }
+    (adds, dels, wall)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    if !Path::new(HOST_LOCAL).exists() {
+        eprintln!("{HOST_LOCAL} is missing: apt-get install containernetworking-plugins");
+        std::process::exit(1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ours = Plugin {
+        name: "whereabouts",
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_whereabouts")),
+        conf: serde_json::json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
+            "ipam": {"type": "whereabouts", "range": "10.0.0.0/16", "log_level": "error",
+                     "local_path": dir.path().join("wb.db")}})
+        .to_string(),
+    };
+    let theirs = Plugin {
+        name: "host-local",
+        exe: PathBuf::from(HOST_LOCAL),
+        conf: serde_json::json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.0.0.0/16"}]],
+                     "dataDir": dir.path().join("host-local")}})
+        .to_string(),
+    };
+    // Warm both up (page cache, database creation) before measuring.
+    for p in [&ours, &theirs] {
+        call(p, "ADD", "warm");
+        call(p, "DEL", "warm");
+    }
+    println!(
+        "{:<12} {:>8} {:>12} {:>12} {:>12}",
+        "plugin", "workers", "ADD p50 ms", "DEL p50 ms", "ops/s"
+    );
+    for workers in [1, 8] {
+        let mut medians = Vec::new();
+        for p in [&ours, &theirs] {
+            let (adds, dels, wall) = measure(p, workers);
+            let ops = (adds.len() + dels.len()) as f64 / wall.as_secs_f64();
+            let (a, d) = (median(adds), median(dels));
+            println!(
+                "{:<12} {:>8} {:>12.3} {:>12.3} {:>12.0}",
+                p.name,
+                workers,
+                ms(a),
+                ms(d),
+                ops
+            );
+            medians.push((a, d, ops));
+        }
+        let (o, h) = (medians[0], medians[1]);
+        println!(
+            "ratio whereabouts/host-local, {workers} at a time: ADD {:.2}, DEL {:.2}, throughput {:.2}x",
+            ms(o.0) / ms(h.0),
+            ms(o.1) / ms(h.1),
+            o.2 / h.2
+        );
+    }
+}

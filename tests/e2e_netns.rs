@@ -12,8 +12,12 @@ use serde_json::{json, Value};
 const PLUGIN_DIR: &str = "/usr/lib/cni";
 
 fn sh(args: &[&str]) -> (bool, String) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -26,12 +30,16 @@ fn must(args: &[&str]) -> String {
 /// Whether this machine can run the test; in CI a missing piece fails instead.
 fn prerequisites() -> bool {
     let root = unsafe { libc::geteuid() } == 0;
-    let plugins = ["bridge", "macvlan"].iter().all(|p| Path::new(PLUGIN_DIR).join(p).exists());
+    let plugins = ["bridge", "macvlan"]
+        .iter()
+        .all(|p| Path::new(PLUGIN_DIR).join(p).exists());
     let ip = sh(&["ip", "-V"]).0;
     if root && plugins && ip {
         return true;
     }
-    !missing_prerequisite("root, iproute2 and containernetworking-plugins (bridge, macvlan) in /usr/lib/cni")
+    !missing_prerequisite(
+        "root, iproute2 and containernetworking-plugins (bridge, macvlan) in /usr/lib/cni",
+    )
 }
 
 /// Network namespaces and links made by a test, removed when it ends.
@@ -42,7 +50,10 @@ struct Host {
 
 impl Host {
     fn new() -> Host {
-        Host { namespaces: Vec::new(), links: Vec::new() }
+        Host {
+            namespaces: Vec::new(),
+            links: Vec::new(),
+        }
     }
 
     fn netns(&mut self, name: &str) -> String {
@@ -66,7 +77,11 @@ impl Drop for Host {
 
 /// Runs a main plugin from Debian with our binary on its CNI_PATH.
 fn main_plugin(plugin: &str, command: &str, conf: &Value, container: &str, netns: &str) -> Reply {
-    let our_dir = Path::new(bin()).parent().unwrap().to_string_lossy().into_owned();
+    let our_dir = Path::new(bin())
+        .parent()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let cni_path = format!("{PLUGIN_DIR}:{our_dir}");
     let exe = format!("{PLUGIN_DIR}/{plugin}");
     let out = Command::new(&exe)
@@ -82,7 +97,11 @@ fn main_plugin(plugin: &str, command: &str, conf: &Value, container: &str, netns
         .spawn()
         .and_then(|mut child| {
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(conf.to_string().as_bytes())?;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(conf.to_string().as_bytes())?;
             child.wait_with_output()
         })
         .expect("run the main plugin");
@@ -94,11 +113,16 @@ fn main_plugin(plugin: &str, command: &str, conf: &Value, container: &str, netns
 }
 
 fn address_in(netns_name: &str) -> String {
-    must(&["ip", "netns", "exec", netns_name, "ip", "-o", "addr", "show", "dev", "eth0"])
+    must(&[
+        "ip", "netns", "exec", netns_name, "ip", "-o", "addr", "show", "dev", "eth0",
+    ])
 }
 
 fn ping(from_ns: &str, to: &str) -> bool {
-    sh(&["ip", "netns", "exec", from_ns, "ping", "-c", "1", "-W", "2", to]).0
+    sh(&[
+        "ip", "netns", "exec", from_ns, "ping", "-c", "1", "-W", "2", to,
+    ])
+    .0
 }
 
 fn two_pods(plugin: &str, conf: Value, tag: &str) {
@@ -114,19 +138,40 @@ fn two_pods(plugin: &str, conf: Value, tag: &str) {
         let container = format!("{tag}-{i}");
         let reply = main_plugin(plugin, "ADD", &conf, &container, path);
         let result = reply.ok();
-        let address = bare(&result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("{result}")).to_string());
-        assert!(address_in(name).contains(&address), "{name} lacks {address}: {}", address_in(name));
+        let address = bare(
+            result["ips"][0]["address"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{result}")),
+        );
+        assert!(
+            address_in(name).contains(&address),
+            "{name} lacks {address}: {}",
+            address_in(name)
+        );
         addresses.push(address);
     }
     assert_ne!(addresses[0], addresses[1]);
-    assert!(ping(&names[0], &addresses[1]), "{} cannot reach {}", names[0], addresses[1]);
-    assert!(ping(&names[1], &addresses[0]), "{} cannot reach {}", names[1], addresses[0]);
+    assert!(
+        ping(&names[0], &addresses[1]),
+        "{} cannot reach {}",
+        names[0],
+        addresses[1]
+    );
+    assert!(
+        ping(&names[1], &addresses[0]),
+        "{} cannot reach {}",
+        names[1],
+        addresses[0]
+    );
 
     // DEL releases: the first address is handed out again to the next pod.
     main_plugin(plugin, "DEL", &conf, &format!("{tag}-0"), &paths[0]).ok_empty();
     let third = host.netns(&format!("wb-{tag}-{pid}-c"));
     let result = main_plugin(plugin, "ADD", &conf, &format!("{tag}-2"), &third).ok();
-    assert_eq!(bare(result["ips"][0]["address"].as_str().unwrap()), addresses[0]);
+    assert_eq!(
+        bare(result["ips"][0]["address"].as_str().unwrap()),
+        addresses[0]
+    );
     main_plugin(plugin, "DEL", &conf, &format!("{tag}-2"), &third).ok_empty();
     main_plugin(plugin, "DEL", &conf, &format!("{tag}-1"), &paths[1]).ok_empty();
 }
@@ -154,7 +199,9 @@ fn macvlan_pods_get_addresses_and_reach_each_other() {
     let mut host = Host::new();
     // A veth end is the parent: it needs no hardware and no kernel module beyond veth.
     let peer = format!("{master}p");
-    must(&["ip", "link", "add", &master, "type", "veth", "peer", "name", &peer]);
+    must(&[
+        "ip", "link", "add", &master, "type", "veth", "peer", "name", &peer,
+    ]);
     host.links.push(master.clone());
     must(&["ip", "link", "set", &master, "up"]);
     must(&["ip", "link", "set", &peer, "up"]);

@@ -14,7 +14,10 @@ fn version_lists_every_supported_version() {
         v["supportedVersions"],
         json!(["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
-    assert_eq!(run(&[("CNI_COMMAND", "VERSION")], "").ok()["cniVersion"], "1.1.0");
+    assert_eq!(
+        run(&[("CNI_COMMAND", "VERSION")], "").ok()["cniVersion"],
+        "1.1.0"
+    );
 }
 
 #[test]
@@ -22,12 +25,17 @@ fn about_goes_to_stderr_without_cni_command() {
     let reply = run(&[], "");
     assert_eq!(reply.code, 0);
     assert!(reply.stdout.is_empty(), "{reply:?}");
-    assert!(reply.stderr.contains("whereabouts") && reply.stderr.contains("1.1.0"), "{reply:?}");
+    assert!(
+        reply.stderr.contains("whereabouts") && reply.stderr.contains("1.1.0"),
+        "{reply:?}"
+    );
 }
 
 #[test]
 fn result_shape_follows_the_version() {
-    for version in ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
+    for version in [
+        "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
+    ] {
         let mut net = Net::local(json!({"range": "10.10.0.0/24", "gateway": "10.10.0.1",
             "ipRanges": [{"range": "fd10::/64"}],
             "routes": [{"dst": "0.0.0.0/0"}], "dns": {"nameservers": ["10.10.0.53"]}}));
@@ -82,7 +90,12 @@ fn unsupported_version_is_code_1() {
 #[test]
 fn bad_json_is_code_6_with_the_position() {
     let reply = run(
-        &[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0")],
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", "/x"),
+            ("CNI_IFNAME", "eth0"),
+        ],
         r#"{"cniVersion":"1.0.0","ipam": { asdf }}"#,
     );
     assert_eq!(reply.err_code(), 6);
@@ -92,17 +105,36 @@ fn bad_json_is_code_6_with_the_position() {
 #[test]
 fn config_errors_are_code_7_naming_field_and_value() {
     let cases = [
-        (json!({"range": "10.0.0.0/33"}), vec!["ipam.range", "10.0.0.0/33"]),
-        (json!({"range": "192.168.0.0/29", "exclude": ["192.168.0.1/123"]}), vec!["ipam.exclude[0]", "192.168.0.1/123"]),
-        (json!({"range": "10.0.0.0/24", "range_start": "10.0.1.5"}), vec!["10.0.1.5", "10.0.0.0/24"]),
-        (json!({"range": "10.0.0.0/24", "gateway": "10.0.0.x"}), vec!["ipam.gateway", "10.0.0.x"]),
-        (json!({"range": "10.0.0.0/24", "datastore": "kubernetes"}), vec!["kubeconfig"]),
+        (
+            json!({"range": "10.0.0.0/33"}),
+            vec!["ipam.range", "10.0.0.0/33"],
+        ),
+        (
+            json!({"range": "192.168.0.0/29", "exclude": ["192.168.0.1/123"]}),
+            vec!["ipam.exclude[0]", "192.168.0.1/123"],
+        ),
+        (
+            json!({"range": "10.0.0.0/24", "range_start": "10.0.1.5"}),
+            vec!["10.0.1.5", "10.0.0.0/24"],
+        ),
+        (
+            json!({"range": "10.0.0.0/24", "gateway": "10.0.0.x"}),
+            vec!["ipam.gateway", "10.0.0.x"],
+        ),
+        (
+            json!({"range": "10.0.0.0/24", "datastore": "kubernetes"}),
+            vec!["kubeconfig"],
+        ),
     ];
     for (ipam, needles) in cases {
         let reply = Net::local(ipam.clone()).add("c1", "eth0");
         assert_eq!(reply.err_code(), 7, "{ipam}");
         for needle in needles {
-            assert!(reply.msg().contains(needle), "{ipam}: {:?} lacks {needle}", reply.msg());
+            assert!(
+                reply.msg().contains(needle),
+                "{ipam}: {:?} lacks {needle}",
+                reply.msg()
+            );
         }
     }
     let mut net = Net::local(json!({"range": "10.0.0.0/24"}));
@@ -123,13 +155,21 @@ fn missing_variables_are_code_4_naming_them() {
         ("CNI_IFNAME", "eth0"),
     ];
     for missing in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"] {
-        let vars: Vec<_> = full.iter().copied().filter(|(k, _)| *k != missing).collect();
+        let vars: Vec<_> = full
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != missing)
+            .collect();
         let reply = run(&vars, &conf);
         assert_eq!(reply.err_code(), 4, "{missing}");
         assert!(reply.msg().contains(missing), "{reply:?}");
     }
     // DEL may lack CNI_NETNS.
-    let vars = [("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")];
+    let vars = [
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_IFNAME", "eth0"),
+    ];
     run(&vars, &conf).ok_empty();
     assert_eq!(run(&[("CNI_COMMAND", "FROB")], &conf).err_code(), 4);
 }
@@ -200,7 +240,10 @@ fn gc_releases_what_is_not_valid() {
         assert_eq!(ips(&net.add("d", "eth0").ok()), ["10.19.0.1/24"], "{key}");
         assert_eq!(ips(&net.add("e", "eth0").ok()), ["10.19.0.3/24"], "{key}");
         assert_eq!(ips(&net.add("b", "eth0").ok()), ["10.19.0.2/24"], "{key}");
-        assert_eq!(ips(&call_with(&other, "ADD", "z", "eth0", "").ok()), ["10.20.0.1/24"]);
+        assert_eq!(
+            ips(&call_with(&other, "ADD", "z", "eth0", "").ok()),
+            ["10.20.0.1/24"]
+        );
     }
 }
 
@@ -227,7 +270,9 @@ fn status_reports_an_unusable_store_as_code_50() {
 
 #[test]
 fn static_addresses_are_reserved() {
-    let net = Net::local(json!({"range": "10.23.0.0/24", "addresses": [{"address": "192.0.2.10/24", "gateway": "192.0.2.1"}]}));
+    let net = Net::local(
+        json!({"range": "10.23.0.0/24", "addresses": [{"address": "192.0.2.10/24", "gateway": "192.0.2.1"}]}),
+    );
     // runtimeConfig.ips inside the range replaces the dynamic choice; outside addresses are returned as-is.
     let mut conf = net.conf.clone();
     conf["runtimeConfig"] = json!({"ips": ["10.23.0.7/24"]});
@@ -239,7 +284,15 @@ fn static_addresses_are_reserved() {
     assert_eq!(reply.err_code(), 101);
     assert!(reply.msg().contains("10.23.0.7"), "{reply:?}");
     // Dynamic allocation skips it.
-    for expected in ["10.23.0.1/24", "10.23.0.2/24", "10.23.0.3/24", "10.23.0.4/24", "10.23.0.5/24", "10.23.0.6/24", "10.23.0.8/24"] {
+    for expected in [
+        "10.23.0.1/24",
+        "10.23.0.2/24",
+        "10.23.0.3/24",
+        "10.23.0.4/24",
+        "10.23.0.5/24",
+        "10.23.0.6/24",
+        "10.23.0.8/24",
+    ] {
         let c = format!("dyn-{expected}");
         assert_eq!(ips(&net.add(&c, "eth0").ok())[0], expected);
     }
@@ -252,34 +305,66 @@ fn static_addresses_are_reserved() {
 #[test]
 fn overlapping_ranges_share_uniqueness_within_a_network_name() {
     let net = Net::local(json!({"range": "10.24.0.0/24", "network_name": "blue"}));
-    let wide = net.sibling("wide", json!({"range": "10.24.0.0/16", "network_name": "blue"}));
+    let wide = net.sibling(
+        "wide",
+        json!({"range": "10.24.0.0/16", "network_name": "blue"}),
+    );
     let a = ips(&net.add("a", "eth0").ok());
     let b = ips(&call_with(&wide, "ADD", "b", "eth0", "").ok());
     assert_eq!(bare(&a[0]), "10.24.0.1");
-    assert_eq!(bare(&b[0]), "10.24.0.2", "overlapping range must skip 10.24.0.1");
+    assert_eq!(
+        bare(&b[0]),
+        "10.24.0.2",
+        "overlapping range must skip 10.24.0.1"
+    );
     // Without overlap protection, the same address can be handed out twice.
-    let mut loose = net.sibling("loose", json!({"range": "10.24.0.0/16", "network_name": "blue"}));
+    let mut loose = net.sibling(
+        "loose",
+        json!({"range": "10.24.0.0/16", "network_name": "blue"}),
+    );
     loose["ipam"]["enable_overlapping_ranges"] = false.into();
     let c = ips(&call_with(&loose, "ADD", "c", "eth0", "").ok());
     assert_eq!(bare(&c[0]), "10.24.0.1");
     // A different network name is a separate pool.
-    let red = net.sibling("red", json!({"range": "10.24.0.0/24", "network_name": "red"}));
-    assert_eq!(bare(&ips(&call_with(&red, "ADD", "d", "eth0", "").ok())[0]), "10.24.0.1");
+    let red = net.sibling(
+        "red",
+        json!({"range": "10.24.0.0/24", "network_name": "red"}),
+    );
+    assert_eq!(
+        bare(&ips(&call_with(&red, "ADD", "d", "eth0", "").ok())[0]),
+        "10.24.0.1"
+    );
 }
 
 #[test]
 fn ipv6_offsets_beyond_2_pow_63() {
     let net = Net::local(json!({"range": "fd25::/64", "range_start": "fd25::ffff:ffff:ffff:fff0"}));
-    assert_eq!(ips(&net.add("a", "eth0").ok()), ["fd25::ffff:ffff:ffff:fff0/64"]);
-    assert_eq!(ips(&net.add("b", "eth0").ok()), ["fd25::ffff:ffff:ffff:fff1/64"]);
+    assert_eq!(
+        ips(&net.add("a", "eth0").ok()),
+        ["fd25::ffff:ffff:ffff:fff0/64"]
+    );
+    assert_eq!(
+        ips(&net.add("b", "eth0").ok()),
+        ["fd25::ffff:ffff:ffff:fff1/64"]
+    );
 }
 
 #[test]
 fn exclusions_gateway_and_leading_zeros() {
     let net = Net::local(json!({"range": "00192.00168.26.5-000000192.168.26.25/24",
         "exclude": ["192.168.26.6/31", "192.168.26.9"], "gateway": "192.168.26.5"}));
-    let got: Vec<String> = (0..4).map(|i| ips(&net.add(&format!("c{i}"), "eth0").ok())[0].clone()).collect();
-    assert_eq!(got, ["192.168.26.8/24", "192.168.26.10/24", "192.168.26.11/24", "192.168.26.12/24"]);
+    let got: Vec<String> = (0..4)
+        .map(|i| ips(&net.add(&format!("c{i}"), "eth0").ok())[0].clone())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "192.168.26.8/24",
+            "192.168.26.10/24",
+            "192.168.26.11/24",
+            "192.168.26.12/24"
+        ]
+    );
 }
 
 #[test]
@@ -292,14 +377,22 @@ fn log_file_receives_the_logs() {
     reply.ok();
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("10.27.0.1"), "{text}");
-    assert!(!reply.stderr.contains("10.27.0.1"), "logs went to stderr too: {}", reply.stderr);
+    assert!(
+        !reply.stderr.contains("10.27.0.1"),
+        "logs went to stderr too: {}",
+        reply.stderr
+    );
 }
 
 #[test]
 fn an_engine_not_reachable_is_an_error_not_a_panic() {
-    let net = Net::local(json!({"range": "10.28.0.0/24", "local_path": "/proc/whereabouts/nope.db"}));
+    let net =
+        Net::local(json!({"range": "10.28.0.0/24", "local_path": "/proc/whereabouts/nope.db"}));
     let reply = net.add("a", "eth0");
     assert_ne!(reply.code, 0);
     assert!(!reply.stderr.contains("panicked"), "{reply:?}");
-    assert!(reply.msg().contains("/proc/whereabouts/nope.db"), "{reply:?}");
+    assert!(
+        reply.msg().contains("/proc/whereabouts/nope.db"),
+        "{reply:?}"
+    );
 }

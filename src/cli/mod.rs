@@ -1,7 +1,11 @@
 //! The command line: what the binary does when it is not called as a CNI plugin.
 
+pub mod allocations;
 pub mod crds;
 pub mod install;
+pub mod output;
+pub mod pools;
+pub mod store_args;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +22,10 @@ pub enum Command {
     Install(install::InstallArgs),
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crds(crds::CrdsArgs),
+    /// List the pools: range, used, free, utilisation.
+    Pools(pools::PoolsArgs),
+    /// List the allocations (of one range or pool): address, pod, container, interface.
+    Allocations(allocations::AllocationsArgs),
 }
 
 /// Runs a subcommand.
@@ -25,5 +33,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Install(args) => install::run(args),
         Command::Crds(args) => crds::run(args),
+        Command::Pools(args) => pools::run(args),
+        Command::Allocations(args) => allocations::run(args),
     }
 }

@@ -23,14 +23,31 @@ fn invalid(msg: impl Into<String>) -> CniError {
 /// Loads the configuration from the `ipam` object of a network configuration, looking up the
 /// flat file in the standard places.
 pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
-    let defaults: Vec<PathBuf> = FLAT_FILE_PATHS.iter().map(PathBuf::from).collect();
-    load_with_flat_files(ipam, &defaults)
+    load_with_flat_files(ipam, &default_flat_files())
+}
+
+/// As [`load`], for the operator's commands: the engine settings matter, ranges may be absent
+/// (the flat file written by the installer names only the engine).
+pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
+    load_inner(ipam, &default_flat_files(), false)
+}
+
+fn default_flat_files() -> Vec<PathBuf> {
+    FLAT_FILE_PATHS.iter().map(PathBuf::from).collect()
 }
 
 /// As [`load`], with the list of default flat-file locations given (for tests).
 pub fn load_with_flat_files(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
+) -> Result<IpamConfig, CniError> {
+    load_inner(ipam, default_flat_files, true)
+}
+
+fn load_inner(
+    ipam: Option<&Value>,
+    default_flat_files: &[PathBuf],
+    need_ranges: bool,
 ) -> Result<IpamConfig, CniError> {
     let ipam = ipam.ok_or_else(|| invalid("IPAM config missing 'ipam' key"))?;
     let Value::Object(_) = ipam else {
@@ -50,7 +67,7 @@ pub fn load_with_flat_files(
         let flat = read_flat_file(&file)?;
         merge_flat_file(&mut map, &flat);
     }
-    resolve(&map)
+    resolve(&map, need_ranges)
 }
 
 /// The first flat file that exists: `configuration_path` (a file, or a folder holding
@@ -138,7 +155,7 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
     Ok(Some(spec))
 }
 
-fn resolve(map: &Map<String, Value>) -> Result<IpamConfig, CniError> {
+fn resolve(map: &Map<String, Value>, need_ranges: bool) -> Result<IpamConfig, CniError> {
     let mut ranges = Vec::new();
     if let Some(top) = range_spec(map, "ipam.")? {
         ranges.push(top);
@@ -200,7 +217,7 @@ fn resolve(map: &Map<String, Value>) -> Result<IpamConfig, CniError> {
         let gateway = ip_field(entry, "gateway", &format!("{path}.gateway"))?;
         addresses.push(StaticAddress { address, gateway });
     }
-    if ranges.is_empty() && addresses.is_empty() {
+    if need_ranges && ranges.is_empty() && addresses.is_empty() {
         return Err(invalid(
             "ipam needs a range, ipRanges or addresses: none is set",
         ));

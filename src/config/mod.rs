@@ -80,7 +80,7 @@ pub struct IpamConfig {
 mod load;
 mod raw;
 
-pub use load::{find_flat_file, load, load_with_flat_files};
+pub use load::{find_flat_file, load, load_for_operator, load_with_flat_files};
 
 #[cfg(test)]
 mod tests;

@@ -24,7 +24,8 @@ pub struct Reply {
 impl Reply {
     /// stdout as JSON; panics with the whole reply when it is not exactly one JSON value.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {self:?}"))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {self:?}"))
     }
 
     /// The result of a successful call.
@@ -36,16 +37,27 @@ impl Reply {
     /// Asserts success with nothing on stdout (DEL, CHECK, GC, STATUS).
     pub fn ok_empty(&self) {
         assert_eq!(self.code, 0, "call failed: {self:?}");
-        assert!(self.stdout.trim().is_empty(), "stdout must be empty: {self:?}");
+        assert!(
+            self.stdout.trim().is_empty(),
+            "stdout must be empty: {self:?}"
+        );
     }
 
     /// The CNI error code of a failed call, checking the error JSON's shape.
     pub fn err_code(&self) -> u64 {
         assert_ne!(self.code, 0, "call should fail: {self:?}");
         let v = self.json();
-        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "error without msg: {self:?}");
-        assert!(v["cniVersion"].is_string(), "error without cniVersion: {self:?}");
-        v["code"].as_u64().unwrap_or_else(|| panic!("error without code: {self:?}"))
+        assert!(
+            v["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "error without msg: {self:?}"
+        );
+        assert!(
+            v["cniVersion"].is_string(),
+            "error without cniVersion: {self:?}"
+        );
+        v["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("error without code: {self:?}"))
     }
 
     pub fn msg(&self) -> String {
@@ -100,7 +112,8 @@ impl Net {
     /// A 1.1.0 network named `testnet` whose ipam is `ipam` plus a private `local_path`.
     pub fn local(ipam: Value) -> Net {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut conf = json!({"cniVersion": "1.1.0", "name": "testnet", "type": "bridge", "ipam": ipam});
+        let mut conf =
+            json!({"cniVersion": "1.1.0", "name": "testnet", "type": "bridge", "ipam": ipam});
         conf["ipam"]["type"] = "whereabouts".into();
         if conf["ipam"].get("local_path").is_none() {
             conf["ipam"]["local_path"] = dir.path().join("whereabouts.db").to_string_lossy().into();

@@ -96,6 +96,30 @@ struct AllocRow {
 }
 
 impl AllocRow {
+    /// [`AllocRow::from_row`] for columns starting at `start`.
+    fn from_row_at(row: &Row<'_>, start: usize) -> rusqlite::Result<AllocRow> {
+        let col = |i: usize| start + i;
+        let base = runs::unblob(row.get(col(2))?);
+        let prefix: u8 = row.get(col(3))?;
+        let v6: bool = row.get(col(4))?;
+        Ok(AllocRow {
+            pool: row.get(col(0))?,
+            offset: runs::unblob(row.get(col(1))?),
+            cidr: Cidr {
+                addr: from_u128(base, v6),
+                prefix,
+            },
+            network_name: row.get(col(5))?,
+            cni_network: row.get(col(6))?,
+            attachment: Attachment {
+                container_id: row.get(col(7))?,
+                ifname: row.get(col(8))?,
+                pod_ref: row.get(col(9))?,
+                pod_uid: row.get(col(10))?,
+            },
+        })
+    }
+
     /// Columns selected by [`ALLOC_COLUMNS`], in that order.
     fn from_row(row: &Row<'_>) -> rusqlite::Result<AllocRow> {
         AllocRow::from_row_at(row, 0)
@@ -247,32 +271,6 @@ impl LocalStore {
     }
 }
 
-impl AllocRow {
-    /// [`AllocRow::from_row`] for columns starting at `start`.
-    fn from_row_at(row: &Row<'_>, start: usize) -> rusqlite::Result<AllocRow> {
-        let col = |i: usize| start + i;
-        let base = runs::unblob(row.get(col(2))?);
-        let prefix: u8 = row.get(col(3))?;
-        let v6: bool = row.get(col(4))?;
-        Ok(AllocRow {
-            pool: row.get(col(0))?,
-            offset: runs::unblob(row.get(col(1))?),
-            cidr: Cidr {
-                addr: from_u128(base, v6),
-                prefix,
-            },
-            network_name: row.get(col(5))?,
-            cni_network: row.get(col(6))?,
-            attachment: Attachment {
-                container_id: row.get(col(7))?,
-                ifname: row.get(col(8))?,
-                pod_ref: row.get(col(9))?,
-                pod_uid: row.get(col(10))?,
-            },
-        })
-    }
-}
-
 /// Records the pool (its prefix and network) so overlap checks and the CLI can find it.
 fn ensure_pool(tx: &Connection, pool: &PoolRef, network_name: &str) -> Result<(), Fail> {
     let cidr = pool.cidr().network();
@@ -308,6 +306,9 @@ fn pool_row(tx: &Connection, name: &str) -> Result<Option<PoolRow>, Fail> {
     }))
 }
 
+const NETWORK_POOLS_QUERY: &str =
+    "SELECT name, base, prefix FROM pools WHERE network_name = ?1 AND v6 = ?2 AND name <> ?3";
+
 /// The other pools of `network_name` whose prefix shares addresses with `cidr`.
 fn overlapping_pools(
     tx: &Connection,
@@ -315,9 +316,7 @@ fn overlapping_pools(
     network_name: &str,
     cidr: Cidr,
 ) -> Result<Vec<PoolRow>, Fail> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT name, base, prefix FROM pools WHERE network_name = ?1 AND v6 = ?2 AND name <> ?3",
-    )?;
+    let mut stmt = tx.prepare_cached(NETWORK_POOLS_QUERY)?;
     let rows = stmt.query_map((network_name, cidr.is_v6(), own), |row| {
         let base = runs::unblob(row.get(1)?);
         Ok(PoolRow {
@@ -338,13 +337,13 @@ fn overlapping_pools(
     Ok(pools)
 }
 
+const HOLDER_QUERY: &str =
+    "SELECT container_id, ifname, pod_ref, pod_uid FROM allocations WHERE pool = ?1 AND off = ?2";
+
 /// The attachment holding `offset` of `pool`, if any.
 fn holder(tx: &Connection, pool: &str, offset: u128) -> Result<Option<Attachment>, Fail> {
     Ok(tx
-        .prepare_cached(
-            "SELECT container_id, ifname, pod_ref, pod_uid FROM allocations \
-             WHERE pool = ?1 AND off = ?2",
-        )?
+        .prepare_cached(HOLDER_QUERY)?
         .query_row((pool, runs::blob(offset)), |row| {
             Ok(Attachment {
                 container_id: row.get(0)?,
@@ -356,13 +355,21 @@ fn holder(tx: &Connection, pool: &str, offset: u128) -> Result<Option<Attachment
         .optional()?)
 }
 
+/// Candidates for [`owned`]. Looked up through the container and pod indexes (the unary `+`
+/// keeps SQLite from scanning the whole pool by its primary key instead), so the cost does not
+/// grow with the pool.
+const OWNED_QUERY: &str = "\
+    SELECT off, container_id, ifname, pod_ref, pod_uid FROM allocations \
+    WHERE container_id = ?3 AND ifname = ?2 AND +pool = ?1 \
+    UNION \
+    SELECT off, container_id, ifname, pod_ref, pod_uid FROM allocations \
+    WHERE pod_ref = ?4 AND ifname = ?2 AND +pool = ?1 \
+    ORDER BY off";
+
 /// The offsets of `pool` held by the same owner as `who` ([`Attachment::same_owner`]), lowest
 /// first.
 fn owned(tx: &Connection, pool: &str, who: &Attachment) -> Result<Vec<(u128, Attachment)>, Fail> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT off, container_id, ifname, pod_ref, pod_uid FROM allocations \
-         WHERE pool = ?1 AND ifname = ?2 AND (container_id = ?3 OR pod_ref = ?4) ORDER BY off",
-    )?;
+    let mut stmt = tx.prepare_cached(OWNED_QUERY)?;
     let rows = stmt.query_map(
         (pool, &who.ifname, &who.container_id, &who.pod_ref),
         |row| {
@@ -579,11 +586,7 @@ impl Store for LocalStore {
         self.write(|tx| {
             // Every pool of the database, not only the configured ones: a configuration that
             // changed since the ADD must not leak the old addresses.
-            let held = select_allocations(
-                tx,
-                "WHERE a.container_id = ?1 AND a.ifname = ?2",
-                (&req.container_id, &req.ifname),
-            )?;
+            let held = select_allocations(tx, BY_ATTACHMENT, (&req.container_id, &req.ifname))?;
             for alloc in &held {
                 delete_allocation(tx, &alloc.pool, alloc.offset)?;
             }
@@ -594,11 +597,7 @@ impl Store for LocalStore {
     fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
         self.read(|tx| {
             let pools: HashSet<&str> = req.pools.iter().map(|p| p.name.as_str()).collect();
-            let held = select_allocations(
-                tx,
-                "WHERE a.container_id = ?1 AND a.ifname = ?2",
-                (&req.container_id, &req.ifname),
-            )?;
+            let held = select_allocations(tx, BY_ATTACHMENT, (&req.container_id, &req.ifname))?;
             Ok(held
                 .into_iter()
                 .filter(|a| pools.contains(a.pool.as_str()))
@@ -614,7 +613,7 @@ impl Store for LocalStore {
                 .iter()
                 .map(|(c, i)| (c.as_str(), i.as_str()))
                 .collect();
-            let recorded = select_allocations(tx, "WHERE a.cni_network = ?1", [&req.cni_network])?;
+            let recorded = select_allocations(tx, BY_CNI_NETWORK, [&req.cni_network])?;
             let mut released = Vec::new();
             for alloc in recorded {
                 let key = (
@@ -675,6 +674,10 @@ impl Store for LocalStore {
     }
 }
 
+/// Filters for [`select_allocations`].
+const BY_ATTACHMENT: &str = "WHERE a.container_id = ?1 AND a.ifname = ?2";
+const BY_CNI_NETWORK: &str = "WHERE a.cni_network = ?1";
+
 fn select_allocations(
     tx: &Connection,
     filter: &str,
@@ -687,4 +690,150 @@ fn select_allocations(
         .query_map(params, AllocRow::from_row)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::OffsetRuns;
+    use rand::Rng;
+
+    fn memory() -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(schema::SCHEMA).unwrap();
+        conn
+    }
+
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let values: Vec<i64> = (0..stmt.parameter_count() as i64).collect();
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(values), |row| {
+                row.get::<_, String>(3)
+            })
+            .unwrap();
+        rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("; ")
+    }
+
+    /// The queries on the allocation path answer through an index, never by walking a pool:
+    /// that is what keeps an ADD as cheap in a full /8 as in an empty /24.
+    #[test]
+    fn hot_queries_use_indexes() {
+        let conn = memory();
+        let owned = plan(&conn, OWNED_QUERY);
+        assert!(owned.contains("allocations_by_container"), "{owned}");
+        assert!(owned.contains("allocations_by_pod"), "{owned}");
+        for (sql, index) in [
+            (runs::RUN_AT_OR_BEFORE, "PRIMARY KEY (pool=? AND lo<?)"),
+            (HOLDER_QUERY, "PRIMARY KEY (pool=? AND off=?)"),
+            (NETWORK_POOLS_QUERY, "pools_by_network"),
+            (
+                &format!("SELECT {ALLOC_COLUMNS} {BY_ATTACHMENT}"),
+                "allocations_by_container",
+            ),
+            (
+                &format!("SELECT {ALLOC_COLUMNS} {BY_CNI_NETWORK}"),
+                "allocations_by_cni_network",
+            ),
+        ] {
+            let got = plan(&conn, sql);
+            assert!(got.contains(index), "{sql}: {got}");
+            assert!(!got.contains("SCAN"), "{sql}: {got}");
+        }
+    }
+
+    /// The runs table follows random inserts and removals exactly like the in-memory model.
+    #[test]
+    fn runs_match_the_model() {
+        let conn = memory();
+        let mut model = OffsetRuns::new();
+        let mut rng = rand::rng();
+        let edges = [0, 1, u128::MAX - 1, u128::MAX];
+        for step in 0..3000 {
+            let offset = if step % 10 == 0 {
+                edges[rng.random_range(0..edges.len())]
+            } else {
+                rng.random_range(0..64u128)
+            };
+            if model.contains(offset) {
+                model.remove(offset);
+                runs::remove(&conn, "p", offset).unwrap();
+            } else {
+                model.insert(offset);
+                runs::insert(&conn, "p", offset).unwrap();
+            }
+            if step % 50 == 0 {
+                let stored = runs::stored(&conn, "p").unwrap();
+                let mut expected: Vec<(u128, u128)> = Vec::new();
+                for o in model.iter() {
+                    match expected.last_mut() {
+                        Some(last) if last.1 + 1 == o => last.1 = o,
+                        _ => expected.push((o, o)),
+                    }
+                }
+                assert_eq!(stored, expected, "after step {step}");
+                for probe in edges.iter().copied().chain(0..64) {
+                    assert_eq!(
+                        runs::end_of_run(&conn, "p", probe).unwrap(),
+                        model.run_containing(probe),
+                        "probe {probe}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_lock_held_too_long_is_try_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wb.db");
+        let store = LocalStore::open(&path).unwrap();
+        store.conn.busy_timeout(Duration::from_millis(50)).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let err = store.release("p", "10.0.0.1".parse().unwrap()).unwrap_err();
+        assert!(matches!(err, StoreError::TryAgain(_)), "{err}");
+        assert!(err.to_string().contains("wb.db"), "{err}");
+        // Readers are not blocked by a writer in WAL mode.
+        store.leases(None).unwrap();
+        store.status().unwrap();
+        other.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(
+            store.release("p", "10.0.0.1".parse().unwrap()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn schema_is_created_once_and_wal_is_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wb.db");
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || LocalStore::open(&path).map(|_| ()))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        let store = LocalStore::open(&path).unwrap();
+        let mode: String = store
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let version: i64 = store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // A newer schema is refused with a clear message instead of being misread.
+        store
+            .conn
+            .execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1))
+            .unwrap();
+        let err = LocalStore::open(&path).err().unwrap();
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
 }

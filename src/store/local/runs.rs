@@ -18,15 +18,16 @@ pub fn unblob(blob: Blob) -> u128 {
     u128::from_be_bytes(blob)
 }
 
+pub(super) const RUN_AT_OR_BEFORE: &str =
+    "SELECT lo, hi FROM runs WHERE pool = ?1 AND lo <= ?2 ORDER BY lo DESC LIMIT 1";
+
 /// The run of `pool` starting at or before `offset` that is closest to it, as (lo, hi).
 fn run_at_or_before(
     conn: &Connection,
     pool: &str,
     offset: u128,
 ) -> Result<Option<(u128, u128)>, Fail> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT lo, hi FROM runs WHERE pool = ?1 AND lo <= ?2 ORDER BY lo DESC LIMIT 1",
-    )?;
+    let mut stmt = conn.prepare_cached(RUN_AT_OR_BEFORE)?;
     let run = stmt
         .query_row((pool, blob(offset)), |row| {
             Ok((unblob(row.get(0)?), unblob(row.get(1)?)))

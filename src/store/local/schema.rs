@@ -21,7 +21,7 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Offsets and run bounds are 16-byte big-endian blobs, so SQLite's memcmp order is numeric
 /// order and `lo <= ?` range scans work for the whole u128 space (IPv6 /64 and wider).
-const SCHEMA: &str = "
+pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS pools (
     name         TEXT PRIMARY KEY,
     network_name TEXT NOT NULL,
@@ -77,6 +77,13 @@ pub fn connect(path: &Path) -> Result<Connection, Fail> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Each CNI call is a process that closes the database right away. By default the last
+    // connection to close checkpoints the WAL and deletes it (several fsyncs and unlinks per
+    // call); keeping the WAL leaves checkpoints to SQLite's periodic auto-checkpoint instead.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
     let deadline = Instant::now() + BUSY_TIMEOUT;
     // Reading the header first makes SQLite notice a database that is already in WAL mode, so
     // the common case needs no lock at all.

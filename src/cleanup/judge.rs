@@ -1,0 +1,227 @@
+//! Whether cleanup may free an allocation, and why: a pure decision over the lease and what the
+//! cluster says about its pod. The controller, `whereabouts gc --dry-run` and
+//! `whereabouts release` all decide with this one function, so they never disagree.
+
+use std::fmt;
+
+use crate::store::Lease;
+
+/// What the cluster says about a pod, as far as cleanup cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodState {
+    pub uid: String,
+    pub phase: PodPhase,
+    /// Being deleted (a deletion timestamp is set), but still there.
+    pub terminating: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+impl PodPhase {
+    pub fn parse(text: Option<&str>) -> PodPhase {
+        match text {
+            Some("Pending") => PodPhase::Pending,
+            Some("Running") => PodPhase::Running,
+            Some("Succeeded") => PodPhase::Succeeded,
+            Some("Failed") => PodPhase::Failed,
+            _ => PodPhase::Unknown,
+        }
+    }
+}
+
+/// The decision about one allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Keep(KeepReason),
+    Release(ReleaseReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepReason {
+    /// Recorded without a pod: only its runtime's DEL or GC can free it.
+    NoPodReference,
+    /// The pod is alive (running, or in an unknown phase that may still be running).
+    PodAlive,
+    /// The pod has not started yet; its ADD may still be in flight.
+    PodPending,
+    /// A pod of the same name exists with another UID: re-created (a StatefulSet), and its
+    /// repeated ADD claims this same address.
+    PodRecreated,
+    /// The pod is being deleted; its runtime's DEL is still to come.
+    PodTerminating,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// No pod of that name exists.
+    PodGone,
+    /// The pod ran to completion or failed: its sandbox is gone.
+    PodFinished,
+}
+
+impl KeepReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeepReason::NoPodReference => "no pod reference recorded",
+            KeepReason::PodAlive => "pod is alive",
+            KeepReason::PodPending => "pod is pending",
+            KeepReason::PodRecreated => "pod was re-created with the same name",
+            KeepReason::PodTerminating => "pod is terminating",
+        }
+    }
+}
+
+impl ReleaseReason {
+    /// A short stable label, for metrics and events.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ReleaseReason::PodGone => "pod_deleted",
+            ReleaseReason::PodFinished => "pod_finished",
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Keep(r) => write!(f, "keep: {}", r.as_str()),
+            Verdict::Release(ReleaseReason::PodGone) => write!(f, "release: pod no longer exists"),
+            Verdict::Release(ReleaseReason::PodFinished) => {
+                write!(f, "release: pod has finished (Succeeded or Failed)")
+            }
+        }
+    }
+}
+
+/// Decides about `lease` given the pod its pod reference names (`None`: no such pod).
+pub fn judge(lease: &Lease, pod: Option<&PodState>) -> Verdict {
+    if lease.attachment.pod_ref.is_none() {
+        return Verdict::Keep(KeepReason::NoPodReference);
+    }
+    let Some(pod) = pod else {
+        return Verdict::Release(ReleaseReason::PodGone);
+    };
+    let same_pod = lease
+        .attachment
+        .pod_uid
+        .as_deref()
+        .is_none_or(|uid| uid.is_empty() || uid == pod.uid);
+    if !same_pod {
+        return Verdict::Keep(KeepReason::PodRecreated);
+    }
+    if pod.terminating {
+        return Verdict::Keep(KeepReason::PodTerminating);
+    }
+    match pod.phase {
+        PodPhase::Pending => Verdict::Keep(KeepReason::PodPending),
+        PodPhase::Running | PodPhase::Unknown => Verdict::Keep(KeepReason::PodAlive),
+        PodPhase::Succeeded | PodPhase::Failed => Verdict::Release(ReleaseReason::PodFinished),
+    }
+}
+
+/// Whether a pod deletion seen by a watch concerns `lease`: it names that pod, and the UID (when
+/// both are known) is the deleted pod's. A candidate only: the final word is [`judge`] against
+/// the pod of that name as it is now, so a StatefulSet pod re-created in the meantime keeps its
+/// address.
+pub fn freed_by_deletion(lease: &Lease, pod_ref: &str, deleted_uid: &str) -> bool {
+    lease.attachment.pod_ref.as_deref() == Some(pod_ref)
+        && lease
+            .attachment
+            .pod_uid
+            .as_deref()
+            .is_none_or(|uid| uid.is_empty() || uid == deleted_uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::Cidr;
+    use crate::store::Attachment;
+
+    fn lease(pod: Option<&str>, uid: Option<&str>) -> Lease {
+        Lease {
+            pool: "10.0.0.0-24".into(),
+            range: Cidr::parse("10.0.0.0/24", false).unwrap(),
+            ip: "10.0.0.1".parse().unwrap(),
+            network_name: String::new(),
+            cni_network: None,
+            attachment: Attachment {
+                container_id: "c".into(),
+                ifname: "net1".into(),
+                pod_ref: pod.map(String::from),
+                pod_uid: uid.map(String::from),
+            },
+        }
+    }
+
+    fn pod(uid: &str, phase: PodPhase, terminating: bool) -> PodState {
+        PodState {
+            uid: uid.into(),
+            phase,
+            terminating,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let l = lease(Some("ns/a"), Some("u1"));
+        assert_eq!(judge(&l, None), Verdict::Release(ReleaseReason::PodGone));
+        assert_eq!(
+            judge(&l, Some(&pod("u1", PodPhase::Running, false))),
+            Verdict::Keep(KeepReason::PodAlive)
+        );
+        assert_eq!(
+            judge(&l, Some(&pod("u1", PodPhase::Pending, false))),
+            Verdict::Keep(KeepReason::PodPending)
+        );
+        assert_eq!(
+            judge(&l, Some(&pod("u2", PodPhase::Pending, false))),
+            Verdict::Keep(KeepReason::PodRecreated)
+        );
+        assert_eq!(
+            judge(&l, Some(&pod("u1", PodPhase::Running, true))),
+            Verdict::Keep(KeepReason::PodTerminating)
+        );
+        assert_eq!(
+            judge(&l, Some(&pod("u1", PodPhase::Succeeded, false))),
+            Verdict::Release(ReleaseReason::PodFinished)
+        );
+        assert_eq!(
+            judge(&l, Some(&pod("u1", PodPhase::Unknown, false))),
+            Verdict::Keep(KeepReason::PodAlive)
+        );
+        // Without a recorded UID the pod of that name is taken to be the one.
+        let no_uid = lease(Some("ns/a"), None);
+        assert_eq!(
+            judge(&no_uid, Some(&pod("u9", PodPhase::Failed, false))),
+            Verdict::Release(ReleaseReason::PodFinished)
+        );
+        assert_eq!(
+            judge(&lease(None, None), None),
+            Verdict::Keep(KeepReason::NoPodReference)
+        );
+    }
+
+    #[test]
+    fn deletions_match_by_uid() {
+        let l = lease(Some("ns/a"), Some("u1"));
+        assert!(freed_by_deletion(&l, "ns/a", "u1"));
+        assert!(
+            !freed_by_deletion(&l, "ns/a", "u0"),
+            "an older pod of the same name"
+        );
+        assert!(!freed_by_deletion(&l, "ns/b", "u1"));
+        assert!(freed_by_deletion(
+            &lease(Some("ns/a"), None),
+            "ns/a",
+            "anything"
+        ));
+    }
+}

@@ -1,0 +1,3 @@
+//! Cleanup: deciding which allocations no pod holds any more, and freeing them.
+
+pub mod judge;

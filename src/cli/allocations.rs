@@ -1,0 +1,85 @@
+//! `whereabouts allocations [RANGE]`: every allocated address and who holds it.
+
+use serde::Serialize;
+
+use super::output::print;
+use super::store_args::StoreArgs;
+use crate::ipam::{parse_range_text, Cidr};
+use crate::store::Lease;
+
+#[derive(clap::Args, Debug)]
+pub struct AllocationsArgs {
+    /// Only this range (a CIDR) or pool (its name).
+    pub range: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Serialize, Debug, PartialEq)]
+pub struct AllocationRow {
+    pub address: String,
+    pub pool: String,
+    pub range: String,
+    pub pod: String,
+    pub pod_uid: String,
+    pub container: String,
+    pub interface: String,
+}
+
+impl From<Lease> for AllocationRow {
+    fn from(l: Lease) -> Self {
+        AllocationRow {
+            address: l.ip.to_string(),
+            pool: l.pool,
+            range: l.range.to_string(),
+            pod: l.attachment.pod_ref.unwrap_or_default(),
+            pod_uid: l.attachment.pod_uid.unwrap_or_default(),
+            container: l.attachment.container_id,
+            interface: l.attachment.ifname,
+        }
+    }
+}
+
+/// Whether `lease` belongs to `filter` (a CIDR or a pool name).
+fn selected(lease: &Lease, filter: Option<&(String, Option<Cidr>)>) -> bool {
+    match filter {
+        None => true,
+        Some((name, cidr)) => {
+            lease.pool == *name || cidr.is_some_and(|c| c == lease.range.network())
+        }
+    }
+}
+
+pub fn rows(args: &AllocationsArgs) -> anyhow::Result<Vec<AllocationRow>> {
+    let (_, store) = args.store.open()?;
+    let filter = args
+        .range
+        .as_ref()
+        .map(|r| (r.clone(), parse_range_text(r).ok().map(|(c, _, _)| c)));
+    let mut leases: Vec<Lease> = store
+        .leases(None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .into_iter()
+        .filter(|l| selected(l, filter.as_ref()))
+        .collect();
+    leases.sort_by_key(|l| (l.pool.clone(), crate::ipam::addr::to_u128(l.ip)));
+    Ok(leases.into_iter().map(AllocationRow::from).collect())
+}
+
+pub fn run(args: AllocationsArgs) -> anyhow::Result<()> {
+    let rows = rows(&args)?;
+    print(
+        args.store.output,
+        &rows,
+        &["ADDRESS", "POOL", "POD", "CONTAINER", "INTERFACE"],
+        |r| {
+            vec![
+                r.address.clone(),
+                r.pool.clone(),
+                r.pod.clone(),
+                r.container.clone(),
+                r.interface.clone(),
+            ]
+        },
+    )
+}

@@ -1,0 +1,57 @@
+//! What the operator's commands print: aligned tables or JSON, on stdout.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// Writes `text` to stdout. A closed pipe (`| head`) ends the output quietly instead of failing.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Prints `rows` as JSON or as a table with `header`, each row made by `cells`.
+pub fn print<T: Serialize>(
+    output: Output,
+    rows: &[T],
+    header: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => emit(&format!("{}\n", serde_json::to_string_pretty(rows)?)),
+        Output::Table => emit(&table(header, &rows.iter().map(cells).collect::<Vec<_>>())),
+    }
+}
+
+/// Rows as an aligned table with a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("{}\n", text.join("  ").trim_end())
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}

@@ -1,0 +1,92 @@
+//! How the operator's commands find the store: the same configuration the plugin reads (a
+//! network configuration file, else the flat file), with flags that override it.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use super::output::Output;
+use crate::config::{self, IpamConfig};
+use crate::store::{self, Store};
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StoreArgs {
+    /// A network configuration (or configuration list, or bare `ipam` object) to read the
+    /// store settings and ranges from. Without it, the flat file the plugin reads.
+    #[arg(long, short = 'c', env = "WHEREABOUTS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The engine: local, kubernetes or etcd.
+    #[arg(long)]
+    pub datastore: Option<String>,
+    /// The SQLite database of the local engine.
+    #[arg(long)]
+    pub local_path: Option<PathBuf>,
+    /// The kubeconfig of the Kubernetes engine.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The etcd endpoints, comma separated.
+    #[arg(long)]
+    pub etcd_host: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// The `ipam` object of a configuration file: a network configuration, a configuration list
+/// (its first plugin using whereabouts) or a bare `ipam` object.
+pub fn ipam_of(file: &Value) -> Option<Value> {
+    if file.get("type").and_then(Value::as_str) == Some("whereabouts") {
+        return Some(file.clone());
+    }
+    if let Some(ipam) = file.get("ipam") {
+        return Some(ipam.clone());
+    }
+    file.get("plugins")?
+        .as_array()?
+        .iter()
+        .filter_map(|p| p.get("ipam"))
+        .find(|ipam| ipam.get("type").and_then(Value::as_str) == Some("whereabouts"))
+        .cloned()
+}
+
+impl StoreArgs {
+    /// The configuration, with the flags applied over it.
+    pub fn ipam(&self) -> anyhow::Result<IpamConfig> {
+        let mut ipam = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let file: Value = serde_json::from_str(&text)
+                    .with_context(|| format!("cannot parse {}", path.display()))?;
+                ipam_of(&file).with_context(|| {
+                    format!("{} has no ipam object of type whereabouts", path.display())
+                })?
+            }
+            None => json!({"type": "whereabouts"}),
+        };
+        let set = |ipam: &mut Value, key: &str, value: Value| {
+            ipam[key] = value;
+        };
+        if let Some(d) = &self.datastore {
+            set(&mut ipam, "datastore", d.as_str().into());
+        }
+        if let Some(p) = &self.local_path {
+            set(&mut ipam, "local_path", p.to_string_lossy().into());
+        }
+        if let Some(k) = &self.kubeconfig {
+            set(&mut ipam, "kubernetes", json!({ "kubeconfig": k }));
+        }
+        if let Some(h) = &self.etcd_host {
+            set(&mut ipam, "etcd_host", h.as_str().into());
+        }
+        config::load_for_operator(Some(&ipam)).map_err(|e| anyhow::anyhow!(e.msg))
+    }
+
+    /// The configuration and its store.
+    pub fn open(&self) -> anyhow::Result<(IpamConfig, Box<dyn Store>)> {
+        let cfg = self.ipam()?;
+        let store = store::open(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok((cfg, store))
+    }
+}
