@@ -89,12 +89,10 @@ fn replace_with(
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
-        // The creation mode is filtered by the umask, and a stale temporary file keeps its old
-        // mode: set it explicitly.
+        // The creation mode is filtered by the umask: set it explicitly.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         fill(&mut file)?;
         file.sync_all()?;
@@ -116,15 +114,15 @@ fn parent(path: &Path) -> PathBuf {
     }
 }
 
-/// A hidden name in the same directory. It includes the pid because two installers may share a
-/// host directory (for example two DaemonSets during a migration); in a container the pid is
-/// usually 1, so a leftover from a crash is simply truncated and reused.
+/// A hidden, unique name in the same directory. Two installers can write the same host
+/// directory at once (old and new pod during a DaemonSet update), and each is pid 1 of its
+/// container, so the pid alone would make them share, and corrupt, one temporary file.
 fn temp_path(dest: &Path) -> PathBuf {
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
-    parent(dest).join(format!(".{name}.tmp-{}", std::process::id()))
+    parent(dest).join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()))
 }
 
 #[cfg(test)]
