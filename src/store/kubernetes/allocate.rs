@@ -1,0 +1,777 @@
+//! ADD: read the pool, choose, reserve the address network-wide, write the pool entry only if
+//! the pool is unchanged; on conflict wait a jittered while and do it again.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::api::ApiError;
+use super::choose;
+use super::engine::{Engine, Step, UndoLog};
+use super::pool_doc::{add_op, replace_id_op, PoolDoc};
+use super::reservation::{self, Held};
+use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
+use crate::ipam::names::object_name;
+use crate::ipam::OffsetRuns;
+use crate::k8s::crd::IPPool;
+use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
+
+/// What reserving an address found.
+enum Reserve {
+    Ours(Held),
+    /// Held by another attachment (described for the error message).
+    Taken(String),
+}
+
+impl Engine {
+    /// One address per range, in order; what was written is in `undo` for the caller to take
+    /// back if this fails.
+    pub async fn add(&self, req: &AddRequest, undo: &UndoLog) -> Result<Vec<IpAddr>, StoreError> {
+        let mut ips = Vec::with_capacity(req.ranges.len());
+        for wanted in &req.ranges {
+            let pool = self
+                .pool_for_add(
+                    &wanted.pool,
+                    req.node_slice_size,
+                    &req.network_name,
+                    &req.cni_network,
+                )
+                .await?;
+            let requested = match wanted.requested {
+                // A static address is given as an offset of the configured range; the node's
+                // pool counts from its slice.
+                Some(offset) => {
+                    let ip = wanted.pool.range.cidr.at(offset);
+                    Some(pool.range.cidr.offset_of(ip).ok_or_else(|| {
+                        StoreError::Config(format!(
+                            "requested address {ip} is outside this node's slice {}",
+                            pool.range.cidr
+                        ))
+                    })?)
+                }
+                None => None,
+            };
+            ips.push(self.allocate(&pool, requested, req, undo).await?);
+        }
+        Ok(ips)
+    }
+
+    /// One address of one pool: through the node's spool when there is one (so that a burst
+    /// on the node costs one pool write), otherwise directly.
+    async fn allocate(
+        &self,
+        pool: &PoolRef,
+        requested: Option<u128>,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let job = Job::new(&req.attachment, requested);
+        let spool = Spool::open(
+            &self.scope,
+            &object_name(&pool.name),
+            &pool.range,
+            &req.network_name,
+            req.overlap,
+        );
+        let Some(spool) = spool else {
+            return self.serve_one(pool, req, job, undo).await;
+        };
+        let Ok(ticket) = spool.submit(&job) else {
+            return self.serve_one(pool, req, job, undo).await;
+        };
+        loop {
+            if let Some(answer) = spool.answer(&ticket) {
+                return self.accept(answer, pool, req, undo);
+            }
+            if let Some(lock) = spool.try_lock() {
+                if let Some(answer) = spool.answer(&ticket) {
+                    return self.accept(answer, pool, req, undo);
+                }
+                return self
+                    .lead(&spool, &lock, &ticket, &job, pool, req, undo)
+                    .await;
+            }
+            tokio::time::sleep(SPOOL_POLL).await;
+        }
+    }
+
+    /// Holding the spool's lock: serves every waiting request, ours included, in batches, until
+    /// nobody waits. Each batch after the first starts from the pool this process just wrote,
+    /// so while the node is the only writer a batch costs a single request to the pool.
+    #[allow(clippy::too_many_arguments)]
+    async fn lead(
+        &self,
+        spool: &Spool,
+        lock: &Lock,
+        ticket: &Ticket,
+        job: &Job,
+        pool: &PoolRef,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let who = &req.attachment;
+        let mut mine: Option<Result<IpAddr, StoreError>> = None;
+        let mut known: Option<IPPool> = None;
+        // Starting a batch from the pool this process wrote saves a read while the node is the
+        // only writer; once that guess has failed (other nodes write too), read instead.
+        let mut trust_known = true;
+        let started = tokio::time::Instant::now();
+        loop {
+            let mut pending = spool.pending(lock);
+            if mine.is_some() {
+                pending.retain(|(id, _)| *id != ticket.id);
+            } else if !pending.iter().any(|(id, _)| *id == ticket.id) {
+                pending.push((ticket.id.clone(), job.clone()));
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let jobs: Vec<Job> = pending.iter().map(|(_, j)| j.clone()).collect();
+            let mut joined: Vec<(String, Job)> = Vec::new();
+            let mut refill = || {
+                let known_ids: BTreeSet<String> = pending
+                    .iter()
+                    .chain(joined.iter())
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let fresh: Vec<(String, Job)> = spool
+                    .pending(lock)
+                    .into_iter()
+                    .filter(|(id, _)| !known_ids.contains(id) && *id != ticket.id)
+                    .collect();
+                joined.extend(fresh.iter().cloned());
+                fresh.into_iter().map(|(_, job)| job).collect()
+            };
+            let served = self
+                .serve(
+                    pool,
+                    req,
+                    jobs,
+                    known.take().filter(|_| trust_known),
+                    undo,
+                    &mut refill,
+                )
+                .await;
+            pending.extend(joined);
+            match served {
+                Ok((results, written, guessed_wrong)) => {
+                    trust_known &= !guessed_wrong;
+                    for ((id, _), result) in pending.iter().zip(results) {
+                        if *id == ticket.id {
+                            mine = Some(result.map(|granted| granted.ip));
+                        } else {
+                            spool.reply(lock, id, &Answer(result.map_err(|e| Failure::from(&e))));
+                        }
+                    }
+                    // Served: the neighbours' allocations are theirs to take back.
+                    undo.split_off_others(&who.container_id, &who.ifname);
+                    known = written;
+                }
+                Err(err) => {
+                    // The batch failed as a whole: take back what it wrote for the neighbours
+                    // and tell them.
+                    let others = undo.split_off_others(&who.container_id, &who.ifname);
+                    if let Err(undo_err) = self.undo(others).await {
+                        tracing::error!(%undo_err, "could not take back a failed batch");
+                    }
+                    for (id, _) in pending.iter().filter(|(id, _)| *id != ticket.id) {
+                        spool.reply(lock, id, &Answer(Err(Failure::from(&err))));
+                    }
+                    if mine.is_none() {
+                        mine = Some(Err(err));
+                    }
+                    break;
+                }
+            }
+            // Once its own request is answered, leave the rest to the next process soon, so
+            // that serving the node does not make one ADD slow.
+            let enough = match mine {
+                Some(_) => LEAD_AFTER_DONE,
+                None => self.settings.request_timeout,
+            };
+            if started.elapsed() > enough {
+                break;
+            }
+        }
+        // Out of the spool before the lock goes, or the next holder would serve it again.
+        ticket.withdraw();
+        mine.unwrap_or_else(|| Err(StoreError::Io("the spool lost this request".into())))
+    }
+
+    /// Takes an answer left by the process that served this request.
+    fn accept(
+        &self,
+        answer: Answer,
+        pool: &PoolRef,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let granted = answer.0.map_err(StoreError::from)?;
+        if granted.fresh {
+            let who = &req.attachment;
+            undo.push(Step::PoolEntry {
+                pool: object_name(&pool.name),
+                cidr: pool.range.cidr,
+                key: granted.key.clone(),
+                container_id: who.container_id.clone(),
+                ifname: who.ifname.clone(),
+            });
+            if let Some((name, uid)) = granted.reservation {
+                undo.push(Step::Reservation {
+                    held: Held { name, uid },
+                    container_id: who.container_id.clone(),
+                    ifname: who.ifname.clone(),
+                });
+            }
+        }
+        Ok(granted.ip)
+    }
+
+    async fn serve_one(
+        &self,
+        pool: &PoolRef,
+        req: &AddRequest,
+        job: Job,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let (mut results, _, _) = self
+            .serve(pool, req, vec![job], None, undo, &mut Vec::new)
+            .await?;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Io("no result".into())))
+            .map(|granted| granted.ip)
+    }
+
+    /// Allocates for every job with one read and one write of the pool (more on conflict).
+    /// A job that cannot be served (pool full, static address held) gets its error; a failure
+    /// of the pool itself fails the whole call, its writes left in `undo`.
+    /// `known` is the pool as this process last wrote it, tried before reading it again.
+    /// Returns the results, the pool as written, and whether `known` turned out stale.
+    async fn serve(
+        &self,
+        pool: &PoolRef,
+        req: &AddRequest,
+        jobs: Vec<Job>,
+        mut known: Option<IPPool>,
+        undo: &UndoLog,
+        refill: &mut dyn FnMut() -> Vec<Job>,
+    ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>, bool), StoreError> {
+        let guessing = known.is_some();
+        let name = object_name(&pool.name);
+        let range = &pool.range;
+        let mut slots: Vec<Slot> = jobs.into_iter().map(Slot::new).collect();
+        // The same attachment twice (a runtime retrying while the first call waits) is one job.
+        let mut twin_of: Vec<Option<usize>> = Vec::new();
+        let mut conflicts = 0u32;
+        // The resourceVersion of the last write that failed: reading it back unchanged means the
+        // write was refused for another reason than a concurrent change.
+        let mut failed_rv: Option<String> = None;
+        let mut first = true;
+        loop {
+            if !first {
+                // Requests that arrived while this batch waited join it.
+                slots.extend(refill().into_iter().map(Slot::new));
+            }
+            first = false;
+            for i in twin_of.len()..slots.len() {
+                let twin = (0..i).find(|j| slots[*j].who.same_owner(&slots[i].who));
+                twin_of.push(twin);
+            }
+            let object = match known.take() {
+                Some(object) => Some(object),
+                None => self.kube.get_pool(&name).await?,
+            };
+            let doc = PoolDoc::new(&name, range.cidr, object)?;
+            if let (Some(failed), Some(now)) = (&failed_rv, doc.resource_version()) {
+                if failed == now {
+                    return Err(StoreError::Io(format!(
+                        "the API server refused the update of IPPool {name} although it is unchanged"
+                    )));
+                }
+            }
+            let mut taken = doc.taken();
+            for slot in &slots {
+                if let Some((offset, _)) = &slot.reserved {
+                    taken.insert(*offset);
+                }
+            }
+            let mut ops = Vec::new();
+            let mut fresh_entries = Vec::new();
+            let mut planned: Vec<(usize, u128, String, bool)> = Vec::new();
+            // Pass 1: repeated ADDs, and reservations kept from an earlier attempt.
+            let mut needs: Vec<usize> = Vec::new();
+            let mut chosen: Vec<(usize, u128)> = Vec::new();
+            for i in 0..slots.len() {
+                if slots[i].done.is_some() || twin_of[i].is_some() {
+                    continue;
+                }
+                let who = slots[i].who.clone();
+                if let Some(entry) = doc.held_by_same_owner(&who) {
+                    // A repeated ADD: hand back what the owner holds, with the new container ID.
+                    if let Some((offset, held)) = slots[i].reserved.take() {
+                        if offset == entry.offset {
+                            undo.forget_reservation(&held);
+                        } else {
+                            self.drop_reservation(&held, undo).await?;
+                        }
+                    }
+                    if entry.attachment.container_id != who.container_id {
+                        ops.push(replace_id_op(&entry.key, &who.container_id));
+                    }
+                    planned.push((i, entry.offset, entry.key, false));
+                    continue;
+                }
+                match slots[i].reserved.take() {
+                    Some((offset, held)) if doc.taken().contains(offset) => {
+                        // Written meanwhile by someone that does not use reservations.
+                        self.drop_reservation(&held, undo).await?;
+                        slots[i].avoid.insert(offset);
+                        needs.push(i);
+                    }
+                    Some((offset, held)) => {
+                        slots[i].reserved = Some((offset, held));
+                        chosen.push((i, offset));
+                    }
+                    None => needs.push(i),
+                }
+            }
+            // Pass 2: choose for the others and reserve all their addresses at once; choose
+            // again for those whose address turned out to be held elsewhere.
+            while !needs.is_empty() {
+                let mut picks = Vec::new();
+                for i in std::mem::take(&mut needs) {
+                    match self.pick(pool, &doc, &taken, &mut slots[i]) {
+                        Ok(offset) => {
+                            taken.insert(offset);
+                            picks.push((i, offset));
+                        }
+                        Err(err) => slots[i].done = Some(Err(err)),
+                    }
+                }
+                if !req.overlap {
+                    chosen.extend(picks);
+                    continue;
+                }
+                let wanted: Vec<(IpAddr, Attachment)> = picks
+                    .iter()
+                    .map(|(i, offset)| (range.ip(*offset), slots[*i].who.clone()))
+                    .collect();
+                let outcomes = self.reserve_all(wanted, &req.network_name, undo).await?;
+                for ((i, offset), outcome) in picks.into_iter().zip(outcomes) {
+                    match outcome {
+                        Reserve::Ours(held) => {
+                            slots[i].reserved = Some((offset, held));
+                            chosen.push((i, offset));
+                        }
+                        Reserve::Taken(holder) if slots[i].requested.is_some() => {
+                            slots[i].done = Some(Err(StoreError::InUse {
+                                ip: range.ip(offset),
+                                range: range.to_string(),
+                                holder,
+                            }));
+                        }
+                        Reserve::Taken(_) => {
+                            slots[i].avoid.insert(offset);
+                            slots[i].salt += 1;
+                            needs.push(i);
+                        }
+                    }
+                }
+            }
+            // Pass 3: the pool entries.
+            for (i, offset) in chosen {
+                let who = slots[i].who.clone();
+                let key = doc.key_of(offset).ok_or_else(|| {
+                    StoreError::Io(format!("IPPool {name} cannot record {}", range.ip(offset)))
+                })?;
+                undo.push(Step::PoolEntry {
+                    pool: name.clone(),
+                    cidr: range.cidr,
+                    key: key.clone(),
+                    container_id: who.container_id.clone(),
+                    ifname: who.ifname.clone(),
+                });
+                ops.push(add_op(&key, &who));
+                fresh_entries.push((key.clone(), who));
+                planned.push((i, offset, key, true));
+            }
+
+            if req.sleep_for_race > 0 && !ops.is_empty() {
+                tokio::time::sleep(Duration::from_secs(req.sleep_for_race)).await;
+            }
+            let written = match (ops.is_empty(), doc.resource_version()) {
+                (true, _) => Ok(doc.object.clone()),
+                (false, Some(rv)) => {
+                    let result = self.kube.patch_pool(&name, rv, &ops).await;
+                    if result.is_err() {
+                        failed_rv = Some(rv.to_string());
+                    }
+                    result.map(Some)
+                }
+                (false, None) => {
+                    failed_rv = None;
+                    self.kube
+                        .create_pool(&doc.new_object(&fresh_entries))
+                        .await
+                        .map(Some)
+                }
+            };
+            match written {
+                Ok(written) => {
+                    for (i, offset, key, fresh) in planned {
+                        let ip = range.ip(offset);
+                        if !fresh && req.overlap {
+                            self.ensure_reservation(ip, &slots[i].who, &req.network_name)
+                                .await?;
+                        }
+                        let reservation = slots[i]
+                            .reserved
+                            .take()
+                            .map(|(_, held)| (held.name, held.uid));
+                        slots[i].done = Some(Ok(Granted {
+                            ip,
+                            key,
+                            reservation,
+                            fresh,
+                        }));
+                    }
+                    let mut results: Vec<Result<Granted, StoreError>> = Vec::new();
+                    for i in 0..slots.len() {
+                        let result = match twin_of[i] {
+                            Some(first) => match &slots[first].done {
+                                Some(Ok(granted)) => Ok(Granted {
+                                    fresh: false,
+                                    reservation: None,
+                                    ..granted.clone()
+                                }),
+                                Some(Err(err)) => Err(err.clone()),
+                                None => Err(StoreError::Io("not served".into())),
+                            },
+                            None => slots[i]
+                                .done
+                                .take()
+                                .unwrap_or_else(|| Err(StoreError::Io("not served".into()))),
+                        };
+                        results.push(result);
+                    }
+                    return Ok((results, written, guessing && conflicts > 0));
+                }
+                Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
+                    conflicts = self.after_conflict(&name, conflicts).await?;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// Chooses the job's address (not yet reserved); an error when this job cannot be served.
+    fn pick(
+        &self,
+        pool: &PoolRef,
+        doc: &PoolDoc,
+        taken: &OffsetRuns,
+        slot: &mut Slot,
+    ) -> Result<u128, StoreError> {
+        let range = &pool.range;
+        if let Some(offset) = slot.requested {
+            self.check_requested(pool, doc, offset)?;
+            if taken.contains(offset) {
+                return Err(StoreError::InUse {
+                    ip: range.ip(offset),
+                    range: range.to_string(),
+                    holder: "another ADD served in the same batch".into(),
+                });
+            }
+            return Ok(offset);
+        }
+        loop {
+            let offset = choose::candidate(
+                range,
+                taken,
+                &slot.avoid,
+                choose::seed(&slot.who, slot.salt),
+                slot.salt > 0,
+            )
+            .ok_or_else(|| StoreError::Exhausted {
+                range: range.to_string(),
+            })?;
+            if !doc.unaddressable(offset) {
+                return Ok(offset);
+            }
+            slot.avoid.insert(offset);
+        }
+    }
+
+    /// Creates the reservations of `wanted` concurrently (one round trip for a whole batch);
+    /// for each, whether it is now ours or held by another attachment. Every reservation made
+    /// is in `undo` before a failure is reported.
+    async fn reserve_all(
+        &self,
+        wanted: Vec<(IpAddr, Attachment)>,
+        network_name: &str,
+        undo: &UndoLog,
+    ) -> Result<Vec<Reserve>, StoreError> {
+        if wanted.len() == 1 {
+            let (ip, who) = &wanted[0];
+            return Ok(vec![self.reserve(*ip, who, network_name, undo).await?]);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, (ip, who)) in wanted.iter().enumerate() {
+            let kube = self.kube.clone();
+            let object = reservation::new_object(&reservation::name(*ip, network_name), who);
+            tasks.spawn(async move { (index, kube.create_reservation(&object).await) });
+        }
+        let mut created: Vec<Option<Result<Held, ApiError>>> = vec![None; wanted.len()];
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((index, result)) = joined else {
+                continue;
+            };
+            let result = result.map(|object| Held::of(&object));
+            if let (Ok(held), Some((_, who))) = (&result, wanted.get(index)) {
+                undo.push(reservation_step(held, who));
+            }
+            created[index] = Some(result);
+        }
+        let mut outcomes = Vec::with_capacity(wanted.len());
+        let mut failure = None;
+        for ((ip, who), result) in wanted.iter().zip(created) {
+            match result {
+                Some(Ok(held)) => outcomes.push(Reserve::Ours(held)),
+                // Exists already, or the task was lost: look at it the slow way.
+                Some(Err(ApiError::AlreadyExists(_))) | None => {
+                    match self.reserve(*ip, who, network_name, undo).await {
+                        Ok(outcome) => outcomes.push(outcome),
+                        Err(err) => {
+                            failure.get_or_insert(err);
+                            outcomes.push(Reserve::Taken(String::new()));
+                        }
+                    }
+                }
+                Some(Err(err)) => {
+                    failure.get_or_insert(err.into());
+                    outcomes.push(Reserve::Taken(String::new()));
+                }
+            }
+        }
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(outcomes),
+        }
+    }
+
+    /// Counts a conflict and waits before the next attempt; gives up when the bound is reached.
+    async fn after_conflict(&self, pool: &str, conflicts: u32) -> Result<u32, StoreError> {
+        let conflicts = conflicts + 1;
+        let backoff = &self.settings.conflicts;
+        if conflicts >= backoff.attempts {
+            return Err(StoreError::TryAgain(format!(
+                "IPPool {pool} kept changing under {conflicts} attempts to update it; gave up"
+            )));
+        }
+        tokio::time::sleep(backoff.delay(conflicts)).await;
+        Ok(conflicts)
+    }
+
+    fn check_requested(
+        &self,
+        pool: &PoolRef,
+        doc: &PoolDoc,
+        offset: u128,
+    ) -> Result<(), StoreError> {
+        let range = &pool.range;
+        if offset > range.cidr.last_offset() || doc.unaddressable(offset) {
+            return Err(StoreError::Config(format!(
+                "requested address {} cannot be held in pool {}",
+                range.ip(offset),
+                doc.name
+            )));
+        }
+        if let Some(holder) = doc.entries().into_iter().find(|e| e.offset == offset) {
+            return Err(StoreError::InUse {
+                ip: range.ip(offset),
+                range: range.to_string(),
+                holder: describe(&holder.attachment),
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates the reservation of `ip`, or finds who holds it.
+    async fn reserve(
+        &self,
+        ip: IpAddr,
+        who: &Attachment,
+        network_name: &str,
+        undo: &UndoLog,
+    ) -> Result<Reserve, StoreError> {
+        let name = reservation::name(ip, network_name);
+        let object = reservation::new_object(&name, who);
+        // A reservation can vanish between the failed create and the read; try again then.
+        for _ in 0..3 {
+            match self.kube.create_reservation(&object).await {
+                Ok(created) => {
+                    let held = Held::of(&created);
+                    undo.push(reservation_step(&held, who));
+                    return Ok(Reserve::Ours(held));
+                }
+                Err(ApiError::AlreadyExists(_)) => {}
+                Err(err) => return Err(err.into()),
+            }
+            match self.kube.get_reservation(&name).await? {
+                // Left by an earlier attempt of this same attachment: adopt it.
+                Some(found) if reservation::held_by(&found, who) => {
+                    let held = Held::of(&found);
+                    undo.push(reservation_step(&held, who));
+                    return Ok(Reserve::Ours(held));
+                }
+                Some(found) => {
+                    return Ok(Reserve::Taken(format!(
+                        "{} (reservation {name})",
+                        describe(&Attachment {
+                            container_id: found.spec.containerid.clone(),
+                            ifname: found.spec.ifname.clone(),
+                            pod_ref: Some(found.spec.podref.clone()),
+                            pod_uid: None,
+                        })
+                    )))
+                }
+                None => continue,
+            }
+        }
+        Err(StoreError::TryAgain(format!(
+            "reservation {name} keeps appearing and disappearing"
+        )))
+    }
+
+    /// A repeated ADD keeps its reservation: re-create it if it is missing.
+    async fn ensure_reservation(
+        &self,
+        ip: IpAddr,
+        who: &Attachment,
+        network_name: &str,
+    ) -> Result<(), StoreError> {
+        let name = reservation::name(ip, network_name);
+        match self
+            .kube
+            .create_reservation(&reservation::new_object(&name, who))
+            .await
+        {
+            Ok(_) | Err(ApiError::AlreadyExists(_)) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn drop_reservation(&self, held: &Held, undo: &UndoLog) -> Result<(), StoreError> {
+        match self
+            .kube
+            .delete_reservation(&held.name, held.uid.as_deref(), None)
+            .await
+        {
+            // A failed precondition: the object is no longer the one we created.
+            Ok(()) | Err(ApiError::Conflict(_)) => {
+                undo.forget_reservation(held);
+                Ok(())
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Takes back what a failed ADD wrote: pool entries first (only those still held by the
+    /// attachment), then reservations, so an address is never in a pool without its
+    /// reservation. Returns the first failure, after trying everything.
+    pub async fn undo(&self, steps: Vec<Step>) -> Result<(), StoreError> {
+        let mut first_error = None;
+        let (entries, reservations): (Vec<_>, Vec<_>) = steps
+            .into_iter()
+            .partition(|s| matches!(s, Step::PoolEntry { .. }));
+        for step in entries.into_iter().rev() {
+            if let Step::PoolEntry {
+                pool,
+                cidr,
+                key,
+                container_id,
+                ifname,
+            } = step
+            {
+                let result = self
+                    .remove_entries(&pool, cidr, |e| {
+                        e.key == key
+                            && e.attachment.container_id == container_id
+                            && e.attachment.ifname == ifname
+                    })
+                    .await;
+                if let Err(err) = result {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        for step in reservations.into_iter().rev() {
+            if let Step::Reservation { held, .. } = step {
+                let result = self
+                    .kube
+                    .delete_reservation(&held.name, held.uid.as_deref(), None)
+                    .await;
+                match result {
+                    Ok(()) | Err(ApiError::Conflict(_)) => {}
+                    Err(err) => {
+                        first_error.get_or_insert(err.into());
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+}
+
+fn reservation_step(held: &Held, who: &Attachment) -> Step {
+    Step::Reservation {
+        held: held.clone(),
+        container_id: who.container_id.clone(),
+        ifname: who.ifname.clone(),
+    }
+}
+
+/// One job of a batch while it is being served.
+struct Slot {
+    who: Attachment,
+    requested: Option<u128>,
+    /// Addresses whose reservation another attachment holds (the pool does not show them).
+    avoid: BTreeSet<u128>,
+    reserved: Option<(u128, Held)>,
+    salt: u32,
+    done: Option<Result<Granted, StoreError>>,
+}
+
+impl Slot {
+    fn new(job: Job) -> Slot {
+        Slot {
+            who: job.attachment(),
+            requested: job.requested(),
+            avoid: BTreeSet::new(),
+            reserved: None,
+            salt: 0,
+            done: None,
+        }
+    }
+}
+
+/// How long a process that got its own address keeps serving its node's waiting ADDs.
+const LEAD_AFTER_DONE: Duration = Duration::from_millis(50);
+
+/// How often a waiting ADD looks for its answer or for the spool's lock.
+const SPOOL_POLL: Duration = Duration::from_micros(500);
+
+/// The holder of an address, for messages.
+pub fn describe(who: &Attachment) -> String {
+    match &who.pod_ref {
+        Some(pod) if !pod.is_empty() => format!(
+            "pod {pod} (container {}, interface {})",
+            who.container_id, who.ifname
+        ),
+        _ => format!("container {} (interface {})", who.container_id, who.ifname),
+    }
+}
