@@ -20,7 +20,7 @@ pub struct IPAllocation {
     pub ifname: String,
 }
 
-/// IPPoolSpec defines the desired state of IPPool
+/// An address range and the addresses handed out from it.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "whereabouts.cni.cncf.io",
@@ -28,19 +28,18 @@ pub struct IPAllocation {
     kind = "IPPool",
     plural = "ippools",
     singular = "ippool",
-    namespaced
+    namespaced,
+    doc = "One range of addresses and the allocations made from it."
 )]
 pub struct IPPoolSpec {
-    /// Range is a RFC 4632/4291-style string that represents an IP address and prefix length in
-    /// CIDR notation
+    /// The range in CIDR notation (`10.0.0.0/24`, `fd00::/120`).
     pub range: String,
-    /// Allocations is the set of allocated IPs for the given range, keyed by the decimal offset
-    /// of the IP from the range's address.
+    /// The addresses in use, keyed by the decimal offset of each from the range's address.
     pub allocations: BTreeMap<String, IPAllocation>,
 }
 
-/// OverlappingRangeIPReservationSpec defines the desired state of OverlappingRangeIPReservation:
-/// one address held cluster-wide within a network name.
+/// Who holds one address cluster-wide (within a network name); the object is named after the
+/// address.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "whereabouts.cni.cncf.io",
@@ -48,7 +47,8 @@ pub struct IPPoolSpec {
     kind = "OverlappingRangeIPReservation",
     plural = "overlappingrangeipreservations",
     singular = "overlappingrangeipreservation",
-    namespaced
+    namespaced,
+    doc = "One address held cluster-wide, so that overlapping ranges never hand it out twice."
 )]
 pub struct OverlappingRangeIPReservationSpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -58,7 +58,7 @@ pub struct OverlappingRangeIPReservationSpec {
     pub podref: String,
 }
 
-/// NodeSlicePoolSpec defines the desired state of NodeSlicePool
+/// A range to be divided into equal slices, one per node.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "whereabouts.cni.cncf.io",
@@ -67,30 +67,30 @@ pub struct OverlappingRangeIPReservationSpec {
     plural = "nodeslicepools",
     singular = "nodeslicepool",
     namespaced,
-    status = "NodeSlicePoolStatus"
+    status = "NodeSlicePoolStatus",
+    doc = "A range divided into per-node slices, and which node holds which slice."
 )]
 pub struct NodeSlicePoolSpec {
-    /// Range is a RFC 4632/4291-style string that represents an IP address and prefix length in
-    /// CIDR notation; this refers to the entire range where the node is allocated a subset
+    /// The whole range in CIDR notation, from which each node gets a slice.
     pub range: String,
-    /// SliceSize is the size of subnets or slices of the range that each node will be assigned
+    /// The prefix length of each slice (`/22` or `22`).
     #[serde(rename = "sliceSize")]
     pub slice_size: String,
 }
 
-/// NodeSlicePoolStatus defines the observed state of NodeSlicePool
+/// Which node holds which slice.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct NodeSlicePoolStatus {
-    /// Allocations holds the allocations of nodes to slices
+    /// One entry per slice.
     pub allocations: Vec<NodeSliceAllocation>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct NodeSliceAllocation {
-    /// NodeName is the name of the node assigned to this slice; empty is a free slice
+    /// The node holding the slice; empty while the slice is free.
     #[serde(rename = "nodeName")]
     pub node_name: String,
-    /// SliceRange is the subnet of this slice
+    /// The slice in CIDR notation.
     #[serde(rename = "sliceRange")]
     pub slice_range: String,
 }

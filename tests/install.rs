@@ -1,0 +1,425 @@
+//! `whereabouts install` against a temporary host root: the directories the DaemonSet mounts and
+//! a fake service-account directory, all given by flags.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use clap::Parser;
+use serde_json::{json, Value};
+use whereabouts::cli::install::{self, InstallArgs, InstallError, Settings};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    install: InstallArgs,
+}
+
+const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
+
+/// A temporary host root with `host/opt/cni/bin`, `host/etc/cni/net.d` and a service-account
+/// directory, plus a binary to install.
+struct Host {
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    fn new() -> Host {
+        let host = Host {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        fs::create_dir_all(host.sa()).unwrap();
+        fs::write(host.sa().join("token"), "token-one\n").unwrap();
+        fs::write(host.sa().join("ca.crt"), CA).unwrap();
+        fs::write(host.sa().join("namespace"), "whereabouts-ns").unwrap();
+        fs::write(host.path("source"), b"#!/bin/sh\necho new plugin\n").unwrap();
+        host
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn sa(&self) -> PathBuf {
+        self.path("serviceaccount")
+    }
+
+    fn bin_dir(&self) -> PathBuf {
+        self.path("host/opt/cni/bin")
+    }
+
+    fn wd(&self) -> PathBuf {
+        self.path("host/etc/cni/net.d/whereabouts.d")
+    }
+
+    /// The flags the DaemonSet's environment would give, with `extra` added.
+    fn args(&self, extra: &[&str]) -> InstallArgs {
+        let mut argv: Vec<String> = vec![
+            "install".into(),
+            format!("--cni-bin-dir={}", self.bin_dir().display()),
+            format!(
+                "--cni-conf-dir={}",
+                self.path("host/etc/cni/net.d").display()
+            ),
+            "--host-cni-conf-dir=/etc/cni/net.d".into(),
+            format!("--cni-bin-src={}", self.path("source").display()),
+            format!("--service-account-path={}", self.sa().display()),
+            format!("--kube-ca-file={}", self.sa().join("ca.crt").display()),
+            "--kubernetes-service-host=10.96.0.1".into(),
+            "--kubernetes-service-port=443".into(),
+            "--node-name=node-a".into(),
+            "--reconciler-cron=30 4 * * *".into(),
+        ];
+        // A flag given in `extra` replaces the default one (clap refuses a flag given twice).
+        let flag = |a: &str| a.split('=').next().unwrap_or("").to_string();
+        argv.retain(|a| !extra.iter().any(|e| flag(e) == flag(a)));
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        Cli::try_parse_from(argv).unwrap().install
+    }
+
+    fn settings(&self, extra: &[&str]) -> Settings {
+        Settings::from_args(&self.args(extra)).unwrap()
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+fn kubeconfig(host: &Host) -> Value {
+    serde_saphyr::from_str(&fs::read_to_string(host.wd().join("whereabouts.kubeconfig")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn installs_binary_flat_file_kubeconfig_and_node_name() {
+    let host = Host::new();
+    install::run(host.args(&["--once"])).unwrap();
+
+    let binary = host.bin_dir().join("whereabouts");
+    assert_eq!(
+        fs::read(&binary).unwrap(),
+        fs::read(host.path("source")).unwrap()
+    );
+    assert_eq!(mode(&binary), 0o755);
+
+    // Upstream's flat file, with the paths as the host sees them.
+    let flat: Value =
+        serde_json::from_str(&fs::read_to_string(host.wd().join("whereabouts.conf")).unwrap())
+            .unwrap();
+    assert_eq!(
+        flat,
+        json!({
+            "datastore": "kubernetes",
+            "configuration_path": "/etc/cni/net.d/whereabouts.d",
+            "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"},
+            "reconciler_cron_expression": "30 4 * * *",
+        })
+    );
+    // And the plugin's own config loader accepts it and picks the Kubernetes store from it.
+    let ipam = json!({"type": "whereabouts", "range": "10.0.0.0/24"});
+    let conf = whereabouts::config::load_with_flat_files(
+        Some(&ipam),
+        &[host.wd().join("whereabouts.conf")],
+    )
+    .unwrap();
+    assert_eq!(
+        conf.datastore,
+        whereabouts::config::Datastore::Kubernetes(whereabouts::config::KubernetesConfig {
+            kubeconfig: "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig".into()
+        })
+    );
+
+    assert_eq!(
+        fs::read_to_string(host.wd().join("nodename")).unwrap(),
+        "node-a\n"
+    );
+
+    let path = host.wd().join("whereabouts.kubeconfig");
+    assert_eq!(mode(&path), 0o600);
+    // kube-rs (the plugin's client) reads it...
+    kube::config::Kubeconfig::read_from(&path).unwrap();
+    // ...and it says what it should: https, CA verification on, the token, the namespace.
+    let kc = kubeconfig(&host);
+    assert_eq!(kc["current-context"], "whereabouts-context");
+    let cluster = &kc["clusters"][0]["cluster"];
+    assert_eq!(cluster["server"], "https://10.96.0.1:443");
+    assert!(cluster.get("insecure-skip-tls-verify").is_none());
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(cluster["certificate-authority-data"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(ca, CA.as_bytes());
+    assert_eq!(kc["users"][0]["user"]["token"], "token-one");
+    assert_eq!(kc["contexts"][0]["context"]["namespace"], "whereabouts-ns");
+    assert_eq!(
+        kc["contexts"][0]["context"]["cluster"],
+        kc["clusters"][0]["name"]
+    );
+    assert_eq!(kc["contexts"][0]["context"]["user"], kc["users"][0]["name"]);
+
+    // Nothing else is left in the directories (no temporary files).
+    let names = |dir: PathBuf| {
+        let mut n: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(host.bin_dir()), ["whereabouts"]);
+    assert_eq!(
+        names(host.wd()),
+        ["nodename", "whereabouts.conf", "whereabouts.kubeconfig"]
+    );
+}
+
+#[test]
+fn flags_and_environment_variables_shape_the_output() {
+    let host = Host::new();
+    let settings = host.settings(&[
+        "--kubernetes-service-host=fd00:10:96::1",
+        "--kubernetes-service-port=6443",
+        "--namespace=net",
+        "--log-level=verbose",
+        "--reconciler-cron=*/5 * * * *",
+    ]);
+    install::install_once(&settings).unwrap();
+    let kc = kubeconfig(&host);
+    assert_eq!(
+        kc["clusters"][0]["cluster"]["server"],
+        "https://[fd00:10:96::1]:6443"
+    );
+    assert_eq!(kc["contexts"][0]["context"]["namespace"], "net");
+    let flat: Value =
+        serde_json::from_str(&fs::read_to_string(host.wd().join("whereabouts.conf")).unwrap())
+            .unwrap();
+    assert_eq!(flat["log_level"], "verbose");
+    assert_eq!(flat["reconciler_cron_expression"], "*/5 * * * *");
+
+    // Without the host flag, the container's /host prefix is dropped, as the DaemonSet needs.
+    let mut args = host.args(&[]);
+    args.cni_conf_dir = PathBuf::from("/host/etc/cni/net.d");
+    args.host_cni_conf_dir = None;
+    let settings = Settings::from_args(&args).unwrap();
+    assert_eq!(settings.host_cni_conf_dir, Path::new("/etc/cni/net.d"));
+    assert_eq!(settings.cni_conf_dir, Path::new("/host/etc/cni/net.d"));
+}
+
+#[test]
+fn missing_or_bad_input_is_an_error_not_a_panic() {
+    let host = Host::new();
+    let mut args = host.args(&[]);
+    args.node_name = None;
+    assert!(matches!(
+        Settings::from_args(&args),
+        Err(InstallError::Missing(_))
+    ));
+
+    let mut args = host.args(&[]);
+    args.kubernetes_service_host = Some(" ".into());
+    assert!(Settings::from_args(&args).is_err());
+
+    assert!(Settings::from_args(&host.args(&["--kubernetes-service-port=http"])).is_err());
+    assert!(Settings::from_args(&host.args(&["--log-level=loud"])).is_err());
+    assert!(Settings::from_args(&host.args(&["--host-cni-conf-dir=etc/cni"])).is_err());
+
+    fs::write(host.sa().join("token"), "\n").unwrap();
+    let err = install::install_once(&host.settings(&[])).unwrap_err();
+    assert!(err.to_string().contains("token"), "{err}");
+
+    fs::remove_file(host.sa().join("token")).unwrap();
+    let err = install::install_once(&host.settings(&[])).unwrap_err();
+    assert!(err.to_string().contains("serviceaccount/token"), "{err}");
+}
+
+/// Polls `check` until it holds or `limit` passes.
+fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check()
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn replaces_the_binary_while_the_old_one_runs() {
+    let host = Host::new();
+    // The "old plugin" is a copy of sleep, so it can be left running.
+    let sleep = ["/usr/bin/sleep", "/bin/sleep"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("sleep(1)");
+    fs::copy(sleep, host.path("source")).unwrap();
+    install::install_once(&host.settings(&[])).unwrap();
+    let installed = host.bin_dir().join("whereabouts");
+    let mut old = Running(Command::new(&installed).arg("30").spawn().unwrap());
+    let pid = old.0.id();
+    let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+    assert!(eventually(Duration::from_secs(5), || fs::read_link(&exe)
+        .is_ok_and(|p| p == installed)));
+
+    // Writing over a running binary in place is what Linux refuses: the hazard is real here.
+    let in_place = fs::OpenOptions::new().write(true).open(&installed);
+    assert_eq!(
+        in_place.err().and_then(|e| e.raw_os_error()),
+        Some(libc::ETXTBSY)
+    );
+
+    // The installer renames a new file over it instead.
+    fs::write(host.path("new"), b"#!/bin/sh\necho the new plugin\n").unwrap();
+    let mut args = host.args(&[]);
+    args.cni_bin_src = Some(host.path("new"));
+    install::install_once(&Settings::from_args(&args).unwrap()).unwrap();
+
+    assert!(old.0.try_wait().unwrap().is_none(), "the old process died");
+    assert_eq!(
+        fs::read(&installed).unwrap(),
+        fs::read(host.path("new")).unwrap()
+    );
+    assert_eq!(mode(&installed), 0o755);
+    // The running process keeps the old, now unlinked, file.
+    let link = fs::read_link(&exe).unwrap();
+    assert!(link.to_string_lossy().ends_with("(deleted)"), "{link:?}");
+    let out = Command::new(&installed).output().unwrap();
+    assert_eq!(out.stdout, b"the new plugin\n");
+}
+
+#[test]
+fn rewrites_the_kubeconfig_when_the_token_or_ca_rotates() {
+    let host = Host::new();
+    let settings = host.settings(&["--poll-interval-ms=20"]);
+    install::install_once(&settings).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (settings, stop) = (settings.clone(), stop.clone());
+        std::thread::spawn(move || install::watch(&settings, &stop))
+    };
+    let path = host.wd().join("whereabouts.kubeconfig");
+    let limit = Duration::from_secs(10);
+
+    // The kubelet swaps the projected token atomically; do the same.
+    fs::write(host.sa().join(".token.new"), "token-two").unwrap();
+    fs::rename(host.sa().join(".token.new"), host.sa().join("token")).unwrap();
+    assert!(
+        eventually(limit, || kubeconfig(&host)["users"][0]["user"]["token"]
+            == "token-two"),
+        "the kubeconfig was not rewritten after the token rotated"
+    );
+    assert_eq!(mode(&path), 0o600);
+
+    let new_ca = "-----BEGIN CERTIFICATE-----\nMIIBrotated\n-----END CERTIFICATE-----\n";
+    fs::write(host.sa().join("ca.crt"), new_ca).unwrap();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(new_ca);
+    assert!(
+        eventually(limit, || kubeconfig(&host)["clusters"][0]["cluster"]
+            ["certificate-authority-data"]
+            == encoded.as_str()),
+        "the kubeconfig was not rewritten after the CA rotated"
+    );
+
+    // A deleted kubeconfig comes back.
+    fs::remove_file(&path).unwrap();
+    assert!(eventually(limit, || path.exists()));
+
+    // A token missing for a moment does not end the watcher.
+    fs::remove_file(host.sa().join("token")).unwrap();
+    std::thread::sleep(Duration::from_millis(60));
+    fs::write(host.sa().join("token"), "token-three").unwrap();
+    assert!(eventually(limit, || kubeconfig(&host)["users"][0]["user"]
+        ["token"]
+        == "token-three"));
+
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+}
+
+/// The real binary, with a clean environment (the DaemonSet's variables are given as flags).
+fn binary(host: &Host) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_whereabouts"));
+    cmd.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("CNI_BIN_DIR", host.bin_dir())
+        .env("CNI_CONF_DIR", host.path("host/etc/cni/net.d"))
+        .env("HOST_CNI_CONF_DIR", "/etc/cni/net.d")
+        .env("SERVICE_ACCOUNT_PATH", host.sa())
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443")
+        .env("NODENAME", "node-b");
+    cmd
+}
+
+#[test]
+fn the_binary_installs_itself_from_its_environment() {
+    let host = Host::new();
+    let out = binary(&host).args(["install", "--once"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "stdout is for CNI results only");
+    // With no --cni-bin-src it copies itself.
+    assert_eq!(
+        fs::read(host.bin_dir().join("whereabouts")).unwrap(),
+        fs::read(env!("CARGO_BIN_EXE_whereabouts")).unwrap()
+    );
+    assert_eq!(
+        fs::read_to_string(host.wd().join("nodename")).unwrap(),
+        "node-b\n"
+    );
+    assert_eq!(
+        kubeconfig(&host)["contexts"][0]["context"]["namespace"],
+        "whereabouts-ns"
+    );
+
+    // A missing setting is a clear error and a failing exit code.
+    let out = binary(&host)
+        .env_remove("NODENAME")
+        .args(["install", "--once"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NODENAME"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn the_watcher_stops_on_sigterm() {
+    let host = Host::new();
+    let mut child = Running(
+        binary(&host)
+            .args(["install", "--poll-interval-ms=50"])
+            .spawn()
+            .unwrap(),
+    );
+    let path = host.wd().join("whereabouts.kubeconfig");
+    assert!(eventually(Duration::from_secs(10), || path.exists()));
+    // It stays up...
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.0.try_wait().unwrap().is_none());
+    // ...and, as pid 1 of its container would, ends promptly and cleanly on SIGTERM.
+    let pid = libc::pid_t::try_from(child.0.id()).unwrap();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut status = None;
+    assert!(eventually(Duration::from_secs(5), || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    }));
+    assert!(status.unwrap().success(), "{status:?}");
+}
