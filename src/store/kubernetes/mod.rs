@@ -1,11 +1,161 @@
-//! The Kubernetes engine: the upstream CRDs, compare-and-swap on resourceVersion, no Lease.
+//! The Kubernetes engine: the upstream CRDs (IPPool, OverlappingRangeIPReservation,
+//! NodeSlicePool), compare-and-swap on resourceVersion, no Lease and no leader election.
+//!
+//! Contenders only wait for each other when they write the same pool at the same moment; a
+//! conflict is retried after a jittered pause, a bounded number of times, and an ADD that cannot
+//! finish takes back what it wrote before reporting "try again".
+
+mod allocate;
+mod api;
+mod choose;
+mod connect;
+mod engine;
+mod node_slice;
+mod pool_doc;
+mod release;
+mod reservation;
+mod settings;
+mod spool;
+
+use std::future::Future;
+use std::net::IpAddr;
+
+use tokio::runtime::Runtime;
 
 use crate::config::{IpamConfig, KubernetesConfig};
-use crate::store::{Store, StoreError};
+use crate::store::{AddRequest, AttachmentRequest, GcRequest, Lease, Store, StoreError};
+
+pub use connect::DEFAULT_NAMESPACE;
+pub use node_slice::NODENAME_ENV;
+pub use settings::TIMEOUT_ENV;
+pub use spool::SPOOL_ENV;
+
+use api::{ApiError, Kube};
+use engine::{Engine, UndoLog};
+use settings::Settings;
 
 /// Connects to the API server named by the kubeconfig.
-pub fn open(_ipam: &IpamConfig, _cfg: &KubernetesConfig) -> Result<Box<dyn Store>, StoreError> {
-    Err(StoreError::Config(
-        "datastore \"kubernetes\" is not available in this build yet".into(),
-    ))
+pub fn open(ipam: &IpamConfig, cfg: &KubernetesConfig) -> Result<Box<dyn Store>, StoreError> {
+    let settings = Settings::from_env();
+    // The plugin is a short-lived process: one thread, only around the API calls.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| StoreError::Io(format!("cannot start the I/O runtime: {err}")))?;
+    let connection = runtime.block_on(connect::connect(&cfg.kubeconfig, &settings))?;
+    tracing::debug!(
+        server = %connection.server,
+        namespace = %connection.namespace,
+        "kubernetes datastore"
+    );
+    let kube = Kube::new(
+        connection.client,
+        &connection.namespace,
+        settings.request_timeout,
+        settings.transient,
+    );
+    Ok(Box::new(KubernetesStore {
+        runtime,
+        server: connection.server.clone(),
+        engine: Engine {
+            kube,
+            scope: format!("{} {}", connection.server, connection.namespace),
+            settings,
+            configuration_path: ipam.configuration_path.clone(),
+        },
+    }))
+}
+
+struct KubernetesStore {
+    runtime: Runtime,
+    server: String,
+    engine: Engine,
+}
+
+impl KubernetesStore {
+    /// Runs one operation to completion or to the deadline.
+    fn run<T>(
+        &self,
+        what: &str,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let deadline = self.engine.settings.deadline;
+        self.runtime.block_on(async {
+            match tokio::time::timeout(deadline, op).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::TryAgain(format!(
+                    "{what}: the kubernetes API server at {} did not complete it within {deadline:?}",
+                    self.server
+                ))),
+            }
+        })
+    }
+}
+
+impl Store for KubernetesStore {
+    fn add(&self, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
+        let undo = UndoLog::default();
+        let result = self.run("ADD", self.engine.add(req, &undo));
+        if result.is_err() {
+            let steps = undo.take();
+            if !steps.is_empty() {
+                let budget = self.engine.settings.undo_budget;
+                let undone = self.runtime.block_on(async {
+                    tokio::time::timeout(budget, self.engine.undo(steps)).await
+                });
+                match undone {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => tracing::error!(%err, "could not take back a failed ADD"),
+                    Err(_) => tracing::error!("could not take back a failed ADD in time"),
+                }
+            }
+        }
+        result
+    }
+
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+        self.run("DEL", self.engine.del(req))
+    }
+
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+        self.run("CHECK", self.engine.check(req))
+    }
+
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+        self.run("GC", self.engine.gc(req))
+    }
+
+    fn status(&self) -> Result<(), StoreError> {
+        self.run("STATUS", async {
+            let kube = &self.engine.kube;
+            let missing = |crd: &str| {
+                StoreError::Config(format!(
+                    "the CustomResourceDefinition {crd} is not installed on {}",
+                    self.server
+                ))
+            };
+            match kube.list_pools(Some(1)).await {
+                Ok(_) => {}
+                Err(ApiError::NotFound(_)) => {
+                    return Err(missing("ippools.whereabouts.cni.cncf.io"))
+                }
+                Err(err) => return Err(err.into()),
+            }
+            match kube.list_reservations(Some(1)).await {
+                Ok(_) => Ok(()),
+                Err(ApiError::NotFound(_)) => Err(missing(
+                    "overlappingrangeipreservations.whereabouts.cni.cncf.io",
+                )),
+                Err(err) => Err(err.into()),
+            }
+        })
+    }
+
+    fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
+        self.run("list", self.engine.leases(pool))
+    }
+
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError> {
+        self.run("release", self.engine.release(pool, ip))
+    }
 }

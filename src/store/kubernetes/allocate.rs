@@ -1,0 +1,651 @@
+//! ADD: read the pool, choose, reserve the address network-wide, write the pool entry only if
+//! the pool is unchanged; on conflict wait a jittered while and do it again.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::api::ApiError;
+use super::choose;
+use super::engine::{Engine, Step, UndoLog};
+use super::node_slice;
+use super::pool_doc::{add_op, replace_id_op, PoolDoc};
+use super::reservation::{self, Held};
+use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
+use crate::k8s::crd::IPPool;
+use crate::ipam::names::object_name;
+use crate::ipam::OffsetRuns;
+use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
+
+/// What reserving an address found.
+enum Reserve {
+    Ours(Held),
+    /// Held by another attachment (described for the error message).
+    Taken(String),
+}
+
+impl Engine {
+    /// One address per range, in order; what was written is in `undo` for the caller to take
+    /// back if this fails.
+    pub async fn add(&self, req: &AddRequest, undo: &UndoLog) -> Result<Vec<IpAddr>, StoreError> {
+        let mut ips = Vec::with_capacity(req.ranges.len());
+        for wanted in &req.ranges {
+            let pool = self
+                .pool_for_add(
+                    &wanted.pool,
+                    req.node_slice_size,
+                    &req.network_name,
+                    &req.cni_network,
+                )
+                .await?;
+            let requested = match wanted.requested {
+                // A static address is given as an offset of the configured range; the node's
+                // pool counts from its slice.
+                Some(offset) => {
+                    let ip = wanted.pool.range.cidr.at(offset);
+                    Some(pool.range.cidr.offset_of(ip).ok_or_else(|| {
+                        StoreError::Config(format!(
+                            "requested address {ip} is outside this node's slice {}",
+                            pool.range.cidr
+                        ))
+                    })?)
+                }
+                None => None,
+            };
+            ips.push(self.allocate(&pool, requested, req, undo).await?);
+        }
+        Ok(ips)
+    }
+
+    /// One address of one pool: through the node's spool when there is one (so that a burst
+    /// on the node costs one pool write), otherwise directly.
+    async fn allocate(
+        &self,
+        pool: &PoolRef,
+        requested: Option<u128>,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let job = Job::new(&req.attachment, requested);
+        let node = std::env::var(node_slice::NODENAME_ENV).ok();
+        let spool = Spool::open(
+            &self.scope,
+            node.as_deref(),
+            &object_name(&pool.name),
+            &pool.range,
+            &req.network_name,
+            req.overlap,
+        );
+        let Some(spool) = spool else {
+            return self.serve_one(pool, req, job, undo).await;
+        };
+        let Ok(ticket) = spool.submit(&job) else {
+            return self.serve_one(pool, req, job, undo).await;
+        };
+        loop {
+            if let Some(answer) = spool.answer(&ticket) {
+                return self.accept(answer, pool, req, undo);
+            }
+            if let Some(lock) = spool.try_lock() {
+                if let Some(answer) = spool.answer(&ticket) {
+                    return self.accept(answer, pool, req, undo);
+                }
+                return self.lead(&spool, &lock, &ticket, &job, pool, req, undo).await;
+            }
+            tokio::time::sleep(SPOOL_POLL).await;
+        }
+    }
+
+    /// Holding the spool's lock: serves every waiting request, ours included, in batches, until
+    /// nobody waits. Each batch after the first starts from the pool this process just wrote,
+    /// so while the node is the only writer a batch costs a single request to the pool.
+    #[allow(clippy::too_many_arguments)]
+    async fn lead(
+        &self,
+        spool: &Spool,
+        lock: &Lock,
+        ticket: &Ticket,
+        job: &Job,
+        pool: &PoolRef,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let who = &req.attachment;
+        let mut mine: Option<Result<IpAddr, StoreError>> = None;
+        let mut known: Option<IPPool> = None;
+        let started = tokio::time::Instant::now();
+        loop {
+            let mut pending = spool.pending(lock);
+            if mine.is_some() {
+                pending.retain(|(id, _)| *id != ticket.id);
+            } else if !pending.iter().any(|(id, _)| *id == ticket.id) {
+                pending.push((ticket.id.clone(), job.clone()));
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let jobs: Vec<Job> = pending.iter().map(|(_, j)| j.clone()).collect();
+            match self.serve(pool, req, jobs, known.take(), undo).await {
+                Ok((results, written)) => {
+                    for ((id, _), result) in pending.iter().zip(results) {
+                        if *id == ticket.id {
+                            mine = Some(result.map(|granted| granted.ip));
+                        } else {
+                            spool.reply(lock, id, &Answer(result.map_err(|e| Failure::from(&e))));
+                        }
+                    }
+                    // Served: the neighbours' allocations are theirs to take back.
+                    undo.split_off_others(&who.container_id, &who.ifname);
+                    known = written;
+                }
+                Err(err) => {
+                    // The batch failed as a whole: take back what it wrote for the neighbours
+                    // and tell them.
+                    let others = undo.split_off_others(&who.container_id, &who.ifname);
+                    if let Err(undo_err) = self.undo(others).await {
+                        tracing::error!(%undo_err, "could not take back a failed batch");
+                    }
+                    for (id, _) in pending.iter().filter(|(id, _)| *id != ticket.id) {
+                        spool.reply(lock, id, &Answer(Err(Failure::from(&err))));
+                    }
+                    if mine.is_none() {
+                        mine = Some(Err(err));
+                    }
+                    break;
+                }
+            }
+            // Leave the rest to the next process once this one has served long enough.
+            if started.elapsed() > self.settings.request_timeout {
+                break;
+            }
+        }
+        mine.unwrap_or_else(|| Err(StoreError::Io("the spool lost this request".into())))
+    }
+
+    /// Takes an answer left by the process that served this request.
+    fn accept(
+        &self,
+        answer: Answer,
+        pool: &PoolRef,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let granted = answer.0.map_err(StoreError::from)?;
+        if granted.fresh {
+            let who = &req.attachment;
+            undo.push(Step::PoolEntry {
+                pool: object_name(&pool.name),
+                cidr: pool.range.cidr,
+                key: granted.key.clone(),
+                container_id: who.container_id.clone(),
+                ifname: who.ifname.clone(),
+            });
+            if let Some((name, uid)) = granted.reservation {
+                undo.push(Step::Reservation {
+                    held: Held { name, uid },
+                    container_id: who.container_id.clone(),
+                    ifname: who.ifname.clone(),
+                });
+            }
+        }
+        Ok(granted.ip)
+    }
+
+    async fn serve_one(
+        &self,
+        pool: &PoolRef,
+        req: &AddRequest,
+        job: Job,
+        undo: &UndoLog,
+    ) -> Result<IpAddr, StoreError> {
+        let (mut results, _) = self.serve(pool, req, vec![job], None, undo).await?;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Io("no result".into())))
+            .map(|granted| granted.ip)
+    }
+
+    /// Allocates for every job with one read and one write of the pool (more on conflict).
+    /// A job that cannot be served (pool full, static address held) gets its error; a failure
+    /// of the pool itself fails the whole call, its writes left in `undo`.
+    /// `known` is the pool as this process last wrote it, tried before reading it again.
+    /// Returns the results and the pool as written.
+    async fn serve(
+        &self,
+        pool: &PoolRef,
+        req: &AddRequest,
+        jobs: Vec<Job>,
+        mut known: Option<IPPool>,
+        undo: &UndoLog,
+    ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>), StoreError> {
+        let name = object_name(&pool.name);
+        let range = &pool.range;
+        let mut slots: Vec<Slot> = jobs.into_iter().map(Slot::new).collect();
+        // The same attachment twice (a runtime retrying while the first call waits) is one job.
+        let twin_of: Vec<Option<usize>> = (0..slots.len())
+            .map(|i| (0..i).find(|j| slots[*j].who.same_owner(&slots[i].who)))
+            .collect();
+        let mut conflicts = 0u32;
+        // The resourceVersion of the last write that failed: reading it back unchanged means the
+        // write was refused for another reason than a concurrent change.
+        let mut failed_rv: Option<String> = None;
+        loop {
+            let object = match known.take() {
+                Some(object) => Some(object),
+                None => self.kube.get_pool(&name).await?,
+            };
+            let doc = PoolDoc::new(&name, range.cidr, object)?;
+            if let (Some(failed), Some(now)) = (&failed_rv, doc.resource_version()) {
+                if failed == now {
+                    return Err(StoreError::Io(format!(
+                        "the API server refused the update of IPPool {name} although it is unchanged"
+                    )));
+                }
+            }
+            let mut taken = doc.taken();
+            for slot in &slots {
+                if let Some((offset, _)) = &slot.reserved {
+                    taken.insert(*offset);
+                }
+            }
+            let mut ops = Vec::new();
+            let mut fresh_entries = Vec::new();
+            let mut planned: Vec<(usize, u128, String, bool)> = Vec::new();
+            for i in 0..slots.len() {
+                if slots[i].done.is_some() || twin_of[i].is_some() {
+                    continue;
+                }
+                let who = slots[i].who.clone();
+                if let Some(entry) = doc.held_by_same_owner(&who) {
+                    // A repeated ADD: hand back what the owner holds, with the new container ID.
+                    if let Some((offset, held)) = slots[i].reserved.take() {
+                        if offset == entry.offset {
+                            undo.forget_reservation(&held);
+                        } else {
+                            self.drop_reservation(&held, undo).await?;
+                        }
+                    }
+                    if entry.attachment.container_id != who.container_id {
+                        ops.push(replace_id_op(&entry.key, &who.container_id));
+                    }
+                    planned.push((i, entry.offset, entry.key, false));
+                    continue;
+                }
+                if let Some((offset, held)) = slots[i].reserved.take() {
+                    if doc.taken().contains(offset) {
+                        // Written meanwhile by someone that does not use reservations.
+                        self.drop_reservation(&held, undo).await?;
+                        slots[i].avoid.insert(offset);
+                    } else {
+                        slots[i].reserved = Some((offset, held));
+                    }
+                }
+                let offset = match &slots[i].reserved {
+                    Some((offset, _)) => *offset,
+                    None => match self.choose(pool, &doc, &taken, &mut slots[i], req, undo).await? {
+                        Ok(offset) => offset,
+                        Err(err) => {
+                            slots[i].done = Some(Err(err));
+                            continue;
+                        }
+                    },
+                };
+                taken.insert(offset);
+                let key = doc.key_of(offset).ok_or_else(|| {
+                    StoreError::Io(format!("IPPool {name} cannot record {}", range.ip(offset)))
+                })?;
+                undo.push(Step::PoolEntry {
+                    pool: name.clone(),
+                    cidr: range.cidr,
+                    key: key.clone(),
+                    container_id: who.container_id.clone(),
+                    ifname: who.ifname.clone(),
+                });
+                ops.push(add_op(&key, &who));
+                fresh_entries.push((key.clone(), who));
+                planned.push((i, offset, key, true));
+            }
+
+            if req.sleep_for_race > 0 && !ops.is_empty() {
+                tokio::time::sleep(Duration::from_secs(req.sleep_for_race)).await;
+            }
+            let written = match (ops.is_empty(), doc.resource_version()) {
+                (true, _) => Ok(doc.object.clone()),
+                (false, Some(rv)) => {
+                    let result = self.kube.patch_pool(&name, rv, &ops).await;
+                    if result.is_err() {
+                        failed_rv = Some(rv.to_string());
+                    }
+                    result.map(Some)
+                }
+                (false, None) => {
+                    failed_rv = None;
+                    self.kube
+                        .create_pool(&doc.new_object(&fresh_entries))
+                        .await
+                        .map(Some)
+                }
+            };
+            match written {
+                Ok(written) => {
+                    for (i, offset, key, fresh) in planned {
+                        let ip = range.ip(offset);
+                        if !fresh && req.overlap {
+                            self.ensure_reservation(ip, &slots[i].who, &req.network_name)
+                                .await?;
+                        }
+                        let reservation = slots[i]
+                            .reserved
+                            .take()
+                            .map(|(_, held)| (held.name, held.uid));
+                        slots[i].done = Some(Ok(Granted {
+                            ip,
+                            key,
+                            reservation,
+                            fresh,
+                        }));
+                    }
+                    let mut results: Vec<Result<Granted, StoreError>> = Vec::new();
+                    for i in 0..slots.len() {
+                        let result = match twin_of[i] {
+                            Some(first) => match &slots[first].done {
+                                Some(Ok(granted)) => Ok(Granted {
+                                    fresh: false,
+                                    reservation: None,
+                                    ..granted.clone()
+                                }),
+                                Some(Err(err)) => Err(err.clone()),
+                                None => Err(StoreError::Io("not served".into())),
+                            },
+                            None => slots[i]
+                                .done
+                                .take()
+                                .unwrap_or_else(|| Err(StoreError::Io("not served".into()))),
+                        };
+                        results.push(result);
+                    }
+                    return Ok((results, written));
+                }
+                Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
+                    conflicts = self.after_conflict(&name, conflicts).await?;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// Chooses the job's address and reserves it; Ok(Err) when this job cannot be served.
+    async fn choose(
+        &self,
+        pool: &PoolRef,
+        doc: &PoolDoc,
+        taken: &OffsetRuns,
+        slot: &mut Slot,
+        req: &AddRequest,
+        undo: &UndoLog,
+    ) -> Result<Result<u128, StoreError>, StoreError> {
+        let range = &pool.range;
+        loop {
+            let offset = match slot.requested {
+                Some(offset) => {
+                    if let Err(err) = self.check_requested(pool, doc, offset) {
+                        return Ok(Err(err));
+                    }
+                    offset
+                }
+                None => {
+                    let Some(offset) = choose::candidate(
+                        range,
+                        taken,
+                        &slot.avoid,
+                        choose::seed(&slot.who, slot.salt),
+                    ) else {
+                        return Ok(Err(StoreError::Exhausted {
+                            range: range.to_string(),
+                        }));
+                    };
+                    if doc.unaddressable(offset) {
+                        slot.avoid.insert(offset);
+                        continue;
+                    }
+                    offset
+                }
+            };
+            if !req.overlap {
+                return Ok(Ok(offset));
+            }
+            match self
+                .reserve(range.ip(offset), &slot.who, &req.network_name, undo)
+                .await?
+            {
+                Reserve::Ours(held) => {
+                    slot.reserved = Some((offset, held));
+                    return Ok(Ok(offset));
+                }
+                Reserve::Taken(holder) => {
+                    if slot.requested.is_some() {
+                        return Ok(Err(StoreError::InUse {
+                            ip: range.ip(offset),
+                            range: range.to_string(),
+                            holder,
+                        }));
+                    }
+                    slot.avoid.insert(offset);
+                    slot.salt += 1;
+                }
+            }
+        }
+    }
+
+    /// Counts a conflict and waits before the next attempt; gives up when the bound is reached.
+    async fn after_conflict(&self, pool: &str, conflicts: u32) -> Result<u32, StoreError> {
+        let conflicts = conflicts + 1;
+        let backoff = &self.settings.conflicts;
+        if conflicts >= backoff.attempts {
+            return Err(StoreError::TryAgain(format!(
+                "IPPool {pool} kept changing under {conflicts} attempts to update it; gave up"
+            )));
+        }
+        tokio::time::sleep(backoff.delay(conflicts)).await;
+        Ok(conflicts)
+    }
+
+    fn check_requested(
+        &self,
+        pool: &PoolRef,
+        doc: &PoolDoc,
+        offset: u128,
+    ) -> Result<(), StoreError> {
+        let range = &pool.range;
+        if offset > range.cidr.last_offset() || doc.unaddressable(offset) {
+            return Err(StoreError::Config(format!(
+                "requested address {} cannot be held in pool {}",
+                range.ip(offset),
+                doc.name
+            )));
+        }
+        if let Some(holder) = doc.entries().into_iter().find(|e| e.offset == offset) {
+            return Err(StoreError::InUse {
+                ip: range.ip(offset),
+                range: range.to_string(),
+                holder: describe(&holder.attachment),
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates the reservation of `ip`, or finds who holds it.
+    async fn reserve(
+        &self,
+        ip: IpAddr,
+        who: &Attachment,
+        network_name: &str,
+        undo: &UndoLog,
+    ) -> Result<Reserve, StoreError> {
+        let name = reservation::name(ip, network_name);
+        let object = reservation::new_object(&name, who);
+        // A reservation can vanish between the failed create and the read; try again then.
+        for _ in 0..3 {
+            match self.kube.create_reservation(&object).await {
+                Ok(created) => {
+                    let held = Held::of(&created);
+                    undo.push(reservation_step(&held, who));
+                    return Ok(Reserve::Ours(held));
+                }
+                Err(ApiError::AlreadyExists(_)) => {}
+                Err(err) => return Err(err.into()),
+            }
+            match self.kube.get_reservation(&name).await? {
+                // Left by an earlier attempt of this same attachment: adopt it.
+                Some(found) if reservation::held_by(&found, who) => {
+                    let held = Held::of(&found);
+                    undo.push(reservation_step(&held, who));
+                    return Ok(Reserve::Ours(held));
+                }
+                Some(found) => {
+                    return Ok(Reserve::Taken(format!(
+                        "{} (reservation {name})",
+                        describe(&Attachment {
+                            container_id: found.spec.containerid.clone(),
+                            ifname: found.spec.ifname.clone(),
+                            pod_ref: Some(found.spec.podref.clone()),
+                            pod_uid: None,
+                        })
+                    )))
+                }
+                None => continue,
+            }
+        }
+        Err(StoreError::TryAgain(format!(
+            "reservation {name} keeps appearing and disappearing"
+        )))
+    }
+
+    /// A repeated ADD keeps its reservation: re-create it if it is missing.
+    async fn ensure_reservation(
+        &self,
+        ip: IpAddr,
+        who: &Attachment,
+        network_name: &str,
+    ) -> Result<(), StoreError> {
+        let name = reservation::name(ip, network_name);
+        match self
+            .kube
+            .create_reservation(&reservation::new_object(&name, who))
+            .await
+        {
+            Ok(_) | Err(ApiError::AlreadyExists(_)) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn drop_reservation(&self, held: &Held, undo: &UndoLog) -> Result<(), StoreError> {
+        match self
+            .kube
+            .delete_reservation(&held.name, held.uid.as_deref(), None)
+            .await
+        {
+            // A failed precondition: the object is no longer the one we created.
+            Ok(()) | Err(ApiError::Conflict(_)) => {
+                undo.forget_reservation(held);
+                Ok(())
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Takes back what a failed ADD wrote: pool entries first (only those still held by the
+    /// attachment), then reservations, so an address is never in a pool without its
+    /// reservation. Returns the first failure, after trying everything.
+    pub async fn undo(&self, steps: Vec<Step>) -> Result<(), StoreError> {
+        let mut first_error = None;
+        let (entries, reservations): (Vec<_>, Vec<_>) = steps
+            .into_iter()
+            .partition(|s| matches!(s, Step::PoolEntry { .. }));
+        for step in entries.into_iter().rev() {
+            if let Step::PoolEntry {
+                pool,
+                cidr,
+                key,
+                container_id,
+                ifname,
+            } = step
+            {
+                let result = self
+                    .remove_entries(&pool, cidr, |e| {
+                        e.key == key
+                            && e.attachment.container_id == container_id
+                            && e.attachment.ifname == ifname
+                    })
+                    .await;
+                if let Err(err) = result {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        for step in reservations.into_iter().rev() {
+            if let Step::Reservation { held, .. } = step {
+                let result = self
+                    .kube
+                    .delete_reservation(&held.name, held.uid.as_deref(), None)
+                    .await;
+                match result {
+                    Ok(()) | Err(ApiError::Conflict(_)) => {}
+                    Err(err) => {
+                        first_error.get_or_insert(err.into());
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+}
+
+fn reservation_step(held: &Held, who: &Attachment) -> Step {
+    Step::Reservation {
+        held: held.clone(),
+        container_id: who.container_id.clone(),
+        ifname: who.ifname.clone(),
+    }
+}
+
+/// One job of a batch while it is being served.
+struct Slot {
+    who: Attachment,
+    requested: Option<u128>,
+    /// Addresses whose reservation another attachment holds (the pool does not show them).
+    avoid: BTreeSet<u128>,
+    reserved: Option<(u128, Held)>,
+    salt: u32,
+    done: Option<Result<Granted, StoreError>>,
+}
+
+impl Slot {
+    fn new(job: Job) -> Slot {
+        Slot {
+            who: job.attachment(),
+            requested: job.requested(),
+            avoid: BTreeSet::new(),
+            reserved: None,
+            salt: 0,
+            done: None,
+        }
+    }
+}
+
+/// How often a waiting ADD looks for its answer or for the spool's lock.
+const SPOOL_POLL: Duration = Duration::from_micros(500);
+
+/// The holder of an address, for messages.
+pub fn describe(who: &Attachment) -> String {
+    match &who.pod_ref {
+        Some(pod) if !pod.is_empty() => format!(
+            "pod {pod} (container {}, interface {})",
+            who.container_id, who.ifname
+        ),
+        _ => format!("container {} (interface {})", who.container_id, who.ifname),
+    }
+}

@@ -1,0 +1,261 @@
+//! The API calls the engine makes, each under a timeout, with failures sorted by what the caller
+//! should do about them.
+
+use std::future::Future;
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use serde_json::Value;
+
+use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
+use crate::store::retry::Backoff;
+use crate::store::StoreError;
+
+/// A failed API call, by what to do next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// The object changed since it was read (409 Conflict, or a failed `test` op: 422).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Create of a name that exists (409 AlreadyExists).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Unreachable, too slow, overloaded (5xx, 429): nothing is known to have been written.
+    #[error("{0}")]
+    Transient(String),
+    /// Refused for good (401, 403, 400, ...): retrying cannot help.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ApiError {
+    fn from_kube(what: &str, err: kube::Error) -> ApiError {
+        match err {
+            kube::Error::Api(status) => {
+                let text = format!("{what}: {} ({})", status.message, status.code);
+                match status.code {
+                    409 if status.reason == "AlreadyExists" => ApiError::AlreadyExists(text),
+                    409 => ApiError::Conflict(text),
+                    404 => ApiError::NotFound(text),
+                    // A JSON patch whose `test` op fails is answered 422; the caller re-reads to
+                    // tell it from a validation error.
+                    422 => ApiError::Conflict(text),
+                    429 | 500..=599 => ApiError::Transient(text),
+                    _ => ApiError::Refused(text),
+                }
+            }
+            kube::Error::HyperError(_) | kube::Error::Service(_) => {
+                ApiError::Transient(format!("{what}: {}", error_chain(&err)))
+            }
+            // A body that does not parse usually comes from something in front of the API server
+            // (a proxy, a restarting server); the next attempt may reach the real thing.
+            kube::Error::SerdeError(_) | kube::Error::ReadEvents(_) => {
+                ApiError::Transient(format!("{what}: {}", error_chain(&err)))
+            }
+            other => ApiError::Refused(format!("{what}: {}", error_chain(&other))),
+        }
+    }
+
+    /// As a store error: transient failures are "try again" (CNI code 11).
+    pub fn into_store(self) -> StoreError {
+        match self {
+            ApiError::Transient(msg) => {
+                StoreError::TryAgain(format!("kubernetes API server unavailable: {msg}"))
+            }
+            ApiError::Conflict(msg) => {
+                StoreError::TryAgain(format!("kubernetes object kept changing, gave up: {msg}"))
+            }
+            ApiError::Refused(msg) | ApiError::AlreadyExists(msg) | ApiError::NotFound(msg) => {
+                StoreError::Io(format!("kubernetes API server refused: {msg}"))
+            }
+        }
+    }
+}
+
+impl From<ApiError> for StoreError {
+    fn from(err: ApiError) -> StoreError {
+        err.into_store()
+    }
+}
+
+/// The error with its causes, which carry the useful part ("connection refused").
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The three custom resources in the engine's namespace.
+#[derive(Clone)]
+pub struct Kube {
+    pub pools: Api<IPPool>,
+    pub reservations: Api<OverlappingRangeIPReservation>,
+    pub slices: Api<NodeSlicePool>,
+    pub request_timeout: Duration,
+    pub transient: Backoff,
+}
+
+impl Kube {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        request_timeout: Duration,
+        transient: Backoff,
+    ) -> Kube {
+        Kube {
+            pools: Api::namespaced(client.clone(), namespace),
+            reservations: Api::namespaced(client.clone(), namespace),
+            slices: Api::namespaced(client, namespace),
+            request_timeout,
+            transient,
+        }
+    }
+
+    /// Runs one request under the request timeout, retrying transient failures a few times.
+    /// Retrying is safe for every call made here: a create that did land is seen as
+    /// AlreadyExists, a patch that did land fails its resourceVersion test, a delete that did
+    /// land is NotFound; each caller handles those outcomes.
+    async fn call<T, F, Fut>(&self, what: &str, mut request: F) -> Result<T, ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let outcome = match tokio::time::timeout(self.request_timeout, request()).await {
+                Ok(result) => result.map_err(|err| ApiError::from_kube(what, err)),
+                Err(_) => Err(ApiError::Transient(format!(
+                    "{what}: no answer within {:?}",
+                    self.request_timeout
+                ))),
+            };
+            match outcome {
+                Err(ApiError::Transient(msg)) if attempt < self.transient.attempts => {
+                    attempt += 1;
+                    tracing::debug!(%msg, attempt, "transient failure, retrying");
+                    tokio::time::sleep(self.transient.delay(attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn get_pool(&self, name: &str) -> Result<Option<IPPool>, ApiError> {
+        let what = format!("get IPPool {name}");
+        self.call(&what, || self.pools.get_opt(name)).await
+    }
+
+    pub async fn create_pool(&self, pool: &IPPool) -> Result<IPPool, ApiError> {
+        let name = pool.metadata.name.as_deref().unwrap_or_default();
+        let what = format!("create IPPool {name}");
+        let pp = PostParams::default();
+        self.call(&what, || self.pools.create(&pp, pool)).await
+    }
+
+    /// Applies JSON patch `ops` to the pool only if its resourceVersion is still `rv`.
+    pub async fn patch_pool(
+        &self,
+        name: &str,
+        rv: &str,
+        ops: &[Value],
+    ) -> Result<IPPool, ApiError> {
+        let what = format!("update IPPool {name}");
+        let mut all = Vec::with_capacity(ops.len() + 1);
+        all.push(
+            serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}),
+        );
+        all.extend_from_slice(ops);
+        let patch = serde_json::from_value(Value::Array(all))
+            .map_err(|err| ApiError::Refused(format!("{what}: cannot build patch: {err}")))?;
+        let patch: Patch<()> = Patch::Json(patch);
+        let pp = PatchParams::default();
+        self.call(&what, || self.pools.patch(name, &pp, &patch))
+            .await
+    }
+
+    pub async fn list_pools(&self, limit: Option<u32>) -> Result<Vec<IPPool>, ApiError> {
+        let mut lp = ListParams::default();
+        if let Some(limit) = limit {
+            lp = lp.limit(limit);
+        }
+        Ok(self
+            .call("list IPPools", || self.pools.list(&lp))
+            .await?
+            .items)
+    }
+
+    pub async fn get_reservation(
+        &self,
+        name: &str,
+    ) -> Result<Option<OverlappingRangeIPReservation>, ApiError> {
+        let what = format!("get OverlappingRangeIPReservation {name}");
+        self.call(&what, || self.reservations.get_opt(name)).await
+    }
+
+    pub async fn create_reservation(
+        &self,
+        reservation: &OverlappingRangeIPReservation,
+    ) -> Result<OverlappingRangeIPReservation, ApiError> {
+        let name = reservation.metadata.name.as_deref().unwrap_or_default();
+        let what = format!("create OverlappingRangeIPReservation {name}");
+        let pp = PostParams::default();
+        self.call(&what, || self.reservations.create(&pp, reservation))
+            .await
+    }
+
+    /// Deletes the reservation only if it is still the object read (same uid and version), so a
+    /// reservation re-created by someone else in between is never removed. Gone already is fine.
+    pub async fn delete_reservation(
+        &self,
+        name: &str,
+        uid: Option<&str>,
+        rv: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let what = format!("delete OverlappingRangeIPReservation {name}");
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: uid.map(str::to_string),
+                resource_version: rv.map(str::to_string),
+            }),
+            ..DeleteParams::default()
+        };
+        match self
+            .call(&what, || self.reservations.delete(name, &dp))
+            .await
+        {
+            Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    pub async fn list_reservations(
+        &self,
+        limit: Option<u32>,
+    ) -> Result<Vec<OverlappingRangeIPReservation>, ApiError> {
+        let mut lp = ListParams::default();
+        if let Some(limit) = limit {
+            lp = lp.limit(limit);
+        }
+        Ok(self
+            .call("list OverlappingRangeIPReservations", || {
+                self.reservations.list(&lp)
+            })
+            .await?
+            .items)
+    }
+
+    pub async fn get_slice_pool(&self, name: &str) -> Result<Option<NodeSlicePool>, ApiError> {
+        let what = format!("get NodeSlicePool {name}");
+        self.call(&what, || self.slices.get_opt(name)).await
+    }
+}

@@ -1,0 +1,151 @@
+//! The engine's shared state: the API, the limits, and how to find this node's pools.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use super::api::{ApiError, Kube};
+use super::node_slice;
+use super::reservation::Held;
+use super::settings::Settings;
+use crate::ipam::Cidr;
+use crate::store::{PoolRef, StoreError};
+
+pub struct Engine {
+    pub kube: Kube,
+    /// The API server and namespace: requests for different clusters never share a spool.
+    pub scope: String,
+    pub settings: Settings,
+    pub configuration_path: Option<PathBuf>,
+}
+
+/// Something an ADD wrote that must be taken back if the ADD cannot finish.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// A reservation this ADD created (or adopted from an earlier attempt of the same owner),
+    /// for the attachment (container ID, interface).
+    Reservation {
+        held: Held,
+        container_id: String,
+        ifname: String,
+    },
+    /// A pool entry this ADD sent (it may or may not have landed).
+    PoolEntry {
+        pool: String,
+        cidr: Cidr,
+        key: String,
+        container_id: String,
+        ifname: String,
+    },
+}
+
+impl Step {
+    fn belongs_to(&self, container: &str, interface: &str) -> bool {
+        match self {
+            Step::Reservation {
+                container_id,
+                ifname,
+                ..
+            }
+            | Step::PoolEntry {
+                container_id,
+                ifname,
+                ..
+            } => container_id == container && ifname == interface,
+        }
+    }
+}
+
+/// The steps of the running ADD. It lives outside the ADD's future so that the steps survive
+/// the future being dropped at the deadline.
+#[derive(Default)]
+pub struct UndoLog(Mutex<Vec<Step>>);
+
+impl UndoLog {
+    pub fn push(&self, step: Step) {
+        if let Ok(mut steps) = self.0.lock() {
+            steps.push(step);
+        }
+    }
+
+    /// Forgets a reservation that was released on the way, or that turned out to belong to an
+    /// allocation made before this ADD.
+    pub fn forget_reservation(&self, held: &Held) {
+        if let Ok(mut steps) = self.0.lock() {
+            steps.retain(|s| !matches!(s, Step::Reservation { held: h, .. } if h == held));
+        }
+    }
+
+    /// Removes and returns the steps taken for other attachments than (container, ifname): a
+    /// process that served its neighbours' requests is not answerable for them once served.
+    pub fn split_off_others(&self, container: &str, interface: &str) -> Vec<Step> {
+        let Ok(mut steps) = self.0.lock() else {
+            return Vec::new();
+        };
+        let (mine, others): (Vec<Step>, Vec<Step>) = std::mem::take(&mut *steps)
+            .into_iter()
+            .partition(|s| s.belongs_to(container, interface));
+        *steps = mine;
+        others
+    }
+
+    pub fn take(&self) -> Vec<Step> {
+        self.0
+            .lock()
+            .map(|mut steps| std::mem::take(&mut *steps))
+            .unwrap_or_default()
+    }
+}
+
+impl Engine {
+    /// The pool an operation works on: the configured one, or this node's slice of it.
+    pub async fn effective_pool(
+        &self,
+        configured: &PoolRef,
+        node_slice_size: Option<u8>,
+        network_name: &str,
+        cni_network: &str,
+    ) -> Result<Option<PoolRef>, StoreError> {
+        if node_slice_size.is_none() {
+            return Ok(Some(configured.clone()));
+        }
+        let node = node_slice::node_name(self.configuration_path.as_deref())?;
+        let name = node_slice::slice_pool_name(network_name, cni_network);
+        let Some(slices) = self
+            .kube
+            .get_slice_pool(&name)
+            .await
+            .map_err(ApiError::into_store)?
+        else {
+            return Ok(None);
+        };
+        let Some(slice) = node_slice::slice_of(&slices, &node)? else {
+            return Ok(None);
+        };
+        node_slice::node_pool(configured, slice, network_name, &node).map(Some)
+    }
+
+    /// As [`Engine::effective_pool`], for an ADD: a missing slice is a clear error.
+    pub async fn pool_for_add(
+        &self,
+        configured: &PoolRef,
+        node_slice_size: Option<u8>,
+        network_name: &str,
+        cni_network: &str,
+    ) -> Result<PoolRef, StoreError> {
+        match self
+            .effective_pool(configured, node_slice_size, network_name, cni_network)
+            .await?
+        {
+            Some(pool) => Ok(pool),
+            None => {
+                let node = node_slice::node_name(self.configuration_path.as_deref())?;
+                let name = node_slice::slice_pool_name(network_name, cni_network);
+                Err(StoreError::Config(format!(
+                    "node_slice_size is set but NodeSlicePool {name} (namespace {}) assigns no slice of {} to node {node} yet; the node slice controller assigns slices",
+                    self.kube.pools.namespace().unwrap_or_default(),
+                    configured.range.cidr
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Node slices ("fast IPAM"): a NodeSlicePool assigns each node a slice of the range, and the
+//! node allocates from its own pool `[network_name-]<node>-<slice>`, so nodes never contend.
+
+use std::path::{Path, PathBuf};
+
+use crate::ipam::names::{object_name, pool_name};
+use crate::ipam::{Cidr, Range, RangeSpec};
+use crate::k8s::crd::NodeSlicePool;
+use crate::store::{PoolRef, StoreError};
+
+/// The environment variable that names this node (set by the installer's DaemonSet).
+pub const NODENAME_ENV: &str = "NODENAME";
+
+/// This node's name: `$NODENAME`, else the `nodename` file beside the flat file
+/// (`configuration_path` may name the folder or the file), else `/etc/hostname`.
+pub fn node_name(configuration_path: Option<&Path>) -> Result<String, StoreError> {
+    node_name_from(
+        std::env::var(NODENAME_ENV).ok(),
+        configuration_path,
+        Path::new("/etc/hostname"),
+    )
+}
+
+pub fn node_name_from(
+    env: Option<String>,
+    configuration_path: Option<&Path>,
+    hostname_file: &Path,
+) -> Result<String, StoreError> {
+    if let Some(name) = env.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()) {
+        return Ok(name);
+    }
+    let mut tried: Vec<PathBuf> = Vec::new();
+    if let Some(path) = configuration_path {
+        let dir = if path.is_dir() {
+            Some(path)
+        } else {
+            path.parent()
+        };
+        if let Some(dir) = dir {
+            tried.push(dir.join("nodename"));
+        }
+    }
+    tried.push(hostname_file.to_path_buf());
+    for file in &tried {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            let name = text.trim();
+            if !name.is_empty() {
+                return Ok(name.to_string());
+            }
+        }
+    }
+    Err(StoreError::Config(format!(
+        "node_slice_size is set but this node's name is unknown: set ${NODENAME_ENV} or write it to {}",
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    )))
+}
+
+/// The NodeSlicePool's name: the network name, else the CNI network's `name` (as upstream).
+pub fn slice_pool_name(network_name: &str, cni_network: &str) -> String {
+    if network_name.is_empty() {
+        object_name(cni_network)
+    } else {
+        object_name(network_name)
+    }
+}
+
+/// The slice assigned to `node` in the NodeSlicePool.
+pub fn slice_of(pool: &NodeSlicePool, node: &str) -> Result<Option<Cidr>, StoreError> {
+    let Some(status) = &pool.status else {
+        return Ok(None);
+    };
+    let Some(found) = status.allocations.iter().find(|a| a.node_name == node) else {
+        return Ok(None);
+    };
+    Cidr::parse(&found.slice_range, false)
+        .map(|c| Some(c.network()))
+        .ok_or_else(|| {
+            StoreError::Io(format!(
+                "NodeSlicePool {} gives node {node} the slice {:?}, which is not a CIDR",
+                pool.metadata.name.as_deref().unwrap_or_default(),
+                found.slice_range
+            ))
+        })
+}
+
+/// The node's pool: the configured range narrowed to the slice, keeping its bounds, exclusions
+/// and gateway.
+pub fn node_pool(
+    configured: &PoolRef,
+    slice: Cidr,
+    network_name: &str,
+    node: &str,
+) -> Result<PoolRef, StoreError> {
+    let whole = configured.range.cidr;
+    if !whole.overlaps(&slice) || slice.prefix < whole.prefix {
+        return Err(StoreError::Config(format!(
+            "this node's slice {slice} is not inside the configured range {whole}"
+        )));
+    }
+    let spec = RangeSpec {
+        cidr: slice,
+        start: None,
+        end: None,
+        exclude: configured.spec.exclude.clone(),
+    };
+    let mut range = Range::resolve(&spec, configured.gateway)
+        .map_err(|err| StoreError::Config(format!("node slice {slice}: {err}")))?;
+    // The configured bounds, as absolute values, intersected with the slice's own.
+    let lo = whole.base() + configured.range.first;
+    let hi = whole.base() + configured.range.last;
+    let slice_lo = slice.base() + range.first;
+    let slice_hi = slice.base() + range.last;
+    let (first, last) = (lo.max(slice_lo), hi.min(slice_hi));
+    if first > last {
+        return Err(StoreError::Exhausted {
+            range: format!("{slice} (this node's slice, outside the configured bounds)"),
+        });
+    }
+    range.first = first - slice.base();
+    range.last = last - slice.base();
+    Ok(PoolRef {
+        name: pool_name(&slice, network_name, Some(node)),
+        spec,
+        gateway: configured.gateway,
+        range,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::parse_exclude;
+
+    fn configured(range: &str, start: Option<&str>, exclude: &[&str], gw: Option<&str>) -> PoolRef {
+        let cidr = Cidr::parse(range, false).unwrap().network();
+        let spec = RangeSpec {
+            cidr,
+            start: start.map(|s| s.parse().unwrap()),
+            end: None,
+            exclude: exclude.iter().map(|e| parse_exclude(e).unwrap()).collect(),
+        };
+        let gateway = gw.map(|g| g.parse().unwrap());
+        PoolRef {
+            name: pool_name(&cidr, "", None),
+            range: Range::resolve(&spec, gateway).unwrap(),
+            spec,
+            gateway,
+        }
+    }
+
+    #[test]
+    fn slice_keeps_bounds_excludes_and_gateway() {
+        let pool = configured(
+            "10.0.0.0/16",
+            Some("10.0.0.10"),
+            &["10.0.0.12/31"],
+            Some("10.0.0.11"),
+        );
+        let slice = Cidr::parse("10.0.0.0/24", false).unwrap();
+        let node = node_pool(&pool, slice, "net", "node1").unwrap();
+        assert_eq!(node.name, "net-node1-10.0.0.0-24");
+        assert_eq!(node.range.first, 10);
+        assert_eq!(node.range.last, 254);
+        assert!(!node.range.is_usable(11));
+        assert!(!node.range.is_usable(12));
+        assert!(node.range.is_usable(14));
+        let far = Cidr::parse("10.0.5.0/24", false).unwrap();
+        let other = node_pool(&pool, far, "", "n2").unwrap();
+        assert_eq!(other.name, "n2-10.0.5.0-24");
+        assert_eq!(other.range.first, 1);
+        let outside = Cidr::parse("10.1.0.0/24", false).unwrap();
+        assert!(node_pool(&pool, outside, "", "n").is_err());
+    }
+
+    #[test]
+    fn node_name_lookup_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let hostname = dir.path().join("hostname");
+        std::fs::write(&hostname, "host-a\n").unwrap();
+        let flat = dir.path().join("whereabouts.conf");
+        assert_eq!(
+            node_name_from(Some("env-node".into()), Some(&flat), &hostname).unwrap(),
+            "env-node"
+        );
+        assert_eq!(
+            node_name_from(None, Some(&flat), &hostname).unwrap(),
+            "host-a"
+        );
+        std::fs::write(dir.path().join("nodename"), "file-node\n").unwrap();
+        assert_eq!(
+            node_name_from(None, Some(&flat), &hostname).unwrap(),
+            "file-node"
+        );
+        assert_eq!(
+            node_name_from(None, Some(dir.path()), &hostname).unwrap(),
+            "file-node"
+        );
+        let missing = dir.path().join("none");
+        assert!(node_name_from(None, None, &missing).is_err());
+    }
+}

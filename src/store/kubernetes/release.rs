@@ -1,0 +1,353 @@
+//! DEL, CHECK, GC and the CLI's listing and release: pool entries are removed first, then their
+//! reservations (the reverse of ADD), so an address is never in a pool without its reservation.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use super::api::ApiError;
+use super::engine::Engine;
+use super::pool_doc::{remove_op, Entry, PoolDoc};
+use super::reservation;
+use crate::ipam::names::{object_name, pool_name};
+use crate::ipam::Cidr;
+use crate::k8s::crd::IPPool;
+use crate::store::{Attachment, AttachmentRequest, GcRequest, Lease, PoolRef, StoreError};
+
+impl Engine {
+    /// Removes the entries of pool `name` that `pick` selects, compare-and-swap, retried on
+    /// conflict. Returns what was removed.
+    pub async fn remove_entries(
+        &self,
+        name: &str,
+        cidr: Cidr,
+        pick: impl Fn(&Entry) -> bool,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut conflicts = 0u32;
+        loop {
+            let Some(object) = self.kube.get_pool(name).await? else {
+                return Ok(Vec::new());
+            };
+            let doc = PoolDoc::new(name, cidr, Some(object))?;
+            let picked: Vec<Entry> = doc.entries().into_iter().filter(|e| pick(e)).collect();
+            if picked.is_empty() {
+                return Ok(picked);
+            }
+            let rv = doc.resource_version().unwrap_or_default();
+            let ops: Vec<_> = picked.iter().map(|e| remove_op(&e.key)).collect();
+            match self.kube.patch_pool(name, rv, &ops).await {
+                Ok(_) => return Ok(picked),
+                Err(ApiError::Conflict(_)) => {
+                    conflicts += 1;
+                    let backoff = &self.settings.conflicts;
+                    if conflicts >= backoff.attempts {
+                        return Err(StoreError::TryAgain(format!(
+                            "IPPool {name} kept changing under {conflicts} attempts to update it; gave up"
+                        )));
+                    }
+                    tokio::time::sleep(backoff.delay(conflicts)).await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// Deletes the reservation of `ip` if `who` holds it.
+    async fn release_reservation(
+        &self,
+        ip: IpAddr,
+        network_name: &str,
+        who: &Attachment,
+    ) -> Result<bool, StoreError> {
+        let name = reservation::name(ip, network_name);
+        for _ in 0..3 {
+            let Some(found) = self.kube.get_reservation(&name).await? else {
+                return Ok(false);
+            };
+            if !reservation::held_by(&found, who) {
+                return Ok(false);
+            }
+            match self
+                .kube
+                .delete_reservation(
+                    &name,
+                    found.metadata.uid.as_deref(),
+                    found.metadata.resource_version.as_deref(),
+                )
+                .await
+            {
+                Ok(()) => return Ok(true),
+                // Changed in between: look again.
+                Err(ApiError::Conflict(_)) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(false)
+    }
+
+    fn lease(pool: &PoolDoc, entry: Entry, network_name: &str) -> Lease {
+        Lease {
+            pool: pool.name.clone(),
+            range: pool.cidr,
+            ip: entry.ip,
+            network_name: network_name.to_string(),
+            cni_network: None,
+            attachment: entry.attachment,
+        }
+    }
+
+    /// The pools of a DEL or CHECK: with node slices, this node's pool (none if no slice).
+    async fn pools_of(&self, req: &AttachmentRequest) -> Result<Vec<PoolRef>, StoreError> {
+        let mut pools = Vec::with_capacity(req.pools.len());
+        for configured in &req.pools {
+            if let Some(pool) = self
+                .effective_pool(
+                    configured,
+                    req.node_slice_size,
+                    &req.network_name,
+                    &req.cni_network,
+                )
+                .await?
+            {
+                pools.push(pool);
+            }
+        }
+        Ok(pools)
+    }
+
+    pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+        let mut released = Vec::new();
+        for pool in self.pools_of(req).await? {
+            let name = object_name(&pool.name);
+            let removed = self
+                .remove_entries(&name, pool.range.cidr, |e| {
+                    e.attachment.container_id == req.container_id
+                        && e.attachment.ifname == req.ifname
+                })
+                .await?;
+            let doc = PoolDoc::new(&name, pool.range.cidr, None)?;
+            for entry in removed {
+                self.release_reservation(entry.ip, &req.network_name, &entry.attachment)
+                    .await?;
+                released.push(Self::lease(&doc, entry, &req.network_name));
+            }
+        }
+        Ok(released)
+    }
+
+    pub async fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+        let mut held = Vec::new();
+        for pool in self.pools_of(req).await? {
+            let name = object_name(&pool.name);
+            let object = self.kube.get_pool(&name).await?;
+            let doc = PoolDoc::new(&name, pool.range.cidr, object)?;
+            for entry in doc.held_by_container(&req.container_id, &req.ifname) {
+                held.push(Self::lease(&doc, entry, &req.network_name));
+            }
+        }
+        Ok(held)
+    }
+
+    /// Frees, in the configured pools of the network configuration, every allocation whose
+    /// attachment is not listed as valid, and then the reservations of those pools' addresses
+    /// that no pool entry backs and no valid attachment holds.
+    pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+        let valid: BTreeSet<(&str, &str)> = req
+            .valid
+            .iter()
+            .map(|(c, i)| (c.as_str(), i.as_str()))
+            .collect();
+        let is_valid =
+            |who: &Attachment| valid.contains(&(who.container_id.as_str(), who.ifname.as_str()));
+        let mut released = Vec::new();
+        for pool in &req.pools {
+            let name = object_name(&pool.name);
+            let removed = self
+                .remove_entries(&name, pool.range.cidr, |e| !is_valid(&e.attachment))
+                .await?;
+            let doc = PoolDoc::new(&name, pool.range.cidr, None)?;
+            for entry in removed {
+                self.release_reservation(entry.ip, &req.network_name, &entry.attachment)
+                    .await?;
+                released.push(Self::lease(&doc, entry, &req.network_name));
+            }
+        }
+        self.gc_orphan_reservations(req, &is_valid).await?;
+        Ok(released)
+    }
+
+    /// Deletes the reservations, among the addresses of the configured ranges, that no pool of
+    /// the namespace backs (left by an ADD that could not finish its undo). Only old ones: an
+    /// ADD in flight holds its reservation for a moment before its pool entry lands.
+    async fn gc_orphan_reservations(
+        &self,
+        req: &GcRequest,
+        is_valid: &dyn Fn(&Attachment) -> bool,
+    ) -> Result<(), StoreError> {
+        let min_age = (self.settings.deadline.as_secs() as i64 * 2).max(300);
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        let mut backed: BTreeSet<IpAddr> = BTreeSet::new();
+        for object in self.kube.list_pools(None).await? {
+            let name = object.metadata.name.clone().unwrap_or_default();
+            let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
+                continue;
+            };
+            if let Ok(doc) = PoolDoc::new(&name, cidr, Some(object)) {
+                backed.extend(doc.entries().iter().map(|e| e.ip));
+            }
+        }
+        for found in self.kube.list_reservations(None).await? {
+            let name = found.metadata.name.clone().unwrap_or_default();
+            let Some(ip) = reservation_ip(&name, &req.network_name) else {
+                continue;
+            };
+            let ours = req.pools.iter().any(|p| p.range.cidr.contains(ip));
+            let old = found
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| now - t.0.as_second() >= min_age);
+            let holder = Attachment {
+                container_id: found.spec.containerid.clone(),
+                ifname: found.spec.ifname.clone(),
+                pod_ref: None,
+                pod_uid: None,
+            };
+            if !ours || !old || backed.contains(&ip) || is_valid(&holder) {
+                continue;
+            }
+            match self
+                .kube
+                .delete_reservation(
+                    &name,
+                    found.metadata.uid.as_deref(),
+                    found.metadata.resource_version.as_deref(),
+                )
+                .await
+            {
+                Ok(()) | Err(ApiError::Conflict(_)) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every allocation, or those of one pool (by its name).
+    pub async fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
+        let objects: Vec<IPPool> = match pool {
+            Some(name) => self
+                .kube
+                .get_pool(&object_name(name))
+                .await?
+                .into_iter()
+                .collect(),
+            None => self.kube.list_pools(None).await?,
+        };
+        let mut leases = Vec::new();
+        for object in objects {
+            let name = object.metadata.name.clone().unwrap_or_default();
+            let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
+                continue;
+            };
+            let network = network_of_pool(&name, cidr).unwrap_or_default();
+            let doc = PoolDoc::new(&name, cidr, Some(object))?;
+            for entry in doc.entries() {
+                leases.push(Self::lease(&doc, entry, &network));
+            }
+        }
+        Ok(leases)
+    }
+
+    /// Releases one address of one pool, whoever holds it, and its reservation.
+    pub async fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError> {
+        let name = object_name(pool);
+        let Some(object) = self.kube.get_pool(&name).await? else {
+            return Ok(None);
+        };
+        let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
+            return Err(StoreError::Io(format!(
+                "IPPool {name} has an unreadable range {:?}",
+                object.spec.range
+            )));
+        };
+        let removed = self.remove_entries(&name, cidr, |e| e.ip == ip).await?;
+        let Some(entry) = removed.into_iter().next() else {
+            return Ok(None);
+        };
+        // The pool's name starts with the network name (and, for node slices, the node): try
+        // each reading; the owner check makes a wrong guess harmless.
+        let prefix = network_of_pool(&name, cidr).unwrap_or_default();
+        let mut candidates = vec![prefix.clone()];
+        let mut rest = prefix.as_str();
+        while let Some((head, _)) = rest.rsplit_once('-') {
+            candidates.push(head.to_string());
+            rest = head;
+        }
+        if !prefix.is_empty() {
+            candidates.push(String::new());
+        }
+        for network in &candidates {
+            if self
+                .release_reservation(entry.ip, network, &entry.attachment)
+                .await?
+            {
+                break;
+            }
+        }
+        let doc = PoolDoc::new(&name, cidr, None)?;
+        Ok(Some(Self::lease(&doc, entry, &prefix)))
+    }
+}
+
+/// What precedes the range in a pool's name: the network name (and node, for node slices).
+fn network_of_pool(name: &str, cidr: Cidr) -> Option<String> {
+    let range_part = object_name(&pool_name(&cidr, "", None));
+    if name == range_part {
+        return Some(String::new());
+    }
+    let upstream_part = pool_name(&cidr, "", None);
+    name.strip_suffix(&format!("-{upstream_part}"))
+        .or_else(|| name.strip_suffix(&format!("-{range_part}")))
+        .map(str::to_string)
+}
+
+/// The address a reservation of `network_name` is named after.
+fn reservation_ip(name: &str, network_name: &str) -> Option<IpAddr> {
+    let rest = if network_name.is_empty() {
+        name
+    } else {
+        name.strip_prefix(&object_name(network_name))?
+            .strip_prefix('-')?
+    };
+    if let Ok(ip) = rest.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let text = rest.replace('-', ":");
+    let text = text
+        .strip_prefix('0')
+        .filter(|t| t.starts_with("::"))
+        .unwrap_or(&text);
+    text.parse::<IpAddr>().ok().filter(IpAddr::is_ipv6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_read_back() {
+        let cidr = Cidr::parse("10.0.0.0/8", false).unwrap();
+        assert_eq!(network_of_pool("10.0.0.0-8", cidr).as_deref(), Some(""));
+        assert_eq!(
+            network_of_pool("net-node1-10.0.0.0-8", cidr).as_deref(),
+            Some("net-node1")
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        assert_eq!(reservation_ip("10.0.0.1", ""), ip("10.0.0.1"));
+        assert_eq!(reservation_ip("mynet-10.0.0.1", "mynet"), ip("10.0.0.1"));
+        assert_eq!(reservation_ip("other-10.0.0.1", "mynet"), None);
+        assert_eq!(reservation_ip("2001--0", ""), ip("2001::"));
+        assert_eq!(reservation_ip("abcd--1", ""), ip("abcd::1"));
+        assert_eq!(reservation_ip("0--0", ""), ip("::"));
+        assert_eq!(reservation_ip("0--5", ""), ip("::5"));
+    }
+}

@@ -1,0 +1,83 @@
+//! OverlappingRangeIPReservations: one object per address and network name, held by one
+//! attachment, so an address is handed out once across all the ranges of a network name.
+
+use std::net::IpAddr;
+
+use kube::api::ObjectMeta;
+
+use crate::ipam::names::{object_name, reservation_name};
+use crate::k8s::crd::{OverlappingRangeIPReservation, OverlappingRangeIPReservationSpec};
+use crate::store::Attachment;
+
+/// The object name of the reservation of `ip` (upstream's name when it is valid).
+pub fn name(ip: IpAddr, network_name: &str) -> String {
+    object_name(&reservation_name(ip, network_name))
+}
+
+pub fn new_object(name: &str, who: &Attachment) -> OverlappingRangeIPReservation {
+    OverlappingRangeIPReservation {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..ObjectMeta::default()
+        },
+        spec: OverlappingRangeIPReservationSpec {
+            containerid: who.container_id.clone(),
+            ifname: who.ifname.clone(),
+            podref: who.pod_ref.clone().unwrap_or_default(),
+        },
+    }
+}
+
+/// Whether the reservation belongs to `who`: the same pod (or, without a pod, the same
+/// container) and interface. Reservations written by old upstream versions carry no interface
+/// name, so an empty one matches any.
+pub fn held_by(reservation: &OverlappingRangeIPReservation, who: &Attachment) -> bool {
+    let spec = &reservation.spec;
+    if !spec.ifname.is_empty() && spec.ifname != who.ifname {
+        return false;
+    }
+    let same_pod = !spec.podref.is_empty() && who.pod_ref.as_deref() == Some(spec.podref.as_str());
+    let same_container = !spec.containerid.is_empty() && spec.containerid == who.container_id;
+    same_pod || same_container
+}
+
+/// The identity of a reservation we created, to delete exactly that object again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub name: String,
+    pub uid: Option<String>,
+}
+
+impl Held {
+    pub fn of(reservation: &OverlappingRangeIPReservation) -> Held {
+        Held {
+            name: reservation.metadata.name.clone().unwrap_or_default(),
+            uid: reservation.metadata.uid.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(container: &str, pod: Option<&str>, ifname: &str) -> Attachment {
+        Attachment {
+            container_id: container.into(),
+            ifname: ifname.into(),
+            pod_ref: pod.map(String::from),
+            pod_uid: None,
+        }
+    }
+
+    #[test]
+    fn ownership() {
+        let r = new_object("10.0.0.1", &who("c1", Some("ns/a"), "net1"));
+        assert!(held_by(&r, &who("c1", Some("ns/a"), "net1")));
+        assert!(held_by(&r, &who("c2", Some("ns/a"), "net1")));
+        assert!(!held_by(&r, &who("c1", Some("ns/a"), "net2")));
+        assert!(!held_by(&r, &who("c3", Some("ns/b"), "net1")));
+        assert_eq!(name("2001::".parse().unwrap(), ""), "2001--0");
+        assert_eq!(name("::".parse().unwrap(), ""), "0--0");
+    }
+}

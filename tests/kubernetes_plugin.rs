@@ -1,0 +1,342 @@
+//! The real binary, as a runtime calls it, against the strict fake API server.
+
+mod fake_apiserver;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use fake_apiserver::burst::{container, run_burst, Burst};
+use fake_apiserver::cni::{netconf, run, Call, Reply};
+use fake_apiserver::harness::pool_ips;
+use fake_apiserver::FakeApiServer;
+use serde_json::{json, Value};
+
+const NS: &str = "kube-system";
+const RESERVATIONS: &str = "overlappingrangeipreservations";
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_whereabouts"))
+}
+
+fn ipam(range: &str, kubeconfig: &Path, extra: Value) -> Value {
+    let mut ipam = json!({
+        "type": "whereabouts",
+        "range": range,
+        "log_level": "error",
+        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()},
+    });
+    if let (Some(map), Value::Object(more)) = (ipam.as_object_mut(), extra) {
+        map.extend(more);
+    }
+    ipam
+}
+
+fn call<'a>(command: &'a str, container: &'a str, pod: &'a str) -> Call<'a> {
+    Call {
+        command,
+        container,
+        ifname: "net1",
+        pod: Some(("default", pod)),
+        node: None,
+        env: vec![],
+    }
+}
+
+/// A short per-request timeout so failure tests finish quickly.
+fn quick<'a>(mut c: Call<'a>) -> Call<'a> {
+    c.env.push(("WHEREABOUTS_KUBERNETES_TIMEOUT", "0.3".into()));
+    c
+}
+
+/// Every pool entry has its reservation and every reservation its pool entry.
+fn assert_consistent(server: &FakeApiServer, network_name: &str) {
+    let mut in_pools = BTreeSet::new();
+    for pool in server.list("ippools", NS) {
+        for ip in pool_ips(&pool) {
+            assert!(in_pools.insert(ip), "{ip} is in two pools");
+        }
+    }
+    let prefix = if network_name.is_empty() {
+        String::new()
+    } else {
+        format!("{network_name}-")
+    };
+    let reserved: BTreeSet<_> = server
+        .list(RESERVATIONS, NS)
+        .iter()
+        .map(|r| {
+            let name = r["metadata"]["name"].as_str().unwrap();
+            name.strip_prefix(&prefix).unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(in_pools, reserved, "pools and reservations disagree");
+}
+
+#[test]
+fn ten_nodes_fifty_concurrent_adds_each_then_del_all() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf = netconf("burstnet", &ipam("10.80.0.0/20", &kubeconfig, json!({})));
+    let burst = Burst {
+        calls: 500,
+        parallel: 50,
+        nodes: 10,
+        command: "ADD",
+    };
+    let added = run_burst(bin(), &conf, &burst, &[]);
+    let mut ips = BTreeSet::new();
+    for (i, _, reply) in &added.calls {
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        let got = reply.ips();
+        assert_eq!(got.len(), 1, "ADD {i}: {reply:?}");
+        assert!(ips.insert(got[0].clone()), "{} handed out twice", got[0]);
+    }
+    assert_eq!(ips.len(), 500);
+    let pool = server.get("ippools", NS, "10.80.0.0-20").expect("pool");
+    assert_eq!(pool_ips(&pool).len(), 500);
+    assert_eq!(server.list(RESERVATIONS, NS).len(), 500);
+    assert_consistent(&server, "");
+    eprintln!(
+        "500 ADDs: {:?}, {:.2} requests per ADD",
+        added.wall,
+        server.requests() as f64 / 500.0
+    );
+
+    let deleted = run_burst(bin(), &conf, &Burst { command: "DEL", ..burst }, &[]);
+    for (i, _, reply) in &deleted.calls {
+        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
+    }
+    let pool = server.get("ippools", NS, "10.80.0.0-20").unwrap();
+    assert!(pool_ips(&pool).is_empty(), "pool not empty: {pool}");
+    assert!(server.list(RESERVATIONS, NS).is_empty());
+    let _ = container(0);
+}
+
+fn upstream_pool(name: &str, range: &str, keys: &[u128]) -> Value {
+    let allocations: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|k| {
+            (
+                k.to_string(),
+                json!({"id": format!("go-{k}"), "podref": format!("legacy/pod-{k}"), "ifname": "net1"}),
+            )
+        })
+        .collect();
+    json!({
+        "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+        "kind": "IPPool",
+        "metadata": {"name": name},
+        "spec": {"range": range, "allocations": allocations},
+    })
+}
+
+#[test]
+fn pools_written_by_upstream_are_honoured() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    // Offsets 1..=40 and a few scattered ones are held by the Go binary.
+    let mut held: Vec<u128> = (1..=40).collect();
+    held.extend([42, 44, 50, 61]);
+    server.create("ippools", NS, upstream_pool("upnet-10.90.0.0-26", "10.90.0.0/26", &held));
+    let conf = netconf(
+        "upstream",
+        &ipam("10.90.0.0/26", &kubeconfig, json!({"network_name": "upnet"})),
+    );
+    let free = 62 - held.len();
+    let mut got = BTreeSet::new();
+    for i in 0..free {
+        let c = format!("rust-{i}");
+        let reply = run(bin(), &call("ADD", &c, &c), &conf);
+        assert_eq!(reply.code, 0, "{reply:?}");
+        let ip: std::net::Ipv4Addr = reply.ips()[0].parse().unwrap();
+        let offset = (u32::from(ip) - u32::from(std::net::Ipv4Addr::new(10, 90, 0, 0))) as u128;
+        assert!(!held.contains(&offset), "{ip} belongs to an upstream allocation");
+        assert!(got.insert(offset));
+    }
+    let reply = run(bin(), &call("ADD", "one-too-many", "one-too-many"), &conf);
+    assert_eq!(reply.cni_code(), 100, "{reply:?}");
+    // The upstream entries are untouched and ours are in upstream's format.
+    let pool = server.get("ippools", NS, "upnet-10.90.0.0-26").unwrap();
+    let allocations = pool["spec"]["allocations"].as_object().unwrap();
+    assert_eq!(allocations.len(), 62);
+    assert_eq!(allocations["42"]["id"], "go-42");
+    let ours = allocations.values().find(|a| a["id"] == "rust-0").unwrap();
+    assert_eq!(ours["podref"], "default/rust-0");
+    assert_eq!(ours["ifname"], "net1");
+}
+
+#[test]
+fn ipv6_offsets_beyond_two_to_the_63() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let high = (1u128 << 63) + 1;
+    server.create("ippools", NS, upstream_pool("fd00-0-0-7---64", "fd00:0:0:7::/64", &[high]));
+    let conf = netconf(
+        "v6",
+        &ipam(
+            "fd00:0:0:7::/64",
+            &kubeconfig,
+            json!({"range_start": "fd00:0:0:7:8000::1", "range_end": "fd00:0:0:7:8000::2"}),
+        ),
+    );
+    let reply = run(bin(), &call("ADD", "v6-a", "v6-a"), &conf);
+    let want: std::net::Ipv6Addr = "fd00:0:0:7:8000::2".parse().unwrap();
+    assert_eq!(reply.ips().len(), 1, "{reply:?}");
+    assert_eq!(reply.ips()[0].parse::<std::net::Ipv6Addr>().unwrap(), want);
+    let pool = server.get("ippools", NS, "fd00-0-0-7---64").unwrap();
+    assert!(pool["spec"]["allocations"][(high + 1).to_string()].is_object(), "{pool}");
+    let reply = run(bin(), &call("ADD", "v6-b", "v6-b"), &conf);
+    assert_eq!(reply.cni_code(), 100, "{reply:?}");
+    // An invalid upstream name (range ::/126 gives ---126) gets a valid, deterministic one.
+    let conf = netconf("v6zero", &ipam("::/126", &kubeconfig, json!({})));
+    let reply = run(bin(), &call("ADD", "zero", "zero"), &conf);
+    assert_eq!(reply.code, 0, "{reply:?}");
+    assert!(server.get("ippools", NS, "0---126").is_some());
+}
+
+fn failure(server: &FakeApiServer, conf: &str, what: &str) -> Reply {
+    let reply = run(bin(), &quick(call("ADD", "victim", "victim")), conf);
+    assert_eq!(reply.cni_code(), 11, "{what}: {reply:?}");
+    assert_consistent(server, "");
+    reply
+}
+
+#[test]
+fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf = netconf("faults", &ipam("10.100.0.0/24", &kubeconfig, json!({})));
+    // Something allocated before the trouble starts.
+    assert_eq!(run(bin(), &call("ADD", "before", "before"), &conf).code, 0);
+
+    server.set_latency(Duration::from_millis(1500));
+    let reply = failure(&server, &conf, "latency");
+    assert!(reply.json()["msg"].as_str().unwrap().contains("within"), "{reply:?}");
+    server.set_latency(Duration::ZERO);
+
+    server.set_fail_all(true);
+    let reply = failure(&server, &conf, "500s");
+    assert!(reply.json()["msg"].as_str().unwrap().contains("fault injected"), "{reply:?}");
+    server.set_fail_all(false);
+
+    // The pool write fails after the reservation was made: the reservation is taken back.
+    server.fail_next("PATCH", "ippools", 4);
+    failure(&server, &conf, "pool write fails");
+    assert_eq!(server.list(RESERVATIONS, NS).len(), 1);
+
+    server.set_down(true);
+    failure(&server, &conf, "connections dropped");
+    server.set_down(false);
+
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let nowhere = tempfile::tempdir().unwrap();
+    let refused = fake_apiserver::write_kubeconfig(nowhere.path(), &format!("http://127.0.0.1:{port}"), None);
+    let refused_conf = netconf("faults", &ipam("10.100.0.0/24", &refused, json!({})));
+    let reply = run(bin(), &quick(call("ADD", "victim", "victim")), &refused_conf);
+    assert_eq!(reply.cni_code(), 11, "{reply:?}");
+    assert!(reply.json()["msg"].as_str().unwrap().contains("refused"), "{reply:?}");
+    let status = run(bin(), &quick(call("STATUS", "", "")), &refused_conf);
+    assert_eq!(status.cni_code(), 50, "{status:?}");
+
+    // Healthy again: the victim gets an address and everything agrees.
+    let reply = run(bin(), &call("ADD", "victim", "victim"), &conf);
+    assert_eq!(reply.code, 0, "{reply:?}");
+    assert_consistent(&server, "");
+    assert_eq!(server.list(RESERVATIONS, NS).len(), 2);
+}
+
+#[test]
+fn status_needs_the_crds() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = FakeApiServer::start_without_crds();
+    let kubeconfig = bare.write_kubeconfig(dir.path(), None);
+    let conf = netconf("status", &ipam("10.110.0.0/24", &kubeconfig, json!({})));
+    let reply = run(bin(), &call("STATUS", "", ""), &conf);
+    assert_eq!(reply.cni_code(), 50, "{reply:?}");
+    assert!(reply.json()["msg"].as_str().unwrap().contains("ippools.whereabouts.cni.cncf.io"));
+
+    let server = FakeApiServer::start();
+    let kubeconfig = server.write_kubeconfig(dir.path(), Some("whereabouts"));
+    let conf = netconf("status", &ipam("10.110.0.0/24", &kubeconfig, json!({})));
+    assert_eq!(run(bin(), &call("STATUS", "", ""), &conf).code, 0);
+    // The kubeconfig context's namespace is where the objects go.
+    assert_eq!(run(bin(), &call("ADD", "ns-a", "ns-a"), &conf).code, 0);
+    assert!(server.get("ippools", "whereabouts", "10.110.0.0-24").is_some());
+    assert!(server.list("ippools", NS).is_empty());
+}
+
+#[test]
+fn node_slices_from_a_nodeslicepool() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    server.create(
+        "nodeslicepools",
+        NS,
+        json!({
+            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+            "kind": "NodeSlicePool",
+            "metadata": {"name": "slicenet"},
+            "spec": {"range": "10.120.0.0/24", "sliceSize": "/28"},
+            "status": {"allocations": [
+                {"nodeName": "node-a", "sliceRange": "10.120.0.0/28"},
+                {"nodeName": "node-b", "sliceRange": "10.120.0.16/28"},
+                {"nodeName": "", "sliceRange": "10.120.0.32/28"},
+            ]},
+        }),
+    );
+    let conf = netconf(
+        "slices",
+        &ipam(
+            "10.120.0.0/24",
+            &kubeconfig,
+            json!({
+                "network_name": "slicenet",
+                "node_slice_size": "/28",
+                "exclude": ["10.120.0.1/32", "10.120.0.17/32"],
+                "gateway": "10.120.0.2",
+            }),
+        ),
+    );
+    let on = |node: &'static str, c: &'static str| Call {
+        node: Some(node),
+        ..call("ADD", c, c)
+    };
+    let mut got = BTreeSet::new();
+    // node-a's slice: .1-.14 usable, minus .1 (excluded) and .2 (gateway): 12 addresses.
+    for i in 0..12 {
+        let c = format!("a-{i}");
+        let reply = run(bin(), &Call { node: Some("node-a"), ..call("ADD", &c, &c) }, &conf);
+        assert_eq!(reply.code, 0, "{reply:?}");
+        let ip: std::net::Ipv4Addr = reply.ips()[0].parse().unwrap();
+        let last = ip.octets()[3];
+        assert!((3..=14).contains(&last), "{ip} is outside node-a's usable slice");
+        assert!(got.insert(last));
+    }
+    let reply = run(bin(), &on("node-a", "a-full"), &conf);
+    assert_eq!(reply.cni_code(), 100, "{reply:?}");
+    let reply = run(bin(), &on("node-b", "b-0"), &conf);
+    let ip = reply.ips()[0].clone();
+    assert!(ip.starts_with("10.120.0.") && ip != "10.120.0.17", "{reply:?}");
+    let pool = server.get("ippools", NS, "slicenet-node-a-10.120.0.0-28").expect("node pool");
+    assert_eq!(pool["spec"]["range"], "10.120.0.0/28");
+    assert_eq!(pool_ips(&pool).len(), 12);
+    assert!(server.get("ippools", NS, "slicenet-node-b-10.120.0.16-28").is_some());
+
+    let reply = run(bin(), &on("node-c", "c-0"), &conf);
+    assert_ne!(reply.code, 0);
+    assert!(reply.json()["msg"].as_str().unwrap().contains("node-c"), "{reply:?}");
+
+    let reply = run(bin(), &Call { node: Some("node-a"), ..call("DEL", "a-0", "a-0") }, &conf);
+    assert_eq!(reply.code, 0, "{reply:?}");
+    let pool = server.get("ippools", NS, "slicenet-node-a-10.120.0.0-28").unwrap();
+    assert_eq!(pool_ips(&pool).len(), 11);
+}
