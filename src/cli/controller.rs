@@ -36,7 +36,9 @@ pub struct ControllerArgs {
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let ipam = args.store.ipam()?;
-    crate::logging::init(ipam.log_file.as_deref(), ipam.log_level);
+    // A long-running process: informational logs unless the configuration asks for more.
+    let level = ipam.log_level.or(Some(crate::config::LogLevel::Verbose));
+    crate::logging::init(ipam.log_file.as_deref(), level);
     let cluster = cluster_source(args.cluster.pod_kubeconfig.as_deref(), &ipam).context(
         "the controller reads pods from the Kubernetes API: give --pod-kubeconfig, use the kubernetes datastore, set $KUBECONFIG or run in a cluster",
     )?;

@@ -54,6 +54,7 @@ pub struct Metrics {
     /// Why the allocations still held are kept, as of the last reconcile.
     held: Mutex<BTreeMap<&'static str, u64>>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    resyncs: Mutex<BTreeMap<&'static str, u64>>,
     pub conflicts: AtomicU64,
     pub retries: AtomicU64,
     pub pod_deletions: AtomicU64,
@@ -87,6 +88,11 @@ impl Metrics {
 
     pub fn error(&self, operation: &'static str) {
         bump(&self.errors, operation, 1);
+    }
+
+    /// A watch of `resource` listed (again): it follows every change from here on.
+    pub fn resynced(&self, resource: &'static str) {
+        bump(&self.resyncs, resource, 1);
     }
 
     pub fn reconciled(&self, micros: u64, held: BTreeMap<&'static str, u64>, now_secs: u64) {
@@ -184,6 +190,14 @@ impl Metrics {
             "Failed operations of the controller, by operation.",
             "operation",
             &self.errors,
+            "counter",
+        );
+        counters(
+            &mut out,
+            "whereabouts_watch_resyncs_total",
+            "Lists of a watched resource (at start and after a gap).",
+            "resource",
+            &self.resyncs,
             "counter",
         );
         let single = |out: &mut String, name: &str, help: &str, kind: &str, value: String| {

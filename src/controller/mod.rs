@@ -138,7 +138,6 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         .map_err(ControllerError::Config)?;
     tracing::info!(listen = %opts.listen, namespace = %opts.namespace, "controller started");
 
-    send(&jobs, Job::Reconcile { why: "start-up" });
     tokio::spawn(http::serve(listener, metrics.clone(), jobs.clone()));
     tokio::spawn(schedule::run(
         client.clone(),
@@ -148,17 +147,24 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
     ));
     if opts.node_slices {
         let notify = Arc::new(Notify::new());
-        for (what, follow) in [("nodes", true), ("NetworkAttachmentDefinitions", false)] {
+        for what in ["nodes", "network-attachment-definitions"] {
             let notify = notify.clone();
             let client = client.clone();
             let timeout = opts.watch_timeout;
+            let metrics = metrics.clone();
             tokio::spawn(async move {
-                let poke = |_: ()| notify.notify_one();
-                if follow {
-                    watch::follow(Api::<Node>::all(client), what, timeout, |_| poke(())).await
+                let poke = |resynced: bool| {
+                    if resynced {
+                        metrics.resynced(what);
+                    }
+                    notify.notify_one();
+                };
+                if what == "nodes" {
+                    let api = Api::<Node>::all(client);
+                    watch::follow(api, what, timeout, |c| poke(matches!(c, Change::Resynced))).await
                 } else {
                     let api = Api::<DynamicObject>::all_with(client, &slice_sync::nad_resource());
-                    watch::follow(api, what, timeout, |_| poke(())).await
+                    watch::follow(api, what, timeout, |c| poke(matches!(c, Change::Resynced))).await
                 }
             });
         }
@@ -208,15 +214,12 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
                 }
             }
             Change::Resynced => {
-                // After a gap the watch may have missed deletions: judge everything again.
-                if !first {
-                    send(
-                        &jobs,
-                        Job::Reconcile {
-                            why: "watch resynced",
-                        },
-                    );
-                }
+                // The watch follows every change from this list on; a full reconcile now covers
+                // what happened before it: at start-up, everything deleted while no controller
+                // ran; after a gap, the deletions the watch missed.
+                metrics.resynced("pods");
+                let why = if first { "start-up" } else { "watch resynced" };
+                send(&jobs, Job::Reconcile { why });
                 first = false;
             }
         },

@@ -430,3 +430,20 @@ impl FakeApiServer {
         });
     }
 }
+
+impl FakeApiServer {
+    /// Deletes pod `ns/name` and creates it again with `uid` in one step, as a StatefulSet
+    /// controller does faster than anyone can look.
+    pub fn recreate_pod(&self, ns: &str, name: &str, uid: &str, phase: &str) {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "uid": uid},
+            "spec": {"containers": [{"name": "c", "image": "pause"}]},
+            "status": {"phase": phase},
+        });
+        self.with_state(|state| {
+            remove(state, "pods", ns, name);
+            insert(state, "pods", ns, pod);
+        });
+    }
+}
