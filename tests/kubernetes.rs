@@ -23,7 +23,9 @@ fn add_check_del_roundtrip() {
     let who = attachment("c1", "default/pod-1", "net1");
     let ips = store.add(&add_request(&cfg, who.clone())).unwrap();
     assert_eq!(ips.len(), 1);
-    let pool = server.get("ippools", NS, "10.1.0.0-24").expect("pool created");
+    let pool = server
+        .get("ippools", NS, "10.1.0.0-24")
+        .expect("pool created");
     assert_eq!(pool_ips(&pool), ips);
     let reservation = server
         .get("overlappingrangeipreservations", NS, &ips[0].to_string())
@@ -37,20 +39,34 @@ fn add_check_del_roundtrip() {
 
     // Idempotent: the same pod and interface get the same address, with the new container ID.
     let again = store
-        .add(&add_request(&cfg, attachment("c1-restarted", "default/pod-1", "net1")))
+        .add(&add_request(
+            &cfg,
+            attachment("c1-restarted", "default/pod-1", "net1"),
+        ))
         .unwrap();
     assert_eq!(again, ips);
     let pool = server.get("ippools", NS, "10.1.0.0-24").unwrap();
-    let entry = pool["spec"]["allocations"].as_object().unwrap().values().next().unwrap().clone();
+    let entry = pool["spec"]["allocations"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
     assert_eq!(entry["id"], "c1-restarted");
 
-    let released = store.del(&del_request(&cfg, "c1-restarted", "net1")).unwrap();
+    let released = store
+        .del(&del_request(&cfg, "c1-restarted", "net1"))
+        .unwrap();
     assert_eq!(released.len(), 1);
     let pool = server.get("ippools", NS, "10.1.0.0-24").unwrap();
     assert!(pool_ips(&pool).is_empty());
     assert!(server.list("overlappingrangeipreservations", NS).is_empty());
     // DEL of nothing is fine.
-    assert!(store.del(&del_request(&cfg, "c1-restarted", "net1")).unwrap().is_empty());
+    assert!(store
+        .del(&del_request(&cfg, "c1-restarted", "net1"))
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -65,7 +81,10 @@ fn concurrent_burst_library_level() {
             std::thread::spawn(move || {
                 let store = open(&cfg).unwrap();
                 store
-                    .add(&add_request(&cfg, attachment(&format!("c{i}"), &format!("ns/p{i}"), "net1")))
+                    .add(&add_request(
+                        &cfg,
+                        attachment(&format!("c{i}"), &format!("ns/p{i}"), "net1"),
+                    ))
                     .unwrap()[0]
             })
         })
@@ -76,7 +95,11 @@ fn concurrent_burst_library_level() {
     let pool = server.get("ippools", NS, "10.2.0.0-16").unwrap();
     assert_eq!(pool_ips(&pool).len(), 100);
     assert_eq!(server.list("overlappingrangeipreservations", NS).len(), 100);
-    eprintln!("requests: {} {:?}", server.requests(), server.requests_by_verb());
+    eprintln!(
+        "requests: {} {:?}",
+        server.requests(),
+        server.requests_by_verb()
+    );
 }
 
 #[test]
@@ -97,4 +120,226 @@ fn unreachable_server_is_try_again() {
     assert_eq!(err.code(), 11);
     eprintln!("{err}");
     assert!(store.status().is_err());
+}
+
+#[test]
+fn static_addresses_are_reserved() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let cfg = config(&ipam_json("10.4.0.0/24", &kubeconfig, json!({})));
+    let store = open(&cfg).unwrap();
+    let mut req = add_request(&cfg, attachment("c1", "ns/a", "net1"));
+    req.ranges[0].requested = Some(7);
+    let ips = store.add(&req).unwrap();
+    assert_eq!(ips[0].to_string(), "10.4.0.7");
+    let mut other = add_request(&cfg, attachment("c2", "ns/b", "net1"));
+    other.ranges[0].requested = Some(7);
+    let err = store.add(&other).unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err:?}");
+    assert!(err.to_string().contains("ns/a"), "{err}");
+    // A dynamic ADD never lands on it either.
+    for i in 0..20 {
+        let ip = store
+            .add(&add_request(
+                &cfg,
+                attachment(&format!("d{i}"), &format!("ns/d{i}"), "net1"),
+            ))
+            .unwrap()[0];
+        assert_ne!(ip.to_string(), "10.4.0.7");
+    }
+}
+
+#[test]
+fn overlapping_ranges_share_addresses_through_reservations() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let wide = config(&ipam_json(
+        "10.5.0.0/28",
+        &kubeconfig,
+        json!({"network_name": "ovl"}),
+    ));
+    let narrow = config(&ipam_json(
+        "10.5.0.0/29",
+        &kubeconfig,
+        json!({"network_name": "ovl"}),
+    ));
+    let store = open(&wide).unwrap();
+    let mut seen = BTreeSet::new();
+    // The /29 has 6 usable addresses, the /28 14: together 14 distinct addresses, never twice.
+    for i in 0..6 {
+        let ip = store
+            .add(&add_request(
+                &narrow,
+                attachment(&format!("n{i}"), &format!("ns/n{i}"), "net1"),
+            ))
+            .unwrap()[0];
+        assert!(seen.insert(ip));
+    }
+    for i in 0..8 {
+        let ip = store
+            .add(&add_request(
+                &wide,
+                attachment(&format!("w{i}"), &format!("ns/w{i}"), "net1"),
+            ))
+            .unwrap()[0];
+        assert!(seen.insert(ip), "{ip} handed out twice");
+    }
+    let err = store
+        .add(&add_request(
+            &wide,
+            attachment("w-extra", "ns/w-extra", "net1"),
+        ))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Exhausted { .. }), "{err:?}");
+    assert_eq!(server.list("overlappingrangeipreservations", NS).len(), 14);
+    assert!(server
+        .get("overlappingrangeipreservations", NS, "ovl-10.5.0.1")
+        .is_some());
+}
+
+#[test]
+fn gc_frees_what_is_not_valid() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let cfg = config(&ipam_json("10.6.0.0/24", &kubeconfig, json!({})));
+    let store = open(&cfg).unwrap();
+    for c in ["keep", "drop1", "drop2"] {
+        store
+            .add(&add_request(
+                &cfg,
+                attachment(c, &format!("ns/{c}"), "net1"),
+            ))
+            .unwrap();
+    }
+    let freed = store.gc(&gc_request(&cfg, &[("keep", "net1")])).unwrap();
+    let names: BTreeSet<_> = freed
+        .iter()
+        .map(|l| l.attachment.container_id.clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["drop1", "drop2"].iter().map(|s| s.to_string()).collect()
+    );
+    let pool = server.get("ippools", NS, "10.6.0.0-24").unwrap();
+    assert_eq!(pool_ips(&pool).len(), 1);
+    assert_eq!(server.list("overlappingrangeipreservations", NS).len(), 1);
+    let leases = store.leases(None).unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].attachment.container_id, "keep");
+    let released = store.release("10.6.0.0-24", leases[0].ip).unwrap();
+    assert!(released.is_some());
+    assert!(server.list("overlappingrangeipreservations", NS).is_empty());
+}
+
+#[test]
+fn a_failed_second_range_takes_back_the_first() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let cfg = config(&ipam_json(
+        "10.7.0.0/24",
+        &kubeconfig,
+        json!({"ipRanges": [{"range": "10.8.0.0/30"}]}),
+    ));
+    let store = open(&cfg).unwrap();
+    // Fill the small second range.
+    for c in ["x1", "x2"] {
+        store
+            .add(&add_request(
+                &cfg,
+                attachment(c, &format!("ns/{c}"), "net1"),
+            ))
+            .unwrap();
+    }
+    let err = store
+        .add(&add_request(&cfg, attachment("late", "ns/late", "net1")))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Exhausted { .. }), "{err:?}");
+    let first = server.get("ippools", NS, "10.7.0.0-24").unwrap();
+    assert_eq!(
+        pool_ips(&first).len(),
+        2,
+        "the first range kept the failed ADD's address"
+    );
+    assert_eq!(server.list("overlappingrangeipreservations", NS).len(), 4);
+}
+
+#[test]
+fn the_fake_server_is_strict() {
+    let server = FakeApiServer::start();
+    let base = "/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/kube-system/ippools";
+    let pool = |rv: Option<&str>| {
+        let mut p = json!({
+            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+            "kind": "IPPool",
+            "metadata": {"name": "10.9.0.0-24"},
+            "spec": {"range": "10.9.0.0/24", "allocations": {}, "unknown": 1},
+        });
+        if let Some(rv) = rv {
+            p["metadata"]["resourceVersion"] = json!(rv);
+        }
+        p.to_string()
+    };
+    let (code, created) = server.raw("POST", base, "application/json", &pool(None));
+    assert_eq!(code, 201);
+    assert!(
+        created["spec"].get("unknown").is_none(),
+        "unknown fields are pruned"
+    );
+    let rv = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, body) = server.raw("POST", base, "application/json", &pool(None));
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (409, Some("AlreadyExists"))
+    );
+    assert_eq!(body["kind"], "Status");
+    let item = format!("{base}/10.9.0.0-24");
+    let (code, body) = server.raw("PUT", &item, "application/json", &pool(None));
+    assert_eq!((code, body["reason"].as_str()), (422, Some("Invalid")));
+    let (code, body) = server.raw("PUT", &item, "application/json", &pool(Some("999")));
+    assert_eq!((code, body["reason"].as_str()), (409, Some("Conflict")));
+    let (code, _) = server.raw("PUT", &item, "application/json", &pool(Some(&rv)));
+    assert_eq!(code, 200);
+    let stale = json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+                       {"op": "add", "path": "/spec/allocations/1", "value": {"id": "c", "podref": "a/b"}}]);
+    let (code, _) = server.raw(
+        "PATCH",
+        &item,
+        "application/json-patch+json",
+        &stale.to_string(),
+    );
+    assert_eq!(code, 422);
+    let missing = json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool",
+                         "metadata": {"name": "bad"}, "spec": {"range": "10.9.1.0/24"}});
+    let (code, body) = server.raw("POST", base, "application/json", &missing.to_string());
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.allocations"),
+        "{body}"
+    );
+    let invalid_name = json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool",
+                         "metadata": {"name": "---126"}, "spec": {"range": "::/126", "allocations": {}}});
+    let (code, _) = server.raw("POST", base, "application/json", &invalid_name.to_string());
+    assert_eq!(code, 422);
+    let (code, body) = server.raw("GET", &format!("{base}/nope"), "application/json", "");
+    assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")));
+    let (code, _) = server.raw(
+        "DELETE",
+        &item,
+        "application/json",
+        &json!({"preconditions": {"uid": "someone-else"}}).to_string(),
+    );
+    assert_eq!(code, 409);
+    let (code, _) = server.raw("DELETE", &item, "application/json", "");
+    assert_eq!(code, 200);
+    assert!(server.requests() >= 10);
 }

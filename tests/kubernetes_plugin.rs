@@ -104,7 +104,15 @@ fn ten_nodes_fifty_concurrent_adds_each_then_del_all() {
         server.requests() as f64 / 500.0
     );
 
-    let deleted = run_burst(bin(), &conf, &Burst { command: "DEL", ..burst }, &[]);
+    let deleted = run_burst(
+        bin(),
+        &conf,
+        &Burst {
+            command: "DEL",
+            ..burst
+        },
+        &[],
+    );
     for (i, _, reply) in &deleted.calls {
         assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
     }
@@ -140,10 +148,18 @@ fn pools_written_by_upstream_are_honoured() {
     // Offsets 1..=40 and a few scattered ones are held by the Go binary.
     let mut held: Vec<u128> = (1..=40).collect();
     held.extend([42, 44, 50, 61]);
-    server.create("ippools", NS, upstream_pool("upnet-10.90.0.0-26", "10.90.0.0/26", &held));
+    server.create(
+        "ippools",
+        NS,
+        upstream_pool("upnet-10.90.0.0-26", "10.90.0.0/26", &held),
+    );
     let conf = netconf(
         "upstream",
-        &ipam("10.90.0.0/26", &kubeconfig, json!({"network_name": "upnet"})),
+        &ipam(
+            "10.90.0.0/26",
+            &kubeconfig,
+            json!({"network_name": "upnet"}),
+        ),
     );
     let free = 62 - held.len();
     let mut got = BTreeSet::new();
@@ -153,7 +169,10 @@ fn pools_written_by_upstream_are_honoured() {
         assert_eq!(reply.code, 0, "{reply:?}");
         let ip: std::net::Ipv4Addr = reply.ips()[0].parse().unwrap();
         let offset = (u32::from(ip) - u32::from(std::net::Ipv4Addr::new(10, 90, 0, 0))) as u128;
-        assert!(!held.contains(&offset), "{ip} belongs to an upstream allocation");
+        assert!(
+            !held.contains(&offset),
+            "{ip} belongs to an upstream allocation"
+        );
         assert!(got.insert(offset));
     }
     let reply = run(bin(), &call("ADD", "one-too-many", "one-too-many"), &conf);
@@ -174,7 +193,11 @@ fn ipv6_offsets_beyond_two_to_the_63() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = server.write_kubeconfig(dir.path(), None);
     let high = (1u128 << 63) + 1;
-    server.create("ippools", NS, upstream_pool("fd00-0-0-7---64", "fd00:0:0:7::/64", &[high]));
+    server.create(
+        "ippools",
+        NS,
+        upstream_pool("fd00-0-0-7---64", "fd00:0:0:7::/64", &[high]),
+    );
     let conf = netconf(
         "v6",
         &ipam(
@@ -188,7 +211,10 @@ fn ipv6_offsets_beyond_two_to_the_63() {
     assert_eq!(reply.ips().len(), 1, "{reply:?}");
     assert_eq!(reply.ips()[0].parse::<std::net::Ipv6Addr>().unwrap(), want);
     let pool = server.get("ippools", NS, "fd00-0-0-7---64").unwrap();
-    assert!(pool["spec"]["allocations"][(high + 1).to_string()].is_object(), "{pool}");
+    assert!(
+        pool["spec"]["allocations"][(high + 1).to_string()].is_object(),
+        "{pool}"
+    );
     let reply = run(bin(), &call("ADD", "v6-b", "v6-b"), &conf);
     assert_eq!(reply.cni_code(), 100, "{reply:?}");
     // An invalid upstream name (range ::/126 gives ---126) gets a valid, deterministic one.
@@ -216,12 +242,21 @@ fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects(
 
     server.set_latency(Duration::from_millis(1500));
     let reply = failure(&server, &conf, "latency");
-    assert!(reply.json()["msg"].as_str().unwrap().contains("within"), "{reply:?}");
+    assert!(
+        reply.json()["msg"].as_str().unwrap().contains("within"),
+        "{reply:?}"
+    );
     server.set_latency(Duration::ZERO);
 
     server.set_fail_all(true);
     let reply = failure(&server, &conf, "500s");
-    assert!(reply.json()["msg"].as_str().unwrap().contains("fault injected"), "{reply:?}");
+    assert!(
+        reply.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("fault injected"),
+        "{reply:?}"
+    );
     server.set_fail_all(false);
 
     // The pool write fails after the reservation was made: the reservation is taken back.
@@ -238,11 +273,19 @@ fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects(
         l.local_addr().unwrap().port()
     };
     let nowhere = tempfile::tempdir().unwrap();
-    let refused = fake_apiserver::write_kubeconfig(nowhere.path(), &format!("http://127.0.0.1:{port}"), None);
+    let refused =
+        fake_apiserver::write_kubeconfig(nowhere.path(), &format!("http://127.0.0.1:{port}"), None);
     let refused_conf = netconf("faults", &ipam("10.100.0.0/24", &refused, json!({})));
-    let reply = run(bin(), &quick(call("ADD", "victim", "victim")), &refused_conf);
+    let reply = run(
+        bin(),
+        &quick(call("ADD", "victim", "victim")),
+        &refused_conf,
+    );
     assert_eq!(reply.cni_code(), 11, "{reply:?}");
-    assert!(reply.json()["msg"].as_str().unwrap().contains("refused"), "{reply:?}");
+    assert!(
+        reply.json()["msg"].as_str().unwrap().contains("refused"),
+        "{reply:?}"
+    );
     let status = run(bin(), &quick(call("STATUS", "", "")), &refused_conf);
     assert_eq!(status.cni_code(), 50, "{status:?}");
 
@@ -261,7 +304,10 @@ fn status_needs_the_crds() {
     let conf = netconf("status", &ipam("10.110.0.0/24", &kubeconfig, json!({})));
     let reply = run(bin(), &call("STATUS", "", ""), &conf);
     assert_eq!(reply.cni_code(), 50, "{reply:?}");
-    assert!(reply.json()["msg"].as_str().unwrap().contains("ippools.whereabouts.cni.cncf.io"));
+    assert!(reply.json()["msg"]
+        .as_str()
+        .unwrap()
+        .contains("ippools.whereabouts.cni.cncf.io"));
 
     let server = FakeApiServer::start();
     let kubeconfig = server.write_kubeconfig(dir.path(), Some("whereabouts"));
@@ -269,7 +315,9 @@ fn status_needs_the_crds() {
     assert_eq!(run(bin(), &call("STATUS", "", ""), &conf).code, 0);
     // The kubeconfig context's namespace is where the objects go.
     assert_eq!(run(bin(), &call("ADD", "ns-a", "ns-a"), &conf).code, 0);
-    assert!(server.get("ippools", "whereabouts", "10.110.0.0-24").is_some());
+    assert!(server
+        .get("ippools", "whereabouts", "10.110.0.0-24")
+        .is_some());
     assert!(server.list("ippools", NS).is_empty());
 }
 
@@ -314,29 +362,119 @@ fn node_slices_from_a_nodeslicepool() {
     // node-a's slice: .1-.14 usable, minus .1 (excluded) and .2 (gateway): 12 addresses.
     for i in 0..12 {
         let c = format!("a-{i}");
-        let reply = run(bin(), &Call { node: Some("node-a"), ..call("ADD", &c, &c) }, &conf);
+        let reply = run(
+            bin(),
+            &Call {
+                node: Some("node-a"),
+                ..call("ADD", &c, &c)
+            },
+            &conf,
+        );
         assert_eq!(reply.code, 0, "{reply:?}");
         let ip: std::net::Ipv4Addr = reply.ips()[0].parse().unwrap();
         let last = ip.octets()[3];
-        assert!((3..=14).contains(&last), "{ip} is outside node-a's usable slice");
+        assert!(
+            (3..=14).contains(&last),
+            "{ip} is outside node-a's usable slice"
+        );
         assert!(got.insert(last));
     }
     let reply = run(bin(), &on("node-a", "a-full"), &conf);
     assert_eq!(reply.cni_code(), 100, "{reply:?}");
     let reply = run(bin(), &on("node-b", "b-0"), &conf);
     let ip = reply.ips()[0].clone();
-    assert!(ip.starts_with("10.120.0.") && ip != "10.120.0.17", "{reply:?}");
-    let pool = server.get("ippools", NS, "slicenet-node-a-10.120.0.0-28").expect("node pool");
+    assert!(
+        ip.starts_with("10.120.0.") && ip != "10.120.0.17",
+        "{reply:?}"
+    );
+    let pool = server
+        .get("ippools", NS, "slicenet-node-a-10.120.0.0-28")
+        .expect("node pool");
     assert_eq!(pool["spec"]["range"], "10.120.0.0/28");
     assert_eq!(pool_ips(&pool).len(), 12);
-    assert!(server.get("ippools", NS, "slicenet-node-b-10.120.0.16-28").is_some());
+    assert!(server
+        .get("ippools", NS, "slicenet-node-b-10.120.0.16-28")
+        .is_some());
 
     let reply = run(bin(), &on("node-c", "c-0"), &conf);
     assert_ne!(reply.code, 0);
-    assert!(reply.json()["msg"].as_str().unwrap().contains("node-c"), "{reply:?}");
+    assert!(
+        reply.json()["msg"].as_str().unwrap().contains("node-c"),
+        "{reply:?}"
+    );
 
-    let reply = run(bin(), &Call { node: Some("node-a"), ..call("DEL", "a-0", "a-0") }, &conf);
+    let reply = run(
+        bin(),
+        &Call {
+            node: Some("node-a"),
+            ..call("CHECK", "a-1", "a-1")
+        },
+        &conf,
+    );
+    assert_eq!(reply.code, 0, "CHECK in a node slice: {reply:?}");
+    let reply = run(
+        bin(),
+        &Call {
+            node: Some("node-a"),
+            ..call("DEL", "a-0", "a-0")
+        },
+        &conf,
+    );
     assert_eq!(reply.code, 0, "{reply:?}");
-    let pool = server.get("ippools", NS, "slicenet-node-a-10.120.0.0-28").unwrap();
+    let pool = server
+        .get("ippools", NS, "slicenet-node-a-10.120.0.0-28")
+        .unwrap();
     assert_eq!(pool_ips(&pool).len(), 11);
+}
+
+#[test]
+fn without_a_spool_every_add_writes_alone_and_still_never_duplicates() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf = netconf("nospool", &ipam("10.130.0.0/24", &kubeconfig, json!({})));
+    // A spool folder below a regular file cannot be made.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let env = vec![(
+        "WHEREABOUTS_KUBERNETES_SPOOL",
+        file.join("spool").display().to_string(),
+    )];
+    let burst = Burst {
+        calls: 40,
+        parallel: 10,
+        nodes: 1,
+        command: "ADD",
+    };
+    let added = run_burst(bin(), &conf, &burst, &env);
+    let mut ips = BTreeSet::new();
+    for (i, _, reply) in &added.calls {
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        assert!(ips.insert(reply.ips()[0].clone()));
+    }
+    assert_consistent(&server, "");
+    // A DEL of every other one, then the same ADDs again: the holders keep their addresses.
+    for i in (0..40).step_by(2) {
+        let c = container(i);
+        let reply = run(
+            bin(),
+            &Call {
+                env: env.clone(),
+                pod: Some(("bench", "x")),
+                ..call("DEL", &c, "x")
+            },
+            &conf,
+        );
+        assert_eq!(reply.code, 0, "{reply:?}");
+    }
+    assert_eq!(server.list(RESERVATIONS, NS).len(), 20);
+    let again = run_burst(bin(), &conf, &burst, &env);
+    for (i, _, reply) in &again.calls {
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        if i % 2 == 1 {
+            assert_eq!(reply.ips(), added.calls[*i].2.ips(), "a repeated ADD moved");
+        }
+    }
+    assert_consistent(&server, "");
+    assert_eq!(server.list(RESERVATIONS, NS).len(), 40);
 }

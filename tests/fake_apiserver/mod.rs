@@ -360,7 +360,10 @@ fn invalid(kind: &str, plural: &str, name: &str, errors: &[String]) -> (u16, Val
     status(
         422,
         "Invalid",
-        &format!("{kind}.{GROUP} \"{name}\" is invalid: {}", errors.join(", ")),
+        &format!(
+            "{kind}.{GROUP} \"{name}\" is invalid: {}",
+            errors.join(", ")
+        ),
         details(plural, name),
     )
 }
@@ -370,10 +373,20 @@ fn handle(state: &mut State, req: &http::Request) -> (u16, Value) {
         return answer;
     }
     let Some((ns, plural, name)) = path_parts(&req.path) else {
-        return status(404, "NotFound", "the server could not find the requested resource", None);
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+            None,
+        );
     };
     if !state.crds.contains_key(&plural) {
-        return status(404, "NotFound", "the server could not find the requested resource", None);
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+            None,
+        );
     }
     let body = || serde_json::from_slice::<Value>(&req.body);
     match (req.method.as_str(), name) {
@@ -398,7 +411,12 @@ fn handle(state: &mut State, req: &http::Request) -> (u16, Value) {
             let options = body().unwrap_or(Value::Null);
             delete(state, &plural, &ns, &name, &options)
         }
-        (method, _) => status(405, "MethodNotAllowed", &format!("{method} is not supported here"), None),
+        (method, _) => status(
+            405,
+            "MethodNotAllowed",
+            &format!("{method} is not supported here"),
+            None,
+        ),
     }
 }
 
@@ -449,7 +467,10 @@ fn admit(state: &State, plural: &str, obj: &mut Value) -> Result<(), Vec<String>
     if obj["kind"] != crd.kind.as_str() {
         errors.push(format!("kind: Invalid value: {}", obj["kind"]));
     }
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if !is_dns_subdomain(&name) {
         errors.push(format!(
             "metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
@@ -495,7 +516,10 @@ fn now_rfc3339() -> String {
 
 fn create(state: &mut State, plural: &str, ns: &str, mut obj: Value) -> (u16, Value) {
     let kind = state.crds[plural].kind.clone();
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if let Some(body_ns) = obj["metadata"]["namespace"].as_str() {
         if body_ns != ns {
             return status(
@@ -506,7 +530,10 @@ fn create(state: &mut State, plural: &str, ns: &str, mut obj: Value) -> (u16, Va
             );
         }
     }
-    if obj["metadata"].get("resourceVersion").is_some_and(|v| !v.is_null()) {
+    if obj["metadata"]
+        .get("resourceVersion")
+        .is_some_and(|v| !v.is_null())
+    {
         return invalid(
             &kind,
             plural,
@@ -559,12 +586,18 @@ fn replace_checked(
             None,
         );
     }
-    let Some(rv) = obj["metadata"]["resourceVersion"].as_str().map(str::to_string) else {
+    let Some(rv) = obj["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_string)
+    else {
         return invalid(
             &kind,
             plural,
             name,
-            &["metadata.resourceVersion: Invalid value: 0x0: must be specified for an update".into()],
+            &[
+                "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update"
+                    .into(),
+            ],
         );
     };
     if Some(rv.as_str()) != current["metadata"]["resourceVersion"].as_str() {
@@ -576,7 +609,11 @@ fn replace_checked(
     }
     if let Some(uid) = obj["metadata"]["uid"].as_str() {
         if Some(uid) != current["metadata"]["uid"].as_str() {
-            return conflict(plural, name, "Precondition failed: UID in object meta does not match");
+            return conflict(
+                plural,
+                name,
+                "Precondition failed: UID in object meta does not match",
+            );
         }
     }
     if let Err(errors) = admit(state, plural, &mut obj) {
@@ -590,7 +627,11 @@ fn replace_checked(
     meta["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
     let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
     let spec_changed = obj["spec"] != current["spec"];
-    obj["metadata"]["generation"] = json!(if spec_changed { generation + 1 } else { generation });
+    obj["metadata"]["generation"] = json!(if spec_changed {
+        generation + 1
+    } else {
+        generation
+    });
     state.objects.insert(key, obj.clone());
     (200, obj)
 }
@@ -712,6 +753,6 @@ fn delete(state: &mut State, plural: &str, ns: &str, name: &str, options: &Value
     )
 }
 
-pub mod harness;
-pub mod cni;
 pub mod burst;
+pub mod cni;
+pub mod harness;

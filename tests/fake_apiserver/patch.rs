@@ -111,9 +111,10 @@ pub fn apply(doc: &mut Value, ops: &Value) -> Result<(), PatchError> {
         .ok_or_else(|| PatchError::Invalid("a JSON patch must be an array".into()))?;
     for op in ops {
         let kind = op.get("op").and_then(Value::as_str).unwrap_or_default();
-        let path = split(op.get("path").and_then(Value::as_str).ok_or_else(|| {
-            PatchError::Invalid("every patch operation needs a path".into())
-        })?)?;
+        let path =
+            split(op.get("path").and_then(Value::as_str).ok_or_else(|| {
+                PatchError::Invalid("every patch operation needs a path".into())
+            })?)?;
         let value = || {
             op.get("value")
                 .cloned()

@@ -9,9 +9,13 @@ pub fn validate_and_prune(value: &mut Value, schema: &Value, path: &str, errors:
     let kind = schema.get("type").and_then(Value::as_str);
     match (kind, &mut *value) {
         (Some("object"), Value::Object(map)) => object(map, schema, path, errors),
-        (Some("object"), _) => errors.push(format!("{path}: Invalid value: must be of type object")),
+        (Some("object"), _) => {
+            errors.push(format!("{path}: Invalid value: must be of type object"))
+        }
         (Some("string"), Value::String(_)) => {}
-        (Some("string"), _) => errors.push(format!("{path}: Invalid value: must be of type string")),
+        (Some("string"), _) => {
+            errors.push(format!("{path}: Invalid value: must be of type string"))
+        }
         (Some("array"), Value::Array(items)) => {
             if let Some(item_schema) = schema.get("items") {
                 for (i, item) in items.iter_mut().enumerate() {
@@ -21,9 +25,13 @@ pub fn validate_and_prune(value: &mut Value, schema: &Value, path: &str, errors:
         }
         (Some("array"), _) => errors.push(format!("{path}: Invalid value: must be of type array")),
         (Some("integer"), v) if v.is_i64() || v.is_u64() => {}
-        (Some("integer"), _) => errors.push(format!("{path}: Invalid value: must be of type integer")),
+        (Some("integer"), _) => {
+            errors.push(format!("{path}: Invalid value: must be of type integer"))
+        }
         (Some("boolean"), Value::Bool(_)) => {}
-        (Some("boolean"), _) => errors.push(format!("{path}: Invalid value: must be of type boolean")),
+        (Some("boolean"), _) => {
+            errors.push(format!("{path}: Invalid value: must be of type boolean"))
+        }
         _ => {}
     }
 }

@@ -8,13 +8,12 @@ use std::time::Duration;
 use super::api::ApiError;
 use super::choose;
 use super::engine::{Engine, Step, UndoLog};
-use super::node_slice;
 use super::pool_doc::{add_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
 use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
-use crate::k8s::crd::IPPool;
 use crate::ipam::names::object_name;
 use crate::ipam::OffsetRuns;
+use crate::k8s::crd::IPPool;
 use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
 
 /// What reserving an address found.
@@ -67,10 +66,8 @@ impl Engine {
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
         let job = Job::new(&req.attachment, requested);
-        let node = std::env::var(node_slice::NODENAME_ENV).ok();
         let spool = Spool::open(
             &self.scope,
-            node.as_deref(),
             &object_name(&pool.name),
             &pool.range,
             &req.network_name,
@@ -90,7 +87,9 @@ impl Engine {
                 if let Some(answer) = spool.answer(&ticket) {
                     return self.accept(answer, pool, req, undo);
                 }
-                return self.lead(&spool, &lock, &ticket, &job, pool, req, undo).await;
+                return self
+                    .lead(&spool, &lock, &ticket, &job, pool, req, undo)
+                    .await;
             }
             tokio::time::sleep(SPOOL_POLL).await;
         }
@@ -125,7 +124,26 @@ impl Engine {
                 break;
             }
             let jobs: Vec<Job> = pending.iter().map(|(_, j)| j.clone()).collect();
-            match self.serve(pool, req, jobs, known.take(), undo).await {
+            let mut joined: Vec<(String, Job)> = Vec::new();
+            let mut refill = || {
+                let known_ids: BTreeSet<String> = pending
+                    .iter()
+                    .chain(joined.iter())
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let fresh: Vec<(String, Job)> = spool
+                    .pending(lock)
+                    .into_iter()
+                    .filter(|(id, _)| !known_ids.contains(id) && *id != ticket.id)
+                    .collect();
+                joined.extend(fresh.iter().cloned());
+                fresh.into_iter().map(|(_, job)| job).collect()
+            };
+            let served = self
+                .serve(pool, req, jobs, known.take(), undo, &mut refill)
+                .await;
+            pending.extend(joined);
+            match served {
                 Ok((results, written)) => {
                     for ((id, _), result) in pending.iter().zip(results) {
                         if *id == ticket.id {
@@ -154,11 +172,18 @@ impl Engine {
                     break;
                 }
             }
-            // Leave the rest to the next process once this one has served long enough.
-            if started.elapsed() > self.settings.request_timeout {
+            // Once its own request is answered, leave the rest to the next process soon, so
+            // that serving the node does not make one ADD slow.
+            let enough = match mine {
+                Some(_) => LEAD_AFTER_DONE,
+                None => self.settings.request_timeout,
+            };
+            if started.elapsed() > enough {
                 break;
             }
         }
+        // Out of the spool before the lock goes, or the next holder would serve it again.
+        ticket.withdraw();
         mine.unwrap_or_else(|| Err(StoreError::Io("the spool lost this request".into())))
     }
 
@@ -198,7 +223,9 @@ impl Engine {
         job: Job,
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
-        let (mut results, _) = self.serve(pool, req, vec![job], None, undo).await?;
+        let (mut results, _) = self
+            .serve(pool, req, vec![job], None, undo, &mut Vec::new)
+            .await?;
         results
             .pop()
             .unwrap_or_else(|| Err(StoreError::Io("no result".into())))
@@ -217,19 +244,28 @@ impl Engine {
         jobs: Vec<Job>,
         mut known: Option<IPPool>,
         undo: &UndoLog,
+        refill: &mut dyn FnMut() -> Vec<Job>,
     ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>), StoreError> {
         let name = object_name(&pool.name);
         let range = &pool.range;
         let mut slots: Vec<Slot> = jobs.into_iter().map(Slot::new).collect();
         // The same attachment twice (a runtime retrying while the first call waits) is one job.
-        let twin_of: Vec<Option<usize>> = (0..slots.len())
-            .map(|i| (0..i).find(|j| slots[*j].who.same_owner(&slots[i].who)))
-            .collect();
+        let mut twin_of: Vec<Option<usize>> = Vec::new();
         let mut conflicts = 0u32;
         // The resourceVersion of the last write that failed: reading it back unchanged means the
         // write was refused for another reason than a concurrent change.
         let mut failed_rv: Option<String> = None;
+        let mut first = true;
         loop {
+            if !first {
+                // Requests that arrived while this batch waited join it.
+                slots.extend(refill().into_iter().map(Slot::new));
+            }
+            first = false;
+            for i in twin_of.len()..slots.len() {
+                let twin = (0..i).find(|j| slots[*j].who.same_owner(&slots[i].who));
+                twin_of.push(twin);
+            }
             let object = match known.take() {
                 Some(object) => Some(object),
                 None => self.kube.get_pool(&name).await?,
@@ -282,7 +318,10 @@ impl Engine {
                 }
                 let offset = match &slots[i].reserved {
                     Some((offset, _)) => *offset,
-                    None => match self.choose(pool, &doc, &taken, &mut slots[i], req, undo).await? {
+                    None => match self
+                        .choose(pool, &doc, &taken, &mut slots[i], req, undo)
+                        .await?
+                    {
                         Ok(offset) => offset,
                         Err(err) => {
                             slots[i].done = Some(Err(err));
@@ -390,6 +429,13 @@ impl Engine {
                 Some(offset) => {
                     if let Err(err) = self.check_requested(pool, doc, offset) {
                         return Ok(Err(err));
+                    }
+                    if taken.contains(offset) {
+                        return Ok(Err(StoreError::InUse {
+                            ip: range.ip(offset),
+                            range: range.to_string(),
+                            holder: "another ADD served in the same batch".into(),
+                        }));
                     }
                     offset
                 }
@@ -635,6 +681,9 @@ impl Slot {
         }
     }
 }
+
+/// How long a process that got its own address keeps serving its node's waiting ADDs.
+const LEAD_AFTER_DONE: Duration = Duration::from_millis(50);
 
 /// How often a waiting ADD looks for its answer or for the spool's lock.
 const SPOOL_POLL: Duration = Duration::from_micros(500);

@@ -95,8 +95,10 @@ impl Engine {
         }
     }
 
-    /// The pools of a DEL or CHECK: with node slices, this node's pool (none if no slice).
-    async fn pools_of(&self, req: &AttachmentRequest) -> Result<Vec<PoolRef>, StoreError> {
+    /// The pools of a DEL or CHECK: with node slices, this node's pool (none if no slice),
+    /// each with the configured range it serves (leases report that range, as the caller
+    /// configured it, not the node's slice).
+    async fn pools_of(&self, req: &AttachmentRequest) -> Result<Vec<(Cidr, PoolRef)>, StoreError> {
         let mut pools = Vec::with_capacity(req.pools.len());
         for configured in &req.pools {
             if let Some(pool) = self
@@ -108,7 +110,7 @@ impl Engine {
                 )
                 .await?
             {
-                pools.push(pool);
+                pools.push((configured.range.cidr, pool));
             }
         }
         Ok(pools)
@@ -116,7 +118,7 @@ impl Engine {
 
     pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
         let mut released = Vec::new();
-        for pool in self.pools_of(req).await? {
+        for (configured, pool) in self.pools_of(req).await? {
             let name = object_name(&pool.name);
             let removed = self
                 .remove_entries(&name, pool.range.cidr, |e| {
@@ -124,7 +126,7 @@ impl Engine {
                         && e.attachment.ifname == req.ifname
                 })
                 .await?;
-            let doc = PoolDoc::new(&name, pool.range.cidr, None)?;
+            let doc = PoolDoc::new(&name, configured, None)?;
             for entry in removed {
                 self.release_reservation(entry.ip, &req.network_name, &entry.attachment)
                     .await?;
@@ -136,12 +138,14 @@ impl Engine {
 
     pub async fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
         let mut held = Vec::new();
-        for pool in self.pools_of(req).await? {
+        for (configured, pool) in self.pools_of(req).await? {
             let name = object_name(&pool.name);
             let object = self.kube.get_pool(&name).await?;
             let doc = PoolDoc::new(&name, pool.range.cidr, object)?;
             for entry in doc.held_by_container(&req.container_id, &req.ifname) {
-                held.push(Self::lease(&doc, entry, &req.network_name));
+                let mut lease = Self::lease(&doc, entry, &req.network_name);
+                lease.range = configured;
+                held.push(lease);
             }
         }
         Ok(held)

@@ -45,7 +45,7 @@ impl Settings {
             // ceiling grows quickly enough for hundreds of writers to one pool to get through.
             conflicts: Backoff {
                 attempts: 60,
-                base: Duration::from_millis(3),
+                base: Duration::from_millis(6),
                 max: Duration::from_millis(400),
             },
             transient: Backoff {

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::ipam::Range;
 use crate::store::{Attachment, StoreError};
 
-/// Where the spool folders live (one per node and pool); overridable for tests.
+/// Where the spool folders live (one per pool); overridable, e.g. to give simulated nodes on one
+/// machine a spool each.
 pub const SPOOL_ENV: &str = "WHEREABOUTS_KUBERNETES_SPOOL";
 const DEFAULT_SPOOL: &str = "/run/whereabouts/kubernetes";
 
@@ -73,8 +74,14 @@ pub struct Granted {
 /// A store error as it travels through an answer file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Failure {
-    Exhausted { range: String },
-    InUse { ip: std::net::IpAddr, range: String, holder: String },
+    Exhausted {
+        range: String,
+    },
+    InUse {
+        ip: std::net::IpAddr,
+        range: String,
+        holder: String,
+    },
     TryAgain(String),
     Config(String),
     Io(String),
@@ -118,9 +125,16 @@ pub struct Ticket {
     request: PathBuf,
 }
 
+impl Ticket {
+    /// Takes the request out of the spool.
+    pub fn withdraw(&self) {
+        let _ = fs::remove_file(&self.request);
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.request);
+        self.withdraw();
     }
 }
 
@@ -128,12 +142,11 @@ impl Drop for Ticket {
 pub struct Lock(#[allow(dead_code)] File);
 
 impl Spool {
-    /// The spool of a pool: one folder per node, pool and way of allocating in it, so only
-    /// requests that can be served together meet. None when no folder can be made (then every
-    /// ADD writes on its own).
+    /// The spool of a pool on this machine: one folder per cluster, pool and way of allocating
+    /// in it, so only requests that can be served together meet. None when no folder can be
+    /// made (then every ADD writes on its own).
     pub fn open(
         scope: &str,
-        node: Option<&str>,
         pool: &str,
         range: &Range,
         network_name: &str,
@@ -146,10 +159,7 @@ impl Spool {
         (pool, range.cidr.to_string(), range.first, range.last).hash(&mut hasher);
         range.blocked.as_slice().hash(&mut hasher);
         (network_name, overlap, scope).hash(&mut hasher);
-        let node = node.filter(|n| !n.is_empty()).unwrap_or("node");
-        let dir = base
-            .join(sanitize(node))
-            .join(format!("{}.{:016x}", sanitize(pool), hasher.finish()));
+        let dir = base.join(format!("{}.{:016x}", sanitize(pool), hasher.finish()));
         fs::create_dir_all(&dir).ok()?;
         Some(Spool { dir })
     }
@@ -179,10 +189,12 @@ impl Spool {
         Some(Lock(file))
     }
 
-    /// The answer to `ticket`, if there is one (consumed).
+    /// The answer to `ticket`, if there is one (consumed, with the request: a request without
+    /// an answer would be served again).
     pub fn answer(&self, ticket: &Ticket) -> Option<Answer> {
         let path = self.dir.join(format!("res-{}.json", ticket.id));
         let bytes = fs::read(&path).ok()?;
+        ticket.withdraw();
         let _ = fs::remove_file(&path);
         serde_json::from_slice(&bytes).ok()
     }
@@ -195,7 +207,10 @@ impl Spool {
         let mut found = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_prefix("req-").and_then(|n| n.strip_suffix(".json")) else {
+            let Some(id) = name
+                .strip_prefix("req-")
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
                 if name.starts_with("res-") {
                     self.drop_if_stale(&entry.path());
                 }
@@ -247,14 +262,24 @@ impl Spool {
 
 fn sanitize(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(100)
         .collect()
 }
 
 /// Writes a file so that readers see all of it or nothing.
 fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".tmp-{}-{:x}", std::process::id(), rand::random::<u64>()));
+    let tmp = dir.join(format!(
+        ".tmp-{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let mut file = File::create(&tmp)?;
     file.write_all(bytes)?;
     drop(file);
