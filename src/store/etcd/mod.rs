@@ -1,11 +1,101 @@
-//! The etcd v3 engine.
+//! The etcd v3 engine: allocations as small keys, each ADD or release one transaction.
+//!
+//! See `keys` for the layout and `runs` for how the lowest free address is found without
+//! reading the whole pool.
+
+mod allocate;
+mod commit;
+mod connect;
+mod keys;
+mod plan;
+mod records;
+mod release;
+mod runs;
+mod session;
+mod window;
+
+use std::net::IpAddr;
+
+pub use connect::{Timeouts, DEADLINE_ENV};
+pub use keys::DEFAULT_PREFIX;
 
 use crate::config::{EtcdConfig, IpamConfig};
-use crate::store::{Store, StoreError};
+use crate::store::retry::Backoff;
+use crate::store::{AddRequest, AttachmentRequest, GcRequest, Lease, Store, StoreError};
+use session::{Deadline, Session};
 
-/// Connects to the etcd cluster.
-pub fn open(_ipam: &IpamConfig, _cfg: &EtcdConfig) -> Result<Box<dyn Store>, StoreError> {
-    Err(StoreError::Config(
-        "datastore \"etcd\" is not available in this build yet".into(),
-    ))
+/// Connects to the etcd cluster with the default timeouts (the deadline may be overridden by
+/// [`DEADLINE_ENV`]).
+pub fn open(ipam: &IpamConfig, cfg: &EtcdConfig) -> Result<Box<dyn Store>, StoreError> {
+    open_with(ipam, cfg, Timeouts::from_env(), DEFAULT_PREFIX)
+}
+
+/// Connects with explicit timeouts and key prefix.
+pub fn open_with(
+    ipam: &IpamConfig,
+    cfg: &EtcdConfig,
+    timeouts: Timeouts,
+    prefix: &str,
+) -> Result<Box<dyn Store>, StoreError> {
+    if ipam.node_slice_size.is_some() {
+        return Err(StoreError::Config(
+            "node_slice_size is not supported with datastore \"etcd\" yet; remove it or use \
+             datastore \"kubernetes\""
+                .into(),
+        ));
+    }
+    let endpoints = connect::endpoints(cfg)?;
+    let options = connect::options(cfg, &timeouts)?;
+    let session = Session::connect(endpoints, options, keys::Keys::new(prefix), timeouts)?;
+    Ok(Box::new(EtcdStore {
+        session,
+        backoff: Backoff {
+            // The deadline bounds an operation; the attempt count only stops a livelock.
+            attempts: 500,
+            base: std::time::Duration::from_millis(2),
+            max: std::time::Duration::from_millis(200),
+        },
+    }))
+}
+
+struct EtcdStore {
+    session: Session,
+    backoff: Backoff,
+}
+
+impl Store for EtcdStore {
+    fn add(&self, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
+        allocate::add(&self.session, &self.backoff, req)
+    }
+
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+        release::del(&self.session, &self.backoff, req)
+    }
+
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+        release::check(&self.session, req)
+    }
+
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+        release::gc(&self.session, &self.backoff, req)
+    }
+
+    /// A linearizable read: it succeeds only when a quorum with a leader answers, which is
+    /// exactly when an ADD could commit.
+    fn status(&self) -> Result<(), StoreError> {
+        let s = &self.session;
+        let dl = Deadline::after(s.timeouts.deadline.min(s.timeouts.request * 2));
+        let opts = etcd_client::GetOptions::new().with_count_only();
+        s.get(&dl, "status read", s.keys.prefix().to_string(), Some(opts))
+            .map(|_| ())
+            .map_err(|e| StoreError::TryAgain(format!("etcd cluster is not available: {}", e.0)))
+    }
+
+    fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
+        release::leases(&self.session, pool)
+    }
+
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError> {
+        release::release(&self.session, &self.backoff, pool, ip)
+    }
 }

@@ -1,0 +1,256 @@
+//! 1000 allocations from 10 simulated nodes against a real 3-member etcd cluster, compared with
+//! the cluster's raw rate for sequential single-key transactions measured in the same run.
+//!
+//! Two figures: through the library (10 nodes, each with its own connection, allocating one
+//! after another) and through the real binary (one process per ADD, as a runtime calls it).
+//!
+//! Run: `cargo bench --bench etcd_burst` (needs etcd-server and etcd-client).
+
+#[path = "../tests/etcd_cluster/mod.rs"]
+mod etcd_cluster;
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_cluster::{etcd_available, Cluster};
+use serde_json::json;
+use whereabouts::config::Datastore;
+use whereabouts::store::etcd::{open_with, Timeouts};
+use whereabouts::store::{AddRequest, Attachment, RangeRequest};
+
+const NODES: usize = 10;
+const PER_NODE: usize = 100;
+const RAW_TXNS: usize = 1000;
+/// Plugin processes in flight in the binary run.
+const IN_FLIGHT: usize = 20;
+
+fn main() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let raw = raw_rate(&cluster);
+    println!("raw etcd rate: {raw:.0} sequential single-key transactions/s ({RAW_TXNS} txns)");
+    let raw_parallel = raw_parallel_rate(&cluster);
+    println!(
+        "raw etcd rate, {NODES} clients at once: {raw_parallel:.0} single-key transactions/s (for context)"
+    );
+    let one = library_rate(&cluster, 1, "10.50.0.0/16");
+    println!(
+        "library: {PER_NODE} allocations from 1 node, one after another: {one:.0} allocations/s, ratio to raw {:.2}",
+        one / raw
+    );
+    let lib = library_rate(&cluster, NODES, "10.60.0.0/16");
+    println!(
+        "library: {} allocations from {NODES} nodes: {lib:.0} allocations/s, ratio to raw {:.2}",
+        NODES * PER_NODE,
+        lib / raw
+    );
+    let seq = binary_rate(&cluster, 1, 1, "10.80.0.0/16");
+    println!(
+        "binary: {PER_NODE} ADDs, one process at a time: {seq:.0} allocations/s, ratio to raw {:.2}",
+        seq / raw
+    );
+    let bin = binary_rate(&cluster, NODES, IN_FLIGHT, "10.70.0.0/16");
+    println!(
+        "binary: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {bin:.0} allocations/s, ratio to raw {:.2}",
+        NODES * PER_NODE,
+        bin / raw
+    );
+}
+
+/// Sequential transactions, each creating one key if absent: the engine's own limit for a
+/// client that waits for every commit.
+fn raw_rate(cluster: &Cluster) -> f64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut client = Client::connect(cluster.endpoint_urls(), None)
+            .await
+            .expect("connect");
+        // Warm up the connection.
+        client.put("/raw/warm", "x", None).await.expect("put");
+        let start = Instant::now();
+        for i in 0..RAW_TXNS {
+            let key = format!("/raw/{i:08}");
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key, "x", None)]);
+            let resp = client.txn(txn).await.expect("txn");
+            assert!(resp.succeeded());
+        }
+        RAW_TXNS as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+/// The same transactions from `NODES` clients at once: what the cluster can absorb when it can
+/// batch commits.
+fn raw_parallel_rate(cluster: &Cluster) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for node in 0..NODES {
+            scope.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    let mut client = Client::connect(cluster.endpoint_urls(), None)
+                        .await
+                        .expect("connect");
+                    for i in 0..RAW_TXNS / NODES {
+                        let key = format!("/rawp/{node}/{i:08}");
+                        let txn = Txn::new()
+                            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(key, "x", None)]);
+                        client.txn(txn).await.expect("txn");
+                    }
+                })
+            });
+        }
+    });
+    RAW_TXNS as f64 / start.elapsed().as_secs_f64()
+}
+
+fn ipam(cluster: &Cluster, range: &str) -> serde_json::Value {
+    json!({
+        "type": "whereabouts",
+        "datastore": "etcd",
+        "etcd_host": cluster.endpoints(),
+        "range": range,
+        "log_level": "error",
+    })
+}
+
+/// `nodes` threads, each with its own store (connection and runtime), allocating `PER_NODE`
+/// addresses one after another from the same range.
+fn library_rate(cluster: &Cluster, nodes: usize, range: &str) -> f64 {
+    let cfg = whereabouts::config::load_with_flat_files(Some(&ipam(cluster, range)), &[])
+        .expect("config");
+    let Datastore::Etcd(etcd) = &cfg.datastore else {
+        unreachable!("etcd configured")
+    };
+    let range = cfg.ranges[0].clone();
+    let resolved = whereabouts::ipam::Range::resolve(&range, None).expect("range");
+    let pool = whereabouts::store::PoolRef {
+        name: whereabouts::ipam::names::pool_name(&range.cidr, "", None),
+        spec: range,
+        gateway: None,
+        range: resolved,
+    };
+    let seen = Mutex::new(Vec::<IpAddr>::new());
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for node in 0..nodes {
+            let (cfg, etcd, pool, seen) = (&cfg, etcd, &pool, &seen);
+            scope.spawn(move || {
+                let store =
+                    open_with(cfg, etcd, Timeouts::default(), "/whereabouts/").expect("store");
+                for i in 0..PER_NODE {
+                    let req = AddRequest {
+                        cni_network: "net".into(),
+                        network_name: String::new(),
+                        overlap: true,
+                        attachment: Attachment {
+                            container_id: format!("lib-node{node}-{i}"),
+                            ifname: "eth0".into(),
+                            pod_ref: Some(format!("node{node}/pod{i}")),
+                            pod_uid: None,
+                        },
+                        ranges: vec![RangeRequest {
+                            pool: pool.clone(),
+                            requested: None,
+                        }],
+                        node_slice_size: None,
+                        sleep_for_race: 0,
+                    };
+                    let ips = store.add(&req).expect("allocation");
+                    seen.lock().unwrap().extend(ips);
+                }
+            });
+        }
+    });
+    let rate = (nodes * PER_NODE) as f64 / start.elapsed().as_secs_f64();
+    check_unique(seen.into_inner().unwrap(), nodes * PER_NODE);
+    rate
+}
+
+/// `nodes * PER_NODE` ADDs through the binary, `in_flight` processes at a time.
+fn binary_rate(cluster: &Cluster, nodes: usize, in_flight: usize, range: &str) -> f64 {
+    let conf = serde_json::to_vec(&json!({
+        "cniVersion": "1.0.0",
+        "name": "net",
+        "type": "bridge",
+        "ipam": ipam(cluster, range),
+    }))
+    .expect("config");
+    let queue = Mutex::new(
+        (0..nodes)
+            .flat_map(|n| (0..PER_NODE).map(move |i| (n, i)))
+            .collect::<Vec<_>>(),
+    );
+    let seen = Mutex::new(Vec::<IpAddr>::new());
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..in_flight {
+            scope.spawn(|| loop {
+                let Some((node, i)) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                seen.lock()
+                    .unwrap()
+                    .push(add_through_binary(&conf, node, i));
+            });
+        }
+    });
+    let rate = (nodes * PER_NODE) as f64 / start.elapsed().as_secs_f64();
+    check_unique(seen.into_inner().unwrap(), nodes * PER_NODE);
+    rate
+}
+
+fn add_through_binary(conf: &[u8], node: usize, i: usize) -> IpAddr {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", format!("bin-node{node}-{i}"))
+        .env("CNI_NETNS", "/var/run/netns/bench")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE=node{node};K8S_POD_NAME=pod{i}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("plugin starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf)
+        .expect("config written");
+    let out = child.wait_with_output().expect("plugin finishes");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON reply");
+    assert!(out.status.success(), "ADD failed: {reply}");
+    reply["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .expect("an address")
+}
+
+fn check_unique(mut ips: Vec<IpAddr>, expected: usize) {
+    let n = ips.len();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), n, "duplicate addresses handed out");
+    assert_eq!(n, expected);
+}

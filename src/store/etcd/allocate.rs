@@ -1,0 +1,443 @@
+//! ADD: for every range of the request, find what the attachment already holds or the lowest
+//! free address, then commit all ranges in one transaction whose compares cover everything
+//! that was read. A lost race is retried with what the failed commit read back (and, for a
+//! single range, two alternatives ride along in the same commit); a failed call means "read
+//! again and retry". Because the owner index is written with the allocation, a retry after a
+//! commit whose outcome was unknown finds the committed allocation and returns it instead of
+//! taking a second address.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse};
+use rand::Rng;
+
+use super::commit::{build_commit, compact_chain};
+use super::keys::parse_hex;
+use super::plan::{alternatives, plan_dynamic, plan_static, IndexHits, Plan, Stop};
+use super::records::AllocationRecord;
+use super::session::{key_get, Deadline, Session};
+use super::window::{self, Window};
+use crate::ipam::Range;
+use crate::store::retry::Backoff;
+use crate::store::{AddRequest, StoreError};
+
+pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
+    if req.node_slice_size.is_some() {
+        return Err(StoreError::Config(
+            "node_slice_size is not supported with datastore \"etcd\" yet".into(),
+        ));
+    }
+    for (i, a) in req.ranges.iter().enumerate() {
+        if req.ranges[..i].iter().any(|b| b.pool.name == a.pool.name) {
+            return Err(StoreError::Config(format!(
+                "two ranges of this configuration map to the same pool {}",
+                a.pool.name
+            )));
+        }
+    }
+    let dl = Deadline::after(s.timeouts.deadline);
+    let mut memory = Memory::new(req.ranges.len());
+    let mut last = String::from("no attempt finished");
+    for attempt in 0..backoff.attempts.max(1) {
+        if attempt > 0 && memory.wait {
+            // Failed calls (no leader, a member gone) back off exponentially so that an
+            // election is waited out rather than hammered.
+            let step = memory.conflicts.max(memory.failures).min(attempt);
+            s.pause(&dl, backoff.delay(step));
+        } else if attempt > 0 {
+            // A light jitter even when spreading, so that retries do not arrive in lockstep.
+            s.pause(&dl, backoff.delay(0));
+        }
+        if dl.passed() {
+            break;
+        }
+        match attempt_add(s, req, &dl, &mut memory) {
+            Ok(Some(ips)) => return Ok(ips),
+            Ok(None) => last = "the pool changed while allocating (conflicting writer)".into(),
+            Err(Stop::Final(e)) => return Err(e),
+            Err(Stop::Retry(msg)) => {
+                memory.call_failed();
+                last = msg;
+            }
+        }
+    }
+    Err(StoreError::TryAgain(format!(
+        "could not allocate from etcd within {:?}: {last}",
+        s.timeouts.deadline
+    )))
+}
+
+/// What one ADD learns across its attempts.
+struct Memory {
+    /// Addresses found reserved network-wide by another pool.
+    reserved_elsewhere: HashSet<IpAddr>,
+    /// Per range, where the next search starts: after losing an offset to a concurrent
+    /// writer, a random distance past it, so that contenders stop colliding on one address.
+    start_hint: Vec<Option<u128>>,
+    /// Per range, the run window at `start_hint`, read by the failed commit itself.
+    prefetched: Vec<Option<Window>>,
+    /// The index entries as last read; valid after a cleanly failed compare, whose commit
+    /// certainly did not apply (the next commit compares them again anyway).
+    hits: Option<Vec<IndexHits>>,
+    conflicts: u32,
+    /// Calls that failed (transport errors, timeouts).
+    failures: u32,
+    /// Whether to back off before the next attempt.
+    wait: bool,
+}
+
+impl Memory {
+    fn new(ranges: usize) -> Memory {
+        Memory {
+            reserved_elsewhere: HashSet::new(),
+            start_hint: vec![None; ranges],
+            prefetched: vec![None; ranges],
+            hits: None,
+            conflicts: 0,
+            failures: 0,
+            wait: false,
+        }
+    }
+
+    fn start(&self, i: usize, range: &Range) -> u128 {
+        self.start_hint[i]
+            .filter(|h| *h > range.first && *h <= range.last)
+            .unwrap_or(range.first)
+    }
+
+    /// Where to search next if `offset` is lost: a random distance past it, the spread growing
+    /// with repeated conflicts. A search that finds nothing from there starts over from the
+    /// beginning of the range, so no free address is ever missed.
+    fn next_hint(&self, offset: u128) -> Option<u128> {
+        let spread = 8u128 << self.conflicts.min(5);
+        offset.checked_add(1 + rand::rng().random_range(0..spread))
+    }
+
+    /// Forgets what a failed call may have made stale.
+    fn call_failed(&mut self) {
+        self.hits = None;
+        self.prefetched.iter_mut().for_each(|w| *w = None);
+        self.failures += 1;
+        self.wait = true;
+    }
+}
+
+/// One read-decide-commit round. `Ok(None)` when a compare failed.
+fn attempt_add(
+    s: &Session,
+    req: &AddRequest,
+    dl: &Deadline,
+    memory: &mut Memory,
+) -> Result<Option<Vec<IpAddr>>, Stop> {
+    let who = &req.attachment;
+    let (hits, mut windows) = first_read(s, req, dl, memory)?;
+    let hits_for_memory = hits.clone();
+    let held = read_held(s, req, &hits, dl)?;
+    let mut plans = Vec::with_capacity(req.ranges.len());
+    let mut chosen: Vec<IpAddr> = Vec::new();
+    let mut spare: Vec<u128> = Vec::new();
+    for (i, ((rr, hit), held)) in req.ranges.iter().zip(&hits).zip(held).enumerate() {
+        let plan = match held {
+            Some((offset, mod_revision, record)) => {
+                if let Some(wanted) = rr.requested.filter(|w| *w != offset) {
+                    return Err(Stop::Final(StoreError::InUse {
+                        ip: rr.pool.range.ip(wanted),
+                        range: rr.pool.range.to_string(),
+                        holder: format!(
+                            "this attachment, which already holds {} in that range",
+                            record.ip
+                        ),
+                    }));
+                }
+                Plan::Keep {
+                    offset,
+                    ip: rr.pool.range.ip(offset),
+                    mod_revision,
+                    record: Box::new(record),
+                }
+            }
+            None => match rr.requested {
+                Some(offset) => plan_static(s, req, rr, *hit, offset, &chosen, dl)?,
+                None => {
+                    let window = windows[i].take().unwrap_or_default();
+                    let start = memory.start(i, &rr.pool.range);
+                    let taken =
+                        |ip: &IpAddr| chosen.contains(ip) || memory.reserved_elsewhere.contains(ip);
+                    let (plan, free_after) = plan_dynamic(s, rr, *hit, start, window, &taken, dl)?;
+                    spare = free_after;
+                    plan
+                }
+            },
+        };
+        chosen.push(match &plan {
+            Plan::Keep { ip, .. } | Plan::Take { ip, .. } => *ip,
+        });
+        plans.push(plan);
+    }
+    if req.sleep_for_race > 0 {
+        s.pause(dl, Duration::from_secs(req.sleep_for_race));
+    }
+    let (compares, ops) = build_commit(s, req, &plans);
+    if ops.is_empty() {
+        // Every range is already held by this attachment, unchanged: nothing to write.
+        return Ok(Some(chosen));
+    }
+    let alternatives = alternatives(req, &plans, &spare);
+    // On a failed compare, learn why without another round trip: which chosen offsets are now
+    // held in their pool, which addresses are reserved through another pool; and read the run
+    // window where the next search would start.
+    let mut probes = Vec::new();
+    let mut probe_gets = Vec::new();
+    for (i, (rr, plan)) in req.ranges.iter().zip(&plans).enumerate() {
+        if let Plan::Take { offset, ip, .. } = plan {
+            let akey = s.keys.allocation(&rr.pool.name, *offset);
+            probe_gets.push(key_get(&akey));
+            probe_gets.push(key_get(&if req.overlap {
+                s.keys.reservation(&req.network_name, *ip)
+            } else {
+                akey
+            }));
+            let hint = memory
+                .next_hint(*offset)
+                .filter(|h| *h <= rr.pool.range.last && rr.requested.is_none());
+            if let Some(h) = hint {
+                probe_gets.extend(window::gets(&s.keys, &rr.pool.name, h));
+            }
+            probes.push((i, *ip, hint));
+        }
+    }
+    // The first choice, then, only if it was lost to a writer of the same pool (its record
+    // now exists), each alternative in the failure branch of the one before: one round trip
+    // tries them in order, and the cluster applies at most one. A first choice refused for
+    // another reason (reserved through another range) falls through to the probes, so the
+    // next attempt still takes the lowest free address.
+    let mut inner: Option<Txn> = None;
+    for alt in alternatives.iter().rev() {
+        let (c, o) = build_commit(s, req, std::slice::from_ref(alt));
+        let otherwise = match inner.take() {
+            Some(t) => vec![TxnOp::txn(t)],
+            None => probe_gets.clone(),
+        };
+        inner = Some(Txn::new().when(c).and_then(o).or_else(otherwise));
+    }
+    let otherwise = match (inner, plans.as_slice(), req.ranges.as_slice()) {
+        (Some(first_alt), [Plan::Take { offset, .. }], [rr]) => {
+            let lost = Compare::create_revision(
+                s.keys.allocation(&rr.pool.name, *offset),
+                CompareOp::Greater,
+                0,
+            );
+            let gate = Txn::new()
+                .when([lost])
+                .and_then([TxnOp::txn(first_alt)])
+                .or_else(probe_gets);
+            vec![TxnOp::txn(gate)]
+        }
+        _ => probe_gets,
+    };
+    let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
+    let resp = s.txn(dl, "allocation commit", txn)?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    // Walk down the failure branches to the one that applied, or to the probes.
+    let mut levels = vec![resp];
+    if !alternatives.is_empty() && !levels[0].succeeded() {
+        if let Some(TxnOpResponse::Txn(gate)) = levels[0].op_responses().into_iter().next() {
+            let mut current = gate;
+            if current.succeeded() {
+                for _ in 0..alternatives.len() {
+                    match current.op_responses().into_iter().next() {
+                        Some(TxnOpResponse::Txn(next)) => {
+                            levels.push(next.clone());
+                            if next.succeeded() {
+                                break;
+                            }
+                            current = next;
+                        }
+                        _ => break,
+                    }
+                }
+            } else {
+                levels.push(current);
+            }
+        }
+    }
+    let winner = levels.iter().position(|r| r.succeeded());
+    if let Some(level) = winner {
+        if level > 0 {
+            if let Some(Plan::Take { ip, .. }) = alternatives.get(level - 1) {
+                chosen = vec![*ip];
+            }
+        }
+        tracing::debug!(container = %who.container_id, ips = ?chosen, "etcd: allocated");
+        for (rr, plan) in req.ranges.iter().zip(&plans) {
+            if let Plan::Take { offset, walked, .. } = plan {
+                let new_run = (level == 0).then_some(*offset);
+                compact_chain(s, dl, &rr.pool.name, walked, new_run, revision);
+            }
+        }
+        return Ok(Some(chosen));
+    }
+    let Some(resp) = levels.pop() else {
+        return Ok(None);
+    };
+    let mut answers = resp.op_responses().into_iter().map(|r| match r {
+        TxnOpResponse::Get(mut g) => g.take_kvs(),
+        _ => Vec::new(),
+    });
+    memory.wait = false;
+    memory.prefetched.iter_mut().for_each(|w| *w = None);
+    memory.hits = Some(hits_for_memory);
+    let mut lost_any = false;
+    for (i, ip, hint) in probes {
+        let held = !answers.next().unwrap_or_default().is_empty();
+        let reserved = !answers.next().unwrap_or_default().is_empty();
+        let window = hint.map(|h| {
+            let floor = answers.next().unwrap_or_default();
+            (
+                h,
+                Window::parse(h, floor, answers.next().unwrap_or_default()),
+            )
+        });
+        if held {
+            lost_any = true;
+            memory.start_hint[i] = window.as_ref().map(|(h, _)| *h);
+            memory.prefetched[i] = window.map(|(_, w)| w);
+        } else if req.overlap && reserved {
+            // Reserved through an overlapping range: not contention; search again at once.
+            memory.reserved_elsewhere.insert(ip);
+        } else {
+            // A run or index entry changed under us: contention all the same.
+            memory.wait = true;
+        }
+    }
+    if lost_any {
+        memory.conflicts += 1;
+        memory.wait |= memory.conflicts > 2;
+    }
+    Ok(None)
+}
+
+/// One read for the whole request: the attachment's owner and pod index entries in every pool,
+/// and for every range to be chosen dynamically, the run window where its search starts.
+#[allow(clippy::type_complexity)]
+fn first_read(
+    s: &Session,
+    req: &AddRequest,
+    dl: &Deadline,
+    memory: &mut Memory,
+) -> Result<(Vec<IndexHits>, Vec<Option<Window>>), Stop> {
+    let who = &req.attachment;
+    // After a lost race the failed commit already read everything the next attempt needs.
+    let all_prefetched = req
+        .ranges
+        .iter()
+        .zip(&memory.prefetched)
+        .all(|(rr, w)| rr.requested.is_some() || w.is_some());
+    if all_prefetched {
+        if let Some(hits) = memory.hits.take() {
+            let windows = memory.prefetched.iter_mut().map(Option::take).collect();
+            return Ok((hits, windows));
+        }
+    }
+    let mut gets = Vec::new();
+    for rr in &req.ranges {
+        gets.push(key_get(&s.keys.owner(
+            &who.container_id,
+            &who.ifname,
+            &rr.pool.name,
+        )));
+        if let Some(pod) = &who.pod_ref {
+            gets.push(key_get(&s.keys.pod(pod, &who.ifname, &rr.pool.name)));
+        }
+    }
+    let mut starts = Vec::with_capacity(req.ranges.len());
+    for (i, rr) in req.ranges.iter().enumerate() {
+        let start = rr
+            .requested
+            .is_none()
+            .then(|| memory.start(i, &rr.pool.range));
+        if let Some(start) = start {
+            gets.extend(window::gets(&s.keys, &rr.pool.name, start));
+        }
+        starts.push(start);
+    }
+    let mut results = s.reads(dl, "pool read", gets)?.into_iter();
+    let mut hits = Vec::with_capacity(req.ranges.len());
+    let hit = |kvs: Option<Vec<KeyValue>>| {
+        kvs.and_then(|kvs| kvs.into_iter().next()).map(|kv| {
+            let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex);
+            (kv.mod_revision(), offset)
+        })
+    };
+    for _ in &req.ranges {
+        let owner = hit(results.next());
+        let pod = if who.pod_ref.is_some() {
+            hit(results.next())
+        } else {
+            None
+        };
+        hits.push(IndexHits { owner, pod });
+    }
+    let windows = starts
+        .into_iter()
+        .map(|start| {
+            start.map(|from| {
+                let floor = results.next().unwrap_or_default();
+                let ahead = results.next().unwrap_or_default();
+                Window::parse(from, floor, ahead)
+            })
+        })
+        .collect();
+    Ok((hits, windows))
+}
+
+/// For every range, the allocation the attachment already holds there, if any.
+#[allow(clippy::type_complexity)]
+fn read_held(
+    s: &Session,
+    req: &AddRequest,
+    hits: &[IndexHits],
+    dl: &Deadline,
+) -> Result<Vec<Option<(u128, i64, AllocationRecord)>>, Stop> {
+    // The pod entry first: it survives a sandbox restart that changes the container ID.
+    let candidates: Vec<Vec<u128>> = hits
+        .iter()
+        .map(|h| {
+            let mut c: Vec<u128> = [h.pod, h.owner]
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, o)| o)
+                .collect();
+            c.dedup();
+            c
+        })
+        .collect();
+    let mut gets = Vec::new();
+    for (rr, offsets) in req.ranges.iter().zip(&candidates) {
+        for o in offsets {
+            gets.push(key_get(&s.keys.allocation(&rr.pool.name, *o)));
+        }
+    }
+    let mut results = s.reads(dl, "allocation read", gets)?.into_iter();
+    let mut held = Vec::with_capacity(req.ranges.len());
+    for (_, offsets) in req.ranges.iter().zip(&candidates) {
+        let mut found = None;
+        for o in offsets {
+            let kv = results.next().and_then(|kvs| kvs.into_iter().next());
+            if found.is_some() {
+                continue;
+            }
+            if let Some(kv) = kv {
+                if let Some(record) = AllocationRecord::from_json(kv.value()) {
+                    if record.attachment().same_owner(&req.attachment) {
+                        found = Some((*o, kv.mod_revision(), record));
+                    }
+                }
+            }
+        }
+        held.push(found);
+    }
+    Ok(held)
+}

@@ -1,0 +1,207 @@
+//! The transactions of an ADD: the commit of every plan at once, and the best-effort merge of
+//! run chains afterwards.
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use rand::Rng;
+
+use super::keys::{hex, Keys};
+use super::plan::Plan;
+use super::records::{AllocationRecord, ReservationRecord};
+use super::runs::{self, ReadRun, Run};
+use super::session::{Deadline, Session};
+use crate::store::AddRequest;
+
+/// Chains of adjacent runs shorter than this (plus a random part) are left alone.
+pub(super) const COMPACT_AT: usize = 16;
+
+/// Runs merged by one commit at most: keeps the transaction well under etcd's operation limit.
+pub(super) const MERGE_CAP: usize = 32;
+
+/// Merges chains of adjacent runs the search crossed, the new run `[offset, offset]`
+/// (committed at `revision`) included, when they have grown long. Best effort: the allocation is already committed, a
+/// failed or conflicting merge leaves a valid partition and the next search tries again.
+pub(super) fn compact_chain(
+    s: &Session,
+    dl: &Deadline,
+    pool: &str,
+    walked: &[ReadRun],
+    new_run: Option<u128>,
+    revision: i64,
+) {
+    // A threshold that differs between writers, so that they rarely all merge the same chain.
+    let threshold = COMPACT_AT + rand::rng().random_range(0..COMPACT_AT);
+    let mut runs = walked.to_vec();
+    if let Some(offset) = new_run {
+        runs.push(ReadRun {
+            run: Run {
+                start: offset,
+                end: offset,
+            },
+            mod_revision: revision,
+        });
+    }
+    for chain in runs::chains(&runs, MERGE_CAP) {
+        if chain.len() < threshold {
+            continue;
+        }
+        let mut compares: Vec<Compare> = chain
+            .iter()
+            .map(|r| unchanged(&s.keys.run(pool, r.run.start), Some(r.mod_revision)))
+            .collect();
+        let mut ops = Vec::new();
+        let plain: Vec<Run> = chain.iter().map(|r| r.run).collect();
+        push_run_change(
+            &s.keys,
+            pool,
+            runs::compact(&plain),
+            &mut compares,
+            &mut ops,
+        );
+        if let Err(e) = s.txn(dl, "run merge", Txn::new().when(compares).and_then(ops)) {
+            tracing::debug!("etcd: merging runs of {pool} failed (harmless): {}", e.0);
+        }
+    }
+}
+
+/// A compare that `key` is still as read: absent (`None`) or at revision `rev`.
+pub(super) fn unchanged(key: &str, rev: Option<i64>) -> Compare {
+    match rev {
+        Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+        None => Compare::create_revision(key, CompareOp::Equal, 0),
+    }
+}
+
+/// The compares and writes that commit every plan at once.
+pub(super) fn build_commit(
+    s: &Session,
+    req: &AddRequest,
+    plans: &[Plan],
+) -> (Vec<Compare>, Vec<TxnOp>) {
+    let who = &req.attachment;
+    let keys = &s.keys;
+    let mut compares = Vec::new();
+    let mut ops = Vec::new();
+    for (rr, plan) in req.ranges.iter().zip(plans) {
+        let pool = &rr.pool.name;
+        match plan {
+            Plan::Keep {
+                offset,
+                mod_revision,
+                record,
+                ..
+            } => {
+                let akey = keys.allocation(pool, *offset);
+                compares.push(Compare::mod_revision(
+                    akey.clone(),
+                    CompareOp::Equal,
+                    *mod_revision,
+                ));
+                let updated = AllocationRecord {
+                    container_id: who.container_id.clone(),
+                    pod_uid: who.pod_uid.clone().or_else(|| record.pod_uid.clone()),
+                    pod_ref: who.pod_ref.clone().or_else(|| record.pod_ref.clone()),
+                    ..(**record).clone()
+                };
+                if updated == **record {
+                    continue;
+                }
+                ops.push(TxnOp::put(akey, updated.to_json(), None));
+                if record.container_id != who.container_id {
+                    ops.push(TxnOp::delete(
+                        keys.owner(&record.container_id, &record.ifname, pool),
+                        None,
+                    ));
+                    ops.push(TxnOp::put(
+                        keys.owner(&who.container_id, &who.ifname, pool),
+                        hex(*offset),
+                        None,
+                    ));
+                }
+                if let (Some(pod), None) = (&who.pod_ref, &record.pod_ref) {
+                    ops.push(TxnOp::put(
+                        keys.pod(pod, &who.ifname, pool),
+                        hex(*offset),
+                        None,
+                    ));
+                }
+                if record.reserved {
+                    let reservation = ReservationRecord {
+                        pool: pool.clone(),
+                        container_id: who.container_id.clone(),
+                        ifname: who.ifname.clone(),
+                        pod_ref: updated.pod_ref.clone(),
+                    };
+                    ops.push(TxnOp::put(
+                        keys.reservation(&record.network_name, record.ip),
+                        reservation.to_json(),
+                        None,
+                    ));
+                }
+            }
+            Plan::Take {
+                offset,
+                ip,
+                owner_rev,
+                pod_rev,
+                ..
+            } => {
+                let akey = keys.allocation(pool, *offset);
+                compares.push(unchanged(&akey, None));
+                let record = AllocationRecord {
+                    ip: *ip,
+                    range: rr.pool.cidr().to_string(),
+                    container_id: who.container_id.clone(),
+                    ifname: who.ifname.clone(),
+                    pod_ref: who.pod_ref.clone(),
+                    pod_uid: who.pod_uid.clone(),
+                    cni_network: req.cni_network.clone(),
+                    network_name: req.network_name.clone(),
+                    reserved: req.overlap,
+                };
+                ops.push(TxnOp::put(akey, record.to_json(), None));
+                let owner_key = keys.owner(&who.container_id, &who.ifname, pool);
+                compares.push(unchanged(&owner_key, *owner_rev));
+                ops.push(TxnOp::put(owner_key, hex(*offset), None));
+                if let Some(pod) = &who.pod_ref {
+                    let pod_key = keys.pod(pod, &who.ifname, pool);
+                    compares.push(unchanged(&pod_key, *pod_rev));
+                    ops.push(TxnOp::put(pod_key, hex(*offset), None));
+                }
+                if req.overlap {
+                    let rkey = keys.reservation(&req.network_name, *ip);
+                    compares.push(unchanged(&rkey, None));
+                    let reservation = ReservationRecord {
+                        pool: pool.clone(),
+                        container_id: who.container_id.clone(),
+                        ifname: who.ifname.clone(),
+                        pod_ref: who.pod_ref.clone(),
+                    };
+                    ops.push(TxnOp::put(rkey, reservation.to_json(), None));
+                }
+                let change = runs::take(*offset);
+                push_run_change(keys, pool, change, &mut compares, &mut ops);
+            }
+        }
+    }
+    (compares, ops)
+}
+
+/// Adds the writes of a run change, with a must-not-exist compare for every new run key.
+pub(super) fn push_run_change(
+    keys: &Keys,
+    pool: &str,
+    change: runs::RunChange,
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<TxnOp>,
+) {
+    for start in change.deletes {
+        ops.push(TxnOp::delete(keys.run(pool, start), None));
+    }
+    for (Run { start, end }, fresh) in change.puts {
+        let key = keys.run(pool, start);
+        if fresh {
+            compares.push(unchanged(&key, None));
+        }
+        ops.push(TxnOp::put(key, hex(end), None));
+    }
+}

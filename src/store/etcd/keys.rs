@@ -1,0 +1,199 @@
+//! The key layout. Everything lives under one prefix; offsets are written as 32 hex digits so
+//! that the lexicographic order etcd sorts keys by is the numeric order of offsets.
+//!
+//! ```text
+//! <prefix>pools/<pool>/a/<offset>                 allocation record (JSON)
+//! <prefix>pools/<pool>/r/<start>                  run of allocated offsets: value = <end>
+//! <prefix>reservations/<network>/<ip>             network-wide overlap reservation (JSON)
+//! <prefix>owners/<container id>/<ifname>/<pool>   owner index: value = <offset>
+//! <prefix>pods/<namespace/name>/<ifname>/<pool>   pod index: value = <offset>
+//! ```
+//!
+//! Names coming from configuration or the runtime are escaped so that a `/` inside them can
+//! never be mistaken for a separator.
+
+use std::net::IpAddr;
+
+/// The prefix every key of this engine starts with.
+pub const DEFAULT_PREFIX: &str = "/whereabouts/";
+
+/// Builds the keys of one deployment (one prefix).
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn pool_dir(&self, pool: &str) -> String {
+        format!("{}pools/{}/", self.prefix, escape(pool))
+    }
+
+    /// The directory holding every pool's keys.
+    pub fn pools_dir(&self) -> String {
+        format!("{}pools/", self.prefix)
+    }
+
+    /// The directory of one pool's allocation records.
+    pub fn allocations_dir(&self, pool: &str) -> String {
+        self.pool_dir(pool) + "a/"
+    }
+
+    pub fn allocation(&self, pool: &str, offset: u128) -> String {
+        self.allocations_dir(pool) + &hex(offset)
+    }
+
+    /// The directory of one pool's run keys.
+    pub fn runs_dir(&self, pool: &str) -> String {
+        self.pool_dir(pool) + "r/"
+    }
+
+    pub fn run(&self, pool: &str, start: u128) -> String {
+        self.runs_dir(pool) + &hex(start)
+    }
+
+    pub fn reservation(&self, network_name: &str, ip: IpAddr) -> String {
+        format!(
+            "{}reservations/{}/{}",
+            self.prefix,
+            escape(network_name),
+            ip
+        )
+    }
+
+    /// The directory of the owner index entries of one attachment, one per pool.
+    pub fn owner_dir(&self, container_id: &str, ifname: &str) -> String {
+        format!(
+            "{}owners/{}/{}/",
+            self.prefix,
+            escape(container_id),
+            escape(ifname)
+        )
+    }
+
+    pub fn owner(&self, container_id: &str, ifname: &str, pool: &str) -> String {
+        self.owner_dir(container_id, ifname) + &escape(pool)
+    }
+
+    pub fn pod(&self, pod_ref: &str, ifname: &str, pool: &str) -> String {
+        format!(
+            "{}pods/{}/{}/{}",
+            self.prefix,
+            escape(pod_ref),
+            escape(ifname),
+            escape(pool)
+        )
+    }
+}
+
+/// The end of the key range covering every key that starts with `dir`.
+pub fn range_end(dir: &str) -> Vec<u8> {
+    let mut end = dir.as_bytes().to_vec();
+    // Keys here are ASCII, so the last byte is never 0xff and incrementing it is exact.
+    if let Some(last) = end.last_mut() {
+        *last = last.saturating_add(1);
+    }
+    end
+}
+
+/// An offset as 32 lower-case hex digits.
+pub fn hex(offset: u128) -> String {
+    format!("{offset:032x}")
+}
+
+/// The offset a key or value ends with, if it is one written by [`hex`].
+pub fn parse_hex(text: &str) -> Option<u128> {
+    let digits = text.rsplit('/').next()?;
+    if digits.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(digits, 16).ok()
+}
+
+/// Escapes `%` and `/` (and control characters) so a name is one path segment.
+pub fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '%' | '/' => out.push_str(&format!("%{:02X}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("%{:02X}", c as u32 & 0xff)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The pool name in an escaped key segment.
+pub fn unescape(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(v) = digits.and_then(|d| u8::from_str_radix(d, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_order_is_numeric_order() {
+        let offsets = [0u128, 1, 15, 16, 255, 256, 1 << 40, u128::MAX];
+        for pair in offsets.windows(2) {
+            assert!(hex(pair[0]) < hex(pair[1]));
+        }
+        for o in offsets {
+            assert_eq!(parse_hex(&hex(o)), Some(o));
+        }
+        assert_eq!(parse_hex("zz"), None);
+    }
+
+    #[test]
+    fn escaping_keeps_one_segment_and_round_trips() {
+        for name in ["net-10.0.0.0-8", "a/b", "100%", "ns/pod", "", "x%2Fy"] {
+            let e = escape(name);
+            assert!(!e.contains('/'));
+            assert_eq!(unescape(&e), name);
+        }
+    }
+
+    #[test]
+    fn layout() {
+        let k = Keys::new("/w/");
+        assert_eq!(
+            k.allocation("net-10.0.0.0-24", 5),
+            "/w/pools/net-10.0.0.0-24/a/00000000000000000000000000000005"
+        );
+        assert_eq!(
+            k.run("p", 1),
+            "/w/pools/p/r/00000000000000000000000000000001"
+        );
+        assert_eq!(
+            k.reservation("net", "10.0.0.5".parse().unwrap()),
+            "/w/reservations/net/10.0.0.5"
+        );
+        assert_eq!(k.owner("c1", "eth0", "p"), "/w/owners/c1/eth0/p");
+        assert_eq!(k.pod("ns/pod", "eth0", "p"), "/w/pods/ns%2Fpod/eth0/p");
+        assert_eq!(range_end("/w/pools/"), b"/w/pools0".to_vec());
+    }
+}

@@ -1,0 +1,94 @@
+//! The JSON values stored under allocation and reservation keys.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ipam::Cidr;
+use crate::store::{Attachment, Lease};
+
+/// One held address: the value of `pools/<pool>/a/<offset>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationRecord {
+    pub ip: IpAddr,
+    /// The pool's range, so a record can be read without the configuration.
+    pub range: String,
+    pub container_id: String,
+    pub ifname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default)]
+    pub cni_network: String,
+    #[serde(default)]
+    pub network_name: String,
+    /// Whether an overlap reservation was written with this allocation.
+    #[serde(default)]
+    pub reserved: bool,
+}
+
+impl AllocationRecord {
+    pub fn attachment(&self) -> Attachment {
+        Attachment {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+            pod_ref: self.pod_ref.clone(),
+            pod_uid: self.pod_uid.clone(),
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain strings and an address cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Option<AllocationRecord> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// The lease this record describes; `None` only for a record whose range and address are
+    /// both unreadable, which this engine never writes.
+    pub fn lease(&self, pool: &str) -> Option<Lease> {
+        let bits = if self.ip.is_ipv6() { 128 } else { 32 };
+        let range = Cidr::parse(&self.range, false).or_else(|| Cidr::new(self.ip, bits))?;
+        Some(Lease {
+            pool: pool.to_string(),
+            range,
+            ip: self.ip,
+            network_name: self.network_name.clone(),
+            cni_network: (!self.cni_network.is_empty()).then(|| self.cni_network.clone()),
+            attachment: self.attachment(),
+        })
+    }
+}
+
+/// The value of `reservations/<network>/<ip>`: who holds the address network-wide.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationRecord {
+    pub pool: String,
+    pub container_id: String,
+    pub ifname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ref: Option<String>,
+}
+
+impl ReservationRecord {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Option<ReservationRecord> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    pub fn holder(&self) -> String {
+        match &self.pod_ref {
+            Some(pod) => format!("pod {pod} ({}) in pool {}", self.ifname, self.pool),
+            None => format!(
+                "container {} ({}) in pool {}",
+                self.container_id, self.ifname, self.pool
+            ),
+        }
+    }
+}

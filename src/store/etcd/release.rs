@@ -1,0 +1,308 @@
+//! Releasing allocations (DEL, GC, the CLI's release) and reading them (CHECK, leases). Each
+//! release is one transaction: the record, its run, its index entries and its reservation go
+//! together, guarded by the revisions that were read.
+
+use std::net::IpAddr;
+
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
+
+use super::commit::push_run_change;
+use super::keys::{parse_hex, unescape};
+use super::records::{AllocationRecord, ReservationRecord};
+use super::runs::{self, ReadRun};
+use super::session::{floor_get, key_get, Deadline, Session};
+use crate::store::retry::Backoff;
+use crate::store::{AttachmentRequest, GcRequest, Lease, StoreError};
+
+/// Releases `offset` of `pool` if its record satisfies `belongs`; the released lease, or `None`
+/// when there was nothing (left) to release.
+pub fn free_one(
+    s: &Session,
+    backoff: &Backoff,
+    dl: &Deadline,
+    pool: &str,
+    offset: u128,
+    belongs: &dyn Fn(&AllocationRecord) -> bool,
+) -> Result<Option<Lease>, StoreError> {
+    let keys = &s.keys;
+    let akey = keys.allocation(pool, offset);
+    let mut last = String::from("no attempt finished");
+    for attempt in 0..backoff.attempts.max(1) {
+        if attempt > 0 {
+            s.pause(dl, backoff.delay(attempt));
+        }
+        if dl.passed() {
+            break;
+        }
+        let read = s.reads(
+            dl,
+            "release read",
+            vec![
+                key_get(&akey),
+                floor_get(&keys.runs_dir(pool), &keys.run(pool, offset)),
+            ],
+        );
+        let mut res = match read {
+            Ok(r) => r.into_iter(),
+            Err(e) => {
+                last = e.0;
+                continue;
+            }
+        };
+        let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) else {
+            return Ok(None);
+        };
+        let Some(record) = AllocationRecord::from_json(kv.value()) else {
+            return Err(StoreError::Io(format!(
+                "unreadable allocation record at etcd key {akey}"
+            )));
+        };
+        if !belongs(&record) {
+            return Ok(None);
+        }
+        let run = res
+            .next()
+            .and_then(|kvs| kvs.into_iter().next())
+            .and_then(|kv| ReadRun::from_kv(&kv))
+            .filter(|r| r.run.start <= offset && offset <= r.run.end);
+        let side = match read_side_keys(s, dl, pool, offset, &record) {
+            Ok(side) => side,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let mut compares = vec![Compare::mod_revision(
+            akey.clone(),
+            CompareOp::Equal,
+            kv.mod_revision(),
+        )];
+        let mut ops = vec![TxnOp::delete(akey.clone(), None)];
+        for (key, rev) in side {
+            compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, rev));
+            ops.push(TxnOp::delete(key, None));
+        }
+        match run {
+            Some(read) => {
+                compares.push(Compare::mod_revision(
+                    keys.run(pool, read.run.start),
+                    CompareOp::Equal,
+                    read.mod_revision,
+                ));
+                let change = runs::release(offset, read.run);
+                push_run_change(keys, pool, change, &mut compares, &mut ops);
+            }
+            None => tracing::warn!(
+                pool,
+                offset,
+                "etcd: no run covers a held offset; releasing the record alone"
+            ),
+        }
+        match s.txn(
+            dl,
+            "release commit",
+            Txn::new().when(compares).and_then(ops),
+        ) {
+            Ok(resp) if resp.succeeded() => return Ok(record.lease(pool)),
+            Ok(_) => last = "the pool changed while releasing (conflicting writer)".into(),
+            Err(e) => last = e.0,
+        }
+    }
+    Err(StoreError::TryAgain(format!(
+        "could not release {pool} offset {offset} in etcd: {last}"
+    )))
+}
+
+/// The index entries and reservation that point at this allocation, with their revisions.
+/// Entries that now point elsewhere (a newer allocation of the same owner) are left alone.
+fn read_side_keys(
+    s: &Session,
+    dl: &Deadline,
+    pool: &str,
+    offset: u128,
+    record: &AllocationRecord,
+) -> Result<Vec<(String, i64)>, String> {
+    let keys = &s.keys;
+    let mut wanted = vec![keys.owner(&record.container_id, &record.ifname, pool)];
+    if let Some(pod) = &record.pod_ref {
+        wanted.push(keys.pod(pod, &record.ifname, pool));
+    }
+    let index_count = wanted.len();
+    if record.reserved {
+        wanted.push(keys.reservation(&record.network_name, record.ip));
+    }
+    let res = s
+        .reads(
+            dl,
+            "release read",
+            wanted.iter().map(|k| key_get(k)).collect(),
+        )
+        .map_err(|e| e.0)?;
+    let mut side = Vec::new();
+    for (i, (key, kvs)) in wanted.into_iter().zip(res).enumerate() {
+        let Some(kv) = kvs.into_iter().next() else {
+            continue;
+        };
+        let ours = if i < index_count {
+            std::str::from_utf8(kv.value()).ok().and_then(parse_hex) == Some(offset)
+        } else {
+            ReservationRecord::from_json(kv.value()).is_some_and(|r| {
+                r.pool == pool && r.container_id == record.container_id && r.ifname == record.ifname
+            })
+        };
+        if ours {
+            side.push((key, kv.mod_revision()));
+        }
+    }
+    Ok(side)
+}
+
+/// The offsets the attachment holds in the request's pools, from the owner index.
+fn owned(
+    s: &Session,
+    dl: &Deadline,
+    req: &AttachmentRequest,
+) -> Result<Vec<(String, u128)>, StoreError> {
+    let dir = s.keys.owner_dir(&req.container_id, &req.ifname);
+    let mut found = Vec::new();
+    s.scan(dl, &dir, |kv| {
+        let Ok(key) = std::str::from_utf8(kv.key()) else {
+            return;
+        };
+        let pool = unescape(key.rsplit('/').next().unwrap_or_default());
+        let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex);
+        if let Some(offset) = offset {
+            if req.pools.iter().any(|p| p.name == pool) {
+                found.push((pool, offset));
+            }
+        }
+    })?;
+    Ok(found)
+}
+
+pub fn del(
+    s: &Session,
+    backoff: &Backoff,
+    req: &AttachmentRequest,
+) -> Result<Vec<Lease>, StoreError> {
+    let dl = Deadline::after(s.timeouts.deadline);
+    let mut released = Vec::new();
+    for (pool, offset) in owned(s, &dl, req)? {
+        let belongs =
+            |r: &AllocationRecord| r.container_id == req.container_id && r.ifname == req.ifname;
+        if let Some(lease) = free_one(s, backoff, &dl, &pool, offset, &belongs)? {
+            released.push(lease);
+        }
+    }
+    Ok(released)
+}
+
+pub fn check(s: &Session, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+    let dl = Deadline::after(s.timeouts.deadline);
+    let owned = owned(s, &dl, req)?;
+    let gets = owned
+        .iter()
+        .map(|(pool, offset)| key_get(&s.keys.allocation(pool, *offset)))
+        .collect();
+    let res = s.reads(&dl, "check read", gets)?;
+    let mut leases = Vec::new();
+    for ((pool, _), kvs) in owned.iter().zip(res) {
+        let record = kvs
+            .into_iter()
+            .next()
+            .and_then(|kv| AllocationRecord::from_json(kv.value()));
+        if let Some(r) =
+            record.filter(|r| r.container_id == req.container_id && r.ifname == req.ifname)
+        {
+            leases.extend(r.lease(pool));
+        }
+    }
+    Ok(leases)
+}
+
+pub fn gc(s: &Session, backoff: &Backoff, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+    let dl = Deadline::after(s.timeouts.deadline);
+    let valid = |r: &AllocationRecord| {
+        req.valid
+            .iter()
+            .any(|(c, i)| *c == r.container_id && *i == r.ifname)
+    };
+    let mut released = Vec::new();
+    for pool in &req.pools {
+        let mut stale = Vec::new();
+        s.scan(&dl, &s.keys.allocations_dir(&pool.name), |kv| {
+            if let Some((offset, record)) = parse_allocation(&kv) {
+                if record.cni_network == req.cni_network && !valid(&record) {
+                    stale.push((offset, record));
+                }
+            }
+        })?;
+        for (offset, record) in stale {
+            // Only the same attachment, and only while it is still not valid.
+            let belongs = |r: &AllocationRecord| {
+                r.container_id == record.container_id && r.ifname == record.ifname && !valid(r)
+            };
+            if let Some(lease) = free_one(s, backoff, &dl, &pool.name, offset, &belongs)? {
+                released.push(lease);
+            }
+        }
+    }
+    Ok(released)
+}
+
+pub fn leases(s: &Session, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
+    let dl = Deadline::after(s.timeouts.deadline);
+    let dir = match pool {
+        Some(p) => s.keys.allocations_dir(p),
+        None => s.keys.pools_dir(),
+    };
+    let mut out = Vec::new();
+    s.scan(&dl, &dir, |kv| {
+        let Ok(key) = std::str::from_utf8(kv.key()) else {
+            return;
+        };
+        // <prefix>pools/<pool>/a/<offset>; run keys share the pools directory.
+        let mut parts = key.rsplit('/');
+        let (_, kind, name) = (parts.next(), parts.next(), parts.next());
+        if kind != Some("a") {
+            return;
+        }
+        if let (Some(name), Some(record)) = (name, AllocationRecord::from_json(kv.value())) {
+            out.extend(record.lease(&unescape(name)));
+        }
+    })?;
+    Ok(out)
+}
+
+pub fn release(
+    s: &Session,
+    backoff: &Backoff,
+    pool: &str,
+    ip: IpAddr,
+) -> Result<Option<Lease>, StoreError> {
+    let dl = Deadline::after(s.timeouts.deadline);
+    // Any record of the pool names its range, which turns the address into an offset.
+    let first = s.get(
+        &dl,
+        "pool read",
+        s.keys.allocations_dir(pool),
+        Some(GetOptions::new().with_prefix().with_limit(1)),
+    )?;
+    let Some(range) = first
+        .kvs()
+        .first()
+        .and_then(|kv| AllocationRecord::from_json(kv.value()))
+        .and_then(|r| crate::ipam::Cidr::parse(&r.range, false))
+    else {
+        return Ok(None);
+    };
+    let Some(offset) = range.offset_of(ip) else {
+        return Ok(None);
+    };
+    free_one(s, backoff, &dl, pool, offset, &|r| r.ip == ip)
+}
+
+fn parse_allocation(kv: &KeyValue) -> Option<(u128, AllocationRecord)> {
+    let offset = parse_hex(std::str::from_utf8(kv.key()).ok()?)?;
+    Some((offset, AllocationRecord::from_json(kv.value())?))
+}

@@ -1,0 +1,237 @@
+//! A connected client with its own single-threaded runtime. The plugin is synchronous; every
+//! call into etcd goes through [`Session::call`], which bounds it by the request timeout and by
+//! what is left of the operation's deadline.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, GetOptions, GetResponse, KeyValue, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
+};
+use tokio::runtime::Runtime;
+
+use super::connect::Timeouts;
+use super::keys::Keys;
+use crate::store::StoreError;
+
+/// gRPC status codes for credentials etcd will not accept: invalid argument, permission
+/// denied, unauthenticated.
+const REFUSED_CREDENTIALS: [i32; 3] = [3, 7, 16];
+
+/// When one operation must have finished.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(Instant);
+
+impl Deadline {
+    pub fn after(d: Duration) -> Deadline {
+        Deadline(Instant::now() + d)
+    }
+
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+
+    pub fn passed(&self) -> bool {
+        self.remaining().is_zero()
+    }
+}
+
+/// A failed call. The request may or may not have been applied: callers resolve that by
+/// reading again before they retry.
+#[derive(Clone, Debug)]
+pub struct CallFailed(pub String);
+
+impl From<CallFailed> for StoreError {
+    fn from(e: CallFailed) -> Self {
+        StoreError::TryAgain(e.0)
+    }
+}
+
+pub struct Session {
+    rt: Runtime,
+    client: Client,
+    pub keys: Keys,
+    pub timeouts: Timeouts,
+}
+
+impl Session {
+    /// Builds the runtime and the client. Connecting is lazy in the client (members are dialled
+    /// on first use); with credentials it authenticates here, bounded by the connect timeout.
+    pub fn connect(
+        endpoints: Vec<String>,
+        options: etcd_client::ConnectOptions,
+        keys: Keys,
+        timeouts: Timeouts,
+    ) -> Result<Session, StoreError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Io(format!("cannot start the etcd client runtime: {e}")))?;
+        let wait = timeouts
+            .connect
+            .max(timeouts.request)
+            .min(timeouts.deadline);
+        let connected = rt.block_on(async {
+            tokio::time::timeout(wait, Client::connect(&endpoints, Some(options))).await
+        });
+        let client = match connected {
+            Ok(Ok(client)) => client,
+            Ok(Err(etcd_client::Error::InvalidArgs(msg))) => {
+                return Err(StoreError::Config(format!("invalid etcd settings: {msg}")))
+            }
+            Ok(Err(etcd_client::Error::InvalidUri(e))) => {
+                return Err(StoreError::Config(format!("invalid etcd endpoint: {e}")))
+            }
+            // Wrong credentials: retrying cannot help, the configuration must change.
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if REFUSED_CREDENTIALS.contains(&i32::from(status.code())) =>
+            {
+                return Err(StoreError::Config(format!(
+                    "etcd at {} refused the credentials of ipam.etcd_username: {}",
+                    endpoints.join(","),
+                    status.message()
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::TryAgain(format!(
+                    "cannot connect to etcd at {}: {e}",
+                    endpoints.join(",")
+                )))
+            }
+            Err(_) => {
+                return Err(StoreError::TryAgain(format!(
+                    "timed out after {wait:?} connecting to etcd at {}",
+                    endpoints.join(",")
+                )))
+            }
+        };
+        Ok(Session {
+            rt,
+            client,
+            keys,
+            timeouts,
+        })
+    }
+
+    /// Runs one request, bounded by the request timeout and the deadline.
+    pub fn call<T, F>(
+        &self,
+        dl: &Deadline,
+        what: &str,
+        make: impl FnOnce(Client) -> F,
+    ) -> Result<T, CallFailed>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let limit = self.timeouts.request.min(dl.remaining());
+        if limit.is_zero() {
+            return Err(CallFailed(format!(
+                "etcd {what}: deadline of {:?} passed",
+                self.timeouts.deadline
+            )));
+        }
+        let fut = make(self.client.clone());
+        let r = self
+            .rt
+            .block_on(async { tokio::time::timeout(limit, fut).await });
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(CallFailed(format!("etcd {what} failed: {e}"))),
+            Err(_) => Err(CallFailed(format!("etcd {what} timed out after {limit:?}"))),
+        }
+    }
+
+    /// Sleeps for `d` or until the deadline, whichever comes first.
+    pub fn pause(&self, dl: &Deadline, d: Duration) {
+        std::thread::sleep(d.min(dl.remaining()));
+    }
+
+    pub fn txn(&self, dl: &Deadline, what: &str, txn: Txn) -> Result<TxnResponse, CallFailed> {
+        self.call(dl, what, |mut c| async move { c.txn(txn).await })
+    }
+
+    /// Several reads in one round trip, at one revision (a transaction of gets only).
+    pub fn reads(
+        &self,
+        dl: &Deadline,
+        what: &str,
+        gets: Vec<TxnOp>,
+    ) -> Result<Vec<Vec<KeyValue>>, CallFailed> {
+        if gets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let resp = self.txn(dl, what, Txn::new().and_then(gets))?;
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Get(mut g) => g.take_kvs(),
+                _ => Vec::new(),
+            })
+            .collect())
+    }
+
+    pub fn get(
+        &self,
+        dl: &Deadline,
+        what: &str,
+        key: String,
+        opts: Option<GetOptions>,
+    ) -> Result<GetResponse, CallFailed> {
+        self.call(dl, what, |mut c| async move { c.get(key, opts).await })
+    }
+
+    /// Every key-value under `dir`, page by page, so a pool of a million entries never becomes
+    /// one oversized response.
+    pub fn scan(
+        &self,
+        dl: &Deadline,
+        dir: &str,
+        mut each: impl FnMut(KeyValue),
+    ) -> Result<(), CallFailed> {
+        const PAGE: i64 = 1000;
+        let end = super::keys::range_end(dir);
+        let mut from = dir.as_bytes().to_vec();
+        loop {
+            let opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            let from_key = from.clone();
+            let mut resp = self.call(dl, "scan", |mut c| async move {
+                c.get(from_key, Some(opts)).await
+            })?;
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let last = kvs.last().map(|kv| kv.key().to_vec());
+            for kv in kvs {
+                each(kv);
+            }
+            match (more, last) {
+                (true, Some(mut last)) => {
+                    last.push(0);
+                    from = last;
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
+/// A get of the greatest key in `dir` that is not greater than `key`.
+pub fn floor_get(dir: &str, key: &str) -> TxnOp {
+    let mut end = key.as_bytes().to_vec();
+    end.push(0);
+    TxnOp::get(
+        dir,
+        Some(
+            GetOptions::new()
+                .with_range(end)
+                .with_sort(SortTarget::Key, SortOrder::Descend)
+                .with_limit(1),
+        ),
+    )
+}
+
+/// A get of one key.
+pub fn key_get(key: &str) -> TxnOp {
+    TxnOp::get(key, None)
+}

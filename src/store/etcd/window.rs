@@ -1,0 +1,71 @@
+//! A window of a pool's runs read in one request: the run at or before an offset and the next
+//! few after it. The lowest-free search walks the window locally and reads another one only
+//! when it walks past what it knows, so a typical allocation needs a single read.
+
+use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget, TxnOp};
+
+use super::keys::{range_end, Keys};
+use super::runs::ReadRun;
+use super::session::floor_get;
+
+/// Runs fetched after the first one; more means fewer reads when the pool is fragmented.
+const AHEAD: i64 = 32;
+
+/// The two gets that read the window starting at `from`.
+pub fn gets(keys: &Keys, pool: &str, from: u128) -> Vec<TxnOp> {
+    let dir = keys.runs_dir(pool);
+    let mut gets = vec![floor_get(&dir, &keys.run(pool, from))];
+    match from.checked_add(1) {
+        Some(next) => gets.push(TxnOp::get(
+            keys.run(pool, next),
+            Some(
+                GetOptions::new()
+                    .with_range(range_end(&dir))
+                    .with_sort(SortTarget::Key, SortOrder::Ascend)
+                    .with_limit(AHEAD),
+            ),
+        )),
+        // Nothing can start after the last offset; read the floor twice to keep the shape.
+        None => gets.push(floor_get(&dir, &keys.run(pool, from))),
+    }
+    gets
+}
+
+/// What is known of a pool's runs between `from` and `to` (inclusive).
+#[derive(Clone, Debug, Default)]
+pub struct Window {
+    from: u128,
+    to: u128,
+    runs: Vec<ReadRun>,
+}
+
+impl Window {
+    /// The window from the answers to [`gets`].
+    pub fn parse(from: u128, floor: Vec<KeyValue>, ahead: Vec<KeyValue>) -> Window {
+        let mut runs: Vec<ReadRun> = floor.iter().filter_map(ReadRun::from_kv).collect();
+        let ahead: Vec<ReadRun> = if from == u128::MAX {
+            Vec::new()
+        } else {
+            ahead.iter().filter_map(ReadRun::from_kv).collect()
+        };
+        // A full page may have more after it: the window ends with its last run.
+        let to = match ahead.last() {
+            Some(last) if ahead.len() as i64 >= AHEAD => last.run.end,
+            _ => u128::MAX,
+        };
+        runs.extend(ahead);
+        Window { from, to, runs }
+    }
+
+    pub fn knows(&self, offset: u128) -> bool {
+        self.from <= offset && offset <= self.to
+    }
+
+    /// The run containing `offset`.
+    pub fn covering(&self, offset: u128) -> Option<ReadRun> {
+        self.runs
+            .iter()
+            .copied()
+            .find(|r| r.run.start <= offset && offset <= r.run.end)
+    }
+}

@@ -1,0 +1,395 @@
+//! Test support: a real 3-member etcd cluster on loopback ports picked at start, data in a
+//! temporary directory, stopped and removed when dropped.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether etcd is installed. In CI (`CI=true`) a missing etcd is a failure, never a skip.
+pub fn etcd_available() -> bool {
+    let found = Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("etcd is not installed but CI=true: install etcd-server and etcd-client");
+        }
+        eprintln!(
+            "==== SKIPPING etcd test: `etcd` is not installed (apt install etcd-server) ===="
+        );
+    }
+    found
+}
+
+/// Client certificates for a TLS cluster.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    members: Vec<Member>,
+    initial: String,
+    token: String,
+    tls: Option<Tls>,
+    /// `user:password` once authentication is enabled.
+    auth: Option<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Cluster {
+    /// Starts three members and waits until the cluster answers.
+    pub fn start(tls: bool) -> Cluster {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let tls = tls.then(|| make_certs(dir.path()));
+        let members: Vec<Member> = (0..3)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("wb-test-{}-{}", std::process::id(), members[0].client_port);
+        let mut cluster = Cluster {
+            dir,
+            members,
+            initial,
+            token,
+            tls,
+            auth: None,
+        };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let scheme = self.scheme();
+        let m = &self.members[i];
+        let data = self.dir.path().join(&m.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .expect("member log file");
+        let client_url = format!("{scheme}://127.0.0.1:{}", m.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen-client-urls")
+            .arg(&client_url)
+            .arg("--advertise-client-urls")
+            .arg(&client_url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(&self.initial)
+            .arg("--initial-cluster-token")
+            .arg(&self.token)
+            .arg("--initial-cluster-state")
+            .arg("new")
+            .arg("--logger")
+            .arg("zap")
+            .arg("--log-outputs")
+            .arg("stderr")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(self.dir.path().join("server.pem"))
+                .arg("--key-file")
+                .arg(self.dir.path().join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd.spawn().expect("etcd starts");
+        self.members[i].child = Some(child);
+    }
+
+    /// `host:port` of every member, comma separated, as `etcd_host` takes them.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn endpoint_urls(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port))
+            .collect()
+    }
+
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    fn etcdctl(&self, endpoints: &[String], args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .arg("--dial-timeout=2s")
+            .arg("--command-timeout=3s");
+        if let Some(tls) = &self.tls {
+            cmd.arg(format!("--cacert={}", tls.ca.display()))
+                .arg(format!("--cert={}", tls.cert.display()))
+                .arg(format!("--key={}", tls.key.display()));
+        }
+        if let Some(auth) = &self.auth {
+            cmd.arg(format!("--user={auth}"));
+        }
+        cmd.args(args)
+            .output()
+            .expect("etcdctl runs (apt install etcd-client)")
+    }
+
+    fn running_urls(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .zip(self.endpoint_urls())
+            .filter(|(m, _)| m.child.is_some())
+            .map(|(_, u)| u)
+            .collect()
+    }
+
+    /// Waits until every running member reports healthy.
+    pub fn wait_healthy(&self, within: Duration) {
+        let start = Instant::now();
+        loop {
+            let out = self.etcdctl(&self.running_urls(), &["endpoint", "health"]);
+            if out.status.success() {
+                return;
+            }
+            if start.elapsed() > within {
+                panic!(
+                    "etcd cluster not healthy after {within:?}: {}{}\nlogs in {}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    self.dir.path().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The index of the current leader, waiting for an election if there is none yet.
+    pub fn leader(&self) -> usize {
+        let start = Instant::now();
+        loop {
+            if let Some(i) = self.find_leader() {
+                return i;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!("no etcd leader elected within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn find_leader(&self) -> Option<usize> {
+        let out = self.etcdctl(&self.running_urls(), &["endpoint", "status", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        for entry in v.as_array().into_iter().flatten() {
+            let status = &entry["Status"];
+            let member = status["header"]["member_id"].as_u64();
+            if member.is_some() && member == status["leader"].as_u64() {
+                let endpoint = entry["Endpoint"].as_str().unwrap_or_default();
+                return self
+                    .members
+                    .iter()
+                    .position(|m| endpoint.ends_with(&format!(":{}", m.client_port)));
+            }
+        }
+        None
+    }
+
+    /// Adds `root` with `password` and turns authentication on.
+    pub fn enable_auth(&mut self, password: &str) {
+        let urls = self.running_urls();
+        for args in [
+            vec![
+                "user",
+                "add",
+                "root",
+                "--interactive=false",
+                "--new-user-password",
+                password,
+            ],
+            vec!["auth", "enable"],
+        ] {
+            let out = self.etcdctl(&urls, &args);
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.auth = Some(format!("root:{password}"));
+    }
+
+    /// Kills member `i` at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts member `i` on its existing data.
+    pub fn restart(&mut self, i: usize) {
+        if self.members[i].child.is_none() {
+            self.spawn(i);
+        }
+    }
+
+    pub fn stop_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+
+    /// Every key under `prefix`, as text.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = self.etcdctl(
+            &self.running_urls(),
+            &["get", "--prefix", "--keys-only", prefix],
+        );
+        assert!(
+            out.status.success(),
+            "etcdctl get: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with `openssl`.
+fn make_certs(dir: &Path) -> Tls {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=wb-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .expect("extension file");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")
+        .expect("extension file");
+    for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN=wb-test-{name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+    Tls {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("client.pem"),
+        key: dir.join("client.key"),
+    }
+}

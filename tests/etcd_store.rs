@@ -1,0 +1,237 @@
+//! The etcd engine's own semantics, through the library, against a real 3-member cluster:
+//! idempotent ADD, static addresses, overlapping ranges, all-or-nothing ADD, CHECK, GC, the
+//! CLI's leases and release, and a pool holding a million addresses.
+
+#[path = "etcd_cluster/mod.rs"]
+mod etcd_cluster;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use etcd_cluster::{etcd_available, Cluster};
+use serde_json::json;
+use whereabouts::config::{Datastore, IpamConfig};
+use whereabouts::ipam::names::pool_name;
+use whereabouts::ipam::{parse_range_text, Range, RangeSpec};
+use whereabouts::store::etcd::{open_with, Timeouts};
+use whereabouts::store::{
+    AddRequest, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest, Store, StoreError,
+};
+
+fn config(cluster: &Cluster) -> IpamConfig {
+    whereabouts::config::load_with_flat_files(
+        Some(&json!({
+            "type": "whereabouts",
+            "datastore": "etcd",
+            "etcd_host": cluster.endpoints(),
+            "range": "10.0.0.0/24",
+        })),
+        &[],
+    )
+    .expect("valid configuration")
+}
+
+fn open(cluster: &Cluster, prefix: &str) -> Box<dyn Store> {
+    let cfg = config(cluster);
+    let Datastore::Etcd(etcd) = &cfg.datastore else {
+        panic!("etcd datastore expected");
+    };
+    open_with(&cfg, etcd, Timeouts::default(), prefix).expect("store opens")
+}
+
+fn pool(range: &str, network: &str) -> PoolRef {
+    let (cidr, start, end) = parse_range_text(range).unwrap();
+    let spec = RangeSpec {
+        cidr,
+        start,
+        end,
+        exclude: vec![],
+    };
+    PoolRef {
+        name: pool_name(&cidr, network, None),
+        range: Range::resolve(&spec, None).unwrap(),
+        spec,
+        gateway: None,
+    }
+}
+
+fn who(container: &str, pod: Option<&str>) -> Attachment {
+    Attachment {
+        container_id: container.into(),
+        ifname: "eth0".into(),
+        pod_ref: pod.map(String::from),
+        pod_uid: None,
+    }
+}
+
+fn add_req(attachment: Attachment, pools: &[PoolRef], network: &str) -> AddRequest {
+    AddRequest {
+        cni_network: "net".into(),
+        network_name: network.into(),
+        overlap: true,
+        attachment,
+        ranges: pools
+            .iter()
+            .map(|p| RangeRequest {
+                pool: p.clone(),
+                requested: None,
+            })
+            .collect(),
+        node_slice_size: None,
+        sleep_for_race: 0,
+    }
+}
+
+fn att_req(container: &str, pools: &[PoolRef]) -> AttachmentRequest {
+    AttachmentRequest {
+        cni_network: "net".into(),
+        network_name: String::new(),
+        container_id: container.into(),
+        ifname: "eth0".into(),
+        pools: pools.to_vec(),
+        node_slice_size: None,
+    }
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+#[test]
+fn store_semantics_on_a_real_cluster() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, "/sem/");
+    let p4 = pool("10.0.0.0/24", "");
+    let p6 = pool("fd00::/120", "");
+    let dual = [p4.clone(), p6.clone()];
+
+    // Dual stack: one address per range, lowest first.
+    let a = store
+        .add(&add_req(who("c1", Some("ns/a")), &dual, ""))
+        .unwrap();
+    assert_eq!(a, vec![ip("10.0.0.1"), ip("fd00::1")]);
+    // Idempotent: same pod and interface after a sandbox restart (new container ID).
+    let again = store
+        .add(&add_req(who("c1-restarted", Some("ns/a")), &dual, ""))
+        .unwrap();
+    assert_eq!(again, a);
+    // The record moved to the new container ID: DEL of the old one releases nothing.
+    assert!(store.del(&att_req("c1", &dual)).unwrap().is_empty());
+    assert_eq!(
+        store.check(&att_req("c1-restarted", &dual)).unwrap().len(),
+        2
+    );
+
+    let b = store
+        .add(&add_req(who("c2", None), std::slice::from_ref(&p4), ""))
+        .unwrap();
+    assert_eq!(b, vec![ip("10.0.0.2")]);
+
+    // A static address: reserved, refused to anyone else.
+    let mut fixed = add_req(who("c3", None), std::slice::from_ref(&p4), "");
+    fixed.ranges[0].requested = Some(10);
+    assert_eq!(store.add(&fixed).unwrap(), vec![ip("10.0.0.10")]);
+    let mut taken = add_req(who("c4", None), std::slice::from_ref(&p4), "");
+    taken.ranges[0].requested = Some(10);
+    assert!(matches!(store.add(&taken), Err(StoreError::InUse { .. })));
+
+    // Overlapping ranges in one network share addresses: 10.0.0.0/16 skips what /24 holds.
+    let wide = pool("10.0.0.0/16", "");
+    let w = store
+        .add(&add_req(who("c5", None), std::slice::from_ref(&wide), ""))
+        .unwrap();
+    assert_eq!(w, vec![ip("10.0.0.3")]);
+
+    // All or nothing: the second range is full, so the first keeps nothing either.
+    let tiny = pool("10.9.0.0/30", "");
+    store
+        .add(&add_req(who("t1", None), std::slice::from_ref(&tiny), ""))
+        .unwrap();
+    store
+        .add(&add_req(who("t2", None), std::slice::from_ref(&tiny), ""))
+        .unwrap();
+    let before = store.leases(Some(&p6.name)).unwrap().len();
+    let err = store
+        .add(&add_req(who("c6", None), &[p6.clone(), tiny.clone()], ""))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
+    assert_eq!(store.leases(Some(&p6.name)).unwrap().len(), before);
+
+    // Release one address by hand (the CLI), then it is the lowest free again.
+    let released = store.release(&p4.name, ip("10.0.0.2")).unwrap().unwrap();
+    assert_eq!(released.attachment.container_id, "c2");
+    let c7 = store
+        .add(&add_req(who("c7", None), std::slice::from_ref(&p4), ""))
+        .unwrap();
+    assert_eq!(c7, vec![ip("10.0.0.2")]);
+
+    // GC keeps only the valid attachments of this CNI network.
+    let gc = store
+        .gc(&GcRequest {
+            cni_network: "net".into(),
+            network_name: String::new(),
+            pools: vec![p4.clone(), p6.clone(), wide.clone(), tiny.clone()],
+            valid: vec![("c1-restarted".into(), "eth0".into())],
+        })
+        .unwrap();
+    let mut freed: Vec<String> = gc
+        .iter()
+        .map(|l| l.attachment.container_id.clone())
+        .collect();
+    freed.sort();
+    assert_eq!(freed, ["c3", "c5", "c7", "t1", "t2"]);
+    let left = store.leases(None).unwrap();
+    assert_eq!(left.len(), 2);
+    assert!(left
+        .iter()
+        .all(|l| l.attachment.container_id == "c1-restarted"));
+
+    store.del(&att_req("c1-restarted", &dual)).unwrap();
+    assert!(store.leases(None).unwrap().is_empty());
+    assert!(
+        cluster.keys("/sem/").is_empty(),
+        "{:?}",
+        cluster.keys("/sem/")
+    );
+}
+
+/// A pool whose first million addresses are taken costs the same few reads as an empty one:
+/// the runs cover them in one key.
+#[test]
+fn a_million_allocations_do_not_slow_down_the_next() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, "/big/");
+    let p = pool("10.0.0.0/8", "");
+    // Offsets 1..=1_000_000 held, as the runs record them (the records themselves do not
+    // matter to the choice).
+    let run_key = format!("/big/pools/{}/r/{:032x}", p.name, 1u128);
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", cluster.endpoint_urls().join(",")))
+        .args(["put", &run_key, &format!("{:032x}", 1_000_000u128)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let start = Instant::now();
+    let got = store
+        .add(&add_req(who("x", None), std::slice::from_ref(&p), ""))
+        .unwrap();
+    // 1_000_001 = 0x0F4241.
+    assert_eq!(got, vec![ip("10.15.66.65")]);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let keys = cluster.keys("/big/");
+    assert!(keys.contains(&run_key), "{keys:?}");
+    // The new address is a run of its own, right after the big one.
+    let runs: Vec<&String> = keys.iter().filter(|k| k.contains("/r/")).collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+}
