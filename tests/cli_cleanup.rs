@@ -237,3 +237,68 @@ fn release_errors_are_one_clear_line() {
     };
     assert_refused(&reply, "cannot read kubeconfig");
 }
+
+mod etcd_cluster;
+
+#[test]
+fn gc_and_release_on_etcd() {
+    if !etcd_cluster::etcd_available() {
+        return;
+    }
+    let cluster = etcd_cluster::Cluster::start(false);
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf_value = json!({"cniVersion": "1.1.0", "name": "etcdnet", "type": "bridge",
+        "ipam": {"type": "whereabouts", "datastore": "etcd", "etcd_host": cluster.endpoints(),
+                 "range": "10.81.0.0/24", "log_level": "error"}});
+    let conf = dir.path().join("net.conf");
+    std::fs::write(&conf, conf_value.to_string()).unwrap();
+    let mut addr = std::collections::BTreeMap::new();
+    for (name, phase) in [
+        ("alive", Some("Running")),
+        ("gone", None),
+        ("other-gone", None),
+    ] {
+        if let Some(phase) = phase {
+            server.add_pod_with_uid("default", name, &format!("uid-{name}"), phase);
+        }
+        let reply = common::call_with(
+            &conf_value,
+            "ADD",
+            &format!("c-{name}"),
+            "net1",
+            &common::pod_args(&format!("default/{name}")),
+        );
+        addr.insert(name, bare(&ips(&reply.ok())[0]));
+    }
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(common::bin());
+        cmd.env_clear().args(args).arg("--config").arg(&conf);
+        if matches!(args[0], "gc" | "release") {
+            cmd.arg("--pod-kubeconfig").arg(&kubeconfig);
+        }
+        let out = cmd.output().unwrap();
+        Reply {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    assert_refused(&cli(&["release", &addr["alive"]]), "pod is alive");
+    let released = cli(&["release", &addr["other-gone"], "-o", "json"]).ok();
+    assert_eq!(released[0]["reason"], "release: pod no longer exists");
+    let dry = cli(&["gc", "--dry-run", "-o", "json"]).ok();
+    assert_eq!(dry.as_array().unwrap().len(), 1);
+    assert_eq!(dry[0]["address"], Value::from(addr["gone"].clone()));
+    let done = cli(&["gc", "-o", "json"]).ok();
+    assert_eq!(done[0]["action"], "released");
+    let left = cli(&["allocations", "-o", "json"]).ok();
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(left[0]["pod"], "default/alive");
+    assert_eq!(
+        cli(&["release", &addr["alive"], "--force", "-o", "json"]).ok()[0]["reason"],
+        "forced: pod is alive"
+    );
+    assert_eq!(cli(&["pools", "-o", "json"]).ok()[0]["used"], 0);
+}

@@ -3,6 +3,7 @@
 //! binary on the local store and on the Kubernetes engine.
 
 mod common;
+mod etcd_cluster;
 mod fake_apiserver;
 
 use std::io::{Read, Write};
@@ -541,4 +542,65 @@ fn kubernetes_engine_pool_entries_and_reservations_released() {
         "whereabouts_releases_total{reason=\"orphan_reservation\"}",
         1.0,
     );
+}
+
+#[test]
+fn etcd_engine_deleted_pod_released() {
+    if !etcd_cluster::etcd_available() {
+        return;
+    }
+    let cluster = etcd_cluster::Cluster::start(false);
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf = json!({"cniVersion": "1.1.0", "name": "etcdnet", "type": "bridge",
+        "ipam": {"type": "whereabouts", "datastore": "etcd", "etcd_host": cluster.endpoints(),
+                 "range": "10.90.0.0/24", "log_level": "verbose"}});
+    for name in ["e-1", "e-2", "e-gone"] {
+        server.add_pod_with_uid("default", name, &format!("uid-{name}"), "Running");
+        let reply = common::call_with(
+            &conf,
+            "ADD",
+            &format!("c-{name}"),
+            "net1",
+            &common::pod_args(&format!("default/{name}")),
+        );
+        reply.ok();
+    }
+    server.delete_now("pods", "default", "e-gone");
+    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
+    let pods_held = || -> Vec<String> {
+        let out = Command::new(common::bin())
+            .args([
+                "allocations",
+                "-o",
+                "json",
+                "--datastore",
+                "etcd",
+                "--etcd-host",
+                &cluster.endpoints(),
+            ])
+            .output()
+            .unwrap();
+        let rows: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let mut pods: Vec<String> = rows
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r["pod"].as_str().unwrap_or_default().to_string())
+            .collect();
+        pods.sort();
+        pods
+    };
+    wait_for(
+        "the start-up reconcile on etcd",
+        Duration::from_secs(20),
+        || pods_held() == ["default/e-1", "default/e-2"],
+    );
+    server.delete_now("pods", "default", "e-1");
+    wait_for("e-1's release on etcd", Duration::from_secs(10), || {
+        pods_held() == ["default/e-2"]
+    });
+    ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 2.0);
 }
