@@ -1,6 +1,7 @@
 //! `/metrics` (Prometheus text) and `/healthz`, over plain HTTP/1.1: one request per
 //! connection, nothing else served.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,6 +9,16 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+
+/// A batch of store work taking longer than this marks the controller unhealthy.
+const STUCK_AFTER: Duration = Duration::from_secs(600);
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
 
 use super::metrics::Metrics;
 use super::worker::Job;
@@ -46,19 +57,21 @@ async fn answer(
     let path = path.split('?').next().unwrap_or("");
     let (code, content_type, body) = match (method, path) {
         ("GET", "/healthz") => {
-            // Alive while the store's worker takes work.
-            let (tx, _rx) = oneshot::channel();
+            // Healthy while the store's worker exists and no batch has kept it busy for long
+            // (a store that never answers): then a restart is the cure.
             let alive = jobs
                 .lock()
-                .map(|j| j.send(Job::Stats(tx)).is_ok())
+                .map(|j| j.send(Job::Ping).is_ok())
                 .unwrap_or(false);
-            if alive {
+            let busy = metrics.busy_since.load(Ordering::SeqCst);
+            let stuck = busy != 0 && now_secs().saturating_sub(busy) > STUCK_AFTER.as_secs();
+            if alive && !stuck {
                 (200, "text/plain", "ok\n".to_string())
             } else {
                 (
                     503,
                     "text/plain",
-                    "the store worker has stopped\n".to_string(),
+                    "the store worker is not taking work\n".to_string(),
                 )
             }
         }

@@ -55,6 +55,8 @@ pub struct Metrics {
     held: Mutex<BTreeMap<&'static str, u64>>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
     resyncs: Mutex<BTreeMap<&'static str, u64>>,
+    /// When the store's worker started its current batch (seconds since the epoch; 0: idle).
+    pub busy_since: AtomicU64,
     pub conflicts: AtomicU64,
     pub retries: AtomicU64,
     pub pod_deletions: AtomicU64,

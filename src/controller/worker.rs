@@ -30,6 +30,8 @@ pub enum Job {
     Reconcile { why: &'static str },
     /// Pool sizes and use, for a scrape.
     Stats(oneshot::Sender<Vec<PoolStat>>),
+    /// Nothing: whether the worker still receives work (for /healthz).
+    Ping,
 }
 
 pub struct Worker {
@@ -55,6 +57,7 @@ impl Worker {
         while let Ok(first) = jobs.recv() {
             let mut batch = vec![first];
             batch.extend(jobs.try_iter());
+            self.metrics.busy_since.store(now_secs(), Ordering::SeqCst);
             let mut deleted = Vec::new();
             let mut finished = Vec::new();
             let mut reconcile = None;
@@ -65,6 +68,7 @@ impl Worker {
                     Job::Finished { pod_ref } => finished.push(pod_ref),
                     Job::Reconcile { why } => reconcile = Some(why),
                     Job::Stats(reply) => stats.push(reply),
+                    Job::Ping => {}
                 }
             }
             if let Some(why) = reconcile {
@@ -79,6 +83,7 @@ impl Worker {
                     let _ = reply.send(current.clone());
                 }
             }
+            self.metrics.busy_since.store(0, Ordering::SeqCst);
         }
     }
 
