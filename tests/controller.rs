@@ -192,6 +192,9 @@ fn deleted_pod_released_within_seconds_with_an_event() {
                 && e["involvedObject"]["name"] == "a"
                 && e["involvedObject"]["uid"] == "uid-a"
                 && e["message"].as_str().is_some_and(|m| m.contains(&ip_a))
+                && e["firstTimestamp"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with('Z'))
         })
     });
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 1.0);
@@ -256,6 +259,19 @@ fn pending_pod_survives_reconciles_and_finished_pod_does_not() {
     );
     assert!(holds(&net, "default/pending"));
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_finished\"}", 1.0);
+}
+
+#[test]
+fn schedule_from_the_whereabouts_config_configmap() {
+    let (server, net, kubeconfig) = setup("10.56.0.0/24", json!({}));
+    server.put_configmap(
+        NS,
+        "whereabouts-config",
+        json!({"cron-expression": "@every 1s"}),
+    );
+    let ctl = Controller::start(net.path(), &net.conf, &kubeconfig, &[]);
+    // Without the ConfigMap the next run would be up to 15 minutes away.
+    ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 3.0);
 }
 
 #[test]

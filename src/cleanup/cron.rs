@@ -155,6 +155,18 @@ impl Schedule {
     }
 }
 
+/// `secs` since the epoch as RFC 3339 in UTC (`2026-11-27T22:26:00Z`).
+pub fn rfc3339(secs: i64) -> String {
+    let (year, month, day) = civil(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// (year, month 1-12, day 1-31) of a day counted from 1970-01-01.
 fn civil(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
@@ -224,6 +236,7 @@ mod tests {
     fn calendar() {
         assert_eq!(civil(0), (1970, 1, 1));
         assert_eq!(civil(NOW.div_euclid(86_400)), (2026, 11, 27));
+        assert_eq!(rfc3339(NOW), "2026-11-27T22:26:00Z");
     }
 
     #[test]

@@ -5,6 +5,9 @@ use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::cleanup::cron::rfc3339;
 use crate::cleanup::judge::Verdict;
 use crate::store::Lease;
 
@@ -15,6 +18,14 @@ pub struct Released<'a> {
     pub lease: &'a Lease,
     pub pod_uid: Option<String>,
     pub verdict: &'a Verdict,
+}
+
+fn now() -> Option<Time> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    serde_json::from_value(serde_json::Value::String(rfc3339(secs))).ok()
 }
 
 /// The Event for one release; None when the lease names no pod to attach it to.
@@ -59,6 +70,8 @@ pub fn event(released: &Released) -> Option<Event> {
         }),
         reporting_component: Some(COMPONENT.into()),
         count: Some(1),
+        first_timestamp: now(),
+        last_timestamp: now(),
         ..Event::default()
     })
 }

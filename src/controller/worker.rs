@@ -118,6 +118,22 @@ impl Worker {
         None
     }
 
+    /// Every pod, tried a few times: a reconcile skipped waits for the next schedule.
+    fn list_pods(&self) -> Option<HashMap<String, PodState>> {
+        for attempt in 0..3 {
+            match self.handle.block_on(pods::list(&self.client)) {
+                Ok(pods) => return Some(pods),
+                Err(err) => {
+                    self.metrics.error("list_pods");
+                    tracing::warn!(%err, attempt, "cannot list pods");
+                    self.metrics.retries.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(500 << attempt));
+                }
+            }
+        }
+        None
+    }
+
     /// Deletions and completions seen by the watch: the leases they concern, each judged against
     /// the pod of that name as it is now.
     fn on_pods(&self, deleted: &[(String, String)], finished: &[String]) {
@@ -225,13 +241,9 @@ impl Worker {
             },
             None => Vec::new(),
         };
-        let pods = match self.handle.block_on(pods::list(&self.client)) {
-            Ok(pods) => pods,
-            Err(err) => {
-                self.metrics.error("list_pods");
-                tracing::error!(%err, why, "reconcile skipped: pods cannot be listed");
-                return;
-            }
+        let Some(pods) = self.list_pods() else {
+            tracing::error!(why, "reconcile skipped: pods cannot be listed");
+            return;
         };
         let mut held: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut released = 0;
