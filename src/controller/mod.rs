@@ -172,12 +172,17 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         let namespace = opts.namespace.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let mut pause = Duration::from_millis(500);
             loop {
-                if let Err(err) = slice_sync::sync(&client, &namespace, &metrics).await {
-                    tracing::warn!(%err, "node slices: trying again");
-                    metrics.retries.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    notify.notify_one();
+                match slice_sync::sync(&client, &namespace, &metrics).await {
+                    Ok(()) => pause = Duration::from_millis(500),
+                    Err(err) => {
+                        tracing::warn!(%err, retry_in = ?pause, "node slices");
+                        metrics.retries.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(60));
+                        notify.notify_one();
+                    }
                 }
                 tokio::select! {
                     _ = notify.notified() => {}

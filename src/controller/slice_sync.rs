@@ -78,10 +78,15 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
 /// One pass: every wanted pool brought up to date with the nodes that exist now.
 pub async fn sync(client: &Client, namespace: &str, metrics: &Arc<Metrics>) -> Result<(), String> {
     let nads: Api<DynamicObject> = Api::all_with(client.clone(), &nad_resource());
-    let nads = nads
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| format!("cannot list NetworkAttachmentDefinitions: {e}"))?;
+    let nads = match nads.list(&ListParams::default()).await {
+        Ok(list) => list,
+        // Multus is not installed: no network attachments, so nothing to slice.
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            tracing::debug!("the NetworkAttachmentDefinition resource is not installed");
+            return Ok(());
+        }
+        Err(e) => return Err(format!("cannot list NetworkAttachmentDefinitions: {e}")),
+    };
     let mut pools: BTreeMap<String, Wanted> = BTreeMap::new();
     for nad in &nads.items {
         let source = format!(
