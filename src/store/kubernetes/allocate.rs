@@ -112,6 +112,9 @@ impl Engine {
         let who = &req.attachment;
         let mut mine: Option<Result<IpAddr, StoreError>> = None;
         let mut known: Option<IPPool> = None;
+        // Starting a batch from the pool this process wrote saves a read while the node is the
+        // only writer; once that guess has failed (other nodes write too), read instead.
+        let mut trust_known = true;
         let started = tokio::time::Instant::now();
         loop {
             let mut pending = spool.pending(lock);
@@ -140,11 +143,19 @@ impl Engine {
                 fresh.into_iter().map(|(_, job)| job).collect()
             };
             let served = self
-                .serve(pool, req, jobs, known.take(), undo, &mut refill)
+                .serve(
+                    pool,
+                    req,
+                    jobs,
+                    known.take().filter(|_| trust_known),
+                    undo,
+                    &mut refill,
+                )
                 .await;
             pending.extend(joined);
             match served {
-                Ok((results, written)) => {
+                Ok((results, written, guessed_wrong)) => {
+                    trust_known &= !guessed_wrong;
                     for ((id, _), result) in pending.iter().zip(results) {
                         if *id == ticket.id {
                             mine = Some(result.map(|granted| granted.ip));
@@ -223,7 +234,7 @@ impl Engine {
         job: Job,
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
-        let (mut results, _) = self
+        let (mut results, _, _) = self
             .serve(pool, req, vec![job], None, undo, &mut Vec::new)
             .await?;
         results
@@ -236,7 +247,7 @@ impl Engine {
     /// A job that cannot be served (pool full, static address held) gets its error; a failure
     /// of the pool itself fails the whole call, its writes left in `undo`.
     /// `known` is the pool as this process last wrote it, tried before reading it again.
-    /// Returns the results and the pool as written.
+    /// Returns the results, the pool as written, and whether `known` turned out stale.
     async fn serve(
         &self,
         pool: &PoolRef,
@@ -245,7 +256,8 @@ impl Engine {
         mut known: Option<IPPool>,
         undo: &UndoLog,
         refill: &mut dyn FnMut() -> Vec<Job>,
-    ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>), StoreError> {
+    ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>, bool), StoreError> {
+        let guessing = known.is_some();
         let name = object_name(&pool.name);
         let range = &pool.range;
         let mut slots: Vec<Slot> = jobs.into_iter().map(Slot::new).collect();
@@ -287,6 +299,9 @@ impl Engine {
             let mut ops = Vec::new();
             let mut fresh_entries = Vec::new();
             let mut planned: Vec<(usize, u128, String, bool)> = Vec::new();
+            // Pass 1: repeated ADDs, and reservations kept from an earlier attempt.
+            let mut needs: Vec<usize> = Vec::new();
+            let mut chosen: Vec<(usize, u128)> = Vec::new();
             for i in 0..slots.len() {
                 if slots[i].done.is_some() || twin_of[i].is_some() {
                     continue;
@@ -307,29 +322,66 @@ impl Engine {
                     planned.push((i, entry.offset, entry.key, false));
                     continue;
                 }
-                if let Some((offset, held)) = slots[i].reserved.take() {
-                    if doc.taken().contains(offset) {
+                match slots[i].reserved.take() {
+                    Some((offset, held)) if doc.taken().contains(offset) => {
                         // Written meanwhile by someone that does not use reservations.
                         self.drop_reservation(&held, undo).await?;
                         slots[i].avoid.insert(offset);
-                    } else {
+                        needs.push(i);
+                    }
+                    Some((offset, held)) => {
                         slots[i].reserved = Some((offset, held));
+                        chosen.push((i, offset));
+                    }
+                    None => needs.push(i),
+                }
+            }
+            // Pass 2: choose for the others and reserve all their addresses at once; choose
+            // again for those whose address turned out to be held elsewhere.
+            while !needs.is_empty() {
+                let mut picks = Vec::new();
+                for i in std::mem::take(&mut needs) {
+                    match self.pick(pool, &doc, &taken, &mut slots[i]) {
+                        Ok(offset) => {
+                            taken.insert(offset);
+                            picks.push((i, offset));
+                        }
+                        Err(err) => slots[i].done = Some(Err(err)),
                     }
                 }
-                let offset = match &slots[i].reserved {
-                    Some((offset, _)) => *offset,
-                    None => match self
-                        .choose(pool, &doc, &taken, &mut slots[i], req, undo)
-                        .await?
-                    {
-                        Ok(offset) => offset,
-                        Err(err) => {
-                            slots[i].done = Some(Err(err));
-                            continue;
+                if !req.overlap {
+                    chosen.extend(picks);
+                    continue;
+                }
+                let wanted: Vec<(IpAddr, Attachment)> = picks
+                    .iter()
+                    .map(|(i, offset)| (range.ip(*offset), slots[*i].who.clone()))
+                    .collect();
+                let outcomes = self.reserve_all(wanted, &req.network_name, undo).await?;
+                for ((i, offset), outcome) in picks.into_iter().zip(outcomes) {
+                    match outcome {
+                        Reserve::Ours(held) => {
+                            slots[i].reserved = Some((offset, held));
+                            chosen.push((i, offset));
                         }
-                    },
-                };
-                taken.insert(offset);
+                        Reserve::Taken(holder) if slots[i].requested.is_some() => {
+                            slots[i].done = Some(Err(StoreError::InUse {
+                                ip: range.ip(offset),
+                                range: range.to_string(),
+                                holder,
+                            }));
+                        }
+                        Reserve::Taken(_) => {
+                            slots[i].avoid.insert(offset);
+                            slots[i].salt += 1;
+                            needs.push(i);
+                        }
+                    }
+                }
+            }
+            // Pass 3: the pool entries.
+            for (i, offset) in chosen {
+                let who = slots[i].who.clone();
                 let key = doc.key_of(offset).ok_or_else(|| {
                     StoreError::Io(format!("IPPool {name} cannot record {}", range.ip(offset)))
                 })?;
@@ -403,7 +455,7 @@ impl Engine {
                         };
                         results.push(result);
                     }
-                    return Ok((results, written));
+                    return Ok((results, written, guessing && conflicts > 0));
                 }
                 Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
                     conflicts = self.after_conflict(&name, conflicts).await?;
@@ -413,73 +465,97 @@ impl Engine {
         }
     }
 
-    /// Chooses the job's address and reserves it; Ok(Err) when this job cannot be served.
-    async fn choose(
+    /// Chooses the job's address (not yet reserved); an error when this job cannot be served.
+    fn pick(
         &self,
         pool: &PoolRef,
         doc: &PoolDoc,
         taken: &OffsetRuns,
         slot: &mut Slot,
-        req: &AddRequest,
-        undo: &UndoLog,
-    ) -> Result<Result<u128, StoreError>, StoreError> {
+    ) -> Result<u128, StoreError> {
         let range = &pool.range;
+        if let Some(offset) = slot.requested {
+            self.check_requested(pool, doc, offset)?;
+            if taken.contains(offset) {
+                return Err(StoreError::InUse {
+                    ip: range.ip(offset),
+                    range: range.to_string(),
+                    holder: "another ADD served in the same batch".into(),
+                });
+            }
+            return Ok(offset);
+        }
         loop {
-            let offset = match slot.requested {
-                Some(offset) => {
-                    if let Err(err) = self.check_requested(pool, doc, offset) {
-                        return Ok(Err(err));
-                    }
-                    if taken.contains(offset) {
-                        return Ok(Err(StoreError::InUse {
-                            ip: range.ip(offset),
-                            range: range.to_string(),
-                            holder: "another ADD served in the same batch".into(),
-                        }));
-                    }
-                    offset
-                }
-                None => {
-                    let Some(offset) = choose::candidate(
-                        range,
-                        taken,
-                        &slot.avoid,
-                        choose::seed(&slot.who, slot.salt),
-                    ) else {
-                        return Ok(Err(StoreError::Exhausted {
-                            range: range.to_string(),
-                        }));
-                    };
-                    if doc.unaddressable(offset) {
-                        slot.avoid.insert(offset);
-                        continue;
-                    }
-                    offset
-                }
+            let offset = choose::candidate(
+                range,
+                taken,
+                &slot.avoid,
+                choose::seed(&slot.who, slot.salt),
+            )
+            .ok_or_else(|| StoreError::Exhausted {
+                range: range.to_string(),
+            })?;
+            if !doc.unaddressable(offset) {
+                return Ok(offset);
+            }
+            slot.avoid.insert(offset);
+        }
+    }
+
+    /// Creates the reservations of `wanted` concurrently (one round trip for a whole batch);
+    /// for each, whether it is now ours or held by another attachment. Every reservation made
+    /// is in `undo` before a failure is reported.
+    async fn reserve_all(
+        &self,
+        wanted: Vec<(IpAddr, Attachment)>,
+        network_name: &str,
+        undo: &UndoLog,
+    ) -> Result<Vec<Reserve>, StoreError> {
+        if wanted.len() == 1 {
+            let (ip, who) = &wanted[0];
+            return Ok(vec![self.reserve(*ip, who, network_name, undo).await?]);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, (ip, who)) in wanted.iter().enumerate() {
+            let kube = self.kube.clone();
+            let object = reservation::new_object(&reservation::name(*ip, network_name), who);
+            tasks.spawn(async move { (index, kube.create_reservation(&object).await) });
+        }
+        let mut created: Vec<Option<Result<Held, ApiError>>> = vec![None; wanted.len()];
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((index, result)) = joined else {
+                continue;
             };
-            if !req.overlap {
-                return Ok(Ok(offset));
+            let result = result.map(|object| Held::of(&object));
+            if let (Ok(held), Some((_, who))) = (&result, wanted.get(index)) {
+                undo.push(reservation_step(held, who));
             }
-            match self
-                .reserve(range.ip(offset), &slot.who, &req.network_name, undo)
-                .await?
-            {
-                Reserve::Ours(held) => {
-                    slot.reserved = Some((offset, held));
-                    return Ok(Ok(offset));
-                }
-                Reserve::Taken(holder) => {
-                    if slot.requested.is_some() {
-                        return Ok(Err(StoreError::InUse {
-                            ip: range.ip(offset),
-                            range: range.to_string(),
-                            holder,
-                        }));
+            created[index] = Some(result);
+        }
+        let mut outcomes = Vec::with_capacity(wanted.len());
+        let mut failure = None;
+        for ((ip, who), result) in wanted.iter().zip(created) {
+            match result {
+                Some(Ok(held)) => outcomes.push(Reserve::Ours(held)),
+                // Exists already, or the task was lost: look at it the slow way.
+                Some(Err(ApiError::AlreadyExists(_))) | None => {
+                    match self.reserve(*ip, who, network_name, undo).await {
+                        Ok(outcome) => outcomes.push(outcome),
+                        Err(err) => {
+                            failure.get_or_insert(err);
+                            outcomes.push(Reserve::Taken(String::new()));
+                        }
                     }
-                    slot.avoid.insert(offset);
-                    slot.salt += 1;
+                }
+                Some(Err(err)) => {
+                    failure.get_or_insert(err.into());
+                    outcomes.push(Reserve::Taken(String::new()));
                 }
             }
+        }
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(outcomes),
         }
     }
 
