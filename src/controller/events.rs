@@ -84,3 +84,48 @@ pub async fn post(client: &Client, released: &Released<'_>) -> Result<(), kube::
     let api: Api<Event> = Api::namespaced(client.clone(), &ns);
     api.create(&PostParams::default(), &event).await.map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cleanup::judge::ReleaseReason;
+    use crate::ipam::Cidr;
+    use crate::store::Attachment;
+
+    #[test]
+    fn event_on_the_pods_namespace() {
+        let lease = Lease {
+            pool: "10.0.0.0-24".into(),
+            range: Cidr::parse("10.0.0.0/24", false).unwrap(),
+            ip: "10.0.0.7".parse().unwrap(),
+            network_name: String::new(),
+            cni_network: None,
+            attachment: Attachment {
+                container_id: "c1".into(),
+                ifname: "net1".into(),
+                pod_ref: Some("team/web-0".into()),
+                pod_uid: None,
+            },
+        };
+        let verdict = Verdict::Release(ReleaseReason::PodGone);
+        let e = event(&Released {
+            lease: &lease,
+            pod_uid: Some("u1".into()),
+            verdict: &verdict,
+        })
+        .unwrap();
+        assert_eq!(e.metadata.namespace.as_deref(), Some("team"));
+        assert_eq!(e.involved_object.name.as_deref(), Some("web-0"));
+        assert_eq!(e.involved_object.uid.as_deref(), Some("u1"));
+        assert_eq!(e.reason.as_deref(), Some(REASON));
+        assert!(e.message.unwrap().contains("10.0.0.7"));
+        let mut no_pod = lease.clone();
+        no_pod.attachment.pod_ref = None;
+        assert!(event(&Released {
+            lease: &no_pod,
+            pod_uid: None,
+            verdict: &verdict,
+        })
+        .is_none());
+    }
+}
