@@ -445,27 +445,38 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
         "a large range lists assigned slices only"
     );
 
-    // The plugin on node-b allocates from its slice.
-    let add = fake_apiserver::cni::run(
-        Path::new(common::bin()),
-        &fake_apiserver::cni::Call {
-            command: "ADD",
-            container: "c-slice",
-            ifname: "net1",
-            pod: Some(("default", "slice-pod")),
-            node: Some("node-b"),
-            env: vec![],
-        },
-        &v4.to_string(),
-    );
-    assert_eq!(add.code, 0, "{add:?}");
-    let slice_b: IpAddr = add.ips()[0].parse().unwrap();
+    // The plugin allocates from its node's slice.
+    let add_on = |node: &'static str, pod: &'static str| {
+        let reply = fake_apiserver::cni::run(
+            Path::new(common::bin()),
+            &fake_apiserver::cni::Call {
+                command: "ADD",
+                container: pod,
+                ifname: "net1",
+                pod: Some(("default", pod)),
+                node: Some(node),
+                env: vec![],
+            },
+            &v4.to_string(),
+        );
+        assert_eq!(reply.code, 0, "{reply:?}");
+        reply.ips()[0]
+            .parse::<std::net::Ipv4Addr>()
+            .unwrap()
+            .octets()[3]
+    };
+    server.add_pod("default", "on-b", "Running");
     assert!(
-        matches!(slice_b, IpAddr::V4(v4) if (65..=126).contains(&v4.octets()[3]) && v4.octets()[2] == 0),
-        "{add:?} not from node-b's slice"
+        (65..=126).contains(&add_on("node-b", "on-b")),
+        "not from node-b's slice"
+    );
+    server.add_pod("default", "on-a", "Running");
+    assert!(
+        (1..=62).contains(&add_on("node-a", "on-a")),
+        "not from node-a's slice"
     );
 
-    // node-a leaves, node-c joins: node-b keeps its slice, node-c takes the freed one.
+    // node-a leaves: its slices are freed, node-b keeps its own.
     server.remove_node("node-a");
     wait_for("node-a's slices freed", Duration::from_secs(10), || {
         slice_of(&server, "blue", "node-a").is_none()
@@ -475,6 +486,8 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
         slice_of(&server, "blue", "node-b").as_deref(),
         Some("10.60.0.64/26")
     );
+    // node-c joins while node-a's pool still holds on-a's address: it gets a slice nobody's
+    // addresses are in. The IPv6 slice of node-a held nothing, so node-c takes it.
     server.add_node("node-c");
     wait_for("node-c's slices", Duration::from_secs(10), || {
         slice_of(&server, "blue", "node-c").is_some()
@@ -482,7 +495,7 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
     });
     assert_eq!(
         slice_of(&server, "blue", "node-c").as_deref(),
-        Some("10.60.0.0/26")
+        Some("10.60.0.128/26")
     );
     assert_eq!(
         slice_of(&server, "slices-v6", "node-c").as_deref(),
@@ -492,9 +505,20 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
         slice_of(&server, "slices-v6", "node-b").as_deref(),
         Some("fd00:60:0:0:1::/80")
     );
+    // Once on-a is gone and its address freed, the slice is free for the next node.
+    server.delete_now("pods", "default", "on-a");
+    ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 1.0);
+    server.add_node("node-d");
+    wait_for("node-d's slice", Duration::from_secs(10), || {
+        slice_of(&server, "blue", "node-d").is_some()
+    });
+    assert_eq!(
+        slice_of(&server, "blue", "node-d").as_deref(),
+        Some("10.60.0.0/26")
+    );
     assert_eq!(
         ctl.metric("whereabouts_node_slices_assigned{nodeslicepool=\"blue\"}"),
-        Some(2.0)
+        Some(3.0)
     );
 }
 

@@ -2,7 +2,7 @@
 //! sets `node_slice_size`, a NodeSlicePool (named as the Kubernetes engine looks it up) that
 //! gives every node a slice and frees the slices of removed nodes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
@@ -15,7 +15,7 @@ use super::slices::assign;
 use crate::cli::store_args::ipam_of;
 use crate::ipam::slices::parse_slice_size;
 use crate::ipam::{parse_range_text, Cidr};
-use crate::k8s::crd::{NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus};
+use crate::k8s::crd::{IPPool, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus};
 use crate::store::kubernetes::slice_pool_name;
 
 pub fn nad_resource() -> ApiResource {
@@ -129,10 +129,11 @@ pub async fn sync(client: &Client, namespace: &str, metrics: &Arc<Metrics>) -> R
         .into_iter()
         .filter_map(|n| n.metadata.name)
         .collect();
+    let busy = busy_ranges(client, namespace).await?;
     let api: Api<NodeSlicePool> = Api::namespaced(client.clone(), namespace);
     let mut failed = Vec::new();
     for want in pools.values() {
-        if let Err(err) = sync_pool(&api, want, &nodes, metrics).await {
+        if let Err(err) = sync_pool(&api, want, &nodes, &busy, metrics).await {
             failed.push(err);
         }
     }
@@ -143,10 +144,28 @@ pub async fn sync(client: &Client, namespace: &str, metrics: &Arc<Metrics>) -> R
     }
 }
 
+/// The ranges of the IPPools that hold addresses: a slice among them is not free for a new
+/// node, whoever it belonged to. Without the IPPool resource (another engine), none.
+async fn busy_ranges(client: &Client, namespace: &str) -> Result<HashSet<Cidr>, String> {
+    let api: Api<IPPool> = Api::namespaced(client.clone(), namespace);
+    match api.list(&ListParams::default()).await {
+        Ok(list) => Ok(list
+            .items
+            .iter()
+            .filter(|p| !p.spec.allocations.is_empty())
+            .filter_map(|p| Cidr::parse(&p.spec.range, false))
+            .map(|c| c.network())
+            .collect()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(HashSet::new()),
+        Err(e) => Err(format!("cannot list IPPools: {e}")),
+    }
+}
+
 async fn sync_pool(
     api: &Api<NodeSlicePool>,
     want: &Wanted,
     nodes: &BTreeSet<String>,
+    busy: &HashSet<Cidr>,
     metrics: &Arc<Metrics>,
 ) -> Result<(), String> {
     let spec = NodeSlicePoolSpec {
@@ -164,7 +183,7 @@ async fn sync_pool(
         .and_then(|p| p.status.as_ref())
         .map(|s| s.allocations.clone())
         .unwrap_or_default();
-    let plan = assign(&want.range, want.size, nodes, &current)
+    let plan = assign(&want.range, want.size, nodes, &current, busy)
         .map_err(|e| format!("NodeSlicePool {} ({}): {e}", want.name, want.source))?;
     if !plan.unassigned.is_empty() {
         tracing::warn!(pool = %want.name, nodes = ?plan.unassigned, "no free slice left for these nodes");

@@ -2,7 +2,7 @@
 //! NodeSlicePool already says. A node keeps its slice for as long as it exists (its pods hold
 //! addresses from it); a removed node's slice becomes free; new nodes take the lowest free ones.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::ipam::slices::SliceError;
 use crate::ipam::Cidr;
@@ -66,12 +66,14 @@ fn index_of(range: &Cidr, size: u8, slice: &Cidr) -> Option<u128> {
 }
 
 /// Assigns slices of `range` (prefix length `size`) to `nodes`, keeping what `current` gives
-/// to nodes that still exist.
+/// to nodes that still exist. A new node never gets a slice in `busy`: one whose pool still
+/// holds addresses (pods of a removed node not cleaned up yet), which it would hand out again.
 pub fn assign(
     range: &Cidr,
     size: u8,
     nodes: &BTreeSet<String>,
     current: &[NodeSliceAllocation],
+    busy: &HashSet<Cidr>,
 ) -> Result<Assignment, SliceError> {
     let range = range.network();
     let total = slice_count(&range, size)?;
@@ -100,7 +102,9 @@ pub fn assign(
         if placed.contains(node.as_str()) {
             continue;
         }
-        while next < total && taken.contains_key(&next) {
+        while next < total
+            && (taken.contains_key(&next) || busy.contains(&slice_at(&range, size, next)))
+        {
             next += 1;
         }
         if next >= total {
@@ -135,6 +139,10 @@ mod tests {
         names.iter().map(|n| n.to_string()).collect()
     }
 
+    fn none() -> HashSet<Cidr> {
+        HashSet::new()
+    }
+
     fn owner(a: &Assignment, slice: &str) -> String {
         a.allocations
             .iter()
@@ -146,28 +154,33 @@ mod tests {
     #[test]
     fn join_and_leave_ipv4() {
         let range = Cidr::parse("10.0.0.0/24", false).unwrap();
-        let first = assign(&range, 26, &nodes(&["a", "b"]), &[]).unwrap();
+        let first = assign(&range, 26, &nodes(&["a", "b"]), &[], &none()).unwrap();
         assert_eq!(first.allocations.len(), 4);
         assert_eq!(owner(&first, "10.0.0.0/26"), "a");
         assert_eq!(owner(&first, "10.0.0.64/26"), "b");
         // a leaves, c joins: b keeps its slice, c takes the lowest free one.
-        let second = assign(&range, 26, &nodes(&["b", "c"]), &first.allocations).unwrap();
+        let second = assign(&range, 26, &nodes(&["b", "c"]), &first.allocations, &none()).unwrap();
         assert_eq!(owner(&second, "10.0.0.64/26"), "b");
         assert_eq!(owner(&second, "10.0.0.0/26"), "c");
         assert_eq!(owner(&second, "10.0.0.128/26"), "");
-        let full = assign(&range, 26, &nodes(&["a", "b", "c", "d", "e"]), &[]).unwrap();
+        let full = assign(&range, 26, &nodes(&["a", "b", "c", "d", "e"]), &[], &none()).unwrap();
         assert_eq!(full.unassigned, vec!["e".to_string()]);
+        // a's old slice still holds addresses: c gets another one, b keeps its own.
+        let busy: HashSet<Cidr> = [Cidr::parse("10.0.0.0/26", false).unwrap()].into();
+        let third = assign(&range, 26, &nodes(&["b", "c"]), &first.allocations, &busy).unwrap();
+        assert_eq!(owner(&third, "10.0.0.128/26"), "c");
+        assert_eq!(owner(&third, "10.0.0.0/26"), "");
     }
 
     #[test]
     fn ipv6_large_range_lists_assigned_only() {
         let range = Cidr::parse("fd00::/48", false).unwrap();
-        let a = assign(&range, 64, &nodes(&["n1", "n2"]), &[]).unwrap();
+        let a = assign(&range, 64, &nodes(&["n1", "n2"]), &[], &none()).unwrap();
         assert_eq!(a.total, 65536);
         assert_eq!(a.allocations.len(), 2);
         assert_eq!(owner(&a, "fd00::/64"), "n1");
         assert_eq!(owner(&a, "fd00:0:0:1::/64"), "n2");
-        let b = assign(&range, 64, &nodes(&["n2", "n3"]), &a.allocations).unwrap();
+        let b = assign(&range, 64, &nodes(&["n2", "n3"]), &a.allocations, &none()).unwrap();
         assert_eq!(owner(&b, "fd00:0:0:1::/64"), "n2");
         assert_eq!(owner(&b, "fd00::/64"), "n3");
         // A slice of the wrong size or outside the range is not kept.
@@ -175,8 +188,8 @@ mod tests {
             node_name: "n2".into(),
             slice_range: "fd01::/64".into(),
         }];
-        let c = assign(&range, 64, &nodes(&["n2"]), &bad).unwrap();
+        let c = assign(&range, 64, &nodes(&["n2"]), &bad, &none()).unwrap();
         assert_eq!(owner(&c, "fd00::/64"), "n2");
-        assert!(assign(&range, 40, &nodes(&["n"]), &[]).is_err());
+        assert!(assign(&range, 40, &nodes(&["n"]), &[], &none()).is_err());
     }
 }
