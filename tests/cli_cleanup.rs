@@ -149,6 +149,13 @@ fn gc_dry_run_lists_then_gc_frees() {
 }
 
 #[test]
+fn controller_needs_pods() {
+    let s = setup();
+    let reply = s.cli(&["controller", "--listen", "127.0.0.1:0"], false);
+    assert_refused(&reply, "the controller reads pods from the Kubernetes API");
+}
+
+#[test]
 fn gc_needs_pods() {
     let s = setup();
     s.pod("gone", None);

@@ -37,21 +37,26 @@ impl std::fmt::Display for ClusterSource {
     }
 }
 
-/// Chooses the source of pods: an explicit kubeconfig, else the Kubernetes engine's own, else
-/// `$KUBECONFIG`, else the in-cluster service account; None when there is none of these.
+/// Chooses the source of pods: an explicit kubeconfig, else the Kubernetes engine's own (when
+/// it exists or no service account is at hand), else `$KUBECONFIG`, else the in-cluster
+/// service account; None when there is none of these.
 pub fn cluster_source(explicit: Option<&Path>, ipam: &IpamConfig) -> Option<ClusterSource> {
     if let Some(path) = explicit {
         return Some(ClusterSource::Kubeconfig(path.to_path_buf()));
     }
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     if let Datastore::Kubernetes(k) = &ipam.datastore {
-        return Some(ClusterSource::Kubeconfig(k.kubeconfig.clone()));
+        // Inside a pod, the node's kubeconfig path may not exist: the service account then.
+        if !(in_cluster && !k.kubeconfig.exists()) {
+            return Some(ClusterSource::Kubeconfig(k.kubeconfig.clone()));
+        }
     }
     if let Some(first) = std::env::var_os("KUBECONFIG")
         .and_then(|v| std::env::split_paths(&v).find(|p| !p.as_os_str().is_empty()))
     {
         return Some(ClusterSource::Kubeconfig(first));
     }
-    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+    if in_cluster {
         return Some(ClusterSource::InCluster);
     }
     None
