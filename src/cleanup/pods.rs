@@ -47,7 +47,7 @@ pub fn cluster_source(explicit: Option<&Path>, ipam: &IpamConfig) -> Option<Clus
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     if let Datastore::Kubernetes(k) = &ipam.datastore {
         // Inside a pod, the node's kubeconfig path may not exist: the service account then.
-        if !(in_cluster && !k.kubeconfig.exists()) {
+        if !in_cluster || k.kubeconfig.exists() {
             return Some(ClusterSource::Kubeconfig(k.kubeconfig.clone()));
         }
     }
