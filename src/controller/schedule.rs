@@ -56,7 +56,8 @@ pub async fn run(
         if current.as_ref().map(|(e, _)| e) != Some(&expression) {
             let schedule = Schedule::parse(&expression).unwrap_or_else(|err| {
                 tracing::error!(%err, "using the default schedule {DEFAULT_EXPRESSION:?}");
-                Schedule::parse(DEFAULT_EXPRESSION).expect("the default expression is valid")
+                Schedule::parse(DEFAULT_EXPRESSION)
+                    .unwrap_or(Schedule::Every(Duration::from_secs(15 * 60)))
             });
             due = schedule.next_after(now());
             tracing::info!(%expression, next = ?due, "reconcile schedule");
