@@ -555,6 +555,27 @@ fn kubernetes_engine_pool_entries_and_reservations_released() {
                "metadata": {"name": "10.70.0.200"},
                "spec": {"podref": "default/long-gone", "containerid": "old"}}),
     );
+    // k-2's reservation names a pod long gone (the two drifted apart): it still protects k-2's
+    // live address, so it stays.
+    let pool = server.get("ippools", NS, "10.70.0.0-24").unwrap();
+    let k2_ip = pool["spec"]["allocations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, a)| a["podref"] == "default/k-2")
+        .map(|(offset, _)| format!("10.70.0.{offset}"))
+        .unwrap();
+    let mut stale = server
+        .get("overlappingrangeipreservations", NS, &k2_ip)
+        .unwrap();
+    stale["spec"]["podref"] = json!("default/drifted-away");
+    let (code, body) = server.raw(
+        "PUT",
+        &format!("/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{NS}/overlappingrangeipreservations/{k2_ip}"),
+        "application/json",
+        &stale.to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
     let reservations =
         |server: &FakeApiServer| server.list("overlappingrangeipreservations", NS).len();
     assert_eq!(reservations(&server), 3);
@@ -577,7 +598,7 @@ fn kubernetes_engine_pool_entries_and_reservations_released() {
         },
     );
     let left = server.list("overlappingrangeipreservations", NS);
-    assert_eq!(left[0]["spec"]["podref"], "default/k-2");
+    assert_eq!(left[0]["metadata"]["name"], Value::from(k2_ip));
     ctl.wait_metric(
         "whereabouts_releases_total{reason=\"orphan_reservation\"}",
         1.0,

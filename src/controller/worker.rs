@@ -2,7 +2,7 @@
 //! batch of work at a time. The store is synchronous (engines run their own I/O), so it lives
 //! outside the async runtime; it reaches the Kubernetes API through the runtime's handle.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use super::metrics::{pool_stats, Metrics, PoolStat};
 use crate::cleanup::judge::{freed_by_deletion, judge, judge_holder, PodState, Verdict};
 use crate::cleanup::plan::{free, plan};
 use crate::cleanup::pods;
+use crate::ipam::names::{object_name, reservation_name};
 use crate::k8s::crd::OverlappingRangeIPReservation;
 use crate::store::{Lease, PoolRef, Store};
 
@@ -246,16 +247,24 @@ impl Worker {
             return;
         };
         let mut held: BTreeMap<&'static str, u64> = BTreeMap::new();
+        // The reservations backing allocations that stay: never deleted, whoever they name,
+        // or the overlap protection of a live address would go.
+        let mut kept_reservations = HashSet::new();
         let mut released = 0;
         for decision in plan(leases, &pods) {
             if let Verdict::Keep(reason) = decision.verdict {
                 *held.entry(reason.label()).or_default() += 1;
+                let lease = &decision.lease;
+                kept_reservations.insert(object_name(&reservation_name(
+                    lease.ip,
+                    &lease.network_name,
+                )));
             }
             if self.act(&decision.lease, &decision.verdict, None) {
                 released += 1;
             }
         }
-        let orphans = self.release_orphan_reservations(reservations, &pods);
+        let orphans = self.release_orphan_reservations(reservations, &pods, &kept_reservations);
         let micros = started.elapsed().as_micros() as u64;
         self.metrics.reconciled(micros, held, now_secs());
         tracing::info!(
@@ -268,12 +277,13 @@ impl Worker {
         self.refresh_stats();
     }
 
-    /// Reservations whose pod is gone and that no pool entry backs any more (their entries were
+    /// Reservations whose pod is gone and that no kept pool entry backs (their entries were
     /// just released, or the two drifted apart): deleted only if unchanged since listed.
     fn release_orphan_reservations(
         &self,
         reservations: Vec<OverlappingRangeIPReservation>,
         pods: &HashMap<String, PodState>,
+        kept: &HashSet<String>,
     ) -> usize {
         let Some(api) = &self.reservations else {
             return 0;
@@ -285,7 +295,7 @@ impl Worker {
             let Verdict::Release(reason) = verdict else {
                 continue;
             };
-            let Some(name) = r.metadata.name.clone() else {
+            let Some(name) = r.metadata.name.clone().filter(|n| !kept.contains(n)) else {
                 continue;
             };
             let params = DeleteParams {
