@@ -34,6 +34,9 @@ use metrics::Metrics;
 use watch::Change;
 use worker::{Job, Worker};
 
+/// The longest an API request other than a watch may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error("{0}")]
@@ -85,7 +88,12 @@ pub fn run(opts: Options) -> Result<(), ControllerError> {
 }
 
 async fn main(opts: Options) -> Result<(), ControllerError> {
-    let client = pods::client(&opts.cluster, opts.watch_timeout + Duration::from_secs(30))
+    // Watches hold a response open for their whole timeout; every other request must finish
+    // quickly, so a hung call cannot stall the store worker for minutes.
+    let client = pods::client(&opts.cluster, REQUEST_TIMEOUT)
+        .await
+        .map_err(|e| ControllerError::Config(e.to_string()))?;
+    let watch_client = pods::client(&opts.cluster, opts.watch_timeout + REQUEST_TIMEOUT)
         .await
         .map_err(|e| ControllerError::Config(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
@@ -149,7 +157,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         let notify = Arc::new(Notify::new());
         for what in ["nodes", "network-attachment-definitions"] {
             let notify = notify.clone();
-            let client = client.clone();
+            let client = watch_client.clone();
             let timeout = opts.watch_timeout;
             let metrics = metrics.clone();
             tokio::spawn(async move {
@@ -193,7 +201,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
     }
     let mut first = true;
     watch::follow(
-        Api::<Pod>::all(client),
+        Api::<Pod>::all(watch_client),
         "pods",
         opts.watch_timeout,
         |change| match change {
