@@ -129,7 +129,12 @@ pub fn judge_holder(
     pod_uid: Option<&str>,
     pod: Option<&PodState>,
 ) -> Verdict {
-    if pod_ref.is_none_or(str::is_empty) {
+    // Only `namespace/name` can name a pod; anything else was not recorded by a pod's ADD, so
+    // no pod's absence says anything about it.
+    let names_a_pod = pod_ref
+        .and_then(|r| r.split_once('/'))
+        .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'));
+    if !names_a_pod {
         return Verdict::Keep(KeepReason::NoPodReference);
     }
     let Some(pod) = pod else {
@@ -226,10 +231,20 @@ mod tests {
             judge(&no_uid, Some(&pod("u9", PodPhase::Failed, false))),
             Verdict::Release(ReleaseReason::PodFinished)
         );
-        assert_eq!(
-            judge(&lease(None, None), None),
-            Verdict::Keep(KeepReason::NoPodReference)
-        );
+        for no_pod in [
+            None,
+            Some(""),
+            Some("bare-name"),
+            Some("/x"),
+            Some("ns/"),
+            Some("a/b/c"),
+        ] {
+            assert_eq!(
+                judge(&lease(no_pod, None), None),
+                Verdict::Keep(KeepReason::NoPodReference),
+                "{no_pod:?}"
+            );
+        }
     }
 
     #[test]
