@@ -101,6 +101,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         .map_err(|e| ControllerError::Io(format!("cannot listen on {}: {e}", opts.listen)))?;
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = std::sync::mpsc::channel();
+    let requeue = tx.clone();
     let jobs = Arc::new(Mutex::new(tx));
 
     // The store is opened on the worker's thread and stays there.
@@ -136,6 +137,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
                 reservations,
                 metrics,
                 post_events,
+                requeue,
             }
             .run(rx);
         })

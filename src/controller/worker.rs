@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,7 +44,12 @@ pub struct Worker {
     pub reservations: Option<Api<OverlappingRangeIPReservation>>,
     pub metrics: Arc<Metrics>,
     pub post_events: bool,
+    /// The worker's own queue, to come back to work that failed.
+    pub requeue: Sender<Job>,
 }
+
+/// How long after a failed reconcile (or a lost batch of deletions) the next one runs.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -85,6 +90,21 @@ impl Worker {
                 }
             }
             self.metrics.busy_since.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// A full reconcile in a while: what failed now is judged again then.
+    fn retry_later(&self) {
+        self.metrics.retries.fetch_add(1, Ordering::SeqCst);
+        let queue = self.requeue.clone();
+        let spawned = std::thread::Builder::new()
+            .name("retry".into())
+            .spawn(move || {
+                std::thread::sleep(RETRY_AFTER);
+                let _ = queue.send(Job::Reconcile { why: "retry" });
+            });
+        if let Err(err) = spawned {
+            tracing::error!(%err, "cannot schedule a retry; the next scheduled reconcile will do");
         }
     }
 
@@ -139,7 +159,8 @@ impl Worker {
     /// the pod of that name as it is now.
     fn on_pods(&self, deleted: &[(String, String)], finished: &[String]) {
         let Some(leases) = self.leases() else {
-            tracing::error!("deletions left to the next reconcile: the allocations cannot be read");
+            tracing::error!(retry_in = ?RETRY_AFTER, "deletions left to a reconcile: the allocations cannot be read");
+            self.retry_later();
             return;
         };
         let candidates: Vec<Lease> = leases
@@ -153,6 +174,7 @@ impl Worker {
             })
             .collect();
         let mut now: HashMap<String, Option<PodState>> = HashMap::new();
+        let mut unread = false;
         for lease in candidates {
             let Some(pod_ref) = lease.attachment.pod_ref.clone() else {
                 continue;
@@ -164,7 +186,8 @@ impl Worker {
                     }
                     Err(err) => {
                         self.metrics.error("get_pod");
-                        tracing::warn!(%err, pod = %pod_ref, "left to the next reconcile");
+                        tracing::warn!(%err, pod = %pod_ref, retry_in = ?RETRY_AFTER, "left to a reconcile");
+                        unread = true;
                         continue;
                     }
                 }
@@ -177,7 +200,9 @@ impl Worker {
                 .map(|(_, u)| u.clone());
             self.act(&lease, &verdict, uid);
         }
-        self.refresh_stats();
+        if unread {
+            self.retry_later();
+        }
     }
 
     /// Frees `lease` when the verdict says so; returns whether it did.
@@ -228,7 +253,8 @@ impl Worker {
         let started = Instant::now();
         // Leases (and reservations) first, pods second: see `cleanup::plan`.
         let Some(leases) = self.leases() else {
-            tracing::error!(why, "reconcile skipped: the allocations cannot be read");
+            tracing::error!(why, retry_in = ?RETRY_AFTER, "reconcile skipped: the allocations cannot be read");
+            self.retry_later();
             return;
         };
         let reservations = match &self.reservations {
@@ -243,7 +269,8 @@ impl Worker {
             None => Vec::new(),
         };
         let Some(pods) = self.list_pods() else {
-            tracing::error!(why, "reconcile skipped: pods cannot be listed");
+            tracing::error!(why, retry_in = ?RETRY_AFTER, "reconcile skipped: pods cannot be listed");
+            self.retry_later();
             return;
         };
         let mut held: BTreeMap<&'static str, u64> = BTreeMap::new();
