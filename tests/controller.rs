@@ -7,7 +7,7 @@ mod etcd_cluster;
 mod fake_apiserver;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,14 +32,6 @@ impl Drop for Controller {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Polls `check` until it holds or `limit` passes; panics with `what` otherwise.
 fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -57,7 +49,6 @@ impl Controller {
     fn start(dir: &Path, conf: &Value, kubeconfig: &Path, extra: &[&str]) -> Controller {
         let conf_path = dir.join("controller-net.conf");
         std::fs::write(&conf_path, conf.to_string()).unwrap();
-        let port = free_port();
         let log = dir.join("controller.log");
         let child = Command::new(common::bin())
             .env_clear()
@@ -67,23 +58,39 @@ impl Controller {
             .arg(&conf_path)
             .arg("--pod-kubeconfig")
             .arg(kubeconfig)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--watch-timeout",
-                "5",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--watch-timeout", "5"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start the controller");
-        let mut c = Controller { child, port, log };
+        let mut c = Controller {
+            child,
+            port: 0,
+            log,
+        };
+        // The port it picked, from its start-up line.
+        wait_for(
+            "the controller's start-up line",
+            Duration::from_secs(20),
+            || {
+                if let Ok(Some(status)) = c.child.try_wait() {
+                    panic!("controller exited with {status}: {}", c.log());
+                }
+                let log = c.log();
+                let port = log
+                    .split("listen=127.0.0.1:")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|p| p.parse().ok());
+                if let Some(port) = port {
+                    c.port = port;
+                }
+                port.is_some()
+            },
+        );
         wait_for("the controller's /healthz", Duration::from_secs(20), || {
-            if let Ok(Some(status)) = c.child.try_wait() {
-                panic!("controller exited with {status}: {}", c.log());
-            }
             c.get("/healthz").is_some_and(|(code, _)| code == 200)
         });
         // From here on the pod watch sees every change.

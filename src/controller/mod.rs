@@ -146,7 +146,12 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         .await
         .map_err(|_| ControllerError::Io("the store worker stopped".into()))?
         .map_err(ControllerError::Config)?;
-    tracing::info!(listen = %opts.listen, namespace = %opts.namespace, "controller started");
+    // The address actually bound (a port of 0 picks a free one).
+    let listening = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| opts.listen.to_string());
+    tracing::info!(listen = %listening, namespace = %opts.namespace, "controller started");
 
     tokio::spawn(http::serve(listener, metrics.clone(), jobs.clone()));
     tokio::spawn(schedule::run(
