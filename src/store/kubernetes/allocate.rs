@@ -491,6 +491,7 @@ impl Engine {
                 taken,
                 &slot.avoid,
                 choose::seed(&slot.who, slot.salt),
+                slot.salt > 0,
             )
             .ok_or_else(|| StoreError::Exhausted {
                 range: range.to_string(),

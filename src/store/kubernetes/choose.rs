@@ -1,11 +1,11 @@
-//! Which free address an ADD tries first.
+//! Which free address an ADD tries.
 //!
-//! Every contender of a burst reads the same pool, so "the lowest free address" would send all
-//! of them after the same reservation, and each loser after the next one: the requests of a
-//! burst would grow with the square of its size. Instead each attachment takes one of the lowest
-//! [`SPREAD`] free addresses, picked by a hash of its container ID and interface: concurrent ADDs
-//! rarely meet, and a repeated ADD of the same attachment lands on the same address (and finds
-//! its own reservation there).
+//! The first try is the lowest free address, as everywhere else. Every contender of a burst on
+//! other machines reads the same pool, though, so after losing a reservation race an ADD does
+//! not chase the next-lowest address (the losers would all meet again, and the requests of a
+//! burst would grow with the square of its size): it takes one of the lowest [`SPREAD`] free
+//! addresses, picked by a hash of its container ID and interface, so contenders rarely meet
+//! twice, and a repeated ADD of the same attachment lands where it landed before.
 
 use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -59,14 +59,16 @@ pub fn lowest_free_n(
     found
 }
 
-/// The offset to try: one of the lowest [`SPREAD`] free ones, by `seed`; None when full.
+/// The offset to try: the lowest free one, or with `spread` one of the lowest [`SPREAD`] free
+/// ones by `seed`; None when full.
 pub fn candidate(
     range: &Range,
     taken: &OffsetRuns,
     avoid: &BTreeSet<u128>,
     seed: u64,
+    spread: bool,
 ) -> Option<u128> {
-    let free = lowest_free_n(range, taken, avoid, SPREAD);
+    let free = lowest_free_n(range, taken, avoid, if spread { SPREAD } else { 1 });
     if free.is_empty() {
         return None;
     }
@@ -99,8 +101,16 @@ mod tests {
         let avoid: BTreeSet<u128> = [5u128].into_iter().collect();
         assert_eq!(lowest_free_n(&r, &taken, &avoid, 10), vec![3, 6]);
         let full: OffsetRuns = (1u128..=6).collect();
-        assert_eq!(candidate(&r, &full, &avoid, 7), None);
-        assert!(matches!(candidate(&r, &taken, &avoid, 1), Some(3 | 6)));
+        assert_eq!(candidate(&r, &full, &avoid, 7, true), None);
+        // The first try is the lowest free address, whatever the seed.
+        for seed in 0..8 {
+            assert_eq!(candidate(&r, &taken, &avoid, seed, false), Some(3));
+        }
+        // After a lost race, the seed spreads contenders over the lowest free addresses.
+        let spread: BTreeSet<u128> = (0..64)
+            .filter_map(|seed| candidate(&r, &taken, &avoid, seed, true))
+            .collect();
+        assert_eq!(spread, [3u128, 6].into_iter().collect());
     }
 
     #[test]
