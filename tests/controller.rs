@@ -328,6 +328,38 @@ fn watch_gaps_are_covered_by_a_resync() {
 }
 
 #[test]
+fn a_failed_pod_read_is_retried_by_a_reconcile() {
+    // A yearly schedule: no scheduled run interferes.
+    let (server, net, kubeconfig) = setup(
+        "10.57.0.0/24",
+        json!({"reconciler_cron_expression": "0 0 1 1 *"}),
+    );
+    server.add_pod_with_uid("default", "p", "uid-p", "Running");
+    add(&net, "p");
+    let ctl = Controller::start(
+        net.path(),
+        &net.conf,
+        &kubeconfig,
+        &["--retry-after", "1", "--no-node-slices"],
+    );
+    ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
+    // The next read of a built-in resource (the controller's look at pod p) fails.
+    server.fail_next("GET", "", 1);
+    server.delete_now("pods", "default", "p");
+    wait_for("the release by the retry", Duration::from_secs(15), || {
+        !holds(&net, "default/p")
+    });
+    assert_eq!(
+        ctl.metric("whereabouts_errors_total{operation=\"get_pod\"}"),
+        Some(1.0)
+    );
+    assert!(ctl
+        .metric("whereabouts_retries_total")
+        .is_some_and(|v| v >= 1.0));
+    ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 2.0);
+}
+
+#[test]
 fn metrics_reflect_a_burst() {
     let (server, net, kubeconfig) = setup("10.55.0.0/26", json!({}));
     let names: Vec<String> = (0..24).map(|i| format!("burst-{i}")).collect();

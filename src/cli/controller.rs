@@ -32,6 +32,9 @@ pub struct ControllerArgs {
     /// Seconds one watch request lasts before it is renewed.
     #[arg(long, default_value_t = 290)]
     pub watch_timeout: u64,
+    /// Seconds after a failed reconcile (API or store unavailable) before the next one.
+    #[arg(long, default_value_t = 30)]
+    pub retry_after: u64,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
@@ -54,6 +57,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         node_slices: !args.no_node_slices,
         events: !args.no_events,
         watch_timeout: Duration::from_secs(args.watch_timeout.max(1)),
+        retry_after: Duration::from_secs(args.retry_after.max(1)),
     })
     .map_err(|e| anyhow::anyhow!(e))
 }

@@ -56,6 +56,8 @@ pub struct Options {
     pub events: bool,
     /// How long one watch request lasts before it is renewed.
     pub watch_timeout: Duration,
+    /// How long after a failed reconcile the next one runs.
+    pub retry_after: Duration,
 }
 
 /// The namespace of the whereabouts objects: the Kubernetes engine's (its kubeconfig's context),
@@ -102,6 +104,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = std::sync::mpsc::channel();
     let requeue = tx.clone();
+    let retry_after = opts.retry_after;
     let jobs = Arc::new(Mutex::new(tx));
 
     // The store is opened on the worker's thread and stays there.
@@ -138,6 +141,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
                 metrics,
                 post_events,
                 requeue,
+                retry_after,
             }
             .run(rx);
         })

@@ -46,10 +46,9 @@ pub struct Worker {
     pub post_events: bool,
     /// The worker's own queue, to come back to work that failed.
     pub requeue: Sender<Job>,
+    /// How long after a failed reconcile (or a lost batch of deletions) the next one runs.
+    pub retry_after: Duration,
 }
-
-/// How long after a failed reconcile (or a lost batch of deletions) the next one runs.
-const RETRY_AFTER: Duration = Duration::from_secs(30);
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -97,10 +96,11 @@ impl Worker {
     fn retry_later(&self) {
         self.metrics.retries.fetch_add(1, Ordering::SeqCst);
         let queue = self.requeue.clone();
+        let wait = self.retry_after;
         let spawned = std::thread::Builder::new()
             .name("retry".into())
             .spawn(move || {
-                std::thread::sleep(RETRY_AFTER);
+                std::thread::sleep(wait);
                 let _ = queue.send(Job::Reconcile { why: "retry" });
             });
         if let Err(err) = spawned {
@@ -159,7 +159,7 @@ impl Worker {
     /// the pod of that name as it is now.
     fn on_pods(&self, deleted: &[(String, String)], finished: &[String]) {
         let Some(leases) = self.leases() else {
-            tracing::error!(retry_in = ?RETRY_AFTER, "deletions left to a reconcile: the allocations cannot be read");
+            tracing::error!(retry_in = ?self.retry_after, "deletions left to a reconcile: the allocations cannot be read");
             self.retry_later();
             return;
         };
@@ -186,7 +186,7 @@ impl Worker {
                     }
                     Err(err) => {
                         self.metrics.error("get_pod");
-                        tracing::warn!(%err, pod = %pod_ref, retry_in = ?RETRY_AFTER, "left to a reconcile");
+                        tracing::warn!(%err, pod = %pod_ref, retry_in = ?self.retry_after, "left to a reconcile");
                         unread = true;
                         continue;
                     }
@@ -253,7 +253,7 @@ impl Worker {
         let started = Instant::now();
         // Leases (and reservations) first, pods second: see `cleanup::plan`.
         let Some(leases) = self.leases() else {
-            tracing::error!(why, retry_in = ?RETRY_AFTER, "reconcile skipped: the allocations cannot be read");
+            tracing::error!(why, retry_in = ?self.retry_after, "reconcile skipped: the allocations cannot be read");
             self.retry_later();
             return;
         };
@@ -269,7 +269,7 @@ impl Worker {
             None => Vec::new(),
         };
         let Some(pods) = self.list_pods() else {
-            tracing::error!(why, retry_in = ?RETRY_AFTER, "reconcile skipped: pods cannot be listed");
+            tracing::error!(why, retry_in = ?self.retry_after, "reconcile skipped: pods cannot be listed");
             self.retry_later();
             return;
         };
