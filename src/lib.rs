@@ -4,6 +4,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod cni;
 pub mod config;
+pub mod controller;
 pub mod ipam;
 pub mod k8s;
 pub mod logging;

@@ -78,6 +78,19 @@ impl KeepReason {
     }
 }
 
+impl KeepReason {
+    /// A short stable label, for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            KeepReason::NoPodReference => "no_pod_reference",
+            KeepReason::PodAlive => "pod_alive",
+            KeepReason::PodPending => "pod_pending",
+            KeepReason::PodRecreated => "pod_recreated",
+            KeepReason::PodTerminating => "pod_terminating",
+        }
+    }
+}
+
 impl ReleaseReason {
     /// A short stable label, for metrics and events.
     pub fn as_str(&self) -> &'static str {
@@ -102,17 +115,32 @@ impl fmt::Display for Verdict {
 
 /// Decides about `lease` given the pod its pod reference names (`None`: no such pod).
 pub fn judge(lease: &Lease, pod: Option<&PodState>) -> Verdict {
-    if lease.attachment.pod_ref.is_none() {
+    judge_holder(
+        lease.attachment.pod_ref.as_deref(),
+        lease.attachment.pod_uid.as_deref(),
+        pod,
+    )
+}
+
+/// As [`judge`], for any record naming a pod (and maybe its UID), such as an overlapping-range
+/// reservation.
+pub fn judge_holder(
+    pod_ref: Option<&str>,
+    pod_uid: Option<&str>,
+    pod: Option<&PodState>,
+) -> Verdict {
+    // Only `namespace/name` can name a pod; anything else was not recorded by a pod's ADD, so
+    // no pod's absence says anything about it.
+    let names_a_pod = pod_ref
+        .and_then(|r| r.split_once('/'))
+        .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'));
+    if !names_a_pod {
         return Verdict::Keep(KeepReason::NoPodReference);
     }
     let Some(pod) = pod else {
         return Verdict::Release(ReleaseReason::PodGone);
     };
-    let same_pod = lease
-        .attachment
-        .pod_uid
-        .as_deref()
-        .is_none_or(|uid| uid.is_empty() || uid == pod.uid);
+    let same_pod = pod_uid.is_none_or(|uid| uid.is_empty() || uid == pod.uid);
     if !same_pod {
         return Verdict::Keep(KeepReason::PodRecreated);
     }
@@ -203,10 +231,20 @@ mod tests {
             judge(&no_uid, Some(&pod("u9", PodPhase::Failed, false))),
             Verdict::Release(ReleaseReason::PodFinished)
         );
-        assert_eq!(
-            judge(&lease(None, None), None),
-            Verdict::Keep(KeepReason::NoPodReference)
-        );
+        for no_pod in [
+            None,
+            Some(""),
+            Some("bare-name"),
+            Some("/x"),
+            Some("ns/"),
+            Some("a/b/c"),
+        ] {
+            assert_eq!(
+                judge(&lease(no_pod, None), None),
+                Verdict::Keep(KeepReason::NoPodReference),
+                "{no_pod:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The command line: what the binary does when it is not called as a CNI plugin.
 
 pub mod allocations;
+pub mod controller;
 pub mod crds;
+pub mod gc;
 pub mod install;
 pub mod output;
 pub mod pools;
+pub mod release;
 pub mod store_args;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +29,12 @@ pub enum Command {
     Pools(pools::PoolsArgs),
     /// List the allocations (of one range or pool): address, pod, container, interface.
     Allocations(allocations::AllocationsArgs),
+    /// Run the cluster's cleanup and node-slice controller (one per cluster).
+    Controller(controller::ControllerArgs),
+    /// Free one address; refuses while its pod is alive unless --force.
+    Release(release::ReleaseArgs),
+    /// Free every allocation no live pod holds (--dry-run: list them and why).
+    Gc(gc::GcArgs),
 }
 
 /// Runs a subcommand.
@@ -35,5 +44,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Crds(args) => crds::run(args),
         Command::Pools(args) => pools::run(args),
         Command::Allocations(args) => allocations::run(args),
+        Command::Controller(args) => controller::run(args),
+        Command::Release(args) => release::run(args),
+        Command::Gc(args) => gc::run(args),
     }
 }

@@ -7,9 +7,11 @@
 
 #![allow(dead_code)]
 
+pub mod core;
 mod http;
 mod patch;
 mod schema;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::io::BufReader;
@@ -36,6 +38,8 @@ struct State {
     objects: BTreeMap<(String, String, String), Value>,
     revision: u64,
     uids: u64,
+    /// Changes of the built-in resources, for watches.
+    log: watch::Log,
 }
 
 struct FailRule {
@@ -268,6 +272,12 @@ fn serve(shared: Arc<Shared>, stream: TcpStream) {
         if latency > 0 {
             std::thread::sleep(Duration::from_micros(latency));
         }
+        if watch::is_watch(&req) {
+            if watch::stream(&shared, &req, &mut writer) {
+                continue;
+            }
+            return;
+        }
         let (code, body) = if injected_failure(&shared, &req.method, &plural) {
             status(500, "InternalError", "an error on the server (\"fault injected\") has prevented the request from succeeding", None)
         } else {
@@ -359,6 +369,9 @@ fn invalid(kind: &str, plural: &str, name: &str, errors: &[String]) -> (u16, Val
 }
 
 fn handle(state: &mut State, req: &http::Request) -> (u16, Value) {
+    if let Some(answer) = core::handle(state, req) {
+        return answer;
+    }
     let Some((ns, plural, name)) = path_parts(&req.path) else {
         return status(
             404,

@@ -25,8 +25,8 @@ use tokio::runtime::Runtime;
 use crate::config::{IpamConfig, KubernetesConfig};
 use crate::store::{AddRequest, AttachmentRequest, GcRequest, Lease, Store, StoreError};
 
-pub use connect::DEFAULT_NAMESPACE;
-pub use node_slice::NODENAME_ENV;
+pub use connect::{context_namespace, DEFAULT_NAMESPACE};
+pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
 pub use spool::SPOOL_ENV;
 

@@ -1,0 +1,63 @@
+//! `whereabouts controller`: the cluster's cleanup and node-slice controller (one Deployment).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::gc::ClusterArgs;
+use super::store_args::StoreArgs;
+use crate::cleanup::pods::cluster_source;
+use crate::controller::{self, Options};
+
+#[derive(clap::Args, Debug)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Where to serve /metrics and /healthz.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub listen: SocketAddr,
+    /// The namespace of NodeSlicePools, reservations and the whereabouts-config ConfigMap
+    /// (default: the Kubernetes engine's, else $WHEREABOUTS_NAMESPACE, else kube-system).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Do not manage NodeSlicePools.
+    #[arg(long)]
+    pub no_node_slices: bool,
+    /// Do not post Kubernetes Events for released addresses.
+    #[arg(long)]
+    pub no_events: bool,
+    /// Seconds one watch request lasts before it is renewed.
+    #[arg(long, default_value_t = 290)]
+    pub watch_timeout: u64,
+    /// Seconds after a failed reconcile (API or store unavailable) before the next one.
+    #[arg(long, default_value_t = 30)]
+    pub retry_after: u64,
+}
+
+pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    let ipam = args.store.ipam()?;
+    // A long-running process: informational logs unless the configuration asks for more.
+    let level = ipam.log_level.or(Some(crate::config::LogLevel::Verbose));
+    crate::logging::init(ipam.log_file.as_deref(), level);
+    let cluster = cluster_source(args.cluster.pod_kubeconfig.as_deref(), &ipam).context(
+        "the controller reads pods from the Kubernetes API: give --pod-kubeconfig, use the kubernetes datastore, set $KUBECONFIG or run in a cluster",
+    )?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| controller::default_namespace(&ipam));
+    controller::run(Options {
+        ipam,
+        cluster,
+        listen: args.listen,
+        namespace,
+        node_slices: !args.no_node_slices,
+        events: !args.no_events,
+        watch_timeout: Duration::from_secs(args.watch_timeout.max(1)),
+        retry_after: Duration::from_secs(args.retry_after.max(1)),
+    })
+    .map_err(|e| anyhow::anyhow!(e))
+}

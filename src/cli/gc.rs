@@ -1,0 +1,112 @@
+//! `whereabouts gc [--dry-run]`: every allocation no live pod holds, with the reason, freed
+//! unless `--dry-run`. The same decision the controller makes.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::output::print;
+use super::store_args::StoreArgs;
+use crate::cleanup::judge::Verdict;
+use crate::cleanup::plan::{free, plan};
+use crate::cleanup::pods::{cluster_source, PodReader};
+use crate::store::Lease;
+
+/// Where the operator's commands read pods from.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClusterArgs {
+    /// The kubeconfig to read pods with (default: the Kubernetes engine's, else $KUBECONFIG,
+    /// else the in-cluster service account).
+    #[arg(long, env = "WHEREABOUTS_POD_KUBECONFIG")]
+    pub pod_kubeconfig: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GcArgs {
+    /// Only list what would be freed, and why.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+#[derive(Serialize, Debug, PartialEq)]
+pub struct GcRow {
+    pub address: String,
+    pub pool: String,
+    pub pod: String,
+    pub container: String,
+    pub interface: String,
+    /// "would release", "released" or "already gone".
+    pub action: String,
+    pub reason: String,
+}
+
+fn row(lease: &Lease, action: &str, verdict: &Verdict) -> GcRow {
+    GcRow {
+        address: lease.ip.to_string(),
+        pool: lease.pool.clone(),
+        pod: lease.attachment.pod_ref.clone().unwrap_or_default(),
+        container: lease.attachment.container_id.clone(),
+        interface: lease.attachment.ifname.clone(),
+        action: action.to_string(),
+        reason: verdict.to_string(),
+    }
+}
+
+pub fn rows(args: &GcArgs) -> anyhow::Result<Vec<GcRow>> {
+    let (cfg, store) = args.store.open()?;
+    let source = cluster_source(args.cluster.pod_kubeconfig.as_deref(), &cfg).context(
+        "cannot tell which pods are alive: no kubeconfig to read pods with (give --pod-kubeconfig or set $KUBECONFIG)",
+    )?;
+    let reader = PodReader::open(source).map_err(|e| anyhow::anyhow!(e))?;
+    // Leases first, pods second (see cleanup::plan).
+    let leases = store.leases(None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pods = reader.list().map_err(|e| anyhow::anyhow!(e))?;
+    let mut out = Vec::new();
+    for decision in plan(leases, &pods) {
+        if !matches!(decision.verdict, Verdict::Release(_)) {
+            continue;
+        }
+        if args.dry_run {
+            out.push(row(&decision.lease, "would release", &decision.verdict));
+            continue;
+        }
+        let released = free(store.as_ref(), &decision.lease).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot release {} in {}: {e}",
+                decision.lease.ip,
+                decision.lease.pool
+            )
+        })?;
+        let action = if released.is_empty() {
+            "already gone"
+        } else {
+            "released"
+        };
+        out.push(row(&decision.lease, action, &decision.verdict));
+    }
+    out.sort_by_key(|r| (r.pool.clone(), r.address.clone()));
+    Ok(out)
+}
+
+pub fn run(args: GcArgs) -> anyhow::Result<()> {
+    let rows = rows(&args)?;
+    print(
+        args.store.output,
+        &rows,
+        &["ADDRESS", "POOL", "POD", "ACTION", "REASON"],
+        |r| {
+            vec![
+                r.address.clone(),
+                r.pool.clone(),
+                r.pod.clone(),
+                r.action.clone(),
+                r.reason.clone(),
+            ]
+        },
+    )
+}

@@ -1,0 +1,195 @@
+//! Which node gets which slice of a range: a pure decision over the nodes that exist and what a
+//! NodeSlicePool already says. A node keeps its slice for as long as it exists (its pods hold
+//! addresses from it); a removed node's slice becomes free; new nodes take the lowest free ones.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use crate::ipam::slices::SliceError;
+use crate::ipam::Cidr;
+use crate::k8s::crd::NodeSliceAllocation;
+
+/// Up to this many slices, the status lists every slice, free ones with an empty node name
+/// (as upstream does); beyond it (a large IPv6 range), only the assigned ones, so the object
+/// stays far below the API server's size limit.
+pub const LIST_ALL_LIMIT: u128 = 4096;
+
+/// The outcome for one pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub allocations: Vec<NodeSliceAllocation>,
+    /// Nodes left without a slice: the range has no free slice left.
+    pub unassigned: Vec<String>,
+    pub total: u128,
+}
+
+fn slice_count(range: &Cidr, size: u8) -> Result<u128, SliceError> {
+    if size < range.prefix || size > range.bits() {
+        return Err(SliceError::TooLarge {
+            size,
+            range: *range,
+        });
+    }
+    let shift = u32::from(size - range.prefix);
+    Ok(if shift >= 128 {
+        u128::MAX
+    } else {
+        1u128 << shift
+    })
+}
+
+/// The `index`th slice of `range`.
+fn slice_at(range: &Cidr, size: u8, index: u128) -> Cidr {
+    let step_bits = u32::from(range.bits() - size);
+    let offset = if step_bits >= 128 {
+        0
+    } else {
+        index << step_bits
+    };
+    Cidr {
+        addr: range.at(offset),
+        prefix: size,
+    }
+}
+
+/// The index of `slice` in `range`, if it is one of its slices of `size`.
+fn index_of(range: &Cidr, size: u8, slice: &Cidr) -> Option<u128> {
+    if slice.prefix != size || slice.network() != *slice || !range.contains(slice.addr) {
+        return None;
+    }
+    let offset = range.offset_of(slice.addr)?;
+    let step_bits = u32::from(range.bits() - size);
+    Some(if step_bits >= 128 {
+        0
+    } else {
+        offset >> step_bits
+    })
+}
+
+/// Assigns slices of `range` (prefix length `size`) to `nodes`, keeping what `current` gives
+/// to nodes that still exist. A new node never gets a slice in `busy`: one whose pool still
+/// holds addresses (pods of a removed node not cleaned up yet), which it would hand out again.
+pub fn assign(
+    range: &Cidr,
+    size: u8,
+    nodes: &BTreeSet<String>,
+    current: &[NodeSliceAllocation],
+    busy: &HashSet<Cidr>,
+) -> Result<Assignment, SliceError> {
+    let range = range.network();
+    let total = slice_count(&range, size)?;
+    let mut taken: BTreeMap<u128, String> = BTreeMap::new();
+    let mut placed: BTreeSet<&str> = BTreeSet::new();
+    for a in current {
+        if a.node_name.is_empty()
+            || !nodes.contains(&a.node_name)
+            || placed.contains(a.node_name.as_str())
+        {
+            continue;
+        }
+        let Some(slice) = Cidr::parse(&a.slice_range, false) else {
+            continue;
+        };
+        if let Some(i) = index_of(&range, size, &slice) {
+            if let std::collections::btree_map::Entry::Vacant(v) = taken.entry(i) {
+                v.insert(a.node_name.clone());
+                placed.insert(a.node_name.as_str());
+            }
+        }
+    }
+    let mut unassigned = Vec::new();
+    let mut next: u128 = 0;
+    for node in nodes {
+        if placed.contains(node.as_str()) {
+            continue;
+        }
+        while next < total
+            && (taken.contains_key(&next) || busy.contains(&slice_at(&range, size, next)))
+        {
+            next += 1;
+        }
+        if next >= total {
+            unassigned.push(node.clone());
+            continue;
+        }
+        taken.insert(next, node.clone());
+    }
+    let entry = |i: u128, node: &str| NodeSliceAllocation {
+        node_name: node.to_string(),
+        slice_range: slice_at(&range, size, i).to_string(),
+    };
+    let allocations = if total <= LIST_ALL_LIMIT {
+        (0..total)
+            .map(|i| entry(i, taken.get(&i).map(String::as_str).unwrap_or("")))
+            .collect()
+    } else {
+        taken.iter().map(|(i, node)| entry(*i, node)).collect()
+    };
+    Ok(Assignment {
+        allocations,
+        unassigned,
+        total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    fn none() -> HashSet<Cidr> {
+        HashSet::new()
+    }
+
+    fn owner(a: &Assignment, slice: &str) -> String {
+        a.allocations
+            .iter()
+            .find(|x| x.slice_range == slice)
+            .map(|x| x.node_name.clone())
+            .unwrap_or_else(|| panic!("no slice {slice}"))
+    }
+
+    #[test]
+    fn join_and_leave_ipv4() {
+        let range = Cidr::parse("10.0.0.0/24", false).unwrap();
+        let first = assign(&range, 26, &nodes(&["a", "b"]), &[], &none()).unwrap();
+        assert_eq!(first.allocations.len(), 4);
+        assert_eq!(owner(&first, "10.0.0.0/26"), "a");
+        assert_eq!(owner(&first, "10.0.0.64/26"), "b");
+        // a leaves, c joins: b keeps its slice, c takes the lowest free one.
+        let second = assign(&range, 26, &nodes(&["b", "c"]), &first.allocations, &none()).unwrap();
+        assert_eq!(owner(&second, "10.0.0.64/26"), "b");
+        assert_eq!(owner(&second, "10.0.0.0/26"), "c");
+        assert_eq!(owner(&second, "10.0.0.128/26"), "");
+        let full = assign(&range, 26, &nodes(&["a", "b", "c", "d", "e"]), &[], &none()).unwrap();
+        assert_eq!(full.unassigned, vec!["e".to_string()]);
+        // a's old slice still holds addresses: c gets another one, b keeps its own.
+        let busy: HashSet<Cidr> = [Cidr::parse("10.0.0.0/26", false).unwrap()].into();
+        let third = assign(&range, 26, &nodes(&["b", "c"]), &first.allocations, &busy).unwrap();
+        assert_eq!(owner(&third, "10.0.0.128/26"), "c");
+        assert_eq!(owner(&third, "10.0.0.0/26"), "");
+    }
+
+    #[test]
+    fn ipv6_large_range_lists_assigned_only() {
+        let range = Cidr::parse("fd00::/48", false).unwrap();
+        let a = assign(&range, 64, &nodes(&["n1", "n2"]), &[], &none()).unwrap();
+        assert_eq!(a.total, 65536);
+        assert_eq!(a.allocations.len(), 2);
+        assert_eq!(owner(&a, "fd00::/64"), "n1");
+        assert_eq!(owner(&a, "fd00:0:0:1::/64"), "n2");
+        let b = assign(&range, 64, &nodes(&["n2", "n3"]), &a.allocations, &none()).unwrap();
+        assert_eq!(owner(&b, "fd00:0:0:1::/64"), "n2");
+        assert_eq!(owner(&b, "fd00::/64"), "n3");
+        // A slice of the wrong size or outside the range is not kept.
+        let bad = vec![NodeSliceAllocation {
+            node_name: "n2".into(),
+            slice_range: "fd01::/64".into(),
+        }];
+        let c = assign(&range, 64, &nodes(&["n2"]), &bad, &none()).unwrap();
+        assert_eq!(owner(&c, "fd00::/64"), "n2");
+        assert!(assign(&range, 40, &nodes(&["n"]), &[], &none()).is_err());
+    }
+}

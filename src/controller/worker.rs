@@ -1,0 +1,355 @@
+//! The one thread that owns the store: every release the controller makes goes through it, one
+//! batch of work at a time. The store is synchronous (engines run their own I/O), so it lives
+//! outside the async runtime; it reaches the Kubernetes API through the runtime's handle.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kube::api::{DeleteParams, ListParams, Preconditions};
+use kube::{Api, Client};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+use super::events::{self, Released};
+use super::metrics::{pool_stats, Metrics, PoolStat};
+use crate::cleanup::judge::{freed_by_deletion, judge, judge_holder, PodState, Verdict};
+use crate::cleanup::plan::{free, plan};
+use crate::cleanup::pods;
+use crate::ipam::names::{object_name, reservation_name};
+use crate::k8s::crd::OverlappingRangeIPReservation;
+use crate::store::{Lease, PoolRef, Store};
+
+pub enum Job {
+    /// A pod was deleted (namespace/name, UID).
+    Deleted { pod_ref: String, uid: String },
+    /// A pod finished (Succeeded or Failed).
+    Finished { pod_ref: String },
+    /// Judge every allocation against every pod.
+    Reconcile { why: &'static str },
+    /// Pool sizes and use, for a scrape.
+    Stats(oneshot::Sender<Vec<PoolStat>>),
+    /// Nothing: whether the worker still receives work (for /healthz).
+    Ping,
+}
+
+pub struct Worker {
+    pub store: Box<dyn Store>,
+    pub configured: Vec<PoolRef>,
+    pub handle: Handle,
+    pub client: Client,
+    /// Where the Kubernetes engine keeps its reservations; None with other engines.
+    pub reservations: Option<Api<OverlappingRangeIPReservation>>,
+    pub metrics: Arc<Metrics>,
+    pub post_events: bool,
+    /// The worker's own queue, to come back to work that failed.
+    pub requeue: Sender<Job>,
+    /// How long after a failed reconcile (or a lost batch of deletions) the next one runs.
+    pub retry_after: Duration,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Worker {
+    pub fn run(self, jobs: Receiver<Job>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = vec![first];
+            batch.extend(jobs.try_iter());
+            self.metrics.busy_since.store(now_secs(), Ordering::SeqCst);
+            let mut deleted = Vec::new();
+            let mut finished = Vec::new();
+            let mut reconcile = None;
+            let mut stats = Vec::new();
+            for job in batch {
+                match job {
+                    Job::Deleted { pod_ref, uid } => deleted.push((pod_ref, uid)),
+                    Job::Finished { pod_ref } => finished.push(pod_ref),
+                    Job::Reconcile { why } => reconcile = Some(why),
+                    Job::Stats(reply) => stats.push(reply),
+                    Job::Ping => {}
+                }
+            }
+            if let Some(why) = reconcile {
+                // A full reconcile judges every allocation: it covers the deletions too.
+                self.reconcile(why);
+            } else if !deleted.is_empty() || !finished.is_empty() {
+                self.on_pods(&deleted, &finished);
+            }
+            if !stats.is_empty() {
+                let current = self.refresh_stats();
+                for reply in stats {
+                    let _ = reply.send(current.clone());
+                }
+            }
+            self.metrics.busy_since.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// A full reconcile in a while: what failed now is judged again then.
+    fn retry_later(&self) {
+        self.metrics.retries.fetch_add(1, Ordering::SeqCst);
+        let queue = self.requeue.clone();
+        let wait = self.retry_after;
+        let spawned = std::thread::Builder::new()
+            .name("retry".into())
+            .spawn(move || {
+                std::thread::sleep(wait);
+                let _ = queue.send(Job::Reconcile { why: "retry" });
+            });
+        if let Err(err) = spawned {
+            tracing::error!(%err, "cannot schedule a retry; the next scheduled reconcile will do");
+        }
+    }
+
+    fn refresh_stats(&self) -> Vec<PoolStat> {
+        match self.store.leases(None) {
+            Ok(leases) => {
+                let stats = pool_stats(&self.configured, &leases);
+                self.metrics.set_pools(stats.clone());
+                stats
+            }
+            Err(err) => {
+                self.metrics.error("list_allocations");
+                tracing::warn!(%err, "cannot read the allocations");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Leases, tried a few times: a busy store must not lose a deletion.
+    fn leases(&self) -> Option<Vec<Lease>> {
+        for attempt in 0..3 {
+            match self.store.leases(None) {
+                Ok(leases) => return Some(leases),
+                Err(err) => {
+                    self.metrics.error("list_allocations");
+                    tracing::warn!(%err, attempt, "cannot read the allocations");
+                    self.metrics.retries.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(500 << attempt));
+                }
+            }
+        }
+        None
+    }
+
+    /// Every pod, tried a few times: a reconcile skipped waits for the next schedule.
+    fn list_pods(&self) -> Option<HashMap<String, PodState>> {
+        for attempt in 0..3 {
+            match self.handle.block_on(pods::list(&self.client)) {
+                Ok(pods) => return Some(pods),
+                Err(err) => {
+                    self.metrics.error("list_pods");
+                    tracing::warn!(%err, attempt, "cannot list pods");
+                    self.metrics.retries.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(500 << attempt));
+                }
+            }
+        }
+        None
+    }
+
+    /// Deletions and completions seen by the watch: the leases they concern, each judged against
+    /// the pod of that name as it is now.
+    fn on_pods(&self, deleted: &[(String, String)], finished: &[String]) {
+        let Some(leases) = self.leases() else {
+            tracing::error!(retry_in = ?self.retry_after, "deletions left to a reconcile: the allocations cannot be read");
+            self.retry_later();
+            return;
+        };
+        let candidates: Vec<Lease> = leases
+            .into_iter()
+            .filter(|l| {
+                deleted.iter().any(|(r, u)| freed_by_deletion(l, r, u))
+                    || l.attachment
+                        .pod_ref
+                        .as_ref()
+                        .is_some_and(|r| finished.contains(r))
+            })
+            .collect();
+        let mut now: HashMap<String, Option<PodState>> = HashMap::new();
+        let mut unread = false;
+        for lease in candidates {
+            let Some(pod_ref) = lease.attachment.pod_ref.clone() else {
+                continue;
+            };
+            if !now.contains_key(&pod_ref) {
+                match self.handle.block_on(pods::get(&self.client, &pod_ref)) {
+                    Ok(state) => {
+                        now.insert(pod_ref.clone(), state);
+                    }
+                    Err(err) => {
+                        self.metrics.error("get_pod");
+                        tracing::warn!(%err, pod = %pod_ref, retry_in = ?self.retry_after, "left to a reconcile");
+                        unread = true;
+                        continue;
+                    }
+                }
+            }
+            let pod = now.get(&pod_ref).and_then(Option::as_ref);
+            let verdict = judge(&lease, pod);
+            let uid = deleted
+                .iter()
+                .find(|(r, _)| *r == pod_ref)
+                .map(|(_, u)| u.clone());
+            self.act(&lease, &verdict, uid);
+        }
+        if unread {
+            self.retry_later();
+        }
+    }
+
+    /// Frees `lease` when the verdict says so; returns whether it did.
+    fn act(&self, lease: &Lease, verdict: &Verdict, uid: Option<String>) -> bool {
+        let Verdict::Release(reason) = verdict else {
+            tracing::debug!(ip = %lease.ip, pool = %lease.pool, %verdict, "kept");
+            return false;
+        };
+        match free(self.store.as_ref(), lease) {
+            Ok(released) if !released.is_empty() => {
+                self.metrics
+                    .released(reason.as_str(), released.len() as u64);
+                for r in &released {
+                    tracing::info!(ip = %r.ip, pool = %r.pool, pod = ?r.attachment.pod_ref, %verdict, "released");
+                    if self.post_events {
+                        let posted = self.handle.block_on(events::post(
+                            &self.client,
+                            &Released {
+                                lease: r,
+                                pod_uid: uid.clone().or_else(|| r.attachment.pod_uid.clone()),
+                                verdict,
+                            },
+                        ));
+                        match posted {
+                            Ok(()) => {
+                                self.metrics.events_posted.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(err) => {
+                                self.metrics.error("post_event");
+                                tracing::warn!(%err, "cannot post the event");
+                            }
+                        }
+                    }
+                }
+                true
+            }
+            // Its runtime's DEL came first: nothing left to free.
+            Ok(_) => false,
+            Err(err) => {
+                self.metrics.error("release");
+                tracing::warn!(%err, ip = %lease.ip, pool = %lease.pool, "cannot release");
+                false
+            }
+        }
+    }
+
+    fn reconcile(&self, why: &str) {
+        let started = Instant::now();
+        // Leases (and reservations) first, pods second: see `cleanup::plan`.
+        let Some(leases) = self.leases() else {
+            tracing::error!(why, retry_in = ?self.retry_after, "reconcile skipped: the allocations cannot be read");
+            self.retry_later();
+            return;
+        };
+        let reservations = match &self.reservations {
+            Some(api) => match self.handle.block_on(api.list(&ListParams::default())) {
+                Ok(list) => list.items,
+                Err(err) => {
+                    self.metrics.error("list_reservations");
+                    tracing::warn!(%err, "cannot list reservations");
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        let Some(pods) = self.list_pods() else {
+            tracing::error!(why, retry_in = ?self.retry_after, "reconcile skipped: pods cannot be listed");
+            self.retry_later();
+            return;
+        };
+        let mut held: BTreeMap<&'static str, u64> = BTreeMap::new();
+        // The reservations backing allocations that stay: never deleted, whoever they name,
+        // or the overlap protection of a live address would go.
+        let mut kept_reservations = HashSet::new();
+        let mut released = 0;
+        for decision in plan(leases, &pods) {
+            if let Verdict::Keep(reason) = decision.verdict {
+                *held.entry(reason.label()).or_default() += 1;
+                let lease = &decision.lease;
+                kept_reservations.insert(object_name(&reservation_name(
+                    lease.ip,
+                    &lease.network_name,
+                )));
+            }
+            if self.act(&decision.lease, &decision.verdict, None) {
+                released += 1;
+            }
+        }
+        let orphans = self.release_orphan_reservations(reservations, &pods, &kept_reservations);
+        let micros = started.elapsed().as_micros() as u64;
+        self.metrics.reconciled(micros, held, now_secs());
+        tracing::info!(
+            why,
+            released,
+            orphans,
+            elapsed_ms = micros / 1000,
+            "reconciled"
+        );
+        self.refresh_stats();
+    }
+
+    /// Reservations whose pod is gone and that no kept pool entry backs (their entries were
+    /// just released, or the two drifted apart): deleted only if unchanged since listed.
+    fn release_orphan_reservations(
+        &self,
+        reservations: Vec<OverlappingRangeIPReservation>,
+        pods: &HashMap<String, PodState>,
+        kept: &HashSet<String>,
+    ) -> usize {
+        let Some(api) = &self.reservations else {
+            return 0;
+        };
+        let mut freed = 0;
+        for r in reservations {
+            let pod_ref = r.spec.podref.as_str();
+            let verdict = judge_holder(Some(pod_ref), None, pods.get(pod_ref));
+            let Verdict::Release(reason) = verdict else {
+                continue;
+            };
+            let Some(name) = r.metadata.name.clone().filter(|n| !kept.contains(n)) else {
+                continue;
+            };
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: r.metadata.resource_version.clone(),
+                    uid: r.metadata.uid.clone(),
+                }),
+                ..DeleteParams::default()
+            };
+            match self.handle.block_on(api.delete(&name, &params)) {
+                Ok(_) => {
+                    freed += 1;
+                    self.metrics.released("orphan_reservation", 1);
+                    let _ = reason;
+                    tracing::info!(reservation = %name, pod = %pod_ref, "released an orphaned overlapping-range reservation");
+                }
+                // Already gone with its pool entry.
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    self.metrics.conflicts.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(err) => {
+                    self.metrics.error("release_reservation");
+                    tracing::warn!(%err, reservation = %name, "cannot delete");
+                }
+            }
+        }
+        freed
+    }
+}

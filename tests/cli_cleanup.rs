@@ -1,0 +1,311 @@
+//! `whereabouts gc` and `whereabouts release` on the local store, with pods read from the
+//! strict fake API server.
+
+mod common;
+mod fake_apiserver;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{bare, ips, Net, Reply};
+use fake_apiserver::FakeApiServer;
+use serde_json::{json, Value};
+
+struct Setup {
+    server: FakeApiServer,
+    net: Net,
+    kubeconfig: PathBuf,
+    conf: PathBuf,
+}
+
+fn setup() -> Setup {
+    let server = FakeApiServer::start();
+    let net = Net::local(json!({"range": "10.80.0.0/24"}));
+    let kubeconfig = server.write_kubeconfig(net.path(), None);
+    let conf = net.path().join("net.conf");
+    std::fs::write(&conf, net.conf.to_string()).unwrap();
+    Setup {
+        server,
+        net,
+        kubeconfig,
+        conf,
+    }
+}
+
+impl Setup {
+    /// A pod in `phase` holding an address; the address.
+    fn pod(&self, name: &str, phase: Option<&str>) -> String {
+        if let Some(phase) = phase {
+            self.server
+                .add_pod_with_uid("default", name, &format!("uid-{name}"), phase);
+        }
+        let reply = self
+            .net
+            .add_pod(&format!("c-{name}"), "net1", &format!("default/{name}"));
+        bare(&ips(&reply.ok())[0])
+    }
+
+    /// Runs the CLI on this network's configuration, pods read through the fake when
+    /// `with_pods`.
+    fn cli(&self, args: &[&str], with_pods: bool) -> Reply {
+        let mut cmd = Command::new(common::bin());
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .args(args)
+            .arg("--config")
+            .arg(&self.conf);
+        if with_pods {
+            cmd.arg("--pod-kubeconfig").arg(&self.kubeconfig);
+        }
+        let out = cmd.output().expect("run the CLI");
+        Reply {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        let reply = self.cli(&["allocations", "-o", "json"], false);
+        reply
+            .ok()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["address"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// One clear line on stderr and a failure exit.
+fn assert_refused(reply: &Reply, needle: &str) {
+    assert_eq!(reply.code, 1, "{reply:?}");
+    assert!(reply.stdout.is_empty(), "{reply:?}");
+    let err = reply.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{reply:?}");
+    assert!(
+        err.starts_with("whereabouts: ") && err.contains(needle),
+        "{reply:?}"
+    );
+}
+
+#[test]
+fn gc_dry_run_lists_then_gc_frees() {
+    let s = setup();
+    let alive = s.pod("alive", Some("Running"));
+    let pending = s.pod("pending", Some("Pending"));
+    let gone = s.pod("gone", None);
+    let done = s.pod("done", Some("Succeeded"));
+    let dry = s.cli(&["gc", "--dry-run", "-o", "json"], true).ok();
+    let rows = dry.as_array().unwrap();
+    let summary: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["address"].as_str().unwrap().to_string(),
+                r["action"].as_str().unwrap().to_string(),
+                r["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut expected = vec![
+        (
+            gone.clone(),
+            "would release".to_string(),
+            "release: pod no longer exists".to_string(),
+        ),
+        (
+            done.clone(),
+            "would release".to_string(),
+            "release: pod has finished (Succeeded or Failed)".to_string(),
+        ),
+    ];
+    expected.sort();
+    let mut summary = summary;
+    summary.sort();
+    assert_eq!(summary, expected);
+    assert_eq!(rows[0]["pool"], "10.80.0.0-24");
+    assert_eq!(s.addresses().len(), 4, "a dry run frees nothing");
+
+    let table = s.cli(&["gc", "--dry-run"], true);
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(table.stdout.starts_with("ADDRESS"), "{table:?}");
+    assert!(table.stdout.contains("default/gone"), "{table:?}");
+
+    let freed = s.cli(&["gc", "-o", "json"], true).ok();
+    assert_eq!(freed.as_array().unwrap().len(), 2);
+    assert!(freed
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["action"] == "released"));
+    let mut left = s.addresses();
+    left.sort();
+    let mut want = vec![alive, pending];
+    want.sort();
+    assert_eq!(left, want);
+    // Nothing left to free.
+    assert_eq!(s.cli(&["gc", "-o", "json"], true).ok(), json!([]));
+}
+
+#[test]
+fn controller_needs_pods() {
+    let s = setup();
+    let reply = s.cli(&["controller", "--listen", "127.0.0.1:0"], false);
+    assert_refused(&reply, "the controller reads pods from the Kubernetes API");
+}
+
+#[test]
+fn gc_needs_pods() {
+    let s = setup();
+    s.pod("gone", None);
+    let reply = s.cli(&["gc", "--dry-run"], false);
+    assert_refused(&reply, "cannot tell which pods are alive");
+}
+
+#[test]
+fn release_refuses_a_live_pod_unless_forced() {
+    let s = setup();
+    let alive = s.pod("alive", Some("Running"));
+    let reply = s.cli(&["release", &alive], true);
+    assert_refused(&reply, "pod is alive");
+    assert!(reply.stderr.contains("--force"), "{reply:?}");
+    assert_eq!(s.addresses(), vec![alive.clone()]);
+    let forced = s
+        .cli(&["release", &alive, "--force", "-o", "json"], true)
+        .ok();
+    assert_eq!(forced[0]["address"], Value::from(alive.clone()));
+    assert_eq!(forced[0]["pod"], "default/alive");
+    assert_eq!(forced[0]["reason"], "forced: pod is alive");
+    assert!(s.addresses().is_empty());
+}
+
+#[test]
+fn release_frees_the_address_of_a_gone_pod() {
+    let s = setup();
+    let gone = s.pod("gone", None);
+    let pending = s.pod("pending", Some("Pending"));
+    assert_refused(&s.cli(&["release", &pending], true), "pod is pending");
+    let out = s
+        .cli(
+            &["release", &gone, "--pool", "10.80.0.0-24", "-o", "json"],
+            true,
+        )
+        .ok();
+    assert_eq!(out[0]["reason"], "release: pod no longer exists");
+    assert_eq!(s.addresses(), vec![pending]);
+}
+
+#[test]
+fn release_without_pod_information_needs_force() {
+    let s = setup();
+    let gone = s.pod("gone", None);
+    let reply = s.cli(&["release", &gone], false);
+    assert_refused(&reply, "cannot tell whether its pod is alive");
+    let forced = s.cli(&["release", &gone, "--force"], false);
+    assert_eq!(forced.code, 0, "{forced:?}");
+    assert!(
+        forced.stdout.contains("forced: pod state unknown"),
+        "{forced:?}"
+    );
+    assert!(s.addresses().is_empty());
+}
+
+#[test]
+fn release_errors_are_one_clear_line() {
+    let s = setup();
+    let held = s.pod("alive", Some("Running"));
+    assert_refused(
+        &s.cli(&["release", "10.80.0.99"], true),
+        "10.80.0.99 is not allocated",
+    );
+    assert_refused(
+        &s.cli(&["release", "not-an-ip"], true),
+        "is not an IP address",
+    );
+    assert_refused(
+        &s.cli(&["release", &held, "--pool", "10.99.0.0-24"], true),
+        "is not allocated in pool 10.99.0.0-24",
+    );
+    let missing = Path::new("/nonexistent/kubeconfig");
+    let reply = {
+        let mut cmd = Command::new(common::bin());
+        cmd.env_clear()
+            .args(["release", &held, "--config"])
+            .arg(&s.conf)
+            .arg("--pod-kubeconfig")
+            .arg(missing);
+        let out = cmd.output().unwrap();
+        Reply {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    assert_refused(&reply, "cannot read kubeconfig");
+}
+
+mod etcd_cluster;
+
+#[test]
+fn gc_and_release_on_etcd() {
+    if !etcd_cluster::etcd_available() {
+        return;
+    }
+    let cluster = etcd_cluster::Cluster::start(false);
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf_value = json!({"cniVersion": "1.1.0", "name": "etcdnet", "type": "bridge",
+        "ipam": {"type": "whereabouts", "datastore": "etcd", "etcd_host": cluster.endpoints(),
+                 "range": "10.81.0.0/24", "log_level": "error"}});
+    let conf = dir.path().join("net.conf");
+    std::fs::write(&conf, conf_value.to_string()).unwrap();
+    let mut addr = std::collections::BTreeMap::new();
+    for (name, phase) in [
+        ("alive", Some("Running")),
+        ("gone", None),
+        ("other-gone", None),
+    ] {
+        if let Some(phase) = phase {
+            server.add_pod_with_uid("default", name, &format!("uid-{name}"), phase);
+        }
+        let reply = common::call_with(
+            &conf_value,
+            "ADD",
+            &format!("c-{name}"),
+            "net1",
+            &common::pod_args(&format!("default/{name}")),
+        );
+        addr.insert(name, bare(&ips(&reply.ok())[0]));
+    }
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(common::bin());
+        cmd.env_clear().args(args).arg("--config").arg(&conf);
+        if matches!(args[0], "gc" | "release") {
+            cmd.arg("--pod-kubeconfig").arg(&kubeconfig);
+        }
+        let out = cmd.output().unwrap();
+        Reply {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    assert_refused(&cli(&["release", &addr["alive"]]), "pod is alive");
+    let released = cli(&["release", &addr["other-gone"], "-o", "json"]).ok();
+    assert_eq!(released[0]["reason"], "release: pod no longer exists");
+    let dry = cli(&["gc", "--dry-run", "-o", "json"]).ok();
+    assert_eq!(dry.as_array().unwrap().len(), 1);
+    assert_eq!(dry[0]["address"], Value::from(addr["gone"].clone()));
+    let done = cli(&["gc", "-o", "json"]).ok();
+    assert_eq!(done[0]["action"], "released");
+    let left = cli(&["allocations", "-o", "json"]).ok();
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(left[0]["pod"], "default/alive");
+    assert_eq!(
+        cli(&["release", &addr["alive"], "--force", "-o", "json"]).ok()[0]["reason"],
+        "forced: pod is alive"
+    );
+    assert_eq!(cli(&["pools", "-o", "json"]).ok()[0]["used"], 0);
+}

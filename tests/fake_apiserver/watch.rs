@@ -1,0 +1,166 @@
+//! Watches of the built-in resources: `?watch=true` answers a chunked stream of JSON events,
+//! one per line, as the real API server does. A watch starts after the `resourceVersion` it
+//! names (or, without one, with an ADDED event per existing object), ends after
+//! `timeoutSeconds`, and gets an ERROR event with a 410 Expired status when the history it would
+//! need has been compacted away.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::core::{target, Target};
+use super::{FakeApiServer, Shared, State};
+
+pub struct Entry {
+    revision: u64,
+    kind: &'static str,
+    plural: String,
+    namespace: String,
+    object: Value,
+}
+
+/// The change history watches replay.
+#[derive(Default)]
+pub struct Log {
+    entries: Vec<Entry>,
+    /// Revisions up to this one are gone from the history.
+    compacted: u64,
+    /// Bumped to end every open watch (as an API server restart would).
+    generation: u64,
+}
+
+pub(super) fn record(state: &mut State, kind: &'static str, plural: &str, ns: &str, obj: &Value) {
+    let revision = state.revision;
+    state.log.entries.push(Entry {
+        revision,
+        kind,
+        plural: plural.to_string(),
+        namespace: ns.to_string(),
+        object: obj.clone(),
+    });
+}
+
+fn param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+pub(super) fn is_watch(req: &super::http::Request) -> bool {
+    req.method == "GET" && matches!(param(&req.query, "watch"), Some("true") | Some("1"))
+}
+
+fn matches(target: &Target, plural: &str, ns: &str) -> bool {
+    plural == target.resource.plural && target.namespace.as_deref().is_none_or(|want| want == ns)
+}
+
+fn expired(rv: u64) -> Value {
+    json!({"type": "ERROR", "object": {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("too old resource version: {rv}"), "reason": "Expired", "code": 410,
+    }})
+}
+
+fn chunk(writer: &mut TcpStream, event: &Value) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    write!(writer, "{:x}\r\n", line.len())?;
+    writer.write_all(&line)?;
+    writer.write_all(b"\r\n")?;
+    writer.flush()
+}
+
+/// Serves one watch on the connection; false when the connection is unusable afterwards.
+pub(super) fn stream(shared: &Shared, req: &super::http::Request, writer: &mut TcpStream) -> bool {
+    let Some(target) = target(&req.path).filter(|t| t.name.is_none()) else {
+        let body = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"the server could not find the requested resource"}"#;
+        return super::http::write_response(writer, 404, body).is_ok();
+    };
+    let timeout = param(&req.query, "timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1800);
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if writer.write_all(head.as_bytes()).is_err() {
+        return false;
+    }
+    let (mut cursor, initial, generation) = {
+        let state = shared.state.lock().unwrap();
+        let asked = param(&req.query, "resourceVersion").filter(|rv| !rv.is_empty() && *rv != "0");
+        match asked.map(|rv| rv.parse::<u64>()) {
+            Some(Ok(rv)) if rv < state.log.compacted => {
+                (rv, vec![expired(rv)], state.log.generation)
+            }
+            Some(Ok(rv)) => (rv, vec![], state.log.generation),
+            Some(Err(_)) => (0, vec![expired(0)], state.log.generation),
+            None => {
+                let existing = state
+                    .objects
+                    .iter()
+                    .filter(|((p, ns, _), _)| matches(&target, p, ns))
+                    .map(|(_, obj)| json!({"type": "ADDED", "object": obj}))
+                    .collect();
+                (state.revision, existing, state.log.generation)
+            }
+        }
+    };
+    let failed = initial.first().is_some_and(|e| e["type"] == "ERROR");
+    for event in &initial {
+        if chunk(writer, event).is_err() {
+            return false;
+        }
+    }
+    while !failed && Instant::now() < deadline && !shared.stop.load(Ordering::SeqCst) {
+        let (events, end) = {
+            let state = shared.state.lock().unwrap();
+            if state.log.generation != generation {
+                (vec![], true)
+            } else if cursor < state.log.compacted {
+                (vec![expired(cursor)], true)
+            } else {
+                let events: Vec<Value> = state
+                    .log
+                    .entries
+                    .iter()
+                    .filter(|e| e.revision > cursor && matches(&target, &e.plural, &e.namespace))
+                    .map(|e| json!({"type": e.kind, "object": e.object}))
+                    .collect();
+                cursor = cursor.max(state.revision);
+                (events, false)
+            }
+        };
+        for event in &events {
+            if chunk(writer, event).is_err() {
+                return false;
+            }
+        }
+        if end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    writer
+        .write_all(b"0\r\n\r\n")
+        .and_then(|_| writer.flush())
+        .is_ok()
+}
+
+impl FakeApiServer {
+    /// Forgets the change history: watches resuming from before now get 410 Expired.
+    pub fn compact(&self) {
+        let mut state = self.shared.state.lock().unwrap();
+        state.log.compacted = state.revision;
+        state.log.entries.clear();
+    }
+
+    /// Ends every open watch cleanly, as an API server restart or a load balancer would.
+    pub fn end_watches(&self) {
+        self.shared.state.lock().unwrap().log.generation += 1;
+    }
+}
