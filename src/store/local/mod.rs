@@ -171,7 +171,9 @@ impl LocalStore {
             tx.commit()?;
             Ok(out)
         };
-        run().map_err(|f| self.err(f))
+        let out = run().map_err(|f| self.err(f))?;
+        schema::trim_wal(&self.conn, &self.path);
+        Ok(out)
     }
 
     /// Runs `f` in one read transaction, so it sees a single snapshot.

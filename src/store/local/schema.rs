@@ -79,7 +79,7 @@ pub fn connect(path: &Path) -> Result<Connection, Fail> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // Each CNI call is a process that closes the database right away. By default the last
     // connection to close checkpoints the WAL and deletes it (several fsyncs and unlinks per
-    // call); keeping the WAL leaves checkpoints to SQLite's periodic auto-checkpoint instead.
+    // call). Keeping it makes a call cheap; [`trim_wal`] keeps it short.
     conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
         true,
@@ -144,4 +144,25 @@ fn create_schema(conn: &Connection) -> Result<(), Fail> {
     }
     tx.commit()?;
     Ok(())
+}
+
+/// Above this size the WAL is folded into the database by the process that notices.
+pub const WAL_TRIM_BYTES: u64 = 256 << 10;
+
+/// Folds a long WAL into the database and truncates it.
+///
+/// SQLite's own auto-checkpoint cannot do this for one-call processes: each opens the database
+/// alone, rebuilds the WAL index from the whole WAL (reading every frame), and that rebuilt
+/// index no longer knows what was checkpointed, so the WAL is never restarted and every call
+/// reads more of it. Truncating it here bounds what the next process reads. It does not wait:
+/// when other processes are using the database, one of them does it later.
+pub fn trim_wal(conn: &Connection, path: &Path) {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let long = std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_TRIM_BYTES);
+    if !long || conn.busy_timeout(Duration::ZERO).is_err() {
+        return;
+    }
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    let _ = conn.busy_timeout(BUSY_TIMEOUT);
 }
