@@ -591,3 +591,30 @@ fn sleep_for_race_does_not_let_two_adds_collide() {
     got.sort();
     assert_eq!(got, vec![ip("10.12.0.1"), ip("10.12.0.2")]);
 }
+
+/// Every CNI call opens the database alone and closes it; the write-ahead log must still stay
+/// short, or every later call reads all of it when it opens the database.
+#[test]
+fn the_wal_stays_short_across_many_one_call_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("wb.db");
+    let p = pool("10.40.0.0/16");
+    for i in 0..600 {
+        // A fresh connection per call, as each plugin process has.
+        let store = LocalStore::open(&db).unwrap();
+        let container = format!("c{}", i % 300);
+        if i < 300 {
+            add1(&store, &p, &container);
+        } else {
+            store.del(&del_req(&[&p], &container)).unwrap();
+        }
+    }
+    let wal = std::fs::metadata(dir.path().join("wb.db-wal"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(
+        wal <= 2 * local::WAL_TRIM_BYTES,
+        "the WAL grew to {wal} bytes over 600 calls"
+    );
+    audit(&db);
+}

@@ -22,7 +22,7 @@ use crate::store::{
     StoreError,
 };
 
-pub use schema::{BUSY_TIMEOUT, SCHEMA_VERSION};
+pub use schema::{BUSY_TIMEOUT, SCHEMA_VERSION, WAL_TRIM_BYTES};
 
 /// Opens (creating if needed) the database at `path`.
 pub fn open(path: &Path) -> Result<Box<dyn Store>, StoreError> {
