@@ -1,0 +1,174 @@
+//! `whereabouts pools` and `whereabouts allocations` through the real binary, on the local store
+//! and on a real etcd cluster.
+
+mod common;
+mod etcd_cluster;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{bare, call_with, ips, pod_args, Reply};
+use serde_json::{json, Value};
+
+fn cli(conf: &Path, args: &[&str]) -> Reply {
+    let out = Command::new(common::bin())
+        .env_clear()
+        .args(args)
+        .arg("--config")
+        .arg(conf)
+        .output()
+        .unwrap();
+    Reply {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Three pods in the first range and one in the second, through the plugin; the file it wrote.
+fn populate(dir: &Path, ipam: Value) -> (std::path::PathBuf, Vec<String>) {
+    let mut conf = json!({"cniVersion": "1.1.0", "name": "clinet", "type": "bridge", "ipam": ipam});
+    conf["ipam"]["type"] = "whereabouts".into();
+    conf["ipam"]["log_level"] = "error".into();
+    let path = dir.join("net.conf");
+    std::fs::write(&path, conf.to_string()).unwrap();
+    let mut got = Vec::new();
+    for pod in ["a", "b", "c"] {
+        let reply = call_with(
+            &conf,
+            "ADD",
+            &format!("ctr-{pod}"),
+            "net1",
+            &pod_args(&format!("team/{pod}")),
+        );
+        got.extend(ips(&reply.ok()).iter().map(|a| bare(a)));
+    }
+    (path, got)
+}
+
+fn check_listings(conf: &Path, got: &[String]) {
+    // Every allocation, sorted, with its holder.
+    let all = cli(conf, &["allocations", "-o", "json"]).ok();
+    let rows = all.as_array().unwrap();
+    assert_eq!(rows.len(), got.len(), "{all}");
+    let first = rows.iter().find(|r| r["pod"] == "team/a").unwrap();
+    assert_eq!(first["container"], "ctr-a");
+    assert_eq!(first["interface"], "net1");
+    // Filtered by range (CIDR) and by pool name.
+    let v4 = cli(conf, &["allocations", "10.90.0.0/24", "-o", "json"]).ok();
+    assert_eq!(v4.as_array().unwrap().len(), 3, "{v4}");
+    assert!(v4
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["address"].as_str().unwrap().starts_with("10.90.0.")));
+    let by_name = cli(conf, &["allocations", "fd90---120", "-o", "json"]).ok();
+    assert_eq!(by_name.as_array().unwrap().len(), 3, "{by_name}");
+    // The table names its columns and every address.
+    let table = cli(conf, &["allocations"]);
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(table.stdout.starts_with("ADDRESS"), "{}", table.stdout);
+    for ip in got {
+        assert!(
+            table.stdout.contains(ip.as_str()),
+            "{ip} missing: {}",
+            table.stdout
+        );
+    }
+    // Pools: used and free per range, from the configured bounds and exclusions.
+    let pools = cli(conf, &["pools", "-o", "json"]).ok();
+    let v4 = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["range"] == "10.90.0.0/24")
+        .unwrap();
+    assert_eq!(v4["used"], 3);
+    assert_eq!(
+        v4["free"],
+        254 - 4 - 3,
+        "exclude 10.90.0.0/30 blocks 3 usable addresses, gateway one: {v4}"
+    );
+    let v6 = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["range"] == "fd90::/120")
+        .unwrap();
+    assert_eq!(v6["used"], 3);
+    assert_eq!(v6["free"], 254 - 3);
+    let table = cli(conf, &["pools"]);
+    assert!(
+        table.stdout.contains("UTILISATION") && table.stdout.contains("fd90---120"),
+        "{}",
+        table.stdout
+    );
+}
+
+fn ipam(extra: Value) -> Value {
+    let mut ipam = json!({"range": "10.90.0.0/24", "exclude": ["10.90.0.0/30"], "gateway": "10.90.0.254",
+        "ipRanges": [{"range": "fd90::/120"}]});
+    for (k, v) in extra.as_object().unwrap() {
+        ipam[k] = v.clone();
+    }
+    ipam
+}
+
+#[test]
+fn pools_and_allocations_on_the_local_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, got) = populate(
+        dir.path(),
+        ipam(json!({"local_path": dir.path().join("wb.db")})),
+    );
+    check_listings(&conf, &got);
+    // Flags override the file: another database is empty.
+    let other = dir.path().join("other.db");
+    let empty = cli(
+        &conf,
+        &[
+            "allocations",
+            "-o",
+            "json",
+            "--local-path",
+            other.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    assert_eq!(empty, json!([]));
+}
+
+#[test]
+fn cli_errors_are_one_line_and_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.conf");
+    let reply = cli(&missing, &["pools"]);
+    assert_ne!(reply.code, 0);
+    assert!(reply.stdout.is_empty());
+    assert_eq!(reply.stderr.trim().lines().count(), 1, "{reply:?}");
+    assert!(reply.stderr.contains("nope.conf"), "{reply:?}");
+    let bad = dir.path().join("bad.conf");
+    std::fs::write(
+        &bad,
+        r#"{"ipam": {"type": "whereabouts", "range": "10.0.0.0/24", "datastore": "etcd"}}"#,
+    )
+    .unwrap();
+    let reply = cli(&bad, &["allocations"]);
+    assert_ne!(reply.code, 0);
+    assert_eq!(reply.stderr.trim().lines().count(), 1, "{reply:?}");
+    assert!(reply.stderr.contains("etcd_host"), "{reply:?}");
+}
+
+#[test]
+fn pools_and_allocations_on_etcd() {
+    if !etcd_cluster::etcd_available() {
+        return;
+    }
+    let cluster = etcd_cluster::Cluster::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, got) = populate(
+        dir.path(),
+        ipam(json!({"datastore": "etcd", "etcd_host": cluster.endpoints()})),
+    );
+    check_listings(&conf, &got);
+}
