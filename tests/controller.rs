@@ -770,7 +770,11 @@ fn in_a_pod_without_a_kubeconfig_the_store_turns_to_the_service_account() {
     );
 
     // In a pod, a kubeconfig that exists still wins: the controller starts on it.
-    let with_file = [&args[..], &[std::ffi::OsStr::new("--kubeconfig"), pods.as_os_str()]].concat();
+    let with_file = [
+        &args[..],
+        &[std::ffi::OsStr::new("--kubeconfig"), pods.as_os_str()],
+    ]
+    .concat();
     let log = dir.path().join("controller.log");
     let child = controller_command(true, &with_file)
         .stdout(Stdio::null())

@@ -1122,7 +1122,10 @@ fn controller_objects<'a>(objects: &'a [Value], base: &str) -> ControllerObjects
 }
 
 /// The container's command parsed by the binary's own command line definition.
-fn controller_args(deployment: &Value, source: &str) -> whereabouts::cli::controller::ControllerArgs {
+fn controller_args(
+    deployment: &Value,
+    source: &str,
+) -> whereabouts::cli::controller::ControllerArgs {
     use whereabouts::cli::{Cli, Command};
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let argv: Vec<String> = container["command"]
@@ -1173,12 +1176,18 @@ fn controller_rbac_is_exactly_what_it_uses() {
         ),
     ] {
         let c = controller_objects(&objects, base);
-        assert_eq!(c.cluster_role["rules"], cluster_rules, "{source}: ClusterRole");
+        assert_eq!(
+            c.cluster_role["rules"], cluster_rules,
+            "{source}: ClusterRole"
+        );
         assert_eq!(c.role["rules"], namespaced_rules, "{source}: Role");
         for rules in [&c.cluster_role["rules"], &c.role["rules"]] {
             let text = rules.to_string();
             assert!(!text.contains('*'), "{source}: wildcard in RBAC");
-            assert!(!text.contains("lease"), "{source}: the controller takes no Lease");
+            assert!(
+                !text.contains("lease"),
+                "{source}: the controller takes no Lease"
+            );
         }
         let subject = json!([{"kind": "ServiceAccount", "name": c.sa["metadata"]["name"],
                               "namespace": ns}]);
@@ -1215,7 +1224,10 @@ fn controller_rbac_is_exactly_what_it_uses() {
 fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
     let c = controller_objects(objects, base);
     let d = c.deployment;
-    assert_eq!(d["spec"]["replicas"], 1, "{source}: one controller per cluster");
+    assert_eq!(
+        d["spec"]["replicas"], 1,
+        "{source}: one controller per cluster"
+    );
     assert_eq!(
         d["spec"]["strategy"],
         json!({"type": "Recreate", "rollingUpdate": null}),
@@ -1223,7 +1235,11 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
     );
     // The Go Whereabouts' node-slice controller Deployment has this name and selector: applied
     // over it, ours replaces it (a selector cannot change).
-    assert_eq!(d["metadata"]["name"], format!("{base}-controller"), "{source}");
+    assert_eq!(
+        d["metadata"]["name"],
+        format!("{base}-controller"),
+        "{source}"
+    );
     assert_eq!(
         d["spec"]["selector"],
         json!({"matchLabels": {"app": format!("{base}-controller")}}),
@@ -1245,14 +1261,17 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
 
     // The same image as the installer: one binary.
     assert_eq!(
-        container["image"],
-        ds["spec"]["template"]["spec"]["containers"][0]["image"],
+        container["image"], ds["spec"]["template"]["spec"]["containers"][0]["image"],
         "{source}"
     );
 
     // Its flags, as the binary parses them.
     let args = controller_args(d, source);
-    assert_eq!(args.store.datastore.as_deref(), Some("kubernetes"), "{source}");
+    assert_eq!(
+        args.store.datastore.as_deref(),
+        Some("kubernetes"),
+        "{source}"
+    );
     assert_eq!(
         args.store.kubeconfig, None,
         "{source}: no kubeconfig file exists in the pod; the service account is used"
@@ -1266,7 +1285,12 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
         .as_array()
         .expect("env")
         .iter()
-        .map(|e| (text_of(&e["name"]), e["valueFrom"]["fieldRef"]["fieldPath"].clone()))
+        .map(|e| {
+            (
+                text_of(&e["name"]),
+                e["valueFrom"]["fieldRef"]["fieldPath"].clone(),
+            )
+        })
         .collect();
     assert_eq!(
         env,
@@ -1292,7 +1316,11 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
     }
     let annotations = &d["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true", "{source}");
-    assert_eq!(annotations["prometheus.io/port"], port.to_string(), "{source}");
+    assert_eq!(
+        annotations["prometheus.io/port"],
+        port.to_string(),
+        "{source}"
+    );
     assert_eq!(annotations["prometheus.io/path"], "/metrics", "{source}");
 
     // Least privilege: it only talks to the API server.
@@ -1310,8 +1338,14 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
     assert_eq!(sc["allowPrivilegeEscalation"], false, "{source}");
     assert_eq!(sc["readOnlyRootFilesystem"], true, "{source}");
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{source}");
-    assert!(container["resources"]["requests"]["memory"].is_string(), "{source}");
-    assert!(container["resources"]["limits"]["memory"].is_string(), "{source}");
+    assert!(
+        container["resources"]["requests"]["memory"].is_string(),
+        "{source}"
+    );
+    assert!(
+        container["resources"]["limits"]["memory"].is_string(),
+        "{source}"
+    );
     assert!(
         pod["tolerations"].as_array().is_some_and(|t| t
             .iter()
@@ -1355,7 +1389,10 @@ fn controller_schedule_configmap_is_what_the_controller_reads() {
             "{source}"
         );
         let expression = text_of(&data[whereabouts::controller::schedule::CONFIGMAP_KEY]);
-        assert_eq!(expression, DEFAULT_EXPRESSION, "{source}: the documented default");
+        assert_eq!(
+            expression, DEFAULT_EXPRESSION,
+            "{source}: the documented default"
+        );
         Schedule::parse(&expression).unwrap_or_else(|e| panic!("{source}: {e:?}"));
     }
 }
@@ -1373,7 +1410,9 @@ fn the_controller_can_be_left_out_of_the_chart() {
     let mut plugin: Vec<(String, String)> = kinds(&plain_manifest())
         .into_iter()
         .filter(|(kind, name)| {
-            !name.ends_with("-controller") && !(kind == "ConfigMap" && name == "whereabouts-config")
+            let controllers = name.ends_with("-controller")
+                || (kind == "ConfigMap" && name == "whereabouts-config");
+            !controllers
         })
         .collect();
     plugin.sort();
