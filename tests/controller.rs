@@ -704,3 +704,114 @@ fn etcd_engine_deleted_pod_released() {
     });
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 2.0);
 }
+
+// ---------------------------------------------------------------- in a pod (the Deployment)
+
+/// The variables the kubelet sets in every container; the port is never reached in these tests.
+const POD_ENV: [(&str, &str); 2] = [
+    ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
+    ("KUBERNETES_SERVICE_PORT", "9"),
+];
+
+fn controller_command(pod: bool, args: &[&std::ffi::OsStr]) -> Command {
+    let mut cmd = Command::new(common::bin());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("controller")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null());
+    if pod {
+        cmd.envs(POD_ENV);
+    }
+    cmd
+}
+
+/// Runs to its exit (a start-up failure); its stderr.
+fn failed_start(mut cmd: Command) -> String {
+    let out = cmd.output().expect("run the controller");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "the controller should have stopped: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn in_a_pod_without_a_kubeconfig_the_store_turns_to_the_service_account() {
+    let sa = whereabouts::store::kubernetes::SERVICE_ACCOUNT_DIR;
+    if Path::new(sa).exists() {
+        // This test process itself runs in a pod: the account would reach a real cluster.
+        eprintln!("skipped: {sa} exists here");
+        return;
+    }
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pods = server.write_kubeconfig(dir.path(), None);
+    let datastore = ["--datastore", "kubernetes", "--pod-kubeconfig"].map(std::ffi::OsStr::new);
+    let args = [&datastore[..], &[pods.as_os_str()]].concat();
+
+    // As the Deployment runs it: no kubeconfig file anywhere, in a pod. The engine goes for
+    // the pod's service account (absent on this machine, so start-up stops, naming it).
+    let stderr = failed_start(controller_command(true, &args));
+    assert!(
+        stderr.contains("service account") && stderr.contains(sa),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cannot read kubeconfig"), "{stderr}");
+
+    // Outside a pod the same command names the kubeconfig it looked for.
+    let stderr = failed_start(controller_command(false, &args));
+    assert!(
+        stderr.contains("cannot read kubeconfig")
+            && stderr.contains(whereabouts::config::DEFAULT_KUBECONFIG),
+        "{stderr}"
+    );
+
+    // In a pod, a kubeconfig that exists still wins: the controller starts on it.
+    let with_file = [
+        &args[..],
+        &[std::ffi::OsStr::new("--kubeconfig"), pods.as_os_str()],
+    ]
+    .concat();
+    let log = dir.path().join("controller.log");
+    let child = controller_command(true, &with_file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut c = Controller {
+        child,
+        port: 0,
+        log,
+    };
+    wait_for("the controller's start", Duration::from_secs(20), || {
+        if let Ok(Some(status)) = c.child.try_wait() {
+            panic!("controller exited with {status}: {}", c.log());
+        }
+        c.log().contains("controller started")
+    });
+}
+
+#[test]
+fn the_plugin_never_falls_back_to_a_service_account() {
+    // Even with the kubelet's variables set, a plugin whose kubeconfig is missing fails on it.
+    let conf = json!({"cniVersion": "1.0.0", "name": "net", "type": "bridge",
+        "ipam": {"type": "whereabouts", "range": "10.90.0.0/24",
+                 "kubernetes": {"kubeconfig": "/nonexistent/whereabouts.kubeconfig"}}});
+    let mut vars = vec![
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_NETNS", "/var/run/netns/whereabouts-test"),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ];
+    vars.extend(POD_ENV);
+    let reply = common::run(&vars, &conf.to_string());
+    let msg = reply.msg();
+    assert!(
+        msg.contains("cannot read kubeconfig /nonexistent/whereabouts.kubeconfig"),
+        "{reply:?}"
+    );
+}

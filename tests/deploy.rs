@@ -690,6 +690,20 @@ fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
     found[0]
 }
 
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let found: Vec<_> = objects
+        .iter()
+        .filter(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} {name} in {:?}",
+        kinds(objects)
+    );
+    found[0]
+}
+
 #[test]
 fn every_yaml_file_parses_and_objects_have_required_fields() {
     let templates = chart_dir().join("templates");
@@ -728,7 +742,7 @@ fn check_object(o: &Value, source: &str) {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'),
         "{source}: bad metadata.name {name:?}"
     );
-    if o["kind"] == "DaemonSet" {
+    if o["kind"] == "DaemonSet" || o["kind"] == "Deployment" {
         let selector = o["spec"]["selector"]["matchLabels"]
             .as_object()
             .expect("selector");
@@ -838,18 +852,22 @@ fn rbac_is_least_privilege() {
          "verbs": ["get", "list", "watch"]},
     ]);
     for (source, objects) in [("plain", plain_manifest()), ("chart", default_chart())] {
-        let role = one(&objects, "ClusterRole");
+        let role = named(&objects, "ClusterRole", "whereabouts-cni");
         assert_eq!(role["rules"], expected, "{source}: ClusterRole rules");
         assert!(
             !role["rules"].to_string().contains('*'),
             "{source}: wildcard in RBAC"
         );
+        // The plugin's account has no namespaced grants; the only Role is the controller's.
+        let roles: Vec<_> = objects.iter().filter(|o| o["kind"] == "Role").collect();
         assert!(
-            !objects.iter().any(|o| o["kind"] == "Role"),
+            roles
+                .iter()
+                .all(|r| r["metadata"]["name"] == "whereabouts-controller"),
             "{source}: unexpected Role"
         );
-        let sa = one(&objects, "ServiceAccount");
-        let binding = one(&objects, "ClusterRoleBinding");
+        let sa = named(&objects, "ServiceAccount", "whereabouts");
+        let binding = named(&objects, "ClusterRoleBinding", "whereabouts");
         assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
         assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
         assert_eq!(
@@ -1070,4 +1088,333 @@ fn the_crds_command_prints_and_writes_them() {
             crds::REGENERATE
         );
     }
+}
+
+// ---------------------------------------------------------------- the controller
+
+/// The controller's objects of a manifest, by kind (named `<base>-controller`, and the
+/// ConfigMap by the fixed name the controller reads).
+struct ControllerObjects<'a> {
+    sa: &'a Value,
+    cluster_role: &'a Value,
+    cluster_binding: &'a Value,
+    role: &'a Value,
+    binding: &'a Value,
+    config: &'a Value,
+    deployment: &'a Value,
+}
+
+fn controller_objects<'a>(objects: &'a [Value], base: &str) -> ControllerObjects<'a> {
+    let name = format!("{base}-controller");
+    ControllerObjects {
+        sa: named(objects, "ServiceAccount", &name),
+        cluster_role: named(objects, "ClusterRole", &name),
+        cluster_binding: named(objects, "ClusterRoleBinding", &name),
+        role: named(objects, "Role", &name),
+        binding: named(objects, "RoleBinding", &name),
+        config: named(
+            objects,
+            "ConfigMap",
+            whereabouts::controller::schedule::CONFIGMAP,
+        ),
+        deployment: named(objects, "Deployment", &name),
+    }
+}
+
+/// The container's command parsed by the binary's own command line definition.
+fn controller_args(
+    deployment: &Value,
+    source: &str,
+) -> whereabouts::cli::controller::ControllerArgs {
+    use whereabouts::cli::{Cli, Command};
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let argv: Vec<String> = container["command"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{source}: no command"))
+        .iter()
+        .map(text_of)
+        .collect();
+    assert_eq!(argv[0], "/whereabouts", "{source}: the image's binary");
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{source}: {argv:?}: {e}"));
+    match cli.command {
+        Command::Controller(args) => args,
+        other => panic!("{source}: {argv:?} runs {other:?}, not the controller"),
+    }
+}
+
+#[test]
+fn controller_rbac_is_exactly_what_it_uses() {
+    // Read from src/controller/ and the Kubernetes engine's release path: pods are got, listed
+    // and watched; nodes and NetworkAttachmentDefinitions listed and watched; Events created.
+    let cluster_rules = json!([
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": ["k8s.cni.cncf.io"], "resources": ["network-attachment-definitions"],
+         "verbs": ["list", "watch"]},
+    ]);
+    // In its namespace: a release reads and patches a pool (resourceVersion precondition) and
+    // deletes reservations; NodeSlicePools are read, created and replaced; one ConfigMap read.
+    let namespaced_rules = json!([
+        {"apiGroups": ["whereabouts.cni.cncf.io"], "resources": ["ippools"],
+         "verbs": ["get", "list", "patch"]},
+        {"apiGroups": ["whereabouts.cni.cncf.io"], "resources": ["overlappingrangeipreservations"],
+         "verbs": ["get", "list", "delete"]},
+        {"apiGroups": ["whereabouts.cni.cncf.io"], "resources": ["nodeslicepools"],
+         "verbs": ["get", "create", "update"]},
+        {"apiGroups": [""], "resources": ["configmaps"],
+         "resourceNames": [whereabouts::controller::schedule::CONFIGMAP], "verbs": ["get"]},
+    ]);
+    for (source, objects, base, ns) in [
+        ("plain", plain_manifest(), "whereabouts", "kube-system"),
+        ("chart", default_chart(), "whereabouts", "kube-system"),
+        (
+            "chart, other release",
+            render_chart("wa", "net", json!({})),
+            "wa",
+            "net",
+        ),
+    ] {
+        let c = controller_objects(&objects, base);
+        assert_eq!(
+            c.cluster_role["rules"], cluster_rules,
+            "{source}: ClusterRole"
+        );
+        assert_eq!(c.role["rules"], namespaced_rules, "{source}: Role");
+        for rules in [&c.cluster_role["rules"], &c.role["rules"]] {
+            let text = rules.to_string();
+            assert!(!text.contains('*'), "{source}: wildcard in RBAC");
+            assert!(
+                !text.contains("lease"),
+                "{source}: the controller takes no Lease"
+            );
+        }
+        let subject = json!([{"kind": "ServiceAccount", "name": c.sa["metadata"]["name"],
+                              "namespace": ns}]);
+        assert_eq!(c.cluster_binding["subjects"], subject, "{source}");
+        assert_eq!(
+            c.cluster_binding["roleRef"],
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                   "name": c.cluster_role["metadata"]["name"]}),
+            "{source}"
+        );
+        assert_eq!(c.binding["subjects"], subject, "{source}");
+        assert_eq!(
+            c.binding["roleRef"],
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                   "name": c.role["metadata"]["name"]}),
+            "{source}"
+        );
+        // Everything namespaced sits with the DaemonSet, whose namespace the installer writes
+        // into the plugin's kubeconfig: the objects the plugin writes are the ones granted.
+        for o in [c.sa, c.role, c.binding, c.config, c.deployment] {
+            assert_eq!(o["metadata"]["namespace"], ns, "{source}: {:?}", o["kind"]);
+        }
+        assert_eq!(one(&objects, "DaemonSet")["metadata"]["namespace"], ns);
+        assert_eq!(
+            c.deployment["spec"]["template"]["spec"]["serviceAccountName"],
+            c.sa["metadata"]["name"],
+            "{source}"
+        );
+        // The plugin's account is not the controller's.
+        assert_ne!(c.sa["metadata"]["name"], base, "{source}");
+    }
+}
+
+fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
+    let c = controller_objects(objects, base);
+    let d = c.deployment;
+    assert_eq!(
+        d["spec"]["replicas"], 1,
+        "{source}: one controller per cluster"
+    );
+    assert_eq!(
+        d["spec"]["strategy"],
+        json!({"type": "Recreate", "rollingUpdate": null}),
+        "{source}: two controllers must not overlap"
+    );
+    // The Go Whereabouts' node-slice controller Deployment has this name and selector: applied
+    // over it, ours replaces it (a selector cannot change).
+    assert_eq!(
+        d["metadata"]["name"],
+        format!("{base}-controller"),
+        "{source}"
+    );
+    assert_eq!(
+        d["spec"]["selector"],
+        json!({"matchLabels": {"app": format!("{base}-controller")}}),
+        "{source}"
+    );
+    // The selector is not the DaemonSet's: neither adopts the other's pods.
+    let ds = one(objects, "DaemonSet");
+    assert_ne!(
+        d["spec"]["selector"], ds["spec"]["selector"],
+        "{source}: selectors overlap"
+    );
+    let pod = &d["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(
+        pod["containers"].as_array().map(Vec::len),
+        Some(1),
+        "{source}"
+    );
+
+    // The same image as the installer: one binary.
+    assert_eq!(
+        container["image"], ds["spec"]["template"]["spec"]["containers"][0]["image"],
+        "{source}"
+    );
+
+    // Its flags, as the binary parses them.
+    let args = controller_args(d, source);
+    assert_eq!(
+        args.store.datastore.as_deref(),
+        Some("kubernetes"),
+        "{source}"
+    );
+    assert_eq!(
+        args.store.kubeconfig, None,
+        "{source}: no kubeconfig file exists in the pod; the service account is used"
+    );
+    assert_eq!(args.listen.port(), port, "{source}");
+    assert!(
+        args.listen.ip().is_unspecified(),
+        "{source}: the kubelet's probes and Prometheus reach the pod's address"
+    );
+    let env: Vec<(String, Value)> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| {
+            (
+                text_of(&e["name"]),
+                e["valueFrom"]["fieldRef"]["fieldPath"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        env,
+        [(
+            whereabouts::store::kubernetes::NAMESPACE_ENV.to_string(),
+            json!("metadata.namespace")
+        )],
+        "{source}: the engine's namespace is the pod's"
+    );
+
+    // The metrics port: named, probed, announced to Prometheus.
+    assert_eq!(
+        container["ports"],
+        json!([{"name": "metrics", "containerPort": port, "protocol": "TCP"}]),
+        "{source}"
+    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            container[probe]["httpGet"],
+            json!({"path": "/healthz", "port": "metrics"}),
+            "{source}: {probe}"
+        );
+    }
+    let annotations = &d["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true", "{source}");
+    assert_eq!(
+        annotations["prometheus.io/port"],
+        port.to_string(),
+        "{source}"
+    );
+    assert_eq!(annotations["prometheus.io/path"], "/metrics", "{source}");
+
+    // Least privilege: it only talks to the API server.
+    assert!(pod.get("hostNetwork").is_none(), "{source}: host network");
+    assert!(pod.get("volumes").is_none(), "{source}: volumes");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{source}");
+    assert!(
+        pod["securityContext"]["runAsUser"]
+            .as_u64()
+            .is_some_and(|u| u != 0),
+        "{source}: runAsNonRoot needs a numeric user (the image has no /etc/passwd)"
+    );
+    let sc = &container["securityContext"];
+    assert_eq!(sc["privileged"], false, "{source}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{source}");
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{source}");
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{source}");
+    assert!(
+        container["resources"]["requests"]["memory"].is_string(),
+        "{source}"
+    );
+    assert!(
+        container["resources"]["limits"]["memory"].is_string(),
+        "{source}"
+    );
+    assert!(
+        pod["tolerations"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|t| t["key"] == "node-role.kubernetes.io/control-plane")),
+        "{source}: may run on control-plane nodes"
+    );
+}
+
+#[test]
+fn controller_deployment_runs_the_controller_as_the_binary_parses_it() {
+    check_controller(&plain_manifest(), "whereabouts", 9090, "plain");
+    check_controller(&default_chart(), "whereabouts", 9090, "chart");
+
+    let custom = render_chart(
+        "wa",
+        "net",
+        json!({"controller": {"metricsPort": 9100, "logLevel": "debug",
+                              "cronExpression": "@hourly",
+                              "podAnnotations": {"team": "net"}},
+               "image": {"tag": "dev"}}),
+    );
+    check_controller(&custom, "wa", 9100, "chart, custom");
+    let c = controller_objects(&custom, "wa");
+    let args = controller_args(c.deployment, "chart, custom");
+    assert_eq!(args.log_level.as_deref(), Some("debug"));
+    assert_eq!(c.config["data"]["cron-expression"], "@hourly");
+    let annotations = &c.deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["team"], "net");
+    assert_eq!(annotations["prometheus.io/port"], "9100");
+}
+
+#[test]
+fn controller_schedule_configmap_is_what_the_controller_reads() {
+    use whereabouts::cleanup::cron::{Schedule, DEFAULT_EXPRESSION};
+    for (source, objects) in [("plain", plain_manifest()), ("chart", default_chart())] {
+        let c = controller_objects(&objects, "whereabouts");
+        let data = c.config["data"].as_object().expect("data");
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            [whereabouts::controller::schedule::CONFIGMAP_KEY],
+            "{source}"
+        );
+        let expression = text_of(&data[whereabouts::controller::schedule::CONFIGMAP_KEY]);
+        assert_eq!(
+            expression, DEFAULT_EXPRESSION,
+            "{source}: the documented default"
+        );
+        Schedule::parse(&expression).unwrap_or_else(|e| panic!("{source}: {e:?}"));
+    }
+}
+
+#[test]
+fn the_controller_can_be_left_out_of_the_chart() {
+    let without = render_chart(
+        "whereabouts",
+        "kube-system",
+        json!({"controller": {"enabled": false}}),
+    );
+    // Exactly the plugin's objects remain.
+    let mut left = kinds(&without);
+    left.sort();
+    let mut plugin: Vec<(String, String)> = kinds(&plain_manifest())
+        .into_iter()
+        .filter(|(kind, name)| {
+            let controllers = name.ends_with("-controller")
+                || (kind == "ConfigMap" && name == "whereabouts-config");
+            !controllers
+        })
+        .collect();
+    plugin.sort();
+    assert_eq!(left, plugin);
 }

@@ -8,6 +8,7 @@ use anyhow::Context;
 use super::gc::ClusterArgs;
 use super::store_args::StoreArgs;
 use crate::cleanup::pods::cluster_source;
+use crate::config::LogLevel;
 use crate::controller::{self, Options};
 
 #[derive(clap::Args, Debug)]
@@ -35,12 +36,22 @@ pub struct ControllerArgs {
     /// Seconds after a failed reconcile (API or store unavailable) before the next one.
     #[arg(long, default_value_t = 30)]
     pub retry_after: u64,
+    /// Log level, over the configuration's `log_level` (a Deployment has no flat file to set it).
+    #[arg(long, value_parser = ["debug", "verbose", "error", "panic"])]
+    pub log_level: Option<String>,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let ipam = args.store.ipam()?;
-    // A long-running process: informational logs unless the configuration asks for more.
-    let level = ipam.log_level.or(Some(crate::config::LogLevel::Verbose));
+    // A long-running process: informational logs unless the flag or the configuration asks
+    // for another level.
+    let flag = args.log_level.as_deref().map(|l| match l {
+        "debug" => LogLevel::Debug,
+        "error" => LogLevel::Error,
+        "panic" => LogLevel::Panic,
+        _ => LogLevel::Verbose,
+    });
+    let level = flag.or(ipam.log_level).or(Some(LogLevel::Verbose));
     crate::logging::init(ipam.log_file.as_deref(), level);
     let cluster = cluster_source(args.cluster.pod_kubeconfig.as_deref(), &ipam).context(
         "the controller reads pods from the Kubernetes API: give --pod-kubeconfig, use the kubernetes datastore, set $KUBECONFIG or run in a cluster",

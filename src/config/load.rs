@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::raw::{field, lowercase_keys, merge_flat_file, text};
 use super::{
     Datastore, EtcdConfig, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
-    DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS,
+    DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS,
 };
 use crate::cni::error::{code, CniError};
 use crate::cni::types::{Dns, Route};
@@ -29,7 +29,7 @@ pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
 /// As [`load`], for the operator's commands: the engine settings matter, ranges may be absent
 /// (the flat file written by the installer names only the engine).
 pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
-    load_inner(ipam, &default_flat_files(), false)
+    load_inner(ipam, &default_flat_files(), true)
 }
 
 fn default_flat_files() -> Vec<PathBuf> {
@@ -41,13 +41,13 @@ pub fn load_with_flat_files(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
 ) -> Result<IpamConfig, CniError> {
-    load_inner(ipam, default_flat_files, true)
+    load_inner(ipam, default_flat_files, false)
 }
 
-fn load_inner(
+pub(super) fn load_inner(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
-    need_ranges: bool,
+    operator: bool,
 ) -> Result<IpamConfig, CniError> {
     let ipam = ipam.ok_or_else(|| invalid("IPAM config missing 'ipam' key"))?;
     let Value::Object(_) = ipam else {
@@ -67,7 +67,7 @@ fn load_inner(
         let flat = read_flat_file(&file)?;
         merge_flat_file(&mut map, &flat);
     }
-    resolve(&map, need_ranges)
+    resolve(&map, operator)
 }
 
 /// The first flat file that exists: `configuration_path` (a file, or a folder holding
@@ -155,7 +155,7 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
     Ok(Some(spec))
 }
 
-fn resolve(map: &Map<String, Value>, need_ranges: bool) -> Result<IpamConfig, CniError> {
+fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniError> {
     let mut ranges = Vec::new();
     if let Some(top) = range_spec(map, "ipam.")? {
         ranges.push(top);
@@ -217,7 +217,7 @@ fn resolve(map: &Map<String, Value>, need_ranges: bool) -> Result<IpamConfig, Cn
         let gateway = ip_field(entry, "gateway", &format!("{path}.gateway"))?;
         addresses.push(StaticAddress { address, gateway });
     }
-    if need_ranges && ranges.is_empty() && addresses.is_empty() {
+    if !operator && ranges.is_empty() && addresses.is_empty() {
         return Err(invalid(
             "ipam needs a range, ipRanges or addresses: none is set",
         ));
@@ -272,11 +272,14 @@ fn resolve(map: &Map<String, Value>, need_ranges: bool) -> Result<IpamConfig, Cn
             "ipam.reconciler_cron_expression",
         )?,
         sleep_for_race: field(map, "sleep_for_race", "ipam.sleep_for_race")?.unwrap_or(0),
-        datastore: datastore(map)?,
+        datastore: datastore(map, operator)?,
     })
 }
 
-fn datastore(map: &Map<String, Value>) -> Result<Datastore, CniError> {
+/// `operator`: an operator's command or the controller, for which the Kubernetes engine's
+/// kubeconfig defaults to [`DEFAULT_KUBECONFIG`] (the node's, as the installer writes it; in a
+/// pod without that file the store uses the pod's service account). The plugin must be told.
+fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, CniError> {
     let kubeconfig = match map.get("kubernetes") {
         Some(Value::Object(k)) => text(k, "kubeconfig", "ipam.kubernetes.kubeconfig")?,
         Some(Value::Null) | None => None,
@@ -305,11 +308,15 @@ fn datastore(map: &Map<String, Value>) -> Result<Datastore, CniError> {
             ),
         }),
         "kubernetes" => Ok(Datastore::Kubernetes(KubernetesConfig {
-            kubeconfig: PathBuf::from(kubeconfig.ok_or_else(|| {
-                invalid(
-                    "ipam.datastore is \"kubernetes\" but ipam.kubernetes.kubeconfig is not set",
-                )
-            })?),
+            kubeconfig: PathBuf::from(
+                kubeconfig
+                    .or_else(|| operator.then(|| DEFAULT_KUBECONFIG.to_string()))
+                    .ok_or_else(|| {
+                        invalid(
+                            "ipam.datastore is \"kubernetes\" but ipam.kubernetes.kubeconfig is not set",
+                        )
+                    })?,
+            ),
         })),
         "etcd" => {
             let hosts = etcd_host.ok_or_else(|| {

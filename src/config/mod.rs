@@ -10,6 +10,10 @@ use crate::ipam::{Cidr, RangeSpec};
 /// Where the embedded store keeps its database unless `local_path` says otherwise.
 pub const DEFAULT_LOCAL_PATH: &str = "/var/lib/cni/whereabouts/whereabouts.db";
 
+/// The kubeconfig the installer writes on a node (default directories): what the operator's
+/// commands use with the Kubernetes engine when nothing names one.
+pub const DEFAULT_KUBECONFIG: &str = "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
+
 /// The flat files looked up, in order, after `configuration_path`.
 pub const FLAT_FILE_PATHS: [&str; 3] = [
     "/etc/kubernetes/cni/net.d/whereabouts.d/whereabouts.conf",

@@ -236,3 +236,19 @@ fn statics_routes_and_dns() {
     let m = err(json!({"type": "whereabouts", "range": "10.0.0.0/24", "routes": [{"dst": "x"}]}));
     assert!(m.contains("ipam.routes[0].dst"), "{m}");
 }
+
+#[test]
+fn kubernetes_engine_without_kubeconfig_defaults_only_for_operators() {
+    let ipam = json!({"type": "whereabouts", "range": "10.0.0.0/24", "datastore": "kubernetes"});
+    // The plugin must be told where its kubeconfig is.
+    assert!(err(ipam.clone()).contains("ipam.kubernetes.kubeconfig is not set"));
+    // The operator's commands and the controller take the node's (or, in a pod, the service
+    // account when that file is absent: see store::kubernetes::operator_access).
+    let cfg = super::load::load_inner(Some(&ipam), &[], true).unwrap();
+    assert_eq!(
+        cfg.datastore,
+        Datastore::Kubernetes(KubernetesConfig {
+            kubeconfig: DEFAULT_KUBECONFIG.into()
+        })
+    );
+}

@@ -61,17 +61,15 @@ pub struct Options {
 }
 
 /// The namespace of the whereabouts objects: the Kubernetes engine's (its kubeconfig's context),
-/// else `$WHEREABOUTS_NAMESPACE`, else kube-system.
+/// else `$WHEREABOUTS_NAMESPACE`, else the pod's service account's, else kube-system: the same
+/// rule the engine follows when it uses the service account, so both name one namespace.
 pub fn default_namespace(ipam: &IpamConfig) -> String {
     if let Datastore::Kubernetes(k) = &ipam.datastore {
         if let Ok(config) = kube::config::Kubeconfig::read_from(&k.kubeconfig) {
             return crate::store::kubernetes::context_namespace(&config);
         }
     }
-    std::env::var("WHEREABOUTS_NAMESPACE")
-        .ok()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| crate::store::kubernetes::DEFAULT_NAMESPACE.to_string())
+    crate::store::kubernetes::in_cluster_namespace()
 }
 
 fn send(jobs: &Mutex<Sender<Job>>, job: Job) {
@@ -123,7 +121,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         .name("store".into())
         .spawn(move || {
             let (ipam, handle, client, metrics, post_events, reservations) = worker_parts;
-            let store = match crate::store::open(&ipam) {
+            let store = match crate::store::open_for_operator(&ipam) {
                 Ok(store) => store,
                 Err(err) => {
                     let _ = ready_tx.send(Err(format!("cannot open the store: {err}")));

@@ -28,6 +28,15 @@ pub fn open(ipam: &IpamConfig) -> Result<Box<dyn Store>, StoreError> {
     }
 }
 
+/// As [`open`], for the operator's commands and the controller, which may run in a pod without
+/// the node's kubeconfig: see [`kubernetes::open_for_operator`].
+pub fn open_for_operator(ipam: &IpamConfig) -> Result<Box<dyn Store>, StoreError> {
+    match &ipam.datastore {
+        Datastore::Kubernetes(cfg) => kubernetes::open_for_operator(ipam, cfg),
+        _ => open(ipam),
+    }
+}
+
 /// Who holds an address: the attachment (container ID, interface name), and the pod it belongs
 /// to when the runtime says so.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,6 +1,7 @@
-//! From the kubeconfig file to a client: the server, the credentials, the namespace, timeouts.
+//! From the kubeconfig file (or, for the operator side in a pod, the pod's service account) to a
+//! client: the server, the credentials, the namespace, timeouts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -10,10 +11,67 @@ use crate::store::StoreError;
 /// Where the objects live when the kubeconfig's context names no namespace (as upstream).
 pub const DEFAULT_NAMESPACE: &str = "kube-system";
 
+/// The namespace of the whereabouts objects for a process using its pod's service account (the
+/// installer takes the same variable).
+pub const NAMESPACE_ENV: &str = "WHEREABOUTS_NAMESPACE";
+
+/// Where the kubelet mounts a pod's service account (fixed: the client library reads it there).
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 pub struct Connection {
     pub client: kube::Client,
     pub namespace: String,
     pub server: String,
+}
+
+/// How the engine reaches the API server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The kubeconfig the configuration names (the plugin's only way).
+    Kubeconfig(PathBuf),
+    /// The service account of the pod this process runs in.
+    InCluster,
+}
+
+/// Whether this process runs in a pod: the kubelet sets `KUBERNETES_SERVICE_HOST` in every
+/// container, and nothing on a host does.
+pub fn in_pod() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
+}
+
+/// The operator side's choice (commands and the controller, never the plugin): the configured
+/// kubeconfig when it exists; inside a pod without it, the pod's service account. A Deployment
+/// mounts no node's kubeconfig, and the default path the operator loader fills in names the
+/// node's file; outside a pod a missing file stays an error that names it.
+pub fn operator_access(kubeconfig: &Path, in_pod: bool) -> Access {
+    if in_pod && !kubeconfig.exists() {
+        Access::InCluster
+    } else {
+        Access::Kubeconfig(kubeconfig.to_path_buf())
+    }
+}
+
+/// The namespace of a process using its service account: `$WHEREABOUTS_NAMESPACE`, else the
+/// service account's own namespace, else [`DEFAULT_NAMESPACE`]. The installer writes the node's
+/// kubeconfig with the same rule, so the plugin and the controller see the same objects.
+pub fn in_cluster_namespace() -> String {
+    namespace_from(
+        std::env::var(NAMESPACE_ENV).ok().as_deref(),
+        Path::new(SERVICE_ACCOUNT_DIR),
+    )
+}
+
+fn namespace_from(env: Option<&str>, service_account: &Path) -> String {
+    env.map(str::trim)
+        .filter(|ns| !ns.is_empty())
+        .map(String::from)
+        .or_else(|| {
+            std::fs::read_to_string(service_account.join("namespace"))
+                .ok()
+                .map(|ns| ns.trim().to_string())
+                .filter(|ns| !ns.is_empty())
+        })
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
 }
 
 /// The namespace of the kubeconfig's current context, else [`DEFAULT_NAMESPACE`].
@@ -30,7 +88,14 @@ pub fn context_namespace(kubeconfig: &Kubeconfig) -> String {
 }
 
 /// Builds the client. Must run inside the engine's runtime: the client starts a task there.
-pub async fn connect(path: &Path, settings: &Settings) -> Result<Connection, StoreError> {
+pub async fn connect(access: &Access, settings: &Settings) -> Result<Connection, StoreError> {
+    match access {
+        Access::Kubeconfig(path) => connect_kubeconfig(path, settings).await,
+        Access::InCluster => connect_in_cluster(settings),
+    }
+}
+
+async fn connect_kubeconfig(path: &Path, settings: &Settings) -> Result<Connection, StoreError> {
     let kubeconfig = Kubeconfig::read_from(path).map_err(|err| {
         StoreError::Config(format!(
             "cannot read kubeconfig {} (ipam.kubernetes.kubeconfig): {err}",
@@ -38,12 +103,37 @@ pub async fn connect(path: &Path, settings: &Settings) -> Result<Connection, Sto
         ))
     })?;
     let namespace = context_namespace(&kubeconfig);
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .map_err(|err| {
-                StoreError::Config(format!("cannot use kubeconfig {}: {err}", path.display()))
-            })?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|err| {
+            StoreError::Config(format!("cannot use kubeconfig {}: {err}", path.display()))
+        })?;
+    finish(config, namespace, settings, &path.display().to_string())
+}
+
+fn connect_in_cluster(settings: &Settings) -> Result<Connection, StoreError> {
+    // The library's own in-cluster setup: https to $KUBERNETES_SERVICE_HOST:PORT, the mounted
+    // CA, and the token read from its file again as the kubelet rotates it (a long-running
+    // controller outlives any one token).
+    let config = kube::Config::incluster().map_err(|err| {
+        StoreError::Config(format!(
+            "no kubeconfig for the kubernetes datastore, and the pod's service account ({SERVICE_ACCOUNT_DIR}) cannot be used: {err}"
+        ))
+    })?;
+    finish(
+        config,
+        in_cluster_namespace(),
+        settings,
+        "the pod's service account",
+    )
+}
+
+fn finish(
+    mut config: kube::Config,
+    namespace: String,
+    settings: &Settings,
+    origin: &str,
+) -> Result<Connection, StoreError> {
     config.connect_timeout = Some(settings.request_timeout);
     config.read_timeout = Some(settings.request_timeout);
     config.write_timeout = Some(settings.request_timeout);
@@ -58,8 +148,7 @@ pub async fn connect(path: &Path, settings: &Settings) -> Result<Connection, Sto
     let server = config.cluster_url.to_string();
     let client = kube::Client::try_from(config).map_err(|err| {
         StoreError::Config(format!(
-            "cannot build a client for {server} from {}: {err}",
-            path.display()
+            "cannot build a client for {server} from {origin}: {err}"
         ))
     })?;
     Ok(Connection {
@@ -67,4 +156,42 @@ pub async fn connect(path: &Path, settings: &Settings) -> Result<Connection, Sto
         namespace,
         server,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_access_falls_back_to_the_service_account_only_in_a_pod() {
+        let dir = tempfile::tempdir().unwrap();
+        let present = dir.path().join("whereabouts.kubeconfig");
+        std::fs::write(&present, "apiVersion: v1\nkind: Config\n").unwrap();
+        let missing = dir.path().join("missing.kubeconfig");
+        // An existing kubeconfig always wins, in a pod or not.
+        assert_eq!(
+            operator_access(&present, true),
+            Access::Kubeconfig(present.clone())
+        );
+        assert_eq!(
+            operator_access(&present, false),
+            Access::Kubeconfig(present.clone())
+        );
+        // A missing one: the service account in a pod, the (failing, named) file elsewhere.
+        assert_eq!(operator_access(&missing, true), Access::InCluster);
+        assert_eq!(
+            operator_access(&missing, false),
+            Access::Kubeconfig(missing.clone())
+        );
+    }
+
+    #[test]
+    fn in_cluster_namespace_prefers_the_variable_then_the_service_account() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(namespace_from(None, dir.path()), DEFAULT_NAMESPACE);
+        std::fs::write(dir.path().join("namespace"), "net-system\n").unwrap();
+        assert_eq!(namespace_from(None, dir.path()), "net-system");
+        assert_eq!(namespace_from(Some(""), dir.path()), "net-system");
+        assert_eq!(namespace_from(Some("ipam"), dir.path()), "ipam");
+    }
 }

@@ -25,7 +25,10 @@ use tokio::runtime::Runtime;
 use crate::config::{IpamConfig, KubernetesConfig};
 use crate::store::{AddRequest, AttachmentRequest, GcRequest, Lease, Store, StoreError};
 
-pub use connect::{context_namespace, DEFAULT_NAMESPACE};
+pub use connect::{
+    context_namespace, in_cluster_namespace, in_pod, operator_access, Access, DEFAULT_NAMESPACE,
+    NAMESPACE_ENV, SERVICE_ACCOUNT_DIR,
+};
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
 pub use spool::SPOOL_ENV;
@@ -34,15 +37,35 @@ use api::{ApiError, Kube};
 use engine::{Engine, UndoLog};
 use settings::Settings;
 
-/// Connects to the API server named by the kubeconfig.
+/// Connects to the API server named by the kubeconfig (the plugin: a missing file is an error).
 pub fn open(ipam: &IpamConfig, cfg: &KubernetesConfig) -> Result<Box<dyn Store>, StoreError> {
+    open_with(ipam, &Access::Kubeconfig(cfg.kubeconfig.clone()))
+}
+
+/// As [`open`], for the operator's commands and the controller: inside a pod whose file system
+/// lacks the kubeconfig (the controller's Deployment), the pod's service account.
+pub fn open_for_operator(
+    ipam: &IpamConfig,
+    cfg: &KubernetesConfig,
+) -> Result<Box<dyn Store>, StoreError> {
+    let access = operator_access(&cfg.kubeconfig, in_pod());
+    if access == Access::InCluster {
+        tracing::info!(
+            kubeconfig = %cfg.kubeconfig.display(),
+            "no kubeconfig file in this pod: the kubernetes datastore uses the pod's service account"
+        );
+    }
+    open_with(ipam, &access)
+}
+
+fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, StoreError> {
     let settings = Settings::from_env();
     // The plugin is a short-lived process: one thread, only around the API calls.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|err| StoreError::Io(format!("cannot start the I/O runtime: {err}")))?;
-    let connection = runtime.block_on(connect::connect(&cfg.kubeconfig, &settings))?;
+    let connection = runtime.block_on(connect::connect(access, &settings))?;
     tracing::debug!(
         server = %connection.server,
         namespace = %connection.namespace,
