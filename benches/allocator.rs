@@ -81,6 +81,7 @@ fn sqlite_us(pool: &PoolRef, fill: u128) -> f64 {
             }],
             node_slice_size: None,
             sleep_for_race: 0,
+            node: Some("node-a".into()),
         };
         store.add(&req).unwrap();
     }

@@ -169,6 +169,7 @@ fn library_rate(cluster: &Cluster, nodes: usize, range: &str) -> f64 {
                         }],
                         node_slice_size: None,
                         sleep_for_race: 0,
+                        node: Some("node-a".into()),
                     };
                     let ips = store.add(&req).expect("allocation");
                     seen.lock().unwrap().extend(ips);

@@ -79,6 +79,7 @@ fn add_req(attachment: Attachment, pools: &[PoolRef], network: &str) -> AddReque
             .collect(),
         node_slice_size: None,
         sleep_for_race: 0,
+        node: Some("node-a".into()),
     }
 }
 
@@ -168,6 +169,22 @@ fn store_semantics_on_a_real_cluster() {
         .unwrap();
     assert_eq!(c7, vec![ip("10.0.0.2")]);
 
+    // A GC from another node knows only that node's attachments: it frees nothing node-a holds.
+    let elsewhere = GcRequest {
+        cni_network: "net".into(),
+        network_name: String::new(),
+        pools: vec![p4.clone(), p6.clone(), wide.clone(), tiny.clone()],
+        valid: vec![],
+        node: Some("node-b".into()),
+        node_slice_size: None,
+    };
+    assert_eq!(store.gc(&elsewhere).unwrap(), vec![]);
+    let unknown = GcRequest {
+        node: None,
+        ..elsewhere
+    };
+    assert_eq!(store.gc(&unknown).unwrap(), vec![]);
+
     // GC keeps only the valid attachments of this CNI network.
     let gc = store
         .gc(&GcRequest {
@@ -175,6 +192,8 @@ fn store_semantics_on_a_real_cluster() {
             network_name: String::new(),
             pools: vec![p4.clone(), p6.clone(), wide.clone(), tiny.clone()],
             valid: vec![("c1-restarted".into(), "eth0".into())],
+            node: Some("node-a".into()),
+            node_slice_size: None,
         })
         .unwrap();
     let mut freed: Vec<String> = gc

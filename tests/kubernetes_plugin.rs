@@ -425,6 +425,35 @@ fn node_slices_from_a_nodeslicepool() {
         .get("ippools", NS, "slicenet-node-a-10.120.0.0-28")
         .unwrap();
     assert_eq!(pool_ips(&pool).len(), 11);
+
+    // A CNI GC on node-a lists node-a's attachments only: it frees node-a's stale entry (a-5)
+    // and leaves node-b's pool, whose pod is not in node-a's list, as it is.
+    let mut gc_conf: serde_json::Value = serde_json::from_str(&conf).unwrap();
+    gc_conf["cni.dev/valid-attachments"] = (1..12)
+        .filter(|i| *i != 5)
+        .map(|i| json!({"containerID": format!("a-{i}"), "ifname": "net1"}))
+        .collect();
+    let reply = run(
+        bin(),
+        &Call {
+            node: Some("node-a"),
+            ..call("GC", "", "")
+        },
+        &gc_conf.to_string(),
+    );
+    assert_eq!(reply.code, 0, "{reply:?}");
+    let pool = server
+        .get("ippools", NS, "slicenet-node-a-10.120.0.0-28")
+        .unwrap();
+    assert_eq!(pool_ips(&pool).len(), 10);
+    let pool_b = server
+        .get("ippools", NS, "slicenet-node-b-10.120.0.16-28")
+        .unwrap();
+    assert_eq!(
+        pool_ips(&pool_b).len(),
+        1,
+        "node-a's GC touched node-b's pool"
+    );
 }
 
 #[test]

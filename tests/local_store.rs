@@ -59,6 +59,7 @@ fn add_req(network: &str, pools: &[&PoolRef], attachment: Attachment) -> AddRequ
             .collect(),
         node_slice_size: None,
         sleep_for_race: 0,
+        node: Some("node-a".into()),
     }
 }
 
@@ -413,6 +414,8 @@ fn gc_keeps_valid_attachments_and_other_networks() {
             ("keep".into(), "eth0".into()),
             ("drop2".into(), "net1".into()),
         ],
+        node: Some("node-a".into()),
+        node_slice_size: None,
     };
     let mut released: Vec<_> = store
         .gc(&gc)

@@ -106,6 +106,11 @@ fn version_reply(stdin: &[u8], reply_version: &mut String) -> Value {
     serde_json::json!({ "cniVersion": asked, "supportedVersions": SUPPORTED })
 }
 
+/// This node's name, where it can be told.
+fn this_node(cfg: &IpamConfig) -> Option<String> {
+    store::node::node_name(cfg.configuration_path.as_deref()).ok()
+}
+
 fn open_store(cfg: &IpamConfig) -> Result<Box<dyn Store>, CniError> {
     store::open(cfg).map_err(CniError::from)
 }
@@ -187,6 +192,7 @@ fn add(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig, version: &str) -> Result<
             ranges: placement.ranges.clone(),
             node_slice_size: cfg.node_slice_size,
             sleep_for_race: cfg.sleep_for_race,
+            node: this_node(cfg),
         };
         let ips = open_store(cfg)?.add(&req)?;
         for (ip, slot) in ips.into_iter().zip(&placement.ranges) {
@@ -258,6 +264,8 @@ fn gc(conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
         network_name: cfg.network_name.clone(),
         pools: pools(cfg)?,
         valid: conf.valid_attachments.clone().unwrap_or_default(),
+        node: this_node(cfg),
+        node_slice_size: cfg.node_slice_size,
     };
     let released = open_store(cfg)?.gc(&req)?;
     tracing::info!(released = released.len(), "garbage collected");

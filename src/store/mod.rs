@@ -13,6 +13,7 @@ pub mod error;
 pub mod etcd;
 pub mod kubernetes;
 pub mod local;
+pub mod node;
 pub mod retry;
 
 pub use error::StoreError;
@@ -102,6 +103,9 @@ pub struct AddRequest {
     pub node_slice_size: Option<u8>,
     /// `sleep_for_race` (seconds): pause between read and write, to widen races in tests.
     pub sleep_for_race: u64,
+    /// The node making the ADD, where known ([`node::node_name`]); engines shared by many nodes
+    /// record it so that a node's CNI GC releases only what that node allocated.
+    pub node: Option<String>,
 }
 
 /// The pools and attachment of a DEL or CHECK.
@@ -116,13 +120,21 @@ pub struct AttachmentRequest {
 }
 
 /// A GC: free every allocation of `cni_network` whose attachment is not listed in `valid`.
+///
+/// The runtime that calls GC knows only its own node's attachments, so on an engine shared by
+/// many nodes a GC must release only what this node allocated: what another node holds is not
+/// in this node's list, yet alive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GcRequest {
     pub cni_network: String,
     pub network_name: String,
     pub pools: Vec<PoolRef>,
-    /// (container ID, interface name) pairs still in use.
+    /// (container ID, interface name) pairs still in use on this node.
     pub valid: Vec<(String, String)>,
+    /// The node the GC runs on, where known.
+    pub node: Option<String>,
+    /// `node_slice_size`: with node slices, this node's own pools can be collected.
+    pub node_slice_size: Option<u8>,
 }
 
 /// An address held in a pool.

@@ -81,6 +81,7 @@ pub fn add_request(cfg: &IpamConfig, who: Attachment) -> AddRequest {
             .collect(),
         node_slice_size: cfg.node_slice_size,
         sleep_for_race: 0,
+        node: Some("node-a".into()),
     }
 }
 
@@ -104,6 +105,8 @@ pub fn gc_request(cfg: &IpamConfig, valid: &[(&str, &str)]) -> GcRequest {
             .iter()
             .map(|(c, i)| (c.to_string(), i.to_string()))
             .collect(),
+        node: Some("node-a".into()),
+        node_slice_size: cfg.node_slice_size,
     }
 }
 

@@ -100,6 +100,8 @@ pub(super) fn build_commit(
                     container_id: who.container_id.clone(),
                     pod_uid: who.pod_uid.clone().or_else(|| record.pod_uid.clone()),
                     pod_ref: who.pod_ref.clone().or_else(|| record.pod_ref.clone()),
+                    // A repeated ADD comes from the node the pod runs on now.
+                    node: req.node.clone().or_else(|| record.node.clone()),
                     ..(**record).clone()
                 };
                 if updated == **record {
@@ -157,6 +159,7 @@ pub(super) fn build_commit(
                     cni_network: req.cni_network.clone(),
                     network_name: req.network_name.clone(),
                     reserved: req.overlap,
+                    node: req.node.clone(),
                 };
                 ops.push(TxnOp::put(akey, record.to_json(), None));
                 let owner_key = keys.owner(&who.container_id, &who.ifname, pool);

@@ -26,6 +26,9 @@ pub struct AllocationRecord {
     /// Whether an overlap reservation was written with this allocation.
     #[serde(default)]
     pub reserved: bool,
+    /// The node that made the ADD: a node's CNI GC releases only its own allocations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl AllocationRecord {

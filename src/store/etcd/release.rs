@@ -220,12 +220,21 @@ pub fn check(s: &Session, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreEr
     Ok(leases)
 }
 
+/// Releases this node's allocations of the CNI network that are not valid. The valid list is
+/// this node's runtime's: an allocation of another node (or of an unknown node) is never
+/// touched, and a GC from a node whose name is unknown releases nothing.
 pub fn gc(s: &Session, backoff: &Backoff, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
+    let Some(node) = req.node.as_deref() else {
+        tracing::warn!("GC releases nothing: this node's name is unknown (set NODENAME)");
+        return Ok(Vec::new());
+    };
     let valid = |r: &AllocationRecord| {
-        req.valid
-            .iter()
-            .any(|(c, i)| *c == r.container_id && *i == r.ifname)
+        r.node.as_deref() != Some(node)
+            || req
+                .valid
+                .iter()
+                .any(|(c, i)| *c == r.container_id && *i == r.ifname)
     };
     let mut released = Vec::new();
     for pool in &req.pools {

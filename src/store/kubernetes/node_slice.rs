@@ -1,63 +1,12 @@
 //! Node slices ("fast IPAM"): a NodeSlicePool assigns each node a slice of the range, and the
 //! node allocates from its own pool `[network_name-]<node>-<slice>`, so nodes never contend.
 
-use std::path::{Path, PathBuf};
-
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::{Cidr, Range, RangeSpec};
 use crate::k8s::crd::NodeSlicePool;
 use crate::store::{PoolRef, StoreError};
 
-/// The environment variable that names this node (set by the installer's DaemonSet).
-pub const NODENAME_ENV: &str = "NODENAME";
-
-/// This node's name: `$NODENAME`, else the `nodename` file beside the flat file
-/// (`configuration_path` may name the folder or the file), else `/etc/hostname`.
-pub fn node_name(configuration_path: Option<&Path>) -> Result<String, StoreError> {
-    node_name_from(
-        std::env::var(NODENAME_ENV).ok(),
-        configuration_path,
-        Path::new("/etc/hostname"),
-    )
-}
-
-pub fn node_name_from(
-    env: Option<String>,
-    configuration_path: Option<&Path>,
-    hostname_file: &Path,
-) -> Result<String, StoreError> {
-    if let Some(name) = env.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()) {
-        return Ok(name);
-    }
-    let mut tried: Vec<PathBuf> = Vec::new();
-    if let Some(path) = configuration_path {
-        let dir = if path.is_dir() {
-            Some(path)
-        } else {
-            path.parent()
-        };
-        if let Some(dir) = dir {
-            tried.push(dir.join("nodename"));
-        }
-    }
-    tried.push(hostname_file.to_path_buf());
-    for file in &tried {
-        if let Ok(text) = std::fs::read_to_string(file) {
-            let name = text.trim();
-            if !name.is_empty() {
-                return Ok(name.to_string());
-            }
-        }
-    }
-    Err(StoreError::Config(format!(
-        "node_slice_size is set but this node's name is unknown: set ${NODENAME_ENV} or write it to {}",
-        tried
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(" or ")
-    )))
-}
+pub use crate::store::node::{node_name, NODENAME_ENV};
 
 /// The NodeSlicePool's name: the network name, else the CNI network's `name` (as upstream).
 pub fn slice_pool_name(network_name: &str, cni_network: &str) -> String {
@@ -174,32 +123,5 @@ mod tests {
         assert_eq!(other.range.first, 1);
         let outside = Cidr::parse("10.1.0.0/24", false).unwrap();
         assert!(node_pool(&pool, outside, "", "n").is_err());
-    }
-
-    #[test]
-    fn node_name_lookup_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let hostname = dir.path().join("hostname");
-        std::fs::write(&hostname, "host-a\n").unwrap();
-        let flat = dir.path().join("whereabouts.conf");
-        assert_eq!(
-            node_name_from(Some("env-node".into()), Some(&flat), &hostname).unwrap(),
-            "env-node"
-        );
-        assert_eq!(
-            node_name_from(None, Some(&flat), &hostname).unwrap(),
-            "host-a"
-        );
-        std::fs::write(dir.path().join("nodename"), "file-node\n").unwrap();
-        assert_eq!(
-            node_name_from(None, Some(&flat), &hostname).unwrap(),
-            "file-node"
-        );
-        assert_eq!(
-            node_name_from(None, Some(dir.path()), &hostname).unwrap(),
-            "file-node"
-        );
-        let missing = dir.path().join("none");
-        assert!(node_name_from(None, None, &missing).is_err());
     }
 }

@@ -151,9 +151,9 @@ impl Engine {
         Ok(held)
     }
 
-    /// Frees, in the configured pools of the network configuration, every allocation whose
-    /// attachment is not listed as valid, and then the reservations of those pools' addresses
-    /// that no pool entry backs and no valid attachment holds.
+    /// Frees, in this node's slice pools of the network configuration, every allocation whose
+    /// attachment is not listed as valid, and then the reservations of the configured ranges'
+    /// addresses that no pool entry backs and no valid attachment holds (old ones only).
     pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
         let valid: BTreeSet<(&str, &str)> = req
             .valid
@@ -163,7 +163,30 @@ impl Engine {
         let is_valid =
             |who: &Attachment| valid.contains(&(who.container_id.as_str(), who.ifname.as_str()));
         let mut released = Vec::new();
-        for pool in &req.pools {
+        // The valid list is this node's runtime's. A pool shared by every node holds the live
+        // allocations of other nodes too, and upstream's entries do not record the node, so
+        // only this node's own slice pools can be collected here; the cleanup controller,
+        // which sees every pod, frees what the shared pools hold in vain.
+        if req.node_slice_size.is_none() {
+            tracing::info!("GC leaves pools shared by all nodes to the cleanup controller");
+        }
+        let mut own_pools = Vec::new();
+        if req.node_slice_size.is_some() {
+            for configured in &req.pools {
+                if let Some(pool) = self
+                    .effective_pool(
+                        configured,
+                        req.node_slice_size,
+                        &req.network_name,
+                        &req.cni_network,
+                    )
+                    .await?
+                {
+                    own_pools.push(pool);
+                }
+            }
+        }
+        for pool in &own_pools {
             let name = object_name(&pool.name);
             let removed = self
                 .remove_entries(&name, pool.range.cidr, |e| !is_valid(&e.attachment))
