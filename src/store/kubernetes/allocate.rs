@@ -763,7 +763,7 @@ impl Slot {
 const LEAD_AFTER_DONE: Duration = Duration::from_millis(50);
 
 /// How often a waiting ADD looks for its answer or for the spool's lock.
-const SPOOL_POLL: Duration = Duration::from_micros(500);
+const SPOOL_POLL: Duration = Duration::from_millis(2);
 
 /// The holder of an address, for messages.
 pub fn describe(who: &Attachment) -> String {
