@@ -95,50 +95,81 @@ impl Engine {
         }
     }
 
-    /// The pools of a DEL or CHECK: with node slices, this node's pool (none if no slice),
+    /// The pools an operation works on: with node slices, this node's pool (none if no slice),
     /// each with the configured range it serves (leases report that range, as the caller
     /// configured it, not the node's slice).
-    async fn pools_of(&self, req: &AttachmentRequest) -> Result<Vec<(Cidr, PoolRef)>, StoreError> {
-        let mut pools = Vec::with_capacity(req.pools.len());
-        for configured in &req.pools {
-            if let Some(pool) = self
-                .effective_pool(
-                    configured,
-                    req.node_slice_size,
-                    &req.network_name,
-                    &req.cni_network,
-                )
+    async fn pools_of(
+        &self,
+        configured: &[PoolRef],
+        node_slice_size: Option<u8>,
+        network_name: &str,
+        cni_network: &str,
+    ) -> Result<Vec<(Cidr, PoolRef)>, StoreError> {
+        let mut pools = Vec::with_capacity(configured.len());
+        for pool in configured {
+            if let Some(effective) = self
+                .effective_pool(pool, node_slice_size, network_name, cni_network)
                 .await?
             {
-                pools.push((configured.range.cidr, pool));
+                pools.push((pool.range.cidr, effective));
             }
         }
         Ok(pools)
     }
 
+    /// Removes the entries `pick` selects from `pool`, then the reservations they hold.
+    async fn release_picked(
+        &self,
+        configured: Cidr,
+        pool: &PoolRef,
+        network_name: &str,
+        pick: impl Fn(&Entry) -> bool,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let name = object_name(&pool.name);
+        let removed = self.remove_entries(&name, pool.range.cidr, pick).await?;
+        let doc = PoolDoc::new(&name, configured, None)?;
+        let mut released = Vec::with_capacity(removed.len());
+        for entry in removed {
+            self.release_reservation(entry.ip, network_name, &entry.attachment)
+                .await?;
+            released.push(Self::lease(&doc, entry, network_name));
+        }
+        Ok(released)
+    }
+
     pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
         let mut released = Vec::new();
-        for (configured, pool) in self.pools_of(req).await? {
-            let name = object_name(&pool.name);
-            let removed = self
-                .remove_entries(&name, pool.range.cidr, |e| {
-                    e.attachment.container_id == req.container_id
-                        && e.attachment.ifname == req.ifname
-                })
-                .await?;
-            let doc = PoolDoc::new(&name, configured, None)?;
-            for entry in removed {
-                self.release_reservation(entry.ip, &req.network_name, &entry.attachment)
-                    .await?;
-                released.push(Self::lease(&doc, entry, &req.network_name));
-            }
+        let pools = self
+            .pools_of(
+                &req.pools,
+                req.node_slice_size,
+                &req.network_name,
+                &req.cni_network,
+            )
+            .await?;
+        for (configured, pool) in pools {
+            let mine = |e: &Entry| {
+                e.attachment.container_id == req.container_id && e.attachment.ifname == req.ifname
+            };
+            released.extend(
+                self.release_picked(configured, &pool, &req.network_name, mine)
+                    .await?,
+            );
         }
         Ok(released)
     }
 
     pub async fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
         let mut held = Vec::new();
-        for (configured, pool) in self.pools_of(req).await? {
+        for (configured, pool) in self
+            .pools_of(
+                &req.pools,
+                req.node_slice_size,
+                &req.network_name,
+                &req.cni_network,
+            )
+            .await?
+        {
             let name = object_name(&pool.name);
             let object = self.kube.get_pool(&name).await?;
             let doc = PoolDoc::new(&name, pool.range.cidr, object)?;
@@ -169,33 +200,21 @@ impl Engine {
         // which sees every pod, frees what the shared pools hold in vain.
         if req.node_slice_size.is_none() {
             tracing::info!("GC leaves pools shared by all nodes to the cleanup controller");
-        }
-        let mut own_pools = Vec::new();
-        if req.node_slice_size.is_some() {
-            for configured in &req.pools {
-                if let Some(pool) = self
-                    .effective_pool(
-                        configured,
-                        req.node_slice_size,
-                        &req.network_name,
-                        &req.cni_network,
-                    )
-                    .await?
-                {
-                    own_pools.push(pool);
-                }
-            }
-        }
-        for pool in &own_pools {
-            let name = object_name(&pool.name);
-            let removed = self
-                .remove_entries(&name, pool.range.cidr, |e| !is_valid(&e.attachment))
+        } else {
+            let pools = self
+                .pools_of(
+                    &req.pools,
+                    req.node_slice_size,
+                    &req.network_name,
+                    &req.cni_network,
+                )
                 .await?;
-            let doc = PoolDoc::new(&name, pool.range.cidr, None)?;
-            for entry in removed {
-                self.release_reservation(entry.ip, &req.network_name, &entry.attachment)
-                    .await?;
-                released.push(Self::lease(&doc, entry, &req.network_name));
+            for (configured, pool) in pools {
+                let stale = |e: &Entry| !is_valid(&e.attachment);
+                released.extend(
+                    self.release_picked(configured, &pool, &req.network_name, stale)
+                        .await?,
+                );
             }
         }
         self.gc_orphan_reservations(req, &is_valid).await?;
