@@ -138,21 +138,35 @@ impl Engine {
     }
 
     pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+        let mine = |e: &Entry| {
+            e.attachment.container_id == req.container_id && e.attachment.ifname == req.ifname
+        };
+        self.release_everywhere(
+            &req.pools,
+            req.node_slice_size,
+            &req.network_name,
+            &req.cni_network,
+            mine,
+        )
+        .await
+    }
+
+    /// [`Self::release_picked`] in each pool of an operation ([`Self::pools_of`]).
+    async fn release_everywhere(
+        &self,
+        configured: &[PoolRef],
+        node_slice_size: Option<u8>,
+        network_name: &str,
+        cni_network: &str,
+        pick: impl Fn(&Entry) -> bool,
+    ) -> Result<Vec<Lease>, StoreError> {
         let mut released = Vec::new();
         let pools = self
-            .pools_of(
-                &req.pools,
-                req.node_slice_size,
-                &req.network_name,
-                &req.cni_network,
-            )
+            .pools_of(configured, node_slice_size, network_name, cni_network)
             .await?;
-        for (configured, pool) in pools {
-            let mine = |e: &Entry| {
-                e.attachment.container_id == req.container_id && e.attachment.ifname == req.ifname
-            };
+        for (range, pool) in pools {
             released.extend(
-                self.release_picked(configured, &pool, &req.network_name, mine)
+                self.release_picked(range, &pool, network_name, &pick)
                     .await?,
             );
         }
@@ -193,30 +207,24 @@ impl Engine {
             .collect();
         let is_valid =
             |who: &Attachment| valid.contains(&(who.container_id.as_str(), who.ifname.as_str()));
-        let mut released = Vec::new();
         // The valid list is this node's runtime's. A pool shared by every node holds the live
         // allocations of other nodes too, and upstream's entries do not record the node, so
         // only this node's own slice pools can be collected here; the cleanup controller,
         // which sees every pod, frees what the shared pools hold in vain.
-        if req.node_slice_size.is_none() {
+        let released = if req.node_slice_size.is_none() {
             tracing::info!("GC leaves pools shared by all nodes to the cleanup controller");
+            Vec::new()
         } else {
-            let pools = self
-                .pools_of(
-                    &req.pools,
-                    req.node_slice_size,
-                    &req.network_name,
-                    &req.cni_network,
-                )
-                .await?;
-            for (configured, pool) in pools {
-                let stale = |e: &Entry| !is_valid(&e.attachment);
-                released.extend(
-                    self.release_picked(configured, &pool, &req.network_name, stale)
-                        .await?,
-                );
-            }
-        }
+            let stale = |e: &Entry| !is_valid(&e.attachment);
+            self.release_everywhere(
+                &req.pools,
+                req.node_slice_size,
+                &req.network_name,
+                &req.cni_network,
+                stale,
+            )
+            .await?
+        };
         self.gc_orphan_reservations(req, &is_valid).await?;
         Ok(released)
     }
