@@ -106,8 +106,12 @@ fn version_reply(stdin: &[u8], reply_version: &mut String) -> Value {
     serde_json::json!({ "cniVersion": asked, "supportedVersions": SUPPORTED })
 }
 
-/// This node's name, where it can be told.
+/// This node's name, where it can be told. Only engines shared by many nodes need it; the
+/// local store is one machine's, so its ADDs skip the lookup (file reads on the hot path).
 fn this_node(cfg: &IpamConfig) -> Option<String> {
+    if matches!(cfg.datastore, config::Datastore::Local { .. }) {
+        return None;
+    }
     store::node::node_name(cfg.configuration_path.as_deref()).ok()
 }
 
