@@ -1,6 +1,9 @@
-//! The Kubernetes engine against the strict fake API server, at library level.
+//! The Kubernetes engine at library level, against the real API server (one namespace per
+//! test). The fake server stays for what the real one cannot do on demand: being unreachable
+//! and the checks of the fake's own strictness.
 
 mod fake_apiserver;
+mod kube_apiserver;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -10,25 +13,23 @@ use fake_apiserver::FakeApiServer;
 use serde_json::json;
 use whereabouts::store::StoreError;
 
-const NS: &str = "kube-system";
 
 #[test]
 fn add_check_del_roundtrip() {
-    let server = FakeApiServer::start();
+    let plane = real_cluster!();
+    let ns = plane.namespace("add-check-del-roundtrip");
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = ns.kubeconfig(dir.path());
     let cfg = config(&ipam_json("10.1.0.0/24", &kubeconfig, json!({})));
     let store = open(&cfg).unwrap();
     store.status().unwrap();
     let who = attachment("c1", "default/pod-1", "net1");
     let ips = store.add(&add_request(&cfg, who.clone())).unwrap();
     assert_eq!(ips.len(), 1);
-    let pool = server
-        .get("ippools", NS, "10.1.0.0-24")
+    let pool = ns.get("ippools", "10.1.0.0-24")
         .expect("pool created");
     assert_eq!(pool_ips(&pool), ips);
-    let reservation = server
-        .get("overlappingrangeipreservations", NS, &ips[0].to_string())
+    let reservation = ns.get("overlappingrangeipreservations", &ips[0].to_string())
         .expect("reservation created");
     assert_eq!(reservation["spec"]["podref"], "default/pod-1");
     assert_eq!(reservation["spec"]["containerid"], "c1");
@@ -45,7 +46,7 @@ fn add_check_del_roundtrip() {
         ))
         .unwrap();
     assert_eq!(again, ips);
-    let pool = server.get("ippools", NS, "10.1.0.0-24").unwrap();
+    let pool = ns.get("ippools", "10.1.0.0-24").unwrap();
     let entry = pool["spec"]["allocations"]
         .as_object()
         .unwrap()
@@ -59,9 +60,9 @@ fn add_check_del_roundtrip() {
         .del(&del_request(&cfg, "c1-restarted", "net1"))
         .unwrap();
     assert_eq!(released.len(), 1);
-    let pool = server.get("ippools", NS, "10.1.0.0-24").unwrap();
+    let pool = ns.get("ippools", "10.1.0.0-24").unwrap();
     assert!(pool_ips(&pool).is_empty());
-    assert!(server.list("overlappingrangeipreservations", NS).is_empty());
+    assert!(ns.list("overlappingrangeipreservations").is_empty());
     // DEL of nothing is fine.
     assert!(store
         .del(&del_request(&cfg, "c1-restarted", "net1"))
@@ -71,9 +72,10 @@ fn add_check_del_roundtrip() {
 
 #[test]
 fn concurrent_burst_library_level() {
-    let server = FakeApiServer::start();
+    let plane = real_cluster!();
+    let ns = plane.namespace("concurrent-burst-library-level");
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = ns.kubeconfig(dir.path());
     let cfg = config(&ipam_json("10.2.0.0/16", &kubeconfig, json!({})));
     let threads: Vec<_> = (0..100)
         .map(|i| {
@@ -92,14 +94,9 @@ fn concurrent_burst_library_level() {
     let ips: Vec<IpAddr> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     let unique: BTreeSet<_> = ips.iter().collect();
     assert_eq!(unique.len(), 100);
-    let pool = server.get("ippools", NS, "10.2.0.0-16").unwrap();
+    let pool = ns.get("ippools", "10.2.0.0-16").unwrap();
     assert_eq!(pool_ips(&pool).len(), 100);
-    assert_eq!(server.list("overlappingrangeipreservations", NS).len(), 100);
-    eprintln!(
-        "requests: {} {:?}",
-        server.requests(),
-        server.requests_by_verb()
-    );
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 100);
 }
 
 #[test]
@@ -124,9 +121,10 @@ fn unreachable_server_is_try_again() {
 
 #[test]
 fn static_addresses_are_reserved() {
-    let server = FakeApiServer::start();
+    let plane = real_cluster!();
+    let ns = plane.namespace("static-addresses-are-reserved");
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = ns.kubeconfig(dir.path());
     let cfg = config(&ipam_json("10.4.0.0/24", &kubeconfig, json!({})));
     let store = open(&cfg).unwrap();
     let mut req = add_request(&cfg, attachment("c1", "ns/a", "net1"));
@@ -152,9 +150,10 @@ fn static_addresses_are_reserved() {
 
 #[test]
 fn overlapping_ranges_share_addresses_through_reservations() {
-    let server = FakeApiServer::start();
+    let plane = real_cluster!();
+    let ns = plane.namespace("overlapping-ranges-share-addresses-throu");
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = ns.kubeconfig(dir.path());
     let wide = config(&ipam_json(
         "10.5.0.0/28",
         &kubeconfig,
@@ -193,9 +192,8 @@ fn overlapping_ranges_share_addresses_through_reservations() {
         ))
         .unwrap_err();
     assert!(matches!(err, StoreError::Exhausted { .. }), "{err:?}");
-    assert_eq!(server.list("overlappingrangeipreservations", NS).len(), 14);
-    assert!(server
-        .get("overlappingrangeipreservations", NS, "ovl-10.5.0.1")
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 14);
+    assert!(ns.get("overlappingrangeipreservations", "ovl-10.5.0.1")
         .is_some());
 }
 
@@ -204,9 +202,10 @@ fn overlapping_ranges_share_addresses_through_reservations() {
 /// pool and its reservations as they are. Node-slice pools are collected (kubernetes_plugin.rs).
 #[test]
 fn gc_leaves_shared_pools_alone() {
-    let server = FakeApiServer::start();
+    let plane = real_cluster!();
+    let ns = plane.namespace("gc-leaves-shared-pools-alone");
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = ns.kubeconfig(dir.path());
     let cfg = config(&ipam_json("10.6.0.0/24", &kubeconfig, json!({})));
     let store = open(&cfg).unwrap();
     for c in ["keep", "other-node-1", "other-node-2"] {
@@ -219,9 +218,9 @@ fn gc_leaves_shared_pools_alone() {
     }
     let freed = store.gc(&gc_request(&cfg, &[("keep", "net1")])).unwrap();
     assert!(freed.is_empty(), "{freed:?}");
-    let pool = server.get("ippools", NS, "10.6.0.0-24").unwrap();
+    let pool = ns.get("ippools", "10.6.0.0-24").unwrap();
     assert_eq!(pool_ips(&pool).len(), 3);
-    assert_eq!(server.list("overlappingrangeipreservations", NS).len(), 3);
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 3);
     let leases = store.leases(None).unwrap();
     assert_eq!(leases.len(), 3);
     let keep = leases
@@ -230,14 +229,15 @@ fn gc_leaves_shared_pools_alone() {
         .unwrap();
     let released = store.release("10.6.0.0-24", keep.ip).unwrap();
     assert!(released.is_some());
-    assert_eq!(server.list("overlappingrangeipreservations", NS).len(), 2);
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 2);
 }
 
 #[test]
 fn a_failed_second_range_takes_back_the_first() {
-    let server = FakeApiServer::start();
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-failed-second-range-takes-back-the-fir");
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = ns.kubeconfig(dir.path());
     let cfg = config(&ipam_json(
         "10.7.0.0/24",
         &kubeconfig,
@@ -257,13 +257,13 @@ fn a_failed_second_range_takes_back_the_first() {
         .add(&add_request(&cfg, attachment("late", "ns/late", "net1")))
         .unwrap_err();
     assert!(matches!(err, StoreError::Exhausted { .. }), "{err:?}");
-    let first = server.get("ippools", NS, "10.7.0.0-24").unwrap();
+    let first = ns.get("ippools", "10.7.0.0-24").unwrap();
     assert_eq!(
         pool_ips(&first).len(),
         2,
         "the first range kept the failed ADD's address"
     );
-    assert_eq!(server.list("overlappingrangeipreservations", NS).len(), 4);
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 4);
 }
 
 #[test]
