@@ -5,10 +5,16 @@
 //! - one machine: the 10 node names share the machine's spool;
 //! - no spool: every ADD writes the pool on its own.
 //!
+//! Then the same burst, 10 machines, on the real API server (kube-apiserver and etcd from
+//! `hack/control-plane`, TLS, no added latency): requests per ADD there come from the server's
+//! own `apiserver_request_total`.
+//!
 //! Run: `cargo bench --bench kubernetes_burst` (builds the release binary).
 
 #[path = "../tests/fake_apiserver/mod.rs"]
 mod fake_apiserver;
+#[path = "../tests/kube_apiserver/mod.rs"]
+mod kube_apiserver;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -24,11 +30,39 @@ const PARALLEL: usize = 20;
 const NODES: usize = 10;
 const LATENCY: Duration = Duration::from_millis(2);
 
-fn scenario(title: &str, spool: Option<String>) {
+/// The server a scenario runs against, and how its requests are counted.
+enum Server {
+    Fake(FakeApiServer),
+    Real(kube_apiserver::TestNamespace),
+}
+
+impl Server {
+    fn kubeconfig(&self, dir: &Path) -> std::path::PathBuf {
+        match self {
+            Server::Fake(server) => server.write_kubeconfig(dir, None),
+            Server::Real(namespace) => namespace.kubeconfig(dir),
+        }
+    }
+
+    /// Requests for the whereabouts objects so far (the fake also counts by verb).
+    fn requests(&self) -> (u64, String) {
+        match self {
+            Server::Fake(server) => (
+                server.requests(),
+                format!("{:?}", server.requests_by_verb()),
+            ),
+            Server::Real(namespace) => (
+                namespace.plane.requests_for_group(kube_apiserver::GROUP),
+                String::from("(apiserver_request_total)"),
+            ),
+        }
+    }
+}
+
+fn scenario(title: &str, server: Server, spool: Option<String>) {
     let bin = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
-    let server = FakeApiServer::start();
     let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = server.kubeconfig(dir.path());
     let ipam = json!({
         "type": "whereabouts",
         "range": "10.50.0.0/16",
@@ -63,8 +97,10 @@ fn scenario(title: &str, spool: Option<String>) {
         0
     );
 
-    server.set_latency(LATENCY);
-    server.reset_counts();
+    if let Server::Fake(fake) = &server {
+        fake.set_latency(LATENCY);
+    }
+    let (before, _) = server.requests();
     let burst = Burst {
         calls: ADDS,
         parallel: PARALLEL,
@@ -72,7 +108,8 @@ fn scenario(title: &str, spool: Option<String>) {
         command: "ADD",
     };
     let out = run_burst(bin, &conf, &burst, &env);
-    let requests = server.requests();
+    let (after, by_verb) = server.requests();
+    let requests = after - before;
     let mut ips = BTreeSet::new();
     for (i, _, reply) in &out.calls {
         assert_eq!(reply.code, 0, "ADD {i} failed: {reply:?}");
@@ -92,7 +129,7 @@ fn scenario(title: &str, spool: Option<String>) {
         out.percentile(0.99).as_secs_f64() * 1e3
     );
     println!("  requests/ADD   {:>8.2}", requests as f64 / ADDS as f64);
-    println!("  requests       {:?}", server.requests_by_verb());
+    println!("  requests       {by_verb}");
 }
 
 fn main() {
@@ -101,9 +138,11 @@ fn main() {
     );
     println!("binary: {}", env!("CARGO_BIN_EXE_whereabouts"));
     let base = std::env::temp_dir().join(format!("wb-bench-spool-{}", std::process::id()));
-    scenario("10 machines (a spool per node)", None);
+    let fake = || Server::Fake(FakeApiServer::start());
+    scenario("10 machines (a spool per node)", fake(), None);
     scenario(
         "one machine (the 10 node names share its spool)",
+        fake(),
         Some(base.join("shared").display().to_string()),
     );
     // A spool below a regular file cannot be made: every ADD writes on its own.
@@ -112,7 +151,16 @@ fn main() {
     let _ = std::fs::write(&file, b"");
     scenario(
         "no spool (every ADD writes alone)",
+        fake(),
         Some(file.join("x").display().to_string()),
     );
+    match kube_apiserver::control_plane() {
+        Some(plane) => scenario(
+            "real API server, 10 machines (a spool per node), no added latency",
+            Server::Real(plane.namespace("bench-burst")),
+            None,
+        ),
+        None => println!("real API server: not available (see above)"),
+    }
     let _ = std::fs::remove_dir_all(&base);
 }
