@@ -1,19 +1,20 @@
 //! The install artefacts in deploy/: CRDs in step with the Rust types and with upstream's wire
 //! contract (tests/data/upstream-contract.yaml), the plain manifest and the Helm chart well
 //! formed, equivalent, least-privileged and in agreement with the installer's flags and the
-//! image.
-//!
-//! No helm binary or API server exists here, so the chart is rendered by a small renderer below
-//! that understands exactly the template constructs the chart uses (and fails on anything else,
-//! including a `.Values` key missing from values.yaml).
+//! image. The chart is linted and rendered by the real helm, built by hack/tools/build.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use clap::{CommandFactory, Parser};
 use serde_json::{json, Value};
 use whereabouts::cli::crds;
 use whereabouts::cli::install::{InstallArgs, Settings};
+
+use common::tools;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -42,6 +43,15 @@ fn yaml_doc(path: &Path) -> Value {
     let mut docs = yaml_docs(&read(path), &path.display().to_string());
     assert_eq!(docs.len(), 1, "{}: expected one document", path.display());
     docs.remove(0)
+}
+
+/// A scalar as text, as a template or a container command sees it.
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
 }
 
 fn files_with_ext(dir: &Path, ext: &str) -> Vec<PathBuf> {
@@ -417,304 +427,37 @@ fn the_contract_check_notices_what_a_client_relies_on() {
     assert!(contract_differences(&described, &contract, resource).is_empty());
 }
 
-// ---------------------------------------------------------------- a minimal Helm renderer
+// ---------------------------------------------------------------- the chart, rendered by helm
 
-#[derive(Debug)]
-enum Node {
-    Text(String),
-    Expr(String),
-    If(String, Vec<Node>, Vec<Node>),
-    With(String, Vec<Node>, Vec<Node>),
+/// Runs helm with `args`, returning its stdout; None when there is no helm (outside CI).
+fn run_helm(args: &[&str]) -> Option<String> {
+    let out = Command::new(tools::helm()?)
+        .args(args)
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).expect("helm prints UTF-8"))
 }
 
-struct Release {
-    name: String,
-    namespace: String,
+/// The chart's objects for a release, as `helm template` renders them with `--set` values;
+/// None when there is no helm (outside CI).
+fn render_chart(release: &str, namespace: &str, set: &[&str]) -> Option<Vec<Value>> {
+    let chart = chart_dir().to_string_lossy().into_owned();
+    let mut args = vec!["template", release, &chart, "--namespace", namespace];
+    for value in set {
+        args.extend(["--set", value]);
+    }
+    let text = run_helm(&args)?;
+    Some(yaml_docs(&text, &format!("helm template {set:?}")))
 }
 
-struct Ctx {
-    values: Value,
-    chart: Value,
-    release: Release,
-}
-
-/// Splits a template into text and actions, applying `{{-` / `-}}` whitespace trimming.
-fn lex(template: &str) -> Result<Vec<(bool, String)>, String> {
-    let mut parts: Vec<(bool, String)> = Vec::new();
-    let mut rest = template;
-    let mut trim_next = false;
-    while let Some(start) = rest.find("{{") {
-        let mut text = rest[..start].to_string();
-        if trim_next {
-            text = text.trim_start().to_string();
-        }
-        let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or("unclosed {{")?;
-        let mut action = &after[..end];
-        if let Some(a) = action.strip_prefix('-') {
-            text = text.trim_end().to_string();
-            action = a;
-        }
-        trim_next = false;
-        if let Some(a) = action.strip_suffix('-') {
-            trim_next = true;
-            action = a;
-        }
-        parts.push((false, text));
-        parts.push((true, action.trim().to_string()));
-        rest = &after[end + 2..];
-    }
-    let mut text = rest.to_string();
-    if trim_next {
-        text = text.trim_start().to_string();
-    }
-    parts.push((false, text));
-    Ok(parts)
-}
-
-/// Parses actions into a tree; returns the nodes up to an `else`/`end` and which one ended them.
-fn parse(parts: &mut std::vec::IntoIter<(bool, String)>) -> Result<(Vec<Node>, String), String> {
-    let mut nodes = Vec::new();
-    while let Some((is_action, body)) = parts.next() {
-        if !is_action {
-            nodes.push(Node::Text(body));
-            continue;
-        }
-        if body.starts_with("/*") {
-            continue;
-        }
-        let (word, arg) = body.split_once(' ').unwrap_or((body.as_str(), ""));
-        match word {
-            "if" | "with" => {
-                let (then, ended) = parse(parts)?;
-                let otherwise = match ended.as_str() {
-                    "else" => {
-                        let (e, ended) = parse(parts)?;
-                        if ended != "end" {
-                            return Err(format!("{word} without end"));
-                        }
-                        e
-                    }
-                    "end" => Vec::new(),
-                    _ => return Err(format!("{word} without end")),
-                };
-                let arg = arg.trim().to_string();
-                nodes.push(if word == "if" {
-                    Node::If(arg, then, otherwise)
-                } else {
-                    Node::With(arg, then, otherwise)
-                });
-            }
-            "else" | "end" => return Ok((nodes, word.to_string())),
-            "range" | "define" | "include" | "template" | "block" | "tpl" => {
-                return Err(format!("unsupported action {body:?}"))
-            }
-            _ => nodes.push(Node::Expr(body)),
-        }
-    }
-    Ok((nodes, String::new()))
-}
-
-fn truthy(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::String(s) => !s.is_empty(),
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
-}
-
-fn text_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-fn words(command: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in command.chars() {
-        match c {
-            '"' => {
-                cur.push(c);
-                quoted = !quoted;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-fn term(word: &str, dot: &Value, ctx: &Ctx) -> Result<Value, String> {
-    if word == "." {
-        return Ok(dot.clone());
-    }
-    if let Some(lit) = word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
-        return Ok(json!(lit));
-    }
-    if let Ok(n) = word.parse::<i64>() {
-        return Ok(json!(n));
-    }
-    if let Some(path) = word.strip_prefix(".Values.") {
-        let mut v = &ctx.values;
-        for key in path.split('.') {
-            v = v
-                .get(key)
-                .ok_or_else(|| format!(".Values.{path} is not defined in values.yaml"))?;
-        }
-        return Ok(v.clone());
-    }
-    match word {
-        ".Release.Name" => Ok(json!(ctx.release.name)),
-        ".Release.Namespace" => Ok(json!(ctx.release.namespace)),
-        ".Release.Service" => Ok(json!("Helm")),
-        ".Chart.Name" => Ok(ctx.chart["name"].clone()),
-        ".Chart.Version" => Ok(ctx.chart["version"].clone()),
-        ".Chart.AppVersion" => Ok(ctx.chart["appVersion"].clone()),
-        _ => Err(format!("unsupported term {word:?}")),
-    }
-}
-
-fn call(name: &str, args: Vec<Value>) -> Result<Value, String> {
-    let int = |v: &Value| v.as_u64().map(|n| n as usize).ok_or("expected a number");
-    let indented = |n: usize, s: &str| {
-        s.lines()
-            .map(|l| format!("{}{l}", " ".repeat(n)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    match (name, args.as_slice()) {
-        ("default", [fallback, value]) => Ok(if truthy(value) {
-            value.clone()
-        } else {
-            fallback.clone()
-        }),
-        ("quote", [v]) => Ok(json!(format!("{:?}", text_of(v)))),
-        ("toYaml", [v]) => Ok(json!(serde_saphyr::to_string(v)
-            .map_err(|e| e.to_string())?
-            .trim_end()
-            .to_string())),
-        ("nindent", [n, s]) => Ok(json!(format!("\n{}", indented(int(n)?, &text_of(s))))),
-        ("indent", [n, s]) => Ok(json!(indented(int(n)?, &text_of(s)))),
-        ("eq", [a, b]) => Ok(json!(a == b)),
-        ("ne", [a, b]) => Ok(json!(a != b)),
-        _ => Err(format!(
-            "unsupported function {name} with {} arguments",
-            args.len()
-        )),
-    }
-}
-
-const FUNCTIONS: [&str; 7] = [
-    "default", "quote", "toYaml", "nindent", "indent", "eq", "ne",
-];
-
-fn eval(pipeline: &str, dot: &Value, ctx: &Ctx) -> Result<Value, String> {
-    let mut piped: Option<Value> = None;
-    for command in pipeline.split('|') {
-        let w = words(command);
-        let (first, rest) = w.split_first().ok_or("empty command")?;
-        if FUNCTIONS.contains(&first.as_str()) {
-            let mut args = rest
-                .iter()
-                .map(|a| term(a, dot, ctx))
-                .collect::<Result<Vec<_>, _>>()?;
-            args.extend(piped.take());
-            piped = Some(call(first, args)?);
-        } else if piped.is_none() && rest.is_empty() {
-            piped = Some(term(first, dot, ctx)?);
-        } else {
-            return Err(format!("unsupported command {command:?}"));
-        }
-    }
-    piped.ok_or_else(|| "empty pipeline".to_string())
-}
-
-fn render_nodes(nodes: &[Node], dot: &Value, ctx: &Ctx, out: &mut String) -> Result<(), String> {
-    for node in nodes {
-        match node {
-            Node::Text(t) => out.push_str(t),
-            Node::Expr(e) => out.push_str(&text_of(&eval(e, dot, ctx)?)),
-            Node::If(cond, then, otherwise) => {
-                let branch = if truthy(&eval(cond, dot, ctx)?) {
-                    then
-                } else {
-                    otherwise
-                };
-                render_nodes(branch, dot, ctx, out)?;
-            }
-            Node::With(expr, then, otherwise) => {
-                let v = eval(expr, dot, ctx)?;
-                if truthy(&v) {
-                    render_nodes(then, &v, ctx, out)?;
-                } else {
-                    render_nodes(otherwise, dot, ctx, out)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn render(template: &str, ctx: &Ctx) -> Result<String, String> {
-    let mut parts = lex(template)?.into_iter();
-    let (nodes, ended) = parse(&mut parts)?;
-    if !ended.is_empty() {
-        return Err(format!("unexpected {ended}"));
-    }
-    let mut out = String::new();
-    render_nodes(&nodes, &ctx.values, ctx, &mut out)?;
-    Ok(out)
-}
-
-fn merge(base: &mut Value, overrides: &Value) {
-    match (base, overrides) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                merge(b.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-        (b, o) => *b = o.clone(),
-    }
-}
-
-/// The chart's objects for a release, as `helm template` would give them.
-fn render_chart(release: &str, namespace: &str, overrides: Value) -> Vec<Value> {
-    let mut values = yaml_doc(&chart_dir().join("values.yaml"));
-    merge(&mut values, &overrides);
-    let ctx = Ctx {
-        values,
-        chart: yaml_doc(&chart_dir().join("Chart.yaml")),
-        release: Release {
-            name: release.into(),
-            namespace: namespace.into(),
-        },
-    };
-    let mut objects = Vec::new();
-    for path in files_with_ext(&chart_dir().join("templates"), "yaml") {
-        let text = render(&read(&path), &ctx).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        objects.extend(yaml_docs(&text, &path.display().to_string()));
-    }
-    // NOTES.txt is rendered too (it is text, not YAML).
-    render(&read(&chart_dir().join("templates/NOTES.txt")), &ctx).unwrap();
-    objects
-}
-
-fn default_chart() -> Vec<Value> {
-    render_chart("whereabouts", "kube-system", json!({}))
+fn default_chart() -> Option<Vec<Value>> {
+    render_chart("whereabouts", "kube-system", &[])
 }
 
 fn plain_manifest() -> Vec<Value> {
@@ -722,39 +465,31 @@ fn plain_manifest() -> Vec<Value> {
     yaml_docs(&read(&path), "daemonset-install.yaml")
 }
 
+/// The plain manifest, and the chart's default rendering when helm is at hand: the two ways to
+/// install, which must agree.
+fn both_installs() -> Vec<(&'static str, Vec<Value>)> {
+    let mut installs = vec![("plain", plain_manifest())];
+    installs.extend(default_chart().map(|chart| ("chart", chart)));
+    installs
+}
+
 #[test]
-fn the_renderer_trims_and_branches_like_helm() {
-    let ctx = Ctx {
-        values: json!({"a": {"b": "x"}, "empty": {}, "list": ["p", "q"]}),
-        chart: json!({"appVersion": "9"}),
-        release: Release {
-            name: "r".into(),
-            namespace: "n".into(),
-        },
-    };
-    let r = |t: &str| render(t, &ctx);
-    assert_eq!(r("k: {{ .Values.a.b }}\n").unwrap(), "k: x\n");
-    assert_eq!(
-        r("k:\n  {{- toYaml .Values.list | nindent 2 }}\n").unwrap(),
-        "k:\n  - p\n  - q\n"
-    );
-    assert_eq!(
-        r("a\n{{- with .Values.empty }}\nx\n{{- end }}\nb").unwrap(),
-        "a\nb"
-    );
-    assert_eq!(
-        r("{{ .Values.a.c | default .Chart.AppVersion | quote }}").unwrap_err(),
-        ".Values.a.c is not defined in values.yaml"
-    );
-    assert_eq!(
-        r("{{ .Values.empty | default .Chart.AppVersion | quote }}").unwrap(),
-        "\"9\""
-    );
-    assert_eq!(
-        r("{{ if ne .Values.a.b \"x\" }}y{{ else }}z{{ end }}").unwrap(),
-        "z"
-    );
-    assert!(r("{{ include \"x\" . }}").is_err());
+fn helm_lints_the_chart() {
+    let chart = chart_dir().to_string_lossy().into_owned();
+    // The defaults, and values that take the templates' other branches.
+    for set in [
+        None,
+        Some("logLevel=debug"),
+        Some("controller.enabled=false"),
+        Some("cniConf.confDir=/etc/kubernetes/cni/net.d"),
+    ] {
+        let mut args = vec!["lint", "--strict", &chart];
+        args.extend(set.iter().flat_map(|value| ["--set", value]));
+        let Some(report) = run_helm(&args) else {
+            return;
+        };
+        assert!(report.contains("0 chart(s) failed"), "{set:?}: {report}");
+    }
 }
 
 // ---------------------------------------------------------------- manifests and chart
@@ -796,7 +531,7 @@ fn every_yaml_file_parses_and_objects_have_required_fields() {
     let templates = chart_dir().join("templates");
     for path in files_with_ext(&deploy(), "yaml") {
         if path.starts_with(&templates) {
-            continue; // rendered in the chart tests
+            continue; // rendered by helm in the chart tests
         }
         let name = path.strip_prefix(root()).unwrap().display().to_string();
         let docs = yaml_docs(&read(&path), &name);
@@ -807,9 +542,6 @@ fn every_yaml_file_parses_and_objects_have_required_fields() {
         for doc in &docs {
             check_object(doc, &name);
         }
-    }
-    for doc in default_chart() {
-        check_object(&doc, "chart");
     }
 }
 
@@ -910,10 +642,13 @@ fn without_helm_labels(mut o: Value) -> Value {
 #[test]
 fn the_chart_renders_the_plain_manifest() {
     let key = |o: &Value| (text_of(&o["kind"]), text_of(&o["metadata"]["name"]));
-    let mut chart: Vec<Value> = default_chart()
-        .into_iter()
-        .map(without_helm_labels)
-        .collect();
+    let Some(chart) = default_chart() else {
+        return;
+    };
+    for object in &chart {
+        check_object(object, "chart");
+    }
+    let mut chart: Vec<Value> = chart.into_iter().map(without_helm_labels).collect();
     let mut plain = plain_manifest();
     chart.sort_by_key(key);
     plain.sort_by_key(key);
@@ -938,7 +673,7 @@ fn rbac_is_least_privilege() {
          "resources": ["nodeslicepools"],
          "verbs": ["get", "list", "watch"]},
     ]);
-    for (source, objects) in [("plain", plain_manifest()), ("chart", default_chart())] {
+    for (source, objects) in both_installs() {
         let role = named(&objects, "ClusterRole", "whereabouts-cni");
         assert_eq!(role["rules"], expected, "{source}: ClusterRole rules");
         assert!(
@@ -1086,28 +821,51 @@ fn check_daemonset(ds: &Value, host_bin: &str, host_conf: &str, source: &str) {
 
 #[test]
 fn daemonsets_agree_with_the_installer_and_the_image() {
-    let plain = plain_manifest();
-    let chart = default_chart();
-    check_daemonset(
-        one(&plain, "DaemonSet"),
-        "/opt/cni/bin",
-        "/etc/cni/net.d",
-        "plain",
-    );
-    check_daemonset(
-        one(&chart, "DaemonSet"),
-        "/opt/cni/bin",
-        "/etc/cni/net.d",
-        "chart",
-    );
+    let installs = both_installs();
+    for (source, objects) in &installs {
+        let ds = one(objects, "DaemonSet");
+        check_daemonset(ds, "/opt/cni/bin", "/etc/cni/net.d", source);
+    }
 
+    // One image everywhere, tagged with the crate version, and it holds the binary the
+    // command runs.
+    let image = |objects: &[Value]| {
+        text_of(&one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"])
+    };
+    for (source, objects) in &installs {
+        assert!(
+            image(objects).ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))),
+            "{source}: image tag"
+        );
+    }
+    let dockerfile = read(&root().join("Dockerfile"));
+    assert!(
+        dockerfile.contains("FROM scratch"),
+        "runtime image is not minimal"
+    );
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.starts_with("COPY --from=") && l.trim_end().ends_with(" /whereabouts")),
+        "the image does not put the binary at /whereabouts"
+    );
+}
+
+#[test]
+fn chart_values_reach_the_installer() {
     // Other host directories (k3s, OpenShift-like layouts) flow through to the flat file.
-    let custom = render_chart(
+    let Some(custom) = render_chart(
         "wa",
         "net",
-        json!({"cniConf": {"binDir": "/var/lib/cni/bin", "confDir": "/etc/kubernetes/cni/net.d"},
-               "logLevel": "debug", "image": {"tag": "dev"}}),
-    );
+        &[
+            "cniConf.binDir=/var/lib/cni/bin",
+            "cniConf.confDir=/etc/kubernetes/cni/net.d",
+            "logLevel=debug",
+            "image.tag=dev",
+        ],
+    ) else {
+        return;
+    };
     let ds = one(&custom, "DaemonSet");
     check_daemonset(
         ds,
@@ -1121,25 +879,6 @@ fn daemonsets_agree_with_the_installer_and_the_image() {
     assert_eq!(
         ds["spec"]["template"]["spec"]["containers"][0]["image"],
         "ghcr.io/whereabouts-rs/whereabouts:dev"
-    );
-
-    // One image everywhere, tagged with the crate version, and it holds the binary the
-    // command runs.
-    let image = |objects: &[Value]| {
-        text_of(&one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"])
-    };
-    assert_eq!(image(&plain), image(&chart));
-    assert!(image(&plain).ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))));
-    let dockerfile = read(&root().join("Dockerfile"));
-    assert!(
-        dockerfile.contains("FROM scratch"),
-        "runtime image is not minimal"
-    );
-    assert!(
-        dockerfile
-            .lines()
-            .any(|l| l.starts_with("COPY --from=") && l.trim_end().ends_with(" /whereabouts")),
-        "the image does not put the binary at /whereabouts"
     );
 }
 
@@ -1252,16 +991,15 @@ fn controller_rbac_is_exactly_what_it_uses() {
         {"apiGroups": [""], "resources": ["configmaps"],
          "resourceNames": [whereabouts::controller::schedule::CONFIGMAP], "verbs": ["get"]},
     ]);
-    for (source, objects, base, ns) in [
-        ("plain", plain_manifest(), "whereabouts", "kube-system"),
-        ("chart", default_chart(), "whereabouts", "kube-system"),
-        (
-            "chart, other release",
-            render_chart("wa", "net", json!({})),
-            "wa",
-            "net",
-        ),
-    ] {
+    let mut installs: Vec<_> = both_installs()
+        .into_iter()
+        .map(|(source, objects)| (source, objects, "whereabouts", "kube-system"))
+        .collect();
+    installs.extend(
+        render_chart("wa", "net", &[])
+            .map(|objects| ("chart, other release", objects, "wa", "net")),
+    );
+    for (source, objects, base, ns) in installs {
         let c = controller_objects(&objects, base);
         assert_eq!(
             c.cluster_role["rules"], cluster_rules,
@@ -1443,17 +1181,23 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
 
 #[test]
 fn controller_deployment_runs_the_controller_as_the_binary_parses_it() {
-    check_controller(&plain_manifest(), "whereabouts", 9090, "plain");
-    check_controller(&default_chart(), "whereabouts", 9090, "chart");
+    for (source, objects) in both_installs() {
+        check_controller(&objects, "whereabouts", 9090, source);
+    }
 
-    let custom = render_chart(
+    let Some(custom) = render_chart(
         "wa",
         "net",
-        json!({"controller": {"metricsPort": 9100, "logLevel": "debug",
-                              "cronExpression": "@hourly",
-                              "podAnnotations": {"team": "net"}},
-               "image": {"tag": "dev"}}),
-    );
+        &[
+            "controller.metricsPort=9100",
+            "controller.logLevel=debug",
+            "controller.cronExpression=@hourly",
+            "controller.podAnnotations.team=net",
+            "image.tag=dev",
+        ],
+    ) else {
+        return;
+    };
     check_controller(&custom, "wa", 9100, "chart, custom");
     let c = controller_objects(&custom, "wa");
     let args = controller_args(c.deployment, "chart, custom");
@@ -1467,7 +1211,7 @@ fn controller_deployment_runs_the_controller_as_the_binary_parses_it() {
 #[test]
 fn controller_schedule_configmap_is_what_the_controller_reads() {
     use whereabouts::cleanup::cron::{Schedule, DEFAULT_EXPRESSION};
-    for (source, objects) in [("plain", plain_manifest()), ("chart", default_chart())] {
+    for (source, objects) in both_installs() {
         let c = controller_objects(&objects, "whereabouts");
         let data = c.config["data"].as_object().expect("data");
         assert_eq!(
@@ -1486,11 +1230,10 @@ fn controller_schedule_configmap_is_what_the_controller_reads() {
 
 #[test]
 fn the_controller_can_be_left_out_of_the_chart() {
-    let without = render_chart(
-        "whereabouts",
-        "kube-system",
-        json!({"controller": {"enabled": false}}),
-    );
+    let Some(without) = render_chart("whereabouts", "kube-system", &["controller.enabled=false"])
+    else {
+        return;
+    };
     // Exactly the plugin's objects remain.
     let mut left = kinds(&without);
     left.sort();
