@@ -1,18 +1,20 @@
-//! The install artefacts in deploy/: CRDs in step with the Rust types and with upstream's CRDs,
-//! the plain manifest and the Helm chart well formed, equivalent, least-privileged and in
-//! agreement with the installer's flags and the image.
-//!
-//! No helm binary or API server exists here, so the chart is rendered by a small renderer below
-//! that understands exactly the template constructs the chart uses (and fails on anything else,
-//! including a `.Values` key missing from values.yaml).
+//! The install artefacts in deploy/: CRDs in step with the Rust types and with upstream's wire
+//! contract (tests/data/upstream-contract.yaml), the plain manifest and the Helm chart well
+//! formed, equivalent, least-privileged and in agreement with the installer's flags and the
+//! image. The chart is linted and rendered by the real helm, built by hack/tools/build.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use clap::{CommandFactory, Parser};
 use serde_json::{json, Value};
 use whereabouts::cli::crds;
 use whereabouts::cli::install::{InstallArgs, Settings};
+
+use common::tools;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -41,6 +43,15 @@ fn yaml_doc(path: &Path) -> Value {
     let mut docs = yaml_docs(&read(path), &path.display().to_string());
     assert_eq!(docs.len(), 1, "{}: expected one document", path.display());
     docs.remove(0)
+}
+
+/// A scalar as text, as a template or a container command sees it.
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
 }
 
 fn files_with_ext(dir: &Path, ext: &str) -> Vec<PathBuf> {
@@ -83,207 +94,272 @@ fn committed_crds_match_the_rust_types() {
     }
 }
 
-/// Differences a client would notice between two CRDs: names, scope, versions, subresources and
-/// the schema's structure (types, fields, required lists, formats, nullability, extensions).
-/// Descriptions and titles are ignored.
-fn crd_differences(ours: &Value, theirs: &Value) -> Vec<String> {
-    let mut diffs = Vec::new();
-    let mut same = |what: &str, a: &Value, b: &Value| {
-        if a != b {
-            diffs.push(format!("{what}: ours {a}, upstream {b}"));
-        }
-    };
-    same("apiVersion", &ours["apiVersion"], &theirs["apiVersion"]);
-    same("kind", &ours["kind"], &theirs["kind"]);
-    same(
-        "metadata.name",
-        &ours["metadata"]["name"],
-        &theirs["metadata"]["name"],
-    );
-    same(
-        "spec.group",
-        &ours["spec"]["group"],
-        &theirs["spec"]["group"],
-    );
-    same(
-        "spec.scope",
-        &ours["spec"]["scope"],
-        &theirs["spec"]["scope"],
-    );
-    for key in [
-        "kind",
-        "listKind",
-        "plural",
-        "singular",
-        "shortNames",
-        "categories",
-    ] {
-        same(
-            &format!("spec.names.{key}"),
-            &ours["spec"]["names"][key],
-            &theirs["spec"]["names"][key],
+// ---------------------------------------------------------------- upstream's wire contract
+
+/// Upstream's three CRDs as facts, written down in tests/data (its header explains the layout).
+fn contract() -> Value {
+    yaml_doc(&root().join("tests/data/upstream-contract.yaml"))
+}
+
+fn contract_resources(contract: &Value) -> &Vec<Value> {
+    contract["resources"]
+        .as_array()
+        .expect("contract: resources")
+}
+
+/// The contract's fields of one resource, path -> `type` or `type, required`, with the object
+/// itself at the empty path.
+fn contract_fields(resource: &Value) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::from([(String::new(), "object".to_string())]);
+    let listed = resource["fields"].as_object().expect("contract: fields");
+    for (path, description) in listed {
+        let description = text_of(description);
+        let (kind, rest) = description
+            .split_once(", ")
+            .unwrap_or((description.as_str(), ""));
+        assert!(
+            ["string", "object", "array", "integer", "boolean"].contains(&kind)
+                && ["", "required"].contains(&rest),
+            "contract: {path}: {description:?} is not `type` or `type, required`"
         );
+        fields.insert(path.clone(), description);
     }
-    let versions = |crd: &Value| -> BTreeMap<String, Value> {
-        crd["spec"]["versions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| (v["name"].as_str().unwrap_or("").to_string(), v.clone()))
-            .collect()
+    fields
+}
+
+/// Schema keys that are free text: they change neither what the API server accepts nor how a
+/// client decodes.
+const FREE_TEXT: [&str; 4] = ["description", "title", "example", "externalDocs"];
+
+/// A CRD schema in the contract's terms, added to `out`: each field's path and its type, whether
+/// its parent requires it, and every other key that is not free text (format, enum, nullable,
+/// x-kubernetes-*, ...), so such a key shows up as a difference from the contract.
+fn schema_fields(schema: &Value, path: &str, required: bool, out: &mut BTreeMap<String, String>) {
+    let mut words = vec![schema["type"].as_str().unwrap_or("untyped").to_string()];
+    if required {
+        words.push("required".into());
+    }
+    let nested = |key: &str, value: &Value| {
+        matches!(key, "properties" | "required")
+            || (matches!(key, "items" | "additionalProperties") && value.is_object())
     };
-    let (ov, tv) = (versions(ours), versions(theirs));
-    if ov.keys().collect::<Vec<_>>() != tv.keys().collect::<Vec<_>>() {
-        diffs.push(format!(
-            "versions: ours {:?}, upstream {:?}",
-            ov.keys().collect::<Vec<_>>(),
-            tv.keys().collect::<Vec<_>>()
-        ));
-    }
-    for (name, o) in &ov {
-        let Some(t) = tv.get(name) else { continue };
-        for key in [
-            "served",
-            "storage",
-            "subresources",
-            "additionalPrinterColumns",
-        ] {
-            if o[key] != t[key] {
-                diffs.push(format!(
-                    "{name}.{key}: ours {}, upstream {}",
-                    o[key], t[key]
-                ));
-            }
+    for (key, value) in schema.as_object().into_iter().flatten() {
+        if key != "type" && !FREE_TEXT.contains(&key.as_str()) && !nested(key, value) {
+            words.push(format!("{key}={value}"));
         }
-        schema_differences(
-            &format!("{name}.schema"),
-            &o["schema"]["openAPIV3Schema"],
-            &t["schema"]["openAPIV3Schema"],
-            &mut diffs,
-        );
     }
+    out.insert(path.to_string(), words.join(", "));
+
+    let required: BTreeSet<&str> = schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let properties = schema["properties"].as_object();
+    for (name, child) in properties.into_iter().flatten() {
+        let child_path = if path.is_empty() {
+            name.clone()
+        } else {
+            format!("{path}.{name}")
+        };
+        schema_fields(child, &child_path, required.contains(name.as_str()), out);
+    }
+    for name in required {
+        if !properties.is_some_and(|p| p.contains_key(name)) {
+            out.insert(format!("{path}.{name}"), "required but not declared".into());
+        }
+    }
+    for (key, suffix) in [("additionalProperties", "{}"), ("items", "[]")] {
+        if schema[key].is_object() {
+            schema_fields(&schema[key], &format!("{path}{suffix}"), false, out);
+        }
+    }
+}
+
+/// What a client would notice between our CRD and the contract's resource: the CRD's identity,
+/// names, scope and version, anything beyond them (short names, subresources, printer columns,
+/// conversion, ...) and every field of the schema.
+fn contract_differences(ours: &Value, contract: &Value, resource: &Value) -> Vec<String> {
+    let mut diffs = identity_differences(ours, contract, resource);
+    let versions = ours["spec"]["versions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    differ(&mut diffs, "versions", &json!(versions.len()), json!(1));
+    let version = versions.first().unwrap_or(&Value::Null);
+    diffs.extend(version_differences(version, contract));
+    let mut fields = BTreeMap::new();
+    let schema = &version["schema"]["openAPIV3Schema"];
+    schema_fields(schema, "", false, &mut fields);
+    diffs.extend(field_differences(&fields, &contract_fields(resource)));
     diffs
 }
 
-fn schema_differences(path: &str, ours: &Value, theirs: &Value, diffs: &mut Vec<String>) {
-    if ours.is_null() || theirs.is_null() {
-        if ours.is_null() != theirs.is_null() {
-            diffs.push(format!("{path}: present on one side only"));
-        }
-        return;
-    }
-    // Keys that change what the API server accepts or how clients decode.
-    for key in [
-        "type",
-        "format",
-        "enum",
-        "pattern",
-        "minimum",
-        "maximum",
-        "minLength",
-        "maxLength",
-        "minItems",
-        "maxItems",
-        "x-kubernetes-preserve-unknown-fields",
-        "x-kubernetes-int-or-string",
-        "x-kubernetes-embedded-resource",
-        "x-kubernetes-list-type",
-        "x-kubernetes-map-type",
-        "x-kubernetes-validations",
-    ] {
-        if ours[key] != theirs[key] {
-            diffs.push(format!(
-                "{path}.{key}: ours {}, upstream {}",
-                ours[key], theirs[key]
-            ));
-        }
-    }
-    let flag = |v: &Value, k: &str| v[k].as_bool().unwrap_or(false);
-    if flag(ours, "nullable") != flag(theirs, "nullable") {
-        diffs.push(format!("{path}.nullable differs"));
-    }
-    let required = |v: &Value| -> BTreeSet<String> {
-        v["required"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str().map(str::to_string))
-            .collect()
-    };
-    if required(ours) != required(theirs) {
-        diffs.push(format!(
-            "{path}.required: ours {:?}, upstream {:?}",
-            required(ours),
-            required(theirs)
-        ));
-    }
-    let props = |v: &Value| -> BTreeMap<String, Value> {
-        v["properties"]
-            .as_object()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default()
-    };
-    let (op, tp) = (props(ours), props(theirs));
-    let (ok, tk): (BTreeSet<_>, BTreeSet<_>) = (op.keys().collect(), tp.keys().collect());
-    if ok != tk {
-        diffs.push(format!("{path}.properties: ours {ok:?}, upstream {tk:?}"));
-    }
-    for (name, o) in &op {
-        if let Some(t) = tp.get(name) {
-            schema_differences(&format!("{path}.{name}"), o, t, diffs);
-        }
-    }
-    for key in ["items", "additionalProperties"] {
-        let (o, t) = (&ours[key], &theirs[key]);
-        if o.is_boolean() || t.is_boolean() {
-            if o != t {
-                diffs.push(format!("{path}.{key}: ours {o}, upstream {t}"));
-            }
-        } else {
-            schema_differences(&format!("{path}.{key}"), o, t, diffs);
-        }
+fn differ(diffs: &mut Vec<String>, what: &str, ours: &Value, upstream: Value) {
+    if *ours != upstream {
+        diffs.push(format!("{what}: ours {ours}, upstream {upstream}"));
     }
 }
 
-fn upstream_crds() -> PathBuf {
-    root().join("../shared/reference/upstream-crds")
+/// The CRD's own name and kind, and the group, scope and names it gives the resource.
+fn identity_differences(ours: &Value, contract: &Value, resource: &Value) -> Vec<String> {
+    let mut diffs = Vec::new();
+    let group = text_of(&contract["group"]);
+    let plural = text_of(&resource["plural"]);
+    differ(
+        &mut diffs,
+        "apiVersion",
+        &ours["apiVersion"],
+        json!("apiextensions.k8s.io/v1"),
+    );
+    let crd = json!("CustomResourceDefinition");
+    differ(&mut diffs, "kind", &ours["kind"], crd);
+    let name = json!(format!("{plural}.{group}"));
+    differ(&mut diffs, "metadata.name", &ours["metadata"]["name"], name);
+    let spec = &ours["spec"];
+    let spec_keys = json!(["group", "names", "scope", "versions"]);
+    differ(&mut diffs, "spec keys", &keys(spec), spec_keys);
+    differ(&mut diffs, "spec.group", &spec["group"], json!(group));
+    differ(
+        &mut diffs,
+        "spec.scope",
+        &spec["scope"],
+        contract["scope"].clone(),
+    );
+    let names = json!({"kind": resource["kind"], "listKind": resource["listKind"],
+                       "plural": plural, "singular": resource["singular"]});
+    differ(&mut diffs, "spec.names", &spec["names"], names);
+    diffs
+}
+
+/// The one version: named as upstream's, served and stored, with a schema and nothing else.
+fn version_differences(version: &Value, contract: &Value) -> Vec<String> {
+    let mut diffs = Vec::new();
+    let version_keys = json!(["name", "schema", "served", "storage"]);
+    differ(&mut diffs, "version keys", &keys(version), version_keys);
+    differ(
+        &mut diffs,
+        "version name",
+        &version["name"],
+        contract["version"].clone(),
+    );
+    differ(&mut diffs, "served", &version["served"], json!(true));
+    differ(&mut diffs, "storage", &version["storage"], json!(true));
+    let schema_keys = json!(["openAPIV3Schema"]);
+    differ(
+        &mut diffs,
+        "schema keys",
+        &keys(&version["schema"]),
+        schema_keys,
+    );
+    diffs
+}
+
+/// The sorted keys of an object, as JSON (empty for anything else).
+fn keys(value: &Value) -> Value {
+    let mut keys: Vec<&String> = value
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.keys())
+        .collect();
+    keys.sort();
+    json!(keys)
+}
+
+/// Fields missing from ours, added by ours, or described differently.
+fn field_differences(
+    ours: &BTreeMap<String, String>,
+    upstream: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let paths: BTreeSet<&String> = ours.keys().chain(upstream.keys()).collect();
+    let shown = |path: &str| {
+        if path.is_empty() {
+            "(the object)".to_string()
+        } else {
+            path.to_string()
+        }
+    };
+    paths
+        .into_iter()
+        .filter(|path| ours.get(*path) != upstream.get(*path))
+        .map(|path| match (ours.get(path), upstream.get(path)) {
+            (Some(o), Some(t)) => format!("{}: ours {o:?}, upstream {t:?}", shown(path)),
+            (Some(o), None) => format!("{}: ours only ({o})", shown(path)),
+            (None, _) => format!("{}: missing from ours", shown(path)),
+        })
+        .collect()
+}
+
+fn our_crd(contract: &Value, resource: &Value) -> Value {
+    let file = format!(
+        "{}_{}.yaml",
+        text_of(&contract["group"]),
+        text_of(&resource["plural"])
+    );
+    yaml_doc(&deploy().join(file))
 }
 
 #[test]
 fn crds_keep_upstreams_wire_contract() {
-    let upstream = upstream_crds();
-    assert!(
-        upstream.is_dir(),
-        "upstream's CRDs are expected in {} (the shared reference folder next to the repository)",
-        upstream.display()
+    let contract = contract();
+    let resources = contract_resources(&contract);
+    let kinds: BTreeSet<String> = resources.iter().map(|r| text_of(&r["kind"])).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(
+            ["IPPool", "NodeSlicePool", "OverlappingRangeIPReservation"].map(String::from)
+        ),
+        "the contract covers upstream's three kinds"
     );
-    let mut seen = 0;
-    for path in files_with_ext(&upstream, "yaml") {
-        let name = path.file_name().unwrap();
-        let theirs = yaml_doc(&path);
-        let ours = yaml_doc(&deploy().join(name));
-        let diffs = crd_differences(&ours, &theirs);
+    for resource in resources {
+        let diffs = contract_differences(&our_crd(&contract, resource), &contract, resource);
         assert!(
             diffs.is_empty(),
-            "{} differs from upstream:\n{}",
-            name.to_string_lossy(),
+            "our {} CRD breaks upstream's wire contract:\n{}",
+            resource["kind"],
             diffs.join("\n")
         );
-        seen += 1;
     }
-    assert_eq!(
-        seen,
-        3,
-        "expected upstream's three CRDs in {}",
-        upstream.display()
-    );
+    // No CRD of ours goes beyond the contract's three.
+    let crd_files = files_with_ext(&deploy(), "yaml")
+        .into_iter()
+        .filter(|p| p.parent() == Some(deploy().as_path()))
+        .filter(|p| {
+            yaml_docs(&read(p), "deploy")
+                .iter()
+                .any(|d| d["kind"] == "CustomResourceDefinition")
+        })
+        .count();
+    assert_eq!(crd_files, resources.len());
 }
 
 #[test]
-fn the_crd_comparison_notices_what_a_client_relies_on() {
-    let theirs = yaml_doc(&upstream_crds().join("whereabouts.cni.cncf.io_ippools.yaml"));
-    assert!(crd_differences(&theirs, &theirs).is_empty());
-    // Each mutation sets the value at a JSON pointer of the upstream CRD.
+fn the_contract_names_each_fields_parent() {
+    for resource in contract_resources(&contract()) {
+        let fields = contract_fields(resource);
+        for path in fields.keys().filter(|p| !p.is_empty()) {
+            let (parent, kind) = if let Some(p) = path.strip_suffix("[]") {
+                (p, "array")
+            } else if let Some(p) = path.strip_suffix("{}") {
+                (p, "object")
+            } else {
+                (path.rsplit_once('.').map_or("", |(p, _)| p), "object")
+            };
+            let parent_kind = fields.get(parent).map(|d| d.split(", ").next().unwrap());
+            assert_eq!(parent_kind, Some(kind), "contract: parent of {path}");
+        }
+    }
+}
+
+#[test]
+fn the_contract_check_notices_what_a_client_relies_on() {
+    let contract = contract();
+    let resource = &contract_resources(&contract)[0];
+    assert_eq!(resource["kind"], "IPPool");
+    let ours = our_crd(&contract, resource);
+    assert!(contract_differences(&ours, &contract, resource).is_empty());
+    // Each mutation sets (or, with null, removes) the value at a JSON pointer of our CRD.
     const SPEC: &str = "/spec/versions/0/schema/openAPIV3Schema/properties/spec";
     let mutations = [
         (
@@ -294,12 +370,33 @@ fn the_crd_comparison_notices_what_a_client_relies_on() {
         ("required", format!("{SPEC}/required"), json!(["range"])),
         ("field", format!("{SPEC}/properties/range"), Value::Null),
         (
+            "extra field",
+            format!("{SPEC}/properties/gateway"),
+            json!({"type": "string"}),
+        ),
+        (
+            "format",
+            format!("{SPEC}/properties/range/format"),
+            json!("cidr"),
+        ),
+        (
+            "nullable",
+            format!("{SPEC}/properties/range/nullable"),
+            json!(true),
+        ),
+        (
             "nested required",
             format!("{SPEC}/properties/allocations/additionalProperties/required"),
             json!(["id"]),
         ),
         ("listKind", "/spec/names/listKind".into(), json!("Pools")),
+        (
+            "short name",
+            "/spec/names/shortNames".into(),
+            json!(["ipp"]),
+        ),
         ("scope", "/spec/scope".into(), json!("Cluster")),
+        ("served", "/spec/versions/0/served".into(), json!(false)),
         (
             "subresource",
             "/spec/versions/0/subresources".into(),
@@ -307,7 +404,7 @@ fn the_crd_comparison_notices_what_a_client_relies_on() {
         ),
     ];
     for (what, pointer, new_value) in mutations {
-        let mut changed = theirs.clone();
+        let mut changed = ours.clone();
         let (parent, key) = pointer.rsplit_once('/').unwrap();
         let map = changed
             .pointer_mut(parent)
@@ -318,316 +415,49 @@ fn the_crd_comparison_notices_what_a_client_relies_on() {
         } else {
             map.insert(key.to_string(), new_value);
         }
-        assert_ne!(changed, theirs, "mutation {what} did not apply");
+        assert_ne!(changed, ours, "mutation {what} did not apply");
         assert!(
-            !crd_differences(&changed, &theirs).is_empty(),
+            !contract_differences(&changed, &contract, resource).is_empty(),
             "{what} went unnoticed"
         );
     }
     // Descriptions are free text.
-    let mut described = theirs.clone();
+    let mut described = ours.clone();
     described["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] = json!("x");
-    assert!(crd_differences(&described, &theirs).is_empty());
+    assert!(contract_differences(&described, &contract, resource).is_empty());
 }
 
-// ---------------------------------------------------------------- a minimal Helm renderer
+// ---------------------------------------------------------------- the chart, rendered by helm
 
-#[derive(Debug)]
-enum Node {
-    Text(String),
-    Expr(String),
-    If(String, Vec<Node>, Vec<Node>),
-    With(String, Vec<Node>, Vec<Node>),
+/// Runs helm with `args`, returning its stdout; None when there is no helm (outside CI).
+fn run_helm(args: &[&str]) -> Option<String> {
+    let out = Command::new(tools::helm()?)
+        .args(args)
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).expect("helm prints UTF-8"))
 }
 
-struct Release {
-    name: String,
-    namespace: String,
+/// The chart's objects for a release, as `helm template` renders them with `--set` values;
+/// None when there is no helm (outside CI).
+fn render_chart(release: &str, namespace: &str, set: &[&str]) -> Option<Vec<Value>> {
+    let chart = chart_dir().to_string_lossy().into_owned();
+    let mut args = vec!["template", release, &chart, "--namespace", namespace];
+    for value in set {
+        args.extend(["--set", value]);
+    }
+    let text = run_helm(&args)?;
+    Some(yaml_docs(&text, &format!("helm template {set:?}")))
 }
 
-struct Ctx {
-    values: Value,
-    chart: Value,
-    release: Release,
-}
-
-/// Splits a template into text and actions, applying `{{-` / `-}}` whitespace trimming.
-fn lex(template: &str) -> Result<Vec<(bool, String)>, String> {
-    let mut parts: Vec<(bool, String)> = Vec::new();
-    let mut rest = template;
-    let mut trim_next = false;
-    while let Some(start) = rest.find("{{") {
-        let mut text = rest[..start].to_string();
-        if trim_next {
-            text = text.trim_start().to_string();
-        }
-        let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or("unclosed {{")?;
-        let mut action = &after[..end];
-        if let Some(a) = action.strip_prefix('-') {
-            text = text.trim_end().to_string();
-            action = a;
-        }
-        trim_next = false;
-        if let Some(a) = action.strip_suffix('-') {
-            trim_next = true;
-            action = a;
-        }
-        parts.push((false, text));
-        parts.push((true, action.trim().to_string()));
-        rest = &after[end + 2..];
-    }
-    let mut text = rest.to_string();
-    if trim_next {
-        text = text.trim_start().to_string();
-    }
-    parts.push((false, text));
-    Ok(parts)
-}
-
-/// Parses actions into a tree; returns the nodes up to an `else`/`end` and which one ended them.
-fn parse(parts: &mut std::vec::IntoIter<(bool, String)>) -> Result<(Vec<Node>, String), String> {
-    let mut nodes = Vec::new();
-    while let Some((is_action, body)) = parts.next() {
-        if !is_action {
-            nodes.push(Node::Text(body));
-            continue;
-        }
-        if body.starts_with("/*") {
-            continue;
-        }
-        let (word, arg) = body.split_once(' ').unwrap_or((body.as_str(), ""));
-        match word {
-            "if" | "with" => {
-                let (then, ended) = parse(parts)?;
-                let otherwise = match ended.as_str() {
-                    "else" => {
-                        let (e, ended) = parse(parts)?;
-                        if ended != "end" {
-                            return Err(format!("{word} without end"));
-                        }
-                        e
-                    }
-                    "end" => Vec::new(),
-                    _ => return Err(format!("{word} without end")),
-                };
-                let arg = arg.trim().to_string();
-                nodes.push(if word == "if" {
-                    Node::If(arg, then, otherwise)
-                } else {
-                    Node::With(arg, then, otherwise)
-                });
-            }
-            "else" | "end" => return Ok((nodes, word.to_string())),
-            "range" | "define" | "include" | "template" | "block" | "tpl" => {
-                return Err(format!("unsupported action {body:?}"))
-            }
-            _ => nodes.push(Node::Expr(body)),
-        }
-    }
-    Ok((nodes, String::new()))
-}
-
-fn truthy(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::String(s) => !s.is_empty(),
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
-}
-
-fn text_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-fn words(command: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in command.chars() {
-        match c {
-            '"' => {
-                cur.push(c);
-                quoted = !quoted;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-fn term(word: &str, dot: &Value, ctx: &Ctx) -> Result<Value, String> {
-    if word == "." {
-        return Ok(dot.clone());
-    }
-    if let Some(lit) = word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
-        return Ok(json!(lit));
-    }
-    if let Ok(n) = word.parse::<i64>() {
-        return Ok(json!(n));
-    }
-    if let Some(path) = word.strip_prefix(".Values.") {
-        let mut v = &ctx.values;
-        for key in path.split('.') {
-            v = v
-                .get(key)
-                .ok_or_else(|| format!(".Values.{path} is not defined in values.yaml"))?;
-        }
-        return Ok(v.clone());
-    }
-    match word {
-        ".Release.Name" => Ok(json!(ctx.release.name)),
-        ".Release.Namespace" => Ok(json!(ctx.release.namespace)),
-        ".Release.Service" => Ok(json!("Helm")),
-        ".Chart.Name" => Ok(ctx.chart["name"].clone()),
-        ".Chart.Version" => Ok(ctx.chart["version"].clone()),
-        ".Chart.AppVersion" => Ok(ctx.chart["appVersion"].clone()),
-        _ => Err(format!("unsupported term {word:?}")),
-    }
-}
-
-fn call(name: &str, args: Vec<Value>) -> Result<Value, String> {
-    let int = |v: &Value| v.as_u64().map(|n| n as usize).ok_or("expected a number");
-    let indented = |n: usize, s: &str| {
-        s.lines()
-            .map(|l| format!("{}{l}", " ".repeat(n)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    match (name, args.as_slice()) {
-        ("default", [fallback, value]) => Ok(if truthy(value) {
-            value.clone()
-        } else {
-            fallback.clone()
-        }),
-        ("quote", [v]) => Ok(json!(format!("{:?}", text_of(v)))),
-        ("toYaml", [v]) => Ok(json!(serde_saphyr::to_string(v)
-            .map_err(|e| e.to_string())?
-            .trim_end()
-            .to_string())),
-        ("nindent", [n, s]) => Ok(json!(format!("\n{}", indented(int(n)?, &text_of(s))))),
-        ("indent", [n, s]) => Ok(json!(indented(int(n)?, &text_of(s)))),
-        ("eq", [a, b]) => Ok(json!(a == b)),
-        ("ne", [a, b]) => Ok(json!(a != b)),
-        _ => Err(format!(
-            "unsupported function {name} with {} arguments",
-            args.len()
-        )),
-    }
-}
-
-const FUNCTIONS: [&str; 7] = [
-    "default", "quote", "toYaml", "nindent", "indent", "eq", "ne",
-];
-
-fn eval(pipeline: &str, dot: &Value, ctx: &Ctx) -> Result<Value, String> {
-    let mut piped: Option<Value> = None;
-    for command in pipeline.split('|') {
-        let w = words(command);
-        let (first, rest) = w.split_first().ok_or("empty command")?;
-        if FUNCTIONS.contains(&first.as_str()) {
-            let mut args = rest
-                .iter()
-                .map(|a| term(a, dot, ctx))
-                .collect::<Result<Vec<_>, _>>()?;
-            args.extend(piped.take());
-            piped = Some(call(first, args)?);
-        } else if piped.is_none() && rest.is_empty() {
-            piped = Some(term(first, dot, ctx)?);
-        } else {
-            return Err(format!("unsupported command {command:?}"));
-        }
-    }
-    piped.ok_or_else(|| "empty pipeline".to_string())
-}
-
-fn render_nodes(nodes: &[Node], dot: &Value, ctx: &Ctx, out: &mut String) -> Result<(), String> {
-    for node in nodes {
-        match node {
-            Node::Text(t) => out.push_str(t),
-            Node::Expr(e) => out.push_str(&text_of(&eval(e, dot, ctx)?)),
-            Node::If(cond, then, otherwise) => {
-                let branch = if truthy(&eval(cond, dot, ctx)?) {
-                    then
-                } else {
-                    otherwise
-                };
-                render_nodes(branch, dot, ctx, out)?;
-            }
-            Node::With(expr, then, otherwise) => {
-                let v = eval(expr, dot, ctx)?;
-                if truthy(&v) {
-                    render_nodes(then, &v, ctx, out)?;
-                } else {
-                    render_nodes(otherwise, dot, ctx, out)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn render(template: &str, ctx: &Ctx) -> Result<String, String> {
-    let mut parts = lex(template)?.into_iter();
-    let (nodes, ended) = parse(&mut parts)?;
-    if !ended.is_empty() {
-        return Err(format!("unexpected {ended}"));
-    }
-    let mut out = String::new();
-    render_nodes(&nodes, &ctx.values, ctx, &mut out)?;
-    Ok(out)
-}
-
-fn merge(base: &mut Value, overrides: &Value) {
-    match (base, overrides) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                merge(b.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-        (b, o) => *b = o.clone(),
-    }
-}
-
-/// The chart's objects for a release, as `helm template` would give them.
-fn render_chart(release: &str, namespace: &str, overrides: Value) -> Vec<Value> {
-    let mut values = yaml_doc(&chart_dir().join("values.yaml"));
-    merge(&mut values, &overrides);
-    let ctx = Ctx {
-        values,
-        chart: yaml_doc(&chart_dir().join("Chart.yaml")),
-        release: Release {
-            name: release.into(),
-            namespace: namespace.into(),
-        },
-    };
-    let mut objects = Vec::new();
-    for path in files_with_ext(&chart_dir().join("templates"), "yaml") {
-        let text = render(&read(&path), &ctx).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        objects.extend(yaml_docs(&text, &path.display().to_string()));
-    }
-    // NOTES.txt is rendered too (it is text, not YAML).
-    render(&read(&chart_dir().join("templates/NOTES.txt")), &ctx).unwrap();
-    objects
-}
-
-fn default_chart() -> Vec<Value> {
-    render_chart("whereabouts", "kube-system", json!({}))
+fn default_chart() -> Option<Vec<Value>> {
+    render_chart("whereabouts", "kube-system", &[])
 }
 
 fn plain_manifest() -> Vec<Value> {
@@ -635,39 +465,31 @@ fn plain_manifest() -> Vec<Value> {
     yaml_docs(&read(&path), "daemonset-install.yaml")
 }
 
+/// The plain manifest, and the chart's default rendering when helm is at hand: the two ways to
+/// install, which must agree.
+fn both_installs() -> Vec<(&'static str, Vec<Value>)> {
+    let mut installs = vec![("plain", plain_manifest())];
+    installs.extend(default_chart().map(|chart| ("chart", chart)));
+    installs
+}
+
 #[test]
-fn the_renderer_trims_and_branches_like_helm() {
-    let ctx = Ctx {
-        values: json!({"a": {"b": "x"}, "empty": {}, "list": ["p", "q"]}),
-        chart: json!({"appVersion": "9"}),
-        release: Release {
-            name: "r".into(),
-            namespace: "n".into(),
-        },
-    };
-    let r = |t: &str| render(t, &ctx);
-    assert_eq!(r("k: {{ .Values.a.b }}\n").unwrap(), "k: x\n");
-    assert_eq!(
-        r("k:\n  {{- toYaml .Values.list | nindent 2 }}\n").unwrap(),
-        "k:\n  - p\n  - q\n"
-    );
-    assert_eq!(
-        r("a\n{{- with .Values.empty }}\nx\n{{- end }}\nb").unwrap(),
-        "a\nb"
-    );
-    assert_eq!(
-        r("{{ .Values.a.c | default .Chart.AppVersion | quote }}").unwrap_err(),
-        ".Values.a.c is not defined in values.yaml"
-    );
-    assert_eq!(
-        r("{{ .Values.empty | default .Chart.AppVersion | quote }}").unwrap(),
-        "\"9\""
-    );
-    assert_eq!(
-        r("{{ if ne .Values.a.b \"x\" }}y{{ else }}z{{ end }}").unwrap(),
-        "z"
-    );
-    assert!(r("{{ include \"x\" . }}").is_err());
+fn helm_lints_the_chart() {
+    let chart = chart_dir().to_string_lossy().into_owned();
+    // The defaults, and values that take the templates' other branches.
+    for set in [
+        None,
+        Some("logLevel=debug"),
+        Some("controller.enabled=false"),
+        Some("cniConf.confDir=/etc/kubernetes/cni/net.d"),
+    ] {
+        let mut args = vec!["lint", "--strict", &chart];
+        args.extend(set.iter().flat_map(|value| ["--set", value]));
+        let Some(report) = run_helm(&args) else {
+            return;
+        };
+        assert!(report.contains("0 chart(s) failed"), "{set:?}: {report}");
+    }
 }
 
 // ---------------------------------------------------------------- manifests and chart
@@ -709,7 +531,7 @@ fn every_yaml_file_parses_and_objects_have_required_fields() {
     let templates = chart_dir().join("templates");
     for path in files_with_ext(&deploy(), "yaml") {
         if path.starts_with(&templates) {
-            continue; // rendered in the chart tests
+            continue; // rendered by helm in the chart tests
         }
         let name = path.strip_prefix(root()).unwrap().display().to_string();
         let docs = yaml_docs(&read(&path), &name);
@@ -720,9 +542,6 @@ fn every_yaml_file_parses_and_objects_have_required_fields() {
         for doc in &docs {
             check_object(doc, &name);
         }
-    }
-    for doc in default_chart() {
-        check_object(&doc, "chart");
     }
 }
 
@@ -823,10 +642,13 @@ fn without_helm_labels(mut o: Value) -> Value {
 #[test]
 fn the_chart_renders_the_plain_manifest() {
     let key = |o: &Value| (text_of(&o["kind"]), text_of(&o["metadata"]["name"]));
-    let mut chart: Vec<Value> = default_chart()
-        .into_iter()
-        .map(without_helm_labels)
-        .collect();
+    let Some(chart) = default_chart() else {
+        return;
+    };
+    for object in &chart {
+        check_object(object, "chart");
+    }
+    let mut chart: Vec<Value> = chart.into_iter().map(without_helm_labels).collect();
     let mut plain = plain_manifest();
     chart.sort_by_key(key);
     plain.sort_by_key(key);
@@ -851,7 +673,7 @@ fn rbac_is_least_privilege() {
          "resources": ["nodeslicepools"],
          "verbs": ["get", "list", "watch"]},
     ]);
-    for (source, objects) in [("plain", plain_manifest()), ("chart", default_chart())] {
+    for (source, objects) in both_installs() {
         let role = named(&objects, "ClusterRole", "whereabouts-cni");
         assert_eq!(role["rules"], expected, "{source}: ClusterRole rules");
         assert!(
@@ -999,28 +821,51 @@ fn check_daemonset(ds: &Value, host_bin: &str, host_conf: &str, source: &str) {
 
 #[test]
 fn daemonsets_agree_with_the_installer_and_the_image() {
-    let plain = plain_manifest();
-    let chart = default_chart();
-    check_daemonset(
-        one(&plain, "DaemonSet"),
-        "/opt/cni/bin",
-        "/etc/cni/net.d",
-        "plain",
-    );
-    check_daemonset(
-        one(&chart, "DaemonSet"),
-        "/opt/cni/bin",
-        "/etc/cni/net.d",
-        "chart",
-    );
+    let installs = both_installs();
+    for (source, objects) in &installs {
+        let ds = one(objects, "DaemonSet");
+        check_daemonset(ds, "/opt/cni/bin", "/etc/cni/net.d", source);
+    }
 
+    // One image everywhere, tagged with the crate version, and it holds the binary the
+    // command runs.
+    let image = |objects: &[Value]| {
+        text_of(&one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"])
+    };
+    for (source, objects) in &installs {
+        assert!(
+            image(objects).ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))),
+            "{source}: image tag"
+        );
+    }
+    let dockerfile = read(&root().join("Dockerfile"));
+    assert!(
+        dockerfile.contains("FROM scratch"),
+        "runtime image is not minimal"
+    );
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.starts_with("COPY --from=") && l.trim_end().ends_with(" /whereabouts")),
+        "the image does not put the binary at /whereabouts"
+    );
+}
+
+#[test]
+fn chart_values_reach_the_installer() {
     // Other host directories (k3s, OpenShift-like layouts) flow through to the flat file.
-    let custom = render_chart(
+    let Some(custom) = render_chart(
         "wa",
         "net",
-        json!({"cniConf": {"binDir": "/var/lib/cni/bin", "confDir": "/etc/kubernetes/cni/net.d"},
-               "logLevel": "debug", "image": {"tag": "dev"}}),
-    );
+        &[
+            "cniConf.binDir=/var/lib/cni/bin",
+            "cniConf.confDir=/etc/kubernetes/cni/net.d",
+            "logLevel=debug",
+            "image.tag=dev",
+        ],
+    ) else {
+        return;
+    };
     let ds = one(&custom, "DaemonSet");
     check_daemonset(
         ds,
@@ -1034,25 +879,6 @@ fn daemonsets_agree_with_the_installer_and_the_image() {
     assert_eq!(
         ds["spec"]["template"]["spec"]["containers"][0]["image"],
         "ghcr.io/whereabouts-rs/whereabouts:dev"
-    );
-
-    // One image everywhere, tagged with the crate version, and it holds the binary the
-    // command runs.
-    let image = |objects: &[Value]| {
-        text_of(&one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"])
-    };
-    assert_eq!(image(&plain), image(&chart));
-    assert!(image(&plain).ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))));
-    let dockerfile = read(&root().join("Dockerfile"));
-    assert!(
-        dockerfile.contains("FROM scratch"),
-        "runtime image is not minimal"
-    );
-    assert!(
-        dockerfile
-            .lines()
-            .any(|l| l.starts_with("COPY --from=") && l.trim_end().ends_with(" /whereabouts")),
-        "the image does not put the binary at /whereabouts"
     );
 }
 
@@ -1165,16 +991,15 @@ fn controller_rbac_is_exactly_what_it_uses() {
         {"apiGroups": [""], "resources": ["configmaps"],
          "resourceNames": [whereabouts::controller::schedule::CONFIGMAP], "verbs": ["get"]},
     ]);
-    for (source, objects, base, ns) in [
-        ("plain", plain_manifest(), "whereabouts", "kube-system"),
-        ("chart", default_chart(), "whereabouts", "kube-system"),
-        (
-            "chart, other release",
-            render_chart("wa", "net", json!({})),
-            "wa",
-            "net",
-        ),
-    ] {
+    let mut installs: Vec<_> = both_installs()
+        .into_iter()
+        .map(|(source, objects)| (source, objects, "whereabouts", "kube-system"))
+        .collect();
+    installs.extend(
+        render_chart("wa", "net", &[])
+            .map(|objects| ("chart, other release", objects, "wa", "net")),
+    );
+    for (source, objects, base, ns) in installs {
         let c = controller_objects(&objects, base);
         assert_eq!(
             c.cluster_role["rules"], cluster_rules,
@@ -1356,17 +1181,23 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
 
 #[test]
 fn controller_deployment_runs_the_controller_as_the_binary_parses_it() {
-    check_controller(&plain_manifest(), "whereabouts", 9090, "plain");
-    check_controller(&default_chart(), "whereabouts", 9090, "chart");
+    for (source, objects) in both_installs() {
+        check_controller(&objects, "whereabouts", 9090, source);
+    }
 
-    let custom = render_chart(
+    let Some(custom) = render_chart(
         "wa",
         "net",
-        json!({"controller": {"metricsPort": 9100, "logLevel": "debug",
-                              "cronExpression": "@hourly",
-                              "podAnnotations": {"team": "net"}},
-               "image": {"tag": "dev"}}),
-    );
+        &[
+            "controller.metricsPort=9100",
+            "controller.logLevel=debug",
+            "controller.cronExpression=@hourly",
+            "controller.podAnnotations.team=net",
+            "image.tag=dev",
+        ],
+    ) else {
+        return;
+    };
     check_controller(&custom, "wa", 9100, "chart, custom");
     let c = controller_objects(&custom, "wa");
     let args = controller_args(c.deployment, "chart, custom");
@@ -1380,7 +1211,7 @@ fn controller_deployment_runs_the_controller_as_the_binary_parses_it() {
 #[test]
 fn controller_schedule_configmap_is_what_the_controller_reads() {
     use whereabouts::cleanup::cron::{Schedule, DEFAULT_EXPRESSION};
-    for (source, objects) in [("plain", plain_manifest()), ("chart", default_chart())] {
+    for (source, objects) in both_installs() {
         let c = controller_objects(&objects, "whereabouts");
         let data = c.config["data"].as_object().expect("data");
         assert_eq!(
@@ -1399,11 +1230,10 @@ fn controller_schedule_configmap_is_what_the_controller_reads() {
 
 #[test]
 fn the_controller_can_be_left_out_of_the_chart() {
-    let without = render_chart(
-        "whereabouts",
-        "kube-system",
-        json!({"controller": {"enabled": false}}),
-    );
+    let Some(without) = render_chart("whereabouts", "kube-system", &["controller.enabled=false"])
+    else {
+        return;
+    };
     // Exactly the plugin's objects remain.
     let mut left = kinds(&without);
     left.sort();

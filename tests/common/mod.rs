@@ -2,6 +2,8 @@
 //! configuration on stdin.
 #![allow(dead_code)]
 
+pub mod tools;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -2,8 +2,9 @@
 //! over HTTP on loopback. It answers the way the real one does where the engine depends on it:
 //! 409 Conflict for a stale resourceVersion, 409 AlreadyExists, 404 NotFound, 422 for a failed
 //! JSON-patch test and for an update without resourceVersion, Status objects as error bodies,
-//! schema validation and pruning after the upstream CRD YAML. Tests can add latency, inject
-//! failures, take it down, and count requests.
+//! schema validation and pruning after the project's CRDs in deploy/ (tests/deploy.rs holds them
+//! to upstream's wire contract, so objects are pruned as upstream's CRDs prune them). Tests can
+//! add latency, inject failures, take it down, and count requests.
 
 #![allow(dead_code)]
 
@@ -65,16 +66,39 @@ pub struct FakeApiServer {
     port: u16,
 }
 
-/// The upstream CRDs, from the shared reference folder beside the repository.
-pub fn upstream_crd_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/upstream-crds")
+/// The folder of the project's install files, the CRDs among them.
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+/// The CustomResourceDefinitions among the documents of `dir`'s YAML files.
+fn crds_in(dir: &Path) -> Vec<Value> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    paths.sort();
+    let mut crds = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
+        crds.extend(
+            docs.into_iter()
+                .filter(|d| d["kind"] == "CustomResourceDefinition"),
+        );
+    }
+    assert!(!crds.is_empty(), "no CRD in {}", dir.display());
+    crds
 }
 
 impl FakeApiServer {
-    /// A server with the upstream CRDs installed.
+    /// A server with the project's CRDs installed.
     pub fn start() -> FakeApiServer {
         let server = FakeApiServer::start_without_crds();
-        server.install_crds(&upstream_crd_dir());
+        server.install_crds(&deploy_dir());
         server
     }
 
@@ -101,26 +125,17 @@ impl FakeApiServer {
         FakeApiServer { shared, port }
     }
 
-    /// Installs every CRD of `dir` (YAML files), as `kubectl apply` would.
+    /// Installs every CustomResourceDefinition in the YAML files of `dir`, as `kubectl apply`
+    /// would; other objects there are not this server's business and are passed over.
     pub fn install_crds(&self, dir: &Path) {
         let mut state = self.shared.state.lock().unwrap();
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-            .collect();
-        entries.sort();
-        for path in entries {
-            let text = std::fs::read_to_string(&path).unwrap();
-            let crd: Value = serde_saphyr::from_str(&text)
-                .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
+        for crd in crds_in(dir) {
             let spec = &crd["spec"];
-            assert_eq!(spec["group"], GROUP, "{}", path.display());
+            assert_eq!(spec["group"], GROUP, "{}", crd["metadata"]["name"]);
             let version = spec["versions"]
                 .as_array()
                 .and_then(|v| v.iter().find(|v| v["name"] == VERSION))
-                .unwrap_or_else(|| panic!("{}: no {VERSION}", path.display()));
+                .unwrap_or_else(|| panic!("{}: no {VERSION}", crd["metadata"]["name"]));
             let plural = spec["names"]["plural"].as_str().unwrap().to_string();
             state.crds.insert(
                 plural,
