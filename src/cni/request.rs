@@ -2,6 +2,8 @@
 //! stdin.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::Read;
 
 use serde_json::Value;
 
@@ -62,6 +64,60 @@ impl CniArgs {
             .map(|(_, v)| v.as_str())
             .filter(|v| !v.is_empty())
     }
+}
+
+/// The most the network configuration on stdin may hold. Real configurations are a few KiB;
+/// a GC's list of attachments for a full node stays far below this.
+pub const MAX_STDIN_BYTES: u64 = 1 << 20;
+
+/// Reads stdin up to [`MAX_STDIN_BYTES`]: more is a decoding error (code 6), not unbounded work.
+pub fn read_stdin(mut input: impl Read) -> Result<Vec<u8>, CniError> {
+    let mut stdin = Vec::new();
+    input
+        .by_ref()
+        .take(MAX_STDIN_BYTES + 1)
+        .read_to_end(&mut stdin)
+        .map_err(|err| {
+            CniError::new(
+                code::IO_FAILURE,
+                format!("cannot read the network configuration from stdin: {err}"),
+            )
+        })?;
+    if stdin.len() as u64 > MAX_STDIN_BYTES {
+        return Err(CniError::new(
+            code::DECODING_FAILURE,
+            format!("the network configuration on stdin is larger than {MAX_STDIN_BYTES} bytes"),
+        ));
+    }
+    Ok(stdin)
+}
+
+/// The process environment as text. A variable the plugin reads (`CNI_*`, `WHEREABOUTS_*`,
+/// `NODENAME`) that is not valid UTF-8 is an error naming it (code 4); any other such variable
+/// is none of our business and is left out.
+pub fn decode_environment(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<HashMap<String, String>, CniError> {
+    let mut out = HashMap::new();
+    for (name, value) in vars {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => {
+                out.insert(name, value);
+            }
+            (Ok(name), Err(_)) if is_ours(&name) => {
+                return Err(CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    format!("environment variable {name} is not valid UTF-8"),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn is_ours(name: &str) -> bool {
+    name.starts_with("CNI_") || name.starts_with("WHEREABOUTS_") || name == "NODENAME"
 }
 
 /// The CNI environment of one call.

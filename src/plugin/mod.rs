@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::cni::error::{code, CniError};
-use crate::cni::request::{CniEnv, Command, NetConf};
+use crate::cni::request::{self, CniEnv, Command, NetConf};
 use crate::cni::result::{IpConfig, IpamResult};
 use crate::cni::version::{self, at_least, LATEST, SUPPORTED};
 use crate::config::{self, IpamConfig};
@@ -30,6 +30,22 @@ pub fn about() -> String {
         env!("CARGO_PKG_VERSION"),
         SUPPORTED.join(", ")
     )
+}
+
+/// Runs one CNI call from the process's environment and stdin, as `main` does.
+pub fn run_process(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    stdin: impl std::io::Read,
+) -> Outcome {
+    let input = request::decode_environment(vars)
+        .and_then(|vars| request::read_stdin(stdin).map(|stdin| (vars, stdin)));
+    match input {
+        Ok((vars, stdin)) => run(&vars, &stdin),
+        Err(err) => Outcome {
+            stdout: Some(err.to_json(LATEST)),
+            exit_code: 1,
+        },
+    }
 }
 
 /// Runs one CNI call. Never panics on input: every failure becomes CNI error JSON.
