@@ -5,6 +5,7 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod controller;
+pub mod files;
 pub mod ipam;
 pub mod k8s;
 pub mod logging;

@@ -21,6 +21,7 @@ fn run_raw(vars: &[(&OsStr, &OsStr)], stdin: &str) -> Reply {
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", "/opt/cni/bin"),
         ])
+        .env(FLAT_FILE_ENV, test_flat_file())
         .envs(vars.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

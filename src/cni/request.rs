@@ -31,7 +31,10 @@ impl Command {
             other => {
                 return Err(CniError::new(
                     code::INVALID_ENVIRONMENT,
-                    format!("unknown CNI_COMMAND {other:?} (expected ADD, DEL, CHECK, GC, STATUS or VERSION)"),
+                    format!(
+                    "unknown CNI_COMMAND {:?} (expected ADD, DEL, CHECK, GC, STATUS or VERSION)",
+                    crate::files::shown(other)
+                ),
                 ))
             }
         })
@@ -49,7 +52,10 @@ impl CniArgs {
             let (k, v) = item.split_once('=').ok_or_else(|| {
                 CniError::new(
                     code::INVALID_ENVIRONMENT,
-                    format!("invalid CNI_ARGS item {item:?}: expected KEY=VALUE"),
+                    format!(
+                        "invalid CNI_ARGS item {:?}: expected KEY=VALUE",
+                        crate::files::shown(item)
+                    ),
                 )
             })?;
             pairs.push((k.trim().to_string(), v.trim().to_string()));
@@ -173,6 +179,18 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<(String, String)>>,
 }
 
+/// The JSON type of a value, for messages that must not show it.
+pub fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 fn decode_error(err: impl std::fmt::Display) -> CniError {
     CniError::new(
         code::DECODING_FAILURE,
@@ -184,13 +202,19 @@ impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
         let value: Value = serde_json::from_slice(stdin).map_err(decode_error)?;
         let Value::Object(map) = &value else {
-            return Err(decode_error(format!("expected a JSON object, got {value}")));
+            return Err(decode_error(format!(
+                "expected a JSON object, got {}",
+                kind_of(&value)
+            )));
         };
         let string = |key: &str| -> Result<Option<String>, CniError> {
             match map.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(other) => Err(decode_error(format!("{key} must be a string, got {other}"))),
+                Some(other) => Err(decode_error(format!(
+                    "{key} must be a string, got {}",
+                    kind_of(other)
+                ))),
             }
         };
         let strings = |v: Option<&Value>, what: &str| -> Result<Vec<String>, CniError> {
@@ -223,13 +247,19 @@ impl NetConf {
                         match (field("containerID"), field("ifname")) {
                             (Some(c), Some(i)) => Ok((c, i)),
                             _ => Err(decode_error(format!(
-                                "cni.dev/valid-attachments entry {item} needs containerID and ifname"
+                                "cni.dev/valid-attachments entry {} needs containerID and ifname",
+                                crate::files::shown(&item.to_string())
                             ))),
                         }
                     })
                     .collect::<Result<_, _>>()?,
             ),
-            Some(other) => return Err(decode_error(format!("cni.dev/valid-attachments must be a list, got {other}"))),
+            Some(other) => {
+                return Err(decode_error(format!(
+                    "cni.dev/valid-attachments must be a list, got {}",
+                    kind_of(other)
+                )))
+            }
         };
         Ok(NetConf {
             cni_version: string("cniVersion")?,

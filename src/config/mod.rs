@@ -79,12 +79,18 @@ pub struct IpamConfig {
     pub reconciler_cron_expression: Option<String>,
     pub sleep_for_race: u64,
     pub datastore: Datastore,
+    /// What the admin's flat file allows (the operator's commands: everything).
+    pub trust: Trust,
+    /// What was ignored from the network configuration, to log once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 mod load;
 mod raw;
+pub mod trust;
 
-pub use load::{find_flat_file, load, load_for_operator, load_with_flat_files};
+pub use load::{find_flat_file, load, load_for_operator, load_untrusted, load_with_flat_files};
+pub use trust::Trust;
 
 #[cfg(test)]
 mod tests;

@@ -97,6 +97,9 @@ fn call(
     }
     let cfg = config::load(conf.ipam.as_ref())?;
     crate::logging::init(cfg.log_file.as_deref(), cfg.log_level);
+    for warning in &cfg.warnings {
+        tracing::warn!("{warning}");
+    }
     tracing::debug!(command = ?env.command, container = ?env.container_id, ifname = ?env.ifname, "CNI call");
     match env.command {
         Command::Add => add(&env, &conf, &cfg, &version).map(Some),
@@ -165,7 +168,10 @@ fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Request
         Some(text) => Some(parse_ip(text).ok_or_else(|| {
             CniError::new(
                 code::INVALID_CONFIG,
-                format!("invalid CNI_ARGS GATEWAY: {text:?} is not an IP address"),
+                format!(
+                    "invalid CNI_ARGS GATEWAY: {:?} is not an IP address",
+                    crate::files::shown(text)
+                ),
             )
         })?),
         None => None,

@@ -36,7 +36,10 @@ pub fn parse_requested(text: &str, source: &str) -> Result<(IpAddr, Option<u8>),
     let bad = || {
         CniError::new(
             code::INVALID_CONFIG,
-            format!("invalid {source}: {text:?} is not an IP address or CIDR"),
+            format!(
+                "invalid {source}: {:?} is not an IP address or CIDR",
+                crate::files::shown(text)
+            ),
         )
     };
     match text.trim().split_once('/') {
