@@ -55,3 +55,100 @@ fn stdin_larger_than_the_cap_is_code_6() {
     let reply = run(&[("CNI_COMMAND", "DEL")], &huge);
     assert_eq!(reply.err_code(), 6);
 }
+
+/// A flat file `flat` of the admin's in `net`'s folder; the calls' environment naming it.
+fn admin_flat_file(net: &Net, flat: serde_json::Value) -> String {
+    let path = net.path().join("admin.conf");
+    std::fs::write(&path, flat.to_string()).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn call_as(net: &Net, flat_file: &str, command: &str, container: &str) -> Reply {
+    run(
+        &[
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", container),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", &pod_args(container)),
+            (FLAT_FILE_ENV, flat_file),
+        ],
+        &net.conf.to_string(),
+    )
+}
+
+#[test]
+fn a_network_configuration_cannot_choose_where_root_writes() {
+    let mut net = Net::local(json!({"range": "10.61.0.0/24"}));
+    let db = net.db();
+    net.conf["ipam"]
+        .as_object_mut()
+        .unwrap()
+        .remove("local_path");
+    let flat = admin_flat_file(&net, json!({"local_path": db}));
+    let victim = net.path().join("authorized_keys");
+    net.conf["ipam"]["log_file"] = victim.to_string_lossy().into();
+    net.conf["ipam"]["network_name"] = "a\nssh-ed25519 AAAA attacker".into();
+    let reply = call_as(&net, &flat, "ADD", "c1");
+    reply.ok();
+    assert!(!victim.exists(), "the inline log_file was opened");
+    assert!(reply.stderr.contains("ipam.log_file"), "{reply:?}");
+    assert!(
+        !reply.stderr.lines().any(|l| l.starts_with("ssh-ed25519")),
+        "{reply:?}"
+    );
+    net.conf["ipam"]["local_path"] = net.path().join("other.db").to_string_lossy().into();
+    let reply = call_as(&net, &flat, "ADD", "c2");
+    assert_eq!(reply.err_code(), 7);
+    assert!(reply.msg().contains("ipam.local_path"), "{reply:?}");
+    assert!(!net.path().join("other.db").exists());
+}
+
+#[test]
+fn log_file_is_never_a_symlink_a_fifo_or_stdout() {
+    let mut net = Net::local(json!({"range": "10.62.0.0/24", "log_level": "debug"}));
+    let target = net.path().join("target");
+    std::fs::write(&target, "").unwrap();
+    let link = net.path().join("link.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let fifo = net.path().join("fifo.log");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (i, path) in [link.as_path(), fifo.as_path(), "/dev/stdout".as_ref()]
+        .iter()
+        .enumerate()
+    {
+        net.conf["ipam"]["log_file"] = path.to_string_lossy().into();
+        let reply = net.add(&format!("c{i}"), "eth0");
+        reply.ok();
+        assert!(reply.stderr.contains("log_file"), "{reply:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
+}
+
+#[test]
+fn kubeconfigs_that_run_commands_hang_or_flood_are_refused() {
+    let mut net = Net::local(json!({"range": "10.63.0.0/24"}));
+    let marker = net.path().join("ran");
+    let kubeconfig = net.path().join("exec.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\nusers:\n- name: u\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh\n      args: [\"-c\", \"touch {}\"]\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let fifo = net.path().join("fifo.kubeconfig");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in [kubeconfig.as_path(), fifo.as_path(), "/dev/zero".as_ref()] {
+        net.conf["ipam"]["datastore"] = "kubernetes".into();
+        net.conf["ipam"]["kubernetes"] = json!({"kubeconfig": path});
+        let started = std::time::Instant::now();
+        let reply = net.add("c1", "eth0");
+        assert_eq!(reply.err_code(), 7, "{reply:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+    assert!(!marker.exists(), "the kubeconfig's command ran");
+}
