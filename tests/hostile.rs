@@ -152,3 +152,74 @@ fn kubeconfigs_that_run_commands_hang_or_flood_are_refused() {
     }
     assert!(!marker.exists(), "the kubeconfig's command ran");
 }
+
+#[test]
+fn static_addresses_a_pod_may_not_hold_are_refused() {
+    let mut net = Net::local(json!({"range": "10.64.0.0/24", "gateway": "10.64.0.1",
+        "exclude": ["10.64.0.16/28"]}));
+    for ip in ["10.64.0.0", "10.64.0.255", "10.64.0.1", "10.64.0.20"] {
+        let reply = net.call("ADD", "c1", "eth0", &format!("IP={ip}"));
+        assert_eq!(reply.err_code(), 7, "{ip}: {reply:?}");
+        net.conf["runtimeConfig"] = json!({"ips": [format!("{ip}/24")]});
+        assert_eq!(net.add("c1", "eth0").err_code(), 7, "{ip}");
+        net.conf.as_object_mut().unwrap().remove("runtimeConfig");
+    }
+    assert_eq!(
+        ips(&net.call("ADD", "c1", "eth0", "IP=10.64.0.9").ok()),
+        ["10.64.0.9/24"]
+    );
+    let start_on_broadcast =
+        Net::local(json!({"range": "10.65.0.0/24", "range_start": "10.65.0.255"}));
+    assert_eq!(start_on_broadcast.add("c1", "eth0").err_code(), 7);
+    let nothing_left = Net::local(json!({"range": "10.66.0.0/29", "exclude": ["10.66.0.0/29"]}));
+    assert_eq!(nothing_left.add("c1", "eth0").err_code(), 7);
+}
+
+#[test]
+fn gc_without_the_list_of_valid_attachments_is_refused() {
+    let net = Net::local(json!({"range": "10.67.0.0/24"}));
+    net.add("c1", "eth0").ok();
+    let reply = net.call("GC", "", "", "");
+    assert_eq!(reply.err_code(), 7);
+    assert!(reply.msg().contains("valid-attachments"), "{reply:?}");
+    assert_eq!(ips(&net.add("c1", "eth0").ok()), ["10.67.0.1/24"]);
+}
+
+#[test]
+fn a_damaged_store_fails_status_and_add_but_not_del() {
+    let net = Net::local(json!({"range": "10.68.0.0/24"}));
+    net.add("c1", "eth0").ok();
+    net.call("STATUS", "", "", "").ok_empty();
+    let db = net.db();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(conn);
+    let mut bytes = std::fs::read(&db).unwrap();
+    bytes[..16].copy_from_slice(b"not a database!!");
+    std::fs::write(&db, bytes).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    assert_eq!(net.call("STATUS", "", "", "").err_code(), 50);
+    assert_eq!(net.add("c2", "eth0").err_code(), 5);
+    let del = net.del("c1", "eth0");
+    del.ok_empty();
+    assert!(del.stderr.contains("broken"), "{del:?}");
+}
+
+#[test]
+fn lists_longer_than_their_caps_are_refused_quickly() {
+    let many_ranges: Vec<_> = (0..100)
+        .map(|i| json!({"range": format!("10.{i}.0.0/24")}))
+        .collect();
+    let routes: Vec<_> = (0..5000).map(|_| json!({"dst": "0.0.0.0/0"})).collect();
+    for ipam in [
+        json!({"ipRanges": many_ranges}),
+        json!({"range": "10.69.0.0/24", "routes": routes}),
+    ] {
+        let started = std::time::Instant::now();
+        assert_eq!(Net::local(ipam).add("c1", "eth0").err_code(), 7);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+}

@@ -9,7 +9,8 @@ use super::raw::{field, lowercase_keys, merge_flat_file, text};
 use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
     Datastore, EtcdConfig, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
-    DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS,
+    DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS, MAX_EXCLUDES, MAX_RANGES, MAX_ROUTES,
+    MAX_STATIC_ADDRESSES,
 };
 use crate::cni::error::{code, CniError};
 use crate::cni::request::kind_of;
@@ -17,7 +18,7 @@ use crate::cni::types::{Dns, Route};
 use crate::files::{self, shown, shown_path};
 use crate::ipam::addr::parse_ip;
 use crate::ipam::slices::parse_slice_size;
-use crate::ipam::{parse_exclude, parse_range_text, Cidr, Range, RangeSpec};
+use crate::ipam::{parse_exclude, parse_range_text, Cidr, Range, RangeError, RangeSpec};
 
 fn invalid(msg: impl Into<String>) -> CniError {
     CniError::new(code::INVALID_CONFIG, msg)
@@ -216,6 +217,16 @@ fn lowercase_map(map: &Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
+/// Refuses a list longer than its cap, naming it.
+pub(crate) fn at_most(len: usize, max: usize, what: &str) -> Result<(), CniError> {
+    if len > max {
+        return Err(invalid(format!(
+            "{what} has {len} entries, more than the {max} allowed"
+        )));
+    }
+    Ok(())
+}
+
 fn ip_field(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<IpAddr>, CniError> {
     text(map, key, path)?
         .map(|t| {
@@ -246,6 +257,7 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
     };
     let exclude_texts: Vec<String> =
         field(map, "exclude", &format!("{path}exclude"))?.unwrap_or_default();
+    at_most(exclude_texts.len(), MAX_EXCLUDES, &format!("{path}exclude"))?;
     let mut exclude = Vec::with_capacity(exclude_texts.len());
     for (i, text) in exclude_texts.iter().enumerate() {
         exclude.push(
@@ -260,12 +272,19 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
         exclude,
     };
     // Resolving now reports an unusable range, a start outside it or a family mismatch up front.
-    Range::resolve(&spec, None).map_err(|err| {
+    let range = Range::resolve(&spec, None).map_err(|err| {
         invalid(format!(
             "invalid {path}range {:?}: {err}",
             shown(&range_text)
         ))
     })?;
+    if range.capacity() == 0 {
+        return Err(invalid(format!(
+            "invalid {path}range {:?}: {}",
+            shown(&range_text),
+            RangeError::NothingLeft(spec.cidr)
+        )));
+    }
     Ok(Some(spec))
 }
 
@@ -281,6 +300,11 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
         }
     }
     let ip_ranges: Vec<Value> = field(map, "ipranges", "ipam.ipRanges")?.unwrap_or_default();
+    at_most(
+        ip_ranges.len() + ranges.len(),
+        MAX_RANGES,
+        "ipam.range and ipam.ipRanges",
+    )?;
     for (i, item) in ip_ranges.iter().enumerate() {
         let path = format!("ipam.ipRanges[{i}].");
         let Value::Object(entry) = item else {
@@ -302,6 +326,7 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
 
     let gateway = ip_field(map, "gateway", "ipam.gateway")?;
     let routes: Vec<Route> = field(map, "routes", "ipam.routes")?.unwrap_or_default();
+    at_most(routes.len(), MAX_ROUTES, "ipam.routes")?;
     for (i, route) in routes.iter().enumerate() {
         if Cidr::parse(&route.dst, false).is_none() {
             return Err(invalid(format!(
@@ -321,6 +346,7 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
     let dns: Option<Dns> = field(map, "dns", "ipam.dns")?;
 
     let raw_addresses: Vec<Value> = field(map, "addresses", "ipam.addresses")?.unwrap_or_default();
+    at_most(raw_addresses.len(), MAX_STATIC_ADDRESSES, "ipam.addresses")?;
     let mut addresses = Vec::new();
     for (i, item) in raw_addresses.iter().enumerate() {
         let path = format!("ipam.addresses[{i}]");

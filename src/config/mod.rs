@@ -21,6 +21,15 @@ pub const FLAT_FILE_PATHS: [&str; 3] = [
     "/host/etc/cni/net.d/whereabouts.d/whereabouts.conf",
 ];
 
+/// Caps on what one configuration may ask for: generous for real networks (which use a
+/// handful), small enough that the work of a call stays bounded whoever wrote it.
+pub const MAX_RANGES: usize = 64;
+/// Exclusions of one range.
+pub const MAX_EXCLUDES: usize = 1024;
+pub const MAX_ROUTES: usize = 1024;
+/// Static addresses of one call (`addresses`, CNI_ARGS `IP=` and `runtimeConfig.ips` together).
+pub const MAX_STATIC_ADDRESSES: usize = 64;
+
 /// A static address from `addresses`, CNI_ARGS `IP=` or `runtimeConfig.ips`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StaticAddress {

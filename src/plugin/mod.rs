@@ -13,7 +13,7 @@ use crate::cni::version::{self, at_least, LATEST, SUPPORTED};
 use crate::config::{self, IpamConfig};
 use crate::ipam::addr::parse_ip;
 use crate::ipam::Cidr;
-use crate::store::{self, AddRequest, Attachment, AttachmentRequest, GcRequest, Store};
+use crate::store::{self, AddRequest, Attachment, AttachmentRequest, GcRequest, Store, StoreError};
 
 pub use pools::{parse_requested, place_statics, pools, Requested};
 
@@ -197,6 +197,16 @@ fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Request
             gateway: None,
         });
     }
+    if out.len() > config::MAX_STATIC_ADDRESSES {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "{} static addresses requested (addresses, CNI_ARGS IP, runtimeConfig.ips), more than the {} allowed",
+                out.len(),
+                config::MAX_STATIC_ADDRESSES
+            ),
+        ));
+    }
     Ok(out)
 }
 
@@ -257,11 +267,26 @@ fn attachment_request(
     })
 }
 
+/// A store that is broken for good does not hold pod teardown hostage: DEL succeeds, loudly,
+/// and STATUS reports the store until an admin repairs it. A transient failure is code 11.
 fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
     let req = attachment_request(env, conf, cfg)?;
-    let released = open_store(cfg)?.del(&req)?;
-    tracing::info!(released = released.len(), "released");
-    Ok(())
+    match store::open(cfg).and_then(|store| store.del(&req)) {
+        Ok(released) => {
+            tracing::info!(released = released.len(), "released");
+            Ok(())
+        }
+        Err(StoreError::Broken(why)) => {
+            tracing::error!(
+                container = %req.container_id,
+                ifname = %req.ifname,
+                "DEL succeeds WITHOUT releasing anything: the store is broken ({why}); \
+                 its addresses stay recorded until the store is repaired"
+            );
+            Ok(())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
@@ -285,11 +310,18 @@ fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError>
 }
 
 fn gc(conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
+    // Without the list every allocation of the network would look stale.
+    let valid = conf.valid_attachments.clone().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments (an empty list releases everything)",
+        )
+    })?;
     let req = GcRequest {
         cni_network: conf.name.clone(),
         network_name: cfg.network_name.clone(),
         pools: pools(cfg)?,
-        valid: conf.valid_attachments.clone().unwrap_or_default(),
+        valid,
         node: this_node(cfg),
         node_slice_size: cfg.node_slice_size,
     };
