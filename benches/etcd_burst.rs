@@ -6,6 +6,9 @@
 //!
 //! Run: `cargo bench --bench etcd_burst` (needs etcd-server and etcd-client).
 
+#[path = "../tests/common/trust.rs"]
+mod trust;
+
 #[path = "../tests/etcd_cluster/mod.rs"]
 mod etcd_cluster;
 
@@ -223,6 +226,7 @@ fn add_through_binary(conf: &[u8], node: usize, i: usize) -> IpAddr {
         .env("CNI_NETNS", "/var/run/netns/bench")
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", "/usr/lib/cni")
+        .env(trust::FLAT_FILE_ENV, trust::test_flat_file())
         .env(
             "CNI_ARGS",
             format!("K8S_POD_NAMESPACE=node{node};K8S_POD_NAME=pod{i}"),

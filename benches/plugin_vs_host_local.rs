@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench plugin_vs_host_local` (needs containernetworking-plugins).
 
+#[path = "../tests/common/trust.rs"]
+mod trust;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,6 +30,7 @@ fn call(plugin: &Plugin, command: &str, container: &str) -> Duration {
         .env("CNI_NETNS", "/var/run/netns/bench")
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", "/usr/lib/cni")
+        .env(trust::FLAT_FILE_ENV, trust::test_flat_file())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

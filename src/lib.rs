@@ -5,6 +5,9 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod controller;
+pub mod files;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod ipam;
 pub mod k8s;
 pub mod logging;

@@ -1,12 +1,18 @@
 //! Logs go to `log_file` or stderr, never to stdout (which carries only protocol output).
+//!
+//! Logged values may come from a NetworkAttachmentDefinition: every control character inside an
+//! event (a newline in a field, an escape sequence) is written escaped, so one event is always
+//! exactly one line and cannot forge another.
 
-use std::fs::OpenOptions;
+use std::io::{self, Write};
 use std::path::Path;
 use std::sync::Mutex;
 
 use tracing::Level;
+use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::LogLevel;
+use crate::files;
 
 fn level(level: Option<LogLevel>) -> Level {
     match level {
@@ -19,27 +25,88 @@ fn level(level: Option<LogLevel>) -> Level {
 }
 
 /// Installs the subscriber once; later calls are ignored. A log file that cannot be opened
-/// falls back to stderr: logging never fails a CNI call.
+/// (missing folder, a symbolic link, a FIFO, not a regular file) falls back to stderr: logging
+/// never fails a CNI call.
 pub fn init(log_file: Option<&Path>, log_level: Option<LogLevel>) {
     let builder = tracing_subscriber::fmt()
         .with_max_level(level(log_level))
         .with_ansi(false)
         .with_target(false);
     let file = log_file.and_then(|path| {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        files::open_append(path)
             .map_err(|err| {
                 eprintln!(
-                    "whereabouts: cannot open log_file {}: {err}; logging to stderr",
-                    path.display()
+                    "whereabouts: log_file not used, logging to stderr: {}",
+                    err.describe()
                 )
             })
             .ok()
     });
     let _ = match file {
-        Some(file) => builder.with_writer(Mutex::new(file)).try_init(),
-        None => builder.with_writer(std::io::stderr).try_init(),
+        Some(file) => builder.with_writer(Escaping(Mutex::new(file))).try_init(),
+        None => builder.with_writer(Escaping(io::stderr)).try_init(),
     };
+}
+
+/// Makes writers that escape control characters (see the module's documentation).
+pub struct Escaping<M>(pub M);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Escaping<M> {
+    type Writer = EscapingWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        EscapingWriter(self.0.make_writer())
+    }
+}
+
+/// Writes each buffer (one formatted event) with its control characters escaped, except the
+/// final newline that ends the event.
+pub struct EscapingWriter<W>(W);
+
+impl<W: Write> Write for EscapingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(escape_event(buf).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// The event's text with control characters escaped, ending in exactly one newline when the
+/// event did.
+pub fn escape_event(buf: &[u8]) -> String {
+    let text = String::from_utf8_lossy(buf);
+    let (body, end) = match text.strip_suffix('\n') {
+        Some(body) => (body, "\n"),
+        None => (&*text, ""),
+    };
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in body.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.push_str(end);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_stays_one_line() {
+        assert_eq!(
+            escape_event(b"ERROR bad local_path \"/x\nroot:x:0:0\"\n"),
+            "ERROR bad local_path \"/x\\nroot:x:0:0\"\n"
+        );
+        assert_eq!(
+            escape_event("a\u{1b}[2J\u{85}b".as_bytes()),
+            "a\\u{1b}[2J\\u{85}b"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! Thin dispatch: a CNI call when CNI_COMMAND is set, otherwise the command line.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,21 +24,7 @@ fn main() -> ExitCode {
 }
 
 fn plugin() -> ExitCode {
-    let vars = std::env::vars().collect();
-    let mut stdin = Vec::new();
-    let outcome = match std::io::stdin().read_to_end(&mut stdin) {
-        Ok(_) => whereabouts::plugin::run(&vars, &stdin),
-        Err(err) => whereabouts::plugin::Outcome {
-            stdout: Some(
-                whereabouts::cni::error::CniError::new(
-                    whereabouts::cni::error::code::IO_FAILURE,
-                    format!("cannot read the network configuration from stdin: {err}"),
-                )
-                .to_json(whereabouts::cni::version::LATEST),
-            ),
-            exit_code: 1,
-        },
-    };
+    let outcome = whereabouts::plugin::run_process(std::env::vars_os(), std::io::stdin().lock());
     if let Some(json) = outcome.stdout {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{json}");

@@ -86,6 +86,7 @@ fn main_plugin(plugin: &str, command: &str, conf: &Value, container: &str, netns
     let exe = format!("{PLUGIN_DIR}/{plugin}");
     let out = Command::new(&exe)
         .env("CNI_COMMAND", command)
+        .env(FLAT_FILE_ENV, test_flat_file())
         .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")

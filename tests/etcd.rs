@@ -3,6 +3,8 @@
 
 #[path = "etcd_cluster/mod.rs"]
 mod etcd_cluster;
+#[path = "common/trust.rs"]
+mod trust;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -95,6 +97,7 @@ fn plugin(command: &str, pod: Option<&Pod>, conf: &[u8], env: &[(&str, &str)]) -
     cmd.env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_PATH", "/usr/lib/cni")
+        .env(trust::FLAT_FILE_ENV, trust::test_flat_file())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

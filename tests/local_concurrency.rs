@@ -26,8 +26,14 @@ fn conf(db: &Path) -> Value {
 /// Starts the plugin for `command` without waiting: its stdin stays open, so it does nothing
 /// until [`feed`] hands it the configuration.
 fn start(command: &str, container: &str, stderr: &Path) -> Child {
+    start_with(command, container, stderr, common::test_flat_file())
+}
+
+/// As [`start`], with the admin's flat file `flat_file`.
+fn start_with(command: &str, container: &str, stderr: &Path, flat_file: &Path) -> Child {
     Command::new(common::bin())
         .env_clear()
+        .env(common::FLAT_FILE_ENV, flat_file)
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", "/var/run/netns/whereabouts-test")
@@ -314,11 +320,20 @@ fn a_process_killed_inside_its_transaction_changes_nothing() {
         "10.0.0.1"
     );
 
-    // sleep_for_race holds the write transaction open between its read and its write.
-    let mut slow = conf(&db);
-    slow["ipam"]["sleep_for_race"] = 30.into();
-    let mut child = start("ADD", "victim", &dir.path().join("victim.err"));
-    feed(&mut child, &slow);
+    // sleep_for_race (a test hook only the admin's flat file sets) holds the write transaction
+    // open between its read and its write.
+    let slow_flat_file = dir.path().join("slow.conf");
+    let mut flat =
+        serde_json::from_slice::<Value>(&std::fs::read(common::test_flat_file()).unwrap()).unwrap();
+    flat["sleep_for_race"] = 30.into();
+    std::fs::write(&slow_flat_file, flat.to_string()).unwrap();
+    let mut child = start_with(
+        "ADD",
+        "victim",
+        &dir.path().join("victim.err"),
+        &slow_flat_file,
+    );
+    feed(&mut child, &conf(&db));
 
     // Wait until the victim holds the write lock: our own immediate transaction is refused.
     let probe = rusqlite::Connection::open(&db).unwrap();

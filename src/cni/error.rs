@@ -31,17 +31,22 @@ pub struct CniError {
     pub details: String,
 }
 
+/// The longest message an error carries: whatever its parts, one short line.
+pub const MAX_MESSAGE_CHARS: usize = 600;
+
 impl CniError {
+    /// The message is kept to one line of at most [`MAX_MESSAGE_CHARS`] characters, control
+    /// characters escaped: parts of it may come from a network configuration.
     pub fn new(code: u32, msg: impl Into<String>) -> CniError {
         CniError {
             code,
-            msg: msg.into(),
+            msg: crate::files::shown_within(&msg.into(), MAX_MESSAGE_CHARS),
             details: String::new(),
         }
     }
 
     pub fn with_details(mut self, details: impl Into<String>) -> CniError {
-        self.details = details.into();
+        self.details = crate::files::shown_within(&details.into(), MAX_MESSAGE_CHARS);
         self
     }
 

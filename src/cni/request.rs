@@ -2,6 +2,8 @@
 //! stdin.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::Read;
 
 use serde_json::Value;
 
@@ -29,7 +31,10 @@ impl Command {
             other => {
                 return Err(CniError::new(
                     code::INVALID_ENVIRONMENT,
-                    format!("unknown CNI_COMMAND {other:?} (expected ADD, DEL, CHECK, GC, STATUS or VERSION)"),
+                    format!(
+                    "unknown CNI_COMMAND {:?} (expected ADD, DEL, CHECK, GC, STATUS or VERSION)",
+                    crate::files::shown(other)
+                ),
                 ))
             }
         })
@@ -47,7 +52,10 @@ impl CniArgs {
             let (k, v) = item.split_once('=').ok_or_else(|| {
                 CniError::new(
                     code::INVALID_ENVIRONMENT,
-                    format!("invalid CNI_ARGS item {item:?}: expected KEY=VALUE"),
+                    format!(
+                        "invalid CNI_ARGS item {:?}: expected KEY=VALUE",
+                        crate::files::shown(item)
+                    ),
                 )
             })?;
             pairs.push((k.trim().to_string(), v.trim().to_string()));
@@ -62,6 +70,60 @@ impl CniArgs {
             .map(|(_, v)| v.as_str())
             .filter(|v| !v.is_empty())
     }
+}
+
+/// The most the network configuration on stdin may hold. Real configurations are a few KiB;
+/// a GC's list of attachments for a full node stays far below this.
+pub const MAX_STDIN_BYTES: u64 = 1 << 20;
+
+/// Reads stdin up to [`MAX_STDIN_BYTES`]: more is a decoding error (code 6), not unbounded work.
+pub fn read_stdin(mut input: impl Read) -> Result<Vec<u8>, CniError> {
+    let mut stdin = Vec::new();
+    input
+        .by_ref()
+        .take(MAX_STDIN_BYTES + 1)
+        .read_to_end(&mut stdin)
+        .map_err(|err| {
+            CniError::new(
+                code::IO_FAILURE,
+                format!("cannot read the network configuration from stdin: {err}"),
+            )
+        })?;
+    if stdin.len() as u64 > MAX_STDIN_BYTES {
+        return Err(CniError::new(
+            code::DECODING_FAILURE,
+            format!("the network configuration on stdin is larger than {MAX_STDIN_BYTES} bytes"),
+        ));
+    }
+    Ok(stdin)
+}
+
+/// The process environment as text. A variable the plugin reads (`CNI_*`, `WHEREABOUTS_*`,
+/// `NODENAME`) that is not valid UTF-8 is an error naming it (code 4); any other such variable
+/// is none of our business and is left out.
+pub fn decode_environment(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<HashMap<String, String>, CniError> {
+    let mut out = HashMap::new();
+    for (name, value) in vars {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => {
+                out.insert(name, value);
+            }
+            (Ok(name), Err(_)) if is_ours(&name) => {
+                return Err(CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    format!("environment variable {name} is not valid UTF-8"),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn is_ours(name: &str) -> bool {
+    name.starts_with("CNI_") || name.starts_with("WHEREABOUTS_") || name == "NODENAME"
 }
 
 /// The CNI environment of one call.
@@ -117,6 +179,18 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<(String, String)>>,
 }
 
+/// The JSON type of a value, for messages that must not show it.
+pub fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 fn decode_error(err: impl std::fmt::Display) -> CniError {
     CniError::new(
         code::DECODING_FAILURE,
@@ -128,13 +202,19 @@ impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
         let value: Value = serde_json::from_slice(stdin).map_err(decode_error)?;
         let Value::Object(map) = &value else {
-            return Err(decode_error(format!("expected a JSON object, got {value}")));
+            return Err(decode_error(format!(
+                "expected a JSON object, got {}",
+                kind_of(&value)
+            )));
         };
         let string = |key: &str| -> Result<Option<String>, CniError> {
             match map.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(other) => Err(decode_error(format!("{key} must be a string, got {other}"))),
+                Some(other) => Err(decode_error(format!(
+                    "{key} must be a string, got {}",
+                    kind_of(other)
+                ))),
             }
         };
         let strings = |v: Option<&Value>, what: &str| -> Result<Vec<String>, CniError> {
@@ -167,13 +247,19 @@ impl NetConf {
                         match (field("containerID"), field("ifname")) {
                             (Some(c), Some(i)) => Ok((c, i)),
                             _ => Err(decode_error(format!(
-                                "cni.dev/valid-attachments entry {item} needs containerID and ifname"
+                                "cni.dev/valid-attachments entry {} needs containerID and ifname",
+                                crate::files::shown(&item.to_string())
                             ))),
                         }
                     })
                     .collect::<Result<_, _>>()?,
             ),
-            Some(other) => return Err(decode_error(format!("cni.dev/valid-attachments must be a list, got {other}"))),
+            Some(other) => {
+                return Err(decode_error(format!(
+                    "cni.dev/valid-attachments must be a list, got {}",
+                    kind_of(other)
+                )))
+            }
         };
         Ok(NetConf {
             cni_version: string("cniVersion")?,

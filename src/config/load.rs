@@ -6,115 +6,236 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::raw::{field, lowercase_keys, merge_flat_file, text};
+use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
     Datastore, EtcdConfig, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
-    DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS,
+    DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS, MAX_EXCLUDES, MAX_RANGES, MAX_ROUTES,
+    MAX_STATIC_ADDRESSES,
 };
 use crate::cni::error::{code, CniError};
+use crate::cni::request::kind_of;
 use crate::cni::types::{Dns, Route};
+use crate::files::{self, shown, shown_path};
 use crate::ipam::addr::parse_ip;
 use crate::ipam::slices::parse_slice_size;
-use crate::ipam::{parse_exclude, parse_range_text, Cidr, Range, RangeSpec};
+use crate::ipam::{parse_exclude, parse_range_text, Cidr, Range, RangeError, RangeSpec};
 
 fn invalid(msg: impl Into<String>) -> CniError {
     CniError::new(code::INVALID_CONFIG, msg)
 }
 
-/// Loads the configuration from the `ipam` object of a network configuration, looking up the
-/// flat file in the standard places.
+/// Loads the configuration of a CNI call: the `ipam` object of a network configuration (not
+/// trusted, see [`super::trust`]) and the admin's flat file, `$WHEREABOUTS_FLAT_FILE` or the
+/// first of the standard places that exists.
 pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
-    load_with_flat_files(ipam, &default_flat_files())
+    let defaults = match std::env::var_os(FLAT_FILE_ENV).filter(|v| !v.is_empty()) {
+        Some(file) => vec![PathBuf::from(file)],
+        None => default_flat_files(),
+    };
+    load_inner(ipam, &defaults, Caller::Network)
 }
 
 /// As [`load`], for the operator's commands: the engine settings matter, ranges may be absent
-/// (the flat file written by the installer names only the engine).
+/// (the flat file written by the installer names only the engine), and what the operator
+/// gives is trusted.
 pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
-    load_inner(ipam, &default_flat_files(), true)
+    load_inner(ipam, &default_flat_files(), Caller::Operator)
 }
 
 fn default_flat_files() -> Vec<PathBuf> {
     FLAT_FILE_PATHS.iter().map(PathBuf::from).collect()
 }
 
-/// As [`load`], with the list of default flat-file locations given (for tests).
+/// As [`load`] with the default flat-file locations given and the `ipam` object trusted as
+/// the admin's own (tests, and callers holding an admin's configuration).
 pub fn load_with_flat_files(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
 ) -> Result<IpamConfig, CniError> {
-    load_inner(ipam, default_flat_files, false)
+    load_inner(ipam, default_flat_files, Caller::Admin)
+}
+
+/// As [`load`] with the default flat-file locations given: the `ipam` object is a network
+/// configuration's, screened by the flat file's trust rules.
+pub fn load_untrusted(
+    ipam: Option<&Value>,
+    default_flat_files: &[PathBuf],
+) -> Result<IpamConfig, CniError> {
+    load_inner(ipam, default_flat_files, Caller::Network)
+}
+
+/// Who hands over the `ipam` object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Caller {
+    /// A CNI call: a network configuration, perhaps a namespace user's.
+    Network,
+    /// The admin (trusted, ranges required).
+    Admin,
+    /// An operator's command or the controller (trusted, ranges optional).
+    Operator,
 }
 
 pub(super) fn load_inner(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
-    operator: bool,
+    caller: Caller,
 ) -> Result<IpamConfig, CniError> {
     let ipam = ipam.ok_or_else(|| invalid("IPAM config missing 'ipam' key"))?;
-    let Value::Object(_) = ipam else {
-        return Err(invalid(format!("ipam must be an object, got {ipam}")));
+    let Value::Object(ipam) = ipam else {
+        return Err(invalid(format!(
+            "ipam must be an object, got {}",
+            kind_of(ipam)
+        )));
     };
-    let Value::Object(mut map) = lowercase_keys(ipam) else {
-        unreachable!("lowercase_keys keeps objects");
-    };
+    let mut map = lowercase_map(ipam);
     let kind = text(&map, "type", "ipam.type")?.unwrap_or_default();
     if kind != "whereabouts" {
         return Err(invalid(format!(
-            "ipam.type is {kind:?}: this plugin only serves \"whereabouts\""
+            "ipam.type is {:?}: this plugin only serves \"whereabouts\"",
+            shown(&kind)
         )));
     }
     let configuration_path = text(&map, "configuration_path", "ipam.configuration_path")?;
-    if let Some(file) = find_flat_file(configuration_path.as_deref(), default_flat_files) {
-        let flat = read_flat_file(&file)?;
-        merge_flat_file(&mut map, &flat);
+    let (flat, trust, warnings) = if caller == Caller::Network {
+        let (flat, trust) = admin_flat_file(configuration_path.as_deref(), default_flat_files)?;
+        let mut flat = flat.unwrap_or_default();
+        let warnings = screen(&mut map, &mut flat, &trust)?;
+        (flat, trust, warnings)
+    } else {
+        let flat = match find_flat_file(configuration_path.as_deref(), default_flat_files)? {
+            Some(file) => read_flat_file(&file)?,
+            None => Map::new(),
+        };
+        (flat, Trust::operator(), Vec::new())
+    };
+    merge_flat_file(&mut map, &flat);
+    let mut cfg = resolve(&map, caller == Caller::Operator)?;
+    cfg.trust = trust;
+    cfg.warnings = warnings;
+    Ok(cfg)
+}
+
+/// The admin's flat file and its trust rules, for a network configuration naming
+/// `configuration_path`: honoured only inside the folders the default flat file (or the
+/// installer's layout) allows.
+fn admin_flat_file(
+    configuration_path: Option<&str>,
+    defaults: &[PathBuf],
+) -> Result<(Option<Map<String, Value>>, Trust), CniError> {
+    let base = match find_flat_file(None, defaults)? {
+        Some(file) => Some((file.clone(), read_flat_file(&file)?)),
+        None => None,
+    };
+    let base_trust = match &base {
+        Some((_, flat)) => Trust::from_flat_file(flat)?,
+        None => Trust::default(),
+    };
+    // Checked whether it exists or not: the folder also holds the `nodename` file.
+    if let Some(named) = configuration_path {
+        if !base_trust.allows_installer_file(Path::new(named)) {
+            return Err(invalid(format!(
+                "ipam.configuration_path {:?} is not allowed in a network configuration: \
+                 the flat file must be in the installer's folder or in the default flat file's allow_inline_paths",
+                shown(named)
+            )));
+        }
     }
-    resolve(&map, operator)
+    let named = match configuration_path {
+        Some(named) => find_flat_file(Some(named), &[])?,
+        None => None,
+    };
+    let chosen = match named {
+        Some(file) if base.as_ref().is_some_and(|(path, _)| *path == file) => base,
+        Some(file) => Some((file.clone(), read_flat_file(&file)?)),
+        None => base,
+    };
+    match chosen {
+        Some((_, flat)) => {
+            let trust = Trust::from_flat_file(&flat)?;
+            Ok((Some(flat), trust))
+        }
+        None => Ok((None, Trust::default())),
+    }
 }
 
 /// The first flat file that exists: `configuration_path` (a file, or a folder holding
 /// `whereabouts.conf`), then the defaults. None is not an error.
-pub fn find_flat_file(configuration_path: Option<&str>, defaults: &[PathBuf]) -> Option<PathBuf> {
+pub fn find_flat_file(
+    configuration_path: Option<&str>,
+    defaults: &[PathBuf],
+) -> Result<Option<PathBuf>, CniError> {
     let explicit = configuration_path.map(|p| {
         let path = PathBuf::from(p);
-        if path.is_dir() {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
             path.join("whereabouts.conf")
         } else {
             path
         }
     });
-    explicit
-        .into_iter()
-        .chain(defaults.iter().cloned())
-        .find(|p| p.is_file())
+    for candidate in explicit.into_iter().chain(defaults.iter().cloned()) {
+        match std::fs::symlink_metadata(&candidate) {
+            Ok(_) => return Ok(Some(candidate)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => {
+                return Err(CniError::new(
+                    code::IO_FAILURE,
+                    format!("cannot look up flat file {}: {err}", shown_path(&candidate)),
+                ))
+            }
+        }
+    }
+    Ok(None)
 }
 
+/// Reads the flat file; errors name it and the position, never its content.
 fn read_flat_file(path: &Path) -> Result<Map<String, Value>, CniError> {
-    let text = std::fs::read_to_string(path).map_err(|err| {
+    let bytes = files::read_config_file(path).map_err(|err| {
         CniError::new(
             code::IO_FAILURE,
-            format!("cannot read flat file {}: {err}", path.display()),
+            format!("cannot read the flat file: {}", err.describe()),
         )
     })?;
-    match serde_json::from_str::<Value>(&text) {
-        Ok(value @ Value::Object(_)) => match lowercase_keys(&value) {
-            Value::Object(map) => Ok(map),
-            _ => unreachable!("lowercase_keys keeps objects"),
-        },
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(lowercase_map(&map)),
         Ok(other) => Err(invalid(format!(
-            "flat file {} must hold a JSON object, got {other}",
-            path.display()
+            "flat file {} must hold a JSON object, not {}",
+            shown_path(path),
+            kind_of(&other)
         ))),
         Err(err) => Err(invalid(format!(
-            "cannot parse flat file {}: {err}",
-            path.display()
+            "cannot parse flat file {}: invalid JSON at line {} column {}",
+            shown_path(path),
+            err.line(),
+            err.column()
         ))),
     }
+}
+
+fn lowercase_map(map: &Map<String, Value>) -> Map<String, Value> {
+    map.iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), lowercase_keys(v)))
+        .collect()
+}
+
+/// Refuses a list longer than its cap, naming it.
+pub(crate) fn at_most(len: usize, max: usize, what: &str) -> Result<(), CniError> {
+    if len > max {
+        return Err(invalid(format!(
+            "{what} has {len} entries, more than the {max} allowed"
+        )));
+    }
+    Ok(())
 }
 
 fn ip_field(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<IpAddr>, CniError> {
     text(map, key, path)?
         .map(|t| {
-            parse_ip(&t)
-                .ok_or_else(|| invalid(format!("invalid {path}: {t:?} is not an IP address")))
+            parse_ip(&t).ok_or_else(|| {
+                invalid(format!(
+                    "invalid {path}: {:?} is not an IP address",
+                    shown(&t)
+                ))
+            })
         })
         .transpose()
 }
@@ -136,6 +257,7 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
     };
     let exclude_texts: Vec<String> =
         field(map, "exclude", &format!("{path}exclude"))?.unwrap_or_default();
+    at_most(exclude_texts.len(), MAX_EXCLUDES, &format!("{path}exclude"))?;
     let mut exclude = Vec::with_capacity(exclude_texts.len());
     for (i, text) in exclude_texts.iter().enumerate() {
         exclude.push(
@@ -150,8 +272,19 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
         exclude,
     };
     // Resolving now reports an unusable range, a start outside it or a family mismatch up front.
-    Range::resolve(&spec, None)
-        .map_err(|err| invalid(format!("invalid {path}range {range_text:?}: {err}")))?;
+    let range = Range::resolve(&spec, None).map_err(|err| {
+        invalid(format!(
+            "invalid {path}range {:?}: {err}",
+            shown(&range_text)
+        ))
+    })?;
+    if range.capacity() == 0 {
+        return Err(invalid(format!(
+            "invalid {path}range {:?}: {}",
+            shown(&range_text),
+            RangeError::NothingLeft(spec.cidr)
+        )));
+    }
     Ok(Some(spec))
 }
 
@@ -167,10 +300,18 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
         }
     }
     let ip_ranges: Vec<Value> = field(map, "ipranges", "ipam.ipRanges")?.unwrap_or_default();
+    at_most(
+        ip_ranges.len() + ranges.len(),
+        MAX_RANGES,
+        "ipam.range and ipam.ipRanges",
+    )?;
     for (i, item) in ip_ranges.iter().enumerate() {
         let path = format!("ipam.ipRanges[{i}].");
         let Value::Object(entry) = item else {
-            return Err(invalid(format!("invalid {path}: {item} is not an object")));
+            return Err(invalid(format!(
+                "invalid {path}: {} is not an object",
+                kind_of(item)
+            )));
         };
         let spec =
             range_spec(entry, &path)?.ok_or_else(|| invalid(format!("{path}range is missing")))?;
@@ -185,17 +326,19 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
 
     let gateway = ip_field(map, "gateway", "ipam.gateway")?;
     let routes: Vec<Route> = field(map, "routes", "ipam.routes")?.unwrap_or_default();
+    at_most(routes.len(), MAX_ROUTES, "ipam.routes")?;
     for (i, route) in routes.iter().enumerate() {
         if Cidr::parse(&route.dst, false).is_none() {
             return Err(invalid(format!(
                 "invalid ipam.routes[{i}].dst: {:?} is not a CIDR",
-                route.dst
+                shown(&route.dst)
             )));
         }
         if let Some(gw) = &route.gw {
             if parse_ip(gw).is_none() {
                 return Err(invalid(format!(
-                    "invalid ipam.routes[{i}].gw: {gw:?} is not an IP address"
+                    "invalid ipam.routes[{i}].gw: {:?} is not an IP address",
+                    shown(gw)
                 )));
             }
         }
@@ -203,16 +346,23 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
     let dns: Option<Dns> = field(map, "dns", "ipam.dns")?;
 
     let raw_addresses: Vec<Value> = field(map, "addresses", "ipam.addresses")?.unwrap_or_default();
+    at_most(raw_addresses.len(), MAX_STATIC_ADDRESSES, "ipam.addresses")?;
     let mut addresses = Vec::new();
     for (i, item) in raw_addresses.iter().enumerate() {
         let path = format!("ipam.addresses[{i}]");
         let Value::Object(entry) = item else {
-            return Err(invalid(format!("invalid {path}: {item} is not an object")));
+            return Err(invalid(format!(
+                "invalid {path}: {} is not an object",
+                kind_of(item)
+            )));
         };
         let address = text(entry, "address", &format!("{path}.address"))?
             .ok_or_else(|| invalid(format!("{path}.address is missing")))?;
         let address = Cidr::parse(&address, false).ok_or_else(|| {
-            invalid(format!("invalid {path}.address: {address:?} is not an address with a prefix length (10.0.0.5/24)"))
+            invalid(format!(
+                "invalid {path}.address: {:?} is not an address with a prefix length (10.0.0.5/24)",
+                shown(&address)
+            ))
         })?;
         let gateway = ip_field(entry, "gateway", &format!("{path}.gateway"))?;
         addresses.push(StaticAddress { address, gateway });
@@ -230,7 +380,8 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
             "error" => Ok(LogLevel::Error),
             "panic" => Ok(LogLevel::Panic),
             _ => Err(invalid(format!(
-                "invalid ipam.log_level: {level:?} (expected debug, verbose, error or panic)"
+                "invalid ipam.log_level: {:?} (expected debug, verbose, error or panic)",
+                shown(&level)
             ))),
         })
         .transpose()?;
@@ -273,6 +424,8 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
         )?,
         sleep_for_race: field(map, "sleep_for_race", "ipam.sleep_for_race")?.unwrap_or(0),
         datastore: datastore(map, operator)?,
+        trust: Trust::default(),
+        warnings: Vec::new(),
     })
 }
 
@@ -285,7 +438,8 @@ fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, CniE
         Some(Value::Null) | None => None,
         Some(other) => {
             return Err(invalid(format!(
-                "invalid ipam.kubernetes: {other} is not an object"
+                "invalid ipam.kubernetes: {} is not an object",
+                kind_of(other)
             )))
         }
     };
@@ -330,7 +484,7 @@ fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, CniE
                 .collect();
             if endpoints.is_empty() {
                 return Err(invalid(format!(
-                    "invalid ipam.etcd_host: {hosts:?} names no endpoint"
+                    "invalid ipam.etcd_host: {:?} names no endpoint", shown(&hosts)
                 )));
             }
             let path = |key: &str| -> Result<Option<PathBuf>, CniError> {

@@ -21,6 +21,15 @@ pub const FLAT_FILE_PATHS: [&str; 3] = [
     "/host/etc/cni/net.d/whereabouts.d/whereabouts.conf",
 ];
 
+/// Caps on what one configuration may ask for: generous for real networks (which use a
+/// handful), small enough that the work of a call stays bounded whoever wrote it.
+pub const MAX_RANGES: usize = 64;
+/// Exclusions of one range.
+pub const MAX_EXCLUDES: usize = 1024;
+pub const MAX_ROUTES: usize = 1024;
+/// Static addresses of one call (`addresses`, CNI_ARGS `IP=` and `runtimeConfig.ips` together).
+pub const MAX_STATIC_ADDRESSES: usize = 64;
+
 /// A static address from `addresses`, CNI_ARGS `IP=` or `runtimeConfig.ips`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StaticAddress {
@@ -79,12 +88,18 @@ pub struct IpamConfig {
     pub reconciler_cron_expression: Option<String>,
     pub sleep_for_race: u64,
     pub datastore: Datastore,
+    /// What the admin's flat file allows (the operator's commands: everything).
+    pub trust: Trust,
+    /// What was ignored from the network configuration, to log once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 mod load;
 mod raw;
+pub mod trust;
 
-pub use load::{find_flat_file, load, load_for_operator, load_with_flat_files};
+pub use load::{find_flat_file, load, load_for_operator, load_untrusted, load_with_flat_files};
+pub use trust::Trust;
 
 #[cfg(test)]
 mod tests;

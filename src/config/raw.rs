@@ -5,6 +5,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::cni::error::{code, CniError};
+use crate::files::shown;
 
 /// The object with every key lower-cased, recursively.
 pub fn lowercase_keys(value: &Value) -> Value {
@@ -50,7 +51,8 @@ pub fn merge_flat_file(inline: &mut Map<String, Value>, file: &Map<String, Value
     }
 }
 
-/// Decodes field `key` of `map`, naming `path` in the error.
+/// Decodes field `key` of `map`, naming `path` in the error. The value is shown cut and
+/// escaped, and not at all for a secret.
 pub fn field<T: DeserializeOwned>(
     map: &Map<String, Value>,
     key: &str,
@@ -61,12 +63,22 @@ pub fn field<T: DeserializeOwned>(
         Some(value) => serde_json::from_value(value.clone())
             .map(Some)
             .map_err(|err| {
-                CniError::new(
-                    code::INVALID_CONFIG,
-                    format!("invalid {path}: {value}: {err}"),
-                )
+                let msg = if is_secret(key) {
+                    format!("invalid {path}: expected a string")
+                } else {
+                    format!(
+                        "invalid {path}: {}: {}",
+                        shown(&value.to_string()),
+                        shown(&err.to_string())
+                    )
+                };
+                CniError::new(code::INVALID_CONFIG, msg)
             }),
     }
+}
+
+fn is_secret(key: &str) -> bool {
+    key.contains("password") || key.contains("username") || key.contains("token")
 }
 
 /// A string field; an empty string is treated as absent.

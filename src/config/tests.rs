@@ -244,11 +244,145 @@ fn kubernetes_engine_without_kubeconfig_defaults_only_for_operators() {
     assert!(err(ipam.clone()).contains("ipam.kubernetes.kubeconfig is not set"));
     // The operator's commands and the controller take the node's (or, in a pod, the service
     // account when that file is absent: see store::kubernetes::operator_access).
-    let cfg = super::load::load_inner(Some(&ipam), &[], true).unwrap();
+    let cfg = super::load::load_inner(Some(&ipam), &[], super::load::Caller::Operator).unwrap();
     assert_eq!(
         cfg.datastore,
         Datastore::Kubernetes(KubernetesConfig {
             kubeconfig: DEFAULT_KUBECONFIG.into()
         })
     );
+}
+
+/// A flat file `flat` in a fresh folder, and the network configuration's loader using it.
+fn untrusted(
+    flat: Value,
+) -> (
+    tempfile::TempDir,
+    impl Fn(Value) -> Result<IpamConfig, String>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("whereabouts.conf");
+    std::fs::write(&file, flat.to_string()).unwrap();
+    let load = move |mut ipam: Value| {
+        ipam["type"] = "whereabouts".into();
+        if ipam.get("range").is_none() {
+            ipam["range"] = "10.0.0.0/24".into();
+        }
+        load_untrusted(Some(&ipam), std::slice::from_ref(&file)).map_err(|e| {
+            assert_eq!(e.code, 7, "{}", e.msg);
+            e.msg
+        })
+    };
+    (dir, load)
+}
+
+#[test]
+fn a_network_configuration_names_paths_only_inside_allowed_folders() {
+    let allowed = tempfile::tempdir().unwrap();
+    let inside = allowed.path().join("net.db");
+    let (_dir, load) = untrusted(json!({"allow_inline_paths": [allowed.path()]}));
+    let cfg = load(json!({"local_path": inside})).unwrap();
+    assert_eq!(
+        cfg.datastore,
+        Datastore::Local {
+            path: inside.clone()
+        }
+    );
+    let msg = load(json!({"local_path": "/etc/cron.d/x.db"})).unwrap_err();
+    assert!(
+        msg.contains("ipam.local_path") && msg.contains("allow_inline_paths"),
+        "{msg}"
+    );
+    let msg = load(json!({"etcd_host": "https://h:2379"})).unwrap_err();
+    assert!(msg.contains("etcd_host"), "{msg}");
+    let msg = load(json!({"etcd_ca_cert_file": "/root/ca"})).unwrap_err();
+    assert!(msg.contains("etcd_ca_cert_file"), "{msg}");
+    // Nothing is allowed by default; a log_file is ignored rather than failing every call.
+    let (_dir, strict) = untrusted(json!({}));
+    assert!(strict(json!({"local_path": inside})).is_err());
+    let cfg =
+        strict(json!({"log_file": "/root/.ssh/authorized_keys", "sleep_for_race": 9})).unwrap();
+    assert_eq!(cfg.log_file, None);
+    assert_eq!(cfg.sleep_for_race, 0);
+    assert_eq!(cfg.warnings.len(), 2, "{:?}", cfg.warnings);
+    // The installer's kubeconfig may be named (upstream's examples do); no other.
+    let kubeconfig = "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
+    assert!(strict(json!({"kubernetes": {"kubeconfig": kubeconfig}})).is_ok());
+    let msg =
+        strict(json!({"kubernetes": {"kubeconfig": "/var/lib/kubelet/pods/x/k"}})).unwrap_err();
+    assert!(msg.contains("ipam.kubernetes.kubeconfig"), "{msg}");
+    let msg = strict(json!({"configuration_path": "/tmp/evil.conf"})).unwrap_err();
+    assert!(msg.contains("ipam.configuration_path"), "{msg}");
+}
+
+#[test]
+fn test_hooks_and_log_file_come_from_the_flat_file() {
+    let (dir, load) = untrusted(json!({"sleep_for_race": 2}));
+    let log = dir.path().join("wb.log");
+    std::fs::write(
+        dir.path().join("whereabouts.conf"),
+        json!({"sleep_for_race": 2, "log_file": log}).to_string(),
+    )
+    .unwrap();
+    let cfg = load(json!({})).unwrap();
+    assert_eq!(cfg.sleep_for_race, 2);
+    assert_eq!(cfg.log_file, Some(log.clone()));
+    // The same value inline is no decision of the network configuration's.
+    assert_eq!(load(json!({"log_file": log})).unwrap().warnings.len(), 0);
+}
+
+#[test]
+fn credentials_stay_with_their_endpoint() {
+    let admin = json!({"etcd_host": "https://etcd.admin:2379", "etcd_username": "root",
+        "etcd_password": "admin-secret"});
+    let (_dir, load) = untrusted(admin.clone());
+    let msg = load(json!({"etcd_host": "http://attacker:2379"})).unwrap_err();
+    assert!(
+        msg.contains("etcd_host") && !msg.contains("admin-secret"),
+        "{msg}"
+    );
+    let msg = load(json!({"etcd_password": "mine"})).unwrap_err();
+    assert!(
+        msg.contains("etcd_password") && !msg.contains("mine"),
+        "{msg}"
+    );
+    let mut open = admin;
+    open["allow_inline_endpoints"] = true.into();
+    let (_dir, load) = untrusted(open);
+    match load(json!({"etcd_host": "https://mine:2379"}))
+        .unwrap()
+        .datastore
+    {
+        Datastore::Etcd(etcd) => {
+            assert_eq!(etcd.endpoints, ["https://mine:2379"]);
+            assert_eq!((etcd.username, etcd.password), (None, None));
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_dir, load) = untrusted(json!({"datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"}}));
+    assert!(load(json!({"datastore": "local"}))
+        .unwrap_err()
+        .contains("datastore"));
+    assert!(load(json!({"datastore": "Kubernetes"})).is_ok());
+}
+
+#[test]
+fn flat_file_errors_never_show_its_content() {
+    let (dir, load) = untrusted(json!(["-----BEGIN PRIVATE KEY-----"]));
+    let msg = load(json!({})).unwrap_err();
+    assert!(
+        msg.contains("an array") && !msg.contains("PRIVATE"),
+        "{msg}"
+    );
+    std::fs::write(
+        dir.path().join("whereabouts.conf"),
+        "{\"a\": 1,\n secret-line }",
+    )
+    .unwrap();
+    let msg = load(json!({})).unwrap_err();
+    assert!(msg.contains("line 2") && !msg.contains("secret"), "{msg}");
+    let msg =
+        err(json!({"type": "whereabouts", "range": format!("10.0.0.0/24\n{}", "x".repeat(9000))}));
+    assert!(msg.chars().count() <= 601 && !msg.contains("\n"), "{msg}");
 }

@@ -15,6 +15,12 @@ pub enum RangeError {
     StartOutside { cidr: Cidr, start: IpAddr },
     #[error("range {0} has no usable IP addresses (a /31, /32, /127 or /128 has none)")]
     NoUsable(Cidr),
+    #[error("range_start {start} is the broadcast address of {cidr}: no usable address is left")]
+    StartBroadcast { cidr: Cidr, start: IpAddr },
+    #[error(
+        "range {0} leaves no address to hand out (range_start, range_end and exclude cover it all)"
+    )]
+    NothingLeft(Cidr),
     #[error("cannot parse exclude {0:?}: expected a CIDR or an IP address")]
     BadExclude(String),
     #[error("exclude {exclude} is not of the same IP family as range {cidr}")]
@@ -95,7 +101,10 @@ impl Range {
             let off = cidr
                 .offset_of(start)
                 .ok_or(RangeError::StartOutside { cidr, start })?;
-            first = off.clamp(first, last);
+            if off > last {
+                return Err(RangeError::StartBroadcast { cidr, start });
+            }
+            first = off.max(first);
         }
         if let Some(end) = spec.end {
             check_family("range_end", end, cidr)?;

@@ -7,13 +7,13 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::cni::error::{code, CniError};
-use crate::cni::request::{CniEnv, Command, NetConf};
+use crate::cni::request::{self, CniEnv, Command, NetConf};
 use crate::cni::result::{IpConfig, IpamResult};
 use crate::cni::version::{self, at_least, LATEST, SUPPORTED};
 use crate::config::{self, IpamConfig};
 use crate::ipam::addr::parse_ip;
 use crate::ipam::Cidr;
-use crate::store::{self, AddRequest, Attachment, AttachmentRequest, GcRequest, Store};
+use crate::store::{self, AddRequest, Attachment, AttachmentRequest, GcRequest, Store, StoreError};
 
 pub use pools::{parse_requested, place_statics, pools, Requested};
 
@@ -30,6 +30,22 @@ pub fn about() -> String {
         env!("CARGO_PKG_VERSION"),
         SUPPORTED.join(", ")
     )
+}
+
+/// Runs one CNI call from the process's environment and stdin, as `main` does.
+pub fn run_process(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    stdin: impl std::io::Read,
+) -> Outcome {
+    let input = request::decode_environment(vars)
+        .and_then(|vars| request::read_stdin(stdin).map(|stdin| (vars, stdin)));
+    match input {
+        Ok((vars, stdin)) => run(&vars, &stdin),
+        Err(err) => Outcome {
+            stdout: Some(err.to_json(LATEST)),
+            exit_code: 1,
+        },
+    }
 }
 
 /// Runs one CNI call. Never panics on input: every failure becomes CNI error JSON.
@@ -81,6 +97,9 @@ fn call(
     }
     let cfg = config::load(conf.ipam.as_ref())?;
     crate::logging::init(cfg.log_file.as_deref(), cfg.log_level);
+    for warning in &cfg.warnings {
+        tracing::warn!("{warning}");
+    }
     tracing::debug!(command = ?env.command, container = ?env.container_id, ifname = ?env.ifname, "CNI call");
     match env.command {
         Command::Add => add(&env, &conf, &cfg, &version).map(Some),
@@ -149,7 +168,10 @@ fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Request
         Some(text) => Some(parse_ip(text).ok_or_else(|| {
             CniError::new(
                 code::INVALID_CONFIG,
-                format!("invalid CNI_ARGS GATEWAY: {text:?} is not an IP address"),
+                format!(
+                    "invalid CNI_ARGS GATEWAY: {:?} is not an IP address",
+                    crate::files::shown(text)
+                ),
             )
         })?),
         None => None,
@@ -174,6 +196,16 @@ fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Request
             prefix,
             gateway: None,
         });
+    }
+    if out.len() > config::MAX_STATIC_ADDRESSES {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "{} static addresses requested (addresses, CNI_ARGS IP, runtimeConfig.ips), more than the {} allowed",
+                out.len(),
+                config::MAX_STATIC_ADDRESSES
+            ),
+        ));
     }
     Ok(out)
 }
@@ -235,11 +267,26 @@ fn attachment_request(
     })
 }
 
+/// A store that is broken for good does not hold pod teardown hostage: DEL succeeds, loudly,
+/// and STATUS reports the store until an admin repairs it. A transient failure is code 11.
 fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
     let req = attachment_request(env, conf, cfg)?;
-    let released = open_store(cfg)?.del(&req)?;
-    tracing::info!(released = released.len(), "released");
-    Ok(())
+    match store::open(cfg).and_then(|store| store.del(&req)) {
+        Ok(released) => {
+            tracing::info!(released = released.len(), "released");
+            Ok(())
+        }
+        Err(StoreError::Broken(why)) => {
+            tracing::error!(
+                container = %req.container_id,
+                ifname = %req.ifname,
+                "DEL succeeds WITHOUT releasing anything: the store is broken ({why}); \
+                 its addresses stay recorded until the store is repaired"
+            );
+            Ok(())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
@@ -263,11 +310,18 @@ fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError>
 }
 
 fn gc(conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
+    // Without the list every allocation of the network would look stale.
+    let valid = conf.valid_attachments.clone().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments (an empty list releases everything)",
+        )
+    })?;
     let req = GcRequest {
         cni_network: conf.name.clone(),
         network_name: cfg.network_name.clone(),
         pools: pools(cfg)?,
-        valid: conf.valid_attachments.clone().unwrap_or_default(),
+        valid,
         node: this_node(cfg),
         node_slice_size: cfg.node_slice_size,
     };

@@ -36,7 +36,10 @@ pub fn parse_requested(text: &str, source: &str) -> Result<(IpAddr, Option<u8>),
     let bad = || {
         CniError::new(
             code::INVALID_CONFIG,
-            format!("invalid {source}: {text:?} is not an IP address or CIDR"),
+            format!(
+                "invalid {source}: {:?} is not an IP address or CIDR",
+                crate::files::shown(text)
+            ),
         )
     };
     match text.trim().split_once('/') {
@@ -45,6 +48,31 @@ pub fn parse_requested(text: &str, source: &str) -> Result<(IpAddr, Option<u8>),
             Ok((cidr.addr, Some(cidr.prefix)))
         }
         None => Ok((parse_ip(text).ok_or_else(bad)?, None)),
+    }
+}
+
+/// A static address inside a range must be one a pod may hold: not the network or broadcast
+/// address, not the gateway, not excluded.
+fn refuse_unusable(pool: &PoolRef, ip: IpAddr) -> Result<(), CniError> {
+    let cidr = pool.cidr();
+    let offset = cidr.offset_of(ip).unwrap_or_default();
+    let why = if offset == 0 {
+        Some("the network address")
+    } else if offset == cidr.last_offset() {
+        Some("the broadcast (last) address")
+    } else if pool.gateway == Some(ip) {
+        Some("the gateway")
+    } else if pool.spec.exclude.iter().any(|e| e.network().contains(ip)) {
+        Some("excluded")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("requested static address {ip} is {why} of range {cidr}"),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -80,6 +108,7 @@ pub fn place_statics(pools: Vec<PoolRef>, statics: Vec<Requested>) -> Result<Pla
     {
         match ranges.iter_mut().find(|r| r.pool.cidr().contains(ip)) {
             Some(slot) => {
+                refuse_unusable(&slot.pool, ip)?;
                 let offset = slot.pool.cidr().offset_of(ip).unwrap_or_default();
                 match slot.requested {
                     Some(prev) if prev != offset => {

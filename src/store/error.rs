@@ -24,6 +24,10 @@ pub enum StoreError {
     /// A local I/O failure or an unreadable store.
     #[error("{0}")]
     Io(String),
+    /// The store cannot serve again without an admin (a corrupt database): DEL succeeds
+    /// against it, logging loudly, so that pod teardown completes; STATUS fails.
+    #[error("{0}")]
+    Broken(String),
 }
 
 impl StoreError {
@@ -34,7 +38,7 @@ impl StoreError {
             StoreError::InUse { .. } => code::ADDRESS_IN_USE,
             StoreError::TryAgain(_) => code::TRY_AGAIN,
             StoreError::Config(_) => code::INVALID_CONFIG,
-            StoreError::Io(_) => code::IO_FAILURE,
+            StoreError::Io(_) | StoreError::Broken(_) => code::IO_FAILURE,
         }
     }
 }

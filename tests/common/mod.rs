@@ -10,6 +10,9 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
+mod trust;
+pub use trust::{test_flat_file, FLAT_FILE_ENV};
+
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_whereabouts")
@@ -67,11 +70,13 @@ impl Reply {
     }
 }
 
-/// Runs the binary with a clean environment plus `vars`, feeding `stdin`.
+/// Runs the binary with a clean environment plus `vars`, feeding `stdin`. The tests' flat file
+/// applies unless `vars` names another.
 pub fn run(vars: &[(&str, &str)], stdin: &str) -> Reply {
     let mut child = Command::new(bin())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(FLAT_FILE_ENV, test_flat_file())
         .envs(vars.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

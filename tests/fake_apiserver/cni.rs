@@ -7,6 +7,11 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
+// Shared with `common`, which some test crates also include.
+#[allow(clippy::duplicate_mod)]
+#[path = "../common/trust.rs"]
+mod trust;
+
 /// One call of the plugin.
 pub struct Call<'a> {
     pub command: &'a str,
@@ -73,7 +78,8 @@ pub fn run(bin: &Path, call: &Call, stdin: &str) -> Reply {
         .env("CNI_CONTAINERID", call.container)
         .env("CNI_NETNS", "/var/run/netns/fake")
         .env("CNI_IFNAME", call.ifname)
-        .env("CNI_PATH", "/opt/cni/bin");
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(trust::FLAT_FILE_ENV, trust::test_flat_file());
     if let Some((ns, name)) = call.pod {
         cmd.env(
             "CNI_ARGS",

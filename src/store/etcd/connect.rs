@@ -90,6 +90,25 @@ pub fn endpoints(cfg: &EtcdConfig) -> Result<Vec<String>, StoreError> {
     Ok(out)
 }
 
+/// Credentials (a password or a client key) only travel over TLS, unless the admin's flat file
+/// sets `allow_insecure_tls`.
+pub fn require_tls_for_credentials(
+    cfg: &EtcdConfig,
+    endpoints: &[String],
+    insecure_tls: bool,
+) -> Result<(), StoreError> {
+    let has_credentials =
+        cfg.username.is_some() || cfg.password.is_some() || cfg.key_file.is_some();
+    match endpoints.iter().find(|e| e.starts_with("http://")) {
+        Some(plain) if has_credentials && !insecure_tls => Err(StoreError::Config(format!(
+            "etcd credentials are only sent over TLS, and endpoint {:?} is plain http:// \
+             (use https:// with ipam.etcd_ca_cert_file, or allow_insecure_tls in the flat file)",
+            crate::files::shown(plain)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Connection options: credentials, TLS files and the timeouts.
 pub fn options(cfg: &EtcdConfig, timeouts: &Timeouts) -> Result<ConnectOptions, StoreError> {
     let mut opts = ConnectOptions::new()
@@ -134,9 +153,8 @@ pub fn options(cfg: &EtcdConfig, timeouts: &Timeouts) -> Result<ConnectOptions, 
 }
 
 fn read(path: &std::path::Path, field: &str) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path).map_err(|e| {
-        StoreError::Config(format!("cannot read ipam.{field} {}: {e}", path.display()))
-    })
+    crate::files::read_config_file(path)
+        .map_err(|e| StoreError::Config(format!("cannot read ipam.{field}: {}", e.describe())))
 }
 
 #[cfg(test)]
@@ -167,6 +185,20 @@ mod tests {
         assert!(endpoints(&cfg(&["http://h:1"], true)).is_err());
         assert!(endpoints(&cfg(&["unix://x"], false)).is_err());
         assert!(endpoints(&cfg(&[" "], false)).is_err());
+    }
+
+    #[test]
+    fn credentials_need_tls_unless_allowed() {
+        let mut with_user = cfg(&["h:1"], false);
+        with_user.username = Some("root".into());
+        let plain = endpoints(&with_user).unwrap();
+        assert!(require_tls_for_credentials(&with_user, &plain, false).is_err());
+        assert!(require_tls_for_credentials(&with_user, &plain, true).is_ok());
+        let anonymous = cfg(&["h:1"], false);
+        assert!(require_tls_for_credentials(&anonymous, &plain, false).is_ok());
+        let tls = cfg(&["h:1"], true);
+        let secure = endpoints(&tls).unwrap();
+        assert!(require_tls_for_credentials(&with_user, &secure, false).is_ok());
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub fn open_with(
         ));
     }
     let endpoints = connect::endpoints(cfg)?;
+    connect::require_tls_for_credentials(cfg, &endpoints, ipam.trust.insecure_tls)?;
     let options = connect::options(cfg, &timeouts)?;
     let session = Session::connect(endpoints, options, keys::Keys::new(prefix), timeouts)?;
     Ok(Box::new(EtcdStore {

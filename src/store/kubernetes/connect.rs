@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use super::settings::Settings;
+use crate::files::{self, shown, shown_path};
 use crate::store::StoreError;
 
 /// Where the objects live when the kubeconfig's context names no namespace (as upstream).
@@ -88,27 +89,130 @@ pub fn context_namespace(kubeconfig: &Kubeconfig) -> String {
 }
 
 /// Builds the client. Must run inside the engine's runtime: the client starts a task there.
-pub async fn connect(access: &Access, settings: &Settings) -> Result<Connection, StoreError> {
+/// `insecure_tls`: the admin's `allow_insecure_tls` (see [`screen_kubeconfig`]).
+pub async fn connect(
+    access: &Access,
+    settings: &Settings,
+    insecure_tls: bool,
+) -> Result<Connection, StoreError> {
     match access {
-        Access::Kubeconfig(path) => connect_kubeconfig(path, settings).await,
+        Access::Kubeconfig(path) => connect_kubeconfig(path, settings, insecure_tls).await,
         Access::InCluster => connect_in_cluster(settings),
     }
 }
 
-async fn connect_kubeconfig(path: &Path, settings: &Settings) -> Result<Connection, StoreError> {
-    let kubeconfig = Kubeconfig::read_from(path).map_err(|err| {
+/// Reads a kubeconfig without following a symbolic link, with a size cap; errors name the
+/// file and the position, never its content.
+pub fn read_kubeconfig(path: &Path) -> Result<Kubeconfig, StoreError> {
+    let shown = shown_path(path);
+    let bytes = files::read_config_file(path).map_err(|err| {
         StoreError::Config(format!(
-            "cannot read kubeconfig {} (ipam.kubernetes.kubeconfig): {err}",
-            path.display()
+            "cannot read kubeconfig (ipam.kubernetes.kubeconfig): {}",
+            err.describe()
         ))
+    })?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| StoreError::Config(format!("kubeconfig {shown} is not UTF-8 text")))?;
+    Kubeconfig::from_yaml(text).map_err(|err| {
+        StoreError::Config(format!(
+            "cannot parse kubeconfig {shown}: not a valid kubeconfig{}",
+            position(&err.to_string())
+        ))
+    })
+}
+
+/// " at line N column M" out of a parser's message, without the rest (which may quote the file).
+fn position(message: &str) -> String {
+    let Some(at) = message.find("line ") else {
+        return String::new();
+    };
+    let digits = |text: &str| -> String { text.chars().take_while(char::is_ascii_digit).collect() };
+    let line = digits(&message[at + 5..]);
+    let column = message[at..]
+        .find("column ")
+        .map(|c| digits(&message[at + c + 7..]))
+        .unwrap_or_default();
+    match (line.is_empty(), column.is_empty()) {
+        (true, _) => String::new(),
+        (false, true) => format!(" at line {line}"),
+        (false, false) => format!(" at line {line} column {column}"),
+    }
+}
+
+/// Refuses what a kubeconfig must not make a root process do: run a command (`exec`), load an
+/// `auth-provider`, and, unless the admin allows it, skip certificate verification or send
+/// credentials over plain `http://`.
+pub fn screen_kubeconfig(kubeconfig: &Kubeconfig, insecure_tls: bool) -> Result<(), String> {
+    let mut has_credentials = false;
+    for named in &kubeconfig.auth_infos {
+        let Some(user) = &named.auth_info else {
+            continue;
+        };
+        if user.exec.is_some() {
+            return Err(format!(
+                "user {:?} runs a command (exec)",
+                shown(&named.name)
+            ));
+        }
+        if user.auth_provider.is_some() {
+            return Err(format!(
+                "user {:?} uses an auth-provider",
+                shown(&named.name)
+            ));
+        }
+        has_credentials |= user.token.is_some()
+            || user.token_file.is_some()
+            || user.password.is_some()
+            || user.client_key.is_some()
+            || user.client_key_data.is_some();
+    }
+    if insecure_tls {
+        return Ok(());
+    }
+    for named in &kubeconfig.clusters {
+        let Some(cluster) = &named.cluster else {
+            continue;
+        };
+        if cluster.insecure_skip_tls_verify == Some(true) {
+            return Err(format!(
+                "cluster {:?} sets insecure-skip-tls-verify (allow_insecure_tls in the flat file allows it)",
+                shown(&named.name)
+            ));
+        }
+        let plain = cluster
+            .server
+            .as_deref()
+            .is_some_and(|s| s.starts_with("http://"));
+        if plain && has_credentials {
+            return Err(format!(
+                "cluster {:?} is plain http:// and the kubeconfig holds credentials (allow_insecure_tls in the flat file allows it)",
+                shown(&named.name)
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn connect_kubeconfig(
+    path: &Path,
+    settings: &Settings,
+    insecure_tls: bool,
+) -> Result<Connection, StoreError> {
+    let kubeconfig = read_kubeconfig(path)?;
+    screen_kubeconfig(&kubeconfig, insecure_tls).map_err(|why| {
+        StoreError::Config(format!("kubeconfig {} refused: {why}", shown_path(path)))
     })?;
     let namespace = context_namespace(&kubeconfig);
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|err| {
-            StoreError::Config(format!("cannot use kubeconfig {}: {err}", path.display()))
+            StoreError::Config(format!(
+                "cannot use kubeconfig {}: {}",
+                shown_path(path),
+                shown(&err.to_string())
+            ))
         })?;
-    finish(config, namespace, settings, &path.display().to_string())
+    finish(config, namespace, settings, &shown_path(path))
 }
 
 fn connect_in_cluster(settings: &Settings) -> Result<Connection, StoreError> {
@@ -183,6 +287,52 @@ mod tests {
             operator_access(&missing, false),
             Access::Kubeconfig(missing.clone())
         );
+    }
+
+    #[test]
+    fn kubeconfigs_that_run_commands_or_leak_credentials_are_refused() {
+        let base = "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: SERVER\nusers:\n- name: u\n  user:\n    USER\n";
+        let screen = |server: &str, user: &str, insecure: bool| {
+            let text = base.replace("SERVER", server).replace("USER", user);
+            screen_kubeconfig(&Kubeconfig::from_yaml(&text).unwrap(), insecure)
+        };
+        let exec =
+            "exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh";
+        assert!(screen("https://a", exec, true)
+            .unwrap_err()
+            .contains("exec"));
+        let provider = "auth-provider:\n      name: gcp";
+        assert!(screen("https://a", provider, true)
+            .unwrap_err()
+            .contains("auth-provider"));
+        assert!(screen("https://a", "token: t", false).is_ok());
+        assert!(screen("http://a", "token: t", false)
+            .unwrap_err()
+            .contains("http://"));
+        assert!(screen("http://a", "token: t", true).is_ok());
+        assert!(screen("http://a", "username: nobody", false).is_ok());
+        let insecure = base
+            .replace("SERVER", "https://a\n    insecure-skip-tls-verify: true")
+            .replace("USER", "token: t");
+        let kubeconfig = Kubeconfig::from_yaml(&insecure).unwrap();
+        assert!(screen_kubeconfig(&kubeconfig, false).is_err());
+        assert!(screen_kubeconfig(&kubeconfig, true).is_ok());
+    }
+
+    #[test]
+    fn parse_errors_name_the_line_not_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nclusters: [\n  MIIEsecretkeyline: {{\n",
+        )
+        .unwrap();
+        let err = read_kubeconfig(&path).unwrap_err().to_string();
+        assert!(!err.contains("MIIE") && err.contains("line"), "{err}");
+        std::fs::write(&path, [0xff, 0xfe]).unwrap();
+        assert!(read_kubeconfig(&path).is_err());
+        assert!(read_kubeconfig(Path::new("/dev/zero")).is_err());
     }
 
     #[test]

@@ -65,7 +65,8 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
         .enable_all()
         .build()
         .map_err(|err| StoreError::Io(format!("cannot start the I/O runtime: {err}")))?;
-    let connection = runtime.block_on(connect::connect(access, &settings))?;
+    let connection =
+        runtime.block_on(connect::connect(access, &settings, ipam.trust.insecure_tls))?;
     tracing::debug!(
         server = %connection.server,
         namespace = %connection.namespace,

@@ -94,7 +94,7 @@ impl From<&StoreError> for Failure {
             StoreError::InUse { ip, range, holder } => Failure::InUse { ip, range, holder },
             StoreError::TryAgain(m) => Failure::TryAgain(m),
             StoreError::Config(m) => Failure::Config(m),
-            StoreError::Io(m) => Failure::Io(m),
+            StoreError::Io(m) | StoreError::Broken(m) => Failure::Io(m),
         }
     }
 }

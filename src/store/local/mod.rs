@@ -51,11 +51,30 @@ impl From<StoreError> for Fail {
     }
 }
 
+/// How long STATUS waits for another process's write lock before taking it as a sign of life.
+const STATUS_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Whether SQLite gave up waiting for another process's lock.
 pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Failures that may clear by themselves: a full disk, an I/O error, a read-only remount.
+fn is_transient(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DiskFull | ErrorCode::SystemIoFailure | ErrorCode::ReadOnly)
+    )
+}
+
+/// A database that will not work again without an admin.
+fn is_broken(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
     )
 }
 
@@ -66,6 +85,14 @@ fn to_store_error(path: &Path, fail: Fail) -> StoreError {
             "local database {} is busy: another process held its lock for over {} s ({e})",
             path.display(),
             BUSY_TIMEOUT.as_secs()
+        )),
+        Fail::Sql(e) if is_transient(&e) => StoreError::TryAgain(format!(
+            "local database {}: {e} (the disk may be full or read-only)",
+            path.display()
+        )),
+        Fail::Sql(e) if is_broken(&e) => StoreError::Broken(format!(
+            "local database {} is damaged: {e}; move it aside to start a new one",
+            path.display()
         )),
         Fail::Sql(e) => StoreError::Io(format!("local database {}: {e}", path.display())),
         Fail::Msg(m) => StoreError::Io(format!("local database {}: {m}", path.display())),
@@ -154,6 +181,23 @@ impl LocalStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A write, as an ADD makes: a full or read-only disk shows here. A lock held by another
+    /// process means writes are going through; waiting for it would only delay STATUS.
+    fn probe_write(&self) -> Result<(), StoreError> {
+        let probe = || -> Result<(), rusqlite::Error> {
+            self.conn.busy_timeout(STATUS_LOCK_WAIT)?;
+            let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+            tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+            tx.commit()
+        };
+        let outcome = probe();
+        let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
+        match outcome {
+            Err(e) if !is_busy(&e) => Err(self.err(e.into())),
+            _ => Ok(()),
+        }
     }
 
     fn err(&self, fail: Fail) -> StoreError {
@@ -641,7 +685,20 @@ impl Store for LocalStore {
             }
             tx.query_row("SELECT count(*) FROM pools", [], |row| row.get::<_, i64>(0))?;
             Ok(())
-        })
+        })?;
+        self.probe_write()?;
+        let verdict: String = self
+            .conn
+            .query_row("PRAGMA quick_check(1)", [], |row| row.get(0))
+            .map_err(|e| self.err(e.into()))?;
+        if verdict != "ok" {
+            return Err(StoreError::Broken(format!(
+                "local database {} fails its integrity check: {}",
+                self.path.display(),
+                crate::files::shown(&verdict)
+            )));
+        }
+        Ok(())
     }
 
     fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {

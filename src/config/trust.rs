@@ -1,0 +1,300 @@
+//! What a network configuration may decide. The `ipam` object of a NetworkAttachmentDefinition
+//! is written by namespace users and run as root, so the paths root opens, the endpoints it
+//! connects to and the credentials it sends come from the admin's flat file, or from the
+//! network configuration only where the flat file allows it.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::raw::{field, is_unset, text};
+use crate::cni::error::{code, CniError};
+use crate::files::shown;
+
+/// Names the flat file in place of the default locations (set by the runtime's environment,
+/// which a network configuration cannot touch).
+pub const FLAT_FILE_ENV: &str = "WHEREABOUTS_FLAT_FILE";
+
+/// The installer's folders. Upstream's documentation puts `configuration_path` and
+/// `kubernetes.kubeconfig` inside them into network configurations, so a network configuration
+/// may always name those two (read-only) files there.
+pub const INSTALLER_DIRS: [&str; 3] = [
+    "/etc/cni/net.d/whereabouts.d",
+    "/etc/kubernetes/cni/net.d/whereabouts.d",
+    "/host/etc/cni/net.d/whereabouts.d",
+];
+
+/// The etcd settings that authenticate: they are only sent to an endpoint of the same source.
+const ETCD_CREDENTIALS: [&str; 4] = [
+    "etcd_username",
+    "etcd_password",
+    "etcd_cert_file",
+    "etcd_key_file",
+];
+
+/// Path keys a network configuration may set only inside `allow_inline_paths`.
+const PATH_KEYS: [&str; 4] = [
+    "local_path",
+    "etcd_cert_file",
+    "etcd_key_file",
+    "etcd_ca_cert_file",
+];
+
+/// What the admin's flat file allows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// `allow_inline_paths`: folders in which a network configuration may name the files the
+    /// plugin reads and writes (`local_path`, `log_file`, `kubernetes.kubeconfig`,
+    /// `configuration_path`, the etcd TLS files).
+    pub inline_paths: Vec<PathBuf>,
+    /// `allow_inline_endpoints`: a network configuration may name its own etcd endpoints
+    /// (with its own credentials only).
+    pub inline_endpoints: bool,
+    /// `allow_insecure_tls`: kubeconfigs with `insecure-skip-tls-verify`, and credentials over
+    /// plain `http://`.
+    pub insecure_tls: bool,
+}
+
+impl Trust {
+    /// The operator's own commands: everything they are given is theirs.
+    pub fn operator() -> Trust {
+        Trust {
+            inline_paths: vec![PathBuf::from("/")],
+            inline_endpoints: true,
+            insecure_tls: true,
+        }
+    }
+
+    /// The trust keys of the (lower-cased) flat file.
+    pub fn from_flat_file(flat: &Map<String, Value>) -> Result<Trust, CniError> {
+        let inline_paths: Vec<String> =
+            field(flat, "allow_inline_paths", "flat file allow_inline_paths")?.unwrap_or_default();
+        for dir in &inline_paths {
+            if !Path::new(dir).is_absolute() {
+                return Err(invalid(format!(
+                    "invalid flat file allow_inline_paths: {:?} is not an absolute path",
+                    shown(dir)
+                )));
+            }
+        }
+        let flag = |key: &str| -> Result<bool, CniError> {
+            Ok(field(flat, key, &format!("flat file {key}"))?.unwrap_or(false))
+        };
+        Ok(Trust {
+            inline_paths: inline_paths.into_iter().map(PathBuf::from).collect(),
+            inline_endpoints: flag("allow_inline_endpoints")?,
+            insecure_tls: flag("allow_insecure_tls")?,
+        })
+    }
+
+    /// Whether a network configuration may name `path`.
+    pub fn allows_path(&self, path: &Path) -> bool {
+        is_inside(path, &self.inline_paths)
+    }
+
+    /// As [`Trust::allows_path`], also accepting the installer's folders (for the files
+    /// upstream's network configurations name there).
+    pub fn allows_installer_file(&self, path: &Path) -> bool {
+        let installer: Vec<PathBuf> = INSTALLER_DIRS.iter().map(PathBuf::from).collect();
+        self.allows_path(path) || is_inside(path, &installer)
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> CniError {
+    CniError::new(code::INVALID_CONFIG, msg)
+}
+
+/// Whether absolute `path` (without `..`) lies inside one of `dirs`, symbolic links in its
+/// folders resolved.
+pub fn is_inside(path: &Path, dirs: &[PathBuf]) -> bool {
+    if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+        return false;
+    }
+    let resolved = match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => resolve_existing(parent).join(name),
+        _ => resolve_existing(path),
+    };
+    dirs.iter()
+        .any(|dir| dir.is_absolute() && resolved.starts_with(resolve_existing(dir)))
+}
+
+/// The canonical form of the longest existing ancestor, then the rest as written.
+fn resolve_existing(path: &Path) -> PathBuf {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(canonical) = std::fs::canonicalize(existing) {
+            return rest
+                .iter()
+                .rev()
+                .fold(canonical, |out, name| out.join(name));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+fn refused(key: &str, value: &str, trust: &Trust) -> CniError {
+    invalid(format!(
+        "ipam.{key} {:?} is not allowed in a network configuration: set it in the flat file, \
+         or list its folder in the flat file's allow_inline_paths (now {:?})",
+        shown(value),
+        trust.inline_paths
+    ))
+}
+
+/// Takes out of the (lower-cased) inline object what it may not decide, and out of the flat
+/// file the credentials that must not follow the inline endpoint. Errors for what cannot be
+/// ignored safely; warnings (to log) for what was ignored.
+pub fn screen(
+    inline: &mut Map<String, Value>,
+    flat: &mut Map<String, Value>,
+    trust: &Trust,
+) -> Result<Vec<String>, CniError> {
+    let mut warnings = Vec::new();
+    if inline
+        .remove("sleep_for_race")
+        .is_some_and(|v| !is_unset(&v))
+    {
+        warnings.push(
+            "ipam.sleep_for_race in a network configuration is ignored: it is a test hook of the flat file"
+                .to_string(),
+        );
+    }
+    screen_log_file(inline, flat, trust, &mut warnings)?;
+    for key in PATH_KEYS {
+        if let Some(value) = inline_only(inline, flat, key)? {
+            if !trust.allows_path(Path::new(&value)) {
+                return Err(refused(key, &value, trust));
+            }
+        }
+    }
+    screen_kubeconfig(inline, flat, trust)?;
+    screen_datastore(inline, flat)?;
+    screen_etcd(inline, flat, trust)?;
+    Ok(warnings)
+}
+
+/// The inline value of `key` when it is set and differs from the flat file's.
+fn inline_only(
+    inline: &Map<String, Value>,
+    flat: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<String>, CniError> {
+    let path = format!("ipam.{key}");
+    let value = text(inline, key, &path)?;
+    let admin = text(flat, key, &format!("flat file {key}")).ok().flatten();
+    Ok(value.filter(|v| Some(v.trim()) != admin.as_deref().map(str::trim)))
+}
+
+fn screen_log_file(
+    inline: &mut Map<String, Value>,
+    flat: &Map<String, Value>,
+    trust: &Trust,
+    warnings: &mut Vec<String>,
+) -> Result<(), CniError> {
+    if let Some(value) = inline_only(inline, flat, "log_file")? {
+        if !trust.allows_path(Path::new(&value)) {
+            inline.remove("log_file");
+            warnings.push(format!(
+                "ipam.log_file {:?} in a network configuration is ignored: it is outside the flat file's allow_inline_paths",
+                shown(&value)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn screen_kubeconfig(
+    inline: &Map<String, Value>,
+    flat: &Map<String, Value>,
+    trust: &Trust,
+) -> Result<(), CniError> {
+    let (Some(Value::Object(inner)), admin) = (inline.get("kubernetes"), flat.get("kubernetes"))
+    else {
+        return Ok(());
+    };
+    let empty = Map::new();
+    let admin = admin.and_then(Value::as_object).unwrap_or(&empty);
+    if let Some(value) = inline_only(inner, admin, "kubeconfig")? {
+        if !trust.allows_installer_file(Path::new(&value)) {
+            return Err(refused("kubernetes.kubeconfig", &value, trust));
+        }
+    }
+    Ok(())
+}
+
+/// The admin's engine stands: a network configuration may only name it again.
+fn screen_datastore(
+    inline: &Map<String, Value>,
+    flat: &Map<String, Value>,
+) -> Result<(), CniError> {
+    let value = text(inline, "datastore", "ipam.datastore")?;
+    let admin = text(flat, "datastore", "flat file datastore")?;
+    match (value, admin) {
+        (Some(value), Some(admin)) if !value.trim().eq_ignore_ascii_case(admin.trim()) => {
+            Err(invalid(format!(
+                "ipam.datastore {:?} differs from the flat file's {:?}: the admin chooses the engine",
+                shown(&value),
+                shown(&admin)
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Credentials stay with the endpoint of their source.
+fn screen_etcd(
+    inline: &Map<String, Value>,
+    flat: &mut Map<String, Value>,
+    trust: &Trust,
+) -> Result<(), CniError> {
+    if let Some(host) = inline_only(inline, flat, "etcd_host")? {
+        if !trust.inline_endpoints {
+            return Err(invalid(format!(
+                "ipam.etcd_host {:?} is not allowed in a network configuration: set it in the flat file (or allow_inline_endpoints there)",
+                shown(&host)
+            )));
+        }
+        for key in ETCD_CREDENTIALS {
+            flat.remove(key);
+        }
+        return Ok(());
+    }
+    if text(flat, "etcd_host", "flat file etcd_host")?.is_none() {
+        return Ok(());
+    }
+    for key in ETCD_CREDENTIALS {
+        if inline.get(key).is_some_and(|v| !is_unset(v)) && inline.get(key) != flat.get(key) {
+            return Err(invalid(format!(
+                "ipam.{key} in a network configuration is not used with the flat file's etcd_host: credentials come from the endpoint's source"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inside_resolves_symlinked_folders_and_refuses_dot_dot() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("allowed");
+        std::fs::create_dir(&allowed).unwrap();
+        let dirs = [allowed.clone()];
+        assert!(is_inside(&allowed.join("a.db"), &dirs));
+        assert!(is_inside(&allowed.join("new/a.db"), &dirs));
+        assert!(!is_inside(&allowed.join("../a.db"), &dirs));
+        assert!(!is_inside(Path::new("relative/a.db"), &dirs));
+        assert!(!is_inside(&dir.path().join("a.db"), &dirs));
+        std::os::unix::fs::symlink(dir.path(), allowed.join("out")).unwrap();
+        assert!(!is_inside(&allowed.join("out/a.db"), &dirs));
+    }
+}

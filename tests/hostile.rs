@@ -1,0 +1,225 @@
+//! A NetworkAttachmentDefinition is written by namespace users and run as root: what such a
+//! configuration (and a broken environment) must not be able to do, through the real binary.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::json;
+
+/// Runs the binary with `vars` (raw bytes allowed) on top of a DEL's environment.
+fn run_raw(vars: &[(&OsStr, &OsStr)], stdin: &str) -> Reply {
+    let mut child = Command::new(bin())
+        .env_clear()
+        .envs([
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ])
+        .env(FLAT_FILE_ENV, test_flat_file())
+        .envs(vars.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the whereabouts binary");
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    let out = child.wait_with_output().expect("wait for whereabouts");
+    Reply {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn a_variable_that_is_not_utf8_is_code_4_when_ours_and_ignored_otherwise() {
+    let net = Net::local(json!({"range": "10.60.0.0/24"}));
+    let conf = net.conf.to_string();
+    let bad = OsStr::from_bytes(b"\xff\xfe");
+    let unrelated = run_raw(&[(OsStr::new("LANG"), bad)], &conf);
+    unrelated.ok_empty();
+    let ours = run_raw(&[(OsStr::new("CNI_ARGS"), bad)], &conf);
+    assert_eq!(ours.err_code(), 4);
+    assert!(ours.msg().contains("CNI_ARGS"), "{ours:?}");
+}
+
+#[test]
+fn stdin_larger_than_the_cap_is_code_6() {
+    let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(2 << 20));
+    let reply = run(&[("CNI_COMMAND", "DEL")], &huge);
+    assert_eq!(reply.err_code(), 6);
+}
+
+/// A flat file `flat` of the admin's in `net`'s folder; the calls' environment naming it.
+fn admin_flat_file(net: &Net, flat: serde_json::Value) -> String {
+    let path = net.path().join("admin.conf");
+    std::fs::write(&path, flat.to_string()).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn call_as(net: &Net, flat_file: &str, command: &str, container: &str) -> Reply {
+    run(
+        &[
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", container),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", &pod_args(container)),
+            (FLAT_FILE_ENV, flat_file),
+        ],
+        &net.conf.to_string(),
+    )
+}
+
+#[test]
+fn a_network_configuration_cannot_choose_where_root_writes() {
+    let mut net = Net::local(json!({"range": "10.61.0.0/24"}));
+    let db = net.db();
+    net.conf["ipam"]
+        .as_object_mut()
+        .unwrap()
+        .remove("local_path");
+    let flat = admin_flat_file(&net, json!({"local_path": db}));
+    let victim = net.path().join("authorized_keys");
+    net.conf["ipam"]["log_file"] = victim.to_string_lossy().into();
+    net.conf["ipam"]["network_name"] = "a\nssh-ed25519 AAAA attacker".into();
+    let reply = call_as(&net, &flat, "ADD", "c1");
+    reply.ok();
+    assert!(!victim.exists(), "the inline log_file was opened");
+    assert!(reply.stderr.contains("ipam.log_file"), "{reply:?}");
+    assert!(
+        !reply.stderr.lines().any(|l| l.starts_with("ssh-ed25519")),
+        "{reply:?}"
+    );
+    net.conf["ipam"]["local_path"] = net.path().join("other.db").to_string_lossy().into();
+    let reply = call_as(&net, &flat, "ADD", "c2");
+    assert_eq!(reply.err_code(), 7);
+    assert!(reply.msg().contains("ipam.local_path"), "{reply:?}");
+    assert!(!net.path().join("other.db").exists());
+}
+
+#[test]
+fn log_file_is_never_a_symlink_a_fifo_or_stdout() {
+    let mut net = Net::local(json!({"range": "10.62.0.0/24", "log_level": "debug"}));
+    let target = net.path().join("target");
+    std::fs::write(&target, "").unwrap();
+    let link = net.path().join("link.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let fifo = net.path().join("fifo.log");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (i, path) in [link.as_path(), fifo.as_path(), "/dev/stdout".as_ref()]
+        .iter()
+        .enumerate()
+    {
+        net.conf["ipam"]["log_file"] = path.to_string_lossy().into();
+        let reply = net.add(&format!("c{i}"), "eth0");
+        reply.ok();
+        assert!(reply.stderr.contains("log_file"), "{reply:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
+}
+
+#[test]
+fn kubeconfigs_that_run_commands_hang_or_flood_are_refused() {
+    let mut net = Net::local(json!({"range": "10.63.0.0/24"}));
+    let marker = net.path().join("ran");
+    let kubeconfig = net.path().join("exec.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\nusers:\n- name: u\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh\n      args: [\"-c\", \"touch {}\"]\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let fifo = net.path().join("fifo.kubeconfig");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in [kubeconfig.as_path(), fifo.as_path(), "/dev/zero".as_ref()] {
+        net.conf["ipam"]["datastore"] = "kubernetes".into();
+        net.conf["ipam"]["kubernetes"] = json!({"kubeconfig": path});
+        let started = std::time::Instant::now();
+        let reply = net.add("c1", "eth0");
+        assert_eq!(reply.err_code(), 7, "{reply:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+    assert!(!marker.exists(), "the kubeconfig's command ran");
+}
+
+#[test]
+fn static_addresses_a_pod_may_not_hold_are_refused() {
+    let mut net = Net::local(json!({"range": "10.64.0.0/24", "gateway": "10.64.0.1",
+        "exclude": ["10.64.0.16/28"]}));
+    for ip in ["10.64.0.0", "10.64.0.255", "10.64.0.1", "10.64.0.20"] {
+        let reply = net.call("ADD", "c1", "eth0", &format!("IP={ip}"));
+        assert_eq!(reply.err_code(), 7, "{ip}: {reply:?}");
+        net.conf["runtimeConfig"] = json!({"ips": [format!("{ip}/24")]});
+        assert_eq!(net.add("c1", "eth0").err_code(), 7, "{ip}");
+        net.conf.as_object_mut().unwrap().remove("runtimeConfig");
+    }
+    assert_eq!(
+        ips(&net.call("ADD", "c1", "eth0", "IP=10.64.0.9").ok()),
+        ["10.64.0.9/24"]
+    );
+    let start_on_broadcast =
+        Net::local(json!({"range": "10.65.0.0/24", "range_start": "10.65.0.255"}));
+    assert_eq!(start_on_broadcast.add("c1", "eth0").err_code(), 7);
+    let nothing_left = Net::local(json!({"range": "10.66.0.0/29", "exclude": ["10.66.0.0/29"]}));
+    assert_eq!(nothing_left.add("c1", "eth0").err_code(), 7);
+}
+
+#[test]
+fn gc_without_the_list_of_valid_attachments_is_refused() {
+    let net = Net::local(json!({"range": "10.67.0.0/24"}));
+    net.add("c1", "eth0").ok();
+    let reply = net.call("GC", "", "", "");
+    assert_eq!(reply.err_code(), 7);
+    assert!(reply.msg().contains("valid-attachments"), "{reply:?}");
+    assert_eq!(ips(&net.add("c1", "eth0").ok()), ["10.67.0.1/24"]);
+}
+
+#[test]
+fn a_damaged_store_fails_status_and_add_but_not_del() {
+    let net = Net::local(json!({"range": "10.68.0.0/24"}));
+    net.add("c1", "eth0").ok();
+    net.call("STATUS", "", "", "").ok_empty();
+    let db = net.db();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(conn);
+    let mut bytes = std::fs::read(&db).unwrap();
+    bytes[..16].copy_from_slice(b"not a database!!");
+    std::fs::write(&db, bytes).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    assert_eq!(net.call("STATUS", "", "", "").err_code(), 50);
+    assert_eq!(net.add("c2", "eth0").err_code(), 5);
+    let del = net.del("c1", "eth0");
+    del.ok_empty();
+    assert!(del.stderr.contains("broken"), "{del:?}");
+}
+
+#[test]
+fn lists_longer_than_their_caps_are_refused_quickly() {
+    let many_ranges: Vec<_> = (0..100)
+        .map(|i| json!({"range": format!("10.{i}.0.0/24")}))
+        .collect();
+    let routes: Vec<_> = (0..5000).map(|_| json!({"dst": "0.0.0.0/0"})).collect();
+    for ipam in [
+        json!({"ipRanges": many_ranges}),
+        json!({"range": "10.69.0.0/24", "routes": routes}),
+    ] {
+        let started = std::time::Instant::now();
+        assert_eq!(Net::local(ipam).add("c1", "eth0").err_code(), 7);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+}
