@@ -1,51 +1,57 @@
-//! `whereabouts gc` and `whereabouts release` on the local store, with pods read from the
-//! strict fake API server.
+//! `whereabouts gc` and `whereabouts release` on the local store and on etcd, with pods read
+//! from the real API server (one namespace per test).
 
 mod common;
-mod fake_apiserver;
+mod kube_apiserver;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{bare, ips, Net, Reply};
-use fake_apiserver::FakeApiServer;
+use kube_apiserver::TestNamespace;
 use serde_json::{json, Value};
 
 struct Setup {
-    server: FakeApiServer,
+    pods: TestNamespace,
     net: Net,
     kubeconfig: PathBuf,
     conf: PathBuf,
 }
 
-fn setup() -> Setup {
-    let server = FakeApiServer::start();
+/// None when there is no control plane (never in CI).
+fn setup(test: &str) -> Option<Setup> {
+    let pods = kube_apiserver::control_plane()?.namespace(test);
     let net = Net::local(json!({"range": "10.80.0.0/24"}));
-    let kubeconfig = server.write_kubeconfig(net.path(), None);
+    let kubeconfig = pods.kubeconfig(net.path());
     let conf = net.path().join("net.conf");
     std::fs::write(&conf, net.conf.to_string()).unwrap();
-    Setup {
-        server,
+    Some(Setup {
+        pods,
         net,
         kubeconfig,
         conf,
-    }
+    })
 }
 
 impl Setup {
     /// A pod in `phase` holding an address; the address.
     fn pod(&self, name: &str, phase: Option<&str>) -> String {
-        if let Some(phase) = phase {
-            self.server
-                .add_pod_with_uid("default", name, &format!("uid-{name}"), phase);
-        }
-        let reply = self
-            .net
-            .add_pod(&format!("c-{name}"), "net1", &format!("default/{name}"));
+        // A pod that no longer exists had a UID of its own.
+        let uid = match phase {
+            Some(phase) => self.pods.add_pod(name, phase),
+            None => format!("uid-{name}"),
+        };
+        let args = common::pod_args_with_uid(&self.pod_ref(name), &uid);
+        let reply = self.net.call("ADD", &format!("c-{name}"), "net1", &args);
         bare(&ips(&reply.ok())[0])
     }
 
-    /// Runs the CLI on this network's configuration, pods read through the fake when
+    /// `namespace/name` of a pod of this test.
+    fn pod_ref(&self, name: &str) -> String {
+        format!("{}/{name}", self.pods.name)
+    }
+
+    /// Runs the CLI on this network's configuration, pods read from the API server when
     /// `with_pods`.
     fn cli(&self, args: &[&str], with_pods: bool) -> Reply {
         let mut cmd = Command::new(common::bin());
@@ -91,7 +97,9 @@ fn assert_refused(reply: &Reply, needle: &str) {
 
 #[test]
 fn gc_dry_run_lists_then_gc_frees() {
-    let s = setup();
+    let Some(s) = setup("gc-dry-run-lists-then-gc-frees") else {
+        return;
+    };
     let alive = s.pod("alive", Some("Running"));
     let pending = s.pod("pending", Some("Pending"));
     let gone = s.pod("gone", None);
@@ -130,7 +138,7 @@ fn gc_dry_run_lists_then_gc_frees() {
     let table = s.cli(&["gc", "--dry-run"], true);
     assert_eq!(table.code, 0, "{table:?}");
     assert!(table.stdout.starts_with("ADDRESS"), "{table:?}");
-    assert!(table.stdout.contains("default/gone"), "{table:?}");
+    assert!(table.stdout.contains(&s.pod_ref("gone")), "{table:?}");
 
     let freed = s.cli(&["gc", "-o", "json"], true).ok();
     assert_eq!(freed.as_array().unwrap().len(), 2);
@@ -150,14 +158,18 @@ fn gc_dry_run_lists_then_gc_frees() {
 
 #[test]
 fn controller_needs_pods() {
-    let s = setup();
+    let Some(s) = setup("controller-needs-pods") else {
+        return;
+    };
     let reply = s.cli(&["controller", "--listen", "127.0.0.1:0"], false);
     assert_refused(&reply, "the controller reads pods from the Kubernetes API");
 }
 
 #[test]
 fn gc_needs_pods() {
-    let s = setup();
+    let Some(s) = setup("gc-needs-pods") else {
+        return;
+    };
     s.pod("gone", None);
     let reply = s.cli(&["gc", "--dry-run"], false);
     assert_refused(&reply, "cannot tell which pods are alive");
@@ -165,7 +177,9 @@ fn gc_needs_pods() {
 
 #[test]
 fn release_refuses_a_live_pod_unless_forced() {
-    let s = setup();
+    let Some(s) = setup("release-refuses-a-live-pod-unless-forced") else {
+        return;
+    };
     let alive = s.pod("alive", Some("Running"));
     let reply = s.cli(&["release", &alive], true);
     assert_refused(&reply, "pod is alive");
@@ -175,14 +189,16 @@ fn release_refuses_a_live_pod_unless_forced() {
         .cli(&["release", &alive, "--force", "-o", "json"], true)
         .ok();
     assert_eq!(forced[0]["address"], Value::from(alive.clone()));
-    assert_eq!(forced[0]["pod"], "default/alive");
+    assert_eq!(forced[0]["pod"], Value::from(s.pod_ref("alive")));
     assert_eq!(forced[0]["reason"], "forced: pod is alive");
     assert!(s.addresses().is_empty());
 }
 
 #[test]
 fn release_frees_the_address_of_a_gone_pod() {
-    let s = setup();
+    let Some(s) = setup("release-frees-the-address-of-a-gone-pod") else {
+        return;
+    };
     let gone = s.pod("gone", None);
     let pending = s.pod("pending", Some("Pending"));
     assert_refused(&s.cli(&["release", &pending], true), "pod is pending");
@@ -198,7 +214,9 @@ fn release_frees_the_address_of_a_gone_pod() {
 
 #[test]
 fn release_without_pod_information_needs_force() {
-    let s = setup();
+    let Some(s) = setup("release-without-pod-information-needs-fo") else {
+        return;
+    };
     let gone = s.pod("gone", None);
     let reply = s.cli(&["release", &gone], false);
     assert_refused(&reply, "cannot tell whether its pod is alive");
@@ -213,7 +231,9 @@ fn release_without_pod_information_needs_force() {
 
 #[test]
 fn release_errors_are_one_clear_line() {
-    let s = setup();
+    let Some(s) = setup("release-errors-are-one-clear-line") else {
+        return;
+    };
     let held = s.pod("alive", Some("Running"));
     assert_refused(
         &s.cli(&["release", "10.80.0.99"], true),
@@ -252,10 +272,14 @@ fn gc_and_release_on_etcd() {
     if !etcd_cluster::etcd_available() {
         return;
     }
+    let Some(plane) = kube_apiserver::control_plane() else {
+        return;
+    };
+    let pods = plane.namespace("gc-and-release-on-etcd");
+    let pod_ref = |name: &str| format!("{}/{name}", pods.name);
     let cluster = etcd_cluster::Cluster::start(false);
-    let server = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = pods.kubeconfig(dir.path());
     let conf_value = json!({"cniVersion": "1.1.0", "name": "etcdnet", "type": "bridge",
         "ipam": {"type": "whereabouts", "datastore": "etcd", "etcd_host": cluster.endpoints(),
                  "range": "10.81.0.0/24", "log_level": "error"}});
@@ -267,15 +291,16 @@ fn gc_and_release_on_etcd() {
         ("gone", None),
         ("other-gone", None),
     ] {
-        if let Some(phase) = phase {
-            server.add_pod_with_uid("default", name, &format!("uid-{name}"), phase);
-        }
+        let uid = match phase {
+            Some(phase) => pods.add_pod(name, phase),
+            None => format!("uid-{name}"),
+        };
         let reply = common::call_with(
             &conf_value,
             "ADD",
             &format!("c-{name}"),
             "net1",
-            &common::pod_args(&format!("default/{name}")),
+            &common::pod_args_with_uid(&pod_ref(name), &uid),
         );
         addr.insert(name, bare(&ips(&reply.ok())[0]));
     }
@@ -302,7 +327,7 @@ fn gc_and_release_on_etcd() {
     assert_eq!(done[0]["action"], "released");
     let left = cli(&["allocations", "-o", "json"]).ok();
     assert_eq!(left.as_array().unwrap().len(), 1);
-    assert_eq!(left[0]["pod"], "default/alive");
+    assert_eq!(left[0]["pod"], Value::from(pod_ref("alive")));
     assert_eq!(
         cli(&["release", &addr["alive"], "--force", "-o", "json"]).ok()[0]["reason"],
         "forced: pod is alive"

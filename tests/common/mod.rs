@@ -162,10 +162,16 @@ impl Net {
     }
 }
 
-/// CNI_ARGS naming pod `ns/name`.
+/// CNI_ARGS naming pod `ns/name` (its UID made up from the name).
 pub fn pod_args(pod: &str) -> String {
+    let name = pod.split_once('/').map_or(pod, |(_, name)| name);
+    pod_args_with_uid(pod, &format!("uid-{name}"))
+}
+
+/// CNI_ARGS naming pod `ns/name` with its UID.
+pub fn pod_args_with_uid(pod: &str, uid: &str) -> String {
     let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
-    format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID=uid-{name}")
+    format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID={uid}")
 }
 
 /// One CNI call with `conf` on stdin.

@@ -43,7 +43,29 @@ fn in_ci() -> bool {
 /// be started outside CI.
 pub fn control_plane() -> Option<&'static ControlPlane> {
     static PLANE: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
-    match PLANE.get_or_init(start) {
+    usable(PLANE.get_or_init(|| start(target().join("control-plane"), true)))
+}
+
+/// A control plane of its own, in `target/control-plane-<name>`, for tests that install
+/// cluster-wide objects (the manifest, the Helm release) and so cannot share one. Nothing is
+/// applied to it: the test installs the CRDs the way a user would.
+pub fn dedicated_control_plane(name: &str) -> Option<&'static ControlPlane> {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    type Planes = BTreeMap<String, &'static Result<ControlPlane, String>>;
+    static PLANES: Mutex<Planes> = Mutex::new(BTreeMap::new());
+    let mut planes = PLANES.lock().unwrap_or_else(|e| e.into_inner());
+    let plane = *planes.entry(name.to_string()).or_insert_with(|| {
+        Box::leak(Box::new(start(
+            target().join(format!("control-plane-{name}")),
+            false,
+        )))
+    });
+    usable(plane)
+}
+
+fn usable(plane: &'static Result<ControlPlane, String>) -> Option<&'static ControlPlane> {
+    match plane {
         Ok(plane) => Some(plane),
         Err(why) if in_ci() => panic!("the real control plane is needed in CI: {why}"),
         Err(why) => {
@@ -51,6 +73,14 @@ pub fn control_plane() -> Option<&'static ControlPlane> {
             None
         }
     }
+}
+
+/// The cargo target folder (the parent of the integration tests' temporary folder).
+fn target() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("CARGO_TARGET_TMPDIR is inside the target folder")
+        .to_path_buf()
 }
 
 /// Returns from the test when there is no control plane (never in CI).
@@ -64,11 +94,7 @@ macro_rules! real_cluster {
     };
 }
 
-fn start() -> Result<ControlPlane, String> {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .map(|target| target.join("control-plane"))
-        .ok_or("no target folder")?;
+fn start(dir: PathBuf, with_crds: bool) -> Result<ControlPlane, String> {
     let kubeconfig = PathBuf::from(script_output(
         Command::new(repo().join("hack/control-plane"))
             .arg("up")
@@ -90,7 +116,9 @@ fn start() -> Result<ControlPlane, String> {
         runtime,
         client,
     };
-    plane.apply_crds()?;
+    if with_crds {
+        plane.apply_crds()?;
+    }
     Ok(plane)
 }
 
@@ -183,6 +211,12 @@ impl ControlPlane {
         ns.apply(
             &resource("namespaces"),
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name}}),
+        );
+        // Pods need their namespace's default service account, which a controller-manager
+        // would create; this plane runs none.
+        ns.apply(
+            &resource("serviceaccounts"),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}),
         );
         ns
     }
@@ -349,6 +383,31 @@ impl TestNamespace {
         self.plane
             .block_on(api.patch(&name, &params, &Patch::Apply(object)))
             .unwrap_or_else(|e| panic!("apply {}/{name}: {e}", ar.plural));
+    }
+
+    /// A pod of this namespace in `phase` (no node runs it: the phase is set through the status
+    /// subresource, as a kubelet would). Returns its UID.
+    pub fn add_pod(&self, name: &str, phase: &str) -> String {
+        let pod = self.create(
+            "pods",
+            json!({
+                "metadata": {"name": name},
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "containers": [{"name": "main", "image": "test.invalid/pause"}],
+                },
+            }),
+        );
+        self.set_pod_phase(name, phase);
+        pod["metadata"]["uid"].as_str().expect("a uid").to_string()
+    }
+
+    pub fn set_pod_phase(&self, name: &str, phase: &str) {
+        let (api, _) = self.api("pods");
+        let patch = Patch::Merge(json!({"status": {"phase": phase}}));
+        self.plane
+            .block_on(api.patch_status(name, &PatchParams::default(), &patch))
+            .unwrap_or_else(|e| panic!("set the phase of pod {name}: {e}"));
     }
 
     /// Deletes an object; false when it was not there.
