@@ -465,11 +465,19 @@ fn leaving_out_any_rule_makes_a_request_fail() {
                 "{} not restored",
                 role.name
             );
+            let first = refused
+                .first()
+                .map(|r| format!("{} {}", r.verb, r.resource));
             eprintln!(
-                "{} {} without {rule:?}: {} refused, {outcome:?}",
+                "{} {} without {rule:?}: {} refused (first: {first:?}); the run {}",
                 role.kind,
                 role.name,
-                refused.len()
+                refused.len(),
+                if outcome.is_ok() {
+                    "completed"
+                } else {
+                    "stopped"
+                }
             );
             if refused.is_empty() {
                 not_needed.push(format!("{} {}: {rule:?}", role.kind, role.name));

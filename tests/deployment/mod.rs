@@ -60,15 +60,7 @@ pub fn deploy(plane: &'static ControlPlane) -> Deployed {
     // SAFETY: flock on a file descriptor we own; released when the file is closed.
     let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
     assert_eq!(locked, 0, "flock: {}", std::io::Error::last_os_error());
-    let files: Vec<String> = SEED_FILES
-        .iter()
-        .map(|f| repo().join(f).display().to_string())
-        .collect();
-    let mut args = vec!["apply", "--server-side"];
-    for file in &files {
-        args.extend(["-f", file.as_str()]);
-    }
-    plane.kubectl(&args);
+    apply_seed(plane);
     plane.kubectl(&[
         "delete",
         "--all",
@@ -83,9 +75,36 @@ pub fn deploy(plane: &'static ControlPlane) -> Deployed {
         dir: tempfile::tempdir().unwrap(),
     };
     for role in roles() {
-        deployed.wait_for_rules(&role, &role.rules);
+        assert!(
+            deployed.wait_for_rules(&role, &role.rules),
+            "the rules of {} {} are not in force",
+            role.kind,
+            role.name
+        );
     }
     deployed
+}
+
+/// `kubectl apply --server-side` of the seed's files. Only when another tool (a Helm test on
+/// the same control plane) owns some fields does it take them over with --force-conflicts.
+fn apply_seed(plane: &ControlPlane) {
+    let files: Vec<String> = SEED_FILES
+        .iter()
+        .map(|f| repo().join(f).display().to_string())
+        .collect();
+    let mut args = vec!["apply", "--server-side"];
+    for file in &files {
+        args.extend(["-f", file.as_str()]);
+    }
+    let out = plane.kubectl_as(&plane.kubeconfig, &args);
+    if out.status.success() {
+        return;
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("conflict"), "kubectl {args:?}: {out:?}");
+    eprintln!("the manifest's objects were managed by another tool; taking them over");
+    args.push("--force-conflicts");
+    plane.kubectl(&args);
 }
 
 impl Deployed {
