@@ -288,10 +288,12 @@ fn the_controller_reaches_the_server_with_its_pods_service_account() {
                 .iter()
                 .any(|r| r.resource == "pods" && r.verb == "watch" && r.code == 200)
     });
+    let log = fs::read_to_string(&log).unwrap_or_default();
     assert!(
         audit.refused(CONTROLLER).is_empty(),
-        "{:?}\n{}",
-        audit.refused(CONTROLLER),
-        fs::read_to_string(&log).unwrap_or_default()
+        "{:?}\n{log}",
+        audit.refused(CONTROLLER)
     );
+    // Both its store and its pod reads took the service account (no kubeconfig file here).
+    assert!(log.contains("uses the pod's service account"), "{log}");
 }

@@ -21,8 +21,8 @@ use deployment::{bin, roles, user, AuditLog, Deployed, Request, CONTROLLER, NAME
 use kube_apiserver::{resource, TestNamespace};
 use serde_json::{json, Value};
 
-/// Nodes this test makes carry this label, so leftovers can be found.
-const NODE_LABEL: &str = "whereabouts-test";
+/// The label of the nodes this test makes, so that those of an interrupted run can be found.
+const NODE_LABEL: &str = "whereabouts-test=least-privilege";
 
 /// Why a scenario stopped before doing everything (shown through Debug only).
 #[derive(Debug)]
@@ -59,8 +59,8 @@ impl Drop for Scenario<'_> {
         for node in self.nodes.borrow().iter() {
             delete(&["delete", "node", node, "--wait=false"]);
         }
-        let nad = format!("network-attachment-definitions.{}", "k8s.cni.cncf.io");
-        delete(&["delete", &nad, "--all", "-n", &self.ns.name, "--wait=false"]);
+        let nads = "network-attachment-definitions.k8s.cni.cncf.io";
+        delete(&["delete", nads, "--all", "-n", &self.ns.name, "--wait=false"]);
     }
 }
 
@@ -72,7 +72,9 @@ impl<'a> Scenario<'a> {
             std::process::id(),
             RUNS.fetch_add(1, Ordering::SeqCst)
         );
-        let ns = deployed.plane.namespace("lp");
+        let plane = deployed.plane;
+        plane.kubectl(&["delete", "nodes", "-l", NODE_LABEL, "--wait=false"]);
+        let ns = plane.namespace("lp");
         // Pods need their namespace's default service account (no controller manager makes it).
         ns.apply(
             &resource("serviceaccounts"),
@@ -225,10 +227,11 @@ impl<'a> Scenario<'a> {
 
     fn add_node(&self, name: &str) {
         self.nodes.borrow_mut().push(name.to_string());
+        let (key, value) = NODE_LABEL.split_once('=').unwrap();
         self.ns.apply(
             &resource("nodes"),
             json!({"apiVersion": "v1", "kind": "Node",
-                   "metadata": {"name": name, "labels": {NODE_LABEL: "least-privilege"}}}),
+                   "metadata": {"name": name, "labels": {key: value}}}),
         );
     }
 
