@@ -456,6 +456,7 @@ fn leaving_out_any_rule_makes_a_request_fail() {
             deployed.apply(&role.without_rule(index));
             let mut rest = role.rules.clone();
             rest.remove(index);
+            // False when another rule grants the same; the run below then shows no refusal.
             deployed.wait_for_rules(&role, &rest);
             let scenario = Scenario::new(&deployed, true);
             let outcome = scenario.run();
