@@ -13,7 +13,6 @@ use fake_apiserver::FakeApiServer;
 use serde_json::json;
 use whereabouts::store::StoreError;
 
-
 #[test]
 fn add_check_del_roundtrip() {
     let plane = real_cluster!();
@@ -26,10 +25,10 @@ fn add_check_del_roundtrip() {
     let who = attachment("c1", "default/pod-1", "net1");
     let ips = store.add(&add_request(&cfg, who.clone())).unwrap();
     assert_eq!(ips.len(), 1);
-    let pool = ns.get("ippools", "10.1.0.0-24")
-        .expect("pool created");
+    let pool = ns.get("ippools", "10.1.0.0-24").expect("pool created");
     assert_eq!(pool_ips(&pool), ips);
-    let reservation = ns.get("overlappingrangeipreservations", &ips[0].to_string())
+    let reservation = ns
+        .get("overlappingrangeipreservations", &ips[0].to_string())
         .expect("reservation created");
     assert_eq!(reservation["spec"]["podref"], "default/pod-1");
     assert_eq!(reservation["spec"]["containerid"], "c1");
@@ -193,7 +192,8 @@ fn overlapping_ranges_share_addresses_through_reservations() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Exhausted { .. }), "{err:?}");
     assert_eq!(ns.list("overlappingrangeipreservations").len(), 14);
-    assert!(ns.get("overlappingrangeipreservations", "ovl-10.5.0.1")
+    assert!(ns
+        .get("overlappingrangeipreservations", "ovl-10.5.0.1")
         .is_some());
 }
 

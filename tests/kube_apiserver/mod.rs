@@ -341,7 +341,10 @@ impl TestNamespace {
         } else {
             Api::all_with(client, ar)
         };
-        let name = object["metadata"]["name"].as_str().expect("a name").to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("a name")
+            .to_string();
         let params = PatchParams::apply("whereabouts-tests").force();
         self.plane
             .block_on(api.patch(&name, &params, &Patch::Apply(object)))
