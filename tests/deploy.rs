@@ -663,19 +663,12 @@ fn the_chart_renders_the_plain_manifest() {
     }
 }
 
+/// The plugin's rules themselves are derived from the API server's audit log in
+/// tests/least_privilege.rs; here: no wildcard, and the accounts, bindings and workloads fit.
 #[test]
-fn rbac_is_least_privilege() {
-    let expected = json!([
-        {"apiGroups": ["whereabouts.cni.cncf.io"],
-         "resources": ["ippools", "overlappingrangeipreservations"],
-         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-        {"apiGroups": ["whereabouts.cni.cncf.io"],
-         "resources": ["nodeslicepools"],
-         "verbs": ["get", "list", "watch"]},
-    ]);
+fn rbac_wiring_and_no_wildcards() {
     for (source, objects) in both_installs() {
         let role = named(&objects, "ClusterRole", "whereabouts-cni");
-        assert_eq!(role["rules"], expected, "{source}: ClusterRole rules");
         assert!(
             !role["rules"].to_string().contains('*'),
             "{source}: wildcard in RBAC"

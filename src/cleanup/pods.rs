@@ -75,7 +75,8 @@ pub async fn client(source: &ClusterSource, read_timeout: Duration) -> Result<Cl
                     PodError::Config(format!("cannot use kubeconfig {}: {e}", path.display()))
                 })?
         }
-        ClusterSource::InCluster => kube::Config::incluster()
+        ClusterSource::InCluster => crate::store::kubernetes::in_cluster_config()
+            .await
             .map_err(|e| PodError::Config(format!("in-cluster configuration: {e}")))?,
     };
     config.connect_timeout = Some(Duration::from_secs(10));

@@ -1,8 +1,6 @@
 //! The kubeconfig the plugin uses on the host: the DaemonSet's service-account token and the
 //! cluster CA, pointing at the in-cluster API server address.
 
-use std::net::Ipv6Addr;
-
 use base64::Engine as _;
 use serde_json::json;
 
@@ -27,12 +25,7 @@ pub fn server_url(host: &str, port: &str) -> Result<String, InstallError> {
             "the API server port {port:?} (KUBERNETES_SERVICE_PORT) is not a port number"
         ))
     })?;
-    let host = if host.parse::<Ipv6Addr>().is_ok() {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
-    Ok(format!("https://{host}:{port}"))
+    Ok(crate::store::kubernetes::service_url(host, port))
 }
 
 /// The kubeconfig as YAML. TLS verification stays on: the CA is embedded, so the file works on

@@ -28,6 +28,10 @@ pub enum ApiError {
     /// Refused for good (401, 403, 400, ...): retrying cannot help.
     #[error("{0}")]
     Refused(String),
+    /// The server's certificate is not signed by the CA the configuration trusts: a wrong CA
+    /// (or server address) in the kubeconfig, which no retry can fix.
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 impl ApiError {
@@ -70,6 +74,7 @@ impl ApiError {
             ApiError::Refused(msg) | ApiError::AlreadyExists(msg) | ApiError::NotFound(msg) => {
                 StoreError::Io(format!("kubernetes API server refused: {msg}"))
             }
+            ApiError::Untrusted(msg) => StoreError::Config(msg),
         }
     }
 }
@@ -78,6 +83,13 @@ impl From<ApiError> for StoreError {
     fn from(err: ApiError) -> StoreError {
         err.into_store()
     }
+}
+
+/// Whether a connection failed because the server's certificate did not verify. The TLS
+/// library's error is not reachable as a type through the client's error, so its message is
+/// what tells (rustls: "invalid peer certificate: UnknownIssuer", "... NotValidForName").
+fn is_untrusted_certificate(chain: &str) -> bool {
+    chain.contains("invalid peer certificate")
 }
 
 /// The error with its causes, which carry the useful part ("connection refused").
@@ -103,6 +115,8 @@ pub struct Kube {
     pub slices: Api<NodeSlicePool>,
     pub request_timeout: Duration,
     pub transient: Backoff,
+    /// Where the server and its CA came from ("kubeconfig /path"), named when TLS fails.
+    pub origin: String,
 }
 
 impl Kube {
@@ -111,6 +125,7 @@ impl Kube {
         namespace: &str,
         request_timeout: Duration,
         transient: Backoff,
+        origin: &str,
     ) -> Kube {
         Kube {
             pools: Api::namespaced(client.clone(), namespace),
@@ -118,6 +133,20 @@ impl Kube {
             slices: Api::namespaced(client, namespace),
             request_timeout,
             transient,
+            origin: origin.to_string(),
+        }
+    }
+
+    fn error(&self, what: &str, err: kube::Error) -> ApiError {
+        match ApiError::from_kube(what, err) {
+            ApiError::Transient(msg) if is_untrusted_certificate(&msg) => {
+                ApiError::Untrusted(format!(
+                    "{msg}: the API server's TLS certificate is not signed by the CA that {} \
+                     trusts (check its certificate-authority and server)",
+                    self.origin
+                ))
+            }
+            other => other,
         }
     }
 
@@ -133,7 +162,7 @@ impl Kube {
         let mut attempt = 0;
         loop {
             let outcome = match tokio::time::timeout(self.request_timeout, request()).await {
-                Ok(result) => result.map_err(|err| ApiError::from_kube(what, err)),
+                Ok(result) => result.map_err(|err| self.error(what, err)),
                 Err(_) => Err(ApiError::Transient(format!(
                     "{what}: no answer within {:?}",
                     self.request_timeout

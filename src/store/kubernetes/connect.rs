@@ -16,13 +16,19 @@ pub const DEFAULT_NAMESPACE: &str = "kube-system";
 /// installer takes the same variable).
 pub const NAMESPACE_ENV: &str = "WHEREABOUTS_NAMESPACE";
 
-/// Where the kubelet mounts a pod's service account (fixed: the client library reads it there).
+/// Where the kubelet mounts a pod's service account.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Names another service-account directory (the installer reads the same variable), for a pod
+/// that mounts its token elsewhere and for tests, which cannot write the kubelet's path.
+pub const SERVICE_ACCOUNT_PATH_ENV: &str = "SERVICE_ACCOUNT_PATH";
 
 pub struct Connection {
     pub client: kube::Client,
     pub namespace: String,
     pub server: String,
+    /// Where the server, CA and credentials came from, for messages that must say what to fix.
+    pub origin: String,
 }
 
 /// How the engine reaches the API server.
@@ -58,8 +64,60 @@ pub fn operator_access(kubeconfig: &Path, in_pod: bool) -> Access {
 pub fn in_cluster_namespace() -> String {
     namespace_from(
         std::env::var(NAMESPACE_ENV).ok().as_deref(),
-        Path::new(SERVICE_ACCOUNT_DIR),
+        &service_account_dir(),
     )
+}
+
+/// The pod's service-account directory: `$SERVICE_ACCOUNT_PATH`, else the kubelet's mount.
+pub fn service_account_dir() -> PathBuf {
+    std::env::var_os(SERVICE_ACCOUNT_PATH_ENV)
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SERVICE_ACCOUNT_DIR))
+}
+
+/// `https://host:port`, with an IPv6 address in brackets.
+pub fn service_url(host: &str, port: u16) -> String {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("https://[{host}]:{port}")
+    } else {
+        format!("https://{host}:{port}")
+    }
+}
+
+/// The client configuration of a process in a pod, as the client library's own in-cluster
+/// setup makes it (https to `$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`, verified with
+/// the mounted CA, the token file re-read as the kubelet rotates it, the CA file too), but
+/// from [`service_account_dir`].
+pub async fn in_cluster_config() -> Result<kube::Config, String> {
+    let dir = service_account_dir();
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").unwrap_or_default();
+    if host.trim().is_empty() {
+        return Err("KUBERNETES_SERVICE_HOST is not set".into());
+    }
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+    let port: u16 = port
+        .trim()
+        .parse()
+        .map_err(|_| format!("KUBERNETES_SERVICE_PORT {port:?} is not a port number"))?;
+    let (ca, token) = (dir.join("ca.crt"), dir.join("token"));
+    let kubeconfig: Kubeconfig = serde_json::from_value(serde_json::json!({
+        "clusters": [{"name": "in-cluster", "cluster": {
+            "server": service_url(host.trim(), port),
+            "certificate-authority": ca,
+        }}],
+        "users": [{"name": "service-account", "user": {"tokenFile": token}}],
+        "contexts": [{"name": "in-cluster",
+                      "context": {"cluster": "in-cluster", "user": "service-account"}}],
+        "current-context": "in-cluster",
+    }))
+    .map_err(|err| err.to_string())?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|err| format!("{} ({}): {err}", dir.display(), SERVICE_ACCOUNT_PATH_ENV))?;
+    config.root_cert_file = Some(ca);
+    Ok(config)
 }
 
 fn namespace_from(env: Option<&str>, service_account: &Path) -> String {
@@ -97,7 +155,7 @@ pub async fn connect(
 ) -> Result<Connection, StoreError> {
     match access {
         Access::Kubeconfig(path) => connect_kubeconfig(path, settings, insecure_tls).await,
-        Access::InCluster => connect_in_cluster(settings),
+        Access::InCluster => connect_in_cluster(settings).await,
     }
 }
 
@@ -212,23 +270,30 @@ async fn connect_kubeconfig(
                 shown(&err.to_string())
             ))
         })?;
-    finish(config, namespace, settings, &shown_path(path))
+    finish(
+        config,
+        namespace,
+        settings,
+        &format!("kubeconfig {}", shown_path(path)),
+    )
 }
 
-fn connect_in_cluster(settings: &Settings) -> Result<Connection, StoreError> {
-    // The library's own in-cluster setup: https to $KUBERNETES_SERVICE_HOST:PORT, the mounted
-    // CA, and the token read from its file again as the kubelet rotates it (a long-running
-    // controller outlives any one token).
-    let config = kube::Config::incluster().map_err(|err| {
+async fn connect_in_cluster(settings: &Settings) -> Result<Connection, StoreError> {
+    // The token is read from its file again as the kubelet rotates it: a long-running
+    // controller outlives any one token.
+    let config = in_cluster_config().await.map_err(|err| {
         StoreError::Config(format!(
-            "no kubeconfig for the kubernetes datastore, and the pod's service account ({SERVICE_ACCOUNT_DIR}) cannot be used: {err}"
+            "no kubeconfig for the kubernetes datastore, and the pod's service account cannot be used: {err}"
         ))
     })?;
     finish(
         config,
         in_cluster_namespace(),
         settings,
-        "the pod's service account",
+        &format!(
+            "the pod's service account ({})",
+            service_account_dir().display()
+        ),
     )
 }
 
@@ -259,6 +324,7 @@ fn finish(
         client,
         namespace,
         server,
+        origin: origin.to_string(),
     })
 }
 

@@ -26,8 +26,9 @@ use crate::config::{IpamConfig, KubernetesConfig};
 use crate::store::{AddRequest, AttachmentRequest, GcRequest, Lease, Store, StoreError};
 
 pub use connect::{
-    context_namespace, in_cluster_namespace, in_pod, operator_access, Access, DEFAULT_NAMESPACE,
-    NAMESPACE_ENV, SERVICE_ACCOUNT_DIR,
+    context_namespace, in_cluster_config, in_cluster_namespace, in_pod, operator_access,
+    service_account_dir, service_url, Access, DEFAULT_NAMESPACE, NAMESPACE_ENV,
+    SERVICE_ACCOUNT_DIR, SERVICE_ACCOUNT_PATH_ENV,
 };
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
@@ -77,6 +78,7 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
         &connection.namespace,
         settings.request_timeout,
         settings.transient,
+        &connection.origin,
     );
     Ok(Box::new(KubernetesStore {
         runtime,
