@@ -797,9 +797,11 @@ fn in_a_pod_without_a_kubeconfig_the_store_turns_to_the_service_account() {
 #[test]
 fn the_plugin_never_falls_back_to_a_service_account() {
     // Even with the kubelet's variables set, a plugin whose kubeconfig is missing fails on it.
+    // (The tests' flat file allows kubeconfigs below the temporary folder.)
+    let missing = std::env::temp_dir().join("nonexistent-whereabouts/whereabouts.kubeconfig");
     let conf = json!({"cniVersion": "1.0.0", "name": "net", "type": "bridge",
         "ipam": {"type": "whereabouts", "range": "10.90.0.0/24",
-                 "kubernetes": {"kubeconfig": "/nonexistent/whereabouts.kubeconfig"}}});
+                 "kubernetes": {"kubeconfig": missing}}});
     let mut vars = vec![
         ("CNI_COMMAND", "ADD"),
         ("CNI_CONTAINERID", "c1"),
@@ -811,7 +813,7 @@ fn the_plugin_never_falls_back_to_a_service_account() {
     let reply = common::run(&vars, &conf.to_string());
     let msg = reply.msg();
     assert!(
-        msg.contains("cannot read kubeconfig /nonexistent/whereabouts.kubeconfig"),
+        msg.contains("cannot read kubeconfig") && msg.contains(&*missing.to_string_lossy()),
         "{reply:?}"
     );
 }

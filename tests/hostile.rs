@@ -126,6 +126,27 @@ fn log_file_is_never_a_symlink_a_fifo_or_stdout() {
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
 }
 
+/// Even where the admin allows the folder, the database path is never followed through a link
+/// and never a FIFO (SQLite would write through the one and hang on the other).
+#[test]
+fn local_path_is_never_a_symlink_or_a_fifo() {
+    let mut net = Net::local(json!({"range": "10.63.0.0/24"}));
+    let target = net.path().join("precious");
+    std::fs::write(&target, "keep me").unwrap();
+    let link = net.path().join("link.db");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let fifo = net.path().join("fifo.db");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (i, path) in [&link, &fifo].iter().enumerate() {
+        net.conf["ipam"]["local_path"] = path.to_string_lossy().into();
+        let reply = net.add(&format!("c{i}"), "eth0");
+        assert_ne!(reply.code, 0, "{reply:?}");
+        assert!(reply.msg().contains("local"), "{reply:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+}
+
 #[test]
 fn kubeconfigs_that_run_commands_hang_or_flood_are_refused() {
     let mut net = Net::local(json!({"range": "10.63.0.0/24"}));

@@ -8,6 +8,9 @@ use crate::store::StoreError;
 /// The environment variable that names this node (set by the installer's DaemonSet).
 pub const NODENAME_ENV: &str = "NODENAME";
 
+/// A node name is at most 253 characters; the file may add whitespace.
+const MAX_NODE_FILE_BYTES: u64 = 1024;
+
 /// This node's name: `$NODENAME`, else the `nodename` file beside the flat file
 /// (`configuration_path` may name the folder or the file), else `/etc/hostname`.
 pub fn node_name(configuration_path: Option<&Path>) -> Result<String, StoreError> {
@@ -39,7 +42,15 @@ pub fn node_name_from(
     }
     tried.push(hostname_file.to_path_buf());
     for file in &tried {
-        if let Ok(text) = std::fs::read_to_string(file) {
+        // The nodename file's folder may come from configuration: capped, no symbolic links,
+        // regular files only. The host's own name file is a fixed path (a link on some hosts).
+        let read = if file == hostname_file {
+            std::fs::read(file).ok()
+        } else {
+            crate::files::read_capped(file, MAX_NODE_FILE_BYTES).ok()
+        };
+        if let Some(bytes) = read {
+            let text = String::from_utf8_lossy(&bytes);
             let name = text.trim();
             if !name.is_empty() {
                 return Ok(name.to_string());

@@ -56,10 +56,13 @@ pub fn dedicated_control_plane(name: &str) -> Option<&'static ControlPlane> {
     static PLANES: Mutex<Planes> = Mutex::new(BTreeMap::new());
     let mut planes = PLANES.lock().unwrap_or_else(|e| e.into_inner());
     let plane = *planes.entry(name.to_string()).or_insert_with(|| {
-        Box::leak(Box::new(start(
-            target().join(format!("control-plane-{name}")),
-            false,
-        )))
+        let dir = target().join(format!("control-plane-{name}"));
+        // Fresh for every run: what an earlier run installed must not decide this one.
+        let _ = Command::new(repo().join("hack/control-plane"))
+            .arg("down")
+            .arg(&dir)
+            .status();
+        Box::leak(Box::new(start(dir, false)))
     });
     usable(plane)
 }

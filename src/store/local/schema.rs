@@ -70,11 +70,14 @@ pub fn connect(path: &Path) -> Result<Connection, Fail> {
             ))
         })?;
     }
+    refuse_special_file(path)?;
+    // NOFOLLOW: a symbolic link planted at the path must not make root write elsewhere.
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW,
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // Each CNI call is a process that closes the database right away. By default the last
@@ -96,6 +99,18 @@ pub fn connect(path: &Path) -> Result<Connection, Fail> {
         create_schema(&conn)?;
     }
     Ok(conn)
+}
+
+/// An existing path must be a regular file (not a link, device, FIFO or folder): SQLite would
+/// otherwise block on a FIFO or write through to whatever the path names.
+fn refuse_special_file(path: &Path) -> Result<(), Fail> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_file() => Err(Fail::Msg(format!(
+            "the local database {} is not a regular file",
+            crate::files::shown_path(path)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn user_version(conn: &Connection) -> Result<i64, Fail> {
