@@ -809,7 +809,7 @@ fn the_plugin_never_falls_back_to_a_service_account() {
     // Even with the kubelet's variables set, a plugin whose kubeconfig is missing fails on it.
     let conf = json!({"cniVersion": "1.0.0", "name": "net", "type": "bridge",
         "ipam": {"type": "whereabouts", "range": "10.90.0.0/24",
-                 "kubernetes": {"kubeconfig": "/nonexistent/whereabouts.kubeconfig"}}});
+                 "kubernetes": {"kubeconfig": "/tmp/nonexistent-whereabouts/whereabouts.kubeconfig"}}});
     let mut vars = vec![
         ("CNI_COMMAND", "ADD"),
         ("CNI_CONTAINERID", "c1"),
@@ -821,7 +821,8 @@ fn the_plugin_never_falls_back_to_a_service_account() {
     let reply = common::run(&vars, &conf.to_string());
     let msg = reply.msg();
     assert!(
-        msg.contains("cannot read kubeconfig /nonexistent/whereabouts.kubeconfig"),
+        msg.contains("cannot read kubeconfig")
+            && msg.contains("/tmp/nonexistent-whereabouts/whereabouts.kubeconfig"),
         "{reply:?}"
     );
 }
