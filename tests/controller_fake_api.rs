@@ -115,22 +115,22 @@ fn built_in_resources_are_strict() {
     let (code, missing) = server.raw("GET", "/api/v1/namespaces/default/pods/nope", "", "");
     assert_eq!((code, missing["reason"].as_str()), (404, Some("NotFound")));
     // An event must name an object in its own namespace.
-    let event = json!({"apiVersion": "v1", "kind": "Event",
+    let event = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
         "metadata": {"generateName": "a."},
-        "involvedObject": {"kind": "Pod", "name": "a", "namespace": "elsewhere"},
+        "regarding": {"kind": "Pod", "name": "a", "namespace": "elsewhere"},
         "reason": "X"});
     let (code, body) = server.raw(
         "POST",
-        "/api/v1/namespaces/default/events",
+        "/apis/events.k8s.io/v1/namespaces/default/events",
         "application/json",
         &event.to_string(),
     );
     assert_eq!(code, 422, "{body}");
     let mut good = event.clone();
-    good["involvedObject"]["namespace"] = json!("default");
+    good["regarding"]["namespace"] = json!("default");
     let (code, created) = server.raw(
         "POST",
-        "/api/v1/namespaces/default/events",
+        "/apis/events.k8s.io/v1/namespaces/default/events",
         "application/json",
         &good.to_string(),
     );

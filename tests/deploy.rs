@@ -968,7 +968,7 @@ fn controller_rbac_is_exactly_what_it_uses() {
     let cluster_rules = json!([
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         {"apiGroups": ["k8s.cni.cncf.io"], "resources": ["network-attachment-definitions"],
          "verbs": ["list", "watch"]},
     ]);
@@ -980,9 +980,12 @@ fn controller_rbac_is_exactly_what_it_uses() {
         {"apiGroups": ["whereabouts.cni.cncf.io"], "resources": ["overlappingrangeipreservations"],
          "verbs": ["get", "list", "delete"]},
         {"apiGroups": ["whereabouts.cni.cncf.io"], "resources": ["nodeslicepools"],
-         "verbs": ["get", "create", "update"]},
+         "verbs": ["get", "list", "create", "update", "delete"]},
         {"apiGroups": [""], "resources": ["configmaps"],
          "resourceNames": [whereabouts::controller::schedule::CONFIGMAP], "verbs": ["get"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": [whereabouts::controller::leader::LEASE_NAME], "verbs": ["get", "update"]},
     ]);
     let mut installs: Vec<_> = both_installs()
         .into_iter()
@@ -1002,11 +1005,12 @@ fn controller_rbac_is_exactly_what_it_uses() {
         for rules in [&c.cluster_role["rules"], &c.role["rules"]] {
             let text = rules.to_string();
             assert!(!text.contains('*'), "{source}: wildcard in RBAC");
-            assert!(
-                !text.contains("lease"),
-                "{source}: the controller takes no Lease"
-            );
         }
+        // Leases only in its own namespace.
+        assert!(
+            !c.cluster_role["rules"].to_string().contains("lease"),
+            "{source}: a Lease outside the controller's namespace"
+        );
         let subject = json!([{"kind": "ServiceAccount", "name": c.sa["metadata"]["name"],
                               "namespace": ns}]);
         assert_eq!(c.cluster_binding["subjects"], subject, "{source}");
@@ -1042,14 +1046,11 @@ fn controller_rbac_is_exactly_what_it_uses() {
 fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
     let c = controller_objects(objects, base);
     let d = c.deployment;
-    assert_eq!(
-        d["spec"]["replicas"], 1,
-        "{source}: one controller per cluster"
-    );
+    assert_eq!(d["spec"]["replicas"], 2, "{source}: a leader and a standby");
     assert_eq!(
         d["spec"]["strategy"],
-        json!({"type": "Recreate", "rollingUpdate": null}),
-        "{source}: two controllers must not overlap"
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
+        "{source}: a rollout keeps a replica running"
     );
     // The Go Whereabouts' node-slice controller Deployment has this name and selector: applied
     // over it, ours replaces it (a selector cannot change).
@@ -1125,10 +1126,10 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
         json!([{"name": "metrics", "containerPort": port, "protocol": "TCP"}]),
         "{source}"
     );
-    for probe in ["livenessProbe", "readinessProbe"] {
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         assert_eq!(
             container[probe]["httpGet"],
-            json!({"path": "/healthz", "port": "metrics"}),
+            json!({"path": path, "port": "metrics"}),
             "{source}: {probe}"
         );
     }

@@ -17,7 +17,7 @@ pub struct ControllerArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Where to serve /metrics and /healthz.
+    /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub listen: SocketAddr,
     /// The namespace of NodeSlicePools, reservations and the whereabouts-config ConfigMap
@@ -36,6 +36,13 @@ pub struct ControllerArgs {
     /// Seconds after a failed reconcile (API or store unavailable) before the next one.
     #[arg(long, default_value_t = 30)]
     pub retry_after: u64,
+    /// Seconds a leader's Lease lasts without renewal: how long a standby replica waits
+    /// before taking over from a leader that stopped without giving the Lease up.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration: u64,
+    /// Act without taking the Lease (a single replica that must not wait for one).
+    #[arg(long)]
+    pub no_leader_election: bool,
     /// Log level, over the configuration's `log_level` (a Deployment has no flat file to set it).
     #[arg(long, value_parser = ["debug", "verbose", "error", "panic"])]
     pub log_level: Option<String>,
@@ -69,6 +76,8 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         events: !args.no_events,
         watch_timeout: Duration::from_secs(args.watch_timeout.max(1)),
         retry_after: Duration::from_secs(args.retry_after.max(1)),
+        lease_duration: (!args.no_leader_election)
+            .then(|| Duration::from_secs(args.lease_duration.max(2))),
     })
     .map_err(|e| anyhow::anyhow!(e))
 }

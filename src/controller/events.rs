@@ -1,13 +1,11 @@
 //! Kubernetes Events for what the controller frees, on the pod's namespace, so `kubectl
-//! describe pod` and `kubectl get events` show who took an address away and why.
+//! describe pod` and `kubectl get events` show who took an address away and why. Posted by
+//! kube's `Recorder` (events.k8s.io), which also folds repeats into a series.
 
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
-use kube::api::{ObjectMeta, PostParams};
-use kube::{Api, Client};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::Client;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
-use crate::cleanup::cron::rfc3339;
 use crate::cleanup::judge::Verdict;
 use crate::store::Lease;
 
@@ -20,16 +18,20 @@ pub struct Released<'a> {
     pub verdict: &'a Verdict,
 }
 
-fn now() -> Option<Time> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs() as i64;
-    serde_json::from_value(serde_json::Value::String(rfc3339(secs))).ok()
+/// The recorder of this replica: the reporting instance is the pod's name where known.
+pub fn recorder(client: Client) -> Recorder {
+    let instance = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty());
+    Recorder::new(
+        client,
+        Reporter {
+            controller: COMPONENT.into(),
+            instance,
+        },
+    )
 }
 
-/// The Event for one release; None when the lease names no pod to attach it to.
-pub fn event(released: &Released) -> Option<Event> {
+/// The pod an Event is about; None when the allocation names no pod.
+pub fn regarding(released: &Released) -> Option<ObjectReference> {
     let (ns, name) = released
         .lease
         .attachment
@@ -39,23 +41,22 @@ pub fn event(released: &Released) -> Option<Event> {
     if ns.is_empty() || name.is_empty() {
         return None;
     }
+    Some(ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.to_string()),
+        namespace: Some(ns.to_string()),
+        uid: released.pod_uid.clone().filter(|u| !u.is_empty()),
+        ..ObjectReference::default()
+    })
+}
+
+pub fn event(released: &Released) -> Event {
     let lease = released.lease;
-    Some(Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{name}.")),
-            namespace: Some(ns.to_string()),
-            ..ObjectMeta::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(name.to_string()),
-            namespace: Some(ns.to_string()),
-            uid: released.pod_uid.clone().filter(|u| !u.is_empty()),
-            ..ObjectReference::default()
-        },
-        reason: Some(REASON.into()),
-        message: Some(format!(
+    Event {
+        type_: EventType::Normal,
+        reason: REASON.into(),
+        note: Some(format!(
             "whereabouts released {} (pool {}, container {}, interface {}): {}",
             lease.ip,
             lease.pool,
@@ -63,26 +64,16 @@ pub fn event(released: &Released) -> Option<Event> {
             lease.attachment.ifname,
             released.verdict
         )),
-        type_: Some("Normal".into()),
-        source: Some(EventSource {
-            component: Some(COMPONENT.into()),
-            host: None,
-        }),
-        reporting_component: Some(COMPONENT.into()),
-        count: Some(1),
-        first_timestamp: now(),
-        last_timestamp: now(),
-        ..Event::default()
-    })
+        action: "Release".into(),
+        secondary: None,
+    }
 }
 
-pub async fn post(client: &Client, released: &Released<'_>) -> Result<(), kube::Error> {
-    let Some(event) = event(released) else {
+pub async fn post(recorder: &Recorder, released: &Released<'_>) -> Result<(), kube::Error> {
+    let Some(pod) = regarding(released) else {
         return Ok(());
     };
-    let ns = event.metadata.namespace.clone().unwrap_or_default();
-    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &event).await.map(|_| ())
+    recorder.publish(&event(released), &pod).await
 }
 
 #[cfg(test)]
@@ -108,20 +99,21 @@ mod tests {
             },
         };
         let verdict = Verdict::Release(ReleaseReason::PodGone);
-        let e = event(&Released {
+        let released = Released {
             lease: &lease,
             pod_uid: Some("u1".into()),
             verdict: &verdict,
-        })
-        .unwrap();
-        assert_eq!(e.metadata.namespace.as_deref(), Some("team"));
-        assert_eq!(e.involved_object.name.as_deref(), Some("web-0"));
-        assert_eq!(e.involved_object.uid.as_deref(), Some("u1"));
-        assert_eq!(e.reason.as_deref(), Some(REASON));
-        assert!(e.message.unwrap().contains("10.0.0.7"));
+        };
+        let pod = regarding(&released).unwrap();
+        assert_eq!(pod.namespace.as_deref(), Some("team"));
+        assert_eq!(pod.name.as_deref(), Some("web-0"));
+        assert_eq!(pod.uid.as_deref(), Some("u1"));
+        let e = event(&released);
+        assert_eq!(e.reason, REASON);
+        assert!(e.note.unwrap().contains("10.0.0.7"));
         let mut no_pod = lease.clone();
         no_pod.attachment.pod_ref = None;
-        assert!(event(&Released {
+        assert!(regarding(&Released {
             lease: &no_pod,
             pod_uid: None,
             verdict: &verdict,

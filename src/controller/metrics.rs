@@ -1,9 +1,16 @@
-//! The controller's counters and the Prometheus text exposition of them.
+//! The controller's metrics as prometheus-client families. Pool and slice gauges are set by
+//! the work that reads the store or the NodeSlicePools, never by a scrape: a scrape only
+//! encodes what is there.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 
 use crate::ipam::Cidr;
 use crate::store::{Lease, PoolRef};
@@ -17,8 +24,8 @@ pub struct PoolStat {
     pub used: u128,
 }
 
-/// Pools from the configuration (their real capacity) and from the leases (any other pool: the
-/// range less its network and broadcast addresses).
+/// Pools from the configuration (their real capacity) and from the allocations (any other
+/// pool: the range less its network and broadcast addresses).
 pub fn pool_stats(configured: &[PoolRef], leases: &[Lease]) -> Vec<PoolStat> {
     let mut pools: BTreeMap<String, PoolStat> = BTreeMap::new();
     for pool in configured {
@@ -48,231 +55,252 @@ fn default_capacity(cidr: &Cidr) -> u128 {
     cidr.last_offset().saturating_sub(1)
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabel {
+    pub operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    pub resource: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+    pub range: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SliceLabel {
+    pub nodeslicepool: String,
+}
+
+/// A gauge of possibly huge values (an IPv6 pool's size), as a float.
+type Amount = Gauge<f64, AtomicU64>;
+
 pub struct Metrics {
-    releases: Mutex<BTreeMap<&'static str, u64>>,
-    /// Why the allocations still held are kept, as of the last reconcile.
-    held: Mutex<BTreeMap<&'static str, u64>>,
-    errors: Mutex<BTreeMap<&'static str, u64>>,
-    resyncs: Mutex<BTreeMap<&'static str, u64>>,
+    registry: Registry,
+    releases: Family<ReasonLabel, Counter>,
+    held: Family<ReasonLabel, Gauge>,
+    errors: Family<OperationLabel, Counter>,
+    resyncs: Family<ResourceLabel, Counter>,
+    pub conflicts: Counter,
+    pub retries: Counter,
+    pub pod_deletions: Counter,
+    pub events_posted: Counter,
+    pub leader: Gauge,
+    reconcile_duration: Histogram,
+    last_reconcile_duration: Amount,
+    last_reconcile_end: Gauge,
+    pool_size: Family<PoolLabels, Amount>,
+    pool_used: Family<PoolLabels, Amount>,
+    pool_free: Family<PoolLabels, Amount>,
+    slices: Family<SliceLabel, Gauge>,
+    slices_assigned: Family<SliceLabel, Gauge>,
     /// When the store's worker started its current batch (seconds since the epoch; 0: idle).
-    pub busy_since: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub retries: AtomicU64,
-    pub pod_deletions: AtomicU64,
-    pub events_posted: AtomicU64,
-    reconciles: AtomicU64,
-    reconcile_micros_sum: AtomicU64,
-    last_reconcile_micros: AtomicU64,
-    last_reconcile_end: AtomicU64,
-    pools: Mutex<Vec<PoolStat>>,
-    slices: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Not exported: /healthz reads it.
+    pub busy_since: AtomicI64,
 }
 
-fn bump(map: &Mutex<BTreeMap<&'static str, u64>>, key: &'static str, by: u64) {
-    if let Ok(mut m) = map.lock() {
-        *m.entry(key).or_default() += by;
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("whereabouts"),
+            releases: Family::default(),
+            held: Family::default(),
+            errors: Family::default(),
+            resyncs: Family::default(),
+            conflicts: Counter::default(),
+            retries: Counter::default(),
+            pod_deletions: Counter::default(),
+            events_posted: Counter::default(),
+            leader: Gauge::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            last_reconcile_duration: Amount::default(),
+            last_reconcile_end: Gauge::default(),
+            pool_size: Family::default(),
+            pool_used: Family::default(),
+            pool_free: Family::default(),
+            slices: Family::default(),
+            slices_assigned: Family::default(),
+            busy_since: AtomicI64::new(0),
+        };
+        m.register();
+        m
     }
-}
-
-/// Label values may hold any text: escape what the exposition format requires.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 impl Metrics {
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "pool_size",
+            "Addresses a pool can hand out",
+            self.pool_size.clone(),
+        );
+        r.register(
+            "pool_used",
+            "Addresses allocated in a pool",
+            self.pool_used.clone(),
+        );
+        r.register(
+            "pool_free",
+            "Addresses still free in a pool",
+            self.pool_free.clone(),
+        );
+        r.register(
+            "allocations",
+            "Allocations kept at the last reconcile, by why they are kept",
+            self.held.clone(),
+        );
+        r.register(
+            "releases",
+            "Allocations freed by the controller, by reason",
+            self.releases.clone(),
+        );
+        r.register(
+            "errors",
+            "Failed operations of the controller, by operation",
+            self.errors.clone(),
+        );
+        r.register(
+            "watch_resyncs",
+            "Lists of a watched resource (at start and after a gap)",
+            self.resyncs.clone(),
+        );
+        r.register(
+            "conflicts",
+            "Writes refused because the object changed since it was read",
+            self.conflicts.clone(),
+        );
+        r.register(
+            "retries",
+            "Operations the controller tried again",
+            self.retries.clone(),
+        );
+        r.register(
+            "pod_deletions",
+            "Pod deletions seen by the watch",
+            self.pod_deletions.clone(),
+        );
+        r.register(
+            "events",
+            "Kubernetes Events posted",
+            self.events_posted.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the controller's Lease",
+            self.leader.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Time taken by full reconciles",
+            self.reconcile_duration.clone(),
+        );
+        r.register(
+            "last_reconcile_duration_seconds",
+            "Time taken by the last full reconcile",
+            self.last_reconcile_duration.clone(),
+        );
+        r.register(
+            "last_reconcile_timestamp_seconds",
+            "When the last full reconcile ended",
+            self.last_reconcile_end.clone(),
+        );
+        r.register(
+            "node_slices",
+            "Slices of a NodeSlicePool",
+            self.slices.clone(),
+        );
+        r.register(
+            "node_slices_assigned",
+            "Slices of a NodeSlicePool assigned to nodes",
+            self.slices_assigned.clone(),
+        );
+    }
+
     pub fn released(&self, reason: &'static str, count: u64) {
-        bump(&self.releases, reason, count);
+        self.releases
+            .get_or_create(&ReasonLabel { reason })
+            .inc_by(count);
     }
 
     pub fn error(&self, operation: &'static str) {
-        bump(&self.errors, operation, 1);
+        self.errors
+            .get_or_create(&OperationLabel { operation })
+            .inc();
     }
 
     /// A watch of `resource` listed (again): it follows every change from here on.
     pub fn resynced(&self, resource: &'static str) {
-        bump(&self.resyncs, resource, 1);
+        self.resyncs
+            .get_or_create(&ResourceLabel { resource })
+            .inc();
     }
 
-    pub fn reconciled(&self, micros: u64, held: BTreeMap<&'static str, u64>, now_secs: u64) {
-        self.reconciles.fetch_add(1, Ordering::SeqCst);
-        self.reconcile_micros_sum
-            .fetch_add(micros, Ordering::SeqCst);
-        self.last_reconcile_micros.store(micros, Ordering::SeqCst);
-        self.last_reconcile_end.store(now_secs, Ordering::SeqCst);
-        if let Ok(mut h) = self.held.lock() {
-            *h = held;
+    pub fn reconciled(&self, seconds: f64, held: BTreeMap<&'static str, u64>, ended: i64) {
+        self.reconcile_duration.observe(seconds);
+        self.last_reconcile_duration.set(seconds);
+        self.last_reconcile_end.set(ended);
+        self.held.clear();
+        for (reason, count) in held {
+            self.held
+                .get_or_create(&ReasonLabel { reason })
+                .set(count as i64);
         }
     }
 
-    pub fn reconciles(&self) -> u64 {
-        self.reconciles.load(Ordering::SeqCst)
-    }
-
-    pub fn set_pools(&self, pools: Vec<PoolStat>) {
-        if let Ok(mut p) = self.pools.lock() {
-            *p = pools;
+    pub fn set_pools(&self, pools: &[PoolStat]) {
+        for family in [&self.pool_size, &self.pool_used, &self.pool_free] {
+            family.clear();
+        }
+        for p in pools {
+            let labels = PoolLabels {
+                pool: p.pool.clone(),
+                range: p.range.clone(),
+            };
+            self.pool_size.get_or_create(&labels).set(p.size as f64);
+            self.pool_used.get_or_create(&labels).set(p.used as f64);
+            self.pool_free
+                .get_or_create(&labels)
+                .set(p.size.saturating_sub(p.used) as f64);
         }
     }
 
     /// Slices assigned and in total, per NodeSlicePool.
     pub fn set_slices(&self, pool: &str, assigned: u64, total: u64) {
-        if let Ok(mut s) = self.slices.lock() {
-            s.insert(pool.to_string(), (assigned, total));
-        }
+        let label = SliceLabel {
+            nodeslicepool: pool.to_string(),
+        };
+        self.slices_assigned
+            .get_or_create(&label)
+            .set(i64::try_from(assigned).unwrap_or(i64::MAX));
+        self.slices
+            .get_or_create(&label)
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
     }
 
+    /// A NodeSlicePool that is gone.
+    pub fn forget_slices(&self, pool: &str) {
+        let label = SliceLabel {
+            nodeslicepool: pool.to_string(),
+        };
+        self.slices.remove(&label);
+        self.slices_assigned.remove(&label);
+    }
+
+    /// The OpenMetrics text of every family.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let pools = self.pools.lock().map(|p| p.clone()).unwrap_or_default();
-        let gauge =
-            |out: &mut String, name: &str, help: &str, value: &dyn Fn(&PoolStat) -> u128| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-                for p in &pools {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{pool=\"{}\",range=\"{}\"}} {}",
-                        escape(&p.pool),
-                        escape(&p.range),
-                        value(p)
-                    );
-                }
-            };
-        gauge(
-            &mut out,
-            "whereabouts_pool_size",
-            "Addresses a pool can hand out.",
-            &|p| p.size,
-        );
-        gauge(
-            &mut out,
-            "whereabouts_pool_used",
-            "Addresses allocated in a pool.",
-            &|p| p.used,
-        );
-        gauge(
-            &mut out,
-            "whereabouts_pool_free",
-            "Addresses still free in a pool.",
-            &|p| p.size.saturating_sub(p.used),
-        );
-        let counters = |out: &mut String,
-                        name: &str,
-                        help: &str,
-                        label: &str,
-                        map: &Mutex<BTreeMap<&'static str, u64>>,
-                        kind: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (k, v) in map.lock().map(|m| m.clone()).unwrap_or_default() {
-                let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {v}");
-            }
-        };
-        counters(
-            &mut out,
-            "whereabouts_releases_total",
-            "Allocations freed by the controller, by reason.",
-            "reason",
-            &self.releases,
-            "counter",
-        );
-        counters(
-            &mut out,
-            "whereabouts_allocations",
-            "Allocations kept at the last reconcile, by why they are kept.",
-            "reason",
-            &self.held,
-            "gauge",
-        );
-        counters(
-            &mut out,
-            "whereabouts_errors_total",
-            "Failed operations of the controller, by operation.",
-            "operation",
-            &self.errors,
-            "counter",
-        );
-        counters(
-            &mut out,
-            "whereabouts_watch_resyncs_total",
-            "Lists of a watched resource (at start and after a gap).",
-            "resource",
-            &self.resyncs,
-            "counter",
-        );
-        let single = |out: &mut String, name: &str, help: &str, kind: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
-        single(
-            &mut out,
-            "whereabouts_conflicts_total",
-            "Writes refused because the object changed since it was read.",
-            "counter",
-            load(&self.conflicts).to_string(),
-        );
-        single(
-            &mut out,
-            "whereabouts_retries_total",
-            "Operations the controller tried again.",
-            "counter",
-            load(&self.retries).to_string(),
-        );
-        single(
-            &mut out,
-            "whereabouts_pod_deletions_total",
-            "Pod deletions seen by the watch.",
-            "counter",
-            load(&self.pod_deletions).to_string(),
-        );
-        single(
-            &mut out,
-            "whereabouts_events_total",
-            "Kubernetes Events posted.",
-            "counter",
-            load(&self.events_posted).to_string(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP whereabouts_reconcile_duration_seconds Time taken by full reconciles.\n# TYPE whereabouts_reconcile_duration_seconds summary\nwhereabouts_reconcile_duration_seconds_sum {}\nwhereabouts_reconcile_duration_seconds_count {}",
-            load(&self.reconcile_micros_sum) as f64 / 1e6,
-            load(&self.reconciles)
-        );
-        single(
-            &mut out,
-            "whereabouts_last_reconcile_duration_seconds",
-            "Time taken by the last full reconcile.",
-            "gauge",
-            (load(&self.last_reconcile_micros) as f64 / 1e6).to_string(),
-        );
-        single(
-            &mut out,
-            "whereabouts_last_reconcile_timestamp_seconds",
-            "When the last full reconcile ended.",
-            "gauge",
-            load(&self.last_reconcile_end).to_string(),
-        );
-        let _ = writeln!(out, "# HELP whereabouts_node_slices_assigned Slices of a NodeSlicePool assigned to nodes.\n# TYPE whereabouts_node_slices_assigned gauge");
-        let slices = self.slices.lock().map(|s| s.clone()).unwrap_or_default();
-        for (pool, (assigned, _)) in &slices {
-            let _ = writeln!(
-                out,
-                "whereabouts_node_slices_assigned{{nodeslicepool=\"{}\"}} {assigned}",
-                escape(pool)
-            );
-        }
-        let _ = writeln!(out, "# HELP whereabouts_node_slices Slices of a NodeSlicePool.\n# TYPE whereabouts_node_slices gauge");
-        for (pool, (_, total)) in &slices {
-            let _ = writeln!(
-                out,
-                "whereabouts_node_slices{{nodeslicepool=\"{}\"}} {total}",
-                escape(pool)
-            );
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(%err, "cannot encode the metrics");
         }
         out
     }
@@ -297,8 +325,9 @@ mod tests {
         assert_eq!(stats[0].size, 6);
         assert_eq!(stats[0].used, 2);
         let m = Metrics::default();
-        m.set_pools(stats);
+        m.set_pools(&stats);
         m.released("pod_deleted", 3);
+        m.error("list_pods");
         let text = m.render();
         assert!(
             text.contains("whereabouts_pool_free{pool=\"10.0.0.0-29\",range=\"10.0.0.0/29\"} 4"),
@@ -308,5 +337,12 @@ mod tests {
             text.contains("whereabouts_releases_total{reason=\"pod_deleted\"} 3"),
             "{text}"
         );
+        assert!(
+            text.contains("whereabouts_errors_total{operation=\"list_pods\"} 1"),
+            "{text}"
+        );
+        // A pool that went away leaves no stale series.
+        m.set_pools(&[]);
+        assert!(!m.render().contains("whereabouts_pool_free{"));
     }
 }

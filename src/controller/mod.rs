@@ -1,13 +1,16 @@
-//! `whereabouts controller`: one per cluster. It frees the addresses of deleted pods within
-//! seconds (a pod watch), reconciles everything at start-up and on a schedule, keeps the
-//! NodeSlicePools of node-sliced networks in step with the nodes, posts Events for what it frees
-//! and serves `/metrics` and `/healthz`.
+//! `whereabouts controller`: one leader among its replicas. It frees the addresses of deleted
+//! pods within seconds (a pod watch), reconciles everything at start-up, on taking the lead
+//! and on a schedule, keeps the NodeSlicePools of node-sliced networks in step with the nodes
+//! and the NetworkAttachmentDefinitions, posts Events for what it frees and serves `/metrics`,
+//! `/healthz` and `/readyz`.
 //!
-//! Shape: an async runtime follows the API (watches, schedule, HTTP); one worker thread owns the
-//! store, which is synchronous, and does every release.
+//! Shape: kube::runtime follows the API (watchers, reflectors), a Lease elects the leader,
+//! axum serves HTTP; one worker thread owns the store, which is synchronous, and does every
+//! release, only while this replica leads.
 
 pub mod events;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod schedule;
 pub mod slice_sync;
@@ -16,23 +19,23 @@ pub mod watch;
 pub mod worker;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::DynamicObject;
-use kube::Api;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client};
 use tokio::sync::Notify;
 
-use crate::cleanup::judge::PodPhase;
 use crate::cleanup::pods::{self, ClusterSource};
 use crate::config::{Datastore, IpamConfig};
 use crate::k8s::crd::OverlappingRangeIPReservation;
+use leader::{Election, Leadership};
 use metrics::Metrics;
-use watch::Change;
-use worker::{Job, Worker};
+use worker::{Job, Jobs, Worker};
 
 /// The longest an API request other than a watch may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,6 +61,8 @@ pub struct Options {
     pub watch_timeout: Duration,
     /// How long after a failed reconcile the next one runs.
     pub retry_after: Duration,
+    /// Take the Lease before acting; None: act alone (one replica, or tests).
+    pub lease_duration: Option<Duration>,
 }
 
 /// The namespace of the whereabouts objects: the Kubernetes engine's (its kubeconfig's context),
@@ -72,19 +77,23 @@ pub fn default_namespace(ipam: &IpamConfig) -> String {
     crate::store::kubernetes::in_cluster_namespace()
 }
 
-fn send(jobs: &Mutex<Sender<Job>>, job: Job) {
-    if let Ok(j) = jobs.lock() {
-        let _ = j.send(job);
-    }
-}
-
-/// Runs until the process is stopped; returns only on a start-up failure.
+/// Runs until the process is stopped; returns only on a start-up failure or at SIGTERM.
 pub fn run(opts: Options) -> Result<(), ControllerError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| ControllerError::Io(format!("cannot start the I/O runtime: {e}")))?;
     runtime.block_on(main(opts))
+}
+
+/// This replica's name in the Lease: its pod's name and a random suffix, so a restarted
+/// container is a new holder.
+fn identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "whereabouts-controller".into());
+    format!("{host}-{:08x}", rand::random::<u32>())
 }
 
 async fn main(opts: Options) -> Result<(), ControllerError> {
@@ -100,27 +109,129 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         .await
         .map_err(|e| ControllerError::Io(format!("cannot listen on {}: {e}", opts.listen)))?;
     let metrics = Arc::new(Metrics::default());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let requeue = tx.clone();
-    let retry_after = opts.retry_after;
-    let jobs = Arc::new(Mutex::new(tx));
+    let (jobs, queue) = tokio::sync::mpsc::unbounded_channel();
+    let leadership = match opts.lease_duration {
+        Some(_) => Leadership::default(),
+        None => Leadership::always(),
+    };
+    start_worker(&opts, &client, &metrics, &leadership, &jobs, queue).await?;
+    // The address actually bound (a port of 0 picks a free one).
+    let listening = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| opts.listen.to_string());
+    tracing::info!(listen = %listening, namespace = %opts.namespace, "controller started");
 
-    // The store is opened on the worker's thread and stays there.
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let worker_parts = (
-        opts.ipam.clone(),
-        tokio::runtime::Handle::current(),
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(http::serve(
+        listener,
+        http::Probes {
+            metrics: metrics.clone(),
+            jobs: jobs.clone(),
+            ready: ready.clone(),
+        },
+    ));
+    tokio::spawn(schedule::run(
         client.clone(),
+        opts.namespace.clone(),
+        opts.ipam.reconciler_cron_expression.clone(),
+        jobs.clone(),
+    ));
+    let election = opts.lease_duration.map(|lease_duration| Election {
+        namespace: opts.namespace.clone(),
+        identity: identity(),
+        lease_duration,
+    });
+    if let Some(election) = election.clone() {
+        let (metrics, jobs) = (metrics.clone(), jobs.clone());
+        tokio::spawn(leader::run(
+            client.clone(),
+            election,
+            leadership.clone(),
+            move |leading| {
+                metrics.leader.set(i64::from(leading));
+                if leading {
+                    // Whatever happened while another replica led (or none did) is judged now.
+                    let _ = jobs.send(Job::Reconcile { why: "elected" });
+                }
+            },
+        ));
+    } else {
+        metrics.leader.set(1);
+    }
+    let config = watcher::Config::default().timeout(watch_seconds(opts.watch_timeout));
+    if opts.node_slices {
+        start_node_slices(
+            &opts,
+            &client,
+            &watch_client,
+            &metrics,
+            &leadership,
+            &config,
+        );
+    }
+    let pods = watch::pods(
+        Api::<Pod>::all(watch_client),
+        config,
+        jobs,
         metrics.clone(),
-        opts.events,
-        matches!(opts.ipam.datastore, Datastore::Kubernetes(_)).then(|| {
-            Api::<OverlappingRangeIPReservation>::namespaced(client.clone(), &opts.namespace)
-        }),
+        ready,
     );
+    tokio::select! {
+        _ = pods => {}
+        _ = terminated() => {
+            tracing::info!("stopping");
+            leadership.step_down();
+            if let Some(election) = &election {
+                leader::release(client, election).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn watch_seconds(timeout: Duration) -> u32 {
+    timeout.as_secs().clamp(1, 3600) as u32
+}
+
+/// SIGTERM (a Deployment's rollout) or Ctrl-C.
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The store is opened on the worker's thread and stays there.
+async fn start_worker(
+    opts: &Options,
+    client: &Client,
+    metrics: &Arc<Metrics>,
+    leadership: &Leadership,
+    jobs: &Jobs,
+    queue: tokio::sync::mpsc::UnboundedReceiver<Job>,
+) -> Result<(), ControllerError> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let ipam = opts.ipam.clone();
+    let handle = tokio::runtime::Handle::current();
+    let client = client.clone();
+    let metrics = metrics.clone();
+    let leadership = leadership.clone();
+    let requeue = jobs.clone();
+    let retry_after = opts.retry_after;
+    let recorder = opts.events.then(|| events::recorder(client.clone()));
+    let reservations = matches!(opts.ipam.datastore, Datastore::Kubernetes(_))
+        .then(|| Api::<OverlappingRangeIPReservation>::namespaced(client.clone(), &opts.namespace));
     std::thread::Builder::new()
         .name("store".into())
         .spawn(move || {
-            let (ipam, handle, client, metrics, post_events, reservations) = worker_parts;
             let store = match crate::store::open_for_operator(&ipam) {
                 Ok(store) => store,
                 Err(err) => {
@@ -137,115 +248,95 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
                 client,
                 reservations,
                 metrics,
-                post_events,
+                recorder,
+                leadership,
                 requeue,
                 retry_after,
             }
-            .run(rx);
+            .run(queue);
         })
         .map_err(|e| ControllerError::Io(format!("cannot start the store worker: {e}")))?;
     ready_rx
         .await
         .map_err(|_| ControllerError::Io("the store worker stopped".into()))?
-        .map_err(ControllerError::Config)?;
-    // The address actually bound (a port of 0 picks a free one).
-    let listening = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| opts.listen.to_string());
-    tracing::info!(listen = %listening, namespace = %opts.namespace, "controller started");
+        .map_err(ControllerError::Config)
+}
 
-    tokio::spawn(http::serve(listener, metrics.clone(), jobs.clone()));
-    tokio::spawn(schedule::run(
+/// Node and NetworkAttachmentDefinition caches, and the loop that keeps the NodeSlicePools in
+/// step with them: at every change, and every minute in any case. Only the leader writes.
+fn start_node_slices(
+    opts: &Options,
+    client: &Client,
+    watch_client: &Client,
+    metrics: &Arc<Metrics>,
+    leadership: &Leadership,
+    config: &watcher::Config,
+) {
+    let changed = Arc::new(Notify::new());
+    let (nodes, follow_nodes) = watch::reflect(
+        Api::<Node>::all(watch_client.clone()),
+        config.clone(),
+        (),
+        "nodes",
+        metrics.clone(),
+        changed.clone(),
+    );
+    let nad = slice_sync::nad_resource();
+    let (nads, follow_nads) = watch::reflect(
+        Api::<DynamicObject>::all_with(watch_client.clone(), &nad),
+        config.clone(),
+        nad,
+        "network-attachment-definitions",
+        metrics.clone(),
+        changed.clone(),
+    );
+    tokio::spawn(follow_nodes);
+    tokio::spawn(follow_nads);
+    tokio::spawn(keep_node_slices(
         client.clone(),
         opts.namespace.clone(),
-        opts.ipam.reconciler_cron_expression.clone(),
-        jobs.clone(),
+        (nads, nodes),
+        metrics.clone(),
+        leadership.clone(),
+        changed,
     ));
-    if opts.node_slices {
-        let notify = Arc::new(Notify::new());
-        for what in ["nodes", "network-attachment-definitions"] {
-            let notify = notify.clone();
-            let client = watch_client.clone();
-            let timeout = opts.watch_timeout;
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let poke = |resynced: bool| {
-                    if resynced {
-                        metrics.resynced(what);
-                    }
-                    notify.notify_one();
-                };
-                if what == "nodes" {
-                    let api = Api::<Node>::all(client);
-                    watch::follow(api, what, timeout, |c| poke(matches!(c, Change::Resynced))).await
-                } else {
-                    let api = Api::<DynamicObject>::all_with(client, &slice_sync::nad_resource());
-                    watch::follow(api, what, timeout, |c| poke(matches!(c, Change::Resynced))).await
-                }
-            });
-        }
-        let client = client.clone();
-        let namespace = opts.namespace.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut pause = Duration::from_millis(500);
-            loop {
-                match slice_sync::sync(&client, &namespace, &metrics).await {
-                    Ok(()) => pause = Duration::from_millis(500),
-                    Err(err) => {
-                        tracing::warn!(%err, retry_in = ?pause, "node slices");
-                        metrics.retries.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(60));
-                        notify.notify_one();
-                    }
-                }
-                tokio::select! {
-                    _ = notify.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                }
-            }
-        });
+}
+
+async fn keep_node_slices(
+    client: Client,
+    namespace: String,
+    (nads, nodes): (Store<DynamicObject>, Store<Node>),
+    metrics: Arc<Metrics>,
+    leadership: Leadership,
+    changed: Arc<Notify>,
+) {
+    // Without the NetworkAttachmentDefinition resource (no Multus) its cache never fills:
+    // there is nothing to slice, and nothing is taken for deleted.
+    if nads.wait_until_ready().await.is_err() || nodes.wait_until_ready().await.is_err() {
+        return;
     }
-    let mut first = true;
-    watch::follow(
-        Api::<Pod>::all(watch_client),
-        "pods",
-        opts.watch_timeout,
-        |change| match change {
-            Change::Deleted(pod) => {
-                metrics.pod_deletions.fetch_add(1, Ordering::SeqCst);
-                send(
-                    &jobs,
-                    Job::Deleted {
-                        pod_ref: pods::pod_ref(&pod),
-                        uid: pod.metadata.uid.clone().unwrap_or_default(),
-                    },
-                );
-            }
-            Change::Applied(pod) => {
-                let phase = pods::pod_state(&pod).phase;
-                if matches!(phase, PodPhase::Succeeded | PodPhase::Failed) {
-                    send(
-                        &jobs,
-                        Job::Finished {
-                            pod_ref: pods::pod_ref(&pod),
-                        },
-                    );
+    let mut pause = Duration::from_millis(500);
+    loop {
+        if !leadership.is_leader() {
+            // A standby: its caches stay warm; it writes once it leads.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        {
+            match slice_sync::sync(&client, &namespace, &nads, &nodes, &metrics).await {
+                Ok(()) => pause = Duration::from_millis(500),
+                Err(err) => {
+                    tracing::warn!(%err, retry_in = ?pause, "node slices");
+                    metrics.retries.inc();
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(60));
+                    changed.notify_one();
                 }
             }
-            Change::Resynced => {
-                // The watch follows every change from this list on; a full reconcile now covers
-                // what happened before it: at start-up, everything deleted while no controller
-                // ran; after a gap, the deletions the watch missed.
-                metrics.resynced("pods");
-                let why = if first { "start-up" } else { "watch resynced" };
-                send(&jobs, Job::Reconcile { why });
-                first = false;
-            }
-        },
-    )
-    .await;
-    Ok(())
+        }
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
 }

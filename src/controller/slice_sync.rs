@@ -6,15 +6,18 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{ApiResource, DynamicObject, ListParams, ObjectMeta, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams, Preconditions,
+};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client};
 use serde_json::Value;
 
 use super::metrics::Metrics;
 use super::slices::assign;
 use crate::cli::store_args::ipam_of;
-use crate::ipam::slices::parse_slice_size;
-use crate::ipam::{parse_range_text, Cidr};
+use crate::config;
+use crate::ipam::Cidr;
 use crate::k8s::crd::{IPPool, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus};
 use crate::store::kubernetes::slice_pool_name;
 
@@ -38,57 +41,80 @@ pub struct Wanted {
     pub source: String,
 }
 
-/// The NodeSlicePool a NetworkAttachmentDefinition's `spec.config` asks for, if any.
+/// The NodeSlicePool a NetworkAttachmentDefinition's `spec.config` asks for, if any. The
+/// `ipam` object is read by the `config` module, as the plugin reads it on the node (keys in
+/// any case, the flat file's trust rules at their defaults).
 pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String> {
     let conf: Value = serde_json::from_str(config_text)
         .map_err(|e| format!("{source}: spec.config is not JSON: {e}"))?;
     let Some(ipam) = ipam_of(&conf) else {
         return Ok(None);
     };
-    let Some(size_text) = ipam.get("node_slice_size").and_then(Value::as_str) else {
+    let is_whereabouts = ipam
+        .get("type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t == "whereabouts");
+    if !is_whereabouts || !has_key(&ipam, "node_slice_size") {
+        return Ok(None);
+    }
+    let cfg = config::load_untrusted(Some(&slicing_part(&ipam)), &[])
+        .map_err(|e| format!("{source}: {e}"))?;
+    let Some(size) = cfg.node_slice_size else {
         return Ok(None);
     };
-    let size = parse_slice_size(size_text).map_err(|e| format!("{source}: {e}"))?;
-    let range_text = ipam
-        .get("range")
-        .and_then(Value::as_str)
-        .or_else(|| {
-            ipam.get("ipRanges")?
-                .as_array()?
-                .first()?
-                .get("range")?
-                .as_str()
-        })
-        .ok_or_else(|| format!("{source}: node_slice_size is set but no range is"))?;
-    let (range, _, _) =
-        parse_range_text(range_text).map_err(|e| format!("{source}: range {range_text:?}: {e}"))?;
-    let network_name = ipam
-        .get("network_name")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let range = cfg
+        .ranges
+        .first()
+        .ok_or_else(|| format!("{source}: node_slice_size is set but no range is"))?
+        .cidr;
     let cni_network = conf.get("name").and_then(Value::as_str).unwrap_or("");
     Ok(Some(Wanted {
-        name: slice_pool_name(network_name, cni_network),
+        name: slice_pool_name(&cfg.network_name, cni_network),
         range: range.network(),
         size,
         source: source.to_string(),
     }))
 }
 
-/// One pass: every wanted pool brought up to date with the nodes that exist now.
-pub async fn sync(client: &Client, namespace: &str, metrics: &Arc<Metrics>) -> Result<(), String> {
-    let nads: Api<DynamicObject> = Api::all_with(client.clone(), &nad_resource());
-    let nads = match nads.list(&ListParams::default()).await {
-        Ok(list) => list,
-        // Multus is not installed: no network attachments, so nothing to slice.
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            tracing::debug!("the NetworkAttachmentDefinition resource is not installed");
-            return Ok(());
-        }
-        Err(e) => return Err(format!("cannot list NetworkAttachmentDefinitions: {e}")),
+/// The keys that decide a NodeSlicePool. The rest (engine, paths, logging) is the node's
+/// business: its flat file decides what a network may set there, which the controller cannot
+/// see, and the controller must not act on paths a namespace user wrote.
+const SLICING_KEYS: [&str; 8] = [
+    "type",
+    "range",
+    "range_start",
+    "range_end",
+    "exclude",
+    "ipranges",
+    "node_slice_size",
+    "network_name",
+];
+
+fn slicing_part(ipam: &Value) -> Value {
+    let Some(map) = ipam.as_object() else {
+        return ipam.clone();
     };
+    Value::Object(
+        map.iter()
+            .filter(|(k, _)| SLICING_KEYS.iter().any(|s| k.eq_ignore_ascii_case(s)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+}
+
+/// Whether `object` has `key`, in any case (as the `config` module reads keys).
+fn has_key(object: &Value, key: &str) -> bool {
+    object
+        .as_object()
+        .is_some_and(|m| m.keys().any(|k| k.eq_ignore_ascii_case(key)))
+}
+
+/// The pools the NetworkAttachmentDefinitions ask for, and whether every one of them could be
+/// read (when one cannot, its pool, whatever it is, must not be taken for unwanted).
+fn wanted_pools(nads: &[Arc<DynamicObject>]) -> (BTreeMap<String, Wanted>, bool) {
     let mut pools: BTreeMap<String, Wanted> = BTreeMap::new();
-    for nad in &nads.items {
+    let mut complete = true;
+    for nad in nads {
         let source = format!(
             "NetworkAttachmentDefinition {}/{}",
             nad.metadata.namespace.as_deref().unwrap_or_default(),
@@ -114,27 +140,55 @@ pub async fn sync(client: &Client, namespace: &str, metrics: &Arc<Metrics>) -> R
                 }
             },
             Ok(None) => {}
-            Err(err) => tracing::warn!(%err, "ignored"),
+            Err(err) => {
+                complete = false;
+                tracing::warn!(%err, "ignored");
+            }
         }
     }
-    if pools.is_empty() {
-        return Ok(());
-    }
-    let nodes: Api<Node> = Api::all(client.clone());
+    (pools, complete)
+}
+
+/// One pass over the cached NetworkAttachmentDefinitions and nodes: every wanted pool brought
+/// up to date with the nodes, and the pools no NetworkAttachmentDefinition wants any more
+/// removed.
+pub async fn sync(
+    client: &Client,
+    namespace: &str,
+    nads: &Store<DynamicObject>,
+    nodes: &Store<Node>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), String> {
+    // Oldest first, so "the first one wins" names the same one every time.
+    let mut nads = nads.state();
+    nads.sort_by(|a, b| {
+        let key = |o: &DynamicObject| {
+            (
+                o.metadata.creation_timestamp.clone(),
+                o.metadata.uid.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    let (pools, complete) = wanted_pools(&nads);
     let nodes: BTreeSet<String> = nodes
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| format!("cannot list nodes: {e}"))?
-        .items
-        .into_iter()
-        .filter_map(|n| n.metadata.name)
+        .state()
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
         .collect();
-    let busy = busy_ranges(client, namespace).await?;
     let api: Api<NodeSlicePool> = Api::namespaced(client.clone(), namespace);
     let mut failed = Vec::new();
-    for want in pools.values() {
-        if let Err(err) = sync_pool(&api, want, &nodes, &busy, metrics).await {
+    if complete {
+        if let Err(err) = remove_unwanted(&api, &pools, metrics).await {
             failed.push(err);
+        }
+    }
+    if !pools.is_empty() {
+        let busy = busy_ranges(client, namespace).await?;
+        for want in pools.values() {
+            if let Err(err) = sync_pool(&api, want, &nodes, &busy, metrics).await {
+                failed.push(err);
+            }
         }
     }
     if failed.is_empty() {
@@ -142,6 +196,47 @@ pub async fn sync(client: &Client, namespace: &str, metrics: &Arc<Metrics>) -> R
     } else {
         Err(failed.join("; "))
     }
+}
+
+/// NodeSlicePools that no NetworkAttachmentDefinition asks for: their network is gone. The
+/// IPPools of their slices stay (their allocations are cleanup's to judge).
+async fn remove_unwanted(
+    api: &Api<NodeSlicePool>,
+    pools: &BTreeMap<String, Wanted>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), String> {
+    let existing = match api.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(e) => return Err(format!("cannot list NodeSlicePools: {e}")),
+    };
+    for pool in existing {
+        let Some(name) = pool.metadata.name.clone() else {
+            continue;
+        };
+        if pools.contains_key(&name) {
+            continue;
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: pool.metadata.resource_version.clone(),
+                uid: pool.metadata.uid.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&name, &params).await {
+            Ok(_) => {
+                metrics.forget_slices(&name);
+                tracing::info!(pool = %name, "NodeSlicePool removed: no NetworkAttachmentDefinition asks for it");
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                metrics.conflicts.inc();
+            }
+            Err(e) => return Err(format!("cannot delete NodeSlicePool {name}: {e}")),
+        }
+    }
+    Ok(())
 }
 
 /// The ranges of the IPPools that hold addresses: a slice among them is not free for a new
@@ -176,10 +271,11 @@ async fn sync_pool(
         .get_opt(&want.name)
         .await
         .map_err(|e| format!("cannot read NodeSlicePool {}: {e}", want.name))?;
-    // A changed range or slice size starts over: the old slices mean nothing in the new range.
+    // After a change of range or slice size a node keeps its slice only if it is still one of
+    // the new layout (`assign` drops the others); the new slices avoid every pool that still
+    // holds addresses, so the live addresses of the old layout are never handed out again.
     let current = existing
         .as_ref()
-        .filter(|p| p.spec == spec)
         .and_then(|p| p.status.as_ref())
         .map(|s| s.allocations.clone())
         .unwrap_or_default();
@@ -228,9 +324,7 @@ async fn sync_pool(
             Ok(())
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            metrics
-                .conflicts
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            metrics.conflicts.inc();
             Err(format!("NodeSlicePool {} changed meanwhile", want.name))
         }
         Err(err) => Err(format!("cannot write NodeSlicePool {}: {err}", want.name)),
@@ -257,5 +351,9 @@ mod tests {
         .unwrap()
         .is_none());
         assert!(wanted("nad", "not json").is_err());
+        // Keys in any case, as the plugin reads them; engine settings play no part.
+        let mixed = r#"{"name":"net-c","ipam":{"type":"whereabouts","Range":"10.1.0.0/16","Node_Slice_Size":"/24","kubernetes":{"kubeconfig":"/elsewhere/k"}}}"#;
+        let w = wanted("nad", mixed).unwrap().unwrap();
+        assert_eq!((w.name.as_str(), w.size), ("net-c", 24));
     }
 }

@@ -66,8 +66,10 @@ fn index_of(range: &Cidr, size: u8, slice: &Cidr) -> Option<u128> {
 }
 
 /// Assigns slices of `range` (prefix length `size`) to `nodes`, keeping what `current` gives
-/// to nodes that still exist. A new node never gets a slice in `busy`: one whose pool still
-/// holds addresses (pods of a removed node not cleaned up yet), which it would hand out again.
+/// to nodes that still exist (and that is still a slice of this range and size). A new node
+/// never gets a slice overlapping `busy`: the ranges of pools that still hold addresses (pods
+/// of a removed node not cleaned up yet, or of the layout before a change of range or slice
+/// size), which it would hand out again.
 pub fn assign(
     range: &Cidr,
     size: u8,
@@ -103,7 +105,10 @@ pub fn assign(
             continue;
         }
         while next < total
-            && (taken.contains_key(&next) || busy.contains(&slice_at(&range, size, next)))
+            && (taken.contains_key(&next) || {
+                let slice = slice_at(&range, size, next);
+                busy.iter().any(|b| b.overlaps(&slice))
+            })
         {
             next += 1;
         }
@@ -170,6 +175,33 @@ mod tests {
         let third = assign(&range, 26, &nodes(&["b", "c"]), &first.allocations, &busy).unwrap();
         assert_eq!(owner(&third, "10.0.0.128/26"), "c");
         assert_eq!(owner(&third, "10.0.0.0/26"), "");
+    }
+
+    #[test]
+    fn a_changed_layout_keeps_valid_slices_and_avoids_held_addresses() {
+        let old_range = Cidr::parse("10.0.0.0/24", false).unwrap();
+        let before = assign(&old_range, 26, &nodes(&["a", "b"]), &[], &none()).unwrap();
+        // The range grows: both nodes keep their slices.
+        let grown = Cidr::parse("10.0.0.0/23", false).unwrap();
+        let after = assign(
+            &grown,
+            26,
+            &nodes(&["a", "b"]),
+            &before.allocations,
+            &none(),
+        )
+        .unwrap();
+        assert_eq!(owner(&after, "10.0.0.0/26"), "a");
+        assert_eq!(owner(&after, "10.0.0.64/26"), "b");
+        // The slice size grows while both old pools hold addresses: the new slices avoid them.
+        let busy: HashSet<Cidr> = ["10.0.0.0/26", "10.0.0.64/26"]
+            .iter()
+            .map(|c| Cidr::parse(c, false).unwrap())
+            .collect();
+        let resized = assign(&grown, 25, &nodes(&["a", "b"]), &before.allocations, &busy).unwrap();
+        assert_eq!(owner(&resized, "10.0.0.0/25"), "");
+        assert_eq!(owner(&resized, "10.0.0.128/25"), "a");
+        assert_eq!(owner(&resized, "10.0.1.0/25"), "b");
     }
 
     #[test]

@@ -1,85 +1,112 @@
-//! Following a resource: list once for a resourceVersion, then watch from it, resuming from
-//! the last version seen when a watch ends, and listing again (a resync: events may have been
-//! missed) when the server says that version is too old or the connection fails.
+//! The watches, on kube::runtime: its watcher lists, watches from the version listed, resumes
+//! after a watch ends, lists again (a resync) when the version is too old or the connection
+//! failed, and backs off between failures.
 
 use std::fmt::Debug;
-use std::time::Duration;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use futures::StreamExt;
-use kube::api::{ListParams, WatchEvent, WatchParams};
-use kube::{Api, Resource, ResourceExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
 
-pub enum Change<K> {
-    Applied(K),
-    Deleted(K),
-    /// Listed again after a gap: whatever happened in between is unknown.
-    Resynced,
-}
+use super::metrics::Metrics;
+use super::worker::{Job, Jobs};
+use crate::cleanup::judge::PodPhase;
+use crate::cleanup::pods;
 
-/// Runs forever, handing every change to `on_change`.
-pub async fn follow<K>(
-    api: Api<K>,
-    what: &str,
-    timeout: Duration,
-    mut on_change: impl FnMut(Change<K>),
-) where
-    K: Resource + Clone + DeserializeOwned + Debug,
-{
-    let params = WatchParams::default().timeout(timeout.as_secs().clamp(1, 3600) as u32);
-    let mut pause = Duration::from_millis(200);
-    loop {
-        let mut version = match api.list(&ListParams::default().limit(1)).await {
-            Ok(list) => list.metadata.resource_version.unwrap_or_default(),
+/// Follows pods for ever: every deletion and every pod reaching Succeeded or Failed goes to the
+/// worker; every completed list (at start, after a gap) asks for a full reconcile, which covers
+/// what happened before it (at start-up, everything deleted while no controller ran; after a
+/// gap, the deletions the watch missed). `ready` is set after the first list.
+pub async fn pods(
+    api: Api<Pod>,
+    config: watcher::Config,
+    jobs: Jobs,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) {
+    let mut first = true;
+    let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+    while let Some(event) = stream.next().await {
+        let job = match event {
+            Ok(Event::Delete(pod)) => {
+                metrics.pod_deletions.inc();
+                Job::Deleted {
+                    pod_ref: pods::pod_ref(&pod),
+                    uid: pod.metadata.uid.clone().unwrap_or_default(),
+                }
+            }
+            Ok(Event::Apply(pod)) => {
+                let phase = pods::pod_state(&pod).phase;
+                if !matches!(phase, PodPhase::Succeeded | PodPhase::Failed) {
+                    continue;
+                }
+                Job::Finished {
+                    pod_ref: pods::pod_ref(&pod),
+                }
+            }
+            // Listed pods: the reconcile at the end of the list judges them all.
+            Ok(Event::Init | Event::InitApply(_)) => continue,
+            Ok(Event::InitDone) => {
+                metrics.resynced("pods");
+                ready.store(true, Ordering::SeqCst);
+                let why = if first { "start-up" } else { "watch resynced" };
+                first = false;
+                Job::Reconcile { why }
+            }
             Err(err) => {
-                tracing::warn!(%err, what, "cannot list; trying again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(10));
+                metrics.error("watch_pods");
+                tracing::warn!(%err, "pod watch failed; trying again");
                 continue;
             }
         };
-        on_change(Change::Resynced);
-        // Watch from `version` until the server says it is too old or the watch fails.
-        loop {
-            let stream = match api.watch(&params, &version).await {
-                Ok(stream) => stream,
-                Err(err) => {
-                    tracing::warn!(%err, what, "cannot watch; listing again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(10));
-                    break;
-                }
-            };
-            let mut stream = std::pin::pin!(stream);
-            let mut relist = false;
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(WatchEvent::Added(obj)) | Ok(WatchEvent::Modified(obj)) => {
-                        version = obj.resource_version().unwrap_or(version);
-                        on_change(Change::Applied(obj));
-                    }
-                    Ok(WatchEvent::Deleted(obj)) => {
-                        version = obj.resource_version().unwrap_or(version);
-                        on_change(Change::Deleted(obj));
-                    }
-                    Ok(WatchEvent::Bookmark(mark)) => version = mark.metadata.resource_version,
-                    Ok(WatchEvent::Error(status)) => {
-                        tracing::info!(what, code = status.code, message = %status.message, "watch ended");
-                        relist = true;
-                        break;
-                    }
-                    Err(err) => {
-                        tracing::warn!(%err, what, "watch failed");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(10));
-                        break;
-                    }
-                }
-                pause = Duration::from_millis(200);
-            }
-            if relist {
-                break;
-            }
+        if jobs.send(job).is_err() {
+            tracing::error!("the store worker stopped");
+            return;
         }
     }
+}
+
+/// A cache of `api`'s objects kept by a reflector, and the future that keeps it: every change
+/// (and every completed list) wakes `changed`.
+pub fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    dyntype: K::DynamicType,
+    what: &'static str,
+    metrics: Arc<Metrics>,
+    changed: Arc<Notify>,
+) -> (Store<K>, impl Future<Output = ()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + Hash,
+{
+    let writer = Writer::new(dyntype);
+    let reader = writer.as_reader();
+    let follow = async move {
+        let stream = watcher(api, config).default_backoff().reflect(writer);
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Init | Event::InitApply(_)) => continue,
+                Ok(Event::InitDone) => metrics.resynced(what),
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(%err, what, "watch failed; trying again");
+                    continue;
+                }
+            }
+            changed.notify_one();
+        }
+    };
+    (reader, follow)
 }

@@ -3,18 +3,21 @@
 //! outside the async runtime; it reaches the Kubernetes API through the runtime's handle.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Preconditions};
+use kube::runtime::events::Recorder;
 use kube::{Api, Client};
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::events::{self, Released};
-use super::metrics::{pool_stats, Metrics, PoolStat};
+use super::leader::Leadership;
+use super::metrics::{pool_stats, Metrics};
 use crate::cleanup::judge::{freed_by_deletion, judge, judge_holder, PodState, Verdict};
 use crate::cleanup::plan::{free, plan};
 use crate::cleanup::pods;
@@ -29,11 +32,10 @@ pub enum Job {
     Finished { pod_ref: String },
     /// Judge every allocation against every pod.
     Reconcile { why: &'static str },
-    /// Pool sizes and use, for a scrape.
-    Stats(oneshot::Sender<Vec<PoolStat>>),
-    /// Nothing: whether the worker still receives work (for /healthz).
-    Ping,
 }
+
+/// Where work for the store's worker goes.
+pub type Jobs = UnboundedSender<Job>;
 
 pub struct Worker {
     pub store: Box<dyn Store>,
@@ -43,37 +45,39 @@ pub struct Worker {
     /// Where the Kubernetes engine keeps its reservations; None with other engines.
     pub reservations: Option<Api<OverlappingRangeIPReservation>>,
     pub metrics: Arc<Metrics>,
-    pub post_events: bool,
+    /// Posts the Events of releases; None when Events are turned off.
+    pub recorder: Option<Recorder>,
+    /// Only the leader frees addresses; the others drop their work (the leader's own watch
+    /// sees the same deletions, and a new leader starts with a full reconcile).
+    pub leadership: Leadership,
     /// The worker's own queue, to come back to work that failed.
-    pub requeue: Sender<Job>,
+    pub requeue: Jobs,
     /// How long after a failed reconcile (or a lost batch of deletions) the next one runs.
     pub retry_after: Duration,
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Worker {
-    pub fn run(self, jobs: Receiver<Job>) {
-        while let Ok(first) = jobs.recv() {
+    pub fn run(self, mut jobs: UnboundedReceiver<Job>) {
+        while let Some(first) = jobs.blocking_recv() {
             let mut batch = vec![first];
-            batch.extend(jobs.try_iter());
-            self.metrics.busy_since.store(now_secs(), Ordering::SeqCst);
+            while let Ok(more) = jobs.try_recv() {
+                batch.push(more);
+            }
+            if !self.leadership.is_leader() {
+                tracing::debug!(jobs = batch.len(), "not the leader: left to the leader");
+                continue;
+            }
+            self.metrics
+                .busy_since
+                .store(Timestamp::now().as_second(), Ordering::SeqCst);
             let mut deleted = Vec::new();
             let mut finished = Vec::new();
             let mut reconcile = None;
-            let mut stats = Vec::new();
             for job in batch {
                 match job {
                     Job::Deleted { pod_ref, uid } => deleted.push((pod_ref, uid)),
                     Job::Finished { pod_ref } => finished.push(pod_ref),
                     Job::Reconcile { why } => reconcile = Some(why),
-                    Job::Stats(reply) => stats.push(reply),
-                    Job::Ping => {}
                 }
             }
             if let Some(why) = reconcile {
@@ -82,45 +86,29 @@ impl Worker {
             } else if !deleted.is_empty() || !finished.is_empty() {
                 self.on_pods(&deleted, &finished);
             }
-            if !stats.is_empty() {
-                let current = self.refresh_stats();
-                for reply in stats {
-                    let _ = reply.send(current.clone());
-                }
-            }
             self.metrics.busy_since.store(0, Ordering::SeqCst);
         }
     }
 
     /// A full reconcile in a while: what failed now is judged again then.
     fn retry_later(&self) {
-        self.metrics.retries.fetch_add(1, Ordering::SeqCst);
+        self.metrics.retries.inc();
         let queue = self.requeue.clone();
         let wait = self.retry_after;
-        let spawned = std::thread::Builder::new()
-            .name("retry".into())
-            .spawn(move || {
-                std::thread::sleep(wait);
-                let _ = queue.send(Job::Reconcile { why: "retry" });
-            });
-        if let Err(err) = spawned {
-            tracing::error!(%err, "cannot schedule a retry; the next scheduled reconcile will do");
-        }
+        self.handle.spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = queue.send(Job::Reconcile { why: "retry" });
+        });
     }
 
-    fn refresh_stats(&self) -> Vec<PoolStat> {
-        match self.store.leases(None) {
-            Ok(leases) => {
-                let stats = pool_stats(&self.configured, &leases);
-                self.metrics.set_pools(stats.clone());
-                stats
-            }
-            Err(err) => {
-                self.metrics.error("list_allocations");
-                tracing::warn!(%err, "cannot read the allocations");
-                Vec::new()
-            }
-        }
+    /// Pool gauges from the allocations just read, less those released since.
+    fn refresh_stats(&self, leases: &[Lease], released: &HashSet<(String, IpAddr)>) {
+        let kept: Vec<Lease> = leases
+            .iter()
+            .filter(|l| !released.contains(&(l.pool.clone(), l.ip)))
+            .cloned()
+            .collect();
+        self.metrics.set_pools(&pool_stats(&self.configured, &kept));
     }
 
     /// Leases, tried a few times: a busy store must not lose a deletion.
@@ -131,7 +119,7 @@ impl Worker {
                 Err(err) => {
                     self.metrics.error("list_allocations");
                     tracing::warn!(%err, attempt, "cannot read the allocations");
-                    self.metrics.retries.fetch_add(1, Ordering::SeqCst);
+                    self.metrics.retries.inc();
                     std::thread::sleep(Duration::from_millis(500 << attempt));
                 }
             }
@@ -147,7 +135,7 @@ impl Worker {
                 Err(err) => {
                     self.metrics.error("list_pods");
                     tracing::warn!(%err, attempt, "cannot list pods");
-                    self.metrics.retries.fetch_add(1, Ordering::SeqCst);
+                    self.metrics.retries.inc();
                     std::thread::sleep(Duration::from_millis(500 << attempt));
                 }
             }
@@ -164,7 +152,7 @@ impl Worker {
             return;
         };
         let candidates: Vec<Lease> = leases
-            .into_iter()
+            .iter()
             .filter(|l| {
                 deleted.iter().any(|(r, u)| freed_by_deletion(l, r, u))
                     || l.attachment
@@ -172,9 +160,11 @@ impl Worker {
                         .as_ref()
                         .is_some_and(|r| finished.contains(r))
             })
+            .cloned()
             .collect();
         let mut now: HashMap<String, Option<PodState>> = HashMap::new();
         let mut unread = false;
+        let mut released = HashSet::new();
         for lease in candidates {
             let Some(pod_ref) = lease.attachment.pod_ref.clone() else {
                 continue;
@@ -198,44 +188,40 @@ impl Worker {
                 .iter()
                 .find(|(r, _)| *r == pod_ref)
                 .map(|(_, u)| u.clone());
-            self.act(&lease, &verdict, uid);
+            if self.act(&lease, &verdict, uid) {
+                released.insert((lease.pool.clone(), lease.ip));
+            }
         }
+        self.refresh_stats(&leases, &released);
         if unread {
             self.retry_later();
         }
     }
 
-    /// Frees `lease` when the verdict says so; returns whether it did.
+    /// Frees `lease` when the verdict says so (and this replica still leads); returns whether
+    /// it did.
     fn act(&self, lease: &Lease, verdict: &Verdict, uid: Option<String>) -> bool {
         let Verdict::Release(reason) = verdict else {
             tracing::debug!(ip = %lease.ip, pool = %lease.pool, %verdict, "kept");
             return false;
         };
+        // Asked before every release: a leader that cannot renew its Lease stops here, before
+        // another replica may start.
+        if !self.leadership.is_leader() {
+            tracing::debug!(ip = %lease.ip, pool = %lease.pool, "not the leader any more: left");
+            return false;
+        }
         match free(self.store.as_ref(), lease) {
             Ok(released) if !released.is_empty() => {
                 self.metrics
                     .released(reason.as_str(), released.len() as u64);
                 for r in &released {
                     tracing::info!(ip = %r.ip, pool = %r.pool, pod = ?r.attachment.pod_ref, %verdict, "released");
-                    if self.post_events {
-                        let posted = self.handle.block_on(events::post(
-                            &self.client,
-                            &Released {
-                                lease: r,
-                                pod_uid: uid.clone().or_else(|| r.attachment.pod_uid.clone()),
-                                verdict,
-                            },
-                        ));
-                        match posted {
-                            Ok(()) => {
-                                self.metrics.events_posted.fetch_add(1, Ordering::SeqCst);
-                            }
-                            Err(err) => {
-                                self.metrics.error("post_event");
-                                tracing::warn!(%err, "cannot post the event");
-                            }
-                        }
-                    }
+                    self.post_event(&Released {
+                        lease: r,
+                        pod_uid: uid.clone().or_else(|| r.attachment.pod_uid.clone()),
+                        verdict,
+                    });
                 }
                 true
             }
@@ -247,6 +233,21 @@ impl Worker {
                 false
             }
         }
+    }
+
+    fn post_event(&self, released: &Released) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        match self.handle.block_on(events::post(recorder, released)) {
+            Ok(()) => {
+                self.metrics.events_posted.inc();
+            }
+            Err(err) => {
+                self.metrics.error("post_event");
+                tracing::warn!(%err, "cannot post the event");
+            }
+        };
     }
 
     fn reconcile(&self, why: &str) {
@@ -277,8 +278,8 @@ impl Worker {
         // The reservations backing allocations that stay: never deleted, whoever they name,
         // or the overlap protection of a live address would go.
         let mut kept_reservations = HashSet::new();
-        let mut released = 0;
-        for decision in plan(leases, &pods) {
+        let mut released = HashSet::new();
+        for decision in plan(leases.clone(), &pods) {
             if let Verdict::Keep(reason) = decision.verdict {
                 *held.entry(reason.label()).or_default() += 1;
                 let lease = &decision.lease;
@@ -288,20 +289,21 @@ impl Worker {
                 )));
             }
             if self.act(&decision.lease, &decision.verdict, None) {
-                released += 1;
+                released.insert((decision.lease.pool.clone(), decision.lease.ip));
             }
         }
         let orphans = self.release_orphan_reservations(reservations, &pods, &kept_reservations);
-        let micros = started.elapsed().as_micros() as u64;
-        self.metrics.reconciled(micros, held, now_secs());
+        let elapsed = started.elapsed();
+        self.metrics
+            .reconciled(elapsed.as_secs_f64(), held, Timestamp::now().as_second());
         tracing::info!(
             why,
-            released,
+            released = released.len(),
             orphans,
-            elapsed_ms = micros / 1000,
+            elapsed_ms = elapsed.as_millis() as u64,
             "reconciled"
         );
-        self.refresh_stats();
+        self.refresh_stats(&leases, &released);
     }
 
     /// Reservations whose pod is gone and that no kept pool entry backs (their entries were
@@ -325,6 +327,9 @@ impl Worker {
             let Some(name) = r.metadata.name.clone().filter(|n| !kept.contains(n)) else {
                 continue;
             };
+            if !self.leadership.is_leader() {
+                break;
+            }
             let params = DeleteParams {
                 preconditions: Some(Preconditions {
                     resource_version: r.metadata.resource_version.clone(),
@@ -342,7 +347,7 @@ impl Worker {
                 // Already gone with its pool entry.
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(kube::Error::Api(s)) if s.code == 409 => {
-                    self.metrics.conflicts.fetch_add(1, Ordering::SeqCst);
+                    self.metrics.conflicts.inc();
                 }
                 Err(err) => {
                     self.metrics.error("release_reservation");

@@ -1,5 +1,6 @@
-//! Built-in resources the controller reads and writes: pods, nodes, events, config maps (core
-//! v1) and NetworkAttachmentDefinitions (k8s.cni.cncf.io/v1). They live in the same object map
+//! Built-in resources the controller reads and writes: pods, nodes, config maps (core v1),
+//! events (events.k8s.io/v1), leases (coordination.k8s.io/v1) and NetworkAttachmentDefinitions
+//! (k8s.cni.cncf.io/v1). They live in the same object map
 //! and share the same resourceVersion counter as the custom resources, and every change is
 //! recorded for watches ([`super::watch`]).
 
@@ -15,7 +16,7 @@ pub struct Resource {
     pub namespaced: bool,
 }
 
-pub const RESOURCES: [Resource; 5] = [
+pub const RESOURCES: [Resource; 6] = [
     Resource {
         plural: "pods",
         kind: "Pod",
@@ -28,10 +29,17 @@ pub const RESOURCES: [Resource; 5] = [
         api_version: "v1",
         namespaced: false,
     },
+    // Events as kube's Recorder posts them.
     Resource {
         plural: "events",
         kind: "Event",
-        api_version: "v1",
+        api_version: "events.k8s.io/v1",
+        namespaced: true,
+    },
+    Resource {
+        plural: "leases",
+        kind: "Lease",
+        api_version: "coordination.k8s.io/v1",
         namespaced: true,
     },
     Resource {
@@ -60,10 +68,16 @@ pub struct Target {
 pub fn target(path: &str) -> Option<Target> {
     let (api_version, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
         ("v1", rest)
-    } else if let Some(rest) = path.strip_prefix("/apis/k8s.cni.cncf.io/v1/") {
-        ("k8s.cni.cncf.io/v1", rest)
     } else {
-        return None;
+        let rest = path.strip_prefix("/apis/")?;
+        let group = [
+            "k8s.cni.cncf.io/v1",
+            "events.k8s.io/v1",
+            "coordination.k8s.io/v1",
+        ]
+        .into_iter()
+        .find(|g| rest.starts_with(&format!("{g}/")))?;
+        (group, &rest[group.len() + 1..])
     };
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
     let (namespace, plural, name) = match parts.as_slice() {
@@ -193,16 +207,15 @@ fn admit(target: &Target, obj: &Value) -> Vec<String> {
         errors.push(format!("kind: Invalid value: {}", obj["kind"]));
     }
     if resource.plural == "events" {
-        let involved = &obj["involvedObject"];
-        if involved["namespace"].as_str() != target.namespace.as_deref() {
-            errors.push(
-                "involvedObject.namespace: Invalid value: does not match event.namespace".into(),
-            );
+        let regarding = &obj["regarding"];
+        if regarding["namespace"].as_str() != target.namespace.as_deref() {
+            errors
+                .push("regarding.namespace: Invalid value: does not match event.namespace".into());
         }
-        if involved["kind"].as_str().is_none_or(str::is_empty)
-            || involved["name"].as_str().is_none_or(str::is_empty)
+        if regarding["kind"].as_str().is_none_or(str::is_empty)
+            || regarding["name"].as_str().is_none_or(str::is_empty)
         {
-            errors.push("involvedObject: Required value: kind and name".into());
+            errors.push("regarding: Required value: kind and name".into());
         }
     }
     errors

@@ -1,0 +1,223 @@
+//! One leader among the replicas: a coordination.k8s.io Lease, taken and renewed with
+//! resourceVersion preconditions (kube's `replace`), as client-go's leader election does.
+//!
+//! A replica leads until `renew_deadline` after the start of its last successful renewal; the
+//! others take over only once they have seen the Lease unchanged for a whole
+//! `lease_duration` on their own clock. The deadline is shorter than the duration, so a leader
+//! that cannot renew stops acting before anyone else starts: no clock is compared across
+//! machines, only elapsed time.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client};
+
+/// The Lease's name, in the controller's namespace (its RBAC names it).
+pub const LEASE_NAME: &str = "whereabouts-controller";
+
+#[derive(Clone, Debug)]
+pub struct Election {
+    pub namespace: String,
+    /// This replica: its pod name and a random suffix, so a restarted pod is a new holder.
+    pub identity: String,
+    pub lease_duration: Duration,
+}
+
+impl Election {
+    pub fn renew_deadline(&self) -> Duration {
+        self.lease_duration * 2 / 3
+    }
+
+    pub fn retry_period(&self) -> Duration {
+        (self.lease_duration / 5).max(Duration::from_millis(200))
+    }
+}
+
+/// Whether this replica leads now; cheap to ask before every release.
+#[derive(Clone, Default)]
+pub struct Leadership(Arc<Mutex<Option<Instant>>>);
+
+impl Leadership {
+    /// Always leading (leader election turned off).
+    pub fn always() -> Leadership {
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+        Leadership(Arc::new(Mutex::new(Some(far))))
+    }
+
+    /// Stops leading now (at shutdown, before the Lease is given up).
+    pub fn step_down(&self) {
+        self.hold_until(None);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.0
+            .lock()
+            .map(|d| d.is_some_and(|until| Instant::now() < until))
+            .unwrap_or(false)
+    }
+
+    fn hold_until(&self, until: Option<Instant>) {
+        if let Ok(mut d) = self.0.lock() {
+            *d = until;
+        }
+    }
+}
+
+/// What was last seen of someone else's Lease, and since when (on our clock).
+struct Observed {
+    record: (Option<String>, Option<MicroTime>),
+    since: Instant,
+}
+
+fn now() -> MicroTime {
+    MicroTime(jiff::Timestamp::now())
+}
+
+/// Runs forever: tries to take or renew the Lease every retry period, calling `changed(true)`
+/// each time this replica becomes the leader and `changed(false)` when it stops.
+pub async fn run(
+    client: Client,
+    election: Election,
+    leadership: Leadership,
+    changed: impl Fn(bool),
+) {
+    let api: Api<Lease> = Api::namespaced(client, &election.namespace);
+    let mut observed: Option<Observed> = None;
+    let mut leading = false;
+    loop {
+        let attempt = Instant::now();
+        match try_hold(&api, &election, &mut observed).await {
+            Ok(true) => {
+                leadership.hold_until(Some(attempt + election.renew_deadline()));
+                if !leading {
+                    tracing::info!(identity = %election.identity, "leading");
+                    leading = true;
+                    changed(true);
+                }
+            }
+            Ok(false) => {
+                if leading {
+                    tracing::warn!(identity = %election.identity, "another replica took the lead");
+                }
+                leadership.hold_until(None);
+                if leading {
+                    changed(false);
+                }
+                leading = false;
+            }
+            // A failed renewal: still the leader until the deadline, then not.
+            Err(err) => {
+                tracing::warn!(%err, lease = LEASE_NAME, "cannot read or write the Lease");
+                if leading && !leadership.is_leader() {
+                    tracing::warn!(identity = %election.identity, "lost the lead");
+                    leading = false;
+                    changed(false);
+                }
+            }
+        }
+        tokio::time::sleep(election.retry_period()).await;
+    }
+}
+
+/// One attempt; Ok(true) when this replica holds the Lease afterwards.
+async fn try_hold(
+    api: &Api<Lease>,
+    election: &Election,
+    observed: &mut Option<Observed>,
+) -> Result<bool, kube::Error> {
+    let duration = i32::try_from(election.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX);
+    let Some(mut lease) = api.get_opt(LEASE_NAME).await? else {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(LEASE_NAME.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(election.identity.clone()),
+                lease_duration_seconds: Some(duration),
+                acquire_time: Some(now()),
+                renew_time: Some(now()),
+                lease_transitions: Some(0),
+                ..LeaseSpec::default()
+            }),
+        };
+        return written(api.create(&PostParams::default(), &lease).await);
+    };
+    let spec = lease.spec.clone().unwrap_or_default();
+    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+    let mine = holder.as_deref() == Some(election.identity.as_str());
+    if !mine && holder.is_some() {
+        // Someone else's: expired only once it has not changed for a whole lease duration,
+        // as seen from here.
+        let record = (holder.clone(), spec.renew_time.clone());
+        let their_duration = spec
+            .lease_duration_seconds
+            .map(|s| Duration::from_secs(s.max(1) as u64))
+            .unwrap_or(election.lease_duration);
+        let since = match observed {
+            Some(o) if o.record == record => o.since,
+            _ => {
+                *observed = Some(Observed {
+                    record,
+                    since: Instant::now(),
+                });
+                return Ok(false);
+            }
+        };
+        if since.elapsed() < their_duration {
+            return Ok(false);
+        }
+    }
+    let mut next = spec;
+    if !mine {
+        next.acquire_time = Some(now());
+        next.lease_transitions = Some(next.lease_transitions.unwrap_or(0) + 1);
+        next.holder_identity = Some(election.identity.clone());
+    }
+    next.renew_time = Some(now());
+    next.lease_duration_seconds = Some(duration);
+    lease.spec = Some(next);
+    lease.metadata.managed_fields = None;
+    // The resourceVersion read above is the precondition: of two replicas taking over at
+    // once, one wins.
+    written(
+        api.replace(LEASE_NAME, &PostParams::default(), &lease)
+            .await,
+    )
+}
+
+fn written(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+/// Gives the Lease up (at shutdown) so another replica takes over at once instead of after a
+/// lease duration; only if this replica still holds it.
+pub async fn release(client: Client, election: &Election) {
+    let api: Api<Lease> = Api::namespaced(client, &election.namespace);
+    let Ok(Some(mut lease)) = api.get_opt(LEASE_NAME).await else {
+        return;
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return;
+    };
+    if spec.holder_identity.as_deref() != Some(election.identity.as_str()) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.renew_time = Some(now());
+    lease.metadata.managed_fields = None;
+    match api
+        .replace(LEASE_NAME, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => tracing::info!("gave up the lead"),
+        Err(err) => tracing::warn!(%err, "cannot give up the Lease; it expires by itself"),
+    }
+}
