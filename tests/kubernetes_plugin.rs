@@ -76,16 +76,20 @@ fn assert_consistent(pools: &[Value], reservations: &[Value], network_name: &str
     assert_eq!(in_pools, reserved, "pools and reservations disagree");
 }
 
+/// 200 ADDs from 10 nodes, 40 processes at once, into one pool, then 200 DELs. (Every write of a
+/// pool costs the real server far more than the fake, mostly in its field management of a map
+/// with hundreds of entries: this size keeps the test to about a minute on two cores.)
 #[test]
-fn ten_nodes_fifty_concurrent_adds_each_then_del_all() {
+fn ten_nodes_concurrent_adds_then_del_all() {
+    const CALLS: usize = 200;
     let plane = real_cluster!();
-    let ns = plane.namespace("ten-nodes-fifty-concurrent-adds-each-the");
+    let ns = plane.namespace("ten-nodes-concurrent-adds");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
     let conf = netconf("burstnet", &ipam("10.80.0.0/20", &kubeconfig, json!({})));
     let burst = Burst {
-        calls: 500,
-        parallel: 50,
+        calls: CALLS,
+        parallel: 40,
         nodes: 10,
         command: "ADD",
     };
@@ -97,12 +101,12 @@ fn ten_nodes_fifty_concurrent_adds_each_then_del_all() {
         assert_eq!(got.len(), 1, "ADD {i}: {reply:?}");
         assert!(ips.insert(got[0].clone()), "{} handed out twice", got[0]);
     }
-    assert_eq!(ips.len(), 500);
+    assert_eq!(ips.len(), CALLS);
     let pool = ns.get("ippools", "10.80.0.0-20").expect("pool");
-    assert_eq!(pool_ips(&pool).len(), 500);
-    assert_eq!(ns.list(RESERVATIONS).len(), 500);
+    assert_eq!(pool_ips(&pool).len(), CALLS);
+    assert_eq!(ns.list(RESERVATIONS).len(), CALLS);
     assert_consistent(&ns.list("ippools"), &ns.list(RESERVATIONS), "");
-    eprintln!("500 ADDs: {:?}", added.wall);
+    eprintln!("{CALLS} ADDs: {:?}", added.wall);
 
     let deleted = run_burst(
         bin(),

@@ -396,3 +396,35 @@ fn an_engine_not_reachable_is_an_error_not_a_panic() {
         "{reply:?}"
     );
 }
+
+/// The README's first command, after its build step, run as written (with this build's binary and
+/// a temporary folder in place of /tmp): it prints what the README says it prints, twice.
+#[test]
+fn the_readme_quick_start_prints_what_the_readme_says() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md");
+    let build = "cargo build --release && ";
+    let line = readme
+        .lines()
+        .find(|l| l.contains(build))
+        .expect("the quick start line");
+    let dir = tempfile::tempdir().unwrap();
+    let command = line[line.find(build).unwrap() + build.len()..]
+        .replace("./target/release/whereabouts", bin())
+        .replace("/tmp/", &format!("{}/", dir.path().display()));
+    let promised = readme
+        .split("The first command prints `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .expect("the README names the output");
+    for _ in 0..2 {
+        let out = std::process::Command::new("bash")
+            .args(["-c", &command])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .expect("run bash");
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), promised);
+    }
+}
