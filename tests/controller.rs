@@ -848,11 +848,6 @@ fn a_standby_takes_over_from_a_killed_leader_and_nothing_is_released_twice() {
     let cfg = config(&ipam);
     let store = open(&cfg).unwrap();
     let pod_ref = |name: &str| format!("{}/{name}", ns.name);
-    // No controller-manager makes the namespace's default service account.
-    ns.create(
-        "serviceaccounts",
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}),
-    );
     for i in 0..5 {
         let name = format!("live-{i}");
         real_pod(&ns, &name);

@@ -271,6 +271,8 @@ impl<'a> Scenario<'a> {
         let first = format!("{}-a", self.id);
         self.add_node(&first);
 
+        // A first controller creates its leader Lease; an earlier test's may still be there.
+        self.system().delete("leases", "whereabouts-controller");
         let controller = Controller::start(&self.controller_kubeconfig, self.deployed.dir.path());
         let result = self.controller_outcomes(&network, &sliced, &first);
         if result.is_err() && !self.probe {

@@ -303,6 +303,7 @@ pub fn resource(plural: &str) -> (ApiResource, bool) {
         "configmaps" => ("", "v1", "ConfigMap", true),
         "events" => ("", "v1", "Event", true),
         "serviceaccounts" => ("", "v1", "ServiceAccount", true),
+        "leases" => ("coordination.k8s.io", "v1", "Lease", true),
         "nodes" => ("", "v1", "Node", false),
         "namespaces" => ("", "v1", "Namespace", false),
         other => panic!("no resource {other} in the fixture"),
