@@ -62,6 +62,20 @@ impl Attachment {
             _ => self.container_id == other.container_id,
         }
     }
+
+    /// How messages name the holder of an address.
+    pub fn describe(&self) -> String {
+        match self.pod_ref.as_deref().filter(|p| !p.is_empty()) {
+            Some(pod) => format!(
+                "pod {pod} (container {}, interface {})",
+                self.container_id, self.ifname
+            ),
+            None => format!(
+                "container {} (interface {})",
+                self.container_id, self.ifname
+            ),
+        }
+    }
 }
 
 /// A pool: one range under one network name (and, with node slices, one node).
