@@ -440,17 +440,6 @@ fn owned(tx: &Connection, pool: &str, who: &Attachment) -> Result<Vec<(u128, Att
     Ok(held)
 }
 
-/// How an error names who holds an address.
-fn describe(who: &Attachment) -> String {
-    match &who.pod_ref {
-        Some(pod) => format!(
-            "pod {pod} (container {}, interface {})",
-            who.container_id, who.ifname
-        ),
-        None => format!("container {} (interface {})", who.container_id, who.ifname),
-    }
-}
-
 fn insert_allocation(
     tx: &Connection,
     pool: &PoolRef,
@@ -627,7 +616,7 @@ fn add_one(
             return Err(Fail::Store(StoreError::InUse {
                 ip: pool.range.ip(offset),
                 range,
-                holder: describe(&holder),
+                holder: holder.describe(),
             }))
         }
         Decision::Exhausted => {
