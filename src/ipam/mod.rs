@@ -1,5 +1,5 @@
 //! The pure core: address math, ranges, object names and the allocation decision
-//! ([`decide`]).
+//! ([`decide()`]).
 //! No I/O, no clock, no async: plain functions over plain values.
 
 pub mod addr;

@@ -1,6 +1,6 @@
 //! Choosing what one range of an ADD will commit: the address the attachment already holds,
 //! a static address, or the lowest free one found by walking run windows. The core decides
-//! ([`crate::ipam::decide`]); this module answers its questions from etcd and shapes the plan.
+//! ([`crate::ipam::decide()`]); this module answers its questions from etcd and shapes the plan.
 
 use std::net::IpAddr;
 
@@ -76,7 +76,7 @@ pub(super) struct IndexHits {
     pub pod: Option<(i64, Option<u128>)>,
 }
 
-/// One range of an ADD as read from etcd, for [`crate::ipam::decide`]. Every read it makes is
+/// One range of an ADD as read from etcd, for [`crate::ipam::decide()`]. Every read it makes is
 /// either compared by the commit (the allocation, run and reservation keys the commit writes
 /// must still be absent) or only steers the search.
 pub(super) struct RangeView<'a> {

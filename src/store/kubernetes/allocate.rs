@@ -42,7 +42,7 @@ fn newer_than(a: Option<&str>, b: Option<&str>) -> bool {
     }
 }
 
-/// One job's view of the pool for [`crate::ipam::decide`]: the entries as read, what the batch
+/// One job's view of the pool for [`crate::ipam::decide()`]: the entries as read, what the batch
 /// chose already, and what this job found reserved through overlapping ranges.
 struct BatchView<'a> {
     doc: &'a PoolDoc,

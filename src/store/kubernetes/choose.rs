@@ -1,6 +1,6 @@
 //! How widely an ADD spreads after losing a race.
 //!
-//! The first try is the lowest free address, as everywhere else ([`crate::ipam::decide`]).
+//! The first try is the lowest free address, as everywhere else ([`crate::ipam::decide()`]).
 //! Every contender of a burst on other machines reads the same pool, though, so after losing a
 //! reservation race an ADD does not chase the next-lowest address (the losers would all meet
 //! again, and the requests of a burst would grow with the square of its size): it takes one of
