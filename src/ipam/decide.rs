@@ -172,9 +172,10 @@ pub fn lowest_free_n<E>(
     Ok(found)
 }
 
-/// A seed that stays the same across releases and machines (FNV-1a over the parts), for
-/// choices that must land where they landed before: the same attachment spreads the same way.
-pub fn stable_seed(parts: &[&str], salt: u32) -> u64 {
+/// A hash that stays the same across releases and machines (FNV-1a over the parts), for
+/// spreading seeds and names that persist: the same attachment spreads the same way, and
+/// processes of two releases meet in the same spool folder.
+pub fn stable_hash(parts: &[&str], salt: u32) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for b in bytes {
@@ -433,10 +434,10 @@ mod tests {
     }
 
     #[test]
-    fn seeds_are_stable() {
+    fn hashes_are_stable() {
         // Fixed across releases: persisted choices depend on it.
-        assert_eq!(stable_seed(&[], 0), 5_558_979_605_539_197_941);
-        assert_ne!(stable_seed(&["a", "b"], 0), stable_seed(&["ab", ""], 0));
-        assert_ne!(stable_seed(&["a"], 0), stable_seed(&["a"], 1));
+        assert_eq!(stable_hash(&[], 0), 5_558_979_605_539_197_941);
+        assert_ne!(stable_hash(&["a", "b"], 0), stable_hash(&["ab", ""], 0));
+        assert_ne!(stable_hash(&["a"], 0), stable_hash(&["a"], 1));
     }
 }

@@ -11,7 +11,7 @@ use super::engine::{Engine, Step, UndoLog};
 use super::pool_doc::{add_op, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
 use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
-use crate::ipam::decide::stable_seed;
+use crate::ipam::decide::stable_hash;
 use crate::ipam::names::object_name;
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
 use crate::k8s::crd::IPPool;
@@ -576,7 +576,7 @@ impl Engine {
         let contention = match slot.salt {
             0 => Contention::None,
             salt => Contention::Spread {
-                seed: stable_seed(&[&slot.who.container_id, &slot.who.ifname], salt),
+                seed: stable_hash(&[&slot.who.container_id, &slot.who.ifname], salt),
                 among: SPREAD,
             },
         };

@@ -5,7 +5,7 @@
 //! reservation race an ADD does not chase the next-lowest address (the losers would all meet
 //! again, and the requests of a burst would grow with the square of its size): it takes one of
 //! the lowest [`SPREAD`] free addresses, picked by a stable hash of its container ID and
-//! interface ([`crate::ipam::decide::stable_seed`]), so contenders rarely meet twice.
+//! interface ([`crate::ipam::decide::stable_hash`]), so contenders rarely meet twice.
 
 /// How many of the lowest free addresses an ADD chooses among after losing a race.
 pub const SPREAD: usize = 128;
