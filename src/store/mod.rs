@@ -1,9 +1,25 @@
 //! The one storage trait. The plugin, the cleanup and the CLI speak only this; nothing above it
 //! knows which engine runs.
 //!
-//! Every engine allocates the same way: read the pool, let the core choose
-//! ([`crate::ipam::Range::lowest_free`]), write only if what was read is unchanged, retry
-//! otherwise. A pool entry and its network-wide overlap reservation change together or not at all.
+//! # The contract
+//! An engine does not decide. For every range of an ADD it reads a snapshot of the pool (its
+//! entries, and with `overlap` the holders of reservations through overlapping ranges of the
+//! same `network_name`), asks [`crate::ipam::decide()`], and commits the decision only if what it
+//! read is unchanged (SQLite: one `BEGIN IMMEDIATE` transaction; etcd: compares of revisions;
+//! Kubernetes: resourceVersion preconditions and creates), retrying otherwise. The decisions:
+//! - **keep**: the owner ([`Attachment::same_owner`]) holds an address here and asks for no
+//!   other: a repeated ADD, or a pod re-created with a new container ID, gets it back;
+//! - **take** the lowest free address (or the static one asked for);
+//! - **move**: a static address asked for while the owner holds another here: the new one is
+//!   taken and the old one released in the same commit;
+//! - **in use** ([`StoreError::InUse`]) by another holder, or **exhausted**
+//!   ([`StoreError::Exhausted`]).
+//!
+//! Spreading over several free addresses happens only when the engine lost a race (the
+//! [`crate::ipam::Contention`] hint), never because an overlapping range holds an address.
+//! A pool entry and its network-wide overlap reservation change together or not at all.
+//! DEL releases what the attachment holds in every pool it holds. `tests/contract.rs` checks
+//! all of this on every engine and names the cases where one cannot comply.
 
 use std::net::IpAddr;
 
@@ -60,6 +76,20 @@ impl Attachment {
         match (&self.pod_ref, &other.pod_ref) {
             (Some(a), Some(b)) => a == b,
             _ => self.container_id == other.container_id,
+        }
+    }
+
+    /// How messages name the holder of an address.
+    pub fn describe(&self) -> String {
+        match self.pod_ref.as_deref().filter(|p| !p.is_empty()) {
+            Some(pod) => format!(
+                "pod {pod} (container {}, interface {})",
+                self.container_id, self.ifname
+            ),
+            None => format!(
+                "container {} (interface {})",
+                self.container_id, self.ifname
+            ),
         }
     }
 }
@@ -152,11 +182,14 @@ pub struct Lease {
 /// What every engine provides. Methods are synchronous: engines that need async I/O run it on a
 /// runtime of their own, with explicit timeouts.
 pub trait Store {
-    /// Allocates one address per range, in the order of `req.ranges`, all or nothing. A repeated
-    /// ADD for the same owner ([`Attachment::same_owner`]) returns what it already holds.
+    /// Allocates one address per range, in the order of `req.ranges`, all or nothing, as
+    /// [`crate::ipam::decide()`] decides (see the module's contract). A repeated ADD for the same
+    /// owner ([`Attachment::same_owner`]) returns what it already holds; a changed static address
+    /// moves.
     fn add(&self, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError>;
 
-    /// Releases everything the attachment holds; succeeds when it holds nothing.
+    /// Releases everything the attachment holds, in every pool (also ranges no longer in the
+    /// configuration, where the engine can find them); succeeds when it holds nothing.
     fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError>;
 
     /// What the attachment holds in the request's pools.

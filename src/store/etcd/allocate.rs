@@ -15,13 +15,16 @@ use rand::Rng;
 
 use super::commit::{build_commit, compact_chain};
 use super::keys::parse_hex;
-use super::plan::{alternatives, plan_dynamic, plan_static, IndexHits, Plan, Stop};
+use super::plan::{
+    alternatives, free_after, read_released, IndexHits, Plan, RangeView, Released, Stop, SPARE,
+};
 use super::records::AllocationRecord;
+use super::runs::ReadRun;
 use super::session::{key_get, Deadline, Session};
 use super::window::{self, Window};
-use crate::ipam::Range;
+use crate::ipam::{decide, Ask, Contention, Decision, Range};
 use crate::store::retry::Backoff;
-use crate::store::{AddRequest, StoreError};
+use crate::store::{AddRequest, RangeRequest, StoreError};
 
 pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
     if req.node_slice_size.is_some() {
@@ -139,38 +142,12 @@ fn attempt_add(
     let mut chosen: Vec<IpAddr> = Vec::new();
     let mut spare: Vec<u128> = Vec::new();
     for (i, ((rr, hit), held)) in req.ranges.iter().zip(&hits).zip(held).enumerate() {
-        let plan = match held {
-            Some((offset, mod_revision, record)) => {
-                if let Some(wanted) = rr.requested.filter(|w| *w != offset) {
-                    return Err(Stop::Final(StoreError::InUse {
-                        ip: rr.pool.range.ip(wanted),
-                        range: rr.pool.range.to_string(),
-                        holder: format!(
-                            "this attachment, which already holds {} in that range",
-                            record.ip
-                        ),
-                    }));
-                }
-                Plan::Keep {
-                    offset,
-                    ip: rr.pool.range.ip(offset),
-                    mod_revision,
-                    record: Box::new(record),
-                }
-            }
-            None => match rr.requested {
-                Some(offset) => plan_static(s, req, rr, *hit, offset, &chosen, dl)?,
-                None => {
-                    let window = windows[i].take().unwrap_or_default();
-                    let start = memory.start(i, &rr.pool.range);
-                    let taken =
-                        |ip: &IpAddr| chosen.contains(ip) || memory.reserved_elsewhere.contains(ip);
-                    let (plan, free_after) = plan_dynamic(s, rr, *hit, start, window, &taken, dl)?;
-                    spare = free_after;
-                    plan
-                }
-            },
-        };
+        let window = windows[i].take().unwrap_or_default();
+        let (plan, free_after) =
+            plan_range(s, req, rr, i, *hit, held, window, &chosen, memory, dl)?;
+        if rr.requested.is_none() {
+            spare = free_after;
+        }
         chosen.push(match &plan {
             Plan::Keep { ip, .. } | Plan::Take { ip, .. } => *ip,
         });
@@ -317,6 +294,87 @@ fn attempt_add(
         memory.wait |= memory.conflicts > 2;
     }
     Ok(None)
+}
+
+/// What one range of the request commits, as the core decides it from what etcd holds; with
+/// the free offsets after a dynamic choice (for alternatives).
+#[allow(clippy::too_many_arguments)]
+fn plan_range(
+    s: &Session,
+    req: &AddRequest,
+    rr: &RangeRequest,
+    i: usize,
+    hit: IndexHits,
+    held: Option<(u128, i64, AllocationRecord)>,
+    window: Window,
+    chosen: &[IpAddr],
+    memory: &Memory,
+    dl: &Deadline,
+) -> Result<(Plan, Vec<u128>), Stop> {
+    let range = &rr.pool.range;
+    let taken = |ip: &IpAddr| chosen.contains(ip) || memory.reserved_elsewhere.contains(ip);
+    let mut view = RangeView {
+        s,
+        dl,
+        req,
+        rr,
+        held: held.as_ref().map(|(offset, _, _)| *offset),
+        taken: &taken,
+        window,
+        walked: Vec::new(),
+    };
+    let start = memory.start(i, range);
+    let ask = Ask {
+        requested: rr.requested,
+        contention: if start > range.first {
+            Contention::StartAt(start)
+        } else {
+            Contention::None
+        },
+    };
+    let take = |offset: u128, walked: Vec<ReadRun>, release: Option<Box<Released>>| Plan::Take {
+        offset,
+        ip: range.ip(offset),
+        walked,
+        owner_rev: hit.owner.map(|(rev, _)| rev),
+        pod_rev: hit.pod.map(|(rev, _)| rev),
+        release,
+    };
+    let plan = match decide(range, &ask, &mut view)? {
+        Decision::Keep { offset, .. } => {
+            let (_, mod_revision, record) = held
+                .ok_or_else(|| Stop::Retry("the held allocation vanished while deciding".into()))?;
+            Plan::Keep {
+                offset,
+                ip: range.ip(offset),
+                mod_revision,
+                record: Box::new(record),
+            }
+        }
+        Decision::Take { offset } => {
+            let free = free_after(range, &view.window, offset, &taken, SPARE);
+            return Ok((take(offset, view.walked, None), free));
+        }
+        Decision::Move { to, .. } => {
+            let (offset, mod_revision, record) = held
+                .ok_or_else(|| Stop::Retry("the held allocation vanished while deciding".into()))?;
+            let released = read_released(s, dl, &rr.pool.name, offset, mod_revision, record)?;
+            take(to, Vec::new(), Some(Box::new(released)))
+        }
+        Decision::InUse { offset, holder } => {
+            return Err(Stop::Final(StoreError::InUse {
+                ip: range.ip(offset),
+                range: range.to_string(),
+                holder,
+            }))
+        }
+        Decision::Exhausted => {
+            return Err(Stop::Final(StoreError::Exhausted {
+                range: range.to_string(),
+            }))
+        }
+    };
+    Ok((plan, Vec::new()))
 }
 
 /// One read for the whole request: the attachment's owner and pod index entries in every pool,

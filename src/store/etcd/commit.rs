@@ -1,15 +1,17 @@
 //! The transactions of an ADD: the commit of every plan at once, and the best-effort merge of
 //! run chains afterwards.
 
+use std::net::IpAddr;
+
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use rand::Rng;
 
 use super::keys::{hex, Keys};
-use super::plan::Plan;
+use super::plan::{Plan, Released};
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun, Run};
 use super::session::{Deadline, Session};
-use crate::store::AddRequest;
+use crate::store::{AddRequest, RangeRequest};
 
 /// Chains of adjacent runs shorter than this (plus a random part) are left alone.
 pub(super) const COMPACT_AT: usize = 16;
@@ -77,10 +79,7 @@ pub(super) fn build_commit(
     req: &AddRequest,
     plans: &[Plan],
 ) -> (Vec<Compare>, Vec<TxnOp>) {
-    let who = &req.attachment;
-    let keys = &s.keys;
-    let mut compares = Vec::new();
-    let mut ops = Vec::new();
+    let mut txn = Commit::default();
     for (rr, plan) in req.ranges.iter().zip(plans) {
         let pool = &rr.pool.name;
         match plan {
@@ -89,104 +88,188 @@ pub(super) fn build_commit(
                 mod_revision,
                 record,
                 ..
-            } => {
-                let akey = keys.allocation(pool, *offset);
-                compares.push(Compare::mod_revision(
-                    akey.clone(),
-                    CompareOp::Equal,
-                    *mod_revision,
-                ));
-                let updated = AllocationRecord {
-                    container_id: who.container_id.clone(),
-                    pod_uid: who.pod_uid.clone().or_else(|| record.pod_uid.clone()),
-                    pod_ref: who.pod_ref.clone().or_else(|| record.pod_ref.clone()),
-                    // A repeated ADD comes from the node the pod runs on now.
-                    node: req.node.clone().or_else(|| record.node.clone()),
-                    ..(**record).clone()
-                };
-                if updated == **record {
-                    continue;
-                }
-                ops.push(TxnOp::put(akey, updated.to_json(), None));
-                if record.container_id != who.container_id {
-                    ops.push(TxnOp::delete(
-                        keys.owner(&record.container_id, &record.ifname, pool),
-                        None,
-                    ));
-                    ops.push(TxnOp::put(
-                        keys.owner(&who.container_id, &who.ifname, pool),
-                        hex(*offset),
-                        None,
-                    ));
-                }
-                if let (Some(pod), None) = (&who.pod_ref, &record.pod_ref) {
-                    ops.push(TxnOp::put(
-                        keys.pod(pod, &who.ifname, pool),
-                        hex(*offset),
-                        None,
-                    ));
-                }
-                if record.reserved {
-                    let reservation = ReservationRecord {
-                        pool: pool.clone(),
-                        container_id: who.container_id.clone(),
-                        ifname: who.ifname.clone(),
-                        pod_ref: updated.pod_ref.clone(),
-                    };
-                    ops.push(TxnOp::put(
-                        keys.reservation(&record.network_name, record.ip),
-                        reservation.to_json(),
-                        None,
-                    ));
-                }
-            }
+            } => keep(&s.keys, req, pool, *offset, *mod_revision, record, &mut txn),
             Plan::Take {
                 offset,
                 ip,
                 owner_rev,
                 pod_rev,
+                release: released,
                 ..
             } => {
-                let akey = keys.allocation(pool, *offset);
-                compares.push(unchanged(&akey, None));
-                let record = AllocationRecord {
-                    ip: *ip,
-                    range: rr.pool.cidr().to_string(),
-                    container_id: who.container_id.clone(),
-                    ifname: who.ifname.clone(),
-                    pod_ref: who.pod_ref.clone(),
-                    pod_uid: who.pod_uid.clone(),
-                    cni_network: req.cni_network.clone(),
-                    network_name: req.network_name.clone(),
-                    reserved: req.overlap,
-                    node: req.node.clone(),
-                };
-                ops.push(TxnOp::put(akey, record.to_json(), None));
-                let owner_key = keys.owner(&who.container_id, &who.ifname, pool);
-                compares.push(unchanged(&owner_key, *owner_rev));
-                ops.push(TxnOp::put(owner_key, hex(*offset), None));
-                if let Some(pod) = &who.pod_ref {
-                    let pod_key = keys.pod(pod, &who.ifname, pool);
-                    compares.push(unchanged(&pod_key, *pod_rev));
-                    ops.push(TxnOp::put(pod_key, hex(*offset), None));
+                if let Some(released) = released {
+                    release(&s.keys, req, pool, released, &mut txn);
                 }
-                if req.overlap {
-                    let rkey = keys.reservation(&req.network_name, *ip);
-                    compares.push(unchanged(&rkey, None));
-                    let reservation = ReservationRecord {
-                        pool: pool.clone(),
-                        container_id: who.container_id.clone(),
-                        ifname: who.ifname.clone(),
-                        pod_ref: who.pod_ref.clone(),
-                    };
-                    ops.push(TxnOp::put(rkey, reservation.to_json(), None));
-                }
-                let change = runs::take(*offset);
-                push_run_change(keys, pool, change, &mut compares, &mut ops);
+                take(
+                    &s.keys,
+                    req,
+                    rr,
+                    (*offset, *ip),
+                    (*owner_rev, *pod_rev),
+                    &mut txn,
+                );
             }
         }
     }
-    (compares, ops)
+    (txn.compares, txn.ops)
+}
+
+/// The compares and writes of one commit, as they are gathered.
+#[derive(Default)]
+struct Commit {
+    compares: Vec<Compare>,
+    ops: Vec<TxnOp>,
+}
+
+/// A repeated ADD: the record follows the attachment's new container (and pod, node).
+fn keep(
+    keys: &Keys,
+    req: &AddRequest,
+    pool: &str,
+    offset: u128,
+    mod_revision: i64,
+    record: &AllocationRecord,
+    txn: &mut Commit,
+) {
+    let who = &req.attachment;
+    let akey = keys.allocation(pool, offset);
+    txn.compares.push(Compare::mod_revision(
+        akey.clone(),
+        CompareOp::Equal,
+        mod_revision,
+    ));
+    let updated = AllocationRecord {
+        container_id: who.container_id.clone(),
+        pod_uid: who.pod_uid.clone().or_else(|| record.pod_uid.clone()),
+        pod_ref: who.pod_ref.clone().or_else(|| record.pod_ref.clone()),
+        // A repeated ADD comes from the node the pod runs on now.
+        node: req.node.clone().or_else(|| record.node.clone()),
+        ..record.clone()
+    };
+    if updated == *record {
+        return;
+    }
+    txn.ops.push(TxnOp::put(akey, updated.to_json(), None));
+    if record.container_id != who.container_id {
+        txn.ops.push(TxnOp::delete(
+            keys.owner(&record.container_id, &record.ifname, pool),
+            None,
+        ));
+        txn.ops.push(TxnOp::put(
+            keys.owner(&who.container_id, &who.ifname, pool),
+            hex(offset),
+            None,
+        ));
+    }
+    if let (Some(pod), None) = (&who.pod_ref, &record.pod_ref) {
+        txn.ops.push(TxnOp::put(
+            keys.pod(pod, &who.ifname, pool),
+            hex(offset),
+            None,
+        ));
+    }
+    if record.reserved {
+        let reservation = ReservationRecord {
+            pool: pool.to_string(),
+            container_id: who.container_id.clone(),
+            ifname: who.ifname.clone(),
+            pod_ref: updated.pod_ref.clone(),
+        };
+        txn.ops.push(TxnOp::put(
+            keys.reservation(&record.network_name, record.ip),
+            reservation.to_json(),
+            None,
+        ));
+    }
+}
+
+/// A free address: its record, owner and pod index entries, reservation and run.
+fn take(
+    keys: &Keys,
+    req: &AddRequest,
+    rr: &RangeRequest,
+    (offset, ip): (u128, IpAddr),
+    (owner_rev, pod_rev): (Option<i64>, Option<i64>),
+    txn: &mut Commit,
+) {
+    let who = &req.attachment;
+    let pool = &rr.pool.name;
+    let akey = keys.allocation(pool, offset);
+    txn.compares.push(unchanged(&akey, None));
+    let record = AllocationRecord {
+        ip,
+        range: rr.pool.cidr().to_string(),
+        container_id: who.container_id.clone(),
+        ifname: who.ifname.clone(),
+        pod_ref: who.pod_ref.clone(),
+        pod_uid: who.pod_uid.clone(),
+        cni_network: req.cni_network.clone(),
+        network_name: req.network_name.clone(),
+        reserved: req.overlap,
+        node: req.node.clone(),
+    };
+    txn.ops.push(TxnOp::put(akey, record.to_json(), None));
+    let owner_key = keys.owner(&who.container_id, &who.ifname, pool);
+    txn.compares.push(unchanged(&owner_key, owner_rev));
+    txn.ops.push(TxnOp::put(owner_key, hex(offset), None));
+    if let Some(pod) = &who.pod_ref {
+        let pod_key = keys.pod(pod, &who.ifname, pool);
+        txn.compares.push(unchanged(&pod_key, pod_rev));
+        txn.ops.push(TxnOp::put(pod_key, hex(offset), None));
+    }
+    if req.overlap {
+        let rkey = keys.reservation(&req.network_name, ip);
+        txn.compares.push(unchanged(&rkey, None));
+        let reservation = ReservationRecord {
+            pool: pool.clone(),
+            container_id: who.container_id.clone(),
+            ifname: who.ifname.clone(),
+            pod_ref: who.pod_ref.clone(),
+        };
+        txn.ops.push(TxnOp::put(rkey, reservation.to_json(), None));
+    }
+    push_run_change(
+        keys,
+        pool,
+        runs::take(offset),
+        &mut txn.compares,
+        &mut txn.ops,
+    );
+}
+
+/// What a move gives back, in the same commit as the take: the old record, its reservation and
+/// its run. Index entries are overwritten by the take, except an owner entry of an older
+/// container, which goes.
+fn release(keys: &Keys, req: &AddRequest, pool: &str, released: &Released, txn: &mut Commit) {
+    let record = &released.record;
+    let akey = keys.allocation(pool, released.offset);
+    txn.compares.push(Compare::mod_revision(
+        akey.clone(),
+        CompareOp::Equal,
+        released.mod_revision,
+    ));
+    txn.ops.push(TxnOp::delete(akey, None));
+    if record.container_id != req.attachment.container_id {
+        txn.ops.push(TxnOp::delete(
+            keys.owner(&record.container_id, &record.ifname, pool),
+            None,
+        ));
+    }
+    if let Some(rev) = released.reservation_rev {
+        let rkey = keys.reservation(&record.network_name, record.ip);
+        txn.compares
+            .push(Compare::mod_revision(rkey.clone(), CompareOp::Equal, rev));
+        txn.ops.push(TxnOp::delete(rkey, None));
+    }
+    if let Some(read) = &released.run {
+        txn.compares.push(Compare::mod_revision(
+            keys.run(pool, read.run.start),
+            CompareOp::Equal,
+            read.mod_revision,
+        ));
+        let change = runs::release(released.offset, read.run);
+        push_run_change(keys, pool, change, &mut txn.compares, &mut txn.ops);
+    }
 }
 
 /// Adds the writes of a run change, with a must-not-exist compare for every new run key.

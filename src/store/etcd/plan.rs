@@ -1,17 +1,20 @@
 //! Choosing what one range of an ADD will commit: the address the attachment already holds,
-//! a static address, or the lowest free one found by walking run windows.
+//! a static address, or the lowest free one found by walking run windows. The core decides
+//! ([`crate::ipam::decide()`]); this module answers its questions from etcd and shapes the plan.
 
 use std::net::IpAddr;
 
 use etcd_client::KeyValue;
 use rand::Rng;
 
+use crate::ipam::Snapshot;
+
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::ReadRun;
 use super::session::{floor_get, key_get, CallFailed, Deadline, Session};
 use super::window::{self, Window};
 use crate::ipam::Range;
-use crate::store::{AddRequest, Attachment, RangeRequest, StoreError};
+use crate::store::{AddRequest, RangeRequest, StoreError};
 
 /// Why one attempt did not finish.
 pub(super) enum Stop {
@@ -47,7 +50,20 @@ pub(super) enum Plan {
         walked: Vec<ReadRun>,
         owner_rev: Option<i64>,
         pod_rev: Option<i64>,
+        /// A move: what the attachment held in this pool before, released by the same commit.
+        release: Option<Box<Released>>,
     },
+}
+
+/// An allocation a move releases, as read.
+pub(super) struct Released {
+    pub offset: u128,
+    pub mod_revision: i64,
+    pub record: AllocationRecord,
+    /// The run covering `offset`, if one does (it should).
+    pub run: Option<ReadRun>,
+    /// The revision of its reservation, when it is this allocation's.
+    pub reservation_rev: Option<i64>,
 }
 
 /// Free offsets after the first choice considered for alternatives.
@@ -60,63 +76,122 @@ pub(super) struct IndexHits {
     pub pod: Option<(i64, Option<u128>)>,
 }
 
-/// The lowest free offset of the range at or after `start` (or, failing that, from the
-/// beginning), and what its commit must compare. Reservations through overlapping ranges are
-/// checked by the commit itself: it requires the reservation key to be absent.
-pub(super) fn plan_dynamic(
-    s: &Session,
-    rr: &RangeRequest,
-    hit: IndexHits,
-    start: u128,
-    mut window: Window,
-    taken: &dyn Fn(&IpAddr) -> bool,
-    dl: &Deadline,
-) -> Result<(Plan, Vec<u128>), Stop> {
-    let range = &rr.pool.range;
-    let pool = &rr.pool.name;
-    let mut from = range.clone();
-    from.first = start;
-    let mut walked: Vec<ReadRun> = Vec::new();
-    let mut search = |r: &Range, window: &mut Window| {
-        let mut found = None;
-        r.lowest_free(|candidate| {
-            if taken(&range.ip(candidate)) {
-                return Ok(Some(candidate));
-            }
-            if !window.knows(candidate) {
-                let mut res = s
-                    .reads(dl, "pool read", window::gets(&s.keys, pool, candidate))?
-                    .into_iter();
-                let floor = res.next().unwrap_or_default();
-                *window = Window::parse(candidate, floor, res.next().unwrap_or_default());
-            }
-            if let Some(r) = window.covering(candidate) {
-                walked.push(r);
-                return Ok(Some(r.run.end));
-            }
-            found = Some(candidate);
-            Ok::<_, CallFailed>(None)
-        })?;
-        Ok::<_, CallFailed>(found)
-    };
-    let mut found = search(&from, &mut window)?;
-    if found.is_none() && start > range.first {
-        found = search(range, &mut window)?;
+/// One range of an ADD as read from etcd, for [`crate::ipam::decide()`]. Every read it makes is
+/// either compared by the commit (the allocation, run and reservation keys the commit writes
+/// must still be absent) or only steers the search.
+pub(super) struct RangeView<'a> {
+    pub s: &'a Session,
+    pub dl: &'a Deadline,
+    pub req: &'a AddRequest,
+    pub rr: &'a RangeRequest,
+    /// What the attachment already holds in this pool, from the owner and pod index.
+    pub held: Option<u128>,
+    /// Addresses chosen for earlier ranges, or found reserved through another pool.
+    pub taken: &'a dyn Fn(&IpAddr) -> bool,
+    pub window: Window,
+    /// The runs the search crossed.
+    pub walked: Vec<ReadRun>,
+}
+
+impl Snapshot for RangeView<'_> {
+    type Holder = String;
+    type Error = Stop;
+
+    fn owned(&mut self) -> Result<Vec<u128>, Stop> {
+        Ok(self.held.into_iter().collect())
     }
-    let Some(offset) = found else {
-        return Err(Stop::Final(StoreError::Exhausted {
-            range: range.to_string(),
-        }));
-    };
-    let free_after = free_after(range, &window, offset, taken, SPARE);
-    let plan = Plan::Take {
+
+    fn holder(&mut self, offset: u128) -> Result<Option<String>, Stop> {
+        let (s, req) = (self.s, self.req);
+        let pool = &self.rr.pool.name;
+        let ip = self.rr.pool.range.ip(offset);
+        if (self.taken)(&ip) {
+            return Ok(Some("another range of this attachment".into()));
+        }
+        let mut gets = vec![
+            key_get(&s.keys.allocation(pool, offset)),
+            floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, offset)),
+        ];
+        if req.overlap {
+            gets.push(key_get(&s.keys.reservation(&req.network_name, ip)));
+        }
+        let mut res = s.reads(self.dl, "pool read", gets)?.into_iter();
+        if let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) {
+            return Ok(Some(
+                AllocationRecord::from_json(kv.value())
+                    .map(|r| r.attachment().describe())
+                    .unwrap_or_else(|| "an unreadable record".into()),
+            ));
+        }
+        let floor = first_run(res.next());
+        if floor.is_some_and(|f| f.run.end >= offset) {
+            return Err(Stop::Final(StoreError::Io(format!(
+                "pool {pool} in etcd is inconsistent: offset {offset} is in a run but has no record"
+            ))));
+        }
+        if let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) {
+            // Even this attachment's own, through another pool: the commit needs the key absent.
+            return Ok(Some(
+                ReservationRecord::from_json(kv.value())
+                    .map(|r| r.holder())
+                    .unwrap_or_else(|| "an unreadable reservation".into()),
+            ));
+        }
+        Ok(None)
+    }
+
+    fn taken_until(&mut self, candidate: u128) -> Result<Option<u128>, Stop> {
+        if (self.taken)(&self.rr.pool.range.ip(candidate)) {
+            return Ok(Some(candidate));
+        }
+        let pool = &self.rr.pool.name;
+        if !self.window.knows(candidate) {
+            let gets = window::gets(&self.s.keys, pool, candidate);
+            let mut res = self.s.reads(self.dl, "pool read", gets)?.into_iter();
+            let floor = res.next().unwrap_or_default();
+            self.window = Window::parse(candidate, floor, res.next().unwrap_or_default());
+        }
+        Ok(self.window.covering(candidate).map(|r| {
+            self.walked.push(r);
+            r.run.end
+        }))
+    }
+}
+
+/// What the commit of a move must read of the allocation it releases: the record's run and
+/// its reservation, with their revisions.
+pub(super) fn read_released(
+    s: &Session,
+    dl: &Deadline,
+    pool: &str,
+    offset: u128,
+    mod_revision: i64,
+    record: AllocationRecord,
+) -> Result<Released, Stop> {
+    let mut gets = vec![floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, offset))];
+    if record.reserved {
+        gets.push(key_get(
+            &s.keys.reservation(&record.network_name, record.ip),
+        ));
+    }
+    let mut res = s.reads(dl, "release read", gets)?.into_iter();
+    let run = first_run(res.next()).filter(|r| r.run.start <= offset && offset <= r.run.end);
+    let reservation_rev = res
+        .next()
+        .and_then(|kvs| kvs.into_iter().next())
+        .filter(|kv| {
+            ReservationRecord::from_json(kv.value()).is_some_and(|r| {
+                r.pool == pool && r.container_id == record.container_id && r.ifname == record.ifname
+            })
+        })
+        .map(|kv| kv.mod_revision());
+    Ok(Released {
         offset,
-        ip: range.ip(offset),
-        walked,
-        owner_rev: hit.owner.map(|(rev, _)| rev),
-        pod_rev: hit.pod.map(|(rev, _)| rev),
-    };
-    Ok((plan, free_after))
+        mod_revision,
+        record,
+        run,
+        reservation_rev,
+    })
 }
 
 /// Up to `max` offsets after `offset` that the window shows free (no reads): candidates for
@@ -180,77 +255,11 @@ pub(super) fn alternatives(req: &AddRequest, plans: &[Plan], spare: &[u128]) -> 
                 walked: Vec::new(),
                 owner_rev: *owner_rev,
                 pod_rev: *pod_rev,
+                release: None,
             });
         }
     }
     out
-}
-
-/// A static address asked for: take it unless someone else holds it.
-pub(super) fn plan_static(
-    s: &Session,
-    req: &AddRequest,
-    rr: &RangeRequest,
-    hit: IndexHits,
-    offset: u128,
-    chosen: &[IpAddr],
-    dl: &Deadline,
-) -> Result<Plan, Stop> {
-    let range = &rr.pool.range;
-    let pool = &rr.pool.name;
-    let ip = range.ip(offset);
-    let in_use = |holder: String| {
-        Stop::Final(StoreError::InUse {
-            ip,
-            range: range.to_string(),
-            holder,
-        })
-    };
-    if chosen.contains(&ip) {
-        return Err(in_use("another range of this attachment".into()));
-    }
-    let mut gets = vec![
-        key_get(&s.keys.allocation(pool, offset)),
-        floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, offset)),
-    ];
-    if req.overlap {
-        gets.push(key_get(&s.keys.reservation(&req.network_name, ip)));
-    }
-    let mut res = s.reads(dl, "pool read", gets)?.into_iter();
-    if let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) {
-        let holder = AllocationRecord::from_json(kv.value())
-            .map(|r| describe(&r.attachment()))
-            .unwrap_or_else(|| "an unreadable record".into());
-        return Err(in_use(holder));
-    }
-    let floor = first_run(res.next());
-    if floor.is_some_and(|f| f.run.end >= offset) {
-        return Err(Stop::Final(StoreError::Io(format!(
-            "pool {pool} in etcd is inconsistent: offset {offset} is in a run but has no record"
-        ))));
-    }
-    if req.overlap {
-        if let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) {
-            let holder = ReservationRecord::from_json(kv.value())
-                .map(|r| r.holder())
-                .unwrap_or_else(|| "an unreadable reservation".into());
-            return Err(in_use(holder));
-        }
-    }
-    Ok(Plan::Take {
-        offset,
-        ip,
-        walked: Vec::new(),
-        owner_rev: hit.owner.map(|(rev, _)| rev),
-        pod_rev: hit.pod.map(|(rev, _)| rev),
-    })
-}
-
-pub(super) fn describe(a: &Attachment) -> String {
-    match &a.pod_ref {
-        Some(pod) => format!("pod {pod} (container {}, {})", a.container_id, a.ifname),
-        None => format!("container {} ({})", a.container_id, a.ifname),
-    }
 }
 
 pub(super) fn first_run(kvs: Option<Vec<KeyValue>>) -> Option<ReadRun> {

@@ -157,11 +157,14 @@ fn read_side_keys(
     Ok(side)
 }
 
-/// The offsets the attachment holds in the request's pools, from the owner index.
+/// The offsets the attachment holds, from the owner index: in every pool with `any_pool`
+/// (DEL: a range removed from the configuration since the ADD must not leak), otherwise in the
+/// request's pools.
 fn owned(
     s: &Session,
     dl: &Deadline,
     req: &AttachmentRequest,
+    any_pool: bool,
 ) -> Result<Vec<(String, u128)>, StoreError> {
     let dir = s.keys.owner_dir(&req.container_id, &req.ifname);
     let mut found = Vec::new();
@@ -172,7 +175,7 @@ fn owned(
         let pool = unescape(key.rsplit('/').next().unwrap_or_default());
         let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex);
         if let Some(offset) = offset {
-            if req.pools.iter().any(|p| p.name == pool) {
+            if any_pool || req.pools.iter().any(|p| p.name == pool) {
                 found.push((pool, offset));
             }
         }
@@ -187,7 +190,7 @@ pub fn del(
 ) -> Result<Vec<Lease>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
     let mut released = Vec::new();
-    for (pool, offset) in owned(s, &dl, req)? {
+    for (pool, offset) in owned(s, &dl, req, true)? {
         let belongs =
             |r: &AllocationRecord| r.container_id == req.container_id && r.ifname == req.ifname;
         if let Some(lease) = free_one(s, backoff, &dl, &pool, offset, &belongs)? {
@@ -199,7 +202,7 @@ pub fn del(
 
 pub fn check(s: &Session, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
-    let owned = owned(s, &dl, req)?;
+    let owned = owned(s, &dl, req, false)?;
     let gets = owned
         .iter()
         .map(|(pool, offset)| key_get(&s.keys.allocation(pool, *offset)))

@@ -1,26 +1,90 @@
 //! ADD: read the pool, choose, reserve the address network-wide, write the pool entry only if
 //! the pool is unchanged; on conflict wait a jittered while and do it again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
 use super::api::ApiError;
-use super::choose;
+use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
-use super::pool_doc::{add_op, replace_id_op, PoolDoc};
+use super::pool_doc::{add_op, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
 use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
+use crate::ipam::decide::stable_hash;
 use crate::ipam::names::object_name;
-use crate::ipam::OffsetRuns;
+use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
 use crate::k8s::crd::IPPool;
 use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
 
 /// What reserving an address found.
 enum Reserve {
     Ours(Held),
-    /// Held by another attachment (described for the error message).
-    Taken(String),
+    /// Held by another attachment (described for the error message). `raced`: the reservation
+    /// is newer than the pool as read, so a concurrent ADD took it (the contention hint); an
+    /// older one belongs to an overlapping range and is simply skipped.
+    Taken {
+        holder: String,
+        raced: bool,
+    },
+}
+
+/// Whether resourceVersion `a` was written after `b`. Both come from the same API server and
+/// storage, whose resourceVersions grow; anything unreadable counts as not newer, so at worst a
+/// lost race is taken for an overlap and retried without spreading.
+fn newer_than(a: Option<&str>, b: Option<&str>) -> bool {
+    match (
+        a.and_then(|a| a.parse::<u64>().ok()),
+        b.and_then(|b| b.parse::<u64>().ok()),
+    ) {
+        (Some(a), Some(b)) => a > b,
+        _ => false,
+    }
+}
+
+/// One job's view of the pool for [`crate::ipam::decide()`]: the entries as read, what the batch
+/// chose already, and what this job found reserved through overlapping ranges.
+struct BatchView<'a> {
+    doc: &'a PoolDoc,
+    held: &'a BTreeMap<u128, Attachment>,
+    taken: &'a OffsetRuns,
+    slot: &'a Slot,
+}
+
+impl Snapshot for BatchView<'_> {
+    type Holder = String;
+    type Error = std::convert::Infallible;
+
+    fn owned(&mut self) -> Result<Vec<u128>, Self::Error> {
+        let who = &self.slot.who;
+        Ok(self
+            .held
+            .iter()
+            .filter(|(_, h)| h.same_owner(who))
+            .map(|(offset, _)| *offset)
+            .collect())
+    }
+
+    fn holder(&mut self, offset: u128) -> Result<Option<String>, Self::Error> {
+        Ok(match self.held.get(&offset) {
+            Some(h) => Some(h.describe()),
+            // This job's own reservation of an earlier attempt is no one else's.
+            None if self.taken.contains(offset)
+                && self.slot.reserved.as_ref().map(|r| r.0) != Some(offset) =>
+            {
+                Some("another ADD served in the same batch".into())
+            }
+            None => None,
+        })
+    }
+
+    fn taken_until(&mut self, offset: u128) -> Result<Option<u128>, Self::Error> {
+        if let Some(end) = self.taken.run_containing(offset) {
+            return Ok(Some(end));
+        }
+        let skip = self.slot.avoid.contains(&offset) || self.doc.unaddressable(offset);
+        Ok(skip.then_some(offset))
+    }
 }
 
 impl Engine {
@@ -290,6 +354,11 @@ impl Engine {
                     )));
                 }
             }
+            let held: BTreeMap<u128, Attachment> = doc
+                .entries()
+                .into_iter()
+                .map(|e| (e.offset, e.attachment))
+                .collect();
             let mut taken = doc.taken();
             for slot in &slots {
                 if let Some((offset, _)) = &slot.reserved {
@@ -299,41 +368,52 @@ impl Engine {
             let mut ops = Vec::new();
             let mut fresh_entries = Vec::new();
             let mut planned: Vec<(usize, u128, String, bool)> = Vec::new();
-            // Pass 1: repeated ADDs, and reservations kept from an earlier attempt.
+            // Pass 1: what the core decides for each job on this read of the pool; repeated
+            // ADDs are answered here, reservations of an earlier attempt kept when still free.
             let mut needs: Vec<usize> = Vec::new();
             let mut chosen: Vec<(usize, u128)> = Vec::new();
             for i in 0..slots.len() {
                 if slots[i].done.is_some() || twin_of[i].is_some() {
                     continue;
                 }
-                let who = slots[i].who.clone();
-                if let Some(entry) = doc.held_by_same_owner(&who) {
-                    // A repeated ADD: hand back what the owner holds, with the new container ID.
-                    if let Some((offset, held)) = slots[i].reserved.take() {
-                        if offset == entry.offset {
-                            undo.forget_reservation(&held);
-                        } else {
-                            self.drop_reservation(&held, undo).await?;
+                let decision = self.pick(pool, &doc, &held, &taken, &mut slots[i]);
+                let earlier = slots[i].reserved.take();
+                match decision {
+                    Some(Decision::Keep { offset, release }) => {
+                        // A repeated ADD: hand back what the owner holds, with the new container ID.
+                        if let Some((reserved, r)) = earlier {
+                            if reserved == offset {
+                                undo.forget_reservation(&r);
+                            } else {
+                                self.drop_reservation(&r, undo).await?;
+                            }
+                        }
+                        let who = slots[i].who.clone();
+                        let key = doc.key_of(offset).unwrap_or_default();
+                        if held.get(&offset).map(|h| &h.container_id) != Some(&who.container_id) {
+                            ops.push(replace_id_op(&key, &who.container_id));
+                        }
+                        slots[i].releasing = self.releasing(&doc, &held, &release, &mut ops);
+                        planned.push((i, offset, key, false));
+                    }
+                    Some(Decision::Take { .. } | Decision::Move { .. }) => match earlier {
+                        Some((offset, r)) if doc.taken().contains(offset) => {
+                            // Written meanwhile by someone that does not use reservations.
+                            self.drop_reservation(&r, undo).await?;
+                            slots[i].avoid.insert(offset);
+                            needs.push(i);
+                        }
+                        Some((offset, r)) => {
+                            slots[i].reserved = Some((offset, r));
+                            chosen.push((i, offset));
+                        }
+                        None => needs.push(i),
+                    },
+                    _ => {
+                        if let Some((_, r)) = earlier {
+                            self.drop_reservation(&r, undo).await?;
                         }
                     }
-                    if entry.attachment.container_id != who.container_id {
-                        ops.push(replace_id_op(&entry.key, &who.container_id));
-                    }
-                    planned.push((i, entry.offset, entry.key, false));
-                    continue;
-                }
-                match slots[i].reserved.take() {
-                    Some((offset, held)) if doc.taken().contains(offset) => {
-                        // Written meanwhile by someone that does not use reservations.
-                        self.drop_reservation(&held, undo).await?;
-                        slots[i].avoid.insert(offset);
-                        needs.push(i);
-                    }
-                    Some((offset, held)) => {
-                        slots[i].reserved = Some((offset, held));
-                        chosen.push((i, offset));
-                    }
-                    None => needs.push(i),
                 }
             }
             // Pass 2: choose for the others and reserve all their addresses at once; choose
@@ -341,12 +421,12 @@ impl Engine {
             while !needs.is_empty() {
                 let mut picks = Vec::new();
                 for i in std::mem::take(&mut needs) {
-                    match self.pick(pool, &doc, &taken, &mut slots[i]) {
-                        Ok(offset) => {
-                            taken.insert(offset);
-                            picks.push((i, offset));
-                        }
-                        Err(err) => slots[i].done = Some(Err(err)),
+                    if let Some(offset) = self
+                        .pick(pool, &doc, &held, &taken, &mut slots[i])
+                        .and_then(|d| d.offset())
+                    {
+                        taken.insert(offset);
+                        picks.push((i, offset));
                     }
                 }
                 if !req.overlap {
@@ -357,23 +437,27 @@ impl Engine {
                     .iter()
                     .map(|(i, offset)| (range.ip(*offset), slots[*i].who.clone()))
                     .collect();
-                let outcomes = self.reserve_all(wanted, &req.network_name, undo).await?;
+                let outcomes = self
+                    .reserve_all(wanted, &req.network_name, doc.resource_version(), undo)
+                    .await?;
                 for ((i, offset), outcome) in picks.into_iter().zip(outcomes) {
                     match outcome {
-                        Reserve::Ours(held) => {
-                            slots[i].reserved = Some((offset, held));
+                        Reserve::Ours(r) => {
+                            slots[i].reserved = Some((offset, r));
                             chosen.push((i, offset));
                         }
-                        Reserve::Taken(holder) if slots[i].requested.is_some() => {
+                        Reserve::Taken { holder, .. } if slots[i].requested.is_some() => {
                             slots[i].done = Some(Err(StoreError::InUse {
                                 ip: range.ip(offset),
                                 range: range.to_string(),
                                 holder,
                             }));
                         }
-                        Reserve::Taken(_) => {
+                        Reserve::Taken { raced, .. } => {
+                            // Held through an overlapping range: skipped, as the core skips
+                            // what it knows. Lost to a concurrent writer: spread from now on.
                             slots[i].avoid.insert(offset);
-                            slots[i].salt += 1;
+                            slots[i].salt += u32::from(raced);
                             needs.push(i);
                         }
                     }
@@ -381,6 +465,9 @@ impl Engine {
             }
             // Pass 3: the pool entries.
             for (i, offset) in chosen {
+                if let Some(Decision::Move { release, .. }) = slots[i].decision.take() {
+                    slots[i].releasing = self.releasing(&doc, &held, &release, &mut ops);
+                }
                 let who = slots[i].who.clone();
                 let key = doc.key_of(offset).ok_or_else(|| {
                     StoreError::Io(format!("IPPool {name} cannot record {}", range.ip(offset)))
@@ -420,6 +507,10 @@ impl Engine {
             match written {
                 Ok(written) => {
                     for (i, offset, key, fresh) in planned {
+                        if req.overlap {
+                            self.release_moved(&slots[i].releasing, &req.network_name)
+                                .await;
+                        }
                         let ip = range.ip(offset);
                         if !fresh && req.overlap {
                             self.ensure_reservation(ip, &slots[i].who, &req.network_name)
@@ -465,41 +556,86 @@ impl Engine {
         }
     }
 
-    /// Chooses the job's address (not yet reserved); an error when this job cannot be served.
+    /// What the core decides for the job on this read of the pool (`taken` adds what this batch
+    /// chose); `None`, with the job's error recorded, when the job cannot be served.
     fn pick(
         &self,
         pool: &PoolRef,
         doc: &PoolDoc,
+        held: &BTreeMap<u128, Attachment>,
         taken: &OffsetRuns,
         slot: &mut Slot,
-    ) -> Result<u128, StoreError> {
+    ) -> Option<Decision<String>> {
         let range = &pool.range;
         if let Some(offset) = slot.requested {
-            self.check_requested(pool, doc, offset)?;
-            if taken.contains(offset) {
-                return Err(StoreError::InUse {
-                    ip: range.ip(offset),
-                    range: range.to_string(),
-                    holder: "another ADD served in the same batch".into(),
-                });
+            if let Err(err) = self.check_requested(pool, doc, offset) {
+                slot.done = Some(Err(err));
+                return None;
             }
-            return Ok(offset);
         }
-        loop {
-            let offset = choose::candidate(
-                range,
-                taken,
-                &slot.avoid,
-                choose::seed(&slot.who, slot.salt),
-                slot.salt > 0,
-            )
-            .ok_or_else(|| StoreError::Exhausted {
+        let contention = match slot.salt {
+            0 => Contention::None,
+            salt => Contention::Spread {
+                seed: stable_hash(&[&slot.who.container_id, &slot.who.ifname], salt),
+                among: SPREAD,
+            },
+        };
+        let ask = Ask {
+            requested: slot.requested,
+            contention,
+        };
+        let mut view = BatchView {
+            doc,
+            held,
+            taken,
+            slot,
+        };
+        let Ok(decision) = decide(range, &ask, &mut view);
+        let error = match &decision {
+            Decision::InUse { offset, holder } => StoreError::InUse {
+                ip: range.ip(*offset),
                 range: range.to_string(),
-            })?;
-            if !doc.unaddressable(offset) {
-                return Ok(offset);
+                holder: holder.clone(),
+            },
+            Decision::Exhausted => StoreError::Exhausted {
+                range: range.to_string(),
+            },
+            _ => {
+                slot.decision = Some(decision.clone());
+                return Some(decision);
             }
-            slot.avoid.insert(offset);
+        };
+        slot.done = Some(Err(error));
+        None
+    }
+
+    /// Remove operations for the entries a decision releases; those entries, whose reservations
+    /// go once the pool is written.
+    fn releasing(
+        &self,
+        doc: &PoolDoc,
+        held: &BTreeMap<u128, Attachment>,
+        release: &[u128],
+        ops: &mut Vec<serde_json::Value>,
+    ) -> Vec<(IpAddr, Attachment)> {
+        let mut out = Vec::new();
+        for offset in release {
+            if let (Some(key), Some(who)) = (doc.key_of(*offset), held.get(offset)) {
+                ops.push(remove_op(&key));
+                out.push((doc.cidr.at(*offset), who.clone()));
+            }
+        }
+        out
+    }
+
+    /// Releases the reservations of entries a move or a repeated ADD gave back. A failure leaves
+    /// a reservation of this same owner behind, which a later DEL or the cleanup takes back: it
+    /// must not fail the ADD whose pool write already succeeded.
+    async fn release_moved(&self, released: &[(IpAddr, Attachment)], network_name: &str) {
+        for (ip, who) in released {
+            if let Err(err) = self.release_reservation(*ip, network_name, who).await {
+                tracing::warn!(%ip, %err, "could not release the reservation of a moved address");
+            }
         }
     }
 
@@ -510,11 +646,14 @@ impl Engine {
         &self,
         wanted: Vec<(IpAddr, Attachment)>,
         network_name: &str,
+        pool_rv: Option<&str>,
         undo: &UndoLog,
     ) -> Result<Vec<Reserve>, StoreError> {
         if wanted.len() == 1 {
             let (ip, who) = &wanted[0];
-            return Ok(vec![self.reserve(*ip, who, network_name, undo).await?]);
+            return Ok(vec![
+                self.reserve(*ip, who, network_name, pool_rv, undo).await?,
+            ]);
         }
         let mut tasks = tokio::task::JoinSet::new();
         for (index, (ip, who)) in wanted.iter().enumerate() {
@@ -540,17 +679,23 @@ impl Engine {
                 Some(Ok(held)) => outcomes.push(Reserve::Ours(held)),
                 // Exists already, or the task was lost: look at it the slow way.
                 Some(Err(ApiError::AlreadyExists(_))) | None => {
-                    match self.reserve(*ip, who, network_name, undo).await {
+                    match self.reserve(*ip, who, network_name, pool_rv, undo).await {
                         Ok(outcome) => outcomes.push(outcome),
                         Err(err) => {
                             failure.get_or_insert(err);
-                            outcomes.push(Reserve::Taken(String::new()));
+                            outcomes.push(Reserve::Taken {
+                                holder: String::new(),
+                                raced: false,
+                            });
                         }
                     }
                 }
                 Some(Err(err)) => {
                     failure.get_or_insert(err.into());
-                    outcomes.push(Reserve::Taken(String::new()));
+                    outcomes.push(Reserve::Taken {
+                        holder: String::new(),
+                        raced: false,
+                    });
                 }
             }
         }
@@ -587,13 +732,6 @@ impl Engine {
                 doc.name
             )));
         }
-        if let Some(holder) = doc.entries().into_iter().find(|e| e.offset == offset) {
-            return Err(StoreError::InUse {
-                ip: range.ip(offset),
-                range: range.to_string(),
-                holder: describe(&holder.attachment),
-            });
-        }
         Ok(())
     }
 
@@ -603,6 +741,7 @@ impl Engine {
         ip: IpAddr,
         who: &Attachment,
         network_name: &str,
+        pool_rv: Option<&str>,
         undo: &UndoLog,
     ) -> Result<Reserve, StoreError> {
         let name = reservation::name(ip, network_name);
@@ -626,15 +765,16 @@ impl Engine {
                     return Ok(Reserve::Ours(held));
                 }
                 Some(found) => {
-                    return Ok(Reserve::Taken(format!(
-                        "{} (reservation {name})",
-                        describe(&Attachment {
-                            container_id: found.spec.containerid.clone(),
-                            ifname: found.spec.ifname.clone(),
-                            pod_ref: Some(found.spec.podref.clone()),
-                            pod_uid: None,
-                        })
-                    )))
+                    let holder = Attachment {
+                        container_id: found.spec.containerid.clone(),
+                        ifname: found.spec.ifname.clone(),
+                        pod_ref: Some(found.spec.podref.clone()),
+                        pod_uid: None,
+                    };
+                    return Ok(Reserve::Taken {
+                        holder: format!("{} (reservation {name})", holder.describe()),
+                        raced: newer_than(found.metadata.resource_version.as_deref(), pool_rv),
+                    });
                 }
                 None => continue,
             }
@@ -743,6 +883,10 @@ struct Slot {
     avoid: BTreeSet<u128>,
     reserved: Option<(u128, Held)>,
     salt: u32,
+    /// The last decision that takes an address, kept for the write.
+    decision: Option<Decision<String>>,
+    /// Entries the write gives back (a move, a duplicate): their reservations go after it.
+    releasing: Vec<(IpAddr, Attachment)>,
     done: Option<Result<Granted, StoreError>>,
 }
 
@@ -754,6 +898,8 @@ impl Slot {
             avoid: BTreeSet::new(),
             reserved: None,
             salt: 0,
+            decision: None,
+            releasing: Vec::new(),
             done: None,
         }
     }
@@ -764,14 +910,3 @@ const LEAD_AFTER_DONE: Duration = Duration::from_millis(50);
 
 /// How often a waiting ADD looks for its answer or for the spool's lock.
 const SPOOL_POLL: Duration = Duration::from_millis(2);
-
-/// The holder of an address, for messages.
-pub fn describe(who: &Attachment) -> String {
-    match &who.pod_ref {
-        Some(pod) if !pod.is_empty() => format!(
-            "pod {pod} (container {}, interface {})",
-            who.container_id, who.ifname
-        ),
-        _ => format!("container {} (interface {})", who.container_id, who.ifname),
-    }
-}

@@ -109,13 +109,6 @@ impl PoolDoc {
         self.cidr.offset_of(ip)
     }
 
-    /// The allocation held by the same owner as `who` (idempotent ADD).
-    pub fn held_by_same_owner(&self, who: &Attachment) -> Option<Entry> {
-        self.entries()
-            .into_iter()
-            .find(|e| e.attachment.same_owner(who))
-    }
-
     /// The allocations of the attachment (container ID and interface), as DEL matches them.
     pub fn held_by_container(&self, container_id: &str, ifname: &str) -> Vec<Entry> {
         self.entries()

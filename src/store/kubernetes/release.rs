@@ -52,7 +52,7 @@ impl Engine {
     }
 
     /// Deletes the reservation of `ip` if `who` holds it.
-    async fn release_reservation(
+    pub(super) async fn release_reservation(
         &self,
         ip: IpAddr,
         network_name: &str,

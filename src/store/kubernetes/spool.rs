@@ -10,13 +10,13 @@
 //! reservation is adopted).
 
 use std::fs::{self, File, OpenOptions};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ipam::decide::stable_hash;
 use crate::ipam::Range;
 use crate::store::{Attachment, StoreError};
 
@@ -155,11 +155,27 @@ impl Spool {
         let base = std::env::var_os(SPOOL_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL));
-        let mut hasher = DefaultHasher::new();
-        (pool, range.cidr.to_string(), range.first, range.last).hash(&mut hasher);
-        range.blocked.as_slice().hash(&mut hasher);
-        (network_name, overlap, scope).hash(&mut hasher);
-        let dir = base.join(format!("{}.{:016x}", sanitize(pool), hasher.finish()));
+        // A hash that every release computes alike: during an upgrade the old and the new
+        // binary's ADDs still meet in one folder.
+        let blocked: Vec<String> = range
+            .blocked
+            .as_slice()
+            .iter()
+            .map(|(a, b)| format!("{a}-{b}"))
+            .collect();
+        let parts = [
+            pool.to_string(),
+            range.cidr.to_string(),
+            range.first.to_string(),
+            range.last.to_string(),
+            blocked.join(","),
+            network_name.to_string(),
+            overlap.to_string(),
+            scope.to_string(),
+        ];
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let hash = stable_hash(&parts, 0);
+        let dir = base.join(format!("{}.{hash:016x}", sanitize(pool)));
         fs::create_dir_all(&dir).ok()?;
         Some(Spool { dir })
     }

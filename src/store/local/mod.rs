@@ -16,7 +16,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use crate::ipam::addr::from_u128;
-use crate::ipam::{Cidr, Range};
+use crate::ipam::{decide, Ask, Cidr, Contention, Decision, Range, Snapshot};
 use crate::store::{
     AddRequest, Attachment, AttachmentRequest, GcRequest, Lease, PoolRef, RangeRequest, Store,
     StoreError,
@@ -440,17 +440,6 @@ fn owned(tx: &Connection, pool: &str, who: &Attachment) -> Result<Vec<(u128, Att
     Ok(held)
 }
 
-/// How an error names who holds an address.
-fn describe(who: &Attachment) -> String {
-    match &who.pod_ref {
-        Some(pod) => format!(
-            "pod {pod} (container {}, interface {})",
-            who.container_id, who.ifname
-        ),
-        None => format!("container {} (interface {})", who.container_id, who.ifname),
-    }
-}
-
 fn insert_allocation(
     tx: &Connection,
     pool: &PoolRef,
@@ -534,7 +523,51 @@ fn taken_until(
     Ok(end)
 }
 
-/// Allocates (or finds) the address of one range of an ADD, inside the ADD's transaction.
+/// One pool as the ADD's transaction sees it, for [`crate::ipam::decide`].
+struct PoolView<'a> {
+    tx: &'a Connection,
+    pool: &'a PoolRef,
+    /// Pools of the same network overlapping this one (empty without overlap).
+    others: Vec<PoolRow>,
+    who: &'a Attachment,
+}
+
+impl Snapshot for PoolView<'_> {
+    /// The holder, and the range it holds the address through.
+    type Holder = (Attachment, String);
+    type Error = Fail;
+
+    fn owned(&mut self) -> Result<Vec<u128>, Fail> {
+        let held = owned(self.tx, &self.pool.name, self.who)?;
+        Ok(held.into_iter().map(|(offset, _)| offset).collect())
+    }
+
+    fn holder(&mut self, offset: u128) -> Result<Option<(Attachment, String)>, Fail> {
+        let range = &self.pool.range;
+        if let Some(h) = holder(self.tx, &self.pool.name, offset)? {
+            if !h.same_owner(self.who) {
+                return Ok(Some((h, range.to_string())));
+            }
+        }
+        for other in &self.others {
+            if let Some(there) = offset_in(range, offset, &other.cidr) {
+                if let Some(h) = holder(self.tx, &other.name, there)? {
+                    if !h.same_owner(self.who) {
+                        return Ok(Some((h, other.cidr.to_string())));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn taken_until(&mut self, offset: u128) -> Result<Option<u128>, Fail> {
+        taken_until(self.tx, self.pool, &self.others, offset)
+    }
+}
+
+/// Allocates (or finds) the address of one range of an ADD, inside the ADD's transaction: the
+/// core decides, this commits.
 fn add_one(
     tx: &Connection,
     req: &AddRequest,
@@ -543,74 +576,60 @@ fn add_one(
 ) -> Result<IpAddr, Fail> {
     let pool = &wanted.pool;
     let range = &pool.range;
-    let who = &req.attachment;
     ensure_pool(tx, pool, &req.network_name)?;
-    let mine = owned(tx, &pool.name, who)?;
+    if let Some(offset) = wanted.requested {
+        if offset > pool.cidr().last_offset() {
+            return Err(Fail::Store(StoreError::Config(format!(
+                "requested offset {offset} is outside range {}",
+                pool.cidr()
+            ))));
+        }
+    }
     let others = if req.overlap {
         overlapping_pools(tx, &pool.name, &req.network_name, pool.cidr())?
     } else {
         Vec::new()
     };
-
-    let (chosen, already_mine) = match wanted.requested {
-        Some(offset) => {
-            if offset > pool.cidr().last_offset() {
-                return Err(Fail::Store(StoreError::Config(format!(
-                    "requested offset {offset} is outside range {}",
-                    pool.cidr()
-                ))));
-            }
-            let in_use = |holder: Attachment, range: String| {
-                Fail::Store(StoreError::InUse {
-                    ip: pool.range.ip(offset),
-                    range,
-                    holder: describe(&holder),
-                })
-            };
-            let current = holder(tx, &pool.name, offset)?;
-            if let Some(current) = &current {
-                if !current.same_owner(who) {
-                    return Err(in_use(current.clone(), range.to_string()));
-                }
-            }
-            for other in &others {
-                if let Some(there) = offset_in(range, offset, &other.cidr) {
-                    if let Some(h) = holder(tx, &other.name, there)? {
-                        if !h.same_owner(who) {
-                            return Err(in_use(h, other.cidr.to_string()));
-                        }
-                    }
-                }
-            }
-            (offset, current.is_some())
-        }
-        None => match mine.first() {
-            Some((offset, _)) => (*offset, true),
-            None => {
-                let free = range.lowest_free(|c| taken_until(tx, pool, &others, c))?;
-                let offset = free.ok_or_else(|| {
-                    Fail::Store(StoreError::Exhausted {
-                        range: range.to_string(),
-                    })
-                })?;
-                (offset, false)
-            }
-        },
+    let mut view = PoolView {
+        tx,
+        pool,
+        others,
+        who: &req.attachment,
     };
-
+    let ask = Ask {
+        requested: wanted.requested,
+        contention: Contention::None,
+    };
+    let decision = decide(range, &ask, &mut view)?;
     if req.sleep_for_race > 0 && !*slept {
         *slept = true;
         std::thread::sleep(Duration::from_secs(req.sleep_for_race));
     }
-
-    // One address per range: whatever else this owner holds in the pool goes.
-    for (offset, _) in &mine {
-        if *offset != chosen {
-            delete_allocation(tx, &pool.name, *offset)?;
+    let (chosen, release, kept) = match decision {
+        Decision::Keep { offset, release } => (offset, release, true),
+        Decision::Take { offset } => (offset, Vec::new(), false),
+        Decision::Move { to, release } => (to, release, false),
+        Decision::InUse {
+            offset,
+            holder: (holder, range),
+        } => {
+            return Err(Fail::Store(StoreError::InUse {
+                ip: pool.range.ip(offset),
+                range,
+                holder: holder.describe(),
+            }))
         }
+        Decision::Exhausted => {
+            return Err(Fail::Store(StoreError::Exhausted {
+                range: range.to_string(),
+            }))
+        }
+    };
+    for offset in release {
+        delete_allocation(tx, &pool.name, offset)?;
     }
-    if already_mine {
-        refresh_owner(tx, &pool.name, chosen, who)?;
+    if kept {
+        refresh_owner(tx, &pool.name, chosen, &req.attachment)?;
     } else {
         insert_allocation(tx, pool, chosen, req)?;
     }

@@ -1,0 +1,438 @@
+//! The store contract: one set of behaviours, written once, run unchanged against every engine
+//! (SQLite in a temporary database, a real etcd cluster, the real Kubernetes API server).
+//! Every behaviour opens a fresh store, so engines and behaviours never see each other's state.
+//!
+//! Where an engine cannot give the shared answer, [`differs`] says so and why, in this one
+//! place; the README's differences section says the same.
+
+#[path = "etcd_cluster/mod.rs"]
+mod etcd_cluster;
+mod kube_apiserver;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde_json::json;
+use whereabouts::config::{load_with_flat_files, Datastore};
+use whereabouts::ipam::names::pool_name;
+use whereabouts::ipam::{parse_exclude, parse_range_text, Range, RangeSpec};
+use whereabouts::store::{
+    AddRequest, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest, Store, StoreError,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Local,
+    Etcd,
+    Kubernetes,
+}
+
+/// The behaviours an engine answers differently, and why. Nothing else may differ.
+fn differs(engine: Engine, behaviour: &str) -> Option<&'static str> {
+    match (engine, behaviour) {
+        (Engine::Kubernetes, "del_releases_unconfigured_ranges") => Some(
+            "an IPPool is found by the name of a configured range; finding the attachment's \
+             entries in ranges no longer configured would mean listing every IPPool of the \
+             namespace on every DEL. The controller's cleanup releases those.",
+        ),
+        (Engine::Kubernetes, "gc_keeps_valid_attachments") => Some(
+            "a shared IPPool entry does not record the node that made it, and a runtime's GC \
+             lists only its own node's attachments: GC collects node-slice pools and leaves \
+             shared pools to the controller's cleanup.",
+        ),
+        _ => None,
+    }
+}
+
+/// Opens a fresh store for one behaviour.
+type Opener<'a> = &'a dyn Fn(&str) -> Box<dyn Store>;
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn pool_in(network: &str, range: &str, exclude: &[&str]) -> PoolRef {
+    let (cidr, start, end) = parse_range_text(range).unwrap();
+    let spec = RangeSpec {
+        cidr,
+        start,
+        end,
+        exclude: exclude.iter().map(|e| parse_exclude(e).unwrap()).collect(),
+    };
+    PoolRef {
+        name: pool_name(&cidr, network, None),
+        range: Range::resolve(&spec, None).unwrap(),
+        spec,
+        gateway: None,
+    }
+}
+
+fn pool(range: &str) -> PoolRef {
+    pool_in("", range, &[])
+}
+
+fn who(container: &str, pod: &str) -> Attachment {
+    Attachment {
+        container_id: container.into(),
+        ifname: "net1".into(),
+        pod_ref: Some(format!("default/{pod}")),
+        pod_uid: None,
+    }
+}
+
+fn add(pools: &[PoolRef], attachment: Attachment) -> AddRequest {
+    AddRequest {
+        cni_network: "contract".into(),
+        network_name: String::new(),
+        overlap: true,
+        attachment,
+        ranges: pools
+            .iter()
+            .map(|pool| RangeRequest {
+                pool: pool.clone(),
+                requested: None,
+            })
+            .collect(),
+        node_slice_size: None,
+        sleep_for_race: 0,
+        node: Some("node-a".into()),
+    }
+}
+
+/// `add` asking for `static_ip` in the first range.
+fn add_static(pools: &[PoolRef], attachment: Attachment, static_ip: &str) -> AddRequest {
+    let mut req = add(pools, attachment);
+    let offset = req.ranges[0].pool.range.cidr.offset_of(ip(static_ip));
+    req.ranges[0].requested = Some(offset.expect("inside the range"));
+    req
+}
+
+fn attachment_req(pools: &[PoolRef], container: &str) -> AttachmentRequest {
+    AttachmentRequest {
+        cni_network: "contract".into(),
+        network_name: String::new(),
+        container_id: container.into(),
+        ifname: "net1".into(),
+        pools: pools.to_vec(),
+        node_slice_size: None,
+    }
+}
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    list.iter().map(|s| ip(s)).collect()
+}
+
+fn held(store: &dyn Store, pools: &[PoolRef], container: &str) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = store
+        .check(&attachment_req(pools, container))
+        .unwrap()
+        .into_iter()
+        .map(|l| l.ip)
+        .collect();
+    out.sort();
+    out
+}
+
+// ---- the behaviours ----
+
+fn repeated_add_and_recreated_pod(open: Opener) {
+    let store = open("repeated");
+    let p = [pool("10.10.0.0/24")];
+    let first = store.add(&add(&p, who("c1", "a"))).unwrap();
+    assert_eq!(first, ips(&["10.10.0.1"]));
+    assert_eq!(store.add(&add(&p, who("c1", "a"))).unwrap(), first);
+    // A new sandbox of the same pod: the same address, now held by the new container.
+    assert_eq!(store.add(&add(&p, who("c1-new", "a"))).unwrap(), first);
+    assert_eq!(held(&*store, &p, "c1-new"), first);
+    assert!(held(&*store, &p, "c1").is_empty());
+    assert_eq!(
+        store.add(&add(&p, who("c2", "b"))).unwrap(),
+        ips(&["10.10.0.2"])
+    );
+}
+
+fn static_addresses(open: Opener) {
+    let store = open("static");
+    let p = [pool("10.11.0.0/24")];
+    let got = store
+        .add(&add_static(&p, who("c1", "a"), "10.11.0.50"))
+        .unwrap();
+    assert_eq!(got, ips(&["10.11.0.50"]));
+    // Repeated with the same static address: kept.
+    let again = store
+        .add(&add_static(&p, who("c1", "a"), "10.11.0.50"))
+        .unwrap();
+    assert_eq!(again, got);
+    // Someone else asking for it: in use.
+    let err = store
+        .add(&add_static(&p, who("c2", "b"), "10.11.0.50"))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    // A dynamic ADD skips it; the lowest free is still .1.
+    assert_eq!(
+        store.add(&add(&p, who("c3", "c"))).unwrap(),
+        ips(&["10.11.0.1"])
+    );
+    // A static address held dynamically by another: in use.
+    let err = store
+        .add(&add_static(&p, who("c4", "d"), "10.11.0.1"))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+}
+
+fn changing_a_static_address_moves_it(open: Opener) {
+    let store = open("move");
+    let p = [pool("10.12.0.0/24")];
+    store
+        .add(&add_static(&p, who("c1", "a"), "10.12.0.10"))
+        .unwrap();
+    let moved = store
+        .add(&add_static(&p, who("c1", "a"), "10.12.0.20"))
+        .unwrap();
+    assert_eq!(moved, ips(&["10.12.0.20"]));
+    assert_eq!(held(&*store, &p, "c1"), moved);
+    // The old one is free again.
+    let other = store
+        .add(&add_static(&p, who("c2", "b"), "10.12.0.10"))
+        .unwrap();
+    assert_eq!(other, ips(&["10.12.0.10"]));
+    // Moving onto a held address is refused, and the old one stays.
+    let err = store
+        .add(&add_static(&p, who("c1", "a"), "10.12.0.10"))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    assert_eq!(held(&*store, &p, "c1"), moved);
+}
+
+fn overlapping_ranges(open: Opener) {
+    let store = open("overlap");
+    let wide = [pool("10.13.0.0/24")];
+    let narrow = [pool("10.13.0.0/25")];
+    store.add(&add(&wide, who("c1", "a"))).unwrap();
+    store.add(&add(&wide, who("c2", "b"))).unwrap();
+    // On (the default): unique across the network's ranges, lowest free, no spreading.
+    assert_eq!(
+        store.add(&add(&narrow, who("c3", "c"))).unwrap(),
+        ips(&["10.13.0.3"])
+    );
+    // A static address held through the overlapping range: in use.
+    let err = store
+        .add(&add_static(&narrow, who("c4", "d"), "10.13.0.1"))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    // Off: each range on its own.
+    let other = [pool("10.13.0.0/26")];
+    let mut req = add(&other, who("c5", "e"));
+    req.overlap = false;
+    assert_eq!(store.add(&req).unwrap(), ips(&["10.13.0.1"]));
+}
+
+fn network_name_scopes_pools(open: Opener) {
+    let store = open("netname");
+    let blue = [pool_in("blue", "10.14.0.0/24", &[])];
+    let red = [pool_in("red", "10.14.0.0/24", &[])];
+    let mut req = add(&blue, who("c1", "a"));
+    req.network_name = "blue".into();
+    assert_eq!(store.add(&req).unwrap(), ips(&["10.14.0.1"]));
+    let mut req = add(&red, who("c2", "b"));
+    req.network_name = "red".into();
+    assert_eq!(store.add(&req).unwrap(), ips(&["10.14.0.1"]));
+}
+
+fn exhaustion(open: Opener) {
+    let store = open("exhaust");
+    let p = [pool("10.15.0.0/30")];
+    store.add(&add(&p, who("c1", "a"))).unwrap();
+    store.add(&add(&p, who("c2", "b"))).unwrap();
+    let err = store.add(&add(&p, who("c3", "c"))).unwrap_err();
+    assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
+    // A repeated ADD of a holder still succeeds in a full range.
+    assert_eq!(
+        store.add(&add(&p, who("c1", "a"))).unwrap(),
+        ips(&["10.15.0.1"])
+    );
+}
+
+fn del_and_check(open: Opener) {
+    let store = open("delcheck");
+    let p = [pool("10.16.0.0/24"), pool("fd16::/120")];
+    let got = store.add(&add(&p, who("c1", "a"))).unwrap();
+    assert_eq!(got, ips(&["10.16.0.1", "fd16::1"]));
+    assert_eq!(held(&*store, &p, "c1"), got);
+    let released = store.del(&attachment_req(&p, "c1")).unwrap();
+    assert_eq!(released.len(), 2);
+    assert!(held(&*store, &p, "c1").is_empty());
+    // DEL of what is gone already: success.
+    assert!(store.del(&attachment_req(&p, "c1")).unwrap().is_empty());
+    assert_eq!(store.add(&add(&p, who("c2", "b"))).unwrap(), got);
+}
+
+fn del_releases_unconfigured_ranges(open: Opener) {
+    let store = open("delall");
+    let before = [pool("10.17.0.0/24"), pool("10.18.0.0/24")];
+    store.add(&add(&before, who("c1", "a"))).unwrap();
+    // The configuration lost its second range before the DEL.
+    let after = [pool("10.17.0.0/24")];
+    let released = store.del(&attachment_req(&after, "c1")).unwrap();
+    assert_eq!(released.len(), 2);
+    assert_eq!(
+        store.add(&add(&before, who("c2", "b"))).unwrap(),
+        ips(&["10.17.0.1", "10.18.0.1"])
+    );
+}
+
+fn gc_keeps_valid_attachments(open: Opener) {
+    let store = open("gc");
+    let p = [pool("10.19.0.0/24")];
+    store.add(&add(&p, who("c1", "a"))).unwrap();
+    store.add(&add(&p, who("c2", "b"))).unwrap();
+    let released = store
+        .gc(&GcRequest {
+            cni_network: "contract".into(),
+            network_name: String::new(),
+            pools: p.to_vec(),
+            valid: vec![("c2".into(), "net1".into())],
+            node: Some("node-a".into()),
+            node_slice_size: None,
+        })
+        .unwrap();
+    let released: Vec<IpAddr> = released.into_iter().map(|l| l.ip).collect();
+    assert_eq!(released, ips(&["10.19.0.1"]));
+    assert_eq!(held(&*store, &p, "c2"), ips(&["10.19.0.2"]));
+    assert!(held(&*store, &p, "c1").is_empty());
+}
+
+fn range_edits_between_adds(open: Opener) {
+    let store = open("edits");
+    let p = [pool("10.20.0.0/24")];
+    store.add(&add(&p, who("c1", "a"))).unwrap();
+    // The admin excludes the first addresses: a holder keeps its address, newcomers skip them.
+    let edited = [pool_in("", "10.20.0.0/24", &["10.20.0.0/29"])];
+    assert_eq!(
+        store.add(&add(&edited, who("c1", "a"))).unwrap(),
+        ips(&["10.20.0.1"])
+    );
+    assert_eq!(
+        store.add(&add(&edited, who("c2", "b"))).unwrap(),
+        ips(&["10.20.0.8"])
+    );
+}
+
+fn ipv6_beyond_63_bits(open: Opener) {
+    let store = open("v6");
+    let p = [pool("fd20::8000:0:0:5-fd20::ffff:ffff:ffff:fff0/64")];
+    assert_eq!(
+        store.add(&add(&p, who("c1", "a"))).unwrap(),
+        ips(&["fd20::8000:0:0:5"])
+    );
+    let got = store
+        .add(&add_static(&p, who("c2", "b"), "fd20::ffff:0:0:1"))
+        .unwrap();
+    assert_eq!(got, ips(&["fd20::ffff:0:0:1"]));
+}
+
+/// One behaviour: its name and the function checking it.
+type Behaviour = (&'static str, fn(Opener));
+
+const BEHAVIOURS: &[Behaviour] = &[
+    (
+        "repeated_add_and_recreated_pod",
+        repeated_add_and_recreated_pod,
+    ),
+    ("static_addresses", static_addresses),
+    (
+        "changing_a_static_address_moves_it",
+        changing_a_static_address_moves_it,
+    ),
+    ("overlapping_ranges", overlapping_ranges),
+    ("network_name_scopes_pools", network_name_scopes_pools),
+    ("exhaustion", exhaustion),
+    ("del_and_check", del_and_check),
+    (
+        "del_releases_unconfigured_ranges",
+        del_releases_unconfigured_ranges,
+    ),
+    ("gc_keeps_valid_attachments", gc_keeps_valid_attachments),
+    ("range_edits_between_adds", range_edits_between_adds),
+    ("ipv6_beyond_63_bits", ipv6_beyond_63_bits),
+];
+
+/// Runs every behaviour against `engine`, each with a fresh store from `open`; a behaviour the
+/// engine is known to answer differently is skipped with its reason.
+fn run_contract(engine: Engine, open: &dyn Fn(&str, &str) -> Box<dyn Store>) {
+    let mut failures = Vec::new();
+    for (name, behaviour) in BEHAVIOURS {
+        if let Some(why) = differs(engine, name) {
+            eprintln!("{engine:?}: {name} differs by design: {why}");
+            continue;
+        }
+        let opener = |hint: &str| open(name, hint);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| behaviour(&opener)));
+        if outcome.is_err() {
+            failures.push(*name);
+        }
+    }
+    assert!(failures.is_empty(), "{engine:?} fails: {failures:?}");
+}
+
+#[test]
+fn contract_local() {
+    let dir = tempfile::tempdir().unwrap();
+    run_contract(Engine::Local, &|name, _| {
+        let path = dir.path().join(format!("{name}.db"));
+        whereabouts::store::local::open(&path).unwrap()
+    });
+}
+
+#[test]
+fn contract_etcd() {
+    if !etcd_cluster::etcd_available() {
+        eprintln!("\n*** SKIPPED: no etcd-server ***\n");
+        return;
+    }
+    let cluster = etcd_cluster::Cluster::start(false);
+    let cfg = load_with_flat_files(
+        Some(&json!({
+            "type": "whereabouts",
+            "datastore": "etcd",
+            "etcd_host": cluster.endpoints(),
+            "range": "10.0.0.0/24",
+        })),
+        &[],
+    )
+    .unwrap();
+    let Datastore::Etcd(etcd) = &cfg.datastore else {
+        panic!("etcd datastore expected");
+    };
+    run_contract(Engine::Etcd, &|name, _| {
+        let prefix = format!("/contract/{name}");
+        whereabouts::store::etcd::open_with(&cfg, etcd, Default::default(), &prefix).unwrap()
+    });
+}
+
+#[test]
+fn contract_kubernetes() {
+    let plane = real_cluster!();
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var(
+        "WHEREABOUTS_KUBERNETES_SPOOL",
+        dir.path().join("spool").display().to_string(),
+    );
+    run_contract(Engine::Kubernetes, &|name, _| {
+        let ns = plane.namespace(&name.replace('_', "-"));
+        let kubeconfig: PathBuf = ns.kubeconfig(dir.path());
+        let cfg = load_with_flat_files(
+            Some(&json!({
+                "type": "whereabouts",
+                "range": "10.0.0.0/24",
+                "kubernetes": {"kubeconfig": kubeconfig.display().to_string()},
+            })),
+            &[],
+        )
+        .unwrap();
+        let Datastore::Kubernetes(k) = &cfg.datastore else {
+            panic!("kubernetes datastore expected");
+        };
+        whereabouts::store::kubernetes::open(&cfg, k).unwrap()
+    });
+}
