@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use base64::Engine as _;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use super::settings::Settings;
@@ -251,15 +252,62 @@ pub fn screen_kubeconfig(kubeconfig: &Kubeconfig, insecure_tls: bool) -> Result<
     Ok(())
 }
 
+/// The files a kubeconfig names (CA, client certificate and key) read here, with the same rules
+/// as every file root reads (no symbolic link, regular file, size cap), and put in the kubeconfig
+/// as data; so the client library never opens a FIFO or a device the kubeconfig points at. A
+/// token file is checked the same way but left to the library, which re-reads it as it rotates.
+/// Relative paths are relative to the kubeconfig's folder, as kubectl reads them.
+pub fn inline_file_references(kubeconfig: &mut Kubeconfig, path: &Path) -> Result<(), StoreError> {
+    let folder = path.parent().unwrap_or(Path::new("."));
+    let read = |field: &str, name: &str| -> Result<String, StoreError> {
+        let file = folder.join(name);
+        let bytes = files::read_config_file(&file).map_err(|err| {
+            StoreError::Config(format!(
+                "kubeconfig {}: cannot read its {field}: {}",
+                shown_path(path),
+                err.describe()
+            ))
+        })?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+    };
+    for cluster in kubeconfig
+        .clusters
+        .iter_mut()
+        .filter_map(|c| c.cluster.as_mut())
+    {
+        if let Some(name) = cluster.certificate_authority.take() {
+            cluster.certificate_authority_data = Some(read("certificate-authority", &name)?);
+        }
+    }
+    for user in kubeconfig
+        .auth_infos
+        .iter_mut()
+        .filter_map(|u| u.auth_info.as_mut())
+    {
+        if let Some(name) = user.client_certificate.take() {
+            user.client_certificate_data = Some(read("client-certificate", &name)?);
+        }
+        if let Some(name) = user.client_key.take() {
+            user.client_key_data = Some(read("client-key", &name)?.into());
+        }
+        if let Some(name) = &user.token_file {
+            read("tokenFile", name)?;
+            user.token_file = Some(folder.join(name).display().to_string());
+        }
+    }
+    Ok(())
+}
+
 async fn connect_kubeconfig(
     path: &Path,
     settings: &Settings,
     insecure_tls: bool,
 ) -> Result<Connection, StoreError> {
-    let kubeconfig = read_kubeconfig(path)?;
+    let mut kubeconfig = read_kubeconfig(path)?;
     screen_kubeconfig(&kubeconfig, insecure_tls).map_err(|why| {
         StoreError::Config(format!("kubeconfig {} refused: {why}", shown_path(path)))
     })?;
+    inline_file_references(&mut kubeconfig, path)?;
     let namespace = context_namespace(&kubeconfig);
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
@@ -353,6 +401,34 @@ mod tests {
             operator_access(&missing, false),
             Access::Kubeconfig(missing.clone())
         );
+    }
+
+    #[test]
+    fn files_a_kubeconfig_names_are_read_safely_and_inlined() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), "CA").unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let path = dir.path().join("kubeconfig");
+        let with_ca = |ca: &str| {
+            Kubeconfig::from_yaml(&format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://a\n    certificate-authority: {ca}\n"
+            ))
+            .unwrap()
+        };
+        let mut relative = with_ca("ca.crt");
+        inline_file_references(&mut relative, &path).unwrap();
+        let cluster = relative.clusters[0].cluster.as_ref().unwrap();
+        assert_eq!(cluster.certificate_authority, None);
+        assert_eq!(cluster.certificate_authority_data.as_deref(), Some("Q0E="));
+        // A FIFO would hang the library's read; a link would lead elsewhere: both refused.
+        let err = inline_file_references(&mut with_ca(fifo.to_str().unwrap()), &path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("certificate-authority"), "{err}");
+        std::os::unix::fs::symlink(dir.path().join("ca.crt"), dir.path().join("link")).unwrap();
+        assert!(inline_file_references(&mut with_ca("link"), &path).is_err());
     }
 
     #[test]
