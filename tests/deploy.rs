@@ -1013,7 +1013,7 @@ fn controller_rbac_is_the_same_in_every_install() {
         for o in [c.sa, c.role, c.binding, c.config, c.deployment] {
             assert_eq!(o["metadata"]["namespace"], ns, "{source}: {:?}", o["kind"]);
         }
-        assert_eq!(one(&objects, "DaemonSet")["metadata"]["namespace"], ns);
+        assert_eq!(one(objects, "DaemonSet")["metadata"]["namespace"], ns);
         assert_eq!(
             c.deployment["spec"]["template"]["spec"]["serviceAccountName"],
             c.sa["metadata"]["name"],
