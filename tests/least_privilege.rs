@@ -311,6 +311,12 @@ impl<'a> Scenario<'a> {
                 .list("events")
                 .iter()
                 .any(|e| e["reason"] == "AddressReleased")
+        })?;
+        self.wait("the leader renewing its Lease", || {
+            self.audit
+                .requests(CONTROLLER)
+                .iter()
+                .any(|r| r.verb == "update" && r.resource == "leases" && r.code == 200)
         })
     }
 }
@@ -340,7 +346,15 @@ impl Controller {
             .env("WHEREABOUTS_KUBERNETES_SPOOL", dir.join("controller-spool"))
             .args(["controller", "--datastore", "kubernetes", "--kubeconfig"])
             .arg(kubeconfig)
-            .args(["--listen", "127.0.0.1:0", "--watch-timeout", "5"])
+            // A short lease: the scenario sees the leader renew it (an update) within seconds.
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--watch-timeout",
+                "5",
+                "--lease-duration",
+                "3",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
