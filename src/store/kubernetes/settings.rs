@@ -43,8 +43,10 @@ impl Settings {
             undo_budget: request_timeout,
             // Contention on one pool object is resolved by spreading the contenders in time: the
             // ceiling grows quickly enough for hundreds of writers to one pool to get through.
+            // The operation's deadline bounds the retries: on a real API server a round of read
+            // and write under a burst takes long enough that a count would give up first.
             conflicts: Backoff {
-                attempts: 60,
+                attempts: 100_000,
                 base: Duration::from_millis(6),
                 max: Duration::from_millis(400),
             },
