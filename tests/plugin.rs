@@ -409,9 +409,10 @@ fn the_readme_quick_start_prints_what_the_readme_says() {
         .find(|l| l.contains(build))
         .expect("the quick start line");
     let dir = tempfile::tempdir().unwrap();
+    // The folder first: the binary's own path may lie below /tmp.
     let command = line[line.find(build).unwrap() + build.len()..]
-        .replace("./target/release/whereabouts", bin())
-        .replace("/tmp/", &format!("{}/", dir.path().display()));
+        .replace("/tmp/", &format!("{}/", dir.path().display()))
+        .replace("./target/release/whereabouts", bin());
     let promised = readme
         .split("The first command prints `")
         .nth(1)
