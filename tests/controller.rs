@@ -829,14 +829,6 @@ fn the_plugin_never_falls_back_to_a_service_account() {
 }
 
 /// Pods that exist (Pending for ever: no kubelet) keep their addresses; the others go.
-fn real_pod(ns: &kube_apiserver::TestNamespace, name: &str) {
-    ns.create(
-        "pods",
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-               "spec": {"containers": [{"name": "c", "image": "example.invalid/none"}]}}),
-    );
-}
-
 #[test]
 fn a_standby_takes_over_from_a_killed_leader_and_nothing_is_released_twice() {
     use fake_apiserver::harness::{add_request, attachment, config, ipam_json, open};
@@ -850,7 +842,7 @@ fn a_standby_takes_over_from_a_killed_leader_and_nothing_is_released_twice() {
     let pod_ref = |name: &str| format!("{}/{name}", ns.name);
     for i in 0..5 {
         let name = format!("live-{i}");
-        real_pod(&ns, &name);
+        ns.add_pod(&name, "Running");
         store
             .add(&add_request(
                 &cfg,

@@ -4,37 +4,24 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::process::{Command, Stdio};
 
 use common::*;
 use serde_json::json;
 
 /// Runs the binary with `vars` (raw bytes allowed) on top of a DEL's environment.
 fn run_raw(vars: &[(&OsStr, &OsStr)], stdin: &str) -> Reply {
-    let mut child = Command::new(bin())
-        .env_clear()
-        .envs([
-            ("CNI_COMMAND", "DEL"),
-            ("CNI_CONTAINERID", "c1"),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/opt/cni/bin"),
-        ])
-        .env(FLAT_FILE_ENV, test_flat_file())
-        .envs(vars.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the whereabouts binary");
-    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
-    let out = child.wait_with_output().expect("wait for whereabouts");
-    Reply {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let mut all: Vec<(&OsStr, &OsStr)> = [
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ]
+    .iter()
+    .map(|(k, v)| (OsStr::new(k), OsStr::new(v)))
+    .collect();
+    all.extend_from_slice(vars);
+    run(&all, stdin)
 }
 
 #[test]

@@ -22,7 +22,7 @@ fn version_lists_every_supported_version() {
 
 #[test]
 fn about_goes_to_stderr_without_cni_command() {
-    let reply = run(&[], "");
+    let reply = run::<&str, &str>(&[], "");
     assert_eq!(reply.code, 0);
     assert!(reply.stdout.is_empty(), "{reply:?}");
     assert!(

@@ -4,6 +4,7 @@
 
 pub mod tools;
 
+use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -72,12 +73,12 @@ impl Reply {
 
 /// Runs the binary with a clean environment plus `vars`, feeding `stdin`. The tests' flat file
 /// applies unless `vars` names another.
-pub fn run(vars: &[(&str, &str)], stdin: &str) -> Reply {
+pub fn run<K: AsRef<OsStr>, V: AsRef<OsStr>>(vars: &[(K, V)], stdin: &str) -> Reply {
     let mut child = Command::new(bin())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env(FLAT_FILE_ENV, test_flat_file())
-        .envs(vars.iter().copied())
+        .envs(vars.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
