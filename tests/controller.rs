@@ -147,7 +147,7 @@ impl Controller {
 fn held(net: &Net) -> Vec<(IpAddr, String)> {
     let store = whereabouts::store::local::open(&net.db()).unwrap();
     let mut out: Vec<(IpAddr, String)> = store
-        .leases(None)
+        .allocations(None)
         .unwrap()
         .into_iter()
         .map(|l| (l.ip, l.attachment.pod_ref.unwrap_or_default()))
@@ -861,12 +861,12 @@ fn a_standby_takes_over_from_a_killed_leader_and_nothing_is_released_twice() {
             .unwrap();
     }
     let conf = json!({"name": "controller", "ipam": ipam});
-    let lease = ["--lease-duration", "4"];
+    let allocation = ["--allocation-duration", "4"];
     for sub in ["a", "b"] {
         std::fs::create_dir_all(dir.path().join(sub)).unwrap();
     }
-    let first = Controller::start(&dir.path().join("a"), &conf, &kubeconfig, &lease);
-    let second = Controller::start(&dir.path().join("b"), &conf, &kubeconfig, &lease);
+    let first = Controller::start(&dir.path().join("a"), &conf, &kubeconfig, &allocation);
+    let second = Controller::start(&dir.path().join("b"), &conf, &kubeconfig, &allocation);
     let leads = |c: &Controller| c.metric("whereabouts_leader") == Some(1.0);
     wait_for("a leader", Duration::from_secs(20), || {
         leads(&first) || leads(&second)
@@ -895,7 +895,7 @@ fn a_standby_takes_over_from_a_killed_leader_and_nothing_is_released_twice() {
     assert!(takeover < Duration::from_secs(7), "{takeover:?}");
     let held = || -> Vec<String> {
         store
-            .leases(None)
+            .allocations(None)
             .unwrap()
             .into_iter()
             .filter_map(|l| l.attachment.pod_ref)
@@ -952,7 +952,12 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
     );
     let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
         "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
-    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &["--lease-duration", "4"]);
+    let ctl = Controller::start(
+        dir.path(),
+        &conf,
+        &kubeconfig,
+        &["--allocation-duration", "4"],
+    );
     let has_slice = |pool: &str| {
         ns.get("nodeslicepools", pool).is_some_and(|p| {
             p["status"]["allocations"]

@@ -1,6 +1,6 @@
 //! The etcd engine's own semantics, through the library, against a real 3-member cluster:
 //! idempotent ADD, static addresses, overlapping ranges, all-or-nothing ADD, CHECK, GC, the
-//! CLI's leases and release, and a pool holding a million addresses.
+//! CLI's allocations and release, and a pool holding a million addresses.
 
 #[path = "etcd_cluster/mod.rs"]
 mod etcd_cluster;
@@ -154,12 +154,12 @@ fn store_semantics_on_a_real_cluster() {
     store
         .add(&add_req(who("t2", None), std::slice::from_ref(&tiny), ""))
         .unwrap();
-    let before = store.leases(Some(&p6.name)).unwrap().len();
+    let before = store.allocations(Some(&p6.name)).unwrap().len();
     let err = store
         .add(&add_req(who("c6", None), &[p6.clone(), tiny.clone()], ""))
         .unwrap_err();
     assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
-    assert_eq!(store.leases(Some(&p6.name)).unwrap().len(), before);
+    assert_eq!(store.allocations(Some(&p6.name)).unwrap().len(), before);
 
     // Release one address by hand (the CLI), then it is the lowest free again.
     let released = store.release(&p4.name, ip("10.0.0.2")).unwrap().unwrap();
@@ -202,14 +202,14 @@ fn store_semantics_on_a_real_cluster() {
         .collect();
     freed.sort();
     assert_eq!(freed, ["c3", "c5", "c7", "t1", "t2"]);
-    let left = store.leases(None).unwrap();
+    let left = store.allocations(None).unwrap();
     assert_eq!(left.len(), 2);
     assert!(left
         .iter()
         .all(|l| l.attachment.container_id == "c1-restarted"));
 
     store.del(&att_req("c1-restarted", &dual)).unwrap();
-    assert!(store.leases(None).unwrap().is_empty());
+    assert!(store.allocations(None).unwrap().is_empty());
     assert!(
         cluster.keys("/sem/").is_empty(),
         "{:?}",

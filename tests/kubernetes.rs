@@ -221,9 +221,9 @@ fn gc_leaves_shared_pools_alone() {
     let pool = ns.get("ippools", "10.6.0.0-24").unwrap();
     assert_eq!(pool_ips(&pool).len(), 3);
     assert_eq!(ns.list("overlappingrangeipreservations").len(), 3);
-    let leases = store.leases(None).unwrap();
-    assert_eq!(leases.len(), 3);
-    let keep = leases
+    let allocations = store.allocations(None).unwrap();
+    assert_eq!(allocations.len(), 3);
+    let keep = allocations
         .iter()
         .find(|l| l.attachment.container_id == "keep")
         .unwrap();

@@ -87,10 +87,14 @@ fn holdings(db: &Path) -> HashMap<String, IpAddr> {
     assert!(problems.is_empty(), "{problems:?}");
     let mut seen = HashSet::new();
     let mut held = HashMap::new();
-    for lease in store.leases(None).unwrap() {
-        assert!(seen.insert(lease.ip), "address {} held twice", lease.ip);
-        let previous = held.insert(lease.attachment.container_id.clone(), lease.ip);
-        assert!(previous.is_none(), "{lease:?} holds two addresses");
+    for allocation in store.allocations(None).unwrap() {
+        assert!(
+            seen.insert(allocation.ip),
+            "address {} held twice",
+            allocation.ip
+        );
+        let previous = held.insert(allocation.attachment.container_id.clone(), allocation.ip);
+        assert!(previous.is_none(), "{allocation:?} holds two addresses");
     }
     held
 }

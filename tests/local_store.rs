@@ -173,7 +173,7 @@ fn exhausted_names_the_range() {
         }
         .code()
     );
-    assert_eq!(store.leases(None).unwrap().len(), 2);
+    assert_eq!(store.allocations(None).unwrap().len(), 2);
     audit(&dir.path().join("wb.db"));
 }
 
@@ -193,11 +193,14 @@ fn repeated_add_is_idempotent_and_updates_the_container() {
     let after_restart = store.add(&add_req("", &[&p], restarted)).unwrap();
     assert_eq!(first, again);
     assert_eq!(first, after_restart);
-    let leases = store.leases(Some(&p.name)).unwrap();
-    assert_eq!(leases.len(), 1);
-    assert_eq!(leases[0].attachment.container_id, "c2");
-    assert_eq!(leases[0].attachment.pod_uid.as_deref(), Some("uid-new"));
-    assert_eq!(leases[0].cni_network.as_deref(), Some("net"));
+    let allocations = store.allocations(Some(&p.name)).unwrap();
+    assert_eq!(allocations.len(), 1);
+    assert_eq!(allocations[0].attachment.container_id, "c2");
+    assert_eq!(
+        allocations[0].attachment.pod_uid.as_deref(),
+        Some("uid-new")
+    );
+    assert_eq!(allocations[0].cni_network.as_deref(), Some("net"));
 
     // Another interface of the same pod is another attachment.
     let mut net1 = who("c2", Some("ns/a"));
@@ -253,9 +256,9 @@ fn static_addresses_are_reserved() {
     // The same owner asking for another address moves: no second address in the range.
     req.ranges[0].requested = Some(200);
     assert_eq!(store.add(&req).unwrap(), vec![ip("10.2.0.200")]);
-    let leases = store.leases(Some(&p.name)).unwrap();
-    assert_eq!(leases.len(), 1);
-    assert_eq!(leases[0].ip, ip("10.2.0.200"));
+    let allocations = store.allocations(Some(&p.name)).unwrap();
+    assert_eq!(allocations.len(), 1);
+    assert_eq!(allocations[0].ip, ip("10.2.0.200"));
     // ...and a dynamic ADD after that returns the static one.
     assert_eq!(
         store
@@ -284,7 +287,7 @@ fn dual_stack_is_all_or_nothing() {
         .unwrap_err();
     assert!(err.to_string().contains("fd04::/126"), "{err}");
     // The IPv4 address chosen before the IPv6 range failed was not kept.
-    assert_eq!(store.leases(Some(&v4.name)).unwrap().len(), 2);
+    assert_eq!(store.allocations(Some(&v4.name)).unwrap().len(), 2);
     assert!(store.check(&del_req(&[&v4, &v6], "c")).unwrap().is_empty());
     audit(&dir.path().join("wb.db"));
 }
@@ -392,7 +395,7 @@ fn del_releases_in_every_pool_check_only_in_the_requested_ones() {
     // Nothing held: still a success.
     assert!(store.del(&del_req(&[&new], "c1")).unwrap().is_empty());
     assert!(store.del(&del_req(&[&new], "never")).unwrap().is_empty());
-    assert_eq!(store.leases(None).unwrap().len(), 1);
+    assert_eq!(store.allocations(None).unwrap().len(), 1);
     audit(&dir.path().join("wb.db"));
 }
 
@@ -426,7 +429,7 @@ fn gc_keeps_valid_attachments_and_other_networks() {
     released.sort();
     assert_eq!(released, vec!["drop1", "drop2"]);
     let mut left: Vec<_> = store
-        .leases(None)
+        .allocations(None)
         .unwrap()
         .into_iter()
         .map(|l| l.attachment.container_id)
@@ -443,7 +446,7 @@ fn release_and_leases_for_the_cli() {
     let p = pool("10.11.0.0/24");
     add1(&*store, &p, "a");
     add1(&*store, &p, "b");
-    assert_eq!(store.leases(Some("nope")).unwrap().len(), 0);
+    assert_eq!(store.allocations(Some("nope")).unwrap().len(), 0);
     let gone = store.release(&p.name, ip("10.11.0.1")).unwrap().unwrap();
     assert_eq!(gone.attachment.container_id, "a");
     assert_eq!(store.release(&p.name, ip("10.11.0.1")).unwrap(), None);
@@ -498,7 +501,7 @@ fn a_million_allocations_do_not_slow_the_next_one() {
         .del(&del_req(&[&v6], &format!("v{:040}", far + 7)))
         .unwrap();
     assert_eq!(add1(&store, &v6, "third"), v6.range.ip(far + 7));
-    assert_eq!(store.leases(Some(&v6.name)).unwrap().len(), 40_001);
+    assert_eq!(store.allocations(Some(&v6.name)).unwrap().len(), 40_001);
 }
 
 #[test]
@@ -535,7 +538,7 @@ fn offsets_beyond_two_to_the_63() {
         Err(StoreError::Exhausted { .. })
     ));
     let offsets: Vec<_> = store
-        .leases(Some(&high.name))
+        .allocations(Some(&high.name))
         .unwrap()
         .into_iter()
         .map(|l| l.ip)

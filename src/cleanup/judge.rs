@@ -1,10 +1,10 @@
-//! Whether cleanup may free an allocation, and why: a pure decision over the lease and what the
+//! Whether cleanup may free an allocation, and why: a pure decision over the allocation and what the
 //! cluster says about its pod. The controller, `whereabouts gc --dry-run` and
 //! `whereabouts release` all decide with this one function, so they never disagree.
 
 use std::fmt;
 
-use crate::store::Lease;
+use crate::store::Allocation;
 
 /// What the cluster says about a pod, as far as cleanup cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,11 +113,11 @@ impl fmt::Display for Verdict {
     }
 }
 
-/// Decides about `lease` given the pod its pod reference names (`None`: no such pod).
-pub fn judge(lease: &Lease, pod: Option<&PodState>) -> Verdict {
+/// Decides about `allocation` given the pod its pod reference names (`None`: no such pod).
+pub fn judge(allocation: &Allocation, pod: Option<&PodState>) -> Verdict {
     judge_holder(
-        lease.attachment.pod_ref.as_deref(),
-        lease.attachment.pod_uid.as_deref(),
+        allocation.attachment.pod_ref.as_deref(),
+        allocation.attachment.pod_uid.as_deref(),
         pod,
     )
 }
@@ -154,13 +154,13 @@ pub fn judge_holder(
     }
 }
 
-/// Whether a pod deletion seen by a watch concerns `lease`: it names that pod, and the UID (when
+/// Whether a pod deletion seen by a watch concerns `allocation`: it names that pod, and the UID (when
 /// both are known) is the deleted pod's. A candidate only: the final word is [`judge`] against
 /// the pod of that name as it is now, so a StatefulSet pod re-created in the meantime keeps its
 /// address.
-pub fn freed_by_deletion(lease: &Lease, pod_ref: &str, deleted_uid: &str) -> bool {
-    lease.attachment.pod_ref.as_deref() == Some(pod_ref)
-        && lease
+pub fn freed_by_deletion(allocation: &Allocation, pod_ref: &str, deleted_uid: &str) -> bool {
+    allocation.attachment.pod_ref.as_deref() == Some(pod_ref)
+        && allocation
             .attachment
             .pod_uid
             .as_deref()
@@ -173,8 +173,8 @@ mod tests {
     use crate::ipam::Cidr;
     use crate::store::Attachment;
 
-    fn lease(pod: Option<&str>, uid: Option<&str>) -> Lease {
-        Lease {
+    fn allocation(pod: Option<&str>, uid: Option<&str>) -> Allocation {
+        Allocation {
             pool: "10.0.0.0-24".into(),
             range: Cidr::parse("10.0.0.0/24", false).unwrap(),
             ip: "10.0.0.1".parse().unwrap(),
@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn decisions() {
-        let l = lease(Some("ns/a"), Some("u1"));
+        let l = allocation(Some("ns/a"), Some("u1"));
         assert_eq!(judge(&l, None), Verdict::Release(ReleaseReason::PodGone));
         assert_eq!(
             judge(&l, Some(&pod("u1", PodPhase::Running, false))),
@@ -226,7 +226,7 @@ mod tests {
             Verdict::Keep(KeepReason::PodAlive)
         );
         // Without a recorded UID the pod of that name is taken to be the one.
-        let no_uid = lease(Some("ns/a"), None);
+        let no_uid = allocation(Some("ns/a"), None);
         assert_eq!(
             judge(&no_uid, Some(&pod("u9", PodPhase::Failed, false))),
             Verdict::Release(ReleaseReason::PodFinished)
@@ -240,7 +240,7 @@ mod tests {
             Some("a/b/c"),
         ] {
             assert_eq!(
-                judge(&lease(no_pod, None), None),
+                judge(&allocation(no_pod, None), None),
                 Verdict::Keep(KeepReason::NoPodReference),
                 "{no_pod:?}"
             );
@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn deletions_match_by_uid() {
-        let l = lease(Some("ns/a"), Some("u1"));
+        let l = allocation(Some("ns/a"), Some("u1"));
         assert!(freed_by_deletion(&l, "ns/a", "u1"));
         assert!(
             !freed_by_deletion(&l, "ns/a", "u0"),
@@ -257,7 +257,7 @@ mod tests {
         );
         assert!(!freed_by_deletion(&l, "ns/b", "u1"));
         assert!(freed_by_deletion(
-            &lease(Some("ns/a"), None),
+            &allocation(Some("ns/a"), None),
             "ns/a",
             "anything"
         ));

@@ -1,56 +1,69 @@
-//! A whole sweep decided at once: every lease judged against the pods that exist. Shared by the
+//! A whole sweep decided at once: every allocation judged against the pods that exist. Shared by the
 //! controller's reconcile and `whereabouts gc`, so both free exactly the same addresses.
 
 use std::collections::HashMap;
 
 use super::judge::{judge, PodState, Verdict};
 use crate::ipam::{Range, RangeSpec};
-use crate::store::{AttachmentRequest, Lease, PoolRef, Store, StoreError};
+use crate::store::{Allocation, AttachmentRequest, PoolRef, Store, StoreError};
 
-/// One lease and what cleanup decides about it.
+/// One allocation and what cleanup decides about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
-    pub lease: Lease,
+    pub allocation: Allocation,
     pub verdict: Verdict,
 }
 
-/// Judges every lease against `pods` (keyed by `namespace/name`).
+/// Judges every allocation against `pods` (keyed by `namespace/name`).
 ///
-/// The pods must have been listed *after* the leases: a lease is written only once its pod
-/// exists, so every lease of the list then has its pod in the pod list unless that pod is gone.
+/// The pods must have been listed *after* the allocations: a allocation is written only once its pod
+/// exists, so every allocation of the list then has its pod in the pod list unless that pod is gone.
 /// Listing in the other order would free the address of a pod created in between.
-pub fn plan(leases: Vec<Lease>, pods: &HashMap<String, PodState>) -> Vec<Decision> {
-    leases
+pub fn plan(allocations: Vec<Allocation>, pods: &HashMap<String, PodState>) -> Vec<Decision> {
+    allocations
         .into_iter()
-        .map(|lease| {
-            let pod = lease.attachment.pod_ref.as_ref().and_then(|r| pods.get(r));
-            let verdict = judge(&lease, pod);
-            Decision { lease, verdict }
+        .map(|allocation| {
+            let pod = allocation
+                .attachment
+                .pod_ref
+                .as_ref()
+                .and_then(|r| pods.get(r));
+            let verdict = judge(&allocation, pod);
+            Decision {
+                allocation,
+                verdict,
+            }
         })
         .collect()
 }
 
-/// Frees one lease *only while the attachment judged still holds it*: a DEL of that container
+/// Frees one allocation *only while the attachment judged still holds it*: a DEL of that container
 /// and interface in that pool. Between the decision and this write the runtime's own DEL may
 /// have freed the address and another pod taken it; an unconditional release would then take
 /// the new pod's address away.
-pub fn free(store: &dyn Store, lease: &Lease) -> Result<Vec<Lease>, StoreError> {
+pub fn release_if_held(
+    store: &dyn Store,
+    allocation: &Allocation,
+) -> Result<Vec<Allocation>, StoreError> {
     let spec = RangeSpec {
-        cidr: lease.range.network(),
+        cidr: allocation.range.network(),
         start: None,
         end: None,
         exclude: Vec::new(),
     };
     let range = Range::resolve(&spec, None).map_err(|e| {
-        StoreError::Config(format!("pool {} has an unusable range: {e}", lease.pool))
+        StoreError::Config(format!(
+            "pool {} has an unusable range: {e}",
+            allocation.pool
+        ))
     })?;
     let request = AttachmentRequest {
-        cni_network: lease.cni_network.clone().unwrap_or_default(),
-        network_name: lease.network_name.clone(),
-        container_id: lease.attachment.container_id.clone(),
-        ifname: lease.attachment.ifname.clone(),
+        cni_network: allocation.cni_network.clone().unwrap_or_default(),
+        network_name: allocation.network_name.clone(),
+        container_id: allocation.attachment.container_id.clone(),
+        ifname: allocation.attachment.ifname.clone(),
         pools: vec![PoolRef {
-            name: lease.pool.clone(),
+            name: allocation.pool.clone(),
             spec,
             gateway: None,
             range,
@@ -68,8 +81,8 @@ mod tests {
     use crate::ipam::Cidr;
     use crate::store::Attachment;
 
-    fn lease(ip: &str, pod: &str) -> Lease {
-        Lease {
+    fn allocation(ip: &str, pod: &str) -> Allocation {
+        Allocation {
             pool: "p".into(),
             range: Cidr::parse("10.0.0.0/24", false).unwrap(),
             ip: ip.parse().unwrap(),
@@ -96,7 +109,10 @@ mod tests {
             },
         );
         let out = plan(
-            vec![lease("10.0.0.1", "ns/alive"), lease("10.0.0.2", "ns/gone")],
+            vec![
+                allocation("10.0.0.1", "ns/alive"),
+                allocation("10.0.0.2", "ns/gone"),
+            ],
             &pods,
         );
         assert_eq!(out[0].verdict, Verdict::Keep(KeepReason::PodAlive));

@@ -5,7 +5,7 @@ use serde::Serialize;
 use super::output::print;
 use super::store_args::StoreArgs;
 use crate::ipam::{parse_range_text, Cidr};
-use crate::store::Lease;
+use crate::store::Allocation;
 
 #[derive(clap::Args, Debug)]
 pub struct AllocationsArgs {
@@ -26,8 +26,8 @@ pub struct AllocationRow {
     pub interface: String,
 }
 
-impl From<Lease> for AllocationRow {
-    fn from(l: Lease) -> Self {
+impl From<Allocation> for AllocationRow {
+    fn from(l: Allocation) -> Self {
         AllocationRow {
             address: l.ip.to_string(),
             pool: l.pool,
@@ -40,12 +40,12 @@ impl From<Lease> for AllocationRow {
     }
 }
 
-/// Whether `lease` belongs to `filter` (a CIDR or a pool name).
-fn selected(lease: &Lease, filter: Option<&(String, Option<Cidr>)>) -> bool {
+/// Whether `allocation` belongs to `filter` (a CIDR or a pool name).
+fn selected(allocation: &Allocation, filter: Option<&(String, Option<Cidr>)>) -> bool {
     match filter {
         None => true,
         Some((name, cidr)) => {
-            lease.pool == *name || cidr.is_some_and(|c| c == lease.range.network())
+            allocation.pool == *name || cidr.is_some_and(|c| c == allocation.range.network())
         }
     }
 }
@@ -56,14 +56,14 @@ pub fn rows(args: &AllocationsArgs) -> anyhow::Result<Vec<AllocationRow>> {
         .range
         .as_ref()
         .map(|r| (r.clone(), parse_range_text(r).ok().map(|(c, _, _)| c)));
-    let mut leases: Vec<Lease> = store
-        .leases(None)
+    let mut allocations: Vec<Allocation> = store
+        .allocations(None)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .into_iter()
         .filter(|l| selected(l, filter.as_ref()))
         .collect();
-    leases.sort_by_key(|l| (l.pool.clone(), crate::ipam::addr::to_u128(l.ip)));
-    Ok(leases.into_iter().map(AllocationRow::from).collect())
+    allocations.sort_by_key(|l| (l.pool.clone(), crate::ipam::addr::to_u128(l.ip)));
+    Ok(allocations.into_iter().map(AllocationRow::from).collect())
 }
 
 pub fn run(args: AllocationsArgs) -> anyhow::Result<()> {

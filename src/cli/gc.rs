@@ -9,9 +9,9 @@ use serde::Serialize;
 use super::output::print;
 use super::store_args::StoreArgs;
 use crate::cleanup::judge::Verdict;
-use crate::cleanup::plan::{free, plan};
+use crate::cleanup::plan::{plan, release_if_held};
 use crate::cleanup::pods::{cluster_source, PodReader};
-use crate::store::Lease;
+use crate::store::Allocation;
 
 /// Where the operator's commands read pods from.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -45,13 +45,13 @@ pub struct GcRow {
     pub reason: String,
 }
 
-fn row(lease: &Lease, action: &str, verdict: &Verdict) -> GcRow {
+fn row(allocation: &Allocation, action: &str, verdict: &Verdict) -> GcRow {
     GcRow {
-        address: lease.ip.to_string(),
-        pool: lease.pool.clone(),
-        pod: lease.attachment.pod_ref.clone().unwrap_or_default(),
-        container: lease.attachment.container_id.clone(),
-        interface: lease.attachment.ifname.clone(),
+        address: allocation.ip.to_string(),
+        pool: allocation.pool.clone(),
+        pod: allocation.attachment.pod_ref.clone().unwrap_or_default(),
+        container: allocation.attachment.container_id.clone(),
+        interface: allocation.attachment.ifname.clone(),
         action: action.to_string(),
         reason: verdict.to_string(),
     }
@@ -64,22 +64,28 @@ pub fn rows(args: &GcArgs) -> anyhow::Result<Vec<GcRow>> {
     )?;
     let reader = PodReader::open(source).map_err(|e| anyhow::anyhow!(e))?;
     // Leases first, pods second (see cleanup::plan).
-    let leases = store.leases(None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let allocations = store
+        .allocations(None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let pods = reader.list().map_err(|e| anyhow::anyhow!(e))?;
     let mut out = Vec::new();
-    for decision in plan(leases, &pods) {
+    for decision in plan(allocations, &pods) {
         if !matches!(decision.verdict, Verdict::Release(_)) {
             continue;
         }
         if args.dry_run {
-            out.push(row(&decision.lease, "would release", &decision.verdict));
+            out.push(row(
+                &decision.allocation,
+                "would release",
+                &decision.verdict,
+            ));
             continue;
         }
-        let released = free(store.as_ref(), &decision.lease).map_err(|e| {
+        let released = release_if_held(store.as_ref(), &decision.allocation).map_err(|e| {
             anyhow::anyhow!(
                 "cannot release {} in {}: {e}",
-                decision.lease.ip,
-                decision.lease.pool
+                decision.allocation.ip,
+                decision.allocation.pool
             )
         })?;
         let action = if released.is_empty() {
@@ -87,7 +93,7 @@ pub fn rows(args: &GcArgs) -> anyhow::Result<Vec<GcRow>> {
         } else {
             "released"
         };
-        out.push(row(&decision.lease, action, &decision.verdict));
+        out.push(row(&decision.allocation, action, &decision.verdict));
     }
     out.sort_by_key(|r| (r.pool.clone(), r.address.clone()));
     Ok(out)

@@ -36,10 +36,13 @@ pub fn rows(args: &StoreArgs) -> anyhow::Result<Vec<PoolRow>> {
     for pool in plugin::pools(&cfg).map_err(|e| anyhow::anyhow!(e.msg))? {
         pools.insert(pool.name.clone(), (pool.cidr(), pool.range.capacity(), 0));
     }
-    for lease in store.leases(None).map_err(|e| anyhow::anyhow!("{e}"))? {
+    for allocation in store
+        .allocations(None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+    {
         let entry = pools
-            .entry(lease.pool.clone())
-            .or_insert_with(|| (lease.range, default_capacity(&lease.range), 0));
+            .entry(allocation.pool.clone())
+            .or_insert_with(|| (allocation.range, default_capacity(&allocation.range), 0));
         entry.2 += 1;
     }
     Ok(pools

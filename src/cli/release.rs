@@ -44,12 +44,12 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
         .ok_or_else(|| anyhow::anyhow!("{:?} is not an IP address", args.address))?;
     let (cfg, store) = args.store.open()?;
     let held: Vec<_> = store
-        .leases(args.pool.as_deref())
+        .allocations(args.pool.as_deref())
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .into_iter()
         .filter(|l| l.ip == ip)
         .collect();
-    let lease = match held.as_slice() {
+    let allocation = match held.as_slice() {
         [] => match &args.pool {
             Some(pool) => anyhow::bail!("{ip} is not allocated in pool {pool}"),
             None => anyhow::bail!("{ip} is not allocated"),
@@ -63,17 +63,17 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
                 .join(", ")
         ),
     };
-    let pod = lease.attachment.pod_ref.clone().unwrap_or_default();
+    let pod = allocation.attachment.pod_ref.clone().unwrap_or_default();
     let verdict = match cluster_source(args.cluster.pod_kubeconfig.as_deref(), &cfg) {
         None => None,
         Some(source) => {
             let reader = PodReader::open(source).map_err(|e| anyhow::anyhow!(e))?;
-            match lease.attachment.pod_ref.as_deref() {
+            match allocation.attachment.pod_ref.as_deref() {
                 Some(r) => Some(judge(
-                    &lease,
+                    &allocation,
                     reader.get(r).map_err(|e| anyhow::anyhow!(e))?.as_ref(),
                 )),
-                None => Some(judge(&lease, None)),
+                None => Some(judge(&allocation, None)),
             }
         }
     };
@@ -83,20 +83,20 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
         (None, true) => "forced: pod state unknown".to_string(),
         (Some(Verdict::Keep(why)), false) => anyhow::bail!(
             "refusing to release {ip} (pool {}) held by pod {}: {}; use --force to release it anyway",
-            lease.pool,
+            allocation.pool,
             if pod.is_empty() { "(none recorded)" } else { &pod },
             why.as_str()
         ),
         (None, false) => anyhow::bail!(
             "refusing to release {ip} (pool {}, pod {}): cannot tell whether its pod is alive without a kubeconfig to read pods (--pod-kubeconfig or $KUBECONFIG); use --force to release it anyway",
-            lease.pool,
+            allocation.pool,
             if pod.is_empty() { "(none recorded)" } else { &pod }
         ),
     };
     let released = store
-        .release(&lease.pool, ip)
-        .map_err(|e| anyhow::anyhow!("cannot release {ip} in {}: {e}", lease.pool))?
-        .ok_or_else(|| anyhow::anyhow!("{ip} was freed meanwhile in pool {}", lease.pool))?;
+        .release(&allocation.pool, ip)
+        .map_err(|e| anyhow::anyhow!("cannot release {ip} in {}: {e}", allocation.pool))?
+        .ok_or_else(|| anyhow::anyhow!("{ip} was freed meanwhile in pool {}", allocation.pool))?;
     Ok(ReleaseRow {
         address: released.ip.to_string(),
         pool: released.pool,

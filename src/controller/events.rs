@@ -7,13 +7,13 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
 
 use crate::cleanup::judge::Verdict;
-use crate::store::Lease;
+use crate::store::Allocation;
 
 pub const REASON: &str = "AddressReleased";
 pub const COMPONENT: &str = "whereabouts-controller";
 
 pub struct Released<'a> {
-    pub lease: &'a Lease,
+    pub allocation: &'a Allocation,
     pub pod_uid: Option<String>,
     pub verdict: &'a Verdict,
 }
@@ -33,7 +33,7 @@ pub fn recorder(client: Client) -> Recorder {
 /// The pod an Event is about; None when the allocation names no pod.
 pub fn regarding(released: &Released) -> Option<ObjectReference> {
     let (ns, name) = released
-        .lease
+        .allocation
         .attachment
         .pod_ref
         .as_deref()?
@@ -52,16 +52,16 @@ pub fn regarding(released: &Released) -> Option<ObjectReference> {
 }
 
 pub fn event(released: &Released) -> Event {
-    let lease = released.lease;
+    let allocation = released.allocation;
     Event {
         type_: EventType::Normal,
         reason: REASON.into(),
         note: Some(format!(
             "whereabouts released {} (pool {}, container {}, interface {}): {}",
-            lease.ip,
-            lease.pool,
-            lease.attachment.container_id,
-            lease.attachment.ifname,
+            allocation.ip,
+            allocation.pool,
+            allocation.attachment.container_id,
+            allocation.attachment.ifname,
             released.verdict
         )),
         action: "Release".into(),
@@ -85,7 +85,7 @@ mod tests {
 
     #[test]
     fn event_on_the_pods_namespace() {
-        let lease = Lease {
+        let allocation = Allocation {
             pool: "10.0.0.0-24".into(),
             range: Cidr::parse("10.0.0.0/24", false).unwrap(),
             ip: "10.0.0.7".parse().unwrap(),
@@ -100,7 +100,7 @@ mod tests {
         };
         let verdict = Verdict::Release(ReleaseReason::PodGone);
         let released = Released {
-            lease: &lease,
+            allocation: &allocation,
             pod_uid: Some("u1".into()),
             verdict: &verdict,
         };
@@ -111,10 +111,10 @@ mod tests {
         let e = event(&released);
         assert_eq!(e.reason, REASON);
         assert!(e.note.unwrap().contains("10.0.0.7"));
-        let mut no_pod = lease.clone();
+        let mut no_pod = allocation.clone();
         no_pod.attachment.pod_ref = None;
         assert!(regarding(&Released {
-            lease: &no_pod,
+            allocation: &no_pod,
             pod_uid: None,
             verdict: &verdict,
         })

@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::ipam::Cidr;
-use crate::store::{Lease, PoolRef};
+use crate::store::{Allocation, PoolRef};
 
 /// Size and use of one pool, at the time of the last look.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub struct PoolStat {
 
 /// Pools from the configuration (their real capacity) and from the allocations (any other
 /// pool: the range less its network and broadcast addresses).
-pub fn pool_stats(configured: &[PoolRef], leases: &[Lease]) -> Vec<PoolStat> {
+pub fn pool_stats(configured: &[PoolRef], allocations: &[Allocation]) -> Vec<PoolStat> {
     let mut pools: BTreeMap<String, PoolStat> = BTreeMap::new();
     for pool in configured {
         pools.insert(
@@ -39,13 +39,15 @@ pub fn pool_stats(configured: &[PoolRef], leases: &[Lease]) -> Vec<PoolStat> {
             },
         );
     }
-    for lease in leases {
-        let stat = pools.entry(lease.pool.clone()).or_insert_with(|| PoolStat {
-            pool: lease.pool.clone(),
-            range: lease.range.to_string(),
-            size: default_capacity(&lease.range),
-            used: 0,
-        });
+    for allocation in allocations {
+        let stat = pools
+            .entry(allocation.pool.clone())
+            .or_insert_with(|| PoolStat {
+                pool: allocation.pool.clone(),
+                range: allocation.range.to_string(),
+                size: default_capacity(&allocation.range),
+                used: 0,
+            });
         stat.used += 1;
     }
     pools.into_values().collect()
@@ -313,7 +315,7 @@ mod tests {
 
     #[test]
     fn pools_counted_and_rendered() {
-        let lease = |ip: &str| Lease {
+        let allocation = |ip: &str| Allocation {
             pool: "10.0.0.0-29".into(),
             range: Cidr::parse("10.0.0.0/29", false).unwrap(),
             ip: ip.parse().unwrap(),
@@ -321,7 +323,7 @@ mod tests {
             cni_network: None,
             attachment: Attachment::default(),
         };
-        let stats = pool_stats(&[], &[lease("10.0.0.1"), lease("10.0.0.2")]);
+        let stats = pool_stats(&[], &[allocation("10.0.0.1"), allocation("10.0.0.2")]);
         assert_eq!(stats[0].size, 6);
         assert_eq!(stats[0].used, 2);
         let m = Metrics::default();

@@ -19,11 +19,11 @@ use super::events::{self, Released};
 use super::leader::Leadership;
 use super::metrics::{pool_stats, Metrics};
 use crate::cleanup::judge::{freed_by_deletion, judge, judge_holder, PodState, Verdict};
-use crate::cleanup::plan::{free, plan};
+use crate::cleanup::plan::{plan, release_if_held};
 use crate::cleanup::pods;
 use crate::ipam::names::{object_name, reservation_name};
 use crate::k8s::crd::OverlappingRangeIPReservation;
-use crate::store::{Lease, PoolRef, Store};
+use crate::store::{Allocation, PoolRef, Store};
 
 pub enum Job {
     /// A pod was deleted (namespace/name, UID).
@@ -102,8 +102,8 @@ impl Worker {
     }
 
     /// Pool gauges from the allocations just read, less those released since.
-    fn refresh_stats(&self, leases: &[Lease], released: &HashSet<(String, IpAddr)>) {
-        let kept: Vec<Lease> = leases
+    fn refresh_stats(&self, allocations: &[Allocation], released: &HashSet<(String, IpAddr)>) {
+        let kept: Vec<Allocation> = allocations
             .iter()
             .filter(|l| !released.contains(&(l.pool.clone(), l.ip)))
             .cloned()
@@ -112,10 +112,10 @@ impl Worker {
     }
 
     /// Leases, tried a few times: a busy store must not lose a deletion.
-    fn leases(&self) -> Option<Vec<Lease>> {
+    fn allocations(&self) -> Option<Vec<Allocation>> {
         for attempt in 0..3 {
-            match self.store.leases(None) {
-                Ok(leases) => return Some(leases),
+            match self.store.allocations(None) {
+                Ok(allocations) => return Some(allocations),
                 Err(err) => {
                     self.metrics.error("list_allocations");
                     tracing::warn!(%err, attempt, "cannot read the allocations");
@@ -143,15 +143,15 @@ impl Worker {
         None
     }
 
-    /// Deletions and completions seen by the watch: the leases they concern, each judged against
+    /// Deletions and completions seen by the watch: the allocations they concern, each judged against
     /// the pod of that name as it is now.
     fn on_pods(&self, deleted: &[(String, String)], finished: &[String]) {
-        let Some(leases) = self.leases() else {
+        let Some(allocations) = self.allocations() else {
             tracing::error!(retry_in = ?self.retry_after, "deletions left to a reconcile: the allocations cannot be read");
             self.retry_later();
             return;
         };
-        let candidates: Vec<Lease> = leases
+        let candidates: Vec<Allocation> = allocations
             .iter()
             .filter(|l| {
                 deleted.iter().any(|(r, u)| freed_by_deletion(l, r, u))
@@ -165,8 +165,8 @@ impl Worker {
         let mut now: HashMap<String, Option<PodState>> = HashMap::new();
         let mut unread = false;
         let mut released = HashSet::new();
-        for lease in candidates {
-            let Some(pod_ref) = lease.attachment.pod_ref.clone() else {
+        for allocation in candidates {
+            let Some(pod_ref) = allocation.attachment.pod_ref.clone() else {
                 continue;
             };
             if !now.contains_key(&pod_ref) {
@@ -183,42 +183,42 @@ impl Worker {
                 }
             }
             let pod = now.get(&pod_ref).and_then(Option::as_ref);
-            let verdict = judge(&lease, pod);
+            let verdict = judge(&allocation, pod);
             let uid = deleted
                 .iter()
                 .find(|(r, _)| *r == pod_ref)
                 .map(|(_, u)| u.clone());
-            if self.act(&lease, &verdict, uid) {
-                released.insert((lease.pool.clone(), lease.ip));
+            if self.act(&allocation, &verdict, uid) {
+                released.insert((allocation.pool.clone(), allocation.ip));
             }
         }
-        self.refresh_stats(&leases, &released);
+        self.refresh_stats(&allocations, &released);
         if unread {
             self.retry_later();
         }
     }
 
-    /// Frees `lease` when the verdict says so (and this replica still leads); returns whether
+    /// Frees `allocation` when the verdict says so (and this replica still leads); returns whether
     /// it did.
-    fn act(&self, lease: &Lease, verdict: &Verdict, uid: Option<String>) -> bool {
+    fn act(&self, allocation: &Allocation, verdict: &Verdict, uid: Option<String>) -> bool {
         let Verdict::Release(reason) = verdict else {
-            tracing::debug!(ip = %lease.ip, pool = %lease.pool, %verdict, "kept");
+            tracing::debug!(ip = %allocation.ip, pool = %allocation.pool, %verdict, "kept");
             return false;
         };
         // Asked before every release: a leader that cannot renew its Lease stops here, before
         // another replica may start.
         if !self.leadership.is_leader() {
-            tracing::debug!(ip = %lease.ip, pool = %lease.pool, "not the leader any more: left");
+            tracing::debug!(ip = %allocation.ip, pool = %allocation.pool, "not the leader any more: left");
             return false;
         }
-        match free(self.store.as_ref(), lease) {
+        match release_if_held(self.store.as_ref(), allocation) {
             Ok(released) if !released.is_empty() => {
                 self.metrics
                     .released(reason.as_str(), released.len() as u64);
                 for r in &released {
                     tracing::info!(ip = %r.ip, pool = %r.pool, pod = ?r.attachment.pod_ref, %verdict, "released");
                     self.post_event(&Released {
-                        lease: r,
+                        allocation: r,
                         pod_uid: uid.clone().or_else(|| r.attachment.pod_uid.clone()),
                         verdict,
                     });
@@ -229,7 +229,7 @@ impl Worker {
             Ok(_) => false,
             Err(err) => {
                 self.metrics.error("release");
-                tracing::warn!(%err, ip = %lease.ip, pool = %lease.pool, "cannot release");
+                tracing::warn!(%err, ip = %allocation.ip, pool = %allocation.pool, "cannot release");
                 false
             }
         }
@@ -253,7 +253,7 @@ impl Worker {
     fn reconcile(&self, why: &str) {
         let started = Instant::now();
         // Leases (and reservations) first, pods second: see `cleanup::plan`.
-        let Some(leases) = self.leases() else {
+        let Some(allocations) = self.allocations() else {
             tracing::error!(why, retry_in = ?self.retry_after, "reconcile skipped: the allocations cannot be read");
             self.retry_later();
             return;
@@ -279,17 +279,17 @@ impl Worker {
         // or the overlap protection of a live address would go.
         let mut kept_reservations = HashSet::new();
         let mut released = HashSet::new();
-        for decision in plan(leases.clone(), &pods) {
+        for decision in plan(allocations.clone(), &pods) {
             if let Verdict::Keep(reason) = decision.verdict {
                 *held.entry(reason.label()).or_default() += 1;
-                let lease = &decision.lease;
+                let allocation = &decision.allocation;
                 kept_reservations.insert(object_name(&reservation_name(
-                    lease.ip,
-                    &lease.network_name,
+                    allocation.ip,
+                    &allocation.network_name,
                 )));
             }
-            if self.act(&decision.lease, &decision.verdict, None) {
-                released.insert((decision.lease.pool.clone(), decision.lease.ip));
+            if self.act(&decision.allocation, &decision.verdict, None) {
+                released.insert((decision.allocation.pool.clone(), decision.allocation.ip));
             }
         }
         let orphans = self.release_orphan_reservations(reservations, &pods, &kept_reservations);
@@ -303,7 +303,7 @@ impl Worker {
             elapsed_ms = elapsed.as_millis() as u64,
             "reconciled"
         );
-        self.refresh_stats(&leases, &released);
+        self.refresh_stats(&allocations, &released);
     }
 
     /// Reservations whose pod is gone and that no kept pool entry backs (their entries were

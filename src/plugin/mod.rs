@@ -292,9 +292,9 @@ fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
 fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
     CniEnv::require(&env.netns, "CNI_NETNS")?;
     let req = attachment_request(env, conf, cfg)?;
-    let leases = open_store(cfg)?.check(&req)?;
+    let allocations = open_store(cfg)?.check(&req)?;
     for pool in &req.pools {
-        if !leases.iter().any(|l| l.range == pool.cidr()) {
+        if !allocations.iter().any(|l| l.range == pool.cidr()) {
             return Err(CniError::new(
                 code::NOT_RECORDED,
                 format!(

@@ -169,7 +169,7 @@ pub struct GcRequest {
 
 /// An address held in a pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
+pub struct Allocation {
     pub pool: String,
     pub range: Cidr,
     pub ip: IpAddr,
@@ -190,20 +190,20 @@ pub trait Store {
 
     /// Releases everything the attachment holds, in every pool (also ranges no longer in the
     /// configuration, where the engine can find them); succeeds when it holds nothing.
-    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError>;
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError>;
 
     /// What the attachment holds in the request's pools.
-    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError>;
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError>;
 
     /// Releases the allocations of `req.cni_network` whose attachment is not in `req.valid`.
-    fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError>;
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError>;
 
     /// Ok when the engine can serve an ADD now.
     fn status(&self) -> Result<(), StoreError>;
 
     /// Every allocation, or those of one pool.
-    fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError>;
+    fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError>;
 
     /// Releases one address of one pool, whoever holds it; returns what was released.
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError>;
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError>;
 }

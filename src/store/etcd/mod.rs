@@ -21,7 +21,7 @@ pub use keys::DEFAULT_PREFIX;
 
 use crate::config::{EtcdConfig, IpamConfig};
 use crate::store::retry::Backoff;
-use crate::store::{AddRequest, AttachmentRequest, GcRequest, Lease, Store, StoreError};
+use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
 use session::{Deadline, Session};
 
 /// Connects to the etcd cluster with the default timeouts (the deadline may be overridden by
@@ -69,15 +69,15 @@ impl Store for EtcdStore {
         allocate::add(&self.session, &self.backoff, req)
     }
 
-    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         release::del(&self.session, &self.backoff, req)
     }
 
-    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         release::check(&self.session, req)
     }
 
-    fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
         release::gc(&self.session, &self.backoff, req)
     }
 
@@ -92,11 +92,11 @@ impl Store for EtcdStore {
             .map_err(|e| StoreError::TryAgain(format!("etcd cluster is not available: {}", e.0)))
     }
 
-    fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
-        release::leases(&self.session, pool)
+    fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {
+        release::allocations(&self.session, pool)
     }
 
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError> {
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         release::release(&self.session, &self.backoff, pool, ip)
     }
 }

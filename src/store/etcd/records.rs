@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::ipam::Cidr;
-use crate::store::{Attachment, Lease};
+use crate::store::{Allocation, Attachment};
 
 /// One held address: the value of `pools/<pool>/a/<offset>`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,12 +50,12 @@ impl AllocationRecord {
         serde_json::from_slice(bytes).ok()
     }
 
-    /// The lease this record describes; `None` only for a record whose range and address are
+    /// The allocation this record describes; `None` only for a record whose range and address are
     /// both unreadable, which this engine never writes.
-    pub fn lease(&self, pool: &str) -> Option<Lease> {
+    pub fn allocation(&self, pool: &str) -> Option<Allocation> {
         let bits = if self.ip.is_ipv6() { 128 } else { 32 };
         let range = Cidr::parse(&self.range, false).or_else(|| Cidr::new(self.ip, bits))?;
-        Some(Lease {
+        Some(Allocation {
             pool: pool.to_string(),
             range,
             ip: self.ip,

@@ -1,4 +1,4 @@
-//! Releasing allocations (DEL, GC, the CLI's release) and reading them (CHECK, leases). Each
+//! Releasing allocations (DEL, GC, the CLI's release) and reading them (CHECK, allocations). Each
 //! release is one transaction: the record, its run, its index entries and its reservation go
 //! together, guarded by the revisions that were read.
 
@@ -12,18 +12,18 @@ use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun};
 use super::session::{floor_get, key_get, Deadline, Session};
 use crate::store::retry::Backoff;
-use crate::store::{AttachmentRequest, GcRequest, Lease, StoreError};
+use crate::store::{Allocation, AttachmentRequest, GcRequest, StoreError};
 
-/// Releases `offset` of `pool` if its record satisfies `belongs`; the released lease, or `None`
+/// Releases `offset` of `pool` if its record satisfies `belongs`; the released allocation, or `None`
 /// when there was nothing (left) to release.
-pub fn free_one(
+pub fn release_one(
     s: &Session,
     backoff: &Backoff,
     dl: &Deadline,
     pool: &str,
     offset: u128,
     belongs: &dyn Fn(&AllocationRecord) -> bool,
-) -> Result<Option<Lease>, StoreError> {
+) -> Result<Option<Allocation>, StoreError> {
     let keys = &s.keys;
     let akey = keys.allocation(pool, offset);
     let mut last = String::from("no attempt finished");
@@ -103,7 +103,7 @@ pub fn free_one(
             "release commit",
             Txn::new().when(compares).and_then(ops),
         ) {
-            Ok(resp) if resp.succeeded() => return Ok(record.lease(pool)),
+            Ok(resp) if resp.succeeded() => return Ok(record.allocation(pool)),
             Ok(_) => last = "the pool changed while releasing (conflicting writer)".into(),
             Err(e) => last = e.0,
         }
@@ -187,20 +187,20 @@ pub fn del(
     s: &Session,
     backoff: &Backoff,
     req: &AttachmentRequest,
-) -> Result<Vec<Lease>, StoreError> {
+) -> Result<Vec<Allocation>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
     let mut released = Vec::new();
     for (pool, offset) in owned(s, &dl, req, true)? {
         let belongs =
             |r: &AllocationRecord| r.container_id == req.container_id && r.ifname == req.ifname;
-        if let Some(lease) = free_one(s, backoff, &dl, &pool, offset, &belongs)? {
-            released.push(lease);
+        if let Some(allocation) = release_one(s, backoff, &dl, &pool, offset, &belongs)? {
+            released.push(allocation);
         }
     }
     Ok(released)
 }
 
-pub fn check(s: &Session, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+pub fn check(s: &Session, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
     let owned = owned(s, &dl, req, false)?;
     let gets = owned
@@ -208,7 +208,7 @@ pub fn check(s: &Session, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreEr
         .map(|(pool, offset)| key_get(&s.keys.allocation(pool, *offset)))
         .collect();
     let res = s.reads(&dl, "check read", gets)?;
-    let mut leases = Vec::new();
+    let mut allocations = Vec::new();
     for ((pool, _), kvs) in owned.iter().zip(res) {
         let record = kvs
             .into_iter()
@@ -217,16 +217,16 @@ pub fn check(s: &Session, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreEr
         if let Some(r) =
             record.filter(|r| r.container_id == req.container_id && r.ifname == req.ifname)
         {
-            leases.extend(r.lease(pool));
+            allocations.extend(r.allocation(pool));
         }
     }
-    Ok(leases)
+    Ok(allocations)
 }
 
 /// Releases this node's allocations of the CNI network that are not valid. The valid list is
 /// this node's runtime's: an allocation of another node (or of an unknown node) is never
 /// touched, and a GC from a node whose name is unknown releases nothing.
-pub fn gc(s: &Session, backoff: &Backoff, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+pub fn gc(s: &Session, backoff: &Backoff, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
     let Some(node) = req.node.as_deref() else {
         tracing::warn!("GC releases nothing: this node's name is unknown (set NODENAME)");
@@ -254,15 +254,15 @@ pub fn gc(s: &Session, backoff: &Backoff, req: &GcRequest) -> Result<Vec<Lease>,
             let belongs = |r: &AllocationRecord| {
                 r.container_id == record.container_id && r.ifname == record.ifname && !valid(r)
             };
-            if let Some(lease) = free_one(s, backoff, &dl, &pool.name, offset, &belongs)? {
-                released.push(lease);
+            if let Some(allocation) = release_one(s, backoff, &dl, &pool.name, offset, &belongs)? {
+                released.push(allocation);
             }
         }
     }
     Ok(released)
 }
 
-pub fn leases(s: &Session, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
+pub fn allocations(s: &Session, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
     let dir = match pool {
         Some(p) => s.keys.allocations_dir(p),
@@ -280,7 +280,7 @@ pub fn leases(s: &Session, pool: Option<&str>) -> Result<Vec<Lease>, StoreError>
             return;
         }
         if let (Some(name), Some(record)) = (name, AllocationRecord::from_json(kv.value())) {
-            out.extend(record.lease(&unescape(name)));
+            out.extend(record.allocation(&unescape(name)));
         }
     })?;
     Ok(out)
@@ -291,7 +291,7 @@ pub fn release(
     backoff: &Backoff,
     pool: &str,
     ip: IpAddr,
-) -> Result<Option<Lease>, StoreError> {
+) -> Result<Option<Allocation>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
     // Any record of the pool names its range, which turns the address into an offset.
     let first = s.get(
@@ -311,7 +311,7 @@ pub fn release(
     let Some(offset) = range.offset_of(ip) else {
         return Ok(None);
     };
-    free_one(s, backoff, &dl, pool, offset, &|r| r.ip == ip)
+    release_one(s, backoff, &dl, pool, offset, &|r| r.ip == ip)
 }
 
 fn parse_allocation(kv: &KeyValue) -> Option<(u128, AllocationRecord)> {

@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use tokio::runtime::Runtime;
 
 use crate::config::{IpamConfig, KubernetesConfig};
-use crate::store::{AddRequest, AttachmentRequest, GcRequest, Lease, Store, StoreError};
+use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
 
 pub use connect::{
     context_namespace, in_cluster_config, in_cluster_namespace, in_pod, operator_access,
@@ -139,15 +139,15 @@ impl Store for KubernetesStore {
         result
     }
 
-    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         self.run("DEL", self.engine.del(req))
     }
 
-    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         self.run("CHECK", self.engine.check(req))
     }
 
-    fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
         self.run("GC", self.engine.gc(req))
     }
 
@@ -177,11 +177,11 @@ impl Store for KubernetesStore {
         })
     }
 
-    fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
-        self.run("list", self.engine.leases(pool))
+    fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {
+        self.run("list", self.engine.allocations(pool))
     }
 
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError> {
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         self.run("release", self.engine.release(pool, ip))
     }
 }

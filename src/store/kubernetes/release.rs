@@ -11,7 +11,7 @@ use super::reservation;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::IPPool;
-use crate::store::{Attachment, AttachmentRequest, GcRequest, Lease, PoolRef, StoreError};
+use crate::store::{Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, StoreError};
 
 impl Engine {
     /// Removes the entries of pool `name` that `pick` selects, compare-and-swap, retried on
@@ -84,8 +84,8 @@ impl Engine {
         Ok(false)
     }
 
-    fn lease(pool: &PoolDoc, entry: Entry, network_name: &str) -> Lease {
-        Lease {
+    fn allocation(pool: &PoolDoc, entry: Entry, network_name: &str) -> Allocation {
+        Allocation {
             pool: pool.name.clone(),
             range: pool.cidr,
             ip: entry.ip,
@@ -96,7 +96,7 @@ impl Engine {
     }
 
     /// The pools an operation works on: with node slices, this node's pool (none if no slice),
-    /// each with the configured range it serves (leases report that range, as the caller
+    /// each with the configured range it serves (allocations report that range, as the caller
     /// configured it, not the node's slice).
     async fn pools_of(
         &self,
@@ -124,7 +124,7 @@ impl Engine {
         pool: &PoolRef,
         network_name: &str,
         pick: impl Fn(&Entry) -> bool,
-    ) -> Result<Vec<Lease>, StoreError> {
+    ) -> Result<Vec<Allocation>, StoreError> {
         let name = object_name(&pool.name);
         let removed = self.remove_entries(&name, pool.range.cidr, pick).await?;
         let doc = PoolDoc::new(&name, configured, None)?;
@@ -132,12 +132,12 @@ impl Engine {
         for entry in removed {
             self.release_reservation(entry.ip, network_name, &entry.attachment)
                 .await?;
-            released.push(Self::lease(&doc, entry, network_name));
+            released.push(Self::allocation(&doc, entry, network_name));
         }
         Ok(released)
     }
 
-    pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+    pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         let mine = |e: &Entry| {
             e.attachment.container_id == req.container_id && e.attachment.ifname == req.ifname
         };
@@ -159,7 +159,7 @@ impl Engine {
         network_name: &str,
         cni_network: &str,
         pick: impl Fn(&Entry) -> bool,
-    ) -> Result<Vec<Lease>, StoreError> {
+    ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
         let pools = self
             .pools_of(configured, node_slice_size, network_name, cni_network)
@@ -173,7 +173,7 @@ impl Engine {
         Ok(released)
     }
 
-    pub async fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+    pub async fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         let mut held = Vec::new();
         for (configured, pool) in self
             .pools_of(
@@ -188,9 +188,9 @@ impl Engine {
             let object = self.kube.get_pool(&name).await?;
             let doc = PoolDoc::new(&name, pool.range.cidr, object)?;
             for entry in doc.held_by_container(&req.container_id, &req.ifname) {
-                let mut lease = Self::lease(&doc, entry, &req.network_name);
-                lease.range = configured;
-                held.push(lease);
+                let mut allocation = Self::allocation(&doc, entry, &req.network_name);
+                allocation.range = configured;
+                held.push(allocation);
             }
         }
         Ok(held)
@@ -199,7 +199,7 @@ impl Engine {
     /// Frees, in this node's slice pools of the network configuration, every allocation whose
     /// attachment is not listed as valid, and then the reservations of the configured ranges'
     /// addresses that no pool entry backs and no valid attachment holds (old ones only).
-    pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+    pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
         let valid: BTreeSet<(&str, &str)> = req
             .valid
             .iter()
@@ -286,7 +286,7 @@ impl Engine {
     }
 
     /// Every allocation, or those of one pool (by its name).
-    pub async fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
+    pub async fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {
         let objects: Vec<IPPool> = match pool {
             Some(name) => self
                 .kube
@@ -296,7 +296,7 @@ impl Engine {
                 .collect(),
             None => self.kube.list_pools(None).await?,
         };
-        let mut leases = Vec::new();
+        let mut allocations = Vec::new();
         for object in objects {
             let name = object.metadata.name.clone().unwrap_or_default();
             let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
@@ -305,14 +305,14 @@ impl Engine {
             let network = network_of_pool(&name, cidr).unwrap_or_default();
             let doc = PoolDoc::new(&name, cidr, Some(object))?;
             for entry in doc.entries() {
-                leases.push(Self::lease(&doc, entry, &network));
+                allocations.push(Self::allocation(&doc, entry, &network));
             }
         }
-        Ok(leases)
+        Ok(allocations)
     }
 
     /// Releases one address of one pool, whoever holds it, and its reservation.
-    pub async fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError> {
+    pub async fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         let name = object_name(pool);
         let Some(object) = self.kube.get_pool(&name).await? else {
             return Ok(None);
@@ -348,7 +348,7 @@ impl Engine {
             }
         }
         let doc = PoolDoc::new(&name, cidr, None)?;
-        Ok(Some(Self::lease(&doc, entry, &prefix)))
+        Ok(Some(Self::allocation(&doc, entry, &prefix)))
     }
 }
 

@@ -18,7 +18,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, Transaction, Trans
 use crate::ipam::addr::from_u128;
 use crate::ipam::{decide, Ask, Cidr, Contention, Decision, Range, Snapshot};
 use crate::store::{
-    AddRequest, Attachment, AttachmentRequest, GcRequest, Lease, PoolRef, RangeRequest, Store,
+    AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest, Store,
     StoreError,
 };
 
@@ -152,8 +152,8 @@ impl AllocRow {
         AllocRow::from_row_at(row, 0)
     }
 
-    fn lease(self) -> Lease {
-        Lease {
+    fn allocation(self) -> Allocation {
+        Allocation {
             ip: self.cidr.at(self.offset),
             pool: self.pool,
             range: self.cidr,
@@ -647,7 +647,7 @@ impl Store for LocalStore {
         })
     }
 
-    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         self.write(|tx| {
             // Every pool of the database, not only the configured ones: a configuration that
             // changed since the ADD must not leak the old addresses.
@@ -655,23 +655,23 @@ impl Store for LocalStore {
             for alloc in &held {
                 delete_allocation(tx, &alloc.pool, alloc.offset)?;
             }
-            Ok(held.into_iter().map(AllocRow::lease).collect())
+            Ok(held.into_iter().map(AllocRow::allocation).collect())
         })
     }
 
-    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Lease>, StoreError> {
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         self.read(|tx| {
             let pools: HashSet<&str> = req.pools.iter().map(|p| p.name.as_str()).collect();
             let held = select_allocations(tx, BY_ATTACHMENT, (&req.container_id, &req.ifname))?;
             Ok(held
                 .into_iter()
                 .filter(|a| pools.contains(a.pool.as_str()))
-                .map(AllocRow::lease)
+                .map(AllocRow::allocation)
                 .collect())
         })
     }
 
-    fn gc(&self, req: &GcRequest) -> Result<Vec<Lease>, StoreError> {
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
         self.write(|tx| {
             let valid: HashSet<(&str, &str)> = req
                 .valid
@@ -687,7 +687,7 @@ impl Store for LocalStore {
                 );
                 if !valid.contains(&key) {
                     delete_allocation(tx, &alloc.pool, alloc.offset)?;
-                    released.push(alloc.lease());
+                    released.push(alloc.allocation());
                 }
             }
             Ok(released)
@@ -720,17 +720,17 @@ impl Store for LocalStore {
         Ok(())
     }
 
-    fn leases(&self, pool: Option<&str>) -> Result<Vec<Lease>, StoreError> {
+    fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {
         self.read(|tx| {
             let rows = match pool {
                 Some(name) => select_allocations(tx, "WHERE a.pool = ?1", [name])?,
                 None => select_allocations(tx, "", [])?,
             };
-            Ok(rows.into_iter().map(AllocRow::lease).collect())
+            Ok(rows.into_iter().map(AllocRow::allocation).collect())
         })
     }
 
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Lease>, StoreError> {
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         self.write(|tx| {
             let Some(row) = pool_row(tx, pool)? else {
                 return Ok(None);
@@ -747,7 +747,7 @@ impl Store for LocalStore {
                 return Ok(None);
             };
             delete_allocation(tx, &alloc.pool, alloc.offset)?;
-            Ok(Some(alloc.lease()))
+            Ok(Some(alloc.allocation()))
         })
     }
 }
@@ -873,7 +873,7 @@ mod tests {
         assert!(matches!(err, StoreError::TryAgain(_)), "{err}");
         assert!(err.to_string().contains("wb.db"), "{err}");
         // Readers are not blocked by a writer in WAL mode.
-        store.leases(None).unwrap();
+        store.allocations(None).unwrap();
         store.status().unwrap();
         other.execute_batch("ROLLBACK").unwrap();
         assert_eq!(
