@@ -10,6 +10,7 @@ mod api;
 mod choose;
 mod connect;
 mod engine;
+mod go_lease;
 mod node_slice;
 mod pool_doc;
 mod release;
@@ -30,6 +31,7 @@ pub use connect::{
     service_account_dir, service_url, Access, DEFAULT_NAMESPACE, NAMESPACE_ENV,
     SERVICE_ACCOUNT_DIR, SERVICE_ACCOUNT_PATH_ENV,
 };
+pub use go_lease::{last_go_renewal, GO_LEASE_NAME};
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
 pub use spool::SPOOL_ENV;
@@ -88,6 +90,7 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
             scope: format!("{} {}", connection.server, connection.namespace),
             settings,
             configuration_path: ipam.configuration_path.clone(),
+            go_peers: ipam.go_peers,
         },
     }))
 }
