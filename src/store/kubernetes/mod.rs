@@ -9,6 +9,7 @@ mod allocate;
 mod api;
 mod choose;
 mod connect;
+pub mod doctor;
 mod engine;
 mod go_lease;
 mod node_slice;
@@ -61,7 +62,33 @@ pub fn open_for_operator(
     open_with(ipam, &access)
 }
 
+/// `whereabouts doctor`: the findings in the engine's namespace, repaired where safe with `fix`.
+pub fn doctor(
+    ipam: &IpamConfig,
+    cfg: &KubernetesConfig,
+    fix: bool,
+) -> Result<Vec<doctor::Finding>, StoreError> {
+    let access = operator_access(&cfg.kubeconfig, in_pod());
+    let store = connect_store(ipam, &access)?;
+    store.run("doctor", async {
+        let kube = &store.engine.kube;
+        let mut survey = doctor::survey(kube).await?;
+        if fix {
+            doctor::fix(kube, &mut survey).await;
+        }
+        let mut findings = survey.findings().to_vec();
+        findings.sort_by(|a, b| {
+            (a.problem, &a.object, &a.address).cmp(&(b.problem, &b.object, &b.address))
+        });
+        Ok(findings)
+    })
+}
+
 fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, StoreError> {
+    Ok(Box::new(connect_store(ipam, access)?))
+}
+
+fn connect_store(ipam: &IpamConfig, access: &Access) -> Result<KubernetesStore, StoreError> {
     let settings = Settings::from_env();
     // The plugin is a short-lived process: one thread, only around the API calls.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -82,7 +109,7 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
         settings.transient,
         &connection.origin,
     );
-    Ok(Box::new(KubernetesStore {
+    Ok(KubernetesStore {
         runtime,
         server: connection.server.clone(),
         engine: Engine {
@@ -92,7 +119,7 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
             configuration_path: ipam.configuration_path.clone(),
             go_peers: ipam.go_peers,
         },
-    }))
+    })
 }
 
 struct KubernetesStore {
