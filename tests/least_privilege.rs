@@ -203,7 +203,9 @@ impl<'a> Scenario<'a> {
         let conf = self.netconf(&network, "10.203.0.0/24", json!({}));
         let system = self.system();
         system.delete("leases", "whereabouts");
-        let now = jiff::Timestamp::now().to_string();
+        let now = jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string();
         system.create(
             "leases",
             json!({

@@ -16,6 +16,10 @@ pub struct DoctorArgs {
     /// conditional on what was read); everything else is only reported.
     #[arg(long)]
     pub fix: bool,
+    /// A reservation no pool holds is deleted only once it is this old (seconds): an ADD in
+    /// progress creates its reservation before its pool entry.
+    #[arg(long, default_value_t = kubernetes::doctor::ORPHAN_AGE.as_secs())]
+    pub orphan_age: u64,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -32,7 +36,9 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let Datastore::Kubernetes(k8s) = &cfg.datastore else {
         anyhow::bail!("whereabouts doctor checks the kubernetes datastore only (give --kubeconfig or --datastore kubernetes)");
     };
-    let findings = kubernetes::doctor(&cfg, k8s, args.fix).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let orphan_age = std::time::Duration::from_secs(args.orphan_age);
+    let findings =
+        kubernetes::doctor(&cfg, k8s, args.fix, orphan_age).map_err(|e| anyhow::anyhow!("{e}"))?;
     let healthy = findings.iter().all(|f| f.action == "fixed");
     match args.store.output {
         Output::Json => emit(&format!(

@@ -17,9 +17,9 @@ use crate::ipam::Cidr;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
 use crate::store::{Attachment, StoreError};
 
-/// A reservation without a pool entry is left alone this long after its creation: our ADD
-/// creates the reservation before the pool entry, so a young one may belong to an ADD in
-/// progress. Longer than any ADD's deadline.
+/// A reservation without a pool entry is left alone this long after its creation, by default:
+/// our ADD creates the reservation before the pool entry, so a young one may belong to an ADD
+/// in progress. Longer than any ADD's deadline.
 pub const ORPHAN_AGE: Duration = Duration::from_secs(300);
 
 /// What is wrong, one kind per rule.
@@ -93,7 +93,7 @@ fn finding(problem: Problem, object: String, address: Option<IpAddr>, detail: St
 }
 
 /// Reads the namespace's pools, reservations and node slices, and finds what is wrong.
-pub async fn survey(kube: &Kube) -> Result<Survey, StoreError> {
+pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreError> {
     let pools = kube.list_pools(None).await?;
     let reservations = kube.list_reservations(None).await?;
     let slices = match kube.slices.list(&Default::default()).await {
@@ -114,7 +114,7 @@ pub async fn survey(kube: &Kube) -> Result<Survey, StoreError> {
         survey.read_pool(object, &slices);
     }
     survey.check_entries();
-    survey.check_orphans();
+    survey.check_orphans(orphan_age);
     Ok(survey)
 }
 
@@ -299,7 +299,7 @@ impl Survey {
     }
 
     /// Reservations that no entry accounts for, and reservation names made valid.
-    fn check_orphans(&mut self) {
+    fn check_orphans(&mut self, orphan_age: Duration) {
         let expected: BTreeSet<String> = self
             .pools
             .iter()
@@ -323,7 +323,7 @@ impl Survey {
                     ),
                 );
                 f.reservation = Some(name.clone());
-                if young(r) {
+                if young(r, orphan_age) {
                     f.action = "none yet: younger than an ADD's deadline".into();
                 }
                 self.findings.push(f);
@@ -344,12 +344,12 @@ impl Survey {
     }
 }
 
-fn young(r: &OverlappingRangeIPReservation) -> bool {
+fn young(r: &OverlappingRangeIPReservation, orphan_age: Duration) -> bool {
     let Some(created) = &r.metadata.creation_timestamp else {
         return true;
     };
     let age = jiff::Timestamp::now().duration_since(created.0);
-    age.unsigned_abs() < ORPHAN_AGE
+    age.unsigned_abs() < orphan_age
 }
 
 /// Repairs what is safe to repair, each with a conditional write, and records the outcome in

@@ -67,12 +67,13 @@ pub fn doctor(
     ipam: &IpamConfig,
     cfg: &KubernetesConfig,
     fix: bool,
+    orphan_age: std::time::Duration,
 ) -> Result<Vec<doctor::Finding>, StoreError> {
     let access = operator_access(&cfg.kubeconfig, in_pod());
     let store = connect_store(ipam, &access)?;
     store.run("doctor", async {
         let kube = &store.engine.kube;
-        let mut survey = doctor::survey(kube).await?;
+        let mut survey = doctor::survey(kube, orphan_age).await?;
         if fix {
             doctor::fix(kube, &mut survey).await;
         }
