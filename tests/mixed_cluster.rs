@@ -39,7 +39,8 @@ enum Binary {
 /// The files both binaries read, in the test's folder, and the test's namespace.
 struct Site {
     ns: TestNamespace,
-    dir: tempfile::TempDir,
+    /// Holds the files below until the test ends.
+    _dir: tempfile::TempDir,
     kubeconfig: PathBuf,
     go: PathBuf,
     /// Our flat file: Go binaries are present (the migration's setting).
@@ -66,7 +67,7 @@ impl Site {
         std::fs::write(&go_flat, flat.to_string()).unwrap();
         Some(Site {
             ns,
-            dir,
+            _dir: dir,
             kubeconfig,
             go,
             our_flat,
@@ -320,17 +321,10 @@ fn rollout_and_rollback_node_by_node() {
         assert_granted_and_held(&site, &granted, &label);
         site.assert_healthy(&label);
         // The oldest pod of every node goes, through whatever its node runs now.
-        for node in 0..NODES {
+        for (node, binary) in binaries.iter().enumerate() {
             if let Some(pos) = alive.iter().position(|(_, n, _)| *n == node) {
                 let (pod, _, _) = alive.remove(pos);
-                let reply = site.call(
-                    binaries[node],
-                    "DEL",
-                    &pod,
-                    &format!("node-{node}"),
-                    range,
-                    0,
-                );
+                let reply = site.call(*binary, "DEL", &pod, &format!("node-{node}"), range, 0);
                 assert_eq!(reply.code, 0, "{label}: DEL {pod}: {reply:?}");
             }
         }
