@@ -77,6 +77,10 @@ impl Site {
 
     /// The network configuration `binary` is given for `range`.
     fn conf(&self, binary: Binary, range: &str, sleep_for_race: u64) -> String {
+        netconf("mixednet", &self.ipam(binary, range, sleep_for_race))
+    }
+
+    fn ipam(&self, binary: Binary, range: &str, sleep_for_race: u64) -> Value {
         let mut ipam = json!({
             "type": "whereabouts",
             "range": range,
@@ -89,7 +93,7 @@ impl Site {
         } else {
             ipam["log_level"] = json!("error");
         }
-        netconf("mixednet", &ipam)
+        ipam
     }
 
     fn call(
@@ -101,6 +105,10 @@ impl Site {
         range: &str,
         sleep: u64,
     ) -> Reply {
+        self.call_with(binary, command, pod, node, &self.conf(binary, range, sleep))
+    }
+
+    fn call_with(&self, binary: Binary, command: &str, pod: &str, node: &str, conf: &str) -> Reply {
         let flat = self.our_flat.display().to_string();
         let call = Call {
             command,
@@ -114,7 +122,7 @@ impl Site {
             Binary::Go => self.go.as_path(),
             Binary::Ours => ours(),
         };
-        run(bin, &call, &self.conf(binary, range, sleep))
+        run(bin, &call, conf)
     }
 
     /// `whereabouts doctor` on the namespace: its exit status and JSON report.
@@ -455,4 +463,195 @@ fn doctor_finds_and_repairs() {
     .map(|s| s.to_string())
     .collect();
     assert_eq!(left, expected, "{report:#}");
+}
+
+/// A process of a test, killed when dropped.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Nodes of the shared control plane made by one test, deleted when dropped.
+struct Nodes<'a>(&'a TestNamespace, Vec<String>);
+
+impl Nodes<'_> {
+    fn add(&mut self, name: &str) {
+        self.0.apply(
+            &kube_apiserver::resource("nodes"),
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}),
+        );
+        self.1.push(name.to_string());
+    }
+}
+
+impl Drop for Nodes<'_> {
+    fn drop(&mut self) {
+        for node in &self.1 {
+            self.0
+                .plane
+                .kubectl(&["delete", "node", node, "--wait=false"]);
+        }
+    }
+}
+
+/// The slice each node holds in NodeSlicePool `name`, once `nodes` all hold one.
+fn slices_once_assigned(
+    ns: &TestNamespace,
+    name: &str,
+    nodes: &[String],
+) -> BTreeMap<String, String> {
+    let start = std::time::Instant::now();
+    loop {
+        let assigned: BTreeMap<String, String> = ns
+            .get("nodeslicepools", name)
+            .and_then(|p| p["status"]["allocations"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| {
+                let node = a["nodeName"].as_str().filter(|n| !n.is_empty())?;
+                Some((node.to_string(), a["sliceRange"].as_str()?.to_string()))
+            })
+            .collect();
+        if nodes.iter().all(|n| assigned.contains_key(n)) {
+            return assigned;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "no slice for every node of {nodes:?}: {:#}",
+            ns.get("nodeslicepools", name).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// NodeSlicePools written by the Go controller are read by ours and the other way round: no
+/// node changes slice when the controllers swap (in both directions), the slice size keeps the
+/// NetworkAttachmentDefinition's text and the owner reference stays; each binary's ADD lands
+/// in its node's slice.
+#[test]
+fn node_slices_written_by_either_controller() {
+    let plane = real_cluster!();
+    let Some(site) = Site::new(plane, "mixed-slices") else {
+        return;
+    };
+    let Some(tools) = common::tools::go_tools(&["go-whereabouts-node-slice-controller"]) else {
+        return;
+    };
+    let ns = &site.ns;
+    let tag = format!("{}-{}", std::process::id(), ns.name.len());
+    let mut nodes = Nodes(ns, Vec::new());
+    let name = |n: &str| format!("mixslice-{n}-{tag}");
+    nodes.add(&name("a"));
+    nodes.add(&name("b"));
+    let mut ipam = site.ipam(Binary::Go, "10.94.0.0/16", 0);
+    ipam["node_slice_size"] = json!("24");
+    let config = netconf("slicenet", &ipam);
+    let nad = ns.create(
+        "network-attachment-definitions",
+        json!({"metadata": {"name": "slicenet"}, "spec": {"config": config}}),
+    );
+    let nad_uid = nad["metadata"]["uid"].as_str().unwrap().to_string();
+    let go_controller = || {
+        Daemon(
+            Command::new(tools.join("go-whereabouts-node-slice-controller"))
+                .env_clear()
+                .env("WHEREABOUTS_NAMESPACE", &ns.name)
+                .arg("--kubeconfig")
+                .arg(&site.kubeconfig)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start the Go node-slice controller"),
+        )
+    };
+    let check_pool = |step: &str| {
+        let pool = ns.get("nodeslicepools", "slicenet").unwrap();
+        assert_eq!(pool["spec"]["sliceSize"], "24", "{step}: {pool:#}");
+        let owners = pool["metadata"]["ownerReferences"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            owners
+                .iter()
+                .any(|o| o["uid"] == nad_uid.as_str() && o["controller"] == true),
+            "{step}: {pool:#}"
+        );
+    };
+
+    let go = go_controller();
+    let first = slices_once_assigned(ns, "slicenet", &nodes.1);
+    drop(go);
+    check_pool("written by the Go controller");
+
+    let ours_controller = Daemon(
+        Command::new(ours())
+            .env_clear()
+            .env("WHEREABOUTS_FLAT_FILE", &site.our_flat)
+            .args(["controller", "--datastore", "kubernetes", "--kubeconfig"])
+            .arg(&site.kubeconfig)
+            .args(["--namespace", &ns.name, "--listen", "127.0.0.1:0"])
+            .args([
+                "--no-leader-election",
+                "--no-events",
+                "--watch-timeout",
+                "5",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start our controller"),
+    );
+    nodes.add(&name("c"));
+    let second = slices_once_assigned(ns, "slicenet", &nodes.1);
+    drop(ours_controller);
+    for (node, slice) in &first {
+        assert_eq!(second.get(node), Some(slice), "our controller moved {node}");
+    }
+    check_pool("after our controller");
+
+    let go = go_controller();
+    nodes.add(&name("d"));
+    let third = slices_once_assigned(ns, "slicenet", &nodes.1);
+    drop(go);
+    for (node, slice) in &second {
+        assert_eq!(
+            third.get(node),
+            Some(slice),
+            "the Go controller moved {node}"
+        );
+    }
+    check_pool("back to the Go controller");
+
+    // Each binary's ADD in its own node's slice, side by side.
+    for (binary, node, pod) in [
+        (Binary::Go, name("a"), "slice-pod-a"),
+        (Binary::Ours, name("b"), "slice-pod-b"),
+    ] {
+        let mut ipam = site.ipam(binary, "10.94.0.0/16", 0);
+        ipam["node_slice_size"] = json!("24");
+        let conf = netconf("slicenet", &ipam);
+        let reply = site.call_with(binary, "ADD", pod, &node, &conf);
+        assert_eq!(reply.code, 0, "{binary:?} ADD on {node}: {reply:?}");
+        let slice = kube_cidr(&third[&node]);
+        let ip: std::net::IpAddr = reply.ips()[0].parse().unwrap();
+        assert!(
+            slice.0 <= to_u128(ip) && to_u128(ip) < slice.1,
+            "{ip} outside {}",
+            third[&node]
+        );
+    }
+    site.assert_healthy("ADDs in node slices");
+}
+
+/// The first address of a CIDR and the first one past it.
+fn kube_cidr(text: &str) -> (u128, u128) {
+    let (ip, len) = text.split_once('/').unwrap();
+    let base = to_u128(ip.parse().unwrap());
+    let len: u32 = len.parse().unwrap();
+    (base, base + (1u128 << (32 - len)))
 }
