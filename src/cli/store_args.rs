@@ -80,7 +80,7 @@ impl StoreArgs {
         if let Some(h) = &self.etcd_host {
             set(&mut ipam, "etcd_host", h.as_str().into());
         }
-        config::load_for_operator(Some(&ipam)).map_err(|e| anyhow::anyhow!(e.msg))
+        config::load_for_operator(Some(&ipam)).map_err(|e| anyhow::anyhow!(e.describe()))
     }
 
     /// The configuration and its store.

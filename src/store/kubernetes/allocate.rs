@@ -123,7 +123,7 @@ impl Engine {
                 Some(offset) => {
                     let ip = wanted.pool.range.cidr.at(offset);
                     Some(pool.range.cidr.offset_of(ip).ok_or_else(|| {
-                        StoreError::Config(format!(
+                        StoreError::config(format!(
                             "requested address {ip} is outside this node's slice {}",
                             pool.range.cidr
                         ))
@@ -314,7 +314,7 @@ impl Engine {
         }
         // Out of the spool before the lock goes, or the next holder would serve it again.
         ticket.withdraw();
-        mine.unwrap_or_else(|| Err(StoreError::Io("the spool lost this request".into())))
+        mine.unwrap_or_else(|| Err(StoreError::io("the spool lost this request")))
     }
 
     /// Takes an answer left by the process that served this request.
@@ -359,7 +359,7 @@ impl Engine {
             .await?;
         results
             .pop()
-            .unwrap_or_else(|| Err(StoreError::Io("no result".into())))
+            .unwrap_or_else(|| Err(StoreError::io("no result")))
             .map(|granted| granted.ip)
     }
 
@@ -408,7 +408,7 @@ impl Engine {
             let limit = go.present.then(|| doc.offset_limit(GO_OFFSET_LIMIT));
             if let (Some(failed), Some(now)) = (&failed_rv, doc.resource_version()) {
                 if failed == now {
-                    return Err(StoreError::Io(format!(
+                    return Err(StoreError::io(format!(
                         "the API server refused the update of IPPool {name} although it is unchanged"
                     )));
                 }
@@ -530,7 +530,7 @@ impl Engine {
                 }
                 let who = slots[i].who.clone();
                 let key = doc.key_of(offset).ok_or_else(|| {
-                    StoreError::Io(format!("IPPool {name} cannot record {}", range.ip(offset)))
+                    StoreError::io(format!("IPPool {name} cannot record {}", range.ip(offset)))
                 })?;
                 undo.push(Step::PoolEntry {
                     pool: name.clone(),
@@ -598,12 +598,12 @@ impl Engine {
                                     ..granted.clone()
                                 }),
                                 Some(Err(err)) => Err(err.clone()),
-                                None => Err(StoreError::Io("not served".into())),
+                                None => Err(StoreError::io("not served")),
                             },
                             None => slots[i]
                                 .done
                                 .take()
-                                .unwrap_or_else(|| Err(StoreError::Io("not served".into()))),
+                                .unwrap_or_else(|| Err(StoreError::io("not served"))),
                         };
                         results.push(result);
                     }
@@ -660,7 +660,7 @@ impl Engine {
                 range: range.to_string(),
                 holder: holder.clone(),
             },
-            Decision::BeyondLimit { offset } => StoreError::Config(format!(
+            Decision::BeyondLimit { offset } => StoreError::config(format!(
                 "requested address {} is beyond the first 2^63 addresses of {range}, which a Go \
                  Whereabouts binary (still writing the pools, see the flat file's go_whereabouts) \
                  would drop from pool {}",
@@ -780,7 +780,7 @@ impl Engine {
         let conflicts = conflicts + 1;
         let backoff = &self.settings.conflicts;
         if conflicts >= backoff.attempts {
-            return Err(StoreError::TryAgain(format!(
+            return Err(StoreError::try_again(format!(
                 "IPPool {pool} kept changing under {conflicts} attempts to update it; gave up"
             )));
         }
@@ -796,7 +796,7 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let range = &pool.range;
         if offset > range.cidr.last_offset() || doc.unaddressable(offset) {
-            return Err(StoreError::Config(format!(
+            return Err(StoreError::config(format!(
                 "requested address {} cannot be held in pool {}",
                 range.ip(offset),
                 doc.name
@@ -849,7 +849,7 @@ impl Engine {
                 None => continue,
             }
         }
-        Err(StoreError::TryAgain(format!(
+        Err(StoreError::try_again(format!(
             "reservation {name} keeps appearing and disappearing"
         )))
     }

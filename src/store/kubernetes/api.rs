@@ -9,7 +9,11 @@ use serde_json::Value;
 
 use k8s_openapi::api::coordination::v1::Lease;
 
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::cleanup::judge::PodPlace;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
+use crate::store::error::chain;
 use crate::store::retry::Backoff;
 use crate::store::StoreError;
 
@@ -53,31 +57,30 @@ impl ApiError {
                 }
             }
             kube::Error::HyperError(_) | kube::Error::Service(_) => {
-                ApiError::Transient(format!("{what}: {}", error_chain(&err)))
+                ApiError::Transient(format!("{what}: {}", chain(&err)))
             }
             // A body that does not parse usually comes from something in front of the API server
             // (a proxy, a restarting server); the next attempt may reach the real thing.
             kube::Error::SerdeError(_) | kube::Error::ReadEvents(_) => {
-                ApiError::Transient(format!("{what}: {}", error_chain(&err)))
+                ApiError::Transient(format!("{what}: {}", chain(&err)))
             }
-            other => ApiError::Refused(format!("{what}: {}", error_chain(&other))),
+            other => ApiError::Refused(format!("{what}: {}", chain(&other))),
         }
     }
 
     /// As a store error: transient failures are "try again" (CNI code 11).
     pub fn into_store(self) -> StoreError {
-        match self {
-            ApiError::Transient(msg) => {
-                StoreError::TryAgain(format!("kubernetes API server unavailable: {msg}"))
+        let error = match &self {
+            ApiError::Transient(_) => StoreError::try_again("kubernetes API server unavailable"),
+            ApiError::Conflict(_) => {
+                StoreError::try_again("kubernetes object kept changing, gave up")
             }
-            ApiError::Conflict(msg) => {
-                StoreError::TryAgain(format!("kubernetes object kept changing, gave up: {msg}"))
+            ApiError::Refused(_) | ApiError::AlreadyExists(_) | ApiError::NotFound(_) => {
+                StoreError::io("kubernetes API server refused")
             }
-            ApiError::Refused(msg) | ApiError::AlreadyExists(msg) | ApiError::NotFound(msg) => {
-                StoreError::Io(format!("kubernetes API server refused: {msg}"))
-            }
-            ApiError::Untrusted(msg) => StoreError::Config(msg),
-        }
+            ApiError::Untrusted(_) => StoreError::config("cannot trust the API server"),
+        };
+        error.because(self)
     }
 }
 
@@ -94,21 +97,6 @@ fn is_untrusted_certificate(chain: &str) -> bool {
     chain.contains("invalid peer certificate")
 }
 
-/// The error with its causes, which carry the useful part ("connection refused").
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// The three custom resources in the engine's namespace.
 #[derive(Clone)]
 pub struct Kube {
@@ -117,6 +105,8 @@ pub struct Kube {
     pub slices: Api<NodeSlicePool>,
     /// The Go Whereabouts' Lease, taken part in while Go binaries may write the pools.
     pub leases: Api<Lease>,
+    /// For pods, which live in every namespace (a node's GC asks where a pod runs).
+    client: kube::Client,
     pub request_timeout: Duration,
     pub transient: Backoff,
     /// Where the server and its CA came from ("kubeconfig /path"), named when TLS fails.
@@ -135,7 +125,8 @@ impl Kube {
             pools: Api::namespaced(client.clone(), namespace),
             reservations: Api::namespaced(client.clone(), namespace),
             slices: Api::namespaced(client.clone(), namespace),
-            leases: Api::namespaced(client, namespace),
+            leases: Api::namespaced(client.clone(), namespace),
+            client,
             request_timeout,
             transient,
             origin: origin.to_string(),
@@ -312,5 +303,19 @@ impl Kube {
         let pp = PostParams::default();
         self.call(&what, || self.leases.replace(name, &pp, lease))
             .await
+    }
+
+    /// Where the pod `namespace/name` is; [`PodPlace::Gone`] when there is no such pod.
+    pub async fn pod_place(&self, namespace: &str, name: &str) -> Result<PodPlace, ApiError> {
+        let what = format!("get pod {namespace}/{name}");
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let pod = self.call(&what, || pods.get_opt(name)).await?;
+        Ok(match pod {
+            None => PodPlace::Gone,
+            Some(pod) => PodPlace::Exists {
+                uid: pod.metadata.uid.unwrap_or_default(),
+                node: pod.spec.and_then(|spec| spec.node_name),
+            },
+        })
     }
 }

@@ -165,15 +165,15 @@ pub async fn connect(
 pub fn read_kubeconfig(path: &Path) -> Result<Kubeconfig, StoreError> {
     let shown = shown_path(path);
     let bytes = files::read_config_file(path).map_err(|err| {
-        StoreError::Config(format!(
+        StoreError::config(format!(
             "cannot read kubeconfig (ipam.kubernetes.kubeconfig): {}",
             err.describe()
         ))
     })?;
     let text = std::str::from_utf8(&bytes)
-        .map_err(|_| StoreError::Config(format!("kubeconfig {shown} is not UTF-8 text")))?;
+        .map_err(|_| StoreError::config(format!("kubeconfig {shown} is not UTF-8 text")))?;
     Kubeconfig::from_yaml(text).map_err(|err| {
-        StoreError::Config(format!(
+        StoreError::config(format!(
             "cannot parse kubeconfig {shown}: not a valid kubeconfig{}",
             position(&err.to_string())
         ))
@@ -262,7 +262,7 @@ pub fn inline_file_references(kubeconfig: &mut Kubeconfig, path: &Path) -> Resul
     let read = |field: &str, name: &str| -> Result<String, StoreError> {
         let file = folder.join(name);
         let bytes = files::read_config_file(&file).map_err(|err| {
-            StoreError::Config(format!(
+            StoreError::config(format!(
                 "kubeconfig {}: cannot read its {field}: {}",
                 shown_path(path),
                 err.describe()
@@ -305,14 +305,14 @@ async fn connect_kubeconfig(
 ) -> Result<Connection, StoreError> {
     let mut kubeconfig = read_kubeconfig(path)?;
     screen_kubeconfig(&kubeconfig, insecure_tls).map_err(|why| {
-        StoreError::Config(format!("kubeconfig {} refused: {why}", shown_path(path)))
+        StoreError::config(format!("kubeconfig {} refused: {why}", shown_path(path)))
     })?;
     inline_file_references(&mut kubeconfig, path)?;
     let namespace = context_namespace(&kubeconfig);
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|err| {
-            StoreError::Config(format!(
+            StoreError::config(format!(
                 "cannot use kubeconfig {}: {}",
                 shown_path(path),
                 shown(&err.to_string())
@@ -330,7 +330,7 @@ async fn connect_in_cluster(settings: &Settings) -> Result<Connection, StoreErro
     // The token is read from its file again as the kubelet rotates it: a long-running
     // controller outlives any one token.
     let config = in_cluster_config().await.map_err(|err| {
-        StoreError::Config(format!(
+        StoreError::config(format!(
             "no kubeconfig for the kubernetes datastore, and the pod's service account cannot be used: {err}"
         ))
     })?;
@@ -364,9 +364,7 @@ fn finish(
     }
     let server = config.cluster_url.to_string();
     let client = kube::Client::try_from(config).map_err(|err| {
-        StoreError::Config(format!(
-            "cannot build a client for {server} from {origin}: {err}"
-        ))
+        StoreError::config(format!("cannot build a client for {server} from {origin}")).because(err)
     })?;
     Ok(Connection {
         client,

@@ -100,7 +100,7 @@ pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreEr
         Ok(list) => list.items,
         // Without the NodeSlicePool resource there are no node slices to check.
         Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
-        Err(err) => return Err(StoreError::Io(format!("cannot list NodeSlicePools: {err}"))),
+        Err(err) => return Err(StoreError::io(format!("cannot list NodeSlicePools: {err}"))),
     };
     let mut survey = Survey {
         pools: Vec::new(),

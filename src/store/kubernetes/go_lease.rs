@@ -99,7 +99,7 @@ impl Hold {
     /// Fails when the hold was lost (a renewal failed): nothing may be written any more.
     pub fn check(&self) -> Result<(), StoreError> {
         if self.lost.load(Ordering::SeqCst) {
-            return Err(StoreError::TryAgain(format!(
+            return Err(StoreError::try_again(format!(
                 "lost the Lease {GO_LEASE_NAME} shared with the Go Whereabouts before writing"
             )));
         }
@@ -153,7 +153,7 @@ pub async fn take(kube: &Kube, identity: &str, deadline: Instant) -> Result<Hold
     let mut seen: Option<Seen> = None;
     loop {
         if Instant::now() > deadline {
-            return Err(StoreError::TryAgain(format!(
+            return Err(StoreError::try_again(format!(
                 "the Lease {GO_LEASE_NAME} shared with the Go Whereabouts stayed held by another process"
             )));
         }

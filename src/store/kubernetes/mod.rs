@@ -95,7 +95,7 @@ fn connect_store(ipam: &IpamConfig, access: &Access) -> Result<KubernetesStore, 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|err| StoreError::Io(format!("cannot start the I/O runtime: {err}")))?;
+        .map_err(|err| StoreError::io("cannot start the I/O runtime").because(err))?;
     let connection =
         runtime.block_on(connect::connect(access, &settings, ipam.trust.insecure_tls))?;
     tracing::debug!(
@@ -140,7 +140,7 @@ impl KubernetesStore {
         self.runtime.block_on(async {
             match tokio::time::timeout(deadline, op).await {
                 Ok(result) => result,
-                Err(_) => Err(StoreError::TryAgain(format!(
+                Err(_) => Err(StoreError::try_again(format!(
                     "{what}: the kubernetes API server at {} did not complete it within {deadline:?}",
                     self.server
                 ))),
@@ -186,7 +186,7 @@ impl Store for KubernetesStore {
         self.run("STATUS", async {
             let kube = &self.engine.kube;
             let missing = |crd: &str| {
-                StoreError::Config(format!(
+                StoreError::config(format!(
                     "the CustomResourceDefinition {crd} is not installed on {}",
                     self.server
                 ))

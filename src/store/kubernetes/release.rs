@@ -8,6 +8,7 @@ use super::api::ApiError;
 use super::engine::Engine;
 use super::pool_doc::{remove_op, Entry, PoolDoc};
 use super::reservation;
+use crate::cleanup::judge::leaked_on_node;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::IPPool;
@@ -40,7 +41,7 @@ impl Engine {
                     conflicts += 1;
                     let backoff = &self.settings.conflicts;
                     if conflicts >= backoff.attempts {
-                        return Err(StoreError::TryAgain(format!(
+                        return Err(StoreError::try_again(format!(
                             "IPPool {name} kept changing under {conflicts} attempts to update it; gave up"
                         )));
                     }
@@ -196,9 +197,11 @@ impl Engine {
         Ok(held)
     }
 
-    /// Frees, in this node's slice pools of the network configuration, every allocation whose
-    /// attachment is not listed as valid, and then the reservations of the configured ranges'
-    /// addresses that no pool entry backs and no valid attachment holds (old ones only).
+    /// Frees the network configuration's allocations that are this node's and whose attachment
+    /// is not listed as valid: in this node's slice pools every such allocation, in pools
+    /// shared by all nodes those whose pod is gone or runs on this node. Then the reservations
+    /// of the configured ranges' addresses that no pool entry backs and no valid attachment
+    /// holds (old ones only).
     pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
         let valid: BTreeSet<(&str, &str)> = req
             .valid
@@ -207,26 +210,96 @@ impl Engine {
             .collect();
         let is_valid =
             |who: &Attachment| valid.contains(&(who.container_id.as_str(), who.ifname.as_str()));
-        // The valid list is this node's runtime's. A pool shared by every node holds the live
-        // allocations of other nodes too, and upstream's entries do not record the node, so
-        // only this node's own slice pools can be collected here; the cleanup controller,
-        // which sees every pod, frees what the shared pools hold in vain.
-        let released = if req.node_slice_size.is_none() {
-            tracing::info!("GC leaves pools shared by all nodes to the cleanup controller");
-            Vec::new()
-        } else {
-            let stale = |e: &Entry| !is_valid(&e.attachment);
-            self.release_everywhere(
-                &req.pools,
-                req.node_slice_size,
-                &req.network_name,
-                &req.cni_network,
-                stale,
-            )
-            .await?
+        let released = match (req.node_slice_size, req.node.as_deref()) {
+            // This node's own slice pools: whatever the runtime does not list is a leak.
+            (Some(_), _) => {
+                let stale = |e: &Entry| !is_valid(&e.attachment);
+                self.release_everywhere(
+                    &req.pools,
+                    req.node_slice_size,
+                    &req.network_name,
+                    &req.cni_network,
+                    stale,
+                )
+                .await?
+            }
+            (None, Some(node)) => self.gc_shared_pools(req, node, &is_valid).await?,
+            (None, None) => {
+                tracing::info!(
+                    "GC without the node's name leaves pools shared by all nodes to the cleanup controller"
+                );
+                Vec::new()
+            }
         };
         self.gc_orphan_reservations(req, &is_valid).await?;
         Ok(released)
+    }
+
+    /// GC of pools shared by every node. The valid list is this node's runtime's, and another
+    /// node's live allocations are not in it; an entry records the pod, not the node, so each
+    /// unlisted entry's pod is looked up and [`leaked_on_node`] decides. The removal itself
+    /// re-reads the pool and matches the entries by attachment and address.
+    async fn gc_shared_pools(
+        &self,
+        req: &GcRequest,
+        node: &str,
+        is_valid: &dyn Fn(&Attachment) -> bool,
+    ) -> Result<Vec<Allocation>, StoreError> {
+        let mut released = Vec::new();
+        for pool in &req.pools {
+            let name = object_name(&pool.name);
+            let Some(object) = self.kube.get_pool(&name).await? else {
+                continue;
+            };
+            let doc = PoolDoc::new(&name, pool.range.cidr, Some(object))?;
+            let mut leaked = BTreeSet::new();
+            for entry in doc
+                .entries()
+                .into_iter()
+                .filter(|e| !is_valid(&e.attachment))
+            {
+                if self.is_leak_of(&entry.attachment, node).await? {
+                    leaked.insert((
+                        entry.ip,
+                        entry.attachment.container_id,
+                        entry.attachment.ifname,
+                    ));
+                }
+            }
+            if leaked.is_empty() {
+                continue;
+            }
+            let pick = |e: &Entry| {
+                let key = (
+                    e.ip,
+                    e.attachment.container_id.clone(),
+                    e.attachment.ifname.clone(),
+                );
+                leaked.contains(&key)
+            };
+            released.extend(
+                self.release_picked(pool.range.cidr, pool, &req.network_name, pick)
+                    .await?,
+            );
+        }
+        Ok(released)
+    }
+
+    /// Whether an unlisted entry held by `who` is this node's leak (its pod is looked up).
+    async fn is_leak_of(&self, who: &Attachment, node: &str) -> Result<bool, StoreError> {
+        let Some((namespace, name)) = who.pod_ref.as_deref().and_then(|r| r.split_once('/')) else {
+            return Ok(false);
+        };
+        if namespace.is_empty() || name.is_empty() {
+            return Ok(false);
+        }
+        let place = self.kube.pod_place(namespace, name).await?;
+        Ok(leaked_on_node(
+            who.pod_ref.as_deref(),
+            who.pod_uid.as_deref(),
+            &place,
+            node,
+        ))
     }
 
     /// Deletes the reservations, among the addresses of the configured ranges, that no pool of
@@ -318,7 +391,7 @@ impl Engine {
             return Ok(None);
         };
         let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
-            return Err(StoreError::Io(format!(
+            return Err(StoreError::io(format!(
                 "IPPool {name} has an unreadable range {:?}",
                 object.spec.range
             )));
