@@ -86,7 +86,7 @@ impl StoreArgs {
     /// The configuration and its store.
     pub fn open(&self) -> anyhow::Result<(IpamConfig, Box<dyn Store>)> {
         let cfg = self.ipam()?;
-        let store = store::open_for_operator(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = store::open_for_operator(&cfg).map_err(anyhow::Error::new)?;
         Ok((cfg, store))
     }
 }

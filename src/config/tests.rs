@@ -259,7 +259,7 @@ fn kubernetes_engine_without_kubeconfig_defaults_only_for_operators() {
     // The plugin must be told where its kubeconfig is.
     assert!(err(ipam.clone()).contains("ipam.kubernetes.kubeconfig is not set"));
     // The operator's commands and the controller take the node's (or, in a pod, the service
-    // account when that file is absent: see store::kubernetes::operator_access).
+    // account when that file is absent: see k8s::cluster::operator_access).
     let cfg = super::load::load_inner(Some(&ipam), &[], super::load::Caller::Operator).unwrap();
     assert_eq!(
         cfg.datastore,

@@ -302,6 +302,8 @@ pub fn resource(plural: &str) -> (ApiResource, bool) {
         "pods" => ("", "v1", "Pod", true),
         "configmaps" => ("", "v1", "ConfigMap", true),
         "events" => ("", "v1", "Event", true),
+        // The same Events as events.k8s.io shows them (regarding, note, reportingController).
+        "events.k8s.io" => ("events.k8s.io", "v1", "Event", true),
         "serviceaccounts" => ("", "v1", "ServiceAccount", true),
         "leases" => ("coordination.k8s.io", "v1", "Lease", true),
         "nodes" => ("", "v1", "Node", false),
@@ -309,6 +311,12 @@ pub fn resource(plural: &str) -> (ApiResource, bool) {
         other => panic!("no resource {other} in the fixture"),
     };
     let gvk = GroupVersionKind::gvk(group, version, kind);
+    let plural = plural.strip_suffix(".events.k8s.io").unwrap_or(plural);
+    let plural = if plural == "events.k8s.io" {
+        "events"
+    } else {
+        plural
+    };
     (ApiResource::from_gvk_with_plural(&gvk, plural), namespaced)
 }
 

@@ -1,5 +1,6 @@
 //! The Kubernetes engine: the upstream CRDs (IPPool, OverlappingRangeIPReservation,
-//! NodeSlicePool), compare-and-swap on resourceVersion, no Lease and no leader election.
+//! NodeSlicePool), compare-and-swap on resourceVersion, no Lease of its own and no leader
+//! election (only the Go binaries' Lease while they remain: `go_lease`).
 //!
 //! Contenders only wait for each other when they write the same pool at the same moment; a
 //! conflict is retried after a jittered pause, a bounded number of times, and an ADD that cannot
@@ -8,7 +9,6 @@
 mod allocate;
 mod api;
 mod choose;
-mod connect;
 pub mod doctor;
 mod engine;
 mod go_lease;
@@ -25,13 +25,11 @@ use std::net::IpAddr;
 use tokio::runtime::Runtime;
 
 use crate::config::{IpamConfig, KubernetesConfig};
-use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
-
-pub use connect::{
-    context_namespace, in_cluster_config, in_cluster_namespace, in_pod, operator_access,
-    service_account_dir, service_url, Access, DEFAULT_NAMESPACE, NAMESPACE_ENV,
-    SERVICE_ACCOUNT_DIR, SERVICE_ACCOUNT_PATH_ENV,
+use crate::k8s::cluster::{self, in_pod, operator_access, Access};
+use crate::store::{
+    AddRequest, Allocation, AttachmentRequest, GcRequest, Reservation, Store, StoreError,
 };
+
 pub use go_lease::{last_go_renewal, GO_LEASE_NAME};
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
@@ -96,8 +94,17 @@ fn connect_store(ipam: &IpamConfig, access: &Access) -> Result<KubernetesStore, 
         .enable_all()
         .build()
         .map_err(|err| StoreError::io("cannot start the I/O runtime").because(err))?;
-    let connection =
-        runtime.block_on(connect::connect(access, &settings, ipam.trust.insecure_tls))?;
+    let timeouts = cluster::Timeouts {
+        connect: settings.request_timeout,
+        read: settings.request_timeout,
+        write: settings.request_timeout,
+        library_retries: false,
+    };
+    let connection = runtime
+        .block_on(cluster::connect(access, timeouts, ipam.trust.insecure_tls))
+        .map_err(|err| {
+            StoreError::config("kubernetes datastore (ipam.kubernetes.kubeconfig)").because(err)
+        })?;
     tracing::debug!(
         server = %connection.server,
         namespace = %connection.namespace,
@@ -214,5 +221,17 @@ impl Store for KubernetesStore {
 
     fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         self.run("release", self.engine.release(pool, ip))
+    }
+
+    fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        let found = self.run("list reservations", self.engine.unbacked_reservations())?;
+        Ok(found.into_iter().map(|u| u.reservation).collect())
+    }
+
+    fn release_reservation(&self, reservation: &Reservation) -> Result<bool, StoreError> {
+        self.run(
+            "release reservation",
+            self.engine.release_unbacked(reservation),
+        )
     }
 }

@@ -12,7 +12,10 @@ use crate::cleanup::judge::leaked_on_node;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::IPPool;
-use crate::store::{Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, StoreError};
+use crate::k8s::crd::OverlappingRangeIPReservation;
+use crate::store::{
+    Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, Reservation, StoreError,
+};
 
 impl Engine {
     /// Removes the entries of pool `name` that `pick` selects, compare-and-swap, retried on
@@ -312,6 +315,27 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let min_age = (self.settings.deadline.as_secs() as i64 * 2).max(300);
         let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        for found in self.unbacked_reservations().await? {
+            let Some(ip) = reservation_ip(&found.name, &req.network_name) else {
+                continue;
+            };
+            let ours = req.pools.iter().any(|p| p.range.cidr.contains(ip));
+            let old = found.created.is_some_and(|t| now - t >= min_age);
+            let mut holder = found.reservation.attachment.clone();
+            holder.pod_ref = None;
+            if ours && old && !is_valid(&holder) {
+                self.release_unbacked(&found.reservation).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The reservations that no pool entry of the namespace backs. Reservations are listed
+    /// before the pools: an ADD writes its reservation before its pool entry, so one whose entry
+    /// landed in between counts as backed; one still in flight is listed, and the caller's
+    /// judgement (its pod exists; it is recent) keeps it.
+    pub async fn unbacked_reservations(&self) -> Result<Vec<Unbacked>, StoreError> {
+        let reservations = self.kube.list_reservations(None).await?;
         let mut backed: BTreeSet<IpAddr> = BTreeSet::new();
         for object in self.kube.list_pools(None).await? {
             let name = object.metadata.name.clone().unwrap_or_default();
@@ -322,40 +346,25 @@ impl Engine {
                 backed.extend(doc.entries().iter().map(|e| e.ip));
             }
         }
-        for found in self.kube.list_reservations(None).await? {
-            let name = found.metadata.name.clone().unwrap_or_default();
-            let Some(ip) = reservation_ip(&name, &req.network_name) else {
-                continue;
-            };
-            let ours = req.pools.iter().any(|p| p.range.cidr.contains(ip));
-            let old = found
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .is_some_and(|t| now - t.0.as_second() >= min_age);
-            let holder = Attachment {
-                container_id: found.spec.containerid.clone(),
-                ifname: found.spec.ifname.clone(),
-                pod_ref: None,
-                pod_uid: None,
-            };
-            if !ours || !old || backed.contains(&ip) || is_valid(&holder) {
-                continue;
-            }
-            match self
-                .kube
-                .delete_reservation(
-                    &name,
-                    found.metadata.uid.as_deref(),
-                    found.metadata.resource_version.as_deref(),
-                )
-                .await
-            {
-                Ok(()) | Err(ApiError::Conflict(_)) => {}
-                Err(err) => return Err(err.into()),
-            }
+        Ok(reservations
+            .into_iter()
+            .filter_map(Unbacked::of)
+            .filter(|found| !addresses_named_by(&found.name).any(|ip| backed.contains(&ip)))
+            .collect())
+    }
+
+    /// Deletes the reservation if it is still the object listed (same uid and version).
+    pub async fn release_unbacked(&self, reservation: &Reservation) -> Result<bool, StoreError> {
+        let (uid, rv) = reservation.version.split_once('/').unwrap_or_default();
+        match self
+            .kube
+            .delete_reservation(&reservation.name, Some(uid), Some(rv))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(ApiError::Conflict(_)) => Ok(false),
+            Err(err) => Err(err.into()),
         }
-        Ok(())
     }
 
     /// Every allocation, or those of one pool (by its name).
@@ -435,6 +444,46 @@ fn network_of_pool(name: &str, cidr: Cidr) -> Option<String> {
     name.strip_suffix(&format!("-{upstream_part}"))
         .or_else(|| name.strip_suffix(&format!("-{range_part}")))
         .map(str::to_string)
+}
+
+/// A reservation found unbacked, with when it was made.
+pub struct Unbacked {
+    pub name: String,
+    pub created: Option<i64>,
+    pub reservation: Reservation,
+}
+
+impl Unbacked {
+    fn of(found: OverlappingRangeIPReservation) -> Option<Unbacked> {
+        let name = found.metadata.name.clone()?;
+        let uid = found.metadata.uid.clone().unwrap_or_default();
+        let rv = found.metadata.resource_version.clone().unwrap_or_default();
+        let spec = found.spec;
+        Some(Unbacked {
+            created: found.metadata.creation_timestamp.map(|t| t.0.as_second()),
+            reservation: Reservation {
+                name: name.clone(),
+                attachment: Attachment {
+                    container_id: spec.containerid,
+                    ifname: spec.ifname,
+                    pod_ref: Some(spec.podref).filter(|p| !p.is_empty()),
+                    pod_uid: None,
+                },
+                version: format!("{uid}/{rv}"),
+            },
+            name,
+        })
+    }
+}
+
+/// Every address a reservation's name can stand for. The name does not say where the network
+/// name ends (both may hold dashes, and an IPv6 address is written with dashes), so each
+/// suffix after a dash is tried: a reservation counts as backed if any of them is in a pool,
+/// which errs on the side of keeping it.
+fn addresses_named_by(name: &str) -> impl Iterator<Item = IpAddr> + '_ {
+    std::iter::once(0)
+        .chain(name.match_indices('-').map(|(i, _)| i + 1))
+        .filter_map(|start| reservation_ip(&name[start..], ""))
 }
 
 /// The address a reservation of `network_name` is named after.
