@@ -503,6 +503,7 @@ fn slices_once_assigned(
     ns: &TestNamespace,
     name: &str,
     nodes: &[String],
+    log: &Path,
 ) -> BTreeMap<String, String> {
     let start = std::time::Instant::now();
     loop {
@@ -521,8 +522,9 @@ fn slices_once_assigned(
         }
         assert!(
             start.elapsed() < std::time::Duration::from_secs(60),
-            "no slice for every node of {nodes:?}: {:#}",
-            ns.get("nodeslicepools", name).unwrap_or_default()
+            "no slice for every node of {nodes:?}: {:#}\ncontroller log (end): {}",
+            ns.get("nodeslicepools", name).unwrap_or_default(),
+            tail(log)
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
@@ -534,7 +536,24 @@ fn slices_once_assigned(
 /// in its node's slice.
 #[test]
 fn node_slices_written_by_either_controller() {
-    let plane = real_cluster!();
+    // A control plane of its own: the Go controller stops serving every network as soon as one
+    // NetworkAttachmentDefinition anywhere in the cluster cannot be read with a flat file, which
+    // other tests' NetworkAttachmentDefinitions cannot be.
+    let Some(plane) = kube_apiserver::dedicated_control_plane("mixed-slices") else {
+        return;
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut apply = vec!["apply".to_string(), "--server-side".into()];
+    for crd in [
+        "deploy/whereabouts.cni.cncf.io_ippools.yaml",
+        "deploy/whereabouts.cni.cncf.io_overlappingrangeipreservations.yaml",
+        "deploy/whereabouts.cni.cncf.io_nodeslicepools.yaml",
+        "tests/data/network-attachment-definition-crd.yaml",
+    ] {
+        apply.extend(["-f".into(), repo.join(crd).display().to_string()]);
+    }
+    plane.kubectl(&apply.iter().map(String::as_str).collect::<Vec<_>>());
+    plane.kubectl(&["wait", "--for=condition=Established", "crd", "--all"]);
     let Some(site) = Site::new(plane, "mixed-slices") else {
         return;
     };
@@ -555,6 +574,8 @@ fn node_slices_written_by_either_controller() {
         json!({"metadata": {"name": "slicenet"}, "spec": {"config": config}}),
     );
     let nad_uid = nad["metadata"]["uid"].as_str().unwrap().to_string();
+    let go_log = site._dir.path().join("go-controller.log");
+    let our_log = site._dir.path().join("our-controller.log");
     let go_controller = || {
         Daemon(
             Command::new(tools.join("go-whereabouts-node-slice-controller"))
@@ -563,7 +584,7 @@ fn node_slices_written_by_either_controller() {
                 .arg("--kubeconfig")
                 .arg(&site.kubeconfig)
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&go_log).unwrap())
                 .spawn()
                 .expect("start the Go node-slice controller"),
         )
@@ -584,7 +605,7 @@ fn node_slices_written_by_either_controller() {
     };
 
     let go = go_controller();
-    let first = slices_once_assigned(ns, "slicenet", &nodes.1);
+    let first = slices_once_assigned(ns, "slicenet", &nodes.1, &go_log);
     drop(go);
     check_pool("written by the Go controller");
 
@@ -602,12 +623,12 @@ fn node_slices_written_by_either_controller() {
                 "5",
             ])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&our_log).unwrap())
             .spawn()
             .expect("start our controller"),
     );
     nodes.add(&name("c"));
-    let second = slices_once_assigned(ns, "slicenet", &nodes.1);
+    let second = slices_once_assigned(ns, "slicenet", &nodes.1, &our_log);
     drop(ours_controller);
     for (node, slice) in &first {
         assert_eq!(second.get(node), Some(slice), "our controller moved {node}");
@@ -616,7 +637,7 @@ fn node_slices_written_by_either_controller() {
 
     let go = go_controller();
     nodes.add(&name("d"));
-    let third = slices_once_assigned(ns, "slicenet", &nodes.1);
+    let third = slices_once_assigned(ns, "slicenet", &nodes.1, &go_log);
     drop(go);
     for (node, slice) in &second {
         assert_eq!(
@@ -646,6 +667,13 @@ fn node_slices_written_by_either_controller() {
         );
     }
     site.assert_healthy("ADDs in node slices");
+}
+
+/// The last lines of a log file.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let start = text.len().saturating_sub(4000);
+    text[text.ceil_char_boundary(start)..].to_string()
 }
 
 /// The first address of a CIDR and the first one past it.
