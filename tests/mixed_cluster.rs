@@ -673,7 +673,10 @@ fn node_slices_written_by_either_controller() {
 fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let start = text.len().saturating_sub(4000);
-    text[text.ceil_char_boundary(start)..].to_string()
+    let start = (start..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    text[start..].to_string()
 }
 
 /// The first address of a CIDR and the first one past it.
