@@ -989,11 +989,7 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
     let ns = plane.namespace("ctl-nad-deleted");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let node = format!("{}-node", ns.name);
-    ns.create(
-        "nodes",
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
-    );
+    let node = ns.add_node();
     let nad = |name: &str, range: &str| {
         json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
                "metadata": {"name": name},
@@ -1029,4 +1025,127 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
     );
     assert!(has_slice(&keep), "{}", ctl.log());
     ns.delete("nodes", &node);
+}
+
+#[test]
+fn a_leader_stopped_with_sigterm_hands_over_at_once() {
+    let plane = real_cluster!();
+    let c = Cluster::new(plane, "ctl-sigterm-handover", "10.75.0.0/24", json!({}));
+    // A Lease that would last a minute: only its hand-over lets the standby lead sooner.
+    let lease = ["--namespace", c.ns.name.as_str(), "--lease-duration", "60"];
+    let start = |sub: &str| {
+        let dir = c.net.path().join(sub);
+        std::fs::create_dir_all(&dir).unwrap();
+        Controller::start(&dir, &c.net.conf, &c.kubeconfig, &lease)
+    };
+    let (first, second) = (start("a"), start("b"));
+    let leads = |c: &Controller| c.metric("whereabouts_leader") == Some(1.0);
+    wait_for("a leader", Duration::from_secs(20), || {
+        leads(&first) || leads(&second)
+    });
+    let (mut leader, standby) = if leads(&first) {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    // As a Deployment's rollout stops a pod.
+    let pid = libc::pid_t::try_from(leader.child.id()).unwrap();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = leader.child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", leader.log());
+    assert!(
+        leader.log().contains("gave up the lead"),
+        "{}",
+        leader.log()
+    );
+    wait_for(
+        "the standby to lead, long before the Lease would expire",
+        Duration::from_secs(20),
+        || leads(&standby),
+    );
+    let lease = c.ns.get("leases", "whereabouts-controller").unwrap();
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+    assert!(
+        standby.log().contains(holder),
+        "{holder} is not the standby"
+    );
+}
+
+#[test]
+fn a_changed_slice_size_gives_new_slices_and_never_a_live_address_twice() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("ctl-nad-changed");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let node = ns.add_node();
+    let network = format!("{}-net", ns.name);
+    let netconf = |slice: &str| {
+        json!({"cniVersion": "0.3.1", "name": network, "type": "macvlan",
+               "ipam": {"type": "whereabouts", "range": "10.74.0.0/24", "node_slice_size": slice,
+                        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}})
+    };
+    let nad = |slice: &str| {
+        json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+               "metadata": {"name": network}, "spec": {"config": netconf(slice).to_string()}})
+    };
+    let nads = kube_apiserver::resource("network-attachment-definitions");
+    ns.apply(&nads, nad("/26"));
+    let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
+        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
+    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &["--lease-duration", "4"]);
+    let slice_of_node = || -> Option<whereabouts::ipam::Cidr> {
+        let pool = ns.get("nodeslicepools", &network)?;
+        let slices = pool["status"]["allocations"].as_array()?.clone();
+        let mine = slices.iter().find(|s| s["nodeName"] == node.as_str())?;
+        whereabouts::ipam::Cidr::parse(mine["sliceRange"].as_str()?, false)
+    };
+    wait_for("the node's /26 slice", Duration::from_secs(30), || {
+        slice_of_node().is_some_and(|s| s.prefix == 26)
+    });
+    let add = |pod: &str, slice: &str| -> IpAddr {
+        let call = fake_apiserver::cni::Call {
+            command: "ADD",
+            container: pod,
+            ifname: "net1",
+            pod: Some((&ns.name, pod)),
+            node: Some(&node),
+            env: vec![],
+        };
+        let reply = fake_apiserver::cni::run(bin_path(), &call, &netconf(slice).to_string());
+        assert_eq!(reply.code, 0, "{reply:?}");
+        reply.ips()[0].split('/').next().unwrap().parse().unwrap()
+    };
+    let old_slice = slice_of_node().unwrap();
+    let live = add("before", "/26");
+    assert!(old_slice.contains(live), "{live} outside {old_slice}");
+
+    // The admin halves the slices. The node's /26 is no slice of the new layout, and its pool
+    // still holds a live address: the node's new slice must keep clear of it.
+    ns.apply(&nads, nad("/27"));
+    wait_for("the node's /27 slice", Duration::from_secs(30), || {
+        slice_of_node().is_some_and(|s| s.prefix == 27)
+    });
+    let new_slice = slice_of_node().unwrap();
+    assert!(
+        !new_slice.contains(live),
+        "{new_slice} hands out the live {live} again: {}",
+        ctl.log()
+    );
+    let after = add("after", "/27");
+    assert!(new_slice.contains(after) && after != live, "{after}");
+    // The live address is still recorded in the pool of the slice it came from.
+    let pools = ns.list("ippools");
+    let old_pool = pools
+        .iter()
+        .find(|p| p["spec"]["range"] == old_slice.to_string().as_str())
+        .unwrap_or_else(|| panic!("no pool for {old_slice}: {pools:?}"));
+    let held = old_pool["spec"]["allocations"].as_object().unwrap();
+    assert_eq!(held.len(), 1, "{old_pool}");
+    let holder = &held.values().next().unwrap()["podref"];
+    assert_eq!(holder, format!("{}/before", ns.name).as_str());
+    ns.delete("nodes", &node);
+}
+
+fn bin_path() -> &'static Path {
+    Path::new(common::bin())
 }
