@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::api::ApiError;
@@ -10,7 +11,8 @@ use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
 use super::pool_doc::{add_op, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
-use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
+use super::batch::{dropped, Batches};
+use super::spool::{pool_key, Answer, Failure, Granted, Job, Lock, Spool, Ticket};
 use crate::ipam::decide::stable_hash;
 use crate::ipam::names::object_name;
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
@@ -130,6 +132,10 @@ impl Engine {
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
         let job = Job::new(&req.attachment, requested);
+        if let Some(batches) = &self.batches {
+            let granted = self.through_batch(batches, pool, req, job).await;
+            return self.accept(granted, pool, req, undo);
+        }
         let spool = Spool::open(
             &self.scope,
             &object_name(&pool.name),
@@ -145,11 +151,11 @@ impl Engine {
         };
         loop {
             if let Some(answer) = spool.answer(&ticket) {
-                return self.accept(answer, pool, req, undo);
+                return self.accept(answer.0.map_err(StoreError::from), pool, req, undo);
             }
             if let Some(lock) = spool.try_lock() {
                 if let Some(answer) = spool.answer(&ticket) {
-                    return self.accept(answer, pool, req, undo);
+                    return self.accept(answer.0.map_err(StoreError::from), pool, req, undo);
                 }
                 return self
                     .lead(&spool, &lock, &ticket, &job, pool, req, undo)
@@ -262,15 +268,99 @@ impl Engine {
         mine.unwrap_or_else(|| Err(StoreError::Io("the spool lost this request".into())))
     }
 
-    /// Takes an answer left by the process that served this request.
+    /// The agent: queues the job in the pool's batch (starting the task that serves it when
+    /// none does) and waits for its answer.
+    async fn through_batch(
+        &self,
+        batches: &Arc<Batches>,
+        pool: &PoolRef,
+        req: &AddRequest,
+        job: Job,
+    ) -> Result<Granted, StoreError> {
+        let key = pool_key(
+            &self.scope,
+            &object_name(&pool.name),
+            &pool.range,
+            &req.network_name,
+            req.overlap,
+        );
+        let (answer, start) = batches.adds.submit(&key, job);
+        if start {
+            // A task of its own: a request that gives up (its caller gone, its deadline passed)
+            // must not cancel a write made for its neighbours too.
+            let (engine, batches) = (self.clone(), batches.clone());
+            let (pool, req) = (pool.clone(), req.clone());
+            tokio::spawn(async move { engine.serve_queue(&batches, &key, &pool, &req).await });
+        }
+        answer.await.unwrap_or_else(|_| Err(dropped()))
+    }
+
+    /// Serves the pool's queue in batches until it is empty. Each batch after the first starts
+    /// from the pool as this task wrote it, so while the node is the only writer a batch costs
+    /// a single request to the pool; a stale guess costs a conflict and a read, never a
+    /// duplicate (the write is conditional on the resourceVersion).
+    async fn serve_queue(&self, batches: &Batches, key: &str, pool: &PoolRef, req: &AddRequest) {
+        let mut known: Option<IPPool> = None;
+        let mut trust_known = true;
+        loop {
+            let waiting = batches.adds.take_or_close(key);
+            if waiting.is_empty() {
+                return;
+            }
+            let (jobs, mut replies): (Vec<Job>, Vec<_>) = waiting.into_iter().unzip();
+            let mut joined = Vec::new();
+            let mut refill = || {
+                let (jobs, replies): (Vec<Job>, Vec<_>) = batches.adds.take(key).into_iter().unzip();
+                joined.extend(replies);
+                jobs
+            };
+            let undo = UndoLog::default();
+            let started = known.take().filter(|_| trust_known);
+            let served = tokio::time::timeout(
+                self.settings.deadline,
+                self.serve(pool, req, jobs, started, &undo, &mut refill),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::TryAgain(format!(
+                    "the batch of IPPool {} did not complete within {:?}",
+                    object_name(&pool.name),
+                    self.settings.deadline
+                )))
+            });
+            replies.extend(joined);
+            batches.observer.batch("add", replies.len());
+            match served {
+                Ok((results, written, guessed_wrong)) => {
+                    trust_known &= !guessed_wrong;
+                    // Served: each ADD is answerable for its own writes from here on.
+                    undo.take();
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(result);
+                    }
+                    known = written;
+                }
+                Err(err) => {
+                    if let Err(undo_err) = self.undo(undo.take()).await {
+                        tracing::error!(%undo_err, "could not take back a failed batch");
+                    }
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the answer of the process or task that served this request.
     fn accept(
         &self,
-        answer: Answer,
+        granted: Result<Granted, StoreError>,
         pool: &PoolRef,
         req: &AddRequest,
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
-        let granted = answer.0.map_err(StoreError::from)?;
+        let granted = granted?;
         if granted.fresh {
             let who = &req.attachment;
             undo.push(Step::PoolEntry {
@@ -319,7 +409,7 @@ impl Engine {
         jobs: Vec<Job>,
         mut known: Option<IPPool>,
         undo: &UndoLog,
-        refill: &mut dyn FnMut() -> Vec<Job>,
+        refill: &mut (dyn FnMut() -> Vec<Job> + Send),
     ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>, bool), StoreError> {
         let guessing = known.is_some();
         let name = object_name(&pool.name);
@@ -708,6 +798,9 @@ impl Engine {
     /// Counts a conflict and waits before the next attempt; gives up when the bound is reached.
     async fn after_conflict(&self, pool: &str, conflicts: u32) -> Result<u32, StoreError> {
         let conflicts = conflicts + 1;
+        if let Some(batches) = &self.batches {
+            batches.observer.conflict("add");
+        }
         let backoff = &self.settings.conflicts;
         if conflicts >= backoff.attempts {
             return Err(StoreError::TryAgain(format!(
