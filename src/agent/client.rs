@@ -34,9 +34,8 @@ pub fn ask<B: Serialize, T: DeserializeOwned>(
         .enable_all()
         .build()
         .map_err(|e| NotServed(format!("cannot start the I/O runtime: {e}")))?;
-    let answer = runtime.block_on(async {
-        tokio::time::timeout(timeout, post(socket, path, bytes)).await
-    });
+    let answer =
+        runtime.block_on(async { tokio::time::timeout(timeout, post(socket, path, bytes)).await });
     let (ok, bytes) = match answer {
         Ok(answer) => answer?,
         Err(_) => {

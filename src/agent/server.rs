@@ -19,20 +19,18 @@ use tokio::net::{TcpListener, UnixListener};
 
 use super::metrics::Metrics;
 use super::wire::{
-    AddBody, AddedBody, AllocationsBody, AttachmentBody, EngineKind, ErrorBody, GcBody,
-    StatusBody, WireError,
+    AddBody, AddedBody, AllocationsBody, AttachmentBody, EngineKind, ErrorBody, GcBody, StatusBody,
+    WireError,
 };
 use super::{is_socket, Options};
 use crate::config::Datastore;
 use crate::store::kubernetes::{self, SharedEngine};
-use crate::store::{
-    etcd, AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError,
-};
+use crate::store::{etcd, AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
 
 /// The engine the agent serves.
 #[derive(Clone)]
 pub enum Backend {
-    Kubernetes(SharedEngine),
+    Kubernetes(Arc<SharedEngine>),
     /// The etcd engine is synchronous (one transaction per ADD, no whole-pool writes to
     /// combine): its calls run on the blocking pool.
     Etcd(Arc<dyn Store + Send + Sync>),
@@ -56,11 +54,14 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Backend {
-    pub async fn open(ipam: &crate::config::IpamConfig, metrics: Arc<Metrics>) -> Result<Backend, String> {
+    pub async fn open(
+        ipam: &crate::config::IpamConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Backend, String> {
         match &ipam.datastore {
             Datastore::Kubernetes(cfg) => kubernetes::open_agent(ipam, cfg, metrics)
                 .await
-                .map(Backend::Kubernetes)
+                .map(|engine| Backend::Kubernetes(Arc::new(engine)))
                 .map_err(|err| err.to_string()),
             Datastore::Etcd(cfg) => {
                 let (ipam, cfg) = (ipam.clone(), cfg.clone());
@@ -194,7 +195,9 @@ impl Agent {
             }
         };
         match bytes {
-            Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+            Ok(bytes) => {
+                (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+            }
             Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         }
     }

@@ -444,7 +444,10 @@ impl AllocationsBody {
             .into_iter()
             .map(|a| {
                 let range = Cidr::parse(&a.range, false).ok_or_else(|| {
-                    StoreError::Io(format!("the agent answered an unreadable range {:?}", a.range))
+                    StoreError::Io(format!(
+                        "the agent answered an unreadable range {:?}",
+                        a.range
+                    ))
                 })?;
                 Ok(Allocation {
                     pool: a.pool,

@@ -34,8 +34,14 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         "panic" => LogLevel::Panic,
         _ => LogLevel::Verbose,
     });
-    crate::logging::init(ipam.log_file.as_deref(), flag.or(ipam.log_level).or(Some(LogLevel::Verbose)));
-    let socket = args.socket.clone().unwrap_or_else(|| agent::socket_path(&ipam));
+    crate::logging::init(
+        ipam.log_file.as_deref(),
+        flag.or(ipam.log_level).or(Some(LogLevel::Verbose)),
+    );
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| agent::socket_path(&ipam));
     agent::run(Options {
         ipam,
         socket,

@@ -10,14 +10,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::agent::client::{ask, NotServed};
-use crate::agent::{fallback_marker, socket_path};
 use crate::agent::wire::{
     AddBody, AddedBody, AllocationsBody, AttachmentBody, EngineKind, GcBody, StatusBody,
 };
+use crate::agent::{fallback_marker, socket_path};
 use crate::config::{Datastore, IpamConfig};
 use crate::store::{
-    self, etcd, kubernetes, AddRequest, Allocation, AttachmentRequest, GcRequest, Store,
-    StoreError,
+    self, etcd, kubernetes, AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError,
 };
 
 /// How long the plugin waits for the agent: the engine's bound on one operation, and a margin

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::api::ApiError;
+use super::batch::{dropped, Batches};
 use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
 use super::pool_doc::{add_op, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
-use super::batch::{dropped, Batches};
 use super::spool::{pool_key, Answer, Failure, Granted, Job, Lock, Spool, Ticket};
 use crate::ipam::decide::stable_hash;
 use crate::ipam::names::object_name;
@@ -310,7 +310,8 @@ impl Engine {
             let (jobs, mut replies): (Vec<Job>, Vec<_>) = waiting.into_iter().unzip();
             let mut joined = Vec::new();
             let mut refill = || {
-                let (jobs, replies): (Vec<Job>, Vec<_>) = batches.adds.take(key).into_iter().unzip();
+                let (jobs, replies): (Vec<Job>, Vec<_>) =
+                    batches.adds.take(key).into_iter().unzip();
                 joined.extend(replies);
                 jobs
             };

@@ -61,7 +61,9 @@ impl<J, R> Queues<J, R> {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Queue<J, R>>> {
         // The map stays consistent whatever panicked while holding it: every change is one
         // push or one take.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Queues a job; the answer comes on the receiver. True when no task serves the queue yet:

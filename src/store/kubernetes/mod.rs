@@ -27,6 +27,7 @@ use tokio::runtime::Runtime;
 use crate::config::{IpamConfig, KubernetesConfig};
 use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
 
+pub use batch::Observer;
 pub use connect::{
     context_namespace, in_cluster_config, in_cluster_namespace, in_pod, operator_access,
     service_account_dir, service_url, Access, DEFAULT_NAMESPACE, NAMESPACE_ENV,
@@ -34,7 +35,6 @@ pub use connect::{
 };
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
-pub use batch::Observer;
 pub use spool::SPOOL_ENV;
 
 use api::{ApiError, Kube};

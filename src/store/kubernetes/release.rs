@@ -224,17 +224,15 @@ impl Engine {
                     e.attachment.ifname.as_str(),
                 ))
             };
-            let released = tokio::time::timeout(
-                self.settings.deadline,
-                self.release_entries(target, pick),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::TryAgain(format!(
-                    "the batch of DELs of IPPool {} did not complete within {:?}",
-                    target.name, self.settings.deadline
-                )))
-            });
+            let released =
+                tokio::time::timeout(self.settings.deadline, self.release_entries(target, pick))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::TryAgain(format!(
+                            "the batch of DELs of IPPool {} did not complete within {:?}",
+                            target.name, self.settings.deadline
+                        )))
+                    });
             for (job, reply) in jobs.iter().zip(replies) {
                 let answer = match &released {
                     Ok(all) => all
@@ -256,9 +254,7 @@ impl Engine {
         target: &ReleaseTarget,
         pick: impl Fn(&Entry) -> bool,
     ) -> Result<Vec<(Allocation, Result<(), StoreError>)>, StoreError> {
-        let removed = self
-            .remove_entries(&target.name, target.cidr, pick)
-            .await?;
+        let removed = self.remove_entries(&target.name, target.cidr, pick).await?;
         let doc = PoolDoc::new(&target.name, target.configured, None)?;
         let releases = removed.iter().map(|entry| {
             self.release_reservation(entry.ip, &target.network_name, &entry.attachment)

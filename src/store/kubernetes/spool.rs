@@ -117,7 +117,13 @@ pub struct Answer(pub Result<Granted, Failure>);
 /// What requests must share to be served together: the cluster, the pool, its range and the
 /// way of allocating in it. A hash that every release computes alike: during an upgrade the
 /// old and the new binary's ADDs still meet in one spool folder.
-pub fn pool_key(scope: &str, pool: &str, range: &Range, network_name: &str, overlap: bool) -> String {
+pub fn pool_key(
+    scope: &str,
+    pool: &str,
+    range: &Range,
+    network_name: &str,
+    overlap: bool,
+) -> String {
     let blocked: Vec<String> = range
         .blocked
         .as_slice()
