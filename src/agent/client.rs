@@ -39,7 +39,7 @@ pub fn ask<B: Serialize, T: DeserializeOwned>(
     let (ok, bytes) = match answer {
         Ok(answer) => answer?,
         Err(_) => {
-            return Ok(Err(StoreError::TryAgain(format!(
+            return Ok(Err(StoreError::try_again(format!(
                 "the whereabouts agent at {} did not answer within {timeout:?}",
                 socket.display()
             ))))

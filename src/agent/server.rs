@@ -42,7 +42,7 @@ async fn detached<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     tokio::spawn(op)
         .await
-        .unwrap_or_else(|err| Err(StoreError::Io(format!("the agent's task failed: {err}"))))
+        .unwrap_or_else(|err| Err(StoreError::io("the agent's task failed").because(err)))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -50,7 +50,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(op)
         .await
-        .unwrap_or_else(|err| Err(StoreError::Io(format!("the agent's task failed: {err}"))))
+        .unwrap_or_else(|err| Err(StoreError::io("the agent's task failed").because(err)))
 }
 
 impl Backend {

@@ -211,17 +211,18 @@ impl From<&StoreError> for WireError {
                 range: range.clone(),
                 holder: holder.clone(),
             },
-            StoreError::TryAgain(_) => WireError::TryAgain {
-                message: err.to_string(),
+            // The message with its causes: the plugin reports what the agent saw.
+            StoreError::TryAgain { .. } => WireError::TryAgain {
+                message: err.describe(),
             },
-            StoreError::Config(_) => WireError::Config {
-                message: err.to_string(),
+            StoreError::Config { .. } => WireError::Config {
+                message: err.describe(),
             },
-            StoreError::Io(_) => WireError::Io {
-                message: err.to_string(),
+            StoreError::Io { .. } => WireError::Io {
+                message: err.describe(),
             },
-            StoreError::Broken(_) => WireError::Broken {
-                message: err.to_string(),
+            StoreError::Broken { .. } => WireError::Broken {
+                message: err.describe(),
             },
         }
     }
@@ -232,12 +233,12 @@ impl From<WireError> for StoreError {
         match err {
             WireError::Exhausted { range } => StoreError::Exhausted { range },
             WireError::InUse { ip, range, holder } => StoreError::InUse { ip, range, holder },
-            WireError::TryAgain { message } => StoreError::TryAgain(message),
-            WireError::Config { message } => StoreError::Config(message),
+            WireError::TryAgain { message } => StoreError::try_again(message),
+            WireError::Config { message } => StoreError::config(message),
             WireError::Io { message }
             | WireError::WrongEngine { message }
-            | WireError::BadRequest { message } => StoreError::Io(message),
-            WireError::Broken { message } => StoreError::Broken(message),
+            | WireError::BadRequest { message } => StoreError::io(message),
+            WireError::Broken { message } => StoreError::broken(message),
         }
     }
 }
@@ -444,7 +445,7 @@ impl AllocationsBody {
             .into_iter()
             .map(|a| {
                 let range = Cidr::parse(&a.range, false).ok_or_else(|| {
-                    StoreError::Io(format!(
+                    StoreError::io(format!(
                         "the agent answered an unreadable range {:?}",
                         a.range
                     ))
@@ -521,10 +522,10 @@ mod tests {
                 range: "10.0.0.0/30".into(),
                 holder: "x".into(),
             },
-            StoreError::TryAgain("later".into()),
-            StoreError::Config("bad".into()),
-            StoreError::Io("disk".into()),
-            StoreError::Broken("corrupt".into()),
+            StoreError::try_again("later"),
+            StoreError::config("bad"),
+            StoreError::io("disk").because(std::io::Error::other("full")),
+            StoreError::broken("corrupt"),
         ];
         for err in errors {
             let wire = WireError::from(&err);
@@ -532,7 +533,7 @@ mod tests {
             let back: ErrorBody = serde_json::from_str(&text).unwrap();
             let again = StoreError::from(back.error);
             assert_eq!(again.code(), err.code(), "{err:?}");
-            assert_eq!(again.to_string(), err.to_string());
+            assert_eq!(again.describe(), err.describe());
         }
     }
 

@@ -27,7 +27,7 @@ pub struct AgentArgs {
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let object = args.store.ipam_object()?;
-    let ipam = config::load_for_agent(Some(&object)).map_err(|e| anyhow::anyhow!(e.msg))?;
+    let ipam = config::load_for_agent(Some(&object)).map_err(|e| anyhow::anyhow!(e.describe()))?;
     let flag = args.log_level.as_deref().map(|l| match l {
         "debug" => LogLevel::Debug,
         "error" => LogLevel::Error,

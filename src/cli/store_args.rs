@@ -53,7 +53,7 @@ pub fn ipam_of(file: &Value) -> Option<Value> {
 impl StoreArgs {
     /// The configuration, with the flags applied over it.
     pub fn ipam(&self) -> anyhow::Result<IpamConfig> {
-        config::load_for_operator(Some(&self.ipam_object()?)).map_err(|e| anyhow::anyhow!(e.msg))
+        config::load_for_operator(Some(&self.ipam_object()?)).map_err(|e| anyhow::anyhow!(e.describe()))
     }
 
     /// The `ipam` object: the configuration file's (or a bare one), with the flags set in it.
@@ -91,7 +91,7 @@ impl StoreArgs {
     /// The configuration and its store.
     pub fn open(&self) -> anyhow::Result<(IpamConfig, Box<dyn Store>)> {
         let cfg = self.ipam()?;
-        let store = store::open_for_operator(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = store::open_for_operator(&cfg).map_err(anyhow::Error::new)?;
         Ok((cfg, store))
     }
 }

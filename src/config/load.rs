@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::error::ConfigError;
 use super::raw::{field, lowercase_keys, merge_flat_file, text};
 use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
@@ -12,7 +13,6 @@ use super::{
     DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS, MAX_EXCLUDES, MAX_RANGES, MAX_ROUTES,
     MAX_STATIC_ADDRESSES,
 };
-use crate::cni::error::{code, CniError};
 use crate::cni::request::kind_of;
 use crate::cni::types::{Dns, Route};
 use crate::files::{self, shown, shown_path};
@@ -20,14 +20,14 @@ use crate::ipam::addr::parse_ip;
 use crate::ipam::slices::parse_slice_size;
 use crate::ipam::{parse_exclude, parse_range_text, Cidr, Range, RangeError, RangeSpec};
 
-fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::invalid(msg)
 }
 
 /// Loads the configuration of a CNI call: the `ipam` object of a network configuration (not
 /// trusted, see [`super::trust`]) and the admin's flat file, `$WHEREABOUTS_FLAT_FILE` or the
 /// first of the standard places that exists.
-pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
+pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
     let defaults = match std::env::var_os(FLAT_FILE_ENV).filter(|v| !v.is_empty()) {
         Some(file) => vec![PathBuf::from(file)],
         None => default_flat_files(),
@@ -38,7 +38,7 @@ pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
 /// As [`load`], for the operator's commands: the engine settings matter, ranges may be absent
 /// (the flat file written by the installer names only the engine), and what the operator
 /// gives is trusted.
-pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
+pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
     load_inner(ipam, &default_flat_files(), Caller::Operator)
 }
 
@@ -61,7 +61,7 @@ fn default_flat_files() -> Vec<PathBuf> {
 pub fn load_with_flat_files(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
-) -> Result<IpamConfig, CniError> {
+) -> Result<IpamConfig, ConfigError> {
     load_inner(ipam, default_flat_files, Caller::Admin)
 }
 
@@ -70,7 +70,7 @@ pub fn load_with_flat_files(
 pub fn load_untrusted(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
-) -> Result<IpamConfig, CniError> {
+) -> Result<IpamConfig, ConfigError> {
     load_inner(ipam, default_flat_files, Caller::Network)
 }
 
@@ -89,7 +89,7 @@ pub(super) fn load_inner(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
     caller: Caller,
-) -> Result<IpamConfig, CniError> {
+) -> Result<IpamConfig, ConfigError> {
     let ipam = ipam.ok_or_else(|| invalid("IPAM config missing 'ipam' key"))?;
     let Value::Object(ipam) = ipam else {
         return Err(invalid(format!(
@@ -131,7 +131,7 @@ pub(super) fn load_inner(
 fn admin_flat_file(
     configuration_path: Option<&str>,
     defaults: &[PathBuf],
-) -> Result<(Option<Map<String, Value>>, Trust), CniError> {
+) -> Result<(Option<Map<String, Value>>, Trust), ConfigError> {
     let base = match find_flat_file(None, defaults)? {
         Some(file) => Some((file.clone(), read_flat_file(&file)?)),
         None => None,
@@ -173,7 +173,7 @@ fn admin_flat_file(
 pub fn find_flat_file(
     configuration_path: Option<&str>,
     defaults: &[PathBuf],
-) -> Result<Option<PathBuf>, CniError> {
+) -> Result<Option<PathBuf>, ConfigError> {
     let explicit = configuration_path.map(|p| {
         let path = PathBuf::from(p);
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
@@ -187,10 +187,10 @@ pub fn find_flat_file(
             Ok(_) => return Ok(Some(candidate)),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
             Err(err) => {
-                return Err(CniError::new(
-                    code::IO_FAILURE,
-                    format!("cannot look up flat file {}: {err}", shown_path(&candidate)),
-                ))
+                return Err(ConfigError::Unreadable {
+                    what: format!("cannot look up flat file {}", shown_path(&candidate)),
+                    cause: Box::new(err),
+                })
             }
         }
     }
@@ -198,12 +198,10 @@ pub fn find_flat_file(
 }
 
 /// Reads the flat file; errors name it and the position, never its content.
-fn read_flat_file(path: &Path) -> Result<Map<String, Value>, CniError> {
-    let bytes = files::read_config_file(path).map_err(|err| {
-        CniError::new(
-            code::IO_FAILURE,
-            format!("cannot read the flat file: {}", err.describe()),
-        )
+fn read_flat_file(path: &Path) -> Result<Map<String, Value>, ConfigError> {
+    let bytes = files::read_config_file(path).map_err(|err| ConfigError::Unreadable {
+        what: "cannot read the flat file".into(),
+        cause: Box::new(err),
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(lowercase_map(&map)),
@@ -228,7 +226,7 @@ fn lowercase_map(map: &Map<String, Value>) -> Map<String, Value> {
 }
 
 /// Refuses a list longer than its cap, naming it.
-pub(crate) fn at_most(len: usize, max: usize, what: &str) -> Result<(), CniError> {
+pub(crate) fn at_most(len: usize, max: usize, what: &str) -> Result<(), ConfigError> {
     if len > max {
         return Err(invalid(format!(
             "{what} has {len} entries, more than the {max} allowed"
@@ -237,7 +235,11 @@ pub(crate) fn at_most(len: usize, max: usize, what: &str) -> Result<(), CniError
     Ok(())
 }
 
-fn ip_field(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<IpAddr>, CniError> {
+fn ip_field(
+    map: &Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<Option<IpAddr>, ConfigError> {
     text(map, key, path)?
         .map(|t| {
             parse_ip(&t).ok_or_else(|| {
@@ -251,7 +253,7 @@ fn ip_field(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<Ip
 }
 
 /// One range entry (the top level or an `ipRanges` item).
-fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>, CniError> {
+fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>, ConfigError> {
     let Some(range_text) = text(map, "range", &format!("{path}range"))? else {
         return Ok(None);
     };
@@ -298,103 +300,18 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
     Ok(Some(spec))
 }
 
-fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniError> {
-    let mut ranges = Vec::new();
-    if let Some(top) = range_spec(map, "ipam.")? {
-        ranges.push(top);
-    } else {
-        for key in ["range_start", "range_end", "exclude"] {
-            if map.get(key).is_some_and(|v| !super::raw::is_unset(v)) {
-                return Err(invalid(format!("ipam.{key} is set but ipam.range is not")));
-            }
-        }
-    }
-    let ip_ranges: Vec<Value> = field(map, "ipranges", "ipam.ipRanges")?.unwrap_or_default();
-    at_most(
-        ip_ranges.len() + ranges.len(),
-        MAX_RANGES,
-        "ipam.range and ipam.ipRanges",
-    )?;
-    for (i, item) in ip_ranges.iter().enumerate() {
-        let path = format!("ipam.ipRanges[{i}].");
-        let Value::Object(entry) = item else {
-            return Err(invalid(format!(
-                "invalid {path}: {} is not an object",
-                kind_of(item)
-            )));
-        };
-        let spec =
-            range_spec(entry, &path)?.ok_or_else(|| invalid(format!("{path}range is missing")))?;
-        if ranges.iter().any(|r: &RangeSpec| r.cidr == spec.cidr) {
-            return Err(invalid(format!(
-                "invalid {path}range: {} is configured twice (one address is taken per range)",
-                spec.cidr
-            )));
-        }
-        ranges.push(spec);
-    }
-
+fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, ConfigError> {
+    let ranges = ranges(map)?;
     let gateway = ip_field(map, "gateway", "ipam.gateway")?;
-    let routes: Vec<Route> = field(map, "routes", "ipam.routes")?.unwrap_or_default();
-    at_most(routes.len(), MAX_ROUTES, "ipam.routes")?;
-    for (i, route) in routes.iter().enumerate() {
-        if Cidr::parse(&route.dst, false).is_none() {
-            return Err(invalid(format!(
-                "invalid ipam.routes[{i}].dst: {:?} is not a CIDR",
-                shown(&route.dst)
-            )));
-        }
-        if let Some(gw) = &route.gw {
-            if parse_ip(gw).is_none() {
-                return Err(invalid(format!(
-                    "invalid ipam.routes[{i}].gw: {:?} is not an IP address",
-                    shown(gw)
-                )));
-            }
-        }
-    }
+    let routes = routes(map)?;
     let dns: Option<Dns> = field(map, "dns", "ipam.dns")?;
-
-    let raw_addresses: Vec<Value> = field(map, "addresses", "ipam.addresses")?.unwrap_or_default();
-    at_most(raw_addresses.len(), MAX_STATIC_ADDRESSES, "ipam.addresses")?;
-    let mut addresses = Vec::new();
-    for (i, item) in raw_addresses.iter().enumerate() {
-        let path = format!("ipam.addresses[{i}]");
-        let Value::Object(entry) = item else {
-            return Err(invalid(format!(
-                "invalid {path}: {} is not an object",
-                kind_of(item)
-            )));
-        };
-        let address = text(entry, "address", &format!("{path}.address"))?
-            .ok_or_else(|| invalid(format!("{path}.address is missing")))?;
-        let address = Cidr::parse(&address, false).ok_or_else(|| {
-            invalid(format!(
-                "invalid {path}.address: {:?} is not an address with a prefix length (10.0.0.5/24)",
-                shown(&address)
-            ))
-        })?;
-        let gateway = ip_field(entry, "gateway", &format!("{path}.gateway"))?;
-        addresses.push(StaticAddress { address, gateway });
-    }
+    let addresses = static_addresses(map)?;
     if !operator && ranges.is_empty() && addresses.is_empty() {
         return Err(invalid(
             "ipam needs a range, ipRanges or addresses: none is set",
         ));
     }
-
-    let log_level = text(map, "log_level", "ipam.log_level")?
-        .map(|level| match level.to_ascii_lowercase().as_str() {
-            "debug" => Ok(LogLevel::Debug),
-            "verbose" => Ok(LogLevel::Verbose),
-            "error" => Ok(LogLevel::Error),
-            "panic" => Ok(LogLevel::Panic),
-            _ => Err(invalid(format!(
-                "invalid ipam.log_level: {:?} (expected debug, verbose, error or panic)",
-                shown(&level)
-            ))),
-        })
-        .transpose()?;
+    let log_level = log_level(map)?;
     let node_slice_size = text(map, "node_slice_size", "ipam.node_slice_size")?
         .map(|s| {
             parse_slice_size(&s)
@@ -440,10 +357,114 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
     })
 }
 
+/// `range` (with `range_start`, `range_end`, `exclude`) and `ipRanges`, in that order.
+fn ranges(map: &Map<String, Value>) -> Result<Vec<RangeSpec>, ConfigError> {
+    let mut ranges = Vec::new();
+    if let Some(top) = range_spec(map, "ipam.")? {
+        ranges.push(top);
+    } else {
+        for key in ["range_start", "range_end", "exclude"] {
+            if map.get(key).is_some_and(|v| !super::raw::is_unset(v)) {
+                return Err(invalid(format!("ipam.{key} is set but ipam.range is not")));
+            }
+        }
+    }
+    let ip_ranges: Vec<Value> = field(map, "ipranges", "ipam.ipRanges")?.unwrap_or_default();
+    at_most(
+        ip_ranges.len() + ranges.len(),
+        MAX_RANGES,
+        "ipam.range and ipam.ipRanges",
+    )?;
+    for (i, item) in ip_ranges.iter().enumerate() {
+        let path = format!("ipam.ipRanges[{i}].");
+        let Value::Object(entry) = item else {
+            return Err(invalid(format!(
+                "invalid {path}: {} is not an object",
+                kind_of(item)
+            )));
+        };
+        let spec =
+            range_spec(entry, &path)?.ok_or_else(|| invalid(format!("{path}range is missing")))?;
+        if ranges.iter().any(|r: &RangeSpec| r.cidr == spec.cidr) {
+            return Err(invalid(format!(
+                "invalid {path}range: {} is configured twice (one address is taken per range)",
+                spec.cidr
+            )));
+        }
+        ranges.push(spec);
+    }
+    Ok(ranges)
+}
+
+/// `routes`, each destination a CIDR and each gateway an address.
+fn routes(map: &Map<String, Value>) -> Result<Vec<Route>, ConfigError> {
+    let routes: Vec<Route> = field(map, "routes", "ipam.routes")?.unwrap_or_default();
+    at_most(routes.len(), MAX_ROUTES, "ipam.routes")?;
+    for (i, route) in routes.iter().enumerate() {
+        if Cidr::parse(&route.dst, false).is_none() {
+            return Err(invalid(format!(
+                "invalid ipam.routes[{i}].dst: {:?} is not a CIDR",
+                shown(&route.dst)
+            )));
+        }
+        if let Some(gw) = &route.gw {
+            if parse_ip(gw).is_none() {
+                return Err(invalid(format!(
+                    "invalid ipam.routes[{i}].gw: {:?} is not an IP address",
+                    shown(gw)
+                )));
+            }
+        }
+    }
+    Ok(routes)
+}
+
+/// `addresses`: static addresses with their prefix length and optional gateway.
+fn static_addresses(map: &Map<String, Value>) -> Result<Vec<StaticAddress>, ConfigError> {
+    let raw_addresses: Vec<Value> = field(map, "addresses", "ipam.addresses")?.unwrap_or_default();
+    at_most(raw_addresses.len(), MAX_STATIC_ADDRESSES, "ipam.addresses")?;
+    let mut addresses = Vec::new();
+    for (i, item) in raw_addresses.iter().enumerate() {
+        let path = format!("ipam.addresses[{i}]");
+        let Value::Object(entry) = item else {
+            return Err(invalid(format!(
+                "invalid {path}: {} is not an object",
+                kind_of(item)
+            )));
+        };
+        let address = text(entry, "address", &format!("{path}.address"))?
+            .ok_or_else(|| invalid(format!("{path}.address is missing")))?;
+        let address = Cidr::parse(&address, false).ok_or_else(|| {
+            invalid(format!(
+                "invalid {path}.address: {:?} is not an address with a prefix length (10.0.0.5/24)",
+                shown(&address)
+            ))
+        })?;
+        let gateway = ip_field(entry, "gateway", &format!("{path}.gateway"))?;
+        addresses.push(StaticAddress { address, gateway });
+    }
+    Ok(addresses)
+}
+
+fn log_level(map: &Map<String, Value>) -> Result<Option<LogLevel>, ConfigError> {
+    text(map, "log_level", "ipam.log_level")?
+        .map(|level| match level.to_ascii_lowercase().as_str() {
+            "debug" => Ok(LogLevel::Debug),
+            "verbose" => Ok(LogLevel::Verbose),
+            "error" => Ok(LogLevel::Error),
+            "panic" => Ok(LogLevel::Panic),
+            _ => Err(invalid(format!(
+                "invalid ipam.log_level: {:?} (expected debug, verbose, error or panic)",
+                shown(&level)
+            ))),
+        })
+        .transpose()
+}
+
 /// `operator`: an operator's command or the controller, for which the Kubernetes engine's
 /// kubeconfig defaults to [`DEFAULT_KUBECONFIG`] (the node's, as the installer writes it; in a
 /// pod without that file the store uses the pod's service account). The plugin must be told.
-fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, CniError> {
+fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, ConfigError> {
     let kubeconfig = match map.get("kubernetes") {
         Some(Value::Object(k)) => text(k, "kubeconfig", "ipam.kubernetes.kubeconfig")?,
         Some(Value::Null) | None => None,
@@ -498,7 +519,7 @@ fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, CniE
                     "invalid ipam.etcd_host: {:?} names no endpoint", shown(&hosts)
                 )));
             }
-            let path = |key: &str| -> Result<Option<PathBuf>, CniError> {
+            let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
                 Ok(text(map, key, &format!("ipam.{key}"))?.map(PathBuf::from))
             };
             let cfg = EtcdConfig {

@@ -30,8 +30,9 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio::sync::Notify;
 
-use crate::cleanup::pods::{self, ClusterSource};
+use crate::cleanup::pods;
 use crate::config::{Datastore, IpamConfig};
+use crate::k8s::cluster::{self, Access};
 use crate::k8s::crd::OverlappingRangeIPReservation;
 use leader::{Election, Leadership};
 use metrics::Metrics;
@@ -51,7 +52,7 @@ pub enum ControllerError {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub ipam: IpamConfig,
-    pub cluster: ClusterSource,
+    pub cluster: Access,
     pub listen: SocketAddr,
     /// Where NodeSlicePools, reservations and the `whereabouts-config` ConfigMap live.
     pub namespace: String,
@@ -70,11 +71,11 @@ pub struct Options {
 /// rule the engine follows when it uses the service account, so both name one namespace.
 pub fn default_namespace(ipam: &IpamConfig) -> String {
     if let Datastore::Kubernetes(k) = &ipam.datastore {
-        if let Ok(config) = kube::config::Kubeconfig::read_from(&k.kubeconfig) {
-            return crate::store::kubernetes::context_namespace(&config);
+        if let Ok(config) = cluster::read_kubeconfig(&k.kubeconfig) {
+            return cluster::context_namespace(&config);
         }
     }
-    crate::store::kubernetes::in_cluster_namespace()
+    cluster::in_cluster_namespace()
 }
 
 /// Runs until the process is stopped; returns only on a start-up failure or at SIGTERM.
@@ -96,15 +97,51 @@ fn identity() -> String {
     format!("{host}-{:08x}", rand::random::<u32>())
 }
 
+/// Takes part in the election when a lease duration is set (the metric and a reconcile follow
+/// each win); otherwise this replica leads alone. The election, to give the Lease up at exit.
+fn start_election(
+    opts: &Options,
+    client: &Client,
+    metrics: &Arc<Metrics>,
+    leadership: &Leadership,
+    jobs: &Jobs,
+) -> Option<Election> {
+    let Some(lease_duration) = opts.lease_duration else {
+        metrics.leader.set(1);
+        return None;
+    };
+    let election = Election {
+        namespace: opts.namespace.clone(),
+        identity: identity(),
+        lease_duration,
+    };
+    let (metrics, jobs) = (metrics.clone(), jobs.clone());
+    tokio::spawn(leader::run(
+        client.clone(),
+        election.clone(),
+        leadership.clone(),
+        move |leading| {
+            metrics.leader.set(i64::from(leading));
+            if leading {
+                // Whatever happened while another replica led (or none did) is judged now.
+                let _ = jobs.send(Job::Reconcile { why: "elected" });
+            }
+        },
+    ));
+    Some(election)
+}
+
 async fn main(opts: Options) -> Result<(), ControllerError> {
     // Watches hold a response open for their whole timeout; every other request must finish
     // quickly, so a hung call cannot stall the store worker for minutes.
-    let client = pods::client(&opts.cluster, REQUEST_TIMEOUT)
+    let insecure_tls = opts.ipam.trust.insecure_tls;
+    let client = pods::client(&opts.cluster, REQUEST_TIMEOUT, insecure_tls)
         .await
-        .map_err(|e| ControllerError::Config(e.to_string()))?;
-    let watch_client = pods::client(&opts.cluster, opts.watch_timeout + REQUEST_TIMEOUT)
+        .map_err(|e| ControllerError::Config(crate::store::error::chain(&e)))?;
+    let watch_timeout = opts.watch_timeout + REQUEST_TIMEOUT;
+    let watch_client = pods::client(&opts.cluster, watch_timeout, insecure_tls)
         .await
-        .map_err(|e| ControllerError::Config(e.to_string()))?;
+        .map_err(|e| ControllerError::Config(crate::store::error::chain(&e)))?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| ControllerError::Io(format!("cannot listen on {}: {e}", opts.listen)))?;
@@ -137,28 +174,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         opts.ipam.reconciler_cron_expression.clone(),
         jobs.clone(),
     ));
-    let election = opts.lease_duration.map(|lease_duration| Election {
-        namespace: opts.namespace.clone(),
-        identity: identity(),
-        lease_duration,
-    });
-    if let Some(election) = election.clone() {
-        let (metrics, jobs) = (metrics.clone(), jobs.clone());
-        tokio::spawn(leader::run(
-            client.clone(),
-            election,
-            leadership.clone(),
-            move |leading| {
-                metrics.leader.set(i64::from(leading));
-                if leading {
-                    // Whatever happened while another replica led (or none did) is judged now.
-                    let _ = jobs.send(Job::Reconcile { why: "elected" });
-                }
-            },
-        ));
-    } else {
-        metrics.leader.set(1);
-    }
+    let election = start_election(&opts, &client, &metrics, &leadership, &jobs);
     let config = watcher::Config::default().timeout(watch_seconds(opts.watch_timeout));
     if opts.node_slices {
         start_node_slices(
@@ -235,7 +251,8 @@ async fn start_worker(
             let store = match crate::store::open_for_operator(&ipam) {
                 Ok(store) => store,
                 Err(err) => {
-                    let _ = ready_tx.send(Err(format!("cannot open the store: {err}")));
+                    let _ =
+                        ready_tx.send(Err(format!("cannot open the store: {}", err.describe())));
                     return;
                 }
             };

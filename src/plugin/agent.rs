@@ -81,11 +81,12 @@ fn served<B: Serialize, R: DeserializeOwned, T>(
         }
     };
     let store = store::open(cfg).map_err(|err| match (&socket, &err) {
-        (Some((socket, why)), StoreError::Config(_) | StoreError::Io(_)) => {
-            StoreError::TryAgain(format!(
-                "the whereabouts agent at {} does not answer ({why}) and this node cannot reach the store itself: {err}",
+        (Some((socket, why)), StoreError::Config { .. } | StoreError::Io { .. }) => {
+            StoreError::try_again(format!(
+                "the whereabouts agent at {} does not answer ({why}) and this node cannot reach the store itself",
                 socket.display()
             ))
+            .because(err)
         }
         _ => err,
     })?;

@@ -302,6 +302,8 @@ pub fn resource(plural: &str) -> (ApiResource, bool) {
         "pods" => ("", "v1", "Pod", true),
         "configmaps" => ("", "v1", "ConfigMap", true),
         "events" => ("", "v1", "Event", true),
+        // The same Events as events.k8s.io shows them (regarding, note, reportingController).
+        "events.k8s.io" => ("events.k8s.io", "v1", "Event", true),
         "serviceaccounts" => ("", "v1", "ServiceAccount", true),
         "leases" => ("coordination.k8s.io", "v1", "Lease", true),
         "nodes" => ("", "v1", "Node", false),
@@ -309,6 +311,12 @@ pub fn resource(plural: &str) -> (ApiResource, bool) {
         other => panic!("no resource {other} in the fixture"),
     };
     let gvk = GroupVersionKind::gvk(group, version, kind);
+    let plural = plural.strip_suffix(".events.k8s.io").unwrap_or(plural);
+    let plural = if plural == "events.k8s.io" {
+        "events"
+    } else {
+        plural
+    };
     (ApiResource::from_gvk_with_plural(&gvk, plural), namespaced)
 }
 
@@ -392,16 +400,19 @@ impl TestNamespace {
     /// A pod of this namespace in `phase` (no node runs it: the phase is set through the status
     /// subresource, as a kubelet would). Returns its UID.
     pub fn add_pod(&self, name: &str, phase: &str) -> String {
-        let pod = self.create(
-            "pods",
-            json!({
-                "metadata": {"name": name},
-                "spec": {
-                    "automountServiceAccountToken": false,
-                    "containers": [{"name": "main", "image": "test.invalid/pause"}],
-                },
-            }),
-        );
+        self.add_pod_on(name, phase, None)
+    }
+
+    /// As [`Self::add_pod`], scheduled on `node` (no such Node object needs to exist).
+    pub fn add_pod_on(&self, name: &str, phase: &str, node: Option<&str>) -> String {
+        let mut spec = json!({
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "main", "image": "test.invalid/pause"}],
+        });
+        if let Some(node) = node {
+            spec["nodeName"] = node.into();
+        }
+        let pod = self.create("pods", json!({"metadata": {"name": name}, "spec": spec}));
         self.set_pod_phase(name, phase);
         pod["metadata"]["uid"].as_str().expect("a uid").to_string()
     }

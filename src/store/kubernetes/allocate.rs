@@ -109,7 +109,7 @@ impl Engine {
                 Some(offset) => {
                     let ip = wanted.pool.range.cidr.at(offset);
                     Some(pool.range.cidr.offset_of(ip).ok_or_else(|| {
-                        StoreError::Config(format!(
+                        StoreError::config(format!(
                             "requested address {ip} is outside this node's slice {}",
                             pool.range.cidr
                         ))
@@ -265,7 +265,7 @@ impl Engine {
         }
         // Out of the spool before the lock goes, or the next holder would serve it again.
         ticket.withdraw();
-        mine.unwrap_or_else(|| Err(StoreError::Io("the spool lost this request".into())))
+        mine.unwrap_or_else(|| Err(StoreError::io("the spool lost this request")))
     }
 
     /// The agent: queues the job in the pool's batch (starting the task that serves it when
@@ -323,7 +323,7 @@ impl Engine {
             )
             .await
             .unwrap_or_else(|_| {
-                Err(StoreError::TryAgain(format!(
+                Err(StoreError::try_again(format!(
                     "the batch of IPPool {} did not complete within {:?}",
                     object_name(&pool.name),
                     self.settings.deadline
@@ -394,7 +394,7 @@ impl Engine {
             .await?;
         results
             .pop()
-            .unwrap_or_else(|| Err(StoreError::Io("no result".into())))
+            .unwrap_or_else(|| Err(StoreError::io("no result")))
             .map(|granted| granted.ip)
     }
 
@@ -440,7 +440,7 @@ impl Engine {
             let doc = PoolDoc::new(&name, range.cidr, object)?;
             if let (Some(failed), Some(now)) = (&failed_rv, doc.resource_version()) {
                 if failed == now {
-                    return Err(StoreError::Io(format!(
+                    return Err(StoreError::io(format!(
                         "the API server refused the update of IPPool {name} although it is unchanged"
                     )));
                 }
@@ -561,7 +561,7 @@ impl Engine {
                 }
                 let who = slots[i].who.clone();
                 let key = doc.key_of(offset).ok_or_else(|| {
-                    StoreError::Io(format!("IPPool {name} cannot record {}", range.ip(offset)))
+                    StoreError::io(format!("IPPool {name} cannot record {}", range.ip(offset)))
                 })?;
                 undo.push(Step::PoolEntry {
                     pool: name.clone(),
@@ -628,12 +628,12 @@ impl Engine {
                                     ..granted.clone()
                                 }),
                                 Some(Err(err)) => Err(err.clone()),
-                                None => Err(StoreError::Io("not served".into())),
+                                None => Err(StoreError::io("not served")),
                             },
                             None => slots[i]
                                 .done
                                 .take()
-                                .unwrap_or_else(|| Err(StoreError::Io("not served".into()))),
+                                .unwrap_or_else(|| Err(StoreError::io("not served"))),
                         };
                         results.push(result);
                     }
@@ -804,7 +804,7 @@ impl Engine {
         }
         let backoff = &self.settings.conflicts;
         if conflicts >= backoff.attempts {
-            return Err(StoreError::TryAgain(format!(
+            return Err(StoreError::try_again(format!(
                 "IPPool {pool} kept changing under {conflicts} attempts to update it; gave up"
             )));
         }
@@ -820,7 +820,7 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let range = &pool.range;
         if offset > range.cidr.last_offset() || doc.unaddressable(offset) {
-            return Err(StoreError::Config(format!(
+            return Err(StoreError::config(format!(
                 "requested address {} cannot be held in pool {}",
                 range.ip(offset),
                 doc.name
@@ -873,7 +873,7 @@ impl Engine {
                 None => continue,
             }
         }
-        Err(StoreError::TryAgain(format!(
+        Err(StoreError::try_again(format!(
             "reservation {name} keeps appearing and disappearing"
         )))
     }

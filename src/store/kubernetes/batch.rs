@@ -113,5 +113,5 @@ pub fn released_by(allocation: &Allocation, pending: &PendingRelease) -> bool {
 
 /// The answer a waiting request gets when its batch was dropped without one.
 pub fn dropped() -> StoreError {
-    StoreError::TryAgain("the agent stopped serving this request's batch".into())
+    StoreError::try_again("the agent stopped serving this request's batch")
 }

@@ -9,7 +9,6 @@ mod allocate;
 mod api;
 mod batch;
 mod choose;
-mod connect;
 mod engine;
 mod node_slice;
 mod pool_doc;
@@ -25,14 +24,13 @@ use std::sync::Arc;
 use tokio::runtime::Runtime;
 
 use crate::config::{IpamConfig, KubernetesConfig};
-use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
+use crate::k8s::cluster::{self, in_pod, operator_access, Access};
+use crate::store::{
+    AddRequest, Allocation, AttachmentRequest, GcRequest, Reservation, Store, StoreError,
+};
 
 pub use batch::Observer;
-pub use connect::{
-    context_namespace, in_cluster_config, in_cluster_namespace, in_pod, operator_access,
-    service_account_dir, service_url, Access, DEFAULT_NAMESPACE, NAMESPACE_ENV,
-    SERVICE_ACCOUNT_DIR, SERVICE_ACCOUNT_PATH_ENV,
-};
+
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
 pub use spool::SPOOL_ENV;
@@ -68,7 +66,7 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|err| StoreError::Io(format!("cannot start the I/O runtime: {err}")))?;
+        .map_err(|err| StoreError::io("cannot start the I/O runtime").because(err))?;
     let shared = runtime.block_on(connect_engine(ipam, access, None))?;
     Ok(Box::new(KubernetesStore { runtime, shared }))
 }
@@ -79,7 +77,17 @@ async fn connect_engine(
     batches: Option<Arc<Batches>>,
 ) -> Result<SharedEngine, StoreError> {
     let settings = Settings::from_env();
-    let connection = connect::connect(access, &settings, ipam.trust.insecure_tls).await?;
+    let timeouts = cluster::Timeouts {
+        connect: settings.request_timeout,
+        read: settings.request_timeout,
+        write: settings.request_timeout,
+        library_retries: false,
+    };
+    let connection = cluster::connect(access, timeouts, ipam.trust.insecure_tls)
+        .await
+        .map_err(|err| {
+            StoreError::config("kubernetes datastore (ipam.kubernetes.kubeconfig)").because(err)
+        })?;
     tracing::debug!(
         server = %connection.server,
         namespace = %connection.namespace,
@@ -143,7 +151,7 @@ impl SharedEngine {
         let deadline = self.engine.settings.deadline;
         match tokio::time::timeout(deadline, op).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::TryAgain(format!(
+            Err(_) => Err(StoreError::try_again(format!(
                 "{what}: the kubernetes API server at {} did not complete it within {deadline:?}",
                 self.server
             ))),
@@ -185,7 +193,7 @@ impl SharedEngine {
         self.run("STATUS", async {
             let kube = &self.engine.kube;
             let missing = |crd: &str| {
-                StoreError::Config(format!(
+                StoreError::config(format!(
                     "the CustomResourceDefinition {crd} is not installed on {}",
                     self.server
                 ))
@@ -214,6 +222,21 @@ impl SharedEngine {
 
     pub async fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         self.run("release", self.engine.release(pool, ip)).await
+    }
+
+    pub async fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        let found = self
+            .run("list reservations", self.engine.unbacked_reservations())
+            .await?;
+        Ok(found.into_iter().map(|u| u.reservation).collect())
+    }
+
+    pub async fn release_reservation(&self, reservation: &Reservation) -> Result<bool, StoreError> {
+        self.run(
+            "release reservation",
+            self.engine.release_unbacked(reservation),
+        )
+        .await
     }
 }
 
@@ -250,5 +273,14 @@ impl Store for KubernetesStore {
 
     fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         self.runtime.block_on(self.shared.release(pool, ip))
+    }
+
+    fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        self.runtime.block_on(self.shared.unbacked_reservations())
+    }
+
+    fn release_reservation(&self, reservation: &Reservation) -> Result<bool, StoreError> {
+        self.runtime
+            .block_on(self.shared.release_reservation(reservation))
     }
 }
