@@ -57,7 +57,7 @@ fn main() {
         NODES * PER_NODE,
         lib / raw
     );
-    let seq = binary_rate(&cluster, 1, 1, "10.80.0.0/16");
+    let seq = binary_rate(&cluster, 1, 1, "10.80.0.0/16", &[]);
     println!(
         "binary: {PER_NODE} ADDs, one process at a time: {seq:.0} allocations/s, ratio to raw {:.2}",
         seq / raw
@@ -84,7 +84,11 @@ fn main() {
         .iter()
         .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"))
         .sum();
-    assert_eq!(served as usize, NODES * PER_NODE, "every ADD went through an agent");
+    assert_eq!(
+        served as usize,
+        NODES * PER_NODE,
+        "every ADD went through an agent"
+    );
     println!(
         "binary through an agent per node: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {via:.0} allocations/s, ratio to raw {:.2}",
         NODES * PER_NODE,
@@ -239,7 +243,7 @@ fn binary_rate(
                 let Some((node, i)) = queue.lock().unwrap().pop() else {
                     return;
                 };
-                let socket = agents.get(node).map(|a| a.socket.as_path());
+                let socket = agents.get(node).map(agent_process::Agent::env);
                 seen.lock()
                     .unwrap()
                     .push(add_through_binary(&conf, node, i, socket));
@@ -255,7 +259,7 @@ fn add_through_binary(
     conf: &[u8],
     node: usize,
     i: usize,
-    agent: Option<&std::path::Path>,
+    agent: Option<(&'static str, String)>,
 ) -> IpAddr {
     let mut command = Command::new(env!("CARGO_BIN_EXE_whereabouts"));
     command
@@ -273,12 +277,10 @@ fn add_through_binary(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    if let Some(socket) = agent {
-        command.env("WHEREABOUTS_AGENT_SOCKET", socket);
+    if let Some((name, socket)) = agent {
+        command.env(name, socket);
     }
-    let mut child = command
-        .spawn()
-        .expect("plugin starts");
+    let mut child = command.spawn().expect("plugin starts");
     child
         .stdin
         .take()

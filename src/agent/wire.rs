@@ -532,7 +532,8 @@ mod tests {
             let text = serde_json::to_string(&ErrorBody { error: wire }).unwrap();
             let back: ErrorBody = serde_json::from_str(&text).unwrap();
             let again = StoreError::from(back.error);
-            assert_eq!(again.code(), err.code(), "{err:?}");
+            let code = |e: &StoreError| crate::cni::error::CniError::from(e.clone()).code;
+            assert_eq!(code(&again), code(&err), "{err:?}");
             assert_eq!(again.describe(), err.describe());
         }
     }

@@ -53,7 +53,8 @@ pub fn ipam_of(file: &Value) -> Option<Value> {
 impl StoreArgs {
     /// The configuration, with the flags applied over it.
     pub fn ipam(&self) -> anyhow::Result<IpamConfig> {
-        config::load_for_operator(Some(&self.ipam_object()?)).map_err(|e| anyhow::anyhow!(e.describe()))
+        config::load_for_operator(Some(&self.ipam_object()?))
+            .map_err(|e| anyhow::anyhow!(e.describe()))
     }
 
     /// The `ipam` object: the configuration file's (or a bare one), with the flags set in it.

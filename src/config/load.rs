@@ -44,7 +44,7 @@ pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError
 
 /// As [`load_for_operator`], for the node agent: the flat file is the one the node's plugin
 /// reads (`$WHEREABOUTS_FLAT_FILE` too), so the agent serves the engine the plugin would use.
-pub fn load_for_agent(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
+pub fn load_for_agent(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
     let defaults = match std::env::var_os(FLAT_FILE_ENV).filter(|v| !v.is_empty()) {
         Some(file) => vec![PathBuf::from(file)],
         None => default_flat_files(),

@@ -365,7 +365,7 @@ impl Engine {
         &self,
         req: &GcRequest,
         node: &str,
-        is_valid: &dyn Fn(&Attachment) -> bool,
+        is_valid: &(dyn Fn(&Attachment) -> bool + Sync),
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
         for pool in &req.pools {
