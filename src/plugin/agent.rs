@@ -62,6 +62,15 @@ fn log_fallback(socket: &Path, why: &str) {
     }
 }
 
+/// Whether this node is meant to have an agent: the admin named its socket (the installer does
+/// when it runs the agent), or one was there (a socket file left by an agent that died). On a
+/// node that never had one, the plugin's own errors keep their codes.
+fn agent_expected(cfg: &IpamConfig, socket: &Path) -> bool {
+    cfg.agent_socket.is_some()
+        || std::env::var_os(crate::agent::SOCKET_ENV).is_some_and(|v| !v.is_empty())
+        || std::fs::symlink_metadata(socket).is_ok()
+}
+
 /// Runs `op` on the agent, else on the engine opened here. When the agent was expected but
 /// did not answer and this node has no access of its own (with the agent, the host holds no
 /// credentials), the call is "try again": the agent is back soon, or the DaemonSet is broken.
@@ -77,7 +86,7 @@ fn served<B: Serialize, R: DeserializeOwned, T>(
         Err(Fallback::Local) => None,
         Err(Fallback::NoAgent { socket, why }) => {
             log_fallback(&socket, &why);
-            Some((socket, why))
+            agent_expected(cfg, &socket).then_some((socket, why))
         }
     };
     let store = store::open(cfg).map_err(|err| match (&socket, &err) {

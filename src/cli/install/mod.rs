@@ -257,6 +257,10 @@ impl Settings {
         if let (Some(level), Some(map)) = (&self.log_level, flat.as_object_mut()) {
             map.insert("log_level".into(), json!(level));
         }
+        // The plugin then knows the agent is meant to answer: without it, "try again".
+        if let (true, Some(map)) = (self.agent, flat.as_object_mut()) {
+            map.insert("agent_socket".into(), json!(crate::agent::DEFAULT_SOCKET));
+        }
         // Serialising a Value built from strings cannot fail; fall back to compact just in case.
         let mut text = serde_json::to_string_pretty(&flat).unwrap_or_else(|_| flat.to_string());
         text.push('\n');
