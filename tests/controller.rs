@@ -989,11 +989,7 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
     let ns = plane.namespace("ctl-nad-deleted");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let node = format!("{}-node", ns.name);
-    ns.create(
-        "nodes",
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
-    );
+    let node = ns.add_node();
     let nad = |name: &str, range: &str| {
         json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
                "metadata": {"name": name},
@@ -1081,11 +1077,7 @@ fn a_changed_slice_size_gives_new_slices_and_never_a_live_address_twice() {
     let ns = plane.namespace("ctl-nad-changed");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let node = format!("{}-node", ns.name);
-    ns.create(
-        "nodes",
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
-    );
+    let node = ns.add_node();
     let network = format!("{}-net", ns.name);
     let netconf = |slice: &str| {
         json!({"cniVersion": "0.3.1", "name": network, "type": "macvlan",

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod allocations;
 pub mod controller;
 pub mod crds;
+pub mod doctor;
 pub mod gc;
 pub mod install;
 pub mod output;
@@ -38,6 +39,9 @@ pub enum Command {
     Release(release::ReleaseArgs),
     /// Free every allocation no live pod holds (--dry-run: list them and why).
     Gc(gc::GcArgs),
+    /// Check the Kubernetes objects for lost or doubled addresses and for what a Go
+    /// Whereabouts binary would drop or misread (--fix: repair what is safe).
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Runs a subcommand.
@@ -51,5 +55,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Controller(args) => controller::run(args),
         Command::Release(args) => release::run(args),
         Command::Gc(args) => gc::run(args),
+        Command::Doctor(args) => doctor::run(args),
     }
 }

@@ -9,7 +9,7 @@ use super::error::ConfigError;
 use super::raw::{field, lowercase_keys, merge_flat_file, text};
 use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
-    Datastore, EtcdConfig, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
+    Datastore, EtcdConfig, GoPeers, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
     DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS, MAX_EXCLUDES, MAX_RANGES, MAX_ROUTES,
     MAX_STATIC_ADDRESSES,
 };
@@ -118,8 +118,10 @@ pub(super) fn load_inner(
         };
         (flat, Trust::operator(), Vec::new())
     };
+    let go_peers = go_peers(&flat)?;
     merge_flat_file(&mut map, &flat);
     let mut cfg = resolve(&map, caller == Caller::Operator)?;
+    cfg.go_peers = go_peers;
     cfg.trust = trust;
     cfg.warnings = warnings;
     Ok(cfg)
@@ -354,7 +356,25 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, Confi
         agent_socket: text(map, "agent_socket", "flat file agent_socket")?.map(PathBuf::from),
         trust: Trust::default(),
         warnings: Vec::new(),
+        go_peers: GoPeers::default(),
     })
+}
+
+/// The flat file's `go_whereabouts`: the admin's word on whether Go binaries remain.
+fn go_peers(flat: &Map<String, Value>) -> Result<GoPeers, ConfigError> {
+    let path = "flat file go_whereabouts";
+    match text(flat, "go_whereabouts", path)?
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("auto") => Ok(GoPeers::Auto),
+        Some("present") => Ok(GoPeers::Present),
+        Some("absent") => Ok(GoPeers::Absent),
+        Some(other) => Err(invalid(format!(
+            "invalid {path}: {:?}: expected \"auto\", \"present\" or \"absent\"",
+            shown(other)
+        ))),
+    }
 }
 
 /// `range` (with `range_start`, `range_end`, `exclude`) and `ipRanges`, in that order.

@@ -403,6 +403,17 @@ impl TestNamespace {
         self.add_pod_on(name, phase, None)
     }
 
+    /// A Node named after this namespace (`<namespace>-node`); Nodes are cluster-wide, so the
+    /// test deletes it when done.
+    pub fn add_node(&self) -> String {
+        let node = format!("{}-node", self.name);
+        self.create(
+            "nodes",
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
+        );
+        node
+    }
+
     /// As [`Self::add_pod`], scheduled on `node` (no such Node object needs to exist).
     pub fn add_pod_on(&self, name: &str, phase: &str, node: Option<&str>) -> String {
         let mut spec = json!({

@@ -407,6 +407,8 @@ fn plan_range(
         } else {
             Contention::None
         },
+        // Go binaries never write an etcd store: the whole range is ours.
+        limit: None,
     };
     let take = |offset: u128, walked: Vec<ReadRun>, release: Option<Box<Released>>| Plan::Take {
         offset,
@@ -449,6 +451,13 @@ fn plan_range(
                 range: range.to_string(),
                 holder,
             }))
+        }
+        // Not asked for (no limit), so never decided.
+        Decision::BeyondLimit { offset } => {
+            return Err(Stop::Final(StoreError::config(format!(
+                "requested address {} is beyond the offsets this pool may hold",
+                range.ip(offset)
+            ))))
         }
         Decision::Exhausted => {
             return Err(Stop::Final(StoreError::Exhausted {

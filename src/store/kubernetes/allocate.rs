@@ -10,10 +10,11 @@ use super::api::ApiError;
 use super::batch::{dropped, Batches};
 use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
+use super::go_lease::{self, Hold};
 use super::pool_doc::{add_op, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
 use super::spool::{pool_key, Answer, Failure, Granted, Job, Lock, Spool, Ticket};
-use crate::ipam::decide::stable_hash;
+use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::object_name;
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
 use crate::k8s::crd::IPPool;
@@ -89,10 +90,31 @@ impl Snapshot for BatchView<'_> {
     }
 }
 
+/// How an ADD lives with Go binaries that may write the same pools.
+struct GoTerms<'a> {
+    /// A Go binary may rewrite the pool: no offset it would drop is handed out.
+    present: bool,
+    /// The Go binaries' Lease, held while serving (outside node-slice mode).
+    hold: Option<&'a Hold>,
+}
+
+/// The terms of the agent's batches, which serve only while no Go binary writes the pools.
+const NO_GO: GoTerms<'static> = GoTerms {
+    present: false,
+    hold: None,
+};
+
+impl GoTerms<'_> {
+    fn check(&self) -> Result<(), StoreError> {
+        self.hold.map_or(Ok(()), Hold::check)
+    }
+}
+
 impl Engine {
     /// One address per range, in order; what was written is in `undo` for the caller to take
     /// back if this fails.
     pub async fn add(&self, req: &AddRequest, undo: &UndoLog) -> Result<Vec<IpAddr>, StoreError> {
+        let go_present = go_lease::go_present(&self.kube, self.go_peers).await?;
         let mut ips = Vec::with_capacity(req.ranges.len());
         for wanted in &req.ranges {
             let pool = self
@@ -117,7 +139,10 @@ impl Engine {
                 }
                 None => None,
             };
-            ips.push(self.allocate(&pool, requested, req, undo).await?);
+            ips.push(
+                self.allocate(&pool, requested, req, undo, go_present)
+                    .await?,
+            );
         }
         Ok(ips)
     }
@@ -130,9 +155,45 @@ impl Engine {
         requested: Option<u128>,
         req: &AddRequest,
         undo: &UndoLog,
+        go_present: bool,
+    ) -> Result<IpAddr, StoreError> {
+        // A node's slice pool is written by that node alone, and a node runs one binary: the
+        // Go binary's per-slice Lease is not needed to keep the two apart.
+        if go_present && req.node_slice_size.is_none() {
+            let identity = format!(
+                "whereabouts-rs/{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            );
+            let deadline = std::time::Instant::now() + self.settings.deadline;
+            let hold = go_lease::take(&self.kube, &identity, deadline).await?;
+            let go = GoTerms {
+                present: true,
+                hold: Some(&hold),
+            };
+            let result = self.allocate_as(pool, requested, req, undo, &go).await;
+            hold.release().await;
+            return result;
+        }
+        let go = GoTerms {
+            present: go_present,
+            hold: None,
+        };
+        self.allocate_as(pool, requested, req, undo, &go).await
+    }
+
+    async fn allocate_as(
+        &self,
+        pool: &PoolRef,
+        requested: Option<u128>,
+        req: &AddRequest,
+        undo: &UndoLog,
+        go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
         let job = Job::new(&req.attachment, requested);
-        if let Some(batches) = &self.batches {
+        // While Go binaries may write the pools, each ADD holds their Lease and is served on
+        // its own; the agent combines the rest.
+        if let (Some(batches), false) = (&self.batches, go.present) {
             let granted = self.through_batch(batches, pool, req, job).await;
             return self.accept(granted, pool, req, undo);
         }
@@ -144,10 +205,10 @@ impl Engine {
             req.overlap,
         );
         let Some(spool) = spool else {
-            return self.serve_one(pool, req, job, undo).await;
+            return self.serve_one(pool, req, job, undo, go).await;
         };
         let Ok(ticket) = spool.submit(&job) else {
-            return self.serve_one(pool, req, job, undo).await;
+            return self.serve_one(pool, req, job, undo, go).await;
         };
         loop {
             if let Some(answer) = spool.answer(&ticket) {
@@ -158,7 +219,7 @@ impl Engine {
                     return self.accept(answer.0.map_err(StoreError::from), pool, req, undo);
                 }
                 return self
-                    .lead(&spool, &lock, &ticket, &job, pool, req, undo)
+                    .lead(&spool, &lock, &ticket, &job, pool, req, undo, go)
                     .await;
             }
             tokio::time::sleep(SPOOL_POLL).await;
@@ -178,6 +239,7 @@ impl Engine {
         pool: &PoolRef,
         req: &AddRequest,
         undo: &UndoLog,
+        go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
         let who = &req.attachment;
         let mut mine: Option<Result<IpAddr, StoreError>> = None;
@@ -220,6 +282,7 @@ impl Engine {
                     known.take().filter(|_| trust_known),
                     undo,
                     &mut refill,
+                    go,
                 )
                 .await;
             pending.extend(joined);
@@ -319,7 +382,7 @@ impl Engine {
             let started = known.take().filter(|_| trust_known);
             let served = tokio::time::timeout(
                 self.settings.deadline,
-                self.serve(pool, req, jobs, started, &undo, &mut refill),
+                self.serve(pool, req, jobs, started, &undo, &mut refill, &NO_GO),
             )
             .await
             .unwrap_or_else(|_| {
@@ -388,9 +451,10 @@ impl Engine {
         req: &AddRequest,
         job: Job,
         undo: &UndoLog,
+        go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
         let (mut results, _, _) = self
-            .serve(pool, req, vec![job], None, undo, &mut Vec::new)
+            .serve(pool, req, vec![job], None, undo, &mut Vec::new, go)
             .await?;
         results
             .pop()
@@ -403,6 +467,7 @@ impl Engine {
     /// of the pool itself fails the whole call, its writes left in `undo`.
     /// `known` is the pool as this process last wrote it, tried before reading it again.
     /// Returns the results, the pool as written, and whether `known` turned out stale.
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
         pool: &PoolRef,
@@ -411,6 +476,7 @@ impl Engine {
         mut known: Option<IPPool>,
         undo: &UndoLog,
         refill: &mut (dyn FnMut() -> Vec<Job> + Send),
+        go: &GoTerms<'_>,
     ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>, bool), StoreError> {
         let guessing = known.is_some();
         let name = object_name(&pool.name);
@@ -438,6 +504,7 @@ impl Engine {
                 None => self.kube.get_pool(&name).await?,
             };
             let doc = PoolDoc::new(&name, range.cidr, object)?;
+            let limit = go.present.then(|| doc.offset_limit(GO_OFFSET_LIMIT));
             if let (Some(failed), Some(now)) = (&failed_rv, doc.resource_version()) {
                 if failed == now {
                     return Err(StoreError::io(format!(
@@ -467,7 +534,7 @@ impl Engine {
                 if slots[i].done.is_some() || twin_of[i].is_some() {
                     continue;
                 }
-                let decision = self.pick(pool, &doc, &held, &taken, &mut slots[i]);
+                let decision = self.pick(pool, &doc, &held, &taken, &mut slots[i], limit);
                 let earlier = slots[i].reserved.take();
                 match decision {
                     Some(Decision::Keep { offset, release }) => {
@@ -513,7 +580,7 @@ impl Engine {
                 let mut picks = Vec::new();
                 for i in std::mem::take(&mut needs) {
                     if let Some(offset) = self
-                        .pick(pool, &doc, &held, &taken, &mut slots[i])
+                        .pick(pool, &doc, &held, &taken, &mut slots[i], limit)
                         .and_then(|d| d.offset())
                     {
                         taken.insert(offset);
@@ -528,6 +595,7 @@ impl Engine {
                     .iter()
                     .map(|(i, offset)| (range.ip(*offset), slots[*i].who.clone()))
                     .collect();
+                go.check()?;
                 let outcomes = self
                     .reserve_all(wanted, &req.network_name, doc.resource_version(), undo)
                     .await?;
@@ -578,6 +646,7 @@ impl Engine {
             if req.sleep_for_race > 0 && !ops.is_empty() {
                 tokio::time::sleep(Duration::from_secs(req.sleep_for_race)).await;
             }
+            go.check()?;
             let written = match (ops.is_empty(), doc.resource_version()) {
                 (true, _) => Ok(doc.object.clone()),
                 (false, Some(rv)) => {
@@ -656,6 +725,7 @@ impl Engine {
         held: &BTreeMap<u128, Attachment>,
         taken: &OffsetRuns,
         slot: &mut Slot,
+        limit: Option<u128>,
     ) -> Option<Decision<String>> {
         let range = &pool.range;
         if let Some(offset) = slot.requested {
@@ -674,6 +744,7 @@ impl Engine {
         let ask = Ask {
             requested: slot.requested,
             contention,
+            limit,
         };
         let mut view = BatchView {
             doc,
@@ -688,6 +759,13 @@ impl Engine {
                 range: range.to_string(),
                 holder: holder.clone(),
             },
+            Decision::BeyondLimit { offset } => StoreError::config(format!(
+                "requested address {} is beyond the first 2^63 addresses of {range}, which a Go \
+                 Whereabouts binary (still writing the pools, see the flat file's go_whereabouts) \
+                 would drop from pool {}",
+                range.ip(*offset),
+                doc.name
+            )),
             Decision::Exhausted => StoreError::Exhausted {
                 range: range.to_string(),
             },

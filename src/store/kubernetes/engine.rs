@@ -8,6 +8,7 @@ use super::batch::Batches;
 use super::node_slice;
 use super::reservation::Held;
 use super::settings::Settings;
+use crate::config::GoPeers;
 use crate::ipam::Cidr;
 use crate::store::{PoolRef, StoreError};
 
@@ -20,6 +21,8 @@ pub struct Engine {
     pub configuration_path: Option<PathBuf>,
     /// The agent's in-memory combining of the node's requests; `None` in a plugin process.
     pub batches: Option<Arc<Batches>>,
+    /// Whether Go binaries may still write the pools (the flat file's `go_whereabouts`).
+    pub go_peers: GoPeers,
 }
 
 /// Something an ADD wrote that must be taken back if the ADD cannot finish.
