@@ -20,9 +20,8 @@ use crate::store::{
 };
 
 impl Engine {
-    /// Removes the entries of pool `name` that `pick` selects, each guarded by its own `test`
-    /// ops (still the entry read), so concurrent DELs of other entries never conflict; retried
-    /// when a picked entry changed. Returns what was removed.
+    /// Removes the entries of pool `name` that `pick` selects, compare-and-swap, retried on
+    /// conflict. Returns what was removed.
     pub async fn remove_entries(
         &self,
         name: &str,
@@ -39,15 +38,9 @@ impl Engine {
             if picked.is_empty() {
                 return Ok(picked);
             }
-            let ops: Vec<_> = picked
-                .iter()
-                .flat_map(|e| {
-                    let mut ops = doc.entry_guard(&e.key);
-                    ops.push(remove_op(&e.key));
-                    ops
-                })
-                .collect();
-            match self.kube.patch_pool_guarded(name, &ops).await {
+            let rv = doc.resource_version().unwrap_or_default();
+            let ops: Vec<_> = picked.iter().map(|e| remove_op(&e.key)).collect();
+            match self.kube.patch_pool(name, rv, &ops).await {
                 Ok(_) => return Ok(picked),
                 Err(ApiError::Conflict(_)) => {
                     if let Some(batches) = &self.batches {
