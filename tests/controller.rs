@@ -1024,6 +1024,8 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
         || ns.get("nodeslicepools", &drop_it).is_none(),
     );
     assert!(has_slice(&keep), "{}", ctl.log());
+    // Nodes and NetworkAttachmentDefinitions are seen by every controller on the shared plane.
+    ns.delete("network-attachment-definitions", &keep);
     ns.delete("nodes", &node);
 }
 
@@ -1143,6 +1145,7 @@ fn a_changed_slice_size_gives_new_slices_and_never_a_live_address_twice() {
     assert_eq!(held.len(), 1, "{old_pool}");
     let holder = &held.values().next().unwrap()["podref"];
     assert_eq!(holder, format!("{}/before", ns.name).as_str());
+    ns.delete("network-attachment-definitions", &network);
     ns.delete("nodes", &node);
 }
 

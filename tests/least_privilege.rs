@@ -346,14 +346,20 @@ impl<'a> Scenario<'a> {
         // A first controller creates its leader Lease; an earlier test's may still be there.
         self.system().delete("leases", "whereabouts-controller");
         let controller = Controller::start(&self.controller_kubeconfig, self.deployed.dir.path());
-        let result = self.controller_outcomes(&network, &sliced, &first);
+        let result = self.controller_outcomes(&controller, &network, &sliced, &first);
         if result.is_err() && !self.probe {
             eprintln!("controller log:\n{}", controller.log());
         }
         result
     }
 
-    fn controller_outcomes(&self, network: &str, sliced: &str, first: &str) -> Result<(), Stop> {
+    fn controller_outcomes(
+        &self,
+        controller: &Controller,
+        network: &str,
+        sliced: &str,
+        first: &str,
+    ) -> Result<(), Stop> {
         self.wait("a slice for the first node", || {
             self.sliced_nodes(sliced).iter().any(|n| n == first)
         })?;
@@ -362,12 +368,24 @@ impl<'a> Scenario<'a> {
         self.wait("a slice for the second node", || {
             self.sliced_nodes(sliced).iter().any(|n| n == &second)
         })?;
-        // Deleted only once the pod watch runs, so that the watch, not a reconcile, sees it.
+        // Deleted only once the pod watch runs, the leader has renewed its Lease and its
+        // start-up and election reconciles are done, so that the watch, not a reconcile, sees
+        // the deletion and the controller reads the pod.
         self.wait("the controller's pod watch", || {
             self.audit
                 .requests(CONTROLLER)
                 .iter()
                 .any(|r| r.verb == "watch" && r.resource == "pods" && r.code == 200)
+        })?;
+        self.wait("the leader renewing its Lease", || {
+            self.audit
+                .requests(CONTROLLER)
+                .iter()
+                .any(|r| r.verb == "update" && r.resource == "leases" && r.code == 200)
+        })?;
+        self.wait("the start-up and election reconciles done", || {
+            let log = controller.log();
+            log.contains("why=\"start-up\"") && log.contains("why=\"elected\"")
         })?;
         self.ns.delete("pods", "victim");
         let pool = format!("{network}-10.204.0.0-24");
@@ -383,12 +401,6 @@ impl<'a> Scenario<'a> {
                 .list("events")
                 .iter()
                 .any(|e| e["reason"] == "AddressReleased")
-        })?;
-        self.wait("the leader renewing its Lease", || {
-            self.audit
-                .requests(CONTROLLER)
-                .iter()
-                .any(|r| r.verb == "update" && r.resource == "leases" && r.code == 200)
         })
     }
 }
