@@ -493,11 +493,11 @@ fn daemonset_restarted_and_upgraded_midway(node: &Node) {
     pods.extend(create_pods(node, "during", 20..30));
     rollout(node, "daemonset/whereabouts");
     let running = node.get(&["pods", "-n", SYSTEM, "-l", "name=whereabouts"]);
-    let images: Vec<&Value> = running["items"]
+    let images: Vec<&str> = running["items"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| &p["spec"]["containers"][0]["image"])
+        .filter_map(|p| p["spec"]["containers"][0]["image"].as_str())
         .collect();
     assert_eq!(images, ["ghcr.io/whereabouts-rs/whereabouts:next"]);
 
