@@ -134,7 +134,10 @@ fn check_installed_files(node: &Node) {
     );
     let folder = node.cni_conf().join("whereabouts.d");
     for name in ["whereabouts.conf", "whereabouts.kubeconfig"] {
-        let mode = std::fs::metadata(folder.join(name)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(folder.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{name} has mode {mode:o}");
     }
     let flat: Value =
@@ -168,15 +171,19 @@ fn network(node: &Node) {
         }),
     ]);
     // Pods need the namespace's default service account (the controller manager makes it).
-    wait_until("the default service account", Duration::from_secs(60), || {
-        node.plane
-            .kubectl_as(
-                &node.plane.kubeconfig,
-                &["get", "serviceaccount", "default", "-n", PODS],
-            )
-            .status
-            .success()
-    });
+    wait_until(
+        "the default service account",
+        Duration::from_secs(60),
+        || {
+            node.plane
+                .kubectl_as(
+                    &node.plane.kubeconfig,
+                    &["get", "serviceaccount", "default", "-n", PODS],
+                )
+                .status
+                .success()
+        },
+    );
 }
 
 /// A pod template's spec: busybox that stops at once when asked.
@@ -255,7 +262,7 @@ fn address_reported(node: &Node, pod: &str) -> Ipv4Addr {
 }
 
 /// Each pod's address, read inside the pod and from its annotation (which must agree).
-fn addresses(node: &Node, pods: &[String]) -> BTreeMap<String, Ipv4Addr> {
+fn addresses_of(node: &Node, pods: &[String]) -> BTreeMap<String, Ipv4Addr> {
     pods.iter()
         .map(|pod| {
             let inside = address_inside(node, pod);
@@ -294,7 +301,10 @@ fn held(node: &Node) -> BTreeMap<Ipv4Addr, String> {
             (ip, r["spec"]["podref"].as_str().unwrap().to_string())
         })
         .collect();
-    assert_eq!(from_pools, from_reservations, "pool and reservations differ");
+    assert_eq!(
+        from_pools, from_reservations,
+        "pool and reservations differ"
+    );
     from_pools
 }
 
@@ -376,7 +386,7 @@ fn check_cli(node: &Node, addresses: &BTreeMap<String, Ipv4Addr>) {
 fn thirty_pods(node: &Node) {
     let pods = create_pods(node, "many", 0..30);
     wait_ready(node, "test=many");
-    let addresses = addresses(node, &pods);
+    let addresses = addresses_of(node, &pods);
     assert_distinct_in_range(&addresses);
     assert_held(node, &addresses);
     check_cli(node, &addresses);
@@ -392,7 +402,7 @@ fn force_deleted_while_runtime_stopped(node: &Node) {
     rollout(node, "deployment/whereabouts-controller");
     let pods = create_pods(node, "gone", 0..5);
     wait_ready(node, "test=gone");
-    let addresses = addresses(node, &pods);
+    let addresses = addresses_of(node, &pods);
     assert_held(node, &addresses);
 
     node.node_script("stop-runtime");
@@ -412,7 +422,7 @@ fn force_deleted_while_runtime_stopped(node: &Node) {
     // The node works on, and the pods' sandboxes, torn down now, free nothing twice.
     let pods = create_pods(node, "after", 0..5);
     wait_ready(node, "test=after");
-    let after = addresses(node, &pods);
+    let after = addresses_of(node, &pods);
     assert_distinct_in_range(&after);
     assert_held(node, &after);
     delete_pods(node, "test=after");
@@ -442,25 +452,36 @@ fn statefulset_pod_recreated(node: &Node) {
     wait_for_pod(node, "keep-0");
     wait_ready(node, "test=keep");
     let first_uid = node.get(&["pod", "keep-0", "-n", PODS])["metadata"]["uid"].clone();
-    assert_held(node, &addresses(node, &pods));
+    assert_held(node, &addresses_of(node, &pods));
 
     node.kubectl(&["delete", "pod", "keep-0", "-n", PODS, "--wait=true"]);
     wait_until("keep-0 re-created", Duration::from_secs(120), || {
         let out = node.plane.kubectl_as(
             &node.plane.kubeconfig,
-            &["get", "pod", "keep-0", "-n", PODS, "-o", "jsonpath={.metadata.uid}"],
+            &[
+                "get",
+                "pod",
+                "keep-0",
+                "-n",
+                PODS,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ],
         );
         out.status.success() && String::from_utf8_lossy(&out.stdout) != first_uid.as_str().unwrap()
     });
     wait_ready(node, "test=keep");
-    let again = addresses(node, &pods);
+    let again = addresses_of(node, &pods);
     assert_held(node, &again);
 
     node.kubectl(&["delete", "statefulset", "keep", "-n", PODS, "--wait=true"]);
     wait_until("keep-0 gone", Duration::from_secs(120), || {
         !node
             .plane
-            .kubectl_as(&node.plane.kubeconfig, &["get", "pod", "keep-0", "-n", PODS])
+            .kubectl_as(
+                &node.plane.kubeconfig,
+                &["get", "pod", "keep-0", "-n", PODS],
+            )
             .status
             .success()
     });
@@ -502,7 +523,7 @@ fn daemonset_restarted_and_upgraded_midway(node: &Node) {
     assert_eq!(images, ["ghcr.io/whereabouts-rs/whereabouts:next"]);
 
     wait_ready(node, "test=during");
-    let addresses = addresses(node, &pods);
+    let addresses = addresses_of(node, &pods);
     assert_distinct_in_range(&addresses);
     assert_held(node, &addresses);
     check_cli(node, &addresses);
@@ -543,7 +564,12 @@ fn the_seed_helm_chart_on_a_fresh_node() {
         .current_dir(repo())
         .arg("--kubeconfig")
         .arg(&plane.kubeconfig)
-        .args(["upgrade", "--install", "whereabouts", "./deploy/helm/whereabouts"])
+        .args([
+            "upgrade",
+            "--install",
+            "whereabouts",
+            "./deploy/helm/whereabouts",
+        ])
         .args(["--namespace", SYSTEM])
         .output()
         .expect("run helm");
@@ -554,7 +580,7 @@ fn the_seed_helm_chart_on_a_fresh_node() {
 
     let pods = create_pods(&node, "chart", 0..10);
     wait_ready(&node, "test=chart");
-    let addresses = addresses(&node, &pods);
+    let addresses = addresses_of(&node, &pods);
     assert_distinct_in_range(&addresses);
     assert_held(&node, &addresses);
     delete_pods(&node, "test=chart");

@@ -77,7 +77,8 @@ pub fn node_cluster(name: &str) -> Option<&'static ControlPlane> {
         .arg("down")
         .arg(&dir)
         .status();
-    usable(Box::leak(Box::new(start_with(dir, &["--with-node"], false))))
+    let plane = start_with(dir, &["--with-node"], false);
+    usable(Box::leak(Box::new(plane)))
 }
 
 fn usable(plane: &'static Result<ControlPlane, String>) -> Option<&'static ControlPlane> {
