@@ -15,6 +15,7 @@ pub fn config(bytes: &[u8]) {
         return;
     };
     if let Err(err) = config::load_untrusted(Some(&ipam), &[]) {
+        let err = crate::cni::error::CniError::from(err);
         assert!(!err.msg.contains('\n'), "multi-line error: {}", err.msg);
         assert!(err.msg.chars().count() <= crate::cni::error::MAX_MESSAGE_CHARS + 1);
     }

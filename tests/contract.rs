@@ -35,11 +35,6 @@ fn differs(engine: Engine, behaviour: &str) -> Option<&'static str> {
              entries in ranges no longer configured would mean listing every IPPool of the \
              namespace on every DEL. The controller's cleanup releases those.",
         ),
-        (Engine::Kubernetes, "gc_keeps_valid_attachments") => Some(
-            "a shared IPPool entry does not record the node that made it, and a runtime's GC \
-             lists only its own node's attachments: GC collects node-slice pools and leaves \
-             shared pools to the controller's cleanup.",
-        ),
         _ => None,
     }
 }

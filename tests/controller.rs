@@ -750,7 +750,7 @@ fn failed_start(mut cmd: Command) -> String {
 
 #[test]
 fn in_a_pod_without_a_kubeconfig_the_store_turns_to_the_service_account() {
-    let sa = whereabouts::store::kubernetes::SERVICE_ACCOUNT_DIR;
+    let sa = whereabouts::k8s::cluster::SERVICE_ACCOUNT_DIR;
     if Path::new(sa).exists() {
         // This test process itself runs in a pod: the account would reach a real cluster.
         eprintln!("skipped: {sa} exists here");
@@ -861,12 +861,12 @@ fn a_standby_takes_over_from_a_killed_leader_and_nothing_is_released_twice() {
             .unwrap();
     }
     let conf = json!({"name": "controller", "ipam": ipam});
-    let allocation = ["--allocation-duration", "4"];
+    let lease = ["--lease-duration", "4"];
     for sub in ["a", "b"] {
         std::fs::create_dir_all(dir.path().join(sub)).unwrap();
     }
-    let first = Controller::start(&dir.path().join("a"), &conf, &kubeconfig, &allocation);
-    let second = Controller::start(&dir.path().join("b"), &conf, &kubeconfig, &allocation);
+    let first = Controller::start(&dir.path().join("a"), &conf, &kubeconfig, &lease);
+    let second = Controller::start(&dir.path().join("b"), &conf, &kubeconfig, &lease);
     let leads = |c: &Controller| c.metric("whereabouts_leader") == Some(1.0);
     wait_for("a leader", Duration::from_secs(20), || {
         leads(&first) || leads(&second)
@@ -952,12 +952,7 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
     );
     let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
         "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
-    let ctl = Controller::start(
-        dir.path(),
-        &conf,
-        &kubeconfig,
-        &["--allocation-duration", "4"],
-    );
+    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &["--lease-duration", "4"]);
     let has_slice = |pool: &str| {
         ns.get("nodeslicepools", pool).is_some_and(|p| {
             p["status"]["allocations"]

@@ -1095,7 +1095,7 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
     assert_eq!(
         env,
         [(
-            whereabouts::store::kubernetes::NAMESPACE_ENV.to_string(),
+            whereabouts::k8s::cluster::NAMESPACE_ENV.to_string(),
             json!("metadata.namespace")
         )],
         "{source}: the engine's namespace is the pod's"

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use fake_apiserver::harness::*;
 use fake_apiserver::FakeApiServer;
 use serde_json::json;
-use whereabouts::store::StoreError;
+use whereabouts::store::{Attachment, StoreError};
 
 #[test]
 fn add_check_del_roundtrip() {
@@ -112,9 +112,11 @@ fn unreachable_server_is_try_again() {
     let err = store
         .add(&add_request(&cfg, attachment("c1", "ns/p", "net1")))
         .unwrap_err();
-    assert!(matches!(err, StoreError::TryAgain(_)), "{err:?}");
-    assert_eq!(err.code(), 11);
-    eprintln!("{err}");
+    assert!(matches!(err, StoreError::TryAgain { .. }), "{err:?}");
+    let reply = whereabouts::cni::error::CniError::from(err.clone());
+    assert_eq!(reply.code, 11);
+    // The cause (the refused connection) is kept and shown to the admin.
+    assert!(reply.msg.contains("unavailable: "), "{}", reply.msg);
     assert!(store.status().is_err());
 }
 
@@ -197,39 +199,71 @@ fn overlapping_ranges_share_addresses_through_reservations() {
         .is_some());
 }
 
-/// A CNI GC comes from one node's runtime, which knows only that node's attachments: in a pool
-/// shared by every node it must free nothing (the other nodes' pods are alive), and leave the
-/// pool and its reservations as they are. Node-slice pools are collected (kubernetes_plugin.rs).
+/// A CNI GC comes from one node's runtime, which knows only that node's attachments. In a pool
+/// shared by every node it frees what is this node's leak (the pod is gone, or runs on this
+/// node, and the runtime no longer lists the attachment) and never another node's live pod.
+/// Node-slice pools are collected whole (kubernetes_plugin.rs).
 #[test]
-fn gc_leaves_shared_pools_alone() {
+fn gc_of_a_shared_pool_frees_only_this_nodes_leaks() {
     let plane = real_cluster!();
-    let ns = plane.namespace("gc-leaves-shared-pools-alone");
+    let ns = plane.namespace("gc-shared-pool");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
     let cfg = config(&ipam_json("10.6.0.0/24", &kubeconfig, json!({})));
     let store = open(&cfg).unwrap();
-    for c in ["keep", "other-node-1", "other-node-2"] {
-        store
-            .add(&add_request(
-                &cfg,
-                attachment(c, &format!("ns/{c}"), "net1"),
-            ))
-            .unwrap();
+    let pod = |name: &str| format!("{}/{name}", ns.name);
+    ns.add_pod_on("listed", "Running", Some("node-a"));
+    ns.add_pod_on("unlisted-here", "Running", Some("node-a"));
+    ns.add_pod_on("other-node", "Running", Some("node-b"));
+    ns.add_pod_on("unscheduled", "Pending", None);
+    let mut holders: Vec<Attachment> = [
+        "listed",
+        "unlisted-here",
+        "other-node",
+        "unscheduled",
+        "gone",
+    ]
+    .iter()
+    .map(|c| attachment(c, &pod(c), "net1"))
+    .collect();
+    let mut podless = attachment("podless", "", "net1");
+    podless.pod_ref = None;
+    holders.push(podless);
+    for who in &holders {
+        store.add(&add_request(&cfg, who.clone())).unwrap();
     }
-    let freed = store.gc(&gc_request(&cfg, &[("keep", "net1")])).unwrap();
-    assert!(freed.is_empty(), "{freed:?}");
-    let pool = ns.get("ippools", "10.6.0.0-24").unwrap();
-    assert_eq!(pool_ips(&pool).len(), 3);
-    assert_eq!(ns.list("overlappingrangeipreservations").len(), 3);
-    let allocations = store.allocations(None).unwrap();
-    assert_eq!(allocations.len(), 3);
-    let keep = allocations
-        .iter()
-        .find(|l| l.attachment.container_id == "keep")
-        .unwrap();
-    let released = store.release("10.6.0.0-24", keep.ip).unwrap();
+    // Without the node's name a GC cannot tell whose an entry is: it frees nothing.
+    let mut nameless = gc_request(&cfg, &[("listed", "net1")]);
+    nameless.node = None;
+    assert!(store.gc(&nameless).unwrap().is_empty());
+
+    let freed = store.gc(&gc_request(&cfg, &[("listed", "net1")])).unwrap();
+    let freed: BTreeSet<String> = freed
+        .into_iter()
+        .map(|a| a.attachment.container_id)
+        .collect();
+    assert_eq!(
+        freed,
+        BTreeSet::from(["unlisted-here".into(), "gone".into()])
+    );
+    let left: BTreeSet<String> = store
+        .allocations(None)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.attachment.container_id)
+        .collect();
+    let expected = ["listed", "other-node", "unscheduled", "podless"];
+    assert_eq!(left, expected.iter().map(|c| c.to_string()).collect());
+    assert_eq!(
+        pool_ips(&ns.get("ippools", "10.6.0.0-24").unwrap()).len(),
+        4
+    );
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 4);
+    // The CLI's release of one address, whoever holds it.
+    let listed = store.check(&del_request(&cfg, "listed", "net1")).unwrap();
+    let released = store.release("10.6.0.0-24", listed[0].ip).unwrap();
     assert!(released.is_some());
-    assert_eq!(ns.list("overlappingrangeipreservations").len(), 2);
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 3);
 }
 
 #[test]

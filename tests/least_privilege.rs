@@ -168,14 +168,22 @@ impl<'a> Scenario<'a> {
         Ok(())
     }
 
-    /// STATUS, ADD, CHECK, DEL and a GC (which leaves pools shared by all nodes alone).
+    /// STATUS, ADD, CHECK, DEL and a GC, which in a pool shared by all nodes asks where the
+    /// pod of an unlisted attachment runs (pod `b` does not exist: its address is freed).
     fn plugin_calls(&self) -> Result<(), Stop> {
         let network = format!("{}-plain", self.id);
         let conf = self.netconf(&network, "10.201.0.0/24", json!({}));
+        let node = format!("{}-node", self.id);
         self.cni("STATUS", "", None, &conf)?;
-        self.cni("ADD", "a", None, &conf)?;
+        self.cni("ADD", "a", Some(&node), &conf)?;
+        self.cni("ADD", "b", Some(&node), &conf)?;
         self.cni("CHECK", "a", None, &conf)?;
-        self.cni("GC", "", None, &with_valid_attachments(&conf, &["a"]))?;
+        self.cni(
+            "GC",
+            "",
+            Some(&node),
+            &with_valid_attachments(&conf, &["a"]),
+        )?;
         self.cni("DEL", "a", None, &conf)?;
         self.assert_empty(&format!("{network}-10.201.0.0-24"));
         Ok(())

@@ -154,6 +154,41 @@ pub fn judge_holder(
     }
 }
 
+/// Where the pod an allocation names is, as a node's CNI GC sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodPlace {
+    /// No pod of that name exists.
+    Gone,
+    /// The pod exists, with this UID, scheduled on this node (`None`: not scheduled yet).
+    Exists { uid: String, node: Option<String> },
+}
+
+/// Whether a node's CNI GC may release an allocation of a pool shared by every node, once the
+/// node's runtime has left its attachment out of the valid list. The runtime knows only its
+/// own node's attachments, so the allocation is this node's leak only when its pod is gone, or
+/// is scheduled on this node; the same name re-created elsewhere (another UID) is gone too.
+/// Another node's live pod is never touched, and neither is a record that names no pod.
+pub fn leaked_on_node(
+    pod_ref: Option<&str>,
+    pod_uid: Option<&str>,
+    place: &PodPlace,
+    node: &str,
+) -> bool {
+    if pod_ref
+        .and_then(|r| r.split_once('/'))
+        .is_none_or(|(ns, name)| ns.is_empty() || name.is_empty())
+    {
+        return false;
+    }
+    match place {
+        PodPlace::Gone => true,
+        PodPlace::Exists { uid, node: on } => {
+            let recreated = pod_uid.is_some_and(|recorded| !recorded.is_empty() && recorded != uid);
+            recreated || on.as_deref() == Some(node)
+        }
+    }
+}
+
 /// Whether a pod deletion seen by a watch concerns `allocation`: it names that pod, and the UID (when
 /// both are known) is the deleted pod's. A candidate only: the final word is [`judge`] against
 /// the pod of that name as it is now, so a StatefulSet pod re-created in the meantime keeps its
@@ -260,6 +295,34 @@ mod tests {
             &allocation(Some("ns/a"), None),
             "ns/a",
             "anything"
+        ));
+    }
+
+    #[test]
+    fn a_node_gc_frees_only_its_own_pods_and_gone_ones() {
+        let on = |node: &str| PodPlace::Exists {
+            uid: "u1".into(),
+            node: Some(node.into()),
+        };
+        let pod = Some("ns/a");
+        assert!(leaked_on_node(pod, None, &PodPlace::Gone, "n1"));
+        assert!(leaked_on_node(pod, Some("u1"), &on("n1"), "n1"));
+        // Another node's live pod, or one not scheduled yet: never.
+        assert!(!leaked_on_node(pod, Some("u1"), &on("n2"), "n1"));
+        let unscheduled = PodPlace::Exists {
+            uid: "u1".into(),
+            node: None,
+        };
+        assert!(!leaked_on_node(pod, None, &unscheduled, "n1"));
+        // The name now belongs to a new pod elsewhere: the recorded pod is gone.
+        assert!(leaked_on_node(pod, Some("u0"), &on("n2"), "n1"));
+        // No pod named: nothing says whose it is.
+        assert!(!leaked_on_node(None, None, &PodPlace::Gone, "n1"));
+        assert!(!leaked_on_node(
+            Some("no-slash"),
+            None,
+            &PodPlace::Gone,
+            "n1"
         ));
     }
 }

@@ -52,10 +52,7 @@ pub fn release_if_held(
         exclude: Vec::new(),
     };
     let range = Range::resolve(&spec, None).map_err(|e| {
-        StoreError::Config(format!(
-            "pool {} has an unusable range: {e}",
-            allocation.pool
-        ))
+        StoreError::config(format!("pool {} has an unusable range", allocation.pool)).because(e)
     })?;
     let request = AttachmentRequest {
         cni_network: allocation.cni_network.clone().unwrap_or_default(),
@@ -98,7 +95,7 @@ mod tests {
     }
 
     #[test]
-    fn each_lease_judged_against_its_pod() {
+    fn each_allocation_judged_against_its_pod() {
         let mut pods = HashMap::new();
         pods.insert(
             "ns/alive".to_string(),

@@ -2,91 +2,66 @@
 //! (async, inside its runtime) and for the operator's commands (a small runtime of their own).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 
 use super::judge::{PodPhase, PodState};
 use crate::config::{Datastore, IpamConfig};
+use crate::k8s::cluster::{self, Access, ClusterError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
-    #[error("cannot read pods: {0}")]
-    Config(String),
-    #[error("cannot read pods from the Kubernetes API: {0}")]
-    Api(String),
+    #[error("cannot read pods")]
+    Cluster(#[from] ClusterError),
+    #[error("cannot read pods from the Kubernetes API")]
+    Api(#[from] kube::Error),
+    #[error("cannot start the I/O runtime")]
+    Runtime(#[from] std::io::Error),
 }
 
-/// Where the cluster's pods are read from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClusterSource {
-    Kubeconfig(PathBuf),
-    InCluster,
-}
-
-impl std::fmt::Display for ClusterSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ClusterSource::Kubeconfig(p) => write!(f, "kubeconfig {}", p.display()),
-            ClusterSource::InCluster => write!(f, "in-cluster service account"),
-        }
-    }
-}
-
-/// Chooses the source of pods: an explicit kubeconfig, else the Kubernetes engine's own (when
+/// Chooses how pods are read: an explicit kubeconfig, else the Kubernetes engine's own (when
 /// it exists or no service account is at hand), else `$KUBECONFIG`, else the in-cluster
 /// service account; None when there is none of these.
-pub fn cluster_source(explicit: Option<&Path>, ipam: &IpamConfig) -> Option<ClusterSource> {
+pub fn cluster_source(explicit: Option<&Path>, ipam: &IpamConfig) -> Option<Access> {
     if let Some(path) = explicit {
-        return Some(ClusterSource::Kubeconfig(path.to_path_buf()));
+        return Some(Access::Kubeconfig(path.to_path_buf()));
     }
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let in_pod = cluster::in_pod();
     if let Datastore::Kubernetes(k) = &ipam.datastore {
         // Inside a pod, the node's kubeconfig path may not exist: the service account then.
-        if !in_cluster || k.kubeconfig.exists() {
-            return Some(ClusterSource::Kubeconfig(k.kubeconfig.clone()));
+        if !in_pod || k.kubeconfig.exists() {
+            return Some(Access::Kubeconfig(k.kubeconfig.clone()));
         }
     }
     if let Some(first) = std::env::var_os("KUBECONFIG")
         .and_then(|v| std::env::split_paths(&v).find(|p| !p.as_os_str().is_empty()))
     {
-        return Some(ClusterSource::Kubeconfig(first));
+        return Some(Access::Kubeconfig(first));
     }
-    if in_cluster {
-        return Some(ClusterSource::InCluster);
-    }
-    None
+    in_pod.then_some(Access::InCluster)
 }
 
 /// Builds a client; must run inside a tokio runtime. `read_timeout` must outlast watches.
-pub async fn client(source: &ClusterSource, read_timeout: Duration) -> Result<Client, PodError> {
-    let mut config = match source {
-        ClusterSource::Kubeconfig(path) => {
-            let kubeconfig = Kubeconfig::read_from(path).map_err(|e| {
-                PodError::Config(format!("cannot read kubeconfig {}: {e}", path.display()))
-            })?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| {
-                    PodError::Config(format!("cannot use kubeconfig {}: {e}", path.display()))
-                })?
-        }
-        ClusterSource::InCluster => crate::store::kubernetes::in_cluster_config()
-            .await
-            .map_err(|e| PodError::Config(format!("in-cluster configuration: {e}")))?,
+/// The kubeconfig is read and screened as the engine reads its own, with the admin's
+/// `allow_insecure_tls`.
+pub async fn client(
+    source: &Access,
+    read_timeout: Duration,
+    insecure_tls: bool,
+) -> Result<Client, PodError> {
+    let timeouts = cluster::Timeouts {
+        connect: Duration::from_secs(10),
+        read: read_timeout,
+        write: Duration::from_secs(10),
+        library_retries: true,
     };
-    config.connect_timeout = Some(Duration::from_secs(10));
-    config.read_timeout = Some(read_timeout);
-    config.write_timeout = Some(Duration::from_secs(10));
-    if config.cluster_url.scheme_str() == Some("http") && config.root_cert.is_none() {
-        // Plain HTTP never verifies a certificate: no need for the system trust store.
-        config.root_cert = Some(Vec::new());
-    }
-    Client::try_from(config).map_err(|e| PodError::Config(format!("cannot build a client: {e}")))
+    Ok(cluster::connect(source, timeouts, insecure_tls)
+        .await?
+        .client)
 }
 
 /// The part of a pod cleanup decides on.
@@ -120,7 +95,7 @@ pub async fn get(client: &Client, reference: &str) -> Result<Option<PodState>, P
     api.get_opt(name)
         .await
         .map(|pod| pod.as_ref().map(pod_state))
-        .map_err(|e| PodError::Api(e.to_string()))
+        .map_err(PodError::from)
 }
 
 /// Every pod of the cluster, keyed by `namespace/name`.
@@ -129,10 +104,7 @@ pub async fn list(client: &Client) -> Result<HashMap<String, PodState>, PodError
     let mut out = HashMap::new();
     let mut params = ListParams::default().limit(500);
     loop {
-        let page = api
-            .list(&params)
-            .await
-            .map_err(|e| PodError::Api(e.to_string()))?;
+        let page = api.list(&params).await?;
         for pod in &page.items {
             out.insert(pod_ref(pod), pod_state(pod));
         }
@@ -147,16 +119,15 @@ pub async fn list(client: &Client) -> Result<HashMap<String, PodState>, PodError
 pub struct PodReader {
     runtime: tokio::runtime::Runtime,
     client: Client,
-    pub source: ClusterSource,
+    pub source: Access,
 }
 
 impl PodReader {
-    pub fn open(source: ClusterSource) -> Result<PodReader, PodError> {
+    pub fn open(source: Access, insecure_tls: bool) -> Result<PodReader, PodError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()
-            .map_err(|e| PodError::Config(format!("cannot start the I/O runtime: {e}")))?;
-        let client = runtime.block_on(client(&source, Duration::from_secs(30)))?;
+            .build()?;
+        let client = runtime.block_on(client(&source, Duration::from_secs(30), insecure_tls))?;
         Ok(PodReader {
             runtime,
             client,

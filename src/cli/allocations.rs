@@ -58,7 +58,7 @@ pub fn rows(args: &AllocationsArgs) -> anyhow::Result<Vec<AllocationRow>> {
         .map(|r| (r.clone(), parse_range_text(r).ok().map(|(c, _, _)| c)));
     let mut allocations: Vec<Allocation> = store
         .allocations(None)
-        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .map_err(anyhow::Error::new)?
         .into_iter()
         .filter(|l| selected(l, filter.as_ref()))
         .collect();

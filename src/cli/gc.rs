@@ -62,11 +62,9 @@ pub fn rows(args: &GcArgs) -> anyhow::Result<Vec<GcRow>> {
     let source = cluster_source(args.cluster.pod_kubeconfig.as_deref(), &cfg).context(
         "cannot tell which pods are alive: no kubeconfig to read pods with (give --pod-kubeconfig or set $KUBECONFIG)",
     )?;
-    let reader = PodReader::open(source).map_err(|e| anyhow::anyhow!(e))?;
+    let reader = PodReader::open(source, cfg.trust.insecure_tls)?;
     // Leases first, pods second (see cleanup::plan).
-    let allocations = store
-        .allocations(None)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let allocations = store.allocations(None).map_err(anyhow::Error::new)?;
     let pods = reader.list().map_err(|e| anyhow::anyhow!(e))?;
     let mut out = Vec::new();
     for decision in plan(allocations, &pods) {
@@ -83,9 +81,10 @@ pub fn rows(args: &GcArgs) -> anyhow::Result<Vec<GcRow>> {
         }
         let released = release_if_held(store.as_ref(), &decision.allocation).map_err(|e| {
             anyhow::anyhow!(
-                "cannot release {} in {}: {e}",
+                "cannot release {} in {}: {}",
                 decision.allocation.ip,
-                decision.allocation.pool
+                decision.allocation.pool,
+                e.describe()
             )
         })?;
         let action = if released.is_empty() {

@@ -36,10 +36,7 @@ pub fn rows(args: &StoreArgs) -> anyhow::Result<Vec<PoolRow>> {
     for pool in plugin::pools(&cfg).map_err(|e| anyhow::anyhow!(e.msg))? {
         pools.insert(pool.name.clone(), (pool.cidr(), pool.range.capacity(), 0));
     }
-    for allocation in store
-        .allocations(None)
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-    {
+    for allocation in store.allocations(None).map_err(anyhow::Error::new)? {
         let entry = pools
             .entry(allocation.pool.clone())
             .or_insert_with(|| (allocation.range, default_capacity(&allocation.range), 0));

@@ -45,7 +45,7 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
     let (cfg, store) = args.store.open()?;
     let held: Vec<_> = store
         .allocations(args.pool.as_deref())
-        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .map_err(anyhow::Error::new)?
         .into_iter()
         .filter(|l| l.ip == ip)
         .collect();
@@ -67,7 +67,7 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
     let verdict = match cluster_source(args.cluster.pod_kubeconfig.as_deref(), &cfg) {
         None => None,
         Some(source) => {
-            let reader = PodReader::open(source).map_err(|e| anyhow::anyhow!(e))?;
+            let reader = PodReader::open(source, cfg.trust.insecure_tls)?;
             match allocation.attachment.pod_ref.as_deref() {
                 Some(r) => Some(judge(
                     &allocation,
@@ -95,7 +95,13 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
     };
     let released = store
         .release(&allocation.pool, ip)
-        .map_err(|e| anyhow::anyhow!("cannot release {ip} in {}: {e}", allocation.pool))?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot release {ip} in {}: {}",
+                allocation.pool,
+                e.describe()
+            )
+        })?
         .ok_or_else(|| anyhow::anyhow!("{ip} was freed meanwhile in pool {}", allocation.pool))?;
     Ok(ReleaseRow {
         address: released.ip.to_string(),

@@ -80,13 +80,13 @@ impl StoreArgs {
         if let Some(h) = &self.etcd_host {
             set(&mut ipam, "etcd_host", h.as_str().into());
         }
-        config::load_for_operator(Some(&ipam)).map_err(|e| anyhow::anyhow!(e.msg))
+        config::load_for_operator(Some(&ipam)).map_err(|e| anyhow::anyhow!(e.describe()))
     }
 
     /// The configuration and its store.
     pub fn open(&self) -> anyhow::Result<(IpamConfig, Box<dyn Store>)> {
         let cfg = self.ipam()?;
-        let store = store::open_for_operator(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = store::open_for_operator(&cfg).map_err(anyhow::Error::new)?;
         Ok((cfg, store))
     }
 }

@@ -2,6 +2,9 @@
 
 use serde::Serialize;
 
+use crate::config::ConfigError;
+use crate::store::StoreError;
+
 /// CNI error codes (spec section "Error"), and this plugin's own (100 and up).
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
@@ -58,8 +61,31 @@ impl CniError {
     }
 }
 
-impl From<crate::store::StoreError> for CniError {
-    fn from(err: crate::store::StoreError) -> Self {
-        CniError::new(err.code(), err.to_string())
+impl From<ConfigError> for CniError {
+    fn from(err: ConfigError) -> Self {
+        let code = match err {
+            ConfigError::Invalid(_) => code::INVALID_CONFIG,
+            ConfigError::Unreadable { .. } => code::IO_FAILURE,
+        };
+        CniError::new(code, err.describe())
+    }
+}
+
+/// The CNI code of a store failure.
+pub fn store_code(err: &StoreError) -> u32 {
+    match err {
+        StoreError::Exhausted { .. } => code::POOL_EXHAUSTED,
+        StoreError::InUse { .. } => code::ADDRESS_IN_USE,
+        StoreError::TryAgain { .. } => code::TRY_AGAIN,
+        StoreError::Config { .. } => code::INVALID_CONFIG,
+        StoreError::Io { .. } | StoreError::Broken { .. } => code::IO_FAILURE,
+    }
+}
+
+/// The code, and the message with its causes (the cause is what an admin acts on: "connection
+/// refused", "permission denied").
+impl From<StoreError> for CniError {
+    fn from(err: StoreError) -> Self {
+        CniError::new(store_code(&err), err.describe())
     }
 }

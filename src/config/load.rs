@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::error::ConfigError;
 use super::raw::{field, lowercase_keys, merge_flat_file, text};
 use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
@@ -12,7 +13,6 @@ use super::{
     DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS, MAX_EXCLUDES, MAX_RANGES, MAX_ROUTES,
     MAX_STATIC_ADDRESSES,
 };
-use crate::cni::error::{code, CniError};
 use crate::cni::request::kind_of;
 use crate::cni::types::{Dns, Route};
 use crate::files::{self, shown, shown_path};
@@ -20,14 +20,14 @@ use crate::ipam::addr::parse_ip;
 use crate::ipam::slices::parse_slice_size;
 use crate::ipam::{parse_exclude, parse_range_text, Cidr, Range, RangeError, RangeSpec};
 
-fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::invalid(msg)
 }
 
 /// Loads the configuration of a CNI call: the `ipam` object of a network configuration (not
 /// trusted, see [`super::trust`]) and the admin's flat file, `$WHEREABOUTS_FLAT_FILE` or the
 /// first of the standard places that exists.
-pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
+pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
     let defaults = match std::env::var_os(FLAT_FILE_ENV).filter(|v| !v.is_empty()) {
         Some(file) => vec![PathBuf::from(file)],
         None => default_flat_files(),
@@ -38,7 +38,7 @@ pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
 /// As [`load`], for the operator's commands: the engine settings matter, ranges may be absent
 /// (the flat file written by the installer names only the engine), and what the operator
 /// gives is trusted.
-pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, CniError> {
+pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
     load_inner(ipam, &default_flat_files(), Caller::Operator)
 }
 
@@ -51,7 +51,7 @@ fn default_flat_files() -> Vec<PathBuf> {
 pub fn load_with_flat_files(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
-) -> Result<IpamConfig, CniError> {
+) -> Result<IpamConfig, ConfigError> {
     load_inner(ipam, default_flat_files, Caller::Admin)
 }
 
@@ -60,7 +60,7 @@ pub fn load_with_flat_files(
 pub fn load_untrusted(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
-) -> Result<IpamConfig, CniError> {
+) -> Result<IpamConfig, ConfigError> {
     load_inner(ipam, default_flat_files, Caller::Network)
 }
 
@@ -79,7 +79,7 @@ pub(super) fn load_inner(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
     caller: Caller,
-) -> Result<IpamConfig, CniError> {
+) -> Result<IpamConfig, ConfigError> {
     let ipam = ipam.ok_or_else(|| invalid("IPAM config missing 'ipam' key"))?;
     let Value::Object(ipam) = ipam else {
         return Err(invalid(format!(
@@ -121,7 +121,7 @@ pub(super) fn load_inner(
 fn admin_flat_file(
     configuration_path: Option<&str>,
     defaults: &[PathBuf],
-) -> Result<(Option<Map<String, Value>>, Trust), CniError> {
+) -> Result<(Option<Map<String, Value>>, Trust), ConfigError> {
     let base = match find_flat_file(None, defaults)? {
         Some(file) => Some((file.clone(), read_flat_file(&file)?)),
         None => None,
@@ -163,7 +163,7 @@ fn admin_flat_file(
 pub fn find_flat_file(
     configuration_path: Option<&str>,
     defaults: &[PathBuf],
-) -> Result<Option<PathBuf>, CniError> {
+) -> Result<Option<PathBuf>, ConfigError> {
     let explicit = configuration_path.map(|p| {
         let path = PathBuf::from(p);
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
@@ -177,10 +177,10 @@ pub fn find_flat_file(
             Ok(_) => return Ok(Some(candidate)),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
             Err(err) => {
-                return Err(CniError::new(
-                    code::IO_FAILURE,
-                    format!("cannot look up flat file {}: {err}", shown_path(&candidate)),
-                ))
+                return Err(ConfigError::Unreadable {
+                    what: format!("cannot look up flat file {}", shown_path(&candidate)),
+                    cause: Box::new(err),
+                })
             }
         }
     }
@@ -188,12 +188,10 @@ pub fn find_flat_file(
 }
 
 /// Reads the flat file; errors name it and the position, never its content.
-fn read_flat_file(path: &Path) -> Result<Map<String, Value>, CniError> {
-    let bytes = files::read_config_file(path).map_err(|err| {
-        CniError::new(
-            code::IO_FAILURE,
-            format!("cannot read the flat file: {}", err.describe()),
-        )
+fn read_flat_file(path: &Path) -> Result<Map<String, Value>, ConfigError> {
+    let bytes = files::read_config_file(path).map_err(|err| ConfigError::Unreadable {
+        what: "cannot read the flat file".into(),
+        cause: Box::new(err),
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(lowercase_map(&map)),
@@ -218,7 +216,7 @@ fn lowercase_map(map: &Map<String, Value>) -> Map<String, Value> {
 }
 
 /// Refuses a list longer than its cap, naming it.
-pub(crate) fn at_most(len: usize, max: usize, what: &str) -> Result<(), CniError> {
+pub(crate) fn at_most(len: usize, max: usize, what: &str) -> Result<(), ConfigError> {
     if len > max {
         return Err(invalid(format!(
             "{what} has {len} entries, more than the {max} allowed"
@@ -227,7 +225,11 @@ pub(crate) fn at_most(len: usize, max: usize, what: &str) -> Result<(), CniError
     Ok(())
 }
 
-fn ip_field(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<IpAddr>, CniError> {
+fn ip_field(
+    map: &Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<Option<IpAddr>, ConfigError> {
     text(map, key, path)?
         .map(|t| {
             parse_ip(&t).ok_or_else(|| {
@@ -241,7 +243,7 @@ fn ip_field(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<Ip
 }
 
 /// One range entry (the top level or an `ipRanges` item).
-fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>, CniError> {
+fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>, ConfigError> {
     let Some(range_text) = text(map, "range", &format!("{path}range"))? else {
         return Ok(None);
     };
@@ -288,7 +290,7 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
     Ok(Some(spec))
 }
 
-fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniError> {
+fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, ConfigError> {
     let mut ranges = Vec::new();
     if let Some(top) = range_spec(map, "ipam.")? {
         ranges.push(top);
@@ -432,7 +434,7 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, CniEr
 /// `operator`: an operator's command or the controller, for which the Kubernetes engine's
 /// kubeconfig defaults to [`DEFAULT_KUBECONFIG`] (the node's, as the installer writes it; in a
 /// pod without that file the store uses the pod's service account). The plugin must be told.
-fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, CniError> {
+fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, ConfigError> {
     let kubeconfig = match map.get("kubernetes") {
         Some(Value::Object(k)) => text(k, "kubeconfig", "ipam.kubernetes.kubeconfig")?,
         Some(Value::Null) | None => None,
@@ -487,7 +489,7 @@ fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, CniE
                     "invalid ipam.etcd_host: {:?} names no endpoint", shown(&hosts)
                 )));
             }
-            let path = |key: &str| -> Result<Option<PathBuf>, CniError> {
+            let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
                 Ok(text(map, key, &format!("ipam.{key}"))?.map(PathBuf::from))
             };
             let cfg = EtcdConfig {

@@ -94,10 +94,12 @@ pub struct IpamConfig {
     pub warnings: Vec<String>,
 }
 
+pub mod error;
 mod load;
 mod raw;
 pub mod trust;
 
+pub use error::ConfigError;
 pub use load::{find_flat_file, load, load_for_operator, load_untrusted, load_with_flat_files};
 pub use trust::Trust;
 

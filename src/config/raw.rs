@@ -4,7 +4,7 @@
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::cni::error::{code, CniError};
+use super::error::ConfigError;
 use crate::files::shown;
 
 /// The object with every key lower-cased, recursively.
@@ -57,7 +57,7 @@ pub fn field<T: DeserializeOwned>(
     map: &Map<String, Value>,
     key: &str,
     path: &str,
-) -> Result<Option<T>, CniError> {
+) -> Result<Option<T>, ConfigError> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(value) => serde_json::from_value(value.clone())
@@ -72,7 +72,7 @@ pub fn field<T: DeserializeOwned>(
                         shown(&err.to_string())
                     )
                 };
-                CniError::new(code::INVALID_CONFIG, msg)
+                ConfigError::invalid(msg)
             }),
     }
 }
@@ -82,6 +82,10 @@ fn is_secret(key: &str) -> bool {
 }
 
 /// A string field; an empty string is treated as absent.
-pub fn text(map: &Map<String, Value>, key: &str, path: &str) -> Result<Option<String>, CniError> {
+pub fn text(
+    map: &Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<Option<String>, ConfigError> {
     Ok(field::<String>(map, key, path)?.filter(|s| !s.trim().is_empty()))
 }

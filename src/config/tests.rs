@@ -6,12 +6,13 @@ use serde_json::{json, Value};
 
 use super::*;
 
-fn load(ipam: Value) -> Result<IpamConfig, crate::cni::error::CniError> {
+fn load(ipam: Value) -> Result<IpamConfig, ConfigError> {
     load_with_flat_files(Some(&ipam), &[])
 }
 
+/// The message the runtime gets for a configuration refused as invalid (CNI code 7).
 fn err(ipam: Value) -> String {
-    let e = load(ipam).unwrap_err();
+    let e = crate::cni::error::CniError::from(load(ipam).unwrap_err());
     assert_eq!(e.code, 7, "{}", e.msg);
     e.msg
 }
@@ -115,7 +116,7 @@ fn unparsable_flat_file_is_named() {
 fn not_ours_or_missing() {
     assert!(err(json!({"type": "static"})).contains("static"));
     let missing = load_with_flat_files(None, &[]).unwrap_err();
-    assert_eq!(missing.msg, "IPAM config missing 'ipam' key");
+    assert_eq!(missing.to_string(), "IPAM config missing 'ipam' key");
 }
 
 #[test]
@@ -243,7 +244,7 @@ fn kubernetes_engine_without_kubeconfig_defaults_only_for_operators() {
     // The plugin must be told where its kubeconfig is.
     assert!(err(ipam.clone()).contains("ipam.kubernetes.kubeconfig is not set"));
     // The operator's commands and the controller take the node's (or, in a pod, the service
-    // account when that file is absent: see store::kubernetes::operator_access).
+    // account when that file is absent: see k8s::cluster::operator_access).
     let cfg = super::load::load_inner(Some(&ipam), &[], super::load::Caller::Operator).unwrap();
     assert_eq!(
         cfg.datastore,
@@ -269,6 +270,7 @@ fn untrusted(
             ipam["range"] = "10.0.0.0/24".into();
         }
         load_untrusted(Some(&ipam), std::slice::from_ref(&file)).map_err(|e| {
+            let e = crate::cni::error::CniError::from(e);
             assert_eq!(e.code, 7, "{}", e.msg);
             e.msg
         })

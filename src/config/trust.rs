@@ -7,8 +7,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::error::ConfigError;
 use super::raw::{field, is_unset, text};
-use crate::cni::error::{code, CniError};
 use crate::files::shown;
 
 /// Names the flat file in place of the default locations (set by the runtime's environment,
@@ -66,7 +66,7 @@ impl Trust {
     }
 
     /// The trust keys of the (lower-cased) flat file.
-    pub fn from_flat_file(flat: &Map<String, Value>) -> Result<Trust, CniError> {
+    pub fn from_flat_file(flat: &Map<String, Value>) -> Result<Trust, ConfigError> {
         let inline_paths: Vec<String> =
             field(flat, "allow_inline_paths", "flat file allow_inline_paths")?.unwrap_or_default();
         for dir in &inline_paths {
@@ -77,7 +77,7 @@ impl Trust {
                 )));
             }
         }
-        let flag = |key: &str| -> Result<bool, CniError> {
+        let flag = |key: &str| -> Result<bool, ConfigError> {
             Ok(field(flat, key, &format!("flat file {key}"))?.unwrap_or(false))
         };
         Ok(Trust {
@@ -100,8 +100,8 @@ impl Trust {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::invalid(msg)
 }
 
 /// Whether absolute `path` (without `..`) lies inside one of `dirs`, symbolic links in its
@@ -139,7 +139,7 @@ fn resolve_existing(path: &Path) -> PathBuf {
     }
 }
 
-fn refused(key: &str, value: &str, trust: &Trust) -> CniError {
+fn refused(key: &str, value: &str, trust: &Trust) -> ConfigError {
     invalid(format!(
         "ipam.{key} {:?} is not allowed in a network configuration: set it in the flat file, \
          or list its folder in the flat file's allow_inline_paths (now {:?})",
@@ -155,7 +155,7 @@ pub fn screen(
     inline: &mut Map<String, Value>,
     flat: &mut Map<String, Value>,
     trust: &Trust,
-) -> Result<Vec<String>, CniError> {
+) -> Result<Vec<String>, ConfigError> {
     let mut warnings = Vec::new();
     if inline
         .remove("sleep_for_race")
@@ -185,7 +185,7 @@ fn inline_only(
     inline: &Map<String, Value>,
     flat: &Map<String, Value>,
     key: &str,
-) -> Result<Option<String>, CniError> {
+) -> Result<Option<String>, ConfigError> {
     let path = format!("ipam.{key}");
     let value = text(inline, key, &path)?;
     let admin = text(flat, key, &format!("flat file {key}")).ok().flatten();
@@ -197,7 +197,7 @@ fn screen_log_file(
     flat: &Map<String, Value>,
     trust: &Trust,
     warnings: &mut Vec<String>,
-) -> Result<(), CniError> {
+) -> Result<(), ConfigError> {
     if let Some(value) = inline_only(inline, flat, "log_file")? {
         if !trust.allows_path(Path::new(&value)) {
             inline.remove("log_file");
@@ -214,7 +214,7 @@ fn screen_kubeconfig(
     inline: &Map<String, Value>,
     flat: &Map<String, Value>,
     trust: &Trust,
-) -> Result<(), CniError> {
+) -> Result<(), ConfigError> {
     let (Some(Value::Object(inner)), admin) = (inline.get("kubernetes"), flat.get("kubernetes"))
     else {
         return Ok(());
@@ -233,7 +233,7 @@ fn screen_kubeconfig(
 fn screen_datastore(
     inline: &Map<String, Value>,
     flat: &Map<String, Value>,
-) -> Result<(), CniError> {
+) -> Result<(), ConfigError> {
     let value = text(inline, "datastore", "ipam.datastore")?;
     let admin = text(flat, "datastore", "flat file datastore")?;
     match (value, admin) {
@@ -253,7 +253,7 @@ fn screen_etcd(
     inline: &Map<String, Value>,
     flat: &mut Map<String, Value>,
     trust: &Trust,
-) -> Result<(), CniError> {
+) -> Result<(), ConfigError> {
     if let Some(host) = inline_only(inline, flat, "etcd_host")? {
         if !trust.inline_endpoints {
             return Err(invalid(format!(

@@ -30,8 +30,9 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio::sync::Notify;
 
-use crate::cleanup::pods::{self, ClusterSource};
+use crate::cleanup::pods;
 use crate::config::{Datastore, IpamConfig};
+use crate::k8s::cluster::{self, Access};
 use crate::k8s::crd::OverlappingRangeIPReservation;
 use leader::{Election, Leadership};
 use metrics::Metrics;
@@ -51,7 +52,7 @@ pub enum ControllerError {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub ipam: IpamConfig,
-    pub cluster: ClusterSource,
+    pub cluster: Access,
     pub listen: SocketAddr,
     /// Where NodeSlicePools, reservations and the `whereabouts-config` ConfigMap live.
     pub namespace: String,
@@ -70,11 +71,11 @@ pub struct Options {
 /// rule the engine follows when it uses the service account, so both name one namespace.
 pub fn default_namespace(ipam: &IpamConfig) -> String {
     if let Datastore::Kubernetes(k) = &ipam.datastore {
-        if let Ok(config) = kube::config::Kubeconfig::read_from(&k.kubeconfig) {
-            return crate::store::kubernetes::context_namespace(&config);
+        if let Ok(config) = cluster::read_kubeconfig(&k.kubeconfig) {
+            return cluster::context_namespace(&config);
         }
     }
-    crate::store::kubernetes::in_cluster_namespace()
+    cluster::in_cluster_namespace()
 }
 
 /// Runs until the process is stopped; returns only on a start-up failure or at SIGTERM.
@@ -99,12 +100,14 @@ fn identity() -> String {
 async fn main(opts: Options) -> Result<(), ControllerError> {
     // Watches hold a response open for their whole timeout; every other request must finish
     // quickly, so a hung call cannot stall the store worker for minutes.
-    let client = pods::client(&opts.cluster, REQUEST_TIMEOUT)
+    let insecure_tls = opts.ipam.trust.insecure_tls;
+    let client = pods::client(&opts.cluster, REQUEST_TIMEOUT, insecure_tls)
         .await
-        .map_err(|e| ControllerError::Config(e.to_string()))?;
-    let watch_client = pods::client(&opts.cluster, opts.watch_timeout + REQUEST_TIMEOUT)
+        .map_err(|e| ControllerError::Config(crate::store::error::chain(&e)))?;
+    let watch_timeout = opts.watch_timeout + REQUEST_TIMEOUT;
+    let watch_client = pods::client(&opts.cluster, watch_timeout, insecure_tls)
         .await
-        .map_err(|e| ControllerError::Config(e.to_string()))?;
+        .map_err(|e| ControllerError::Config(crate::store::error::chain(&e)))?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| ControllerError::Io(format!("cannot listen on {}: {e}", opts.listen)))?;
@@ -235,7 +238,8 @@ async fn start_worker(
             let store = match crate::store::open_for_operator(&ipam) {
                 Ok(store) => store,
                 Err(err) => {
-                    let _ = ready_tx.send(Err(format!("cannot open the store: {err}")));
+                    let _ =
+                        ready_tx.send(Err(format!("cannot open the store: {}", err.describe())));
                     return;
                 }
             };

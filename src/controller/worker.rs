@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::runtime::events::Recorder;
 use kube::{Api, Client};
 use tokio::runtime::Handle;
@@ -21,9 +20,9 @@ use super::metrics::{pool_stats, Metrics};
 use crate::cleanup::judge::{freed_by_deletion, judge, judge_holder, PodState, Verdict};
 use crate::cleanup::plan::{plan, release_if_held};
 use crate::cleanup::pods;
-use crate::ipam::names::{object_name, reservation_name};
 use crate::k8s::crd::OverlappingRangeIPReservation;
-use crate::store::{Allocation, PoolRef, Store};
+use crate::store::error::chain;
+use crate::store::{Allocation, PoolRef, Reservation, Store};
 
 pub enum Job {
     /// A pod was deleted (namespace/name, UID).
@@ -118,7 +117,7 @@ impl Worker {
                 Ok(allocations) => return Some(allocations),
                 Err(err) => {
                     self.metrics.error("list_allocations");
-                    tracing::warn!(%err, attempt, "cannot read the allocations");
+                    tracing::warn!(err = %err.describe(), attempt, "cannot read the allocations");
                     self.metrics.retries.inc();
                     std::thread::sleep(Duration::from_millis(500 << attempt));
                 }
@@ -134,7 +133,7 @@ impl Worker {
                 Ok(pods) => return Some(pods),
                 Err(err) => {
                     self.metrics.error("list_pods");
-                    tracing::warn!(%err, attempt, "cannot list pods");
+                    tracing::warn!(err = %chain(&err), attempt, "cannot list pods");
                     self.metrics.retries.inc();
                     std::thread::sleep(Duration::from_millis(500 << attempt));
                 }
@@ -176,7 +175,7 @@ impl Worker {
                     }
                     Err(err) => {
                         self.metrics.error("get_pod");
-                        tracing::warn!(%err, pod = %pod_ref, retry_in = ?self.retry_after, "left to a reconcile");
+                        tracing::warn!(err = %chain(&err), pod = %pod_ref, retry_in = ?self.retry_after, "left to a reconcile");
                         unread = true;
                         continue;
                     }
@@ -229,7 +228,7 @@ impl Worker {
             Ok(_) => false,
             Err(err) => {
                 self.metrics.error("release");
-                tracing::warn!(%err, ip = %allocation.ip, pool = %allocation.pool, "cannot release");
+                tracing::warn!(err = %err.describe(), ip = %allocation.ip, pool = %allocation.pool, "cannot release");
                 false
             }
         }
@@ -258,16 +257,13 @@ impl Worker {
             self.retry_later();
             return;
         };
-        let reservations = match &self.reservations {
-            Some(api) => match self.handle.block_on(api.list(&ListParams::default())) {
-                Ok(list) => list.items,
-                Err(err) => {
-                    self.metrics.error("list_reservations");
-                    tracing::warn!(%err, "cannot list reservations");
-                    Vec::new()
-                }
-            },
-            None => Vec::new(),
+        let reservations = match self.store.unbacked_reservations() {
+            Ok(found) => found,
+            Err(err) => {
+                self.metrics.error("list_reservations");
+                tracing::warn!(err = %err.describe(), "cannot list reservations");
+                Vec::new()
+            }
         };
         let Some(pods) = self.list_pods() else {
             tracing::error!(why, retry_in = ?self.retry_after, "reconcile skipped: pods cannot be listed");
@@ -275,24 +271,16 @@ impl Worker {
             return;
         };
         let mut held: BTreeMap<&'static str, u64> = BTreeMap::new();
-        // The reservations backing allocations that stay: never deleted, whoever they name,
-        // or the overlap protection of a live address would go.
-        let mut kept_reservations = HashSet::new();
         let mut released = HashSet::new();
         for decision in plan(allocations.clone(), &pods) {
             if let Verdict::Keep(reason) = decision.verdict {
                 *held.entry(reason.label()).or_default() += 1;
-                let allocation = &decision.allocation;
-                kept_reservations.insert(object_name(&reservation_name(
-                    allocation.ip,
-                    &allocation.network_name,
-                )));
             }
             if self.act(&decision.allocation, &decision.verdict, None) {
                 released.insert((decision.allocation.pool.clone(), decision.allocation.ip));
             }
         }
-        let orphans = self.release_orphan_reservations(reservations, &pods, &kept_reservations);
+        let orphans = self.release_orphan_reservations(reservations, &pods);
         let elapsed = started.elapsed();
         self.metrics
             .reconciled(elapsed.as_secs_f64(), held, Timestamp::now().as_second());
@@ -306,52 +294,37 @@ impl Worker {
         self.refresh_stats(&allocations, &released);
     }
 
-    /// Reservations whose pod is gone and that no kept pool entry backs (their entries were
-    /// just released, or the two drifted apart): deleted only if unchanged since listed.
+    /// Reservations that no pool entry backs and whose pod is gone (an ADD or DEL stopped
+    /// half-way): released through the store, only if unchanged since listed. One whose pod
+    /// exists may be an ADD in flight (the reservation lands before the pool entry) and stays.
     fn release_orphan_reservations(
         &self,
-        reservations: Vec<OverlappingRangeIPReservation>,
+        reservations: Vec<Reservation>,
         pods: &HashMap<String, PodState>,
-        kept: &HashSet<String>,
     ) -> usize {
-        let Some(api) = &self.reservations else {
-            return 0;
-        };
         let mut freed = 0;
-        for r in reservations {
-            let pod_ref = r.spec.podref.as_str();
+        for found in reservations {
+            let pod_ref = found.attachment.pod_ref.as_deref().unwrap_or_default();
             let verdict = judge_holder(Some(pod_ref), None, pods.get(pod_ref));
-            let Verdict::Release(reason) = verdict else {
+            if !matches!(verdict, Verdict::Release(_)) {
                 continue;
-            };
-            let Some(name) = r.metadata.name.clone().filter(|n| !kept.contains(n)) else {
-                continue;
-            };
+            }
             if !self.leadership.is_leader() {
                 break;
             }
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    resource_version: r.metadata.resource_version.clone(),
-                    uid: r.metadata.uid.clone(),
-                }),
-                ..DeleteParams::default()
-            };
-            match self.handle.block_on(api.delete(&name, &params)) {
-                Ok(_) => {
+            match self.store.release_reservation(&found) {
+                Ok(true) => {
                     freed += 1;
                     self.metrics.released("orphan_reservation", 1);
-                    let _ = reason;
-                    tracing::info!(reservation = %name, pod = %pod_ref, "released an orphaned overlapping-range reservation");
+                    tracing::info!(reservation = %found.name, pod = %pod_ref, "released an orphaned overlapping-range reservation");
                 }
-                // Already gone with its pool entry.
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(kube::Error::Api(s)) if s.code == 409 => {
+                // Changed since listed: the next reconcile judges it again.
+                Ok(false) => {
                     self.metrics.conflicts.inc();
                 }
                 Err(err) => {
                     self.metrics.error("release_reservation");
-                    tracing::warn!(%err, reservation = %name, "cannot delete");
+                    tracing::warn!(err = %err.describe(), reservation = %found.name, "cannot release");
                 }
             }
         }

@@ -1,3 +1,4 @@
 //! Kubernetes types shared by the Kubernetes engine, the installer and the controller.
 
+pub mod cluster;
 pub mod crd;

@@ -276,12 +276,13 @@ fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
             tracing::info!(released = released.len(), "released");
             Ok(())
         }
-        Err(StoreError::Broken(why)) => {
+        Err(broken @ StoreError::Broken { .. }) => {
             tracing::error!(
                 container = %req.container_id,
                 ifname = %req.ifname,
-                "DEL succeeds WITHOUT releasing anything: the store is broken ({why}); \
-                 its addresses stay recorded until the store is repaired"
+                "DEL succeeds WITHOUT releasing anything: the store is broken ({}); \
+                 its addresses stay recorded until the store is repaired",
+                broken.describe()
             );
             Ok(())
         }

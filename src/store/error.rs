@@ -1,6 +1,12 @@
-//! Errors of the storage engines, each knowing its CNI code.
+//! Errors of the storage engines: what failed, in words a person can act on, with the failure
+//! underneath kept as the error's source. The CNI edge ([`crate::cni::error`]) turns them into
+//! codes and one-line messages.
 
-use crate::cni::error::code;
+use std::sync::Arc;
+
+/// The failure underneath a store error. Shared, so that an error can be cloned: one combined
+/// write answers every request that joined it with the same error.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -16,29 +22,121 @@ pub enum StoreError {
     },
     /// A transient failure: the engine is unreachable, too slow or too contended. Nothing was
     /// written; the runtime may try again.
-    #[error("{0}")]
-    TryAgain(String),
+    #[error("{what}")]
+    TryAgain {
+        what: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The configuration cannot be served by this engine.
-    #[error("{0}")]
-    Config(String),
-    /// A local I/O failure or an unreadable store.
-    #[error("{0}")]
-    Io(String),
+    #[error("{what}")]
+    Config {
+        what: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+    /// A local I/O failure, an unreadable store, or a request the engine's server refused.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The store cannot serve again without an admin (a corrupt database): DEL succeeds
     /// against it, logging loudly, so that pod teardown completes; STATUS fails.
-    #[error("{0}")]
-    Broken(String),
+    #[error("{what}")]
+    Broken {
+        what: String,
+        #[source]
+        cause: Option<Cause>,
+    },
 }
 
 impl StoreError {
-    /// The CNI error code for this failure.
-    pub fn code(&self) -> u32 {
-        match self {
-            StoreError::Exhausted { .. } => code::POOL_EXHAUSTED,
-            StoreError::InUse { .. } => code::ADDRESS_IN_USE,
-            StoreError::TryAgain(_) => code::TRY_AGAIN,
-            StoreError::Config(_) => code::INVALID_CONFIG,
-            StoreError::Io(_) | StoreError::Broken(_) => code::IO_FAILURE,
+    pub fn try_again(what: impl Into<String>) -> StoreError {
+        StoreError::TryAgain {
+            what: what.into(),
+            cause: None,
         }
+    }
+
+    pub fn config(what: impl Into<String>) -> StoreError {
+        StoreError::Config {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    pub fn io(what: impl Into<String>) -> StoreError {
+        StoreError::Io {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    pub fn broken(what: impl Into<String>) -> StoreError {
+        StoreError::Broken {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// The same error, with `err` kept as its source.
+    pub fn because(mut self, err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+        match &mut self {
+            StoreError::TryAgain { cause, .. }
+            | StoreError::Config { cause, .. }
+            | StoreError::Io { cause, .. }
+            | StoreError::Broken { cause, .. } => *cause = Some(Arc::new(err)),
+            StoreError::Exhausted { .. } | StoreError::InUse { .. } => {}
+        }
+        self
+    }
+
+    /// The message followed by its causes: what a log line or a CNI error shows.
+    pub fn describe(&self) -> String {
+        chain(self)
+    }
+}
+
+/// `err` and its sources, joined by ": ", each cause shown once (a cause whose text the message
+/// already holds is not repeated).
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn the_cause_is_kept_as_the_source_and_shown_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied");
+        let err = StoreError::io("cannot open /var/lib/whereabouts/db").because(io);
+        assert_eq!(err.to_string(), "cannot open /var/lib/whereabouts/db");
+        assert_eq!(err.source().unwrap().to_string(), "permission denied");
+        assert_eq!(
+            err.describe(),
+            "cannot open /var/lib/whereabouts/db: permission denied"
+        );
+        let exhausted = StoreError::Exhausted {
+            range: "10.0.0.0/30".into(),
+        };
+        assert!(exhausted
+            .clone()
+            .because(std::fmt::Error)
+            .source()
+            .is_none());
     }
 }

@@ -179,6 +179,18 @@ pub struct Allocation {
     pub attachment: Attachment,
 }
 
+/// A network-wide reservation (overlapping ranges), for engines that keep reservations apart
+/// from their pool entries and may therefore hold one that no entry backs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// The engine's name for it.
+    pub name: String,
+    /// Who it names as its holder.
+    pub attachment: Attachment,
+    /// The reservation as listed: a release removes it only if it is still this one.
+    pub version: String,
+}
+
 /// What every engine provides. Methods are synchronous: engines that need async I/O run it on a
 /// runtime of their own, with explicit timeouts.
 pub trait Store {
@@ -206,4 +218,16 @@ pub trait Store {
 
     /// Releases one address of one pool, whoever holds it; returns what was released.
     fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError>;
+
+    /// Reservations that no pool entry backs: left by an ADD or DEL stopped half-way, or an ADD
+    /// still in flight (its reservation lands first), which the caller must tell apart. Engines
+    /// that commit a reservation together with its pool entry never have one.
+    fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Releases a reservation found unbacked if it is unchanged since then; whether it did.
+    fn release_reservation(&self, _reservation: &Reservation) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }

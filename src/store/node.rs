@@ -57,7 +57,7 @@ pub fn node_name_from(
             }
         }
     }
-    Err(StoreError::Config(format!(
+    Err(StoreError::config(format!(
         "this node's name is unknown: set ${NODENAME_ENV} or write it to {}",
         tried
             .iter()

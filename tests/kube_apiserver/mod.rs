@@ -421,16 +421,19 @@ impl TestNamespace {
     /// A pod of this namespace in `phase` (no node runs it: the phase is set through the status
     /// subresource, as a kubelet would). Returns its UID.
     pub fn add_pod(&self, name: &str, phase: &str) -> String {
-        let pod = self.create(
-            "pods",
-            json!({
-                "metadata": {"name": name},
-                "spec": {
-                    "automountServiceAccountToken": false,
-                    "containers": [{"name": "main", "image": "test.invalid/pause"}],
-                },
-            }),
-        );
+        self.add_pod_on(name, phase, None)
+    }
+
+    /// As [`Self::add_pod`], scheduled on `node` (no such Node object needs to exist).
+    pub fn add_pod_on(&self, name: &str, phase: &str, node: Option<&str>) -> String {
+        let mut spec = json!({
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "main", "image": "test.invalid/pause"}],
+        });
+        if let Some(node) = node {
+            spec["nodeName"] = node.into();
+        }
+        let pod = self.create("pods", json!({"metadata": {"name": name}, "spec": spec}));
         self.set_pod_phase(name, phase);
         pod["metadata"]["uid"].as_str().expect("a uid").to_string()
     }

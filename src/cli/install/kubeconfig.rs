@@ -25,7 +25,7 @@ pub fn server_url(host: &str, port: &str) -> Result<String, InstallError> {
             "the API server port {port:?} (KUBERNETES_SERVICE_PORT) is not a port number"
         ))
     })?;
-    Ok(crate::store::kubernetes::service_url(host, port))
+    Ok(crate::k8s::cluster::service_url(host, port))
 }
 
 /// The kubeconfig as YAML. TLS verification stays on: the CA is embedded, so the file works on

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-/// Where the kubelet mounts the pod's service-account credentials.
-pub const DEFAULT_SERVICE_ACCOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+use crate::k8s::cluster;
+
 /// The host's `/opt/cni/bin`, as the DaemonSet mounts it.
 pub const DEFAULT_CNI_BIN_DIR: &str = "/host/opt/cni/bin";
 /// The host's `/etc/cni/net.d`, as the DaemonSet mounts it.
@@ -25,8 +25,6 @@ pub const DEFAULT_CNI_CONF_DIR: &str = "/host/etc/cni/net.d";
 pub const HOST_MOUNT_PREFIX: &str = "/host";
 /// Upstream's default schedule of the cluster-wide cleanup.
 pub const DEFAULT_RECONCILER_CRON: &str = "30 4 * * *";
-/// The namespace when neither the flag nor the service account says otherwise.
-pub const DEFAULT_NAMESPACE: &str = "kube-system";
 
 /// The directory inside the CNI configuration directory that holds our files.
 pub const WHEREABOUTS_D: &str = "whereabouts.d";
@@ -83,7 +81,7 @@ pub struct InstallOptions {
     pub cni_bin_src: Option<PathBuf>,
 
     /// Directory holding the pod's service-account `token`, `ca.crt` and `namespace`.
-    #[arg(long, env = "SERVICE_ACCOUNT_PATH", default_value = DEFAULT_SERVICE_ACCOUNT_PATH)]
+    #[arg(long, env = "SERVICE_ACCOUNT_PATH", default_value = cluster::SERVICE_ACCOUNT_DIR)]
     pub service_account_path: PathBuf,
 
     /// CA bundle of the API server. Default: `ca.crt` in the service-account directory.
@@ -191,10 +189,8 @@ impl Settings {
             args.kubernetes_service_host.as_deref().unwrap_or(""),
             args.kubernetes_service_port.as_deref().unwrap_or("443"),
         )?;
-        let namespace = match non_empty(args.namespace.as_deref()) {
-            Some(ns) => ns.to_string(),
-            None => read_namespace(&args.service_account_path.join("namespace")),
-        };
+        let namespace =
+            cluster::namespace_from(args.namespace.as_deref(), &args.service_account_path);
         let node_name = non_empty(args.node_name.as_deref())
             .ok_or(InstallError::Missing(
                 "the node name (NODENAME, set from spec.nodeName, or --node-name)",
@@ -286,13 +282,6 @@ fn strip_host_prefix(dir: &Path) -> PathBuf {
         Ok(rest) => Path::new("/").join(rest),
         Err(_) => dir.to_path_buf(),
     }
-}
-
-fn read_namespace(file: &Path) -> String {
-    std::fs::read_to_string(file)
-        .ok()
-        .and_then(|ns| non_empty(Some(&ns)).map(str::to_string))
-        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
 }
 
 /// Writes everything once: binary, flat file, kubeconfig, node name. The binary goes last so

@@ -20,7 +20,7 @@ use super::plan::{
 };
 use super::records::AllocationRecord;
 use super::runs::ReadRun;
-use super::session::{key_get, Deadline, Session};
+use super::session::{key_get, CallFailed, Deadline, Session};
 use super::window::{self, Window};
 use crate::ipam::{decide, Ask, Contention, Decision, Range};
 use crate::store::retry::Backoff;
@@ -28,13 +28,13 @@ use crate::store::{AddRequest, RangeRequest, StoreError};
 
 pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
     if req.node_slice_size.is_some() {
-        return Err(StoreError::Config(
-            "node_slice_size is not supported with datastore \"etcd\" yet".into(),
+        return Err(StoreError::config(
+            "node_slice_size is not supported with datastore \"etcd\" yet",
         ));
     }
     for (i, a) in req.ranges.iter().enumerate() {
         if req.ranges[..i].iter().any(|b| b.pool.name == a.pool.name) {
-            return Err(StoreError::Config(format!(
+            return Err(StoreError::config(format!(
                 "two ranges of this configuration map to the same pool {}",
                 a.pool.name
             )));
@@ -42,7 +42,7 @@ pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAdd
     }
     let dl = Deadline::after(s.timeouts.deadline);
     let mut memory = Memory::new(req.ranges.len());
-    let mut last = String::from("no attempt finished");
+    let mut last = CallFailed::new("no attempt finished");
     for attempt in 0..backoff.attempts.max(1) {
         if attempt > 0 && memory.wait {
             // Failed calls (no leader, a member gone) back off exponentially so that an
@@ -58,18 +58,21 @@ pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAdd
         }
         match attempt_add(s, req, &dl, &mut memory) {
             Ok(Some(ips)) => return Ok(ips),
-            Ok(None) => last = "the pool changed while allocating (conflicting writer)".into(),
+            Ok(None) => {
+                last = CallFailed::new("the pool changed while allocating (conflicting writer)")
+            }
             Err(Stop::Final(e)) => return Err(e),
-            Err(Stop::Retry(msg)) => {
+            Err(Stop::Retry(failed)) => {
                 memory.call_failed();
-                last = msg;
+                last = failed;
             }
         }
     }
-    Err(StoreError::TryAgain(format!(
-        "could not allocate from etcd within {:?}: {last}",
+    Err(StoreError::try_again(format!(
+        "could not allocate from etcd within {:?}",
         s.timeouts.deadline
-    )))
+    ))
+    .because(last))
 }
 
 /// What one ADD learns across its attempts.
@@ -342,8 +345,11 @@ fn plan_range(
     };
     let plan = match decide(range, &ask, &mut view)? {
         Decision::Keep { offset, .. } => {
-            let (_, mod_revision, record) = held
-                .ok_or_else(|| Stop::Retry("the held allocation vanished while deciding".into()))?;
+            let (_, mod_revision, record) = held.ok_or_else(|| {
+                Stop::Retry(CallFailed::new(
+                    "the held allocation vanished while deciding",
+                ))
+            })?;
             Plan::Keep {
                 offset,
                 ip: range.ip(offset),
@@ -356,8 +362,11 @@ fn plan_range(
             return Ok((take(offset, view.walked, None), free));
         }
         Decision::Move { to, .. } => {
-            let (offset, mod_revision, record) = held
-                .ok_or_else(|| Stop::Retry("the held allocation vanished while deciding".into()))?;
+            let (offset, mod_revision, record) = held.ok_or_else(|| {
+                Stop::Retry(CallFailed::new(
+                    "the held allocation vanished while deciding",
+                ))
+            })?;
             let released = read_released(s, dl, &rr.pool.name, offset, mod_revision, record)?;
             take(to, Vec::new(), Some(Box::new(released)))
         }

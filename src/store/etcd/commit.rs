@@ -60,7 +60,10 @@ pub(super) fn compact_chain(
             &mut ops,
         );
         if let Err(e) = s.txn(dl, "run merge", Txn::new().when(compares).and_then(ops)) {
-            tracing::debug!("etcd: merging runs of {pool} failed (harmless): {}", e.0);
+            tracing::debug!(
+                "etcd: merging runs of {pool} failed (harmless): {}",
+                crate::store::error::chain(&e)
+            );
         }
     }
 }

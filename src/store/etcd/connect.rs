@@ -66,13 +66,13 @@ pub fn endpoints(cfg: &EtcdConfig) -> Result<Vec<String>, StoreError> {
         }
         let with_scheme = if e.starts_with("http://") || e.starts_with("https://") {
             if tls && e.starts_with("http://") {
-                return Err(StoreError::Config(format!(
+                return Err(StoreError::config(format!(
                     "etcd endpoint {e:?} uses http:// but TLS files are configured; use https://"
                 )));
             }
             e.to_string()
         } else if e.contains("://") {
-            return Err(StoreError::Config(format!(
+            return Err(StoreError::config(format!(
                 "etcd endpoint {e:?} has an unsupported scheme (expected http:// or https://)"
             )));
         } else if tls {
@@ -83,9 +83,7 @@ pub fn endpoints(cfg: &EtcdConfig) -> Result<Vec<String>, StoreError> {
         out.push(with_scheme);
     }
     if out.is_empty() {
-        return Err(StoreError::Config(
-            "ipam.etcd_host names no endpoint".into(),
-        ));
+        return Err(StoreError::config("ipam.etcd_host names no endpoint"));
     }
     Ok(out)
 }
@@ -100,7 +98,7 @@ pub fn require_tls_for_credentials(
     let has_credentials =
         cfg.username.is_some() || cfg.password.is_some() || cfg.key_file.is_some();
     match endpoints.iter().find(|e| e.starts_with("http://")) {
-        Some(plain) if has_credentials && !insecure_tls => Err(StoreError::Config(format!(
+        Some(plain) if has_credentials && !insecure_tls => Err(StoreError::config(format!(
             "etcd credentials are only sent over TLS, and endpoint {:?} is plain http:// \
              (use https:// with ipam.etcd_ca_cert_file, or allow_insecure_tls in the flat file)",
             crate::files::shown(plain)
@@ -122,8 +120,8 @@ pub fn options(cfg: &EtcdConfig, timeouts: &Timeouts) -> Result<ConnectOptions, 
             opts = opts.with_user(user.clone(), password.clone().unwrap_or_default());
         }
         (None, Some(_)) => {
-            return Err(StoreError::Config(
-                "ipam.etcd_password is set but ipam.etcd_username is not".into(),
+            return Err(StoreError::config(
+                "ipam.etcd_password is set but ipam.etcd_username is not",
             ))
         }
         (None, None) => {}
@@ -142,8 +140,8 @@ pub fn options(cfg: &EtcdConfig, timeouts: &Timeouts) -> Result<ConnectOptions, 
             }
             (None, None) => {}
             _ => {
-                return Err(StoreError::Config(
-                    "ipam.etcd_cert_file and ipam.etcd_key_file must be set together".into(),
+                return Err(StoreError::config(
+                    "ipam.etcd_cert_file and ipam.etcd_key_file must be set together",
                 ))
             }
         }
@@ -154,7 +152,7 @@ pub fn options(cfg: &EtcdConfig, timeouts: &Timeouts) -> Result<ConnectOptions, 
 
 fn read(path: &std::path::Path, field: &str) -> Result<Vec<u8>, StoreError> {
     crate::files::read_config_file(path)
-        .map_err(|e| StoreError::Config(format!("cannot read ipam.{field}: {}", e.describe())))
+        .map_err(|e| StoreError::config(format!("cannot read ipam.{field}: {}", e.describe())))
 }
 
 #[cfg(test)]

@@ -38,10 +38,9 @@ pub fn open_with(
     prefix: &str,
 ) -> Result<Box<dyn Store>, StoreError> {
     if ipam.node_slice_size.is_some() {
-        return Err(StoreError::Config(
+        return Err(StoreError::config(
             "node_slice_size is not supported with datastore \"etcd\" yet; remove it or use \
-             datastore \"kubernetes\""
-                .into(),
+             datastore \"kubernetes\"",
         ));
     }
     let endpoints = connect::endpoints(cfg)?;
@@ -89,7 +88,7 @@ impl Store for EtcdStore {
         let opts = etcd_client::GetOptions::new().with_count_only();
         s.get(&dl, "status read", s.keys.prefix().to_string(), Some(opts))
             .map(|_| ())
-            .map_err(|e| StoreError::TryAgain(format!("etcd cluster is not available: {}", e.0)))
+            .map_err(|e| StoreError::try_again("etcd cluster is not available").because(e))
     }
 
     fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {

@@ -21,12 +21,12 @@ pub(super) enum Stop {
     /// Retrying cannot help.
     Final(StoreError),
     /// Read again and retry.
-    Retry(String),
+    Retry(CallFailed),
 }
 
 impl From<CallFailed> for Stop {
     fn from(e: CallFailed) -> Self {
-        Stop::Retry(e.0)
+        Stop::Retry(e)
     }
 }
 
@@ -125,7 +125,7 @@ impl Snapshot for RangeView<'_> {
         }
         let floor = first_run(res.next());
         if floor.is_some_and(|f| f.run.end >= offset) {
-            return Err(Stop::Final(StoreError::Io(format!(
+            return Err(Stop::Final(StoreError::io(format!(
                 "pool {pool} in etcd is inconsistent: offset {offset} is in a run but has no record"
             ))));
         }

@@ -8,14 +8,15 @@ use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
 
 use super::commit::push_run_change;
 use super::keys::{parse_hex, unescape};
+use super::plan::Stop;
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun};
-use super::session::{floor_get, key_get, Deadline, Session};
+use super::session::{floor_get, key_get, CallFailed, Deadline, Session};
 use crate::store::retry::Backoff;
 use crate::store::{Allocation, AttachmentRequest, GcRequest, StoreError};
 
 /// Releases `offset` of `pool` if its record satisfies `belongs`; the released allocation, or `None`
-/// when there was nothing (left) to release.
+/// when there was nothing (left) to release. Retried while the pool changes under the commit.
 pub fn release_one(
     s: &Session,
     backoff: &Backoff,
@@ -24,9 +25,7 @@ pub fn release_one(
     offset: u128,
     belongs: &dyn Fn(&AllocationRecord) -> bool,
 ) -> Result<Option<Allocation>, StoreError> {
-    let keys = &s.keys;
-    let akey = keys.allocation(pool, offset);
-    let mut last = String::from("no attempt finished");
+    let mut last = CallFailed::new("no attempt finished");
     for attempt in 0..backoff.attempts.max(1) {
         if attempt > 0 {
             s.pause(dl, backoff.delay(attempt));
@@ -34,83 +33,94 @@ pub fn release_one(
         if dl.passed() {
             break;
         }
-        let read = s.reads(
-            dl,
-            "release read",
-            vec![
-                key_get(&akey),
-                floor_get(&keys.runs_dir(pool), &keys.run(pool, offset)),
-            ],
-        );
-        let mut res = match read {
-            Ok(r) => r.into_iter(),
-            Err(e) => {
-                last = e.0;
-                continue;
+        match try_release(s, dl, pool, offset, belongs) {
+            Ok(Attempt::Done(released)) => return Ok(released),
+            Ok(Attempt::Changed) => {
+                last = CallFailed::new("the pool changed while releasing (conflicting writer)")
             }
-        };
-        let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) else {
-            return Ok(None);
-        };
-        let Some(record) = AllocationRecord::from_json(kv.value()) else {
-            return Err(StoreError::Io(format!(
-                "unreadable allocation record at etcd key {akey}"
-            )));
-        };
-        if !belongs(&record) {
-            return Ok(None);
-        }
-        let run = res
-            .next()
-            .and_then(|kvs| kvs.into_iter().next())
-            .and_then(|kv| ReadRun::from_kv(&kv))
-            .filter(|r| r.run.start <= offset && offset <= r.run.end);
-        let side = match read_side_keys(s, dl, pool, offset, &record) {
-            Ok(side) => side,
-            Err(e) => {
-                last = e;
-                continue;
-            }
-        };
-        let mut compares = vec![Compare::mod_revision(
-            akey.clone(),
-            CompareOp::Equal,
-            kv.mod_revision(),
-        )];
-        let mut ops = vec![TxnOp::delete(akey.clone(), None)];
-        for (key, rev) in side {
-            compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, rev));
-            ops.push(TxnOp::delete(key, None));
-        }
-        match run {
-            Some(read) => {
-                compares.push(Compare::mod_revision(
-                    keys.run(pool, read.run.start),
-                    CompareOp::Equal,
-                    read.mod_revision,
-                ));
-                let change = runs::release(offset, read.run);
-                push_run_change(keys, pool, change, &mut compares, &mut ops);
-            }
-            None => tracing::warn!(
-                pool,
-                offset,
-                "etcd: no run covers a held offset; releasing the record alone"
-            ),
-        }
-        match s.txn(
-            dl,
-            "release commit",
-            Txn::new().when(compares).and_then(ops),
-        ) {
-            Ok(resp) if resp.succeeded() => return Ok(record.allocation(pool)),
-            Ok(_) => last = "the pool changed while releasing (conflicting writer)".into(),
-            Err(e) => last = e.0,
+            Err(Stop::Final(err)) => return Err(err),
+            Err(Stop::Retry(failed)) => last = failed,
         }
     }
-    Err(StoreError::TryAgain(format!(
-        "could not release {pool} offset {offset} in etcd: {last}"
-    )))
+    Err(
+        StoreError::try_again(format!("could not release {pool} offset {offset} in etcd"))
+            .because(last),
+    )
+}
+
+/// How one release attempt ended. Only ever returned, never stored: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Attempt {
+    /// Released (`Some`), or nothing there to release (`None`).
+    Done(Option<Allocation>),
+    /// A compared revision moved: read again.
+    Changed,
+}
+
+/// One read of the record and what points at it, and one transaction that deletes them all if
+/// none of them changed.
+fn try_release(
+    s: &Session,
+    dl: &Deadline,
+    pool: &str,
+    offset: u128,
+    belongs: &dyn Fn(&AllocationRecord) -> bool,
+) -> Result<Attempt, Stop> {
+    let keys = &s.keys;
+    let akey = keys.allocation(pool, offset);
+    let floor = floor_get(&keys.runs_dir(pool), &keys.run(pool, offset));
+    let mut res = s
+        .reads(dl, "release read", vec![key_get(&akey), floor])?
+        .into_iter();
+    let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) else {
+        return Ok(Attempt::Done(None));
+    };
+    let Some(record) = AllocationRecord::from_json(kv.value()) else {
+        return Err(Stop::Final(StoreError::io(format!(
+            "unreadable allocation record at etcd key {akey}"
+        ))));
+    };
+    if !belongs(&record) {
+        return Ok(Attempt::Done(None));
+    }
+    let run = res
+        .next()
+        .and_then(|kvs| kvs.into_iter().next())
+        .and_then(|kv| ReadRun::from_kv(&kv))
+        .filter(|r| r.run.start <= offset && offset <= r.run.end);
+    let side = read_side_keys(s, dl, pool, offset, &record)?;
+    let mut compares = vec![Compare::mod_revision(
+        akey.clone(),
+        CompareOp::Equal,
+        kv.mod_revision(),
+    )];
+    let mut ops = vec![TxnOp::delete(akey, None)];
+    for (key, rev) in side {
+        compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, rev));
+        ops.push(TxnOp::delete(key, None));
+    }
+    match run {
+        Some(read) => {
+            compares.push(Compare::mod_revision(
+                keys.run(pool, read.run.start),
+                CompareOp::Equal,
+                read.mod_revision,
+            ));
+            let change = runs::release(offset, read.run);
+            push_run_change(keys, pool, change, &mut compares, &mut ops);
+        }
+        None => tracing::warn!(
+            pool,
+            offset,
+            "etcd: no run covers a held offset; releasing the record alone"
+        ),
+    }
+    let txn = Txn::new().when(compares).and_then(ops);
+    if s.txn(dl, "release commit", txn)?.succeeded() {
+        Ok(Attempt::Done(record.allocation(pool)))
+    } else {
+        Ok(Attempt::Changed)
+    }
 }
 
 /// The index entries and reservation that point at this allocation, with their revisions.
@@ -121,7 +131,7 @@ fn read_side_keys(
     pool: &str,
     offset: u128,
     record: &AllocationRecord,
-) -> Result<Vec<(String, i64)>, String> {
+) -> Result<Vec<(String, i64)>, CallFailed> {
     let keys = &s.keys;
     let mut wanted = vec![keys.owner(&record.container_id, &record.ifname, pool)];
     if let Some(pod) = &record.pod_ref {
@@ -131,13 +141,11 @@ fn read_side_keys(
     if record.reserved {
         wanted.push(keys.reservation(&record.network_name, record.ip));
     }
-    let res = s
-        .reads(
-            dl,
-            "release read",
-            wanted.iter().map(|k| key_get(k)).collect(),
-        )
-        .map_err(|e| e.0)?;
+    let res = s.reads(
+        dl,
+        "release read",
+        wanted.iter().map(|k| key_get(k)).collect(),
+    )?;
     let mut side = Vec::new();
     for (i, (key, kvs)) in wanted.into_iter().zip(res).enumerate() {
         let Some(kv) = kvs.into_iter().next() else {

@@ -3,6 +3,7 @@
 //! what is left of the operation's deadline.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -39,12 +40,26 @@ impl Deadline {
 
 /// A failed call. The request may or may not have been applied: callers resolve that by
 /// reading again before they retry.
-#[derive(Clone, Debug)]
-pub struct CallFailed(pub String);
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct CallFailed {
+    pub what: String,
+    #[source]
+    pub cause: Option<Arc<etcd_client::Error>>,
+}
+
+impl CallFailed {
+    pub fn new(what: impl Into<String>) -> CallFailed {
+        CallFailed {
+            what: what.into(),
+            cause: None,
+        }
+    }
+}
 
 impl From<CallFailed> for StoreError {
     fn from(e: CallFailed) -> Self {
-        StoreError::TryAgain(e.0)
+        StoreError::try_again("etcd did not answer").because(e)
     }
 }
 
@@ -67,7 +82,7 @@ impl Session {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Io(format!("cannot start the etcd client runtime: {e}")))?;
+            .map_err(|e| StoreError::io("cannot start the etcd client runtime").because(e))?;
         let wait = timeouts
             .connect
             .max(timeouts.request)
@@ -78,29 +93,30 @@ impl Session {
         let client = match connected {
             Ok(Ok(client)) => client,
             Ok(Err(etcd_client::Error::InvalidArgs(msg))) => {
-                return Err(StoreError::Config(format!("invalid etcd settings: {msg}")))
+                return Err(StoreError::config(format!("invalid etcd settings: {msg}")))
             }
             Ok(Err(etcd_client::Error::InvalidUri(e))) => {
-                return Err(StoreError::Config(format!("invalid etcd endpoint: {e}")))
+                return Err(StoreError::config("invalid etcd endpoint").because(e))
             }
             // Wrong credentials: retrying cannot help, the configuration must change.
             Ok(Err(etcd_client::Error::GRpcStatus(status)))
                 if REFUSED_CREDENTIALS.contains(&i32::from(status.code())) =>
             {
-                return Err(StoreError::Config(format!(
+                return Err(StoreError::config(format!(
                     "etcd at {} refused the credentials of ipam.etcd_username: {}",
                     endpoints.join(","),
                     status.message()
                 )))
             }
             Ok(Err(e)) => {
-                return Err(StoreError::TryAgain(format!(
-                    "cannot connect to etcd at {}: {e}",
+                return Err(StoreError::try_again(format!(
+                    "cannot connect to etcd at {}",
                     endpoints.join(",")
-                )))
+                ))
+                .because(e))
             }
             Err(_) => {
-                return Err(StoreError::TryAgain(format!(
+                return Err(StoreError::try_again(format!(
                     "timed out after {wait:?} connecting to etcd at {}",
                     endpoints.join(",")
                 )))
@@ -126,7 +142,7 @@ impl Session {
     {
         let limit = self.timeouts.request.min(dl.remaining());
         if limit.is_zero() {
-            return Err(CallFailed(format!(
+            return Err(CallFailed::new(format!(
                 "etcd {what}: deadline of {:?} passed",
                 self.timeouts.deadline
             )));
@@ -137,8 +153,13 @@ impl Session {
             .block_on(async { tokio::time::timeout(limit, fut).await });
         match r {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(CallFailed(format!("etcd {what} failed: {e}"))),
-            Err(_) => Err(CallFailed(format!("etcd {what} timed out after {limit:?}"))),
+            Ok(Err(e)) => Err(CallFailed {
+                what: format!("etcd {what} failed"),
+                cause: Some(Arc::new(e)),
+            }),
+            Err(_) => Err(CallFailed::new(format!(
+                "etcd {what} timed out after {limit:?}"
+            ))),
         }
     }
 

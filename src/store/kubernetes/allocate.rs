@@ -107,7 +107,7 @@ impl Engine {
                 Some(offset) => {
                     let ip = wanted.pool.range.cidr.at(offset);
                     Some(pool.range.cidr.offset_of(ip).ok_or_else(|| {
-                        StoreError::Config(format!(
+                        StoreError::config(format!(
                             "requested address {ip} is outside this node's slice {}",
                             pool.range.cidr
                         ))
@@ -259,7 +259,7 @@ impl Engine {
         }
         // Out of the spool before the lock goes, or the next holder would serve it again.
         ticket.withdraw();
-        mine.unwrap_or_else(|| Err(StoreError::Io("the spool lost this request".into())))
+        mine.unwrap_or_else(|| Err(StoreError::io("the spool lost this request")))
     }
 
     /// Takes an answer left by the process that served this request.
@@ -303,7 +303,7 @@ impl Engine {
             .await?;
         results
             .pop()
-            .unwrap_or_else(|| Err(StoreError::Io("no result".into())))
+            .unwrap_or_else(|| Err(StoreError::io("no result")))
             .map(|granted| granted.ip)
     }
 
@@ -349,7 +349,7 @@ impl Engine {
             let doc = PoolDoc::new(&name, range.cidr, object)?;
             if let (Some(failed), Some(now)) = (&failed_rv, doc.resource_version()) {
                 if failed == now {
-                    return Err(StoreError::Io(format!(
+                    return Err(StoreError::io(format!(
                         "the API server refused the update of IPPool {name} although it is unchanged"
                     )));
                 }
@@ -470,7 +470,7 @@ impl Engine {
                 }
                 let who = slots[i].who.clone();
                 let key = doc.key_of(offset).ok_or_else(|| {
-                    StoreError::Io(format!("IPPool {name} cannot record {}", range.ip(offset)))
+                    StoreError::io(format!("IPPool {name} cannot record {}", range.ip(offset)))
                 })?;
                 undo.push(Step::PoolEntry {
                     pool: name.clone(),
@@ -537,12 +537,12 @@ impl Engine {
                                     ..granted.clone()
                                 }),
                                 Some(Err(err)) => Err(err.clone()),
-                                None => Err(StoreError::Io("not served".into())),
+                                None => Err(StoreError::io("not served")),
                             },
                             None => slots[i]
                                 .done
                                 .take()
-                                .unwrap_or_else(|| Err(StoreError::Io("not served".into()))),
+                                .unwrap_or_else(|| Err(StoreError::io("not served"))),
                         };
                         results.push(result);
                     }
@@ -710,7 +710,7 @@ impl Engine {
         let conflicts = conflicts + 1;
         let backoff = &self.settings.conflicts;
         if conflicts >= backoff.attempts {
-            return Err(StoreError::TryAgain(format!(
+            return Err(StoreError::try_again(format!(
                 "IPPool {pool} kept changing under {conflicts} attempts to update it; gave up"
             )));
         }
@@ -726,7 +726,7 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let range = &pool.range;
         if offset > range.cidr.last_offset() || doc.unaddressable(offset) {
-            return Err(StoreError::Config(format!(
+            return Err(StoreError::config(format!(
                 "requested address {} cannot be held in pool {}",
                 range.ip(offset),
                 doc.name
@@ -779,7 +779,7 @@ impl Engine {
                 None => continue,
             }
         }
-        Err(StoreError::TryAgain(format!(
+        Err(StoreError::try_again(format!(
             "reservation {name} keeps appearing and disappearing"
         )))
     }

@@ -7,7 +7,11 @@ use std::time::Duration;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::Value;
 
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::cleanup::judge::PodPlace;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
+use crate::store::error::chain;
 use crate::store::retry::Backoff;
 use crate::store::StoreError;
 
@@ -51,31 +55,30 @@ impl ApiError {
                 }
             }
             kube::Error::HyperError(_) | kube::Error::Service(_) => {
-                ApiError::Transient(format!("{what}: {}", error_chain(&err)))
+                ApiError::Transient(format!("{what}: {}", chain(&err)))
             }
             // A body that does not parse usually comes from something in front of the API server
             // (a proxy, a restarting server); the next attempt may reach the real thing.
             kube::Error::SerdeError(_) | kube::Error::ReadEvents(_) => {
-                ApiError::Transient(format!("{what}: {}", error_chain(&err)))
+                ApiError::Transient(format!("{what}: {}", chain(&err)))
             }
-            other => ApiError::Refused(format!("{what}: {}", error_chain(&other))),
+            other => ApiError::Refused(format!("{what}: {}", chain(&other))),
         }
     }
 
     /// As a store error: transient failures are "try again" (CNI code 11).
     pub fn into_store(self) -> StoreError {
-        match self {
-            ApiError::Transient(msg) => {
-                StoreError::TryAgain(format!("kubernetes API server unavailable: {msg}"))
+        let error = match &self {
+            ApiError::Transient(_) => StoreError::try_again("kubernetes API server unavailable"),
+            ApiError::Conflict(_) => {
+                StoreError::try_again("kubernetes object kept changing, gave up")
             }
-            ApiError::Conflict(msg) => {
-                StoreError::TryAgain(format!("kubernetes object kept changing, gave up: {msg}"))
+            ApiError::Refused(_) | ApiError::AlreadyExists(_) | ApiError::NotFound(_) => {
+                StoreError::io("kubernetes API server refused")
             }
-            ApiError::Refused(msg) | ApiError::AlreadyExists(msg) | ApiError::NotFound(msg) => {
-                StoreError::Io(format!("kubernetes API server refused: {msg}"))
-            }
-            ApiError::Untrusted(msg) => StoreError::Config(msg),
-        }
+            ApiError::Untrusted(_) => StoreError::config("cannot trust the API server"),
+        };
+        error.because(self)
     }
 }
 
@@ -92,27 +95,14 @@ fn is_untrusted_certificate(chain: &str) -> bool {
     chain.contains("invalid peer certificate")
 }
 
-/// The error with its causes, which carry the useful part ("connection refused").
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// The three custom resources in the engine's namespace.
 #[derive(Clone)]
 pub struct Kube {
     pub pools: Api<IPPool>,
     pub reservations: Api<OverlappingRangeIPReservation>,
     pub slices: Api<NodeSlicePool>,
+    /// For pods, which live in every namespace (a node's GC asks where a pod runs).
+    client: kube::Client,
     pub request_timeout: Duration,
     pub transient: Backoff,
     /// Where the server and its CA came from ("kubeconfig /path"), named when TLS fails.
@@ -130,7 +120,8 @@ impl Kube {
         Kube {
             pools: Api::namespaced(client.clone(), namespace),
             reservations: Api::namespaced(client.clone(), namespace),
-            slices: Api::namespaced(client, namespace),
+            slices: Api::namespaced(client.clone(), namespace),
+            client,
             request_timeout,
             transient,
             origin: origin.to_string(),
@@ -286,5 +277,19 @@ impl Kube {
     pub async fn get_slice_pool(&self, name: &str) -> Result<Option<NodeSlicePool>, ApiError> {
         let what = format!("get NodeSlicePool {name}");
         self.call(&what, || self.slices.get_opt(name)).await
+    }
+
+    /// Where the pod `namespace/name` is; [`PodPlace::Gone`] when there is no such pod.
+    pub async fn pod_place(&self, namespace: &str, name: &str) -> Result<PodPlace, ApiError> {
+        let what = format!("get pod {namespace}/{name}");
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let pod = self.call(&what, || pods.get_opt(name)).await?;
+        Ok(match pod {
+            None => PodPlace::Gone,
+            Some(pod) => PodPlace::Exists {
+                uid: pod.metadata.uid.unwrap_or_default(),
+                node: pod.spec.and_then(|spec| spec.node_name),
+            },
+        })
     }
 }

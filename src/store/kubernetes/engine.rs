@@ -140,7 +140,7 @@ impl Engine {
             None => {
                 let node = node_slice::node_name(self.configuration_path.as_deref())?;
                 let name = node_slice::slice_pool_name(network_name, cni_network);
-                Err(StoreError::Config(format!(
+                Err(StoreError::config(format!(
                     "node_slice_size is set but NodeSlicePool {name} (namespace {}) assigns no slice of {} to node {node} yet; the node slice controller assigns slices",
                     self.kube.pools.namespace().unwrap_or_default(),
                     configured.range.cidr

@@ -8,7 +8,6 @@
 mod allocate;
 mod api;
 mod choose;
-mod connect;
 mod engine;
 mod node_slice;
 mod pool_doc;
@@ -23,13 +22,11 @@ use std::net::IpAddr;
 use tokio::runtime::Runtime;
 
 use crate::config::{IpamConfig, KubernetesConfig};
-use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
-
-pub use connect::{
-    context_namespace, in_cluster_config, in_cluster_namespace, in_pod, operator_access,
-    service_account_dir, service_url, Access, DEFAULT_NAMESPACE, NAMESPACE_ENV,
-    SERVICE_ACCOUNT_DIR, SERVICE_ACCOUNT_PATH_ENV,
+use crate::k8s::cluster::{self, in_pod, operator_access, Access};
+use crate::store::{
+    AddRequest, Allocation, AttachmentRequest, GcRequest, Reservation, Store, StoreError,
 };
+
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
 pub use spool::SPOOL_ENV;
@@ -65,9 +62,18 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|err| StoreError::Io(format!("cannot start the I/O runtime: {err}")))?;
-    let connection =
-        runtime.block_on(connect::connect(access, &settings, ipam.trust.insecure_tls))?;
+        .map_err(|err| StoreError::io("cannot start the I/O runtime").because(err))?;
+    let timeouts = cluster::Timeouts {
+        connect: settings.request_timeout,
+        read: settings.request_timeout,
+        write: settings.request_timeout,
+        library_retries: false,
+    };
+    let connection = runtime
+        .block_on(cluster::connect(access, timeouts, ipam.trust.insecure_tls))
+        .map_err(|err| {
+            StoreError::config("kubernetes datastore (ipam.kubernetes.kubeconfig)").because(err)
+        })?;
     tracing::debug!(
         server = %connection.server,
         namespace = %connection.namespace,
@@ -109,7 +115,7 @@ impl KubernetesStore {
         self.runtime.block_on(async {
             match tokio::time::timeout(deadline, op).await {
                 Ok(result) => result,
-                Err(_) => Err(StoreError::TryAgain(format!(
+                Err(_) => Err(StoreError::try_again(format!(
                     "{what}: the kubernetes API server at {} did not complete it within {deadline:?}",
                     self.server
                 ))),
@@ -155,7 +161,7 @@ impl Store for KubernetesStore {
         self.run("STATUS", async {
             let kube = &self.engine.kube;
             let missing = |crd: &str| {
-                StoreError::Config(format!(
+                StoreError::config(format!(
                     "the CustomResourceDefinition {crd} is not installed on {}",
                     self.server
                 ))
@@ -183,5 +189,17 @@ impl Store for KubernetesStore {
 
     fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         self.run("release", self.engine.release(pool, ip))
+    }
+
+    fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        let found = self.run("list reservations", self.engine.unbacked_reservations())?;
+        Ok(found.into_iter().map(|u| u.reservation).collect())
+    }
+
+    fn release_reservation(&self, reservation: &Reservation) -> Result<bool, StoreError> {
+        self.run(
+            "release reservation",
+            self.engine.release_unbacked(reservation),
+        )
     }
 }

@@ -28,7 +28,7 @@ pub fn slice_of(pool: &NodeSlicePool, node: &str) -> Result<Option<Cidr>, StoreE
     Cidr::parse(&found.slice_range, false)
         .map(|c| Some(c.network()))
         .ok_or_else(|| {
-            StoreError::Io(format!(
+            StoreError::io(format!(
                 "NodeSlicePool {} gives node {node} the slice {:?}, which is not a CIDR",
                 pool.metadata.name.as_deref().unwrap_or_default(),
                 found.slice_range
@@ -46,7 +46,7 @@ pub fn node_pool(
 ) -> Result<PoolRef, StoreError> {
     let whole = configured.range.cidr;
     if !whole.overlaps(&slice) || slice.prefix < whole.prefix {
-        return Err(StoreError::Config(format!(
+        return Err(StoreError::config(format!(
             "this node's slice {slice} is not inside the configured range {whole}"
         )));
     }
@@ -57,7 +57,7 @@ pub fn node_pool(
         exclude: configured.spec.exclude.clone(),
     };
     let mut range = Range::resolve(&spec, configured.gateway)
-        .map_err(|err| StoreError::Config(format!("node slice {slice}: {err}")))?;
+        .map_err(|err| StoreError::config(format!("node slice {slice}")).because(err))?;
     // The configured bounds, as absolute values, intersected with the slice's own.
     let lo = whole.base() + configured.range.first;
     let hi = whole.base() + configured.range.last;

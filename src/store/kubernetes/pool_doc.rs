@@ -38,7 +38,7 @@ impl PoolDoc {
     pub fn new(name: &str, cidr: Cidr, object: Option<IPPool>) -> Result<PoolDoc, StoreError> {
         let key_base = match &object {
             Some(pool) => spec_base(&pool.spec.range, cidr).ok_or_else(|| {
-                StoreError::Io(format!(
+                StoreError::io(format!(
                     "IPPool {name} has range {:?}, which does not match the configured range {}",
                     pool.spec.range,
                     cidr.network()

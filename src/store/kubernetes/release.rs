@@ -8,10 +8,14 @@ use super::api::ApiError;
 use super::engine::Engine;
 use super::pool_doc::{remove_op, Entry, PoolDoc};
 use super::reservation;
+use crate::cleanup::judge::leaked_on_node;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::IPPool;
-use crate::store::{Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, StoreError};
+use crate::k8s::crd::OverlappingRangeIPReservation;
+use crate::store::{
+    Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, Reservation, StoreError,
+};
 
 impl Engine {
     /// Removes the entries of pool `name` that `pick` selects, compare-and-swap, retried on
@@ -40,7 +44,7 @@ impl Engine {
                     conflicts += 1;
                     let backoff = &self.settings.conflicts;
                     if conflicts >= backoff.attempts {
-                        return Err(StoreError::TryAgain(format!(
+                        return Err(StoreError::try_again(format!(
                             "IPPool {name} kept changing under {conflicts} attempts to update it; gave up"
                         )));
                     }
@@ -196,9 +200,11 @@ impl Engine {
         Ok(held)
     }
 
-    /// Frees, in this node's slice pools of the network configuration, every allocation whose
-    /// attachment is not listed as valid, and then the reservations of the configured ranges'
-    /// addresses that no pool entry backs and no valid attachment holds (old ones only).
+    /// Frees the network configuration's allocations that are this node's and whose attachment
+    /// is not listed as valid: in this node's slice pools every such allocation, in pools
+    /// shared by all nodes those whose pod is gone or runs on this node. Then the reservations
+    /// of the configured ranges' addresses that no pool entry backs and no valid attachment
+    /// holds (old ones only).
     pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
         let valid: BTreeSet<(&str, &str)> = req
             .valid
@@ -207,26 +213,96 @@ impl Engine {
             .collect();
         let is_valid =
             |who: &Attachment| valid.contains(&(who.container_id.as_str(), who.ifname.as_str()));
-        // The valid list is this node's runtime's. A pool shared by every node holds the live
-        // allocations of other nodes too, and upstream's entries do not record the node, so
-        // only this node's own slice pools can be collected here; the cleanup controller,
-        // which sees every pod, frees what the shared pools hold in vain.
-        let released = if req.node_slice_size.is_none() {
-            tracing::info!("GC leaves pools shared by all nodes to the cleanup controller");
-            Vec::new()
-        } else {
-            let stale = |e: &Entry| !is_valid(&e.attachment);
-            self.release_everywhere(
-                &req.pools,
-                req.node_slice_size,
-                &req.network_name,
-                &req.cni_network,
-                stale,
-            )
-            .await?
+        let released = match (req.node_slice_size, req.node.as_deref()) {
+            // This node's own slice pools: whatever the runtime does not list is a leak.
+            (Some(_), _) => {
+                let stale = |e: &Entry| !is_valid(&e.attachment);
+                self.release_everywhere(
+                    &req.pools,
+                    req.node_slice_size,
+                    &req.network_name,
+                    &req.cni_network,
+                    stale,
+                )
+                .await?
+            }
+            (None, Some(node)) => self.gc_shared_pools(req, node, &is_valid).await?,
+            (None, None) => {
+                tracing::info!(
+                    "GC without the node's name leaves pools shared by all nodes to the cleanup controller"
+                );
+                Vec::new()
+            }
         };
         self.gc_orphan_reservations(req, &is_valid).await?;
         Ok(released)
+    }
+
+    /// GC of pools shared by every node. The valid list is this node's runtime's, and another
+    /// node's live allocations are not in it; an entry records the pod, not the node, so each
+    /// unlisted entry's pod is looked up and [`leaked_on_node`] decides. The removal itself
+    /// re-reads the pool and matches the entries by attachment and address.
+    async fn gc_shared_pools(
+        &self,
+        req: &GcRequest,
+        node: &str,
+        is_valid: &dyn Fn(&Attachment) -> bool,
+    ) -> Result<Vec<Allocation>, StoreError> {
+        let mut released = Vec::new();
+        for pool in &req.pools {
+            let name = object_name(&pool.name);
+            let Some(object) = self.kube.get_pool(&name).await? else {
+                continue;
+            };
+            let doc = PoolDoc::new(&name, pool.range.cidr, Some(object))?;
+            let mut leaked = BTreeSet::new();
+            for entry in doc
+                .entries()
+                .into_iter()
+                .filter(|e| !is_valid(&e.attachment))
+            {
+                if self.is_leak_of(&entry.attachment, node).await? {
+                    leaked.insert((
+                        entry.ip,
+                        entry.attachment.container_id,
+                        entry.attachment.ifname,
+                    ));
+                }
+            }
+            if leaked.is_empty() {
+                continue;
+            }
+            let pick = |e: &Entry| {
+                let key = (
+                    e.ip,
+                    e.attachment.container_id.clone(),
+                    e.attachment.ifname.clone(),
+                );
+                leaked.contains(&key)
+            };
+            released.extend(
+                self.release_picked(pool.range.cidr, pool, &req.network_name, pick)
+                    .await?,
+            );
+        }
+        Ok(released)
+    }
+
+    /// Whether an unlisted entry held by `who` is this node's leak (its pod is looked up).
+    async fn is_leak_of(&self, who: &Attachment, node: &str) -> Result<bool, StoreError> {
+        let Some((namespace, name)) = who.pod_ref.as_deref().and_then(|r| r.split_once('/')) else {
+            return Ok(false);
+        };
+        if namespace.is_empty() || name.is_empty() {
+            return Ok(false);
+        }
+        let place = self.kube.pod_place(namespace, name).await?;
+        Ok(leaked_on_node(
+            who.pod_ref.as_deref(),
+            who.pod_uid.as_deref(),
+            &place,
+            node,
+        ))
     }
 
     /// Deletes the reservations, among the addresses of the configured ranges, that no pool of
@@ -239,6 +315,27 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let min_age = (self.settings.deadline.as_secs() as i64 * 2).max(300);
         let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        for found in self.unbacked_reservations().await? {
+            let Some(ip) = reservation_ip(&found.name, &req.network_name) else {
+                continue;
+            };
+            let ours = req.pools.iter().any(|p| p.range.cidr.contains(ip));
+            let old = found.created.is_some_and(|t| now - t >= min_age);
+            let mut holder = found.reservation.attachment.clone();
+            holder.pod_ref = None;
+            if ours && old && !is_valid(&holder) {
+                self.release_unbacked(&found.reservation).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The reservations that no pool entry of the namespace backs. Reservations are listed
+    /// before the pools: an ADD writes its reservation before its pool entry, so one whose entry
+    /// landed in between counts as backed; one still in flight is listed, and the caller's
+    /// judgement (its pod exists; it is recent) keeps it.
+    pub async fn unbacked_reservations(&self) -> Result<Vec<Unbacked>, StoreError> {
+        let reservations = self.kube.list_reservations(None).await?;
         let mut backed: BTreeSet<IpAddr> = BTreeSet::new();
         for object in self.kube.list_pools(None).await? {
             let name = object.metadata.name.clone().unwrap_or_default();
@@ -249,40 +346,25 @@ impl Engine {
                 backed.extend(doc.entries().iter().map(|e| e.ip));
             }
         }
-        for found in self.kube.list_reservations(None).await? {
-            let name = found.metadata.name.clone().unwrap_or_default();
-            let Some(ip) = reservation_ip(&name, &req.network_name) else {
-                continue;
-            };
-            let ours = req.pools.iter().any(|p| p.range.cidr.contains(ip));
-            let old = found
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .is_some_and(|t| now - t.0.as_second() >= min_age);
-            let holder = Attachment {
-                container_id: found.spec.containerid.clone(),
-                ifname: found.spec.ifname.clone(),
-                pod_ref: None,
-                pod_uid: None,
-            };
-            if !ours || !old || backed.contains(&ip) || is_valid(&holder) {
-                continue;
-            }
-            match self
-                .kube
-                .delete_reservation(
-                    &name,
-                    found.metadata.uid.as_deref(),
-                    found.metadata.resource_version.as_deref(),
-                )
-                .await
-            {
-                Ok(()) | Err(ApiError::Conflict(_)) => {}
-                Err(err) => return Err(err.into()),
-            }
+        Ok(reservations
+            .into_iter()
+            .filter_map(Unbacked::of)
+            .filter(|found| !addresses_named_by(&found.name).any(|ip| backed.contains(&ip)))
+            .collect())
+    }
+
+    /// Deletes the reservation if it is still the object listed (same uid and version).
+    pub async fn release_unbacked(&self, reservation: &Reservation) -> Result<bool, StoreError> {
+        let (uid, rv) = reservation.version.split_once('/').unwrap_or_default();
+        match self
+            .kube
+            .delete_reservation(&reservation.name, Some(uid), Some(rv))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(ApiError::Conflict(_)) => Ok(false),
+            Err(err) => Err(err.into()),
         }
-        Ok(())
     }
 
     /// Every allocation, or those of one pool (by its name).
@@ -318,7 +400,7 @@ impl Engine {
             return Ok(None);
         };
         let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
-            return Err(StoreError::Io(format!(
+            return Err(StoreError::io(format!(
                 "IPPool {name} has an unreadable range {:?}",
                 object.spec.range
             )));
@@ -362,6 +444,46 @@ fn network_of_pool(name: &str, cidr: Cidr) -> Option<String> {
     name.strip_suffix(&format!("-{upstream_part}"))
         .or_else(|| name.strip_suffix(&format!("-{range_part}")))
         .map(str::to_string)
+}
+
+/// A reservation found unbacked, with when it was made.
+pub struct Unbacked {
+    pub name: String,
+    pub created: Option<i64>,
+    pub reservation: Reservation,
+}
+
+impl Unbacked {
+    fn of(found: OverlappingRangeIPReservation) -> Option<Unbacked> {
+        let name = found.metadata.name.clone()?;
+        let uid = found.metadata.uid.clone().unwrap_or_default();
+        let rv = found.metadata.resource_version.clone().unwrap_or_default();
+        let spec = found.spec;
+        Some(Unbacked {
+            created: found.metadata.creation_timestamp.map(|t| t.0.as_second()),
+            reservation: Reservation {
+                name: name.clone(),
+                attachment: Attachment {
+                    container_id: spec.containerid,
+                    ifname: spec.ifname,
+                    pod_ref: Some(spec.podref).filter(|p| !p.is_empty()),
+                    pod_uid: None,
+                },
+                version: format!("{uid}/{rv}"),
+            },
+            name,
+        })
+    }
+}
+
+/// Every address a reservation's name can stand for. The name does not say where the network
+/// name ends (both may hold dashes, and an IPv6 address is written with dashes), so each
+/// suffix after a dash is tried: a reservation counts as backed if any of them is in a pool,
+/// which errs on the side of keeping it.
+fn addresses_named_by(name: &str) -> impl Iterator<Item = IpAddr> + '_ {
+    std::iter::once(0)
+        .chain(name.match_indices('-').map(|(i, _)| i + 1))
+        .filter_map(|start| reservation_ip(&name[start..], ""))
 }
 
 /// The address a reservation of `network_name` is named after.

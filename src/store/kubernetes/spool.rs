@@ -92,9 +92,12 @@ impl From<&StoreError> for Failure {
         match err.clone() {
             StoreError::Exhausted { range } => Failure::Exhausted { range },
             StoreError::InUse { ip, range, holder } => Failure::InUse { ip, range, holder },
-            StoreError::TryAgain(m) => Failure::TryAgain(m),
-            StoreError::Config(m) => Failure::Config(m),
-            StoreError::Io(m) | StoreError::Broken(m) => Failure::Io(m),
+            // The answer file carries the words; the cause's type stays in this process.
+            err @ StoreError::TryAgain { .. } => Failure::TryAgain(err.describe()),
+            err @ StoreError::Config { .. } => Failure::Config(err.describe()),
+            err @ (StoreError::Io { .. } | StoreError::Broken { .. }) => {
+                Failure::Io(err.describe())
+            }
         }
     }
 }
@@ -104,9 +107,9 @@ impl From<Failure> for StoreError {
         match f {
             Failure::Exhausted { range } => StoreError::Exhausted { range },
             Failure::InUse { ip, range, holder } => StoreError::InUse { ip, range, holder },
-            Failure::TryAgain(m) => StoreError::TryAgain(m),
-            Failure::Config(m) => StoreError::Config(m),
-            Failure::Io(m) => StoreError::Io(m),
+            Failure::TryAgain(m) => StoreError::try_again(m),
+            Failure::Config(m) => StoreError::config(m),
+            Failure::Io(m) => StoreError::io(m),
         }
     }
 }

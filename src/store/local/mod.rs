@@ -81,21 +81,24 @@ fn is_broken(e: &rusqlite::Error) -> bool {
 fn to_store_error(path: &Path, fail: Fail) -> StoreError {
     match fail {
         Fail::Store(e) => e,
-        Fail::Sql(e) if is_busy(&e) => StoreError::TryAgain(format!(
-            "local database {} is busy: another process held its lock for over {} s ({e})",
+        Fail::Sql(e) if is_busy(&e) => StoreError::try_again(format!(
+            "local database {} is busy: another process held its lock for over {} s",
             path.display(),
             BUSY_TIMEOUT.as_secs()
-        )),
-        Fail::Sql(e) if is_transient(&e) => StoreError::TryAgain(format!(
-            "local database {}: {e} (the disk may be full or read-only)",
+        ))
+        .because(e),
+        Fail::Sql(e) if is_transient(&e) => StoreError::try_again(format!(
+            "local database {} cannot be written (the disk may be full or read-only)",
             path.display()
-        )),
-        Fail::Sql(e) if is_broken(&e) => StoreError::Broken(format!(
-            "local database {} is damaged: {e}; move it aside to start a new one",
+        ))
+        .because(e),
+        Fail::Sql(e) if is_broken(&e) => StoreError::broken(format!(
+            "local database {} is damaged; move it aside to start a new one",
             path.display()
-        )),
-        Fail::Sql(e) => StoreError::Io(format!("local database {}: {e}", path.display())),
-        Fail::Msg(m) => StoreError::Io(format!("local database {}: {m}", path.display())),
+        ))
+        .because(e),
+        Fail::Sql(e) => StoreError::io(format!("local database {}", path.display())).because(e),
+        Fail::Msg(m) => StoreError::io(format!("local database {}: {m}", path.display())),
     }
 }
 
@@ -252,7 +255,7 @@ impl LocalStore {
             let mut added = 0;
             for (offset, who) in allocations {
                 if offset > pool.cidr().last_offset() {
-                    return Err(Fail::Store(StoreError::Config(format!(
+                    return Err(Fail::Store(StoreError::config(format!(
                         "offset {offset} is outside range {}",
                         pool.cidr()
                     ))));
@@ -579,7 +582,7 @@ fn add_one(
     ensure_pool(tx, pool, &req.network_name)?;
     if let Some(offset) = wanted.requested {
         if offset > pool.cidr().last_offset() {
-            return Err(Fail::Store(StoreError::Config(format!(
+            return Err(Fail::Store(StoreError::config(format!(
                 "requested offset {offset} is outside range {}",
                 pool.cidr()
             ))));
@@ -711,7 +714,7 @@ impl Store for LocalStore {
             .query_row("PRAGMA quick_check(1)", [], |row| row.get(0))
             .map_err(|e| self.err(e.into()))?;
         if verdict != "ok" {
-            return Err(StoreError::Broken(format!(
+            return Err(StoreError::broken(format!(
                 "local database {} fails its integrity check: {}",
                 self.path.display(),
                 crate::files::shown(&verdict)
@@ -870,7 +873,7 @@ mod tests {
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         let err = store.release("p", "10.0.0.1".parse().unwrap()).unwrap_err();
-        assert!(matches!(err, StoreError::TryAgain(_)), "{err}");
+        assert!(matches!(err, StoreError::TryAgain { .. }), "{err}");
         assert!(err.to_string().contains("wb.db"), "{err}");
         // Readers are not blocked by a writer in WAL mode.
         store.allocations(None).unwrap();

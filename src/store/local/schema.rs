@@ -11,6 +11,7 @@ use rand::Rng;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use super::Fail;
+use crate::store::StoreError;
 
 /// The schema this binary writes. Bumped (with a migration) when the tables change.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -64,10 +65,13 @@ CREATE TABLE IF NOT EXISTS runs (
 pub fn connect(path: &Path) -> Result<Connection, Fail> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| {
-            Fail::Msg(format!(
-                "cannot create the directory {} of the local database: {e}",
-                dir.display()
-            ))
+            Fail::Store(
+                StoreError::io(format!(
+                    "cannot create the directory {} of the local database",
+                    dir.display()
+                ))
+                .because(e),
+            )
         })?;
     }
     refuse_special_file(path)?;

@@ -1,14 +1,56 @@
-//! From the kubeconfig file (or, for the operator side in a pod, the pod's service account) to a
-//! client: the server, the credentials, the namespace, timeouts.
+//! Reaching the cluster, for every part that does: the Kubernetes engine, the controller, the
+//! operator's commands and the installer. From the kubeconfig file (or, in a pod, the pod's
+//! service account) to a client: the server, the credentials, the namespace, timeouts; and
+//! whether this process runs in a pod at all.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use base64::Engine as _;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use super::settings::Settings;
 use crate::files::{self, shown, shown_path};
-use crate::store::StoreError;
+
+/// Why no client could be made. The message names the file or the setting to fix, never a
+/// file's content.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct ClusterError {
+    pub what: String,
+    #[source]
+    pub cause: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl ClusterError {
+    fn new(what: impl Into<String>) -> ClusterError {
+        ClusterError {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    fn because(
+        what: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> ClusterError {
+        ClusterError {
+            what: what.into(),
+            cause: Some(Box::new(cause)),
+        }
+    }
+}
+
+/// The time limits of a client's requests.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Must outlast a watch request, for a client that watches.
+    pub read: Duration,
+    pub write: Duration,
+    /// Whether the client library may repeat a failed request by itself. The engine says no:
+    /// its own loop knows which requests are safe to repeat and keeps the operation's deadline.
+    pub library_retries: bool,
+}
 
 /// Where the objects live when the kubeconfig's context names no namespace (as upstream).
 pub const DEFAULT_NAMESPACE: &str = "kube-system";
@@ -32,13 +74,22 @@ pub struct Connection {
     pub origin: String,
 }
 
-/// How the engine reaches the API server.
+/// How a process reaches the API server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// The kubeconfig the configuration names (the plugin's only way).
+    /// A kubeconfig file (the plugin's only way: the one its configuration names).
     Kubeconfig(PathBuf),
     /// The service account of the pod this process runs in.
     InCluster,
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Access::Kubeconfig(p) => write!(f, "kubeconfig {}", shown_path(p)),
+            Access::InCluster => write!(f, "in-cluster service account"),
+        }
+    }
 }
 
 /// Whether this process runs in a pod: the kubelet sets `KUBERNETES_SERVICE_HOST` in every
@@ -90,17 +141,19 @@ pub fn service_url(host: &str, port: u16) -> String {
 /// setup makes it (https to `$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`, verified with
 /// the mounted CA, the token file re-read as the kubelet rotates it, the CA file too), but
 /// from [`service_account_dir`].
-pub async fn in_cluster_config() -> Result<kube::Config, String> {
+pub async fn in_cluster_config() -> Result<kube::Config, ClusterError> {
     let dir = service_account_dir();
     let host = std::env::var("KUBERNETES_SERVICE_HOST").unwrap_or_default();
     if host.trim().is_empty() {
-        return Err("KUBERNETES_SERVICE_HOST is not set".into());
+        return Err(ClusterError::new("KUBERNETES_SERVICE_HOST is not set"));
     }
     let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-    let port: u16 = port
-        .trim()
-        .parse()
-        .map_err(|_| format!("KUBERNETES_SERVICE_PORT {port:?} is not a port number"))?;
+    let port: u16 = port.trim().parse().map_err(|_| {
+        ClusterError::new(format!(
+            "KUBERNETES_SERVICE_PORT {:?} is not a port number",
+            shown(&port)
+        ))
+    })?;
     let (ca, token) = (dir.join("ca.crt"), dir.join("token"));
     let kubeconfig: Kubeconfig = serde_json::from_value(serde_json::json!({
         "clusters": [{"name": "in-cluster", "cluster": {
@@ -112,16 +165,26 @@ pub async fn in_cluster_config() -> Result<kube::Config, String> {
                       "context": {"cluster": "in-cluster", "user": "service-account"}}],
         "current-context": "in-cluster",
     }))
-    .map_err(|err| err.to_string())?;
+    .map_err(|err| ClusterError::because("cannot describe the in-cluster configuration", err))?;
     let mut config =
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
-            .map_err(|err| format!("{} ({}): {err}", dir.display(), SERVICE_ACCOUNT_PATH_ENV))?;
+            .map_err(|err| {
+                ClusterError::because(
+                    format!(
+                        "the service account in {} ({SERVICE_ACCOUNT_PATH_ENV})",
+                        dir.display()
+                    ),
+                    err,
+                )
+            })?;
     config.root_cert_file = Some(ca);
     Ok(config)
 }
 
-fn namespace_from(env: Option<&str>, service_account: &Path) -> String {
+/// The namespace `env` names, else the one in `service_account`'s `namespace` file, else
+/// [`DEFAULT_NAMESPACE`]: the engine and the installer choose it by this one rule.
+pub fn namespace_from(env: Option<&str>, service_account: &Path) -> String {
     env.map(str::trim)
         .filter(|ns| !ns.is_empty())
         .map(String::from)
@@ -147,33 +210,30 @@ pub fn context_namespace(kubeconfig: &Kubeconfig) -> String {
         .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
 }
 
-/// Builds the client. Must run inside the engine's runtime: the client starts a task there.
-/// `insecure_tls`: the admin's `allow_insecure_tls` (see [`screen_kubeconfig`]).
+/// Builds the client. Must run inside the caller's tokio runtime: the client starts a task
+/// there. `insecure_tls`: the admin's `allow_insecure_tls` (see [`screen_kubeconfig`]).
 pub async fn connect(
     access: &Access,
-    settings: &Settings,
+    timeouts: Timeouts,
     insecure_tls: bool,
-) -> Result<Connection, StoreError> {
+) -> Result<Connection, ClusterError> {
     match access {
-        Access::Kubeconfig(path) => connect_kubeconfig(path, settings, insecure_tls).await,
-        Access::InCluster => connect_in_cluster(settings).await,
+        Access::Kubeconfig(path) => connect_kubeconfig(path, timeouts, insecure_tls).await,
+        Access::InCluster => connect_in_cluster(timeouts).await,
     }
 }
 
 /// Reads a kubeconfig without following a symbolic link, with a size cap; errors name the
 /// file and the position, never its content.
-pub fn read_kubeconfig(path: &Path) -> Result<Kubeconfig, StoreError> {
+pub fn read_kubeconfig(path: &Path) -> Result<Kubeconfig, ClusterError> {
     let shown = shown_path(path);
-    let bytes = files::read_config_file(path).map_err(|err| {
-        StoreError::Config(format!(
-            "cannot read kubeconfig (ipam.kubernetes.kubeconfig): {}",
-            err.describe()
-        ))
-    })?;
+    let bytes = files::read_config_file(path)
+        .map_err(|err| ClusterError::because("cannot read kubeconfig", err))?;
     let text = std::str::from_utf8(&bytes)
-        .map_err(|_| StoreError::Config(format!("kubeconfig {shown} is not UTF-8 text")))?;
+        .map_err(|_| ClusterError::new(format!("kubeconfig {shown} is not UTF-8 text")))?;
+    // The parser's own message may quote the file: only the position is kept.
     Kubeconfig::from_yaml(text).map_err(|err| {
-        StoreError::Config(format!(
+        ClusterError::new(format!(
             "cannot parse kubeconfig {shown}: not a valid kubeconfig{}",
             position(&err.to_string())
         ))
@@ -257,16 +317,18 @@ pub fn screen_kubeconfig(kubeconfig: &Kubeconfig, insecure_tls: bool) -> Result<
 /// as data; so the client library never opens a FIFO or a device the kubeconfig points at. A
 /// token file is checked the same way but left to the library, which re-reads it as it rotates.
 /// Relative paths are relative to the kubeconfig's folder, as kubectl reads them.
-pub fn inline_file_references(kubeconfig: &mut Kubeconfig, path: &Path) -> Result<(), StoreError> {
+pub fn inline_file_references(
+    kubeconfig: &mut Kubeconfig,
+    path: &Path,
+) -> Result<(), ClusterError> {
     let folder = path.parent().unwrap_or(Path::new("."));
-    let read = |field: &str, name: &str| -> Result<String, StoreError> {
+    let read = |field: &str, name: &str| -> Result<String, ClusterError> {
         let file = folder.join(name);
         let bytes = files::read_config_file(&file).map_err(|err| {
-            StoreError::Config(format!(
-                "kubeconfig {}: cannot read its {field}: {}",
-                shown_path(path),
-                err.describe()
-            ))
+            ClusterError::because(
+                format!("kubeconfig {}: cannot read its {field}", shown_path(path)),
+                err,
+            )
         })?;
         Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
     };
@@ -300,19 +362,20 @@ pub fn inline_file_references(kubeconfig: &mut Kubeconfig, path: &Path) -> Resul
 
 async fn connect_kubeconfig(
     path: &Path,
-    settings: &Settings,
+    timeouts: Timeouts,
     insecure_tls: bool,
-) -> Result<Connection, StoreError> {
+) -> Result<Connection, ClusterError> {
     let mut kubeconfig = read_kubeconfig(path)?;
     screen_kubeconfig(&kubeconfig, insecure_tls).map_err(|why| {
-        StoreError::Config(format!("kubeconfig {} refused: {why}", shown_path(path)))
+        ClusterError::new(format!("kubeconfig {} refused: {why}", shown_path(path)))
     })?;
     inline_file_references(&mut kubeconfig, path)?;
     let namespace = context_namespace(&kubeconfig);
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|err| {
-            StoreError::Config(format!(
+            // The library's message may quote the file: shown cut and escaped, as text.
+            ClusterError::new(format!(
                 "cannot use kubeconfig {}: {}",
                 shown_path(path),
                 shown(&err.to_string())
@@ -321,23 +384,24 @@ async fn connect_kubeconfig(
     finish(
         config,
         namespace,
-        settings,
+        timeouts,
         &format!("kubeconfig {}", shown_path(path)),
     )
 }
 
-async fn connect_in_cluster(settings: &Settings) -> Result<Connection, StoreError> {
+async fn connect_in_cluster(timeouts: Timeouts) -> Result<Connection, ClusterError> {
     // The token is read from its file again as the kubelet rotates it: a long-running
     // controller outlives any one token.
     let config = in_cluster_config().await.map_err(|err| {
-        StoreError::Config(format!(
-            "no kubeconfig for the kubernetes datastore, and the pod's service account cannot be used: {err}"
-        ))
+        ClusterError::because(
+            "no kubeconfig, and the pod's service account cannot be used",
+            err,
+        )
     })?;
     finish(
         config,
         in_cluster_namespace(),
-        settings,
+        timeouts,
         &format!(
             "the pod's service account ({})",
             service_account_dir().display()
@@ -348,14 +412,13 @@ async fn connect_in_cluster(settings: &Settings) -> Result<Connection, StoreErro
 fn finish(
     mut config: kube::Config,
     namespace: String,
-    settings: &Settings,
+    timeouts: Timeouts,
     origin: &str,
-) -> Result<Connection, StoreError> {
-    config.connect_timeout = Some(settings.request_timeout);
-    config.read_timeout = Some(settings.request_timeout);
-    config.write_timeout = Some(settings.request_timeout);
-    // Our own retry loop knows which requests are safe to repeat and keeps the deadline.
-    config.default_retry = false;
+) -> Result<Connection, ClusterError> {
+    config.connect_timeout = Some(timeouts.connect);
+    config.read_timeout = Some(timeouts.read);
+    config.write_timeout = Some(timeouts.write);
+    config.default_retry = timeouts.library_retries;
     config.default_namespace = namespace.clone();
     if config.cluster_url.scheme_str() == Some("http") && config.root_cert.is_none() {
         // Plain HTTP never verifies a certificate: skip loading the system trust store, which
@@ -364,9 +427,10 @@ fn finish(
     }
     let server = config.cluster_url.to_string();
     let client = kube::Client::try_from(config).map_err(|err| {
-        StoreError::Config(format!(
-            "cannot build a client for {server} from {origin}: {err}"
-        ))
+        ClusterError::because(
+            format!("cannot build a client for {server} from {origin}"),
+            err,
+        )
     })?;
     Ok(Connection {
         client,
