@@ -309,12 +309,20 @@ fn held(node: &Node) -> BTreeMap<Ipv4Addr, String> {
 }
 
 /// The store holds exactly these pods' addresses.
+/// The store holds exactly these pods' addresses once the runtime's DELs of sandboxes torn down
+/// before them (failed ADDs retried, pods deleted just before) have landed.
 fn assert_held(node: &Node, addresses: &BTreeMap<String, Ipv4Addr>) {
     let expected: BTreeMap<Ipv4Addr, String> = addresses
         .iter()
         .map(|(pod, ip)| (*ip, format!("{PODS}/{pod}")))
         .collect();
-    assert_eq!(held(node), expected);
+    let limit = Instant::now() + Duration::from_secs(60);
+    let mut now_held = held(node);
+    while now_held != expected && Instant::now() < limit {
+        std::thread::sleep(Duration::from_millis(250));
+        now_held = held(node);
+    }
+    assert_eq!(now_held, expected);
 }
 
 fn assert_distinct_in_range(addresses: &BTreeMap<String, Ipv4Addr>) {
