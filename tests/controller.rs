@@ -1,10 +1,9 @@
 //! `whereabouts controller` as a process, with allocations made by the real plugin binary or
 //! the store library on the local store, etcd and the Kubernetes engine.
 //!
-//! Leader election and NodeSlicePool removal run against the real API server
-//! (`kube_apiserver`). The rest still runs against the strict fake API server: those tests
-//! inject faults (`fail_next`, expired watches) or predate the real fixture; the fake is only
-//! for what a real server cannot be made to do.
+//! Tests run against the real API server (`kube_apiserver`), one namespace each. The strict
+//! fake API server stays only where a real one cannot be made to do what the test needs on
+//! demand; each such test says why in its first comment.
 
 mod common;
 mod etcd_cluster;
@@ -177,36 +176,88 @@ fn setup(range: &str, extra: Value) -> (FakeApiServer, Net, PathBuf) {
     (server, net, kubeconfig)
 }
 
+/// Pods on the real API server (one namespace per test), allocations in a local store made
+/// by the plugin binary with the pods' real UIDs.
+struct Cluster {
+    ns: kube_apiserver::TestNamespace,
+    net: Net,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn new(
+        plane: &'static kube_apiserver::ControlPlane,
+        hint: &str,
+        range: &str,
+        extra: Value,
+    ) -> Cluster {
+        let ns = plane.namespace(hint);
+        let mut ipam = json!({"range": range, "log_level": "verbose"});
+        if let (Some(map), Value::Object(more)) = (ipam.as_object_mut(), extra) {
+            map.extend(more);
+        }
+        let net = Net::local(ipam);
+        let kubeconfig = ns.kubeconfig(net.path());
+        Cluster {
+            ns,
+            net,
+            kubeconfig,
+        }
+    }
+
+    fn pod_ref(&self, name: &str) -> String {
+        format!("{}/{name}", self.ns.name)
+    }
+
+    /// Creates pod `name` and makes its ADD; its UID and address.
+    fn pod_with_address(&self, name: &str, phase: &str) -> (String, String) {
+        let uid = self.ns.add_pod(name, phase);
+        let ip = self.add_as(name, &uid);
+        (uid, ip)
+    }
+
+    /// The ADD of pod `name` recorded with `uid`; its address.
+    fn add_as(&self, name: &str, uid: &str) -> String {
+        let args = common::pod_args_with_uid(&self.pod_ref(name), uid);
+        let reply = self.net.call("ADD", &format!("c-{name}"), "net1", &args);
+        bare(&ips(&reply.ok())[0])
+    }
+
+    fn holds(&self, name: &str) -> bool {
+        holds(&self.net, &self.pod_ref(name))
+    }
+
+    /// Starts the controller on this namespace (its ConfigMap and Lease live here).
+    fn controller(&self, extra: &[&str]) -> Controller {
+        let args = [&["--namespace", self.ns.name.as_str()], extra].concat();
+        Controller::start(self.net.path(), &self.net.conf, &self.kubeconfig, &args)
+    }
+}
+
 #[test]
 fn deleted_pod_released_within_seconds_with_an_event() {
-    let (server, net, kubeconfig) = setup("10.50.0.0/24", json!({}));
-    for name in ["a", "b"] {
-        server.add_pod_with_uid("default", name, &format!("uid-{name}"), "Running");
-    }
-    let ip_a = add(&net, "a");
-    add(&net, "b");
-    let ctl = Controller::start(net.path(), &net.conf, &kubeconfig, &[]);
+    let plane = real_cluster!();
+    let c = Cluster::new(plane, "ctl-deleted-pod", "10.50.0.0/24", json!({}));
+    let (uid_a, ip_a) = c.pod_with_address("a", "Running");
+    c.pod_with_address("b", "Running");
+    let ctl = c.controller(&[]);
     ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
-    assert!(
-        holds(&net, "default/a") && holds(&net, "default/b"),
-        "{}",
-        ctl.log()
-    );
+    assert!(c.holds("a") && c.holds("b"), "{}", ctl.log());
 
     let deleted = Instant::now();
-    assert!(server.delete_now("pods", "default", "a"));
+    assert!(c.ns.delete("pods", "a"));
     wait_for(
         "pod a's address to be released",
         Duration::from_secs(10),
-        || !holds(&net, "default/a"),
+        || !c.holds("a"),
     );
     eprintln!("released {:?} after the deletion", deleted.elapsed());
-    assert!(holds(&net, "default/b"), "the live pod keeps its address");
+    assert!(c.holds("b"), "the live pod keeps its address");
     wait_for("the AddressReleased event", Duration::from_secs(10), || {
-        server.list("events", "default").iter().any(|e| {
+        c.ns.list("events.k8s.io").iter().any(|e| {
             e["reason"] == "AddressReleased"
                 && e["regarding"]["name"] == "a"
-                && e["regarding"]["uid"] == "uid-a"
+                && e["regarding"]["uid"] == uid_a.as_str()
                 && e["note"].as_str().is_some_and(|m| m.contains(&ip_a))
                 && e["reportingController"] == "whereabouts-controller"
                 && e["eventTime"].as_str().is_some_and(|t| t.ends_with('Z'))
@@ -217,6 +268,8 @@ fn deleted_pod_released_within_seconds_with_an_event() {
 
 #[test]
 fn statefulset_pod_recreated_with_the_same_name_keeps_its_address() {
+    // On the fake: it deletes and re-creates the pod in one step, before the controller can
+    // look; on a real server the controller may see the gap in between, which is another test.
     let (server, net, kubeconfig) = setup("10.51.0.0/24", json!({}));
     server.add_pod_with_uid("default", "web-0", "uid-web-0", "Running");
     server.add_pod_with_uid("default", "marker", "uid-marker", "Running");
@@ -249,67 +302,70 @@ fn statefulset_pod_recreated_with_the_same_name_keeps_its_address() {
 
 #[test]
 fn pending_pod_survives_reconciles_and_finished_pod_does_not() {
-    let (server, net, kubeconfig) = setup(
+    let plane = real_cluster!();
+    let c = Cluster::new(
+        plane,
+        "ctl-pending-finished",
         "10.52.0.0/24",
         json!({"reconciler_cron_expression": "@every 1s"}),
     );
-    server.add_pod_with_uid("default", "pending", "uid-pending", "Pending");
-    server.add_pod_with_uid("default", "done", "uid-done", "Running");
-    add(&net, "pending");
-    add(&net, "done");
-    let ctl = Controller::start(net.path(), &net.conf, &kubeconfig, &[]);
+    c.pod_with_address("pending", "Pending");
+    c.pod_with_address("done", "Running");
+    let ctl = c.controller(&[]);
     // The start-up reconcile and at least two scheduled ones.
     ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 3.0);
-    assert!(holds(&net, "default/pending"), "{}", ctl.log());
+    assert!(c.holds("pending"), "{}", ctl.log());
     assert_eq!(
         ctl.metric("whereabouts_allocations{reason=\"pod_pending\"}"),
         Some(1.0)
     );
     // A pod that ran to completion no longer needs its address.
-    server.set_pod_phase("default", "done", "Succeeded");
+    c.ns.set_pod_phase("done", "Succeeded");
     wait_for(
         "the finished pod's release",
         Duration::from_secs(10),
-        || !holds(&net, "default/done"),
+        || !c.holds("done"),
     );
-    assert!(holds(&net, "default/pending"));
+    assert!(c.holds("pending"));
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_finished\"}", 1.0);
 }
 
 #[test]
 fn schedule_from_the_whereabouts_config_configmap() {
-    let (server, net, kubeconfig) = setup("10.56.0.0/24", json!({}));
-    server.put_configmap(
-        NS,
-        "whereabouts-config",
-        json!({"cron-expression": "@every 1s"}),
+    let plane = real_cluster!();
+    let c = Cluster::new(plane, "ctl-configmap-schedule", "10.56.0.0/24", json!({}));
+    c.ns.create(
+        "configmaps",
+        json!({"metadata": {"name": "whereabouts-config"},
+               "data": {"cron-expression": "@every 1s"}}),
     );
-    let ctl = Controller::start(net.path(), &net.conf, &kubeconfig, &[]);
+    let ctl = c.controller(&[]);
     // Without the ConfigMap the next run would be up to 15 minutes away.
     ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 3.0);
 }
 
 #[test]
 fn allocations_of_pods_deleted_while_down_are_reconciled_at_start() {
-    let (server, net, kubeconfig) = setup("10.53.0.0/24", json!({}));
-    server.add_pod_with_uid("default", "alive", "uid-alive", "Running");
-    add(&net, "alive");
+    let plane = real_cluster!();
+    let c = Cluster::new(plane, "ctl-deleted-while-down", "10.53.0.0/24", json!({}));
+    c.pod_with_address("alive", "Running");
     // Pods that came and went while no controller ran.
     for name in ["gone-1", "gone-2", "gone-3"] {
-        server.add_pod_with_uid("default", name, &format!("uid-{name}"), "Running");
-        add(&net, name);
-        server.delete_now("pods", "default", name);
+        c.pod_with_address(name, "Running");
+        assert!(c.ns.delete("pods", name));
     }
-    // And one whose name is reused by a new pod (another UID): kept.
-    server.add_pod_with_uid("default", "reused", "uid-other", "Running");
-    add(&net, "reused");
-    assert_eq!(held(&net).len(), 5);
-    let ctl = Controller::start(net.path(), &net.conf, &kubeconfig, &[]);
+    // And one whose name now belongs to a new pod (another UID): kept.
+    c.ns.add_pod("reused", "Running");
+    c.add_as("reused", "uid-of-the-earlier-pod");
+    assert_eq!(held(&c.net).len(), 5);
+    let ctl = c.controller(&[]);
     wait_for("the start-up reconcile", Duration::from_secs(20), || {
-        held(&net).len() == 2
+        held(&c.net).len() == 2
     });
-    assert!(holds(&net, "default/alive") && holds(&net, "default/reused"));
+    assert!(c.holds("alive") && c.holds("reused"));
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 3.0);
+    // The gauges are set once the reconcile is done, just after its releases.
+    ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
     assert_eq!(
         ctl.metric("whereabouts_allocations{reason=\"pod_recreated\"}"),
         Some(1.0)
@@ -318,6 +374,7 @@ fn allocations_of_pods_deleted_while_down_are_reconciled_at_start() {
 
 #[test]
 fn watch_gaps_are_covered_by_a_resync() {
+    // On the fake: it ends the watches and compacts the history on demand (410 Expired).
     let (server, net, kubeconfig) = setup("10.54.0.0/24", json!({}));
     server.add_pod_with_uid("default", "p", "uid-p", "Running");
     add(&net, "p");
@@ -337,6 +394,7 @@ fn watch_gaps_are_covered_by_a_resync() {
 
 #[test]
 fn a_failed_pod_read_is_retried_by_a_reconcile() {
+    // On the fake: it makes one pod read fail on demand.
     // A yearly schedule: no scheduled run interferes.
     let (server, net, kubeconfig) = setup(
         "10.57.0.0/24",
@@ -348,7 +406,13 @@ fn a_failed_pod_read_is_retried_by_a_reconcile() {
         net.path(),
         &net.conf,
         &kubeconfig,
-        &["--retry-after", "1", "--no-node-slices"],
+        // Nothing else reads a built-in resource meanwhile: no node watch, no Lease renewal.
+        &[
+            "--retry-after",
+            "1",
+            "--no-node-slices",
+            "--no-leader-election",
+        ],
     );
     ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
     // The next read of a built-in resource (the controller's look at pod p) fails.
@@ -369,25 +433,24 @@ fn a_failed_pod_read_is_retried_by_a_reconcile() {
 
 #[test]
 fn metrics_reflect_a_burst() {
-    let (server, net, kubeconfig) = setup("10.55.0.0/26", json!({}));
+    let plane = real_cluster!();
+    let c = Cluster::new(plane, "ctl-metrics-burst", "10.55.0.0/26", json!({}));
     let names: Vec<String> = (0..24).map(|i| format!("burst-{i}")).collect();
-    for name in &names {
-        server.add_pod_with_uid("default", name, &format!("uid-{name}"), "Running");
-    }
-    let ctl = Controller::start(net.path(), &net.conf, &kubeconfig, &[]);
+    let uids: Vec<String> = names.iter().map(|n| c.ns.add_pod(n, "Running")).collect();
+    let ctl = c.controller(&[]);
     std::thread::scope(|s| {
-        for chunk in names.chunks(6) {
-            let net = &net;
+        for (chunk, uids) in names.chunks(6).zip(uids.chunks(6)) {
+            let c = &c;
             s.spawn(move || {
-                for name in chunk {
-                    add(net, name);
+                for (name, uid) in chunk.iter().zip(uids) {
+                    c.add_as(name, uid);
                 }
             });
         }
     });
     let pool = "whereabouts_pool_used{pool=\"10.55.0.0-26\",range=\"10.55.0.0/26\"}";
     for name in &names[..10] {
-        server.delete_now("pods", "default", name);
+        assert!(c.ns.delete("pods", name));
     }
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 10.0);
     // Pool gauges are set by the work that read the store (this batch), not by the scrape.
@@ -441,6 +504,9 @@ fn slice_of(server: &FakeApiServer, pool: &str, node: &str) -> Option<String> {
 
 #[test]
 fn node_slices_follow_nodes_ipv4_and_ipv6() {
+    // On the fake: the exact slice layout needs a cluster whose only Nodes are this test's,
+    // and the shared control plane holds other tests' Nodes; NodeSlicePool removal runs on
+    // the real server (node_slice_pools_of_deleted_networks_are_removed).
     let server = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = server.write_kubeconfig(dir.path(), None);
@@ -573,21 +639,23 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
 
 #[test]
 fn kubernetes_engine_pool_entries_and_reservations_released() {
-    let server = FakeApiServer::start();
+    let plane = real_cluster!();
+    let ns = plane.namespace("ctl-kubernetes-engine");
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = ns.kubeconfig(dir.path());
     let ipam = json!({"type": "whereabouts", "range": "10.70.0.0/24", "log_level": "verbose",
         "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}});
     let conf = json!({"cniVersion": "1.1.0", "name": "k8snet", "type": "macvlan", "ipam": ipam});
+    let pod_ref = |name: &str| format!("{}/{name}", ns.name);
     for name in ["k-1", "k-2"] {
-        server.add_pod("default", name, "Running");
+        ns.add_pod(name, "Running");
         let reply = fake_apiserver::cni::run(
             Path::new(common::bin()),
             &fake_apiserver::cni::Call {
                 command: "ADD",
                 container: &format!("c-{name}"),
                 ifname: "net1",
-                pod: Some(("default", name)),
+                pod: Some((&ns.name, name)),
                 node: None,
                 env: vec![],
             },
@@ -596,57 +664,50 @@ fn kubernetes_engine_pool_entries_and_reservations_released() {
         assert_eq!(reply.code, 0, "{reply:?}");
     }
     // A reservation left behind by a pod long gone, with no pool entry (upstream's drift).
-    server.create(
+    ns.create(
         "overlappingrangeipreservations",
-        NS,
-        json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
-               "kind": "OverlappingRangeIPReservation",
-               "metadata": {"name": "10.70.0.200"},
-               "spec": {"podref": "default/long-gone", "containerid": "old"}}),
+        json!({"metadata": {"name": "10.70.0.200"},
+               "spec": {"podref": pod_ref("long-gone"), "containerid": "old"}}),
     );
-    // k-2's reservation names a pod long gone (the two drifted apart): it still protects k-2's
-    // live address, so it stays.
-    let pool = server.get("ippools", NS, "10.70.0.0-24").unwrap();
+    // k-2's reservation names a pod long gone (the two drifted apart): a pool entry backs it,
+    // so it still protects k-2's live address and stays.
+    let pool = ns.get("ippools", "10.70.0.0-24").unwrap();
     let k2_ip = pool["spec"]["allocations"]
         .as_object()
         .unwrap()
         .iter()
-        .find(|(_, a)| a["podref"] == "default/k-2")
+        .find(|(_, a)| a["podref"] == pod_ref("k-2").as_str())
         .map(|(offset, _)| format!("10.70.0.{offset}"))
         .unwrap();
-    let mut stale = server
-        .get("overlappingrangeipreservations", NS, &k2_ip)
-        .unwrap();
-    stale["spec"]["podref"] = json!("default/drifted-away");
-    let (code, body) = server.raw(
-        "PUT",
-        &format!("/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{NS}/overlappingrangeipreservations/{k2_ip}"),
-        "application/json",
-        &stale.to_string(),
+    let reservations = kube_apiserver::resource("overlappingrangeipreservations");
+    ns.apply(
+        &reservations,
+        json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+               "kind": "OverlappingRangeIPReservation",
+               "metadata": {"name": k2_ip},
+               "spec": {"podref": pod_ref("drifted-away"), "containerid": "c-k-2"}}),
     );
-    assert_eq!(code, 200, "{body}");
-    let reservations =
-        |server: &FakeApiServer| server.list("overlappingrangeipreservations", NS).len();
-    assert_eq!(reservations(&server), 3);
+    let count = || ns.list("overlappingrangeipreservations").len();
+    assert_eq!(count(), 3);
     let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
     wait_for(
         "the orphaned reservation deleted",
         Duration::from_secs(20),
-        || reservations(&server) == 2,
+        || count() == 2,
     );
-    server.delete_now("pods", "default", "k-1");
+    assert!(ns.delete("pods", "k-1"));
     wait_for(
         "k-1's pool entry and reservation released",
         Duration::from_secs(10),
         || {
-            let pool = server.get("ippools", NS, "10.70.0.0-24").unwrap();
+            let pool = ns.get("ippools", "10.70.0.0-24").unwrap();
             pool["spec"]["allocations"]
                 .as_object()
                 .is_some_and(|a| a.len() == 1)
-                && reservations(&server) == 1
+                && count() == 1
         },
     );
-    let left = server.list("overlappingrangeipreservations", NS);
+    let left = ns.list("overlappingrangeipreservations");
     assert_eq!(left[0]["metadata"]["name"], Value::from(k2_ip));
     ctl.wait_metric(
         "whereabouts_releases_total{reason=\"orphan_reservation\"}",
@@ -659,25 +720,21 @@ fn etcd_engine_deleted_pod_released() {
     if !etcd_cluster::etcd_available() {
         return;
     }
+    let plane = real_cluster!();
+    let ns = plane.namespace("ctl-etcd-engine");
     let cluster = etcd_cluster::Cluster::start(false);
-    let server = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let kubeconfig = ns.kubeconfig(dir.path());
     let conf = json!({"cniVersion": "1.1.0", "name": "etcdnet", "type": "bridge",
         "ipam": {"type": "whereabouts", "datastore": "etcd", "etcd_host": cluster.endpoints(),
                  "range": "10.90.0.0/24", "log_level": "verbose"}});
+    let pod_ref = |name: &str| format!("{}/{name}", ns.name);
     for name in ["e-1", "e-2", "e-gone"] {
-        server.add_pod_with_uid("default", name, &format!("uid-{name}"), "Running");
-        let reply = common::call_with(
-            &conf,
-            "ADD",
-            &format!("c-{name}"),
-            "net1",
-            &common::pod_args(&format!("default/{name}")),
-        );
-        reply.ok();
+        let uid = ns.add_pod(name, "Running");
+        let args = common::pod_args_with_uid(&pod_ref(name), &uid);
+        common::call_with(&conf, "ADD", &format!("c-{name}"), "net1", &args).ok();
     }
-    server.delete_now("pods", "default", "e-gone");
+    assert!(ns.delete("pods", "e-gone"));
     let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
     let pods_held = || -> Vec<String> {
         let out = Command::new(common::bin())
@@ -706,11 +763,11 @@ fn etcd_engine_deleted_pod_released() {
     wait_for(
         "the start-up reconcile on etcd",
         Duration::from_secs(20),
-        || pods_held() == ["default/e-1", "default/e-2"],
+        || pods_held() == [pod_ref("e-1"), pod_ref("e-2")],
     );
-    server.delete_now("pods", "default", "e-1");
+    assert!(ns.delete("pods", "e-1"));
     wait_for("e-1's release on etcd", Duration::from_secs(10), || {
-        pods_held() == ["default/e-2"]
+        pods_held() == [pod_ref("e-2")]
     });
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 2.0);
 }
@@ -756,9 +813,10 @@ fn in_a_pod_without_a_kubeconfig_the_store_turns_to_the_service_account() {
         eprintln!("skipped: {sa} exists here");
         return;
     }
-    let server = FakeApiServer::start();
+    let plane = real_cluster!();
+    let ns = plane.namespace("ctl-in-a-pod");
     let dir = tempfile::tempdir().unwrap();
-    let pods = server.write_kubeconfig(dir.path(), None);
+    let pods = ns.kubeconfig(dir.path());
     let datastore = ["--datastore", "kubernetes", "--pod-kubeconfig"].map(std::ffi::OsStr::new);
     let args = [&datastore[..], &[pods.as_os_str()]].concat();
 
@@ -931,11 +989,7 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
     let ns = plane.namespace("ctl-nad-deleted");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let node = format!("{}-node", ns.name);
-    ns.create(
-        "nodes",
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
-    );
+    let node = ns.add_node();
     let nad = |name: &str, range: &str| {
         json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
                "metadata": {"name": name},
@@ -971,4 +1025,127 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
     );
     assert!(has_slice(&keep), "{}", ctl.log());
     ns.delete("nodes", &node);
+}
+
+#[test]
+fn a_leader_stopped_with_sigterm_hands_over_at_once() {
+    let plane = real_cluster!();
+    let c = Cluster::new(plane, "ctl-sigterm-handover", "10.75.0.0/24", json!({}));
+    // A Lease that would last a minute: only its hand-over lets the standby lead sooner.
+    let lease = ["--namespace", c.ns.name.as_str(), "--lease-duration", "60"];
+    let start = |sub: &str| {
+        let dir = c.net.path().join(sub);
+        std::fs::create_dir_all(&dir).unwrap();
+        Controller::start(&dir, &c.net.conf, &c.kubeconfig, &lease)
+    };
+    let (first, second) = (start("a"), start("b"));
+    let leads = |c: &Controller| c.metric("whereabouts_leader") == Some(1.0);
+    wait_for("a leader", Duration::from_secs(20), || {
+        leads(&first) || leads(&second)
+    });
+    let (mut leader, standby) = if leads(&first) {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    // As a Deployment's rollout stops a pod.
+    let pid = libc::pid_t::try_from(leader.child.id()).unwrap();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = leader.child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", leader.log());
+    assert!(
+        leader.log().contains("gave up the lead"),
+        "{}",
+        leader.log()
+    );
+    wait_for(
+        "the standby to lead, long before the Lease would expire",
+        Duration::from_secs(20),
+        || leads(&standby),
+    );
+    let lease = c.ns.get("leases", "whereabouts-controller").unwrap();
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+    assert!(
+        standby.log().contains(holder),
+        "{holder} is not the standby"
+    );
+}
+
+#[test]
+fn a_changed_slice_size_gives_new_slices_and_never_a_live_address_twice() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("ctl-nad-changed");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let node = ns.add_node();
+    let network = format!("{}-net", ns.name);
+    let netconf = |slice: &str| {
+        json!({"cniVersion": "0.3.1", "name": network, "type": "macvlan",
+               "ipam": {"type": "whereabouts", "range": "10.74.0.0/24", "node_slice_size": slice,
+                        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}})
+    };
+    let nad = |slice: &str| {
+        json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+               "metadata": {"name": network}, "spec": {"config": netconf(slice).to_string()}})
+    };
+    let nads = kube_apiserver::resource("network-attachment-definitions");
+    ns.apply(&nads, nad("/26"));
+    let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
+        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
+    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &["--lease-duration", "4"]);
+    let slice_of_node = || -> Option<whereabouts::ipam::Cidr> {
+        let pool = ns.get("nodeslicepools", &network)?;
+        let slices = pool["status"]["allocations"].as_array()?.clone();
+        let mine = slices.iter().find(|s| s["nodeName"] == node.as_str())?;
+        whereabouts::ipam::Cidr::parse(mine["sliceRange"].as_str()?, false)
+    };
+    wait_for("the node's /26 slice", Duration::from_secs(30), || {
+        slice_of_node().is_some_and(|s| s.prefix == 26)
+    });
+    let add = |pod: &str, slice: &str| -> IpAddr {
+        let call = fake_apiserver::cni::Call {
+            command: "ADD",
+            container: pod,
+            ifname: "net1",
+            pod: Some((&ns.name, pod)),
+            node: Some(&node),
+            env: vec![],
+        };
+        let reply = fake_apiserver::cni::run(bin_path(), &call, &netconf(slice).to_string());
+        assert_eq!(reply.code, 0, "{reply:?}");
+        reply.ips()[0].split('/').next().unwrap().parse().unwrap()
+    };
+    let old_slice = slice_of_node().unwrap();
+    let live = add("before", "/26");
+    assert!(old_slice.contains(live), "{live} outside {old_slice}");
+
+    // The admin halves the slices. The node's /26 is no slice of the new layout, and its pool
+    // still holds a live address: the node's new slice must keep clear of it.
+    ns.apply(&nads, nad("/27"));
+    wait_for("the node's /27 slice", Duration::from_secs(30), || {
+        slice_of_node().is_some_and(|s| s.prefix == 27)
+    });
+    let new_slice = slice_of_node().unwrap();
+    assert!(
+        !new_slice.contains(live),
+        "{new_slice} hands out the live {live} again: {}",
+        ctl.log()
+    );
+    let after = add("after", "/27");
+    assert!(new_slice.contains(after) && after != live, "{after}");
+    // The live address is still recorded in the pool of the slice it came from.
+    let pools = ns.list("ippools");
+    let old_pool = pools
+        .iter()
+        .find(|p| p["spec"]["range"] == old_slice.to_string().as_str())
+        .unwrap_or_else(|| panic!("no pool for {old_slice}: {pools:?}"));
+    let held = old_pool["spec"]["allocations"].as_object().unwrap();
+    assert_eq!(held.len(), 1, "{old_pool}");
+    let holder = &held.values().next().unwrap()["podref"];
+    assert_eq!(holder, format!("{}/before", ns.name).as_str());
+    ns.delete("nodes", &node);
+}
+
+fn bin_path() -> &'static Path {
+    Path::new(common::bin())
 }

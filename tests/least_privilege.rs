@@ -94,6 +94,7 @@ impl<'a> Scenario<'a> {
 
     fn run(&self) -> Result<(), Stop> {
         self.plugin_calls()?;
+        self.go_lease_calls()?;
         self.node_slice_calls()?;
         self.controller_work()
     }
@@ -134,13 +135,26 @@ impl<'a> Scenario<'a> {
         node: Option<&str>,
         conf: &str,
     ) -> Result<Reply, Stop> {
+        self.cni_with(command, container, node, conf, Vec::new())
+    }
+
+    /// As [`Scenario::cni`], with more environment.
+    fn cni_with(
+        &self,
+        command: &str,
+        container: &str,
+        node: Option<&str>,
+        conf: &str,
+        mut env: Vec<(&'static str, String)>,
+    ) -> Result<Reply, Stop> {
+        env.push(("WHEREABOUTS_KUBERNETES_TIMEOUT", "2".into()));
         let call = Call {
             command,
             container,
             ifname: "net1",
             pod: Some((&self.ns.name, container)),
             node,
-            env: vec![("WHEREABOUTS_KUBERNETES_TIMEOUT", "2".into())],
+            env,
         };
         let reply = cni::run(bin(), &call, conf);
         if reply.code != 0 {
@@ -186,6 +200,56 @@ impl<'a> Scenario<'a> {
         )?;
         self.cni("DEL", "a", None, &conf)?;
         self.assert_empty(&format!("{network}-10.201.0.0-24"));
+        Ok(())
+    }
+
+    /// ADDs beside a Go Whereabouts: one after a Go binary released its Lease `whereabouts`
+    /// (the plugin notices and takes the Lease: get, update), one with the flat file saying Go
+    /// binaries are present while the Lease is missing (create).
+    fn go_lease_calls(&self) -> Result<(), Stop> {
+        let network = format!("{}-go", self.id);
+        let conf = self.netconf(&network, "10.203.0.0/24", json!({}));
+        let system = self.system();
+        system.delete("leases", "whereabouts");
+        let now = jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string();
+        system.create(
+            "leases",
+            json!({
+                "metadata": {"name": "whereabouts"},
+                "spec": {"leaseDurationSeconds": 1, "renewTime": now, "acquireTime": now,
+                         "leaseTransitions": 3},
+            }),
+        );
+        self.cni("ADD", "g", None, &conf)?;
+        let lease = system.get("leases", "whereabouts").unwrap_or_default();
+        if !self.probe {
+            assert!(
+                lease["metadata"]["annotations"]["whereabouts.cni.cncf.io/go-renew-time"]
+                    .is_string(),
+                "the ADD took part in the Lease: {lease}"
+            );
+            assert!(
+                lease["spec"]["holderIdentity"].is_null(),
+                "released: {lease}"
+            );
+        }
+        system.delete("leases", "whereabouts");
+        let flat = std::env::temp_dir().join(format!("{}-present.conf", self.id));
+        let text = json!({"allow_inline_paths": [std::env::temp_dir()], "allow_insecure_tls": true,
+                          "go_whereabouts": "present"});
+        std::fs::write(&flat, text.to_string()).expect("write a flat file");
+        let present = vec![("WHEREABOUTS_FLAT_FILE", flat.display().to_string())];
+        self.cni_with("ADD", "h", None, &conf, present.clone())?;
+        if !self.probe {
+            assert!(system.get("leases", "whereabouts").is_some(), "created");
+        }
+        self.cni_with("DEL", "h", None, &conf, present)?;
+        let _ = std::fs::remove_file(&flat);
+        self.cni("DEL", "g", None, &conf)?;
+        system.delete("leases", "whereabouts");
+        self.assert_empty(&format!("{network}-10.203.0.0-24"));
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 pub mod allocations;
 pub mod controller;
 pub mod crds;
+pub mod doctor;
 pub mod gc;
 pub mod install;
 pub mod output;
@@ -35,6 +36,9 @@ pub enum Command {
     Release(release::ReleaseArgs),
     /// Free every allocation no live pod holds (--dry-run: list them and why).
     Gc(gc::GcArgs),
+    /// Check the Kubernetes objects for lost or doubled addresses and for what a Go
+    /// Whereabouts binary would drop or misread (--fix: repair what is safe).
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Runs a subcommand.
@@ -47,5 +51,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Controller(args) => controller::run(args),
         Command::Release(args) => release::run(args),
         Command::Gc(args) => gc::run(args),
+        Command::Doctor(args) => doctor::run(args),
     }
 }

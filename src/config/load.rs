@@ -9,7 +9,7 @@ use super::error::ConfigError;
 use super::raw::{field, lowercase_keys, merge_flat_file, text};
 use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
-    Datastore, EtcdConfig, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
+    Datastore, EtcdConfig, GoPeers, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
     DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS, MAX_EXCLUDES, MAX_RANGES, MAX_ROUTES,
     MAX_STATIC_ADDRESSES,
 };
@@ -108,8 +108,10 @@ pub(super) fn load_inner(
         };
         (flat, Trust::operator(), Vec::new())
     };
+    let go_peers = go_peers(&flat)?;
     merge_flat_file(&mut map, &flat);
     let mut cfg = resolve(&map, caller == Caller::Operator)?;
+    cfg.go_peers = go_peers;
     cfg.trust = trust;
     cfg.warnings = warnings;
     Ok(cfg)
@@ -291,102 +293,17 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
 }
 
 fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, ConfigError> {
-    let mut ranges = Vec::new();
-    if let Some(top) = range_spec(map, "ipam.")? {
-        ranges.push(top);
-    } else {
-        for key in ["range_start", "range_end", "exclude"] {
-            if map.get(key).is_some_and(|v| !super::raw::is_unset(v)) {
-                return Err(invalid(format!("ipam.{key} is set but ipam.range is not")));
-            }
-        }
-    }
-    let ip_ranges: Vec<Value> = field(map, "ipranges", "ipam.ipRanges")?.unwrap_or_default();
-    at_most(
-        ip_ranges.len() + ranges.len(),
-        MAX_RANGES,
-        "ipam.range and ipam.ipRanges",
-    )?;
-    for (i, item) in ip_ranges.iter().enumerate() {
-        let path = format!("ipam.ipRanges[{i}].");
-        let Value::Object(entry) = item else {
-            return Err(invalid(format!(
-                "invalid {path}: {} is not an object",
-                kind_of(item)
-            )));
-        };
-        let spec =
-            range_spec(entry, &path)?.ok_or_else(|| invalid(format!("{path}range is missing")))?;
-        if ranges.iter().any(|r: &RangeSpec| r.cidr == spec.cidr) {
-            return Err(invalid(format!(
-                "invalid {path}range: {} is configured twice (one address is taken per range)",
-                spec.cidr
-            )));
-        }
-        ranges.push(spec);
-    }
-
+    let ranges = ranges(map)?;
     let gateway = ip_field(map, "gateway", "ipam.gateway")?;
-    let routes: Vec<Route> = field(map, "routes", "ipam.routes")?.unwrap_or_default();
-    at_most(routes.len(), MAX_ROUTES, "ipam.routes")?;
-    for (i, route) in routes.iter().enumerate() {
-        if Cidr::parse(&route.dst, false).is_none() {
-            return Err(invalid(format!(
-                "invalid ipam.routes[{i}].dst: {:?} is not a CIDR",
-                shown(&route.dst)
-            )));
-        }
-        if let Some(gw) = &route.gw {
-            if parse_ip(gw).is_none() {
-                return Err(invalid(format!(
-                    "invalid ipam.routes[{i}].gw: {:?} is not an IP address",
-                    shown(gw)
-                )));
-            }
-        }
-    }
+    let routes = routes(map)?;
     let dns: Option<Dns> = field(map, "dns", "ipam.dns")?;
-
-    let raw_addresses: Vec<Value> = field(map, "addresses", "ipam.addresses")?.unwrap_or_default();
-    at_most(raw_addresses.len(), MAX_STATIC_ADDRESSES, "ipam.addresses")?;
-    let mut addresses = Vec::new();
-    for (i, item) in raw_addresses.iter().enumerate() {
-        let path = format!("ipam.addresses[{i}]");
-        let Value::Object(entry) = item else {
-            return Err(invalid(format!(
-                "invalid {path}: {} is not an object",
-                kind_of(item)
-            )));
-        };
-        let address = text(entry, "address", &format!("{path}.address"))?
-            .ok_or_else(|| invalid(format!("{path}.address is missing")))?;
-        let address = Cidr::parse(&address, false).ok_or_else(|| {
-            invalid(format!(
-                "invalid {path}.address: {:?} is not an address with a prefix length (10.0.0.5/24)",
-                shown(&address)
-            ))
-        })?;
-        let gateway = ip_field(entry, "gateway", &format!("{path}.gateway"))?;
-        addresses.push(StaticAddress { address, gateway });
-    }
+    let addresses = static_addresses(map)?;
     if !operator && ranges.is_empty() && addresses.is_empty() {
         return Err(invalid(
             "ipam needs a range, ipRanges or addresses: none is set",
         ));
     }
-
-    let log_level = text(map, "log_level", "ipam.log_level")?
-        .map(|level| match level.to_ascii_lowercase().as_str() {
-            "debug" => Ok(LogLevel::Debug),
-            "verbose" => Ok(LogLevel::Verbose),
-            "error" => Ok(LogLevel::Error),
-            "panic" => Ok(LogLevel::Panic),
-            _ => Err(invalid(format!(
-                "invalid ipam.log_level: {:?} (expected debug, verbose, error or panic)",
-                shown(&level)
-            ))),
-        })
-        .transpose()?;
+    let log_level = log_level(map)?;
     let node_slice_size = text(map, "node_slice_size", "ipam.node_slice_size")?
         .map(|s| {
             parse_slice_size(&s)
@@ -428,7 +345,129 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, Confi
         datastore: datastore(map, operator)?,
         trust: Trust::default(),
         warnings: Vec::new(),
+        go_peers: GoPeers::default(),
     })
+}
+
+/// The flat file's `go_whereabouts`: the admin's word on whether Go binaries remain.
+fn go_peers(flat: &Map<String, Value>) -> Result<GoPeers, ConfigError> {
+    let path = "flat file go_whereabouts";
+    match text(flat, "go_whereabouts", path)?
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("auto") => Ok(GoPeers::Auto),
+        Some("present") => Ok(GoPeers::Present),
+        Some("absent") => Ok(GoPeers::Absent),
+        Some(other) => Err(invalid(format!(
+            "invalid {path}: {:?}: expected \"auto\", \"present\" or \"absent\"",
+            shown(other)
+        ))),
+    }
+}
+
+/// `range` (with `range_start`, `range_end`, `exclude`) and `ipRanges`, in that order.
+fn ranges(map: &Map<String, Value>) -> Result<Vec<RangeSpec>, ConfigError> {
+    let mut ranges = Vec::new();
+    if let Some(top) = range_spec(map, "ipam.")? {
+        ranges.push(top);
+    } else {
+        for key in ["range_start", "range_end", "exclude"] {
+            if map.get(key).is_some_and(|v| !super::raw::is_unset(v)) {
+                return Err(invalid(format!("ipam.{key} is set but ipam.range is not")));
+            }
+        }
+    }
+    let ip_ranges: Vec<Value> = field(map, "ipranges", "ipam.ipRanges")?.unwrap_or_default();
+    at_most(
+        ip_ranges.len() + ranges.len(),
+        MAX_RANGES,
+        "ipam.range and ipam.ipRanges",
+    )?;
+    for (i, item) in ip_ranges.iter().enumerate() {
+        let path = format!("ipam.ipRanges[{i}].");
+        let Value::Object(entry) = item else {
+            return Err(invalid(format!(
+                "invalid {path}: {} is not an object",
+                kind_of(item)
+            )));
+        };
+        let spec =
+            range_spec(entry, &path)?.ok_or_else(|| invalid(format!("{path}range is missing")))?;
+        if ranges.iter().any(|r: &RangeSpec| r.cidr == spec.cidr) {
+            return Err(invalid(format!(
+                "invalid {path}range: {} is configured twice (one address is taken per range)",
+                spec.cidr
+            )));
+        }
+        ranges.push(spec);
+    }
+    Ok(ranges)
+}
+
+/// `routes`, each destination a CIDR and each gateway an address.
+fn routes(map: &Map<String, Value>) -> Result<Vec<Route>, ConfigError> {
+    let routes: Vec<Route> = field(map, "routes", "ipam.routes")?.unwrap_or_default();
+    at_most(routes.len(), MAX_ROUTES, "ipam.routes")?;
+    for (i, route) in routes.iter().enumerate() {
+        if Cidr::parse(&route.dst, false).is_none() {
+            return Err(invalid(format!(
+                "invalid ipam.routes[{i}].dst: {:?} is not a CIDR",
+                shown(&route.dst)
+            )));
+        }
+        if let Some(gw) = &route.gw {
+            if parse_ip(gw).is_none() {
+                return Err(invalid(format!(
+                    "invalid ipam.routes[{i}].gw: {:?} is not an IP address",
+                    shown(gw)
+                )));
+            }
+        }
+    }
+    Ok(routes)
+}
+
+/// `addresses`: static addresses with their prefix length and optional gateway.
+fn static_addresses(map: &Map<String, Value>) -> Result<Vec<StaticAddress>, ConfigError> {
+    let raw_addresses: Vec<Value> = field(map, "addresses", "ipam.addresses")?.unwrap_or_default();
+    at_most(raw_addresses.len(), MAX_STATIC_ADDRESSES, "ipam.addresses")?;
+    let mut addresses = Vec::new();
+    for (i, item) in raw_addresses.iter().enumerate() {
+        let path = format!("ipam.addresses[{i}]");
+        let Value::Object(entry) = item else {
+            return Err(invalid(format!(
+                "invalid {path}: {} is not an object",
+                kind_of(item)
+            )));
+        };
+        let address = text(entry, "address", &format!("{path}.address"))?
+            .ok_or_else(|| invalid(format!("{path}.address is missing")))?;
+        let address = Cidr::parse(&address, false).ok_or_else(|| {
+            invalid(format!(
+                "invalid {path}.address: {:?} is not an address with a prefix length (10.0.0.5/24)",
+                shown(&address)
+            ))
+        })?;
+        let gateway = ip_field(entry, "gateway", &format!("{path}.gateway"))?;
+        addresses.push(StaticAddress { address, gateway });
+    }
+    Ok(addresses)
+}
+
+fn log_level(map: &Map<String, Value>) -> Result<Option<LogLevel>, ConfigError> {
+    text(map, "log_level", "ipam.log_level")?
+        .map(|level| match level.to_ascii_lowercase().as_str() {
+            "debug" => Ok(LogLevel::Debug),
+            "verbose" => Ok(LogLevel::Verbose),
+            "error" => Ok(LogLevel::Error),
+            "panic" => Ok(LogLevel::Panic),
+            _ => Err(invalid(format!(
+                "invalid ipam.log_level: {:?} (expected debug, verbose, error or panic)",
+                shown(&level)
+            ))),
+        })
+        .transpose()
 }
 
 /// `operator`: an operator's command or the controller, for which the Kubernetes engine's

@@ -51,6 +51,27 @@ pub struct KubernetesConfig {
     pub kubeconfig: PathBuf,
 }
 
+/// Whether Go Whereabouts binaries may still write the Kubernetes pools (the flat file's
+/// `go_whereabouts`; a network configuration cannot set it). While they may, the Kubernetes
+/// engine takes part in their Lease around every ADD and hands out no offset a Go binary would
+/// drop; see the README's migration section.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GoPeers {
+    /// `"auto"`: present while a Go binary has renewed the `whereabouts` Lease within
+    /// [`GO_ACTIVE_WINDOW_SECS`] (one read of the Lease per ADD).
+    #[default]
+    Auto,
+    /// `"present"`: during a migration or a rollback, whatever the Lease says.
+    Present,
+    /// `"absent"`: no Go binary is left (the Lease is not even read).
+    Absent,
+}
+
+/// How long after a Go binary last renewed the `whereabouts` Lease `auto` still counts it as
+/// present: a day, so a node that runs the Go binary and starts no pod for hours is still
+/// counted when it does.
+pub const GO_ACTIVE_WINDOW_SECS: u64 = 24 * 3600;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdConfig {
     /// Endpoints as given (comma separated in `etcd_host`), with or without scheme.
@@ -88,6 +109,8 @@ pub struct IpamConfig {
     pub reconciler_cron_expression: Option<String>,
     pub sleep_for_race: u64,
     pub datastore: Datastore,
+    /// Whether Go binaries may still write the Kubernetes pools (from the flat file only).
+    pub go_peers: GoPeers,
     /// What the admin's flat file allows (the operator's commands: everything).
     pub trust: Trust,
     /// What was ignored from the network configuration, to log once logging is set up.

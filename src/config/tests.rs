@@ -34,6 +34,21 @@ fn dash_range_sets_start_and_end() {
 }
 
 #[test]
+fn ipv4_mapped_range_is_an_ipv4_range() {
+    let cfg = load(
+        json!({"type": "whereabouts", "range": "::ffff:10.0.0.0/120",
+        "ipRanges": [{"range": "::ffff:10.1.0.0/112", "range_start": "::ffff:10.1.0.9",
+        "exclude": ["::ffff:10.1.0.16/124"]}], "gateway": "::ffff:10.0.0.1"}),
+    )
+    .unwrap();
+    assert_eq!(cfg.ranges[0].cidr.to_string(), "10.0.0.0/24");
+    assert_eq!(cfg.ranges[1].cidr.to_string(), "10.1.0.0/16");
+    assert_eq!(cfg.ranges[1].start.unwrap().to_string(), "10.1.0.9");
+    assert_eq!(cfg.ranges[1].exclude[0].to_string(), "10.1.0.16/28");
+    assert_eq!(cfg.gateway.unwrap().to_string(), "10.0.0.1");
+}
+
+#[test]
 fn flat_file_fills_what_inline_leaves_empty() {
     let dir = tempfile::tempdir().unwrap();
     let flat = dir.path().join("whereabouts.conf");

@@ -247,16 +247,18 @@ impl Metrics {
             .inc();
     }
 
+    /// The gauges first, the count last: a scrape that sees the count grow sees this
+    /// reconcile's gauges.
     pub fn reconciled(&self, seconds: f64, held: BTreeMap<&'static str, u64>, ended: i64) {
-        self.reconcile_duration.observe(seconds);
-        self.last_reconcile_duration.set(seconds);
-        self.last_reconcile_end.set(ended);
         self.held.clear();
         for (reason, count) in held {
             self.held
                 .get_or_create(&ReasonLabel { reason })
                 .set(count as i64);
         }
+        self.last_reconcile_duration.set(seconds);
+        self.last_reconcile_end.set(ended);
+        self.reconcile_duration.observe(seconds);
     }
 
     pub fn set_pools(&self, pools: &[PoolStat]) {

@@ -97,6 +97,40 @@ fn identity() -> String {
     format!("{host}-{:08x}", rand::random::<u32>())
 }
 
+/// Takes part in the election when a lease duration is set (the metric and a reconcile follow
+/// each win); otherwise this replica leads alone. The election, to give the Lease up at exit.
+fn start_election(
+    opts: &Options,
+    client: &Client,
+    metrics: &Arc<Metrics>,
+    leadership: &Leadership,
+    jobs: &Jobs,
+) -> Option<Election> {
+    let Some(lease_duration) = opts.lease_duration else {
+        metrics.leader.set(1);
+        return None;
+    };
+    let election = Election {
+        namespace: opts.namespace.clone(),
+        identity: identity(),
+        lease_duration,
+    };
+    let (metrics, jobs) = (metrics.clone(), jobs.clone());
+    tokio::spawn(leader::run(
+        client.clone(),
+        election.clone(),
+        leadership.clone(),
+        move |leading| {
+            metrics.leader.set(i64::from(leading));
+            if leading {
+                // Whatever happened while another replica led (or none did) is judged now.
+                let _ = jobs.send(Job::Reconcile { why: "elected" });
+            }
+        },
+    ));
+    Some(election)
+}
+
 async fn main(opts: Options) -> Result<(), ControllerError> {
     // Watches hold a response open for their whole timeout; every other request must finish
     // quickly, so a hung call cannot stall the store worker for minutes.
@@ -140,28 +174,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         opts.ipam.reconciler_cron_expression.clone(),
         jobs.clone(),
     ));
-    let election = opts.lease_duration.map(|lease_duration| Election {
-        namespace: opts.namespace.clone(),
-        identity: identity(),
-        lease_duration,
-    });
-    if let Some(election) = election.clone() {
-        let (metrics, jobs) = (metrics.clone(), jobs.clone());
-        tokio::spawn(leader::run(
-            client.clone(),
-            election,
-            leadership.clone(),
-            move |leading| {
-                metrics.leader.set(i64::from(leading));
-                if leading {
-                    // Whatever happened while another replica led (or none did) is judged now.
-                    let _ = jobs.send(Job::Reconcile { why: "elected" });
-                }
-            },
-        ));
-    } else {
-        metrics.leader.set(1);
-    }
+    let election = start_election(&opts, &client, &metrics, &leadership, &jobs);
     let config = watcher::Config::default().timeout(watch_seconds(opts.watch_timeout));
     if opts.node_slices {
         start_node_slices(

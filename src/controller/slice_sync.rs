@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams, Preconditions,
 };
@@ -32,13 +33,20 @@ pub fn nad_resource() -> ApiResource {
 }
 
 /// What one NodeSlicePool must divide.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Wanted {
     pub name: String,
     pub range: Cidr,
     pub size: u8,
+    /// `node_slice_size` as the NetworkAttachmentDefinition writes it (`"24"` or `"/24"`): the
+    /// Go controller writes it so and re-slices every node when the text differs, so the text
+    /// is kept for a rollback; sizes are compared by value.
+    pub size_text: String,
     /// The NetworkAttachmentDefinition it came from, for messages.
     pub source: String,
+    /// The NetworkAttachmentDefinitions of the pool's namespace that ask for it, as owner
+    /// references (the first, the oldest, as the controller), as the Go controller sets them.
+    pub owners: Vec<OwnerReference>,
 }
 
 /// The NodeSlicePool a NetworkAttachmentDefinition's `spec.config` asks for, if any. The
@@ -68,12 +76,34 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
         .ok_or_else(|| format!("{source}: node_slice_size is set but no range is"))?
         .cidr;
     let cni_network = conf.get("name").and_then(Value::as_str).unwrap_or("");
+    let size_text = ipam
+        .as_object()
+        .and_then(|m| {
+            m.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("node_slice_size"))
+                .and_then(|(_, v)| v.as_str())
+        })
+        .map_or_else(|| format!("/{size}"), str::to_string);
     Ok(Some(Wanted {
         name: slice_pool_name(&cfg.network_name, cni_network),
         range: range.network(),
         size,
+        size_text,
         source: source.to_string(),
+        owners: Vec::new(),
     }))
+}
+
+/// The owner reference of a NetworkAttachmentDefinition; `first`: the controlling one.
+fn owner_of(nad: &DynamicObject, first: bool) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: nad_resource().api_version,
+        kind: nad_resource().kind,
+        name: nad.metadata.name.clone()?,
+        uid: nad.metadata.uid.clone()?,
+        controller: first.then_some(true),
+        block_owner_deletion: first.then_some(true),
+    })
 }
 
 /// The keys that decide a NodeSlicePool. The rest (engine, paths, logging) is the node's
@@ -110,8 +140,11 @@ fn has_key(object: &Value, key: &str) -> bool {
 }
 
 /// The pools the NetworkAttachmentDefinitions ask for, and whether every one of them could be
-/// read (when one cannot, its pool, whatever it is, must not be taken for unwanted).
-fn wanted_pools(nads: &[Arc<DynamicObject>]) -> (BTreeMap<String, Wanted>, bool) {
+/// read (when one cannot, its pool, whatever it is, must not be taken for unwanted). Those of
+/// `namespace` (the pools') that agree on the layout own the pool; one in another namespace
+/// cannot (the garbage collector takes an owner outside the namespace for a missing one, and
+/// would delete the pool).
+fn wanted_pools(nads: &[Arc<DynamicObject>], namespace: &str) -> (BTreeMap<String, Wanted>, bool) {
     let mut pools: BTreeMap<String, Wanted> = BTreeMap::new();
     let mut complete = true;
     for nad in nads {
@@ -128,14 +161,22 @@ fn wanted_pools(nads: &[Arc<DynamicObject>]) -> (BTreeMap<String, Wanted>, bool)
         else {
             continue;
         };
+        let local = nad.metadata.namespace.as_deref() == Some(namespace);
         match wanted(&source, config) {
-            Ok(Some(w)) => match pools.get(&w.name) {
+            Ok(Some(mut w)) => match pools.get_mut(&w.name) {
                 Some(first) if first.range != w.range || first.size != w.size => tracing::warn!(
                     pool = %w.name, first = %first.source, ignored = %w.source,
                     "two NetworkAttachmentDefinitions want the same NodeSlicePool with different ranges; the first wins"
                 ),
-                Some(_) => {}
+                Some(first) => {
+                    let first_owner = first.owners.is_empty();
+                    first
+                        .owners
+                        .extend(local.then(|| owner_of(nad, first_owner)).flatten());
+                }
                 None => {
+                    w.owners
+                        .extend(local.then(|| owner_of(nad, true)).flatten());
                     pools.insert(w.name.clone(), w);
                 }
             },
@@ -170,7 +211,7 @@ pub async fn sync(
         };
         key(a).cmp(&key(b))
     });
-    let (pools, complete) = wanted_pools(&nads);
+    let (pools, complete) = wanted_pools(&nads, namespace);
     let nodes: BTreeSet<String> = nodes
         .state()
         .iter()
@@ -263,23 +304,12 @@ async fn sync_pool(
     busy: &HashSet<Cidr>,
     metrics: &Arc<Metrics>,
 ) -> Result<(), String> {
-    let spec = NodeSlicePoolSpec {
-        range: want.range.to_string(),
-        slice_size: format!("/{}", want.size),
-    };
     let existing = api
         .get_opt(&want.name)
         .await
         .map_err(|e| format!("cannot read NodeSlicePool {}: {e}", want.name))?;
-    // After a change of range or slice size a node keeps its slice only if it is still one of
-    // the new layout (`assign` drops the others); the new slices avoid every pool that still
-    // holds addresses, so the live addresses of the old layout are never handed out again.
-    let current = existing
-        .as_ref()
-        .and_then(|p| p.status.as_ref())
-        .map(|s| s.allocations.clone())
-        .unwrap_or_default();
-    let plan = assign(&want.range, want.size, nodes, &current, busy)
+    let creating = existing.is_none();
+    let (pool, plan) = desired_pool(existing, want, nodes, busy)
         .map_err(|e| format!("NodeSlicePool {} ({}): {e}", want.name, want.source))?;
     if !plan.unassigned.is_empty() {
         tracing::warn!(pool = %want.name, nodes = ?plan.unassigned, "no free slice left for these nodes");
@@ -294,29 +324,15 @@ async fn sync_pool(
         assigned,
         u64::try_from(plan.total).unwrap_or(u64::MAX),
     );
-    let status = Some(NodeSlicePoolStatus {
-        allocations: plan.allocations,
-    });
-    let result = match existing {
-        None => {
-            let mut pool = NodeSlicePool::new(&want.name, spec);
-            pool.status = status;
-            api.create(&PostParams::default(), &pool).await.map(|_| ())
-        }
-        Some(mut pool) => {
-            if pool.spec == spec && pool.status == status {
-                return Ok(());
-            }
-            pool.spec = spec;
-            pool.status = status;
-            pool.metadata = ObjectMeta {
-                managed_fields: None,
-                ..pool.metadata
-            };
-            api.replace(&want.name, &PostParams::default(), &pool)
-                .await
-                .map(|_| ())
-        }
+    let Some(pool) = pool else {
+        return Ok(());
+    };
+    let result = if creating {
+        api.create(&PostParams::default(), &pool).await.map(|_| ())
+    } else {
+        api.replace(&want.name, &PostParams::default(), &pool)
+            .await
+            .map(|_| ())
     };
     match result {
         Ok(()) => {
@@ -329,6 +345,70 @@ async fn sync_pool(
         }
         Err(err) => Err(format!("cannot write NodeSlicePool {}: {err}", want.name)),
     }
+}
+
+/// The NodeSlicePool to write (`None`: `existing` is up to date), and the assignment. The
+/// slice size is compared by value (`"24"` is `"/24"`) and written as the
+/// NetworkAttachmentDefinition has it; owner references to NetworkAttachmentDefinitions are
+/// the wanted ones, others are kept.
+fn desired_pool(
+    existing: Option<NodeSlicePool>,
+    want: &Wanted,
+    nodes: &BTreeSet<String>,
+    busy: &HashSet<Cidr>,
+) -> Result<(Option<NodeSlicePool>, super::slices::Assignment), crate::ipam::slices::SliceError> {
+    let spec = NodeSlicePoolSpec {
+        range: want.range.to_string(),
+        slice_size: want.size_text.clone(),
+    };
+    // After a change of range or slice size a node keeps its slice only if it is still one of
+    // the new layout (`assign` drops the others); the new slices avoid every pool that still
+    // holds addresses, so the live addresses of the old layout are never handed out again.
+    let current = existing
+        .as_ref()
+        .and_then(|p| p.status.as_ref())
+        .map(|s| s.allocations.clone())
+        .unwrap_or_default();
+    let plan = assign(&want.range, want.size, nodes, &current, busy)?;
+    let status = Some(NodeSlicePoolStatus {
+        allocations: plan.allocations.clone(),
+    });
+    let nad_kind = nad_resource().kind;
+    let mut owners: Vec<OwnerReference> = existing
+        .as_ref()
+        .and_then(|p| p.metadata.owner_references.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| o.kind != nad_kind)
+        .collect();
+    owners.extend(want.owners.iter().cloned());
+    let owners = (!owners.is_empty()).then_some(owners);
+    let pool = match existing {
+        None => {
+            let mut pool = NodeSlicePool::new(&want.name, spec);
+            pool.status = status;
+            pool.metadata.owner_references = owners;
+            Some(pool)
+        }
+        Some(pool)
+            if pool.spec == spec
+                && pool.status == status
+                && pool.metadata.owner_references == owners =>
+        {
+            None
+        }
+        Some(mut pool) => {
+            pool.spec = spec;
+            pool.status = status;
+            pool.metadata = ObjectMeta {
+                managed_fields: None,
+                owner_references: owners,
+                ..pool.metadata
+            };
+            Some(pool)
+        }
+    };
+    Ok((pool, plan))
 }
 
 #[cfg(test)]
@@ -355,5 +435,88 @@ mod tests {
         let mixed = r#"{"name":"net-c","ipam":{"type":"whereabouts","Range":"10.1.0.0/16","Node_Slice_Size":"/24","kubernetes":{"kubeconfig":"/elsewhere/k"}}}"#;
         let w = wanted("nad", mixed).unwrap().unwrap();
         assert_eq!((w.name.as_str(), w.size), ("net-c", 24));
+        assert_eq!(w.size_text, "/24");
+        let bare = r#"{"name":"net-d","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"24"}}"#;
+        assert_eq!(wanted("nad", bare).unwrap().unwrap().size_text, "24");
+    }
+
+    fn nad(namespace: &str, name: &str, size: &str) -> Arc<DynamicObject> {
+        let config = format!(
+            r#"{{"name":"shared","ipam":{{"type":"whereabouts","range":"10.2.0.0/16","node_slice_size":"{size}"}}}}"#
+        );
+        let mut object = DynamicObject::new(name, &nad_resource()).within(namespace);
+        object.metadata.uid = Some(format!("uid-{namespace}-{name}"));
+        object.data = serde_json::json!({"spec": {"config": config}});
+        Arc::new(object)
+    }
+
+    #[test]
+    fn owners_are_the_agreeing_attachments_of_the_pools_namespace() {
+        let nads = [
+            nad("kube-system", "first", "24"),
+            nad("default", "elsewhere", "24"),
+            nad("kube-system", "second", "/24"),
+            nad("kube-system", "other-size", "/25"),
+        ];
+        let (pools, complete) = wanted_pools(&nads, "kube-system");
+        assert!(complete);
+        let want = &pools["shared"];
+        assert_eq!(want.size_text, "24");
+        let owners: Vec<(&str, Option<bool>)> = want
+            .owners
+            .iter()
+            .map(|o| (o.name.as_str(), o.controller))
+            .collect();
+        assert_eq!(owners, vec![("first", Some(true)), ("second", None)]);
+        assert!(want
+            .owners
+            .iter()
+            .all(|o| o.api_version == "k8s.cni.cncf.io/v1"
+                && o.kind == "NetworkAttachmentDefinition"
+                && o.uid.starts_with("uid-kube-system-")));
+    }
+
+    #[test]
+    fn a_size_written_the_other_way_keeps_every_slice() {
+        let nodes: BTreeSet<String> = ["a", "b"].iter().map(|n| n.to_string()).collect();
+        let none = HashSet::new();
+        let conf = |size: &str| {
+            format!(
+                r#"{{"name":"n","ipam":{{"type":"whereabouts","range":"10.3.0.0/22","node_slice_size":"{size}"}}}}"#
+            )
+        };
+        let go_style = wanted("nad", &conf("24")).unwrap().unwrap();
+        let (created, _) = desired_pool(None, &go_style, &nodes, &none).unwrap();
+        let created = created.unwrap();
+        assert_eq!(created.spec.slice_size, "24");
+        // Unchanged: nothing to write.
+        let (same, _) = desired_pool(Some(created.clone()), &go_style, &nodes, &none).unwrap();
+        assert!(same.is_none());
+        // The NetworkAttachmentDefinition now says "/24": the same slices, the text follows it.
+        let ours = wanted("nad", &conf("/24")).unwrap().unwrap();
+        let (rewritten, _) = desired_pool(Some(created.clone()), &ours, &nodes, &none).unwrap();
+        let rewritten = rewritten.unwrap();
+        assert_eq!(rewritten.spec.slice_size, "/24");
+        assert_eq!(rewritten.status, created.status);
+        // Foreign owner references stay; NetworkAttachmentDefinition ones follow the wanted.
+        let mut owned = created;
+        owned.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            name: "keep".into(),
+            uid: "u".into(),
+            ..OwnerReference::default()
+        }]);
+        let (unchanged, _) = desired_pool(Some(owned.clone()), &go_style, &nodes, &none).unwrap();
+        assert!(unchanged.is_none());
+        let mut owned_by_nad = go_style;
+        owned_by_nad.owners = wanted_pools(&[nad("kube-system", "a", "24")], "kube-system").0
+            ["shared"]
+            .owners
+            .clone();
+        let (kept, _) = desired_pool(Some(owned), &owned_by_nad, &nodes, &none).unwrap();
+        let refs = kept.unwrap().metadata.owner_references.unwrap();
+        let names: Vec<&str> = refs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["keep", "a"]);
     }
 }

@@ -35,7 +35,14 @@ pub fn family_bits(ip: IpAddr) -> u8 {
 
 /// Parses an IP address. IPv4 octets may carry leading zeros and are read as decimal,
 /// as upstream does (`00192.00168.1.5` is 192.168.1.5), where the standard library refuses them.
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) is the IPv4 address, as the Go binary reads
+/// it: both implementations then name, count and compare it the same way.
 pub fn parse_ip(text: &str) -> Option<IpAddr> {
+    parse_ip_as_written(text).map(|ip| ip.to_canonical())
+}
+
+/// As [`parse_ip`], keeping an IPv4-mapped IPv6 address in its IPv6 form.
+fn parse_ip_as_written(text: &str) -> Option<IpAddr> {
     let text = text.trim();
     if let Ok(ip) = IpAddr::from_str(text) {
         return Some(ip);
@@ -72,21 +79,38 @@ impl Cidr {
     }
 
     /// Parses `addr/len`; with `allow_bare`, a bare address is a single-address prefix.
+    /// An IPv4-mapped prefix of at least 96 bits (`::ffff:10.0.0.0/120`) is the IPv4 prefix it
+    /// maps (`10.0.0.0/24`), as the Go binary reads it; a shorter one stays IPv6.
     pub fn parse(text: &str, allow_bare: bool) -> Option<Cidr> {
         let text = text.trim();
         match text.split_once('/') {
             Some((addr, len)) => {
-                let addr = parse_ip(addr)?;
+                let addr = parse_ip_as_written(addr)?;
                 if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
                     return None;
                 }
-                Cidr::new(addr, len.parse().ok()?)
+                Cidr::new(addr, len.parse().ok()?).map(Cidr::unmapped)
             }
             None if allow_bare => {
                 let addr = parse_ip(text)?;
                 Cidr::new(addr, family_bits(addr))
             }
             None => None,
+        }
+    }
+
+    /// The IPv4 prefix an IPv4-mapped IPv6 prefix of 96 bits or more stands for; any other
+    /// prefix unchanged.
+    fn unmapped(self) -> Cidr {
+        match self.addr {
+            IpAddr::V6(v6) if self.prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => Cidr {
+                    addr: IpAddr::V4(v4),
+                    prefix: self.prefix - 96,
+                },
+                None => self,
+            },
+            _ => self,
         }
     }
 
@@ -179,6 +203,25 @@ mod tests {
         assert_eq!(Cidr::parse("192.168.0.1", true).unwrap().prefix, 32);
         assert_eq!(Cidr::parse("::/0", false).unwrap().last_offset(), u128::MAX);
         assert_eq!(Cidr::parse("10.0.0.0/32", false).unwrap().last_offset(), 0);
+    }
+
+    #[test]
+    fn ipv4_mapped_is_ipv4() {
+        let c = Cidr::parse("::ffff:10.0.0.0/120", false).unwrap();
+        assert_eq!(c.to_string(), "10.0.0.0/24");
+        let c = Cidr::parse("::ffff:10.0.0.7/128", false).unwrap();
+        assert_eq!(c.to_string(), "10.0.0.7/32");
+        assert_eq!(parse_ip("::ffff:10.0.0.5"), "10.0.0.5".parse().ok());
+        assert_eq!(
+            Cidr::parse("::ffff:10.0.0.5", true).unwrap().to_string(),
+            "10.0.0.5/32"
+        );
+        // Shorter than the mapping's 96 bits: an IPv6 prefix.
+        let c = Cidr::parse("::ffff:10.0.0.0/80", false).unwrap();
+        assert!(c.is_v6());
+        assert!(Cidr::parse("fd00::ffff:10.0.0.0/120", false)
+            .unwrap()
+            .is_v6());
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - it asks for a static address it does not hold yet while holding another here: **move**
 //!   (take the new one, release the old ones, in one commit);
 //! - otherwise **take** the lowest free address, or report the range **exhausted**.
+//! - an offset at or beyond the ask's [`Ask::limit`] is never handed out: a static request for
+//!   one is **beyond the limit**, and the search stops below it.
 //!
 //! Spreading over several free addresses is never triggered by what the pool holds: only by an
 //! explicit [`Contention`] hint, which an engine gives after it lost a race to a concurrent
@@ -27,7 +29,15 @@ pub struct Ask {
     /// A static address, as an offset of the range's network.
     pub requested: Option<u128>,
     pub contention: Contention,
+    /// Offsets at or beyond this are never handed out (what the owner holds already is kept).
+    /// The Kubernetes engine sets it while a Go binary may rewrite the pool: the Go binary reads
+    /// a pool's keys as signed 64-bit numbers and drops the others from every pool it writes,
+    /// which would lose the allocation and free its address for a second pod.
+    pub limit: Option<u128>,
 }
+
+/// The first offset a Go binary cannot keep in a pool: keys are signed 64-bit numbers there.
+pub const GO_OFFSET_LIMIT: u128 = 1 << 63;
 
 /// How the dynamic search starts. Only an engine that lost a race gives anything but `None`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,6 +83,8 @@ pub enum Decision<H> {
     Move { to: u128, release: Vec<u128> },
     /// The static address asked for is held by `holder`.
     InUse { offset: u128, holder: H },
+    /// The static address asked for is at or beyond the ask's limit.
+    BeyondLimit { offset: u128 },
     /// No free address is left.
     Exhausted,
 }
@@ -83,7 +95,7 @@ impl<H> Decision<H> {
         match self {
             Decision::Keep { offset, .. } | Decision::Take { offset } => Some(*offset),
             Decision::Move { to, .. } => Some(*to),
-            Decision::InUse { .. } | Decision::Exhausted => None,
+            Decision::InUse { .. } | Decision::BeyondLimit { .. } | Decision::Exhausted => None,
         }
     }
 }
@@ -109,6 +121,9 @@ pub fn decide<S: Snapshot>(
                 holder,
             });
         }
+        if ask.limit.is_some_and(|limit| wanted >= limit) {
+            return Ok(Decision::BeyondLimit { offset: wanted });
+        }
         return Ok(if owned.is_empty() {
             Decision::Take { offset: wanted }
         } else {
@@ -124,6 +139,14 @@ pub fn decide<S: Snapshot>(
             release: rest.to_vec(),
         });
     }
+    let mut range = range.clone();
+    if let Some(limit) = ask.limit {
+        match limit.checked_sub(1) {
+            Some(below) if below >= range.first => range.last = range.last.min(below),
+            _ => return Ok(Decision::Exhausted),
+        }
+    }
+    let range = &range;
     let found = match ask.contention {
         Contention::None => range.lowest_free(|o| snapshot.taken_until(o))?,
         Contention::StartAt(start) => {
@@ -262,6 +285,7 @@ mod tests {
         Ask {
             requested,
             contention: Contention::None,
+            limit: None,
         }
     }
 
@@ -409,6 +433,7 @@ mod tests {
         let start = Ask {
             requested: None,
             contention: Contention::StartAt(9),
+            limit: None,
         };
         let got = decide(&r, &start, &mut pool(&[(9, "a")], &[])).unwrap();
         assert_eq!(got, Decision::Take { offset: 10 });
@@ -423,6 +448,7 @@ mod tests {
                 let a = Ask {
                     requested: None,
                     contention: Contention::Spread { seed, among: 3 },
+                    limit: None,
                 };
                 decide(&r, &a, &mut pool(&[(2, "a")], &[]))
                     .unwrap()
@@ -431,6 +457,80 @@ mod tests {
             })
             .collect();
         assert_eq!(picks, [1u128, 3, 4].into_iter().collect());
+    }
+
+    #[test]
+    fn nothing_handed_out_beyond_the_limit() {
+        let big = range("fd00::/64", &[]);
+        let below = GO_OFFSET_LIMIT - 1;
+        let limited = |requested, contention| Ask {
+            requested,
+            contention,
+            limit: Some(GO_OFFSET_LIMIT),
+        };
+        // A static address beyond the limit is refused; one below it, or one already held, is not.
+        let got = decide(
+            &big,
+            &limited(Some(GO_OFFSET_LIMIT), Contention::None),
+            &mut pool(&[], &[]),
+        );
+        assert_eq!(
+            got.unwrap(),
+            Decision::BeyondLimit {
+                offset: GO_OFFSET_LIMIT
+            }
+        );
+        let got = decide(
+            &big,
+            &limited(Some(below), Contention::None),
+            &mut pool(&[], &[]),
+        );
+        assert_eq!(got.unwrap(), Decision::Take { offset: below });
+        let held: &'static [(u128, &str)] = Box::leak(Box::new([(GO_OFFSET_LIMIT + 5, "me")]));
+        let got = decide(&big, &limited(None, Contention::None), &mut pool(held, &[]));
+        assert_eq!(
+            got.unwrap(),
+            Decision::Keep {
+                offset: GO_OFFSET_LIMIT + 5,
+                release: vec![]
+            }
+        );
+        // The search stops below the limit, from any starting point.
+        let narrow = Range {
+            first: below - 1,
+            ..big.clone()
+        };
+        let taken: &'static [(u128, &str)] = Box::leak(Box::new([(below - 1, "a")]));
+        for contention in [
+            Contention::None,
+            Contention::StartAt(GO_OFFSET_LIMIT + 9),
+            Contention::Spread { seed: 7, among: 4 },
+        ] {
+            let got = decide(&narrow, &limited(None, contention), &mut pool(taken, &[]));
+            assert_eq!(
+                got.unwrap(),
+                Decision::Take { offset: below },
+                "{contention:?}"
+            );
+        }
+        let full: &'static [(u128, &str)] = Box::leak(Box::new([(below - 1, "a"), (below, "b")]));
+        let got = decide(
+            &narrow,
+            &limited(None, Contention::None),
+            &mut pool(full, &[]),
+        );
+        assert_eq!(got.unwrap(), Decision::Exhausted);
+        // A range that starts at or beyond the limit has nothing to give.
+        let beyond = Range {
+            first: GO_OFFSET_LIMIT,
+            ..big
+        };
+        let got = decide(
+            &beyond,
+            &limited(None, Contention::None),
+            &mut pool(&[], &[]),
+        );
+        assert_eq!(got.unwrap(), Decision::Exhausted);
     }
 
     #[test]

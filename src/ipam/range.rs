@@ -51,10 +51,11 @@ pub fn parse_range_text(text: &str) -> Result<(Cidr, Option<IpAddr>, Option<IpAd
         Some((start, rest)) => {
             let (end, len) = rest.split_once('/').ok_or_else(bad)?;
             let start = parse_ip(start).ok_or_else(bad)?;
-            let end = parse_ip(end).ok_or_else(bad)?;
-            let cidr = Cidr::parse(&format!("{end}/{len}"), false)
+            // As written: an IPv4-mapped end keeps its IPv6 prefix length.
+            let cidr = Cidr::parse(&format!("{}/{len}", end.trim()), false)
                 .ok_or_else(bad)?
                 .network();
+            let end = parse_ip(end).ok_or_else(bad)?;
             if !cidr.contains(start) {
                 return Err(RangeError::StartOutside { cidr, start });
             }

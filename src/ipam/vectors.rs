@@ -112,3 +112,32 @@ fn upstream_next_address_vectors() {
         ok("192.168.0.1")
     );
 }
+
+/// An IPv4-mapped range is the IPv4 range it maps, as the Go binary reads it: the same pool
+/// (`10.0.0.0-24`), the same first address, the same reservation names.
+#[test]
+fn ipv4_mapped_ranges_are_ipv4() {
+    use super::names::{pool_name, reservation_name};
+    assert_eq!(
+        choose("::ffff:10.0.0.0/120", None, None, &[], &[]),
+        ok("10.0.0.1")
+    );
+    assert_eq!(
+        choose(
+            "::ffff:10.0.0.0/120",
+            Some("::ffff:10.0.0.5"),
+            Some("::ffff:10.0.0.9"),
+            &["10.0.0.5"],
+            &["::ffff:10.0.0.6"]
+        ),
+        ok("10.0.0.7")
+    );
+    let (cidr, start, end) = parse_range_text("::ffff:10.0.0.5-::ffff:10.0.0.9/120").unwrap();
+    assert_eq!(cidr.to_string(), "10.0.0.0/24");
+    assert_eq!(start, parse_ip("10.0.0.5"));
+    assert_eq!(end, parse_ip("10.0.0.9"));
+    assert_eq!(pool_name(&cidr, "", None), "10.0.0.0-24");
+    assert_eq!(pool_name(&cidr, "net", None), "net-10.0.0.0-24");
+    let ip = parse_ip("::ffff:10.0.0.1").unwrap();
+    assert_eq!(reservation_name(ip, ""), "10.0.0.1");
+}

@@ -331,6 +331,8 @@ pub fn resource(plural: &str) -> (ApiResource, bool) {
         "pods" => ("", "v1", "Pod", true),
         "configmaps" => ("", "v1", "ConfigMap", true),
         "events" => ("", "v1", "Event", true),
+        // The same Events as events.k8s.io shows them (regarding, note, reportingController).
+        "events.k8s.io" => ("events.k8s.io", "v1", "Event", true),
         "serviceaccounts" => ("", "v1", "ServiceAccount", true),
         "leases" => ("coordination.k8s.io", "v1", "Lease", true),
         "nodes" => ("", "v1", "Node", false),
@@ -338,6 +340,12 @@ pub fn resource(plural: &str) -> (ApiResource, bool) {
         other => panic!("no resource {other} in the fixture"),
     };
     let gvk = GroupVersionKind::gvk(group, version, kind);
+    let plural = plural.strip_suffix(".events.k8s.io").unwrap_or(plural);
+    let plural = if plural == "events.k8s.io" {
+        "events"
+    } else {
+        plural
+    };
     (ApiResource::from_gvk_with_plural(&gvk, plural), namespaced)
 }
 
@@ -422,6 +430,17 @@ impl TestNamespace {
     /// subresource, as a kubelet would). Returns its UID.
     pub fn add_pod(&self, name: &str, phase: &str) -> String {
         self.add_pod_on(name, phase, None)
+    }
+
+    /// A Node named after this namespace (`<namespace>-node`); Nodes are cluster-wide, so the
+    /// test deletes it when done.
+    pub fn add_node(&self) -> String {
+        let node = format!("{}-node", self.name);
+        self.create(
+            "nodes",
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
+        );
+        node
     }
 
     /// As [`Self::add_pod`], scheduled on `node` (no such Node object needs to exist).

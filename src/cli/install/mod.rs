@@ -109,6 +109,12 @@ pub struct InstallOptions {
     #[arg(long, env = "WHEREABOUTS_RECONCILER_CRON", default_value = DEFAULT_RECONCILER_CRON)]
     pub reconciler_cron: String,
 
+    /// Whether Go Whereabouts binaries may still write the pools (auto, present or absent),
+    /// written into the flat file as `go_whereabouts`: `present` during a migration from or
+    /// back to the Go binary. Default: none written, which the plugin reads as `auto`.
+    #[arg(long, env = "WHEREABOUTS_GO_PEERS", value_parser = ["auto", "present", "absent"])]
+    pub go_whereabouts: Option<String>,
+
     /// The plugin's log level written into the flat file (debug, verbose, error or panic).
     /// Default: none written, so the plugin's own default applies.
     #[arg(long, env = "WHEREABOUTS_LOG_LEVEL")]
@@ -161,6 +167,7 @@ pub struct Settings {
     pub namespace: String,
     pub node_name: String,
     pub reconciler_cron: String,
+    pub go_whereabouts: Option<String>,
     pub log_level: Option<String>,
     pub poll_interval: Duration,
 }
@@ -217,6 +224,7 @@ impl Settings {
             namespace,
             node_name,
             reconciler_cron: args.reconciler_cron.clone(),
+            go_whereabouts: args.go_whereabouts.clone(),
             log_level: args.log_level.clone(),
             poll_interval: Duration::from_millis(args.poll_interval_ms),
         })
@@ -247,6 +255,9 @@ impl Settings {
         });
         if let (Some(level), Some(map)) = (&self.log_level, flat.as_object_mut()) {
             map.insert("log_level".into(), json!(level));
+        }
+        if let (Some(peers), Some(map)) = (&self.go_whereabouts, flat.as_object_mut()) {
+            map.insert("go_whereabouts".into(), json!(peers));
         }
         // Serialising a Value built from strings cannot fail; fall back to compact just in case.
         let mut text = serde_json::to_string_pretty(&flat).unwrap_or_else(|_| flat.to_string());

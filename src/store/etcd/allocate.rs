@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use rand::Rng;
 
 use super::commit::{build_commit, compact_chain};
@@ -137,14 +137,75 @@ fn attempt_add(
     dl: &Deadline,
     memory: &mut Memory,
 ) -> Result<Option<Vec<IpAddr>>, Stop> {
-    let who = &req.attachment;
     let (hits, mut windows) = first_read(s, req, dl, memory)?;
-    let hits_for_memory = hits.clone();
     let held = read_held(s, req, &hits, dl)?;
+    let Planned {
+        plans,
+        mut chosen,
+        spare,
+    } = plan_all(s, req, &hits, held, &mut windows, memory, dl)?;
+    if req.sleep_for_race > 0 {
+        s.pause(dl, Duration::from_secs(req.sleep_for_race));
+    }
+    let (compares, ops) = build_commit(s, req, &plans);
+    if ops.is_empty() {
+        // Every range is already held by this attachment, unchanged: nothing to write.
+        return Ok(Some(chosen));
+    }
+    let alternatives = alternatives(req, &plans, &spare);
+    let (probes, probe_gets) = probes_for(s, req, &plans, memory);
+    let otherwise = fallbacks(s, req, &plans, &alternatives, probe_gets);
+    let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
+    let resp = s.txn(dl, "allocation commit", txn)?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let mut levels = branches_taken(resp, alternatives.len());
+    if let Some(level) = levels.iter().position(|r| r.succeeded()) {
+        if level > 0 {
+            if let Some(Plan::Take { ip, .. }) = alternatives.get(level - 1) {
+                chosen = vec![*ip];
+            }
+        }
+        let who = &req.attachment;
+        tracing::debug!(container = %who.container_id, ips = ?chosen, "etcd: allocated");
+        for (rr, plan) in req.ranges.iter().zip(&plans) {
+            if let Plan::Take { offset, walked, .. } = plan {
+                let new_run = (level == 0).then_some(*offset);
+                compact_chain(s, dl, &rr.pool.name, walked, new_run, revision);
+            }
+        }
+        return Ok(Some(chosen));
+    }
+    if let Some(resp) = levels.pop() {
+        memory.hits = Some(hits);
+        learn_from_probes(req, resp, probes, memory);
+    }
+    Ok(None)
+}
+
+/// The plan of every range, in order.
+struct Planned {
+    plans: Vec<Plan>,
+    /// The address each plan gives, in the same order.
+    chosen: Vec<IpAddr>,
+    /// The free offsets after the last dynamic range's choice: the alternatives tried in the
+    /// same round trip.
+    spare: Vec<u128>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_all(
+    s: &Session,
+    req: &AddRequest,
+    hits: &[IndexHits],
+    held: Vec<Option<(u128, i64, AllocationRecord)>>,
+    windows: &mut [Option<Window>],
+    memory: &mut Memory,
+    dl: &Deadline,
+) -> Result<Planned, Stop> {
     let mut plans = Vec::with_capacity(req.ranges.len());
     let mut chosen: Vec<IpAddr> = Vec::new();
     let mut spare: Vec<u128> = Vec::new();
-    for (i, ((rr, hit), held)) in req.ranges.iter().zip(&hits).zip(held).enumerate() {
+    for (i, ((rr, hit), held)) in req.ranges.iter().zip(hits).zip(held).enumerate() {
         let window = windows[i].take().unwrap_or_default();
         let (plan, free_after) =
             plan_range(s, req, rr, i, *hit, held, window, &chosen, memory, dl)?;
@@ -156,25 +217,29 @@ fn attempt_add(
         });
         plans.push(plan);
     }
-    if req.sleep_for_race > 0 {
-        s.pause(dl, Duration::from_secs(req.sleep_for_race));
-    }
-    let (compares, ops) = build_commit(s, req, &plans);
-    if ops.is_empty() {
-        // Every range is already held by this attachment, unchanged: nothing to write.
-        return Ok(Some(chosen));
-    }
-    let alternatives = alternatives(req, &plans, &spare);
-    // On a failed compare, learn why without another round trip: which chosen offsets are now
-    // held in their pool, which addresses are reserved through another pool; and read the run
-    // window where the next search would start.
+    Ok(Planned {
+        plans,
+        chosen,
+        spare,
+    })
+}
+
+/// What a failed compare reads back, so the next attempt needs no extra round trip: whether
+/// each chosen offset is now held in its pool, whether its address is reserved through
+/// another pool, and the run window where the next search would start.
+fn probes_for(
+    s: &Session,
+    req: &AddRequest,
+    plans: &[Plan],
+    memory: &Memory,
+) -> (Vec<Probe>, Vec<TxnOp>) {
     let mut probes = Vec::new();
-    let mut probe_gets = Vec::new();
-    for (i, (rr, plan)) in req.ranges.iter().zip(&plans).enumerate() {
+    let mut gets = Vec::new();
+    for (i, (rr, plan)) in req.ranges.iter().zip(plans).enumerate() {
         if let Plan::Take { offset, ip, .. } = plan {
             let akey = s.keys.allocation(&rr.pool.name, *offset);
-            probe_gets.push(key_get(&akey));
-            probe_gets.push(key_get(&if req.overlap {
+            gets.push(key_get(&akey));
+            gets.push(key_get(&if req.overlap {
                 s.keys.reservation(&req.network_name, *ip)
             } else {
                 akey
@@ -183,16 +248,37 @@ fn attempt_add(
                 .next_hint(*offset)
                 .filter(|h| *h <= rr.pool.range.last && rr.requested.is_none());
             if let Some(h) = hint {
-                probe_gets.extend(window::gets(&s.keys, &rr.pool.name, h));
+                gets.extend(window::gets(&s.keys, &rr.pool.name, h));
             }
-            probes.push((i, *ip, hint));
+            probes.push(Probe {
+                range: i,
+                ip: *ip,
+                hint,
+            });
         }
     }
-    // The first choice, then, only if it was lost to a writer of the same pool (its record
-    // now exists), each alternative in the failure branch of the one before: one round trip
-    // tries them in order, and the cluster applies at most one. A first choice refused for
-    // another reason (reserved through another range) falls through to the probes, so the
-    // next attempt still takes the lowest free address.
+    (probes, gets)
+}
+
+/// One chosen address of a failed commit, and where its next search would start.
+struct Probe {
+    range: usize,
+    ip: IpAddr,
+    hint: Option<u128>,
+}
+
+/// The failure branch of the commit. The first choice, then, only if it was lost to a writer of
+/// the same pool (its record now exists), each alternative in the failure branch of the one
+/// before: one round trip tries them in order, and the cluster applies at most one. A first
+/// choice refused for another reason (reserved through another range) falls through to the
+/// probes, so the next attempt still takes the lowest free address.
+fn fallbacks(
+    s: &Session,
+    req: &AddRequest,
+    plans: &[Plan],
+    alternatives: &[Plan],
+    probe_gets: Vec<TxnOp>,
+) -> Vec<TxnOp> {
     let mut inner: Option<Txn> = None;
     for alt in alternatives.iter().rev() {
         let (c, o) = build_commit(s, req, std::slice::from_ref(alt));
@@ -202,7 +288,7 @@ fn attempt_add(
         };
         inner = Some(Txn::new().when(c).and_then(o).or_else(otherwise));
     }
-    let otherwise = match (inner, plans.as_slice(), req.ranges.as_slice()) {
+    match (inner, plans, req.ranges.as_slice()) {
         (Some(first_alt), [Plan::Take { offset, .. }], [rr]) => {
             let lost = Compare::create_revision(
                 s.keys.allocation(&rr.pool.name, *offset),
@@ -216,64 +302,54 @@ fn attempt_add(
             vec![TxnOp::txn(gate)]
         }
         _ => probe_gets,
-    };
-    let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
-    let resp = s.txn(dl, "allocation commit", txn)?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    // Walk down the failure branches to the one that applied, or to the probes.
+    }
+}
+
+/// The commit's response and the nested failure branches it went down, in order: the last is
+/// the one that applied, or the one that answered the probes.
+fn branches_taken(resp: TxnResponse, alternatives: usize) -> Vec<TxnResponse> {
     let mut levels = vec![resp];
-    if !alternatives.is_empty() && !levels[0].succeeded() {
-        if let Some(TxnOpResponse::Txn(gate)) = levels[0].op_responses().into_iter().next() {
-            let mut current = gate;
-            if current.succeeded() {
-                for _ in 0..alternatives.len() {
-                    match current.op_responses().into_iter().next() {
-                        Some(TxnOpResponse::Txn(next)) => {
-                            levels.push(next.clone());
-                            if next.succeeded() {
-                                break;
-                            }
-                            current = next;
-                        }
-                        _ => break,
-                    }
-                }
-            } else {
-                levels.push(current);
-            }
-        }
+    if alternatives == 0 || levels[0].succeeded() {
+        return levels;
     }
-    let winner = levels.iter().position(|r| r.succeeded());
-    if let Some(level) = winner {
-        if level > 0 {
-            if let Some(Plan::Take { ip, .. }) = alternatives.get(level - 1) {
-                chosen = vec![*ip];
-            }
-        }
-        tracing::debug!(container = %who.container_id, ips = ?chosen, "etcd: allocated");
-        for (rr, plan) in req.ranges.iter().zip(&plans) {
-            if let Plan::Take { offset, walked, .. } = plan {
-                let new_run = (level == 0).then_some(*offset);
-                compact_chain(s, dl, &rr.pool.name, walked, new_run, revision);
-            }
-        }
-        return Ok(Some(chosen));
-    }
-    let Some(resp) = levels.pop() else {
-        return Ok(None);
+    let Some(TxnOpResponse::Txn(gate)) = levels[0].op_responses().into_iter().next() else {
+        return levels;
     };
+    if !gate.succeeded() {
+        levels.push(gate);
+        return levels;
+    }
+    let mut current = gate;
+    for _ in 0..alternatives {
+        match current.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Txn(next)) => {
+                levels.push(next.clone());
+                if next.succeeded() {
+                    break;
+                }
+                current = next;
+            }
+            _ => break,
+        }
+    }
+    levels
+}
+
+/// What the probes of a failed commit say about the next attempt: an offset lost to another
+/// writer of the pool (contention: back off, start past it), an address reserved through an
+/// overlapping range (search again at once), or a changed run or index entry (contention).
+fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Vec<Probe>, memory: &mut Memory) {
     let mut answers = resp.op_responses().into_iter().map(|r| match r {
         TxnOpResponse::Get(mut g) => g.take_kvs(),
         _ => Vec::new(),
     });
     memory.wait = false;
     memory.prefetched.iter_mut().for_each(|w| *w = None);
-    memory.hits = Some(hits_for_memory);
     let mut lost_any = false;
-    for (i, ip, hint) in probes {
+    for probe in probes {
         let held = !answers.next().unwrap_or_default().is_empty();
         let reserved = !answers.next().unwrap_or_default().is_empty();
-        let window = hint.map(|h| {
+        let window = probe.hint.map(|h| {
             let floor = answers.next().unwrap_or_default();
             (
                 h,
@@ -282,13 +358,11 @@ fn attempt_add(
         });
         if held {
             lost_any = true;
-            memory.start_hint[i] = window.as_ref().map(|(h, _)| *h);
-            memory.prefetched[i] = window.map(|(_, w)| w);
+            memory.start_hint[probe.range] = window.as_ref().map(|(h, _)| *h);
+            memory.prefetched[probe.range] = window.map(|(_, w)| w);
         } else if req.overlap && reserved {
-            // Reserved through an overlapping range: not contention; search again at once.
-            memory.reserved_elsewhere.insert(ip);
+            memory.reserved_elsewhere.insert(probe.ip);
         } else {
-            // A run or index entry changed under us: contention all the same.
             memory.wait = true;
         }
     }
@@ -296,7 +370,6 @@ fn attempt_add(
         memory.conflicts += 1;
         memory.wait |= memory.conflicts > 2;
     }
-    Ok(None)
 }
 
 /// What one range of the request commits, as the core decides it from what etcd holds; with
@@ -334,6 +407,8 @@ fn plan_range(
         } else {
             Contention::None
         },
+        // Go binaries never write an etcd store: the whole range is ours.
+        limit: None,
     };
     let take = |offset: u128, walked: Vec<ReadRun>, release: Option<Box<Released>>| Plan::Take {
         offset,
@@ -376,6 +451,13 @@ fn plan_range(
                 range: range.to_string(),
                 holder,
             }))
+        }
+        // Not asked for (no limit), so never decided.
+        Decision::BeyondLimit { offset } => {
+            return Err(Stop::Final(StoreError::config(format!(
+                "requested address {} is beyond the offsets this pool may hold",
+                range.ip(offset)
+            ))))
         }
         Decision::Exhausted => {
             return Err(Stop::Final(StoreError::Exhausted {

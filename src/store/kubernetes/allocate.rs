@@ -8,10 +8,11 @@ use std::time::Duration;
 use super::api::ApiError;
 use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
+use super::go_lease::{self, Hold};
 use super::pool_doc::{add_op, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
 use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
-use crate::ipam::decide::stable_hash;
+use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::object_name;
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
 use crate::k8s::crd::IPPool;
@@ -87,10 +88,25 @@ impl Snapshot for BatchView<'_> {
     }
 }
 
+/// How an ADD lives with Go binaries that may write the same pools.
+struct GoTerms<'a> {
+    /// A Go binary may rewrite the pool: no offset it would drop is handed out.
+    present: bool,
+    /// The Go binaries' Lease, held while serving (outside node-slice mode).
+    hold: Option<&'a Hold>,
+}
+
+impl GoTerms<'_> {
+    fn check(&self) -> Result<(), StoreError> {
+        self.hold.map_or(Ok(()), Hold::check)
+    }
+}
+
 impl Engine {
     /// One address per range, in order; what was written is in `undo` for the caller to take
     /// back if this fails.
     pub async fn add(&self, req: &AddRequest, undo: &UndoLog) -> Result<Vec<IpAddr>, StoreError> {
+        let go_present = go_lease::go_present(&self.kube, self.go_peers).await?;
         let mut ips = Vec::with_capacity(req.ranges.len());
         for wanted in &req.ranges {
             let pool = self
@@ -115,7 +131,10 @@ impl Engine {
                 }
                 None => None,
             };
-            ips.push(self.allocate(&pool, requested, req, undo).await?);
+            ips.push(
+                self.allocate(&pool, requested, req, undo, go_present)
+                    .await?,
+            );
         }
         Ok(ips)
     }
@@ -128,6 +147,40 @@ impl Engine {
         requested: Option<u128>,
         req: &AddRequest,
         undo: &UndoLog,
+        go_present: bool,
+    ) -> Result<IpAddr, StoreError> {
+        // A node's slice pool is written by that node alone, and a node runs one binary: the
+        // Go binary's per-slice Lease is not needed to keep the two apart.
+        if go_present && req.node_slice_size.is_none() {
+            let identity = format!(
+                "whereabouts-rs/{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            );
+            let deadline = std::time::Instant::now() + self.settings.deadline;
+            let hold = go_lease::take(&self.kube, &identity, deadline).await?;
+            let go = GoTerms {
+                present: true,
+                hold: Some(&hold),
+            };
+            let result = self.allocate_as(pool, requested, req, undo, &go).await;
+            hold.release().await;
+            return result;
+        }
+        let go = GoTerms {
+            present: go_present,
+            hold: None,
+        };
+        self.allocate_as(pool, requested, req, undo, &go).await
+    }
+
+    async fn allocate_as(
+        &self,
+        pool: &PoolRef,
+        requested: Option<u128>,
+        req: &AddRequest,
+        undo: &UndoLog,
+        go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
         let job = Job::new(&req.attachment, requested);
         let spool = Spool::open(
@@ -138,10 +191,10 @@ impl Engine {
             req.overlap,
         );
         let Some(spool) = spool else {
-            return self.serve_one(pool, req, job, undo).await;
+            return self.serve_one(pool, req, job, undo, go).await;
         };
         let Ok(ticket) = spool.submit(&job) else {
-            return self.serve_one(pool, req, job, undo).await;
+            return self.serve_one(pool, req, job, undo, go).await;
         };
         loop {
             if let Some(answer) = spool.answer(&ticket) {
@@ -152,7 +205,7 @@ impl Engine {
                     return self.accept(answer, pool, req, undo);
                 }
                 return self
-                    .lead(&spool, &lock, &ticket, &job, pool, req, undo)
+                    .lead(&spool, &lock, &ticket, &job, pool, req, undo, go)
                     .await;
             }
             tokio::time::sleep(SPOOL_POLL).await;
@@ -172,6 +225,7 @@ impl Engine {
         pool: &PoolRef,
         req: &AddRequest,
         undo: &UndoLog,
+        go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
         let who = &req.attachment;
         let mut mine: Option<Result<IpAddr, StoreError>> = None;
@@ -214,6 +268,7 @@ impl Engine {
                     known.take().filter(|_| trust_known),
                     undo,
                     &mut refill,
+                    go,
                 )
                 .await;
             pending.extend(joined);
@@ -297,9 +352,10 @@ impl Engine {
         req: &AddRequest,
         job: Job,
         undo: &UndoLog,
+        go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
         let (mut results, _, _) = self
-            .serve(pool, req, vec![job], None, undo, &mut Vec::new)
+            .serve(pool, req, vec![job], None, undo, &mut Vec::new, go)
             .await?;
         results
             .pop()
@@ -312,6 +368,7 @@ impl Engine {
     /// of the pool itself fails the whole call, its writes left in `undo`.
     /// `known` is the pool as this process last wrote it, tried before reading it again.
     /// Returns the results, the pool as written, and whether `known` turned out stale.
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
         pool: &PoolRef,
@@ -320,6 +377,7 @@ impl Engine {
         mut known: Option<IPPool>,
         undo: &UndoLog,
         refill: &mut dyn FnMut() -> Vec<Job>,
+        go: &GoTerms<'_>,
     ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>, bool), StoreError> {
         let guessing = known.is_some();
         let name = object_name(&pool.name);
@@ -347,6 +405,7 @@ impl Engine {
                 None => self.kube.get_pool(&name).await?,
             };
             let doc = PoolDoc::new(&name, range.cidr, object)?;
+            let limit = go.present.then(|| doc.offset_limit(GO_OFFSET_LIMIT));
             if let (Some(failed), Some(now)) = (&failed_rv, doc.resource_version()) {
                 if failed == now {
                     return Err(StoreError::io(format!(
@@ -376,7 +435,7 @@ impl Engine {
                 if slots[i].done.is_some() || twin_of[i].is_some() {
                     continue;
                 }
-                let decision = self.pick(pool, &doc, &held, &taken, &mut slots[i]);
+                let decision = self.pick(pool, &doc, &held, &taken, &mut slots[i], limit);
                 let earlier = slots[i].reserved.take();
                 match decision {
                     Some(Decision::Keep { offset, release }) => {
@@ -422,7 +481,7 @@ impl Engine {
                 let mut picks = Vec::new();
                 for i in std::mem::take(&mut needs) {
                     if let Some(offset) = self
-                        .pick(pool, &doc, &held, &taken, &mut slots[i])
+                        .pick(pool, &doc, &held, &taken, &mut slots[i], limit)
                         .and_then(|d| d.offset())
                     {
                         taken.insert(offset);
@@ -437,6 +496,7 @@ impl Engine {
                     .iter()
                     .map(|(i, offset)| (range.ip(*offset), slots[*i].who.clone()))
                     .collect();
+                go.check()?;
                 let outcomes = self
                     .reserve_all(wanted, &req.network_name, doc.resource_version(), undo)
                     .await?;
@@ -487,6 +547,7 @@ impl Engine {
             if req.sleep_for_race > 0 && !ops.is_empty() {
                 tokio::time::sleep(Duration::from_secs(req.sleep_for_race)).await;
             }
+            go.check()?;
             let written = match (ops.is_empty(), doc.resource_version()) {
                 (true, _) => Ok(doc.object.clone()),
                 (false, Some(rv)) => {
@@ -565,6 +626,7 @@ impl Engine {
         held: &BTreeMap<u128, Attachment>,
         taken: &OffsetRuns,
         slot: &mut Slot,
+        limit: Option<u128>,
     ) -> Option<Decision<String>> {
         let range = &pool.range;
         if let Some(offset) = slot.requested {
@@ -583,6 +645,7 @@ impl Engine {
         let ask = Ask {
             requested: slot.requested,
             contention,
+            limit,
         };
         let mut view = BatchView {
             doc,
@@ -597,6 +660,13 @@ impl Engine {
                 range: range.to_string(),
                 holder: holder.clone(),
             },
+            Decision::BeyondLimit { offset } => StoreError::config(format!(
+                "requested address {} is beyond the first 2^63 addresses of {range}, which a Go \
+                 Whereabouts binary (still writing the pools, see the flat file's go_whereabouts) \
+                 would drop from pool {}",
+                range.ip(*offset),
+                doc.name
+            )),
             Decision::Exhausted => StoreError::Exhausted {
                 range: range.to_string(),
             },

@@ -7,6 +7,8 @@ use std::time::Duration;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::Value;
 
+use k8s_openapi::api::coordination::v1::Lease;
+
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::cleanup::judge::PodPlace;
@@ -101,6 +103,8 @@ pub struct Kube {
     pub pools: Api<IPPool>,
     pub reservations: Api<OverlappingRangeIPReservation>,
     pub slices: Api<NodeSlicePool>,
+    /// The Go Whereabouts' Lease, taken part in while Go binaries may write the pools.
+    pub leases: Api<Lease>,
     /// For pods, which live in every namespace (a node's GC asks where a pod runs).
     client: kube::Client,
     pub request_timeout: Duration,
@@ -121,6 +125,7 @@ impl Kube {
             pools: Api::namespaced(client.clone(), namespace),
             reservations: Api::namespaced(client.clone(), namespace),
             slices: Api::namespaced(client.clone(), namespace),
+            leases: Api::namespaced(client.clone(), namespace),
             client,
             request_timeout,
             transient,
@@ -277,6 +282,27 @@ impl Kube {
     pub async fn get_slice_pool(&self, name: &str) -> Result<Option<NodeSlicePool>, ApiError> {
         let what = format!("get NodeSlicePool {name}");
         self.call(&what, || self.slices.get_opt(name)).await
+    }
+
+    pub async fn get_lease(&self, name: &str) -> Result<Option<Lease>, ApiError> {
+        let what = format!("get Lease {name}");
+        self.call(&what, || self.leases.get_opt(name)).await
+    }
+
+    pub async fn create_lease(&self, lease: &Lease) -> Result<Lease, ApiError> {
+        let name = lease.metadata.name.as_deref().unwrap_or_default();
+        let what = format!("create Lease {name}");
+        let pp = PostParams::default();
+        self.call(&what, || self.leases.create(&pp, lease)).await
+    }
+
+    /// Replaces the Lease only if its resourceVersion is still the one in `lease`.
+    pub async fn replace_lease(&self, lease: &Lease) -> Result<Lease, ApiError> {
+        let name = lease.metadata.name.as_deref().unwrap_or_default();
+        let what = format!("update Lease {name}");
+        let pp = PostParams::default();
+        self.call(&what, || self.leases.replace(name, &pp, lease))
+            .await
     }
 
     /// Where the pod `namespace/name` is; [`PodPlace::Gone`] when there is no such pod.

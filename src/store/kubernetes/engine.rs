@@ -7,6 +7,7 @@ use super::api::{ApiError, Kube};
 use super::node_slice;
 use super::reservation::Held;
 use super::settings::Settings;
+use crate::config::GoPeers;
 use crate::ipam::Cidr;
 use crate::store::{PoolRef, StoreError};
 
@@ -16,6 +17,8 @@ pub struct Engine {
     pub scope: String,
     pub settings: Settings,
     pub configuration_path: Option<PathBuf>,
+    /// Whether Go binaries may still write the pools (the flat file's `go_whereabouts`).
+    pub go_peers: GoPeers,
 }
 
 /// Something an ADD wrote that must be taken back if the ADD cannot finish.

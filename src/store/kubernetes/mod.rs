@@ -1,5 +1,6 @@
 //! The Kubernetes engine: the upstream CRDs (IPPool, OverlappingRangeIPReservation,
-//! NodeSlicePool), compare-and-swap on resourceVersion, no Lease and no leader election.
+//! NodeSlicePool), compare-and-swap on resourceVersion, no Lease of its own and no leader
+//! election (only the Go binaries' Lease while they remain: `go_lease`).
 //!
 //! Contenders only wait for each other when they write the same pool at the same moment; a
 //! conflict is retried after a jittered pause, a bounded number of times, and an ADD that cannot
@@ -8,7 +9,9 @@
 mod allocate;
 mod api;
 mod choose;
+pub mod doctor;
 mod engine;
+mod go_lease;
 mod node_slice;
 mod pool_doc;
 mod release;
@@ -27,6 +30,7 @@ use crate::store::{
     AddRequest, Allocation, AttachmentRequest, GcRequest, Reservation, Store, StoreError,
 };
 
+pub use go_lease::{last_go_renewal, GO_LEASE_NAME};
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
 pub use spool::SPOOL_ENV;
@@ -56,7 +60,34 @@ pub fn open_for_operator(
     open_with(ipam, &access)
 }
 
+/// `whereabouts doctor`: the findings in the engine's namespace, repaired where safe with `fix`.
+pub fn doctor(
+    ipam: &IpamConfig,
+    cfg: &KubernetesConfig,
+    fix: bool,
+    orphan_age: std::time::Duration,
+) -> Result<Vec<doctor::Finding>, StoreError> {
+    let access = operator_access(&cfg.kubeconfig, in_pod());
+    let store = connect_store(ipam, &access)?;
+    store.run("doctor", async {
+        let kube = &store.engine.kube;
+        let mut survey = doctor::survey(kube, orphan_age).await?;
+        if fix {
+            doctor::fix(kube, &mut survey).await;
+        }
+        let mut findings = survey.findings().to_vec();
+        findings.sort_by(|a, b| {
+            (a.problem, &a.object, &a.address).cmp(&(b.problem, &b.object, &b.address))
+        });
+        Ok(findings)
+    })
+}
+
 fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, StoreError> {
+    Ok(Box::new(connect_store(ipam, access)?))
+}
+
+fn connect_store(ipam: &IpamConfig, access: &Access) -> Result<KubernetesStore, StoreError> {
     let settings = Settings::from_env();
     // The plugin is a short-lived process: one thread, only around the API calls.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -86,7 +117,7 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
         settings.transient,
         &connection.origin,
     );
-    Ok(Box::new(KubernetesStore {
+    Ok(KubernetesStore {
         runtime,
         server: connection.server.clone(),
         engine: Engine {
@@ -94,8 +125,9 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
             scope: format!("{} {}", connection.server, connection.namespace),
             settings,
             configuration_path: ipam.configuration_path.clone(),
+            go_peers: ipam.go_peers,
         },
-    }))
+    })
 }
 
 struct KubernetesStore {

@@ -91,6 +91,13 @@ impl PoolDoc {
         self.key_of(offset).is_none()
     }
 
+    /// The first offset whose key is `key_limit` or more (keys count from the IP part of
+    /// `spec.range`, offsets from the network address).
+    pub fn offset_limit(&self, key_limit: u128) -> u128 {
+        let shift = self.key_base.saturating_sub(self.cidr.base());
+        key_limit.saturating_add(shift)
+    }
+
     /// The key upstream uses for the address at `offset`.
     pub fn key_of(&self, offset: u128) -> Option<String> {
         let value = self.cidr.base().checked_add(offset)?;

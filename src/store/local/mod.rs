@@ -602,6 +602,8 @@ fn add_one(
     let ask = Ask {
         requested: wanted.requested,
         contention: Contention::None,
+        // Go binaries never write the local store: the whole range is ours.
+        limit: None,
     };
     let decision = decide(range, &ask, &mut view)?;
     if req.sleep_for_race > 0 && !*slept {
@@ -621,6 +623,13 @@ fn add_one(
                 range,
                 holder: holder.describe(),
             }))
+        }
+        // Not asked for (no limit), so never decided.
+        Decision::BeyondLimit { offset } => {
+            return Err(Fail::Store(StoreError::config(format!(
+                "requested address {} is beyond the offsets this pool may hold",
+                pool.range.ip(offset)
+            ))))
         }
         Decision::Exhausted => {
             return Err(Fail::Store(StoreError::Exhausted {

@@ -1,0 +1,462 @@
+//! `whereabouts doctor` on the Kubernetes engine: what in the pools, reservations and node
+//! slices is inconsistent, or would be dropped or misread by a Go Whereabouts binary, and the
+//! repairs that are safe to make without a human (with `--fix`), each a conditional write.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::api::{ApiError, Kube};
+use super::pool_doc::PoolDoc;
+use super::reservation;
+use crate::ipam::decide::GO_OFFSET_LIMIT;
+use crate::ipam::names::{object_name, pool_name};
+use crate::ipam::Cidr;
+use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
+use crate::store::{Attachment, StoreError};
+
+/// A reservation without a pool entry is left alone this long after its creation, by default:
+/// our ADD creates the reservation before the pool entry, so a young one may belong to an ADD
+/// in progress. Longer than any ADD's deadline.
+pub const ORPHAN_AGE: Duration = Duration::from_secs(300);
+
+/// What is wrong, one kind per rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Problem {
+    /// A pool entry without its OverlappingRangeIPReservation (another range may hand the
+    /// address out again; networks with `enable_overlapping_ranges: false` have none).
+    MissingReservation,
+    /// A reservation that no pool entry holds (a leak: the address is never handed out again).
+    OrphanReservation,
+    /// The entry's reservation is held by another attachment.
+    ReservationHolderDiffers,
+    /// One address of a network held by two attachments (a duplicate).
+    HeldTwice,
+    /// An entry whose key is 2^63 or more: a Go binary drops it from every pool it writes.
+    BeyondGoOffsets,
+    /// An entry without a pod (`podref: ""`): a Go reconciler deletes its reservation.
+    Podless,
+    /// An object named in our valid form of a name the Go binary would write invalid
+    /// (`0---126` for `---126`): a Go binary looks for the invalid name and does not find it.
+    MadeValidName,
+    /// A key that is not an address of the pool's range: every implementation ignores it.
+    UnreadableEntry,
+    /// A node's slice pool holding addresses although the NodeSlicePool gives that node
+    /// another slice (or none).
+    SliceMismatch,
+}
+
+/// One finding, and what `--fix` did or would do about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub problem: Problem,
+    /// `IPPool/<name>` or `OverlappingRangeIPReservation/<name>`.
+    pub object: String,
+    pub address: Option<String>,
+    /// The reservation the finding is about, if any.
+    pub reservation: Option<String>,
+    pub detail: String,
+    /// "none" (needs a human), "fixable", "fixed", or why it was not.
+    pub action: String,
+}
+
+/// A pool as read, with what its name says.
+struct Pool {
+    name: String,
+    doc: PoolDoc,
+    network: String,
+}
+
+/// Everything read, in one place.
+pub struct Survey {
+    pools: Vec<Pool>,
+    reservations: BTreeMap<String, OverlappingRangeIPReservation>,
+    findings: Vec<Finding>,
+}
+
+fn finding(problem: Problem, object: String, address: Option<IpAddr>, detail: String) -> Finding {
+    let action = match problem {
+        Problem::MissingReservation | Problem::OrphanReservation => "fixable",
+        _ => "none",
+    };
+    Finding {
+        problem,
+        object,
+        address: address.map(|a| a.to_string()),
+        reservation: None,
+        detail,
+        action: action.into(),
+    }
+}
+
+/// Reads the namespace's pools, reservations and node slices, and finds what is wrong.
+pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreError> {
+    let pools = kube.list_pools(None).await?;
+    let reservations = kube.list_reservations(None).await?;
+    let slices = match kube.slices.list(&Default::default()).await {
+        Ok(list) => list.items,
+        // Without the NodeSlicePool resource there are no node slices to check.
+        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
+        Err(err) => return Err(StoreError::io(format!("cannot list NodeSlicePools: {err}"))),
+    };
+    let mut survey = Survey {
+        pools: Vec::new(),
+        reservations: reservations
+            .into_iter()
+            .filter_map(|r| Some((r.metadata.name.clone()?, r)))
+            .collect(),
+        findings: Vec::new(),
+    };
+    for object in pools {
+        survey.read_pool(object, &slices);
+    }
+    survey.check_entries();
+    survey.check_orphans(orphan_age);
+    Ok(survey)
+}
+
+/// The network and node a pool's name stands for (`[network-][node-]<range>`), the node's
+/// slice checked against the NodeSlicePools.
+fn identify(
+    name: &str,
+    range: &Cidr,
+    slices: &[NodeSlicePool],
+) -> (String, Option<(String, bool)>) {
+    for slice_pool in slices {
+        let network = slice_pool.metadata.name.clone().unwrap_or_default();
+        let Some(whole) = Cidr::parse(&slice_pool.spec.range, false) else {
+            continue;
+        };
+        if !whole.overlaps(range) {
+            continue;
+        }
+        let assigned = slice_pool
+            .status
+            .as_ref()
+            .map(|s| s.allocations.clone())
+            .unwrap_or_default();
+        for net in [network.as_str(), ""] {
+            let prefix = if net.is_empty() {
+                String::new()
+            } else {
+                format!("{net}-")
+            };
+            let suffix = format!("-{}", object_name(&pool_name(range, "", None)));
+            let Some(node) = name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.strip_suffix(&suffix))
+            else {
+                continue;
+            };
+            // Without a network name the pool's name cannot tell a node from a network: only a
+            // node the NodeSlicePool names counts.
+            if node.is_empty() || (net.is_empty() && !assigned.iter().any(|a| a.node_name == node))
+            {
+                continue;
+            }
+            let holds = assigned.iter().any(|a| {
+                a.node_name == node
+                    && Cidr::parse(&a.slice_range, false).map(|c| c.network())
+                        == Some(range.network())
+            });
+            return (net.to_string(), Some((node.to_string(), holds)));
+        }
+    }
+    let plain = object_name(&pool_name(range, "", None));
+    let network = name
+        .strip_suffix(&plain)
+        .and_then(|rest| rest.strip_suffix('-'))
+        .unwrap_or_default();
+    (network.to_string(), None)
+}
+
+impl Survey {
+    fn read_pool(&mut self, object: IPPool, slices: &[NodeSlicePool]) {
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let what = format!("IPPool/{name}");
+        let Some(range) = Cidr::parse(&object.spec.range, false) else {
+            self.findings.push(finding(
+                Problem::UnreadableEntry,
+                what,
+                None,
+                format!("spec.range {:?} is not a CIDR", object.spec.range),
+            ));
+            return;
+        };
+        let (network, node) = identify(&name, &range.network(), slices);
+        let upstream = pool_name(&range, &network, node.as_ref().map(|(n, _)| n.as_str()));
+        if upstream != name && object_name(&upstream) == name {
+            self.findings.push(finding(
+                Problem::MadeValidName,
+                what.clone(),
+                None,
+                format!("the Go binary names this pool {upstream:?}, which Kubernetes refuses"),
+            ));
+        }
+        let keys: Vec<String> = object.spec.allocations.keys().cloned().collect();
+        let Ok(doc) = PoolDoc::new(&name, range.network(), Some(object)) else {
+            return;
+        };
+        let readable: BTreeSet<String> = doc.entries().into_iter().map(|e| e.key).collect();
+        for key in keys.iter().filter(|k| !readable.contains(*k)) {
+            self.findings.push(finding(
+                Problem::UnreadableEntry,
+                what.clone(),
+                None,
+                format!("key {key:?} is not an address of {range}"),
+            ));
+        }
+        if let Some((node, false)) = &node {
+            if !doc.entries().is_empty() {
+                self.findings.push(finding(
+                    Problem::SliceMismatch,
+                    what.clone(),
+                    None,
+                    format!(
+                        "node {node} holds addresses here but its NodeSlicePool gives it another slice or none"
+                    ),
+                ));
+            }
+        }
+        self.pools.push(Pool { name, doc, network });
+    }
+
+    /// Every entry against its reservation, the Go binary's limits, and the other entries.
+    fn check_entries(&mut self) {
+        let mut holders: BTreeMap<(String, IpAddr), Vec<(String, Attachment)>> = BTreeMap::new();
+        let mut findings = Vec::new();
+        for pool in &self.pools {
+            let what = format!("IPPool/{}", pool.name);
+            for entry in pool.doc.entries() {
+                let ip = Some(entry.ip);
+                if entry
+                    .key
+                    .parse::<u128>()
+                    .is_ok_and(|k| k >= GO_OFFSET_LIMIT)
+                {
+                    findings.push(finding(
+                        Problem::BeyondGoOffsets,
+                        what.clone(),
+                        ip,
+                        format!("key {} is 2^63 or more", entry.key),
+                    ));
+                }
+                if entry.attachment.pod_ref.is_none() {
+                    findings.push(finding(
+                        Problem::Podless,
+                        what.clone(),
+                        ip,
+                        format!("container {} has no pod", entry.attachment.container_id),
+                    ));
+                }
+                let name = reservation::name(entry.ip, &pool.network);
+                let mut about = |problem, detail| {
+                    let mut f = finding(problem, what.clone(), ip, detail);
+                    f.reservation = Some(name.clone());
+                    findings.push(f);
+                };
+                match self.reservations.get(&name) {
+                    None => about(
+                        Problem::MissingReservation,
+                        format!("no reservation for {}", entry.attachment.describe()),
+                    ),
+                    Some(r) if !reservation::held_by(r, &entry.attachment) => about(
+                        Problem::ReservationHolderDiffers,
+                        format!(
+                            "the entry is {}, the reservation {}/{}",
+                            entry.attachment.describe(),
+                            r.spec.podref,
+                            r.spec.containerid
+                        ),
+                    ),
+                    Some(_) => {}
+                }
+                holders
+                    .entry((pool.network.clone(), entry.ip))
+                    .or_default()
+                    .push((pool.name.clone(), entry.attachment));
+            }
+        }
+        for ((network, ip), held) in holders {
+            let owners: BTreeSet<String> = held.iter().map(|(_, a)| a.describe()).collect();
+            if owners.len() > 1 {
+                let pools: Vec<&str> = held.iter().map(|(p, _)| p.as_str()).collect();
+                findings.push(finding(
+                    Problem::HeldTwice,
+                    format!("IPPool/{}", pools.join(",IPPool/")),
+                    Some(ip),
+                    format!(
+                        "network {network:?}: held by {}",
+                        owners.into_iter().collect::<Vec<_>>().join(" and ")
+                    ),
+                ));
+            }
+        }
+        self.findings.extend(findings);
+    }
+
+    /// Reservations that no entry accounts for, and reservation names made valid.
+    fn check_orphans(&mut self, orphan_age: Duration) {
+        let expected: BTreeSet<String> = self
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.doc
+                    .entries()
+                    .into_iter()
+                    .map(|e| reservation::name(e.ip, &p.network))
+            })
+            .collect();
+        for (name, r) in &self.reservations {
+            let what = format!("OverlappingRangeIPReservation/{name}");
+            if !expected.contains(name) {
+                let mut f = finding(
+                    Problem::OrphanReservation,
+                    what.clone(),
+                    None,
+                    format!(
+                        "held by {}/{} but in no pool",
+                        r.spec.podref, r.spec.containerid
+                    ),
+                );
+                f.reservation = Some(name.clone());
+                if young(r, orphan_age) {
+                    f.action = "none yet: younger than an ADD's deadline".into();
+                }
+                self.findings.push(f);
+            }
+            if let Some(upstream) = name.strip_prefix('0').filter(|u| u.starts_with('-')) {
+                self.findings.push(finding(
+                    Problem::MadeValidName,
+                    what,
+                    None,
+                    format!("the Go binary names this reservation {upstream:?}, which Kubernetes refuses"),
+                ));
+            }
+        }
+    }
+
+    pub fn findings(&self) -> &[Finding] {
+        &self.findings
+    }
+}
+
+fn young(r: &OverlappingRangeIPReservation, orphan_age: Duration) -> bool {
+    let Some(created) = &r.metadata.creation_timestamp else {
+        return true;
+    };
+    let age = jiff::Timestamp::now().duration_since(created.0);
+    age.unsigned_abs() < orphan_age
+}
+
+/// Repairs what is safe to repair, each with a conditional write, and records the outcome in
+/// the findings: a missing reservation is created for the entry's attachment (a create fails
+/// if someone made it meanwhile), an orphan reservation old enough is deleted only if it is
+/// still the object read (uid and resourceVersion).
+pub async fn fix(kube: &Kube, survey: &mut Survey) {
+    let entries: BTreeMap<String, Attachment> = survey
+        .pools
+        .iter()
+        .flat_map(|p| {
+            p.doc
+                .entries()
+                .into_iter()
+                .map(|e| (reservation::name(e.ip, &p.network), e.attachment))
+        })
+        .collect();
+    for f in &mut survey.findings {
+        if f.action != "fixable" {
+            continue;
+        }
+        let outcome = match f.problem {
+            Problem::MissingReservation => {
+                let Some(name) = f.reservation.clone() else {
+                    continue;
+                };
+                match entries.get(&name) {
+                    Some(who) => kube
+                        .create_reservation(&reservation::new_object(&name, who))
+                        .await
+                        .map(|_| ()),
+                    None => continue,
+                }
+            }
+            Problem::OrphanReservation => {
+                let Some(name) = f.reservation.as_deref() else {
+                    continue;
+                };
+                match survey.reservations.get(name) {
+                    Some(r) => {
+                        kube.delete_reservation(
+                            name,
+                            r.metadata.uid.as_deref(),
+                            r.metadata.resource_version.as_deref(),
+                        )
+                        .await
+                    }
+                    None => continue,
+                }
+            }
+            _ => continue,
+        };
+        f.action = match outcome {
+            Ok(()) => "fixed".into(),
+            Err(ApiError::AlreadyExists(_) | ApiError::Conflict(_)) => {
+                "not fixed: changed meanwhile; run again".into()
+            }
+            Err(err) => format!("not fixed: {err}"),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::crd::{NodeSliceAllocation, NodeSlicePoolSpec, NodeSlicePoolStatus};
+
+    fn slices() -> Vec<NodeSlicePool> {
+        let mut pool = NodeSlicePool::new(
+            "blue",
+            NodeSlicePoolSpec {
+                range: "10.0.0.0/16".into(),
+                slice_size: "24".into(),
+            },
+        );
+        pool.status = Some(NodeSlicePoolStatus {
+            allocations: vec![NodeSliceAllocation {
+                node_name: "n1".into(),
+                slice_range: "10.0.1.0/24".into(),
+            }],
+        });
+        vec![pool]
+    }
+
+    #[test]
+    fn names_tell_network_and_node() {
+        let c = |s: &str| Cidr::parse(s, false).unwrap();
+        let s = slices();
+        assert_eq!(
+            identify("10.9.0.0-24", &c("10.9.0.0/24"), &s),
+            (String::new(), None)
+        );
+        assert_eq!(
+            identify("red-10.9.0.0-24", &c("10.9.0.0/24"), &s),
+            ("red".into(), None)
+        );
+        assert_eq!(
+            identify("blue-n1-10.0.1.0-24", &c("10.0.1.0/24"), &s),
+            ("blue".into(), Some(("n1".into(), true)))
+        );
+        assert_eq!(
+            identify("blue-n2-10.0.2.0-24", &c("10.0.2.0/24"), &s),
+            ("blue".into(), Some(("n2".into(), false)))
+        );
+        assert_eq!(
+            identify("n1-10.0.1.0-24", &c("10.0.1.0/24"), &s),
+            (String::new(), Some(("n1".into(), true)))
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! Taking part in the Go Whereabouts' Lease while Go binaries may still write the pools.
+//!
+//! A Go binary holds the Lease `whereabouts` (in the engine's namespace) for the whole of its
+//! ADD or DEL: it reads the pool, checks the address's overlapping-range reservation, writes the
+//! pool, then creates the reservation; when that create fails, its runtime's DEL deletes the
+//! reservation without looking at who holds it. An ADD of ours between its check and its create
+//! would lose its reservation that way, and its address would be handed out again. So while Go
+//! binaries remain, our ADD holds the same Lease, as client-go's leader election takes it: a
+//! free or released Lease is taken at once, someone else's only once it has not changed for its
+//! `leaseDurationSeconds` as seen here, every write conditional on the resourceVersion read; it is
+//! renewed while the ADD runs and released (holder emptied) at the end, as a Go binary does.
+//!
+//! Whether a Go binary is still around (`go_whereabouts: auto`) is read from the same Lease: a
+//! Go write leaves `renewTime` different from the time our last write recorded in an annotation,
+//! and our writes carry the last Go renewal forward in another annotation.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::ObjectMeta;
+use tokio::sync::Mutex;
+
+use super::api::{ApiError, Kube};
+use crate::config::{GoPeers, GO_ACTIVE_WINDOW_SECS};
+use crate::store::StoreError;
+
+/// The Go binary's Lease (outside node-slice mode), in the engine's namespace.
+pub const GO_LEASE_NAME: &str = "whereabouts";
+/// The `renewTime` of our last write of the Lease: a different `renewTime` is a Go write.
+pub const OUR_RENEWAL: &str = "whereabouts.cni.cncf.io/rust-renew-time";
+/// The last `renewTime` a Go binary wrote, as our writes saw it.
+pub const GO_RENEWAL: &str = "whereabouts.cni.cncf.io/go-renew-time";
+
+/// How long our hold lasts without renewal: a process that dies holding the Lease delays the
+/// next ADD (ours or Go's) by this much.
+const HOLD: Duration = Duration::from_secs(4);
+/// How often the hold is renewed while the ADD runs.
+const RENEW_EVERY: Duration = Duration::from_millis(1000);
+/// How often a waiting ADD looks at the Lease again (client-go's retry period, upstream's
+/// default, is 500 ms).
+const POLL: Duration = Duration::from_millis(100);
+
+fn now() -> jiff::Timestamp {
+    // Microseconds, as the API server stores a MicroTime: the annotation must equal it.
+    let now = jiff::Timestamp::now();
+    jiff::Timestamp::from_microsecond(now.as_microsecond()).unwrap_or(now)
+}
+
+/// When a Go binary last wrote the Lease, if ever (as far as the Lease tells).
+pub fn last_go_renewal(lease: &Lease) -> Option<jiff::Timestamp> {
+    let annotations = lease.metadata.annotations.as_ref();
+    let annotated = |key: &str| {
+        annotations
+            .and_then(|a| a.get(key))
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+    };
+    let renewed = lease.spec.as_ref().and_then(|s| s.renew_time.as_ref())?.0;
+    if annotated(OUR_RENEWAL) == Some(renewed) {
+        annotated(GO_RENEWAL)
+    } else {
+        Some(renewed)
+    }
+}
+
+/// Whether Go binaries may write the pools now, by the admin's word or the Lease's.
+pub async fn go_present(kube: &Kube, peers: GoPeers) -> Result<bool, StoreError> {
+    match peers {
+        GoPeers::Present => Ok(true),
+        GoPeers::Absent => Ok(false),
+        GoPeers::Auto => match kube.get_lease(GO_LEASE_NAME).await {
+            Ok(Some(lease)) => Ok(last_go_renewal(&lease).is_some_and(|at| {
+                let age = now().duration_since(at).unsigned_abs();
+                age < Duration::from_secs(GO_ACTIVE_WINDOW_SECS)
+            })),
+            Ok(None) => Ok(false),
+            // Not allowed to read it: an installation whose RBAC predates this check, which
+            // has no Go binary to protect either (upstream's RBAC grants every Lease).
+            Err(ApiError::Refused(msg)) => {
+                tracing::debug!(%msg, "cannot read the Go Whereabouts' Lease; taken as absent");
+                Ok(false)
+            }
+            Err(err) => Err(err.into()),
+        },
+    }
+}
+
+/// The Lease as held by this process, renewed in the background until released.
+pub struct Hold {
+    kube: Kube,
+    lease: Arc<Mutex<Lease>>,
+    lost: Arc<AtomicBool>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Hold {
+    /// Fails when the hold was lost (a renewal failed): nothing may be written any more.
+    pub fn check(&self) -> Result<(), StoreError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(StoreError::try_again(format!(
+                "lost the Lease {GO_LEASE_NAME} shared with the Go Whereabouts before writing"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Gives the Lease up as client-go does (no holder, one second), so the next one takes it
+    /// at once. A failure only delays the next holder by [`HOLD`].
+    pub async fn release(self) {
+        self.renewer.abort();
+        let mut lease = self.lease.lock().await.clone();
+        let stamp = now();
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+            spec.renew_time = Some(MicroTime(stamp));
+            spec.acquire_time = Some(MicroTime(stamp));
+        }
+        mark(&mut lease.metadata, stamp, None);
+        if let Err(err) = self.kube.replace_lease(&lease).await {
+            tracing::debug!(%err, "could not release the Go Whereabouts' Lease; it expires");
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
+
+/// Records our write's time, and the last Go renewal seen, in the Lease's annotations.
+fn mark(meta: &mut ObjectMeta, stamp: jiff::Timestamp, go_seen: Option<jiff::Timestamp>) {
+    let annotations = meta.annotations.get_or_insert_with(Default::default);
+    annotations.insert(OUR_RENEWAL.into(), stamp.to_string());
+    if let Some(go) = go_seen {
+        annotations.insert(GO_RENEWAL.into(), go.to_string());
+    }
+    meta.managed_fields = None;
+}
+
+/// What was last seen of someone else's hold, and since when on our clock.
+struct Seen {
+    record: (Option<String>, Option<MicroTime>),
+    since: Instant,
+}
+
+/// Takes the Lease for `identity`, waiting for the holder to release it or to let it expire,
+/// until `deadline`.
+pub async fn take(kube: &Kube, identity: &str, deadline: Instant) -> Result<Hold, StoreError> {
+    let mut seen: Option<Seen> = None;
+    loop {
+        if Instant::now() > deadline {
+            return Err(StoreError::try_again(format!(
+                "the Lease {GO_LEASE_NAME} shared with the Go Whereabouts stayed held by another process"
+            )));
+        }
+        if let Some(lease) = try_take(kube, identity, &mut seen).await? {
+            return Ok(start_renewing(kube, lease));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// One attempt: the Lease as written when taken, `None` when someone else holds it.
+async fn try_take(
+    kube: &Kube,
+    identity: &str,
+    seen: &mut Option<Seen>,
+) -> Result<Option<Lease>, StoreError> {
+    let stamp = now();
+    let ours = |transitions: i32| LeaseSpec {
+        holder_identity: Some(identity.to_string()),
+        lease_duration_seconds: Some(HOLD.as_secs() as i32),
+        acquire_time: Some(MicroTime(stamp)),
+        renew_time: Some(MicroTime(stamp)),
+        lease_transitions: Some(transitions),
+        ..LeaseSpec::default()
+    };
+    let Some(mut lease) = kube.get_lease(GO_LEASE_NAME).await? else {
+        let mut lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(GO_LEASE_NAME.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ours(0)),
+        };
+        mark(&mut lease.metadata, stamp, None);
+        return written(kube.create_lease(&lease).await);
+    };
+    let spec = lease.spec.clone().unwrap_or_default();
+    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+    if holder.is_some() {
+        let record = (holder, spec.renew_time.clone());
+        let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(1).max(1) as u64);
+        match seen {
+            Some(s) if s.record == record && s.since.elapsed() >= duration => {}
+            Some(s) if s.record == record => return Ok(None),
+            _ => {
+                *seen = Some(Seen {
+                    record,
+                    since: Instant::now(),
+                });
+                return Ok(None);
+            }
+        }
+    }
+    let go_seen = last_go_renewal(&lease);
+    lease.spec = Some(ours(spec.lease_transitions.unwrap_or(0) + 1));
+    mark(&mut lease.metadata, stamp, go_seen);
+    written(kube.replace_lease(&lease).await)
+}
+
+/// The written Lease; `None` when another process wrote it first.
+fn written(result: Result<Lease, ApiError>) -> Result<Option<Lease>, StoreError> {
+    match result {
+        Ok(lease) => Ok(Some(lease)),
+        Err(ApiError::Conflict(_) | ApiError::AlreadyExists(_)) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn start_renewing(kube: &Kube, lease: Lease) -> Hold {
+    let lease = Arc::new(Mutex::new(lease));
+    let lost = Arc::new(AtomicBool::new(false));
+    let renewer = {
+        let (kube, lease, lost) = (kube.clone(), lease.clone(), lost.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                let mut held = lease.lock().await;
+                let mut next = held.clone();
+                let stamp = now();
+                if let Some(spec) = next.spec.as_mut() {
+                    spec.renew_time = Some(MicroTime(stamp));
+                }
+                mark(&mut next.metadata, stamp, None);
+                match kube.replace_lease(&next).await {
+                    Ok(written) => *held = written,
+                    Err(err) => {
+                        tracing::warn!(%err, "could not renew the Go Whereabouts' Lease");
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    Hold {
+        kube: kube.clone(),
+        lease,
+        lost,
+        renewer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(renewed: &str, ours: Option<&str>, go: Option<&str>) -> Lease {
+        let mut annotations = std::collections::BTreeMap::new();
+        if let Some(t) = ours {
+            annotations.insert(OUR_RENEWAL.to_string(), t.to_string());
+        }
+        if let Some(t) = go {
+            annotations.insert(GO_RENEWAL.to_string(), t.to_string());
+        }
+        Lease {
+            metadata: ObjectMeta {
+                annotations: Some(annotations),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(renewed.parse().unwrap())),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn tells_go_writes_from_ours() {
+        let t1 = "2026-01-01T00:00:01.000001Z";
+        let t2 = "2026-01-01T00:00:02Z";
+        // Never written by us: a Go write.
+        assert_eq!(last_go_renewal(&lease(t1, None, None)), t1.parse().ok());
+        // Our write, carrying an earlier Go renewal forward.
+        assert_eq!(
+            last_go_renewal(&lease(t2, Some(t2), Some(t1))),
+            t1.parse().ok()
+        );
+        // Our write, no Go renewal ever seen.
+        assert_eq!(last_go_renewal(&lease(t2, Some(t2), None)), None);
+        // Go wrote after us: its renewTime differs from our annotation.
+        assert_eq!(last_go_renewal(&lease(t2, Some(t1), None)), t2.parse().ok());
+    }
+}
