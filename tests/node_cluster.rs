@@ -272,9 +272,28 @@ fn addresses_of(node: &Node, pods: &[String]) -> BTreeMap<String, Ipv4Addr> {
         .collect()
 }
 
-/// What the store holds, from the IPPool (allocations by offset) and the reservations (one per
-/// address): address -> `namespace/pod`, checking that the two agree.
+/// What the store holds (address -> `namespace/pod`) once the IPPool's allocations and the
+/// reservations agree: they are two objects, read one after the other, and an allocation or
+/// release in flight between the two reads shows in one and not yet in the other.
 fn held(node: &Node) -> BTreeMap<Ipv4Addr, String> {
+    let limit = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (from_pools, from_reservations) = pools_and_reservations(node);
+        if from_pools == from_reservations {
+            return from_pools;
+        }
+        assert!(
+            Instant::now() < limit,
+            "pool and reservations differ: {from_pools:?} against {from_reservations:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+type Held = BTreeMap<Ipv4Addr, String>;
+
+/// The IPPools' allocations by offset and the reservations (one per address).
+fn pools_and_reservations(node: &Node) -> (Held, Held) {
     let pools = node.get(&["ippools.whereabouts.cni.cncf.io", "-n", SYSTEM]);
     let mut from_pools = BTreeMap::new();
     for pool in pools["items"].as_array().unwrap() {
@@ -301,11 +320,7 @@ fn held(node: &Node) -> BTreeMap<Ipv4Addr, String> {
             (ip, r["spec"]["podref"].as_str().unwrap().to_string())
         })
         .collect();
-    assert_eq!(
-        from_pools, from_reservations,
-        "pool and reservations differ"
-    );
-    from_pools
+    (from_pools, from_reservations)
 }
 
 /// The store holds exactly these pods' addresses.
