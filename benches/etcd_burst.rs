@@ -2,7 +2,8 @@
 //! the cluster's raw rate for sequential single-key transactions measured in the same run.
 //!
 //! Two figures: through the library (10 nodes, each with its own connection, allocating one
-//! after another) and through the real binary (one process per ADD, as a runtime calls it).
+//! after another) and through the real binary (one process per ADD, as a runtime calls it),
+//! the latter with and without a node agent per simulated node in the same run.
 //!
 //! Run: `cargo bench --bench etcd_burst` (needs etcd-server and etcd-client).
 
@@ -11,6 +12,9 @@ mod trust;
 
 #[path = "../tests/etcd_cluster/mod.rs"]
 mod etcd_cluster;
+
+#[path = "../tests/agent_process/mod.rs"]
+mod agent_process;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -53,16 +57,42 @@ fn main() {
         NODES * PER_NODE,
         lib / raw
     );
-    let seq = binary_rate(&cluster, 1, 1, "10.80.0.0/16");
+    let seq = binary_rate(&cluster, 1, 1, "10.80.0.0/16", &[]);
     println!(
         "binary: {PER_NODE} ADDs, one process at a time: {seq:.0} allocations/s, ratio to raw {:.2}",
         seq / raw
     );
-    let bin = binary_rate(&cluster, NODES, IN_FLIGHT, "10.70.0.0/16");
+    let bin = binary_rate(&cluster, NODES, IN_FLIGHT, "10.70.0.0/16", &[]);
     println!(
         "binary: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {bin:.0} allocations/s, ratio to raw {:.2}",
         NODES * PER_NODE,
         bin / raw
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agents: Vec<agent_process::Agent> = (0..NODES)
+        .map(|n| {
+            let settings = json!({
+                "datastore": "etcd",
+                "etcd_host": cluster.endpoints(),
+                "log_level": "error",
+            });
+            agent_process::Agent::start(dir.path(), &format!("node-{n}"), settings)
+        })
+        .collect();
+    let via = binary_rate(&cluster, NODES, IN_FLIGHT, "10.90.0.0/16", &agents);
+    let served: f64 = agents
+        .iter()
+        .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"))
+        .sum();
+    assert_eq!(
+        served as usize,
+        NODES * PER_NODE,
+        "every ADD went through an agent"
+    );
+    println!(
+        "binary through an agent per node: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {via:.0} allocations/s, ratio to raw {:.2}",
+        NODES * PER_NODE,
+        via / raw
     );
 }
 
@@ -186,7 +216,13 @@ fn library_rate(cluster: &Cluster, nodes: usize, range: &str) -> f64 {
 }
 
 /// `nodes * PER_NODE` ADDs through the binary, `in_flight` processes at a time.
-fn binary_rate(cluster: &Cluster, nodes: usize, in_flight: usize, range: &str) -> f64 {
+fn binary_rate(
+    cluster: &Cluster,
+    nodes: usize,
+    in_flight: usize,
+    range: &str,
+    agents: &[agent_process::Agent],
+) -> f64 {
     let conf = serde_json::to_vec(&json!({
         "cniVersion": "1.0.0",
         "name": "net",
@@ -207,9 +243,10 @@ fn binary_rate(cluster: &Cluster, nodes: usize, in_flight: usize, range: &str) -
                 let Some((node, i)) = queue.lock().unwrap().pop() else {
                     return;
                 };
+                let socket = agents.get(node).map(agent_process::Agent::env);
                 seen.lock()
                     .unwrap()
-                    .push(add_through_binary(&conf, node, i));
+                    .push(add_through_binary(&conf, node, i, socket));
             });
         }
     });
@@ -218,8 +255,14 @@ fn binary_rate(cluster: &Cluster, nodes: usize, in_flight: usize, range: &str) -
     rate
 }
 
-fn add_through_binary(conf: &[u8], node: usize, i: usize) -> IpAddr {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
+fn add_through_binary(
+    conf: &[u8],
+    node: usize,
+    i: usize,
+    agent: Option<(&'static str, String)>,
+) -> IpAddr {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_whereabouts"));
+    command
         .env_clear()
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", format!("bin-node{node}-{i}"))
@@ -233,9 +276,11 @@ fn add_through_binary(conf: &[u8], node: usize, i: usize) -> IpAddr {
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("plugin starts");
+        .stderr(Stdio::null());
+    if let Some((name, socket)) = agent {
+        command.env(name, socket);
+    }
+    let mut child = command.spawn().expect("plugin starts");
     child
         .stdin
         .take()

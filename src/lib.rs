@@ -1,5 +1,6 @@
 //! Whereabouts: a cluster-wide IP address management (IPAM) plugin for CNI.
 
+pub mod agent;
 pub mod cleanup;
 pub mod cli;
 pub mod cni;

@@ -1223,3 +1223,92 @@ fn the_controller_can_be_left_out_of_the_chart() {
     plugin.sort();
     assert_eq!(left, plugin);
 }
+
+/// The DaemonSet's agent container: `whereabouts agent` as the binary parses it, its probes on
+/// the port it listens on, the host's /run/whereabouts for the socket; the installer told that
+/// the agent serves the plugin (so it writes no host kubeconfig).
+fn check_agent(ds: &Value, port: u16, source: &str) {
+    use whereabouts::cli::agent::AgentArgs;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+    let pod = &ds["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_array().expect("containers");
+    let agent = containers
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .unwrap_or_else(|| panic!("{source}: no agent container"));
+    assert_eq!(
+        agent["image"], containers[0]["image"],
+        "{source}: same image"
+    );
+    let command: Vec<String> = agent["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .map(text_of)
+        .collect();
+    assert_eq!(command[..2], ["/whereabouts", "agent"], "{source}");
+    let mut argv = vec!["agent".to_string()];
+    argv.extend(command[2..].iter().cloned());
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{source}: {argv:?}: {e}"));
+    let listen = cli.agent.listen.expect("--listen");
+    assert_eq!(listen.port(), port, "{source}");
+    assert_eq!(cli.agent.store.datastore.as_deref(), Some("kubernetes"));
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        let get = &agent[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{source}: {probe}");
+        assert_eq!(get["port"], port, "{source}: {probe}");
+        assert_eq!(
+            text_of(&get["host"]),
+            listen.ip().to_string(),
+            "{source}: {probe}"
+        );
+    }
+    assert_ne!(agent["securityContext"]["privileged"], true, "{source}");
+    let socket_volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["hostPath"]["path"] == "/run/whereabouts")
+        .unwrap_or_else(|| panic!("{source}: no hostPath /run/whereabouts"));
+    let mounted = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == socket_volume["name"] && m["mountPath"] == "/run/whereabouts");
+    assert!(mounted, "{source}: the socket's folder is not mounted");
+    assert!(
+        settings_of(ds, source).agent,
+        "{source}: installer not told about the agent"
+    );
+}
+
+#[test]
+fn the_daemonset_runs_the_agent_unless_switched_off() {
+    for (source, objects) in both_installs() {
+        check_agent(named(&objects, "DaemonSet", "whereabouts"), 9094, source);
+    }
+    let Some(custom) = render_chart("whereabouts", "kube-system", &["agent.probePort=9200"]) else {
+        return;
+    };
+    check_agent(
+        named(&custom, "DaemonSet", "whereabouts"),
+        9200,
+        "chart, custom",
+    );
+    let Some(off) = render_chart("whereabouts", "kube-system", &["agent.enabled=false"]) else {
+        return;
+    };
+    let ds = named(&off, "DaemonSet", "whereabouts");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["containers"].as_array().unwrap().len(), 1);
+    assert!(!pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["hostPath"]["path"] == "/run/whereabouts"));
+    assert!(!settings_of(ds, "chart, agent off").agent);
+}

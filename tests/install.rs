@@ -423,3 +423,31 @@ fn the_watcher_stops_on_sigterm() {
     }));
     assert!(status.unwrap().success(), "{status:?}");
 }
+
+/// With the node agent the host gets no credential: no kubeconfig is written, one left by an
+/// earlier install (the agent switched on later) is removed, and the flat file names the
+/// agent's socket.
+#[test]
+fn with_the_agent_the_host_keeps_no_kubeconfig() {
+    let host = Host::new();
+    install::run(host.args(&["--once"])).unwrap();
+    let path = host.wd().join("whereabouts.kubeconfig");
+    assert!(path.exists());
+    let flat = |host: &Host| -> Value {
+        serde_json::from_str(&fs::read_to_string(host.wd().join("whereabouts.conf")).unwrap())
+            .unwrap()
+    };
+    let mut flat_before = flat(&host);
+    install::run(host.args(&["--once", "--agent=true"])).unwrap();
+    assert!(!path.exists(), "the kubeconfig stayed on the host");
+    // The flat file names the agent's socket, so the plugin knows one is meant to answer.
+    flat_before["agent_socket"] = json!("/run/whereabouts/agent.sock");
+    assert_eq!(flat(&host), flat_before);
+    assert_eq!(
+        fs::read_to_string(host.wd().join("nodename")).unwrap(),
+        "node-a\n"
+    );
+    // Switched off again: the kubeconfig is back.
+    install::run(host.args(&["--once", "--agent=false"])).unwrap();
+    kube::config::Kubeconfig::read_from(&path).unwrap();
+}

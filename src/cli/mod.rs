@@ -1,5 +1,6 @@
 //! The command line: what the binary does when it is not called as a CNI plugin.
 
+pub mod agent;
 pub mod allocations;
 pub mod controller;
 pub mod crds;
@@ -30,6 +31,8 @@ pub enum Command {
     Pools(pools::PoolsArgs),
     /// List the allocations (of one range or pool): address, pod, container, interface.
     Allocations(allocations::AllocationsArgs),
+    /// Run the node agent that serves the plugin on a unix socket (one per node).
+    Agent(agent::AgentArgs),
     /// Run the cluster's cleanup and node-slice controller (one per cluster).
     Controller(controller::ControllerArgs),
     /// Free one address; refuses while its pod is alive unless --force.
@@ -48,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Crds(args) => crds::run(args),
         Command::Pools(args) => pools::run(args),
         Command::Allocations(args) => allocations::run(args),
+        Command::Agent(args) => agent::run(args),
         Command::Controller(args) => controller::run(args),
         Command::Release(args) => release::run(args),
         Command::Gc(args) => gc::run(args),

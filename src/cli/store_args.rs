@@ -53,6 +53,12 @@ pub fn ipam_of(file: &Value) -> Option<Value> {
 impl StoreArgs {
     /// The configuration, with the flags applied over it.
     pub fn ipam(&self) -> anyhow::Result<IpamConfig> {
+        config::load_for_operator(Some(&self.ipam_object()?))
+            .map_err(|e| anyhow::anyhow!(e.describe()))
+    }
+
+    /// The `ipam` object: the configuration file's (or a bare one), with the flags set in it.
+    pub fn ipam_object(&self) -> anyhow::Result<Value> {
         let mut ipam = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -80,7 +86,7 @@ impl StoreArgs {
         if let Some(h) = &self.etcd_host {
             set(&mut ipam, "etcd_host", h.as_str().into());
         }
-        config::load_for_operator(Some(&ipam)).map_err(|e| anyhow::anyhow!(e.describe()))
+        Ok(ipam)
     }
 
     /// The configuration and its store.

@@ -42,6 +42,16 @@ pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError
     load_inner(ipam, &default_flat_files(), Caller::Operator)
 }
 
+/// As [`load_for_operator`], for the node agent: the flat file is the one the node's plugin
+/// reads (`$WHEREABOUTS_FLAT_FILE` too), so the agent serves the engine the plugin would use.
+pub fn load_for_agent(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
+    let defaults = match std::env::var_os(FLAT_FILE_ENV).filter(|v| !v.is_empty()) {
+        Some(file) => vec![PathBuf::from(file)],
+        None => default_flat_files(),
+    };
+    load_inner(ipam, &defaults, Caller::Operator)
+}
+
 fn default_flat_files() -> Vec<PathBuf> {
     FLAT_FILE_PATHS.iter().map(PathBuf::from).collect()
 }
@@ -343,6 +353,7 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, Confi
         )?,
         sleep_for_race: field(map, "sleep_for_race", "ipam.sleep_for_race")?.unwrap_or(0),
         datastore: datastore(map, operator)?,
+        agent_socket: text(map, "agent_socket", "flat file agent_socket")?.map(PathBuf::from),
         trust: Trust::default(),
         warnings: Vec::new(),
         go_peers: GoPeers::default(),

@@ -109,6 +109,9 @@ pub struct IpamConfig {
     pub reconciler_cron_expression: Option<String>,
     pub sleep_for_race: u64,
     pub datastore: Datastore,
+    /// The node agent's socket (`agent_socket`, the flat file's only: see
+    /// [`crate::agent::socket_path`]).
+    pub agent_socket: Option<PathBuf>,
     /// Whether Go binaries may still write the Kubernetes pools (from the flat file only).
     pub go_peers: GoPeers,
     /// What the admin's flat file allows (the operator's commands: everything).
@@ -123,7 +126,9 @@ mod raw;
 pub mod trust;
 
 pub use error::ConfigError;
-pub use load::{find_flat_file, load, load_for_operator, load_untrusted, load_with_flat_files};
+pub use load::{
+    find_flat_file, load, load_for_agent, load_for_operator, load_untrusted, load_with_flat_files,
+};
 pub use trust::Trust;
 
 #[cfg(test)]

@@ -403,3 +403,17 @@ fn flat_file_errors_never_show_its_content() {
         err(json!({"type": "whereabouts", "range": format!("10.0.0.0/24\n{}", "x".repeat(9000))}));
     assert!(msg.chars().count() <= 601 && !msg.contains("\n"), "{msg}");
 }
+
+#[test]
+fn the_agent_socket_is_the_flat_files_only() {
+    let (_dir, load) = untrusted(json!({"agent_socket": "/run/node/agent.sock"}));
+    let cfg = load(json!({})).unwrap();
+    assert_eq!(cfg.agent_socket, Some("/run/node/agent.sock".into()));
+    // A network configuration cannot point the plugin at another socket.
+    let cfg = load(json!({"agent_socket": "/tmp/evil.sock"})).unwrap();
+    assert_eq!(cfg.agent_socket, Some("/run/node/agent.sock".into()));
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    let (_dir, bare) = untrusted(json!({}));
+    let cfg = bare(json!({"agent_socket": "/tmp/evil.sock"})).unwrap();
+    assert_eq!(cfg.agent_socket, None);
+}

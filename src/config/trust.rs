@@ -166,6 +166,12 @@ pub fn screen(
                 .to_string(),
         );
     }
+    if inline.remove("agent_socket").is_some_and(|v| !is_unset(&v)) {
+        warnings.push(
+            "ipam.agent_socket in a network configuration is ignored: the agent's socket is the flat file's"
+                .to_string(),
+        );
+    }
     screen_log_file(inline, flat, trust, &mut warnings)?;
     for key in PATH_KEYS {
         if let Some(value) = inline_only(inline, flat, key)? {

@@ -1,5 +1,6 @@
 //! The plugin: one CNI call, from environment and stdin to the JSON on stdout and an exit code.
 
+mod agent;
 mod pools;
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use crate::cni::version::{self, at_least, LATEST, SUPPORTED};
 use crate::config::{self, IpamConfig};
 use crate::ipam::addr::parse_ip;
 use crate::ipam::Cidr;
-use crate::store::{self, AddRequest, Attachment, AttachmentRequest, GcRequest, Store, StoreError};
+use crate::store::{self, AddRequest, Attachment, AttachmentRequest, GcRequest, StoreError};
 
 pub use pools::{parse_requested, place_statics, pools, Requested};
 
@@ -134,10 +135,6 @@ fn this_node(cfg: &IpamConfig) -> Option<String> {
     store::node::node_name(cfg.configuration_path.as_deref()).ok()
 }
 
-fn open_store(cfg: &IpamConfig) -> Result<Box<dyn Store>, CniError> {
-    store::open(cfg).map_err(CniError::from)
-}
-
 fn attachment(env: &CniEnv) -> Result<Attachment, CniError> {
     let args = &env.args;
     let pod_ref = match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
@@ -230,7 +227,7 @@ fn add(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig, version: &str) -> Result<
             sleep_for_race: cfg.sleep_for_race,
             node: this_node(cfg),
         };
-        let ips = open_store(cfg)?.add(&req)?;
+        let ips = agent::add(cfg, &req)?;
         for (ip, slot) in ips.into_iter().zip(&placement.ranges) {
             let cidr = slot.pool.cidr();
             result.ips.push(IpConfig {
@@ -271,7 +268,7 @@ fn attachment_request(
 /// and STATUS reports the store until an admin repairs it. A transient failure is code 11.
 fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
     let req = attachment_request(env, conf, cfg)?;
-    match store::open(cfg).and_then(|store| store.del(&req)) {
+    match agent::del(cfg, &req) {
         Ok(released) => {
             tracing::info!(released = released.len(), "released");
             Ok(())
@@ -293,7 +290,7 @@ fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
 fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
     CniEnv::require(&env.netns, "CNI_NETNS")?;
     let req = attachment_request(env, conf, cfg)?;
-    let allocations = open_store(cfg)?.check(&req)?;
+    let allocations = agent::check(cfg, &req)?;
     for pool in &req.pools {
         if !allocations.iter().any(|l| l.range == pool.cidr()) {
             return Err(CniError::new(
@@ -326,7 +323,7 @@ fn gc(conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
         node: this_node(cfg),
         node_slice_size: cfg.node_slice_size,
     };
-    let released = open_store(cfg)?.gc(&req)?;
+    let released = agent::gc(cfg, &req)?;
     tracing::info!(released = released.len(), "garbage collected");
     Ok(())
 }
@@ -338,8 +335,5 @@ fn status(cfg: &IpamConfig) -> Result<(), CniError> {
             format!("store not available: {}", err.msg),
         )
     };
-    open_store(cfg)
-        .map_err(not_available)?
-        .status()
-        .map_err(|e| not_available(e.into()))
+    agent::status(cfg).map_err(|e| not_available(e.into()))
 }

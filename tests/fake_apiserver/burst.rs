@@ -41,6 +41,18 @@ pub fn container(i: usize) -> String {
 /// Runs `burst.calls` calls, `burst.parallel` at a time; call i is container `burst-<i>`, pod
 /// `bench/pod-<i>`, on node `node-<i % nodes>`.
 pub fn run_burst(bin: &Path, conf: &str, burst: &Burst, env: &[(&'static str, String)]) -> Outcome {
+    run_burst_per_node(bin, conf, burst, env, &[])
+}
+
+/// As [`run_burst`], with extra environment per node (`node_env[n]` for node `node-<n>`, e.g.
+/// its agent's socket).
+pub fn run_burst_per_node(
+    bin: &Path,
+    conf: &str,
+    burst: &Burst,
+    env: &[(&'static str, String)],
+    node_env: &[Vec<(&'static str, String)>],
+) -> Outcome {
     let next = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
@@ -51,6 +63,7 @@ pub fn run_burst(bin: &Path, conf: &str, burst: &Burst, env: &[(&'static str, St
             let conf = conf.to_string();
             let bin = bin.to_path_buf();
             let env = env.to_vec();
+            let node_env = node_env.to_vec();
             let (calls, nodes, command) = (burst.calls, burst.nodes, burst.command);
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
@@ -60,6 +73,10 @@ pub fn run_burst(bin: &Path, conf: &str, burst: &Burst, env: &[(&'static str, St
                 let container = container(i);
                 let pod = format!("pod-{i}");
                 let node = format!("node-{}", i % nodes.max(1));
+                let mut env = env.clone();
+                if let Some(more) = node_env.get(i % nodes.max(1)) {
+                    env.extend(more.iter().cloned());
+                }
                 let began = Instant::now();
                 let reply = run(
                     &bin,

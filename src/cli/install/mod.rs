@@ -120,6 +120,12 @@ pub struct InstallOptions {
     #[arg(long, env = "WHEREABOUTS_LOG_LEVEL")]
     pub log_level: Option<String>,
 
+    /// The node agent serves the plugin (`whereabouts agent` in the same pod): the host gets no
+    /// kubeconfig (one left by an earlier install is removed), so the agent's root-only socket
+    /// is the only way to the store. With `false`, the plugin uses the host kubeconfig.
+    #[arg(long, env = "WHEREABOUTS_AGENT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub agent: bool,
+
     /// Install and exit instead of staying up to refresh the kubeconfig.
     #[arg(long)]
     pub once: bool,
@@ -170,6 +176,8 @@ pub struct Settings {
     pub go_whereabouts: Option<String>,
     pub log_level: Option<String>,
     pub poll_interval: Duration,
+    /// The agent serves the plugin: no kubeconfig on the host.
+    pub agent: bool,
 }
 
 impl Settings {
@@ -227,6 +235,7 @@ impl Settings {
             go_whereabouts: args.go_whereabouts.clone(),
             log_level: args.log_level.clone(),
             poll_interval: Duration::from_millis(args.poll_interval_ms),
+            agent: args.agent,
         })
     }
 
@@ -258,6 +267,10 @@ impl Settings {
         }
         if let (Some(peers), Some(map)) = (&self.go_whereabouts, flat.as_object_mut()) {
             map.insert("go_whereabouts".into(), json!(peers));
+        }
+        // The plugin then knows the agent is meant to answer: without it, "try again".
+        if let (true, Some(map)) = (self.agent, flat.as_object_mut()) {
+            map.insert("agent_socket".into(), json!(crate::agent::DEFAULT_SOCKET));
         }
         // Serialising a Value built from strings cannot fail; fall back to compact just in case.
         let mut text = serde_json::to_string_pretty(&flat).unwrap_or_else(|_| flat.to_string());
@@ -305,7 +318,11 @@ pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
     files::write_atomic(&flat, settings.flat_file().as_bytes(), FLAT_FILE_MODE)
         .map_err(io_err("cannot write", &flat))?;
 
-    refresh_kubeconfig(settings)?;
+    if settings.agent {
+        remove_kubeconfig(settings)?;
+    } else {
+        refresh_kubeconfig(settings)?;
+    }
 
     let nodename = dir.join(NODENAME_FILE_NAME);
     files::write_atomic(
@@ -341,6 +358,19 @@ pub fn refresh_kubeconfig(settings: &Settings) -> Result<bool, InstallError> {
     Ok(changed)
 }
 
+/// With the agent, the host keeps no credential: a kubeconfig of an earlier install goes.
+fn remove_kubeconfig(settings: &Settings) -> Result<(), InstallError> {
+    let path = settings.kubeconfig_path();
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "removed the kubeconfig: the node agent serves the plugin");
+            Ok(())
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(io_err("cannot remove", &path)(err)),
+    }
+}
+
 /// Keeps the kubeconfig fresh until `stop` is set. A failed check (the kubelet swapping the
 /// token, a full disk) is logged and retried at the next poll rather than ending the pod.
 pub fn watch(settings: &Settings, stop: &AtomicBool) {
@@ -354,6 +384,9 @@ pub fn watch(settings: &Settings, stop: &AtomicBool) {
         }
         if stop.load(Ordering::Relaxed) {
             break;
+        }
+        if settings.agent {
+            continue;
         }
         if let Err(err) = refresh_kubeconfig(settings) {
             tracing::warn!(error = %err, "cannot refresh the kubeconfig; retrying");

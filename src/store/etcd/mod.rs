@@ -30,6 +30,15 @@ pub fn open(ipam: &IpamConfig, cfg: &EtcdConfig) -> Result<Box<dyn Store>, Store
     open_with(ipam, cfg, Timeouts::from_env(), DEFAULT_PREFIX)
 }
 
+/// As [`open`], for the node agent, which shares the one client among its requests.
+pub fn open_shared(
+    ipam: &IpamConfig,
+    cfg: &EtcdConfig,
+) -> Result<std::sync::Arc<dyn Store + Send + Sync>, StoreError> {
+    let store = open_store(ipam, cfg, Timeouts::from_env(), DEFAULT_PREFIX)?;
+    Ok(std::sync::Arc::new(store))
+}
+
 /// Connects with explicit timeouts and key prefix.
 pub fn open_with(
     ipam: &IpamConfig,
@@ -37,6 +46,15 @@ pub fn open_with(
     timeouts: Timeouts,
     prefix: &str,
 ) -> Result<Box<dyn Store>, StoreError> {
+    Ok(Box::new(open_store(ipam, cfg, timeouts, prefix)?))
+}
+
+fn open_store(
+    ipam: &IpamConfig,
+    cfg: &EtcdConfig,
+    timeouts: Timeouts,
+    prefix: &str,
+) -> Result<EtcdStore, StoreError> {
     if ipam.node_slice_size.is_some() {
         return Err(StoreError::config(
             "node_slice_size is not supported with datastore \"etcd\" yet; remove it or use \
@@ -47,7 +65,7 @@ pub fn open_with(
     connect::require_tls_for_credentials(cfg, &endpoints, ipam.trust.insecure_tls)?;
     let options = connect::options(cfg, &timeouts)?;
     let session = Session::connect(endpoints, options, keys::Keys::new(prefix), timeouts)?;
-    Ok(Box::new(EtcdStore {
+    Ok(EtcdStore {
         session,
         backoff: Backoff {
             // The deadline bounds an operation; the attempt count only stops a livelock.
@@ -55,7 +73,7 @@ pub fn open_with(
             base: std::time::Duration::from_millis(2),
             max: std::time::Duration::from_millis(200),
         },
-    }))
+    })
 }
 
 struct EtcdStore {

@@ -3,15 +3,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::api::ApiError;
+use super::batch::{dropped, Batches};
 use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
 use super::go_lease::{self, Hold};
 use super::pool_doc::{add_op, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
-use super::spool::{Answer, Failure, Granted, Job, Lock, Spool, Ticket};
+use super::spool::{pool_key, Answer, Failure, Granted, Job, Lock, Spool, Ticket};
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::object_name;
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
@@ -95,6 +97,12 @@ struct GoTerms<'a> {
     /// The Go binaries' Lease, held while serving (outside node-slice mode).
     hold: Option<&'a Hold>,
 }
+
+/// The terms of the agent's batches, which serve only while no Go binary writes the pools.
+const NO_GO: GoTerms<'static> = GoTerms {
+    present: false,
+    hold: None,
+};
 
 impl GoTerms<'_> {
     fn check(&self) -> Result<(), StoreError> {
@@ -183,6 +191,12 @@ impl Engine {
         go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
         let job = Job::new(&req.attachment, requested);
+        // While Go binaries may write the pools, each ADD holds their Lease and is served on
+        // its own; the agent combines the rest.
+        if let (Some(batches), false) = (&self.batches, go.present) {
+            let granted = self.through_batch(batches, pool, req, job).await;
+            return self.accept(granted, pool, req, undo);
+        }
         let spool = Spool::open(
             &self.scope,
             &object_name(&pool.name),
@@ -198,11 +212,11 @@ impl Engine {
         };
         loop {
             if let Some(answer) = spool.answer(&ticket) {
-                return self.accept(answer, pool, req, undo);
+                return self.accept(answer.0.map_err(StoreError::from), pool, req, undo);
             }
             if let Some(lock) = spool.try_lock() {
                 if let Some(answer) = spool.answer(&ticket) {
-                    return self.accept(answer, pool, req, undo);
+                    return self.accept(answer.0.map_err(StoreError::from), pool, req, undo);
                 }
                 return self
                     .lead(&spool, &lock, &ticket, &job, pool, req, undo, go)
@@ -317,15 +331,100 @@ impl Engine {
         mine.unwrap_or_else(|| Err(StoreError::io("the spool lost this request")))
     }
 
-    /// Takes an answer left by the process that served this request.
+    /// The agent: queues the job in the pool's batch (starting the task that serves it when
+    /// none does) and waits for its answer.
+    async fn through_batch(
+        &self,
+        batches: &Arc<Batches>,
+        pool: &PoolRef,
+        req: &AddRequest,
+        job: Job,
+    ) -> Result<Granted, StoreError> {
+        let key = pool_key(
+            &self.scope,
+            &object_name(&pool.name),
+            &pool.range,
+            &req.network_name,
+            req.overlap,
+        );
+        let (answer, start) = batches.adds.submit(&key, job);
+        if start {
+            // A task of its own: a request that gives up (its caller gone, its deadline passed)
+            // must not cancel a write made for its neighbours too.
+            let (engine, batches) = (self.clone(), batches.clone());
+            let (pool, req) = (pool.clone(), req.clone());
+            tokio::spawn(async move { engine.serve_queue(&batches, &key, &pool, &req).await });
+        }
+        answer.await.unwrap_or_else(|_| Err(dropped()))
+    }
+
+    /// Serves the pool's queue in batches until it is empty. Each batch after the first starts
+    /// from the pool as this task wrote it, so while the node is the only writer a batch costs
+    /// a single request to the pool; a stale guess costs a conflict and a read, never a
+    /// duplicate (the write is conditional on the resourceVersion).
+    async fn serve_queue(&self, batches: &Batches, key: &str, pool: &PoolRef, req: &AddRequest) {
+        let mut known: Option<IPPool> = None;
+        let mut trust_known = true;
+        loop {
+            let waiting = batches.adds.take_or_close(key);
+            if waiting.is_empty() {
+                return;
+            }
+            let (jobs, mut replies): (Vec<Job>, Vec<_>) = waiting.into_iter().unzip();
+            let mut joined = Vec::new();
+            let mut refill = || {
+                let (jobs, replies): (Vec<Job>, Vec<_>) =
+                    batches.adds.take(key).into_iter().unzip();
+                joined.extend(replies);
+                jobs
+            };
+            let undo = UndoLog::default();
+            let started = known.take().filter(|_| trust_known);
+            let served = tokio::time::timeout(
+                self.settings.deadline,
+                self.serve(pool, req, jobs, started, &undo, &mut refill, &NO_GO),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::try_again(format!(
+                    "the batch of IPPool {} did not complete within {:?}",
+                    object_name(&pool.name),
+                    self.settings.deadline
+                )))
+            });
+            replies.extend(joined);
+            batches.observer.batch("add", replies.len());
+            match served {
+                Ok((results, written, guessed_wrong)) => {
+                    trust_known &= !guessed_wrong;
+                    // Served: each ADD is answerable for its own writes from here on.
+                    undo.take();
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(result);
+                    }
+                    known = written;
+                }
+                Err(err) => {
+                    if let Err(undo_err) = self.undo(undo.take()).await {
+                        tracing::error!(%undo_err, "could not take back a failed batch");
+                    }
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the answer of the process or task that served this request.
     fn accept(
         &self,
-        answer: Answer,
+        granted: Result<Granted, StoreError>,
         pool: &PoolRef,
         req: &AddRequest,
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
-        let granted = answer.0.map_err(StoreError::from)?;
+        let granted = granted?;
         if granted.fresh {
             let who = &req.attachment;
             undo.push(Step::PoolEntry {
@@ -376,7 +475,7 @@ impl Engine {
         jobs: Vec<Job>,
         mut known: Option<IPPool>,
         undo: &UndoLog,
-        refill: &mut dyn FnMut() -> Vec<Job>,
+        refill: &mut (dyn FnMut() -> Vec<Job> + Send),
         go: &GoTerms<'_>,
     ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>, bool), StoreError> {
         let guessing = known.is_some();
@@ -778,6 +877,9 @@ impl Engine {
     /// Counts a conflict and waits before the next attempt; gives up when the bound is reached.
     async fn after_conflict(&self, pool: &str, conflicts: u32) -> Result<u32, StoreError> {
         let conflicts = conflicts + 1;
+        if let Some(batches) = &self.batches {
+            batches.observer.conflict("add");
+        }
         let backoff = &self.settings.conflicts;
         if conflicts >= backoff.attempts {
             return Err(StoreError::try_again(format!(

@@ -208,6 +208,19 @@ impl Kube {
             .await
     }
 
+    /// Applies JSON patch `ops` as they are: the caller's own `test` ops say what must still
+    /// hold. The server applies the patch to the pool as it is then, so writers of other entries
+    /// do not conflict with it.
+    pub async fn patch_pool_guarded(&self, name: &str, ops: &[Value]) -> Result<IPPool, ApiError> {
+        let what = format!("update IPPool {name}");
+        let patch = serde_json::from_value(Value::Array(ops.to_vec()))
+            .map_err(|err| ApiError::Refused(format!("{what}: cannot build patch: {err}")))?;
+        let patch: Patch<()> = Patch::Json(patch);
+        let pp = PatchParams::default();
+        self.call(&what, || self.pools.patch(name, &pp, &patch))
+            .await
+    }
+
     pub async fn list_pools(&self, limit: Option<u32>) -> Result<Vec<IPPool>, ApiError> {
         let mut lp = ListParams::default();
         if let Some(limit) = limit {

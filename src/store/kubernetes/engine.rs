@@ -1,9 +1,10 @@
 //! The engine's shared state: the API, the limits, and how to find this node's pools.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::api::{ApiError, Kube};
+use super::batch::Batches;
 use super::node_slice;
 use super::reservation::Held;
 use super::settings::Settings;
@@ -11,12 +12,15 @@ use crate::config::GoPeers;
 use crate::ipam::Cidr;
 use crate::store::{PoolRef, StoreError};
 
+#[derive(Clone)]
 pub struct Engine {
     pub kube: Kube,
     /// The API server and namespace: requests for different clusters never share a spool.
     pub scope: String,
     pub settings: Settings,
     pub configuration_path: Option<PathBuf>,
+    /// The agent's in-memory combining of the node's requests; `None` in a plugin process.
+    pub batches: Option<Arc<Batches>>,
     /// Whether Go binaries may still write the pools (the flat file's `go_whereabouts`).
     pub go_peers: GoPeers,
 }

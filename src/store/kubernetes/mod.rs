@@ -8,6 +8,7 @@
 
 mod allocate;
 mod api;
+mod batch;
 mod choose;
 pub mod doctor;
 mod engine;
@@ -21,6 +22,7 @@ mod spool;
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use tokio::runtime::Runtime;
 
@@ -30,12 +32,14 @@ use crate::store::{
     AddRequest, Allocation, AttachmentRequest, GcRequest, Reservation, Store, StoreError,
 };
 
+pub use batch::Observer;
 pub use go_lease::{last_go_renewal, GO_LEASE_NAME};
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
 pub use spool::SPOOL_ENV;
 
 use api::{ApiError, Kube};
+use batch::Batches;
 use engine::{Engine, UndoLog};
 use settings::Settings;
 
@@ -69,8 +73,9 @@ pub fn doctor(
 ) -> Result<Vec<doctor::Finding>, StoreError> {
     let access = operator_access(&cfg.kubeconfig, in_pod());
     let store = connect_store(ipam, &access)?;
-    store.run("doctor", async {
-        let kube = &store.engine.kube;
+    let shared = &store.shared;
+    store.runtime.block_on(shared.run("doctor", async {
+        let kube = &shared.engine.kube;
         let mut survey = doctor::survey(kube, orphan_age).await?;
         if fix {
             doctor::fix(kube, &mut survey).await;
@@ -80,7 +85,7 @@ pub fn doctor(
             (a.problem, &a.object, &a.address).cmp(&(b.problem, &b.object, &b.address))
         });
         Ok(findings)
-    })
+    }))
 }
 
 fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, StoreError> {
@@ -88,20 +93,29 @@ fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, Store
 }
 
 fn connect_store(ipam: &IpamConfig, access: &Access) -> Result<KubernetesStore, StoreError> {
-    let settings = Settings::from_env();
     // The plugin is a short-lived process: one thread, only around the API calls.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|err| StoreError::io("cannot start the I/O runtime").because(err))?;
+    let shared = runtime.block_on(connect_engine(ipam, access, None))?;
+    Ok(KubernetesStore { runtime, shared })
+}
+
+async fn connect_engine(
+    ipam: &IpamConfig,
+    access: &Access,
+    batches: Option<Arc<Batches>>,
+) -> Result<SharedEngine, StoreError> {
+    let settings = Settings::from_env();
     let timeouts = cluster::Timeouts {
         connect: settings.request_timeout,
         read: settings.request_timeout,
         write: settings.request_timeout,
         library_retries: false,
     };
-    let connection = runtime
-        .block_on(cluster::connect(access, timeouts, ipam.trust.insecure_tls))
+    let connection = cluster::connect(access, timeouts, ipam.trust.insecure_tls)
+        .await
         .map_err(|err| {
             StoreError::config("kubernetes datastore (ipam.kubernetes.kubeconfig)").because(err)
         })?;
@@ -117,57 +131,74 @@ fn connect_store(ipam: &IpamConfig, access: &Access) -> Result<KubernetesStore, 
         settings.transient,
         &connection.origin,
     );
-    Ok(KubernetesStore {
-        runtime,
+    Ok(SharedEngine {
         server: connection.server.clone(),
         engine: Engine {
             kube,
             scope: format!("{} {}", connection.server, connection.namespace),
             settings,
             configuration_path: ipam.configuration_path.clone(),
+            batches,
             go_peers: ipam.go_peers,
         },
     })
 }
 
-struct KubernetesStore {
-    runtime: Runtime,
+/// How long one operation may take, its undo included: how long a plugin waits for the agent.
+pub fn operation_bound() -> std::time::Duration {
+    let settings = Settings::from_env();
+    settings.deadline + settings.undo_budget
+}
+
+/// The node agent's engine: one long-lived client, shared by every request of the node, whose
+/// ADDs and DELs are combined per pool (see `batch`). Built on the agent's runtime.
+pub async fn open_agent(
+    ipam: &IpamConfig,
+    cfg: &KubernetesConfig,
+    observer: Arc<dyn Observer>,
+) -> Result<SharedEngine, StoreError> {
+    let access = operator_access(&cfg.kubeconfig, in_pod());
+    connect_engine(ipam, &access, Some(Arc::new(Batches::new(observer)))).await
+}
+
+/// The engine as async operations, each bounded by the operation's deadline.
+#[derive(Clone)]
+pub struct SharedEngine {
     server: String,
     engine: Engine,
 }
 
-impl KubernetesStore {
+impl SharedEngine {
+    /// Where the engine writes, for logs.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
     /// Runs one operation to completion or to the deadline.
-    fn run<T>(
+    async fn run<T>(
         &self,
         what: &str,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let deadline = self.engine.settings.deadline;
-        self.runtime.block_on(async {
-            match tokio::time::timeout(deadline, op).await {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::try_again(format!(
-                    "{what}: the kubernetes API server at {} did not complete it within {deadline:?}",
-                    self.server
-                ))),
-            }
-        })
+        match tokio::time::timeout(deadline, op).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::try_again(format!(
+                "{what}: the kubernetes API server at {} did not complete it within {deadline:?}",
+                self.server
+            ))),
+        }
     }
-}
 
-impl Store for KubernetesStore {
-    fn add(&self, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
+    /// An ADD; what it wrote is taken back if it fails.
+    pub async fn add(&self, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
         let undo = UndoLog::default();
-        let result = self.run("ADD", self.engine.add(req, &undo));
+        let result = self.run("ADD", self.engine.add(req, &undo)).await;
         if result.is_err() {
             let steps = undo.take();
             if !steps.is_empty() {
                 let budget = self.engine.settings.undo_budget;
-                let undone = self.runtime.block_on(async {
-                    tokio::time::timeout(budget, self.engine.undo(steps)).await
-                });
-                match undone {
+                match tokio::time::timeout(budget, self.engine.undo(steps)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(err)) => tracing::error!(%err, "could not take back a failed ADD"),
                     Err(_) => tracing::error!("could not take back a failed ADD in time"),
@@ -177,19 +208,20 @@ impl Store for KubernetesStore {
         result
     }
 
-    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
-        self.run("DEL", self.engine.del(req))
+    pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.run("DEL", self.engine.del(req)).await
     }
 
-    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
-        self.run("CHECK", self.engine.check(req))
+    pub async fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.run("CHECK", self.engine.check(req)).await
     }
 
-    fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
-        self.run("GC", self.engine.gc(req))
+    pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.run("GC", self.engine.gc(req)).await
     }
 
-    fn status(&self) -> Result<(), StoreError> {
+    /// Ok when both CustomResourceDefinitions answer.
+    pub async fn status(&self) -> Result<(), StoreError> {
         self.run("STATUS", async {
             let kube = &self.engine.kube;
             let missing = |crd: &str| {
@@ -213,25 +245,74 @@ impl Store for KubernetesStore {
                 Err(err) => Err(err.into()),
             }
         })
+        .await
     }
 
-    fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {
-        self.run("list", self.engine.allocations(pool))
+    pub async fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {
+        self.run("list", self.engine.allocations(pool)).await
     }
 
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
-        self.run("release", self.engine.release(pool, ip))
+    pub async fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
+        self.run("release", self.engine.release(pool, ip)).await
     }
 
-    fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
-        let found = self.run("list reservations", self.engine.unbacked_reservations())?;
+    pub async fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        let found = self
+            .run("list reservations", self.engine.unbacked_reservations())
+            .await?;
         Ok(found.into_iter().map(|u| u.reservation).collect())
     }
 
-    fn release_reservation(&self, reservation: &Reservation) -> Result<bool, StoreError> {
+    pub async fn release_reservation(&self, reservation: &Reservation) -> Result<bool, StoreError> {
         self.run(
             "release reservation",
             self.engine.release_unbacked(reservation),
         )
+        .await
+    }
+}
+
+/// The plugin's and the operator's engine: the shared engine on a runtime of its own.
+struct KubernetesStore {
+    runtime: Runtime,
+    shared: SharedEngine,
+}
+
+impl Store for KubernetesStore {
+    fn add(&self, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
+        self.runtime.block_on(self.shared.add(req))
+    }
+
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.runtime.block_on(self.shared.del(req))
+    }
+
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.runtime.block_on(self.shared.check(req))
+    }
+
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.runtime.block_on(self.shared.gc(req))
+    }
+
+    fn status(&self) -> Result<(), StoreError> {
+        self.runtime.block_on(self.shared.status())
+    }
+
+    fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {
+        self.runtime.block_on(self.shared.allocations(pool))
+    }
+
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
+        self.runtime.block_on(self.shared.release(pool, ip))
+    }
+
+    fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        self.runtime.block_on(self.shared.unbacked_reservations())
+    }
+
+    fn release_reservation(&self, reservation: &Reservation) -> Result<bool, StoreError> {
+        self.runtime
+            .block_on(self.shared.release_reservation(reservation))
     }
 }

@@ -179,6 +179,26 @@ pub fn add_op(key: &str, who: &Attachment) -> Value {
     })
 }
 
+impl PoolDoc {
+    /// JSON-patch `test` ops that hold only while the entry under `key` is still the one read
+    /// (same container ID and pod reference): a patch guarded by them changes that entry
+    /// alone, whatever else changed in the pool meanwhile.
+    pub fn entry_guard(&self, key: &str) -> Vec<Value> {
+        let Some(alloc) = self
+            .object
+            .as_ref()
+            .and_then(|pool| pool.spec.allocations.get(key))
+        else {
+            return Vec::new();
+        };
+        let path = format!("/spec/allocations/{}", pointer_segment(key));
+        vec![
+            json!({"op": "test", "path": format!("{path}/id"), "value": alloc.id}),
+            json!({"op": "test", "path": format!("{path}/podref"), "value": alloc.podref}),
+        ]
+    }
+}
+
 pub fn remove_op(key: &str) -> Value {
     json!({"op": "remove", "path": format!("/spec/allocations/{}", pointer_segment(key))})
 }

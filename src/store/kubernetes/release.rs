@@ -3,8 +3,10 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::api::ApiError;
+use super::batch::{dropped, released_by, Batches, PendingRelease};
 use super::engine::Engine;
 use super::pool_doc::{remove_op, Entry, PoolDoc};
 use super::reservation;
@@ -18,8 +20,9 @@ use crate::store::{
 };
 
 impl Engine {
-    /// Removes the entries of pool `name` that `pick` selects, compare-and-swap, retried on
-    /// conflict. Returns what was removed.
+    /// Removes the entries of pool `name` that `pick` selects, each guarded by its own `test`
+    /// ops (still the entry read), so concurrent DELs of other entries never conflict; retried
+    /// when a picked entry changed. Returns what was removed.
     pub async fn remove_entries(
         &self,
         name: &str,
@@ -36,11 +39,20 @@ impl Engine {
             if picked.is_empty() {
                 return Ok(picked);
             }
-            let rv = doc.resource_version().unwrap_or_default();
-            let ops: Vec<_> = picked.iter().map(|e| remove_op(&e.key)).collect();
-            match self.kube.patch_pool(name, rv, &ops).await {
+            let ops: Vec<_> = picked
+                .iter()
+                .flat_map(|e| {
+                    let mut ops = doc.entry_guard(&e.key);
+                    ops.push(remove_op(&e.key));
+                    ops
+                })
+                .collect();
+            match self.kube.patch_pool_guarded(name, &ops).await {
                 Ok(_) => return Ok(picked),
                 Err(ApiError::Conflict(_)) => {
+                    if let Some(batches) = &self.batches {
+                        batches.observer.conflict("del");
+                    }
                     conflicts += 1;
                     let backoff = &self.settings.conflicts;
                     if conflicts >= backoff.attempts {
@@ -142,6 +154,9 @@ impl Engine {
     }
 
     pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        if let Some(batches) = &self.batches {
+            return self.del_batched(batches, req).await;
+        }
         let mine = |e: &Entry| {
             e.attachment.container_id == req.container_id && e.attachment.ifname == req.ifname
         };
@@ -153,6 +168,117 @@ impl Engine {
             mine,
         )
         .await
+    }
+
+    /// The agent's DEL: each pool's release joins the pool's batch (see [`super::batch`]).
+    async fn del_batched(
+        &self,
+        batches: &Arc<Batches>,
+        req: &AttachmentRequest,
+    ) -> Result<Vec<Allocation>, StoreError> {
+        let pools = self
+            .pools_of(
+                &req.pools,
+                req.node_slice_size,
+                &req.network_name,
+                &req.cni_network,
+            )
+            .await?;
+        let mut released = Vec::new();
+        for (configured, pool) in pools {
+            let name = object_name(&pool.name);
+            let key = [
+                self.scope.as_str(),
+                &name,
+                &pool.range.cidr.to_string(),
+                &configured.to_string(),
+                &req.network_name,
+            ]
+            .join("\n");
+            let pending = PendingRelease {
+                container_id: req.container_id.clone(),
+                ifname: req.ifname.clone(),
+            };
+            let (answer, start) = batches.releases.submit(&key, pending);
+            if start {
+                let (engine, batches) = (self.clone(), batches.clone());
+                let target = ReleaseTarget {
+                    name,
+                    cidr: pool.range.cidr,
+                    configured,
+                    network_name: req.network_name.clone(),
+                };
+                tokio::spawn(async move { engine.serve_releases(&batches, &key, &target).await });
+            }
+            released.extend(answer.await.unwrap_or_else(|_| Err(dropped()))?);
+        }
+        Ok(released)
+    }
+
+    /// Serves a pool's queue of DELs: one conditional write removes the entries of every
+    /// waiting DEL, then their reservations go, concurrently.
+    async fn serve_releases(&self, batches: &Batches, key: &str, target: &ReleaseTarget) {
+        loop {
+            let waiting = batches.releases.take_or_close(key);
+            if waiting.is_empty() {
+                return;
+            }
+            batches.observer.batch("del", waiting.len());
+            let (jobs, replies): (Vec<PendingRelease>, Vec<_>) = waiting.into_iter().unzip();
+            let wanted: BTreeSet<(&str, &str)> = jobs
+                .iter()
+                .map(|j| (j.container_id.as_str(), j.ifname.as_str()))
+                .collect();
+            let pick = |e: &Entry| {
+                wanted.contains(&(
+                    e.attachment.container_id.as_str(),
+                    e.attachment.ifname.as_str(),
+                ))
+            };
+            let released =
+                tokio::time::timeout(self.settings.deadline, self.release_entries(target, pick))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::try_again(format!(
+                            "the batch of DELs of IPPool {} did not complete within {:?}",
+                            target.name, self.settings.deadline
+                        )))
+                    });
+            for (job, reply) in jobs.iter().zip(replies) {
+                let answer = match &released {
+                    Ok(all) => all
+                        .iter()
+                        .filter(|(a, _)| released_by(a, job))
+                        .map(|(a, done)| done.clone().map(|()| a.clone()))
+                        .collect(),
+                    Err(err) => Err(err.clone()),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Removes the picked entries of a pool in one write, then their reservations; each
+    /// allocation with the outcome of its reservation's release.
+    async fn release_entries(
+        &self,
+        target: &ReleaseTarget,
+        pick: impl Fn(&Entry) -> bool,
+    ) -> Result<Vec<(Allocation, Result<(), StoreError>)>, StoreError> {
+        let removed = self.remove_entries(&target.name, target.cidr, pick).await?;
+        let doc = PoolDoc::new(&target.name, target.configured, None)?;
+        let releases = removed.iter().map(|entry| {
+            self.release_reservation(entry.ip, &target.network_name, &entry.attachment)
+        });
+        let outcomes = futures::future::join_all(releases).await;
+        Ok(removed
+            .into_iter()
+            .zip(outcomes)
+            .map(|(entry, outcome)| {
+                let allocation = Self::allocation(&doc, entry, &target.network_name);
+                (allocation, outcome.map(|_| ()))
+            })
+            .collect())
     }
 
     /// [`Self::release_picked`] in each pool of an operation ([`Self::pools_of`]).
@@ -246,7 +372,7 @@ impl Engine {
         &self,
         req: &GcRequest,
         node: &str,
-        is_valid: &dyn Fn(&Attachment) -> bool,
+        is_valid: &(dyn Fn(&Attachment) -> bool + Sync),
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
         for pool in &req.pools {
@@ -311,7 +437,7 @@ impl Engine {
     async fn gc_orphan_reservations(
         &self,
         req: &GcRequest,
-        is_valid: &dyn Fn(&Attachment) -> bool,
+        is_valid: &(dyn Fn(&Attachment) -> bool + Sync),
     ) -> Result<(), StoreError> {
         let min_age = (self.settings.deadline.as_secs() as i64 * 2).max(300);
         let now = k8s_openapi::jiff::Timestamp::now().as_second();
@@ -432,6 +558,15 @@ impl Engine {
         let doc = PoolDoc::new(&name, cidr, None)?;
         Ok(Some(Self::allocation(&doc, entry, &prefix)))
     }
+}
+
+/// The pool a batch of DELs releases from: its object, the range it covers, the range the
+/// callers configured (what their allocations report) and the network of the reservations.
+struct ReleaseTarget {
+    name: String,
+    cidr: Cidr,
+    configured: Cidr,
+    network_name: String,
 }
 
 /// What precedes the range in a pool's name: the network name (and node, for node slices).

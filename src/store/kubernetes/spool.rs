@@ -117,6 +117,36 @@ impl From<Failure> for StoreError {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Answer(pub Result<Granted, Failure>);
 
+/// What requests must share to be served together: the cluster, the pool, its range and the
+/// way of allocating in it. A hash that every release computes alike: during an upgrade the
+/// old and the new binary's ADDs still meet in one spool folder.
+pub fn pool_key(
+    scope: &str,
+    pool: &str,
+    range: &Range,
+    network_name: &str,
+    overlap: bool,
+) -> String {
+    let blocked: Vec<String> = range
+        .blocked
+        .as_slice()
+        .iter()
+        .map(|(a, b)| format!("{a}-{b}"))
+        .collect();
+    let parts = [
+        pool.to_string(),
+        range.cidr.to_string(),
+        range.first.to_string(),
+        range.last.to_string(),
+        blocked.join(","),
+        network_name.to_string(),
+        overlap.to_string(),
+        scope.to_string(),
+    ];
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    format!("{:016x}", stable_hash(&parts, 0))
+}
+
 /// The spool folder of one pool on this node.
 pub struct Spool {
     dir: PathBuf,
@@ -158,27 +188,8 @@ impl Spool {
         let base = std::env::var_os(SPOOL_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL));
-        // A hash that every release computes alike: during an upgrade the old and the new
-        // binary's ADDs still meet in one folder.
-        let blocked: Vec<String> = range
-            .blocked
-            .as_slice()
-            .iter()
-            .map(|(a, b)| format!("{a}-{b}"))
-            .collect();
-        let parts = [
-            pool.to_string(),
-            range.cidr.to_string(),
-            range.first.to_string(),
-            range.last.to_string(),
-            blocked.join(","),
-            network_name.to_string(),
-            overlap.to_string(),
-            scope.to_string(),
-        ];
-        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-        let hash = stable_hash(&parts, 0);
-        let dir = base.join(format!("{}.{hash:016x}", sanitize(pool)));
+        let hash = pool_key(scope, pool, range, network_name, overlap);
+        let dir = base.join(format!("{}.{hash}", sanitize(pool)));
         fs::create_dir_all(&dir).ok()?;
         Some(Spool { dir })
     }

@@ -1,0 +1,111 @@
+//! The agent's metrics: requests by operation and result, batch sizes, conflicts.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::store::kubernetes::Observer;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub operation: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: &'static str,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<OperationLabels, Histogram>,
+    batch_sizes: Family<OperationLabels, Histogram>,
+    conflicts: Family<OperationLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("whereabouts_agent");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests served, by operation and result",
+            requests.clone(),
+        );
+        let durations = Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time to serve a request, by operation",
+            durations.clone(),
+        );
+        let batch_sizes = Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1.0, 2.0, 10))
+        });
+        registry.register(
+            "batch_size",
+            "Requests combined into one conditional write of a pool",
+            batch_sizes.clone(),
+        );
+        let conflicts = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "conflicts",
+            "Conditional writes refused because the pool had changed (each is retried)",
+            conflicts.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            requests,
+            durations,
+            batch_sizes,
+            conflicts,
+        }
+    }
+
+    pub fn request(&self, operation: &'static str, result: &'static str, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels { operation, result })
+            .inc();
+        self.durations
+            .get_or_create(&OperationLabels { operation })
+            .observe(seconds);
+    }
+
+    /// The OpenMetrics text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Observer for Metrics {
+    fn batch(&self, operation: &'static str, size: usize) {
+        self.batch_sizes
+            .get_or_create(&OperationLabels { operation })
+            .observe(size as f64);
+    }
+
+    fn conflict(&self, operation: &'static str) {
+        self.conflicts
+            .get_or_create(&OperationLabels { operation })
+            .inc();
+    }
+}

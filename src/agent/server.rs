@@ -1,0 +1,369 @@
+//! The agent's HTTP server (axum) on the unix socket, and the engine behind it.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener};
+
+use super::metrics::Metrics;
+use super::wire::{
+    AddBody, AddedBody, AllocationsBody, AttachmentBody, EngineKind, ErrorBody, GcBody, StatusBody,
+    WireError,
+};
+use super::{is_socket, Options};
+use crate::config::Datastore;
+use crate::store::kubernetes::{self, SharedEngine};
+use crate::store::{etcd, AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
+
+/// The engine the agent serves.
+#[derive(Clone)]
+pub enum Backend {
+    Kubernetes(Arc<SharedEngine>),
+    /// The etcd engine is synchronous (one transaction per ADD, no whole-pool writes to
+    /// combine): its calls run on the blocking pool.
+    Etcd(Arc<dyn Store + Send + Sync>),
+}
+
+/// Runs `op` in a task of its own: a caller that hangs up does not cancel a write half done.
+async fn detached<T: Send + 'static>(
+    op: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::spawn(op)
+        .await
+        .unwrap_or_else(|err| Err(StoreError::io("the agent's task failed").because(err)))
+}
+
+async fn blocking<T: Send + 'static>(
+    op: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .unwrap_or_else(|err| Err(StoreError::io("the agent's task failed").because(err)))
+}
+
+impl Backend {
+    pub async fn open(
+        ipam: &crate::config::IpamConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Backend, String> {
+        match &ipam.datastore {
+            Datastore::Kubernetes(cfg) => kubernetes::open_agent(ipam, cfg, metrics)
+                .await
+                .map(|engine| Backend::Kubernetes(Arc::new(engine)))
+                .map_err(|err| err.to_string()),
+            Datastore::Etcd(cfg) => {
+                let (ipam, cfg) = (ipam.clone(), cfg.clone());
+                blocking(move || etcd::open_shared(&ipam, &cfg))
+                    .await
+                    .map(Backend::Etcd)
+                    .map_err(|err| err.to_string())
+            }
+            Datastore::Local { .. } => Err(
+                "the agent serves the cluster engines (kubernetes, etcd); the local engine runs in the plugin"
+                    .into(),
+            ),
+        }
+    }
+
+    pub fn kind(&self) -> EngineKind {
+        match self {
+            Backend::Kubernetes(_) => EngineKind::Kubernetes,
+            Backend::Etcd(_) => EngineKind::Etcd,
+        }
+    }
+
+    pub async fn add(&self, req: AddRequest) -> Result<Vec<IpAddr>, StoreError> {
+        match self {
+            Backend::Kubernetes(e) => {
+                let e = e.clone();
+                detached(async move { e.add(&req).await }).await
+            }
+            Backend::Etcd(s) => {
+                let s = s.clone();
+                blocking(move || s.add(&req)).await
+            }
+        }
+    }
+
+    pub async fn del(&self, req: AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        match self {
+            Backend::Kubernetes(e) => {
+                let e = e.clone();
+                detached(async move { e.del(&req).await }).await
+            }
+            Backend::Etcd(s) => {
+                let s = s.clone();
+                blocking(move || s.del(&req)).await
+            }
+        }
+    }
+
+    pub async fn check(&self, req: AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        match self {
+            Backend::Kubernetes(e) => e.check(&req).await,
+            Backend::Etcd(s) => {
+                let s = s.clone();
+                blocking(move || s.check(&req)).await
+            }
+        }
+    }
+
+    pub async fn gc(&self, req: GcRequest) -> Result<Vec<Allocation>, StoreError> {
+        match self {
+            Backend::Kubernetes(e) => {
+                let e = e.clone();
+                detached(async move { e.gc(&req).await }).await
+            }
+            Backend::Etcd(s) => {
+                let s = s.clone();
+                blocking(move || s.gc(&req)).await
+            }
+        }
+    }
+
+    pub async fn status(&self) -> Result<(), StoreError> {
+        match self {
+            Backend::Kubernetes(e) => e.status().await,
+            Backend::Etcd(s) => {
+                let s = s.clone();
+                blocking(move || s.status()).await
+            }
+        }
+    }
+}
+
+struct Agent {
+    backend: Backend,
+    metrics: Arc<Metrics>,
+}
+
+type Shared = Arc<Agent>;
+
+impl Agent {
+    /// Reads a request body of this version, for this agent's engine.
+    fn parse<B: DeserializeOwned>(
+        &self,
+        bytes: &[u8],
+        engine: impl Fn(&B) -> EngineKind,
+    ) -> Result<B, WireError> {
+        let body: B = serde_json::from_slice(bytes)
+            .map_err(|err| WireError::bad_request(format!("unreadable request: {err}")))?;
+        let asked = engine(&body);
+        if asked != self.backend.kind() {
+            return Err(WireError::WrongEngine {
+                message: format!(
+                    "this agent serves the {:?} engine, the request is for {asked:?}",
+                    self.backend.kind()
+                ),
+            });
+        }
+        Ok(body)
+    }
+
+    fn answer<T: Serialize>(
+        &self,
+        operation: &'static str,
+        started: Instant,
+        result: Result<T, WireError>,
+    ) -> Response {
+        let seconds = started.elapsed().as_secs_f64();
+        let (status, bytes) = match result {
+            Ok(value) => {
+                self.metrics.request(operation, "ok", seconds);
+                (StatusCode::OK, serde_json::to_vec(&value))
+            }
+            Err(error) => {
+                self.metrics.request(operation, error.kind(), seconds);
+                let status = match &error {
+                    WireError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+                    WireError::WrongEngine { .. } => StatusCode::CONFLICT,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                (status, serde_json::to_vec(&ErrorBody { error }))
+            }
+        };
+        match bytes {
+            Ok(bytes) => {
+                (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+            }
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        }
+    }
+}
+
+fn wire(err: StoreError) -> WireError {
+    WireError::from(&err)
+}
+
+async fn add(State(agent): State<Shared>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let body: AddBody = agent.parse(&body, |b: &AddBody| b.engine)?;
+        let ips = agent.backend.add(body.request()?).await.map_err(wire)?;
+        Ok(AddedBody { ips })
+    }
+    .await;
+    agent.answer("add", started, result)
+}
+
+async fn del(State(agent): State<Shared>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let body: AttachmentBody = agent.parse(&body, |b: &AttachmentBody| b.engine)?;
+        let released = agent.backend.del(body.request()?).await.map_err(wire)?;
+        Ok(AllocationsBody::of(&released))
+    }
+    .await;
+    agent.answer("del", started, result)
+}
+
+async fn check(State(agent): State<Shared>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let body: AttachmentBody = agent.parse(&body, |b: &AttachmentBody| b.engine)?;
+        let held = agent.backend.check(body.request()?).await.map_err(wire)?;
+        Ok(AllocationsBody::of(&held))
+    }
+    .await;
+    agent.answer("check", started, result)
+}
+
+async fn gc(State(agent): State<Shared>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let body: GcBody = agent.parse(&body, |b: &GcBody| b.engine)?;
+        let released = agent.backend.gc(body.request()?).await.map_err(wire)?;
+        Ok(AllocationsBody::of(&released))
+    }
+    .await;
+    agent.answer("gc", started, result)
+}
+
+async fn status(State(agent): State<Shared>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = async {
+        agent.parse(&body, |b: &StatusBody| b.engine)?;
+        agent.backend.status().await.map_err(wire)?;
+        Ok(serde_json::json!({}))
+    }
+    .await;
+    agent.answer("status", started, result)
+}
+
+async fn metrics(State(agent): State<Shared>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        agent.metrics.render(),
+    )
+}
+
+/// Ready when the engine could serve an ADD now (reachable, CRDs installed).
+async fn readyz(State(agent): State<Shared>) -> impl IntoResponse {
+    match agent.backend.status().await {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n")),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+fn probe_routes() -> Router<Shared> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+fn probes(agent: Shared) -> Router {
+    probe_routes().with_state(agent)
+}
+
+fn router(agent: Shared) -> Router {
+    let prefix = super::wire::PREFIX;
+    Router::new()
+        .route(&format!("{prefix}/add"), post(add))
+        .route(&format!("{prefix}/del"), post(del))
+        .route(&format!("{prefix}/check"), post(check))
+        .route(&format!("{prefix}/gc"), post(gc))
+        .route(&format!("{prefix}/status"), post(status))
+        .merge(probe_routes())
+        .with_state(agent)
+}
+
+/// Binds the socket, readable and writable by root only: whoever can connect can allocate.
+fn bind(path: &Path) -> Result<UnixListener, String> {
+    let fail = |what: &str, err: std::io::Error| format!("{what} {}: {err}", path.display());
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| fail("cannot make the folder of", e))?;
+    }
+    match is_socket(path).map_err(|e| fail("cannot look at", e))? {
+        Some(true) => std::fs::remove_file(path).map_err(|e| fail("cannot replace", e))?,
+        Some(false) => return Err(format!("{} exists and is not a socket", path.display())),
+        None => {}
+    }
+    // The socket is made without group or other permissions, not opened up and then closed.
+    // SAFETY: umask only swaps the process's file-creation mask; no memory is involved.
+    let previous = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    let listener = listener.map_err(|e| fail("cannot listen on", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| fail("cannot restrict", e))?;
+    Ok(listener)
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+pub async fn serve(options: Options) -> Result<(), String> {
+    let metrics = Arc::new(Metrics::new());
+    let backend = Backend::open(&options.ipam, metrics.clone()).await?;
+    let agent = Arc::new(Agent { backend, metrics });
+    let listener = bind(&options.socket)?;
+    let _ = std::fs::remove_file(super::fallback_marker(&options.socket));
+    if let Some(addr) = options.listen {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
+        let app = probes(agent.clone());
+        tokio::spawn(async move {
+            if let Err(err) = axum::serve(tcp, app).await {
+                tracing::error!(%err, "the agent's probe server stopped");
+            }
+        });
+    }
+    tracing::info!(socket = %options.socket.display(), engine = ?agent.backend.kind(), "agent serving");
+    let served = axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown())
+        .await;
+    if is_socket(&options.socket).ok().flatten() == Some(true) {
+        let _ = std::fs::remove_file(&options.socket);
+    }
+    served.map_err(|err| format!("the agent's server stopped: {err}"))
+}

@@ -1,0 +1,52 @@
+//! `whereabouts agent`: the node agent (one per node, in the DaemonSet; see `crate::agent`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::store_args::StoreArgs;
+use crate::agent::{self, Options};
+use crate::config::{self, LogLevel};
+
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The unix socket to serve (default: the flat file's `agent_socket`, else
+    /// /run/whereabouts/agent.sock).
+    #[arg(long, env = agent::SOCKET_ENV)]
+    pub socket: Option<PathBuf>,
+    /// Also serve /metrics, /healthz and /readyz on this TCP address (the DaemonSet's probes).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Log level, over the configuration's `log_level`.
+    #[arg(long, value_parser = ["debug", "verbose", "error", "panic"])]
+    pub log_level: Option<String>,
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let object = args.store.ipam_object()?;
+    let ipam = config::load_for_agent(Some(&object)).map_err(|e| anyhow::anyhow!(e.describe()))?;
+    let flag = args.log_level.as_deref().map(|l| match l {
+        "debug" => LogLevel::Debug,
+        "error" => LogLevel::Error,
+        "panic" => LogLevel::Panic,
+        _ => LogLevel::Verbose,
+    });
+    crate::logging::init(
+        ipam.log_file.as_deref(),
+        flag.or(ipam.log_level).or(Some(LogLevel::Verbose)),
+    );
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| agent::socket_path(&ipam));
+    agent::run(Options {
+        ipam,
+        socket,
+        listen: args.listen,
+    })
+    .map_err(|e| anyhow::anyhow!(e))
+    .context("whereabouts agent")
+}

@@ -1,0 +1,117 @@
+//! Combining a node's concurrent requests in the agent: every ADD (and every DEL) of a pool
+//! waits in an in-memory queue of that pool; one task per busy queue serves whatever waits with
+//! one read and one conditional write of the pool, then whatever arrived meanwhile, until the
+//! queue is empty. The write is a compare-and-swap on the resourceVersion the batch read, so
+//! combining saves requests and collisions, never a check.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use super::spool::{Granted, Job};
+use crate::store::{Allocation, StoreError};
+
+/// What the agent counts about combining (its metrics).
+pub trait Observer: Send + Sync {
+    /// A batch of `size` requests of `operation` ("add", "del") is being written.
+    fn batch(&self, operation: &'static str, size: usize);
+    /// A conditional write of `operation` found the pool changed and is retried.
+    fn conflict(&self, operation: &'static str);
+}
+
+/// A DEL of one attachment in one pool.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PendingRelease {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// The agent's queues, one per pool (and way of allocating in it).
+pub struct Batches {
+    pub adds: Queues<Job, Result<Granted, StoreError>>,
+    pub releases: Queues<PendingRelease, Result<Vec<Allocation>, StoreError>>,
+    pub observer: Arc<dyn Observer>,
+}
+
+impl Batches {
+    pub fn new(observer: Arc<dyn Observer>) -> Batches {
+        Batches {
+            adds: Queues::default(),
+            releases: Queues::default(),
+            observer,
+        }
+    }
+}
+
+struct Queue<J, R> {
+    waiting: Vec<(J, oneshot::Sender<R>)>,
+}
+
+/// Queues by key. A key has an entry exactly while a task serves it.
+pub struct Queues<J, R>(Mutex<HashMap<String, Queue<J, R>>>);
+
+impl<J, R> Default for Queues<J, R> {
+    fn default() -> Self {
+        Queues(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<J, R> Queues<J, R> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Queue<J, R>>> {
+        // The map stays consistent whatever panicked while holding it: every change is one
+        // push or one take.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues a job; the answer comes on the receiver. True when no task serves the queue yet:
+    /// the caller must start one.
+    pub fn submit(&self, key: &str, job: J) -> (oneshot::Receiver<R>, bool) {
+        let (reply, answer) = oneshot::channel();
+        let mut queues = self.lock();
+        let start = !queues.contains_key(key);
+        queues
+            .entry(key.to_string())
+            .or_insert_with(|| Queue {
+                waiting: Vec::new(),
+            })
+            .waiting
+            .push((job, reply));
+        (answer, start)
+    }
+
+    /// The jobs waiting, for the serving task. When none wait, the queue is closed in the same
+    /// step, so that the next job starts a new task.
+    pub fn take_or_close(&self, key: &str) -> Vec<(J, oneshot::Sender<R>)> {
+        let mut queues = self.lock();
+        let waiting = queues
+            .get_mut(key)
+            .map(|q| std::mem::take(&mut q.waiting))
+            .unwrap_or_default();
+        if waiting.is_empty() {
+            queues.remove(key);
+        }
+        waiting
+    }
+
+    /// The jobs that arrived while a batch waited, to join it.
+    pub fn take(&self, key: &str) -> Vec<(J, oneshot::Sender<R>)> {
+        self.lock()
+            .get_mut(key)
+            .map(|q| std::mem::take(&mut q.waiting))
+            .unwrap_or_default()
+    }
+}
+
+/// A released entry, for handing back to the DEL that asked.
+pub fn released_by(allocation: &Allocation, pending: &PendingRelease) -> bool {
+    allocation.attachment.container_id == pending.container_id
+        && allocation.attachment.ifname == pending.ifname
+}
+
+/// The answer a waiting request gets when its batch was dropped without one.
+pub fn dropped() -> StoreError {
+    StoreError::try_again("the agent stopped serving this request's batch")
+}

@@ -1,0 +1,420 @@
+//! The node agent (`whereabouts agent`) against the real API server and a real etcd cluster:
+//! several agents, one per simulated node, each on its own socket, serving bursts of real
+//! plugin processes; agents killed with SIGKILL in the middle of a burst and started again.
+
+mod agent_process;
+mod fake_apiserver;
+mod kube_apiserver;
+
+#[path = "etcd_cluster/mod.rs"]
+mod etcd_cluster;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_process::Agent;
+use fake_apiserver::cni::{netconf, run, Call, Reply};
+use fake_apiserver::harness::pool_ips;
+use serde_json::{json, Value};
+
+const RESERVATIONS: &str = "overlappingrangeipreservations";
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_whereabouts"))
+}
+
+fn kube_settings(kubeconfig: &Path) -> Value {
+    json!({
+        "datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": kubeconfig},
+        "log_level": "debug",
+    })
+}
+
+fn ipam(range: &str, kubeconfig: &Path) -> Value {
+    json!({
+        "type": "whereabouts",
+        "range": range,
+        "log_level": "error",
+        "kubernetes": {"kubeconfig": kubeconfig},
+    })
+}
+
+/// One plugin call of pod `i` on the node whose agent is `agent`.
+fn call(command: &str, i: usize, node: &str, agent: &Agent, conf: &str) -> Reply {
+    let container = format!("agent-{i}");
+    let pod = format!("pod-{i}");
+    run(
+        bin(),
+        &Call {
+            command,
+            container: &container,
+            ifname: "net1",
+            pod: Some(("bench", &pod)),
+            node: Some(node),
+            env: vec![agent.env()],
+        },
+        conf,
+    )
+}
+
+/// `calls` plugin calls, `parallel` at a time, call i on node `i % agents.len()` with that
+/// node's network configuration (`confs`, repeated when shorter); `during`
+/// runs on the test's thread while they go, given the number of calls finished so far.
+fn burst(
+    command: &'static str,
+    calls: usize,
+    parallel: usize,
+    agents: &Mutex<Vec<Agent>>,
+    confs: &[&str],
+    during: impl FnOnce(&AtomicUsize),
+) -> BTreeMap<usize, Reply> {
+    let nodes = agents.lock().unwrap().len();
+    let sockets: Vec<(&'static str, String)> =
+        agents.lock().unwrap().iter().map(Agent::env).collect();
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let replies = Arc::new(Mutex::new(BTreeMap::new()));
+    let workers: Vec<_> = (0..parallel)
+        .map(|_| {
+            let (next, done, replies) = (next.clone(), done.clone(), replies.clone());
+            let sockets = sockets.clone();
+            let confs: Vec<String> = confs.iter().map(|c| c.to_string()).collect();
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= calls {
+                    return;
+                }
+                let container = format!("agent-{i}");
+                let pod = format!("pod-{i}");
+                let node = format!("node-{}", i % nodes);
+                let reply = run(
+                    bin(),
+                    &Call {
+                        command,
+                        container: &container,
+                        ifname: "net1",
+                        pod: Some(("bench", &pod)),
+                        node: Some(&node),
+                        env: vec![sockets[i % nodes].clone()],
+                    },
+                    &confs[i % nodes % confs.len()],
+                );
+                replies.lock().unwrap().insert(i, reply);
+                done.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    during(&done);
+    for worker in workers {
+        worker.join().expect("burst worker");
+    }
+    let replies = std::mem::take(&mut *replies.lock().unwrap());
+    replies
+}
+
+/// Every pool entry has its reservation; returns the addresses held in pools and the
+/// reservations no pool entry backs, by holder.
+fn pools_and_orphans(
+    ns: &kube_apiserver::TestNamespace,
+) -> (
+    BTreeSet<std::net::IpAddr>,
+    BTreeMap<std::net::IpAddr, String>,
+) {
+    let mut held = BTreeSet::new();
+    for pool in ns.list("ippools") {
+        for ip in pool_ips(&pool) {
+            assert!(held.insert(ip), "{ip} is in two pools");
+        }
+    }
+    let reserved: BTreeMap<std::net::IpAddr, String> = ns
+        .list(RESERVATIONS)
+        .iter()
+        .map(|r| {
+            let ip = r["metadata"]["name"].as_str().unwrap().parse().unwrap();
+            (
+                ip,
+                r["spec"]["containerid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    for ip in &held {
+        assert!(
+            reserved.contains_key(ip),
+            "{ip} is in a pool without its reservation"
+        );
+    }
+    let orphans = reserved
+        .into_iter()
+        .filter(|(ip, _)| !held.contains(ip))
+        .collect();
+    (held, orphans)
+}
+
+/// Every pool entry has its reservation and every reservation its pool entry; returns the
+/// addresses held.
+fn assert_consistent(ns: &kube_apiserver::TestNamespace) -> BTreeSet<std::net::IpAddr> {
+    let (held, orphans) = pools_and_orphans(ns);
+    assert!(
+        orphans.is_empty(),
+        "reservations without a pool entry: {orphans:?}"
+    );
+    held
+}
+
+fn ip_of(reply: &Reply) -> String {
+    let ips = reply.ips();
+    assert_eq!(ips.len(), 1, "{reply:?}");
+    ips[0].clone()
+}
+
+/// Three nodes, each with its agent; the plugin processes have no credentials of their own
+/// (their kubeconfig does not exist), so everything they get comes through the agents.
+#[test]
+fn agents_serve_bursts_of_credential_less_plugins_without_duplicates() {
+    const CALLS: usize = 120;
+    let plane = real_cluster!();
+    let ns = plane.namespace("agents-serve-bursts");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let agents: Vec<Agent> = (0..3)
+        .map(|n| Agent::start(dir.path(), &format!("node-{n}"), kube_settings(&kubeconfig)))
+        .collect();
+    for agent in &agents {
+        let mode = std::fs::metadata(&agent.socket)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the socket is root's only");
+    }
+    let agents = Mutex::new(agents);
+    let missing = dir.path().join("no-such.kubeconfig");
+    let conf = netconf("agentnet", &ipam("10.140.0.0/22", &missing));
+
+    let added = burst("ADD", CALLS, 30, &agents, &[&conf], |_| {});
+    let mut ips = BTreeSet::new();
+    for (i, reply) in &added {
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        assert!(
+            ips.insert(ip_of(reply)),
+            "{} handed out twice",
+            ip_of(reply)
+        );
+    }
+    assert_eq!(assert_consistent(&ns).len(), CALLS);
+    let agents_now = agents.lock().unwrap();
+    let served: f64 = agents_now
+        .iter()
+        .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"))
+        .sum();
+    assert_eq!(served as usize, CALLS, "every ADD went through an agent");
+    let batches: f64 = agents_now
+        .iter()
+        .map(|a| a.metric("whereabouts_agent_batch_size_count{operation=\"add\"}"))
+        .sum();
+    assert!(batches >= 1.0 && batches <= CALLS as f64);
+    drop(agents_now);
+
+    // A repeated ADD gets the same address; CHECK finds it.
+    let again = {
+        let agents = agents.lock().unwrap();
+        call("ADD", 7, "node-1", &agents[1], &conf)
+    };
+    assert_eq!(ip_of(&again), ip_of(&added[&7]));
+    let checked = {
+        let agents = agents.lock().unwrap();
+        call("CHECK", 7, "node-1", &agents[1], &conf)
+    };
+    assert_eq!(checked.code, 0, "{checked:?}");
+
+    let deleted = burst("DEL", CALLS, 30, &agents, &[&conf], |_| {});
+    for (i, reply) in &deleted {
+        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
+    }
+    assert!(assert_consistent(&ns).is_empty(), "DELs left addresses");
+    let agents_now = agents.lock().unwrap();
+    let released: f64 = agents_now
+        .iter()
+        .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"del\",result=\"ok\"}"))
+        .sum();
+    assert_eq!(released as usize, CALLS);
+}
+
+/// The engine's errors keep their CNI code through the agent: a full range is 100.
+#[test]
+fn errors_through_the_agent_keep_their_code() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("agent-errors-keep-code");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let missing = dir.path().join("no-such.kubeconfig");
+    let conf = netconf("tiny", &ipam("10.141.0.0/30", &missing));
+    for i in 0..2 {
+        let reply = call("ADD", i, "node-0", &agent, &conf);
+        assert_eq!(reply.code, 0, "{reply:?}");
+    }
+    let full = call("ADD", 2, "node-0", &agent, &conf);
+    assert_eq!(full.cni_code(), 100, "{full:?}");
+    // An agent that is gone, and no credentials here: try again (11), not a configuration error.
+    let mut agent = agent;
+    agent.kill();
+    let gone = call("ADD", 3, "node-0", &agent, &conf);
+    assert_eq!(gone.cni_code(), 11, "{gone:?}");
+    let status = call("STATUS", 0, "node-0", &agent, &conf);
+    assert_ne!(status.code, 0, "{status:?}");
+}
+
+/// Two nodes: node-0's plugin has credentials of its own (it falls back while its agent is
+/// down), node-1's has none (it must answer "try again"). Both agents are killed in the middle
+/// of a burst and started again: no address twice, none lost, none leaked once the runtime has
+/// retried what failed, and a repeated ADD after the restart returns what each pod holds.
+#[test]
+fn agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
+    const CALLS: usize = 80;
+    let plane = real_cluster!();
+    let ns = plane.namespace("agents-killed-mid-burst");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let agents = Mutex::new(vec![
+        Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig)),
+        Agent::start(dir.path(), "node-1", kube_settings(&kubeconfig)),
+    ]);
+    let missing = dir.path().join("no-such.kubeconfig");
+    // The kubeconfig differs per node: the network configuration is the same on both, so the
+    // credential-less node gets its own copy naming a file that does not exist.
+    let with_creds = netconf("killnet", &ipam("10.142.0.0/22", &kubeconfig));
+    let without = netconf("killnet", &ipam("10.142.0.0/22", &missing));
+
+    let confs = [with_creds.as_str(), without.as_str()];
+    let added = burst("ADD", CALLS, 20, &agents, &confs, |done| {
+        while done.load(Ordering::SeqCst) < CALLS / 4 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for agent in agents.lock().unwrap().iter_mut() {
+            agent.kill();
+        }
+    });
+    let mut failed = Vec::new();
+    for (i, reply) in &added {
+        match reply.cni_code() {
+            0 => {}
+            // Only the node without credentials of its own may fail, and only with "try again".
+            11 if i % 2 == 1 => failed.push(*i),
+            other => panic!("ADD {i}: code {other}: {reply:?}"),
+        }
+    }
+    assert!(!failed.is_empty(), "no call met the outage");
+    eprintln!(
+        "{} of {CALLS} ADDs answered \"try again\" while the agents were down",
+        failed.len()
+    );
+    for agent in agents.lock().unwrap().iter_mut() {
+        agent.restart();
+    }
+    // The runtime retries what failed.
+    let mut holders: BTreeMap<usize, String> = added
+        .iter()
+        .filter(|(_, r)| r.code == 0)
+        .map(|(i, r)| (*i, ip_of(r)))
+        .collect();
+    for i in failed {
+        let agents = agents.lock().unwrap();
+        let reply = call("ADD", i, "node-1", &agents[1], &without);
+        assert_eq!(reply.code, 0, "retried ADD {i}: {reply:?}");
+        holders.insert(i, ip_of(&reply));
+    }
+    let distinct: BTreeSet<&String> = holders.values().collect();
+    assert_eq!(distinct.len(), CALLS, "an address was handed out twice");
+    // An ADD killed between its reservation and its pool write leaves the reservation (as a
+    // plugin process killed there does): it blocks its address, never hands it out twice, and
+    // the GC's orphan sweep (or the controller) removes it once old. Only ADDs in flight at the
+    // kill can have left one.
+    let (held, orphans) = pools_and_orphans(&ns);
+    assert_eq!(held.len(), CALLS, "leaked or lost: {held:?}");
+    assert!(
+        orphans.len() <= 20,
+        "more orphans than ADDs in flight: {orphans:?}"
+    );
+    for holder in orphans.values() {
+        assert!(holder.starts_with("agent-"), "orphan of {holder}");
+    }
+
+    // After the restart every pod still holds what it was given.
+    let again = burst("ADD", CALLS, 20, &agents, &confs, |_| {});
+    for (i, reply) in &again {
+        assert_eq!(reply.code, 0, "repeated ADD {i}: {reply:?}");
+        assert_eq!(ip_of(reply), holders[i], "repeated ADD {i} moved");
+    }
+    let deleted = burst("DEL", CALLS, 20, &agents, &confs, |_| {});
+    for (i, reply) in &deleted {
+        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
+    }
+    let (held, left) = pools_and_orphans(&ns);
+    assert!(held.is_empty(), "DELs left {held:?}");
+    assert!(left.len() <= orphans.len(), "new orphans: {left:?}");
+}
+
+/// The etcd engine through two agents: a burst of ADDs from both nodes, unique, then DELs
+/// that leave no key behind.
+#[test]
+fn etcd_agents_serve_a_burst() {
+    if !etcd_cluster::etcd_available() {
+        return;
+    }
+    const CALLS: usize = 60;
+    let cluster = etcd_cluster::Cluster::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let settings = json!({
+        "datastore": "etcd",
+        "etcd_host": cluster.endpoints(),
+        "log_level": "debug",
+    });
+    let agents = Mutex::new(vec![
+        Agent::start(dir.path(), "node-0", settings.clone()),
+        Agent::start(dir.path(), "node-1", settings),
+    ]);
+    let conf = netconf(
+        "etcdnet",
+        &json!({
+            "type": "whereabouts",
+            "datastore": "etcd",
+            "etcd_host": cluster.endpoints(),
+            "range": "10.143.0.0/24",
+            "log_level": "error",
+        }),
+    );
+    let added = burst("ADD", CALLS, 20, &agents, &[&conf], |_| {});
+    let mut ips = BTreeSet::new();
+    for (i, reply) in &added {
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        assert!(
+            ips.insert(ip_of(reply)),
+            "{} handed out twice",
+            ip_of(reply)
+        );
+    }
+    let served: f64 = agents
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"))
+        .sum();
+    assert_eq!(served as usize, CALLS, "every ADD went through an agent");
+    let deleted = burst("DEL", CALLS, 20, &agents, &[&conf], |_| {});
+    for (i, reply) in &deleted {
+        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
+    }
+    let left = cluster.keys("/whereabouts/");
+    assert!(
+        left.is_empty(),
+        "keys left after DEL of everything: {left:?}"
+    );
+}

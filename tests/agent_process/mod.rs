@@ -1,0 +1,134 @@
+//! A node agent (`whereabouts agent`) run as a process for tests and benchmarks: its own flat
+//! file and socket (one per simulated node), started, killed and restarted on demand.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_whereabouts"))
+}
+
+/// One node's agent: its flat file, socket and log, and the process while it runs.
+pub struct Agent {
+    pub flat_file: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts an agent whose flat file holds `settings` and its socket's path, and waits until
+    /// it is ready (its engine answers).
+    pub fn start(dir: &Path, node: &str, settings: Value) -> Agent {
+        let socket = dir.join(format!("{node}.sock"));
+        let flat_file = dir.join(format!("{node}.conf"));
+        let mut flat = settings;
+        flat["agent_socket"] = json!(socket);
+        std::fs::write(&flat_file, flat.to_string()).unwrap();
+        let mut agent = Agent {
+            flat_file,
+            socket,
+            log: dir.join(format!("{node}.log")),
+            child: None,
+        };
+        agent.restart();
+        agent
+    }
+
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("agent")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WHEREABOUTS_FLAT_FILE", &self.flat_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the agent");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Polls `/readyz` until it answers 200 (the agent connects and checks its engine first).
+    pub fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            if let Some((200, _)) = get(&self.socket, "/readyz") {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("the agent exited ({status}): {}", self.log_text());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the agent is not ready: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: nothing is finished, nothing cleaned up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The value of a metric line starting with `prefix` (0 when absent).
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let (status, text) = get(&self.socket, "/metrics").expect("metrics");
+        assert_eq!(status, 200);
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn env(&self) -> (&'static str, String) {
+        (
+            "WHEREABOUTS_AGENT_SOCKET",
+            self.socket.display().to_string(),
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A GET on the agent's socket: status and body, or None when nothing answers.
+pub fn get(socket: &Path, path: &str) -> Option<(u16, String)> {
+    let mut stream = UnixStream::connect(socket).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
