@@ -67,6 +67,20 @@ pub fn dedicated_control_plane(name: &str) -> Option<&'static ControlPlane> {
     usable(plane)
 }
 
+/// A control plane of its own with one node that runs pods (`hack/control-plane up --with-node`:
+/// controller manager, scheduler, kubelet, containerd, Multus), in `target/node-cluster-<name>`.
+/// Fresh for every run, like [`dedicated_control_plane`]; nothing is applied to it beyond
+/// Multus's NetworkAttachmentDefinition CRD. [`ControlPlane::down`] stops it.
+pub fn node_cluster(name: &str) -> Option<&'static ControlPlane> {
+    let dir = target().join(format!("node-cluster-{name}"));
+    let _ = Command::new(repo().join("hack/control-plane"))
+        .arg("down")
+        .arg(&dir)
+        .status();
+    let plane = start_with(dir, &["--with-node"], false);
+    usable(Box::leak(Box::new(plane)))
+}
+
 fn usable(plane: &'static Result<ControlPlane, String>) -> Option<&'static ControlPlane> {
     match plane {
         Ok(plane) => Some(plane),
@@ -98,9 +112,14 @@ macro_rules! real_cluster {
 }
 
 fn start(dir: PathBuf, with_crds: bool) -> Result<ControlPlane, String> {
+    start_with(dir, &[], with_crds)
+}
+
+fn start_with(dir: PathBuf, options: &[&str], with_crds: bool) -> Result<ControlPlane, String> {
     let kubeconfig = PathBuf::from(script_output(
         Command::new(repo().join("hack/control-plane"))
             .arg("up")
+            .args(options)
             .arg(&dir),
     )?);
     let tools = PathBuf::from(script_output(
@@ -270,6 +289,16 @@ impl ControlPlane {
 
     pub fn ca(&self) -> PathBuf {
         self.dir.join("pki/ca.crt")
+    }
+
+    /// Stops everything `hack/control-plane up` started in this plane's folder.
+    pub fn down(&self) {
+        let status = Command::new(repo().join("hack/control-plane"))
+            .arg("down")
+            .arg(&self.dir)
+            .status()
+            .expect("run hack/control-plane down");
+        assert!(status.success(), "hack/control-plane down failed");
     }
 
     /// Metrics of the API server: the number of requests served so far for `group` (all verbs),
