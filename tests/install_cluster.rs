@@ -196,6 +196,14 @@ fn the_installed_kubeconfig_reaches_the_server_and_follows_token_rotation() {
     let mut installer = process(&container("DaemonSet", "whereabouts"), &pod, &deployed);
     // The DaemonSet keeps the default of 5 s; a test need not wait that long for a rotation.
     installer.args.push("--poll-interval-ms=100".into());
+    // The host kubeconfig is written only with the node agent switched off, as the manifest
+    // says to do it (WHEREABOUTS_AGENT "false").
+    installer
+        .env
+        .retain(|(name, _)| name != "WHEREABOUTS_AGENT");
+    installer
+        .env
+        .push(("WHEREABOUTS_AGENT".into(), "false".into()));
     let log = root.path().join("installer.log");
     let _installer = installer.spawn(&log);
 

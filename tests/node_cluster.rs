@@ -121,8 +121,8 @@ fn static_binary() -> PathBuf {
     }
 }
 
-/// The DaemonSet's pod put the image's binary into the node's CNI bin folder, and the flat file
-/// and kubeconfig (owner-only) into whereabouts.d; the binary also runs on the host.
+/// The DaemonSet's pod put the image's binary into the node's CNI bin folder and the flat file
+/// (owner-only) into whereabouts.d; the binary also runs on the host.
 fn check_installed_files(node: &Node) {
     let installed = node.cni_bin().join("whereabouts");
     wait_until("the installed plugin", Duration::from_secs(60), || {
@@ -133,16 +133,21 @@ fn check_installed_files(node: &Node) {
         "the node's plugin is not the image's binary"
     );
     let folder = node.cni_conf().join("whereabouts.d");
-    for name in ["whereabouts.conf", "whereabouts.kubeconfig"] {
-        let mode = std::fs::metadata(folder.join(name))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600, "{name} has mode {mode:o}");
-    }
+    let mode = std::fs::metadata(folder.join("whereabouts.conf"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "whereabouts.conf has mode {mode:o}");
     let flat: Value =
         serde_json::from_slice(&std::fs::read(folder.join("whereabouts.conf")).unwrap()).unwrap();
     assert_eq!(flat["datastore"], "kubernetes", "flat file: {flat}");
+    // With the node agent (the manifest's default) the plugin holds no credentials: the
+    // installer writes no host kubeconfig, and the flat file names the agent's socket.
+    assert!(
+        !folder.join("whereabouts.kubeconfig").exists(),
+        "a host kubeconfig beside the agent"
+    );
+    assert!(flat["agent_socket"].is_string(), "flat file: {flat}");
     let out = Command::new(&installed)
         .env("CNI_COMMAND", "VERSION")
         .output()
@@ -359,19 +364,21 @@ fn wait_released(node: &Node, pods: &BTreeMap<String, Ipv4Addr>) {
     });
 }
 
-/// `whereabouts pools` and `allocations` in the DaemonSet's pod, with the flat file and
-/// kubeconfig it installed.
+/// `whereabouts pools` and `allocations` in the DaemonSet's agent container, with the pod's
+/// service account (no kubeconfig file there).
 fn cli_in_daemonset(node: &Node, command: &str) -> Value {
     let out = node.kubectl(&[
         "exec",
         "-n",
         SYSTEM,
         "daemonset/whereabouts",
+        "-c",
+        "agent",
         "--",
         "/whereabouts",
         command,
-        "--kubeconfig",
-        "/host/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig",
+        "--datastore",
+        "kubernetes",
         "-o",
         "json",
     ]);
