@@ -62,21 +62,13 @@ pub struct WireRange {
     pub requested: Option<IpAddr>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireAttachment {
-    pub container_id: String,
-    pub ifname: String,
-    pub pod_ref: Option<String>,
-    pub pod_uid: Option<String>,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AddBody {
     pub engine: EngineKind,
     pub cni_network: String,
     pub network_name: String,
     pub overlap: bool,
-    pub attachment: WireAttachment,
+    pub attachment: Attachment,
     pub ranges: Vec<WireRange>,
     pub node_slice_size: Option<u8>,
     pub sleep_for_race: u64,
@@ -123,7 +115,7 @@ pub struct WireAllocation {
     pub ip: IpAddr,
     pub network_name: String,
     pub cni_network: Option<String>,
-    pub attachment: WireAttachment,
+    pub attachment: Attachment,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -299,26 +291,6 @@ fn pools_of(pools: &[WirePool], network_name: &str) -> Result<Vec<PoolRef>, Wire
     pools.iter().map(|p| p.resolve(network_name)).collect()
 }
 
-impl WireAttachment {
-    pub fn of(who: &Attachment) -> WireAttachment {
-        WireAttachment {
-            container_id: who.container_id.clone(),
-            ifname: who.ifname.clone(),
-            pod_ref: who.pod_ref.clone(),
-            pod_uid: who.pod_uid.clone(),
-        }
-    }
-
-    pub fn attachment(&self) -> Attachment {
-        Attachment {
-            container_id: self.container_id.clone(),
-            ifname: self.ifname.clone(),
-            pod_ref: self.pod_ref.clone(),
-            pod_uid: self.pod_uid.clone(),
-        }
-    }
-}
-
 impl AddBody {
     pub fn of(engine: EngineKind, req: &AddRequest) -> AddBody {
         AddBody {
@@ -326,7 +298,7 @@ impl AddBody {
             cni_network: req.cni_network.clone(),
             network_name: req.network_name.clone(),
             overlap: req.overlap,
-            attachment: WireAttachment::of(&req.attachment),
+            attachment: req.attachment.clone(),
             ranges: req
                 .ranges
                 .iter()
@@ -362,7 +334,7 @@ impl AddBody {
             cni_network: self.cni_network.clone(),
             network_name: self.network_name.clone(),
             overlap: self.overlap,
-            attachment: self.attachment.attachment(),
+            attachment: self.attachment.clone(),
             ranges,
             node_slice_size: self.node_slice_size,
             sleep_for_race: self.sleep_for_race,
@@ -432,7 +404,7 @@ impl AllocationsBody {
                     ip: a.ip,
                     network_name: a.network_name.clone(),
                     cni_network: a.cni_network.clone(),
-                    attachment: WireAttachment::of(&a.attachment),
+                    attachment: a.attachment.clone(),
                 })
                 .collect(),
         }
@@ -456,7 +428,7 @@ impl AllocationsBody {
                     ip: a.ip,
                     network_name: a.network_name,
                     cni_network: a.cni_network,
-                    attachment: a.attachment.attachment(),
+                    attachment: a.attachment.clone(),
                 })
             })
             .collect()

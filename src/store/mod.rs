@@ -55,8 +55,8 @@ pub fn open_for_operator(ipam: &IpamConfig) -> Result<Box<dyn Store>, StoreError
 }
 
 /// Who holds an address: the attachment (container ID, interface name), and the pod it belongs
-/// to when the runtime says so.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// to when the runtime says so. Serialized as it is in the agent's protocol.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
     pub container_id: String,
     pub ifname: String,

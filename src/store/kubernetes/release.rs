@@ -1,7 +1,7 @@
 //! DEL, CHECK, GC and the CLI's listing and release: pool entries are removed first, then their
 //! reservations (the reverse of ADD), so an address is never in a pool without its reservation.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use super::batch::{dropped, released_by, Batches, PendingRelease};
 use super::engine::Engine;
 use super::pool_doc::{remove_op, Entry, PoolDoc};
 use super::reservation;
-use crate::cleanup::judge::leaked_on_node;
+use crate::cleanup::judge::{leaked_on_node, PodPlace};
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::IPPool;
@@ -368,6 +368,8 @@ impl Engine {
         is_valid: &(dyn Fn(&Attachment) -> bool + Sync),
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
+        // Each pod is looked up once per GC, however many entries and pools name it.
+        let mut places: HashMap<String, PodPlace> = HashMap::new();
         for pool in &req.pools {
             let name = object_name(&pool.name);
             let Some(object) = self.kube.get_pool(&name).await? else {
@@ -380,7 +382,10 @@ impl Engine {
                 .into_iter()
                 .filter(|e| !is_valid(&e.attachment))
             {
-                if self.is_leak_of(&entry.attachment, node).await? {
+                if self
+                    .is_leak_of(&entry.attachment, node, &mut places)
+                    .await?
+                {
                     leaked.insert((
                         entry.ip,
                         entry.attachment.container_id,
@@ -407,17 +412,32 @@ impl Engine {
         Ok(released)
     }
 
-    /// Whether an unlisted entry held by `who` is this node's leak (its pod is looked up).
-    async fn is_leak_of(&self, who: &Attachment, node: &str) -> Result<bool, StoreError> {
-        let Some((namespace, name)) = who.pod_ref.as_deref().and_then(|r| r.split_once('/')) else {
+    /// Whether an unlisted entry held by `who` is this node's leak (its pod is looked up, once).
+    async fn is_leak_of(
+        &self,
+        who: &Attachment,
+        node: &str,
+        places: &mut HashMap<String, PodPlace>,
+    ) -> Result<bool, StoreError> {
+        let Some(pod_ref) = who.pod_ref.as_deref() else {
             return Ok(false);
         };
-        if namespace.is_empty() || name.is_empty() {
-            return Ok(false);
-        }
-        let place = self.kube.pod_place(namespace, name).await?;
+        let place = match places.get(pod_ref) {
+            Some(place) => place.clone(),
+            None => {
+                // Only `namespace/name` names a pod (an empty name would read as a list).
+                let parts = pod_ref.split_once('/');
+                let Some((namespace, name)) = parts.filter(|(n, p)| !n.is_empty() && !p.is_empty())
+                else {
+                    return Ok(false);
+                };
+                let place = self.kube.pod_place(namespace, name).await?;
+                places.insert(pod_ref.to_string(), place.clone());
+                place
+            }
+        };
         Ok(leaked_on_node(
-            who.pod_ref.as_deref(),
+            Some(pod_ref),
             who.pod_uid.as_deref(),
             &place,
             node,
