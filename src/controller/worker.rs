@@ -62,26 +62,34 @@ impl Worker {
             while let Ok(more) = jobs.try_recv() {
                 batch.push(more);
             }
+            let mut deleted = Vec::new();
+            let mut finished = Vec::new();
+            // Reconciles asked for together run once, naming every reason.
+            let mut reasons: Vec<&str> = Vec::new();
+            for job in batch {
+                match job {
+                    Job::Deleted { pod_ref, uid } => deleted.push((pod_ref, uid)),
+                    Job::Finished { pod_ref } => finished.push(pod_ref),
+                    Job::Reconcile { why } if !reasons.contains(&why) => reasons.push(why),
+                    Job::Reconcile { .. } => {}
+                }
+            }
             if !self.leadership.is_leader() {
-                tracing::debug!(jobs = batch.len(), "not the leader: left to the leader");
+                // A new leader starts with a full reconcile, which covers whatever is dropped.
+                if reasons.is_empty() {
+                    tracing::debug!("not the leader: pod events left to the leader");
+                } else {
+                    let why = reasons.join(", ");
+                    tracing::info!(why, "not the leader: reconcile left to the leader");
+                }
                 continue;
             }
             self.metrics
                 .busy_since
                 .store(Timestamp::now().as_second(), Ordering::SeqCst);
-            let mut deleted = Vec::new();
-            let mut finished = Vec::new();
-            let mut reconcile = None;
-            for job in batch {
-                match job {
-                    Job::Deleted { pod_ref, uid } => deleted.push((pod_ref, uid)),
-                    Job::Finished { pod_ref } => finished.push(pod_ref),
-                    Job::Reconcile { why } => reconcile = Some(why),
-                }
-            }
-            if let Some(why) = reconcile {
+            if !reasons.is_empty() {
                 // A full reconcile judges every allocation: it covers the deletions too.
-                self.reconcile(why);
+                self.reconcile(&reasons.join(", "));
             } else if !deleted.is_empty() || !finished.is_empty() {
                 self.on_pods(&deleted, &finished);
             }
