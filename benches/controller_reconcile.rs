@@ -5,9 +5,13 @@
 //! `whereabouts_last_reconcile_duration_seconds` reports it, and the time until the last gone
 //! pod's address is free.
 //!
+//! With `WHEREABOUTS_EARLIER_BINARY`, an earlier build's controller reconciles the same
+//! allocations (a store of its own, filled the same way) first, for before/after figures.
+//!
 //! Run: `cargo bench --bench controller_reconcile` (builds the release binary; creating the
 //! pods takes a minute or two).
 
+mod earlier;
 #[path = "../tests/kube_apiserver/mod.rs"]
 mod kube_apiserver;
 
@@ -32,7 +36,6 @@ fn main() {
     let plane = kube_apiserver::control_plane().expect("a control plane (hack/control-plane)");
     let ns = plane.namespace("bench-reconcile");
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("whereabouts.db");
 
     let started = Instant::now();
     create_pods(plane, &ns.name, ALLOCATIONS - GONE);
@@ -41,32 +44,64 @@ fn main() {
         ALLOCATIONS - GONE,
         started.elapsed().as_secs_f64()
     );
+    let kubeconfig = ns.kubeconfig(dir.path());
+    if let Some(earlier) = earlier::binary() {
+        // The earlier build's controller has no leader election to turn off.
+        reconcile(
+            &earlier,
+            "EARLIER BUILD",
+            dir.path(),
+            &kubeconfig,
+            &ns.name,
+            &[],
+        );
+    }
+    let ours = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
+    let extra = ["--no-leader-election"];
+    reconcile(
+        ours,
+        "this build",
+        dir.path(),
+        &kubeconfig,
+        &ns.name,
+        &extra,
+    );
+}
+
+/// Fills a new store, runs `bin`'s controller on it until its start-up reconcile is over and
+/// prints the figures under `label`.
+fn reconcile(
+    bin: &Path,
+    label: &str,
+    dir: &Path,
+    kubeconfig: &Path,
+    namespace: &str,
+    extra: &[&str],
+) {
+    let folder = dir.join(label.replace(' ', "-"));
+    std::fs::create_dir_all(&folder).unwrap();
+    let db = folder.join("whereabouts.db");
     let started = Instant::now();
-    allocate(&db, &ns.name);
+    allocate(&db, namespace);
     println!(
-        "{ALLOCATIONS} allocations made in {:.1} s",
+        "{label}: {ALLOCATIONS} allocations made in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
-    let conf = dir.path().join("net.conf");
+    let conf = folder.join("net.conf");
     let ipam = json!({"type": "whereabouts", "range": RANGE, "local_path": db,
                       "reconciler_cron_expression": "0 0 1 1 *"});
     std::fs::write(&conf, json!({"name": "bench", "ipam": ipam}).to_string()).unwrap();
-    let kubeconfig = ns.kubeconfig(dir.path());
-    let log = dir.path().join("controller.log");
+    let log = folder.join("controller.log");
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
+    let mut child = Command::new(bin)
         .args(["controller", "--config"])
         .arg(&conf)
         .arg("--pod-kubeconfig")
-        .arg(&kubeconfig)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--no-leader-election",
-            "--no-node-slices",
-        ])
-        .args(["--namespace", &ns.name])
+        .arg(kubeconfig)
+        .args(["--listen", "127.0.0.1:0", "--no-node-slices"])
+        .args(extra)
+        .args(["--namespace", namespace])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -87,7 +122,7 @@ fn main() {
     let left = store.allocations(None).unwrap().len();
     assert_eq!(left, ALLOCATIONS - GONE, "what the reconcile left");
     println!(
-        "full reconcile of {ALLOCATIONS} allocations ({GONE} released): {reconcile:.2} s \
+        "{label}: full reconcile of {ALLOCATIONS} allocations ({GONE} released): {reconcile:.2} s \
          ({:.0} allocations/s); controller start to the last release: {:.2} s",
         ALLOCATIONS as f64 / reconcile,
         until_free.as_secs_f64()

@@ -5,8 +5,12 @@
 //! after another) and through the real binary (one process per ADD, as a runtime calls it),
 //! the latter with and without a node agent per simulated node in the same run.
 //!
+//! With `WHEREABOUTS_EARLIER_BINARY`, an earlier build runs the binary measurements (without
+//! the agent) first, for before/after figures.
+//!
 //! Run: `cargo bench --bench etcd_burst` (needs etcd-server and etcd-client).
 
+mod earlier;
 #[path = "../tests/common/trust.rs"]
 mod trust;
 
@@ -18,6 +22,7 @@ mod agent_process;
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -57,12 +62,26 @@ fn main() {
         NODES * PER_NODE,
         lib / raw
     );
-    let seq = binary_rate(&cluster, 1, 1, "10.80.0.0/16", &[]);
+    let ours = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
+    if let Some(earlier) = earlier::binary() {
+        let seq = binary_rate(&earlier, &cluster, 1, 1, "10.81.0.0/16", &[]);
+        println!(
+            "EARLIER BUILD: {PER_NODE} ADDs, one process at a time: {seq:.0} allocations/s, ratio to raw {:.2}",
+            seq / raw
+        );
+        let bin = binary_rate(&earlier, &cluster, NODES, IN_FLIGHT, "10.71.0.0/16", &[]);
+        println!(
+            "EARLIER BUILD: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {bin:.0} allocations/s, ratio to raw {:.2}",
+            NODES * PER_NODE,
+            bin / raw
+        );
+    }
+    let seq = binary_rate(ours, &cluster, 1, 1, "10.80.0.0/16", &[]);
     println!(
         "binary: {PER_NODE} ADDs, one process at a time: {seq:.0} allocations/s, ratio to raw {:.2}",
         seq / raw
     );
-    let bin = binary_rate(&cluster, NODES, IN_FLIGHT, "10.70.0.0/16", &[]);
+    let bin = binary_rate(ours, &cluster, NODES, IN_FLIGHT, "10.70.0.0/16", &[]);
     println!(
         "binary: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {bin:.0} allocations/s, ratio to raw {:.2}",
         NODES * PER_NODE,
@@ -79,7 +98,7 @@ fn main() {
             agent_process::Agent::start(dir.path(), &format!("node-{n}"), settings)
         })
         .collect();
-    let via = binary_rate(&cluster, NODES, IN_FLIGHT, "10.90.0.0/16", &agents);
+    let via = binary_rate(ours, &cluster, NODES, IN_FLIGHT, "10.90.0.0/16", &agents);
     let served: f64 = agents
         .iter()
         .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"))
@@ -217,6 +236,7 @@ fn library_rate(cluster: &Cluster, nodes: usize, range: &str) -> f64 {
 
 /// `nodes * PER_NODE` ADDs through the binary, `in_flight` processes at a time.
 fn binary_rate(
+    bin: &Path,
     cluster: &Cluster,
     nodes: usize,
     in_flight: usize,
@@ -246,7 +266,7 @@ fn binary_rate(
                 let socket = agents.get(node).map(agent_process::Agent::env);
                 seen.lock()
                     .unwrap()
-                    .push(add_through_binary(&conf, node, i, socket));
+                    .push(add_through_binary(bin, &conf, node, i, socket));
             });
         }
     });
@@ -256,12 +276,13 @@ fn binary_rate(
 }
 
 fn add_through_binary(
+    bin: &Path,
     conf: &[u8],
     node: usize,
     i: usize,
     agent: Option<(&'static str, String)>,
 ) -> IpAddr {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_whereabouts"));
+    let mut command = Command::new(bin);
     command
         .env_clear()
         .env("CNI_COMMAND", "ADD")

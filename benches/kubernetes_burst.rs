@@ -1,30 +1,31 @@
 //! A burst of ADDs through the real binary against the fake API server with 2 ms added per
 //! request: 100 ADDs, 20 at a time, over 10 nodes into one range. Prints the wall time, p50/p99
-//! per ADD and API requests per ADD, for three set-ups:
-//! - 10 machines: each simulated node has a spool of its own, as separate machines would;
-//! - one machine: the 10 node names share the machine's spool;
-//! - no spool: every ADD writes the pool on its own.
-//!
+//! per ADD and API requests per ADD, for two set-ups:
+//! - without the agent: every plugin process reads and writes the pool on its own;
 //! - an agent per node: each simulated node runs `whereabouts agent` on a socket of its own and
 //!   the plugin processes ask it (one client per node, ADDs and DELs combined per pool in memory).
 //!
-//! The 10-machine set-ups run with and without the agent in the same run, at 2 ms and at 10 ms
-//! per request, and then on the real API server (kube-apiserver and etcd from
+//! Both run in the same run, at 2 ms and at 10 ms per request, and then on the real API server (kube-apiserver and etcd from
 //! `hack/control-plane`, TLS, no added latency): requests per ADD there come from the server's
 //! own `apiserver_request_total`. After each burst of ADDs, the same pods are deleted in a burst
 //! of DELs.
+//!
+//! With `WHEREABOUTS_EARLIER_BINARY`, an earlier build runs the bursts of the fake server
+//! without the agent (its processes combining through a spool folder per simulated node, as it
+//! did) right before this build does, for before/after figures.
 //!
 //! Run: `cargo bench --bench kubernetes_burst` (builds the release binary).
 
 #[path = "../tests/agent_process/mod.rs"]
 mod agent_process;
+mod earlier;
 #[path = "../tests/fake_apiserver/mod.rs"]
 mod fake_apiserver;
 #[path = "../tests/kube_apiserver/mod.rs"]
 mod kube_apiserver;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agent_process::Agent;
@@ -41,10 +42,12 @@ const LATENCY: Duration = Duration::from_millis(2);
 /// How the plugin processes of a scenario reach the store.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Via {
-    /// Each process on its own (combining through the node's spool folder).
+    /// Each process on its own.
     Plugin,
     /// Through an agent per node.
     Agent,
+    /// An earlier build, whose processes combined through a spool folder per node.
+    EarlierSpool,
 }
 
 /// The server a scenario runs against, and how its requests are counted.
@@ -76,12 +79,17 @@ impl Server {
     }
 }
 
-fn scenario(title: &str, server: Server, spool: Option<String>, via: Via, latency: Duration) {
+fn scenario(title: &str, server: Server, via: Via, latency: Duration) {
     let bin = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
+    scenario_of(bin, title, server, via, latency);
+}
+
+/// [`scenario`] with the plugin processes of binary `bin`.
+fn scenario_of(bin: &Path, title: &str, server: Server, via: Via, latency: Duration) {
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = server.kubeconfig(dir.path());
     let agents: Vec<Agent> = match via {
-        Via::Plugin => Vec::new(),
+        Via::Plugin | Via::EarlierSpool => Vec::new(),
         Via::Agent => (0..NODES)
             .map(|n| {
                 let settings = json!({
@@ -93,7 +101,15 @@ fn scenario(title: &str, server: Server, spool: Option<String>, via: Via, latenc
             })
             .collect(),
     };
-    let node_env: Vec<Vec<(&'static str, String)>> = agents.iter().map(|a| vec![a.env()]).collect();
+    let node_env: Vec<Vec<(&'static str, String)>> = match via {
+        Via::EarlierSpool => (0..NODES)
+            .map(|n| {
+                let spool = dir.path().join(format!("spool-{n}"));
+                vec![("WHEREABOUTS_KUBERNETES_SPOOL", spool.display().to_string())]
+            })
+            .collect(),
+        _ => agents.iter().map(|a| vec![a.env()]).collect(),
+    };
     let ipam = json!({
         "type": "whereabouts",
         "range": "10.50.0.0/16",
@@ -101,9 +117,7 @@ fn scenario(title: &str, server: Server, spool: Option<String>, via: Via, latenc
         "kubernetes": {"kubeconfig": kubeconfig.display().to_string()},
     });
     let conf = netconf("burst", &ipam);
-    let env: Vec<(&'static str, String)> = spool
-        .map(|s| vec![("WHEREABOUTS_KUBERNETES_SPOOL", s)])
-        .unwrap_or_default();
+    let env: Vec<(&'static str, String)> = Vec::new();
 
     // One warm-up ADD/DEL so the pool exists, as in a running cluster.
     let warm = Call {
@@ -211,60 +225,34 @@ fn main() {
         "kubernetes burst: {ADDS} ADDs, {PARALLEL} at a time, {NODES} nodes, one range, {LATENCY:?} added per API request"
     );
     println!("binary: {}", env!("CARGO_BIN_EXE_whereabouts"));
-    let base = std::env::temp_dir().join(format!("wb-bench-spool-{}", std::process::id()));
     let fake = || Server::Fake(FakeApiServer::start());
+    let earlier: Option<PathBuf> = earlier::binary();
     for latency in [LATENCY, Duration::from_millis(10)] {
-        scenario(
-            &format!("10 machines (a spool per node), {latency:?} per request"),
-            fake(),
-            None,
-            Via::Plugin,
-            latency,
-        );
-        scenario(
-            &format!("10 machines (an agent per node), {latency:?} per request"),
-            fake(),
-            None,
-            Via::Agent,
-            latency,
-        );
+        if let Some(bin) = &earlier {
+            let title =
+                format!("EARLIER BUILD, 10 machines (a spool per node), {latency:?} per request");
+            scenario_of(bin, &title, fake(), Via::EarlierSpool, latency);
+        }
+        let title = format!("10 machines without the agent, {latency:?} per request");
+        scenario(&title, fake(), Via::Plugin, latency);
+        let title = format!("10 machines (an agent per node), {latency:?} per request");
+        scenario(&title, fake(), Via::Agent, latency);
     }
-    scenario(
-        "one machine (the 10 node names share its spool)",
-        fake(),
-        Some(base.join("shared").display().to_string()),
-        Via::Plugin,
-        LATENCY,
-    );
-    // A spool below a regular file cannot be made: every ADD writes on its own.
-    let file = base.join("not-a-folder");
-    let _ = std::fs::create_dir_all(&base);
-    let _ = std::fs::write(&file, b"");
-    scenario(
-        "no spool (every ADD writes alone)",
-        fake(),
-        Some(file.join("x").display().to_string()),
-        Via::Plugin,
-        LATENCY,
-    );
     match kube_apiserver::control_plane() {
         Some(plane) => {
             scenario(
-                "real API server, 10 machines (a spool per node), no added latency",
+                "real API server, 10 machines without the agent, no added latency",
                 Server::Real(plane.namespace("bench-burst")),
-                None,
                 Via::Plugin,
                 Duration::ZERO,
             );
             scenario(
                 "real API server, 10 machines (an agent per node), no added latency",
                 Server::Real(plane.namespace("bench-burst-agent")),
-                None,
                 Via::Agent,
                 Duration::ZERO,
             );
         }
         None => println!("real API server: not available (see above)"),
     }
-    let _ = std::fs::remove_dir_all(&base);
 }

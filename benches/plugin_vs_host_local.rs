@@ -1,9 +1,11 @@
 //! Whole-process benchmark: ADD and DEL through our binary and through Debian's `host-local`,
 //! on the same machine in the same run, one at a time and 8 at a time. Prints per-operation
-//! medians and our/host-local ratio.
+//! medians and our/host-local ratio; with `WHEREABOUTS_EARLIER_BINARY` also an earlier build
+//! of ours, and the ratio this build/the earlier one.
 //!
 //! Run: `cargo bench --bench plugin_vs_host_local` (needs containernetworking-plugins).
 
+mod earlier;
 #[path = "../tests/common/trust.rs"]
 mod trust;
 
@@ -96,24 +98,34 @@ fn main() {
         std::process::exit(1);
     }
     let dir = tempfile::tempdir().unwrap();
-    let ours = Plugin {
-        name: "whereabouts",
-        exe: PathBuf::from(env!("CARGO_BIN_EXE_whereabouts")),
+    let whereabouts = |name, exe, db: &str| Plugin {
+        name,
+        exe,
         conf: serde_json::json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
             "ipam": {"type": "whereabouts", "range": "10.0.0.0/16", "log_level": "error",
-                     "local_path": dir.path().join("wb.db")}})
+                     "local_path": dir.path().join(db)}})
         .to_string(),
     };
-    let theirs = Plugin {
-        name: "host-local",
-        exe: PathBuf::from(HOST_LOCAL),
-        conf: serde_json::json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.0.0.0/16"}]],
-                     "dataDir": dir.path().join("host-local")}})
-        .to_string(),
-    };
-    // Warm both up (page cache, database creation) before measuring.
-    for p in [&ours, &theirs] {
+    let mut plugins = vec![
+        whereabouts(
+            "whereabouts",
+            PathBuf::from(env!("CARGO_BIN_EXE_whereabouts")),
+            "wb.db",
+        ),
+        Plugin {
+            name: "host-local",
+            exe: PathBuf::from(HOST_LOCAL),
+            conf: serde_json::json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.0.0.0/16"}]],
+                         "dataDir": dir.path().join("host-local")}})
+            .to_string(),
+        },
+    ];
+    if let Some(exe) = earlier::binary() {
+        plugins.push(whereabouts("earlier", exe, "earlier.db"));
+    }
+    // Warm every plugin up (page cache, database creation) before measuring.
+    for p in &plugins {
         call(p, "ADD", "warm");
         call(p, "DEL", "warm");
     }
@@ -123,7 +135,7 @@ fn main() {
     );
     for workers in [1, 8] {
         let mut medians = Vec::new();
-        for p in [&ours, &theirs] {
+        for p in &plugins {
             let (adds, dels, wall) = measure(p, workers);
             let ops = (adds.len() + dels.len()) as f64 / wall.as_secs_f64();
             let (a, d) = (median(adds), median(dels));
@@ -137,12 +149,15 @@ fn main() {
             );
             medians.push((a, d, ops));
         }
-        let (o, h) = (medians[0], medians[1]);
-        println!(
-            "ratio whereabouts/host-local, {workers} at a time: ADD {:.2}, DEL {:.2}, throughput {:.2}x",
-            ms(o.0) / ms(h.0),
-            ms(o.1) / ms(h.1),
-            o.2 / h.2
-        );
+        let ours = medians[0];
+        for (p, other) in plugins.iter().zip(&medians).skip(1) {
+            println!(
+                "ratio whereabouts/{}, {workers} at a time: ADD {:.2}, DEL {:.2}, throughput {:.2}x",
+                p.name,
+                ms(ours.0) / ms(other.0),
+                ms(ours.1) / ms(other.1),
+                ours.2 / other.2
+            );
+        }
     }
 }

@@ -409,10 +409,6 @@ fn contract_etcd() {
 fn contract_kubernetes() {
     let plane = real_cluster!();
     let dir = tempfile::tempdir().unwrap();
-    std::env::set_var(
-        "WHEREABOUTS_KUBERNETES_SPOOL",
-        dir.path().join("spool").display().to_string(),
-    );
     run_contract(Engine::Kubernetes, &|name, _| {
         let ns = plane.namespace(&name.replace('_', "-"));
         let kubeconfig: PathBuf = ns.kubeconfig(dir.path());

@@ -57,7 +57,6 @@ impl Controller {
         let child = Command::new(common::bin())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("WHEREABOUTS_KUBERNETES_SPOOL", dir.join("spool"))
             .args(["controller", "--config"])
             .arg(&conf_path)
             .arg("--pod-kubeconfig")

@@ -278,10 +278,6 @@ fn the_controller_reaches_the_server_with_its_pods_service_account() {
     for arg in &mut controller.args {
         *arg = arg.replace("0.0.0.0:9090", "127.0.0.1:0");
     }
-    let spool = root.path().join("spool").display().to_string();
-    controller
-        .env
-        .push(("WHEREABOUTS_KUBERNETES_SPOOL".into(), spool));
     let log = root.path().join("controller.log");
     let _controller = controller.spawn(&log);
 

@@ -435,7 +435,6 @@ impl Controller {
         let child = Command::new(bin())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("WHEREABOUTS_KUBERNETES_SPOOL", dir.join("controller-spool"))
             .args(["controller", "--datastore", "kubernetes", "--kubeconfig"])
             .arg(kubeconfig)
             // A short lease: the scenario sees the leader renew it (an update) within seconds.

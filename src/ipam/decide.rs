@@ -196,8 +196,8 @@ pub fn lowest_free_n<E>(
 }
 
 /// A hash that stays the same across releases and machines (FNV-1a over the parts), for
-/// spreading seeds and names that persist: the same attachment spreads the same way, and
-/// processes of two releases meet in the same spool folder.
+/// spreading seeds and names that persist: the same attachment spreads the same way on every
+/// machine and in every release.
 pub fn stable_hash(parts: &[&str], salt: u32) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {

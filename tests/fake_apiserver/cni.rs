@@ -89,14 +89,6 @@ pub fn run(bin: &Path, call: &Call, stdin: &str) -> Reply {
     if let Some(node) = call.node {
         cmd.env("NODENAME", node);
     }
-    // A spool of our own, not the system's (requests of different servers never meet there);
-    // each simulated node gets its own, as if it were a machine of its own.
-    cmd.env(
-        "WHEREABOUTS_KUBERNETES_SPOOL",
-        std::env::temp_dir()
-            .join("whereabouts-test-spool")
-            .join(call.node.unwrap_or("no-node")),
-    );
     for (k, v) in &call.env {
         cmd.env(k, v);
     }

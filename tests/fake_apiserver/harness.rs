@@ -29,14 +29,6 @@ pub fn config(ipam: &Value) -> IpamConfig {
 }
 
 pub fn open(cfg: &IpamConfig) -> Result<Box<dyn Store>, StoreError> {
-    static SPOOL: std::sync::Once = std::sync::Once::new();
-    // Set once, before the first store reads it: a spool of our own, not the system's.
-    SPOOL.call_once(|| {
-        std::env::set_var(
-            "WHEREABOUTS_KUBERNETES_SPOOL",
-            std::env::temp_dir().join("whereabouts-test-spool"),
-        )
-    });
     match &cfg.datastore {
         whereabouts::config::Datastore::Kubernetes(k) => {
             whereabouts::store::kubernetes::open(cfg, k)

@@ -11,9 +11,9 @@ use super::batch::{dropped, Batches};
 use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
 use super::go_lease::{self, Hold};
+use super::job::{pool_key, Granted, Job};
 use super::pool_doc::{add_op, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
-use super::spool::{pool_key, Answer, Failure, Granted, Job, Lock, Spool, Ticket};
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::object_name;
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
@@ -147,8 +147,8 @@ impl Engine {
         Ok(ips)
     }
 
-    /// One address of one pool: through the node's spool when there is one (so that a burst
-    /// on the node costs one pool write), otherwise directly.
+    /// One address of one pool: in the agent, combined with the node's other ADDs of the pool
+    /// (so that a burst on the node costs one pool write); in a plugin process, alone.
     async fn allocate(
         &self,
         pool: &PoolRef,
@@ -192,143 +192,14 @@ impl Engine {
     ) -> Result<IpAddr, StoreError> {
         let job = Job::new(&req.attachment, requested);
         // While Go binaries may write the pools, each ADD holds their Lease and is served on
-        // its own; the agent combines the rest.
-        if let (Some(batches), false) = (&self.batches, go.present) {
-            let granted = self.through_batch(batches, pool, req, job).await;
-            return self.accept(granted, pool, req, undo);
+        // its own; the agent combines the rest. Without the agent, each process writes alone.
+        match (&self.batches, go.present) {
+            (Some(batches), false) => {
+                let granted = self.through_batch(batches, pool, req, job).await;
+                self.accept(granted, pool, req, undo)
+            }
+            _ => self.serve_one(pool, req, job, undo, go).await,
         }
-        let spool = Spool::open(
-            &self.scope,
-            &object_name(&pool.name),
-            &pool.range,
-            &req.network_name,
-            req.overlap,
-        );
-        let Some(spool) = spool else {
-            return self.serve_one(pool, req, job, undo, go).await;
-        };
-        let Ok(ticket) = spool.submit(&job) else {
-            return self.serve_one(pool, req, job, undo, go).await;
-        };
-        loop {
-            if let Some(answer) = spool.answer(&ticket) {
-                return self.accept(answer.0.map_err(StoreError::from), pool, req, undo);
-            }
-            if let Some(lock) = spool.try_lock() {
-                if let Some(answer) = spool.answer(&ticket) {
-                    return self.accept(answer.0.map_err(StoreError::from), pool, req, undo);
-                }
-                return self
-                    .lead(&spool, &lock, &ticket, &job, pool, req, undo, go)
-                    .await;
-            }
-            tokio::time::sleep(SPOOL_POLL).await;
-        }
-    }
-
-    /// Holding the spool's lock: serves every waiting request, ours included, in batches, until
-    /// nobody waits. Each batch after the first starts from the pool this process just wrote,
-    /// so while the node is the only writer a batch costs a single request to the pool.
-    #[allow(clippy::too_many_arguments)]
-    async fn lead(
-        &self,
-        spool: &Spool,
-        lock: &Lock,
-        ticket: &Ticket,
-        job: &Job,
-        pool: &PoolRef,
-        req: &AddRequest,
-        undo: &UndoLog,
-        go: &GoTerms<'_>,
-    ) -> Result<IpAddr, StoreError> {
-        let who = &req.attachment;
-        let mut mine: Option<Result<IpAddr, StoreError>> = None;
-        let mut known: Option<IPPool> = None;
-        // Starting a batch from the pool this process wrote saves a read while the node is the
-        // only writer; once that guess has failed (other nodes write too), read instead.
-        let mut trust_known = true;
-        let started = tokio::time::Instant::now();
-        loop {
-            let mut pending = spool.pending(lock);
-            if mine.is_some() {
-                pending.retain(|(id, _)| *id != ticket.id);
-            } else if !pending.iter().any(|(id, _)| *id == ticket.id) {
-                pending.push((ticket.id.clone(), job.clone()));
-            }
-            if pending.is_empty() {
-                break;
-            }
-            let jobs: Vec<Job> = pending.iter().map(|(_, j)| j.clone()).collect();
-            let mut joined: Vec<(String, Job)> = Vec::new();
-            let mut refill = || {
-                let known_ids: BTreeSet<String> = pending
-                    .iter()
-                    .chain(joined.iter())
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                let fresh: Vec<(String, Job)> = spool
-                    .pending(lock)
-                    .into_iter()
-                    .filter(|(id, _)| !known_ids.contains(id) && *id != ticket.id)
-                    .collect();
-                joined.extend(fresh.iter().cloned());
-                fresh.into_iter().map(|(_, job)| job).collect()
-            };
-            let served = self
-                .serve(
-                    pool,
-                    req,
-                    jobs,
-                    known.take().filter(|_| trust_known),
-                    undo,
-                    &mut refill,
-                    go,
-                )
-                .await;
-            pending.extend(joined);
-            match served {
-                Ok((results, written, guessed_wrong)) => {
-                    trust_known &= !guessed_wrong;
-                    for ((id, _), result) in pending.iter().zip(results) {
-                        if *id == ticket.id {
-                            mine = Some(result.map(|granted| granted.ip));
-                        } else {
-                            spool.reply(lock, id, &Answer(result.map_err(|e| Failure::from(&e))));
-                        }
-                    }
-                    // Served: the neighbours' allocations are theirs to take back.
-                    undo.split_off_others(&who.container_id, &who.ifname);
-                    known = written;
-                }
-                Err(err) => {
-                    // The batch failed as a whole: take back what it wrote for the neighbours
-                    // and tell them.
-                    let others = undo.split_off_others(&who.container_id, &who.ifname);
-                    if let Err(undo_err) = self.undo(others).await {
-                        tracing::error!(%undo_err, "could not take back a failed batch");
-                    }
-                    for (id, _) in pending.iter().filter(|(id, _)| *id != ticket.id) {
-                        spool.reply(lock, id, &Answer(Err(Failure::from(&err))));
-                    }
-                    if mine.is_none() {
-                        mine = Some(Err(err));
-                    }
-                    break;
-                }
-            }
-            // Once its own request is answered, leave the rest to the next process soon, so
-            // that serving the node does not make one ADD slow.
-            let enough = match mine {
-                Some(_) => LEAD_AFTER_DONE,
-                None => self.settings.request_timeout,
-            };
-            if started.elapsed() > enough {
-                break;
-            }
-        }
-        // Out of the spool before the lock goes, or the next holder would serve it again.
-        ticket.withdraw();
-        mine.unwrap_or_else(|| Err(StoreError::io("the spool lost this request")))
     }
 
     /// The agent: queues the job in the pool's batch (starting the task that serves it when
@@ -437,8 +308,6 @@ impl Engine {
             if let Some((name, uid)) = granted.reservation {
                 undo.push(Step::Reservation {
                     held: Held { name, uid },
-                    container_id: who.container_id.clone(),
-                    ifname: who.ifname.clone(),
                 });
             }
         }
@@ -481,7 +350,11 @@ impl Engine {
         let guessing = known.is_some();
         let name = object_name(&pool.name);
         let range = &pool.range;
-        let mut slots: Vec<Slot> = jobs.into_iter().map(Slot::new).collect();
+        // Spread from the first try while the agent sees other writers take this pool's
+        // addresses; lowest free first otherwise.
+        let contended = || self.batches.as_ref().is_some_and(|b| b.contended(&name));
+        let new_slot = |job: Job| Slot::new(job, contended());
+        let mut slots: Vec<Slot> = jobs.into_iter().map(new_slot).collect();
         // The same attachment twice (a runtime retrying while the first call waits) is one job.
         let mut twin_of: Vec<Option<usize>> = Vec::new();
         let mut conflicts = 0u32;
@@ -492,7 +365,7 @@ impl Engine {
         loop {
             if !first {
                 // Requests that arrived while this batch waited join it.
-                slots.extend(refill().into_iter().map(Slot::new));
+                slots.extend(refill().into_iter().map(new_slot));
             }
             first = false;
             for i in twin_of.len()..slots.len() {
@@ -617,6 +490,9 @@ impl Engine {
                             // what it knows. Lost to a concurrent writer: spread from now on.
                             slots[i].avoid.insert(offset);
                             slots[i].salt += u32::from(raced);
+                            if let (true, Some(batches)) = (raced, &self.batches) {
+                                batches.lost_race(&name);
+                            }
                             needs.push(i);
                         }
                     }
@@ -836,8 +712,8 @@ impl Engine {
                 continue;
             };
             let result = result.map(|object| Held::of(&object));
-            if let (Ok(held), Some((_, who))) = (&result, wanted.get(index)) {
-                undo.push(reservation_step(held, who));
+            if let Ok(held) = &result {
+                undo.push(Step::Reservation { held: held.clone() });
             }
             created[index] = Some(result);
         }
@@ -923,7 +799,7 @@ impl Engine {
             match self.kube.create_reservation(&object).await {
                 Ok(created) => {
                     let held = Held::of(&created);
-                    undo.push(reservation_step(&held, who));
+                    undo.push(Step::Reservation { held: held.clone() });
                     return Ok(Reserve::Ours(held));
                 }
                 Err(ApiError::AlreadyExists(_)) => {}
@@ -933,7 +809,7 @@ impl Engine {
                 // Left by an earlier attempt of this same attachment: adopt it.
                 Some(found) if reservation::held_by(&found, who) => {
                     let held = Held::of(&found);
-                    undo.push(reservation_step(&held, who));
+                    undo.push(Step::Reservation { held: held.clone() });
                     return Ok(Reserve::Ours(held));
                 }
                 Some(found) => {
@@ -1039,14 +915,6 @@ impl Engine {
     }
 }
 
-fn reservation_step(held: &Held, who: &Attachment) -> Step {
-    Step::Reservation {
-        held: held.clone(),
-        container_id: who.container_id.clone(),
-        ifname: who.ifname.clone(),
-    }
-}
-
 /// One job of a batch while it is being served.
 struct Slot {
     who: Attachment,
@@ -1063,22 +931,17 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(job: Job) -> Slot {
+    /// `contended`: the pool lost races lately, so the job spreads from its first try.
+    fn new(job: Job, contended: bool) -> Slot {
         Slot {
             who: job.attachment(),
             requested: job.requested(),
             avoid: BTreeSet::new(),
             reserved: None,
-            salt: 0,
+            salt: u32::from(contended),
             decision: None,
             releasing: Vec::new(),
             done: None,
         }
     }
 }
-
-/// How long a process that got its own address keeps serving its node's waiting ADDs.
-const LEAD_AFTER_DONE: Duration = Duration::from_millis(50);
-
-/// How often a waiting ADD looks for its answer or for the spool's lock.
-const SPOOL_POLL: Duration = Duration::from_millis(2);

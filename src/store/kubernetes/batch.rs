@@ -6,10 +6,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::spool::{Granted, Job};
+use super::job::{Granted, Job};
 use crate::store::{Allocation, StoreError};
 
 /// What the agent counts about combining (its metrics).
@@ -27,11 +28,17 @@ pub struct PendingRelease {
     pub ifname: String,
 }
 
+/// How long after losing a reservation race in a pool the agent's next ADDs of that pool spread
+/// from their first try: other nodes are still taking the lowest free addresses.
+pub const CONTENDED_FOR: Duration = Duration::from_secs(2);
+
 /// The agent's queues, one per pool (and way of allocating in it).
 pub struct Batches {
     pub adds: Queues<Job, Result<Granted, StoreError>>,
     pub releases: Queues<PendingRelease, Result<Vec<Allocation>, StoreError>>,
     pub observer: Arc<dyn Observer>,
+    /// When each pool last lost a reservation race to another writer.
+    last_race: Mutex<HashMap<String, Instant>>,
 }
 
 impl Batches {
@@ -40,8 +47,32 @@ impl Batches {
             adds: Queues::default(),
             releases: Queues::default(),
             observer,
+            last_race: Mutex::new(HashMap::new()),
         }
     }
+
+    /// Another writer took an address an ADD of `pool` had chosen.
+    pub fn lost_race(&self, pool: &str) {
+        let mut races = lock(&self.last_race);
+        races.retain(|_, at| at.elapsed() < CONTENDED_FOR);
+        races.insert(pool.to_string(), Instant::now());
+    }
+
+    /// Whether `pool` lost a race lately: the contention hint of its next ADDs
+    /// ([`crate::ipam::Contention`]), which an uncontended pool never gets.
+    pub fn contended(&self, pool: &str) -> bool {
+        lock(&self.last_race)
+            .get(pool)
+            .is_some_and(|at| at.elapsed() < CONTENDED_FOR)
+    }
+}
+
+/// The map stays consistent whatever panicked while holding it: every change is one insert,
+/// one removal or one take.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct Queue<J, R> {
@@ -59,11 +90,7 @@ impl<J, R> Default for Queues<J, R> {
 
 impl<J, R> Queues<J, R> {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Queue<J, R>>> {
-        // The map stays consistent whatever panicked while holding it: every change is one
-        // push or one take.
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.0)
     }
 
     /// Queues a job; the answer comes on the receiver. True when no task serves the queue yet:

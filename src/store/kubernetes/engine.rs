@@ -1,5 +1,6 @@
 //! The engine's shared state: the API, the limits, and how to find this node's pools.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -10,12 +11,12 @@ use super::reservation::Held;
 use super::settings::Settings;
 use crate::config::GoPeers;
 use crate::ipam::Cidr;
-use crate::store::{PoolRef, StoreError};
+use crate::store::{Attachment, PoolRef, StoreError};
 
 #[derive(Clone)]
 pub struct Engine {
     pub kube: Kube,
-    /// The API server and namespace: requests for different clusters never share a spool.
+    /// The API server and namespace: requests for different clusters never share a batch.
     pub scope: String,
     pub settings: Settings,
     pub configuration_path: Option<PathBuf>,
@@ -23,18 +24,43 @@ pub struct Engine {
     pub batches: Option<Arc<Batches>>,
     /// Whether Go binaries may still write the pools (the flat file's `go_whereabouts`).
     pub go_peers: GoPeers,
+    /// Reservations whose pool entries are removed and that are not released yet.
+    pub unreleased: Arc<Unreleased>,
+}
+
+/// The reservations of the entries a DEL (or GC, or release) removed, until each is released.
+/// It lives outside the operation's future: a release cut off by the deadline, after its entry
+/// left the pool, is finished afterwards. Otherwise the runtime's retry finds no entry and the
+/// reservation stays behind, blocking the address until the orphan sweep.
+#[derive(Default)]
+pub struct Unreleased(Mutex<Vec<(IpAddr, String, Attachment)>>);
+
+impl Unreleased {
+    pub fn add(&self, ip: IpAddr, network_name: &str, who: &Attachment) {
+        if let Ok(mut pending) = self.0.lock() {
+            pending.push((ip, network_name.to_string(), who.clone()));
+        }
+    }
+
+    pub fn done(&self, ip: IpAddr, network_name: &str) {
+        if let Ok(mut pending) = self.0.lock() {
+            pending.retain(|(i, n, _)| !(*i == ip && n == network_name));
+        }
+    }
+
+    pub fn take(&self) -> Vec<(IpAddr, String, Attachment)> {
+        self.0
+            .lock()
+            .map(|mut pending| std::mem::take(&mut *pending))
+            .unwrap_or_default()
+    }
 }
 
 /// Something an ADD wrote that must be taken back if the ADD cannot finish.
 #[derive(Clone, Debug)]
 pub enum Step {
-    /// A reservation this ADD created (or adopted from an earlier attempt of the same owner),
-    /// for the attachment (container ID, interface).
-    Reservation {
-        held: Held,
-        container_id: String,
-        ifname: String,
-    },
+    /// A reservation this ADD created (or adopted from an earlier attempt of the same owner).
+    Reservation { held: Held },
     /// A pool entry this ADD sent (it may or may not have landed).
     PoolEntry {
         pool: String,
@@ -43,23 +69,6 @@ pub enum Step {
         container_id: String,
         ifname: String,
     },
-}
-
-impl Step {
-    fn belongs_to(&self, container: &str, interface: &str) -> bool {
-        match self {
-            Step::Reservation {
-                container_id,
-                ifname,
-                ..
-            }
-            | Step::PoolEntry {
-                container_id,
-                ifname,
-                ..
-            } => container_id == container && ifname == interface,
-        }
-    }
 }
 
 /// The steps of the running ADD. It lives outside the ADD's future so that the steps survive
@@ -80,19 +89,6 @@ impl UndoLog {
         if let Ok(mut steps) = self.0.lock() {
             steps.retain(|s| !matches!(s, Step::Reservation { held: h, .. } if h == held));
         }
-    }
-
-    /// Removes and returns the steps taken for other attachments than (container, ifname): a
-    /// process that served its neighbours' requests is not answerable for them once served.
-    pub fn split_off_others(&self, container: &str, interface: &str) -> Vec<Step> {
-        let Ok(mut steps) = self.0.lock() else {
-            return Vec::new();
-        };
-        let (mine, others): (Vec<Step>, Vec<Step>) = std::mem::take(&mut *steps)
-            .into_iter()
-            .partition(|s| s.belongs_to(container, interface));
-        *steps = mine;
-        others
     }
 
     pub fn take(&self) -> Vec<Step> {

@@ -13,12 +13,12 @@ mod choose;
 pub mod doctor;
 mod engine;
 mod go_lease;
+mod job;
 mod node_slice;
 mod pool_doc;
 mod release;
 mod reservation;
 mod settings;
-mod spool;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -36,7 +36,6 @@ pub use batch::Observer;
 pub use go_lease::{last_go_renewal, GO_LEASE_NAME};
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;
-pub use spool::SPOOL_ENV;
 
 use api::{ApiError, Kube};
 use batch::Batches;
@@ -140,6 +139,7 @@ async fn connect_engine(
             configuration_path: ipam.configuration_path.clone(),
             batches,
             go_peers: ipam.go_peers,
+            unreleased: Arc::default(),
         },
     })
 }
@@ -174,20 +174,27 @@ impl SharedEngine {
         &self.server
     }
 
-    /// Runs one operation to completion or to the deadline.
+    /// Runs one operation to completion or to the deadline; when it fails, the reservations of
+    /// the entries it removed are released still.
     async fn run<T>(
         &self,
         what: &str,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let deadline = self.engine.settings.deadline;
-        match tokio::time::timeout(deadline, op).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::try_again(format!(
+        let result = tokio::time::timeout(deadline, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::try_again(format!(
                 "{what}: the kubernetes API server at {} did not complete it within {deadline:?}",
                 self.server
-            ))),
+            )))
+            });
+        if result.is_err() {
+            // A failed DEL's retry finds its entries gone: their reservations go now.
+            self.engine.finish_owed_releases().await;
         }
+        result
     }
 
     /// An ADD; what it wrote is taken back if it fails.

@@ -60,6 +60,50 @@ impl Engine {
         }
     }
 
+    /// Notes the reservations of removed entries as owed until they are released.
+    fn owe_releases(&self, removed: &[Entry], network_name: &str) {
+        for entry in removed {
+            self.unreleased
+                .add(entry.ip, network_name, &entry.attachment);
+        }
+    }
+
+    /// [`Self::release_reservation`] of an owed reservation; no longer owed once it is done.
+    async fn release_owed(
+        &self,
+        ip: IpAddr,
+        network_name: &str,
+        who: &Attachment,
+    ) -> Result<bool, StoreError> {
+        let released = self.release_reservation(ip, network_name, who).await?;
+        self.unreleased.done(ip, network_name);
+        Ok(released)
+    }
+
+    /// Releases the reservations that operations cut off by their deadline still owe, within
+    /// the undo budget.
+    pub async fn finish_owed_releases(&self) {
+        let owed = self.unreleased.take();
+        if owed.is_empty() {
+            return;
+        }
+        let releases = owed
+            .iter()
+            .map(|(ip, network, who)| self.release_reservation(*ip, network, who));
+        let budget = self.settings.undo_budget;
+        match tokio::time::timeout(budget, futures::future::join_all(releases)).await {
+            Ok(outcomes) => {
+                for err in outcomes.into_iter().filter_map(Result::err) {
+                    tracing::error!(%err, "could not release a reservation whose entry is gone");
+                }
+            }
+            Err(_) => tracing::error!(
+                owed = owed.len(),
+                "could not release the reservations of removed entries in time"
+            ),
+        }
+    }
+
     /// Deletes the reservation of `ip` if `who` holds it.
     pub(super) async fn release_reservation(
         &self,
@@ -137,9 +181,10 @@ impl Engine {
         let name = object_name(&pool.name);
         let removed = self.remove_entries(&name, pool.range.cidr, pick).await?;
         let doc = PoolDoc::new(&name, configured, None)?;
+        self.owe_releases(&removed, network_name);
         let mut released = Vec::with_capacity(removed.len());
         for entry in removed {
-            self.release_reservation(entry.ip, network_name, &entry.attachment)
+            self.release_owed(entry.ip, network_name, &entry.attachment)
                 .await?;
             released.push(Self::allocation(&doc, entry, network_name));
         }
@@ -237,6 +282,9 @@ impl Engine {
                             target.name, self.settings.deadline
                         )))
                     });
+            if released.is_err() {
+                self.finish_owed_releases().await;
+            }
             for (job, reply) in jobs.iter().zip(replies) {
                 let answer = match &released {
                     Ok(all) => all
@@ -260,9 +308,10 @@ impl Engine {
     ) -> Result<Vec<(Allocation, Result<(), StoreError>)>, StoreError> {
         let removed = self.remove_entries(&target.name, target.cidr, pick).await?;
         let doc = PoolDoc::new(&target.name, target.configured, None)?;
-        let releases = removed.iter().map(|entry| {
-            self.release_reservation(entry.ip, &target.network_name, &entry.attachment)
-        });
+        self.owe_releases(&removed, &target.network_name);
+        let releases = removed
+            .iter()
+            .map(|entry| self.release_owed(entry.ip, &target.network_name, &entry.attachment));
         let outcomes = futures::future::join_all(releases).await;
         Ok(removed
             .into_iter()
