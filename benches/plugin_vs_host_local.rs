@@ -1,7 +1,9 @@
 //! Whole-process benchmark: ADD and DEL through our binary and through Debian's `host-local`,
 //! on the same machine in the same run, one at a time and 8 at a time. Prints per-operation
 //! medians and our/host-local ratio; with `WHEREABOUTS_EARLIER_BINARY` also an earlier build
-//! of ours, and the ratio this build/the earlier one.
+//! of ours, and the ratio this build/the earlier one. The static build that the image ships is
+//! measured too when `hack/images/build` has made it, and every plugin's bare `VERSION` call
+//! (process start alone).
 //!
 //! Run: `cargo bench --bench plugin_vs_host_local` (needs containernetworking-plugins).
 
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
 const OPS_PER_WORKER: usize = 200;
+/// Rounds in which the plugins take turns.
+const ROUNDS: usize = 4;
 
 struct Plugin {
     name: &'static str,
@@ -55,16 +59,21 @@ fn call(plugin: &Plugin, command: &str, container: &str) -> Duration {
     elapsed
 }
 
-/// Runs `workers` threads, each doing OPS_PER_WORKER ADDs then as many DELs; returns the ADD and
-/// DEL latencies and the wall time.
-fn measure(plugin: &Plugin, workers: usize) -> (Vec<Duration>, Vec<Duration>, Duration) {
+/// Runs `workers` threads, each doing `ops` ADDs then as many DELs; returns the ADD and DEL
+/// latencies and the wall time. `round` keeps the container IDs of rounds apart.
+fn measure(
+    plugin: &Plugin,
+    workers: usize,
+    ops: usize,
+    round: usize,
+) -> (Vec<Duration>, Vec<Duration>, Duration) {
     let start = Instant::now();
     let results: Vec<(Vec<Duration>, Vec<Duration>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
                 s.spawn(move || {
-                    let ids: Vec<String> = (0..OPS_PER_WORKER)
-                        .map(|i| format!("bench-{workers}-{w}-{i}"))
+                    let ids: Vec<String> = (0..ops)
+                        .map(|i| format!("bench-{workers}-{round}-{w}-{i}"))
                         .collect();
                     let adds = ids.iter().map(|id| call(plugin, "ADD", id)).collect();
                     let dels = ids.iter().map(|id| call(plugin, "DEL", id)).collect();
@@ -98,9 +107,15 @@ fn main() {
         std::process::exit(1);
     }
     let dir = tempfile::tempdir().unwrap();
-    let whereabouts = |name, exe, db: &str| Plugin {
+    // Each build runs from a fresh copy in one folder: where a binary's file lies (cargo's
+    // hard-linked output against a plain copy) moved process start by a tenth of a millisecond.
+    let whereabouts = |name: &'static str, exe: PathBuf, db: &str| Plugin {
         name,
-        exe,
+        exe: {
+            let copy = dir.path().join(format!("{name}.bin"));
+            std::fs::copy(&exe, &copy).expect("copy the binary");
+            copy
+        },
         conf: serde_json::json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
             "ipam": {"type": "whereabouts", "range": "10.0.0.0/16", "log_level": "error",
                      "local_path": dir.path().join(db)}})
@@ -121,8 +136,27 @@ fn main() {
             .to_string(),
         },
     ];
+    // What the image ships (and the installer copies to every node): the static build that
+    // `hack/images/build` makes. It starts faster than cargo's dynamically linked one.
+    let ours = PathBuf::from(env!("CARGO_BIN_EXE_whereabouts"));
+    let shipped = ours
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("x86_64-unknown-linux-gnu/release/whereabouts"))
+        .filter(|path| path.is_file());
+    match shipped {
+        Some(exe) => plugins.push(whereabouts("shipped", exe, "shipped.db")),
+        None => println!("no static build (hack/images/build makes it): not measured"),
+    }
     if let Some(exe) = earlier::binary() {
         plugins.push(whereabouts("earlier", exe, "earlier.db"));
+    }
+    // Process start alone: a VERSION call reads no configuration and opens no store.
+    for p in &plugins {
+        let starts = (0..OPS_PER_WORKER)
+            .map(|_| call(p, "VERSION", "none"))
+            .collect();
+        println!("{:<12} VERSION p50 {:.3} ms", p.name, ms(median(starts)));
     }
     // Warm every plugin up (page cache, database creation) before measuring.
     for p in &plugins {
@@ -134,9 +168,20 @@ fn main() {
         "plugin", "workers", "ADD p50 ms", "DEL p50 ms", "ops/s"
     );
     for workers in [1, 8] {
+        // The plugins take turns, a few rounds each, so that a drift of the machine (other
+        // load, the cache, the clock) falls on all of them alike.
+        let mut samples: Vec<(Vec<Duration>, Vec<Duration>, Duration)> =
+            vec![(Vec::new(), Vec::new(), Duration::ZERO); plugins.len()];
+        for round in 0..ROUNDS {
+            for (p, sample) in plugins.iter().zip(&mut samples) {
+                let (adds, dels, wall) = measure(p, workers, OPS_PER_WORKER / ROUNDS, round);
+                sample.0.extend(adds);
+                sample.1.extend(dels);
+                sample.2 += wall;
+            }
+        }
         let mut medians = Vec::new();
-        for p in &plugins {
-            let (adds, dels, wall) = measure(p, workers);
+        for (p, (adds, dels, wall)) in plugins.iter().zip(samples) {
             let ops = (adds.len() + dels.len()) as f64 / wall.as_secs_f64();
             let (a, d) = (median(adds), median(dels));
             println!(
@@ -149,14 +194,24 @@ fn main() {
             );
             medians.push((a, d, ops));
         }
-        let ours = medians[0];
-        for (p, other) in plugins.iter().zip(&medians).skip(1) {
+        // Every build of ours against host-local (plugins[1]), and this build against the
+        // earlier one (the last plugin) when there is one.
+        let mut pairs: Vec<(usize, usize)> = (0..plugins.len())
+            .filter(|i| *i != 1)
+            .map(|i| (i, 1))
+            .collect();
+        if plugins.last().is_some_and(|p| p.name == "earlier") {
+            pairs.push((0, plugins.len() - 1));
+        }
+        for (a, b) in pairs {
+            let (x, y) = (medians[a], medians[b]);
             println!(
-                "ratio whereabouts/{}, {workers} at a time: ADD {:.2}, DEL {:.2}, throughput {:.2}x",
-                p.name,
-                ms(ours.0) / ms(other.0),
-                ms(ours.1) / ms(other.1),
-                ours.2 / other.2
+                "ratio {}/{}, {workers} at a time: ADD {:.2}, DEL {:.2}, throughput {:.2}x",
+                plugins[a].name,
+                plugins[b].name,
+                ms(x.0) / ms(y.0),
+                ms(x.1) / ms(y.1),
+                x.2 / y.2
             );
         }
     }

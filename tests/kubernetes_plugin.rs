@@ -307,7 +307,11 @@ fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects(
     assert_eq!(reply.cni_code(), 11, "{reply:?}");
     let retried = run(bin(), &quick(call("DEL", "gone", "gone")), &conf);
     assert_eq!(retried.code, 0, "{retried:?}");
-    assert_eq!(server.list(RESERVATIONS, NS).len(), 1, "only before's is left");
+    assert_eq!(
+        server.list(RESERVATIONS, NS).len(),
+        1,
+        "only before's is left"
+    );
 
     server.set_down(true);
     failure(&server, &conf, "connections dropped");
