@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use whereabouts::ipam::{parse_range_text, Range, RangeSpec};
 use whereabouts::store::{AddRequest, Attachment, PoolRef, RangeRequest};
@@ -66,6 +66,12 @@ fn main() {
         &ns.name,
         &extra,
     );
+    // The control plane is shared and has no namespace controller: pods left behind would be
+    // listed by every later run and test.
+    let api: Api<Pod> = Api::namespaced(plane.client(), &ns.name);
+    plane
+        .block_on(api.delete_collection(&DeleteParams::default(), &ListParams::default()))
+        .expect("the pods deleted");
 }
 
 /// Fills a new store, runs `bin`'s controller on it until its start-up reconcile is over and

@@ -69,13 +69,6 @@ pub fn event(released: &Released) -> Event {
     }
 }
 
-pub async fn post(recorder: &Recorder, released: &Released<'_>) -> Result<(), kube::Error> {
-    let Some(pod) = regarding(released) else {
-        return Ok(());
-    };
-    recorder.publish(&event(released), &pod).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,7 +36,7 @@ use crate::k8s::cluster::{self, Access};
 use crate::k8s::crd::OverlappingRangeIPReservation;
 use leader::{Election, Leadership};
 use metrics::Metrics;
-use worker::{Job, Jobs, Worker};
+use worker::{Job, Jobs, Worker, EVENTS_IN_FLIGHT};
 
 /// The longest an API request other than a watch may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -175,7 +175,11 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         jobs.clone(),
     ));
     let election = start_election(&opts, &client, &metrics, &leadership, &jobs);
-    let config = watcher::Config::default().timeout(watch_seconds(opts.watch_timeout));
+    // Lists may come from the API server's watch cache: the watches only wake the worker, and
+    // every reconcile lists the pods afresh after reading the allocations (`cleanup::plan`).
+    let config = watcher::Config::default()
+        .any_semantic()
+        .timeout(watch_seconds(opts.watch_timeout));
     if opts.node_slices {
         start_node_slices(
             &opts,
@@ -266,6 +270,7 @@ async fn start_worker(
                 reservations,
                 metrics,
                 recorder,
+                event_permits: Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT)),
                 leadership,
                 requeue,
                 retry_after,

@@ -13,6 +13,7 @@ use kube::runtime::events::Recorder;
 use kube::{Api, Client};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::Semaphore;
 
 use super::events::{self, Released};
 use super::leader::Leadership;
@@ -33,6 +34,9 @@ pub enum Job {
     Reconcile { why: &'static str },
 }
 
+/// How many Events the worker posts at once.
+pub const EVENTS_IN_FLIGHT: usize = 8;
+
 /// Where work for the store's worker goes.
 pub type Jobs = UnboundedSender<Job>;
 
@@ -46,6 +50,8 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// Posts the Events of releases; None when Events are turned off.
     pub recorder: Option<Recorder>,
+    /// Bounds the Events being posted at once.
+    pub event_permits: Arc<Semaphore>,
     /// Only the leader frees addresses; the others drop their work (the leader's own watch
     /// sees the same deletions, and a new leader starts with a full reconcile).
     pub leadership: Leadership,
@@ -242,19 +248,30 @@ impl Worker {
         }
     }
 
+    /// Posts the Event of a release without holding up the next release: the address is free
+    /// already, and the Event is for people. At most [`EVENTS_IN_FLIGHT`] are posted at once;
+    /// those still waiting when the process stops are lost.
     fn post_event(&self, released: &Released) {
-        let Some(recorder) = &self.recorder else {
+        let (Some(recorder), Some(pod)) = (&self.recorder, events::regarding(released)) else {
             return;
         };
-        match self.handle.block_on(events::post(recorder, released)) {
-            Ok(()) => {
-                self.metrics.events_posted.inc();
+        let event = events::event(released);
+        let recorder = recorder.clone();
+        let (metrics, permits) = (self.metrics.clone(), self.event_permits.clone());
+        self.handle.spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            match recorder.publish(&event, &pod).await {
+                Ok(()) => {
+                    metrics.events_posted.inc();
+                }
+                Err(err) => {
+                    metrics.error("post_event");
+                    tracing::warn!(%err, "cannot post the event");
+                }
             }
-            Err(err) => {
-                self.metrics.error("post_event");
-                tracing::warn!(%err, "cannot post the event");
-            }
-        };
+        });
     }
 
     fn reconcile(&self, why: &str) {

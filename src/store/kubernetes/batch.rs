@@ -142,3 +142,43 @@ pub fn released_by(allocation: &Allocation, pending: &PendingRelease) -> bool {
 pub fn dropped() -> StoreError {
     StoreError::try_again("the agent stopped serving this request's batch")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+
+    impl Observer for Quiet {
+        fn batch(&self, _: &'static str, _: usize) {}
+        fn conflict(&self, _: &'static str) {}
+    }
+
+    #[test]
+    fn only_a_pool_that_lost_a_race_is_contended() {
+        let batches = Batches::new(Arc::new(Quiet));
+        assert!(!batches.contended("a"), "no race yet: lowest free first");
+        batches.lost_race("a");
+        assert!(batches.contended("a"));
+        assert!(
+            !batches.contended("b"),
+            "another pool keeps lowest free first"
+        );
+    }
+
+    #[test]
+    fn a_race_is_forgotten_after_its_time() {
+        let batches = Batches::new(Arc::new(Quiet));
+        let long_ago = Instant::now().checked_sub(CONTENDED_FOR * 2);
+        let Some(long_ago) = long_ago else {
+            return; // A clock this young cannot stand for the past.
+        };
+        lock(&batches.last_race).insert("a".into(), long_ago);
+        assert!(!batches.contended("a"));
+        batches.lost_race("b");
+        assert!(
+            !lock(&batches.last_race).contains_key("a"),
+            "old races are dropped"
+        );
+    }
+}
