@@ -418,13 +418,14 @@ fn plan_range(
         pod_rev: hit.pod.map(|(rev, _)| rev),
         release,
     };
+    let vanished = || {
+        Stop::Retry(CallFailed::new(
+            "the held allocation vanished while deciding",
+        ))
+    };
     let plan = match decide(range, &ask, &mut view)? {
         Decision::Keep { offset, .. } => {
-            let (_, mod_revision, record) = held.ok_or_else(|| {
-                Stop::Retry(CallFailed::new(
-                    "the held allocation vanished while deciding",
-                ))
-            })?;
+            let (_, mod_revision, record) = held.ok_or_else(vanished)?;
             Plan::Keep {
                 offset,
                 ip: range.ip(offset),
@@ -437,35 +438,32 @@ fn plan_range(
             return Ok((take(offset, view.walked, None), free));
         }
         Decision::Move { to, .. } => {
-            let (offset, mod_revision, record) = held.ok_or_else(|| {
-                Stop::Retry(CallFailed::new(
-                    "the held allocation vanished while deciding",
-                ))
-            })?;
+            let (offset, mod_revision, record) = held.ok_or_else(vanished)?;
             let released = read_released(s, dl, &rr.pool.name, offset, mod_revision, record)?;
             take(to, Vec::new(), Some(Box::new(released)))
         }
-        Decision::InUse { offset, holder } => {
-            return Err(Stop::Final(StoreError::InUse {
-                ip: range.ip(offset),
-                range: range.to_string(),
-                holder,
-            }))
-        }
-        // Not asked for (no limit), so never decided.
-        Decision::BeyondLimit { offset } => {
-            return Err(Stop::Final(StoreError::config(format!(
-                "requested address {} is beyond the offsets this pool may hold",
-                range.ip(offset)
-            ))))
-        }
-        Decision::Exhausted => {
-            return Err(Stop::Final(StoreError::Exhausted {
-                range: range.to_string(),
-            }))
-        }
+        refusal => return Err(Stop::Final(refused(range, refusal))),
     };
     Ok((plan, Vec::new()))
+}
+
+/// The error of a decision that hands out no address.
+fn refused(range: &Range, decision: Decision<String>) -> StoreError {
+    match decision {
+        Decision::InUse { offset, holder } => StoreError::InUse {
+            ip: range.ip(offset),
+            range: range.to_string(),
+            holder,
+        },
+        // Not asked for (no limit), so never decided.
+        Decision::BeyondLimit { offset } => StoreError::config(format!(
+            "requested address {} is beyond the offsets this pool may hold",
+            range.ip(offset)
+        )),
+        _ => StoreError::Exhausted {
+            range: range.to_string(),
+        },
+    }
 }
 
 /// One read for the whole request: the attachment's owner and pod index entries in every pool,

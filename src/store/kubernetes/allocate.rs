@@ -347,9 +347,14 @@ impl Engine {
         refill: &mut (dyn FnMut() -> Vec<Job> + Send),
         go: &GoTerms<'_>,
     ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>, bool), StoreError> {
+        let cx = BatchCx {
+            pool,
+            req,
+            undo,
+            go,
+        };
         let guessing = known.is_some();
         let name = object_name(&pool.name);
-        let range = &pool.range;
         // Spread from the first try while the agent sees other writers take this pool's
         // addresses; lowest free first otherwise.
         let contended = || self.batches.as_ref().is_some_and(|b| b.contended(&name));
@@ -372,216 +377,22 @@ impl Engine {
                 let twin = (0..i).find(|j| slots[*j].who.same_owner(&slots[i].who));
                 twin_of.push(twin);
             }
-            let object = match known.take() {
-                Some(object) => Some(object),
-                None => self.kube.get_pool(&name).await?,
-            };
-            let doc = PoolDoc::new(&name, range.cidr, object)?;
-            let limit = go.present.then(|| doc.offset_limit(GO_OFFSET_LIMIT));
-            if let (Some(failed), Some(now)) = (&failed_rv, doc.resource_version()) {
-                if failed == now {
-                    return Err(StoreError::io(format!(
-                        "the API server refused the update of IPPool {name} although it is unchanged"
-                    )));
-                }
-            }
-            let held: BTreeMap<u128, Attachment> = doc
-                .entries()
-                .into_iter()
-                .map(|e| (e.offset, e.attachment))
-                .collect();
-            let mut taken = doc.taken();
-            for slot in &slots {
-                if let Some((offset, _)) = &slot.reserved {
-                    taken.insert(*offset);
-                }
-            }
-            let mut ops = Vec::new();
-            let mut fresh_entries = Vec::new();
-            let mut planned: Vec<(usize, u128, String, bool)> = Vec::new();
-            // Pass 1: what the core decides for each job on this read of the pool; repeated
-            // ADDs are answered here, reservations of an earlier attempt kept when still free.
-            let mut needs: Vec<usize> = Vec::new();
-            let mut chosen: Vec<(usize, u128)> = Vec::new();
-            for i in 0..slots.len() {
-                if slots[i].done.is_some() || twin_of[i].is_some() {
-                    continue;
-                }
-                let decision = self.pick(pool, &doc, &held, &taken, &mut slots[i], limit);
-                let earlier = slots[i].reserved.take();
-                match decision {
-                    Some(Decision::Keep { offset, release }) => {
-                        // A repeated ADD: hand back what the owner holds, with the new container ID.
-                        if let Some((reserved, r)) = earlier {
-                            if reserved == offset {
-                                undo.forget_reservation(&r);
-                            } else {
-                                self.drop_reservation(&r, undo).await?;
-                            }
-                        }
-                        let who = slots[i].who.clone();
-                        let key = doc.key_of(offset).unwrap_or_default();
-                        if held.get(&offset).map(|h| &h.container_id) != Some(&who.container_id) {
-                            ops.push(replace_id_op(&key, &who.container_id));
-                        }
-                        slots[i].releasing = self.releasing(&doc, &held, &release, &mut ops);
-                        planned.push((i, offset, key, false));
-                    }
-                    Some(Decision::Take { .. } | Decision::Move { .. }) => match earlier {
-                        Some((offset, r)) if doc.taken().contains(offset) => {
-                            // Written meanwhile by someone that does not use reservations.
-                            self.drop_reservation(&r, undo).await?;
-                            slots[i].avoid.insert(offset);
-                            needs.push(i);
-                        }
-                        Some((offset, r)) => {
-                            slots[i].reserved = Some((offset, r));
-                            chosen.push((i, offset));
-                        }
-                        None => needs.push(i),
-                    },
-                    _ => {
-                        if let Some((_, r)) = earlier {
-                            self.drop_reservation(&r, undo).await?;
-                        }
-                    }
-                }
-            }
-            // Pass 2: choose for the others and reserve all their addresses at once; choose
-            // again for those whose address turned out to be held elsewhere.
-            while !needs.is_empty() {
-                let mut picks = Vec::new();
-                for i in std::mem::take(&mut needs) {
-                    if let Some(offset) = self
-                        .pick(pool, &doc, &held, &taken, &mut slots[i], limit)
-                        .and_then(|d| d.offset())
-                    {
-                        taken.insert(offset);
-                        picks.push((i, offset));
-                    }
-                }
-                if !req.overlap {
-                    chosen.extend(picks);
-                    continue;
-                }
-                let wanted: Vec<(IpAddr, Attachment)> = picks
-                    .iter()
-                    .map(|(i, offset)| (range.ip(*offset), slots[*i].who.clone()))
-                    .collect();
-                go.check()?;
-                let outcomes = self
-                    .reserve_all(wanted, &req.network_name, doc.resource_version(), undo)
-                    .await?;
-                for ((i, offset), outcome) in picks.into_iter().zip(outcomes) {
-                    match outcome {
-                        Reserve::Ours(r) => {
-                            slots[i].reserved = Some((offset, r));
-                            chosen.push((i, offset));
-                        }
-                        Reserve::Taken { holder, .. } if slots[i].requested.is_some() => {
-                            slots[i].done = Some(Err(StoreError::InUse {
-                                ip: range.ip(offset),
-                                range: range.to_string(),
-                                holder,
-                            }));
-                        }
-                        Reserve::Taken { raced, .. } => {
-                            // Held through an overlapping range: skipped, as the core skips
-                            // what it knows. Lost to a concurrent writer: spread from now on.
-                            slots[i].avoid.insert(offset);
-                            slots[i].salt += u32::from(raced);
-                            if let (true, Some(batches)) = (raced, &self.batches) {
-                                batches.lost_race(&name);
-                            }
-                            needs.push(i);
-                        }
-                    }
-                }
-            }
-            // Pass 3: the pool entries.
-            for (i, offset) in chosen {
-                if let Some(Decision::Move { release, .. }) = slots[i].decision.take() {
-                    slots[i].releasing = self.releasing(&doc, &held, &release, &mut ops);
-                }
-                let who = slots[i].who.clone();
-                let key = doc.key_of(offset).ok_or_else(|| {
-                    StoreError::io(format!("IPPool {name} cannot record {}", range.ip(offset)))
-                })?;
-                undo.push(Step::PoolEntry {
-                    pool: name.clone(),
-                    cidr: range.cidr,
-                    key: key.clone(),
-                    container_id: who.container_id.clone(),
-                    ifname: who.ifname.clone(),
-                });
-                ops.push(add_op(&key, &who));
-                fresh_entries.push((key.clone(), who));
-                planned.push((i, offset, key, true));
-            }
-
-            if req.sleep_for_race > 0 && !ops.is_empty() {
+            let mut round = self
+                .read_round(&cx, known.take(), failed_rv.as_deref(), &slots)
+                .await?;
+            let needs = self
+                .keep_or_reuse(&cx, &mut round, &mut slots, &twin_of)
+                .await?;
+            self.reserve_new(&cx, &mut round, &mut slots, needs).await?;
+            self.plan_entries(&cx, &mut round, &mut slots)?;
+            if req.sleep_for_race > 0 && !round.ops.is_empty() {
                 tokio::time::sleep(Duration::from_secs(req.sleep_for_race)).await;
             }
             go.check()?;
-            let written = match (ops.is_empty(), doc.resource_version()) {
-                (true, _) => Ok(doc.object.clone()),
-                (false, Some(rv)) => {
-                    let result = self.kube.patch_pool(&name, rv, &ops).await;
-                    if result.is_err() {
-                        failed_rv = Some(rv.to_string());
-                    }
-                    result.map(Some)
-                }
-                (false, None) => {
-                    failed_rv = None;
-                    self.kube
-                        .create_pool(&doc.new_object(&fresh_entries))
-                        .await
-                        .map(Some)
-                }
-            };
-            match written {
+            match self.write_round(&round, &mut failed_rv).await {
                 Ok(written) => {
-                    for (i, offset, key, fresh) in planned {
-                        if req.overlap {
-                            self.release_moved(&slots[i].releasing, &req.network_name)
-                                .await;
-                        }
-                        let ip = range.ip(offset);
-                        if !fresh && req.overlap {
-                            self.ensure_reservation(ip, &slots[i].who, &req.network_name)
-                                .await?;
-                        }
-                        let reservation = slots[i]
-                            .reserved
-                            .take()
-                            .map(|(_, held)| (held.name, held.uid));
-                        slots[i].done = Some(Ok(Granted {
-                            ip,
-                            key,
-                            reservation,
-                            fresh,
-                        }));
-                    }
-                    let mut results: Vec<Result<Granted, StoreError>> = Vec::new();
-                    for i in 0..slots.len() {
-                        let result = match twin_of[i] {
-                            Some(first) => match &slots[first].done {
-                                Some(Ok(granted)) => Ok(Granted {
-                                    fresh: false,
-                                    reservation: None,
-                                    ..granted.clone()
-                                }),
-                                Some(Err(err)) => Err(err.clone()),
-                                None => Err(StoreError::io("not served")),
-                            },
-                            None => slots[i]
-                                .done
-                                .take()
-                                .unwrap_or_else(|| Err(StoreError::io("not served"))),
-                        };
-                        results.push(result);
-                    }
+                    self.settle(&cx, round.planned, &mut slots).await?;
+                    let results = results_of(&mut slots, &twin_of);
                     return Ok((results, written, guessing && conflicts > 0));
                 }
                 Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
@@ -592,18 +403,259 @@ impl Engine {
         }
     }
 
+    /// Reads the pool (or takes `known`, the pool as last written) for a round of the batch.
+    async fn read_round(
+        &self,
+        cx: &BatchCx<'_>,
+        known: Option<IPPool>,
+        failed_rv: Option<&str>,
+        slots: &[Slot],
+    ) -> Result<Round, StoreError> {
+        let name = object_name(&cx.pool.name);
+        let object = match known {
+            Some(object) => Some(object),
+            None => self.kube.get_pool(&name).await?,
+        };
+        let doc = PoolDoc::new(&name, cx.pool.range.cidr, object)?;
+        if failed_rv.is_some() && failed_rv == doc.resource_version() {
+            return Err(StoreError::io(format!(
+                "the API server refused the update of IPPool {name} although it is unchanged"
+            )));
+        }
+        let held: BTreeMap<u128, Attachment> = doc
+            .entries()
+            .into_iter()
+            .map(|e| (e.offset, e.attachment))
+            .collect();
+        let mut taken = doc.taken();
+        for (offset, _) in slots.iter().filter_map(|slot| slot.reserved.as_ref()) {
+            taken.insert(*offset);
+        }
+        Ok(Round {
+            limit: cx.go.present.then(|| doc.offset_limit(GO_OFFSET_LIMIT)),
+            doc,
+            held,
+            taken,
+            ops: Vec::new(),
+            fresh_entries: Vec::new(),
+            planned: Vec::new(),
+            chosen: Vec::new(),
+        })
+    }
+
+    /// Pass 1: what the core decides for each job on this read of the pool. Repeated ADDs are
+    /// answered here, and reservations of an earlier attempt kept while still free. Returns
+    /// the jobs that still need an address reserved.
+    async fn keep_or_reuse(
+        &self,
+        cx: &BatchCx<'_>,
+        round: &mut Round,
+        slots: &mut [Slot],
+        twin_of: &[Option<usize>],
+    ) -> Result<Vec<usize>, StoreError> {
+        let mut needs = Vec::new();
+        for i in 0..slots.len() {
+            if slots[i].done.is_some() || twin_of[i].is_some() {
+                continue;
+            }
+            let decision = self.pick(cx.pool, round, &mut slots[i]);
+            let earlier = slots[i].reserved.take();
+            match decision {
+                Some(Decision::Keep { offset, release }) => {
+                    // A repeated ADD: hand back what the owner holds, with the new container ID.
+                    if let Some((reserved, r)) = earlier {
+                        if reserved == offset {
+                            cx.undo.forget_reservation(&r);
+                        } else {
+                            self.drop_reservation(&r, cx.undo).await?;
+                        }
+                    }
+                    let who = slots[i].who.clone();
+                    let key = round.doc.key_of(offset).unwrap_or_default();
+                    if round.held.get(&offset).map(|h| &h.container_id) != Some(&who.container_id) {
+                        round.ops.push(replace_id_op(&key, &who.container_id));
+                    }
+                    slots[i].releasing = round.releasing(&release);
+                    round.planned.push((i, offset, key, false));
+                }
+                Some(Decision::Take { .. } | Decision::Move { .. }) => match earlier {
+                    Some((offset, r)) if round.doc.taken().contains(offset) => {
+                        // Written meanwhile by someone that does not use reservations.
+                        self.drop_reservation(&r, cx.undo).await?;
+                        slots[i].avoid.insert(offset);
+                        needs.push(i);
+                    }
+                    Some((offset, r)) => {
+                        slots[i].reserved = Some((offset, r));
+                        round.chosen.push((i, offset));
+                    }
+                    None => needs.push(i),
+                },
+                _ => {
+                    if let Some((_, r)) = earlier {
+                        self.drop_reservation(&r, cx.undo).await?;
+                    }
+                }
+            }
+        }
+        Ok(needs)
+    }
+
+    /// Pass 2: chooses for the jobs in `needs` and reserves all their addresses at once;
+    /// chooses again for those whose address turned out to be held elsewhere.
+    async fn reserve_new(
+        &self,
+        cx: &BatchCx<'_>,
+        round: &mut Round,
+        slots: &mut [Slot],
+        mut needs: Vec<usize>,
+    ) -> Result<(), StoreError> {
+        let range = &cx.pool.range;
+        while !needs.is_empty() {
+            let mut picks = Vec::new();
+            for i in std::mem::take(&mut needs) {
+                if let Some(offset) = self
+                    .pick(cx.pool, round, &mut slots[i])
+                    .and_then(|d| d.offset())
+                {
+                    round.taken.insert(offset);
+                    picks.push((i, offset));
+                }
+            }
+            if !cx.req.overlap {
+                round.chosen.extend(picks);
+                continue;
+            }
+            let wanted: Vec<(IpAddr, Attachment)> = picks
+                .iter()
+                .map(|(i, offset)| (range.ip(*offset), slots[*i].who.clone()))
+                .collect();
+            cx.go.check()?;
+            let pool_rv = round.doc.resource_version();
+            let outcomes = self
+                .reserve_all(wanted, &cx.req.network_name, pool_rv, cx.undo)
+                .await?;
+            for ((i, offset), outcome) in picks.into_iter().zip(outcomes) {
+                match outcome {
+                    Reserve::Ours(r) => {
+                        slots[i].reserved = Some((offset, r));
+                        round.chosen.push((i, offset));
+                    }
+                    Reserve::Taken { holder, .. } if slots[i].requested.is_some() => {
+                        slots[i].done = Some(Err(StoreError::InUse {
+                            ip: range.ip(offset),
+                            range: range.to_string(),
+                            holder,
+                        }));
+                    }
+                    Reserve::Taken { raced, .. } => {
+                        // Held through an overlapping range: skipped, as the core skips
+                        // what it knows. Lost to a concurrent writer: spread from now on.
+                        slots[i].avoid.insert(offset);
+                        slots[i].salt += u32::from(raced);
+                        if let (true, Some(batches)) = (raced, &self.batches) {
+                            batches.lost_race(&round.doc.name);
+                        }
+                        needs.push(i);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pass 3: the pool entries of the chosen addresses.
+    fn plan_entries(
+        &self,
+        cx: &BatchCx<'_>,
+        round: &mut Round,
+        slots: &mut [Slot],
+    ) -> Result<(), StoreError> {
+        let range = &cx.pool.range;
+        for (i, offset) in std::mem::take(&mut round.chosen) {
+            if let Some(Decision::Move { release, .. }) = slots[i].decision.take() {
+                slots[i].releasing = round.releasing(&release);
+            }
+            let who = slots[i].who.clone();
+            let key = round.doc.key_of(offset).ok_or_else(|| {
+                let name = &round.doc.name;
+                StoreError::io(format!("IPPool {name} cannot record {}", range.ip(offset)))
+            })?;
+            cx.undo.push(Step::PoolEntry {
+                pool: round.doc.name.clone(),
+                cidr: range.cidr,
+                key: key.clone(),
+                container_id: who.container_id.clone(),
+                ifname: who.ifname.clone(),
+            });
+            round.ops.push(add_op(&key, &who));
+            round.fresh_entries.push((key.clone(), who));
+            round.planned.push((i, offset, key, true));
+        }
+        Ok(())
+    }
+
+    /// Writes the round's changes: a patch conditional on the resourceVersion read, or the
+    /// pool's creation. A failed patch leaves its resourceVersion in `failed_rv`.
+    async fn write_round(
+        &self,
+        round: &Round,
+        failed_rv: &mut Option<String>,
+    ) -> Result<Option<IPPool>, ApiError> {
+        let name = &round.doc.name;
+        match (round.ops.is_empty(), round.doc.resource_version()) {
+            (true, _) => Ok(round.doc.object.clone()),
+            (false, Some(rv)) => {
+                let result = self.kube.patch_pool(name, rv, &round.ops).await;
+                if result.is_err() {
+                    *failed_rv = Some(rv.to_string());
+                }
+                result.map(Some)
+            }
+            (false, None) => {
+                *failed_rv = None;
+                let object = round.doc.new_object(&round.fresh_entries);
+                self.kube.create_pool(&object).await.map(Some)
+            }
+        }
+    }
+
+    /// After the write: the reservations of moved addresses go, a kept address gets its
+    /// reservation back if it had none, and every planned job its answer.
+    async fn settle(
+        &self,
+        cx: &BatchCx<'_>,
+        planned: Vec<(usize, u128, String, bool)>,
+        slots: &mut [Slot],
+    ) -> Result<(), StoreError> {
+        let network_name = &cx.req.network_name;
+        for (i, offset, key, fresh) in planned {
+            if cx.req.overlap {
+                self.release_moved(&slots[i].releasing, network_name).await;
+            }
+            let ip = cx.pool.range.ip(offset);
+            if !fresh && cx.req.overlap {
+                self.ensure_reservation(ip, &slots[i].who, network_name)
+                    .await?;
+            }
+            let reservation = slots[i]
+                .reserved
+                .take()
+                .map(|(_, held)| (held.name, held.uid));
+            slots[i].done = Some(Ok(Granted {
+                ip,
+                key,
+                reservation,
+                fresh,
+            }));
+        }
+        Ok(())
+    }
+
     /// What the core decides for the job on this read of the pool (`taken` adds what this batch
     /// chose); `None`, with the job's error recorded, when the job cannot be served.
-    fn pick(
-        &self,
-        pool: &PoolRef,
-        doc: &PoolDoc,
-        held: &BTreeMap<u128, Attachment>,
-        taken: &OffsetRuns,
-        slot: &mut Slot,
-        limit: Option<u128>,
-    ) -> Option<Decision<String>> {
-        let range = &pool.range;
+    fn pick(&self, pool: &PoolRef, round: &Round, slot: &mut Slot) -> Option<Decision<String>> {
+        let (doc, range) = (&round.doc, &pool.range);
         if let Some(offset) = slot.requested {
             if let Err(err) = self.check_requested(pool, doc, offset) {
                 slot.done = Some(Err(err));
@@ -620,12 +672,12 @@ impl Engine {
         let ask = Ask {
             requested: slot.requested,
             contention,
-            limit,
+            limit: round.limit,
         };
         let mut view = BatchView {
             doc,
-            held,
-            taken,
+            held: &round.held,
+            taken: &round.taken,
             slot,
         };
         let Ok(decision) = decide(range, &ask, &mut view);
@@ -652,25 +704,6 @@ impl Engine {
         };
         slot.done = Some(Err(error));
         None
-    }
-
-    /// Remove operations for the entries a decision releases; those entries, whose reservations
-    /// go once the pool is written.
-    fn releasing(
-        &self,
-        doc: &PoolDoc,
-        held: &BTreeMap<u128, Attachment>,
-        release: &[u128],
-        ops: &mut Vec<serde_json::Value>,
-    ) -> Vec<(IpAddr, Attachment)> {
-        let mut out = Vec::new();
-        for offset in release {
-            if let (Some(key), Some(who)) = (doc.key_of(*offset), held.get(offset)) {
-                ops.push(remove_op(&key));
-                out.push((doc.cidr.at(*offset), who.clone()));
-            }
-        }
-        out
     }
 
     /// Releases the reservations of entries a move or a repeated ADD gave back. A failure leaves
@@ -913,6 +946,70 @@ impl Engine {
             None => Ok(()),
         }
     }
+}
+
+/// What stays the same through the rounds of a batch.
+struct BatchCx<'a> {
+    pool: &'a PoolRef,
+    req: &'a AddRequest,
+    undo: &'a UndoLog,
+    go: &'a GoTerms<'a>,
+}
+
+/// One read of the pool in a batch, and the write planned on it.
+struct Round {
+    doc: PoolDoc,
+    held: BTreeMap<u128, Attachment>,
+    /// The pool's addresses and those this batch reserved.
+    taken: OffsetRuns,
+    /// No offset at or beyond it is handed out (a Go binary may rewrite the pool).
+    limit: Option<u128>,
+    ops: Vec<serde_json::Value>,
+    fresh_entries: Vec<(String, Attachment)>,
+    /// Jobs whose address is reserved and whose pool entry is still to be planned.
+    chosen: Vec<(usize, u128)>,
+    /// Jobs the write answers: slot, offset, entry key, and whether the entry is new.
+    planned: Vec<(usize, u128, String, bool)>,
+}
+
+impl Round {
+    /// Remove operations for the entries a decision releases; those entries, whose reservations
+    /// go once the pool is written.
+    fn releasing(&mut self, release: &[u128]) -> Vec<(IpAddr, Attachment)> {
+        let mut out = Vec::new();
+        for offset in release {
+            if let (Some(key), Some(who)) = (self.doc.key_of(*offset), self.held.get(offset)) {
+                self.ops.push(remove_op(&key));
+                out.push((self.doc.cidr.at(*offset), who.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// Each job's answer once the pool is written: a repeated job (the same attachment twice in the
+/// batch) gets its first's address, with nothing of its own to take back.
+fn results_of(slots: &mut [Slot], twin_of: &[Option<usize>]) -> Vec<Result<Granted, StoreError>> {
+    let mut results = Vec::with_capacity(slots.len());
+    for i in 0..slots.len() {
+        let result = match twin_of[i] {
+            Some(first) => match &slots[first].done {
+                Some(Ok(granted)) => Ok(Granted {
+                    fresh: false,
+                    reservation: None,
+                    ..granted.clone()
+                }),
+                Some(Err(err)) => Err(err.clone()),
+                None => Err(StoreError::io("not served")),
+            },
+            None => slots[i]
+                .done
+                .take()
+                .unwrap_or_else(|| Err(StoreError::io("not served"))),
+        };
+        results.push(result);
+    }
+    results
 }
 
 /// One job of a batch while it is being served.
