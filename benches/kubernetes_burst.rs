@@ -255,4 +255,58 @@ fn main() {
         }
         None => println!("real API server: not available (see above)"),
     }
+    plugin_share();
+}
+
+/// The plugin's own share of an ADD through the agent: 100 ADDs one after another through one
+/// agent (fake server, no added latency), each timed from outside, less the agent's own time
+/// for it (its `request_duration_seconds`) and less a bare `VERSION` call (process start).
+/// What is left is the socket round trip, the configuration read and the JSON.
+fn plugin_share() {
+    const CALLS: usize = 100;
+    let bin = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let settings = json!({"datastore": "kubernetes", "kubernetes": {"kubeconfig": kubeconfig},
+                          "log_level": "error"});
+    let agent = Agent::start(dir.path(), "node-0", settings);
+    let ipam = json!({"type": "whereabouts", "range": "10.60.0.0/16", "log_level": "error",
+                      "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}});
+    let conf = netconf("share", &ipam);
+    let call = |command: &'static str, container: &str| {
+        let call = Call {
+            command,
+            container,
+            ifname: "net1",
+            pod: Some(("bench", container)),
+            node: Some("node-0"),
+            env: vec![agent.env()],
+        };
+        let started = std::time::Instant::now();
+        let reply = run(bin, &call, &conf);
+        assert_eq!(reply.code, 0, "{command} {container}: {reply:?}");
+        started.elapsed().as_secs_f64()
+    };
+    call("ADD", "warm-up");
+    let timed = |command: &'static str, i: usize| call(command, &format!("share-{i}"));
+    let served = |what: &str| {
+        agent.metric(&format!(
+            "whereabouts_agent_request_duration_seconds_{what}{{operation=\"add\"}}"
+        ))
+    };
+    let versions: f64 = (0..CALLS).map(|i| timed("VERSION", i)).sum::<f64>() / CALLS as f64;
+    let (sum_before, count_before) = (served("sum"), served("count"));
+    let adds: f64 = (0..CALLS).map(|i| timed("ADD", i)).sum::<f64>() / CALLS as f64;
+    let count = served("count") - count_before;
+    assert_eq!(count as usize, CALLS, "every ADD went through the agent");
+    let agent_time = (served("sum") - sum_before) / count;
+    println!("the plugin's own share of an ADD through the agent, {CALLS} one after another:");
+    println!("  ADD, whole process  {:>8.3} ms", adds * 1e3);
+    println!("  the agent's time    {:>8.3} ms", agent_time * 1e3);
+    println!("  bare VERSION        {:>8.3} ms", versions * 1e3);
+    println!(
+        "  the plugin's share beyond VERSION {:>6.3} ms",
+        (adds - agent_time - versions) * 1e3
+    );
 }
