@@ -371,17 +371,17 @@ impl<'a> Scenario<'a> {
         // Deleted only once the pod watch runs, the leader has renewed its Lease and its
         // start-up and election reconciles are done, so that the watch, not a reconcile, sees
         // the deletion and the controller reads the pod.
-        self.wait("the controller's pod watch", || {
+        let controller_did = |verb: &str, resource: &str| {
             self.audit
                 .requests(CONTROLLER)
                 .iter()
-                .any(|r| r.verb == "watch" && r.resource == "pods" && r.code == 200)
+                .any(|r| r.verb == verb && r.resource == resource && r.code == 200)
+        };
+        self.wait("the controller's pod watch", || {
+            controller_did("watch", "pods")
         })?;
         self.wait("the leader renewing its Lease", || {
-            self.audit
-                .requests(CONTROLLER)
-                .iter()
-                .any(|r| r.verb == "update" && r.resource == "leases" && r.code == 200)
+            controller_did("update", "leases")
         })?;
         // The two may run as one reconcile naming both reasons, and a start-up reconcile asked
         // for before the election is left to the election's: either way it is over.

@@ -415,15 +415,21 @@ fn check_cli(node: &Node, addresses: &BTreeMap<String, Ipv4Addr>) {
 /// the pods frees every address.
 fn thirty_pods(node: &Node) {
     let pods = create_pods(node, "many", 0..30);
-    wait_ready(node, "test=many");
-    let addresses = addresses_of(node, &pods);
+    served_then_released(node, "many", &pods);
+    assert_eq!(held(node), BTreeMap::new());
+}
+
+/// The pods labelled `test=<label>` become Ready, each with a distinct address of the range
+/// that the store and the CLI show; once they are deleted, every address is free.
+fn served_then_released(node: &Node, label: &str, pods: &[String]) {
+    let selector = format!("test={label}");
+    wait_ready(node, &selector);
+    let addresses = addresses_of(node, pods);
     assert_distinct_in_range(&addresses);
     assert_held(node, &addresses);
     check_cli(node, &addresses);
-
-    delete_pods(node, "test=many");
+    delete_pods(node, &selector);
     wait_released(node, &addresses);
-    assert_eq!(held(node), BTreeMap::new());
 }
 
 /// Pods force-deleted while the node's runtime is stopped get no DEL: the controller frees
@@ -552,13 +558,7 @@ fn daemonset_restarted_and_upgraded_midway(node: &Node) {
         .collect();
     assert_eq!(images, ["ghcr.io/whereabouts-rs/whereabouts:next"]);
 
-    wait_ready(node, "test=during");
-    let addresses = addresses_of(node, &pods);
-    assert_distinct_in_range(&addresses);
-    assert_held(node, &addresses);
-    check_cli(node, &addresses);
-    delete_pods(node, "test=during");
-    wait_released(node, &addresses);
+    served_then_released(node, "during", &pods);
 }
 
 /// One node cluster at a time: each is a kubelet and a runtime on a 2-core machine.
