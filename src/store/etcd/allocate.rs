@@ -460,6 +460,7 @@ fn refused(range: &Range, decision: Decision<String>) -> StoreError {
             "requested address {} is beyond the offsets this pool may hold",
             range.ip(offset)
         )),
+        // Exhausted: the decisions that hand out an address never come here.
         _ => StoreError::Exhausted {
             range: range.to_string(),
         },
