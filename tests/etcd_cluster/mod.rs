@@ -6,6 +6,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 /// Whether etcd is installed. In CI (`CI=true`) a missing etcd is a failure, never a skip.
@@ -52,11 +53,19 @@ pub struct Cluster {
     auth: Option<String>,
 }
 
+/// A loopback port nobody listens on, below the kernel's ephemeral range (32768 and up). A port
+/// from the ephemeral range can be taken by any outgoing connection of a test running beside this
+/// one between the moment it is picked and the moment etcd binds it; ports here only go to
+/// listeners, and the counter keeps this process's clusters apart.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN / 100)) as u16 * 100;
+    (0..SPAN)
+        .map(|_| FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN)
+        .find(|port| TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free loopback port below the ephemeral range")
 }
 
 impl Cluster {
@@ -209,14 +218,30 @@ impl Cluster {
             }
             if start.elapsed() > within {
                 panic!(
-                    "etcd cluster not healthy after {within:?}: {}{}\nlogs in {}",
+                    "etcd cluster not healthy after {within:?}: {}{}\n{}",
                     String::from_utf8_lossy(&out.stdout),
                     String::from_utf8_lossy(&out.stderr),
-                    self.dir.path().display()
+                    self.log_tails()
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// The last lines of every member's log, for a failure message: a member that could not
+    /// bind its port or join says so there.
+    fn log_tails(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let path = self.dir.path().join(format!("{}.log", m.name));
+                let log = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+                format!("--- {} ({}):\n{tail}", m.name, path.display())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The index of the current leader, waiting for an election if there is none yet.
