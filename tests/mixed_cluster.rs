@@ -2,7 +2,8 @@
 //! one real API server and one set of pools, as a cluster is while its nodes swap binaries:
 //! bursts that alternate binaries across simulated nodes with race windows widened on both sides
 //! (`sleep_for_race`), the runtime's cleanup DEL after a failed ADD, DELs through either binary,
-//! a full rollout and a full rollback. After every step `whereabouts doctor` must find nothing:
+//! a full rollout and a full rollback, the Go reconciler over both binaries' entries, node slices
+//! written by either controller. After every step `whereabouts doctor` must find nothing:
 //! no address held twice, no pool entry without its reservation, no reservation left behind.
 //! `whereabouts doctor` itself is tested here too, on objects broken on purpose.
 
@@ -114,7 +115,7 @@ impl Site {
             command,
             container: pod,
             ifname: "net1",
-            pod: Some(("default", pod)),
+            pod: Some((&self.ns.name, pod)),
             node: Some(node),
             env: vec![("WHEREABOUTS_FLAT_FILE", flat)],
         };
@@ -345,6 +346,210 @@ fn rollout_and_rollback_node_by_node() {
     }
 }
 
+/// The Go reconciler (`ip-control-loop`, its cron job and its pod controller) over pools both
+/// binaries wrote: it keeps every address a live pod's Multus network-status lists, whichever
+/// binary handed it out, frees the addresses of pods that are gone, and leaves pools both
+/// binaries go on serving without a duplicate.
+#[test]
+fn go_reconciler_over_entries_of_both_binaries() {
+    // A control plane of its own: the Go reconciler works on every namespace, and would free
+    // the addresses other tests hand to pods that have no Pod object.
+    let Some(plane) = plane_with_crds("mixed-reconciler") else {
+        return;
+    };
+    let Some(site) = Site::new(plane, "mixed-reconciler") else {
+        return;
+    };
+    let Some(tools) = common::tools::go_tools(&["go-whereabouts-ip-control-loop"]) else {
+        return;
+    };
+    let (wide, narrow) = ("10.95.0.0/24", "10.95.0.0/26");
+    let jobs = |round: &str| -> Vec<_> {
+        (0..12)
+            .map(|i| {
+                let (binary, range) = if i % 2 == 0 {
+                    (Binary::Go, wide)
+                } else {
+                    (Binary::Ours, narrow)
+                };
+                let node = format!("node-{}", i % 3);
+                let pod = format!("{round}-{i}");
+                (binary, pod, node, range.to_string(), u64::from(i % 6 == 1))
+            })
+            .collect()
+    };
+    let granted = burst(&site, &jobs("first"), 6);
+    // Pods 2, 3, 6, 7, 10 and 11 (half of each binary's) are gone without a DEL; the others
+    // run, and Multus lists their addresses.
+    let index = |pod: &str| pod.rsplit('-').next().unwrap().parse::<usize>().unwrap();
+    let (gone, live): (Vec<_>, Vec<_>) = granted
+        .into_iter()
+        .partition(|(pod, _)| index(pod) % 4 >= 2);
+    assert!(
+        live.iter().chain(&gone).all(|(_, ip)| ip.is_some()),
+        "{live:?} {gone:?}"
+    );
+    for (pod, ip) in &live {
+        add_pod_with_network_status(&site.ns, pod, ip.as_deref().unwrap());
+    }
+
+    let mut control_loop = GoControlLoop::start(&site, plane, &tools);
+    control_loop.wait_for_a_reconcile();
+    assert_granted_and_held(&site, &live, "after the Go reconciler");
+    let held = site.held();
+    let reserved: BTreeSet<String> = site
+        .ns
+        .list(RESERVATIONS)
+        .iter()
+        .filter_map(|r| r["metadata"]["name"].as_str().map(String::from))
+        .collect();
+    for (pod, ip) in &gone {
+        let ip = ip.as_deref().unwrap();
+        assert!(
+            !held.contains_key(ip),
+            "{ip} of gone pod {pod} is still held"
+        );
+        assert!(
+            !reserved.contains(ip),
+            "{ip} of gone pod {pod} is still reserved"
+        );
+    }
+    site.assert_healthy("after the Go reconciler");
+
+    // Both binaries go on serving the reconciled pools: nothing handed out twice.
+    let more = burst(&site, &jobs("second"), 6);
+    let mut all = live.clone();
+    all.extend(more);
+    assert_granted_and_held(&site, &all, "a burst after the Go reconciler");
+    site.assert_healthy("a burst after the Go reconciler");
+    drop(control_loop);
+}
+
+/// A Running pod of `ns` whose Multus network-status annotation lists `ip` on `net1`, as the
+/// Go reconciler requires of a pod whose address it keeps.
+fn add_pod_with_network_status(ns: &TestNamespace, pod: &str, ip: &str) {
+    let status = json!([{"name": format!("{}/mixednet", ns.name), "interface": "net1",
+                         "ips": [ip], "default": false}]);
+    let annotations = json!({"k8s.v1.cni.cncf.io/network-status": status.to_string()});
+    ns.create(
+        "pods",
+        json!({"metadata": {"name": pod, "annotations": annotations},
+               "spec": {"automountServiceAccountToken": false,
+                        "containers": [{"name": "main", "image": "test.invalid/pause"}]}}),
+    );
+    ns.set_pod_phase(pod, "Running");
+}
+
+/// The Go `ip-control-loop` as its DaemonSet runs it. It reads its schedule from
+/// `/cron-schedule/config` and its credentials from the in-cluster service-account folder, both
+/// fixed paths: it runs chrooted into a folder of the test that holds them, its shared libraries
+/// and a ServiceAccount token bound to cluster-admin, so nothing on the host is written.
+struct GoControlLoop {
+    daemon: Daemon,
+    log: PathBuf,
+}
+
+impl GoControlLoop {
+    fn start(site: &Site, plane: &kube_apiserver::ControlPlane, tools: &Path) -> GoControlLoop {
+        let root = site._dir.path().join("go-root");
+        let binary = tools.join("go-whereabouts-ip-control-loop");
+        copy_into(&root, &binary, Path::new("/ip-control-loop"));
+        let ldd = Command::new("ldd").arg(&binary).output().expect("run ldd");
+        for lib in String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            copy_into(&root, Path::new(lib), Path::new(lib));
+        }
+        std::fs::create_dir_all(root.join("cron-schedule")).unwrap();
+        // Every minute: the shortest schedule its five-field cron takes.
+        std::fs::write(root.join("cron-schedule/config"), "* * * * *").unwrap();
+        let account = root.join("var/run/secrets/kubernetes.io/serviceaccount");
+        std::fs::create_dir_all(&account).unwrap();
+        let ns = &site.ns.name;
+        plane.kubectl(&["create", "serviceaccount", "go-reconciler", "-n", ns]);
+        let binding = format!("go-reconciler-{ns}");
+        let subject = format!("--serviceaccount={ns}:go-reconciler");
+        plane.kubectl(&[
+            "create",
+            "clusterrolebinding",
+            &binding,
+            "--clusterrole=cluster-admin",
+            &subject,
+        ]);
+        let token = plane.kubectl(&[
+            "create",
+            "token",
+            "go-reconciler",
+            "-n",
+            ns,
+            "--duration=1h",
+        ]);
+        std::fs::write(account.join("token"), token.trim()).unwrap();
+        std::fs::copy(plane.ca(), account.join("ca.crt")).unwrap();
+        std::fs::write(account.join("namespace"), ns).unwrap();
+        let port = plane
+            .server
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('/');
+        let log = site._dir.path().join("go-control-loop.log");
+        let child = Command::new("chroot")
+            .arg(&root)
+            .arg("/ip-control-loop")
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("KUBERNETES_SERVICE_PORT", port)
+            // Its pod controller serves one node, which must exist.
+            .env("NODENAME", site.ns.add_node())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the Go ip-control-loop (chroot)");
+        GoControlLoop {
+            daemon: Daemon(child),
+            log,
+        }
+    }
+
+    /// Waits for the first scheduled reconcile to finish, and fails if it failed.
+    fn wait_for_a_reconcile(&mut self) {
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.daemon.0.try_wait() {
+                panic!(
+                    "the Go ip-control-loop exited ({status}): {}",
+                    tail(&self.log)
+                );
+            }
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains("reconciler success") {
+                return;
+            }
+            assert!(
+                !log.contains("reconciler failure"),
+                "the Go reconciler failed: {}",
+                tail(&self.log)
+            );
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(90),
+                "no Go reconcile within 90 s: {}",
+                tail(&self.log)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+}
+
+/// Copies `file` to `at` inside `root`, making the folders on the way.
+fn copy_into(root: &Path, file: &Path, at: &Path) {
+    let target = root.join(at.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::copy(file, &target).unwrap_or_else(|e| panic!("copy {}: {e}", file.display()));
+}
+
 /// doctor on objects broken on purpose: each problem found, the safe ones repaired with
 /// `--fix`, the others left for a human, and nothing changed without `--fix`.
 #[test]
@@ -539,21 +744,9 @@ fn node_slices_written_by_either_controller() {
     // A control plane of its own: the Go controller stops serving every network as soon as one
     // NetworkAttachmentDefinition anywhere in the cluster cannot be read with a flat file, which
     // other tests' NetworkAttachmentDefinitions cannot be.
-    let Some(plane) = kube_apiserver::dedicated_control_plane("mixed-slices") else {
+    let Some(plane) = plane_with_crds("mixed-slices") else {
         return;
     };
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut apply = vec!["apply".to_string(), "--server-side".into()];
-    for crd in [
-        "deploy/whereabouts.cni.cncf.io_ippools.yaml",
-        "deploy/whereabouts.cni.cncf.io_overlappingrangeipreservations.yaml",
-        "deploy/whereabouts.cni.cncf.io_nodeslicepools.yaml",
-        "tests/data/network-attachment-definition-crd.yaml",
-    ] {
-        apply.extend(["-f".into(), repo.join(crd).display().to_string()]);
-    }
-    plane.kubectl(&apply.iter().map(String::as_str).collect::<Vec<_>>());
-    plane.kubectl(&["wait", "--for=condition=Established", "crd", "--all"]);
     let Some(site) = Site::new(plane, "mixed-slices") else {
         return;
     };
@@ -667,6 +860,25 @@ fn node_slices_written_by_either_controller() {
         );
     }
     site.assert_healthy("ADDs in node slices");
+}
+
+/// A control plane of its own (see [`kube_apiserver::dedicated_control_plane`]) with our CRDs
+/// and the NetworkAttachmentDefinition CRD installed, for a Go daemon that works cluster-wide.
+fn plane_with_crds(name: &str) -> Option<&'static kube_apiserver::ControlPlane> {
+    let plane = kube_apiserver::dedicated_control_plane(name)?;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut apply = vec!["apply".to_string(), "--server-side".into()];
+    for crd in [
+        "deploy/whereabouts.cni.cncf.io_ippools.yaml",
+        "deploy/whereabouts.cni.cncf.io_overlappingrangeipreservations.yaml",
+        "deploy/whereabouts.cni.cncf.io_nodeslicepools.yaml",
+        "tests/data/network-attachment-definition-crd.yaml",
+    ] {
+        apply.extend(["-f".into(), repo.join(crd).display().to_string()]);
+    }
+    plane.kubectl(&apply.iter().map(String::as_str).collect::<Vec<_>>());
+    plane.kubectl(&["wait", "--for=condition=Established", "crd", "--all"]);
+    Some(plane)
 }
 
 /// The last lines of a log file.
