@@ -619,6 +619,30 @@ fn doctor_finds_and_repairs() {
     reservation("10.93.0.3", "", "c3");
     reservation("10.93.0.9", "default/gone", "c8");
     reservation("fd00-93--8000-0-0-1", "default/d", "c4");
+    // Kubernetes refuses the Go binary's name for ::/126 (`---126`); ours is made valid.
+    ns.create(
+        "ippools",
+        json!({"metadata": {"name": "0---126"}, "spec": {"range": "::/126", "allocations": {}}}),
+    );
+    // An entry that is no address of its range.
+    ns.create(
+        "ippools",
+        json!({"metadata": {"name": "10.93.1.0-24"}, "spec": {"range": "10.93.1.0/24",
+            "allocations": {"300": entry("c5", "default/e")}}}),
+    );
+    // node-x holds an address in a slice its NodeSlicePool does not give it.
+    ns.create(
+        "nodeslicepools",
+        json!({"metadata": {"name": "slicenet"},
+               "spec": {"range": "10.96.0.0/16", "sliceSize": "24"},
+               "status": {"allocations": [{"nodeName": "node-x", "sliceRange": "10.96.1.0/24"}]}}),
+    );
+    ns.create(
+        "ippools",
+        json!({"metadata": {"name": "slicenet-node-x-10.96.0.0-24"},
+               "spec": {"range": "10.96.0.0/24", "allocations": {"1": entry("c6", "default/f")}}}),
+    );
+    reservation("10.96.0.1", "default/f", "c6");
     let before = (ns.list("ippools"), ns.list(RESERVATIONS));
     let (ok, report) = doctor(&[]);
     assert!(!ok, "findings fail the command");
@@ -630,6 +654,9 @@ fn doctor_finds_and_repairs() {
         ("podless", "10.93.0.3"),
         ("orphan_reservation", ""),
         ("beyond_go_offsets", "fd00:93::8000:0:0:1"),
+        ("made_valid_name", ""),
+        ("unreadable_entry", ""),
+        ("slice_mismatch", ""),
     ] {
         let expected = (expected.0.to_string(), expected.1.to_string());
         assert!(found.contains(&expected), "{expected:?} not in {report:#}");
@@ -663,6 +690,9 @@ fn doctor_finds_and_repairs() {
         "reservation_holder_differs",
         "podless",
         "beyond_go_offsets",
+        "made_valid_name",
+        "unreadable_entry",
+        "slice_mismatch",
     ]
     .iter()
     .map(|s| s.to_string())

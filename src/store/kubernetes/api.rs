@@ -219,6 +219,19 @@ impl Kube {
             .items)
     }
 
+    /// Every NodeSlicePool of the namespace; none where the cluster lacks the resource.
+    pub async fn list_slices(&self) -> Result<Vec<NodeSlicePool>, ApiError> {
+        let lp = ListParams::default();
+        match self
+            .call("list NodeSlicePools", || self.slices.list(&lp))
+            .await
+        {
+            Ok(list) => Ok(list.items),
+            Err(ApiError::NotFound(_)) => Ok(Vec::new()),
+            Err(err) => Err(err),
+        }
+    }
+
     pub async fn get_reservation(
         &self,
         name: &str,

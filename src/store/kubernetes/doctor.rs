@@ -96,12 +96,8 @@ fn finding(problem: Problem, object: String, address: Option<IpAddr>, detail: St
 pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreError> {
     let pools = kube.list_pools(None).await?;
     let reservations = kube.list_reservations(None).await?;
-    let slices = match kube.slices.list(&Default::default()).await {
-        Ok(list) => list.items,
-        // Without the NodeSlicePool resource there are no node slices to check.
-        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
-        Err(err) => return Err(StoreError::io(format!("cannot list NodeSlicePools: {err}"))),
-    };
+    // Without the NodeSlicePool resource there are no node slices to check.
+    let slices = kube.list_slices().await?;
     let mut survey = Survey {
         pools: Vec::new(),
         reservations: reservations
