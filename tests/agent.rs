@@ -220,6 +220,14 @@ fn agents_serve_bursts_of_credential_less_plugins_without_duplicates() {
         .map(|a| a.metric("whereabouts_agent_batch_size_count{operation=\"add\"}"))
         .sum();
     assert!(batches >= 1.0 && batches <= CALLS as f64);
+    // Every agent follows the pools and the Go binaries' Lease by watch: its batches start from
+    // that copy (each write still conditional), which the burst above changed under it.
+    for agent in agents_now.iter() {
+        for cache in ["ippools", "lease"] {
+            let synced = format!("whereabouts_agent_cache_synced{{cache=\"{cache}\"}}");
+            assert_eq!(agent.metric(&synced), 1.0, "{cache}: {}", agent.log_text());
+        }
+    }
     drop(agents_now);
 
     // A repeated ADD gets the same address; CHECK finds it.

@@ -5,6 +5,7 @@
 //! every rule is used, leaving any one out makes a request fail, and `kubectl auth can-i --list`
 //! shows nothing beyond the rules.
 
+mod agent_process;
 mod deployment;
 mod kube_apiserver;
 
@@ -94,6 +95,7 @@ impl<'a> Scenario<'a> {
 
     fn run(&self) -> Result<(), Stop> {
         self.plugin_calls()?;
+        self.agent_calls()?;
         self.go_lease_calls()?;
         self.node_slice_calls()?;
         self.controller_work()
@@ -200,6 +202,50 @@ impl<'a> Scenario<'a> {
         )?;
         self.cni("DEL", "a", None, &conf)?;
         self.assert_empty(&format!("{network}-10.201.0.0-24"));
+        Ok(())
+    }
+
+    /// ADDs and DELs through a node agent with the plugin's account, as the DaemonSet runs it:
+    /// besides what the plugin does, it lists and watches the pools and the Go binaries' Lease.
+    fn agent_calls(&self) -> Result<(), Stop> {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let temp = std::env::temp_dir()
+            .canonicalize()
+            .expect("the temporary directory");
+        let settings = json!({"datastore": "kubernetes", "log_level": "debug",
+                              "kubernetes": {"kubeconfig": self.plugin_kubeconfig},
+                              "allow_inline_paths": [temp], "allow_insecure_tls": true});
+        let within = Duration::from_secs(if self.probe { 10 } else { 60 });
+        let agent = agent_process::Agent::try_start(dir.path(), "lp-agent", settings, within)
+            .map_err(Stop::Cni)?;
+        let network = format!("{}-agent", self.id);
+        let conf = self.netconf(&network, "10.205.0.0/24", json!({}));
+        let env = vec![
+            agent.env(),
+            (
+                "WHEREABOUTS_FLAT_FILE",
+                agent.flat_file.display().to_string(),
+            ),
+        ];
+        let watched = |resource: &str| {
+            self.audit
+                .requests(PLUGIN)
+                .iter()
+                .any(|r| r.verb == "watch" && r.resource == resource && r.code == 200)
+        };
+        self.wait("the agent's watches", || {
+            watched("ippools") && watched("leases")
+        })?;
+        for (command, pod) in [("ADD", "x"), ("ADD", "y"), ("DEL", "x"), ("DEL", "y")] {
+            self.cni_with(command, pod, None, &conf, env.clone())?;
+        }
+        if agent.metric("whereabouts_agent_requests_total") < 4.0 {
+            return Err(Stop::Cni(format!(
+                "the agent did not serve: {}",
+                agent.log_text()
+            )));
+        }
+        self.assert_empty(&format!("{network}-10.205.0.0-24"));
         Ok(())
     }
 

@@ -1,4 +1,5 @@
-//! The agent's metrics: requests by operation and result, batch sizes, conflicts.
+//! The agent's metrics: requests by operation and result, batch sizes, conflicts, and how
+//! current its watched copies are.
 
 use std::sync::Mutex;
 
@@ -6,6 +7,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -15,6 +17,11 @@ use crate::store::kubernetes::Observer;
 pub struct RequestLabels {
     pub operation: &'static str,
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub cache: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,6 +35,8 @@ pub struct Metrics {
     durations: Family<OperationLabels, Histogram>,
     batch_sizes: Family<OperationLabels, Histogram>,
     conflicts: Family<OperationLabels, Counter>,
+    cache_synced: Family<CacheLabels, Gauge>,
+    cache_updated: Family<CacheLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -67,12 +76,26 @@ impl Metrics {
             "Conditional writes refused because the pool had changed (each is retried)",
             conflicts.clone(),
         );
+        let cache_synced = Family::<CacheLabels, Gauge>::default();
+        registry.register(
+            "cache_synced",
+            "1 while the watched copy (ippools, lease) follows the server since its last list, 0 after a watch failure until the next list",
+            cache_synced.clone(),
+        );
+        let cache_updated = Family::<CacheLabels, Gauge>::default();
+        registry.register(
+            "cache_updated_timestamp_seconds",
+            "When the watch behind the copy last delivered an event (its age: time() minus this)",
+            cache_updated.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
             durations,
             batch_sizes,
             conflicts,
+            cache_synced,
+            cache_updated,
         }
     }
 
@@ -107,5 +130,16 @@ impl Observer for Metrics {
         self.conflicts
             .get_or_create(&OperationLabels { operation })
             .inc();
+    }
+
+    fn cache(&self, cache: &'static str, synced: bool) {
+        let labels = CacheLabels { cache };
+        self.cache_synced
+            .get_or_create(&labels)
+            .set(i64::from(synced));
+        if synced {
+            let now = jiff::Timestamp::now().as_second();
+            self.cache_updated.get_or_create(&labels).set(now);
+        }
     }
 }

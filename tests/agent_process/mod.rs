@@ -1,6 +1,8 @@
 //! A node agent (`whereabouts agent`) run as a process for tests and benchmarks: its own flat
 //! file and socket (one per simulated node), started, killed and restarted on demand.
 
+#![allow(dead_code)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,24 @@ impl Agent {
     /// Starts an agent whose flat file holds `settings` and its socket's path, and waits until
     /// it is ready (its engine answers).
     pub fn start(dir: &Path, node: &str, settings: Value) -> Agent {
+        let mut agent = Agent::spawn(dir, node, settings);
+        agent.wait_ready();
+        agent
+    }
+
+    /// As [`Agent::start`], for a test that expects the agent may never become ready: the
+    /// reason (its log) instead of a panic.
+    pub fn try_start(
+        dir: &Path,
+        node: &str,
+        settings: Value,
+        within: Duration,
+    ) -> Result<Agent, String> {
+        let mut agent = Agent::spawn(dir, node, settings);
+        agent.ready_within(within).map(|()| agent)
+    }
+
+    fn spawn(dir: &Path, node: &str, settings: Value) -> Agent {
         let socket = dir.join(format!("{node}.sock"));
         let flat_file = dir.join(format!("{node}.conf"));
         let mut flat = settings;
@@ -36,11 +56,16 @@ impl Agent {
             log: dir.join(format!("{node}.log")),
             child: None,
         };
-        agent.restart();
+        agent.launch();
         agent
     }
 
     pub fn restart(&mut self) {
+        self.launch();
+        self.wait_ready();
+    }
+
+    fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -57,24 +82,27 @@ impl Agent {
             .spawn()
             .expect("start the agent");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     /// Polls `/readyz` until it answers 200 (the agent connects and checks its engine first).
     pub fn wait_ready(&mut self) {
+        if let Err(why) = self.ready_within(Duration::from_secs(60)) {
+            panic!("{why}");
+        }
+    }
+
+    fn ready_within(&mut self, within: Duration) -> Result<(), String> {
         let started = Instant::now();
         loop {
             if let Some((200, _)) = get(&self.socket, "/readyz") {
-                return;
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("the agent exited ({status}): {}", self.log_text());
+                return Err(format!("the agent exited ({status}): {}", self.log_text()));
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the agent is not ready: {}",
-                self.log_text()
-            );
+            if started.elapsed() > within {
+                return Err(format!("the agent is not ready: {}", self.log_text()));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

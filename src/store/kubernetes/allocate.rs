@@ -114,7 +114,7 @@ impl Engine {
     /// One address per range, in order; what was written is in `undo` for the caller to take
     /// back if this fails.
     pub async fn add(&self, req: &AddRequest, undo: &UndoLog) -> Result<Vec<IpAddr>, StoreError> {
-        let go_present = go_lease::go_present(&self.kube, self.go_peers).await?;
+        let go_present = self.go_present().await?;
         let mut ips = Vec::with_capacity(req.ranges.len());
         for wanted in &req.ranges {
             let pool = self
@@ -250,7 +250,11 @@ impl Engine {
                 jobs
             };
             let undo = UndoLog::default();
-            let started = known.take().filter(|_| trust_known);
+            // The pool as this task last wrote it, else as the watch last saw it.
+            let started = known
+                .take()
+                .filter(|_| trust_known)
+                .or_else(|| self.cached_pool(&object_name(&pool.name)));
             let served = tokio::time::timeout(
                 self.settings.deadline,
                 self.serve(pool, req, jobs, started, &undo, &mut refill, &NO_GO),
@@ -610,7 +614,12 @@ impl Engine {
                 if result.is_err() {
                     *failed_rv = Some(rv.to_string());
                 }
-                result.map(Some)
+                result.map(Some).map_err(|err| match err {
+                    // Deleted since it was read (or since the copy it came from): a change like
+                    // any other, which the next read sees.
+                    ApiError::NotFound(msg) => ApiError::Conflict(msg),
+                    err => err,
+                })
             }
             (false, None) => {
                 *failed_rv = None;

@@ -19,6 +19,9 @@ pub trait Observer: Send + Sync {
     fn batch(&self, operation: &'static str, size: usize);
     /// A conditional write of `operation` found the pool changed and is retried.
     fn conflict(&self, operation: &'static str);
+    /// The watch behind cached copy `what` ("ippools", "lease") delivered an event, or failed
+    /// (`synced` false until it has listed again).
+    fn cache(&self, what: &'static str, synced: bool);
 }
 
 /// A DEL of one attachment in one pool.
@@ -152,6 +155,7 @@ mod tests {
     impl Observer for Quiet {
         fn batch(&self, _: &'static str, _: usize) {}
         fn conflict(&self, _: &'static str) {}
+        fn cache(&self, _: &'static str, _: bool) {}
     }
 
     #[test]

@@ -6,11 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use super::api::{ApiError, Kube};
 use super::batch::Batches;
+use super::cache::Cache;
+use super::go_lease;
 use super::node_slice;
 use super::reservation::Held;
 use super::settings::Settings;
 use crate::config::GoPeers;
 use crate::ipam::Cidr;
+use crate::k8s::crd::IPPool;
 use crate::store::{Attachment, PoolRef, StoreError};
 
 #[derive(Clone)]
@@ -22,10 +25,32 @@ pub struct Engine {
     pub configuration_path: Option<PathBuf>,
     /// The agent's in-memory combining of the node's requests; `None` in a plugin process.
     pub batches: Option<Arc<Batches>>,
+    /// The agent's watch-fed copies of the pools and of the Go binaries' Lease: guesses that
+    /// spare a read, never trusted for a decision without a conditional write.
+    pub cache: Option<Arc<Cache>>,
     /// Whether Go binaries may still write the pools (the flat file's `go_whereabouts`).
     pub go_peers: GoPeers,
     /// Reservations whose pool entries are removed and that are not released yet.
     pub unreleased: Arc<Unreleased>,
+}
+
+impl Engine {
+    /// The pool as the agent's watch last saw it; `None` in a plugin process or when the watch
+    /// has not seen it.
+    pub fn cached_pool(&self, name: &str) -> Option<IPPool> {
+        self.cache.as_ref()?.pool(name)
+    }
+
+    /// Whether Go binaries may write the pools now ([`go_lease::go_present`]); the agent asks
+    /// its watched copy of their Lease while that copy is in step with the server.
+    pub async fn go_present(&self) -> Result<bool, StoreError> {
+        if self.go_peers == GoPeers::Auto {
+            if let Some(lease) = self.cache.as_ref().and_then(|c| c.go_lease()) {
+                return Ok(lease.as_ref().is_some_and(go_lease::recently_renewed_by_go));
+            }
+        }
+        go_lease::go_present(&self.kube, self.go_peers).await
+    }
 }
 
 /// The reservations of the entries a DEL (or GC, or release) removed, until each is released.

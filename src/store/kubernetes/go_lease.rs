@@ -65,16 +65,21 @@ pub fn last_go_renewal(lease: &Lease) -> Option<jiff::Timestamp> {
     }
 }
 
+/// Whether a Go binary wrote the Lease within the last `GO_ACTIVE_WINDOW_SECS`.
+pub fn recently_renewed_by_go(lease: &Lease) -> bool {
+    last_go_renewal(lease).is_some_and(|at| {
+        let age = now().duration_since(at).unsigned_abs();
+        age < Duration::from_secs(GO_ACTIVE_WINDOW_SECS)
+    })
+}
+
 /// Whether Go binaries may write the pools now, by the admin's word or the Lease's.
 pub async fn go_present(kube: &Kube, peers: GoPeers) -> Result<bool, StoreError> {
     match peers {
         GoPeers::Present => Ok(true),
         GoPeers::Absent => Ok(false),
         GoPeers::Auto => match kube.get_lease(GO_LEASE_NAME).await {
-            Ok(Some(lease)) => Ok(last_go_renewal(&lease).is_some_and(|at| {
-                let age = now().duration_since(at).unsigned_abs();
-                age < Duration::from_secs(GO_ACTIVE_WINDOW_SECS)
-            })),
+            Ok(Some(lease)) => Ok(recently_renewed_by_go(&lease)),
             Ok(None) => Ok(false),
             // Not allowed to read it: an installation whose RBAC predates this check, which
             // has no Go binary to protect either (upstream's RBAC grants every Lease).

@@ -9,6 +9,7 @@
 mod allocate;
 mod api;
 mod batch;
+mod cache;
 mod choose;
 pub mod doctor;
 mod engine;
@@ -130,6 +131,15 @@ async fn connect_engine(
         settings.transient,
         &connection.origin,
     );
+    // The agent (the only caller with batches) follows the pools; a plugin process lives too
+    // short for a watch to pay off.
+    let cache = batches.as_ref().map(|batches| {
+        Arc::new(cache::Cache::follow(
+            &kube,
+            &connection.namespace,
+            batches.observer.clone(),
+        ))
+    });
     Ok(SharedEngine {
         server: connection.server.clone(),
         engine: Engine {
@@ -138,6 +148,7 @@ async fn connect_engine(
             settings,
             configuration_path: ipam.configuration_path.clone(),
             batches,
+            cache,
             go_peers: ipam.go_peers,
             unreleased: Arc::default(),
         },

@@ -29,20 +29,32 @@ impl Engine {
         pick: impl Fn(&Entry) -> bool,
     ) -> Result<Vec<Entry>, StoreError> {
         let mut conflicts = 0u32;
+        // The watched copy may show the entries: then it spares the read (the write is
+        // conditional). Its lacking them proves nothing, so the server is asked.
+        let mut cached = self.cached_pool(name);
         loop {
-            let Some(object) = self.kube.get_pool(name).await? else {
-                return Ok(Vec::new());
+            let from_copy = cached.is_some();
+            let object = match cached.take() {
+                Some(object) => object,
+                None => match self.kube.get_pool(name).await? {
+                    Some(object) => object,
+                    None => return Ok(Vec::new()),
+                },
             };
             let doc = PoolDoc::new(name, cidr, Some(object))?;
             let picked: Vec<Entry> = doc.entries().into_iter().filter(|e| pick(e)).collect();
             if picked.is_empty() {
+                if from_copy {
+                    continue;
+                }
                 return Ok(picked);
             }
             let rv = doc.resource_version().unwrap_or_default();
             let ops: Vec<_> = picked.iter().map(|e| remove_op(&e.key)).collect();
             match self.kube.patch_pool(name, rv, &ops).await {
                 Ok(_) => return Ok(picked),
-                Err(ApiError::Conflict(_)) => {
+                // Changed or deleted since it was read: the next read tells.
+                Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => {
                     if let Some(batches) = &self.batches {
                         batches.observer.conflict("del");
                     }

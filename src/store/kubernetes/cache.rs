@@ -1,0 +1,119 @@
+//! The agent's watch-fed copies of its namespace's IPPools and of the Go binaries' Lease, kept by
+//! kube::runtime's watcher and reflector (list, watch, re-list after a gap, back off).
+//!
+//! A copy is a guess, never a verdict. A batch starts from the cached pool instead of reading it,
+//! and its write stays conditional on the resourceVersion: a copy the watch has not brought up to
+//! date yet costs a conflict and a read, never a duplicate. What a copy lacks proves nothing (an
+//! entry written a moment ago, a pool just created): those cases read the server.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+
+use super::api::Kube;
+use super::batch::Observer;
+use super::go_lease::GO_LEASE_NAME;
+use crate::k8s::crd::IPPool;
+
+/// One watched resource: the reflector's store, and whether it holds a complete list that the
+/// watch has followed since (false before the first list and from a failure to the next list).
+struct Copy<K: Resource + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store: Store<K>,
+    synced: Arc<AtomicBool>,
+    namespace: String,
+}
+
+impl<K> Copy<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
+{
+    /// Starts following `api` (restricted by `config`) on the current runtime; the task ends
+    /// with the runtime.
+    fn follow(
+        api: Api<K>,
+        config: watcher::Config,
+        namespace: &str,
+        what: &'static str,
+        observer: Arc<dyn Observer>,
+    ) -> Copy<K> {
+        let (store, writer) = reflector::store();
+        let synced = Arc::new(AtomicBool::new(false));
+        let flag = synced.clone();
+        tokio::spawn(async move {
+            let stream = watcher(api, config).default_backoff().reflect(writer);
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                let now_synced = match event {
+                    Ok(Event::Init | Event::InitApply(_)) => continue,
+                    Ok(_) => true,
+                    Err(err) => {
+                        tracing::debug!(%err, what, "watch failed; the copy is not trusted until listed again");
+                        false
+                    }
+                };
+                flag.store(now_synced, Ordering::Release);
+                observer.cache(what, now_synced);
+            }
+        });
+        Copy {
+            store,
+            synced,
+            namespace: namespace.to_string(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<K> {
+        let key = ObjectRef::new(name).within(&self.namespace);
+        self.store.get(&key).map(|object| (*object).clone())
+    }
+
+    fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+}
+
+/// The agent's copies of the namespace's IPPools and of the Lease `whereabouts`.
+pub struct Cache {
+    pools: Copy<IPPool>,
+    go_lease: Copy<Lease>,
+}
+
+impl Cache {
+    /// Starts both watches on the current runtime.
+    pub fn follow(kube: &Kube, namespace: &str, observer: Arc<dyn Observer>) -> Cache {
+        let pools = Copy::follow(
+            kube.pools.clone(),
+            watcher::Config::default(),
+            namespace,
+            "ippools",
+            observer.clone(),
+        );
+        let one_lease =
+            watcher::Config::default().fields(&format!("metadata.name={GO_LEASE_NAME}"));
+        let go_lease = Copy::follow(kube.leases.clone(), one_lease, namespace, "lease", observer);
+        Cache { pools, go_lease }
+    }
+
+    /// The pool as the watch last saw it, if it saw it at all.
+    pub fn pool(&self, name: &str) -> Option<IPPool> {
+        self.pools.get(name)
+    }
+
+    /// The Go binaries' Lease as the watch sees it: `Some(None)` when the followed list has no
+    /// such Lease, `None` when the copy cannot tell (not listed yet, or the watch failed).
+    pub fn go_lease(&self) -> Option<Option<Lease>> {
+        self.go_lease
+            .synced()
+            .then(|| self.go_lease.get(GO_LEASE_NAME))
+    }
+}
