@@ -255,6 +255,57 @@ fn agents_serve_bursts_of_credential_less_plugins_without_duplicates() {
     assert_eq!(released as usize, CALLS);
 }
 
+/// Without overlapping-range reservations nothing but the pool write keeps nodes apart, and the
+/// agents' writes test only the entries they rely on (not the pool's resourceVersion), so those
+/// tests alone must stop a second node from taking an address: four agents draw a small range
+/// down to its last address at once, from copies of the pool their watches keep, and every
+/// address is handed out once. The range is then full for every node.
+#[test]
+fn agents_without_reservations_never_hand_out_an_address_twice() {
+    const CALLS: usize = 60;
+    let plane = real_cluster!();
+    let ns = plane.namespace("agents-no-reservations");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let agents: Vec<Agent> = (0..4)
+        .map(|n| Agent::start(dir.path(), &format!("node-{n}"), kube_settings(&kubeconfig)))
+        .collect();
+    let agents = Mutex::new(agents);
+    let mut ipam = ipam("10.143.0.0/26", &dir.path().join("no-such.kubeconfig"));
+    ipam["enable_overlapping_ranges"] = json!(false);
+    let conf = netconf("keyednet", &ipam);
+    let added = burst("ADD", CALLS, 24, &agents, &[&conf], |_| {});
+    let mut ips = BTreeSet::new();
+    for (i, reply) in &added {
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        let ip = ip_of(reply);
+        assert!(ips.insert(ip.clone()), "{ip} handed out twice");
+    }
+    let held: BTreeSet<String> = ns
+        .list("ippools")
+        .iter()
+        .flat_map(|pool| pool_ips(pool))
+        .map(|ip| ip.to_string())
+        .collect();
+    assert_eq!(held, ips, "the pool holds exactly the addresses handed out");
+    assert!(ns.list(RESERVATIONS).is_empty(), "no reservations made");
+    // 62 usable addresses: two more, on two nodes, and the third is refused.
+    let more = burst("ADD", CALLS + 3, 1, &agents, &[&conf], |_| {});
+    let full: Vec<_> = more.values().filter(|r| r.code != 0).collect();
+    assert!(
+        full.len() == 1 && full[0].cni_code() == 100,
+        "only the 63rd ADD is refused: {full:?}"
+    );
+    // An address freed on one node is at once there for another, whose copy of the pool may
+    // not have seen the DEL yet: a refusal read from a copy is checked with the server.
+    let agents = agents.lock().unwrap();
+    let del = call("DEL", 5, "node-1", &agents[1], &conf);
+    assert_eq!(del.code, 0, "{del:?}");
+    let reply = call("ADD", CALLS + 2, "node-2", &agents[2], &conf);
+    assert_eq!(reply.code, 0, "{reply:?}");
+    assert_eq!(ip_of(&reply), ip_of(&added[&5]), "the freed address");
+}
+
 /// The engine's errors keep their CNI code through the agent: a full range is 100.
 #[test]
 fn errors_through_the_agent_keep_their_code() {

@@ -321,7 +321,7 @@ fn injected_failure(shared: &Shared, method: &str, plural: &str) -> bool {
 }
 
 /// (namespace, plural, name) of `/apis/<group>/<version>/namespaces/<ns>/<plural>[/<name>]`.
-fn path_parts(path: &str) -> Option<(String, String, Option<String>)> {
+pub(crate) fn path_parts(path: &str) -> Option<(String, String, Option<String>)> {
     let rest = path.strip_prefix(&format!("/apis/{GROUP}/{VERSION}/namespaces/"))?;
     let mut parts = rest.split('/');
     let ns = parts.next()?.to_string();
@@ -577,6 +577,7 @@ fn create(state: &mut State, plural: &str, ns: &str, mut obj: Value) -> (u16, Va
     meta["creationTimestamp"] = json!(now_rfc3339());
     meta["generation"] = json!(1);
     state.objects.insert(key, obj.clone());
+    watch::record(state, "ADDED", plural, ns, &obj);
     (201, obj)
 }
 
@@ -648,6 +649,7 @@ fn replace_checked(
         generation
     });
     state.objects.insert(key, obj.clone());
+    watch::record(state, "MODIFIED", plural, ns, &obj);
     (200, obj)
 }
 
@@ -756,6 +758,9 @@ fn delete(state: &mut State, plural: &str, ns: &str, name: &str, options: &Value
     }
     state.objects.remove(&key);
     state.revision += 1;
+    let mut gone = current.clone();
+    gone["metadata"]["resourceVersion"] = json!(state.revision.to_string());
+    watch::record(state, "DELETED", plural, ns, &gone);
     (
         200,
         json!({

@@ -123,7 +123,14 @@ pub fn apply(doc: &mut Value, ops: &Value) -> Result<(), PatchError> {
         match kind {
             "test" => {
                 let want = value()?;
-                if get(doc, &path) != Some(&want) {
+                let found = get(doc, &path);
+                // As the API server's JSON patch does: a test of null passes on a member
+                // missing from an object that exists.
+                let absent = found.is_none()
+                    && path
+                        .split_last()
+                        .is_some_and(|(_, parent)| get(doc, parent).is_some_and(Value::is_object));
+                if found != Some(&want) && !(want.is_null() && absent) {
                     return Err(PatchError::TestFailed(format!(
                         "testing value {:?} failed",
                         op.get("path")

@@ -1,4 +1,4 @@
-//! Watches of the built-in resources: `?watch=true` answers a chunked stream of JSON events,
+//! Watches of the built-in and the custom resources: `?watch=true` answers a chunked stream of JSON events,
 //! one per line, as the real API server does. A watch starts after the `resourceVersion` it
 //! names (or, without one, with an ADDED event per existing object), ends after
 //! `timeoutSeconds`, and gets an ERROR event with a 410 Expired status when the history it would
@@ -55,8 +55,39 @@ pub(super) fn is_watch(req: &super::http::Request) -> bool {
     req.method == "GET" && matches!(param(&req.query, "watch"), Some("true") | Some("1"))
 }
 
-fn matches(target: &Target, plural: &str, ns: &str) -> bool {
-    plural == target.resource.plural && target.namespace.as_deref().is_none_or(|want| want == ns)
+/// What a watch follows: a resource, in one namespace or all.
+struct Watched {
+    plural: String,
+    namespace: Option<String>,
+}
+
+impl Watched {
+    /// A built-in resource's path, or a custom resource's (always namespaced here); never one
+    /// object's path.
+    fn of(path: &str) -> Option<Watched> {
+        if let Some(Target {
+            resource,
+            namespace,
+            name: None,
+        }) = target(path)
+        {
+            return Some(Watched {
+                plural: resource.plural.to_string(),
+                namespace,
+            });
+        }
+        match super::path_parts(path)? {
+            (namespace, plural, None) => Some(Watched {
+                plural,
+                namespace: Some(namespace),
+            }),
+            _ => None,
+        }
+    }
+
+    fn matches(&self, plural: &str, ns: &str) -> bool {
+        plural == self.plural && self.namespace.as_deref().is_none_or(|want| want == ns)
+    }
 }
 
 fn expired(rv: u64) -> Value {
@@ -77,7 +108,7 @@ fn chunk(writer: &mut TcpStream, event: &Value) -> std::io::Result<()> {
 
 /// Serves one watch on the connection; false when the connection is unusable afterwards.
 pub(super) fn stream(shared: &Shared, req: &super::http::Request, writer: &mut TcpStream) -> bool {
-    let Some(target) = target(&req.path).filter(|t| t.name.is_none()) else {
+    let Some(watched) = Watched::of(&req.path) else {
         let body = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"the server could not find the requested resource"}"#;
         return super::http::write_response(writer, 404, body).is_ok();
     };
@@ -103,7 +134,7 @@ pub(super) fn stream(shared: &Shared, req: &super::http::Request, writer: &mut T
                 let existing = state
                     .objects
                     .iter()
-                    .filter(|((p, ns, _), _)| matches(&target, p, ns))
+                    .filter(|((p, ns, _), _)| watched.matches(p, ns))
                     .map(|(_, obj)| json!({"type": "ADDED", "object": obj}))
                     .collect();
                 (state.revision, existing, state.log.generation)
@@ -128,7 +159,7 @@ pub(super) fn stream(shared: &Shared, req: &super::http::Request, writer: &mut T
                     .log
                     .entries
                     .iter()
-                    .filter(|e| e.revision > cursor && matches(&target, &e.plural, &e.namespace))
+                    .filter(|e| e.revision > cursor && watched.matches(&e.plural, &e.namespace))
                     .map(|e| json!({"type": e.kind, "object": e.object}))
                     .collect();
                 cursor = cursor.max(state.revision);

@@ -12,7 +12,7 @@ use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
 use super::go_lease::{self, Hold};
 use super::job::{pool_key, Granted, Job};
-use super::pool_doc::{add_op, remove_op, replace_id_op, PoolDoc};
+use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::object_name;
@@ -381,19 +381,31 @@ impl Engine {
                 let twin = (0..i).find(|j| slots[*j].who.same_owner(&slots[i].who));
                 twin_of.push(twin);
             }
+            let guessed = known.is_some();
             let mut round = self
                 .read_round(&cx, known.take(), failed_rv.as_deref(), &slots)
                 .await?;
+            let answered: Vec<bool> = slots.iter().map(|s| s.done.is_some()).collect();
             let needs = self
                 .keep_or_reuse(&cx, &mut round, &mut slots, &twin_of)
                 .await?;
             self.reserve_new(&cx, &mut round, &mut slots, needs).await?;
+            if guessed && withdraw_refusals(&mut slots, &answered) {
+                // Refused on a guess (the pool as last written or as watched): no write can
+                // confirm a refusal, so the server's pool decides again.
+                continue;
+            }
             self.plan_entries(&cx, &mut round, &mut slots)?;
             if req.sleep_for_race > 0 && !round.ops.is_empty() {
                 tokio::time::sleep(Duration::from_secs(req.sleep_for_race)).await;
             }
             go.check()?;
-            match self.write_round(&round, &mut failed_rv).await {
+            // The agent's batches (no Go binary writing) test each entry they rely on instead of
+            // the whole pool's resourceVersion: other nodes' writes to other addresses of the
+            // pool do not turn them back. The jobs of one attachment all come through this one
+            // batch, so nothing but those entries bears on its answers.
+            let keyed = self.batches.is_some() && !go.present;
+            match self.write_round(&round, keyed, &mut failed_rv).await {
                 Ok(written) => {
                     self.settle(&cx, round.planned, &mut slots).await?;
                     let results = results_of(&mut slots, &twin_of);
@@ -476,7 +488,12 @@ impl Engine {
                     }
                     let who = slots[i].who.clone();
                     let key = round.doc.key_of(offset).unwrap_or_default();
-                    if round.held.get(&offset).map(|h| &h.container_id) != Some(&who.container_id) {
+                    let held_id = round.held.get(&offset).map(|h| h.container_id.clone());
+                    // The answer stands only if the entry is still there as read.
+                    round
+                        .ops
+                        .push(holder_test(&key, held_id.as_deref().unwrap_or_default()));
+                    if held_id.as_ref() != Some(&who.container_id) {
                         round.ops.push(replace_id_op(&key, &who.container_id));
                     }
                     slots[i].releasing = round.releasing(&release);
@@ -592,6 +609,7 @@ impl Engine {
                 container_id: who.container_id.clone(),
                 ifname: who.ifname.clone(),
             });
+            round.ops.push(absent_test(&key));
             round.ops.push(add_op(&key, &who));
             round.fresh_entries.push((key.clone(), who));
             round.planned.push((i, offset, key, true));
@@ -604,13 +622,15 @@ impl Engine {
     async fn write_round(
         &self,
         round: &Round,
+        keyed: bool,
         failed_rv: &mut Option<String>,
     ) -> Result<Option<IPPool>, ApiError> {
         let name = &round.doc.name;
         match (round.ops.is_empty(), round.doc.resource_version()) {
             (true, _) => Ok(round.doc.object.clone()),
             (false, Some(rv)) => {
-                let result = self.kube.patch_pool(name, rv, &round.ops).await;
+                let whole = (!keyed).then_some(rv);
+                let result = self.kube.patch_pool(name, whole, &round.ops).await;
                 if result.is_err() {
                     *failed_rv = Some(rv.to_string());
                 }
@@ -988,12 +1008,26 @@ impl Round {
         let mut out = Vec::new();
         for offset in release {
             if let (Some(key), Some(who)) = (self.doc.key_of(*offset), self.held.get(offset)) {
+                self.ops.push(holder_test(&key, &who.container_id));
                 self.ops.push(remove_op(&key));
                 out.push((self.doc.cidr.at(*offset), who.clone()));
             }
         }
         out
     }
+}
+
+/// Takes back the refusals (exhausted, in use) given in this round to jobs not answered before
+/// it (`answered`); whether there were any.
+fn withdraw_refusals(slots: &mut [Slot], answered: &[bool]) -> bool {
+    let mut any = false;
+    for (slot, before) in slots.iter_mut().zip(answered) {
+        if !before && matches!(slot.done, Some(Err(_))) {
+            slot.done = None;
+            any = true;
+        }
+    }
+    any
 }
 
 /// Each job's answer once the pool is written: a repeated job (the same attachment twice in the

@@ -188,17 +188,21 @@ impl Kube {
     }
 
     /// Applies JSON patch `ops` to the pool only if its resourceVersion is still `rv`.
+    /// A JSON patch of the pool: `ops` (with their own `test`s), and when `whole_rv` is given,
+    /// only if the pool is still at that resourceVersion.
     pub async fn patch_pool(
         &self,
         name: &str,
-        rv: &str,
+        whole_rv: Option<&str>,
         ops: &[Value],
     ) -> Result<IPPool, ApiError> {
         let what = format!("update IPPool {name}");
         let mut all = Vec::with_capacity(ops.len() + 1);
-        all.push(
-            serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}),
-        );
+        if let Some(rv) = whole_rv {
+            all.push(
+                serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}),
+            );
+        }
         all.extend_from_slice(ops);
         let patch = serde_json::from_value(Value::Array(all))
             .map_err(|err| ApiError::Refused(format!("{what}: cannot build patch: {err}")))?;

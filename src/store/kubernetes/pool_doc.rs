@@ -179,6 +179,26 @@ pub fn add_op(key: &str, who: &Attachment) -> Value {
     })
 }
 
+/// A precondition that the pool holds no entry at `key`. The API server's JSON patch passes a
+/// `test` of `null` on a missing member (RFC 6902 would call that an error); the tests against
+/// the real server prove it, and the write fails safe if it ever stops doing so.
+pub fn absent_test(key: &str) -> Value {
+    json!({
+        "op": "test",
+        "path": format!("/spec/allocations/{}", pointer_segment(key)),
+        "value": null,
+    })
+}
+
+/// A precondition that the entry at `key` still belongs to container `container_id`.
+pub fn holder_test(key: &str, container_id: &str) -> Value {
+    json!({
+        "op": "test",
+        "path": format!("/spec/allocations/{}/id", pointer_segment(key)),
+        "value": container_id,
+    })
+}
+
 pub fn remove_op(key: &str) -> Value {
     json!({"op": "remove", "path": format!("/spec/allocations/{}", pointer_segment(key))})
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::api::ApiError;
 use super::batch::{dropped, released_by, Batches, PendingRelease};
 use super::engine::Engine;
-use super::pool_doc::{remove_op, Entry, PoolDoc};
+use super::pool_doc::{holder_test, remove_op, Entry, PoolDoc};
 use super::reservation;
 use crate::cleanup::judge::{leaked_on_node, PodPlace};
 use crate::ipam::names::{object_name, pool_name};
@@ -49,9 +49,22 @@ impl Engine {
                 }
                 return Ok(picked);
             }
-            let rv = doc.resource_version().unwrap_or_default();
-            let ops: Vec<_> = picked.iter().map(|e| remove_op(&e.key)).collect();
-            match self.kube.patch_pool(name, rv, &ops).await {
+            // Each removal tests that its entry is still the one read. The agent writes nothing
+            // else, so it needs no more; a plugin process also tests the whole pool, as before.
+            let whole_rv = match self.batches {
+                Some(_) => None,
+                None => doc.resource_version(),
+            };
+            let ops: Vec<_> = picked
+                .iter()
+                .flat_map(|e| {
+                    [
+                        holder_test(&e.key, &e.attachment.container_id),
+                        remove_op(&e.key),
+                    ]
+                })
+                .collect();
+            match self.kube.patch_pool(name, whole_rv, &ops).await {
                 Ok(_) => return Ok(picked),
                 // Changed or deleted since it was read: the next read tells.
                 Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => {
