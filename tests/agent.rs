@@ -284,7 +284,7 @@ fn agents_without_reservations_never_hand_out_an_address_twice() {
     let held: BTreeSet<String> = ns
         .list("ippools")
         .iter()
-        .flat_map(|pool| pool_ips(pool))
+        .flat_map(pool_ips)
         .map(|ip| ip.to_string())
         .collect();
     assert_eq!(held, ips, "the pool holds exactly the addresses handed out");

@@ -229,13 +229,12 @@ impl Engine {
         answer.await.unwrap_or_else(|_| Err(dropped()))
     }
 
-    /// Serves the pool's queue in batches until it is empty. Each batch after the first starts
-    /// from the pool as this task wrote it, so while the node is the only writer a batch costs
-    /// a single request to the pool; a stale guess costs a conflict and a read, never a
-    /// duplicate (the write is conditional on the resourceVersion).
+    /// Serves the pool's queue in batches until it is empty. Each batch starts from the agent's
+    /// guess of the pool (as it last wrote it or as its watch last saw it), so a batch usually
+    /// costs a single request to the pool; a stale guess costs a refused test and a read, never
+    /// a duplicate (the write tests every entry it relies on).
     async fn serve_queue(&self, batches: &Batches, key: &str, pool: &PoolRef, req: &AddRequest) {
-        let mut known: Option<IPPool> = None;
-        let mut trust_known = true;
+        let name = object_name(&pool.name);
         loop {
             let waiting = batches.adds.take_or_close(key);
             if waiting.is_empty() {
@@ -250,11 +249,7 @@ impl Engine {
                 jobs
             };
             let undo = UndoLog::default();
-            // The pool as this task last wrote it, else as the watch last saw it.
-            let started = known
-                .take()
-                .filter(|_| trust_known)
-                .or_else(|| self.cached_pool(&object_name(&pool.name)));
+            let started = self.guess_pool(&name);
             let served = tokio::time::timeout(
                 self.settings.deadline,
                 self.serve(pool, req, jobs, started, &undo, &mut refill, &NO_GO),
@@ -262,22 +257,22 @@ impl Engine {
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::try_again(format!(
-                    "the batch of IPPool {} did not complete within {:?}",
-                    object_name(&pool.name),
+                    "the batch of IPPool {name} did not complete within {:?}",
                     self.settings.deadline
                 )))
             });
             replies.extend(joined);
             batches.observer.batch("add", replies.len());
             match served {
-                Ok((results, written, guessed_wrong)) => {
-                    trust_known &= !guessed_wrong;
+                Ok((results, written)) => {
                     // Served: each ADD is answerable for its own writes from here on.
                     undo.take();
+                    if let Some(written) = &written {
+                        batches.wrote(written);
+                    }
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(result);
                     }
-                    known = written;
                 }
                 Err(err) => {
                     if let Err(undo_err) = self.undo(undo.take()).await {
@@ -326,7 +321,7 @@ impl Engine {
         undo: &UndoLog,
         go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
-        let (mut results, _, _) = self
+        let (mut results, _) = self
             .serve(pool, req, vec![job], None, undo, &mut Vec::new, go)
             .await?;
         results
@@ -338,8 +333,8 @@ impl Engine {
     /// Allocates for every job with one read and one write of the pool (more on conflict).
     /// A job that cannot be served (pool full, static address held) gets its error; a failure
     /// of the pool itself fails the whole call, its writes left in `undo`.
-    /// `known` is the pool as this process last wrote it, tried before reading it again.
-    /// Returns the results, the pool as written, and whether `known` turned out stale.
+    /// `known` is a guess of the pool (the agent's), tried before reading it.
+    /// Returns the results and the pool as written.
     #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
@@ -350,14 +345,13 @@ impl Engine {
         undo: &UndoLog,
         refill: &mut (dyn FnMut() -> Vec<Job> + Send),
         go: &GoTerms<'_>,
-    ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>, bool), StoreError> {
+    ) -> Result<(Vec<Result<Granted, StoreError>>, Option<IPPool>), StoreError> {
         let cx = BatchCx {
             pool,
             req,
             undo,
             go,
         };
-        let guessing = known.is_some();
         let name = object_name(&pool.name);
         // Spread from the first try while the agent sees other writers take this pool's
         // addresses; lowest free first otherwise.
@@ -409,7 +403,7 @@ impl Engine {
                 Ok(written) => {
                     self.settle(&cx, round.planned, &mut slots).await?;
                     let results = results_of(&mut slots, &twin_of);
-                    return Ok((results, written, guessing && conflicts > 0));
+                    return Ok((results, written));
                 }
                 Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
                     conflicts = self.after_conflict(&name, conflicts).await?;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::job::{Granted, Job};
+use crate::k8s::crd::IPPool;
 use crate::store::{Allocation, StoreError};
 
 /// What the agent counts about combining (its metrics).
@@ -42,6 +43,9 @@ pub struct Batches {
     pub observer: Arc<dyn Observer>,
     /// When each pool last lost a reservation race to another writer.
     last_race: Mutex<HashMap<String, Instant>>,
+    /// Each pool as the agent last wrote it. The watch may not have brought the agent's own
+    /// write yet, and a guess that lacked it could miss an attachment's entry.
+    written: Mutex<HashMap<String, IPPool>>,
 }
 
 impl Batches {
@@ -51,7 +55,20 @@ impl Batches {
             releases: Queues::default(),
             observer,
             last_race: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Remembers `pool` as the agent wrote it (the server's answer to the write).
+    pub fn wrote(&self, pool: &IPPool) {
+        if let Some(name) = &pool.metadata.name {
+            lock(&self.written).insert(name.clone(), pool.clone());
+        }
+    }
+
+    /// Pool `name` as the agent last wrote it.
+    pub fn last_written(&self, name: &str) -> Option<IPPool> {
+        lock(&self.written).get(name).cloned()
     }
 
     /// Another writer took an address an ADD of `pool` had chosen.

@@ -35,10 +35,17 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// The pool as the agent's watch last saw it; `None` in a plugin process or when the watch
-    /// has not seen it.
-    pub fn cached_pool(&self, name: &str) -> Option<IPPool> {
-        self.cache.as_ref()?.pool(name)
+    /// The agent's best guess of pool `name` without reading it: the newer of the pool as the
+    /// agent last wrote it and as its watch last saw it. `None` in a plugin process, or when the
+    /// agent has neither.
+    pub fn guess_pool(&self, name: &str) -> Option<IPPool> {
+        let written = self.batches.as_ref()?.last_written(name);
+        let watched = self.cache.as_ref().and_then(|cache| cache.pool(name));
+        match (written, watched) {
+            (Some(w), Some(c)) if newer(&c, &w) => Some(c),
+            (Some(w), _) => Some(w),
+            (None, c) => c,
+        }
     }
 
     /// Whether Go binaries may write the pools now ([`go_lease::go_present`]); the agent asks
@@ -51,6 +58,18 @@ impl Engine {
         }
         go_lease::go_present(&self.kube, self.go_peers).await
     }
+}
+
+/// Whether `a` was written after `b`. resourceVersions of one API server grow (the engine relies
+/// on that elsewhere too); an unreadable one is never newer, so the agent's own write wins.
+fn newer(a: &IPPool, b: &IPPool) -> bool {
+    let version = |p: &IPPool| {
+        p.metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    matches!((version(a), version(b)), (Some(a), Some(b)) if a > b)
 }
 
 /// The reservations of the entries a DEL (or GC, or release) removed, until each is released.

@@ -29,9 +29,9 @@ impl Engine {
         pick: impl Fn(&Entry) -> bool,
     ) -> Result<Vec<Entry>, StoreError> {
         let mut conflicts = 0u32;
-        // The watched copy may show the entries: then it spares the read (the write is
+        // The agent's guess may show the entries: then it spares the read (the write is
         // conditional). Its lacking them proves nothing, so the server is asked.
-        let mut cached = self.cached_pool(name);
+        let mut cached = self.guess_pool(name);
         loop {
             let from_copy = cached.is_some();
             let object = match cached.take() {
@@ -65,7 +65,12 @@ impl Engine {
                 })
                 .collect();
             match self.kube.patch_pool(name, whole_rv, &ops).await {
-                Ok(_) => return Ok(picked),
+                Ok(written) => {
+                    if let Some(batches) = &self.batches {
+                        batches.wrote(&written);
+                    }
+                    return Ok(picked);
+                }
                 // Changed or deleted since it was read: the next read tells.
                 Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => {
                     if let Some(batches) = &self.batches {
