@@ -1,12 +1,13 @@
 //! The Go Whereabouts (its plugin built from its Go module by `hack/tools/build`) and ours on
 //! one real API server and one set of pools, as a cluster is while its nodes swap binaries:
 //! bursts that alternate binaries across simulated nodes with race windows widened on both sides
-//! (`sleep_for_race`), the runtime's cleanup DEL after a failed ADD, DELs through either binary,
-//! a full rollout and a full rollback, the Go reconciler over both binaries' entries, node slices
-//! written by either controller. After every step `whereabouts doctor` must find nothing:
+//! (`sleep_for_race`), ours alone and through a node agent, the runtime's cleanup DEL after a
+//! failed ADD, DELs through either binary, a full rollout and a full rollback, the Go reconciler
+//! over both binaries' entries, node slices written by either controller. After every step `whereabouts doctor` must find nothing:
 //! no address held twice, no pool entry without its reservation, no reservation left behind.
 //! `whereabouts doctor` itself is tested here too, on objects broken on purpose.
 
+mod agent_process;
 mod common;
 mod fake_apiserver;
 mod kube_apiserver;
@@ -35,6 +36,8 @@ fn go_plugin() -> Option<PathBuf> {
 enum Binary {
     Go,
     Ours,
+    /// Ours, through a node agent (whose flat file says Go binaries are present).
+    OursViaAgent,
 }
 
 /// The files both binaries read, in the test's folder, and the test's namespace.
@@ -49,6 +52,8 @@ struct Site {
     /// The Go binary's flat file (it fails every call without one), named by
     /// `configuration_path`, so nothing outside the test's folder is read.
     go_flat: PathBuf,
+    /// The agent of the nodes that run ours through one.
+    agent: agent_process::Agent,
 }
 
 impl Site {
@@ -66,6 +71,10 @@ impl Site {
         let flat = json!({"datastore": "kubernetes",
                           "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}});
         std::fs::write(&go_flat, flat.to_string()).unwrap();
+        let settings = json!({"datastore": "kubernetes", "go_whereabouts": "present",
+                              "kubernetes": {"kubeconfig": kubeconfig},
+                              "allow_inline_paths": [temp], "allow_insecure_tls": true});
+        let agent = agent_process::Agent::start(dir.path(), "agent-node", settings);
         Some(Site {
             ns,
             _dir: dir,
@@ -73,6 +82,7 @@ impl Site {
             go,
             our_flat,
             go_flat,
+            agent,
         })
     }
 
@@ -110,18 +120,27 @@ impl Site {
     }
 
     fn call_with(&self, binary: Binary, command: &str, pod: &str, node: &str, conf: &str) -> Reply {
-        let flat = self.our_flat.display().to_string();
+        let mut env = vec![("WHEREABOUTS_FLAT_FILE", self.our_flat.display().to_string())];
+        if binary == Binary::OursViaAgent {
+            env = vec![
+                (
+                    "WHEREABOUTS_FLAT_FILE",
+                    self.agent.flat_file.display().to_string(),
+                ),
+                self.agent.env(),
+            ];
+        }
         let call = Call {
             command,
             container: pod,
             ifname: "net1",
             pod: Some((&self.ns.name, pod)),
             node: Some(node),
-            env: vec![("WHEREABOUTS_FLAT_FILE", flat)],
+            env,
         };
         let bin = match binary {
             Binary::Go => self.go.as_path(),
-            Binary::Ours => ours(),
+            Binary::Ours | Binary::OursViaAgent => ours(),
         };
         run(bin, &call, conf)
     }
@@ -253,10 +272,10 @@ fn overlapping_ranges_served_by_both_binaries() {
     let (wide, narrow) = ("10.91.0.0/24", "10.91.0.0/26");
     let jobs: Vec<_> = (0..24)
         .map(|i| {
-            let (binary, range) = if i % 2 == 0 {
-                (Binary::Go, wide)
-            } else {
-                (Binary::Ours, narrow)
+            let (binary, range) = match i % 4 {
+                0 | 2 => (Binary::Go, wide),
+                1 => (Binary::Ours, narrow),
+                _ => (Binary::OursViaAgent, narrow),
             };
             // Every third call of each side holds its read for a second before writing.
             let sleep = u64::from(i % 6 < 2);
@@ -266,13 +285,20 @@ fn overlapping_ranges_served_by_both_binaries() {
         .collect();
     let granted = burst(&site, &jobs, 8);
     assert!(granted.iter().filter(|(_, ip)| ip.is_some()).count() >= 20);
+    let through_agent = site
+        .agent
+        .metric("whereabouts_agent_requests_total{operation=\"add\"");
+    assert!(
+        through_agent >= 6.0,
+        "the agent served {through_agent} ADDs"
+    );
     assert_granted_and_held(&site, &granted, "after the burst");
     site.assert_healthy("after the burst");
     // DELs through the other binary than the one that added.
     for (binary, pod, node, range, _) in &jobs {
         let other = match binary {
-            Binary::Go => Binary::Ours,
-            Binary::Ours => Binary::Go,
+            Binary::Go => Binary::OursViaAgent,
+            Binary::Ours | Binary::OursViaAgent => Binary::Go,
         };
         let reply = site.call(other, "DEL", pod, node, range, 0);
         assert_eq!(reply.code, 0, "{other:?} DEL {pod}: {reply:?}");
@@ -295,7 +321,15 @@ fn rollout_and_rollback_node_by_node() {
     let mut binaries = [Binary::Go; NODES];
     // Go everywhere, then each node to ours, then each node back to Go.
     let mut schedule: Vec<Option<(usize, Binary)>> = vec![None];
-    schedule.extend((0..NODES).map(|n| Some((n, Binary::Ours))));
+    // Half of the nodes run ours through a node agent.
+    let ours_on = |n: usize| {
+        if n % 2 == 0 {
+            Binary::Ours
+        } else {
+            Binary::OursViaAgent
+        }
+    };
+    schedule.extend((0..NODES).map(|n| Some((n, ours_on(n)))));
     schedule.extend((0..NODES).map(|n| Some((n, Binary::Go))));
     let mut alive: Vec<(String, usize, Option<String>)> = Vec::new();
     for (step, change) in schedule.into_iter().enumerate() {
