@@ -323,7 +323,7 @@ fn rollout_and_rollback_node_by_node() {
     let mut schedule: Vec<Option<(usize, Binary)>> = vec![None];
     // Half of the nodes run ours through a node agent.
     let ours_on = |n: usize| {
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             Binary::Ours
         } else {
             Binary::OursViaAgent
