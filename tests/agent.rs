@@ -223,7 +223,7 @@ fn agents_serve_bursts_of_credential_less_plugins_without_duplicates() {
     // Every agent follows the pools and the Go binaries' Lease by watch: its batches start from
     // that copy (each write still conditional), which the burst above changed under it.
     for agent in agents_now.iter() {
-        for cache in ["ippools", "lease"] {
+        for cache in ["ippools", "reservations", "lease"] {
             let synced = format!("whereabouts_agent_cache_synced{{cache=\"{cache}\"}}");
             assert_eq!(agent.metric(&synced), 1.0, "{cache}: {}", agent.log_text());
         }

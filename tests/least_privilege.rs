@@ -206,7 +206,8 @@ impl<'a> Scenario<'a> {
     }
 
     /// ADDs and DELs through a node agent with the plugin's account, as the DaemonSet runs it:
-    /// besides what the plugin does, it lists and watches the pools and the Go binaries' Lease.
+    /// besides what the plugin does, it lists and watches the pools, the reservations and the Go
+    /// binaries' Lease.
     fn agent_calls(&self) -> Result<(), Stop> {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let temp = std::env::temp_dir()
@@ -234,7 +235,9 @@ impl<'a> Scenario<'a> {
                 .any(|r| r.verb == "watch" && r.resource == resource && r.code == 200)
         };
         self.wait("the agent's watches", || {
-            watched("ippools") && watched("leases")
+            ["ippools", "overlappingrangeipreservations", "leases"]
+                .iter()
+                .all(|resource| watched(resource))
         })?;
         for (command, pod) in [("ADD", "x"), ("ADD", "y"), ("DEL", "x"), ("DEL", "y")] {
             self.cni_with(command, pod, None, &conf, env.clone())?;

@@ -79,7 +79,7 @@ impl Metrics {
         let cache_synced = Family::<CacheLabels, Gauge>::default();
         registry.register(
             "cache_synced",
-            "1 while the watched copy (ippools, lease) follows the server since its last list, 0 after a watch failure until the next list",
+            "1 while the watched copy (ippools, reservations, lease) follows the server since its last list, 0 after a watch failure until the next list",
             cache_synced.clone(),
         );
         let cache_updated = Family::<CacheLabels, Gauge>::default();

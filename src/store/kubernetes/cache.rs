@@ -1,5 +1,6 @@
-//! The agent's watch-fed copies of its namespace's IPPools and of the Go binaries' Lease, kept by
-//! kube::runtime's watcher and reflector (list, watch, re-list after a gap, back off).
+//! The agent's watch-fed copies of its namespace's IPPools and OverlappingRangeIPReservations
+//! and of the Go binaries' Lease, kept by kube::runtime's watcher and reflector (list, watch,
+//! re-list after a gap, back off).
 //!
 //! A copy is a guess, never a verdict. A batch starts from the cached pool instead of reading it,
 //! and its write stays conditional on the resourceVersion: a copy the watch has not brought up to
@@ -20,7 +21,7 @@ use serde::de::DeserializeOwned;
 use super::api::Kube;
 use super::batch::Observer;
 use super::go_lease::GO_LEASE_NAME;
-use crate::k8s::crd::IPPool;
+use crate::k8s::crd::{IPPool, OverlappingRangeIPReservation};
 
 /// One watched resource: the reflector's store, and whether it holds a complete list that the
 /// watch has followed since (false before the first list and from a failure to the next list).
@@ -82,14 +83,15 @@ where
     }
 }
 
-/// The agent's copies of the namespace's IPPools and of the Lease `whereabouts`.
+/// The agent's copies of the namespace's IPPools, reservations and of the Lease `whereabouts`.
 pub struct Cache {
     pools: Copy<IPPool>,
+    reservations: Copy<OverlappingRangeIPReservation>,
     go_lease: Copy<Lease>,
 }
 
 impl Cache {
-    /// Starts both watches on the current runtime.
+    /// Starts the watches on the current runtime.
     pub fn follow(kube: &Kube, namespace: &str, observer: Arc<dyn Observer>) -> Cache {
         let pools = Copy::follow(
             kube.pools.clone(),
@@ -98,10 +100,26 @@ impl Cache {
             "ippools",
             observer.clone(),
         );
+        let reservations = Copy::follow(
+            kube.reservations.clone(),
+            watcher::Config::default(),
+            namespace,
+            "reservations",
+            observer.clone(),
+        );
         let one_lease =
             watcher::Config::default().fields(&format!("metadata.name={GO_LEASE_NAME}"));
         let go_lease = Copy::follow(kube.leases.clone(), one_lease, namespace, "lease", observer);
-        Cache { pools, go_lease }
+        Cache {
+            pools,
+            reservations,
+            go_lease,
+        }
+    }
+
+    /// The reservation as the watch last saw it, if it saw it at all.
+    pub fn reservation(&self, name: &str) -> Option<OverlappingRangeIPReservation> {
+        self.reservations.get(name)
     }
 
     /// The pool as the watch last saw it, if it saw it at all.

@@ -142,11 +142,27 @@ impl Engine {
         who: &Attachment,
     ) -> Result<bool, StoreError> {
         let name = reservation::name(ip, network_name);
-        for _ in 0..3 {
-            let Some(found) = self.kube.get_reservation(&name).await? else {
-                return Ok(false);
+        // The agent's watched copy spares the read: the delete's uid and resourceVersion
+        // preconditions refuse it if the reservation changed since, and what the copy lacks or
+        // gives to someone else is looked up on the server.
+        let mut watched = self.cache.as_ref().and_then(|c| c.reservation(&name));
+        let mut reads = 0;
+        while reads < 3 {
+            let from_copy = watched.is_some();
+            let found = match watched.take() {
+                Some(found) => found,
+                None => {
+                    reads += 1;
+                    match self.kube.get_reservation(&name).await? {
+                        Some(found) => found,
+                        None => return Ok(false),
+                    }
+                }
             };
             if !reservation::held_by(&found, who) {
+                if from_copy {
+                    continue;
+                }
                 return Ok(false);
             }
             match self
