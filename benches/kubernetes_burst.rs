@@ -34,10 +34,24 @@ use fake_apiserver::cni::{netconf, run, Call};
 use fake_apiserver::FakeApiServer;
 use serde_json::json;
 
-const ADDS: usize = 100;
-const PARALLEL: usize = 20;
+/// The burst of every scenario; the large one runs too, with and without the agent.
+const BURST: Size = Size {
+    calls: 100,
+    parallel: 20,
+};
+const LARGE: Size = Size {
+    calls: 1000,
+    parallel: 50,
+};
 const NODES: usize = 10;
 const LATENCY: Duration = Duration::from_millis(2);
+
+/// How many ADDs (then as many DELs) a scenario makes, and how many at a time.
+#[derive(Clone, Copy)]
+struct Size {
+    calls: usize,
+    parallel: usize,
+}
 
 /// How the plugin processes of a scenario reach the store.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -81,11 +95,11 @@ impl Server {
 
 fn scenario(title: &str, server: Server, via: Via, latency: Duration) {
     let bin = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
-    scenario_of(bin, title, server, via, latency);
+    scenario_of(bin, title, server, via, latency, BURST);
 }
 
 /// [`scenario`] with the plugin processes of binary `bin`.
-fn scenario_of(bin: &Path, title: &str, server: Server, via: Via, latency: Duration) {
+fn scenario_of(bin: &Path, title: &str, server: Server, via: Via, latency: Duration, size: Size) {
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = server.kubeconfig(dir.path());
     let agents: Vec<Agent> = match via {
@@ -151,8 +165,8 @@ fn scenario_of(bin: &Path, title: &str, server: Server, via: Via, latency: Durat
     }
     let (before, _) = server.requests();
     let burst = Burst {
-        calls: ADDS,
-        parallel: PARALLEL,
+        calls: size.calls,
+        parallel: size.parallel,
         nodes: NODES,
         command: "ADD",
     };
@@ -166,7 +180,7 @@ fn scenario_of(bin: &Path, title: &str, server: Server, via: Via, latency: Durat
             assert!(ips.insert(ip.clone()), "{ip} handed out twice");
         }
     }
-    assert_eq!(ips.len(), ADDS);
+    assert_eq!(ips.len(), size.calls);
     println!("{title}");
     report("ADD", &out, requests, &by_verb);
 
@@ -222,7 +236,8 @@ fn report(what: &str, out: &Outcome, requests: u64, by_verb: &str) {
 
 fn main() {
     println!(
-        "kubernetes burst: {ADDS} ADDs, {PARALLEL} at a time, {NODES} nodes, one range, {LATENCY:?} added per API request"
+        "kubernetes burst: {} ADDs, {} at a time, {NODES} nodes, one range, {LATENCY:?} added per API request",
+        BURST.calls, BURST.parallel
     );
     println!("binary: {}", env!("CARGO_BIN_EXE_whereabouts"));
     let fake = || Server::Fake(FakeApiServer::start());
@@ -231,12 +246,23 @@ fn main() {
         if let Some(bin) = &earlier {
             let title =
                 format!("EARLIER BUILD, 10 machines (a spool per node), {latency:?} per request");
-            scenario_of(bin, &title, fake(), Via::EarlierSpool, latency);
+            scenario_of(bin, &title, fake(), Via::EarlierSpool, latency, BURST);
         }
         let title = format!("10 machines without the agent, {latency:?} per request");
         scenario(&title, fake(), Via::Plugin, latency);
         let title = format!("10 machines (an agent per node), {latency:?} per request");
         scenario(&title, fake(), Via::Agent, latency);
+    }
+    let bin = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
+    for (name, via) in [
+        ("without the agent", Via::Plugin),
+        ("an agent per node", Via::Agent),
+    ] {
+        let title = format!(
+            "LARGE: {} ADDs, {} at a time, 10 machines ({name}), {LATENCY:?} per request",
+            LARGE.calls, LARGE.parallel
+        );
+        scenario_of(bin, &title, fake(), via, LATENCY, LARGE);
     }
     match kube_apiserver::control_plane() {
         Some(plane) => {
