@@ -187,7 +187,6 @@ impl Kube {
         self.call(&what, || self.pools.create(&pp, pool)).await
     }
 
-    /// Applies JSON patch `ops` to the pool only if its resourceVersion is still `rv`.
     /// A JSON patch of the pool: `ops` (with their own `test`s), and when `whole_rv` is given,
     /// only if the pool is still at that resourceVersion.
     pub async fn patch_pool(

@@ -20,7 +20,7 @@ pub trait Observer: Send + Sync {
     fn batch(&self, operation: &'static str, size: usize);
     /// A conditional write of `operation` found the pool changed and is retried.
     fn conflict(&self, operation: &'static str);
-    /// The watch behind cached copy `what` ("ippools", "lease") delivered an event, or failed
+    /// The watch behind cached copy `what` ("ippools", "reservations", "lease") delivered an event, or failed
     /// (`synced` false until it has listed again).
     fn cache(&self, what: &'static str, synced: bool);
 }

@@ -25,8 +25,8 @@ pub struct Engine {
     pub configuration_path: Option<PathBuf>,
     /// The agent's in-memory combining of the node's requests; `None` in a plugin process.
     pub batches: Option<Arc<Batches>>,
-    /// The agent's watch-fed copies of the pools and of the Go binaries' Lease: guesses that
-    /// spare a read, never trusted for a decision without a conditional write.
+    /// The agent's watch-fed copies of the pools, the reservations and the Go binaries' Lease:
+    /// guesses that spare a read, never trusted for a decision without a conditional write.
     pub cache: Option<Arc<Cache>>,
     /// Whether Go binaries may still write the pools (the flat file's `go_whereabouts`).
     pub go_peers: GoPeers,

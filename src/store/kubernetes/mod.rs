@@ -131,8 +131,8 @@ async fn connect_engine(
         settings.transient,
         &connection.origin,
     );
-    // The agent (the only caller with batches) follows the pools; a plugin process lives too
-    // short for a watch to pay off.
+    // The agent (the only caller with batches) follows the pools, the reservations and the Go
+    // binaries' Lease; a plugin process lives too short for a watch to pay off.
     let cache = batches.as_ref().map(|batches| {
         Arc::new(cache::Cache::follow(
             &kube,
