@@ -1,6 +1,7 @@
 //! The node agent (`whereabouts agent`) against the real API server and a real etcd cluster:
 //! several agents, one per simulated node, each on its own socket, serving bursts of real
-//! plugin processes; agents killed with SIGKILL in the middle of a burst and started again.
+//! plugin processes; agents killed with SIGKILL in the middle of a burst and started again. And
+//! against the fake API server, whose watches can be held back: an agent's stale copy.
 
 mod agent_process;
 mod fake_apiserver;
@@ -304,6 +305,106 @@ fn agents_without_reservations_never_hand_out_an_address_twice() {
     let reply = call("ADD", CALLS + 2, "node-2", &agents[2], &conf);
     assert_eq!(reply.code, 0, "{reply:?}");
     assert_eq!(ip_of(&reply), ip_of(&added[&5]), "the freed address");
+}
+
+/// The agent's copy of a pool made stale on purpose: the fake API server (here because a real
+/// one cannot hold its watches back on demand) stops delivering watch events while another node
+/// (a plugin process without an agent) takes addresses, frees them and removes the agent's own
+/// entry. No reservations: only the agent's per-entry tests stand between a stale copy and a
+/// duplicate. The agent never hands out an address held on the server, never answers
+/// "exhausted" while the server has a free address, and a repeated ADD whose entry is gone gets
+/// an address the pool records.
+#[test]
+fn a_stale_copy_costs_a_retry_never_a_wrong_answer() {
+    let server = fake_apiserver::FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let mut ipam = ipam("10.144.0.0/28", &kubeconfig);
+    ipam["enable_overlapping_ranges"] = json!(false);
+    let conf = netconf("stalenet", &ipam);
+    let through_agent = |command: &str, i: usize| call(command, i, "node-0", &agent, &conf);
+    let elsewhere = |command: &str, i: usize| {
+        let (container, pod) = (format!("agent-{i}"), format!("pod-{i}"));
+        let call = Call {
+            command,
+            container: &container,
+            ifname: "net1",
+            pod: Some(("bench", &pod)),
+            node: Some("node-1"),
+            env: Vec::new(),
+        };
+        run(bin(), &call, &conf)
+    };
+    let held = || -> BTreeMap<String, String> {
+        let pool = server.get("ippools", "kube-system", "10.144.0.0-28");
+        let pool = pool.expect("the pool");
+        let base = 0x0a90_0000u32;
+        let allocations = pool["spec"]["allocations"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        allocations
+            .iter()
+            .map(|(key, entry)| {
+                let ip = std::net::Ipv4Addr::from(base + key.parse::<u32>().unwrap());
+                (ip.to_string(), entry["id"].as_str().unwrap().to_string())
+            })
+            .collect()
+    };
+    let ok = |reply: Reply, what: &str| -> Reply {
+        assert_eq!(reply.code, 0, "{what}: {reply:?}");
+        reply
+    };
+    let added = |reply: Reply, what: &str| ip_of(&ok(reply, what));
+    let first = added(through_agent("ADD", 0), "agent ADD 0");
+    assert_eq!(first, "10.144.0.1");
+    let synced = "whereabouts_agent_cache_synced{cache=\"ippools\"}";
+    let start = std::time::Instant::now();
+    while agent.metric(synced) < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.hold_watches(true);
+
+    // Another node takes .2-.4; the agent's copy still shows them free.
+    for i in 1..4 {
+        ok(elsewhere("ADD", i), "ADD elsewhere");
+    }
+    let fifth = added(through_agent("ADD", 4), "agent ADD 4 on a stale copy");
+    assert_eq!(fifth, "10.144.0.5", "the lowest address free on the server");
+    // The range filled up, the agent's last write shows it full; another node frees .3.
+    for i in 5..14 {
+        ok(through_agent("ADD", i), "agent ADD filling the range");
+    }
+    let full = through_agent("ADD", 14);
+    assert_eq!(full.cni_code(), 100, "{full:?}");
+    ok(elsewhere("DEL", 2), "DEL elsewhere");
+    let freed = added(
+        through_agent("ADD", 14),
+        "agent ADD after a DEL it has not seen",
+    );
+    assert_eq!(freed, "10.144.0.3");
+    // The agent's own entry removed behind its back: its repeated ADD must be recorded again.
+    ok(elsewhere("DEL", 0), "the agent's entry removed elsewhere");
+    let again = added(through_agent("ADD", 0), "repeated agent ADD 0");
+    assert_eq!(held().get(&again).map(String::as_str), Some("agent-0"));
+
+    server.hold_watches(false);
+    let held = held();
+    let mut holders: Vec<&String> = held.values().collect();
+    holders.sort();
+    holders.dedup();
+    assert_eq!(
+        holders.len(),
+        held.len(),
+        "one address per container: {held:?}"
+    );
+    assert_eq!(held.len(), 14, "the range is full: {held:?}");
 }
 
 /// The engine's errors keep their CNI code through the agent: a full range is 100.

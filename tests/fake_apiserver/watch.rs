@@ -30,6 +30,9 @@ pub struct Log {
     compacted: u64,
     /// Bumped to end every open watch (as an API server restart would).
     generation: u64,
+    /// Open watches deliver nothing while set, as a watch that lags behind the server would;
+    /// what happened meanwhile follows once it is cleared.
+    held: bool,
 }
 
 pub(super) fn record(state: &mut State, kind: &'static str, plural: &str, ns: &str, obj: &Value) {
@@ -154,6 +157,8 @@ pub(super) fn stream(shared: &Shared, req: &super::http::Request, writer: &mut T
                 (vec![], true)
             } else if cursor < state.log.compacted {
                 (vec![expired(cursor)], true)
+            } else if state.log.held {
+                (vec![], false)
             } else {
                 // The log is in revision order: start past the cursor instead of scanning it all
                 // (every watcher looks every 10 ms, under the server's lock).
@@ -185,6 +190,12 @@ pub(super) fn stream(shared: &Shared, req: &super::http::Request, writer: &mut T
 }
 
 impl FakeApiServer {
+    /// Holds back every watch's events (true) or lets them flow again (false): watchers' copies
+    /// go stale on demand.
+    pub fn hold_watches(&self, held: bool) {
+        self.shared.state.lock().unwrap().log.held = held;
+    }
+
     /// Forgets the change history: watches resuming from before now get 410 Expired.
     pub fn compact(&self) {
         let mut state = self.shared.state.lock().unwrap();
