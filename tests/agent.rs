@@ -36,6 +36,14 @@ fn kube_settings(kubeconfig: &Path) -> Value {
     })
 }
 
+/// `nodes` agents (`node-0`, `node-1`, ...) on the Kubernetes engine, each with its own flat file
+/// and socket in `dir`, ready.
+fn kube_agents(dir: &Path, kubeconfig: &Path, nodes: usize) -> Vec<Agent> {
+    (0..nodes)
+        .map(|n| Agent::start(dir, &format!("node-{n}"), kube_settings(kubeconfig)))
+        .collect()
+}
+
 fn ipam(range: &str, kubeconfig: &Path) -> Value {
     json!({
         "type": "whereabouts",
@@ -185,9 +193,7 @@ fn agents_serve_bursts_of_credential_less_plugins_without_duplicates() {
     let ns = plane.namespace("agents-serve-bursts");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let agents: Vec<Agent> = (0..3)
-        .map(|n| Agent::start(dir.path(), &format!("node-{n}"), kube_settings(&kubeconfig)))
-        .collect();
+    let agents = kube_agents(dir.path(), &kubeconfig, 3);
     for agent in &agents {
         let mode = std::fs::metadata(&agent.socket)
             .unwrap()
@@ -268,9 +274,7 @@ fn agents_without_reservations_never_hand_out_an_address_twice() {
     let ns = plane.namespace("agents-no-reservations");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let agents: Vec<Agent> = (0..4)
-        .map(|n| Agent::start(dir.path(), &format!("node-{n}"), kube_settings(&kubeconfig)))
-        .collect();
+    let agents = kube_agents(dir.path(), &kubeconfig, 4);
     let agents = Mutex::new(agents);
     let mut ipam = ipam("10.143.0.0/26", &dir.path().join("no-such.kubeconfig"));
     ipam["enable_overlapping_ranges"] = json!(false);
@@ -443,10 +447,7 @@ fn agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
     let ns = plane.namespace("agents-killed-mid-burst");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let agents = Mutex::new(vec![
-        Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig)),
-        Agent::start(dir.path(), "node-1", kube_settings(&kubeconfig)),
-    ]);
+    let agents = Mutex::new(kube_agents(dir.path(), &kubeconfig, 2));
     let missing = dir.path().join("no-such.kubeconfig");
     // The kubeconfig differs per node: the network configuration is the same on both, so the
     // credential-less node gets its own copy naming a file that does not exist.

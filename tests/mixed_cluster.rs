@@ -388,13 +388,8 @@ fn rollout_and_rollback_node_by_node() {
 fn go_reconciler_over_entries_of_both_binaries() {
     // A control plane of its own: the Go reconciler works on every namespace, and would free
     // the addresses other tests hand to pods that have no Pod object.
-    let Some(plane) = plane_with_crds("mixed-reconciler") else {
-        return;
-    };
-    let Some(site) = Site::new(plane, "mixed-reconciler") else {
-        return;
-    };
-    let Some(tools) = common::tools::go_tools(&["go-whereabouts-ip-control-loop"]) else {
+    let Some((site, tools)) = site_of_its_own("mixed-reconciler", "go-whereabouts-ip-control-loop")
+    else {
         return;
     };
     let (wide, narrow) = ("10.95.0.0/24", "10.95.0.0/26");
@@ -427,7 +422,7 @@ fn go_reconciler_over_entries_of_both_binaries() {
         add_pod_with_network_status(&site.ns, pod, ip.as_deref().unwrap());
     }
 
-    let mut control_loop = GoControlLoop::start(&site, plane, &tools);
+    let mut control_loop = GoControlLoop::start(&site, &tools);
     control_loop.wait_for_a_reconcile();
     assert_granted_and_held(&site, &live, "after the Go reconciler");
     let held = site.held();
@@ -484,7 +479,8 @@ struct GoControlLoop {
 }
 
 impl GoControlLoop {
-    fn start(site: &Site, plane: &kube_apiserver::ControlPlane, tools: &Path) -> GoControlLoop {
+    fn start(site: &Site, tools: &Path) -> GoControlLoop {
+        let plane = site.ns.plane;
         let root = site._dir.path().join("go-root");
         let binary = tools.join("go-whereabouts-ip-control-loop");
         copy_into(&root, &binary, Path::new("/ip-control-loop"));
@@ -808,13 +804,9 @@ fn node_slices_written_by_either_controller() {
     // A control plane of its own: the Go controller stops serving every network as soon as one
     // NetworkAttachmentDefinition anywhere in the cluster cannot be read with a flat file, which
     // other tests' NetworkAttachmentDefinitions cannot be.
-    let Some(plane) = plane_with_crds("mixed-slices") else {
-        return;
-    };
-    let Some(site) = Site::new(plane, "mixed-slices") else {
-        return;
-    };
-    let Some(tools) = common::tools::go_tools(&["go-whereabouts-node-slice-controller"]) else {
+    let Some((site, tools)) =
+        site_of_its_own("mixed-slices", "go-whereabouts-node-slice-controller")
+    else {
         return;
     };
     let ns = &site.ns;
@@ -926,9 +918,11 @@ fn node_slices_written_by_either_controller() {
     site.assert_healthy("ADDs in node slices");
 }
 
-/// A control plane of its own (see [`kube_apiserver::dedicated_control_plane`]) with our CRDs
-/// and the NetworkAttachmentDefinition CRD installed, for a Go daemon that works cluster-wide.
-fn plane_with_crds(name: &str) -> Option<&'static kube_apiserver::ControlPlane> {
+/// A site on a control plane of its own (see [`kube_apiserver::dedicated_control_plane`]) with
+/// our CRDs and the NetworkAttachmentDefinition CRD installed, for a Go daemon that works
+/// cluster-wide, and the folder of that daemon's binary `go_tool`. `None` (after a loud notice,
+/// failing in CI) when a part cannot be had.
+fn site_of_its_own(name: &str, go_tool: &str) -> Option<(Site, PathBuf)> {
     let plane = kube_apiserver::dedicated_control_plane(name)?;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut apply = vec!["apply".to_string(), "--server-side".into()];
@@ -942,7 +936,8 @@ fn plane_with_crds(name: &str) -> Option<&'static kube_apiserver::ControlPlane> 
     }
     plane.kubectl(&apply.iter().map(String::as_str).collect::<Vec<_>>());
     plane.kubectl(&["wait", "--for=condition=Established", "crd", "--all"]);
-    Some(plane)
+    let site = Site::new(plane, name)?;
+    Some((site, common::tools::go_tools(&[go_tool])?))
 }
 
 /// The last lines of a log file.
