@@ -92,10 +92,11 @@ impl Unreleased {
         }
     }
 
-    pub fn take(&self) -> Vec<(IpAddr, String, Attachment)> {
+    /// What is owed now; each stays owed until its release is done.
+    pub fn pending(&self) -> Vec<(IpAddr, String, Attachment)> {
         self.0
             .lock()
-            .map(|mut pending| std::mem::take(&mut *pending))
+            .map(|pending| pending.clone())
             .unwrap_or_default()
     }
 }

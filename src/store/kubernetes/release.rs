@@ -111,15 +111,16 @@ impl Engine {
     }
 
     /// Releases the reservations that operations cut off by their deadline still owe, within
-    /// the undo budget.
+    /// the undo budget. What this cannot finish stays owed, for the agent's next failed
+    /// operation to try again.
     pub async fn finish_owed_releases(&self) {
-        let owed = self.unreleased.take();
+        let owed = self.unreleased.pending();
         if owed.is_empty() {
             return;
         }
         let releases = owed
             .iter()
-            .map(|(ip, network, who)| self.release_reservation(*ip, network, who));
+            .map(|(ip, network, who)| self.release_owed(*ip, network, who));
         let budget = self.settings.undo_budget;
         match tokio::time::timeout(budget, futures::future::join_all(releases)).await {
             Ok(outcomes) => {
