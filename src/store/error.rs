@@ -53,6 +53,32 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The error of a decision that hands out no address: its static address is held, beyond
+    /// `limit` (what stops the pool short of its range, said after "beyond"), or nothing is
+    /// left. Every engine answers the core's refusals with these.
+    pub fn refusing(
+        range: &crate::ipam::Range,
+        decision: crate::ipam::Decision<String>,
+        limit: &str,
+    ) -> StoreError {
+        use crate::ipam::Decision;
+        match decision {
+            Decision::InUse { offset, holder } => StoreError::InUse {
+                ip: range.ip(offset),
+                range: range.to_string(),
+                holder,
+            },
+            Decision::BeyondLimit { offset } => StoreError::config(format!(
+                "requested address {} is beyond {limit}",
+                range.ip(offset)
+            )),
+            // Exhausted: the decisions that hand out an address are not refusals.
+            _ => StoreError::Exhausted {
+                range: range.to_string(),
+            },
+        }
+    }
+
     pub fn try_again(what: impl Into<String>) -> StoreError {
         StoreError::TryAgain {
             what: what.into(),

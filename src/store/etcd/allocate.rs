@@ -442,29 +442,13 @@ fn plan_range(
             let released = read_released(s, dl, &rr.pool.name, offset, mod_revision, record)?;
             take(to, Vec::new(), Some(Box::new(released)))
         }
-        refusal => return Err(Stop::Final(refused(range, refusal))),
+        // Not asked for (no limit), so never beyond it.
+        refusal => {
+            let limit = "the offsets this pool may hold";
+            return Err(Stop::Final(StoreError::refusing(range, refusal, limit)));
+        }
     };
     Ok((plan, Vec::new()))
-}
-
-/// The error of a decision that hands out no address.
-fn refused(range: &Range, decision: Decision<String>) -> StoreError {
-    match decision {
-        Decision::InUse { offset, holder } => StoreError::InUse {
-            ip: range.ip(offset),
-            range: range.to_string(),
-            holder,
-        },
-        // Not asked for (no limit), so never decided.
-        Decision::BeyondLimit { offset } => StoreError::config(format!(
-            "requested address {} is beyond the offsets this pool may hold",
-            range.ip(offset)
-        )),
-        // Exhausted: the decisions that hand out an address never come here.
-        _ => StoreError::Exhausted {
-            range: range.to_string(),
-        },
-    }
 }
 
 /// One read for the whole request: the attachment's owner and pod index entries in every pool,

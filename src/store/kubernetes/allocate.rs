@@ -704,28 +704,16 @@ impl Engine {
             slot,
         };
         let Ok(decision) = decide(range, &ask, &mut view);
-        let error = match &decision {
-            Decision::InUse { offset, holder } => StoreError::InUse {
-                ip: range.ip(*offset),
-                range: range.to_string(),
-                holder: holder.clone(),
-            },
-            Decision::BeyondLimit { offset } => StoreError::config(format!(
-                "requested address {} is beyond the first 2^63 addresses of {range}, which a Go \
-                 Whereabouts binary (still writing the pools, see the flat file's go_whereabouts) \
-                 would drop from pool {}",
-                range.ip(*offset),
-                doc.name
-            )),
-            Decision::Exhausted => StoreError::Exhausted {
-                range: range.to_string(),
-            },
-            _ => {
-                slot.decision = Some(decision.clone());
-                return Some(decision);
-            }
-        };
-        slot.done = Some(Err(error));
+        if decision.offset().is_some() {
+            slot.decision = Some(decision.clone());
+            return Some(decision);
+        }
+        let limit = format!(
+            "the first 2^63 addresses of {range}, which a Go Whereabouts binary (still writing \
+             the pools, see the flat file's go_whereabouts) would drop from pool {}",
+            doc.name
+        );
+        slot.done = Some(Err(StoreError::refusing(range, decision, &limit)));
         None
     }
 
