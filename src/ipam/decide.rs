@@ -90,6 +90,21 @@ pub enum Decision<H> {
 }
 
 impl<H> Decision<H> {
+    /// The same decision with its holder (of `InUse`) turned into another form.
+    pub fn map_holder<G>(self, f: impl FnOnce(H) -> G) -> Decision<G> {
+        match self {
+            Decision::Keep { offset, release } => Decision::Keep { offset, release },
+            Decision::Take { offset } => Decision::Take { offset },
+            Decision::Move { to, release } => Decision::Move { to, release },
+            Decision::InUse { offset, holder } => Decision::InUse {
+                offset,
+                holder: f(holder),
+            },
+            Decision::BeyondLimit { offset } => Decision::BeyondLimit { offset },
+            Decision::Exhausted => Decision::Exhausted,
+        }
+    }
+
     /// The offset the owner holds once this decision is committed.
     pub fn offset(&self) -> Option<u128> {
         match self {

@@ -614,6 +614,7 @@ fn add_one(
         Decision::Keep { offset, release } => (offset, release, true),
         Decision::Take { offset } => (offset, Vec::new(), false),
         Decision::Move { to, release } => (to, release, false),
+        // Held through an overlapping range: the error names that range.
         Decision::InUse {
             offset,
             holder: (holder, range),
@@ -624,17 +625,11 @@ fn add_one(
                 holder: holder.describe(),
             }))
         }
-        // Not asked for (no limit), so never decided.
-        Decision::BeyondLimit { offset } => {
-            return Err(Fail::Store(StoreError::config(format!(
-                "requested address {} is beyond the offsets this pool may hold",
-                pool.range.ip(offset)
-            ))))
-        }
-        Decision::Exhausted => {
-            return Err(Fail::Store(StoreError::Exhausted {
-                range: range.to_string(),
-            }))
+        // Not asked for (no limit), so never beyond it.
+        refusal => {
+            let refusal = refusal.map_holder(|(holder, _)| holder.describe());
+            let limit = "the offsets this pool may hold";
+            return Err(Fail::Store(StoreError::refusing(range, refusal, limit)));
         }
     };
     for offset in release {
