@@ -5,6 +5,9 @@
 //! after another) and through the real binary (one process per ADD, as a runtime calls it),
 //! the latter with and without a node agent per simulated node in the same run.
 //!
+//! The same number of bare `VERSION` processes at the same concurrency gives the machine's
+//! floor: what starting the processes alone allows, with no engine behind them.
+//!
 //! With `WHEREABOUTS_EARLIER_BINARY`, an earlier build runs the binary measurements (without
 //! the agent) first, for before/after figures.
 //!
@@ -86,6 +89,12 @@ fn main() {
         "binary: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {bin:.0} allocations/s, ratio to raw {:.2}",
         NODES * PER_NODE,
         bin / raw
+    );
+    let floor = version_rate(ours, IN_FLIGHT);
+    println!(
+        "process floor: {} bare VERSION calls, {IN_FLIGHT} processes in flight: {floor:.0} calls/s, ratio to raw {:.2}",
+        NODES * PER_NODE,
+        floor / raw
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let agents: Vec<agent_process::Agent> = (0..NODES)
@@ -316,6 +325,36 @@ fn add_through_binary(
         .and_then(|a| a.split('/').next())
         .and_then(|a| a.parse().ok())
         .expect("an address")
+}
+
+/// `NODES * PER_NODE` bare `VERSION` calls, `in_flight` processes at a time: what starting
+/// the processes alone allows on this machine, with no engine behind them. No binary
+/// measurement can exceed it.
+fn version_rate(bin: &Path, in_flight: usize) -> f64 {
+    let calls = Mutex::new(NODES * PER_NODE);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..in_flight {
+            scope.spawn(|| loop {
+                {
+                    let mut left = calls.lock().unwrap();
+                    if *left == 0 {
+                        return;
+                    }
+                    *left -= 1;
+                }
+                let out = Command::new(bin)
+                    .env_clear()
+                    .env("CNI_COMMAND", "VERSION")
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .expect("plugin runs");
+                assert!(out.status.success(), "VERSION failed");
+            });
+        }
+    });
+    (NODES * PER_NODE) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn check_unique(mut ips: Vec<IpAddr>, expected: usize) {

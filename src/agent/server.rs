@@ -65,7 +65,8 @@ impl Backend {
                 .map_err(|err| err.to_string()),
             Datastore::Etcd(cfg) => {
                 let (ipam, cfg) = (ipam.clone(), cfg.clone());
-                blocking(move || etcd::open_shared(&ipam, &cfg))
+                let runtime = tokio::runtime::Handle::current();
+                blocking(move || etcd::open_shared(runtime, &ipam, &cfg))
                     .await
                     .map(Backend::Etcd)
                     .map_err(|err| err.to_string())

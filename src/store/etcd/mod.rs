@@ -30,12 +30,21 @@ pub fn open(ipam: &IpamConfig, cfg: &EtcdConfig) -> Result<Box<dyn Store>, Store
     open_with(ipam, cfg, Timeouts::from_env(), DEFAULT_PREFIX)
 }
 
-/// As [`open`], for the node agent, which shares the one client among its requests.
+/// As [`open`], for the node agent, which shares the one client among its requests. The
+/// client runs on the agent's multi-threaded `runtime`; the store's calls must come from its
+/// blocking threads (`spawn_blocking`).
 pub fn open_shared(
+    runtime: tokio::runtime::Handle,
     ipam: &IpamConfig,
     cfg: &EtcdConfig,
 ) -> Result<std::sync::Arc<dyn Store + Send + Sync>, StoreError> {
-    let store = open_store(ipam, cfg, Timeouts::from_env(), DEFAULT_PREFIX)?;
+    let store = open_store(
+        Some(runtime),
+        ipam,
+        cfg,
+        Timeouts::from_env(),
+        DEFAULT_PREFIX,
+    )?;
     Ok(std::sync::Arc::new(store))
 }
 
@@ -46,10 +55,11 @@ pub fn open_with(
     timeouts: Timeouts,
     prefix: &str,
 ) -> Result<Box<dyn Store>, StoreError> {
-    Ok(Box::new(open_store(ipam, cfg, timeouts, prefix)?))
+    Ok(Box::new(open_store(None, ipam, cfg, timeouts, prefix)?))
 }
 
 fn open_store(
+    runtime: Option<tokio::runtime::Handle>,
     ipam: &IpamConfig,
     cfg: &EtcdConfig,
     timeouts: Timeouts,
@@ -64,7 +74,13 @@ fn open_store(
     let endpoints = connect::endpoints(cfg)?;
     connect::require_tls_for_credentials(cfg, &endpoints, ipam.trust.insecure_tls)?;
     let options = connect::options(cfg, &timeouts)?;
-    let session = Session::connect(endpoints, options, keys::Keys::new(prefix), timeouts)?;
+    let session = Session::connect(
+        runtime,
+        endpoints,
+        options,
+        keys::Keys::new(prefix),
+        timeouts,
+    )?;
     Ok(EtcdStore {
         session,
         backoff: Backoff {

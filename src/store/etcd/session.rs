@@ -10,7 +10,7 @@ use etcd_client::{
     Client, GetOptions, GetResponse, KeyValue, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
     TxnResponse,
 };
-use tokio::runtime::Runtime;
+use tokio::runtime::{Handle, Runtime};
 
 use super::connect::Timeouts;
 use super::keys::Keys;
@@ -63,26 +63,54 @@ impl From<CallFailed> for StoreError {
     }
 }
 
+/// Where a session's calls run.
+enum Executor {
+    /// The plugin process: a single-threaded runtime of its own, driven by each call.
+    Own(Runtime),
+    /// The node agent: its multi-threaded runtime, whose workers drive the client's connections
+    /// while each request waits on a blocking thread. Calls from many requests then overlap
+    /// instead of taking turns at one runtime.
+    Shared(Handle),
+}
+
+impl Executor {
+    fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        match self {
+            Executor::Own(rt) => rt.block_on(fut),
+            Executor::Shared(handle) => handle.block_on(fut),
+        }
+    }
+}
+
 pub struct Session {
-    rt: Runtime,
+    rt: Executor,
     client: Client,
     pub keys: Keys,
     pub timeouts: Timeouts,
 }
 
 impl Session {
-    /// Builds the runtime and the client. Connecting is lazy in the client (members are dialled
-    /// on first use); with credentials it authenticates here, bounded by the connect timeout.
+    /// Builds the runtime (or shares the multi-threaded runtime `shared`) and the client.
+    /// Connecting is lazy in the client (members are dialled on first use); with credentials it
+    /// authenticates here, bounded by the connect timeout.
     pub fn connect(
+        shared: Option<Handle>,
         endpoints: Vec<String>,
         options: etcd_client::ConnectOptions,
         keys: Keys,
         timeouts: Timeouts,
     ) -> Result<Session, StoreError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::io("cannot start the etcd client runtime").because(e))?;
+        let rt = match shared {
+            Some(handle) => Executor::Shared(handle),
+            None => Executor::Own(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| {
+                        StoreError::io("cannot start the etcd client runtime").because(e)
+                    })?,
+            ),
+        };
         let wait = timeouts
             .connect
             .max(timeouts.request)
