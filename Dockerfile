@@ -17,6 +17,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compil
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# .cargo/config.toml holds build settings of the shipped binary (see its comments).
+COPY .cargo ./.cargo
 # benches/ is listed because Cargo.toml names its bench targets.
 COPY benches ./benches
 COPY src ./src
