@@ -411,6 +411,79 @@ fn a_stale_copy_costs_a_retry_never_a_wrong_answer() {
     assert_eq!(held.len(), 14, "the range is full: {held:?}");
 }
 
+/// A lost reservation race costs the agent no read when its watched copy names the holder: the
+/// create's 409 and the copy suffice. When the copy has not seen the reservation (its watch
+/// held back), the agent reads it from the server and still passes the address over. On the
+/// fake API server: its watches can be held back on demand, and it counts this test's
+/// requests alone.
+#[test]
+fn a_reservation_the_copy_shows_taken_costs_no_read() {
+    let server = fake_apiserver::FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let conf = netconf("racenet", &ipam("10.146.0.0/28", &kubeconfig));
+    let added = |i: usize| {
+        let reply = call("ADD", i, "node-0", &agent, &conf);
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        ip_of(&reply)
+    };
+    let events = r#"whereabouts_agent_cache_events_total{cache="reservations"}"#;
+    let foreign = |ip: &str| {
+        let seen = agent.metric(events);
+        server.create(
+            "overlappingrangeipreservations",
+            "kube-system",
+            json!({
+                "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+                "kind": "OverlappingRangeIPReservation",
+                "metadata": {"name": ip},
+                "spec": {"containerid": "elsewhere", "ifname": "net1", "podref": "other/pod"},
+            }),
+        );
+        seen
+    };
+    let reads = || {
+        let counts = server.requests_by_verb();
+        counts
+            .get("GET overlappingrangeipreservations")
+            .copied()
+            .unwrap_or(0)
+    };
+    // The copy takes in the reservation of .2; the pool is written after it, so the lost race
+    // is an overlap, not a contender of this pool, and the next lowest address follows.
+    let before = foreign("10.146.0.2");
+    let start = std::time::Instant::now();
+    while agent.metric(events) <= before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the watch never brought it"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(added(0), "10.146.0.1");
+    server.reset_counts();
+    assert_eq!(
+        added(1),
+        "10.146.0.3",
+        "the address held elsewhere is passed over"
+    );
+    assert_eq!(reads(), 0, "{:?}", server.requests_by_verb());
+
+    // Unseen by the copy: the server is asked.
+    server.hold_watches(true);
+    foreign("10.146.0.5");
+    assert_eq!(added(2), "10.146.0.4");
+    server.reset_counts();
+    assert_eq!(
+        added(3),
+        "10.146.0.6",
+        "the address held elsewhere is passed over"
+    );
+    assert_eq!(reads(), 1, "{:?}", server.requests_by_verb());
+    server.hold_watches(false);
+}
+
 /// The engine's errors keep their CNI code through the agent: a full range is 100.
 #[test]
 fn errors_through_the_agent_keep_their_code() {

@@ -37,6 +37,7 @@ pub struct Metrics {
     conflicts: Family<OperationLabels, Counter>,
     cache_synced: Family<CacheLabels, Gauge>,
     cache_updated: Family<CacheLabels, Gauge>,
+    cache_events: Family<CacheLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -88,6 +89,12 @@ impl Metrics {
             "When the watch behind the copy last delivered an event (its age: time() minus this)",
             cache_updated.clone(),
         );
+        let cache_events = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_events",
+            "Watch events the copy took in (additions, changes, deletions of the watched objects)",
+            cache_events.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
@@ -96,6 +103,7 @@ impl Metrics {
             conflicts,
             cache_synced,
             cache_updated,
+            cache_events,
         }
     }
 
@@ -140,6 +148,7 @@ impl Observer for Metrics {
         if synced {
             let now = jiff::Timestamp::now().as_second();
             self.cache_updated.get_or_create(&labels).set(now);
+            self.cache_events.get_or_create(&labels).inc();
         }
     }
 }

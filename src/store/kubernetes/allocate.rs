@@ -45,6 +45,11 @@ fn newer_than(a: Option<&str>, b: Option<&str>) -> bool {
     }
 }
 
+/// How long a create that found a reservation taken waits for the watch to bring it, before
+/// reading it from the server instead. The event left the server with the create's answer; on
+/// a healthy node it arrives within milliseconds.
+const WATCH_CATCH_UP: Duration = Duration::from_millis(20);
+
 /// One job's view of the pool for [`crate::ipam::decide()`]: the entries as read, what the batch
 /// chose already, and what this job found reserved through overlapping ranges.
 struct BatchView<'a> {
@@ -764,23 +769,13 @@ impl Engine {
         let mut outcomes = Vec::with_capacity(wanted.len());
         let mut failure = None;
         for ((ip, who), result) in wanted.iter().zip(created) {
-            match result {
-                Some(Ok(held)) => outcomes.push(Reserve::Ours(held)),
-                // Exists already, or the task was lost: look at it the slow way.
-                Some(Err(ApiError::AlreadyExists(_))) | None => {
-                    match self.reserve(*ip, who, network_name, pool_rv, undo).await {
-                        Ok(outcome) => outcomes.push(outcome),
-                        Err(err) => {
-                            failure.get_or_insert(err);
-                            outcomes.push(Reserve::Taken {
-                                holder: String::new(),
-                                raced: false,
-                            });
-                        }
-                    }
-                }
-                Some(Err(err)) => {
-                    failure.get_or_insert(err.into());
+            match self
+                .settle_create(result, *ip, who, network_name, pool_rv, undo)
+                .await
+            {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(err) => {
+                    failure.get_or_insert(err);
                     outcomes.push(Reserve::Taken {
                         holder: String::new(),
                         raced: false,
@@ -791,6 +786,32 @@ impl Engine {
         match failure {
             Some(err) => Err(err),
             None => Ok(outcomes),
+        }
+    }
+
+    /// What one of [`Self::reserve_all`]'s creates came to: for a reservation that exists
+    /// already, who holds it; for a create whose task was lost, the one-at-a-time way.
+    async fn settle_create(
+        &self,
+        created: Option<Result<Held, ApiError>>,
+        ip: IpAddr,
+        who: &Attachment,
+        network_name: &str,
+        pool_rv: Option<&str>,
+        undo: &UndoLog,
+    ) -> Result<Reserve, StoreError> {
+        match created {
+            Some(Ok(held)) => Ok(Reserve::Ours(held)),
+            Some(Err(ApiError::AlreadyExists(_))) => {
+                let name = reservation::name(ip, network_name);
+                match self.holder(&name, who, pool_rv, undo).await? {
+                    Some(outcome) => Ok(outcome),
+                    // Gone since the create: try it again.
+                    None => self.reserve(ip, who, network_name, pool_rv, undo).await,
+                }
+            }
+            None => self.reserve(ip, who, network_name, pool_rv, undo).await,
+            Some(Err(err)) => Err(err.into()),
         }
     }
 
@@ -849,31 +870,66 @@ impl Engine {
                 Err(ApiError::AlreadyExists(_)) => {}
                 Err(err) => return Err(err.into()),
             }
-            match self.kube.get_reservation(&name).await? {
-                // Left by an earlier attempt of this same attachment: adopt it.
-                Some(found) if reservation::held_by(&found, who) => {
-                    let held = Held::of(&found);
-                    undo.push(Step::Reservation { held: held.clone() });
-                    return Ok(Reserve::Ours(held));
-                }
-                Some(found) => {
-                    let holder = Attachment {
-                        container_id: found.spec.containerid.clone(),
-                        ifname: found.spec.ifname.clone(),
-                        pod_ref: Some(found.spec.podref.clone()),
-                        pod_uid: None,
-                    };
-                    return Ok(Reserve::Taken {
-                        holder: format!("{} (reservation {name})", holder.describe()),
-                        raced: newer_than(found.metadata.resource_version.as_deref(), pool_rv),
-                    });
-                }
-                None => continue,
+            if let Some(outcome) = self.holder(&name, who, pool_rv, undo).await? {
+                return Ok(outcome);
             }
         }
         Err(StoreError::try_again(format!(
             "reservation {name} keeps appearing and disappearing"
         )))
+    }
+
+    /// Who holds reservation `name`, which a create just found taken; `None` if it is gone.
+    async fn holder(
+        &self,
+        name: &str,
+        who: &Attachment,
+        pool_rv: Option<&str>,
+        undo: &UndoLog,
+    ) -> Result<Option<Reserve>, StoreError> {
+        if let Some(taken) = self.held_elsewhere_by_copy(name, who, pool_rv).await {
+            return Ok(Some(taken));
+        }
+        Ok(match self.kube.get_reservation(name).await? {
+            // Left by an earlier attempt of this same attachment: adopt it.
+            Some(found) if reservation::held_by(&found, who) => {
+                let held = Held::of(&found);
+                undo.push(Step::Reservation { held: held.clone() });
+                Some(Reserve::Ours(held))
+            }
+            Some(found) => Some(Reserve::Taken {
+                holder: format!(
+                    "{} (reservation {name})",
+                    reservation::holder(&found).describe()
+                ),
+                raced: newer_than(found.metadata.resource_version.as_deref(), pool_rv),
+            }),
+            None => None,
+        })
+    }
+
+    /// After a create found `name` taken: the agent's watched copy names the holder without a
+    /// read once the watch brings the reservation (its event is on its way). Only "someone
+    /// else holds it" is trusted from the copy, since passing an address over never hands it
+    /// out twice; adopting one as ours is decided on the server's object.
+    async fn held_elsewhere_by_copy(
+        &self,
+        name: &str,
+        who: &Attachment,
+        pool_rv: Option<&str>,
+    ) -> Option<Reserve> {
+        let cache = self.cache.as_ref()?;
+        let found = cache.reservation_within(name, WATCH_CATCH_UP).await?;
+        if reservation::held_by(&found, who) {
+            return None;
+        }
+        Some(Reserve::Taken {
+            holder: format!(
+                "{} (reservation {name})",
+                reservation::holder(&found).describe()
+            ),
+            raced: newer_than(found.metadata.resource_version.as_deref(), pool_rv),
+        })
     }
 
     /// A repeated ADD keeps its reservation: re-create it if it is missing.

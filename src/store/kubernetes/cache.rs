@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -17,6 +18,7 @@ use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
 
 use super::api::Kube;
 use super::batch::Observer;
@@ -31,6 +33,8 @@ where
 {
     store: Store<K>,
     synced: Arc<AtomicBool>,
+    /// Woken after every event the copy took in.
+    changed: Arc<Notify>,
     namespace: String,
 }
 
@@ -49,7 +53,8 @@ where
     ) -> Copy<K> {
         let (store, writer) = reflector::store();
         let synced = Arc::new(AtomicBool::new(false));
-        let flag = synced.clone();
+        let changed = Arc::new(Notify::new());
+        let (flag, wake) = (synced.clone(), changed.clone());
         tokio::spawn(async move {
             let stream = watcher(api, config).default_backoff().reflect(writer);
             let mut stream = std::pin::pin!(stream);
@@ -64,11 +69,13 @@ where
                 };
                 flag.store(now_synced, Ordering::Release);
                 observer.cache(what, now_synced);
+                wake.notify_waiters();
             }
         });
         Copy {
             store,
             synced,
+            changed,
             namespace: namespace.to_string(),
         }
     }
@@ -80,6 +87,21 @@ where
 
     fn synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// The object once the copy holds it, waiting at most `within` for the watch to bring it.
+    async fn get_within(&self, name: &str, within: Duration) -> Option<K> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Registered before the look, so an event between the two is not missed.
+            let next_event = self.changed.notified();
+            let mut next_event = std::pin::pin!(next_event);
+            next_event.as_mut().enable();
+            if let Some(found) = self.get(name) {
+                return Some(found);
+            }
+            tokio::time::timeout_at(deadline, next_event).await.ok()?;
+        }
     }
 }
 
@@ -120,6 +142,16 @@ impl Cache {
     /// The reservation as the watch last saw it, if it saw it at all.
     pub fn reservation(&self, name: &str) -> Option<OverlappingRangeIPReservation> {
         self.reservations.get(name)
+    }
+
+    /// The reservation as the watch shows it, waiting at most `within` for it to appear: for
+    /// one the server just said exists, whose event is on its way.
+    pub async fn reservation_within(
+        &self,
+        name: &str,
+        within: Duration,
+    ) -> Option<OverlappingRangeIPReservation> {
+        self.reservations.get_within(name, within).await
     }
 
     /// The pool as the watch last saw it, if it saw it at all.

@@ -41,6 +41,17 @@ pub fn held_by(reservation: &OverlappingRangeIPReservation, who: &Attachment) ->
     same_pod || same_container
 }
 
+/// The attachment a reservation names, as far as it records one.
+pub fn holder(reservation: &OverlappingRangeIPReservation) -> Attachment {
+    let spec = &reservation.spec;
+    Attachment {
+        container_id: spec.containerid.clone(),
+        ifname: spec.ifname.clone(),
+        pod_ref: Some(spec.podref.clone()),
+        pod_uid: None,
+    }
+}
+
 /// The identity of a reservation we created, to delete exactly that object again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Held {
