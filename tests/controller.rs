@@ -393,7 +393,7 @@ fn watch_gaps_are_covered_by_a_resync() {
 
 #[test]
 fn a_failed_pod_read_is_retried_by_a_reconcile() {
-    // On the fake: it makes one pod read fail on demand.
+    // On the fake: it makes pod reads fail on demand.
     // A yearly schedule: no scheduled run interferes.
     let (server, net, kubeconfig) = setup(
         "10.57.0.0/24",
@@ -414,8 +414,9 @@ fn a_failed_pod_read_is_retried_by_a_reconcile() {
         ],
     );
     ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
-    // The next read of a built-in resource (the controller's look at pod p) fails.
-    server.fail_next("GET", "", 1);
+    // The next reads of a built-in resource (the controller's look at pod p) fail: more of them
+    // than one read's own quick retries (five attempts), so the read fails.
+    server.fail_next("GET", "", 5);
     server.delete_now("pods", "default", "p");
     wait_for("the release by the retry", Duration::from_secs(15), || {
         !holds(&net, "default/p")
@@ -428,6 +429,40 @@ fn a_failed_pod_read_is_retried_by_a_reconcile() {
         .metric("whereabouts_retries_total")
         .is_some_and(|v| v >= 1.0));
     ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 2.0);
+}
+
+#[test]
+fn a_pod_read_that_fails_once_is_retried_at_once() {
+    // On the fake: it makes one pod read fail on demand (a 500, as from a server restarting).
+    let (server, net, kubeconfig) = setup(
+        "10.58.0.0/24",
+        json!({"reconciler_cron_expression": "0 0 1 1 *"}),
+    );
+    server.add_pod_with_uid("default", "p", "uid-p", "Running");
+    add(&net, "p");
+    let ctl = Controller::start(
+        net.path(),
+        &net.conf,
+        &kubeconfig,
+        &[
+            "--retry-after",
+            "600",
+            "--no-node-slices",
+            "--no-leader-election",
+        ],
+    );
+    ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
+    server.fail_next("GET", "", 1);
+    server.delete_now("pods", "default", "p");
+    // Released by the deletion's own handling: the controller's retry is ten minutes away.
+    wait_for("the release", Duration::from_secs(15), || {
+        !holds(&net, "default/p")
+    });
+    assert_eq!(
+        ctl.metric("whereabouts_errors_total{operation=\"get_pod\"}"),
+        None,
+        "the failed attempt was retried within the read"
+    );
 }
 
 #[test]

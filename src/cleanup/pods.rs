@@ -5,13 +5,25 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client};
 
 use super::judge::{PodPhase, PodState};
 use crate::config::{Datastore, IpamConfig};
-use crate::k8s::cluster::{self, Access, ClusterError};
+use crate::k8s::cluster::{self, is_transient, Access, ClusterError};
+
+/// How pod reads are retried through transient failures (a server answering 429 while it
+/// starts, a 5xx, a dropped connection): a few attempts within about two seconds, so a command
+/// or a sweep rides out a hiccup but a server that is down is reported soon.
+fn patiently() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_millis(800))
+        .with_max_times(4)
+        .with_jitter()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -92,7 +104,9 @@ pub async fn get(client: &Client, reference: &str) -> Result<Option<PodState>, P
         return Ok(None);
     }
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    api.get_opt(name)
+    (|| api.get_opt(name))
+        .retry(patiently())
+        .when(is_transient)
         .await
         .map(|pod| pod.as_ref().map(pod_state))
         .map_err(PodError::from)
@@ -104,7 +118,10 @@ pub async fn list(client: &Client) -> Result<HashMap<String, PodState>, PodError
     let mut out = HashMap::new();
     let mut params = ListParams::default().limit(500);
     loop {
-        let page = api.list(&params).await?;
+        let page = (|| api.list(&params))
+            .retry(patiently())
+            .when(is_transient)
+            .await?;
         for pod in &page.items {
             out.insert(pod_ref(pod), pod_state(pod));
         }

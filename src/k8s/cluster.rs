@@ -92,6 +92,21 @@ impl std::fmt::Display for Access {
     }
 }
 
+/// Whether a failed request may succeed when sent again: the server is overloaded or still
+/// starting (429, 5xx), the connection failed, or the answer did not parse. A body that does not
+/// parse usually comes from something in front of the API server (a proxy, a restarting
+/// server); the next attempt may reach the real thing.
+pub fn is_transient(err: &kube::Error) -> bool {
+    match err {
+        kube::Error::Api(status) => matches!(status.code, 429 | 500..=599),
+        kube::Error::HyperError(_)
+        | kube::Error::Service(_)
+        | kube::Error::SerdeError(_)
+        | kube::Error::ReadEvents(_) => true,
+        _ => false,
+    }
+}
+
 /// Whether this process runs in a pod: the kubelet sets `KUBERNETES_SERVICE_HOST` in every
 /// container, and nothing on a host does.
 pub fn in_pod() -> bool {

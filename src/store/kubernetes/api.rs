@@ -12,6 +12,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::cleanup::judge::PodPlace;
+use crate::k8s::cluster::is_transient;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
 use crate::store::error::chain;
 use crate::store::retry::Backoff;
@@ -42,28 +43,22 @@ pub enum ApiError {
 
 impl ApiError {
     fn from_kube(what: &str, err: kube::Error) -> ApiError {
+        let transient = is_transient(&err);
         match err {
             kube::Error::Api(status) => {
                 let text = format!("{what}: {} ({})", status.message, status.code);
                 match status.code {
+                    _ if transient => ApiError::Transient(text),
                     409 if status.reason == "AlreadyExists" => ApiError::AlreadyExists(text),
                     409 => ApiError::Conflict(text),
                     404 => ApiError::NotFound(text),
                     // A JSON patch whose `test` op fails is answered 422; the caller re-reads to
                     // tell it from a validation error.
                     422 => ApiError::Conflict(text),
-                    429 | 500..=599 => ApiError::Transient(text),
                     _ => ApiError::Refused(text),
                 }
             }
-            kube::Error::HyperError(_) | kube::Error::Service(_) => {
-                ApiError::Transient(format!("{what}: {}", chain(&err)))
-            }
-            // A body that does not parse usually comes from something in front of the API server
-            // (a proxy, a restarting server); the next attempt may reach the real thing.
-            kube::Error::SerdeError(_) | kube::Error::ReadEvents(_) => {
-                ApiError::Transient(format!("{what}: {}", chain(&err)))
-            }
+            _ if transient => ApiError::Transient(format!("{what}: {}", chain(&err))),
             other => ApiError::Refused(format!("{what}: {}", chain(&other))),
         }
     }
