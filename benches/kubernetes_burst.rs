@@ -14,6 +14,8 @@
 //! without the agent (its processes combining through a spool folder per simulated node, as it
 //! did) right before this build does, for before/after figures.
 //!
+//! Parts can be chosen: `cargo bench --bench kubernetes_burst -- large share`.
+//!
 //! Run: `cargo bench --bench kubernetes_burst` (builds the release binary).
 
 #[path = "../tests/agent_process/mod.rs"]
@@ -240,9 +242,13 @@ fn main() {
         BURST.calls, BURST.parallel
     );
     println!("binary: {}", env!("CARGO_BIN_EXE_whereabouts"));
+    let part = parts();
     let fake = || Server::Fake(FakeApiServer::start());
     let earlier: Option<PathBuf> = earlier::binary();
     for latency in [LATENCY, Duration::from_millis(10)] {
+        if !part("burst") {
+            break;
+        }
         if let Some(bin) = &earlier {
             let title =
                 format!("EARLIER BUILD, 10 machines (a spool per node), {latency:?} per request");
@@ -258,14 +264,19 @@ fn main() {
         ("without the agent", Via::Plugin),
         ("an agent per node", Via::Agent),
     ] {
+        if !part("large") {
+            break;
+        }
         let title = format!(
             "LARGE: {} ADDs, {} at a time, 10 machines ({name}), {LATENCY:?} per request",
             LARGE.calls, LARGE.parallel
         );
         scenario_of(bin, &title, fake(), via, LATENCY, LARGE);
     }
-    match kube_apiserver::control_plane() {
-        Some(plane) => {
+    match part("real").then(kube_apiserver::control_plane) {
+        Some(None) => println!("real API server: not available (see above)"),
+        None => {}
+        Some(Some(plane)) => {
             scenario(
                 "real API server, 10 machines without the agent, no added latency",
                 Server::Real(plane.namespace("bench-burst")),
@@ -279,9 +290,20 @@ fn main() {
                 Duration::ZERO,
             );
         }
-        None => println!("real API server: not available (see above)"),
     }
-    plugin_share();
+    if part("share") {
+        plugin_share();
+    }
+}
+
+/// Which parts to run: those named on the command line (`burst`, `large`, `real`, `share`,
+/// as in `cargo bench --bench kubernetes_burst -- large`), or all of them.
+fn parts() -> impl Fn(&str) -> bool {
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    move |part| named.is_empty() || named.iter().any(|n| n == part)
 }
 
 /// The plugin's own share of an ADD through the agent: 100 ADDs one after another through one
