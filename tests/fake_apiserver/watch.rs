@@ -7,6 +7,7 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -16,10 +17,12 @@ use super::{FakeApiServer, Shared, State};
 
 pub struct Entry {
     revision: u64,
-    kind: &'static str,
     plural: String,
     namespace: String,
-    object: Value,
+    /// The event as every watcher receives it, encoded once: a pool of a thousand entries
+    /// written a thousand times is otherwise copied and encoded again for each watcher, and
+    /// the harness, not the system under test, would use up the machine.
+    line: Arc<Vec<u8>>,
 }
 
 /// The change history watches replay.
@@ -39,10 +42,9 @@ pub(super) fn record(state: &mut State, kind: &'static str, plural: &str, ns: &s
     let revision = state.revision;
     state.log.entries.push(Entry {
         revision,
-        kind,
         plural: plural.to_string(),
         namespace: ns.to_string(),
-        object: obj.clone(),
+        line: Arc::new(event_line(kind, obj)),
     });
 }
 
@@ -93,20 +95,37 @@ impl Watched {
     }
 }
 
-fn expired(rv: u64) -> Value {
-    json!({"type": "ERROR", "object": {
+/// The ERROR event of a watch whose history is compacted away.
+fn expired(rv: u64) -> Vec<u8> {
+    let status = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": format!("too old resource version: {rv}"), "reason": "Expired", "code": 410,
-    }})
+    });
+    event_line("ERROR", &status)
 }
 
-fn chunk(writer: &mut TcpStream, event: &Value) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(event).unwrap_or_default();
-    line.push(b'\n');
+/// An event about `object` as one line of the stream, its type first as the real API server
+/// writes it (a client may rely on the order: serde's adjacently tagged enums decode the object
+/// in place only when the tag comes first).
+fn event_line(kind: &str, object: &Value) -> Vec<u8> {
+    let mut line = format!(r#"{{"type":"{kind}","object":"#).into_bytes();
+    serde_json::to_writer(&mut line, object).unwrap_or_default();
+    line.extend_from_slice(b"}\n");
+    line
+}
+
+fn chunk(writer: &mut TcpStream, line: &[u8]) -> std::io::Result<()> {
     write!(writer, "{:x}\r\n", line.len())?;
-    writer.write_all(&line)?;
+    writer.write_all(line)?;
     writer.write_all(b"\r\n")?;
     writer.flush()
+}
+
+/// Whether the start of a watch is the 410 of a history compacted away (nothing follows it).
+fn asked_expired(initial: &[Vec<u8>]) -> bool {
+    initial
+        .first()
+        .is_some_and(|line| line.starts_with(br#"{"type":"ERROR""#))
 }
 
 /// Serves one watch on the connection; false when the connection is unusable afterwards.
@@ -138,15 +157,15 @@ pub(super) fn stream(shared: &Shared, req: &super::http::Request, writer: &mut T
                     .objects
                     .iter()
                     .filter(|((p, ns, _), _)| watched.matches(p, ns))
-                    .map(|(_, obj)| json!({"type": "ADDED", "object": obj}))
+                    .map(|(_, obj)| event_line("ADDED", obj))
                     .collect();
                 (state.revision, existing, state.log.generation)
             }
         }
     };
-    let failed = initial.first().is_some_and(|e| e["type"] == "ERROR");
-    for event in &initial {
-        if chunk(writer, event).is_err() {
+    let failed = asked_expired(&initial);
+    for line in &initial {
+        if chunk(writer, line).is_err() {
             return false;
         }
     }
@@ -156,7 +175,7 @@ pub(super) fn stream(shared: &Shared, req: &super::http::Request, writer: &mut T
             if state.log.generation != generation {
                 (vec![], true)
             } else if cursor < state.log.compacted {
-                (vec![expired(cursor)], true)
+                (vec![Arc::new(expired(cursor))], true)
             } else if state.log.held {
                 (vec![], false)
             } else {
@@ -164,17 +183,17 @@ pub(super) fn stream(shared: &Shared, req: &super::http::Request, writer: &mut T
                 // (every watcher looks every 10 ms, under the server's lock).
                 let entries = &state.log.entries;
                 let first = entries.partition_point(|e| e.revision <= cursor);
-                let events: Vec<Value> = entries[first..]
+                let events: Vec<Arc<Vec<u8>>> = entries[first..]
                     .iter()
                     .filter(|e| watched.matches(&e.plural, &e.namespace))
-                    .map(|e| json!({"type": e.kind, "object": e.object}))
+                    .map(|e| e.line.clone())
                     .collect();
                 cursor = cursor.max(state.revision);
                 (events, false)
             }
         };
-        for event in &events {
-            if chunk(writer, event).is_err() {
+        for line in &events {
+            if chunk(writer, line).is_err() {
                 return false;
             }
         }

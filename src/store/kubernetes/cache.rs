@@ -11,19 +11,63 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::borrow::Cow;
+
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
 use super::api::Kube;
 use super::batch::Observer;
 use super::go_lease::GO_LEASE_NAME;
-use crate::k8s::crd::{IPPool, OverlappingRangeIPReservation};
+use crate::k8s::crd::{IPPool, IPPoolSpec, OverlappingRangeIPReservation};
+
+/// An IPPool as its watch delivers it, the spec kept as the server's JSON text. Every agent
+/// receives every write of every pool of its namespace, while it needs a pool's entries only
+/// for its own batches: decoding them is left to [`Cache::pool`].
+#[derive(Clone, Debug, Deserialize)]
+struct WatchedPool {
+    metadata: ObjectMeta,
+    spec: Box<RawValue>,
+}
+
+impl Resource for WatchedPool {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        IPPool::kind(dt)
+    }
+
+    fn group(dt: &()) -> Cow<'_, str> {
+        IPPool::group(dt)
+    }
+
+    fn version(dt: &()) -> Cow<'_, str> {
+        IPPool::version(dt)
+    }
+
+    fn plural(dt: &()) -> Cow<'_, str> {
+        IPPool::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 /// One watched resource: the reflector's store, and whether it holds a complete list that the
 /// watch has followed since (false before the first list and from a failure to the next list).
@@ -80,9 +124,9 @@ where
         }
     }
 
-    fn get(&self, name: &str) -> Option<K> {
+    fn get(&self, name: &str) -> Option<Arc<K>> {
         let key = ObjectRef::new(name).within(&self.namespace);
-        self.store.get(&key).map(|object| (*object).clone())
+        self.store.get(&key)
     }
 
     fn synced(&self) -> bool {
@@ -90,7 +134,7 @@ where
     }
 
     /// The object once the copy holds it, waiting at most `within` for the watch to bring it.
-    async fn get_within(&self, name: &str, within: Duration) -> Option<K> {
+    async fn get_within(&self, name: &str, within: Duration) -> Option<Arc<K>> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             // Registered before the look, so an event between the two is not missed.
@@ -107,7 +151,7 @@ where
 
 /// The agent's copies of the namespace's IPPools, reservations and of the Lease `whereabouts`.
 pub struct Cache {
-    pools: Copy<IPPool>,
+    pools: Copy<WatchedPool>,
     reservations: Copy<OverlappingRangeIPReservation>,
     go_lease: Copy<Lease>,
 }
@@ -116,7 +160,7 @@ impl Cache {
     /// Starts the watches on the current runtime.
     pub fn follow(kube: &Kube, namespace: &str, observer: Arc<dyn Observer>) -> Cache {
         let pools = Copy::follow(
-            kube.pools.clone(),
+            Api::namespaced(kube.pools.clone().into_client(), namespace),
             watcher::Config::default(),
             namespace,
             "ippools",
@@ -141,7 +185,7 @@ impl Cache {
 
     /// The reservation as the watch last saw it, if it saw it at all.
     pub fn reservation(&self, name: &str) -> Option<OverlappingRangeIPReservation> {
-        self.reservations.get(name)
+        self.reservations.get(name).map(|found| (*found).clone())
     }
 
     /// The reservation as the watch shows it, waiting at most `within` for it to appear: for
@@ -151,12 +195,29 @@ impl Cache {
         name: &str,
         within: Duration,
     ) -> Option<OverlappingRangeIPReservation> {
-        self.reservations.get_within(name, within).await
+        let found = self.reservations.get_within(name, within).await?;
+        Some((*found).clone())
     }
 
-    /// The pool as the watch last saw it, if it saw it at all.
+    /// The resourceVersion of the pool as the watch last saw it, if it saw it at all.
+    pub fn pool_version(&self, name: &str) -> Option<String> {
+        self.pools.get(name)?.metadata.resource_version.clone()
+    }
+
+    /// The pool as the watch last saw it, decoded; `None` if it never saw it (or cannot decode
+    /// it: then the server is asked, as for any pool the copy lacks).
     pub fn pool(&self, name: &str) -> Option<IPPool> {
-        self.pools.get(name)
+        let watched = self.pools.get(name)?;
+        match serde_json::from_str::<IPPoolSpec>(watched.spec.get()) {
+            Ok(spec) => Some(IPPool {
+                metadata: watched.metadata.clone(),
+                spec,
+            }),
+            Err(err) => {
+                tracing::debug!(%err, pool = name, "the watched copy of the pool does not decode");
+                None
+            }
+        }
     }
 
     /// The Go binaries' Lease as the watch sees it: `Some(None)` when the followed list has no
@@ -164,6 +225,6 @@ impl Cache {
     pub fn go_lease(&self) -> Option<Option<Lease>> {
         self.go_lease
             .synced()
-            .then(|| self.go_lease.get(GO_LEASE_NAME))
+            .then(|| self.go_lease.get(GO_LEASE_NAME).map(|lease| (*lease).clone()))
     }
 }

@@ -40,11 +40,18 @@ impl Engine {
     /// agent has neither.
     pub fn guess_pool(&self, name: &str) -> Option<IPPool> {
         let written = self.batches.as_ref()?.last_written(name);
-        let watched = self.cache.as_ref().and_then(|cache| cache.pool(name));
-        match (written, watched) {
-            (Some(w), Some(c)) if newer(&c, &w) => Some(c),
-            (Some(w), _) => Some(w),
-            (None, c) => c,
+        let Some(cache) = self.cache.as_ref() else {
+            return written;
+        };
+        let watched_newer = match (&written, cache.pool_version(name)) {
+            (Some(w), Some(c)) => newer(Some(&c), w.metadata.resource_version.as_deref()),
+            (None, watched) => watched.is_some(),
+            (Some(_), None) => false,
+        };
+        // Decoded only when it is the one used.
+        match watched_newer.then(|| cache.pool(name)).flatten() {
+            Some(watched) => Some(watched),
+            None => written,
         }
     }
 
@@ -60,15 +67,11 @@ impl Engine {
     }
 }
 
-/// Whether `a` was written after `b`. resourceVersions of one API server grow (the engine relies
-/// on that elsewhere too); an unreadable one is never newer, so the agent's own write wins.
-fn newer(a: &IPPool, b: &IPPool) -> bool {
-    let version = |p: &IPPool| {
-        p.metadata
-            .resource_version
-            .as_deref()
-            .and_then(|v| v.parse::<u64>().ok())
-    };
+/// Whether resourceVersion `a` was written after `b`. resourceVersions of one API server grow
+/// (the engine relies on that elsewhere too); an unreadable one is never newer, so the agent's
+/// own write wins.
+fn newer(a: Option<&str>, b: Option<&str>) -> bool {
+    let version = |v: Option<&str>| v.and_then(|v| v.parse::<u64>().ok());
     matches!((version(a), version(b)), (Some(a), Some(b)) if a > b)
 }
 
