@@ -223,8 +223,10 @@ impl Cache {
     /// The Go binaries' Lease as the watch sees it: `Some(None)` when the followed list has no
     /// such Lease, `None` when the copy cannot tell (not listed yet, or the watch failed).
     pub fn go_lease(&self) -> Option<Option<Lease>> {
-        self.go_lease
-            .synced()
-            .then(|| self.go_lease.get(GO_LEASE_NAME).map(|lease| (*lease).clone()))
+        self.go_lease.synced().then(|| {
+            self.go_lease
+                .get(GO_LEASE_NAME)
+                .map(|lease| (*lease).clone())
+        })
     }
 }
