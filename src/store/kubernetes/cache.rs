@@ -3,15 +3,15 @@
 //! re-list after a gap, back off).
 //!
 //! A copy is a guess, never a verdict. A batch starts from the cached pool instead of reading it,
-//! and its write stays conditional on the resourceVersion: a copy the watch has not brought up to
-//! date yet costs a conflict and a read, never a duplicate. What a copy lacks proves nothing (an
-//! entry written a moment ago, a pool just created): those cases read the server.
+//! and its write stays conditional on every entry it relies on: a copy the watch has not brought
+//! up to date yet costs a refused test and a read, never a duplicate. What a copy lacks proves
+//! nothing (an entry written a moment ago, a pool just created): those cases read the server.
+//! Pools are kept undecoded until a batch uses one ([`Cache::pool`]).
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::borrow::Cow;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
