@@ -313,6 +313,18 @@ fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects(
         "only before's is left"
     );
 
+    // The DEL's pool write is applied but its answer lost (a 504): sent again, its test fails.
+    // The entry is gone when read again, so the DEL still releases the reservation.
+    assert_eq!(run(bin(), &call("ADD", "lost", "lost"), &conf).code, 0);
+    server.fail_next_after_applying("PATCH", "ippools", 1);
+    let reply = run(bin(), &call("DEL", "lost", "lost"), &conf);
+    assert_eq!(reply.code, 0, "{reply:?}");
+    assert_eq!(
+        server.list(RESERVATIONS, NS).len(),
+        1,
+        "the reservation of the entry removed by the lost write is released"
+    );
+
     server.set_down(true);
     failure(&server, &conf, "connections dropped");
     server.set_down(false);

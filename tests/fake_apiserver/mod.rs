@@ -47,6 +47,8 @@ struct FailRule {
     method: String,
     plural: String,
     remaining: u64,
+    /// The request is carried out and only its answer is an error (a timeout after the write).
+    applied: bool,
 }
 
 #[derive(Default)]
@@ -179,6 +181,18 @@ impl FakeApiServer {
             method: method.to_string(),
             plural: plural.to_string(),
             remaining: count,
+            applied: false,
+        });
+    }
+
+    /// The next `count` requests of `method` on `plural` are carried out, then answered 504 (a
+    /// gateway timing out after the write): the client cannot tell that they were applied.
+    pub fn fail_next_after_applying(&self, method: &str, plural: &str, count: u64) {
+        self.shared.rules.lock().unwrap().push(FailRule {
+            method: method.to_string(),
+            plural: plural.to_string(),
+            remaining: count,
+            applied: true,
         });
     }
 
@@ -293,8 +307,13 @@ fn serve(shared: Arc<Shared>, stream: TcpStream) {
             }
             return;
         }
-        let (code, body) = if injected_failure(&shared, &req.method, &plural) {
+        let injected = injected_failure(&shared, &req.method, &plural);
+        let (code, body) = if injected == Some(false) {
             status(500, "InternalError", "an error on the server (\"fault injected\") has prevented the request from succeeding", None)
+        } else if injected == Some(true) {
+            let mut state = shared.state.lock().unwrap();
+            handle(&mut state, &req);
+            status(504, "Timeout", "the server was unable to return a response in the time allotted (\"fault injected\")", None)
         } else {
             let mut state = shared.state.lock().unwrap();
             handle(&mut state, &req)
@@ -306,18 +325,19 @@ fn serve(shared: Arc<Shared>, stream: TcpStream) {
     }
 }
 
-fn injected_failure(shared: &Shared, method: &str, plural: &str) -> bool {
+/// Whether this request fails: `Some(applied)`, where `applied` says it is carried out first.
+fn injected_failure(shared: &Shared, method: &str, plural: &str) -> Option<bool> {
     if shared.fail_all.load(Ordering::SeqCst) {
-        return true;
+        return Some(false);
     }
     let mut rules = shared.rules.lock().unwrap();
     for rule in rules.iter_mut() {
         if rule.remaining > 0 && rule.method == method && rule.plural == plural {
             rule.remaining -= 1;
-            return true;
+            return Some(rule.applied);
         }
     }
-    false
+    None
 }
 
 /// (namespace, plural, name) of `/apis/<group>/<version>/namespaces/<ns>/<plural>[/<name>]`.

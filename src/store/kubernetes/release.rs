@@ -32,13 +32,18 @@ impl Engine {
         // The agent's guess may show the entries: then it spares the read (the write is
         // conditional). Its lacking them proves nothing, so the server is asked.
         let mut cached = self.guess_pool(name);
+        // The entries a refused write was sent for. A write whose answer was lost may have been
+        // applied and then refused when sent again (its tests no longer hold): entries of it that
+        // are gone when read again were removed, by it or by another remover, and their
+        // reservations must be released all the same.
+        let mut sent: Vec<Entry> = Vec::new();
         loop {
             let from_copy = cached.is_some();
             let object = match cached.take() {
                 Some(object) => object,
                 None => match self.kube.get_pool(name).await? {
                     Some(object) => object,
-                    None => return Ok(Vec::new()),
+                    None => return Ok(sent),
                 },
             };
             let doc = PoolDoc::new(name, cidr, Some(object))?;
@@ -47,7 +52,7 @@ impl Engine {
                 if from_copy {
                     continue;
                 }
-                return Ok(picked);
+                return Ok(sent);
             }
             // Each removal tests that its entry is still the one read. The agent writes nothing
             // else, so it needs no more; a plugin process also tests the whole pool, as before.
@@ -69,10 +74,16 @@ impl Engine {
                     if let Some(batches) = &self.batches {
                         batches.wrote(&written);
                     }
-                    return Ok(picked);
+                    let gone_before = sent.into_iter().filter(|e| !picked.contains(e));
+                    return Ok(picked.iter().cloned().chain(gone_before).collect());
                 }
                 // Changed or deleted since it was read: the next read tells.
                 Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => {
+                    for entry in picked {
+                        if !sent.contains(&entry) {
+                            sent.push(entry);
+                        }
+                    }
                     if let Some(batches) = &self.batches {
                         batches.observer.conflict("del");
                     }
