@@ -12,7 +12,7 @@ mod etcd_cluster;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +34,14 @@ fn kube_settings(kubeconfig: &Path) -> Value {
         "kubernetes": {"kubeconfig": kubeconfig},
         "log_level": "debug",
     })
+}
+
+/// A fake API server, its kubeconfig in `dir`, and agent `node-0` on it, ready.
+fn agent_on_a_fake_server(dir: &Path) -> (fake_apiserver::FakeApiServer, PathBuf, Agent) {
+    let server = fake_apiserver::FakeApiServer::start();
+    let kubeconfig = server.write_kubeconfig(dir, None);
+    let agent = Agent::start(dir, "node-0", kube_settings(&kubeconfig));
+    (server, kubeconfig, agent)
 }
 
 /// `nodes` agents (`node-0`, `node-1`, ...) on the Kubernetes engine, each with its own flat file
@@ -320,10 +328,8 @@ fn agents_without_reservations_never_hand_out_an_address_twice() {
 /// an address the pool records.
 #[test]
 fn a_stale_copy_costs_a_retry_never_a_wrong_answer() {
-    let server = fake_apiserver::FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
-    let agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let (server, kubeconfig, agent) = agent_on_a_fake_server(dir.path());
     let mut ipam = ipam("10.144.0.0/28", &kubeconfig);
     ipam["enable_overlapping_ranges"] = json!(false);
     let conf = netconf("stalenet", &ipam);
@@ -418,10 +424,8 @@ fn a_stale_copy_costs_a_retry_never_a_wrong_answer() {
 /// requests alone.
 #[test]
 fn a_reservation_the_copy_shows_taken_costs_no_read() {
-    let server = fake_apiserver::FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
-    let agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let (server, kubeconfig, agent) = agent_on_a_fake_server(dir.path());
     let conf = netconf("racenet", &ipam("10.146.0.0/28", &kubeconfig));
     let added = |i: usize| {
         let reply = call("ADD", i, "node-0", &agent, &conf);

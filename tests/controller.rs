@@ -391,31 +391,36 @@ fn watch_gaps_are_covered_by_a_resync() {
     );
 }
 
-#[test]
-fn a_failed_pod_read_is_retried_by_a_reconcile() {
-    // On the fake: it makes pod reads fail on demand.
-    // A yearly schedule: no scheduled run interferes.
-    let (server, net, kubeconfig) = setup(
-        "10.57.0.0/24",
-        json!({"reconciler_cron_expression": "0 0 1 1 *"}),
-    );
+/// Pod `default/p` holding an address in `range`, and a controller that has reconciled once and
+/// then waits `retry_after` seconds before a retry. Nothing else reads a built-in resource
+/// meanwhile (no node watch, no Lease renewal; a yearly schedule, so no scheduled run
+/// interferes): the next such read is the controller's look at pod p.
+fn pod_p_and_its_controller(range: &str, retry_after: &str) -> (FakeApiServer, Net, Controller) {
+    let (server, net, kubeconfig) =
+        setup(range, json!({"reconciler_cron_expression": "0 0 1 1 *"}));
     server.add_pod_with_uid("default", "p", "uid-p", "Running");
     add(&net, "p");
     let ctl = Controller::start(
         net.path(),
         &net.conf,
         &kubeconfig,
-        // Nothing else reads a built-in resource meanwhile: no node watch, no Lease renewal.
         &[
             "--retry-after",
-            "1",
+            retry_after,
             "--no-node-slices",
             "--no-leader-election",
         ],
     );
     ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
-    // The next reads of a built-in resource (the controller's look at pod p) fail: more of them
-    // than one read's own quick retries (five attempts), so the read fails.
+    (server, net, ctl)
+}
+
+#[test]
+fn a_failed_pod_read_is_retried_by_a_reconcile() {
+    // On the fake: it makes pod reads fail on demand.
+    let (server, net, ctl) = pod_p_and_its_controller("10.57.0.0/24", "1");
+    // The next reads of pod p fail: more of them than one read's own quick retries (five
+    // attempts), so the read fails.
     server.fail_next("GET", "", 5);
     server.delete_now("pods", "default", "p");
     wait_for("the release by the retry", Duration::from_secs(15), || {
@@ -434,24 +439,7 @@ fn a_failed_pod_read_is_retried_by_a_reconcile() {
 #[test]
 fn a_pod_read_that_fails_once_is_retried_at_once() {
     // On the fake: it makes one pod read fail on demand (a 500, as from a server restarting).
-    let (server, net, kubeconfig) = setup(
-        "10.58.0.0/24",
-        json!({"reconciler_cron_expression": "0 0 1 1 *"}),
-    );
-    server.add_pod_with_uid("default", "p", "uid-p", "Running");
-    add(&net, "p");
-    let ctl = Controller::start(
-        net.path(),
-        &net.conf,
-        &kubeconfig,
-        &[
-            "--retry-after",
-            "600",
-            "--no-node-slices",
-            "--no-leader-election",
-        ],
-    );
-    ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
+    let (server, net, ctl) = pod_p_and_its_controller("10.58.0.0/24", "600");
     server.fail_next("GET", "", 1);
     server.delete_now("pods", "default", "p");
     // Released by the deletion's own handling: the controller's retry is ten minutes away.

@@ -17,7 +17,7 @@ use super::reservation::{self, Held};
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::object_name;
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
-use crate::k8s::crd::IPPool;
+use crate::k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
 
 /// What reserving an address found.
@@ -42,6 +42,18 @@ fn newer_than(a: Option<&str>, b: Option<&str>) -> bool {
     ) {
         (Some(a), Some(b)) => a > b,
         _ => false,
+    }
+}
+
+/// An address whose reservation `found` (named `name`) another attachment holds; `raced` when
+/// that reservation is newer than the pool as read (`pool_rv`): another writer of this pool.
+fn taken_by(found: &OverlappingRangeIPReservation, name: &str, pool_rv: Option<&str>) -> Reserve {
+    Reserve::Taken {
+        holder: format!(
+            "{} (reservation {name})",
+            reservation::holder(found).describe()
+        ),
+        raced: newer_than(found.metadata.resource_version.as_deref(), pool_rv),
     }
 }
 
@@ -897,13 +909,7 @@ impl Engine {
                 undo.push(Step::Reservation { held: held.clone() });
                 Some(Reserve::Ours(held))
             }
-            Some(found) => Some(Reserve::Taken {
-                holder: format!(
-                    "{} (reservation {name})",
-                    reservation::holder(&found).describe()
-                ),
-                raced: newer_than(found.metadata.resource_version.as_deref(), pool_rv),
-            }),
+            Some(found) => Some(taken_by(&found, name, pool_rv)),
             None => None,
         })
     }
@@ -920,16 +926,7 @@ impl Engine {
     ) -> Option<Reserve> {
         let cache = self.cache.as_ref()?;
         let found = cache.reservation_within(name, WATCH_CATCH_UP).await?;
-        if reservation::held_by(&found, who) {
-            return None;
-        }
-        Some(Reserve::Taken {
-            holder: format!(
-                "{} (reservation {name})",
-                reservation::holder(&found).describe()
-            ),
-            raced: newer_than(found.metadata.resource_version.as_deref(), pool_rv),
-        })
+        (!reservation::held_by(&found, who)).then(|| taken_by(&found, name, pool_rv))
     }
 
     /// A repeated ADD keeps its reservation: re-create it if it is missing.
