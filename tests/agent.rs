@@ -646,6 +646,14 @@ fn etcd_agents_serve_a_burst() {
         .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"))
         .sum();
     assert_eq!(served as usize, CALLS, "every ADD went through an agent");
+    // Each ADD was counted in one batch, and at 20 in flight a node's ADDs shared transactions.
+    let (mut batched, mut batches) = (0.0, 0.0);
+    for agent in agents.lock().unwrap().iter() {
+        batched += agent.metric("whereabouts_agent_batch_size_sum{operation=\"add\"}");
+        batches += agent.metric("whereabouts_agent_batch_size_count{operation=\"add\"}");
+    }
+    assert_eq!(batched as usize, CALLS);
+    assert!(batches < batched, "no two ADDs were combined");
     let deleted = burst("DEL", CALLS, 20, &agents, &[&conf], |_| {});
     for (i, reply) in &deleted {
         assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");

@@ -5,7 +5,10 @@
 #[path = "etcd_cluster/mod.rs"]
 mod etcd_cluster;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_cluster::{etcd_available, Cluster};
@@ -13,7 +16,8 @@ use serde_json::json;
 use whereabouts::config::{Datastore, IpamConfig};
 use whereabouts::ipam::names::pool_name;
 use whereabouts::ipam::{parse_range_text, Range, RangeSpec};
-use whereabouts::store::etcd::{open_with, Timeouts};
+use whereabouts::store::etcd::{open_shared, open_with, Timeouts, DEFAULT_PREFIX};
+use whereabouts::store::queues::Observer;
 use whereabouts::store::{
     AddRequest, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest, Store, StoreError,
 };
@@ -253,4 +257,138 @@ fn a_million_allocations_do_not_slow_down_the_next() {
     // The new address is a run of its own, right after the big one.
     let runs: Vec<&String> = keys.iter().filter(|k| k.contains("/r/")).collect();
     assert_eq!(runs.len(), 2, "{runs:?}");
+}
+
+/// What an agent's store reports of its combining.
+#[derive(Default)]
+struct Combined {
+    sizes: Mutex<Vec<usize>>,
+    conflicts: AtomicUsize,
+}
+
+impl Observer for Combined {
+    fn batch(&self, _: &'static str, size: usize) {
+        self.sizes.lock().unwrap().push(size);
+    }
+    fn conflict(&self, _: &'static str) {
+        self.conflicts.fetch_add(1, Ordering::Relaxed);
+    }
+    fn cache(&self, _: &'static str, _: bool) {}
+}
+
+type Shared = Arc<dyn Store + Send + Sync>;
+
+/// Runs `op` for every item at once, one thread each, and returns the results in order.
+fn all_at_once<T: Sync, R: Send>(items: &[T], op: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let start = Barrier::new(items.len());
+    std::thread::scope(|scope| {
+        let running: Vec<_> = items
+            .iter()
+            .map(|item| {
+                let (start, op) = (&start, &op);
+                scope.spawn(move || {
+                    start.wait();
+                    op(item)
+                })
+            })
+            .collect();
+        running.into_iter().map(|t| t.join().unwrap()).collect()
+    })
+}
+
+/// Two nodes' agents, each combining its node's concurrent ADDs into shared transactions, and
+/// a plugin process's store allocate from one pool at once. Every address is handed out once;
+/// two ADDs of one attachment in the same burst get one address; repeated ADDs get theirs back;
+/// DEL of everything leaves no key (the runs still cover exactly the allocated addresses).
+#[test]
+fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
+    if !etcd_available() {
+        return;
+    }
+    const PER_NODE: usize = 30;
+    let cluster = Cluster::start(false);
+    let cfg = config(&cluster);
+    let Datastore::Etcd(etcd) = &cfg.datastore else {
+        panic!("etcd datastore expected");
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let combined = Arc::new(Combined::default());
+    let nodes: Vec<Shared> = (0..2)
+        .map(|_| open_shared(runtime.handle().clone(), &cfg, etcd, combined.clone()).unwrap())
+        .collect();
+    let p = pool("10.0.0.0/24", "");
+    let pools = std::slice::from_ref(&p);
+    // Node 0 also asks twice for its first attachment, in the same burst.
+    let mut asks: Vec<(usize, String)> = (0..2)
+        .flat_map(|n| (0..PER_NODE).map(move |i| (n, format!("n{n}-{i}"))))
+        .collect();
+    asks.push((0, "n0-0".into()));
+    asks.push((2, "plugin".into()));
+    let add = |(node, container): &(usize, String)| -> Vec<(String, IpAddr)> {
+        let req = |c: &str| add_req(who(c, Some(&format!("ns/{c}"))), pools, "");
+        if *node < 2 {
+            let ips = nodes[*node]
+                .add(&req(container))
+                .expect("ADD through an agent");
+            return vec![(container.clone(), ips[0])];
+        }
+        // A plugin process's store, one ADD after another, during the agents' burst.
+        let plain = open_with(&cfg, etcd, Timeouts::default(), DEFAULT_PREFIX).unwrap();
+        (0..10)
+            .map(|i| {
+                let c = format!("{container}-{i}");
+                let ips = plain.add(&req(&c)).expect("ADD of a plugin process");
+                (c, ips[0])
+            })
+            .collect()
+    };
+    let mut given: BTreeMap<String, IpAddr> = BTreeMap::new();
+    for (container, ip) in all_at_once(&asks, add).into_iter().flatten() {
+        if let Some(before) = given.insert(container.clone(), ip) {
+            assert_eq!(before, ip, "two ADDs of {container} got two addresses");
+        }
+    }
+    let distinct: BTreeSet<IpAddr> = given.values().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        given.len(),
+        "an address handed out twice: {given:?}"
+    );
+
+    let sizes = combined.sizes.lock().unwrap().clone();
+    assert_eq!(sizes.iter().sum::<usize>(), 2 * PER_NODE + 1, "{sizes:?}");
+    assert!(
+        sizes.iter().any(|&n| n > 1),
+        "a burst of {PER_NODE} ADDs per node was never combined: {sizes:?}"
+    );
+    eprintln!(
+        "batches {sizes:?}, {} combined commits lost a race",
+        combined.conflicts.load(Ordering::Relaxed)
+    );
+
+    // Repeated ADDs (the attachments hold their addresses now) get them back.
+    let node0: Vec<(usize, String)> = asks.iter().filter(|(n, _)| *n == 0).cloned().collect();
+    for (container, ip) in all_at_once(&node0, add).into_iter().flatten() {
+        assert_eq!(given[&container], ip, "a repeated ADD of {container} moved");
+    }
+    let held = nodes[1].allocations(Some(&p.name)).unwrap();
+    let recorded: BTreeMap<String, IpAddr> = held
+        .iter()
+        .map(|a| (a.attachment.container_id.clone(), a.ip))
+        .collect();
+    assert_eq!(recorded, given, "the store holds what was handed out");
+
+    let dels: Vec<(usize, String)> = given.keys().map(|c| (0, c.clone())).collect();
+    all_at_once(&dels, |(_, c)| {
+        assert_eq!(nodes[1].del(&att_req(c, pools)).unwrap().len(), 1, "{c}")
+    });
+    let left = cluster.keys(DEFAULT_PREFIX);
+    assert!(
+        left.is_empty(),
+        "keys left after DEL of everything: {left:?}"
+    );
 }

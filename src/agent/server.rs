@@ -31,8 +31,8 @@ use crate::store::{etcd, AddRequest, Allocation, AttachmentRequest, GcRequest, S
 #[derive(Clone)]
 pub enum Backend {
     Kubernetes(Arc<SharedEngine>),
-    /// The etcd engine is synchronous (one transaction per ADD, no whole-pool writes to
-    /// combine): its calls run on the blocking pool.
+    /// The etcd engine is synchronous: its calls run on the blocking pool, and the store
+    /// combines concurrent ADDs itself (`store::etcd::open_shared`).
     Etcd(Arc<dyn Store + Send + Sync>),
 }
 
@@ -66,7 +66,7 @@ impl Backend {
             Datastore::Etcd(cfg) => {
                 let (ipam, cfg) = (ipam.clone(), cfg.clone());
                 let runtime = tokio::runtime::Handle::current();
-                blocking(move || etcd::open_shared(runtime, &ipam, &cfg))
+                blocking(move || etcd::open_shared(runtime, &ipam, &cfg, metrics))
                     .await
                     .map(Backend::Etcd)
                     .map_err(|err| err.to_string())

@@ -27,20 +27,17 @@ use crate::store::retry::Backoff;
 use crate::store::{AddRequest, RangeRequest, StoreError};
 
 pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
-    if req.node_slice_size.is_some() {
-        return Err(StoreError::config(
-            "node_slice_size is not supported with datastore \"etcd\" yet",
-        ));
-    }
-    for (i, a) in req.ranges.iter().enumerate() {
-        if req.ranges[..i].iter().any(|b| b.pool.name == a.pool.name) {
-            return Err(StoreError::config(format!(
-                "two ranges of this configuration map to the same pool {}",
-                a.pool.name
-            )));
-        }
-    }
-    let dl = Deadline::after(s.timeouts.deadline);
+    add_by(s, backoff, req, &Deadline::after(s.timeouts.deadline))
+}
+
+/// [`add`], finished by the deadline `dl` (the agent's batch shares its own).
+pub(super) fn add_by(
+    s: &Session,
+    backoff: &Backoff,
+    req: &AddRequest,
+    dl: &Deadline,
+) -> Result<Vec<IpAddr>, StoreError> {
+    refuse_unsupported(req)?;
     let mut memory = Memory::new(req.ranges.len());
     let mut last = CallFailed::new("no attempt finished");
     for attempt in 0..backoff.attempts.max(1) {
@@ -48,15 +45,15 @@ pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAdd
             // Failed calls (no leader, a member gone) back off exponentially so that an
             // election is waited out rather than hammered.
             let step = memory.conflicts.max(memory.failures).min(attempt);
-            s.pause(&dl, backoff.delay(step));
+            s.pause(dl, backoff.delay(step));
         } else if attempt > 0 {
             // A light jitter even when spreading, so that retries do not arrive in lockstep.
-            s.pause(&dl, backoff.delay(0));
+            s.pause(dl, backoff.delay(0));
         }
         if dl.passed() {
             break;
         }
-        match attempt_add(s, req, &dl, &mut memory) {
+        match attempt_add(s, req, dl, &mut memory) {
             Ok(Some(ips)) => return Ok(ips),
             Ok(None) => {
                 last = CallFailed::new("the pool changed while allocating (conflicting writer)")
@@ -75,10 +72,28 @@ pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAdd
     .because(last))
 }
 
+/// What this engine cannot serve, before anything is read.
+pub(super) fn refuse_unsupported(req: &AddRequest) -> Result<(), StoreError> {
+    if req.node_slice_size.is_some() {
+        return Err(StoreError::config(
+            "node_slice_size is not supported with datastore \"etcd\" yet",
+        ));
+    }
+    for (i, a) in req.ranges.iter().enumerate() {
+        if req.ranges[..i].iter().any(|b| b.pool.name == a.pool.name) {
+            return Err(StoreError::config(format!(
+                "two ranges of this configuration map to the same pool {}",
+                a.pool.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What one ADD learns across its attempts.
-struct Memory {
+pub(super) struct Memory {
     /// Addresses found reserved network-wide by another pool.
-    reserved_elsewhere: HashSet<IpAddr>,
+    pub reserved_elsewhere: HashSet<IpAddr>,
     /// Per range, where the next search starts: after losing an offset to a concurrent
     /// writer, a random distance past it, so that contenders stop colliding on one address.
     start_hint: Vec<Option<u128>>,
@@ -95,7 +110,7 @@ struct Memory {
 }
 
 impl Memory {
-    fn new(ranges: usize) -> Memory {
+    pub fn new(ranges: usize) -> Memory {
         Memory {
             reserved_elsewhere: HashSet::new(),
             start_hint: vec![None; ranges],
@@ -170,7 +185,7 @@ fn attempt_add(
         for (rr, plan) in req.ranges.iter().zip(&plans) {
             if let Plan::Take { offset, walked, .. } = plan {
                 let new_run = (level == 0).then_some(*offset);
-                compact_chain(s, dl, &rr.pool.name, walked, new_run, revision);
+                compact_chain(s, dl, &rr.pool.name, walked, new_run.as_slice(), revision);
             }
         }
         return Ok(Some(chosen));
@@ -183,17 +198,17 @@ fn attempt_add(
 }
 
 /// The plan of every range, in order.
-struct Planned {
-    plans: Vec<Plan>,
+pub(super) struct Planned {
+    pub plans: Vec<Plan>,
     /// The address each plan gives, in the same order.
-    chosen: Vec<IpAddr>,
+    pub chosen: Vec<IpAddr>,
     /// The free offsets after the last dynamic range's choice: the alternatives tried in the
     /// same round trip.
     spare: Vec<u128>,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn plan_all(
+pub(super) fn plan_all(
     s: &Session,
     req: &AddRequest,
     hits: &[IndexHits],
@@ -460,7 +475,6 @@ fn first_read(
     dl: &Deadline,
     memory: &mut Memory,
 ) -> Result<(Vec<IndexHits>, Vec<Option<Window>>), Stop> {
-    let who = &req.attachment;
     // After a lost race the failed commit already read everything the next attempt needs.
     let all_prefetched = req
         .ranges
@@ -473,56 +487,86 @@ fn first_read(
             return Ok((hits, windows));
         }
     }
-    let mut gets = Vec::new();
-    for rr in &req.ranges {
-        gets.push(key_get(&s.keys.owner(
-            &who.container_id,
-            &who.ifname,
-            &rr.pool.name,
-        )));
-        if let Some(pod) = &who.pod_ref {
-            gets.push(key_get(&s.keys.pod(pod, &who.ifname, &rr.pool.name)));
+    let first = FirstRead::new(s, req, memory);
+    let mut results = s.reads(dl, "pool read", first.gets)?.into_iter();
+    Ok(FirstRead::parse(req, first.starts, &mut results))
+}
+
+/// The gets of [`first_read`], which a combined ADD sends for many requests at once.
+pub(super) struct FirstRead {
+    gets: Vec<TxnOp>,
+    /// Where the search of each dynamic range starts.
+    starts: Vec<Option<u128>>,
+}
+
+impl FirstRead {
+    pub fn new(s: &Session, req: &AddRequest, memory: &Memory) -> FirstRead {
+        let who = &req.attachment;
+        let mut gets = Vec::new();
+        for rr in &req.ranges {
+            gets.push(key_get(&s.keys.owner(
+                &who.container_id,
+                &who.ifname,
+                &rr.pool.name,
+            )));
+            if let Some(pod) = &who.pod_ref {
+                gets.push(key_get(&s.keys.pod(pod, &who.ifname, &rr.pool.name)));
+            }
         }
-    }
-    let mut starts = Vec::with_capacity(req.ranges.len());
-    for (i, rr) in req.ranges.iter().enumerate() {
-        let start = rr
-            .requested
-            .is_none()
-            .then(|| memory.start(i, &rr.pool.range));
-        if let Some(start) = start {
-            gets.extend(window::gets(&s.keys, &rr.pool.name, start));
+        let mut starts = Vec::with_capacity(req.ranges.len());
+        for (i, rr) in req.ranges.iter().enumerate() {
+            let start = rr
+                .requested
+                .is_none()
+                .then(|| memory.start(i, &rr.pool.range));
+            if let Some(start) = start {
+                gets.extend(window::gets(&s.keys, &rr.pool.name, start));
+            }
+            starts.push(start);
         }
-        starts.push(start);
+        FirstRead { gets, starts }
     }
-    let mut results = s.reads(dl, "pool read", gets)?.into_iter();
-    let mut hits = Vec::with_capacity(req.ranges.len());
-    let hit = |kvs: Option<Vec<KeyValue>>| {
-        kvs.and_then(|kvs| kvs.into_iter().next()).map(|kv| {
-            let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex);
-            (kv.mod_revision(), offset)
-        })
-    };
-    for _ in &req.ranges {
-        let owner = hit(results.next());
-        let pod = if who.pod_ref.is_some() {
-            hit(results.next())
-        } else {
-            None
-        };
-        hits.push(IndexHits { owner, pod });
+
+    /// The gets, and where each dynamic range's search starts (for [`FirstRead::parse`]).
+    pub fn into_parts(self) -> (Vec<TxnOp>, Vec<Option<u128>>) {
+        (self.gets, self.starts)
     }
-    let windows = starts
-        .into_iter()
-        .map(|start| {
-            start.map(|from| {
-                let floor = results.next().unwrap_or_default();
-                let ahead = results.next().unwrap_or_default();
-                Window::parse(from, floor, ahead)
+
+    /// The index entries and windows, from the answers to the gets (consumed in order).
+    pub fn parse(
+        req: &AddRequest,
+        starts: Vec<Option<u128>>,
+        results: &mut impl Iterator<Item = Vec<KeyValue>>,
+    ) -> (Vec<IndexHits>, Vec<Option<Window>>) {
+        let who = &req.attachment;
+        let mut hits = Vec::with_capacity(req.ranges.len());
+        let hit = |kvs: Option<Vec<KeyValue>>| {
+            kvs.and_then(|kvs| kvs.into_iter().next()).map(|kv| {
+                let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex);
+                (kv.mod_revision(), offset)
             })
-        })
-        .collect();
-    Ok((hits, windows))
+        };
+        for _ in &req.ranges {
+            let owner = hit(results.next());
+            let pod = if who.pod_ref.is_some() {
+                hit(results.next())
+            } else {
+                None
+            };
+            hits.push(IndexHits { owner, pod });
+        }
+        let windows = starts
+            .into_iter()
+            .map(|start| {
+                start.map(|from| {
+                    let floor = results.next().unwrap_or_default();
+                    let ahead = results.next().unwrap_or_default();
+                    Window::parse(from, floor, ahead)
+                })
+            })
+            .collect();
+        (hits, windows)
+    }
 }
 
 /// For every range, the allocation the attachment already holds there, if any.

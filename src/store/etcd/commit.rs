@@ -19,29 +19,28 @@ pub(super) const COMPACT_AT: usize = 16;
 /// Runs merged by one commit at most: keeps the transaction well under etcd's operation limit.
 pub(super) const MERGE_CAP: usize = 32;
 
-/// Merges chains of adjacent runs the search crossed, the new run `[offset, offset]`
-/// (committed at `revision`) included, when they have grown long. Best effort: the allocation is already committed, a
-/// failed or conflicting merge leaves a valid partition and the next search tries again.
+/// Merges chains of adjacent runs the searches crossed, the new runs `[offset, offset]`
+/// (committed at `revision`) included, when they have grown long. Best effort: the allocations
+/// are already committed, a failed or conflicting merge leaves a valid partition and the next
+/// search tries again.
 pub(super) fn compact_chain(
     s: &Session,
     dl: &Deadline,
     pool: &str,
     walked: &[ReadRun],
-    new_run: Option<u128>,
+    new_runs: &[u128],
     revision: i64,
 ) {
     // A threshold that differs between writers, so that they rarely all merge the same chain.
     let threshold = COMPACT_AT + rand::rng().random_range(0..COMPACT_AT);
     let mut runs = walked.to_vec();
-    if let Some(offset) = new_run {
-        runs.push(ReadRun {
-            run: Run {
-                start: offset,
-                end: offset,
-            },
-            mod_revision: revision,
-        });
-    }
+    runs.extend(new_runs.iter().map(|&offset| ReadRun {
+        run: Run {
+            start: offset,
+            end: offset,
+        },
+        mod_revision: revision,
+    }));
     for chain in runs::chains(&runs, MERGE_CAP) {
         if chain.len() < threshold {
             continue;

@@ -4,6 +4,7 @@
 //! reading the whole pool.
 
 mod allocate;
+mod combine;
 mod commit;
 mod connect;
 mod keys;
@@ -20,6 +21,7 @@ pub use connect::{Timeouts, DEADLINE_ENV};
 pub use keys::DEFAULT_PREFIX;
 
 use crate::config::{EtcdConfig, IpamConfig};
+use crate::store::queues::Observer;
 use crate::store::retry::Backoff;
 use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
 use session::{Deadline, Session};
@@ -30,22 +32,25 @@ pub fn open(ipam: &IpamConfig, cfg: &EtcdConfig) -> Result<Box<dyn Store>, Store
     open_with(ipam, cfg, Timeouts::from_env(), DEFAULT_PREFIX)
 }
 
-/// As [`open`], for the node agent, which shares the one client among its requests. The
-/// client runs on the agent's multi-threaded `runtime`; the store's calls must come from its
-/// blocking threads (`spawn_blocking`).
+/// As [`open`], for the node agent, which shares the one client among its requests and
+/// combines its concurrent ADDs (`combine`). The client runs on the agent's multi-threaded
+/// `runtime`; the store's calls must come from its blocking threads (`spawn_blocking`).
 pub fn open_shared(
     runtime: tokio::runtime::Handle,
     ipam: &IpamConfig,
     cfg: &EtcdConfig,
+    observer: std::sync::Arc<dyn Observer>,
 ) -> Result<std::sync::Arc<dyn Store + Send + Sync>, StoreError> {
     let store = open_store(
-        Some(runtime),
+        Some(runtime.clone()),
         ipam,
         cfg,
         Timeouts::from_env(),
         DEFAULT_PREFIX,
     )?;
-    Ok(std::sync::Arc::new(store))
+    Ok(std::sync::Arc::new(combine::Combining::new(
+        store, observer, runtime,
+    )))
 }
 
 /// Connects with explicit timeouts and key prefix.

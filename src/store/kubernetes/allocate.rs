@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::api::ApiError;
-use super::batch::{dropped, Batches};
+use super::batch::Batches;
 use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
 use super::go_lease::{self, Hold};
@@ -18,6 +18,7 @@ use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::object_name;
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
 use crate::k8s::crd::{IPPool, OverlappingRangeIPReservation};
+use crate::store::queues::{dropped, Serving};
 use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
 
 /// What reserving an address found.
@@ -252,6 +253,10 @@ impl Engine {
     /// a duplicate (the write tests every entry it relies on).
     async fn serve_queue(&self, batches: &Batches, key: &str, pool: &PoolRef, req: &AddRequest) {
         let name = object_name(&pool.name);
+        let _serving = Serving {
+            queues: &batches.adds,
+            key,
+        };
         loop {
             let waiting = batches.adds.take_or_close(key);
             if waiting.is_empty() {

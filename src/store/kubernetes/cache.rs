@@ -27,9 +27,9 @@ use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
 use super::api::Kube;
-use super::batch::Observer;
 use super::go_lease::GO_LEASE_NAME;
 use crate::k8s::crd::{IPPool, IPPoolSpec, OverlappingRangeIPReservation};
+use crate::store::queues::Observer;
 
 /// An IPPool as its watch delivers it, the spec kept as the server's JSON text. Every agent
 /// receives every write of every pool of its namespace, while it needs a pool's entries only

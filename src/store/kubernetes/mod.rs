@@ -33,7 +33,7 @@ use crate::store::{
     AddRequest, Allocation, AttachmentRequest, GcRequest, Reservation, Store, StoreError,
 };
 
-pub use batch::Observer;
+pub use crate::store::queues::Observer;
 pub use go_lease::{last_go_renewal, GO_LEASE_NAME};
 pub use node_slice::{slice_pool_name, NODENAME_ENV};
 pub use settings::TIMEOUT_ENV;

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::api::ApiError;
-use super::batch::{dropped, released_by, Batches, PendingRelease};
+use super::batch::{released_by, Batches, PendingRelease};
 use super::engine::Engine;
 use super::pool_doc::{holder_test, remove_op, Entry, PoolDoc};
 use super::reservation;
@@ -15,6 +15,7 @@ use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::IPPool;
 use crate::k8s::crd::OverlappingRangeIPReservation;
+use crate::store::queues::{dropped, Serving};
 use crate::store::{
     Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, Reservation, StoreError,
 };
@@ -314,6 +315,10 @@ impl Engine {
     /// Serves a pool's queue of DELs: one conditional write removes the entries of every
     /// waiting DEL, then their reservations go, concurrently.
     async fn serve_releases(&self, batches: &Batches, key: &str, target: &ReleaseTarget) {
+        let _serving = Serving {
+            queues: &batches.releases,
+            key,
+        };
         loop {
             let waiting = batches.releases.take_or_close(key);
             if waiting.is_empty() {

@@ -1,0 +1,304 @@
+//! The node agent's etcd engine: a node's concurrent ADDs of a pool wait in a queue
+//! ([`crate::store::queues`]); one blocking task serves whatever waits with one read for all of
+//! them and one transaction that holds each ADD's own commit as a nested transaction.
+//!
+//! etcd evaluates the compares of every nested commit against the revision the transaction
+//! starts from, then applies the commits whose compares hold, in order. Each commit compares
+//! only keys it writes itself, and the batch is planned so that no two commits write the same
+//! key: distinct attachments (owner and pod index entries), distinct addresses (allocation,
+//! run and reservation keys). So each commit succeeds or fails exactly as it would alone.
+//! An ADD that fails, or that is not combined (a static address, an attachment that may hold
+//! an address already, a second ADD of the same attachment, an error while planning), runs
+//! the engine's own ADD with its reads, retries and alternatives.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use etcd_client::{Txn, TxnOp, TxnOpResponse};
+
+use super::allocate::{self, plan_all, refuse_unsupported, FirstRead, Memory, Planned};
+use super::commit::{build_commit, compact_chain};
+use super::plan::Plan;
+use super::runs::ReadRun;
+use super::session::{CallFailed, Deadline};
+use super::EtcdStore;
+use crate::store::queues::{dropped, Observer, Queues, Serving};
+use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
+
+/// ADDs combined in one transaction at most: each is one operation of the outer transaction,
+/// and etcd refuses more than 128 (its default `--max-txn-ops`).
+const MAX_BATCH: usize = 64;
+
+/// Combined rounds at most for the ADDs of a batch that lost an address to another writer;
+/// each round reads again. Those still left then run alone, with the engine's spreading.
+const COMBINED_ROUNDS: usize = 3;
+
+type Answer = Result<Vec<IpAddr>, StoreError>;
+
+/// What one combined round did.
+struct Round {
+    /// The requests it answered, with their addresses.
+    done: Vec<(usize, Vec<IpAddr>)>,
+    /// The requests whose commit found an address taken or an index entry changed.
+    lost: Vec<usize>,
+}
+
+/// The etcd engine of the node agent: ADDs are combined, everything else is the engine's own.
+pub(super) struct Combining {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: EtcdStore,
+    adds: Queues<AddRequest, Answer>,
+    observer: Arc<dyn Observer>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Combining {
+    pub fn new(
+        store: EtcdStore,
+        observer: Arc<dyn Observer>,
+        runtime: tokio::runtime::Handle,
+    ) -> Combining {
+        Combining {
+            inner: Arc::new(Inner {
+                store,
+                adds: Queues::default(),
+                observer,
+                runtime,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// Serves the queue `key` until it is empty.
+    fn serve(&self, key: &str) {
+        let _serving = Serving {
+            queues: &self.adds,
+            key,
+        };
+        loop {
+            let mut waiting = self.adds.take_or_close(key);
+            if waiting.is_empty() {
+                return;
+            }
+            while !waiting.is_empty() {
+                let rest = waiting.split_off(waiting.len().min(MAX_BATCH));
+                let (reqs, replies): (Vec<AddRequest>, Vec<_>) = waiting.into_iter().unzip();
+                self.observer.batch("add", reqs.len());
+                let answers = add_many(&self.store, &reqs, &*self.observer);
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    // The plugin may have hung up; what was written stays its own.
+                    let _ = reply.send(answer);
+                }
+                waiting = rest;
+            }
+        }
+    }
+}
+
+impl Store for Combining {
+    fn add(&self, req: &AddRequest) -> Answer {
+        let key = req
+            .ranges
+            .first()
+            .map(|rr| rr.pool.name.clone())
+            .unwrap_or_default();
+        let (answer, start) = self.inner.adds.submit(&key, req.clone());
+        if start {
+            let inner = self.inner.clone();
+            self.inner.runtime.spawn_blocking(move || inner.serve(&key));
+        }
+        answer.blocking_recv().unwrap_or_else(|_| Err(dropped()))
+    }
+
+    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.inner.store.del(req)
+    }
+
+    fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.inner.store.check(req)
+    }
+
+    fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.inner.store.gc(req)
+    }
+
+    fn status(&self) -> Result<(), StoreError> {
+        self.inner.store.status()
+    }
+
+    fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {
+        self.inner.store.allocations(pool)
+    }
+
+    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
+        self.inner.store.release(pool, ip)
+    }
+}
+
+/// Every request's answer, in order: those combined in one transaction, then the rest through
+/// the engine's own ADD, side by side.
+pub(super) fn add_many(
+    store: &EtcdStore,
+    reqs: &[AddRequest],
+    observer: &dyn Observer,
+) -> Vec<Answer> {
+    // One deadline for the batch: an ADD is answered within the engine's deadline of its
+    // batch starting, whether it was combined, ran alone, or both.
+    let dl = Deadline::after(store.session.timeouts.deadline);
+    let mut answers: Vec<Option<Answer>> = (0..reqs.len()).map(|_| None).collect();
+    let mut together = combinable(reqs);
+    for _ in 0..COMBINED_ROUNDS {
+        if together.len() < 2 {
+            break;
+        }
+        match commit_together(store, reqs, &together, observer, &dl) {
+            Ok(round) => {
+                for (i, ips) in round.done {
+                    answers[i] = Some(Ok(ips));
+                }
+                together = round.lost;
+            }
+            // Whether it applied is unknown: each ADD alone first reads what it holds.
+            Err(failed) => {
+                tracing::debug!(
+                    "etcd: a combined ADD failed, each is tried alone: {}",
+                    crate::store::error::chain(&failed)
+                );
+                break;
+            }
+        }
+    }
+    let alone = |req: &AddRequest| allocate::add_by(&store.session, &store.backoff, req, &dl);
+    let mut left: Vec<(&mut Option<Answer>, &AddRequest)> = answers
+        .iter_mut()
+        .zip(reqs)
+        .filter(|(answer, _)| answer.is_none())
+        .collect();
+    if let [(answer, req)] = left.as_mut_slice() {
+        **answer = Some(alone(req));
+    } else {
+        std::thread::scope(|scope| {
+            for (answer, req) in left {
+                scope.spawn(move || *answer = Some(alone(req)));
+            }
+        });
+    }
+    answers
+        .into_iter()
+        .map(|answer| answer.unwrap_or_else(|| Err(dropped())))
+        .collect()
+}
+
+/// The requests that may share one transaction: every range dynamic, and no two of the same
+/// attachment (they would write the same index entries).
+fn combinable(reqs: &[AddRequest]) -> Vec<usize> {
+    let mut owners = HashSet::new();
+    let mut pods = HashSet::new();
+    let mut out = Vec::new();
+    for (i, req) in reqs.iter().enumerate() {
+        let who = &req.attachment;
+        let plain = refuse_unsupported(req).is_ok()
+            && req.sleep_for_race == 0
+            && !req.ranges.is_empty()
+            && req.ranges.iter().all(|rr| rr.requested.is_none());
+        let first_of_owner = owners.insert((who.container_id.clone(), who.ifname.clone()));
+        let first_of_pod = match &who.pod_ref {
+            Some(pod) => pods.insert((pod.clone(), who.ifname.clone())),
+            None => true,
+        };
+        if plain && first_of_owner && first_of_pod {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// One read for the requests `together`, a plan for each that holds nothing yet (every
+/// address distinct from the others'), and one transaction of their commits. The requests it
+/// neither answers nor loses (one may hold an address already, or its plan failed) run alone.
+fn commit_together(
+    store: &EtcdStore,
+    reqs: &[AddRequest],
+    together: &[usize],
+    observer: &dyn Observer,
+    dl: &Deadline,
+) -> Result<Round, CallFailed> {
+    let s = &store.session;
+    let fresh: Vec<Memory> = together
+        .iter()
+        .map(|&i| Memory::new(reqs[i].ranges.len()))
+        .collect();
+    let firsts: Vec<FirstRead> = together
+        .iter()
+        .zip(&fresh)
+        .map(|(&i, memory)| FirstRead::new(s, &reqs[i], memory))
+        .collect();
+    let mut starts = Vec::with_capacity(firsts.len());
+    let mut gets = Vec::new();
+    for first in firsts {
+        let (ops, start) = first.into_parts();
+        gets.extend(ops);
+        starts.push(start);
+    }
+    let mut results = s.reads(dl, "combined pool read", gets)?.into_iter();
+    let mut taken = HashSet::new();
+    let mut planned = Vec::new();
+    for ((&i, mut memory), start) in together.iter().zip(fresh).zip(starts) {
+        let req = &reqs[i];
+        let (hits, mut windows) = FirstRead::parse(req, start, &mut results);
+        if hits.iter().any(|h| h.owner.is_some() || h.pod.is_some()) {
+            continue; // It may hold an address already: alone, it reads what.
+        }
+        memory.reserved_elsewhere = taken.clone();
+        let held = vec![None; req.ranges.len()];
+        let Ok(Planned { plans, chosen, .. }) =
+            plan_all(s, req, &hits, held, &mut windows, &mut memory, dl)
+        else {
+            continue; // Alone, it gets the answer its plan failed with.
+        };
+        taken.extend(chosen.iter().copied());
+        planned.push((i, plans, chosen));
+    }
+    let mut round = Round {
+        done: Vec::new(),
+        lost: Vec::new(),
+    };
+    if planned.is_empty() {
+        return Ok(round);
+    }
+    let commits = planned.iter().map(|(i, plans, _)| {
+        let (compares, ops) = build_commit(s, &reqs[*i], plans);
+        TxnOp::txn(Txn::new().when(compares).and_then(ops))
+    });
+    let resp = s.txn(
+        dl,
+        "combined allocation commit",
+        Txn::new().and_then(commits.collect::<Vec<_>>()),
+    )?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let mut merges: HashMap<&str, (Vec<ReadRun>, Vec<u128>)> = HashMap::new();
+    for ((i, plans, chosen), answer) in planned.into_iter().zip(resp.op_responses()) {
+        if !matches!(answer, TxnOpResponse::Txn(t) if t.succeeded()) {
+            observer.conflict("add");
+            round.lost.push(i);
+            continue;
+        }
+        for (rr, plan) in reqs[i].ranges.iter().zip(plans) {
+            if let Plan::Take { offset, walked, .. } = plan {
+                let merge = merges.entry(rr.pool.name.as_str()).or_default();
+                merge.0.extend(walked);
+                merge.1.push(offset);
+            }
+        }
+        round.done.push((i, chosen));
+    }
+    for (pool, (walked, new_runs)) in merges {
+        compact_chain(s, dl, pool, &walked, &new_runs, revision);
+    }
+    Ok(round)
+}

@@ -1,0 +1,107 @@
+//! Combining a node's concurrent requests in the agent, for every engine: the queues requests
+//! wait in (one per pool) and what the agent counts about them. Each engine decides what one
+//! batch reads and writes (`kubernetes::batch`, `etcd::combine`).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use super::StoreError;
+
+/// What the agent counts about combining (its metrics).
+pub trait Observer: Send + Sync {
+    /// A batch of `size` requests of `operation` ("add", "del") is being written.
+    fn batch(&self, operation: &'static str, size: usize);
+    /// A conditional write of `operation` found the pool changed and is retried.
+    fn conflict(&self, operation: &'static str);
+    /// The watch behind cached copy `what` ("ippools", "reservations", "lease") delivered an event, or failed
+    /// (`synced` false until it has listed again).
+    fn cache(&self, what: &'static str, synced: bool);
+}
+
+/// The map stays consistent whatever panicked while holding it: every change is one insert,
+/// one removal or one take.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct Queue<J, R> {
+    waiting: Vec<(J, oneshot::Sender<R>)>,
+}
+
+/// Queues by key. A key has an entry exactly while a task serves it.
+pub struct Queues<J, R>(Mutex<HashMap<String, Queue<J, R>>>);
+
+impl<J, R> Default for Queues<J, R> {
+    fn default() -> Self {
+        Queues(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<J, R> Queues<J, R> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Queue<J, R>>> {
+        lock(&self.0)
+    }
+
+    /// Queues a job; the answer comes on the receiver. True when no task serves the queue yet:
+    /// the caller must start one.
+    pub fn submit(&self, key: &str, job: J) -> (oneshot::Receiver<R>, bool) {
+        let (reply, answer) = oneshot::channel();
+        let mut queues = self.lock();
+        let start = !queues.contains_key(key);
+        queues
+            .entry(key.to_string())
+            .or_insert_with(|| Queue {
+                waiting: Vec::new(),
+            })
+            .waiting
+            .push((job, reply));
+        (answer, start)
+    }
+
+    /// The jobs waiting, for the serving task. When none wait, the queue is closed in the same
+    /// step, so that the next job starts a new task.
+    pub fn take_or_close(&self, key: &str) -> Vec<(J, oneshot::Sender<R>)> {
+        let mut queues = self.lock();
+        let waiting = queues
+            .get_mut(key)
+            .map(|q| std::mem::take(&mut q.waiting))
+            .unwrap_or_default();
+        if waiting.is_empty() {
+            queues.remove(key);
+        }
+        waiting
+    }
+
+    /// The jobs that arrived while a batch waited, to join it.
+    pub fn take(&self, key: &str) -> Vec<(J, oneshot::Sender<R>)> {
+        self.lock()
+            .get_mut(key)
+            .map(|q| std::mem::take(&mut q.waiting))
+            .unwrap_or_default()
+    }
+}
+
+/// Held by the task serving a queue: if that task panics, the queue is closed and its waiting
+/// requests are answered [`dropped`] (their senders go), so that the next request starts a new
+/// task instead of waiting for one that is gone.
+pub struct Serving<'a, J, R> {
+    pub queues: &'a Queues<J, R>,
+    pub key: &'a str,
+}
+
+impl<J, R> Drop for Serving<'_, J, R> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.queues.lock().remove(self.key);
+        }
+    }
+}
+
+/// The answer a waiting request gets when its batch was dropped without one.
+pub fn dropped() -> StoreError {
+    StoreError::try_again("the agent stopped serving this request's batch")
+}
