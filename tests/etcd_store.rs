@@ -259,11 +259,12 @@ fn a_million_allocations_do_not_slow_down_the_next() {
     assert_eq!(runs.len(), 2, "{runs:?}");
 }
 
-/// What an agent's store reports of its combining.
+/// What an agent's store reports of its combining and of its copy.
 #[derive(Default)]
 struct Combined {
     sizes: Mutex<Vec<usize>>,
     conflicts: AtomicUsize,
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl Observer for Combined {
@@ -273,7 +274,91 @@ impl Observer for Combined {
     fn conflict(&self, _: &'static str) {
         self.conflicts.fetch_add(1, Ordering::Relaxed);
     }
-    fn cache(&self, _: &'static str, _: bool) {}
+    fn cache(&self, what: &'static str, synced: bool) {
+        assert_eq!(what, "etcd");
+        self.synced.store(synced, Ordering::Release);
+    }
+}
+
+/// The transactions the cluster's members have served, by their own counters.
+fn transactions_served(cluster: &Cluster) -> f64 {
+    let mut served = 0.0;
+    for url in cluster.endpoint_urls() {
+        let out = std::process::Command::new("curl")
+            .args(["-sf", &format!("{url}/metrics")])
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "metrics of {url}");
+        served += String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                l.starts_with("grpc_server_handled_total{") && l.contains("grpc_method=\"Txn\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    served
+}
+
+/// An agent plans an ADD from its watched copy of the keys: one ADD after another, each costs
+/// its commit (and now and then a merge of runs), not a read as well; the copy follows the
+/// agent's own commits and another writer's.
+#[test]
+fn an_agent_plans_from_its_copy_without_reading() {
+    if !etcd_available() {
+        return;
+    }
+    const ADDS: usize = 20;
+    let cluster = Cluster::start(false);
+    let cfg = config(&cluster);
+    let Datastore::Etcd(etcd) = &cfg.datastore else {
+        panic!("etcd datastore expected");
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let observed = Arc::new(Combined::default());
+    let agent = open_shared(runtime.handle().clone(), &cfg, etcd, observed.clone()).unwrap();
+    let plain = open_with(&cfg, etcd, Timeouts::default(), DEFAULT_PREFIX).unwrap();
+    let p = pool("10.0.0.0/24", "");
+    let pools = std::slice::from_ref(&p);
+    // Another writer first: the copy lists or watches it.
+    let first = plain.add(&add_req(who("other", None), pools, "")).unwrap();
+    assert_eq!(first, vec![ip("10.0.0.1")]);
+    let until = Instant::now() + Duration::from_secs(10);
+    while !observed.synced.load(Ordering::Acquire) {
+        assert!(Instant::now() < until, "the copy never synced");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = transactions_served(&cluster);
+    let mut given = BTreeSet::from([first[0]]);
+    for i in 0..ADDS {
+        if i == ADDS / 2 {
+            // Another writer in the middle: the copy may not show it yet when the next ADD
+            // plans, which then loses its commit and reads.
+            let other = plain
+                .add(&add_req(who("other-2", None), pools, ""))
+                .unwrap();
+            assert!(given.insert(other[0]));
+        }
+        let got = agent
+            .add(&add_req(who(&format!("c{i}"), None), pools, ""))
+            .unwrap();
+        assert!(given.insert(got[0]), "{} handed out twice", got[0]);
+    }
+    // Lowest free first: the copy showed the other writer's addresses and every own commit.
+    let lowest: BTreeSet<IpAddr> = (1..=ADDS as u128 + 2).map(|o| p.range.ip(o)).collect();
+    assert_eq!(given, lowest);
+    // The other writer's ADD is a read and a commit.
+    let per_add = (transactions_served(&cluster) - before - 2.0) / ADDS as f64;
+    eprintln!("{per_add:.2} transactions per ADD");
+    assert!(
+        per_add < 1.5,
+        "{per_add:.2} transactions per ADD: the copy was not used"
+    );
+    assert!(observed.sizes.lock().unwrap().iter().all(|&n| n == 1));
 }
 
 type Shared = Arc<dyn Store + Send + Sync>;

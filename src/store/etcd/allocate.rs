@@ -123,7 +123,10 @@ impl Memory {
     }
 
     fn start(&self, i: usize, range: &Range) -> u128 {
-        self.start_hint[i]
+        self.start_hint
+            .get(i)
+            .copied()
+            .flatten()
             .filter(|h| *h > range.first && *h <= range.last)
             .unwrap_or(range.first)
     }
@@ -158,6 +161,7 @@ fn attempt_add(
         plans,
         mut chosen,
         spare,
+        ..
     } = plan_all(s, req, &hits, held, &mut windows, memory, dl)?;
     if req.sleep_for_race > 0 {
         s.pause(dl, Duration::from_secs(req.sleep_for_race));
@@ -199,6 +203,8 @@ fn attempt_add(
 
 /// The plan of every range, in order.
 pub(super) struct Planned {
+    /// Which of a batch's requests it is for (`combine`); 0 otherwise.
+    pub index: usize,
     pub plans: Vec<Plan>,
     /// The address each plan gives, in the same order.
     pub chosen: Vec<IpAddr>,
@@ -233,6 +239,7 @@ pub(super) fn plan_all(
         plans.push(plan);
     }
     Ok(Planned {
+        index: 0,
         plans,
         chosen,
         spare,

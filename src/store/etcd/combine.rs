@@ -13,18 +13,27 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::{Txn, TxnOp, TxnOpResponse};
 
 use super::allocate::{self, plan_all, refuse_unsupported, FirstRead, Memory, Planned};
 use super::commit::{build_commit, compact_chain};
+use super::copy::{Copy, Seen};
+use super::plan::IndexHits;
 use super::plan::Plan;
 use super::runs::ReadRun;
-use super::session::{CallFailed, Deadline};
+use super::session::{CallFailed, Deadline, Session};
+use super::window::Window;
 use super::EtcdStore;
 use crate::store::queues::{dropped, Observer, Queues, Serving};
 use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
+
+/// How long a batch waits for the copy to show the agent's own last commit before it reads
+/// instead: the watch brings a commit's events right after its answer.
+const CATCH_UP: Duration = Duration::from_millis(20);
 
 /// ADDs combined in one transaction at most: each is one operation of the outer transaction,
 /// and etcd refuses more than 128 (its default `--max-txn-ops`).
@@ -39,7 +48,7 @@ type Answer = Result<Vec<IpAddr>, StoreError>;
 /// What one combined round did.
 struct Round {
     /// The requests it answered, with their addresses.
-    done: Vec<(usize, Vec<IpAddr>)>,
+    answered: Vec<(usize, Vec<IpAddr>)>,
     /// The requests whose commit found an address taken or an index entry changed.
     lost: Vec<usize>,
 }
@@ -54,6 +63,11 @@ struct Inner {
     adds: Queues<AddRequest, Answer>,
     observer: Arc<dyn Observer>,
     runtime: tokio::runtime::Handle,
+    /// The engine's keys as the watch brings them.
+    copy: Arc<Copy>,
+    /// The revision of this agent's last combined commit: a batch plans from the copy only
+    /// once the copy shows it, so that it never picks what the agent itself just took.
+    committed: AtomicI64,
 }
 
 impl Combining {
@@ -62,12 +76,20 @@ impl Combining {
         observer: Arc<dyn Observer>,
         runtime: tokio::runtime::Handle,
     ) -> Combining {
+        let copy = Copy::follow(
+            &runtime,
+            store.session.client(),
+            store.session.keys.prefix().to_string(),
+            observer.clone(),
+        );
         Combining {
             inner: Arc::new(Inner {
                 store,
                 adds: Queues::default(),
                 observer,
                 runtime,
+                copy,
+                committed: AtomicI64::new(0),
             }),
         }
     }
@@ -89,7 +111,7 @@ impl Inner {
                 let rest = waiting.split_off(waiting.len().min(MAX_BATCH));
                 let (reqs, replies): (Vec<AddRequest>, Vec<_>) = waiting.into_iter().unzip();
                 self.observer.batch("add", reqs.len());
-                let answers = add_many(&self.store, &reqs, &*self.observer);
+                let answers = self.add_many(&reqs);
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     // The plugin may have hung up; what was written stays its own.
                     let _ = reply.send(answer);
@@ -140,58 +162,66 @@ impl Store for Combining {
     }
 }
 
-/// Every request's answer, in order: those combined in one transaction, then the rest through
-/// the engine's own ADD, side by side.
-pub(super) fn add_many(
-    store: &EtcdStore,
-    reqs: &[AddRequest],
-    observer: &dyn Observer,
-) -> Vec<Answer> {
-    // One deadline for the batch: an ADD is answered within the engine's deadline of its
-    // batch starting, whether it was combined, ran alone, or both.
-    let dl = Deadline::after(store.session.timeouts.deadline);
-    let mut answers: Vec<Option<Answer>> = (0..reqs.len()).map(|_| None).collect();
-    let mut together = combinable(reqs);
-    for _ in 0..COMBINED_ROUNDS {
-        if together.len() < 2 {
-            break;
-        }
-        match commit_together(store, reqs, &together, observer, &dl) {
-            Ok(round) => {
-                for (i, ips) in round.done {
-                    answers[i] = Some(Ok(ips));
-                }
-                together = round.lost;
-            }
-            // Whether it applied is unknown: each ADD alone first reads what it holds.
-            Err(failed) => {
-                tracing::debug!(
-                    "etcd: a combined ADD failed, each is tried alone: {}",
-                    crate::store::error::chain(&failed)
-                );
+impl Inner {
+    /// Every request's answer, in order: those combined in shared transactions, then the rest
+    /// through the engine's own ADD, side by side.
+    fn add_many(&self, reqs: &[AddRequest]) -> Vec<Answer> {
+        let store = &self.store;
+        // One deadline for the batch: an ADD is answered within the engine's deadline of its
+        // batch starting, whether it was combined, ran alone, or both.
+        let dl = Deadline::after(store.session.timeouts.deadline);
+        let mut answers: Vec<Option<Answer>> = (0..reqs.len()).map(|_| None).collect();
+        let mut together = combinable(reqs);
+        for round in 0..COMBINED_ROUNDS {
+            // The first round plans from the copy, when it is in step: one ADD alone then
+            // costs its commit only. After a lost race the copy is likely behind: read.
+            let copy = (round == 0)
+                .then(|| {
+                    let since = self.committed.load(Ordering::Acquire);
+                    self.copy.at_least(since, CATCH_UP)
+                })
+                .flatten();
+            if together.len() < 2 && copy.is_none() {
                 break;
             }
-        }
-    }
-    let alone = |req: &AddRequest| allocate::add_by(&store.session, &store.backoff, req, &dl);
-    let mut left: Vec<(&mut Option<Answer>, &AddRequest)> = answers
-        .iter_mut()
-        .zip(reqs)
-        .filter(|(answer, _)| answer.is_none())
-        .collect();
-    if let [(answer, req)] = left.as_mut_slice() {
-        **answer = Some(alone(req));
-    } else {
-        std::thread::scope(|scope| {
-            for (answer, req) in left {
-                scope.spawn(move || *answer = Some(alone(req)));
+            let planned = self.plan_together(copy, reqs, &together, &dl);
+            match planned.and_then(|planned| self.commit_together(reqs, planned, &dl)) {
+                Ok(done) => {
+                    for (i, ips) in done.answered {
+                        answers[i] = Some(Ok(ips));
+                    }
+                    together = done.lost;
+                }
+                // Whether it applied is unknown: each ADD alone first reads what it holds.
+                Err(failed) => {
+                    tracing::debug!(
+                        "etcd: a combined ADD failed, each is tried alone: {}",
+                        crate::store::error::chain(&failed)
+                    );
+                    break;
+                }
             }
-        });
+        }
+        let alone = |req: &AddRequest| allocate::add_by(&store.session, &store.backoff, req, &dl);
+        let mut left: Vec<(&mut Option<Answer>, &AddRequest)> = answers
+            .iter_mut()
+            .zip(reqs)
+            .filter(|(answer, _)| answer.is_none())
+            .collect();
+        if let [(answer, req)] = left.as_mut_slice() {
+            **answer = Some(alone(req));
+        } else {
+            std::thread::scope(|scope| {
+                for (answer, req) in left {
+                    scope.spawn(move || *answer = Some(alone(req)));
+                }
+            });
+        }
+        answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or_else(|| Err(dropped())))
+            .collect()
     }
-    answers
-        .into_iter()
-        .map(|answer| answer.unwrap_or_else(|| Err(dropped())))
-        .collect()
 }
 
 /// The requests that may share one transaction: every range dynamic, and no two of the same
@@ -218,87 +248,148 @@ fn combinable(reqs: &[AddRequest]) -> Vec<usize> {
     out
 }
 
-/// One read for the requests `together`, a plan for each that holds nothing yet (every
-/// address distinct from the others'), and one transaction of their commits. The requests it
-/// neither answers nor loses (one may hold an address already, or its plan failed) run alone.
-fn commit_together(
-    store: &EtcdStore,
+/// What each ADD of a batch holds, as the copy shows it or as one read finds it: per ADD, its
+/// index entries and the run window of each dynamic range.
+type Found = Vec<(Vec<IndexHits>, Vec<Option<Window>>)>;
+
+/// A plan for each of the requests `together` that holds nothing yet, every address distinct
+/// from the others', from the copy or else from one read. Requests without a plan (one may
+/// hold an address already, or its plan failed) are neither answered nor lost: they run alone.
+impl Inner {
+    fn plan_together(
+        &self,
+        copy: Option<Seen<'_>>,
+        reqs: &[AddRequest],
+        together: &[usize],
+        dl: &Deadline,
+    ) -> Result<Vec<Planned>, CallFailed> {
+        let s = &self.store.session;
+        let found = match copy {
+            Some(seen) => together
+                .iter()
+                .map(|&i| from_copy(s, &seen, &reqs[i]))
+                .collect(),
+            None => read_together(s, reqs, together, dl)?,
+        };
+        let mut taken = HashSet::new();
+        let mut planned = Vec::new();
+        for (&i, (hits, mut windows)) in together.iter().zip(found) {
+            let req = &reqs[i];
+            if hits.iter().any(|h| h.owner.is_some() || h.pod.is_some()) {
+                continue; // It may hold an address already: alone, it reads what.
+            }
+            let mut memory = Memory::new(req.ranges.len());
+            memory.reserved_elsewhere = taken.clone();
+            let held = vec![None; req.ranges.len()];
+            let Ok(mut plan) = plan_all(s, req, &hits, held, &mut windows, &mut memory, dl) else {
+                continue; // Alone, it gets the answer its plan failed with.
+            };
+            taken.extend(plan.chosen.iter().copied());
+            plan.index = i;
+            planned.push(plan);
+        }
+        Ok(planned)
+    }
+
+    /// One transaction of the planned commits, each nested with its own compares.
+    fn commit_together(
+        &self,
+        reqs: &[AddRequest],
+        planned: Vec<Planned>,
+        dl: &Deadline,
+    ) -> Result<Round, CallFailed> {
+        let s = &self.store.session;
+        let mut round = Round {
+            answered: Vec::new(),
+            lost: Vec::new(),
+        };
+        if planned.is_empty() {
+            return Ok(round);
+        }
+        let commits = planned.iter().map(|p| {
+            let (compares, ops) = build_commit(s, &reqs[p.index], &p.plans);
+            TxnOp::txn(Txn::new().when(compares).and_then(ops))
+        });
+        let resp = s.txn(
+            dl,
+            "combined allocation commit",
+            Txn::new().and_then(commits.collect::<Vec<_>>()),
+        )?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.committed.fetch_max(revision, Ordering::AcqRel);
+        let mut merges: HashMap<&str, (Vec<ReadRun>, Vec<u128>)> = HashMap::new();
+        for (plan, answer) in planned.into_iter().zip(resp.op_responses()) {
+            if !matches!(answer, TxnOpResponse::Txn(t) if t.succeeded()) {
+                self.observer.conflict("add");
+                round.lost.push(plan.index);
+                continue;
+            }
+            for (rr, taken) in reqs[plan.index].ranges.iter().zip(plan.plans) {
+                if let Plan::Take { offset, walked, .. } = taken {
+                    let merge = merges.entry(rr.pool.name.as_str()).or_default();
+                    merge.0.extend(walked);
+                    merge.1.push(offset);
+                }
+            }
+            round.answered.push((plan.index, plan.chosen));
+        }
+        for (pool, (walked, new_runs)) in merges {
+            compact_chain(s, dl, pool, &walked, &new_runs, revision);
+        }
+        Ok(round)
+    }
+}
+
+/// What one ADD holds as the copy shows it, in the shape [`FirstRead`] reads it.
+fn from_copy(
+    s: &Session,
+    seen: &Seen<'_>,
+    req: &AddRequest,
+) -> (Vec<IndexHits>, Vec<Option<Window>>) {
+    let who = &req.attachment;
+    let hits = req
+        .ranges
+        .iter()
+        .map(|rr| IndexHits {
+            owner: seen.index_entry(&s.keys.owner(&who.container_id, &who.ifname, &rr.pool.name)),
+            pod: who
+                .pod_ref
+                .as_ref()
+                .and_then(|pod| seen.index_entry(&s.keys.pod(pod, &who.ifname, &rr.pool.name))),
+        })
+        .collect();
+    let windows = req
+        .ranges
+        .iter()
+        .map(|rr| {
+            let (pool, from) = (&rr.pool.name, rr.pool.range.first);
+            rr.requested
+                .is_none()
+                .then(|| seen.window(&s.keys.runs_dir(pool), &s.keys.run(pool, from), from))
+        })
+        .collect();
+    (hits, windows)
+}
+
+/// One read of what the requests `together` hold.
+fn read_together(
+    s: &Session,
     reqs: &[AddRequest],
     together: &[usize],
-    observer: &dyn Observer,
     dl: &Deadline,
-) -> Result<Round, CallFailed> {
-    let s = &store.session;
-    let fresh: Vec<Memory> = together
-        .iter()
-        .map(|&i| Memory::new(reqs[i].ranges.len()))
-        .collect();
-    let firsts: Vec<FirstRead> = together
-        .iter()
-        .zip(&fresh)
-        .map(|(&i, memory)| FirstRead::new(s, &reqs[i], memory))
-        .collect();
-    let mut starts = Vec::with_capacity(firsts.len());
+) -> Result<Found, CallFailed> {
+    let mut starts = Vec::with_capacity(together.len());
     let mut gets = Vec::new();
-    for first in firsts {
-        let (ops, start) = first.into_parts();
+    for &i in together {
+        let fresh = Memory::new(reqs[i].ranges.len());
+        let (ops, start) = FirstRead::new(s, &reqs[i], &fresh).into_parts();
         gets.extend(ops);
         starts.push(start);
     }
     let mut results = s.reads(dl, "combined pool read", gets)?.into_iter();
-    let mut taken = HashSet::new();
-    let mut planned = Vec::new();
-    for ((&i, mut memory), start) in together.iter().zip(fresh).zip(starts) {
-        let req = &reqs[i];
-        let (hits, mut windows) = FirstRead::parse(req, start, &mut results);
-        if hits.iter().any(|h| h.owner.is_some() || h.pod.is_some()) {
-            continue; // It may hold an address already: alone, it reads what.
-        }
-        memory.reserved_elsewhere = taken.clone();
-        let held = vec![None; req.ranges.len()];
-        let Ok(Planned { plans, chosen, .. }) =
-            plan_all(s, req, &hits, held, &mut windows, &mut memory, dl)
-        else {
-            continue; // Alone, it gets the answer its plan failed with.
-        };
-        taken.extend(chosen.iter().copied());
-        planned.push((i, plans, chosen));
-    }
-    let mut round = Round {
-        done: Vec::new(),
-        lost: Vec::new(),
-    };
-    if planned.is_empty() {
-        return Ok(round);
-    }
-    let commits = planned.iter().map(|(i, plans, _)| {
-        let (compares, ops) = build_commit(s, &reqs[*i], plans);
-        TxnOp::txn(Txn::new().when(compares).and_then(ops))
-    });
-    let resp = s.txn(
-        dl,
-        "combined allocation commit",
-        Txn::new().and_then(commits.collect::<Vec<_>>()),
-    )?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    let mut merges: HashMap<&str, (Vec<ReadRun>, Vec<u128>)> = HashMap::new();
-    for ((i, plans, chosen), answer) in planned.into_iter().zip(resp.op_responses()) {
-        if !matches!(answer, TxnOpResponse::Txn(t) if t.succeeded()) {
-            observer.conflict("add");
-            round.lost.push(i);
-            continue;
-        }
-        for (rr, plan) in reqs[i].ranges.iter().zip(plans) {
-            if let Plan::Take { offset, walked, .. } = plan {
-                let merge = merges.entry(rr.pool.name.as_str()).or_default();
-                merge.0.extend(walked);
-                merge.1.push(offset);
-            }
-        }
-        round.done.push((i, chosen));
-    }
-    for (pool, (walked, new_runs)) in merges {
-        compact_chain(s, dl, pool, &walked, &new_runs, revision);
-    }
-    Ok(round)
+    Ok(together
+        .iter()
+        .zip(starts)
+        .map(|(&i, start)| FirstRead::parse(&reqs[i], start, &mut results))
+        .collect())
 }

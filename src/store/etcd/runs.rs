@@ -30,11 +30,16 @@ pub struct ReadRun {
 impl ReadRun {
     /// The run stored in `kv`, if it is well formed.
     pub fn from_kv(kv: &KeyValue) -> Option<ReadRun> {
-        let start = parse_hex(std::str::from_utf8(kv.key()).ok()?)?;
-        let end = parse_hex(std::str::from_utf8(kv.value()).ok()?)?;
+        ReadRun::from_parts(kv.key(), kv.value(), kv.mod_revision())
+    }
+
+    /// The run stored under `key` with `value`, as read or as the agent's copy holds it.
+    pub fn from_parts(key: &[u8], value: &[u8], mod_revision: i64) -> Option<ReadRun> {
+        let start = parse_hex(std::str::from_utf8(key).ok()?)?;
+        let end = parse_hex(std::str::from_utf8(value).ok()?)?;
         (end >= start).then_some(ReadRun {
             run: Run { start, end },
-            mod_revision: kv.mod_revision(),
+            mod_revision,
         })
     }
 }

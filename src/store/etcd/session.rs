@@ -158,6 +158,11 @@ impl Session {
         })
     }
 
+    /// The client, for calls that outlive one operation (the agent's watch).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// Runs one request, bounded by the request timeout and the deadline.
     pub fn call<T, F>(
         &self,

@@ -9,7 +9,7 @@ use super::runs::ReadRun;
 use super::session::floor_get;
 
 /// Runs fetched after the first one; more means fewer reads when the pool is fragmented.
-const AHEAD: i64 = 32;
+pub const AHEAD: i64 = 32;
 
 /// The two gets that read the window starting at `from`.
 pub fn gets(keys: &Keys, pool: &str, from: u128) -> Vec<TxnOp> {
@@ -42,12 +42,17 @@ pub struct Window {
 impl Window {
     /// The window from the answers to [`gets`].
     pub fn parse(from: u128, floor: Vec<KeyValue>, ahead: Vec<KeyValue>) -> Window {
-        let mut runs: Vec<ReadRun> = floor.iter().filter_map(ReadRun::from_kv).collect();
-        let ahead: Vec<ReadRun> = if from == u128::MAX {
-            Vec::new()
-        } else {
-            ahead.iter().filter_map(ReadRun::from_kv).collect()
-        };
+        Window::of_runs(
+            from,
+            floor.iter().filter_map(ReadRun::from_kv).collect(),
+            ahead.iter().filter_map(ReadRun::from_kv).collect(),
+        )
+    }
+
+    /// The window from the run at or before `from` (if any) and up to [`AHEAD`] runs after it,
+    /// as read or as the agent's copy holds them.
+    pub fn of_runs(from: u128, mut runs: Vec<ReadRun>, ahead: Vec<ReadRun>) -> Window {
+        let ahead = if from == u128::MAX { Vec::new() } else { ahead };
         // A full page may have more after it: the window ends with its last run.
         let to = match ahead.last() {
             Some(last) if ahead.len() as i64 >= AHEAD => last.run.end,
