@@ -107,11 +107,13 @@ fn main() {
             agent_process::Agent::start(dir.path(), &format!("node-{n}"), settings)
         })
         .collect();
+    let before = transactions_served(&cluster);
     let via = binary_rate(ours, &cluster, NODES, IN_FLIGHT, "10.90.0.0/16", &agents);
-    let served: f64 = agents
-        .iter()
-        .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"))
-        .sum();
+    let transactions = transactions_served(&cluster) - before;
+    let total = |name: &str| -> f64 { agents.iter().map(|a| a.metric(name)).sum() };
+    let served = total("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}");
+    let batches = total("whereabouts_agent_batch_size_count{operation=\"add\"}");
+    let lost = total("whereabouts_agent_conflicts_total{operation=\"add\"}");
     assert_eq!(
         served as usize,
         NODES * PER_NODE,
@@ -122,6 +124,30 @@ fn main() {
         NODES * PER_NODE,
         via / raw
     );
+    println!(
+        "  {:.2} etcd transactions per ADD (the members' own count), {:.2} ADDs per batch, {lost} combined commits lost a race",
+        transactions / served,
+        served / batches.max(1.0)
+    );
+}
+
+/// The transactions the cluster's members have served, by their own counters.
+fn transactions_served(cluster: &Cluster) -> f64 {
+    let mut served = 0.0;
+    for url in cluster.endpoint_urls() {
+        let out = std::process::Command::new("curl")
+            .args(["-sf", &format!("{url}/metrics")])
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "metrics of {url}");
+        served += String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("grpc_server_handled_total{"))
+            .filter(|l| l.contains("grpc_method=\"Txn\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    served
 }
 
 /// Sequential transactions, each creating one key if absent: the engine's own limit for a

@@ -63,7 +63,7 @@ struct Inner {
     adds: Queues<AddRequest, Answer>,
     observer: Arc<dyn Observer>,
     runtime: tokio::runtime::Handle,
-    /// The engine's keys as the watch brings them.
+    /// The pools' runs as the watch brings them.
     copy: Arc<Copy>,
     /// The revision of this agent's last combined commit: a batch plans from the copy only
     /// once the copy shows it, so that it never picks what the agent itself just took.
@@ -79,7 +79,7 @@ impl Combining {
         let copy = Copy::follow(
             &runtime,
             store.session.client(),
-            store.session.keys.prefix().to_string(),
+            store.session.keys.pools_dir(),
             observer.clone(),
         );
         Combining {
@@ -340,24 +340,15 @@ impl Inner {
     }
 }
 
-/// What one ADD holds as the copy shows it, in the shape [`FirstRead`] reads it.
+/// What one ADD finds in the copy, in the shape [`FirstRead`] reads it. The copy has no index
+/// entries: the commit compares them absent, so an attachment that holds an address already
+/// loses its commit, and the next round reads what it holds.
 fn from_copy(
     s: &Session,
     seen: &Seen<'_>,
     req: &AddRequest,
 ) -> (Vec<IndexHits>, Vec<Option<Window>>) {
-    let who = &req.attachment;
-    let hits = req
-        .ranges
-        .iter()
-        .map(|rr| IndexHits {
-            owner: seen.index_entry(&s.keys.owner(&who.container_id, &who.ifname, &rr.pool.name)),
-            pod: who
-                .pod_ref
-                .as_ref()
-                .and_then(|pod| seen.index_entry(&s.keys.pod(pod, &who.ifname, &rr.pool.name))),
-        })
-        .collect();
+    let hits = vec![IndexHits::default(); req.ranges.len()];
     let windows = req
         .ranges
         .iter()

@@ -1,8 +1,9 @@
-//! The node agent's copy of the engine's keys, fed by an etcd watch: listed at one revision,
-//! then followed from the next one; listed again after the watch fails or is compacted away.
-//! A combined ADD plans from it instead of reading (`combine`); its commit still compares
-//! every key it relies on, so a copy behind the cluster costs a lost commit and a read, never a
-//! duplicate.
+//! The node agent's copy of the pools' runs (`runs`), fed by an etcd watch: listed at one
+//! revision, then followed from the next one; listed again after the watch fails or is
+//! compacted away. A combined ADD plans from it instead of reading (`combine`); its commit
+//! still compares every key it relies on, so a copy behind the cluster costs a lost commit and
+//! a read, never a duplicate. Only the runs are kept: a few keys per pool, however many
+//! addresses it holds (allocation records and index entries would cost memory per address).
 //!
 //! No crate follows an etcd prefix into memory (kube's reflector is for the Kubernetes API),
 //! so the list and the watch are written here, on etcd-client's own calls; the retry pacing
@@ -46,18 +47,18 @@ pub(super) struct Copy {
 pub(super) struct Seen<'a>(MutexGuard<'a, State>);
 
 impl Copy {
-    /// Starts following every key under `prefix` on `runtime`, for as long as it runs.
+    /// Starts following the runs under `pools_dir` on `runtime`, for as long as it runs.
     pub fn follow(
         runtime: &tokio::runtime::Handle,
         client: Client,
-        prefix: String,
+        pools_dir: String,
         observer: Arc<dyn Observer>,
     ) -> Arc<Copy> {
         let copy = Arc::new(Copy {
             state: Mutex::new(State::default()),
             advanced: Condvar::new(),
         });
-        runtime.spawn(keep_following(copy.clone(), client, prefix, observer));
+        runtime.spawn(keep_following(copy.clone(), client, pools_dir, observer));
         copy
     }
 
@@ -85,7 +86,9 @@ impl Copy {
     fn apply(&self, events: &[etcd_client::Event], revision: i64) {
         let mut state = lock(&self.state);
         for event in events {
-            let Some(kv) = event.kv() else { continue };
+            let Some(kv) = event.kv().filter(|kv| is_run(kv.key())) else {
+                continue;
+            };
             match event.event_type() {
                 EventType::Put => {
                     let stored = Stored {
@@ -110,16 +113,6 @@ impl Copy {
 }
 
 impl Seen<'_> {
-    /// The revision and the offset (as written by `keys::hex`) stored under an index key.
-    pub fn index_entry(&self, key: &str) -> Option<(i64, Option<u128>)> {
-        self.0.keys.get(key.as_bytes()).map(|stored| {
-            let offset = std::str::from_utf8(&stored.value)
-                .ok()
-                .and_then(super::keys::parse_hex);
-            (stored.mod_revision, offset)
-        })
-    }
-
     /// The window of runs from `from`, as `window::gets` would read it.
     pub fn window(&self, runs_dir: &str, run_key: &str, from: u128) -> Window {
         let run = |(key, stored): (&Vec<u8>, &Stored)| {
@@ -144,7 +137,13 @@ impl Seen<'_> {
     }
 }
 
-/// Lists and follows the prefix until the runtime stops; after a failure, again after a pause
+/// Whether `key` (under the pools' directory) is a run key: `<pool>/r/<start>`.
+fn is_run(key: &[u8]) -> bool {
+    // Pool names are escaped, so the run directory is always the second segment from the end.
+    key.rsplit(|b| *b == b'/').nth(1) == Some(b"r")
+}
+
+/// Lists and follows the pools' directory until the runtime stops; after a failure, again after a pause
 /// that grows while failures repeat.
 async fn keep_following(
     copy: Arc<Copy>,
@@ -225,16 +224,33 @@ async fn list(
         }
         let more = resp.more();
         for kv in resp.take_kvs() {
-            let stored = Stored {
-                value: kv.value().to_vec(),
-                mod_revision: kv.mod_revision(),
-            };
             from = kv.key().to_vec();
-            keys.insert(kv.key().to_vec(), stored);
+            if is_run(kv.key()) {
+                let stored = Stored {
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                };
+                keys.insert(kv.key().to_vec(), stored);
+            }
         }
         if !more {
             return Ok((keys, revision));
         }
         from.push(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::etcd::keys::Keys;
+
+    #[test]
+    fn only_run_keys_are_kept() {
+        let keys = Keys::new("/w/");
+        for pool in ["net-10.0.0.0-24", "r", "a/r"] {
+            assert!(is_run(keys.run(pool, 7).as_bytes()), "{pool}");
+            assert!(!is_run(keys.allocation(pool, 7).as_bytes()), "{pool}");
+        }
     }
 }
