@@ -473,6 +473,13 @@ fn a_reservation_the_copy_shows_taken_costs_no_read() {
         "the address held elsewhere is passed over"
     );
     assert_eq!(reads(), 0, "{:?}", server.requests_by_verb());
+    let creates = server.requests_by_verb();
+    let creates = creates.get("POST overlappingrangeipreservations");
+    assert_eq!(
+        creates,
+        Some(&1),
+        "the copy's reservation is not even tried"
+    );
 
     // Unseen by the copy: the server is asked.
     server.hold_watches(true);
@@ -485,6 +492,51 @@ fn a_reservation_the_copy_shows_taken_costs_no_read() {
         "the address held elsewhere is passed over"
     );
     assert_eq!(reads(), 1, "{:?}", server.requests_by_verb());
+    server.hold_watches(false);
+}
+
+/// The copy steers the search past reservations, but a refusal is never decided on it: a
+/// reservation the copy still shows after the server deleted it (its watch held back) does not
+/// exhaust the range. On the fake API server, whose watches can be held back on demand.
+#[test]
+fn a_reservation_the_copy_still_shows_does_not_exhaust_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, kubeconfig, agent) = agent_on_a_fake_server(dir.path());
+    let conf = netconf("stalenet", &ipam("10.147.0.0/30", &kubeconfig));
+    let events = r#"whereabouts_agent_cache_events_total{cache="reservations"}"#;
+    let before = agent.metric(events);
+    server.create(
+        "overlappingrangeipreservations",
+        "kube-system",
+        json!({
+            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+            "kind": "OverlappingRangeIPReservation",
+            "metadata": {"name": "10.147.0.2"},
+            "spec": {"containerid": "elsewhere", "ifname": "net1", "podref": "other/pod"},
+        }),
+    );
+    let start = std::time::Instant::now();
+    while agent.metric(events) <= before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the watch never brought it"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let first = call("ADD", 0, "node-0", &agent, &conf);
+    assert_eq!(ip_of(&first), "10.147.0.1", "{first:?}");
+    server.hold_watches(true);
+    assert!(server.delete_now(
+        "overlappingrangeipreservations",
+        "kube-system",
+        "10.147.0.2"
+    ));
+    let last = call("ADD", 1, "node-0", &agent, &conf);
+    assert_eq!(
+        last.code, 0,
+        "the range's last address is free on the server: {last:?}"
+    );
+    assert_eq!(ip_of(&last), "10.147.0.2");
     server.hold_watches(false);
 }
 

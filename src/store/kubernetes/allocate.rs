@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::api::ApiError;
 use super::batch::Batches;
+use super::cache::Cache;
 use super::choose::SPREAD;
 use super::engine::{Engine, Step, UndoLog};
 use super::go_lease::{self, Hold};
@@ -16,7 +17,7 @@ use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op
 use super::reservation::{self, Held};
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::object_name;
-use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Snapshot};
+use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Range, Snapshot};
 use crate::k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use crate::store::queues::{dropped, Serving};
 use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
@@ -70,6 +71,28 @@ struct BatchView<'a> {
     held: &'a BTreeMap<u128, Attachment>,
     taken: &'a OffsetRuns,
     slot: &'a Slot,
+    /// The agent's watched reservations, which steer the search past addresses another node
+    /// has reserved and not yet written to the pool.
+    hints: Option<Hints<'a>>,
+    /// Whether a hint passed an address over.
+    hinted: bool,
+}
+
+/// Reservations of one network as the agent's copy shows them.
+struct Hints<'a> {
+    cache: &'a Cache,
+    range: &'a Range,
+    network_name: &'a str,
+}
+
+impl Hints<'_> {
+    /// Whether the copy shows `offset` reserved by an attachment other than `who`.
+    fn reserved_elsewhere(&self, offset: u128, who: &Attachment) -> bool {
+        let name = reservation::name(self.range.ip(offset), self.network_name);
+        self.cache
+            .reservation(&name)
+            .is_some_and(|found| !reservation::held_by(&found, who))
+    }
 }
 
 impl Snapshot for BatchView<'_> {
@@ -104,6 +127,15 @@ impl Snapshot for BatchView<'_> {
             return Ok(Some(end));
         }
         let skip = self.slot.avoid.contains(&offset) || self.doc.unaddressable(offset);
+        if !skip
+            && self
+                .hints
+                .as_ref()
+                .is_some_and(|h| h.reserved_elsewhere(offset, &self.slot.who))
+        {
+            self.hinted = true;
+            return Ok(Some(offset));
+        }
         Ok(skip.then_some(offset))
     }
 }
@@ -490,7 +522,7 @@ impl Engine {
             if slots[i].done.is_some() || twin_of[i].is_some() {
                 continue;
             }
-            let decision = self.pick(cx.pool, round, &mut slots[i]);
+            let decision = self.pick(cx, round, &mut slots[i]);
             let earlier = slots[i].reserved.take();
             match decision {
                 Some(Decision::Keep { offset, release }) => {
@@ -551,10 +583,7 @@ impl Engine {
         while !needs.is_empty() {
             let mut picks = Vec::new();
             for i in std::mem::take(&mut needs) {
-                if let Some(offset) = self
-                    .pick(cx.pool, round, &mut slots[i])
-                    .and_then(|d| d.offset())
-                {
+                if let Some(offset) = self.pick(cx, round, &mut slots[i]).and_then(|d| d.offset()) {
                     round.taken.insert(offset);
                     picks.push((i, offset));
                 }
@@ -699,7 +728,8 @@ impl Engine {
 
     /// What the core decides for the job on this read of the pool (`taken` adds what this batch
     /// chose); `None`, with the job's error recorded, when the job cannot be served.
-    fn pick(&self, pool: &PoolRef, round: &Round, slot: &mut Slot) -> Option<Decision<String>> {
+    fn pick(&self, cx: &BatchCx<'_>, round: &Round, slot: &mut Slot) -> Option<Decision<String>> {
+        let pool = cx.pool;
         let (doc, range) = (&round.doc, &pool.range);
         if let Some(offset) = slot.requested {
             if let Err(err) = self.check_requested(pool, doc, offset) {
@@ -719,13 +749,32 @@ impl Engine {
             contention,
             limit: round.limit,
         };
+        // Only the agent has a copy; only reservations of overlapping ranges are ever made.
+        let hints = self
+            .cache
+            .as_deref()
+            .filter(|_| cx.req.overlap && slot.requested.is_none())
+            .map(|cache| Hints {
+                cache,
+                range,
+                network_name: &cx.req.network_name,
+            });
         let mut view = BatchView {
             doc,
             held: &round.held,
             taken: &round.taken,
             slot,
+            hints,
+            hinted: false,
         };
-        let Ok(decision) = decide(range, &ask, &mut view);
+        let Ok(mut decision) = decide(range, &ask, &mut view);
+        if decision.offset().is_none() && view.hinted {
+            // A refusal is never decided on a copy: without the hints, the reservations are
+            // created (or found held) on the server.
+            view.hints = None;
+            let Ok(again) = decide(range, &ask, &mut view);
+            decision = again;
+        }
         if decision.offset().is_some() {
             slot.decision = Some(decision.clone());
             return Some(decision);
