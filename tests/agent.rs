@@ -652,6 +652,85 @@ fn agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
     assert!(left.len() <= orphans.len(), "new orphans: {left:?}");
 }
 
+/// The etcd engine's agents killed with SIGKILL in the middle of a burst (their batches and
+/// copies lost with them) and started again: every ADD answers an address or "try again", no
+/// address twice once the runtime has retried, repeated ADDs keep what each pod holds, and
+/// the DELs leave no key (no allocation leaked, the runs intact).
+#[test]
+fn etcd_agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
+    if !etcd_cluster::etcd_available() {
+        return;
+    }
+    const CALLS: usize = 80;
+    let cluster = etcd_cluster::Cluster::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let settings = json!({"datastore": "etcd", "etcd_host": cluster.endpoints()});
+    let agents = Mutex::new(vec![
+        Agent::start(dir.path(), "node-0", settings.clone()),
+        Agent::start(dir.path(), "node-1", settings),
+    ]);
+    let conf = netconf(
+        "etcdkill",
+        &json!({
+            "type": "whereabouts",
+            "datastore": "etcd",
+            "etcd_host": cluster.endpoints(),
+            "range": "10.148.0.0/24",
+            "log_level": "error",
+        }),
+    );
+    let added = burst("ADD", CALLS, 20, &agents, &[&conf], |done| {
+        while done.load(Ordering::SeqCst) < CALLS / 4 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for agent in agents.lock().unwrap().iter_mut() {
+            agent.kill();
+        }
+    });
+    let mut holders = BTreeMap::new();
+    let mut failed = Vec::new();
+    for (i, reply) in &added {
+        match reply.cni_code() {
+            0 => drop(holders.insert(*i, ip_of(reply))),
+            11 => failed.push(*i),
+            other => panic!("ADD {i}: code {other}: {reply:?}"),
+        }
+    }
+    for agent in agents.lock().unwrap().iter_mut() {
+        agent.restart();
+    }
+    for i in failed {
+        let agents = agents.lock().unwrap();
+        let node = i % agents.len();
+        let reply = call("ADD", i, &format!("node-{node}"), &agents[node], &conf);
+        assert_eq!(reply.code, 0, "retried ADD {i}: {reply:?}");
+        holders.insert(i, ip_of(&reply));
+    }
+    let distinct: BTreeSet<&String> = holders.values().collect();
+    assert_eq!(distinct.len(), CALLS, "an address was handed out twice");
+    let records = cluster
+        .keys("/whereabouts/pools/")
+        .into_iter()
+        .filter(|k| k.contains("/a/"))
+        .count();
+    assert_eq!(records, CALLS, "allocations leaked or lost");
+
+    let again = burst("ADD", CALLS, 20, &agents, &[&conf], |_| {});
+    for (i, reply) in &again {
+        assert_eq!(reply.code, 0, "repeated ADD {i}: {reply:?}");
+        assert_eq!(ip_of(reply), holders[i], "repeated ADD {i} moved");
+    }
+    let deleted = burst("DEL", CALLS, 20, &agents, &[&conf], |_| {});
+    for (i, reply) in &deleted {
+        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
+    }
+    let left = cluster.keys("/whereabouts/");
+    assert!(
+        left.is_empty(),
+        "keys left after DEL of everything: {left:?}"
+    );
+}
+
 /// The etcd engine through two agents: a burst of ADDs from both nodes, unique, then DELs
 /// that leave no key behind.
 #[test]

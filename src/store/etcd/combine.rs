@@ -1,6 +1,8 @@
 //! The node agent's etcd engine: a node's concurrent ADDs of a pool wait in a queue
-//! ([`crate::store::queues`]); one blocking task serves whatever waits with one read for all of
-//! them and one transaction that holds each ADD's own commit as a nested transaction.
+//! ([`crate::store::queues`]); one blocking task serves whatever waits. It plans them from the
+//! agent's watch-fed copy of the pools' runs (`copy`), or from one read for all of them when
+//! the copy is not in step or after a lost race, and commits them in one transaction that
+//! holds each ADD's own commit as a nested transaction.
 //!
 //! etcd evaluates the compares of every nested commit against the revision the transaction
 //! starts from, then applies the commits whose compares hold, in order. Each commit compares
@@ -22,8 +24,7 @@ use etcd_client::{Txn, TxnOp, TxnOpResponse};
 use super::allocate::{self, plan_all, refuse_unsupported, FirstRead, Memory, Planned};
 use super::commit::{build_commit, compact_chain};
 use super::copy::{Copy, Seen};
-use super::plan::IndexHits;
-use super::plan::Plan;
+use super::plan::{IndexHits, Plan};
 use super::runs::ReadRun;
 use super::session::{CallFailed, Deadline, Session};
 use super::window::Window;
@@ -252,10 +253,11 @@ fn combinable(reqs: &[AddRequest]) -> Vec<usize> {
 /// index entries and the run window of each dynamic range.
 type Found = Vec<(Vec<IndexHits>, Vec<Option<Window>>)>;
 
-/// A plan for each of the requests `together` that holds nothing yet, every address distinct
-/// from the others', from the copy or else from one read. Requests without a plan (one may
-/// hold an address already, or its plan failed) are neither answered nor lost: they run alone.
 impl Inner {
+    /// A plan for each of the requests `together` that holds nothing yet, every address
+    /// distinct from the others', from the copy or else from one read. Requests without a plan
+    /// (one may hold an address already, or its plan failed) are neither answered nor lost:
+    /// they run alone.
     fn plan_together(
         &self,
         copy: Option<Seen<'_>>,
