@@ -724,6 +724,16 @@ fn etcd_agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
     for (i, reply) in &deleted {
         assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
     }
+    let freed: f64 = agents
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.metric("whereabouts_agent_batch_size_sum{operation=\"del\"}"))
+        .sum();
+    assert_eq!(
+        freed as usize, CALLS,
+        "every DEL went through an agent's queue"
+    );
     let left = cluster.keys("/whereabouts/");
     assert!(
         left.is_empty(),

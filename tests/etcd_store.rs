@@ -262,14 +262,15 @@ fn a_million_allocations_do_not_slow_down_the_next() {
 /// What an agent's store reports of its combining and of its copy.
 #[derive(Default)]
 struct Combined {
-    sizes: Mutex<Vec<usize>>,
+    /// Batch sizes by operation ("add", "del").
+    sizes: Mutex<Vec<(&'static str, usize)>>,
     conflicts: AtomicUsize,
     synced: std::sync::atomic::AtomicBool,
 }
 
 impl Observer for Combined {
-    fn batch(&self, _: &'static str, size: usize) {
-        self.sizes.lock().unwrap().push(size);
+    fn batch(&self, operation: &'static str, size: usize) {
+        self.sizes.lock().unwrap().push((operation, size));
     }
     fn conflict(&self, _: &'static str) {
         self.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -277,6 +278,17 @@ impl Observer for Combined {
     fn cache(&self, what: &'static str, synced: bool) {
         assert_eq!(what, "etcd");
         self.synced.store(synced, Ordering::Release);
+    }
+}
+
+impl Combined {
+    fn batches(&self, operation: &str) -> Vec<usize> {
+        let sizes = self.sizes.lock().unwrap();
+        sizes
+            .iter()
+            .filter(|(op, _)| *op == operation)
+            .map(|(_, n)| *n)
+            .collect()
     }
 }
 
@@ -358,7 +370,7 @@ fn an_agent_plans_from_its_copy_without_reading() {
         per_add < 1.5,
         "{per_add:.2} transactions per ADD: the copy was not used"
     );
-    assert!(observed.sizes.lock().unwrap().iter().all(|&n| n == 1));
+    assert!(observed.sizes.lock().unwrap().iter().all(|&(_, n)| n == 1));
 }
 
 type Shared = Arc<dyn Store + Send + Sync>;
@@ -444,7 +456,7 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
         "an address handed out twice: {given:?}"
     );
 
-    let sizes = combined.sizes.lock().unwrap().clone();
+    let sizes = combined.batches("add");
     assert_eq!(sizes.iter().sum::<usize>(), 2 * PER_NODE + 1, "{sizes:?}");
     assert!(
         sizes.iter().any(|&n| n > 1),
@@ -467,10 +479,37 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
         .collect();
     assert_eq!(recorded, given, "the store holds what was handed out");
 
-    let dels: Vec<(usize, String)> = given.keys().map(|c| (0, c.clone())).collect();
-    all_at_once(&dels, |(_, c)| {
-        assert_eq!(nodes[1].del(&att_req(c, pools)).unwrap().len(), 1, "{c}")
+    // Every attachment's DEL on one of the nodes, at once (each node's combined into shared
+    // transactions, several releases of one run in one commit), and one DEL twice.
+    let mut dels: Vec<(usize, String)> = given
+        .keys()
+        .enumerate()
+        .map(|(i, c)| (i % 2, c.clone()))
+        .collect();
+    dels.push((1, "n1-1".into()));
+    let freed = all_at_once(&dels, |(node, c)| {
+        let released = nodes[*node]
+            .del(&att_req(c, pools))
+            .expect("DEL through an agent");
+        released
+            .into_iter()
+            .map(|a| (a.attachment.container_id, a.ip))
+            .collect::<Vec<_>>()
     });
+    let mut freed: Vec<(String, IpAddr)> = freed.into_iter().flatten().collect();
+    freed.sort();
+    assert_eq!(
+        freed,
+        given.into_iter().collect::<Vec<_>>(),
+        "each DEL released its own, once"
+    );
+    let del_sizes = combined.batches("del");
+    assert_eq!(del_sizes.iter().sum::<usize>(), dels.len(), "{del_sizes:?}");
+    assert!(
+        del_sizes.iter().any(|&n| n > 1),
+        "no DELs combined: {del_sizes:?}"
+    );
+    eprintln!("DEL batches {del_sizes:?}");
     let left = cluster.keys(DEFAULT_PREFIX);
     assert!(
         left.is_empty(),

@@ -25,6 +25,8 @@ use super::allocate::{self, plan_all, refuse_unsupported, FirstRead, Memory, Pla
 use super::commit::{build_commit, compact_chain};
 use super::copy::{Copy, Seen};
 use super::plan::{IndexHits, Plan};
+use super::release;
+use super::release_together::release_together;
 use super::runs::ReadRun;
 use super::session::{CallFailed, Deadline, Session};
 use super::window::Window;
@@ -45,6 +47,7 @@ const MAX_BATCH: usize = 64;
 const COMBINED_ROUNDS: usize = 3;
 
 type Answer = Result<Vec<IpAddr>, StoreError>;
+type DelAnswer = Result<Vec<Allocation>, StoreError>;
 
 /// What one combined round did.
 struct Round {
@@ -62,6 +65,7 @@ pub(super) struct Combining {
 struct Inner {
     store: EtcdStore,
     adds: Queues<AddRequest, Answer>,
+    dels: Queues<AttachmentRequest, DelAnswer>,
     observer: Arc<dyn Observer>,
     runtime: tokio::runtime::Handle,
     /// The pools' runs as the watch brings them.
@@ -87,6 +91,7 @@ impl Combining {
             inner: Arc::new(Inner {
                 store,
                 adds: Queues::default(),
+                dels: Queues::default(),
                 observer,
                 runtime,
                 copy,
@@ -97,24 +102,28 @@ impl Combining {
 }
 
 impl Inner {
-    /// Serves the queue `key` until it is empty.
-    fn serve(&self, key: &str) {
-        let _serving = Serving {
-            queues: &self.adds,
-            key,
-        };
+    /// Serves the queue `key` of `operation` ("add", "del") until it is empty, a batch at a
+    /// time with `serve_batch`.
+    fn serve<J, R>(
+        &self,
+        queues: &Queues<J, R>,
+        key: &str,
+        operation: &'static str,
+        serve_batch: impl Fn(&Self, &[J]) -> Vec<R>,
+    ) {
+        let _serving = Serving { queues, key };
         loop {
-            let mut waiting = self.adds.take_or_close(key);
+            let mut waiting = queues.take_or_close(key);
             if waiting.is_empty() {
                 return;
             }
             while !waiting.is_empty() {
                 let rest = waiting.split_off(waiting.len().min(MAX_BATCH));
-                let (reqs, replies): (Vec<AddRequest>, Vec<_>) = waiting.into_iter().unzip();
-                self.observer.batch("add", reqs.len());
-                let answers = self.add_many(&reqs);
+                let (jobs, replies): (Vec<J>, Vec<_>) = waiting.into_iter().unzip();
+                self.observer.batch(operation, jobs.len());
+                let answers = serve_batch(self, &jobs);
                 for (reply, answer) in replies.into_iter().zip(answers) {
-                    // The plugin may have hung up; what was written stays its own.
+                    // The plugin may have hung up; what was done stays done.
                     let _ = reply.send(answer);
                 }
                 waiting = rest;
@@ -133,13 +142,27 @@ impl Store for Combining {
         let (answer, start) = self.inner.adds.submit(&key, req.clone());
         if start {
             let inner = self.inner.clone();
-            self.inner.runtime.spawn_blocking(move || inner.serve(&key));
+            self.inner
+                .runtime
+                .spawn_blocking(move || inner.serve(&inner.adds, &key, "add", Inner::add_many));
         }
         answer.blocking_recv().unwrap_or_else(|_| Err(dropped()))
     }
 
-    fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
-        self.inner.store.del(req)
+    fn del(&self, req: &AttachmentRequest) -> DelAnswer {
+        let key = req
+            .pools
+            .first()
+            .map(|pool| pool.name.clone())
+            .unwrap_or_default();
+        let (answer, start) = self.inner.dels.submit(&key, req.clone());
+        if start {
+            let inner = self.inner.clone();
+            self.inner
+                .runtime
+                .spawn_blocking(move || inner.serve(&inner.dels, &key, "del", Inner::del_many));
+        }
+        answer.blocking_recv().unwrap_or_else(|_| Err(dropped()))
     }
 
     fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
@@ -203,26 +226,93 @@ impl Inner {
                 }
             }
         }
-        let alone = |req: &AddRequest| allocate::add_by(&store.session, &store.backoff, req, &dl);
-        let mut left: Vec<(&mut Option<Answer>, &AddRequest)> = answers
-            .iter_mut()
-            .zip(reqs)
-            .filter(|(answer, _)| answer.is_none())
-            .collect();
-        if let [(answer, req)] = left.as_mut_slice() {
-            **answer = Some(alone(req));
-        } else {
-            std::thread::scope(|scope| {
-                for (answer, req) in left {
-                    scope.spawn(move || *answer = Some(alone(req)));
-                }
-            });
-        }
+        let left = answers.iter_mut().zip(reqs).filter(|(a, _)| a.is_none());
+        side_by_side(left.collect(), |req| {
+            allocate::add_by(&store.session, &store.backoff, req, &dl)
+        });
         answers
             .into_iter()
             .map(|answer| answer.unwrap_or_else(|| Err(dropped())))
             .collect()
     }
+
+    /// Every DEL's answer, in order: what combined rounds released (each DEL of an attachment
+    /// once), then the engine's own DEL for the rest, side by side.
+    fn del_many(&self, reqs: &[AttachmentRequest]) -> Vec<DelAnswer> {
+        let store = &self.store;
+        let dl = Deadline::after(store.session.timeouts.deadline);
+        let mut released: Vec<Vec<Allocation>> = vec![Vec::new(); reqs.len()];
+        let mut answers: Vec<Option<DelAnswer>> = (0..reqs.len()).map(|_| None).collect();
+        let mut together = one_per_attachment(reqs.iter().map(|r| (&r.container_id, &r.ifname)));
+        for _ in 0..COMBINED_ROUNDS {
+            if together.len() < 2 {
+                break;
+            }
+            match release_together(&store.session, reqs, &together, &dl) {
+                Ok(round) => {
+                    for (i, allocation) in round.released {
+                        released[i].push(allocation);
+                    }
+                    for i in round.answered {
+                        answers[i] = Some(Ok(Vec::new()));
+                    }
+                    round
+                        .lost
+                        .iter()
+                        .for_each(|_| self.observer.conflict("del"));
+                    together = round.lost;
+                }
+                Err(failed) => {
+                    tracing::debug!(
+                        "etcd: a combined DEL failed, each is tried alone: {}",
+                        crate::store::error::chain(&failed)
+                    );
+                    break;
+                }
+            }
+        }
+        let left = answers.iter_mut().zip(reqs).filter(|(a, _)| a.is_none());
+        side_by_side(left.collect(), |req| {
+            release::del_by(&store.session, &store.backoff, req, &dl)
+        });
+        answers
+            .into_iter()
+            .zip(released)
+            .map(|(answer, mut earlier)| {
+                let alone = answer.unwrap_or_else(|| Err(dropped()))?;
+                earlier.extend(alone);
+                Ok(earlier)
+            })
+            .collect()
+    }
+}
+
+/// Runs `op` for each request left, each on a thread of its own when there are several (the
+/// engine's calls block), and puts its answer in place.
+fn side_by_side<T: Sync, R: Send>(
+    mut left: Vec<(&mut Option<R>, &T)>,
+    op: impl Fn(&T) -> R + Sync,
+) {
+    if let [(answer, req)] = left.as_mut_slice() {
+        **answer = Some(op(req));
+        return;
+    }
+    std::thread::scope(|scope| {
+        for (answer, req) in left {
+            let op = &op;
+            scope.spawn(move || *answer = Some(op(req)));
+        }
+    });
+}
+
+/// The indexes of the first request of each attachment (container ID, interface): two of one
+/// attachment in a batch would write the same keys.
+fn one_per_attachment<'a>(who: impl Iterator<Item = (&'a String, &'a String)>) -> Vec<usize> {
+    let mut seen = HashSet::new();
+    who.enumerate()
+        .filter(|(_, (container, ifname))| seen.insert((*container, *ifname)))
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// The requests that may share one transaction: every range dynamic, and no two of the same

@@ -12,6 +12,7 @@ mod keys;
 mod plan;
 mod records;
 mod release;
+mod release_together;
 mod runs;
 mod session;
 mod window;

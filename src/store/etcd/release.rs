@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
 
 use super::commit::push_run_change;
-use super::keys::{parse_hex, unescape};
+use super::keys::{parse_hex, unescape, Keys};
 use super::plan::Stop;
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun};
@@ -89,26 +89,17 @@ fn try_release(
         .and_then(|kv| ReadRun::from_kv(&kv))
         .filter(|r| r.run.start <= offset && offset <= r.run.end);
     let side = read_side_keys(s, dl, pool, offset, &record)?;
-    let mut compares = vec![Compare::mod_revision(
-        akey.clone(),
-        CompareOp::Equal,
+    let (mut compares, mut ops) = (Vec::new(), Vec::new());
+    push_release(
+        keys,
+        (pool, offset),
         kv.mod_revision(),
-    )];
-    let mut ops = vec![TxnOp::delete(akey, None)];
-    for (key, rev) in side {
-        compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, rev));
-        ops.push(TxnOp::delete(key, None));
-    }
+        &side,
+        &mut compares,
+        &mut ops,
+    );
     match run {
-        Some(read) => {
-            compares.push(Compare::mod_revision(
-                keys.run(pool, read.run.start),
-                CompareOp::Equal,
-                read.mod_revision,
-            ));
-            let change = runs::release(offset, read.run);
-            push_run_change(keys, pool, change, &mut compares, &mut ops);
-        }
+        Some(read) => push_run_release(keys, pool, &[offset], read, &mut compares, &mut ops),
         None => tracing::warn!(
             pool,
             offset,
@@ -123,6 +114,47 @@ fn try_release(
     }
 }
 
+/// The compares and deletes that release the record of `offset` (at `revision`) and the index
+/// entries and reservation `side` (as [`side_keys`] found them).
+pub(super) fn push_release(
+    keys: &Keys,
+    (pool, offset): (&str, u128),
+    revision: i64,
+    side: &[(String, i64)],
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<TxnOp>,
+) {
+    let akey = keys.allocation(pool, offset);
+    compares.push(Compare::mod_revision(
+        akey.clone(),
+        CompareOp::Equal,
+        revision,
+    ));
+    ops.push(TxnOp::delete(akey, None));
+    for (key, rev) in side {
+        compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, *rev));
+        ops.push(TxnOp::delete(key.clone(), None));
+    }
+}
+
+/// The compares and writes that take `offsets` out of `read`, the run covering them.
+pub(super) fn push_run_release(
+    keys: &Keys,
+    pool: &str,
+    offsets: &[u128],
+    read: ReadRun,
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<TxnOp>,
+) {
+    compares.push(Compare::mod_revision(
+        keys.run(pool, read.run.start),
+        CompareOp::Equal,
+        read.mod_revision,
+    ));
+    let change = runs::release_many(offsets, read.run);
+    push_run_change(keys, pool, change, compares, ops);
+}
+
 /// The index entries and reservation that point at this allocation, with their revisions.
 /// Entries that now point elsewhere (a newer allocation of the same owner) are left alone.
 fn read_side_keys(
@@ -132,7 +164,20 @@ fn read_side_keys(
     offset: u128,
     record: &AllocationRecord,
 ) -> Result<Vec<(String, i64)>, CallFailed> {
-    let keys = &s.keys;
+    let wanted = side_keys(&s.keys, pool, record);
+    let res = s.reads(dl, "release read", wanted.gets())?;
+    Ok(wanted.ours(res, pool, offset, record))
+}
+
+/// The keys that may point at an allocation: its owner and pod index entries and its
+/// reservation.
+pub(super) struct SideKeys {
+    keys: Vec<String>,
+    /// How many of `keys` are index entries (the rest is the reservation).
+    index_count: usize,
+}
+
+pub(super) fn side_keys(keys: &Keys, pool: &str, record: &AllocationRecord) -> SideKeys {
     let mut wanted = vec![keys.owner(&record.container_id, &record.ifname, pool)];
     if let Some(pod) = &record.pod_ref {
         wanted.push(keys.pod(pod, &record.ifname, pool));
@@ -141,28 +186,49 @@ fn read_side_keys(
     if record.reserved {
         wanted.push(keys.reservation(&record.network_name, record.ip));
     }
-    let res = s.reads(
-        dl,
-        "release read",
-        wanted.iter().map(|k| key_get(k)).collect(),
-    )?;
-    let mut side = Vec::new();
-    for (i, (key, kvs)) in wanted.into_iter().zip(res).enumerate() {
-        let Some(kv) = kvs.into_iter().next() else {
-            continue;
-        };
-        let ours = if i < index_count {
-            std::str::from_utf8(kv.value()).ok().and_then(parse_hex) == Some(offset)
-        } else {
-            ReservationRecord::from_json(kv.value()).is_some_and(|r| {
-                r.pool == pool && r.container_id == record.container_id && r.ifname == record.ifname
-            })
-        };
-        if ours {
-            side.push((key, kv.mod_revision()));
-        }
+    SideKeys {
+        keys: wanted,
+        index_count,
     }
-    Ok(side)
+}
+
+impl SideKeys {
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn gets(&self) -> Vec<TxnOp> {
+        self.keys.iter().map(|k| key_get(k)).collect()
+    }
+
+    /// Those of the keys, as read (`res`, one answer per get), that point at this allocation.
+    pub fn ours(
+        self,
+        res: impl IntoIterator<Item = Vec<KeyValue>>,
+        pool: &str,
+        offset: u128,
+        record: &AllocationRecord,
+    ) -> Vec<(String, i64)> {
+        let mut side = Vec::new();
+        for (i, (key, kvs)) in self.keys.into_iter().zip(res).enumerate() {
+            let Some(kv) = kvs.into_iter().next() else {
+                continue;
+            };
+            let ours = if i < self.index_count {
+                std::str::from_utf8(kv.value()).ok().and_then(parse_hex) == Some(offset)
+            } else {
+                ReservationRecord::from_json(kv.value()).is_some_and(|r| {
+                    r.pool == pool
+                        && r.container_id == record.container_id
+                        && r.ifname == record.ifname
+                })
+            };
+            if ours {
+                side.push((key, kv.mod_revision()));
+            }
+        }
+        side
+    }
 }
 
 /// The offsets the attachment holds, from the owner index: in every pool with `any_pool`
@@ -177,12 +243,7 @@ fn owned(
     let dir = s.keys.owner_dir(&req.container_id, &req.ifname);
     let mut found = Vec::new();
     s.scan(dl, &dir, |kv| {
-        let Ok(key) = std::str::from_utf8(kv.key()) else {
-            return;
-        };
-        let pool = unescape(key.rsplit('/').next().unwrap_or_default());
-        let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex);
-        if let Some(offset) = offset {
+        if let Some((pool, offset)) = owner_entry(&kv) {
             if any_pool || req.pools.iter().any(|p| p.name == pool) {
                 found.push((pool, offset));
             }
@@ -191,21 +252,41 @@ fn owned(
     Ok(found)
 }
 
+/// The pool and offset of an owner index entry.
+pub(super) fn owner_entry(kv: &KeyValue) -> Option<(String, u128)> {
+    let key = std::str::from_utf8(kv.key()).ok()?;
+    let pool = unescape(key.rsplit('/').next().unwrap_or_default());
+    let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex)?;
+    Some((pool, offset))
+}
+
 pub fn del(
     s: &Session,
     backoff: &Backoff,
     req: &AttachmentRequest,
 ) -> Result<Vec<Allocation>, StoreError> {
-    let dl = Deadline::after(s.timeouts.deadline);
+    del_by(s, backoff, req, &Deadline::after(s.timeouts.deadline))
+}
+
+/// [`del`], finished by the deadline `dl` (the agent's batch shares its own).
+pub(super) fn del_by(
+    s: &Session,
+    backoff: &Backoff,
+    req: &AttachmentRequest,
+    dl: &Deadline,
+) -> Result<Vec<Allocation>, StoreError> {
     let mut released = Vec::new();
-    for (pool, offset) in owned(s, &dl, req, true)? {
-        let belongs =
-            |r: &AllocationRecord| r.container_id == req.container_id && r.ifname == req.ifname;
-        if let Some(allocation) = release_one(s, backoff, &dl, &pool, offset, &belongs)? {
+    for (pool, offset) in owned(s, dl, req, true)? {
+        if let Some(allocation) = release_one(s, backoff, dl, &pool, offset, &owned_by(req))? {
             released.push(allocation);
         }
     }
     Ok(released)
+}
+
+/// Whether a record is the DEL's to release: the same container and interface.
+pub(super) fn owned_by(req: &AttachmentRequest) -> impl Fn(&AllocationRecord) -> bool + '_ {
+    |r: &AllocationRecord| r.container_id == req.container_id && r.ifname == req.ifname
 }
 
 pub fn check(s: &Session, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {

@@ -122,26 +122,39 @@ pub fn compact(chain: &[Run]) -> RunChange {
 
 /// Releasing `offset` from `run`, which contains it: shrink or split the run.
 pub fn release(offset: u128, run: Run) -> RunChange {
+    release_many(&[offset], run)
+}
+
+/// Releasing `offsets` (each in `run`) from `run` at once: what is left of it, as runs. The
+/// run keeps its key while its first offset stays; every other run left is a new key.
+pub fn release_many(offsets: &[u128], run: Run) -> RunChange {
+    let mut sorted = offsets.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
     let mut change = RunChange::default();
-    if offset > run.start {
-        change.puts.push((
-            Run {
-                start: run.start,
+    let mut left = Vec::new();
+    let mut next = Some(run.start);
+    for &offset in &sorted {
+        match next {
+            Some(from) if from < offset => left.push(Run {
+                start: from,
                 end: offset - 1,
-            },
-            false,
-        ));
-    } else {
+            }),
+            _ => {}
+        }
+        next = offset.checked_add(1);
+    }
+    if let Some(from) = next.filter(|from| *from <= run.end) {
+        left.push(Run {
+            start: from,
+            end: run.end,
+        });
+    }
+    if left.first().is_none_or(|first| first.start != run.start) {
         change.deletes.push(run.start);
     }
-    if offset < run.end {
-        change.puts.push((
-            Run {
-                start: offset + 1,
-                end: run.end,
-            },
-            true,
-        ));
+    for r in left {
+        change.puts.push((r, r.start != run.start));
     }
     change
 }
@@ -181,6 +194,39 @@ mod tests {
             release(7, r(5, 9)),
             RunChange {
                 puts: vec![(r(5, 6), false), (r(8, 9), true)],
+                deletes: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn releasing_many_at_once_leaves_the_rest_of_the_run() {
+        assert_eq!(
+            release_many(&[5, 9], r(5, 9)),
+            RunChange {
+                puts: vec![(r(6, 8), true)],
+                deletes: vec![5]
+            }
+        );
+        assert_eq!(
+            release_many(&[8, 6], r(5, 9)),
+            RunChange {
+                puts: vec![(r(5, 5), false), (r(7, 7), true), (r(9, 9), true)],
+                deletes: vec![]
+            }
+        );
+        assert_eq!(
+            release_many(&[5, 6, 7], r(5, 7)),
+            RunChange {
+                puts: vec![],
+                deletes: vec![5]
+            }
+        );
+        let top = u128::MAX;
+        assert_eq!(
+            release_many(&[top], r(top - 1, top)),
+            RunChange {
+                puts: vec![(r(top - 1, top - 1), false)],
                 deletes: vec![]
             }
         );
