@@ -312,9 +312,9 @@ fn transactions_served(cluster: &Cluster) -> f64 {
     served
 }
 
-/// An agent plans an ADD from its watched copy of the keys: one ADD after another, each costs
-/// its commit (and now and then a merge of runs), not a read as well; the copy follows the
-/// agent's own commits and another writer's.
+/// An agent plans an ADD from its watched copy of the pool's runs (followed from its first ADD
+/// of the pool): one ADD after another, each costs its commit (and now and then a merge of
+/// runs), not a read as well; the copy follows the agent's own commits and another writer's.
 #[test]
 fn an_agent_plans_from_its_copy_without_reading() {
     if !etcd_available() {
@@ -336,16 +336,20 @@ fn an_agent_plans_from_its_copy_without_reading() {
     let plain = open_with(&cfg, etcd, Timeouts::default(), DEFAULT_PREFIX).unwrap();
     let p = pool("10.0.0.0/24", "");
     let pools = std::slice::from_ref(&p);
-    // Another writer first: the copy lists or watches it.
+    // Another writer first; the agent's first ADD of the pool starts following it.
     let first = plain.add(&add_req(who("other", None), pools, "")).unwrap();
     assert_eq!(first, vec![ip("10.0.0.1")]);
+    let opening = agent
+        .add(&add_req(who("opening", None), pools, ""))
+        .unwrap();
+    assert_eq!(opening, vec![ip("10.0.0.2")]);
     let until = Instant::now() + Duration::from_secs(10);
     while !observed.synced.load(Ordering::Acquire) {
         assert!(Instant::now() < until, "the copy never synced");
         std::thread::sleep(Duration::from_millis(10));
     }
     let before = transactions_served(&cluster);
-    let mut given = BTreeSet::from([first[0]]);
+    let mut given = BTreeSet::from([first[0], opening[0]]);
     for i in 0..ADDS {
         if i == ADDS / 2 {
             // Another writer in the middle: the copy may not show it yet when the next ADD
@@ -361,7 +365,7 @@ fn an_agent_plans_from_its_copy_without_reading() {
         assert!(given.insert(got[0]), "{} handed out twice", got[0]);
     }
     // Lowest free first: the copy showed the other writer's addresses and every own commit.
-    let lowest: BTreeSet<IpAddr> = (1..=ADDS as u128 + 2).map(|o| p.range.ip(o)).collect();
+    let lowest: BTreeSet<IpAddr> = (1..=ADDS as u128 + 3).map(|o| p.range.ip(o)).collect();
     assert_eq!(given, lowest);
     // The other writer's ADD is a read and a commit.
     let per_add = (transactions_served(&cluster) - before - 2.0) / ADDS as f64;
@@ -391,6 +395,67 @@ fn all_at_once<T: Sync, R: Send>(items: &[T], op: impl Fn(&T) -> R + Sync) -> Ve
             .collect();
         running.into_iter().map(|t| t.join().unwrap()).collect()
     })
+}
+
+/// An agent's copy outlives the cluster going down: when every member is killed and started
+/// again, the copy lists the pool again and the agent plans from it again, with the other
+/// writer's address of the outage in it.
+#[test]
+fn an_agents_copy_follows_again_after_the_cluster_restarts() {
+    if !etcd_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(false);
+    let cfg = config(&cluster);
+    let Datastore::Etcd(etcd) = &cfg.datastore else {
+        panic!("etcd datastore expected");
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let observed = Arc::new(Combined::default());
+    let agent = open_shared(runtime.handle().clone(), &cfg, etcd, observed.clone()).unwrap();
+    let p = pool("10.0.0.0/24", "");
+    let pools = std::slice::from_ref(&p);
+    let synced = |want: bool| {
+        let until = Instant::now() + Duration::from_secs(60);
+        while observed.synced.load(Ordering::Acquire) != want {
+            assert!(
+                Instant::now() < until,
+                "the copy's synced state never became {want}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let add = |c: &str| agent.add(&add_req(who(c, None), pools, "")).unwrap();
+    assert_eq!(add("a0"), vec![ip("10.0.0.1")]);
+    synced(true);
+
+    cluster.stop_all();
+    synced(false);
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    cluster.wait_healthy(Duration::from_secs(60));
+    let plain = open_with(&cfg, etcd, Timeouts::default(), DEFAULT_PREFIX).unwrap();
+    let other = plain.add(&add_req(who("other", None), pools, "")).unwrap();
+    assert_eq!(other, vec![ip("10.0.0.2")]);
+    synced(true);
+
+    let before = transactions_served(&cluster);
+    for (i, want) in ["10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(add(&format!("a{}", i + 1)), vec![ip(want)]);
+    }
+    let per_add = (transactions_served(&cluster) - before) / 4.0;
+    assert!(
+        per_add < 1.5,
+        "{per_add:.2} transactions per ADD: the copy was not used again"
+    );
 }
 
 /// Two nodes' agents, each combining its node's concurrent ADDs into shared transactions, and

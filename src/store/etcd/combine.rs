@@ -1,7 +1,7 @@
 //! The node agent's etcd engine: a node's concurrent ADDs of a pool wait in a queue
 //! ([`crate::store::queues`]); one blocking task serves whatever waits. It plans them from the
-//! agent's watch-fed copy of the pools' runs (`copy`), or from one read for all of them when
-//! the copy is not in step or after a lost race, and commits them in one transaction that
+//! agent's watch-fed copies of the pools' runs (`copy`), or from one read for all of them when
+//! a copy is not in step or after a lost race, and commits them in one transaction that
 //! holds each ADD's own commit as a nested transaction.
 //!
 //! etcd evaluates the compares of every nested commit against the revision the transaction
@@ -15,15 +15,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{Txn, TxnOp, TxnOpResponse};
 
 use super::allocate::{self, plan_all, refuse_unsupported, FirstRead, Memory, Planned};
 use super::commit::{build_commit, compact_chain};
-use super::copy::{Copy, Seen};
+use super::copy::Copies;
 use super::plan::{IndexHits, Plan};
 use super::release;
 use super::release_together::release_together;
@@ -31,7 +30,7 @@ use super::runs::ReadRun;
 use super::session::{CallFailed, Deadline, Session};
 use super::window::Window;
 use super::EtcdStore;
-use crate::store::queues::{dropped, Observer, Queues, Serving};
+use crate::store::queues::{dropped, lock, Observer, Queues, Serving};
 use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
 
 /// How long a batch waits for the copy to show the agent's own last commit before it reads
@@ -69,10 +68,11 @@ struct Inner {
     observer: Arc<dyn Observer>,
     runtime: tokio::runtime::Handle,
     /// The pools' runs as the watch brings them.
-    copy: Arc<Copy>,
-    /// The revision of this agent's last combined commit: a batch plans from the copy only
-    /// once the copy shows it, so that it never picks what the agent itself just took.
-    committed: AtomicI64,
+    copies: Copies,
+    /// Per pool, the revision of this agent's last combined commit that took an address there:
+    /// a batch plans from the pool's copy only once the copy shows it, so that it never picks
+    /// what the agent itself just took.
+    committed: Mutex<HashMap<String, i64>>,
 }
 
 impl Combining {
@@ -81,12 +81,7 @@ impl Combining {
         observer: Arc<dyn Observer>,
         runtime: tokio::runtime::Handle,
     ) -> Combining {
-        let copy = Copy::follow(
-            &runtime,
-            store.session.client(),
-            store.session.keys.pools_dir(),
-            observer.clone(),
-        );
+        let copies = Copies::new(runtime.clone(), store.session.client(), observer.clone());
         Combining {
             inner: Arc::new(Inner {
                 store,
@@ -94,8 +89,8 @@ impl Combining {
                 dels: Queues::default(),
                 observer,
                 runtime,
-                copy,
-                committed: AtomicI64::new(0),
+                copies,
+                committed: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -197,18 +192,15 @@ impl Inner {
         let mut answers: Vec<Option<Answer>> = (0..reqs.len()).map(|_| None).collect();
         let mut together = combinable(reqs);
         for round in 0..COMBINED_ROUNDS {
-            // The first round plans from the copy, when it is in step: one ADD alone then
-            // costs its commit only. After a lost race the copy is likely behind: read.
-            let copy = (round == 0)
-                .then(|| {
-                    let since = self.committed.load(Ordering::Acquire);
-                    self.copy.at_least(since, CATCH_UP)
-                })
+            // The first round plans from the copies, when they are in step: one ADD alone then
+            // costs its commit only. After a lost race a copy is likely behind: read.
+            let copied = (round == 0)
+                .then(|| self.found_in_copies(reqs, &together))
                 .flatten();
-            if together.len() < 2 && copy.is_none() {
+            if together.len() < 2 && copied.is_none() {
                 break;
             }
-            let planned = self.plan_together(copy, reqs, &together, &dl);
+            let planned = self.plan_together(copied, reqs, &together, &dl);
             match planned.and_then(|planned| self.commit_together(reqs, planned, &dl)) {
                 Ok(done) => {
                     for (i, ips) in done.answered {
@@ -350,17 +342,14 @@ impl Inner {
     /// they run alone.
     fn plan_together(
         &self,
-        copy: Option<Seen<'_>>,
+        copied: Option<Found>,
         reqs: &[AddRequest],
         together: &[usize],
         dl: &Deadline,
     ) -> Result<Vec<Planned>, CallFailed> {
         let s = &self.store.session;
-        let found = match copy {
-            Some(seen) => together
-                .iter()
-                .map(|&i| from_copy(s, &seen, &reqs[i]))
-                .collect(),
+        let found = match copied {
+            Some(found) => found,
             None => read_together(s, reqs, together, dl)?,
         };
         let mut taken = HashSet::new();
@@ -408,7 +397,6 @@ impl Inner {
             Txn::new().and_then(commits.collect::<Vec<_>>()),
         )?;
         let revision = resp.header().map_or(0, |h| h.revision());
-        self.committed.fetch_max(revision, Ordering::AcqRel);
         let mut merges: HashMap<&str, (Vec<ReadRun>, Vec<u128>)> = HashMap::new();
         for (plan, answer) in planned.into_iter().zip(resp.op_responses()) {
             if !matches!(answer, TxnOpResponse::Txn(t) if t.succeeded()) {
@@ -423,6 +411,12 @@ impl Inner {
                     merge.1.push(offset);
                 }
             }
+            let mut committed = lock(&self.committed);
+            for rr in &reqs[plan.index].ranges {
+                let last = committed.entry(rr.pool.name.clone()).or_default();
+                *last = (*last).max(revision);
+            }
+            drop(committed);
             round.answered.push((plan.index, plan.chosen));
         }
         for (pool, (walked, new_runs)) in merges {
@@ -432,26 +426,27 @@ impl Inner {
     }
 }
 
-/// What one ADD finds in the copy, in the shape [`FirstRead`] reads it. The copy has no index
-/// entries: the commit compares them absent, so an attachment that holds an address already
-/// loses its commit, and the next round reads what it holds.
-fn from_copy(
-    s: &Session,
-    seen: &Seen<'_>,
-    req: &AddRequest,
-) -> (Vec<IndexHits>, Vec<Option<Window>>) {
-    let hits = vec![IndexHits::default(); req.ranges.len()];
-    let windows = req
-        .ranges
-        .iter()
-        .map(|rr| {
-            let (pool, from) = (&rr.pool.name, rr.pool.range.first);
-            rr.requested
-                .is_none()
-                .then(|| seen.window(&s.keys.runs_dir(pool), &s.keys.run(pool, from), from))
-        })
-        .collect();
-    (hits, windows)
+impl Inner {
+    /// What the ADDs `together` find in the copies, in the shape [`FirstRead`] reads it; `None`
+    /// when a pool's copy does not show this agent's last commit there within [`CATCH_UP`].
+    /// The copies have no index entries: the commit compares them absent, so an attachment
+    /// that holds an address already loses its commit, and the next round reads what it holds.
+    fn found_in_copies(&self, reqs: &[AddRequest], together: &[usize]) -> Option<Found> {
+        let keys = &self.store.session.keys;
+        let mut found = Vec::with_capacity(together.len());
+        for &i in together {
+            let req = &reqs[i];
+            let mut windows = Vec::with_capacity(req.ranges.len());
+            for rr in &req.ranges {
+                let (pool, from) = (&rr.pool.name, rr.pool.range.first);
+                let since = lock(&self.committed).get(pool).copied().unwrap_or(0);
+                let (dir, key) = (keys.runs_dir(pool), keys.run(pool, from));
+                windows.push(Some(self.copies.window(&dir, &key, from, since, CATCH_UP)?));
+            }
+            found.push((vec![IndexHits::default(); req.ranges.len()], windows));
+        }
+        Some(found)
+    }
 }
 
 /// One read of what the requests `together` hold.

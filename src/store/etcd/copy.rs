@@ -1,82 +1,147 @@
-//! The node agent's copy of the pools' runs (`runs`), fed by an etcd watch: listed at one
-//! revision, then followed from the next one; listed again after the watch fails or is
-//! compacted away. A combined ADD plans from it instead of reading (`combine`); its commit
-//! still compares every key it relies on, so a copy behind the cluster costs a lost commit and
-//! a read, never a duplicate. Only the runs are kept: a few keys per pool, however many
-//! addresses it holds (allocation records and index entries would cost memory per address).
+//! The node agent's copies of the runs (`runs`) of the pools it serves, each fed by an etcd
+//! watch of the pool's run directory: listed at one revision, then followed from the next
+//! one; listed again after the watch fails, is compacted away or falls behind. A combined ADD
+//! plans from them instead of reading (`combine`); its commit still compares every key it
+//! relies on, so a copy behind the cluster costs a lost commit and a read, never a duplicate.
+//! A pool is followed from its first ADD on this node, and only its runs: a few keys, however
+//! many addresses it holds.
 //!
 //! No crate follows an etcd prefix into memory (kube's reflector is for the Kubernetes API),
 //! so the list and the watch are written here, on etcd-client's own calls; the retry pacing
 //! is backon's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tokio::sync::Notify;
 
 use super::keys::range_end;
 use super::runs::ReadRun;
 use super::window::{Window, AHEAD};
 use crate::store::queues::{lock, Observer};
 
-/// What the copy holds of one key.
-struct Stored {
-    value: Vec<u8>,
-    mod_revision: i64,
+/// A list or a watch that has not answered within this long is given up and started again.
+const CALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// The copies of the pools this agent serves.
+pub(super) struct Copies {
+    runtime: tokio::runtime::Handle,
+    client: Client,
+    observer: Arc<dyn Observer>,
+    /// By run directory.
+    pools: Mutex<HashMap<String, Arc<PoolCopy>>>,
+}
+
+/// One pool's runs as its watch brings them.
+struct PoolCopy {
+    state: Mutex<State>,
+    advanced: Condvar,
+    /// Wakes the follower to list again: a batch found the copy behind its own commit.
+    relist: Notify,
 }
 
 #[derive(Default)]
 struct State {
-    keys: BTreeMap<Vec<u8>, Stored>,
+    /// The runs by key: value and revision.
+    runs: BTreeMap<Vec<u8>, (Vec<u8>, i64)>,
     /// Every change up to this revision is applied.
     revision: i64,
     /// Listed and followed since; false after a watch failure until the next list.
     synced: bool,
 }
 
-/// The copy, shared by the task that follows the cluster and the batches that plan from it.
-pub(super) struct Copy {
-    state: Mutex<State>,
-    advanced: Condvar,
-}
-
-/// The copy at one revision, while a batch reads it.
-pub(super) struct Seen<'a>(MutexGuard<'a, State>);
-
-impl Copy {
-    /// Starts following the runs under `pools_dir` on `runtime`, for as long as it runs.
-    pub fn follow(
-        runtime: &tokio::runtime::Handle,
+impl Copies {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
         client: Client,
-        pools_dir: String,
         observer: Arc<dyn Observer>,
-    ) -> Arc<Copy> {
-        let copy = Arc::new(Copy {
-            state: Mutex::new(State::default()),
-            advanced: Condvar::new(),
-        });
-        runtime.spawn(keep_following(copy.clone(), client, pools_dir, observer));
-        copy
+    ) -> Copies {
+        Copies {
+            runtime,
+            client,
+            observer,
+            pools: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// The copy once it has applied every change up to `revision`, if it does within `wait`
-    /// and is in step with the cluster.
-    pub fn at_least(&self, revision: i64, wait: Duration) -> Option<Seen<'_>> {
-        let state = lock(&self.state);
-        let (state, _) = self
+    /// The window of the runs in `runs_dir` from offset `from` (whose run key is `from_key`),
+    /// as `window::gets` would read it, once the pool's copy shows every change up to
+    /// `revision`; `None` when it does not within `wait` (or is not in step: being listed).
+    /// The first call for a pool starts following it.
+    pub fn window(
+        &self,
+        runs_dir: &str,
+        from_key: &str,
+        from: u128,
+        revision: i64,
+        wait: Duration,
+    ) -> Option<Window> {
+        let copy = self.pool(runs_dir);
+        let state = lock(&copy.state);
+        let (state, _) = copy
             .advanced
             .wait_timeout_while(state, wait, |s| s.synced && s.revision < revision)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        (state.synced && state.revision >= revision).then_some(Seen(state))
+        if state.synced && state.revision < revision {
+            // In step by its own account, yet behind a commit answered long ago: the watch may
+            // hang on a member that went silent. List again.
+            copy.relist.notify_one();
+        }
+        (state.synced && state.revision >= revision).then(|| state.window(runs_dir, from_key, from))
     }
 
-    fn replace(&self, keys: BTreeMap<Vec<u8>, Stored>, revision: i64) {
-        let mut state = lock(&self.state);
-        *state = State {
-            keys,
+    fn pool(&self, runs_dir: &str) -> Arc<PoolCopy> {
+        let mut pools = lock(&self.pools);
+        if let Some(copy) = pools.get(runs_dir) {
+            return copy.clone();
+        }
+        let copy = Arc::new(PoolCopy {
+            state: Mutex::new(State::default()),
+            advanced: Condvar::new(),
+            relist: Notify::new(),
+        });
+        pools.insert(runs_dir.to_string(), copy.clone());
+        let follow = keep_following(
+            copy.clone(),
+            self.client.clone(),
+            runs_dir.to_string(),
+            self.observer.clone(),
+        );
+        self.runtime.spawn(follow);
+        copy
+    }
+}
+
+impl State {
+    fn window(&self, runs_dir: &str, from_key: &str, from: u128) -> Window {
+        let run = |(key, (value, rev)): (&Vec<u8>, &(Vec<u8>, i64))| {
+            ReadRun::from_parts(key, value, *rev)
+        };
+        let dir = runs_dir.as_bytes().to_vec();
+        let at = from_key.as_bytes().to_vec();
+        let floor = self
+            .runs
+            .range::<Vec<u8>, _>((Bound::Included(&dir), Bound::Included(&at)))
+            .next_back()
+            .and_then(run);
+        let ahead = self
+            .runs
+            .range::<Vec<u8>, _>((Bound::Excluded(&at), Bound::Excluded(&range_end(runs_dir))))
+            .take(AHEAD as usize)
+            .filter_map(run)
+            .collect();
+        Window::of_runs(from, floor.into_iter().collect(), ahead)
+    }
+}
+
+impl PoolCopy {
+    fn replace(&self, runs: BTreeMap<Vec<u8>, (Vec<u8>, i64)>, revision: i64) {
+        *lock(&self.state) = State {
+            runs,
             revision,
             synced: true,
         };
@@ -86,19 +151,14 @@ impl Copy {
     fn apply(&self, events: &[etcd_client::Event], revision: i64) {
         let mut state = lock(&self.state);
         for event in events {
-            let Some(kv) = event.kv().filter(|kv| is_run(kv.key())) else {
-                continue;
-            };
+            let Some(kv) = event.kv() else { continue };
             match event.event_type() {
                 EventType::Put => {
-                    let stored = Stored {
-                        value: kv.value().to_vec(),
-                        mod_revision: kv.mod_revision(),
-                    };
-                    state.keys.insert(kv.key().to_vec(), stored);
+                    let stored = (kv.value().to_vec(), kv.mod_revision());
+                    state.runs.insert(kv.key().to_vec(), stored);
                 }
                 EventType::Delete => {
-                    state.keys.remove(kv.key());
+                    state.runs.remove(kv.key());
                 }
             }
         }
@@ -112,43 +172,12 @@ impl Copy {
     }
 }
 
-impl Seen<'_> {
-    /// The window of runs from `from`, as `window::gets` would read it.
-    pub fn window(&self, runs_dir: &str, run_key: &str, from: u128) -> Window {
-        let run = |(key, stored): (&Vec<u8>, &Stored)| {
-            ReadRun::from_parts(key, &stored.value, stored.mod_revision)
-        };
-        let dir = runs_dir.as_bytes().to_vec();
-        let at = run_key.as_bytes().to_vec();
-        let floor = self
-            .0
-            .keys
-            .range::<Vec<u8>, _>((Bound::Included(&dir), Bound::Included(&at)))
-            .next_back()
-            .and_then(run);
-        let ahead = self
-            .0
-            .keys
-            .range::<Vec<u8>, _>((Bound::Excluded(&at), Bound::Excluded(&range_end(runs_dir))))
-            .take(AHEAD as usize)
-            .filter_map(run)
-            .collect();
-        Window::of_runs(from, floor.into_iter().collect(), ahead)
-    }
-}
-
-/// Whether `key` (under the pools' directory) is a run key: `<pool>/r/<start>`.
-fn is_run(key: &[u8]) -> bool {
-    // Pool names are escaped, so the run directory is always the second segment from the end.
-    key.rsplit(|b| *b == b'/').nth(1) == Some(b"r")
-}
-
-/// Lists and follows the pools' directory until the runtime stops; after a failure, again after a pause
-/// that grows while failures repeat.
+/// Lists and follows a pool's runs until the runtime stops; after a failure, again after a
+/// pause that grows while failures repeat.
 async fn keep_following(
-    copy: Arc<Copy>,
+    copy: Arc<PoolCopy>,
     mut client: Client,
-    prefix: String,
+    runs_dir: String,
     observer: Arc<dyn Observer>,
 ) {
     let pauses = || {
@@ -161,9 +190,9 @@ async fn keep_following(
     };
     let mut pause = pauses();
     loop {
-        match list_and_watch(&copy, &mut client, &prefix, &*observer).await {
+        match list_and_watch(&copy, &mut client, &runs_dir, &*observer).await {
             Ok(()) => pause = pauses(),
-            Err(err) => tracing::debug!("etcd: following {prefix} failed: {err}"),
+            Err(err) => tracing::debug!("etcd: following {runs_dir} failed: {err}"),
         }
         copy.lost_step();
         observer.cache("etcd", false);
@@ -172,22 +201,33 @@ async fn keep_following(
 }
 
 /// One list and the watch after it, until the watch ends; `Ok` when it ended cleanly
-/// (cancelled or compacted away by the cluster).
+/// (cancelled or compacted away by the cluster, or found behind by a batch).
 async fn list_and_watch(
-    copy: &Copy,
+    copy: &PoolCopy,
     client: &mut Client,
-    prefix: &str,
+    runs_dir: &str,
     observer: &dyn Observer,
-) -> Result<(), etcd_client::Error> {
-    let (keys, revision) = list(client, prefix).await?;
-    copy.replace(keys, revision);
+) -> Result<(), String> {
+    let listed = tokio::time::timeout(CALL_LIMIT, list(client, runs_dir)).await;
+    let (runs, revision) = listed
+        .map_err(|_| format!("no list within {CALL_LIMIT:?}"))?
+        .map_err(|e| e.to_string())?;
+    copy.replace(runs, revision);
     observer.cache("etcd", true);
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1)
         .with_progress_notify();
-    let mut stream = client.watch(prefix, Some(options)).await?;
-    while let Some(resp) = stream.message().await? {
+    let watching = tokio::time::timeout(CALL_LIMIT, client.watch(runs_dir, Some(options))).await;
+    let mut stream = watching
+        .map_err(|_| format!("no watch within {CALL_LIMIT:?}"))?
+        .map_err(|e| e.to_string())?;
+    loop {
+        let resp = tokio::select! {
+            resp = stream.message() => resp.map_err(|e| e.to_string())?,
+            () = copy.relist.notified() => return Ok(()),
+        };
+        let Some(resp) = resp else { return Ok(()) };
         if resp.canceled() || resp.compact_revision() > 0 {
             return Ok(());
         }
@@ -200,18 +240,17 @@ async fn list_and_watch(
         copy.apply(resp.events(), revision);
         observer.cache("etcd", true);
     }
-    Ok(())
 }
 
-/// Every key under `prefix` at one revision, page by page.
+/// The runs under `runs_dir` at one revision, page by page.
 async fn list(
     client: &mut Client,
-    prefix: &str,
-) -> Result<(BTreeMap<Vec<u8>, Stored>, i64), etcd_client::Error> {
+    runs_dir: &str,
+) -> Result<(BTreeMap<Vec<u8>, (Vec<u8>, i64)>, i64), etcd_client::Error> {
     const PAGE: i64 = 1000;
-    let end = range_end(prefix);
-    let mut keys = BTreeMap::new();
-    let mut from = prefix.as_bytes().to_vec();
+    let end = range_end(runs_dir);
+    let mut runs = BTreeMap::new();
+    let mut from = runs_dir.as_bytes().to_vec();
     let mut revision = 0;
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
@@ -225,32 +264,11 @@ async fn list(
         let more = resp.more();
         for kv in resp.take_kvs() {
             from = kv.key().to_vec();
-            if is_run(kv.key()) {
-                let stored = Stored {
-                    value: kv.value().to_vec(),
-                    mod_revision: kv.mod_revision(),
-                };
-                keys.insert(kv.key().to_vec(), stored);
-            }
+            runs.insert(kv.key().to_vec(), (kv.value().to_vec(), kv.mod_revision()));
         }
         if !more {
-            return Ok((keys, revision));
+            return Ok((runs, revision));
         }
         from.push(0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::etcd::keys::Keys;
-
-    #[test]
-    fn only_run_keys_are_kept() {
-        let keys = Keys::new("/w/");
-        for pool in ["net-10.0.0.0-24", "r", "a/r"] {
-            assert!(is_run(keys.run(pool, 7).as_bytes()), "{pool}");
-            assert!(!is_run(keys.allocation(pool, 7).as_bytes()), "{pool}");
-        }
     }
 }
