@@ -125,9 +125,10 @@ fn main() {
         via / raw
     );
     println!(
-        "  {:.2} etcd transactions per ADD (the members' own count), {:.2} ADDs per batch, {lost} combined commits lost a race",
+        "  {:.2} etcd transactions per ADD (the members' own count), {:.2} ADDs per batch, {} combined commits lost a race",
         transactions / served,
-        served / batches.max(1.0)
+        served / batches.max(1.0),
+        lost as u64
     );
 }
 
