@@ -461,13 +461,16 @@ fn an_agents_copy_follows_again_after_the_cluster_restarts() {
 /// Two nodes' agents, each combining its node's concurrent ADDs into shared transactions, and
 /// a plugin process's store allocate from one pool at once. Every address is handed out once;
 /// two ADDs of one attachment in the same burst get one address; repeated ADDs get theirs back;
-/// DEL of everything leaves no key (the runs still cover exactly the allocated addresses).
+/// DEL of everything, combined too, leaves no key (the runs still cover exactly the allocated
+/// addresses). Batches bigger than one transaction's limits are still combined: the members'
+/// own counters show fewer transactions than requests.
 #[test]
 fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
     if !etcd_available() {
         return;
     }
-    const PER_NODE: usize = 30;
+    // More than one transaction's worth of reads per batch (four gets per ADD).
+    const PER_NODE: usize = 60;
     let cluster = Cluster::start(false);
     let cfg = config(&cluster);
     let Datastore::Etcd(etcd) = &cfg.datastore else {
@@ -508,6 +511,7 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
             })
             .collect()
     };
+    let before = transactions_served(&cluster);
     let mut given: BTreeMap<String, IpAddr> = BTreeMap::new();
     for (container, ip) in all_at_once(&asks, add).into_iter().flatten() {
         if let Some(before) = given.insert(container.clone(), ip) {
@@ -527,9 +531,16 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
         sizes.iter().any(|&n| n > 1),
         "a burst of {PER_NODE} ADDs per node was never combined: {sizes:?}"
     );
+    let per_add = (transactions_served(&cluster) - before) / given.len() as f64;
     eprintln!(
-        "batches {sizes:?}, {} combined commits lost a race",
+        "batches {sizes:?}, {} combined commits lost a race, {per_add:.2} transactions per ADD",
         combined.conflicts.load(Ordering::Relaxed)
+    );
+    // Alone, an ADD is a read and a commit at least: batches too big for one transaction
+    // must still be combined.
+    assert!(
+        per_add < 1.5,
+        "{per_add:.2} transactions per ADD: not combined"
     );
 
     // Repeated ADDs (the attachments hold their addresses now) get them back.
@@ -552,6 +563,7 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
         .map(|(i, c)| (i % 2, c.clone()))
         .collect();
     dels.push((1, "n1-1".into()));
+    let before = transactions_served(&cluster);
     let freed = all_at_once(&dels, |(node, c)| {
         let released = nodes[*node]
             .del(&att_req(c, pools))
@@ -574,7 +586,12 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
         del_sizes.iter().any(|&n| n > 1),
         "no DELs combined: {del_sizes:?}"
     );
-    eprintln!("DEL batches {del_sizes:?}");
+    let per_del = (transactions_served(&cluster) - before) / dels.len() as f64;
+    eprintln!("DEL batches {del_sizes:?}, {per_del:.2} transactions per DEL");
+    assert!(
+        per_del < 1.0,
+        "{per_del:.2} transactions per DEL: not combined"
+    );
     let left = cluster.keys(DEFAULT_PREFIX);
     assert!(
         left.is_empty(),

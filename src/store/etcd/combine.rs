@@ -37,8 +37,9 @@ use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, 
 /// instead: the watch brings a commit's events right after its answer.
 const CATCH_UP: Duration = Duration::from_millis(20);
 
-/// ADDs combined in one transaction at most: each is one operation of the outer transaction,
-/// and etcd refuses more than 128 (its default `--max-txn-ops`).
+/// ADDs (or DELs) combined in one batch at most. Each ADD's commit is one operation of the
+/// outer transaction, which leaves each commit 64 of the 128 operations etcd accepts
+/// ([`super::session::MAX_TXN_OPS`]): a dozen ranges.
 const MAX_BATCH: usize = 64;
 
 /// Combined rounds at most for the ADDs of a batch that lost an address to another writer;
@@ -236,10 +237,10 @@ impl Inner {
         let mut released: Vec<Vec<Allocation>> = vec![Vec::new(); reqs.len()];
         let mut answers: Vec<Option<DelAnswer>> = (0..reqs.len()).map(|_| None).collect();
         let mut together = one_per_attachment(reqs.iter().map(|r| (&r.container_id, &r.ifname)));
-        for _ in 0..COMBINED_ROUNDS {
-            if together.len() < 2 {
-                break;
-            }
+        // Rounds that lost a commit count against the limit; a round only deferred by the
+        // limits of a transaction released something, so the rounds end.
+        let mut losing_rounds = 0;
+        while together.len() > 1 && losing_rounds < COMBINED_ROUNDS {
             match release_together(&store.session, reqs, &together, &dl) {
                 Ok(round) => {
                     for (i, allocation) in round.released {
@@ -248,11 +249,13 @@ impl Inner {
                     for i in round.answered {
                         answers[i] = Some(Ok(Vec::new()));
                     }
-                    round
-                        .lost
-                        .iter()
-                        .for_each(|_| self.observer.conflict("del"));
+                    for _ in &round.lost {
+                        self.observer.conflict("del");
+                    }
+                    losing_rounds += usize::from(!round.lost.is_empty());
                     together = round.lost;
+                    together.extend(round.deferred);
+                    together.sort_unstable();
                 }
                 Err(failed) => {
                     tracing::debug!(

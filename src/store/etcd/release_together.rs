@@ -21,14 +21,23 @@ use crate::store::{Allocation, AttachmentRequest};
 /// alone, which pages through them.
 const POOLS_PER_DEL: i64 = 64;
 
+/// Releases of one run in one commit at most, and commits in one transaction at most: a
+/// commit of 12 releases has at most 49 compares and 62 writes, which with 64 commits stays
+/// within what etcd accepts ([`super::session::MAX_TXN_OPS`]). The rest waits for the next round.
+const RELEASES_PER_COMMIT: usize = 12;
+const COMMITS_PER_TXN: usize = 64;
+
 /// What one combined round of DELs did.
 pub(super) struct Released {
     /// What each DEL released in this round (a DEL may be answered over several rounds).
     pub released: Vec<(usize, Allocation)>,
     /// The DELs with nothing left to release.
     pub answered: Vec<usize>,
-    /// The DELs that still hold something: a commit failed, or they run alone.
+    /// The DELs whose commit failed (something changed since it was read), or that must run
+    /// alone.
     pub lost: Vec<usize>,
+    /// The DELs left for the next round by the limits of one transaction.
+    pub deferred: Vec<usize>,
 }
 
 /// One allocation a DEL of the batch holds, as read.
@@ -72,9 +81,19 @@ pub(super) fn release_together(
             Err(del) => drop(lost.insert(del)),
         }
     }
+    let mut deferred = BTreeSet::new();
+    let mut groups: Vec<Vec<Held>> = Vec::new();
+    for mut group in by_run.into_values() {
+        let later = group.split_off(group.len().min(RELEASES_PER_COMMIT));
+        if groups.len() == COMMITS_PER_TXN {
+            deferred.extend(group.iter().map(|h| h.del));
+        } else {
+            groups.push(group);
+        }
+        deferred.extend(later.iter().map(|h| h.del));
+    }
     let mut released = Vec::new();
-    if !by_run.is_empty() {
-        let groups: Vec<Vec<Held>> = by_run.into_values().collect();
+    if !groups.is_empty() {
         let commits: Vec<TxnOp> = groups.iter().map(|g| group_commit(s, g)).collect();
         let resp = s.txn(dl, "combined release commit", Txn::new().and_then(commits))?;
         for (group, answer) in groups.into_iter().zip(resp.op_responses()) {
@@ -88,14 +107,16 @@ pub(super) fn release_together(
             }
         }
     }
+    deferred.retain(|d| !lost.contains(d));
     Ok(Released {
         released,
         answered: together
             .iter()
             .copied()
-            .filter(|d| !lost.contains(d))
+            .filter(|d| !lost.contains(d) && !deferred.contains(d))
             .collect(),
         lost: lost.into_iter().collect(),
+        deferred: deferred.into_iter().collect(),
     })
 }
 

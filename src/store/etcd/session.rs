@@ -16,6 +16,11 @@ use super::connect::Timeouts;
 use super::keys::Keys;
 use crate::store::StoreError;
 
+/// Operations etcd accepts in one transaction by default (`--max-txn-ops`): at each level, the
+/// compares, the success and the failure operations each. A nested transaction gets what its
+/// parent's operations leave of it.
+pub const MAX_TXN_OPS: usize = 128;
+
 /// gRPC status codes for credentials etcd will not accept: invalid argument, permission
 /// denied, unauthenticated.
 const REFUSED_CREDENTIALS: [i32; 3] = [3, 7, 16];
@@ -205,25 +210,26 @@ impl Session {
         self.call(dl, what, |mut c| async move { c.txn(txn).await })
     }
 
-    /// Several reads in one round trip, at one revision (a transaction of gets only).
+    /// Several reads in one round trip, at one revision (a transaction of gets only). More
+    /// than a transaction may hold ([`MAX_TXN_OPS`]) take a round trip per full transaction,
+    /// each at its own revision: callers compare what they rely on when they commit.
     pub fn reads(
         &self,
         dl: &Deadline,
         what: &str,
-        gets: Vec<TxnOp>,
+        mut gets: Vec<TxnOp>,
     ) -> Result<Vec<Vec<KeyValue>>, CallFailed> {
-        if gets.is_empty() {
-            return Ok(Vec::new());
-        }
-        let resp = self.txn(dl, what, Txn::new().and_then(gets))?;
-        Ok(resp
-            .op_responses()
-            .into_iter()
-            .map(|r| match r {
+        let mut found = Vec::with_capacity(gets.len());
+        while !gets.is_empty() {
+            let rest = gets.split_off(gets.len().min(MAX_TXN_OPS));
+            let resp = self.txn(dl, what, Txn::new().and_then(gets))?;
+            found.extend(resp.op_responses().into_iter().map(|r| match r {
                 TxnOpResponse::Get(mut g) => g.take_kvs(),
                 _ => Vec::new(),
-            })
-            .collect())
+            }));
+            gets = rest;
+        }
+        Ok(found)
     }
 
     pub fn get(
