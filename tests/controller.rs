@@ -524,6 +524,36 @@ fn slice_of(server: &FakeApiServer, pool: &str, node: &str) -> Option<String> {
         .map(|(_, s)| s)
 }
 
+/// A pass over the node slices that fails (the server refuses the NodeSlicePool's creation,
+/// twice) is tried again after a pause, without waiting for another event: the slices are
+/// there within seconds, and each failure is counted. On the fake: its failures on demand.
+#[test]
+fn a_failed_node_slice_pass_is_tried_again() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    server.add_node("node-a");
+    server.fail_next("POST", "nodeslicepools", 2);
+    let nad = json!({"cniVersion": "0.3.1", "name": "retried", "type": "macvlan",
+        "ipam": {"type": "whereabouts", "range": "10.61.0.0/24", "node_slice_size": "/26"}});
+    server.add_nad("default", "retried", &nad);
+    let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
+        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}, "log_level": "verbose"}});
+    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
+    wait_for("the slice of node-a", Duration::from_secs(20), || {
+        slice_of(&server, "retried", "node-a").is_some()
+    });
+    assert_eq!(
+        slice_of(&server, "retried", "node-a").as_deref(),
+        Some("10.61.0.0/26")
+    );
+    assert!(
+        ctl.metric("whereabouts_retries_total")
+            .is_some_and(|v| v >= 2.0),
+        "both refused passes counted"
+    );
+}
+
 #[test]
 fn node_slices_follow_nodes_ipv4_and_ipv6() {
     // On the fake: the exact slice layout needs a cluster whose only Nodes are this test's,

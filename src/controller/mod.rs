@@ -23,6 +23,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
@@ -337,23 +338,29 @@ async fn keep_node_slices(
     if nads.wait_until_ready().await.is_err() || nodes.wait_until_ready().await.is_err() {
         return;
     }
-    let mut pause = Duration::from_millis(500);
+    // A failed pass is tried again after a pause that doubles while failures repeat.
+    let pauses = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(60))
+            .without_max_times()
+            .build()
+    };
+    let mut pause = pauses();
     loop {
         if !leadership.is_leader() {
             // A standby: its caches stay warm; it writes once it leads.
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        {
-            match slice_sync::sync(&client, &namespace, &nads, &nodes, &metrics).await {
-                Ok(()) => pause = Duration::from_millis(500),
-                Err(err) => {
-                    tracing::warn!(%err, retry_in = ?pause, "node slices");
-                    metrics.retries.inc();
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(60));
-                    changed.notify_one();
-                }
+        match slice_sync::sync(&client, &namespace, &nads, &nodes, &metrics).await {
+            Ok(()) => pause = pauses(),
+            Err(err) => {
+                let wait = pause.next().unwrap_or(Duration::from_secs(60));
+                tracing::warn!(%err, retry_in = ?wait, "node slices");
+                metrics.retries.inc();
+                tokio::time::sleep(wait).await;
+                changed.notify_one();
             }
         }
         tokio::select! {
