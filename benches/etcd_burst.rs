@@ -107,9 +107,9 @@ fn main() {
             agent_process::Agent::start(dir.path(), &format!("node-{n}"), settings)
         })
         .collect();
-    let before = transactions_served(&cluster);
+    let before = cluster.transactions_served();
     let via = binary_rate(ours, &cluster, NODES, IN_FLIGHT, "10.90.0.0/16", &agents);
-    let transactions = transactions_served(&cluster) - before;
+    let transactions = cluster.transactions_served() - before;
     let total = |name: &str| -> f64 { agents.iter().map(|a| a.metric(name)).sum() };
     let served = total("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}");
     let batches = total("whereabouts_agent_batch_size_count{operation=\"add\"}");
@@ -130,25 +130,6 @@ fn main() {
         served / batches.max(1.0),
         lost as u64
     );
-}
-
-/// The transactions the cluster's members have served, by their own counters.
-fn transactions_served(cluster: &Cluster) -> f64 {
-    let mut served = 0.0;
-    for url in cluster.endpoint_urls() {
-        let out = std::process::Command::new("curl")
-            .args(["-sf", &format!("{url}/metrics")])
-            .output()
-            .expect("curl runs");
-        assert!(out.status.success(), "metrics of {url}");
-        served += String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with("grpc_server_handled_total{"))
-            .filter(|l| l.contains("grpc_method=\"Txn\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
-    }
-    served
 }
 
 /// Sequential transactions, each creating one key if absent: the engine's own limit for a

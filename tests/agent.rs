@@ -185,6 +185,61 @@ fn assert_consistent(ns: &kube_apiserver::TestNamespace) -> BTreeSet<std::net::I
     );
     held
 }
+/// `series` summed over the agents.
+fn summed(agents: &[Agent], series: &str) -> f64 {
+    agents.iter().map(|a| a.metric(series)).sum()
+}
+
+/// Two agents (`node-0`, `node-1`) on the etcd engine of `cluster`, each with its own flat file
+/// and socket in `dir`, ready.
+fn etcd_agents(dir: &Path, cluster: &etcd_cluster::Cluster) -> Mutex<Vec<Agent>> {
+    let settings = json!({
+        "datastore": "etcd",
+        "etcd_host": cluster.endpoints(),
+        "log_level": "debug",
+    });
+    let agents = ["node-0", "node-1"].map(|node| Agent::start(dir, node, settings.clone()));
+    Mutex::new(agents.into())
+}
+
+/// A network configuration `name` on the etcd engine of `cluster`, allocating from `range`.
+fn etcd_netconf(name: &str, cluster: &etcd_cluster::Cluster, range: &str) -> String {
+    let ipam = json!({
+        "type": "whereabouts",
+        "datastore": "etcd",
+        "etcd_host": cluster.endpoints(),
+        "range": range,
+        "log_level": "error",
+    });
+    netconf(name, &ipam)
+}
+
+/// DELs of the `calls` pods, 20 at a time through the agents: every one succeeds, each went
+/// through an agent's queue, and no key of the engine is left.
+fn delete_everything(
+    agents: &Mutex<Vec<Agent>>,
+    calls: usize,
+    conf: &str,
+    cluster: &etcd_cluster::Cluster,
+) {
+    let deleted = burst("DEL", calls, 20, agents, &[conf], |_| {});
+    for (i, reply) in &deleted {
+        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
+    }
+    let queued = summed(
+        &agents.lock().unwrap(),
+        r#"whereabouts_agent_batch_size_sum{operation="del"}"#,
+    );
+    assert_eq!(
+        queued as usize, calls,
+        "every DEL went through an agent's queue"
+    );
+    let left = cluster.keys("/whereabouts/");
+    assert!(
+        left.is_empty(),
+        "keys left after DEL of everything: {left:?}"
+    );
+}
 
 fn ip_of(reply: &Reply) -> String {
     let ips = reply.ips();
@@ -225,15 +280,15 @@ fn agents_serve_bursts_of_credential_less_plugins_without_duplicates() {
     }
     assert_eq!(assert_consistent(&ns).len(), CALLS);
     let agents_now = agents.lock().unwrap();
-    let served: f64 = agents_now
-        .iter()
-        .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"))
-        .sum();
+    let served = summed(
+        &agents_now,
+        r#"whereabouts_agent_requests_total{operation="add",result="ok"}"#,
+    );
     assert_eq!(served as usize, CALLS, "every ADD went through an agent");
-    let batches: f64 = agents_now
-        .iter()
-        .map(|a| a.metric("whereabouts_agent_batch_size_count{operation=\"add\"}"))
-        .sum();
+    let batches = summed(
+        &agents_now,
+        r#"whereabouts_agent_batch_size_count{operation="add"}"#,
+    );
     assert!(batches >= 1.0 && batches <= CALLS as f64);
     // Every agent follows the pools and the Go binaries' Lease by watch: its batches start from
     // that copy (each write still conditional), which the burst above changed under it.
@@ -263,10 +318,10 @@ fn agents_serve_bursts_of_credential_less_plugins_without_duplicates() {
     }
     assert!(assert_consistent(&ns).is_empty(), "DELs left addresses");
     let agents_now = agents.lock().unwrap();
-    let released: f64 = agents_now
-        .iter()
-        .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"del\",result=\"ok\"}"))
-        .sum();
+    let released = summed(
+        &agents_now,
+        r#"whereabouts_agent_requests_total{operation="del",result="ok"}"#,
+    );
     assert_eq!(released as usize, CALLS);
 }
 
@@ -664,21 +719,8 @@ fn etcd_agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
     const CALLS: usize = 80;
     let cluster = etcd_cluster::Cluster::start(false);
     let dir = tempfile::tempdir().unwrap();
-    let settings = json!({"datastore": "etcd", "etcd_host": cluster.endpoints()});
-    let agents = Mutex::new(vec![
-        Agent::start(dir.path(), "node-0", settings.clone()),
-        Agent::start(dir.path(), "node-1", settings),
-    ]);
-    let conf = netconf(
-        "etcdkill",
-        &json!({
-            "type": "whereabouts",
-            "datastore": "etcd",
-            "etcd_host": cluster.endpoints(),
-            "range": "10.148.0.0/24",
-            "log_level": "error",
-        }),
-    );
+    let agents = etcd_agents(dir.path(), &cluster);
+    let conf = etcd_netconf("etcdkill", &cluster, "10.148.0.0/24");
     let added = burst("ADD", CALLS, 20, &agents, &[&conf], |done| {
         while done.load(Ordering::SeqCst) < CALLS / 4 {
             std::thread::sleep(Duration::from_millis(5));
@@ -720,25 +762,7 @@ fn etcd_agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
         assert_eq!(reply.code, 0, "repeated ADD {i}: {reply:?}");
         assert_eq!(ip_of(reply), holders[i], "repeated ADD {i} moved");
     }
-    let deleted = burst("DEL", CALLS, 20, &agents, &[&conf], |_| {});
-    for (i, reply) in &deleted {
-        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
-    }
-    let freed: f64 = agents
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|a| a.metric("whereabouts_agent_batch_size_sum{operation=\"del\"}"))
-        .sum();
-    assert_eq!(
-        freed as usize, CALLS,
-        "every DEL went through an agent's queue"
-    );
-    let left = cluster.keys("/whereabouts/");
-    assert!(
-        left.is_empty(),
-        "keys left after DEL of everything: {left:?}"
-    );
+    delete_everything(&agents, CALLS, &conf, &cluster);
 }
 
 /// The etcd engine through two agents: a burst of ADDs from both nodes, unique, then DELs
@@ -751,25 +775,8 @@ fn etcd_agents_serve_a_burst() {
     const CALLS: usize = 60;
     let cluster = etcd_cluster::Cluster::start(false);
     let dir = tempfile::tempdir().unwrap();
-    let settings = json!({
-        "datastore": "etcd",
-        "etcd_host": cluster.endpoints(),
-        "log_level": "debug",
-    });
-    let agents = Mutex::new(vec![
-        Agent::start(dir.path(), "node-0", settings.clone()),
-        Agent::start(dir.path(), "node-1", settings),
-    ]);
-    let conf = netconf(
-        "etcdnet",
-        &json!({
-            "type": "whereabouts",
-            "datastore": "etcd",
-            "etcd_host": cluster.endpoints(),
-            "range": "10.143.0.0/24",
-            "log_level": "error",
-        }),
-    );
+    let agents = etcd_agents(dir.path(), &cluster);
+    let conf = etcd_netconf("etcdnet", &cluster, "10.143.0.0/24");
     let added = burst("ADD", CALLS, 20, &agents, &[&conf], |_| {});
     let mut ips = BTreeSet::new();
     for (i, reply) in &added {
@@ -780,28 +787,23 @@ fn etcd_agents_serve_a_burst() {
             ip_of(reply)
         );
     }
-    let served: f64 = agents
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|a| a.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"))
-        .sum();
+    let agents_now = agents.lock().unwrap();
+    let served = summed(
+        &agents_now,
+        r#"whereabouts_agent_requests_total{operation="add",result="ok"}"#,
+    );
     assert_eq!(served as usize, CALLS, "every ADD went through an agent");
     // Each ADD was counted in one batch, and at 20 in flight a node's ADDs shared transactions.
-    let (mut batched, mut batches) = (0.0, 0.0);
-    for agent in agents.lock().unwrap().iter() {
-        batched += agent.metric("whereabouts_agent_batch_size_sum{operation=\"add\"}");
-        batches += agent.metric("whereabouts_agent_batch_size_count{operation=\"add\"}");
-    }
+    let batched = summed(
+        &agents_now,
+        r#"whereabouts_agent_batch_size_sum{operation="add"}"#,
+    );
+    let batches = summed(
+        &agents_now,
+        r#"whereabouts_agent_batch_size_count{operation="add"}"#,
+    );
+    drop(agents_now);
     assert_eq!(batched as usize, CALLS);
     assert!(batches < batched, "no two ADDs were combined");
-    let deleted = burst("DEL", CALLS, 20, &agents, &[&conf], |_| {});
-    for (i, reply) in &deleted {
-        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
-    }
-    let left = cluster.keys("/whereabouts/");
-    assert!(
-        left.is_empty(),
-        "keys left after DEL of everything: {left:?}"
-    );
+    delete_everything(&agents, CALLS, &conf, &cluster);
 }

@@ -23,13 +23,15 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio::sync::Notify;
+
+use crate::store::retry::growing_pauses;
 
 use crate::cleanup::pods;
 use crate::config::{Datastore, IpamConfig};
@@ -339,13 +341,7 @@ async fn keep_node_slices(
         return;
     }
     // A failed pass is tried again after a pause that doubles while failures repeat.
-    let pauses = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(500))
-            .with_max_delay(Duration::from_secs(60))
-            .without_max_times()
-            .build()
-    };
+    let pauses = || growing_pauses(Duration::from_millis(500), Duration::from_secs(60)).build();
     let mut pause = pauses();
     loop {
         if !leadership.is_leader() {

@@ -2,7 +2,18 @@
 
 use std::time::Duration;
 
+use backon::ExponentialBuilder;
 use rand::Rng;
+
+/// The pauses of a loop that keeps trying for as long as it runs (a watch followed again, a
+/// periodic pass after a failure): from `min`, doubling up to `max`, without end. The caller
+/// builds it afresh after a success.
+pub fn growing_pauses(min: Duration, max: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .without_max_times()
+}
 
 /// How often and how patiently to retry a conflicting write.
 #[derive(Clone, Copy, Debug)]

@@ -320,6 +320,26 @@ impl Cluster {
         }
     }
 
+    /// The transactions the members have served since they started, by their own counters
+    /// (`grpc_server_handled_total` of `Txn`, summed). A cluster without TLS only.
+    pub fn transactions_served(&self) -> f64 {
+        let mut served = 0.0;
+        for url in self.endpoint_urls() {
+            let out = Command::new("curl")
+                .args(["-sf", &format!("{url}/metrics")])
+                .output()
+                .expect("curl runs");
+            assert!(out.status.success(), "metrics of {url}");
+            served += String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with("grpc_server_handled_total{"))
+                .filter(|l| l.contains("grpc_method=\"Txn\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        served
+    }
+
     /// Every key under `prefix`, as text.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         let out = self.etcdctl(

@@ -371,13 +371,7 @@ fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Vec<Probe>, me
     for probe in probes {
         let held = !answers.next().unwrap_or_default().is_empty();
         let reserved = !answers.next().unwrap_or_default().is_empty();
-        let window = probe.hint.map(|h| {
-            let floor = answers.next().unwrap_or_default();
-            (
-                h,
-                Window::parse(h, floor, answers.next().unwrap_or_default()),
-            )
-        });
+        let window = probe.hint.map(|h| (h, window::parse(h, &mut answers)));
         if held {
             lost_any = true;
             memory.start_hint[probe.range] = window.as_ref().map(|(h, _)| *h);
@@ -494,86 +488,63 @@ fn first_read(
             return Ok((hits, windows));
         }
     }
-    let first = FirstRead::new(s, req, memory);
-    let mut results = s.reads(dl, "pool read", first.gets)?.into_iter();
-    Ok(FirstRead::parse(req, first.starts, &mut results))
+    let mut gets = index_gets(s, req);
+    let mut starts = Vec::with_capacity(req.ranges.len());
+    for (i, rr) in req.ranges.iter().enumerate() {
+        let start = rr
+            .requested
+            .is_none()
+            .then(|| memory.start(i, &rr.pool.range));
+        if let Some(start) = start {
+            gets.extend(window::gets(&s.keys, &rr.pool.name, start));
+        }
+        starts.push(start);
+    }
+    let mut results = s.reads(dl, "pool read", gets)?.into_iter();
+    let hits = parse_hits(req, &mut results);
+    let windows = starts
+        .into_iter()
+        .map(|start| start.map(|from| window::parse(from, &mut results)))
+        .collect();
+    Ok((hits, windows))
 }
 
-/// The gets of [`first_read`], which a combined ADD sends for many requests at once.
-pub(super) struct FirstRead {
-    gets: Vec<TxnOp>,
-    /// Where the search of each dynamic range starts.
-    starts: Vec<Option<u128>>,
+/// The gets of the attachment's owner and pod index entries in every pool of the request.
+pub(super) fn index_gets(s: &Session, req: &AddRequest) -> Vec<TxnOp> {
+    let who = &req.attachment;
+    let mut gets = Vec::new();
+    for rr in &req.ranges {
+        let pool = &rr.pool.name;
+        gets.push(key_get(&s.keys.owner(&who.container_id, &who.ifname, pool)));
+        if let Some(pod) = &who.pod_ref {
+            gets.push(key_get(&s.keys.pod(pod, &who.ifname, pool)));
+        }
+    }
+    gets
 }
 
-impl FirstRead {
-    pub fn new(s: &Session, req: &AddRequest, memory: &Memory) -> FirstRead {
-        let who = &req.attachment;
-        let mut gets = Vec::new();
-        for rr in &req.ranges {
-            gets.push(key_get(&s.keys.owner(
-                &who.container_id,
-                &who.ifname,
-                &rr.pool.name,
-            )));
-            if let Some(pod) = &who.pod_ref {
-                gets.push(key_get(&s.keys.pod(pod, &who.ifname, &rr.pool.name)));
-            }
-        }
-        let mut starts = Vec::with_capacity(req.ranges.len());
-        for (i, rr) in req.ranges.iter().enumerate() {
-            let start = rr
-                .requested
-                .is_none()
-                .then(|| memory.start(i, &rr.pool.range));
-            if let Some(start) = start {
-                gets.extend(window::gets(&s.keys, &rr.pool.name, start));
-            }
-            starts.push(start);
-        }
-        FirstRead { gets, starts }
-    }
-
-    /// The gets, and where each dynamic range's search starts (for [`FirstRead::parse`]).
-    pub fn into_parts(self) -> (Vec<TxnOp>, Vec<Option<u128>>) {
-        (self.gets, self.starts)
-    }
-
-    /// The index entries and windows, from the answers to the gets (consumed in order).
-    pub fn parse(
-        req: &AddRequest,
-        starts: Vec<Option<u128>>,
-        results: &mut impl Iterator<Item = Vec<KeyValue>>,
-    ) -> (Vec<IndexHits>, Vec<Option<Window>>) {
-        let who = &req.attachment;
-        let mut hits = Vec::with_capacity(req.ranges.len());
-        let hit = |kvs: Option<Vec<KeyValue>>| {
-            kvs.and_then(|kvs| kvs.into_iter().next()).map(|kv| {
-                let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex);
-                (kv.mod_revision(), offset)
-            })
-        };
-        for _ in &req.ranges {
-            let owner = hit(results.next());
-            let pod = if who.pod_ref.is_some() {
-                hit(results.next())
-            } else {
-                None
-            };
-            hits.push(IndexHits { owner, pod });
-        }
-        let windows = starts
-            .into_iter()
-            .map(|start| {
-                start.map(|from| {
-                    let floor = results.next().unwrap_or_default();
-                    let ahead = results.next().unwrap_or_default();
-                    Window::parse(from, floor, ahead)
-                })
-            })
-            .collect();
-        (hits, windows)
-    }
+/// The index entries, from the answers to [`index_gets`] (consumed in order).
+pub(super) fn parse_hits(
+    req: &AddRequest,
+    results: &mut impl Iterator<Item = Vec<KeyValue>>,
+) -> Vec<IndexHits> {
+    let hit = |kvs: Option<Vec<KeyValue>>| {
+        kvs.and_then(|kvs| kvs.into_iter().next()).map(|kv| {
+            let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex);
+            (kv.mod_revision(), offset)
+        })
+    };
+    req.ranges
+        .iter()
+        .map(|_| IndexHits {
+            owner: hit(results.next()),
+            pod: req
+                .attachment
+                .pod_ref
+                .as_ref()
+                .and_then(|_| hit(results.next())),
+        })
+        .collect()
 }
 
 /// For every range, the allocation the attachment already holds there, if any.

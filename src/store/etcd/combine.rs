@@ -13,14 +13,16 @@
 //! an address already, a second ADD of the same attachment, an error while planning), runs
 //! the engine's own ADD with its reads, retries and alternatives.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{Txn, TxnOp, TxnOpResponse};
 
-use super::allocate::{self, plan_all, refuse_unsupported, FirstRead, Memory, Planned};
+use super::allocate::{
+    self, index_gets, parse_hits, plan_all, refuse_unsupported, Memory, Planned,
+};
 use super::commit::{build_commit, compact_chain};
 use super::copy::Copies;
 use super::plan::{IndexHits, Plan};
@@ -28,7 +30,7 @@ use super::release;
 use super::release_together::release_together;
 use super::runs::ReadRun;
 use super::session::{CallFailed, Deadline, Session};
-use super::window::Window;
+use super::window::{self, Window};
 use super::EtcdStore;
 use crate::store::queues::{dropped, lock, Observer, Queues, Serving};
 use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
@@ -211,10 +213,7 @@ impl Inner {
                 }
                 // Whether it applied is unknown: each ADD alone first reads what it holds.
                 Err(failed) => {
-                    tracing::debug!(
-                        "etcd: a combined ADD failed, each is tried alone: {}",
-                        crate::store::error::chain(&failed)
-                    );
+                    each_alone_after("ADD", &failed);
                     break;
                 }
             }
@@ -258,10 +257,7 @@ impl Inner {
                     together.sort_unstable();
                 }
                 Err(failed) => {
-                    tracing::debug!(
-                        "etcd: a combined DEL failed, each is tried alone: {}",
-                        crate::store::error::chain(&failed)
-                    );
+                    each_alone_after("DEL", &failed);
                     break;
                 }
             }
@@ -280,6 +276,14 @@ impl Inner {
             })
             .collect()
     }
+}
+
+/// Logs a combined round whose call failed: every request of the batch left then runs alone.
+fn each_alone_after(operation: &str, failed: &CallFailed) {
+    tracing::debug!(
+        "etcd: a combined {operation} failed, each is tried alone: {}",
+        crate::store::error::chain(failed)
+    );
 }
 
 /// Runs `op` for each request left, each on a thread of its own when there are several (the
@@ -334,8 +338,8 @@ fn combinable(reqs: &[AddRequest]) -> Vec<usize> {
     out
 }
 
-/// What each ADD of a batch holds, as the copy shows it or as one read finds it: per ADD, its
-/// index entries and the run window of each dynamic range.
+/// What each ADD of a batch holds, as the copies show it or as one read finds it: per ADD, its
+/// index entries and the run window of each range.
 type Found = Vec<(Vec<IndexHits>, Vec<Option<Window>>)>;
 
 impl Inner {
@@ -430,47 +434,82 @@ impl Inner {
 }
 
 impl Inner {
-    /// What the ADDs `together` find in the copies, in the shape [`FirstRead`] reads it; `None`
-    /// when a pool's copy does not show this agent's last commit there within [`CATCH_UP`].
-    /// The copies have no index entries: the commit compares them absent, so an attachment
-    /// that holds an address already loses its commit, and the next round reads what it holds.
+    /// What the ADDs `together` find in the copies, in the shape [`read_together`] reads it;
+    /// `None` when a pool's copy does not show this agent's last commit there within
+    /// [`CATCH_UP`]. The copies have no index entries: the commit compares them absent, so an
+    /// attachment that holds an address already loses its commit, and the next round reads
+    /// what it holds.
     fn found_in_copies(&self, reqs: &[AddRequest], together: &[usize]) -> Option<Found> {
         let keys = &self.store.session.keys;
-        let mut found = Vec::with_capacity(together.len());
-        for &i in together {
-            let req = &reqs[i];
-            let mut windows = Vec::with_capacity(req.ranges.len());
-            for rr in &req.ranges {
-                let (pool, from) = (&rr.pool.name, rr.pool.range.first);
-                let since = lock(&self.committed).get(pool).copied().unwrap_or(0);
-                let (dir, key) = (keys.runs_dir(pool), keys.run(pool, from));
-                windows.push(Some(self.copies.window(&dir, &key, from, since, CATCH_UP)?));
-            }
-            found.push((vec![IndexHits::default(); req.ranges.len()], windows));
+        let mut windows = HashMap::new();
+        for (pool, from) in searched_pools(reqs, together) {
+            let since = lock(&self.committed).get(pool).copied().unwrap_or(0);
+            let (dir, key) = (keys.runs_dir(pool), keys.run(pool, from));
+            let window = self.copies.window(&dir, &key, from, since, CATCH_UP)?;
+            windows.insert((pool, from), window);
         }
-        Some(found)
+        let hits = together
+            .iter()
+            .map(|&i| vec![IndexHits::default(); reqs[i].ranges.len()]);
+        Some(with_windows(reqs, together, hits, &windows))
     }
 }
 
-/// One read of what the requests `together` hold.
+/// One read of what the requests `together` hold: their index entries, and the window of each
+/// pool they search, once.
 fn read_together(
     s: &Session,
     reqs: &[AddRequest],
     together: &[usize],
     dl: &Deadline,
 ) -> Result<Found, CallFailed> {
-    let mut starts = Vec::with_capacity(together.len());
-    let mut gets = Vec::new();
-    for &i in together {
-        let fresh = Memory::new(reqs[i].ranges.len());
-        let (ops, start) = FirstRead::new(s, &reqs[i], &fresh).into_parts();
-        gets.extend(ops);
-        starts.push(start);
+    let pools = searched_pools(reqs, together);
+    let mut gets: Vec<TxnOp> = together
+        .iter()
+        .flat_map(|&i| index_gets(s, &reqs[i]))
+        .collect();
+    for (pool, from) in &pools {
+        gets.extend(window::gets(&s.keys, pool, *from));
     }
     let mut results = s.reads(dl, "combined pool read", gets)?.into_iter();
-    Ok(together
+    let hits: Vec<Vec<IndexHits>> = together
         .iter()
-        .zip(starts)
-        .map(|(&i, start)| FirstRead::parse(&reqs[i], start, &mut results))
-        .collect())
+        .map(|&i| parse_hits(&reqs[i], &mut results))
+        .collect();
+    let windows = pools
+        .into_iter()
+        .map(|(pool, from)| ((pool, from), window::parse(from, &mut results)))
+        .collect();
+    Ok(with_windows(reqs, together, hits.into_iter(), &windows))
+}
+
+/// The pools the requests `together` search (every range of a combined request is dynamic),
+/// each once, with the offset its search starts from.
+fn searched_pools<'a>(reqs: &'a [AddRequest], together: &[usize]) -> BTreeSet<(&'a str, u128)> {
+    together
+        .iter()
+        .flat_map(|&i| &reqs[i].ranges)
+        .map(|rr| (rr.pool.name.as_str(), rr.pool.range.first))
+        .collect()
+}
+
+/// Each request's index entries, with the window of every one of its ranges.
+fn with_windows(
+    reqs: &[AddRequest],
+    together: &[usize],
+    hits: impl Iterator<Item = Vec<IndexHits>>,
+    windows: &HashMap<(&str, u128), Window>,
+) -> Found {
+    together
+        .iter()
+        .zip(hits)
+        .map(|(&i, hits)| {
+            let ranges = &reqs[i].ranges;
+            let searched = ranges.iter().map(|rr| {
+                let pool = (rr.pool.name.as_str(), rr.pool.range.first);
+                windows.get(&pool).cloned()
+            });
+            (hits, searched.collect())
+        })
+        .collect()
 }

@@ -15,7 +15,7 @@ use std::ops::Bound;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::Notify;
 
@@ -23,6 +23,7 @@ use super::keys::range_end;
 use super::runs::ReadRun;
 use super::window::{Window, AHEAD};
 use crate::store::queues::{lock, Observer};
+use crate::store::retry::growing_pauses;
 
 /// A list or a watch that has not answered within this long is given up and started again.
 const CALL_LIMIT: Duration = Duration::from_secs(10);
@@ -181,11 +182,8 @@ async fn keep_following(
     observer: Arc<dyn Observer>,
 ) {
     let pauses = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(10))
+        growing_pauses(Duration::from_millis(100), Duration::from_secs(10))
             .with_jitter()
-            .without_max_times()
             .build()
     };
     let mut pause = pauses();

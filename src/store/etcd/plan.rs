@@ -148,8 +148,7 @@ impl Snapshot for RangeView<'_> {
         if !self.window.knows(candidate) {
             let gets = window::gets(&self.s.keys, pool, candidate);
             let mut res = self.s.reads(self.dl, "pool read", gets)?.into_iter();
-            let floor = res.next().unwrap_or_default();
-            self.window = Window::parse(candidate, floor, res.next().unwrap_or_default());
+            self.window = window::parse(candidate, &mut res);
         }
         Ok(self.window.covering(candidate).map(|r| {
             self.walked.push(r);

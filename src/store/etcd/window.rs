@@ -31,6 +31,18 @@ pub fn gets(keys: &Keys, pool: &str, from: u128) -> Vec<TxnOp> {
     gets
 }
 
+/// The window from `from`, from the answers to [`gets`] (the next two, consumed).
+pub fn parse(from: u128, results: &mut impl Iterator<Item = Vec<KeyValue>>) -> Window {
+    let runs = |kvs: Option<Vec<KeyValue>>| -> Vec<ReadRun> {
+        kvs.unwrap_or_default()
+            .iter()
+            .filter_map(ReadRun::from_kv)
+            .collect()
+    };
+    let floor = runs(results.next());
+    Window::of_runs(from, floor, runs(results.next()))
+}
+
 /// What is known of a pool's runs between `from` and `to` (inclusive).
 #[derive(Clone, Debug, Default)]
 pub struct Window {
@@ -40,15 +52,6 @@ pub struct Window {
 }
 
 impl Window {
-    /// The window from the answers to [`gets`].
-    pub fn parse(from: u128, floor: Vec<KeyValue>, ahead: Vec<KeyValue>) -> Window {
-        Window::of_runs(
-            from,
-            floor.iter().filter_map(ReadRun::from_kv).collect(),
-            ahead.iter().filter_map(ReadRun::from_kv).collect(),
-        )
-    }
-
     /// The window from the run at or before `from` (if any) and up to [`AHEAD`] runs after it,
     /// as read or as the agent's copy holds them.
     pub fn of_runs(from: u128, mut runs: Vec<ReadRun>, ahead: Vec<ReadRun>) -> Window {

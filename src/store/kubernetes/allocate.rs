@@ -10,7 +10,7 @@ use super::api::ApiError;
 use super::batch::Batches;
 use super::cache::Cache;
 use super::choose::SPREAD;
-use super::engine::{Engine, Step, UndoLog};
+use super::engine::{newer, Engine, Step, UndoLog};
 use super::go_lease::{self, Hold};
 use super::job::{pool_key, Granted, Job};
 use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op, PoolDoc};
@@ -34,29 +34,27 @@ enum Reserve {
     },
 }
 
-/// Whether resourceVersion `a` was written after `b`. Both come from the same API server and
-/// storage, whose resourceVersions grow; anything unreadable counts as not newer, so at worst a
-/// lost race is taken for an overlap and retried without spreading.
-fn newer_than(a: Option<&str>, b: Option<&str>) -> bool {
-    match (
-        a.and_then(|a| a.parse::<u64>().ok()),
-        b.and_then(|b| b.parse::<u64>().ok()),
-    ) {
-        (Some(a), Some(b)) => a > b,
-        _ => false,
-    }
-}
-
 /// An address whose reservation `found` (named `name`) another attachment holds; `raced` when
 /// that reservation is newer than the pool as read (`pool_rv`): another writer of this pool.
+/// An unreadable resourceVersion is not newer: at worst a lost race is taken for an overlap and
+/// retried without spreading.
 fn taken_by(found: &OverlappingRangeIPReservation, name: &str, pool_rv: Option<&str>) -> Reserve {
     Reserve::Taken {
         holder: format!(
             "{} (reservation {name})",
             reservation::holder(found).describe()
         ),
-        raced: newer_than(found.metadata.resource_version.as_deref(), pool_rv),
+        raced: newer(found.metadata.resource_version.as_deref(), pool_rv),
     }
+}
+
+/// What a batch's reservations are made under: the network name they are unique in, the pool's
+/// resourceVersion as the batch read it (a reservation newer than it is a lost race, an older one
+/// an overlap), and the batch's undo log, which holds every reservation made.
+struct Claim<'a> {
+    network_name: &'a str,
+    pool_rv: Option<&'a str>,
+    undo: &'a UndoLog,
 }
 
 /// How long a create that found a reservation taken waits for the watch to bring it, before
@@ -597,10 +595,12 @@ impl Engine {
                 .map(|(i, offset)| (range.ip(*offset), slots[*i].who.clone()))
                 .collect();
             cx.go.check()?;
-            let pool_rv = round.doc.resource_version();
-            let outcomes = self
-                .reserve_all(wanted, &cx.req.network_name, pool_rv, cx.undo)
-                .await?;
+            let claim = Claim {
+                network_name: &cx.req.network_name,
+                pool_rv: round.doc.resource_version(),
+                undo: cx.undo,
+            };
+            let outcomes = self.reserve_all(wanted, &claim).await?;
             for ((i, offset), outcome) in picks.into_iter().zip(outcomes) {
                 match outcome {
                     Reserve::Ours(r) => {
@@ -805,20 +805,16 @@ impl Engine {
     async fn reserve_all(
         &self,
         wanted: Vec<(IpAddr, Attachment)>,
-        network_name: &str,
-        pool_rv: Option<&str>,
-        undo: &UndoLog,
+        claim: &Claim<'_>,
     ) -> Result<Vec<Reserve>, StoreError> {
         if wanted.len() == 1 {
             let (ip, who) = &wanted[0];
-            return Ok(vec![
-                self.reserve(*ip, who, network_name, pool_rv, undo).await?,
-            ]);
+            return Ok(vec![self.reserve(*ip, who, claim).await?]);
         }
         let mut tasks = tokio::task::JoinSet::new();
         for (index, (ip, who)) in wanted.iter().enumerate() {
             let kube = self.kube.clone();
-            let object = reservation::new_object(&reservation::name(*ip, network_name), who);
+            let object = reservation::new_object(&reservation::name(*ip, claim.network_name), who);
             tasks.spawn(async move { (index, kube.create_reservation(&object).await) });
         }
         let mut created: Vec<Option<Result<Held, ApiError>>> = vec![None; wanted.len()];
@@ -828,17 +824,14 @@ impl Engine {
             };
             let result = result.map(|object| Held::of(&object));
             if let Ok(held) = &result {
-                undo.push(Step::Reservation { held: held.clone() });
+                claim.undo.push(Step::Reservation { held: held.clone() });
             }
             created[index] = Some(result);
         }
         let mut outcomes = Vec::with_capacity(wanted.len());
         let mut failure = None;
         for ((ip, who), result) in wanted.iter().zip(created) {
-            match self
-                .settle_create(result, *ip, who, network_name, pool_rv, undo)
-                .await
-            {
+            match self.settle_create(result, *ip, who, claim).await {
                 Ok(outcome) => outcomes.push(outcome),
                 Err(err) => {
                     failure.get_or_insert(err);
@@ -862,21 +855,19 @@ impl Engine {
         created: Option<Result<Held, ApiError>>,
         ip: IpAddr,
         who: &Attachment,
-        network_name: &str,
-        pool_rv: Option<&str>,
-        undo: &UndoLog,
+        claim: &Claim<'_>,
     ) -> Result<Reserve, StoreError> {
         match created {
             Some(Ok(held)) => Ok(Reserve::Ours(held)),
             Some(Err(ApiError::AlreadyExists(_))) => {
-                let name = reservation::name(ip, network_name);
-                match self.holder(&name, who, pool_rv, undo).await? {
+                let name = reservation::name(ip, claim.network_name);
+                match self.holder(&name, who, claim).await? {
                     Some(outcome) => Ok(outcome),
                     // Gone since the create: try it again.
-                    None => self.reserve(ip, who, network_name, pool_rv, undo).await,
+                    None => self.reserve(ip, who, claim).await,
                 }
             }
-            None => self.reserve(ip, who, network_name, pool_rv, undo).await,
+            None => self.reserve(ip, who, claim).await,
             Some(Err(err)) => Err(err.into()),
         }
     }
@@ -919,24 +910,22 @@ impl Engine {
         &self,
         ip: IpAddr,
         who: &Attachment,
-        network_name: &str,
-        pool_rv: Option<&str>,
-        undo: &UndoLog,
+        claim: &Claim<'_>,
     ) -> Result<Reserve, StoreError> {
-        let name = reservation::name(ip, network_name);
+        let name = reservation::name(ip, claim.network_name);
         let object = reservation::new_object(&name, who);
         // A reservation can vanish between the failed create and the read; try again then.
         for _ in 0..3 {
             match self.kube.create_reservation(&object).await {
                 Ok(created) => {
                     let held = Held::of(&created);
-                    undo.push(Step::Reservation { held: held.clone() });
+                    claim.undo.push(Step::Reservation { held: held.clone() });
                     return Ok(Reserve::Ours(held));
                 }
                 Err(ApiError::AlreadyExists(_)) => {}
                 Err(err) => return Err(err.into()),
             }
-            if let Some(outcome) = self.holder(&name, who, pool_rv, undo).await? {
+            if let Some(outcome) = self.holder(&name, who, claim).await? {
                 return Ok(outcome);
             }
         }
@@ -950,20 +939,19 @@ impl Engine {
         &self,
         name: &str,
         who: &Attachment,
-        pool_rv: Option<&str>,
-        undo: &UndoLog,
+        claim: &Claim<'_>,
     ) -> Result<Option<Reserve>, StoreError> {
-        if let Some(taken) = self.held_elsewhere_by_copy(name, who, pool_rv).await {
+        if let Some(taken) = self.held_elsewhere_by_copy(name, who, claim.pool_rv).await {
             return Ok(Some(taken));
         }
         Ok(match self.kube.get_reservation(name).await? {
             // Left by an earlier attempt of this same attachment: adopt it.
             Some(found) if reservation::held_by(&found, who) => {
                 let held = Held::of(&found);
-                undo.push(Step::Reservation { held: held.clone() });
+                claim.undo.push(Step::Reservation { held: held.clone() });
                 Some(Reserve::Ours(held))
             }
-            Some(found) => Some(taken_by(&found, name, pool_rv)),
+            Some(found) => Some(taken_by(&found, name, claim.pool_rv)),
             None => None,
         })
     }

@@ -70,7 +70,7 @@ impl Engine {
 /// Whether resourceVersion `a` was written after `b`. resourceVersions of one API server grow
 /// (the engine relies on that elsewhere too); an unreadable one is never newer, so the agent's
 /// own write wins.
-fn newer(a: Option<&str>, b: Option<&str>) -> bool {
+pub(super) fn newer(a: Option<&str>, b: Option<&str>) -> bool {
     let version = |v: Option<&str>| v.and_then(|v| v.parse::<u64>().ok());
     matches!((version(a), version(b)), (Some(a), Some(b)) if a > b)
 }
