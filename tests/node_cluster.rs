@@ -549,14 +549,23 @@ fn daemonset_restarted_and_upgraded_midway(node: &Node) {
     ]);
     pods.extend(create_pods(node, "during", 20..30));
     rollout(node, "daemonset/whereabouts");
-    let running = node.get(&["pods", "-n", SYSTEM, "-l", "name=whereabouts"]);
-    let images: Vec<&str> = running["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["spec"]["containers"][0]["image"].as_str())
-        .collect();
-    assert_eq!(images, ["ghcr.io/whereabouts-rs/whereabouts:next"]);
+    // The rollout is complete once the new pod is ready; the old one may still be terminating
+    // for a moment, and is listed until it is gone.
+    let images = || -> Vec<String> {
+        let running = node.get(&["pods", "-n", SYSTEM, "-l", "name=whereabouts"]);
+        running["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["spec"]["containers"][0]["image"].as_str())
+            .map(String::from)
+            .collect()
+    };
+    wait_until(
+        "only the upgraded agent pod",
+        Duration::from_secs(120),
+        || images() == ["ghcr.io/whereabouts-rs/whereabouts:next"],
+    );
 
     served_then_released(node, "during", &pods);
 }
