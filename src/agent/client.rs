@@ -1,15 +1,22 @@
 //! The plugin's side of the socket: one request to the node's agent, or the reason no agent
 //! served it (then the plugin does the work itself).
+//!
+//! A plugin process makes exactly one request, so it makes it on a blocking socket, without an
+//! async runtime: starting tokio's runtime (its I/O driver, timer and signal pipe) and hyper's
+//! connection task cost every ADD about 0.2 ms of CPU and 30 page faults, a third of the
+//! plugin's whole share of an ADD through the agent (docs/benchmarks.md). The answer's head is
+//! parsed by httparse, the parser hyper itself runs on; the request is one fixed form. ureq,
+//! the blocking HTTP client, reaches a unix socket only through its transport API that it
+//! keeps out of its semantic versioning, so it is not used here.
 
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::header;
-use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::wire::ErrorBody;
 use crate::store::StoreError;
@@ -30,20 +37,15 @@ pub fn ask<B: Serialize, T: DeserializeOwned>(
     timeout: Duration,
 ) -> Result<Result<T, StoreError>, NotServed> {
     let bytes = serde_json::to_vec(body).map_err(|e| NotServed(e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| NotServed(format!("cannot start the I/O runtime: {e}")))?;
-    let answer =
-        runtime.block_on(async { tokio::time::timeout(timeout, post(socket, path, bytes)).await });
-    let (ok, bytes) = match answer {
-        Ok(answer) => answer?,
-        Err(_) => {
+    let (ok, bytes) = match post(socket, path, &bytes, Instant::now() + timeout) {
+        Ok(answer) => answer,
+        Err(Failed::Late) => {
             return Ok(Err(StoreError::try_again(format!(
                 "the whereabouts agent at {} did not answer within {timeout:?}",
                 socket.display()
             ))))
         }
+        Err(Failed::Lost(why)) => return Err(NotServed(why)),
     };
     if ok {
         return serde_json::from_slice(&bytes)
@@ -59,31 +61,251 @@ pub fn ask<B: Serialize, T: DeserializeOwned>(
     Ok(Err(error.into()))
 }
 
-/// One HTTP/1.1 request on a fresh connection (the plugin makes one per process).
-async fn post(socket: &Path, path: &str, body: Vec<u8>) -> Result<(bool, Bytes), NotServed> {
-    let lost = |what: &str, err: &dyn std::fmt::Display| NotServed(format!("{what}: {err}"));
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| lost(&format!("cannot connect to {}", socket.display()), &e))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| lost("handshake", &e))?;
-    tokio::spawn(connection);
-    let request = hyper::Request::post(path)
-        .header(header::HOST, "whereabouts-agent")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| lost("request", &e))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| lost("the agent went away", &e))?;
-    let ok = response.status().is_success();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| lost("the agent went away", &e))?
-        .to_bytes();
-    Ok((ok, bytes))
+/// How an exchange with the agent failed.
+enum Failed {
+    /// The deadline passed (the agent may still be working).
+    Late,
+    /// No agent, or it went away, or its answer was unreadable.
+    Lost(String),
+}
+
+impl Failed {
+    fn of(what: &str, err: io::Error) -> Failed {
+        match err.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Failed::Late,
+            _ => Failed::Lost(format!("{what}: {err}")),
+        }
+    }
+}
+
+/// The longest an answer may be; the agent's answers are a few hundred bytes (a GC's list of
+/// released addresses at most some megabytes).
+const MAX_ANSWER: usize = 64 << 20;
+
+/// One HTTP/1.1 request on a fresh connection, answered by `deadline`: whether the status was
+/// a success, and the body.
+fn post(
+    socket: &Path,
+    path: &str,
+    body: &[u8],
+    deadline: Instant,
+) -> Result<(bool, Vec<u8>), Failed> {
+    let mut stream = connect(socket, deadline)?;
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nhost: whereabouts-agent\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    stream
+        .set_write_timeout(Some(remaining(deadline)?))
+        .and_then(|()| stream.write_all(&request))
+        .map_err(|e| Failed::of("the agent went away", e))?;
+    read_answer(&mut stream, deadline)
+}
+
+/// Connects within the deadline: an agent too busy to accept (its backlog full) is late, not
+/// absent.
+fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, Failed> {
+    let cannot = |e| Failed::of(&format!("cannot connect to {}", socket.display()), e);
+    let address = SockAddr::unix(socket).map_err(cannot)?;
+    let client = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(cannot)?;
+    client
+        .connect_timeout(&address, remaining(deadline)?)
+        .map_err(cannot)?;
+    Ok(client.into())
+}
+
+/// Time left until the deadline, or [`Failed::Late`].
+fn remaining(deadline: Instant) -> Result<Duration, Failed> {
+    Some(deadline.saturating_duration_since(Instant::now()))
+        .filter(|left| !left.is_zero())
+        .ok_or(Failed::Late)
+}
+
+/// Reads the answer: its head (parsed by httparse), then as many body bytes as its
+/// `content-length` says. The agent always sends whole bodies with their length.
+fn read_answer(stream: &mut UnixStream, deadline: Instant) -> Result<(bool, Vec<u8>), Failed> {
+    let mut buf = Vec::with_capacity(4096);
+    let (ok, head, length) = loop {
+        read_more(stream, &mut buf, deadline)?;
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut answer = httparse::Response::new(&mut headers);
+        let parsed = answer
+            .parse(&buf)
+            .map_err(|e| Failed::Lost(format!("unreadable answer: {e}")))?;
+        if let httparse::Status::Complete(head) = parsed {
+            let ok = answer.code.is_some_and(|code| (200..300).contains(&code));
+            break (ok, head, content_length(answer.headers)?);
+        }
+    };
+    while buf.len() < head + length {
+        read_more(stream, &mut buf, deadline)?;
+    }
+    buf.truncate(head + length);
+    Ok((ok, buf.split_off(head)))
+}
+
+fn content_length(headers: &[httparse::Header]) -> Result<usize, Failed> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+        .filter(|&length| length <= MAX_ANSWER)
+        .ok_or_else(|| Failed::Lost("unreadable answer: no usable content-length".into()))
+}
+
+/// Appends what the socket has (waiting at most until the deadline); the end of the stream
+/// before the whole answer means the agent went away.
+fn read_more(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<(), Failed> {
+    let went_away = |e| Failed::of("the agent went away", e);
+    stream
+        .set_read_timeout(Some(remaining(deadline)?))
+        .map_err(went_away)?;
+    let mut chunk = [0u8; 8192];
+    let read = stream.read(&mut chunk).map_err(went_away)?;
+    if read == 0 {
+        return Err(Failed::Lost(
+            "the agent went away: the connection closed before the whole answer".into(),
+        ));
+    }
+    buf.extend_from_slice(&chunk[..read]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::sync::mpsc;
+    use std::thread;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    /// An agent that serves one connection with `serve`, given the request it read: its path
+    /// and its body.
+    fn agent(
+        dir: &Path,
+        serve: impl FnOnce(UnixStream, String, Value) + Send + 'static,
+    ) -> std::path::PathBuf {
+        let socket = dir.join("agent.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let (path, body) = read_request(&mut stream);
+            serve(stream, path, body);
+        });
+        socket
+    }
+
+    /// Reads one request as a server would: httparse for the head, then `content-length` bytes.
+    fn read_request(stream: &mut UnixStream) -> (String, Value) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let read = stream.read(&mut chunk).unwrap();
+            assert!(read > 0, "the client closed before its whole request");
+            buf.extend_from_slice(&chunk[..read]);
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut request = httparse::Request::new(&mut headers);
+            if let httparse::Status::Complete(head) = request.parse(&buf).unwrap() {
+                assert_eq!(request.method, Some("POST"));
+                let length = content_length(request.headers).ok().unwrap();
+                if buf.len() >= head + length {
+                    let path = request.path.unwrap().to_string();
+                    return (path, serde_json::from_slice(&buf[head..]).unwrap());
+                }
+            }
+        }
+    }
+
+    fn ask_agent(socket: &Path, timeout: Duration) -> Result<Result<Value, StoreError>, NotServed> {
+        ask(socket, "/v1/add", &json!({"asked": "address"}), timeout)
+    }
+
+    const PATIENT: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn an_answer_in_pieces_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = agent(dir.path(), |mut stream, path, body| {
+            assert_eq!(path, "/v1/add");
+            assert_eq!(body, json!({"asked": "address"}));
+            let answer = br#"{"ips":["192.0.2.193"]}"#;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                answer.len()
+            );
+            let (first, rest) = head.as_bytes().split_at(20);
+            for piece in [first, rest, &answer[..5], &answer[5..]] {
+                stream.write_all(piece).unwrap();
+                stream.flush().unwrap();
+            }
+        });
+        let answer = ask_agent(&socket, PATIENT).unwrap().unwrap();
+        assert_eq!(answer, json!({"ips": ["192.0.2.193"]}));
+    }
+
+    #[test]
+    fn an_error_answer_keeps_the_engines_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = agent(dir.path(), |mut stream, _, _| {
+            let error = json!({"error": {"kind": "exhausted", "range": "192.0.2.192/30"}});
+            let body = error.to_string();
+            let head = format!(
+                "HTTP/1.1 409 Conflict\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            stream.write_all(head.as_bytes()).unwrap();
+            stream.write_all(body.as_bytes()).unwrap();
+        });
+        let error = ask_agent(&socket, PATIENT).unwrap().unwrap_err();
+        assert!(
+            matches!(&error, StoreError::Exhausted { range } if range == "192.0.2.192/30"),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_does_not_answer_in_time_is_try_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (done, hold) = mpsc::channel::<()>();
+        // The agent holds the connection open, silent, until the client has given up.
+        let socket = agent(dir.path(), move |_stream, _, _| {
+            let _ = hold.recv();
+        });
+        let error = ask_agent(&socket, Duration::from_millis(300))
+            .unwrap()
+            .unwrap_err();
+        done.send(()).unwrap();
+        assert!(matches!(error, StoreError::TryAgain { .. }), "{error:?}");
+    }
+
+    #[test]
+    fn an_agent_gone_mid_answer_or_without_a_length_is_not_served() {
+        let broken: [&[u8]; 2] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n{\"ips\":",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        ];
+        for answer in broken {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = agent(dir.path(), move |mut stream, _, _| {
+                stream.write_all(answer).unwrap();
+            });
+            let NotServed(why) = ask_agent(&socket, PATIENT).unwrap_err();
+            assert!(
+                why.contains("went away") || why.contains("unreadable"),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_agent_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let NotServed(why) = ask_agent(&dir.path().join("agent.sock"), PATIENT).unwrap_err();
+        assert!(why.contains("cannot connect"), "{why}");
+    }
 }
