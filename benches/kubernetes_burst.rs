@@ -306,23 +306,45 @@ fn parts() -> impl Fn(&str) -> bool {
     move |part| named.is_empty() || named.iter().any(|n| n == part)
 }
 
-/// The plugin's own share of an ADD through the agent: 100 ADDs one after another through one
-/// agent (fake server, no added latency), each timed from outside, less the agent's own time
-/// for it (its `request_duration_seconds`) and less a bare `VERSION` call (process start).
-/// What is left is the socket round trip, the configuration read and the JSON.
+/// The plugin's own share of an ADD through the agent: ADDs one after another through one agent
+/// (fake server, no added latency), each timed from outside, less the agent's own time for it
+/// (its `request_duration_seconds`) and less a bare `VERSION` call (process start). What is left
+/// is the socket round trip, the configuration read and the JSON.
+///
+/// Measured for cargo's release build, for the static build the image ships (and the installer
+/// copies to every node) when `hack/images/build` has made it, and for an earlier build with
+/// `WHEREABOUTS_EARLIER_BINARY`; each from a fresh copy, in rounds that take turns so that all
+/// meet the same machine.
 fn plugin_share() {
-    const CALLS: usize = 100;
-    let bin = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
+    const ROUNDS: usize = 4;
+    const CALLS: usize = 50;
+    let copies = tempfile::tempdir().expect("temp dir");
+    let plugins: Vec<(&str, PathBuf)> = [
+        ("cargo's build", Some(cargo_build())),
+        ("shipped (static)", shipped_build()),
+        ("earlier build", earlier::binary()),
+    ]
+    .into_iter()
+    .filter_map(|(name, bin)| Some((name, fresh_copy(&bin?, copies.path(), name))))
+    .collect();
+    if shipped_build().is_none() {
+        println!("no static build (hack/images/build makes it): not measured");
+    }
     let server = FakeApiServer::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = server.write_kubeconfig(dir.path(), None);
     let settings = json!({"datastore": "kubernetes", "kubernetes": {"kubeconfig": kubeconfig},
                           "log_level": "error"});
     let agent = Agent::start(dir.path(), "node-0", settings);
-    let ipam = json!({"type": "whereabouts", "range": "10.60.0.0/16", "log_level": "error",
-                      "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}});
-    let conf = netconf("share", &ipam);
-    let call = |command: &'static str, container: &str| {
+    // A pool of its own for each plugin's round, so that the agent's writes stay small and
+    // alike (a pool's write grows with its entries).
+    let conf = |block: usize| {
+        let ipam = json!({"type": "whereabouts", "range": format!("10.60.{block}.0/24"),
+                          "log_level": "error",
+                          "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}});
+        netconf("share", &ipam)
+    };
+    let call = |bin: &Path, conf: &str, command: &'static str, container: &str| {
         let call = Call {
             command,
             container,
@@ -332,29 +354,80 @@ fn plugin_share() {
             env: vec![agent.env()],
         };
         let started = std::time::Instant::now();
-        let reply = run(bin, &call, &conf);
+        let reply = run(bin, &call, conf);
         assert_eq!(reply.code, 0, "{command} {container}: {reply:?}");
         started.elapsed().as_secs_f64()
     };
-    call("ADD", "warm-up");
-    let timed = |command: &'static str, i: usize| call(command, &format!("share-{i}"));
     let served = |what: &str| {
         agent.metric(&format!(
             "whereabouts_agent_request_duration_seconds_{what}{{operation=\"add\"}}"
         ))
     };
-    let versions: f64 = (0..CALLS).map(|i| timed("VERSION", i)).sum::<f64>() / CALLS as f64;
-    let (sum_before, count_before) = (served("sum"), served("count"));
-    let adds: f64 = (0..CALLS).map(|i| timed("ADD", i)).sum::<f64>() / CALLS as f64;
-    let count = served("count") - count_before;
-    assert_eq!(count as usize, CALLS, "every ADD went through the agent");
-    let agent_time = (served("sum") - sum_before) / count;
-    println!("the plugin's own share of an ADD through the agent, {CALLS} one after another:");
-    println!("  ADD, whole process  {:>8.3} ms", adds * 1e3);
-    println!("  the agent's time    {:>8.3} ms", agent_time * 1e3);
-    println!("  bare VERSION        {:>8.3} ms", versions * 1e3);
+    let mut shares = vec![Share::default(); plugins.len()];
+    for round in 0..ROUNDS {
+        for (p, ((name, bin), share)) in plugins.iter().zip(&mut shares).enumerate() {
+            let conf = conf(round * plugins.len() + p);
+            call(bin, &conf, "ADD", &format!("warm-up-{name}-{round}"));
+            let timed =
+                |command, i| call(bin, &conf, command, &format!("share-{name}-{round}-{i}"));
+            share.versions += (0..CALLS).map(|i| timed("VERSION", i)).sum::<f64>();
+            let (sum_before, count_before) = (served("sum"), served("count"));
+            share.adds += (0..CALLS).map(|i| timed("ADD", i)).sum::<f64>();
+            let count = served("count") - count_before;
+            assert_eq!(count as usize, CALLS, "every ADD went through the agent");
+            share.agent += served("sum") - sum_before;
+            share.calls += CALLS as f64;
+        }
+    }
     println!(
-        "  the plugin's share beyond VERSION {:>6.3} ms",
-        (adds - agent_time - versions) * 1e3
+        "the plugin's own share of an ADD through the agent, {} one after another:",
+        ROUNDS * CALLS
     );
+    for ((name, _), share) in plugins.iter().zip(&shares) {
+        share.print(name);
+    }
+}
+
+/// Seconds summed over a plugin's calls in [`plugin_share`].
+#[derive(Clone, Default)]
+struct Share {
+    versions: f64,
+    adds: f64,
+    agent: f64,
+    calls: f64,
+}
+
+impl Share {
+    fn print(&self, name: &str) {
+        let [adds, agent, versions] =
+            [self.adds, self.agent, self.versions].map(|total| total / self.calls * 1e3);
+        println!("  {name}:");
+        println!("    ADD, whole process  {adds:>8.3} ms");
+        println!("    the agent's time    {agent:>8.3} ms");
+        println!("    bare VERSION        {versions:>8.3} ms");
+        println!(
+            "    the plugin's share beyond VERSION {:>6.3} ms",
+            adds - agent - versions
+        );
+    }
+}
+
+fn cargo_build() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_whereabouts"))
+}
+
+/// The static build that `hack/images/build` makes, when it is there.
+fn shipped_build() -> Option<PathBuf> {
+    cargo_build()
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("x86_64-unknown-linux-gnu/release/whereabouts"))
+        .filter(|path| path.is_file())
+}
+
+/// A plain copy of `bin`: cargo's hard-linked output starts measurably slower than a copy.
+fn fresh_copy(bin: &Path, dir: &Path, name: &str) -> PathBuf {
+    let copy = dir.join(name.replace(|c: char| !c.is_ascii_alphanumeric(), "-"));
+    std::fs::copy(bin, &copy).expect("copy of the plugin");
+    copy
 }
