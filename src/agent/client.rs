@@ -3,7 +3,7 @@
 //!
 //! A plugin process makes exactly one request, so it makes it on a blocking socket, without an
 //! async runtime: starting tokio's runtime (its I/O driver, timer and signal pipe) and hyper's
-//! connection task cost every ADD about 0.2 ms of CPU and 30 page faults, a third of the
+//! connection task cost every ADD about 0.15 ms of CPU and 30 page faults, a quarter of the
 //! plugin's whole share of an ADD through the agent (docs/benchmarks.md). The answer's head is
 //! parsed by httparse, the parser hyper itself runs on; the request is one fixed form. ureq,
 //! the blocking HTTP client, reaches a unix socket only through its transport API that it
