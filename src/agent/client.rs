@@ -156,15 +156,19 @@ fn content_length(headers: &[httparse::Header]) -> Result<usize, Failed> {
         .ok_or_else(|| Failed::Lost("unreadable answer: no usable content-length".into()))
 }
 
-/// Appends what the socket has (waiting at most until the deadline); the end of the stream
-/// before the whole answer means the agent went away.
+/// Appends what the socket has (waiting at most until the deadline; a signal's interruption is
+/// not an answer); the end of the stream before the whole answer means the agent went away.
 fn read_more(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<(), Failed> {
     let went_away = |e| Failed::of("the agent went away", e);
     stream
         .set_read_timeout(Some(remaining(deadline)?))
         .map_err(went_away)?;
     let mut chunk = [0u8; 8192];
-    let read = stream.read(&mut chunk).map_err(went_away)?;
+    let read = match stream.read(&mut chunk) {
+        // The caller asks again, with the time left then.
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+        read => read.map_err(went_away)?,
+    };
     if read == 0 {
         return Err(Failed::Lost(
             "the agent went away: the connection closed before the whole answer".into(),
