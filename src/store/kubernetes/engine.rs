@@ -14,6 +14,7 @@ use super::settings::Settings;
 use crate::config::GoPeers;
 use crate::ipam::Cidr;
 use crate::k8s::crd::IPPool;
+use crate::store::queues::lock;
 use crate::store::{Attachment, PoolRef, StoreError};
 
 #[derive(Clone)]
@@ -80,27 +81,49 @@ pub(super) fn newer(a: Option<&str>, b: Option<&str>) -> bool {
 /// left the pool, is finished afterwards. Otherwise the runtime's retry finds no entry and the
 /// reservation stays behind, blocking the address until the orphan sweep.
 #[derive(Default)]
-pub struct Unreleased(Mutex<Vec<(IpAddr, String, Attachment)>>);
+pub struct Unreleased(Ledger<(IpAddr, String, Attachment)>);
 
 impl Unreleased {
     pub fn add(&self, ip: IpAddr, network_name: &str, who: &Attachment) {
-        if let Ok(mut pending) = self.0.lock() {
-            pending.push((ip, network_name.to_string(), who.clone()));
-        }
+        self.0.push((ip, network_name.to_string(), who.clone()));
     }
 
     pub fn done(&self, ip: IpAddr, network_name: &str) {
-        if let Ok(mut pending) = self.0.lock() {
-            pending.retain(|(i, n, _)| !(*i == ip && n == network_name));
-        }
+        self.0.retain(|(i, n, _)| !(*i == ip && n == network_name));
     }
 
     /// What is owed now; each stays owed until its release is done.
     pub fn pending(&self) -> Vec<(IpAddr, String, Attachment)> {
-        self.0
-            .lock()
-            .map(|pending| pending.clone())
-            .unwrap_or_default()
+        self.0.entries()
+    }
+}
+
+/// A list kept outside the future that fills it ([`Unreleased`], [`UndoLog`]). A panic while
+/// it was held loses nothing: every change is one push, one retain or one take, so a poisoned
+/// lock still holds a consistent list, and it is used as is.
+struct Ledger<T>(Mutex<Vec<T>>);
+
+impl<T> Default for Ledger<T> {
+    fn default() -> Self {
+        Ledger(Mutex::new(Vec::new()))
+    }
+}
+
+impl<T: Clone> Ledger<T> {
+    fn push(&self, entry: T) {
+        lock(&self.0).push(entry);
+    }
+
+    fn retain(&self, keep: impl FnMut(&T) -> bool) {
+        lock(&self.0).retain(keep);
+    }
+
+    fn entries(&self) -> Vec<T> {
+        lock(&self.0).clone()
+    }
+
+    fn take(&self) -> Vec<T> {
+        std::mem::take(&mut *lock(&self.0))
     }
 }
 
@@ -122,28 +145,22 @@ pub enum Step {
 /// The steps of the running ADD. It lives outside the ADD's future so that the steps survive
 /// the future being dropped at the deadline.
 #[derive(Default)]
-pub struct UndoLog(Mutex<Vec<Step>>);
+pub struct UndoLog(Ledger<Step>);
 
 impl UndoLog {
     pub fn push(&self, step: Step) {
-        if let Ok(mut steps) = self.0.lock() {
-            steps.push(step);
-        }
+        self.0.push(step);
     }
 
     /// Forgets a reservation that was released on the way, or that turned out to belong to an
     /// allocation made before this ADD.
     pub fn forget_reservation(&self, held: &Held) {
-        if let Ok(mut steps) = self.0.lock() {
-            steps.retain(|s| !matches!(s, Step::Reservation { held: h, .. } if h == held));
-        }
+        self.0
+            .retain(|s| !matches!(s, Step::Reservation { held: h, .. } if h == held));
     }
 
     pub fn take(&self) -> Vec<Step> {
-        self.0
-            .lock()
-            .map(|mut steps| std::mem::take(&mut *steps))
-            .unwrap_or_default()
+        self.0.take()
     }
 }
 
@@ -198,5 +215,32 @@ impl Engine {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ledger_keeps_its_entries_through_a_panic_that_held_it() {
+        let ledger = Arc::new(Ledger::default());
+        ledger.push(1);
+        let held = ledger.clone();
+        let panicked = std::thread::spawn(move || {
+            let _guard = held.0.lock().unwrap();
+            panic!("a task panics while it holds the ledger");
+        })
+        .join();
+        assert!(panicked.is_err() && ledger.0.is_poisoned());
+        ledger.push(2);
+        ledger.retain(|&n| n != 1);
+        assert_eq!(
+            ledger.entries(),
+            [2],
+            "nothing pushed after the panic is lost"
+        );
+        assert_eq!(ledger.take(), [2]);
+        assert!(ledger.entries().is_empty());
     }
 }
