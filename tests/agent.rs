@@ -550,6 +550,64 @@ fn a_reservation_the_copy_shows_taken_costs_no_read() {
     server.hold_watches(false);
 }
 
+/// Waits (bounded) until `ready`, polling.
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < Duration::from_secs(60), "never: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// ADDs that queue while a batch makes its reservations join that batch: one pool write for
+/// all of them, instead of one for the batch and one for the queue after it. On the fake API
+/// server, whose gate holds the batch at its reservation's create while the others arrive.
+#[test]
+fn adds_queued_during_a_batchs_reservations_share_its_pool_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, kubeconfig, agent) = agent_on_a_fake_server(dir.path());
+    let conf = netconf("joinnet", &ipam("10.148.0.0/28", &kubeconfig));
+    let add = |i: usize| {
+        let reply = call("ADD", i, "node-0", &agent, &conf);
+        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+        ip_of(&reply)
+    };
+    assert_eq!(add(0), "10.148.0.1");
+    let queued = r#"whereabouts_agent_requests_queued_total{operation="add"}"#;
+    let queued_before = agent.metric(queued);
+    server.close_gate("POST", RESERVATIONS);
+    server.reset_counts();
+    let ips: Vec<String> = std::thread::scope(|s| {
+        let add = &add;
+        let first = s.spawn(move || add(1));
+        wait_until("the first ADD's reservation waits at the gate", || {
+            server.waiting_at_gate() == 1
+        });
+        let later: Vec<_> = (2..6).map(|i| s.spawn(move || add(i))).collect();
+        wait_until("the later ADDs wait in the agent's queue", || {
+            agent.metric(queued) - queued_before == 4.0
+        });
+        server.open_gate();
+        std::iter::once(first)
+            .chain(later)
+            .map(|adding| adding.join().unwrap())
+            .collect()
+    });
+    let distinct: BTreeSet<&String> = ips.iter().collect();
+    assert_eq!(distinct.len(), 5, "{ips:?}");
+    let counts = server.requests_by_verb();
+    assert_eq!(
+        counts.get("PATCH ippools"),
+        Some(&1),
+        "one pool write for the five ADDs: {counts:?}"
+    );
+    assert_eq!(
+        counts.get(&format!("POST {RESERVATIONS}")),
+        Some(&5),
+        "{counts:?}"
+    );
+}
+
 /// The copy steers the search past reservations, but a refusal is never decided on it: a
 /// reservation the copy still shows after the server deleted it (its watch held back) does not
 /// exhaust the range. On the fake API server, whose watches can be held back on demand.

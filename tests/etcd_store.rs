@@ -275,6 +275,7 @@ impl Observer for Combined {
     fn conflict(&self, _: &'static str) {
         self.conflicts.fetch_add(1, Ordering::Relaxed);
     }
+    fn queued(&self, _: &'static str) {}
     fn cache(&self, what: &'static str, synced: bool) {
         assert_eq!(what, "etcd");
         self.synced.store(synced, Ordering::Release);

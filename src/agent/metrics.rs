@@ -35,6 +35,7 @@ pub struct Metrics {
     durations: Family<OperationLabels, Histogram>,
     batch_sizes: Family<OperationLabels, Histogram>,
     conflicts: Family<OperationLabels, Counter>,
+    queued: Family<OperationLabels, Counter>,
     cache_synced: Family<CacheLabels, Gauge>,
     cache_updated: Family<CacheLabels, Gauge>,
     cache_events: Family<CacheLabels, Counter>,
@@ -77,6 +78,12 @@ impl Metrics {
             "Conditional writes refused because the pool had changed (each is retried)",
             conflicts.clone(),
         );
+        let queued = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "requests_queued",
+            "Requests that waited in their pool's queue while a batch of that pool was served",
+            queued.clone(),
+        );
         let cache_synced = Family::<CacheLabels, Gauge>::default();
         registry.register(
             "cache_synced",
@@ -101,6 +108,7 @@ impl Metrics {
             durations,
             batch_sizes,
             conflicts,
+            queued,
             cache_synced,
             cache_updated,
             cache_events,
@@ -136,6 +144,12 @@ impl Observer for Metrics {
 
     fn conflict(&self, operation: &'static str) {
         self.conflicts
+            .get_or_create(&OperationLabels { operation })
+            .inc();
+    }
+
+    fn queued(&self, operation: &'static str) {
+        self.queued
             .get_or_create(&OperationLabels { operation })
             .inc();
     }

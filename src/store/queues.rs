@@ -3,7 +3,7 @@
 //! batch reads and writes (`kubernetes::batch`, `etcd::combine`).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
@@ -15,6 +15,8 @@ pub trait Observer: Send + Sync {
     fn batch(&self, operation: &'static str, size: usize);
     /// A conditional write of `operation` found the pool changed and is retried.
     fn conflict(&self, operation: &'static str);
+    /// A request of `operation` waits in its pool's queue while a batch of that pool is served.
+    fn queued(&self, operation: &'static str);
     /// The watch behind cached copy `what` ("ippools", "reservations", "lease") delivered an event, or failed
     /// (`synced` false until it has listed again).
     fn cache(&self, what: &'static str, synced: bool);
@@ -33,32 +35,45 @@ struct Queue<J, R> {
 }
 
 /// Queues by key. A key has an entry exactly while a task serves it.
-pub struct Queues<J, R>(Mutex<HashMap<String, Queue<J, R>>>);
-
-impl<J, R> Default for Queues<J, R> {
-    fn default() -> Self {
-        Queues(Mutex::new(HashMap::new()))
-    }
+pub struct Queues<J, R> {
+    queues: Mutex<HashMap<String, Queue<J, R>>>,
+    /// What the queued requests do ("add", "del"), for the observer.
+    operation: &'static str,
+    observer: Arc<dyn Observer>,
 }
 
 impl<J, R> Queues<J, R> {
+    pub fn new(operation: &'static str, observer: Arc<dyn Observer>) -> Queues<J, R> {
+        Queues {
+            queues: Mutex::new(HashMap::new()),
+            operation,
+            observer,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Queue<J, R>>> {
-        lock(&self.0)
+        lock(&self.queues)
     }
 
     /// Queues a job; the answer comes on the receiver. True when no task serves the queue yet:
     /// the caller must start one.
     pub fn submit(&self, key: &str, job: J) -> (oneshot::Receiver<R>, bool) {
         let (reply, answer) = oneshot::channel();
-        let mut queues = self.lock();
-        let start = !queues.contains_key(key);
-        queues
-            .entry(key.to_string())
-            .or_insert_with(|| Queue {
-                waiting: Vec::new(),
-            })
-            .waiting
-            .push((job, reply));
+        let start = {
+            let mut queues = self.lock();
+            let start = !queues.contains_key(key);
+            queues
+                .entry(key.to_string())
+                .or_insert_with(|| Queue {
+                    waiting: Vec::new(),
+                })
+                .waiting
+                .push((job, reply));
+            start
+        };
+        if !start {
+            self.observer.queued(self.operation);
+        }
         (answer, start)
     }
 

@@ -61,6 +61,34 @@ struct Shared {
     rules: Mutex<Vec<FailRule>>,
     requests: AtomicU64,
     by_verb: Mutex<BTreeMap<String, u64>>,
+    gate: Gate,
+}
+
+/// Requests of one verb held unanswered until the gate opens (see [`FakeApiServer::close_gate`]).
+#[derive(Default)]
+struct Gate {
+    /// ("METHOD", plural) while closed.
+    closed: Mutex<Option<(String, String)>>,
+    opened: std::sync::Condvar,
+    waiting: AtomicU64,
+}
+
+impl Gate {
+    /// Waits while the gate is closed to `method` on `plural`.
+    fn pass(&self, method: &str, plural: &str) {
+        let mut closed = self.closed.lock().unwrap();
+        let held = |c: &Option<(String, String)>| {
+            c.as_ref().is_some_and(|(m, p)| m == method && p == plural)
+        };
+        if !held(&closed) {
+            return;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        while held(&closed) {
+            closed = self.opened.wait(closed).unwrap();
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct FakeApiServer {
@@ -196,6 +224,22 @@ impl FakeApiServer {
         });
     }
 
+    /// Requests of `method` on `plural` wait, unanswered, until [`FakeApiServer::open_gate`]:
+    /// a test holds a client at one step of its work while others arrive.
+    pub fn close_gate(&self, method: &str, plural: &str) {
+        *self.shared.gate.closed.lock().unwrap() = Some((method.to_string(), plural.to_string()));
+    }
+
+    pub fn open_gate(&self) {
+        *self.shared.gate.closed.lock().unwrap() = None;
+        self.shared.gate.opened.notify_all();
+    }
+
+    /// How many requests wait at the closed gate.
+    pub fn waiting_at_gate(&self) -> u64 {
+        self.shared.gate.waiting.load(Ordering::SeqCst)
+    }
+
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
     }
@@ -301,6 +345,7 @@ fn serve(shared: Arc<Shared>, stream: TcpStream) {
         if latency > 0 {
             std::thread::sleep(Duration::from_micros(latency));
         }
+        shared.gate.pass(&req.method, &plural);
         if watch::is_watch(&req) {
             if watch::stream(&shared, &req, &mut writer) {
                 continue;

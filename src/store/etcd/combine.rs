@@ -88,8 +88,8 @@ impl Combining {
         Combining {
             inner: Arc::new(Inner {
                 store,
-                adds: Queues::default(),
-                dels: Queues::default(),
+                adds: Queues::new("add", observer.clone()),
+                dels: Queues::new("del", observer.clone()),
                 observer,
                 runtime,
                 copies,

@@ -423,19 +423,29 @@ impl Engine {
                 slots.extend(refill().into_iter().map(new_slot));
             }
             first = false;
-            for i in twin_of.len()..slots.len() {
-                let twin = (0..i).find(|j| slots[*j].who.same_owner(&slots[i].who));
-                twin_of.push(twin);
-            }
+            note_twins(&slots, &mut twin_of);
             let guessed = known.is_some();
             let mut round = self
                 .read_round(&cx, known.take(), failed_rv.as_deref(), &slots)
                 .await?;
-            let answered: Vec<bool> = slots.iter().map(|s| s.done.is_some()).collect();
+            let mut answered: Vec<bool> = slots.iter().map(|s| s.done.is_some()).collect();
             let needs = self
-                .keep_or_reuse(&cx, &mut round, &mut slots, &twin_of)
+                .keep_or_reuse(&cx, &mut round, &mut slots, &twin_of, 0)
                 .await?;
             self.reserve_new(&cx, &mut round, &mut slots, needs).await?;
+            // Requests that queued while these reservations were made join this round, once:
+            // one more round of creates, after which they share the round's pool write instead
+            // of waiting for it and writing the pool again.
+            let joined = slots.len();
+            slots.extend(refill().into_iter().map(new_slot));
+            if slots.len() > joined {
+                note_twins(&slots, &mut twin_of);
+                answered.resize(slots.len(), false);
+                let needs = self
+                    .keep_or_reuse(&cx, &mut round, &mut slots, &twin_of, joined)
+                    .await?;
+                self.reserve_new(&cx, &mut round, &mut slots, needs).await?;
+            }
             if guessed && withdraw_refusals(&mut slots, &answered) {
                 // Refused on a guess (the pool as last written or as watched): no write can
                 // confirm a refusal, so the server's pool decides again.
@@ -505,18 +515,19 @@ impl Engine {
         })
     }
 
-    /// Pass 1: what the core decides for each job on this read of the pool. Repeated ADDs are
-    /// answered here, and reservations of an earlier attempt kept while still free. Returns
-    /// the jobs that still need an address reserved.
+    /// Pass 1: what the core decides for each job (from slot `from` on) on this read of the
+    /// pool. Repeated ADDs are answered here, and reservations of an earlier attempt kept while
+    /// still free. Returns the jobs that still need an address reserved.
     async fn keep_or_reuse(
         &self,
         cx: &BatchCx<'_>,
         round: &mut Round,
         slots: &mut [Slot],
         twin_of: &[Option<usize>],
+        from: usize,
     ) -> Result<Vec<usize>, StoreError> {
         let mut needs = Vec::new();
-        for i in 0..slots.len() {
+        for i in from..slots.len() {
             if slots[i].done.is_some() || twin_of[i].is_some() {
                 continue;
             }
@@ -1091,6 +1102,15 @@ impl Round {
             }
         }
         out
+    }
+}
+
+/// Marks each slot added since the last call that repeats an earlier slot's attachment (a
+/// runtime retrying while the first call waits): it gets that slot's answer.
+fn note_twins(slots: &[Slot], twin_of: &mut Vec<Option<usize>>) {
+    for i in twin_of.len()..slots.len() {
+        let twin = (0..i).find(|j| slots[*j].who.same_owner(&slots[i].who));
+        twin_of.push(twin);
     }
 }
 

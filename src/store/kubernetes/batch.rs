@@ -39,8 +39,8 @@ pub struct Batches {
 impl Batches {
     pub fn new(observer: Arc<dyn Observer>) -> Batches {
         Batches {
-            adds: Queues::default(),
-            releases: Queues::default(),
+            adds: Queues::new("add", observer.clone()),
+            releases: Queues::new("del", observer.clone()),
             observer,
             last_race: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
@@ -90,6 +90,7 @@ mod tests {
     impl Observer for Quiet {
         fn batch(&self, _: &'static str, _: usize) {}
         fn conflict(&self, _: &'static str) {}
+        fn queued(&self, _: &'static str) {}
         fn cache(&self, _: &'static str, _: bool) {}
     }
 
