@@ -1,8 +1,10 @@
 //! Combining a node's concurrent requests in the agent: every ADD (and every DEL) of a pool
 //! waits in an in-memory queue of that pool; one task per busy queue serves whatever waits with
 //! one read and one conditional write of the pool, then whatever arrived meanwhile, until the
-//! queue is empty. The write is a compare-and-swap on the resourceVersion the batch read, so
-//! combining saves requests and collisions, never a check.
+//! queue is empty. ADDs that arrive while a batch makes its reservations join it (once per
+//! round) and share its write. The write tests every entry it relies on (the whole pool's
+//! resourceVersion while Go binaries may write it), so combining saves requests and collisions,
+//! never a check.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
