@@ -365,11 +365,10 @@ fn plugin_share() {
     };
     let mut shares = vec![Share::default(); plugins.len()];
     for round in 0..ROUNDS {
-        for (p, ((name, bin), share)) in plugins.iter().zip(&mut shares).enumerate() {
+        for (p, ((_, bin), share)) in plugins.iter().zip(&mut shares).enumerate() {
             let conf = conf(round * plugins.len() + p);
-            call(bin, &conf, "ADD", &format!("warm-up-{name}-{round}"));
-            let timed =
-                |command, i| call(bin, &conf, command, &format!("share-{name}-{round}-{i}"));
+            call(bin, &conf, "ADD", &format!("warm-up-{p}-{round}"));
+            let timed = |command, i| call(bin, &conf, command, &format!("share-{p}-{round}-{i}"));
             share.versions += (0..CALLS).map(|i| timed("VERSION", i)).sum::<f64>();
             let (sum_before, count_before) = (served("sum"), served("count"));
             share.adds += (0..CALLS).map(|i| timed("ADD", i)).sum::<f64>();
