@@ -175,6 +175,15 @@ fn pools_and_orphans(
     (held, orphans)
 }
 
+/// Waits (bounded) until `ready`, polling.
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < Duration::from_secs(60), "never: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Every pool entry has its reservation and every reservation its pool entry; returns the
 /// addresses held.
 fn assert_consistent(ns: &kube_apiserver::TestNamespace) -> BTreeSet<std::net::IpAddr> {
@@ -185,25 +194,36 @@ fn assert_consistent(ns: &kube_apiserver::TestNamespace) -> BTreeSet<std::net::I
     );
     held
 }
+
 /// `series` summed over the agents.
 fn summed(agents: &[Agent], series: &str) -> f64 {
     agents.iter().map(|a| a.metric(series)).sum()
 }
 
-/// Two agents (`node-0`, `node-1`) on the etcd engine of `cluster`, each with its own flat file
-/// and socket in `dir`, ready.
-fn etcd_agents(dir: &Path, cluster: &etcd_cluster::Cluster) -> Mutex<Vec<Agent>> {
+/// Two agents (`node-0`, `node-1`) on the etcd engine of a 3-member cluster of their own, each
+/// with its own flat file and socket, and a network configuration on that engine. Fields drop
+/// in order: the agents before the cluster.
+struct EtcdNodes {
+    agents: Mutex<Vec<Agent>>,
+    conf: String,
+    cluster: etcd_cluster::Cluster,
+    _dir: tempfile::TempDir,
+}
+
+/// [`EtcdNodes`] with network configuration `name` allocating from `range`, ready; `None` (said
+/// loudly, and a failure in CI) where etcd is not installed.
+fn etcd_nodes(name: &str, range: &str) -> Option<EtcdNodes> {
+    if !etcd_cluster::etcd_available() {
+        return None;
+    }
+    let cluster = etcd_cluster::Cluster::start(false);
+    let dir = tempfile::tempdir().unwrap();
     let settings = json!({
         "datastore": "etcd",
         "etcd_host": cluster.endpoints(),
         "log_level": "debug",
     });
-    let agents = ["node-0", "node-1"].map(|node| Agent::start(dir, node, settings.clone()));
-    Mutex::new(agents.into())
-}
-
-/// A network configuration `name` on the etcd engine of `cluster`, allocating from `range`.
-fn etcd_netconf(name: &str, cluster: &etcd_cluster::Cluster, range: &str) -> String {
+    let agents = ["node-0", "node-1"].map(|node| Agent::start(dir.path(), node, settings.clone()));
     let ipam = json!({
         "type": "whereabouts",
         "datastore": "etcd",
@@ -211,17 +231,23 @@ fn etcd_netconf(name: &str, cluster: &etcd_cluster::Cluster, range: &str) -> Str
         "range": range,
         "log_level": "error",
     });
-    netconf(name, &ipam)
+    Some(EtcdNodes {
+        agents: Mutex::new(agents.into()),
+        conf: netconf(name, &ipam),
+        cluster,
+        _dir: dir,
+    })
 }
 
 /// DELs of the `calls` pods, 20 at a time through the agents: every one succeeds, each went
 /// through an agent's queue, and no key of the engine is left.
-fn delete_everything(
-    agents: &Mutex<Vec<Agent>>,
-    calls: usize,
-    conf: &str,
-    cluster: &etcd_cluster::Cluster,
-) {
+fn delete_everything(nodes: &EtcdNodes, calls: usize) {
+    let EtcdNodes {
+        agents,
+        conf,
+        cluster,
+        ..
+    } = nodes;
     let deleted = burst("DEL", calls, 20, agents, &[conf], |_| {});
     for (i, reply) in &deleted {
         assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
@@ -239,6 +265,13 @@ fn delete_everything(
         left.is_empty(),
         "keys left after DEL of everything: {left:?}"
     );
+}
+
+/// ADD of pod `i` on `node-0` through its agent, which must succeed: its address.
+fn added_on_node_0(agent: &Agent, conf: &str, i: usize) -> String {
+    let reply = call("ADD", i, "node-0", agent, conf);
+    assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
+    ip_of(&reply)
 }
 
 fn ip_of(reply: &Reply) -> String {
@@ -482,11 +515,7 @@ fn a_reservation_the_copy_shows_taken_costs_no_read() {
     let dir = tempfile::tempdir().unwrap();
     let (server, kubeconfig, agent) = agent_on_a_fake_server(dir.path());
     let conf = netconf("racenet", &ipam("10.146.0.0/28", &kubeconfig));
-    let added = |i: usize| {
-        let reply = call("ADD", i, "node-0", &agent, &conf);
-        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
-        ip_of(&reply)
-    };
+    let added = |i: usize| added_on_node_0(&agent, &conf, i);
     let events = r#"whereabouts_agent_cache_events_total{cache="reservations"}"#;
     let foreign = |ip: &str| {
         let seen = agent.metric(events);
@@ -512,14 +541,9 @@ fn a_reservation_the_copy_shows_taken_costs_no_read() {
     // The copy takes in the reservation of .2; the pool is written after it, so the lost race
     // is an overlap, not a contender of this pool, and the next lowest address follows.
     let before = foreign("10.146.0.2");
-    let start = std::time::Instant::now();
-    while agent.metric(events) <= before {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the watch never brought it"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the watch brings the reservation", || {
+        agent.metric(events) > before
+    });
     assert_eq!(added(0), "10.146.0.1");
     server.reset_counts();
     assert_eq!(
@@ -550,15 +574,6 @@ fn a_reservation_the_copy_shows_taken_costs_no_read() {
     server.hold_watches(false);
 }
 
-/// Waits (bounded) until `ready`, polling.
-fn wait_until(what: &str, ready: impl Fn() -> bool) {
-    let start = std::time::Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < Duration::from_secs(60), "never: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// ADDs that queue while a batch makes its reservations join that batch: one pool write for
 /// all of them, instead of one for the batch and one for the queue after it. On the fake API
 /// server, whose gate holds the batch at its reservation's create while the others arrive.
@@ -567,11 +582,7 @@ fn adds_queued_during_a_batchs_reservations_share_its_pool_write() {
     let dir = tempfile::tempdir().unwrap();
     let (server, kubeconfig, agent) = agent_on_a_fake_server(dir.path());
     let conf = netconf("joinnet", &ipam("10.148.0.0/28", &kubeconfig));
-    let add = |i: usize| {
-        let reply = call("ADD", i, "node-0", &agent, &conf);
-        assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
-        ip_of(&reply)
-    };
+    let add = |i: usize| added_on_node_0(&agent, &conf, i);
     assert_eq!(add(0), "10.148.0.1");
     let queued = r#"whereabouts_agent_requests_queued_total{operation="add"}"#;
     let queued_before = agent.metric(queued);
@@ -628,14 +639,9 @@ fn a_reservation_the_copy_still_shows_does_not_exhaust_the_range() {
             "spec": {"containerid": "elsewhere", "ifname": "net1", "podref": "other/pod"},
         }),
     );
-    let start = std::time::Instant::now();
-    while agent.metric(events) <= before {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the watch never brought it"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the watch brings the reservation", || {
+        agent.metric(events) > before
+    });
     let first = call("ADD", 0, "node-0", &agent, &conf);
     assert_eq!(ip_of(&first), "10.147.0.1", "{first:?}");
     server.hold_watches(true);
@@ -664,8 +670,7 @@ fn errors_through_the_agent_keep_their_code() {
     let missing = dir.path().join("no-such.kubeconfig");
     let conf = netconf("tiny", &ipam("10.141.0.0/30", &missing));
     for i in 0..2 {
-        let reply = call("ADD", i, "node-0", &agent, &conf);
-        assert_eq!(reply.code, 0, "{reply:?}");
+        added_on_node_0(&agent, &conf, i);
     }
     let full = call("ADD", 2, "node-0", &agent, &conf);
     assert_eq!(full.cni_code(), 100, "{full:?}");
@@ -771,15 +776,17 @@ fn agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
 /// the DELs leave no key (no allocation leaked, the runs intact).
 #[test]
 fn etcd_agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
-    if !etcd_cluster::etcd_available() {
-        return;
-    }
     const CALLS: usize = 80;
-    let cluster = etcd_cluster::Cluster::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let agents = etcd_agents(dir.path(), &cluster);
-    let conf = etcd_netconf("etcdkill", &cluster, "10.148.0.0/24");
-    let added = burst("ADD", CALLS, 20, &agents, &[&conf], |done| {
+    let Some(nodes) = etcd_nodes("etcdkill", "10.148.0.0/24") else {
+        return;
+    };
+    let EtcdNodes {
+        agents,
+        conf,
+        cluster,
+        ..
+    } = &nodes;
+    let added = burst("ADD", CALLS, 20, agents, &[conf], |done| {
         while done.load(Ordering::SeqCst) < CALLS / 4 {
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -802,7 +809,7 @@ fn etcd_agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
     for i in failed {
         let agents = agents.lock().unwrap();
         let node = i % agents.len();
-        let reply = call("ADD", i, &format!("node-{node}"), &agents[node], &conf);
+        let reply = call("ADD", i, &format!("node-{node}"), &agents[node], conf);
         assert_eq!(reply.code, 0, "retried ADD {i}: {reply:?}");
         holders.insert(i, ip_of(&reply));
     }
@@ -815,27 +822,24 @@ fn etcd_agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
         .count();
     assert_eq!(records, CALLS, "allocations leaked or lost");
 
-    let again = burst("ADD", CALLS, 20, &agents, &[&conf], |_| {});
+    let again = burst("ADD", CALLS, 20, agents, &[conf], |_| {});
     for (i, reply) in &again {
         assert_eq!(reply.code, 0, "repeated ADD {i}: {reply:?}");
         assert_eq!(ip_of(reply), holders[i], "repeated ADD {i} moved");
     }
-    delete_everything(&agents, CALLS, &conf, &cluster);
+    delete_everything(&nodes, CALLS);
 }
 
 /// The etcd engine through two agents: a burst of ADDs from both nodes, unique, then DELs
 /// that leave no key behind.
 #[test]
 fn etcd_agents_serve_a_burst() {
-    if !etcd_cluster::etcd_available() {
-        return;
-    }
     const CALLS: usize = 60;
-    let cluster = etcd_cluster::Cluster::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let agents = etcd_agents(dir.path(), &cluster);
-    let conf = etcd_netconf("etcdnet", &cluster, "10.143.0.0/24");
-    let added = burst("ADD", CALLS, 20, &agents, &[&conf], |_| {});
+    let Some(nodes) = etcd_nodes("etcdnet", "10.143.0.0/24") else {
+        return;
+    };
+    let EtcdNodes { agents, conf, .. } = &nodes;
+    let added = burst("ADD", CALLS, 20, agents, &[conf], |_| {});
     let mut ips = BTreeSet::new();
     for (i, reply) in &added {
         assert_eq!(reply.code, 0, "ADD {i}: {reply:?}");
@@ -863,5 +867,5 @@ fn etcd_agents_serve_a_burst() {
     drop(agents_now);
     assert_eq!(batched as usize, CALLS);
     assert!(batches < batched, "no two ADDs were combined");
-    delete_everything(&agents, CALLS, &conf, &cluster);
+    delete_everything(&nodes, CALLS);
 }

@@ -523,6 +523,14 @@ fn slice_of(server: &FakeApiServer, pool: &str, node: &str) -> Option<String> {
         .map(|(_, s)| s)
 }
 
+/// The slice of `node` in NodeSlicePool `pool`, once it has one (waiting at most `limit`).
+fn awaited_slice(server: &FakeApiServer, pool: &str, node: &str, limit: Duration) -> String {
+    wait_for(&format!("{node}'s slice of {pool}"), limit, || {
+        slice_of(server, pool, node).is_some()
+    });
+    slice_of(server, pool, node).unwrap_or_default()
+}
+
 /// A pass over the node slices that fails (the server refuses the NodeSlicePool's creation,
 /// twice) is tried again after a pause, without waiting for another event: the slices are
 /// there within seconds, and each failure is counted. On the fake: its failures on demand.
@@ -539,12 +547,9 @@ fn a_failed_node_slice_pass_is_tried_again() {
     let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
         "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}, "log_level": "verbose"}});
     let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
-    wait_for("the slice of node-a", Duration::from_secs(20), || {
-        slice_of(&server, "retried", "node-a").is_some()
-    });
     assert_eq!(
-        slice_of(&server, "retried", "node-a").as_deref(),
-        Some("10.61.0.0/26")
+        awaited_slice(&server, "retried", "node-a", Duration::from_secs(20)),
+        "10.61.0.0/26"
     );
     assert!(
         ctl.metric("whereabouts_retries_total")
@@ -675,12 +680,9 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
     server.delete_now("pods", "default", "on-a");
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 1.0);
     server.add_node("node-d");
-    wait_for("node-d's slice", Duration::from_secs(10), || {
-        slice_of(&server, "blue", "node-d").is_some()
-    });
     assert_eq!(
-        slice_of(&server, "blue", "node-d").as_deref(),
-        Some("10.60.0.0/26")
+        awaited_slice(&server, "blue", "node-d", Duration::from_secs(10)),
+        "10.60.0.0/26"
     );
     assert_eq!(
         ctl.metric("whereabouts_node_slices_assigned{nodeslicepool=\"blue\"}"),

@@ -55,6 +55,11 @@ impl<J, R> Queues<J, R> {
         lock(&self.queues)
     }
 
+    /// What the queued requests do ("add", "del").
+    pub fn operation(&self) -> &'static str {
+        self.operation
+    }
+
     /// Queues a job; the answer comes on the receiver. True when no task serves the queue yet:
     /// the caller must start one.
     pub fn submit(&self, key: &str, job: J) -> (oneshot::Receiver<R>, bool) {

@@ -48,8 +48,10 @@ const MAX_BATCH: usize = 64;
 /// each round reads again. Those still left then run alone, with the engine's spreading.
 const COMBINED_ROUNDS: usize = 3;
 
-type Answer = Result<Vec<IpAddr>, StoreError>;
-type DelAnswer = Result<Vec<Allocation>, StoreError>;
+/// What a queued request is answered.
+type Reply<T> = Result<T, StoreError>;
+type Answer = Reply<Vec<IpAddr>>;
+type DelAnswer = Reply<Vec<Allocation>>;
 
 /// What one combined round did.
 struct Round {
@@ -100,13 +102,11 @@ impl Combining {
 }
 
 impl Inner {
-    /// Serves the queue `key` of `operation` ("add", "del") until it is empty, a batch at a
-    /// time with `serve_batch`.
+    /// Serves the queue `key` until it is empty, a batch at a time with `serve_batch`.
     fn serve<J, R>(
         &self,
         queues: &Queues<J, R>,
         key: &str,
-        operation: &'static str,
         serve_batch: impl Fn(&Self, &[J]) -> Vec<R>,
     ) {
         let _serving = Serving { queues, key };
@@ -118,7 +118,7 @@ impl Inner {
             while !waiting.is_empty() {
                 let rest = waiting.split_off(waiting.len().min(MAX_BATCH));
                 let (jobs, replies): (Vec<J>, Vec<_>) = waiting.into_iter().unzip();
-                self.observer.batch(operation, jobs.len());
+                self.observer.batch(queues.operation(), jobs.len());
                 let answers = serve_batch(self, &jobs);
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     // The plugin may have hung up; what was done stays done.
@@ -130,37 +130,39 @@ impl Inner {
     }
 }
 
-impl Store for Combining {
-    fn add(&self, req: &AddRequest) -> Answer {
-        let key = req
-            .ranges
-            .first()
-            .map(|rr| rr.pool.name.clone())
-            .unwrap_or_default();
-        let (answer, start) = self.inner.adds.submit(&key, req.clone());
+impl Combining {
+    /// Queues `job` in the queue of pool `key` (of the queues `queues` picks) and waits for its
+    /// answer; the first job of an idle queue starts the blocking task that serves it with
+    /// `serve_batch`.
+    fn through_queue<J: Send + 'static, T: Send + 'static>(
+        &self,
+        key: String,
+        job: J,
+        queues: fn(&Inner) -> &Queues<J, Reply<T>>,
+        serve_batch: fn(&Inner, &[J]) -> Vec<Reply<T>>,
+    ) -> Reply<T> {
+        let (answer, start) = queues(&self.inner).submit(&key, job);
         if start {
             let inner = self.inner.clone();
             self.inner
                 .runtime
-                .spawn_blocking(move || inner.serve(&inner.adds, &key, "add", Inner::add_many));
+                .spawn_blocking(move || inner.serve(queues(&inner), &key, serve_batch));
         }
         answer.blocking_recv().unwrap_or_else(|_| Err(dropped()))
     }
+}
+
+impl Store for Combining {
+    fn add(&self, req: &AddRequest) -> Answer {
+        let key = req.ranges.first().map(|rr| rr.pool.name.clone());
+        let job = req.clone();
+        self.through_queue(key.unwrap_or_default(), job, |i| &i.adds, Inner::add_many)
+    }
 
     fn del(&self, req: &AttachmentRequest) -> DelAnswer {
-        let key = req
-            .pools
-            .first()
-            .map(|pool| pool.name.clone())
-            .unwrap_or_default();
-        let (answer, start) = self.inner.dels.submit(&key, req.clone());
-        if start {
-            let inner = self.inner.clone();
-            self.inner
-                .runtime
-                .spawn_blocking(move || inner.serve(&inner.dels, &key, "del", Inner::del_many));
-        }
-        answer.blocking_recv().unwrap_or_else(|_| Err(dropped()))
+        let key = req.pools.first().map(|pool| pool.name.clone());
+        let job = req.clone();
+        self.through_queue(key.unwrap_or_default(), job, |i| &i.dels, Inner::del_many)
     }
 
     fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
