@@ -1,11 +1,13 @@
 # syntax=docker/dockerfile:1
-# The Whereabouts (Rust) image: one statically linked binary at /whereabouts, nothing else.
+# The Whereabouts (Rust) image: the statically linked binary at /whereabouts and its plugin-only
+# build at /whereabouts-plugin, nothing else.
 #
 #   docker build -t ghcr.io/whereabouts-rs/whereabouts:0.1.0 .
 #
-# The DaemonSet runs `/whereabouts install`, which copies this same binary into the host's CNI
-# bin directory; a static binary (glibc linked in with crt-static) runs on any host, whatever
-# its libc. hack/images/build writes the same image (one layer, the same entrypoint and command)
+# The DaemonSet runs `/whereabouts install`, which copies the plugin into the host's CNI bin
+# directory as `whereabouts`: the plugin-only build when the node agent serves the plugin (the
+# default), this same binary when it does not. A static binary (glibc linked in with crt-static)
+# runs on any host, whatever its libc. hack/images/build writes the same image (one layer, the same entrypoint and command)
 # from the same build command, as an OCI archive, where there is no Docker engine.
 
 ARG RUST_VERSION=1.95
@@ -26,10 +28,13 @@ COPY src ./src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
-    cargo build --release --locked --target x86_64-unknown-linux-gnu --bin whereabouts \
-    && cp target/x86_64-unknown-linux-gnu/release/whereabouts /whereabouts
+    cargo build --release --locked --target x86_64-unknown-linux-gnu \
+        --bin whereabouts --bin whereabouts-plugin \
+    && cp target/x86_64-unknown-linux-gnu/release/whereabouts /whereabouts \
+    && cp target/x86_64-unknown-linux-gnu/release/whereabouts-plugin /whereabouts-plugin
 
 FROM scratch
 COPY --from=build /whereabouts /whereabouts
+COPY --from=build /whereabouts-plugin /whereabouts-plugin
 ENTRYPOINT ["/whereabouts"]
 CMD ["install"]

@@ -311,8 +311,9 @@ fn parts() -> impl Fn(&str) -> bool {
 /// (its `request_duration_seconds`) and less a bare `VERSION` call (process start). What is left
 /// is the socket round trip, the configuration read and the JSON.
 ///
-/// Measured for cargo's release build, for the static build the image ships (and the installer
-/// copies to every node) when `hack/images/build` has made it, and for an earlier build with
+/// Measured for cargo's release build, for the static plugin-only build the image ships (and
+/// the installer copies to nodes with the agent) when `hack/images/build` has made it, and for
+/// an earlier build with
 /// `WHEREABOUTS_EARLIER_BINARY`; each from a fresh copy, in rounds that take turns so that all
 /// meet the same machine.
 fn plugin_share() {
@@ -321,14 +322,14 @@ fn plugin_share() {
     let copies = tempfile::tempdir().expect("temp dir");
     let plugins: Vec<(&str, PathBuf)> = [
         ("cargo's build", Some(cargo_build())),
-        ("shipped (static)", shipped_build()),
+        ("plugin-only (static)", shipped_build()),
         ("earlier build", earlier::binary()),
     ]
     .into_iter()
     .filter_map(|(name, bin)| Some((name, fresh_copy(&bin?, copies.path(), name))))
     .collect();
     if shipped_build().is_none() {
-        println!("no static build (hack/images/build makes it): not measured");
+        println!("no static plugin-only build (hack/images/build makes it): not measured");
     }
     let server = FakeApiServer::start();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -415,12 +416,13 @@ fn cargo_build() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_whereabouts"))
 }
 
-/// The static build that `hack/images/build` makes, when it is there.
+/// The static plugin-only build that `hack/images/build` makes, when it is there: what the
+/// installer puts on nodes whose agent serves the plugin.
 fn shipped_build() -> Option<PathBuf> {
     cargo_build()
         .parent()
         .and_then(Path::parent)
-        .map(|target| target.join("x86_64-unknown-linux-gnu/release/whereabouts"))
+        .map(|target| target.join("x86_64-unknown-linux-gnu/release/whereabouts-plugin"))
         .filter(|path| path.is_file())
 }
 

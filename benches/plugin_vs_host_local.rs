@@ -1,9 +1,9 @@
 //! Whole-process benchmark: ADD and DEL through our binary and through Debian's `host-local`,
 //! on the same machine in the same run, one at a time and 8 at a time. Prints per-operation
 //! medians and our/host-local ratio; with `WHEREABOUTS_EARLIER_BINARY` also an earlier build
-//! of ours, and the ratio this build/the earlier one. The static build that the image ships is
-//! measured too when `hack/images/build` has made it, and every plugin's bare `VERSION` call
-//! (process start alone).
+//! of ours, and the ratio this build/the earlier one. The static builds that the image ships
+//! (the plugin-only build and the full binary) are measured too when `hack/images/build` has
+//! made them, and every plugin's bare `VERSION` call (process start alone).
 //!
 //! Run: `cargo bench --bench plugin_vs_host_local` (needs containernetworking-plugins).
 
@@ -136,17 +136,25 @@ fn main() {
             .to_string(),
         },
     ];
-    // What the image ships (and the installer copies to every node): the static build that
-    // `hack/images/build` makes. It starts faster than cargo's dynamically linked one.
+    // What the image ships, the static builds that `hack/images/build` makes: the installer
+    // copies the plugin-only build to nodes whose agent serves the plugin (the default), the
+    // full binary to the others. Both start faster than cargo's dynamically linked build.
     let ours = PathBuf::from(env!("CARGO_BIN_EXE_whereabouts"));
-    let shipped = ours
-        .parent()
-        .and_then(Path::parent)
-        .map(|target| target.join("x86_64-unknown-linux-gnu/release/whereabouts"))
-        .filter(|path| path.is_file());
-    match shipped {
-        Some(exe) => plugins.push(whereabouts("shipped", exe, "shipped.db")),
-        None => println!("no static build (hack/images/build makes it): not measured"),
+    let static_build = |name: &str| {
+        ours.parent()
+            .and_then(Path::parent)
+            .map(|target| target.join("x86_64-unknown-linux-gnu/release").join(name))
+            .filter(|path| path.is_file())
+    };
+    let shipped = [
+        ("plugin-only", "whereabouts-plugin"),
+        ("full static", "whereabouts"),
+    ];
+    for (name, file) in shipped {
+        match static_build(file) {
+            Some(exe) => plugins.push(whereabouts(name, exe, &format!("{file}.db"))),
+            None => println!("no static {file} (hack/images/build makes it): not measured"),
+        }
     }
     if let Some(exe) = earlier::binary() {
         plugins.push(whereabouts("earlier", exe, "earlier.db"));

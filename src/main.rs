@@ -24,7 +24,11 @@ fn main() -> ExitCode {
 }
 
 fn plugin() -> ExitCode {
-    let outcome = whereabouts::plugin::run_process(std::env::vars_os(), std::io::stdin().lock());
+    let outcome = whereabouts::plugin::run_process(
+        std::env::vars_os(),
+        std::io::stdin().lock(),
+        whereabouts::store::open,
+    );
     if let Some(json) = outcome.stdout {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{json}");

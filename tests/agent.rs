@@ -683,6 +683,47 @@ fn errors_through_the_agent_keep_their_code() {
     assert_ne!(status.code, 0, "{status:?}");
 }
 
+/// The plugin-only build, which the installer puts on hosts with the agent: ADD, CHECK and DEL
+/// of the Kubernetes engine go through the agent exactly as with the full binary; with the
+/// agent gone it answers "try again", as the full binary does on a host without credentials.
+#[test]
+fn the_plugin_only_build_reaches_the_cluster_engine_through_the_agent() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("plugin-only-build");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let mut agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    // Credentials the plugin could use if it would: it must not need them.
+    let conf = netconf("plugin-only", &ipam("10.142.0.0/29", &kubeconfig));
+    let plugin_only = Path::new(env!("CARGO_BIN_EXE_whereabouts-plugin"));
+    let through = |command, i: usize, agent: &Agent| {
+        let container = format!("agent-{i}");
+        let pod = format!("pod-{i}");
+        let call = Call {
+            command,
+            container: &container,
+            ifname: "net1",
+            pod: Some(("bench", &pod)),
+            node: Some("node-0"),
+            env: vec![agent.env()],
+        };
+        run(plugin_only, &call, &conf)
+    };
+    let first = ip_of(&through("ADD", 0, &agent));
+    let second = ip_of(&through("ADD", 1, &agent));
+    assert_ne!(first, second);
+    // The full binary sees the same allocations: one store, whichever build asked.
+    assert_eq!(call("CHECK", 0, "node-0", &agent, &conf).code, 0);
+    assert_eq!(through("CHECK", 1, &agent).code, 0);
+    assert_eq!(through("DEL", 0, &agent).code, 0);
+    assert_eq!(call("CHECK", 0, "node-0", &agent, &conf).cni_code(), 102);
+    assert_eq!(ip_of(&call("ADD", 2, "node-0", &agent, &conf)), first);
+
+    agent.kill();
+    let gone = through("ADD", 3, &agent);
+    assert_eq!(gone.cni_code(), 11, "{gone:?}");
+}
+
 /// Two nodes: node-0's plugin has credentials of its own (it falls back while its agent is
 /// down), node-1's has none (it must answer "try again"). Both agents are killed in the middle
 /// of a burst and started again: no address twice, none lost, none leaked once the runtime has

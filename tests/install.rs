@@ -398,6 +398,26 @@ fn the_binary_installs_itself_from_its_environment() {
     );
 }
 
+/// With the agent the host gets the plugin-only build (next to the installer, as in the image)
+/// under the plugin's name; with the agent switched off again, the full binary.
+#[test]
+fn with_the_agent_it_installs_the_plugin_only_build() {
+    let host = Host::new();
+    let installed = || fs::read(host.bin_dir().join("whereabouts")).unwrap();
+    for (agent, expected) in [
+        ("--agent=true", env!("CARGO_BIN_EXE_whereabouts-plugin")),
+        ("--agent=false", env!("CARGO_BIN_EXE_whereabouts")),
+        ("--agent=true", env!("CARGO_BIN_EXE_whereabouts-plugin")),
+    ] {
+        let out = binary(&host)
+            .args(["install", "--once", agent])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{agent}: {out:?}");
+        assert!(installed() == fs::read(expected).unwrap(), "{agent}");
+    }
+}
+
 #[test]
 fn the_watcher_stops_on_sigterm() {
     let host = Host::new();

@@ -113,24 +113,27 @@ fn rollout(node: &Node, what: &str) {
     node.kubectl(&["rollout", "status", what, "-n", SYSTEM, "--timeout=180s"]);
 }
 
-/// The static binary the whereabouts image was built from (hack/images/build).
-fn static_binary() -> PathBuf {
-    match std::env::var_os("WHEREABOUTS_STATIC_BINARY") {
+/// The static plugin-only build the whereabouts image carries (hack/images/build), next to the
+/// full binary: what the installer puts on a node whose agent serves the plugin.
+fn static_plugin_build() -> PathBuf {
+    let full = match std::env::var_os("WHEREABOUTS_STATIC_BINARY") {
         Some(path) => PathBuf::from(path),
         None => repo().join("target/x86_64-unknown-linux-gnu/release/whereabouts"),
-    }
+    };
+    full.with_file_name("whereabouts-plugin")
 }
 
-/// The DaemonSet's pod put the image's binary into the node's CNI bin folder and the flat file
-/// (owner-only) into whereabouts.d; the binary also runs on the host.
+/// The DaemonSet's pod put the image's plugin-only build (the agent serves the plugin) into the
+/// node's CNI bin folder and the flat file (owner-only) into whereabouts.d; the plugin also runs
+/// on the host.
 fn check_installed_files(node: &Node) {
     let installed = node.cni_bin().join("whereabouts");
     wait_until("the installed plugin", Duration::from_secs(60), || {
         installed.exists()
     });
     assert!(
-        std::fs::read(&installed).unwrap() == std::fs::read(static_binary()).unwrap(),
-        "the node's plugin is not the image's binary"
+        std::fs::read(&installed).unwrap() == std::fs::read(static_plugin_build()).unwrap(),
+        "the node's plugin is not the image's plugin-only build"
     );
     let folder = node.cni_conf().join("whereabouts.d");
     let mode = std::fs::metadata(folder.join("whereabouts.conf"))

@@ -429,3 +429,37 @@ fn the_readme_quick_start_prints_what_the_readme_says() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), promised);
     }
 }
+
+/// The plugin-only build (what the installer puts on hosts with the node agent) is the same
+/// plugin for the local engine: VERSION, ADD, CHECK, DEL and GC on the store the full binary
+/// uses, each seeing what the other wrote. Without a CNI command it says what it is.
+#[test]
+fn the_plugin_only_build_serves_the_local_engine_as_the_full_binary_does() {
+    let plugin_only = env!("CARGO_BIN_EXE_whereabouts-plugin");
+    let net = Net::local(json!({"range": "10.21.0.0/24"}));
+    let by = |bin, command, container| call_bin(bin, &net.conf, command, container, "eth0", "");
+    let version = |bin| run_bin(bin, &[("CNI_COMMAND", "VERSION")], "").ok();
+    assert_eq!(version(plugin_only), version(bin()));
+
+    assert_eq!(ips(&by(plugin_only, "ADD", "a").ok()), ["10.21.0.1/24"]);
+    by(bin(), "CHECK", "a").ok_empty();
+    assert_eq!(ips(&by(bin(), "ADD", "b").ok()), ["10.21.0.2/24"]);
+    by(plugin_only, "CHECK", "b").ok_empty();
+    by(plugin_only, "DEL", "a").ok_empty();
+    assert_eq!(by(bin(), "CHECK", "a").err_code(), 102);
+    let mut gc = net.conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    call_bin(plugin_only, &gc, "GC", "", "", "").ok_empty();
+    assert_eq!(by(bin(), "CHECK", "b").err_code(), 102);
+    assert_eq!(ips(&by(bin(), "ADD", "c").ok()), ["10.21.0.1/24"]);
+
+    let about = run_bin::<&str, &str>(plugin_only, &[], "");
+    assert_eq!(about.code, 0, "{about:?}");
+    assert!(about.stderr.contains("plugin-only build"), "{about:?}");
+    let command = std::process::Command::new(plugin_only)
+        .arg("agent")
+        .output()
+        .unwrap();
+    assert_eq!(command.status.code(), Some(2), "{command:?}");
+    assert!(String::from_utf8_lossy(&command.stderr).contains("full binary"));
+}

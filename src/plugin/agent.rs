@@ -16,7 +16,8 @@ use crate::agent::wire::{
 use crate::agent::{fallback_marker, socket_path};
 use crate::config::{Datastore, IpamConfig};
 use crate::store::{
-    self, etcd, kubernetes, AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError,
+    etcd, kubernetes, AddRequest, Allocation, AttachmentRequest, GcRequest, Opener, Store,
+    StoreError,
 };
 
 /// How long the plugin waits for the agent: the engine's bound on one operation, and a margin
@@ -79,6 +80,7 @@ fn served<B: Serialize, R: DeserializeOwned, T>(
     path: &str,
     body: impl FnOnce(EngineKind) -> B,
     decode: impl FnOnce(R) -> Result<T, StoreError>,
+    open: Opener,
     itself: impl FnOnce(&dyn Store) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     let socket = match through_agent(cfg, path, body) {
@@ -89,7 +91,7 @@ fn served<B: Serialize, R: DeserializeOwned, T>(
             agent_expected(cfg, &socket).then_some((socket, why))
         }
     };
-    let store = store::open(cfg).map_err(|err| match (&socket, &err) {
+    let store = open(cfg).map_err(|err| match (&socket, &err) {
         (Some((socket, why)), StoreError::Config { .. } | StoreError::Io { .. }) => {
             StoreError::try_again(format!(
                 "the whereabouts agent at {} does not answer ({why}) and this node cannot reach the store itself",
@@ -102,52 +104,65 @@ fn served<B: Serialize, R: DeserializeOwned, T>(
     itself(&*store)
 }
 
-pub fn add(cfg: &IpamConfig, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
+pub fn add(cfg: &IpamConfig, req: &AddRequest, open: Opener) -> Result<Vec<IpAddr>, StoreError> {
     served(
         cfg,
         "add",
         |kind| AddBody::of(kind, req),
         |answer: AddedBody| Ok(answer.ips),
+        open,
         |store| store.add(req),
     )
 }
 
-pub fn del(cfg: &IpamConfig, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+pub fn del(
+    cfg: &IpamConfig,
+    req: &AttachmentRequest,
+    open: Opener,
+) -> Result<Vec<Allocation>, StoreError> {
     served(
         cfg,
         "del",
         |kind| AttachmentBody::of(kind, req),
         AllocationsBody::allocations,
+        open,
         |store| store.del(req),
     )
 }
 
-pub fn check(cfg: &IpamConfig, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+pub fn check(
+    cfg: &IpamConfig,
+    req: &AttachmentRequest,
+    open: Opener,
+) -> Result<Vec<Allocation>, StoreError> {
     served(
         cfg,
         "check",
         |kind| AttachmentBody::of(kind, req),
         AllocationsBody::allocations,
+        open,
         |store| store.check(req),
     )
 }
 
-pub fn gc(cfg: &IpamConfig, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
+pub fn gc(cfg: &IpamConfig, req: &GcRequest, open: Opener) -> Result<Vec<Allocation>, StoreError> {
     served(
         cfg,
         "gc",
         |kind| GcBody::of(kind, req),
         AllocationsBody::allocations,
+        open,
         |store| store.gc(req),
     )
 }
 
-pub fn status(cfg: &IpamConfig) -> Result<(), StoreError> {
+pub fn status(cfg: &IpamConfig, open: Opener) -> Result<(), StoreError> {
     served(
         cfg,
         "status",
         |engine| StatusBody { engine },
         |_: serde_json::Value| Ok(()),
+        open,
         |store| store.status(),
     )
 }

@@ -14,7 +14,9 @@ use crate::cni::version::{self, at_least, LATEST, SUPPORTED};
 use crate::config::{self, IpamConfig};
 use crate::ipam::addr::parse_ip;
 use crate::ipam::Cidr;
-use crate::store::{self, AddRequest, Attachment, AttachmentRequest, GcRequest, StoreError};
+use crate::store::{
+    self, AddRequest, Attachment, AttachmentRequest, GcRequest, Opener, StoreError,
+};
 
 pub use pools::{parse_requested, place_statics, pools, Requested};
 
@@ -33,15 +35,17 @@ pub fn about() -> String {
     )
 }
 
-/// Runs one CNI call from the process's environment and stdin, as `main` does.
+/// Runs one CNI call from the process's environment and stdin, as `main` does; work that no
+/// agent takes goes to the engine `open` opens ([`store::open`] in the full binary).
 pub fn run_process(
     vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
     stdin: impl std::io::Read,
+    open: Opener,
 ) -> Outcome {
     let input = request::decode_environment(vars)
         .and_then(|vars| request::read_stdin(stdin).map(|stdin| (vars, stdin)));
     match input {
-        Ok((vars, stdin)) => run(&vars, &stdin),
+        Ok((vars, stdin)) => run_with(&vars, &stdin, open),
         Err(err) => Outcome {
             stdout: Some(err.to_json(LATEST)),
             exit_code: 1,
@@ -49,11 +53,16 @@ pub fn run_process(
     }
 }
 
-/// Runs one CNI call. Never panics on input: every failure becomes CNI error JSON.
+/// Runs one CNI call with every engine. Never panics on input: every failure becomes CNI
+/// error JSON.
 pub fn run(vars: &HashMap<String, String>, stdin: &[u8]) -> Outcome {
+    run_with(vars, stdin, store::open)
+}
+
+fn run_with(vars: &HashMap<String, String>, stdin: &[u8], open: Opener) -> Outcome {
     // The version errors are reported in: the request's own, once known.
     let mut reply_version = LATEST.to_string();
-    match call(vars, stdin, &mut reply_version) {
+    match call(vars, stdin, open, &mut reply_version) {
         Ok(stdout) => Outcome {
             stdout,
             exit_code: 0,
@@ -71,6 +80,7 @@ pub fn run(vars: &HashMap<String, String>, stdin: &[u8]) -> Outcome {
 fn call(
     vars: &HashMap<String, String>,
     stdin: &[u8],
+    open: Opener,
     reply_version: &mut String,
 ) -> Result<Option<Value>, CniError> {
     let env = CniEnv::from_vars(vars)?;
@@ -103,11 +113,11 @@ fn call(
     }
     tracing::debug!(command = ?env.command, container = ?env.container_id, ifname = ?env.ifname, "CNI call");
     match env.command {
-        Command::Add => add(&env, &conf, &cfg, &version).map(Some),
-        Command::Del => del(&env, &conf, &cfg).map(|_| None),
-        Command::Check => check(&env, &conf, &cfg).map(|_| None),
-        Command::Gc => gc(&conf, &cfg).map(|_| None),
-        Command::Status => status(&cfg).map(|_| None),
+        Command::Add => add(&env, &conf, &cfg, &version, open).map(Some),
+        Command::Del => del(&env, &conf, &cfg, open).map(|_| None),
+        Command::Check => check(&env, &conf, &cfg, open).map(|_| None),
+        Command::Gc => gc(&conf, &cfg, open).map(|_| None),
+        Command::Status => status(&cfg, open).map(|_| None),
         Command::Version => unreachable!("answered above"),
     }
 }
@@ -207,7 +217,13 @@ fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Request
     Ok(out)
 }
 
-fn add(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig, version: &str) -> Result<Value, CniError> {
+fn add(
+    env: &CniEnv,
+    conf: &NetConf,
+    cfg: &IpamConfig,
+    version: &str,
+    open: Opener,
+) -> Result<Value, CniError> {
     CniEnv::require(&env.netns, "CNI_NETNS")?;
     let attachment = attachment(env)?;
     let placement = place_statics(pools(cfg)?, statics(env, conf, cfg)?)?;
@@ -227,7 +243,7 @@ fn add(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig, version: &str) -> Result<
             sleep_for_race: cfg.sleep_for_race,
             node: this_node(cfg),
         };
-        let ips = agent::add(cfg, &req)?;
+        let ips = agent::add(cfg, &req, open)?;
         for (ip, slot) in ips.into_iter().zip(&placement.ranges) {
             let cidr = slot.pool.cidr();
             result.ips.push(IpConfig {
@@ -266,9 +282,9 @@ fn attachment_request(
 
 /// A store that is broken for good does not hold pod teardown hostage: DEL succeeds, loudly,
 /// and STATUS reports the store until an admin repairs it. A transient failure is code 11.
-fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
+fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig, open: Opener) -> Result<(), CniError> {
     let req = attachment_request(env, conf, cfg)?;
-    match agent::del(cfg, &req) {
+    match agent::del(cfg, &req, open) {
         Ok(released) => {
             tracing::info!(released = released.len(), "released");
             Ok(())
@@ -287,10 +303,10 @@ fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
     }
 }
 
-fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
+fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig, open: Opener) -> Result<(), CniError> {
     CniEnv::require(&env.netns, "CNI_NETNS")?;
     let req = attachment_request(env, conf, cfg)?;
-    let allocations = agent::check(cfg, &req)?;
+    let allocations = agent::check(cfg, &req, open)?;
     for pool in &req.pools {
         if !allocations.iter().any(|l| l.range == pool.cidr()) {
             return Err(CniError::new(
@@ -307,7 +323,7 @@ fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError>
     Ok(())
 }
 
-fn gc(conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
+fn gc(conf: &NetConf, cfg: &IpamConfig, open: Opener) -> Result<(), CniError> {
     // Without the list every allocation of the network would look stale.
     let valid = conf.valid_attachments.clone().ok_or_else(|| {
         CniError::new(
@@ -323,17 +339,17 @@ fn gc(conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
         node: this_node(cfg),
         node_slice_size: cfg.node_slice_size,
     };
-    let released = agent::gc(cfg, &req)?;
+    let released = agent::gc(cfg, &req, open)?;
     tracing::info!(released = released.len(), "garbage collected");
     Ok(())
 }
 
-fn status(cfg: &IpamConfig) -> Result<(), CniError> {
+fn status(cfg: &IpamConfig, open: Opener) -> Result<(), CniError> {
     let not_available = |err: CniError| {
         CniError::new(
             code::NOT_AVAILABLE,
             format!("store not available: {}", err.msg),
         )
     };
-    agent::status(cfg).map_err(|e| not_available(e.into()))
+    agent::status(cfg, open).map_err(|e| not_available(e.into()))
 }

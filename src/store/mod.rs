@@ -37,12 +37,30 @@ pub use error::StoreError;
 
 use crate::config::{Datastore, IpamConfig};
 
+/// How a plugin process opens an engine for work no agent took: [`open`] in the full binary,
+/// [`open_local`] in the plugin-only build.
+pub type Opener = fn(&IpamConfig) -> Result<Box<dyn Store>, StoreError>;
+
 /// Opens the engine the configuration selects.
 pub fn open(ipam: &IpamConfig) -> Result<Box<dyn Store>, StoreError> {
     match &ipam.datastore {
         Datastore::Local { path } => local::open(path),
         Datastore::Kubernetes(cfg) => kubernetes::open(ipam, cfg),
         Datastore::Etcd(cfg) => etcd::open(ipam, cfg),
+    }
+}
+
+/// As [`open`] for the local engine only: the plugin-only build (`whereabouts-plugin`, which
+/// the installer puts on hosts whose node agent serves the cluster engines) leaves the cluster
+/// engines' clients out, so that every call starts sooner. Without the agent such a host holds
+/// no credentials either, and the full binary could not reach the store from it.
+pub fn open_local(ipam: &IpamConfig) -> Result<Box<dyn Store>, StoreError> {
+    match &ipam.datastore {
+        Datastore::Local { path } => local::open(path),
+        Datastore::Kubernetes(_) | Datastore::Etcd(_) => Err(StoreError::config(
+            "this plugin build reaches the kubernetes and etcd datastores only through the node \
+             agent (whereabouts agent); install the full binary to serve them without it",
+        )),
     }
 }
 
@@ -230,5 +248,41 @@ pub trait Store {
     /// Releases a reservation found unbacked if it is unchanged since then; whether it did.
     fn release_reservation(&self, _reservation: &Reservation) -> Result<bool, StoreError> {
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipam(settings: serde_json::Value) -> IpamConfig {
+        let mut ipam = serde_json::json!({"type": "whereabouts", "range": "192.0.2.0/24"});
+        ipam.as_object_mut()
+            .unwrap()
+            .extend(settings.as_object().unwrap().clone());
+        crate::config::load_with_flat_files(Some(&ipam), &[]).unwrap()
+    }
+
+    /// The plugin-only build opens the local engine and refuses the cluster engines with a
+    /// configuration error that says what it needs, without touching their settings' files.
+    #[test]
+    fn open_local_serves_only_the_local_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = ipam(serde_json::json!({"local_path": dir.path().join("db")}));
+        assert!(open_local(&local).is_ok());
+        let cluster = [
+            serde_json::json!({"datastore": "kubernetes",
+                               "kubernetes": {"kubeconfig": dir.path().join("none")}}),
+            serde_json::json!({"datastore": "etcd", "etcd_host": "https://127.0.0.1:1"}),
+        ];
+        for settings in cluster {
+            match open_local(&ipam(settings.clone())) {
+                Err(StoreError::Config { what, .. }) => {
+                    assert!(what.contains("only through the node agent"), "{what}")
+                }
+                Err(other) => panic!("{settings}: {other:?}"),
+                Ok(_) => panic!("{settings}: opened"),
+            }
+        }
     }
 }

@@ -74,7 +74,12 @@ impl Reply {
 /// Runs the binary with a clean environment plus `vars`, feeding `stdin`. The tests' flat file
 /// applies unless `vars` names another.
 pub fn run<K: AsRef<OsStr>, V: AsRef<OsStr>>(vars: &[(K, V)], stdin: &str) -> Reply {
-    let mut child = Command::new(bin())
+    run_bin(bin(), vars, stdin)
+}
+
+/// As [`run`], with another build of the plugin.
+pub fn run_bin<K: AsRef<OsStr>, V: AsRef<OsStr>>(bin: &str, vars: &[(K, V)], stdin: &str) -> Reply {
+    let mut child = Command::new(bin)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env(FLAT_FILE_ENV, test_flat_file())
@@ -177,8 +182,21 @@ pub fn pod_args_with_uid(pod: &str, uid: &str) -> String {
 
 /// One CNI call with `conf` on stdin.
 pub fn call_with(conf: &Value, command: &str, container: &str, ifname: &str, args: &str) -> Reply {
+    call_bin(bin(), conf, command, container, ifname, args)
+}
+
+/// As [`call_with`], with another build of the plugin.
+pub fn call_bin(
+    bin: &str,
+    conf: &Value,
+    command: &str,
+    container: &str,
+    ifname: &str,
+    args: &str,
+) -> Reply {
     let conf = conf.to_string();
-    run(
+    run_bin(
+        bin,
         &[
             ("CNI_COMMAND", command),
             ("CNI_CONTAINERID", container),

@@ -29,6 +29,8 @@ pub const DEFAULT_RECONCILER_CRON: &str = "30 4 * * *";
 /// The directory inside the CNI configuration directory that holds our files.
 pub const WHEREABOUTS_D: &str = "whereabouts.d";
 pub const BINARY_NAME: &str = "whereabouts";
+/// The plugin-only build's file name, next to the full binary in the image (`/whereabouts`).
+pub const PLUGIN_BUILD_NAME: &str = "whereabouts-plugin";
 pub const FLAT_FILE_NAME: &str = "whereabouts.conf";
 pub const KUBECONFIG_NAME: &str = "whereabouts.kubeconfig";
 pub const NODENAME_FILE_NAME: &str = "nodename";
@@ -76,7 +78,8 @@ pub struct InstallOptions {
     #[arg(long, env = "HOST_CNI_CONF_DIR")]
     pub host_cni_conf_dir: Option<PathBuf>,
 
-    /// The binary to install. Default: this executable.
+    /// The binary to install. Default: this executable; with `--agent=true`, the plugin-only
+    /// build (`whereabouts-plugin`) next to it when there is one, as in the image.
     #[arg(long, env = "CNI_BIN_SRC")]
     pub cni_bin_src: Option<PathBuf>,
 
@@ -184,10 +187,7 @@ impl Settings {
     pub fn from_args(args: &InstallArgs) -> Result<Self, InstallError> {
         let binary_source = match &args.cni_bin_src {
             Some(path) => path.clone(),
-            None => std::env::current_exe().map_err(io_err(
-                "cannot find this executable",
-                Path::new("/proc/self/exe"),
-            ))?,
+            None => default_binary(args.agent)?,
         };
         let host_cni_conf_dir = match &args.host_cni_conf_dir {
             Some(dir) => dir.clone(),
@@ -306,6 +306,23 @@ fn strip_host_prefix(dir: &Path) -> PathBuf {
         Ok(rest) => Path::new("/").join(rest),
         Err(_) => dir.to_path_buf(),
     }
+}
+
+/// This executable, or with the agent the plugin-only build next to it when there is one.
+/// With the agent, the host holds no credentials, so the cluster engines' clients in the full
+/// binary could never run there; the plugin-only build leaves them out and every CNI call
+/// starts sooner (`docs/benchmarks.md`). Installed under the same name either way.
+fn default_binary(agent: bool) -> Result<PathBuf, InstallError> {
+    let this = std::env::current_exe().map_err(io_err(
+        "cannot find this executable",
+        Path::new("/proc/self/exe"),
+    ))?;
+    let plugin_build = this.with_file_name(PLUGIN_BUILD_NAME);
+    Ok(if agent && plugin_build.is_file() {
+        plugin_build
+    } else {
+        this
+    })
 }
 
 /// Writes everything once: binary, flat file, kubeconfig, node name. The binary goes last so
