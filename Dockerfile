@@ -6,9 +6,10 @@
 #
 # The DaemonSet runs `/whereabouts install`, which copies the plugin into the host's CNI bin
 # directory as `whereabouts`: the plugin-only build when the node agent serves the plugin (the
-# default), this same binary when it does not. A static binary (glibc linked in with crt-static)
-# runs on any host, whatever its libc. hack/images/build writes the same image (one layer, the same entrypoint and command)
-# from the same build command, as an OCI archive, where there is no Docker engine.
+# default), this same binary when it does not. A static binary (glibc linked in with
+# crt-static) runs on any host, whatever its libc. hack/images/build writes the same image (one
+# layer, the same entrypoint and command) from the same build command, as an OCI archive, where
+# there is no Docker engine.
 
 ARG RUST_VERSION=1.95
 

@@ -1,6 +1,5 @@
 //! Thin dispatch: a CNI call when CNI_COMMAND is set, otherwise the command line.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,15 +23,10 @@ fn main() -> ExitCode {
 }
 
 fn plugin() -> ExitCode {
-    let outcome = whereabouts::plugin::run_process(
+    whereabouts::plugin::run_process(
         std::env::vars_os(),
         std::io::stdin().lock(),
         whereabouts::store::open,
-    );
-    if let Some(json) = outcome.stdout {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{json}");
-        let _ = out.flush();
-    }
-    ExitCode::from(outcome.exit_code as u8)
+    )
+    .finish()
 }

@@ -63,10 +63,15 @@ fn ipam(range: &str, kubeconfig: &Path) -> Value {
 
 /// One plugin call of pod `i` on the node whose agent is `agent`.
 fn call(command: &str, i: usize, node: &str, agent: &Agent, conf: &str) -> Reply {
+    call_by(bin(), command, i, node, agent, conf)
+}
+
+/// As [`call`], through the plugin binary `plugin`.
+fn call_by(plugin: &Path, command: &str, i: usize, node: &str, agent: &Agent, conf: &str) -> Reply {
     let container = format!("agent-{i}");
     let pod = format!("pod-{i}");
     run(
-        bin(),
+        plugin,
         &Call {
             command,
             container: &container,
@@ -696,19 +701,8 @@ fn the_plugin_only_build_reaches_the_cluster_engine_through_the_agent() {
     // Credentials the plugin could use if it would: it must not need them.
     let conf = netconf("plugin-only", &ipam("10.142.0.0/29", &kubeconfig));
     let plugin_only = Path::new(env!("CARGO_BIN_EXE_whereabouts-plugin"));
-    let through = |command, i: usize, agent: &Agent| {
-        let container = format!("agent-{i}");
-        let pod = format!("pod-{i}");
-        let call = Call {
-            command,
-            container: &container,
-            ifname: "net1",
-            pod: Some(("bench", &pod)),
-            node: Some("node-0"),
-            env: vec![agent.env()],
-        };
-        run(plugin_only, &call, &conf)
-    };
+    let through =
+        |command, i: usize, agent: &Agent| call_by(plugin_only, command, i, "node-0", agent, &conf);
     let first = ip_of(&through("ADD", 0, &agent));
     let second = ip_of(&through("ADD", 1, &agent));
     assert_ne!(first, second);

@@ -4,7 +4,6 @@
 //! call starts sooner; the local engine, and asking the agent, are the same code as in the full
 //! binary.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -16,15 +15,10 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(if std::env::args_os().len() <= 1 { 0 } else { 2 });
     }
-    let outcome = whereabouts::plugin::run_process(
+    whereabouts::plugin::run_process(
         std::env::vars_os(),
         std::io::stdin().lock(),
         whereabouts::store::open_local,
-    );
-    if let Some(json) = outcome.stdout {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{json}");
-        let _ = out.flush();
-    }
-    ExitCode::from(outcome.exit_code as u8)
+    )
+    .finish()
 }

@@ -4,6 +4,7 @@ mod agent;
 mod pools;
 
 use std::collections::HashMap;
+use std::io::Write;
 
 use serde_json::Value;
 
@@ -24,6 +25,19 @@ pub use pools::{parse_requested, place_statics, pools, Requested};
 pub struct Outcome {
     pub stdout: Option<Value>,
     pub exit_code: i32,
+}
+
+impl Outcome {
+    /// Prints the answer on stdout (a runtime that went away does not make it fail) and gives
+    /// the process's exit code.
+    pub fn finish(self) -> std::process::ExitCode {
+        if let Some(json) = self.stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{json}");
+            let _ = out.flush();
+        }
+        std::process::ExitCode::from(self.exit_code as u8)
+    }
 }
 
 /// The "about" text printed on stderr when the binary runs without CNI_COMMAND.
