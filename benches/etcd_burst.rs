@@ -130,6 +130,43 @@ fn main() {
         served / batches.max(1.0),
         lost as u64
     );
+    // What a host with the agent runs: the static plugin-only build, when hack/images/build
+    // has made it.
+    let Some(plugin_only) = static_plugin_build(ours) else {
+        println!("no static plugin-only build (hack/images/build makes it): not measured");
+        return;
+    };
+    let via = binary_rate(
+        &plugin_only,
+        &cluster,
+        NODES,
+        IN_FLIGHT,
+        "10.91.0.0/16",
+        &agents,
+    );
+    assert_eq!(
+        total("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}") - served,
+        (NODES * PER_NODE) as f64,
+        "every ADD went through an agent"
+    );
+    println!(
+        "plugin-only build (static) through an agent per node: {} ADDs: {via:.0} allocations/s, ratio to raw {:.2}",
+        NODES * PER_NODE,
+        via / raw
+    );
+    let floor = version_rate(&plugin_only, IN_FLIGHT);
+    println!(
+        "  its process floor: {IN_FLIGHT} bare VERSION calls in flight: {floor:.0} calls/s, ratio to raw {:.2}",
+        floor / raw
+    );
+}
+
+/// The static plugin-only build beside cargo's target directory of `ours`, if it was made.
+fn static_plugin_build(ours: &Path) -> Option<std::path::PathBuf> {
+    ours.parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("x86_64-unknown-linux-gnu/release/whereabouts-plugin"))
+        .filter(|path| path.is_file())
 }
 
 /// Sequential transactions, each creating one key if absent: the engine's own limit for a
