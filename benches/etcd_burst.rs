@@ -14,6 +14,7 @@
 //! Run: `cargo bench --bench etcd_burst` (needs etcd-server and etcd-client).
 
 mod earlier;
+mod shipped;
 #[path = "../tests/common/trust.rs"]
 mod trust;
 
@@ -132,7 +133,7 @@ fn main() {
     );
     // What a host with the agent runs: the static plugin-only build, when hack/images/build
     // has made it.
-    let Some(plugin_only) = static_plugin_build(ours) else {
+    let Some(plugin_only) = shipped::static_build("whereabouts-plugin") else {
         println!("no static plugin-only build (hack/images/build makes it): not measured");
         return;
     };
@@ -159,14 +160,6 @@ fn main() {
         "  its process floor: {IN_FLIGHT} bare VERSION calls in flight: {floor:.0} calls/s, ratio to raw {:.2}",
         floor / raw
     );
-}
-
-/// The static plugin-only build beside cargo's target directory of `ours`, if it was made.
-fn static_plugin_build(ours: &Path) -> Option<std::path::PathBuf> {
-    ours.parent()
-        .and_then(Path::parent)
-        .map(|target| target.join("x86_64-unknown-linux-gnu/release/whereabouts-plugin"))
-        .filter(|path| path.is_file())
 }
 
 /// Sequential transactions, each creating one key if absent: the engine's own limit for a

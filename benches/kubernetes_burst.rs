@@ -25,6 +25,7 @@ mod earlier;
 mod fake_apiserver;
 #[path = "../tests/kube_apiserver/mod.rs"]
 mod kube_apiserver;
+mod shipped;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -419,11 +420,7 @@ fn cargo_build() -> PathBuf {
 /// The static plugin-only build that `hack/images/build` makes, when it is there: what the
 /// installer puts on nodes whose agent serves the plugin.
 fn shipped_build() -> Option<PathBuf> {
-    cargo_build()
-        .parent()
-        .and_then(Path::parent)
-        .map(|target| target.join("x86_64-unknown-linux-gnu/release/whereabouts-plugin"))
-        .filter(|path| path.is_file())
+    shipped::static_build("whereabouts-plugin")
 }
 
 /// A plain copy of `bin`: cargo's hard-linked output starts measurably slower than a copy.

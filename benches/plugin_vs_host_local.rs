@@ -8,6 +8,7 @@
 //! Run: `cargo bench --bench plugin_vs_host_local` (needs containernetworking-plugins).
 
 mod earlier;
+mod shipped;
 #[path = "../tests/common/trust.rs"]
 mod trust;
 
@@ -139,19 +140,12 @@ fn main() {
     // What the image ships, the static builds that `hack/images/build` makes: the installer
     // copies the plugin-only build to nodes whose agent serves the plugin (the default), the
     // full binary to the others. Both start faster than cargo's dynamically linked build.
-    let ours = PathBuf::from(env!("CARGO_BIN_EXE_whereabouts"));
-    let static_build = |name: &str| {
-        ours.parent()
-            .and_then(Path::parent)
-            .map(|target| target.join("x86_64-unknown-linux-gnu/release").join(name))
-            .filter(|path| path.is_file())
-    };
     let shipped = [
         ("plugin-only", "whereabouts-plugin"),
         ("full static", "whereabouts"),
     ];
     for (name, file) in shipped {
-        match static_build(file) {
+        match shipped::static_build(file) {
             Some(exe) => plugins.push(whereabouts(name, exe, &format!("{file}.db"))),
             None => println!("no static {file} (hack/images/build makes it): not measured"),
         }

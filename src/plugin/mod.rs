@@ -59,7 +59,7 @@ pub fn run_process(
     let input = request::decode_environment(vars)
         .and_then(|vars| request::read_stdin(stdin).map(|stdin| (vars, stdin)));
     match input {
-        Ok((vars, stdin)) => run_with(&vars, &stdin, open),
+        Ok((vars, stdin)) => run(&vars, &stdin, open),
         Err(err) => Outcome {
             stdout: Some(err.to_json(LATEST)),
             exit_code: 1,
@@ -67,13 +67,9 @@ pub fn run_process(
     }
 }
 
-/// Runs one CNI call with every engine. Never panics on input: every failure becomes CNI
-/// error JSON.
-pub fn run(vars: &HashMap<String, String>, stdin: &[u8]) -> Outcome {
-    run_with(vars, stdin, store::open)
-}
-
-fn run_with(vars: &HashMap<String, String>, stdin: &[u8], open: Opener) -> Outcome {
+/// Runs one CNI call, work no agent takes on the engine `open` opens. Never panics on input:
+/// every failure becomes CNI error JSON.
+pub fn run(vars: &HashMap<String, String>, stdin: &[u8], open: Opener) -> Outcome {
     // The version errors are reported in: the request's own, once known.
     let mut reply_version = LATEST.to_string();
     match call(vars, stdin, open, &mut reply_version) {
