@@ -581,3 +581,67 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
         "keys left after DEL of everything: {left:?}"
     );
 }
+
+/// Three nodes' agents fill a small pool at once: every agent plans from the same picture of
+/// the pool, loses addresses to the others and then searches from its own start past them.
+/// None of that costs an address: the pool fills completely, each address once, and the ADDs
+/// it cannot hold are refused as exhausted. Addresses freed afterwards, below where the
+/// contended agents now start, are found again by the next burst.
+#[test]
+fn contending_agents_fill_a_pool_completely() {
+    if !etcd_available() {
+        return;
+    }
+    const NODES: usize = 3;
+    let cluster = Cluster::start(false);
+    let runtime = agent_runtime();
+    let combined = Arc::new(Combined::default());
+    let nodes: Vec<Shared> = (0..NODES)
+        .map(|_| agent_store(&cluster, &runtime, &combined))
+        .collect();
+    let p = pool("10.0.0.0/28", "");
+    let pools = std::slice::from_ref(&p);
+    let everything: BTreeSet<IpAddr> = (1..=14).map(|o| p.range.ip(o)).collect();
+    let burst = |name: &str, per_node: usize| -> BTreeMap<String, IpAddr> {
+        let asks: Vec<(usize, String)> = (0..NODES * per_node)
+            .map(|i| (i % NODES, format!("{name}-{i}")))
+            .collect();
+        let answers = all_at_once(&asks, |(node, c)| {
+            let req = add_req(who(c, Some(&format!("ns/{c}"))), pools, "");
+            (c.clone(), nodes[*node].add(&req))
+        });
+        let mut given = BTreeMap::new();
+        for (container, answer) in answers {
+            match answer {
+                Ok(ips) => {
+                    given.insert(container, ips[0]);
+                }
+                Err(StoreError::Exhausted { .. }) => {}
+                Err(err) => panic!("ADD of {container} failed: {err}"),
+            }
+        }
+        let distinct: BTreeSet<IpAddr> = given.values().copied().collect();
+        assert_eq!(distinct.len(), given.len(), "handed out twice: {given:?}");
+        given
+    };
+
+    let first = burst("a", 10);
+    let filled: BTreeSet<IpAddr> = first.values().copied().collect();
+    assert_eq!(filled, everything, "the pool did not fill: {first:?}");
+    eprintln!(
+        "{} combined commits lost a race",
+        combined.conflicts.load(Ordering::Relaxed)
+    );
+
+    // Free the four lowest addresses: the next burst finds exactly those.
+    let plain = open(&cluster, DEFAULT_PREFIX);
+    let lowest: BTreeSet<IpAddr> = everything.iter().copied().take(4).collect();
+    for (container, ip) in &first {
+        if lowest.contains(ip) {
+            plain.del(&att_req(container, pools)).unwrap();
+        }
+    }
+    let second = burst("b", 4);
+    let refilled: BTreeSet<IpAddr> = second.values().copied().collect();
+    assert_eq!(refilled, lowest, "the freed addresses were not found again");
+}

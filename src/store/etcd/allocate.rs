@@ -11,9 +11,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse};
-use rand::Rng;
 
 use super::commit::{build_commit, compact_chain};
+use super::contention::start_past;
 use super::keys::parse_hex;
 use super::plan::{
     alternatives, free_after, read_released, IndexHits, Plan, RangeView, Released, Stop, SPARE,
@@ -131,12 +131,19 @@ impl Memory {
             .unwrap_or(range.first)
     }
 
+    /// Starts the search of range `i` at `offset` (a search that finds nothing from there
+    /// starts over from the beginning of the range).
+    pub fn start_search_at(&mut self, i: usize, offset: u128) {
+        if let Some(hint) = self.start_hint.get_mut(i) {
+            *hint = Some(offset);
+        }
+    }
+
     /// Where to search next if `offset` is lost: a random distance past it, the spread growing
     /// with repeated conflicts. A search that finds nothing from there starts over from the
     /// beginning of the range, so no free address is ever missed.
     fn next_hint(&self, offset: u128) -> Option<u128> {
-        let spread = 8u128 << self.conflicts.min(5);
-        offset.checked_add(1 + rand::rng().random_range(0..spread))
+        start_past(offset, self.conflicts)
     }
 
     /// Forgets what a failed call may have made stale.

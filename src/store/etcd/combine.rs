@@ -2,7 +2,9 @@
 //! ([`crate::store::queues`]); one blocking task serves whatever waits. It plans them from the
 //! agent's watch-fed copies of the pools' runs (`copy`), or from one read for all of them when
 //! a copy is not in step or after a lost race, and commits them in one transaction that
-//! holds each ADD's own commit as a nested transaction.
+//! holds each ADD's own commit as a nested transaction. In a pool that other nodes draw from
+//! at the same time, the search starts where [`super::contention`] says, not at the lowest
+//! free address every node would pick.
 //!
 //! etcd evaluates the compares of every nested commit against the revision the transaction
 //! starts from, then applies the commits whose compares hold, in order. Each commit compares
@@ -24,6 +26,7 @@ use super::allocate::{
     self, index_gets, parse_hits, plan_all, refuse_unsupported, Memory, Planned,
 };
 use super::commit::{build_commit, compact_chain};
+use super::contention;
 use super::copy::Copies;
 use super::plan::{IndexHits, Plan};
 use super::release;
@@ -33,7 +36,9 @@ use super::session::{CallFailed, Deadline, Session};
 use super::window::{self, Window};
 use super::EtcdStore;
 use crate::store::queues::{dropped, lock, Observer, Queues, Serving};
-use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
+use crate::store::{
+    AddRequest, Allocation, AttachmentRequest, GcRequest, RangeRequest, Store, StoreError,
+};
 
 /// How long a batch waits for the copy to show the agent's own last commit before it reads
 /// instead: the watch brings a commit's events right after its answer.
@@ -78,6 +83,9 @@ struct Inner {
     /// a batch plans from the pool's copy only once the copy shows it, so that it never picks
     /// what the agent itself just took.
     committed: Mutex<HashMap<String, i64>>,
+    /// The pools where this agent lost addresses to other writers lately, and where its
+    /// searches start there.
+    contended: contention::Pools,
 }
 
 impl Combining {
@@ -96,6 +104,7 @@ impl Combining {
                 runtime,
                 copies,
                 committed: Mutex::new(HashMap::new()),
+                contended: contention::Pools::default(),
             }),
         }
     }
@@ -199,13 +208,14 @@ impl Inner {
         for round in 0..COMBINED_ROUNDS {
             // The first round plans from the copies, when they are in step: one ADD alone then
             // costs its commit only. After a lost race a copy is likely behind: read.
+            let starts = self.contended.starts();
             let copied = (round == 0)
-                .then(|| self.found_in_copies(reqs, &together))
+                .then(|| self.found_in_copies(reqs, &together, &starts))
                 .flatten();
             if together.len() < 2 && copied.is_none() {
                 break;
             }
-            let planned = self.plan_together(copied, reqs, &together, &dl);
+            let planned = self.plan_together(copied, reqs, &together, &starts, &dl);
             match planned.and_then(|planned| self.commit_together(reqs, planned, &dl)) {
                 Ok(done) => {
                     for (i, ips) in done.answered {
@@ -354,12 +364,13 @@ impl Inner {
         copied: Option<Found>,
         reqs: &[AddRequest],
         together: &[usize],
+        starts: &Starts,
         dl: &Deadline,
     ) -> Result<Vec<Planned>, CallFailed> {
         let s = &self.store.session;
         let found = match copied {
             Some(found) => found,
-            None => read_together(s, reqs, together, dl)?,
+            None => read_together(s, reqs, together, starts, dl)?,
         };
         let mut taken = HashSet::new();
         let mut planned = Vec::new();
@@ -370,6 +381,9 @@ impl Inner {
             }
             let mut memory = Memory::new(req.ranges.len());
             memory.reserved_elsewhere = taken.clone();
+            for (r, rr) in req.ranges.iter().enumerate() {
+                memory.start_search_at(r, search_start(rr, starts));
+            }
             let held = vec![None; req.ranges.len()];
             let Ok(mut plan) = plan_all(s, req, &hits, held, &mut windows, &mut memory, dl) else {
                 continue; // Alone, it gets the answer its plan failed with.
@@ -408,13 +422,20 @@ impl Inner {
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut merges: HashMap<&str, (Vec<ReadRun>, Vec<u128>)> = HashMap::new();
         for (plan, answer) in planned.into_iter().zip(resp.op_responses()) {
+            let ranges = &reqs[plan.index].ranges;
             if !matches!(answer, TxnOpResponse::Txn(t) if t.succeeded()) {
                 self.observer.conflict("add");
+                for (rr, lost) in ranges.iter().zip(&plan.plans) {
+                    if let Plan::Take { offset, .. } = lost {
+                        self.contended.lost(&rr.pool.name, *offset);
+                    }
+                }
                 round.lost.push(plan.index);
                 continue;
             }
-            for (rr, taken) in reqs[plan.index].ranges.iter().zip(plan.plans) {
+            for (rr, taken) in ranges.iter().zip(plan.plans) {
                 if let Plan::Take { offset, walked, .. } = taken {
+                    self.contended.took(&rr.pool.name, offset);
                     let merge = merges.entry(rr.pool.name.as_str()).or_default();
                     merge.0.extend(walked);
                     merge.1.push(offset);
@@ -441,10 +462,15 @@ impl Inner {
     /// [`CATCH_UP`]. The copies have no index entries: the commit compares them absent, so an
     /// attachment that holds an address already loses its commit, and the next round reads
     /// what it holds.
-    fn found_in_copies(&self, reqs: &[AddRequest], together: &[usize]) -> Option<Found> {
+    fn found_in_copies(
+        &self,
+        reqs: &[AddRequest],
+        together: &[usize],
+        starts: &Starts,
+    ) -> Option<Found> {
         let keys = &self.store.session.keys;
         let mut windows = HashMap::new();
-        for (pool, from) in searched_pools(reqs, together) {
+        for (pool, from) in searched_pools(reqs, together, starts) {
             let since = lock(&self.committed).get(pool).copied().unwrap_or(0);
             let (dir, key) = (keys.runs_dir(pool), keys.run(pool, from));
             let window = self.copies.window(&dir, &key, from, since, CATCH_UP)?;
@@ -453,7 +479,7 @@ impl Inner {
         let hits = together
             .iter()
             .map(|&i| vec![IndexHits::default(); reqs[i].ranges.len()]);
-        Some(with_windows(reqs, together, hits, &windows))
+        Some(with_windows(reqs, together, hits, &windows, starts))
     }
 }
 
@@ -463,9 +489,10 @@ fn read_together(
     s: &Session,
     reqs: &[AddRequest],
     together: &[usize],
+    starts: &Starts,
     dl: &Deadline,
 ) -> Result<Found, CallFailed> {
-    let pools = searched_pools(reqs, together);
+    let pools = searched_pools(reqs, together, starts);
     let mut gets: Vec<TxnOp> = together
         .iter()
         .flat_map(|&i| index_gets(s, &reqs[i]))
@@ -482,16 +509,39 @@ fn read_together(
         .into_iter()
         .map(|(pool, from)| ((pool, from), window::parse(from, &mut results)))
         .collect();
-    Ok(with_windows(reqs, together, hits.into_iter(), &windows))
+    Ok(with_windows(
+        reqs,
+        together,
+        hits.into_iter(),
+        &windows,
+        starts,
+    ))
+}
+
+/// Where the contended pools' searches start ([`contention::Pools::starts`]).
+type Starts = HashMap<String, u128>;
+
+/// The offset the search of range `rr` starts from: the pool's lowest, unless it is contended.
+fn search_start(rr: &RangeRequest, starts: &Starts) -> u128 {
+    let range = &rr.pool.range;
+    starts
+        .get(&rr.pool.name)
+        .copied()
+        .filter(|start| *start > range.first && *start <= range.last)
+        .unwrap_or(range.first)
 }
 
 /// The pools the requests `together` search (every range of a combined request is dynamic),
 /// each once, with the offset its search starts from.
-fn searched_pools<'a>(reqs: &'a [AddRequest], together: &[usize]) -> BTreeSet<(&'a str, u128)> {
+fn searched_pools<'a>(
+    reqs: &'a [AddRequest],
+    together: &[usize],
+    starts: &Starts,
+) -> BTreeSet<(&'a str, u128)> {
     together
         .iter()
         .flat_map(|&i| &reqs[i].ranges)
-        .map(|rr| (rr.pool.name.as_str(), rr.pool.range.first))
+        .map(|rr| (rr.pool.name.as_str(), search_start(rr, starts)))
         .collect()
 }
 
@@ -501,6 +551,7 @@ fn with_windows(
     together: &[usize],
     hits: impl Iterator<Item = Vec<IndexHits>>,
     windows: &HashMap<(&str, u128), Window>,
+    starts: &Starts,
 ) -> Found {
     together
         .iter()
@@ -508,7 +559,7 @@ fn with_windows(
         .map(|(&i, hits)| {
             let ranges = &reqs[i].ranges;
             let searched = ranges.iter().map(|rr| {
-                let pool = (rr.pool.name.as_str(), rr.pool.range.first);
+                let pool = (rr.pool.name.as_str(), search_start(rr, starts));
                 windows.get(&pool).cloned()
             });
             (hits, searched.collect())

@@ -7,6 +7,7 @@ mod allocate;
 mod combine;
 mod commit;
 mod connect;
+mod contention;
 mod copy;
 mod keys;
 mod plan;
