@@ -421,13 +421,14 @@ impl Inner {
         )?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut merges: HashMap<&str, (Vec<ReadRun>, Vec<u128>)> = HashMap::new();
+        let mut lost_offsets = Vec::new();
         for (plan, answer) in planned.into_iter().zip(resp.op_responses()) {
             let ranges = &reqs[plan.index].ranges;
             if !matches!(answer, TxnOpResponse::Txn(t) if t.succeeded()) {
                 self.observer.conflict("add");
                 for (rr, lost) in ranges.iter().zip(&plan.plans) {
                     if let Plan::Take { offset, .. } = lost {
-                        self.contended.lost(&rr.pool.name, *offset);
+                        lost_offsets.push((rr.pool.name.as_str(), *offset));
                     }
                 }
                 round.lost.push(plan.index);
@@ -448,6 +449,11 @@ impl Inner {
             }
             drop(committed);
             round.answered.push((plan.index, plan.chosen));
+        }
+        // After the batch's own addresses: a lost one moves the next search past another
+        // node's, even when the batch took addresses beyond it.
+        for (pool, offset) in lost_offsets {
+            self.contended.lost(pool, offset);
         }
         for (pool, (walked, new_runs)) in merges {
             compact_chain(s, dl, pool, &walked, &new_runs, revision);

@@ -2,12 +2,13 @@
 //! at the same time.
 //!
 //! Every agent plans from the same picture of a pool, so left alone they would all pick its
-//! lowest free address and all but one commit would fail, round after round. Once a combined
-//! commit of this agent loses an address in a pool, the agent's later searches there start a
-//! random distance past it ([`Contention::StartAt`](crate::ipam::Contention)), and after each
+//! lowest free address and all but one commit would fail, round after round. Once combined
+//! commits of this agent lose addresses in a pool again and again ([`CONTENDED_AFTER`]), its
+//! later searches there start a random distance past the last one lost ([`Contention::StartAt`](crate::ipam::Contention)), and after each
 //! address it takes, just past that one: contending nodes drift apart and then each takes
 //! addresses from its own stretch of the range. A search that finds nothing from its start
-//! goes back to the lowest free address, so no address is ever out of reach. A pool that lost
+//! goes back to the lowest free address, so no address is ever out of reach, and the next
+//! search starts past what that one took: around the range like a ring. A pool that lost
 //! nothing for [`CONTENDED_FOR`] is searched from its lowest free address again.
 
 use std::collections::HashMap;
@@ -20,6 +21,11 @@ use crate::store::queues::lock;
 
 /// How long a pool is searched from this agent's own start after its last lost address.
 pub const CONTENDED_FOR: Duration = Duration::from_secs(10);
+
+/// Addresses lost in a pool (none [`CONTENDED_FOR`] apart) before the agent leaves the lowest
+/// free address: one race with a lone writer (the CLI, a plugin without an agent) costs a
+/// read and leaves the pool lowest-free first.
+pub const CONTENDED_AFTER: u32 = 2;
 
 /// How much wider than a single ADD's retries the agent's first spread is (8 << 3: up to 64
 /// addresses past the lost one): its contenders are whole nodes, each with a stream of ADDs to
@@ -57,6 +63,7 @@ impl Pools {
         pools.retain(|_, pool| pool.last_lost.elapsed() < CONTENDED_FOR);
         pools
             .iter()
+            .filter(|(_, pool)| pool.conflicts >= CONTENDED_AFTER)
             .map(|(name, pool)| (name.clone(), pool.start))
             .collect()
     }
@@ -69,18 +76,17 @@ impl Pools {
             conflicts: 0,
             last_lost: Instant::now(),
         });
-        if let Some(start) = start_past(offset, pool.conflicts + WIDER) {
-            pool.start = pool.start.max(start);
-        }
+        // Past the range's end, the search starts from the lowest free address.
+        pool.start = start_past(offset, pool.conflicts.saturating_add(WIDER)).unwrap_or(0);
         pool.conflicts = pool.conflicts.saturating_add(1);
         pool.last_lost = Instant::now();
     }
 
     /// A combined commit took `offset` of pool `name`: a contended pool's next search starts
-    /// after it.
+    /// after it (after the batch's last one, as the batch is planned in search order).
     pub fn took(&self, name: &str, offset: u128) {
         if let Some(pool) = lock(&self.pools).get_mut(name) {
-            pool.start = pool.start.max(offset.saturating_add(1));
+            pool.start = offset.saturating_add(1);
         }
     }
 }
@@ -90,25 +96,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pool_is_searched_from_its_lowest_address_until_it_loses_one() {
+    fn a_pool_is_searched_from_its_lowest_address_until_it_loses_again() {
         let pools = Pools::default();
         pools.took("a", 5);
         assert!(pools.starts().is_empty());
         pools.lost("a", 5);
+        assert!(pools.starts().is_empty(), "one race is not contention");
+        pools.lost("a", 6);
         let start = pools.starts()["a"];
-        assert!((6..6 + 64).contains(&start), "{start}");
+        // The second loss spreads twice as wide as the first.
+        assert!((7..7 + 128).contains(&start), "{start}");
     }
 
     #[test]
-    fn a_contended_pool_is_searched_past_what_the_agent_took_last() {
+    fn a_contended_pool_is_searched_past_what_the_agent_took_last_around_the_range() {
         let pools = Pools::default();
         pools.lost("a", 5);
+        pools.lost("a", 6);
         pools.took("a", 100);
         assert_eq!(pools.starts()["a"], 101);
-        // An address taken below the start (the search went back to the lowest free one)
-        // does not pull the start back into the crowd.
+        // Nothing was free past the start: the search went back to the lowest free address,
+        // and the next one goes on from there.
         pools.took("a", 2);
-        assert_eq!(pools.starts()["a"], 101);
+        assert_eq!(pools.starts()["a"], 3);
         assert!(!pools.starts().contains_key("b"));
     }
 
