@@ -123,12 +123,7 @@ impl Memory {
     }
 
     fn start(&self, i: usize, range: &Range) -> u128 {
-        self.start_hint
-            .get(i)
-            .copied()
-            .flatten()
-            .filter(|h| *h > range.first && *h <= range.last)
-            .unwrap_or(range.first)
+        search_from(self.start_hint.get(i).copied().flatten(), range)
     }
 
     /// Starts the search of range `i` at `offset` (a search that finds nothing from there
@@ -153,6 +148,13 @@ impl Memory {
         self.failures += 1;
         self.wait = true;
     }
+}
+
+/// Where a search of `range` starts given a `hint`: the hint when it lies past the range's
+/// first offset and within it, else the first offset.
+pub(super) fn search_from(hint: Option<u128>, range: &Range) -> u128 {
+    hint.filter(|h| *h > range.first && *h <= range.last)
+        .unwrap_or(range.first)
 }
 
 /// One read-decide-commit round. `Ok(None)` when a compare failed.

@@ -23,7 +23,7 @@ use std::time::Duration;
 use etcd_client::{Txn, TxnOp, TxnOpResponse};
 
 use super::allocate::{
-    self, index_gets, parse_hits, plan_all, refuse_unsupported, Memory, Planned,
+    self, index_gets, parse_hits, plan_all, refuse_unsupported, search_from, Memory, Planned,
 };
 use super::commit::{build_commit, compact_chain};
 use super::contention;
@@ -529,12 +529,7 @@ type Starts = HashMap<String, u128>;
 
 /// The offset the search of range `rr` starts from: the pool's lowest, unless it is contended.
 fn search_start(rr: &RangeRequest, starts: &Starts) -> u128 {
-    let range = &rr.pool.range;
-    starts
-        .get(&rr.pool.name)
-        .copied()
-        .filter(|start| *start > range.first && *start <= range.last)
-        .unwrap_or(range.first)
+    search_from(starts.get(&rr.pool.name).copied(), &rr.pool.range)
 }
 
 /// The pools the requests `together` search (every range of a combined request is dynamic),
