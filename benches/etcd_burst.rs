@@ -52,22 +52,35 @@ fn main() {
         return;
     }
     let cluster = Cluster::start(false);
-    let raw = raw_rate(&cluster);
-    println!("raw etcd rate: {raw:.0} sequential single-key transactions/s ({RAW_TXNS} txns)");
-    let raw_parallel = raw_parallel_rate(&cluster);
+    let members_cpu = || CpuSpent::now(&cluster, &[]).members;
+    let cpu_before = members_cpu();
+    let raw = raw_rate(&cluster, "first");
+    let cpu_raw = (members_cpu() - cpu_before) / RAW_TXNS as f64;
     println!(
-        "raw etcd rate, {NODES} clients at once: {raw_parallel:.0} single-key transactions/s (for context)"
+        "raw etcd rate: {raw:.0} sequential single-key transactions/s ({RAW_TXNS} txns), members' CPU {:.2} ms per transaction",
+        cpu_raw * 1e3
+    );
+    let cpu_before = members_cpu();
+    let raw_parallel = raw_parallel_rate(&cluster);
+    let cpu_parallel = (members_cpu() - cpu_before) / RAW_TXNS as f64;
+    println!(
+        "raw etcd rate, {NODES} clients at once: {raw_parallel:.0} single-key transactions/s (for context), members' CPU {:.2} ms per transaction",
+        cpu_parallel * 1e3
     );
     let one = library_rate(&cluster, 1, "10.50.0.0/16");
     println!(
         "library: {PER_NODE} allocations from 1 node, one after another: {one:.0} allocations/s, ratio to raw {:.2}",
         one / raw
     );
+    let (cpu_before, txns_before) = (members_cpu(), cluster.transactions_served());
     let lib = library_rate(&cluster, NODES, "10.60.0.0/16");
+    let allocations = (NODES * PER_NODE) as f64;
+    let cpu_lib = (members_cpu() - cpu_before) / allocations;
+    let txns_lib = (cluster.transactions_served() - txns_before) / allocations;
     println!(
-        "library: {} allocations from {NODES} nodes: {lib:.0} allocations/s, ratio to raw {:.2}",
-        NODES * PER_NODE,
-        lib / raw
+        "library: {allocations} allocations from {NODES} nodes: {lib:.0} allocations/s, ratio to raw {:.2}; members' CPU {:.2} ms and {txns_lib:.2} transactions per allocation",
+        lib / raw,
+        cpu_lib * 1e3
     );
     let ours = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
     if let Some(earlier) = earlier::binary() {
@@ -112,13 +125,10 @@ fn main() {
         })
         .collect();
     let full = through_agents(ours, &cluster, &agents, IN_FLIGHT, "10.90.0.0/16");
-    println!(
-        "binary through an agent per node: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {:.0} allocations/s, ratio to raw {:.2}",
-        NODES * PER_NODE,
-        full.rate,
-        full.rate / raw
+    full.print(
+        &format!("binary through an agent per node: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight", NODES * PER_NODE),
+        raw,
     );
-    full.print_members_work();
     // What a host with the agent runs: the static plugin-only build, when hack/images/build
     // has made it.
     let Some(plugin_only) = shipped::static_build("whereabouts-plugin") else {
@@ -127,13 +137,10 @@ fn main() {
     };
     for (in_flight, range) in [(IN_FLIGHT, "10.91.0.0/16"), (BUSIER, "10.92.0.0/16")] {
         let run = through_agents(&plugin_only, &cluster, &agents, in_flight, range);
-        println!(
-            "plugin-only build (static) through an agent per node: {} ADDs, {in_flight} processes in flight: {:.0} allocations/s, ratio to raw {:.2}",
-            NODES * PER_NODE,
-            run.rate,
-            run.rate / raw
+        run.print(
+            &format!("plugin-only build (static) through an agent per node: {} ADDs, {in_flight} processes in flight", NODES * PER_NODE),
+            raw,
         );
-        run.print_members_work();
     }
     let floor = version_rate(&plugin_only, IN_FLIGHT);
     println!(
@@ -145,19 +152,98 @@ fn main() {
 /// A run through the agents, and what the members and the agents counted during it.
 struct AgentRun {
     rate: f64,
+    /// The raw rate measured right before the run: the machine's speed drifts within a run.
+    raw_before: f64,
     /// etcd transactions per ADD, the members' own count.
     transactions: f64,
     /// ADDs per combined batch.
     batch: f64,
     /// Combined commits that lost a race.
     lost: f64,
+    /// CPU time per ADD, by part.
+    cpu: CpuSpent,
+}
+
+/// CPU seconds spent, by part of the run (or per ADD, once divided).
+#[derive(Clone, Copy)]
+struct CpuSpent {
+    members: f64,
+    agents: f64,
+    /// The plugin processes (and the few curl calls that read counters): every child this
+    /// process has waited for.
+    plugins: f64,
+    /// This process: it starts the plugin processes and collects their answers.
+    harness: f64,
+}
+
+impl CpuSpent {
+    fn now(cluster: &Cluster, agents: &[agent_process::Agent]) -> CpuSpent {
+        let of = |pids: &mut dyn Iterator<Item = u32>| pids.map(process_cpu).sum::<f64>();
+        CpuSpent {
+            members: of(&mut cluster.pids().into_iter()),
+            agents: of(&mut agents.iter().filter_map(|a| a.pid())),
+            plugins: rusage_cpu(libc::RUSAGE_CHILDREN),
+            harness: rusage_cpu(libc::RUSAGE_SELF),
+        }
+    }
+
+    fn per(self, before: CpuSpent, adds: f64) -> CpuSpent {
+        CpuSpent {
+            members: (self.members - before.members) / adds,
+            agents: (self.agents - before.agents) / adds,
+            plugins: (self.plugins - before.plugins) / adds,
+            harness: (self.harness - before.harness) / adds,
+        }
+    }
+}
+
+/// The CPU time process `pid` has spent, from its CPU-time clock.
+fn process_cpu(pid: u32) -> f64 {
+    let mut clock: libc::clockid_t = 0;
+    let mut spent = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: both calls only write the out-parameters passed to them.
+    let read = unsafe {
+        libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0
+            && libc::clock_gettime(clock, &mut spent) == 0
+    };
+    assert!(read, "the CPU time of process {pid}");
+    spent.tv_sec as f64 + spent.tv_nsec as f64 / 1e9
+}
+
+/// User and system time of this process (`RUSAGE_SELF`) or its waited-for children.
+fn rusage_cpu(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(who, &mut usage) }, 0, "getrusage");
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 impl AgentRun {
-    fn print_members_work(&self) {
+    /// The run's rate as `what`, against the first raw rate `raw` and the one just before it,
+    /// then what the members and the agents did.
+    fn print(&self, what: &str, raw: f64) {
+        println!(
+            "{what}: {:.0} allocations/s, ratio to raw {:.2} ({:.2} to the raw rate measured just before it, {:.0}/s)",
+            self.rate,
+            self.rate / raw,
+            self.rate / self.raw_before,
+            self.raw_before
+        );
         println!(
             "  {:.2} etcd transactions per ADD (the members' own count), {:.2} ADDs per batch, {} combined commits lost a race",
             self.transactions, self.batch, self.lost as u64
+        );
+        let ms = |seconds: f64| seconds * 1e3;
+        println!(
+            "  CPU per ADD: etcd members {:.2} ms, agents {:.2} ms, plugin processes {:.2} ms, harness {:.2} ms",
+            ms(self.cpu.members),
+            ms(self.cpu.agents),
+            ms(self.cpu.plugins),
+            ms(self.cpu.harness)
         );
     }
 }
@@ -179,8 +265,11 @@ fn through_agents(
             total("whereabouts_agent_conflicts_total{operation=\"add\"}"),
         )
     };
+    let raw_before = raw_rate(cluster, range);
     let before = counters();
+    let cpu_before = CpuSpent::now(cluster, agents);
     let rate = binary_rate(bin, cluster, NODES, in_flight, range, agents);
+    let cpu = CpuSpent::now(cluster, agents);
     let after = counters();
     let served = after.1 - before.1;
     assert_eq!(
@@ -190,15 +279,18 @@ fn through_agents(
     );
     AgentRun {
         rate,
+        raw_before,
         transactions: (after.0 - before.0) / served,
         batch: served / (after.2 - before.2).max(1.0),
         lost: after.3 - before.3,
+        cpu: cpu.per(cpu_before, served),
     }
 }
 
 /// Sequential transactions, each creating one key if absent: the engine's own limit for a
 /// client that waits for every commit.
-fn raw_rate(cluster: &Cluster) -> f64 {
+/// `tag` keeps the keys of each measurement apart.
+fn raw_rate(cluster: &Cluster, tag: &str) -> f64 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -208,10 +300,13 @@ fn raw_rate(cluster: &Cluster) -> f64 {
             .await
             .expect("connect");
         // Warm up the connection.
-        client.put("/raw/warm", "x", None).await.expect("put");
+        client
+            .put(format!("/raw/{tag}/warm"), "x", None)
+            .await
+            .expect("put");
         let start = Instant::now();
         for i in 0..RAW_TXNS {
-            let key = format!("/raw/{i:08}");
+            let key = format!("/raw/{tag}/{i:08}");
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key, "x", None)]);

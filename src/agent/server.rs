@@ -31,9 +31,10 @@ use crate::store::{etcd, AddRequest, Allocation, AttachmentRequest, GcRequest, S
 #[derive(Clone)]
 pub enum Backend {
     Kubernetes(Arc<SharedEngine>),
-    /// The etcd engine is synchronous: its calls run on the blocking pool, and the store
-    /// combines concurrent ADDs itself (`store::etcd::open_shared`).
-    Etcd(Arc<dyn Store + Send + Sync>),
+    /// The etcd engine is synchronous: it combines concurrent ADDs and DELs itself, in a task
+    /// of the blocking pool per busy pool (`store::etcd::open_shared`), which the requests
+    /// wait for; its other calls run on the blocking pool.
+    Etcd(Arc<etcd::Combining>),
 }
 
 /// Runs `op` in a task of its own: a caller that hangs up does not cancel a write half done.
@@ -91,10 +92,8 @@ impl Backend {
                 let e = e.clone();
                 detached(async move { e.add(&req).await }).await
             }
-            Backend::Etcd(s) => {
-                let s = s.clone();
-                blocking(move || s.add(&req)).await
-            }
+            // Once queued (at the first poll), the ADD is done even if the caller hangs up.
+            Backend::Etcd(s) => s.add_waiting(&req).await,
         }
     }
 
@@ -104,10 +103,7 @@ impl Backend {
                 let e = e.clone();
                 detached(async move { e.del(&req).await }).await
             }
-            Backend::Etcd(s) => {
-                let s = s.clone();
-                blocking(move || s.del(&req)).await
-            }
+            Backend::Etcd(s) => s.del_waiting(&req).await,
         }
     }
 

@@ -112,6 +112,11 @@ impl Agent {
     }
 
     /// SIGKILL: nothing is finished, nothing cleaned up.
+    /// The process's id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -320,6 +320,12 @@ impl Cluster {
         }
     }
 
+    /// The ids of the members' processes that run.
+    pub fn pids(&self) -> Vec<u32> {
+        let running = self.members.iter().filter_map(|m| m.child.as_ref());
+        running.map(Child::id).collect()
+    }
+
     /// The transactions the members have served since they started, by their own counters
     /// (`grpc_server_handled_total` of `Txn`, summed). A cluster without TLS only.
     pub fn transactions_served(&self) -> f64 {

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{Txn, TxnOp, TxnOpResponse};
+use tokio::sync::oneshot;
 
 use super::allocate::{
     self, index_gets, parse_hits, plan_all, refuse_unsupported, search_from, Memory, Planned,
@@ -67,7 +68,7 @@ struct Round {
 }
 
 /// The etcd engine of the node agent: ADDs are combined, everything else is the engine's own.
-pub(super) struct Combining {
+pub struct Combining {
     inner: Arc<Inner>,
 }
 
@@ -89,7 +90,7 @@ struct Inner {
 }
 
 impl Combining {
-    pub fn new(
+    pub(super) fn new(
         store: EtcdStore,
         observer: Arc<dyn Observer>,
         runtime: tokio::runtime::Handle,
@@ -140,16 +141,16 @@ impl Inner {
 }
 
 impl Combining {
-    /// Queues `job` in the queue of pool `key` (of the queues `queues` picks) and waits for its
-    /// answer; the first job of an idle queue starts the blocking task that serves it with
-    /// `serve_batch`.
-    fn through_queue<J: Send + 'static, T: Send + 'static>(
+    /// Queues `job` in the queue of pool `key` (of the queues `queues` picks); its answer comes
+    /// on the receiver. The first job of an idle queue starts the blocking task that serves it
+    /// with `serve_batch`. A caller that drops the receiver does not undo its job.
+    fn queue<J: Send + 'static, T: Send + 'static>(
         &self,
         key: String,
         job: J,
         queues: fn(&Inner) -> &Queues<J, Reply<T>>,
         serve_batch: fn(&Inner, &[J]) -> Vec<Reply<T>>,
-    ) -> Reply<T> {
+    ) -> oneshot::Receiver<Reply<T>> {
         let (answer, start) = queues(&self.inner).submit(&key, job);
         if start {
             let inner = self.inner.clone();
@@ -157,21 +158,54 @@ impl Combining {
                 .runtime
                 .spawn_blocking(move || inner.serve(queues(&inner), &key, serve_batch));
         }
-        answer.blocking_recv().unwrap_or_else(|_| Err(dropped()))
+        answer
+    }
+
+    fn add_queued(&self, req: &AddRequest) -> oneshot::Receiver<Answer> {
+        let key = req.ranges.first().map(|rr| rr.pool.name.clone());
+        self.queue(
+            key.unwrap_or_default(),
+            req.clone(),
+            |i| &i.adds,
+            Inner::add_many,
+        )
+    }
+
+    fn del_queued(&self, req: &AttachmentRequest) -> oneshot::Receiver<DelAnswer> {
+        let key = req.pools.first().map(|pool| pool.name.clone());
+        self.queue(
+            key.unwrap_or_default(),
+            req.clone(),
+            |i| &i.dels,
+            Inner::del_many,
+        )
+    }
+
+    /// [`Store::add`] for a caller on the runtime: it waits for the batch without holding a
+    /// thread of the blocking pool.
+    pub async fn add_waiting(&self, req: &AddRequest) -> Answer {
+        self.add_queued(req)
+            .await
+            .unwrap_or_else(|_| Err(dropped()))
+    }
+
+    /// [`Store::del`] for a caller on the runtime, as [`Combining::add_waiting`].
+    pub async fn del_waiting(&self, req: &AttachmentRequest) -> DelAnswer {
+        self.del_queued(req)
+            .await
+            .unwrap_or_else(|_| Err(dropped()))
     }
 }
 
 impl Store for Combining {
     fn add(&self, req: &AddRequest) -> Answer {
-        let key = req.ranges.first().map(|rr| rr.pool.name.clone());
-        let job = req.clone();
-        self.through_queue(key.unwrap_or_default(), job, |i| &i.adds, Inner::add_many)
+        let answer = self.add_queued(req).blocking_recv();
+        answer.unwrap_or_else(|_| Err(dropped()))
     }
 
     fn del(&self, req: &AttachmentRequest) -> DelAnswer {
-        let key = req.pools.first().map(|pool| pool.name.clone());
-        let job = req.clone();
-        self.through_queue(key.unwrap_or_default(), job, |i| &i.dels, Inner::del_many)
+        let answer = self.del_queued(req).blocking_recv();
+        answer.unwrap_or_else(|_| Err(dropped()))
     }
 
     fn check(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {

@@ -20,6 +20,7 @@ mod window;
 
 use std::net::IpAddr;
 
+pub use combine::Combining;
 pub use connect::{Timeouts, DEADLINE_ENV};
 pub use keys::DEFAULT_PREFIX;
 
@@ -37,13 +38,14 @@ pub fn open(ipam: &IpamConfig, cfg: &EtcdConfig) -> Result<Box<dyn Store>, Store
 
 /// As [`open`], for the node agent, which shares the one client among its requests and
 /// combines its concurrent ADDs (`combine`). The client runs on the agent's multi-threaded
-/// `runtime`; the store's calls must come from its blocking threads (`spawn_blocking`).
+/// `runtime`; its [`Store`] calls must come from the runtime's blocking threads
+/// (`spawn_blocking`), its `*_waiting` calls from its tasks.
 pub fn open_shared(
     runtime: tokio::runtime::Handle,
     ipam: &IpamConfig,
     cfg: &EtcdConfig,
     observer: std::sync::Arc<dyn Observer>,
-) -> Result<std::sync::Arc<dyn Store + Send + Sync>, StoreError> {
+) -> Result<std::sync::Arc<Combining>, StoreError> {
     let store = open_store(
         Some(runtime.clone()),
         ipam,
