@@ -16,7 +16,7 @@ use serde_json::json;
 use whereabouts::config::{Datastore, IpamConfig};
 use whereabouts::ipam::names::pool_name;
 use whereabouts::ipam::{parse_range_text, Range, RangeSpec};
-use whereabouts::store::etcd::{open_shared, open_with, Timeouts, DEFAULT_PREFIX};
+use whereabouts::store::etcd::{open_shared, open_with, Timeouts, DEFAULT_PREFIX, LET_GO_AFTER};
 use whereabouts::store::queues::Observer;
 use whereabouts::store::{
     AddRequest, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest, Store, StoreError,
@@ -266,6 +266,8 @@ struct Combined {
     sizes: Mutex<Vec<(&'static str, usize)>>,
     conflicts: AtomicUsize,
     synced: std::sync::atomic::AtomicBool,
+    /// The pools' copies the agent follows, as it last said.
+    copies: AtomicUsize,
 }
 
 impl Observer for Combined {
@@ -279,6 +281,10 @@ impl Observer for Combined {
     fn cache(&self, what: &'static str, synced: bool) {
         assert_eq!(what, "etcd");
         self.synced.store(synced, Ordering::Release);
+    }
+    fn following(&self, what: &'static str, copies: usize) {
+        assert_eq!(what, "etcd");
+        self.copies.store(copies, Ordering::Release);
     }
 }
 
@@ -298,11 +304,22 @@ fn agent_store(
     runtime: &tokio::runtime::Runtime,
     observed: &Arc<Combined>,
 ) -> Shared {
+    agent_store_letting_go(cluster, runtime, observed, LET_GO_AFTER)
+}
+
+/// As [`agent_store`], letting a pool's copy go once unused for `let_go_after`.
+fn agent_store_letting_go(
+    cluster: &Cluster,
+    runtime: &tokio::runtime::Runtime,
+    observed: &Arc<Combined>,
+    let_go_after: Duration,
+) -> Shared {
     let cfg = config(cluster);
     let Datastore::Etcd(etcd) = &cfg.datastore else {
         panic!("etcd datastore expected");
     };
-    open_shared(runtime.handle().clone(), &cfg, etcd, observed.clone()).expect("store opens")
+    let handle = runtime.handle().clone();
+    open_shared(handle, &cfg, etcd, observed.clone(), let_go_after).expect("store opens")
 }
 
 impl Combined {
@@ -374,6 +391,61 @@ fn an_agent_plans_from_its_copy_without_reading() {
 }
 
 type Shared = Arc<dyn Store + Send + Sync>;
+
+/// Waits (at most 30 s) until `holds`; `what` names it when it never does.
+fn eventually(what: &str, holds: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while !holds() {
+        assert!(Instant::now() < until, "{what}: not within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An agent lets go of a pool's copy once no batch has used it for a while: the members close
+/// its watch. The pool's next ADD follows it again, from a fresh list that shows what another
+/// writer took meanwhile, and plans from the copy again.
+#[test]
+fn an_unused_pools_copy_is_let_go_and_followed_again() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let runtime = agent_runtime();
+    let observed = Arc::new(Combined::default());
+    let let_go_after = Duration::from_secs(1);
+    let agent = agent_store_letting_go(&cluster, &runtime, &observed, let_go_after);
+    let plain = open(&cluster, DEFAULT_PREFIX);
+    let p = pool("10.0.0.0/24", "");
+    let pools = std::slice::from_ref(&p);
+    let add = |c: &str| agent.add(&add_req(who(c, None), pools, "")).unwrap();
+    let copies = || observed.copies.load(Ordering::Acquire);
+    let no_watch = cluster.watchers();
+
+    assert_eq!(add("a0"), vec![ip("10.0.0.1")]);
+    assert_eq!(copies(), 1);
+    eventually("the copy's watch on the members", || {
+        cluster.watchers() > no_watch
+    });
+    eventually("the unused copy let go", || copies() == 0);
+    eventually("its watch closed on the members", || {
+        cluster.watchers() == no_watch
+    });
+
+    let other = plain.add(&add_req(who("other", None), pools, "")).unwrap();
+    assert_eq!(other, vec![ip("10.0.0.2")]);
+    assert_eq!(add("a1"), vec![ip("10.0.0.3")]);
+    assert_eq!(copies(), 1);
+    eventually("the new copy in step", || {
+        observed.synced.load(Ordering::Acquire)
+    });
+    // In step again, the copy spares the read: one ADD after another costs its commit alone.
+    let before = cluster.transactions_served();
+    for (i, want) in ["10.0.0.4", "10.0.0.5", "10.0.0.6"].iter().enumerate() {
+        assert_eq!(add(&format!("a{}", i + 2)), vec![ip(want)]);
+    }
+    let per_add = (cluster.transactions_served() - before) / 3.0;
+    assert!(per_add < 1.5, "{per_add:.2} transactions per ADD: no copy");
+}
 
 /// Runs `op` for every item at once, one thread each, and returns the results in order.
 fn all_at_once<T: Sync, R: Send>(items: &[T], op: impl Fn(&T) -> R + Sync) -> Vec<R> {

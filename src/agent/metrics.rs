@@ -39,6 +39,7 @@ pub struct Metrics {
     cache_synced: Family<CacheLabels, Gauge>,
     cache_updated: Family<CacheLabels, Gauge>,
     cache_events: Family<CacheLabels, Counter>,
+    cache_copies: Family<CacheLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -102,6 +103,12 @@ impl Metrics {
             "Watch events the copy took in (additions, changes, deletions of the watched objects)",
             cache_events.clone(),
         );
+        let cache_copies = Family::<CacheLabels, Gauge>::default();
+        registry.register(
+            "cache_copies",
+            "Copies the agent follows (etcd: one per pool a batch used lately)",
+            cache_copies.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
@@ -112,6 +119,7 @@ impl Metrics {
             cache_synced,
             cache_updated,
             cache_events,
+            cache_copies,
         }
     }
 
@@ -164,5 +172,12 @@ impl Observer for Metrics {
             self.cache_updated.get_or_create(&labels).set(now);
             self.cache_events.get_or_create(&labels).inc();
         }
+    }
+
+    fn following(&self, cache: &'static str, copies: usize) {
+        let copies = i64::try_from(copies).unwrap_or(i64::MAX);
+        self.cache_copies
+            .get_or_create(&CacheLabels { cache })
+            .set(copies);
     }
 }

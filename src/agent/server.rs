@@ -67,7 +67,8 @@ impl Backend {
             Datastore::Etcd(cfg) => {
                 let (ipam, cfg) = (ipam.clone(), cfg.clone());
                 let runtime = tokio::runtime::Handle::current();
-                blocking(move || etcd::open_shared(runtime, &ipam, &cfg, metrics))
+                let let_go_after = etcd::LET_GO_AFTER;
+                blocking(move || etcd::open_shared(runtime, &ipam, &cfg, metrics, let_go_after))
                     .await
                     .map(Backend::Etcd)
                     .map_err(|err| err.to_string())

@@ -20,6 +20,10 @@ pub trait Observer: Send + Sync {
     /// The watch behind cached copy `what` ("ippools", "reservations", "lease") delivered an event, or failed
     /// (`synced` false until it has listed again).
     fn cache(&self, what: &'static str, synced: bool);
+    /// The agent now follows `copies` copies of kind `what` (etcd: one per pool it serves).
+    fn following(&self, what: &'static str, copies: usize) {
+        let _ = (what, copies);
+    }
 }
 
 /// The map stays consistent whatever panicked while holding it: every change is one insert,

@@ -329,21 +329,33 @@ impl Cluster {
     /// The transactions the members have served since they started, by their own counters
     /// (`grpc_server_handled_total` of `Txn`, summed). A cluster without TLS only.
     pub fn transactions_served(&self) -> f64 {
-        let mut served = 0.0;
+        self.members_metric(|line| {
+            line.starts_with("grpc_server_handled_total{") && line.contains("grpc_method=\"Txn\"")
+        })
+    }
+
+    /// The watches the members hold open for their clients (`etcd_debugging_mvcc_watcher_total`,
+    /// summed). A cluster without TLS only.
+    pub fn watchers(&self) -> f64 {
+        self.members_metric(|line| line.starts_with("etcd_debugging_mvcc_watcher_total "))
+    }
+
+    /// The sum over the members of the values of the metric lines that `pick` selects.
+    fn members_metric(&self, pick: impl Fn(&str) -> bool) -> f64 {
+        let mut sum = 0.0;
         for url in self.endpoint_urls() {
             let out = Command::new("curl")
                 .args(["-sf", &format!("{url}/metrics")])
                 .output()
                 .expect("curl runs");
             assert!(out.status.success(), "metrics of {url}");
-            served += String::from_utf8_lossy(&out.stdout)
+            sum += String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .filter(|l| l.starts_with("grpc_server_handled_total{"))
-                .filter(|l| l.contains("grpc_method=\"Txn\""))
+                .filter(|line| pick(line))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>();
         }
-        served
+        sum
     }
 
     /// Every key under `prefix`, as text.

@@ -94,8 +94,10 @@ impl Combining {
         store: EtcdStore,
         observer: Arc<dyn Observer>,
         runtime: tokio::runtime::Handle,
+        let_go_after: Duration,
     ) -> Combining {
-        let copies = Copies::new(runtime.clone(), store.session.client(), observer.clone());
+        let client = store.session.client();
+        let copies = Copies::new(runtime.clone(), client, observer.clone(), let_go_after);
         Combining {
             inner: Arc::new(Inner {
                 store,

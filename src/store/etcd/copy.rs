@@ -4,7 +4,9 @@
 //! plans from them instead of reading (`combine`); its commit still compares every key it
 //! relies on, so a copy behind the cluster costs a lost commit and a read, never a duplicate.
 //! A pool is followed from its first ADD on this node, and only its runs: a few keys, however
-//! many addresses it holds.
+//! many addresses it holds; once no batch has used it for a while (its network gone from the
+//! node, say), it is let go, so that an agent running for months does not hold a watch for
+//! every pool it ever served.
 //!
 //! No crate follows an etcd prefix into memory (kube's reflector is for the Kubernetes API),
 //! so the list and the watch are written here, on etcd-client's own calls; the retry pacing
@@ -13,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
@@ -28,13 +30,22 @@ use crate::store::retry::growing_pauses;
 /// A list or a watch that has not answered within this long is given up and started again.
 const CALL_LIMIT: Duration = Duration::from_secs(10);
 
+/// The node agent lets a pool's copy go once no batch has used it for this long. The next
+/// batch of the pool reads, and follows it again.
+pub const LET_GO_AFTER: Duration = Duration::from_secs(600);
+
 /// The copies of the pools this agent serves.
 pub(super) struct Copies {
     runtime: tokio::runtime::Handle,
     client: Client,
     observer: Arc<dyn Observer>,
-    /// By run directory.
+    followed: Arc<Followed>,
+}
+
+/// The copies followed, by run directory, and how long one is kept without a batch using it.
+struct Followed {
     pools: Mutex<HashMap<String, Arc<PoolCopy>>>,
+    let_go_after: Duration,
 }
 
 /// One pool's runs as its watch brings them.
@@ -43,6 +54,8 @@ struct PoolCopy {
     advanced: Condvar,
     /// Wakes the follower to list again: a batch found the copy behind its own commit.
     relist: Notify,
+    /// When a batch last asked for the copy; set under the lock of [`Followed::pools`].
+    used: Mutex<Instant>,
 }
 
 #[derive(Default)]
@@ -56,16 +69,21 @@ struct State {
 }
 
 impl Copies {
+    /// Copies followed on `runtime` by `client`, each let go once unused for `let_go_after`.
     pub fn new(
         runtime: tokio::runtime::Handle,
         client: Client,
         observer: Arc<dyn Observer>,
+        let_go_after: Duration,
     ) -> Copies {
         Copies {
             runtime,
             client,
             observer,
-            pools: Mutex::new(HashMap::new()),
+            followed: Arc::new(Followed {
+                pools: Mutex::new(HashMap::new()),
+                let_go_after,
+            }),
         }
     }
 
@@ -96,24 +114,49 @@ impl Copies {
     }
 
     fn pool(&self, runs_dir: &str) -> Arc<PoolCopy> {
-        let mut pools = lock(&self.pools);
+        let mut pools = lock(&self.followed.pools);
         if let Some(copy) = pools.get(runs_dir) {
+            *lock(&copy.used) = Instant::now();
             return copy.clone();
         }
         let copy = Arc::new(PoolCopy {
             state: Mutex::new(State::default()),
             advanced: Condvar::new(),
             relist: Notify::new(),
+            used: Mutex::new(Instant::now()),
         });
         pools.insert(runs_dir.to_string(), copy.clone());
-        let follow = keep_following(
+        self.observer.following("etcd", pools.len());
+        let follow = follow_while_used(
             copy.clone(),
             self.client.clone(),
             runs_dir.to_string(),
             self.observer.clone(),
+            self.followed.clone(),
         );
         self.runtime.spawn(follow);
         copy
+    }
+}
+
+impl Followed {
+    /// Returns once `copy` (of `runs_dir`) has gone unused for `let_go_after`, taken out of
+    /// the map: the next batch of the pool starts a new copy.
+    async fn until_unused(&self, copy: &PoolCopy, runs_dir: &str, observer: &dyn Observer) {
+        loop {
+            let unused = {
+                let mut pools = lock(&self.pools);
+                // Under the map's lock, where `Copies::pool` marks a use.
+                let unused = lock(&copy.used).elapsed();
+                if unused >= self.let_go_after {
+                    pools.remove(runs_dir);
+                    observer.following("etcd", pools.len());
+                    return;
+                }
+                unused
+            };
+            tokio::time::sleep(self.let_go_after.saturating_sub(unused)).await;
+        }
     }
 }
 
@@ -173,8 +216,25 @@ impl PoolCopy {
     }
 }
 
-/// Lists and follows a pool's runs until the runtime stops; after a failure, again after a
-/// pause that grows while failures repeat.
+/// Follows a pool's runs while batches use them (`keep_following`). A copy let go is out of
+/// step for whoever still holds it: a batch that asked just before reads instead.
+async fn follow_while_used(
+    copy: Arc<PoolCopy>,
+    client: Client,
+    runs_dir: String,
+    observer: Arc<dyn Observer>,
+    followed: Arc<Followed>,
+) {
+    let following = keep_following(copy.clone(), client, runs_dir.clone(), observer.clone());
+    tokio::select! {
+        () = following => {}
+        () = followed.until_unused(&copy, &runs_dir, &*observer) => {}
+    }
+    copy.lost_step();
+}
+
+/// Lists and follows a pool's runs; after a failure, again after a pause that grows while
+/// failures repeat.
 async fn keep_following(
     copy: Arc<PoolCopy>,
     mut client: Client,
