@@ -899,6 +899,11 @@ fn etcd_agents_serve_a_burst() {
         &agents_now,
         r#"whereabouts_agent_batch_size_count{operation="add"}"#,
     );
+    // Each agent follows the one pool its ADDs used.
+    for agent in agents_now.iter() {
+        let copies = agent.metric(r#"whereabouts_agent_cache_copies{cache="etcd"}"#);
+        assert_eq!(copies, 1.0, "pools followed by {}", agent.socket.display());
+    }
     drop(agents_now);
     assert_eq!(batched as usize, CALLS);
     assert!(batches < batched, "no two ADDs were combined");
