@@ -256,22 +256,13 @@ fn through_agents(
     in_flight: usize,
     range: &str,
 ) -> AgentRun {
-    let total = |name: &str| -> f64 { agents.iter().map(|a| a.metric(name)).sum() };
-    let counters = || {
-        (
-            cluster.transactions_served(),
-            total("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"),
-            total("whereabouts_agent_batch_size_count{operation=\"add\"}"),
-            total("whereabouts_agent_conflicts_total{operation=\"add\"}"),
-        )
-    };
     let raw_before = raw_rate(cluster, range);
-    let before = counters();
+    let before = Counted::now(cluster, agents);
     let cpu_before = CpuSpent::now(cluster, agents);
     let rate = binary_rate(bin, cluster, NODES, in_flight, range, agents);
     let cpu = CpuSpent::now(cluster, agents);
-    let after = counters();
-    let served = after.1 - before.1;
+    let after = Counted::now(cluster, agents);
+    let served = after.served - before.served;
     assert_eq!(
         served as usize,
         NODES * PER_NODE,
@@ -280,16 +271,39 @@ fn through_agents(
     AgentRun {
         rate,
         raw_before,
-        transactions: (after.0 - before.0) / served,
-        batch: served / (after.2 - before.2).max(1.0),
-        lost: after.3 - before.3,
+        transactions: (after.transactions - before.transactions) / served,
+        batch: served / (after.batches - before.batches).max(1.0),
+        lost: after.lost - before.lost,
         cpu: cpu.per(cpu_before, served),
     }
 }
 
+/// What the members and the agents have counted so far.
+struct Counted {
+    /// Transactions the members served.
+    transactions: f64,
+    /// ADDs the agents answered.
+    served: f64,
+    /// ADD batches the agents committed.
+    batches: f64,
+    /// Combined commits of ADDs that lost a race.
+    lost: f64,
+}
+
+impl Counted {
+    fn now(cluster: &Cluster, agents: &[agent_process::Agent]) -> Counted {
+        let total = |name: &str| -> f64 { agents.iter().map(|a| a.metric(name)).sum() };
+        Counted {
+            transactions: cluster.transactions_served(),
+            served: total("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"),
+            batches: total("whereabouts_agent_batch_size_count{operation=\"add\"}"),
+            lost: total("whereabouts_agent_conflicts_total{operation=\"add\"}"),
+        }
+    }
+}
+
 /// Sequential transactions, each creating one key if absent: the engine's own limit for a
-/// client that waits for every commit.
-/// `tag` keeps the keys of each measurement apart.
+/// client that waits for every commit. `tag` keeps the keys of each measurement apart.
 fn raw_rate(cluster: &Cluster, tag: &str) -> f64 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
