@@ -40,9 +40,9 @@ pub fn open(ipam: &IpamConfig, cfg: &EtcdConfig) -> Result<Box<dyn Store>, Store
 /// As [`open`], for the node agent, which shares the one client among its requests and
 /// combines its concurrent ADDs (`combine`), planning them from watched copies of the pools'
 /// runs; a pool's copy is let go once no batch has used it for `let_go_after` (the agent:
-/// [`LET_GO_AFTER`]). The client runs on the agent's multi-threaded
-/// `runtime`; its [`Store`] calls must come from the runtime's blocking threads
-/// (`spawn_blocking`), its `*_waiting` calls from its tasks.
+/// [`LET_GO_AFTER`]). The client runs on the agent's multi-threaded `runtime`; its [`Store`]
+/// calls must come from the runtime's blocking threads (`spawn_blocking`), its `*_waiting`
+/// calls from its tasks.
 pub fn open_shared(
     runtime: tokio::runtime::Handle,
     ipam: &IpamConfig,
