@@ -52,35 +52,29 @@ fn main() {
         return;
     }
     let cluster = Cluster::start(false);
-    let members_cpu = || CpuSpent::now(&cluster, &[]).members;
-    let cpu_before = members_cpu();
-    let raw = raw_rate(&cluster, "first");
-    let cpu_raw = (members_cpu() - cpu_before) / RAW_TXNS as f64;
+    let (raw, raw_ms) = members_ms_per(&cluster, RAW_TXNS, || raw_rate(&cluster, "first"));
     println!(
-        "raw etcd rate: {raw:.0} sequential single-key transactions/s ({RAW_TXNS} txns), members' CPU {:.2} ms per transaction",
-        cpu_raw * 1e3
+        "raw etcd rate: {raw:.0} sequential single-key transactions/s ({RAW_TXNS} txns), members' CPU {raw_ms:.2} ms per transaction"
     );
-    let cpu_before = members_cpu();
-    let raw_parallel = raw_parallel_rate(&cluster);
-    let cpu_parallel = (members_cpu() - cpu_before) / RAW_TXNS as f64;
+    let (raw_parallel, parallel_ms) =
+        members_ms_per(&cluster, RAW_TXNS, || raw_parallel_rate(&cluster));
     println!(
-        "raw etcd rate, {NODES} clients at once: {raw_parallel:.0} single-key transactions/s (for context), members' CPU {:.2} ms per transaction",
-        cpu_parallel * 1e3
+        "raw etcd rate, {NODES} clients at once: {raw_parallel:.0} single-key transactions/s (for context), members' CPU {parallel_ms:.2} ms per transaction"
     );
     let one = library_rate(&cluster, 1, "10.50.0.0/16");
     println!(
         "library: {PER_NODE} allocations from 1 node, one after another: {one:.0} allocations/s, ratio to raw {:.2}",
         one / raw
     );
-    let (cpu_before, txns_before) = (members_cpu(), cluster.transactions_served());
-    let lib = library_rate(&cluster, NODES, "10.60.0.0/16");
-    let allocations = (NODES * PER_NODE) as f64;
-    let cpu_lib = (members_cpu() - cpu_before) / allocations;
-    let txns_lib = (cluster.transactions_served() - txns_before) / allocations;
+    let allocations = NODES * PER_NODE;
+    let txns_before = cluster.transactions_served();
+    let (lib, lib_ms) = members_ms_per(&cluster, allocations, || {
+        library_rate(&cluster, NODES, "10.60.0.0/16")
+    });
+    let txns_lib = (cluster.transactions_served() - txns_before) / allocations as f64;
     println!(
-        "library: {allocations} allocations from {NODES} nodes: {lib:.0} allocations/s, ratio to raw {:.2}; members' CPU {:.2} ms and {txns_lib:.2} transactions per allocation",
-        lib / raw,
-        cpu_lib * 1e3
+        "library: {allocations} allocations from {NODES} nodes: {lib:.0} allocations/s, ratio to raw {:.2}; members' CPU {lib_ms:.2} ms and {txns_lib:.2} transactions per allocation",
+        lib / raw
     );
     let ours = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
     if let Some(earlier) = earlier::binary() {
@@ -147,6 +141,15 @@ fn main() {
         "  its process floor: {IN_FLIGHT} bare VERSION calls in flight: {floor:.0} calls/s, ratio to raw {:.2}",
         floor / raw
     );
+}
+
+/// What `work` returns, and the CPU time the members spent meanwhile, in milliseconds per each
+/// of the `count` operations it did.
+fn members_ms_per<T>(cluster: &Cluster, count: usize, work: impl FnOnce() -> T) -> (T, f64) {
+    let members = || CpuSpent::now(cluster, &[]).members;
+    let before = members();
+    let done = work();
+    (done, (members() - before) * 1e3 / count as f64)
 }
 
 /// A run through the agents, and what the members and the agents counted during it.

@@ -356,11 +356,9 @@ fn an_agent_plans_from_its_copy_without_reading() {
         .add(&add_req(who("opening", None), pools, ""))
         .unwrap();
     assert_eq!(opening, vec![ip("10.0.0.2")]);
-    let until = Instant::now() + Duration::from_secs(10);
-    while !observed.synced.load(Ordering::Acquire) {
-        assert!(Instant::now() < until, "the copy never synced");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually("the copy in step", || {
+        observed.synced.load(Ordering::Acquire)
+    });
     let before = cluster.transactions_served();
     let mut given = BTreeSet::from([first[0], opening[0]]);
     for i in 0..ADDS {

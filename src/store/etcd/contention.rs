@@ -4,9 +4,10 @@
 //! Every agent plans from the same picture of a pool, so left alone they would all pick its
 //! lowest free address and all but one commit would fail, round after round. Once combined
 //! commits of this agent lose addresses in a pool again and again ([`CONTENDED_AFTER`]), its
-//! later searches there start a random distance past the last one lost ([`Contention::StartAt`](crate::ipam::Contention)), and after each
-//! address it takes, just past that one: contending nodes drift apart and then each takes
-//! addresses from its own stretch of the range. A search that finds nothing from its start
+//! later searches there start a random distance past the last one lost (the core's
+//! [`Contention::StartAt`](crate::ipam::Contention)), and after each address it takes, just
+//! past that one: contending nodes drift apart and then each takes addresses from its own
+//! stretch of the range. A search that finds nothing from its start
 //! goes back to the lowest free address, so no address is ever out of reach, and the next
 //! search starts past what that one took: around the range like a ring. A pool that lost
 //! nothing for [`CONTENDED_FOR`] is searched from its lowest free address again.
