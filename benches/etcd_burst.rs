@@ -61,6 +61,14 @@ fn main() {
     println!(
         "raw etcd rate, {NODES} clients at once: {raw_parallel:.0} single-key transactions/s (for context), members' CPU {parallel_ms:.2} ms per transaction"
     );
+    for watchers in [0, NODES] {
+        let (shaped, shaped_ms) = members_ms_per(&cluster, RAW_TXNS, || {
+            add_shaped_rate(&cluster, &format!("w{watchers}"), watchers)
+        });
+        println!(
+            "raw etcd rate, {NODES} clients at once, transactions shaped like an ADD's commit, {watchers} watchers of the runs: {shaped:.0} transactions/s (for context), members' CPU {shaped_ms:.2} ms per transaction"
+        );
+    }
     let one = library_rate(&cluster, 1, "10.50.0.0/16");
     println!(
         "library: {PER_NODE} allocations from 1 node, one after another: {one:.0} allocations/s, ratio to raw {:.2}",
@@ -337,6 +345,50 @@ fn raw_rate(cluster: &Cluster, tag: &str) -> f64 {
 /// The same transactions from `NODES` clients at once: what the cluster can absorb when it can
 /// batch commits.
 fn raw_parallel_rate(cluster: &Cluster) -> f64 {
+    parallel_rate(cluster, "/rawp/", &[1])
+}
+
+/// The sizes of the values an ADD's commit puts (with an overlap reservation, the default):
+/// its allocation record, owner and pod index entries, reservation and run.
+const ADD_SHAPE: [usize; 5] = [300, 32, 32, 200, 32];
+
+/// Transactions shaped like an agent's commit of one ADD (its five keys compared absent and
+/// put, the last one a run key) from `NODES` clients at once, with `watchers` clients following
+/// the run keys as the agents follow a pool's runs: what the members spend per commit with
+/// nothing else competing for the cores.
+fn add_shaped_rate(cluster: &Cluster, tag: &str, watchers: usize) -> f64 {
+    let prefix = format!("/shaped/{tag}/");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let following: Vec<_> = (0..watchers)
+        .map(|_| runtime.block_on(follow(cluster, format!("{prefix}r/"))))
+        .collect();
+    let rate = parallel_rate(cluster, &prefix, &ADD_SHAPE);
+    for watcher in following {
+        watcher.abort();
+    }
+    rate
+}
+
+/// A client that watches `dir` and drops the events, started once its watch is in place.
+async fn follow(cluster: &Cluster, dir: String) -> tokio::task::JoinHandle<()> {
+    let mut client = Client::connect(cluster.endpoint_urls(), None)
+        .await
+        .expect("connect");
+    let options = etcd_client::WatchOptions::new().with_prefix();
+    let mut events = client.watch(dir, Some(options)).await.expect("watch");
+    tokio::spawn(async move {
+        let _client = client;
+        while let Ok(Some(_)) = events.message().await {}
+    })
+}
+
+/// `RAW_TXNS` transactions from `NODES` clients at once, each putting one new key under
+/// `prefix` per value size in `values` (the last under `<prefix>r/`) if all are absent.
+fn parallel_rate(cluster: &Cluster, prefix: &str, values: &[usize]) -> f64 {
     let start = Instant::now();
     std::thread::scope(|scope| {
         for node in 0..NODES {
@@ -350,17 +402,39 @@ fn raw_parallel_rate(cluster: &Cluster) -> f64 {
                         .await
                         .expect("connect");
                     for i in 0..RAW_TXNS / NODES {
-                        let key = format!("/rawp/{node}/{i:08}");
-                        let txn = Txn::new()
-                            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                            .and_then([TxnOp::put(key, "x", None)]);
-                        client.txn(txn).await.expect("txn");
+                        let txn = absent_puts(prefix, &format!("{node}-{i:08}"), values);
+                        let resp = client.txn(txn).await.expect("txn");
+                        assert!(resp.succeeded());
                     }
                 })
             });
         }
     });
     RAW_TXNS as f64 / start.elapsed().as_secs_f64()
+}
+
+/// One transaction that puts a key `<prefix><k>/<name>` per value size if none exists yet; the
+/// last key is `<prefix>r/<name>`.
+fn absent_puts(prefix: &str, name: &str, values: &[usize]) -> Txn {
+    let keys: Vec<String> = (0..values.len())
+        .map(|k| {
+            if k + 1 == values.len() {
+                format!("{prefix}r/{name}")
+            } else {
+                format!("{prefix}{k}/{name}")
+            }
+        })
+        .collect();
+    let compares: Vec<Compare> = keys
+        .iter()
+        .map(|key| Compare::create_revision(key.clone(), CompareOp::Equal, 0))
+        .collect();
+    let puts: Vec<TxnOp> = keys
+        .into_iter()
+        .zip(values)
+        .map(|(key, &size)| TxnOp::put(key, "v".repeat(size), None))
+        .collect();
+    Txn::new().when(compares).and_then(puts)
 }
 
 fn ipam(cluster: &Cluster, range: &str) -> serde_json::Value {
