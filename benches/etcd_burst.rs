@@ -331,10 +331,7 @@ fn raw_rate(cluster: &Cluster, tag: &str) -> f64 {
             .expect("put");
         let start = Instant::now();
         for i in 0..RAW_TXNS {
-            let key = format!("/raw/{tag}/{i:08}");
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key, "x", None)]);
+            let txn = absent_puts(&format!("/raw/{tag}/"), &format!("{i:08}"), &[1]);
             let resp = client.txn(txn).await.expect("txn");
             assert!(resp.succeeded());
         }
@@ -381,6 +378,7 @@ async fn follow(cluster: &Cluster, dir: String) -> tokio::task::JoinHandle<()> {
     let options = etcd_client::WatchOptions::new().with_prefix();
     let mut events = client.watch(dir, Some(options)).await.expect("watch");
     tokio::spawn(async move {
+        // The client lives as long as its watch is read.
         let _client = client;
         while let Ok(Some(_)) = events.message().await {}
     })

@@ -7,10 +7,10 @@
 //! later searches there start a random distance past the last one lost (the core's
 //! [`Contention::StartAt`](crate::ipam::Contention)), and after each address it takes, just
 //! past that one: contending nodes drift apart and then each takes addresses from its own
-//! stretch of the range. A search that finds nothing from its start
-//! goes back to the lowest free address, so no address is ever out of reach, and the next
-//! search starts past what that one took: around the range like a ring. A pool that lost
-//! nothing for [`CONTENDED_FOR`] is searched from its lowest free address again.
+//! stretch of the range. A search that finds nothing from its start goes back to the lowest
+//! free address, so no address is ever out of reach, and the next search starts past what that
+//! one took: around the range like a ring. A pool that lost nothing for [`CONTENDED_FOR`] is
+//! searched from its lowest free address again.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
