@@ -20,7 +20,7 @@ use super::plan::{
 };
 use super::records::AllocationRecord;
 use super::runs::ReadRun;
-use super::session::{key_get, CallFailed, Deadline, Session};
+use super::session::{key_get, revision_of, CallFailed, Deadline, Session};
 use super::window::{self, Window};
 use crate::ipam::{decide, Ask, Contention, Decision, Range};
 use crate::store::retry::Backoff;
@@ -185,7 +185,7 @@ fn attempt_add(
     let otherwise = fallbacks(s, req, &plans, &alternatives, probe_gets);
     let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
     let resp = s.txn(dl, "allocation commit", txn)?;
-    let revision = resp.header().map_or(0, |h| h.revision());
+    let revision = revision_of(&resp);
     let mut levels = branches_taken(resp, alternatives.len());
     if let Some(level) = levels.iter().position(|r| r.succeeded()) {
         if level > 0 {
@@ -197,6 +197,7 @@ fn attempt_add(
         tracing::debug!(container = %who.container_id, ips = ?chosen, "etcd: allocated");
         for (rr, plan) in req.ranges.iter().zip(&plans) {
             if let Plan::Take { offset, walked, .. } = plan {
+                s.runs_written.note(&rr.pool.name, revision);
                 let new_run = (level == 0).then_some(*offset);
                 compact_chain(s, dl, &rr.pool.name, walked, new_run.as_slice(), revision);
             }

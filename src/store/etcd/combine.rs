@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Txn, TxnOp, TxnOpResponse};
@@ -33,16 +33,16 @@ use super::plan::{IndexHits, Plan};
 use super::release;
 use super::release_together::release_together;
 use super::runs::ReadRun;
-use super::session::{CallFailed, Deadline, Session};
+use super::session::{revision_of, CallFailed, Deadline, Session};
 use super::window::{self, Window};
 use super::EtcdStore;
-use crate::store::queues::{dropped, lock, Observer, Queues, Serving};
+use crate::store::queues::{dropped, Observer, Queues, Serving};
 use crate::store::{
     AddRequest, Allocation, AttachmentRequest, GcRequest, RangeRequest, Store, StoreError,
 };
 
-/// How long a batch waits for the copy to show the agent's own last commit before it reads
-/// instead: the watch brings a commit's events right after its answer.
+/// How long a batch waits for the copy to show the agent's own latest change to the runs before
+/// it reads instead: the watch brings a commit's events right after its answer.
 const CATCH_UP: Duration = Duration::from_millis(20);
 
 /// ADDs (or DELs) combined in one batch at most. Each ADD's commit is one operation of the
@@ -80,10 +80,6 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     /// The pools' runs as the watch brings them.
     copies: Copies,
-    /// Per pool, the revision of this agent's last combined commit that took an address there:
-    /// a batch plans from the pool's copy only once the copy shows it, so that it never picks
-    /// what the agent itself just took.
-    committed: Mutex<HashMap<String, i64>>,
     /// The pools where this agent lost addresses to other writers lately, and where its
     /// searches start there.
     contended: contention::Pools,
@@ -106,7 +102,6 @@ impl Combining {
                 observer,
                 runtime,
                 copies,
-                committed: Mutex::new(HashMap::new()),
                 contended: contention::Pools::default(),
             }),
         }
@@ -455,7 +450,7 @@ impl Inner {
             "combined allocation commit",
             Txn::new().and_then(commits.collect::<Vec<_>>()),
         )?;
-        let revision = resp.header().map_or(0, |h| h.revision());
+        let revision = revision_of(&resp);
         let mut merges: HashMap<&str, (Vec<ReadRun>, Vec<u128>)> = HashMap::new();
         let mut lost_offsets = Vec::new();
         for (plan, answer) in planned.into_iter().zip(resp.op_responses()) {
@@ -478,12 +473,9 @@ impl Inner {
                     merge.1.push(offset);
                 }
             }
-            let mut committed = lock(&self.committed);
             for rr in &reqs[plan.index].ranges {
-                let last = committed.entry(rr.pool.name.clone()).or_default();
-                *last = (*last).max(revision);
+                s.runs_written.note(&rr.pool.name, revision);
             }
-            drop(committed);
             round.answered.push((plan.index, plan.chosen));
         }
         // After the batch's own addresses: a lost one moves the next search past another
@@ -500,7 +492,7 @@ impl Inner {
 
 impl Inner {
     /// What the ADDs `together` find in the copies, in the shape [`read_together`] reads it;
-    /// `None` when a pool's copy does not show this agent's last commit there within
+    /// `None` when a pool's copy does not show this agent's latest change to its runs within
     /// [`CATCH_UP`]. The copies have no index entries: the commit compares them absent, so an
     /// attachment that holds an address already loses its commit, and the next round reads
     /// what it holds.
@@ -510,11 +502,11 @@ impl Inner {
         together: &[usize],
         starts: &Starts,
     ) -> Option<Found> {
-        let keys = &self.store.session.keys;
+        let s = &self.store.session;
         let mut windows = HashMap::new();
         for (pool, from) in searched_pools(reqs, together, starts) {
-            let since = lock(&self.committed).get(pool).copied().unwrap_or(0);
-            let (dir, key) = (keys.runs_dir(pool), keys.run(pool, from));
+            let since = s.runs_written.latest(pool);
+            let (dir, key) = (s.keys.runs_dir(pool), s.keys.run(pool, from));
             let window = self.copies.window(&dir, &key, from, since, CATCH_UP)?;
             windows.insert((pool, from), window);
         }

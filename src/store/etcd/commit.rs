@@ -10,7 +10,7 @@ use super::keys::{hex, Keys};
 use super::plan::{Plan, Released};
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun, Run};
-use super::session::{Deadline, Session};
+use super::session::{revision_of, Deadline, Session};
 use crate::store::{AddRequest, RangeRequest};
 
 /// Chains of adjacent runs shorter than this (plus a random part) are left alone.
@@ -58,11 +58,13 @@ pub(super) fn compact_chain(
             &mut compares,
             &mut ops,
         );
-        if let Err(e) = s.txn(dl, "run merge", Txn::new().when(compares).and_then(ops)) {
-            tracing::debug!(
+        match s.txn(dl, "run merge", Txn::new().when(compares).and_then(ops)) {
+            Ok(resp) if resp.succeeded() => s.runs_written.note(pool, revision_of(&resp)),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(
                 "etcd: merging runs of {pool} failed (harmless): {}",
                 crate::store::error::chain(&e)
-            );
+            ),
         }
     }
 }

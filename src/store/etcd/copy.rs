@@ -1,6 +1,6 @@
 //! The node agent's copies of the runs (`runs`) of the pools it serves, each fed by an etcd
 //! watch of the pool's run directory: listed at one revision, then followed from the next
-//! one; listed again after the watch fails, is compacted away or falls behind. A combined ADD
+//! one; listed again after the watch fails, is compacted away or seems stuck. A combined ADD
 //! plans from them instead of reading (`combine`); its commit still compares every key it
 //! relies on, so a copy behind the cluster costs a lost commit and a read, never a duplicate.
 //! A pool is followed from its first ADD on this node, and only its runs: a few keys, however
@@ -30,6 +30,12 @@ use crate::store::retry::growing_pauses;
 /// A list or a watch that has not answered within this long is given up and started again.
 const CALL_LIMIT: Duration = Duration::from_secs(10);
 
+/// A copy that shows nothing new for this long while a batch waits for this agent's own change
+/// is listed again: its watch may hang on a member that went silent. A watch lags by less
+/// than this when its member applies a commit late (a follower that learns of it with the
+/// next message from the leader), and catches up by itself.
+const STUCK_AFTER: Duration = Duration::from_secs(1);
+
 /// The node agent lets a pool's copy go once no batch has used it for this long. The next
 /// batch of the pool reads, and follows it again.
 pub const LET_GO_AFTER: Duration = Duration::from_secs(600);
@@ -52,7 +58,8 @@ struct Followed {
 struct PoolCopy {
     state: Mutex<State>,
     advanced: Condvar,
-    /// Wakes the follower to list again: a batch found the copy behind its own commit.
+    /// Wakes the follower to list again: a batch found the copy behind its own change for
+    /// [`STUCK_AFTER`].
     relist: Notify,
     /// When a batch last asked for the copy; set under the lock of [`Followed::pools`].
     used: Mutex<Instant>,
@@ -66,6 +73,9 @@ struct State {
     revision: i64,
     /// Listed and followed since; false after a watch failure until the next list.
     synced: bool,
+    /// Since when a batch has found the copy behind its own change, with nothing applied
+    /// since.
+    behind_since: Option<Instant>,
 }
 
 impl Copies {
@@ -101,16 +111,21 @@ impl Copies {
     ) -> Option<Window> {
         let copy = self.pool(runs_dir);
         let state = lock(&copy.state);
-        let (state, _) = copy
+        let (mut state, _) = copy
             .advanced
             .wait_timeout_while(state, wait, |s| s.synced && s.revision < revision)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if state.synced && state.revision < revision {
-            // In step by its own account, yet behind a commit answered long ago: the watch may
-            // hang on a member that went silent. List again.
-            copy.relist.notify_one();
+        if !state.synced {
+            return None;
         }
-        (state.synced && state.revision >= revision).then(|| state.window(runs_dir, from_key, from))
+        if state.revision < revision {
+            let behind_since = *state.behind_since.get_or_insert_with(Instant::now);
+            if behind_since.elapsed() >= STUCK_AFTER {
+                copy.relist.notify_one();
+            }
+            return None;
+        }
+        Some(state.window(runs_dir, from_key, from))
     }
 
     fn pool(&self, runs_dir: &str) -> Arc<PoolCopy> {
@@ -188,6 +203,7 @@ impl PoolCopy {
             runs,
             revision,
             synced: true,
+            behind_since: None,
         };
         self.advanced.notify_all();
     }
@@ -207,6 +223,7 @@ impl PoolCopy {
             }
         }
         state.revision = state.revision.max(revision);
+        state.behind_since = None;
         self.advanced.notify_all();
     }
 
@@ -259,7 +276,7 @@ async fn keep_following(
 }
 
 /// One list and the watch after it, until the watch ends; `Ok` when it ended cleanly
-/// (cancelled or compacted away by the cluster, or found behind by a batch).
+/// (cancelled or compacted away by the cluster, or found stuck by a batch).
 async fn list_and_watch(
     copy: &PoolCopy,
     client: &mut Client,

@@ -11,7 +11,7 @@ use super::keys::{parse_hex, unescape, Keys};
 use super::plan::Stop;
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun};
-use super::session::{floor_get, key_get, CallFailed, Deadline, Session};
+use super::session::{floor_get, key_get, revision_of, CallFailed, Deadline, Session};
 use crate::store::retry::Backoff;
 use crate::store::{Allocation, AttachmentRequest, GcRequest, StoreError};
 
@@ -107,7 +107,11 @@ fn try_release(
         ),
     }
     let txn = Txn::new().when(compares).and_then(ops);
-    if s.txn(dl, "release commit", txn)?.succeeded() {
+    let resp = s.txn(dl, "release commit", txn)?;
+    if resp.succeeded() {
+        if run.is_some() {
+            s.runs_written.note(pool, revision_of(&resp));
+        }
         Ok(Attempt::Done(record.allocation(pool)))
     } else {
         Ok(Attempt::Changed)

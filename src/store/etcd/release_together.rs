@@ -14,7 +14,7 @@ use super::keys::range_end;
 use super::records::AllocationRecord;
 use super::release::{owned_by, owner_entry, push_release, push_run_release, side_keys};
 use super::runs::ReadRun;
-use super::session::{floor_get, key_get, CallFailed, Deadline, Session};
+use super::session::{floor_get, key_get, revision_of, CallFailed, Deadline, Session};
 use crate::store::{Allocation, AttachmentRequest};
 
 /// Owner index entries read per DEL at most: one per pool it holds. A DEL holding more runs
@@ -96,8 +96,13 @@ pub(super) fn release_together(
     if !groups.is_empty() {
         let commits: Vec<TxnOp> = groups.iter().map(|g| group_commit(s, g)).collect();
         let resp = s.txn(dl, "combined release commit", Txn::new().and_then(commits))?;
+        let revision = revision_of(&resp);
         for (group, answer) in groups.into_iter().zip(resp.op_responses()) {
             let applied = matches!(answer, TxnOpResponse::Txn(t) if t.succeeded());
+            // A group shares one run, or has none and releases records alone.
+            if applied && group[0].run.is_some() {
+                s.runs_written.note(&group[0].pool, revision);
+            }
             for h in group {
                 if !applied {
                     lost.insert(h.del);

@@ -2,8 +2,9 @@
 //! call into etcd goes through [`Session::call`], which bounds it by the request timeout and by
 //! what is left of the operation's deadline.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -14,6 +15,7 @@ use tokio::runtime::{Handle, Runtime};
 
 use super::connect::Timeouts;
 use super::keys::Keys;
+use crate::store::queues::lock;
 use crate::store::StoreError;
 
 /// Operations etcd accepts in one transaction by default (`--max-txn-ops`): at each level, the
@@ -92,6 +94,36 @@ pub struct Session {
     client: Client,
     pub keys: Keys,
     pub timeouts: Timeouts,
+    pub runs_written: RunsWritten,
+}
+
+/// The revision a transaction's answer reports: after a write, the revision it made.
+pub fn revision_of(resp: &TxnResponse) -> i64 {
+    resp.header().map_or(0, |h| h.revision())
+}
+
+/// Per pool, the revision of this session's latest change to the pool's runs (an ADD's new
+/// run, a DEL's split, a merge). The agent plans from its watched copy of a pool's runs only
+/// once the copy shows that revision: a plan from a copy that misses the agent's own change
+/// loses its commit to the agent itself, and a second such loss would make the pool look
+/// contended.
+#[derive(Default)]
+pub struct RunsWritten(Mutex<HashMap<String, i64>>);
+
+impl RunsWritten {
+    /// This session changed `pool`'s runs at `revision`.
+    pub fn note(&self, pool: &str, revision: i64) {
+        let mut written = lock(&self.0);
+        match written.get_mut(pool) {
+            Some(latest) => *latest = (*latest).max(revision),
+            None => drop(written.insert(pool.to_string(), revision)),
+        }
+    }
+
+    /// The revision of this session's latest change to `pool`'s runs; 0 before any.
+    pub fn latest(&self, pool: &str) -> i64 {
+        lock(&self.0).get(pool).copied().unwrap_or(0)
+    }
 }
 
 impl Session {
@@ -160,6 +192,7 @@ impl Session {
             client,
             keys,
             timeouts,
+            runs_written: RunsWritten::default(),
         })
     }
 
