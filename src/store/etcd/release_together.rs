@@ -100,8 +100,8 @@ pub(super) fn release_together(
         for (group, answer) in groups.into_iter().zip(resp.op_responses()) {
             let applied = matches!(answer, TxnOpResponse::Txn(t) if t.succeeded());
             // A group shares one run, or has none and releases records alone.
-            if applied && group[0].run.is_some() {
-                s.runs_written.note(&group[0].pool, revision);
+            if let Some(h) = group.first().filter(|h| applied && h.run.is_some()) {
+                s.runs_written.note(&h.pool, revision);
             }
             for h in group {
                 if !applied {
