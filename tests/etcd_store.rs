@@ -404,6 +404,41 @@ fn an_agent_plans_from_its_copy_without_reading() {
     assert!(observed.sizes.lock().unwrap().iter().all(|&(_, n)| n == 1));
 }
 
+/// A combined commit that loses reads back, in its failure branch, what the ADD's next attempt
+/// plans from. An ADD repeated for an attachment that holds an address (a runtime retrying
+/// after an answer it never got) is planned from the copy, which has no index entries, and
+/// loses its commit; it then costs one read, of the allocation it holds, not a read of the pool
+/// and its index entries as well.
+#[test]
+fn a_lost_commit_reads_back_what_the_next_attempt_needs() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let runtime = agent_runtime();
+    let observed = Arc::new(Combined::default());
+    let agent = agent_store(&cluster, &runtime, &observed);
+    let p = pool("10.0.0.0/24", "");
+    let pools = std::slice::from_ref(&p);
+    let req = add_req(who("retried", Some("ns/retried")), pools, "");
+    let first = agent.add(&req).unwrap();
+    eventually("the copy in step", || {
+        observed.synced.load(Ordering::Acquire)
+    });
+    let before = cluster.transactions_served();
+    let again = agent.add(&req).unwrap();
+    assert_eq!(again, first, "the repeated ADD got its address back");
+    let lost = observed.conflicts.load(Ordering::Relaxed);
+    assert_eq!(lost, 1, "the commit planned from the copy did not lose");
+    let served = cluster.transactions_served() - before;
+    assert_eq!(
+        served, 2.0,
+        "the lost commit and the read of the allocation held, nothing more"
+    );
+    let held = agent.allocations(Some(&p.name)).unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+}
+
 type Shared = Arc<dyn Store + Send + Sync>;
 
 /// Waits (at most 30 s) until `holds`; `what` names it when it never does.

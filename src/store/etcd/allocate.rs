@@ -37,8 +37,30 @@ pub(super) fn add_by(
     req: &AddRequest,
     dl: &Deadline,
 ) -> Result<Vec<IpAddr>, StoreError> {
+    add_remembering(s, backoff, req, dl, Memory::new(req.ranges.len()))
+}
+
+/// [`add_by`] for an ADD that already lost a combined commit: its first attempt plans from
+/// what that commit read back instead of reading.
+pub(super) fn add_after(
+    s: &Session,
+    backoff: &Backoff,
+    req: &AddRequest,
+    dl: &Deadline,
+    read_back: ReadBack,
+) -> Result<Vec<IpAddr>, StoreError> {
+    let memory = Memory::after(req.ranges.len(), read_back);
+    add_remembering(s, backoff, req, dl, memory)
+}
+
+fn add_remembering(
+    s: &Session,
+    backoff: &Backoff,
+    req: &AddRequest,
+    dl: &Deadline,
+    mut memory: Memory,
+) -> Result<Vec<IpAddr>, StoreError> {
     refuse_unsupported(req)?;
-    let mut memory = Memory::new(req.ranges.len());
     let mut last = CallFailed::new("no attempt finished");
     for attempt in 0..backoff.attempts.max(1) {
         if attempt > 0 && memory.wait {
@@ -90,6 +112,15 @@ pub(super) fn refuse_unsupported(req: &AddRequest) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What a lost commit read back in its failure branch, at the revision it lost at: the
+/// request's index entries and, per range, the offset its search started from with the run
+/// window there. The next attempt plans from it without reading.
+#[derive(Clone)]
+pub(super) struct ReadBack {
+    pub hits: Vec<IndexHits>,
+    pub windows: Vec<(u128, Window)>,
+}
+
 /// What one ADD learns across its attempts.
 pub(super) struct Memory {
     /// Addresses found reserved network-wide by another pool.
@@ -120,6 +151,17 @@ impl Memory {
             failures: 0,
             wait: false,
         }
+    }
+
+    /// The memory of an ADD whose first attempt plans from `read_back`.
+    fn after(ranges: usize, read_back: ReadBack) -> Memory {
+        let mut memory = Memory::new(ranges);
+        for (i, (from, window)) in read_back.windows.into_iter().enumerate().take(ranges) {
+            memory.start_search_at(i, from);
+            memory.prefetched[i] = Some(window);
+        }
+        memory.hits = Some(read_back.hits);
+        memory
     }
 
     fn start(&self, i: usize, range: &Range) -> u128 {

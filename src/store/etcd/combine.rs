@@ -1,10 +1,11 @@
 //! The node agent's etcd engine: a node's concurrent ADDs of a pool wait in a queue
 //! ([`crate::store::queues`]); one blocking task serves whatever waits. It plans them from the
 //! agent's watch-fed copies of the pools' runs (`copy`), or from one read for all of them when
-//! a copy is not in step or after a lost race, and commits them in one transaction that
-//! holds each ADD's own commit as a nested transaction. In a pool that other nodes draw from
-//! at the same time, the search starts where [`super::contention`] says, not at the lowest
-//! free address every node would pick.
+//! a copy is not in step, and commits them in one transaction that holds each ADD's own commit
+//! as a nested transaction. A nested commit that loses reads back, in its failure branch, what
+//! the ADD's next attempt plans from: a lost race costs no read. In a pool that other nodes
+//! draw from at the same time, the search starts where [`super::contention`] says, not at the
+//! lowest free address every node would pick.
 //!
 //! etcd evaluates the compares of every nested commit against the revision the transaction
 //! starts from, then applies the commits whose compares hold, in order. Each commit compares
@@ -20,11 +21,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Txn, TxnOp, TxnOpResponse, TxnResponse};
 use tokio::sync::oneshot;
 
 use super::allocate::{
     self, index_gets, parse_hits, plan_all, refuse_unsupported, search_from, Memory, Planned,
+    ReadBack,
 };
 use super::commit::{build_commit, compact_chain};
 use super::contention;
@@ -33,7 +35,7 @@ use super::plan::{IndexHits, Plan};
 use super::release;
 use super::release_together::release_together;
 use super::runs::ReadRun;
-use super::session::{revision_of, CallFailed, Deadline, Session};
+use super::session::{revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use super::window::{self, Window};
 use super::EtcdStore;
 use crate::store::queues::{dropped, Observer, Queues, Serving};
@@ -51,7 +53,8 @@ const CATCH_UP: Duration = Duration::from_millis(20);
 const MAX_BATCH: usize = 64;
 
 /// Combined rounds at most for the ADDs of a batch that lost an address to another writer;
-/// each round reads again. Those still left then run alone, with the engine's spreading.
+/// each round plans from what the last one read back. Those still left then run alone, with
+/// the engine's spreading.
 const COMBINED_ROUNDS: usize = 3;
 
 /// What a queued request is answered.
@@ -63,8 +66,9 @@ type DelAnswer = Reply<Vec<Allocation>>;
 struct Round {
     /// The requests it answered, with their addresses.
     answered: Vec<(usize, Vec<IpAddr>)>,
-    /// The requests whose commit found an address taken or an index entry changed.
-    lost: Vec<usize>,
+    /// The requests whose commit found an address taken or an index entry changed, with what
+    /// the commit read back for the next attempt.
+    lost: Vec<(usize, Option<ReadBack>)>,
 }
 
 /// The etcd engine of the node agent: ADDs are combined, everything else is the engine's own.
@@ -235,35 +239,57 @@ impl Inner {
         // batch starting, whether it was combined, ran alone, or both.
         let dl = Deadline::after(store.session.timeouts.deadline);
         let mut answers: Vec<Option<Answer>> = (0..reqs.len()).map(|_| None).collect();
+        // What each request's last lost commit read back.
+        let mut read_back: HashMap<usize, ReadBack> = HashMap::new();
         let mut together = combinable(reqs);
         for round in 0..COMBINED_ROUNDS {
             // The first round plans from the copies, when they are in step: one ADD alone then
-            // costs its commit only. After a lost race a copy is likely behind: read.
+            // costs its commit only. After a lost race a copy is likely behind: the next round
+            // plans from what the lost commits read back.
             let starts = self.contended.starts();
-            let copied = (round == 0)
-                .then(|| self.found_in_copies(reqs, &together, &starts))
-                .flatten();
-            if together.len() < 2 && copied.is_none() {
+            let found = match round {
+                0 => self.found_in_copies(reqs, &together, &starts),
+                _ => read_back_of(&together, &read_back),
+            };
+            // A lone ADD runs alone (the engine's own ADD, with its alternatives) when no copy
+            // is in step and after a lost race.
+            if together.len() < 2 && (round > 0 || found.is_none()) {
                 break;
             }
-            let planned = self.plan_together(copied, reqs, &together, &starts, &dl);
-            match planned.and_then(|planned| self.commit_together(reqs, planned, &dl)) {
+            let planned = self.plan_together(found, reqs, &together, &starts, &dl);
+            match planned.and_then(|planned| self.commit_together(reqs, planned, &starts, &dl)) {
                 Ok(done) => {
                     for (i, ips) in done.answered {
                         answers[i] = Some(Ok(ips));
                     }
-                    together = done.lost;
+                    together = done.lost.iter().map(|(i, _)| *i).collect();
+                    for (i, lost) in done.lost {
+                        match lost {
+                            Some(lost) => read_back.insert(i, lost),
+                            None => read_back.remove(&i),
+                        };
+                    }
                 }
                 // Whether it applied is unknown: each ADD alone first reads what it holds.
                 Err(failed) => {
                     each_alone_after("ADD", &failed);
+                    read_back.clear();
                     break;
                 }
             }
         }
-        let left = answers.iter_mut().zip(reqs).filter(|(a, _)| a.is_none());
-        side_by_side(left.collect(), |req| {
-            allocate::add_by(&store.session, &store.backoff, req, &dl)
+        let left = answers
+            .iter_mut()
+            .zip(reqs)
+            .enumerate()
+            .filter(|(_, (answer, _))| answer.is_none())
+            .map(|(i, (answer, req))| (answer, (req, read_back.remove(&i))));
+        side_by_side(left.collect(), |(req, read_back)| {
+            let (s, backoff) = (&store.session, &store.backoff);
+            match read_back {
+                Some(read_back) => allocate::add_after(s, backoff, req, &dl, read_back),
+                None => allocate::add_by(s, backoff, req, &dl),
+            }
         });
         answers
             .into_iter()
@@ -331,12 +357,11 @@ fn each_alone_after(operation: &str, failed: &CallFailed) {
 
 /// Runs `op` for each request left, each on a thread of its own when there are several (the
 /// engine's calls block), and puts its answer in place.
-fn side_by_side<T: Sync, R: Send>(
-    mut left: Vec<(&mut Option<R>, &T)>,
-    op: impl Fn(&T) -> R + Sync,
-) {
-    if let [(answer, req)] = left.as_mut_slice() {
-        **answer = Some(op(req));
+fn side_by_side<T: Send, R: Send>(left: Vec<(&mut Option<R>, T)>, op: impl Fn(T) -> R + Sync) {
+    if left.len() == 1 {
+        for (answer, req) in left {
+            *answer = Some(op(req));
+        }
         return;
     }
     std::thread::scope(|scope| {
@@ -387,19 +412,19 @@ type Found = Vec<(Vec<IndexHits>, Vec<Option<Window>>)>;
 
 impl Inner {
     /// A plan for each of the requests `together` that holds nothing yet, every address
-    /// distinct from the others', from the copy or else from one read. Requests without a plan
-    /// (one may hold an address already, or its plan failed) are neither answered nor lost:
-    /// they run alone.
+    /// distinct from the others', from what was `found` (in the copies, or read back by lost
+    /// commits) or else from one read. Requests without a plan (one may hold an address
+    /// already, or its plan failed) are neither answered nor lost: they run alone.
     fn plan_together(
         &self,
-        copied: Option<Found>,
+        found: Option<Found>,
         reqs: &[AddRequest],
         together: &[usize],
         starts: &Starts,
         dl: &Deadline,
     ) -> Result<Vec<Planned>, CallFailed> {
         let s = &self.store.session;
-        let found = match copied {
+        let found = match found {
             Some(found) => found,
             None => read_together(s, reqs, together, starts, dl)?,
         };
@@ -426,11 +451,13 @@ impl Inner {
         Ok(planned)
     }
 
-    /// One transaction of the planned commits, each nested with its own compares.
+    /// One transaction of the planned commits, each nested with its own compares and, for
+    /// when they fail, the reads of its next attempt (searches from `starts`).
     fn commit_together(
         &self,
         reqs: &[AddRequest],
         planned: Vec<Planned>,
+        starts: &Starts,
         dl: &Deadline,
     ) -> Result<Round, CallFailed> {
         let s = &self.store.session;
@@ -441,28 +468,40 @@ impl Inner {
         if planned.is_empty() {
             return Ok(round);
         }
+        let mut read_back_sizes = Vec::with_capacity(planned.len());
         let commits = planned.iter().map(|p| {
-            let (compares, ops) = build_commit(s, &reqs[p.index], &p.plans);
-            TxnOp::txn(Txn::new().when(compares).and_then(ops))
+            let req = &reqs[p.index];
+            let (compares, ops) = build_commit(s, req, &p.plans);
+            let read_back = read_back_gets(s, req, starts);
+            read_back_sizes.push(read_back.len());
+            TxnOp::txn(Txn::new().when(compares).and_then(ops).or_else(read_back))
         });
+        let commits: Vec<TxnOp> = commits.collect();
         let resp = s.txn(
             dl,
             "combined allocation commit",
-            Txn::new().and_then(commits.collect::<Vec<_>>()),
+            Txn::new().and_then(commits),
         )?;
         let revision = revision_of(&resp);
         let mut merges: HashMap<&str, (Vec<ReadRun>, Vec<u128>)> = HashMap::new();
         let mut lost_offsets = Vec::new();
-        for (plan, answer) in planned.into_iter().zip(resp.op_responses()) {
-            let ranges = &reqs[plan.index].ranges;
-            if !matches!(answer, TxnOpResponse::Txn(t) if t.succeeded()) {
+        let answers = resp.op_responses().into_iter().zip(read_back_sizes);
+        for (plan, (answer, read_back_size)) in planned.into_iter().zip(answers) {
+            let req = &reqs[plan.index];
+            let ranges = &req.ranges;
+            let lost = match answer {
+                TxnOpResponse::Txn(t) if t.succeeded() => None,
+                TxnOpResponse::Txn(t) => Some(parse_read_back(req, starts, t, read_back_size)),
+                _ => Some(None),
+            };
+            if let Some(read_back) = lost {
                 self.observer.conflict("add");
                 for (rr, lost) in ranges.iter().zip(&plan.plans) {
                     if let Plan::Take { offset, .. } = lost {
                         lost_offsets.push((rr.pool.name.as_str(), *offset));
                     }
                 }
-                round.lost.push(plan.index);
+                round.lost.push((plan.index, read_back));
                 continue;
             }
             for (rr, taken) in ranges.iter().zip(plan.plans) {
@@ -550,6 +589,64 @@ fn read_together(
         &windows,
         starts,
     ))
+}
+
+/// The failure branch of `req`'s commit: its index entries and the run window where each of
+/// its searches starts, read at the revision the commit lost at. Nothing when that is more than
+/// a branch may hold (its next attempt reads).
+fn read_back_gets(s: &Session, req: &AddRequest, starts: &Starts) -> Vec<TxnOp> {
+    let mut gets = index_gets(s, req);
+    for rr in &req.ranges {
+        gets.extend(window::gets(
+            &s.keys,
+            &rr.pool.name,
+            search_start(rr, starts),
+        ));
+    }
+    if gets.len() > MAX_TXN_OPS {
+        return Vec::new();
+    }
+    gets
+}
+
+/// What a lost commit of `req` read back ([`read_back_gets`], `size` answers); `None` when it
+/// did not read that.
+fn parse_read_back(
+    req: &AddRequest,
+    starts: &Starts,
+    lost: TxnResponse,
+    size: usize,
+) -> Option<ReadBack> {
+    let answers = lost.op_responses();
+    if size == 0 || answers.len() != size {
+        return None;
+    }
+    let mut results = answers.into_iter().map(|r| match r {
+        TxnOpResponse::Get(mut g) => g.take_kvs(),
+        _ => Vec::new(),
+    });
+    let hits = parse_hits(req, &mut results);
+    let windows = req
+        .ranges
+        .iter()
+        .map(|rr| {
+            let from = search_start(rr, starts);
+            (from, window::parse(from, &mut results))
+        })
+        .collect();
+    Some(ReadBack { hits, windows })
+}
+
+/// What the requests `together` read back when their commits lost, in the shape
+/// [`read_together`] reads it; `None` unless every one of them read back.
+fn read_back_of(together: &[usize], read_back: &HashMap<usize, ReadBack>) -> Option<Found> {
+    together
+        .iter()
+        .map(|i| {
+            let ReadBack { hits, windows } = read_back.get(i)?.clone();
+            Some((hits, windows.into_iter().map(|(_, w)| Some(w)).collect()))
+        })
+        .collect()
 }
 
 /// Where the contended pools' searches start ([`contention::Pools::starts`]).
