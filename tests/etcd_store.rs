@@ -288,6 +288,15 @@ impl Observer for Combined {
     }
 }
 
+/// A real cluster, the runtime of the node agents' etcd clients and what their stores report;
+/// `None` (said loudly, and a failure in CI) where etcd is not installed.
+fn agents_cluster() -> Option<(Cluster, tokio::runtime::Runtime, Arc<Combined>)> {
+    etcd_available().then(|| {
+        let cluster = Cluster::start(false);
+        (cluster, agent_runtime(), Arc::new(Combined::default()))
+    })
+}
+
 /// The runtime a node agent's etcd client runs on: multi-threaded, as the agent's.
 fn agent_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -339,13 +348,10 @@ impl Combined {
 /// writer's commits.
 #[test]
 fn an_agent_plans_from_its_copy_without_reading() {
-    if !etcd_available() {
-        return;
-    }
     const ADDS: usize = 20;
-    let cluster = Cluster::start(false);
-    let runtime = agent_runtime();
-    let observed = Arc::new(Combined::default());
+    let Some((cluster, runtime, observed)) = agents_cluster() else {
+        return;
+    };
     let agent = agent_store(&cluster, &runtime, &observed);
     let plain = open(&cluster, DEFAULT_PREFIX);
     let p = pool("10.0.0.0/24", "");
@@ -411,12 +417,9 @@ fn an_agent_plans_from_its_copy_without_reading() {
 /// and its index entries as well.
 #[test]
 fn a_lost_commit_reads_back_what_the_next_attempt_needs() {
-    if !etcd_available() {
+    let Some((cluster, runtime, observed)) = agents_cluster() else {
         return;
-    }
-    let cluster = Cluster::start(false);
-    let runtime = agent_runtime();
-    let observed = Arc::new(Combined::default());
+    };
     let agent = agent_store(&cluster, &runtime, &observed);
     let p = pool("10.0.0.0/24", "");
     let pools = std::slice::from_ref(&p);
@@ -455,12 +458,9 @@ fn eventually(what: &str, holds: impl Fn() -> bool) {
 /// writer took meanwhile, and plans from the copy again.
 #[test]
 fn an_unused_pools_copy_is_let_go_and_followed_again() {
-    if !etcd_available() {
+    let Some((cluster, runtime, observed)) = agents_cluster() else {
         return;
-    }
-    let cluster = Cluster::start(false);
-    let runtime = agent_runtime();
-    let observed = Arc::new(Combined::default());
+    };
     let let_go_after = Duration::from_secs(1);
     let agent = agent_store_letting_go(&cluster, &runtime, &observed, let_go_after);
     let plain = open(&cluster, DEFAULT_PREFIX);
@@ -519,12 +519,9 @@ fn all_at_once<T: Sync, R: Send>(items: &[T], op: impl Fn(&T) -> R + Sync) -> Ve
 /// writer's address of the outage in it.
 #[test]
 fn an_agents_copy_follows_again_after_the_cluster_restarts() {
-    if !etcd_available() {
+    let Some((mut cluster, runtime, observed)) = agents_cluster() else {
         return;
-    }
-    let mut cluster = Cluster::start(false);
-    let runtime = agent_runtime();
-    let observed = Arc::new(Combined::default());
+    };
     let agent = agent_store(&cluster, &runtime, &observed);
     let p = pool("10.0.0.0/24", "");
     let pools = std::slice::from_ref(&p);
@@ -575,15 +572,12 @@ fn an_agents_copy_follows_again_after_the_cluster_restarts() {
 /// own counters show fewer transactions than requests.
 #[test]
 fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
-    if !etcd_available() {
-        return;
-    }
     // Batches big enough that a batch of DELs reads more than one transaction holds (the
     // index entries and reservation of each: up to four gets).
     const PER_NODE: usize = 60;
-    let cluster = Cluster::start(false);
-    let runtime = agent_runtime();
-    let combined = Arc::new(Combined::default());
+    let Some((cluster, runtime, combined)) = agents_cluster() else {
+        return;
+    };
     let nodes: Vec<Shared> = (0..2)
         .map(|_| agent_store(&cluster, &runtime, &combined))
         .collect();
@@ -710,13 +704,10 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
 /// contended agents now start, are found again by the next burst.
 #[test]
 fn contending_agents_fill_a_pool_completely() {
-    if !etcd_available() {
-        return;
-    }
     const NODES: usize = 3;
-    let cluster = Cluster::start(false);
-    let runtime = agent_runtime();
-    let combined = Arc::new(Combined::default());
+    let Some((cluster, runtime, combined)) = agents_cluster() else {
+        return;
+    };
     let nodes: Vec<Shared> = (0..NODES)
         .map(|_| agent_store(&cluster, &runtime, &combined))
         .collect();
