@@ -53,6 +53,7 @@ pub(super) fn add_after(
     add_remembering(s, backoff, req, dl, memory)
 }
 
+/// The engine's ADD, its first attempt starting from what `memory` already holds.
 fn add_remembering(
     s: &Session,
     backoff: &Backoff,

@@ -468,15 +468,7 @@ impl Inner {
         if planned.is_empty() {
             return Ok(round);
         }
-        let mut read_back_sizes = Vec::with_capacity(planned.len());
-        let commits = planned.iter().map(|p| {
-            let req = &reqs[p.index];
-            let (compares, ops) = build_commit(s, req, &p.plans);
-            let read_back = read_back_gets(s, req, starts);
-            read_back_sizes.push(read_back.len());
-            TxnOp::txn(Txn::new().when(compares).and_then(ops).or_else(read_back))
-        });
-        let commits: Vec<TxnOp> = commits.collect();
+        let (commits, read_back_sizes) = nested_commits(s, reqs, &planned, starts);
         let resp = s.txn(
             dl,
             "combined allocation commit",
@@ -589,6 +581,27 @@ fn read_together(
         &windows,
         starts,
     ))
+}
+
+/// Each planned request's commit as a nested transaction, with [`read_back_gets`] as its
+/// failure branch; and how many gets each failure branch holds.
+fn nested_commits(
+    s: &Session,
+    reqs: &[AddRequest],
+    planned: &[Planned],
+    starts: &Starts,
+) -> (Vec<TxnOp>, Vec<usize>) {
+    planned
+        .iter()
+        .map(|p| {
+            let req = &reqs[p.index];
+            let (compares, ops) = build_commit(s, req, &p.plans);
+            let read_back = read_back_gets(s, req, starts);
+            let size = read_back.len();
+            let commit = Txn::new().when(compares).and_then(ops).or_else(read_back);
+            (TxnOp::txn(commit), size)
+        })
+        .unzip()
 }
 
 /// The failure branch of `req`'s commit: its index entries and the run window where each of
