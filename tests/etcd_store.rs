@@ -442,6 +442,50 @@ fn a_lost_commit_reads_back_what_the_next_attempt_needs() {
     assert_eq!(held.len(), 1, "{held:?}");
 }
 
+/// A node agent's etcd client outlives its authentication token: etcd forgets a token unused
+/// for `--auth-token-ttl` (five minutes by default, one second here), which an agent on a quiet
+/// node reaches between two pods. The client authenticates again and the call goes through.
+#[test]
+fn an_agent_idle_past_its_tokens_lifetime_authenticates_again() {
+    if !etcd_available() {
+        return;
+    }
+    let mut cluster = Cluster::start_with(false, &["--auth-token-ttl", "1"]);
+    cluster.enable_auth("s3cret");
+    let cfg = whereabouts::config::load_with_flat_files(
+        Some(&json!({
+            "type": "whereabouts",
+            "datastore": "etcd",
+            "etcd_host": cluster.endpoints(),
+            "etcd_username": "root",
+            "etcd_password": "s3cret",
+            "range": "10.0.0.0/24",
+        })),
+        &[],
+    )
+    .expect("valid configuration");
+    let Datastore::Etcd(etcd) = &cfg.datastore else {
+        panic!("etcd datastore expected");
+    };
+    let runtime = agent_runtime();
+    let observed = Arc::new(Combined::default());
+    let handle = runtime.handle().clone();
+    let agent = open_shared(handle, &cfg, etcd, observed, LET_GO_AFTER).expect("store opens");
+    let p = pool("10.0.0.0/24", "");
+    let pools = std::slice::from_ref(&p);
+    let first = agent.add(&add_req(who("before", None), pools, ""));
+    assert_eq!(first.unwrap(), vec![ip("10.0.0.1")]);
+    // What is tested is the time without a call: nothing to wait for but the token's expiry
+    // (the members look at their tokens once a second).
+    std::thread::sleep(Duration::from_secs(3));
+    let after = agent.add(&add_req(who("after", None), pools, ""));
+    assert_eq!(
+        after.map_err(|e| whereabouts::store::error::chain(&e)),
+        Ok(vec![ip("10.0.0.2")]),
+        "the call after the token expired"
+    );
+}
+
 type Shared = Arc<dyn Store + Send + Sync>;
 
 /// Waits (at most 30 s) until `holds`; `what` names it when it never does.

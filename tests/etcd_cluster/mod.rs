@@ -51,6 +51,8 @@ pub struct Cluster {
     tls: Option<Tls>,
     /// `user:password` once authentication is enabled.
     auth: Option<String>,
+    /// Flags every member starts with, besides the cluster's own.
+    flags: Vec<String>,
 }
 
 /// A loopback port nobody listens on, below the kernel's ephemeral range (32768 and up). A port
@@ -71,6 +73,11 @@ fn free_port() -> u16 {
 impl Cluster {
     /// Starts three members and waits until the cluster answers.
     pub fn start(tls: bool) -> Cluster {
+        Cluster::start_with(tls, &[])
+    }
+
+    /// As [`Cluster::start`], every member also started with `flags`.
+    pub fn start_with(tls: bool, flags: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temporary directory");
         let tls = tls.then(|| make_certs(dir.path()));
         let members: Vec<Member> = (0..3)
@@ -94,6 +101,7 @@ impl Cluster {
             token,
             tls,
             auth: None,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         for i in 0..3 {
             cluster.spawn(i);
@@ -144,6 +152,7 @@ impl Cluster {
             .arg("zap")
             .arg("--log-outputs")
             .arg("stderr")
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log);

@@ -117,7 +117,12 @@ pub fn options(cfg: &EtcdConfig, timeouts: &Timeouts) -> Result<ConnectOptions, 
         .with_require_leader(true);
     match (&cfg.username, &cfg.password) {
         (Some(user), password) => {
-            opts = opts.with_user(user.clone(), password.clone().unwrap_or_default());
+            // etcd forgets a token unused for its `--auth-token-ttl` (five minutes by default),
+            // and an agent on a quiet node is idle that long: a call refused for its token
+            // authenticates again and is sent once more. etcd-client leaves this off by default.
+            opts = opts
+                .with_user(user.clone(), password.clone().unwrap_or_default())
+                .with_auto_token_refresh(true);
         }
         (None, Some(_)) => {
             return Err(StoreError::config(
