@@ -442,16 +442,9 @@ fn a_lost_commit_reads_back_what_the_next_attempt_needs() {
     assert_eq!(held.len(), 1, "{held:?}");
 }
 
-/// A node agent's etcd client outlives its authentication token: etcd forgets a token unused
-/// for `--auth-token-ttl` (five minutes by default, one second here), which an agent on a quiet
-/// node reaches between two pods. The client authenticates again and the call goes through.
-#[test]
-fn an_agent_idle_past_its_tokens_lifetime_authenticates_again() {
-    if !etcd_available() {
-        return;
-    }
-    let mut cluster = Cluster::start_with(false, &["--auth-token-ttl", "1"]);
-    cluster.enable_auth("s3cret");
+/// A node agent's store on `cluster` (authentication on, root's password `s3cret`), with
+/// credentials.
+fn agent_with_password(cluster: &Cluster, runtime: &tokio::runtime::Runtime) -> Shared {
     let cfg = whereabouts::config::load_with_flat_files(
         Some(&json!({
             "type": "whereabouts",
@@ -467,23 +460,85 @@ fn an_agent_idle_past_its_tokens_lifetime_authenticates_again() {
     let Datastore::Etcd(etcd) = &cfg.datastore else {
         panic!("etcd datastore expected");
     };
-    let runtime = agent_runtime();
     let observed = Arc::new(Combined::default());
     let handle = runtime.handle().clone();
-    let agent = open_shared(handle, &cfg, etcd, observed, LET_GO_AFTER).expect("store opens");
+    open_shared(handle, &cfg, etcd, observed, LET_GO_AFTER).expect("store opens")
+}
+
+/// ADD of attachment `container` through `agent`, which must get `want`.
+fn add_gets(agent: &Shared, container: &str, want: &str, when: &str) {
     let p = pool("10.0.0.0/24", "");
-    let pools = std::slice::from_ref(&p);
-    let first = agent.add(&add_req(who("before", None), pools, ""));
-    assert_eq!(first.unwrap(), vec![ip("10.0.0.1")]);
+    let got = agent.add(&add_req(who(container, None), std::slice::from_ref(&p), ""));
+    let got = got.map_err(|e| whereabouts::store::error::chain(&e));
+    assert_eq!(got, Ok(vec![ip(want)]), "the ADD {when}");
+}
+
+/// A node agent's etcd client outlives its authentication token: etcd forgets a token unused
+/// for `--auth-token-ttl` (five minutes by default, one second here), which an agent on a quiet
+/// node reaches between two pods. The client authenticates again and the call goes through.
+#[test]
+fn an_agent_idle_past_its_tokens_lifetime_authenticates_again() {
+    if !etcd_available() {
+        return;
+    }
+    let mut cluster = Cluster::start_with(false, &["--auth-token-ttl", "1"]);
+    cluster.enable_auth("s3cret");
+    let runtime = agent_runtime();
+    let agent = agent_with_password(&cluster, &runtime);
+    add_gets(&agent, "before", "10.0.0.1", "before the pause");
     // What is tested is the time without a call: nothing to wait for but the token's expiry
     // (the members look at their tokens once a second).
     std::thread::sleep(Duration::from_secs(3));
-    let after = agent.add(&add_req(who("after", None), pools, ""));
-    assert_eq!(
-        after.map_err(|e| whereabouts::store::error::chain(&e)),
-        Ok(vec![ip("10.0.0.2")]),
-        "the call after the token expired"
+    add_gets(&agent, "after", "10.0.0.2", "after the token expired");
+}
+
+/// Signed tokens (`--auth-token jwt`, as multi-member clusters run) carry the revision of the
+/// cluster's auth store, and etcd refuses every token older than the store: once an admin adds
+/// a user or grants a role, every read with the agent's token is refused. The client
+/// authenticates again and sends the request once more.
+#[test]
+fn an_agent_authenticates_again_after_the_auth_store_changes() {
+    if !etcd_available() {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_with(false, &["--auth-token", &jwt_signing(keys.path())]);
+    cluster.enable_auth("s3cret");
+    let runtime = agent_runtime();
+    let agent = agent_with_password(&cluster, &runtime);
+    add_gets(
+        &agent,
+        "before",
+        "10.0.0.1",
+        "before the auth store changed",
     );
+    cluster.add_user("another", "an0ther");
+    // A DEL reads what the attachment holds: the read is refused for the old token.
+    let pools = [pool("10.0.0.0/24", "")];
+    let released = agent.del(&att_req("before", &pools));
+    let released = released.map_err(|e| whereabouts::store::error::chain(&e));
+    let ips = released.map(|r| r.into_iter().map(|a| a.ip).collect::<Vec<_>>());
+    assert_eq!(ips, Ok(vec![ip("10.0.0.1")]), "the DEL after the change");
+    add_gets(&agent, "after", "10.0.0.1", "after the auth store changed");
+}
+
+/// The `--auth-token` value of members signing JWT tokens with an RSA key pair made in `dir`.
+fn jwt_signing(dir: &std::path::Path) -> String {
+    for args in [
+        &["genrsa", "-out", "jwt.key", "2048"][..],
+        &["rsa", "-in", "jwt.key", "-pubout", "-out", "jwt.pub"],
+    ] {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "openssl {args:?}: {stderr}");
+    }
+    let (public, private) = (dir.join("jwt.pub"), dir.join("jwt.key"));
+    let (public, private) = (public.display(), private.display());
+    format!("jwt,pub-key={public},priv-key={private},sign-method=RS256")
 }
 
 type Shared = Arc<dyn Store + Send + Sync>;

@@ -286,26 +286,31 @@ impl Cluster {
 
     /// Adds `root` with `password` and turns authentication on.
     pub fn enable_auth(&mut self, password: &str) {
-        let urls = self.running_urls();
-        for args in [
-            vec![
-                "user",
-                "add",
-                "root",
-                "--interactive=false",
-                "--new-user-password",
-                password,
-            ],
-            vec!["auth", "enable"],
-        ] {
-            let out = self.etcdctl(&urls, &args);
-            assert!(
-                out.status.success(),
-                "etcdctl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        self.add_user("root", password);
+        self.etcdctl_ok(&["auth", "enable"]);
         self.auth = Some(format!("root:{password}"));
+    }
+
+    /// Adds user `name` with `password` and no role: a change of the cluster's auth store.
+    pub fn add_user(&self, name: &str, password: &str) {
+        self.etcdctl_ok(&[
+            "user",
+            "add",
+            name,
+            "--interactive=false",
+            "--new-user-password",
+            password,
+        ]);
+    }
+
+    /// Runs etcdctl on the running members, which must succeed.
+    fn etcdctl_ok(&self, args: &[&str]) {
+        let out = self.etcdctl(&self.running_urls(), args);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Kills member `i` at once (SIGKILL), as a crash would.

@@ -27,6 +27,19 @@ pub const MAX_TXN_OPS: usize = 128;
 /// denied, unauthenticated.
 const REFUSED_CREDENTIALS: [i32; 3] = [3, 7, 16];
 
+/// What etcd answers (invalid argument) to a token issued before the latest change of its
+/// users, roles or permissions, when its tokens are signed (`--auth-token jwt`).
+const OLD_AUTH_REVISION: &str = "etcdserver: revision of auth store is old";
+
+/// Whether `err` refuses a token that predates a change of the cluster's auth store: a new
+/// token is accepted. (A token etcd forgot, unused for its TTL, is renewed by etcd-client.) The
+/// token is shared by every clone of the client, so the agent's watches and lists of its copies
+/// use the renewed one too.
+fn token_outdated(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(status)
+        if i32::from(status.code()) == 3 && status.message() == OLD_AUTH_REVISION)
+}
+
 /// When one operation must have finished.
 #[derive(Clone, Copy, Debug)]
 pub struct Deadline(Instant);
@@ -201,12 +214,14 @@ impl Session {
         self.client.clone()
     }
 
-    /// Runs one request, bounded by the request timeout and the deadline.
+    /// Runs one request, bounded by the request timeout and the deadline. A request refused
+    /// for a token older than the cluster's latest change of users or roles is sent once more
+    /// with a new token: a node agent's client lives through such changes.
     pub fn call<T, F>(
         &self,
         dl: &Deadline,
         what: &str,
-        make: impl FnOnce(Client) -> F,
+        make: impl Fn(Client) -> F,
     ) -> Result<T, CallFailed>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
@@ -218,10 +233,21 @@ impl Session {
                 self.timeouts.deadline
             )));
         }
-        let fut = make(self.client.clone());
-        let r = self
-            .rt
-            .block_on(async { tokio::time::timeout(limit, fut).await });
+        let until = tokio::time::Instant::now() + limit;
+        let send = || tokio::time::timeout_at(until, make(self.client.clone()));
+        let r = self.rt.block_on(async {
+            match send().await {
+                Ok(Err(e)) if token_outdated(&e) => {
+                    let renewed = self.client.refresh_token();
+                    match tokio::time::timeout_at(until, renewed).await {
+                        Ok(Ok(())) => send().await,
+                        Ok(Err(refused)) => Ok(Err(refused)),
+                        Err(late) => Err(late),
+                    }
+                }
+                r => r,
+            }
+        });
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(CallFailed {
@@ -240,7 +266,10 @@ impl Session {
     }
 
     pub fn txn(&self, dl: &Deadline, what: &str, txn: Txn) -> Result<TxnResponse, CallFailed> {
-        self.call(dl, what, |mut c| async move { c.txn(txn).await })
+        self.call(dl, what, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
     }
 
     /// Several reads in one round trip, at one revision (a transaction of gets only). More
@@ -272,7 +301,10 @@ impl Session {
         key: String,
         opts: Option<GetOptions>,
     ) -> Result<GetResponse, CallFailed> {
-        self.call(dl, what, |mut c| async move { c.get(key, opts).await })
+        self.call(dl, what, |mut c| {
+            let (key, opts) = (key.clone(), opts.clone());
+            async move { c.get(key, opts).await }
+        })
     }
 
     /// Every key-value under `dir`, page by page, so a pool of a million entries never becomes
@@ -288,9 +320,9 @@ impl Session {
         let mut from = dir.as_bytes().to_vec();
         loop {
             let opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            let from_key = from.clone();
-            let mut resp = self.call(dl, "scan", |mut c| async move {
-                c.get(from_key, Some(opts)).await
+            let mut resp = self.call(dl, "scan", |mut c| {
+                let (from, opts) = (from.clone(), opts.clone());
+                async move { c.get(from, Some(opts)).await }
             })?;
             let more = resp.more();
             let kvs = resp.take_kvs();
