@@ -4,7 +4,9 @@
 
 use std::net::IpAddr;
 
-use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
 
 use super::commit::push_run_change;
 use super::keys::{parse_hex, unescape, Keys};
@@ -26,6 +28,8 @@ pub fn release_one(
     belongs: &dyn Fn(&AllocationRecord) -> bool,
 ) -> Result<Option<Allocation>, StoreError> {
     let mut last = CallFailed::new("no attempt finished");
+    // What the last failed commit read back: the next attempt starts from it.
+    let mut read_back = None;
     for attempt in 0..backoff.attempts.max(1) {
         if attempt > 0 {
             s.pause(dl, backoff.delay(attempt));
@@ -33,7 +37,7 @@ pub fn release_one(
         if dl.passed() {
             break;
         }
-        match try_release(s, dl, pool, offset, belongs) {
+        match try_release(s, dl, (pool, offset), belongs, &mut read_back) {
             Ok(Attempt::Done(released)) => return Ok(released),
             Ok(Attempt::Changed) => {
                 last = CallFailed::new("the pool changed while releasing (conflicting writer)")
@@ -57,22 +61,44 @@ enum Attempt {
     Changed,
 }
 
-/// One read of the record and what points at it, and one transaction that deletes them all if
-/// none of them changed.
+/// What a release commit that failed read back, at the revision it failed at: the record, the
+/// run at or before the offset, and the keys that pointed at the record then (`side_keys`,
+/// one answer each). The next attempt starts from them instead of reading.
+struct ReleaseRead {
+    record: Option<KeyValue>,
+    floor: Option<KeyValue>,
+    side_keys: Vec<String>,
+    side: Vec<Vec<KeyValue>>,
+}
+
+/// One read of the record and what points at it (or what the last failed commit read back),
+/// and one transaction that deletes them all if none of them changed; if one did, the
+/// transaction reads them back for the next attempt.
 fn try_release(
     s: &Session,
     dl: &Deadline,
-    pool: &str,
-    offset: u128,
+    (pool, offset): (&str, u128),
     belongs: &dyn Fn(&AllocationRecord) -> bool,
+    read_back: &mut Option<ReleaseRead>,
 ) -> Result<Attempt, Stop> {
     let keys = &s.keys;
     let akey = keys.allocation(pool, offset);
-    let floor = floor_get(&keys.runs_dir(pool), &keys.run(pool, offset));
-    let mut res = s
-        .reads(dl, "release read", vec![key_get(&akey), floor])?
-        .into_iter();
-    let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) else {
+    let first_gets = || {
+        vec![
+            key_get(&akey),
+            floor_get(&keys.runs_dir(pool), &keys.run(pool, offset)),
+        ]
+    };
+    let earlier = read_back.take();
+    let (record_kv, floor_kv) = match &earlier {
+        Some(read) => (read.record.clone(), read.floor.clone()),
+        None => {
+            let read = s.reads(dl, "release read", first_gets())?;
+            let mut read = read.into_iter().map(|kvs| kvs.into_iter().next());
+            (read.next().flatten(), read.next().flatten())
+        }
+    };
+    let Some(kv) = record_kv else {
         return Ok(Attempt::Done(None));
     };
     let Some(record) = AllocationRecord::from_json(kv.value()) else {
@@ -83,18 +109,47 @@ fn try_release(
     if !belongs(&record) {
         return Ok(Attempt::Done(None));
     }
-    let run = res
-        .next()
-        .and_then(|kvs| kvs.into_iter().next())
+    let run = floor_kv
         .and_then(|kv| ReadRun::from_kv(&kv))
         .filter(|r| r.run.start <= offset && offset <= r.run.end);
-    let side = read_side_keys(s, dl, pool, offset, &record)?;
+    let wanted = side_keys(keys, pool, &record);
+    let side_keys = wanted.keys.clone();
+    let side_gets = wanted.gets();
+    let side = match earlier {
+        // The same record read back points through the same keys.
+        Some(read) if read.side_keys == side_keys => read.side,
+        _ => s.reads(dl, "release read", wanted.gets())?,
+    };
+    let side = wanted.ours(side, pool, offset, &record);
+    let (compares, ops) = release_alone(keys, (pool, offset), kv.mod_revision(), &side, run);
+    let reads = [first_gets(), side_gets].concat();
+    let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+    let resp = s.txn(dl, "release commit", txn)?;
+    if !resp.succeeded() {
+        *read_back = ReleaseRead::of(resp, side_keys);
+        return Ok(Attempt::Changed);
+    }
+    if run.is_some() {
+        s.runs_written.note(pool, revision_of(&resp));
+    }
+    Ok(Attempt::Done(record.allocation(pool)))
+}
+
+/// The compares and writes of one release: the record of `offset` (at `revision`), the keys
+/// `side` that point at it, and its offset out of `run`, the run covering it.
+fn release_alone(
+    keys: &Keys,
+    (pool, offset): (&str, u128),
+    revision: i64,
+    side: &[(String, i64)],
+    run: Option<ReadRun>,
+) -> (Vec<Compare>, Vec<TxnOp>) {
     let (mut compares, mut ops) = (Vec::new(), Vec::new());
     push_release(
         keys,
         (pool, offset),
-        kv.mod_revision(),
-        &side,
+        revision,
+        side,
         &mut compares,
         &mut ops,
     );
@@ -106,15 +161,32 @@ fn try_release(
             "etcd: no run covers a held offset; releasing the record alone"
         ),
     }
-    let txn = Txn::new().when(compares).and_then(ops);
-    let resp = s.txn(dl, "release commit", txn)?;
-    if resp.succeeded() {
-        if run.is_some() {
-            s.runs_written.note(pool, revision_of(&resp));
+    (compares, ops)
+}
+
+impl ReleaseRead {
+    /// What the failure branch of a release commit read: the record, the floor run, then one
+    /// answer per key of `side_keys`. `None` unless it answered every get (the next attempt
+    /// reads): a missing record must never read as a released one.
+    fn of(resp: TxnResponse, side_keys: Vec<String>) -> Option<ReleaseRead> {
+        let mut answers = Vec::new();
+        for answer in resp.op_responses() {
+            let TxnOpResponse::Get(mut get) = answer else {
+                return None;
+            };
+            answers.push(get.take_kvs());
         }
-        Ok(Attempt::Done(record.allocation(pool)))
-    } else {
-        Ok(Attempt::Changed)
+        if answers.len() != 2 + side_keys.len() {
+            return None;
+        }
+        let side = answers.split_off(2);
+        let mut first = answers.into_iter().map(|kvs| kvs.into_iter().next());
+        Some(ReleaseRead {
+            record: first.next().flatten(),
+            floor: first.next().flatten(),
+            side_keys,
+            side,
+        })
     }
 }
 
@@ -159,20 +231,6 @@ pub(super) fn push_run_release(
     push_run_change(keys, pool, change, compares, ops);
 }
 
-/// The index entries and reservation that point at this allocation, with their revisions.
-/// Entries that now point elsewhere (a newer allocation of the same owner) are left alone.
-fn read_side_keys(
-    s: &Session,
-    dl: &Deadline,
-    pool: &str,
-    offset: u128,
-    record: &AllocationRecord,
-) -> Result<Vec<(String, i64)>, CallFailed> {
-    let wanted = side_keys(&s.keys, pool, record);
-    let res = s.reads(dl, "release read", wanted.gets())?;
-    Ok(wanted.ours(res, pool, offset, record))
-}
-
 /// The keys that may point at an allocation: its owner and pod index entries and its
 /// reservation.
 pub(super) struct SideKeys {
@@ -205,7 +263,9 @@ impl SideKeys {
         self.keys.iter().map(|k| key_get(k)).collect()
     }
 
-    /// Those of the keys, as read (`res`, one answer per get), that point at this allocation.
+    /// Those of the keys, as read (`res`, one answer per get), that point at this allocation,
+    /// with their revisions. Entries that now point elsewhere (a newer allocation of the same
+    /// owner) are left alone.
     pub fn ours(
         self,
         res: impl IntoIterator<Item = Vec<KeyValue>>,
