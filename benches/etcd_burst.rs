@@ -126,7 +126,14 @@ fn main() {
             agent_process::Agent::start(dir.path(), &format!("node-{n}"), settings)
         })
         .collect();
-    let full = through_agents(ours, &cluster, &agents, IN_FLIGHT, "10.90.0.0/16");
+    let full = through_agents(
+        ours,
+        &cluster,
+        &agents,
+        IN_FLIGHT,
+        "10.90.0.0/16",
+        Operation::Add,
+    );
     full.print(
         &format!("binary through an agent per node: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight", NODES * PER_NODE),
         raw,
@@ -138,11 +145,17 @@ fn main() {
         return;
     };
     for (in_flight, range) in [(IN_FLIGHT, "10.91.0.0/16"), (BUSIER, "10.92.0.0/16")] {
-        let run = through_agents(&plugin_only, &cluster, &agents, in_flight, range);
-        run.print(
-            &format!("plugin-only build (static) through an agent per node: {} ADDs, {in_flight} processes in flight", NODES * PER_NODE),
-            raw,
-        );
+        for operation in [Operation::Add, Operation::Del] {
+            let run = through_agents(&plugin_only, &cluster, &agents, in_flight, range, operation);
+            run.print(
+                &format!(
+                    "plugin-only build (static) through an agent per node: {} {}s, {in_flight} processes in flight",
+                    NODES * PER_NODE,
+                    operation.name()
+                ),
+                raw,
+            );
+        }
     }
     let floor = version_rate(&plugin_only, IN_FLIGHT);
     println!(
@@ -162,16 +175,17 @@ fn members_ms_per<T>(cluster: &Cluster, count: usize, work: impl FnOnce() -> T) 
 
 /// A run through the agents, and what the members and the agents counted during it.
 struct AgentRun {
+    operation: Operation,
     rate: f64,
     /// The raw rate measured right before the run: the machine's speed drifts within a run.
     raw_before: f64,
-    /// etcd transactions per ADD, the members' own count.
+    /// etcd transactions per request, the members' own count.
     transactions: f64,
-    /// ADDs per combined batch.
+    /// Requests per combined batch.
     batch: f64,
     /// Combined commits that lost a race.
     lost: f64,
-    /// CPU time per ADD, by part.
+    /// CPU time per request, by part.
     cpu: CpuSpent,
 }
 
@@ -233,24 +247,57 @@ fn rusage_cpu(who: libc::c_int) -> f64 {
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
+/// What the plugin processes of a run through the agents ask.
+#[derive(Clone, Copy)]
+enum Operation {
+    Add,
+    Del,
+}
+
+impl Operation {
+    fn name(self) -> &'static str {
+        match self {
+            Operation::Add => "ADD",
+            Operation::Del => "DEL",
+        }
+    }
+
+    /// The `operation` label of the agents' metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Operation::Add => "add",
+            Operation::Del => "del",
+        }
+    }
+
+    /// What the run's rate counts.
+    fn done(self) -> &'static str {
+        match self {
+            Operation::Add => "allocations",
+            Operation::Del => "releases",
+        }
+    }
+}
+
 impl AgentRun {
     /// The run's rate as `what`, against the first raw rate `raw` and the one just before it,
     /// then what the members and the agents did.
     fn print(&self, what: &str, raw: f64) {
+        let (op, done) = (self.operation.name(), self.operation.done());
         println!(
-            "{what}: {:.0} allocations/s, ratio to raw {:.2} ({:.2} to the raw rate measured just before it, {:.0}/s)",
+            "{what}: {:.0} {done}/s, ratio to raw {:.2} ({:.2} to the raw rate measured just before it, {:.0}/s)",
             self.rate,
             self.rate / raw,
             self.rate / self.raw_before,
             self.raw_before
         );
         println!(
-            "  {:.2} etcd transactions per ADD (the members' own count), {:.2} ADDs per batch, {} combined commits lost a race",
+            "  {:.2} etcd transactions per {op} (the members' own count), {:.2} {op}s per batch, {} combined commits lost a race",
             self.transactions, self.batch, self.lost as u64
         );
         let ms = |seconds: f64| seconds * 1e3;
         println!(
-            "  CPU per ADD: etcd members {:.2} ms, agents {:.2} ms, plugin processes {:.2} ms, harness {:.2} ms",
+            "  CPU per {op}: etcd members {:.2} ms, agents {:.2} ms, plugin processes {:.2} ms, harness {:.2} ms",
             ms(self.cpu.members),
             ms(self.cpu.agents),
             ms(self.cpu.plugins),
@@ -259,27 +306,34 @@ impl AgentRun {
     }
 }
 
-/// `NODES * PER_NODE` ADDs through `bin`, each node's plugin processes asking its agent.
+/// `NODES * PER_NODE` ADDs through `bin` in `range` (or their DELs), each node's plugin
+/// processes asking its agent.
 fn through_agents(
     bin: &Path,
     cluster: &Cluster,
     agents: &[agent_process::Agent],
     in_flight: usize,
     range: &str,
+    operation: Operation,
 ) -> AgentRun {
-    let raw_before = raw_rate(cluster, range);
-    let before = Counted::now(cluster, agents);
+    let raw_before = raw_rate(cluster, &format!("{range}-{}", operation.label()));
+    let before = Counted::now(cluster, agents, operation);
     let cpu_before = CpuSpent::now(cluster, agents);
-    let rate = binary_rate(bin, cluster, NODES, in_flight, range, agents);
+    let rate = match operation {
+        Operation::Add => binary_rate(bin, cluster, NODES, in_flight, range, agents),
+        Operation::Del => del_rate(bin, cluster, agents, in_flight, range),
+    };
     let cpu = CpuSpent::now(cluster, agents);
-    let after = Counted::now(cluster, agents);
+    let after = Counted::now(cluster, agents, operation);
     let served = after.served - before.served;
     assert_eq!(
         served as usize,
         NODES * PER_NODE,
-        "every ADD went through an agent"
+        "every {} went through an agent",
+        operation.name()
     );
     AgentRun {
+        operation,
         rate,
         raw_before,
         transactions: (after.transactions - before.transactions) / served,
@@ -293,22 +347,29 @@ fn through_agents(
 struct Counted {
     /// Transactions the members served.
     transactions: f64,
-    /// ADDs the agents answered.
+    /// Requests of the operation the agents answered.
     served: f64,
-    /// ADD batches the agents committed.
+    /// Batches of the operation the agents committed.
     batches: f64,
-    /// Combined commits of ADDs that lost a race.
+    /// Combined commits of the operation that lost a race.
     lost: f64,
 }
 
 impl Counted {
-    fn now(cluster: &Cluster, agents: &[agent_process::Agent]) -> Counted {
+    fn now(cluster: &Cluster, agents: &[agent_process::Agent], operation: Operation) -> Counted {
+        let op = operation.label();
         let total = |name: &str| -> f64 { agents.iter().map(|a| a.metric(name)).sum() };
         Counted {
             transactions: cluster.transactions_served(),
-            served: total("whereabouts_agent_requests_total{operation=\"add\",result=\"ok\"}"),
-            batches: total("whereabouts_agent_batch_size_count{operation=\"add\"}"),
-            lost: total("whereabouts_agent_conflicts_total{operation=\"add\"}"),
+            served: total(&format!(
+                "whereabouts_agent_requests_total{{operation=\"{op}\",result=\"ok\"}}"
+            )),
+            batches: total(&format!(
+                "whereabouts_agent_batch_size_count{{operation=\"{op}\"}}"
+            )),
+            lost: total(&format!(
+                "whereabouts_agent_conflicts_total{{operation=\"{op}\"}}"
+            )),
         }
     }
 }
@@ -499,7 +560,8 @@ fn library_rate(cluster: &Cluster, nodes: usize, range: &str) -> f64 {
     rate
 }
 
-/// `nodes * PER_NODE` ADDs through the binary, `in_flight` processes at a time.
+/// `nodes * PER_NODE` ADDs through `bin` (each node's through its agent when `agents` has
+/// one), `in_flight` processes at a time: allocations per second. Every address is distinct.
 fn binary_rate(
     bin: &Path,
     cluster: &Cluster,
@@ -508,59 +570,104 @@ fn binary_rate(
     range: &str,
     agents: &[agent_process::Agent],
 ) -> f64 {
-    let conf = serde_json::to_vec(&json!({
+    let conf = network(cluster, range);
+    let (ips, rate) = side_by_side(nodes, in_flight, |node, i| {
+        let socket = agents.get(node).map(agent_process::Agent::env);
+        let reply = call_binary(bin, "ADD", &conf, node, i, socket);
+        reply["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            .expect("an address")
+    });
+    check_unique(ips, nodes * PER_NODE);
+    rate
+}
+
+/// The DELs of the ADDs [`binary_rate`] made in `range` from `NODES` nodes, each node's
+/// through its agent, `in_flight` at a time: DELs per second. Nothing of the pool is left.
+fn del_rate(
+    bin: &Path,
+    cluster: &Cluster,
+    agents: &[agent_process::Agent],
+    in_flight: usize,
+    range: &str,
+) -> f64 {
+    let conf = network(cluster, range);
+    let (_, rate) = side_by_side(NODES, in_flight, |node, i| {
+        let socket = agents.get(node).map(agent_process::Agent::env);
+        call_binary(bin, "DEL", &conf, node, i, socket);
+    });
+    // Every address released: the pool's records and runs are gone.
+    let pool = format!("/whereabouts/pools/{}/", range.replace('/', "-"));
+    let left = cluster.keys(&pool);
+    assert!(left.is_empty(), "{} keys left after every DEL", left.len());
+    rate
+}
+
+/// The network configuration of the binary runs, allocating from `range`.
+fn network(cluster: &Cluster, range: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
         "cniVersion": "1.0.0",
         "name": "net",
         "type": "bridge",
         "ipam": ipam(cluster, range),
     }))
-    .expect("config");
+    .expect("config")
+}
+
+/// Call `i` of each of `nodes` nodes (`call(node, i)`, `PER_NODE` each), `in_flight` at a time:
+/// their results and the calls per second. The nodes take turns, as pods land on every node
+/// of a cluster at once.
+fn side_by_side<T: Send>(
+    nodes: usize,
+    in_flight: usize,
+    call: impl Fn(usize, usize) -> T + Sync,
+) -> (Vec<T>, f64) {
     let calls = nodes * PER_NODE;
     let next = AtomicUsize::new(0);
     let running = AtomicUsize::new(0);
     let most_running = AtomicUsize::new(0);
-    let seen = Mutex::new(Vec::<IpAddr>::new());
+    let results = Mutex::new(Vec::with_capacity(calls));
     let start = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..in_flight {
             scope.spawn(|| loop {
-                let call = next.fetch_add(1, Ordering::SeqCst);
-                if call >= calls {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= calls {
                     return;
                 }
-                // The nodes take turns, as pods land on every node of a cluster at once.
-                let (node, i) = (call % nodes, call / nodes);
-                let socket = agents.get(node).map(agent_process::Agent::env);
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 most_running.fetch_max(now, Ordering::SeqCst);
                 // The process runs before the lock is taken: the calls overlap.
-                let ip = add_through_binary(bin, &conf, node, i, socket);
+                let result = call(n % nodes, n / nodes);
                 running.fetch_sub(1, Ordering::SeqCst);
-                seen.lock().unwrap().push(ip);
+                results.lock().unwrap().push(result);
             });
         }
     });
     let rate = calls as f64 / start.elapsed().as_secs_f64();
-    check_unique(seen.into_inner().unwrap(), calls);
     // Guards the harness: a process run while the results' lock is held runs alone.
     assert!(
         in_flight == 1 || most_running.into_inner() > 1,
         "the plugin processes never overlapped"
     );
-    rate
+    (results.into_inner().unwrap(), rate)
 }
 
-fn add_through_binary(
+/// `command` (ADD or DEL) of pod `i` on `node` through `bin`, which must succeed: its answer.
+fn call_binary(
     bin: &Path,
+    cni_command: &str,
     conf: &[u8],
     node: usize,
     i: usize,
     agent: Option<(&'static str, String)>,
-) -> IpAddr {
+) -> serde_json::Value {
     let mut command = Command::new(bin);
     command
         .env_clear()
-        .env("CNI_COMMAND", "ADD")
+        .env("CNI_COMMAND", cni_command)
         .env("CNI_CONTAINERID", format!("bin-node{node}-{i}"))
         .env("CNI_NETNS", "/var/run/netns/bench")
         .env("CNI_IFNAME", "eth0")
@@ -584,13 +691,12 @@ fn add_through_binary(
         .write_all(conf)
         .expect("config written");
     let out = child.wait_with_output().expect("plugin finishes");
-    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON reply");
-    assert!(out.status.success(), "ADD failed: {reply}");
-    reply["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .expect("an address")
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{cni_command} failed: {stdout}");
+    match cni_command {
+        "DEL" => serde_json::Value::Null,
+        _ => serde_json::from_str(&stdout).expect("JSON reply"),
+    }
 }
 
 /// `NODES * PER_NODE` bare `VERSION` calls, `in_flight` processes at a time: what starting
