@@ -23,16 +23,21 @@ use whereabouts::store::{
 };
 
 fn config(cluster: &Cluster) -> IpamConfig {
-    whereabouts::config::load_with_flat_files(
-        Some(&json!({
-            "type": "whereabouts",
-            "datastore": "etcd",
-            "etcd_host": cluster.endpoints(),
-            "range": "10.0.0.0/24",
-        })),
-        &[],
-    )
-    .expect("valid configuration")
+    config_with(cluster, json!({}))
+}
+
+/// The configuration of [`config`] with the fields of `more` too.
+fn config_with(cluster: &Cluster, more: serde_json::Value) -> IpamConfig {
+    let mut ipam = json!({
+        "type": "whereabouts",
+        "datastore": "etcd",
+        "etcd_host": cluster.endpoints(),
+        "range": "10.0.0.0/24",
+    });
+    if let (Some(ipam), Some(more)) = (ipam.as_object_mut(), more.as_object()) {
+        ipam.extend(more.clone());
+    }
+    whereabouts::config::load_with_flat_files(Some(&ipam), &[]).expect("valid configuration")
 }
 
 fn open(cluster: &Cluster, prefix: &str) -> Box<dyn Store> {
@@ -323,12 +328,21 @@ fn agent_store_letting_go(
     observed: &Arc<Combined>,
     let_go_after: Duration,
 ) -> Shared {
-    let cfg = config(cluster);
+    agent_store_of(&config(cluster), runtime, observed, let_go_after)
+}
+
+/// A node agent's etcd store of the configuration `cfg`.
+fn agent_store_of(
+    cfg: &IpamConfig,
+    runtime: &tokio::runtime::Runtime,
+    observed: &Arc<Combined>,
+    let_go_after: Duration,
+) -> Shared {
     let Datastore::Etcd(etcd) = &cfg.datastore else {
         panic!("etcd datastore expected");
     };
     let handle = runtime.handle().clone();
-    open_shared(handle, &cfg, etcd, observed.clone(), let_go_after).expect("store opens")
+    open_shared(handle, cfg, etcd, observed.clone(), let_go_after).expect("store opens")
 }
 
 impl Combined {
@@ -445,24 +459,10 @@ fn a_lost_commit_reads_back_what_the_next_attempt_needs() {
 /// A node agent's store on `cluster` (authentication on, root's password `s3cret`), with
 /// credentials.
 fn agent_with_password(cluster: &Cluster, runtime: &tokio::runtime::Runtime) -> Shared {
-    let cfg = whereabouts::config::load_with_flat_files(
-        Some(&json!({
-            "type": "whereabouts",
-            "datastore": "etcd",
-            "etcd_host": cluster.endpoints(),
-            "etcd_username": "root",
-            "etcd_password": "s3cret",
-            "range": "10.0.0.0/24",
-        })),
-        &[],
-    )
-    .expect("valid configuration");
-    let Datastore::Etcd(etcd) = &cfg.datastore else {
-        panic!("etcd datastore expected");
-    };
+    let credentials = json!({"etcd_username": "root", "etcd_password": "s3cret"});
+    let cfg = config_with(cluster, credentials);
     let observed = Arc::new(Combined::default());
-    let handle = runtime.handle().clone();
-    open_shared(handle, &cfg, etcd, observed, LET_GO_AFTER).expect("store opens")
+    agent_store_of(&cfg, runtime, &observed, LET_GO_AFTER)
 }
 
 /// ADD of attachment `container` through `agent`, which must get `want`.

@@ -27,41 +27,24 @@ use crate::store::retry::Backoff;
 use crate::store::{AddRequest, RangeRequest, StoreError};
 
 pub fn add(s: &Session, backoff: &Backoff, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
-    add_by(s, backoff, req, &Deadline::after(s.timeouts.deadline))
+    add_by(s, backoff, req, &Deadline::after(s.timeouts.deadline), None)
 }
 
-/// [`add`], finished by the deadline `dl` (the agent's batch shares its own).
+/// [`add`], finished by the deadline `dl` (the agent's batch shares its own). An ADD that
+/// already lost a combined commit plans its first attempt from what that commit `read_back`
+/// instead of reading.
 pub(super) fn add_by(
     s: &Session,
     backoff: &Backoff,
     req: &AddRequest,
     dl: &Deadline,
-) -> Result<Vec<IpAddr>, StoreError> {
-    add_remembering(s, backoff, req, dl, Memory::new(req.ranges.len()))
-}
-
-/// [`add_by`] for an ADD that already lost a combined commit: its first attempt plans from
-/// what that commit read back instead of reading.
-pub(super) fn add_after(
-    s: &Session,
-    backoff: &Backoff,
-    req: &AddRequest,
-    dl: &Deadline,
-    read_back: ReadBack,
-) -> Result<Vec<IpAddr>, StoreError> {
-    let memory = Memory::after(req.ranges.len(), read_back);
-    add_remembering(s, backoff, req, dl, memory)
-}
-
-/// The engine's ADD, its first attempt starting from what `memory` already holds.
-fn add_remembering(
-    s: &Session,
-    backoff: &Backoff,
-    req: &AddRequest,
-    dl: &Deadline,
-    mut memory: Memory,
+    read_back: Option<ReadBack>,
 ) -> Result<Vec<IpAddr>, StoreError> {
     refuse_unsupported(req)?;
+    let mut memory = Memory::new(req.ranges.len());
+    if let Some(read_back) = read_back {
+        memory.start_from(read_back);
+    }
     let mut last = CallFailed::new("no attempt finished");
     for attempt in 0..backoff.attempts.max(1) {
         if attempt > 0 && memory.wait {
@@ -154,15 +137,14 @@ impl Memory {
         }
     }
 
-    /// The memory of an ADD whose first attempt plans from `read_back`.
-    fn after(ranges: usize, read_back: ReadBack) -> Memory {
-        let mut memory = Memory::new(ranges);
+    /// The next attempt plans from `read_back` instead of reading.
+    fn start_from(&mut self, read_back: ReadBack) {
+        let ranges = self.prefetched.len();
         for (i, (from, window)) in read_back.windows.into_iter().enumerate().take(ranges) {
-            memory.start_search_at(i, from);
-            memory.prefetched[i] = Some(window);
+            self.start_search_at(i, from);
+            self.prefetched[i] = Some(window);
         }
-        memory.hits = Some(read_back.hits);
-        memory
+        self.hits = Some(read_back.hits);
     }
 
     fn start(&self, i: usize, range: &Range) -> u128 {

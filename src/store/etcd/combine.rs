@@ -285,11 +285,7 @@ impl Inner {
             .filter(|(_, (answer, _))| answer.is_none())
             .map(|(i, (answer, req))| (answer, (req, read_back.remove(&i))));
         side_by_side(left.collect(), |(req, read_back)| {
-            let (s, backoff) = (&store.session, &store.backoff);
-            match read_back {
-                Some(read_back) => allocate::add_after(s, backoff, req, &dl, read_back),
-                None => allocate::add_by(s, backoff, req, &dl),
-            }
+            allocate::add_by(&store.session, &store.backoff, req, &dl, read_back)
         });
         answers
             .into_iter()

@@ -118,7 +118,7 @@ fn try_release(
     let side = match earlier {
         // The same record read back points through the same keys.
         Some(read) if read.side_keys == side_keys => read.side,
-        _ => s.reads(dl, "release read", wanted.gets())?,
+        _ => s.reads(dl, "release read", side_gets.clone())?,
     };
     let side = wanted.ours(side, pool, offset, &record);
     let (compares, ops) = release_alone(keys, (pool, offset), kv.mod_revision(), &side, run);
