@@ -24,6 +24,7 @@ mod etcd_cluster;
 #[path = "../tests/agent_process/mod.rs"]
 mod agent_process;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
@@ -86,24 +87,24 @@ fn main() {
     );
     let ours = Path::new(env!("CARGO_BIN_EXE_whereabouts"));
     if let Some(earlier) = earlier::binary() {
-        let seq = binary_rate(&earlier, &cluster, 1, 1, "10.81.0.0/16", &[]);
+        let seq = binary_rate(&earlier, &cluster, 1, 1, "10.81.0.0/16", &[]).0;
         println!(
             "EARLIER BUILD: {PER_NODE} ADDs, one process at a time: {seq:.0} allocations/s, ratio to raw {:.2}",
             seq / raw
         );
-        let bin = binary_rate(&earlier, &cluster, NODES, IN_FLIGHT, "10.71.0.0/16", &[]);
+        let bin = binary_rate(&earlier, &cluster, NODES, IN_FLIGHT, "10.71.0.0/16", &[]).0;
         println!(
             "EARLIER BUILD: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {bin:.0} allocations/s, ratio to raw {:.2}",
             NODES * PER_NODE,
             bin / raw
         );
     }
-    let seq = binary_rate(ours, &cluster, 1, 1, "10.80.0.0/16", &[]);
+    let seq = binary_rate(ours, &cluster, 1, 1, "10.80.0.0/16", &[]).0;
     println!(
         "binary: {PER_NODE} ADDs, one process at a time: {seq:.0} allocations/s, ratio to raw {:.2}",
         seq / raw
     );
-    let bin = binary_rate(ours, &cluster, NODES, IN_FLIGHT, "10.70.0.0/16", &[]);
+    let bin = binary_rate(ours, &cluster, NODES, IN_FLIGHT, "10.70.0.0/16", &[]).0;
     println!(
         "binary: {} ADDs from {NODES} nodes, {IN_FLIGHT} processes in flight: {bin:.0} allocations/s, ratio to raw {:.2}",
         NODES * PER_NODE,
@@ -131,7 +132,7 @@ fn main() {
         &cluster,
         &agents,
         IN_FLIGHT,
-        "10.90.0.0/16",
+        ("10.90.0.0/16", &mut Results::new()),
         Operation::Add,
     );
     full.print(
@@ -145,8 +146,16 @@ fn main() {
         return;
     };
     for (in_flight, range) in [(IN_FLIGHT, "10.91.0.0/16"), (BUSIER, "10.92.0.0/16")] {
+        let mut added = Results::new();
         for operation in [Operation::Add, Operation::Del] {
-            let run = through_agents(&plugin_only, &cluster, &agents, in_flight, range, operation);
+            let run = through_agents(
+                &plugin_only,
+                &cluster,
+                &agents,
+                in_flight,
+                (range, &mut added),
+                operation,
+            );
             run.print(
                 &format!(
                     "plugin-only build (static) through an agent per node: {} {}s, {in_flight} processes in flight",
@@ -181,6 +190,8 @@ struct AgentRun {
     raw_before: f64,
     /// etcd transactions per request, the members' own count.
     transactions: f64,
+    /// etcd plain reads per request, likewise.
+    plain_reads: f64,
     /// Requests per combined batch.
     batch: f64,
     /// Combined commits that lost a race.
@@ -292,8 +303,8 @@ impl AgentRun {
             self.raw_before
         );
         println!(
-            "  {:.2} etcd transactions per {op} (the members' own count), {:.2} {op}s per batch, {} combined commits lost a race",
-            self.transactions, self.batch, self.lost as u64
+            "  {:.2} etcd transactions and {:.2} plain reads per {op} (the members' own count), {:.2} {op}s per batch, {} combined commits lost a race",
+            self.transactions, self.plain_reads, self.batch, self.lost as u64
         );
         let ms = |seconds: f64| seconds * 1e3;
         println!(
@@ -307,21 +318,26 @@ impl AgentRun {
 }
 
 /// `NODES * PER_NODE` ADDs through `bin` in `range` (or their DELs), each node's plugin
-/// processes asking its agent.
+/// processes asking its agent. The ADDs leave their results in `added`, the DELs are given
+/// them.
 fn through_agents(
     bin: &Path,
     cluster: &Cluster,
     agents: &[agent_process::Agent],
     in_flight: usize,
-    range: &str,
+    (range, added): (&str, &mut Results),
     operation: Operation,
 ) -> AgentRun {
     let raw_before = raw_rate(cluster, &format!("{range}-{}", operation.label()));
     let before = Counted::now(cluster, agents, operation);
     let cpu_before = CpuSpent::now(cluster, agents);
     let rate = match operation {
-        Operation::Add => binary_rate(bin, cluster, NODES, in_flight, range, agents),
-        Operation::Del => del_rate(bin, cluster, agents, in_flight, range),
+        Operation::Add => {
+            let (rate, results) = binary_rate(bin, cluster, NODES, in_flight, range, agents);
+            *added = results;
+            rate
+        }
+        Operation::Del => del_rate(bin, cluster, agents, in_flight, (range, added)),
     };
     let cpu = CpuSpent::now(cluster, agents);
     let after = Counted::now(cluster, agents, operation);
@@ -337,6 +353,7 @@ fn through_agents(
         rate,
         raw_before,
         transactions: (after.transactions - before.transactions) / served,
+        plain_reads: (after.plain_reads - before.plain_reads) / served,
         batch: served / (after.batches - before.batches).max(1.0),
         lost: after.lost - before.lost,
         cpu: cpu.per(cpu_before, served),
@@ -347,6 +364,8 @@ fn through_agents(
 struct Counted {
     /// Transactions the members served.
     transactions: f64,
+    /// Plain reads (outside transactions) the members served.
+    plain_reads: f64,
     /// Requests of the operation the agents answered.
     served: f64,
     /// Batches of the operation the agents committed.
@@ -361,6 +380,7 @@ impl Counted {
         let total = |name: &str| -> f64 { agents.iter().map(|a| a.metric(name)).sum() };
         Counted {
             transactions: cluster.transactions_served(),
+            plain_reads: cluster.plain_reads_served(),
             served: total(&format!(
                 "whereabouts_agent_requests_total{{operation=\"{op}\",result=\"ok\"}}"
             )),
@@ -560,8 +580,12 @@ fn library_rate(cluster: &Cluster, nodes: usize, range: &str) -> f64 {
     rate
 }
 
+/// The results of ADDs by node and pod, which runtimes give the pod's DEL as `prevResult`.
+type Results = HashMap<(usize, usize), serde_json::Value>;
+
 /// `nodes * PER_NODE` ADDs through `bin` (each node's through its agent when `agents` has
-/// one), `in_flight` processes at a time: allocations per second. Every address is distinct.
+/// one), `in_flight` processes at a time: allocations per second, and the ADDs' results.
+/// Every address is distinct.
 fn binary_rate(
     bin: &Path,
     cluster: &Cluster,
@@ -569,33 +593,39 @@ fn binary_rate(
     in_flight: usize,
     range: &str,
     agents: &[agent_process::Agent],
-) -> f64 {
+) -> (f64, Results) {
     let conf = network(cluster, range);
-    let (ips, rate) = side_by_side(nodes, in_flight, |node, i| {
+    let (replies, rate) = side_by_side(nodes, in_flight, |node, i| {
         let socket = agents.get(node).map(agent_process::Agent::env);
-        let reply = call_binary(bin, "ADD", &conf, node, i, socket);
+        ((node, i), call_binary(bin, "ADD", &conf, node, i, socket))
+    });
+    let ips = replies.iter().map(|(_, reply)| {
         reply["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse::<IpAddr>().ok())
             .expect("an address")
     });
-    check_unique(ips, nodes * PER_NODE);
-    rate
+    check_unique(ips.collect(), nodes * PER_NODE);
+    (rate, replies.into_iter().collect())
 }
 
 /// The DELs of the ADDs [`binary_rate`] made in `range` from `NODES` nodes, each node's
-/// through its agent, `in_flight` at a time: DELs per second. Nothing of the pool is left.
+/// through its agent, `in_flight` at a time, each given its ADD's result as `prevResult` as a
+/// runtime gives it: DELs per second. Nothing of the pool is left.
 fn del_rate(
     bin: &Path,
     cluster: &Cluster,
     agents: &[agent_process::Agent],
     in_flight: usize,
-    range: &str,
+    (range, added): (&str, &Results),
 ) -> f64 {
-    let conf = network(cluster, range);
+    let conf: serde_json::Value = serde_json::from_slice(&network(cluster, range)).unwrap();
     let (_, rate) = side_by_side(NODES, in_flight, |node, i| {
         let socket = agents.get(node).map(agent_process::Agent::env);
+        let mut conf = conf.clone();
+        conf["prevResult"] = added[&(node, i)].clone();
+        let conf = serde_json::to_vec(&conf).expect("config");
         call_binary(bin, "DEL", &conf, node, i, socket);
     });
     // Every address released: the pool's records and runs are gone.

@@ -17,7 +17,8 @@ use whereabouts::config::{load_with_flat_files, Datastore};
 use whereabouts::ipam::names::pool_name;
 use whereabouts::ipam::{parse_exclude, parse_range_text, Range, RangeSpec};
 use whereabouts::store::{
-    AddRequest, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest, Store, StoreError,
+    AddRequest, Attachment, AttachmentRequest, GcRequest, Hints, PoolRef, RangeRequest, Store,
+    StoreError,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +111,7 @@ fn attachment_req(pools: &[PoolRef], container: &str) -> AttachmentRequest {
         ifname: "net1".into(),
         pools: pools.to_vec(),
         node_slice_size: None,
+        hints: Hints::default(),
     }
 }
 

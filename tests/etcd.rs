@@ -273,6 +273,23 @@ fn burst_of_1000_adds_is_unique_and_del_leaves_nothing() {
     let check = plugin("CHECK", Some(&all[3]), &conf, &[]);
     assert_eq!(check.exit, 0, "CHECK: {}", check.stdout);
 
+    // A DEL given the ADD's result as `prevResult`, as runtimes give it, finds the address in
+    // its first read: one read and the commit.
+    let told = &all[11];
+    let mut with_prev: Value = serde_json::from_slice(&conf).unwrap();
+    with_prev["prevResult"] = replies[told].stdout.clone();
+    let with_prev = serde_json::to_vec(&with_prev).unwrap();
+    let requests = || cluster.transactions_served() + cluster.plain_reads_served();
+    let before = requests();
+    let del = plugin("DEL", Some(told), &with_prev, &[]);
+    assert_eq!(del.exit, 0, "DEL with prevResult: {}", del.stdout);
+    assert_eq!(
+        requests() - before,
+        2.0,
+        "etcd requests of a DEL told its address"
+    );
+    assert!(!recorded(&cluster).contains_key(&told.container()));
+
     let dels = burst("DEL", &all, &conf, &AtomicUsize::new(0), &[]);
     for (pod, reply) in &dels {
         assert_eq!(reply.exit, 0, "DEL {pod:?} failed: {}", reply.stdout);

@@ -19,7 +19,8 @@ use whereabouts::ipam::{parse_range_text, Range, RangeSpec};
 use whereabouts::store::etcd::{open_shared, open_with, Timeouts, DEFAULT_PREFIX, LET_GO_AFTER};
 use whereabouts::store::queues::Observer;
 use whereabouts::store::{
-    AddRequest, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest, Store, StoreError,
+    AddRequest, Attachment, AttachmentRequest, GcRequest, Hints, PoolRef, RangeRequest, Store,
+    StoreError,
 };
 
 fn config(cluster: &Cluster) -> IpamConfig {
@@ -100,6 +101,7 @@ fn att_req(container: &str, pools: &[PoolRef]) -> AttachmentRequest {
         ifname: "eth0".into(),
         pools: pools.to_vec(),
         node_slice_size: None,
+        hints: Hints::default(),
     }
 }
 
@@ -458,6 +460,79 @@ fn a_lost_commit_reads_back_what_the_next_attempt_needs() {
 
 /// A node agent's store on `cluster` (authentication on, root's password `s3cret`), with
 /// credentials.
+/// A DEL told where the attachment's address is (the runtime's `prevResult` and pod) costs
+/// one read and its commit; told less, a read more for each thing it must find out. A hint
+/// only says where to look: a DEL whose hints name another attachment's address and pod
+/// releases its own and nothing of the other's, and hints naming more than one transaction
+/// holds still make a transaction etcd accepts.
+#[test]
+fn a_del_told_where_its_address_is_reads_once() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, DEFAULT_PREFIX);
+    let p = pool("10.0.0.0/24", "");
+    let pools = std::slice::from_ref(&p);
+    let mut given = BTreeMap::new();
+    for c in ["told", "pod-only", "untold", "victim", "intruder"] {
+        let ips = store.add(&add_req(who(c, Some(&format!("ns/{c}"))), pools, ""));
+        given.insert(c, ips.unwrap()[0]);
+    }
+    let requests = || cluster.transactions_served() + cluster.plain_reads_served();
+    let del = |c: &str, pod: Option<&str>, ips: &[IpAddr]| {
+        let mut req = att_req(c, pools);
+        req.hints = Hints {
+            pod_ref: pod.map(String::from),
+            ips: ips.to_vec(),
+        };
+        let before = requests();
+        let released = store.del(&req).expect("DEL");
+        let released: Vec<IpAddr> = released.into_iter().map(|a| a.ip).collect();
+        (released, requests() - before)
+    };
+    // Told both: the owner entries with the record, its run and the keys pointing at it, then
+    // the commit. Told the pod: the record is read after its owner entry. Told nothing: the
+    // pod entry the record names is read after the record.
+    for (c, pod, ips, want) in [
+        ("told", Some("ns/told"), vec![given["told"]], 2.0),
+        ("pod-only", Some("ns/pod-only"), vec![], 3.0),
+        ("untold", None, vec![], 4.0),
+    ] {
+        let (released, cost) = del(c, pod, &ips);
+        assert_eq!(released, [given[c]], "{c} released its own");
+        assert_eq!(cost, want, "etcd requests of the DEL of {c}");
+    }
+    let (released, _) = del("intruder", Some("ns/victim"), &[given["victim"]]);
+    assert_eq!(
+        released,
+        [given["intruder"]],
+        "the intruder released its own"
+    );
+    let (released, _) = del("nobody", Some("ns/victim"), &[given["victim"]]);
+    assert!(
+        released.is_empty(),
+        "a DEL holding nothing released {released:?}"
+    );
+    let held = store.allocations(Some(&p.name)).unwrap();
+    let held: Vec<IpAddr> = held.into_iter().map(|a| a.ip).collect();
+    assert_eq!(held, [given["victim"]], "the victim's address is kept");
+    // Told eight addresses, each in seventeen nested ranges of the request: more than one
+    // transaction holds, and the DEL must still be one that etcd accepts.
+    let mut nested = vec![p.clone()];
+    nested.extend((8..=23).map(|bits| pool(&format!("10.0.0.0/{bits}"), "")));
+    let mut req = att_req("victim", &nested);
+    req.hints = Hints {
+        pod_ref: Some("ns/victim".into()),
+        ips: (1..=8).map(|i| ip(&format!("10.0.0.{i}"))).collect(),
+    };
+    let released = store.del(&req).expect("DEL told too much");
+    let released: Vec<IpAddr> = released.into_iter().map(|a| a.ip).collect();
+    assert_eq!(released, [given["victim"]]);
+    let left = cluster.keys(DEFAULT_PREFIX);
+    assert!(left.is_empty(), "keys left after every DEL: {left:?}");
+}
+
 fn agent_with_password(cluster: &Cluster, runtime: &tokio::runtime::Runtime) -> Shared {
     let credentials = json!({"etcd_username": "root", "etcd_password": "s3cret"});
     let cfg = config_with(cluster, credentials);
@@ -751,7 +826,9 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
     assert_eq!(recorded, given, "the store holds what was handed out");
 
     // Every attachment's DEL on one of the nodes, at once (each node's combined into shared
-    // transactions, several releases of one run in one commit), and one DEL twice.
+    // transactions, several releases of one run in one commit), and one DEL twice. About
+    // two in five are told their pod and address, as runtimes tell them: more than a
+    // combined first read holds, so some of them are read the way the others are.
     let mut dels: Vec<(usize, String)> = given
         .keys()
         .enumerate()
@@ -760,9 +837,14 @@ fn a_nodes_concurrent_adds_share_transactions_and_stay_unique() {
     dels.push((1, "n1-1".into()));
     let before = cluster.transactions_served();
     let freed = all_at_once(&dels, |(node, c)| {
-        let released = nodes[*node]
-            .del(&att_req(c, pools))
-            .expect("DEL through an agent");
+        let mut req = att_req(c, pools);
+        if given[c].to_string().ends_with(['0', '3', '6', '9']) {
+            req.hints = Hints {
+                pod_ref: Some(format!("ns/{c}")),
+                ips: vec![given[c]],
+            };
+        }
+        let released = nodes[*node].del(&req).expect("DEL through an agent");
         released
             .into_iter()
             .map(|a| (a.attachment.container_id, a.ip))

@@ -8,7 +8,8 @@ use whereabouts::ipam::names::pool_name;
 use whereabouts::ipam::{parse_exclude, parse_range_text, Range, RangeSpec};
 use whereabouts::store::local::{self, LocalStore};
 use whereabouts::store::{
-    AddRequest, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest, Store, StoreError,
+    AddRequest, Attachment, AttachmentRequest, GcRequest, Hints, PoolRef, RangeRequest, Store,
+    StoreError,
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -71,6 +72,7 @@ fn del_req(pools: &[&PoolRef], container: &str) -> AttachmentRequest {
         ifname: "eth0".into(),
         pools: pools.iter().map(|p| (*p).clone()).collect(),
         node_slice_size: None,
+        hints: Hints::default(),
     }
 }
 

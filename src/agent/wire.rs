@@ -17,7 +17,7 @@ use crate::config::{Datastore, MAX_EXCLUDES, MAX_RANGES};
 use crate::ipam::names::pool_name;
 use crate::ipam::{Cidr, Range, RangeSpec};
 use crate::store::{
-    AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest,
+    AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, Hints, PoolRef, RangeRequest,
     StoreError,
 };
 
@@ -85,6 +85,11 @@ pub struct AttachmentBody {
     pub ifname: String,
     pub pools: Vec<WirePool>,
     pub node_slice_size: Option<u8>,
+    /// [`crate::store::Hints`]; absent from plugins of earlier releases.
+    #[serde(default)]
+    pub pod_ref: Option<String>,
+    #[serde(default)]
+    pub prev_ips: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -353,6 +358,8 @@ impl AttachmentBody {
             ifname: req.ifname.clone(),
             pools: req.pools.iter().map(WirePool::of).collect(),
             node_slice_size: req.node_slice_size,
+            pod_ref: req.hints.pod_ref.clone(),
+            prev_ips: req.hints.ips.clone(),
         }
     }
 
@@ -364,6 +371,10 @@ impl AttachmentBody {
             ifname: self.ifname.clone(),
             pools: pools_of(&self.pools, &self.network_name)?,
             node_slice_size: self.node_slice_size,
+            hints: Hints {
+                pod_ref: self.pod_ref.clone(),
+                ips: self.prev_ips.iter().take(Hints::MAX_IPS).copied().collect(),
+            },
         })
     }
 }
@@ -481,6 +492,37 @@ mod tests {
         let text = serde_json::to_vec(&body).unwrap();
         let back: AddBody = serde_json::from_slice(&text).unwrap();
         assert_eq!(back.request().unwrap(), req);
+    }
+
+    #[test]
+    fn a_del_travels_with_its_hints_and_an_earlier_plugins_without() {
+        let req = AttachmentRequest {
+            cni_network: "cni".into(),
+            network_name: "net".into(),
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            pools: vec![pool("net")],
+            node_slice_size: None,
+            hints: Hints {
+                pod_ref: Some("ns/p".into()),
+                ips: vec![parse_ip("10.1.0.50").unwrap()],
+            },
+        };
+        let body = AttachmentBody::of(EngineKind::Etcd, &req);
+        let text = serde_json::to_value(&body).unwrap();
+        let back: AttachmentBody = serde_json::from_value(text.clone()).unwrap();
+        assert_eq!(back.request().unwrap(), req);
+
+        let mut earlier = text;
+        let fields = earlier.as_object_mut().unwrap();
+        fields.remove("pod_ref");
+        fields.remove("prev_ips");
+        let back: AttachmentBody = serde_json::from_value(earlier).unwrap();
+        let without = AttachmentRequest {
+            hints: Hints::default(),
+            ..req
+        };
+        assert_eq!(back.request().unwrap(), without);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::judge::{judge, PodState, Verdict};
 use crate::ipam::{Range, RangeSpec};
-use crate::store::{Allocation, AttachmentRequest, PoolRef, Store, StoreError};
+use crate::store::{Allocation, AttachmentRequest, Hints, PoolRef, Store, StoreError};
 
 /// One allocation and what cleanup decides about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +67,10 @@ pub fn release_if_held(
         }],
         // The pool is named exactly: no node's slice to resolve.
         node_slice_size: None,
+        hints: Hints {
+            pod_ref: allocation.attachment.pod_ref.clone(),
+            ips: vec![allocation.ip],
+        },
     };
     store.del(&request)
 }

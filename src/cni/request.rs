@@ -4,10 +4,12 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::Read;
+use std::net::IpAddr;
 
 use serde_json::Value;
 
 use super::error::{code, CniError};
+use crate::store::Hints;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -177,6 +179,22 @@ pub struct NetConf {
     pub requested_ips: Vec<String>,
     /// `cni.dev/valid-attachments` (or the older `cni.dev/attachments`) of a GC.
     pub valid_attachments: Option<Vec<(String, String)>>,
+    /// The addresses of `prevResult` (CNI 0.3.0 and later), which runtimes pass on DEL: at
+    /// most [`Hints::MAX_IPS`], and none when it does not read as a result. Only a hint
+    /// ([`Hints`]): a malformed one never fails the call.
+    pub prev_ips: Vec<IpAddr>,
+}
+
+/// The addresses listed in a `prevResult` (`ips[].address`, `ip/prefix`).
+fn prev_result_ips(prev: Option<&Value>) -> Vec<IpAddr> {
+    let Some(Value::Array(ips)) = prev.and_then(|p| p.get("ips")) else {
+        return Vec::new();
+    };
+    ips.iter()
+        .filter_map(|ip| ip.get("address")?.as_str())
+        .filter_map(|address| address.split('/').next()?.parse().ok())
+        .take(Hints::MAX_IPS)
+        .collect()
 }
 
 /// The JSON type of a value, for messages that must not show it.
@@ -268,6 +286,7 @@ impl NetConf {
             ipam: map.get("ipam").filter(|v| !v.is_null()).cloned(),
             requested_ips,
             valid_attachments,
+            prev_ips: prev_result_ips(map.get("prevResult")),
         })
     }
 }
@@ -298,6 +317,39 @@ mod tests {
             [("c".to_string(), "eth0".to_string())]
         );
         assert!(conf.ipam.is_none());
+        assert!(conf.prev_ips.is_empty());
         assert_eq!(NetConf::parse(b"{ asdf }").unwrap_err().code, 6);
+    }
+
+    #[test]
+    fn prev_result_addresses_are_a_hint_that_never_fails() {
+        let conf = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","prevResult":{"cniVersion":"1.0.0",
+                "interfaces":[{"name":"eth0"}],
+                "ips":[{"address":"10.0.0.5/24","gateway":"10.0.0.1"},{"address":"fd00::5/64"},
+                       {"address":"garbage"},{"gateway":"10.0.0.1"},7]}}"#,
+        )
+        .unwrap();
+        let want: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        assert_eq!(conf.prev_ips, want);
+        for odd in [
+            r#"{"name":"n","prevResult":"x"}"#,
+            r#"{"name":"n","prevResult":{"ips":{"address":"10.0.0.5/24"}}}"#,
+            r#"{"name":"n","prevResult":{"ip4":{"ip":"10.0.0.5/24"}}}"#,
+        ] {
+            assert!(
+                NetConf::parse(odd.as_bytes()).unwrap().prev_ips.is_empty(),
+                "{odd}"
+            );
+        }
+        let many: Vec<String> = (0..100)
+            .map(|i| format!(r#"{{"address":"10.0.0.{i}/24"}}"#))
+            .collect();
+        let conf = format!(
+            r#"{{"name":"n","prevResult":{{"ips":[{}]}}}}"#,
+            many.join(",")
+        );
+        let conf = NetConf::parse(conf.as_bytes()).unwrap();
+        assert_eq!(conf.prev_ips.len(), Hints::MAX_IPS);
     }
 }

@@ -16,7 +16,7 @@ use crate::config::{self, IpamConfig};
 use crate::ipam::addr::parse_ip;
 use crate::ipam::Cidr;
 use crate::store::{
-    self, AddRequest, Attachment, AttachmentRequest, GcRequest, Opener, StoreError,
+    self, AddRequest, Attachment, AttachmentRequest, GcRequest, Hints, Opener, StoreError,
 };
 
 pub use pools::{parse_requested, place_statics, pools, Requested};
@@ -280,13 +280,18 @@ fn attachment_request(
     conf: &NetConf,
     cfg: &IpamConfig,
 ) -> Result<AttachmentRequest, CniError> {
+    let who = attachment(env)?;
     Ok(AttachmentRequest {
         cni_network: conf.name.clone(),
         network_name: cfg.network_name.clone(),
-        container_id: CniEnv::require(&env.container_id, "CNI_CONTAINERID")?.to_string(),
-        ifname: CniEnv::require(&env.ifname, "CNI_IFNAME")?.to_string(),
+        container_id: who.container_id,
+        ifname: who.ifname,
         pools: pools(cfg)?,
         node_slice_size: cfg.node_slice_size,
+        hints: Hints {
+            pod_ref: who.pod_ref,
+            ips: conf.prev_ips.clone(),
+        },
     })
 }
 

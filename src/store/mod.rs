@@ -166,6 +166,24 @@ pub struct AttachmentRequest {
     pub ifname: String,
     pub pools: Vec<PoolRef>,
     pub node_slice_size: Option<u8>,
+    /// Where the caller believes the attachment's addresses are.
+    pub hints: Hints,
+}
+
+/// What the caller of a DEL believes the attachment holds: its pod (the runtime's CNI_ARGS)
+/// and the addresses of its last result (the runtime's `prevResult`). An engine may read
+/// where they point first, to find the allocations in fewer requests; what it releases is
+/// still decided by its own records, so a wrong or hostile hint costs a read, nothing more.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// `namespace/name`.
+    pub pod_ref: Option<String>,
+    pub ips: Vec<IpAddr>,
+}
+
+impl Hints {
+    /// Addresses a hint names at most: a DEL reads a few keys for each.
+    pub const MAX_IPS: usize = 8;
 }
 
 /// A GC: free every allocation of `cni_network` whose attachment is not listed in `valid`.

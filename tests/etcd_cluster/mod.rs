@@ -348,6 +348,14 @@ impl Cluster {
         })
     }
 
+    /// The plain reads (`Range`, outside transactions) the members have served since they
+    /// started, counted as [`Cluster::transactions_served`]. A cluster without TLS only.
+    pub fn plain_reads_served(&self) -> f64 {
+        self.members_metric(|line| {
+            line.starts_with("grpc_server_handled_total{") && line.contains("grpc_method=\"Range\"")
+        })
+    }
+
     /// The watches the members hold open for their clients (`etcd_debugging_mvcc_watcher_total`,
     /// summed). A cluster without TLS only.
     pub fn watchers(&self) -> f64 {

@@ -8,7 +8,8 @@ use whereabouts::config::{load_with_flat_files, IpamConfig};
 use whereabouts::ipam::names::pool_name;
 use whereabouts::ipam::Range;
 use whereabouts::store::{
-    AddRequest, Attachment, AttachmentRequest, GcRequest, PoolRef, RangeRequest, Store, StoreError,
+    AddRequest, Attachment, AttachmentRequest, GcRequest, Hints, PoolRef, RangeRequest, Store,
+    StoreError,
 };
 
 /// The `ipam` object for `range` with a kubeconfig, plus `extra` keys.
@@ -85,6 +86,7 @@ pub fn del_request(cfg: &IpamConfig, container: &str, ifname: &str) -> Attachmen
         ifname: ifname.into(),
         pools: pools(cfg),
         node_slice_size: cfg.node_slice_size,
+        hints: Hints::default(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! release is one transaction: the record, its run, its index entries and its reservation go
 //! together, guarded by the revisions that were read.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use etcd_client::{
@@ -9,27 +10,26 @@ use etcd_client::{
 };
 
 use super::commit::push_run_change;
-use super::keys::{parse_hex, unescape, Keys};
+use super::keys::{parse_hex, range_end, unescape, Keys};
 use super::plan::Stop;
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun};
-use super::session::{floor_get, key_get, revision_of, CallFailed, Deadline, Session};
+use super::session::{floor_get, key_get, revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use crate::store::retry::Backoff;
-use crate::store::{Allocation, AttachmentRequest, GcRequest, StoreError};
+use crate::store::{Allocation, AttachmentRequest, GcRequest, Hints, StoreError};
 
-/// Releases `offset` of `pool` if its record satisfies `belongs`; the released allocation, or `None`
-/// when there was nothing (left) to release. Retried while the pool changes under the commit.
+/// Releases `offset` of `pool` if its record satisfies `belongs`, starting from what is
+/// `known`; the released allocation, or `None` when there was nothing (left) to release.
+/// Retried while the pool changes under the commit.
 pub fn release_one(
     s: &Session,
     backoff: &Backoff,
     dl: &Deadline,
-    pool: &str,
-    offset: u128,
+    (pool, offset): (&str, u128),
     belongs: &dyn Fn(&AllocationRecord) -> bool,
+    mut known: Known,
 ) -> Result<Option<Allocation>, StoreError> {
     let mut last = CallFailed::new("no attempt finished");
-    // What the last failed commit read back: the next attempt starts from it.
-    let mut read_back = None;
     for attempt in 0..backoff.attempts.max(1) {
         if attempt > 0 {
             s.pause(dl, backoff.delay(attempt));
@@ -37,7 +37,7 @@ pub fn release_one(
         if dl.passed() {
             break;
         }
-        match try_release(s, dl, (pool, offset), belongs, &mut read_back) {
+        match try_release(s, dl, (pool, offset), belongs, &mut known) {
             Ok(Attempt::Done(released)) => return Ok(released),
             Ok(Attempt::Changed) => {
                 last = CallFailed::new("the pool changed while releasing (conflicting writer)")
@@ -61,78 +61,180 @@ enum Attempt {
     Changed,
 }
 
-/// What a release commit that failed read back, at the revision it failed at: the record, the
-/// run at or before the offset, and the keys that pointed at the record then (`side_keys`,
-/// one answer each). The next attempt starts from them instead of reading.
-struct ReleaseRead {
-    record: Option<KeyValue>,
-    floor: Option<KeyValue>,
-    side_keys: Vec<String>,
-    side: Vec<Vec<KeyValue>>,
+/// What a release starts from.
+pub enum Known {
+    /// Read already, at one revision: by a DEL's first read, or by the failure branch of a
+    /// commit that lost.
+    Read(ReleaseRead),
+    /// Nothing yet. These keys likely point at the record (from the caller's hints or a
+    /// scan): they are read with it, and when they are the record's own the release needs
+    /// no second read.
+    Likely(Vec<String>),
 }
 
-/// One read of the record and what points at it (or what the last failed commit read back),
-/// and one transaction that deletes them all if none of them changed; if one did, the
-/// transaction reads them back for the next attempt.
+/// What one read found of a release: the record, the run at or before the offset, and
+/// some keys that may point at the record (`side`, each with its answer).
+pub struct ReleaseRead {
+    record: Option<KeyValue>,
+    floor: Option<KeyValue>,
+    side: Vec<(String, Vec<KeyValue>)>,
+}
+
+/// The gets of what a release reads: the record of `offset`, the run at or before it, and
+/// the keys `side`; [`ReleaseRead::of`] reads their answers.
+pub(super) fn release_gets(keys: &Keys, pool: &str, offset: u128, side: &[String]) -> Vec<TxnOp> {
+    let mut gets = vec![
+        key_get(&keys.allocation(pool, offset)),
+        floor_get(&keys.runs_dir(pool), &keys.run(pool, offset)),
+    ];
+    gets.extend(side.iter().map(|k| key_get(k)));
+    gets
+}
+
+impl ReleaseRead {
+    /// The answers to [`release_gets`] with the same `side` keys; `None` unless there is one
+    /// answer per get: a missing record must never read as a released one.
+    pub(super) fn of(mut answers: Vec<Vec<KeyValue>>, side: Vec<String>) -> Option<ReleaseRead> {
+        if answers.len() != 2 + side.len() {
+            return None;
+        }
+        let side = side.into_iter().zip(answers.split_off(2)).collect();
+        let mut first = answers.into_iter().map(|kvs| kvs.into_iter().next());
+        Some(ReleaseRead {
+            record: first.next().flatten(),
+            floor: first.next().flatten(),
+            side,
+        })
+    }
+
+    /// The answers for the keys `wanted`, when every one of them was read.
+    fn side_of(&self, wanted: &[String]) -> Option<Vec<Vec<KeyValue>>> {
+        let answer = |key: &String| self.side.iter().find(|(k, _)| k == key);
+        wanted
+            .iter()
+            .map(|key| answer(key).map(|(_, kvs)| kvs.clone()))
+            .collect()
+    }
+}
+
+/// The answers of a transaction branch made of gets only; `None` if it holds anything else.
+pub(super) fn gets_answered(resp: TxnResponse) -> Option<Vec<Vec<KeyValue>>> {
+    resp.op_responses()
+        .into_iter()
+        .map(|answer| match answer {
+            TxnOpResponse::Get(mut get) => Some(get.take_kvs()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One allocation as read, that is its caller's to release.
+pub(super) struct Releasable {
+    pub record: AllocationRecord,
+    pub revision: i64,
+    /// The run covering the offset, as read.
+    pub run: Option<ReadRun>,
+}
+
+impl ReleaseRead {
+    /// The allocation read, when it is there and `belongs`.
+    pub(super) fn releasable(
+        &self,
+        keys: &Keys,
+        (pool, offset): (&str, u128),
+        belongs: &dyn Fn(&AllocationRecord) -> bool,
+    ) -> Result<Option<Releasable>, StoreError> {
+        let Some(kv) = &self.record else {
+            return Ok(None);
+        };
+        let Some(record) = AllocationRecord::from_json(kv.value()) else {
+            return Err(StoreError::io(format!(
+                "unreadable allocation record at etcd key {}",
+                keys.allocation(pool, offset)
+            )));
+        };
+        if !belongs(&record) {
+            return Ok(None);
+        }
+        let run = self
+            .floor
+            .as_ref()
+            .and_then(ReadRun::from_kv)
+            .filter(|r| r.run.start <= offset && offset <= r.run.end);
+        Ok(Some(Releasable {
+            record,
+            revision: kv.mod_revision(),
+            run,
+        }))
+    }
+
+    /// The keys `wanted` that point at `record`, with their revisions, when this read took
+    /// every one of them.
+    pub(super) fn side_read(
+        &self,
+        wanted: &SideKeys,
+        (pool, offset): (&str, u128),
+        record: &AllocationRecord,
+    ) -> Option<Vec<(String, i64)>> {
+        let answers = self.side_of(&wanted.keys)?;
+        Some(wanted.ours(answers, pool, offset, record))
+    }
+}
+
+/// One read of the record and what points at it (or what was read before), and one
+/// transaction that deletes them all if none of them changed; if one did, the transaction
+/// reads them back for the next attempt.
 fn try_release(
     s: &Session,
     dl: &Deadline,
     (pool, offset): (&str, u128),
     belongs: &dyn Fn(&AllocationRecord) -> bool,
-    read_back: &mut Option<ReleaseRead>,
+    known: &mut Known,
 ) -> Result<Attempt, Stop> {
     let keys = &s.keys;
-    let akey = keys.allocation(pool, offset);
-    let first_gets = || {
-        vec![
-            key_get(&akey),
-            floor_get(&keys.runs_dir(pool), &keys.run(pool, offset)),
-        ]
-    };
-    let earlier = read_back.take();
-    let (record_kv, floor_kv) = match &earlier {
-        Some(read) => (read.record.clone(), read.floor.clone()),
-        None => {
-            let read = s.reads(dl, "release read", first_gets())?;
-            let mut read = read.into_iter().map(|kvs| kvs.into_iter().next());
-            (read.next().flatten(), read.next().flatten())
+    let read = match std::mem::replace(known, Known::Likely(Vec::new())) {
+        Known::Read(read) => read,
+        Known::Likely(likely) => {
+            let gets = release_gets(keys, pool, offset, &likely);
+            // What the next attempt starts from, should this read fail.
+            *known = Known::Likely(likely.clone());
+            let answers = s.reads(dl, "release read", gets)?;
+            ReleaseRead::of(answers, likely)
+                .ok_or_else(|| CallFailed::new("etcd answered fewer reads than asked"))?
         }
     };
-    let Some(kv) = record_kv else {
+    let Some(held) = read
+        .releasable(keys, (pool, offset), belongs)
+        .map_err(Stop::Final)?
+    else {
         return Ok(Attempt::Done(None));
     };
-    let Some(record) = AllocationRecord::from_json(kv.value()) else {
-        return Err(Stop::Final(StoreError::io(format!(
-            "unreadable allocation record at etcd key {akey}"
-        ))));
+    let wanted = side_keys(keys, pool, &held.record);
+    // What the next attempt starts from, should this one fail before its commit answers.
+    *known = Known::Likely(wanted.keys.clone());
+    let side = match read.side_read(&wanted, (pool, offset), &held.record) {
+        Some(side) => side,
+        None => {
+            let answers = s.reads(dl, "release read", wanted.gets())?;
+            wanted.ours(answers, pool, offset, &held.record)
+        }
     };
-    if !belongs(&record) {
-        return Ok(Attempt::Done(None));
-    }
-    let run = floor_kv
-        .and_then(|kv| ReadRun::from_kv(&kv))
-        .filter(|r| r.run.start <= offset && offset <= r.run.end);
-    let wanted = side_keys(keys, pool, &record);
-    let side_keys = wanted.keys.clone();
-    let side_gets = wanted.gets();
-    let side = match earlier {
-        // The same record read back points through the same keys.
-        Some(read) if read.side_keys == side_keys => read.side,
-        _ => s.reads(dl, "release read", side_gets.clone())?,
-    };
-    let side = wanted.ours(side, pool, offset, &record);
-    let (compares, ops) = release_alone(keys, (pool, offset), kv.mod_revision(), &side, run);
-    let reads = [first_gets(), side_gets].concat();
-    let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+    let (compares, ops) = release_alone(keys, (pool, offset), held.revision, &side, held.run);
+    let read_back = release_gets(keys, pool, offset, &wanted.keys);
+    let txn = Txn::new().when(compares).and_then(ops).or_else(read_back);
     let resp = s.txn(dl, "release commit", txn)?;
     if !resp.succeeded() {
-        *read_back = ReleaseRead::of(resp, side_keys);
+        let again = wanted.keys;
+        *known = match gets_answered(resp).and_then(|a| ReleaseRead::of(a, again.clone())) {
+            Some(read) => Known::Read(read),
+            None => Known::Likely(again),
+        };
         return Ok(Attempt::Changed);
     }
-    if run.is_some() {
+    if held.run.is_some() {
         s.runs_written.note(pool, revision_of(&resp));
     }
-    Ok(Attempt::Done(record.allocation(pool)))
+    Ok(Attempt::Done(held.record.allocation(pool)))
 }
 
 /// The compares and writes of one release: the record of `offset` (at `revision`), the keys
@@ -162,32 +264,6 @@ fn release_alone(
         ),
     }
     (compares, ops)
-}
-
-impl ReleaseRead {
-    /// What the failure branch of a release commit read: the record, the floor run, then one
-    /// answer per key of `side_keys`. `None` unless it answered every get (the next attempt
-    /// reads): a missing record must never read as a released one.
-    fn of(resp: TxnResponse, side_keys: Vec<String>) -> Option<ReleaseRead> {
-        let mut answers = Vec::new();
-        for answer in resp.op_responses() {
-            let TxnOpResponse::Get(mut get) = answer else {
-                return None;
-            };
-            answers.push(get.take_kvs());
-        }
-        if answers.len() != 2 + side_keys.len() {
-            return None;
-        }
-        let side = answers.split_off(2);
-        let mut first = answers.into_iter().map(|kvs| kvs.into_iter().next());
-        Some(ReleaseRead {
-            record: first.next().flatten(),
-            floor: first.next().flatten(),
-            side_keys,
-            side,
-        })
-    }
 }
 
 /// The compares and deletes that release the record of `offset` (at `revision`) and the index
@@ -267,14 +343,14 @@ impl SideKeys {
     /// with their revisions. Entries that now point elsewhere (a newer allocation of the same
     /// owner) are left alone.
     pub fn ours(
-        self,
+        &self,
         res: impl IntoIterator<Item = Vec<KeyValue>>,
         pool: &str,
         offset: u128,
         record: &AllocationRecord,
     ) -> Vec<(String, i64)> {
         let mut side = Vec::new();
-        for (i, (key, kvs)) in self.keys.into_iter().zip(res).enumerate() {
+        for (i, (key, kvs)) in self.keys.iter().zip(res).enumerate() {
             let Some(kv) = kvs.into_iter().next() else {
                 continue;
             };
@@ -288,7 +364,7 @@ impl SideKeys {
                 })
             };
             if ours {
-                side.push((key, kv.mod_revision()));
+                side.push((key.clone(), kv.mod_revision()));
             }
         }
         side
@@ -339,13 +415,144 @@ pub(super) fn del_by(
     req: &AttachmentRequest,
     dl: &Deadline,
 ) -> Result<Vec<Allocation>, StoreError> {
+    // The owner entries take one get of the transaction.
+    let named = Named::of(&s.keys, req, MAX_TXN_OPS - 1);
+    let gets = first_gets(&s.keys, req, &named);
+    let resp = s.txn(dl, "release read", Txn::new().and_then(gets))?;
+    let (owned_page, mut read) = first_answers(&mut resp.op_responses().into_iter(), named);
+    let held = match owned_page {
+        Some(held) => held,
+        None => owned(s, dl, req, true)?,
+    };
     let mut released = Vec::new();
-    for (pool, offset) in owned(s, dl, req, true)? {
-        if let Some(allocation) = release_one(s, backoff, dl, &pool, offset, &owned_by(req))? {
+    for (pool, offset) in held {
+        let known = match read.remove(&(pool.clone(), offset)) {
+            Some(read) => Known::Read(read),
+            None => Known::Likely(likely_side_keys(&s.keys, req, &pool, offset)),
+        };
+        let at = (pool.as_str(), offset);
+        if let Some(allocation) = release_one(s, backoff, dl, at, &owned_by(req), known)? {
             released.push(allocation);
         }
     }
     Ok(released)
+}
+
+/// Owner index entries a DEL's first read takes at most: one per pool it holds. A DEL holding
+/// more pages through them.
+const POOLS_PER_DEL: i64 = 64;
+
+/// An allocation the caller of a DEL named (`hints.ips`) in one of the request's pools, with
+/// the keys likely to point at it.
+pub(super) struct Named {
+    pool: String,
+    offset: u128,
+    likely: Vec<String>,
+}
+
+impl Named {
+    /// The allocations the caller of `req` named, in its pools, each once, as many as
+    /// `budget` gets read: a configuration of many ranges over one network must not make the
+    /// first read bigger than a transaction may be.
+    pub(super) fn of(keys: &Keys, req: &AttachmentRequest, mut budget: usize) -> Vec<Named> {
+        let mut named: Vec<Named> = Vec::new();
+        for ip in req.hints.ips.iter().take(Hints::MAX_IPS) {
+            for pool in &req.pools {
+                let Some(offset) = pool.range.cidr.offset_of(*ip) else {
+                    continue;
+                };
+                if named
+                    .iter()
+                    .any(|n| n.pool == pool.name && n.offset == offset)
+                {
+                    continue;
+                }
+                let likely = likely_side_keys(keys, req, &pool.name, offset);
+                let n = Named {
+                    pool: pool.name.clone(),
+                    offset,
+                    likely,
+                };
+                match budget.checked_sub(n.gets()) {
+                    Some(left) => budget = left,
+                    None => return named,
+                }
+                named.push(n);
+            }
+        }
+        named
+    }
+
+    /// How many gets [`first_gets`] spends on it.
+    pub(super) fn gets(&self) -> usize {
+        2 + self.likely.len()
+    }
+}
+
+/// The gets of a DEL's first read, in one transaction: a page of the attachment's owner index
+/// entries, then what a release reads of each allocation `named`.
+pub(super) fn first_gets(keys: &Keys, req: &AttachmentRequest, named: &[Named]) -> Vec<TxnOp> {
+    let dir = keys.owner_dir(&req.container_id, &req.ifname);
+    let options = GetOptions::new()
+        .with_range(range_end(&dir))
+        .with_limit(POOLS_PER_DEL);
+    let mut gets = vec![TxnOp::get(dir, Some(options))];
+    for n in named {
+        gets.extend(release_gets(keys, &n.pool, n.offset, &n.likely));
+    }
+    gets
+}
+
+/// The answers of [`first_gets`], taken from `answers`: the owner index entries (`None` when
+/// they fill more than a page), and what was read of each allocation `named`, by pool and
+/// offset.
+pub(super) fn first_answers(
+    answers: &mut impl Iterator<Item = TxnOpResponse>,
+    named: Vec<Named>,
+) -> (Option<PoolsHeld>, HashMap<(String, u128), ReleaseRead>) {
+    let owned = match answers.next() {
+        Some(TxnOpResponse::Get(page)) if !page.more() => {
+            Some(page.kvs().iter().filter_map(owner_entry).collect())
+        }
+        _ => None,
+    };
+    let mut read = HashMap::new();
+    for n in named {
+        let got: Vec<Vec<KeyValue>> = answers
+            .by_ref()
+            .take(n.gets())
+            .map(|answer| match answer {
+                TxnOpResponse::Get(mut get) => get.take_kvs(),
+                _ => Vec::new(),
+            })
+            .collect();
+        if let Some(found) = ReleaseRead::of(got, n.likely) {
+            read.insert((n.pool, n.offset), found);
+        }
+    }
+    (owned, read)
+}
+
+/// The pools an attachment holds an address in, with the offset.
+pub(super) type PoolsHeld = Vec<(String, u128)>;
+
+/// The keys likely to point at the allocation of `offset` in `pool` that `req` holds, as far
+/// as the request tells: its owner entry, its pod entry when the caller named the pod, and
+/// its reservation when the pool is one of the request's (its address known then).
+pub(super) fn likely_side_keys(
+    keys: &Keys,
+    req: &AttachmentRequest,
+    pool: &str,
+    offset: u128,
+) -> Vec<String> {
+    let mut likely = vec![keys.owner(&req.container_id, &req.ifname, pool)];
+    if let Some(pod) = &req.hints.pod_ref {
+        likely.push(keys.pod(pod, &req.ifname, pool));
+    }
+    if let Some(configured) = req.pools.iter().find(|p| p.name == pool) {
+        likely.push(keys.reservation(&req.network_name, configured.range.ip(offset)));
+    }
+    likely
 }
 
 /// Whether a record is the DEL's to release: the same container and interface.
@@ -407,7 +614,9 @@ pub fn gc(s: &Session, backoff: &Backoff, req: &GcRequest) -> Result<Vec<Allocat
             let belongs = |r: &AllocationRecord| {
                 r.container_id == record.container_id && r.ifname == record.ifname && !valid(r)
             };
-            if let Some(allocation) = release_one(s, backoff, &dl, &pool.name, offset, &belongs)? {
+            let known = Known::Likely(side_keys(&s.keys, &pool.name, &record).keys);
+            let at = (pool.name.as_str(), offset);
+            if let Some(allocation) = release_one(s, backoff, &dl, at, &belongs, known)? {
                 released.push(allocation);
             }
         }
@@ -464,7 +673,14 @@ pub fn release(
     let Some(offset) = range.offset_of(ip) else {
         return Ok(None);
     };
-    release_one(s, backoff, &dl, pool, offset, &|r| r.ip == ip)
+    release_one(
+        s,
+        backoff,
+        &dl,
+        (pool, offset),
+        &|r| r.ip == ip,
+        Known::Likely(Vec::new()),
+    )
 }
 
 fn parse_allocation(kv: &KeyValue) -> Option<(u128, AllocationRecord)> {

@@ -1,25 +1,25 @@
 //! DELs combined by the node agent (`combine`): the owner index entries of every DEL waiting,
-//! then their records and runs, then the index entries and reservations pointing at them, each
-//! in one read; then one transaction with a nested commit per run. The releases of one run
-//! share a commit, since each changes the run: the commit takes all their offsets out of it at
-//! once and compares everything read (the records, the entries, the run). Commits of
-//! different runs write different keys (one DEL per attachment in a batch), so each succeeds
-//! or fails as it would alone; a DEL whose commit failed is read again in the next round.
+//! with what a release reads of each allocation its caller named (`Hints`), in one read; then
+//! the records and runs no hint named, and the keys pointing at them that were not read with
+//! them, in one read each when there are any; then one transaction with a nested commit per
+//! run. The releases of one run share a commit, since each changes the run: the commit takes
+//! all their offsets out of it at once and compares everything read (the records, the
+//! entries, the run). Commits of different runs write different keys (one DEL per attachment
+//! in a batch), so each succeeds or fails as it would alone; a DEL whose commit failed is read
+//! again in the next round.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use etcd_client::{GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{KeyValue, Txn, TxnOp, TxnOpResponse};
 
-use super::keys::range_end;
 use super::records::AllocationRecord;
-use super::release::{owned_by, owner_entry, push_release, push_run_release, side_keys};
+use super::release::{
+    first_answers, first_gets, likely_side_keys, owned_by, push_release, push_run_release,
+    release_gets, side_keys, Named, PoolsHeld, ReleaseRead,
+};
 use super::runs::ReadRun;
-use super::session::{floor_get, key_get, revision_of, CallFailed, Deadline, Session};
+use super::session::{revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use crate::store::{Allocation, AttachmentRequest};
-
-/// Owner index entries read per DEL at most: one per pool it holds. A DEL holding more runs
-/// alone, which pages through them.
-const POOLS_PER_DEL: i64 = 64;
 
 /// Releases of one run in one commit at most, and commits in one transaction at most: a
 /// commit of 12 releases has at most 49 compares and 62 writes, which with 64 commits stays
@@ -61,17 +61,15 @@ pub(super) fn release_together(
     let mut entries = Vec::new();
     // DELs left to a later round or to run alone.
     let mut lost = BTreeSet::new();
-    for (&del, entry) in together
-        .iter()
-        .zip(read_owner_entries(s, reqs, together, dl)?)
-    {
+    let (owned, read) = read_first(s, reqs, together, dl)?;
+    for (&del, entry) in together.iter().zip(owned) {
         match entry {
             Some(found) => entries.extend(found.into_iter().map(|(p, o)| (del, p, o))),
             None => drop(lost.insert(del)),
         }
     }
     let mut by_run: BTreeMap<(String, u128), Vec<Held>> = BTreeMap::new();
-    for found in read_held(s, reqs, entries, dl)? {
+    for found in read_held(s, reqs, entries, read, dl)? {
         match found {
             // Without a covering run (never written so) the record goes alone, keyed by itself.
             Ok(h) => by_run
@@ -125,96 +123,113 @@ pub(super) fn release_together(
     })
 }
 
-/// The pools an attachment holds an address in, with the offset.
-type PoolsHeld = Vec<(String, u128)>;
+/// What a release read of an allocation a DEL of the batch holds, by DEL, pool and offset.
+type Reads = HashMap<(usize, String, u128), ReleaseRead>;
 
-/// Each DEL's owner index entries (pool, offset), in one read; `None` for a DEL holding more
-/// than one read's page.
-fn read_owner_entries(
+/// Each DEL's owner index entries (pool, offset; `None` for a DEL holding more than one
+/// read's page), and what a release reads of each allocation its caller named, as far as one
+/// transaction holds them: one read.
+fn read_first(
     s: &Session,
     reqs: &[AttachmentRequest],
     together: &[usize],
     dl: &Deadline,
-) -> Result<Vec<Option<PoolsHeld>>, CallFailed> {
-    let gets: Vec<TxnOp> = together
-        .iter()
-        .map(|&i| {
-            let dir = s.keys.owner_dir(&reqs[i].container_id, &reqs[i].ifname);
-            let options = GetOptions::new()
-                .with_range(range_end(&dir))
-                .with_limit(POOLS_PER_DEL);
-            TxnOp::get(dir, Some(options))
-        })
-        .collect();
+) -> Result<(Vec<Option<PoolsHeld>>, Reads), CallFailed> {
+    // Every DEL's owner entries first; the named allocations fill what is left of the
+    // transaction, and those that do not fit are read with the unnamed ones.
+    let mut spare = MAX_TXN_OPS.saturating_sub(together.len());
+    let mut gets = Vec::new();
+    let mut named_of = Vec::new();
+    for &i in together {
+        let named = Named::of(&s.keys, &reqs[i], spare);
+        spare -= named.iter().map(Named::gets).sum::<usize>();
+        gets.extend(first_gets(&s.keys, &reqs[i], &named));
+        named_of.push(named);
+    }
     let resp = s.txn(dl, "combined release read", Txn::new().and_then(gets))?;
-    Ok(resp
-        .op_responses()
-        .into_iter()
-        .map(|answer| match answer {
-            TxnOpResponse::Get(g) if !g.more() => {
-                Some(g.kvs().iter().filter_map(owner_entry).collect())
-            }
-            _ => None,
-        })
-        .collect())
+    let mut answers = resp.op_responses().into_iter();
+    let mut owned = Vec::new();
+    let mut read = Reads::new();
+    for (&del, named) in together.iter().zip(named_of) {
+        let (page, found) = first_answers(&mut answers, named);
+        owned.push(page);
+        let found = found.into_iter();
+        read.extend(found.map(|((pool, offset), r)| ((del, pool, offset), r)));
+    }
+    Ok((owned, read))
 }
 
 /// The records (with their runs) the entries point at, those that are the DELs' own, and the
-/// index entries and reservations pointing at them: two reads. A record that is not readable gives its DEL (`Err`), which then runs alone and reports it.
+/// index entries and reservations pointing at them: what `read` holds already, the rest in
+/// at most two reads. A record that is not readable gives its DEL (`Err`), which then runs
+/// alone and reports it.
 fn read_held(
     s: &Session,
     reqs: &[AttachmentRequest],
     entries: Vec<(usize, String, u128)>,
+    mut read: Reads,
     dl: &Deadline,
 ) -> Result<Vec<Result<Held, usize>>, CallFailed> {
     let keys = &s.keys;
-    let gets = entries
+    let unread: Vec<_> = entries
         .iter()
-        .flat_map(|(_, pool, offset)| {
-            [
-                key_get(&keys.allocation(pool, *offset)),
-                floor_get(&keys.runs_dir(pool), &keys.run(pool, *offset)),
-            ]
+        .filter(|(del, pool, offset)| !read.contains_key(&(*del, pool.clone(), *offset)))
+        .map(|(del, pool, offset)| {
+            let likely = likely_side_keys(keys, &reqs[*del], pool, *offset);
+            (*del, pool.clone(), *offset, likely)
         })
         .collect();
+    let gets = unread
+        .iter()
+        .flat_map(|(_, pool, offset, likely)| release_gets(keys, pool, *offset, likely))
+        .collect();
     let mut answers = s.reads(dl, "combined release read", gets)?.into_iter();
+    for (del, pool, offset, likely) in unread {
+        let got = answers.by_ref().take(2 + likely.len()).collect();
+        if let Some(found) = ReleaseRead::of(got, likely) {
+            read.insert((del, pool, offset), found);
+        }
+    }
     let mut held = Vec::new();
     let mut unreadable = Vec::new();
+    // The held whose side keys were not all read, with the keys to read.
+    let mut to_read = Vec::new();
     for (del, pool, offset) in entries {
-        let first = |kvs: Option<Vec<KeyValue>>| kvs.and_then(|kvs| kvs.into_iter().next());
-        let (found, floor) = (first(answers.next()), first(answers.next()));
-        let Some(kv) = found else {
-            continue; // Released already: nothing to do, as for a DEL alone.
-        };
-        let Some(record) = AllocationRecord::from_json(kv.value()) else {
+        // Only an answer short of its gets leaves an entry unread: its DEL runs alone.
+        let Some(found) = read.remove(&(del, pool.clone(), offset)) else {
             unreadable.push(Err(del));
             continue;
         };
-        if !owned_by(&reqs[del])(&record) {
-            continue;
+        let held_by = match found.releasable(keys, (&pool, offset), &owned_by(&reqs[del])) {
+            Ok(Some(h)) => h,
+            // Released already, or another's now: nothing to do, as for a DEL alone.
+            Ok(None) => continue,
+            Err(_) => {
+                unreadable.push(Err(del));
+                continue;
+            }
+        };
+        let wanted = side_keys(keys, &pool, &held_by.record);
+        let side = found.side_read(&wanted, (&pool, offset), &held_by.record);
+        if side.is_none() {
+            to_read.push((held.len(), wanted));
         }
-        let run = floor
-            .and_then(|kv| ReadRun::from_kv(&kv))
-            .filter(|r| r.run.start <= offset && offset <= r.run.end);
         held.push(Held {
             del,
             pool,
             offset,
-            revision: kv.mod_revision(),
-            record,
-            run,
-            side: Vec::new(),
+            revision: held_by.revision,
+            record: held_by.record,
+            run: held_by.run,
+            side: side.unwrap_or_default(),
         });
     }
-    let wanted: Vec<_> = held
-        .iter()
-        .map(|h| side_keys(keys, &h.pool, &h.record))
-        .collect();
-    let gets = wanted.iter().flat_map(|w| w.gets()).collect();
+    let gets = to_read.iter().flat_map(|(_, w)| w.gets()).collect();
     let mut answers = s.reads(dl, "combined release read", gets)?.into_iter();
-    for (h, w) in held.iter_mut().zip(wanted) {
-        let res: Vec<Vec<KeyValue>> = answers.by_ref().take(w.len()).collect();
-        h.side = w.ours(res, &h.pool, h.offset, &h.record);
+    for (i, wanted) in to_read {
+        let h = &mut held[i];
+        let got: Vec<Vec<KeyValue>> = answers.by_ref().take(wanted.len()).collect();
+        h.side = wanted.ours(got, &h.pool, h.offset, &h.record);
     }
     Ok(held.into_iter().map(Ok).chain(unreadable).collect())
 }
