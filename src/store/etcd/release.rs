@@ -118,14 +118,16 @@ impl ReleaseRead {
 }
 
 /// The answers of a transaction branch made of gets only; `None` if it holds anything else.
-pub(super) fn gets_answered(resp: TxnResponse) -> Option<Vec<Vec<KeyValue>>> {
-    resp.op_responses()
-        .into_iter()
-        .map(|answer| match answer {
-            TxnOpResponse::Get(mut get) => Some(get.take_kvs()),
-            _ => None,
-        })
-        .collect()
+fn gets_answered(resp: TxnResponse) -> Option<Vec<Vec<KeyValue>>> {
+    resp.op_responses().into_iter().map(got).collect()
+}
+
+/// What a get found; `None` for the answer of anything else.
+fn got(answer: TxnOpResponse) -> Option<Vec<KeyValue>> {
+    match answer {
+        TxnOpResponse::Get(mut get) => Some(get.take_kvs()),
+        _ => None,
+    }
 }
 
 /// One allocation as read, that is its caller's to release.
@@ -518,15 +520,10 @@ pub(super) fn first_answers(
     };
     let mut read = HashMap::new();
     for n in named {
-        let got: Vec<Vec<KeyValue>> = answers
-            .by_ref()
-            .take(n.gets())
-            .map(|answer| match answer {
-                TxnOpResponse::Get(mut get) => get.take_kvs(),
-                _ => Vec::new(),
-            })
-            .collect();
-        if let Some(found) = ReleaseRead::of(got, n.likely) {
+        // Every answer of this allocation is taken, even after one that is not a get's.
+        let got: Vec<Option<Vec<KeyValue>>> = answers.by_ref().take(n.gets()).map(got).collect();
+        let got: Option<Vec<Vec<KeyValue>>> = got.into_iter().collect();
+        if let Some(found) = got.and_then(|got| ReleaseRead::of(got, n.likely)) {
             read.insert((n.pool, n.offset), found);
         }
     }

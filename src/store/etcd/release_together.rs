@@ -159,17 +159,15 @@ fn read_first(
     Ok((owned, read))
 }
 
-/// The records (with their runs) the entries point at, those that are the DELs' own, and the
-/// index entries and reservations pointing at them: what `read` holds already, the rest in
-/// at most two reads. A record that is not readable gives its DEL (`Err`), which then runs
-/// alone and reports it.
-fn read_held(
+/// Adds to `read` what a release reads of the `entries` it lacks (allocations no hint named,
+/// or that did not fit the first read): one read for them all, none when there are none.
+fn read_unnamed(
     s: &Session,
     reqs: &[AttachmentRequest],
-    entries: Vec<(usize, String, u128)>,
-    mut read: Reads,
+    entries: &[(usize, String, u128)],
+    read: &mut Reads,
     dl: &Deadline,
-) -> Result<Vec<Result<Held, usize>>, CallFailed> {
+) -> Result<(), CallFailed> {
     let keys = &s.keys;
     let unread: Vec<_> = entries
         .iter()
@@ -190,6 +188,22 @@ fn read_held(
             read.insert((del, pool, offset), found);
         }
     }
+    Ok(())
+}
+
+/// The records (with their runs) the entries point at, those that are the DELs' own, and the
+/// index entries and reservations pointing at them: what `read` holds already, the rest in
+/// at most two reads. A record that is not readable gives its DEL (`Err`), which then runs
+/// alone and reports it.
+fn read_held(
+    s: &Session,
+    reqs: &[AttachmentRequest],
+    entries: Vec<(usize, String, u128)>,
+    mut read: Reads,
+    dl: &Deadline,
+) -> Result<Vec<Result<Held, usize>>, CallFailed> {
+    let keys = &s.keys;
+    read_unnamed(s, reqs, &entries, &mut read, dl)?;
     let mut held = Vec::new();
     let mut unreadable = Vec::new();
     // The held whose side keys were not all read, with the keys to read.
