@@ -533,6 +533,32 @@ fn a_del_told_where_its_address_is_reads_once() {
     assert!(left.is_empty(), "keys left after every DEL: {left:?}");
 }
 
+/// A node agent's client outlives its TLS files: a certificate rotated on disk (a renewed
+/// secret mounted at the same paths) is used from the next connection on. Here the members
+/// restart with certificates of a new CA, which they alone trust, so the agent's old client
+/// certificate is refused and the old CA does not verify them: the ADD after the rotation
+/// goes through only if the agent connected again with the files now on disk.
+#[test]
+fn an_agent_connects_again_with_rotated_tls_files() {
+    if !etcd_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(true);
+    let runtime = agent_runtime();
+    let tls = cluster.tls().expect("a TLS cluster");
+    let files = json!({
+        "etcd_ca_cert_file": tls.ca,
+        "etcd_cert_file": tls.cert,
+        "etcd_key_file": tls.key,
+    });
+    let cfg = config_with(&cluster, files);
+    let observed = Arc::new(Combined::default());
+    let agent = agent_store_of(&cfg, &runtime, &observed, LET_GO_AFTER);
+    add_gets(&agent, "before", "10.0.0.1", "before the rotation");
+    cluster.rotate_certs();
+    add_gets(&agent, "after", "10.0.0.2", "after the rotation");
+}
+
 fn agent_with_password(cluster: &Cluster, runtime: &tokio::runtime::Runtime) -> Shared {
     let credentials = json!({"etcd_username": "root", "etcd_password": "s3cret"});
     let cfg = config_with(cluster, credentials);

@@ -107,8 +107,17 @@ pub fn require_tls_for_credentials(
     }
 }
 
-/// Connection options: credentials, TLS files and the timeouts.
-pub fn options(cfg: &EtcdConfig, timeouts: &Timeouts) -> Result<ConnectOptions, StoreError> {
+/// The contents of the TLS files a client is built with (CA, certificate, key, those set),
+/// to tell when they change on disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles(Vec<Vec<u8>>);
+
+/// Connection options: credentials, TLS files and the timeouts; with the TLS files' contents
+/// they were built from.
+pub fn options(
+    cfg: &EtcdConfig,
+    timeouts: &Timeouts,
+) -> Result<(ConnectOptions, TlsFiles), StoreError> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(timeouts.connect)
         .with_timeout(timeouts.request)
@@ -131,17 +140,19 @@ pub fn options(cfg: &EtcdConfig, timeouts: &Timeouts) -> Result<ConnectOptions, 
         }
         (None, None) => {}
     }
+    let mut files = TlsFiles::default();
     if uses_tls(cfg) {
         let mut tls = TlsOptions::new();
         if let Some(ca) = &cfg.ca_cert_file {
-            tls = tls.ca_certificate(Certificate::from_pem(read(ca, "etcd_ca_cert_file")?));
+            let ca = read(ca, "etcd_ca_cert_file")?;
+            tls = tls.ca_certificate(Certificate::from_pem(&ca));
+            files.0.push(ca);
         }
         match (&cfg.cert_file, &cfg.key_file) {
             (Some(cert), Some(key)) => {
-                tls = tls.identity(Identity::from_pem(
-                    read(cert, "etcd_cert_file")?,
-                    read(key, "etcd_key_file")?,
-                ));
+                let (cert, key) = (read(cert, "etcd_cert_file")?, read(key, "etcd_key_file")?);
+                tls = tls.identity(Identity::from_pem(&cert, &key));
+                files.0.extend([cert, key]);
             }
             (None, None) => {}
             _ => {
@@ -152,7 +163,7 @@ pub fn options(cfg: &EtcdConfig, timeouts: &Timeouts) -> Result<ConnectOptions, 
         }
         opts = opts.with_tls(tls);
     }
-    Ok(opts)
+    Ok((opts, files))
 }
 
 fn read(path: &std::path::Path, field: &str) -> Result<Vec<u8>, StoreError> {

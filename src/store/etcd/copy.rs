@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 
 use super::keys::range_end;
 use super::runs::ReadRun;
+use super::session::SharedClient;
 use super::window::{Window, AHEAD};
 use crate::store::queues::{lock, Observer};
 use crate::store::retry::growing_pauses;
@@ -43,7 +44,7 @@ pub const LET_GO_AFTER: Duration = Duration::from_secs(600);
 /// The copies of the pools this agent serves.
 pub(super) struct Copies {
     runtime: tokio::runtime::Handle,
-    client: Client,
+    client: SharedClient,
     observer: Arc<dyn Observer>,
     followed: Arc<Followed>,
 }
@@ -82,7 +83,7 @@ impl Copies {
     /// Copies followed on `runtime` by `client`, each let go once unused for `let_go_after`.
     pub fn new(
         runtime: tokio::runtime::Handle,
-        client: Client,
+        client: SharedClient,
         observer: Arc<dyn Observer>,
         let_go_after: Duration,
     ) -> Copies {
@@ -237,7 +238,7 @@ impl PoolCopy {
 /// step for whoever still holds it: a batch that asked just before reads instead.
 async fn follow_while_used(
     copy: Arc<PoolCopy>,
-    client: Client,
+    client: SharedClient,
     runs_dir: String,
     observer: Arc<dyn Observer>,
     followed: Arc<Followed>,
@@ -251,10 +252,11 @@ async fn follow_while_used(
 }
 
 /// Lists and follows a pool's runs; after a failure, again after a pause that grows while
-/// failures repeat.
+/// failures repeat. Each list takes the session's client as it is then (it is replaced when
+/// its TLS files are renewed).
 async fn keep_following(
     copy: Arc<PoolCopy>,
-    mut client: Client,
+    client: SharedClient,
     runs_dir: String,
     observer: Arc<dyn Observer>,
 ) {
@@ -265,7 +267,7 @@ async fn keep_following(
     };
     let mut pause = pauses();
     loop {
-        match list_and_watch(&copy, &mut client, &runs_dir, &*observer).await {
+        match list_and_watch(&copy, &mut client.current(), &runs_dir, &*observer).await {
             Ok(()) => pause = pauses(),
             Err(err) => tracing::debug!("etcd: following {runs_dir} failed: {err}"),
         }

@@ -90,14 +90,7 @@ fn open_store(
     }
     let endpoints = connect::endpoints(cfg)?;
     connect::require_tls_for_credentials(cfg, &endpoints, ipam.trust.insecure_tls)?;
-    let options = connect::options(cfg, &timeouts)?;
-    let session = Session::connect(
-        runtime,
-        endpoints,
-        options,
-        keys::Keys::new(prefix),
-        timeouts,
-    )?;
+    let session = Session::connect(runtime, (cfg, endpoints), keys::Keys::new(prefix), timeouts)?;
     Ok(EtcdStore {
         session,
         backoff: Backoff {

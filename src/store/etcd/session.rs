@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -13,8 +13,9 @@ use etcd_client::{
 };
 use tokio::runtime::{Handle, Runtime};
 
-use super::connect::Timeouts;
+use super::connect::{self, Timeouts, TlsFiles};
 use super::keys::Keys;
+use crate::config::EtcdConfig;
 use crate::store::queues::lock;
 use crate::store::StoreError;
 
@@ -104,11 +105,42 @@ impl Executor {
 
 pub struct Session {
     rt: Executor,
-    client: Client,
+    client: SharedClient,
+    renewal: Renewal,
     pub keys: Keys,
     pub timeouts: Timeouts,
     pub runs_written: RunsWritten,
 }
+
+/// A session's client, shared with the node agent's watches: replaced when the session
+/// connects again, after which every call and every new watch uses the new one.
+#[derive(Clone)]
+pub struct SharedClient(Arc<RwLock<Client>>);
+
+impl SharedClient {
+    pub fn current(&self) -> Client {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn replace(&self, client: Client) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = client;
+    }
+}
+
+/// What a session needs to connect again with TLS files renewed on disk (a certificate or CA
+/// rotated, a secret mounted again at the same paths). A client keeps the identity and the CA
+/// it was built with for every connection it opens later, so a node agent running for months
+/// would be refused by members restarted with the new ones.
+struct Renewal {
+    cfg: EtcdConfig,
+    endpoints: Vec<String>,
+    /// The TLS files the client was built with, and when they were last compared with the
+    /// disk.
+    built_with: Mutex<(TlsFiles, Instant)>,
+}
+
+/// The TLS files are compared with the disk after a failed call, at most this often.
+const RENEWAL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The revision a transaction's answer reports: after a write, the revision it made.
 pub fn revision_of(resp: &TxnResponse) -> i64 {
@@ -145,11 +177,11 @@ impl Session {
     /// authenticates here, bounded by the connect timeout.
     pub fn connect(
         shared: Option<Handle>,
-        endpoints: Vec<String>,
-        options: etcd_client::ConnectOptions,
+        (cfg, endpoints): (&EtcdConfig, Vec<String>),
         keys: Keys,
         timeouts: Timeouts,
     ) -> Result<Session, StoreError> {
+        let (options, files) = connect::options(cfg, &timeouts)?;
         let rt = match shared {
             Some(handle) => Executor::Shared(handle),
             None => Executor::Own(
@@ -161,48 +193,15 @@ impl Session {
                     })?,
             ),
         };
-        let wait = timeouts
-            .connect
-            .max(timeouts.request)
-            .min(timeouts.deadline);
-        let connected = rt.block_on(async {
-            tokio::time::timeout(wait, Client::connect(&endpoints, Some(options))).await
-        });
-        let client = match connected {
-            Ok(Ok(client)) => client,
-            Ok(Err(etcd_client::Error::InvalidArgs(msg))) => {
-                return Err(StoreError::config(format!("invalid etcd settings: {msg}")))
-            }
-            Ok(Err(etcd_client::Error::InvalidUri(e))) => {
-                return Err(StoreError::config("invalid etcd endpoint").because(e))
-            }
-            // Wrong credentials: retrying cannot help, the configuration must change.
-            Ok(Err(etcd_client::Error::GRpcStatus(status)))
-                if REFUSED_CREDENTIALS.contains(&i32::from(status.code())) =>
-            {
-                return Err(StoreError::config(format!(
-                    "etcd at {} refused the credentials of ipam.etcd_username: {}",
-                    endpoints.join(","),
-                    status.message()
-                )))
-            }
-            Ok(Err(e)) => {
-                return Err(StoreError::try_again(format!(
-                    "cannot connect to etcd at {}",
-                    endpoints.join(",")
-                ))
-                .because(e))
-            }
-            Err(_) => {
-                return Err(StoreError::try_again(format!(
-                    "timed out after {wait:?} connecting to etcd at {}",
-                    endpoints.join(",")
-                )))
-            }
-        };
+        let client = dial(&rt, &endpoints, options, &timeouts)?;
         Ok(Session {
             rt,
-            client,
+            client: SharedClient(Arc::new(RwLock::new(client))),
+            renewal: Renewal {
+                cfg: cfg.clone(),
+                endpoints,
+                built_with: Mutex::new((files, Instant::now())),
+            },
             keys,
             timeouts,
             runs_written: RunsWritten::default(),
@@ -210,13 +209,48 @@ impl Session {
     }
 
     /// The client, for calls that outlive one operation (the agent's watch).
-    pub fn client(&self) -> Client {
+    pub fn client(&self) -> SharedClient {
         self.client.clone()
+    }
+
+    /// After a failed call: when the TLS files differ from those the client was built with,
+    /// connects with them and replaces the client. Compared at most every
+    /// [`RENEWAL_CHECK_EVERY`], by one caller at a time; files unreadable mid-rotation, or a
+    /// connection that fails, leave the client as it is until a later failure.
+    fn renew_if_rotated(&self) {
+        if !connect::uses_tls(&self.renewal.cfg) {
+            return;
+        }
+        let Ok(mut built_with) = self.renewal.built_with.try_lock() else {
+            return;
+        };
+        if built_with.1.elapsed() < RENEWAL_CHECK_EVERY {
+            return;
+        }
+        built_with.1 = Instant::now();
+        let Ok((options, files)) = connect::options(&self.renewal.cfg, &self.timeouts) else {
+            return;
+        };
+        if files == built_with.0 {
+            return;
+        }
+        match dial(&self.rt, &self.renewal.endpoints, options, &self.timeouts) {
+            Ok(client) => {
+                self.client.replace(client);
+                built_with.0 = files;
+                tracing::info!("etcd: the TLS files changed on disk; connected again with them");
+            }
+            Err(err) => tracing::warn!(
+                "etcd: the TLS files changed on disk, and connecting with them failed: {}",
+                crate::store::error::chain(&err)
+            ),
+        }
     }
 
     /// Runs one request, bounded by the request timeout and the deadline. A request refused
     /// for a token older than the cluster's latest change of users or roles is sent once more
-    /// with a new token: a node agent's client lives through such changes.
+    /// with a new token, and a failed one renews the client when its TLS files changed on
+    /// disk (for the caller's next attempt): a node agent's client lives through such changes.
     pub fn call<T, F>(
         &self,
         dl: &Deadline,
@@ -234,11 +268,12 @@ impl Session {
             )));
         }
         let until = tokio::time::Instant::now() + limit;
-        let send = || tokio::time::timeout_at(until, make(self.client.clone()));
+        let client = self.client.current();
+        let send = || tokio::time::timeout_at(until, make(client.clone()));
         let r = self.rt.block_on(async {
             match send().await {
                 Ok(Err(e)) if token_outdated(&e) => {
-                    let renewed = self.client.refresh_token();
+                    let renewed = client.refresh_token();
                     match tokio::time::timeout_at(until, renewed).await {
                         Ok(Ok(())) => send().await,
                         Ok(Err(refused)) => Ok(Err(refused)),
@@ -248,6 +283,9 @@ impl Session {
                 r => r,
             }
         });
+        if !matches!(r, Ok(Ok(_))) {
+            self.renew_if_rotated();
+        }
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(CallFailed {
@@ -339,6 +377,56 @@ impl Session {
             }
         }
     }
+}
+
+/// A client of `endpoints`, connected within the timeouts (members are dialled on first use;
+/// with credentials it authenticates here).
+fn dial(
+    rt: &Executor,
+    endpoints: &[String],
+    options: etcd_client::ConnectOptions,
+    timeouts: &Timeouts,
+) -> Result<Client, StoreError> {
+    let wait = timeouts
+        .connect
+        .max(timeouts.request)
+        .min(timeouts.deadline);
+    let connected = rt.block_on(async {
+        tokio::time::timeout(wait, Client::connect(endpoints, Some(options))).await
+    });
+    let client = match connected {
+        Ok(Ok(client)) => client,
+        Ok(Err(etcd_client::Error::InvalidArgs(msg))) => {
+            return Err(StoreError::config(format!("invalid etcd settings: {msg}")))
+        }
+        Ok(Err(etcd_client::Error::InvalidUri(e))) => {
+            return Err(StoreError::config("invalid etcd endpoint").because(e))
+        }
+        // Wrong credentials: retrying cannot help, the configuration must change.
+        Ok(Err(etcd_client::Error::GRpcStatus(status)))
+            if REFUSED_CREDENTIALS.contains(&i32::from(status.code())) =>
+        {
+            return Err(StoreError::config(format!(
+                "etcd at {} refused the credentials of ipam.etcd_username: {}",
+                endpoints.join(","),
+                status.message()
+            )))
+        }
+        Ok(Err(e)) => {
+            return Err(StoreError::try_again(format!(
+                "cannot connect to etcd at {}",
+                endpoints.join(",")
+            ))
+            .because(e))
+        }
+        Err(_) => {
+            return Err(StoreError::try_again(format!(
+                "timed out after {wait:?} connecting to etcd at {}",
+                endpoints.join(",")
+            )))
+        }
+    };
+    Ok(client)
 }
 
 /// A get of the greatest key in `dir` that is not greater than `key`.
