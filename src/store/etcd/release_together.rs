@@ -3,8 +3,9 @@
 //! the records and runs no hint named, and the keys pointing at them that were not read with
 //! them, in one read each when there are any; then one transaction with a nested commit per
 //! run. The releases of one run share a commit, since each changes the run: the commit takes
-//! all their offsets out of it at once and compares everything read (the records, the
-//! entries, the run). Commits of different runs write different keys (one DEL per attachment
+//! all their offsets out of the latest version of it any of them read (reads at different
+//! revisions may find different ones) and compares everything read (the records, the
+//! entries, that version of the run). Commits of different runs write different keys (one DEL per attachment
 //! in a batch), so each succeeds or fails as it would alone; a DEL whose commit failed is read
 //! again in the next round.
 
@@ -68,16 +69,15 @@ pub(super) fn release_together(
             None => drop(lost.insert(del)),
         }
     }
-    let mut by_run: BTreeMap<(String, u128), Vec<Held>> = BTreeMap::new();
+    let mut by_run: BTreeMap<CommitOf, Vec<Held>> = BTreeMap::new();
     for found in read_held(s, reqs, entries, read, dl)? {
         match found {
-            // Without a covering run (never written so) the record goes alone, keyed by itself.
-            Ok(h) => by_run
-                .entry((h.pool.clone(), h.run.map_or(h.offset, |r| r.run.start)))
-                .or_default()
-                .push(h),
+            Ok(h) => by_run.entry(h.commit_of()).or_default().push(h),
             Err(del) => drop(lost.insert(del)),
         }
+    }
+    for group in by_run.values_mut() {
+        lost.extend(latest_run_for_all(group));
     }
     let mut deferred = BTreeSet::new();
     let mut groups: Vec<Vec<Held>> = Vec::new();
@@ -121,6 +121,46 @@ pub(super) fn release_together(
         lost: lost.into_iter().collect(),
         deferred: deferred.into_iter().collect(),
     })
+}
+
+/// The commit a release joins: that of the run covering it (pool, start), or its own for a
+/// record without a covering run (never written so).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum CommitOf {
+    Run(String, u128),
+    Alone(String, u128),
+}
+
+impl Held {
+    fn commit_of(&self) -> CommitOf {
+        match self.run {
+            Some(r) => CommitOf::Run(self.pool.clone(), r.run.start),
+            None => CommitOf::Alone(self.pool.clone(), self.offset),
+        }
+    }
+}
+
+/// Gives every release of `group` (one run's) the latest version of the run any of them read,
+/// and takes out the DELs of those whose offset it no longer covers (the run was cut since
+/// their read: they are read again in the next round). Releases read at different revisions
+/// (with the batch's first read, or after it) may have found different versions of the run;
+/// the commit changes the one version it compares, which must cover every offset it takes out.
+fn latest_run_for_all(group: &mut Vec<Held>) -> Vec<usize> {
+    let Some(latest) = group
+        .iter()
+        .filter_map(|h| h.run)
+        .max_by_key(|r| r.mod_revision)
+    else {
+        return Vec::new();
+    };
+    let (covered, cut): (Vec<Held>, Vec<Held>) = std::mem::take(group)
+        .into_iter()
+        .partition(|h| latest.run.start <= h.offset && h.offset <= latest.run.end);
+    *group = covered;
+    for h in group.iter_mut() {
+        h.run = Some(latest);
+    }
+    cut.into_iter().map(|h| h.del).collect()
 }
 
 /// What a release read of an allocation a DEL of the batch holds, by DEL, pool and offset.
