@@ -309,3 +309,46 @@ fn group_commit(s: &Session, group: &[Held]) -> TxnOp {
     }
     TxnOp::txn(Txn::new().when(compares).and_then(ops))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::etcd::runs::Run;
+
+    /// DEL `del`'s release of `offset`, whose run was read as `(start, end, revision)`.
+    fn held(del: usize, offset: u128, (start, end, revision): (u128, u128, i64)) -> Held {
+        let record =
+            br#"{"ip":"10.0.0.4","range":"10.0.0.0/24","container_id":"c","ifname":"eth0"}"#;
+        Held {
+            del,
+            pool: "p".into(),
+            offset,
+            revision: 1,
+            record: AllocationRecord::from_json(record).unwrap(),
+            run: Some(ReadRun {
+                run: Run { start, end },
+                mod_revision: revision,
+            }),
+            side: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn one_commit_cuts_the_latest_version_of_a_run_read_twice() {
+        // Read first as [4, 6]; read later as [4, 4], after another node released 5.
+        let mut group = vec![held(0, 6, (4, 6, 10)), held(1, 4, (4, 4, 12))];
+        assert_eq!(
+            latest_run_for_all(&mut group),
+            [0],
+            "6 left for the next round"
+        );
+        assert_eq!(group.len(), 1);
+        assert_eq!(group[0].run.map(|r| r.run), Some(Run { start: 4, end: 4 }));
+        // Both offsets still in the latest version: one commit of it takes both out.
+        let mut group = vec![held(0, 4, (4, 6, 10)), held(1, 5, (4, 5, 12))];
+        assert!(latest_run_for_all(&mut group).is_empty());
+        assert!(group
+            .iter()
+            .all(|h| h.run.map(|r| r.mod_revision) == Some(12)));
+    }
+}
