@@ -69,47 +69,16 @@ pub(super) fn release_together(
             None => drop(lost.insert(del)),
         }
     }
-    let mut by_run: BTreeMap<CommitOf, Vec<Held>> = BTreeMap::new();
+    let mut held = Vec::new();
     for found in read_held(s, reqs, entries, read, dl)? {
         match found {
-            Ok(h) => by_run.entry(h.commit_of()).or_default().push(h),
+            Ok(h) => held.push(h),
             Err(del) => drop(lost.insert(del)),
         }
     }
-    for group in by_run.values_mut() {
-        lost.extend(latest_run_for_all(group));
-    }
     let mut deferred = BTreeSet::new();
-    let mut groups: Vec<Vec<Held>> = Vec::new();
-    for mut group in by_run.into_values() {
-        let later = group.split_off(group.len().min(RELEASES_PER_COMMIT));
-        if groups.len() == COMMITS_PER_TXN {
-            deferred.extend(group.iter().map(|h| h.del));
-        } else {
-            groups.push(group);
-        }
-        deferred.extend(later.iter().map(|h| h.del));
-    }
-    let mut released = Vec::new();
-    if !groups.is_empty() {
-        let commits: Vec<TxnOp> = groups.iter().map(|g| group_commit(s, g)).collect();
-        let resp = s.txn(dl, "combined release commit", Txn::new().and_then(commits))?;
-        let revision = revision_of(&resp);
-        for (group, answer) in groups.into_iter().zip(resp.op_responses()) {
-            let applied = matches!(answer, TxnOpResponse::Txn(t) if t.succeeded());
-            // A group shares one run, or has none and releases records alone.
-            if let Some(h) = group.first().filter(|h| applied && h.run.is_some()) {
-                s.runs_written.note(&h.pool, revision);
-            }
-            for h in group {
-                if !applied {
-                    lost.insert(h.del);
-                } else if let Some(allocation) = h.record.allocation(&h.pool) {
-                    released.push((h.del, allocation));
-                }
-            }
-        }
-    }
+    let groups = commits_of(held, &mut lost, &mut deferred);
+    let released = commit_all(s, groups, dl, &mut lost)?;
     deferred.retain(|d| !lost.contains(d));
     Ok(Released {
         released,
@@ -161,6 +130,64 @@ fn latest_run_for_all(group: &mut Vec<Held>) -> Vec<usize> {
         h.run = Some(latest);
     }
     cut.into_iter().map(|h| h.del).collect()
+}
+
+/// The commits of one transaction: the releases of each run, which take its latest version
+/// read out of it, at most [`RELEASES_PER_COMMIT`] each and [`COMMITS_PER_TXN`] in all. The
+/// DELs of the rest are `deferred`; those whose run was cut since their read are `lost`.
+fn commits_of(
+    held: Vec<Held>,
+    lost: &mut BTreeSet<usize>,
+    deferred: &mut BTreeSet<usize>,
+) -> Vec<Vec<Held>> {
+    let mut by_run: BTreeMap<CommitOf, Vec<Held>> = BTreeMap::new();
+    for h in held {
+        by_run.entry(h.commit_of()).or_default().push(h);
+    }
+    let mut groups: Vec<Vec<Held>> = Vec::new();
+    for mut group in by_run.into_values() {
+        lost.extend(latest_run_for_all(&mut group));
+        let later = group.split_off(group.len().min(RELEASES_PER_COMMIT));
+        if groups.len() == COMMITS_PER_TXN {
+            deferred.extend(group.iter().map(|h| h.del));
+        } else {
+            groups.push(group);
+        }
+        deferred.extend(later.iter().map(|h| h.del));
+    }
+    groups
+}
+
+/// Sends `groups` in one transaction, a nested commit each: what the commits that applied
+/// released. The DELs of the others are `lost`.
+fn commit_all(
+    s: &Session,
+    groups: Vec<Vec<Held>>,
+    dl: &Deadline,
+    lost: &mut BTreeSet<usize>,
+) -> Result<Vec<(usize, Allocation)>, CallFailed> {
+    let mut released = Vec::new();
+    if groups.is_empty() {
+        return Ok(released);
+    }
+    let commits: Vec<TxnOp> = groups.iter().map(|g| group_commit(s, g)).collect();
+    let resp = s.txn(dl, "combined release commit", Txn::new().and_then(commits))?;
+    let revision = revision_of(&resp);
+    for (group, answer) in groups.into_iter().zip(resp.op_responses()) {
+        let applied = matches!(answer, TxnOpResponse::Txn(t) if t.succeeded());
+        // A group shares one run, or has none and releases records alone.
+        if let Some(h) = group.first().filter(|h| applied && h.run.is_some()) {
+            s.runs_written.note(&h.pool, revision);
+        }
+        for h in group {
+            if !applied {
+                lost.insert(h.del);
+            } else if let Some(allocation) = h.record.allocation(&h.pool) {
+                released.push((h.del, allocation));
+            }
+        }
+    }
+    Ok(released)
 }
 
 /// What a release read of an allocation a DEL of the batch holds, by DEL, pool and offset.
