@@ -320,20 +320,11 @@ fn agent_store(
     runtime: &tokio::runtime::Runtime,
     observed: &Arc<Combined>,
 ) -> Shared {
-    agent_store_letting_go(cluster, runtime, observed, LET_GO_AFTER)
+    agent_store_of(&config(cluster), runtime, observed, LET_GO_AFTER)
 }
 
-/// As [`agent_store`], letting a pool's copy go once unused for `let_go_after`.
-fn agent_store_letting_go(
-    cluster: &Cluster,
-    runtime: &tokio::runtime::Runtime,
-    observed: &Arc<Combined>,
-    let_go_after: Duration,
-) -> Shared {
-    agent_store_of(&config(cluster), runtime, observed, let_go_after)
-}
-
-/// A node agent's etcd store of the configuration `cfg`.
+/// A node agent's etcd store of the configuration `cfg`, letting a pool's copy go once
+/// unused for `let_go_after`.
 fn agent_store_of(
     cfg: &IpamConfig,
     runtime: &tokio::runtime::Runtime,
@@ -662,7 +653,7 @@ fn an_unused_pools_copy_is_let_go_and_followed_again() {
         return;
     };
     let let_go_after = Duration::from_secs(1);
-    let agent = agent_store_letting_go(&cluster, &runtime, &observed, let_go_after);
+    let agent = agent_store_of(&config(&cluster), &runtime, &observed, let_go_after);
     let plain = open(&cluster, DEFAULT_PREFIX);
     let p = pool("10.0.0.0/24", "");
     let pools = std::slice::from_ref(&p);

@@ -21,7 +21,7 @@ use crate::store::{Allocation, AttachmentRequest, GcRequest, Hints, StoreError};
 /// Releases `offset` of `pool` if its record satisfies `belongs`, starting from what is
 /// `known`; the released allocation, or `None` when there was nothing (left) to release.
 /// Retried while the pool changes under the commit.
-pub fn release_one(
+fn release_one(
     s: &Session,
     backoff: &Backoff,
     dl: &Deadline,
@@ -62,7 +62,7 @@ enum Attempt {
 }
 
 /// What a release starts from.
-pub enum Known {
+enum Known {
     /// Read already, at one revision: by a DEL's first read, or by the failure branch of a
     /// commit that lost.
     Read(ReleaseRead),
@@ -74,7 +74,7 @@ pub enum Known {
 
 /// What one read found of a release: the record, the run at or before the offset, and
 /// some keys that may point at the record (`side`, each with its answer).
-pub struct ReleaseRead {
+pub(super) struct ReleaseRead {
     record: Option<KeyValue>,
     floor: Option<KeyValue>,
     side: Vec<(String, Vec<KeyValue>)>,
@@ -318,17 +318,41 @@ pub(super) struct SideKeys {
 }
 
 pub(super) fn side_keys(keys: &Keys, pool: &str, record: &AllocationRecord) -> SideKeys {
-    let mut wanted = vec![keys.owner(&record.container_id, &record.ifname, pool)];
-    if let Some(pod) = &record.pod_ref {
-        wanted.push(keys.pod(pod, &record.ifname, pool));
-    }
-    let index_count = wanted.len();
-    if record.reserved {
-        wanted.push(keys.reservation(&record.network_name, record.ip));
-    }
-    SideKeys {
-        keys: wanted,
-        index_count,
+    let reservation = record
+        .reserved
+        .then_some((record.network_name.as_str(), record.ip));
+    let who = Holder {
+        attachment: (&record.container_id, &record.ifname),
+        pod_ref: record.pod_ref.as_deref(),
+        reservation,
+    };
+    who.side_keys(keys, pool)
+}
+
+/// What the keys pointing at an allocation are made of: its attachment (container ID and
+/// interface), its pod, and the network name and address of its reservation.
+struct Holder<'a> {
+    attachment: (&'a str, &'a str),
+    pod_ref: Option<&'a str>,
+    reservation: Option<(&'a str, IpAddr)>,
+}
+
+impl Holder<'_> {
+    /// Its owner and pod index entries in `pool`, then its reservation.
+    fn side_keys(&self, keys: &Keys, pool: &str) -> SideKeys {
+        let (container_id, ifname) = self.attachment;
+        let mut wanted = vec![keys.owner(container_id, ifname, pool)];
+        if let Some(pod) = self.pod_ref {
+            wanted.push(keys.pod(pod, ifname, pool));
+        }
+        let index_count = wanted.len();
+        if let Some((network_name, ip)) = self.reservation {
+            wanted.push(keys.reservation(network_name, ip));
+        }
+        SideKeys {
+            keys: wanted,
+            index_count,
+        }
     }
 }
 
@@ -395,7 +419,7 @@ fn owned(
 }
 
 /// The pool and offset of an owner index entry.
-pub(super) fn owner_entry(kv: &KeyValue) -> Option<(String, u128)> {
+fn owner_entry(kv: &KeyValue) -> Option<(String, u128)> {
     let key = std::str::from_utf8(kv.key()).ok()?;
     let pool = unescape(key.rsplit('/').next().unwrap_or_default());
     let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex)?;
@@ -542,14 +566,13 @@ pub(super) fn likely_side_keys(
     pool: &str,
     offset: u128,
 ) -> Vec<String> {
-    let mut likely = vec![keys.owner(&req.container_id, &req.ifname, pool)];
-    if let Some(pod) = &req.hints.pod_ref {
-        likely.push(keys.pod(pod, &req.ifname, pool));
-    }
-    if let Some(configured) = req.pools.iter().find(|p| p.name == pool) {
-        likely.push(keys.reservation(&req.network_name, configured.range.ip(offset)));
-    }
-    likely
+    let configured = req.pools.iter().find(|p| p.name == pool);
+    let who = Holder {
+        attachment: (&req.container_id, &req.ifname),
+        pod_ref: req.hints.pod_ref.as_deref(),
+        reservation: configured.map(|p| (req.network_name.as_str(), p.range.ip(offset))),
+    };
+    who.side_keys(keys, pool).keys
 }
 
 /// Whether a record is the DEL's to release: the same container and interface.

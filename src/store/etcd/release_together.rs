@@ -13,12 +13,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use etcd_client::{KeyValue, Txn, TxnOp, TxnOpResponse};
 
-use super::records::AllocationRecord;
 use super::release::{
     first_answers, first_gets, likely_side_keys, owned_by, push_release, push_run_release,
-    release_gets, side_keys, Named, PoolsHeld, ReleaseRead,
+    release_gets, side_keys, Named, PoolsHeld, Releasable, ReleaseRead,
 };
-use super::runs::ReadRun;
 use super::session::{revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use crate::store::{Allocation, AttachmentRequest};
 
@@ -46,9 +44,8 @@ struct Held {
     del: usize,
     pool: String,
     offset: u128,
-    revision: i64,
-    record: AllocationRecord,
-    run: Option<ReadRun>,
+    /// The record and its run, as read.
+    read: Releasable,
     side: Vec<(String, i64)>,
 }
 
@@ -102,7 +99,7 @@ enum CommitOf {
 
 impl Held {
     fn commit_of(&self) -> CommitOf {
-        match self.run {
+        match self.read.run {
             Some(r) => CommitOf::Run(self.pool.clone(), r.run.start),
             None => CommitOf::Alone(self.pool.clone(), self.offset),
         }
@@ -117,7 +114,7 @@ impl Held {
 fn latest_run_for_all(group: &mut Vec<Held>) -> Vec<usize> {
     let Some(latest) = group
         .iter()
-        .filter_map(|h| h.run)
+        .filter_map(|h| h.read.run)
         .max_by_key(|r| r.mod_revision)
     else {
         return Vec::new();
@@ -127,7 +124,7 @@ fn latest_run_for_all(group: &mut Vec<Held>) -> Vec<usize> {
         .partition(|h| latest.run.start <= h.offset && h.offset <= latest.run.end);
     *group = covered;
     for h in group.iter_mut() {
-        h.run = Some(latest);
+        h.read.run = Some(latest);
     }
     cut.into_iter().map(|h| h.del).collect()
 }
@@ -176,13 +173,13 @@ fn commit_all(
     for (group, answer) in groups.into_iter().zip(resp.op_responses()) {
         let applied = matches!(answer, TxnOpResponse::Txn(t) if t.succeeded());
         // A group shares one run, or has none and releases records alone.
-        if let Some(h) = group.first().filter(|h| applied && h.run.is_some()) {
+        if let Some(h) = group.first().filter(|h| applied && h.read.run.is_some()) {
             s.runs_written.note(&h.pool, revision);
         }
         for h in group {
             if !applied {
                 lost.insert(h.del);
-            } else if let Some(allocation) = h.record.allocation(&h.pool) {
+            } else if let Some(allocation) = h.read.record.allocation(&h.pool) {
                 released.push((h.del, allocation));
             }
         }
@@ -299,9 +296,7 @@ fn read_held(
             del,
             pool,
             offset,
-            revision: held_by.revision,
-            record: held_by.record,
-            run: held_by.run,
+            read: held_by,
             side: side.unwrap_or_default(),
         });
     }
@@ -310,7 +305,7 @@ fn read_held(
     for (i, wanted) in to_read {
         let h = &mut held[i];
         let got: Vec<Vec<KeyValue>> = answers.by_ref().take(wanted.len()).collect();
-        h.side = wanted.ours(got, &h.pool, h.offset, &h.record);
+        h.side = wanted.ours(got, &h.pool, h.offset, &h.read.record);
     }
     Ok(held.into_iter().map(Ok).chain(unreadable).collect())
 }
@@ -321,9 +316,16 @@ fn group_commit(s: &Session, group: &[Held]) -> TxnOp {
     let (mut compares, mut ops) = (Vec::new(), Vec::new());
     for h in group {
         let at = (h.pool.as_str(), h.offset);
-        push_release(&s.keys, at, h.revision, &h.side, &mut compares, &mut ops);
+        push_release(
+            &s.keys,
+            at,
+            h.read.revision,
+            &h.side,
+            &mut compares,
+            &mut ops,
+        );
     }
-    if let Some(run) = group.first().and_then(|h| h.run) {
+    if let Some(run) = group.first().and_then(|h| h.read.run) {
         let offsets: Vec<u128> = group.iter().map(|h| h.offset).collect();
         push_run_release(
             &s.keys,
@@ -340,7 +342,8 @@ fn group_commit(s: &Session, group: &[Held]) -> TxnOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::etcd::runs::Run;
+    use crate::store::etcd::records::AllocationRecord;
+    use crate::store::etcd::runs::{ReadRun, Run};
 
     /// DEL `del`'s release of `offset`, whose run was read as `(start, end, revision)`.
     fn held(del: usize, offset: u128, (start, end, revision): (u128, u128, i64)) -> Held {
@@ -350,12 +353,14 @@ mod tests {
             del,
             pool: "p".into(),
             offset,
-            revision: 1,
-            record: AllocationRecord::from_json(record).unwrap(),
-            run: Some(ReadRun {
-                run: Run { start, end },
-                mod_revision: revision,
-            }),
+            read: Releasable {
+                record: AllocationRecord::from_json(record).unwrap(),
+                revision: 1,
+                run: Some(ReadRun {
+                    run: Run { start, end },
+                    mod_revision: revision,
+                }),
+            },
             side: Vec::new(),
         }
     }
@@ -370,12 +375,15 @@ mod tests {
             "6 left for the next round"
         );
         assert_eq!(group.len(), 1);
-        assert_eq!(group[0].run.map(|r| r.run), Some(Run { start: 4, end: 4 }));
+        assert_eq!(
+            group[0].read.run.map(|r| r.run),
+            Some(Run { start: 4, end: 4 })
+        );
         // Both offsets still in the latest version: one commit of it takes both out.
         let mut group = vec![held(0, 4, (4, 6, 10)), held(1, 5, (4, 5, 12))];
         assert!(latest_run_for_all(&mut group).is_empty());
         assert!(group
             .iter()
-            .all(|h| h.run.map(|r| r.mod_revision) == Some(12)));
+            .all(|h| h.read.run.map(|r| r.mod_revision) == Some(12)));
     }
 }

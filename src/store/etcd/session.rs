@@ -106,7 +106,8 @@ impl Executor {
 pub struct Session {
     rt: Executor,
     client: SharedClient,
-    renewal: Renewal,
+    /// The node agent's: a plugin process lives for one call and reads the files as it starts.
+    renewal: Option<Renewal>,
     pub keys: Keys,
     pub timeouts: Timeouts,
     pub runs_written: RunsWritten,
@@ -182,6 +183,7 @@ impl Session {
         timeouts: Timeouts,
     ) -> Result<Session, StoreError> {
         let (options, files) = connect::options(cfg, &timeouts)?;
+        let agent = shared.is_some();
         let rt = match shared {
             Some(handle) => Executor::Shared(handle),
             None => Executor::Own(
@@ -194,14 +196,15 @@ impl Session {
             ),
         };
         let client = dial(&rt, &endpoints, options, &timeouts)?;
+        let renewal = agent.then(|| Renewal {
+            cfg: cfg.clone(),
+            endpoints,
+            built_with: Mutex::new((files, Instant::now())),
+        });
         Ok(Session {
             rt,
             client: SharedClient(Arc::new(RwLock::new(client))),
-            renewal: Renewal {
-                cfg: cfg.clone(),
-                endpoints,
-                built_with: Mutex::new((files, Instant::now())),
-            },
+            renewal,
             keys,
             timeouts,
             runs_written: RunsWritten::default(),
@@ -218,23 +221,23 @@ impl Session {
     /// [`RENEWAL_CHECK_EVERY`], by one caller at a time; files unreadable mid-rotation, or a
     /// connection that fails, leave the client as it is until a later failure.
     fn renew_if_rotated(&self) {
-        if !connect::uses_tls(&self.renewal.cfg) {
+        let Some(renewal) = self.renewal.as_ref().filter(|r| connect::uses_tls(&r.cfg)) else {
             return;
-        }
-        let Ok(mut built_with) = self.renewal.built_with.try_lock() else {
+        };
+        let Ok(mut built_with) = renewal.built_with.try_lock() else {
             return;
         };
         if built_with.1.elapsed() < RENEWAL_CHECK_EVERY {
             return;
         }
         built_with.1 = Instant::now();
-        let Ok((options, files)) = connect::options(&self.renewal.cfg, &self.timeouts) else {
+        let Ok((options, files)) = connect::options(&renewal.cfg, &self.timeouts) else {
             return;
         };
         if files == built_with.0 {
             return;
         }
-        match dial(&self.rt, &self.renewal.endpoints, options, &self.timeouts) {
+        match dial(&self.rt, &renewal.endpoints, options, &self.timeouts) {
             Ok(client) => {
                 self.client.replace(client);
                 built_with.0 = files;
