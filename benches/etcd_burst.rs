@@ -597,7 +597,10 @@ fn binary_rate(
     let conf = network(cluster, range);
     let (replies, rate) = side_by_side(nodes, in_flight, |node, i| {
         let socket = agents.get(node).map(agent_process::Agent::env);
-        ((node, i), call_binary(bin, "ADD", &conf, node, i, socket))
+        (
+            (node, i),
+            call_binary(bin, "ADD", (&conf, range), node, i, socket),
+        )
     });
     let ips = replies.iter().map(|(_, reply)| {
         reply["ips"][0]["address"]
@@ -626,7 +629,7 @@ fn del_rate(
         let mut conf = conf.clone();
         conf["prevResult"] = added[&(node, i)].clone();
         let conf = serde_json::to_vec(&conf).expect("config");
-        call_binary(bin, "DEL", &conf, node, i, socket);
+        call_binary(bin, "DEL", (&conf, range), node, i, socket);
     });
     // Every address released: the pool's records and runs are gone.
     let pool = format!("/whereabouts/pools/{}/", range.replace('/', "-"));
@@ -685,20 +688,25 @@ fn side_by_side<T: Send>(
     (results.into_inner().unwrap(), rate)
 }
 
-/// `command` (ADD or DEL) of pod `i` on `node` through `bin`, which must succeed: its answer.
+/// `command` (ADD or DEL) of pod `i` on `node` through `bin` with the network configuration
+/// `conf` (of `range`), which must succeed: its answer.
 fn call_binary(
     bin: &Path,
     cni_command: &str,
-    conf: &[u8],
+    (conf, range): (&[u8], &str),
     node: usize,
     i: usize,
     agent: Option<(&'static str, String)>,
 ) -> serde_json::Value {
+    // Each measurement's pods are new containers, as they would be: a DEL releases what its
+    // container holds in every pool, so a container ID shared with an earlier measurement's
+    // ADD (never deleted) would make its DEL release that allocation too.
+    let container = format!("bin-{}-node{node}-{i}", range.replace(['.', '/'], "-"));
     let mut command = Command::new(bin);
     command
         .env_clear()
         .env("CNI_COMMAND", cni_command)
-        .env("CNI_CONTAINERID", format!("bin-node{node}-{i}"))
+        .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", "/var/run/netns/bench")
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", "/usr/lib/cni")
