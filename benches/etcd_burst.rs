@@ -631,10 +631,19 @@ fn del_rate(
         let conf = serde_json::to_vec(&conf).expect("config");
         call_binary(bin, "DEL", (&conf, range), node, i, socket);
     });
-    // Every address released: the pool's records and runs are gone.
-    let pool = format!("/whereabouts/pools/{}/", range.replace('/', "-"));
-    let left = cluster.keys(&pool);
-    assert!(left.is_empty(), "{} keys left after every DEL", left.len());
+    // Every address released: the pool's records are gone, and its runs cover nothing but
+    // released addresses marked freed.
+    let pool = format!("/{}/", range.replace('/', "-"));
+    let left: Vec<String> = cluster
+        .left_after_releasing_all("/whereabouts/")
+        .into_iter()
+        .filter(|k| k.contains(&pool))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{} keys left after every DEL: {left:?}",
+        left.len()
+    );
     rate
 }
 

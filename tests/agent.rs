@@ -265,7 +265,7 @@ fn delete_everything(nodes: &EtcdNodes, calls: usize) {
         queued as usize, calls,
         "every DEL went through an agent's queue"
     );
-    let left = cluster.keys("/whereabouts/");
+    let left = cluster.left_after_releasing_all("/whereabouts/");
     assert!(
         left.is_empty(),
         "keys left after DEL of everything: {left:?}"

@@ -294,7 +294,7 @@ fn burst_of_1000_adds_is_unique_and_del_leaves_nothing() {
     for (pod, reply) in &dels {
         assert_eq!(reply.exit, 0, "DEL {pod:?} failed: {}", reply.stdout);
     }
-    let left = cluster.keys("/whereabouts/");
+    let left = cluster.left_after_releasing_all("/whereabouts/");
     assert!(
         left.is_empty(),
         "keys left after DEL of everything: {left:?}"
@@ -381,7 +381,7 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
 
     let dels = burst("DEL", &all, &conf, &AtomicUsize::new(0), &[]);
     assert!(dels.values().all(|r| r.exit == 0));
-    let left = cluster.keys("/whereabouts/");
+    let left = cluster.left_after_releasing_all("/whereabouts/");
     assert!(
         left.is_empty(),
         "keys left after DEL of everything: {left:?}"

@@ -415,6 +415,69 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Every key under `prefix` with its value, as text.
+    pub fn key_values(&self, prefix: &str) -> Vec<(String, String)> {
+        let out = self.etcdctl(&self.running_urls(), &["get", "--prefix", prefix]);
+        assert!(
+            out.status.success(),
+            "etcdctl get: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines
+            .chunks(2)
+            .map(|kv| (kv[0].to_string(), kv.get(1).unwrap_or(&"").to_string()))
+            .collect()
+    }
+
+    /// What is left under `prefix` once every allocation is released, that should not be:
+    /// anything but freed marks (`freed/<pool>/<offset>`, released addresses whose run is not
+    /// cut yet) and runs covering nothing but marked offsets. Empty when all was released.
+    pub fn left_after_releasing_all(&self, prefix: &str) -> Vec<String> {
+        let offset = |key: &str| u128::from_str_radix(key.rsplit('/').next()?, 16).ok();
+        let kvs = self.key_values(prefix);
+        let freed = format!("{prefix}freed/");
+        let marked: std::collections::BTreeSet<(String, u128)> = kvs
+            .iter()
+            .filter(|(k, _)| k.starts_with(&freed))
+            .filter_map(|(k, _)| {
+                let pool = k[freed.len()..].split('/').next()?.to_string();
+                Some((pool, offset(k)?))
+            })
+            .collect();
+        let mut covered = std::collections::BTreeSet::new();
+        let mut left = Vec::new();
+        for (key, value) in &kvs {
+            if key.starts_with(&freed) {
+                continue;
+            }
+            let run = key
+                .strip_prefix(&format!("{prefix}pools/"))
+                .and_then(|rest| rest.split_once("/r/"))
+                .and_then(|(pool, _)| Some((pool, offset(key)?, offset(value)?)));
+            let Some((pool, start, end)) = run else {
+                left.push(key.clone());
+                continue;
+            };
+            if (start..=end).all(|o| marked.contains(&(pool.to_string(), o))) {
+                covered.extend((start..=end).map(|o| (pool.to_string(), o)));
+            } else {
+                left.push(format!(
+                    "{key} = {value} (covers an offset that is not marked)"
+                ));
+            }
+        }
+        left.extend(
+            marked
+                .difference(&covered)
+                .map(|(pool, o)| format!("{freed}{pool}/{o:032x} (no run covers it)")),
+        );
+        left
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_all();

@@ -14,6 +14,7 @@ use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse, TxnRe
 
 use super::commit::{build_commit, compact_chain};
 use super::contention::start_past;
+use super::freed::fold_pool;
 use super::keys::parse_hex;
 use super::plan::{
     alternatives, free_after, read_released, IndexHits, Plan, RangeView, Released, Stop, SPARE,
@@ -492,6 +493,11 @@ fn plan_range(
             let (offset, mod_revision, record) = held.ok_or_else(vanished)?;
             let released = read_released(s, dl, &rr.pool.name, offset, mod_revision, record)?;
             take(to, Vec::new(), Some(Box::new(released)))
+        }
+        Decision::Exhausted if fold_pool(s, dl, &rr.pool.name)? => {
+            return Err(Stop::Retry(CallFailed::new(
+                "the pool looked full until its released addresses were cut out of its runs",
+            )));
         }
         // Not asked for (no limit), so never beyond it.
         refusal => {

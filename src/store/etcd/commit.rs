@@ -200,6 +200,9 @@ fn take(
     let pool = &rr.pool.name;
     let akey = keys.allocation(pool, offset);
     txn.compares.push(unchanged(&akey, None));
+    // A marked offset is still in a run (`freed`): it is free once a fold cuts it out.
+    txn.compares
+        .push(unchanged(&keys.freed(pool, offset), None));
     let record = AllocationRecord {
         ip,
         range: rr.pool.cidr().to_string(),

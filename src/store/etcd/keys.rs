@@ -4,6 +4,7 @@
 //! ```text
 //! <prefix>pools/<pool>/a/<offset>                 allocation record (JSON)
 //! <prefix>pools/<pool>/r/<start>                  run of allocated offsets: value = <end>
+//! <prefix>freed/<pool>/<offset>                   freed mark: released, its run not cut yet
 //! <prefix>reservations/<network>/<ip>             network-wide overlap reservation (JSON)
 //! <prefix>owners/<container id>/<ifname>/<pool>   owner index: value = <offset>
 //! <prefix>pods/<namespace/name>/<ifname>/<pool>   pod index: value = <offset>
@@ -59,6 +60,16 @@ impl Keys {
 
     pub fn run(&self, pool: &str, start: u128) -> String {
         self.runs_dir(pool) + &hex(start)
+    }
+
+    /// The directory of one pool's freed marks.
+    pub fn freed_dir(&self, pool: &str) -> String {
+        format!("{}freed/{}/", self.prefix, escape(pool))
+    }
+
+    /// The mark of `offset`, released while the run covering it still holds it.
+    pub fn freed(&self, pool: &str, offset: u128) -> String {
+        self.freed_dir(pool) + &hex(offset)
     }
 
     pub fn reservation(&self, network_name: &str, ip: IpAddr) -> String {
@@ -187,6 +198,10 @@ mod tests {
         assert_eq!(
             k.run("p", 1),
             "/w/pools/p/r/00000000000000000000000000000001"
+        );
+        assert_eq!(
+            k.freed("p", 2),
+            "/w/freed/p/00000000000000000000000000000002"
         );
         assert_eq!(
             k.reservation("net", "10.0.0.5".parse().unwrap()),

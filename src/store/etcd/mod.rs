@@ -9,6 +9,7 @@ mod commit;
 mod connect;
 mod contention;
 mod copy;
+mod freed;
 mod keys;
 mod plan;
 mod records;

@@ -9,6 +9,7 @@ use rand::Rng;
 
 use crate::ipam::Snapshot;
 
+use super::freed::fold_pool;
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::ReadRun;
 use super::session::{floor_get, key_get, CallFailed, Deadline, Session};
@@ -111,6 +112,7 @@ impl Snapshot for RangeView<'_> {
         let mut gets = vec![
             key_get(&s.keys.allocation(pool, offset)),
             floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, offset)),
+            key_get(&s.keys.freed(pool, offset)),
         ];
         if req.overlap {
             gets.push(key_get(&s.keys.reservation(&req.network_name, ip)));
@@ -124,6 +126,14 @@ impl Snapshot for RangeView<'_> {
             ));
         }
         let floor = first_run(res.next());
+        let marked = res.next().is_some_and(|kvs| !kvs.is_empty());
+        if marked {
+            // Released, its run not cut yet: cut it, then decide again.
+            fold_pool(s, self.dl, pool)?;
+            return Err(Stop::Retry(CallFailed::new(
+                "the address asked for was released and not yet free",
+            )));
+        }
         if floor.is_some_and(|f| f.run.end >= offset) {
             return Err(Stop::Final(StoreError::io(format!(
                 "pool {pool} in etcd is inconsistent: offset {offset} is in a run but has no record"

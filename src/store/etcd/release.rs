@@ -1,6 +1,7 @@
 //! Releasing allocations (DEL, GC, the CLI's release) and reading them (CHECK, allocations). Each
-//! release is one transaction: the record, its run, its index entries and its reservation go
-//! together, guarded by the revisions that were read.
+//! release is one transaction: the record, its index entries and its reservation go together,
+//! guarded by the revisions that were read, and the run is cut in a nested transaction of its
+//! own, or the address marked freed when the run changed since it was read (`freed`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,11 +10,11 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 
-use super::commit::push_run_change;
+use super::freed::{after_release, cut_or_mark, run_answer};
 use super::keys::{parse_hex, range_end, unescape, Keys};
 use super::plan::Stop;
 use super::records::{AllocationRecord, ReservationRecord};
-use super::runs::{self, ReadRun};
+use super::runs::ReadRun;
 use super::session::{floor_get, key_get, revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use crate::store::retry::Backoff;
 use crate::store::{Allocation, AttachmentRequest, GcRequest, Hints, StoreError};
@@ -233,14 +234,21 @@ fn try_release(
         };
         return Ok(Attempt::Changed);
     }
-    if held.run.is_some() {
-        s.runs_written.note(pool, revision_of(&resp));
+    let revision = revision_of(&resp);
+    // The run's nested commit comes last (`release_alone`).
+    let run_answer = held
+        .run
+        .and_then(|_| resp.op_responses().pop())
+        .and_then(run_answer);
+    if let Some(answer) = run_answer {
+        after_release(s, dl, pool, answer, revision);
     }
     Ok(Attempt::Done(held.record.allocation(pool)))
 }
 
 /// The compares and writes of one release: the record of `offset` (at `revision`), the keys
-/// `side` that point at it, and its offset out of `run`, the run covering it.
+/// `side` that point at it, and last its offset out of `run`, the run covering it (cut or
+/// marked freed, [`cut_or_mark`]).
 fn release_alone(
     keys: &Keys,
     (pool, offset): (&str, u128),
@@ -258,7 +266,7 @@ fn release_alone(
         &mut ops,
     );
     match run {
-        Some(read) => push_run_release(keys, pool, &[offset], read, &mut compares, &mut ops),
+        Some(read) => ops.push(cut_or_mark(keys, pool, &[offset], read)),
         None => tracing::warn!(
             pool,
             offset,
@@ -289,24 +297,6 @@ pub(super) fn push_release(
         compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, *rev));
         ops.push(TxnOp::delete(key.clone(), None));
     }
-}
-
-/// The compares and writes that take `offsets` out of `read`, the run covering them.
-pub(super) fn push_run_release(
-    keys: &Keys,
-    pool: &str,
-    offsets: &[u128],
-    read: ReadRun,
-    compares: &mut Vec<Compare>,
-    ops: &mut Vec<TxnOp>,
-) {
-    compares.push(Compare::mod_revision(
-        keys.run(pool, read.run.start),
-        CompareOp::Equal,
-        read.mod_revision,
-    ));
-    let change = runs::release_many(offsets, read.run);
-    push_run_change(keys, pool, change, compares, ops);
 }
 
 /// The keys that may point at an allocation: its owner and pod index entries and its

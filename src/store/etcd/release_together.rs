@@ -2,20 +2,21 @@
 //! with what a release reads of each allocation its caller named (`Hints`), in one read; then
 //! the records and runs no hint named, and the keys pointing at them that were not read with
 //! them, in one read each when there are any; then one transaction with a nested commit per
-//! run. The releases of one run share a commit, since each changes the run: the commit takes
-//! all their offsets out of the latest version of it any of them read (reads at different
-//! revisions may find different ones) and compares everything read (the records, the
-//! entries, that version of the run). Commits of different runs write different keys (one DEL per attachment
-//! in a batch), so each succeeds or fails as it would alone; a DEL whose commit failed is read
-//! again in the next round.
+//! run. The releases of one run share a commit, since each cuts the run: the commit takes all
+//! their offsets out of the latest version of it any of them read (reads at different
+//! revisions may find different ones), or marks them freed when that version is no longer the
+//! run's (`freed`), and compares everything else read (the records, the entries). Commits of
+//! different runs write different keys (one DEL per attachment in a batch), so each succeeds
+//! or fails as it would alone; a DEL whose commit failed is read again in the next round.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use etcd_client::{KeyValue, Txn, TxnOp, TxnOpResponse};
 
+use super::freed::{after_release, cut_or_mark, run_answer as run_answer_of};
 use super::release::{
-    first_answers, first_gets, likely_side_keys, owned_by, push_release, push_run_release,
-    release_gets, side_keys, Named, PoolsHeld, Releasable, ReleaseRead,
+    first_answers, first_gets, likely_side_keys, owned_by, push_release, release_gets, side_keys,
+    Named, PoolsHeld, Releasable, ReleaseRead,
 };
 use super::session::{revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use crate::store::{Allocation, AttachmentRequest};
@@ -171,10 +172,15 @@ fn commit_all(
     let resp = s.txn(dl, "combined release commit", Txn::new().and_then(commits))?;
     let revision = revision_of(&resp);
     for (group, answer) in groups.into_iter().zip(resp.op_responses()) {
-        let applied = matches!(answer, TxnOpResponse::Txn(t) if t.succeeded());
+        let (applied, run_answer) = match answer {
+            // The run's nested commit comes last (`group_commit`).
+            TxnOpResponse::Txn(t) if t.succeeded() => (true, t.op_responses().pop()),
+            _ => (false, None),
+        };
         // A group shares one run, or has none and releases records alone.
-        if let Some(h) = group.first().filter(|h| applied && h.read.run.is_some()) {
-            s.runs_written.note(&h.pool, revision);
+        let pool = group.first().map(|h| h.pool.clone());
+        if let (Some(pool), Some(answer)) = (pool, run_answer.and_then(run_answer_of)) {
+            after_release(s, dl, &pool, answer, revision);
         }
         for h in group {
             if !applied {
@@ -327,14 +333,7 @@ fn group_commit(s: &Session, group: &[Held]) -> TxnOp {
     }
     if let Some(run) = group.first().and_then(|h| h.read.run) {
         let offsets: Vec<u128> = group.iter().map(|h| h.offset).collect();
-        push_run_release(
-            &s.keys,
-            &group[0].pool,
-            &offsets,
-            run,
-            &mut compares,
-            &mut ops,
-        );
+        ops.push(cut_or_mark(&s.keys, &group[0].pool, &offsets, run));
     }
     TxnOp::txn(Txn::new().when(compares).and_then(ops))
 }

@@ -6,9 +6,9 @@
 //! An allocation never touches an existing run: it creates the run `[x, x]` (a key that must
 //! not exist), so two writers taking different addresses never conflict. Runs left adjacent
 //! that way are merged later by [`compact`], in a transaction of its own that may fail
-//! harmlessly. The runs must never overlap and must cover exactly the allocated offsets, which
-//! every change guarantees by committing with the allocation, the release or the revisions of
-//! the runs it merges.
+//! harmlessly. The runs must never overlap and must cover exactly the allocated offsets and the
+//! offsets marked freed (`freed`), which every change guarantees by committing with the
+//! allocation, the release, the marks it folds or the revisions of the runs it merges.
 
 use etcd_client::KeyValue;
 
@@ -261,30 +261,62 @@ mod tests {
         assert_eq!(chains(&walked, 3).iter().map(Vec::len).sum::<usize>(), 3);
     }
 
+    /// The runs of a pool in a model of its keys: start to end.
+    type Runs = std::collections::BTreeMap<u128, u128>;
+
+    fn apply(runs: &mut Runs, c: RunChange) {
+        for d in c.deletes {
+            runs.remove(&d);
+        }
+        for (run, fresh) in c.puts {
+            assert!(!fresh || !runs.contains_key(&run.start));
+            runs.insert(run.start, run.end);
+        }
+    }
+
+    /// Merges every chain of adjacent runs, as searches crossing them do.
+    fn compact_all(runs: &mut Runs) {
+        let walked: Vec<ReadRun> = runs
+            .iter()
+            .map(|(s, e)| ReadRun {
+                run: r(*s, *e),
+                mod_revision: 0,
+            })
+            .collect();
+        for chain in chains(&walked, 8) {
+            let chain: Vec<Run> = chain.iter().map(|c| c.run).collect();
+            apply(runs, compact(&chain));
+        }
+    }
+
+    /// The next of a sequence of pseudo-random numbers (a fixed sequence for every run).
+    fn next(x: &mut u64) -> u64 {
+        *x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *x
+    }
+
+    /// The run covering `o`, if one does.
+    fn covering(runs: &Runs, o: u128) -> Option<Run> {
+        let (s, e) = runs.range(..=o).next_back()?;
+        (o <= *e).then_some(r(*s, *e))
+    }
+
+    fn covered(runs: &Runs) -> Vec<u128> {
+        runs.iter().flat_map(|(s, e)| *s..=*e).collect()
+    }
+
     /// Any sequence of takes, releases and compactions keeps the runs an exact partition.
     #[test]
     fn runs_stay_a_partition() {
-        use std::collections::BTreeMap;
-        let mut runs: BTreeMap<u128, u128> = BTreeMap::new();
+        let mut runs = Runs::new();
         let mut held = std::collections::BTreeSet::new();
-        let apply = |runs: &mut BTreeMap<u128, u128>, c: RunChange| {
-            for d in c.deletes {
-                runs.remove(&d);
-            }
-            for (run, fresh) in c.puts {
-                assert!(!fresh || !runs.contains_key(&run.start));
-                runs.insert(run.start, run.end);
-            }
-        };
         let mut x: u64 = 7;
         for _ in 0..2000 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let o = u128::from((x >> 33) % 64) + 1;
-            let floor = runs.range(..=o).next_back().map(|(s, e)| r(*s, *e));
+            let o = u128::from((next(&mut x) >> 33) % 64) + 1;
             if held.contains(&o) {
-                let run = floor.expect("a held offset is in a run");
+                let run = covering(&runs, o).expect("a held offset is in a run");
                 apply(&mut runs, release(o, run));
                 held.remove(&o);
             } else {
@@ -292,20 +324,51 @@ mod tests {
                 held.insert(o);
             }
             if x.is_multiple_of(3) {
-                let walked: Vec<ReadRun> = runs
-                    .iter()
-                    .map(|(s, e)| ReadRun {
-                        run: r(*s, *e),
-                        mod_revision: 0,
-                    })
-                    .collect();
-                for chain in chains(&walked, 8) {
-                    let chain: Vec<Run> = chain.iter().map(|c| c.run).collect();
-                    apply(&mut runs, compact(&chain));
-                }
+                compact_all(&mut runs);
             }
-            let covered: Vec<u128> = runs.iter().flat_map(|(s, e)| *s..=*e).collect();
-            assert_eq!(covered, held.iter().copied().collect::<Vec<_>>());
+            assert_eq!(covered(&runs), held.iter().copied().collect::<Vec<_>>());
+        }
+    }
+
+    /// With releases that mark their offset instead of cutting it (`freed`), and folds that cut
+    /// the marks of a run out of it all at once, the runs cover exactly the held and the marked
+    /// offsets, and an offset is never both.
+    #[test]
+    fn runs_stay_a_partition_of_held_and_marked_offsets() {
+        use std::collections::BTreeSet;
+        let mut runs = Runs::new();
+        let (mut held, mut marked) = (BTreeSet::new(), BTreeSet::new());
+        let mut x: u64 = 11;
+        for _ in 0..4000 {
+            let o = u128::from((next(&mut x) >> 33) % 64) + 1;
+            let run = covering(&runs, o);
+            if held.contains(&o) && x % 5 < 3 {
+                held.remove(&o);
+                marked.insert(o);
+            } else if held.contains(&o) {
+                apply(
+                    &mut runs,
+                    release(o, run.expect("a held offset is in a run")),
+                );
+                held.remove(&o);
+            } else if marked.contains(&o) {
+                // A fold of every mark of the run covering `o`.
+                let run = run.expect("a marked offset is in a run");
+                let folded: Vec<u128> = marked.range(run.start..=run.end).copied().collect();
+                apply(&mut runs, release_many(&folded, run));
+                for m in &folded {
+                    marked.remove(m);
+                }
+            } else {
+                apply(&mut runs, take(o));
+                held.insert(o);
+            }
+            if x.is_multiple_of(3) {
+                compact_all(&mut runs);
+            }
+            let expected: Vec<u128> = held.union(&marked).copied().collect();
+            assert_eq!(covered(&runs), expected);
+            assert!(held.is_disjoint(&marked));
         }
     }
 }
