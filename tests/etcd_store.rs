@@ -689,90 +689,101 @@ fn an_unused_pools_copy_is_let_go_and_followed_again() {
 
 /// Releases of one run by many nodes at once do not take turns on it: when another release
 /// cut the run since it was read, a release leaves it covering the address and marks the
-/// address freed instead of losing its commit. Nothing of the pool is lost that way: a static
-/// address asked for while marked is given, and a pool whose free addresses are all marked
-/// hands out every one of them again before it reports itself full.
+/// address freed instead of losing its commit. Nothing of the pool is lost that way: a pool
+/// whose free addresses are all marked hands out every one of them again before it reports
+/// itself full, a static address asked for while marked is given, and the controller's
+/// reconcile (`free_released`) folds every mark left.
 #[test]
 fn releases_of_one_run_at_once_mark_their_addresses_and_lose_none() {
-    const NODES: usize = 8;
     if !etcd_available() {
         return;
     }
     let cluster = Cluster::start(false);
-    let nodes: Vec<Box<dyn Store>> = (0..2).map(|_| open(&cluster, DEFAULT_PREFIX)).collect();
+    let store = open(&cluster, DEFAULT_PREFIX);
     let p = pool("10.0.0.0/27", "");
     let pools = std::slice::from_ref(&p);
     let everything: BTreeSet<IpAddr> = (1..=30).map(|o| p.range.ip(o)).collect();
-    let add = |c: &str| nodes[0].add(&add_req(who(c, None), pools, ""));
+    let add = |c: &str| store.add(&add_req(who(c, None), pools, ""));
     let marks = || cluster.keys(&format!("{DEFAULT_PREFIX}freed/"));
-    // One node fills the pool (its runs merge as they grow), all nodes release it at once.
-    let mut round = 0;
-    while marks().is_empty() && round < 5 {
+    // One node fills the pool (its runs merge as they grow), then it is full.
+    let fill = |tag: &str| -> Vec<String> {
         let names: Vec<String> = (0..everything.len())
-            .map(|i| format!("r{round}-{i}"))
+            .map(|i| format!("{tag}-{i}"))
             .collect();
         let given: BTreeSet<IpAddr> = names.iter().map(|c| add(c).unwrap()[0]).collect();
-        assert_eq!(given, everything, "round {round} did not fill the pool");
-        let before = cluster.transactions_served();
-        let start = Barrier::new(NODES);
-        let released: Vec<usize> = std::thread::scope(|scope| {
-            let running: Vec<_> = (0..NODES)
-                .map(|node| {
-                    let (start, names, cluster) = (&start, &names, &cluster);
-                    scope.spawn(move || {
-                        let store = open(cluster, DEFAULT_PREFIX);
-                        start.wait();
-                        let mine = names.iter().skip(node).step_by(NODES);
-                        let dels = mine.map(|c| store.del(&att_req(c, pools)).unwrap().len());
-                        dels.collect::<Vec<usize>>()
-                    })
-                })
-                .collect();
-            running
-                .into_iter()
-                .flat_map(|t| t.join().unwrap())
-                .collect()
-        });
-        assert_eq!(released, vec![1; names.len()], "what each DEL released");
-        let per_del = (cluster.transactions_served() - before) / names.len() as f64;
-        eprintln!(
-            "round {round}: {per_del:.2} transactions per DEL, {} marks left",
-            marks().len()
-        );
-        // A DEL alone reads twice and commits once; a fold now and then cuts many marks.
+        assert_eq!(given, everything, "{tag}: the pool did not fill");
+        let refused = add(&format!("{tag}-one-too-many"));
         assert!(
-            per_del < 3.5,
-            "{per_del:.2} transactions per DEL: releases lost commits"
+            matches!(refused, Err(StoreError::Exhausted { .. })),
+            "{refused:?}"
         );
-        let left = cluster.left_after_releasing_all(DEFAULT_PREFIX);
-        assert!(left.is_empty(), "keys left after every DEL: {left:?}");
-        round += 1;
-    }
-    let marked = marks();
-    assert!(
-        !marked.is_empty(),
-        "no release found its run cut by another in {round} rounds"
-    );
+        names
+    };
+    // Eight nodes release the full pool (`names`) at once, and again after filling it, until
+    // some release found its run cut by another (five rounds at most): the marks left.
+    let release_until_marked = |tag: &str, mut names: Vec<String>| -> Vec<String> {
+        for round in 0..5 {
+            release_at_once(&cluster, &names, pools);
+            let marked = marks();
+            if !marked.is_empty() {
+                return marked;
+            }
+            names = fill(&format!("{tag}{round}"));
+        }
+        panic!("{tag}: no release found its run cut by another in five rounds");
+    };
 
-    let offset = u128::from_str_radix(marked[0].rsplit('/').next().unwrap(), 16).unwrap();
-    let mut fixed = add_req(who("static", None), pools, "");
-    fixed.ranges[0].requested = Some(offset);
-    let got = nodes[1].add(&fixed).expect("a marked static address");
-    assert_eq!(got, vec![p.range.ip(offset)]);
-    let mut given = BTreeSet::from([got[0]]);
-    for i in 1..everything.len() {
-        given.insert(add(&format!("refill-{i}")).expect("a marked address given again")[0]);
-    }
-    assert_eq!(given, everything, "the pool did not fill again");
-    assert!(matches!(
-        add("one-too-many"),
-        Err(StoreError::Exhausted { .. })
-    ));
+    release_until_marked("a", fill("a"));
+    let refilled = fill("refill");
     assert!(
         marks().is_empty(),
         "marks left in a full pool: {:?}",
         marks()
     );
+
+    let marked = release_until_marked("b", refilled);
+    let offset = u128::from_str_radix(marked[0].rsplit('/').next().unwrap(), 16).unwrap();
+    let mut fixed = add_req(who("static", None), pools, "");
+    fixed.ranges[0].requested = Some(offset);
+    let got = store.add(&fixed).expect("a marked static address");
+    assert_eq!(got, vec![p.range.ip(offset)]);
+    store.del(&att_req("static", pools)).unwrap();
+
+    let marked = release_until_marked("c", fill("c"));
+    assert_eq!(store.free_released().unwrap(), marked.len(), "marks folded");
+    let left = cluster.keys(DEFAULT_PREFIX);
+    assert!(
+        left.is_empty(),
+        "keys left after the reconcile's fold: {left:?}"
+    );
+}
+
+/// Releases `names` (one address each in `pools`) from eight nodes at once: each DEL releases
+/// its address in its first commit, and nothing but freed marks and the runs covering exactly
+/// them is left.
+fn release_at_once(cluster: &Cluster, names: &[String], pools: &[PoolRef]) {
+    const NODES: usize = 8;
+    let before = cluster.transactions_served();
+    let nodes: Vec<usize> = (0..NODES).collect();
+    let released: Vec<usize> = all_at_once(&nodes, |&node| {
+        let store = open(cluster, DEFAULT_PREFIX);
+        let mine = names.iter().skip(node).step_by(NODES);
+        let dels = mine.map(|c| store.del(&att_req(c, pools)).unwrap().len());
+        dels.collect::<Vec<usize>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    assert_eq!(released, vec![1; names.len()], "what each DEL released");
+    let per_del = (cluster.transactions_served() - before) / names.len() as f64;
+    eprintln!("{per_del:.2} transactions per DEL");
+    // A DEL alone reads twice and commits once; a fold now and then cuts many marks.
+    assert!(
+        per_del < 3.5,
+        "{per_del:.2} transactions per DEL: releases lost commits"
+    );
+    let left = cluster.left_after_releasing_all(DEFAULT_PREFIX);
+    assert!(left.is_empty(), "keys left after every DEL: {left:?}");
 }
 
 /// Runs `op` for every item at once, one thread each, and returns the results in order.

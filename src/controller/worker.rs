@@ -306,6 +306,7 @@ impl Worker {
             }
         }
         let orphans = self.release_orphan_reservations(reservations, &pods);
+        let refreed = self.free_released();
         let elapsed = started.elapsed();
         self.metrics
             .reconciled(elapsed.as_secs_f64(), held, Timestamp::now().as_second());
@@ -313,10 +314,24 @@ impl Worker {
             why,
             released = released.len(),
             orphans,
+            refreed,
             elapsed_ms = elapsed.as_millis() as u64,
             "reconciled"
         );
         self.refresh_stats(&allocations, &released);
+    }
+
+    /// Addresses released but held back from searches (etcd's freed marks), made free again:
+    /// how many. Only the leader writes.
+    fn free_released(&self) -> usize {
+        if !self.leadership.is_leader() {
+            return 0;
+        }
+        self.store.free_released().unwrap_or_else(|err| {
+            self.metrics.error("free_released");
+            tracing::warn!(err = %err.describe(), "cannot free the addresses released and held back");
+            0
+        })
     }
 
     /// Reservations that no pool entry backs and whose pod is gone (an ADD or DEL stopped

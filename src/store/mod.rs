@@ -256,6 +256,13 @@ pub trait Store {
     /// Releases one address of one pool, whoever holds it; returns what was released.
     fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError>;
 
+    /// Makes free again the addresses released but still held back from searches (etcd's freed
+    /// marks, which a later fold cuts out of their runs); how many. The controller's reconcile
+    /// calls it; engines that free an address with its release have none.
+    fn free_released(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
     /// Reservations that no pool entry backs: left by an ADD or DEL stopped half-way, or an ADD
     /// still in flight (its reservation lands first), which the caller must tell apart. Engines
     /// that commit a reservation together with its pool entry never have one.

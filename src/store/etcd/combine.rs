@@ -228,6 +228,10 @@ impl Store for Combining {
     fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         self.inner.store.release(pool, ip)
     }
+
+    fn free_released(&self) -> Result<usize, StoreError> {
+        self.inner.store.free_released()
+    }
 }
 
 impl Inner {

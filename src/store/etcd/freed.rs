@@ -14,15 +14,16 @@
 //! mark absent. A covered offset looks taken to every search, so a mark only keeps its address
 //! out of use until a fold cuts the marked offsets out of their run and deletes the marks, in
 //! one transaction comparing both. Folds happen after a release whose run holds enough marks,
-//! when a pool looks full, and when a static address asked for is marked.
+//! when a pool looks full, when a static address asked for is marked, and at every reconcile
+//! of the controller (`Store::free_released`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 use rand::Rng;
 
 use super::commit::{push_run_change, unchanged};
-use super::keys::{parse_hex, range_end, Keys};
+use super::keys::{parse_hex, range_end, unescape, Keys};
 use super::runs::{self, ReadRun};
 use super::session::{floor_get, revision_of, CallFailed, Deadline, Session};
 
@@ -184,24 +185,62 @@ fn fold(
     Ok(())
 }
 
-/// Folds the marks of `pool`, a page of [`FOLD_CAP`] at a time, until none is left, a page folds
-/// nothing (another writer changed those runs: the caller's next attempt sees what it did) or
-/// the deadline passes. Whether there were marks: the addresses they held back may be free now.
-/// For a pool that looks full, or a static address that is marked.
+/// Folds the marks of `pool` (see [`fold_pages`]). Whether there were marks: the addresses they
+/// held back may be free now. For a pool that looks full, or a static address that is marked.
 pub(super) fn fold_pool(s: &Session, dl: &Deadline, pool: &str) -> Result<bool, CallFailed> {
-    let mut found = false;
+    Ok(fold_pages(s, dl, pool)?.found)
+}
+
+/// Folds every mark under the prefix, pool by pool: how many. For the controller's reconcile:
+/// marks below their run's fold threshold otherwise wait for a later release in the run, a
+/// full pool or a static address asked for.
+pub(super) fn fold_everywhere(s: &Session, dl: &Deadline) -> Result<usize, CallFailed> {
+    let root = s.keys.freed_root();
+    let mut pools = BTreeSet::new();
+    s.scan(dl, &root, |kv| {
+        let pool = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|key| key.strip_prefix(root.as_str()))
+            .and_then(|rest| rest.split('/').next());
+        if let Some(pool) = pool {
+            pools.insert(unescape(pool));
+        }
+    })?;
+    let mut folded = 0;
+    for pool in pools {
+        folded += fold_pages(s, dl, &pool)?.folded;
+    }
+    Ok(folded)
+}
+
+/// What [`fold_pages`] found and did.
+struct Folded {
+    found: bool,
+    folded: usize,
+}
+
+/// Folds the marks of `pool`, a page of [`FOLD_CAP`] at a time, until none is left, a page folds
+/// nothing (another writer changed those runs: whoever asked sees what it did on its next
+/// attempt) or the deadline passes.
+fn fold_pages(s: &Session, dl: &Deadline, pool: &str) -> Result<Folded, CallFailed> {
+    let mut done = Folded {
+        found: false,
+        folded: 0,
+    };
     while !dl.passed() {
         match fold_page(s, dl, pool)? {
-            None => break,
-            Some(folded) => {
-                found = true;
-                if folded == 0 {
-                    break;
-                }
+            Some(folded) if folded > 0 => {
+                done.found = true;
+                done.folded += folded;
             }
+            Some(_) => {
+                done.found = true;
+                break;
+            }
+            None => break,
         }
     }
-    Ok(found)
+    Ok(done)
 }
 
 /// Folds the first [`FOLD_CAP`] marks of `pool` into their runs, one transaction: how many

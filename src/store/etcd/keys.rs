@@ -62,9 +62,14 @@ impl Keys {
         self.runs_dir(pool) + &hex(start)
     }
 
+    /// The directory of every pool's freed marks.
+    pub fn freed_root(&self) -> String {
+        format!("{}freed/", self.prefix)
+    }
+
     /// The directory of one pool's freed marks.
     pub fn freed_dir(&self, pool: &str) -> String {
-        format!("{}freed/{}/", self.prefix, escape(pool))
+        format!("{}{}/", self.freed_root(), escape(pool))
     }
 
     /// The mark of `offset`, released while the run covering it still holds it.

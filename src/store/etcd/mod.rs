@@ -143,4 +143,9 @@ impl Store for EtcdStore {
     fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
         release::release(&self.session, &self.backoff, pool, ip)
     }
+
+    fn free_released(&self) -> Result<usize, StoreError> {
+        let dl = Deadline::after(self.session.timeouts.deadline);
+        Ok(freed::fold_everywhere(&self.session, &dl)?)
+    }
 }
