@@ -270,6 +270,14 @@ fn delete_everything(nodes: &EtcdNodes, calls: usize) {
         left.is_empty(),
         "keys left after DEL of everything: {left:?}"
     );
+    // Every mark left was written by an agent and not yet folded by one (marks are written
+    // only by releases, which came after the agents last started).
+    let agents = agents.lock().unwrap();
+    let marked = summed(&agents, "whereabouts_agent_freed_marked_total");
+    let folded = summed(&agents, "whereabouts_agent_freed_folded_total");
+    let marks = cluster.keys("/whereabouts/freed/").len();
+    eprintln!("{marked} addresses marked freed, {folded} marks folded, {marks} left");
+    assert_eq!(marks as f64, marked - folded, "the agents' counts of marks");
 }
 
 /// ADD of pod `i` on `node-0` through its agent, which must succeed: its address.

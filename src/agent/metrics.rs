@@ -40,6 +40,8 @@ pub struct Metrics {
     cache_updated: Family<CacheLabels, Gauge>,
     cache_events: Family<CacheLabels, Counter>,
     cache_copies: Family<CacheLabels, Gauge>,
+    freed_marked: Counter,
+    freed_folded: Counter,
 }
 
 impl Default for Metrics {
@@ -109,6 +111,18 @@ impl Metrics {
             "Copies the agent follows (etcd: one per pool a batch used lately)",
             cache_copies.clone(),
         );
+        let freed_marked = Counter::default();
+        registry.register(
+            "freed_marked",
+            "Addresses released while another release was cutting their run, marked freed: out of use until a fold (etcd)",
+            freed_marked.clone(),
+        );
+        let freed_folded = Counter::default();
+        registry.register(
+            "freed_folded",
+            "Freed marks this agent's folds cut out of their runs, their addresses free again (etcd)",
+            freed_folded.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
@@ -120,6 +134,8 @@ impl Metrics {
             cache_updated,
             cache_events,
             cache_copies,
+            freed_marked,
+            freed_folded,
         }
     }
 
@@ -174,10 +190,36 @@ impl Observer for Metrics {
         }
     }
 
+    fn freed(&self, marked: u64, folded: u64) {
+        self.freed_marked.inc_by(marked);
+        self.freed_folded.inc_by(folded);
+    }
+
     fn following(&self, cache: &'static str, copies: usize) {
         let copies = i64::try_from(copies).unwrap_or(i64::MAX);
         self.cache_copies
             .get_or_create(&CacheLabels { cache })
             .set(copies);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freed_marks_and_folds_are_counted() {
+        let metrics = Metrics::new();
+        metrics.freed(3, 1);
+        metrics.freed(2, 4);
+        let text = metrics.render();
+        assert!(
+            text.contains("whereabouts_agent_freed_marked_total 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("whereabouts_agent_freed_folded_total 5"),
+            "{text}"
+        );
     }
 }

@@ -24,6 +24,11 @@ pub trait Observer: Send + Sync {
     fn following(&self, what: &'static str, copies: usize) {
         let _ = (what, copies);
     }
+    /// Since the last call, the agent marked `marked` released addresses freed and its folds
+    /// cut `folded` marks out of their runs (etcd).
+    fn freed(&self, marked: u64, folded: u64) {
+        let _ = (marked, folded);
+    }
 }
 
 /// The map stays consistent whatever panicked while holding it: every change is one insert,

@@ -131,6 +131,12 @@ impl Inner {
                 let (jobs, replies): (Vec<J>, Vec<_>) = waiting.into_iter().unzip();
                 self.observer.batch(queues.operation(), jobs.len());
                 let answers = serve_batch(self, &jobs);
+                // Counted before the answers go: whoever reads the metrics after an answer
+                // finds its batch in them.
+                let (marked, folded) = self.store.session.freed.take();
+                if marked > 0 || folded > 0 {
+                    self.observer.freed(marked, folded);
+                }
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     // The plugin may have hung up; what was done stays done.
                     let _ = reply.send(answer);

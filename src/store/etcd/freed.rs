@@ -74,9 +74,10 @@ pub(super) enum RunAnswer {
     Marked(Marked),
 }
 
-/// After marking: the run covering the marked offsets now, and marks inside it (this
-/// release's among them), as the transaction read them.
+/// After marking: how many offsets this release marked, the run covering them now, and
+/// marks inside it (this release's among them), as the transaction read them.
 pub(super) struct Marked {
+    count: usize,
     run: Option<ReadRun>,
     marks: Vec<Mark>,
 }
@@ -106,14 +107,19 @@ pub(super) fn run_answer(answer: TxnOpResponse) -> Option<RunAnswer> {
     if t.succeeded() {
         return Some(RunAnswer::Cut);
     }
-    let mut gets = t.op_responses().into_iter().rev().filter_map(|r| match r {
+    let answers = t.op_responses();
+    let count = answers
+        .iter()
+        .filter(|r| matches!(r, TxnOpResponse::Put(_)))
+        .count();
+    let mut gets = answers.into_iter().rev().filter_map(|r| match r {
         TxnOpResponse::Get(mut g) => Some(g.take_kvs()),
         _ => None,
     });
     let (marks, floor) = (gets.next()?, gets.next()?);
     let run = floor.first().and_then(ReadRun::from_kv);
     let marks = marks.iter().filter_map(Mark::from_kv).collect();
-    Some(RunAnswer::Marked(Marked { run, marks }))
+    Some(RunAnswer::Marked(Marked { count, run, marks }))
 }
 
 /// What a release that committed must still do about its run: note its cut (the agent's copy
@@ -126,27 +132,26 @@ pub(super) fn after_release(
     answer: RunAnswer,
     revision: i64,
 ) {
-    match answer {
-        RunAnswer::Cut => s.runs_written.note(pool, revision),
-        RunAnswer::Marked(Marked {
-            run: Some(run),
-            marks,
-        }) => {
-            let inside: Vec<Mark> = marks
-                .into_iter()
-                .filter(|m| run.run.start <= m.offset && m.offset <= run.run.end)
-                .collect();
-            let threshold = FOLD_AT + rand::rng().random_range(0..FOLD_AT);
-            if inside.len() >= threshold {
-                if let Err(e) = fold(s, dl, pool, run, &inside) {
-                    tracing::debug!(
-                        "etcd: folding marks of {pool} failed (harmless): {}",
-                        crate::store::error::chain(&e)
-                    );
-                }
-            }
+    let RunAnswer::Marked(Marked { count, run, marks }) = answer else {
+        s.runs_written.note(pool, revision);
+        return;
+    };
+    s.freed.marked(count);
+    let Some(run) = run else {
+        return;
+    };
+    let inside: Vec<Mark> = marks
+        .into_iter()
+        .filter(|m| run.run.start <= m.offset && m.offset <= run.run.end)
+        .collect();
+    let threshold = FOLD_AT + rand::rng().random_range(0..FOLD_AT);
+    if inside.len() >= threshold {
+        if let Err(e) = fold(s, dl, pool, run, &inside) {
+            tracing::debug!(
+                "etcd: folding marks of {pool} failed (harmless): {}",
+                crate::store::error::chain(&e)
+            );
         }
-        RunAnswer::Marked(Marked { run: None, .. }) => {}
     }
 }
 
@@ -181,6 +186,7 @@ fn fold(
         .any(|r| matches!(r, TxnOpResponse::Txn(t) if t.succeeded()));
     if applied {
         s.runs_written.note(pool, revision_of(&resp));
+        s.freed.folded(marks.len());
     }
     Ok(())
 }
@@ -278,6 +284,7 @@ fn fold_page(s: &Session, dl: &Deadline, pool: &str) -> Result<Option<usize>, Ca
     }
     if folded > 0 {
         s.runs_written.note(pool, revision_of(&resp));
+        s.freed.folded(folded);
     }
     Ok(Some(folded))
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,7 @@ pub struct Session {
     pub keys: Keys,
     pub timeouts: Timeouts,
     pub runs_written: RunsWritten,
+    pub freed: FreedCount,
 }
 
 /// A session's client, shared with the node agent's watches: replaced when the session
@@ -172,6 +174,30 @@ impl RunsWritten {
     }
 }
 
+/// Addresses this session marked freed and marks its folds cut out of runs (`freed`), since
+/// the node agent last took the counts for its metrics.
+#[derive(Default)]
+pub struct FreedCount {
+    marked: AtomicU64,
+    folded: AtomicU64,
+}
+
+impl FreedCount {
+    pub fn marked(&self, count: usize) {
+        self.marked.fetch_add(count as u64, Ordering::Relaxed);
+    }
+
+    pub fn folded(&self, count: usize) {
+        self.folded.fetch_add(count as u64, Ordering::Relaxed);
+    }
+
+    /// The counts since the last take: (marked, folded).
+    pub fn take(&self) -> (u64, u64) {
+        let marked = self.marked.swap(0, Ordering::Relaxed);
+        (marked, self.folded.swap(0, Ordering::Relaxed))
+    }
+}
+
 impl Session {
     /// Builds the runtime (or shares the multi-threaded runtime `shared`) and the client.
     /// Connecting is lazy in the client (members are dialled on first use); with credentials it
@@ -208,6 +234,7 @@ impl Session {
             keys,
             timeouts,
             runs_written: RunsWritten::default(),
+            freed: FreedCount::default(),
         })
     }
 
