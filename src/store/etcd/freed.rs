@@ -252,21 +252,9 @@ fn fold_pages(s: &Session, dl: &Deadline, pool: &str) -> Result<Folded, CallFail
 /// Folds the first [`FOLD_CAP`] marks of `pool` into their runs, one transaction: how many
 /// were folded, `None` when there were none.
 fn fold_page(s: &Session, dl: &Deadline, pool: &str) -> Result<Option<usize>, CallFailed> {
-    let dir = s.keys.freed_dir(pool);
-    let options = GetOptions::new()
-        .with_range(range_end(&dir))
-        .with_limit(FOLD_CAP as i64);
-    let page = s.get(dl, "freed marks read", dir, Some(options))?;
-    let marks: Vec<Mark> = page.kvs().iter().filter_map(Mark::from_kv).collect();
-    if marks.is_empty() {
+    let Some((by_run, orphans)) = read_page(s, dl, pool)? else {
         return Ok(None);
-    }
-    let floors = marks
-        .iter()
-        .map(|m| floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, m.offset)))
-        .collect();
-    let floors = s.reads(dl, "freed marks read", floors)?;
-    let (by_run, orphans) = marks_by_run(&marks, floors);
+    };
     let mut commits: Vec<(TxnOp, usize)> = by_run
         .iter()
         .map(|(run, marks)| (fold_commit(&s.keys, pool, *run, marks), marks.len()))
@@ -289,12 +277,32 @@ fn fold_page(s: &Session, dl: &Deadline, pool: &str) -> Result<Option<usize>, Ca
     Ok(Some(folded))
 }
 
+/// Marks grouped by the run covering them, and the marks no run covers.
+type Grouped = (Vec<(ReadRun, Vec<Mark>)>, Vec<Mark>);
+
+/// The first [`FOLD_CAP`] marks of `pool` with the run covering each, as [`marks_by_run`]
+/// groups them; `None` when there are none.
+fn read_page(s: &Session, dl: &Deadline, pool: &str) -> Result<Option<Grouped>, CallFailed> {
+    let dir = s.keys.freed_dir(pool);
+    let options = GetOptions::new()
+        .with_range(range_end(&dir))
+        .with_limit(FOLD_CAP as i64);
+    let page = s.get(dl, "freed marks read", dir, Some(options))?;
+    let marks: Vec<Mark> = page.kvs().iter().filter_map(Mark::from_kv).collect();
+    if marks.is_empty() {
+        return Ok(None);
+    }
+    let floors = marks
+        .iter()
+        .map(|m| floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, m.offset)))
+        .collect();
+    let floors = s.reads(dl, "freed marks read", floors)?;
+    Ok(Some(marks_by_run(&marks, floors)))
+}
+
 /// The marks grouped by the run covering each (`floors`: the run at or before each mark, one
 /// answer per mark), and the marks no run covers.
-fn marks_by_run(
-    marks: &[Mark],
-    floors: Vec<Vec<KeyValue>>,
-) -> (Vec<(ReadRun, Vec<Mark>)>, Vec<Mark>) {
+fn marks_by_run(marks: &[Mark], floors: Vec<Vec<KeyValue>>) -> Grouped {
     let mut by_run: BTreeMap<u128, (ReadRun, Vec<Mark>)> = BTreeMap::new();
     let mut orphans = Vec::new();
     for (m, floor) in marks.iter().zip(floors) {
