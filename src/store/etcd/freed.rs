@@ -17,7 +17,7 @@
 //! when a pool looks full, when a static address asked for is marked, and at every reconcile
 //! of the controller (`Store::free_released`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 use rand::Rng;
@@ -179,16 +179,7 @@ fn fold(
     marks: &[Mark],
 ) -> Result<(), CallFailed> {
     let commit = fold_commit(&s.keys, pool, run, marks);
-    let resp = s.txn(dl, "fold of freed marks", Txn::new().and_then([commit]))?;
-    let applied = resp
-        .op_responses()
-        .into_iter()
-        .any(|r| matches!(r, TxnOpResponse::Txn(t) if t.succeeded()));
-    if applied {
-        s.runs_written.note(pool, revision_of(&resp));
-        s.freed.folded(marks.len());
-    }
-    Ok(())
+    commit_folds(s, dl, pool, vec![(commit, marks.len())]).map(drop)
 }
 
 /// Folds the marks of `pool` (see [`fold_pages`]). Whether there were marks: the addresses they
@@ -197,24 +188,26 @@ pub(super) fn fold_pool(s: &Session, dl: &Deadline, pool: &str) -> Result<bool, 
     Ok(fold_pages(s, dl, pool)?.found)
 }
 
-/// Folds every mark under the prefix, pool by pool: how many. For the controller's reconcile:
-/// marks below their run's fold threshold otherwise wait for a later release in the run, a
-/// full pool or a static address asked for.
+/// Folds every mark under the prefix, pool by pool, [`FOLD_CAP`] at a time, as one scan found
+/// them: how many. For the controller's reconcile: marks below their run's fold threshold
+/// otherwise wait for a later release in the run, a full pool or a static address asked for.
 pub(super) fn fold_everywhere(s: &Session, dl: &Deadline) -> Result<usize, CallFailed> {
     let root = s.keys.freed_root();
-    let mut pools = BTreeSet::new();
+    let mut by_pool: BTreeMap<String, Vec<Mark>> = BTreeMap::new();
     s.scan(dl, &root, |kv| {
         let pool = std::str::from_utf8(kv.key())
             .ok()
             .and_then(|key| key.strip_prefix(root.as_str()))
             .and_then(|rest| rest.split('/').next());
-        if let Some(pool) = pool {
-            pools.insert(unescape(pool));
+        if let (Some(pool), Some(mark)) = (pool, Mark::from_kv(&kv)) {
+            by_pool.entry(unescape(pool)).or_default().push(mark);
         }
     })?;
     let mut folded = 0;
-    for pool in pools {
-        folded += fold_pages(s, dl, &pool)?.folded;
+    for (pool, marks) in by_pool {
+        for page in marks.chunks(FOLD_CAP) {
+            folded += fold_marks(s, dl, &pool, page)?;
+        }
     }
     Ok(folded)
 }
@@ -249,12 +242,30 @@ fn fold_pages(s: &Session, dl: &Deadline, pool: &str) -> Result<Folded, CallFail
     Ok(done)
 }
 
-/// Folds the first [`FOLD_CAP`] marks of `pool` into their runs, one transaction: how many
-/// were folded, `None` when there were none.
+/// Folds the first [`FOLD_CAP`] marks of `pool` into their runs: how many were folded, `None`
+/// when there were none.
 fn fold_page(s: &Session, dl: &Deadline, pool: &str) -> Result<Option<usize>, CallFailed> {
-    let Some((by_run, orphans)) = read_page(s, dl, pool)? else {
+    let dir = s.keys.freed_dir(pool);
+    let options = GetOptions::new()
+        .with_range(range_end(&dir))
+        .with_limit(FOLD_CAP as i64);
+    let page = s.get(dl, "freed marks read", dir, Some(options))?;
+    let marks: Vec<Mark> = page.kvs().iter().filter_map(Mark::from_kv).collect();
+    if marks.is_empty() {
         return Ok(None);
-    };
+    }
+    fold_marks(s, dl, pool, &marks).map(Some)
+}
+
+/// Folds `marks` of `pool` (as read, at most [`FOLD_CAP`]) into the runs covering them: one
+/// read of those runs and one transaction. How many were folded.
+fn fold_marks(s: &Session, dl: &Deadline, pool: &str, marks: &[Mark]) -> Result<usize, CallFailed> {
+    let floors = marks
+        .iter()
+        .map(|m| floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, m.offset)))
+        .collect();
+    let floors = s.reads(dl, "freed marks read", floors)?;
+    let (by_run, orphans) = marks_by_run(marks, floors);
     let mut commits: Vec<(TxnOp, usize)> = by_run
         .iter()
         .map(|(run, marks)| (fold_commit(&s.keys, pool, *run, marks), marks.len()))
@@ -262,6 +273,17 @@ fn fold_page(s: &Session, dl: &Deadline, pool: &str) -> Result<Option<usize>, Ca
     if !orphans.is_empty() {
         commits.push((orphans_deleted(&s.keys, pool, &orphans), orphans.len()));
     }
+    commit_folds(s, dl, pool, commits)
+}
+
+/// Sends the fold `commits` of `pool` (each with how many marks it deletes) in one
+/// transaction: how many marks the commits that applied deleted.
+fn commit_folds(
+    s: &Session,
+    dl: &Deadline,
+    pool: &str,
+    commits: Vec<(TxnOp, usize)>,
+) -> Result<usize, CallFailed> {
     let (commits, sizes): (Vec<TxnOp>, Vec<usize>) = commits.into_iter().unzip();
     let resp = s.txn(dl, "fold of freed marks", Txn::new().and_then(commits))?;
     let mut folded = 0;
@@ -274,31 +296,11 @@ fn fold_page(s: &Session, dl: &Deadline, pool: &str) -> Result<Option<usize>, Ca
         s.runs_written.note(pool, revision_of(&resp));
         s.freed.folded(folded);
     }
-    Ok(Some(folded))
+    Ok(folded)
 }
 
 /// Marks grouped by the run covering them, and the marks no run covers.
 type Grouped = (Vec<(ReadRun, Vec<Mark>)>, Vec<Mark>);
-
-/// The first [`FOLD_CAP`] marks of `pool` with the run covering each, as [`marks_by_run`]
-/// groups them; `None` when there are none.
-fn read_page(s: &Session, dl: &Deadline, pool: &str) -> Result<Option<Grouped>, CallFailed> {
-    let dir = s.keys.freed_dir(pool);
-    let options = GetOptions::new()
-        .with_range(range_end(&dir))
-        .with_limit(FOLD_CAP as i64);
-    let page = s.get(dl, "freed marks read", dir, Some(options))?;
-    let marks: Vec<Mark> = page.kvs().iter().filter_map(Mark::from_kv).collect();
-    if marks.is_empty() {
-        return Ok(None);
-    }
-    let floors = marks
-        .iter()
-        .map(|m| floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, m.offset)))
-        .collect();
-    let floors = s.reads(dl, "freed marks read", floors)?;
-    Ok(Some(marks_by_run(&marks, floors)))
-}
 
 /// The marks grouped by the run covering each (`floors`: the run at or before each mark, one
 /// answer per mark), and the marks no run covers.
