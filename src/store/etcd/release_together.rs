@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use etcd_client::{KeyValue, Txn, TxnOp, TxnOpResponse};
 
-use super::freed::{after_release, cut_or_mark, run_answer as run_answer_of};
+use super::freed::{after_release, cut_or_mark, run_answer};
 use super::release::{
     first_answers, first_gets, likely_side_keys, owned_by, push_release, release_gets, side_keys,
     Named, PoolsHeld, Releasable, ReleaseRead,
@@ -172,14 +172,14 @@ fn commit_all(
     let resp = s.txn(dl, "combined release commit", Txn::new().and_then(commits))?;
     let revision = revision_of(&resp);
     for (group, answer) in groups.into_iter().zip(resp.op_responses()) {
-        let (applied, run_answer) = match answer {
+        let (applied, last) = match answer {
             // The run's nested commit comes last (`group_commit`).
             TxnOpResponse::Txn(t) if t.succeeded() => (true, t.op_responses().pop()),
             _ => (false, None),
         };
         // A group shares one run, or has none and releases records alone.
         let pool = group.first().map(|h| h.pool.clone());
-        if let (Some(pool), Some(answer)) = (pool, run_answer.and_then(run_answer_of)) {
+        if let (Some(pool), Some(answer)) = (pool, last.and_then(run_answer)) {
             after_release(s, dl, &pool, answer, revision);
         }
         for h in group {
