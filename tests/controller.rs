@@ -782,12 +782,17 @@ fn etcd_engine_deleted_pod_released() {
         "ipam": {"type": "whereabouts", "datastore": "etcd", "etcd_host": cluster.endpoints(),
                  "range": "10.90.0.0/24", "log_level": "verbose"}});
     let pod_ref = |name: &str| format!("{}/{name}", ns.name);
-    for name in ["e-1", "e-2", "e-gone"] {
+    for name in ["e-1", "e-2", "e-gone", "e-marked"] {
         let uid = ns.add_pod(name, "Running");
         let args = common::pod_args_with_uid(&pod_ref(name), &uid);
         common::call_with(&conf, "ADD", &format!("c-{name}"), "net1", &args).ok();
     }
     assert!(ns.delete("pods", "e-gone"));
+    // e-marked's release left a freed mark, as when another node's release had just cut its
+    // run: the reconcile folds it (its address free again) and counts it.
+    cluster.release_by_marking("/whereabouts/", "c-e-marked");
+    let marks = || cluster.keys("/whereabouts/freed/");
+    assert_eq!(marks().len(), 1);
     let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
     let pods_held = || -> Vec<String> {
         let out = Command::new(common::bin())
@@ -823,6 +828,29 @@ fn etcd_engine_deleted_pod_released() {
         pods_held() == [pod_ref("e-2")]
     });
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 2.0);
+    ctl.wait_metric("whereabouts_freed_folded_total", 1.0);
+    assert!(marks().is_empty(), "marks left: {:?}", marks());
+    assert_eq!(
+        etcd_offsets(&cluster, "/a/"),
+        etcd_offsets(&cluster, "/r/"),
+        "the runs cover exactly the allocated offsets"
+    );
+}
+
+/// The offsets of the etcd engine's records (`kind` "/a/") or covered by its runs ("/r/").
+fn etcd_offsets(cluster: &etcd_cluster::Cluster, kind: &str) -> Vec<u128> {
+    let hex = |s: &str| u128::from_str_radix(s.rsplit('/').next().unwrap(), 16).unwrap();
+    let mut offsets: Vec<u128> = cluster
+        .key_values("/whereabouts/pools/")
+        .iter()
+        .filter(|(key, _)| key.contains(kind))
+        .flat_map(|(key, value)| match kind {
+            "/r/" => hex(key)..=hex(value),
+            _ => hex(key)..=hex(key),
+        })
+        .collect();
+    offsets.sort();
+    offsets
 }
 
 // ---------------------------------------------------------------- in a pod (the Deployment)

@@ -96,6 +96,7 @@ pub struct Metrics {
     pub retries: Counter,
     pub pod_deletions: Counter,
     pub events_posted: Counter,
+    pub freed_folded: Counter,
     pub leader: Gauge,
     reconcile_duration: Histogram,
     last_reconcile_duration: Amount,
@@ -122,6 +123,7 @@ impl Default for Metrics {
             retries: Counter::default(),
             pod_deletions: Counter::default(),
             events_posted: Counter::default(),
+            freed_folded: Counter::default(),
             leader: Gauge::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             last_reconcile_duration: Amount::default(),
@@ -195,6 +197,11 @@ impl Metrics {
             "events",
             "Kubernetes Events posted",
             self.events_posted.clone(),
+        );
+        r.register(
+            "freed_folded",
+            "Released addresses held back by freed marks (etcd) that reconciles made free again",
+            self.freed_folded.clone(),
         );
         r.register(
             "leader",
@@ -332,6 +339,7 @@ mod tests {
         m.set_pools(&stats);
         m.released("pod_deleted", 3);
         m.error("list_pods");
+        m.freed_folded.inc_by(2);
         let text = m.render();
         assert!(
             text.contains("whereabouts_pool_free{pool=\"10.0.0.0-29\",range=\"10.0.0.0/29\"} 4"),
@@ -345,6 +353,7 @@ mod tests {
             text.contains("whereabouts_errors_total{operation=\"list_pods\"} 1"),
             "{text}"
         );
+        assert!(text.contains("whereabouts_freed_folded_total 2"), "{text}");
         // A pool that went away leaves no stale series.
         m.set_pools(&[]);
         assert!(!m.render().contains("whereabouts_pool_free{"));

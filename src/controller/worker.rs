@@ -327,11 +327,17 @@ impl Worker {
         if !self.leadership.is_leader() {
             return 0;
         }
-        self.store.free_released().unwrap_or_else(|err| {
-            self.metrics.error("free_released");
-            tracing::warn!(err = %err.describe(), "cannot free the addresses released and held back");
-            0
-        })
+        match self.store.free_released() {
+            Ok(folded) => {
+                self.metrics.freed_folded.inc_by(folded as u64);
+                folded
+            }
+            Err(err) => {
+                self.metrics.error("free_released");
+                tracing::warn!(err = %err.describe(), "cannot free the addresses released and held back");
+                0
+            }
+        }
     }
 
     /// Reservations that no pool entry backs and whose pod is gone (an ADD or DEL stopped

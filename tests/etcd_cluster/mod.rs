@@ -432,6 +432,35 @@ impl Cluster {
             .collect()
     }
 
+    /// Releases the allocation of `container` as a release that found its run cut by another
+    /// one does: its record and the keys pointing at it go, and its offset is marked freed
+    /// (`freed/<pool>/<offset>`), still covered by its run until a fold.
+    pub fn release_by_marking(&self, prefix: &str, container: &str) {
+        let owners = format!("{prefix}owners/{container}/");
+        let kvs = self.key_values(prefix);
+        let (owner, offset) = kvs
+            .iter()
+            .find(|(k, _)| k.starts_with(&owners))
+            .unwrap_or_else(|| panic!("no owner entry of {container}: {kvs:?}"));
+        let pool = owner.rsplit('/').next().unwrap();
+        let record = format!("{prefix}pools/{pool}/a/{offset}");
+        let pod_entry = |k: &str, v: &str| {
+            k.starts_with(&format!("{prefix}pods/"))
+                && k.ends_with(&format!("/{pool}"))
+                && v == offset
+        };
+        let reservation = |k: &str, v: &str| {
+            k.starts_with(&format!("{prefix}reservations/"))
+                && v.contains(&format!("\"{container}\""))
+        };
+        for (key, value) in &kvs {
+            if *key == record || key == owner || pod_entry(key, value) || reservation(key, value) {
+                self.etcdctl_ok(&["del", key]);
+            }
+        }
+        self.etcdctl_ok(&["put", &format!("{prefix}freed/{pool}/{offset}"), ""]);
+    }
+
     /// What is left under `prefix` once every allocation is released, that should not be:
     /// anything but freed marks (`freed/<pool>/<offset>`, released addresses whose run is not
     /// cut yet) and runs covering nothing but marked offsets. Empty when all was released.
