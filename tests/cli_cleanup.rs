@@ -290,6 +290,7 @@ fn gc_and_release_on_etcd() {
         ("alive", Some("Running")),
         ("gone", None),
         ("other-gone", None),
+        ("marked", None),
     ] {
         let uid = match phase {
             Some(phase) => pods.add_pod(name, phase),
@@ -320,11 +321,22 @@ fn gc_and_release_on_etcd() {
     assert_refused(&cli(&["release", &addr["alive"]]), "pod is alive");
     let released = cli(&["release", &addr["other-gone"], "-o", "json"]).ok();
     assert_eq!(released[0]["reason"], "release: pod no longer exists");
+    // "marked" was released by a DEL that found its run cut by another release: only its
+    // freed mark is left, which holds its address back until a fold.
+    cluster.release_by_marking("/whereabouts/", "c-marked");
+    let marks = || cluster.keys("/whereabouts/freed/");
     let dry = cli(&["gc", "--dry-run", "-o", "json"]).ok();
     assert_eq!(dry.as_array().unwrap().len(), 1);
     assert_eq!(dry[0]["address"], Value::from(addr["gone"].clone()));
-    let done = cli(&["gc", "-o", "json"]).ok();
-    assert_eq!(done[0]["action"], "released");
+    assert_eq!(marks().len(), 1, "a dry run folds nothing");
+    let done = cli(&["gc", "-o", "json"]);
+    assert!(
+        done.stderr.contains("1 released addresses held back by freed marks are free again"),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(done.ok()[0]["action"], "released");
+    assert!(marks().is_empty(), "marks left after gc: {:?}", marks());
     let left = cli(&["allocations", "-o", "json"]).ok();
     assert_eq!(left.as_array().unwrap().len(), 1);
     assert_eq!(left[0]["pod"], Value::from(pod_ref("alive")));

@@ -11,7 +11,8 @@ use super::store_args::StoreArgs;
 use crate::cleanup::judge::Verdict;
 use crate::cleanup::plan::{plan, release_if_held};
 use crate::cleanup::pods::{cluster_source, PodReader};
-use crate::store::Allocation;
+use crate::config::IpamConfig;
+use crate::store::{Allocation, Store};
 
 /// Where the operator's commands read pods from.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -57,9 +58,9 @@ fn row(allocation: &Allocation, action: &str, verdict: &Verdict) -> GcRow {
     }
 }
 
-pub fn rows(args: &GcArgs) -> anyhow::Result<Vec<GcRow>> {
-    let (cfg, store) = args.store.open()?;
-    let source = cluster_source(args.cluster.pod_kubeconfig.as_deref(), &cfg).context(
+/// Decides, and releases unless `--dry-run`: the rows to print.
+pub fn rows(args: &GcArgs, store: &dyn Store, cfg: &IpamConfig) -> anyhow::Result<Vec<GcRow>> {
+    let source = cluster_source(args.cluster.pod_kubeconfig.as_deref(), cfg).context(
         "cannot tell which pods are alive: no kubeconfig to read pods with (give --pod-kubeconfig or set $KUBECONFIG)",
     )?;
     let reader = PodReader::open(source, cfg.trust.insecure_tls)?;
@@ -79,7 +80,7 @@ pub fn rows(args: &GcArgs) -> anyhow::Result<Vec<GcRow>> {
             ));
             continue;
         }
-        let released = release_if_held(store.as_ref(), &decision.allocation).map_err(|e| {
+        let released = release_if_held(store, &decision.allocation).map_err(|e| {
             anyhow::anyhow!(
                 "cannot release {} in {}: {}",
                 decision.allocation.ip,
@@ -98,8 +99,12 @@ pub fn rows(args: &GcArgs) -> anyhow::Result<Vec<GcRow>> {
     Ok(out)
 }
 
+/// Prints the rows, then (unless `--dry-run`) makes free again the addresses released but
+/// held back from searches (etcd's freed marks), as the controller's reconcile does: where no
+/// controller runs, or before going back to a build without marks, this is what frees them.
 pub fn run(args: GcArgs) -> anyhow::Result<()> {
-    let rows = rows(&args)?;
+    let (cfg, store) = args.store.open()?;
+    let rows = rows(&args, store.as_ref(), &cfg)?;
     print(
         args.store.output,
         &rows,
@@ -113,5 +118,18 @@ pub fn run(args: GcArgs) -> anyhow::Result<()> {
                 r.reason.clone(),
             ]
         },
-    )
+    )?;
+    if args.dry_run {
+        return Ok(());
+    }
+    let refreed = store.free_released().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot free the addresses released and held back: {}",
+            e.describe()
+        )
+    })?;
+    if refreed > 0 {
+        eprintln!("{refreed} released addresses held back by freed marks are free again");
+    }
+    Ok(())
 }
