@@ -172,3 +172,77 @@ fn pools_and_allocations_on_etcd() {
     );
     check_listings(&conf, &got);
 }
+
+/// The etcd doctor through the binary: a store the plugin wrote is healthy, freed marks
+/// included; a lost record and a stray mark are found (by key, with what they cost), and
+/// `--fix` folds the marks and nothing else.
+#[test]
+fn doctor_on_etcd_finds_what_disagrees_and_folds_marks() {
+    if !etcd_cluster::etcd_available() {
+        return;
+    }
+    let cluster = etcd_cluster::Cluster::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, _) = populate(
+        dir.path(),
+        ipam(json!({"datastore": "etcd", "etcd_host": cluster.endpoints()})),
+    );
+    let doctor = |fix: &[&str]| cli(&conf, &[&["doctor", "-o", "json"], fix].concat());
+    assert_eq!(doctor(&[]).ok(), json!({"healthy": true, "findings": []}));
+    cluster.release_by_marking("/whereabouts/", "ctr-a");
+    assert_eq!(
+        doctor(&[]).ok()["healthy"],
+        true,
+        "a freed mark is no fault"
+    );
+
+    // A hand edit loses ctr-b's record in one pool, and leaves a mark no run covers.
+    let kvs = cluster.key_values("/whereabouts/owners/ctr-b/");
+    let (owner, offset) = &kvs[0];
+    let pool = owner.rsplit('/').next().unwrap();
+    let record = format!("/whereabouts/pools/{pool}/a/{offset}");
+    cluster.delete(&record);
+    let stray = format!("/whereabouts/freed/{pool}/{:032x}", 200);
+    cluster.put(&stray, "");
+    let found = |reply: &Reply| -> Vec<(String, String, String)> {
+        assert_eq!(reply.code, 1, "findings make the exit status 1: {reply:?}");
+        let report = reply.json();
+        assert_eq!(report["healthy"], false);
+        let mut rows: Vec<(String, String, String)> = report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let text = |field: &str| f[field].as_str().unwrap_or_default().to_string();
+                (text("problem"), text("object"), text("action"))
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let none = |problem: &str, object: &str| (problem.into(), object.into(), "none".into());
+    let findings = found(&doctor(&[]));
+    let reservation = findings
+        .iter()
+        .find(|(problem, ..)| problem == "orphan_reservation")
+        .map(|(_, object, _)| object.clone())
+        .expect("ctr-b's reservation found orphaned");
+    let hex = |text: &str| u128::from_str_radix(text.rsplit('/').next().unwrap(), 16).unwrap();
+    let (run, _) = cluster
+        .key_values(&format!("/whereabouts/pools/{pool}/r/"))
+        .into_iter()
+        .find(|(start, end)| (hex(start)..=hex(end)).contains(&hex(offset)))
+        .expect("the run covering the lost record");
+    let mut sick = vec![
+        none("dangling_owner_entry", owner),
+        none("leaked_offsets", &run),
+        none("mark_outside_runs", &stray),
+        none("orphan_reservation", &reservation),
+    ];
+    assert_eq!(findings, sick);
+
+    sick[2].2 = "fixed".into();
+    assert_eq!(found(&doctor(&["--fix"])), sick);
+    let marks = cluster.keys("/whereabouts/freed/");
+    assert!(marks.is_empty(), "marks left after --fix: {marks:?}");
+}

@@ -331,7 +331,8 @@ fn gc_and_release_on_etcd() {
     assert_eq!(marks().len(), 1, "a dry run folds nothing");
     let done = cli(&["gc", "-o", "json"]);
     assert!(
-        done.stderr.contains("1 released addresses held back by freed marks are free again"),
+        done.stderr
+            .contains("1 released addresses held back by freed marks are free again"),
         "{}",
         done.stderr
     );

@@ -1,19 +1,22 @@
 //! `whereabouts doctor [--fix]`: checks the Kubernetes engine's objects for what would cost an
 //! address (a reservation missing or left behind, an address held twice, a node slice out of
 //! step) or what a Go Whereabouts binary would drop or misread, before, during and after a
-//! migration. Read-only unless `--fix`, which repairs only what is safe without a human.
+//! migration; on etcd, whether the runs, marks, records, owner entries and reservations agree
+//! (`store::etcd::doctor`). Read-only unless `--fix`, which repairs only what is safe without
+//! a human.
 
 use serde::Serialize;
 
 use super::output::{emit, Output};
 use super::store_args::StoreArgs;
 use crate::config::Datastore;
-use crate::store::kubernetes;
+use crate::store::{etcd, kubernetes};
 
 #[derive(clap::Args, Debug)]
 pub struct DoctorArgs {
-    /// Create missing reservations and delete reservations no pool holds (each write
-    /// conditional on what was read); everything else is only reported.
+    /// Kubernetes: create missing reservations and delete reservations no pool holds (each
+    /// write conditional on what was read). etcd: fold the freed marks, as the controller's
+    /// reconcile does. Everything else is only reported.
     #[arg(long)]
     pub fix: bool,
     /// A reservation no pool holds is deleted only once it is this old (seconds): an ADD in
@@ -25,45 +28,77 @@ pub struct DoctorArgs {
 }
 
 #[derive(Serialize)]
-struct Report<'a> {
+struct Report<'a, F> {
     healthy: bool,
-    findings: &'a [kubernetes::doctor::Finding],
+    findings: &'a [F],
 }
+
+/// A finding of either engine's doctor, as the report prints it.
+trait Row: Serialize {
+    /// PROBLEM, OBJECT, ADDRESS, ACTION, DETAIL.
+    fn cells(&self) -> Vec<String>;
+    fn fixed(&self) -> bool;
+}
+
+/// The problem's name as the JSON report spells it.
+fn problem_name(problem: impl Serialize) -> String {
+    serde_json::to_value(problem)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// [`Row`] for a finding type with the fields both engines' findings share.
+macro_rules! finding_row {
+    ($finding:ty) => {
+        impl Row for $finding {
+            fn cells(&self) -> Vec<String> {
+                let address = self.address.clone().unwrap_or_default();
+                let (object, action) = (self.object.clone(), self.action.clone());
+                let problem = problem_name(self.problem);
+                vec![problem, object, address, action, self.detail.clone()]
+            }
+
+            fn fixed(&self) -> bool {
+                self.action == "fixed"
+            }
+        }
+    };
+}
+
+finding_row!(kubernetes::doctor::Finding);
+finding_row!(etcd::doctor::Finding);
 
 /// Prints the findings; fails (exit status 1) while any remains unfixed.
 pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let cfg = args.store.ipam()?;
-    let Datastore::Kubernetes(k8s) = &cfg.datastore else {
-        anyhow::bail!("whereabouts doctor checks the kubernetes datastore only (give --kubeconfig or --datastore kubernetes)");
-    };
-    let orphan_age = std::time::Duration::from_secs(args.orphan_age);
-    let findings =
-        kubernetes::doctor(&cfg, k8s, args.fix, orphan_age).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let healthy = findings.iter().all(|f| f.action == "fixed");
-    match args.store.output {
+    let failed = |e: crate::store::StoreError| anyhow::anyhow!("{e}");
+    match &cfg.datastore {
+        Datastore::Kubernetes(k8s) => {
+            let orphan_age = std::time::Duration::from_secs(args.orphan_age);
+            let findings = kubernetes::doctor(&cfg, k8s, args.fix, orphan_age).map_err(failed)?;
+            report(args.store.output, &findings)
+        }
+        Datastore::Etcd(store) => {
+            let findings = etcd::doctor(&cfg, store, args.fix).map_err(failed)?;
+            report(args.store.output, &findings)
+        }
+        Datastore::Local { .. } => anyhow::bail!(
+            "whereabouts doctor checks the kubernetes and etcd datastores (the local one keeps \
+             each allocation in one row)"
+        ),
+    }
+}
+
+fn report<F: Row>(output: Output, findings: &[F]) -> anyhow::Result<()> {
+    let healthy = findings.iter().all(Row::fixed);
+    match output {
         Output::Json => emit(&format!(
             "{}\n",
-            serde_json::to_string_pretty(&Report {
-                healthy,
-                findings: &findings
-            })?
+            serde_json::to_string_pretty(&Report { healthy, findings })?
         ))?,
         Output::Table => {
-            let rows: Vec<Vec<String>> = findings
-                .iter()
-                .map(|f| {
-                    vec![
-                        serde_json::to_value(f.problem)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default(),
-                        f.object.clone(),
-                        f.address.clone().unwrap_or_default(),
-                        f.action.clone(),
-                        f.detail.clone(),
-                    ]
-                })
-                .collect();
+            let rows: Vec<Vec<String>> = findings.iter().map(Row::cells).collect();
             emit(&super::output::table(
                 &["PROBLEM", "OBJECT", "ADDRESS", "ACTION", "DETAIL"],
                 &rows,
@@ -73,7 +108,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     if !healthy {
         anyhow::bail!(
             "{} finding(s) need attention",
-            findings.iter().filter(|f| f.action != "fixed").count()
+            findings.iter().filter(|f| !f.fixed()).count()
         );
     }
     Ok(())

@@ -432,9 +432,10 @@ impl Cluster {
             .collect()
     }
 
-    /// Releases the allocation of `container` as a release that found its run cut by another
-    /// one does: its record and the keys pointing at it go, and its offset is marked freed
-    /// (`freed/<pool>/<offset>`), still covered by its run until a fold.
+    /// Releases the allocation of `container` (in the first pool its owner entries name) as a
+    /// release that found its run cut by another one does: its record and the keys pointing at
+    /// it go, and its offset is marked freed (`freed/<pool>/<offset>`), still covered by its
+    /// run until a fold.
     pub fn release_by_marking(&self, prefix: &str, container: &str) {
         let owners = format!("{prefix}owners/{container}/");
         let kvs = self.key_values(prefix);
@@ -451,7 +452,8 @@ impl Cluster {
         };
         let reservation = |k: &str, v: &str| {
             k.starts_with(&format!("{prefix}reservations/"))
-                && v.contains(&format!("\"{container}\""))
+                && v.contains(&format!("\"pool\":\"{pool}\""))
+                && v.contains(&format!("\"container_id\":\"{container}\""))
         };
         for (key, value) in &kvs {
             if *key == record || key == owner || pod_entry(key, value) || reservation(key, value) {
@@ -459,6 +461,16 @@ impl Cluster {
             }
         }
         self.etcdctl_ok(&["put", &format!("{prefix}freed/{pool}/{offset}"), ""]);
+    }
+
+    /// Writes `key` (a hand edit, or what a bug would leave).
+    pub fn put(&self, key: &str, value: &str) {
+        self.etcdctl_ok(&["put", key, value]);
+    }
+
+    /// Deletes `key` (a hand edit, or what a bug would leave).
+    pub fn delete(&self, key: &str) {
+        self.etcdctl_ok(&["del", key]);
     }
 
     /// What is left under `prefix` once every allocation is released, that should not be:

@@ -9,6 +9,7 @@ mod commit;
 mod connect;
 mod contention;
 mod copy;
+pub mod doctor;
 mod freed;
 mod keys;
 mod plan;
@@ -36,6 +37,58 @@ use session::{Deadline, Session};
 /// [`DEADLINE_ENV`]).
 pub fn open(ipam: &IpamConfig, cfg: &EtcdConfig) -> Result<Box<dyn Store>, StoreError> {
     open_with(ipam, cfg, Timeouts::from_env(), DEFAULT_PREFIX)
+}
+
+/// How long the doctor may take: it reads every key under the prefix, a page at a time.
+const DOCTOR_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `whereabouts doctor` on the etcd engine ([`doctor`]): the findings, each key read at one
+/// revision. With `fix`, the freed marks are folded first (as the controller's reconcile does),
+/// unless a marked offset is also allocated (a fold would uncover its record); findings the
+/// fold ended are listed as fixed.
+pub fn doctor(
+    ipam: &IpamConfig,
+    cfg: &EtcdConfig,
+    fix: bool,
+) -> Result<Vec<doctor::Finding>, StoreError> {
+    let store = open_store(None, ipam, cfg, Timeouts::from_env(), DEFAULT_PREFIX)?;
+    let s = &store.session;
+    let survey = || -> Result<Vec<doctor::Finding>, StoreError> {
+        let dl = Deadline::after(DOCTOR_DEADLINE);
+        let mut kvs = Vec::new();
+        s.scan_at_one_revision(&dl, s.keys.prefix(), |kv| {
+            kvs.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            ))
+        })
+        .map_err(|e| StoreError::try_again("cannot read the etcd store").because(e))?;
+        Ok(doctor::findings(s.keys.prefix(), kvs))
+    };
+    let before = survey()?;
+    let uncovers = before
+        .iter()
+        .any(|f| f.problem == doctor::Problem::MarkedAndHeld);
+    if !fix || uncovers {
+        return Ok(before);
+    }
+    let dl = Deadline::after(DOCTOR_DEADLINE);
+    freed::fold_everywhere(s, &dl)?;
+    let after = survey()?;
+    let mut fixed: Vec<doctor::Finding> = before
+        .into_iter()
+        .filter(|f| {
+            !after
+                .iter()
+                .any(|a| (a.problem, &a.object) == (f.problem, &f.object))
+        })
+        .map(|f| doctor::Finding {
+            action: "fixed".to_string(),
+            ..f
+        })
+        .collect();
+    fixed.extend(after);
+    Ok(fixed)
 }
 
 /// As [`open`], for the node agent, which shares the one client among its requests and

@@ -376,22 +376,51 @@ impl Session {
     }
 
     /// Every key-value under `dir`, page by page, so a pool of a million entries never becomes
-    /// one oversized response.
+    /// one oversized response. Each page is read at the revision current then.
     pub fn scan(
         &self,
         dl: &Deadline,
         dir: &str,
-        mut each: impl FnMut(KeyValue),
+        each: impl FnMut(KeyValue),
     ) -> Result<(), CallFailed> {
+        self.scan_pages(dl, dir, false, each).map(drop)
+    }
+
+    /// As [`Session::scan`], every page at the revision of the first: one consistent picture
+    /// (for the doctor), refused by etcd if the cluster compacts that revision meanwhile. The
+    /// revision read at.
+    pub fn scan_at_one_revision(
+        &self,
+        dl: &Deadline,
+        dir: &str,
+        each: impl FnMut(KeyValue),
+    ) -> Result<i64, CallFailed> {
+        self.scan_pages(dl, dir, true, each)
+    }
+
+    fn scan_pages(
+        &self,
+        dl: &Deadline,
+        dir: &str,
+        pin: bool,
+        mut each: impl FnMut(KeyValue),
+    ) -> Result<i64, CallFailed> {
         const PAGE: i64 = 1000;
         let end = super::keys::range_end(dir);
         let mut from = dir.as_bytes().to_vec();
+        let mut revision = 0;
         loop {
-            let opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if pin && revision > 0 {
+                opts = opts.with_revision(revision);
+            }
             let mut resp = self.call(dl, "scan", |mut c| {
                 let (from, opts) = (from.clone(), opts.clone());
                 async move { c.get(from, Some(opts)).await }
             })?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
             let more = resp.more();
             let kvs = resp.take_kvs();
             let last = kvs.last().map(|kv| kv.key().to_vec());
@@ -403,7 +432,7 @@ impl Session {
                     last.push(0);
                     from = last;
                 }
-                _ => return Ok(()),
+                _ => return Ok(revision),
             }
         }
     }
