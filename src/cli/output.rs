@@ -33,10 +33,16 @@ pub fn print<T: Serialize>(
     }
 }
 
-/// Rows as an aligned table with a header.
+/// Rows as an aligned table with a header. Cells come from the store (pod names, container
+/// IDs, keys), which whoever ran a CNI call or edited the store chose: control characters are
+/// written escaped, so a cell can neither break the table's lines nor drive the terminal.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| printable(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
@@ -50,8 +56,41 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         format!("{}\n", text.join("  ").trim_end())
     };
     let mut out = line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
+}
+
+/// `cell` with its control characters (tabs and newlines included) escaped.
+fn printable(cell: &str) -> String {
+    let mut out = String::with_capacity(cell.len());
+    for c in cell.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cell_cannot_break_a_line_or_drive_the_terminal() {
+        let rows = [vec![
+            "ns/a\nFORGED  row".to_string(),
+            "\u{1b}[2Jx\ty".to_string(),
+        ]];
+        let text = table(&["POD", "CONTAINER"], &rows);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(!text.contains('\u{1b}') && !text.contains('\t'), "{text}");
+        assert!(
+            text.contains("ns/a\\nFORGED  row  \\u{1b}[2Jx\\ty"),
+            "{text}"
+        );
+    }
 }
