@@ -35,7 +35,8 @@ pub enum Problem {
     MarkedAndHeld,
     /// A freed mark that no run covers (a fold deletes it).
     MarkOutsideRuns,
-    /// A record without the owner entry a DEL of its attachment looks for: only a GC frees it.
+    /// A record without the owner entry a DEL of its attachment looks for: only a GC or the
+    /// controller frees it.
     MissingOwnerEntry,
     /// An owner entry that points at no record of its attachment.
     DanglingOwnerEntry,
@@ -72,6 +73,17 @@ struct Pool {
     marks: BTreeMap<u128, String>,
 }
 
+impl Pool {
+    /// Fills [`Pool::reach`] from the runs.
+    fn note_reach(&mut self) {
+        let mut furthest = 0;
+        for (start, (end, _)) in &self.runs {
+            furthest = furthest.max(*end);
+            self.reach.insert(*start, furthest);
+        }
+    }
+}
+
 /// Every key under the prefix, sorted out.
 #[derive(Default)]
 struct Survey {
@@ -93,11 +105,7 @@ pub fn findings(prefix: &str, kvs: impl IntoIterator<Item = (String, Vec<u8>)>) 
         }
     }
     for pool in survey.pools.values_mut() {
-        let mut furthest = 0;
-        for (start, (end, _)) in &pool.runs {
-            furthest = furthest.max(*end);
-            pool.reach.insert(*start, furthest);
-        }
+        pool.note_reach();
     }
     for (name, pool) in &survey.pools {
         survey.findings.extend(runs_findings(pool));
@@ -184,7 +192,45 @@ impl Survey {
 
     /// Owner entries and reservations against the records.
     fn index_findings(&mut self) {
-        let mut owned: BTreeSet<(String, u128)> = BTreeSet::new();
+        let owned = self.owner_entry_findings();
+        let mut reserved: BTreeSet<(String, IpAddr)> = BTreeSet::new();
+        let mut found = Vec::new();
+        for (name, pool) in &self.pools {
+            for (offset, (key, record)) in &pool.records {
+                if !owned.contains(&(name.clone(), *offset)) {
+                    let detail = format!(
+                        "no owner entry for container {} ({})",
+                        record.container_id, record.ifname
+                    );
+                    let ip = Some(record.ip);
+                    found.push(finding(Problem::MissingOwnerEntry, key, ip, detail));
+                }
+                if record.reserved {
+                    match self.reservation_of(name, record) {
+                        Ok(at) => drop(reserved.insert(at)),
+                        Err(detail) => found.push(finding(
+                            Problem::MissingReservation,
+                            key,
+                            Some(record.ip),
+                            detail,
+                        )),
+                    }
+                }
+            }
+        }
+        for (at, (holder, key)) in &self.reservations {
+            if !reserved.contains(at) {
+                let detail = format!("no record of {} holds it", holder.holder());
+                found.push(finding(Problem::OrphanReservation, key, Some(at.1), detail));
+            }
+        }
+        self.findings.extend(found);
+    }
+
+    /// The owner entries that point at a record of their attachment, as (pool, offset); a
+    /// finding for each of the others.
+    fn owner_entry_findings(&mut self) -> BTreeSet<(String, u128)> {
+        let mut owned = BTreeSet::new();
         for (container, ifname, pool, offset, key) in &self.owners {
             let record = self.pools.get(pool).and_then(|p| p.records.get(offset));
             match record {
@@ -199,50 +245,23 @@ impl Survey {
                 )),
             }
         }
-        let mut reserved: BTreeSet<(String, IpAddr)> = BTreeSet::new();
-        for (name, pool) in &self.pools {
-            for (offset, (key, record)) in &pool.records {
-                if !owned.contains(&(name.clone(), *offset)) {
-                    let detail = format!(
-                        "no owner entry for container {} ({})",
-                        record.container_id, record.ifname
-                    );
-                    self.findings.push(finding(
-                        Problem::MissingOwnerEntry,
-                        key,
-                        Some(record.ip),
-                        detail,
-                    ));
-                }
-                if !record.reserved {
-                    continue;
-                }
-                let at = (record.network_name.clone(), record.ip);
-                match self.reservations.get(&at) {
-                    Some((holder, _)) if holds(holder, name, record) => drop(reserved.insert(at)),
-                    other => {
-                        let detail = match other {
-                            Some((holder, _)) => {
-                                format!("its reservation names {}", holder.holder())
-                            }
-                            None => format!("no reservation in network {:?}", record.network_name),
-                        };
-                        self.findings.push(finding(
-                            Problem::MissingReservation,
-                            key,
-                            Some(record.ip),
-                            detail,
-                        ));
-                    }
-                }
-            }
-        }
-        for (at, (holder, key)) in &self.reservations {
-            if !reserved.contains(at) {
-                let detail = format!("no record of {} holds it", holder.holder());
-                self.findings
-                    .push(finding(Problem::OrphanReservation, key, Some(at.1), detail));
-            }
+        owned
+    }
+
+    /// Where the reservation of `record` (of pool `pool`) is, or what is wrong with it.
+    fn reservation_of(
+        &self,
+        pool: &str,
+        record: &AllocationRecord,
+    ) -> Result<(String, IpAddr), String> {
+        let at = (record.network_name.clone(), record.ip);
+        match self.reservations.get(&at) {
+            Some((holder, _)) if holds(holder, pool, record) => Ok(at),
+            Some((holder, _)) => Err(format!("its reservation names {}", holder.holder())),
+            None => Err(format!(
+                "no reservation in network {:?}",
+                record.network_name
+            )),
         }
     }
 }
