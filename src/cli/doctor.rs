@@ -84,8 +84,9 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
             report(args.store.output, &findings)
         }
         Datastore::Local { .. } => anyhow::bail!(
-            "whereabouts doctor checks the kubernetes and etcd datastores (the local one keeps \
-             each allocation in one row)"
+            "whereabouts doctor checks the kubernetes and etcd datastores; the local one changes \
+             its SQLite file in transactions (sqlite3 <local_path> 'PRAGMA integrity_check' \
+             checks the file)"
         ),
     }
 }
