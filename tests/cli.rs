@@ -136,6 +136,14 @@ fn pools_and_allocations_on_the_local_store() {
     )
     .ok();
     assert_eq!(empty, json!([]));
+    // The doctor checks the cluster engines; on this one it says what checks the file.
+    let doctor = cli(&conf, &["doctor"]);
+    assert_eq!(doctor.code, 1, "{doctor:?}");
+    assert!(
+        doctor.stderr.contains("PRAGMA integrity_check"),
+        "{doctor:?}"
+    );
+    assert_eq!(doctor.stderr.trim().lines().count(), 1, "{doctor:?}");
 }
 
 #[test]
