@@ -864,6 +864,7 @@ fn etcd_agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
         .filter(|k| k.contains("/a/"))
         .count();
     assert_eq!(records, CALLS, "allocations leaked or lost");
+    cluster.assert_doctor_healthy();
 
     let again = burst("ADD", CALLS, 20, agents, &[conf], |_| {});
     for (i, reply) in &again {
@@ -915,5 +916,7 @@ fn etcd_agents_serve_a_burst() {
     drop(agents_now);
     assert_eq!(batched as usize, CALLS);
     assert!(batches < batched, "no two ADDs were combined");
+    // The combined commits left runs, records, entries and reservations in agreement.
+    nodes.cluster.assert_doctor_healthy();
     delete_everything(&nodes, CALLS);
 }

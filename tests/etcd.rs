@@ -172,28 +172,6 @@ fn burst(
     replies.into_inner().unwrap()
 }
 
-/// Asserts that `whereabouts doctor` finds nothing wrong in the store `conf` names: runs,
-/// marks, records, owner entries and reservations agree, whatever failed while they were
-/// written.
-fn assert_doctor_healthy(conf: &[u8]) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("net.conf");
-    std::fs::write(&path, conf).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
-        .env_clear()
-        .args(["doctor", "-o", "json", "--config"])
-        .arg(&path)
-        .output()
-        .expect("the doctor runs");
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    assert_eq!(
-        report,
-        json!({"healthy": true, "findings": []}),
-        "doctor: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn pods(nodes: usize, per_node: usize) -> Vec<Pod> {
     (0..nodes)
         .flat_map(|node| (0..per_node).map(move |index| Pod { node, index }))
@@ -287,7 +265,7 @@ fn burst_of_1000_adds_is_unique_and_del_leaves_nothing() {
         "etcd records differ from the results"
     );
     eprintln!("1000 ADDs through the binary in {took:?}");
-    assert_doctor_healthy(&conf);
+    cluster.assert_doctor_healthy();
 
     // A repeated ADD returns the same address.
     let again = plugin("ADD", Some(&all[7]), &conf, &[]);
@@ -401,7 +379,7 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
         got,
         "etcd holds allocations that no ADD returned (a leak) or misses some"
     );
-    assert_doctor_healthy(&conf);
+    cluster.assert_doctor_healthy();
 
     let dels = burst("DEL", &all, &conf, &AtomicUsize::new(0), &[]);
     assert!(dels.values().all(|r| r.exit == 0));

@@ -463,6 +463,39 @@ impl Cluster {
         self.etcdctl_ok(&["put", &format!("{prefix}freed/{pool}/{offset}"), ""]);
     }
 
+    /// Asserts that `whereabouts doctor` (this package's binary) finds nothing wrong under the
+    /// default prefix: runs, marks, records, owner entries and reservations agree, whatever
+    /// failed while they were written.
+    pub fn assert_doctor_healthy(&self) {
+        let mut ipam = serde_json::json!({
+            "type": "whereabouts",
+            "datastore": "etcd",
+            "etcd_host": self.endpoint_urls().join(","),
+        });
+        if let Some(tls) = &self.tls {
+            ipam["etcd_ca_cert_file"] = serde_json::json!(tls.ca);
+            ipam["etcd_cert_file"] = serde_json::json!(tls.cert);
+            ipam["etcd_key_file"] = serde_json::json!(tls.key);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("ipam.json");
+        std::fs::write(&conf, ipam.to_string()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
+            .env_clear()
+            .args(["doctor", "-o", "json", "--config"])
+            .arg(&conf)
+            .output()
+            .expect("the doctor runs");
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        assert_eq!(
+            report,
+            serde_json::json!({"healthy": true, "findings": []}),
+            "doctor: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Writes `key` (a hand edit, or what a bug would leave).
     pub fn put(&self, key: &str, value: &str) {
         self.etcdctl_ok(&["put", key, value]);
