@@ -82,15 +82,23 @@ pub fn escape_event(buf: &[u8]) -> String {
         Some(body) => (body, "\n"),
         None => (&*text, ""),
     };
+    let mut out = escape_controls(body, |c| c == '\t');
+    out.push_str(end);
+    out
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`), except those `keep` allows:
+/// stored or configured text, written where a control character could forge a line or drive a
+/// terminal.
+pub fn escape_controls(text: &str, keep: impl Fn(char) -> bool) -> String {
     let mut out = String::with_capacity(text.len() + 8);
-    for c in body.chars() {
-        if c.is_control() && c != '\t' {
+    for c in text.chars() {
+        if c.is_control() && !keep(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
-    out.push_str(end);
     out
 }
 

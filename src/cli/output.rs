@@ -4,6 +4,8 @@ use std::io::Write;
 
 use serde::Serialize;
 
+use crate::logging::escape_controls;
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Output {
     #[default]
@@ -39,7 +41,11 @@ pub fn print<T: Serialize>(
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
-        .map(|row| row.iter().map(|cell| printable(cell)).collect())
+        .map(|row| {
+            row.iter()
+                .map(|cell| escape_controls(cell, |_| false))
+                .collect()
+        })
         .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -58,19 +64,6 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = line(header.to_vec());
     for row in &rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
-/// `cell` with its control characters (tabs and newlines included) escaped.
-fn printable(cell: &str) -> String {
-    let mut out = String::with_capacity(cell.len());
-    for c in cell.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
     }
     out
 }
