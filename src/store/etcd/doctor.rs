@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::keys::{parse_hex, unescape};
+use super::keys::{parse_hex, Keys, Parsed};
 use super::records::{AllocationRecord, ReservationRecord};
 
 /// Holes listed at most per run, in a finding's detail.
@@ -97,12 +97,10 @@ struct Survey {
 
 /// The findings about the key-values `kvs` under `prefix`, all read at one revision.
 pub fn findings(prefix: &str, kvs: impl IntoIterator<Item = (String, Vec<u8>)>) -> Vec<Finding> {
+    let keys = Keys::new(prefix);
     let mut survey = Survey::default();
     for (key, value) in kvs {
-        if let Some(rest) = key.strip_prefix(prefix) {
-            let rest = rest.to_string();
-            survey.sort_in(key, &rest, &value);
-        }
+        survey.sort_in(&keys, key, &value);
     }
     for pool in survey.pools.values_mut() {
         pool.note_reach();
@@ -129,55 +127,55 @@ fn finding(problem: Problem, object: &str, address: Option<IpAddr>, detail: Stri
 }
 
 impl Survey {
-    /// Files one key (`rest`: the key without the prefix) where its kind goes.
-    fn sort_in(&mut self, key: String, rest: &str, value: &[u8]) {
-        let parts: Vec<&str> = rest.split('/').collect();
-        let offset = parse_hex(rest);
+    /// Files one key where its kind goes, read as the layout says (`Keys::parse`).
+    fn sort_in(&mut self, keys: &Keys, key: String, value: &[u8]) {
         let value_offset = std::str::from_utf8(value).ok().and_then(parse_hex);
-        let readable = match (parts.as_slice(), offset) {
-            (["pools", pool, "a", _], Some(offset)) => match AllocationRecord::from_json(value) {
+        let readable = match keys.parse(&key) {
+            Some(Parsed::Record { pool, offset }) => match AllocationRecord::from_json(value) {
                 Some(record) => {
-                    self.pool(pool)
-                        .records
-                        .insert(offset, (key.clone(), record));
+                    let records = &mut self.pool(pool).records;
+                    records.insert(offset, (key.clone(), record));
                     true
                 }
                 None => false,
             },
-            (["pools", pool, "r", _], Some(start)) => match value_offset.filter(|e| *e >= start) {
+            Some(Parsed::Run { pool, start }) => match value_offset.filter(|e| *e >= start) {
                 Some(end) => {
                     self.pool(pool).runs.insert(start, (end, key.clone()));
                     true
                 }
                 None => false,
             },
-            (["freed", pool, _], Some(offset)) => {
+            Some(Parsed::Freed { pool, offset }) => {
                 self.pool(pool).marks.insert(offset, key.clone());
                 true
             }
-            (["owners", container, ifname, pool], _) => match value_offset {
+            Some(Parsed::Owner {
+                container_id,
+                ifname,
+                pool,
+            }) => match value_offset {
                 Some(offset) => {
-                    let [container, ifname, pool] = [container, ifname, pool].map(|s| unescape(s));
-                    self.owners
-                        .push((container, ifname, pool, offset, key.clone()));
+                    let owner = (container_id, ifname, pool, offset, key.clone());
+                    self.owners.push(owner);
                     true
                 }
                 None => false,
             },
-            (["reservations", network, ip], _) => {
-                match (ip.parse::<IpAddr>(), ReservationRecord::from_json(value)) {
-                    (Ok(ip), Some(holder)) => {
-                        let at = (unescape(network), ip);
-                        self.reservations.insert(at, (holder, key.clone()));
+            Some(Parsed::Reservation { network, ip }) => {
+                match ReservationRecord::from_json(value) {
+                    Some(holder) => {
+                        self.reservations
+                            .insert((network, ip), (holder, key.clone()));
                         true
                     }
-                    _ => false,
+                    None => false,
                 }
             }
             // Pod index entries: a pod's newer attachment takes the entry over, so an older
             // record without one is no fault; what they point at is only a hint.
-            (["pods", ..], _) => true,
-            _ => false,
+            Some(Parsed::Pod) => true,
+            None => false,
         };
         if !readable {
             let detail = "not a key or value this engine writes".to_string();
@@ -186,8 +184,8 @@ impl Survey {
         }
     }
 
-    fn pool(&mut self, escaped: &str) -> &mut Pool {
-        self.pools.entry(unescape(escaped)).or_default()
+    fn pool(&mut self, name: String) -> &mut Pool {
+        self.pools.entry(name).or_default()
     }
 
     /// Owner entries and reservations against the records.

@@ -23,7 +23,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpRes
 use rand::Rng;
 
 use super::commit::{push_run_change, unchanged};
-use super::keys::{parse_hex, range_end, unescape, Keys};
+use super::keys::{parse_hex, range_end, Keys, Parsed};
 use super::runs::{self, ReadRun};
 use super::session::{floor_get, revision_of, CallFailed, Deadline, Session};
 
@@ -195,12 +195,11 @@ pub(super) fn fold_everywhere(s: &Session, dl: &Deadline) -> Result<usize, CallF
     let root = s.keys.freed_root();
     let mut by_pool: BTreeMap<String, Vec<Mark>> = BTreeMap::new();
     s.scan(dl, &root, |kv| {
-        let pool = std::str::from_utf8(kv.key())
+        let parsed = std::str::from_utf8(kv.key())
             .ok()
-            .and_then(|key| key.strip_prefix(root.as_str()))
-            .and_then(|rest| rest.split('/').next());
-        if let (Some(pool), Some(mark)) = (pool, Mark::from_kv(&kv)) {
-            by_pool.entry(unescape(pool)).or_default().push(mark);
+            .and_then(|k| s.keys.parse(k));
+        if let (Some(Parsed::Freed { pool, .. }), Some(mark)) = (parsed, Mark::from_kv(&kv)) {
+            by_pool.entry(pool).or_default().push(mark);
         }
     })?;
     let mut folded = 0;

@@ -111,6 +111,69 @@ impl Keys {
     }
 }
 
+/// A key of the layout above, read back: names unescaped, offsets parsed. The values are not
+/// looked at.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Record {
+        pool: String,
+        offset: u128,
+    },
+    Run {
+        pool: String,
+        start: u128,
+    },
+    Freed {
+        pool: String,
+        offset: u128,
+    },
+    Reservation {
+        network: String,
+        ip: IpAddr,
+    },
+    Owner {
+        container_id: String,
+        ifname: String,
+        pool: String,
+    },
+    Pod,
+}
+
+impl Keys {
+    /// What `key` is in this layout; `None` for a key outside it.
+    pub fn parse(&self, key: &str) -> Option<Parsed> {
+        let rest = key.strip_prefix(&self.prefix)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let offset = || parse_hex(rest);
+        let parsed = match parts.as_slice() {
+            ["pools", pool, "a", _] => Parsed::Record {
+                pool: unescape(pool),
+                offset: offset()?,
+            },
+            ["pools", pool, "r", _] => Parsed::Run {
+                pool: unescape(pool),
+                start: offset()?,
+            },
+            ["freed", pool, _] => Parsed::Freed {
+                pool: unescape(pool),
+                offset: offset()?,
+            },
+            ["reservations", network, ip] => Parsed::Reservation {
+                network: unescape(network),
+                ip: ip.parse().ok()?,
+            },
+            ["owners", container_id, ifname, pool] => Parsed::Owner {
+                container_id: unescape(container_id),
+                ifname: unescape(ifname),
+                pool: unescape(pool),
+            },
+            ["pods", _, _, _] => Parsed::Pod,
+            _ => return None,
+        };
+        Some(parsed)
+    }
+}
+
 /// The end of the key range covering every key that starts with `dir`.
 pub fn range_end(dir: &str) -> Vec<u8> {
     let mut end = dir.as_bytes().to_vec();
@@ -215,5 +278,62 @@ mod tests {
         assert_eq!(k.owner("c1", "eth0", "p"), "/w/owners/c1/eth0/p");
         assert_eq!(k.pod("ns/pod", "eth0", "p"), "/w/pods/ns%2Fpod/eth0/p");
         assert_eq!(range_end("/w/pools/"), b"/w/pools0".to_vec());
+    }
+
+    #[test]
+    fn every_key_reads_back_as_what_it_was_made_for() {
+        let k = Keys::new("/w/");
+        let pool = || "a/b%c".to_string();
+        let ip: IpAddr = "fd00::5".parse().unwrap();
+        let cases = [
+            (
+                k.allocation("a/b%c", 7),
+                Parsed::Record {
+                    pool: pool(),
+                    offset: 7,
+                },
+            ),
+            (
+                k.run("a/b%c", u128::MAX),
+                Parsed::Run {
+                    pool: pool(),
+                    start: u128::MAX,
+                },
+            ),
+            (
+                k.freed("a/b%c", 0),
+                Parsed::Freed {
+                    pool: pool(),
+                    offset: 0,
+                },
+            ),
+            (
+                k.reservation("net/1", ip),
+                Parsed::Reservation {
+                    network: "net/1".into(),
+                    ip,
+                },
+            ),
+            (
+                k.owner("c/1", "eth0", "a/b%c"),
+                Parsed::Owner {
+                    container_id: "c/1".into(),
+                    ifname: "eth0".into(),
+                    pool: pool(),
+                },
+            ),
+            (k.pod("ns/pod", "eth0", "a/b%c"), Parsed::Pod),
+        ];
+        for (key, parsed) in cases {
+            assert_eq!(k.parse(&key), Some(parsed), "{key}");
+        }
+        for outside in [
+            "/x/pools/p/a/1",
+            "/w/pools/p/a/zz",
+            "/w/other",
+            "/w/pools/p/q/1",
+        ] {
+            assert_eq!(k.parse(outside), None, "{outside}");
+        }
     }
 }
