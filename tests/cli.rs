@@ -4,7 +4,7 @@
 mod common;
 mod etcd_cluster;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{bare, call_with, ips, pod_args, Reply};
@@ -167,10 +167,16 @@ fn cli_errors_are_one_line_and_non_zero() {
     assert!(reply.stderr.contains("etcd_host"), "{reply:?}");
 }
 
-#[test]
-fn pools_and_allocations_on_etcd() {
+/// [`populate`] on a 3-member etcd cluster of its own: the cluster, the folder, the file and
+/// the addresses; `None` (said loudly, and a failure in CI) where etcd is not installed.
+fn populated_etcd() -> Option<(
+    etcd_cluster::Cluster,
+    tempfile::TempDir,
+    PathBuf,
+    Vec<String>,
+)> {
     if !etcd_cluster::etcd_available() {
-        return;
+        return None;
     }
     let cluster = etcd_cluster::Cluster::start(false);
     let dir = tempfile::tempdir().unwrap();
@@ -178,6 +184,14 @@ fn pools_and_allocations_on_etcd() {
         dir.path(),
         ipam(json!({"datastore": "etcd", "etcd_host": cluster.endpoints()})),
     );
+    Some((cluster, dir, conf, got))
+}
+
+#[test]
+fn pools_and_allocations_on_etcd() {
+    let Some((_cluster, _dir, conf, got)) = populated_etcd() else {
+        return;
+    };
     check_listings(&conf, &got);
 }
 
@@ -186,15 +200,9 @@ fn pools_and_allocations_on_etcd() {
 /// `--fix` folds the marks and nothing else.
 #[test]
 fn doctor_on_etcd_finds_what_disagrees_and_folds_marks() {
-    if !etcd_cluster::etcd_available() {
+    let Some((cluster, _dir, conf, _)) = populated_etcd() else {
         return;
-    }
-    let cluster = etcd_cluster::Cluster::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let (conf, _) = populate(
-        dir.path(),
-        ipam(json!({"datastore": "etcd", "etcd_host": cluster.endpoints()})),
-    );
+    };
     let doctor = |fix: &[&str]| cli(&conf, &[&["doctor", "-o", "json"], fix].concat());
     assert_eq!(doctor(&[]).ok(), json!({"healthy": true, "findings": []}));
     cluster.release_by_marking("/whereabouts/", "ctr-a");
