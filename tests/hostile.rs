@@ -231,3 +231,36 @@ fn lists_longer_than_their_caps_are_refused_quickly() {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }
+
+/// The interface name comes from whoever writes the pod's network selection: an ADD refuses
+/// names the CNI specification does not allow, before it takes an address, while a DEL with
+/// any name still succeeds (what was attached before must stay removable).
+#[test]
+fn names_a_pod_may_not_use_are_refused_before_an_address_is_taken() {
+    let net = Net::local(json!({"range": "10.62.0.0/30"}));
+    let long = "n".repeat(10_000);
+    let hostile = [
+        ("c1", long.as_str()),
+        ("c1", "net1\nforged log line"),
+        ("c1", "../../etc"),
+        ("c1", "net1\u{1b}[2J"),
+        ("c/../../x", "eth0"),
+        ("c1\u{1b}[2J", "eth0"),
+    ];
+    for (container, ifname) in hostile {
+        let reply = net.add(container, ifname);
+        assert_eq!(reply.err_code(), 4, "{container:?} {ifname:?}");
+        let variable = if container == "c1" {
+            "CNI_IFNAME"
+        } else {
+            "CNI_CONTAINERID"
+        };
+        assert!(reply.msg().contains(variable), "{reply:?}");
+        assert!(!reply.stdout.contains("forged") && !reply.stdout.contains("nnnnnnnn"));
+        net.del(container, ifname).ok_empty();
+    }
+    // A /30 holds two addresses: had any refused ADD taken one, the second would find none.
+    let first = net.add("c1", "eth0").json();
+    let second = net.add("c2", "eth0").json();
+    assert_ne!(ips(&first), ips(&second));
+}

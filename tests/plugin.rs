@@ -293,7 +293,7 @@ fn static_addresses_are_reserved() {
         "10.23.0.6/24",
         "10.23.0.8/24",
     ] {
-        let c = format!("dyn-{expected}");
+        let c = format!("dyn-{}", bare(expected));
         assert_eq!(ips(&net.add(&c, "eth0").ok())[0], expected);
     }
     // Released with its attachment.

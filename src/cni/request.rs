@@ -157,6 +157,34 @@ impl CniEnv {
         })
     }
 
+    /// Refuses a container ID or interface name that the CNI specification does not allow for a
+    /// new attachment (code 4, naming the variable, never showing its value). The interface
+    /// name is chosen by whoever writes the pod's network selection, so it is untrusted; runtimes
+    /// built on libcni check both before they call a plugin, so a runtime's real call never fails
+    /// here. Only ADD checks: what was attached before must stay removable.
+    pub fn check_new_attachment(container_id: &str, ifname: &str) -> Result<(), CniError> {
+        let invalid = |name: &str, rule: &str| {
+            Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!("{name} is not valid: {rule}"),
+            ))
+        };
+        if !valid_container_id(container_id) {
+            return invalid(
+                "CNI_CONTAINERID",
+                "it must start with a letter or digit followed by letters, digits, '_', '.' or '-'",
+            );
+        }
+        if !valid_ifname(ifname) {
+            return invalid(
+                "CNI_IFNAME",
+                "an interface name is 1 to 15 bytes, not \".\" or \"..\", without '/', ':', \
+                 whitespace or control characters",
+            );
+        }
+        Ok(())
+    }
+
     /// The variable a command needs, or a code 4 error naming it.
     pub fn require<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, CniError> {
         value.as_deref().ok_or_else(|| {
@@ -166,6 +194,24 @@ impl CniEnv {
             )
         })
     }
+}
+
+/// A container ID as the CNI specification defines it.
+fn valid_container_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// An interface name Linux accepts (shorter than `IFNAMSIZ`), as libcni checks it, and without
+/// control characters, which would reach logs and the operator's tables.
+fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| matches!(c, '/' | ':') || c.is_whitespace() || c.is_control())
 }
 
 /// The network configuration on stdin, as far as an IPAM plugin reads it.
@@ -294,6 +340,35 @@ impl NetConf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_attachment_takes_only_names_the_specification_allows() {
+        let check = |id: &str, ifname: &str| CniEnv::check_new_attachment(id, ifname);
+        for (id, ifname) in [
+            ("c1", "eth0"),
+            ("0f3a9b_x.y-z", "net1"),
+            ("a", "fifteen-bytes.x"),
+            ("k", "eth0.100"),
+        ] {
+            assert!(check(id, ifname).is_ok(), "{id} {ifname}");
+        }
+        for id in ["-c", "_c", ".c", "c/1", "c 1", "c\n1", "c:1", "cé", "c%2F"] {
+            let err = check(id, "eth0").unwrap_err();
+            assert_eq!(err.code, 4, "{id:?}");
+            assert!(err.msg.contains("CNI_CONTAINERID"), "{err:?}");
+            assert!(!err.msg.contains(id), "the value is shown: {err:?}");
+        }
+        let long = "sixteen-bytes-xy";
+        for ifname in [
+            long, ".", "..", "a/b", "a:b", "a b", "a\tb", "a\u{85}b", "a\u{1b}b",
+        ] {
+            let err = check("c1", ifname).unwrap_err();
+            assert_eq!(err.code, 4, "{ifname:?}");
+            assert!(err.msg.contains("CNI_IFNAME"), "{err:?}");
+            let shown = ifname.len() > 2 && err.msg.contains(ifname);
+            assert!(!shown, "the value is shown: {err:?}");
+        }
+    }
 
     #[test]
     fn cni_args() {

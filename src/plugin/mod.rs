@@ -236,6 +236,7 @@ fn add(
 ) -> Result<Value, CniError> {
     CniEnv::require(&env.netns, "CNI_NETNS")?;
     let attachment = attachment(env)?;
+    CniEnv::check_new_attachment(&attachment.container_id, &attachment.ifname)?;
     let placement = place_statics(pools(cfg)?, statics(env, conf, cfg)?)?;
     let mut result = IpamResult {
         ips: Vec::new(),
