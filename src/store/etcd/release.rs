@@ -11,7 +11,7 @@ use etcd_client::{
 };
 
 use super::freed::{after_release, cut_or_mark, run_answer};
-use super::keys::{parse_hex, range_end, unescape, Keys};
+use super::keys::{parse_hex, range_end, Keys, Parsed};
 use super::plan::Stop;
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::ReadRun;
@@ -399,7 +399,7 @@ fn owned(
     let dir = s.keys.owner_dir(&req.container_id, &req.ifname);
     let mut found = Vec::new();
     s.scan(dl, &dir, |kv| {
-        if let Some((pool, offset)) = owner_entry(&kv) {
+        if let Some((pool, offset)) = owner_entry(&s.keys, &kv) {
             if any_pool || req.pools.iter().any(|p| p.name == pool) {
                 found.push((pool, offset));
             }
@@ -408,10 +408,12 @@ fn owned(
     Ok(found)
 }
 
-/// The pool and offset of an owner index entry.
-fn owner_entry(kv: &KeyValue) -> Option<(String, u128)> {
+/// The pool and offset of an owner index entry (its key names the pool, its value the offset).
+fn owner_entry(keys: &Keys, kv: &KeyValue) -> Option<(String, u128)> {
     let key = std::str::from_utf8(kv.key()).ok()?;
-    let pool = unescape(key.rsplit('/').next().unwrap_or_default());
+    let Some(Parsed::Owner { pool, .. }) = keys.parse(key) else {
+        return None;
+    };
     let offset = std::str::from_utf8(kv.value()).ok().and_then(parse_hex)?;
     Some((pool, offset))
 }
@@ -435,7 +437,8 @@ pub(super) fn del_by(
     let named = Named::of(&s.keys, req, MAX_TXN_OPS - 1);
     let gets = first_gets(&s.keys, req, &named);
     let resp = s.txn(dl, "release read", Txn::new().and_then(gets))?;
-    let (owned_page, mut read) = first_answers(&mut resp.op_responses().into_iter(), named);
+    let (owned_page, mut read) =
+        first_answers(&s.keys, &mut resp.op_responses().into_iter(), named);
     let held = match owned_page {
         Some(held) => held,
         None => owned(s, dl, req, true)?,
@@ -523,13 +526,17 @@ pub(super) fn first_gets(keys: &Keys, req: &AttachmentRequest, named: &[Named]) 
 /// they fill more than a page), and what was read of each allocation `named`, by pool and
 /// offset.
 pub(super) fn first_answers(
+    keys: &Keys,
     answers: &mut impl Iterator<Item = TxnOpResponse>,
     named: Vec<Named>,
 ) -> (Option<PoolsHeld>, HashMap<(String, u128), ReleaseRead>) {
     let owned = match answers.next() {
-        Some(TxnOpResponse::Get(page)) if !page.more() => {
-            Some(page.kvs().iter().filter_map(owner_entry).collect())
-        }
+        Some(TxnOpResponse::Get(page)) if !page.more() => Some(
+            page.kvs()
+                .iter()
+                .filter_map(|kv| owner_entry(keys, kv))
+                .collect(),
+        ),
         _ => None,
     };
     let mut read = HashMap::new();
@@ -642,17 +649,16 @@ pub fn allocations(s: &Session, pool: Option<&str>) -> Result<Vec<Allocation>, S
     };
     let mut out = Vec::new();
     s.scan(&dl, &dir, |kv| {
-        let Ok(key) = std::str::from_utf8(kv.key()) else {
-            return;
+        // Run keys share the pools directory.
+        let pool = match std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|k| s.keys.parse(k))
+        {
+            Some(Parsed::Record { pool, .. }) => pool,
+            _ => return,
         };
-        // <prefix>pools/<pool>/a/<offset>; run keys share the pools directory.
-        let mut parts = key.rsplit('/');
-        let (_, kind, name) = (parts.next(), parts.next(), parts.next());
-        if kind != Some("a") {
-            return;
-        }
-        if let (Some(name), Some(record)) = (name, AllocationRecord::from_json(kv.value())) {
-            out.extend(record.allocation(&unescape(name)));
+        if let Some(record) = AllocationRecord::from_json(kv.value()) {
+            out.extend(record.allocation(&pool));
         }
     })?;
     Ok(out)

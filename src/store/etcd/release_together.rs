@@ -221,7 +221,7 @@ fn read_first(
     let mut owned = Vec::new();
     let mut read = Reads::new();
     for (&del, named) in together.iter().zip(named_of) {
-        let (page, found) = first_answers(&mut answers, named);
+        let (page, found) = first_answers(&s.keys, &mut answers, named);
         owned.push(page);
         let found = found.into_iter();
         read.extend(found.map(|((pool, offset), r)| ((del, pool, offset), r)));
