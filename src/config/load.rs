@@ -513,52 +513,58 @@ fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, Conf
                     .unwrap_or_else(|| DEFAULT_LOCAL_PATH.into()),
             ),
         }),
-        "kubernetes" => Ok(Datastore::Kubernetes(KubernetesConfig {
-            kubeconfig: PathBuf::from(
-                kubeconfig
-                    .or_else(|| operator.then(|| DEFAULT_KUBECONFIG.to_string()))
-                    .ok_or_else(|| {
-                        invalid(
-                            "ipam.datastore is \"kubernetes\" but ipam.kubernetes.kubeconfig is not set",
-                        )
-                    })?,
-            ),
-        })),
+        "kubernetes" => {
+            let kubeconfig = kubeconfig
+                .or_else(|| operator.then(|| DEFAULT_KUBECONFIG.to_string()))
+                .ok_or_else(|| {
+                    invalid("ipam.datastore is \"kubernetes\" but ipam.kubernetes.kubeconfig is not set")
+                })?;
+            Ok(Datastore::Kubernetes(KubernetesConfig {
+                kubeconfig: PathBuf::from(kubeconfig),
+            }))
+        }
         "etcd" => {
             let hosts = etcd_host.ok_or_else(|| {
                 invalid("ipam.datastore is \"etcd\" but ipam.etcd_host is not set")
             })?;
-            let endpoints: Vec<String> = hosts
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
-            if endpoints.is_empty() {
-                return Err(invalid(format!(
-                    "invalid ipam.etcd_host: {:?} names no endpoint", shown(&hosts)
-                )));
-            }
-            let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
-                Ok(text(map, key, &format!("ipam.{key}"))?.map(PathBuf::from))
-            };
-            let cfg = EtcdConfig {
-                endpoints,
-                username: text(map, "etcd_username", "ipam.etcd_username")?,
-                password: text(map, "etcd_password", "ipam.etcd_password")?,
-                cert_file: path("etcd_cert_file")?,
-                key_file: path("etcd_key_file")?,
-                ca_cert_file: path("etcd_ca_cert_file")?,
-            };
-            if cfg.cert_file.is_some() != cfg.key_file.is_some() {
-                return Err(invalid(
-                    "ipam.etcd_cert_file and ipam.etcd_key_file must be set together",
-                ));
-            }
-            Ok(Datastore::Etcd(cfg))
+            etcd_settings(map, &hosts).map(Datastore::Etcd)
         }
         other => Err(invalid(format!(
-            "invalid ipam.datastore: {other:?} (expected \"local\", \"kubernetes\" or \"etcd\")"
+            "invalid ipam.datastore: {:?} (expected \"local\", \"kubernetes\" or \"etcd\")",
+            shown(other)
         ))),
     }
+}
+
+/// The etcd engine's settings: the endpoints of `hosts` (comma-separated) and its credentials.
+fn etcd_settings(map: &Map<String, Value>, hosts: &str) -> Result<EtcdConfig, ConfigError> {
+    let endpoints: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if endpoints.is_empty() {
+        return Err(invalid(format!(
+            "invalid ipam.etcd_host: {:?} names no endpoint",
+            shown(hosts)
+        )));
+    }
+    let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
+        Ok(text(map, key, &format!("ipam.{key}"))?.map(PathBuf::from))
+    };
+    let cfg = EtcdConfig {
+        endpoints,
+        username: text(map, "etcd_username", "ipam.etcd_username")?,
+        password: text(map, "etcd_password", "ipam.etcd_password")?,
+        cert_file: path("etcd_cert_file")?,
+        key_file: path("etcd_key_file")?,
+        ca_cert_file: path("etcd_ca_cert_file")?,
+    };
+    if cfg.cert_file.is_some() != cfg.key_file.is_some() {
+        return Err(invalid(
+            "ipam.etcd_cert_file and ipam.etcd_key_file must be set together",
+        ));
+    }
+    Ok(cfg)
 }
