@@ -10,7 +10,9 @@ use super::output::print;
 use super::store_args::StoreArgs;
 use crate::cleanup::judge::{judge, Verdict};
 use crate::cleanup::pods::{cluster_source, PodReader};
+use crate::config::IpamConfig;
 use crate::ipam::addr::parse_ip;
+use crate::store::{Allocation, Store};
 
 #[derive(clap::Args, Debug)]
 pub struct ReleaseArgs {
@@ -43,56 +45,8 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
     let ip: IpAddr = parse_ip(&args.address)
         .ok_or_else(|| anyhow::anyhow!("{:?} is not an IP address", args.address))?;
     let (cfg, store) = args.store.open()?;
-    let held: Vec<_> = store
-        .allocations(args.pool.as_deref())
-        .map_err(anyhow::Error::new)?
-        .into_iter()
-        .filter(|l| l.ip == ip)
-        .collect();
-    let allocation = match held.as_slice() {
-        [] => match &args.pool {
-            Some(pool) => anyhow::bail!("{ip} is not allocated in pool {pool}"),
-            None => anyhow::bail!("{ip} is not allocated"),
-        },
-        [one] => one.clone(),
-        many => anyhow::bail!(
-            "{ip} is allocated in several pools ({}); choose one with --pool",
-            many.iter()
-                .map(|l| l.pool.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let pod = allocation.attachment.pod_ref.clone().unwrap_or_default();
-    let verdict = match cluster_source(args.cluster.pod_kubeconfig.as_deref(), &cfg) {
-        None => None,
-        Some(source) => {
-            let reader = PodReader::open(source, cfg.trust.insecure_tls)?;
-            match allocation.attachment.pod_ref.as_deref() {
-                Some(r) => Some(judge(
-                    &allocation,
-                    reader.get(r).map_err(|e| anyhow::anyhow!(e))?.as_ref(),
-                )),
-                None => Some(judge(&allocation, None)),
-            }
-        }
-    };
-    let reason = match (&verdict, args.force) {
-        (Some(v @ Verdict::Release(_)), _) => v.to_string(),
-        (Some(Verdict::Keep(why)), true) => format!("forced: {}", why.as_str()),
-        (None, true) => "forced: pod state unknown".to_string(),
-        (Some(Verdict::Keep(why)), false) => anyhow::bail!(
-            "refusing to release {ip} (pool {}) held by pod {}: {}; use --force to release it anyway",
-            allocation.pool,
-            if pod.is_empty() { "(none recorded)" } else { &pod },
-            why.as_str()
-        ),
-        (None, false) => anyhow::bail!(
-            "refusing to release {ip} (pool {}, pod {}): cannot tell whether its pod is alive without a kubeconfig to read pods (--pod-kubeconfig or $KUBECONFIG); use --force to release it anyway",
-            allocation.pool,
-            if pod.is_empty() { "(none recorded)" } else { &pod }
-        ),
-    };
+    let allocation = held(store.as_ref(), args.pool.as_deref(), ip)?;
+    let reason = reason(args, &cfg, &allocation)?;
     let released = store
         .release(&allocation.pool, ip)
         .map_err(|e| {
@@ -110,6 +64,64 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
         container: released.attachment.container_id,
         interface: released.attachment.ifname,
         reason,
+    })
+}
+
+/// The one allocation of `ip` (in `pool`, when given).
+fn held(store: &dyn Store, pool: Option<&str>, ip: IpAddr) -> anyhow::Result<Allocation> {
+    let held: Vec<_> = store
+        .allocations(pool)
+        .map_err(anyhow::Error::new)?
+        .into_iter()
+        .filter(|l| l.ip == ip)
+        .collect();
+    match held.as_slice() {
+        [] => match pool {
+            Some(pool) => anyhow::bail!("{ip} is not allocated in pool {pool}"),
+            None => anyhow::bail!("{ip} is not allocated"),
+        },
+        [one] => Ok(one.clone()),
+        many => anyhow::bail!(
+            "{ip} is allocated in several pools ({}); choose one with --pool",
+            many.iter()
+                .map(|l| l.pool.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Why `allocation` may be released: its pod's state says so, or `--force`; an error naming
+/// the pod when neither does.
+fn reason(args: &ReleaseArgs, cfg: &IpamConfig, allocation: &Allocation) -> anyhow::Result<String> {
+    let ip = allocation.ip;
+    let pod = allocation.attachment.pod_ref.clone().unwrap_or_default();
+    let verdict = match cluster_source(args.cluster.pod_kubeconfig.as_deref(), cfg) {
+        None => None,
+        Some(source) => {
+            let reader = PodReader::open(source, cfg.trust.insecure_tls)?;
+            let alive = match allocation.attachment.pod_ref.as_deref() {
+                Some(r) => reader.get(r).map_err(|e| anyhow::anyhow!(e))?,
+                None => None,
+            };
+            Some(judge(allocation, alive.as_ref()))
+        }
+    };
+    Ok(match (&verdict, args.force) {
+        (Some(v @ Verdict::Release(_)), _) => v.to_string(),
+        (Some(Verdict::Keep(why)), true) => format!("forced: {}", why.as_str()),
+        (None, true) => "forced: pod state unknown".to_string(),
+        (Some(Verdict::Keep(why)), false) => anyhow::bail!(
+            "refusing to release {ip} (pool {}) held by pod {}: {}; use --force to release it anyway",
+            allocation.pool,
+            if pod.is_empty() { "(none recorded)" } else { &pod },
+            why.as_str()
+        ),
+        (None, false) => anyhow::bail!(
+            "refusing to release {ip} (pool {}, pod {}): cannot tell whether its pod is alive without a kubeconfig to read pods (--pod-kubeconfig or $KUBECONFIG); use --force to release it anyway",
+            allocation.pool,
+            if pod.is_empty() { "(none recorded)" } else { &pod }
+        ),
     })
 }
 
