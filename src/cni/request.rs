@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::net::IpAddr;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::error::{code, CniError};
 use crate::store::Hints;
@@ -231,6 +231,35 @@ pub struct NetConf {
     pub prev_ips: Vec<IpAddr>,
 }
 
+/// A GC's `cni.dev/valid-attachments` (or the older `cni.dev/attachments`), as (container ID,
+/// interface name) pairs.
+fn valid_attachments(map: &Map<String, Value>) -> Result<Option<Vec<(String, String)>>, CniError> {
+    let attachments = map
+        .get("cni.dev/valid-attachments")
+        .or_else(|| map.get("cni.dev/attachments"));
+    let items = match attachments {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(decode_error(format!(
+                "cni.dev/valid-attachments must be a list, got {}",
+                kind_of(other)
+            )))
+        }
+    };
+    let pair = |item: &Value| {
+        let field = |k: &str| item.get(k).and_then(Value::as_str).map(String::from);
+        match (field("containerID"), field("ifname")) {
+            (Some(c), Some(i)) => Ok((c, i)),
+            _ => Err(decode_error(format!(
+                "cni.dev/valid-attachments entry {} needs containerID and ifname",
+                crate::files::shown(&item.to_string())
+            ))),
+        }
+    };
+    items.iter().map(pair).collect::<Result<_, _>>().map(Some)
+}
+
 /// The addresses listed in a `prevResult` (`ips[].address`, `ip/prefix`).
 fn prev_result_ips(prev: Option<&Value>) -> Vec<IpAddr> {
     let Some(Value::Array(ips)) = prev.and_then(|p| p.get("ips")) else {
@@ -298,40 +327,13 @@ impl NetConf {
                 .and_then(|c| c.get("ips")),
             "args.cni.ips",
         )?);
-        let attachments = map
-            .get("cni.dev/valid-attachments")
-            .or_else(|| map.get("cni.dev/attachments"));
-        let valid_attachments = match attachments {
-            None | Some(Value::Null) => None,
-            Some(Value::Array(items)) => Some(
-                items
-                    .iter()
-                    .map(|item| {
-                        let field = |k: &str| item.get(k).and_then(Value::as_str).map(String::from);
-                        match (field("containerID"), field("ifname")) {
-                            (Some(c), Some(i)) => Ok((c, i)),
-                            _ => Err(decode_error(format!(
-                                "cni.dev/valid-attachments entry {} needs containerID and ifname",
-                                crate::files::shown(&item.to_string())
-                            ))),
-                        }
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
-            Some(other) => {
-                return Err(decode_error(format!(
-                    "cni.dev/valid-attachments must be a list, got {}",
-                    kind_of(other)
-                )))
-            }
-        };
         Ok(NetConf {
             cni_version: string("cniVersion")?,
             cni_versions: strings(map.get("cniVersions"), "cniVersions")?,
             name: string("name")?.unwrap_or_default(),
             ipam: map.get("ipam").filter(|v| !v.is_null()).cloned(),
             requested_ips,
-            valid_attachments,
+            valid_attachments: valid_attachments(map)?,
             prev_ips: prev_result_ips(map.get("prevResult")),
         })
     }
