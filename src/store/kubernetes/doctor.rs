@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::api::{ApiError, Kube};
-use super::pool_doc::PoolDoc;
+use super::pool_doc::{Entry, PoolDoc};
 use super::reservation;
 use crate::ipam::decide::GO_OFFSET_LIMIT;
 use crate::ipam::names::{object_name, pool_name};
@@ -90,6 +90,27 @@ fn finding(problem: Problem, object: String, address: Option<IpAddr>, detail: St
         detail,
         action: action.into(),
     }
+}
+
+/// An address of one network held by more than one attachment, across the network's pools.
+fn held_twice(holders: BTreeMap<(String, IpAddr), Vec<(String, Attachment)>>) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for ((network, ip), held) in holders {
+        let owners: BTreeSet<String> = held.iter().map(|(_, a)| a.describe()).collect();
+        if owners.len() > 1 {
+            let pools: Vec<&str> = held.iter().map(|(p, _)| p.as_str()).collect();
+            findings.push(finding(
+                Problem::HeldTwice,
+                format!("IPPool/{}", pools.join(",IPPool/")),
+                Some(ip),
+                format!(
+                    "network {network:?}: held by {}",
+                    owners.into_iter().collect::<Vec<_>>().join(" and ")
+                ),
+            ));
+        }
+    }
+    findings
 }
 
 /// Reads the namespace's pools, reservations and node slices, and finds what is wrong.
@@ -225,73 +246,66 @@ impl Survey {
         let mut holders: BTreeMap<(String, IpAddr), Vec<(String, Attachment)>> = BTreeMap::new();
         let mut findings = Vec::new();
         for pool in &self.pools {
-            let what = format!("IPPool/{}", pool.name);
             for entry in pool.doc.entries() {
-                let ip = Some(entry.ip);
-                if entry
-                    .key
-                    .parse::<u128>()
-                    .is_ok_and(|k| k >= GO_OFFSET_LIMIT)
-                {
-                    findings.push(finding(
-                        Problem::BeyondGoOffsets,
-                        what.clone(),
-                        ip,
-                        format!("key {} is 2^63 or more", entry.key),
-                    ));
-                }
-                if entry.attachment.pod_ref.is_none() {
-                    findings.push(finding(
-                        Problem::Podless,
-                        what.clone(),
-                        ip,
-                        format!("container {} has no pod", entry.attachment.container_id),
-                    ));
-                }
-                let name = reservation::name(entry.ip, &pool.network);
-                let mut about = |problem, detail| {
-                    let mut f = finding(problem, what.clone(), ip, detail);
-                    f.reservation = Some(name.clone());
-                    findings.push(f);
-                };
-                match self.reservations.get(&name) {
-                    None => about(
-                        Problem::MissingReservation,
-                        format!("no reservation for {}", entry.attachment.describe()),
-                    ),
-                    Some(r) if !reservation::held_by(r, &entry.attachment) => about(
-                        Problem::ReservationHolderDiffers,
-                        format!(
-                            "the entry is {}, the reservation {}/{}",
-                            entry.attachment.describe(),
-                            r.spec.podref,
-                            r.spec.containerid
-                        ),
-                    ),
-                    Some(_) => {}
-                }
+                findings.extend(self.entry_findings(pool, &entry));
                 holders
                     .entry((pool.network.clone(), entry.ip))
                     .or_default()
                     .push((pool.name.clone(), entry.attachment));
             }
         }
-        for ((network, ip), held) in holders {
-            let owners: BTreeSet<String> = held.iter().map(|(_, a)| a.describe()).collect();
-            if owners.len() > 1 {
-                let pools: Vec<&str> = held.iter().map(|(p, _)| p.as_str()).collect();
-                findings.push(finding(
-                    Problem::HeldTwice,
-                    format!("IPPool/{}", pools.join(",IPPool/")),
-                    Some(ip),
-                    format!(
-                        "network {network:?}: held by {}",
-                        owners.into_iter().collect::<Vec<_>>().join(" and ")
-                    ),
-                ));
-            }
-        }
+        findings.extend(held_twice(holders));
         self.findings.extend(findings);
+    }
+
+    /// What is wrong with one entry of `pool` alone: its key, its pod, its reservation.
+    fn entry_findings(&self, pool: &Pool, entry: &Entry) -> Vec<Finding> {
+        let what = format!("IPPool/{}", pool.name);
+        let ip = Some(entry.ip);
+        let mut findings = Vec::new();
+        if entry
+            .key
+            .parse::<u128>()
+            .is_ok_and(|k| k >= GO_OFFSET_LIMIT)
+        {
+            findings.push(finding(
+                Problem::BeyondGoOffsets,
+                what.clone(),
+                ip,
+                format!("key {} is 2^63 or more", entry.key),
+            ));
+        }
+        if entry.attachment.pod_ref.is_none() {
+            findings.push(finding(
+                Problem::Podless,
+                what.clone(),
+                ip,
+                format!("container {} has no pod", entry.attachment.container_id),
+            ));
+        }
+        let name = reservation::name(entry.ip, &pool.network);
+        let problem = match self.reservations.get(&name) {
+            None => Some((
+                Problem::MissingReservation,
+                format!("no reservation for {}", entry.attachment.describe()),
+            )),
+            Some(r) if !reservation::held_by(r, &entry.attachment) => Some((
+                Problem::ReservationHolderDiffers,
+                format!(
+                    "the entry is {}, the reservation {}/{}",
+                    entry.attachment.describe(),
+                    r.spec.podref,
+                    r.spec.containerid
+                ),
+            )),
+            Some(_) => None,
+        };
+        if let Some((problem, detail)) = problem {
+            let mut f = finding(problem, what, ip, detail);
+            f.reservation = Some(name);
+            findings.push(f);
+        }
+        findings
     }
 
     /// Reservations that no entry accounts for, and reservation names made valid.
