@@ -134,17 +134,22 @@ fn start_election(
     Some(election)
 }
 
-async fn main(opts: Options) -> Result<(), ControllerError> {
-    // Watches hold a response open for their whole timeout; every other request must finish
-    // quickly, so a hung call cannot stall the store worker for minutes.
+/// The client for every request but the watches, and the watches' own. Watches hold a
+/// response open for their whole timeout; every other request must finish quickly, so a hung
+/// call cannot stall the store worker for minutes.
+async fn clients(opts: &Options) -> Result<(Client, Client), ControllerError> {
     let insecure_tls = opts.ipam.trust.insecure_tls;
-    let client = pods::client(&opts.cluster, REQUEST_TIMEOUT, insecure_tls)
+    let client = |timeout| pods::client(&opts.cluster, timeout, insecure_tls);
+    let config_error = |e| ControllerError::Config(crate::store::error::chain(&e));
+    let requests = client(REQUEST_TIMEOUT).await.map_err(config_error)?;
+    let watches = client(opts.watch_timeout + REQUEST_TIMEOUT)
         .await
-        .map_err(|e| ControllerError::Config(crate::store::error::chain(&e)))?;
-    let watch_timeout = opts.watch_timeout + REQUEST_TIMEOUT;
-    let watch_client = pods::client(&opts.cluster, watch_timeout, insecure_tls)
-        .await
-        .map_err(|e| ControllerError::Config(crate::store::error::chain(&e)))?;
+        .map_err(config_error)?;
+    Ok((requests, watches))
+}
+
+async fn main(opts: Options) -> Result<(), ControllerError> {
+    let (client, watch_client) = clients(&opts).await?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| ControllerError::Io(format!("cannot listen on {}: {e}", opts.listen)))?;
