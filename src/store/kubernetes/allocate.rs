@@ -468,7 +468,7 @@ impl Engine {
                     return Ok((results, written));
                 }
                 Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
-                    conflicts = self.after_conflict(&name, conflicts).await?;
+                    conflicts = self.after_conflict("add", &name, conflicts).await?;
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -883,11 +883,17 @@ impl Engine {
         }
     }
 
-    /// Counts a conflict and waits before the next attempt; gives up when the bound is reached.
-    async fn after_conflict(&self, pool: &str, conflicts: u32) -> Result<u32, StoreError> {
+    /// Counts a conflict of `operation` ("add" or "del") on `pool` and waits before the next
+    /// attempt; gives up when the bound is reached.
+    pub(super) async fn after_conflict(
+        &self,
+        operation: &'static str,
+        pool: &str,
+        conflicts: u32,
+    ) -> Result<u32, StoreError> {
         let conflicts = conflicts + 1;
         if let Some(batches) = &self.batches {
-            batches.observer.conflict("add");
+            batches.observer.conflict(operation);
         }
         let backoff = &self.settings.conflicts;
         if conflicts >= backoff.attempts {

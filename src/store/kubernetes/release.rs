@@ -20,6 +20,19 @@ use crate::store::{
     Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, Reservation, StoreError,
 };
 
+/// The patch removing `picked`, each removal testing that its entry is still the one read.
+fn removal(picked: &[Entry]) -> Vec<serde_json::Value> {
+    picked
+        .iter()
+        .flat_map(|e| {
+            [
+                holder_test(&e.key, &e.attachment.container_id),
+                remove_op(&e.key),
+            ]
+        })
+        .collect()
+}
+
 impl Engine {
     /// Removes the entries of pool `name` that `pick` selects, compare-and-swap, retried on
     /// conflict. Returns what was removed.
@@ -61,16 +74,11 @@ impl Engine {
                 Some(_) => None,
                 None => doc.resource_version(),
             };
-            let ops: Vec<_> = picked
-                .iter()
-                .flat_map(|e| {
-                    [
-                        holder_test(&e.key, &e.attachment.container_id),
-                        remove_op(&e.key),
-                    ]
-                })
-                .collect();
-            match self.kube.patch_pool(name, whole_rv, &ops).await {
+            match self
+                .kube
+                .patch_pool(name, whole_rv, &removal(&picked))
+                .await
+            {
                 Ok(written) => {
                     if let Some(batches) = &self.batches {
                         batches.wrote(&written);
@@ -85,17 +93,7 @@ impl Engine {
                             sent.push(entry);
                         }
                     }
-                    if let Some(batches) = &self.batches {
-                        batches.observer.conflict("del");
-                    }
-                    conflicts += 1;
-                    let backoff = &self.settings.conflicts;
-                    if conflicts >= backoff.attempts {
-                        return Err(StoreError::try_again(format!(
-                            "IPPool {name} kept changing under {conflicts} attempts to update it; gave up"
-                        )));
-                    }
-                    tokio::time::sleep(backoff.delay(conflicts)).await;
+                    conflicts = self.after_conflict("del", name, conflicts).await?;
                 }
                 Err(err) => return Err(err.into()),
             }
