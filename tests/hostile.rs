@@ -264,3 +264,31 @@ fn names_a_pod_may_not_use_are_refused_before_an_address_is_taken() {
     let second = net.add("c2", "eth0").json();
     assert_ne!(ips(&first), ips(&second));
 }
+
+/// Both network names are stored with every allocation: an ADD refuses them beyond a
+/// Kubernetes object name's length, so a configuration cannot make each of its pods cost the
+/// shared store a megabyte. A DEL still succeeds.
+#[test]
+fn network_names_longer_than_an_object_name_are_refused_on_add() {
+    let long = "n".repeat(254);
+    for field in ["name", "ipam.network_name"] {
+        let mut net = Net::local(json!({"range": "10.63.0.0/30"}));
+        match field {
+            "name" => net.conf["name"] = long.as_str().into(),
+            _ => net.conf["ipam"]["network_name"] = long.as_str().into(),
+        }
+        let reply = net.add("c1", "eth0");
+        assert_eq!(reply.err_code(), 7, "{field}");
+        assert!(
+            reply.msg().starts_with(&format!("{field} is longer")),
+            "{reply:?}"
+        );
+        assert!(!reply.msg().contains(long.as_str()));
+        net.del("c1", "eth0").ok_empty();
+        net.conf["name"] = "n".repeat(253).into();
+        net.conf["ipam"]["network_name"] = "n".repeat(253).into();
+        // Nothing was taken: the /30's two addresses are both there.
+        let first = ips(&net.add("c1", "eth0").json());
+        assert_ne!(first, ips(&net.add("c2", "eth0").json()));
+    }
+}

@@ -29,6 +29,10 @@ pub const MAX_EXCLUDES: usize = 1024;
 pub const MAX_ROUTES: usize = 1024;
 /// Static addresses of one call (`addresses`, CNI_ARGS `IP=` and `runtimeConfig.ips` together).
 pub const MAX_STATIC_ADDRESSES: usize = 64;
+/// The configuration's `name` and `ipam.network_name`, in bytes: a Kubernetes object name's
+/// limit. Both are stored with every allocation (and the second names pools), so without a cap
+/// one configuration's pods could fill a shared store with a megabyte each.
+pub const MAX_NETWORK_NAME_BYTES: usize = 253;
 
 /// A static address from `addresses`, CNI_ARGS `IP=` or `runtimeConfig.ips`.
 #[derive(Clone, Debug, PartialEq, Eq)]

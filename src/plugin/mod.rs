@@ -237,6 +237,7 @@ fn add(
     CniEnv::require(&env.netns, "CNI_NETNS")?;
     let attachment = attachment(env)?;
     CniEnv::check_new_attachment(&attachment.container_id, &attachment.ifname)?;
+    check_network_names(conf, cfg)?;
     let placement = place_statics(pools(cfg)?, statics(env, conf, cfg)?)?;
     let mut result = IpamResult {
         ips: Vec::new(),
@@ -274,6 +275,24 @@ fn add(
     }
     tracing::info!(ips = ?result.ips.iter().map(|i| i.address.to_string()).collect::<Vec<_>>(), "allocated");
     Ok(result.to_json(version))
+}
+
+/// Refuses, for an ADD, network names longer than [`config::MAX_NETWORK_NAME_BYTES`] (code 7,
+/// naming the field). Only ADD checks: what was attached before must stay removable.
+fn check_network_names(conf: &NetConf, cfg: &IpamConfig) -> Result<(), CniError> {
+    let max = config::MAX_NETWORK_NAME_BYTES;
+    for (value, field) in [
+        (&conf.name, "name"),
+        (&cfg.network_name, "ipam.network_name"),
+    ] {
+        if value.len() > max {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("{field} is longer than {max} bytes"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn attachment_request(
