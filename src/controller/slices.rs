@@ -3,6 +3,7 @@
 //! addresses from it); a removed node's slice becomes free; new nodes take the lowest free ones.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
 
 use crate::ipam::slices::SliceError;
 use crate::ipam::Cidr;
@@ -56,13 +57,49 @@ fn index_of(range: &Cidr, size: u8, slice: &Cidr) -> Option<u128> {
     if slice.prefix != size || slice.network() != *slice || !range.contains(slice.addr) {
         return None;
     }
-    let offset = range.offset_of(slice.addr)?;
+    slice_containing(range, size, slice.addr)
+}
+
+/// The index of the slice of `range` (prefix length `size`) that holds `ip`.
+fn slice_containing(range: &Cidr, size: u8, ip: IpAddr) -> Option<u128> {
+    let offset = range.offset_of(ip)?;
     let step_bits = u32::from(range.bits() - size);
     Some(if step_bits >= 128 {
         0
     } else {
         offset >> step_bits
     })
+}
+
+/// The first slice index from `next` on that no node holds (`taken`) and that overlaps no
+/// `busy` range; `total` when none is left. A busy range is passed over whole, not slice by
+/// slice: it may span more slices than could ever be counted (the unsliced IPv6 pool of the
+/// layout before, cut into /120s).
+fn first_free(
+    range: &Cidr,
+    size: u8,
+    (next, total): (u128, u128),
+    taken: &BTreeMap<u128, String>,
+    busy: &HashSet<Cidr>,
+) -> u128 {
+    let mut next = next;
+    while next < total {
+        if taken.contains_key(&next) {
+            next += 1;
+            continue;
+        }
+        let slice = slice_at(range, size, next);
+        let Some(held) = busy.iter().find(|b| b.overlaps(&slice)) else {
+            return next;
+        };
+        // The slice after the one holding the busy range's last address; none when that
+        // address is past the range.
+        let last = held.network().at(held.last_offset());
+        next = slice_containing(range, size, last)
+            .and_then(|i| i.checked_add(1))
+            .map_or(total, |after| after.max(next + 1));
+    }
+    total
 }
 
 /// Assigns slices of `range` (prefix length `size`) to `nodes`, keeping what `current` gives
@@ -104,14 +141,7 @@ pub fn assign(
         if placed.contains(node.as_str()) {
             continue;
         }
-        while next < total
-            && (taken.contains_key(&next) || {
-                let slice = slice_at(&range, size, next);
-                busy.iter().any(|b| b.overlaps(&slice))
-            })
-        {
-            next += 1;
-        }
+        next = first_free(&range, size, (next, total), &taken, busy);
         if next >= total {
             unassigned.push(node.clone());
             continue;
@@ -202,6 +232,33 @@ mod tests {
         assert_eq!(owner(&resized, "10.0.0.0/25"), "");
         assert_eq!(owner(&resized, "10.0.0.128/25"), "a");
         assert_eq!(owner(&resized, "10.0.1.0/25"), "b");
+    }
+
+    /// A pool of the layout before may hold more slices of the new one than can be counted:
+    /// an unsliced /64 cut into /120s is 2^56 of them. They are passed over at once.
+    #[test]
+    fn busy_ranges_are_passed_over_whole_however_many_slices_they_span() {
+        let range = Cidr::parse("fd00::/64", false).unwrap();
+        let busy = |cidrs: &[&str]| -> HashSet<Cidr> {
+            cidrs
+                .iter()
+                .map(|c| Cidr::parse(c, false).unwrap())
+                .collect()
+        };
+        let two = nodes(&["a", "b"]);
+        let whole = assign(&range, 120, &two, &[], &busy(&["fd00::/64"])).unwrap();
+        assert_eq!(whole.unassigned, vec!["a".to_string(), "b".to_string()]);
+        let wider = assign(&range, 120, &two, &[], &busy(&["fd00::/48"])).unwrap();
+        assert_eq!(wider.unassigned.len(), 2);
+        let halves = busy(&["fd00::/65", "fd00::8000:0:0:0/66", "fd00::c000:0:0:100/120"]);
+        let after = assign(&range, 120, &two, &[], &halves).unwrap();
+        assert_eq!(owner(&after, "fd00::c000:0:0:0/120"), "a");
+        assert_eq!(owner(&after, "fd00::c000:0:0:200/120"), "b");
+        // A busy range smaller than a slice still keeps its whole slice from a new node.
+        let v4 = Cidr::parse("10.0.0.0/24", false).unwrap();
+        let small = assign(&v4, 26, &two, &[], &busy(&["10.0.0.5/32"])).unwrap();
+        assert_eq!(owner(&small, "10.0.0.64/26"), "a");
+        assert_eq!(owner(&small, "10.0.0.0/26"), "");
     }
 
     #[test]
