@@ -2,12 +2,14 @@
 //! hold of its answer. Shared by the cargo-fuzz targets (`fuzz/`, nightly) and the seeded
 //! mutation test of the ordinary test suite (`tests/fuzz_inputs.rs`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::cni::request::{CniArgs, CniEnv, NetConf};
 use crate::config;
+use crate::controller::slices::assign;
 use crate::ipam::{Cidr, Range, RangeSpec};
+use crate::k8s::crd::NodeSliceAllocation;
 
 /// The configuration loader, as a network configuration reaches it (no flat file).
 pub fn config(bytes: &[u8]) {
@@ -64,6 +66,121 @@ pub fn decide(bytes: &[u8]) {
             "{range} has a free offset past {scan_end}"
         ),
     }
+}
+
+/// The controller's node slices: a range, a slice size, nodes, a layout to keep and ranges
+/// still busy, built from the bytes. The assignment must finish (however many slices a busy
+/// range spans), give a node at most one slice and no two nodes the same one, only slices of
+/// the range and size, to a new node none that overlaps a busy range, and leave a node without
+/// one only when no slice is free.
+pub fn slices(bytes: &[u8]) {
+    let Some((range, size, nodes, current, busy)) = slice_layout(bytes) else {
+        return;
+    };
+    let Ok(plan) = assign(&range, size, &nodes, &current, &busy) else {
+        assert!(
+            size < range.prefix || size > range.bits(),
+            "{range} /{size} refused"
+        );
+        return;
+    };
+    let kept: BTreeSet<&str> = current.iter().map(|a| a.node_name.as_str()).collect();
+    let mut holders = BTreeSet::new();
+    let mut held = HashSet::new();
+    for a in plan.allocations.iter().filter(|a| !a.node_name.is_empty()) {
+        let slice = Cidr::parse(&a.slice_range, false).expect("a slice reads as a CIDR");
+        assert!(
+            slice.prefix == size && range.contains(slice.addr),
+            "{slice} of {range}"
+        );
+        assert!(
+            holders.insert(a.node_name.clone()),
+            "{} holds two",
+            a.node_name
+        );
+        assert!(held.insert(slice), "{slice} given twice");
+        if !kept.contains(a.node_name.as_str()) {
+            assert!(!busy.iter().any(|b| b.overlaps(&slice)), "{slice} is busy");
+        }
+    }
+    for node in &nodes {
+        assert!(
+            holders.contains(node) != plan.unassigned.contains(node),
+            "{node}"
+        );
+    }
+    if !plan.unassigned.is_empty() && plan.total <= 4096 {
+        let shift = u32::from(range.bits() - size);
+        let free = (0..plan.total).find(|&i| {
+            let offset = if shift >= 128 { 0 } else { i << shift };
+            let slice = Cidr {
+                addr: range.at(offset),
+                prefix: size,
+            };
+            !held.contains(&slice) && !busy.iter().any(|b| b.overlaps(&slice))
+        });
+        assert!(
+            free.is_none(),
+            "a node is left out while a slice of {range} is free"
+        );
+    }
+}
+
+type SliceLayout = (
+    Cidr,
+    u8,
+    BTreeSet<String>,
+    Vec<NodeSliceAllocation>,
+    HashSet<Cidr>,
+);
+
+/// A range and slice size, then 3-byte records: a node joins, a busy range, or a kept slice.
+fn slice_layout(bytes: &[u8]) -> Option<SliceLayout> {
+    let (&kind, rest) = bytes.split_first()?;
+    let (addr_len, bits) = if kind & 1 == 0 { (4, 32) } else { (16, 128) };
+    if rest.len() < addr_len + 2 {
+        return None;
+    }
+    let (addr_bytes, rest) = rest.split_at(addr_len);
+    let prefix = rest[0] % (bits + 1);
+    let range = Cidr {
+        addr: ip_from(addr_bytes)?,
+        prefix,
+    }
+    .network();
+    let size = rest[1] % (bits + 1);
+    // Spread over the whole range: a record's byte picks one of 256 places in it.
+    let place = |n: u8| {
+        range.at((u128::from(n) << range.host_bits().saturating_sub(8)) & range.last_offset())
+    };
+    let (mut nodes, mut current, mut busy) = (BTreeSet::new(), Vec::new(), HashSet::new());
+    for record in rest[2..].chunks_exact(3).take(32) {
+        let node = format!("n{}", record[1] % 8);
+        match record[0] % 3 {
+            0 => {
+                nodes.insert(node);
+            }
+            1 => {
+                busy.insert(
+                    Cidr {
+                        addr: place(record[1]),
+                        prefix: record[2] % (bits + 1),
+                    }
+                    .network(),
+                );
+            }
+            _ => current.push(NodeSliceAllocation {
+                node_name: node,
+                slice_range: Cidr {
+                    addr: place(record[2]),
+                    prefix: size,
+                }
+                .network()
+                .to_string(),
+            }),
+        }
+    }
+    Some((range, size, nodes, current, busy))
 }
 
 fn first_unblocked_after(range: &Range, after: u128) -> Option<u128> {

@@ -115,3 +115,13 @@ fn the_choice_is_always_the_lowest_free_address() {
         whereabouts::fuzz::decide(&bytes);
     }
 }
+
+#[test]
+fn node_slices_are_always_a_sound_assignment() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for _ in 0..20_000 {
+        let len = rng.random_range(0..96);
+        let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        whereabouts::fuzz::slices(&bytes);
+    }
+}
