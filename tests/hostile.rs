@@ -153,10 +153,8 @@ fn kubeconfigs_that_run_commands_hang_or_flood_are_refused() {
     for path in [kubeconfig.as_path(), fifo.as_path(), "/dev/zero".as_ref()] {
         net.conf["ipam"]["datastore"] = "kubernetes".into();
         net.conf["ipam"]["kubernetes"] = json!({"kubeconfig": path});
-        let started = std::time::Instant::now();
         let reply = net.add("c1", "eth0");
         assert_eq!(reply.err_code(), 7, "{reply:?}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
     assert!(!marker.exists(), "the kubeconfig's command ran");
 }
@@ -216,8 +214,9 @@ fn a_damaged_store_fails_status_and_add_but_not_del() {
     assert!(del.stderr.contains("broken"), "{del:?}");
 }
 
+/// Refused on their length, before any entry is parsed or the store is opened.
 #[test]
-fn lists_longer_than_their_caps_are_refused_quickly() {
+fn lists_longer_than_their_caps_are_refused_before_the_store_is_opened() {
     let many_ranges: Vec<_> = (0..100)
         .map(|i| json!({"range": format!("10.{i}.0.0/24")}))
         .collect();
@@ -226,9 +225,11 @@ fn lists_longer_than_their_caps_are_refused_quickly() {
         json!({"ipRanges": many_ranges}),
         json!({"range": "10.69.0.0/24", "routes": routes}),
     ] {
-        let started = std::time::Instant::now();
-        assert_eq!(Net::local(ipam).add("c1", "eth0").err_code(), 7);
-        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let net = Net::local(ipam);
+        let reply = net.add("c1", "eth0");
+        assert_eq!(reply.err_code(), 7);
+        assert!(reply.msg().contains("allowed"), "{reply:?}");
+        assert!(!net.db().exists(), "the store was opened");
     }
 }
 
