@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::cni::request::{CniArgs, CniEnv, NetConf};
 use crate::config;
 use crate::controller::slices::assign;
+use crate::ipam::slices::slice_count;
 use crate::ipam::{Cidr, Range, RangeSpec};
 use crate::k8s::crd::NodeSliceAllocation;
 
@@ -79,7 +80,7 @@ pub fn slices(bytes: &[u8]) {
     };
     let Ok(plan) = assign(&range, size, &nodes, &current, &busy) else {
         assert!(
-            size < range.prefix || size > range.bits(),
+            slice_count(&range, size).is_err(),
             "{range} /{size} refused"
         );
         return;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
-use crate::ipam::slices::SliceError;
+use crate::ipam::slices::{slice_count, SliceError};
 use crate::ipam::Cidr;
 use crate::k8s::crd::NodeSliceAllocation;
 
@@ -21,21 +21,6 @@ pub struct Assignment {
     /// Nodes left without a slice: the range has no free slice left.
     pub unassigned: Vec<String>,
     pub total: u128,
-}
-
-fn slice_count(range: &Cidr, size: u8) -> Result<u128, SliceError> {
-    if size < range.prefix || size > range.bits() {
-        return Err(SliceError::TooLarge {
-            size,
-            range: *range,
-        });
-    }
-    let shift = u32::from(size - range.prefix);
-    Ok(if shift >= 128 {
-        u128::MAX
-    } else {
-        1u128 << shift
-    })
 }
 
 /// The `index`th slice of `range`.

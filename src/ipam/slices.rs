@@ -1,5 +1,7 @@
 //! Dividing a range into per-node slices ("fast IPAM").
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use super::addr::Cidr;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -12,6 +14,34 @@ pub enum SliceError {
     TooLarge { size: u8, range: Cidr },
     #[error("range {range} divided by /{size} gives more than {limit} slices")]
     TooMany { size: u8, range: Cidr, limit: u128 },
+    #[error(
+        "range {range} overlaps the IPv4-mapped block ::ffff:0:0/96, where slices of /{size} \
+         would read back as IPv4 prefixes"
+    )]
+    Mapped { size: u8, range: Cidr },
+}
+
+/// How many slices of prefix length `size` `range` holds (`u128::MAX` for 2^128). Refused:
+/// a size shorter than the range or longer than its family, and slices of 96 bits or more in
+/// the IPv4-mapped block, which every reader (this one's and upstream's) takes for IPv4.
+pub fn slice_count(range: &Cidr, size: u8) -> Result<u128, SliceError> {
+    let range = range.network();
+    if size < range.prefix || size > range.bits() {
+        return Err(SliceError::TooLarge { size, range });
+    }
+    let mapped = Cidr {
+        addr: IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)),
+        prefix: 96,
+    };
+    if size >= 96 && range.overlaps(&mapped) {
+        return Err(SliceError::Mapped { size, range });
+    }
+    let shift = u32::from(size - range.prefix);
+    Ok(if shift >= 128 {
+        u128::MAX
+    } else {
+        1u128 << shift
+    })
 }
 
 /// Reads `"/22"` or `"22"`.
@@ -27,15 +57,7 @@ pub fn parse_slice_size(text: &str) -> Result<u8, SliceError> {
 /// The slices of `range` of prefix length `size`, in address order; at most `limit` of them.
 pub fn node_slices(range: &Cidr, size: u8, limit: u128) -> Result<Vec<Cidr>, SliceError> {
     let range = range.network();
-    if size < range.prefix || size > range.bits() {
-        return Err(SliceError::TooLarge { size, range });
-    }
-    let shift = (size - range.prefix) as u32;
-    let count: u128 = if shift >= 128 {
-        u128::MAX
-    } else {
-        1u128 << shift
-    };
+    let count = slice_count(&range, size)?;
     if count > limit {
         return Err(SliceError::TooMany { size, range, limit });
     }
@@ -54,6 +76,27 @@ pub fn node_slices(range: &Cidr, size: u8, limit: u128) -> Result<Vec<Cidr>, Sli
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slices_that_would_read_back_as_ipv4_are_refused() {
+        let count = |range: &str, size| slice_count(&Cidr::parse(range, false).unwrap(), size);
+        assert_eq!(count("fd00::/64", 120), Ok(1 << 56));
+        assert_eq!(count("::/64", 80), Ok(1 << 16));
+        assert!(matches!(
+            count("::/64", 120),
+            Err(SliceError::Mapped { .. })
+        ));
+        assert!(matches!(count("::/0", 96), Err(SliceError::Mapped { .. })));
+        assert!(matches!(
+            count("10.0.0.0/8", 7),
+            Err(SliceError::TooLarge { .. })
+        ));
+        assert_eq!(count("::/0", 0), Ok(1));
+        assert_eq!(count("::/0", 128).ok(), None);
+        // The reason: an IPv4-mapped /120 reads back as an IPv4 /24.
+        let mapped = Cidr::parse("::ffff:10.0.0.0/120", false).unwrap();
+        assert_eq!(mapped.to_string(), "10.0.0.0/24");
+    }
 
     #[test]
     fn upstream_slice_vectors() {
