@@ -211,24 +211,32 @@ pub fn escape(name: &str) -> String {
     out
 }
 
-/// The pool name in an escaped key segment.
+/// The name in an escaped key segment. Every `%XX` that [`escape`] writes stands for the
+/// character U+00XX (`%`, `/` and the control characters, all below U+0100), so it is decoded
+/// as that character, never as a raw byte: a C1 control (U+0080 to U+009F) would otherwise
+/// come back as U+FFFD, a name that no key of the store was made from.
 pub fn unescape(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let digits = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(v) = digits.and_then(|d| u8::from_str_radix(d, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
+    let mut out = String::with_capacity(segment.len());
+    let mut rest = segment;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let code = rest
+            .get(at + 1..at + 3)
+            .filter(|d| d.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|d| u8::from_str_radix(d, 16).ok());
+        match code {
+            Some(code) => {
+                out.push(char::from(code));
+                rest = &rest[at + 3..];
+            }
+            None => {
+                out.push('%');
+                rest = &rest[at + 1..];
             }
         }
-        out.push(bytes[i]);
-        i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -249,11 +257,28 @@ mod tests {
 
     #[test]
     fn escaping_keeps_one_segment_and_round_trips() {
-        for name in ["net-10.0.0.0-8", "a/b", "100%", "ns/pod", "", "x%2Fy"] {
+        let names = [
+            "net-10.0.0.0-8",
+            "a/b",
+            "100%",
+            "ns/pod",
+            "",
+            "x%2Fy",
+            "%+F%zz%",
+            "tab\there",
+            "nel\u{85}csi\u{9b}del\u{7f}",
+            "é/ü%",
+        ];
+        for name in names {
             let e = escape(name);
-            assert!(!e.contains('/'));
+            assert!(
+                !e.contains('/') && !e.chars().any(char::is_control),
+                "{e:?}"
+            );
             assert_eq!(unescape(&e), name);
         }
+        // Only what escape writes is decoded; a stray `%` stays.
+        assert_eq!(unescape("%+F%zz%"), "%+F%zz%");
     }
 
     #[test]
@@ -283,25 +308,25 @@ mod tests {
     #[test]
     fn every_key_reads_back_as_what_it_was_made_for() {
         let k = Keys::new("/w/");
-        let pool = || "a/b%c".to_string();
+        let pool = || "a/b%c\u{85}".to_string();
         let ip: IpAddr = "fd00::5".parse().unwrap();
         let cases = [
             (
-                k.allocation("a/b%c", 7),
+                k.allocation("a/b%c\u{85}", 7),
                 Parsed::Record {
                     pool: pool(),
                     offset: 7,
                 },
             ),
             (
-                k.run("a/b%c", u128::MAX),
+                k.run("a/b%c\u{85}", u128::MAX),
                 Parsed::Run {
                     pool: pool(),
                     start: u128::MAX,
                 },
             ),
             (
-                k.freed("a/b%c", 0),
+                k.freed("a/b%c\u{85}", 0),
                 Parsed::Freed {
                     pool: pool(),
                     offset: 0,
@@ -315,14 +340,14 @@ mod tests {
                 },
             ),
             (
-                k.owner("c/1", "eth0", "a/b%c"),
+                k.owner("c/1", "eth0", "a/b%c\u{85}"),
                 Parsed::Owner {
                     container_id: "c/1".into(),
                     ifname: "eth0".into(),
                     pool: pool(),
                 },
             ),
-            (k.pod("ns/pod", "eth0", "a/b%c"), Parsed::Pod),
+            (k.pod("ns/pod", "eth0", "a/b%c\u{85}"), Parsed::Pod),
         ];
         for (key, parsed) in cases {
             assert_eq!(k.parse(&key), Some(parsed), "{key}");
