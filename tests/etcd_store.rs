@@ -16,7 +16,7 @@ use serde_json::json;
 use whereabouts::config::{Datastore, IpamConfig};
 use whereabouts::ipam::names::pool_name;
 use whereabouts::ipam::{parse_range_text, Range, RangeSpec};
-use whereabouts::store::etcd::{open_shared, open_with, Timeouts, DEFAULT_PREFIX, LET_GO_AFTER};
+use whereabouts::store::etcd::{open_shared, open_with, Following, Timeouts, DEFAULT_PREFIX};
 use whereabouts::store::queues::Observer;
 use whereabouts::store::{
     AddRequest, Attachment, AttachmentRequest, GcRequest, Hints, PoolRef, RangeRequest, Store,
@@ -328,22 +328,21 @@ fn agent_store(
     runtime: &tokio::runtime::Runtime,
     observed: &Arc<Combined>,
 ) -> Shared {
-    agent_store_of(&config(cluster), runtime, observed, LET_GO_AFTER)
+    agent_store_of(&config(cluster), runtime, observed, Following::AGENT)
 }
 
-/// A node agent's etcd store of the configuration `cfg`, letting a pool's copy go once
-/// unused for `let_go_after`.
+/// A node agent's etcd store of the configuration `cfg`, following pools as `following` says.
 fn agent_store_of(
     cfg: &IpamConfig,
     runtime: &tokio::runtime::Runtime,
     observed: &Arc<Combined>,
-    let_go_after: Duration,
+    following: Following,
 ) -> Shared {
     let Datastore::Etcd(etcd) = &cfg.datastore else {
         panic!("etcd datastore expected");
     };
     let handle = runtime.handle().clone();
-    open_shared(handle, cfg, etcd, observed.clone(), let_go_after).expect("store opens")
+    open_shared(handle, cfg, etcd, observed.clone(), following).expect("store opens")
 }
 
 impl Combined {
@@ -552,7 +551,7 @@ fn an_agent_connects_again_with_rotated_tls_files() {
     });
     let cfg = config_with(&cluster, files);
     let observed = Arc::new(Combined::default());
-    let agent = agent_store_of(&cfg, &runtime, &observed, LET_GO_AFTER);
+    let agent = agent_store_of(&cfg, &runtime, &observed, Following::AGENT);
     add_gets(&agent, "before", "10.0.0.1", "before the rotation");
     cluster.rotate_certs();
     add_gets(&agent, "after", "10.0.0.2", "after the rotation");
@@ -562,7 +561,7 @@ fn agent_with_password(cluster: &Cluster, runtime: &tokio::runtime::Runtime) -> 
     let credentials = json!({"etcd_username": "root", "etcd_password": "s3cret"});
     let cfg = config_with(cluster, credentials);
     let observed = Arc::new(Combined::default());
-    agent_store_of(&cfg, runtime, &observed, LET_GO_AFTER)
+    agent_store_of(&cfg, runtime, &observed, Following::AGENT)
 }
 
 /// ADD of attachment `container` through `agent`, which must get `want`.
@@ -662,8 +661,11 @@ fn an_unused_pools_copy_is_let_go_and_followed_again() {
     };
     // Long enough that a busy machine's pauses between the ADDs measured below do not let the
     // copy go again (which the count would show as a list more), short enough to wait for.
-    let let_go_after = Duration::from_secs(3);
-    let agent = agent_store_of(&config(&cluster), &runtime, &observed, let_go_after);
+    let following = Following {
+        let_go_after: Duration::from_secs(3),
+        ..Following::AGENT
+    };
+    let agent = agent_store_of(&config(&cluster), &runtime, &observed, following);
     let plain = open(&cluster, DEFAULT_PREFIX);
     let p = pool("10.0.0.0/24", "");
     let pools = std::slice::from_ref(&p);
@@ -695,6 +697,52 @@ fn an_unused_pools_copy_is_let_go_and_followed_again() {
     }
     let per_add = (cluster.transactions_served() - before) / 3.0;
     assert!(per_add < 1.5, "{per_add:.2} transactions per ADD: no copy");
+}
+
+/// Whoever writes network configurations chooses how many pools a node's pods draw from, and
+/// every copy an agent follows is a watch on the members: an agent follows at most so many
+/// (`Following::at_most`). Batches of a pool beyond the cap read it instead, and get the same
+/// addresses.
+#[test]
+fn an_agent_follows_at_most_so_many_pools_and_reads_the_others() {
+    let Some((cluster, runtime, observed)) = agents_cluster() else {
+        return;
+    };
+    let following = Following {
+        at_most: 2,
+        ..Following::AGENT
+    };
+    let agent = agent_store_of(&config(&cluster), &runtime, &observed, following);
+    let copies = || observed.copies.load(Ordering::Acquire);
+    let no_watch = cluster.watchers();
+    let pools: Vec<PoolRef> = (1..=3)
+        .map(|n| pool(&format!("10.{n}.0.0/24"), ""))
+        .collect();
+    for round in 1..=2 {
+        for (n, p) in (1..).zip(&pools) {
+            let attachment = who(&format!("c{round}-{n}"), None);
+            let got = agent.add(&add_req(attachment, std::slice::from_ref(p), ""));
+            assert_eq!(got.unwrap(), vec![ip(&format!("10.{n}.0.{round}"))]);
+        }
+        assert_eq!(copies(), 2, "round {round}");
+    }
+    eventually("the two copies' watches on the members", || {
+        cluster.watchers() == no_watch + 2.0
+    });
+    // The third pool is read by each of its batches; the first comes from its copy.
+    let cost = |n: usize, c: &str| {
+        let before = cluster.transactions_served() + cluster.plain_reads_served();
+        let attachment = who(c, None);
+        agent
+            .add(&add_req(attachment, std::slice::from_ref(&pools[n]), ""))
+            .unwrap();
+        cluster.transactions_served() + cluster.plain_reads_served() - before
+    };
+    let (followed, read) = (cost(0, "c3-1"), cost(2, "c3-3"));
+    assert!(
+        read > followed,
+        "{read} requests against {followed} from a copy"
+    );
 }
 
 /// Releases of one run by many nodes at once do not take turns on it: when another release

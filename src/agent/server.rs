@@ -67,8 +67,8 @@ impl Backend {
             Datastore::Etcd(cfg) => {
                 let (ipam, cfg) = (ipam.clone(), cfg.clone());
                 let runtime = tokio::runtime::Handle::current();
-                let let_go_after = etcd::LET_GO_AFTER;
-                blocking(move || etcd::open_shared(runtime, &ipam, &cfg, metrics, let_go_after))
+                let following = etcd::Following::AGENT;
+                blocking(move || etcd::open_shared(runtime, &ipam, &cfg, metrics, following))
                     .await
                     .map(Backend::Etcd)
                     .map_err(|err| err.to_string())

@@ -30,7 +30,7 @@ use super::allocate::{
 };
 use super::commit::{build_commit, compact_chain};
 use super::contention;
-use super::copy::Copies;
+use super::copy::{Copies, Following};
 use super::plan::{IndexHits, Plan};
 use super::release;
 use super::release_together::release_together;
@@ -94,10 +94,10 @@ impl Combining {
         store: EtcdStore,
         observer: Arc<dyn Observer>,
         runtime: tokio::runtime::Handle,
-        let_go_after: Duration,
+        following: Following,
     ) -> Combining {
         let client = store.session.client();
-        let copies = Copies::new(runtime.clone(), client, observer.clone(), let_go_after);
+        let copies = Copies::new(runtime.clone(), client, observer.clone(), following);
         Combining {
             inner: Arc::new(Inner {
                 store,

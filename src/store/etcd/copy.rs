@@ -41,6 +41,26 @@ const STUCK_AFTER: Duration = Duration::from_secs(1);
 /// batch of the pool reads, and follows it again.
 pub const LET_GO_AFTER: Duration = Duration::from_secs(600);
 
+/// How an agent follows pools: each copy is let go once unused for `let_go_after`, and at most
+/// `at_most` are followed at once. The cap bounds what the agent asks of the members: each copy
+/// is a watch, and whoever writes network configurations chooses how many ranges the node's
+/// pods draw from (64 per configuration, each configuration as many as they like). A batch of a
+/// pool beyond the cap reads the pool instead, as without copies; no address depends on it.
+#[derive(Clone, Copy, Debug)]
+pub struct Following {
+    pub let_go_after: Duration,
+    pub at_most: usize,
+}
+
+impl Following {
+    /// The agent's: far more pools than a node's pods use, far fewer watches than would
+    /// burden the members.
+    pub const AGENT: Following = Following {
+        let_go_after: LET_GO_AFTER,
+        at_most: 512,
+    };
+}
+
 /// The copies of the pools this agent serves.
 pub(super) struct Copies {
     runtime: tokio::runtime::Handle,
@@ -49,10 +69,10 @@ pub(super) struct Copies {
     followed: Arc<Followed>,
 }
 
-/// The copies followed, by run directory, and how long one is kept without a batch using it.
+/// The copies followed, by run directory, and how they are followed.
 struct Followed {
     pools: Mutex<HashMap<String, Arc<PoolCopy>>>,
-    let_go_after: Duration,
+    following: Following,
 }
 
 /// One pool's runs as its watch brings them.
@@ -80,12 +100,12 @@ struct State {
 }
 
 impl Copies {
-    /// Copies followed on `runtime` by `client`, each let go once unused for `let_go_after`.
+    /// Copies followed on `runtime` by `client`, as `following` says.
     pub fn new(
         runtime: tokio::runtime::Handle,
         client: SharedClient,
         observer: Arc<dyn Observer>,
-        let_go_after: Duration,
+        following: Following,
     ) -> Copies {
         Copies {
             runtime,
@@ -93,14 +113,15 @@ impl Copies {
             observer,
             followed: Arc::new(Followed {
                 pools: Mutex::new(HashMap::new()),
-                let_go_after,
+                following,
             }),
         }
     }
 
     /// The window of the runs in `runs_dir` from offset `from` (whose run key is `from_key`),
     /// as `window::gets` would read it, once the pool's copy shows every change up to
-    /// `revision`; `None` when it does not within `wait` (or is not in step: being listed).
+    /// `revision`; `None` when it does not within `wait` (or is not in step: being listed), or
+    /// when the pool is not followed because [`Following::at_most`] others are.
     /// The first call for a pool starts following it.
     pub fn window(
         &self,
@@ -110,7 +131,7 @@ impl Copies {
         revision: i64,
         wait: Duration,
     ) -> Option<Window> {
-        let copy = self.pool(runs_dir);
+        let copy = self.pool(runs_dir)?;
         let state = lock(&copy.state);
         let (mut state, _) = copy
             .advanced
@@ -129,11 +150,16 @@ impl Copies {
         Some(state.window(runs_dir, from_key, from))
     }
 
-    fn pool(&self, runs_dir: &str) -> Arc<PoolCopy> {
+    /// The pool's copy, followed from now on if it is not yet; `None` when it is not and the
+    /// agent already follows as many as it may.
+    fn pool(&self, runs_dir: &str) -> Option<Arc<PoolCopy>> {
         let mut pools = lock(&self.followed.pools);
         if let Some(copy) = pools.get(runs_dir) {
             *lock(&copy.used) = Instant::now();
-            return copy.clone();
+            return Some(copy.clone());
+        }
+        if pools.len() >= self.followed.following.at_most {
+            return None;
         }
         let copy = Arc::new(PoolCopy {
             state: Mutex::new(State::default()),
@@ -151,7 +177,7 @@ impl Copies {
             self.followed.clone(),
         );
         self.runtime.spawn(follow);
-        copy
+        Some(copy)
     }
 }
 
@@ -164,14 +190,15 @@ impl Followed {
                 let mut pools = lock(&self.pools);
                 // Under the map's lock, where `Copies::pool` marks a use.
                 let unused = lock(&copy.used).elapsed();
-                if unused >= self.let_go_after {
+                if unused >= self.following.let_go_after {
                     pools.remove(runs_dir);
                     observer.following("etcd", pools.len());
                     return;
                 }
                 unused
             };
-            tokio::time::sleep(self.let_go_after.saturating_sub(unused)).await;
+            let left = self.following.let_go_after.saturating_sub(unused);
+            tokio::time::sleep(left).await;
         }
     }
 }

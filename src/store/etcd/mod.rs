@@ -24,7 +24,7 @@ use std::net::IpAddr;
 
 pub use combine::Combining;
 pub use connect::{Timeouts, DEADLINE_ENV};
-pub use copy::LET_GO_AFTER;
+pub use copy::{Following, LET_GO_AFTER};
 pub use keys::DEFAULT_PREFIX;
 
 use crate::config::{EtcdConfig, IpamConfig};
@@ -93,8 +93,7 @@ pub fn doctor(
 
 /// As [`open`], for the node agent, which shares the one client among its requests and
 /// combines its concurrent ADDs (`combine`), planning them from watched copies of the pools'
-/// runs; a pool's copy is let go once no batch has used it for `let_go_after` (the agent:
-/// [`LET_GO_AFTER`]). The client runs on the agent's multi-threaded `runtime`; its [`Store`]
+/// runs, as `following` says (the agent: [`Following::AGENT`]). The client runs on the agent's multi-threaded `runtime`; its [`Store`]
 /// calls must come from the runtime's blocking threads (`spawn_blocking`), its `*_waiting`
 /// calls from its tasks.
 pub fn open_shared(
@@ -102,7 +101,7 @@ pub fn open_shared(
     ipam: &IpamConfig,
     cfg: &EtcdConfig,
     observer: std::sync::Arc<dyn Observer>,
-    let_go_after: std::time::Duration,
+    following: Following,
 ) -> Result<std::sync::Arc<Combining>, StoreError> {
     let store = open_store(
         Some(runtime.clone()),
@@ -112,10 +111,7 @@ pub fn open_shared(
         DEFAULT_PREFIX,
     )?;
     Ok(std::sync::Arc::new(combine::Combining::new(
-        store,
-        observer,
-        runtime,
-        let_go_after,
+        store, observer, runtime, following,
     )))
 }
 
