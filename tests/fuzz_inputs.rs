@@ -106,22 +106,22 @@ fn request_parsing_never_panics() {
     drive(2, REQUEST_SEEDS, 20_000, whereabouts::fuzz::request);
 }
 
-#[test]
-fn the_choice_is_always_the_lowest_free_address() {
-    let mut rng = StdRng::seed_from_u64(3);
+/// Runs `target` on 20,000 random byte strings shorter than `max_len`.
+fn random_bytes(seed: u64, max_len: usize, target: fn(&[u8])) {
+    let mut rng = StdRng::seed_from_u64(seed);
     for _ in 0..20_000 {
-        let len = rng.random_range(0..64);
+        let len = rng.random_range(0..max_len);
         let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-        whereabouts::fuzz::decide(&bytes);
+        target(&bytes);
     }
 }
 
 #[test]
+fn the_choice_is_always_the_lowest_free_address() {
+    random_bytes(3, 64, whereabouts::fuzz::decide);
+}
+
+#[test]
 fn node_slices_are_always_a_sound_assignment() {
-    let mut rng = StdRng::seed_from_u64(4);
-    for _ in 0..20_000 {
-        let len = rng.random_range(0..96);
-        let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-        whereabouts::fuzz::slices(&bytes);
-    }
+    random_bytes(4, 96, whereabouts::fuzz::slices);
 }
