@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::cni::request::{CniArgs, CniEnv, NetConf};
 use crate::config;
 use crate::controller::slices::assign;
-use crate::ipam::slices::slice_count;
+use crate::ipam::slices::{slice_at, slice_count};
 use crate::ipam::{Cidr, Range, RangeSpec};
 use crate::k8s::crd::NodeSliceAllocation;
 
@@ -111,13 +111,8 @@ pub fn slices(bytes: &[u8]) {
         );
     }
     if !plan.unassigned.is_empty() && plan.total <= 4096 {
-        let shift = u32::from(range.bits() - size);
         let free = (0..plan.total).find(|&i| {
-            let offset = if shift >= 128 { 0 } else { i << shift };
-            let slice = Cidr {
-                addr: range.at(offset),
-                prefix: size,
-            };
+            let slice = slice_at(&range, size, i);
             !held.contains(&slice) && !busy.iter().any(|b| b.overlaps(&slice))
         });
         assert!(

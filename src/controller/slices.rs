@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
-use crate::ipam::slices::{slice_count, SliceError};
+use crate::ipam::slices::{slice_at, slice_count, SliceError};
 use crate::ipam::Cidr;
 use crate::k8s::crd::NodeSliceAllocation;
 
@@ -21,20 +21,6 @@ pub struct Assignment {
     /// Nodes left without a slice: the range has no free slice left.
     pub unassigned: Vec<String>,
     pub total: u128,
-}
-
-/// The `index`th slice of `range`.
-fn slice_at(range: &Cidr, size: u8, index: u128) -> Cidr {
-    let step_bits = u32::from(range.bits() - size);
-    let offset = if step_bits >= 128 {
-        0
-    } else {
-        index << step_bits
-    };
-    Cidr {
-        addr: range.at(offset),
-        prefix: size,
-    }
 }
 
 /// The index of `slice` in `range`, if it is one of its slices of `size`.

@@ -61,16 +61,21 @@ pub fn node_slices(range: &Cidr, size: u8, limit: u128) -> Result<Vec<Cidr>, Sli
     if count > limit {
         return Err(SliceError::TooMany { size, range, limit });
     }
-    let step_bits = (range.bits() - size) as u32;
-    Ok((0..count)
-        .map(|i| {
-            let offset = if step_bits >= 128 { 0 } else { i << step_bits };
-            Cidr {
-                addr: range.at(offset),
-                prefix: size,
-            }
-        })
-        .collect())
+    Ok((0..count).map(|i| slice_at(&range, size, i)).collect())
+}
+
+/// The `index`th slice of prefix length `size` of `range` (whose host bits are clear).
+pub fn slice_at(range: &Cidr, size: u8, index: u128) -> Cidr {
+    let step_bits = u32::from(range.bits() - size);
+    let offset = if step_bits >= 128 {
+        0
+    } else {
+        index << step_bits
+    };
+    Cidr {
+        addr: range.at(offset),
+        prefix: size,
+    }
 }
 
 #[cfg(test)]
