@@ -3,9 +3,8 @@
 //! addresses from it); a removed node's slice becomes free; new nodes take the lowest free ones.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::IpAddr;
 
-use crate::ipam::slices::{slice_at, slice_count, SliceError};
+use crate::ipam::slices::{slice_at, slice_count, slice_index, SliceError};
 use crate::ipam::Cidr;
 use crate::k8s::crd::NodeSliceAllocation;
 
@@ -28,18 +27,7 @@ fn index_of(range: &Cidr, size: u8, slice: &Cidr) -> Option<u128> {
     if slice.prefix != size || slice.network() != *slice || !range.contains(slice.addr) {
         return None;
     }
-    slice_containing(range, size, slice.addr)
-}
-
-/// The index of the slice of `range` (prefix length `size`) that holds `ip`.
-fn slice_containing(range: &Cidr, size: u8, ip: IpAddr) -> Option<u128> {
-    let offset = range.offset_of(ip)?;
-    let step_bits = u32::from(range.bits() - size);
-    Some(if step_bits >= 128 {
-        0
-    } else {
-        offset >> step_bits
-    })
+    slice_index(range, size, slice.addr)
 }
 
 /// The first slice index from `next` on that no node holds (`taken`) and that overlaps no
@@ -66,7 +54,7 @@ fn first_free(
         // The slice after the one holding the busy range's last address; none when that
         // address is past the range.
         let last = held.network().at(held.last_offset());
-        next = slice_containing(range, size, last)
+        next = slice_index(range, size, last)
             .and_then(|i| i.checked_add(1))
             .map_or(total, |after| after.max(next + 1));
     }

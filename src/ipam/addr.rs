@@ -99,6 +99,13 @@ impl Cidr {
         }
     }
 
+    /// The IPv4-mapped block `::ffff:0:0/96`: a prefix of 96 bits or more inside it reads as
+    /// the IPv4 prefix it maps ([`Cidr::parse`]).
+    pub const IPV4_MAPPED: Cidr = Cidr {
+        addr: IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)),
+        prefix: 96,
+    };
+
     /// The IPv4 prefix an IPv4-mapped IPv6 prefix of 96 bits or more stands for; any other
     /// prefix unchanged.
     fn unmapped(self) -> Cidr {

@@ -1,6 +1,6 @@
 //! Dividing a range into per-node slices ("fast IPAM").
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
 use super::addr::Cidr;
 
@@ -29,11 +29,7 @@ pub fn slice_count(range: &Cidr, size: u8) -> Result<u128, SliceError> {
     if size < range.prefix || size > range.bits() {
         return Err(SliceError::TooLarge { size, range });
     }
-    let mapped = Cidr {
-        addr: IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)),
-        prefix: 96,
-    };
-    if size >= 96 && range.overlaps(&mapped) {
+    if size >= Cidr::IPV4_MAPPED.prefix && range.overlaps(&Cidr::IPV4_MAPPED) {
         return Err(SliceError::Mapped { size, range });
     }
     let shift = u32::from(size - range.prefix);
@@ -76,6 +72,18 @@ pub fn slice_at(range: &Cidr, size: u8, index: u128) -> Cidr {
         addr: range.at(offset),
         prefix: size,
     }
+}
+
+/// The index of the slice of prefix length `size` of `range` that holds `ip` (the inverse of
+/// [`slice_at`]); `None` for an address outside the range.
+pub fn slice_index(range: &Cidr, size: u8, ip: IpAddr) -> Option<u128> {
+    let offset = range.offset_of(ip)?;
+    let step_bits = u32::from(range.bits() - size);
+    Some(if step_bits >= 128 {
+        0
+    } else {
+        offset >> step_bits
+    })
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use std::net::IpAddr;
 
 pub use combine::Combining;
 pub use connect::{Timeouts, DEADLINE_ENV};
-pub use copy::{Following, LET_GO_AFTER};
+pub use copy::Following;
 pub use keys::DEFAULT_PREFIX;
 
 use crate::config::{EtcdConfig, IpamConfig};
@@ -93,9 +93,9 @@ pub fn doctor(
 
 /// As [`open`], for the node agent, which shares the one client among its requests and
 /// combines its concurrent ADDs (`combine`), planning them from watched copies of the pools'
-/// runs, as `following` says (the agent: [`Following::AGENT`]). The client runs on the agent's multi-threaded `runtime`; its [`Store`]
-/// calls must come from the runtime's blocking threads (`spawn_blocking`), its `*_waiting`
-/// calls from its tasks.
+/// runs, as `following` says (the agent: [`Following::AGENT`]). The client runs on the agent's
+/// multi-threaded `runtime`; its [`Store`] calls must come from the runtime's blocking threads
+/// (`spawn_blocking`), its `*_waiting` calls from its tasks.
 pub fn open_shared(
     runtime: tokio::runtime::Handle,
     ipam: &IpamConfig,
