@@ -2,6 +2,8 @@
 //! hold of its answer. Shared by the cargo-fuzz targets (`fuzz/`, nightly) and the seeded
 //! mutation test of the ordinary test suite (`tests/fuzz_inputs.rs`).
 
+mod etcd_doctor;
+
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -11,6 +13,8 @@ use crate::controller::slices::assign;
 use crate::ipam::slices::{slice_at, slice_count};
 use crate::ipam::{Cidr, Range, RangeSpec};
 use crate::k8s::crd::NodeSliceAllocation;
+
+pub use etcd_doctor::etcd_doctor;
 
 /// The configuration loader, as a network configuration reaches it (no flat file).
 pub fn config(bytes: &[u8]) {

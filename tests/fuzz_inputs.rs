@@ -125,3 +125,8 @@ fn the_choice_is_always_the_lowest_free_address() {
 fn node_slices_are_always_a_sound_assignment() {
     random_bytes(4, 96, whereabouts::fuzz::slices);
 }
+
+#[test]
+fn the_etcd_doctor_reports_exactly_the_faults_a_walk_finds() {
+    random_bytes(5, 256, whereabouts::fuzz::etcd_doctor);
+}
