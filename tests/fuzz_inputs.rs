@@ -130,3 +130,8 @@ fn node_slices_are_always_a_sound_assignment() {
 fn the_etcd_doctor_reports_exactly_the_faults_a_walk_finds() {
     random_bytes(5, 256, whereabouts::fuzz::etcd_doctor);
 }
+
+#[test]
+fn ippool_keys_and_offsets_always_agree() {
+    random_bytes(6, 160, whereabouts::fuzz::pool_keys);
+}

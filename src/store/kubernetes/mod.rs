@@ -16,7 +16,7 @@ mod engine;
 mod go_lease;
 mod job;
 mod node_slice;
-mod pool_doc;
+pub(crate) mod pool_doc;
 mod release;
 mod reservation;
 mod settings;
