@@ -12,6 +12,7 @@ use kube::{Api, Client};
 
 use super::judge::{PodPhase, PodState};
 use crate::config::{Datastore, IpamConfig};
+use crate::ipam::names::is_valid_object_name;
 use crate::k8s::cluster::{self, is_transient, Access, ClusterError};
 
 /// How pod reads are retried through transient failures (a server answering 429 while it
@@ -97,12 +98,9 @@ pub fn pod_ref(pod: &Pod) -> String {
 /// The pod named `namespace/name` as it is now; None when it does not exist (or the reference
 /// is not of that form, so no pod can have it).
 pub async fn get(client: &Client, reference: &str) -> Result<Option<PodState>, PodError> {
-    let Some((ns, name)) = reference.split_once('/') else {
+    let Some((ns, name)) = namespace_and_name(reference) else {
         return Ok(None);
     };
-    if ns.is_empty() || name.is_empty() {
-        return Ok(None);
-    }
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     (|| api.get_opt(name))
         .retry(patiently())
@@ -110,6 +108,15 @@ pub async fn get(client: &Client, reference: &str) -> Result<Option<PodState>, P
         .await
         .map(|pod| pod.as_ref().map(pod_state))
         .map_err(PodError::from)
+}
+
+/// The parts of a `namespace/name` reference that a pod can have: both valid object names.
+/// References come from the store, where anyone who could write it put them, and kube's
+/// requests put the parts into the path as they are: a `/`, `..`, `?` or `%` would ask for
+/// another object than the pod.
+fn namespace_and_name(reference: &str) -> Option<(&str, &str)> {
+    let (ns, name) = reference.split_once('/')?;
+    (is_valid_object_name(ns) && is_valid_object_name(name)).then_some((ns, name))
 }
 
 /// Every pod of the cluster, keyed by `namespace/name`.
@@ -158,5 +165,33 @@ impl PodReader {
 
     pub fn list(&self) -> Result<HashMap<String, PodState>, PodError> {
         self.runtime.block_on(list(&self.client))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::namespace_and_name;
+
+    #[test]
+    fn only_references_a_pod_can_have_are_asked_for() {
+        assert_eq!(namespace_and_name("ns/pod-1"), Some(("ns", "pod-1")));
+        assert_eq!(
+            namespace_and_name("kube-system/a.b"),
+            Some(("kube-system", "a.b"))
+        );
+        for reference in [
+            "pod",
+            "/pod",
+            "ns/",
+            "ns/a/../../secrets/x",
+            "ns/..",
+            "ns/pod?watch=true",
+            "ns/pod%2F",
+            "../x/pod",
+            "NS/pod",
+            "ns/pod\n",
+        ] {
+            assert_eq!(namespace_and_name(reference), None, "{reference}");
+        }
     }
 }
