@@ -152,6 +152,43 @@ fn ten_nodes_concurrent_adds_then_del_all() {
     let _ = container(0);
 }
 
+/// A network name that makes object names Kubernetes refuses is a configuration error found
+/// before any request (it used to be retried as a lost race until the deadline: code 11, and
+/// the runtime retries for ever); DEL of it succeeds, and capitals (upstream lower-cases them)
+/// still work.
+#[test]
+fn network_names_kubernetes_cannot_name_objects_after_are_refused_on_add() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("network-names-kubernetes-cannot-name-objects-after");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let long = "n".repeat(245);
+    for (i, name) in ["my_net", "a/b", "pool?x=1", "net work", &long]
+        .into_iter()
+        .enumerate()
+    {
+        let extra = json!({"network_name": name, "enable_overlapping_ranges": true});
+        let conf = netconf(
+            "named",
+            &ipam(&format!("10.91.{i}.0/24"), &kubeconfig, extra),
+        );
+        let c = format!("bad-{i}");
+        let reply = run(bin(), &call("ADD", &c, &c), &conf);
+        assert_eq!(reply.cni_code(), 7, "{name:?}: {reply:?}");
+        assert!(reply.stdout.contains("ipam.network_name"), "{reply:?}");
+        let del = run(bin(), &call("DEL", &c, &c), &conf);
+        assert_eq!(del.code, 0, "{name:?}: {del:?}");
+    }
+    assert_eq!(ns.list("ippools"), Vec::<Value>::new());
+    assert_eq!(ns.list(RESERVATIONS), Vec::<Value>::new());
+    let extra = json!({"network_name": "Blue.Net", "enable_overlapping_ranges": true});
+    let conf = netconf("named", &ipam("10.91.9.0/24", &kubeconfig, extra));
+    let reply = run(bin(), &call("ADD", "good", "good"), &conf);
+    assert_eq!(reply.ips(), ["10.91.9.1"], "{reply:?}");
+    assert!(ns.get("ippools", "blue.net-10.91.9.0-24").is_some());
+    assert!(ns.get(RESERVATIONS, "blue.net-10.91.9.1").is_some());
+}
+
 fn upstream_pool(name: &str, range: &str, keys: &[u128]) -> Value {
     let allocations: serde_json::Map<String, Value> = keys
         .iter()

@@ -16,7 +16,7 @@ use super::job::{pool_key, Granted, Job};
 use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
-use crate::ipam::names::object_name;
+use crate::ipam::names::{is_valid_object_name, object_name};
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Range, Snapshot};
 use crate::k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use crate::store::queues::{dropped, Serving};
@@ -158,6 +158,27 @@ impl GoTerms<'_> {
     }
 }
 
+/// Refuses an ADD whose IPPool or reservation names Kubernetes would refuse, before any
+/// request. The names come from `ipam.network_name` (and, with node slices, the node's name);
+/// a create under such a name is refused as invalid, which reads like a lost race and would be
+/// retried until the deadline, and the runtime would retry the ADD for ever. The name also goes
+/// into request paths unescaped, where a `/` or `?` would point at another object.
+fn check_names(pool: &PoolRef, req: &AddRequest) -> Result<(), StoreError> {
+    let reservation = req
+        .overlap
+        .then(|| reservation::name(pool.cidr().network().addr, &req.network_name));
+    let refused = |name: &str| !is_valid_object_name(name);
+    if refused(&object_name(&pool.name)) || reservation.as_deref().is_some_and(refused) {
+        return Err(StoreError::config(format!(
+            "the Kubernetes objects of range {} cannot be named: ipam.network_name (and, with \
+             node_slice_size, the node's name) may hold only letters, digits, '-' and '.', and \
+             with the range make at most 253 characters",
+            pool.cidr()
+        )));
+    }
+    Ok(())
+}
+
 impl Engine {
     /// One address per range, in order; what was written is in `undo` for the caller to take
     /// back if this fails.
@@ -173,6 +194,7 @@ impl Engine {
                     &req.cni_network,
                 )
                 .await?;
+            check_names(&pool, req)?;
             let requested = match wanted.requested {
                 // A static address is given as an offset of the configured range; the node's
                 // pool counts from its slice.

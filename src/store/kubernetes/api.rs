@@ -12,6 +12,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::cleanup::judge::PodPlace;
+use crate::ipam::names::is_valid_object_name;
 use crate::k8s::cluster::is_transient;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
 use crate::store::error::chain;
@@ -108,6 +109,14 @@ pub struct Kube {
     pub origin: String,
 }
 
+/// Whether an object can be read by `name`. No object has a name Kubernetes refuses, and kube
+/// puts names into request paths as they are (a `/` or `?` there would address another object,
+/// and a space cannot be sent at all): a read of such a name finds nothing, without a request,
+/// so a DEL of what an invalid network name could never have written succeeds.
+fn askable(name: &str) -> bool {
+    is_valid_object_name(name)
+}
+
 impl Kube {
     pub fn new(
         client: kube::Client,
@@ -171,6 +180,9 @@ impl Kube {
     }
 
     pub async fn get_pool(&self, name: &str) -> Result<Option<IPPool>, ApiError> {
+        if !askable(name) {
+            return Ok(None);
+        }
         let what = format!("get IPPool {name}");
         self.call(&what, || self.pools.get_opt(name)).await
     }
@@ -234,6 +246,9 @@ impl Kube {
         &self,
         name: &str,
     ) -> Result<Option<OverlappingRangeIPReservation>, ApiError> {
+        if !askable(name) {
+            return Ok(None);
+        }
         let what = format!("get OverlappingRangeIPReservation {name}");
         self.call(&what, || self.reservations.get_opt(name)).await
     }
@@ -291,6 +306,9 @@ impl Kube {
     }
 
     pub async fn get_slice_pool(&self, name: &str) -> Result<Option<NodeSlicePool>, ApiError> {
+        if !askable(name) {
+            return Ok(None);
+        }
         let what = format!("get NodeSlicePool {name}");
         self.call(&what, || self.slices.get_opt(name)).await
     }
