@@ -140,8 +140,8 @@ fn allocation(pool: &str, ip: IpAddr, container: &str, reserved: bool) -> Vec<u8
     .to_json()
 }
 
-/// A fault of a pool's runs: what it is and the key it is reported on (the pool, for faults
-/// of its runs, which one run or another may carry).
+/// A fault: what it is and the key it is reported on (none for overlaps and leaks, which one
+/// run or another of the pool may carry).
 type Fault = (Problem, Option<String>);
 
 /// The runs (start, end), records and marks of `pool`: offsets and keys.
