@@ -153,9 +153,9 @@ fn ten_nodes_concurrent_adds_then_del_all() {
 }
 
 /// A network name that makes object names Kubernetes refuses is a configuration error found
-/// before any request (it used to be retried as a lost race until the deadline: code 11, and
-/// the runtime retries for ever); DEL of it succeeds, and capitals (upstream lower-cases them)
-/// still work.
+/// before anything is written (it used to be retried as a lost race until the deadline: code
+/// 11, and the runtime retries for ever); DEL of it succeeds, and capitals (upstream
+/// lower-cases them) still work.
 #[test]
 fn network_names_kubernetes_cannot_name_objects_after_are_refused_on_add() {
     let plane = real_cluster!();

@@ -158,8 +158,8 @@ impl GoTerms<'_> {
     }
 }
 
-/// Refuses an ADD whose IPPool or reservation names Kubernetes would refuse, before any
-/// request. The names come from `ipam.network_name` (and, with node slices, the node's name);
+/// Refuses an ADD whose IPPool or reservation names Kubernetes would refuse, before anything
+/// is written. The names come from `ipam.network_name` (and, with node slices, the node's name);
 /// a create under such a name is refused as invalid, which reads like a lost race and would be
 /// retried until the deadline, and the runtime would retry the ADD for ever. The name also goes
 /// into request paths unescaped, where a `/` or `?` would point at another object.
