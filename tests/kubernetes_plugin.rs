@@ -179,6 +179,14 @@ fn network_names_kubernetes_cannot_name_objects_after_are_refused_on_add() {
         let del = run(bin(), &call("DEL", &c, &c), &conf);
         assert_eq!(del.code, 0, "{name:?}: {del:?}");
     }
+    let extra = json!({"network_name": "a b", "node_slice_size": "/28"});
+    let conf = netconf("named", &ipam("10.91.8.0/24", &kubeconfig, extra));
+    let reply = run(bin(), &call("ADD", "sliced", "sliced"), &conf);
+    assert_eq!(reply.cni_code(), 7, "{reply:?}");
+    assert!(
+        reply.stdout.contains("no NodeSlicePool can be named"),
+        "{reply:?}"
+    );
     assert_eq!(ns.list("ippools"), Vec::<Value>::new());
     assert_eq!(ns.list(RESERVATIONS), Vec::<Value>::new());
     let extra = json!({"network_name": "Blue.Net", "enable_overlapping_ranges": true});

@@ -18,6 +18,7 @@ use super::metrics::Metrics;
 use super::slices::assign;
 use crate::cli::store_args::ipam_of;
 use crate::config;
+use crate::ipam::names::is_valid_object_name;
 use crate::ipam::Cidr;
 use crate::k8s::crd::{IPPool, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus};
 use crate::store::kubernetes::slice_pool_name;
@@ -84,8 +85,15 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
                 .and_then(|(_, v)| v.as_str())
         })
         .map_or_else(|| format!("/{size}"), str::to_string);
+    let name = slice_pool_name(&cfg.network_name, cni_network);
+    if !is_valid_object_name(&name) {
+        // No NodeSlicePool can have the name (the plugin refuses its ADDs for it), and it must
+        // not reach a request path; a pass that skips it may still remove unwanted pools.
+        tracing::warn!(%source, "ignored: ipam.network_name (else the configuration's name) cannot name a NodeSlicePool");
+        return Ok(None);
+    }
     Ok(Some(Wanted {
-        name: slice_pool_name(&cfg.network_name, cni_network),
+        name,
         range: range.network(),
         size,
         size_text,
@@ -448,6 +456,18 @@ mod tests {
         object.metadata.uid = Some(format!("uid-{namespace}-{name}"));
         object.data = serde_json::json!({"spec": {"config": config}});
         Arc::new(object)
+    }
+
+    #[test]
+    fn a_network_name_no_object_can_have_wants_no_pool() {
+        for name in ["my_net", "victim?x", "a/b", "a b"] {
+            let ipam = serde_json::json!({"type": "whereabouts", "range": "10.0.0.0/16",
+                "node_slice_size": "/24", "network_name": name});
+            let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "net", "ipam": ipam});
+            assert_eq!(wanted("nad", &conf.to_string()).unwrap(), None, "{name}");
+        }
+        let conf = r#"{"cniVersion":"1.0.0","name":"Net.A","ipam":{"type":"whereabouts","range":"10.0.0.0/16","node_slice_size":"/24"}}"#;
+        assert_eq!(wanted("nad", conf).unwrap().unwrap().name, "net.a");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::node_slice;
 use super::reservation::Held;
 use super::settings::Settings;
 use crate::config::GoPeers;
+use crate::ipam::names::is_valid_object_name;
 use crate::ipam::Cidr;
 use crate::k8s::crd::IPPool;
 use crate::store::queues::lock;
@@ -200,6 +201,14 @@ impl Engine {
         network_name: &str,
         cni_network: &str,
     ) -> Result<PoolRef, StoreError> {
+        let slice_pool = node_slice::slice_pool_name(network_name, cni_network);
+        if node_slice_size.is_some() && !is_valid_object_name(&slice_pool) {
+            return Err(StoreError::config(
+                "node_slice_size is set but no NodeSlicePool can be named after the network: \
+                 ipam.network_name (else the configuration's name) may hold only letters, \
+                 digits, '-' and '.'",
+            ));
+        }
         match self
             .effective_pool(configured, node_slice_size, network_name, cni_network)
             .await?
@@ -207,9 +216,8 @@ impl Engine {
             Some(pool) => Ok(pool),
             None => {
                 let node = node_slice::node_name(self.configuration_path.as_deref())?;
-                let name = node_slice::slice_pool_name(network_name, cni_network);
                 Err(StoreError::config(format!(
-                    "node_slice_size is set but NodeSlicePool {name} (namespace {}) assigns no slice of {} to node {node} yet; the node slice controller assigns slices",
+                    "node_slice_size is set but NodeSlicePool {slice_pool} (namespace {}) assigns no slice of {} to node {node} yet; the node slice controller assigns slices",
                     self.kube.pools.namespace().unwrap_or_default(),
                     configured.range.cidr
                 )))
