@@ -210,8 +210,11 @@ fn reported(store: &Store, pool: usize, found: &[Finding]) -> BTreeSet<Fault> {
     found
         .iter()
         .filter(|f| match store.get(&f.object).map(|(_, kind)| *kind) {
-            Some(Kind::Run { pool: p, .. }) => p == pool,
-            Some(Kind::Record { pool: p, .. } | Kind::Mark { pool: p, .. }) => p == pool,
+            Some(
+                Kind::Run { pool: p, .. }
+                | Kind::Record { pool: p, .. }
+                | Kind::Mark { pool: p, .. },
+            ) => p == pool,
             _ => false,
         })
         .filter_map(|f| match f.problem {
