@@ -1,10 +1,12 @@
 //! The API calls the engine makes, each under a timeout, with failures sorted by what the caller
 //! should do about them.
 
+use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -109,14 +111,6 @@ pub struct Kube {
     pub origin: String,
 }
 
-/// Whether an object can be read by `name`. No object has a name Kubernetes refuses, and kube
-/// puts names into request paths as they are (a `/` or `?` there would address another object,
-/// and a space cannot be sent at all): a read of such a name finds nothing, without a request,
-/// so a DEL of what an invalid network name could never have written succeeds.
-fn askable(name: &str) -> bool {
-    is_valid_object_name(name)
-}
-
 impl Kube {
     pub fn new(
         client: kube::Client,
@@ -179,12 +173,28 @@ impl Kube {
         }
     }
 
-    pub async fn get_pool(&self, name: &str) -> Result<Option<IPPool>, ApiError> {
-        if !askable(name) {
+    /// The object `name` of `api`, if it exists. No object has a name Kubernetes refuses, and
+    /// kube puts names into request paths as they are (a `/` or `?` there would address another
+    /// object, and a space cannot be sent at all): a read of such a name finds nothing, without
+    /// a request, so a DEL of what an invalid network name could never have written succeeds.
+    async fn get_named<K>(
+        &self,
+        api: &Api<K>,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<K>, ApiError>
+    where
+        K: Clone + DeserializeOwned + Debug,
+    {
+        if !is_valid_object_name(name) {
             return Ok(None);
         }
-        let what = format!("get IPPool {name}");
-        self.call(&what, || self.pools.get_opt(name)).await
+        let what = format!("get {kind} {name}");
+        self.call(&what, || api.get_opt(name)).await
+    }
+
+    pub async fn get_pool(&self, name: &str) -> Result<Option<IPPool>, ApiError> {
+        self.get_named(&self.pools, "IPPool", name).await
     }
 
     pub async fn create_pool(&self, pool: &IPPool) -> Result<IPPool, ApiError> {
@@ -246,11 +256,8 @@ impl Kube {
         &self,
         name: &str,
     ) -> Result<Option<OverlappingRangeIPReservation>, ApiError> {
-        if !askable(name) {
-            return Ok(None);
-        }
-        let what = format!("get OverlappingRangeIPReservation {name}");
-        self.call(&what, || self.reservations.get_opt(name)).await
+        let kind = "OverlappingRangeIPReservation";
+        self.get_named(&self.reservations, kind, name).await
     }
 
     pub async fn create_reservation(
@@ -306,16 +313,11 @@ impl Kube {
     }
 
     pub async fn get_slice_pool(&self, name: &str) -> Result<Option<NodeSlicePool>, ApiError> {
-        if !askable(name) {
-            return Ok(None);
-        }
-        let what = format!("get NodeSlicePool {name}");
-        self.call(&what, || self.slices.get_opt(name)).await
+        self.get_named(&self.slices, "NodeSlicePool", name).await
     }
 
     pub async fn get_lease(&self, name: &str) -> Result<Option<Lease>, ApiError> {
-        let what = format!("get Lease {name}");
-        self.call(&what, || self.leases.get_opt(name)).await
+        self.get_named(&self.leases, "Lease", name).await
     }
 
     pub async fn create_lease(&self, lease: &Lease) -> Result<Lease, ApiError> {
