@@ -16,6 +16,7 @@ use serde_json::json;
 use whereabouts::config::{Datastore, IpamConfig};
 use whereabouts::ipam::names::pool_name;
 use whereabouts::ipam::{parse_range_text, Range, RangeSpec};
+use whereabouts::store::etcd::doctor::Progress;
 use whereabouts::store::etcd::{open_shared, open_with, Following, Timeouts, DEFAULT_PREFIX};
 use whereabouts::store::queues::Observer;
 use whereabouts::store::{
@@ -272,6 +273,70 @@ fn a_million_allocations_do_not_slow_down_the_next() {
     // The new address is a run of its own, right after the big one.
     let runs: Vec<&String> = keys.iter().filter(|k| k.contains("/r/")).collect();
     assert_eq!(runs.len(), 2, "{runs:?}");
+}
+
+/// The doctor reads every key at the revision of its first page. A cluster that compacts that
+/// revision before the last page (auto-compaction, while a store of many keys is read) makes
+/// it read everything again at the current revision instead of failing; one that compacts
+/// every time fails it after a few attempts, as "try again".
+#[test]
+fn the_doctor_reads_again_when_the_cluster_compacts_its_revision() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, DEFAULT_PREFIX);
+    let p = pool("10.0.0.0/22", "");
+    for i in 0..700 {
+        let pod = format!("ns/p{i}");
+        let req = add_req(
+            who(&format!("c{i}"), Some(&pod)),
+            std::slice::from_ref(&p),
+            "",
+        );
+        store.add(&req).unwrap();
+    }
+    let keys = cluster.keys(DEFAULT_PREFIX).len();
+    assert!(keys > 2000, "{keys} keys: the doctor reads them in 1000s");
+    let cfg = config(&cluster);
+    let Datastore::Etcd(etcd) = &cfg.datastore else {
+        panic!("etcd datastore expected");
+    };
+    // Runs the doctor, compacting after the page `compact_after(pass, page)` names (both
+    // counted from 1).
+    let doctor = |compact_after: &dyn Fn(usize, usize) -> bool| {
+        let mut heard: Vec<Progress> = Vec::new();
+        let (mut pass, mut page) = (1, 0);
+        let findings = whereabouts::store::etcd::doctor(&cfg, etcd, false, &mut |progress| {
+            heard.push(progress);
+            if progress == Progress::StartedOver {
+                (pass, page) = (pass + 1, 0);
+                return;
+            }
+            page += 1;
+            if compact_after(pass, page) {
+                cluster.compact_now();
+            }
+        });
+        (findings, heard)
+    };
+
+    // Compacted after the first page: read again, in full.
+    let (findings, heard) = doctor(&|pass, page| (pass, page) == (1, 1));
+    assert_eq!(findings.unwrap(), vec![], "{heard:?}");
+    let started_over = heard.iter().position(|p| *p == Progress::StartedOver);
+    assert_eq!(started_over, Some(1), "{heard:?}");
+    assert_eq!(heard.last(), Some(&Progress::Read(keys)), "{heard:?}");
+
+    // Compacted after the first page of every pass: given up, for the caller to try later.
+    let (findings, heard) = doctor(&|_, page| page == 1);
+    let err = findings.unwrap_err();
+    assert!(matches!(err, StoreError::TryAgain { .. }), "{err:?}");
+    let restarts = heard
+        .iter()
+        .filter(|p| **p == Progress::StartedOver)
+        .count();
+    assert_eq!(restarts, 3, "{heard:?}");
 }
 
 /// What an agent's store reports of its combining and of its copy.

@@ -5,6 +5,8 @@
 //! (`store::etcd::doctor`). Read-only unless `--fix`, which repairs only what is safe without
 //! a human.
 
+use std::io::IsTerminal;
+
 use serde::Serialize;
 
 use super::output::{emit, Output};
@@ -80,14 +82,51 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
             report(args.store.output, &findings)
         }
         Datastore::Etcd(store) => {
-            let findings = etcd::doctor(&cfg, store, args.fix).map_err(failed)?;
-            report(args.store.output, &findings)
+            let mut progress = EtcdProgress::default();
+            let findings = etcd::doctor(&cfg, store, args.fix, &mut |p| progress.heard(p));
+            progress.done();
+            report(args.store.output, &findings.map_err(failed)?)
         }
         Datastore::Local { .. } => anyhow::bail!(
             "whereabouts doctor checks the kubernetes and etcd datastores; the local one changes \
              its SQLite file in transactions (sqlite3 <local_path> 'PRAGMA integrity_check' \
              checks the file)"
         ),
+    }
+}
+
+/// Tells the person at the terminal how the etcd doctor's reading goes: keys read so far (a
+/// store of millions takes a while), on one line of standard error that is redrawn; and, on
+/// any standard error, when it has to read everything again.
+#[derive(Default)]
+struct EtcdProgress {
+    /// Whether a count is on the line.
+    drawn: bool,
+}
+
+impl EtcdProgress {
+    fn heard(&mut self, progress: etcd::doctor::Progress) {
+        match progress {
+            etcd::doctor::Progress::Read(keys) if std::io::stderr().is_terminal() => {
+                eprint!("\rread {keys} keys");
+                self.drawn = true;
+            }
+            etcd::doctor::Progress::Read(_) => {}
+            etcd::doctor::Progress::StartedOver => {
+                self.done();
+                eprintln!(
+                    "etcd compacted the revision the doctor was reading at; reading again at the \
+                     current one"
+                );
+            }
+        }
+    }
+
+    /// Ends the line of the count, if one was drawn.
+    fn done(&mut self) {
+        if std::mem::take(&mut self.drawn) {
+            eprintln!();
+        }
     }
 }
 

@@ -496,6 +496,25 @@ impl Cluster {
         );
     }
 
+    /// Writes a key of its own (under no prefix the engine uses) and compacts the cluster's
+    /// history up to that write, as auto-compaction does: no earlier revision can be read.
+    pub fn compact_now(&self) {
+        let out = self.etcdctl(
+            &self.running_urls(),
+            &["put", "-w", "json", "compacted", ""],
+        );
+        assert!(
+            out.status.success(),
+            "etcdctl put: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let put: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcdctl's JSON");
+        let revision = put["header"]["revision"]
+            .as_i64()
+            .expect("a put answers its revision");
+        self.etcdctl_ok(&["compact", &revision.to_string()]);
+    }
+
     /// Writes `key` (a hand edit, or what a bug would leave).
     pub fn put(&self, key: &str, value: &str) {
         self.etcdctl_ok(&["put", key, value]);

@@ -95,6 +95,16 @@ struct Survey {
     findings: Vec<Finding>,
 }
 
+/// How a survey's reading goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Keys read so far, after each page.
+    Read(usize),
+    /// The cluster compacted the revision the survey read at before it was done; it reads
+    /// everything again at the current one.
+    StartedOver,
+}
+
 /// The findings about the key-values `kvs` under `prefix`, all read at one revision.
 pub fn findings(prefix: &str, kvs: impl IntoIterator<Item = (String, Vec<u8>)>) -> Vec<Finding> {
     let keys = Keys::new(prefix);

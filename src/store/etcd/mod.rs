@@ -31,7 +31,7 @@ use crate::config::{EtcdConfig, IpamConfig};
 use crate::store::queues::Observer;
 use crate::store::retry::Backoff;
 use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
-use session::{Deadline, Session};
+use session::{Deadline, Scanned, Session};
 
 /// Connects to the etcd cluster with the default timeouts (the deadline may be overridden by
 /// [`DEADLINE_ENV`]).
@@ -45,22 +45,29 @@ const DOCTOR_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120)
 /// `whereabouts doctor` on the etcd engine ([`doctor`]): the findings, each key read at one
 /// revision. With `fix`, the freed marks are folded first (as the controller's reconcile does),
 /// unless a marked offset is also allocated (a fold would uncover its record); findings the
-/// fold ended are listed as fixed.
+/// fold ended are listed as fixed. `progress` hears how the reading goes (a store of millions
+/// of keys takes a while).
 pub fn doctor(
     ipam: &IpamConfig,
     cfg: &EtcdConfig,
     fix: bool,
+    progress: &mut dyn FnMut(doctor::Progress),
 ) -> Result<Vec<doctor::Finding>, StoreError> {
     let store = open_store(None, ipam, cfg, Timeouts::from_env(), DEFAULT_PREFIX)?;
     let s = &store.session;
-    let survey = || -> Result<Vec<doctor::Finding>, StoreError> {
+    let mut survey = || -> Result<Vec<doctor::Finding>, StoreError> {
         let dl = Deadline::after(DOCTOR_DEADLINE);
         let mut kvs = Vec::new();
-        s.scan_at_one_revision(&dl, s.keys.prefix(), |kv| {
-            kvs.push((
+        s.scan_at_one_revision(&dl, s.keys.prefix(), |scanned| match scanned {
+            Scanned::Key(kv) => kvs.push((
                 String::from_utf8_lossy(kv.key()).into_owned(),
                 kv.value().to_vec(),
-            ))
+            )),
+            Scanned::PageRead => progress(doctor::Progress::Read(kvs.len())),
+            Scanned::StartedOver => {
+                kvs.clear();
+                progress(doctor::Progress::StartedOver);
+            }
         })
         .map_err(|e| StoreError::try_again("cannot read the etcd store").because(e))?;
         Ok(doctor::findings(s.keys.prefix(), kvs))

@@ -29,6 +29,10 @@ pub const MAX_TXN_OPS: usize = 128;
 /// denied, unauthenticated.
 const REFUSED_CREDENTIALS: [i32; 3] = [3, 7, 16];
 
+/// gRPC status code "out of range": what etcd answers to a read at a revision it has compacted
+/// away ("etcdserver: mvcc: required revision has been compacted") or has not reached yet.
+const OUT_OF_RANGE: i32 = 11;
+
 /// What etcd answers (invalid argument) to a token issued before the latest change of its
 /// users, roles or permissions, when its tokens are signed (`--auth-token jwt`).
 const OLD_AUTH_REVISION: &str = "etcdserver: revision of auth store is old";
@@ -76,6 +80,12 @@ impl CallFailed {
             what: what.into(),
             cause: None,
         }
+    }
+
+    /// Whether etcd refused to read at a revision it has compacted away.
+    pub fn compacted(&self) -> bool {
+        matches!(self.cause.as_deref(), Some(etcd_client::Error::GRpcStatus(status))
+            if i32::from(status.code()) == OUT_OF_RANGE && status.message().contains("compacted"))
     }
 }
 
@@ -381,21 +391,37 @@ impl Session {
         &self,
         dl: &Deadline,
         dir: &str,
-        each: impl FnMut(KeyValue),
+        mut each: impl FnMut(KeyValue),
     ) -> Result<(), CallFailed> {
-        self.scan_pages(dl, dir, false, each).map(drop)
+        let keys_only = |scanned| {
+            if let Scanned::Key(kv) = scanned {
+                each(kv)
+            }
+        };
+        self.scan_pages(dl, dir, false, keys_only).map(drop)
     }
 
     /// As [`Session::scan`], every page at the revision of the first: one consistent picture
-    /// (for the doctor), refused by etcd if the cluster compacts that revision meanwhile. The
-    /// revision read at.
+    /// (for the doctor). When the cluster compacts that revision before the last page (etcd
+    /// then refuses to read at it), the scan starts over at the current revision, up to
+    /// [`COMPACTED_RESTARTS`] times, and says so first ([`Scanned::StartedOver`]): the caller
+    /// drops what it was handed. The revision read at.
     pub fn scan_at_one_revision(
         &self,
         dl: &Deadline,
         dir: &str,
-        each: impl FnMut(KeyValue),
+        mut each: impl FnMut(Scanned),
     ) -> Result<i64, CallFailed> {
-        self.scan_pages(dl, dir, true, each)
+        let mut restarts = 0;
+        loop {
+            match self.scan_pages(dl, dir, true, &mut each) {
+                Err(failed) if failed.compacted() && restarts < COMPACTED_RESTARTS => {
+                    restarts += 1;
+                    each(Scanned::StartedOver);
+                }
+                scanned => return scanned,
+            }
+        }
     }
 
     fn scan_pages(
@@ -403,7 +429,7 @@ impl Session {
         dl: &Deadline,
         dir: &str,
         pin: bool,
-        mut each: impl FnMut(KeyValue),
+        mut each: impl FnMut(Scanned),
     ) -> Result<i64, CallFailed> {
         const PAGE: i64 = 1000;
         let end = super::keys::range_end(dir);
@@ -425,8 +451,9 @@ impl Session {
             let kvs = resp.take_kvs();
             let last = kvs.last().map(|kv| kv.key().to_vec());
             for kv in kvs {
-                each(kv);
+                each(Scanned::Key(kv));
             }
+            each(Scanned::PageRead);
             match (more, last) {
                 (true, Some(mut last)) => {
                     last.push(0);
@@ -436,6 +463,21 @@ impl Session {
             }
         }
     }
+}
+
+/// How many times a scan at one revision starts over after the cluster compacted the revision
+/// it read at. A cluster compacting every few minutes (`--auto-compaction-retention`) catches
+/// a long scan at most once or twice; one that compacts faster than a scan can read is out of
+/// its reach, and the scan fails rather than read for ever.
+const COMPACTED_RESTARTS: usize = 3;
+
+/// What a scan hands its caller, in order.
+pub enum Scanned {
+    Key(KeyValue),
+    /// A page was read (after its keys).
+    PageRead,
+    /// The scan at one revision starts over at a later one: what it handed so far is void.
+    StartedOver,
 }
 
 /// A client of `endpoints`, connected within the timeouts (members are dialled on first use;
