@@ -3,6 +3,7 @@
 //! mutation test of the ordinary test suite (`tests/fuzz_inputs.rs`).
 
 mod etcd_doctor;
+mod k8s_doctor;
 mod pool_keys;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -16,6 +17,7 @@ use crate::ipam::{Cidr, Range, RangeSpec};
 use crate::k8s::crd::NodeSliceAllocation;
 
 pub use etcd_doctor::etcd_doctor;
+pub use k8s_doctor::k8s_doctor;
 pub use pool_keys::pool_keys;
 
 /// The configuration loader, as a network configuration reaches it (no flat file).

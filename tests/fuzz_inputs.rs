@@ -132,6 +132,11 @@ fn the_etcd_doctor_reports_exactly_the_faults_a_walk_finds() {
 }
 
 #[test]
+fn the_kubernetes_doctor_reports_exactly_what_the_entries_say() {
+    random_bytes(7, 192, whereabouts::fuzz::k8s_doctor);
+}
+
+#[test]
 fn ippool_keys_and_offsets_always_agree() {
     random_bytes(6, 160, whereabouts::fuzz::pool_keys);
 }

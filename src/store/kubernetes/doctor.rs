@@ -119,20 +119,7 @@ pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreEr
     let reservations = kube.list_reservations(None).await?;
     // Without the NodeSlicePool resource there are no node slices to check.
     let slices = kube.list_slices().await?;
-    let mut survey = Survey {
-        pools: Vec::new(),
-        reservations: reservations
-            .into_iter()
-            .filter_map(|r| Some((r.metadata.name.clone()?, r)))
-            .collect(),
-        findings: Vec::new(),
-    };
-    for object in pools {
-        survey.read_pool(object, &slices);
-    }
-    survey.check_entries();
-    survey.check_orphans(orphan_age);
-    Ok(survey)
+    Ok(Survey::of(pools, reservations, &slices, orphan_age))
 }
 
 /// The network and node a pool's name stands for (`[network-][node-]<range>`), the node's
@@ -191,6 +178,30 @@ fn identify(
 }
 
 impl Survey {
+    /// What is wrong with these pools, reservations and node slices: one namespace's, as
+    /// read. An orphan reservation younger than `orphan_age` is reported, not to be fixed yet.
+    pub fn of(
+        pools: Vec<IPPool>,
+        reservations: Vec<OverlappingRangeIPReservation>,
+        slices: &[NodeSlicePool],
+        orphan_age: Duration,
+    ) -> Survey {
+        let mut survey = Survey {
+            pools: Vec::new(),
+            reservations: reservations
+                .into_iter()
+                .filter_map(|r| Some((r.metadata.name.clone()?, r)))
+                .collect(),
+            findings: Vec::new(),
+        };
+        for object in pools {
+            survey.read_pool(object, slices);
+        }
+        survey.check_entries();
+        survey.check_orphans(orphan_age);
+        survey
+    }
+
     fn read_pool(&mut self, object: IPPool, slices: &[NodeSlicePool]) {
         let name = object.metadata.name.clone().unwrap_or_default();
         let what = format!("IPPool/{name}");

@@ -18,7 +18,7 @@ mod job;
 mod node_slice;
 pub(crate) mod pool_doc;
 mod release;
-mod reservation;
+pub(crate) mod reservation;
 mod settings;
 
 use std::future::Future;
