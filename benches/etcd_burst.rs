@@ -11,6 +11,11 @@
 //! With `WHEREABOUTS_EARLIER_BINARY`, an earlier build runs the binary measurements (without
 //! the agent) first, for before/after figures.
 //!
+//! With `WHEREABOUTS_AGENT_BUILDS` (binaries of `whereabouts` separated by `:`), only the
+//! plugin-only build's ADDs and DELs through the agents at 20 in flight are measured, once per
+//! build in turn, for `WHEREABOUTS_BENCH_ROUNDS` rounds (3 by default): agent builds side by
+//! side on one cluster, the machine's drift spread over both.
+//!
 //! Run: `cargo bench --bench etcd_burst` (needs etcd-server and etcd-client).
 
 mod earlier;
@@ -53,6 +58,11 @@ fn main() {
         return;
     }
     let cluster = Cluster::start(false);
+    if let Ok(builds) = std::env::var("WHEREABOUTS_AGENT_BUILDS") {
+        let builds: Vec<&Path> = builds.split(':').map(Path::new).collect();
+        agent_builds_side_by_side(&cluster, &builds);
+        return;
+    }
     let (raw, raw_ms) = members_ms_per(&cluster, RAW_TXNS, || raw_rate(&cluster, "first"));
     println!(
         "raw etcd rate: {raw:.0} sequential single-key transactions/s ({RAW_TXNS} txns), members' CPU {raw_ms:.2} ms per transaction"
@@ -171,6 +181,53 @@ fn main() {
         "  its process floor: {IN_FLIGHT} bare VERSION calls in flight: {floor:.0} calls/s, ratio to raw {:.2}",
         floor / raw
     );
+}
+
+/// The plugin-only build's ADDs and DELs through ten agents of each build in `builds`, in
+/// turns, round after round; each turn in a range of its own.
+fn agent_builds_side_by_side(cluster: &Cluster, builds: &[&Path]) {
+    let plugin_only = shipped::static_build("whereabouts-plugin")
+        .expect("the static plugin-only build (hack/images/build makes it)");
+    let rounds: usize = std::env::var("WHEREABOUTS_BENCH_ROUNDS").map_or(3, |r| {
+        r.parse().expect("WHEREABOUTS_BENCH_ROUNDS is a number")
+    });
+    let raw = raw_rate(cluster, "first");
+    println!("raw etcd rate: {raw:.0} sequential single-key transactions/s");
+    for round in 0..rounds {
+        for (b, build) in builds.iter().enumerate() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let settings = json!({
+                "datastore": "etcd",
+                "etcd_host": cluster.endpoints(),
+                "log_level": "error",
+            });
+            let agents: Vec<agent_process::Agent> = (0..NODES)
+                .map(|n| {
+                    let node = format!("node-{n}");
+                    agent_process::Agent::start_build(build, dir.path(), &node, settings.clone())
+                })
+                .collect();
+            let range = format!("10.{}.0.0/16", 100 + round * builds.len() + b);
+            let mut added = Results::new();
+            for operation in [Operation::Add, Operation::Del] {
+                let run = through_agents(
+                    &plugin_only,
+                    cluster,
+                    &agents,
+                    IN_FLIGHT,
+                    (&range, &mut added),
+                    operation,
+                );
+                let what = format!(
+                    "round {round}, agents of {}: {} {}s, {IN_FLIGHT} processes in flight",
+                    build.display(),
+                    NODES * PER_NODE,
+                    operation.name()
+                );
+                run.print(&what, raw);
+            }
+        }
+    }
 }
 
 /// What `work` returns, and the CPU time the members spent meanwhile, in milliseconds per each

@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// This package's binary, the agent unless a test or benchmark names another build.
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_whereabouts"))
 }
 
 /// One node's agent: its flat file, socket and log, and the process while it runs.
 pub struct Agent {
+    /// The binary run as the agent.
+    binary: PathBuf,
     pub flat_file: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
@@ -27,7 +30,12 @@ impl Agent {
     /// Starts an agent whose flat file holds `settings` and its socket's path, and waits until
     /// it is ready (its engine answers).
     pub fn start(dir: &Path, node: &str, settings: Value) -> Agent {
-        let mut agent = Agent::spawn(dir, node, settings);
+        Agent::start_build(bin(), dir, node, settings)
+    }
+
+    /// As [`Agent::start`], running `binary` (another build of `whereabouts`) as the agent.
+    pub fn start_build(binary: &Path, dir: &Path, node: &str, settings: Value) -> Agent {
+        let mut agent = Agent::spawn(binary, dir, node, settings);
         agent.wait_ready();
         agent
     }
@@ -40,17 +48,18 @@ impl Agent {
         settings: Value,
         within: Duration,
     ) -> Result<Agent, String> {
-        let mut agent = Agent::spawn(dir, node, settings);
+        let mut agent = Agent::spawn(bin(), dir, node, settings);
         agent.ready_within(within).map(|()| agent)
     }
 
-    fn spawn(dir: &Path, node: &str, settings: Value) -> Agent {
+    fn spawn(binary: &Path, dir: &Path, node: &str, settings: Value) -> Agent {
         let socket = dir.join(format!("{node}.sock"));
         let flat_file = dir.join(format!("{node}.conf"));
         let mut flat = settings;
         flat["agent_socket"] = json!(socket);
         std::fs::write(&flat_file, flat.to_string()).unwrap();
         let mut agent = Agent {
+            binary: binary.to_path_buf(),
             flat_file,
             socket,
             log: dir.join(format!("{node}.log")),
@@ -71,7 +80,7 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin())
+        let child = Command::new(&self.binary)
             .arg("agent")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
