@@ -300,6 +300,82 @@ fn a_failed_second_range_takes_back_the_first() {
     assert_eq!(ns.list("overlappingrangeipreservations").len(), 4);
 }
 
+/// An IPPool is one object, and the API server stores none larger than etcd's request limit
+/// (1.5 MiB by default: about 10,000 allocations). An ADD into a pool at that size is refused
+/// at once as such, naming the pool, instead of "try again" after retries that send the server
+/// the same oversized object; it leaves no reservation, and the pool takes the next ADD once
+/// an allocation is released.
+#[test]
+fn a_pool_the_server_cannot_store_larger_refuses_adds_until_one_is_released() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-pool-the-server-cannot-store-larger");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    // Entries as a runtime's container IDs and pod names make them, as many as fit (the
+    // largest count the server stores, found by trying).
+    let pool = |count: usize| {
+        let entry = |i: usize| {
+            let (id, podref) = (format!("{i:064x}"), format!("default/pod-{i:08}"));
+            json!({"id": id, "podref": podref, "ifname": "net1"})
+        };
+        let allocations: serde_json::Map<String, serde_json::Value> =
+            (1..=count).map(|i| (i.to_string(), entry(i))).collect();
+        json!({
+            "metadata": {"name": "10.9.0.0-16"},
+            "spec": {"range": "10.9.0.0/16", "allocations": allocations},
+        })
+    };
+    let (mut stored, mut refused) = (8_000, 16_000);
+    while refused - stored > 4 {
+        let count = (stored + refused) / 2;
+        match ns.try_create("ippools", pool(count)) {
+            Ok(_) => {
+                assert!(ns.delete("ippools", "10.9.0.0-16"));
+                stored = count;
+            }
+            Err(kube::Error::Api(status)) if status.message.contains("too large") => {
+                refused = count
+            }
+            Err(err) => panic!("create the pool: {err}"),
+        }
+    }
+    ns.create("ippools", pool(stored));
+    assert!(stored > 9_000, "only {stored} entries stored");
+    let cfg = config(&ipam_json("10.9.0.0/16", &kubeconfig, json!({})));
+    let store = open(&cfg).unwrap();
+    let who = |i: usize| {
+        attachment(
+            &format!("{:064x}", 1 << 20 | i),
+            &format!("default/late-{i:08}"),
+            "net1",
+        )
+    };
+    let mut added = 0;
+    let err = loop {
+        match store.add(&add_request(&cfg, who(added))) {
+            Ok(_) => added += 1,
+            Err(err) => break err,
+        }
+        assert!(added < 20, "the pool of {stored} entries still grows");
+    };
+    assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
+    let text = whereabouts::store::error::chain(&err);
+    assert!(
+        text.contains("IPPool 10.9.0.0-16 cannot take 1 more allocation"),
+        "{text}"
+    );
+    let pool = ns.get("ippools", "10.9.0.0-16").unwrap();
+    assert_eq!(pool_ips(&pool).len(), stored + added);
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), added);
+
+    // One of the first entries released: room for the next ADD.
+    let released = store
+        .del(&del_request(&cfg, &format!("{:064x}", 1), "net1"))
+        .unwrap();
+    assert_eq!(released.len(), 1);
+    store.add(&add_request(&cfg, who(added))).unwrap();
+}
+
 #[test]
 fn the_fake_server_is_strict() {
     let server = FakeApiServer::start();

@@ -395,6 +395,12 @@ impl TestNamespace {
 
     /// Creates an object (apiVersion and kind are filled in); panics if refused.
     pub fn create(&self, plural: &str, object: Value) -> Value {
+        self.try_create(plural, object)
+            .unwrap_or_else(|e| panic!("create {plural}: {e}"))
+    }
+
+    /// As [`TestNamespace::create`], the server's refusal returned.
+    pub fn try_create(&self, plural: &str, object: Value) -> Result<Value, kube::Error> {
         let (api, ar) = self.api(plural);
         let mut object = object;
         object["apiVersion"] = json!(ar.api_version);
@@ -402,9 +408,8 @@ impl TestNamespace {
         let object: DynamicObject = serde_json::from_value(object).expect("an object");
         let made = self
             .plane
-            .block_on(api.create(&PostParams::default(), &object))
-            .unwrap_or_else(|e| panic!("create {plural}: {e}"));
-        serde_json::to_value(made).unwrap()
+            .block_on(api.create(&PostParams::default(), &object))?;
+        Ok(serde_json::to_value(made).unwrap())
     }
 
     /// Creates or updates an object by server-side apply.

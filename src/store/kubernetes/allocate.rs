@@ -179,6 +179,19 @@ fn check_names(pool: &PoolRef, req: &AddRequest) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The answer when the API server refuses to store IPPool `name` with `more` new entries: an
+/// IPPool is one object, and etcd stores none larger than its request limit (1.5 MiB by
+/// default: about 10,000 allocations). The pool takes more once some are released; retrying
+/// sooner only sends the server the same oversized object again.
+fn pool_full(name: &str, more: usize, refused: ApiError) -> StoreError {
+    StoreError::io(format!(
+        "IPPool {name} cannot take {more} more allocation(s): the API server cannot store it \
+         that large (an IPPool holds about 10,000); node_slice_size gives each node's slice an \
+         IPPool of its own"
+    ))
+    .because(refused)
+}
+
 impl Engine {
     /// One address per range, in order; what was written is in `undo` for the caller to take
     /// back if this fails.
@@ -491,6 +504,9 @@ impl Engine {
                 }
                 Err(ApiError::Conflict(_)) | Err(ApiError::AlreadyExists(_)) => {
                     conflicts = self.after_conflict("add", &name, conflicts).await?;
+                }
+                Err(err @ ApiError::TooLarge(_)) => {
+                    return Err(pool_full(&name, round.fresh_entries.len(), err))
                 }
                 Err(err) => return Err(err.into()),
             }

@@ -38,6 +38,10 @@ pub enum ApiError {
     /// Refused for good (401, 403, 400, ...): retrying cannot help.
     #[error("{0}")]
     Refused(String),
+    /// The object would be larger than the server stores (etcd's request limit, 1.5 MiB by
+    /// default): no retry can write it; only a smaller object fits.
+    #[error("{0}")]
+    TooLarge(String),
     /// The server's certificate is not signed by the CA the configuration trusts: a wrong CA
     /// (or server address) in the kubeconfig, which no retry can fix.
     #[error("{0}")]
@@ -51,6 +55,7 @@ impl ApiError {
             kube::Error::Api(status) => {
                 let text = format!("{what}: {} ({})", status.message, status.code);
                 match status.code {
+                    _ if too_large(&status) => ApiError::TooLarge(text),
                     _ if transient => ApiError::Transient(text),
                     409 if status.reason == "AlreadyExists" => ApiError::AlreadyExists(text),
                     409 => ApiError::Conflict(text),
@@ -76,6 +81,7 @@ impl ApiError {
             ApiError::Refused(_) | ApiError::AlreadyExists(_) | ApiError::NotFound(_) => {
                 StoreError::io("kubernetes API server refused")
             }
+            ApiError::TooLarge(_) => StoreError::io("kubernetes object too large to store"),
             ApiError::Untrusted(_) => StoreError::config("cannot trust the API server"),
         };
         error.because(self)
@@ -86,6 +92,14 @@ impl From<ApiError> for StoreError {
     fn from(err: ApiError) -> StoreError {
         err.into_store()
     }
+}
+
+/// Whether the server refused to store an object for its size. The API server answers 500
+/// with etcd's own message when the object is over etcd's request limit (413 is what it
+/// answers to a request body over its own limit).
+fn too_large(status: &kube::core::Status) -> bool {
+    status.code == 413
+        || (status.code == 500 && status.message.contains("etcdserver: request is too large"))
 }
 
 /// Whether a connection failed because the server's certificate did not verify. The TLS
