@@ -38,7 +38,7 @@ type Seen = (Problem, Vec<String>, Option<String>);
 
 /// 4-byte records, each a pool entry (a readable key, with or without leading zeros, or one
 /// past the range or not a number; one of four holders, with or without a pod), a reservation
-/// (of either network, for an address of any of the pools or none, held by one of the holders
+/// (of any network, for an address of any of the pools or none, held by one of the holders
 /// or by a container or pod alone), or the slice the NodeSlicePool gives the node; a later
 /// record replaces an earlier one of the same object and key. The survey must report exactly
 /// what the entries say: every key it cannot read, every entry without a pod, without its
@@ -94,8 +94,8 @@ impl Objects {
                     objects.entries[pool].insert(key(b), holder(c));
                 }
                 1 => {
-                    let network = if a & 1 == 0 { "" } else { "n1" };
-                    let name = reservation::name(address(a >> 1, b), network);
+                    let network = ["", "n1", "node-b"][usize::from(a % 3)];
+                    let name = reservation::name(address(a / 3, b), network);
                     let holder = holder(c);
                     let spec = OverlappingRangeIPReservationSpec {
                         containerid: if c & 0x40 == 0 {
