@@ -34,8 +34,20 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// These retries as backon's pacing of a call retried as it is: at most `attempts` more,
+    /// from `base` doubling up to `max`, each pause jittered.
+    pub fn pacing(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.base)
+            .with_max_delay(self.max)
+            .with_max_times(self.attempts as usize)
+            .with_jitter()
+    }
+
     /// The pause before attempt `attempt` (1-based for the first retry): a random duration
     /// between zero and the exponential ceiling ("full jitter"), so contenders spread out.
+    /// The loops of conflicting writes pace themselves with it: each of their rounds reads and
+    /// decides again, and counts its own attempts, which a retry of one call does not fit.
     pub fn delay(&self, attempt: u32) -> Duration {
         let ceiling = self
             .base

@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
 
+use backon::Retryable;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -167,24 +168,23 @@ impl Kube {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
     {
-        let mut attempt = 0;
-        loop {
-            let outcome = match tokio::time::timeout(self.request_timeout, request()).await {
-                Ok(result) => result.map_err(|err| self.error(what, err)),
-                Err(_) => Err(ApiError::Transient(format!(
-                    "{what}: no answer within {:?}",
-                    self.request_timeout
-                ))),
-            };
-            match outcome {
-                Err(ApiError::Transient(msg)) if attempt < self.transient.attempts => {
-                    attempt += 1;
-                    tracing::debug!(%msg, attempt, "transient failure, retrying");
-                    tokio::time::sleep(self.transient.delay(attempt)).await;
+        let limit = self.request_timeout;
+        let attempt = || {
+            let answer = tokio::time::timeout(limit, request());
+            async move {
+                match answer.await {
+                    Ok(result) => result.map_err(|err| self.error(what, err)),
+                    Err(_) => Err(ApiError::Transient(format!(
+                        "{what}: no answer within {limit:?}"
+                    ))),
                 }
-                other => return other,
             }
-        }
+        };
+        attempt
+            .retry(self.transient.pacing())
+            .when(|err| matches!(err, ApiError::Transient(_)))
+            .notify(|err, pause| tracing::debug!(%err, ?pause, "transient failure, retrying"))
+            .await
     }
 
     /// The object `name` of `api`, if it exists. No object has a name Kubernetes refuses, and
