@@ -339,6 +339,33 @@ fn the_doctor_reads_again_when_the_cluster_compacts_its_revision() {
     assert_eq!(restarts, 3, "{heard:?}");
 }
 
+/// A cluster whose database is full (etcd's `--quota-backend-bytes`, the NOSPACE alarm)
+/// refuses every write: an ADD is "try again", and its message says that etcd refused, and
+/// why, not that it did not answer.
+#[test]
+fn a_full_etcd_database_is_named_in_the_answer() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start_with(false, &["--quota-backend-bytes", "1048576"]);
+    let filler = "x".repeat(100_000);
+    for i in 0.. {
+        if !cluster.try_put(&format!("filler/{i}"), &filler) {
+            break;
+        }
+        assert!(i < 100, "no quota at 10 MB written");
+    }
+    let store = open(&cluster, "/full/");
+    let p = pool("10.0.0.0/24", "");
+    let err = store
+        .add(&add_req(who("c1", Some("ns/a")), &[p], ""))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::TryAgain { .. }), "{err:?}");
+    let text = whereabouts::store::error::chain(&err);
+    assert!(text.starts_with("etcd refused the request"), "{text}");
+    assert!(text.contains("database space exceeded"), "{text}");
+}
+
 /// What an agent's store reports of its combining and of its copy.
 #[derive(Default)]
 struct Combined {

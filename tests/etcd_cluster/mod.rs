@@ -515,6 +515,12 @@ impl Cluster {
         self.etcdctl_ok(&["compact", &revision.to_string()]);
     }
 
+    /// Writes `key`; false when the cluster refuses.
+    pub fn try_put(&self, key: &str, value: &str) -> bool {
+        let out = self.etcdctl(&self.running_urls(), &["put", key, value]);
+        out.status.success()
+    }
+
     /// Writes `key` (a hand edit, or what a bug would leave).
     pub fn put(&self, key: &str, value: &str) {
         self.etcdctl_ok(&["put", key, value]);

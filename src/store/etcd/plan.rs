@@ -26,8 +26,14 @@ pub(super) enum Stop {
 }
 
 impl From<CallFailed> for Stop {
+    /// A full database is final for this operation: retrying until the deadline would only
+    /// send the members writes they must refuse, and the runtime's retry comes anyway.
     fn from(e: CallFailed) -> Self {
-        Stop::Retry(e)
+        if e.no_space() {
+            Stop::Final(e.into())
+        } else {
+            Stop::Retry(e)
+        }
     }
 }
 

@@ -29,6 +29,10 @@ pub const MAX_TXN_OPS: usize = 128;
 /// denied, unauthenticated.
 const REFUSED_CREDENTIALS: [i32; 3] = [3, 7, 16];
 
+/// gRPC status codes of a request etcd did not answer: cancelled, unknown, deadline exceeded,
+/// unavailable.
+const NOT_ANSWERED: [i32; 4] = [1, 2, 4, 14];
+
 /// gRPC status code "out of range": what etcd answers to a read at a revision it has compacted
 /// away ("etcdserver: mvcc: required revision has been compacted") or has not reached yet.
 const OUT_OF_RANGE: i32 = 11;
@@ -82,6 +86,21 @@ impl CallFailed {
         }
     }
 
+    /// Whether etcd answered, refusing (its database full, say), as opposed to not answering:
+    /// unreachable, too slow, or without a leader (gRPC "unavailable", which is also what the
+    /// client makes of a connection that fails), or cancelled.
+    fn refused(&self) -> bool {
+        matches!(self.cause.as_deref(), Some(etcd_client::Error::GRpcStatus(status))
+            if !NOT_ANSWERED.contains(&i32::from(status.code())))
+    }
+
+    /// Whether etcd refused a write because its database is full (`--quota-backend-bytes`):
+    /// it refuses every write until an admin frees space and disarms the NOSPACE alarm.
+    pub fn no_space(&self) -> bool {
+        matches!(self.cause.as_deref(), Some(etcd_client::Error::GRpcStatus(status))
+            if status.message().contains("database space exceeded"))
+    }
+
     /// Whether etcd refused to read at a revision it has compacted away.
     pub fn compacted(&self) -> bool {
         matches!(self.cause.as_deref(), Some(etcd_client::Error::GRpcStatus(status))
@@ -91,7 +110,12 @@ impl CallFailed {
 
 impl From<CallFailed> for StoreError {
     fn from(e: CallFailed) -> Self {
-        StoreError::try_again("etcd did not answer").because(e)
+        let what = if e.refused() {
+            "etcd refused the request"
+        } else {
+            "etcd did not answer"
+        };
+        StoreError::try_again(what).because(e)
     }
 }
 
