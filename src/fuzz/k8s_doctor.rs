@@ -133,12 +133,9 @@ impl Objects {
     }
 
     fn reservations(&self) -> Vec<OverlappingRangeIPReservation> {
-        let reservations = self.reservations.iter();
-        reservations
-            .map(|(name, spec)| OverlappingRangeIPReservation {
-                metadata: meta(name.clone()),
-                spec: spec.clone(),
-            })
+        let names = self.reservations.keys();
+        names
+            .filter_map(|name| self.reservation_named(name))
             .collect()
     }
 

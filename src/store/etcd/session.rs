@@ -86,25 +86,28 @@ impl CallFailed {
         }
     }
 
+    /// Whether etcd answered with a gRPC status (its code and message) that `holds`.
+    fn status_is(&self, holds: impl Fn(i32, &str) -> bool) -> bool {
+        matches!(self.cause.as_deref(), Some(etcd_client::Error::GRpcStatus(status))
+            if holds(i32::from(status.code()), status.message()))
+    }
+
     /// Whether etcd answered, refusing (its database full, say), as opposed to not answering:
     /// unreachable, too slow, or without a leader (gRPC "unavailable", which is also what the
     /// client makes of a connection that fails), or cancelled.
     fn refused(&self) -> bool {
-        matches!(self.cause.as_deref(), Some(etcd_client::Error::GRpcStatus(status))
-            if !NOT_ANSWERED.contains(&i32::from(status.code())))
+        self.status_is(|code, _| !NOT_ANSWERED.contains(&code))
     }
 
     /// Whether etcd refused a write because its database is full (`--quota-backend-bytes`):
     /// it refuses every write until an admin frees space and disarms the NOSPACE alarm.
     pub fn no_space(&self) -> bool {
-        matches!(self.cause.as_deref(), Some(etcd_client::Error::GRpcStatus(status))
-            if status.message().contains("database space exceeded"))
+        self.status_is(|_, message| message.contains("database space exceeded"))
     }
 
     /// Whether etcd refused to read at a revision it has compacted away.
     pub fn compacted(&self) -> bool {
-        matches!(self.cause.as_deref(), Some(etcd_client::Error::GRpcStatus(status))
-            if i32::from(status.code()) == OUT_OF_RANGE && status.message().contains("compacted"))
+        self.status_is(|code, message| code == OUT_OF_RANGE && message.contains("compacted"))
     }
 }
 

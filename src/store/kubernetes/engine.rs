@@ -201,8 +201,9 @@ impl Engine {
         network_name: &str,
         cni_network: &str,
     ) -> Result<PoolRef, StoreError> {
-        let slice_pool = node_slice::slice_pool_name(network_name, cni_network);
-        if node_slice_size.is_some() && !is_valid_object_name(&slice_pool) {
+        // Named only for a sliced network: most ADDs have no NodeSlicePool.
+        let slice_pool_name = || node_slice::slice_pool_name(network_name, cni_network);
+        if node_slice_size.is_some() && !is_valid_object_name(&slice_pool_name()) {
             return Err(StoreError::config(
                 "node_slice_size is set but no NodeSlicePool can be named after the network: \
                  ipam.network_name (else the configuration's name) may hold only letters, \
@@ -216,6 +217,7 @@ impl Engine {
             Some(pool) => Ok(pool),
             None => {
                 let node = node_slice::node_name(self.configuration_path.as_deref())?;
+                let slice_pool = slice_pool_name();
                 Err(StoreError::config(format!(
                     "node_slice_size is set but NodeSlicePool {slice_pool} (namespace {}) assigns no slice of {} to node {node} yet; the node slice controller assigns slices",
                     self.kube.pools.namespace().unwrap_or_default(),
