@@ -149,27 +149,8 @@ async fn try_hold(
     let spec = lease.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
     let mine = holder.as_deref() == Some(election.identity.as_str());
-    if !mine && holder.is_some() {
-        // Someone else's: expired only once it has not changed for a whole lease duration,
-        // as seen from here.
-        let record = (holder.clone(), spec.renew_time.clone());
-        let their_duration = spec
-            .lease_duration_seconds
-            .map(|s| Duration::from_secs(s.max(1) as u64))
-            .unwrap_or(election.lease_duration);
-        let since = match observed {
-            Some(o) if o.record == record => o.since,
-            _ => {
-                *observed = Some(Observed {
-                    record,
-                    since: Instant::now(),
-                });
-                return Ok(false);
-            }
-        };
-        if since.elapsed() < their_duration {
-            return Ok(false);
-        }
+    if !mine && holder.is_some() && !expired(&spec, election, observed) {
+        return Ok(false);
     }
     let mut next = spec;
     if !mine {
@@ -187,6 +168,26 @@ async fn try_hold(
         api.replace(LEASE_NAME, &PostParams::default(), &lease)
             .await,
     )
+}
+
+/// Whether another replica's Lease (`spec`) has expired: only once it has not changed for a
+/// whole lease duration, as seen from here (`observed`, which this reading updates).
+fn expired(spec: &LeaseSpec, election: &Election, observed: &mut Option<Observed>) -> bool {
+    let record = (spec.holder_identity.clone(), spec.renew_time.clone());
+    let their_duration = spec
+        .lease_duration_seconds
+        .map(|s| Duration::from_secs(s.max(1) as u64))
+        .unwrap_or(election.lease_duration);
+    match observed {
+        Some(o) if o.record == record => o.since.elapsed() >= their_duration,
+        _ => {
+            *observed = Some(Observed {
+                record,
+                since: Instant::now(),
+            });
+            false
+        }
+    }
 }
 
 fn written(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {

@@ -160,22 +160,7 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         None => Leadership::always(),
     };
     start_worker(&opts, &client, &metrics, &leadership, &jobs, queue).await?;
-    // The address actually bound (a port of 0 picks a free one).
-    let listening = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| opts.listen.to_string());
-    tracing::info!(listen = %listening, namespace = %opts.namespace, "controller started");
-
-    let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(http::serve(
-        listener,
-        http::Probes {
-            metrics: metrics.clone(),
-            jobs: jobs.clone(),
-            ready: ready.clone(),
-        },
-    ));
+    let ready = serve_probes(listener, &opts, &metrics, &jobs);
     tokio::spawn(schedule::run(
         client.clone(),
         opts.namespace.clone(),
@@ -216,6 +201,32 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         }
     }
     Ok(())
+}
+
+/// Serves the probes and `/metrics` on `listener`. The flag returned turns the readiness probe
+/// on once the pods are listed.
+fn serve_probes(
+    listener: tokio::net::TcpListener,
+    opts: &Options,
+    metrics: &Arc<Metrics>,
+    jobs: &Jobs,
+) -> Arc<AtomicBool> {
+    // The address actually bound (a port of 0 picks a free one).
+    let listening = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| opts.listen.to_string());
+    tracing::info!(listen = %listening, namespace = %opts.namespace, "controller started");
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(http::serve(
+        listener,
+        http::Probes {
+            metrics: metrics.clone(),
+            jobs: jobs.clone(),
+            ready: ready.clone(),
+        },
+    ));
+    ready
 }
 
 fn watch_seconds(timeout: Duration) -> u32 {

@@ -123,30 +123,7 @@ pub fn decide<S: Snapshot>(
 ) -> Result<Decision<S::Holder>, S::Error> {
     let owned = snapshot.owned()?;
     if let Some(wanted) = ask.requested {
-        if owned.contains(&wanted) {
-            let release = owned.into_iter().filter(|o| *o != wanted).collect();
-            return Ok(Decision::Keep {
-                offset: wanted,
-                release,
-            });
-        }
-        if let Some(holder) = snapshot.holder(wanted)? {
-            return Ok(Decision::InUse {
-                offset: wanted,
-                holder,
-            });
-        }
-        if ask.limit.is_some_and(|limit| wanted >= limit) {
-            return Ok(Decision::BeyondLimit { offset: wanted });
-        }
-        return Ok(if owned.is_empty() {
-            Decision::Take { offset: wanted }
-        } else {
-            Decision::Move {
-                to: wanted,
-                release: owned,
-            }
-        });
+        return decide_static(wanted, owned, ask, snapshot);
     }
     if let Some((&first, rest)) = owned.split_first() {
         return Ok(Decision::Keep {
@@ -154,35 +131,78 @@ pub fn decide<S: Snapshot>(
             release: rest.to_vec(),
         });
     }
+    Ok(match find_free(range, ask, snapshot)? {
+        Some(offset) => Decision::Take { offset },
+        None => Decision::Exhausted,
+    })
+}
+
+/// Decides an ask for the static offset `wanted`, the owner holding `owned` in this pool.
+fn decide_static<S: Snapshot>(
+    wanted: u128,
+    owned: Vec<u128>,
+    ask: &Ask,
+    snapshot: &mut S,
+) -> Result<Decision<S::Holder>, S::Error> {
+    if owned.contains(&wanted) {
+        let release = owned.into_iter().filter(|o| *o != wanted).collect();
+        return Ok(Decision::Keep {
+            offset: wanted,
+            release,
+        });
+    }
+    if let Some(holder) = snapshot.holder(wanted)? {
+        return Ok(Decision::InUse {
+            offset: wanted,
+            holder,
+        });
+    }
+    if ask.limit.is_some_and(|limit| wanted >= limit) {
+        return Ok(Decision::BeyondLimit { offset: wanted });
+    }
+    Ok(if owned.is_empty() {
+        Decision::Take { offset: wanted }
+    } else {
+        Decision::Move {
+            to: wanted,
+            release: owned,
+        }
+    })
+}
+
+/// The free offset an ask without a static address takes, below its limit and where its
+/// contention says to look; `None` when none is left.
+fn find_free<S: Snapshot>(
+    range: &Range,
+    ask: &Ask,
+    snapshot: &mut S,
+) -> Result<Option<u128>, S::Error> {
     let mut range = range.clone();
     if let Some(limit) = ask.limit {
         match limit.checked_sub(1) {
             Some(below) if below >= range.first => range.last = range.last.min(below),
-            _ => return Ok(Decision::Exhausted),
+            _ => return Ok(None),
         }
     }
     let range = &range;
-    let found = match ask.contention {
-        Contention::None => range.lowest_free(|o| snapshot.taken_until(o))?,
+    let mut taken = |o| snapshot.taken_until(o);
+    Ok(match ask.contention {
+        Contention::None => range.lowest_free(&mut taken)?,
         Contention::StartAt(start) => {
             let mut tail = range.clone();
             tail.first = start.clamp(range.first, range.last);
-            match tail.lowest_free(|o| snapshot.taken_until(o))? {
+            match tail.lowest_free(&mut taken)? {
                 Some(found) => Some(found),
-                None => range.lowest_free(|o| snapshot.taken_until(o))?,
+                None => range.lowest_free(&mut taken)?,
             }
         }
         Contention::Spread { seed, among } => {
-            let free = lowest_free_n(range, among.max(1), |o| snapshot.taken_until(o))?;
+            let free = lowest_free_n(range, among.max(1), &mut taken)?;
             match free.len() {
                 0 => None,
                 n => Some(free[(seed % n as u64) as usize]),
             }
         }
-    };
-    Ok(match found {
-        Some(offset) => Decision::Take { offset },
-        None => Decision::Exhausted,
     })
 }
 

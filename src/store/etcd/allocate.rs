@@ -152,6 +152,22 @@ impl Memory {
         search_from(self.start_hint.get(i).copied().flatten(), range)
     }
 
+    /// What the core is asked for range `i`: its static address, or a search from where the
+    /// last conflict left it. Go binaries never write an etcd store: the whole range is ours.
+    fn ask(&self, i: usize, rr: &RangeRequest) -> Ask {
+        let range = &rr.pool.range;
+        let start = self.start(i, range);
+        Ask {
+            requested: rr.requested,
+            contention: if start > range.first {
+                Contention::StartAt(start)
+            } else {
+                Contention::None
+            },
+            limit: None,
+        }
+    }
+
     /// Starts the search of range `i` at `offset` (a search that finds nothing from there
     /// starts over from the beginning of the range).
     pub fn start_search_at(&mut self, i: usize, offset: u128) {
@@ -249,7 +265,6 @@ pub(super) struct Planned {
     spare: Vec<u128>,
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn plan_all(
     s: &Session,
     req: &AddRequest,
@@ -263,9 +278,18 @@ pub(super) fn plan_all(
     let mut chosen: Vec<IpAddr> = Vec::new();
     let mut spare: Vec<u128> = Vec::new();
     for (i, ((rr, hit), held)) in req.ranges.iter().zip(hits).zip(held).enumerate() {
-        let window = windows[i].take().unwrap_or_default();
-        let (plan, free_after) =
-            plan_range(s, req, rr, i, *hit, held, window, &chosen, memory, dl)?;
+        let taken = |ip: &IpAddr| chosen.contains(ip) || memory.reserved_elsewhere.contains(ip);
+        let view = RangeView {
+            s,
+            dl,
+            req,
+            rr,
+            held: held.as_ref().map(|(offset, _, _)| *offset),
+            taken: &taken,
+            window: windows[i].take().unwrap_or_default(),
+            walked: Vec::new(),
+        };
+        let (plan, free_after) = plan_range(view, memory.ask(i, rr), *hit, held)?;
         if rr.requested.is_none() {
             spare = free_after;
         }
@@ -424,44 +448,16 @@ fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Vec<Probe>, me
     }
 }
 
-/// What one range of the request commits, as the core decides it from what etcd holds; with
-/// the free offsets after a dynamic choice (for alternatives).
-#[allow(clippy::too_many_arguments)]
+/// What one range of the request commits, as the core decides it from what etcd holds
+/// (`view`); with the free offsets after a dynamic choice (for alternatives).
 fn plan_range(
-    s: &Session,
-    req: &AddRequest,
-    rr: &RangeRequest,
-    i: usize,
+    mut view: RangeView<'_>,
+    ask: Ask,
     hit: IndexHits,
     held: Option<(u128, i64, AllocationRecord)>,
-    window: Window,
-    chosen: &[IpAddr],
-    memory: &Memory,
-    dl: &Deadline,
 ) -> Result<(Plan, Vec<u128>), Stop> {
+    let (s, dl, rr) = (view.s, view.dl, view.rr);
     let range = &rr.pool.range;
-    let taken = |ip: &IpAddr| chosen.contains(ip) || memory.reserved_elsewhere.contains(ip);
-    let mut view = RangeView {
-        s,
-        dl,
-        req,
-        rr,
-        held: held.as_ref().map(|(offset, _, _)| *offset),
-        taken: &taken,
-        window,
-        walked: Vec::new(),
-    };
-    let start = memory.start(i, range);
-    let ask = Ask {
-        requested: rr.requested,
-        contention: if start > range.first {
-            Contention::StartAt(start)
-        } else {
-            Contention::None
-        },
-        // Go binaries never write an etcd store: the whole range is ours.
-        limit: None,
-    };
     let take = |offset: u128, walked: Vec<ReadRun>, release: Option<Box<Released>>| Plan::Take {
         offset,
         ip: range.ip(offset),
@@ -486,7 +482,7 @@ fn plan_range(
             }
         }
         Decision::Take { offset } => {
-            let free = free_after(range, &view.window, offset, &taken, SPARE);
+            let free = free_after(range, &view.window, offset, view.taken, SPARE);
             return Ok((take(offset, view.walked, None), free));
         }
         Decision::Move { to, .. } => {

@@ -416,6 +416,22 @@ fn combinable(reqs: &[AddRequest]) -> Vec<usize> {
 /// index entries and the run window of each range.
 type Found = Vec<(Vec<IndexHits>, Vec<Option<Window>>)>;
 
+/// Per pool, the runs a round's searches crossed and the offsets its commits took: what the
+/// pool's runs are merged from after the commit.
+type Merges<'a> = HashMap<&'a str, (Vec<ReadRun>, Vec<u128>)>;
+
+/// The offsets `plans` would have taken, by pool.
+fn taken_offsets<'a>(req: &'a AddRequest, plans: &[Plan]) -> Vec<(&'a str, u128)> {
+    let pools = req.ranges.iter().map(|rr| rr.pool.name.as_str());
+    pools
+        .zip(plans)
+        .filter_map(|(pool, plan)| match plan {
+            Plan::Take { offset, .. } => Some((pool, *offset)),
+            Plan::Keep { .. } => None,
+        })
+        .collect()
+}
+
 impl Inner {
     /// A plan for each of the requests `together` that holds nothing yet, every address
     /// distinct from the others', from what was `found` (in the copies, or read back by lost
@@ -481,12 +497,11 @@ impl Inner {
             Txn::new().and_then(commits),
         )?;
         let revision = revision_of(&resp);
-        let mut merges: HashMap<&str, (Vec<ReadRun>, Vec<u128>)> = HashMap::new();
+        let mut merges = Merges::new();
         let mut lost_offsets = Vec::new();
         let answers = resp.op_responses().into_iter().zip(read_back_sizes);
         for (plan, (answer, read_back_size)) in planned.into_iter().zip(answers) {
             let req = &reqs[plan.index];
-            let ranges = &req.ranges;
             let lost = match answer {
                 TxnOpResponse::Txn(t) if t.succeeded() => None,
                 TxnOpResponse::Txn(t) => Some(parse_read_back(req, starts, t, read_back_size)),
@@ -494,25 +509,11 @@ impl Inner {
             };
             if let Some(read_back) = lost {
                 self.observer.conflict("add");
-                for (rr, lost) in ranges.iter().zip(&plan.plans) {
-                    if let Plan::Take { offset, .. } = lost {
-                        lost_offsets.push((rr.pool.name.as_str(), *offset));
-                    }
-                }
+                lost_offsets.extend(taken_offsets(req, &plan.plans));
                 round.lost.push((plan.index, read_back));
                 continue;
             }
-            for (rr, taken) in ranges.iter().zip(plan.plans) {
-                if let Plan::Take { offset, walked, .. } = taken {
-                    self.contended.took(&rr.pool.name, offset);
-                    let merge = merges.entry(rr.pool.name.as_str()).or_default();
-                    merge.0.extend(walked);
-                    merge.1.push(offset);
-                }
-            }
-            for rr in &reqs[plan.index].ranges {
-                s.runs_written.note(&rr.pool.name, revision);
-            }
+            self.note_won(req, plan.plans, &mut merges, revision);
             round.answered.push((plan.index, plan.chosen));
         }
         // After the batch's own addresses: a lost one moves the next search past another
@@ -524,6 +525,31 @@ impl Inner {
             compact_chain(s, dl, pool, &walked, &new_runs, revision);
         }
         Ok(round)
+    }
+
+    /// Notes the offsets a request's commit took (to merge into its pools' runs, and as this
+    /// node's in the pools' contention) and the revision its pools were written at.
+    fn note_won<'r>(
+        &self,
+        req: &'r AddRequest,
+        plans: Vec<Plan>,
+        merges: &mut Merges<'r>,
+        revision: i64,
+    ) {
+        for (rr, taken) in req.ranges.iter().zip(plans) {
+            if let Plan::Take { offset, walked, .. } = taken {
+                self.contended.took(&rr.pool.name, offset);
+                let merge = merges.entry(rr.pool.name.as_str()).or_default();
+                merge.0.extend(walked);
+                merge.1.push(offset);
+            }
+        }
+        for rr in &req.ranges {
+            self.store
+                .session
+                .runs_written
+                .note(&rr.pool.name, revision);
+        }
     }
 }
 

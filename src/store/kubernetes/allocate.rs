@@ -460,27 +460,16 @@ impl Engine {
             first = false;
             note_twins(&slots, &mut twin_of);
             let guessed = known.is_some();
-            let mut round = self
-                .read_round(&cx, known.take(), failed_rv.as_deref(), &slots)
+            let (mut round, answered) = self
+                .decide_round(
+                    &cx,
+                    known.take(),
+                    failed_rv.as_deref(),
+                    &mut slots,
+                    &mut twin_of,
+                    || refill().into_iter().map(new_slot).collect(),
+                )
                 .await?;
-            let mut answered: Vec<bool> = slots.iter().map(|s| s.done.is_some()).collect();
-            let needs = self
-                .keep_or_reuse(&cx, &mut round, &mut slots, &twin_of, 0)
-                .await?;
-            self.reserve_new(&cx, &mut round, &mut slots, needs).await?;
-            // Requests that queued while these reservations were made join this round, once:
-            // one more round of creates, after which they share the round's pool write instead
-            // of waiting for it and writing the pool again.
-            let joined = slots.len();
-            slots.extend(refill().into_iter().map(new_slot));
-            if slots.len() > joined {
-                note_twins(&slots, &mut twin_of);
-                answered.resize(slots.len(), false);
-                let needs = self
-                    .keep_or_reuse(&cx, &mut round, &mut slots, &twin_of, joined)
-                    .await?;
-                self.reserve_new(&cx, &mut round, &mut slots, needs).await?;
-            }
             if guessed && withdraw_refusals(&mut slots, &answered) {
                 // Refused on a guess (the pool as last written or as watched): no write can
                 // confirm a refusal, so the server's pool decides again.
@@ -511,6 +500,38 @@ impl Engine {
                 Err(err) => return Err(err.into()),
             }
         }
+    }
+
+    /// Reads the pool (or takes `known`), decides every slot's address and reserves the new
+    /// ones. Requests that queued meanwhile (`join`) join once: one more round of creates, after
+    /// which they share the round's pool write instead of waiting for it and writing the pool
+    /// again. Returns the round and which slots were answered before it.
+    async fn decide_round(
+        &self,
+        cx: &BatchCx<'_>,
+        known: Option<IPPool>,
+        failed_rv: Option<&str>,
+        slots: &mut Vec<Slot>,
+        twin_of: &mut Vec<Option<usize>>,
+        join: impl FnOnce() -> Vec<Slot>,
+    ) -> Result<(Round, Vec<bool>), StoreError> {
+        let mut round = self.read_round(cx, known, failed_rv, slots).await?;
+        let mut answered: Vec<bool> = slots.iter().map(|s| s.done.is_some()).collect();
+        let needs = self
+            .keep_or_reuse(cx, &mut round, slots, twin_of, 0)
+            .await?;
+        self.reserve_new(cx, &mut round, slots, needs).await?;
+        let joined = slots.len();
+        slots.extend(join());
+        if slots.len() > joined {
+            note_twins(slots, twin_of);
+            answered.resize(slots.len(), false);
+            let needs = self
+                .keep_or_reuse(cx, &mut round, slots, twin_of, joined)
+                .await?;
+            self.reserve_new(cx, &mut round, slots, needs).await?;
+        }
+        Ok((round, answered))
     }
 
     /// Reads the pool (or takes `known`, the pool as last written) for a round of the batch.

@@ -610,6 +610,18 @@ fn add_one(
         *slept = true;
         std::thread::sleep(Duration::from_secs(req.sleep_for_race));
     }
+    commit(tx, req, pool, decision)
+}
+
+/// Writes what the core decided for `pool`: the address taken, moved to or kept (its owner
+/// refreshed), and the releases that go with it; a refusal as the error it is.
+fn commit(
+    tx: &Connection,
+    req: &AddRequest,
+    pool: &PoolRef,
+    decision: Decision<(Attachment, String)>,
+) -> Result<IpAddr, Fail> {
+    let range = &pool.range;
     let (chosen, release, kept) = match decision {
         Decision::Keep { offset, release } => (offset, release, true),
         Decision::Take { offset } => (offset, Vec::new(), false),
