@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use tower::util::AndThenLayer;
 
+use super::throttle;
 use crate::files::{self, shown, shown_path};
 
 /// Why no client could be made. The message names the file or the setting to fix, never a
@@ -441,12 +443,15 @@ fn finish(
         config.root_cert = Some(Vec::new());
     }
     let server = config.cluster_url.to_string();
-    let client = kube::Client::try_from(config).map_err(|err| {
-        ClusterError::because(
-            format!("cannot build a client for {server} from {origin}"),
-            err,
-        )
-    })?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(|err| {
+            ClusterError::because(
+                format!("cannot build a client for {server} from {origin}"),
+                err,
+            )
+        })?
+        .with_layer(&AndThenLayer::new(throttle::keep_retry_after))
+        .build();
     Ok(Connection {
         client,
         namespace,

@@ -91,6 +91,24 @@ pub fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option
 }
 
 pub fn write_response(stream: &mut TcpStream, code: u16, body: &[u8]) -> std::io::Result<()> {
+    write_response_with(stream, code, "Content-Type: application/json\r\n", body)
+}
+
+/// A request shed as an API server sheds one over its flow's share: 429, plain text, and the
+/// seconds to wait in `Retry-After`.
+pub fn write_shed(stream: &mut TcpStream, retry_after: u32) -> std::io::Result<()> {
+    let headers =
+        format!("Content-Type: text/plain; charset=utf-8\r\nRetry-After: {retry_after}\r\n");
+    let body = b"Too many requests, please try again later.\n";
+    write_response_with(stream, 429, &headers, body)
+}
+
+fn write_response_with(
+    stream: &mut TcpStream,
+    code: u16,
+    headers: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         201 => "Created",
@@ -100,11 +118,12 @@ pub fn write_response(stream: &mut TcpStream, code: u16, body: &[u8]) -> std::io
         409 => "Conflict",
         415 => "Unsupported Media Type",
         422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
         500 => "Internal Server Error",
         _ => "Unknown",
     };
     let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "HTTP/1.1 {code} {reason}\r\n{headers}Content-Length: {}\r\n\r\n",
         body.len()
     );
     let mut out = head.into_bytes();

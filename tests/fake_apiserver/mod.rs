@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::io::BufReader;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,6 +56,8 @@ struct Shared {
     state: Mutex<State>,
     latency_us: AtomicU64,
     fail_all: AtomicBool,
+    /// Seconds of `Retry-After` every request is shed with (429); 0 when none is.
+    shed_all: AtomicU32,
     down: AtomicBool,
     stop: AtomicBool,
     rules: Mutex<Vec<FailRule>>,
@@ -196,6 +198,13 @@ impl FakeApiServer {
     /// Every request answered 500.
     pub fn set_fail_all(&self, fail: bool) {
         self.shared.fail_all.store(fail, Ordering::SeqCst);
+    }
+
+    /// Every request shed as an API server sheds a flow over its share: 429 with a plain-text
+    /// body and `Retry-After: seconds` (0: none shed). A real server cannot be made to shed
+    /// every request: API Priority and Fairness lets one through whenever its level runs none.
+    pub fn set_shedding(&self, seconds: u32) {
+        self.shared.shed_all.store(seconds, Ordering::SeqCst);
     }
 
     /// Connections are dropped without an answer (new ones right after accept).
@@ -351,6 +360,13 @@ fn serve(shared: Arc<Shared>, stream: TcpStream) {
                 continue;
             }
             return;
+        }
+        let shed = shared.shed_all.load(Ordering::SeqCst);
+        if shed > 0 {
+            if http::write_shed(&mut writer, shed).is_err() || req.close {
+                return;
+            }
+            continue;
         }
         let injected = injected_failure(&shared, &req.method, &plural);
         let (code, body) = if injected == Some(false) {

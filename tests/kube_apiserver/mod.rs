@@ -46,6 +46,17 @@ pub fn control_plane() -> Option<&'static ControlPlane> {
     usable(PLANE.get_or_init(|| start(target().join("control-plane"), true)))
 }
 
+/// A control plane whose API server applies API Priority and Fairness, as production's do
+/// (`hack/control-plane up --flow-control`), in `target/control-plane-flow-control`: for the
+/// tests of a client the server throttles. CRDs applied, as on the shared plane.
+pub fn flow_control_plane() -> Option<&'static ControlPlane> {
+    static PLANE: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+    usable(PLANE.get_or_init(|| {
+        let dir = target().join("control-plane-flow-control");
+        start_with(dir, &["--flow-control"], true)
+    }))
+}
+
 /// A control plane of its own, in `target/control-plane-<name>`, for tests that install
 /// cluster-wide objects (the manifest, the Helm release) and so cannot share one. Nothing is
 /// applied to it: the test installs the CRDs the way a user would.

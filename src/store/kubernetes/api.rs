@@ -18,7 +18,9 @@ use crate::cleanup::judge::PodPlace;
 use crate::ipam::names::is_valid_object_name;
 use crate::k8s::cluster::is_transient;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
+use crate::k8s::throttle;
 use crate::store::error::chain;
+use crate::store::kubernetes::settings::Settings;
 use crate::store::retry::Backoff;
 use crate::store::StoreError;
 
@@ -33,9 +35,16 @@ pub enum ApiError {
     AlreadyExists(String),
     #[error("not found: {0}")]
     NotFound(String),
-    /// Unreachable, too slow, overloaded (5xx, 429): nothing is known to have been written.
+    /// Unreachable, too slow, overloaded (5xx): nothing is known to have been written.
     #[error("{0}")]
     Transient(String),
+    /// Shed by the server before it handled the request (429: over its flow's share under API
+    /// Priority and Fairness, or over its in-flight limits), with the wait it asked for.
+    #[error("{text}")]
+    Throttled {
+        text: String,
+        asked: Option<Duration>,
+    },
     /// Refused for good (401, 403, 400, ...): retrying cannot help.
     #[error("{0}")]
     Refused(String),
@@ -57,6 +66,10 @@ impl ApiError {
                 let text = format!("{what}: {} ({})", status.message, status.code);
                 match status.code {
                     _ if too_large(&status) => ApiError::TooLarge(text),
+                    429 => ApiError::Throttled {
+                        asked: throttle::asked_wait(&status),
+                        text,
+                    },
                     _ if transient => ApiError::Transient(text),
                     409 if status.reason == "AlreadyExists" => ApiError::AlreadyExists(text),
                     409 => ApiError::Conflict(text),
@@ -76,6 +89,10 @@ impl ApiError {
     pub fn into_store(self) -> StoreError {
         let error = match &self {
             ApiError::Transient(_) => StoreError::try_again("kubernetes API server unavailable"),
+            ApiError::Throttled { .. } => StoreError::try_again(
+                "the kubernetes API server kept shedding the requests (429 Too Many Requests: \
+                 see its API Priority and Fairness settings)",
+            ),
             ApiError::Conflict(_) => {
                 StoreError::try_again("kubernetes object kept changing, gave up")
             }
@@ -92,6 +109,30 @@ impl ApiError {
 impl From<ApiError> for StoreError {
     fn from(err: ApiError) -> StoreError {
         err.into_store()
+    }
+}
+
+/// The waits of one call the server sheds: each as long as the server asks (or the transient
+/// pacing's, when it names none), stretched by up to a half at random so that the requests it
+/// shed together do not all come back together; none once they would pass the budget.
+struct Throttled {
+    budget: Duration,
+    waited: Duration,
+}
+
+impl Throttled {
+    fn within(budget: Duration) -> Throttled {
+        Throttled {
+            budget,
+            waited: Duration::ZERO,
+        }
+    }
+
+    fn next_wait(&mut self, asked: Option<Duration>, pause: Option<Duration>) -> Option<Duration> {
+        let base = asked.or(pause).unwrap_or(Duration::from_millis(50));
+        let wait = base.mul_f64(1.0 + rand::random::<f64>() / 2.0);
+        self.waited += wait;
+        (self.waited <= self.budget).then_some(wait)
     }
 }
 
@@ -122,26 +163,23 @@ pub struct Kube {
     client: kube::Client,
     pub request_timeout: Duration,
     pub transient: Backoff,
+    /// How long one call may wait in all for a server that sheds it (429), as it asks.
+    pub throttled_wait: Duration,
     /// Where the server and its CA came from ("kubeconfig /path"), named when TLS fails.
     pub origin: String,
 }
 
 impl Kube {
-    pub fn new(
-        client: kube::Client,
-        namespace: &str,
-        request_timeout: Duration,
-        transient: Backoff,
-        origin: &str,
-    ) -> Kube {
+    pub fn new(client: kube::Client, namespace: &str, settings: &Settings, origin: &str) -> Kube {
         Kube {
             pools: Api::namespaced(client.clone(), namespace),
             reservations: Api::namespaced(client.clone(), namespace),
             slices: Api::namespaced(client.clone(), namespace),
             leases: Api::namespaced(client.clone(), namespace),
             client,
-            request_timeout,
-            transient,
+            request_timeout: settings.request_timeout,
+            transient: settings.transient,
+            throttled_wait: settings.throttled_wait,
             origin: origin.to_string(),
         }
     }
@@ -159,10 +197,12 @@ impl Kube {
         }
     }
 
-    /// Runs one request under the request timeout, retrying transient failures a few times.
-    /// Retrying is safe for every call made here: a create that did land is seen as
-    /// AlreadyExists, a patch that did land fails its resourceVersion test, a delete that did
-    /// land is NotFound; each caller handles those outcomes.
+    /// Runs one request under the request timeout, retrying transient failures a few times,
+    /// and a request the server shed (429) after the wait it asks for, for as long as
+    /// `throttled_wait` allows. Retrying is safe for every call made here: a create that did
+    /// land is seen as AlreadyExists, a patch that did land fails its resourceVersion test, a
+    /// delete that did land is NotFound; each caller handles those outcomes. (A shed request
+    /// was not handled at all.)
     async fn call<T, F, Fut>(&self, what: &str, mut request: F) -> Result<T, ApiError>
     where
         F: FnMut() -> Fut,
@@ -180,9 +220,14 @@ impl Kube {
                 }
             }
         };
+        let mut throttled = Throttled::within(self.throttled_wait);
         attempt
             .retry(self.transient.pacing())
-            .when(|err| matches!(err, ApiError::Transient(_)))
+            .when(|err| matches!(err, ApiError::Transient(_) | ApiError::Throttled { .. }))
+            .adjust(|err, pause| match err {
+                ApiError::Throttled { asked, .. } => throttled.next_wait(*asked, pause),
+                _ => pause,
+            })
             .notify(|err, pause| tracing::debug!(%err, ?pause, "transient failure, retrying"))
             .await
     }
@@ -362,5 +407,29 @@ impl Kube {
                 node: pod.spec.and_then(|spec| spec.node_name),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shed_requests_wait_as_asked_until_the_budget_is_spent() {
+        let second = Duration::from_secs(1);
+        let mut throttled = Throttled::within(Duration::from_secs(3));
+        let first = throttled.next_wait(Some(second), None).unwrap();
+        assert!(first >= second && first <= second.mul_f64(1.5), "{first:?}");
+        let mut waited = first;
+        while let Some(wait) = throttled.next_wait(Some(second), None) {
+            assert!(wait >= second, "{wait:?}");
+            waited += wait;
+        }
+        assert!(waited <= Duration::from_secs(3), "{waited:?}");
+        assert!(waited >= Duration::from_secs(2), "{waited:?}");
+        // Without a wait from the server, the transient pacing's.
+        let mut unasked = Throttled::within(Duration::from_secs(3));
+        let paced = unasked.next_wait(None, Some(Duration::from_millis(100)));
+        assert!(paced.unwrap() <= Duration::from_millis(150));
     }
 }

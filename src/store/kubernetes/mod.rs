@@ -127,8 +127,7 @@ async fn connect_engine(
     let kube = Kube::new(
         connection.client,
         &connection.namespace,
-        settings.request_timeout,
-        settings.transient,
+        &settings,
         &connection.origin,
     );
     // The agent (the only caller with batches) follows the pools, the reservations and the Go

@@ -21,8 +21,12 @@ pub struct Settings {
     pub undo_budget: Duration,
     /// Retries of compare-and-swap conflicts on one object.
     pub conflicts: Backoff,
-    /// Retries of transient failures (unreachable, 5xx, 429) of one request.
+    /// Retries of transient failures (unreachable, 5xx) of one request.
     pub transient: Backoff,
+    /// How long one request may wait in all for a server that sheds it (429), as the server
+    /// asks: half the deadline, as the server's waits grow to many seconds while it keeps
+    /// shedding (up to 32 s under API Priority and Fairness).
+    pub throttled_wait: Duration,
 }
 
 impl Settings {
@@ -40,6 +44,7 @@ impl Settings {
         Settings {
             request_timeout,
             deadline: request_timeout * 6,
+            throttled_wait: request_timeout * 3,
             undo_budget: request_timeout,
             // Contention on one pool object is resolved by spreading the contenders in time: the
             // ceiling grows quickly enough for hundreds of writers to one pool to get through.
