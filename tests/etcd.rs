@@ -490,6 +490,61 @@ fn tls_with_client_certificates() {
     assert!(cluster.keys("/whereabouts/").is_empty());
 }
 
+/// A user whose role does not grant the engine's keys (a role for another prefix, or read only)
+/// is told at once: code 7 naming the prefix its role needs, not "try again" after the whole
+/// deadline (every retry refused the same way). Once the role grants it, the same ADD succeeds.
+#[test]
+fn a_user_whose_role_lacks_the_prefix_is_told_what_it_needs() {
+    if !etcd_available() {
+        return;
+    }
+    let _serial = serial();
+    let mut cluster = Cluster::start(false);
+    cluster.enable_auth("s3cret");
+    cluster.add_user_with_role("ipam", "1pam");
+    cluster.grant("ipam", "readwrite", "/other/");
+    let mut net = Net::new(&cluster, "10.61.0.0/24");
+    net.ipam["etcd_username"] = json!("ipam");
+    net.ipam["etcd_password"] = json!("1pam");
+    let conf = net.conf("1.1.0");
+    let pod = Pod { node: 1, index: 1 };
+    let denied = |reply: &Reply, what: &str| {
+        assert_eq!(reply.code(), Some(7), "{what}: {}", reply.stdout);
+        let msg = reply.stdout["msg"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("readwrite on the prefix /whereabouts/"),
+            "{what}: {msg}"
+        );
+        assert!(msg.contains("permission denied"), "{what}: {msg}");
+    };
+    denied(
+        &plugin("ADD", Some(&pod), &conf, &[]),
+        "ADD, another prefix",
+    );
+    denied(
+        &plugin("DEL", Some(&pod), &conf, &[]),
+        "DEL, another prefix",
+    );
+    let status = plugin("STATUS", None, &conf, &[]);
+    assert_eq!(status.code(), Some(50), "{}", status.stdout);
+    assert!(status.stdout["msg"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("readwrite"));
+
+    // Reads pass, the commit is refused: nothing is written.
+    cluster.grant("ipam", "read", "/whereabouts/");
+    denied(&plugin("ADD", Some(&pod), &conf, &[]), "ADD, read only");
+    assert!(cluster.keys("/whereabouts/").is_empty());
+
+    cluster.grant("ipam", "readwrite", "/whereabouts/");
+    let add = plugin("ADD", Some(&pod), &conf, &[]);
+    assert_eq!(add.exit, 0, "ADD, read and write: {}", add.stdout);
+    let del = plugin("DEL", Some(&pod), &conf, &[]);
+    assert_eq!(del.exit, 0, "{}", del.stdout);
+    assert!(cluster.keys("/whereabouts/").is_empty());
+}
+
 #[test]
 fn username_and_password() {
     if !etcd_available() {

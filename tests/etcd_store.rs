@@ -1205,3 +1205,45 @@ fn contending_agents_fill_a_pool_completely() {
     let refilled: BTreeSet<IpAddr> = second.values().copied().collect();
     assert_eq!(refilled, lowest, "the freed addresses were not found again");
 }
+
+/// A node agent whose etcd user's role does not grant the engine's keys answers every ADD at
+/// once with code 7 naming the prefix the role needs (not "try again" after the deadline); once
+/// an admin grants it, the same agent, with the same client, serves the next ADD.
+#[test]
+fn an_agent_denied_the_prefix_says_so_until_its_role_grants_it() {
+    if !etcd_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(false);
+    cluster.enable_auth("s3cret");
+    cluster.add_user_with_role("ipam", "1pam");
+    cluster.grant("ipam", "readwrite", "/other/");
+    let runtime = agent_runtime();
+    let cfg = config_with(
+        &cluster,
+        json!({"etcd_username": "ipam", "etcd_password": "1pam"}),
+    );
+    let observed = Arc::new(Combined::default());
+    let agent = agent_store_of(&cfg, &runtime, &observed, Following::AGENT);
+    let pools = [pool("10.0.0.0/24", "")];
+    for container in ["first", "second"] {
+        let err = agent
+            .add(&add_req(who(container, None), &pools, ""))
+            .unwrap_err();
+        let reply = whereabouts::cni::error::CniError::from(err);
+        assert_eq!(reply.code, 7, "{}", reply.msg);
+        assert!(
+            reply.msg.contains("readwrite on the prefix /whereabouts/"),
+            "{}",
+            reply.msg
+        );
+    }
+    assert!(cluster.keys("/whereabouts/").is_empty());
+    cluster.grant("ipam", "readwrite", "/whereabouts/");
+    add_gets(
+        &agent,
+        "third",
+        "10.0.0.1",
+        "after the role granted the prefix",
+    );
+}

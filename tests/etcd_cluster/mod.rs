@@ -303,6 +303,25 @@ impl Cluster {
         ]);
     }
 
+    /// Adds user `name` with `password` and a role of the same name, granting nothing yet.
+    pub fn add_user_with_role(&self, name: &str, password: &str) {
+        self.add_user(name, password);
+        self.etcdctl_ok(&["role", "add", name]);
+        self.etcdctl_ok(&["user", "grant-role", name, name]);
+    }
+
+    /// Grants role `role` `permission` (read, write or readwrite) on the keys under `prefix`.
+    pub fn grant(&self, role: &str, permission: &str, prefix: &str) {
+        self.etcdctl_ok(&[
+            "role",
+            "grant-permission",
+            role,
+            permission,
+            prefix,
+            "--prefix",
+        ]);
+    }
+
     /// Runs etcdctl on the running members, which must succeed.
     fn etcdctl_ok(&self, args: &[&str]) {
         let out = self.etcdctl(&self.running_urls(), args);

@@ -189,7 +189,10 @@ impl Store for EtcdStore {
         let opts = etcd_client::GetOptions::new().with_count_only();
         s.get(&dl, "status read", s.keys.prefix().to_string(), Some(opts))
             .map(|_| ())
-            .map_err(|e| StoreError::try_again("etcd cluster is not available").because(e))
+            .map_err(|e| match e.permission_denied() {
+                true => e.into(),
+                false => StoreError::try_again("etcd cluster is not available").because(e),
+            })
     }
 
     fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError> {

@@ -26,10 +26,11 @@ pub(super) enum Stop {
 }
 
 impl From<CallFailed> for Stop {
-    /// A full database is final for this operation: retrying until the deadline would only
-    /// send the members writes they must refuse, and the runtime's retry comes anyway.
+    /// A full database, or a user whose roles do not grant the keys, is final for this
+    /// operation: retrying until the deadline would only send the members requests they must
+    /// refuse (until an admin acts), and the runtime's retry comes anyway.
     fn from(e: CallFailed) -> Self {
-        if e.no_space() {
+        if e.no_space() || e.permission_denied() {
             Stop::Final(e.into())
         } else {
             Stop::Retry(e)

@@ -33,6 +33,10 @@ const REFUSED_CREDENTIALS: [i32; 3] = [3, 7, 16];
 /// unavailable.
 const NOT_ANSWERED: [i32; 4] = [1, 2, 4, 14];
 
+/// gRPC status code "permission denied": what etcd answers (with authentication on) to a user
+/// whose roles do not grant the keys a request reads or writes.
+const PERMISSION_DENIED: i32 = 7;
+
 /// gRPC status code "out of range": what etcd answers to a read at a revision it has compacted
 /// away ("etcdserver: mvcc: required revision has been compacted") or has not reached yet.
 const OUT_OF_RANGE: i32 = 11;
@@ -105,6 +109,12 @@ impl CallFailed {
         self.status_is(|_, message| message.contains("database space exceeded"))
     }
 
+    /// Whether etcd refused the user access to the keys asked for: its roles must change, which
+    /// no retry can do.
+    pub fn permission_denied(&self) -> bool {
+        self.status_is(|code, _| code == PERMISSION_DENIED)
+    }
+
     /// Whether etcd refused to read at a revision it has compacted away.
     pub fn compacted(&self) -> bool {
         self.status_is(|code, message| code == OUT_OF_RANGE && message.contains("compacted"))
@@ -113,6 +123,9 @@ impl CallFailed {
 
 impl From<CallFailed> for StoreError {
     fn from(e: CallFailed) -> Self {
+        if e.permission_denied() {
+            return StoreError::config("etcd denied access to the engine's keys").because(e);
+        }
         let what = if e.refused() {
             "etcd refused the request"
         } else {
@@ -355,10 +368,21 @@ impl Session {
         }
         match r {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(CallFailed {
-                what: format!("etcd {what} failed"),
-                cause: Some(Arc::new(e)),
-            }),
+            Ok(Err(e)) => {
+                let mut failed = CallFailed {
+                    what: format!("etcd {what} failed"),
+                    cause: Some(Arc::new(e)),
+                };
+                if failed.permission_denied() {
+                    failed.what = format!(
+                        "{}: the etcd user (ipam.etcd_username, or the client certificate's \
+                         common name) needs a role granting readwrite on the prefix {}",
+                        failed.what,
+                        self.keys.prefix()
+                    );
+                }
+                Err(failed)
+            }
             Err(_) => Err(CallFailed::new(format!(
                 "etcd {what} timed out after {limit:?}"
             ))),
