@@ -376,6 +376,105 @@ fn a_pool_the_server_cannot_store_larger_refuses_adds_until_one_is_released() {
     store.add(&add_request(&cfg, who(added))).unwrap();
 }
 
+/// An admission policy of the cluster's (a ValidatingAdmissionPolicy, evaluated in the API
+/// server) that refuses an IPPool write: the ADD or DEL fails at once with code 5, the policy's
+/// message in the answer, and the ADD takes back its reservation. Before, the refusal (422, as a
+/// failed JSON-patch test is) made the ADD fail without the reason, and a DEL retry until its
+/// deadline and answer "did not complete it within 60s". Once the policy is gone, the DEL
+/// goes through.
+#[test]
+fn a_pool_write_an_admission_policy_refuses_is_answered_with_its_reason() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-pool-write-an-admission-policy-refuses");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let cfg = config(&ipam_json("10.10.0.0/24", &kubeconfig, json!({})));
+    let store = open(&cfg).unwrap();
+    store
+        .add(&add_request(&cfg, attachment("c0", "default/p0", "net1")))
+        .unwrap();
+    let policy = admission_policy(&ns, dir.path());
+    let refused = |err: StoreError, reason: &str| {
+        assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
+        let reply = whereabouts::cni::error::CniError::from(err);
+        assert_eq!(reply.code, 5, "{}", reply.msg);
+        assert!(reply.msg.contains(reason), "{}", reply.msg);
+    };
+    store
+        .add(&add_request(&cfg, attachment("c1", "default/p1", "net1")))
+        .unwrap();
+    let third = store.add(&add_request(&cfg, attachment("c2", "default/p2", "net1")));
+    refused(third.unwrap_err(), "at most 2 allocations per pool");
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 2);
+    let del = store.del(&del_request(&cfg, "c0", "net1"));
+    refused(del.unwrap_err(), "allocations are frozen");
+    let pool = ns.get("ippools", "10.10.0.0-24").unwrap();
+    assert_eq!(pool_ips(&pool).len(), 2);
+
+    plane.kubectl(&[
+        "delete",
+        "validatingadmissionpolicy,validatingadmissionpolicybinding",
+        &policy,
+    ]);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // The server drops the policy from its evaluation shortly after its deletion.
+    while store.del(&del_request(&cfg, "c0", "net1")).is_err() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the DEL is still refused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let pool = ns.get("ippools", "10.10.0.0-24").unwrap();
+    assert_eq!(pool_ips(&pool).len(), 1);
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 1);
+}
+
+/// A ValidatingAdmissionPolicy bound to `ns` alone: no IPPool with more than two allocations,
+/// no allocation removed from one. Returns its name once the server enforces it.
+fn admission_policy(ns: &kube_apiserver::TestNamespace, dir: &std::path::Path) -> String {
+    let name = ns.name.clone();
+    let policy = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": name},
+         "spec": {"failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": ["whereabouts.cni.cncf.io"],
+                "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"],
+                "resources": ["ippools"]}]},
+            "validations": [
+                {"expression": "size(object.spec.allocations) <= 2",
+                 "message": "at most 2 allocations per pool"},
+                {"expression": "request.operation != 'UPDATE' || \
+                    size(object.spec.allocations) >= size(oldObject.spec.allocations)",
+                 "message": "allocations are frozen"}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1",
+         "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
+         "spec": {"policyName": name, "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {
+                "matchLabels": {"kubernetes.io/metadata.name": name}}}}},
+    ]});
+    let path = dir.join("policy.json");
+    std::fs::write(&path, policy.to_string()).unwrap();
+    ns.plane
+        .kubectl(&["apply", "-f", &path.display().to_string()]);
+    let allocation = json!({"id": "probe", "podref": "default/probe"});
+    let too_many = json!({
+        "metadata": {"name": "policy-probe"},
+        "spec": {"range": "10.11.0.0/24",
+                 "allocations": {"1": allocation, "2": allocation, "3": allocation}},
+    });
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // The server starts evaluating a new policy shortly after its creation.
+    while ns.dry_run_create("ippools", too_many.clone()).is_ok() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the policy is never enforced"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    name
+}
+
 #[test]
 fn the_fake_server_is_strict() {
     let server = FakeApiServer::start();

@@ -412,14 +412,31 @@ impl TestNamespace {
 
     /// As [`TestNamespace::create`], the server's refusal returned.
     pub fn try_create(&self, plural: &str, object: Value) -> Result<Value, kube::Error> {
+        self.create_with(plural, object, &PostParams::default())
+    }
+
+    /// Whether the server would create `object` (a server-side dry run: admission runs, nothing
+    /// is stored), its refusal returned.
+    pub fn dry_run_create(&self, plural: &str, object: Value) -> Result<Value, kube::Error> {
+        let params = PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        };
+        self.create_with(plural, object, &params)
+    }
+
+    fn create_with(
+        &self,
+        plural: &str,
+        object: Value,
+        params: &PostParams,
+    ) -> Result<Value, kube::Error> {
         let (api, ar) = self.api(plural);
         let mut object = object;
         object["apiVersion"] = json!(ar.api_version);
         object["kind"] = json!(ar.kind);
         let object: DynamicObject = serde_json::from_value(object).expect("an object");
-        let made = self
-            .plane
-            .block_on(api.create(&PostParams::default(), &object))?;
+        let made = self.plane.block_on(api.create(params, &object))?;
         Ok(serde_json::to_value(made).unwrap())
     }
 

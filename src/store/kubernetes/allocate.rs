@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::api::ApiError;
+use super::api::{ApiError, RefusedWrite};
 use super::batch::Batches;
 use super::cache::Cache;
 use super::choose::SPREAD;
@@ -448,9 +448,9 @@ impl Engine {
         // The same attachment twice (a runtime retrying while the first call waits) is one job.
         let mut twin_of: Vec<Option<usize>> = Vec::new();
         let mut conflicts = 0u32;
-        // The resourceVersion of the last write that failed: reading it back unchanged means the
-        // write was refused for another reason than a concurrent change.
-        let mut failed_rv: Option<String> = None;
+        // The last write that failed: reading its pool back unchanged means it was refused for
+        // another reason than a concurrent change.
+        let mut failed: Option<RefusedWrite> = None;
         let mut first = true;
         loop {
             if !first {
@@ -464,7 +464,7 @@ impl Engine {
                 .decide_round(
                     &cx,
                     known.take(),
-                    failed_rv.as_deref(),
+                    failed.as_ref(),
                     &mut slots,
                     &mut twin_of,
                     || refill().into_iter().map(new_slot).collect(),
@@ -485,7 +485,7 @@ impl Engine {
             // pool do not turn them back. The jobs of one attachment all come through this one
             // batch, so nothing but those entries bears on its answers.
             let keyed = self.batches.is_some() && !go.present;
-            match self.write_round(&round, keyed, &mut failed_rv).await {
+            match self.write_round(&round, keyed, &mut failed).await {
                 Ok(written) => {
                     self.settle(&cx, round.planned, &mut slots).await?;
                     let results = results_of(&mut slots, &twin_of);
@@ -510,12 +510,12 @@ impl Engine {
         &self,
         cx: &BatchCx<'_>,
         known: Option<IPPool>,
-        failed_rv: Option<&str>,
+        failed: Option<&RefusedWrite>,
         slots: &mut Vec<Slot>,
         twin_of: &mut Vec<Option<usize>>,
         join: impl FnOnce() -> Vec<Slot>,
     ) -> Result<(Round, Vec<bool>), StoreError> {
-        let mut round = self.read_round(cx, known, failed_rv, slots).await?;
+        let mut round = self.read_round(cx, known, failed, slots).await?;
         let mut answered: Vec<bool> = slots.iter().map(|s| s.done.is_some()).collect();
         let needs = self
             .keep_or_reuse(cx, &mut round, slots, twin_of, 0)
@@ -539,7 +539,7 @@ impl Engine {
         &self,
         cx: &BatchCx<'_>,
         known: Option<IPPool>,
-        failed_rv: Option<&str>,
+        failed: Option<&RefusedWrite>,
         slots: &[Slot],
     ) -> Result<Round, StoreError> {
         let name = object_name(&cx.pool.name);
@@ -548,11 +548,9 @@ impl Engine {
             None => self.kube.get_pool(&name).await?,
         };
         let doc = PoolDoc::new(&name, cx.pool.range.cidr, object)?;
-        if failed_rv.is_some() && failed_rv == doc.resource_version() {
-            return Err(StoreError::io(format!(
-                "the API server refused the update of IPPool {name} although it is unchanged"
-            )));
-        }
+        RefusedWrite::still_refused(failed, doc.resource_version(), || {
+            format!("the API server refused the update of IPPool {name} although it is unchanged")
+        })?;
         let held: BTreeMap<u128, Attachment> = doc
             .entries()
             .into_iter()
@@ -733,12 +731,13 @@ impl Engine {
     }
 
     /// Writes the round's changes: a patch conditional on the resourceVersion read, or the
-    /// pool's creation. A failed patch leaves its resourceVersion in `failed_rv`.
+    /// pool's creation. A failed patch leaves the resourceVersion it was sent for, and the
+    /// refusal, in `failed`.
     async fn write_round(
         &self,
         round: &Round,
         keyed: bool,
-        failed_rv: &mut Option<String>,
+        failed: &mut Option<RefusedWrite>,
     ) -> Result<Option<IPPool>, ApiError> {
         let name = &round.doc.name;
         match (round.ops.is_empty(), round.doc.resource_version()) {
@@ -746,9 +745,10 @@ impl Engine {
             (false, Some(rv)) => {
                 let whole = (!keyed).then_some(rv);
                 let result = self.kube.patch_pool(name, whole, &round.ops).await;
-                if result.is_err() {
-                    *failed_rv = Some(rv.to_string());
-                }
+                *failed = result.as_ref().err().map(|refusal| RefusedWrite {
+                    rv: rv.to_string(),
+                    refusal: refusal.clone(),
+                });
                 result.map(Some).map_err(|err| match err {
                     // Deleted since it was read (or since the copy it came from): a change like
                     // any other, which the next read sees.
@@ -757,7 +757,7 @@ impl Engine {
                 })
             }
             (false, None) => {
-                *failed_rv = None;
+                *failed = None;
                 let object = round.doc.new_object(&round.fresh_entries);
                 self.kube.create_pool(&object).await.map(Some)
             }

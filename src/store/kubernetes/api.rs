@@ -112,6 +112,31 @@ impl From<ApiError> for StoreError {
     }
 }
 
+/// A write the server refused: the resourceVersion of the object it was sent for, and the
+/// server's answer.
+pub struct RefusedWrite {
+    pub rv: String,
+    pub refusal: ApiError,
+}
+
+impl RefusedWrite {
+    /// Fails when the object, read again (its resourceVersion `now`), is the one the write was
+    /// refused for, unchanged: the server refused it for another reason than a concurrent
+    /// change (an admission policy, say), which no retry overcomes. The refusal says why.
+    pub fn still_refused(
+        refused: Option<&RefusedWrite>,
+        now: Option<&str>,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), StoreError> {
+        match refused {
+            Some(refused) if now == Some(refused.rv.as_str()) => {
+                Err(StoreError::io(what()).because(refused.refusal.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The waits of one call the server sheds: each as long as the server asks (or the transient
 /// pacing's, when it names none), stretched by up to a half at random so that the requests it
 /// shed together do not all come back together; none once they would pass the budget.

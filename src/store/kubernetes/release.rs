@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::api::ApiError;
+use super::api::{ApiError, RefusedWrite};
 use super::batch::{released_by, Batches, PendingRelease};
 use super::engine::Engine;
 use super::pool_doc::{holder_test, remove_op, Entry, PoolDoc};
@@ -51,6 +51,7 @@ impl Engine {
         // are gone when read again were removed, by it or by another remover, and their
         // reservations must be released all the same.
         let mut sent: Vec<Entry> = Vec::new();
+        let mut refused: Option<RefusedWrite> = None;
         loop {
             let from_copy = cached.is_some();
             let object = match cached.take() {
@@ -61,6 +62,9 @@ impl Engine {
                 },
             };
             let doc = PoolDoc::new(name, cidr, Some(object))?;
+            RefusedWrite::still_refused(refused.as_ref(), doc.resource_version(), || {
+                format!("the API server refused the removal from IPPool {name} although it is unchanged")
+            })?;
             let picked: Vec<Entry> = doc.entries().into_iter().filter(|e| pick(e)).collect();
             if picked.is_empty() {
                 if from_copy {
@@ -87,7 +91,11 @@ impl Engine {
                     return Ok(picked.iter().cloned().chain(gone_before).collect());
                 }
                 // Changed or deleted since it was read: the next read tells.
-                Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => {
+                Err(refusal @ (ApiError::Conflict(_) | ApiError::NotFound(_))) => {
+                    refused = doc.resource_version().map(|rv| RefusedWrite {
+                        rv: rv.to_string(),
+                        refusal,
+                    });
                     for entry in picked {
                         if !sent.contains(&entry) {
                             sent.push(entry);
