@@ -393,7 +393,7 @@ fn a_pool_write_an_admission_policy_refuses_is_answered_with_its_reason() {
     store
         .add(&add_request(&cfg, attachment("c0", "default/p0", "net1")))
         .unwrap();
-    let policy = admission_policy(&ns, dir.path());
+    let policy = pool_size_policy(&ns, dir.path());
     let refused = |err: StoreError, reason: &str| {
         assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
         let reply = whereabouts::cni::error::CniError::from(err);
@@ -432,21 +432,42 @@ fn a_pool_write_an_admission_policy_refuses_is_answered_with_its_reason() {
 
 /// A ValidatingAdmissionPolicy bound to `ns` alone: no IPPool with more than two allocations,
 /// no allocation removed from one. Returns its name once the server enforces it.
-fn admission_policy(ns: &kube_apiserver::TestNamespace, dir: &std::path::Path) -> String {
+fn pool_size_policy(ns: &kube_apiserver::TestNamespace, dir: &std::path::Path) -> String {
+    let validations = json!([
+        {"expression": "size(object.spec.allocations) <= 2",
+         "message": "at most 2 allocations per pool"},
+        {"expression": "request.operation != 'UPDATE' || \
+            size(object.spec.allocations) >= size(oldObject.spec.allocations)",
+         "message": "allocations are frozen"},
+    ]);
+    let allocation = json!({"id": "probe", "podref": "default/probe"});
+    let refused = json!({
+        "metadata": {"name": "policy-probe"},
+        "spec": {"range": "10.11.0.0/24",
+                 "allocations": {"1": allocation, "2": allocation, "3": allocation}},
+    });
+    let rules = json!(["ippools", ["CREATE", "UPDATE"]]);
+    admission_policy(ns, dir, rules, validations, ("ippools", refused))
+}
+
+/// A ValidatingAdmissionPolicy of `validations` on the `rules` (resources, operations) of
+/// `ns` alone, in `dir`. Returns its name once the server refuses `refused` (a server-side dry
+/// run of that create).
+fn admission_policy(
+    ns: &kube_apiserver::TestNamespace,
+    dir: &std::path::Path,
+    rules: serde_json::Value,
+    validations: serde_json::Value,
+    refused: (&str, serde_json::Value),
+) -> String {
     let name = ns.name.clone();
     let policy = json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
          "metadata": {"name": name},
          "spec": {"failurePolicy": "Fail",
             "matchConstraints": {"resourceRules": [{"apiGroups": ["whereabouts.cni.cncf.io"],
-                "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"],
-                "resources": ["ippools"]}]},
-            "validations": [
-                {"expression": "size(object.spec.allocations) <= 2",
-                 "message": "at most 2 allocations per pool"},
-                {"expression": "request.operation != 'UPDATE' || \
-                    size(object.spec.allocations) >= size(oldObject.spec.allocations)",
-                 "message": "allocations are frozen"}]}},
+                "apiVersions": ["*"], "resources": [rules[0]], "operations": rules[1]}]},
+            "validations": validations}},
         {"apiVersion": "admissionregistration.k8s.io/v1",
          "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
          "spec": {"policyName": name, "validationActions": ["Deny"],
@@ -457,15 +478,9 @@ fn admission_policy(ns: &kube_apiserver::TestNamespace, dir: &std::path::Path) -
     std::fs::write(&path, policy.to_string()).unwrap();
     ns.plane
         .kubectl(&["apply", "-f", &path.display().to_string()]);
-    let allocation = json!({"id": "probe", "podref": "default/probe"});
-    let too_many = json!({
-        "metadata": {"name": "policy-probe"},
-        "spec": {"range": "10.11.0.0/24",
-                 "allocations": {"1": allocation, "2": allocation, "3": allocation}},
-    });
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
     // The server starts evaluating a new policy shortly after its creation.
-    while ns.dry_run_create("ippools", too_many.clone()).is_ok() {
+    while ns.dry_run_create(refused.0, refused.1.clone()).is_ok() {
         assert!(
             std::time::Instant::now() < until,
             "the policy is never enforced"
@@ -473,6 +488,59 @@ fn admission_policy(ns: &kube_apiserver::TestNamespace, dir: &std::path::Path) -
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     name
+}
+
+/// Creates an admission policy refuses (a new IPPool, a reservation): the ADD fails at once
+/// with code 5 and the policy's message, and leaves nothing. Before, a 422 answer to a create
+/// was read as a lost race: a reservation refused answered "kept changing" (11), a pool
+/// refused retried until the deadline.
+#[test]
+fn creates_an_admission_policy_refuses_are_answered_with_its_reason() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("creates-an-admission-policy-refuses");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let validations = json!([
+        {"expression": "!has(object.spec.range) || object.spec.range != '10.12.0.0/24'",
+         "message": "no pool for 10.12.0.0/24"},
+        {"expression": "!has(object.spec.podref) || !object.spec.podref.startsWith('quarantine/')",
+         "message": "no address for a quarantined pod"},
+    ]);
+    let reservation = json!({"metadata": {"name": "10.13.0.99"},
+        "spec": {"containerid": "c", "podref": "quarantine/probe"}});
+    let rules = json!(["*", ["CREATE"]]);
+    let probe = ("overlappingrangeipreservations", reservation);
+    let policy = admission_policy(&ns, dir.path(), rules, validations, probe);
+    let refused = |range: &str, pod: &str, reason: &str| {
+        let cfg = config(&ipam_json(range, &kubeconfig, json!({})));
+        let store = open(&cfg).unwrap();
+        let err = store
+            .add(&add_request(&cfg, attachment("c1", pod, "net1")))
+            .unwrap_err();
+        let reply = whereabouts::cni::error::CniError::from(err);
+        assert_eq!(reply.code, 5, "{}", reply.msg);
+        assert!(reply.msg.contains(reason), "{}", reply.msg);
+    };
+    refused("10.12.0.0/24", "default/p1", "no pool for 10.12.0.0/24");
+    assert!(ns.list("overlappingrangeipreservations").is_empty());
+    refused(
+        "10.13.0.0/24",
+        "quarantine/p2",
+        "no address for a quarantined pod",
+    );
+    let cfg = config(&ipam_json("10.13.0.0/24", &kubeconfig, json!({})));
+    let store = open(&cfg).unwrap();
+    let ips = store
+        .add(&add_request(&cfg, attachment("c3", "default/p3", "net1")))
+        .unwrap();
+    let pool = ns.get("ippools", "10.13.0.0-24").unwrap();
+    assert_eq!(pool_ips(&pool), ips);
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 1);
+    plane.kubectl(&[
+        "delete",
+        "validatingadmissionpolicy,validatingadmissionpolicybinding",
+        &policy,
+    ]);
 }
 
 #[test]

@@ -161,6 +161,16 @@ impl Throttled {
     }
 }
 
+/// A create's failure as what it is: a create tests nothing, so a 422 (read as a failed
+/// JSON-patch test elsewhere) is a refusal for good: the object is invalid, or an admission
+/// policy of the cluster refuses it. (A name taken is `AlreadyExists`.)
+fn refused_create(err: ApiError) -> ApiError {
+    match err {
+        ApiError::Conflict(text) => ApiError::Refused(text),
+        err => err,
+    }
+}
+
 /// Whether the server refused to store an object for its size. The API server answers 500
 /// with etcd's own message when the object is over etcd's request limit (413 is what it
 /// answers to a request body over its own limit).
@@ -285,7 +295,8 @@ impl Kube {
         let name = pool.metadata.name.as_deref().unwrap_or_default();
         let what = format!("create IPPool {name}");
         let pp = PostParams::default();
-        self.call(&what, || self.pools.create(&pp, pool)).await
+        let created = self.call(&what, || self.pools.create(&pp, pool)).await;
+        created.map_err(refused_create)
     }
 
     /// A JSON patch of the pool: `ops` (with their own `test`s), and when `whole_rv` is given,
@@ -351,8 +362,8 @@ impl Kube {
         let name = reservation.metadata.name.as_deref().unwrap_or_default();
         let what = format!("create OverlappingRangeIPReservation {name}");
         let pp = PostParams::default();
-        self.call(&what, || self.reservations.create(&pp, reservation))
-            .await
+        let created = self.call(&what, || self.reservations.create(&pp, reservation));
+        created.await.map_err(refused_create)
     }
 
     /// Deletes the reservation only if it is still the object read (same uid and version), so a
@@ -408,7 +419,8 @@ impl Kube {
         let name = lease.metadata.name.as_deref().unwrap_or_default();
         let what = format!("create Lease {name}");
         let pp = PostParams::default();
-        self.call(&what, || self.leases.create(&pp, lease)).await
+        let created = self.call(&what, || self.leases.create(&pp, lease)).await;
+        created.map_err(refused_create)
     }
 
     /// Replaces the Lease only if its resourceVersion is still the one in `lease`.
