@@ -4,8 +4,9 @@
 //! in-flight limits before handling it: 429 with a `Retry-After` header (1 to 32 seconds, growing
 //! while it keeps shedding) and a plain-text body. The client library makes an error of that
 //! answer without the header. [`keep_retry_after`], outermost in every client's stack (a
-//! `tower` "and then" layer), makes the error itself: the server's status with the header's seconds in its details
-//! (`StatusDetails.retryAfterSeconds`), where a JSON answer of the same kind carries them.
+//! `tower` "and then" layer), makes the error itself: the server's status with the header's
+//! seconds in its details (`StatusDetails.retryAfterSeconds`), where a JSON answer of the same
+//! kind carries them.
 
 use std::time::Duration;
 

@@ -189,9 +189,12 @@ impl Store for EtcdStore {
         let opts = etcd_client::GetOptions::new().with_count_only();
         s.get(&dl, "status read", s.keys.prefix().to_string(), Some(opts))
             .map(|_| ())
-            .map_err(|e| match e.permission_denied() {
-                true => e.into(),
-                false => StoreError::try_again("etcd cluster is not available").because(e),
+            .map_err(|e| {
+                if e.permission_denied() {
+                    e.into()
+                } else {
+                    StoreError::try_again("etcd cluster is not available").because(e)
+                }
             })
     }
 

@@ -53,19 +53,14 @@ impl Engine {
         let mut sent: Vec<Entry> = Vec::new();
         let mut refused: Option<RefusedWrite> = None;
         loop {
-            let from_copy = cached.is_some();
-            let object = match cached.take() {
-                Some(object) => object,
-                None => match self.kube.get_pool(name).await? {
-                    Some(object) => object,
-                    None => return Ok(sent),
-                },
+            let Some((object, from_copy)) = self.pool_for_removal(name, &mut cached).await? else {
+                return Ok(sent);
             };
             let doc = PoolDoc::new(name, cidr, Some(object))?;
             RefusedWrite::still_refused(refused.as_ref(), doc.resource_version(), || {
-                format!("the API server refused the removal from IPPool {name} although it is unchanged")
+                format!("the API server refused a removal from the unchanged IPPool {name}")
             })?;
-            let picked: Vec<Entry> = doc.entries().into_iter().filter(|e| pick(e)).collect();
+            let mut picked: Vec<Entry> = doc.entries().into_iter().filter(|e| pick(e)).collect();
             if picked.is_empty() {
                 if from_copy {
                     continue;
@@ -96,16 +91,30 @@ impl Engine {
                         rv: rv.to_string(),
                         refusal,
                     });
-                    for entry in picked {
-                        if !sent.contains(&entry) {
-                            sent.push(entry);
-                        }
-                    }
+                    picked.retain(|entry| !sent.contains(entry));
+                    sent.extend(picked);
                     conflicts = self.after_conflict("del", name, conflicts).await?;
                 }
                 Err(err) => return Err(err.into()),
             }
         }
+    }
+
+    /// The pool to remove entries from, with whether it is the agent's guess (`cached`, taken
+    /// once) rather than the server's answer; `None` when the pool does not exist.
+    async fn pool_for_removal(
+        &self,
+        name: &str,
+        cached: &mut Option<IPPool>,
+    ) -> Result<Option<(IPPool, bool)>, StoreError> {
+        if let Some(object) = cached.take() {
+            return Ok(Some((object, true)));
+        }
+        Ok(self
+            .kube
+            .get_pool(name)
+            .await?
+            .map(|object| (object, false)))
     }
 
     /// Notes the reservations of removed entries as owed until they are released.
