@@ -319,21 +319,25 @@ impl Survey {
         findings
     }
 
-    /// Reservations that no entry accounts for, and reservation names made valid.
-    fn check_orphans(&mut self, orphan_age: Duration) {
-        let expected: BTreeSet<String> = self
-            .pools
-            .iter()
+    /// The reservation every pool entry needs, by name, with the entry's attachment.
+    fn reserved_by_entries(&self) -> BTreeMap<String, Attachment> {
+        let pools = self.pools.iter();
+        pools
             .flat_map(|p| {
                 p.doc
                     .entries()
                     .into_iter()
-                    .map(|e| reservation::name(e.ip, &p.network))
+                    .map(|e| (reservation::name(e.ip, &p.network), e.attachment))
             })
-            .collect();
+            .collect()
+    }
+
+    /// Reservations that no entry accounts for, and reservation names made valid.
+    fn check_orphans(&mut self, orphan_age: Duration) {
+        let expected = self.reserved_by_entries();
         for (name, r) in &self.reservations {
             let what = format!("OverlappingRangeIPReservation/{name}");
-            if !expected.contains(name) {
+            if !expected.contains_key(name) {
                 let mut f = finding(
                     Problem::OrphanReservation,
                     what.clone(),
@@ -378,16 +382,7 @@ fn young(r: &OverlappingRangeIPReservation, orphan_age: Duration) -> bool {
 /// if someone made it meanwhile), an orphan reservation old enough is deleted only if it is
 /// still the object read (uid and resourceVersion).
 pub async fn fix(kube: &Kube, survey: &mut Survey) {
-    let entries: BTreeMap<String, Attachment> = survey
-        .pools
-        .iter()
-        .flat_map(|p| {
-            p.doc
-                .entries()
-                .into_iter()
-                .map(|e| (reservation::name(e.ip, &p.network), e.attachment))
-        })
-        .collect();
+    let entries = survey.reserved_by_entries();
     for f in &mut survey.findings {
         if f.action != "fixable" {
             continue;
