@@ -180,6 +180,58 @@ fn pools_and_orphans(
     (held, orphans)
 }
 
+/// After a burst whose ADDs `failed` answered "try again" in an outage: the runtime retries
+/// them (`retry`, given the agents and the call's index), which must succeed; then no address
+/// was given twice and every pool holds exactly the burst's. An ADD cut off between its
+/// reservation and its pool write leaves the reservation (as a plugin process killed there
+/// does): it blocks its address, never hands it out twice, and the GC's orphan sweep (or the
+/// controller) removes it once old; only the `in_flight` ADDs can have left one. Repeated ADDs
+/// keep what each pod holds, and the DELs leave no entry and no new orphan.
+fn after_the_outage(
+    ns: &kube_apiserver::TestNamespace,
+    agents: &Mutex<Vec<Agent>>,
+    confs: &[&str],
+    added: &BTreeMap<usize, Reply>,
+    failed: Vec<usize>,
+    in_flight: usize,
+    retry: impl Fn(&[Agent], usize) -> Reply,
+) {
+    let calls = added.len();
+    let mut holders: BTreeMap<usize, String> = added
+        .iter()
+        .filter(|(_, r)| r.code == 0)
+        .map(|(i, r)| (*i, ip_of(r)))
+        .collect();
+    for i in failed {
+        let reply = retry(&agents.lock().unwrap(), i);
+        assert_eq!(reply.code, 0, "retried ADD {i}: {reply:?}");
+        holders.insert(i, ip_of(&reply));
+    }
+    let distinct: BTreeSet<&String> = holders.values().collect();
+    assert_eq!(distinct.len(), calls, "an address was handed out twice");
+    let (held, orphans) = pools_and_orphans(ns);
+    assert_eq!(held.len(), calls, "leaked or lost: {held:?}");
+    assert!(
+        orphans.len() <= in_flight,
+        "more orphans than ADDs in flight: {orphans:?}"
+    );
+    for holder in orphans.values() {
+        assert!(holder.starts_with("agent-"), "orphan of {holder}");
+    }
+    let again = burst("ADD", calls, in_flight, agents, confs, |_| {});
+    for (i, reply) in &again {
+        assert_eq!(reply.code, 0, "repeated ADD {i}: {reply:?}");
+        assert_eq!(ip_of(reply), holders[i], "repeated ADD {i} moved");
+    }
+    let deleted = burst("DEL", calls, in_flight, agents, confs, |_| {});
+    for (i, reply) in &deleted {
+        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
+    }
+    let (held, left) = pools_and_orphans(ns);
+    assert!(held.is_empty(), "DELs left {held:?}");
+    assert!(left.len() <= orphans.len(), "new orphans: {left:?}");
+}
+
 /// Waits (bounded) until `ready`, polling.
 fn wait_until(what: &str, ready: impl Fn() -> bool) {
     let start = std::time::Instant::now();
@@ -770,47 +822,9 @@ fn agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
     for agent in agents.lock().unwrap().iter_mut() {
         agent.restart();
     }
-    // The runtime retries what failed.
-    let mut holders: BTreeMap<usize, String> = added
-        .iter()
-        .filter(|(_, r)| r.code == 0)
-        .map(|(i, r)| (*i, ip_of(r)))
-        .collect();
-    for i in failed {
-        let agents = agents.lock().unwrap();
-        let reply = call("ADD", i, "node-1", &agents[1], &without);
-        assert_eq!(reply.code, 0, "retried ADD {i}: {reply:?}");
-        holders.insert(i, ip_of(&reply));
-    }
-    let distinct: BTreeSet<&String> = holders.values().collect();
-    assert_eq!(distinct.len(), CALLS, "an address was handed out twice");
-    // An ADD killed between its reservation and its pool write leaves the reservation (as a
-    // plugin process killed there does): it blocks its address, never hands it out twice, and
-    // the GC's orphan sweep (or the controller) removes it once old. Only ADDs in flight at the
-    // kill can have left one.
-    let (held, orphans) = pools_and_orphans(&ns);
-    assert_eq!(held.len(), CALLS, "leaked or lost: {held:?}");
-    assert!(
-        orphans.len() <= 20,
-        "more orphans than ADDs in flight: {orphans:?}"
-    );
-    for holder in orphans.values() {
-        assert!(holder.starts_with("agent-"), "orphan of {holder}");
-    }
-
-    // After the restart every pod still holds what it was given.
-    let again = burst("ADD", CALLS, 20, &agents, &confs, |_| {});
-    for (i, reply) in &again {
-        assert_eq!(reply.code, 0, "repeated ADD {i}: {reply:?}");
-        assert_eq!(ip_of(reply), holders[i], "repeated ADD {i} moved");
-    }
-    let deleted = burst("DEL", CALLS, 20, &agents, &confs, |_| {});
-    for (i, reply) in &deleted {
-        assert_eq!(reply.code, 0, "DEL {i}: {reply:?}");
-    }
-    let (held, left) = pools_and_orphans(&ns);
-    assert!(held.is_empty(), "DELs left {held:?}");
-    assert!(left.len() <= orphans.len(), "new orphans: {left:?}");
+    // The runtime retries what failed; only the node without credentials of its own failed.
+    let retry = |agents: &[Agent], i: usize| call("ADD", i, "node-1", &agents[1], &without);
+    after_the_outage(&ns, &agents, &confs, &added, failed, 20, retry);
 }
 
 /// The etcd engine's agents killed with SIGKILL in the middle of a burst (their batches and
@@ -919,4 +933,108 @@ fn etcd_agents_serve_a_burst() {
     // The combined commits left runs, records, entries and reservations in agreement.
     nodes.cluster.assert_doctor_healthy();
     delete_everything(&nodes, CALLS);
+}
+
+/// Whether `agent`'s three copies (pools, reservations, the Go binaries' Lease) are in step.
+fn copies_in_step(agent: &Agent) -> bool {
+    ["ippools", "reservations", "lease"].iter().all(|cache| {
+        agent.metric(&format!(
+            "whereabouts_agent_cache_synced{{cache=\"{cache}\"}}"
+        )) == 1.0
+    })
+}
+
+/// A node with nothing to do keeps its copies in step: a watch quiet for longer than a request
+/// may take is not cut for it (the watches' client reads for as long as a watch lasts). The
+/// agent runs with a request timeout of one second and stays quiet for three. Before, the
+/// requests' read timeout cut every quiet watch, and the copies were not trusted until the
+/// watcher's back-off (up to half a minute) let them list again.
+#[test]
+fn a_quiet_agent_keeps_its_copies_in_step() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-quiet-agent-keeps-its-copies");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let settings = kube_settings(&kubeconfig);
+    let timeout = [("WHEREABOUTS_KUBERNETES_TIMEOUT", "1")];
+    let agent = Agent::start_with_env(dir.path(), "node-0", settings, &timeout);
+    let conf = netconf("quietnet", &ipam("10.152.0.0/24", &kubeconfig));
+    added_on_node_0(&agent, &conf, 0);
+    wait_until("the copies in step", || copies_in_step(&agent));
+    let failures = "whereabouts_agent_cache_failures_total";
+    let failed_before = agent.metric(failures);
+    // The quiet under test: three request timeouts without a call.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        agent.metric(failures),
+        failed_before,
+        "a quiet watch was cut"
+    );
+    assert!(copies_in_step(&agent));
+    added_on_node_0(&agent, &conf, 1);
+}
+
+/// The API server restarted in the middle of a burst, as a control-plane upgrade does: the
+/// agents' connections and watches break. Every ADD answers an address or "try again"; the
+/// agents follow the pools again by themselves (their copies in step, no restart); once the
+/// runtime has retried, no address was given twice and every pool entry has its reservation;
+/// repeated ADDs keep what each pod holds, and the DELs leave nothing but what ADDs cut off by
+/// the outage left (reservations without an entry, which block their address until the GC's
+/// orphan sweep removes them).
+#[test]
+fn agents_ride_out_an_api_server_restart_mid_burst() {
+    const CALLS: usize = 60;
+    const IN_FLIGHT: usize = 10;
+    let Some(plane) = kube_apiserver::dedicated_control_plane("apiserver-restart") else {
+        return;
+    };
+    plane.apply_crds().expect("the CRDs");
+    let ns = plane.namespace("agents-api-server-restart");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let agents = Mutex::new(kube_agents(dir.path(), &kubeconfig, 2));
+    let conf = netconf("restartnet", &ipam("10.151.0.0/22", &kubeconfig));
+    let added = burst("ADD", CALLS, IN_FLIGHT, &agents, &[&conf], |done| {
+        while done.load(Ordering::SeqCst) < CALLS / 4 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        plane.restart_apiserver();
+    });
+    let failed: Vec<usize> = added
+        .iter()
+        .filter(|(i, reply)| match reply.cni_code() {
+            0 => false,
+            11 => true,
+            other => panic!("ADD {i}: code {other}: {reply:?}"),
+        })
+        .map(|(i, _)| *i)
+        .collect();
+    assert!(!failed.is_empty(), "no call met the outage");
+    // The watches' own back-off (kube::runtime's, up to half a minute) paces their return.
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while !agents.lock().unwrap().iter().all(copies_in_step) {
+        for a in agents.lock().unwrap().iter() {
+            eprintln!(
+                "{:?}",
+                ["ippools", "reservations", "lease"]
+                    .map(|c| a.metric(&format!("whereabouts_agent_cache_synced{{cache=\"{c}\"}}")))
+            );
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        if std::time::Instant::now() + Duration::from_secs(80) > until {
+            let t = agents.lock().unwrap()[0].log_text();
+            let n = t.len();
+            eprintln!("LOG {}", &t[n.saturating_sub(6000)..]);
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the copies never came back in step"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let retry = |agents: &[Agent], i: usize| {
+        call("ADD", i, &format!("node-{}", i % 2), &agents[i % 2], &conf)
+    };
+    after_the_outage(&ns, &agents, &[&conf], &added, failed, IN_FLIGHT, retry);
+    plane.down();
 }

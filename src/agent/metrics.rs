@@ -39,6 +39,7 @@ pub struct Metrics {
     cache_synced: Family<CacheLabels, Gauge>,
     cache_updated: Family<CacheLabels, Gauge>,
     cache_events: Family<CacheLabels, Counter>,
+    cache_failures: Family<CacheLabels, Counter>,
     cache_copies: Family<CacheLabels, Gauge>,
     freed_marked: Counter,
     freed_folded: Counter,
@@ -105,6 +106,12 @@ impl Metrics {
             "Watch events the copy took in (additions, changes, deletions of the watched objects)",
             cache_events.clone(),
         );
+        let cache_failures = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_failures",
+            "Times the copy's watch broke (a connection lost, a server gone away), the copy untrusted until its next list",
+            cache_failures.clone(),
+        );
         let cache_copies = Family::<CacheLabels, Gauge>::default();
         registry.register(
             "cache_copies",
@@ -133,6 +140,7 @@ impl Metrics {
             cache_synced,
             cache_updated,
             cache_events,
+            cache_failures,
             cache_copies,
             freed_marked,
             freed_folded,
@@ -187,6 +195,8 @@ impl Observer for Metrics {
             let now = jiff::Timestamp::now().as_second();
             self.cache_updated.get_or_create(&labels).set(now);
             self.cache_events.get_or_create(&labels).inc();
+        } else {
+            self.cache_failures.get_or_create(&labels).inc();
         }
     }
 

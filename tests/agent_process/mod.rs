@@ -23,6 +23,8 @@ pub struct Agent {
     pub flat_file: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// Environment of the agent's process beyond `PATH` and the flat file's path.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -35,7 +37,14 @@ impl Agent {
 
     /// As [`Agent::start`], running `binary` (another build of `whereabouts`) as the agent.
     pub fn start_build(binary: &Path, dir: &Path, node: &str, settings: Value) -> Agent {
-        let mut agent = Agent::spawn(binary, dir, node, settings);
+        let mut agent = Agent::spawn(binary, dir, node, settings, &[]);
+        agent.wait_ready();
+        agent
+    }
+
+    /// As [`Agent::start`], with `env` in the agent's environment (the engine's timeouts, say).
+    pub fn start_with_env(dir: &Path, node: &str, settings: Value, env: &[(&str, &str)]) -> Agent {
+        let mut agent = Agent::spawn(bin(), dir, node, settings, env);
         agent.wait_ready();
         agent
     }
@@ -48,11 +57,17 @@ impl Agent {
         settings: Value,
         within: Duration,
     ) -> Result<Agent, String> {
-        let mut agent = Agent::spawn(bin(), dir, node, settings);
+        let mut agent = Agent::spawn(bin(), dir, node, settings, &[]);
         agent.ready_within(within).map(|()| agent)
     }
 
-    fn spawn(binary: &Path, dir: &Path, node: &str, settings: Value) -> Agent {
+    fn spawn(
+        binary: &Path,
+        dir: &Path,
+        node: &str,
+        settings: Value,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let socket = dir.join(format!("{node}.sock"));
         let flat_file = dir.join(format!("{node}.conf"));
         let mut flat = settings;
@@ -63,6 +78,10 @@ impl Agent {
             flat_file,
             socket,
             log: dir.join(format!("{node}.log")),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         agent.launch();
@@ -85,6 +104,7 @@ impl Agent {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("WHEREABOUTS_FLAT_FILE", &self.flat_file)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -198,7 +198,7 @@ impl ControlPlane {
     }
 
     /// Our three CRDs and a NetworkAttachmentDefinition CRD, applied once and established.
-    fn apply_crds(&self) -> Result<(), String> {
+    pub fn apply_crds(&self) -> Result<(), String> {
         let mut args = vec!["apply", "--server-side", "--force-conflicts"];
         let files = [
             "deploy/whereabouts.cni.cncf.io_ippools.yaml",
@@ -300,6 +300,21 @@ impl ControlPlane {
 
     pub fn ca(&self) -> PathBuf {
         self.dir.join("pki/ca.crt")
+    }
+
+    /// Stops the API server and starts it again as it was (`hack/control-plane
+    /// restart-apiserver`): its clients' connections and watches break, as in a control-plane
+    /// upgrade. Returns once it is ready again.
+    pub fn restart_apiserver(&self) {
+        let status = Command::new(repo().join("hack/control-plane"))
+            .arg("restart-apiserver")
+            .arg(&self.dir)
+            .status()
+            .expect("run hack/control-plane restart-apiserver");
+        assert!(
+            status.success(),
+            "hack/control-plane restart-apiserver failed"
+        );
     }
 
     /// Stops everything `hack/control-plane up` started in this plane's folder.

@@ -26,10 +26,20 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
-use super::api::Kube;
 use super::go_lease::GO_LEASE_NAME;
 use crate::k8s::crd::{IPPool, IPPoolSpec, OverlappingRangeIPReservation};
 use crate::store::queues::Observer;
+
+/// How long one watch of a copy lasts (`timeoutSeconds`): the server ends it then and the
+/// watcher resumes it from where it was. The client the copies use reads for that long and a
+/// request's timeout more ([`watch_read_timeout`]), so a quiet watch is never cut for silence,
+/// and a connection gone dead without a word is found within that time.
+pub const WATCH_SECONDS: u32 = 60;
+
+/// The read timeout of the copies' client, for a request timeout of `request`.
+pub fn watch_read_timeout(request: Duration) -> Duration {
+    Duration::from_secs(WATCH_SECONDS.into()) + request
+}
 
 /// An IPPool as its watch delivers it, the spec kept as the server's JSON text. Every agent
 /// receives every write of every pool of its namespace, while it needs a pool's entries only
@@ -158,24 +168,30 @@ pub struct Cache {
 
 impl Cache {
     /// Starts the watches on the current runtime.
-    pub fn follow(kube: &Kube, namespace: &str, observer: Arc<dyn Observer>) -> Cache {
+    pub fn follow(client: kube::Client, namespace: &str, observer: Arc<dyn Observer>) -> Cache {
+        let watch = || watcher::Config::default().timeout(WATCH_SECONDS);
         let pools = Copy::follow(
-            Api::namespaced(kube.pools.clone().into_client(), namespace),
-            watcher::Config::default(),
+            Api::namespaced(client.clone(), namespace),
+            watch(),
             namespace,
             "ippools",
             observer.clone(),
         );
         let reservations = Copy::follow(
-            kube.reservations.clone(),
-            watcher::Config::default(),
+            Api::namespaced(client.clone(), namespace),
+            watch(),
             namespace,
             "reservations",
             observer.clone(),
         );
-        let one_lease =
-            watcher::Config::default().fields(&format!("metadata.name={GO_LEASE_NAME}"));
-        let go_lease = Copy::follow(kube.leases.clone(), one_lease, namespace, "lease", observer);
+        let one_lease = watch().fields(&format!("metadata.name={GO_LEASE_NAME}"));
+        let go_lease = Copy::follow(
+            Api::namespaced(client, namespace),
+            one_lease,
+            namespace,
+            "lease",
+            observer,
+        );
         Cache {
             pools,
             reservations,

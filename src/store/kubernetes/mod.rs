@@ -114,11 +114,7 @@ async fn connect_engine(
         write: settings.request_timeout,
         library_retries: false,
     };
-    let connection = cluster::connect(access, timeouts, ipam.trust.insecure_tls)
-        .await
-        .map_err(|err| {
-            StoreError::config("kubernetes datastore (ipam.kubernetes.kubeconfig)").because(err)
-        })?;
+    let connection = connect(access, timeouts, ipam).await?;
     tracing::debug!(
         server = %connection.server,
         namespace = %connection.namespace,
@@ -131,14 +127,22 @@ async fn connect_engine(
         &connection.origin,
     );
     // The agent (the only caller with batches) follows the pools, the reservations and the Go
-    // binaries' Lease; a plugin process lives too short for a watch to pay off.
-    let cache = batches.as_ref().map(|batches| {
-        Arc::new(cache::Cache::follow(
-            &kube,
-            &connection.namespace,
-            batches.observer.clone(),
-        ))
-    });
+    // binaries' Lease; a plugin process lives too short for a watch to pay off. The watches
+    // have a client of their own: the requests' read timeout would cut a watch that is quiet
+    // for that long (its copy then not trusted until the watcher's back-off lets it list again).
+    let cache = match &batches {
+        Some(batches) => {
+            let observer = batches.observer.clone();
+            let watching = cluster::Timeouts {
+                read: cache::watch_read_timeout(settings.request_timeout),
+                ..timeouts
+            };
+            let watches = connect(access, watching, ipam).await?;
+            let copies = cache::Cache::follow(watches.client, &connection.namespace, observer);
+            Some(Arc::new(copies))
+        }
+        None => None,
+    };
     Ok(SharedEngine {
         server: connection.server.clone(),
         engine: Engine {
@@ -152,6 +156,19 @@ async fn connect_engine(
             unreleased: Arc::default(),
         },
     })
+}
+
+/// A client of the engine's cluster, with `timeouts`.
+async fn connect(
+    access: &Access,
+    timeouts: cluster::Timeouts,
+    ipam: &IpamConfig,
+) -> Result<cluster::Connection, StoreError> {
+    cluster::connect(access, timeouts, ipam.trust.insecure_tls)
+        .await
+        .map_err(|err| {
+            StoreError::config("kubernetes datastore (ipam.kubernetes.kubeconfig)").because(err)
+        })
 }
 
 /// How long one operation may take, its undo included: how long a plugin waits for the agent.
