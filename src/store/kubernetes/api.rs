@@ -21,7 +21,6 @@ use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
 use crate::k8s::throttle;
 use crate::store::error::chain;
 use crate::store::kubernetes::settings::Settings;
-use crate::store::retry::Backoff;
 use crate::store::StoreError;
 
 /// A failed API call, by what to do next.
@@ -137,9 +136,10 @@ impl RefusedWrite {
     }
 }
 
-/// The waits of one call the server sheds: each as long as the server asks (or the transient
-/// pacing's, when it names none), stretched by up to a half at random so that the requests it
-/// shed together do not all come back together; none once they would pass the budget.
+/// The waits of one call the server sheds: each as long as the server asks, stretched by up to
+/// a half at random so that the requests it shed together do not all come back together; none
+/// once they would pass the budget. A server that names no wait gets the transient pacing's,
+/// and no more retries than it allows.
 struct Throttled {
     budget: Duration,
     waited: Duration,
@@ -154,7 +154,7 @@ impl Throttled {
     }
 
     fn next_wait(&mut self, asked: Option<Duration>, pause: Option<Duration>) -> Option<Duration> {
-        let base = asked.or(pause).unwrap_or(Duration::from_millis(50));
+        let base = asked.or(pause)?;
         let wait = base.mul_f64(1.0 + rand::random::<f64>() / 2.0);
         self.waited += wait;
         (self.waited <= self.budget).then_some(wait)
@@ -196,10 +196,9 @@ pub struct Kube {
     pub leases: Api<Lease>,
     /// For pods, which live in every namespace (a node's GC asks where a pod runs).
     client: kube::Client,
-    pub request_timeout: Duration,
-    pub transient: Backoff,
-    /// How long one call may wait in all for a server that sheds it (429), as it asks.
-    pub throttled_wait: Duration,
+    /// The request timeout, the transient pacing and the budget of waits for a server that
+    /// sheds requests.
+    settings: Settings,
     /// Where the server and its CA came from ("kubeconfig /path"), named when TLS fails.
     pub origin: String,
 }
@@ -212,9 +211,7 @@ impl Kube {
             slices: Api::namespaced(client.clone(), namespace),
             leases: Api::namespaced(client.clone(), namespace),
             client,
-            request_timeout: settings.request_timeout,
-            transient: settings.transient,
-            throttled_wait: settings.throttled_wait,
+            settings: settings.clone(),
             origin: origin.to_string(),
         }
     }
@@ -233,8 +230,8 @@ impl Kube {
     }
 
     /// Runs one request under the request timeout, retrying transient failures a few times,
-    /// and a request the server shed (429) after the wait it asks for, for as long as
-    /// `throttled_wait` allows. Retrying is safe for every call made here: a create that did
+    /// and a request the server shed (429) after the wait it asks for, for as long as the
+    /// settings' `throttled_wait` allows. Retrying is safe for every call made here: a create that did
     /// land is seen as AlreadyExists, a patch that did land fails its resourceVersion test, a
     /// delete that did land is NotFound; each caller handles those outcomes. (A shed request
     /// was not handled at all.)
@@ -243,7 +240,7 @@ impl Kube {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
     {
-        let limit = self.request_timeout;
+        let limit = self.settings.request_timeout;
         let attempt = || {
             let answer = tokio::time::timeout(limit, request());
             async move {
@@ -255,9 +252,9 @@ impl Kube {
                 }
             }
         };
-        let mut throttled = Throttled::within(self.throttled_wait);
+        let mut throttled = Throttled::within(self.settings.throttled_wait);
         attempt
-            .retry(self.transient.pacing())
+            .retry(self.settings.transient.pacing())
             .when(|err| matches!(err, ApiError::Transient(_) | ApiError::Throttled { .. }))
             .adjust(|err, pause| match err {
                 ApiError::Throttled { asked, .. } => throttled.next_wait(*asked, pause),
@@ -468,5 +465,10 @@ mod tests {
         let mut unasked = Throttled::within(Duration::from_secs(3));
         let paced = unasked.next_wait(None, Some(Duration::from_millis(100)));
         assert!(paced.unwrap() <= Duration::from_millis(150));
+        assert_eq!(
+            unasked.next_wait(None, None),
+            None,
+            "the pacing's retries are spent"
+        );
     }
 }
