@@ -1,6 +1,6 @@
 //! The agent's watch-fed copies of its namespace's IPPools and OverlappingRangeIPReservations
-//! and of the Go binaries' Lease, kept by kube::runtime's watcher and reflector (list, watch,
-//! re-list after a gap, back off).
+//! and of the Go binaries' Lease, kept by kube::runtime's watcher and reflector's store (list,
+//! watch, and after a failure list again, after a pause).
 //!
 //! A copy is a guess, never a verdict. A batch starts from the cached pool instead of reading it,
 //! and its write stays conditional on every entry it relies on: a copy the watch has not brought
@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::BackoffBuilder;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, watcher, Event};
-use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 use super::go_lease::GO_LEASE_NAME;
 use crate::k8s::crd::{IPPool, IPPoolSpec, OverlappingRangeIPReservation};
 use crate::store::queues::Observer;
+use crate::store::retry::growing_pauses;
 
 /// How long one watch of a copy lasts (`timeoutSeconds`): the server ends it then and the
 /// watcher resumes it from where it was. The client the copies use reads for that long and a
@@ -108,24 +109,16 @@ where
         let (store, writer) = reflector::store();
         let synced = Arc::new(AtomicBool::new(false));
         let changed = Arc::new(Notify::new());
-        let (flag, wake) = (synced.clone(), changed.clone());
-        tokio::spawn(async move {
-            let stream = watcher(api, config).default_backoff().reflect(writer);
-            let mut stream = std::pin::pin!(stream);
-            while let Some(event) = stream.next().await {
-                let now_synced = match event {
-                    Ok(Event::Init | Event::InitApply(_)) => continue,
-                    Ok(_) => true,
-                    Err(err) => {
-                        tracing::debug!(%err, what, "watch failed; the copy is not trusted until listed again");
-                        false
-                    }
-                };
-                flag.store(now_synced, Ordering::Release);
-                observer.cache(what, now_synced);
-                wake.notify_waiters();
-            }
-        });
+        let follower = Follower {
+            api,
+            config,
+            writer,
+            synced: synced.clone(),
+            changed: changed.clone(),
+            what,
+            observer,
+        };
+        tokio::spawn(follower.run());
         Copy {
             store,
             synced,
@@ -156,6 +149,88 @@ where
             }
             tokio::time::timeout_at(deadline, next_event).await.ok()?;
         }
+    }
+}
+
+/// The longest pause between a copy's failure and its next list; a copy in step for longer
+/// than this starts its pauses over.
+const RELIST_PAUSE_MAX: Duration = Duration::from_secs(30);
+
+/// The pauses before a failed copy lists again: from 0.8 s, doubling up to half a minute (as
+/// kube::runtime's default back-off), each stretched at random so that the agents of every
+/// node do not list a restarted API server at the same moment.
+fn relist_pauses() -> backon::ExponentialBackoff {
+    growing_pauses(Duration::from_millis(800), RELIST_PAUSE_MAX)
+        .with_jitter()
+        .build()
+}
+
+/// What keeps one copy: its watcher, the reflector's writer, and where it says whether the copy
+/// is in step.
+struct Follower<K: Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    synced: Arc<AtomicBool>,
+    changed: Arc<Notify>,
+    what: &'static str,
+    observer: Arc<dyn Observer>,
+}
+
+impl<K> Follower<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
+{
+    /// Lists and watches; after a failure, lists again after a pause that grows while failures
+    /// repeat.
+    async fn run(mut self) {
+        let mut pauses = relist_pauses();
+        loop {
+            if self.list_and_watch().await > RELIST_PAUSE_MAX {
+                pauses = relist_pauses();
+            }
+            tokio::time::sleep(pauses.next().unwrap_or(RELIST_PAUSE_MAX)).await;
+        }
+    }
+
+    /// One watcher, from its list to its first failure; returns how long the copy was in step.
+    ///
+    /// The watcher alone would resume a failed watch where it was without listing again, and
+    /// say nothing when the watch is back: a copy marked out of step at the failure would stay
+    /// so until its next change, for ever on a quiet namespace. A new watcher lists, and its
+    /// list's end says when the copy is in step again.
+    async fn list_and_watch(&mut self) -> Duration {
+        let stream = watcher(self.api.clone(), self.config.clone());
+        let mut stream = std::pin::pin!(stream);
+        let mut in_step_since = None;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    self.writer.apply_watcher_event(&event);
+                    if !matches!(event, Event::Init | Event::InitApply(_)) {
+                        in_step_since.get_or_insert_with(std::time::Instant::now);
+                        self.tell(true);
+                    }
+                }
+                Err(err) => {
+                    let what = self.what;
+                    tracing::debug!(%err, what, "watch failed; the copy is not trusted until listed again");
+                    break;
+                }
+            }
+        }
+        self.tell(false);
+        in_step_since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    /// Records whether the copy is in step and wakes whoever waits for its next event.
+    fn tell(&self, in_step: bool) {
+        self.synced.store(in_step, Ordering::Release);
+        self.observer.cache(self.what, in_step);
+        self.changed.notify_waiters();
     }
 }
 
