@@ -724,6 +724,100 @@ fn a_reservation_the_copy_still_shows_does_not_exhaust_the_range() {
     server.hold_watches(false);
 }
 
+/// A batch the server refuses for what it carries (past an admission policy's limit of
+/// allocations in a pool, or with one reservation the policy refuses) is served again in halves,
+/// down to one ADD: the ADDs that alone pass get their addresses, only the others get code 5
+/// with the policy's message, and nothing is left of the refused ones. Before, every ADD of a
+/// refused batch failed with it. On the real API server, with a ValidatingAdmissionPolicy.
+#[test]
+fn a_batch_the_server_refuses_is_served_in_halves() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("agent-refused-batch");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let validations = json!([
+        {"expression": "!has(object.spec.allocations) || object.spec.range != '10.154.0.0/24' \
+            || size(object.spec.allocations) <= 4",
+         "message": "at most 4 allocations in 10.154.0.0/24"},
+        {"expression": "!has(object.spec.podref) || !object.spec.podref.startsWith('quarantine/')",
+         "message": "no address for a quarantined pod"},
+    ]);
+    let reservation = json!({"metadata": {"name": "10.154.0.99"},
+        "spec": {"containerid": "c", "podref": "quarantine/probe"}});
+    let rules = json!(["*", ["CREATE", "UPDATE"]]);
+    let probe = ("overlappingrangeipreservations", reservation);
+    let policy = ns.admission_policy(dir.path(), rules, validations, probe);
+    let agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let at_once = |range: &str, pods: &[(&str, String)]| -> Vec<Reply> {
+        let conf = netconf("refusednet", &ipam(range, &kubeconfig));
+        std::thread::scope(|s| {
+            let calls: Vec<_> = pods
+                .iter()
+                .enumerate()
+                .map(|(i, (namespace, pod))| {
+                    let (agent, conf) = (&agent, &conf);
+                    s.spawn(move || {
+                        let container = format!("refused-{i}");
+                        let call = Call {
+                            command: "ADD",
+                            container: &container,
+                            ifname: "net1",
+                            pod: Some((namespace, pod)),
+                            node: Some("node-0"),
+                            env: vec![agent.env()],
+                        };
+                        run(bin(), &call, conf)
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        })
+    };
+    let refused_with = |replies: &[Reply], reason: &str| -> usize {
+        let refused = replies.iter().filter(|r| r.code != 0);
+        refused
+            .inspect(|r| assert_eq!(r.cni_code(), 5, "{r:?}"))
+            .inspect(|r| assert!(r.stdout.contains(reason), "{r:?}"))
+            .count()
+    };
+    let granted = |replies: &[Reply]| -> BTreeSet<String> {
+        replies.iter().filter(|r| r.code == 0).map(ip_of).collect()
+    };
+    let reserved = || -> BTreeSet<String> {
+        let reservations = ns.list("overlappingrangeipreservations");
+        let names = reservations.iter().map(|r| r["metadata"]["name"].as_str());
+        names.map(|name| name.unwrap().to_string()).collect()
+    };
+
+    let pods: Vec<(&str, String)> = (0..10).map(|i| ("bench", format!("pod-{i}"))).collect();
+    let replies = at_once("10.154.0.0/24", &pods);
+    assert_eq!(refused_with(&replies, "at most 4 allocations in"), 6);
+    let held = granted(&replies);
+    assert_eq!(held.len(), 4, "{replies:?}");
+    let pool = ns.get("ippools", "10.154.0.0-24").expect("the pool");
+    assert_eq!(pool["spec"]["allocations"].as_object().unwrap().len(), 4);
+    assert_eq!(
+        reserved(),
+        held,
+        "the refused ADDs' reservations taken back"
+    );
+
+    let mut pods: Vec<(&str, String)> = (0..8).map(|i| ("bench", format!("pod-{i}"))).collect();
+    pods[5] = ("quarantine", "pod-5".to_string());
+    let replies = at_once("10.155.0.0/24", &pods);
+    assert_eq!(
+        refused_with(&replies, "no address for a quarantined pod"),
+        1
+    );
+    assert_ne!(replies[5].code, 0, "the quarantined pod: {:?}", replies[5]);
+    assert_eq!(granted(&replies).len(), 7, "{replies:?}");
+    plane.kubectl(&[
+        "delete",
+        "validatingadmissionpolicy,validatingadmissionpolicybinding",
+        &policy,
+    ]);
+}
+
 /// The engine's errors keep their CNI code through the agent: a full range is 100.
 #[test]
 fn errors_through_the_agent_keep_their_code() {

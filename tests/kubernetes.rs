@@ -447,47 +447,7 @@ fn pool_size_policy(ns: &kube_apiserver::TestNamespace, dir: &std::path::Path) -
                  "allocations": {"1": allocation, "2": allocation, "3": allocation}},
     });
     let rules = json!(["ippools", ["CREATE", "UPDATE"]]);
-    admission_policy(ns, dir, rules, validations, ("ippools", refused))
-}
-
-/// A ValidatingAdmissionPolicy of `validations` on the `rules` (resources, operations) of
-/// `ns` alone, in `dir`. Returns its name once the server refuses `refused` (a server-side dry
-/// run of that create).
-fn admission_policy(
-    ns: &kube_apiserver::TestNamespace,
-    dir: &std::path::Path,
-    rules: serde_json::Value,
-    validations: serde_json::Value,
-    refused: (&str, serde_json::Value),
-) -> String {
-    let name = ns.name.clone();
-    let policy = json!({"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-         "metadata": {"name": name},
-         "spec": {"failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [{"apiGroups": ["whereabouts.cni.cncf.io"],
-                "apiVersions": ["*"], "resources": [rules[0]], "operations": rules[1]}]},
-            "validations": validations}},
-        {"apiVersion": "admissionregistration.k8s.io/v1",
-         "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
-         "spec": {"policyName": name, "validationActions": ["Deny"],
-            "matchResources": {"namespaceSelector": {
-                "matchLabels": {"kubernetes.io/metadata.name": name}}}}},
-    ]});
-    let path = dir.join("policy.json");
-    std::fs::write(&path, policy.to_string()).unwrap();
-    ns.plane
-        .kubectl(&["apply", "-f", &path.display().to_string()]);
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    // The server starts evaluating a new policy shortly after its creation.
-    while ns.dry_run_create(refused.0, refused.1.clone()).is_ok() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the policy is never enforced"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    name
+    ns.admission_policy(dir, rules, validations, ("ippools", refused))
 }
 
 /// Creates an admission policy refuses (a new IPPool, a reservation): the ADD fails at once
@@ -510,7 +470,7 @@ fn creates_an_admission_policy_refuses_are_answered_with_its_reason() {
         "spec": {"containerid": "c", "podref": "quarantine/probe"}});
     let rules = json!(["*", ["CREATE"]]);
     let probe = ("overlappingrangeipreservations", reservation);
-    let policy = admission_policy(&ns, dir.path(), rules, validations, probe);
+    let policy = ns.admission_policy(dir.path(), rules, validations, probe);
     let refused = |range: &str, pod: &str, reason: &str| {
         let cfg = config(&ipam_json(range, &kubeconfig, json!({})));
         let store = open(&cfg).unwrap();

@@ -430,6 +430,46 @@ impl TestNamespace {
         self.create_with(plural, object, &PostParams::default())
     }
 
+    /// A ValidatingAdmissionPolicy of `validations` on the `rules` (resources, operations) of
+    /// this namespace alone, in `dir`. Returns its name once the server refuses `refused` (a
+    /// server-side dry run of that create).
+    pub fn admission_policy(
+        &self,
+        dir: &Path,
+        rules: Value,
+        validations: Value,
+        refused: (&str, Value),
+    ) -> String {
+        let name = self.name.clone();
+        let policy = json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+             "metadata": {"name": name},
+             "spec": {"failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{"apiGroups": ["whereabouts.cni.cncf.io"],
+                    "apiVersions": ["*"], "resources": [rules[0]], "operations": rules[1]}]},
+                "validations": validations}},
+            {"apiVersion": "admissionregistration.k8s.io/v1",
+             "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
+             "spec": {"policyName": name, "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": name}}}}},
+        ]});
+        let path = dir.join("policy.json");
+        std::fs::write(&path, policy.to_string()).unwrap();
+        self.plane
+            .kubectl(&["apply", "-f", &path.display().to_string()]);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        // The server starts evaluating a new policy shortly after its creation.
+        while self.dry_run_create(refused.0, refused.1.clone()).is_ok() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the policy is never enforced"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        name
+    }
+
     /// Whether the server would create `object` (a server-side dry run: admission runs, nothing
     /// is stored), its refusal returned.
     pub fn dry_run_create(&self, plural: &str, object: Value) -> Result<Value, kube::Error> {

@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use super::api::{ApiError, RefusedWrite};
 use super::batch::Batches;
 use super::cache::Cache;
@@ -192,6 +194,30 @@ fn pool_full(name: &str, more: usize, refused: ApiError) -> StoreError {
     .because(refused)
 }
 
+/// What the batches of one queue share: the pool, the request they were queued for, and the
+/// deadline of the first batch, which its halves served apart keep.
+struct Batch<'a> {
+    pool: &'a PoolRef,
+    req: &'a AddRequest,
+    deadline: tokio::time::Instant,
+}
+
+/// Whether the server refused a batch's writes for what they carry, so that fewer jobs may pass:
+/// the pool too large to store, a pool update refused while the pool was unchanged (an
+/// admission policy), a create refused (a policy on reservations or new pools).
+fn refused_for_its_content(err: &StoreError) -> bool {
+    let StoreError::Io {
+        cause: Some(cause), ..
+    } = err
+    else {
+        return false;
+    };
+    matches!(
+        cause.downcast_ref::<ApiError>(),
+        Some(ApiError::TooLarge(_) | ApiError::Conflict(_) | ApiError::Refused(_))
+    )
+}
+
 impl Engine {
     /// One address per range, in order; what was written is in `undo` for the caller to take
     /// back if this fails.
@@ -327,50 +353,107 @@ impl Engine {
             if waiting.is_empty() {
                 return;
             }
-            let (jobs, mut replies): (Vec<Job>, Vec<_>) = waiting.into_iter().unzip();
+            let (mut jobs, mut replies): (Vec<Job>, Vec<_>) = waiting.into_iter().unzip();
             let mut joined = Vec::new();
             let mut refill = || {
                 let (jobs, replies): (Vec<Job>, Vec<_>) =
                     batches.adds.take(key).into_iter().unzip();
-                joined.extend(replies);
+                joined.push((jobs.clone(), replies));
                 jobs
             };
-            let undo = UndoLog::default();
+            let deadline = tokio::time::Instant::now() + self.settings.deadline;
             let started = self.guess_pool(&name);
-            let served = tokio::time::timeout(
-                self.settings.deadline,
-                self.serve(pool, req, jobs, started, &undo, &mut refill, &NO_GO),
-            )
+            let batch = Batch {
+                pool,
+                req,
+                deadline,
+            };
+            let served = self
+                .serve_batch(batches, &batch, jobs.clone(), started, &mut refill)
+                .await;
+            for (more, their_replies) in joined {
+                jobs.extend(more);
+                replies.extend(their_replies);
+            }
+            batches.observer.batch("add", replies.len());
+            let results = match served {
+                Ok(results) => results,
+                Err(err) => self.after_refusal(batches, &batch, jobs, err).await,
+            };
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// One batch of the agent, before `batch.deadline`; its writes are taken back if it fails.
+    async fn serve_batch(
+        &self,
+        batches: &Batches,
+        batch: &Batch<'_>,
+        jobs: Vec<Job>,
+        started: Option<IPPool>,
+        refill: &mut (dyn FnMut() -> Vec<Job> + Send),
+    ) -> Result<Vec<Result<Granted, StoreError>>, StoreError> {
+        let undo = UndoLog::default();
+        let serving = self.serve(batch.pool, batch.req, jobs, started, &undo, refill, &NO_GO);
+        let served = tokio::time::timeout_at(batch.deadline, serving)
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::try_again(format!(
-                    "the batch of IPPool {name} did not complete within {:?}",
+                    "the batch of IPPool {} did not complete within {:?}",
+                    object_name(&batch.pool.name),
                     self.settings.deadline
                 )))
             });
-            replies.extend(joined);
-            batches.observer.batch("add", replies.len());
-            match served {
-                Ok((results, written)) => {
-                    // Served: each ADD is answerable for its own writes from here on.
-                    undo.take();
-                    if let Some(written) = &written {
-                        batches.wrote(written);
-                    }
-                    for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(result);
-                    }
+        match served {
+            Ok((results, written)) => {
+                // Served: each ADD is answerable for its own writes from here on.
+                undo.take();
+                if let Some(written) = &written {
+                    batches.wrote(written);
                 }
-                Err(err) => {
-                    if let Err(undo_err) = self.undo(undo.take()).await {
-                        tracing::error!(%undo_err, "could not take back a failed batch");
-                    }
-                    for reply in replies {
-                        let _ = reply.send(Err(err.clone()));
-                    }
+                Ok(results)
+            }
+            Err(err) => {
+                if let Err(undo_err) = self.undo(undo.take()).await {
+                    tracing::error!(%undo_err, "could not take back a failed batch");
                 }
+                Err(err)
             }
         }
+    }
+
+    /// The answers of `jobs`, whose batch failed with `err`. When the server refused the
+    /// batch's writes for what they carry (see [`refused_for_its_content`]), fewer jobs may
+    /// pass where all of them together did not: each half is served apart, down to one job, so
+    /// that an ADD which alone fits is not failed for its neighbours. At most one batch less
+    /// than twice as many jobs, all before the first batch's deadline.
+    fn after_refusal<'a>(
+        &'a self,
+        batches: &'a Batches,
+        batch: &'a Batch<'a>,
+        mut jobs: Vec<Job>,
+        err: StoreError,
+    ) -> BoxFuture<'a, Vec<Result<Granted, StoreError>>> {
+        Box::pin(async move {
+            if jobs.len() < 2 || !refused_for_its_content(&err) {
+                return vec![Err(err); jobs.len()];
+            }
+            tracing::debug!(jobs = jobs.len(), %err, "batch refused; serving its halves apart");
+            let second = jobs.split_off(jobs.len() / 2);
+            let mut results = Vec::new();
+            for half in [jobs, second] {
+                let served = self
+                    .serve_batch(batches, batch, half.clone(), None, &mut Vec::new)
+                    .await;
+                results.extend(match served {
+                    Ok(served) => served,
+                    Err(err) => self.after_refusal(batches, batch, half, err).await,
+                });
+            }
+            results
+        })
     }
 
     /// Takes the answer of the process or task that served this request.
@@ -1245,5 +1328,32 @@ impl Slot {
             releasing: Vec::new(),
             done: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_of_what_a_batch_carries_split_it() {
+        let too_large = pool_full("p", 3, ApiError::TooLarge("request is too large".into()));
+        assert!(refused_for_its_content(&too_large));
+        let policy = ApiError::Conflict("denied by a policy".into());
+        assert!(refused_for_its_content(
+            &StoreError::io("unchanged").because(policy)
+        ));
+        let create = ApiError::Refused("forbidden".into());
+        assert!(refused_for_its_content(&create.into()));
+        // Nothing the server said about the batch's content: splitting cannot help.
+        let unavailable: StoreError = ApiError::Transient("503".into()).into();
+        assert!(!refused_for_its_content(&unavailable));
+        assert!(!refused_for_its_content(&StoreError::io(
+            "the pool does not decode"
+        )));
+        let exhausted = StoreError::Exhausted {
+            range: "10.0.0.0/30".into(),
+        };
+        assert!(!refused_for_its_content(&exhausted));
     }
 }
