@@ -444,8 +444,9 @@ impl Engine {
             let second = jobs.split_off(jobs.len() / 2);
             let mut results = Vec::new();
             for half in [jobs, second] {
+                let started = self.guess_pool(&object_name(&batch.pool.name));
                 let served = self
-                    .serve_batch(batches, batch, half.clone(), None, &mut Vec::new)
+                    .serve_batch(batches, batch, half.clone(), started, &mut Vec::new)
                     .await;
                 results.extend(match served {
                     Ok(served) => served,
