@@ -727,8 +727,8 @@ fn a_reservation_the_copy_still_shows_does_not_exhaust_the_range() {
 /// A batch the server refuses for what it carries (past an admission policy's limit of
 /// allocations in a pool, or with one reservation the policy refuses) is served again in halves,
 /// down to one ADD: the ADDs that alone pass get their addresses, only the others get code 5
-/// with the policy's message, and nothing is left of the refused ones. Before, every ADD of a
-/// refused batch failed with it. On the real API server, with a ValidatingAdmissionPolicy.
+/// with the policy's message, and nothing is left of the refused ones. DELs alike, with one
+/// pod's removal refused. Before, every ADD or DEL of a refused batch failed with it. On the real API server, with a ValidatingAdmissionPolicy.
 #[test]
 fn a_batch_the_server_refuses_is_served_in_halves() {
     let plane = real_cluster!();
@@ -741,6 +741,11 @@ fn a_batch_the_server_refuses_is_served_in_halves() {
          "message": "at most 4 allocations in 10.154.0.0/24"},
         {"expression": "!has(object.spec.podref) || !object.spec.podref.startsWith('quarantine/')",
          "message": "no address for a quarantined pod"},
+        {"expression": "request.operation != 'UPDATE' || !has(oldObject.spec.allocations) \
+            || oldObject.spec.allocations.all(k, \
+                !oldObject.spec.allocations[k].podref.startsWith('frozen/') \
+                || has(object.spec.allocations) && k in object.spec.allocations)",
+         "message": "a frozen pod keeps its address"},
     ]);
     let reservation = json!({"metadata": {"name": "10.154.0.99"},
         "spec": {"containerid": "c", "podref": "quarantine/probe"}});
@@ -748,7 +753,7 @@ fn a_batch_the_server_refuses_is_served_in_halves() {
     let probe = ("overlappingrangeipreservations", reservation);
     let policy = ns.admission_policy(dir.path(), rules, validations, probe);
     let agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
-    let at_once = |range: &str, pods: &[(&str, String)]| -> Vec<Reply> {
+    let at_once = |command: &str, range: &str, pods: &[(&str, String)]| -> Vec<Reply> {
         let conf = netconf("refusednet", &ipam(range, &kubeconfig));
         std::thread::scope(|s| {
             let calls: Vec<_> = pods
@@ -759,7 +764,7 @@ fn a_batch_the_server_refuses_is_served_in_halves() {
                     s.spawn(move || {
                         let container = format!("refused-{i}");
                         let call = Call {
-                            command: "ADD",
+                            command,
                             container: &container,
                             ifname: "net1",
                             pod: Some((namespace, pod)),
@@ -790,7 +795,7 @@ fn a_batch_the_server_refuses_is_served_in_halves() {
     };
 
     let pods: Vec<(&str, String)> = (0..10).map(|i| ("bench", format!("pod-{i}"))).collect();
-    let replies = at_once("10.154.0.0/24", &pods);
+    let replies = at_once("ADD", "10.154.0.0/24", &pods);
     assert_eq!(refused_with(&replies, "at most 4 allocations in"), 6);
     let held = granted(&replies);
     assert_eq!(held.len(), 4, "{replies:?}");
@@ -804,13 +809,27 @@ fn a_batch_the_server_refuses_is_served_in_halves() {
 
     let mut pods: Vec<(&str, String)> = (0..8).map(|i| ("bench", format!("pod-{i}"))).collect();
     pods[5] = ("quarantine", "pod-5".to_string());
-    let replies = at_once("10.155.0.0/24", &pods);
+    pods[2] = ("frozen", "pod-2".to_string());
+    let replies = at_once("ADD", "10.155.0.0/24", &pods);
     assert_eq!(
         refused_with(&replies, "no address for a quarantined pod"),
         1
     );
     assert_ne!(replies[5].code, 0, "the quarantined pod: {:?}", replies[5]);
     assert_eq!(granted(&replies).len(), 7, "{replies:?}");
+    let frozen = ip_of(&replies[2]);
+
+    // DELs alike: the frozen pod's removal is refused, the others' go through.
+    let replies = at_once("DEL", "10.155.0.0/24", &pods);
+    assert_eq!(refused_with(&replies, "a frozen pod keeps its address"), 1);
+    assert_ne!(replies[2].code, 0, "the frozen pod: {:?}", replies[2]);
+    let pool = ns.get("ippools", "10.155.0.0-24").expect("the pool");
+    let left: BTreeSet<String> = pool_ips(&pool).iter().map(|ip| ip.to_string()).collect();
+    assert_eq!(
+        left,
+        BTreeSet::from([frozen]),
+        "only the frozen pod's entry stays"
+    );
     plane.kubectl(&[
         "delete",
         "validatingadmissionpolicy,validatingadmissionpolicybinding",

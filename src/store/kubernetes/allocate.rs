@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use super::api::{ApiError, RefusedWrite};
-use super::batch::Batches;
+use super::batch::{in_halves, Batches, Served};
 use super::cache::Cache;
 use super::choose::SPREAD;
 use super::engine::{newer, Engine, Step, UndoLog};
@@ -202,22 +202,6 @@ struct Batch<'a> {
     deadline: tokio::time::Instant,
 }
 
-/// Whether the server refused a batch's writes for what they carry, so that fewer jobs may pass:
-/// the pool too large to store, a pool update refused while the pool was unchanged (an
-/// admission policy), a create refused (a policy on reservations or new pools).
-fn refused_for_its_content(err: &StoreError) -> bool {
-    let StoreError::Io {
-        cause: Some(cause), ..
-    } = err
-    else {
-        return false;
-    };
-    matches!(
-        cause.downcast_ref::<ApiError>(),
-        Some(ApiError::TooLarge(_) | ApiError::Conflict(_) | ApiError::Refused(_))
-    )
-}
-
 impl Engine {
     /// One address per range, in order; what was written is in `undo` for the caller to take
     /// back if this fails.
@@ -394,7 +378,7 @@ impl Engine {
         jobs: Vec<Job>,
         started: Option<IPPool>,
         refill: &mut (dyn FnMut() -> Vec<Job> + Send),
-    ) -> Result<Vec<Result<Granted, StoreError>>, StoreError> {
+    ) -> Served<Granted> {
         let undo = UndoLog::default();
         let serving = self.serve(batch.pool, batch.req, jobs, started, &undo, refill, &NO_GO);
         let served = tokio::time::timeout_at(batch.deadline, serving)
@@ -424,37 +408,22 @@ impl Engine {
         }
     }
 
-    /// The answers of `jobs`, whose batch failed with `err`. When the server refused the
-    /// batch's writes for what they carry (see [`refused_for_its_content`]), fewer jobs may
-    /// pass where all of them together did not: each half is served apart, down to one job, so
-    /// that an ADD which alone fits is not failed for its neighbours. At most one batch less
-    /// than twice as many jobs, all before the first batch's deadline.
-    fn after_refusal<'a>(
-        &'a self,
-        batches: &'a Batches,
-        batch: &'a Batch<'a>,
-        mut jobs: Vec<Job>,
+    /// The answers of `jobs`, whose batch failed with `err`: see [`in_halves`].
+    async fn after_refusal(
+        &self,
+        batches: &Batches,
+        batch: &Batch<'_>,
+        jobs: Vec<Job>,
         err: StoreError,
-    ) -> BoxFuture<'a, Vec<Result<Granted, StoreError>>> {
-        Box::pin(async move {
-            if jobs.len() < 2 || !refused_for_its_content(&err) {
-                return vec![Err(err); jobs.len()];
-            }
-            tracing::debug!(jobs = jobs.len(), %err, "batch refused; serving its halves apart");
-            let second = jobs.split_off(jobs.len() / 2);
-            let mut results = Vec::new();
-            for half in [jobs, second] {
+    ) -> Vec<Result<Granted, StoreError>> {
+        let serve = |half: Vec<Job>| -> BoxFuture<'_, Served<Granted>> {
+            Box::pin(async move {
                 let started = self.guess_pool(&object_name(&batch.pool.name));
-                let served = self
-                    .serve_batch(batches, batch, half.clone(), started, &mut Vec::new)
-                    .await;
-                results.extend(match served {
-                    Ok(served) => served,
-                    Err(err) => self.after_refusal(batches, batch, half, err).await,
-                });
-            }
-            results
-        })
+                self.serve_batch(batches, batch, half, started, &mut Vec::new)
+                    .await
+            })
+        };
+        in_halves(jobs, err, &serve).await
     }
 
     /// Takes the answer of the process or task that served this request.
@@ -1329,32 +1298,5 @@ impl Slot {
             releasing: Vec::new(),
             done: None,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_refusals_of_what_a_batch_carries_split_it() {
-        let too_large = pool_full("p", 3, ApiError::TooLarge("request is too large".into()));
-        assert!(refused_for_its_content(&too_large));
-        let policy = ApiError::Conflict("denied by a policy".into());
-        assert!(refused_for_its_content(
-            &StoreError::io("unchanged").because(policy)
-        ));
-        let create = ApiError::Refused("forbidden".into());
-        assert!(refused_for_its_content(&create.into()));
-        // Nothing the server said about the batch's content: splitting cannot help.
-        let unavailable: StoreError = ApiError::Transient("503".into()).into();
-        assert!(!refused_for_its_content(&unavailable));
-        assert!(!refused_for_its_content(&StoreError::io(
-            "the pool does not decode"
-        )));
-        let exhausted = StoreError::Exhausted {
-            range: "10.0.0.0/30".into(),
-        };
-        assert!(!refused_for_its_content(&exhausted));
     }
 }

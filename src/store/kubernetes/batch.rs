@@ -10,6 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
+
+use super::api::ApiError;
 use super::job::{Granted, Job};
 use crate::k8s::crd::IPPool;
 use crate::store::queues::{lock, Observer, Queues};
@@ -83,6 +86,56 @@ pub fn released_by(allocation: &Allocation, pending: &PendingRelease) -> bool {
         && allocation.attachment.ifname == pending.ifname
 }
 
+/// One batch served: each job's answer, or the failure of the batch as a whole.
+pub type Served<T> = Result<Vec<Result<T, StoreError>>, StoreError>;
+
+/// The answers of `jobs`, whose batch failed with `err`. When the server refused the batch's
+/// writes for what they carry ([`refused_for_its_content`]), fewer jobs may pass where all of
+/// them together did not: each half is served apart with `serve`, down to one job, so that a
+/// job which alone passes is not failed for its neighbours. At most one batch less than twice
+/// as many jobs, and only when refused; any other failure answers every job.
+pub fn in_halves<'a, J, T>(
+    mut jobs: Vec<J>,
+    err: StoreError,
+    serve: &'a (dyn Fn(Vec<J>) -> BoxFuture<'a, Served<T>> + Send + Sync),
+) -> BoxFuture<'a, Vec<Result<T, StoreError>>>
+where
+    J: Clone + Send + 'a,
+    T: Send + 'a,
+{
+    Box::pin(async move {
+        if jobs.len() < 2 || !refused_for_its_content(&err) {
+            return jobs.iter().map(|_| Err(err.clone())).collect();
+        }
+        tracing::debug!(jobs = jobs.len(), %err, "batch refused; serving its halves apart");
+        let second = jobs.split_off(jobs.len() / 2);
+        let mut answers = Vec::new();
+        for half in [jobs, second] {
+            answers.extend(match serve(half.clone()).await {
+                Ok(served) => served,
+                Err(err) => in_halves(half, err, serve).await,
+            });
+        }
+        answers
+    })
+}
+
+/// Whether the server refused a batch's writes for what they carry, so that fewer jobs may pass:
+/// the pool too large to store, a pool update refused while the pool was unchanged (an
+/// admission policy), a create refused (a policy on reservations or new pools).
+fn refused_for_its_content(err: &StoreError) -> bool {
+    let StoreError::Io {
+        cause: Some(cause), ..
+    } = err
+    else {
+        return false;
+    };
+    matches!(
+        cause.downcast_ref::<ApiError>(),
+        Some(ApiError::TooLarge(_) | ApiError::Conflict(_) | ApiError::Refused(_))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +147,56 @@ mod tests {
         fn conflict(&self, _: &'static str) {}
         fn queued(&self, _: &'static str) {}
         fn cache(&self, _: &'static str, _: bool) {}
+    }
+
+    #[test]
+    fn only_refusals_of_what_a_batch_carries_split_it() {
+        let refused = |cause: ApiError| StoreError::io("refused").because(cause);
+        let too_large = ApiError::TooLarge("etcdserver: request is too large".into());
+        assert!(refused_for_its_content(&refused(too_large)));
+        let policy = ApiError::Conflict("denied by a policy, the pool unchanged".into());
+        assert!(refused_for_its_content(&refused(policy)));
+        let create: StoreError = ApiError::Refused("forbidden".into()).into();
+        assert!(refused_for_its_content(&create));
+        // Nothing the server said about the batch's content: splitting cannot help.
+        let unavailable: StoreError = ApiError::Transient("503".into()).into();
+        assert!(!refused_for_its_content(&unavailable));
+        assert!(!refused_for_its_content(&StoreError::io(
+            "the pool does not decode"
+        )));
+        let exhausted = StoreError::Exhausted {
+            range: "10.0.0.0/30".into(),
+        };
+        assert!(!refused_for_its_content(&exhausted));
+    }
+
+    /// Jobs "ok" pass, any batch holding "no" is refused: only "no" fails, in order.
+    #[tokio::test]
+    async fn a_refused_batch_is_served_in_halves_down_to_the_job_refused() {
+        let served = std::sync::atomic::AtomicUsize::new(0);
+        let serve = |half: Vec<&'static str>| -> BoxFuture<'_, Served<&'static str>> {
+            served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                if half.contains(&"no") {
+                    return Err(StoreError::io("refused").because(ApiError::Refused("no".into())));
+                }
+                Ok(half.into_iter().map(Ok).collect())
+            })
+        };
+        let jobs = vec!["ok", "ok", "no", "ok", "ok"];
+        let err = StoreError::io("refused").because(ApiError::Refused("no".into()));
+        let answers = in_halves(jobs, err, &serve).await;
+        let passed: Vec<bool> = answers.iter().map(Result::is_ok).collect();
+        assert_eq!(passed, [true, true, false, true, true]);
+        let batches = served.load(std::sync::atomic::Ordering::SeqCst);
+        // [ok ok] passes; [no ok ok] is refused, then [no] alone and [ok ok] passes.
+        assert_eq!(batches, 4);
+        let busy = StoreError::try_again("busy");
+        let answers = in_halves(vec!["ok", "ok"], busy, &serve).await;
+        assert!(
+            answers.iter().all(Result::is_err),
+            "not refused: every job answered so"
+        );
     }
 
     #[test]

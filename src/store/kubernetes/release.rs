@@ -5,8 +5,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+
 use super::api::{ApiError, RefusedWrite};
-use super::batch::{released_by, Batches, PendingRelease};
+use super::batch::{in_halves, released_by, Batches, PendingRelease, Served};
 use super::engine::Engine;
 use super::pool_doc::{holder_test, remove_op, Entry, PoolDoc};
 use super::reservation;
@@ -328,7 +330,8 @@ impl Engine {
     }
 
     /// Serves a pool's queue of DELs: one conditional write removes the entries of every
-    /// waiting DEL, then their reservations go, concurrently.
+    /// waiting DEL, then their reservations go, concurrently. A batch the server refuses for
+    /// what it removes is served in halves ([`in_halves`]).
     async fn serve_releases(&self, batches: &Batches, key: &str, target: &ReleaseTarget) {
         let _serving = Serving {
             queues: &batches.releases,
@@ -341,40 +344,58 @@ impl Engine {
             }
             batches.observer.batch("del", waiting.len());
             let (jobs, replies): (Vec<PendingRelease>, Vec<_>) = waiting.into_iter().unzip();
-            let wanted: BTreeSet<(&str, &str)> = jobs
-                .iter()
-                .map(|j| (j.container_id.as_str(), j.ifname.as_str()))
-                .collect();
-            let pick = |e: &Entry| {
-                wanted.contains(&(
-                    e.attachment.container_id.as_str(),
-                    e.attachment.ifname.as_str(),
-                ))
+            let deadline = tokio::time::Instant::now() + self.settings.deadline;
+            let serve = |jobs: Vec<PendingRelease>| -> BoxFuture<'_, Served<Vec<Allocation>>> {
+                Box::pin(async move { self.release_batch(target, &jobs, deadline).await })
             };
-            let released =
-                tokio::time::timeout(self.settings.deadline, self.release_entries(target, pick))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(StoreError::try_again(format!(
-                            "the batch of DELs of IPPool {} did not complete within {:?}",
-                            target.name, self.settings.deadline
-                        )))
-                    });
-            if released.is_err() {
-                self.finish_owed_releases().await;
-            }
-            for (job, reply) in jobs.iter().zip(replies) {
-                let answer = match &released {
-                    Ok(all) => all
-                        .iter()
-                        .filter(|(a, _)| released_by(a, job))
-                        .map(|(a, done)| done.clone().map(|()| a.clone()))
-                        .collect(),
-                    Err(err) => Err(err.clone()),
-                };
+            let answers = match serve(jobs.clone()).await {
+                Ok(answers) => answers,
+                Err(err) => in_halves(jobs, err, &serve).await,
+            };
+            for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
         }
+    }
+
+    /// One batch of DELs, before `deadline`: one write removes the entries of every job, then
+    /// their reservations go; each job's answer.
+    async fn release_batch(
+        &self,
+        target: &ReleaseTarget,
+        jobs: &[PendingRelease],
+        deadline: tokio::time::Instant,
+    ) -> Served<Vec<Allocation>> {
+        let wanted: BTreeSet<(&str, &str)> = jobs
+            .iter()
+            .map(|j| (j.container_id.as_str(), j.ifname.as_str()))
+            .collect();
+        let pick = |e: &Entry| {
+            wanted.contains(&(
+                e.attachment.container_id.as_str(),
+                e.attachment.ifname.as_str(),
+            ))
+        };
+        let released = tokio::time::timeout_at(deadline, self.release_entries(target, pick))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::try_again(format!(
+                    "the batch of DELs of IPPool {} did not complete within {:?}",
+                    target.name, self.settings.deadline
+                )))
+            });
+        if released.is_err() {
+            self.finish_owed_releases().await;
+        }
+        let released = released?;
+        let answer = |job: &PendingRelease| {
+            released
+                .iter()
+                .filter(|(a, _)| released_by(a, job))
+                .map(|(a, done)| done.clone().map(|()| a.clone()))
+                .collect()
+        };
+        Ok(jobs.iter().map(answer).collect())
     }
 
     /// Removes the picked entries of a pool in one write, then their reservations; each
