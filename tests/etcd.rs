@@ -545,6 +545,36 @@ fn a_user_whose_role_lacks_the_prefix_is_told_what_it_needs() {
     assert!(cluster.keys("/whereabouts/").is_empty());
 }
 
+/// A cluster whose members allow fewer operations per transaction (`--max-txn-ops`) than the
+/// engine's transactions hold: ADD and STATUS say so at once, naming the flag and what the
+/// engine needs (codes 7 and 50), and nothing is written. Before, every ADD retried the refused
+/// commit until its 15 s deadline and answered "try again", and STATUS said the cluster was
+/// healthy.
+#[test]
+fn a_cluster_allowing_too_few_operations_per_transaction_is_named() {
+    if !etcd_available() {
+        return;
+    }
+    let _serial = serial();
+    let cluster = Cluster::start_with(false, &["--max-txn-ops", "16"]);
+    let net = Net::new(&cluster, "10.62.0.0/24");
+    let conf = net.conf("1.1.0");
+    let pod = Pod { node: 1, index: 1 };
+    let named = |reply: &Reply, code: u64, what: &str| {
+        assert_eq!(reply.code(), Some(code), "{what}: {}", reply.stdout);
+        let msg = reply.stdout["msg"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("--max-txn-ops of at least 128"),
+            "{what}: {msg}"
+        );
+    };
+    named(&plugin("ADD", Some(&pod), &conf, &[]), 7, "ADD");
+    named(&plugin("STATUS", None, &conf, &[]), 50, "STATUS");
+    assert!(cluster.keys("/whereabouts/").is_empty());
+    let del = plugin("DEL", Some(&pod), &conf, &[]);
+    assert_eq!(del.exit, 0, "a DEL of nothing: {}", del.stdout);
+}
+
 #[test]
 fn username_and_password() {
     if !etcd_available() {

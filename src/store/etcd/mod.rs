@@ -31,7 +31,7 @@ use crate::config::{EtcdConfig, IpamConfig};
 use crate::store::queues::Observer;
 use crate::store::retry::Backoff;
 use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
-use session::{Deadline, Scanned, Session};
+use session::{Deadline, Scanned, Session, MAX_TXN_OPS};
 
 /// Connects to the etcd cluster with the default timeouts (the deadline may be overridden by
 /// [`DEADLINE_ENV`]).
@@ -181,16 +181,21 @@ impl Store for EtcdStore {
         release::gc(&self.session, &self.backoff, req)
     }
 
-    /// A linearizable read: it succeeds only when a quorum with a leader answers, which is
-    /// exactly when an ADD could commit.
+    /// A linearizable read, as a transaction of as many operations as the engine's may hold: it
+    /// succeeds only when a quorum with a leader answers, which is exactly when an ADD could
+    /// commit, and when the members' `--max-txn-ops` allows the engine's transactions.
     fn status(&self) -> Result<(), StoreError> {
         let s = &self.session;
         let dl = Deadline::after(s.timeouts.deadline.min(s.timeouts.request * 2));
-        let opts = etcd_client::GetOptions::new().with_count_only();
-        s.get(&dl, "status read", s.keys.prefix().to_string(), Some(opts))
+        let read = || {
+            let opts = etcd_client::GetOptions::new().with_count_only();
+            etcd_client::TxnOp::get(s.keys.prefix(), Some(opts))
+        };
+        let reads: Vec<etcd_client::TxnOp> = (0..MAX_TXN_OPS).map(|_| read()).collect();
+        s.txn(&dl, "status read", etcd_client::Txn::new().and_then(reads))
             .map(|_| ())
             .map_err(|e| {
-                if e.permission_denied() {
+                if e.misconfigured() {
                     e.into()
                 } else {
                     StoreError::try_again("etcd cluster is not available").because(e)

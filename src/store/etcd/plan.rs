@@ -26,11 +26,12 @@ pub(super) enum Stop {
 }
 
 impl From<CallFailed> for Stop {
-    /// A full database, or a user whose roles do not grant the keys, is final for this
+    /// A full database, a user whose roles do not grant the keys, or a cluster that allows
+    /// fewer operations per transaction than the engine needs, is final for this
     /// operation: retrying until the deadline would only send the members requests they must
     /// refuse (until an admin acts), and the runtime's retry comes anyway.
     fn from(e: CallFailed) -> Self {
-        if e.no_space() || e.permission_denied() {
+        if e.no_space() || e.misconfigured() {
             Stop::Final(e.into())
         } else {
             Stop::Retry(e)

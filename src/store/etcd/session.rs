@@ -37,6 +37,10 @@ const NOT_ANSWERED: [i32; 4] = [1, 2, 4, 14];
 /// whose roles do not grant the keys a request reads or writes.
 const PERMISSION_DENIED: i32 = 7;
 
+/// gRPC status code "invalid argument": what etcd answers, among others, to a transaction of
+/// more operations than its `--max-txn-ops` allows.
+const INVALID_ARGUMENT: i32 = 3;
+
 /// gRPC status code "out of range": what etcd answers to a read at a revision it has compacted
 /// away ("etcdserver: mvcc: required revision has been compacted") or has not reached yet.
 const OUT_OF_RANGE: i32 = 11;
@@ -115,6 +119,20 @@ impl CallFailed {
         self.status_is(|code, _| code == PERMISSION_DENIED)
     }
 
+    /// Whether etcd refused a transaction for holding more operations than its `--max-txn-ops`
+    /// allows: the cluster must be started with more, which no retry can do.
+    pub fn too_many_ops(&self) -> bool {
+        self.status_is(|code, message| {
+            code == INVALID_ARGUMENT && message.contains("too many operations in txn request")
+        })
+    }
+
+    /// Whether the cluster refuses the engine until an admin changes it: the user's roles, the
+    /// members' `--max-txn-ops`. Such a failure is final, and says what to change.
+    pub fn misconfigured(&self) -> bool {
+        self.permission_denied() || self.too_many_ops()
+    }
+
     /// Whether etcd refused to read at a revision it has compacted away.
     pub fn compacted(&self) -> bool {
         self.status_is(|code, message| code == OUT_OF_RANGE && message.contains("compacted"))
@@ -125,6 +143,9 @@ impl From<CallFailed> for StoreError {
     fn from(e: CallFailed) -> Self {
         if e.permission_denied() {
             return StoreError::config("etcd denied access to the engine's keys").because(e);
+        }
+        if e.too_many_ops() {
+            return StoreError::config("etcd refused the engine's transactions").because(e);
         }
         let what = if e.refused() {
             "etcd refused the request"
@@ -379,6 +400,13 @@ impl Session {
                          common name) needs a role granting readwrite on the prefix {}",
                         failed.what,
                         self.keys.prefix()
+                    );
+                }
+                if failed.too_many_ops() {
+                    failed.what = format!(
+                        "{}: the cluster's members need --max-txn-ops of at least {MAX_TXN_OPS} \
+                         (etcd's default)",
+                        failed.what
                     );
                 }
                 Err(failed)
