@@ -348,7 +348,7 @@ impl Engine {
             let serve = |jobs: Vec<PendingRelease>| -> BoxFuture<'_, Served<Vec<Allocation>>> {
                 Box::pin(async move { self.release_batch(target, &jobs, deadline).await })
             };
-            let answers = match serve(jobs.clone()).await {
+            let answers = match self.release_batch(target, &jobs, deadline).await {
                 Ok(answers) => answers,
                 Err(err) => in_halves(jobs, err, &serve).await,
             };
