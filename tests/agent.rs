@@ -728,7 +728,8 @@ fn a_reservation_the_copy_still_shows_does_not_exhaust_the_range() {
 /// allocations in a pool, or with one reservation the policy refuses) is served again in halves,
 /// down to one ADD: the ADDs that alone pass get their addresses, only the others get code 5
 /// with the policy's message, and nothing is left of the refused ones. DELs alike, with one
-/// pod's removal refused. Before, every ADD or DEL of a refused batch failed with it. On the real API server, with a ValidatingAdmissionPolicy.
+/// pod's removal refused. Before, every ADD or DEL of a refused batch failed with it. On the
+/// real API server, with a ValidatingAdmissionPolicy.
 #[test]
 fn a_batch_the_server_refuses_is_served_in_halves() {
     let plane = real_cluster!();

@@ -306,25 +306,22 @@ impl ControlPlane {
     /// restart-apiserver`): its clients' connections and watches break, as in a control-plane
     /// upgrade. Returns once it is ready again.
     pub fn restart_apiserver(&self) {
-        let status = Command::new(repo().join("hack/control-plane"))
-            .arg("restart-apiserver")
-            .arg(&self.dir)
-            .status()
-            .expect("run hack/control-plane restart-apiserver");
-        assert!(
-            status.success(),
-            "hack/control-plane restart-apiserver failed"
-        );
+        self.script("restart-apiserver");
     }
 
     /// Stops everything `hack/control-plane up` started in this plane's folder.
     pub fn down(&self) {
+        self.script("down");
+    }
+
+    /// `hack/control-plane COMMAND` on this plane's folder, which must succeed.
+    fn script(&self, command: &str) {
         let status = Command::new(repo().join("hack/control-plane"))
-            .arg("down")
+            .arg(command)
             .arg(&self.dir)
             .status()
-            .expect("run hack/control-plane down");
-        assert!(status.success(), "hack/control-plane down failed");
+            .unwrap_or_else(|e| panic!("run hack/control-plane {command}: {e}"));
+        assert!(status.success(), "hack/control-plane {command} failed");
     }
 
     /// Metrics of the API server: the number of requests served so far for `group` (all verbs),
