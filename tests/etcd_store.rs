@@ -372,9 +372,22 @@ struct Combined {
     /// Batch sizes by operation ("add", "del").
     sizes: Mutex<Vec<(&'static str, usize)>>,
     conflicts: AtomicUsize,
-    synced: std::sync::atomic::AtomicBool,
-    /// The pools' copies the agent follows, as it last said.
-    copies: AtomicUsize,
+    /// How many of the pools' copies the agent follows are in step, out of how many, as it
+    /// last said.
+    copies: Mutex<(usize, usize)>,
+}
+
+impl Combined {
+    /// The pools' copies the agent follows.
+    fn copies(&self) -> usize {
+        self.copies.lock().unwrap().1
+    }
+
+    /// Whether the agent follows a pool's copy and every copy it follows is in step.
+    fn synced(&self) -> bool {
+        let (in_step, copies) = *self.copies.lock().unwrap();
+        copies > 0 && in_step == copies
+    }
 }
 
 impl Observer for Combined {
@@ -385,13 +398,12 @@ impl Observer for Combined {
         self.conflicts.fetch_add(1, Ordering::Relaxed);
     }
     fn queued(&self, _: &'static str) {}
-    fn cache(&self, what: &'static str, synced: bool) {
+    fn cache(&self, what: &'static str, _: bool) {
         assert_eq!(what, "etcd");
-        self.synced.store(synced, Ordering::Release);
     }
-    fn following(&self, what: &'static str, copies: usize) {
+    fn in_step(&self, what: &'static str, in_step: usize, copies: usize) {
         assert_eq!(what, "etcd");
-        self.copies.store(copies, Ordering::Release);
+        *self.copies.lock().unwrap() = (in_step, copies);
     }
 }
 
@@ -469,9 +481,7 @@ fn an_agent_plans_from_its_copy_without_reading() {
         .add(&add_req(who("opening", None), pools, ""))
         .unwrap();
     assert_eq!(opening, vec![ip("10.0.0.2")]);
-    eventually("the copy in step", || {
-        observed.synced.load(Ordering::Acquire)
-    });
+    eventually("the copy in step", || observed.synced());
     let before = cluster.transactions_served();
     let mut given = BTreeSet::from([first[0], opening[0]]);
     for i in 0..ADDS {
@@ -531,9 +541,7 @@ fn a_lost_commit_reads_back_what_the_next_attempt_needs() {
     let pools = std::slice::from_ref(&p);
     let req = add_req(who("retried", Some("ns/retried")), pools, "");
     let first = agent.add(&req).unwrap();
-    eventually("the copy in step", || {
-        observed.synced.load(Ordering::Acquire)
-    });
+    eventually("the copy in step", || observed.synced());
     let before = cluster.transactions_served();
     let again = agent.add(&req).unwrap();
     assert_eq!(again, first, "the repeated ADD got its address back");
@@ -713,6 +721,59 @@ fn an_agent_authenticates_again_after_the_auth_store_changes() {
     add_gets(&agent, "after", "10.0.0.1", "after the auth store changed");
 }
 
+/// `cache_synced{cache="etcd"}` is what an operator watches: it says 0 while any pool's copy is
+/// out of step, however busy the others are. The agent's role here does not grant one pool's
+/// runs, so that pool's copy cannot list, while the other pool's copy is in step and takes in
+/// every ADD. Once the role grants them, the copy lists and every copy is in step.
+#[test]
+fn one_pools_copy_out_of_step_keeps_the_agent_out_of_step() {
+    if !etcd_available() {
+        return;
+    }
+    let mut cluster = Cluster::start(false);
+    cluster.enable_auth("s3cret");
+    cluster.add_user_with_role("ipam", "1pam");
+    let denied = pool("10.1.0.0/24", "");
+    // Every key of the engine but the denied pool's runs: a prefix's range ends before the
+    // key that follows its `/`.
+    let runs = format!("{DEFAULT_PREFIX}pools/{}/r/", denied.name);
+    let after = |prefix: &str| format!("{}0", prefix.trim_end_matches('/'));
+    cluster.grant_range("ipam", "readwrite", DEFAULT_PREFIX, &runs);
+    cluster.grant_range("ipam", "readwrite", &after(&runs), &after(DEFAULT_PREFIX));
+    let runtime = agent_runtime();
+    let cfg = config_with(
+        &cluster,
+        json!({"etcd_username": "ipam", "etcd_password": "1pam"}),
+    );
+    let observed = Arc::new(Combined::default());
+    let agent = agent_store_of(&cfg, &runtime, &observed, Following::AGENT);
+    add_gets(&agent, "open-0", "10.0.0.1", "of the granted pool");
+    eventually("the granted pool's copy in step", || observed.synced());
+
+    let denied_add = |c: &str| agent.add(&add_req(who(c, None), std::slice::from_ref(&denied), ""));
+    let err = denied_add("denied-0").unwrap_err();
+    let reply = whereabouts::cni::error::CniError::from(err);
+    assert_eq!(reply.code, 7, "{}", reply.msg);
+    assert_eq!(observed.copies(), 2, "the denied pool's copy is followed");
+    for (i, want) in ["10.0.0.2", "10.0.0.3", "10.0.0.4"].iter().enumerate() {
+        add_gets(
+            &agent,
+            &format!("open-{}", i + 1),
+            want,
+            "of the granted pool",
+        );
+    }
+    assert!(
+        !observed.synced(),
+        "in step while the denied pool's copy cannot list"
+    );
+
+    cluster.grant("ipam", "readwrite", &runs);
+    eventually("every copy in step", || observed.synced());
+    let granted = denied_add("denied-1").map_err(|e| whereabouts::store::error::chain(&e));
+    assert_eq!(granted, Ok(vec![ip("10.1.0.1")]));
+}
+
 /// The `--auth-token` value of members signing JWT tokens with an RSA key pair made in `dir`.
 fn jwt_signing(dir: &std::path::Path) -> String {
     for args in [
@@ -762,7 +823,7 @@ fn an_unused_pools_copy_is_let_go_and_followed_again() {
     let p = pool("10.0.0.0/24", "");
     let pools = std::slice::from_ref(&p);
     let add = |c: &str| agent.add(&add_req(who(c, None), pools, "")).unwrap();
-    let copies = || observed.copies.load(Ordering::Acquire);
+    let copies = || observed.copies();
     let no_watch = cluster.watchers();
 
     assert_eq!(add("a0"), vec![ip("10.0.0.1")]);
@@ -774,16 +835,12 @@ fn an_unused_pools_copy_is_let_go_and_followed_again() {
     eventually("its watch closed on the members", || {
         cluster.watchers() == no_watch
     });
-    // The copy let go said nothing more; what says "in step" from here on is the new copy.
-    observed.synced.store(false, Ordering::Release);
 
     let other = plain.add(&add_req(who("other", None), pools, "")).unwrap();
     assert_eq!(other, vec![ip("10.0.0.2")]);
     assert_eq!(add("a1"), vec![ip("10.0.0.3")]);
     assert_eq!(copies(), 1);
-    eventually("the new copy in step", || {
-        observed.synced.load(Ordering::Acquire)
-    });
+    eventually("the new copy in step", || observed.synced());
     // In step again, the copy spares the read: one ADD after another costs its commit alone.
     let before = cluster.transactions_served();
     for (i, want) in ["10.0.0.4", "10.0.0.5", "10.0.0.6"].iter().enumerate() {
@@ -807,7 +864,7 @@ fn an_agent_follows_at_most_so_many_pools_and_reads_the_others() {
         ..Following::AGENT
     };
     let agent = agent_store_of(&config(&cluster), &runtime, &observed, following);
-    let copies = || observed.copies.load(Ordering::Acquire);
+    let copies = || observed.copies();
     let no_watch = cluster.watchers();
     let pools: Vec<PoolRef> = (1..=3)
         .map(|n| pool(&format!("10.{n}.0.0/24"), ""))
@@ -969,7 +1026,7 @@ fn an_agents_copy_follows_again_after_the_cluster_restarts() {
     let pools = std::slice::from_ref(&p);
     let synced = |want: bool| {
         let until = Instant::now() + Duration::from_secs(60);
-        while observed.synced.load(Ordering::Acquire) != want {
+        while observed.synced() != want {
             assert!(
                 Instant::now() < until,
                 "the copy's synced state never became {want}"

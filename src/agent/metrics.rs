@@ -41,6 +41,7 @@ pub struct Metrics {
     cache_events: Family<CacheLabels, Counter>,
     cache_failures: Family<CacheLabels, Counter>,
     cache_copies: Family<CacheLabels, Gauge>,
+    cache_copies_in_step: Family<CacheLabels, Gauge>,
     freed_marked: Counter,
     freed_folded: Counter,
 }
@@ -91,7 +92,7 @@ impl Metrics {
         let cache_synced = Family::<CacheLabels, Gauge>::default();
         registry.register(
             "cache_synced",
-            "1 while the watched copy (ippools, reservations, lease) follows the server since its last list, 0 after a watch failure until the next list",
+            "1 while every copy of the kind (ippools, reservations, lease; etcd: the pools') follows its server since its last list, 0 while one is out of step (from a watch failure, or its first use, to its next list)",
             cache_synced.clone(),
         );
         let cache_updated = Family::<CacheLabels, Gauge>::default();
@@ -115,8 +116,14 @@ impl Metrics {
         let cache_copies = Family::<CacheLabels, Gauge>::default();
         registry.register(
             "cache_copies",
-            "Copies the agent follows (etcd: one per pool a batch used lately)",
+            "Copies the agent follows (one of each Kubernetes kind; etcd: one per pool a batch used lately)",
             cache_copies.clone(),
+        );
+        let cache_copies_in_step = Family::<CacheLabels, Gauge>::default();
+        registry.register(
+            "cache_copies_in_step",
+            "Copies that follow their server since their last list, out of cache_copies",
+            cache_copies_in_step.clone(),
         );
         let freed_marked = Counter::default();
         registry.register(
@@ -142,6 +149,7 @@ impl Metrics {
             cache_events,
             cache_failures,
             cache_copies,
+            cache_copies_in_step,
             freed_marked,
             freed_folded,
         }
@@ -186,12 +194,9 @@ impl Observer for Metrics {
             .inc();
     }
 
-    fn cache(&self, cache: &'static str, synced: bool) {
+    fn cache(&self, cache: &'static str, delivered: bool) {
         let labels = CacheLabels { cache };
-        self.cache_synced
-            .get_or_create(&labels)
-            .set(i64::from(synced));
-        if synced {
+        if delivered {
             let now = jiff::Timestamp::now().as_second();
             self.cache_updated.get_or_create(&labels).set(now);
             self.cache_events.get_or_create(&labels).inc();
@@ -205,11 +210,15 @@ impl Observer for Metrics {
         self.freed_folded.inc_by(folded);
     }
 
-    fn following(&self, cache: &'static str, copies: usize) {
-        let copies = i64::try_from(copies).unwrap_or(i64::MAX);
-        self.cache_copies
-            .get_or_create(&CacheLabels { cache })
-            .set(copies);
+    fn in_step(&self, cache: &'static str, in_step: usize, copies: usize) {
+        let labels = CacheLabels { cache };
+        let all = in_step == copies;
+        self.cache_synced.get_or_create(&labels).set(i64::from(all));
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.cache_copies.get_or_create(&labels).set(count(copies));
+        self.cache_copies_in_step
+            .get_or_create(&labels)
+            .set(count(in_step));
     }
 }
 
@@ -231,5 +240,28 @@ mod tests {
             text.contains("whereabouts_agent_freed_folded_total 5"),
             "{text}"
         );
+    }
+
+    /// An operator alerts on `cache_synced`: it must say 0 while any copy of the kind is out of
+    /// step, not only when the copy that changed last is.
+    #[test]
+    fn a_kind_is_in_step_only_when_all_its_copies_are() {
+        let metrics = Metrics::new();
+        let line = |name: &str, value: u32| {
+            format!("whereabouts_agent_{name}{{cache=\"etcd\"}} {value}\n")
+        };
+        metrics.in_step("etcd", 2, 3);
+        let text = metrics.render();
+        assert!(text.contains(&line("cache_synced", 0)), "{text}");
+        assert!(text.contains(&line("cache_copies", 3)), "{text}");
+        assert!(text.contains(&line("cache_copies_in_step", 2)), "{text}");
+        // An event of a copy in step says nothing of the others.
+        metrics.cache("etcd", true);
+        assert!(metrics.render().contains(&line("cache_synced", 0)));
+        metrics.in_step("etcd", 3, 3);
+        assert!(metrics.render().contains(&line("cache_synced", 1)));
+        // With no copy followed, none is out of step.
+        metrics.in_step("etcd", 0, 0);
+        assert!(metrics.render().contains(&line("cache_synced", 1)));
     }
 }

@@ -17,12 +17,13 @@ pub trait Observer: Send + Sync {
     fn conflict(&self, operation: &'static str);
     /// A request of `operation` waits in its pool's queue while a batch of that pool is served.
     fn queued(&self, operation: &'static str);
-    /// The watch behind cached copy `what` ("ippools", "reservations", "lease") delivered an event, or failed
-    /// (`synced` false until it has listed again).
-    fn cache(&self, what: &'static str, synced: bool);
-    /// The agent now follows `copies` copies of kind `what` (etcd: one per pool it serves).
-    fn following(&self, what: &'static str, copies: usize) {
-        let _ = (what, copies);
+    /// The watch behind a cached copy of kind `what` ("ippools", "reservations", "lease";
+    /// "etcd": one of the pools' copies) delivered an event (`delivered`), or failed.
+    fn cache(&self, what: &'static str, delivered: bool);
+    /// Of the `copies` copies of kind `what` the agent follows (one of each Kubernetes kind;
+    /// etcd: one per pool it serves), `in_step` follow their server since their last list.
+    fn in_step(&self, what: &'static str, in_step: usize, copies: usize) {
+        let _ = (what, in_step, copies);
     }
     /// Since the last call, the agent marked `marked` released addresses freed and its folds
     /// cut `folded` marks out of their runs (etcd).

@@ -322,6 +322,11 @@ impl Cluster {
         ]);
     }
 
+    /// Grants role `role` `permission` on the keys from `from` up to, not including, `to`.
+    pub fn grant_range(&self, role: &str, permission: &str, from: &str, to: &str) {
+        self.etcdctl_ok(&["role", "grant-permission", role, permission, from, to]);
+    }
+
     /// Runs etcdctl on the running members, which must succeed.
     fn etcdctl_ok(&self, args: &[&str]) {
         let out = self.etcdctl(&self.running_urls(), args);

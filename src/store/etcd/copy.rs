@@ -65,14 +65,15 @@ impl Following {
 pub(super) struct Copies {
     runtime: tokio::runtime::Handle,
     client: SharedClient,
-    observer: Arc<dyn Observer>,
     followed: Arc<Followed>,
 }
 
-/// The copies followed, by run directory, and how they are followed.
+/// The copies followed, by run directory, how they are followed, and who is told how many
+/// are in step.
 struct Followed {
     pools: Mutex<HashMap<String, Arc<PoolCopy>>>,
     following: Following,
+    observer: Arc<dyn Observer>,
 }
 
 /// One pool's runs as its watch brings them.
@@ -110,10 +111,10 @@ impl Copies {
         Copies {
             runtime,
             client,
-            observer,
             followed: Arc::new(Followed {
                 pools: Mutex::new(HashMap::new()),
                 following,
+                observer,
             }),
         }
     }
@@ -168,12 +169,11 @@ impl Copies {
             used: Mutex::new(Instant::now()),
         });
         pools.insert(runs_dir.to_string(), copy.clone());
-        self.observer.following("etcd", pools.len());
+        self.followed.tell(&pools);
         let follow = follow_while_used(
             copy.clone(),
             self.client.clone(),
             runs_dir.to_string(),
-            self.observer.clone(),
             self.followed.clone(),
         );
         self.runtime.spawn(follow);
@@ -184,7 +184,7 @@ impl Copies {
 impl Followed {
     /// Returns once `copy` (of `runs_dir`) has gone unused for `let_go_after`, taken out of
     /// the map: the next batch of the pool starts a new copy.
-    async fn until_unused(&self, copy: &PoolCopy, runs_dir: &str, observer: &dyn Observer) {
+    async fn until_unused(&self, copy: &PoolCopy, runs_dir: &str) {
         loop {
             let unused = {
                 let mut pools = lock(&self.pools);
@@ -192,7 +192,7 @@ impl Followed {
                 let unused = lock(&copy.used).elapsed();
                 if unused >= self.following.let_go_after {
                     pools.remove(runs_dir);
-                    observer.following("etcd", pools.len());
+                    self.tell(&pools);
                     return;
                 }
                 unused
@@ -200,6 +200,19 @@ impl Followed {
             let left = self.following.let_go_after.saturating_sub(unused);
             tokio::time::sleep(left).await;
         }
+    }
+
+    /// Tells the observer how many of the copies followed are in step, after a copy listed,
+    /// lost its step, was added or let go.
+    fn report(&self) {
+        self.tell(&lock(&self.pools));
+    }
+
+    /// [`Followed::report`], for a caller that holds the map's lock. Counting and telling under
+    /// that lock keeps two reports from reaching the observer in the wrong order.
+    fn tell(&self, pools: &HashMap<String, Arc<PoolCopy>>) {
+        let in_step = pools.values().filter(|c| lock(&c.state).synced).count();
+        self.observer.in_step("etcd", in_step, pools.len());
     }
 }
 
@@ -267,13 +280,12 @@ async fn follow_while_used(
     copy: Arc<PoolCopy>,
     client: SharedClient,
     runs_dir: String,
-    observer: Arc<dyn Observer>,
     followed: Arc<Followed>,
 ) {
-    let following = keep_following(copy.clone(), client, runs_dir.clone(), observer.clone());
+    let following = keep_following(&copy, client, &runs_dir, &followed);
     tokio::select! {
         () = following => {}
-        () = followed.until_unused(&copy, &runs_dir, &*observer) => {}
+        () = followed.until_unused(&copy, &runs_dir) => {}
     }
     copy.lost_step();
 }
@@ -282,10 +294,10 @@ async fn follow_while_used(
 /// failures repeat. Each list takes the session's client as it is then (it is replaced when
 /// its TLS files are renewed).
 async fn keep_following(
-    copy: Arc<PoolCopy>,
+    copy: &PoolCopy,
     client: SharedClient,
-    runs_dir: String,
-    observer: Arc<dyn Observer>,
+    runs_dir: &str,
+    followed: &Followed,
 ) {
     let pauses = || {
         growing_pauses(Duration::from_millis(100), Duration::from_secs(10))
@@ -294,12 +306,13 @@ async fn keep_following(
     };
     let mut pause = pauses();
     loop {
-        match list_and_watch(&copy, &mut client.current(), &runs_dir, &*observer).await {
+        match list_and_watch(copy, &mut client.current(), runs_dir, followed).await {
             Ok(()) => pause = pauses(),
             Err(err) => tracing::debug!("etcd: following {runs_dir} failed: {err}"),
         }
         copy.lost_step();
-        observer.cache("etcd", false);
+        followed.observer.cache("etcd", false);
+        followed.report();
         tokio::time::sleep(pause.next().unwrap_or(Duration::from_secs(10))).await;
     }
 }
@@ -310,14 +323,15 @@ async fn list_and_watch(
     copy: &PoolCopy,
     client: &mut Client,
     runs_dir: &str,
-    observer: &dyn Observer,
+    followed: &Followed,
 ) -> Result<(), String> {
     let listed = tokio::time::timeout(CALL_LIMIT, list(client, runs_dir)).await;
     let (runs, revision) = listed
         .map_err(|_| format!("no list within {CALL_LIMIT:?}"))?
         .map_err(|e| e.to_string())?;
     copy.replace(runs, revision);
-    observer.cache("etcd", true);
+    followed.observer.cache("etcd", true);
+    followed.report();
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1)
@@ -342,7 +356,7 @@ async fn list_and_watch(
             None => resp.header().map_or(0, |h| h.revision()),
         };
         copy.apply(resp.events(), revision);
-        observer.cache("etcd", true);
+        followed.observer.cache("etcd", true);
     }
 }
 

@@ -230,6 +230,7 @@ where
     fn tell(&self, in_step: bool) {
         self.synced.store(in_step, Ordering::Release);
         self.observer.cache(self.what, in_step);
+        self.observer.in_step(self.what, usize::from(in_step), 1);
         self.changed.notify_waiters();
     }
 }
