@@ -721,18 +721,39 @@ fn an_agent_authenticates_again_after_the_auth_store_changes() {
     add_gets(&agent, "after", "10.0.0.1", "after the auth store changed");
 }
 
+/// A cluster with authentication on and user `ipam` whose role grants nothing yet; `None`
+/// (said loudly, and a failure in CI) where etcd is not installed.
+fn cluster_with_a_role() -> Option<Cluster> {
+    etcd_available().then(|| {
+        let mut cluster = Cluster::start(false);
+        cluster.enable_auth("s3cret");
+        cluster.add_user_with_role("ipam", "1pam");
+        cluster
+    })
+}
+
+/// A node agent's store on `cluster` as user `ipam`: its client's runtime, what it reports and
+/// the store.
+fn agent_of_the_role(cluster: &Cluster) -> (tokio::runtime::Runtime, Arc<Combined>, Shared) {
+    let runtime = agent_runtime();
+    let cfg = config_with(
+        cluster,
+        json!({"etcd_username": "ipam", "etcd_password": "1pam"}),
+    );
+    let observed = Arc::new(Combined::default());
+    let agent = agent_store_of(&cfg, &runtime, &observed, Following::AGENT);
+    (runtime, observed, agent)
+}
+
 /// `cache_synced{cache="etcd"}` is what an operator watches: it says 0 while any pool's copy is
 /// out of step, however busy the others are. The agent's role here does not grant one pool's
 /// runs, so that pool's copy cannot list, while the other pool's copy is in step and takes in
 /// every ADD. Once the role grants them, the copy lists and every copy is in step.
 #[test]
 fn one_pools_copy_out_of_step_keeps_the_agent_out_of_step() {
-    if !etcd_available() {
+    let Some(cluster) = cluster_with_a_role() else {
         return;
-    }
-    let mut cluster = Cluster::start(false);
-    cluster.enable_auth("s3cret");
-    cluster.add_user_with_role("ipam", "1pam");
+    };
     let denied = pool("10.1.0.0/24", "");
     // Every key of the engine but the denied pool's runs: a prefix's range ends before the
     // key that follows its `/`.
@@ -740,13 +761,7 @@ fn one_pools_copy_out_of_step_keeps_the_agent_out_of_step() {
     let after = |prefix: &str| format!("{}0", prefix.trim_end_matches('/'));
     cluster.grant_range("ipam", "readwrite", DEFAULT_PREFIX, &runs);
     cluster.grant_range("ipam", "readwrite", &after(&runs), &after(DEFAULT_PREFIX));
-    let runtime = agent_runtime();
-    let cfg = config_with(
-        &cluster,
-        json!({"etcd_username": "ipam", "etcd_password": "1pam"}),
-    );
-    let observed = Arc::new(Combined::default());
-    let agent = agent_store_of(&cfg, &runtime, &observed, Following::AGENT);
+    let (_runtime, observed, agent) = agent_of_the_role(&cluster);
     add_gets(&agent, "open-0", "10.0.0.1", "of the granted pool");
     eventually("the granted pool's copy in step", || observed.synced());
 
@@ -1270,20 +1285,11 @@ fn contending_agents_fill_a_pool_completely() {
 /// an admin grants it, the same agent, with the same client, serves the next ADD.
 #[test]
 fn an_agent_denied_the_prefix_says_so_until_its_role_grants_it() {
-    if !etcd_available() {
+    let Some(cluster) = cluster_with_a_role() else {
         return;
-    }
-    let mut cluster = Cluster::start(false);
-    cluster.enable_auth("s3cret");
-    cluster.add_user_with_role("ipam", "1pam");
+    };
     cluster.grant("ipam", "readwrite", "/other/");
-    let runtime = agent_runtime();
-    let cfg = config_with(
-        &cluster,
-        json!({"etcd_username": "ipam", "etcd_password": "1pam"}),
-    );
-    let observed = Arc::new(Combined::default());
-    let agent = agent_store_of(&cfg, &runtime, &observed, Following::AGENT);
+    let (_runtime, _, agent) = agent_of_the_role(&cluster);
     let pools = [pool("10.0.0.0/24", "")];
     for container in ["first", "second"] {
         let err = agent
