@@ -5,7 +5,7 @@
 //! plugin does the work itself whenever no agent answers (`client`).
 
 pub mod client;
-mod metrics;
+pub mod metrics;
 mod server;
 pub mod wire;
 
