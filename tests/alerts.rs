@@ -1,5 +1,5 @@
-//! The alert rules shipped for operators (deploy/prometheus/whereabouts-alerts.yaml): valid for
-//! Prometheus, firing on what they are for and not on healthy series (promtool's own rule
+//! The alert rules shipped for operators (deploy/helm/whereabouts/files/whereabouts-alerts.yaml,
+//! also the chart's PrometheusRule): valid for Prometheus, firing on what they are for and not on healthy series (promtool's own rule
 //! checks and unit tests, tests/data/alerts.test.yaml), naming only metrics the agent and the
 //! controller export, and each explained in docs/install.md.
 
@@ -18,7 +18,7 @@ fn root() -> PathBuf {
 }
 
 fn rules_file() -> PathBuf {
-    root().join("deploy/prometheus/whereabouts-alerts.yaml")
+    root().join("deploy/helm/whereabouts/files/whereabouts-alerts.yaml")
 }
 
 fn read(path: &Path) -> String {

@@ -481,6 +481,7 @@ fn helm_lints_the_chart() {
         None,
         Some("logLevel=debug"),
         Some("controller.enabled=false"),
+        Some("prometheusRule.enabled=true"),
         Some("cniConf.confDir=/etc/kubernetes/cni/net.d"),
     ] {
         let mut args = vec!["lint", "--strict", &chart];
@@ -533,8 +534,8 @@ fn every_yaml_file_parses_and_objects_have_required_fields() {
         if path.starts_with(&templates) {
             continue; // rendered by helm in the chart tests
         }
-        if path.starts_with(deploy().join("prometheus")) {
-            continue; // Prometheus rule files, not objects: promtool checks them (tests/alerts.rs)
+        if path.starts_with(chart_dir().join("files")) {
+            continue; // the alert rules, not objects: promtool checks them (tests/alerts.rs)
         }
         let name = path.strip_prefix(root()).unwrap().display().to_string();
         let docs = yaml_docs(&read(&path), &name);
@@ -1225,6 +1226,45 @@ fn the_controller_can_be_left_out_of_the_chart() {
         .collect();
     plugin.sort();
     assert_eq!(left, plugin);
+}
+
+/// The chart's PrometheusRule carries the alert rules file as is, with the labels asked for, and
+/// only when asked for: a cluster without the Prometheus Operator has no CRD for it.
+#[test]
+fn the_chart_installs_the_alert_rules_when_asked() {
+    let Some(default) = default_chart() else {
+        return;
+    };
+    let asked = [
+        "prometheusRule.enabled=true",
+        "prometheusRule.labels.release=monitoring",
+    ];
+    let Some(with_rules) = render_chart("whereabouts", "kube-system", &asked) else {
+        return;
+    };
+    assert!(default.iter().all(|o| o["kind"] != "PrometheusRule"));
+    let rule = one(&with_rules, "PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["metadata"]["namespace"], "kube-system");
+    assert_eq!(rule["metadata"]["labels"]["release"], "monitoring");
+    assert_eq!(
+        rule["metadata"]["labels"]["app.kubernetes.io/name"],
+        "whereabouts"
+    );
+    let rules = yaml_doc(&chart_dir().join("files/whereabouts-alerts.yaml"));
+    assert_eq!(
+        rule["spec"], rules,
+        "the PrometheusRule's spec is not the rules file"
+    );
+    // Prometheus' templates reach it untouched by Helm's.
+    let text = rule["spec"].to_string();
+    assert!(text.contains("{{ $labels.pool }}"), "{text}");
+    // Nothing else changes.
+    let others: Vec<&Value> = with_rules
+        .iter()
+        .filter(|o| o["kind"] != "PrometheusRule")
+        .collect();
+    assert_eq!(others, default.iter().collect::<Vec<_>>());
 }
 
 /// The DaemonSet's agent container: `whereabouts agent` as the binary parses it, its probes on
