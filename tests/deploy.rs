@@ -482,6 +482,7 @@ fn helm_lints_the_chart() {
         Some("logLevel=debug"),
         Some("controller.enabled=false"),
         Some("prometheusRule.enabled=true"),
+        Some("grafanaDashboard.enabled=true"),
         Some("cniConf.confDir=/etc/kubernetes/cni/net.d"),
     ] {
         let mut args = vec!["lint", "--strict", &chart];
@@ -535,7 +536,7 @@ fn every_yaml_file_parses_and_objects_have_required_fields() {
             continue; // rendered by helm in the chart tests
         }
         if path.starts_with(chart_dir().join("files")) {
-            continue; // the alert rules, not objects: promtool checks them (tests/alerts.rs)
+            continue; // alert rules and a dashboard, not objects: tests/monitoring.rs
         }
         let name = path.strip_prefix(root()).unwrap().display().to_string();
         let docs = yaml_docs(&read(&path), &name);
@@ -1264,6 +1265,28 @@ fn the_chart_installs_the_alert_rules_when_asked() {
         .iter()
         .filter(|o| o["kind"] != "PrometheusRule")
         .collect();
+    assert_eq!(others, default.iter().collect::<Vec<_>>());
+}
+
+/// The chart's dashboard ConfigMap carries the dashboard file as is, with the labels Grafana's
+/// sidecar looks for, and only when asked for.
+#[test]
+fn the_chart_installs_the_dashboard_when_asked() {
+    let Some(default) = default_chart() else {
+        return;
+    };
+    let asked = ["grafanaDashboard.enabled=true"];
+    let Some(with_dashboard) = render_chart("whereabouts", "kube-system", &asked) else {
+        return;
+    };
+    let is_dashboard = |o: &&Value| o["metadata"]["name"] == "whereabouts-dashboard";
+    assert!(default.iter().find(is_dashboard).is_none());
+    let config_map = named(&with_dashboard, "ConfigMap", "whereabouts-dashboard");
+    assert_eq!(config_map["metadata"]["namespace"], "kube-system");
+    assert_eq!(config_map["metadata"]["labels"]["grafana_dashboard"], "1");
+    let file = read(&chart_dir().join("files/whereabouts-dashboard.json"));
+    assert_eq!(config_map["data"]["whereabouts.json"], file.trim_end());
+    let others: Vec<&Value> = with_dashboard.iter().filter(|o| !is_dashboard(o)).collect();
     assert_eq!(others, default.iter().collect::<Vec<_>>());
 }
 

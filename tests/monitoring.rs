@@ -1,7 +1,8 @@
-//! The alert rules shipped for operators (deploy/helm/whereabouts/files/whereabouts-alerts.yaml,
-//! also the chart's PrometheusRule): valid for Prometheus, firing on what they are for and not on healthy series (promtool's own rule
-//! checks and unit tests, tests/data/alerts.test.yaml), naming only metrics the agent and the
-//! controller export, and each explained in docs/install.md.
+//! What the chart ships for monitoring (deploy/helm/whereabouts/files/): the alert rules (also
+//! its PrometheusRule), valid for Prometheus, firing on what they are for and not on healthy
+//! series (promtool's own rule checks and unit tests, tests/data/alerts.test.yaml), each
+//! explained in docs/install.md; the Grafana dashboard, well formed, its queries valid for
+//! Prometheus. Both name only metrics the agent and the controller export.
 
 mod common;
 
@@ -19,6 +20,26 @@ fn root() -> PathBuf {
 
 fn rules_file() -> PathBuf {
     root().join("deploy/helm/whereabouts/files/whereabouts-alerts.yaml")
+}
+
+fn dashboard() -> Value {
+    let path = root().join("deploy/helm/whereabouts/files/whereabouts-dashboard.json");
+    serde_json::from_str(&read(&path)).expect("the dashboard is JSON")
+}
+
+/// The dashboard's queries: (panel title, expression).
+fn queries() -> Vec<(String, String)> {
+    let dashboard = dashboard();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut queries = Vec::new();
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or_default();
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("a query");
+            queries.push((title.to_string(), expr.to_string()));
+        }
+    }
+    queries
 }
 
 fn read(path: &Path) -> String {
@@ -140,21 +161,76 @@ fn controller_exports() -> String {
     metrics.render()
 }
 
-/// A rule naming a metric nobody exports never fires: every name in an expression is one the
-/// agent or the controller exports.
+/// A rule or a panel naming a metric nobody exports never fires or stays empty: every name in
+/// an expression is one the agent or the controller exports.
 #[test]
-fn the_rules_name_only_exported_metrics() {
+fn the_rules_and_the_dashboard_name_only_exported_metrics() {
     let mut known = exported(&agent_exports());
     known.extend(exported(&controller_exports()));
-    for (alert, expr) in rules() {
+    for (user, expr) in rules().into_iter().chain(queries()) {
         let words = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
         for name in words.filter(|w| w.starts_with("whereabouts_")) {
             assert!(
                 known.contains(name),
-                "{alert} names {name}, which nothing exports"
+                "{user} names {name}, which nothing exports"
             );
         }
     }
+}
+
+/// Every query of the dashboard parses for Prometheus: promtool checks them as recording rules
+/// of a scratch rule file.
+#[test]
+fn the_dashboards_queries_are_valid_for_prometheus() {
+    let Some(promtool) = promtool() else { return };
+    let records: Vec<Value> = (0..)
+        .zip(queries())
+        .map(|(i, (_, expr))| serde_json::json!({"record": format!("dashboard:query_{i}"), "expr": expr}))
+        .collect();
+    let file = serde_json::json!({"groups": [{"name": "dashboard", "rules": records}]});
+    let dir = tempfile::tempdir().unwrap();
+    // JSON is YAML: promtool reads it as a rule file.
+    let path = dir.path().join("dashboard-queries.yaml");
+    std::fs::write(&path, file.to_string()).unwrap();
+    promtool_passes(&promtool, &[Path::new("check"), Path::new("rules"), &path]);
+}
+
+/// Grafana imports the dashboard as it is: panels with ids of their own, inside the 24 columns
+/// of its grid, every query on the data source the dashboard asks for.
+#[test]
+fn the_dashboard_is_well_formed() {
+    let dashboard = dashboard();
+    assert_eq!(dashboard["uid"], "whereabouts");
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables");
+    assert!(variables
+        .iter()
+        .any(|v| v["name"] == "datasource" && v["query"] == "prometheus"));
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    for panel in panels {
+        let title = panel["title"].as_str().expect("a title");
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("an id")),
+            "{title}: id taken"
+        );
+        let grid = &panel["gridPos"];
+        let (x, w) = (grid["x"].as_u64().unwrap(), grid["w"].as_u64().unwrap());
+        assert!(
+            x + w <= 24 && grid["h"].as_u64() > Some(0),
+            "{title}: {grid}"
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no query");
+        for target in targets.iter().chain([panel]) {
+            assert_eq!(target["datasource"]["uid"], "${datasource}", "{title}");
+        }
+    }
+    assert!(queries().len() >= 10, "{} queries", queries().len());
 }
 
 /// Whoever gets an alert finds what it means and what to do in the install guide.
