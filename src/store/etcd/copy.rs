@@ -133,22 +133,7 @@ impl Copies {
         wait: Duration,
     ) -> Option<Window> {
         let copy = self.pool(runs_dir)?;
-        let state = lock(&copy.state);
-        let (mut state, _) = copy
-            .advanced
-            .wait_timeout_while(state, wait, |s| s.synced && s.revision < revision)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !state.synced {
-            return None;
-        }
-        if state.revision < revision {
-            let behind_since = *state.behind_since.get_or_insert_with(Instant::now);
-            if behind_since.elapsed() >= STUCK_AFTER {
-                copy.relist.notify_one();
-            }
-            return None;
-        }
-        Some(state.window(runs_dir, from_key, from))
+        copy.window(runs_dir, from_key, from, revision, wait)
     }
 
     /// The pool's copy, followed from now on if it is not yet; `None` when it is not and the
@@ -162,12 +147,7 @@ impl Copies {
         if pools.len() >= self.followed.following.at_most {
             return None;
         }
-        let copy = Arc::new(PoolCopy {
-            state: Mutex::new(State::default()),
-            advanced: Condvar::new(),
-            relist: Notify::new(),
-            used: Mutex::new(Instant::now()),
-        });
+        let copy = Arc::new(PoolCopy::new());
         pools.insert(runs_dir.to_string(), copy.clone());
         self.followed.tell(&pools);
         let follow = follow_while_used(
@@ -239,6 +219,44 @@ impl State {
 }
 
 impl PoolCopy {
+    fn new() -> PoolCopy {
+        PoolCopy {
+            state: Mutex::new(State::default()),
+            advanced: Condvar::new(),
+            relist: Notify::new(),
+            used: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// [`Copies::window`] of this copy: the window once it shows `revision`, waiting up to
+    /// `wait`; `None` when it does not, or is not in step. A copy in step that stays behind
+    /// for [`STUCK_AFTER`], nothing applied meanwhile, is told to list again.
+    fn window(
+        &self,
+        runs_dir: &str,
+        from_key: &str,
+        from: u128,
+        revision: i64,
+        wait: Duration,
+    ) -> Option<Window> {
+        let state = lock(&self.state);
+        let (mut state, _) = self
+            .advanced
+            .wait_timeout_while(state, wait, |s| s.synced && s.revision < revision)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !state.synced {
+            return None;
+        }
+        if state.revision < revision {
+            let behind_since = *state.behind_since.get_or_insert_with(Instant::now);
+            if behind_since.elapsed() >= STUCK_AFTER {
+                self.relist.notify_one();
+            }
+            return None;
+        }
+        Some(state.window(runs_dir, from_key, from))
+    }
+
     fn replace(&self, runs: BTreeMap<Vec<u8>, (Vec<u8>, i64)>, revision: i64) {
         *lock(&self.state) = State {
             runs,
@@ -388,5 +406,66 @@ async fn list(
             return Ok((runs, revision));
         }
         from.push(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIR: &str = "/w/pools/p/r/";
+
+    fn key(offset: u128) -> String {
+        format!("{DIR}{offset:032x}")
+    }
+
+    /// A copy listed at revision 5 with one run, 1 to 3.
+    fn listed() -> PoolCopy {
+        let copy = PoolCopy::new();
+        let run = (key(3).into_bytes(), 4);
+        copy.replace(BTreeMap::from([(key(1).into_bytes(), run)]), 5);
+        copy
+    }
+
+    fn window(copy: &PoolCopy, revision: i64, wait: Duration) -> Option<Window> {
+        copy.window(DIR, &key(1), 1, revision, wait)
+    }
+
+    /// Whether the copy has been told to list again (a permit waits on `relist`).
+    fn told_to_relist(copy: &PoolCopy) -> bool {
+        use futures::FutureExt;
+        copy.relist.notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_copy_in_step_at_the_revision_asked_gives_its_window() {
+        let copy = listed();
+        assert!(window(&copy, 5, Duration::ZERO).is_some());
+        assert!(window(&copy, 4, Duration::ZERO).is_some());
+        copy.lost_step();
+        assert!(window(&copy, 5, Duration::ZERO).is_none(), "out of step");
+        assert!(
+            !told_to_relist(&copy),
+            "a copy out of step lists again by itself"
+        );
+    }
+
+    /// A copy behind the agent's own change waits for its watch, briefly; one behind for
+    /// longer than its watch may lag is listed again, in case the watch hangs on a member gone
+    /// silent. A change applied meanwhile shows the watch alive.
+    #[test]
+    fn a_copy_behind_for_too_long_is_told_to_list_again() {
+        let copy = listed();
+        assert!(window(&copy, 6, Duration::ZERO).is_none());
+        assert!(!told_to_relist(&copy), "behind for a moment only");
+
+        lock(&copy.state).behind_since = Some(Instant::now() - STUCK_AFTER);
+        assert!(window(&copy, 6, Duration::ZERO).is_none());
+        assert!(told_to_relist(&copy), "behind for STUCK_AFTER");
+
+        lock(&copy.state).behind_since = Some(Instant::now() - STUCK_AFTER);
+        copy.apply(&[], 5);
+        assert!(window(&copy, 6, Duration::ZERO).is_none());
+        assert!(!told_to_relist(&copy), "its watch delivered meanwhile");
     }
 }
