@@ -11,7 +11,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::wire::WireError;
 use crate::store::kubernetes::Observer;
+
+/// The requests the agent serves, as its metrics name them.
+pub const OPERATIONS: [&str; 5] = ["add", "del", "check", "gc", "status"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -137,7 +141,7 @@ impl Metrics {
             "Freed marks this agent's folds cut out of their runs, their addresses free again (etcd)",
             freed_folded.clone(),
         );
-        Metrics {
+        let metrics = Metrics {
             registry: Mutex::new(registry),
             requests,
             durations,
@@ -152,6 +156,22 @@ impl Metrics {
             cache_copies_in_step,
             freed_marked,
             freed_folded,
+        };
+        metrics.count_from_zero();
+        metrics
+    }
+
+    /// Shows every operation's count of every result from the start, at 0: a counter that
+    /// appears only at its first request hides that request from `increase()` and `rate()`,
+    /// so an alert on the first "no free address" would not fire.
+    fn count_from_zero(&self) {
+        for operation in OPERATIONS {
+            for result in std::iter::once("ok").chain(WireError::KINDS) {
+                // Created at 0; the guard it returns is not needed.
+                let _ = self
+                    .requests
+                    .get_or_create(&RequestLabels { operation, result });
+            }
         }
     }
 
@@ -239,6 +259,24 @@ mod tests {
         assert!(
             text.contains("whereabouts_agent_freed_folded_total 5"),
             "{text}"
+        );
+    }
+
+    /// Every result of every operation is there before the first request, at 0.
+    #[test]
+    fn request_counts_start_at_zero() {
+        let metrics = Metrics::new();
+        let exhausted = r#"whereabouts_agent_requests_total{operation="add",result="exhausted"}"#;
+        let text = metrics.render();
+        assert!(text.contains(&format!("{exhausted} 0\n")), "{text}");
+        metrics.request("add", "exhausted", 0.01);
+        assert!(metrics.render().contains(&format!("{exhausted} 1\n")));
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("whereabouts_agent_requests_total"));
+        assert_eq!(
+            series.count(),
+            OPERATIONS.len() * (1 + WireError::KINDS.len())
         );
     }
 

@@ -176,6 +176,18 @@ impl WireError {
         )
     }
 
+    /// Every [`WireError::kind`], so that metrics can show each from the start.
+    pub const KINDS: [&'static str; 8] = [
+        "exhausted",
+        "in_use",
+        "try_again",
+        "config",
+        "io",
+        "broken",
+        "wrong_engine",
+        "bad_request",
+    ];
+
     /// A label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -450,6 +462,32 @@ impl AllocationsBody {
 mod tests {
     use super::*;
     use crate::ipam::addr::parse_ip;
+
+    /// `KINDS` lists every kind, and each kind is the tag the error travels with.
+    #[test]
+    fn every_kind_is_listed() {
+        let message = || "m".to_string();
+        let errors = [
+            WireError::Exhausted { range: message() },
+            WireError::InUse {
+                ip: "10.0.0.1".parse().unwrap(),
+                range: message(),
+                holder: message(),
+            },
+            WireError::TryAgain { message: message() },
+            WireError::Config { message: message() },
+            WireError::Io { message: message() },
+            WireError::Broken { message: message() },
+            WireError::WrongEngine { message: message() },
+            WireError::BadRequest { message: message() },
+        ];
+        let kinds: Vec<&str> = errors.iter().map(WireError::kind).collect();
+        assert_eq!(kinds, WireError::KINDS);
+        for error in &errors {
+            let tagged = serde_json::to_value(error).unwrap();
+            assert_eq!(tagged["kind"], error.kind());
+        }
+    }
 
     fn pool(network_name: &str) -> PoolRef {
         let spec = RangeSpec {

@@ -111,6 +111,19 @@ pub struct Metrics {
     pub busy_since: AtomicI64,
 }
 
+/// The operations `whereabouts_errors_total` counts failures of.
+pub const OPERATIONS: [&str; 9] = [
+    "list_allocations",
+    "list_pods",
+    "list_reservations",
+    "get_pod",
+    "release",
+    "release_reservation",
+    "free_released",
+    "post_event",
+    "watch_pods",
+];
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut m = Metrics {
@@ -136,6 +149,11 @@ impl Default for Metrics {
             busy_since: AtomicI64::new(0),
         };
         m.register();
+        // Every operation's count shows from the start, at 0: a counter that appears only at
+        // its first failure hides that failure from `increase()`, which the alerts use.
+        for operation in OPERATIONS {
+            let _ = m.errors.get_or_create(&OperationLabel { operation });
+        }
         m
     }
 }
@@ -241,7 +259,9 @@ impl Metrics {
             .inc_by(count);
     }
 
+    /// A failure of `operation`, one of [`OPERATIONS`].
     pub fn error(&self, operation: &'static str) {
+        debug_assert!(OPERATIONS.contains(&operation), "{operation}");
         self.errors
             .get_or_create(&OperationLabel { operation })
             .inc();
@@ -336,6 +356,11 @@ mod tests {
         assert_eq!(stats[0].size, 6);
         assert_eq!(stats[0].used, 2);
         let m = Metrics::default();
+        let no_failure = "whereabouts_errors_total{operation=\"release\"} 0\n";
+        assert!(
+            m.render().contains(no_failure),
+            "counted from 0 from the start"
+        );
         m.set_pools(&stats);
         m.released("pod_deleted", 3);
         m.error("list_pods");
