@@ -495,6 +495,49 @@ fn metrics_reflect_a_burst() {
         .is_some());
 }
 
+/// A pool's size is what its network hands out: the controller (configured without a range,
+/// as the chart runs it) reads the range, its end and its exclusions from the
+/// NetworkAttachmentDefinition that draws from the pool. An IPPool holds only the CIDR, which
+/// would make a full pool read some addresses free.
+#[test]
+fn a_pools_size_is_what_its_network_hands_out() {
+    let plane = real_cluster!();
+    let narrow = json!({"range_end": "10.89.0.10", "exclude": ["10.89.0.4/30"]});
+    let c = Cluster::new(plane, "ctl-pool-capacity", "10.89.0.0/28", narrow);
+    let ipam = c.net.conf["ipam"].clone();
+    let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": "narrow"},
+        "spec": {"config": json!({"cniVersion": "0.3.1", "name": "narrow", "type": "macvlan",
+            "ipam": ipam}).to_string()}});
+    c.ns.create("network-attachment-definitions", nad);
+    for name in ["a", "b"] {
+        c.pod_with_address(name, "Running");
+    }
+    // The controller's own configuration names no range.
+    let mut conf = c.net.conf.clone();
+    for key in ["range", "range_end", "exclude"] {
+        conf["ipam"].as_object_mut().unwrap().remove(key);
+    }
+    let args = ["--namespace", c.ns.name.as_str()];
+    let ctl = Controller::start(c.net.path(), &conf, &c.kubeconfig, &args);
+    // A release refreshes the gauges, after the controller's first lists.
+    assert!(c.ns.delete("pods", "b"));
+    ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 1.0);
+    let gauge = |name: &str| {
+        let labels = "pool=\"10.89.0.0-28\",range=\"10.89.0.0/28\"";
+        ctl.metric(&format!("whereabouts_{name}{{{labels}}}"))
+    };
+    // Hosts 1 to 10 less 4 to 7; the CIDR alone would say 14.
+    wait_for(
+        "the gauges after the release",
+        Duration::from_secs(30),
+        || gauge("pool_used") == Some(1.0),
+    );
+    assert_eq!(gauge("pool_size"), Some(6.0));
+    assert_eq!(gauge("pool_free"), Some(5.0));
+    c.ns.delete("network-attachment-definitions", "narrow");
+}
+
 /// The NodeSlicePool's slice per node ("" for free slices).
 fn slices(server: &FakeApiServer, name: &str) -> Vec<(String, String)> {
     server

@@ -24,8 +24,9 @@ pub struct PoolStat {
     pub used: u128,
 }
 
-/// Pools from the configuration (their real capacity) and from the allocations (any other
-/// pool: the range less its network and broadcast addresses).
+/// Pools from the configuration and the networks that describe them (their real capacity; of
+/// two of one name, the later counts) and from the allocations (any other pool: the range less
+/// its network and broadcast addresses).
 pub fn pool_stats(configured: &[PoolRef], allocations: &[Allocation]) -> Vec<PoolStat> {
     let mut pools: BTreeMap<String, PoolStat> = BTreeMap::new();
     for pool in configured {

@@ -8,6 +8,7 @@
 //! axum serves HTTP; one worker thread owns the store, which is synchronous, and does every
 //! release, only while this replica leads.
 
+mod described;
 pub mod events;
 pub mod http;
 pub mod leader;
@@ -159,7 +160,22 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         Some(_) => Leadership::default(),
         None => Leadership::always(),
     };
-    start_worker(&opts, &client, &metrics, &leadership, &jobs, queue).await?;
+    // Lists may come from the API server's watch cache: the watches only wake the worker, and
+    // every reconcile lists the pods afresh after reading the allocations (`cleanup::plan`).
+    let config = watcher::Config::default()
+        .any_semantic()
+        .timeout(watch_seconds(opts.watch_timeout));
+    let nads = opts.node_slices.then(|| {
+        start_node_slices(
+            &opts,
+            &client,
+            &watch_client,
+            &metrics,
+            &leadership,
+            &config,
+        )
+    });
+    start_worker(&opts, &client, &metrics, &leadership, &jobs, queue, nads).await?;
     let ready = serve_probes(listener, &opts, &metrics, &jobs);
     tokio::spawn(schedule::run(
         client.clone(),
@@ -168,21 +184,6 @@ async fn main(opts: Options) -> Result<(), ControllerError> {
         jobs.clone(),
     ));
     let election = start_election(&opts, &client, &metrics, &leadership, &jobs);
-    // Lists may come from the API server's watch cache: the watches only wake the worker, and
-    // every reconcile lists the pods afresh after reading the allocations (`cleanup::plan`).
-    let config = watcher::Config::default()
-        .any_semantic()
-        .timeout(watch_seconds(opts.watch_timeout));
-    if opts.node_slices {
-        start_node_slices(
-            &opts,
-            &client,
-            &watch_client,
-            &metrics,
-            &leadership,
-            &config,
-        );
-    }
     let pods = watch::pods(
         Api::<Pod>::all(watch_client),
         config,
@@ -256,6 +257,7 @@ async fn start_worker(
     leadership: &Leadership,
     jobs: &Jobs,
     queue: tokio::sync::mpsc::UnboundedReceiver<Job>,
+    nads: Option<Store<DynamicObject>>,
 ) -> Result<(), ControllerError> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let ipam = opts.ipam.clone();
@@ -284,6 +286,7 @@ async fn start_worker(
             Worker {
                 store,
                 configured,
+                nads,
                 handle,
                 client,
                 reservations,
@@ -305,6 +308,7 @@ async fn start_worker(
 
 /// Node and NetworkAttachmentDefinition caches, and the loop that keeps the NodeSlicePools in
 /// step with them: at every change, and every minute in any case. Only the leader writes.
+/// Returns the NetworkAttachmentDefinitions' cache (the pool gauges read it too).
 fn start_node_slices(
     opts: &Options,
     client: &Client,
@@ -312,7 +316,7 @@ fn start_node_slices(
     metrics: &Arc<Metrics>,
     leadership: &Leadership,
     config: &watcher::Config,
-) {
+) -> Store<DynamicObject> {
     let changed = Arc::new(Notify::new());
     let (nodes, follow_nodes) = watch::reflect(
         Api::<Node>::all(watch_client.clone()),
@@ -336,11 +340,12 @@ fn start_node_slices(
     tokio::spawn(keep_node_slices(
         client.clone(),
         opts.namespace.clone(),
-        (nads, nodes),
+        (nads.clone(), nodes),
         metrics.clone(),
         leadership.clone(),
         changed,
     ));
+    nads
 }
 
 async fn keep_node_slices(

@@ -9,12 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use kube::api::DynamicObject;
 use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store as Cached;
 use kube::{Api, Client};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::Semaphore;
 
+use super::described::described_pools;
 use super::events::{self, Released};
 use super::leader::Leadership;
 use super::metrics::{pool_stats, Metrics};
@@ -43,6 +46,9 @@ pub type Jobs = UnboundedSender<Job>;
 pub struct Worker {
     pub store: Box<dyn Store>,
     pub configured: Vec<PoolRef>,
+    /// The cached NetworkAttachmentDefinitions, whose pools' capacities the gauges show; None
+    /// where the controller does not follow them (no node slices).
+    pub nads: Option<Cached<DynamicObject>>,
     pub handle: Handle,
     pub client: Client,
     /// Where the Kubernetes engine keeps its reservations; None with other engines.
@@ -121,7 +127,13 @@ impl Worker {
             .filter(|l| !released.contains(&(l.pool.clone(), l.ip)))
             .cloned()
             .collect();
-        self.metrics.set_pools(&pool_stats(&self.configured, &kept));
+        let mut described = match &self.nads {
+            Some(nads) => described_pools(&nads.state()),
+            None => Vec::new(),
+        };
+        // The later description of a pool wins: the configuration's.
+        described.extend(self.configured.iter().cloned());
+        self.metrics.set_pools(&pool_stats(&described, &kept));
     }
 
     /// Leases, tried a few times: a busy store must not lose a deletion.

@@ -1,0 +1,156 @@
+//! The pools the NetworkAttachmentDefinitions describe, for the pool gauges: a pool's real
+//! capacity (less its gateway, outside `range_start`/`range_end`, less `exclude`) is in the
+//! `ipam` object that draws from it, not in the IPPool, which holds only the CIDR. A pool no
+//! NetworkAttachmentDefinition describes keeps its CIDR's size (`metrics::pool_stats`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kube::api::DynamicObject;
+use serde_json::Value;
+
+use crate::cli::store_args::ipam_of;
+use crate::config;
+use crate::store::PoolRef;
+
+/// The keys that decide a pool's addresses. The rest (engine, paths, logging) is the node's
+/// business, and the controller must not act on paths a namespace user wrote.
+const RANGE_KEYS: [&str; 8] = [
+    "type",
+    "range",
+    "range_start",
+    "range_end",
+    "exclude",
+    "ipranges",
+    "gateway",
+    "network_name",
+];
+
+/// The pools of every whereabouts `ipam` object the NetworkAttachmentDefinitions hold, by
+/// name, read as the plugin reads them (`config::load_untrusted`). Sliced networks are left
+/// out (their pools are per node); so is what cannot be read, which a log line names. When two
+/// describe one pool differently, the first (by namespace and name) wins.
+pub fn described_pools(nads: &[Arc<DynamicObject>]) -> Vec<PoolRef> {
+    let mut sorted: Vec<&Arc<DynamicObject>> = nads.iter().collect();
+    sorted.sort_by_key(|nad| (nad.metadata.namespace.clone(), nad.metadata.name.clone()));
+    let mut pools = BTreeMap::new();
+    for nad in sorted {
+        let config = nad.data.get("spec").and_then(|s| s.get("config"));
+        let Some(config) = config.and_then(Value::as_str) else {
+            continue;
+        };
+        match pools_of(config) {
+            Ok(found) => {
+                for pool in found {
+                    pools.entry(pool.name.clone()).or_insert(pool);
+                }
+            }
+            Err(err) => tracing::debug!(
+                nad = %format!(
+                    "{}/{}",
+                    nad.metadata.namespace.as_deref().unwrap_or_default(),
+                    nad.metadata.name.as_deref().unwrap_or_default()
+                ),
+                %err,
+                "its pools' capacity is not known"
+            ),
+        }
+    }
+    pools.into_values().collect()
+}
+
+/// The pools one `spec.config` describes; none for another IPAM or a sliced network.
+fn pools_of(config_text: &str) -> Result<Vec<PoolRef>, String> {
+    let conf: Value =
+        serde_json::from_str(config_text).map_err(|e| format!("spec.config is not JSON: {e}"))?;
+    let Some(ipam) = ipam_of(&conf) else {
+        return Ok(Vec::new());
+    };
+    let is_whereabouts = ipam.get("type").and_then(Value::as_str) == Some("whereabouts");
+    let Some(map) = ipam.as_object().filter(|_| is_whereabouts) else {
+        return Ok(Vec::new());
+    };
+    let is = |k: &str, key: &str| k.eq_ignore_ascii_case(key);
+    if map.keys().any(|k| is(k, "node_slice_size")) {
+        return Ok(Vec::new());
+    }
+    let ranges: serde_json::Map<String, Value> = map
+        .iter()
+        .filter(|(k, _)| RANGE_KEYS.iter().any(|key| is(k, key)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let cfg =
+        config::load_untrusted(Some(&Value::Object(ranges)), &[]).map_err(|e| e.describe())?;
+    crate::plugin::pools(&cfg).map_err(|e| e.msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ApiResource;
+    use serde_json::json;
+
+    fn nad(namespace: &str, name: &str, ipam: Value) -> Arc<DynamicObject> {
+        let config = json!({"cniVersion": "0.3.1", "name": name, "type": "macvlan", "ipam": ipam});
+        let resource = ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&());
+        let mut object = DynamicObject::new(name, &resource).within(namespace);
+        object.data = json!({"spec": {"config": config.to_string()}});
+        Arc::new(object)
+    }
+
+    #[test]
+    fn a_pools_capacity_is_what_its_network_hands_out() {
+        let pools = described_pools(&[
+            nad(
+                "a",
+                "narrow",
+                json!({"type": "whereabouts", "range": "10.0.0.0/24",
+                       "range_start": "10.0.0.100", "range_end": "10.0.0.109",
+                       "exclude": ["10.0.0.104/30"], "kubernetes": {"kubeconfig": "/x"}}),
+            ),
+            nad(
+                "a",
+                "gateway",
+                json!({"type": "whereabouts", "range": "10.1.0.0/29", "gateway": "10.1.0.1",
+                       "network_name": "blue"}),
+            ),
+            nad(
+                "b",
+                "sliced",
+                json!({"type": "whereabouts", "range": "10.2.0.0/16", "node_slice_size": "/24"}),
+            ),
+            nad(
+                "b",
+                "other",
+                json!({"type": "host-local", "subnet": "10.3.0.0/24"}),
+            ),
+            nad(
+                "b",
+                "broken",
+                json!({"type": "whereabouts", "range": "not a range"}),
+            ),
+        ]);
+        let found: Vec<(String, u128)> = pools
+            .iter()
+            .map(|p| (p.name.clone(), p.range.capacity()))
+            .collect();
+        // 100 to 109 less 104 to 107; a /29's six hosts less the gateway.
+        assert_eq!(
+            found,
+            vec![
+                ("10.0.0.0-24".to_string(), 6),
+                ("blue-10.1.0.0-29".to_string(), 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_first_description_of_a_pool_wins() {
+        let narrow = json!({"type": "whereabouts", "range": "10.0.0.0/24",
+                            "range_end": "10.0.0.10"});
+        let whole = json!({"type": "whereabouts", "range": "10.0.0.0/24"});
+        let pools = described_pools(&[nad("b", "whole", whole), nad("a", "narrow", narrow)]);
+        assert_eq!(pools.len(), 1);
+        assert_eq!(pools[0].range.capacity(), 10);
+    }
+}
