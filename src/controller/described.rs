@@ -13,18 +13,38 @@ use crate::cli::store_args::ipam_of;
 use crate::config;
 use crate::store::PoolRef;
 
-/// The keys that decide a pool's addresses. The rest (engine, paths, logging) is the node's
-/// business, and the controller must not act on paths a namespace user wrote.
-const RANGE_KEYS: [&str; 8] = [
+/// The keys that decide a pool's name and range. The rest (engine, paths, logging) is the
+/// node's business: its flat file decides what a network may set there, which the controller
+/// cannot see, and the controller must not act on paths a namespace user wrote.
+const POOL_KEYS: [&str; 7] = [
     "type",
     "range",
     "range_start",
     "range_end",
     "exclude",
     "ipranges",
-    "gateway",
     "network_name",
 ];
+
+/// The part of `ipam` the controller reads: [`POOL_KEYS`] and `also` (keys in any case, as the
+/// `config` module reads them).
+pub(super) fn pool_part(ipam: &Value, also: &str) -> Value {
+    let Some(map) = ipam.as_object() else {
+        return ipam.clone();
+    };
+    let wanted = |k: &str| {
+        POOL_KEYS
+            .iter()
+            .chain([&also])
+            .any(|w| k.eq_ignore_ascii_case(w))
+    };
+    Value::Object(
+        map.iter()
+            .filter(|(k, _)| wanted(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+}
 
 /// The pools of every whereabouts `ipam` object the NetworkAttachmentDefinitions hold, by
 /// name, read as the plugin reads them (`config::load_untrusted`). Sliced networks are left
@@ -70,17 +90,14 @@ fn pools_of(config_text: &str) -> Result<Vec<PoolRef>, String> {
     let Some(map) = ipam.as_object().filter(|_| is_whereabouts) else {
         return Ok(Vec::new());
     };
-    let is = |k: &str, key: &str| k.eq_ignore_ascii_case(key);
-    if map.keys().any(|k| is(k, "node_slice_size")) {
+    if map
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case("node_slice_size"))
+    {
         return Ok(Vec::new());
     }
-    let ranges: serde_json::Map<String, Value> = map
-        .iter()
-        .filter(|(k, _)| RANGE_KEYS.iter().any(|key| is(k, key)))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let cfg =
-        config::load_untrusted(Some(&Value::Object(ranges)), &[]).map_err(|e| e.describe())?;
+    let cfg = config::load_untrusted(Some(&pool_part(&ipam, "gateway")), &[])
+        .map_err(|e| e.describe())?;
     crate::plugin::pools(&cfg).map_err(|e| e.msg)
 }
 

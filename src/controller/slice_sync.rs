@@ -14,6 +14,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client};
 use serde_json::Value;
 
+use super::described::pool_part;
 use super::metrics::Metrics;
 use super::slices::assign;
 use crate::cli::store_args::ipam_of;
@@ -66,7 +67,7 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
     if !is_whereabouts || !has_key(&ipam, "node_slice_size") {
         return Ok(None);
     }
-    let cfg = config::load_untrusted(Some(&slicing_part(&ipam)), &[])
+    let cfg = config::load_untrusted(Some(&pool_part(&ipam, "node_slice_size")), &[])
         .map_err(|e| format!("{source}: {e}"))?;
     let Some(size) = cfg.node_slice_size else {
         return Ok(None);
@@ -112,32 +113,6 @@ fn owner_of(nad: &DynamicObject, first: bool) -> Option<OwnerReference> {
         controller: first.then_some(true),
         block_owner_deletion: first.then_some(true),
     })
-}
-
-/// The keys that decide a NodeSlicePool. The rest (engine, paths, logging) is the node's
-/// business: its flat file decides what a network may set there, which the controller cannot
-/// see, and the controller must not act on paths a namespace user wrote.
-const SLICING_KEYS: [&str; 8] = [
-    "type",
-    "range",
-    "range_start",
-    "range_end",
-    "exclude",
-    "ipranges",
-    "node_slice_size",
-    "network_name",
-];
-
-fn slicing_part(ipam: &Value) -> Value {
-    let Some(map) = ipam.as_object() else {
-        return ipam.clone();
-    };
-    Value::Object(
-        map.iter()
-            .filter(|(k, _)| SLICING_KEYS.iter().any(|s| k.eq_ignore_ascii_case(s)))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    )
 }
 
 /// Whether `object` has `key`, in any case (as the `config` module reads keys).
