@@ -570,7 +570,8 @@ impl Inner {
         for (pool, from) in searched_pools(reqs, together, starts) {
             let since = s.runs_written.latest(pool);
             let (dir, key) = (s.keys.runs_dir(pool), s.keys.run(pool, from));
-            let window = self.copies.window(&dir, &key, from, since, CATCH_UP)?;
+            let copy = self.copies.pool(&dir)?;
+            let window = copy.window(&dir, &key, from, since, CATCH_UP)?;
             windows.insert((pool, from), window);
         }
         let hits = together

@@ -77,7 +77,7 @@ struct Followed {
 }
 
 /// One pool's runs as its watch brings them.
-struct PoolCopy {
+pub(super) struct PoolCopy {
     state: Mutex<State>,
     advanced: Condvar,
     /// Wakes the follower to list again: a batch found the copy behind its own change for
@@ -119,26 +119,10 @@ impl Copies {
         }
     }
 
-    /// The window of the runs in `runs_dir` from offset `from` (whose run key is `from_key`),
-    /// as `window::gets` would read it, once the pool's copy shows every change up to
-    /// `revision`; `None` when it does not within `wait` (or is not in step: being listed), or
-    /// when the pool is not followed because [`Following::at_most`] others are.
-    /// The first call for a pool starts following it.
-    pub fn window(
-        &self,
-        runs_dir: &str,
-        from_key: &str,
-        from: u128,
-        revision: i64,
-        wait: Duration,
-    ) -> Option<Window> {
-        let copy = self.pool(runs_dir)?;
-        copy.window(runs_dir, from_key, from, revision, wait)
-    }
-
-    /// The pool's copy, followed from now on if it is not yet; `None` when it is not and the
-    /// agent already follows as many as it may.
-    fn pool(&self, runs_dir: &str) -> Option<Arc<PoolCopy>> {
+    /// The copy of the pool whose runs are in `runs_dir`, followed from now on if it is not
+    /// yet; `None` when it is not and the agent already follows as many as it may
+    /// ([`Following::at_most`]).
+    pub fn pool(&self, runs_dir: &str) -> Option<Arc<PoolCopy>> {
         let mut pools = lock(&self.followed.pools);
         if let Some(copy) = pools.get(runs_dir) {
             *lock(&copy.used) = Instant::now();
@@ -228,10 +212,11 @@ impl PoolCopy {
         }
     }
 
-    /// [`Copies::window`] of this copy: the window once it shows `revision`, waiting up to
-    /// `wait`; `None` when it does not, or is not in step. A copy in step that stays behind
-    /// for [`STUCK_AFTER`], nothing applied meanwhile, is told to list again.
-    fn window(
+    /// The window of the runs in `runs_dir` from offset `from` (whose run key is `from_key`),
+    /// as `window::gets` would read it, once the copy shows every change up to `revision`;
+    /// `None` when it does not within `wait`, or is not in step (being listed). A copy in step
+    /// that stays behind for [`STUCK_AFTER`], nothing applied meanwhile, is told to list again.
+    pub fn window(
         &self,
         runs_dir: &str,
         from_key: &str,
