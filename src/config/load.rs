@@ -370,9 +370,8 @@ fn go_peers(flat: &Map<String, Value>) -> Result<GoPeers, ConfigError> {
         None | Some("auto") => Ok(GoPeers::Auto),
         Some("present") => Ok(GoPeers::Present),
         Some("absent") => Ok(GoPeers::Absent),
-        Some(other) => Err(invalid(format!(
-            "invalid {path}: {:?}: expected \"auto\", \"present\" or \"absent\"",
-            shown(other)
+        Some(_) => Err(invalid(format!(
+            "invalid {path}: expected \"auto\", \"present\" or \"absent\""
         ))),
     }
 }
@@ -485,27 +484,9 @@ fn log_level(map: &Map<String, Value>) -> Result<Option<LogLevel>, ConfigError> 
 /// kubeconfig defaults to [`DEFAULT_KUBECONFIG`] (the node's, as the installer writes it; in a
 /// pod without that file the store uses the pod's service account). The plugin must be told.
 fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, ConfigError> {
-    let kubeconfig = match map.get("kubernetes") {
-        Some(Value::Object(k)) => text(k, "kubeconfig", "ipam.kubernetes.kubeconfig")?,
-        Some(Value::Null) | None => None,
-        Some(other) => {
-            return Err(invalid(format!(
-                "invalid ipam.kubernetes: {} is not an object",
-                kind_of(other)
-            )))
-        }
-    };
+    let kubeconfig = kubeconfig(map, "ipam.")?;
     let etcd_host = text(map, "etcd_host", "ipam.etcd_host")?;
-    let chosen = text(map, "datastore", "ipam.datastore")?.map(|s| s.to_ascii_lowercase());
-    let chosen = chosen.unwrap_or_else(|| {
-        if kubeconfig.is_some() {
-            "kubernetes".into()
-        } else if etcd_host.is_some() {
-            "etcd".into()
-        } else {
-            "local".into()
-        }
-    });
+    let chosen = named_engine(map, "ipam.")?.unwrap_or_else(|| "local".into());
     match chosen.as_str() {
         "local" => Ok(Datastore::Local {
             path: PathBuf::from(
@@ -532,6 +513,35 @@ fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, Conf
         other => Err(invalid(format!(
             "invalid ipam.datastore: {:?} (expected \"local\", \"kubernetes\" or \"etcd\")",
             shown(other)
+        ))),
+    }
+}
+
+/// The engine (lower-cased) `map` names in `datastore`, or else implies: a kubeconfig means
+/// Kubernetes, an etcd endpoint etcd. None when it says nothing of it (for a whole
+/// configuration, the local engine). `prefix` names the map in errors (`ipam.`).
+pub(super) fn named_engine(
+    map: &Map<String, Value>,
+    prefix: &str,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(named) = text(map, "datastore", &format!("{prefix}datastore"))? {
+        return Ok(Some(named.trim().to_ascii_lowercase()));
+    }
+    if kubeconfig(map, prefix)?.is_some() {
+        return Ok(Some("kubernetes".into()));
+    }
+    let etcd_host = text(map, "etcd_host", &format!("{prefix}etcd_host"))?;
+    Ok(etcd_host.map(|_| "etcd".into()))
+}
+
+/// `kubernetes.kubeconfig` of `map`.
+fn kubeconfig(map: &Map<String, Value>, prefix: &str) -> Result<Option<String>, ConfigError> {
+    match map.get("kubernetes") {
+        Some(Value::Object(k)) => text(k, "kubeconfig", &format!("{prefix}kubernetes.kubeconfig")),
+        Some(Value::Null) | None => Ok(None),
+        Some(other) => Err(invalid(format!(
+            "invalid {prefix}kubernetes: {} is not an object",
+            kind_of(other)
         ))),
     }
 }

@@ -21,10 +21,13 @@ pub fn lowercase_keys(value: &Value) -> Value {
 }
 
 /// Whether a value counts as "not set" when merging with the flat file (Go's zero values).
+/// A blank string is unset, as [`text`] reads it: were it kept, the flat file's value would
+/// not fill it and the field would read as absent, so a network configuration could blank the
+/// admin's engine, paths or endpoint.
 pub fn is_unset(value: &Value) -> bool {
     match value {
         Value::Null => true,
-        Value::String(s) => s.is_empty(),
+        Value::String(s) => s.trim().is_empty(),
         Value::Array(a) => a.is_empty(),
         Value::Object(o) => o.values().all(is_unset),
         Value::Number(n) => n.as_f64() == Some(0.0),

@@ -417,3 +417,94 @@ fn the_agent_socket_is_the_flat_files_only() {
     let cfg = bare(json!({"agent_socket": "/tmp/evil.sock"})).unwrap();
     assert_eq!(cfg.agent_socket, None);
 }
+
+#[test]
+fn a_network_configuration_cannot_blank_the_admins_settings() {
+    let kubeconfig = "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
+    let (_dir, load) = untrusted(json!({"datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": kubeconfig}}));
+    // Blank values read as absent; they must not keep the admin's from filling them.
+    let cfg = load(json!({"datastore": " ", "kubernetes": {"kubeconfig": "\t"}})).unwrap();
+    assert_eq!(
+        cfg.datastore,
+        Datastore::Kubernetes(KubernetesConfig {
+            kubeconfig: kubeconfig.into()
+        })
+    );
+    let (_dir, load) = untrusted(json!({"local_path": "/var/lib/admin/net.db"}));
+    let cfg = load(json!({"local_path": "  "})).unwrap();
+    assert_eq!(
+        cfg.datastore,
+        Datastore::Local {
+            path: "/var/lib/admin/net.db".into()
+        }
+    );
+    let (_dir, load) = untrusted(json!({"etcd_host": "etcd.admin:2379",
+        "etcd_ca_cert_file": "/etc/admin/ca.pem"}));
+    match load(json!({"etcd_ca_cert_file": " "})).unwrap().datastore {
+        Datastore::Etcd(etcd) => assert_eq!(etcd.ca_cert_file, Some("/etc/admin/ca.pem".into())),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_admins_path_written_otherwise_is_another_path() {
+    let (_dir, load) = untrusted(json!({"local_path": "/var/lib/admin/net.db"}));
+    for other in [" /var/lib/admin/net.db", "/var/lib/admin/net.db "] {
+        let msg = load(json!({ "local_path": other })).unwrap_err();
+        assert!(msg.contains("ipam.local_path"), "{msg}");
+    }
+    assert!(load(json!({"local_path": "/var/lib/admin/net.db"})).is_ok());
+}
+
+#[test]
+fn the_engine_the_flat_file_implies_stands() {
+    let kubeconfig = "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
+    let (_dir, etcd) = untrusted(json!({"etcd_host": "https://etcd.admin:2379",
+        "etcd_username": "root", "etcd_password": "admin-secret"}));
+    for other in [
+        json!({"datastore": "local"}),
+        json!({"kubernetes": {"kubeconfig": kubeconfig}}),
+    ] {
+        let msg = etcd(other.clone()).unwrap_err();
+        assert!(
+            msg.contains("ipam.datastore") && !msg.contains("etcd.admin"),
+            "{other}: {msg}"
+        );
+    }
+    assert!(matches!(
+        etcd(json!({})).unwrap().datastore,
+        Datastore::Etcd(_)
+    ));
+    assert!(etcd(json!({"datastore": "ETCD"})).is_ok());
+    let (_dir, kubernetes) = untrusted(json!({"kubernetes": {"kubeconfig": kubeconfig}}));
+    assert!(kubernetes(json!({"datastore": "local"})).is_err());
+    assert!(kubernetes(json!({"datastore": "kubernetes"})).is_ok());
+    // A flat file that says nothing of the engine leaves it to the network configuration.
+    let (_dir, silent) = untrusted(json!({"log_level": "error"}));
+    assert!(silent(json!({"datastore": "local"})).is_ok());
+    assert!(silent(json!({"kubernetes": {"kubeconfig": kubeconfig}})).is_ok());
+}
+
+#[test]
+fn refusals_never_show_the_flat_files_values() {
+    let (_dir, load) = untrusted(json!({"allow_inline_paths": ["/srv/admin-only"],
+        "go_whereabouts": "admin-typo"}));
+    let msg = load(json!({})).unwrap_err();
+    assert!(
+        msg.contains("go_whereabouts") && !msg.contains("admin-typo"),
+        "{msg}"
+    );
+    let (_dir, load) = untrusted(json!({"allow_inline_paths": ["/srv/admin-only"]}));
+    let msg = load(json!({"local_path": "/etc/x.db"})).unwrap_err();
+    assert!(
+        msg.contains("allow_inline_paths") && !msg.contains("admin-only"),
+        "{msg}"
+    );
+    let (_dir, load) = untrusted(json!({"allow_inline_paths": ["srv/admin-only"]}));
+    let msg = load(json!({})).unwrap_err();
+    assert!(
+        msg.contains("allow_inline_paths") && !msg.contains("admin-only"),
+        "{msg}"
+    );
+}

@@ -8,7 +8,8 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::error::ConfigError;
-use super::raw::{field, is_unset, text};
+use super::load::named_engine;
+use super::raw::{field, is_unset, merge_flat_file, text};
 use crate::files::shown;
 
 /// Names the flat file in place of the default locations (set by the runtime's environment,
@@ -69,13 +70,13 @@ impl Trust {
     pub fn from_flat_file(flat: &Map<String, Value>) -> Result<Trust, ConfigError> {
         let inline_paths: Vec<String> =
             field(flat, "allow_inline_paths", "flat file allow_inline_paths")?.unwrap_or_default();
-        for dir in &inline_paths {
-            if !Path::new(dir).is_absolute() {
-                return Err(invalid(format!(
-                    "invalid flat file allow_inline_paths: {:?} is not an absolute path",
-                    shown(dir)
-                )));
-            }
+        if let Some(at) = inline_paths
+            .iter()
+            .position(|dir| !Path::new(dir).is_absolute())
+        {
+            return Err(invalid(format!(
+                "invalid flat file allow_inline_paths: entry {at} is not an absolute path"
+            )));
         }
         let flag = |key: &str| -> Result<bool, ConfigError> {
             Ok(field(flat, key, &format!("flat file {key}"))?.unwrap_or(false))
@@ -104,10 +105,18 @@ fn invalid(msg: impl Into<String>) -> ConfigError {
     ConfigError::invalid(msg)
 }
 
+/// The longest path and file name the kernel opens (`PATH_MAX`, `NAME_MAX`). Longer ones
+/// are refused before they are resolved: resolving walks up the path one folder at a time,
+/// which for a path of a megabyte would cost every call seconds of root's time.
+const PATH_MAX: usize = 4096;
+const NAME_MAX: usize = 255;
+
 /// Whether absolute `path` (without `..`) lies inside one of `dirs`, symbolic links in its
 /// folders resolved.
 pub fn is_inside(path: &Path, dirs: &[PathBuf]) -> bool {
-    if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+    let too_long = path.as_os_str().len() >= PATH_MAX
+        || path.components().any(|c| c.as_os_str().len() > NAME_MAX);
+    if too_long || !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
         return false;
     }
     let resolved = match (path.parent(), path.file_name()) {
@@ -139,12 +148,11 @@ fn resolve_existing(path: &Path) -> PathBuf {
     }
 }
 
-fn refused(key: &str, value: &str, trust: &Trust) -> ConfigError {
+fn refused(key: &str, value: &str) -> ConfigError {
     invalid(format!(
         "ipam.{key} {:?} is not allowed in a network configuration: set it in the flat file, \
-         or list its folder in the flat file's allow_inline_paths (now {:?})",
-        shown(value),
-        trust.inline_paths
+         or list its folder in the flat file's allow_inline_paths",
+        shown(value)
     ))
 }
 
@@ -176,7 +184,7 @@ pub fn screen(
     for key in PATH_KEYS {
         if let Some(value) = inline_only(inline, flat, key)? {
             if !trust.allows_path(Path::new(&value)) {
-                return Err(refused(key, &value, trust));
+                return Err(refused(key, &value));
             }
         }
     }
@@ -186,7 +194,9 @@ pub fn screen(
     Ok(warnings)
 }
 
-/// The inline value of `key` when it is set and differs from the flat file's.
+/// The inline value of `key` when it is set and differs from the flat file's. Compared as
+/// written: the value is used as written, so the admin's path with a space added is another
+/// (relative) path.
 fn inline_only(
     inline: &Map<String, Value>,
     flat: &Map<String, Value>,
@@ -195,7 +205,7 @@ fn inline_only(
     let path = format!("ipam.{key}");
     let value = text(inline, key, &path)?;
     let admin = text(flat, key, &format!("flat file {key}")).ok().flatten();
-    Ok(value.filter(|v| Some(v.trim()) != admin.as_deref().map(str::trim)))
+    Ok(value.filter(|v| Some(v) != admin.as_ref()))
 }
 
 fn screen_log_file(
@@ -229,29 +239,34 @@ fn screen_kubeconfig(
     let admin = admin.and_then(Value::as_object).unwrap_or(&empty);
     if let Some(value) = inline_only(inner, admin, "kubeconfig")? {
         if !trust.allows_installer_file(Path::new(&value)) {
-            return Err(refused("kubernetes.kubeconfig", &value, trust));
+            return Err(refused("kubernetes.kubeconfig", &value));
         }
     }
     Ok(())
 }
 
-/// The admin's engine stands: a network configuration may only name it again.
+/// The admin's engine stands, named or implied (a kubeconfig, an etcd endpoint): a network
+/// configuration may only name it again. Another engine would keep this network's
+/// addresses apart from the other nodes' (the local engine: one store per node), and hand
+/// out the same address twice.
 fn screen_datastore(
     inline: &Map<String, Value>,
     flat: &Map<String, Value>,
 ) -> Result<(), ConfigError> {
-    let value = text(inline, "datastore", "ipam.datastore")?;
-    let admin = text(flat, "datastore", "flat file datastore")?;
-    match (value, admin) {
-        (Some(value), Some(admin)) if !value.trim().eq_ignore_ascii_case(admin.trim()) => {
-            Err(invalid(format!(
-                "ipam.datastore {:?} differs from the flat file's {:?}: the admin chooses the engine",
-                shown(&value),
-                shown(&admin)
-            )))
-        }
-        _ => Ok(()),
+    let Some(admin) = named_engine(flat, "flat file ")? else {
+        return Ok(());
+    };
+    let mut merged = inline.clone();
+    merge_flat_file(&mut merged, flat);
+    let chosen = named_engine(&merged, "ipam.")?.unwrap_or_else(|| "local".into());
+    if chosen != admin {
+        return Err(invalid(format!(
+            "ipam.datastore: this network configuration selects the {:?} engine, not the flat \
+             file's: the admin chooses the engine",
+            shown(&chosen)
+        )));
     }
+    Ok(())
 }
 
 /// Credentials stay with the endpoint of their source.
@@ -302,5 +317,18 @@ mod tests {
         assert!(!is_inside(&dir.path().join("a.db"), &dirs));
         std::os::unix::fs::symlink(dir.path(), allowed.join("out")).unwrap();
         assert!(!is_inside(&allowed.join("out/a.db"), &dirs));
+    }
+
+    #[test]
+    fn paths_longer_than_the_kernel_opens_are_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = [dir.path().to_path_buf()];
+        let deep = dir.path().join("a/".repeat(PATH_MAX / 2));
+        assert!(!is_inside(&deep, &dirs));
+        assert!(!is_inside(
+            &dir.path().join("n".repeat(NAME_MAX + 1)),
+            &dirs
+        ));
+        assert!(is_inside(&dir.path().join("n".repeat(NAME_MAX)), &dirs));
     }
 }
