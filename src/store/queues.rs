@@ -96,10 +96,11 @@ impl<J, R> Queues<J, R> {
     /// step, so that the next job starts a new task.
     pub fn take_or_close(&self, key: &str) -> Vec<(J, oneshot::Sender<R>)> {
         let mut queues = self.lock();
-        let waiting = queues
+        let mut waiting = queues
             .get_mut(key)
             .map(|q| std::mem::take(&mut q.waiting))
             .unwrap_or_default();
+        drop_abandoned(&mut waiting);
         if waiting.is_empty() {
             queues.remove(key);
         }
@@ -108,11 +109,22 @@ impl<J, R> Queues<J, R> {
 
     /// The jobs that arrived while a batch waited, to join it.
     pub fn take(&self, key: &str) -> Vec<(J, oneshot::Sender<R>)> {
-        self.lock()
+        let mut waiting = self
+            .lock()
             .get_mut(key)
             .map(|q| std::mem::take(&mut q.waiting))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        drop_abandoned(&mut waiting);
+        waiting
     }
+}
+
+/// Leaves out the jobs whose callers no longer wait (their deadline passed while they queued,
+/// their plugin process was killed). Served, an ADD would hold an address for an answer
+/// nobody reads, which only a later DEL, GC or the controller gives back; the runtime retries
+/// what it did not hear answered.
+pub fn drop_abandoned<J, R>(waiting: &mut Vec<(J, oneshot::Sender<R>)>) {
+    waiting.retain(|(_, reply)| !reply.is_closed());
 }
 
 /// Held by the task serving a queue: if that task panics, the queue is closed and its waiting
@@ -134,4 +146,43 @@ impl<J, R> Drop for Serving<'_, J, R> {
 /// The answer a waiting request gets when its batch was dropped without one.
 pub fn dropped() -> StoreError {
     StoreError::try_again("the agent stopped serving this request's batch")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+    impl Observer for Quiet {
+        fn batch(&self, _: &'static str, _: usize) {}
+        fn conflict(&self, _: &'static str) {}
+        fn queued(&self, _: &'static str) {}
+        fn cache(&self, _: &'static str, _: bool) {}
+    }
+
+    #[test]
+    fn a_job_whose_caller_is_gone_is_not_served() {
+        let queues: Queues<u32, u32> = Queues::new("add", Arc::new(Quiet));
+        let (_first, start) = queues.submit("pool", 1);
+        assert!(start);
+        let (gone, _) = queues.submit("pool", 2);
+        let (_third, _) = queues.submit("pool", 3);
+        drop(gone);
+        let jobs: Vec<u32> = queues
+            .take_or_close("pool")
+            .into_iter()
+            .map(|(j, _)| j)
+            .collect();
+        assert_eq!(jobs, [1, 3]);
+        // Joining a batch under way, likewise.
+        let (gone, _) = queues.submit("pool", 4);
+        drop(gone);
+        assert!(queues.take("pool").is_empty());
+        // A queue whose every caller is gone closes: the next job starts a new server.
+        let (gone, start) = queues.submit("pool", 5);
+        assert!(!start);
+        drop(gone);
+        assert!(queues.take_or_close("pool").is_empty());
+        assert!(queues.submit("pool", 6).1);
+    }
 }

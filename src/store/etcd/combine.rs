@@ -38,7 +38,7 @@ use super::runs::ReadRun;
 use super::session::{revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use super::window::{self, Window};
 use super::EtcdStore;
-use crate::store::queues::{dropped, Observer, Queues, Serving};
+use crate::store::queues::{drop_abandoned, dropped, Observer, Queues, Serving};
 use crate::store::{
     AddRequest, Allocation, AttachmentRequest, GcRequest, RangeRequest, Store, StoreError,
 };
@@ -127,7 +127,7 @@ impl Inner {
                 return;
             }
             while !waiting.is_empty() {
-                let rest = waiting.split_off(waiting.len().min(MAX_BATCH));
+                let mut rest = waiting.split_off(waiting.len().min(MAX_BATCH));
                 let (jobs, replies): (Vec<J>, Vec<_>) = waiting.into_iter().unzip();
                 self.observer.batch(queues.operation(), jobs.len());
                 let answers = serve_batch(self, &jobs);
@@ -141,6 +141,7 @@ impl Inner {
                     // The plugin may have hung up; what was done stays done.
                     let _ = reply.send(answer);
                 }
+                drop_abandoned(&mut rest);
                 waiting = rest;
             }
         }
@@ -150,7 +151,8 @@ impl Inner {
 impl Combining {
     /// Queues `job` in the queue of pool `key` (of the queues `queues` picks); its answer comes
     /// on the receiver. The first job of an idle queue starts the blocking task that serves it
-    /// with `serve_batch`. A caller that drops the receiver does not undo its job.
+    /// with `serve_batch`. A caller that drops the receiver before its batch starts is not
+    /// served; once the batch has started, its job is done.
     fn queue<J: Send + 'static, T: Send + 'static>(
         &self,
         key: String,
