@@ -777,6 +777,17 @@ fn check_daemonset(ds: &Value, host_bin: &str, host_conf: &str, source: &str) {
     };
     assert_eq!(field("NODENAME"), Some(json!("spec.nodeName")), "{source}");
 
+    // The agent finishes what is in flight at SIGTERM; cut short, an operation leaves
+    // reservations for cleanup and its plugin a code 11.
+    let grace =
+        std::time::Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30));
+    let longest = whereabouts::store::kubernetes::operation_bound()
+        .max(whereabouts::store::etcd::Timeouts::from_env().deadline);
+    assert!(
+        grace > longest,
+        "{source}: terminationGracePeriodSeconds {grace:?} cuts an operation of {longest:?}"
+    );
+
     let settings = settings_of(ds, source);
     assert_eq!(settings.node_name, "node-a");
     // The directories the installer writes are the mounts of the host directories, and the
