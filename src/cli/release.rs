@@ -9,10 +9,11 @@ use super::gc::ClusterArgs;
 use super::output::print;
 use super::store_args::StoreArgs;
 use crate::cleanup::judge::{judge, Verdict};
+use crate::cleanup::plan::release_if_held;
 use crate::cleanup::pods::{cluster_source, PodReader};
 use crate::config::IpamConfig;
 use crate::ipam::addr::parse_ip;
-use crate::store::{Allocation, Store};
+use crate::store::{Allocation, Store, StoreError};
 
 #[derive(clap::Args, Debug)]
 pub struct ReleaseArgs {
@@ -47,16 +48,7 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
     let (cfg, store) = args.store.open()?;
     let allocation = held(store.as_ref(), args.pool.as_deref(), ip)?;
     let reason = reason(args, &cfg, &allocation)?;
-    let released = store
-        .release(&allocation.pool, ip)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot release {ip} in {}: {}",
-                allocation.pool,
-                e.describe()
-            )
-        })?
-        .ok_or_else(|| anyhow::anyhow!("{ip} was freed meanwhile in pool {}", allocation.pool))?;
+    let released = release_judged(store.as_ref(), &allocation)?;
     Ok(ReleaseRow {
         address: released.ip.to_string(),
         pool: released.pool,
@@ -64,6 +56,26 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
         container: released.attachment.container_id,
         interface: released.attachment.ifname,
         reason,
+    })
+}
+
+/// Frees `allocation` only while the attachment judged still holds it: between the look-up and
+/// this write (a pod read with retries: seconds) the runtime's DEL may have freed the address
+/// and another pod taken it, whose address a release by address alone would take away. An
+/// entry that names no container has nothing else to hold it by.
+fn release_judged(store: &dyn Store, allocation: &Allocation) -> anyhow::Result<Allocation> {
+    let (ip, pool) = (allocation.ip, &allocation.pool);
+    let cannot = |e: StoreError| anyhow::anyhow!("cannot release {ip} in {pool}: {}", e.describe());
+    let released = if allocation.attachment.container_id.is_empty() {
+        store.release(pool, ip).map_err(cannot)?
+    } else {
+        release_if_held(store, allocation)
+            .map_err(cannot)?
+            .into_iter()
+            .find(|freed| freed.ip == ip && freed.pool == *pool)
+    };
+    released.ok_or_else(|| {
+        anyhow::anyhow!("{ip} in pool {pool} was freed meanwhile, or is held by another pod now")
     })
 }
 
@@ -141,4 +153,66 @@ pub fn run(args: ReleaseArgs) -> anyhow::Result<()> {
             ]
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::names::pool_name;
+    use crate::ipam::{Cidr, Range, RangeSpec};
+    use crate::store::{AddRequest, Attachment, PoolRef, RangeRequest};
+
+    fn add(store: &dyn Store, container: &str, pod: &str) -> IpAddr {
+        let spec = RangeSpec {
+            cidr: Cidr::parse("10.9.0.0/29", false).unwrap(),
+            start: None,
+            end: None,
+            exclude: Vec::new(),
+        };
+        let pool = PoolRef {
+            name: pool_name(&spec.cidr, "", None),
+            range: Range::resolve(&spec, None).unwrap(),
+            spec,
+            gateway: None,
+        };
+        let req = AddRequest {
+            cni_network: "net".into(),
+            network_name: String::new(),
+            overlap: true,
+            attachment: Attachment {
+                container_id: container.into(),
+                ifname: "net1".into(),
+                pod_ref: Some(pod.into()),
+                pod_uid: None,
+            },
+            ranges: vec![RangeRequest {
+                pool,
+                requested: None,
+            }],
+            node_slice_size: None,
+            sleep_for_race: 0,
+            node: None,
+        };
+        store.add(&req).unwrap()[0]
+    }
+
+    #[test]
+    fn a_release_takes_nothing_from_the_pod_that_took_the_address_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::local::open(&dir.path().join("db")).unwrap();
+        let ip = add(store.as_ref(), "old", "ns/old");
+        let judged = held(store.as_ref(), None, ip).unwrap();
+        // Meanwhile the old pod's DEL frees the address and a new pod takes it.
+        store.release(&judged.pool, ip).unwrap();
+        assert_eq!(add(store.as_ref(), "new", "ns/new"), ip);
+        let msg = release_judged(store.as_ref(), &judged)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("another pod"), "{msg}");
+        let now = held(store.as_ref(), None, ip).unwrap();
+        assert_eq!(now.attachment.container_id, "new");
+        // Still held by the one judged, it goes.
+        assert_eq!(release_judged(store.as_ref(), &now).unwrap().ip, ip);
+        assert!(held(store.as_ref(), None, ip).is_err());
+    }
 }
