@@ -892,6 +892,152 @@ fn the_plugin_only_build_reaches_the_cluster_engine_through_the_agent() {
     assert_eq!(gone.cni_code(), 11, "{gone:?}");
 }
 
+/// The (device, inode) of the file at `path`, None when there is none.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// Waits (bounded) for `agent`, started on the socket of another, to exit without touching
+/// that socket (still the file `id` all along): its exit status.
+fn exits_leaving_the_socket(agent: &mut Agent, id: (u64, u64)) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        let exited = agent.exited_within(Duration::from_millis(20));
+        assert_eq!(
+            file_id(&agent.socket),
+            Some(id),
+            "the new agent replaced the socket of the live one: {}",
+            agent.log_text()
+        );
+        if let Some(status) = exited {
+            return status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the new agent never exited: {}",
+            agent.log_text()
+        );
+    }
+}
+
+/// A second agent started on the socket of a live one (a DaemonSet pod replaced while the old
+/// one still runs, an admin starting one by hand) refuses to start, naming the socket, and
+/// leaves it alone: the first agent still serves its plugins, which cannot do the work
+/// themselves (no credentials).
+#[test]
+fn a_second_agent_leaves_a_live_agents_socket_alone() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("agent-socket-live");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let first = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let missing = dir.path().join("no-such.kubeconfig");
+    let conf = netconf("livesock", &ipam("10.156.0.0/29", &missing));
+    added_on_node_0(&first, &conf, 0);
+    let id = file_id(&first.socket).expect("the first agent's socket");
+
+    let settings = kube_settings(&kubeconfig);
+    let mut second = Agent::launch_on(dir.path(), "second", settings, &first.socket, &[]);
+    let status = exits_leaving_the_socket(&mut second, id);
+    assert!(!status.success(), "{status}: {}", second.log_text());
+    let said = format!("another agent serves {}", first.socket.display());
+    assert!(
+        second.log_text().contains(&said),
+        "{said:?} not in: {}",
+        second.log_text()
+    );
+    added_on_node_0(&first, &conf, 1);
+}
+
+/// A socket left by an agent killed with SIGKILL (nothing listens on it) is replaced by the
+/// next agent, which serves.
+#[test]
+fn a_stale_socket_of_a_killed_agent_is_replaced() {
+    use std::os::unix::fs::FileTypeExt;
+    let plane = real_cluster!();
+    let ns = plane.namespace("agent-socket-stale");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let mut agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let missing = dir.path().join("no-such.kubeconfig");
+    let conf = netconf("stalesock", &ipam("10.157.0.0/29", &missing));
+    let first = added_on_node_0(&agent, &conf, 0);
+    agent.kill();
+    let stale = std::fs::symlink_metadata(&agent.socket).expect("the killed agent's socket");
+    assert!(stale.file_type().is_socket());
+    let refused = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    // Serving means it replaced the file: a bind on an existing path fails.
+    agent.restart();
+    assert_eq!(
+        added_on_node_0(&agent, &conf, 0),
+        first,
+        "a repeated ADD keeps its address"
+    );
+    added_on_node_0(&agent, &conf, 1);
+}
+
+/// An agent that cannot have its probe port (another agent's, on the host network) exits on
+/// that, before it touches the socket: the live agent's socket stays, and it serves.
+#[test]
+fn an_agent_without_its_probe_port_leaves_the_socket_alone() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("agent-socket-port");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let first = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let missing = dir.path().join("no-such.kubeconfig");
+    let conf = netconf("portsock", &ipam("10.158.0.0/29", &missing));
+    added_on_node_0(&first, &conf, 0);
+    let id = file_id(&first.socket).expect("the first agent's socket");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let settings = kube_settings(&kubeconfig);
+    let args = ["--listen", port.as_str()];
+    let mut second = Agent::launch_on(dir.path(), "second", settings, &first.socket, &args);
+    let status = exits_leaving_the_socket(&mut second, id);
+    assert!(!status.success(), "{status}: {}", second.log_text());
+    // It failed on the port, before looking at the socket.
+    let said = format!("cannot listen on {port}");
+    assert!(
+        second.log_text().contains(&said),
+        "{said:?} not in: {}",
+        second.log_text()
+    );
+    added_on_node_0(&first, &conf, 1);
+}
+
+/// An agent that exits removes its socket only while the path is still that socket: here its
+/// socket was removed and a successor serves at the path when it gets SIGTERM, and the
+/// successor goes on serving.
+#[test]
+fn an_agent_that_exits_leaves_its_successors_socket() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("agent-socket-successor");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let mut old = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let missing = dir.path().join("no-such.kubeconfig");
+    let conf = netconf("successorsock", &ipam("10.159.0.0/29", &missing));
+    added_on_node_0(&old, &conf, 0);
+    std::fs::remove_file(&old.socket).unwrap();
+    let settings = kube_settings(&kubeconfig);
+    let mut new = Agent::launch_on(dir.path(), "successor", settings, &old.socket, &[]);
+    new.wait_ready();
+
+    let status = old.terminate(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        old.log_text()
+    );
+    added_on_node_0(&new, &conf, 1);
+}
+
 /// Two nodes: node-0's plugin has credentials of its own (it falls back while its agent is
 /// down), node-1's has none (it must answer "try again"). Both agents are killed in the middle
 /// of a burst and started again: no address twice, none lost, none leaked once the runtime has

@@ -61,8 +61,8 @@ pub fn run(options: Options) -> Result<(), String> {
     runtime.block_on(server::serve(options))
 }
 
-/// Whether `path` is a unix socket (a stale one of an agent that died is replaced; anything
-/// else at the path is an error, never removed).
+/// Whether `path` is a unix socket (one nothing listens on, left by an agent that died, is
+/// replaced; anything else at the path is an error, never removed).
 fn is_socket(path: &Path) -> std::io::Result<Option<bool>> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {

@@ -2,8 +2,8 @@
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -305,14 +305,57 @@ fn router(agent: Shared) -> Router {
         .with_state(agent)
 }
 
+/// The socket file this agent made: at exit it removes the path only while it is still that
+/// file, never a socket another agent has bound there since (a rolling update's successor).
+struct SocketFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn is_still_ours(&self) -> bool {
+        std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| meta.file_type().is_socket() && (meta.dev(), meta.ino()) == self.id)
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if self.is_still_ours() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Removes a socket at `path` only when nobody listens on it (left by an agent that died):
+/// deleting a live agent's socket would cut its plugins off while it goes on passing probes.
+fn remove_stale(path: &Path) -> Result<(), String> {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(format!(
+            "another agent serves {}: stop it first, or give this one another --socket",
+            path.display()
+        )),
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path)
+                .map_err(|e| format!("cannot replace the stale socket {}: {e}", path.display()))
+        }
+        // Gone meanwhile: nothing to replace.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(format!(
+            "cannot tell whether an agent serves {}: {err}",
+            path.display()
+        )),
+    }
+}
+
 /// Binds the socket, readable and writable by root only: whoever can connect can allocate.
-fn bind(path: &Path) -> Result<UnixListener, String> {
+fn bind(path: &Path) -> Result<(UnixListener, SocketFile), String> {
     let fail = |what: &str, err: std::io::Error| format!("{what} {}: {err}", path.display());
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| fail("cannot make the folder of", e))?;
     }
     match is_socket(path).map_err(|e| fail("cannot look at", e))? {
-        Some(true) => std::fs::remove_file(path).map_err(|e| fail("cannot replace", e))?,
+        Some(true) => remove_stale(path)?,
         Some(false) => return Err(format!("{} exists and is not a socket", path.display())),
         None => {}
     }
@@ -323,9 +366,15 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
     // SAFETY: as above.
     unsafe { libc::umask(previous) };
     let listener = listener.map_err(|e| fail("cannot listen on", e))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| fail("cannot look at", e))?;
+    // From here on the file is ours: dropped on an error below, it is removed.
+    let file = SocketFile {
+        path: path.to_path_buf(),
+        id: (meta.dev(), meta.ino()),
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| fail("cannot restrict", e))?;
-    Ok(listener)
+    Ok((listener, file))
 }
 
 async fn shutdown() {
@@ -343,12 +392,19 @@ pub async fn serve(options: Options) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let backend = Backend::open(&options.ipam, metrics.clone()).await?;
     let agent = Arc::new(Agent { backend, metrics });
-    let listener = bind(&options.socket)?;
+    // The probe port first: an agent that cannot have it (another agent's, on the host
+    // network) exits before it touches the socket.
+    let tcp = match options.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|err| format!("cannot listen on {addr}: {err}"))?,
+        ),
+        None => None,
+    };
+    let (listener, socket_file) = bind(&options.socket)?;
     let _ = std::fs::remove_file(super::fallback_marker(&options.socket));
-    if let Some(addr) = options.listen {
-        let tcp = TcpListener::bind(addr)
-            .await
-            .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
+    if let Some(tcp) = tcp {
         let app = probes(agent.clone());
         tokio::spawn(async move {
             if let Err(err) = axum::serve(tcp, app).await {
@@ -360,8 +416,6 @@ pub async fn serve(options: Options) -> Result<(), String> {
     let served = axum::serve(listener, router(agent))
         .with_graceful_shutdown(shutdown())
         .await;
-    if is_socket(&options.socket).ok().flatten() == Some(true) {
-        let _ = std::fs::remove_file(&options.socket);
-    }
+    drop(socket_file);
     served.map_err(|err| format!("the agent's server stopped: {err}"))
 }

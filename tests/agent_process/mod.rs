@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -25,6 +25,8 @@ pub struct Agent {
     pub log: PathBuf,
     /// Environment of the agent's process beyond `PATH` and the flat file's path.
     env: Vec<(String, String)>,
+    /// Arguments after `agent`.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -37,14 +39,16 @@ impl Agent {
 
     /// As [`Agent::start`], running `binary` (another build of `whereabouts`) as the agent.
     pub fn start_build(binary: &Path, dir: &Path, node: &str, settings: Value) -> Agent {
-        let mut agent = Agent::spawn(binary, dir, node, settings, &[]);
+        let socket = dir.join(format!("{node}.sock"));
+        let mut agent = Agent::spawn(binary, dir, node, settings, &socket, &[], &[]);
         agent.wait_ready();
         agent
     }
 
     /// As [`Agent::start`], with `env` in the agent's environment (the engine's timeouts, say).
     pub fn start_with_env(dir: &Path, node: &str, settings: Value, env: &[(&str, &str)]) -> Agent {
-        let mut agent = Agent::spawn(bin(), dir, node, settings, env);
+        let socket = dir.join(format!("{node}.sock"));
+        let mut agent = Agent::spawn(bin(), dir, node, settings, &socket, env, &[]);
         agent.wait_ready();
         agent
     }
@@ -57,8 +61,21 @@ impl Agent {
         settings: Value,
         within: Duration,
     ) -> Result<Agent, String> {
-        let mut agent = Agent::spawn(bin(), dir, node, settings, &[]);
+        let socket = dir.join(format!("{node}.sock"));
+        let mut agent = Agent::spawn(bin(), dir, node, settings, &socket, &[], &[]);
         agent.ready_within(within).map(|()| agent)
+    }
+
+    /// Starts an agent on `socket` (which another agent may serve) with `args` after `agent`,
+    /// without waiting for anything: for a test of an agent that must not start.
+    pub fn launch_on(
+        dir: &Path,
+        node: &str,
+        settings: Value,
+        socket: &Path,
+        args: &[&str],
+    ) -> Agent {
+        Agent::spawn(bin(), dir, node, settings, socket, &[], args)
     }
 
     fn spawn(
@@ -66,9 +83,11 @@ impl Agent {
         dir: &Path,
         node: &str,
         settings: Value,
+        socket: &Path,
         env: &[(&str, &str)],
+        args: &[&str],
     ) -> Agent {
-        let socket = dir.join(format!("{node}.sock"));
+        let socket = socket.to_path_buf();
         let flat_file = dir.join(format!("{node}.conf"));
         let mut flat = settings;
         flat["agent_socket"] = json!(socket);
@@ -82,6 +101,7 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         agent.launch();
@@ -101,6 +121,7 @@ impl Agent {
             .unwrap();
         let child = Command::new(&self.binary)
             .arg("agent")
+            .args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("WHEREABOUTS_FLAT_FILE", &self.flat_file)
@@ -134,6 +155,30 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits (bounded by `within`) for the process to exit: its status, or None while it runs.
+    pub fn exited_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("the agent's status") {
+                self.child = None;
+                return Some(status);
+            }
+            if started.elapsed() > within {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits (bounded by `within`) for the process to finish and exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        let pid = libc::pid_t::try_from(self.pid()?).expect("a pid");
+        // SAFETY: signals our own child, not yet waited for (so its pid is not reused).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        self.exited_within(within)
     }
 
     pub fn log_text(&self) -> String {
