@@ -199,12 +199,12 @@ fn overlapping_ranges_share_addresses_through_reservations() {
         .is_some());
 }
 
-/// A CNI GC comes from one node's runtime, which knows only that node's attachments. In a pool
-/// shared by every node it frees what is this node's leak (the pod is gone, or runs on this
-/// node, and the runtime no longer lists the attachment) and never another node's live pod.
-/// Node-slice pools are collected whole (kubernetes_plugin.rs).
+/// A CNI GC comes from one node's runtime, which knows only that node's attachments of this
+/// network configuration. In a pool shared by every node (and by every network of the range)
+/// it frees an unlisted entry only when its pod is gone: a live pod's entry, on this node too,
+/// may be another network's attachment, which the list never names (`unlisted-here`).
 #[test]
-fn gc_of_a_shared_pool_frees_only_this_nodes_leaks() {
+fn gc_of_a_shared_pool_frees_only_gone_pods_entries() {
     let plane = real_cluster!();
     let ns = plane.namespace("gc-shared-pool");
     let dir = tempfile::tempdir().unwrap();
@@ -242,28 +242,31 @@ fn gc_of_a_shared_pool_frees_only_this_nodes_leaks() {
         .into_iter()
         .map(|a| a.attachment.container_id)
         .collect();
-    assert_eq!(
-        freed,
-        BTreeSet::from(["unlisted-here".into(), "gone".into()])
-    );
+    assert_eq!(freed, BTreeSet::from(["gone".into()]));
     let left: BTreeSet<String> = store
         .allocations(None)
         .unwrap()
         .into_iter()
         .map(|a| a.attachment.container_id)
         .collect();
-    let expected = ["listed", "other-node", "unscheduled", "podless"];
+    let expected = [
+        "listed",
+        "unlisted-here",
+        "other-node",
+        "unscheduled",
+        "podless",
+    ];
     assert_eq!(left, expected.iter().map(|c| c.to_string()).collect());
     assert_eq!(
         pool_ips(&ns.get("ippools", "10.6.0.0-24").unwrap()).len(),
-        4
+        5
     );
-    assert_eq!(ns.list("overlappingrangeipreservations").len(), 4);
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 5);
     // The CLI's release of one address, whoever holds it.
     let listed = store.check(&del_request(&cfg, "listed", "net1")).unwrap();
     let released = store.release("10.6.0.0-24", listed[0].ip).unwrap();
     assert!(released.is_some());
-    assert_eq!(ns.list("overlappingrangeipreservations").len(), 3);
+    assert_eq!(ns.list("overlappingrangeipreservations").len(), 4);
 }
 
 #[test]

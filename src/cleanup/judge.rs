@@ -163,16 +163,20 @@ pub enum PodPlace {
     Exists { uid: String, node: Option<String> },
 }
 
-/// Whether a node's CNI GC may release an allocation of a pool shared by every node, once the
-/// node's runtime has left its attachment out of the valid list. The runtime knows only its
-/// own node's attachments, so the allocation is this node's leak only when its pod is gone, or
-/// is scheduled on this node; the same name re-created elsewhere (another UID) is gone too.
-/// Another node's live pod is never touched, and neither is a record that names no pod.
+/// Whether a node's CNI GC may release an entry its runtime left out of the valid list. That
+/// list holds this network configuration's attachments on this node only, and an entry in the
+/// upstream format records neither its node nor its network configuration: every network of
+/// the same range and `network_name` draws from one pool, so a live pod's entry may be another
+/// network's attachment, which this list never names. So the entry is a leak only when its pod
+/// is gone, or the name is a new pod's (another UID), or, in this node's slice pool (which only
+/// this node's pods draw from), the pod runs on another node. A pod not scheduled yet, and a
+/// record that names no pod, are never touched.
 pub fn leaked_on_node(
     pod_ref: Option<&str>,
     pod_uid: Option<&str>,
     place: &PodPlace,
     node: &str,
+    in_node_slice: bool,
 ) -> bool {
     if pod_ref
         .and_then(|r| r.split_once('/'))
@@ -184,7 +188,8 @@ pub fn leaked_on_node(
         PodPlace::Gone => true,
         PodPlace::Exists { uid, node: on } => {
             let recreated = pod_uid.is_some_and(|recorded| !recorded.is_empty() && recorded != uid);
-            recreated || on.as_deref() == Some(node)
+            let elsewhere = in_node_slice && on.as_deref().is_some_and(|on| on != node);
+            recreated || elsewhere
         }
     }
 }
@@ -299,30 +304,35 @@ mod tests {
     }
 
     #[test]
-    fn a_node_gc_frees_only_its_own_pods_and_gone_ones() {
+    fn a_node_gc_frees_only_gone_pods_and_its_slices_strays() {
         let on = |node: &str| PodPlace::Exists {
             uid: "u1".into(),
             node: Some(node.into()),
         };
         let pod = Some("ns/a");
-        assert!(leaked_on_node(pod, None, &PodPlace::Gone, "n1"));
-        assert!(leaked_on_node(pod, Some("u1"), &on("n1"), "n1"));
-        // Another node's live pod, or one not scheduled yet: never.
-        assert!(!leaked_on_node(pod, Some("u1"), &on("n2"), "n1"));
-        let unscheduled = PodPlace::Exists {
-            uid: "u1".into(),
-            node: None,
-        };
-        assert!(!leaked_on_node(pod, None, &unscheduled, "n1"));
-        // The name now belongs to a new pod elsewhere: the recorded pod is gone.
-        assert!(leaked_on_node(pod, Some("u0"), &on("n2"), "n1"));
-        // No pod named: nothing says whose it is.
-        assert!(!leaked_on_node(None, None, &PodPlace::Gone, "n1"));
-        assert!(!leaked_on_node(
-            Some("no-slash"),
-            None,
-            &PodPlace::Gone,
-            "n1"
-        ));
+        for in_slice in [false, true] {
+            assert!(leaked_on_node(pod, None, &PodPlace::Gone, "n1", in_slice));
+            // A live pod on this node: its entry may be another network's attachment.
+            assert!(!leaked_on_node(pod, Some("u1"), &on("n1"), "n1", in_slice));
+            let unscheduled = PodPlace::Exists {
+                uid: "u1".into(),
+                node: None,
+            };
+            assert!(!leaked_on_node(pod, None, &unscheduled, "n1", in_slice));
+            // The name now belongs to a new pod elsewhere: the recorded pod is gone.
+            assert!(leaked_on_node(pod, Some("u0"), &on("n2"), "n1", in_slice));
+            // No pod named: nothing says whose it is.
+            assert!(!leaked_on_node(None, None, &PodPlace::Gone, "n1", in_slice));
+            assert!(!leaked_on_node(
+                Some("no-slash"),
+                None,
+                &PodPlace::Gone,
+                "n1",
+                in_slice
+            ));
+        }
+        // Another node's live pod: kept in a shared pool; in this node's slice, a stray.
+        assert!(!leaked_on_node(pod, Some("u1"), &on("n2"), "n1", false));
+        assert!(leaked_on_node(pod, None, &on("n2"), "n1", true));
     }
 }

@@ -467,9 +467,9 @@ impl Engine {
         Ok(held)
     }
 
-    /// Frees the network configuration's allocations that are this node's and whose attachment
-    /// is not listed as valid: in this node's slice pools every such allocation, in pools
-    /// shared by all nodes those whose pod is gone or runs on this node. Then the reservations
+    /// Frees the network configuration's allocations that are this node's leaks: not listed as
+    /// valid, and their pod gone (or, in this node's slice pools, running on another node; see
+    /// [`leaked_on_node`]). Then the reservations
     /// of the configured ranges' addresses that no pool entry backs and no valid attachment
     /// holds (old ones only).
     pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
@@ -481,22 +481,28 @@ impl Engine {
         let is_valid =
             |who: &Attachment| valid.contains(&(who.container_id.as_str(), who.ifname.as_str()));
         let released = match (req.node_slice_size, req.node.as_deref()) {
-            // This node's own slice pools: whatever the runtime does not list is a leak.
-            (Some(_), _) => {
-                let stale = |e: &Entry| !is_valid(&e.attachment);
-                self.release_everywhere(
-                    &req.pools,
-                    req.node_slice_size,
-                    &req.network_name,
-                    &req.cni_network,
-                    stale,
-                )
-                .await?
+            (Some(_), Some(node)) => {
+                let pools = self
+                    .pools_of(
+                        &req.pools,
+                        req.node_slice_size,
+                        &req.network_name,
+                        &req.cni_network,
+                    )
+                    .await?;
+                self.gc_pools(req, &pools, node, true, &is_valid).await?
             }
-            (None, Some(node)) => self.gc_shared_pools(req, node, &is_valid).await?,
-            (None, None) => {
+            (None, Some(node)) => {
+                let pools: Vec<(Cidr, PoolRef)> = req
+                    .pools
+                    .iter()
+                    .map(|pool| (pool.range.cidr, pool.clone()))
+                    .collect();
+                self.gc_pools(req, &pools, node, false, &is_valid).await?
+            }
+            (_, None) => {
                 tracing::info!(
-                    "GC without the node's name leaves pools shared by all nodes to the cleanup controller"
+                    "GC without the node's name cannot tell this node's leaks: it leaves them to the cleanup controller"
                 );
                 Vec::new()
             }
@@ -505,20 +511,23 @@ impl Engine {
         Ok(released)
     }
 
-    /// GC of pools shared by every node. The valid list is this node's runtime's, and another
-    /// node's live allocations are not in it; an entry records the pod, not the node, so each
-    /// unlisted entry's pod is looked up and [`leaked_on_node`] decides. The removal itself
-    /// re-reads the pool and matches the entries by attachment and address.
-    async fn gc_shared_pools(
+    /// GC of `pools` (each with the configured range it serves; `node_slices`: this node's
+    /// slice pools). The valid list is this node's runtime's for this network configuration,
+    /// and an entry records the pod, not its node or network, so each unlisted entry's pod is
+    /// looked up and [`leaked_on_node`] decides. The removal itself re-reads the pool and
+    /// matches the entries by attachment and address.
+    async fn gc_pools(
         &self,
         req: &GcRequest,
+        pools: &[(Cidr, PoolRef)],
         node: &str,
+        node_slices: bool,
         is_valid: &(dyn Fn(&Attachment) -> bool + Sync),
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
         // Each pod is looked up once per GC, however many entries and pools name it.
         let mut places: HashMap<String, PodPlace> = HashMap::new();
-        for pool in &req.pools {
+        for (configured, pool) in pools {
             let name = object_name(&pool.name);
             let Some(object) = self.kube.get_pool(&name).await? else {
                 continue;
@@ -531,7 +540,7 @@ impl Engine {
                 .filter(|e| !is_valid(&e.attachment))
             {
                 if self
-                    .is_leak_of(&entry.attachment, node, &mut places)
+                    .is_leak_of(&entry.attachment, node, node_slices, &mut places)
                     .await?
                 {
                     leaked.insert((
@@ -553,7 +562,7 @@ impl Engine {
                 leaked.contains(&key)
             };
             released.extend(
-                self.release_picked(pool.range.cidr, pool, &req.network_name, pick)
+                self.release_picked(*configured, pool, &req.network_name, pick)
                     .await?,
             );
         }
@@ -565,6 +574,7 @@ impl Engine {
         &self,
         who: &Attachment,
         node: &str,
+        in_node_slice: bool,
         places: &mut HashMap<String, PodPlace>,
     ) -> Result<bool, StoreError> {
         let Some(pod_ref) = who.pod_ref.as_deref() else {
@@ -589,6 +599,7 @@ impl Engine {
             who.pod_uid.as_deref(),
             &place,
             node,
+            in_node_slice,
         ))
     }
 
