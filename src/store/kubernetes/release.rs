@@ -676,19 +676,51 @@ impl Engine {
                 .collect(),
             None => self.kube.list_pools(None).await?,
         };
+        let slices = self.slice_holders().await;
         let mut allocations = Vec::new();
         for object in objects {
             let name = object.metadata.name.clone().unwrap_or_default();
             let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
                 continue;
             };
-            let network = network_of_pool(&name, cidr).unwrap_or_default();
+            let network = network_of_pool(&name, cidr)
+                .map(|prefix| without_slice_holder(prefix, cidr, &slices))
+                .unwrap_or_default();
             let doc = PoolDoc::new(&name, cidr, Some(object))?;
             for entry in doc.entries() {
                 allocations.push(Self::allocation(&doc, entry, &network));
             }
         }
         Ok(allocations)
+    }
+
+    /// The nodes each slice of the NodeSlicePools is (or was last) given to, by the slice's
+    /// range: a node-slice pool's name holds its node between the network and the range. Only
+    /// to name networks: without the list (no such resource, no right to read it) the names
+    /// are read as they stand.
+    async fn slice_holders(&self) -> HashMap<Cidr, Vec<String>> {
+        let slices = match self.kube.list_slices().await {
+            Ok(slices) => slices,
+            Err(err) => {
+                tracing::debug!(%err, "node-slice pools' networks read from their names alone");
+                Vec::new()
+            }
+        };
+        let mut holders: HashMap<Cidr, Vec<String>> = HashMap::new();
+        let given = slices
+            .iter()
+            .filter_map(|pool| pool.status.as_ref())
+            .flat_map(|status| &status.allocations)
+            .filter(|slice| !slice.node_name.is_empty());
+        for slice in given {
+            if let Some(range) = Cidr::parse(&slice.slice_range, false) {
+                holders
+                    .entry(range.network())
+                    .or_default()
+                    .push(slice.node_name.clone());
+            }
+        }
+        holders
     }
 
     /// Releases one address of one pool, whoever holds it, and its reservation.
@@ -751,6 +783,32 @@ fn network_of_pool(name: &str, cidr: Cidr) -> Option<String> {
     name.strip_suffix(&format!("-{upstream_part}"))
         .or_else(|| name.strip_suffix(&format!("-{range_part}")))
         .map(str::to_string)
+}
+
+/// The network part of `prefix` (what precedes the range in a pool's name): without the node a
+/// node-slice pool of range `cidr` names after it (`network-node`, or `node` alone for a network
+/// with no `network_name`).
+fn without_slice_holder(
+    prefix: String,
+    cidr: Cidr,
+    holders: &HashMap<Cidr, Vec<String>>,
+) -> String {
+    let nodes = holders
+        .get(&cidr.network())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for node in nodes {
+        if prefix == *node {
+            return String::new();
+        }
+        if let Some(network) = prefix
+            .strip_suffix(node.as_str())
+            .and_then(|p| p.strip_suffix('-'))
+        {
+            return network.to_string();
+        }
+    }
+    prefix
 }
 
 /// A reservation found unbacked, with when it was made.
@@ -832,5 +890,20 @@ mod tests {
         assert_eq!(reservation_ip("abcd--1", ""), ip("abcd::1"));
         assert_eq!(reservation_ip("0--0", ""), ip("::"));
         assert_eq!(reservation_ip("0--5", ""), ip("::5"));
+    }
+
+    #[test]
+    fn a_node_slice_pools_network_leaves_its_node_out() {
+        let slice = Cidr::parse("10.0.1.0/26", false).unwrap();
+        let holders = HashMap::from([(slice, vec!["node-b".to_string(), "node1".to_string()])]);
+        let network = |prefix: &str, cidr| without_slice_holder(prefix.into(), cidr, &holders);
+        assert_eq!(network("net-node1", slice), "net");
+        assert_eq!(network("my-net-node-b", slice), "my-net");
+        // A network without `network_name`: the node alone.
+        assert_eq!(network("node1", slice), "");
+        // A pool that is no slice of that node, or of a range no slice has, stands as named.
+        assert_eq!(network("net-node10", slice), "net-node10");
+        let other = Cidr::parse("10.0.2.0/26", false).unwrap();
+        assert_eq!(network("net-node1", other), "net-node1");
     }
 }
