@@ -811,6 +811,79 @@ fn kubernetes_engine_pool_entries_and_reservations_released() {
     );
 }
 
+/// An orphaned reservation (no pool entry; its pod gone when the reconcile listed pods) whose
+/// pod is created before the controller gets to it stays: that pod's ADD may have taken it
+/// over as it stands (same pod, nothing written), so the listed version cannot tell. On the
+/// fake: the reconcile is held at its first release (a gate on IPPool patches) while the pod
+/// appears, which a real server cannot be made to do at that step.
+#[test]
+fn an_orphaned_reservation_whose_pod_appears_meanwhile_stays() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf = json!({"cniVersion": "1.1.0", "name": "held", "type": "macvlan",
+        "ipam": {"type": "whereabouts", "range": "10.72.0.0/24", "log_level": "verbose",
+                 "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
+    // A pool entry of a pod that is gone: the reconcile's release of it meets the gate.
+    let reply = fake_apiserver::cni::run(
+        Path::new(common::bin()),
+        &fake_apiserver::cni::Call {
+            command: "ADD",
+            container: "c-dead",
+            ifname: "net1",
+            pod: Some(("default", "dead")),
+            node: None,
+            env: vec![],
+        },
+        &conf.to_string(),
+    );
+    assert_eq!(reply.code, 0, "{reply:?}");
+    // Beside the pool, in the engine's namespace (the kubeconfig names none: kube-system).
+    assert!(server
+        .get("ippools", "kube-system", "10.72.0.0-24")
+        .is_some());
+    server.create(
+        "overlappingrangeipreservations",
+        "kube-system",
+        json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+               "kind": "OverlappingRangeIPReservation",
+               "metadata": {"name": "10.72.0.200"},
+               "spec": {"podref": "default/web-0", "containerid": "old", "ifname": "net1"}}),
+    );
+    server.close_gate("PATCH", "ippools");
+    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
+    wait_for(
+        "the reconcile at its first release",
+        Duration::from_secs(20),
+        || server.waiting_at_gate() > 0,
+    );
+    server.add_pod_with_uid("default", "web-0", "uid-web-0", "Pending");
+    server.open_gate();
+    ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
+    assert!(
+        server
+            .get(
+                "overlappingrangeipreservations",
+                "kube-system",
+                "10.72.0.200"
+            )
+            .is_some(),
+        "the reservation of a pod created meanwhile was deleted: {}",
+        ctl.log()
+    );
+    assert_eq!(
+        ctl.metric("whereabouts_releases_total{reason=\"orphan_reservation\"}")
+            .unwrap_or_default(),
+        0.0
+    );
+    assert_eq!(
+        ctl.metric("whereabouts_releases_total{reason=\"pod_deleted\"}"),
+        Some(1.0),
+        "the gone pod's entry: {}",
+        ctl.log()
+    );
+}
+
 #[test]
 fn etcd_engine_deleted_pod_released() {
     if !etcd_cluster::etcd_available() {

@@ -333,6 +333,22 @@ impl Worker {
         self.refresh_stats(&allocations, &released);
     }
 
+    /// Whether the pod `pod_ref` still says its reservation may go, read now; not when it
+    /// cannot be read (the next reconcile judges it again).
+    fn holder_still_gone(&self, pod_ref: &str) -> bool {
+        match self.handle.block_on(pods::get(&self.client, pod_ref)) {
+            Ok(now) => matches!(
+                judge_holder(Some(pod_ref), None, now.as_ref()),
+                Verdict::Release(_)
+            ),
+            Err(err) => {
+                self.metrics.error("get_pod");
+                tracing::warn!(err = %chain(&err), pod = %pod_ref, "reservation left to the next reconcile");
+                false
+            }
+        }
+    }
+
     /// Addresses released but held back from searches (etcd's freed marks), made free again:
     /// how many. Only the leader writes.
     fn free_released(&self) -> usize {
@@ -355,6 +371,10 @@ impl Worker {
     /// Reservations that no pool entry backs and whose pod is gone (an ADD or DEL stopped
     /// half-way): released through the store, only if unchanged since listed. One whose pod
     /// exists may be an ADD in flight (the reservation lands before the pool entry) and stays.
+    /// The pod is read again just before: since the reconcile listed pods (minutes ago in a
+    /// large one), a pod of that name may have been created and its ADD taken the reservation
+    /// over as it stands (same pod, no write), which the store's check of the listed version
+    /// cannot see.
     fn release_orphan_reservations(
         &self,
         reservations: Vec<Reservation>,
@@ -369,6 +389,9 @@ impl Worker {
             }
             if !self.leadership.is_leader() {
                 break;
+            }
+            if !self.holder_still_gone(pod_ref) {
+                continue;
             }
             match self.store.release_reservation(&found) {
                 Ok(true) => {
