@@ -1323,3 +1323,51 @@ fn copies_back_in_step(agents: &[Agent]) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Readiness answers from the agent's copies while every one follows the server: the
+/// DaemonSet's probe on every node, every ten seconds, would otherwise be a steady stream of
+/// lists. Once the server is gone (the watches fail), readiness asks it again and fails, and
+/// it comes back with the server. On the fake: it counts the requests it serves and can be
+/// taken down on demand.
+#[test]
+fn readiness_asks_the_server_only_while_the_copies_are_out_of_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _kubeconfig, agent) = agent_on_a_fake_server(dir.path());
+    let ready = || agent_process::get(&agent.socket, "/readyz").map(|(status, _)| status);
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let started = std::time::Instant::now();
+        while !done() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{what}: {}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let in_step = || {
+        ["ippools", "reservations"].iter().all(|cache| {
+            agent.metric(&format!(
+                "whereabouts_agent_cache_synced{{cache=\"{cache}\"}}"
+            )) == 1.0
+        })
+    };
+    until("the copies in step", &in_step);
+    server.reset_counts();
+    for _ in 0..5 {
+        assert_eq!(ready(), Some(200));
+    }
+    assert_eq!(
+        server.requests(),
+        0,
+        "readiness asked the server: {:?}",
+        server.requests_by_verb()
+    );
+    // The server goes away: new connections are dropped, and so are the watches (a crash's
+    // closed connections).
+    server.set_down(true);
+    server.end_watches();
+    until("not ready without the server", &|| ready() == Some(503));
+    server.set_down(false);
+    until("ready again", &|| ready() == Some(200));
+}

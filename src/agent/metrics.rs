@@ -1,6 +1,7 @@
 //! The agent's metrics: requests by operation and result, batch sizes, conflicts, and how
 //! current its watched copies are.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use prometheus_client::encoding::text::encode;
@@ -13,6 +14,7 @@ use prometheus_client::registry::Registry;
 
 use super::wire::WireError;
 use crate::store::kubernetes::Observer;
+use crate::store::queues::lock;
 
 /// The requests the agent serves, as its metrics name them.
 pub const OPERATIONS: [&str; 5] = ["add", "del", "check", "gc", "status"];
@@ -48,6 +50,8 @@ pub struct Metrics {
     cache_copies_in_step: Family<CacheLabels, Gauge>,
     freed_marked: Counter,
     freed_folded: Counter,
+    /// Each kind's copies in step and followed, as last told: what readiness reads.
+    steps: Mutex<BTreeMap<&'static str, (usize, usize)>>,
 }
 
 impl Default for Metrics {
@@ -156,9 +160,20 @@ impl Metrics {
             cache_copies_in_step,
             freed_marked,
             freed_folded,
+            steps: Mutex::new(BTreeMap::new()),
         };
         metrics.count_from_zero();
         metrics
+    }
+
+    /// Whether the agent's copies follow their servers: it follows some, and every copy of
+    /// every kind is in step since its last list. A watch that delivers shows the server
+    /// answering, with the resources and the rights the agent needs, so readiness need not ask
+    /// it again (every node's probe, every few seconds, would be a steady load on it).
+    pub fn copies_in_step(&self) -> bool {
+        let steps = lock(&self.steps);
+        let followed: usize = steps.values().map(|(_, copies)| copies).sum();
+        followed > 0 && steps.values().all(|(in_step, copies)| in_step == copies)
     }
 
     /// Shows every operation's count of every result from the start, at 0: a counter that
@@ -231,6 +246,7 @@ impl Observer for Metrics {
     }
 
     fn in_step(&self, cache: &'static str, in_step: usize, copies: usize) {
+        lock(&self.steps).insert(cache, (in_step, copies));
         let labels = CacheLabels { cache };
         let all = in_step == copies;
         self.cache_synced.get_or_create(&labels).set(i64::from(all));

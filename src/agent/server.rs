@@ -271,10 +271,23 @@ async fn metrics(State(agent): State<Shared>) -> impl IntoResponse {
 }
 
 /// Ready when the engine could serve an ADD now (reachable, CRDs installed).
+/// How long readiness waits for the engine: less than the probe's own timeout (5 s in the
+/// manifests), so that a server that does not answer reads "not ready", said, not a timeout.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Ready while the copies follow their servers (see [`Metrics::copies_in_step`]); otherwise
+/// (starting, a watch failed, no etcd pool served yet) the engine is asked.
 async fn readyz(State(agent): State<Shared>) -> impl IntoResponse {
-    match agent.backend.status().await {
-        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
-        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n")),
+    if agent.metrics.copies_in_step() {
+        return (StatusCode::OK, "ok\n".to_string());
+    }
+    match tokio::time::timeout(READY_WITHIN, agent.backend.status()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ok\n".to_string()),
+        Ok(Err(err)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the engine did not answer within {READY_WITHIN:?}\n"),
+        ),
     }
 }
 
