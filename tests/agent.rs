@@ -1334,25 +1334,7 @@ fn readiness_asks_the_server_only_while_the_copies_are_out_of_step() {
     let dir = tempfile::tempdir().unwrap();
     let (server, _kubeconfig, agent) = agent_on_a_fake_server(dir.path());
     let ready = || agent_process::get(&agent.socket, "/readyz").map(|(status, _)| status);
-    let until = |what: &str, done: &dyn Fn() -> bool| {
-        let started = std::time::Instant::now();
-        while !done() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{what}: {}",
-                agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    let in_step = || {
-        ["ippools", "reservations"].iter().all(|cache| {
-            agent.metric(&format!(
-                "whereabouts_agent_cache_synced{{cache=\"{cache}\"}}"
-            )) == 1.0
-        })
-    };
-    until("the copies in step", &in_step);
+    wait_until("the copies in step", || copies_in_step(&agent));
     server.reset_counts();
     for _ in 0..5 {
         assert_eq!(ready(), Some(200));
@@ -1367,7 +1349,7 @@ fn readiness_asks_the_server_only_while_the_copies_are_out_of_step() {
     // closed connections).
     server.set_down(true);
     server.end_watches();
-    until("not ready without the server", &|| ready() == Some(503));
+    wait_until("not ready without the server", || ready() == Some(503));
     server.set_down(false);
-    until("ready again", &|| ready() == Some(200));
+    wait_until("ready again", || ready() == Some(200));
 }

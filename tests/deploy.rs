@@ -781,8 +781,8 @@ fn check_daemonset(ds: &Value, host_bin: &str, host_conf: &str, source: &str) {
     // reservations for cleanup and its plugin a code 11.
     let grace =
         std::time::Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30));
-    let longest = whereabouts::store::kubernetes::operation_bound()
-        .max(whereabouts::store::etcd::Timeouts::from_env().deadline);
+    let longest = whereabouts::store::kubernetes::default_operation_bound()
+        .max(whereabouts::store::etcd::Timeouts::default().deadline);
     assert!(
         grace > longest,
         "{source}: terminationGracePeriodSeconds {grace:?} cuts an operation of {longest:?}"

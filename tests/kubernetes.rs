@@ -262,7 +262,7 @@ fn gc_of_a_shared_pool_frees_only_gone_pods_entries() {
         5
     );
     assert_eq!(ns.list("overlappingrangeipreservations").len(), 5);
-    // The CLI's release of one address, whoever holds it.
+    // The store's release by address, whoever holds it (an entry that records no container).
     let listed = store.check(&del_request(&cfg, "listed", "net1")).unwrap();
     let released = store.release("10.6.0.0-24", listed[0].ip).unwrap();
     assert!(released.is_some());

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -93,7 +93,8 @@ impl Backend {
                 let e = e.clone();
                 detached(async move { e.add(&req).await }).await
             }
-            // Once queued (at the first poll), the ADD is done even if the caller hangs up.
+            // Queued at the first poll; once its batch has started, the ADD is done even if the
+            // caller hangs up (before, it is left out: see `queues::drop_abandoned`).
             Backend::Etcd(s) => s.add_waiting(&req).await,
         }
     }
@@ -270,12 +271,12 @@ async fn metrics(State(agent): State<Shared>) -> impl IntoResponse {
     )
 }
 
-/// Ready when the engine could serve an ADD now (reachable, CRDs installed).
 /// How long readiness waits for the engine: less than the probe's own timeout (5 s in the
 /// manifests), so that a server that does not answer reads "not ready", said, not a timeout.
-const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(4);
+const READY_WITHIN: Duration = Duration::from_secs(4);
 
-/// Ready while the copies follow their servers (see [`Metrics::copies_in_step`]); otherwise
+/// Ready when the engine could serve an ADD now (reachable, CRDs installed): while the copies
+/// follow their servers (see [`Metrics::copies_in_step`]) that is shown already; otherwise
 /// (starting, a watch failed, no etcd pool served yet) the engine is asked.
 async fn readyz(State(agent): State<Shared>) -> impl IntoResponse {
     if agent.metrics.copies_in_step() {
@@ -343,22 +344,35 @@ impl Drop for SocketFile {
 /// Removes a socket at `path` only when nobody listens on it (left by an agent that died):
 /// deleting a live agent's socket would cut its plugins off while it goes on passing probes.
 fn remove_stale(path: &Path) -> Result<(), String> {
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(format!(
-            "another agent serves {}: stop it first, or give this one another --socket",
-            path.display()
-        )),
-        Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
-            std::fs::remove_file(path)
-                .map_err(|e| format!("cannot replace the stale socket {}: {e}", path.display()))
-        }
+    use std::io::ErrorKind::{ConnectionRefused, NotFound, TimedOut, WouldBlock};
+    match connect_within(path, Duration::from_secs(1)) {
+        Ok(()) => Err(another_agent(path)),
+        // A full backlog (a busy agent) does not take the connection at once: served all the same.
+        Err(err) if matches!(err.kind(), WouldBlock | TimedOut) => Err(another_agent(path)),
+        Err(err) if err.kind() == ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| format!("cannot replace the stale socket {}: {e}", path.display())),
         // Gone meanwhile: nothing to replace.
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) if err.kind() == NotFound => Ok(()),
         Err(err) => Err(format!(
             "cannot tell whether an agent serves {}: {err}",
             path.display()
         )),
     }
+}
+
+fn another_agent(path: &Path) -> String {
+    format!(
+        "another agent serves {}: stop it first, or give this one another --socket",
+        path.display()
+    )
+}
+
+/// Connects to the socket at `path` within `limit` (a blocking connect would wait on a live
+/// agent's full backlog), then hangs up.
+fn connect_within(path: &Path, limit: Duration) -> std::io::Result<()> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    socket.connect_timeout(&SockAddr::unix(path)?, limit)
 }
 
 /// Binds the socket, readable and writable by root only: whoever can connect can allocate.

@@ -68,6 +68,14 @@ pub fn field<T: DeserializeOwned>(
             .map_err(|err| {
                 let msg = if is_secret(key) {
                     format!("invalid {path}: expected a string")
+                } else if path.starts_with("flat file") {
+                    // The flat file's content is never shown; serde's message quotes it.
+                    let expected = err.to_string();
+                    let expected = expected.rsplit_once(", expected ").map(|(_, e)| e);
+                    format!(
+                        "invalid {path}: expected {}",
+                        shown(expected.unwrap_or("another value"))
+                    )
                 } else {
                     format!(
                         "invalid {path}: {}: {}",

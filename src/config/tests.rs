@@ -462,13 +462,16 @@ fn the_engine_the_flat_file_implies_stands() {
     let kubeconfig = "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
     let (_dir, etcd) = untrusted(json!({"etcd_host": "https://etcd.admin:2379",
         "etcd_username": "root", "etcd_password": "admin-secret"}));
-    for other in [
-        json!({"datastore": "local"}),
-        json!({"kubernetes": {"kubeconfig": kubeconfig}}),
+    for (other, key) in [
+        (json!({"datastore": "local"}), "ipam.datastore"),
+        (
+            json!({"kubernetes": {"kubeconfig": kubeconfig}}),
+            "ipam.kubernetes.kubeconfig",
+        ),
     ] {
         let msg = etcd(other.clone()).unwrap_err();
         assert!(
-            msg.contains("ipam.datastore") && !msg.contains("etcd.admin"),
+            msg.starts_with(key) && !msg.contains("etcd.admin"),
             "{other}: {msg}"
         );
     }
@@ -505,6 +508,18 @@ fn refusals_never_show_the_flat_files_values() {
     let msg = load(json!({})).unwrap_err();
     assert!(
         msg.contains("allow_inline_paths") && !msg.contains("admin-only"),
+        "{msg}"
+    );
+    let (_dir, load) = untrusted(json!({"allow_inline_paths": "/srv/admin-only"}));
+    let msg = load(json!({})).unwrap_err();
+    assert!(
+        msg.contains("flat file allow_inline_paths") && !msg.contains("admin-only"),
+        "{msg}"
+    );
+    let (_dir, load) = untrusted(json!({"datastore": "admin-typo"}));
+    let msg = load(json!({})).unwrap_err();
+    assert!(
+        msg.contains("flat file datastore") && !msg.contains("admin-typo"),
         "{msg}"
     );
 }

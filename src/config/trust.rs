@@ -256,17 +256,43 @@ fn screen_datastore(
     let Some(admin) = named_engine(flat, "flat file ")? else {
         return Ok(());
     };
+    if !ENGINES.contains(&admin.as_str()) {
+        return Err(invalid(
+            "invalid flat file datastore: expected \"local\", \"kubernetes\" or \"etcd\"",
+        ));
+    }
     let mut merged = inline.clone();
     merge_flat_file(&mut merged, flat);
     let chosen = named_engine(&merged, "ipam.")?.unwrap_or_else(|| "local".into());
     if chosen != admin {
         return Err(invalid(format!(
-            "ipam.datastore: this network configuration selects the {:?} engine, not the flat \
-             file's: the admin chooses the engine",
+            "{}: this network configuration selects the {:?} engine, not the flat file's: the \
+             admin chooses the engine",
+            engine_key(inline),
             shown(&chosen)
         )));
     }
     Ok(())
+}
+
+/// The engines a `datastore` may name.
+const ENGINES: [&str; 3] = ["local", "kubernetes", "etcd"];
+
+/// The inline key that selects an engine, as `named_engine` reads them: the one a refusal
+/// names.
+fn engine_key(inline: &Map<String, Value>) -> &'static str {
+    let set = |v: Option<&Value>| v.is_some_and(|v| !is_unset(v));
+    let kubeconfig = inline
+        .get("kubernetes")
+        .and_then(Value::as_object)
+        .and_then(|k| k.get("kubeconfig"));
+    if set(inline.get("datastore")) || !(set(kubeconfig) || set(inline.get("etcd_host"))) {
+        "ipam.datastore"
+    } else if set(kubeconfig) {
+        "ipam.kubernetes.kubeconfig"
+    } else {
+        "ipam.etcd_host"
+    }
 }
 
 /// Credentials stay with the endpoint of their source.

@@ -173,8 +173,12 @@ async fn connect(
 
 /// How long one operation may take, its undo included: how long a plugin waits for the agent.
 pub fn operation_bound() -> std::time::Duration {
-    let settings = Settings::from_env();
-    settings.deadline + settings.undo_budget
+    Settings::from_env().operation_bound()
+}
+
+/// As [`operation_bound`] with the default timeouts: what the manifests run with.
+pub fn default_operation_bound() -> std::time::Duration {
+    Settings::default().operation_bound()
 }
 
 /// The node agent's engine: one long-lived client, shared by every request of the node, whose

@@ -694,8 +694,7 @@ impl Engine {
         Ok(allocations)
     }
 
-    /// The nodes each slice of the NodeSlicePools is (or was last) given to, by the slice's
-    /// range: a node-slice pool's name holds its node between the network and the range. Only
+    /// The nodes each slice of the NodeSlicePools is given to, by the slice's range: a node-slice pool's name holds its node between the network and the range. Only
     /// to name networks: without the list (no such resource, no right to read it) the names
     /// are read as they stand.
     async fn slice_holders(&self) -> HashMap<Cidr, Vec<String>> {
@@ -793,10 +792,9 @@ fn without_slice_holder(
     cidr: Cidr,
     holders: &HashMap<Cidr, Vec<String>>,
 ) -> String {
-    let nodes = holders
-        .get(&cidr.network())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let mut nodes: Vec<&String> = holders.get(&cidr.network()).into_iter().flatten().collect();
+    // The longest first: of `node1` and `gpu-node1`, the pool `x-gpu-node1` is gpu-node1's.
+    nodes.sort_by_key(|node| std::cmp::Reverse(node.len()));
     for node in nodes {
         if prefix == *node {
             return String::new();
@@ -895,10 +893,13 @@ mod tests {
     #[test]
     fn a_node_slice_pools_network_leaves_its_node_out() {
         let slice = Cidr::parse("10.0.1.0/26", false).unwrap();
-        let holders = HashMap::from([(slice, vec!["node-b".to_string(), "node1".to_string()])]);
+        let nodes = ["node-b", "node1", "gpu-node1"].map(String::from).to_vec();
+        let holders = HashMap::from([(slice, nodes)]);
         let network = |prefix: &str, cidr| without_slice_holder(prefix.into(), cidr, &holders);
         assert_eq!(network("net-node1", slice), "net");
         assert_eq!(network("my-net-node-b", slice), "my-net");
+        // Of two nodes whose names end alike, the one the name holds whole.
+        assert_eq!(network("x-gpu-node1", slice), "x");
         // A network without `network_name`: the node alone.
         assert_eq!(network("node1", slice), "");
         // A pool that is no slice of that node, or of a range no slice has, stands as named.

@@ -29,6 +29,13 @@ pub struct Settings {
     pub throttled_wait: Duration,
 }
 
+impl Default for Settings {
+    /// The default request timeout's settings, whatever the environment says.
+    fn default() -> Settings {
+        Settings::with_request_timeout(DEFAULT_REQUEST_TIMEOUT)
+    }
+}
+
 impl Settings {
     pub fn from_env() -> Settings {
         let request_timeout = std::env::var(TIMEOUT_ENV)
@@ -38,6 +45,11 @@ impl Settings {
             .map(Duration::from_secs_f64)
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         Settings::with_request_timeout(request_timeout)
+    }
+
+    /// How long one operation may take, its undo included.
+    pub fn operation_bound(&self) -> Duration {
+        self.deadline + self.undo_budget
     }
 
     pub fn with_request_timeout(request_timeout: Duration) -> Settings {
