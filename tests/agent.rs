@@ -922,33 +922,67 @@ fn exits_leaving_the_socket(agent: &mut Agent, id: (u64, u64)) -> std::process::
     }
 }
 
+/// An agent `node-0` on the real API server, in a namespace of its own, that has served the
+/// first ADD (`first`) of network `net` (range `range`) for a plugin without credentials, which
+/// cannot do the work itself: where the socket tests start.
+struct ServingAgent {
+    agent: Agent,
+    conf: String,
+    first: String,
+    kubeconfig: PathBuf,
+    dir: tempfile::TempDir,
+    _ns: kube_apiserver::TestNamespace,
+}
+
+fn serving_agent(
+    plane: &'static kube_apiserver::ControlPlane,
+    net: &str,
+    range: &str,
+) -> ServingAgent {
+    let ns = plane.namespace(&format!("agent-socket-{net}"));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let missing = dir.path().join("no-such.kubeconfig");
+    let conf = netconf(net, &ipam(range, &missing));
+    let first = added_on_node_0(&agent, &conf, 0);
+    ServingAgent {
+        agent,
+        conf,
+        first,
+        kubeconfig,
+        dir,
+        _ns: ns,
+    }
+}
+
 /// A second agent started on the socket of a live one (a DaemonSet pod replaced while the old
 /// one still runs, an admin starting one by hand) refuses to start, naming the socket, and
 /// leaves it alone: the first agent still serves its plugins, which cannot do the work
 /// themselves (no credentials).
 #[test]
 fn a_second_agent_leaves_a_live_agents_socket_alone() {
-    let plane = real_cluster!();
-    let ns = plane.namespace("agent-socket-live");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = ns.kubeconfig(dir.path());
-    let first = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
-    let missing = dir.path().join("no-such.kubeconfig");
-    let conf = netconf("livesock", &ipam("10.156.0.0/29", &missing));
-    added_on_node_0(&first, &conf, 0);
+    let live = serving_agent(real_cluster!(), "live", "10.156.0.0/29");
+    let (first, dir) = (&live.agent, live.dir.path());
     let id = file_id(&first.socket).expect("the first agent's socket");
 
-    let settings = kube_settings(&kubeconfig);
-    let mut second = Agent::launch_on(dir.path(), "second", settings, &first.socket, &[]);
+    let settings = kube_settings(&live.kubeconfig);
+    let second = Agent::launch_on(dir, "second", settings, &first.socket, &[]);
+    let said = format!("another agent serves {}", first.socket.display());
+    refused_beside(&live, second, id, &said);
+}
+
+/// `second`, started on the socket of `live` (the file `id`), exits in failure saying `said`,
+/// without touching that socket, and `live` serves on.
+fn refused_beside(live: &ServingAgent, mut second: Agent, id: (u64, u64), said: &str) {
     let status = exits_leaving_the_socket(&mut second, id);
     assert!(!status.success(), "{status}: {}", second.log_text());
-    let said = format!("another agent serves {}", first.socket.display());
     assert!(
-        second.log_text().contains(&said),
+        second.log_text().contains(said),
         "{said:?} not in: {}",
         second.log_text()
     );
-    added_on_node_0(&first, &conf, 1);
+    added_on_node_0(&live.agent, &live.conf, 1);
 }
 
 /// A socket left by an agent killed with SIGKILL (nothing listens on it) is replaced by the
@@ -956,14 +990,8 @@ fn a_second_agent_leaves_a_live_agents_socket_alone() {
 #[test]
 fn a_stale_socket_of_a_killed_agent_is_replaced() {
     use std::os::unix::fs::FileTypeExt;
-    let plane = real_cluster!();
-    let ns = plane.namespace("agent-socket-stale");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = ns.kubeconfig(dir.path());
-    let mut agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
-    let missing = dir.path().join("no-such.kubeconfig");
-    let conf = netconf("stalesock", &ipam("10.157.0.0/29", &missing));
-    let first = added_on_node_0(&agent, &conf, 0);
+    let mut stale_one = serving_agent(real_cluster!(), "stale", "10.157.0.0/29");
+    let (agent, conf, first) = (&mut stale_one.agent, &stale_one.conf, &stale_one.first);
     agent.kill();
     let stale = std::fs::symlink_metadata(&agent.socket).expect("the killed agent's socket");
     assert!(stale.file_type().is_socket());
@@ -973,42 +1001,28 @@ fn a_stale_socket_of_a_killed_agent_is_replaced() {
     // Serving means it replaced the file: a bind on an existing path fails.
     agent.restart();
     assert_eq!(
-        added_on_node_0(&agent, &conf, 0),
+        &added_on_node_0(agent, conf, 0),
         first,
         "a repeated ADD keeps its address"
     );
-    added_on_node_0(&agent, &conf, 1);
+    added_on_node_0(agent, conf, 1);
 }
 
 /// An agent that cannot have its probe port (another agent's, on the host network) exits on
 /// that, before it touches the socket: the live agent's socket stays, and it serves.
 #[test]
 fn an_agent_without_its_probe_port_leaves_the_socket_alone() {
-    let plane = real_cluster!();
-    let ns = plane.namespace("agent-socket-port");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = ns.kubeconfig(dir.path());
-    let first = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
-    let missing = dir.path().join("no-such.kubeconfig");
-    let conf = netconf("portsock", &ipam("10.158.0.0/29", &missing));
-    added_on_node_0(&first, &conf, 0);
+    let live = serving_agent(real_cluster!(), "port", "10.158.0.0/29");
+    let (first, dir) = (&live.agent, live.dir.path());
     let id = file_id(&first.socket).expect("the first agent's socket");
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().to_string();
-    let settings = kube_settings(&kubeconfig);
+    let settings = kube_settings(&live.kubeconfig);
     let args = ["--listen", port.as_str()];
-    let mut second = Agent::launch_on(dir.path(), "second", settings, &first.socket, &args);
-    let status = exits_leaving_the_socket(&mut second, id);
-    assert!(!status.success(), "{status}: {}", second.log_text());
+    let second = Agent::launch_on(dir, "second", settings, &first.socket, &args);
     // It failed on the port, before looking at the socket.
-    let said = format!("cannot listen on {port}");
-    assert!(
-        second.log_text().contains(&said),
-        "{said:?} not in: {}",
-        second.log_text()
-    );
-    added_on_node_0(&first, &conf, 1);
+    refused_beside(&live, second, id, &format!("cannot listen on {port}"));
 }
 
 /// An agent that exits removes its socket only while the path is still that socket: here its
@@ -1016,17 +1030,11 @@ fn an_agent_without_its_probe_port_leaves_the_socket_alone() {
 /// successor goes on serving.
 #[test]
 fn an_agent_that_exits_leaves_its_successors_socket() {
-    let plane = real_cluster!();
-    let ns = plane.namespace("agent-socket-successor");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = ns.kubeconfig(dir.path());
-    let mut old = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
-    let missing = dir.path().join("no-such.kubeconfig");
-    let conf = netconf("successorsock", &ipam("10.159.0.0/29", &missing));
-    added_on_node_0(&old, &conf, 0);
+    let mut live = serving_agent(real_cluster!(), "successor", "10.159.0.0/29");
+    let (old, conf, dir) = (&mut live.agent, &live.conf, live.dir.path());
     std::fs::remove_file(&old.socket).unwrap();
-    let settings = kube_settings(&kubeconfig);
-    let mut new = Agent::launch_on(dir.path(), "successor", settings, &old.socket, &[]);
+    let settings = kube_settings(&live.kubeconfig);
+    let mut new = Agent::launch_on(dir, "successor", settings, &old.socket, &[]);
     new.wait_ready();
 
     let status = old.terminate(Duration::from_secs(60));
@@ -1035,7 +1043,7 @@ fn an_agent_that_exits_leaves_its_successors_socket() {
         "{status:?}: {}",
         old.log_text()
     );
-    added_on_node_0(&new, &conf, 1);
+    added_on_node_0(&new, conf, 1);
 }
 
 /// Two nodes: node-0's plugin has credentials of its own (it falls back while its agent is

@@ -148,17 +148,21 @@ pub fn dropped() -> StoreError {
     StoreError::try_again("the agent stopped serving this request's batch")
 }
 
+/// An observer that counts nothing, for tests of what is observed.
+#[cfg(test)]
+pub struct Quiet;
+
+#[cfg(test)]
+impl Observer for Quiet {
+    fn batch(&self, _: &'static str, _: usize) {}
+    fn conflict(&self, _: &'static str) {}
+    fn queued(&self, _: &'static str) {}
+    fn cache(&self, _: &'static str, _: bool) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Quiet;
-    impl Observer for Quiet {
-        fn batch(&self, _: &'static str, _: usize) {}
-        fn conflict(&self, _: &'static str) {}
-        fn queued(&self, _: &'static str) {}
-        fn cache(&self, _: &'static str, _: bool) {}
-    }
 
     #[test]
     fn a_job_whose_caller_is_gone_is_not_served() {

@@ -139,15 +139,7 @@ fn refused_for_its_content(err: &StoreError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Quiet;
-
-    impl Observer for Quiet {
-        fn batch(&self, _: &'static str, _: usize) {}
-        fn conflict(&self, _: &'static str) {}
-        fn queued(&self, _: &'static str) {}
-        fn cache(&self, _: &'static str, _: bool) {}
-    }
+    use crate::store::queues::Quiet;
 
     #[test]
     fn only_refusals_of_what_a_batch_carries_split_it() {

@@ -480,8 +480,9 @@ impl Engine {
             .collect();
         let is_valid =
             |who: &Attachment| valid.contains(&(who.container_id.as_str(), who.ifname.as_str()));
-        let released = match (req.node_slice_size, req.node.as_deref()) {
-            (Some(_), Some(node)) => {
+        let released = match req.node.as_deref() {
+            Some(node) => {
+                // With node slices, this node's slice pools; else the configured ones.
                 let pools = self
                     .pools_of(
                         &req.pools,
@@ -490,17 +491,11 @@ impl Engine {
                         &req.cni_network,
                     )
                     .await?;
-                self.gc_pools(req, &pools, node, true, &is_valid).await?
+                let node_slices = req.node_slice_size.is_some();
+                self.gc_pools(req, &pools, node, node_slices, &is_valid)
+                    .await?
             }
-            (None, Some(node)) => {
-                let pools: Vec<(Cidr, PoolRef)> = req
-                    .pools
-                    .iter()
-                    .map(|pool| (pool.range.cidr, pool.clone()))
-                    .collect();
-                self.gc_pools(req, &pools, node, false, &is_valid).await?
-            }
-            (_, None) => {
+            None => {
                 tracing::info!(
                     "GC without the node's name cannot tell this node's leaks: it leaves them to the cleanup controller"
                 );
