@@ -563,9 +563,21 @@ fn node_slices_from_a_nodeslicepool() {
         "node-a's GC touched node-b's pool"
     );
 
-    // The operator's gc (the cleanup controller's judgement and release): no pod of these
-    // entries exists, so every one goes, and with it its reservation, which is named after the
-    // network, not after the node-slice pool's name.
+    // Two live pods with addresses of node-a's slice: one runs on node-a, the other now runs
+    // on node-b (a StatefulSet's pod re-created there after node-a was lost; its ADD drew from
+    // node-b's slice), which nothing else would ever free.
+    for (pod, on) in [("stays", "node-a"), ("moved", "node-b")] {
+        ns.add_pod_on(pod, "Running", Some(on));
+        let add = Call {
+            node: Some("node-a"),
+            pod: Some((ns.name.as_str(), pod)),
+            ..call("ADD", pod, pod)
+        };
+        assert_eq!(run(bin(), &add, &conf).code, 0);
+    }
+    // The operator's gc (the cleanup controller's judgement and release): the a-* pods do not
+    // exist and `moved` runs elsewhere, so all but `stays` go, each with its reservation, which
+    // is named after the network, not after the node-slice pool's name.
     let gc = std::process::Command::new(bin())
         .args(["gc", "-o", "json", "--kubeconfig"])
         .arg(&kubeconfig)
@@ -574,13 +586,21 @@ fn node_slices_from_a_nodeslicepool() {
         .unwrap();
     assert!(gc.status.success(), "{gc:?}");
     let freed: Vec<Value> = serde_json::from_slice(&gc.stdout).unwrap();
-    assert_eq!(freed.len(), 11, "{freed:?}");
-    let left: Vec<String> = ns
-        .list(RESERVATIONS)
-        .iter()
-        .filter_map(|r| r["metadata"]["name"].as_str().map(String::from))
-        .collect();
-    assert!(left.is_empty(), "reservations left behind: {left:?}");
+    assert_eq!(freed.len(), 12, "{freed:?}");
+    let moved = format!("{}/moved", ns.name);
+    assert!(
+        freed.iter().any(|row| row["pod"] == moved.as_str()
+            && row["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("another node"))),
+        "{freed:?}"
+    );
+    let left: Vec<Value> = ns.list(RESERVATIONS);
+    assert_eq!(left.len(), 1, "reservations left: {left:?}");
+    assert_eq!(
+        left[0]["spec"]["podref"],
+        format!("{}/stays", ns.name).as_str()
+    );
 }
 
 #[test]

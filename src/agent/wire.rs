@@ -451,6 +451,7 @@ impl AllocationsBody {
                     ip: a.ip,
                     network_name: a.network_name,
                     cni_network: a.cni_network,
+                    slice_node: None,
                     attachment: a.attachment.clone(),
                 })
             })

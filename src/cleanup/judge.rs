@@ -13,6 +13,8 @@ pub struct PodState {
     pub phase: PodPhase,
     /// Being deleted (a deletion timestamp is set), but still there.
     pub terminating: bool,
+    /// The node it is scheduled on, once it is.
+    pub node: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +66,9 @@ pub enum ReleaseReason {
     PodGone,
     /// The pod ran to completion or failed: its sandbox is gone.
     PodFinished,
+    /// The address is in a node's slice pool, and the pod of that name runs on another node: a
+    /// new pod (a StatefulSet's, its node lost), whose ADD drew from its own node's slice.
+    PodMoved,
 }
 
 impl KeepReason {
@@ -97,6 +102,7 @@ impl ReleaseReason {
         match self {
             ReleaseReason::PodGone => "pod_deleted",
             ReleaseReason::PodFinished => "pod_finished",
+            ReleaseReason::PodMoved => "pod_moved",
         }
     }
 }
@@ -109,17 +115,38 @@ impl fmt::Display for Verdict {
             Verdict::Release(ReleaseReason::PodFinished) => {
                 write!(f, "release: pod has finished (Succeeded or Failed)")
             }
+            Verdict::Release(ReleaseReason::PodMoved) => {
+                write!(
+                    f,
+                    "release: pod runs on another node than the slice holding it"
+                )
+            }
         }
     }
 }
 
 /// Decides about `allocation` given the pod its pod reference names (`None`: no such pod).
 pub fn judge(allocation: &Allocation, pod: Option<&PodState>) -> Verdict {
-    judge_holder(
+    let verdict = judge_holder(
         allocation.attachment.pod_ref.as_deref(),
         allocation.attachment.pod_uid.as_deref(),
         pod,
-    )
+    );
+    // Only a node's own pods draw from its slice: a pod of that name elsewhere is another
+    // pod (an entry records no UID to say so), and nothing else would ever free this address.
+    let elsewhere = |pod: &PodState| {
+        let on = pod.node.as_deref();
+        allocation
+            .slice_node
+            .as_deref()
+            .is_some_and(|slice| on.is_some_and(|on| on != slice))
+    };
+    match (verdict, pod) {
+        (Verdict::Keep(_), Some(pod)) if elsewhere(pod) => {
+            Verdict::Release(ReleaseReason::PodMoved)
+        }
+        (verdict, _) => verdict,
+    }
 }
 
 /// As [`judge`], for any record naming a pod (and maybe its UID), such as an overlapping-range
@@ -220,6 +247,7 @@ mod tests {
             ip: "10.0.0.1".parse().unwrap(),
             network_name: String::new(),
             cni_network: None,
+            slice_node: None,
             attachment: Attachment {
                 container_id: "c".into(),
                 ifname: "net1".into(),
@@ -234,7 +262,44 @@ mod tests {
             uid: uid.into(),
             phase,
             terminating,
+            node: None,
         }
+    }
+
+    #[test]
+    fn a_slice_entry_of_a_pod_now_on_another_node_is_released() {
+        let mut l = allocation(Some("ns/web-0"), None);
+        l.slice_node = Some("node-a".into());
+        let on = |node: Option<&str>, phase, terminating| PodState {
+            node: node.map(String::from),
+            ..pod("u2", phase, terminating)
+        };
+        let moved = Verdict::Release(ReleaseReason::PodMoved);
+        assert_eq!(
+            judge(&l, Some(&on(Some("node-b"), PodPhase::Running, false))),
+            moved
+        );
+        assert_eq!(
+            judge(&l, Some(&on(Some("node-b"), PodPhase::Pending, true))),
+            moved
+        );
+        // On the slice's own node, or not scheduled yet: the pod may hold it.
+        let alive = Verdict::Keep(KeepReason::PodAlive);
+        assert_eq!(
+            judge(&l, Some(&on(Some("node-a"), PodPhase::Running, false))),
+            alive
+        );
+        let pending = Verdict::Keep(KeepReason::PodPending);
+        assert_eq!(
+            judge(&l, Some(&on(None, PodPhase::Pending, false))),
+            pending
+        );
+        // Outside node slices, a pod that moved keeps its address (a StatefulSet's).
+        l.slice_node = None;
+        assert_eq!(
+            judge(&l, Some(&on(Some("node-b"), PodPhase::Running, false))),
+            alive
+        );
     }
 
     #[test]

@@ -89,6 +89,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             network_name: String::new(),
             cni_network: None,
+            slice_node: None,
             attachment: Attachment {
                 container_id: "c".into(),
                 ifname: "net1".into(),
@@ -107,6 +108,7 @@ mod tests {
                 uid: "u".into(),
                 phase: PodPhase::Running,
                 terminating: false,
+                node: None,
             },
         );
         let out = plan(

@@ -83,6 +83,7 @@ pub fn pod_state(pod: &Pod) -> PodState {
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         phase: PodPhase::parse(pod.status.as_ref().and_then(|s| s.phase.as_deref())),
         terminating: pod.metadata.deletion_timestamp.is_some(),
+        node: pod.spec.as_ref().and_then(|spec| spec.node_name.clone()),
     }
 }
 

@@ -84,6 +84,7 @@ mod tests {
             ip: "10.0.0.7".parse().unwrap(),
             network_name: String::new(),
             cni_network: None,
+            slice_node: None,
             attachment: Attachment {
                 container_id: "c1".into(),
                 ifname: "net1".into(),

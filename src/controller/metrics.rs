@@ -351,6 +351,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             network_name: String::new(),
             cni_network: None,
+            slice_node: None,
             attachment: Attachment::default(),
         };
         let stats = pool_stats(&[], &[allocation("10.0.0.1"), allocation("10.0.0.2")]);

@@ -213,6 +213,8 @@ pub struct Allocation {
     pub network_name: String,
     /// The CNI network that allocated it, where the engine records it.
     pub cni_network: Option<String>,
+    /// The node whose slice pool holds it (node slices), where the engine can tell.
+    pub slice_node: Option<String>,
     pub attachment: Attachment,
 }
 

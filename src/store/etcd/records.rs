@@ -61,6 +61,7 @@ impl AllocationRecord {
             ip: self.ip,
             network_name: self.network_name.clone(),
             cni_network: (!self.cni_network.is_empty()).then(|| self.cni_network.clone()),
+            slice_node: None,
             attachment: self.attachment(),
         })
     }

@@ -220,6 +220,7 @@ impl Engine {
             ip: entry.ip,
             network_name: network_name.to_string(),
             cni_network: None,
+            slice_node: None,
             attachment: entry.attachment,
         }
     }
@@ -678,12 +679,14 @@ impl Engine {
             let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
                 continue;
             };
-            let network = network_of_pool(&name, cidr)
-                .map(|prefix| without_slice_holder(prefix, cidr, &slices))
+            let (network, slice_node) = network_of_pool(&name, cidr)
+                .map(|prefix| split_slice_holder(prefix, cidr, &slices))
                 .unwrap_or_default();
             let doc = PoolDoc::new(&name, cidr, Some(object))?;
             for entry in doc.entries() {
-                allocations.push(Self::allocation(&doc, entry, &network));
+                let mut allocation = Self::allocation(&doc, entry, &network);
+                allocation.slice_node = slice_node.clone();
+                allocations.push(allocation);
             }
         }
         Ok(allocations)
@@ -779,29 +782,29 @@ fn network_of_pool(name: &str, cidr: Cidr) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The network part of `prefix` (what precedes the range in a pool's name): without the node a
+/// The network part of `prefix` (what precedes the range in a pool's name), and the node a
 /// node-slice pool of range `cidr` names after it (`network-node`, or `node` alone for a network
-/// with no `network_name`).
-fn without_slice_holder(
+/// with no `network_name`); no node for a pool that is no slice of a node.
+fn split_slice_holder(
     prefix: String,
     cidr: Cidr,
     holders: &HashMap<Cidr, Vec<String>>,
-) -> String {
+) -> (String, Option<String>) {
     let mut nodes: Vec<&String> = holders.get(&cidr.network()).into_iter().flatten().collect();
     // The longest first: of `node1` and `gpu-node1`, the pool `x-gpu-node1` is gpu-node1's.
     nodes.sort_by_key(|node| std::cmp::Reverse(node.len()));
     for node in nodes {
         if prefix == *node {
-            return String::new();
+            return (String::new(), Some(node.clone()));
         }
         if let Some(network) = prefix
             .strip_suffix(node.as_str())
             .and_then(|p| p.strip_suffix('-'))
         {
-            return network.to_string();
+            return (network.to_string(), Some(node.clone()));
         }
     }
-    prefix
+    (prefix, None)
 }
 
 /// A reservation found unbacked, with when it was made.
@@ -890,16 +893,20 @@ mod tests {
         let slice = Cidr::parse("10.0.1.0/26", false).unwrap();
         let nodes = ["node-b", "node1", "gpu-node1"].map(String::from).to_vec();
         let holders = HashMap::from([(slice, nodes)]);
-        let network = |prefix: &str, cidr| without_slice_holder(prefix.into(), cidr, &holders);
-        assert_eq!(network("net-node1", slice), "net");
-        assert_eq!(network("my-net-node-b", slice), "my-net");
+        let split = |prefix: &str, cidr| {
+            let (network, node) = split_slice_holder(prefix.into(), cidr, &holders);
+            (network, node.unwrap_or_default())
+        };
+        let read = |network: &str, node: &str| (network.to_string(), node.to_string());
+        assert_eq!(split("net-node1", slice), read("net", "node1"));
+        assert_eq!(split("my-net-node-b", slice), read("my-net", "node-b"));
         // Of two nodes whose names end alike, the one the name holds whole.
-        assert_eq!(network("x-gpu-node1", slice), "x");
+        assert_eq!(split("x-gpu-node1", slice), read("x", "gpu-node1"));
         // A network without `network_name`: the node alone.
-        assert_eq!(network("node1", slice), "");
+        assert_eq!(split("node1", slice), read("", "node1"));
         // A pool that is no slice of that node, or of a range no slice has, stands as named.
-        assert_eq!(network("net-node10", slice), "net-node10");
+        assert_eq!(split("net-node10", slice), read("net-node10", ""));
         let other = Cidr::parse("10.0.2.0/26", false).unwrap();
-        assert_eq!(network("net-node1", other), "net-node1");
+        assert_eq!(split("net-node1", other), read("net-node1", ""));
     }
 }

@@ -162,6 +162,7 @@ impl AllocRow {
             range: self.cidr,
             network_name: self.network_name,
             cni_network: Some(self.cni_network),
+            slice_node: None,
             attachment: self.attachment,
         }
     }
