@@ -526,6 +526,42 @@ fn an_agent_plans_from_its_copy_without_reading() {
     assert!(observed.sizes.lock().unwrap().iter().all(|&(_, n)| n == 1));
 }
 
+/// The same static ADD twice at once (a runtime retrying while the first plugin still runs):
+/// both read before either commits, the second loses its commit to the first, and its next
+/// attempt must see the owner entry the first wrote, and answer the same address, not "in
+/// use" because the address is now held (by its own attachment).
+#[test]
+fn a_repeated_static_add_that_loses_its_commit_gets_the_address() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let p = pool("10.0.0.0/24", "");
+    let mut req = add_req(who("twice", Some("ns/twice")), std::slice::from_ref(&p), "");
+    req.ranges[0].requested = p.range.cidr.offset_of(ip("10.0.0.7"));
+    // Both plugins pause between their read and their commit.
+    req.sleep_for_race = 1;
+    let start = Barrier::new(2);
+    let answers: Vec<Result<Vec<IpAddr>, StoreError>> = std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                let (req, start, cluster) = (&req, &start, &cluster);
+                scope.spawn(move || {
+                    let store = open(cluster, "/twice/");
+                    start.wait();
+                    store.add(req)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|run| run.join().unwrap()).collect()
+    });
+    for answer in answers {
+        assert_eq!(answer.expect("both ADDs succeed"), vec![ip("10.0.0.7")]);
+    }
+    let held = open(&cluster, "/twice/").allocations(None).unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+}
+
 /// A combined commit that loses reads back, in its failure branch, what the ADD's next attempt
 /// plans from. An ADD repeated for an attachment that holds an address (a runtime retrying
 /// after an answer it never got) is planned from the copy, which has no index entries, and

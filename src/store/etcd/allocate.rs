@@ -115,8 +115,8 @@ pub(super) struct Memory {
     start_hint: Vec<Option<u128>>,
     /// Per range, the run window at `start_hint`, read by the failed commit itself.
     prefetched: Vec<Option<Window>>,
-    /// The index entries as last read; valid after a cleanly failed compare, whose commit
-    /// certainly did not apply (the next commit compares them again anyway).
+    /// The index entries as the failed commit read them back, at the revision it lost at
+    /// (the next commit compares them again anyway).
     hits: Option<Vec<IndexHits>>,
     conflicts: u32,
     /// Calls that failed (transport errors, timeouts).
@@ -247,7 +247,6 @@ fn attempt_add(
         return Ok(Some(chosen));
     }
     if let Some(resp) = levels.pop() {
-        memory.hits = Some(hits);
         learn_from_probes(req, resp, probes, memory);
     }
     Ok(None)
@@ -316,7 +315,10 @@ fn probes_for(
     memory: &Memory,
 ) -> (Vec<Probe>, Vec<TxnOp>) {
     let mut probes = Vec::new();
-    let mut gets = Vec::new();
+    // The index entries first: a commit may have lost on them (the same attachment's ADD
+    // committed meanwhile, or its pod's other container was released), and the next attempt
+    // must plan from what they are now, not from what they were.
+    let mut gets = index_gets(s, req);
     for (i, (rr, plan)) in req.ranges.iter().zip(plans).enumerate() {
         if let Plan::Take { offset, ip, .. } = plan {
             let akey = s.keys.allocation(&rr.pool.name, *offset);
@@ -425,6 +427,7 @@ fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Vec<Probe>, me
         TxnOpResponse::Get(mut g) => g.take_kvs(),
         _ => Vec::new(),
     });
+    memory.hits = Some(parse_hits(req, &mut answers));
     memory.wait = false;
     memory.prefetched.iter_mut().for_each(|w| *w = None);
     let mut lost_any = false;
