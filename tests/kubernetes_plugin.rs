@@ -262,6 +262,37 @@ fn pools_written_by_upstream_are_honoured() {
     assert_eq!(ours["ifname"], "net1");
 }
 
+/// Upstream versions before interface names wrote entries with no `ifname`, and released
+/// them by container alone: after a migration, the runtime's DEL of such a pod (which names
+/// its interface) frees it, and a CHECK finds it.
+#[test]
+fn an_entry_without_an_interface_name_is_its_containers() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("an-entry-without-an-interface-name");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let mut pool = upstream_pool("10.93.0.0-28", "10.93.0.0/28", &[3, 4]);
+    for key in ["3", "4"] {
+        pool["spec"]["allocations"][key]
+            .as_object_mut()
+            .unwrap()
+            .remove("ifname");
+    }
+    ns.create("ippools", pool);
+    let conf = netconf("old", &ipam("10.93.0.0/28", &kubeconfig, json!({})));
+    let check = run(bin(), &call("CHECK", "go-3", "pod-3"), &conf);
+    assert_eq!(check.code, 0, "{check:?}");
+    let del = run(bin(), &call("DEL", "go-3", "pod-3"), &conf);
+    assert_eq!(del.code, 0, "{del:?}");
+    let pool = ns.get("ippools", "10.93.0.0-28").unwrap();
+    let left: Vec<&String> = pool["spec"]["allocations"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(left, ["4"], "the DEL of go-3 freed {pool}");
+}
+
 #[test]
 fn ipv6_offsets_beyond_two_to_the_63() {
     let plane = real_cluster!();

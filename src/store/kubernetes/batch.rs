@@ -80,10 +80,9 @@ impl Batches {
     }
 }
 
-/// A released entry, for handing back to the DEL that asked.
-pub fn released_by(allocation: &Allocation, pending: &PendingRelease) -> bool {
-    allocation.attachment.container_id == pending.container_id
-        && allocation.attachment.ifname == pending.ifname
+/// Whether the entry of `holder` is one the DEL `pending` releases (and is handed back to it).
+pub fn released_by(holder: &crate::store::Attachment, pending: &PendingRelease) -> bool {
+    super::pool_doc::held_by(holder, &pending.container_id, &pending.ifname)
 }
 
 /// One batch served: each job's answer, or the failure of the batch as a whole.

@@ -24,6 +24,13 @@ pub struct Entry {
     pub attachment: Attachment,
 }
 
+/// Whether an entry's `holder` is the attachment (`container_id`, `ifname`) a DEL or CHECK
+/// names. Upstream versions before interface names wrote entries without one, and released
+/// them by container alone: such an entry is its container's, whatever the interface.
+pub fn held_by(holder: &Attachment, container_id: &str, ifname: &str) -> bool {
+    holder.container_id == container_id && (holder.ifname == ifname || holder.ifname.is_empty())
+}
+
 /// A pool as read (or about to be created, when `object` is None).
 pub struct PoolDoc {
     pub name: String,
@@ -120,7 +127,7 @@ impl PoolDoc {
     pub fn held_by_container(&self, container_id: &str, ifname: &str) -> Vec<Entry> {
         self.entries()
             .into_iter()
-            .filter(|e| e.attachment.container_id == container_id && e.attachment.ifname == ifname)
+            .filter(|e| held_by(&e.attachment, container_id, ifname))
             .collect()
     }
 

@@ -272,9 +272,8 @@ impl Engine {
         if let Some(batches) = &self.batches {
             return self.del_batched(batches, req).await;
         }
-        let mine = |e: &Entry| {
-            e.attachment.container_id == req.container_id && e.attachment.ifname == req.ifname
-        };
+        let mine =
+            |e: &Entry| super::pool_doc::held_by(&e.attachment, &req.container_id, &req.ifname);
         self.release_everywhere(
             &req.pools,
             req.node_slice_size,
@@ -367,16 +366,7 @@ impl Engine {
         jobs: &[PendingRelease],
         deadline: tokio::time::Instant,
     ) -> Served<Vec<Allocation>> {
-        let wanted: BTreeSet<(&str, &str)> = jobs
-            .iter()
-            .map(|j| (j.container_id.as_str(), j.ifname.as_str()))
-            .collect();
-        let pick = |e: &Entry| {
-            wanted.contains(&(
-                e.attachment.container_id.as_str(),
-                e.attachment.ifname.as_str(),
-            ))
-        };
+        let pick = |e: &Entry| jobs.iter().any(|job| released_by(&e.attachment, job));
         let released = tokio::time::timeout_at(deadline, self.release_entries(target, pick))
             .await
             .unwrap_or_else(|_| {
@@ -392,7 +382,7 @@ impl Engine {
         let answer = |job: &PendingRelease| {
             released
                 .iter()
-                .filter(|(a, _)| released_by(a, job))
+                .filter(|(a, _)| released_by(&a.attachment, job))
                 .map(|(a, done)| done.clone().map(|()| a.clone()))
                 .collect()
         };
