@@ -37,8 +37,14 @@ pub const GO_RENEWAL: &str = "whereabouts.cni.cncf.io/go-renew-time";
 /// How long our hold lasts without renewal: a process that dies holding the Lease delays the
 /// next ADD (ours or Go's) by this much.
 const HOLD: Duration = Duration::from_secs(4);
-/// How often the hold is renewed while the ADD runs.
-const RENEW_EVERY: Duration = Duration::from_millis(1000);
+/// How often the hold is renewed while the ADD runs. Go binaries built on client-go before
+/// v0.27 wait their own lease duration (1.5 s), not the record's: renewed every 400 ms, the
+/// hold changes well within it even when a renewal's request takes a while.
+const RENEW_EVERY: Duration = Duration::from_millis(400);
+/// The least a held Lease must stay unchanged before it is taken. A Go binary writes its 1.5 s
+/// lease duration as `leaseDurationSeconds: 1`, and renews every 500 ms plus a read and a write:
+/// on a slow API server its record can stay unchanged for a second while it still holds it.
+const TAKE_AFTER_AT_LEAST: Duration = Duration::from_secs(2);
 /// How often a waiting ADD looks at the Lease again (client-go's retry period, upstream's
 /// default, is 500 ms).
 const POLL: Duration = Duration::from_millis(100);
@@ -199,7 +205,7 @@ async fn try_take(
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
     if holder.is_some() {
         let record = (holder, spec.renew_time.clone());
-        let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(1).max(1) as u64);
+        let duration = expires_after(spec.lease_duration_seconds);
         match seen {
             Some(s) if s.record == record && s.since.elapsed() >= duration => {}
             Some(s) if s.record == record => return Ok(None),
@@ -216,6 +222,13 @@ async fn try_take(
     lease.spec = Some(ours(spec.lease_transitions.unwrap_or(0) + 1));
     mark(&mut lease.metadata, stamp, go_seen);
     written(kube.replace_lease(&lease).await)
+}
+
+/// How long a held Lease must stay unchanged, as seen here, before it is taken: its record's
+/// `leaseDurationSeconds`, and never less than [`TAKE_AFTER_AT_LEAST`].
+fn expires_after(lease_duration_seconds: Option<i32>) -> Duration {
+    let recorded = u64::try_from(lease_duration_seconds.unwrap_or(0)).unwrap_or(0);
+    Duration::from_secs(recorded).max(TAKE_AFTER_AT_LEAST)
 }
 
 /// The written Lease; `None` when another process wrote it first.
@@ -264,6 +277,17 @@ fn start_renewing(kube: &Kube, lease: Lease) -> Hold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_go_binarys_lease_is_taken_only_after_it_could_have_renewed() {
+        // The Go binary's 1.5 s, written as 1: it renews every 500 ms and a read and a write.
+        assert_eq!(expires_after(Some(1)), Duration::from_secs(2));
+        assert_eq!(expires_after(None), Duration::from_secs(2));
+        assert_eq!(expires_after(Some(-5)), Duration::from_secs(2));
+        // Ours (4 s), and longer ones, as recorded.
+        assert_eq!(expires_after(Some(4)), Duration::from_secs(4));
+        assert_eq!(expires_after(Some(15)), Duration::from_secs(15));
+    }
 
     fn lease(renewed: &str, ours: Option<&str>, go: Option<&str>) -> Lease {
         let mut annotations = std::collections::BTreeMap::new();
