@@ -562,6 +562,34 @@ fn a_repeated_static_add_that_loses_its_commit_gets_the_address() {
     assert_eq!(held.len(), 1, "{held:?}");
 }
 
+/// An ADD of more ranges than one etcd transaction holds (all of them commit together) is
+/// refused as the configuration's, saying so, not as the members' `--max-txn-ops`; an ADD of
+/// a few ranges more than usual still commits.
+#[test]
+fn an_add_of_more_ranges_than_a_transaction_holds_says_so() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, "/many/");
+    let pools: Vec<PoolRef> = (0..40)
+        .map(|i| pool(&format!("10.{i}.0.0/24"), "many"))
+        .collect();
+    let err = store
+        .add(&add_req(who("wide", Some("ns/wide")), &pools, "many"))
+        .unwrap_err();
+    let msg = err.describe();
+    assert!(
+        msg.contains("ipam.ipRanges") && msg.contains("40 ranges") && !msg.contains("max-txn-ops"),
+        "{msg}"
+    );
+    assert!(store.allocations(None).unwrap().is_empty());
+    let got = store
+        .add(&add_req(who("some", Some("ns/some")), &pools[..8], "many"))
+        .unwrap();
+    assert_eq!(got.len(), 8);
+}
+
 /// A combined commit that loses reads back, in its failure branch, what the ADD's next attempt
 /// plans from. An ADD repeated for an attachment that holds an address (a runtime retrying
 /// after an answer it never got) is planned from the copy, which has no index entries, and

@@ -21,7 +21,7 @@ use super::plan::{
 };
 use super::records::AllocationRecord;
 use super::runs::ReadRun;
-use super::session::{key_get, revision_of, CallFailed, Deadline, Session};
+use super::session::{key_get, revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use super::window::{self, Window};
 use crate::ipam::{decide, Ask, Contention, Decision, Range};
 use crate::store::retry::Backoff;
@@ -95,6 +95,22 @@ pub(super) fn refuse_unsupported(req: &AddRequest) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// Refuses, as the configuration's, a commit etcd would refuse for its size (`counts`: its
+/// compares, operations and failure operations, each held to [`MAX_TXN_OPS`]). All ranges of an
+/// ADD commit together, so no retry makes it fit, and etcd's "too many operations" would read
+/// as the members' setting.
+fn refuse_oversized(req: &AddRequest, counts: [usize; 3]) -> Result<(), Stop> {
+    let most = counts.into_iter().max().unwrap_or(0);
+    if most <= MAX_TXN_OPS {
+        return Ok(());
+    }
+    Err(Stop::Final(StoreError::config(format!(
+        "ipam.ipRanges: an ADD of these {} ranges commits {most} operations in one etcd \
+         transaction, more than the {MAX_TXN_OPS} it holds: configure fewer ranges",
+        req.ranges.len()
+    ))))
 }
 
 /// What a lost commit read back in its failure branch, at the revision it lost at: the
@@ -225,6 +241,7 @@ fn attempt_add(
     let alternatives = alternatives(req, &plans, &spare);
     let (probes, probe_gets) = probes_for(s, req, &plans, memory);
     let otherwise = fallbacks(s, req, &plans, &alternatives, probe_gets);
+    refuse_oversized(req, [compares.len(), ops.len(), otherwise.len()])?;
     let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
     let resp = s.txn(dl, "allocation commit", txn)?;
     let revision = revision_of(&resp);
