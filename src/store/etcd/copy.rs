@@ -192,13 +192,14 @@ impl State {
             .range::<Vec<u8>, _>((Bound::Included(&dir), Bound::Included(&at)))
             .next_back()
             .and_then(run);
-        let ahead = self
+        let page: Vec<_> = self
             .runs
             .range::<Vec<u8>, _>((Bound::Excluded(&at), Bound::Excluded(&range_end(runs_dir))))
             .take(AHEAD as usize)
-            .filter_map(run)
             .collect();
-        Window::of_runs(from, floor.into_iter().collect(), ahead)
+        let page_full = page.len() as i64 >= AHEAD;
+        let ahead = page.into_iter().filter_map(run).collect();
+        Window::of_runs(from, floor.into_iter().collect(), ahead, page_full)
     }
 }
 
@@ -432,6 +433,33 @@ mod tests {
         assert!(
             !told_to_relist(&copy),
             "a copy out of step lists again by itself"
+        );
+    }
+
+    /// A full page of runs with an unreadable one among them still may have more after it:
+    /// the window ends with the page's last readable run, and what lies beyond is read, not
+    /// taken for free.
+    #[test]
+    fn a_page_with_an_unreadable_run_still_ends_the_window() {
+        let copy = PoolCopy::new();
+        let mut runs: BTreeMap<Vec<u8>, (Vec<u8>, i64)> = (1..=AHEAD as u128)
+            .map(|i| {
+                (
+                    key(i * 10).into_bytes(),
+                    (format!("{:032x}", i * 10).into_bytes(), 2),
+                )
+            })
+            .collect();
+        runs.insert(key(200).into_bytes(), (b"not an offset".to_vec(), 2));
+        copy.replace(runs, 5);
+        let window = copy.window(DIR, &key(1), 1, 5, Duration::ZERO).unwrap();
+        let last = AHEAD as u128 * 10;
+        // The page holds the runs at 10, 20, ..., the one at 200 unreadable: it is full, so
+        // the window ends with its last run, short of what the page left unread.
+        assert!(window.knows(last));
+        assert!(
+            !window.knows(last + 1),
+            "the window claims the rest of the range"
         );
     }
 

@@ -40,7 +40,9 @@ pub fn parse(from: u128, results: &mut impl Iterator<Item = Vec<KeyValue>>) -> W
             .collect()
     };
     let floor = runs(results.next());
-    Window::of_runs(from, floor, runs(results.next()))
+    let ahead = results.next().unwrap_or_default();
+    let page_full = ahead.len() as i64 >= AHEAD;
+    Window::of_runs(from, floor, runs(Some(ahead)), page_full)
 }
 
 /// What is known of a pool's runs between `from` and `to` (inclusive).
@@ -52,13 +54,19 @@ pub struct Window {
 }
 
 impl Window {
-    /// The window from the run at or before `from` (if any) and up to [`AHEAD`] runs after it,
-    /// as read or as the agent's copy holds them.
-    pub fn of_runs(from: u128, mut runs: Vec<ReadRun>, ahead: Vec<ReadRun>) -> Window {
+    /// The window from the run at or before `from` (if any) and the runs after it, as read or
+    /// as the agent's copy holds them: `page_full` when [`AHEAD`] keys were read, counted before
+    /// unreadable ones were left out (a full page may have more after it, so the window then
+    /// ends with its last readable run, never at the end of the range).
+    pub fn of_runs(
+        from: u128,
+        mut runs: Vec<ReadRun>,
+        ahead: Vec<ReadRun>,
+        page_full: bool,
+    ) -> Window {
         let ahead = if from == u128::MAX { Vec::new() } else { ahead };
-        // A full page may have more after it: the window ends with its last run.
         let to = match ahead.last() {
-            Some(last) if ahead.len() as i64 >= AHEAD => last.run.end,
+            Some(last) if page_full => last.run.end,
             _ => u128::MAX,
         };
         runs.extend(ahead);
