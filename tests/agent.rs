@@ -1361,3 +1361,47 @@ fn readiness_asks_the_server_only_while_the_copies_are_out_of_step() {
     server.set_down(false);
     wait_until("ready again", || ready() == Some(200));
 }
+
+/// Through the agent too (its DELs are combined per pool), an entry upstream wrote without an
+/// interface name is its container's, for an interface the container holds no entry of its
+/// own for: the DEL of net1 frees it, and the other interface's entry stays. On the fake: a
+/// pool written as an old upstream wrote it, beside an agent, without a control plane.
+#[test]
+fn the_agents_del_frees_an_entry_without_an_interface_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, kubeconfig, agent) = agent_on_a_fake_server(dir.path());
+    let entry = |ifname: Option<&str>| {
+        let mut entry = json!({"id": "agent-7", "podref": "bench/pod-7"});
+        if let Some(ifname) = ifname {
+            entry["ifname"] = json!(ifname);
+        }
+        entry
+    };
+    server.create(
+        "ippools",
+        "kube-system",
+        json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool",
+               "metadata": {"name": "10.161.0.0-28"},
+               "spec": {"range": "10.161.0.0/28",
+                        "allocations": {"3": entry(None), "4": entry(Some("net2"))}}}),
+    );
+    let mut ipam = ipam("10.161.0.0/28", &kubeconfig);
+    ipam["enable_overlapping_ranges"] = json!(false);
+    let conf = netconf("oldnet", &ipam);
+    let reply = call("DEL", 7, "node-0", &agent, &conf);
+    assert_eq!(reply.code, 0, "{reply:?}");
+    let pool = server
+        .get("ippools", "kube-system", "10.161.0.0-28")
+        .unwrap();
+    let left: Vec<&String> = pool["spec"]["allocations"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(left, ["4"], "{pool}");
+    assert_eq!(
+        agent.metric("whereabouts_agent_requests_total{operation=\"del\",result=\"ok\"}"),
+        1.0,
+        "the DEL went through the agent"
+    );
+}

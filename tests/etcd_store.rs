@@ -588,6 +588,18 @@ fn an_add_of_more_ranges_than_a_transaction_holds_says_so() {
         .add(&add_req(who("some", Some("ns/some")), &pools[..8], "many"))
         .unwrap();
     assert_eq!(got.len(), 8);
+
+    // Through a node agent, whose batches share one transaction: the same answer.
+    let runtime = agent_runtime();
+    let agent = agent_store(&cluster, &runtime, &Arc::new(Combined::default()));
+    let msg = agent
+        .add(&add_req(who("wider", Some("ns/wider")), &pools, "many"))
+        .unwrap_err()
+        .describe();
+    assert!(
+        msg.contains("40 ranges") && !msg.contains("max-txn-ops"),
+        "{msg}"
+    );
 }
 
 /// A combined commit that loses reads back, in its failure branch, what the ADD's next attempt

@@ -322,9 +322,10 @@ pub(super) fn plan_all(
     })
 }
 
-/// What a failed compare reads back, so the next attempt needs no extra round trip: whether
-/// each chosen offset is now held in its pool, whether its address is reserved through
-/// another pool, and the run window where the next search would start.
+/// What a failed compare reads back, so the next attempt needs no extra round trip: the
+/// attachment's index entries, whether each chosen offset is now held in its pool, whether its
+/// address is reserved through another pool, and the run window where the next search would
+/// start.
 fn probes_for(
     s: &Session,
     req: &AddRequest,
@@ -436,9 +437,10 @@ fn branches_taken(resp: TxnResponse, alternatives: usize) -> Vec<TxnResponse> {
     levels
 }
 
-/// What the probes of a failed commit say about the next attempt: an offset lost to another
-/// writer of the pool (contention: back off, start past it), an address reserved through an
-/// overlapping range (search again at once), or a changed run or index entry (contention).
+/// What the probes of a failed commit say about the next attempt, which plans from the index
+/// entries they read back: an offset lost to another writer of the pool (contention: back
+/// off, start past it), an address reserved through an overlapping range (search again at
+/// once), or a changed run or index entry (contention).
 fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Vec<Probe>, memory: &mut Memory) {
     let mut answers = resp.op_responses().into_iter().map(|r| match r {
         TxnOpResponse::Get(mut g) => g.take_kvs(),

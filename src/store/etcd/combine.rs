@@ -52,6 +52,12 @@ const CATCH_UP: Duration = Duration::from_millis(20);
 /// ([`super::session::MAX_TXN_OPS`]): a dozen ranges.
 const MAX_BATCH: usize = 64;
 
+/// The most ranges an ADD may have to share a combined transaction: a range's commit compares
+/// at most six keys (record, freed mark, owner and pod entries, reservation, run), within the
+/// 64 operations a combined commit has. One with more commits alone, where it fits or is
+/// refused as too wide for any transaction.
+const MAX_COMBINED_RANGES: usize = (MAX_TXN_OPS - MAX_BATCH) / 6;
+
 /// Combined rounds at most for the ADDs of a batch that lost an address to another writer;
 /// each round plans from what the last one read back. Those still left then run alone, with
 /// the engine's spreading.
@@ -390,8 +396,9 @@ fn one_per_attachment<'a>(who: impl Iterator<Item = (&'a String, &'a String)>) -
         .collect()
 }
 
-/// The requests that may share one transaction: every range dynamic, and no two of the same
-/// attachment (they would write the same index entries).
+/// The requests that may share one transaction: every range dynamic, not too many of them
+/// ([`MAX_COMBINED_RANGES`]), and no two of the same attachment (they would write the same
+/// index entries).
 fn combinable(reqs: &[AddRequest]) -> Vec<usize> {
     let mut owners = HashSet::new();
     let mut pods = HashSet::new();
@@ -401,6 +408,7 @@ fn combinable(reqs: &[AddRequest]) -> Vec<usize> {
         let plain = refuse_unsupported(req).is_ok()
             && req.sleep_for_race == 0
             && !req.ranges.is_empty()
+            && req.ranges.len() <= MAX_COMBINED_RANGES
             && req.ranges.iter().all(|rr| rr.requested.is_none());
         let first_of_owner = owners.insert((who.container_id.clone(), who.ifname.clone()));
         let first_of_pod = match &who.pod_ref {

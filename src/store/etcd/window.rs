@@ -57,7 +57,9 @@ impl Window {
     /// The window from the run at or before `from` (if any) and the runs after it, as read or
     /// as the agent's copy holds them: `page_full` when [`AHEAD`] keys were read, counted before
     /// unreadable ones were left out (a full page may have more after it, so the window then
-    /// ends with its last readable run, never at the end of the range).
+    /// ends with its last readable run). A page with no readable run at all says nothing of
+    /// what follows: the search goes on past it, and a commit on an address an unreadable run
+    /// covers loses on its record, which exists.
     pub fn of_runs(
         from: u128,
         mut runs: Vec<ReadRun>,

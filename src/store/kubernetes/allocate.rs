@@ -1151,7 +1151,7 @@ impl Engine {
             } = step
             {
                 let result = self
-                    .remove_entries(&pool, cidr, |e| {
+                    .remove_entries(&pool, cidr, |e, _| {
                         e.key == key
                             && e.attachment.container_id == container_id
                             && e.attachment.ifname == ifname

@@ -80,9 +80,20 @@ impl Batches {
     }
 }
 
-/// Whether the entry of `holder` is one the DEL `pending` releases (and is handed back to it).
-pub fn released_by(holder: &crate::store::Attachment, pending: &PendingRelease) -> bool {
-    super::pool_doc::held_by(holder, &pending.container_id, &pending.ifname)
+/// Whether `entry`, among the pool's `entries`, is one the DEL `pending` releases.
+pub fn released_by(
+    entry: &super::pool_doc::Entry,
+    entries: &[super::pool_doc::Entry],
+    pending: &PendingRelease,
+) -> bool {
+    super::pool_doc::named_by(entry, entries, &pending.container_id, &pending.ifname)
+}
+
+/// Whether a released entry of `holder` is handed back to the DEL `pending`: its own, or one of
+/// its container's written without an interface name (which only a DEL of it released).
+pub fn answers(holder: &crate::store::Attachment, pending: &PendingRelease) -> bool {
+    holder.container_id == pending.container_id
+        && (holder.ifname == pending.ifname || holder.ifname.is_empty())
 }
 
 /// One batch served: each job's answer, or the failure of the batch as a whole.

@@ -24,11 +24,17 @@ pub struct Entry {
     pub attachment: Attachment,
 }
 
-/// Whether an entry's `holder` is the attachment (`container_id`, `ifname`) a DEL or CHECK
-/// names. Upstream versions before interface names wrote entries without one, and released
-/// them by container alone: such an entry is its container's, whatever the interface.
-pub fn held_by(holder: &Attachment, container_id: &str, ifname: &str) -> bool {
-    holder.container_id == container_id && (holder.ifname == ifname || holder.ifname.is_empty())
+/// Whether `entry`, among the pool's `entries`, is the attachment (`container_id`, `ifname`)
+/// a DEL or CHECK names. Upstream versions before interface names wrote entries without one
+/// and released them by container alone: such an entry is its container's, for an interface
+/// the container holds no entry of its own for in this pool.
+pub fn named_by(entry: &Entry, entries: &[Entry], container_id: &str, ifname: &str) -> bool {
+    let who = &entry.attachment;
+    let exact = |w: &Attachment| w.container_id == container_id && w.ifname == ifname;
+    exact(who)
+        || (who.container_id == container_id
+            && who.ifname.is_empty()
+            && !entries.iter().any(|other| exact(&other.attachment)))
 }
 
 /// A pool as read (or about to be created, when `object` is None).
@@ -125,9 +131,11 @@ impl PoolDoc {
 
     /// The allocations of the attachment (container ID and interface), as DEL matches them.
     pub fn held_by_container(&self, container_id: &str, ifname: &str) -> Vec<Entry> {
-        self.entries()
-            .into_iter()
-            .filter(|e| held_by(&e.attachment, container_id, ifname))
+        let entries = self.entries();
+        entries
+            .iter()
+            .filter(|e| named_by(e, &entries, container_id, ifname))
+            .cloned()
             .collect()
     }
 
@@ -221,6 +229,32 @@ pub fn replace_id_op(key: &str, container_id: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_without_an_interface_is_its_containers_for_an_interface_it_lacks() {
+        let entry = |offset: u128, container: &str, ifname: &str| Entry {
+            key: offset.to_string(),
+            offset,
+            ip: format!("10.0.0.{offset}").parse().unwrap(),
+            attachment: Attachment {
+                container_id: container.into(),
+                ifname: ifname.into(),
+                pod_ref: None,
+                pod_uid: None,
+            },
+        };
+        let entries = [
+            entry(3, "c", ""),
+            entry(4, "c", "net2"),
+            entry(5, "d", "net1"),
+        ];
+        let named = |e: &Entry, ifname| named_by(e, &entries, "c", ifname);
+        // The DEL of net2 frees net2's entry, not the old one, which is another interface's.
+        assert!(named(&entries[1], "net2") && !named(&entries[0], "net2"));
+        // The DEL of net1 (no entry of its own): the old entry.
+        assert!(named(&entries[0], "net1") && !named(&entries[1], "net1"));
+        assert!(!named(&entries[2], "net1"), "another container's");
+    }
 
     fn pool(range: &str, keys: &[&str]) -> IPPool {
         let mut allocations = BTreeMap::new();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use super::api::{ApiError, RefusedWrite};
-use super::batch::{in_halves, released_by, Batches, PendingRelease, Served};
+use super::batch::{answers, in_halves, released_by, Batches, PendingRelease, Served};
 use super::engine::Engine;
 use super::pool_doc::{holder_test, remove_op, Entry, PoolDoc};
 use super::reservation;
@@ -42,7 +42,7 @@ impl Engine {
         &self,
         name: &str,
         cidr: Cidr,
-        pick: impl Fn(&Entry) -> bool,
+        pick: impl Fn(&Entry, &[Entry]) -> bool,
     ) -> Result<Vec<Entry>, StoreError> {
         let mut conflicts = 0u32;
         // The agent's guess may show the entries: then it spares the read (the write is
@@ -62,7 +62,12 @@ impl Engine {
             RefusedWrite::still_refused(refused.as_ref(), doc.resource_version(), || {
                 format!("the API server refused a removal from the unchanged IPPool {name}")
             })?;
-            let mut picked: Vec<Entry> = doc.entries().into_iter().filter(|e| pick(e)).collect();
+            let entries = doc.entries();
+            let mut picked: Vec<Entry> = entries
+                .iter()
+                .filter(|e| pick(e, &entries))
+                .cloned()
+                .collect();
             if picked.is_empty() {
                 if from_copy {
                     continue;
@@ -253,7 +258,7 @@ impl Engine {
         configured: Cidr,
         pool: &PoolRef,
         network_name: &str,
-        pick: impl Fn(&Entry) -> bool,
+        pick: impl Fn(&Entry, &[Entry]) -> bool,
     ) -> Result<Vec<Allocation>, StoreError> {
         let name = object_name(&pool.name);
         let removed = self.remove_entries(&name, pool.range.cidr, pick).await?;
@@ -272,8 +277,9 @@ impl Engine {
         if let Some(batches) = &self.batches {
             return self.del_batched(batches, req).await;
         }
-        let mine =
-            |e: &Entry| super::pool_doc::held_by(&e.attachment, &req.container_id, &req.ifname);
+        let mine = |e: &Entry, all: &[Entry]| {
+            super::pool_doc::named_by(e, all, &req.container_id, &req.ifname)
+        };
         self.release_everywhere(
             &req.pools,
             req.node_slice_size,
@@ -366,7 +372,7 @@ impl Engine {
         jobs: &[PendingRelease],
         deadline: tokio::time::Instant,
     ) -> Served<Vec<Allocation>> {
-        let pick = |e: &Entry| jobs.iter().any(|job| released_by(&e.attachment, job));
+        let pick = |e: &Entry, all: &[Entry]| jobs.iter().any(|job| released_by(e, all, job));
         let released = tokio::time::timeout_at(deadline, self.release_entries(target, pick))
             .await
             .unwrap_or_else(|_| {
@@ -382,7 +388,7 @@ impl Engine {
         let answer = |job: &PendingRelease| {
             released
                 .iter()
-                .filter(|(a, _)| released_by(&a.attachment, job))
+                .filter(|(a, _)| answers(&a.attachment, job))
                 .map(|(a, done)| done.clone().map(|()| a.clone()))
                 .collect()
         };
@@ -394,7 +400,7 @@ impl Engine {
     async fn release_entries(
         &self,
         target: &ReleaseTarget,
-        pick: impl Fn(&Entry) -> bool,
+        pick: impl Fn(&Entry, &[Entry]) -> bool,
     ) -> Result<Vec<(Allocation, Result<(), StoreError>)>, StoreError> {
         let removed = self.remove_entries(&target.name, target.cidr, pick).await?;
         let doc = PoolDoc::new(&target.name, target.configured, None)?;
@@ -420,7 +426,7 @@ impl Engine {
         node_slice_size: Option<u8>,
         network_name: &str,
         cni_network: &str,
-        pick: impl Fn(&Entry) -> bool,
+        pick: impl Fn(&Entry, &[Entry]) -> bool,
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
         let pools = self
@@ -539,7 +545,7 @@ impl Engine {
             if leaked.is_empty() {
                 continue;
             }
-            let pick = |e: &Entry| {
+            let pick = |e: &Entry, _: &[Entry]| {
                 let key = (
                     e.ip,
                     e.attachment.container_id.clone(),
@@ -682,10 +688,11 @@ impl Engine {
         Ok(allocations)
     }
 
-    /// The nodes each slice of the NodeSlicePools is given to, by the slice's range: a node-slice pool's name holds its node between the network and the range. Only
-    /// to name networks: without the list (no such resource, no right to read it) the names
-    /// are read as they stand.
-    async fn slice_holders(&self) -> HashMap<Cidr, Vec<String>> {
+    /// Which node each slice of the NodeSlicePools is given to, by the slice's range: a
+    /// node-slice pool's name holds its node between the network and the range. Only to name
+    /// networks: without the list (no such resource, no right to read it) the names are read as
+    /// they stand.
+    async fn slice_holders(&self) -> SliceHolders {
         let slices = match self.kube.list_slices().await {
             Ok(slices) => slices,
             Err(err) => {
@@ -693,18 +700,19 @@ impl Engine {
                 Vec::new()
             }
         };
-        let mut holders: HashMap<Cidr, Vec<String>> = HashMap::new();
-        let given = slices
-            .iter()
-            .filter_map(|pool| pool.status.as_ref())
-            .flat_map(|status| &status.allocations)
-            .filter(|slice| !slice.node_name.is_empty());
-        for slice in given {
-            if let Some(range) = Cidr::parse(&slice.slice_range, false) {
-                holders
-                    .entry(range.network())
-                    .or_default()
-                    .push(slice.node_name.clone());
+        let mut holders = SliceHolders::new();
+        for pool in &slices {
+            let network = pool.metadata.name.clone().unwrap_or_default();
+            let given = pool
+                .status
+                .iter()
+                .flat_map(|status| &status.allocations)
+                .filter(|slice| !slice.node_name.is_empty());
+            for slice in given {
+                if let Some(range) = Cidr::parse(&slice.slice_range, false) {
+                    let holder = (network.clone(), slice.node_name.clone());
+                    holders.entry(range.network()).or_default().push(holder);
+                }
             }
         }
         holders
@@ -722,7 +730,7 @@ impl Engine {
                 object.spec.range
             )));
         };
-        let removed = self.remove_entries(&name, cidr, |e| e.ip == ip).await?;
+        let removed = self.remove_entries(&name, cidr, |e, _| e.ip == ip).await?;
         let Some(entry) = removed.into_iter().next() else {
             return Ok(None);
         };
@@ -772,25 +780,27 @@ fn network_of_pool(name: &str, cidr: Cidr) -> Option<String> {
         .map(str::to_string)
 }
 
+/// By a slice's range, the NodeSlicePools that give it (their names) and the node each gives
+/// it to.
+type SliceHolders = HashMap<Cidr, Vec<(String, String)>>;
+
 /// The network part of `prefix` (what precedes the range in a pool's name), and the node a
-/// node-slice pool of range `cidr` names after it (`network-node`, or `node` alone for a network
-/// with no `network_name`); no node for a pool that is no slice of a node.
+/// node-slice pool of range `cidr` names after it: `network-node`, where a NodeSlicePool of that
+/// name gives the slice to that node, or `node` alone (a network with no `network_name`, whose
+/// NodeSlicePool is named after its configuration). No node for a pool that is no node's slice.
 fn split_slice_holder(
     prefix: String,
     cidr: Cidr,
-    holders: &HashMap<Cidr, Vec<String>>,
+    holders: &SliceHolders,
 ) -> (String, Option<String>) {
-    let mut nodes: Vec<&String> = holders.get(&cidr.network()).into_iter().flatten().collect();
-    // The longest first: of `node1` and `gpu-node1`, the pool `x-gpu-node1` is gpu-node1's.
-    nodes.sort_by_key(|node| std::cmp::Reverse(node.len()));
-    for node in nodes {
-        if prefix == *node {
-            return (String::new(), Some(node.clone()));
-        }
-        if let Some(network) = prefix
-            .strip_suffix(node.as_str())
-            .and_then(|p| p.strip_suffix('-'))
-        {
+    let given = holders.get(&cidr.network()).into_iter().flatten();
+    for (network, node) in given {
+        if prefix == *node || prefix == format!("{network}-{node}") {
+            let network = if prefix == *node {
+                ""
+            } else {
+                network.as_str()
+            };
             return (network.to_string(), Some(node.clone()));
         }
     }
@@ -881,8 +891,21 @@ mod tests {
     #[test]
     fn a_node_slice_pools_network_leaves_its_node_out() {
         let slice = Cidr::parse("10.0.1.0/26", false).unwrap();
-        let nodes = ["node-b", "node1", "gpu-node1"].map(String::from).to_vec();
-        let holders = HashMap::from([(slice, nodes)]);
+        let given = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(network, node)| (network.to_string(), node.to_string()))
+                .collect()
+        };
+        let holders = HashMap::from([(
+            slice,
+            given(&[
+                ("net", "node1"),
+                ("my-net", "node-b"),
+                ("x", "gpu-node1"),
+                ("cfg", "node2"),
+            ]),
+        )]);
         let split = |prefix: &str, cidr| {
             let (network, node) = split_slice_holder(prefix.into(), cidr, &holders);
             (network, node.unwrap_or_default())
@@ -890,10 +913,12 @@ mod tests {
         let read = |network: &str, node: &str| (network.to_string(), node.to_string());
         assert_eq!(split("net-node1", slice), read("net", "node1"));
         assert_eq!(split("my-net-node-b", slice), read("my-net", "node-b"));
-        // Of two nodes whose names end alike, the one the name holds whole.
         assert_eq!(split("x-gpu-node1", slice), read("x", "gpu-node1"));
         // A network without `network_name`: the node alone.
-        assert_eq!(split("node1", slice), read("", "node1"));
+        assert_eq!(split("node2", slice), read("", "node2"));
+        // Only as a NodeSlicePool gives the slice: neither `ml` gives it to `gpu-node1` nor
+        // `ml-gpu` to `node1`, so the name stands as it is.
+        assert_eq!(split("ml-gpu-node1", slice), read("ml-gpu-node1", ""));
         // A pool that is no slice of that node, or of a range no slice has, stands as named.
         assert_eq!(split("net-node10", slice), read("net-node10", ""));
         let other = Cidr::parse("10.0.2.0/26", false).unwrap();
