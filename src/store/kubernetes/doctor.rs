@@ -377,6 +377,26 @@ fn young(r: &OverlappingRangeIPReservation, orphan_age: Duration) -> bool {
     age.unsigned_abs() < orphan_age
 }
 
+impl Survey {
+    /// Leaves unfixed what `earlier` did not find as well. A Go binary's ADD writes its pool
+    /// entry first and its reservation a moment later, and the reservation a DEL leaves for
+    /// last: a repair between the two would make that ADD fail, or leave a reservation no DEL
+    /// removes. What two surveys some seconds apart both find is no write in flight.
+    pub fn confirm(&mut self, earlier: &Survey) {
+        let key = |f: &Finding| (f.problem, f.object.clone(), f.reservation.clone());
+        let seen: BTreeSet<_> = earlier.findings.iter().map(key).collect();
+        for f in &mut self.findings {
+            if f.action == "fixable" && !seen.contains(&key(f)) {
+                f.action = "not fixed: found by the second survey only (a write may be in flight); run again".into();
+            }
+        }
+    }
+}
+
+/// How long `doctor --fix` waits between its two surveys: longer than a Go binary's ADD takes
+/// from its pool entry to its reservation.
+pub const SETTLE: Duration = Duration::from_secs(5);
+
 /// Repairs what is safe to repair, each with a conditional write, and records the outcome in
 /// the findings: a missing reservation is created for the entry's attachment (a create fails
 /// if someone made it meanwhile), an orphan reservation old enough is deleted only if it is
@@ -448,6 +468,44 @@ mod tests {
             }],
         });
         vec![pool]
+    }
+
+    #[test]
+    fn a_repair_waits_for_a_second_survey_to_find_it_too() {
+        use crate::k8s::crd::{IPAllocation, IPPoolSpec};
+        let survey = |keys: &[&str]| {
+            let allocations = keys
+                .iter()
+                .map(|k| {
+                    let entry = IPAllocation {
+                        id: format!("c{k}"),
+                        podref: format!("ns/p{k}"),
+                        ifname: "net1".into(),
+                    };
+                    (k.to_string(), entry)
+                })
+                .collect();
+            let range = "10.9.0.0/24".into();
+            let pool = IPPool::new("10.9.0.0-24", IPPoolSpec { range, allocations });
+            Survey::of(vec![pool], Vec::new(), &[], Duration::ZERO)
+        };
+        let earlier = survey(&["3"]);
+        // A write in flight: .4's entry is there, its reservation not yet.
+        let mut later = survey(&["3", "4"]);
+        later.confirm(&earlier);
+        let action = |address: &str| {
+            let f = later
+                .findings()
+                .iter()
+                .find(|f| f.address.as_deref() == Some(address));
+            f.map(|f| f.action.clone()).unwrap_or_default()
+        };
+        assert_eq!(action("10.9.0.3"), "fixable");
+        assert!(
+            action("10.9.0.4").starts_with("not fixed"),
+            "{}",
+            action("10.9.0.4")
+        );
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub fn doctor(
         let kube = &shared.engine.kube;
         let mut survey = doctor::survey(kube, orphan_age).await?;
         if fix {
+            let earlier = survey;
+            tokio::time::sleep(doctor::SETTLE).await;
+            survey = doctor::survey(kube, orphan_age).await?;
+            survey.confirm(&earlier);
             doctor::fix(kube, &mut survey).await;
         }
         let mut findings = survey.findings().to_vec();
