@@ -49,7 +49,7 @@ const CATCH_UP: Duration = Duration::from_millis(20);
 
 /// ADDs (or DELs) combined in one batch at most. Each ADD's commit is one operation of the
 /// outer transaction, which leaves each commit 64 of the 128 operations etcd accepts
-/// ([`super::session::MAX_TXN_OPS`]): a dozen ranges.
+/// ([`super::session::MAX_TXN_OPS`]): ten ranges ([`MAX_COMBINED_RANGES`]).
 const MAX_BATCH: usize = 64;
 
 /// The most ranges an ADD may have to share a combined transaction: a range's commit compares

@@ -86,14 +86,24 @@ pub fn released_by(
     entries: &[super::pool_doc::Entry],
     pending: &PendingRelease,
 ) -> bool {
-    super::pool_doc::named_by(entry, entries, &pending.container_id, &pending.ifname)
+    let others = super::pool_doc::holders(entries);
+    super::pool_doc::named_by(
+        &entry.attachment,
+        others,
+        &pending.container_id,
+        &pending.ifname,
+    )
 }
 
-/// Whether a released entry of `holder` is handed back to the DEL `pending`: its own, or one of
-/// its container's written without an interface name (which only a DEL of it released).
-pub fn answers(holder: &crate::store::Attachment, pending: &PendingRelease) -> bool {
-    holder.container_id == pending.container_id
-        && (holder.ifname == pending.ifname || holder.ifname.is_empty())
+/// Whether the released entry of `holder`, among the batch's `released` holders, is handed back
+/// to the DEL `pending`: as [`released_by`] picked it.
+pub fn answers(
+    holder: &crate::store::Attachment,
+    released: &[&crate::store::Attachment],
+    pending: &PendingRelease,
+) -> bool {
+    let others = released.iter().copied();
+    super::pool_doc::named_by(holder, others, &pending.container_id, &pending.ifname)
 }
 
 /// One batch served: each job's answer, or the failure of the batch as a whole.

@@ -378,12 +378,22 @@ fn young(r: &OverlappingRangeIPReservation, orphan_age: Duration) -> bool {
 }
 
 impl Survey {
+    /// Whether a repair is to be made.
+    pub fn fixable(&self) -> bool {
+        self.findings.iter().any(|f| f.action == "fixable")
+    }
+
     /// Leaves unfixed what `earlier` did not find as well. A Go binary's ADD writes its pool
     /// entry first and its reservation a moment later, and the reservation a DEL leaves for
     /// last: a repair between the two would make that ADD fail, or leave a reservation no DEL
     /// removes. What two surveys some seconds apart both find is no write in flight.
     pub fn confirm(&mut self, earlier: &Survey) {
-        let key = |f: &Finding| (f.problem, f.object.clone(), f.reservation.clone());
+        // The detail names the holder: an address freed and taken again meanwhile is another
+        // finding.
+        let key = |f: &Finding| {
+            let what = (f.object.clone(), f.reservation.clone(), f.detail.clone());
+            (f.problem, what)
+        };
         let seen: BTreeSet<_> = earlier.findings.iter().map(key).collect();
         for f in &mut self.findings {
             if f.action == "fixable" && !seen.contains(&key(f)) {
@@ -473,13 +483,14 @@ mod tests {
     #[test]
     fn a_repair_waits_for_a_second_survey_to_find_it_too() {
         use crate::k8s::crd::{IPAllocation, IPPoolSpec};
-        let survey = |keys: &[&str]| {
-            let allocations = keys
+        // A pool of entries (key, container), with no reservations.
+        let survey = |held: &[(&str, &str)]| {
+            let allocations = held
                 .iter()
-                .map(|k| {
+                .map(|(k, container)| {
                     let entry = IPAllocation {
-                        id: format!("c{k}"),
-                        podref: format!("ns/p{k}"),
+                        id: container.to_string(),
+                        podref: format!("ns/{container}"),
                         ifname: "net1".into(),
                     };
                     (k.to_string(), entry)
@@ -489,23 +500,23 @@ mod tests {
             let pool = IPPool::new("10.9.0.0-24", IPPoolSpec { range, allocations });
             Survey::of(vec![pool], Vec::new(), &[], Duration::ZERO)
         };
-        let earlier = survey(&["3"]);
-        // A write in flight: .4's entry is there, its reservation not yet.
-        let mut later = survey(&["3", "4"]);
-        later.confirm(&earlier);
-        let action = |address: &str| {
-            let f = later
-                .findings()
-                .iter()
+        let action = |survey: &Survey, address: &str| {
+            let found = survey.findings().iter();
+            let f = found
+                .clone()
                 .find(|f| f.address.as_deref() == Some(address));
             f.map(|f| f.action.clone()).unwrap_or_default()
         };
-        assert_eq!(action("10.9.0.3"), "fixable");
-        assert!(
-            action("10.9.0.4").starts_with("not fixed"),
-            "{}",
-            action("10.9.0.4")
-        );
+        let earlier = survey(&[("3", "a")]);
+        // .4's entry is there, its reservation not yet: a write in flight.
+        let mut later = survey(&[("3", "a"), ("4", "b")]);
+        later.confirm(&earlier);
+        assert_eq!(action(&later, "10.9.0.3"), "fixable");
+        assert!(action(&later, "10.9.0.4").starts_with("not fixed"));
+        // .3 freed and taken again meanwhile: its new holder's write may be in flight.
+        let mut retaken = survey(&[("3", "c")]);
+        retaken.confirm(&earlier);
+        assert!(action(&retaken, "10.9.0.3").starts_with("not fixed"));
     }
 
     #[test]

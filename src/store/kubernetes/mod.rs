@@ -74,22 +74,27 @@ pub fn doctor(
     let access = operator_access(&cfg.kubeconfig, in_pod());
     let store = connect_store(ipam, &access)?;
     let shared = &store.shared;
-    store.runtime.block_on(shared.run("doctor", async {
-        let kube = &shared.engine.kube;
-        let mut survey = doctor::survey(kube, orphan_age).await?;
-        if fix {
-            let earlier = survey;
-            tokio::time::sleep(doctor::SETTLE).await;
-            survey = doctor::survey(kube, orphan_age).await?;
-            survey.confirm(&earlier);
-            doctor::fix(kube, &mut survey).await;
-        }
-        let mut findings = survey.findings().to_vec();
-        findings.sort_by(|a, b| {
-            (a.problem, &a.object, &a.address).cmp(&(b.problem, &b.object, &b.address))
-        });
-        Ok(findings)
-    }))
+    let kube = &shared.engine.kube;
+    let survey = || {
+        let survey = doctor::survey(kube, orphan_age);
+        store.runtime.block_on(shared.run("doctor", survey))
+    };
+    let mut found = survey()?;
+    if fix && found.fixable() {
+        // Each survey within its own deadline: the wait is not the API server's time.
+        std::thread::sleep(doctor::SETTLE);
+        let earlier = std::mem::replace(&mut found, survey()?);
+        found.confirm(&earlier);
+        store.runtime.block_on(shared.run("doctor", async {
+            doctor::fix(kube, &mut found).await;
+            Ok(())
+        }))?;
+    }
+    let mut findings = found.findings().to_vec();
+    findings.sort_by(|a, b| {
+        (a.problem, &a.object, &a.address).cmp(&(b.problem, &b.object, &b.address))
+    });
+    Ok(findings)
 }
 
 fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, StoreError> {

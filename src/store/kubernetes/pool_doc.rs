@@ -24,17 +24,26 @@ pub struct Entry {
     pub attachment: Attachment,
 }
 
-/// Whether `entry`, among the pool's `entries`, is the attachment (`container_id`, `ifname`)
-/// a DEL or CHECK names. Upstream versions before interface names wrote entries without one
-/// and released them by container alone: such an entry is its container's, for an interface
-/// the container holds no entry of its own for in this pool.
-pub fn named_by(entry: &Entry, entries: &[Entry], container_id: &str, ifname: &str) -> bool {
-    let who = &entry.attachment;
+/// Whether an entry of `who`, beside the entries of `others` (in the same pool), is the
+/// attachment (`container_id`, `ifname`) a DEL or CHECK names. Upstream versions before
+/// interface names wrote entries without one and released them by container alone: such an
+/// entry is its container's, for an interface the container holds no entry of its own for.
+pub fn named_by<'a>(
+    who: &Attachment,
+    others: impl IntoIterator<Item = &'a Attachment>,
+    container_id: &str,
+    ifname: &str,
+) -> bool {
     let exact = |w: &Attachment| w.container_id == container_id && w.ifname == ifname;
     exact(who)
         || (who.container_id == container_id
             && who.ifname.is_empty()
-            && !entries.iter().any(|other| exact(&other.attachment)))
+            && !others.into_iter().any(exact))
+}
+
+/// The holders of `entries`, for [`named_by`].
+pub fn holders(entries: &[Entry]) -> impl Iterator<Item = &Attachment> {
+    entries.iter().map(|e| &e.attachment)
 }
 
 /// A pool as read (or about to be created, when `object` is None).
@@ -134,7 +143,7 @@ impl PoolDoc {
         let entries = self.entries();
         entries
             .iter()
-            .filter(|e| named_by(e, &entries, container_id, ifname))
+            .filter(|e| named_by(&e.attachment, holders(&entries), container_id, ifname))
             .cloned()
             .collect()
     }
@@ -248,7 +257,7 @@ mod tests {
             entry(4, "c", "net2"),
             entry(5, "d", "net1"),
         ];
-        let named = |e: &Entry, ifname| named_by(e, &entries, "c", ifname);
+        let named = |e: &Entry, ifname| named_by(&e.attachment, holders(&entries), "c", ifname);
         // The DEL of net2 frees net2's entry, not the old one, which is another interface's.
         assert!(named(&entries[1], "net2") && !named(&entries[0], "net2"));
         // The DEL of net1 (no entry of its own): the old entry.

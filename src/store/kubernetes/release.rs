@@ -278,7 +278,8 @@ impl Engine {
             return self.del_batched(batches, req).await;
         }
         let mine = |e: &Entry, all: &[Entry]| {
-            super::pool_doc::named_by(e, all, &req.container_id, &req.ifname)
+            let others = super::pool_doc::holders(all);
+            super::pool_doc::named_by(&e.attachment, others, &req.container_id, &req.ifname)
         };
         self.release_everywhere(
             &req.pools,
@@ -385,10 +386,11 @@ impl Engine {
             self.finish_owed_releases().await;
         }
         let released = released?;
+        let holders: Vec<&Attachment> = released.iter().map(|(a, _)| &a.attachment).collect();
         let answer = |job: &PendingRelease| {
             released
                 .iter()
-                .filter(|(a, _)| answers(&a.attachment, job))
+                .filter(|(a, _)| answers(&a.attachment, &holders, job))
                 .map(|(a, done)| done.clone().map(|()| a.clone()))
                 .collect()
         };
