@@ -74,6 +74,11 @@ impl Engine {
                 }
                 return Ok(sent);
             }
+            // An entry written without an interface name is picked for the attachment's lack
+            // of an entry of its own, which a copy cannot prove: the server is asked.
+            if from_copy && picked.iter().any(|e| e.attachment.ifname.is_empty()) {
+                continue;
+            }
             // Each removal tests that its entry is still the one read. The agent writes nothing
             // else, so it needs no more; a plugin process also tests the whole pool, as before.
             let whole_rv = match self.batches {
