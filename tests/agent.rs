@@ -1388,17 +1388,28 @@ fn the_agents_del_frees_an_entry_without_an_interface_name() {
     let mut ipam = ipam("10.161.0.0/28", &kubeconfig);
     ipam["enable_overlapping_ranges"] = json!(false);
     let conf = netconf("oldnet", &ipam);
-    let reply = call("DEL", 7, "node-0", &agent, &conf);
-    assert_eq!(reply.code, 0, "{reply:?}");
-    let pool = server
-        .get("ippools", "kube-system", "10.161.0.0-28")
-        .unwrap();
-    let left: Vec<&String> = pool["spec"]["allocations"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .collect();
-    assert_eq!(left, ["4"], "{pool}");
+    // The DEL of pod-7's net1 through the agent; the keys the pool holds after it.
+    let del_leaves = |keys: &[&str]| {
+        let reply = call("DEL", 7, "node-0", &agent, &conf);
+        assert_eq!(reply.code, 0, "{reply:?}");
+        let pool = server
+            .get("ippools", "kube-system", "10.161.0.0-28")
+            .unwrap();
+        let left: Vec<&String> = pool["spec"]["allocations"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert_eq!(left, keys, "{pool}");
+    };
+    let path =
+        "/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/kube-system/ippools/10.161.0.0-28";
+    let add = |key: &str, ifname: Option<&str>| {
+        let patch = json!({"spec": {"allocations": {key: entry(ifname)}}}).to_string();
+        let (status, _) = server.raw("PATCH", path, "application/merge-patch+json", &patch);
+        assert_eq!(status, 200);
+    };
+    del_leaves(&["4"]);
     assert_eq!(
         agent.metric("whereabouts_agent_requests_total{operation=\"del\",result=\"ok\"}"),
         1.0,
@@ -1407,28 +1418,12 @@ fn the_agents_del_frees_an_entry_without_an_interface_name() {
 
     // The agent's copy cannot prove that the container has no entry of its own: with the
     // copy held behind while net1 gets one, the DEL of net1 frees that entry, not the old one.
-    let path =
-        "/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/kube-system/ippools/10.161.0.0-28";
-    let add_old = json!({"spec": {"allocations": {"5": entry(None)}}}).to_string();
     let events = || agent.metric("whereabouts_agent_cache_events_total{cache=\"ippools\"}");
     let before = events();
-    let (status, _) = server.raw("PATCH", path, "application/merge-patch+json", &add_old);
-    assert_eq!(status, 200);
+    add("5", None);
     wait_until("the copy holds the old entry", || events() > before);
     server.hold_watches(true);
-    let add_own = json!({"spec": {"allocations": {"6": entry(Some("net1"))}}}).to_string();
-    let (status, _) = server.raw("PATCH", path, "application/merge-patch+json", &add_own);
-    assert_eq!(status, 200);
-    let reply = call("DEL", 7, "node-0", &agent, &conf);
-    assert_eq!(reply.code, 0, "{reply:?}");
-    let pool = server
-        .get("ippools", "kube-system", "10.161.0.0-28")
-        .unwrap();
-    let left: Vec<&String> = pool["spec"]["allocations"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .collect();
-    assert_eq!(left, ["4", "5"], "{pool}");
+    add("6", Some("net1"));
+    del_leaves(&["4", "5"]);
     server.hold_watches(false);
 }
