@@ -47,6 +47,9 @@ pub enum Problem {
     /// A node's slice pool holding addresses although the NodeSlicePool gives that node
     /// another slice (or none).
     SliceMismatch,
+    /// A pool whose name reads both as a node's slice pool of a network without a name and as
+    /// the pool of a network named like that node: its reservations are not repaired.
+    AmbiguousName,
 }
 
 /// One finding, and what `--fix` did or would do about it.
@@ -68,6 +71,12 @@ struct Pool {
     name: String,
     doc: PoolDoc,
     network: String,
+    /// The network of the name's other reading, for a name that reads as a node's slice pool
+    /// and as a plain pool: the reservations of either reading are its entries'.
+    also_network: Option<String>,
+    /// Whether the name reads as two pools equally (a bare node name), so no reading can be
+    /// trusted for a repair.
+    ambiguous: bool,
 }
 
 /// Everything read, in one place.
@@ -124,11 +133,7 @@ pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreEr
 
 /// The network and node a pool's name stands for (`[network-][node-]<range>`), the node's
 /// slice checked against the NodeSlicePools.
-fn identify(
-    name: &str,
-    range: &Cidr,
-    slices: &[NodeSlicePool],
-) -> (String, Option<(String, bool)>) {
+fn identify(name: &str, range: &Cidr, slices: &[NodeSlicePool]) -> Reading {
     for slice_pool in slices {
         let network = slice_pool.metadata.name.clone().unwrap_or_default();
         let Some(whole) = Cidr::parse(&slice_pool.spec.range, false) else {
@@ -166,15 +171,51 @@ fn identify(
                     && Cidr::parse(&a.slice_range, false).map(|c| c.network())
                         == Some(range.network())
             });
-            return (net.to_string(), Some((node.to_string(), holds)));
+            return Reading {
+                network: net.to_string(),
+                node: Some((node.to_string(), holds)),
+                plain: plain_network(name, range),
+            };
         }
     }
+    let network = plain_network(name, range);
+    Reading {
+        network: network.clone(),
+        node: None,
+        plain: network,
+    }
+}
+
+/// What a pool's name says.
+#[derive(Debug, PartialEq, Eq)]
+struct Reading {
+    network: String,
+    /// The node whose slice pool this is, and whether its NodeSlicePool gives it this slice.
+    node: Option<(String, bool)>,
+    /// The network the name stands for read as a plain pool (`<network>-<range>`).
+    plain: String,
+}
+
+impl Reading {
+    /// The network of the plain reading, when the name reads as a slice pool too.
+    fn other_network(&self) -> Option<String> {
+        (self.node.is_some() && self.plain != self.network).then(|| self.plain.clone())
+    }
+
+    /// A bare node name (`<node>-<range>`) is as much a network's name.
+    fn ambiguous(&self) -> bool {
+        self.node.is_some() && self.network.is_empty()
+    }
+}
+
+/// The network of a plain pool named `name` (`<network>-<range>` or `<range>`).
+fn plain_network(name: &str, range: &Cidr) -> String {
     let plain = object_name(&pool_name(range, "", None));
     let network = name
         .strip_suffix(&plain)
         .and_then(|rest| rest.strip_suffix('-'))
         .unwrap_or_default();
-    (network.to_string(), None)
+    network.to_string()
 }
 
 impl Survey {
@@ -214,8 +255,13 @@ impl Survey {
             ));
             return;
         };
-        let (network, node) = identify(&name, &range.network(), slices);
-        let upstream = pool_name(&range, &network, node.as_ref().map(|(n, _)| n.as_str()));
+        let reading = identify(&name, &range.network(), slices);
+        let node = &reading.node;
+        let upstream = pool_name(
+            &range,
+            &reading.network,
+            node.as_ref().map(|(n, _)| n.as_str()),
+        );
         if upstream != name && object_name(&upstream) == name {
             self.findings.push(finding(
                 Problem::MadeValidName,
@@ -237,7 +283,7 @@ impl Survey {
                 format!("key {key:?} is not an address of {range}"),
             ));
         }
-        if let Some((node, false)) = &node {
+        if let Some((node, false)) = node {
             if !doc.entries().is_empty() {
                 self.findings.push(finding(
                     Problem::SliceMismatch,
@@ -249,7 +295,26 @@ impl Survey {
                 ));
             }
         }
-        self.pools.push(Pool { name, doc, network });
+        if reading.ambiguous() {
+            self.findings.push(finding(
+                Problem::AmbiguousName,
+                what.clone(),
+                None,
+                format!(
+                    "the name reads as a slice pool of node {:?} and as the pool of network {:?}: \
+                     reservations of both are kept, none is created",
+                    node.as_ref().map(|(n, _)| n.as_str()).unwrap_or_default(),
+                    reading.plain
+                ),
+            ));
+        }
+        self.pools.push(Pool {
+            name,
+            doc,
+            also_network: reading.other_network(),
+            ambiguous: reading.ambiguous(),
+            network: reading.network,
+        });
     }
 
     /// Every entry against its reservation, the Go binary's limits, and the other entries.
@@ -295,6 +360,13 @@ impl Survey {
             ));
         }
         let name = reservation::name(entry.ip, &pool.network);
+        let held_by_entry = |network: &String| {
+            let r = self.reservations.get(&reservation::name(entry.ip, network));
+            r.is_some_and(|r| reservation::held_by(r, &entry.attachment))
+        };
+        if pool.also_network.as_ref().is_some_and(held_by_entry) {
+            return findings;
+        }
         let problem = match self.reservations.get(&name) {
             None => Some((
                 Problem::MissingReservation,
@@ -314,22 +386,34 @@ impl Survey {
         if let Some((problem, detail)) = problem {
             let mut f = finding(problem, what, ip, detail);
             f.reservation = Some(name);
+            if pool.ambiguous {
+                f.action = "none: the pool's name reads as two networks".into();
+            }
             findings.push(f);
         }
         findings
     }
 
-    /// The reservation every pool entry needs, by name, with the entry's attachment.
+    /// The reservation every pool entry needs, by name, with the entry's attachment; for a
+    /// pool whose name reads two ways, under both readings' networks.
     fn reserved_by_entries(&self) -> BTreeMap<String, Attachment> {
-        let pools = self.pools.iter();
-        pools
-            .flat_map(|p| {
-                p.doc
-                    .entries()
-                    .into_iter()
-                    .map(|e| (reservation::name(e.ip, &p.network), e.attachment))
-            })
-            .collect()
+        let mut reserved = BTreeMap::new();
+        for pool in &self.pools {
+            for e in pool.doc.entries() {
+                reserved.insert(reservation::name(e.ip, &pool.network), e.attachment);
+            }
+        }
+        // The other readings come second: a repair creates what a pool's own reading needs.
+        for pool in &self.pools {
+            let Some(network) = &pool.also_network else {
+                continue;
+            };
+            for e in pool.doc.entries() {
+                let name = reservation::name(e.ip, network);
+                reserved.entry(name).or_insert(e.attachment);
+            }
+        }
+        reserved
     }
 
     /// Reservations that no entry accounts for, and reservation names made valid.
@@ -523,25 +607,65 @@ mod tests {
     fn names_tell_network_and_node() {
         let c = |s: &str| Cidr::parse(s, false).unwrap();
         let s = slices();
+        let read = |name: &str, range: &str| {
+            let r = identify(name, &c(range), &s);
+            (r.network, r.node, r.plain)
+        };
         assert_eq!(
-            identify("10.9.0.0-24", &c("10.9.0.0/24"), &s),
-            (String::new(), None)
+            read("10.9.0.0-24", "10.9.0.0/24"),
+            (String::new(), None, String::new())
         );
         assert_eq!(
-            identify("red-10.9.0.0-24", &c("10.9.0.0/24"), &s),
-            ("red".into(), None)
+            read("red-10.9.0.0-24", "10.9.0.0/24"),
+            ("red".into(), None, "red".into())
         );
         assert_eq!(
-            identify("blue-n1-10.0.1.0-24", &c("10.0.1.0/24"), &s),
-            ("blue".into(), Some(("n1".into(), true)))
+            read("blue-n1-10.0.1.0-24", "10.0.1.0/24"),
+            ("blue".into(), Some(("n1".into(), true)), "blue-n1".into())
         );
         assert_eq!(
-            identify("blue-n2-10.0.2.0-24", &c("10.0.2.0/24"), &s),
-            ("blue".into(), Some(("n2".into(), false)))
+            read("blue-n2-10.0.2.0-24", "10.0.2.0/24"),
+            ("blue".into(), Some(("n2".into(), false)), "blue-n2".into())
         );
         assert_eq!(
-            identify("n1-10.0.1.0-24", &c("10.0.1.0/24"), &s),
-            (String::new(), Some(("n1".into(), true)))
+            read("n1-10.0.1.0-24", "10.0.1.0/24"),
+            (String::new(), Some(("n1".into(), true)), "n1".into())
         );
+    }
+
+    /// A pool named `n1-<range>` is node n1's slice pool of a network without a name, or the
+    /// pool of network `n1`: the doctor neither creates a reservation for it nor deletes one
+    /// of either reading as an orphan.
+    #[test]
+    fn a_name_of_two_readings_is_not_repaired() {
+        use crate::k8s::crd::{IPAllocation, IPPoolSpec, OverlappingRangeIPReservationSpec};
+        let held = |ip: &str| {
+            let entry = IPAllocation {
+                id: format!("c{ip}"),
+                podref: format!("ns/p{ip}"),
+                ifname: "net1".into(),
+            };
+            (ip.to_string(), entry)
+        };
+        let spec = IPPoolSpec {
+            range: "10.0.1.0/24".into(),
+            allocations: [held("3"), held("4")].into_iter().collect(),
+        };
+        let pool = IPPool::new("n1-10.0.1.0-24", spec);
+        // .3 reserved under network "n1" (the plain reading), .4 under none.
+        let spec = OverlappingRangeIPReservationSpec {
+            containerid: "c3".into(),
+            podref: "ns/p3".into(),
+            ifname: "net1".into(),
+        };
+        let name = reservation::name("10.0.1.3".parse().unwrap(), "n1");
+        let r = OverlappingRangeIPReservation::new(&name, spec);
+        let survey = Survey::of(vec![pool], vec![r], &slices(), Duration::ZERO);
+        let problems: Vec<_> = survey.findings().iter().map(|f| f.problem).collect();
+        assert_eq!(
+            problems,
+            [Problem::AmbiguousName, Problem::MissingReservation]
+        );
+        assert!(!survey.fixable(), "{:?}", survey.findings());
     }
 }
