@@ -13,4 +13,5 @@ pub mod ipam;
 pub mod k8s;
 pub mod logging;
 pub mod plugin;
+pub mod probe_port;
 pub mod store;

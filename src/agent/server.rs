@@ -433,11 +433,7 @@ pub async fn serve(options: Options) -> Result<(), String> {
     let _ = std::fs::remove_file(super::fallback_marker(&options.socket));
     if let Some(tcp) = tcp {
         let app = probes(agent.clone());
-        tokio::spawn(async move {
-            if let Err(err) = axum::serve(tcp, app).await {
-                tracing::error!(%err, "the agent's probe server stopped");
-            }
-        });
+        tokio::spawn(crate::probe_port::serve(tcp, app));
     }
     tracing::info!(socket = %options.socket.display(), engine = ?agent.backend.kind(), "agent serving");
     let served = axum::serve(listener, router(agent))

@@ -46,9 +46,7 @@ pub fn router(probes: Probes) -> Router {
 }
 
 pub async fn serve(listener: TcpListener, probes: Probes) {
-    if let Err(err) = axum::serve(listener, router(probes)).await {
-        tracing::error!(%err, "the metrics and health server stopped");
-    }
+    crate::probe_port::serve(listener, router(probes)).await
 }
 
 async fn metrics(State(probes): State<Probes>) -> impl IntoResponse {
