@@ -148,6 +148,9 @@ fn keep(
         pod_ref: who.pod_ref.clone().or_else(|| record.pod_ref.clone()),
         // A repeated ADD comes from the node the pod runs on now.
         node: req.node.clone().or_else(|| record.node.clone()),
+        // And through the network configuration that attaches it now: GC of the one it came
+        // through before does not list it.
+        cni_network: req.cni_network.clone(),
         ..record.clone()
     };
     if updated == *record {

@@ -322,6 +322,10 @@ impl LocalStore {
 }
 
 /// Records the pool (its prefix and network) so overlap checks and the CLI can find it.
+///
+/// A pool's name is the network's name and the range's text joined by `-`, which two pairs can
+/// share (`a` with `2001:db8::/64`, `a-2001` with `db8::/64`): a pool recorded for another
+/// pair is refused, or the two would hand out each other's addresses.
 fn ensure_pool(tx: &Connection, pool: &PoolRef, network_name: &str) -> Result<(), Fail> {
     let cidr = pool.cidr().network();
     tx.prepare_cached(
@@ -336,6 +340,17 @@ fn ensure_pool(tx: &Connection, pool: &PoolRef, network_name: &str) -> Result<()
         cidr.prefix,
         cidr.is_v6(),
     ))?;
+    let (recorded_network, recorded_cidr): (String, String) = tx
+        .prepare_cached("SELECT network_name, cidr FROM pools WHERE name = ?1")?
+        .query_row([&pool.name], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    if recorded_network != network_name || recorded_cidr != cidr.to_string() {
+        return Err(Fail::Store(StoreError::config(format!(
+            "pool {} is already that of range {recorded_cidr} of another network_name: \
+             range {cidr} with this ipam.network_name gives the same pool name; choose \
+             another ipam.network_name",
+            pool.name
+        ))));
+    }
     Ok(())
 }
 
@@ -481,11 +496,14 @@ fn delete_allocation(tx: &Connection, pool: &str, offset: u128) -> Result<(), Fa
 }
 
 /// Hands the existing allocation to the attachment asking again: a restarted sandbox has a new
-/// container ID (and possibly pod UID) but is the same owner.
-fn refresh_owner(tx: &Connection, pool: &str, offset: u128, who: &Attachment) -> Result<(), Fail> {
+/// container ID (and possibly pod UID) but is the same owner. It may come through another
+/// network configuration of the same range: GC of the one it came through before does not list
+/// it, so the allocation follows.
+fn refresh_owner(tx: &Connection, pool: &str, offset: u128, req: &AddRequest) -> Result<(), Fail> {
+    let who = &req.attachment;
     tx.prepare_cached(
         "UPDATE allocations SET container_id = ?3, pod_uid = COALESCE(?4, pod_uid), \
-         pod_ref = COALESCE(?5, pod_ref) WHERE pool = ?1 AND off = ?2",
+         pod_ref = COALESCE(?5, pod_ref), cni_network = ?6 WHERE pool = ?1 AND off = ?2",
     )?
     .execute((
         pool,
@@ -493,6 +511,7 @@ fn refresh_owner(tx: &Connection, pool: &str, offset: u128, who: &Attachment) ->
         &who.container_id,
         &who.pod_uid,
         &who.pod_ref,
+        &req.cni_network,
     ))?;
     Ok(())
 }
@@ -649,7 +668,7 @@ fn commit(
         delete_allocation(tx, &pool.name, offset)?;
     }
     if kept {
-        refresh_owner(tx, &pool.name, chosen, &req.attachment)?;
+        refresh_owner(tx, &pool.name, chosen, req)?;
     } else {
         insert_allocation(tx, pool, chosen, req)?;
     }
