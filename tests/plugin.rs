@@ -302,6 +302,50 @@ fn static_addresses_are_reserved() {
     assert_eq!(ips(&r.ok())[0], "10.23.0.7/24");
 }
 
+/// `args.cni.ips` is the pod's own say (Multus fills it from the pod's `cni-args` whatever the
+/// network configuration declares): inside a range it is reserved like any static address,
+/// outside every range it is refused, or a pod could take its segment's router address.
+#[test]
+fn a_pods_own_address_must_lie_in_a_range() {
+    let net = Net::local(json!({"range": "10.25.0.0/24"}));
+    let mut conf = net.conf.clone();
+    conf["args"] = json!({"cni": {"ips": ["192.0.2.1/24"]}});
+    let reply = call_with(&conf, "ADD", "a", "eth0", "");
+    assert_eq!(reply.err_code(), 7);
+    assert!(reply.msg().contains("args.cni.ips"), "{reply:?}");
+    conf["args"] = json!({"cni": {"ips": ["10.25.0.9/24"]}});
+    assert_eq!(
+        ips(&call_with(&conf, "ADD", "a", "eth0", "").ok()),
+        ["10.25.0.9/24"]
+    );
+    // The network configuration's own addresses may lie outside.
+    let mut conf = net.conf.clone();
+    conf["ipam"]["addresses"] = json!([{"address": "192.0.2.10/24"}]);
+    let r = call_with(&conf, "ADD", "b", "eth0", "").ok();
+    assert_eq!(ips(&r), ["10.25.0.1/24", "192.0.2.10/24"]);
+}
+
+/// A static address inside a range is answered with the gateway it was asked with.
+#[test]
+fn a_static_address_keeps_its_gateway() {
+    let net = Net::local(json!({"range": "10.26.0.0/24"}));
+    let r = net
+        .call(
+            "ADD",
+            "a",
+            "eth0",
+            "IgnoreUnknown=1;IP=10.26.0.5;GATEWAY=10.26.0.254",
+        )
+        .ok();
+    assert_eq!(ips(&r), ["10.26.0.5/24"]);
+    assert_eq!(r["ips"][0]["gateway"], "10.26.0.254");
+    let mut conf = net.conf.clone();
+    conf["ipam"]["addresses"] = json!([{"address": "10.26.0.50/24", "gateway": "10.26.0.1"}]);
+    let r = call_with(&conf, "ADD", "b", "eth0", "").ok();
+    assert_eq!(ips(&r), ["10.26.0.50/24"]);
+    assert_eq!(r["ips"][0]["gateway"], "10.26.0.1");
+}
+
 #[test]
 fn overlapping_ranges_share_uniqueness_within_a_network_name() {
     let net = Net::local(json!({"range": "10.24.0.0/24", "network_name": "blue"}));

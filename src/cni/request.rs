@@ -221,8 +221,12 @@ pub struct NetConf {
     pub cni_versions: Vec<String>,
     pub name: String,
     pub ipam: Option<Value>,
-    /// Static addresses from `runtimeConfig.ips` and `args.cni.ips`.
+    /// Static addresses from `runtimeConfig.ips` (Multus passes the pod's `ips` only when the
+    /// network configuration declares the capability).
     pub requested_ips: Vec<String>,
+    /// Static addresses from `args.cni.ips` (Multus passes the pod's `cni-args` there, whatever
+    /// the network configuration says).
+    pub arg_ips: Vec<String>,
     /// `cni.dev/valid-attachments` (or the older `cni.dev/attachments`) of a GC.
     pub valid_attachments: Option<Vec<(String, String)>>,
     /// The addresses of `prevResult` (CNI 0.3.0 and later), which runtimes pass on DEL: at
@@ -317,22 +321,23 @@ impl NetConf {
                     .map_err(|e| decode_error(format!("{what} must be a list of strings: {e}"))),
             }
         };
-        let mut requested_ips = strings(
+        let requested_ips = strings(
             map.get("runtimeConfig").and_then(|r| r.get("ips")),
             "runtimeConfig.ips",
         )?;
-        requested_ips.extend(strings(
+        let arg_ips = strings(
             map.get("args")
                 .and_then(|a| a.get("cni"))
                 .and_then(|c| c.get("ips")),
             "args.cni.ips",
-        )?);
+        )?;
         Ok(NetConf {
             cni_version: string("cniVersion")?,
             cni_versions: strings(map.get("cniVersions"), "cniVersions")?,
             name: string("name")?.unwrap_or_default(),
             ipam: map.get("ipam").filter(|v| !v.is_null()).cloned(),
             requested_ips,
+            arg_ips,
             valid_attachments: valid_attachments(map)?,
             prev_ips: prev_result_ips(map.get("prevResult")),
         })

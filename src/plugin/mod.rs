@@ -179,6 +179,7 @@ fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Request
             ip: s.address.addr,
             prefix: Some(s.address.prefix),
             gateway: s.gateway,
+            pods_own: None,
         })
         .collect();
     let arg_gateway = match env.args.get("GATEWAY") {
@@ -204,15 +205,23 @@ fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Request
             ip,
             prefix,
             gateway: arg_gateway,
+            pods_own: None,
         });
     }
-    for text in &conf.requested_ips {
-        let (ip, prefix) = parse_requested(text, "runtimeConfig.ips")?;
-        out.push(Requested {
-            ip,
-            prefix,
-            gateway: None,
-        });
+    let asked = [
+        (&conf.requested_ips, "runtimeConfig.ips", None),
+        (&conf.arg_ips, "args.cni.ips", Some("args.cni.ips")),
+    ];
+    for (texts, field, pods_own) in asked {
+        for text in texts {
+            let (ip, prefix) = parse_requested(text, field)?;
+            out.push(Requested {
+                ip,
+                prefix,
+                gateway: None,
+                pods_own,
+            });
+        }
     }
     if out.len() > config::MAX_STATIC_ADDRESSES {
         return Err(CniError::new(
@@ -256,14 +265,28 @@ fn add(
             node: this_node(cfg),
         };
         let ips = agent::add(cfg, &req, open)?;
-        for (ip, slot) in ips.into_iter().zip(&placement.ranges) {
+        if ips.len() != placement.ranges.len() {
+            // Never an answer short of a range, nor one that drops an address it was given (the
+            // runtime's DEL after this failure frees what was granted).
+            return Err(CniError::new(
+                code::IO_FAILURE,
+                format!(
+                    "the engine answered {} addresses for {} ranges",
+                    ips.len(),
+                    placement.ranges.len()
+                ),
+            ));
+        }
+        let slots = placement.ranges.iter().zip(&placement.gateways);
+        for (ip, (slot, asked_gateway)) in ips.into_iter().zip(slots) {
             let cidr = slot.pool.cidr();
+            let gateway = asked_gateway.or(cfg.gateway);
             result.ips.push(IpConfig {
                 address: Cidr {
                     addr: ip,
                     prefix: cidr.prefix,
                 },
-                gateway: cfg.gateway.filter(|gw| cidr.contains(*gw)),
+                gateway: gateway.filter(|gw| cidr.contains(*gw)),
             });
         }
     }

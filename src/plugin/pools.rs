@@ -82,12 +82,19 @@ pub struct Requested {
     pub ip: IpAddr,
     pub prefix: Option<u8>,
     pub gateway: Option<IpAddr>,
+    /// Where it was asked for, when that is the pod's own say (`args.cni.ips`, which Multus
+    /// fills from the pod's annotation without the network configuration opting in): such an
+    /// address is honoured inside a configured range only, where it is reserved like any
+    /// other. Outside, nothing would stop a pod from taking its segment's router address.
+    pub pods_own: Option<&'static str>,
 }
 
 /// The static addresses of a call, split between the ranges that contain them (reserved there,
 /// replacing the dynamic choice) and the rest (returned as they are).
 pub struct Placement {
     pub ranges: Vec<RangeRequest>,
+    /// For each of `ranges`, the gateway its static address was asked with, if any.
+    pub gateways: Vec<Option<IpAddr>>,
     pub outside: Vec<StaticAddress>,
 }
 
@@ -99,15 +106,19 @@ pub fn place_statics(pools: Vec<PoolRef>, statics: Vec<Requested>) -> Result<Pla
             requested: None,
         })
         .collect();
+    let mut gateways = vec![None; ranges.len()];
     let mut outside = Vec::new();
     for Requested {
         ip,
         prefix,
         gateway,
+        pods_own,
     } in statics
     {
-        match ranges.iter_mut().find(|r| r.pool.cidr().contains(ip)) {
-            Some(slot) => {
+        match ranges.iter_mut().position(|r| r.pool.cidr().contains(ip)) {
+            Some(at) => {
+                let slot = &mut ranges[at];
+                gateways[at] = gateway.or(gateways[at]);
                 refuse_unusable(&slot.pool, ip)?;
                 let offset = slot.pool.cidr().offset_of(ip).unwrap_or_default();
                 match slot.requested {
@@ -124,6 +135,16 @@ pub fn place_statics(pools: Vec<PoolRef>, statics: Vec<Requested>) -> Result<Pla
                     _ => slot.requested = Some(offset),
                 }
             }
+            None if pods_own.is_some() => {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!(
+                        "{} asks for {ip}, which is in no configured range: only the network \
+                         configuration's addresses may lie outside its ranges",
+                        pods_own.unwrap_or_default()
+                    ),
+                ))
+            }
             None => {
                 let address = Cidr {
                     addr: ip,
@@ -135,5 +156,9 @@ pub fn place_statics(pools: Vec<PoolRef>, statics: Vec<Requested>) -> Result<Pla
             }
         }
     }
-    Ok(Placement { ranges, outside })
+    Ok(Placement {
+        ranges,
+        gateways,
+        outside,
+    })
 }
