@@ -19,9 +19,11 @@ use super::metrics::Metrics;
 use super::slices::assign;
 use crate::cli::store_args::ipam_of;
 use crate::config;
-use crate::ipam::names::is_valid_object_name;
+use crate::ipam::names::{is_valid_object_name, object_name, pool_name};
 use crate::ipam::Cidr;
-use crate::k8s::crd::{IPPool, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus};
+use crate::k8s::crd::{
+    IPPool, NodeSliceAllocation, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus,
+};
 use crate::store::kubernetes::slice_pool_name;
 
 pub fn nad_resource() -> ApiResource {
@@ -44,6 +46,8 @@ pub struct Wanted {
     /// Go controller writes it so and re-slices every node when the text differs, so the text
     /// is kept for a rollback; sizes are compared by value.
     pub size_text: String,
+    /// `network_name`, which prefixes the names of the network's IPPools.
+    pub network_name: String,
     /// The NetworkAttachmentDefinition it came from, for messages.
     pub source: String,
     /// The NetworkAttachmentDefinitions of the pool's namespace that ask for it, as owner
@@ -98,6 +102,7 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
         range: range.network(),
         size,
         size_text,
+        network_name: cfg.network_name.clone(),
         source: source.to_string(),
         owners: Vec::new(),
     }))
@@ -208,9 +213,9 @@ pub async fn sync(
         }
     }
     if !pools.is_empty() {
-        let busy = busy_ranges(client, namespace).await?;
+        let held = held_pools(client, namespace).await?;
         for want in pools.values() {
-            if let Err(err) = sync_pool(&api, want, &nodes, &busy, metrics).await {
+            if let Err(err) = sync_pool(&api, want, &nodes, &held, metrics).await {
                 failed.push(err);
             }
         }
@@ -263,28 +268,79 @@ async fn remove_unwanted(
     Ok(())
 }
 
-/// The ranges of the IPPools that hold addresses: a slice among them is not free for a new
-/// node, whoever it belonged to. Without the IPPool resource (another engine), none.
-async fn busy_ranges(client: &Client, namespace: &str) -> Result<HashSet<Cidr>, String> {
+/// The IPPools that hold addresses, by name with their ranges. Without the IPPool resource
+/// (another engine), none.
+async fn held_pools(client: &Client, namespace: &str) -> Result<Vec<(String, Cidr)>, String> {
     let api: Api<IPPool> = Api::namespaced(client.clone(), namespace);
     match api.list(&ListParams::default()).await {
         Ok(list) => Ok(list
             .items
             .iter()
             .filter(|p| !p.spec.allocations.is_empty())
-            .filter_map(|p| Cidr::parse(&p.spec.range, false))
-            .map(|c| c.network())
+            .filter_map(|p| {
+                let range = Cidr::parse(&p.spec.range, false)?.network();
+                Some((p.metadata.name.clone()?, range))
+            })
             .collect()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(HashSet::new()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
         Err(e) => Err(format!("cannot list IPPools: {e}")),
     }
+}
+
+/// What the IPPools holding addresses say to one network's slices.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NetworkPools {
+    /// Their ranges: a slice among them is not free for a new node, whoever it belonged to.
+    busy: HashSet<Cidr>,
+    /// The slice of the layout each node's own pool holds addresses in: the node's slice again
+    /// when the NodeSlicePool has lost it (re-created with its NetworkAttachmentDefinition).
+    by_node: Vec<NodeSliceAllocation>,
+}
+
+/// The held pools of `want`'s network (`[network_name-][node-]<range>`): another network's
+/// are another address space, with addresses and reservations named apart. Without a network
+/// name, a node's pool is told from another network's plain pool by the node's name among
+/// `known` (the nodes, and those the NodeSlicePool names).
+fn network_pools(want: &Wanted, held: &[(String, Cidr)], known: &BTreeSet<String>) -> NetworkPools {
+    let mut out = NetworkPools::default();
+    for (name, range) in held {
+        let text = pool_name(range, "", None);
+        let prefix = if *name == object_name(&text) {
+            ""
+        } else {
+            match name.strip_suffix(&format!("-{text}")) {
+                Some(prefix) => prefix,
+                None => continue,
+            }
+        };
+        let node = match want.network_name.as_str() {
+            "" if prefix.is_empty() || known.contains(prefix) => prefix,
+            "" => continue,
+            network if prefix == network => "",
+            network => match prefix
+                .strip_prefix(network)
+                .and_then(|p| p.strip_prefix('-'))
+            {
+                Some(node) => node,
+                None => continue,
+            },
+        };
+        out.busy.insert(*range);
+        if known.contains(node) && range.prefix == want.size && want.range.contains(range.addr) {
+            out.by_node.push(NodeSliceAllocation {
+                node_name: node.to_string(),
+                slice_range: range.to_string(),
+            });
+        }
+    }
+    out
 }
 
 async fn sync_pool(
     api: &Api<NodeSlicePool>,
     want: &Wanted,
     nodes: &BTreeSet<String>,
-    busy: &HashSet<Cidr>,
+    held: &[(String, Cidr)],
     metrics: &Arc<Metrics>,
 ) -> Result<(), String> {
     let existing = api
@@ -292,7 +348,10 @@ async fn sync_pool(
         .await
         .map_err(|e| format!("cannot read NodeSlicePool {}: {e}", want.name))?;
     let creating = existing.is_none();
-    let (pool, plan) = desired_pool(existing, want, nodes, busy)
+    let mut known = nodes.clone();
+    known.extend(assigned_nodes(existing.as_ref()));
+    let pools = network_pools(want, held, &known);
+    let (pool, plan) = desired_pool(existing, want, nodes, &pools)
         .map_err(|e| format!("NodeSlicePool {} ({}): {e}", want.name, want.source))?;
     if !plan.unassigned.is_empty() {
         tracing::warn!(pool = %want.name, nodes = ?plan.unassigned, "no free slice left for these nodes");
@@ -330,6 +389,15 @@ async fn sync_pool(
     }
 }
 
+/// The nodes `pool`'s status gives a slice to.
+fn assigned_nodes(pool: Option<&NodeSlicePool>) -> impl Iterator<Item = String> + '_ {
+    let status = pool.and_then(|p| p.status.as_ref());
+    let given = status.into_iter().flat_map(|s| &s.allocations);
+    given
+        .filter(|a| !a.node_name.is_empty())
+        .map(|a| a.node_name.clone())
+}
+
 /// The NodeSlicePool to write (`None`: `existing` is up to date), and the assignment. The
 /// slice size is compared by value (`"24"` is `"/24"`) and written as the
 /// NetworkAttachmentDefinition has it; owner references to NetworkAttachmentDefinitions are
@@ -338,21 +406,23 @@ fn desired_pool(
     existing: Option<NodeSlicePool>,
     want: &Wanted,
     nodes: &BTreeSet<String>,
-    busy: &HashSet<Cidr>,
+    pools: &NetworkPools,
 ) -> Result<(Option<NodeSlicePool>, super::slices::Assignment), crate::ipam::slices::SliceError> {
     let spec = NodeSlicePoolSpec {
         range: want.range.to_string(),
         slice_size: want.size_text.clone(),
     };
     // After a change of range or slice size a node keeps its slice only if it is still one of
-    // the new layout (`assign` drops the others); the new slices avoid every pool that still
-    // holds addresses, so the live addresses of the old layout are never handed out again.
-    let current = existing
+    // the new layout (`assign` drops the others); the new slices avoid every pool of the
+    // network that still holds addresses, so the live addresses of the old layout are never
+    // handed out again. A node the status does not name takes up its own pool's slice again.
+    let mut current = existing
         .as_ref()
         .and_then(|p| p.status.as_ref())
         .map(|s| s.allocations.clone())
         .unwrap_or_default();
-    let plan = assign(&want.range, want.size, nodes, &current, busy)?;
+    current.extend(pools.by_node.iter().cloned());
+    let plan = assign(&want.range, want.size, nodes, &current, &pools.busy)?;
     let status = Some(NodeSlicePoolStatus {
         allocations: plan.allocations.clone(),
     });
@@ -471,10 +541,75 @@ mod tests {
                 && o.uid.starts_with("uid-kube-system-")));
     }
 
+    /// Who gets which slice of `conf`'s layout, with `held` IPPools holding addresses and no
+    /// NodeSlicePool yet (a new network, or one re-created with its attachment definition).
+    fn slices_with(conf: &str, held: &[&str], nodes: &[&str]) -> Vec<(String, String)> {
+        let want = wanted("nad", conf).unwrap().unwrap();
+        let nodes: BTreeSet<String> = nodes.iter().map(|n| n.to_string()).collect();
+        let held: Vec<(String, Cidr)> = held
+            .iter()
+            .map(|h| {
+                let (name, range) = h.split_once(' ').unwrap();
+                (name.to_string(), Cidr::parse(range, false).unwrap())
+            })
+            .collect();
+        let pools = network_pools(&want, &held, &nodes);
+        let (_, plan) = desired_pool(None, &want, &nodes, &pools).unwrap();
+        let given = plan.allocations.into_iter();
+        given
+            .filter(|a| !a.node_name.is_empty())
+            .map(|a| (a.node_name, a.slice_range))
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, r)| (n.to_string(), r.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_the_networks_own_pools_hold_slices_back() {
+        let data = r#"{"name":"d","ipam":{"type":"whereabouts","range":"10.10.0.0/22","node_slice_size":"/24","network_name":"data"}}"#;
+        // Another network over the same range is another address space.
+        let other = ["storage-10.10.0.0-22 10.10.0.0/22"];
+        assert_eq!(
+            slices_with(data, &other, &["a", "b"]),
+            pairs(&[("a", "10.10.0.0/24"), ("b", "10.10.1.0/24")])
+        );
+        // The network's own pool of the layout before holds every slice back.
+        let own = ["data-10.10.0.0-23 10.10.0.0/23"];
+        assert_eq!(
+            slices_with(data, &own, &["a", "b"]),
+            pairs(&[("a", "10.10.2.0/24"), ("b", "10.10.3.0/24")])
+        );
+        // A node whose own pool holds addresses takes up its slice again.
+        let kept = ["data-b-10.10.0.0-24 10.10.0.0/24"];
+        assert_eq!(
+            slices_with(data, &kept, &["a", "b"]),
+            pairs(&[("b", "10.10.0.0/24"), ("a", "10.10.1.0/24")])
+        );
+        // Without a network name, a node's pool is told from another network's by its node.
+        let plain = r#"{"name":"p","ipam":{"type":"whereabouts","range":"10.10.0.0/22","node_slice_size":"/24"}}"#;
+        let held = [
+            "storage-10.10.0.0-22 10.10.0.0/22",
+            "b-10.10.2.0-24 10.10.2.0/24",
+        ];
+        assert_eq!(
+            slices_with(plain, &held, &["a", "b"]),
+            pairs(&[("a", "10.10.0.0/24"), ("b", "10.10.2.0/24")])
+        );
+        let bare = ["10.10.0.0-23 10.10.0.0/23"];
+        assert_eq!(
+            slices_with(plain, &bare, &["a"]),
+            pairs(&[("a", "10.10.2.0/24")])
+        );
+    }
+
     #[test]
     fn a_size_written_the_other_way_keeps_every_slice() {
         let nodes: BTreeSet<String> = ["a", "b"].iter().map(|n| n.to_string()).collect();
-        let none = HashSet::new();
+        let none = NetworkPools::default();
         let conf = |size: &str| {
             format!(
                 r#"{{"name":"n","ipam":{{"type":"whereabouts","range":"10.3.0.0/22","node_slice_size":"{size}"}}}}"#
