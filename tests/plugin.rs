@@ -248,11 +248,16 @@ fn gc_releases_what_is_not_valid() {
 }
 
 #[test]
-fn gc_and_status_need_1_1_0() {
+fn gc_and_status_need_1_1_0_and_check_0_4_0() {
     let mut net = Net::local(json!({"range": "10.21.0.0/24"}));
     net.conf["cniVersion"] = "1.0.0".into();
     assert_eq!(net.call("GC", "", "", "").err_code(), 1);
     assert_eq!(net.call("STATUS", "", "", "").err_code(), 1);
+    // CHECK came with 0.4.0.
+    net.conf["cniVersion"] = "0.3.1".into();
+    assert_eq!(net.call("CHECK", "a", "eth0", "").err_code(), 1);
+    net.conf["cniVersion"] = "0.4.0".into();
+    assert_ne!(net.call("CHECK", "a", "eth0", "").err_code(), 1);
 }
 
 #[test]

@@ -23,6 +23,8 @@ pub mod code {
     pub const ADDRESS_IN_USE: u32 = 101;
     /// CHECK: the attachment's addresses are not recorded.
     pub const NOT_RECORDED: u32 = 102;
+    /// A defect of the plugin (it panicked); the code libcni gives internal errors.
+    pub const INTERNAL: u32 = 999;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]

@@ -72,7 +72,24 @@ pub fn run_process(
 pub fn run(vars: &HashMap<String, String>, stdin: &[u8], open: Opener) -> Outcome {
     // The version errors are reported in: the request's own, once known.
     let mut reply_version = LATEST.to_string();
-    match call(vars, stdin, open, &mut reply_version) {
+    // A panic is a defect; the runtime still gets an error it can read, not an empty stdout.
+    // Whatever a panicking call had begun is undone as it unwinds (a store transaction rolls
+    // back when dropped).
+    let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        call(vars, stdin, open, &mut reply_version)
+    }));
+    let result = called.unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(CniError::new(
+            code::INTERNAL,
+            format!("internal error, a defect of the plugin: {what}"),
+        ))
+    });
+    match result {
         Ok(stdout) => Outcome {
             stdout,
             exit_code: 0,
@@ -107,11 +124,18 @@ fn call(
     }
     let version = version::negotiate(conf.cni_version.as_deref(), &conf.cni_versions)?;
     *reply_version = version.clone();
-    if matches!(env.command, Command::Gc | Command::Status) && !at_least(&version, "1.1.0") {
+    // The verbs came with these versions; a configuration older than its verb is refused,
+    // as the spec's library does.
+    let needs = match env.command {
+        Command::Gc | Command::Status => Some("1.1.0"),
+        Command::Check => Some("0.4.0"),
+        _ => None,
+    };
+    if let Some(needs) = needs.filter(|n| !at_least(&version, n)) {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
             format!(
-                "{:?} needs cniVersion 1.1.0 or later, the configuration has {version}",
+                "{:?} needs cniVersion {needs} or later, the configuration has {version}",
                 env.command
             ),
         ));
