@@ -125,9 +125,57 @@ fn temp_path(dest: &Path) -> PathBuf {
     parent(dest).join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()))
 }
 
+/// How old a leftover temporary file must be before it is removed: far older than any write
+/// takes, so another installer's write in progress (old and new pod during an update) is never
+/// cut short.
+pub const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes the temporary files of `dest` that an installer killed mid-write left behind (a
+/// binary's tens of megabytes, or a kubeconfig holding a token), once older than `age`. Only
+/// regular files of the installer's own naming; best effort.
+pub fn remove_stale_temps(dest: &Path, age: std::time::Duration) {
+    let Some(name) = dest.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(parent(dest)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        // `DirEntry::metadata` does not follow a symbolic link: only regular files go.
+        let stale = entry.metadata().is_ok_and(|m| {
+            m.is_file()
+                && m.modified()
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|e| e >= age))
+        });
+        if stale {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_old_leftover_temporary_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("whereabouts");
+        let left = temp_path(&dest);
+        fs::write(&left, "half a binary").unwrap();
+        let other = dir.path().join(".other.tmp-1");
+        fs::write(&other, "x").unwrap();
+        // Young: another installer may be writing it.
+        remove_stale_temps(&dest, STALE_TEMP_AGE);
+        assert!(left.exists());
+        remove_stale_temps(&dest, std::time::Duration::ZERO);
+        assert!(!left.exists());
+        assert!(other.exists(), "another file's temporary file stays");
+    }
 
     #[test]
     fn writes_then_skips_identical_then_replaces() {

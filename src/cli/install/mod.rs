@@ -330,6 +330,15 @@ fn default_binary(agent: bool) -> Result<PathBuf, InstallError> {
 pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
     let dir = settings.whereabouts_d();
     std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+    let written = [
+        dir.join(FLAT_FILE_NAME),
+        settings.kubeconfig_path(),
+        dir.join(NODENAME_FILE_NAME),
+        settings.cni_bin_dir.join(BINARY_NAME),
+    ];
+    for dest in &written {
+        files::remove_stale_temps(dest, files::STALE_TEMP_AGE);
+    }
 
     let flat = dir.join(FLAT_FILE_NAME);
     files::write_atomic(&flat, settings.flat_file().as_bytes(), FLAT_FILE_MODE)
