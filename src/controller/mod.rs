@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use backon::BackoffBuilder;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::DynamicObject;
+use kube::api::{DynamicObject, PartialObjectMeta};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client};
@@ -318,20 +318,25 @@ fn start_node_slices(
     config: &watcher::Config,
 ) -> Store<DynamicObject> {
     let changed = Arc::new(Notify::new());
+    // The passes need the nodes' names only: their metadata is watched, not their status.
     let (nodes, follow_nodes) = watch::reflect(
-        Api::<Node>::all(watch_client.clone()),
-        config.clone(),
+        watcher::watcher(
+            Api::<PartialObjectMeta<Node>>::all(watch_client.clone()),
+            config.clone(),
+        ),
         (),
-        "nodes",
+        ("nodes", watch::Wake::OnMembership),
         metrics.clone(),
         changed.clone(),
     );
     let nad = slice_sync::nad_resource();
     let (nads, follow_nads) = watch::reflect(
-        Api::<DynamicObject>::all_with(watch_client.clone(), &nad),
-        config.clone(),
+        watcher::watcher(
+            Api::<DynamicObject>::all_with(watch_client.clone(), &nad),
+            config.clone(),
+        ),
         nad,
-        "network-attachment-definitions",
+        ("network-attachment-definitions", watch::Wake::OnEveryChange),
         metrics.clone(),
         changed.clone(),
     );
@@ -351,7 +356,7 @@ fn start_node_slices(
 async fn keep_node_slices(
     client: Client,
     namespace: String,
-    (nads, nodes): (Store<DynamicObject>, Store<Node>),
+    (nads, nodes): (Store<DynamicObject>, Store<PartialObjectMeta<Node>>),
     metrics: Arc<Metrics>,
     leadership: Leadership,
     changed: Arc<Notify>,

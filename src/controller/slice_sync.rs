@@ -8,7 +8,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams, Preconditions,
+    ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PartialObjectMeta,
+    PostParams, Preconditions,
 };
 use kube::runtime::reflector::Store;
 use kube::{Api, Client};
@@ -185,7 +186,7 @@ pub async fn sync(
     client: &Client,
     namespace: &str,
     nads: &Store<DynamicObject>,
-    nodes: &Store<Node>,
+    nodes: &Store<PartialObjectMeta<Node>>,
     metrics: &Arc<Metrics>,
 ) -> Result<(), String> {
     // Oldest first, so "the first one wins" names the same one every time.
