@@ -47,9 +47,6 @@ pub enum Problem {
     /// A node's slice pool holding addresses although the NodeSlicePool gives that node
     /// another slice (or none).
     SliceMismatch,
-    /// A pool whose name reads both as a node's slice pool of a network without a name and as
-    /// the pool of a network named like that node: its reservations are not repaired.
-    AmbiguousName,
 }
 
 /// One finding, and what `--fix` did or would do about it.
@@ -72,11 +69,10 @@ struct Pool {
     doc: PoolDoc,
     network: String,
     /// The network of the name's other reading, for a name that reads as a node's slice pool
-    /// and as a plain pool: the reservations of either reading are its entries'.
+    /// and as a plain pool (`n1-<range>`: node n1's slice of a network without a name, or
+    /// network n1's pool): a reservation of either reading is its entry's, and neither is
+    /// deleted as an orphan.
     also_network: Option<String>,
-    /// Whether the name reads as two pools equally (a bare node name), so no reading can be
-    /// trusted for a repair.
-    ambiguous: bool,
 }
 
 /// Everything read, in one place.
@@ -201,11 +197,6 @@ impl Reading {
     fn other_network(&self) -> Option<String> {
         (self.node.is_some() && self.plain != self.network).then(|| self.plain.clone())
     }
-
-    /// A bare node name (`<node>-<range>`) is as much a network's name.
-    fn ambiguous(&self) -> bool {
-        self.node.is_some() && self.network.is_empty()
-    }
 }
 
 /// The network of a plain pool named `name` (`<network>-<range>` or `<range>`).
@@ -295,24 +286,10 @@ impl Survey {
                 ));
             }
         }
-        if reading.ambiguous() {
-            self.findings.push(finding(
-                Problem::AmbiguousName,
-                what.clone(),
-                None,
-                format!(
-                    "the name reads as a slice pool of node {:?} and as the pool of network {:?}: \
-                     reservations of both are kept, none is created",
-                    node.as_ref().map(|(n, _)| n.as_str()).unwrap_or_default(),
-                    reading.plain
-                ),
-            ));
-        }
         self.pools.push(Pool {
             name,
             doc,
             also_network: reading.other_network(),
-            ambiguous: reading.ambiguous(),
             network: reading.network,
         });
     }
@@ -386,9 +363,6 @@ impl Survey {
         if let Some((problem, detail)) = problem {
             let mut f = finding(problem, what, ip, detail);
             f.reservation = Some(name);
-            if pool.ambiguous {
-                f.action = "none: the pool's name reads as two networks".into();
-            }
             findings.push(f);
         }
         findings
@@ -634,10 +608,10 @@ mod tests {
     }
 
     /// A pool named `n1-<range>` is node n1's slice pool of a network without a name, or the
-    /// pool of network `n1`: the doctor neither creates a reservation for it nor deletes one
-    /// of either reading as an orphan.
+    /// pool of network `n1`: a reservation of either reading is its entry's, none is deleted
+    /// as an orphan, and a missing one is made for the slice reading.
     #[test]
-    fn a_name_of_two_readings_is_not_repaired() {
+    fn a_name_of_two_readings_keeps_the_reservations_of_both() {
         use crate::k8s::crd::{IPAllocation, IPPoolSpec, OverlappingRangeIPReservationSpec};
         let held = |ip: &str| {
             let entry = IPAllocation {
@@ -662,10 +636,9 @@ mod tests {
         let r = OverlappingRangeIPReservation::new(&name, spec);
         let survey = Survey::of(vec![pool], vec![r], &slices(), Duration::ZERO);
         let problems: Vec<_> = survey.findings().iter().map(|f| f.problem).collect();
-        assert_eq!(
-            problems,
-            [Problem::AmbiguousName, Problem::MissingReservation]
-        );
-        assert!(!survey.fixable(), "{:?}", survey.findings());
+        assert_eq!(problems, [Problem::MissingReservation]);
+        let missing = &survey.findings()[0];
+        assert_eq!(missing.address.as_deref(), Some("10.0.1.4"));
+        assert_eq!(missing.reservation.as_deref(), Some("10.0.1.4"));
     }
 }
