@@ -300,10 +300,14 @@ struct NetworkPools {
 
 /// The held pools of `want`'s network (`[network_name-][node-]<range>`): another network's
 /// are another address space, with addresses and reservations named apart. Without a network
-/// name, a node's pool is told from another network's plain pool by the node's name among
-/// `known` (the nodes, and those the NodeSlicePool names).
+/// name, a pool `<x>-<range>` is a node's when `x` is among `known` (the nodes, and those the
+/// NodeSlicePool names) or its range is a slice of the layout (a node removed since, whose
+/// pods' entries may not be cleaned up yet); another network's plain pools do not count.
 fn network_pools(want: &Wanted, held: &[(String, Cidr)], known: &BTreeSet<String>) -> NetworkPools {
+    let network = object_name(&want.network_name);
+    let is_slice = |range: &Cidr| range.prefix == want.size && want.range.contains(range.addr);
     let mut out = NetworkPools::default();
+    let mut nodes_pools = Vec::new();
     for (name, range) in held {
         let text = pool_name(range, "", None);
         let prefix = if *name == object_name(&text) {
@@ -314,27 +318,49 @@ fn network_pools(want: &Wanted, held: &[(String, Cidr)], known: &BTreeSet<String
                 None => continue,
             }
         };
-        let node = match want.network_name.as_str() {
-            "" if prefix.is_empty() || known.contains(prefix) => prefix,
-            "" => continue,
-            network if prefix == network => "",
-            network => match prefix
-                .strip_prefix(network)
+        let node = if want.network_name.is_empty() {
+            if !prefix.is_empty() && !known.contains(prefix) && !is_slice(range) {
+                continue;
+            }
+            prefix
+        } else if prefix == network {
+            ""
+        } else {
+            match prefix
+                .strip_prefix(&network)
                 .and_then(|p| p.strip_prefix('-'))
             {
                 Some(node) => node,
                 None => continue,
-            },
+            }
         };
         out.busy.insert(*range);
-        if known.contains(node) && range.prefix == want.size && want.range.contains(range.addr) {
+        if known.contains(node) && is_slice(range) {
+            nodes_pools.push((node, *range));
+        }
+    }
+    // A node takes up its pool's slice again only where no other pool of the network holds
+    // addresses: those would be handed out again from the node's pool.
+    let others_overlap = |node: &str, slice: &Cidr| {
+        held_in_network(&out.busy, slice) > 1
+            || nodes_pools
+                .iter()
+                .any(|(n, r)| *n != node && r.overlaps(slice))
+    };
+    for (node, slice) in &nodes_pools {
+        if !others_overlap(node, slice) {
             out.by_node.push(NodeSliceAllocation {
                 node_name: node.to_string(),
-                slice_range: range.to_string(),
+                slice_range: slice.to_string(),
             });
         }
     }
     out
+}
+
+/// How many of the network's held ranges overlap `slice`.
+fn held_in_network(busy: &HashSet<Cidr>, slice: &Cidr) -> usize {
+    busy.iter().filter(|b| b.overlaps(slice)).count()
 }
 
 async fn sync_pool(
@@ -604,6 +630,32 @@ mod tests {
         assert_eq!(
             slices_with(plain, &bare, &["a"]),
             pairs(&[("a", "10.10.2.0/24")])
+        );
+        // A removed node's pool, named for no node any more, still holds its slice back.
+        let gone = ["c-10.10.0.0-24 10.10.0.0/24"];
+        assert_eq!(
+            slices_with(plain, &gone, &["a"]),
+            pairs(&[("a", "10.10.1.0/24")])
+        );
+        // Names are written in lower case, whatever the network name's case.
+        let upper = data.replace("\"data\"", "\"Data\"");
+        assert_eq!(
+            slices_with(&upper, &kept, &["a", "b"]),
+            pairs(&[("b", "10.10.0.0/24"), ("a", "10.10.1.0/24")])
+        );
+        // A slice another pool of the network holds addresses in too is taken up by nobody.
+        let shared = [
+            "data-a-10.10.0.0-24 10.10.0.0/24",
+            "data-b-10.10.0.0-24 10.10.0.0/24",
+        ];
+        assert_eq!(
+            slices_with(data, &shared, &["a", "b"]),
+            pairs(&[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")])
+        );
+        let under_the_old_layout = ["data-b-10.10.0.0-24 10.10.0.0/24", own[0]];
+        assert_eq!(
+            slices_with(data, &under_the_old_layout, &["a", "b"]),
+            pairs(&[("a", "10.10.2.0/24"), ("b", "10.10.3.0/24")])
         );
     }
 
