@@ -2,10 +2,13 @@
 //!
 //! Whoever reaches the port (any process on the host: the agent runs on the host's network)
 //! can connect, so a connection gets a few seconds for its request head and for its answer,
-//! one request each, and only so many connections are served at once. `axum::serve` keeps an
-//! idle connection for as long as its peer likes, so this serves with hyper's own builder.
+//! one request each, and only so many connections are served at once, an idle one giving way to
+//! a new one. `axum::serve` keeps an idle connection for as long as its peer likes, so this
+//! serves with hyper's own builder.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,25 +16,70 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+use tower::ServiceExt;
 
-/// Connections served at once; more are closed as they come. A probe or a scrape takes one.
-pub const MAX_CONNECTIONS: usize = 32;
+/// Connections served at once, a bound on the file descriptors the port can take. When all are
+/// open, a new one takes the place of the oldest that has not sent its request head yet: a
+/// probe, which sends its head at once, is served while idle connections hold the port.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// How long a connection has to send its request head.
 pub const HEAD_WITHIN: Duration = Duration::from_secs(5);
 
 /// How long a connection is served at most, its answer included.
-const SERVED_WITHIN: Duration = Duration::from_secs(30);
+pub const SERVED_WITHIN: Duration = Duration::from_secs(30);
 
 /// After a failed accept (out of file descriptors, most likely), how long to wait before the
 /// next: the failure would otherwise repeat at once, in a loop that takes a core.
 const AFTER_FAILED_ACCEPT: Duration = Duration::from_millis(100);
 
+/// A connection being served.
+struct Open {
+    id: u64,
+    /// Set once its request head has been read.
+    asked: Arc<AtomicBool>,
+    task: AbortHandle,
+}
+
+/// The connections being served, oldest first.
+#[derive(Clone, Default)]
+struct Served(Arc<Mutex<VecDeque<Open>>>);
+
+impl Served {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Open>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether another connection may be served, once the oldest that has not asked anything
+    /// yet is closed if all `max` are open.
+    fn make_room(&self, max: usize) -> bool {
+        let mut open = self.lock();
+        if open.len() < max {
+            return true;
+        }
+        match open.iter().position(|o| !o.asked.load(Ordering::SeqCst)) {
+            Some(idle) => {
+                if let Some(idle) = open.remove(idle) {
+                    idle.task.abort();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Serves `app` on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, app: Router) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
+    serve_at_most(listener, app, MAX_CONNECTIONS).await
+}
+
+async fn serve_at_most(listener: TcpListener, app: Router, max: usize) {
+    let served = Served::default();
+    for id in 0u64.. {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
@@ -40,12 +88,21 @@ pub async fn serve(listener: TcpListener, app: Router) {
                 continue;
             }
         };
-        // Dropped at once: the peer sees its connection closed.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        // Dropped at once when every connection is being answered: the peer sees it closed.
+        if !served.make_room(max) {
             continue;
-        };
-        let service = TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
+        }
+        let asked = Arc::new(AtomicBool::new(false));
+        let noted = asked.clone();
+        let app = app.clone().map_request(move |request| {
+            noted.store(true, Ordering::SeqCst);
+            request
+        });
+        let service = TowerToHyperService::new(app);
+        // Held while the task is spawned and listed: its removal at its end waits for both.
+        let mut open = served.lock();
+        let done = served.clone();
+        let task = tokio::spawn(async move {
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_WITHIN)
@@ -53,8 +110,10 @@ pub async fn serve(listener: TcpListener, app: Router) {
                 .serve_connection(TokioIo::new(stream), service);
             // A connection cut short, by its peer or the limits, is the peer's business.
             let _ = tokio::time::timeout(SERVED_WITHIN, connection).await;
-            drop(slot);
+            done.lock().retain(|o| o.id != id);
         });
+        let task = task.abort_handle();
+        open.push_back(Open { id, asked, task });
     }
 }
 
@@ -65,19 +124,18 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    async fn port() -> std::net::SocketAddr {
+    async fn port(max: usize) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
-        tokio::spawn(serve(listener, app));
+        tokio::spawn(serve_at_most(listener, app, max));
         addr
     }
 
-    /// Reads until the server closes the connection; fails if it does not within a minute
-    /// (longer than any of the limits).
-    async fn read_to_close(stream: &mut TcpStream) -> String {
+    /// Reads until the server closes the connection; fails if it keeps it for `within`.
+    async fn read_to_close(stream: &mut TcpStream, within: Duration) -> String {
         let mut read = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut read));
+        let closed = tokio::time::timeout(within, stream.read_to_end(&mut read));
         closed
             .await
             .expect("the server keeps the connection")
@@ -85,31 +143,35 @@ mod tests {
         String::from_utf8_lossy(&read).into_owned()
     }
 
-    #[tokio::test]
-    async fn a_connection_that_sends_nothing_is_closed() {
-        let addr = port().await;
-        let mut idle = TcpStream::connect(addr).await.unwrap();
-        assert_eq!(read_to_close(&mut idle).await, "");
-    }
-
-    #[tokio::test]
-    async fn idle_connections_beyond_the_limit_are_closed_and_probes_still_answered() {
-        let addr = port().await;
-        let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            idle.push(TcpStream::connect(addr).await.unwrap());
-        }
-        let mut beyond = TcpStream::connect(addr).await.unwrap();
-        assert_eq!(read_to_close(&mut beyond).await, "");
-        // Once the idle ones are closed, a probe gets its answer again, and the connection ends.
-        for stream in &mut idle {
-            read_to_close(stream).await;
-        }
+    async fn probe(addr: std::net::SocketAddr) -> String {
         let mut probe = TcpStream::connect(addr).await.unwrap();
         let request = "GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
         probe.write_all(request.as_bytes()).await.unwrap();
-        let answer = read_to_close(&mut probe).await;
+        read_to_close(&mut probe, SERVED_WITHIN).await
+    }
+
+    /// Closed for want of a request head, well before the limit on a whole connection.
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed() {
+        let addr = port(MAX_CONNECTIONS).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let within = HEAD_WITHIN + (SERVED_WITHIN - HEAD_WITHIN) / 2;
+        assert_eq!(read_to_close(&mut idle, within).await, "");
+    }
+
+    #[tokio::test]
+    async fn a_probe_is_answered_while_idle_connections_fill_the_port() {
+        let max = 4;
+        let addr = port(max).await;
+        let mut idle = Vec::new();
+        for _ in 0..max {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let answer = probe(addr).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("ok\n"), "{answer}");
+        // The oldest idle connection made room for it.
+        let oldest = read_to_close(&mut idle[0], HEAD_WITHIN / 2).await;
+        assert_eq!(oldest, "");
     }
 }
