@@ -684,6 +684,100 @@ fn adds_queued_during_a_batchs_reservations_share_its_pool_write() {
     );
 }
 
+/// Pod `pod-1`'s sandboxes on agent `node-0`, on a fake API server.
+struct Sandboxes {
+    server: fake_apiserver::FakeApiServer,
+    agent: Agent,
+    conf: String,
+}
+
+impl Sandboxes {
+    fn start(dir: &Path) -> Sandboxes {
+        let (server, kubeconfig, agent) = agent_on_a_fake_server(dir);
+        let conf = netconf("sandboxnet", &ipam("10.149.0.0/28", &kubeconfig));
+        Sandboxes {
+            server,
+            agent,
+            conf,
+        }
+    }
+
+    fn call(&self, command: &'static str, container: &str) -> Reply {
+        let call = Call {
+            command,
+            container,
+            ifname: "net1",
+            pod: Some(("bench", "pod-1")),
+            node: Some("node-0"),
+            env: vec![self.agent.env()],
+        };
+        run(bin(), &call, &self.conf)
+    }
+
+    /// An ADD from container `first`, and one from `second` that arrives while the first waits
+    /// in its batch (the gate holds it at its reservation's create): their replies.
+    fn while_the_first_waits(&self, first: &str, second: &str) -> (Reply, Reply) {
+        let queued = r#"whereabouts_agent_requests_queued_total{operation="add"}"#;
+        let queued_before = self.agent.metric(queued);
+        self.server.close_gate("POST", RESERVATIONS);
+        std::thread::scope(|s| {
+            let first = s.spawn(|| self.call("ADD", first));
+            wait_until("the first ADD's reservation waits at the gate", || {
+                self.server.waiting_at_gate() == 1
+            });
+            let second = s.spawn(|| self.call("ADD", second));
+            wait_until("the second ADD waits in the agent's queue", || {
+                self.agent.metric(queued) - queued_before == 1.0
+            });
+            self.server.open_gate();
+            (first.join().unwrap(), second.join().unwrap())
+        })
+    }
+
+    /// The containers the pool's entries name.
+    fn holders(&self) -> Vec<String> {
+        let pool = self.server.get("ippools", "kube-system", "10.149.0.0-28");
+        let pool = pool.expect("the pool");
+        let entries = pool["spec"]["allocations"].as_object().unwrap().values();
+        entries
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// A runtime repeating an ADD (the same container) while the first waits in its batch: both
+/// get the address, recorded once.
+#[test]
+fn a_repeated_add_waiting_behind_its_first_gets_the_same_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = Sandboxes::start(dir.path());
+    let (first, again) = pod.while_the_first_waits("first", "first");
+    assert_eq!((first.cni_code(), again.cni_code()), (0, 0), "{again:?}");
+    assert_eq!(ip_of(&first), ip_of(&again));
+    assert_eq!(pod.holders(), ["first"]);
+}
+
+/// A pod's ADD from a new sandbox (another container ID) that arrives while its first ADD waits
+/// in a batch is not that ADD repeated. Answered with the first's address, recorded under the
+/// first container, it would hold an address nothing records once the runtime deletes the first
+/// sandbox. It is told to try again, and its retry holds the address under its own container.
+#[test]
+fn a_pods_new_sandbox_is_not_served_as_its_first_ones_repetition() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = Sandboxes::start(dir.path());
+    let (first, second) = pod.while_the_first_waits("first", "second");
+    assert_eq!(first.cni_code(), 0, "{first:?}");
+    // The runtime tears the first sandbox down; the second retries until served.
+    assert_eq!(pod.call("DEL", "first").cni_code(), 0);
+    let second = match second.cni_code() {
+        0 => second,
+        11 => pod.call("ADD", "second"),
+        _ => panic!("{second:?}"),
+    };
+    assert_eq!(second.cni_code(), 0, "{second:?}");
+    assert_eq!(pod.holders(), ["second"]);
+}
+
 /// The copy steers the search past reservations, but a refusal is never decided on it: a
 /// reservation the copy still shows after the server deleted it (its watch held back) does not
 /// exhaust the range. On the fake API server, whose watches can be held back on demand.

@@ -1246,19 +1246,28 @@ fn withdraw_refusals(slots: &mut [Slot], answered: &[bool]) -> bool {
 }
 
 /// Each job's answer once the pool is written: a repeated job (the same attachment twice in the
-/// batch) gets its first's address, with nothing of its own to take back.
+/// batch) gets its first's address, with nothing of its own to take back. A job of the same pod
+/// and interface from another sandbox (another container ID) is told to try again: the entry
+/// names the first's container, whose DEL, as the runtime tears it down, would free the address
+/// under the new sandbox. Its retry finds the entry and takes it over.
 fn results_of(slots: &mut [Slot], twin_of: &[Option<usize>]) -> Vec<Result<Granted, StoreError>> {
-    let mut results = Vec::with_capacity(slots.len());
+    let mut results: Vec<Result<Granted, StoreError>> = Vec::with_capacity(slots.len());
     for i in 0..slots.len() {
         let result = match twin_of[i] {
-            Some(first) => match &slots[first].done {
-                Some(Ok(granted)) => Ok(Granted {
+            Some(first) if slots[first].who.container_id != slots[i].who.container_id => {
+                Err(StoreError::try_again(format!(
+                    "the pod's ADD from container {} was being served; try again",
+                    slots[first].who.container_id
+                )))
+            }
+            // The first comes earlier: its answer is in `results` already.
+            Some(first) => match &results[first] {
+                Ok(granted) => Ok(Granted {
                     fresh: false,
                     reservation: None,
-                    ..granted.clone()
+                    ..Granted::clone(granted)
                 }),
-                Some(Err(err)) => Err(err.clone()),
-                None => Err(StoreError::io("not served")),
+                Err(err) => Err(StoreError::clone(err)),
             },
             None => slots[i]
                 .done
