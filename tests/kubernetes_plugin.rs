@@ -293,6 +293,34 @@ fn an_entry_without_an_interface_name_is_its_containers() {
     assert_eq!(left, ["4"], "the DEL of go-3 freed {pool}");
 }
 
+/// An address held twice already (its reservation lost, then taken through an overlapping
+/// range) is not handed on to the first holder's new sandbox: its repeated ADD is refused (code
+/// 101), and the runtime's DEL of it frees its entry and leaves the other's reservation.
+#[test]
+fn a_repeated_add_never_hands_on_an_address_another_holds_the_reservation_of() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-repeated-add-never-hands-on");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let wide = netconf("wide", &ipam("10.95.0.0/24", &kubeconfig, json!({})));
+    let narrow = netconf("narrow", &ipam("10.95.0.0/28", &kubeconfig, json!({})));
+    let first = run(bin(), &call("ADD", "p-1", "p"), &wide);
+    assert_eq!(first.ips(), ["10.95.0.1"], "{first:?}");
+    // The reservation is lost (a Go DEL that deletes without looking, an admin), and an
+    // overlapping range hands the address out again.
+    assert!(ns.delete(RESERVATIONS, "10.95.0.1"));
+    let other = run(bin(), &call("ADD", "q-1", "q"), &narrow);
+    assert_eq!(other.ips(), ["10.95.0.1"], "{other:?}");
+    // Pod p's new sandbox.
+    let again = run(bin(), &call("ADD", "p-2", "p"), &wide);
+    assert_eq!(again.cni_code(), 101, "{again:?}");
+    assert_eq!(run(bin(), &call("DEL", "p-2", "p"), &wide).code, 0);
+    let reservation = ns.get(RESERVATIONS, "10.95.0.1").expect("q's reservation");
+    assert_eq!(reservation["spec"]["containerid"], "q-1");
+    let pool = ns.get("ippools", "10.95.0.0-24").unwrap();
+    assert_eq!(pool["spec"]["allocations"], json!({}), "{pool}");
+}
+
 #[test]
 fn ipv6_offsets_beyond_two_to_the_63() {
     let plane = real_cluster!();

@@ -832,8 +832,18 @@ impl Engine {
             }
             let ip = cx.pool.range.ip(offset);
             if !fresh && cx.req.overlap {
-                self.ensure_reservation(ip, &slots[i].who, network_name)
-                    .await?;
+                let other = self.ensure_reservation(ip, &slots[i].who, network_name);
+                if let Some(holder) = other.await? {
+                    // Held twice already (a reservation lost and the address taken through an
+                    // overlapping range): handing it on would keep the duplicate. Refused, the
+                    // runtime's DEL frees this entry, never the other's reservation.
+                    slots[i].done = Some(Err(StoreError::InUse {
+                        ip,
+                        range: cx.pool.range.cidr.to_string(),
+                        holder,
+                    }));
+                    continue;
+                }
             }
             let reservation = slots[i]
                 .reserved
@@ -1100,20 +1110,27 @@ impl Engine {
         (!reservation::held_by(&found, who)).then(|| taken_by(&found, name, pool_rv))
     }
 
-    /// A repeated ADD keeps its reservation: re-create it if it is missing.
+    /// A repeated ADD keeps its reservation: re-create it if it is missing. Returns who else
+    /// holds it, if another attachment does.
     async fn ensure_reservation(
         &self,
         ip: IpAddr,
         who: &Attachment,
         network_name: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         let name = reservation::name(ip, network_name);
         match self
             .kube
             .create_reservation(&reservation::new_object(&name, who))
             .await
         {
-            Ok(_) | Err(ApiError::AlreadyExists(_)) => Ok(()),
+            Ok(_) => Ok(None),
+            Err(ApiError::AlreadyExists(_)) => {
+                // Gone again since: the next repeated ADD re-creates it.
+                let found = self.kube.get_reservation(&name).await?;
+                let other = found.filter(|r| !reservation::held_by(r, who));
+                Ok(other.map(|r| reservation::holder(&r).describe()))
+            }
             Err(err) => Err(err.into()),
         }
     }
