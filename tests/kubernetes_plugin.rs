@@ -369,6 +369,40 @@ fn failure(server: &FakeApiServer, conf: &str, what: &str) -> Reply {
     reply
 }
 
+/// A failed ADD takes its writes back; when its pool entry cannot be removed, its reservation
+/// stays with it, or an overlapping range would hand the address out again. On the fake API
+/// server, which fails the removal on demand.
+#[test]
+fn an_entry_a_failed_add_cannot_take_back_keeps_its_reservation() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    // The second range is full: the ADD fails there, after its first range's pool is created.
+    server.create(
+        "ippools",
+        NS,
+        upstream_pool("10.102.0.0-30", "10.102.0.0/30", &[1, 2]),
+    );
+    let ranges = json!({"ipRanges": [{"range": "10.102.0.0/30"}]});
+    let conf = netconf("undo", &ipam("10.101.0.0/24", &kubeconfig, ranges));
+    // The pool is created, so the only update is the removal that takes the entry back.
+    server.fail_next("PATCH", "ippools", 4);
+    let reply = run(bin(), &call("ADD", "x", "x"), &conf);
+    assert_ne!(reply.code, 0, "{reply:?}");
+    let pool = server.get("ippools", NS, "10.101.0.0-24");
+    let pool = pool.unwrap_or_else(|| panic!("no pool created: {reply:?}"));
+    let entry = &pool["spec"]["allocations"]["1"];
+    assert_eq!(entry["id"], "x", "{pool}");
+    let reservation = server.get(RESERVATIONS, NS, "10.101.0.1");
+    assert!(
+        reservation.is_some(),
+        "the standing entry lost its reservation"
+    );
+    // The runtime's DEL frees both.
+    assert_eq!(run(bin(), &call("DEL", "x", "x"), &conf).code, 0);
+    assert!(server.get(RESERVATIONS, NS, "10.101.0.1").is_none());
+}
+
 #[test]
 fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects() {
     let server = FakeApiServer::start();

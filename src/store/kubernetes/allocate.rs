@@ -1179,6 +1179,12 @@ impl Engine {
                 }
             }
         }
+        if first_error.is_some() {
+            // An entry that could not be removed may still stand, and without its reservation
+            // an overlapping range would hand its address out again: the reservations stay,
+            // those of removed entries until the controller's orphan pass.
+            return first_error.map_or(Ok(()), Err);
+        }
         for step in reservations.into_iter().rev() {
             if let Step::Reservation { held, .. } = step {
                 let result = self
