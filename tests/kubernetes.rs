@@ -582,3 +582,71 @@ fn the_fake_server_is_strict() {
     assert_eq!(code, 200);
     assert!(server.requests() >= 10);
 }
+
+/// Counts nothing: the agent's engine wants an observer.
+struct Unobserved;
+
+impl whereabouts::store::kubernetes::Observer for Unobserved {
+    fn batch(&self, _: &'static str, _: usize) {}
+    fn conflict(&self, _: &'static str) {}
+    fn queued(&self, _: &'static str) {}
+    fn cache(&self, _: &'static str, _: bool) {}
+}
+
+/// An agent's request that gives up (its deadline passed: its plugin answered "try again")
+/// while its batch goes on: what the batch then grants it is taken back, as the runtime's DEL
+/// may have come first and found nothing. On the fake API server, whose gate holds the batch's
+/// pool write while the request gives up.
+#[test]
+fn an_agents_grant_whose_request_gave_up_is_taken_back() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let cfg = config(&ipam_json("10.151.0.0/28", &kubeconfig, json!({})));
+    let whereabouts::config::Datastore::Kubernetes(kube) = &cfg.datastore else {
+        panic!("the Kubernetes engine expected");
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let holders = || -> Vec<String> {
+        let pool = server.get("ippools", "kube-system", "10.151.0.0-28");
+        let pool = pool.expect("the pool");
+        let entries = pool["spec"]["allocations"].as_object().unwrap().values();
+        entries
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let reserved_by = |container: &str| {
+        let all = server.list("overlappingrangeipreservations", "kube-system");
+        all.iter().any(|r| r["spec"]["containerid"] == container)
+    };
+    runtime.block_on(async {
+        let observer = std::sync::Arc::new(Unobserved);
+        let engine = whereabouts::store::kubernetes::open_agent(&cfg, kube, observer);
+        let engine = engine.await.unwrap();
+        // The pool exists: the next write of it is an update.
+        let first = add_request(&cfg, attachment("c0", "default/p0", "net1"));
+        engine.add(&first).await.unwrap();
+        server.close_gate("PATCH", "ippools");
+        let abandoned = add_request(&cfg, attachment("c1", "default/p1", "net1"));
+        let request = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.add(&abandoned).await }
+        });
+        let start = std::time::Instant::now();
+        while server.waiting_at_gate() == 0 {
+            assert!(
+                start.elapsed().as_secs() < 30,
+                "the write never reached the gate"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The request gives up, as at its deadline; its batch goes on.
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        server.open_gate();
+        while holders() != ["c0"] || reserved_by("c1") {
+            assert!(start.elapsed().as_secs() < 30, "never taken back");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+}

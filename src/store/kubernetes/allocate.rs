@@ -360,13 +360,51 @@ impl Engine {
                 replies.extend(their_replies);
             }
             batches.observer.batch("add", replies.len());
+            let owners: Vec<Attachment> = jobs.iter().map(Job::attachment).collect();
             let results = match served {
                 Ok(results) => results,
                 Err(err) => self.after_refusal(batches, &batch, jobs, err).await,
             };
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(result);
+            let mut unreceived = Vec::new();
+            let mut received = BTreeSet::new();
+            for ((reply, result), who) in replies.into_iter().zip(results).zip(&owners) {
+                let key = result.as_ref().ok().map(|granted| granted.key.clone());
+                match reply.send(result) {
+                    Ok(()) => received.extend(key),
+                    Err(Ok(granted)) if granted.fresh => {
+                        unreceived.push(granted_steps(granted, pool, who));
+                    }
+                    Err(_) => {}
+                }
             }
+            self.take_back_unreceived(unreceived, &received).await;
+        }
+    }
+
+    /// Takes back the fresh grants whose requests gave up (their deadline passed, their plugin
+    /// answered "try again" and its runtime's DEL may have found nothing yet), unless a
+    /// repetition of the same request received the address. Before the queue's next batch: a
+    /// retry of the request waiting there finds the address free, or, if taking it back failed,
+    /// its own entry to keep.
+    async fn take_back_unreceived(&self, unreceived: Vec<Vec<Step>>, received: &BTreeSet<String>) {
+        let steps: Vec<Step> = unreceived
+            .into_iter()
+            .filter(|steps| {
+                !steps
+                    .iter()
+                    .any(|s| matches!(s, Step::PoolEntry { key, .. } if received.contains(key)))
+            })
+            .flatten()
+            .collect();
+        if steps.is_empty() {
+            return;
+        }
+        tracing::info!(
+            grants = steps.len(),
+            "taking back grants whose requests gave up"
+        );
+        if let Err(err) = self.undo(steps).await {
+            tracing::error!(%err, "could not take back grants whose requests gave up");
         }
     }
 
@@ -435,22 +473,13 @@ impl Engine {
         undo: &UndoLog,
     ) -> Result<IpAddr, StoreError> {
         let granted = granted?;
+        let ip = granted.ip;
         if granted.fresh {
-            let who = &req.attachment;
-            undo.push(Step::PoolEntry {
-                pool: object_name(&pool.name),
-                cidr: pool.range.cidr,
-                key: granted.key.clone(),
-                container_id: who.container_id.clone(),
-                ifname: who.ifname.clone(),
-            });
-            if let Some((name, uid)) = granted.reservation {
-                undo.push(Step::Reservation {
-                    held: Held { name, uid },
-                });
+            for step in granted_steps(granted, pool, &req.attachment) {
+                undo.push(step);
             }
         }
-        Ok(granted.ip)
+        Ok(ip)
     }
 
     async fn serve_one(
@@ -1244,6 +1273,23 @@ impl Round {
         }
         out
     }
+}
+
+/// What taking back a fresh grant to `who` in `pool` undoes: its entry, then its reservation.
+fn granted_steps(granted: Granted, pool: &PoolRef, who: &Attachment) -> Vec<Step> {
+    let mut steps = vec![Step::PoolEntry {
+        pool: object_name(&pool.name),
+        cidr: pool.range.cidr,
+        key: granted.key,
+        container_id: who.container_id.clone(),
+        ifname: who.ifname.clone(),
+    }];
+    if let Some((name, uid)) = granted.reservation {
+        steps.push(Step::Reservation {
+            held: Held { name, uid },
+        });
+    }
+    steps
 }
 
 /// Marks each slot added since the last call that repeats an earlier slot's attachment (a
