@@ -403,6 +403,53 @@ fn an_entry_a_failed_add_cannot_take_back_keeps_its_reservation() {
     assert!(server.get(RESERVATIONS, NS, "10.101.0.1").is_none());
 }
 
+/// While Go binaries may write the pools, an ADD writes only while its hold of their Lease is
+/// fresh: a renewal that hangs (a slow server) stops it before a Go binary, which takes the
+/// Lease 1.5 s after it last saw it change, could write too. On the fake API server, whose gate
+/// holds the renewals.
+#[test]
+fn an_add_whose_lease_renewals_hang_writes_nothing() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let flat = dir.path().join("whereabouts.conf");
+    // The fake server speaks plain http; the ADD waits two seconds between choosing and writing.
+    let settings = json!({"go_whereabouts": "present", "datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": kubeconfig}, "allow_insecure_tls": true,
+        "sleep_for_race": 2});
+    std::fs::write(&flat, settings.to_string()).unwrap();
+    let ipam = json!({"type": "whereabouts", "range": "10.103.0.0/28"});
+    let conf = netconf("leased", &ipam);
+    server.close_gate("PUT", "leases");
+    let mut add = call("ADD", "slow", "slow");
+    add.env
+        .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
+    let reply = std::thread::scope(|s| {
+        // Once the ADD has written its pool, or stopped and gives the Lease up (a second PUT,
+        // the first renewal still held), the gate opens: the ADD ends without waiting for its
+        // requests' timeouts.
+        s.spawn(|| {
+            let decided = || {
+                let counts = server.requests_by_verb();
+                counts.contains_key("POST ippools") || counts.get("PUT leases") >= Some(&2)
+            };
+            while !decided() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            server.open_gate();
+        });
+        run(bin(), &add, &conf)
+    });
+    assert_eq!(reply.cni_code(), 11, "{reply:?}");
+    assert!(
+        reply.json()["msg"].as_str().unwrap().contains("Lease"),
+        "{reply:?}"
+    );
+    let pool = server.get("ippools", NS, "10.103.0.0-28");
+    let held = pool.map(|p| p["spec"]["allocations"].clone());
+    assert!(held.as_ref().is_none_or(|a| *a == json!({})), "{held:?}");
+}
+
 #[test]
 fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects() {
     let server = FakeApiServer::start();

@@ -342,7 +342,11 @@ fn serve(shared: Arc<Shared>, stream: TcpStream) {
             let _ = writer.shutdown(Shutdown::Both);
             return;
         }
-        let plural = path_parts(&req.path).map(|p| p.1).unwrap_or_default();
+        // The resource's plural for counts and the gate, of whereabouts' group or another.
+        let plural = path_parts(&req.path)
+            .map(|p| p.1)
+            .or_else(|| core::target(&req.path).map(|t| t.resource.plural.to_string()))
+            .unwrap_or_default();
         shared.requests.fetch_add(1, Ordering::SeqCst);
         *shared
             .by_verb

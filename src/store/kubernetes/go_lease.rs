@@ -41,6 +41,11 @@ const HOLD: Duration = Duration::from_secs(4);
 /// v0.27 wait their own lease duration (1.5 s), not the record's: renewed every 400 ms, the
 /// hold changes well within it even when a renewal's request takes a while.
 const RENEW_EVERY: Duration = Duration::from_millis(400);
+/// How recent the last renewal that landed must be for the hold to count. A Go binary on
+/// client-go before v0.27 takes the Lease 1.5 s after it last saw it change, whatever the record
+/// says; a renewal that hangs (a slow server, retries) must stop our writes before that, with a
+/// margin for the write that follows the check.
+const FRESH_WITHIN: Duration = Duration::from_secs(1);
 /// The least a held Lease must stay unchanged before it is taken. A Go binary writes its 1.5 s
 /// lease duration as `leaseDurationSeconds: 1`, and renews every 500 ms plus a read and a write:
 /// on a slow API server its record can stay unchanged for a second while it still holds it.
@@ -103,15 +108,20 @@ pub struct Hold {
     kube: Kube,
     lease: Arc<Mutex<Lease>>,
     lost: Arc<AtomicBool>,
+    /// When the last renewal that landed (or the taking) was sent.
+    renewed: Arc<std::sync::Mutex<Instant>>,
     renewer: tokio::task::JoinHandle<()>,
 }
 
 impl Hold {
-    /// Fails when the hold was lost (a renewal failed): nothing may be written any more.
+    /// Fails when the hold was lost (a renewal failed) or may be (no renewal landed for
+    /// [`FRESH_WITHIN`]): nothing may be written any more.
     pub fn check(&self) -> Result<(), StoreError> {
-        if self.lost.load(Ordering::SeqCst) {
+        let renewed = *self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        if self.lost.load(Ordering::SeqCst) || renewed.elapsed() > FRESH_WITHIN {
             return Err(StoreError::try_again(format!(
-                "lost the Lease {GO_LEASE_NAME} shared with the Go Whereabouts before writing"
+                "lost the Lease {GO_LEASE_NAME} shared with the Go Whereabouts before writing \
+                 (not renewed within {FRESH_WITHIN:?})"
             )));
         }
         Ok(())
@@ -168,8 +178,10 @@ pub async fn take(kube: &Kube, identity: &str, deadline: Instant) -> Result<Hold
                 "the Lease {GO_LEASE_NAME} shared with the Go Whereabouts stayed held by another process"
             )));
         }
+        // Before the taking write is sent: the hold counts from no later than that.
+        let attempt = Instant::now();
         if let Some(lease) = try_take(kube, identity, &mut seen).await? {
-            return Ok(start_renewing(kube, lease));
+            return Ok(start_renewing(kube, lease, attempt));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -240,11 +252,14 @@ fn written(result: Result<Lease, ApiError>) -> Result<Option<Lease>, StoreError>
     }
 }
 
-fn start_renewing(kube: &Kube, lease: Lease) -> Hold {
+/// Renews the Lease `lease`, taken by a write sent at `taken`, until the hold is dropped.
+fn start_renewing(kube: &Kube, lease: Lease, taken: Instant) -> Hold {
     let lease = Arc::new(Mutex::new(lease));
     let lost = Arc::new(AtomicBool::new(false));
+    let renewed = Arc::new(std::sync::Mutex::new(taken));
     let renewer = {
         let (kube, lease, lost) = (kube.clone(), lease.clone(), lost.clone());
+        let renewed = renewed.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
@@ -255,8 +270,12 @@ fn start_renewing(kube: &Kube, lease: Lease) -> Hold {
                     spec.renew_time = Some(MicroTime(stamp));
                 }
                 mark(&mut next.metadata, stamp, None);
+                let sent = Instant::now();
                 match kube.replace_lease(&next).await {
-                    Ok(written) => *held = written,
+                    Ok(written) => {
+                        *held = written;
+                        *renewed.lock().unwrap_or_else(|p| p.into_inner()) = sent;
+                    }
                     Err(err) => {
                         tracing::warn!(%err, "could not renew the Go Whereabouts' Lease");
                         lost.store(true, Ordering::SeqCst);
@@ -270,6 +289,7 @@ fn start_renewing(kube: &Kube, lease: Lease) -> Hold {
         kube: kube.clone(),
         lease,
         lost,
+        renewed,
         renewer,
     }
 }
