@@ -321,6 +321,32 @@ fn a_repeated_add_never_hands_on_an_address_another_holds_the_reservation_of() {
     assert_eq!(pool["spec"]["allocations"], json!({}), "{pool}");
 }
 
+/// An old reservation without an interface name (upstream's before interface names) is not
+/// taken for this ADD's own: the pod's other interface holds the address through it.
+#[test]
+fn an_old_reservation_of_the_pods_other_interface_is_not_adopted() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("an-old-reservation-is-not-adopted");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    ns.create(
+        RESERVATIONS,
+        json!({
+            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+            "kind": "OverlappingRangeIPReservation",
+            "metadata": {"name": "10.97.0.1"},
+            "spec": {"containerid": "old", "podref": "default/p"},
+        }),
+    );
+    let conf = netconf("second", &ipam("10.97.0.0/28", &kubeconfig, json!({})));
+    let mut add = call("ADD", "new", "p");
+    add.ifname = "net2";
+    let reply = run(bin(), &add, &conf);
+    assert_eq!(reply.ips(), ["10.97.0.2"], "{reply:?}");
+    let old = ns.get(RESERVATIONS, "10.97.0.1").unwrap();
+    assert_eq!(old["spec"]["containerid"], "old");
+}
+
 #[test]
 fn ipv6_offsets_beyond_two_to_the_63() {
     let plane = real_cluster!();

@@ -1113,8 +1113,10 @@ impl Engine {
             return Ok(Some(taken));
         }
         Ok(match self.kube.get_reservation(name).await? {
-            // Left by an earlier attempt of this same attachment: adopt it.
-            Some(found) if reservation::held_by(&found, who) => {
+            // Left by an earlier attempt of this same attachment: adopt it. Ours always name
+            // the interface; an old one without (upstream's before interface names) is the
+            // pod's other interface's as likely, and stays its holder's.
+            Some(found) if found.spec.ifname == who.ifname && reservation::held_by(&found, who) => {
                 let held = Held::of(&found);
                 claim.undo.push(Step::Reservation { held: held.clone() });
                 Some(Reserve::Ours(held))
