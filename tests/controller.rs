@@ -421,7 +421,7 @@ fn a_failed_pod_read_is_retried_by_a_reconcile() {
     let (server, net, ctl) = pod_p_and_its_controller("10.57.0.0/24", "1");
     // The next reads of pod p fail: more of them than one read's own quick retries (five
     // attempts), so the read fails.
-    server.fail_next("GET", "", 5);
+    server.fail_next("GET", "pods", 5);
     server.delete_now("pods", "default", "p");
     wait_for("the release by the retry", Duration::from_secs(15), || {
         !holds(&net, "default/p")
@@ -440,7 +440,7 @@ fn a_failed_pod_read_is_retried_by_a_reconcile() {
 fn a_pod_read_that_fails_once_is_retried_at_once() {
     // On the fake: it makes one pod read fail on demand (a 500, as from a server restarting).
     let (server, net, ctl) = pod_p_and_its_controller("10.58.0.0/24", "600");
-    server.fail_next("GET", "", 1);
+    server.fail_next("GET", "pods", 1);
     server.delete_now("pods", "default", "p");
     // Released by the deletion's own handling: the controller's retry is ten minutes away.
     wait_for("the release", Duration::from_secs(15), || {
