@@ -38,13 +38,14 @@ pub const GO_RENEWAL: &str = "whereabouts.cni.cncf.io/go-renew-time";
 /// next ADD (ours or Go's) by this much.
 const HOLD: Duration = Duration::from_secs(4);
 /// How often the hold is renewed while the ADD runs. Go binaries built on client-go before
-/// v0.27 wait their own lease duration (1.5 s), not the record's: renewed every 400 ms, the
+/// v0.27 wait their own lease duration (1.5 s), not the record's: renewed every 300 ms, the
 /// hold changes well within it even when a renewal's request takes a while.
-const RENEW_EVERY: Duration = Duration::from_millis(400);
+const RENEW_EVERY: Duration = Duration::from_millis(300);
 /// How recent the last renewal that landed must be for the hold to count. A Go binary on
 /// client-go before v0.27 takes the Lease 1.5 s after it last saw it change, whatever the record
 /// says; a renewal that hangs (a slow server, retries) must stop our writes before that, with a
-/// margin for the write that follows the check.
+/// margin for the write that follows the check. Renewals go out every [`RENEW_EVERY`] from the
+/// last send, so a check fails only once a renewal has taken over 700 ms to land.
 const FRESH_WITHIN: Duration = Duration::from_secs(1);
 /// The least a held Lease must stay unchanged before it is taken. A Go binary writes its 1.5 s
 /// lease duration as `leaseDurationSeconds: 1`, and renews every 500 ms plus a read and a write:
@@ -178,21 +179,20 @@ pub async fn take(kube: &Kube, identity: &str, deadline: Instant) -> Result<Hold
                 "the Lease {GO_LEASE_NAME} shared with the Go Whereabouts stayed held by another process"
             )));
         }
-        // Before the taking write is sent: the hold counts from no later than that.
-        let attempt = Instant::now();
-        if let Some(lease) = try_take(kube, identity, &mut seen).await? {
-            return Ok(start_renewing(kube, lease, attempt));
+        if let Some((lease, sent)) = try_take(kube, identity, &mut seen).await? {
+            return Ok(start_renewing(kube, lease, sent));
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
-/// One attempt: the Lease as written when taken, `None` when someone else holds it.
+/// One attempt: the Lease as written when taken, and when that write was sent; `None` when
+/// someone else holds it.
 async fn try_take(
     kube: &Kube,
     identity: &str,
     seen: &mut Option<Seen>,
-) -> Result<Option<Lease>, StoreError> {
+) -> Result<Option<(Lease, Instant)>, StoreError> {
     let stamp = now();
     let ours = |transitions: i32| LeaseSpec {
         holder_identity: Some(identity.to_string()),
@@ -211,7 +211,8 @@ async fn try_take(
             spec: Some(ours(0)),
         };
         mark(&mut lease.metadata, stamp, None);
-        return written(kube.create_lease(&lease).await);
+        let sent = Instant::now();
+        return Ok(written(kube.create_lease(&lease).await)?.map(|l| (l, sent)));
     };
     let spec = lease.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
@@ -233,7 +234,8 @@ async fn try_take(
     let go_seen = last_go_renewal(&lease);
     lease.spec = Some(ours(spec.lease_transitions.unwrap_or(0) + 1));
     mark(&mut lease.metadata, stamp, go_seen);
-    written(kube.replace_lease(&lease).await)
+    let sent = Instant::now();
+    Ok(written(kube.replace_lease(&lease).await)?.map(|l| (l, sent)))
 }
 
 /// How long a held Lease must stay unchanged, as seen here, before it is taken: its record's
@@ -261,8 +263,10 @@ fn start_renewing(kube: &Kube, lease: Lease, taken: Instant) -> Hold {
         let (kube, lease, lost) = (kube.clone(), lease.clone(), lost.clone());
         let renewed = renewed.clone();
         tokio::spawn(async move {
+            let mut last_sent = taken;
             loop {
-                tokio::time::sleep(RENEW_EVERY).await;
+                // Every RENEW_EVERY from the last send, however long its request took.
+                tokio::time::sleep_until((last_sent + RENEW_EVERY).into()).await;
                 let mut held = lease.lock().await;
                 let mut next = held.clone();
                 let stamp = now();
@@ -271,6 +275,7 @@ fn start_renewing(kube: &Kube, lease: Lease, taken: Instant) -> Hold {
                 }
                 mark(&mut next.metadata, stamp, None);
                 let sent = Instant::now();
+                last_sent = sent;
                 match kube.replace_lease(&next).await {
                     Ok(written) => {
                         *held = written;
