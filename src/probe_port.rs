@@ -19,9 +19,11 @@ use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 use tower::ServiceExt;
 
-/// Connections served at once, a bound on the file descriptors the port can take. When all are
-/// open, a new one takes the place of the oldest that has not sent its request head yet: a
-/// probe, which sends its head at once, is served while idle connections hold the port.
+/// Connections served at once, a bound on the file descriptors the port can take, and never
+/// more than a quarter of the process's own limit (often 1024): the rest serve the engine and
+/// the plugins. When all are open, a new one takes the place of the oldest that has not sent
+/// its request head yet: a probe, which sends its head at once, is served while idle
+/// connections hold the port.
 pub const MAX_CONNECTIONS: usize = 1024;
 
 /// How long a connection has to send its request head.
@@ -74,7 +76,23 @@ impl Served {
 
 /// Serves `app` on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, app: Router) {
-    serve_at_most(listener, app, MAX_CONNECTIONS).await
+    serve_at_most(listener, app, connections_allowed()).await
+}
+
+/// [`MAX_CONNECTIONS`], or a quarter of the open files the process may have if less.
+fn connections_allowed() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into the struct it is given, nothing else.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    let quarter = usize::try_from(limit.rlim_cur / 4).unwrap_or(usize::MAX);
+    if known {
+        MAX_CONNECTIONS.min(quarter).max(8)
+    } else {
+        MAX_CONNECTIONS
+    }
 }
 
 async fn serve_at_most(listener: TcpListener, app: Router, max: usize) {
