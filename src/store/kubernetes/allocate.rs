@@ -403,9 +403,15 @@ impl Engine {
             grants = steps.len(),
             "taking back grants whose requests gave up"
         );
-        if let Err(err) = self.undo(steps).await {
-            tracing::error!(%err, "could not take back grants whose requests gave up");
-        }
+        // Bounded as a failed ADD's undo: the pool's next batch waits for it, and requests give
+        // up when the server is slow; what is left goes with the runtime's DEL or the controller.
+        let budget = self.settings.undo_budget;
+        let failed = match tokio::time::timeout(budget, self.undo(steps)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("not done within {budget:?}"),
+        };
+        tracing::error!(failed, "could not take back grants whose requests gave up");
     }
 
     /// One batch of the agent, before `batch.deadline`; its writes are taken back if it fails.
@@ -1186,6 +1192,7 @@ impl Engine {
     /// reservation. Returns the first failure, after trying everything.
     pub async fn undo(&self, steps: Vec<Step>) -> Result<(), StoreError> {
         let mut first_error = None;
+        let mut standing = Vec::new();
         let (entries, reservations): (Vec<_>, Vec<_>) = steps
             .into_iter()
             .partition(|s| matches!(s, Step::PoolEntry { .. }));
@@ -1207,17 +1214,21 @@ impl Engine {
                     .await;
                 if let Err(err) = result {
                     first_error.get_or_insert(err);
+                    let ip = key.parse::<u128>().ok().map(|offset| cidr.at(offset));
+                    standing.extend(ip);
                 }
             }
         }
-        if first_error.is_some() {
-            // An entry that could not be removed may still stand, and without its reservation
-            // an overlapping range would hand its address out again: the reservations stay,
-            // those of removed entries until the controller's orphan pass.
-            return first_error.map_or(Ok(()), Err);
-        }
         for step in reservations.into_iter().rev() {
             if let Step::Reservation { held, .. } = step {
+                // An entry that could not be removed may still stand, and without its
+                // reservation an overlapping range would hand its address out again.
+                if standing
+                    .iter()
+                    .any(|ip| reservation::names_address(&held.name, *ip))
+                {
+                    continue;
+                }
                 let result = self
                     .kube
                     .delete_reservation(&held.name, held.uid.as_deref(), None)

@@ -41,6 +41,13 @@ pub fn held_by(reservation: &OverlappingRangeIPReservation, who: &Attachment) ->
     same_pod || same_container
 }
 
+/// Whether reservation `name` is one of `ip` (in whichever network: the name ends with the
+/// address as reservation names write it).
+pub fn names_address(name: &str, ip: IpAddr) -> bool {
+    let bare = reservation_name(ip, "");
+    name == bare || name.ends_with(&format!("-{bare}"))
+}
+
 /// The attachment a reservation names, as far as it records one.
 pub fn holder(reservation: &OverlappingRangeIPReservation) -> Attachment {
     let spec = &reservation.spec;
@@ -90,5 +97,15 @@ mod tests {
         assert!(!held_by(&r, &who("c3", Some("ns/b"), "net1")));
         assert_eq!(name("2001::".parse().unwrap(), ""), "2001--0");
         assert_eq!(name("::".parse().unwrap(), ""), "0--0");
+    }
+
+    #[test]
+    fn a_reservations_address_is_read_from_its_name() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(names_address("10.0.0.1", ip("10.0.0.1")));
+        assert!(names_address("blue-10.0.0.1", ip("10.0.0.1")));
+        assert!(!names_address("blue-110.0.0.1", ip("10.0.0.1")));
+        assert!(!names_address("10.0.0.11", ip("10.0.0.1")));
+        assert!(names_address("net-fd00--1", ip("fd00::1")));
     }
 }
