@@ -214,7 +214,14 @@ pub async fn sync(
         }
     }
     if !pools.is_empty() {
-        let held = held_pools(client, namespace).await?;
+        let held = Held {
+            pools: held_pools(client, namespace).await?,
+            networks: pools
+                .values()
+                .map(|w| object_name(&w.network_name))
+                .filter(|n| !n.is_empty())
+                .collect(),
+        };
         for want in pools.values() {
             if let Err(err) = sync_pool(&api, want, &nodes, &held, metrics).await {
                 failed.push(err);
@@ -288,6 +295,13 @@ async fn held_pools(client: &Client, namespace: &str) -> Result<Vec<(String, Cid
     }
 }
 
+/// The IPPools that hold addresses, and the sliced networks' names that tell them apart.
+struct Held {
+    pools: Vec<(String, Cidr)>,
+    /// The `network_name`s of the sliced networks, as objects are named.
+    networks: BTreeSet<String>,
+}
+
 /// What the IPPools holding addresses say to one network's slices.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct NetworkPools {
@@ -298,15 +312,33 @@ struct NetworkPools {
     by_node: Vec<NodeSliceAllocation>,
 }
 
+/// Names that tell one network's pools from another's.
+struct Names<'a> {
+    /// The nodes, and those the NodeSlicePool names.
+    known: &'a BTreeSet<String>,
+    /// The `network_name`s of the sliced networks, as objects are named.
+    networks: &'a BTreeSet<String>,
+}
+
 /// The held pools of `want`'s network (`[network_name-][node-]<range>`): another network's
 /// are another address space, with addresses and reservations named apart. Without a network
-/// name, a pool `<x>-<range>` is a node's when `x` is among `known` (the nodes, and those the
-/// NodeSlicePool names) or its range is a slice of the layout (a node removed since, whose
-/// pods' entries may not be cleaned up yet); another network's plain pools do not count.
-fn network_pools(want: &Wanted, held: &[(String, Cidr)], known: &BTreeSet<String>) -> NetworkPools {
+/// name, a pool `<x>-<range>` is a node's when `x` is a known node, or when its range is a slice
+/// of the layout (a node removed since, whose pods' entries may not be cleaned up yet) and `x`
+/// is not another sliced network's pool; another network's plain pools do not count.
+fn network_pools(want: &Wanted, held: &[(String, Cidr)], names: &Names<'_>) -> NetworkPools {
     let network = object_name(&want.network_name);
     let is_slice = |range: &Cidr| range.prefix == want.size && want.range.contains(range.addr);
+    let another_networks = |prefix: &str| {
+        let networks = names.networks.iter();
+        networks.filter(|n| **n != network).any(|n| {
+            prefix
+                .strip_prefix(n.as_str())
+                .is_some_and(|r| r.starts_with('-'))
+        })
+    };
+    let known = names.known;
     let mut out = NetworkPools::default();
+    let mut ranges = Vec::new();
     let mut nodes_pools = Vec::new();
     for (name, range) in held {
         let text = pool_name(range, "", None);
@@ -319,7 +351,8 @@ fn network_pools(want: &Wanted, held: &[(String, Cidr)], known: &BTreeSet<String
             }
         };
         let node = if want.network_name.is_empty() {
-            if !prefix.is_empty() && !known.contains(prefix) && !is_slice(range) {
+            let removed_nodes = is_slice(range) && !another_networks(prefix);
+            if !prefix.is_empty() && !known.contains(prefix) && !removed_nodes {
                 continue;
             }
             prefix
@@ -335,6 +368,7 @@ fn network_pools(want: &Wanted, held: &[(String, Cidr)], known: &BTreeSet<String
             }
         };
         out.busy.insert(*range);
+        ranges.push(*range);
         if known.contains(node) && is_slice(range) {
             nodes_pools.push((node, *range));
         }
@@ -342,7 +376,7 @@ fn network_pools(want: &Wanted, held: &[(String, Cidr)], known: &BTreeSet<String
     // A node takes up its pool's slice again only where no other pool of the network holds
     // addresses: those would be handed out again from the node's pool.
     let others_overlap = |node: &str, slice: &Cidr| {
-        held_in_network(&out.busy, slice) > 1
+        ranges.iter().filter(|r| r.overlaps(slice)).count() > 1
             || nodes_pools
                 .iter()
                 .any(|(n, r)| *n != node && r.overlaps(slice))
@@ -358,16 +392,11 @@ fn network_pools(want: &Wanted, held: &[(String, Cidr)], known: &BTreeSet<String
     out
 }
 
-/// How many of the network's held ranges overlap `slice`.
-fn held_in_network(busy: &HashSet<Cidr>, slice: &Cidr) -> usize {
-    busy.iter().filter(|b| b.overlaps(slice)).count()
-}
-
 async fn sync_pool(
     api: &Api<NodeSlicePool>,
     want: &Wanted,
     nodes: &BTreeSet<String>,
-    held: &[(String, Cidr)],
+    held: &Held,
     metrics: &Arc<Metrics>,
 ) -> Result<(), String> {
     let existing = api
@@ -377,7 +406,11 @@ async fn sync_pool(
     let creating = existing.is_none();
     let mut known = nodes.clone();
     known.extend(assigned_nodes(existing.as_ref()));
-    let pools = network_pools(want, held, &known);
+    let names = Names {
+        known: &known,
+        networks: &held.networks,
+    };
+    let pools = network_pools(want, &held.pools, &names);
     let (pool, plan) = desired_pool(existing, want, nodes, &pools)
         .map_err(|e| format!("NodeSlicePool {} ({}): {e}", want.name, want.source))?;
     if !plan.unassigned.is_empty() {
@@ -580,7 +613,13 @@ mod tests {
                 (name.to_string(), Cidr::parse(range, false).unwrap())
             })
             .collect();
-        let pools = network_pools(&want, &held, &nodes);
+        // "data" is a sliced network of the tests.
+        let networks = BTreeSet::from(["data".to_string()]);
+        let names = Names {
+            known: &nodes,
+            networks: &networks,
+        };
+        let pools = network_pools(&want, &held, &names);
         let (_, plan) = desired_pool(None, &want, &nodes, &pools).unwrap();
         let given = plan.allocations.into_iter();
         given
@@ -631,11 +670,15 @@ mod tests {
             slices_with(plain, &bare, &["a"]),
             pairs(&[("a", "10.10.2.0/24")])
         );
-        // A removed node's pool, named for no node any more, still holds its slice back.
-        let gone = ["c-10.10.0.0-24 10.10.0.0/24"];
+        // A removed node's pool, named for no node any more, still holds its slice back; the
+        // node pools of another sliced network do not.
+        let gone = [
+            "c-10.10.0.0-24 10.10.0.0/24",
+            "data-b-10.10.1.0-24 10.10.1.0/24",
+        ];
         assert_eq!(
-            slices_with(plain, &gone, &["a"]),
-            pairs(&[("a", "10.10.1.0/24")])
+            slices_with(plain, &gone, &["a", "b"]),
+            pairs(&[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")])
         );
         // Names are written in lower case, whatever the network name's case.
         let upper = data.replace("\"data\"", "\"Data\"");
@@ -650,6 +693,15 @@ mod tests {
         ];
         assert_eq!(
             slices_with(data, &shared, &["a", "b"]),
+            pairs(&[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")])
+        );
+        // Counted by pools, not ranges: the old layout's pool may cover exactly the slice.
+        let exactly = [
+            "data-b-10.10.0.0-24 10.10.0.0/24",
+            "data-10.10.0.0-24 10.10.0.0/24",
+        ];
+        assert_eq!(
+            slices_with(data, &exactly, &["a", "b"]),
             pairs(&[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")])
         );
         let under_the_old_layout = ["data-b-10.10.0.0-24 10.10.0.0/24", own[0]];
