@@ -271,6 +271,11 @@ fn status_reports_an_unusable_store_as_code_50() {
     let reply = bad.call("STATUS", "", "", "");
     assert_eq!(reply.err_code(), 50);
     assert!(reply.msg().contains("not-a-dir"), "{reply:?}");
+    // A configuration every ADD would refuse: not available either, and why.
+    let refused = Net::local(json!({"range": "10.22.0.0/33"}));
+    let reply = refused.call("STATUS", "", "", "");
+    assert_eq!(reply.err_code(), 50);
+    assert!(reply.msg().contains("range"), "{reply:?}");
 }
 
 #[test]

@@ -140,7 +140,12 @@ fn call(
             ),
         ));
     }
-    let cfg = config::load(conf.ipam.as_ref())?;
+    let cfg = match config::load(conf.ipam.as_ref()) {
+        Ok(cfg) => cfg,
+        // STATUS answers whether ADDs can be served: a configuration they would refuse says no.
+        Err(err) if env.command == Command::Status => return Err(not_available(err.into())),
+        Err(err) => return Err(err.into()),
+    };
     crate::logging::init(cfg.log_file.as_deref(), cfg.log_level);
     for warning in &cfg.warnings {
         tracing::warn!("{warning}");
@@ -427,11 +432,10 @@ fn gc(conf: &NetConf, cfg: &IpamConfig, open: Opener) -> Result<(), CniError> {
 }
 
 fn status(cfg: &IpamConfig, open: Opener) -> Result<(), CniError> {
-    let not_available = |err: CniError| {
-        CniError::new(
-            code::NOT_AVAILABLE,
-            format!("store not available: {}", err.msg),
-        )
-    };
     agent::status(cfg, open).map_err(|e| not_available(e.into()))
+}
+
+/// STATUS's answer when ADDs cannot be served, with the reason.
+fn not_available(err: CniError) -> CniError {
+    CniError::new(code::NOT_AVAILABLE, format!("not available: {}", err.msg))
 }
