@@ -278,6 +278,23 @@ fn status_reports_an_unusable_store_as_code_50() {
     assert!(reply.msg().contains("range"), "{reply:?}");
 }
 
+/// A database a newer binary wrote (after a downgrade) is broken for this one: ADD and STATUS
+/// fail, naming it, while DEL succeeds so that pods' teardown is not held until the newer
+/// binary is back.
+#[test]
+fn a_database_of_a_newer_schema_lets_del_through() {
+    let net = Net::local(json!({"range": "10.27.0.0/24"}));
+    assert_eq!(ips(&net.add("a", "eth0").ok()), ["10.27.0.1/24"]);
+    let db = rusqlite::Connection::open(net.db()).unwrap();
+    db.execute_batch("PRAGMA user_version = 99").unwrap();
+    drop(db);
+    let reply = net.call("ADD", "b", "eth0", "");
+    assert_ne!(reply.err_code(), 0);
+    assert!(reply.msg().contains("newer"), "{reply:?}");
+    assert_eq!(net.call("STATUS", "", "", "").err_code(), 50);
+    net.call("DEL", "a", "eth0", "").ok_empty();
+}
+
 #[test]
 fn static_addresses_are_reserved() {
     let net = Net::local(

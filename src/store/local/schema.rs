@@ -100,7 +100,7 @@ pub fn connect(path: &Path) -> Result<Connection, Fail> {
     // power loss can drop the last transactions) and much cheaper than FULL.
     conn.execute_batch("PRAGMA synchronous = NORMAL")?;
     if version != SCHEMA_VERSION {
-        create_schema(&conn)?;
+        create_schema(&conn, path)?;
     }
     Ok(conn)
 }
@@ -148,14 +148,17 @@ fn enable_wal(conn: &Connection, deadline: Instant) -> Result<(), Fail> {
 
 /// Creates the tables inside `BEGIN IMMEDIATE`, re-checking the version under the write lock so
 /// that of many processes racing on a fresh file exactly one creates and the others see it done.
-fn create_schema(conn: &Connection) -> Result<(), Fail> {
+fn create_schema(conn: &Connection, path: &Path) -> Result<(), Fail> {
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     let version = user_version(&tx)?;
     if version > SCHEMA_VERSION {
-        return Err(Fail::Msg(format!(
-            "the local database has schema version {version}, newer than this binary's \
-             {SCHEMA_VERSION}: use a newer whereabouts binary"
-        )));
+        // Broken for this binary (after a downgrade): its DELs succeed, loudly, instead of
+        // holding every pod's teardown until the newer binary is back.
+        return Err(Fail::Store(StoreError::broken(format!(
+            "the local database {} has schema version {version}, newer than this binary's \
+             {SCHEMA_VERSION}: use a newer whereabouts binary",
+            crate::files::shown_path(path)
+        ))));
     }
     if version < SCHEMA_VERSION {
         tx.execute_batch(SCHEMA)?;
