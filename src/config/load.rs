@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::error::ConfigError;
-use super::raw::{field, lowercase_keys, merge_flat_file, text};
+use super::raw::{field, is_unset, lowercase_keys, merge_flat_file, text};
 use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
     Datastore, EtcdConfig, GoPeers, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
@@ -119,12 +119,102 @@ pub(super) fn load_inner(
         (flat, Trust::operator(), Vec::new())
     };
     let go_peers = go_peers(&flat)?;
+    let from_flat = filled_from(&map, &flat);
     merge_flat_file(&mut map, &flat);
-    let mut cfg = resolve(&map, caller == Caller::Operator)?;
+    let mut cfg = resolve(&map, caller == Caller::Operator)
+        .map_err(|err| values_hidden(err, &from_flat, &flat))?;
     cfg.go_peers = go_peers;
     cfg.trust = trust;
     cfg.warnings = warnings;
     Ok(cfg)
+}
+
+/// The top-level keys the flat file fills in `map` (wholly, or inside an object both have).
+fn filled_from(map: &Map<String, Value>, flat: &Map<String, Value>) -> Vec<String> {
+    let fills = |key: &String| match map.get(key) {
+        None => true,
+        Some(value) if is_unset(value) => true,
+        Some(value) => value.is_object() && flat[key].is_object(),
+    };
+    let keys = flat.keys().filter(|k| *k != "enable_overlapping_ranges");
+    keys.filter(|k| fills(k)).cloned().collect()
+}
+
+/// `err`, with its values hidden when it names a field the flat file filled, or shows one of
+/// the values it filled in: a network configuration's author reads the errors (the pod's
+/// events), and the flat file is the admin's. What is wrong, and where, stays.
+fn values_hidden(err: ConfigError, from_flat: &[String], flat: &Map<String, Value>) -> ConfigError {
+    let ConfigError::Invalid(msg) = err else {
+        return err;
+    };
+    let mut filled_texts = Vec::new();
+    for key in from_flat {
+        texts_in(&flat[key], &mut filled_texts);
+    }
+    let shows_a_value = filled_texts
+        .iter()
+        .any(|t| t.len() >= 3 && msg.contains(t.as_str()));
+    let lower = msg.to_lowercase();
+    let names = |key: &String| {
+        let field = format!("ipam.{key}");
+        lower.match_indices(&field).any(|(at, _)| {
+            let next = lower[at + field.len()..].chars().next();
+            !next.is_some_and(|c| c.is_alphanumeric() || c == '_')
+        })
+    };
+    if !shows_a_value && !from_flat.iter().any(names) {
+        return ConfigError::Invalid(msg);
+    }
+    ConfigError::Invalid(format!(
+        "{} (a field of this configuration comes from the flat file: values not shown)",
+        without_values(&msg)
+    ))
+}
+
+/// The strings and numbers in `value`, as text.
+fn texts_in(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::String(text) => out.push(text.clone()),
+        Value::Number(number) => out.push(number.to_string()),
+        Value::Array(items) => items.iter().for_each(|v| texts_in(v, out)),
+        Value::Object(map) => map.values().for_each(|v| texts_in(v, out)),
+        Value::Bool(_) | Value::Null => {}
+    }
+}
+
+/// `text` with its values left out: what it quotes (`"..."`), and every word holding a digit
+/// or a path or address separator (addresses, ranges, numbers, paths), field names kept.
+fn without_values(text: &str) -> String {
+    let mut unquoted = String::new();
+    let mut quoted = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        match (quoted, escaped, c) {
+            (true, false, '\\') => escaped = true,
+            (true, true, _) => escaped = false,
+            (_, _, '"') => {
+                if !quoted {
+                    unquoted.push('…');
+                }
+                quoted = !quoted;
+            }
+            (true, false, _) => {}
+            (false, _, c) => unquoted.push(c),
+        }
+    }
+    let word = |w: &str| {
+        let body = w.trim_end_matches([':', ',', ';', ')']);
+        let value = body
+            .chars()
+            .any(|c| c.is_ascii_digit() || "/.:".contains(c));
+        if value && !body.starts_with("ipam.") {
+            format!("…{}", &w[body.len()..])
+        } else {
+            w.to_string()
+        }
+    };
+    let words: Vec<String> = unquoted.split(' ').map(word).collect();
+    words.join(" ")
 }
 
 /// The admin's flat file and its trust rules, for a network configuration naming

@@ -522,4 +522,25 @@ fn refusals_never_show_the_flat_files_values() {
         msg.contains("flat file datastore") && !msg.contains("admin-typo"),
         "{msg}"
     );
+    // Wrong only once merged: the field is named, the flat file's value is not shown (a blank
+    // range is unset, for the flat file to fill).
+    let (_dir, load) = untrusted(json!({"range": "10.77.0.0/24", "log_level": "admin-level"}));
+    let msg = load(json!({"range": "", "range_start": "10.99.0.1"})).unwrap_err();
+    assert!(
+        msg.contains("ipam.range") && !msg.contains("10.77.0.0"),
+        "{msg}"
+    );
+    // The flat file's value shown, whichever field the message names.
+    let (_dir, load_v6) = untrusted(json!({"range": "fd00:77::/64"}));
+    let msg = load_v6(json!({"range": "", "range_start": "10.99.0.1"})).unwrap_err();
+    assert!(!msg.contains("fd00:77"), "{msg}");
+    let msg = load(json!({"range": "", "range_start": "10.77.0.1"})).unwrap_err();
+    assert!(
+        msg.contains("ipam.log_level") && !msg.contains("admin-level"),
+        "{msg}"
+    );
+    // A refusal of the network configuration's own values shows them.
+    let (_dir, load) = untrusted(json!({"log_level": "error"}));
+    let msg = load(json!({"range": "10.88.0.0/33"})).unwrap_err();
+    assert!(msg.contains("10.88.0.0/33"), "{msg}");
 }
