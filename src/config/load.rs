@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::error::ConfigError;
-use super::raw::{field, is_unset, lowercase_keys, merge_flat_file, text};
+use super::raw::{field, lowercase_keys, merge_flat_file, text};
 use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
     Datastore, EtcdConfig, GoPeers, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
@@ -119,25 +119,13 @@ pub(super) fn load_inner(
         (flat, Trust::operator(), Vec::new())
     };
     let go_peers = go_peers(&flat)?;
-    let from_flat = filled_from(&map, &flat);
-    merge_flat_file(&mut map, &flat);
+    let from_flat = merge_flat_file(&mut map, &flat);
     let mut cfg = resolve(&map, caller == Caller::Operator)
         .map_err(|err| values_hidden(err, &from_flat, &flat))?;
     cfg.go_peers = go_peers;
     cfg.trust = trust;
     cfg.warnings = warnings;
     Ok(cfg)
-}
-
-/// The top-level keys the flat file fills in `map` (wholly, or inside an object both have).
-fn filled_from(map: &Map<String, Value>, flat: &Map<String, Value>) -> Vec<String> {
-    let fills = |key: &String| match map.get(key) {
-        None => true,
-        Some(value) if is_unset(value) => true,
-        Some(value) => value.is_object() && flat[key].is_object(),
-    };
-    let keys = flat.keys().filter(|k| *k != "enable_overlapping_ranges");
-    keys.filter(|k| fills(k)).cloned().collect()
 }
 
 /// `err`, with its values hidden when it names a field the flat file filled, or shows one of

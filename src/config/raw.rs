@@ -36,22 +36,26 @@ pub fn is_unset(value: &Value) -> bool {
 }
 
 /// Fills the fields `inline` leaves unset from `file`; the inline value always wins, and
-/// `enable_overlapping_ranges` is never taken from the file.
-pub fn merge_flat_file(inline: &mut Map<String, Value>, file: &Map<String, Value>) {
+/// `enable_overlapping_ranges` is never taken from the file. Returns the top-level keys it
+/// filled, wholly or inside an object both have.
+pub fn merge_flat_file(inline: &mut Map<String, Value>, file: &Map<String, Value>) -> Vec<String> {
+    let mut filled = Vec::new();
     for (key, file_value) in file {
         if key == "enable_overlapping_ranges" {
             continue;
         }
         match inline.get_mut(key) {
             Some(Value::Object(inner)) if file_value.is_object() => {
-                merge_flat_file(inner, file_value.as_object().unwrap_or(&Map::new()))
+                merge_flat_file(inner, file_value.as_object().unwrap_or(&Map::new()));
             }
-            Some(existing) if !is_unset(existing) => {}
+            Some(existing) if !is_unset(existing) => continue,
             _ => {
                 inline.insert(key.clone(), file_value.clone());
             }
         }
+        filled.push(key.clone());
     }
+    filled
 }
 
 /// Decodes field `key` of `map`, naming `path` in the error. The value is shown cut and
