@@ -334,30 +334,35 @@ impl LocalStore {
 /// pair is refused, or the two would hand out each other's addresses.
 fn ensure_pool(tx: &Connection, pool: &PoolRef, network_name: &str) -> Result<(), Fail> {
     let cidr = pool.cidr().network();
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO pools (name, network_name, cidr, base, prefix, v6) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute((
-        &pool.name,
-        network_name,
-        cidr.to_string(),
-        runs::blob(cidr.base()),
-        cidr.prefix,
-        cidr.is_v6(),
-    ))?;
-    let (recorded_network, recorded_cidr): (String, String) = tx
+    // One read in the usual case: the pool is recorded already.
+    let recorded: Option<(String, String)> = tx
         .prepare_cached("SELECT network_name, cidr FROM pools WHERE name = ?1")?
-        .query_row([&pool.name], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    if recorded_network != network_name || recorded_cidr != cidr.to_string() {
-        return Err(Fail::Store(StoreError::config(format!(
-            "pool {} is already that of range {recorded_cidr} of another network_name: \
-             range {cidr} with this ipam.network_name gives the same pool name; choose \
-             another ipam.network_name",
+        .query_row([&pool.name], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    match recorded {
+        Some((network, range)) if network == network_name && range == cidr.to_string() => Ok(()),
+        Some((_, range)) => Err(Fail::Store(StoreError::config(format!(
+            "pool {} is already that of range {range} of another network_name: range {cidr} \
+             with this ipam.network_name gives the same pool name; choose another \
+             ipam.network_name",
             pool.name
-        ))));
+        )))),
+        None => {
+            tx.prepare_cached(
+                "INSERT INTO pools (name, network_name, cidr, base, prefix, v6) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute((
+                &pool.name,
+                network_name,
+                cidr.to_string(),
+                runs::blob(cidr.base()),
+                cidr.prefix,
+                cidr.is_v6(),
+            ))?;
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 fn pool_row(tx: &Connection, name: &str) -> Result<Option<PoolRow>, Fail> {
