@@ -100,6 +100,14 @@ fn add(pools: &[PoolRef], attachment: Attachment) -> AddRequest {
     }
 }
 
+/// `add` in network `network_name`.
+fn add_in(network_name: &str, pools: &[PoolRef], attachment: Attachment) -> AddRequest {
+    AddRequest {
+        network_name: network_name.into(),
+        ..add(pools, attachment)
+    }
+}
+
 /// `add` asking for `static_ip` in the first range.
 fn add_static(pools: &[PoolRef], attachment: Attachment, static_ip: &str) -> AddRequest {
     let mut req = add(pools, attachment);
@@ -233,11 +241,9 @@ fn network_name_scopes_pools(open: Opener) {
     let store = open("netname");
     let blue = [pool_in("blue", "10.14.0.0/24", &[])];
     let red = [pool_in("red", "10.14.0.0/24", &[])];
-    let mut req = add(&blue, who("c1", "a"));
-    req.network_name = "blue".into();
+    let req = add_in("blue", &blue, who("c1", "a"));
     assert_eq!(store.add(&req).unwrap(), ips(&["10.14.0.1"]));
-    let mut req = add(&red, who("c2", "b"));
-    req.network_name = "red".into();
+    let req = add_in("red", &red, who("c2", "b"));
     assert_eq!(store.add(&req).unwrap(), ips(&["10.14.0.1"]));
 }
 
@@ -249,11 +255,9 @@ fn a_pool_name_two_networks_share(open: Opener) {
     let first = [pool_in("a", "2001:db8::/64", &[])];
     let second = [pool_in("a-2001", "db8::/64", &[])];
     assert_eq!(first[0].name, second[0].name);
-    let mut req = add(&first, who("c1", "a"));
-    req.network_name = "a".into();
+    let req = add_in("a", &first, who("c1", "a"));
     assert_eq!(store.add(&req).unwrap(), ips(&["2001:db8::1"]));
-    let mut req = add(&second, who("c2", "b"));
-    req.network_name = "a-2001".into();
+    let req = add_in("a-2001", &second, who("c2", "b"));
     let second_cidr = second[0].range.cidr;
     match store.add(&req) {
         Ok(got) => {

@@ -634,81 +634,111 @@ mod tests {
             .collect()
     }
 
+    /// Why, the configuration, the pools holding addresses, the nodes, and the slices given.
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a [&'a str],
+        &'a [&'a str],
+        &'a [(&'a str, &'a str)],
+    );
+
     #[test]
     fn only_the_networks_own_pools_hold_slices_back() {
         let data = r#"{"name":"d","ipam":{"type":"whereabouts","range":"10.10.0.0/22","node_slice_size":"/24","network_name":"data"}}"#;
-        // Another network over the same range is another address space.
-        let other = ["storage-10.10.0.0-22 10.10.0.0/22"];
-        assert_eq!(
-            slices_with(data, &other, &["a", "b"]),
-            pairs(&[("a", "10.10.0.0/24"), ("b", "10.10.1.0/24")])
-        );
-        // The network's own pool of the layout before holds every slice back.
-        let own = ["data-10.10.0.0-23 10.10.0.0/23"];
-        assert_eq!(
-            slices_with(data, &own, &["a", "b"]),
-            pairs(&[("a", "10.10.2.0/24"), ("b", "10.10.3.0/24")])
-        );
-        // A node whose own pool holds addresses takes up its slice again.
-        let kept = ["data-b-10.10.0.0-24 10.10.0.0/24"];
-        assert_eq!(
-            slices_with(data, &kept, &["a", "b"]),
-            pairs(&[("b", "10.10.0.0/24"), ("a", "10.10.1.0/24")])
-        );
-        // Without a network name, a node's pool is told from another network's by its node.
-        let plain = r#"{"name":"p","ipam":{"type":"whereabouts","range":"10.10.0.0/22","node_slice_size":"/24"}}"#;
-        let held = [
-            "storage-10.10.0.0-22 10.10.0.0/22",
-            "b-10.10.2.0-24 10.10.2.0/24",
-        ];
-        assert_eq!(
-            slices_with(plain, &held, &["a", "b"]),
-            pairs(&[("a", "10.10.0.0/24"), ("b", "10.10.2.0/24")])
-        );
-        let bare = ["10.10.0.0-23 10.10.0.0/23"];
-        assert_eq!(
-            slices_with(plain, &bare, &["a"]),
-            pairs(&[("a", "10.10.2.0/24")])
-        );
-        // A removed node's pool, named for no node any more, still holds its slice back; the
-        // node pools of another sliced network do not.
-        let gone = [
-            "c-10.10.0.0-24 10.10.0.0/24",
-            "data-b-10.10.1.0-24 10.10.1.0/24",
-        ];
-        assert_eq!(
-            slices_with(plain, &gone, &["a", "b"]),
-            pairs(&[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")])
-        );
-        // Names are written in lower case, whatever the network name's case.
         let upper = data.replace("\"data\"", "\"Data\"");
-        assert_eq!(
-            slices_with(&upper, &kept, &["a", "b"]),
-            pairs(&[("b", "10.10.0.0/24"), ("a", "10.10.1.0/24")])
-        );
-        // A slice another pool of the network holds addresses in too is taken up by nobody.
-        let shared = [
-            "data-a-10.10.0.0-24 10.10.0.0/24",
-            "data-b-10.10.0.0-24 10.10.0.0/24",
+        let plain = r#"{"name":"p","ipam":{"type":"whereabouts","range":"10.10.0.0/22","node_slice_size":"/24"}}"#;
+        let ab: &[&str] = &["a", "b"];
+        let cases: &[Case] = &[
+            (
+                "another network over the same range is another address space",
+                data,
+                &["storage-10.10.0.0-22 10.10.0.0/22"],
+                ab,
+                &[("a", "10.10.0.0/24"), ("b", "10.10.1.0/24")],
+            ),
+            (
+                "the network's own pool of the layout before holds every slice back",
+                data,
+                &["data-10.10.0.0-23 10.10.0.0/23"],
+                ab,
+                &[("a", "10.10.2.0/24"), ("b", "10.10.3.0/24")],
+            ),
+            (
+                "a node whose own pool holds addresses takes up its slice again",
+                data,
+                &["data-b-10.10.0.0-24 10.10.0.0/24"],
+                ab,
+                &[("b", "10.10.0.0/24"), ("a", "10.10.1.0/24")],
+            ),
+            (
+                "names are written in lower case, whatever the network name's case",
+                &upper,
+                &["data-b-10.10.0.0-24 10.10.0.0/24"],
+                ab,
+                &[("b", "10.10.0.0/24"), ("a", "10.10.1.0/24")],
+            ),
+            (
+                "without a network name, a node's pool is told from another network's by its node",
+                plain,
+                &[
+                    "storage-10.10.0.0-22 10.10.0.0/22",
+                    "b-10.10.2.0-24 10.10.2.0/24",
+                ],
+                ab,
+                &[("a", "10.10.0.0/24"), ("b", "10.10.2.0/24")],
+            ),
+            (
+                "a pool without a network name of the layout before holds the slices back",
+                plain,
+                &["10.10.0.0-23 10.10.0.0/23"],
+                &["a"],
+                &[("a", "10.10.2.0/24")],
+            ),
+            (
+                "a removed node's pool holds its slice back, another sliced network's do not",
+                plain,
+                &[
+                    "c-10.10.0.0-24 10.10.0.0/24",
+                    "data-b-10.10.1.0-24 10.10.1.0/24",
+                ],
+                ab,
+                &[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")],
+            ),
+            (
+                "a slice another pool of the network holds addresses in is taken up by nobody",
+                data,
+                &[
+                    "data-a-10.10.0.0-24 10.10.0.0/24",
+                    "data-b-10.10.0.0-24 10.10.0.0/24",
+                ],
+                ab,
+                &[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")],
+            ),
+            (
+                "pools are counted, not ranges: the old layout's pool may be exactly the slice",
+                data,
+                &[
+                    "data-b-10.10.0.0-24 10.10.0.0/24",
+                    "data-10.10.0.0-24 10.10.0.0/24",
+                ],
+                ab,
+                &[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")],
+            ),
+            (
+                "a node's pool under the layout before's is not taken up",
+                data,
+                &[
+                    "data-b-10.10.0.0-24 10.10.0.0/24",
+                    "data-10.10.0.0-23 10.10.0.0/23",
+                ],
+                ab,
+                &[("a", "10.10.2.0/24"), ("b", "10.10.3.0/24")],
+            ),
         ];
-        assert_eq!(
-            slices_with(data, &shared, &["a", "b"]),
-            pairs(&[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")])
-        );
-        // Counted by pools, not ranges: the old layout's pool may cover exactly the slice.
-        let exactly = [
-            "data-b-10.10.0.0-24 10.10.0.0/24",
-            "data-10.10.0.0-24 10.10.0.0/24",
-        ];
-        assert_eq!(
-            slices_with(data, &exactly, &["a", "b"]),
-            pairs(&[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")])
-        );
-        let under_the_old_layout = ["data-b-10.10.0.0-24 10.10.0.0/24", own[0]];
-        assert_eq!(
-            slices_with(data, &under_the_old_layout, &["a", "b"]),
-            pairs(&[("a", "10.10.2.0/24"), ("b", "10.10.3.0/24")])
-        );
+        for (why, conf, held, nodes, given) in cases {
+            assert_eq!(slices_with(conf, held, nodes), pairs(given), "{why}");
+        }
     }
 
     #[test]
