@@ -208,7 +208,7 @@ fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Request
             ip: s.address.addr,
             prefix: Some(s.address.prefix),
             gateway: s.gateway,
-            pods_own: None,
+            pods_own: false,
         })
         .collect();
     let arg_gateway = match env.args.get("GATEWAY") {
@@ -234,12 +234,12 @@ fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Request
             ip,
             prefix,
             gateway: arg_gateway,
-            pods_own: None,
+            pods_own: false,
         });
     }
     let asked = [
-        (&conf.requested_ips, "runtimeConfig.ips", None),
-        (&conf.arg_ips, "args.cni.ips", Some("args.cni.ips")),
+        (&conf.requested_ips, "runtimeConfig.ips", false),
+        (&conf.arg_ips, "args.cni.ips", true),
     ];
     for (texts, field, pods_own) in asked {
         for text in texts {

@@ -82,11 +82,11 @@ pub struct Requested {
     pub ip: IpAddr,
     pub prefix: Option<u8>,
     pub gateway: Option<IpAddr>,
-    /// Where it was asked for, when that is the pod's own say (`args.cni.ips`, which Multus
-    /// fills from the pod's annotation without the network configuration opting in): such an
-    /// address is honoured inside a configured range only, where it is reserved like any
-    /// other. Outside, nothing would stop a pod from taking its segment's router address.
-    pub pods_own: Option<&'static str>,
+    /// Asked by the pod itself (`args.cni.ips`, which Multus fills from the pod's annotation
+    /// without the network configuration opting in): honoured inside a configured range only,
+    /// where it is reserved like any other. Outside, nothing would stop a pod from taking its
+    /// segment's router address.
+    pub pods_own: bool,
 }
 
 /// The static addresses of a call, split between the ranges that contain them (reserved there,
@@ -135,13 +135,12 @@ pub fn place_statics(pools: Vec<PoolRef>, statics: Vec<Requested>) -> Result<Pla
                     _ => slot.requested = Some(offset),
                 }
             }
-            None if pods_own.is_some() => {
+            None if pods_own => {
                 return Err(CniError::new(
                     code::INVALID_CONFIG,
                     format!(
-                        "{} asks for {ip}, which is in no configured range: only the network \
-                         configuration's addresses may lie outside its ranges",
-                        pods_own.unwrap_or_default()
+                        "args.cni.ips asks for {ip}, which is in no configured range: only the \
+                         network configuration's addresses may lie outside its ranges"
                     ),
                 ))
             }
