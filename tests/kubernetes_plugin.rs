@@ -429,6 +429,30 @@ fn an_entry_a_failed_add_cannot_take_back_keeps_its_reservation() {
     assert!(server.get(RESERVATIONS, NS, "10.101.0.1").is_none());
 }
 
+/// A reservation whose create landed but whose every answer was lost is taken back with the
+/// failed ADD: nothing else names it until the controller's orphan pass. On the fake API server,
+/// which applies a request and then answers 504.
+#[test]
+fn a_failed_add_takes_back_a_reservation_whose_create_went_unanswered() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf = netconf("unanswered", &ipam("10.104.0.0/24", &kubeconfig, json!({})));
+    // The first create lands; it and every retry are answered 504.
+    server.fail_next_after_applying("POST", RESERVATIONS, 4);
+    let reply = run(bin(), &call("ADD", "x", "x"), &conf);
+    assert_eq!(reply.cni_code(), 11, "{reply:?}");
+    assert_eq!(server.list(RESERVATIONS, NS), Vec::<Value>::new());
+    // The runtime's retry finds the address free and everything agrees.
+    let reply = run(bin(), &call("ADD", "x", "x"), &conf);
+    assert_eq!(reply.ips(), ["10.104.0.1"], "{reply:?}");
+    assert_consistent(
+        &server.list("ippools", NS),
+        &server.list(RESERVATIONS, NS),
+        "",
+    );
+}
+
 /// While Go binaries may write the pools, an ADD writes only while its hold of their Lease is
 /// fresh: a renewal that hangs (a slow server) stops it before a Go binary, which takes the
 /// Lease 1.5 s after it last saw it change, could write too. On the fake API server, whose gate

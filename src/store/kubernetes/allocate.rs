@@ -982,7 +982,12 @@ impl Engine {
         let mut tasks = tokio::task::JoinSet::new();
         for (index, (ip, who)) in wanted.iter().enumerate() {
             let kube = self.kube.clone();
-            let object = reservation::new_object(&reservation::name(*ip, claim.network_name), who);
+            let name = reservation::name(*ip, claim.network_name);
+            let object = reservation::new_object(&name, who);
+            claim.undo.push(Step::Asked {
+                name,
+                who: who.clone(),
+            });
             tasks.spawn(async move { (index, kube.create_reservation(&object).await) });
         }
         let mut created: Vec<Option<Result<Held, ApiError>>> = vec![None; wanted.len()];
@@ -1000,7 +1005,12 @@ impl Engine {
         let mut failure = None;
         for ((ip, who), result) in wanted.iter().zip(created) {
             match self.settle_create(result, *ip, who, claim).await {
-                Ok(outcome) => outcomes.push(outcome),
+                Ok(outcome) => {
+                    claim
+                        .undo
+                        .answered(&reservation::name(*ip, claim.network_name));
+                    outcomes.push(outcome);
+                }
                 Err(err) => {
                     failure.get_or_insert(err);
                     outcomes.push(Reserve::Taken {
@@ -1079,7 +1089,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Creates the reservation of `ip`, or finds who holds it.
+    /// Creates the reservation of `ip`, or finds who holds it. Until that is known, the undo
+    /// log holds the asking: a create that landed unanswered is taken back too.
     async fn reserve(
         &self,
         ip: IpAddr,
@@ -1087,7 +1098,24 @@ impl Engine {
         claim: &Claim<'_>,
     ) -> Result<Reserve, StoreError> {
         let name = reservation::name(ip, claim.network_name);
-        let object = reservation::new_object(&name, who);
+        claim.undo.push(Step::Asked {
+            name: name.clone(),
+            who: who.clone(),
+        });
+        let outcome = self.create_or_find(&name, who, claim).await;
+        if outcome.is_ok() {
+            claim.undo.answered(&name);
+        }
+        outcome
+    }
+
+    async fn create_or_find(
+        &self,
+        name: &str,
+        who: &Attachment,
+        claim: &Claim<'_>,
+    ) -> Result<Reserve, StoreError> {
+        let object = reservation::new_object(name, who);
         // A reservation can vanish between the failed create and the read; try again then.
         for _ in 0..3 {
             match self.kube.create_reservation(&object).await {
@@ -1099,7 +1127,7 @@ impl Engine {
                 Err(ApiError::AlreadyExists(_)) => {}
                 Err(err) => return Err(err.into()),
             }
-            if let Some(outcome) = self.holder(&name, who, claim).await? {
+            if let Some(outcome) = self.holder(name, who, claim).await? {
                 return Ok(outcome);
             }
         }
@@ -1220,24 +1248,23 @@ impl Engine {
             }
         }
         for step in reservations.into_iter().rev() {
-            if let Step::Reservation { held, .. } = step {
-                // An entry that could not be removed may still stand, and without its
-                // reservation an overlapping range would hand its address out again.
-                if standing
-                    .iter()
-                    .any(|ip| reservation::names_address(&held.name, *ip))
-                {
-                    continue;
-                }
-                let result = self
-                    .kube
-                    .delete_reservation(&held.name, held.uid.as_deref(), None)
-                    .await;
-                match result {
-                    Ok(()) | Err(ApiError::Conflict(_)) => {}
-                    Err(err) => {
-                        first_error.get_or_insert(err.into());
-                    }
+            let name = match &step {
+                Step::Reservation { held } => &held.name,
+                Step::Asked { name, .. } => name,
+                Step::PoolEntry { .. } => continue,
+            };
+            // An entry that could not be removed may still stand, and without its reservation
+            // an overlapping range would hand its address out again.
+            if standing
+                .iter()
+                .any(|ip| reservation::names_address(name, *ip))
+            {
+                continue;
+            }
+            match self.take_back_reservation(step).await {
+                Ok(()) | Err(ApiError::Conflict(_)) => {}
+                Err(err) => {
+                    first_error.get_or_insert(err.into());
                 }
             }
         }
@@ -1245,6 +1272,27 @@ impl Engine {
             Some(err) => Err(err),
             None => Ok(()),
         }
+    }
+
+    /// Deletes the reservation a step made: exactly the object created, or, for a create that
+    /// went unanswered, the object of that name if it names the asking container and interface
+    /// (as the create wrote them; an adoption would have taken it as this ADD's too).
+    async fn take_back_reservation(&self, step: Step) -> Result<(), ApiError> {
+        let held = match step {
+            Step::Reservation { held } => held,
+            Step::Asked { name, who } => match self.kube.get_reservation(&name).await? {
+                Some(found)
+                    if found.spec.containerid == who.container_id
+                        && found.spec.ifname == who.ifname =>
+                {
+                    Held::of(&found)
+                }
+                _ => return Ok(()),
+            },
+            Step::PoolEntry { .. } => return Ok(()),
+        };
+        let uid = held.uid.as_deref();
+        self.kube.delete_reservation(&held.name, uid, None).await
     }
 }
 

@@ -133,6 +133,9 @@ impl<T: Clone> Ledger<T> {
 pub enum Step {
     /// A reservation this ADD created (or adopted from an earlier attempt of the same owner).
     Reservation { held: Held },
+    /// A reservation this ADD asked to create and got no answer for (the request failed after
+    /// retries, or the ADD ran out of time while it was on its way): it may exist, naming `who`.
+    Asked { name: String, who: Attachment },
     /// A pool entry this ADD sent (it may or may not have landed).
     PoolEntry {
         pool: String,
@@ -158,6 +161,13 @@ impl UndoLog {
     pub fn forget_reservation(&self, held: &Held) {
         self.0
             .retain(|s| !matches!(s, Step::Reservation { held: h, .. } if h == held));
+    }
+
+    /// Forgets the asking for reservation `name`: its create was answered, and what it came to
+    /// is in the log if it is ours.
+    pub fn answered(&self, name: &str) {
+        self.0
+            .retain(|s| !matches!(s, Step::Asked { name: n, .. } if n == name));
     }
 
     pub fn take(&self) -> Vec<Step> {
