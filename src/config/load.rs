@@ -125,7 +125,30 @@ pub(super) fn load_inner(
     cfg.go_peers = go_peers;
     cfg.trust = trust;
     cfg.warnings = warnings;
+    if cfg.node_slice_size.is_some() {
+        cfg.warnings.extend(slice_keys_from_flat_file(&from_flat));
+    }
     Ok(cfg)
+}
+
+/// What the node-slice controller reads from a NetworkAttachmentDefinition to make its
+/// NodeSlicePool; it reads no flat file (the file is a node's, the controller runs anywhere).
+const SLICE_KEYS: [&str; 4] = ["node_slice_size", "network_name", "range", "ipranges"];
+
+/// A warning for each of [`SLICE_KEYS`] the flat file set: the plugin then looks for a slice
+/// the controller does not make (another name, another range, or none at all), and its ADDs
+/// fail with "assigns no slice"; this says why.
+fn slice_keys_from_flat_file(from_flat: &[String]) -> impl Iterator<Item = String> + '_ {
+    from_flat
+        .iter()
+        .filter(|key| SLICE_KEYS.contains(&key.as_str()))
+        .map(|key| {
+            format!(
+                "ipam.{key} comes from the flat file, but the node-slice controller reads only \
+                 the NetworkAttachmentDefinition: set it there, or this node looks for a slice \
+                 the controller does not make"
+            )
+        })
 }
 
 /// `err`, with its values hidden when it names a field the flat file filled, or shows one of

@@ -293,6 +293,31 @@ fn untrusted(
     (dir, load)
 }
 
+/// The node-slice controller makes a NodeSlicePool from the NetworkAttachmentDefinition alone:
+/// a slice key the flat file sets is warned about, naming the key.
+#[test]
+fn slice_keys_from_the_flat_file_are_warned_about() {
+    let (_dir, sliced) = untrusted(json!({"network_name": "blue", "node_slice_size": "/28"}));
+    let cfg = sliced(json!({})).unwrap();
+    assert_eq!(cfg.warnings.len(), 2, "{:?}", cfg.warnings);
+    assert!(
+        cfg.warnings[0].contains("ipam.network_name"),
+        "{:?}",
+        cfg.warnings
+    );
+    assert!(
+        cfg.warnings[1].contains("ipam.node_slice_size"),
+        "{:?}",
+        cfg.warnings
+    );
+    // Set in the network configuration, the flat file's network name alone is warned about;
+    // without node slices, nothing is.
+    let cfg = sliced(json!({"node_slice_size": "/28"})).unwrap();
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    let (_dir, named) = untrusted(json!({"network_name": "blue"}));
+    assert_eq!(named(json!({})).unwrap().warnings.len(), 0);
+}
+
 #[test]
 fn a_network_configuration_names_paths_only_inside_allowed_folders() {
     let allowed = tempfile::tempdir().unwrap();
