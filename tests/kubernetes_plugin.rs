@@ -321,6 +321,68 @@ fn a_repeated_add_never_hands_on_an_address_another_holds_the_reservation_of() {
     assert_eq!(pool["spec"]["allocations"], json!({}), "{pool}");
 }
 
+/// A pod's new sandbox keeps the pod's address (a StatefulSet's pod re-created under its name):
+/// its reservation is the new container's from then on, so the old sandbox's late DEL leaves it,
+/// and the new sandbox's DEL frees it.
+#[test]
+fn a_pods_new_sandbox_takes_its_reservation_over() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-pods-new-sandbox-takes-over");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let conf = netconf("web", &ipam("10.96.0.0/28", &kubeconfig, json!({})));
+    assert_eq!(
+        run(bin(), &call("ADD", "w-1", "w"), &conf).ips(),
+        ["10.96.0.1"]
+    );
+    let again = run(bin(), &call("ADD", "w-2", "w"), &conf);
+    assert_eq!(again.ips(), ["10.96.0.1"], "{again:?}");
+    let reservation = ns.get(RESERVATIONS, "10.96.0.1").unwrap();
+    assert_eq!(reservation["spec"]["containerid"], "w-2", "{reservation}");
+    assert_eq!(run(bin(), &call("DEL", "w-1", "w"), &conf).code, 0);
+    assert!(ns.get(RESERVATIONS, "10.96.0.1").is_some());
+    assert_eq!(run(bin(), &call("DEL", "w-2", "w"), &conf).code, 0);
+    assert!(ns.get(RESERVATIONS, "10.96.0.1").is_none());
+    let pool = ns.get("ippools", "10.96.0.0-28").unwrap();
+    assert_eq!(pool["spec"]["allocations"], json!({}), "{pool}");
+}
+
+/// The old sandbox's DEL has removed its entry and is deleting the reservation when the pod's
+/// new sandbox takes the same address: the new sandbox keeps the reservation (taking it over
+/// changes it, and the old DEL's delete, conditional on the version it read, is refused). On
+/// the fake API server, whose gate holds the old DEL's delete until the new ADD is done.
+#[test]
+fn a_release_of_the_old_sandbox_leaves_the_reservation_its_new_sandbox_took() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf = netconf("taken", &ipam("10.105.0.0/28", &kubeconfig, json!({})));
+    assert_eq!(
+        run(bin(), &call("ADD", "w-1", "w"), &conf).ips(),
+        ["10.105.0.1"]
+    );
+    server.close_gate("DELETE", RESERVATIONS);
+    let (old_del, new_add) = std::thread::scope(|s| {
+        let old_del = s.spawn(|| run(bin(), &call("DEL", "w-1", "w"), &conf));
+        while server.waiting_at_gate() == 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let new_add = run(bin(), &call("ADD", "w-2", "w"), &conf);
+        server.open_gate();
+        (old_del.join().unwrap(), new_add)
+    });
+    assert_eq!(old_del.code, 0, "{old_del:?}");
+    assert_eq!(new_add.ips(), ["10.105.0.1"], "{new_add:?}");
+    let reservation = server.get(RESERVATIONS, NS, "10.105.0.1");
+    let holder = reservation.map(|r| r["spec"]["containerid"].clone());
+    assert_eq!(holder, Some(json!("w-2")));
+    assert_consistent(
+        &server.list("ippools", NS),
+        &server.list(RESERVATIONS, NS),
+        "",
+    );
+}
+
 /// An old reservation without an interface name (upstream's before interface names) is not
 /// taken for this ADD's own: the pod's other interface holds the address through it.
 #[test]

@@ -158,8 +158,14 @@ impl<'a> Scenario<'a> {
             node,
             env,
         };
-        let reply = cni::run(bin(), &call, conf);
+        self.answered(&call, conf)
+    }
+
+    /// The reply to `call`, if it succeeded.
+    fn answered(&self, call: &Call, conf: &str) -> Result<Reply, Stop> {
+        let reply = cni::run(bin(), call, conf);
         if reply.code != 0 {
+            let (command, container) = (call.command, call.container);
             return Err(Stop::Cni(format!("{command} {container}: {reply:?}")));
         }
         Ok(reply)
@@ -185,7 +191,8 @@ impl<'a> Scenario<'a> {
     }
 
     /// STATUS, ADD, CHECK, DEL and a GC, which in a pool shared by all nodes asks where the
-    /// pod of an unlisted attachment runs (pod `b` does not exist: its address is freed).
+    /// pod of an unlisted attachment runs (pod `b` does not exist: its address is freed). Pod
+    /// `a`'s new sandbox takes its address and reservation over (an update).
     fn plugin_calls(&self) -> Result<(), Stop> {
         let network = format!("{}-plain", self.id);
         let conf = self.netconf(&network, "10.201.0.0/24", json!({}));
@@ -194,13 +201,22 @@ impl<'a> Scenario<'a> {
         self.cni("ADD", "a", Some(&node), &conf)?;
         self.cni("ADD", "b", Some(&node), &conf)?;
         self.cni("CHECK", "a", None, &conf)?;
+        let new_sandbox = Call {
+            command: "ADD",
+            container: "a-2",
+            ifname: "net1",
+            pod: Some((&self.ns.name, "a")),
+            node: Some(&node),
+            env: vec![("WHEREABOUTS_KUBERNETES_TIMEOUT", "2".into())],
+        };
+        self.answered(&new_sandbox, &conf)?;
         self.cni(
             "GC",
             "",
             Some(&node),
-            &with_valid_attachments(&conf, &["a"]),
+            &with_valid_attachments(&conf, &["a-2"]),
         )?;
-        self.cni("DEL", "a", None, &conf)?;
+        self.cni("DEL", "a-2", None, &conf)?;
         self.assert_empty(&format!("{network}-10.201.0.0-24"));
         Ok(())
     }

@@ -1147,17 +1147,40 @@ impl Engine {
             return Ok(Some(taken));
         }
         Ok(match self.kube.get_reservation(name).await? {
-            // Left by an earlier attempt of this same attachment: adopt it. Ours always name
-            // the interface; an old one without (upstream's before interface names) is the
-            // pod's other interface's as likely, and stays its holder's.
+            // Left by an earlier attempt of this same attachment, or by the pod's sandbox
+            // before: adopt it. Ours always name the interface; an old one without (upstream's
+            // before interface names) is the pod's other interface's as likely, and stays its
+            // holder's.
             Some(found) if found.spec.ifname == who.ifname && reservation::held_by(&found, who) => {
-                let held = Held::of(&found);
+                let Some(adopted) = self.take_over(found, who).await? else {
+                    return Ok(None);
+                };
+                let held = Held::of(&adopted);
                 claim.undo.push(Step::Reservation { held: held.clone() });
                 Some(Reserve::Ours(held))
             }
             Some(found) => Some(taken_by(&found, name, claim.pool_rv)),
             None => None,
         })
+    }
+
+    /// `found`, held by `who`'s own container from now on: the other sandbox's release (its DEL,
+    /// or the cleanup of its entry) then leaves it alone, and a release that read it before is
+    /// refused by its resourceVersion. `None` when it changed or went away meanwhile.
+    async fn take_over(
+        &self,
+        found: OverlappingRangeIPReservation,
+        who: &Attachment,
+    ) -> Result<Option<OverlappingRangeIPReservation>, StoreError> {
+        if found.spec.containerid == who.container_id {
+            return Ok(Some(found));
+        }
+        let update = reservation::taken_over(&found, who);
+        match self.kube.replace_reservation(&update).await {
+            Ok(updated) => Ok(Some(updated)),
+            Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => Ok(None),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// After a create found `name` taken: the agent's watched copy names the holder without a
@@ -1175,8 +1198,9 @@ impl Engine {
         (!reservation::held_by(&found, who)).then(|| taken_by(&found, name, pool_rv))
     }
 
-    /// A repeated ADD keeps its reservation: re-create it if it is missing. Returns who else
-    /// holds it, if another attachment does.
+    /// A repeated ADD keeps its reservation: re-create it if it is missing, take it over from
+    /// the pod's sandbox before (as its pool entry was). Returns who else holds it, if another
+    /// attachment does.
     async fn ensure_reservation(
         &self,
         ip: IpAddr,
@@ -1184,20 +1208,27 @@ impl Engine {
         network_name: &str,
     ) -> Result<Option<String>, StoreError> {
         let name = reservation::name(ip, network_name);
-        match self
-            .kube
-            .create_reservation(&reservation::new_object(&name, who))
-            .await
-        {
-            Ok(_) => Ok(None),
-            Err(ApiError::AlreadyExists(_)) => {
-                // Gone again since: the next repeated ADD re-creates it.
-                let found = self.kube.get_reservation(&name).await?;
-                let other = found.filter(|r| !reservation::held_by(r, who));
-                Ok(other.map(|r| reservation::holder(&r).describe()))
+        let object = reservation::new_object(&name, who);
+        // Each turn loses only to a change made meanwhile.
+        for _ in 0..3 {
+            match self.kube.create_reservation(&object).await {
+                Ok(_) => return Ok(None),
+                Err(ApiError::AlreadyExists(_)) => {}
+                Err(err) => return Err(err.into()),
             }
-            Err(err) => Err(err.into()),
+            let Some(found) = self.kube.get_reservation(&name).await? else {
+                continue;
+            };
+            if !reservation::held_by(&found, who) {
+                return Ok(Some(reservation::holder(&found).describe()));
+            }
+            if self.take_over(found, who).await?.is_some() {
+                return Ok(None);
+            }
         }
+        Err(StoreError::try_again(format!(
+            "reservation {name} keeps changing"
+        )))
     }
 
     async fn drop_reservation(&self, held: &Held, undo: &UndoLog) -> Result<(), StoreError> {

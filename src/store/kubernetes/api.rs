@@ -363,6 +363,18 @@ impl Kube {
         created.await.map_err(refused_create)
     }
 
+    /// Replaces the reservation only if its resourceVersion is still the one in `reservation`.
+    pub async fn replace_reservation(
+        &self,
+        reservation: &OverlappingRangeIPReservation,
+    ) -> Result<OverlappingRangeIPReservation, ApiError> {
+        let name = reservation.metadata.name.as_deref().unwrap_or_default();
+        let what = format!("update OverlappingRangeIPReservation {name}");
+        let pp = PostParams::default();
+        self.call(&what, || self.reservations.replace(name, &pp, reservation))
+            .await
+    }
+
     /// Deletes the reservation only if it is still the object read (same uid and version), so a
     /// reservation re-created by someone else in between is never removed. Gone already is fine.
     pub async fn delete_reservation(

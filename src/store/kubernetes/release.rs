@@ -63,6 +63,10 @@ impl Engine {
                 format!("the API server refused a removal from the unchanged IPPool {name}")
             })?;
             let entries = doc.entries();
+            // A refused write's entry counts as removed only if its address is free now: held
+            // again, by the pod's new sandbox (its entry taken over, not removed) or by anyone,
+            // its reservation is the holder's.
+            sent.retain(|gone| !entries.iter().any(|e| e.key == gone.key));
             let mut picked: Vec<Entry> = entries
                 .iter()
                 .filter(|e| pick(e, &entries))
@@ -199,7 +203,7 @@ impl Engine {
                     }
                 }
             };
-            if !reservation::held_by(&found, who) {
+            if !reservation::released_with(&found, who) {
                 if from_copy {
                     continue;
                 }

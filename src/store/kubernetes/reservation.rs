@@ -41,6 +41,30 @@ pub fn held_by(reservation: &OverlappingRangeIPReservation, who: &Attachment) ->
     same_pod || same_container
 }
 
+/// Whether releasing the address of `who` deletes the reservation: it names `who`'s container
+/// (or, naming none, as upstream's oldest do not, `who`'s pod) and interface. A reservation of
+/// the same pod's other container is that sandbox's: a pod re-created under its name took it
+/// over, and releasing the old sandbox's address must not take it away.
+pub fn released_with(reservation: &OverlappingRangeIPReservation, who: &Attachment) -> bool {
+    let spec = &reservation.spec;
+    if spec.containerid.is_empty() {
+        held_by(reservation, who)
+    } else {
+        spec.containerid == who.container_id
+            && (spec.ifname.is_empty() || spec.ifname == who.ifname)
+    }
+}
+
+/// `found`, held by `who` from now on (its container, pod and interface).
+pub fn taken_over(
+    found: &OverlappingRangeIPReservation,
+    who: &Attachment,
+) -> OverlappingRangeIPReservation {
+    let mut object = new_object(found.metadata.name.as_deref().unwrap_or_default(), who);
+    object.metadata.resource_version = found.metadata.resource_version.clone();
+    object
+}
+
 /// Whether reservation `name` is one of `ip` (in whichever network: the name ends with the
 /// address as reservation names write it).
 pub fn names_address(name: &str, ip: IpAddr) -> bool {
@@ -95,6 +119,10 @@ mod tests {
         assert!(held_by(&r, &who("c2", Some("ns/a"), "net1")));
         assert!(!held_by(&r, &who("c1", Some("ns/a"), "net2")));
         assert!(!held_by(&r, &who("c3", Some("ns/b"), "net1")));
+        // Released only with its own container; the pod's other sandbox holds it otherwise.
+        assert!(released_with(&r, &who("c1", Some("ns/a"), "net1")));
+        assert!(!released_with(&r, &who("c2", Some("ns/a"), "net1")));
+        assert!(!released_with(&r, &who("c1", Some("ns/a"), "net2")));
         assert_eq!(name("2001::".parse().unwrap(), ""), "2001--0");
         assert_eq!(name("::".parse().unwrap(), ""), "0--0");
     }
