@@ -494,6 +494,34 @@ fn helm_lints_the_chart() {
     }
 }
 
+/// A CNI configuration folder the plugin does not read its flat file under is refused: the
+/// plugin would fall back to a database of each node's own, and nodes would hand out each
+/// other's addresses.
+#[test]
+fn the_chart_refuses_a_conf_dir_the_plugin_does_not_read() {
+    let Some(helm) = tools::helm() else {
+        return;
+    };
+    let chart = chart_dir().to_string_lossy().into_owned();
+    let out = Command::new(helm)
+        .args([
+            "template",
+            "whereabouts",
+            &chart,
+            "--namespace",
+            "kube-system",
+        ])
+        .args([
+            "--set",
+            "cniConf.confDir=/var/lib/rancher/k3s/agent/etc/cni/net.d",
+        ])
+        .output()
+        .expect("run helm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cniConf.confDir"), "{stderr}");
+}
+
 // ---------------------------------------------------------------- manifests and chart
 
 fn kinds(objects: &[Value]) -> Vec<(String, String)> {

@@ -227,6 +227,15 @@ fn missing_or_bad_input_is_an_error_not_a_panic() {
     assert!(Settings::from_args(&host.args(&["--kubernetes-service-port=http"])).is_err());
     assert!(Settings::from_args(&host.args(&["--log-level=loud"])).is_err());
     assert!(Settings::from_args(&host.args(&["--host-cni-conf-dir=etc/cni"])).is_err());
+    // A folder the plugin does not read its flat file under (the plugin would fall back to a
+    // database of each node's own).
+    let k3s = "--host-cni-conf-dir=/var/lib/rancher/k3s/agent/etc/cni/net.d";
+    let err = Settings::from_args(&host.args(&[k3s])).unwrap_err();
+    assert!(err.to_string().contains("HOST_CNI_CONF_DIR"), "{err}");
+    assert!(
+        Settings::from_args(&host.args(&["--host-cni-conf-dir=/etc/kubernetes/cni/net.d/"]))
+            .is_ok()
+    );
 
     fs::write(host.sa().join("token"), "\n").unwrap();
     let err = install::install_once(&host.settings(&[])).unwrap_err();

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::config::trust::INSTALLER_DIRS;
 use crate::k8s::cluster;
 
 /// The host's `/opt/cni/bin`, as the DaemonSet mounts it.
@@ -183,6 +184,24 @@ pub struct Settings {
     pub agent: bool,
 }
 
+/// The plugin reads its flat file from fixed folders only. Written anywhere else it is never
+/// read: the plugin then keeps addresses in a database of its node's own, and nodes hand out
+/// each other's addresses.
+fn plugin_reads_flat_file_in(host_cni_conf_dir: &Path) -> Result<(), InstallError> {
+    let flat_dir = host_cni_conf_dir.join(WHEREABOUTS_D);
+    if INSTALLER_DIRS.iter().any(|dir| Path::new(dir) == flat_dir) {
+        return Ok(());
+    }
+    Err(InstallError::Invalid(format!(
+        "host CNI configuration directory {} (HOST_CNI_CONF_DIR, the chart's cniConf.confDir): \
+         the plugin reads its flat file only from {}, so each node would keep addresses in its \
+         own database; mount /etc/cni/net.d (the flat file's folder need not be the one the \
+         runtime reads network configurations from)",
+        host_cni_conf_dir.display(),
+        INSTALLER_DIRS.join(", ")
+    )))
+}
+
 impl Settings {
     pub fn from_args(args: &InstallArgs) -> Result<Self, InstallError> {
         let binary_source = match &args.cni_bin_src {
@@ -200,6 +219,7 @@ impl Settings {
                 host_cni_conf_dir.display()
             )));
         }
+        plugin_reads_flat_file_in(&host_cni_conf_dir)?;
         let server = kubeconfig::server_url(
             args.kubernetes_service_host.as_deref().unwrap_or(""),
             args.kubernetes_service_port.as_deref().unwrap_or("443"),
