@@ -334,6 +334,25 @@ fn del_and_check(open: Opener) {
     assert_eq!(store.add(&add(&p, who("c2", "b"))).unwrap(), got);
 }
 
+/// A release of one address while its holder holds it (an operator's `release`, the cleanup's
+/// verdict on one allocation) frees that address only: the holder's address in its other range
+/// (dual stack) stays. Named with another holder, nothing goes.
+fn release_while_held_frees_one_address(open: Opener) {
+    let store = open("releaseone");
+    let p = [pool("10.21.0.0/24"), pool("fd21::/120")];
+    let got = store.add(&add(&p, who("c1", "a"))).unwrap();
+    let listed = store.allocations(None).unwrap();
+    let v4 = listed.iter().find(|a| a.ip == got[0]).unwrap();
+    let new_sandbox = who("c2", "a");
+    let refused = store.release(&v4.pool, v4.ip, Some(&new_sandbox)).unwrap();
+    assert_eq!(refused, None);
+    let released = store
+        .release(&v4.pool, v4.ip, Some(&v4.attachment))
+        .unwrap();
+    assert_eq!(released.map(|r| r.ip), Some(got[0]));
+    assert_eq!(held(&*store, &p, "c1"), [got[1]]);
+}
+
 fn del_releases_unconfigured_ranges(open: Opener) {
     let store = open("delall");
     let before = [pool("10.17.0.0/24"), pool("10.18.0.0/24")];
@@ -423,6 +442,10 @@ const BEHAVIOURS: &[Behaviour] = &[
     ),
     ("exhaustion", exhaustion),
     ("del_and_check", del_and_check),
+    (
+        "release_while_held_frees_one_address",
+        release_while_held_frees_one_address,
+    ),
     (
         "del_releases_unconfigured_ranges",
         del_releases_unconfigured_ranges,

@@ -174,7 +174,10 @@ fn store_semantics_on_a_real_cluster() {
     assert_eq!(store.allocations(Some(&p6.name)).unwrap().len(), before);
 
     // Release one address by hand (the CLI), then it is the lowest free again.
-    let released = store.release(&p4.name, ip("10.0.0.2")).unwrap().unwrap();
+    let released = store
+        .release(&p4.name, ip("10.0.0.2"), None)
+        .unwrap()
+        .unwrap();
     assert_eq!(released.attachment.container_id, "c2");
     let c7 = store
         .add(&add_req(who("c7", None), std::slice::from_ref(&p4), ""))

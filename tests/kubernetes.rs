@@ -264,7 +264,7 @@ fn gc_of_a_shared_pool_frees_only_gone_pods_entries() {
     assert_eq!(ns.list("overlappingrangeipreservations").len(), 5);
     // The store's release by address, whoever holds it (an entry that records no container).
     let listed = store.check(&del_request(&cfg, "listed", "net1")).unwrap();
-    let released = store.release("10.6.0.0-24", listed[0].ip).unwrap();
+    let released = store.release("10.6.0.0-24", listed[0].ip, None).unwrap();
     assert!(released.is_some());
     assert_eq!(ns.list("overlappingrangeipreservations").len(), 4);
 }

@@ -443,11 +443,14 @@ fn release_and_leases_for_the_cli() {
     add1(&*store, &p, "a");
     add1(&*store, &p, "b");
     assert_eq!(store.allocations(Some("nope")).unwrap().len(), 0);
-    let gone = store.release(&p.name, ip("10.11.0.1")).unwrap().unwrap();
+    let gone = store
+        .release(&p.name, ip("10.11.0.1"), None)
+        .unwrap()
+        .unwrap();
     assert_eq!(gone.attachment.container_id, "a");
-    assert_eq!(store.release(&p.name, ip("10.11.0.1")).unwrap(), None);
-    assert_eq!(store.release(&p.name, ip("10.99.0.1")).unwrap(), None);
-    assert_eq!(store.release("nope", ip("10.11.0.2")).unwrap(), None);
+    assert_eq!(store.release(&p.name, ip("10.11.0.1"), None).unwrap(), None);
+    assert_eq!(store.release(&p.name, ip("10.99.0.1"), None).unwrap(), None);
+    assert_eq!(store.release("nope", ip("10.11.0.2"), None).unwrap(), None);
     assert_eq!(add1(&*store, &p, "c"), ip("10.11.0.1"));
 }
 

@@ -4,8 +4,7 @@
 use std::collections::HashMap;
 
 use super::judge::{judge, PodState, Verdict};
-use crate::ipam::{Range, RangeSpec};
-use crate::store::{Allocation, AttachmentRequest, Hints, PoolRef, Store, StoreError};
+use crate::store::{Allocation, Store, StoreError};
 
 /// One allocation and what cleanup decides about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,42 +36,21 @@ pub fn plan(allocations: Vec<Allocation>, pods: &HashMap<String, PodState>) -> V
         .collect()
 }
 
-/// Frees one allocation *only while the attachment judged still holds it*: a DEL of that container
-/// and interface in that pool. Between the decision and this write the runtime's own DEL may
-/// have freed the address and another pod taken it; an unconditional release would then take
-/// the new pod's address away.
+/// Frees one allocation *only while the attachment judged still holds it*: that container and
+/// interface, in that pool, at that address. Between the decision and this write the runtime's
+/// own DEL may have freed the address and another pod taken it; an unconditional release would
+/// then take the new pod's address away. The attachment's other addresses (another range of a
+/// dual-stack network) are judged and freed on their own: a release asked for one address must
+/// not free another a live pod still uses.
 pub fn release_if_held(
     store: &dyn Store,
     allocation: &Allocation,
-) -> Result<Vec<Allocation>, StoreError> {
-    let spec = RangeSpec {
-        cidr: allocation.range.network(),
-        start: None,
-        end: None,
-        exclude: Vec::new(),
-    };
-    let range = Range::resolve(&spec, None).map_err(|e| {
-        StoreError::config(format!("pool {} has an unusable range", allocation.pool)).because(e)
-    })?;
-    let request = AttachmentRequest {
-        cni_network: allocation.cni_network.clone().unwrap_or_default(),
-        network_name: allocation.network_name.clone(),
-        container_id: allocation.attachment.container_id.clone(),
-        ifname: allocation.attachment.ifname.clone(),
-        pools: vec![PoolRef {
-            name: allocation.pool.clone(),
-            spec,
-            gateway: None,
-            range,
-        }],
-        // The pool is named exactly: no node's slice to resolve.
-        node_slice_size: None,
-        hints: Hints {
-            pod_ref: allocation.attachment.pod_ref.clone(),
-            ips: vec![allocation.ip],
-        },
-    };
-    store.del(&request)
+) -> Result<Option<Allocation>, StoreError> {
+    store.release(
+        &allocation.pool,
+        allocation.ip,
+        Some(&allocation.attachment),
+    )
 }
 
 #[cfg(test)]

@@ -88,7 +88,7 @@ pub fn rows(args: &GcArgs, store: &dyn Store, cfg: &IpamConfig) -> anyhow::Resul
                 e.describe()
             )
         })?;
-        let action = if released.is_empty() {
+        let action = if released.is_none() {
             "already gone"
         } else {
             "released"

@@ -61,19 +61,11 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
 
 /// Frees `allocation` only while the attachment judged still holds it: between the look-up and
 /// this write (a pod read with retries: seconds) the runtime's DEL may have freed the address
-/// and another pod taken it, whose address a release by address alone would take away. An
-/// entry that names no container has nothing else to hold it by.
+/// and another pod taken it, whose address a release by address alone would take away.
 fn release_judged(store: &dyn Store, allocation: &Allocation) -> anyhow::Result<Allocation> {
     let (ip, pool) = (allocation.ip, &allocation.pool);
     let cannot = |e: StoreError| anyhow::anyhow!("cannot release {ip} in {pool}: {}", e.describe());
-    let released = if allocation.attachment.container_id.is_empty() {
-        store.release(pool, ip).map_err(cannot)?
-    } else {
-        release_if_held(store, allocation)
-            .map_err(cannot)?
-            .into_iter()
-            .find(|freed| freed.ip == ip && freed.pool == *pool)
-    };
+    let released = release_if_held(store, allocation).map_err(cannot)?;
     released.ok_or_else(|| {
         anyhow::anyhow!("{ip} in pool {pool} was freed meanwhile, or is held by another pod now")
     })
@@ -163,18 +155,26 @@ mod tests {
     use crate::store::{AddRequest, Attachment, PoolRef, RangeRequest};
 
     fn add(store: &dyn Store, container: &str, pod: &str) -> IpAddr {
+        add_in(store, &["10.9.0.0/29"], container, pod)[0]
+    }
+
+    fn pool(range: &str) -> PoolRef {
         let spec = RangeSpec {
-            cidr: Cidr::parse("10.9.0.0/29", false).unwrap(),
+            cidr: Cidr::parse(range, false).unwrap(),
             start: None,
             end: None,
             exclude: Vec::new(),
         };
-        let pool = PoolRef {
+        PoolRef {
             name: pool_name(&spec.cidr, "", None),
             range: Range::resolve(&spec, None).unwrap(),
             spec,
             gateway: None,
-        };
+        }
+    }
+
+    /// An ADD of one address in each of `ranges`.
+    fn add_in(store: &dyn Store, ranges: &[&str], container: &str, pod: &str) -> Vec<IpAddr> {
         let req = AddRequest {
             cni_network: "net".into(),
             network_name: String::new(),
@@ -185,15 +185,18 @@ mod tests {
                 pod_ref: Some(pod.into()),
                 pod_uid: None,
             },
-            ranges: vec![RangeRequest {
-                pool,
-                requested: None,
-            }],
+            ranges: ranges
+                .iter()
+                .map(|range| RangeRequest {
+                    pool: pool(range),
+                    requested: None,
+                })
+                .collect(),
             node_slice_size: None,
             sleep_for_race: 0,
             node: None,
         };
-        store.add(&req).unwrap()[0]
+        store.add(&req).unwrap()
     }
 
     #[test]
@@ -203,7 +206,7 @@ mod tests {
         let ip = add(store.as_ref(), "old", "ns/old");
         let judged = held(store.as_ref(), None, ip).unwrap();
         // Meanwhile the old pod's DEL frees the address and a new pod takes it.
-        store.release(&judged.pool, ip).unwrap();
+        store.release(&judged.pool, ip, None).unwrap();
         assert_eq!(add(store.as_ref(), "new", "ns/new"), ip);
         let msg = release_judged(store.as_ref(), &judged)
             .unwrap_err()
@@ -214,5 +217,18 @@ mod tests {
         // Still held by the one judged, it goes.
         assert_eq!(release_judged(store.as_ref(), &now).unwrap().ip, ip);
         assert!(held(store.as_ref(), None, ip).is_err());
+    }
+
+    /// A dual-stack pod's IPv4 address released by hand: its IPv6 address stays (the pod still
+    /// uses it, and it would be handed out again).
+    #[test]
+    fn a_release_frees_only_the_address_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::local::open(&dir.path().join("db")).unwrap();
+        let got = add_in(store.as_ref(), &["10.9.0.0/29", "fd09::/125"], "c", "ns/p");
+        let judged = held(store.as_ref(), None, got[0]).unwrap();
+        assert_eq!(release_judged(store.as_ref(), &judged).unwrap().ip, got[0]);
+        let left = held(store.as_ref(), None, got[1]).unwrap();
+        assert_eq!(left.attachment.container_id, "c");
     }
 }

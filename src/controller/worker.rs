@@ -237,21 +237,18 @@ impl Worker {
             return false;
         }
         match release_if_held(self.store.as_ref(), allocation) {
-            Ok(released) if !released.is_empty() => {
-                self.metrics
-                    .released(reason.as_str(), released.len() as u64);
-                for r in &released {
-                    tracing::info!(ip = %r.ip, pool = %r.pool, pod = ?r.attachment.pod_ref, %verdict, "released");
-                    self.post_event(&Released {
-                        allocation: r,
-                        pod_uid: uid.clone().or_else(|| r.attachment.pod_uid.clone()),
-                        verdict,
-                    });
-                }
+            Ok(Some(r)) => {
+                self.metrics.released(reason.as_str(), 1);
+                tracing::info!(ip = %r.ip, pool = %r.pool, pod = ?r.attachment.pod_ref, %verdict, "released");
+                self.post_event(&Released {
+                    allocation: &r,
+                    pod_uid: uid.or_else(|| r.attachment.pod_uid.clone()),
+                    verdict,
+                });
                 true
             }
             // Its runtime's DEL came first: nothing left to free.
-            Ok(_) => false,
+            Ok(None) => false,
             Err(err) => {
                 self.metrics.error("release");
                 tracing::warn!(err = %err.describe(), ip = %allocation.ip, pool = %allocation.pool, "cannot release");

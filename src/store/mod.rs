@@ -85,6 +85,12 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// Whether `other` is this very attachment: the same container and interface (what a DEL
+    /// names).
+    pub fn same_attachment(&self, other: &Attachment) -> bool {
+        self.container_id == other.container_id && self.ifname == other.ifname
+    }
+
     /// Whether `other` is the same attachment for idempotent ADD: same pod and interface when
     /// the pod is known (the container ID changes when a kubelet restarts a sandbox), otherwise
     /// same container and interface.
@@ -255,8 +261,14 @@ pub trait Store {
     /// Every allocation, or those of one pool.
     fn allocations(&self, pool: Option<&str>) -> Result<Vec<Allocation>, StoreError>;
 
-    /// Releases one address of one pool, whoever holds it; returns what was released.
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError>;
+    /// Releases one address of one pool: whoever holds it, or only while `holder` (its
+    /// container and interface) does. Returns what was released.
+    fn release(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        holder: Option<&Attachment>,
+    ) -> Result<Option<Allocation>, StoreError>;
 
     /// Makes free again the addresses released but still held back from searches (etcd's freed
     /// marks, which a later fold cuts out of their runs); how many. The controller's reconcile

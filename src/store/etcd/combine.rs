@@ -40,7 +40,8 @@ use super::window::{self, Window};
 use super::EtcdStore;
 use crate::store::queues::{drop_abandoned, dropped, Observer, Queues, Serving};
 use crate::store::{
-    AddRequest, Allocation, AttachmentRequest, GcRequest, RangeRequest, Store, StoreError,
+    AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, RangeRequest, Store,
+    StoreError,
 };
 
 /// How long a batch waits for the copy to show the agent's own latest change to the runs before
@@ -239,8 +240,13 @@ impl Store for Combining {
         self.inner.store.allocations(pool)
     }
 
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
-        self.inner.store.release(pool, ip)
+    fn release(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        holder: Option<&Attachment>,
+    ) -> Result<Option<Allocation>, StoreError> {
+        self.inner.store.release(pool, ip, holder)
     }
 
     fn free_released(&self) -> Result<usize, StoreError> {

@@ -30,7 +30,9 @@ pub use keys::DEFAULT_PREFIX;
 use crate::config::{EtcdConfig, IpamConfig};
 use crate::store::queues::Observer;
 use crate::store::retry::Backoff;
-use crate::store::{AddRequest, Allocation, AttachmentRequest, GcRequest, Store, StoreError};
+use crate::store::{
+    AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, Store, StoreError,
+};
 use session::{Deadline, Scanned, Session, MAX_TXN_OPS};
 
 /// Connects to the etcd cluster with the default timeouts (the deadline may be overridden by
@@ -207,8 +209,13 @@ impl Store for EtcdStore {
         release::allocations(&self.session, pool)
     }
 
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
-        release::release(&self.session, &self.backoff, pool, ip)
+    fn release(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        holder: Option<&Attachment>,
+    ) -> Result<Option<Allocation>, StoreError> {
+        release::release(&self.session, &self.backoff, (pool, ip), holder)
     }
 
     fn free_released(&self) -> Result<usize, StoreError> {

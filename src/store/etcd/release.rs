@@ -17,7 +17,7 @@ use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::ReadRun;
 use super::session::{floor_get, key_get, revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use crate::store::retry::Backoff;
-use crate::store::{Allocation, AttachmentRequest, GcRequest, Hints, StoreError};
+use crate::store::{Allocation, Attachment, AttachmentRequest, GcRequest, Hints, StoreError};
 
 /// Releases `offset` of `pool` if its record satisfies `belongs`, starting from what is
 /// `known`; the released allocation, or `None` when there was nothing (left) to release.
@@ -667,8 +667,8 @@ pub fn allocations(s: &Session, pool: Option<&str>) -> Result<Vec<Allocation>, S
 pub fn release(
     s: &Session,
     backoff: &Backoff,
-    pool: &str,
-    ip: IpAddr,
+    (pool, ip): (&str, IpAddr),
+    holder: Option<&Attachment>,
 ) -> Result<Option<Allocation>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
     // Any record of the pool names its range, which turns the address into an offset.
@@ -694,7 +694,11 @@ pub fn release(
         backoff,
         &dl,
         (pool, offset),
-        &|r| r.ip == ip,
+        &|r| {
+            let held =
+                |who: &Attachment| who.container_id == r.container_id && who.ifname == r.ifname;
+            r.ip == ip && holder.is_none_or(held)
+        },
         Known::Likely(Vec::new()),
     )
 }

@@ -30,7 +30,8 @@ use tokio::runtime::Runtime;
 use crate::config::{IpamConfig, KubernetesConfig};
 use crate::k8s::cluster::{self, in_pod, operator_access, Access};
 use crate::store::{
-    AddRequest, Allocation, AttachmentRequest, GcRequest, Reservation, Store, StoreError,
+    AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, Reservation, Store,
+    StoreError,
 };
 
 pub use crate::store::queues::Observer;
@@ -299,8 +300,14 @@ impl SharedEngine {
         self.run("list", self.engine.allocations(pool)).await
     }
 
-    pub async fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
-        self.run("release", self.engine.release(pool, ip)).await
+    pub async fn release(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        holder: Option<&Attachment>,
+    ) -> Result<Option<Allocation>, StoreError> {
+        self.run("release", self.engine.release(pool, ip, holder))
+            .await
     }
 
     pub async fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
@@ -350,8 +357,13 @@ impl Store for KubernetesStore {
         self.runtime.block_on(self.shared.allocations(pool))
     }
 
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
-        self.runtime.block_on(self.shared.release(pool, ip))
+    fn release(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        holder: Option<&Attachment>,
+    ) -> Result<Option<Allocation>, StoreError> {
+        self.runtime.block_on(self.shared.release(pool, ip, holder))
     }
 
     fn unbacked_reservations(&self) -> Result<Vec<Reservation>, StoreError> {

@@ -729,8 +729,14 @@ impl Engine {
         holders
     }
 
-    /// Releases one address of one pool, whoever holds it, and its reservation.
-    pub async fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
+    /// Releases one address of one pool, whoever holds it or only while `holder` does, and its
+    /// reservation.
+    pub async fn release(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        holder: Option<&Attachment>,
+    ) -> Result<Option<Allocation>, StoreError> {
         let name = object_name(pool);
         let Some(object) = self.kube.get_pool(&name).await? else {
             return Ok(None);
@@ -741,7 +747,10 @@ impl Engine {
                 object.spec.range
             )));
         };
-        let removed = self.remove_entries(&name, cidr, |e, _| e.ip == ip).await?;
+        let held = |e: &Entry| holder.is_none_or(|who| who.same_attachment(&e.attachment));
+        let removed = self
+            .remove_entries(&name, cidr, |e, _| e.ip == ip && held(e))
+            .await?;
         let Some(entry) = removed.into_iter().next() else {
             return Ok(None);
         };

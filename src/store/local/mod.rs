@@ -780,7 +780,12 @@ impl Store for LocalStore {
         })
     }
 
-    fn release(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
+    fn release(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        holder: Option<&Attachment>,
+    ) -> Result<Option<Allocation>, StoreError> {
         self.write(|tx| {
             let Some(row) = pool_row(tx, pool)? else {
                 return Ok(None);
@@ -796,6 +801,9 @@ impl Store for LocalStore {
             let Some(alloc) = held.pop() else {
                 return Ok(None);
             };
+            if holder.is_some_and(|who| !who.same_attachment(&alloc.attachment)) {
+                return Ok(None);
+            }
             delete_allocation(tx, &alloc.pool, alloc.offset)?;
             Ok(Some(alloc.allocation()))
         })
@@ -919,7 +927,9 @@ mod tests {
         store.conn.busy_timeout(Duration::from_millis(50)).unwrap();
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let err = store.release("p", "10.0.0.1".parse().unwrap()).unwrap_err();
+        let err = store
+            .release("p", "10.0.0.1".parse().unwrap(), None)
+            .unwrap_err();
         assert!(matches!(err, StoreError::TryAgain { .. }), "{err}");
         assert!(err.to_string().contains("wb.db"), "{err}");
         // Readers are not blocked by a writer in WAL mode.
@@ -927,7 +937,9 @@ mod tests {
         store.status().unwrap();
         other.execute_batch("ROLLBACK").unwrap();
         assert_eq!(
-            store.release("p", "10.0.0.1".parse().unwrap()).unwrap(),
+            store
+                .release("p", "10.0.0.1".parse().unwrap(), None)
+                .unwrap(),
             None
         );
     }
