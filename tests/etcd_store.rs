@@ -234,6 +234,40 @@ fn store_semantics_on_a_real_cluster() {
 
 /// A pool whose first million addresses are taken costs no more requests than one holding a
 /// single address: the runs cover them in one key.
+/// A record no build can read (edited by hand, a bad restore) does not hold its pod's teardown
+/// for ever: the DEL releases the attachment's other addresses and answers "broken" (the plugin
+/// then succeeds, loudly). The record stays, so its address is not handed out again.
+#[test]
+fn a_del_meeting_an_unreadable_record_releases_the_rest() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, "/unreadable/");
+    let dual = [pool("10.0.0.0/24", ""), pool("fd00::/120", "")];
+    let got = store
+        .add(&add_req(who("c1", Some("ns/a")), &dual, ""))
+        .unwrap();
+    assert_eq!(got, vec![ip("10.0.0.1"), ip("fd00::1")]);
+    let records = cluster.key_values("/unreadable/");
+    let (v4_record, _) = records
+        .iter()
+        .find(|(k, v)| k.contains("/a/") && v.contains("10.0.0.1"))
+        .expect("the IPv4 record");
+    cluster.put(v4_record, "{not json");
+    let err = store.del(&att_req("c1", &dual)).unwrap_err();
+    assert!(matches!(err, StoreError::Broken { .. }), "{err}");
+    assert!(
+        err.describe().contains(v4_record.as_str()),
+        "{}",
+        err.describe()
+    );
+    let next = store
+        .add(&add_req(who("c2", Some("ns/b")), &dual, ""))
+        .unwrap();
+    assert_eq!(next, vec![ip("10.0.0.2"), ip("fd00::1")]);
+}
+
 #[test]
 fn a_million_allocations_do_not_slow_down_the_next() {
     if !etcd_available() {

@@ -47,7 +47,12 @@ impl AllocationRecord {
     }
 
     pub fn from_json(bytes: &[u8]) -> Option<AllocationRecord> {
-        serde_json::from_slice(bytes).ok()
+        Self::parse(bytes).ok()
+    }
+
+    /// As [`Self::from_json`], with what made it unreadable.
+    pub fn parse(bytes: &[u8]) -> Result<AllocationRecord, serde_json::Error> {
+        serde_json::from_slice(bytes)
     }
 
     /// The allocation this record describes; `None` only for a record whose range and address are

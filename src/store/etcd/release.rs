@@ -150,12 +150,16 @@ impl ReleaseRead {
         let Some(kv) = &self.record else {
             return Ok(None);
         };
-        let Some(record) = AllocationRecord::from_json(kv.value()) else {
-            return Err(StoreError::io(format!(
+        // Broken, not failed: every attempt would read the same, and a DEL that fails for
+        // ever holds its pod's teardown. The record stays, so its address is never handed out
+        // again; the doctor reports it.
+        let record = AllocationRecord::parse(kv.value()).map_err(|err| {
+            StoreError::broken(format!(
                 "unreadable allocation record at etcd key {}",
                 keys.allocation(pool, offset)
-            )));
-        };
+            ))
+            .because(err)
+        })?;
         if !belongs(&record) {
             return Ok(None);
         }
@@ -444,17 +448,27 @@ pub(super) fn del_by(
         None => owned(s, dl, req, true)?,
     };
     let mut released = Vec::new();
+    let mut broken = None;
     for (pool, offset) in held {
         let known = match read.remove(&(pool.clone(), offset)) {
             Some(read) => Known::Read(read),
             None => Known::Likely(likely_side_keys(&s.keys, req, &pool, offset)),
         };
         let at = (pool.as_str(), offset);
-        if let Some(allocation) = release_one(s, backoff, dl, at, &owned_by(req), known)? {
-            released.push(allocation);
+        match release_one(s, backoff, dl, at, &owned_by(req), known) {
+            Ok(allocation) => released.extend(allocation),
+            // The attachment's other pools are released all the same; the DEL then says so.
+            Err(err @ StoreError::Broken { .. }) => {
+                tracing::error!(err = %err.describe(), "an allocation of the attachment cannot be released");
+                broken.get_or_insert(err);
+            }
+            Err(err) => return Err(err),
         }
     }
-    Ok(released)
+    match broken {
+        Some(err) => Err(err),
+        None => Ok(released),
+    }
 }
 
 /// Owner index entries a DEL's first read takes at most: one per pool it holds. A DEL holding
