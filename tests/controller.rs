@@ -265,6 +265,44 @@ fn deleted_pod_released_within_seconds_with_an_event() {
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 1.0);
 }
 
+/// Each address released gets its own Event naming it, also the pod's second one released
+/// seconds after the first (a late ADD of the deleted pod on another interface, freed by the
+/// next reconcile): it is not folded into the first's Event (a series keeps the first's note,
+/// and needs a patch the controller may not make).
+#[test]
+fn each_address_released_gets_its_own_event() {
+    let plane = real_cluster!();
+    let every_second = json!({"reconciler_cron_expression": "@every 1s"});
+    let c = Cluster::new(plane, "ctl-two-events", "10.59.0.0/24", every_second);
+    let uid = c.ns.add_pod("d", "Running");
+    let args = common::pod_args_with_uid(&c.pod_ref("d"), &uid);
+    let add = |ifname: &str| bare(&ips(&c.net.call("ADD", "c-d", ifname, &args).ok())[0]);
+    let first = add("net1");
+    let ctl = c.controller(&[]);
+    ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
+    let event_names = |ip: &str| {
+        let events = c.ns.list("events.k8s.io");
+        events.iter().any(|e| {
+            e["reason"] == "AddressReleased" && e["note"].as_str().is_some_and(|m| m.contains(ip))
+        })
+    };
+    assert!(c.ns.delete("pods", "d"));
+    wait_for("the first address's Event", Duration::from_secs(10), || {
+        event_names(&first)
+    });
+    // A live pod takes the first address again, so the second is another.
+    c.pod_with_address("keeper", "Running");
+    let second = add("net2");
+    assert_ne!(second, first);
+    wait_for(
+        "the second address's Event",
+        Duration::from_secs(10),
+        || event_names(&second),
+    );
+    let failed = ctl.metric("whereabouts_errors_total{operation=\"post_event\"}");
+    assert_eq!(failed.unwrap_or(0.0), 0.0, "{}", ctl.log());
+}
+
 #[test]
 fn statefulset_pod_recreated_with_the_same_name_keeps_its_address() {
     // On the fake: it deletes and re-creates the pod in one step, before the controller can

@@ -1,6 +1,9 @@
 //! Kubernetes Events for what the controller frees, on the pod's namespace, so `kubectl
 //! describe pod` and `kubectl get events` show who took an address away and why. Posted by
-//! kube's `Recorder` (events.k8s.io), which also folds repeats into a series.
+//! kube's `Recorder` (events.k8s.io), a new one for each Event: a recorder folds an Event of
+//! the same pod and reason within minutes into the first's series, by a patch that keeps the
+//! first's note, so a pod's second address released would be reported as its first (and the
+//! controller may only create Events).
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -18,16 +21,25 @@ pub struct Released<'a> {
     pub verdict: &'a Verdict,
 }
 
-/// The recorder of this replica: the reporting instance is the pod's name where known.
-pub fn recorder(client: Client) -> Recorder {
+/// Who reports this replica's Events: the reporting instance is the pod's name where known.
+pub fn reporter() -> Reporter {
     let instance = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty());
-    Recorder::new(
-        client,
-        Reporter {
-            controller: COMPONENT.into(),
-            instance,
-        },
-    )
+    Reporter {
+        controller: COMPONENT.into(),
+        instance,
+    }
+}
+
+/// Posts `released`'s Event, regarding `pod`, as a new Event (see the module's note).
+pub async fn publish(
+    client: Client,
+    reporter: Reporter,
+    released: Event,
+    pod: &ObjectReference,
+) -> Result<(), kube::Error> {
+    Recorder::new(client, reporter)
+        .publish(&released, pod)
+        .await
 }
 
 /// The pod an Event is about; None when the allocation names no pod.

@@ -267,7 +267,7 @@ async fn start_worker(
     let leadership = leadership.clone();
     let requeue = jobs.clone();
     let retry_after = opts.retry_after;
-    let recorder = opts.events.then(|| events::recorder(client.clone()));
+    let reporter = opts.events.then(events::reporter);
     let reservations = matches!(opts.ipam.datastore, Datastore::Kubernetes(_))
         .then(|| Api::<OverlappingRangeIPReservation>::namespaced(client.clone(), &opts.namespace));
     std::thread::Builder::new()
@@ -291,7 +291,7 @@ async fn start_worker(
                 client,
                 reservations,
                 metrics,
-                recorder,
+                reporter,
                 event_permits: Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT)),
                 leadership,
                 requeue,

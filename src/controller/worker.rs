@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use kube::api::DynamicObject;
-use kube::runtime::events::Recorder;
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::Store as Cached;
 use kube::{Api, Client};
 use tokio::runtime::Handle;
@@ -55,7 +55,7 @@ pub struct Worker {
     pub reservations: Option<Api<OverlappingRangeIPReservation>>,
     pub metrics: Arc<Metrics>,
     /// Posts the Events of releases; None when Events are turned off.
-    pub recorder: Option<Recorder>,
+    pub reporter: Option<Reporter>,
     /// Bounds the Events being posted at once.
     pub event_permits: Arc<Semaphore>,
     /// Only the leader frees addresses; the others drop their work (the leader's own watch
@@ -261,17 +261,17 @@ impl Worker {
     /// already, and the Event is for people. At most [`EVENTS_IN_FLIGHT`] are posted at once;
     /// those still waiting when the process stops are lost.
     fn post_event(&self, released: &Released) {
-        let (Some(recorder), Some(pod)) = (&self.recorder, events::regarding(released)) else {
+        let (Some(reporter), Some(pod)) = (&self.reporter, events::regarding(released)) else {
             return;
         };
         let event = events::event(released);
-        let recorder = recorder.clone();
+        let (client, reporter) = (self.client.clone(), reporter.clone());
         let (metrics, permits) = (self.metrics.clone(), self.event_permits.clone());
         self.handle.spawn(async move {
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
-            match recorder.publish(&event, &pod).await {
+            match events::publish(client, reporter, event, &pod).await {
                 Ok(()) => {
                     metrics.events_posted.inc();
                 }
