@@ -1246,6 +1246,33 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
     ns.delete("nodes", &node);
 }
 
+/// A leader whose Lease renewals hang past its deadline says it no longer leads, and once a
+/// renewal lands again it judges everything as a new leader does: a pod deleted meanwhile,
+/// whose deletion it left to the leader, is freed then. On the fake API server, whose gate
+/// holds the renewals.
+#[test]
+fn a_leader_whose_renewals_hang_steps_down_and_catches_up() {
+    let (server, net, kubeconfig) = setup("10.60.0.0/24", json!({}));
+    server.add_pod_with_uid("default", "a", "uid-a", "Running");
+    add(&net, "a");
+    let lease = ["--lease-duration", "3"];
+    let ctl = Controller::start(net.path(), &net.conf, &kubeconfig, &lease);
+    ctl.wait_metric("whereabouts_leader", 1.0);
+    ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 1.0);
+    server.close_gate("PUT", "leases");
+    wait_for("the leader to step down", Duration::from_secs(10), || {
+        ctl.metric("whereabouts_leader") == Some(0.0)
+    });
+    server.delete_now("pods", "default", "a");
+    ctl.wait_metric("whereabouts_pod_deletions_total", 1.0);
+    assert!(holds(&net, "default/a"), "released while not leading");
+    server.open_gate();
+    ctl.wait_metric("whereabouts_leader", 1.0);
+    wait_for("a's release", Duration::from_secs(10), || {
+        !holds(&net, "default/a")
+    });
+}
+
 #[test]
 fn a_leader_stopped_with_sigterm_hands_over_at_once() {
     let plane = real_cluster!();

@@ -77,7 +77,9 @@ fn now() -> MicroTime {
 }
 
 /// Runs forever: tries to take or renew the Lease every retry period, calling `changed(true)`
-/// each time this replica becomes the leader and `changed(false)` when it stops.
+/// each time this replica becomes the leader and `changed(false)` when it stops. An attempt
+/// that has no answer by the renew deadline has failed: waiting longer would keep this replica
+/// saying it leads after its deadline passed.
 pub async fn run(
     client: Client,
     election: Election,
@@ -89,34 +91,39 @@ pub async fn run(
     let mut leading = false;
     loop {
         let attempt = Instant::now();
-        match try_hold(&api, &election, &mut observed).await {
-            Ok(true) => {
-                leadership.hold_until(Some(attempt + election.renew_deadline()));
-                if !leading {
-                    tracing::info!(identity = %election.identity, "leading");
-                    leading = true;
-                    changed(true);
-                }
-            }
-            Ok(false) => {
+        let answer = tokio::time::timeout(
+            election.renew_deadline(),
+            try_hold(&api, &election, &mut observed),
+        );
+        match answer.await {
+            Ok(Ok(true)) => leadership.hold_until(Some(attempt + election.renew_deadline())),
+            Ok(Ok(false)) => {
                 if leading {
                     tracing::warn!(identity = %election.identity, "another replica took the lead");
                 }
                 leadership.hold_until(None);
-                if leading {
-                    changed(false);
-                }
-                leading = false;
             }
             // A failed renewal: still the leader until the deadline, then not.
-            Err(err) => {
+            Ok(Err(err)) => {
                 tracing::warn!(%err, lease = LEASE_NAME, "cannot read or write the Lease");
-                if leading && !leadership.is_leader() {
-                    tracing::warn!(identity = %election.identity, "lost the lead");
-                    leading = false;
-                    changed(false);
-                }
             }
+            Err(_) => tracing::warn!(
+                lease = LEASE_NAME,
+                within = ?election.renew_deadline(),
+                "no answer about the Lease"
+            ),
+        }
+        // Whatever the answer, what counts is whether the deadline still lies ahead: a renewal
+        // that landed late leaves this replica not leading, and the next one that lands in
+        // time makes it lead again, with the reconcile of a new leader.
+        if leadership.is_leader() != leading {
+            leading = !leading;
+            if leading {
+                tracing::info!(identity = %election.identity, "leading");
+            } else {
+                tracing::warn!(identity = %election.identity, "not leading");
+            }
+            changed(leading);
         }
         tokio::time::sleep(election.retry_period()).await;
     }

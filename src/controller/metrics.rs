@@ -3,7 +3,7 @@
 //! encodes what is there.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -107,8 +107,9 @@ pub struct Metrics {
     pool_free: Family<PoolLabels, Amount>,
     slices: Family<SliceLabel, Gauge>,
     slices_assigned: Family<SliceLabel, Gauge>,
-    /// When the store's worker started its current batch (seconds since the epoch; 0: idle).
-    /// Not exported: /healthz reads it.
+    /// When the store's worker started its current batch, or last freed or judged an address
+    /// in it (seconds since the epoch; 0: idle): a long batch that makes progress is not
+    /// stuck. Not exported: /healthz reads it.
     pub busy_since: AtomicI64,
 }
 
@@ -254,6 +255,15 @@ impl Metrics {
         );
     }
 
+    /// The worker made progress in its batch: the clock of a stuck batch starts again.
+    pub fn progressed(&self) {
+        let now = jiff::Timestamp::now().as_second();
+        let busy = |since: i64| (since != 0).then_some(now);
+        let _ = self
+            .busy_since
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, busy);
+    }
+
     pub fn released(&self, reason: &'static str, count: u64) {
         self.releases
             .get_or_create(&ReasonLabel { reason })
@@ -342,6 +352,19 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::store::Attachment;
+
+    /// A batch that frees addresses for longer than /healthz allows is not stuck while it
+    /// makes progress; an idle worker stays idle.
+    #[test]
+    fn progress_restarts_the_clock_of_a_busy_batch_only() {
+        let m = Metrics::default();
+        m.progressed();
+        assert_eq!(m.busy_since.load(Ordering::SeqCst), 0);
+        m.busy_since.store(1, Ordering::SeqCst);
+        m.progressed();
+        let since = m.busy_since.load(Ordering::SeqCst);
+        assert!(since > jiff::Timestamp::now().as_second() - 60, "{since}");
+    }
 
     #[test]
     fn pools_counted_and_rendered() {

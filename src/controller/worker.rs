@@ -236,7 +236,9 @@ impl Worker {
             tracing::debug!(ip = %allocation.ip, pool = %allocation.pool, "not the leader any more: left");
             return false;
         }
-        match release_if_held(self.store.as_ref(), allocation) {
+        let released = release_if_held(self.store.as_ref(), allocation);
+        self.metrics.progressed();
+        match released {
             Ok(Some(r)) => {
                 self.metrics.released(reason.as_str(), 1);
                 tracing::info!(ip = %r.ip, pool = %r.pool, pod = ?r.attachment.pod_ref, %verdict, "released");
