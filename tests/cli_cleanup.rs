@@ -175,6 +175,34 @@ fn gc_needs_pods() {
     assert_refused(&reply, "cannot tell which pods are alive");
 }
 
+/// Not one pod the allocations name exists where pods are read (a kubeconfig of another
+/// cluster would read so): a sweep is refused, as it would free every address, unless forced.
+#[test]
+fn gc_refuses_to_free_everything_unless_forced() {
+    let Some(s) = setup("gc-refuses-to-free-everything") else {
+        return;
+    };
+    let gone = s.pod("gone", None);
+    let other = s.pod("other-gone", None);
+    assert_refused(&s.cli(&["gc"], true), "refusing to free every address");
+    assert_eq!(s.addresses().len(), 2);
+    // A dry run lists them all: what the check stops.
+    let dry = s.cli(&["gc", "--dry-run", "-o", "json"], true).ok();
+    assert_eq!(dry.as_array().map(Vec::len), Some(2));
+    let freed = s.cli(&["gc", "--force", "-o", "json"], true).ok();
+    let mut released: Vec<&str> = freed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["address"].as_str())
+        .collect();
+    released.sort();
+    let mut want = [gone.as_str(), other.as_str()];
+    want.sort();
+    assert_eq!(released, want);
+    assert!(s.addresses().is_empty());
+}
+
 #[test]
 fn release_refuses_a_live_pod_unless_forced() {
     let Some(s) = setup("release-refuses-a-live-pod-unless-forced") else {

@@ -1,6 +1,7 @@
 //! `whereabouts gc [--dry-run]`: every allocation no live pod holds, with the reason, freed
 //! unless `--dry-run`. The same decision the controller makes.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -8,7 +9,7 @@ use serde::Serialize;
 
 use super::output::print;
 use super::store_args::StoreArgs;
-use crate::cleanup::judge::Verdict;
+use crate::cleanup::judge::{PodState, Verdict};
 use crate::cleanup::plan::{plan, release_if_held};
 use crate::cleanup::pods::{cluster_source, PodReader};
 use crate::config::IpamConfig;
@@ -28,6 +29,10 @@ pub struct GcArgs {
     /// Only list what would be freed, and why.
     #[arg(long)]
     pub dry_run: bool,
+    /// Free even when not one of the pods the allocations name exists where pods are read
+    /// (else refused: pods read from another cluster would free every address).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
@@ -41,7 +46,7 @@ pub struct GcRow {
     pub pod: String,
     pub container: String,
     pub interface: String,
-    /// "would release", "released" or "already gone".
+    /// "would release", "released", "already gone" or "failed" (the reason then says why).
     pub action: String,
     pub reason: String,
 }
@@ -67,6 +72,9 @@ pub fn rows(args: &GcArgs, store: &dyn Store, cfg: &IpamConfig) -> anyhow::Resul
     // Leases first, pods second (see cleanup::plan).
     let allocations = store.allocations(None).map_err(anyhow::Error::new)?;
     let pods = reader.list().map_err(|e| anyhow::anyhow!(e))?;
+    if !args.dry_run && !args.force {
+        pods_from_this_cluster(&allocations, &pods)?;
+    }
     let mut out = Vec::new();
     for decision in plan(allocations, &pods) {
         if !matches!(decision.verdict, Verdict::Release(_)) {
@@ -80,23 +88,41 @@ pub fn rows(args: &GcArgs, store: &dyn Store, cfg: &IpamConfig) -> anyhow::Resul
             ));
             continue;
         }
-        let released = release_if_held(store, &decision.allocation).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot release {} in {}: {}",
-                decision.allocation.ip,
-                decision.allocation.pool,
-                e.describe()
-            )
-        })?;
-        let action = if released.is_none() {
-            "already gone"
-        } else {
-            "released"
+        // One release failing leaves the others to do, and what was freed is still shown.
+        let done = match release_if_held(store, &decision.allocation) {
+            Ok(Some(_)) => row(&decision.allocation, "released", &decision.verdict),
+            Ok(None) => row(&decision.allocation, "already gone", &decision.verdict),
+            Err(err) => {
+                let mut failed = row(&decision.allocation, "failed", &decision.verdict);
+                failed.reason = format!("{}; cannot release: {}", failed.reason, err.describe());
+                failed
+            }
         };
-        out.push(row(&decision.allocation, action, &decision.verdict));
+        out.push(done);
     }
     out.sort_by_key(|r| (r.pool.clone(), r.address.clone()));
     Ok(out)
+}
+
+/// Refuses a sweep in which not one pod the allocations name exists: the pods were most likely
+/// read from another cluster (a kubeconfig's other context), and every address would go.
+fn pods_from_this_cluster(
+    allocations: &[Allocation],
+    pods: &HashMap<String, PodState>,
+) -> anyhow::Result<()> {
+    let named: HashSet<&str> = allocations
+        .iter()
+        .filter_map(|a| a.attachment.pod_ref.as_deref())
+        .collect();
+    if named.is_empty() || named.iter().any(|pod| pods.contains_key(*pod)) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to free every address: not one of the {} pods the allocations name exists \
+         where pods were read (a kubeconfig of another cluster?); check --pod-kubeconfig and \
+         $KUBECONFIG, or give --force if they are all gone",
+        named.len()
+    )
 }
 
 /// Prints the rows, then (unless `--dry-run`) makes free again the addresses released but
@@ -130,6 +156,10 @@ pub fn run(args: GcArgs) -> anyhow::Result<()> {
     })?;
     if refreed > 0 {
         eprintln!("{refreed} released addresses held back by freed marks are free again");
+    }
+    let failed = rows.iter().filter(|r| r.action == "failed").count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of the releases failed (the rows marked failed say why)");
     }
     Ok(())
 }
