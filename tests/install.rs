@@ -131,7 +131,8 @@ fn installs_binary_flat_file_kubeconfig_and_node_name() {
     assert_eq!(
         conf.datastore,
         whereabouts::config::Datastore::Kubernetes(whereabouts::config::KubernetesConfig {
-            kubeconfig: "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig".into()
+            kubeconfig: "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig".into(),
+            namespace: None,
         })
     );
 

@@ -693,6 +693,23 @@ fn doctor_finds_and_repairs() {
     }
     // Read-only without --fix.
     assert_eq!(before, (ns.list("ippools"), ns.list(RESERVATIONS)));
+    // Another namespace named over the kubeconfig's context: its own (no) findings, and the
+    // namespace read is said, so an empty report of the wrong one is not taken for healthy.
+    let elsewhere = plane.namespace("doctor-elsewhere");
+    let (ok, report) = doctor(&["--namespace", &elsewhere.name]);
+    assert!(ok && problems(&report).is_empty(), "{report:#}");
+    let out = Command::new(ours())
+        .env_clear()
+        .env("WHEREABOUTS_FLAT_FILE", &flat)
+        .args(["doctor", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!("namespace {} at", ns.name)),
+        "{said}"
+    );
     // A young orphan is left alone even with --fix (an ADD may be creating its pool entry).
     let (_, report) = doctor(&["--fix"]);
     let orphan = report["findings"]

@@ -20,10 +20,6 @@ pub struct ControllerArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub listen: SocketAddr,
-    /// The namespace of NodeSlicePools, reservations and the whereabouts-config ConfigMap
-    /// (default: the Kubernetes engine's, else $WHEREABOUTS_NAMESPACE, else kube-system).
-    #[arg(long)]
-    pub namespace: Option<String>,
     /// Do not manage NodeSlicePools.
     #[arg(long)]
     pub no_node_slices: bool,
@@ -63,7 +59,9 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let cluster = cluster_source(args.cluster.pod_kubeconfig.as_deref(), &ipam).context(
         "the controller reads pods from the Kubernetes API: give --pod-kubeconfig, use the kubernetes datastore, set $KUBECONFIG or run in a cluster",
     )?;
+    // The store's `--namespace`, for the controller's own objects too.
     let namespace = args
+        .store
         .namespace
         .clone()
         .unwrap_or_else(|| controller::default_namespace(&ipam));

@@ -78,7 +78,10 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     match &cfg.datastore {
         Datastore::Kubernetes(k8s) => {
             let orphan_age = std::time::Duration::from_secs(args.orphan_age);
-            let findings = kubernetes::doctor(&cfg, k8s, args.fix, orphan_age).map_err(failed)?;
+            let (scope, findings) =
+                kubernetes::doctor(&cfg, k8s, args.fix, orphan_age).map_err(failed)?;
+            // An empty report of the wrong namespace reads as healthy: say which was read.
+            eprintln!("checked the IPPools and reservations of {scope} (--namespace to change)");
             report(args.store.output, &findings)
         }
         Datastore::Etcd(store) => {

@@ -7,7 +7,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use super::output::Output;
-use crate::config::{self, IpamConfig};
+use crate::config::{self, Datastore, IpamConfig};
 use crate::store::{self, Store};
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -25,12 +25,27 @@ pub struct StoreArgs {
     /// The kubeconfig of the Kubernetes engine.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// The namespace of the Kubernetes engine's objects (IPPools, reservations), over the
+    /// kubeconfig context's (default: the context's, else kube-system; in a pod without a
+    /// kubeconfig, $WHEREABOUTS_NAMESPACE, else the service account's). The controller also
+    /// keeps its Lease, its ConfigMap and the NodeSlicePools there.
+    #[arg(long)]
+    pub namespace: Option<String>,
     /// The etcd endpoints, comma separated.
     #[arg(long)]
     pub etcd_host: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+/// Whether `name` can name a namespace (an RFC 1123 label).
+fn is_namespace_name(name: &str) -> bool {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    (1..=63).contains(&name.len())
+        && name.chars().all(allowed)
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// The `ipam` object of a configuration file: a network configuration, a configuration list
@@ -53,8 +68,21 @@ pub fn ipam_of(file: &Value) -> Option<Value> {
 impl StoreArgs {
     /// The configuration, with the flags applied over it.
     pub fn ipam(&self) -> anyhow::Result<IpamConfig> {
-        config::load_for_operator(Some(&self.ipam_object()?))
-            .map_err(|e| anyhow::anyhow!(e.describe()))
+        let mut cfg = config::load_for_operator(Some(&self.ipam_object()?))
+            .map_err(|e| anyhow::anyhow!(e.describe()))?;
+        if let Some(namespace) = &self.namespace {
+            if !is_namespace_name(namespace) {
+                anyhow::bail!(
+                    "--namespace {:?} is not a namespace name (lower-case letters, digits and \
+                     '-', at most 63)",
+                    crate::files::shown(namespace)
+                );
+            }
+            if let Datastore::Kubernetes(k8s) = &mut cfg.datastore {
+                k8s.namespace = Some(namespace.clone());
+            }
+        }
+        Ok(cfg)
     }
 
     /// The `ipam` object: the configuration file's (or a bare one), with the flags set in it.

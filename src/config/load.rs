@@ -603,6 +603,7 @@ fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, Conf
                 })?;
             Ok(Datastore::Kubernetes(KubernetesConfig {
                 kubeconfig: PathBuf::from(kubeconfig),
+                namespace: None,
             }))
         }
         "etcd" => {

@@ -53,6 +53,9 @@ pub enum LogLevel {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KubernetesConfig {
     pub kubeconfig: PathBuf,
+    /// Where the objects are, over the kubeconfig context's namespace: an operator's
+    /// `--namespace` (no configuration key sets it; the plugin's is the installer's context).
+    pub namespace: Option<String>,
 }
 
 /// Whether Go Whereabouts binaries may still write the Kubernetes pools (the flat file's

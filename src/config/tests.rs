@@ -74,7 +74,8 @@ fn flat_file_fills_what_inline_leaves_empty() {
     assert_eq!(
         cfg.datastore,
         Datastore::Kubernetes(KubernetesConfig {
-            kubeconfig: "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig".into()
+            kubeconfig: "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig".into(),
+            namespace: None,
         })
     );
     // configuration_path may also name the folder holding whereabouts.conf.
@@ -264,7 +265,8 @@ fn kubernetes_engine_without_kubeconfig_defaults_only_for_operators() {
     assert_eq!(
         cfg.datastore,
         Datastore::Kubernetes(KubernetesConfig {
-            kubeconfig: DEFAULT_KUBECONFIG.into()
+            kubeconfig: DEFAULT_KUBECONFIG.into(),
+            namespace: None,
         })
     );
 }
@@ -453,7 +455,8 @@ fn a_network_configuration_cannot_blank_the_admins_settings() {
     assert_eq!(
         cfg.datastore,
         Datastore::Kubernetes(KubernetesConfig {
-            kubeconfig: kubeconfig.into()
+            kubeconfig: kubeconfig.into(),
+            namespace: None,
         })
     );
     let (_dir, load) = untrusted(json!({"local_path": "/var/lib/admin/net.db"}));

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use tokio::runtime::Runtime;
 
-use crate::config::{IpamConfig, KubernetesConfig};
+use crate::config::{Datastore, IpamConfig, KubernetesConfig};
 use crate::k8s::cluster::{self, in_pod, operator_access, Access};
 use crate::store::{
     AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, Reservation, Store,
@@ -65,13 +65,14 @@ pub fn open_for_operator(
     open_with(ipam, &access)
 }
 
-/// `whereabouts doctor`: the findings in the engine's namespace, repaired where safe with `fix`.
+/// `whereabouts doctor`: the findings in the engine's namespace, repaired where safe with `fix`,
+/// and where it looked (the server and the namespace).
 pub fn doctor(
     ipam: &IpamConfig,
     cfg: &KubernetesConfig,
     fix: bool,
     orphan_age: std::time::Duration,
-) -> Result<Vec<doctor::Finding>, StoreError> {
+) -> Result<(String, Vec<doctor::Finding>), StoreError> {
     let access = operator_access(&cfg.kubeconfig, in_pod());
     let store = connect_store(ipam, &access)?;
     let shared = &store.shared;
@@ -95,7 +96,11 @@ pub fn doctor(
     findings.sort_by(|a, b| {
         (a.problem, &a.object, &a.address).cmp(&(b.problem, &b.object, &b.address))
     });
-    Ok(findings)
+    let namespace = kube.pools.namespace().unwrap_or_default();
+    Ok((
+        format!("namespace {namespace} at {}", shared.server),
+        findings,
+    ))
 }
 
 fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, StoreError> {
@@ -174,11 +179,19 @@ async fn connect(
     timeouts: cluster::Timeouts,
     ipam: &IpamConfig,
 ) -> Result<cluster::Connection, StoreError> {
-    cluster::connect(access, timeouts, ipam.trust.insecure_tls)
+    let mut connection = cluster::connect(access, timeouts, ipam.trust.insecure_tls)
         .await
         .map_err(|err| {
             StoreError::config("kubernetes datastore (ipam.kubernetes.kubeconfig)").because(err)
-        })
+        })?;
+    if let Datastore::Kubernetes(KubernetesConfig {
+        namespace: Some(namespace),
+        ..
+    }) = &ipam.datastore
+    {
+        connection.namespace = namespace.clone();
+    }
+    Ok(connection)
 }
 
 /// How long one operation may take, its undo included: how long a plugin waits for the agent.
