@@ -196,6 +196,9 @@ fn the_installed_kubeconfig_reaches_the_server_and_follows_token_rotation() {
     let mut installer = process(&container("DaemonSet", "whereabouts"), &pod, &deployed);
     // The DaemonSet keeps the default of 5 s; a test need not wait that long for a rotation.
     installer.args.push("--poll-interval-ms=100".into());
+    // The host directories are under the test's folder, where no plugin looks for a flat file
+    // unless told (the plugin calls below name it).
+    installer.args.push("--any-conf-dir".into());
     // The host kubeconfig is written only with the node agent switched off, as the manifest
     // says to do it (WHEREABOUTS_AGENT "false").
     installer

@@ -137,6 +137,11 @@ pub struct InstallOptions {
     /// How often to check the token and CA for rotation, in milliseconds.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
     pub poll_interval_ms: u64,
+
+    /// Write the flat file under a host CNI configuration directory the plugin does not look
+    /// in (refused otherwise): for a plugin given its flat file by `WHEREABOUTS_FLAT_FILE`.
+    #[arg(long)]
+    pub any_conf_dir: bool,
 }
 
 /// What can go wrong installing. Each message names the setting or file to fix.
@@ -196,7 +201,8 @@ fn plugin_reads_flat_file_in(host_cni_conf_dir: &Path) -> Result<(), InstallErro
         "host CNI configuration directory {} (HOST_CNI_CONF_DIR, the chart's cniConf.confDir): \
          the plugin reads its flat file only from {}, so each node would keep addresses in its \
          own database; mount /etc/cni/net.d (the flat file's folder need not be the one the \
-         runtime reads network configurations from)",
+         runtime reads network configurations from), or give --any-conf-dir when the runtime \
+         names the flat file to the plugin (WHEREABOUTS_FLAT_FILE)",
         host_cni_conf_dir.display(),
         INSTALLER_DIRS.join(", ")
     )))
@@ -219,7 +225,9 @@ impl Settings {
                 host_cni_conf_dir.display()
             )));
         }
-        plugin_reads_flat_file_in(&host_cni_conf_dir)?;
+        if !args.any_conf_dir {
+            plugin_reads_flat_file_in(&host_cni_conf_dir)?;
+        }
         let server = kubeconfig::server_url(
             args.kubernetes_service_host.as_deref().unwrap_or(""),
             args.kubernetes_service_port.as_deref().unwrap_or("443"),
