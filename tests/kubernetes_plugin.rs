@@ -347,6 +347,35 @@ fn a_pods_new_sandbox_takes_its_reservation_over() {
     assert_eq!(pool["spec"]["allocations"], json!({}), "{pool}");
 }
 
+/// A pod whose entry was taken over by its new sandbox while its reservation kept naming the old
+/// container (upstream's binary, or a build before reservations followed, left it so): the new
+/// sandbox's DEL frees the reservation with the entry, which nothing else would.
+#[test]
+fn a_reservation_left_naming_the_pods_old_sandbox_goes_with_its_entry() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-reservation-left-naming");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let conf = netconf("left", &ipam("10.98.0.0/28", &kubeconfig, json!({})));
+    let mut pool = upstream_pool("10.98.0.0-28", "10.98.0.0/28", &[]);
+    pool["spec"]["allocations"]["1"] =
+        json!({"id": "w-2", "podref": "default/w", "ifname": "net1"});
+    ns.create("ippools", pool);
+    ns.create(
+        RESERVATIONS,
+        json!({
+            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+            "kind": "OverlappingRangeIPReservation",
+            "metadata": {"name": "10.98.0.1"},
+            "spec": {"containerid": "w-1", "podref": "default/w", "ifname": "net1"},
+        }),
+    );
+    assert_eq!(run(bin(), &call("DEL", "w-2", "w"), &conf).code, 0);
+    assert!(ns.get(RESERVATIONS, "10.98.0.1").is_none());
+    let pool = ns.get("ippools", "10.98.0.0-28").unwrap();
+    assert_eq!(pool["spec"]["allocations"], json!({}), "{pool}");
+}
+
 /// The old sandbox's DEL has removed its entry and is deleting the reservation when the pod's
 /// new sandbox takes the same address: the new sandbox keeps the reservation (taking it over
 /// changes it, and the old DEL's delete, conditional on the version it read, is refused). On

@@ -880,10 +880,7 @@ impl Engine {
                     continue;
                 }
             }
-            let reservation = slots[i]
-                .reserved
-                .take()
-                .map(|(_, held)| (held.name, held.uid));
+            let reservation = slots[i].reserved.take().map(|(_, held)| held);
             slots[i].done = Some(Ok(Granted {
                 ip,
                 key,
@@ -961,7 +958,7 @@ impl Engine {
     /// must not fail the ADD whose pool write already succeeded.
     async fn release_moved(&self, released: &[(IpAddr, Attachment)], network_name: &str) {
         for (ip, who) in released {
-            if let Err(err) = self.release_reservation(*ip, network_name, who).await {
+            if let Err(err) = self.release_reservation(*ip, network_name, who, None).await {
                 tracing::warn!(%ip, %err, "could not release the reservation of a moved address");
             }
         }
@@ -1179,6 +1176,12 @@ impl Engine {
         match self.kube.replace_reservation(&update).await {
             Ok(updated) => Ok(Some(updated)),
             Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => Ok(None),
+            // A ClusterRole from before reservations were taken over (not applied yet): kept
+            // as it is, as then, rather than failing every ADD of the pod.
+            Err(ApiError::Refused(why)) => {
+                tracing::warn!(%why, "cannot take a reservation over: the node's ClusterRole lacks update of reservations; apply the manifest again");
+                Ok(Some(found))
+            }
             Err(err) => Err(err.into()),
         }
     }
@@ -1234,7 +1237,7 @@ impl Engine {
     async fn drop_reservation(&self, held: &Held, undo: &UndoLog) -> Result<(), StoreError> {
         match self
             .kube
-            .delete_reservation(&held.name, held.uid.as_deref(), None)
+            .delete_reservation(&held.name, held.uid.as_deref(), held.rv.as_deref())
             .await
         {
             // A failed precondition: the object is no longer the one we created.
@@ -1322,8 +1325,8 @@ impl Engine {
             },
             Step::PoolEntry { .. } => return Ok(()),
         };
-        let uid = held.uid.as_deref();
-        self.kube.delete_reservation(&held.name, uid, None).await
+        let (uid, rv) = (held.uid.as_deref(), held.rv.as_deref());
+        self.kube.delete_reservation(&held.name, uid, rv).await
     }
 }
 
@@ -1376,10 +1379,8 @@ fn granted_steps(granted: Granted, pool: &PoolRef, who: &Attachment) -> Vec<Step
         container_id: who.container_id.clone(),
         ifname: who.ifname.clone(),
     }];
-    if let Some((name, uid)) = granted.reservation {
-        steps.push(Step::Reservation {
-            held: Held { name, uid },
-        });
+    if let Some(held) = granted.reservation {
+        steps.push(Step::Reservation { held });
     }
     steps
 }

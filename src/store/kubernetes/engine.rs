@@ -82,19 +82,31 @@ pub(super) fn newer(a: Option<&str>, b: Option<&str>) -> bool {
 /// left the pool, is finished afterwards. Otherwise the runtime's retry finds no entry and the
 /// reservation stays behind, blocking the address until the orphan sweep.
 #[derive(Default)]
-pub struct Unreleased(Ledger<(IpAddr, String, Attachment)>);
+pub struct Unreleased(Ledger<Owed>);
+
+/// The release of the reservation of `who`'s address `ip` in `network_name`, owed since its
+/// pool entry left the pool: by a write of resourceVersion `removed_at` where this process saw
+/// that write's answer.
+#[derive(Clone, Debug)]
+pub struct Owed {
+    pub ip: IpAddr,
+    pub network_name: String,
+    pub who: Attachment,
+    pub removed_at: Option<String>,
+}
 
 impl Unreleased {
-    pub fn add(&self, ip: IpAddr, network_name: &str, who: &Attachment) {
-        self.0.push((ip, network_name.to_string(), who.clone()));
+    pub fn add(&self, owed: Owed) {
+        self.0.push(owed);
     }
 
     pub fn done(&self, ip: IpAddr, network_name: &str) {
-        self.0.retain(|(i, n, _)| !(*i == ip && n == network_name));
+        self.0
+            .retain(|o| !(o.ip == ip && o.network_name == network_name));
     }
 
     /// What is owed now; each stays owed until its release is done.
-    pub fn pending(&self) -> Vec<(IpAddr, String, Attachment)> {
+    pub fn pending(&self) -> Vec<Owed> {
         self.0.entries()
     }
 }

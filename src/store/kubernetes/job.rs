@@ -1,6 +1,7 @@
 //! One ADD's request for an address of a pool, as the agent queues it to combine it with the
 //! node's other ADDs of that pool ([`super::batch`]), and what it is given.
 
+use super::reservation::Held;
 use crate::ipam::Range;
 use crate::store::Attachment;
 
@@ -38,8 +39,8 @@ pub struct Granted {
     pub ip: std::net::IpAddr,
     /// The key of the entry in `spec.allocations`.
     pub key: String,
-    /// The reservation made for it by this ADD (name, uid), to take back on failure.
-    pub reservation: Option<(String, Option<String>)>,
+    /// The reservation made for it by this ADD, to take back on failure.
+    pub reservation: Option<Held>,
     /// False when the attachment already held the address (nothing to take back).
     pub fresh: bool,
 }

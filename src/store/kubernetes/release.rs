@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 
 use super::api::{ApiError, RefusedWrite};
 use super::batch::{answers, in_halves, released_by, Batches, PendingRelease, Served};
-use super::engine::Engine;
+use super::engine::{newer, Engine, Owed};
 use super::pool_doc::{holder_test, remove_op, Entry, PoolDoc};
 use super::reservation;
 use crate::cleanup::judge::{leaked_on_node, PodPlace};
@@ -21,6 +21,14 @@ use crate::store::queues::{dropped, Serving};
 use crate::store::{
     Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, Reservation, StoreError,
 };
+
+/// An entry removed from a pool; `at`: the resourceVersion of the write that removed it, when
+/// that was this call's write and its answer came (not when an earlier write, whose answer was
+/// lost, had removed it already).
+pub(super) struct Removed {
+    pub entry: Entry,
+    pub at: Option<String>,
+}
 
 /// The patch removing `picked`, each removal testing that its entry is still the one read.
 fn removal(picked: &[Entry]) -> Vec<serde_json::Value> {
@@ -38,12 +46,12 @@ fn removal(picked: &[Entry]) -> Vec<serde_json::Value> {
 impl Engine {
     /// Removes the entries of pool `name` that `pick` selects, compare-and-swap, retried on
     /// conflict. Returns what was removed.
-    pub async fn remove_entries(
+    pub(super) async fn remove_entries(
         &self,
         name: &str,
         cidr: Cidr,
         pick: impl Fn(&Entry, &[Entry]) -> bool,
-    ) -> Result<Vec<Entry>, StoreError> {
+    ) -> Result<Vec<Removed>, StoreError> {
         let mut conflicts = 0u32;
         // The agent's guess may show the entries: then it spares the read (the write is
         // conditional). Its lacking them proves nothing, so the server is asked.
@@ -54,9 +62,10 @@ impl Engine {
         // reservations must be released all the same.
         let mut sent: Vec<Entry> = Vec::new();
         let mut refused: Option<RefusedWrite> = None;
+        let earlier = |sent: Vec<Entry>| sent.into_iter().map(|entry| Removed { entry, at: None });
         loop {
             let Some((object, from_copy)) = self.pool_for_removal(name, &mut cached).await? else {
-                return Ok(sent);
+                return Ok(earlier(sent).collect());
             };
             let doc = PoolDoc::new(name, cidr, Some(object))?;
             RefusedWrite::still_refused(refused.as_ref(), doc.resource_version(), || {
@@ -76,7 +85,7 @@ impl Engine {
                 if from_copy {
                     continue;
                 }
-                return Ok(sent);
+                return Ok(earlier(sent).collect());
             }
             // An entry written without an interface name is picked for the attachment's lack
             // of an entry of its own, which a copy cannot prove: the server is asked.
@@ -98,8 +107,14 @@ impl Engine {
                     if let Some(batches) = &self.batches {
                         batches.wrote(&written);
                     }
-                    let gone_before = sent.into_iter().filter(|e| !picked.contains(e));
-                    return Ok(picked.iter().cloned().chain(gone_before).collect());
+                    let at = written.metadata.resource_version.clone();
+                    let gone_before: Vec<Entry> =
+                        sent.into_iter().filter(|e| !picked.contains(e)).collect();
+                    let by_this = picked.into_iter().map(|entry| Removed {
+                        entry,
+                        at: at.clone(),
+                    });
+                    return Ok(by_this.chain(earlier(gone_before)).collect());
                 }
                 // Changed or deleted since it was read: the next read tells.
                 Err(refusal @ (ApiError::Conflict(_) | ApiError::NotFound(_))) => {
@@ -134,22 +149,33 @@ impl Engine {
     }
 
     /// Notes the reservations of removed entries as owed until they are released.
-    fn owe_releases(&self, removed: &[Entry], network_name: &str) {
-        for entry in removed {
-            self.unreleased
-                .add(entry.ip, network_name, &entry.attachment);
+    fn owe_releases(&self, removed: &[Removed], network_name: &str) -> Vec<Owed> {
+        let owed: Vec<Owed> = removed
+            .iter()
+            .map(|r| Owed {
+                ip: r.entry.ip,
+                network_name: network_name.to_string(),
+                who: r.entry.attachment.clone(),
+                removed_at: r.at.clone(),
+            })
+            .collect();
+        for o in &owed {
+            self.unreleased.add(o.clone());
         }
+        owed
     }
 
     /// [`Self::release_reservation`] of an owed reservation; no longer owed once it is done.
-    async fn release_owed(
-        &self,
-        ip: IpAddr,
-        network_name: &str,
-        who: &Attachment,
-    ) -> Result<bool, StoreError> {
-        let released = self.release_reservation(ip, network_name, who).await?;
-        self.unreleased.done(ip, network_name);
+    async fn release_owed(&self, owed: &Owed) -> Result<bool, StoreError> {
+        let released = self
+            .release_reservation(
+                owed.ip,
+                &owed.network_name,
+                &owed.who,
+                owed.removed_at.as_deref(),
+            )
+            .await?;
+        self.unreleased.done(owed.ip, &owed.network_name);
         Ok(released)
     }
 
@@ -161,9 +187,7 @@ impl Engine {
         if owed.is_empty() {
             return;
         }
-        let releases = owed
-            .iter()
-            .map(|(ip, network, who)| self.release_owed(*ip, network, who));
+        let releases = owed.iter().map(|o| self.release_owed(o));
         let budget = self.settings.undo_budget;
         match tokio::time::timeout(budget, futures::future::join_all(releases)).await {
             Ok(outcomes) => {
@@ -178,13 +202,26 @@ impl Engine {
         }
     }
 
-    /// Deletes the reservation of `ip` if `who` holds it.
+    /// Deletes the reservation of `ip` if `who` holds it ([`released_with`]): it names `who`'s
+    /// container, or names the pod's older sandbox and was last written before the write that
+    /// removed the entry (`removed_at`). That is one upstream's binary (or a build before the
+    /// take-over) left naming the container the entry was taken over from; one taken over by
+    /// the pod's next sandbox was written after, and is that sandbox's.
     pub(super) async fn release_reservation(
         &self,
         ip: IpAddr,
         network_name: &str,
         who: &Attachment,
+        removed_at: Option<&str>,
     ) -> Result<bool, StoreError> {
+        let releases = |found: &OverlappingRangeIPReservation| {
+            let version = found.metadata.resource_version.as_deref();
+            reservation::released_with(found, who)
+                || (removed_at.is_some()
+                    && found.spec.ifname == who.ifname
+                    && reservation::held_by(found, who)
+                    && !newer(version, removed_at))
+        };
         let name = reservation::name(ip, network_name);
         // The agent's watched copy spares the read: the delete's uid and resourceVersion
         // preconditions refuse it if the reservation changed since, and what the copy lacks or
@@ -203,7 +240,7 @@ impl Engine {
                     }
                 }
             };
-            if !reservation::released_with(&found, who) {
+            if !releases(&found) {
                 if from_copy {
                     continue;
                 }
@@ -272,12 +309,11 @@ impl Engine {
         let name = object_name(&pool.name);
         let removed = self.remove_entries(&name, pool.range.cidr, pick).await?;
         let doc = PoolDoc::new(&name, configured, None)?;
-        self.owe_releases(&removed, network_name);
+        let owed = self.owe_releases(&removed, network_name);
         let mut released = Vec::with_capacity(removed.len());
-        for entry in removed {
-            self.release_owed(entry.ip, network_name, &entry.attachment)
-                .await?;
-            released.push(Self::allocation(&doc, entry, network_name));
+        for (gone, owed) in removed.into_iter().zip(&owed) {
+            self.release_owed(owed).await?;
+            released.push(Self::allocation(&doc, gone.entry, network_name));
         }
         Ok(released)
     }
@@ -415,16 +451,13 @@ impl Engine {
     ) -> Result<Vec<(Allocation, Result<(), StoreError>)>, StoreError> {
         let removed = self.remove_entries(&target.name, target.cidr, pick).await?;
         let doc = PoolDoc::new(&target.name, target.configured, None)?;
-        self.owe_releases(&removed, &target.network_name);
-        let releases = removed
-            .iter()
-            .map(|entry| self.release_owed(entry.ip, &target.network_name, &entry.attachment));
-        let outcomes = futures::future::join_all(releases).await;
+        let owed = self.owe_releases(&removed, &target.network_name);
+        let outcomes = futures::future::join_all(owed.iter().map(|o| self.release_owed(o))).await;
         Ok(removed
             .into_iter()
             .zip(outcomes)
-            .map(|(entry, outcome)| {
-                let allocation = Self::allocation(&doc, entry, &target.network_name);
+            .map(|(gone, outcome)| {
+                let allocation = Self::allocation(&doc, gone.entry, &target.network_name);
                 (allocation, outcome.map(|_| ()))
             })
             .collect())
@@ -751,7 +784,7 @@ impl Engine {
         let removed = self
             .remove_entries(&name, cidr, |e, _| e.ip == ip && held(e))
             .await?;
-        let Some(entry) = removed.into_iter().next() else {
+        let Some(Removed { entry, at }) = removed.into_iter().next() else {
             return Ok(None);
         };
         // The pool's name starts with the network name (and, for node slices, the node): try
@@ -768,7 +801,7 @@ impl Engine {
         }
         for network in &candidates {
             if self
-                .release_reservation(entry.ip, network, &entry.attachment)
+                .release_reservation(entry.ip, network, &entry.attachment, at.as_deref())
                 .await?
             {
                 break;

@@ -55,13 +55,15 @@ pub fn released_with(reservation: &OverlappingRangeIPReservation, who: &Attachme
     }
 }
 
-/// `found`, held by `who` from now on (its container, pod and interface).
+/// `found`, held by `who` from now on (its container, pod and interface); the rest of the
+/// object (its resourceVersion, the precondition of the update, labels, owners) as read.
 pub fn taken_over(
     found: &OverlappingRangeIPReservation,
     who: &Attachment,
 ) -> OverlappingRangeIPReservation {
-    let mut object = new_object(found.metadata.name.as_deref().unwrap_or_default(), who);
-    object.metadata.resource_version = found.metadata.resource_version.clone();
+    let mut object = found.clone();
+    object.spec = new_object("", who).spec;
+    object.metadata.managed_fields = None;
     object
 }
 
@@ -83,11 +85,14 @@ pub fn holder(reservation: &OverlappingRangeIPReservation) -> Attachment {
     }
 }
 
-/// The identity of a reservation we created, to delete exactly that object again.
+/// The identity of a reservation we created, to delete exactly that object again: its uid, and
+/// its resourceVersion as we wrote it (the pod's next sandbox may take the same object over,
+/// and then it is no longer ours to delete).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Held {
     pub name: String,
     pub uid: Option<String>,
+    pub rv: Option<String>,
 }
 
 impl Held {
@@ -95,6 +100,7 @@ impl Held {
         Held {
             name: reservation.metadata.name.clone().unwrap_or_default(),
             uid: reservation.metadata.uid.clone(),
+            rv: reservation.metadata.resource_version.clone(),
         }
     }
 }
