@@ -232,8 +232,6 @@ fn store_semantics_on_a_real_cluster() {
     );
 }
 
-/// A pool whose first million addresses are taken costs no more requests than one holding a
-/// single address: the runs cover them in one key.
 /// A record no build can read (edited by hand, a bad restore) does not hold its pod's teardown
 /// for ever: the DEL releases the attachment's other addresses and answers "broken" (the plugin
 /// then succeeds, loudly). The record stays, so its address is not handed out again.
@@ -268,6 +266,34 @@ fn a_del_meeting_an_unreadable_record_releases_the_rest() {
     assert_eq!(next, vec![ip("10.0.0.2"), ip("fd00::1")]);
 }
 
+/// Addresses held through an overlapping range of the same network are learnt many at a time:
+/// an ADD in the wider range, whose low addresses the narrower one holds, finds its address in
+/// a few transactions, not one lost commit for each address held.
+#[test]
+fn addresses_held_through_an_overlapping_range_cost_few_commits() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, "/overlap/");
+    let narrow = [pool("10.30.0.0/26", "")];
+    for i in 0..40 {
+        let pod = format!("ns/n{i}");
+        let who = who(&format!("n{i}"), Some(&pod));
+        store.add(&add_req(who, &narrow, "")).unwrap();
+    }
+    let wide = [pool("10.30.0.0/24", "")];
+    let before = cluster.transactions_served();
+    let got = store
+        .add(&add_req(who("w", Some("ns/w")), &wide, ""))
+        .unwrap();
+    let spent = cluster.transactions_served() - before;
+    assert_eq!(got, vec![ip("10.30.0.41")]);
+    assert!(spent <= 8.0, "{spent} transactions for one ADD");
+}
+
+/// A pool whose first million addresses are taken costs no more requests than one holding a
+/// single address: the runs cover them in one key.
 #[test]
 fn a_million_allocations_do_not_slow_down_the_next() {
     if !etcd_available() {

@@ -239,7 +239,7 @@ fn attempt_add(
         return Ok(Some(chosen));
     }
     let alternatives = alternatives(req, &plans, &spare);
-    let (probes, probe_gets) = probes_for(s, req, &plans, memory);
+    let (probes, probe_gets) = probes_for(s, req, &plans, &spare, memory);
     let otherwise = fallbacks(s, req, &plans, &alternatives, probe_gets);
     refuse_oversized(req, [compares.len(), ops.len(), otherwise.len()])?;
     let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
@@ -330,8 +330,9 @@ fn probes_for(
     s: &Session,
     req: &AddRequest,
     plans: &[Plan],
+    spare: &[u128],
     memory: &Memory,
-) -> (Vec<Probe>, Vec<TxnOp>) {
+) -> (Probes, Vec<TxnOp>) {
     let mut probes = Vec::new();
     // The index entries first: a commit may have lost on them (the same attachment's ADD
     // committed meanwhile, or its pod's other container was released), and the next attempt
@@ -359,7 +360,26 @@ fn probes_for(
             });
         }
     }
+    let spare = spare_addresses(req, plans, spare, MAX_TXN_OPS.saturating_sub(gets.len()));
+    gets.extend(
+        spare
+            .iter()
+            .map(|ip| key_get(&s.keys.reservation(&req.network_name, *ip))),
+    );
+    let probes = Probes {
+        each: probes,
+        spare,
+    };
     (probes, gets)
+}
+
+/// What a failed commit reads back to learn from.
+struct Probes {
+    each: Vec<Probe>,
+    /// The addresses of free offsets after the last dynamic choice, whose reservations are read
+    /// after the probes' keys: every one held through an overlapping range is then skipped by
+    /// the next search, instead of being found one lost commit at a time.
+    spare: Vec<IpAddr>,
 }
 
 /// One chosen address of a failed commit, and where its next search would start.
@@ -367,6 +387,25 @@ struct Probe {
     range: usize,
     ip: IpAddr,
     hint: Option<u128>,
+}
+
+/// The addresses of `spare` (the free offsets after the last dynamic range's choice), at most
+/// `budget`, when the ADD reserves its addresses network-wide and that range took one.
+fn spare_addresses(req: &AddRequest, plans: &[Plan], spare: &[u128], budget: usize) -> Vec<IpAddr> {
+    let last_dynamic = req
+        .ranges
+        .iter()
+        .zip(plans)
+        .rev()
+        .find(|(rr, _)| rr.requested.is_none());
+    match last_dynamic {
+        Some((rr, Plan::Take { .. })) if req.overlap => spare
+            .iter()
+            .take(budget)
+            .map(|offset| rr.pool.range.ip(*offset))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The failure branch of the commit. The first choice, then, only if it was lost to a writer of
@@ -441,7 +480,7 @@ fn branches_taken(resp: TxnResponse, alternatives: usize) -> Vec<TxnResponse> {
 /// entries they read back: an offset lost to another writer of the pool (contention: back
 /// off, start past it), an address reserved through an overlapping range (search again at
 /// once), or a changed run or index entry (contention).
-fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Vec<Probe>, memory: &mut Memory) {
+fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Probes, memory: &mut Memory) {
     let mut answers = resp.op_responses().into_iter().map(|r| match r {
         TxnOpResponse::Get(mut g) => g.take_kvs(),
         _ => Vec::new(),
@@ -450,7 +489,7 @@ fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Vec<Probe>, me
     memory.wait = false;
     memory.prefetched.iter_mut().for_each(|w| *w = None);
     let mut lost_any = false;
-    for probe in probes {
+    for probe in probes.each {
         let held = !answers.next().unwrap_or_default().is_empty();
         let reserved = !answers.next().unwrap_or_default().is_empty();
         let window = probe.hint.map(|h| (h, window::parse(h, &mut answers)));
@@ -462,6 +501,11 @@ fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Vec<Probe>, me
             memory.reserved_elsewhere.insert(probe.ip);
         } else {
             memory.wait = true;
+        }
+    }
+    for ip in probes.spare {
+        if !answers.next().unwrap_or_default().is_empty() {
+            memory.reserved_elsewhere.insert(ip);
         }
     }
     if lost_any {
