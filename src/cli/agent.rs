@@ -26,6 +26,14 @@ pub struct AgentArgs {
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // The agent and a plugin working without it must use one namespace, or they would hand
+    // out the same addresses from two sets of pools.
+    if args.store.namespace.is_some() {
+        anyhow::bail!(
+            "--namespace is not the agent's: it serves the plugin, whose pools are in the \
+             namespace the node's configuration gives (WHEREABOUTS_NAMESPACE of the DaemonSet)"
+        );
+    }
     let object = args.store.ipam_object()?;
     let ipam = config::load_for_agent(Some(&object)).map_err(|e| anyhow::anyhow!(e.describe()))?;
     let flag = args.log_level.as_deref().map(|l| match l {

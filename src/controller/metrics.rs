@@ -107,9 +107,9 @@ pub struct Metrics {
     pool_free: Family<PoolLabels, Amount>,
     slices: Family<SliceLabel, Gauge>,
     slices_assigned: Family<SliceLabel, Gauge>,
-    /// When the store's worker started its current batch, or last freed or judged an address
-    /// in it (seconds since the epoch; 0: idle): a long batch that makes progress is not
-    /// stuck. Not exported: /healthz reads it.
+    /// When the store's worker started its current batch, or last finished a release in it
+    /// (freed, found gone, or failed: seconds since the epoch; 0: idle): a long batch that
+    /// makes progress is not stuck. Not exported: /healthz reads it.
     pub busy_since: AtomicI64,
 }
 

@@ -380,8 +380,8 @@ fn del(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig, open: Opener) -> Result<(
             tracing::error!(
                 container = %req.container_id,
                 ifname = %req.ifname,
-                "DEL succeeds WITHOUT releasing anything: the store is broken ({}); \
-                 its addresses stay recorded until the store is repaired",
+                "DEL succeeds WITHOUT releasing what the broken store holds ({}); \
+                 those addresses stay recorded until the store is repaired",
                 broken.describe()
             );
             Ok(())
