@@ -120,6 +120,9 @@ fn refuse_oversized(req: &AddRequest, counts: [usize; 3]) -> Result<(), Stop> {
 pub(super) struct ReadBack {
     pub hits: Vec<IndexHits>,
     pub windows: Vec<(u128, Window)>,
+    /// Addresses the next search skips: reserved through an overlapping range, or answered to
+    /// another request of the agent's batch.
+    pub avoid: HashSet<IpAddr>,
 }
 
 /// What one ADD learns across its attempts.
@@ -162,6 +165,7 @@ impl Memory {
             self.prefetched[i] = Some(window);
         }
         self.hits = Some(read_back.hits);
+        self.reserved_elsewhere.extend(read_back.avoid);
     }
 
     fn start(&self, i: usize, range: &Range) -> u128 {

@@ -35,7 +35,7 @@ use super::plan::{IndexHits, Plan};
 use super::release;
 use super::release_together::release_together;
 use super::runs::ReadRun;
-use super::session::{revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
+use super::session::{key_get, revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use super::window::{self, Window};
 use super::EtcdStore;
 use crate::store::queues::{drop_abandoned, dropped, Observer, Queues, Serving};
@@ -265,6 +265,10 @@ impl Inner {
         let mut answers: Vec<Option<Answer>> = (0..reqs.len()).map(|_| None).collect();
         // What each request's last lost commit read back.
         let mut read_back: HashMap<usize, ReadBack> = HashMap::new();
+        // The addresses no later search of the batch takes: answered already (a lost commit's
+        // read-back may predate the batch's later winners), or reserved through an
+        // overlapping range.
+        let mut avoid: HashSet<IpAddr> = HashSet::new();
         let mut together = combinable(reqs);
         for round in 0..COMBINED_ROUNDS {
             // The first round plans from the copies, when they are in step: one ADD alone then
@@ -280,16 +284,20 @@ impl Inner {
             if together.len() < 2 && (round > 0 || found.is_none()) {
                 break;
             }
-            let planned = self.plan_together(found, reqs, &together, &starts, &dl);
+            let planned = self.plan_together(found, (reqs, &avoid), &together, &starts, &dl);
             match planned.and_then(|planned| self.commit_together(reqs, planned, &starts, &dl)) {
                 Ok(done) => {
                     for (i, ips) in done.answered {
+                        avoid.extend(ips.iter().copied());
                         answers[i] = Some(Ok(ips));
                     }
                     together = done.lost.iter().map(|(i, _)| *i).collect();
                     for (i, lost) in done.lost {
                         match lost {
-                            Some(lost) => read_back.insert(i, lost),
+                            Some(lost) => {
+                                avoid.extend(lost.avoid.iter().copied());
+                                read_back.insert(i, lost)
+                            }
                             None => read_back.remove(&i),
                         };
                     }
@@ -307,7 +315,13 @@ impl Inner {
             .zip(reqs)
             .enumerate()
             .filter(|(_, (answer, _))| answer.is_none())
-            .map(|(i, (answer, req))| (answer, (req, read_back.remove(&i))));
+            .map(|(i, (answer, req))| {
+                let mut read_back = read_back.remove(&i);
+                if let Some(read_back) = &mut read_back {
+                    read_back.avoid.extend(avoid.iter().copied());
+                }
+                (answer, (req, read_back))
+            });
         side_by_side(left.collect(), |(req, read_back)| {
             allocate::add_by(&store.session, &store.backoff, req, &dl, read_back)
         });
@@ -376,7 +390,8 @@ fn each_alone_after(operation: &str, failed: &CallFailed) {
 }
 
 /// Runs `op` for each request left, each on a thread of its own when there are several (the
-/// engine's calls block), and puts its answer in place.
+/// engine's calls block), and puts its answer in place. A thread the system refuses (a pod's
+/// process limit) leaves its request unanswered, which its caller answers "try again".
 fn side_by_side<T: Send, R: Send>(left: Vec<(&mut Option<R>, T)>, op: impl Fn(T) -> R + Sync) {
     if left.len() == 1 {
         for (answer, req) in left {
@@ -387,7 +402,10 @@ fn side_by_side<T: Send, R: Send>(left: Vec<(&mut Option<R>, T)>, op: impl Fn(T)
     std::thread::scope(|scope| {
         for (answer, req) in left {
             let op = &op;
-            scope.spawn(move || *answer = Some(op(req)));
+            let thread = std::thread::Builder::new();
+            if let Err(err) = thread.spawn_scoped(scope, move || *answer = Some(op(req))) {
+                tracing::warn!(%err, "cannot start a thread for a request: it is to try again");
+            }
         }
     });
 }
@@ -456,7 +474,7 @@ impl Inner {
     fn plan_together(
         &self,
         found: Option<Found>,
-        reqs: &[AddRequest],
+        (reqs, avoid): (&[AddRequest], &HashSet<IpAddr>),
         together: &[usize],
         starts: &Starts,
         dl: &Deadline,
@@ -466,7 +484,7 @@ impl Inner {
             Some(found) => found,
             None => read_together(s, reqs, together, starts, dl)?,
         };
-        let mut taken = HashSet::new();
+        let mut taken = avoid.clone();
         let mut planned = Vec::new();
         for (&i, (hits, mut windows)) in together.iter().zip(found) {
             let req = &reqs[i];
@@ -520,12 +538,25 @@ impl Inner {
             let req = &reqs[plan.index];
             let lost = match answer {
                 TxnOpResponse::Txn(t) if t.succeeded() => None,
-                TxnOpResponse::Txn(t) => Some(parse_read_back(req, starts, t, read_back_size)),
+                TxnOpResponse::Txn(t) => {
+                    Some(parse_read_back(req, &plan.plans, starts, t, read_back_size))
+                }
                 _ => Some(None),
             };
             if let Some(read_back) = lost {
                 self.observer.conflict("add");
-                lost_offsets.extend(taken_offsets(req, &plan.plans));
+                // Only an offset another writer of its pool took is contention; an address
+                // held through an overlapping range is skipped, the pool not spread.
+                let read_back = match read_back {
+                    Some((read_back, raced)) => {
+                        lost_offsets.extend(raced);
+                        Some(read_back)
+                    }
+                    None => {
+                        lost_offsets.extend(taken_offsets(req, &plan.plans));
+                        None
+                    }
+                };
                 round.lost.push((plan.index, read_back));
                 continue;
             }
@@ -645,7 +676,7 @@ fn nested_commits(
         .map(|p| {
             let req = &reqs[p.index];
             let (compares, ops) = build_commit(s, req, &p.plans);
-            let read_back = read_back_gets(s, req, starts);
+            let read_back = read_back_gets(s, req, &p.plans, starts);
             let size = read_back.len();
             let commit = Txn::new().when(compares).and_then(ops).or_else(read_back);
             (TxnOp::txn(commit), size)
@@ -653,10 +684,12 @@ fn nested_commits(
         .unzip()
 }
 
-/// The failure branch of `req`'s commit: its index entries and the run window where each of
-/// its searches starts, read at the revision the commit lost at. Nothing when that is more than
-/// a branch may hold (its next attempt reads).
-fn read_back_gets(s: &Session, req: &AddRequest, starts: &Starts) -> Vec<TxnOp> {
+/// The failure branch of `req`'s commit: its index entries, the run window where each of its
+/// searches starts, and for each offset it took the record there and (with overlapping ranges)
+/// the address's reservation, read at the revision the commit lost at: whether another writer
+/// of the pool took the offset, or an overlapping range holds the address. Nothing when that is
+/// more than a branch may hold (its next attempt reads).
+fn read_back_gets(s: &Session, req: &AddRequest, plans: &[Plan], starts: &Starts) -> Vec<TxnOp> {
     let mut gets = index_gets(s, req);
     for rr in &req.ranges {
         gets.extend(window::gets(
@@ -665,20 +698,31 @@ fn read_back_gets(s: &Session, req: &AddRequest, starts: &Starts) -> Vec<TxnOp> 
             search_start(rr, starts),
         ));
     }
-    if gets.len() > MAX_TXN_OPS {
+    for (rr, plan) in req.ranges.iter().zip(plans) {
+        if let Plan::Take { offset, ip, .. } = plan {
+            gets.push(key_get(&s.keys.allocation(&rr.pool.name, *offset)));
+            if req.overlap {
+                gets.push(key_get(&s.keys.reservation(&req.network_name, *ip)));
+            }
+        }
+    }
+    // A nested branch holds what the outer transaction's operations leave of etcd's limit.
+    if gets.len() > MAX_TXN_OPS - MAX_BATCH {
         return Vec::new();
     }
     gets
 }
 
-/// What a lost commit of `req` read back ([`read_back_gets`], `size` answers); `None` when it
-/// did not read that.
-fn parse_read_back(
-    req: &AddRequest,
+/// What a lost commit of `req` read back ([`read_back_gets`], `size` answers), with the offsets
+/// it lost in a race with another writer (the pool is contended): all but those whose address
+/// an overlapping range holds, which the next search skips. `None` when it did not read that.
+fn parse_read_back<'r>(
+    req: &'r AddRequest,
+    plans: &[Plan],
     starts: &Starts,
     lost: TxnResponse,
     size: usize,
-) -> Option<ReadBack> {
+) -> Option<(ReadBack, Vec<(&'r str, u128)>)> {
     let answers = lost.op_responses();
     if size == 0 || answers.len() != size {
         return None;
@@ -696,7 +740,25 @@ fn parse_read_back(
             (from, window::parse(from, &mut results))
         })
         .collect();
-    Some(ReadBack { hits, windows })
+    let mut avoid = HashSet::new();
+    let mut raced = Vec::new();
+    for (rr, plan) in req.ranges.iter().zip(plans) {
+        if let Plan::Take { offset, ip, .. } = plan {
+            let held = !results.next().unwrap_or_default().is_empty();
+            let reserved = req.overlap && !results.next().unwrap_or_default().is_empty();
+            if reserved && !held {
+                avoid.insert(*ip);
+            } else {
+                raced.push((rr.pool.name.as_str(), *offset));
+            }
+        }
+    }
+    let read_back = ReadBack {
+        hits,
+        windows,
+        avoid,
+    };
+    Some((read_back, raced))
 }
 
 /// What the requests `together` read back when their commits lost, in the shape
@@ -705,7 +767,7 @@ fn read_back_of(together: &[usize], read_back: &HashMap<usize, ReadBack>) -> Opt
     together
         .iter()
         .map(|i| {
-            let ReadBack { hits, windows } = read_back.get(i)?.clone();
+            let ReadBack { hits, windows, .. } = read_back.get(i)?.clone();
             Some((hits, windows.into_iter().map(|(_, w)| Some(w)).collect()))
         })
         .collect()
