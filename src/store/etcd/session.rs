@@ -226,22 +226,36 @@ pub fn revision_of(resp: &TxnResponse) -> i64 {
 /// once the copy shows that revision: a plan from a copy that misses the agent's own change
 /// loses its commit to the agent itself, and a second such loss would make the pool look
 /// contended.
+///
+/// A change is forgotten once [`RUNS_WRITTEN_KEPT`] old: a copy in step shows it long before
+/// (its watch brings it within milliseconds), so an agent that served many pools over months
+/// holds only the recent ones.
 #[derive(Default)]
-pub struct RunsWritten(Mutex<HashMap<String, i64>>);
+pub struct RunsWritten(Mutex<HashMap<String, (i64, Instant)>>);
+
+/// How long [`RunsWritten`] keeps a pool's latest change.
+pub const RUNS_WRITTEN_KEPT: Duration = Duration::from_secs(600);
 
 impl RunsWritten {
     /// This session changed `pool`'s runs at `revision`.
     pub fn note(&self, pool: &str, revision: i64) {
         let mut written = lock(&self.0);
+        let now = Instant::now();
         match written.get_mut(pool) {
-            Some(latest) => *latest = (*latest).max(revision),
-            None => drop(written.insert(pool.to_string(), revision)),
+            Some((latest, at)) => {
+                *latest = (*latest).max(revision);
+                *at = now;
+            }
+            None => {
+                written.retain(|_, (_, at)| now.duration_since(*at) < RUNS_WRITTEN_KEPT);
+                written.insert(pool.to_string(), (revision, now));
+            }
         }
     }
 
     /// The revision of this session's latest change to `pool`'s runs; 0 before any.
     pub fn latest(&self, pool: &str) -> i64 {
-        lock(&self.0).get(pool).copied().unwrap_or(0)
+        lock(&self.0).get(pool).map_or(0, |(latest, _)| *latest)
     }
 }
 
