@@ -62,6 +62,17 @@ pub(super) fn add_by(
         }
         match attempt_add(s, req, dl, &mut memory) {
             Ok(Some(ips)) => return Ok(ips),
+            // The addresses skipped as held elsewhere may have been freed since (or, learnt
+            // in an agent's batch, concern another request): a search that skips none, on a
+            // fresh read, decides whether the range is full.
+            Err(Stop::Final(StoreError::Exhausted { .. }))
+                if !memory.reserved_elsewhere.is_empty() =>
+            {
+                memory.reserved_elsewhere.clear();
+                memory.hits = None;
+                memory.prefetched.iter_mut().for_each(|w| *w = None);
+                last = CallFailed::new("the range looked full but for addresses held elsewhere");
+            }
             Ok(None) => {
                 last = CallFailed::new("the pool changed while allocating (conflicting writer)")
             }
@@ -364,7 +375,7 @@ fn probes_for(
             });
         }
     }
-    let spare = spare_addresses(req, plans, spare, MAX_TXN_OPS.saturating_sub(gets.len()));
+    let spare = spare_addresses(req, plans, spare, PROBE_GETS.saturating_sub(gets.len()));
     gets.extend(
         spare
             .iter()
@@ -376,6 +387,13 @@ fn probes_for(
     };
     (probes, gets)
 }
+
+/// The gets of a failed commit's probes, at most. They sit up to three levels deep (below the
+/// gate and two alternatives: [`fallbacks`]), and etcd gives a nested transaction what its
+/// parent's largest list leaves of the parent's own budget, from [`MAX_TXN_OPS`]: the commit's
+/// lists (below 32), the gate's (the probes), the first alternative's (below 32) leave the
+/// deepest branch 32.
+const PROBE_GETS: usize = MAX_TXN_OPS / 4;
 
 /// What a failed commit reads back to learn from.
 struct Probes {

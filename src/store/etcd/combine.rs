@@ -265,10 +265,7 @@ impl Inner {
         let mut answers: Vec<Option<Answer>> = (0..reqs.len()).map(|_| None).collect();
         // What each request's last lost commit read back.
         let mut read_back: HashMap<usize, ReadBack> = HashMap::new();
-        // The addresses no later search of the batch takes: answered already (a lost commit's
-        // read-back may predate the batch's later winners), or reserved through an
-        // overlapping range.
-        let mut avoid: HashSet<IpAddr> = HashSet::new();
+        let mut skipped = Skipped::default();
         let mut together = combinable(reqs);
         for round in 0..COMBINED_ROUNDS {
             // The first round plans from the copies, when they are in step: one ADD alone then
@@ -284,18 +281,18 @@ impl Inner {
             if together.len() < 2 && (round > 0 || found.is_none()) {
                 break;
             }
-            let planned = self.plan_together(found, (reqs, &avoid), &together, &starts, &dl);
+            let planned = self.plan_together(found, (reqs, &skipped), &together, &starts, &dl);
             match planned.and_then(|planned| self.commit_together(reqs, planned, &starts, &dl)) {
                 Ok(done) => {
                     for (i, ips) in done.answered {
-                        avoid.extend(ips.iter().copied());
+                        skipped.answered(&reqs[i], &ips);
                         answers[i] = Some(Ok(ips));
                     }
                     together = done.lost.iter().map(|(i, _)| *i).collect();
                     for (i, lost) in done.lost {
                         match lost {
                             Some(lost) => {
-                                avoid.extend(lost.avoid.iter().copied());
+                                skipped.reserved(&reqs[i], lost.avoid.iter().copied());
                                 read_back.insert(i, lost)
                             }
                             None => read_back.remove(&i),
@@ -318,7 +315,7 @@ impl Inner {
             .map(|(i, (answer, req))| {
                 let mut read_back = read_back.remove(&i);
                 if let Some(read_back) = &mut read_back {
-                    read_back.avoid.extend(avoid.iter().copied());
+                    read_back.avoid.extend(skipped.for_request(req));
                 }
                 (answer, (req, read_back))
             });
@@ -446,6 +443,47 @@ fn combinable(reqs: &[AddRequest]) -> Vec<usize> {
     out
 }
 
+/// What a batch's later searches skip: per pool, the addresses answered already (a lost
+/// commit's read-back may predate the batch's later winners); per network name, those reserved
+/// (answered with overlapping ranges, or found held through one). Kept apart, so that another
+/// network's or pool's address never stops a search.
+#[derive(Default)]
+struct Skipped {
+    answered: HashSet<(String, IpAddr)>,
+    reserved: HashSet<(String, IpAddr)>,
+}
+
+impl Skipped {
+    /// `req` was answered `ips`, one per range.
+    fn answered(&mut self, req: &AddRequest, ips: &[IpAddr]) {
+        for (rr, ip) in req.ranges.iter().zip(ips) {
+            self.answered.insert((rr.pool.name.clone(), *ip));
+        }
+        self.reserved(req, ips.iter().copied());
+    }
+
+    /// `ips` are reserved in `req`'s network (when it reserves network-wide).
+    fn reserved(&mut self, req: &AddRequest, ips: impl Iterator<Item = IpAddr>) {
+        if req.overlap {
+            self.reserved
+                .extend(ips.map(|ip| (req.network_name.clone(), ip)));
+        }
+    }
+
+    /// The addresses `req`'s searches skip.
+    fn for_request<'a>(&'a self, req: &'a AddRequest) -> impl Iterator<Item = IpAddr> + 'a {
+        let in_its_pools = self
+            .answered
+            .iter()
+            .filter(|(pool, _)| req.ranges.iter().any(|rr| rr.pool.name == *pool));
+        let in_its_network = self
+            .reserved
+            .iter()
+            .filter(|(network, _)| req.overlap && *network == req.network_name);
+        in_its_pools.chain(in_its_network).map(|(_, ip)| *ip)
+    }
+}
+
 /// What each ADD of a batch holds, as the copies show it or as one read finds it: per ADD, its
 /// index entries and the run window of each range.
 type Found = Vec<(Vec<IndexHits>, Vec<Option<Window>>)>;
@@ -474,7 +512,7 @@ impl Inner {
     fn plan_together(
         &self,
         found: Option<Found>,
-        (reqs, avoid): (&[AddRequest], &HashSet<IpAddr>),
+        (reqs, skipped): (&[AddRequest], &Skipped),
         together: &[usize],
         starts: &Starts,
         dl: &Deadline,
@@ -484,7 +522,7 @@ impl Inner {
             Some(found) => found,
             None => read_together(s, reqs, together, starts, dl)?,
         };
-        let mut taken = avoid.clone();
+        let mut taken = HashSet::new();
         let mut planned = Vec::new();
         for (&i, (hits, mut windows)) in together.iter().zip(found) {
             let req = &reqs[i];
@@ -493,6 +531,7 @@ impl Inner {
             }
             let mut memory = Memory::new(req.ranges.len());
             memory.reserved_elsewhere = taken.clone();
+            memory.reserved_elsewhere.extend(skipped.for_request(req));
             for (r, rr) in req.ranges.iter().enumerate() {
                 memory.start_search_at(r, search_start(rr, starts));
             }
@@ -815,4 +854,64 @@ fn with_windows(
             (hits, searched.collect())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::{Cidr, Range, RangeSpec};
+    use crate::store::{Attachment, PoolRef};
+
+    fn request(pool: &str, network_name: &str, overlap: bool) -> AddRequest {
+        let spec = RangeSpec {
+            cidr: Cidr::parse("10.0.0.0/24", false).unwrap(),
+            start: None,
+            end: None,
+            exclude: Vec::new(),
+        };
+        let pool = PoolRef {
+            name: pool.into(),
+            range: Range::resolve(&spec, None).unwrap(),
+            spec,
+            gateway: None,
+        };
+        AddRequest {
+            cni_network: "net".into(),
+            network_name: network_name.into(),
+            overlap,
+            attachment: Attachment::default(),
+            ranges: vec![RangeRequest {
+                pool,
+                requested: None,
+            }],
+            node_slice_size: None,
+            sleep_for_race: 0,
+            node: None,
+        }
+    }
+
+    /// What a batch skips stops only the searches it concerns: an address answered in a pool,
+    /// those of that pool (and, reserved, of its network); one held through an overlapping
+    /// range, those that reserve in that network. Another network's or pool's address never
+    /// makes a request's range look full.
+    #[test]
+    fn skipped_addresses_stop_only_the_searches_they_concern() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let mut skipped = Skipped::default();
+        let a = request("p", "blue", true);
+        skipped.answered(&a, &[ip("10.0.0.1")]);
+        skipped.reserved(&a, [ip("10.0.0.2")].into_iter());
+        let set = |req: &AddRequest| skipped.for_request(req).collect::<BTreeSet<_>>();
+        let both = BTreeSet::from([ip("10.0.0.1"), ip("10.0.0.2")]);
+        assert_eq!(set(&request("p", "blue", true)), both);
+        // The same pool without network-wide reservations: only what its pool holds.
+        assert_eq!(
+            set(&request("p", "blue", false)),
+            BTreeSet::from([ip("10.0.0.1")])
+        );
+        // Another pool of the network: what the network reserves.
+        assert_eq!(set(&request("q", "blue", true)), both);
+        // Another network: nothing.
+        assert_eq!(set(&request("r", "green", true)), BTreeSet::new());
+    }
 }
