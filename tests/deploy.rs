@@ -841,9 +841,10 @@ fn check_daemonset(ds: &Value, host_bin: &str, host_conf: &str, source: &str) {
         Path::new(&mount_of(host_bin)),
         "{source}"
     );
+    // Only whereabouts' own folder of the CNI configuration directory is mounted.
     assert_eq!(
-        settings.cni_conf_dir,
-        Path::new(&mount_of(host_conf)),
+        settings.whereabouts_d(),
+        Path::new(&mount_of(&format!("{host_conf}/whereabouts.d"))),
         "{source}"
     );
     assert_eq!(settings.host_cni_conf_dir, Path::new(host_conf), "{source}");
