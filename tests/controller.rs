@@ -525,7 +525,10 @@ fn metrics_reflect_a_burst() {
         ctl.metric("whereabouts_pool_free{pool=\"10.55.0.0-26\""),
         Some(48.0)
     );
-    assert_eq!(ctl.metric("whereabouts_pod_deletions_total"), Some(10.0));
+    // The watch follows every namespace: tests running beside this one on the shared plane
+    // delete pods too.
+    let deletions = ctl.metric("whereabouts_pod_deletions_total");
+    assert!(deletions.is_some_and(|d| d >= 10.0), "{deletions:?}");
     // Events are posted in the background once the addresses are free.
     ctl.wait_metric("whereabouts_events_total", 10.0);
     assert!(ctl
