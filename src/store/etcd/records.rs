@@ -41,6 +41,11 @@ impl AllocationRecord {
         }
     }
 
+    /// Whether the record is the attachment of `container_id` and `ifname` (what a DEL names).
+    pub fn is_of(&self, container_id: &str, ifname: &str) -> bool {
+        self.container_id == container_id && self.ifname == ifname
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising plain strings and an address cannot fail.
         serde_json::to_vec(self).unwrap_or_default()

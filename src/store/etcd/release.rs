@@ -588,7 +588,7 @@ pub(super) fn likely_side_keys(
 
 /// Whether a record is the DEL's to release: the same container and interface.
 pub(super) fn owned_by(req: &AttachmentRequest) -> impl Fn(&AllocationRecord) -> bool + '_ {
-    |r: &AllocationRecord| r.container_id == req.container_id && r.ifname == req.ifname
+    |r: &AllocationRecord| r.is_of(&req.container_id, &req.ifname)
 }
 
 pub fn check(s: &Session, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
@@ -708,11 +708,7 @@ pub fn release(
         backoff,
         &dl,
         (pool, offset),
-        &|r| {
-            let held =
-                |who: &Attachment| who.container_id == r.container_id && who.ifname == r.ifname;
-            r.ip == ip && holder.is_none_or(held)
-        },
+        &|r| r.ip == ip && holder.is_none_or(|who| r.is_of(&who.container_id, &who.ifname)),
         Known::Likely(Vec::new()),
     )
 }

@@ -976,13 +976,16 @@ impl Engine {
             let (ip, who) = &wanted[0];
             return Ok(vec![self.reserve(*ip, who, claim).await?]);
         }
+        let names: Vec<String> = wanted
+            .iter()
+            .map(|(ip, _)| reservation::name(*ip, claim.network_name))
+            .collect();
         let mut tasks = tokio::task::JoinSet::new();
-        for (index, (ip, who)) in wanted.iter().enumerate() {
+        for (index, ((_, who), name)) in wanted.iter().zip(&names).enumerate() {
             let kube = self.kube.clone();
-            let name = reservation::name(*ip, claim.network_name);
-            let object = reservation::new_object(&name, who);
+            let object = reservation::new_object(name, who);
             claim.undo.push(Step::Asked {
-                name,
+                name: name.clone(),
                 who: who.clone(),
             });
             tasks.spawn(async move { (index, kube.create_reservation(&object).await) });
@@ -1000,12 +1003,10 @@ impl Engine {
         }
         let mut outcomes = Vec::with_capacity(wanted.len());
         let mut failure = None;
-        for ((ip, who), result) in wanted.iter().zip(created) {
+        for (((ip, who), result), name) in wanted.iter().zip(created).zip(&names) {
             match self.settle_create(result, *ip, who, claim).await {
                 Ok(outcome) => {
-                    claim
-                        .undo
-                        .answered(&reservation::name(*ip, claim.network_name));
+                    claim.undo.answered(name);
                     outcomes.push(outcome);
                 }
                 Err(err) => {
@@ -1169,7 +1170,7 @@ impl Engine {
         found: OverlappingRangeIPReservation,
         who: &Attachment,
     ) -> Result<Option<OverlappingRangeIPReservation>, StoreError> {
-        if found.spec.containerid == who.container_id {
+        if reservation::names_container(&found, who) {
             return Ok(Some(found));
         }
         let update = reservation::taken_over(&found, who);
@@ -1315,12 +1316,7 @@ impl Engine {
         let held = match step {
             Step::Reservation { held } => held,
             Step::Asked { name, who } => match self.kube.get_reservation(&name).await? {
-                Some(found)
-                    if found.spec.containerid == who.container_id
-                        && found.spec.ifname == who.ifname =>
-                {
-                    Held::of(&found)
-                }
+                Some(found) if reservation::names_container(&found, &who) => Held::of(&found),
                 _ => return Ok(()),
             },
             Step::PoolEntry { .. } => return Ok(()),

@@ -20,12 +20,23 @@ pub fn new_object(name: &str, who: &Attachment) -> OverlappingRangeIPReservation
             name: Some(name.to_string()),
             ..ObjectMeta::default()
         },
-        spec: OverlappingRangeIPReservationSpec {
-            containerid: who.container_id.clone(),
-            ifname: who.ifname.clone(),
-            podref: who.pod_ref.clone().unwrap_or_default(),
-        },
+        spec: spec_of(who),
     }
+}
+
+/// What a reservation held by `who` says.
+fn spec_of(who: &Attachment) -> OverlappingRangeIPReservationSpec {
+    OverlappingRangeIPReservationSpec {
+        containerid: who.container_id.clone(),
+        ifname: who.ifname.clone(),
+        podref: who.pod_ref.clone().unwrap_or_default(),
+    }
+}
+
+/// Whether the reservation names exactly `who`'s container and interface, as one `who`
+/// created (or took over) does.
+pub fn names_container(reservation: &OverlappingRangeIPReservation, who: &Attachment) -> bool {
+    reservation.spec.containerid == who.container_id && reservation.spec.ifname == who.ifname
 }
 
 /// Whether the reservation belongs to `who`: the same pod (or, without a pod, the same
@@ -62,7 +73,7 @@ pub fn taken_over(
     who: &Attachment,
 ) -> OverlappingRangeIPReservation {
     let mut object = found.clone();
-    object.spec = new_object("", who).spec;
+    object.spec = spec_of(who);
     object.metadata.managed_fields = None;
     object
 }
