@@ -266,6 +266,60 @@ fn a_del_meeting_an_unreadable_record_releases_the_rest() {
     assert_eq!(next, vec![ip("10.0.0.2"), ip("fd00::1")]);
 }
 
+/// A repeated ADD (the pod's sandbox restarted under its name) moves its address's overlap
+/// reservation to the new container only while the reservation is its own, or writes it again
+/// when it is gone. One naming another holder (left by a restore or a hand edit) stays: taken
+/// over, it would go with this pod's release and leave that holder's address to a third range.
+#[test]
+fn a_repeated_add_takes_over_only_its_own_reservation() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, "/kept/");
+    let p = [pool("10.0.0.0/24", "")];
+    let add = |container: &str| {
+        store
+            .add(&add_req(who(container, Some("ns/a")), &p, ""))
+            .unwrap()
+    };
+    let first = add("c1");
+    assert_eq!(first, vec![ip("10.0.0.1")]);
+    let rkey = "/kept/reservations//10.0.0.1";
+    let reservation = || {
+        let values = cluster.key_values(rkey);
+        let (_, value) = values.first().expect("a reservation");
+        serde_json::from_str::<serde_json::Value>(value).unwrap()
+    };
+    assert_eq!(reservation()["container_id"], "c1");
+
+    let others = json!({"pool": "elsewhere", "container_id": "z", "ifname": "net1"});
+    cluster.put(rkey, &others.to_string());
+    assert_eq!(add("c2"), first);
+    assert_eq!(
+        reservation(),
+        others,
+        "another holder's reservation was taken"
+    );
+
+    cluster.delete(rkey);
+    cluster.put(
+        rkey,
+        &json!({"pool": p[0].name, "container_id": "c2", "ifname": "eth0"}).to_string(),
+    );
+    assert_eq!(add("c3"), first);
+    assert_eq!(reservation()["container_id"], "c3");
+
+    cluster.delete(rkey);
+    assert_eq!(add("c4"), first);
+    assert_eq!(
+        reservation()["container_id"],
+        "c4",
+        "the lost reservation is back"
+    );
+    assert_eq!(reservation()["pod_ref"], "ns/a");
+}
+
 /// Addresses held through an overlapping range of the same network are learnt many at a time:
 /// an ADD in the wider range, whose low addresses the narrower one holds, finds its address in
 /// a few transactions, not one lost commit for each address held.

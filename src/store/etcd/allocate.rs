@@ -17,7 +17,8 @@ use super::contention::start_past;
 use super::freed::fold_pool;
 use super::keys::parse_hex;
 use super::plan::{
-    alternatives, free_after, read_released, IndexHits, Plan, RangeView, Released, Stop, SPARE,
+    alternatives, free_after, read_kept_reservation, read_released, IndexHits, Plan, RangeView,
+    Released, Stop, SPARE,
 };
 use super::records::AllocationRecord;
 use super::runs::ReadRun;
@@ -562,11 +563,13 @@ fn plan_range(
     let plan = match decide(range, &ask, &mut view)? {
         Decision::Keep { offset, .. } => {
             let (_, mod_revision, record) = held.ok_or_else(vanished)?;
+            let reservation = read_kept_reservation(s, dl, (view.req, &rr.pool.name), &record)?;
             Plan::Keep {
                 offset,
                 ip: range.ip(offset),
                 mod_revision,
                 record: Box::new(record),
+                reservation,
             }
         }
         Decision::Take { offset } => {

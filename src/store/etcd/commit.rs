@@ -7,7 +7,7 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use rand::Rng;
 
 use super::keys::{hex, Keys};
-use super::plan::{Plan, Released};
+use super::plan::{kept, KeptReservation, Plan, Released};
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::{self, ReadRun, Run};
 use super::session::{revision_of, Deadline, Session};
@@ -91,8 +91,12 @@ pub(super) fn build_commit(
                 offset,
                 mod_revision,
                 record,
+                reservation,
                 ..
-            } => keep(&s.keys, req, pool, *offset, *mod_revision, record, &mut txn),
+            } => {
+                let read = (*offset, *mod_revision, record.as_ref());
+                keep(&s.keys, (req, pool), read, reservation.as_ref(), &mut txn)
+            }
             Plan::Take {
                 offset,
                 ip,
@@ -125,14 +129,13 @@ struct Commit {
     ops: Vec<TxnOp>,
 }
 
-/// A repeated ADD: the record follows the attachment's new container (and pod, node).
+/// A repeated ADD: the record (read at `mod_revision`) follows the attachment's new container,
+/// and so does its reservation unless that is another holder's.
 fn keep(
     keys: &Keys,
-    req: &AddRequest,
-    pool: &str,
-    offset: u128,
-    mod_revision: i64,
-    record: &AllocationRecord,
+    (req, pool): (&AddRequest, &str),
+    (offset, mod_revision, record): (u128, i64, &AllocationRecord),
+    reservation: Option<&KeptReservation>,
     txn: &mut Commit,
 ) {
     let who = &req.attachment;
@@ -142,17 +145,7 @@ fn keep(
         CompareOp::Equal,
         mod_revision,
     ));
-    let updated = AllocationRecord {
-        container_id: who.container_id.clone(),
-        pod_uid: who.pod_uid.clone().or_else(|| record.pod_uid.clone()),
-        pod_ref: who.pod_ref.clone().or_else(|| record.pod_ref.clone()),
-        // A repeated ADD comes from the node the pod runs on now.
-        node: req.node.clone().or_else(|| record.node.clone()),
-        // And through the network configuration that attaches it now: GC of the one it came
-        // through before does not list it.
-        cni_network: req.cni_network.clone(),
-        ..record.clone()
-    };
+    let updated = kept(req, record);
     if updated == *record {
         return;
     }
@@ -175,19 +168,15 @@ fn keep(
             None,
         ));
     }
-    if record.reserved {
-        let reservation = ReservationRecord {
-            pool: pool.to_string(),
-            container_id: who.container_id.clone(),
-            ifname: who.ifname.clone(),
-            pod_ref: updated.pod_ref.clone(),
-        };
-        txn.ops.push(TxnOp::put(
-            keys.reservation(&record.network_name, record.ip),
-            reservation.to_json(),
-            None,
-        ));
-    }
+    let rev = match reservation {
+        Some(KeptReservation::Ours(rev)) => Some(*rev),
+        Some(KeptReservation::Missing) => None,
+        Some(KeptReservation::Others) | None => return,
+    };
+    let rkey = keys.reservation(&record.network_name, record.ip);
+    txn.compares.push(unchanged(&rkey, rev));
+    let value = ReservationRecord::of(pool, &updated).to_json();
+    txn.ops.push(TxnOp::put(rkey, value, None));
 }
 
 /// A free address: its record, owner and pod index entries, reservation and run.
@@ -230,13 +219,8 @@ fn take(
     if req.overlap {
         let rkey = keys.reservation(&req.network_name, ip);
         txn.compares.push(unchanged(&rkey, None));
-        let reservation = ReservationRecord {
-            pool: pool.clone(),
-            container_id: who.container_id.clone(),
-            ifname: who.ifname.clone(),
-            pod_ref: who.pod_ref.clone(),
-        };
-        txn.ops.push(TxnOp::put(rkey, reservation.to_json(), None));
+        let value = ReservationRecord::of(pool, &record).to_json();
+        txn.ops.push(TxnOp::put(rkey, value, None));
     }
     push_run_change(
         keys,

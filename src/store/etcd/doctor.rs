@@ -264,7 +264,7 @@ impl Survey {
     ) -> Result<(String, IpAddr), String> {
         let at = (record.network_name.clone(), record.ip);
         match self.reservations.get(&at) {
-            Some((holder, _)) if holds(holder, pool, record) => Ok(at),
+            Some((holder, _)) if holder.is_for(pool, record) => Ok(at),
             Some((holder, _)) => Err(format!("its reservation names {}", holder.holder())),
             None => Err(format!(
                 "no reservation in network {:?}",
@@ -272,13 +272,6 @@ impl Survey {
             )),
         }
     }
-}
-
-/// Whether reservation `holder` is that of `record` in pool `pool`.
-fn holds(holder: &ReservationRecord, pool: &str, record: &AllocationRecord) -> bool {
-    holder.pool == pool
-        && holder.container_id == record.container_id
-        && holder.ifname == record.ifname
 }
 
 /// The runs of `pool` against its records and marks: overlaps, holes, allocations uncovered.

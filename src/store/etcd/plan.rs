@@ -49,6 +49,8 @@ pub(super) enum Plan {
         /// The record's revision as read, which the commit compares.
         mod_revision: i64,
         record: Box<AllocationRecord>,
+        /// Its overlap reservation as read, when the new holder changes what it says.
+        reservation: Option<KeptReservation>,
     },
     /// Take the free `offset`.
     Take {
@@ -62,6 +64,17 @@ pub(super) enum Plan {
         /// A move: what the attachment held in this pool before, released by the same commit.
         release: Option<Box<Released>>,
     },
+}
+
+/// The overlap reservation of an address kept by a repeated ADD, as read.
+pub(super) enum KeptReservation {
+    /// It is the kept record's, at this revision: it follows the new container.
+    Ours(i64),
+    /// It is gone (a hand edit, a restore): it is written again.
+    Missing,
+    /// It is another holder's, or unreadable: left alone, since the takeover would leave that
+    /// holder's address free to a third range once this one is released.
+    Others,
 }
 
 /// An allocation a move releases, as read.
@@ -197,9 +210,7 @@ pub(super) fn read_released(
         .next()
         .and_then(|kvs| kvs.into_iter().next())
         .filter(|kv| {
-            ReservationRecord::from_json(kv.value()).is_some_and(|r| {
-                r.pool == pool && r.container_id == record.container_id && r.ifname == record.ifname
-            })
+            ReservationRecord::from_json(kv.value()).is_some_and(|r| r.is_for(pool, &record))
         })
         .map(|kv| kv.mod_revision());
     Ok(Released {
@@ -209,6 +220,55 @@ pub(super) fn read_released(
         run,
         reservation_rev,
     })
+}
+
+/// The reservation of `record`, kept by `req` in `pool`, when the commit rewrites it (the
+/// record is reserved and its new holder changes what the reservation says).
+pub(super) fn read_kept_reservation(
+    s: &Session,
+    dl: &Deadline,
+    (req, pool): (&AddRequest, &str),
+    record: &AllocationRecord,
+) -> Result<Option<KeptReservation>, Stop> {
+    let before = ReservationRecord::of(pool, record);
+    if !record.reserved || ReservationRecord::of(pool, &kept(req, record)) == before {
+        return Ok(None);
+    }
+    let key = s.keys.reservation(&record.network_name, record.ip);
+    let mut res = s.reads(dl, "reservation read", vec![key_get(&key)])?;
+    let read = res.pop().and_then(|kvs| kvs.into_iter().next());
+    Ok(Some(match read {
+        None => KeptReservation::Missing,
+        Some(kv) => match ReservationRecord::from_json(kv.value()) {
+            Some(r) if r.is_for(pool, record) => KeptReservation::Ours(kv.mod_revision()),
+            _ => {
+                tracing::warn!(
+                    key = %key,
+                    "etcd: a repeated ADD keeps {} whose reservation is not its own; \
+                     left as is (`whereabouts doctor` reports it)",
+                    record.ip
+                );
+                KeptReservation::Others
+            }
+        },
+    }))
+}
+
+/// `record` as kept by the repeated ADD `req`: it follows the attachment's new container (and
+/// pod, node, network configuration).
+pub(super) fn kept(req: &AddRequest, record: &AllocationRecord) -> AllocationRecord {
+    let who = &req.attachment;
+    AllocationRecord {
+        container_id: who.container_id.clone(),
+        pod_uid: who.pod_uid.clone().or_else(|| record.pod_uid.clone()),
+        pod_ref: who.pod_ref.clone().or_else(|| record.pod_ref.clone()),
+        // A repeated ADD comes from the node the pod runs on now.
+        node: req.node.clone().or_else(|| record.node.clone()),
+        // And through the network configuration that attaches it now: GC of the one it came
+        // through before does not list it.
+        cni_network: req.cni_network.clone(),
+        ..record.clone()
+    }
 }
 
 /// Up to `max` offsets after `offset` that the window shows free (no reads): candidates for

@@ -96,6 +96,22 @@ impl ReservationRecord {
         serde_json::from_slice(bytes).ok()
     }
 
+    /// The reservation of `record` in `pool`.
+    pub fn of(pool: &str, record: &AllocationRecord) -> ReservationRecord {
+        ReservationRecord {
+            pool: pool.to_string(),
+            container_id: record.container_id.clone(),
+            ifname: record.ifname.clone(),
+            pod_ref: record.pod_ref.clone(),
+        }
+    }
+
+    /// Whether this is the reservation of `record` in `pool` (whatever pod it names: an
+    /// older build wrote none).
+    pub fn is_for(&self, pool: &str, record: &AllocationRecord) -> bool {
+        self.pool == pool && record.is_of(&self.container_id, &self.ifname)
+    }
+
     pub fn holder(&self) -> String {
         match &self.pod_ref {
             Some(pod) => format!("pod {pod} ({}) in pool {}", self.ifname, self.pool),

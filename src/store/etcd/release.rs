@@ -377,11 +377,7 @@ impl SideKeys {
             let ours = if i < self.index_count {
                 std::str::from_utf8(kv.value()).ok().and_then(parse_hex) == Some(offset)
             } else {
-                ReservationRecord::from_json(kv.value()).is_some_and(|r| {
-                    r.pool == pool
-                        && r.container_id == record.container_id
-                        && r.ifname == record.ifname
-                })
+                ReservationRecord::from_json(kv.value()).is_some_and(|r| r.is_for(pool, record))
             };
             if ours {
                 side.push((key.clone(), kv.mod_revision()));
