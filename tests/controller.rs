@@ -474,6 +474,38 @@ fn a_failed_pod_read_is_retried_by_a_reconcile() {
     ctl.wait_metric("whereabouts_reconcile_duration_seconds_count", 2.0);
 }
 
+/// While pods cannot be read, every batch of deletions fails and is left to a full reconcile:
+/// one for them all. A retry of each (each failing and scheduling its own again for as long as
+/// the outage lasts) would multiply the reads a recovering server gets.
+#[test]
+fn failed_batches_during_an_outage_share_one_retry() {
+    // On the fake: it makes pod reads fail on demand, for as long as the test needs.
+    let (server, net, ctl) = pod_p_and_its_controller("10.62.0.0/24", "600");
+    let more = ["q1", "q2", "q3", "q4"];
+    for name in more {
+        server.add_pod_with_uid("default", name, &format!("uid-{name}"), "Running");
+        add(&net, name);
+    }
+    server.fail_next("GET", "pods", 1_000_000);
+    for (i, name) in std::iter::once("p").chain(more).enumerate() {
+        server.delete_now("pods", "default", name);
+        // Each deletion its own batch: the next waits for this one's failure.
+        ctl.wait_metric(
+            "whereabouts_errors_total{operation=\"get_pod\"}",
+            (i + 1) as f64,
+        );
+    }
+    assert_eq!(
+        ctl.metric("whereabouts_retries_total"),
+        Some(1.0),
+        "retries scheduled for five failed batches"
+    );
+    assert!(
+        holds(&net, "default/q4"),
+        "released without reading its pod"
+    );
+}
+
 #[test]
 fn a_pod_read_that_fails_once_is_retried_at_once() {
     // On the fake: it makes one pod read fail on demand (a 500, as from a server restarting).

@@ -205,7 +205,7 @@ impl Metrics {
         );
         r.register(
             "retries",
-            "Operations the controller tried again",
+            "Reads the controller tried again, and full reconciles scheduled after a failure",
             self.retries.clone(),
         );
         r.register(

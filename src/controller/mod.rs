@@ -296,6 +296,7 @@ async fn start_worker(
                 leadership,
                 requeue,
                 retry_after,
+                retry_pending: Arc::default(),
             }
             .run(queue);
         })

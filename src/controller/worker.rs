@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{BlockingRetryable, ExponentialBuilder, Retryable};
 use jiff::Timestamp;
 use kube::api::DynamicObject;
 use kube::runtime::events::Reporter;
@@ -35,6 +36,14 @@ pub enum Job {
     Finished { pod_ref: String },
     /// Judge every allocation against every pod.
     Reconcile { why: &'static str },
+}
+
+/// The pacing of the worker's whole reads, over the store's and the client's own retries of
+/// one request: two more attempts, half a second and a second later, for a busy store.
+fn a_few_times() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_times(2)
 }
 
 /// How many Events the worker posts at once.
@@ -65,6 +74,8 @@ pub struct Worker {
     pub requeue: Jobs,
     /// How long after a failed reconcile (or a lost batch of deletions) the next one runs.
     pub retry_after: Duration,
+    /// Whether that next one is already on its way: failures meanwhile wait for it.
+    pub retry_pending: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -109,13 +120,20 @@ impl Worker {
         }
     }
 
-    /// A full reconcile in a while: what failed now is judged again then.
+    /// A full reconcile in a while: what failed now is judged again then. One at a time: while
+    /// the store cannot be read, each batch of deletions fails, and a retry of each (each failing
+    /// and retrying in turn) would multiply the reads a recovering server gets.
     fn retry_later(&self) {
+        if self.retry_pending.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.metrics.retries.inc();
         let queue = self.requeue.clone();
-        let wait = self.retry_after;
+        let (wait, pending) = (self.retry_after, self.retry_pending.clone());
         self.handle.spawn(async move {
             tokio::time::sleep(wait).await;
+            // Cleared first: a failure of this retry schedules the next.
+            pending.store(false, Ordering::SeqCst);
             let _ = queue.send(Job::Reconcile { why: "retry" });
         });
     }
@@ -138,34 +156,37 @@ impl Worker {
 
     /// Leases, tried a few times: a busy store must not lose a deletion.
     fn allocations(&self) -> Option<Vec<Allocation>> {
-        for attempt in 0..3 {
-            match self.store.allocations(None) {
-                Ok(allocations) => return Some(allocations),
-                Err(err) => {
-                    self.metrics.error("list_allocations");
-                    tracing::warn!(err = %err.describe(), attempt, "cannot read the allocations");
-                    self.metrics.retries.inc();
-                    std::thread::sleep(Duration::from_millis(500 << attempt));
-                }
-            }
-        }
-        None
+        let read = || self.store.allocations(None);
+        let result = read
+            .retry(a_few_times())
+            .sleep(std::thread::sleep)
+            .notify(|err, _| {
+                self.metrics.retries.inc();
+                self.failed("list_allocations", &err.describe());
+            })
+            .call();
+        result
+            .map_err(|err| self.failed("list_allocations", &err.describe()))
+            .ok()
     }
 
     /// Every pod, tried a few times: a reconcile skipped waits for the next schedule.
     fn list_pods(&self) -> Option<HashMap<String, PodState>> {
-        for attempt in 0..3 {
-            match self.handle.block_on(pods::list(&self.client)) {
-                Ok(pods) => return Some(pods),
-                Err(err) => {
-                    self.metrics.error("list_pods");
-                    tracing::warn!(err = %chain(&err), attempt, "cannot list pods");
-                    self.metrics.retries.inc();
-                    std::thread::sleep(Duration::from_millis(500 << attempt));
-                }
-            }
-        }
-        None
+        let list = || pods::list(&self.client);
+        let result = self
+            .handle
+            .block_on(list.retry(a_few_times()).notify(|err, _| {
+                self.metrics.retries.inc();
+                self.failed("list_pods", &chain(err));
+            }));
+        result
+            .map_err(|err| self.failed("list_pods", &chain(&err)))
+            .ok()
+    }
+
+    fn failed(&self, operation: &'static str, err: &str) {
+        self.metrics.error(operation);
+        tracing::warn!(err, operation, "failed");
     }
 
     /// Deletions and completions seen by the watch: the allocations they concern, each judged against
