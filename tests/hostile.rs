@@ -91,9 +91,23 @@ fn a_network_configuration_cannot_choose_where_root_writes() {
     assert!(!net.path().join("other.db").exists());
 }
 
+/// The admin's flat file for `net` (as the tests' own) that also lets network configurations
+/// name files in `/dev`: the trust screen lets those through, so what refuses them is the
+/// plugin's check when it opens them.
+fn flat_file_allowing_dev(net: &Net) -> String {
+    let temp = std::env::temp_dir();
+    let temp = temp.canonicalize().unwrap_or(temp);
+    admin_flat_file(
+        net,
+        json!({"allow_inline_paths": [temp, "/dev"], "allow_inline_endpoints": true,
+            "allow_insecure_tls": true}),
+    )
+}
+
 #[test]
 fn log_file_is_never_a_symlink_a_fifo_or_stdout() {
     let mut net = Net::local(json!({"range": "10.62.0.0/24", "log_level": "debug"}));
+    let flat = flat_file_allowing_dev(&net);
     let target = net.path().join("target");
     std::fs::write(&target, "").unwrap();
     let link = net.path().join("link.log");
@@ -101,16 +115,75 @@ fn log_file_is_never_a_symlink_a_fifo_or_stdout() {
     let fifo = net.path().join("fifo.log");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    for (i, path) in [link.as_path(), fifo.as_path(), "/dev/stdout".as_ref()]
-        .iter()
-        .enumerate()
-    {
+    let cases: [(&std::path::Path, &str); 4] = [
+        (&link, "is a symbolic link"),
+        (&fifo, "is not a regular file"),
+        // A character device.
+        ("/dev/null".as_ref(), "is not a regular file"),
+        // The runtime's pipe, through /dev's link to /proc/self/fd/1.
+        ("/dev/stdout".as_ref(), "is a symbolic link"),
+    ];
+    for (i, (path, why)) in cases.into_iter().enumerate() {
         net.conf["ipam"]["log_file"] = path.to_string_lossy().into();
-        let reply = net.add(&format!("c{i}"), "eth0");
-        reply.ok();
-        assert!(reply.stderr.contains("log_file"), "{reply:?}");
+        let reply = call_as(&net, &flat, "ADD", &format!("c{i}"));
+        // stdout holds the result and nothing else: no log line reached it.
+        let expected = format!("10.62.0.{}/24", i + 1);
+        assert_eq!(ips(&reply.ok()), [expected.as_str()], "{reply:?}");
+        let refusal = format!(
+            "whereabouts: log_file not used, logging to stderr: {} {why}",
+            path.display()
+        );
+        assert!(reply.stderr.contains(&refusal), "{refusal}: {reply:?}");
+        assert!(!reply.stderr.contains("allow_inline_paths"), "{reply:?}");
+        // The logs went to stderr instead.
+        assert!(reply.stderr.contains(&bare(&expected)), "{reply:?}");
     }
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
+}
+
+/// A runtime that sends the plugin's stdout to a regular file, and a log_file naming that
+/// file: the logs must not mix into the result.
+#[test]
+fn log_file_that_is_the_processes_stdout_is_refused() {
+    let mut net = Net::local(json!({"range": "10.62.1.0/24", "log_level": "debug"}));
+    let out = net.path().join("stdout.json");
+    net.conf["ipam"]["log_file"] = out.to_string_lossy().into();
+    let mut child = std::process::Command::new(bin())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(FLAT_FILE_ENV, test_flat_file())
+        .envs([
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(net.conf.to_string().as_bytes())
+        .unwrap();
+    let done = child.wait_with_output().unwrap();
+    let reply = Reply {
+        code: done.status.code().unwrap_or(-1),
+        stdout: std::fs::read_to_string(&out).unwrap(),
+        stderr: String::from_utf8_lossy(&done.stderr).into_owned(),
+    };
+    assert_eq!(ips(&reply.ok()), ["10.62.1.1/24"], "{reply:?}");
+    let refusal = format!(
+        "whereabouts: log_file not used, logging to stderr: {} is this process's standard output or error",
+        out.display()
+    );
+    assert!(reply.stderr.contains(&refusal), "{reply:?}");
+    assert!(reply.stderr.contains("10.62.1.1"), "{reply:?}");
 }
 
 /// Even where the admin allows the folder, the database path is never followed through a link
@@ -150,11 +223,39 @@ fn kubeconfigs_that_run_commands_hang_or_flood_are_refused() {
     let fifo = net.path().join("fifo.kubeconfig");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    for path in [kubeconfig.as_path(), fifo.as_path(), "/dev/zero".as_ref()] {
+    // A usable kubeconfig but for its size: a comment takes it past the 1 MiB cap.
+    let flood = net.path().join("flood.kubeconfig");
+    let cap = 1 << 20;
+    std::fs::write(
+        &flood,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\nusers:\n- name: u\n  user: {{token: t}}\n# {}\n",
+            "x".repeat(cap)
+        ),
+    )
+    .unwrap();
+    // /dev is allowed: the trust screen lets /dev/zero through to the reader.
+    let flat = flat_file_allowing_dev(&net);
+    let cases: [(&std::path::Path, String); 4] = [
+        (&kubeconfig, "user \"u\" runs a command (exec)".into()),
+        (&fifo, format!("{} is not a regular file", fifo.display())),
+        (
+            "/dev/zero".as_ref(),
+            "/dev/zero is not a regular file".into(),
+        ),
+        (
+            &flood,
+            format!("{} is larger than {cap} bytes", flood.display()),
+        ),
+    ];
+    for (path, why) in cases {
         net.conf["ipam"]["datastore"] = "kubernetes".into();
         net.conf["ipam"]["kubernetes"] = json!({"kubeconfig": path});
-        let reply = net.add("c1", "eth0");
+        let reply = call_as(&net, &flat, "ADD", "c1");
         assert_eq!(reply.err_code(), 7, "{reply:?}");
+        let msg = reply.msg();
+        assert!(msg.contains(&why), "{why}: {reply:?}");
+        assert!(!msg.contains("allow_inline_paths"), "{reply:?}");
     }
     assert!(!marker.exists(), "the kubeconfig's command ran");
 }

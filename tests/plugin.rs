@@ -256,8 +256,10 @@ fn gc_and_status_need_1_1_0_and_check_0_4_0() {
     // CHECK came with 0.4.0.
     net.conf["cniVersion"] = "0.3.1".into();
     assert_eq!(net.call("CHECK", "a", "eth0", "").err_code(), 1);
+    // From 0.4.0 CHECK runs: an attachment never added is "not recorded" (102), not a version
+    // error.
     net.conf["cniVersion"] = "0.4.0".into();
-    assert_ne!(net.call("CHECK", "a", "eth0", "").err_code(), 1);
+    assert_eq!(net.call("CHECK", "a", "eth0", "").err_code(), 102);
 }
 
 #[test]
@@ -289,7 +291,7 @@ fn a_database_of_a_newer_schema_lets_del_through() {
     db.execute_batch("PRAGMA user_version = 99").unwrap();
     drop(db);
     let reply = net.call("ADD", "b", "eth0", "");
-    assert_ne!(reply.err_code(), 0);
+    assert_eq!(reply.err_code(), 5, "{reply:?}");
     assert!(reply.msg().contains("newer"), "{reply:?}");
     assert_eq!(net.call("STATUS", "", "", "").err_code(), 50);
     net.call("DEL", "a", "eth0", "").ok_empty();
@@ -457,15 +459,21 @@ fn log_file_receives_the_logs() {
 
 #[test]
 fn an_engine_not_reachable_is_an_error_not_a_panic() {
-    let net =
-        Net::local(json!({"range": "10.28.0.0/24", "local_path": "/proc/whereabouts/nope.db"}));
+    // Inside the folder the flat file allows (the trust screen lets it through), below a
+    // regular file: the local engine cannot create its database there.
+    let mut net = Net::local(json!({"range": "10.28.0.0/24"}));
+    let blocker = net.path().join("not-a-dir");
+    std::fs::write(&blocker, "x").unwrap();
+    net.conf["ipam"]["local_path"] = blocker.join("nope.db").to_string_lossy().into();
     let reply = net.add("a", "eth0");
-    assert_ne!(reply.code, 0);
+    // An I/O failure of the engine (5), not the plugin's defect (999) nor a refused
+    // configuration (7).
+    assert_eq!(reply.err_code(), 5, "{reply:?}");
     assert!(!reply.stderr.contains("panicked"), "{reply:?}");
-    assert!(
-        reply.msg().contains("/proc/whereabouts/nope.db"),
-        "{reply:?}"
-    );
+    let msg = reply.msg();
+    assert!(msg.contains("local database"), "{reply:?}");
+    assert!(msg.contains(&*blocker.to_string_lossy()), "{reply:?}");
+    assert!(!msg.contains("allow_inline_paths"), "{reply:?}");
 }
 
 /// The README's first command, after its build step, run as written (with this build's binary and
