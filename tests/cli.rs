@@ -5,14 +5,12 @@ mod common;
 mod etcd_cluster;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::{bare, call_with, ips, pod_args, Reply};
 use serde_json::{json, Value};
 
 fn cli(conf: &Path, args: &[&str]) -> Reply {
-    let out = Command::new(common::bin())
-        .env_clear()
+    let out = common::operator()
         .args(args)
         .arg("--config")
         .arg(conf)

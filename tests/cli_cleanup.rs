@@ -5,7 +5,6 @@ mod common;
 mod kube_apiserver;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::{bare, ips, Net, Reply};
 use kube_apiserver::TestNamespace;
@@ -54,12 +53,8 @@ impl Setup {
     /// Runs the CLI on this network's configuration, pods read from the API server when
     /// `with_pods`.
     fn cli(&self, args: &[&str], with_pods: bool) -> Reply {
-        let mut cmd = Command::new(common::bin());
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .args(args)
-            .arg("--config")
-            .arg(&self.conf);
+        let mut cmd = common::operator();
+        cmd.args(args).arg("--config").arg(&self.conf);
         if with_pods {
             cmd.arg("--pod-kubeconfig").arg(&self.kubeconfig);
         }
@@ -277,9 +272,8 @@ fn release_errors_are_one_clear_line() {
     );
     let missing = Path::new("/nonexistent/kubeconfig");
     let reply = {
-        let mut cmd = Command::new(common::bin());
-        cmd.env_clear()
-            .args(["release", &held, "--config"])
+        let mut cmd = common::operator();
+        cmd.args(["release", &held, "--config"])
             .arg(&s.conf)
             .arg("--pod-kubeconfig")
             .arg(missing);
@@ -334,8 +328,8 @@ fn gc_and_release_on_etcd() {
         addr.insert(name, bare(&ips(&reply.ok())[0]));
     }
     let cli = |args: &[&str]| {
-        let mut cmd = Command::new(common::bin());
-        cmd.env_clear().args(args).arg("--config").arg(&conf);
+        let mut cmd = common::operator();
+        cmd.args(args).arg("--config").arg(&conf);
         if matches!(args[0], "gc" | "release") {
             cmd.arg("--pod-kubeconfig").arg(&kubeconfig);
         }

@@ -317,9 +317,16 @@ fn rewrites_the_kubeconfig_when_the_token_or_ca_rotates() {
     let settings = host.settings(&["--poll-interval-ms=20"]);
     install::install_once(&settings).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let log = Log::default();
     let watcher = {
-        let (settings, stop) = (settings.clone(), stop.clone());
-        std::thread::spawn(move || install::watch(&settings, &stop))
+        let (settings, stop, log) = (settings.clone(), stop.clone(), log.clone());
+        let logger = tracing_subscriber::fmt()
+            .with_writer(move || log.clone())
+            .with_ansi(false)
+            .finish();
+        std::thread::spawn(move || {
+            tracing::subscriber::with_default(logger, || install::watch(&settings, &stop))
+        })
     };
     let path = host.wd().join("whereabouts.kubeconfig");
     let limit = Duration::from_secs(10);
@@ -348,9 +355,14 @@ fn rewrites_the_kubeconfig_when_the_token_or_ca_rotates() {
     fs::remove_file(&path).unwrap();
     assert!(eventually(limit, || path.exists()));
 
-    // A token missing for a moment does not end the watcher.
+    // A token missing for a while (the watcher fails to refresh) does not end the watcher.
     fs::remove_file(host.sa().join("token")).unwrap();
-    std::thread::sleep(Duration::from_millis(60));
+    assert!(
+        eventually(limit, || log
+            .text()
+            .contains("cannot refresh the kubeconfig")),
+        "the watcher never met the missing token"
+    );
     fs::write(host.sa().join("token"), "token-three").unwrap();
     assert!(eventually(limit, || kubeconfig(&host)["users"][0]["user"]
         ["token"]
@@ -358,6 +370,27 @@ fn rewrites_the_kubeconfig_when_the_token_or_ca_rotates() {
 
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
+}
+
+/// What the watcher logs, kept for the test to read.
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Log {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The real binary, with a clean environment (the DaemonSet's variables are given as flags).

@@ -500,6 +500,7 @@ impl Controller {
         let child = Command::new(bin())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(cni::trust::FLAT_FILE_ENV, cni::trust::test_flat_file())
             .args(["controller", "--datastore", "kubernetes", "--kubeconfig"])
             .arg(kubeconfig)
             // A short lease: the scenario sees the leader renew it (an update) within seconds.

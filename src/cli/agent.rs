@@ -35,7 +35,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let object = args.store.ipam_object()?;
-    let ipam = config::load_for_agent(Some(&object)).map_err(|e| anyhow::anyhow!(e.describe()))?;
+    let ipam =
+        config::load_for_operator(Some(&object)).map_err(|e| anyhow::anyhow!(e.describe()))?;
     let flag = args.log_level.as_deref().map(|l| match l {
         "debug" => LogLevel::Debug,
         "error" => LogLevel::Error,

@@ -28,32 +28,24 @@ fn invalid(msg: impl Into<String>) -> ConfigError {
 /// trusted, see [`super::trust`]) and the admin's flat file, `$WHEREABOUTS_FLAT_FILE` or the
 /// first of the standard places that exists.
 pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
-    let defaults = match std::env::var_os(FLAT_FILE_ENV).filter(|v| !v.is_empty()) {
-        Some(file) => vec![PathBuf::from(file)],
-        None => default_flat_files(),
-    };
-    load_inner(ipam, &defaults, Caller::Network)
+    load_inner(ipam, &flat_files(), Caller::Network)
 }
 
-/// As [`load`], for the operator's commands: the engine settings matter, ranges may be absent
-/// (the flat file written by the installer names only the engine), and what the operator
-/// gives is trusted.
+/// As [`load`], for the operator's commands and the node agent: the engine settings matter,
+/// ranges may be absent (the flat file written by the installer names only the engine), and
+/// what the operator gives is trusted. The flat file is the one the node's plugin reads, so
+/// they reach the store the plugin would use.
 pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
-    load_inner(ipam, &default_flat_files(), Caller::Operator)
+    load_inner(ipam, &flat_files(), Caller::Operator)
 }
 
-/// As [`load_for_operator`], for the node agent: the flat file is the one the node's plugin
-/// reads (`$WHEREABOUTS_FLAT_FILE` too), so the agent serves the engine the plugin would use.
-pub fn load_for_agent(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
-    let defaults = match std::env::var_os(FLAT_FILE_ENV).filter(|v| !v.is_empty()) {
+/// Where the flat file is looked for: `$WHEREABOUTS_FLAT_FILE` alone when set, else the
+/// standard places.
+fn flat_files() -> Vec<PathBuf> {
+    match std::env::var_os(FLAT_FILE_ENV).filter(|v| !v.is_empty()) {
         Some(file) => vec![PathBuf::from(file)],
-        None => default_flat_files(),
-    };
-    load_inner(ipam, &defaults, Caller::Operator)
-}
-
-fn default_flat_files() -> Vec<PathBuf> {
-    FLAT_FILE_PATHS.iter().map(PathBuf::from).collect()
+        None => FLAT_FILE_PATHS.iter().map(PathBuf::from).collect(),
+    }
 }
 
 /// As [`load`] with the default flat-file locations given and the `ipam` object trusted as

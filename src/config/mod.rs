@@ -133,9 +133,7 @@ mod raw;
 pub mod trust;
 
 pub use error::ConfigError;
-pub use load::{
-    find_flat_file, load, load_for_agent, load_for_operator, load_untrusted, load_with_flat_files,
-};
+pub use load::{find_flat_file, load, load_for_operator, load_untrusted, load_with_flat_files};
 pub use trust::Trust;
 
 #[cfg(test)]

@@ -13,10 +13,23 @@ use serde_json::{json, Value};
 
 mod trust;
 pub use trust::{test_flat_file, FLAT_FILE_ENV};
+#[allow(clippy::duplicate_mod)]
+mod ci;
+pub use ci::in_ci;
 
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_whereabouts")
+}
+
+/// The binary for an operator's command (or the controller), in an environment of its own:
+/// PATH, and the tests' flat file in place of whatever flat file the host has.
+pub fn operator() -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(FLAT_FILE_ENV, test_flat_file());
+    cmd
 }
 
 /// What one call printed and returned.
@@ -207,11 +220,6 @@ pub fn call_bin(
         ],
         &conf,
     )
-}
-
-/// Whether the tests run in CI, where a missing prerequisite is a failure, not a skip.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
 /// Fails in CI, otherwise prints a loud notice: for prerequisites a test cannot run without.

@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+#[allow(clippy::duplicate_mod)]
+#[path = "../common/ci.rs"]
+mod ci;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,8 +22,8 @@ pub fn etcd_available() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("etcd is not installed but CI=true: install etcd-server and etcd-client");
+        if ci::in_ci() {
+            panic!("etcd is not installed in CI: install etcd-server and etcd-client");
         }
         eprintln!(
             "==== SKIPPING etcd test: `etcd` is not installed (apt install etcd-server) ===="

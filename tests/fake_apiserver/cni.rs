@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 // Shared with `common`, which some test crates also include.
 #[allow(clippy::duplicate_mod)]
 #[path = "../common/trust.rs"]
-mod trust;
+pub mod trust;
 
 /// One call of the plugin.
 pub struct Call<'a> {

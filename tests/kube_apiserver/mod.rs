@@ -35,9 +35,10 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
+#[allow(clippy::duplicate_mod)]
+#[path = "../common/ci.rs"]
+mod ci;
+use ci::in_ci;
 
 /// The shared control plane, started on first use; `None` (after a loud message) when it cannot
 /// be started outside CI.
