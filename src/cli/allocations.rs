@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::output::print;
+use super::output::{print, OutputArgs};
 use super::store_args::StoreArgs;
 use crate::ipam::{parse_range_text, Cidr};
 use crate::store::Allocation;
@@ -13,6 +13,8 @@ pub struct AllocationsArgs {
     pub range: Option<String>,
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub format: OutputArgs,
 }
 
 #[derive(Serialize, Debug, PartialEq)]
@@ -69,7 +71,7 @@ pub fn rows(args: &AllocationsArgs) -> anyhow::Result<Vec<AllocationRow>> {
 pub fn run(args: AllocationsArgs) -> anyhow::Result<()> {
     let rows = rows(&args)?;
     print(
-        args.store.output,
+        args.format.output,
         &rows,
         &["ADDRESS", "POOL", "POD", "CONTAINER", "INTERFACE"],
         |r| {

@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 
 use serde::Serialize;
 
-use super::output::{emit, Output};
+use super::output::{emit, Output, OutputArgs};
 use super::store_args::StoreArgs;
 use crate::config::Datastore;
 use crate::store::{etcd, kubernetes};
@@ -27,6 +27,8 @@ pub struct DoctorArgs {
     pub orphan_age: u64,
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub format: OutputArgs,
 }
 
 #[derive(Serialize)]
@@ -82,13 +84,13 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
                 kubernetes::doctor(&cfg, k8s, args.fix, orphan_age).map_err(failed)?;
             // An empty report of the wrong namespace reads as healthy: say which was read.
             eprintln!("checked the IPPools and reservations of {scope} (--namespace to change)");
-            report(args.store.output, &findings)
+            report(args.format.output, &findings)
         }
         Datastore::Etcd(store) => {
             let mut progress = EtcdProgress::default();
             let findings = etcd::doctor(&cfg, store, args.fix, &mut |p| progress.heard(p));
             progress.done();
-            report(args.store.output, &findings.map_err(failed)?)
+            report(args.format.output, &findings.map_err(failed)?)
         }
         Datastore::Local { .. } => anyhow::bail!(
             "whereabouts doctor checks the kubernetes and etcd datastores; the local one changes \

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::Serialize;
 
-use super::output::print;
+use super::output::{print, OutputArgs};
 use super::store_args::StoreArgs;
 use crate::cleanup::judge::{PodState, Verdict};
 use crate::cleanup::plan::{plan, release_if_held};
@@ -35,6 +35,8 @@ pub struct GcArgs {
     pub force: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub format: OutputArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -132,7 +134,7 @@ pub fn run(args: GcArgs) -> anyhow::Result<()> {
     let (cfg, store) = args.store.open()?;
     let rows = rows(&args, store.as_ref(), &cfg)?;
     print(
-        args.store.output,
+        args.format.output,
         &rows,
         &["ADDRESS", "POOL", "POD", "ACTION", "REASON"],
         |r| {

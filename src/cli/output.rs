@@ -13,6 +13,14 @@ pub enum Output {
     Json,
 }
 
+/// `--output`, of the commands that print rows.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
 /// Writes `text` to stdout. A closed pipe (`| head`) ends the output quietly instead of failing.
 pub fn emit(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::output::print;
+use super::output::{print, OutputArgs};
 use super::store_args::StoreArgs;
 use crate::ipam::Cidr;
 use crate::plugin;
@@ -13,6 +13,8 @@ use crate::plugin;
 pub struct PoolsArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub format: OutputArgs,
 }
 
 #[derive(Serialize, Debug, PartialEq)]
@@ -61,7 +63,7 @@ pub fn rows(args: &StoreArgs) -> anyhow::Result<Vec<PoolRow>> {
 pub fn run(args: PoolsArgs) -> anyhow::Result<()> {
     let rows = rows(&args.store)?;
     print(
-        args.store.output,
+        args.format.output,
         &rows,
         &["POOL", "RANGE", "USED", "FREE", "UTILISATION"],
         |r| {

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::gc::ClusterArgs;
-use super::output::print;
+use super::output::{print, OutputArgs};
 use super::store_args::StoreArgs;
 use crate::cleanup::judge::{judge, Verdict};
 use crate::cleanup::plan::release_if_held;
@@ -27,6 +27,8 @@ pub struct ReleaseArgs {
     pub force: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub format: OutputArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -132,7 +134,7 @@ fn reason(args: &ReleaseArgs, cfg: &IpamConfig, allocation: &Allocation) -> anyh
 pub fn run(args: ReleaseArgs) -> anyhow::Result<()> {
     let row = release(&args)?;
     print(
-        args.store.output,
+        args.format.output,
         std::slice::from_ref(&row),
         &["ADDRESS", "POOL", "POD", "RELEASED", "REASON"],
         |r| {

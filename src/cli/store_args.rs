@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use super::output::Output;
 use crate::config::{self, Datastore, IpamConfig};
 use crate::store::{self, Store};
 
@@ -34,9 +33,6 @@ pub struct StoreArgs {
     /// The etcd endpoints, comma separated.
     #[arg(long)]
     pub etcd_host: Option<String>,
-    /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
-    pub output: Output,
 }
 
 /// Whether `name` can name a namespace (an RFC 1123 label).
