@@ -684,7 +684,9 @@ fn adds_queued_during_a_batchs_reservations_share_its_pool_write() {
     );
 }
 
-/// Pod `pod-1`'s sandboxes on agent `node-0`, on a fake API server.
+/// Pod `pod-1`'s sandboxes on agent `node-0`, on a fake API server: its gate holds the first
+/// ADD's reservation create until the second ADD has arrived, which a real server cannot be made
+/// to do.
 struct Sandboxes {
     server: fake_apiserver::FakeApiServer,
     agent: Agent,
@@ -746,7 +748,8 @@ impl Sandboxes {
 }
 
 /// A runtime repeating an ADD (the same container) while the first waits in its batch: both
-/// get the address, recorded once.
+/// get the address, recorded once. On the fake API server (see [`Sandboxes`]), whose gate holds
+/// the first ADD at its reservation's create.
 #[test]
 fn a_repeated_add_waiting_behind_its_first_gets_the_same_address() {
     let dir = tempfile::tempdir().unwrap();
@@ -761,6 +764,8 @@ fn a_repeated_add_waiting_behind_its_first_gets_the_same_address() {
 /// in a batch is not that ADD repeated. Answered with the first's address, recorded under the
 /// first container, it would hold an address nothing records once the runtime deletes the first
 /// sandbox. It is told to try again, and its retry holds the address under its own container.
+/// On the fake API server (see [`Sandboxes`]), whose gate holds the first ADD at its
+/// reservation's create.
 #[test]
 fn a_pods_new_sandbox_is_not_served_as_its_first_ones_repetition() {
     let dir = tempfile::tempdir().unwrap();
@@ -1405,7 +1410,10 @@ fn agents_ride_out_an_api_server_restart_mid_burst() {
     let failures = "whereabouts_agent_cache_failures_total";
     let failed_before = summed(&agents, failures);
     plane.restart_apiserver();
-    assert!(summed(&agents, failures) > failed_before, "no watch broke");
+    // The agents count a broken watch when they notice it, after the restart returns.
+    wait_until("a watch of an agent breaks at the restart", || {
+        summed(&agents, failures) > failed_before
+    });
     copies_back_in_step(&agents);
     plane.down();
 }

@@ -322,6 +322,9 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
             std::thread::sleep(Duration::from_millis(5));
         }
     };
+    // Whether the burst was still running once each kill had been made (checked after the
+    // fact, so "still running" is certain).
+    let mut mid_burst = Vec::new();
     let replies = std::thread::scope(|scope| {
         let runner = scope.spawn(|| burst("ADD", &all, &conf, &progress, &env));
         wait_for(all.len() / 4, &runner);
@@ -331,6 +334,7 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
             progress.load(Ordering::SeqCst)
         );
         cluster.kill(leader);
+        mid_burst.push(("the first leader's kill", !runner.is_finished()));
         // Then the new leader too: no quorum until the first one is back.
         wait_for(all.len() / 2, &runner);
         let second = cluster.leader();
@@ -339,6 +343,7 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
             progress.load(Ordering::SeqCst)
         );
         cluster.kill(second);
+        mid_burst.push(("the second leader's kill", !runner.is_finished()));
         std::thread::sleep(Duration::from_secs(3));
         cluster.restart(leader);
         let replies = runner.join().expect("burst thread");
@@ -346,6 +351,14 @@ fn leader_killed_mid_burst_gives_unique_addresses_or_code_11_and_no_leak() {
         replies
     });
     cluster.wait_healthy(Duration::from_secs(30));
+    for (event, running) in &mid_burst {
+        assert!(
+            running,
+            "the burst of {} ADDs had finished before {event}: it was too short for the outage \
+             to land in it, so this run checked nothing about one",
+            all.len()
+        );
+    }
 
     let mut failed = Vec::new();
     for (pod, reply) in &replies {

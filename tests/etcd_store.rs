@@ -689,6 +689,16 @@ fn a_repeated_static_add_that_loses_its_commit_gets_the_address() {
     req.ranges[0].requested = p.range.cidr.offset_of(ip("10.0.0.7"));
     // Both plugins pause between their read and their commit.
     req.sleep_for_race = 1;
+    // The same two ADDs one after the other (under another prefix) lose nothing: the second
+    // reads what the first committed. What they cost in transactions is the measure a lost
+    // commit (one more transaction, whose compare failed) shows against.
+    let before = cluster.transactions_served();
+    for _ in 0..2 {
+        let again = open(&cluster, "/in-turn/").add(&req);
+        assert_eq!(again.expect("both ADDs succeed"), vec![ip("10.0.0.7")]);
+    }
+    let in_turn = cluster.transactions_served() - before;
+    let before = cluster.transactions_served();
     let start = Barrier::new(2);
     let answers: Vec<Result<Vec<IpAddr>, StoreError>> = std::thread::scope(|scope| {
         let runs: Vec<_> = (0..2)
@@ -703,9 +713,16 @@ fn a_repeated_static_add_that_loses_its_commit_gets_the_address() {
             .collect();
         runs.into_iter().map(|run| run.join().unwrap()).collect()
     });
+    let at_once = cluster.transactions_served() - before;
     for answer in answers {
         assert_eq!(answer.expect("both ADDs succeed"), vec![ip("10.0.0.7")]);
     }
+    eprintln!("transactions: {in_turn} for the ADDs in turn, {at_once} at once");
+    assert!(
+        at_once > in_turn,
+        "the ADDs at once cost no more transactions than in turn ({at_once} against \
+         {in_turn}): neither lost a commit, so this run did not test a lost one"
+    );
     let held = open(&cluster, "/twice/").allocations(None).unwrap();
     assert_eq!(held.len(), 1, "{held:?}");
 }

@@ -8,10 +8,10 @@ mod kube_apiserver;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fake_apiserver::burst::{container, run_burst, Burst};
-use fake_apiserver::cni::{netconf, run, Call, Reply};
+use fake_apiserver::cni::{self, netconf, run, Call, Reply};
 use fake_apiserver::harness::pool_ips;
 use fake_apiserver::FakeApiServer;
 use serde_json::{json, Value};
@@ -44,6 +44,21 @@ fn call<'a>(command: &'a str, container: &'a str, pod: &'a str) -> Call<'a> {
         pod: Some(("default", pod)),
         node: None,
         env: vec![],
+    }
+}
+
+/// Polls `done` every 10 ms for at most `limit`: whether it held in time. The caller opens any
+/// gate it closed before it fails, so that the binary held there ends too.
+fn held_within(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -393,9 +408,14 @@ fn a_release_of_the_old_sandbox_leaves_the_reservation_its_new_sandbox_took() {
     server.close_gate("DELETE", RESERVATIONS);
     let (old_del, new_add) = std::thread::scope(|s| {
         let old_del = s.spawn(|| run(bin(), &call("DEL", "w-1", "w"), &conf));
-        while server.waiting_at_gate() == 0 {
-            std::thread::sleep(Duration::from_millis(10));
+        let held = held_within(Duration::from_secs(30), || server.waiting_at_gate() > 0);
+        if !held {
+            server.open_gate();
         }
+        assert!(
+            held,
+            "the old sandbox's DEL never reached the gate on reservation deletes"
+        );
         let new_add = run(bin(), &call("ADD", "w-2", "w"), &conf);
         server.open_gate();
         (old_del.join().unwrap(), new_add)
@@ -574,10 +594,15 @@ fn an_add_whose_lease_renewals_hang_writes_nothing() {
                 let counts = server.requests_by_verb();
                 counts.contains_key("POST ippools") || counts.get("PUT leases") >= Some(&2)
             };
-            while !decided() {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            // The ADD waits 2 s before it writes, then each of its requests at most its
+            // timeout: a minute without either is a hang, not a slow ADD.
+            let held = held_within(Duration::from_secs(60), decided);
             server.open_gate();
+            assert!(
+                held,
+                "within 60 s the ADD neither wrote its pool nor gave the Lease up: {:?}",
+                server.requests_by_verb()
+            );
         });
         run(bin(), &add, &conf)
     });
@@ -591,6 +616,8 @@ fn an_add_whose_lease_renewals_hang_writes_nothing() {
     assert!(held.as_ref().is_none_or(|a| *a == json!({})), "{held:?}");
 }
 
+/// On the fake API server: a real one cannot be made on demand to answer slowly, answer 500s,
+/// apply a write and answer 504, or drop its connections.
 #[test]
 fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects() {
     let server = FakeApiServer::start();
@@ -687,6 +714,9 @@ fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects(
     assert_eq!(server.list(RESERVATIONS, NS).len(), 2);
 }
 
+/// The server without the CRDs is the fake one: the shared real control plane always has them
+/// installed (cluster-wide, so they cannot be taken away from one test), and a dedicated real
+/// plane without them would cost this one assertion the start of a whole control plane.
 #[test]
 fn status_needs_the_crds() {
     let dir = tempfile::tempdir().unwrap();
@@ -862,7 +892,8 @@ fn node_slices_from_a_nodeslicepool() {
     let gc = std::process::Command::new(bin())
         .args(["gc", "-o", "json", "--kubeconfig"])
         .arg(&kubeconfig)
-        .env_remove("KUBECONFIG")
+        .env_clear()
+        .env(cni::trust::FLAT_FILE_ENV, cni::trust::test_flat_file())
         .output()
         .unwrap();
     assert!(gc.status.success(), "{gc:?}");
