@@ -14,6 +14,7 @@ use fake_apiserver::burst::{container, run_burst, Burst};
 use fake_apiserver::cni::{self, netconf, run, Call, Reply};
 use fake_apiserver::harness::pool_ips;
 use fake_apiserver::FakeApiServer;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use serde_json::{json, Value};
 
 const NS: &str = "kube-system";
@@ -614,6 +615,55 @@ fn an_add_whose_lease_renewals_hang_writes_nothing() {
     let pool = server.get("ippools", NS, "10.103.0.0-28");
     let held = pool.map(|p| p["spec"]["allocations"].clone());
     assert!(held.as_ref().is_none_or(|a| *a == json!({})), "{held:?}");
+}
+
+/// While Go binaries may write the pools, a DEL holds their Lease, as their own DEL does: a Go
+/// ADD of the pod's new sandbox keeps the old sandbox's reservation (it names the pod) without
+/// writing it, then writes its pool entry, so a DEL of the old sandbox between the two would
+/// delete the reservation the new entry relies on. A Lease a Go binary holds keeps the DEL
+/// waiting: it answers "try again" and removes nothing, then goes through once it is free.
+#[test]
+fn a_del_waits_for_the_go_binaries_lease() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("del-go-lease");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let flat = dir.path().join("flat.conf");
+    let temp = std::env::temp_dir().canonicalize().unwrap();
+    let settings = json!({"allow_inline_paths": [temp], "go_whereabouts": "present"});
+    std::fs::write(&flat, settings.to_string()).unwrap();
+    let conf = netconf("gonet", &ipam("10.83.0.0/24", &kubeconfig, json!({})));
+    let as_migrating = |command| {
+        let mut c = quick(call(command, "g-1", "g"));
+        c.env
+            .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
+        c
+    };
+    let added = run(bin(), &as_migrating("ADD"), &conf);
+    assert_eq!(added.ips(), ["10.83.0.1"], "{added:?}");
+    let go_holds = |holder: Option<&str>| {
+        let now = serde_json::to_value(MicroTime(jiff::Timestamp::now())).unwrap();
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "whereabouts"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 60,
+                     "acquireTime": now, "renewTime": now},
+        });
+        ns.apply(&kube_apiserver::resource("leases"), lease);
+    };
+    let held = || ns.list("ippools").iter().flat_map(pool_ips).count();
+
+    go_holds(Some("go-node-1"));
+    let waited = run(bin(), &as_migrating("DEL"), &conf);
+    assert_eq!(waited.cni_code(), 11, "{waited:?}");
+    assert_eq!(held(), 1, "the DEL removed the entry without the Lease");
+    assert_eq!(ns.list(RESERVATIONS).len(), 1);
+
+    go_holds(None);
+    let del = run(bin(), &as_migrating("DEL"), &conf);
+    assert_eq!(del.code, 0, "{del:?}");
+    assert_eq!(held(), 0);
+    assert!(ns.list(RESERVATIONS).is_empty());
 }
 
 /// On the fake API server: a real one cannot be made on demand to answer slowly, answer 500s,

@@ -726,9 +726,18 @@ fn expected_list(account: &str, namespace: &str) -> BTreeSet<(String, String, St
             continue;
         }
         for rule in &role.rules {
+            // `can-i --list` shows a rule naming objects once for each name.
+            let names = match rule.names.as_slice() {
+                [] => vec![String::new()],
+                names => names.to_vec(),
+            };
             for resource in &rule.resources {
-                for verb in &rule.verbs {
-                    expected.insert((rule.qualified(resource), rule.names.join(" "), verb.clone()));
+                for (verb, name) in rule
+                    .verbs
+                    .iter()
+                    .flat_map(|v| names.iter().map(move |n| (v, n)))
+                {
+                    expected.insert((rule.qualified(resource), name.clone(), verb.clone()));
                 }
             }
         }

@@ -13,7 +13,7 @@ use super::batch::{in_halves, Batches, Served};
 use super::cache::Cache;
 use super::choose::SPREAD;
 use super::engine::{newer, Engine, Step, UndoLog};
-use super::go_lease::{self, Hold};
+use super::go_lease::Hold;
 use super::job::{pool_key, Granted, Job};
 use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
@@ -253,13 +253,7 @@ impl Engine {
         // A node's slice pool is written by that node alone, and a node runs one binary: the
         // Go binary's per-slice Lease is not needed to keep the two apart.
         if go_present && req.node_slice_size.is_none() {
-            let identity = format!(
-                "whereabouts-rs/{}-{:08x}",
-                std::process::id(),
-                rand::random::<u32>()
-            );
-            let deadline = std::time::Instant::now() + self.settings.deadline;
-            let hold = go_lease::take(&self.kube, &identity, deadline).await?;
+            let hold = self.hold_go_lease().await?;
             let go = GoTerms {
                 present: true,
                 hold: Some(&hold),

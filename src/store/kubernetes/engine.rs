@@ -67,6 +67,37 @@ impl Engine {
         }
         go_lease::go_present(&self.kube, self.go_peers).await
     }
+
+    /// The Go binaries' Lease, taken for this process within the operation's deadline.
+    pub async fn hold_go_lease(&self) -> Result<go_lease::Hold, StoreError> {
+        let identity = format!(
+            "whereabouts-rs/{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let deadline = std::time::Instant::now() + self.settings.deadline;
+        go_lease::take(&self.kube, &identity, deadline).await
+    }
+
+    /// Runs the release `op` holding the Go binaries' Lease while they may write the pools (a
+    /// node's slice pool excepted, which one node alone writes), as their own DEL does. A Go ADD
+    /// of a pod's new sandbox that finds the old sandbox's reservation keeps it unwritten, since
+    /// it names the pod, and then writes its pool entry: a release of the old sandbox between
+    /// the two would delete the reservation the new entry relies on. Whether `op` ran alone
+    /// (not combined by the agent) is its caller's to say with `go`.
+    pub async fn releasing<T>(
+        &self,
+        node_slices: bool,
+        op: impl AsyncFnOnce(bool) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if node_slices || !self.go_present().await? {
+            return op(false).await;
+        }
+        let hold = self.hold_go_lease().await?;
+        let result = op(true).await;
+        hold.release().await;
+        result
+    }
 }
 
 /// Whether resourceVersion `a` was written after `b`. resourceVersions of one API server grow

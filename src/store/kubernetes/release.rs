@@ -319,9 +319,16 @@ impl Engine {
     }
 
     pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
-        if let Some(batches) = &self.batches {
-            return self.del_batched(batches, req).await;
-        }
+        let node_slices = req.node_slice_size.is_some();
+        self.releasing(node_slices, async |go| match &self.batches {
+            // While Go binaries may write, each release is served on its own, as each ADD is.
+            Some(batches) if !go => self.del_batched(batches, req).await,
+            _ => self.del_alone(req).await,
+        })
+        .await
+    }
+
+    async fn del_alone(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         let mine = |e: &Entry, all: &[Entry]| {
             let others = super::pool_doc::holders(all);
             super::pool_doc::named_by(&e.attachment, others, &req.container_id, &req.ifname)
@@ -514,6 +521,12 @@ impl Engine {
     /// of the configured ranges' addresses that no pool entry backs and no valid attachment
     /// holds (old ones only).
     pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
+        let node_slices = req.node_slice_size.is_some();
+        self.releasing(node_slices, async |_| self.gc_alone(req).await)
+            .await
+    }
+
+    async fn gc_alone(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
         let valid: BTreeSet<(&str, &str)> = req
             .valid
             .iter()
@@ -765,6 +778,18 @@ impl Engine {
     /// Releases one address of one pool, whoever holds it or only while `holder` does, and its
     /// reservation.
     pub async fn release(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        holder: Option<&Attachment>,
+    ) -> Result<Option<Allocation>, StoreError> {
+        // Whether the pool is a node's slice is not known here: the Lease is taken for those
+        // too, which costs time only.
+        self.releasing(false, async |_| self.release_alone(pool, ip, holder).await)
+            .await
+    }
+
+    async fn release_alone(
         &self,
         pool: &str,
         ip: IpAddr,
