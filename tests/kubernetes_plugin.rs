@@ -478,6 +478,21 @@ fn ipv6_offsets_beyond_two_to_the_63() {
             json!({"range_start": "fd00:0:0:7:8000::1", "range_end": "fd00:0:0:7:8000::2"}),
         ),
     );
+    // Unless the admin says no Go binary is left, nothing at or beyond 2^63: a Go reconciler
+    // or node-slice plugin, which `auto` cannot see, would drop it from the pool.
+    let reply = run(bin(), &call("ADD", "v6-a", "v6-a"), &conf);
+    assert_ne!(reply.code, 0, "{reply:?}");
+    assert!(reply.stdout.contains("go_whereabouts"), "{reply:?}");
+    let flat = dir.path().join("no-go.conf");
+    let temp = std::env::temp_dir().canonicalize().unwrap();
+    let settings = json!({"allow_inline_paths": [temp], "go_whereabouts": "absent"});
+    std::fs::write(&flat, settings.to_string()).unwrap();
+    let call = |command, container, pod| {
+        let mut c = call(command, container, pod);
+        c.env
+            .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
+        c
+    };
     let reply = run(bin(), &call("ADD", "v6-a", "v6-a"), &conf);
     let want: std::net::Ipv6Addr = "fd00:0:0:7:8000::2".parse().unwrap();
     assert_eq!(reply.ips().len(), 1, "{reply:?}");

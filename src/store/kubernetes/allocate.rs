@@ -17,6 +17,7 @@ use super::go_lease::Hold;
 use super::job::{pool_key, Granted, Job};
 use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
+use crate::config::GoPeers;
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::{is_valid_object_name, object_name};
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Range, Snapshot};
@@ -642,8 +643,12 @@ impl Engine {
         for (offset, _) in slots.iter().filter_map(|slot| slot.reserved.as_ref()) {
             taken.insert(*offset);
         }
+        // Below Go's limit unless the admin says no Go binary is left: `auto` sees Go plugins
+        // by their Lease, but not the Go reconciler (which rewrites pools holding an orphan)
+        // nor node-slice plugins (which take a Lease of each slice pool), which drop such keys.
+        let go_may_rewrite = cx.go.present || self.go_peers != GoPeers::Absent;
         Ok(Round {
-            limit: cx.go.present.then(|| doc.offset_limit(GO_OFFSET_LIMIT)),
+            limit: go_may_rewrite.then(|| doc.offset_limit(GO_OFFSET_LIMIT)),
             doc,
             held,
             taken,
@@ -939,11 +944,17 @@ impl Engine {
             return Some(decision);
         }
         let limit = format!(
-            "the first 2^63 addresses of {range}, which a Go Whereabouts binary (still writing \
-             the pools, see the flat file's go_whereabouts) would drop from pool {}",
+            "the first 2^63 addresses of {range}, which a Go Whereabouts binary would drop from \
+             pool {} (beyond them only while the flat file's go_whereabouts is \"absent\")",
             doc.name
         );
-        slot.done = Some(Err(StoreError::refusing(range, decision, &limit)));
+        let cut_by_limit = round.limit.is_some_and(|limit| range.last >= limit);
+        slot.done = Some(Err(match decision {
+            Decision::Exhausted if cut_by_limit => StoreError::Exhausted {
+                range: format!("{range} within {limit}"),
+            },
+            refusal => StoreError::refusing(range, refusal, &limit),
+        }));
         None
     }
 
