@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use fake_apiserver::harness::*;
 use fake_apiserver::FakeApiServer;
 use serde_json::json;
+use whereabouts::config::{GoPeers, IpamConfig};
 use whereabouts::store::{Attachment, StoreError};
 
 #[test]
@@ -209,7 +210,9 @@ fn gc_of_a_shared_pool_frees_only_gone_pods_entries() {
     let ns = plane.namespace("gc-shared-pool");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let cfg = config(&ipam_json("10.6.0.0/24", &kubeconfig, json!({})));
+    let mut cfg = config(&ipam_json("10.6.0.0/24", &kubeconfig, json!({})));
+    // A podless entry is written only while no Go binary is left.
+    cfg.go_peers = GoPeers::Absent;
     let store = open(&cfg).unwrap();
     let pod = |name: &str| format!("{}/{name}", ns.name);
     ns.add_pod_on("listed", "Running", Some("node-a"));
@@ -267,6 +270,40 @@ fn gc_of_a_shared_pool_frees_only_gone_pods_entries() {
     let released = store.release("10.6.0.0-24", listed[0].ip, None).unwrap();
     assert!(released.is_some());
     assert_eq!(ns.list("overlappingrangeipreservations").len(), 4);
+}
+
+/// An ADD without a pod would be written with `podref: ""`, whose reservation a Go reconciler
+/// deletes as an orphan's (an overlapping range then hands the address out again): refused, as
+/// Go binaries refuse it, unless no Go binary is left or the network keeps no reservations.
+#[test]
+fn an_add_without_a_pod_is_refused_while_go_binaries_may_remain() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("podless-add");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let podless = || {
+        let mut who = attachment("podless", "", "net1");
+        who.pod_ref = None;
+        who
+    };
+    let add = |cfg: &IpamConfig| open(cfg).unwrap().add(&add_request(cfg, podless()));
+
+    let cfg = config(&ipam_json("10.7.0.0/24", &kubeconfig, json!({})));
+    let err = add(&cfg).unwrap_err();
+    assert!(matches!(err, StoreError::Config { .. }), "{err:?}");
+    assert!(
+        err.describe().contains("K8S_POD_NAME"),
+        "{}",
+        err.describe()
+    );
+    assert!(ns.list("ippools").iter().all(|p| pool_ips(p).is_empty()));
+
+    let overlap_off = json!({"enable_overlapping_ranges": false});
+    let cfg = config(&ipam_json("10.7.1.0/24", &kubeconfig, overlap_off));
+    assert_eq!(add(&cfg).unwrap(), ["10.7.1.1".parse::<IpAddr>().unwrap()]);
+    let mut cfg = config(&ipam_json("10.7.2.0/24", &kubeconfig, json!({})));
+    cfg.go_peers = GoPeers::Absent;
+    assert_eq!(add(&cfg).unwrap(), ["10.7.2.1".parse::<IpAddr>().unwrap()]);
 }
 
 #[test]

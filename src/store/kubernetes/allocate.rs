@@ -195,6 +195,23 @@ fn pool_full(name: &str, more: usize, refused: ApiError) -> StoreError {
     .because(refused)
 }
 
+impl Engine {
+    /// An ADD without a pod (no `K8S_POD_NAME`) is written with `podref: ""`, whose reservation
+    /// a Go reconciler deletes as an orphan's: the entry then stands without it, and an
+    /// overlapping range hands its address out again. Go binaries refuse such an ADD; ours
+    /// too, unless the admin says no Go binary is left (`auto` cannot see the reconciler).
+    fn refuse_podless(&self, req: &AddRequest) -> Result<(), StoreError> {
+        if !req.overlap || req.attachment.pod_ref.is_some() || self.go_peers == GoPeers::Absent {
+            return Ok(());
+        }
+        Err(StoreError::config(
+            "an ADD without K8S_POD_NAME in CNI_ARGS holds an address the Go Whereabouts' \
+             reconciler would free; it is taken only while the flat file's go_whereabouts is \
+             \"absent\" (or with enable_overlapping_ranges false)",
+        ))
+    }
+}
+
 /// What the batches of one queue share: the pool, the request they were queued for, and the
 /// deadline of the first batch, which its halves served apart keep.
 struct Batch<'a> {
@@ -207,6 +224,7 @@ impl Engine {
     /// One address per range, in order; what was written is in `undo` for the caller to take
     /// back if this fails.
     pub async fn add(&self, req: &AddRequest, undo: &UndoLog) -> Result<Vec<IpAddr>, StoreError> {
+        self.refuse_podless(req)?;
         let go_present = self.go_present().await?;
         let mut ips = Vec::with_capacity(req.ranges.len());
         for wanted in &req.ranges {
