@@ -556,6 +556,45 @@ fn an_entry_a_failed_add_cannot_take_back_keeps_its_reservation() {
     assert!(server.get(RESERVATIONS, NS, "10.101.0.1").is_none());
 }
 
+/// As above, in a pool whose `spec.range` carries host bits (written by hand or by another
+/// tool): its keys count from that address, so the entry's key alone does not name its address.
+/// On the fake API server, which fails the removal on demand.
+#[test]
+fn an_entry_keyed_from_host_bits_a_failed_add_cannot_take_back_keeps_its_reservation() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    server.create(
+        "ippools",
+        NS,
+        upstream_pool("10.104.0.0-30", "10.104.0.0/30", &[1, 2]),
+    );
+    server.create(
+        "ippools",
+        NS,
+        upstream_pool("10.103.0.0-24", "10.103.0.4/24", &[]),
+    );
+    let ranges = json!({"ipRanges": [{"range": "10.104.0.0/30"}]});
+    let conf = netconf("undo", &ipam("10.103.0.0/24", &kubeconfig, ranges));
+    // The entry's write lands but its answer is lost; every later write of the pool fails,
+    // the removal that takes the entry back among them.
+    server.fail_next_after_applying("PATCH", "ippools", 1);
+    server.fail_next("PATCH", "ippools", 100);
+    let reply = run(bin(), &call("ADD", "x", "x"), &conf);
+    assert_ne!(reply.code, 0, "{reply:?}");
+    let pool = server.get("ippools", NS, "10.103.0.0-24").unwrap();
+    // Key 0: the address of spec.range, 10.103.0.4.
+    assert_eq!(pool["spec"]["allocations"]["0"]["id"], "x", "{pool}");
+    let held = pool_ips(&pool);
+    assert_eq!(held.len(), 1, "{pool}");
+    let name = held[0].to_string();
+    assert!(
+        server.get(RESERVATIONS, NS, &name).is_some(),
+        "the standing entry {name} lost its reservation: {:?}",
+        server.list(RESERVATIONS, NS)
+    );
+}
+
 /// A reservation whose create landed but whose every answer was lost is taken back with the
 /// failed ADD: nothing else names it until the controller's orphan pass. On the fake API server,
 /// which applies a request and then answers 504.

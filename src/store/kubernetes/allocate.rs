@@ -824,6 +824,7 @@ impl Engine {
                 pool: round.doc.name.clone(),
                 cidr: range.cidr,
                 key: key.clone(),
+                ip: range.ip(offset),
                 container_id: who.container_id.clone(),
                 ifname: who.ifname.clone(),
             });
@@ -1287,6 +1288,7 @@ impl Engine {
                 pool,
                 cidr,
                 key,
+                ip,
                 container_id,
                 ifname,
             } = step
@@ -1300,8 +1302,7 @@ impl Engine {
                     .await;
                 if let Err(err) = result {
                     first_error.get_or_insert(err);
-                    let ip = key.parse::<u128>().ok().map(|offset| cidr.at(offset));
-                    standing.extend(ip);
+                    standing.push(ip);
                 }
             }
         }
@@ -1395,6 +1396,7 @@ fn granted_steps(granted: Granted, pool: &PoolRef, who: &Attachment) -> Vec<Step
         pool: object_name(&pool.name),
         cidr: pool.range.cidr,
         key: granted.key,
+        ip: granted.ip,
         container_id: who.container_id.clone(),
         ifname: who.ifname.clone(),
     }];

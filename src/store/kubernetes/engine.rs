@@ -184,6 +184,9 @@ pub enum Step {
         pool: String,
         cidr: Cidr,
         key: String,
+        /// The entry's address (its key counts from `spec.range`'s address, which may carry
+        /// host bits: the key alone does not name it).
+        ip: IpAddr,
         container_id: String,
         ifname: String,
     },
