@@ -5,11 +5,11 @@
 #   docker build -t ghcr.io/whereabouts-rs/whereabouts:0.1.0 .
 #
 # The DaemonSet runs `/whereabouts install`, which copies the plugin into the host's CNI bin
-# directory as `whereabouts`: the plugin-only build when the node agent serves the plugin (as
-# the manifest and the chart set it up), this same binary when it does not. A static binary (glibc linked in with
-# crt-static) runs on any host, whatever its libc. hack/images/build writes the same image (one
-# layer, the same entrypoint and command) from the same build command, as an OCI archive, where
-# there is no Docker engine.
+# directory as `whereabouts`: the plugin-only build when the node agent serves the plugin (as the
+# manifest and the chart set it up), this same binary when it does not. A static binary (glibc
+# linked in with crt-static) runs on any host, whatever its libc. hack/images/build writes the
+# same image (one layer, the same entrypoint and command) from the same build command, as an OCI
+# archive, where there is no Docker engine.
 
 ARG RUST_VERSION=1.95
 

@@ -210,9 +210,7 @@ fn gc_of_a_shared_pool_frees_only_gone_pods_entries() {
     let ns = plane.namespace("gc-shared-pool");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let mut cfg = config(&ipam_json("10.6.0.0/24", &kubeconfig, json!({})));
-    // A podless entry is written only while no Go binary is left.
-    cfg.go_peers = GoPeers::Absent;
+    let cfg = config(&ipam_json("10.6.0.0/24", &kubeconfig, json!({})));
     let store = open(&cfg).unwrap();
     let pod = |name: &str| format!("{}/{name}", ns.name);
     ns.add_pod_on("listed", "Running", Some("node-a"));
@@ -273,10 +271,11 @@ fn gc_of_a_shared_pool_frees_only_gone_pods_entries() {
 }
 
 /// An ADD without a pod would be written with `podref: ""`, whose reservation a Go reconciler
-/// deletes as an orphan's (an overlapping range then hands the address out again): refused, as
-/// Go binaries refuse it, unless no Go binary is left or the network keeps no reservations.
+/// deletes as an orphan's (an overlapping range then hands the address out again): refused
+/// while Go binaries write the pools, as they refuse it, unless the network keeps no
+/// reservations.
 #[test]
-fn an_add_without_a_pod_is_refused_while_go_binaries_may_remain() {
+fn an_add_without_a_pod_is_refused_while_go_binaries_write() {
     let plane = real_cluster!();
     let ns = plane.namespace("podless-add");
     let dir = tempfile::tempdir().unwrap();
@@ -288,8 +287,12 @@ fn an_add_without_a_pod_is_refused_while_go_binaries_may_remain() {
     };
     let add = |cfg: &IpamConfig| open(cfg).unwrap().add(&add_request(cfg, podless()));
 
-    let cfg = config(&ipam_json("10.7.0.0/24", &kubeconfig, json!({})));
-    let err = add(&cfg).unwrap_err();
+    let with_go = |range: &str, extra| {
+        let mut cfg = config(&ipam_json(range, &kubeconfig, extra));
+        cfg.go_peers = GoPeers::Present;
+        cfg
+    };
+    let err = add(&with_go("10.7.0.0/24", json!({}))).unwrap_err();
     assert!(matches!(err, StoreError::Config { .. }), "{err:?}");
     assert!(
         err.describe().contains("K8S_POD_NAME"),
@@ -299,10 +302,10 @@ fn an_add_without_a_pod_is_refused_while_go_binaries_may_remain() {
     assert!(ns.list("ippools").iter().all(|p| pool_ips(p).is_empty()));
 
     let overlap_off = json!({"enable_overlapping_ranges": false});
-    let cfg = config(&ipam_json("10.7.1.0/24", &kubeconfig, overlap_off));
+    let cfg = with_go("10.7.1.0/24", overlap_off);
     assert_eq!(add(&cfg).unwrap(), ["10.7.1.1".parse::<IpAddr>().unwrap()]);
-    let mut cfg = config(&ipam_json("10.7.2.0/24", &kubeconfig, json!({})));
-    cfg.go_peers = GoPeers::Absent;
+    // No Go binary seen (`auto`, and no Lease a Go binary renewed): taken.
+    let cfg = config(&ipam_json("10.7.2.0/24", &kubeconfig, json!({})));
     assert_eq!(add(&cfg).unwrap(), ["10.7.2.1".parse::<IpAddr>().unwrap()]);
 }
 

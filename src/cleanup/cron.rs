@@ -104,8 +104,8 @@ mod tests {
         // 1 December 00:00.
         assert_eq!(next("0 0 1 dec *", NOW), NOW + 3 * 86_400 + 94 * 60);
         assert_eq!(next("@midnight", NOW), NOW + 94 * 60);
-        // 30 February parses, and never comes: the controller keeps this schedule (it falls
-        // back to the default only on a parse error) and runs no scheduled reconcile.
+        // 30 February parses, and never comes (the controller then falls back to the default:
+        // `controller::schedule`).
         let never = Schedule::parse("0 0 30 2 *").expect("30 February is a valid expression");
         assert_eq!(never.next_after(Timestamp::from_second(NOW).unwrap()), None);
     }

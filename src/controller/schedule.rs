@@ -35,15 +35,17 @@ async fn from_configmap(client: &Client, namespace: &str) -> Option<String> {
 /// The schedule of `expression`, or the default one when it cannot be read or names no time
 /// after `now` (30 February): a controller without scheduled reconciles would leave every
 /// leak its watch misses for ever.
-fn usable(expression: &str, now: Timestamp) -> Schedule {
+/// Returns it with the expression in effect.
+fn usable(expression: &str, now: Timestamp) -> (Schedule, &str) {
     let why = match Schedule::parse(expression) {
-        Ok(schedule) if schedule.next_after(now).is_some() => return schedule,
+        Ok(schedule) if schedule.next_after(now).is_some() => return (schedule, expression),
         Ok(_) => "it names no time to come".to_string(),
         Err(err) => err.to_string(),
     };
     tracing::error!(%expression, why, "using the default schedule {DEFAULT_EXPRESSION:?}");
-    Schedule::parse(DEFAULT_EXPRESSION)
-        .unwrap_or(Schedule::Every(jiff::SignedDuration::from_mins(15)))
+    let default = Schedule::parse(DEFAULT_EXPRESSION)
+        .unwrap_or(Schedule::Every(jiff::SignedDuration::from_mins(15)));
+    (default, DEFAULT_EXPRESSION)
 }
 
 pub async fn run(client: Client, namespace: String, configured: Option<String>, jobs: Jobs) {
@@ -55,9 +57,9 @@ pub async fn run(client: Client, namespace: String, configured: Option<String>, 
             .or_else(|| configured.clone())
             .unwrap_or_else(|| DEFAULT_EXPRESSION.to_string());
         if current.as_ref().map(|(e, _)| e) != Some(&expression) {
-            let schedule = usable(&expression, Timestamp::now());
+            let (schedule, in_effect) = usable(&expression, Timestamp::now());
             due = schedule.next_after(Timestamp::now());
-            tracing::info!(%expression, next = ?due, "reconcile schedule");
+            tracing::info!(expression = in_effect, next = ?due, "reconcile schedule");
             current = Some((expression, schedule));
         }
         let now = Timestamp::now();
@@ -87,7 +89,7 @@ mod tests {
     #[test]
     fn a_schedule_that_never_comes_is_replaced_by_the_default() {
         let now = Timestamp::from_second(1_764_547_200).unwrap();
-        let next = |expression: &str| usable(expression, now).next_after(now);
+        let next = |expression: &str| usable(expression, now).0.next_after(now);
         // The default comes every 15 minutes, an hourly one on the hour.
         let quarter = Some(now + jiff::SignedDuration::from_mins(15));
         assert_eq!(next("0 0 30 2 *"), quarter);

@@ -17,7 +17,6 @@ use super::go_lease::Hold;
 use super::job::{pool_key, Granted, Job};
 use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op, PoolDoc};
 use super::reservation::{self, Held};
-use crate::config::GoPeers;
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::{is_valid_object_name, object_name};
 use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Range, Snapshot};
@@ -195,21 +194,20 @@ fn pool_full(name: &str, more: usize, refused: ApiError) -> StoreError {
     .because(refused)
 }
 
-impl Engine {
-    /// An ADD without a pod (no `K8S_POD_NAME`) is written with `podref: ""`, whose reservation
-    /// a Go reconciler deletes as an orphan's: the entry then stands without it, and an
-    /// overlapping range hands its address out again. Go binaries refuse such an ADD; ours
-    /// too, unless the admin says no Go binary is left (`auto` cannot see the reconciler).
-    fn refuse_podless(&self, req: &AddRequest) -> Result<(), StoreError> {
-        if !req.overlap || req.attachment.pod_ref.is_some() || self.go_peers == GoPeers::Absent {
-            return Ok(());
-        }
-        Err(StoreError::config(
-            "an ADD without K8S_POD_NAME in CNI_ARGS holds an address the Go Whereabouts' \
-             reconciler would free; it is taken only while the flat file's go_whereabouts is \
-             \"absent\" (or with enable_overlapping_ranges false)",
-        ))
+/// While Go binaries write the pools, an ADD without a pod (no `K8S_POD_NAME`), which would be
+/// written with `podref: ""`, is refused, as they refuse it: a Go reconciler deletes such an
+/// entry's reservation as an orphan's, and an overlapping range then hands the address out
+/// again. A network without reservations is spared.
+fn refuse_podless(req: &AddRequest) -> Result<(), StoreError> {
+    if !req.overlap || req.attachment.pod_ref.is_some() {
+        return Ok(());
     }
+    Err(StoreError::config(format!(
+        "an ADD without K8S_POD_NAME in CNI_ARGS, in network {:?}, holds an address the Go \
+         Whereabouts' reconciler would free: refused while Go binaries write the pools (the \
+         flat file's go_whereabouts), unless enable_overlapping_ranges is false",
+        req.cni_network
+    )))
 }
 
 /// What the batches of one queue share: the pool, the request they were queued for, and the
@@ -224,8 +222,10 @@ impl Engine {
     /// One address per range, in order; what was written is in `undo` for the caller to take
     /// back if this fails.
     pub async fn add(&self, req: &AddRequest, undo: &UndoLog) -> Result<Vec<IpAddr>, StoreError> {
-        self.refuse_podless(req)?;
         let go_present = self.go_present().await?;
+        if go_present {
+            refuse_podless(req)?;
+        }
         let mut ips = Vec::with_capacity(req.ranges.len());
         for wanted in &req.ranges {
             let pool = self
@@ -661,12 +661,8 @@ impl Engine {
         for (offset, _) in slots.iter().filter_map(|slot| slot.reserved.as_ref()) {
             taken.insert(*offset);
         }
-        // Below Go's limit unless the admin says no Go binary is left: `auto` sees Go plugins
-        // by their Lease, but not the Go reconciler (which rewrites pools holding an orphan)
-        // nor node-slice plugins (which take a Lease of each slice pool), which drop such keys.
-        let go_may_rewrite = cx.go.present || self.go_peers != GoPeers::Absent;
         Ok(Round {
-            limit: go_may_rewrite.then(|| doc.offset_limit(GO_OFFSET_LIMIT)),
+            limit: cx.go.present.then(|| doc.offset_limit(GO_OFFSET_LIMIT)),
             doc,
             held,
             taken,
@@ -964,7 +960,8 @@ impl Engine {
         }
         let limit = format!(
             "the first 2^63 addresses of {range}, which a Go Whereabouts binary would drop from \
-             pool {} (beyond them only while the flat file's go_whereabouts is \"absent\")",
+             pool {} (beyond them only while no Go binary writes the pools: the flat file's \
+             go_whereabouts)",
             doc.name
         );
         let cut_by_limit = round.limit.is_some_and(|limit| range.last >= limit);
