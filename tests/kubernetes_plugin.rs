@@ -718,6 +718,62 @@ fn a_del_waits_for_the_go_binaries_lease() {
     assert!(ns.list(RESERVATIONS).is_empty());
 }
 
+/// While Go binaries may write the pools, a release keeps a reservation whose address the pool
+/// holds again for the same pod: a Go ADD of the pod's next sandbox that found the reservation
+/// naming its pod kept it unwritten and wrote its own entry (here, between the DEL's removal
+/// of the old sandbox's entry and its release of the reservation, as a Go binary that lost
+/// sight of the Lease might). On the fake API server, whose gate holds the DEL's reservation
+/// read while the test writes that entry.
+#[test]
+fn a_release_keeps_the_reservation_a_go_add_of_the_pods_next_sandbox_kept() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let flat = dir.path().join("go-present.conf");
+    let temp = std::env::temp_dir().canonicalize().unwrap();
+    let settings = json!({"allow_inline_paths": [temp], "allow_insecure_tls": true,
+                          "go_whereabouts": "present"});
+    std::fs::write(&flat, settings.to_string()).unwrap();
+    let conf = netconf("gonet", &ipam("10.105.0.0/24", &kubeconfig, json!({})));
+    let migrating = |command, container| {
+        let mut c = call(command, container, "g");
+        c.env
+            .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
+        c
+    };
+    let added = run(bin(), &migrating("ADD", "g-1"), &conf);
+    assert_eq!(added.ips(), ["10.105.0.1"], "{added:?}");
+
+    server.close_gate("GET", RESERVATIONS);
+    let del = std::thread::scope(|s| {
+        let del = s.spawn(|| run(bin(), &migrating("DEL", "g-1"), &conf));
+        let held = held_within(Duration::from_secs(30), || server.waiting_at_gate() > 0);
+        if held {
+            let go_entry = json!([{"op": "add", "path": "/spec/allocations/1",
+                "value": {"id": "g-2", "podref": "default/g", "ifname": "net1"}}]);
+            let path = format!(
+                "/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{NS}/ippools/10.105.0.0-24"
+            );
+            let (code, body) = server.raw(
+                "PATCH",
+                &path,
+                "application/json-patch+json",
+                &go_entry.to_string(),
+            );
+            assert_eq!(code, 200, "{body}");
+        }
+        server.open_gate();
+        assert!(held, "the DEL never read the reservation");
+        del.join().unwrap()
+    });
+    assert_eq!(del.code, 0, "{del:?}");
+    let pool = server.get("ippools", NS, "10.105.0.0-24").unwrap();
+    assert_eq!(pool["spec"]["allocations"]["1"]["id"], "g-2", "{pool}");
+    let reservation = server.get(RESERVATIONS, NS, "10.105.0.1");
+    let reservation = reservation.expect("the next sandbox's address lost its reservation");
+    assert_eq!(reservation["spec"]["podref"], "default/g");
+}
+
 /// On the fake API server: a real one cannot be made on demand to answer slowly, answer 500s,
 /// apply a write and answer 504, or drop its connections.
 #[test]

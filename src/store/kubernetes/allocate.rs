@@ -979,7 +979,9 @@ impl Engine {
     /// must not fail the ADD whose pool write already succeeded.
     async fn release_moved(&self, released: &[(IpAddr, Attachment)], network_name: &str) {
         for (ip, who) in released {
-            if let Err(err) = self.release_reservation(*ip, network_name, who, None).await {
+            // Under the ADD's own hold, if any: it is its own pod's address.
+            let released = self.release_reservation(*ip, network_name, who, None, None);
+            if let Err(err) = released.await {
                 tracing::warn!(%ip, %err, "could not release the reservation of a moved address");
             }
         }

@@ -84,17 +84,18 @@ impl Engine {
     /// of a pod's new sandbox that finds the old sandbox's reservation keeps it unwritten, since
     /// it names the pod, and then writes its pool entry: a release of the old sandbox between
     /// the two would delete the reservation the new entry relies on. Whether `op` ran alone
-    /// (not combined by the agent) is its caller's to say with `go`.
+    /// `op` is given the hold, to check before each write and to serve alone (not combined by
+    /// the agent).
     pub async fn releasing<T>(
         &self,
         node_slices: bool,
-        op: impl AsyncFnOnce(bool) -> Result<T, StoreError>,
+        op: impl AsyncFnOnce(Option<&go_lease::Hold>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         if node_slices || !self.go_present().await? {
-            return op(false).await;
+            return op(None).await;
         }
         let hold = self.hold_go_lease().await?;
-        let result = op(true).await;
+        let result = op(Some(&hold)).await;
         hold.release().await;
         result
     }
@@ -121,6 +122,8 @@ pub struct Unreleased(Ledger<Owed>);
 #[derive(Clone, Debug)]
 pub struct Owed {
     pub ip: IpAddr,
+    /// The IPPool the entry was removed from.
+    pub pool: String,
     pub network_name: String,
     pub who: Attachment,
     pub removed_at: Option<String>,

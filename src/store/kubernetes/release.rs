@@ -10,6 +10,7 @@ use futures::future::BoxFuture;
 use super::api::{ApiError, RefusedWrite};
 use super::batch::{answers, in_halves, released_by, Batches, PendingRelease, Served};
 use super::engine::{newer, Engine, Owed};
+use super::go_lease::Hold;
 use super::pool_doc::{holder_test, remove_op, Entry, PoolDoc};
 use super::reservation;
 use crate::cleanup::judge::{leaked_on_node, PodPlace};
@@ -149,11 +150,12 @@ impl Engine {
     }
 
     /// Notes the reservations of removed entries as owed until they are released.
-    fn owe_releases(&self, removed: &[Removed], network_name: &str) -> Vec<Owed> {
+    fn owe_releases(&self, removed: &[Removed], pool: &str, network_name: &str) -> Vec<Owed> {
         let owed: Vec<Owed> = removed
             .iter()
             .map(|r| Owed {
                 ip: r.entry.ip,
+                pool: pool.to_string(),
                 network_name: network_name.to_string(),
                 who: r.entry.attachment.clone(),
                 removed_at: r.at.clone(),
@@ -166,13 +168,18 @@ impl Engine {
     }
 
     /// [`Self::release_reservation`] of an owed reservation; no longer owed once it is done.
-    async fn release_owed(&self, owed: &Owed) -> Result<bool, StoreError> {
+    async fn release_owed(&self, owed: &Owed, go: Option<&Hold>) -> Result<bool, StoreError> {
+        let go = go.map(|hold| UnderGo {
+            hold,
+            pool: &owed.pool,
+        });
         let released = self
             .release_reservation(
                 owed.ip,
                 &owed.network_name,
                 &owed.who,
                 owed.removed_at.as_deref(),
+                go,
             )
             .await?;
         self.unreleased.done(owed.ip, &owed.network_name);
@@ -180,17 +187,24 @@ impl Engine {
     }
 
     /// Releases the reservations that operations cut off by their deadline still owe, within
-    /// the undo budget. What this cannot finish stays owed, for the agent's next failed
-    /// operation to try again.
+    /// the undo budget, under the Go binaries' Lease while they may write the pools (as every
+    /// release). What this cannot finish stays owed, for the agent's next failed operation to
+    /// try again.
     pub async fn finish_owed_releases(&self) {
         let owed = self.unreleased.pending();
         if owed.is_empty() {
             return;
         }
-        let releases = owed.iter().map(|o| self.release_owed(o));
         let budget = self.settings.undo_budget;
-        match tokio::time::timeout(budget, futures::future::join_all(releases)).await {
-            Ok(outcomes) => {
+        let finish = self.releasing(false, async |go| {
+            let releases = owed.iter().map(|o| self.release_owed(o, go));
+            Ok(futures::future::join_all(releases).await)
+        });
+        match tokio::time::timeout(budget, finish).await {
+            Ok(Err(err)) => {
+                tracing::error!(%err, "could not release the reservations of removed entries")
+            }
+            Ok(Ok(outcomes)) => {
                 for err in outcomes.into_iter().filter_map(Result::err) {
                     tracing::error!(%err, "could not release a reservation whose entry is gone");
                 }
@@ -207,12 +221,16 @@ impl Engine {
     /// removed the entry (`removed_at`). That is one upstream's binary (or a build before the
     /// take-over) left naming the container the entry was taken over from; one taken over by
     /// the pod's next sandbox was written after, and is that sandbox's.
+    ///
+    /// Under Go binaries (`go`), the Lease is checked before the delete, and a reservation whose
+    /// address the pool holds again for the same pod stays: see [`Self::held_again_by_its_pod`].
     pub(super) async fn release_reservation(
         &self,
         ip: IpAddr,
         network_name: &str,
         who: &Attachment,
         removed_at: Option<&str>,
+        go: Option<UnderGo<'_>>,
     ) -> Result<bool, StoreError> {
         let releases = |found: &OverlappingRangeIPReservation| {
             let version = found.metadata.resource_version.as_deref();
@@ -246,6 +264,12 @@ impl Engine {
                 }
                 return Ok(false);
             }
+            if let Some(go) = go {
+                go.hold.check()?;
+                if self.held_again_by_its_pod(go.pool, ip, &found).await? {
+                    return Ok(false);
+                }
+            }
             match self
                 .kube
                 .delete_reservation(
@@ -262,6 +286,32 @@ impl Engine {
             }
         }
         Ok(false)
+    }
+
+    /// Whether `pool` holds `ip` again for the pod `reservation` names. A Go ADD of the pod's
+    /// next sandbox that finds the reservation naming its pod keeps it as it is, naming the old
+    /// container, and writes its own entry: the reservation is that entry's now.
+    async fn held_again_by_its_pod(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        reservation: &OverlappingRangeIPReservation,
+    ) -> Result<bool, StoreError> {
+        let pod = reservation.spec.podref.as_str();
+        let Some(object) = self.kube.get_pool(pool).await? else {
+            return Ok(false);
+        };
+        let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
+            return Ok(false);
+        };
+        let again = PoolDoc::new(pool, cidr, Some(object))?
+            .entries()
+            .into_iter()
+            .any(|e| e.ip == ip && !pod.is_empty() && e.attachment.pod_ref.as_deref() == Some(pod));
+        if again {
+            tracing::info!(%ip, pod, pool, "reservation kept: the pod's next sandbox holds the address again");
+        }
+        Ok(again)
     }
 
     fn allocation(pool: &PoolDoc, entry: Entry, network_name: &str) -> Allocation {
@@ -301,18 +351,19 @@ impl Engine {
     /// Removes the entries `pick` selects from `pool`, then the reservations they hold.
     async fn release_picked(
         &self,
-        configured: Cidr,
-        pool: &PoolRef,
+        (configured, pool): (Cidr, &PoolRef),
         network_name: &str,
         pick: impl Fn(&Entry, &[Entry]) -> bool,
+        go: Option<&Hold>,
     ) -> Result<Vec<Allocation>, StoreError> {
         let name = object_name(&pool.name);
+        go.map_or(Ok(()), Hold::check)?;
         let removed = self.remove_entries(&name, pool.range.cidr, pick).await?;
         let doc = PoolDoc::new(&name, configured, None)?;
-        let owed = self.owe_releases(&removed, network_name);
+        let owed = self.owe_releases(&removed, &name, network_name);
         let mut released = Vec::with_capacity(removed.len());
         for (gone, owed) in removed.into_iter().zip(&owed) {
-            self.release_owed(owed).await?;
+            self.release_owed(owed, go).await?;
             released.push(Self::allocation(&doc, gone.entry, network_name));
         }
         Ok(released)
@@ -320,27 +371,26 @@ impl Engine {
 
     pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         let node_slices = req.node_slice_size.is_some();
-        self.releasing(node_slices, async |go| match &self.batches {
+        self.releasing(node_slices, async |go| match (&self.batches, go) {
             // While Go binaries may write, each release is served on its own, as each ADD is.
-            Some(batches) if !go => self.del_batched(batches, req).await,
-            _ => self.del_alone(req).await,
+            (Some(batches), None) => self.del_batched(batches, req).await,
+            _ => self.del_alone(req, go).await,
         })
         .await
     }
 
-    async fn del_alone(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+    async fn del_alone(
+        &self,
+        req: &AttachmentRequest,
+        go: Option<&Hold>,
+    ) -> Result<Vec<Allocation>, StoreError> {
         let mine = |e: &Entry, all: &[Entry]| {
             let others = super::pool_doc::holders(all);
             super::pool_doc::named_by(&e.attachment, others, &req.container_id, &req.ifname)
         };
-        self.release_everywhere(
-            &req.pools,
-            req.node_slice_size,
-            &req.network_name,
-            &req.cni_network,
-            mine,
-        )
-        .await
+        let wanted = (req.node_slice_size, req.network_name.as_str());
+        self.release_everywhere(&req.pools, wanted, &req.cni_network, mine, go)
+            .await
     }
 
     /// The agent's DEL: each pool's release joins the pool's batch (see [`super::batch`]).
@@ -458,8 +508,10 @@ impl Engine {
     ) -> Result<Vec<(Allocation, Result<(), StoreError>)>, StoreError> {
         let removed = self.remove_entries(&target.name, target.cidr, pick).await?;
         let doc = PoolDoc::new(&target.name, target.configured, None)?;
-        let owed = self.owe_releases(&removed, &target.network_name);
-        let outcomes = futures::future::join_all(owed.iter().map(|o| self.release_owed(o))).await;
+        let owed = self.owe_releases(&removed, &target.name, &target.network_name);
+        // The agent combines releases only while no Go binary writes the pools.
+        let releases = owed.iter().map(|o| self.release_owed(o, None));
+        let outcomes = futures::future::join_all(releases).await;
         Ok(removed
             .into_iter()
             .zip(outcomes)
@@ -474,10 +526,10 @@ impl Engine {
     async fn release_everywhere(
         &self,
         configured: &[PoolRef],
-        node_slice_size: Option<u8>,
-        network_name: &str,
+        (node_slice_size, network_name): (Option<u8>, &str),
         cni_network: &str,
         pick: impl Fn(&Entry, &[Entry]) -> bool,
+        go: Option<&Hold>,
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
         let pools = self
@@ -485,7 +537,7 @@ impl Engine {
             .await?;
         for (range, pool) in pools {
             released.extend(
-                self.release_picked(range, &pool, network_name, &pick)
+                self.release_picked((range, &pool), network_name, &pick, go)
                     .await?,
             );
         }
@@ -522,11 +574,15 @@ impl Engine {
     /// holds (old ones only).
     pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
         let node_slices = req.node_slice_size.is_some();
-        self.releasing(node_slices, async |_| self.gc_alone(req).await)
+        self.releasing(node_slices, async |go| self.gc_alone(req, go).await)
             .await
     }
 
-    async fn gc_alone(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
+    async fn gc_alone(
+        &self,
+        req: &GcRequest,
+        go: Option<&Hold>,
+    ) -> Result<Vec<Allocation>, StoreError> {
         let valid: BTreeSet<(&str, &str)> = req
             .valid
             .iter()
@@ -546,8 +602,8 @@ impl Engine {
                     )
                     .await?;
                 let node_slices = req.node_slice_size.is_some();
-                self.gc_pools(req, &pools, node, node_slices, &is_valid)
-                    .await?
+                let this_node = (node, node_slices);
+                self.gc_pools(req, &pools, this_node, &is_valid, go).await?
             }
             None => {
                 tracing::info!(
@@ -569,9 +625,9 @@ impl Engine {
         &self,
         req: &GcRequest,
         pools: &[(Cidr, PoolRef)],
-        node: &str,
-        node_slices: bool,
+        (node, node_slices): (&str, bool),
         is_valid: &(dyn Fn(&Attachment) -> bool + Sync),
+        go: Option<&Hold>,
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
         // Each pod is looked up once per GC, however many entries and pools name it.
@@ -611,7 +667,7 @@ impl Engine {
                 leaked.contains(&key)
             };
             released.extend(
-                self.release_picked(*configured, pool, &req.network_name, pick)
+                self.release_picked((*configured, pool), &req.network_name, pick, go)
                     .await?,
             );
         }
@@ -785,8 +841,10 @@ impl Engine {
     ) -> Result<Option<Allocation>, StoreError> {
         // Whether the pool is a node's slice is not known here: the Lease is taken for those
         // too, which costs time only.
-        self.releasing(false, async |_| self.release_alone(pool, ip, holder).await)
-            .await
+        self.releasing(false, async |go| {
+            self.release_alone(pool, ip, holder, go).await
+        })
+        .await
     }
 
     async fn release_alone(
@@ -794,6 +852,7 @@ impl Engine {
         pool: &str,
         ip: IpAddr,
         holder: Option<&Attachment>,
+        go: Option<&Hold>,
     ) -> Result<Option<Allocation>, StoreError> {
         let name = object_name(pool);
         let Some(object) = self.kube.get_pool(&name).await? else {
@@ -806,6 +865,7 @@ impl Engine {
             )));
         };
         let held = |e: &Entry| holder.is_none_or(|who| who.same_attachment(&e.attachment));
+        go.map_or(Ok(()), Hold::check)?;
         let removed = self
             .remove_entries(&name, cidr, |e, _| e.ip == ip && held(e))
             .await?;
@@ -824,9 +884,10 @@ impl Engine {
         if !prefix.is_empty() {
             candidates.push(String::new());
         }
+        let go = go.map(|hold| UnderGo { hold, pool: &name });
         for network in &candidates {
             if self
-                .release_reservation(entry.ip, network, &entry.attachment, at.as_deref())
+                .release_reservation(entry.ip, network, &entry.attachment, at.as_deref(), go)
                 .await?
             {
                 break;
@@ -1002,4 +1063,12 @@ mod tests {
         let other = Cidr::parse("10.0.2.0/26", false).unwrap();
         assert_eq!(split("net-node1", other), read("net-node1", ""));
     }
+}
+
+/// While Go binaries may write the pools, what a reservation's release needs: their Lease as
+/// held (checked before the delete) and the pool the released entry was in.
+#[derive(Clone, Copy)]
+pub(super) struct UnderGo<'a> {
+    pub hold: &'a Hold,
+    pub pool: &'a str,
 }
