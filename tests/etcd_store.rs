@@ -608,8 +608,12 @@ fn an_agent_skips_addresses_an_overlapping_range_holds() {
         agent.add(&add_req(who, pools, "")).unwrap()[0]
     });
     let got: BTreeSet<IpAddr> = got.into_iter().collect();
-    let lowest: BTreeSet<IpAddr> = (10..26).map(|o| wide.range.ip(o)).collect();
-    assert_eq!(got, lowest);
+    assert_eq!(got.len(), burst.len(), "{got:?}");
+    // The lowest free addresses, .10 to .25: a request the batch could not plan runs alone,
+    // and its race with the batch (the contract's one lost race) may move it up to 8 past what
+    // it lost. Taken for contention, the pool would be spread tens of addresses away.
+    let near: BTreeSet<IpAddr> = (10..26 + 8).map(|o| wide.range.ip(o)).collect();
+    assert!(got.is_subset(&near), "{got:?}");
 }
 
 #[test]

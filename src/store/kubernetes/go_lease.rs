@@ -112,6 +112,8 @@ pub struct Hold {
     /// When the last renewal that landed (or the taking) was sent.
     renewed: Arc<std::sync::Mutex<Instant>>,
     renewer: tokio::task::JoinHandle<()>,
+    /// Whether [`Hold::release`] gave it up (else dropping it does, in the background).
+    released: bool,
 }
 
 impl Hold {
@@ -130,26 +132,43 @@ impl Hold {
 
     /// Gives the Lease up as client-go does (no holder, one second), so the next one takes it
     /// at once. A failure only delays the next holder by [`HOLD`].
-    pub async fn release(self) {
+    pub async fn release(mut self) {
         self.renewer.abort();
-        let mut lease = self.lease.lock().await.clone();
-        let stamp = now();
-        if let Some(spec) = lease.spec.as_mut() {
-            spec.holder_identity = None;
-            spec.lease_duration_seconds = Some(1);
-            spec.renew_time = Some(MicroTime(stamp));
-            spec.acquire_time = Some(MicroTime(stamp));
-        }
-        mark(&mut lease.metadata, stamp, None);
-        if let Err(err) = self.kube.replace_lease(&lease).await {
-            tracing::debug!(%err, "could not release the Go Whereabouts' Lease; it expires");
-        }
+        self.released = true;
+        give_up(&self.kube, &self.lease).await;
     }
 }
 
 impl Drop for Hold {
+    /// A hold dropped unreleased (its operation cut off by the deadline) is given up in the
+    /// background: the next taker (this process's owed releases, a Go binary) would otherwise
+    /// wait [`HOLD`] for it to expire.
     fn drop(&mut self) {
         self.renewer.abort();
+        if self.released {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (kube, lease) = (self.kube.clone(), self.lease.clone());
+            runtime.spawn(async move { give_up(&kube, &lease).await });
+        }
+    }
+}
+
+/// Writes the Lease as given up (no holder, one second), conditional on the version last
+/// written; a failure leaves it to expire.
+async fn give_up(kube: &Kube, lease: &Mutex<Lease>) {
+    let mut lease = lease.lock().await.clone();
+    let stamp = now();
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(stamp));
+        spec.acquire_time = Some(MicroTime(stamp));
+    }
+    mark(&mut lease.metadata, stamp, None);
+    if let Err(err) = kube.replace_lease(&lease).await {
+        tracing::debug!(%err, "could not release the Go Whereabouts' Lease; it expires");
     }
 }
 
@@ -296,6 +315,7 @@ fn start_renewing(kube: &Kube, lease: Lease, taken: Instant) -> Hold {
         lost,
         renewed,
         renewer,
+        released: false,
     }
 }
 

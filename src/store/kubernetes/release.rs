@@ -265,10 +265,11 @@ impl Engine {
                 return Ok(false);
             }
             if let Some(go) = go {
-                go.hold.check()?;
                 if self.held_again_by_its_pod(go.pool, ip, &found).await? {
                     return Ok(false);
                 }
+                // Right before the write: the pool's read may have taken a while.
+                go.hold.check()?;
             }
             match self
                 .kube
@@ -288,7 +289,8 @@ impl Engine {
         Ok(false)
     }
 
-    /// Whether `pool` holds `ip` again for the pod `reservation` names. A Go ADD of the pod's
+    /// Whether `pool` holds `ip` again for the pod (and interface) `reservation` names. A Go ADD
+    /// of the pod's
     /// next sandbox that finds the reservation naming its pod keeps it as it is, naming the old
     /// container, and writes its own entry: the reservation is that entry's now.
     async fn held_again_by_its_pod(
@@ -297,7 +299,7 @@ impl Engine {
         ip: IpAddr,
         reservation: &OverlappingRangeIPReservation,
     ) -> Result<bool, StoreError> {
-        let pod = reservation.spec.podref.as_str();
+        let (pod, ifname) = (reservation.spec.podref.as_str(), &reservation.spec.ifname);
         let Some(object) = self.kube.get_pool(pool).await? else {
             return Ok(false);
         };
@@ -307,7 +309,11 @@ impl Engine {
         let again = PoolDoc::new(pool, cidr, Some(object))?
             .entries()
             .into_iter()
-            .any(|e| e.ip == ip && !pod.is_empty() && e.attachment.pod_ref.as_deref() == Some(pod));
+            .any(|e| {
+                let same_pod = !pod.is_empty() && e.attachment.pod_ref.as_deref() == Some(pod);
+                let same_interface = ifname.is_empty() || e.attachment.ifname == *ifname;
+                e.ip == ip && same_pod && same_interface
+            });
         if again {
             tracing::info!(%ip, pod, pool, "reservation kept: the pod's next sandbox holds the address again");
         }
@@ -572,17 +578,9 @@ impl Engine {
     /// [`leaked_on_node`]). Then the reservations
     /// of the configured ranges' addresses that no pool entry backs and no valid attachment
     /// holds (old ones only).
+    /// While Go binaries may write the pools, each pool's release and each orphan's delete holds
+    /// their Lease; the pod lookups that decide them do not.
     pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
-        let node_slices = req.node_slice_size.is_some();
-        self.releasing(node_slices, async |go| self.gc_alone(req, go).await)
-            .await
-    }
-
-    async fn gc_alone(
-        &self,
-        req: &GcRequest,
-        go: Option<&Hold>,
-    ) -> Result<Vec<Allocation>, StoreError> {
         let valid: BTreeSet<(&str, &str)> = req
             .valid
             .iter()
@@ -603,7 +601,7 @@ impl Engine {
                     .await?;
                 let node_slices = req.node_slice_size.is_some();
                 let this_node = (node, node_slices);
-                self.gc_pools(req, &pools, this_node, &is_valid, go).await?
+                self.gc_pools(req, &pools, this_node, &is_valid).await?
             }
             None => {
                 tracing::info!(
@@ -627,7 +625,6 @@ impl Engine {
         pools: &[(Cidr, PoolRef)],
         (node, node_slices): (&str, bool),
         is_valid: &(dyn Fn(&Attachment) -> bool + Sync),
-        go: Option<&Hold>,
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
         // Each pod is looked up once per GC, however many entries and pools name it.
@@ -666,10 +663,11 @@ impl Engine {
                 );
                 leaked.contains(&key)
             };
-            released.extend(
+            let release = async |go: Option<&Hold>| {
                 self.release_picked((*configured, pool), &req.network_name, pick, go)
-                    .await?,
-            );
+                    .await
+            };
+            released.extend(self.releasing(node_slices, release).await?);
         }
         Ok(released)
     }
@@ -756,8 +754,42 @@ impl Engine {
             .collect())
     }
 
-    /// Deletes the reservation if it is still the object listed (same uid and version).
+    /// Deletes the reservation if it is still the object listed (same uid and version). While
+    /// Go binaries may write the pools, under their Lease, and only if no pool holds its address
+    /// by then: a Go ADD of the holder's pod keeps the reservation unwritten for its own entry.
     pub async fn release_unbacked(&self, reservation: &Reservation) -> Result<bool, StoreError> {
+        self.releasing(false, async |go| {
+            if let Some(hold) = go {
+                if self.backed_now(&reservation.name).await? {
+                    return Ok(false);
+                }
+                hold.check()?;
+            }
+            self.delete_unbacked(reservation).await
+        })
+        .await
+    }
+
+    /// Whether a pool of the namespace holds an address reservation `name` may name.
+    async fn backed_now(&self, name: &str) -> Result<bool, StoreError> {
+        for object in self.kube.list_pools(None).await? {
+            let pool = object.metadata.name.clone().unwrap_or_default();
+            let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
+                continue;
+            };
+            let doc = PoolDoc::new(&pool, cidr, Some(object))?;
+            if doc
+                .entries()
+                .iter()
+                .any(|e| addresses_named_by(name).any(|ip| ip == e.ip))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn delete_unbacked(&self, reservation: &Reservation) -> Result<bool, StoreError> {
         let (uid, rv) = reservation.version.split_once('/').unwrap_or_default();
         match self
             .kube
