@@ -290,9 +290,8 @@ impl Engine {
     }
 
     /// Whether `pool` holds `ip` again for the pod (and interface) `reservation` names. A Go ADD
-    /// of the pod's
-    /// next sandbox that finds the reservation naming its pod keeps it as it is, naming the old
-    /// container, and writes its own entry: the reservation is that entry's now.
+    /// of the pod's next sandbox that finds the reservation naming its pod keeps it as it is,
+    /// naming the old container, and writes its own entry: the reservation is that entry's now.
     async fn held_again_by_its_pod(
         &self,
         pool: &str,
@@ -578,6 +577,7 @@ impl Engine {
     /// [`leaked_on_node`]). Then the reservations
     /// of the configured ranges' addresses that no pool entry backs and no valid attachment
     /// holds (old ones only).
+    ///
     /// While Go binaries may write the pools, each pool's release and each orphan's delete holds
     /// their Lease; the pod lookups that decide them do not.
     pub async fn gc(&self, req: &GcRequest) -> Result<Vec<Allocation>, StoreError> {
