@@ -774,6 +774,57 @@ fn a_release_keeps_the_reservation_a_go_add_of_the_pods_next_sandbox_kept() {
     assert_eq!(reservation["spec"]["podref"], "default/g");
 }
 
+/// While Go binaries may write the pools, an orphan reservation is deleted under their Lease,
+/// and only if no pool holds its address by then: a Go ADD of the holder's pod keeps it
+/// unwritten for its own entry. On the fake API server, whose gate holds the GC's taking of the
+/// Lease while the test writes that entry, and which backdates the reservation (only old
+/// orphans go).
+#[test]
+fn a_gc_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let flat = dir.path().join("go-present.conf");
+    let temp = std::env::temp_dir().canonicalize().unwrap();
+    let settings = json!({"allow_inline_paths": [temp], "allow_insecure_tls": true,
+                          "go_whereabouts": "present"});
+    std::fs::write(&flat, settings.to_string()).unwrap();
+    let orphan = json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+        "kind": "OverlappingRangeIPReservation", "metadata": {"name": "10.106.0.5"},
+        "spec": {"containerid": "o-1", "podref": "default/o", "ifname": "net1"}});
+    server.create(RESERVATIONS, NS, orphan);
+    server.set_created(RESERVATIONS, NS, "10.106.0.5", "2020-01-01T00:00:00Z");
+    let mut gc_conf: Value = serde_json::from_str(&netconf(
+        "gcnet",
+        &ipam("10.106.0.0/24", &kubeconfig, json!({})),
+    ))
+    .unwrap();
+    gc_conf["cni.dev/valid-attachments"] = json!([]);
+    let mut gc = call("GC", "", "");
+    gc.env
+        .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
+
+    server.close_gate("POST", "leases");
+    let reply = std::thread::scope(|s| {
+        let reply = s.spawn(|| run(bin(), &gc, &gc_conf.to_string()));
+        let held = held_within(Duration::from_secs(30), || server.waiting_at_gate() > 0);
+        if held {
+            let mut pool = upstream_pool("10.106.0.0-24", "10.106.0.0/24", &[]);
+            pool["spec"]["allocations"]["5"] =
+                json!({"id": "o-2", "podref": "default/o", "ifname": "net1"});
+            server.create("ippools", NS, pool);
+        }
+        server.open_gate();
+        assert!(held, "the GC never took the Lease to delete the orphan");
+        reply.join().unwrap()
+    });
+    assert_eq!(reply.code, 0, "{reply:?}");
+    assert!(
+        server.get(RESERVATIONS, NS, "10.106.0.5").is_some(),
+        "the reservation the pod's next sandbox holds was deleted"
+    );
+}
+
 /// On the fake API server: a real one cannot be made on demand to answer slowly, answer 500s,
 /// apply a write and answer 504, or drop its connections.
 #[test]

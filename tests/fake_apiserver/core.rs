@@ -403,6 +403,15 @@ impl FakeApiServer {
         });
     }
 
+    /// Sets an object's creationTimestamp (RFC 3339): an object as old as a test needs.
+    pub fn set_created(&self, plural: &str, ns: &str, name: &str, at: &str) {
+        self.with_state(|state| {
+            let key = (plural.to_string(), ns.to_string(), name.to_string());
+            let object = state.objects.get_mut(&key).expect("the object exists");
+            object["metadata"]["creationTimestamp"] = json!(at);
+        });
+    }
+
     /// Deletes any built-in object at once (a pod whose kubelet has finished with it).
     pub fn delete_now(&self, plural: &str, ns: &str, name: &str) -> bool {
         self.with_state(|state| remove(state, plural, ns, name).is_some())
