@@ -83,9 +83,8 @@ impl Engine {
     /// node's slice pool excepted, which one node alone writes), as their own DEL does. A Go ADD
     /// of a pod's new sandbox that finds the old sandbox's reservation keeps it unwritten, since
     /// it names the pod, and then writes its pool entry: a release of the old sandbox between
-    /// the two would delete the reservation the new entry relies on. Whether `op` ran alone
-    /// `op` is given the hold, to check before each write and to serve alone (not combined by
-    /// the agent).
+    /// the two would delete the reservation the new entry relies on. `op` is given the hold, to
+    /// check before each write and to serve alone (not combined by the agent).
     pub async fn releasing<T>(
         &self,
         node_slices: bool,
