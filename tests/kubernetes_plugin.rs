@@ -7,7 +7,7 @@ mod fake_apiserver;
 mod kube_apiserver;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fake_apiserver::burst::{container, run_burst, Burst};
@@ -61,6 +61,23 @@ fn held_within(limit: Duration, done: impl Fn() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A flat file in `dir` of the tests' trust rules saying Go binaries write the pools (the
+/// migration's setting): calls made with it, by [`with_flat_file`].
+fn go_present_flat_file(dir: &Path) -> PathBuf {
+    let flat = dir.join("go-present.conf");
+    let temp = std::env::temp_dir().canonicalize().unwrap();
+    let settings = json!({"allow_inline_paths": [temp], "allow_insecure_tls": true,
+                          "go_whereabouts": "present"});
+    std::fs::write(&flat, settings.to_string()).unwrap();
+    flat
+}
+
+fn with_flat_file<'a>(flat: &Path, mut c: Call<'a>) -> Call<'a> {
+    c.env
+        .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
+    c
 }
 
 /// A short per-request timeout so failure tests finish quickly.
@@ -480,14 +497,8 @@ fn ipv6_offsets_beyond_two_to_the_63() {
     );
     // While Go binaries write the pools, nothing at or beyond 2^63, which they would drop: a
     // range wholly beyond is exhausted, saying why.
-    let flat = dir.path().join("go-present.conf");
-    let temp = std::env::temp_dir().canonicalize().unwrap();
-    let settings = json!({"allow_inline_paths": [temp], "go_whereabouts": "present"});
-    std::fs::write(&flat, settings.to_string()).unwrap();
-    let mut with_go = call("ADD", "v6-a", "v6-a");
-    with_go
-        .env
-        .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
+    let flat = go_present_flat_file(dir.path());
+    let with_go = with_flat_file(&flat, call("ADD", "v6-a", "v6-a"));
     let reply = run(bin(), &with_go, &conf);
     assert_eq!(reply.cni_code(), 100, "{reply:?}");
     assert!(reply.stdout.contains("go_whereabouts"), "{reply:?}");
@@ -680,17 +691,9 @@ fn a_del_waits_for_the_go_binaries_lease() {
     let ns = plane.namespace("del-go-lease");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let flat = dir.path().join("flat.conf");
-    let temp = std::env::temp_dir().canonicalize().unwrap();
-    let settings = json!({"allow_inline_paths": [temp], "go_whereabouts": "present"});
-    std::fs::write(&flat, settings.to_string()).unwrap();
     let conf = netconf("gonet", &ipam("10.83.0.0/24", &kubeconfig, json!({})));
-    let as_migrating = |command| {
-        let mut c = quick(call(command, "g-1", "g"));
-        c.env
-            .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
-        c
-    };
+    let flat = go_present_flat_file(dir.path());
+    let as_migrating = |command| with_flat_file(&flat, quick(call(command, "g-1", "g")));
     let added = run(bin(), &as_migrating("ADD"), &conf);
     assert_eq!(added.ips(), ["10.83.0.1"], "{added:?}");
     let go_holds = |holder: Option<&str>| {
@@ -729,18 +732,9 @@ fn a_release_keeps_the_reservation_a_go_add_of_the_pods_next_sandbox_kept() {
     let server = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = server.write_kubeconfig(dir.path(), None);
-    let flat = dir.path().join("go-present.conf");
-    let temp = std::env::temp_dir().canonicalize().unwrap();
-    let settings = json!({"allow_inline_paths": [temp], "allow_insecure_tls": true,
-                          "go_whereabouts": "present"});
-    std::fs::write(&flat, settings.to_string()).unwrap();
     let conf = netconf("gonet", &ipam("10.105.0.0/24", &kubeconfig, json!({})));
-    let migrating = |command, container| {
-        let mut c = call(command, container, "g");
-        c.env
-            .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
-        c
-    };
+    let flat = go_present_flat_file(dir.path());
+    let migrating = |command, container| with_flat_file(&flat, call(command, container, "g"));
     let added = run(bin(), &migrating("ADD", "g-1"), &conf);
     assert_eq!(added.ips(), ["10.105.0.1"], "{added:?}");
 
@@ -784,11 +778,6 @@ fn a_gc_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
     let server = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = server.write_kubeconfig(dir.path(), None);
-    let flat = dir.path().join("go-present.conf");
-    let temp = std::env::temp_dir().canonicalize().unwrap();
-    let settings = json!({"allow_inline_paths": [temp], "allow_insecure_tls": true,
-                          "go_whereabouts": "present"});
-    std::fs::write(&flat, settings.to_string()).unwrap();
     let orphan = json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
         "kind": "OverlappingRangeIPReservation", "metadata": {"name": "10.106.0.5"},
         "spec": {"containerid": "o-1", "podref": "default/o", "ifname": "net1"}});
@@ -800,9 +789,8 @@ fn a_gc_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
     ))
     .unwrap();
     gc_conf["cni.dev/valid-attachments"] = json!([]);
-    let mut gc = call("GC", "", "");
-    gc.env
-        .push(("WHEREABOUTS_FLAT_FILE", flat.display().to_string()));
+    let flat = go_present_flat_file(dir.path());
+    let gc = with_flat_file(&flat, call("GC", "", ""));
 
     server.close_gate("POST", "leases");
     let reply = std::thread::scope(|s| {
