@@ -737,16 +737,7 @@ impl Engine {
     /// judgement (its pod exists; it is recent) keeps it.
     pub async fn unbacked_reservations(&self) -> Result<Vec<Unbacked>, StoreError> {
         let reservations = self.kube.list_reservations(None).await?;
-        let mut backed: BTreeSet<IpAddr> = BTreeSet::new();
-        for object in self.kube.list_pools(None).await? {
-            let name = object.metadata.name.clone().unwrap_or_default();
-            let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
-                continue;
-            };
-            if let Ok(doc) = PoolDoc::new(&name, cidr, Some(object)) {
-                backed.extend(doc.entries().iter().map(|e| e.ip));
-            }
-        }
+        let backed = self.held_addresses().await?;
         Ok(reservations
             .into_iter()
             .filter_map(Unbacked::of)
@@ -772,21 +763,23 @@ impl Engine {
 
     /// Whether a pool of the namespace holds an address reservation `name` may name.
     async fn backed_now(&self, name: &str) -> Result<bool, StoreError> {
+        let held = self.held_addresses().await?;
+        Ok(addresses_named_by(name).any(|ip| held.contains(&ip)))
+    }
+
+    /// Every address the namespace's pools hold (one list of the pools).
+    async fn held_addresses(&self) -> Result<BTreeSet<IpAddr>, StoreError> {
+        let mut held = BTreeSet::new();
         for object in self.kube.list_pools(None).await? {
-            let pool = object.metadata.name.clone().unwrap_or_default();
+            let name = object.metadata.name.clone().unwrap_or_default();
             let Some(cidr) = Cidr::parse(&object.spec.range, false) else {
                 continue;
             };
-            let doc = PoolDoc::new(&pool, cidr, Some(object))?;
-            if doc
-                .entries()
-                .iter()
-                .any(|e| addresses_named_by(name).any(|ip| ip == e.ip))
-            {
-                return Ok(true);
+            if let Ok(doc) = PoolDoc::new(&name, cidr, Some(object)) {
+                held.extend(doc.entries().iter().map(|e| e.ip));
             }
         }
-        Ok(false)
+        Ok(held)
     }
 
     async fn delete_unbacked(&self, reservation: &Reservation) -> Result<bool, StoreError> {
