@@ -1069,6 +1069,45 @@ fn controller_rbac_is_the_same_in_every_install() {
     }
 }
 
+/// A drain or a node's loss takes one controller replica, not both: the budget lets one be
+/// evicted at a time (and only one: `minAvailable` below the replicas), and the replicas prefer
+/// different nodes.
+fn check_one_controller_survives(objects: &[Value], base: &str, source: &str) {
+    let d = controller_objects(objects, base).deployment;
+    let pod_labels = &d["spec"]["template"]["metadata"]["labels"];
+    let selects_the_replicas = |selector: &Value| {
+        let labels = selector["matchLabels"].as_object().expect("matchLabels");
+        !labels.is_empty() && labels.iter().all(|(k, v)| &pod_labels[k] == v)
+    };
+    let budget = named(
+        objects,
+        "PodDisruptionBudget",
+        &format!("{base}-controller"),
+    );
+    assert_eq!(budget["apiVersion"], "policy/v1", "{source}");
+    assert_eq!(
+        budget["metadata"]["namespace"], d["metadata"]["namespace"],
+        "{source}"
+    );
+    assert!(
+        selects_the_replicas(&budget["spec"]["selector"]),
+        "{source}: the budget selects {:?}",
+        budget["spec"]["selector"]
+    );
+    assert_eq!(
+        budget["spec"]["minAvailable"], 1,
+        "{source}: one of the two replicas may go"
+    );
+    let spread = &d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        ["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
+    assert_eq!(spread["topologyKey"], "kubernetes.io/hostname", "{source}");
+    assert!(
+        selects_the_replicas(&spread["labelSelector"]),
+        "{source}: the anti-affinity selects {:?}",
+        spread["labelSelector"]
+    );
+}
+
 fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
     let c = controller_objects(objects, base);
     let d = c.deployment;
@@ -1078,6 +1117,7 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
         json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
         "{source}: a rollout keeps a replica running"
     );
+    check_one_controller_survives(objects, base, source);
     // The Go Whereabouts' node-slice controller Deployment has this name and selector: applied
     // over it, ours replaces it (a selector cannot change).
     assert_eq!(
@@ -1226,6 +1266,32 @@ fn controller_deployment_runs_the_controller_as_the_binary_parses_it() {
     let annotations = &c.deployment["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["team"], "net");
     assert_eq!(annotations["prometheus.io/port"], "9100");
+}
+
+/// An affinity of the operator's replaces the default spread of the replicas, as the values
+/// file says; the budget stays.
+#[test]
+fn the_controllers_affinity_can_be_replaced() {
+    let zone = "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution\
+                .nodeSelectorTerms[0].matchExpressions[0]";
+    let set = [
+        format!("{zone}.key=zone"),
+        format!("{zone}.operator=In"),
+        format!("{zone}.values[0]=a"),
+    ];
+    let set: Vec<&str> = set.iter().map(String::as_str).collect();
+    let Some(objects) = render_chart("whereabouts", "kube-system", &set) else {
+        return;
+    };
+    let d = controller_objects(&objects, "whereabouts").deployment;
+    let affinity = &d["spec"]["template"]["spec"]["affinity"];
+    assert_eq!(
+        affinity,
+        &json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}),
+    );
+    named(&objects, "PodDisruptionBudget", "whereabouts-controller");
 }
 
 #[test]

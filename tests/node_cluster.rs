@@ -435,6 +435,62 @@ fn served_then_released(node: &Node, label: &str, pods: &[String]) {
     wait_released(node, &addresses);
 }
 
+/// A drain evicts the controller's replicas one at a time. With the node cordoned (as a drain
+/// does) the first replica's replacement cannot start, so the budget refuses the second
+/// eviction for as long as the drain would retry it, and one replica stays running.
+fn a_drain_leaves_one_controller(node: &Node) {
+    rollout(node, "deployment/whereabouts-controller");
+    let budget = || node.get(&["pdb", "whereabouts-controller", "-n", SYSTEM]);
+    wait_until(
+        "the controller's budget to count both replicas",
+        Duration::from_secs(60),
+        || budget()["status"]["disruptionsAllowed"] == 1,
+    );
+    let node_name = text(&node.get(&["nodes"])["items"][0]["metadata"]["name"]);
+    node.kubectl(&["cordon", &node_name]);
+
+    let selector = ["pods", "-n", SYSTEM, "-l", "app=whereabouts-controller"];
+    let replicas: Vec<String> = node.get(&selector)["items"]
+        .as_array()
+        .expect("pod list")
+        .iter()
+        .map(|p| text(&p["metadata"]["name"]))
+        .collect();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    // kubectl, as a drain sends them: the client library here retries a 429 on its own.
+    let evict = |name: &str| {
+        let eviction = node.plane.dir.join(format!("eviction-{name}.json"));
+        let body = json!({"apiVersion": "policy/v1", "kind": "Eviction",
+                          "metadata": {"name": name, "namespace": SYSTEM}});
+        std::fs::write(&eviction, body.to_string()).unwrap();
+        let path = format!("/api/v1/namespaces/{SYSTEM}/pods/{name}/eviction");
+        let eviction = eviction.display().to_string();
+        let args = ["create", "--raw", &path, "-f", &eviction];
+        node.plane.kubectl_as(&node.plane.kubeconfig, &args)
+    };
+    let first = evict(&replicas[0]);
+    assert!(
+        first.status.success(),
+        "the first replica's eviction: {first:?}"
+    );
+    let second = evict(&replicas[1]);
+    assert!(
+        !second.status.success()
+            && String::from_utf8_lossy(&second.stderr).contains("disruption budget"),
+        "the second replica's eviction was not refused by the budget: {second:?}"
+    );
+    let running = node.get(&["pod", &replicas[1], "-n", SYSTEM]);
+    assert_eq!(running["status"]["phase"], "Running");
+    assert!(running["metadata"]["deletionTimestamp"].is_null());
+
+    node.kubectl(&["uncordon", &node_name]);
+    rollout(node, "deployment/whereabouts-controller");
+}
+
+fn text(value: &Value) -> String {
+    value.as_str().expect("a string").to_string()
+}
+
 /// Pods force-deleted while the node's runtime is stopped get no DEL: the controller frees
 /// their addresses. The runtime's late DEL, once it is back, changes nothing.
 fn force_deleted_while_runtime_stopped(node: &Node) {
@@ -589,6 +645,7 @@ fn the_seed_manifest_on_a_real_node() {
     network(&node);
 
     thirty_pods(&node);
+    a_drain_leaves_one_controller(&node);
     force_deleted_while_runtime_stopped(&node);
     statefulset_pod_recreated(&node);
     daemonset_restarted_and_upgraded_midway(&node);
