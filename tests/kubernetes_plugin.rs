@@ -943,6 +943,47 @@ fn status_needs_the_crds() {
     assert!(default_namespace.get("ippools", "10.110.0.0-24").is_none());
 }
 
+/// A namespace that does not exist (a typo in the flat file or the kubeconfig's context)
+/// answers every list empty, as a fresh one does; STATUS tells them apart and names it, so the
+/// runtime does not count on a network whose ADDs all fail.
+#[test]
+fn status_fails_while_the_namespace_is_missing() {
+    let plane = real_cluster!();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!("whereabouts-missing-{}", std::process::id());
+    let kubeconfig = plane.admin_kubeconfig(dir.path(), &missing);
+    let conf = netconf("missing", &ipam("10.111.0.0/24", &kubeconfig, json!({})));
+
+    let reply = run(bin(), &call("STATUS", "", ""), &conf);
+    assert_eq!(reply.cni_code(), 50, "{reply:?}");
+    let message = reply.json()["msg"].as_str().unwrap().to_string();
+    assert!(
+        message.contains(&format!("the namespace {missing} does not exist")),
+        "{message}"
+    );
+    let reply = run(bin(), &call("ADD", "ns-missing", "ns-missing"), &conf);
+    assert_ne!(reply.code, 0, "{reply:?}");
+    assert!(reply.stdout.contains(&missing), "{reply:?}");
+
+    let ns = kube_apiserver::TestNamespace {
+        plane,
+        name: missing,
+    };
+    ns.apply(
+        &kube_apiserver::resource("namespaces"),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name}}),
+    );
+    let reply = run(bin(), &call("STATUS", "", ""), &conf);
+    assert_eq!(reply.code, 0, "{reply:?}");
+    // The check stored nothing.
+    assert!(ns.list("ippools").is_empty());
+    assert_eq!(
+        run(bin(), &call("ADD", "ns-there", "ns-there"), &conf).code,
+        0
+    );
+    ns.delete("namespaces", &ns.name);
+}
+
 #[test]
 fn node_slices_from_a_nodeslicepool() {
     let plane = real_cluster!();

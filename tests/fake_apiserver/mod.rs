@@ -284,7 +284,7 @@ impl FakeApiServer {
     /// Creates an object as a client would (validated, pruned); panics if refused.
     pub fn create(&self, plural: &str, namespace: &str, object: Value) -> Value {
         let mut state = self.shared.state.lock().unwrap();
-        match create(&mut state, plural, namespace, object) {
+        match create(&mut state, plural, namespace, object, false) {
             (201, body) => body,
             (code, body) => panic!("create {plural} refused: {code} {body}"),
         }
@@ -496,7 +496,10 @@ fn handle(state: &mut State, req: &http::Request) -> (u16, Value) {
             None => not_found(&plural, &name),
         },
         ("POST", None) => match body() {
-            Ok(obj) => create(state, &plural, &ns, obj),
+            Ok(obj) => {
+                let dry_run = req.query.split('&').any(|kv| kv == "dryRun=All");
+                create(state, &plural, &ns, obj, dry_run)
+            }
             Err(e) => status(400, "BadRequest", &format!("invalid JSON: {e}"), None),
         },
         ("PUT", Some(name)) => match body() {
@@ -614,7 +617,14 @@ fn now_rfc3339() -> String {
     )
 }
 
-fn create(state: &mut State, plural: &str, ns: &str, mut obj: Value) -> (u16, Value) {
+/// A create; with `dry_run` (`?dryRun=All`) answered as the server would, nothing stored.
+fn create(
+    state: &mut State,
+    plural: &str,
+    ns: &str,
+    mut obj: Value,
+    dry_run: bool,
+) -> (u16, Value) {
     let kind = state.crds[plural].kind.clone();
     let name = obj["metadata"]["name"]
         .as_str()
@@ -652,6 +662,9 @@ fn create(state: &mut State, plural: &str, ns: &str, mut obj: Value) -> (u16, Va
             &format!("{plural}.{GROUP} \"{name}\" already exists"),
             details(plural, &name),
         );
+    }
+    if dry_run {
+        return (201, obj);
     }
     state.revision += 1;
     state.uids += 1;

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use crate::cleanup::judge::PodPlace;
 use crate::ipam::names::is_valid_object_name;
 use crate::k8s::cluster::is_transient;
-use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
+use crate::k8s::crd::{IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation};
 use crate::k8s::throttle;
 use crate::store::error::chain;
 use crate::store::kubernetes::settings::Settings;
@@ -318,6 +318,37 @@ impl Kube {
         let pp = PatchParams::default();
         self.call(&what, || self.pools.patch(name, &pp, &patch))
             .await
+    }
+
+    /// Whether the engine's namespace exists. A list there answers empty either way, so this
+    /// sends a pool's create as a dry run (nothing is stored): the server refuses it NotFound
+    /// only for a namespace that does not exist, once the IPPool resource is known to be
+    /// served. A create refused for another reason (a policy, a webhook, the plugin's role)
+    /// says nothing about the namespace, which counts as there.
+    pub async fn namespace_exists(&self) -> Result<bool, ApiError> {
+        let probe = IPPool::new(
+            "whereabouts-namespace-probe",
+            IPPoolSpec {
+                range: "192.0.2.0/32".into(),
+                allocations: Default::default(),
+            },
+        );
+        let dry_run = PostParams {
+            dry_run: true,
+            field_manager: None,
+        };
+        let what = "create IPPool (dry run)";
+        match self
+            .call(what, || self.pools.create(&dry_run, &probe))
+            .await
+        {
+            Ok(_)
+            | Err(ApiError::AlreadyExists(_) | ApiError::Refused(_) | ApiError::Conflict(_)) => {
+                Ok(true)
+            }
+            Err(ApiError::NotFound(_)) => Ok(false),
+            Err(err) => Err(err),
+        }
     }
 
     pub async fn list_pools(&self, limit: Option<u32>) -> Result<Vec<IPPool>, ApiError> {

@@ -281,7 +281,7 @@ impl SharedEngine {
         self.run("GC", self.engine.gc(req)).await
     }
 
-    /// Ok when both CustomResourceDefinitions answer.
+    /// Ok when both CustomResourceDefinitions answer and the namespace exists.
     pub async fn status(&self) -> Result<(), StoreError> {
         self.run("STATUS", async {
             let kube = &self.engine.kube;
@@ -299,12 +299,23 @@ impl SharedEngine {
                 Err(err) => return Err(err.into()),
             }
             match kube.list_reservations(Some(1)).await {
-                Ok(_) => Ok(()),
-                Err(ApiError::NotFound(_)) => Err(missing(
-                    "overlappingrangeipreservations.whereabouts.cni.cncf.io",
-                )),
-                Err(err) => Err(err.into()),
+                Ok(_) => {}
+                Err(ApiError::NotFound(_)) => {
+                    return Err(missing(
+                        "overlappingrangeipreservations.whereabouts.cni.cncf.io",
+                    ))
+                }
+                Err(err) => return Err(err.into()),
             }
+            if kube.namespace_exists().await? {
+                return Ok(());
+            }
+            let namespace = kube.pools.namespace().unwrap_or_default();
+            Err(StoreError::config(format!(
+                "the namespace {namespace} does not exist on {} (set by the flat \
+                 file's kubernetes.namespace, else by {})",
+                self.server, kube.origin
+            )))
         })
         .await
     }
