@@ -369,3 +369,141 @@ fn gc_and_release_on_etcd() {
     );
     assert_eq!(cli(&["pools", "-o", "json"]).ok()[0]["used"], 0);
 }
+
+/// One release of a sweep refused (here by an admission policy that freezes one pool) does not
+/// stop the others: `gc` frees what it can, marks the refused row failed with the server's
+/// reason, exits non-zero, and leaves the refused allocation whole (its pool entry and its
+/// reservation), for the next sweep to free.
+#[test]
+fn gc_frees_what_it_can_and_fails_for_the_rest() {
+    let Some(plane) = kube_apiserver::control_plane() else {
+        return;
+    };
+    let ns = plane.namespace("gc-frees-what-it-can");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let network = |range: &str| {
+        json!({"cniVersion": "1.1.0", "name": "kubenet", "type": "bridge",
+            "ipam": {"type": "whereabouts", "range": range, "log_level": "error",
+                     "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}})
+    };
+    let (open, frozen) = (network("10.83.0.0/24"), network("10.84.0.0/24"));
+    let mut addr = std::collections::BTreeMap::new();
+    for (name, phase, conf) in [
+        ("alive", Some("Running"), &open),
+        ("gone", None, &open),
+        ("gone-frozen", None, &frozen),
+    ] {
+        let uid = match phase {
+            Some(phase) => ns.add_pod(name, phase),
+            None => format!("uid-{name}"),
+        };
+        let pod_ref = format!("{}/{name}", ns.name);
+        let args = common::pod_args_with_uid(&pod_ref, &uid);
+        let reply = common::call_with(conf, "ADD", &format!("c-{name}"), "net1", &args);
+        addr.insert(name, bare(&ips(&reply.ok())[0]));
+    }
+    let validations = json!([
+        {"expression": "object.metadata.name != 'policy-probe'", "message": "probe"},
+        {"expression": "request.operation != 'UPDATE' || object.metadata.name != '10.84.0.0-24' \
+            || size(object.spec.allocations) >= size(oldObject.spec.allocations)",
+         "message": "pool 10.84.0.0-24 is frozen"},
+    ]);
+    let probe = json!({"metadata": {"name": "policy-probe"},
+                       "spec": {"range": "10.85.0.0/24", "allocations": {}}});
+    let rules = json!(["ippools", ["CREATE", "UPDATE"]]);
+    let policy = ns.admission_policy(dir.path(), rules, validations, ("ippools", probe.clone()));
+
+    let conf = dir.path().join("net.conf");
+    std::fs::write(&conf, open.to_string()).unwrap();
+    let gc = || {
+        let out = common::operator()
+            .args(["gc", "-o", "json", "--config"])
+            .arg(&conf)
+            .arg("--pod-kubeconfig")
+            .arg(&kubeconfig)
+            .output()
+            .unwrap();
+        Reply {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let reservations = || -> Vec<String> {
+        let mut names: Vec<String> = ns
+            .list("overlappingrangeipreservations")
+            .iter()
+            .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+
+    let partial = gc();
+    assert_eq!(partial.code, 1, "{partial:?}");
+    assert!(
+        partial.stderr.contains("1 of the releases failed"),
+        "{partial:?}"
+    );
+    let rows: Value = serde_json::from_str(&partial.stdout).expect("the rows as JSON");
+    let actions: Vec<(&str, &str)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["address"].as_str().unwrap(),
+                r["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (addr["gone"].as_str(), "released"),
+            (addr["gone-frozen"].as_str(), "failed")
+        ]
+    );
+    assert!(
+        rows[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("pool 10.84.0.0-24 is frozen"),
+        "{rows}"
+    );
+    let frozen_pool = ns.get("ippools", "10.84.0.0-24").unwrap();
+    assert_eq!(
+        frozen_pool["spec"]["allocations"]
+            .as_object()
+            .unwrap()
+            .len(),
+        1,
+        "the refused release took nothing: {frozen_pool}"
+    );
+    let mut whole = vec![addr["alive"].clone(), addr["gone-frozen"].clone()];
+    whole.sort();
+    assert_eq!(reservations(), whole);
+
+    plane.kubectl(&[
+        "delete",
+        "validatingadmissionpolicy,validatingadmissionpolicybinding",
+        &policy,
+    ]);
+    // The server stops enforcing a deleted policy shortly after.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while ns.dry_run_create("ippools", probe.clone()).is_err() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the policy stays enforced"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let rest = gc();
+    assert_eq!(rest.code, 0, "{rest:?}");
+    let rows: Value = serde_json::from_str(&rest.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["address"], Value::from(addr["gone-frozen"].clone()));
+    assert_eq!(rows[0]["action"], "released");
+    assert_eq!(reservations(), [addr["alive"].clone()]);
+}
