@@ -387,7 +387,7 @@ fn gc_frees_what_it_can_and_fails_for_the_rest() {
             "ipam": {"type": "whereabouts", "range": range, "log_level": "error",
                      "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}})
     };
-    let (open, frozen) = (network("10.83.0.0/24"), network("10.84.0.0/24"));
+    let (open, frozen) = (network("10.83.0.0/24"), network("10.82.0.0/24"));
     let mut addr = std::collections::BTreeMap::new();
     for (name, phase, conf) in [
         ("alive", Some("Running"), &open),
@@ -405,9 +405,9 @@ fn gc_frees_what_it_can_and_fails_for_the_rest() {
     }
     let validations = json!([
         {"expression": "object.metadata.name != 'policy-probe'", "message": "probe"},
-        {"expression": "request.operation != 'UPDATE' || object.metadata.name != '10.84.0.0-24' \
+        {"expression": "request.operation != 'UPDATE' || object.metadata.name != '10.82.0.0-24' \
             || size(object.spec.allocations) >= size(oldObject.spec.allocations)",
-         "message": "pool 10.84.0.0-24 is frozen"},
+         "message": "pool 10.82.0.0-24 is frozen"},
     ]);
     let probe = json!({"metadata": {"name": "policy-probe"},
                        "spec": {"range": "10.85.0.0/24", "allocations": {}}});
@@ -458,21 +458,22 @@ fn gc_frees_what_it_can_and_fails_for_the_rest() {
             )
         })
         .collect();
+    // The frozen pool sorts first: the sweep goes on past its failure.
     assert_eq!(
         actions,
         [
-            (addr["gone"].as_str(), "released"),
-            (addr["gone-frozen"].as_str(), "failed")
+            (addr["gone-frozen"].as_str(), "failed"),
+            (addr["gone"].as_str(), "released")
         ]
     );
     assert!(
-        rows[1]["reason"]
+        rows[0]["reason"]
             .as_str()
             .unwrap()
-            .contains("pool 10.84.0.0-24 is frozen"),
+            .contains("pool 10.82.0.0-24 is frozen"),
         "{rows}"
     );
-    let frozen_pool = ns.get("ippools", "10.84.0.0-24").unwrap();
+    let frozen_pool = ns.get("ippools", "10.82.0.0-24").unwrap();
     assert_eq!(
         frozen_pool["spec"]["allocations"]
             .as_object()

@@ -1098,6 +1098,10 @@ fn check_one_controller_survives(objects: &[Value], base: &str, source: &str) {
         budget["spec"]["minAvailable"], 1,
         "{source}: one of the two replicas may go"
     );
+    assert_eq!(
+        budget["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow",
+        "{source}: replicas that are not ready never hold a drain up"
+    );
     let spread = &d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
         ["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
     assert_eq!(spread["topologyKey"], "kubernetes.io/hostname", "{source}");
@@ -1269,9 +1273,10 @@ fn controller_deployment_runs_the_controller_as_the_binary_parses_it() {
 }
 
 /// An affinity of the operator's replaces the default spread of the replicas, as the values
-/// file says; the budget stays.
+/// file says; the budget stays unless switched off (a one-node cluster's drain would wait for it
+/// for ever).
 #[test]
-fn the_controllers_affinity_can_be_replaced() {
+fn the_controllers_affinity_and_budget_can_be_changed() {
     let zone = "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution\
                 .nodeSelectorTerms[0].matchExpressions[0]";
     let set = [
@@ -1292,6 +1297,20 @@ fn the_controllers_affinity_can_be_replaced() {
                 {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}),
     );
     named(&objects, "PodDisruptionBudget", "whereabouts-controller");
+
+    let Some(without) = render_chart(
+        "whereabouts",
+        "kube-system",
+        &["controller.disruptionBudget.enabled=false"],
+    ) else {
+        return;
+    };
+    assert!(
+        !without.iter().any(|o| o["kind"] == "PodDisruptionBudget"),
+        "{:?}",
+        kinds(&without)
+    );
+    controller_objects(&without, "whereabouts");
 }
 
 #[test]

@@ -961,6 +961,13 @@ fn status_fails_while_the_namespace_is_missing() {
         message.contains(&format!("the namespace {missing} does not exist")),
         "{message}"
     );
+    assert!(
+        message.contains(&format!(
+            "(the namespace of kubeconfig {}",
+            kubeconfig.display()
+        )),
+        "{message}"
+    );
     let reply = run(bin(), &call("ADD", "ns-missing", "ns-missing"), &conf);
     assert_ne!(reply.code, 0, "{reply:?}");
     assert!(reply.stdout.contains(&missing), "{reply:?}");

@@ -312,8 +312,7 @@ impl SharedEngine {
             }
             let namespace = kube.pools.namespace().unwrap_or_default();
             Err(StoreError::config(format!(
-                "the namespace {namespace} does not exist on {} (set by the flat \
-                 file's kubernetes.namespace, else by {})",
+                "the namespace {namespace} does not exist on {} (the namespace of {})",
                 self.server, kube.origin
             )))
         })
