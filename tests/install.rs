@@ -487,6 +487,47 @@ fn the_watcher_stops_on_sigterm() {
     assert!(status.unwrap().success(), "{status:?}");
 }
 
+/// The admin's rules live in the flat file and no flag carries them: a start keeps every key
+/// it does not write itself, and sets or removes its own by its settings alone.
+#[test]
+fn a_start_keeps_the_admins_keys_in_the_flat_file() {
+    let host = Host::new();
+    fs::create_dir_all(host.wd()).unwrap();
+    let flat_path = host.wd().join("whereabouts.conf");
+    let admins = json!({
+        "allow_inline_paths": ["/srv/kubeconfigs"],
+        "allow_insecure_tls": true,
+        "log_file": "/var/log/whereabouts.log",
+    });
+    let mut found = admins.clone();
+    found["datastore"] = json!("etcd");
+    found["agent_socket"] = json!("/elsewhere.sock");
+    found["log_level"] = json!("debug");
+    fs::write(&flat_path, found.to_string()).unwrap();
+
+    install::run(host.args(&["--once"])).unwrap();
+    let flat: Value = serde_json::from_str(&fs::read_to_string(&flat_path).unwrap()).unwrap();
+    let mut expected = json!({
+        "datastore": "kubernetes",
+        "configuration_path": "/etc/cni/net.d/whereabouts.d",
+        "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"},
+        "reconciler_cron_expression": "30 4 * * *",
+    });
+    expected
+        .as_object_mut()
+        .unwrap()
+        .extend(admins.as_object().unwrap().clone());
+    assert_eq!(flat, expected);
+    assert_eq!(mode(&flat_path), 0o600);
+
+    // A file that is no JSON object is replaced by the installer's own keys.
+    fs::write(&flat_path, "not json {").unwrap();
+    install::run(host.args(&["--once"])).unwrap();
+    let flat: Value = serde_json::from_str(&fs::read_to_string(&flat_path).unwrap()).unwrap();
+    assert!(flat.get("allow_inline_paths").is_none(), "{flat}");
+    assert_eq!(flat["datastore"], "kubernetes");
+}
+
 /// With the node agent the host gets no credential: no kubeconfig is written, one left by an
 /// earlier install (the agent switched on later) is removed, and the flat file names the
 /// agent's socket.

@@ -30,13 +30,15 @@ pub fn copy_atomic(src: &Path, dest: &Path, mode: u32) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Whether `dest` exists with `mode` and contents that `same` accepts.
+/// Whether `dest` is a regular file with `mode` and contents that `same` accepts. A symbolic
+/// link is never up to date, whatever it points at: root would go on running, or reading, a
+/// file outside the folder that someone else may own, so it is replaced by a file of ours.
 fn unchanged(
     dest: &Path,
     mode: u32,
     same: impl FnOnce(&Path) -> io::Result<bool>,
 ) -> io::Result<bool> {
-    let meta = match fs::metadata(dest) {
+    let meta = match fs::symlink_metadata(dest) {
         Ok(meta) => meta,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(err) => return Err(err),
@@ -190,5 +192,23 @@ mod tests {
         assert_eq!(mode, 0o644);
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_link_to_the_same_content_is_replaced_by_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, b"plugin").unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o755)).unwrap();
+        let dest = dir.path().join("whereabouts");
+        std::os::unix::fs::symlink(&elsewhere, &dest).unwrap();
+        assert!(copy_atomic(&elsewhere, &dest, 0o755).unwrap());
+        assert!(fs::symlink_metadata(&dest).unwrap().file_type().is_file());
+        assert_eq!(fs::read(&dest).unwrap(), b"plugin");
+        assert_eq!(
+            fs::read(&elsewhere).unwrap(),
+            b"plugin",
+            "the link's target is left"
+        );
     }
 }

@@ -41,6 +41,17 @@ pub const NODENAME_FILE_NAME: &str = "nodename";
 pub const BINARY_MODE: u32 = 0o755;
 pub const KUBECONFIG_MODE: u32 = 0o600;
 pub const FLAT_FILE_MODE: u32 = 0o600;
+
+/// The flat file's keys the installer sets (or removes, when its settings leave them out).
+const INSTALLER_KEYS: [&str; 7] = [
+    "datastore",
+    "configuration_path",
+    "kubernetes",
+    "reconciler_cron_expression",
+    "log_level",
+    "go_whereabouts",
+    "agent_socket",
+];
 pub const NODENAME_MODE: u32 = 0o644;
 
 /// The flags of `whereabouts install`, boxed so that the CLI's subcommand enum stays small;
@@ -281,6 +292,27 @@ impl Settings {
         self.whereabouts_d().join(KUBECONFIG_NAME)
     }
 
+    /// The flat file over the one found on the node (`existing`): the keys this installer
+    /// writes are its own, set or removed by its settings at every start; every other key is
+    /// the admin's (`allow_inline_paths` and the other rules only a flat file may set, which no
+    /// flag carries) and is kept. A file that is not a JSON object is replaced whole.
+    pub fn flat_file_over(&self, existing: Option<&[u8]>) -> String {
+        let ours = self.flat_file();
+        let mut merged = match existing.map(serde_json::from_slice::<serde_json::Value>) {
+            Some(Ok(serde_json::Value::Object(theirs))) => theirs,
+            _ => return ours,
+        };
+        merged.retain(|key, _| !INSTALLER_KEYS.contains(&key.as_str()));
+        let Ok(serde_json::Value::Object(ours)) = serde_json::from_str(&ours) else {
+            return ours;
+        };
+        merged.extend(ours);
+        let merged = serde_json::Value::Object(merged);
+        let mut text = serde_json::to_string_pretty(&merged).unwrap_or_else(|_| merged.to_string());
+        text.push('\n');
+        text
+    }
+
     /// The flat file's content: upstream's keys, with host paths.
     pub fn flat_file(&self) -> String {
         let host_dir = self.host_whereabouts_d();
@@ -369,7 +401,16 @@ pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
     }
 
     let flat = dir.join(FLAT_FILE_NAME);
-    files::write_atomic(&flat, settings.flat_file().as_bytes(), FLAT_FILE_MODE)
+    let existing = match crate::files::read_config_file(&flat) {
+        Ok(bytes) => Some(bytes),
+        Err(err) if err.is_not_found() => None,
+        Err(err) => {
+            tracing::warn!(error = %err, "the flat file found is replaced whole");
+            None
+        }
+    };
+    let content = settings.flat_file_over(existing.as_deref());
+    files::write_atomic(&flat, content.as_bytes(), FLAT_FILE_MODE)
         .map_err(io_err("cannot write", &flat))?;
 
     if settings.agent {
