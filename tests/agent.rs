@@ -958,63 +958,6 @@ fn errors_through_the_agent_keep_their_code() {
     assert_ne!(status.code, 0, "{status:?}");
 }
 
-/// A network that names a kubeconfig of its own (the admin's, beside the installer's) is
-/// served by the plugin from that store, not by the node's agent from the flat file's: nodes
-/// without the agent allocate that network's addresses in the store it names, and answering
-/// from another would let the two hand out the same address. A network that names the flat
-/// file's kubeconfig, or none, goes through the agent.
-#[test]
-fn a_network_naming_another_store_is_not_served_by_the_agent() {
-    let plane = real_cluster!();
-    let flats = plane.namespace("agent-flat-files-store");
-    let others = plane.namespace("agent-networks-own-store");
-    let dir = tempfile::tempdir().unwrap();
-    let subdir = |name: &str| {
-        let sub = dir.path().join(name);
-        std::fs::create_dir(&sub).unwrap();
-        sub
-    };
-    let flat_kubeconfig = flats.kubeconfig(&subdir("flat"));
-    let own_kubeconfig = others.kubeconfig(&subdir("own"));
-    let agent = Agent::start(dir.path(), "node-0", kube_settings(&flat_kubeconfig));
-    // The plugin's flat file names the same store as the agent's, and lets a network name
-    // files in the test's folder.
-    let temp = std::env::temp_dir().canonicalize().unwrap();
-    let plugin_flat = dir.path().join("plugin.conf");
-    let settings = json!({"datastore": "kubernetes",
-        "kubernetes": {"kubeconfig": flat_kubeconfig}, "allow_inline_paths": [temp]});
-    std::fs::write(&plugin_flat, settings.to_string()).unwrap();
-    let add = |i: usize, conf: &str| {
-        let (container, pod) = (format!("own-{i}"), format!("pod-{i}"));
-        let env = vec![
-            agent.env(),
-            ("WHEREABOUTS_FLAT_FILE", plugin_flat.display().to_string()),
-        ];
-        let call = Call {
-            command: "ADD",
-            container: &container,
-            ifname: "net1",
-            pod: Some(("bench", &pod)),
-            node: Some("node-0"),
-            env,
-        };
-        let reply = run(bin(), &call, conf);
-        assert_eq!(reply.code, 0, "{reply:?}");
-    };
-    let served = || agent.metric(r#"whereabouts_agent_requests_total{operation="add""#);
-
-    let own = netconf("own", &ipam("10.143.0.0/29", &own_kubeconfig));
-    add(0, &own);
-    assert_eq!(served(), 0.0, "the agent served a network of another store");
-    assert_eq!(others.list("ippools").len(), 1);
-    assert!(flats.list("ippools").is_empty());
-
-    let flat_files = netconf("flat", &ipam("10.144.0.0/29", &flat_kubeconfig));
-    add(1, &flat_files);
-    assert_eq!(served(), 1.0);
-    assert_eq!(flats.list("ippools").len(), 1);
-}
-
 /// The plugin-only build, which the installer puts on hosts with the agent: ADD, CHECK and DEL
 /// of the Kubernetes engine go through the agent exactly as with the full binary; with the
 /// agent gone it answers "try again", as the full binary does on a host without credentials.

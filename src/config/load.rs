@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use super::error::ConfigError;
 use super::raw::{field, lowercase_keys, merge_flat_file, text};
-use super::trust::{names_another_store, screen, Trust, FLAT_FILE_ENV};
+use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
     Datastore, EtcdConfig, GoPeers, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
     DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS, MAX_EXCLUDES, MAX_RANGES, MAX_ROUTES,
@@ -98,18 +98,17 @@ pub(super) fn load_inner(
         )));
     }
     let configuration_path = text(&map, "configuration_path", "ipam.configuration_path")?;
-    let (flat, trust, warnings, own_store) = if caller == Caller::Network {
+    let (flat, trust, warnings) = if caller == Caller::Network {
         let (flat, trust) = admin_flat_file(configuration_path.as_deref(), default_flat_files)?;
         let mut flat = flat.unwrap_or_default();
-        let own_store = names_another_store(&map, &flat)?;
         let warnings = screen(&mut map, &mut flat, &trust)?;
-        (flat, trust, warnings, own_store)
+        (flat, trust, warnings)
     } else {
         let flat = match find_flat_file(configuration_path.as_deref(), default_flat_files)? {
             Some(file) => read_flat_file(&file)?,
             None => Map::new(),
         };
-        (flat, Trust::operator(), Vec::new(), false)
+        (flat, Trust::operator(), Vec::new())
     };
     let go_peers = go_peers(&flat)?;
     let from_flat = merge_flat_file(&mut map, &flat);
@@ -118,7 +117,6 @@ pub(super) fn load_inner(
     cfg.go_peers = go_peers;
     cfg.trust = trust;
     cfg.warnings = warnings;
-    cfg.own_store = own_store;
     if cfg.node_slice_size.is_some() {
         cfg.warnings.extend(slice_keys_from_flat_file(&from_flat));
     }
@@ -451,7 +449,6 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, Confi
         agent_socket: text(map, "agent_socket", "flat file agent_socket")?.map(PathBuf::from),
         trust: Trust::default(),
         warnings: Vec::new(),
-        own_store: false,
         go_peers: GoPeers::default(),
     })
 }

@@ -119,10 +119,6 @@ pub struct IpamConfig {
     /// The node agent's socket (`agent_socket`, the flat file's only: see
     /// [`crate::agent::socket_path`]).
     pub agent_socket: Option<PathBuf>,
-    /// The network configuration names a store other than the flat file's (see
-    /// [`trust::names_another_store`]): the node's agent, which serves the flat file's, must
-    /// not serve it.
-    pub own_store: bool,
     /// Whether Go binaries may still write the Kubernetes pools (from the flat file only).
     pub go_peers: GoPeers,
     /// What the admin's flat file allows (the operator's commands: everything).

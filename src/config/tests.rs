@@ -517,41 +517,6 @@ fn the_engine_the_flat_file_implies_stands() {
     assert!(silent(json!({"kubernetes": {"kubeconfig": kubeconfig}})).is_ok());
 }
 
-/// Which networks name a store other than the flat file's, and so are served by the plugin
-/// rather than the node's agent.
-#[test]
-fn a_network_naming_another_store_is_told_apart() {
-    let installers = "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
-    let (_dir, kube) = untrusted(json!({"kubernetes": {"kubeconfig": installers},
-        "allow_inline_paths": ["/srv/kubeconfigs"]}));
-    let own = |load: &dyn Fn(Value) -> Result<IpamConfig, String>, ipam: Value| {
-        load(ipam.clone())
-            .unwrap_or_else(|e| panic!("{ipam}: {e}"))
-            .own_store
-    };
-    let named = |path: &str| json!({"kubernetes": {"kubeconfig": path}});
-    assert!(!own(&kube, json!({})));
-    assert!(!own(&kube, named(installers)));
-    // Upstream's networks name the installer's file in either of its folders.
-    let openshift = "/etc/kubernetes/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
-    assert!(!own(&kube, named(openshift)));
-    assert!(own(
-        &kube,
-        named("/etc/cni/net.d/whereabouts.d/other.kubeconfig")
-    ));
-    assert!(own(&kube, named("/srv/kubeconfigs/tenant.kubeconfig")));
-
-    let (_dir, etcd) = untrusted(json!({"etcd_host": "https://etcd.admin:2379",
-        "allow_inline_endpoints": true}));
-    assert!(!own(&etcd, json!({})));
-    assert!(!own(&etcd, json!({"etcd_host": "https://etcd.admin:2379"})));
-    assert!(own(&etcd, json!({"etcd_host": "https://etcd.tenant:2379"})));
-
-    // A flat file that names no store leaves the network's the only one.
-    let (_dir, silent) = untrusted(json!({"allow_inline_paths": ["/srv/kubeconfigs"]}));
-    assert!(!own(&silent, named("/srv/kubeconfigs/tenant.kubeconfig")));
-}
-
 #[test]
 fn refusals_never_show_the_flat_files_values() {
     let (_dir, load) = untrusted(json!({"allow_inline_paths": ["/srv/admin-only"],

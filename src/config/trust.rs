@@ -194,42 +194,6 @@ pub fn screen(
     Ok(warnings)
 }
 
-/// Whether the network configuration names a store other than the one the flat file names:
-/// its own etcd endpoints, or a kubeconfig that is not the installer's (`whereabouts.kubeconfig`
-/// in one of its folders, which upstream's network configurations name; the node's agent serves
-/// that store, from the same flat file, even where the file itself is left out). Where the flat
-/// file names no store, the network configuration's is the only one there is.
-pub fn names_another_store(
-    inline: &Map<String, Value>,
-    flat: &Map<String, Value>,
-) -> Result<bool, ConfigError> {
-    let flat_kubeconfig = flat.get("kubernetes").and_then(Value::as_object);
-    let set = |v: Option<&Value>| v.is_some_and(|v| !is_unset(v));
-    let flat_names_one = set(flat.get("datastore"))
-        || set(flat.get("etcd_host"))
-        || set(flat_kubeconfig.and_then(|k| k.get("kubeconfig")));
-    if !flat_names_one {
-        return Ok(false);
-    }
-    if inline_only(inline, flat, "etcd_host")?.is_some() {
-        return Ok(true);
-    }
-    let Some(Value::Object(inner)) = inline.get("kubernetes") else {
-        return Ok(false);
-    };
-    let empty = Map::new();
-    let kubeconfig = inline_only(inner, flat_kubeconfig.unwrap_or(&empty), "kubeconfig")?;
-    Ok(kubeconfig.is_some_and(|path| !is_installers_kubeconfig(Path::new(&path))))
-}
-
-/// `whereabouts.kubeconfig` in one of the installer's folders.
-fn is_installers_kubeconfig(path: &Path) -> bool {
-    path.file_name() == Some(std::ffi::OsStr::new("whereabouts.kubeconfig"))
-        && path
-            .parent()
-            .is_some_and(|dir| INSTALLER_DIRS.iter().any(|d| dir == Path::new(d)))
-}
-
 /// The inline value of `key` when it is set and differs from the flat file's. Compared as
 /// written: the value is used as written, so the admin's path with a space added is another
 /// (relative) path.

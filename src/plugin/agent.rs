@@ -31,18 +31,11 @@ fn patience(datastore: &Datastore) -> Duration {
 }
 
 /// Asks the agent at `path`; `None` when no agent served the request (or the engine is local).
-/// A network that names a store of its own (its etcd endpoints, a kubeconfig of the admin's
-/// beside the installer's) is served here: the agent serves the flat file's store, and
-/// answering from there would keep this network's addresses in another store than the one
-/// it names, where nodes without the agent allocate them.
 fn through_agent<B: Serialize, R: DeserializeOwned>(
     cfg: &IpamConfig,
     path: &str,
     body: impl FnOnce(EngineKind) -> B,
 ) -> Result<Result<R, StoreError>, Fallback> {
-    if cfg.own_store {
-        return Err(Fallback::Local);
-    }
     let kind = EngineKind::of(&cfg.datastore).ok_or(Fallback::Local)?;
     let socket = socket_path(cfg);
     let url = format!("{}/{path}", crate::agent::wire::PREFIX);
