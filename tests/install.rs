@@ -502,7 +502,8 @@ fn a_start_keeps_the_admins_keys_in_the_flat_file() {
     let mut found = admins.clone();
     found["datastore"] = json!("etcd");
     found["agent_socket"] = json!("/elsewhere.sock");
-    found["log_level"] = json!("debug");
+    // The plugin reads keys in any case.
+    found["Log_Level"] = json!("debug");
     fs::write(&flat_path, found.to_string()).unwrap();
 
     install::run(host.args(&["--once"])).unwrap();
@@ -520,12 +521,27 @@ fn a_start_keeps_the_admins_keys_in_the_flat_file() {
     assert_eq!(flat, expected);
     assert_eq!(mode(&flat_path), 0o600);
 
-    // A file that is no JSON object is replaced by the installer's own keys.
+    // A file that is no JSON object, and a symbolic link, are replaced by the installer's own
+    // keys.
+    let ours = |host: &Host| {
+        let flat: Value = serde_json::from_str(&fs::read_to_string(&flat_path).unwrap()).unwrap();
+        assert!(flat.get("allow_inline_paths").is_none(), "{flat}");
+        assert_eq!(flat["datastore"], "kubernetes");
+        assert!(fs::symlink_metadata(host.wd().join("whereabouts.conf"))
+            .unwrap()
+            .file_type()
+            .is_file());
+    };
     fs::write(&flat_path, "not json {").unwrap();
     install::run(host.args(&["--once"])).unwrap();
-    let flat: Value = serde_json::from_str(&fs::read_to_string(&flat_path).unwrap()).unwrap();
-    assert!(flat.get("allow_inline_paths").is_none(), "{flat}");
-    assert_eq!(flat["datastore"], "kubernetes");
+    ours(&host);
+    let elsewhere = host.path("elsewhere.conf");
+    fs::write(&elsewhere, found.to_string()).unwrap();
+    fs::remove_file(&flat_path).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &flat_path).unwrap();
+    install::run(host.args(&["--once"])).unwrap();
+    ours(&host);
+    assert_eq!(fs::read_to_string(&elsewhere).unwrap(), found.to_string());
 }
 
 /// With the node agent the host gets no credential: no kubeconfig is written, one left by an

@@ -300,9 +300,14 @@ impl Settings {
         let ours = self.flat_file();
         let mut merged = match existing.map(serde_json::from_slice::<serde_json::Value>) {
             Some(Ok(serde_json::Value::Object(theirs))) => theirs,
-            _ => return ours,
+            None => return ours,
+            Some(_) => {
+                tracing::warn!("the flat file found is no JSON object: replaced whole");
+                return ours;
+            }
         };
-        merged.retain(|key, _| !INSTALLER_KEYS.contains(&key.as_str()));
+        // The plugin reads keys in any case: `Agent_Socket` left behind would still be read.
+        merged.retain(|key, _| !INSTALLER_KEYS.contains(&key.to_ascii_lowercase().as_str()));
         let Ok(serde_json::Value::Object(ours)) = serde_json::from_str(&ours) else {
             return ours;
         };
@@ -385,6 +390,30 @@ fn default_binary(agent: bool) -> Result<PathBuf, InstallError> {
     })
 }
 
+/// The flat file on the node, to keep the admin's keys of. None when there is none, or when
+/// what is there cannot be one (a symbolic link, a device, a file over the size cap), which is
+/// replaced. Any other failure to read it stops the start: replacing a file that could not be
+/// read would drop the admin's rules for good.
+fn found_flat_file(path: &Path) -> Result<Option<Vec<u8>>, InstallError> {
+    use crate::files::FileError;
+    match crate::files::read_config_file(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(err) if err.is_not_found() => Ok(None),
+        Err(
+            err @ (FileError::Symlink { .. }
+            | FileError::NotRegular { .. }
+            | FileError::TooLarge { .. }),
+        ) => {
+            tracing::warn!(error = %err, "the flat file found is replaced whole");
+            Ok(None)
+        }
+        Err(err) => Err(InstallError::Invalid(format!(
+            "cannot read the flat file to keep the admin's keys: {}",
+            err.describe()
+        ))),
+    }
+}
+
 /// Writes everything once: binary, flat file, kubeconfig, node name. The binary goes last so
 /// that a node never has a plugin binary without its configuration.
 pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
@@ -401,14 +430,7 @@ pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
     }
 
     let flat = dir.join(FLAT_FILE_NAME);
-    let existing = match crate::files::read_config_file(&flat) {
-        Ok(bytes) => Some(bytes),
-        Err(err) if err.is_not_found() => None,
-        Err(err) => {
-            tracing::warn!(error = %err, "the flat file found is replaced whole");
-            None
-        }
-    };
+    let existing = found_flat_file(&flat)?;
     let content = settings.flat_file_over(existing.as_deref());
     files::write_atomic(&flat, content.as_bytes(), FLAT_FILE_MODE)
         .map_err(io_err("cannot write", &flat))?;
