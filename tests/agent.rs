@@ -958,6 +958,56 @@ fn errors_through_the_agent_keep_their_code() {
     assert_ne!(status.code, 0, "{status:?}");
 }
 
+/// An agent told to stop (SIGTERM: a rollout, a node drain) first finishes the writes under
+/// way, also those of a request whose plugin has hung up: stopping there would leave the
+/// reservation, made before the pool's write, without its entry, holding the address until
+/// the orphan sweep. On the fake API server, which holds the reservation's create back on
+/// demand.
+#[test]
+fn a_stopping_agent_finishes_the_writes_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, kubeconfig, mut agent) = agent_on_a_fake_server(dir.path());
+    let conf = netconf("stopping", &ipam("10.146.0.0/29", &kubeconfig));
+    added_on_node_0(&agent, &conf, 0);
+    server.close_gate("POST", RESERVATIONS);
+    let call = Call {
+        command: "ADD",
+        container: "agent-1",
+        ifname: "net1",
+        pod: Some(("bench", "pod-1")),
+        node: Some("node-0"),
+        env: vec![agent.env()],
+    };
+    let mut plugin = fake_apiserver::cni::start(bin(), &call, &conf);
+    wait_until("the ADD's reservation held", || {
+        server.waiting_at_gate() == 1
+    });
+    plugin.kill().unwrap();
+    plugin.wait().unwrap();
+
+    agent.stop();
+    wait_until("the agent to stop serving", || {
+        std::os::unix::net::UnixStream::connect(&agent.socket).is_err()
+    });
+    server.open_gate();
+    let status = agent.exited_within(Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    wait_until("the server to carry out what it received", || {
+        server.settled()
+    });
+
+    let pool = server
+        .get("ippools", "kube-system", "10.146.0.0-29")
+        .unwrap();
+    let entries: BTreeSet<String> = pool_ips(&pool).iter().map(|ip| ip.to_string()).collect();
+    let reservations: BTreeSet<String> = server
+        .list(RESERVATIONS, "kube-system")
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(reservations, entries, "reservations without their entries");
+}
+
 /// The plugin-only build, which the installer puts on hosts with the agent: ADD, CHECK and DEL
 /// of the Kubernetes engine go through the agent exactly as with the full binary; with the
 /// agent gone it answers "try again", as the full binary does on a host without credentials.

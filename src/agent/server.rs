@@ -1,6 +1,5 @@
 //! The agent's HTTP server (axum) on the unix socket, and the engine behind it.
 
-use std::future::Future;
 use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -35,15 +34,6 @@ pub enum Backend {
     /// of the blocking pool per busy pool (`store::etcd::open_shared`), which the requests
     /// wait for; its other calls run on the blocking pool.
     Etcd(Arc<etcd::Combining>),
-}
-
-/// Runs `op` in a task of its own: a caller that hangs up does not cancel a write half done.
-async fn detached<T: Send + 'static>(
-    op: impl Future<Output = Result<T, StoreError>> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::spawn(op)
-        .await
-        .unwrap_or_else(|err| Err(StoreError::io("the agent's task failed").because(err)))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -90,8 +80,8 @@ impl Backend {
     pub async fn add(&self, req: AddRequest) -> Result<Vec<IpAddr>, StoreError> {
         match self {
             Backend::Kubernetes(e) => {
-                let e = e.clone();
-                detached(async move { e.add(&req).await }).await
+                let engine = e.clone();
+                e.detached(async move { engine.add(&req).await }).await
             }
             // Queued at the first poll; once its batch has started, the ADD is done even if the
             // caller hangs up (before, it is left out: see `queues::drop_abandoned`).
@@ -102,8 +92,8 @@ impl Backend {
     pub async fn del(&self, req: AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
         match self {
             Backend::Kubernetes(e) => {
-                let e = e.clone();
-                detached(async move { e.del(&req).await }).await
+                let engine = e.clone();
+                e.detached(async move { engine.del(&req).await }).await
             }
             Backend::Etcd(s) => s.del_waiting(&req).await,
         }
@@ -122,8 +112,8 @@ impl Backend {
     pub async fn gc(&self, req: GcRequest) -> Result<Vec<Allocation>, StoreError> {
         match self {
             Backend::Kubernetes(e) => {
-                let e = e.clone();
-                detached(async move { e.gc(&req).await }).await
+                let engine = e.clone();
+                e.detached(async move { engine.gc(&req).await }).await
             }
             Backend::Etcd(s) => {
                 let s = s.clone();
@@ -436,9 +426,13 @@ pub async fn serve(options: Options) -> Result<(), String> {
         tokio::spawn(crate::probe_port::serve(tcp, app));
     }
     tracing::info!(socket = %options.socket.display(), engine = ?agent.backend.kind(), "agent serving");
-    let served = axum::serve(listener, router(agent))
+    let served = axum::serve(listener, router(agent.clone()))
         .with_graceful_shutdown(shutdown())
         .await;
+    // The etcd engine's writes run on the blocking pool, which the runtime waits for.
+    if let Backend::Kubernetes(engine) = &agent.backend {
+        engine.finish().await;
+    }
     drop(socket_file);
     served.map_err(|err| format!("the agent's server stopped: {err}"))
 }

@@ -175,10 +175,15 @@ impl Agent {
 
     /// SIGTERM, then waits (bounded by `within`) for the process to finish and exit.
     pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
-        let pid = libc::pid_t::try_from(self.pid()?).expect("a pid");
+        self.stop();
+        self.exited_within(within)
+    }
+
+    /// SIGTERM, as the kubelet stops a pod, without waiting.
+    pub fn stop(&self) {
+        let pid = libc::pid_t::try_from(self.pid().expect("a running agent")).expect("a pid");
         // SAFETY: signals our own child, not yet waited for (so its pid is not reused).
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        self.exited_within(within)
     }
 
     pub fn log_text(&self) -> String {

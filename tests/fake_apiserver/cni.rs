@@ -71,6 +71,18 @@ pub fn netconf(name: &str, ipam: &Value) -> String {
 }
 
 pub fn run(bin: &Path, call: &Call, stdin: &str) -> Reply {
+    let out = start(bin, call, stdin)
+        .wait_with_output()
+        .expect("wait for whereabouts");
+    Reply {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The plugin process of `call`, its input written, not waited for.
+pub fn start(bin: &Path, call: &Call, stdin: &str) -> std::process::Child {
     let mut cmd = Command::new(bin);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -101,10 +113,5 @@ pub fn run(bin: &Path, call: &Call, stdin: &str) -> Reply {
     if let Some(mut input) = child.stdin.take() {
         let _ = input.write_all(stdin.as_bytes());
     }
-    let out = child.wait_with_output().expect("wait for whereabouts");
-    Reply {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    child
 }

@@ -64,6 +64,24 @@ struct Shared {
     requests: AtomicU64,
     by_verb: Mutex<BTreeMap<String, u64>>,
     gate: Gate,
+    /// Requests received and not yet answered (watches excepted).
+    in_flight: AtomicU64,
+}
+
+/// Counts a request in flight until dropped, once it is answered.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicU64) -> InFlight<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Requests of one verb held unanswered until the gate opens (see [`FakeApiServer::close_gate`]).
@@ -253,6 +271,12 @@ impl FakeApiServer {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
+    /// Whether every request received (watches excepted) has been carried out and answered:
+    /// what a client sent before it went away is in the state or never will be.
+    pub fn settled(&self) -> bool {
+        self.shared.in_flight.load(Ordering::SeqCst) == 0
+    }
+
     /// Requests by "METHOD plural".
     pub fn requests_by_verb(&self) -> BTreeMap<String, u64> {
         self.shared.by_verb.lock().unwrap().clone()
@@ -358,8 +382,10 @@ fn serve(shared: Arc<Shared>, stream: TcpStream) {
         if latency > 0 {
             std::thread::sleep(Duration::from_micros(latency));
         }
+        let watching = watch::is_watch(&req);
+        let _answering = (!watching).then(|| InFlight::enter(&shared.in_flight));
         shared.gate.pass(&req.method, &plural);
-        if watch::is_watch(&req) {
+        if watching {
             if watch::stream(&shared, &req, &mut writer) {
                 continue;
             }

@@ -328,9 +328,9 @@ impl Engine {
         if start {
             // A task of its own: a request that gives up (its caller gone, its deadline passed)
             // must not cancel a write made for its neighbours too.
-            let (engine, batches) = (self.clone(), batches.clone());
+            let (engine, batches, work) = (self.clone(), batches.clone(), batches.work.clone());
             let (pool, req) = (pool.clone(), req.clone());
-            tokio::spawn(async move { engine.serve_queue(&batches, &key, &pool, &req).await });
+            work.spawn(async move { engine.serve_queue(&batches, &key, &pool, &req).await });
         }
         answer.await.unwrap_or_else(|_| Err(dropped()))
     }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_util::task::TaskTracker;
 
 use futures::future::BoxFuture;
 
@@ -39,6 +40,10 @@ pub struct Batches {
     /// Each pool as the agent last wrote it. The watch may not have brought the agent's own
     /// write yet, and a guess that lacked it could miss an attachment's entry.
     written: Mutex<HashMap<String, IPPool>>,
+    /// The tasks that write for the queues and for requests whose caller may have hung up: a
+    /// stopping agent waits for them, or a write half done (a reservation without its pool
+    /// entry) would be left to the orphan sweep.
+    pub work: TaskTracker,
 }
 
 impl Batches {
@@ -49,6 +54,7 @@ impl Batches {
             observer,
             last_race: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
+            work: TaskTracker::new(),
         }
     }
 

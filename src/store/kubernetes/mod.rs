@@ -228,6 +228,37 @@ impl SharedEngine {
         &self.server
     }
 
+    /// Runs `op` in a task of its own, which a stopping agent waits for ([`Self::finish`]):
+    /// a caller that hangs up does not cancel a write half done.
+    pub async fn detached<T: Send + 'static>(
+        &self,
+        op: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let task = match &self.engine.batches {
+            Some(batches) => batches.work.spawn(op),
+            None => tokio::spawn(op),
+        };
+        task.await
+            .unwrap_or_else(|err| Err(StoreError::io("the agent's task failed").because(err)))
+    }
+
+    /// Waits, for at most one operation's bound, for the writes under way (the queues' and
+    /// those of requests whose caller hung up): the agent stops serving first, so no new one
+    /// starts.
+    pub async fn finish(&self) {
+        let Some(batches) = &self.engine.batches else {
+            return;
+        };
+        batches.work.close();
+        let bound = self.engine.settings.operation_bound();
+        if tokio::time::timeout(bound, batches.work.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?bound, "writes still under way when the agent stopped");
+        }
+    }
+
     /// Runs one operation to completion or to the deadline; when it fails, the reservations of
     /// the entries it removed are released still.
     async fn run<T>(

@@ -429,14 +429,14 @@ impl Engine {
             };
             let (answer, start) = batches.releases.submit(&key, pending);
             if start {
-                let (engine, batches) = (self.clone(), batches.clone());
+                let (engine, batches, work) = (self.clone(), batches.clone(), batches.work.clone());
                 let target = ReleaseTarget {
                     name,
                     cidr: pool.range.cidr,
                     configured,
                     network_name: req.network_name.clone(),
                 };
-                tokio::spawn(async move { engine.serve_releases(&batches, &key, &target).await });
+                work.spawn(async move { engine.serve_releases(&batches, &key, &target).await });
             }
             released.extend(answer.await.unwrap_or_else(|_| Err(dropped()))?);
         }
