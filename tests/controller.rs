@@ -648,6 +648,28 @@ fn awaited_slice(server: &FakeApiServer, pool: &str, node: &str, limit: Duration
 /// A pass over the node slices that fails (the server refuses the NodeSlicePool's creation,
 /// twice) is tried again after a pause, without waiting for another event: the slices are
 /// there within seconds, and each failure is counted. On the fake: its failures on demand.
+/// A node or network watch that fails is counted and logged, not only retried: one refused
+/// for good (a role without the resource) would otherwise leave the node slices silently
+/// behind. On the fake API server, which fails a list on demand.
+#[test]
+fn failing_node_and_network_watches_are_counted() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    server.fail_next("GET", "nodes", 1);
+    server.fail_next("GET", "network-attachment-definitions", 1);
+    let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
+        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
+    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
+    for operation in ["watch_nodes", "watch_nads"] {
+        ctl.wait_metric(
+            &format!("whereabouts_errors_total{{operation=\"{operation}\"}}"),
+            1.0,
+        );
+    }
+    assert!(ctl.log().contains("watch failed"), "{}", ctl.log());
+}
+
 #[test]
 fn a_failed_node_slice_pass_is_tried_again() {
     let server = FakeApiServer::start();

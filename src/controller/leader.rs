@@ -105,7 +105,7 @@ pub async fn run(
             }
             // A failed renewal: still the leader until the deadline, then not.
             Ok(Err(err)) => {
-                tracing::warn!(%err, lease = LEASE_NAME, "cannot read or write the Lease");
+                tracing::warn!(error = %chain(&err), lease = LEASE_NAME, "cannot read or write the Lease");
             }
             Err(_) => tracing::warn!(
                 lease = LEASE_NAME,
@@ -226,6 +226,9 @@ pub async fn release(client: Client, election: &Election) {
         .await
     {
         Ok(_) => tracing::info!("gave up the lead"),
-        Err(err) => tracing::warn!(%err, "cannot give up the Lease; it expires by itself"),
+        Err(err) => {
+            tracing::warn!(error = %chain(&err), "cannot give up the Lease; it expires by itself")
+        }
     }
 }
+use crate::store::error::chain;

@@ -114,7 +114,7 @@ pub struct Metrics {
 }
 
 /// The operations `whereabouts_errors_total` counts failures of.
-pub const OPERATIONS: [&str; 9] = [
+pub const OPERATIONS: [&str; 11] = [
     "list_allocations",
     "list_pods",
     "list_reservations",
@@ -124,6 +124,8 @@ pub const OPERATIONS: [&str; 9] = [
     "free_released",
     "post_event",
     "watch_pods",
+    "watch_nodes",
+    "watch_nads",
 ];
 
 impl Default for Metrics {

@@ -326,7 +326,7 @@ fn start_node_slices(
             config.clone(),
         ),
         (),
-        ("nodes", watch::Wake::OnMembership),
+        ("nodes", "watch_nodes", watch::Wake::OnMembership),
         metrics.clone(),
         changed.clone(),
     );
@@ -337,7 +337,11 @@ fn start_node_slices(
             config.clone(),
         ),
         nad,
-        ("network-attachment-definitions", watch::Wake::OnEveryChange),
+        (
+            "network-attachment-definitions",
+            "watch_nads",
+            watch::Wake::OnEveryChange,
+        ),
         metrics.clone(),
         changed.clone(),
     );

@@ -17,17 +17,35 @@ pub const CONFIGMAP_KEY: &str = "cron-expression";
 /// Longest single wait: the ConfigMap is looked at again at least this often.
 const RECHECK: Duration = Duration::from_secs(60);
 
-async fn from_configmap(client: &Client, namespace: &str) -> Option<String> {
+/// The ConfigMap's expression; `Ok(None)` when it has none (or there is no ConfigMap).
+async fn from_configmap(client: &Client, namespace: &str) -> Result<Option<String>, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    match api.get_opt(CONFIGMAP).await {
-        Ok(cm) => cm?
-            .data?
-            .get(CONFIGMAP_KEY)
-            .cloned()
-            .filter(|e| !e.trim().is_empty()),
+    let found = api.get_opt(CONFIGMAP).await?;
+    Ok(found
+        .and_then(|cm| cm.data)
+        .and_then(|data| data.get(CONFIGMAP_KEY).cloned())
+        .filter(|e| !e.trim().is_empty()))
+}
+
+/// The expression to follow after a read of the ConfigMap. A read that failed keeps the one in
+/// effect: falling back for a moment would start the schedule over (a new expression resets
+/// when the next reconcile is due), and failures coming back within every period of a long one
+/// (`@every 30m`) would keep its reconcile from ever coming.
+fn expression_after(
+    read: Result<Option<String>, kube::Error>,
+    in_effect: Option<&str>,
+    configured: Option<&str>,
+) -> String {
+    let fallback = || configured.unwrap_or(DEFAULT_EXPRESSION).to_string();
+    match read {
+        Ok(Some(expression)) => expression,
+        Ok(None) => fallback(),
         Err(err) => {
-            tracing::debug!(%err, "cannot read ConfigMap {CONFIGMAP}");
-            None
+            tracing::warn!(
+                error = %crate::store::error::chain(&err),
+                "cannot read ConfigMap {CONFIGMAP}: the schedule stays"
+            );
+            in_effect.map_or_else(fallback, str::to_string)
         }
     }
 }
@@ -52,10 +70,9 @@ pub async fn run(client: Client, namespace: String, configured: Option<String>, 
     let mut current: Option<(String, Schedule)> = None;
     let mut due: Option<Timestamp> = None;
     loop {
-        let expression = from_configmap(&client, &namespace)
-            .await
-            .or_else(|| configured.clone())
-            .unwrap_or_else(|| DEFAULT_EXPRESSION.to_string());
+        let read = from_configmap(&client, &namespace).await;
+        let in_effect = current.as_ref().map(|(e, _)| e.as_str());
+        let expression = expression_after(read, in_effect, configured.as_deref());
         if current.as_ref().map(|(e, _)| e) != Some(&expression) {
             let (schedule, in_effect) = usable(&expression, Timestamp::now());
             due = schedule.next_after(Timestamp::now());
@@ -97,6 +114,28 @@ mod tests {
         assert_eq!(
             next("0 * * * *"),
             Some(now + jiff::SignedDuration::from_mins(60))
+        );
+    }
+
+    #[test]
+    fn a_failed_read_keeps_the_schedule_in_effect() {
+        let failed = || Err(kube::Error::LinesCodecMaxLineLengthExceeded);
+        let configured = Some("@hourly");
+        assert_eq!(
+            expression_after(failed(), Some("@every 30m"), configured),
+            "@every 30m"
+        );
+        // Before any read succeeded: the configuration's, else the default.
+        assert_eq!(expression_after(failed(), None, configured), "@hourly");
+        assert_eq!(expression_after(failed(), None, None), DEFAULT_EXPRESSION);
+        // The ConfigMap says nothing: the configuration's.
+        assert_eq!(
+            expression_after(Ok(None), Some("@every 30m"), configured),
+            "@hourly"
+        );
+        assert_eq!(
+            expression_after(Ok(Some("@daily".into())), Some("@every 30m"), configured),
+            "@daily"
         );
     }
 }

@@ -25,6 +25,7 @@ use crate::ipam::Cidr;
 use crate::k8s::crd::{
     IPPool, NodeSliceAllocation, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus,
 };
+use crate::store::error::chain;
 use crate::store::kubernetes::slice_pool_name;
 
 pub fn nad_resource() -> ApiResource {
@@ -245,7 +246,7 @@ async fn remove_unwanted(
     let existing = match api.list(&ListParams::default()).await {
         Ok(list) => list.items,
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-        Err(e) => return Err(format!("cannot list NodeSlicePools: {e}")),
+        Err(e) => return Err(format!("cannot list NodeSlicePools: {}", chain(&e))),
     };
     for pool in existing {
         let Some(name) = pool.metadata.name.clone() else {
@@ -270,7 +271,7 @@ async fn remove_unwanted(
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 metrics.conflicts.inc();
             }
-            Err(e) => return Err(format!("cannot delete NodeSlicePool {name}: {e}")),
+            Err(e) => return Err(format!("cannot delete NodeSlicePool {name}: {}", chain(&e))),
         }
     }
     Ok(())
@@ -291,7 +292,7 @@ async fn held_pools(client: &Client, namespace: &str) -> Result<Vec<(String, Cid
             })
             .collect()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
-        Err(e) => Err(format!("cannot list IPPools: {e}")),
+        Err(e) => Err(format!("cannot list IPPools: {}", chain(&e))),
     }
 }
 
@@ -402,7 +403,7 @@ async fn sync_pool(
     let existing = api
         .get_opt(&want.name)
         .await
-        .map_err(|e| format!("cannot read NodeSlicePool {}: {e}", want.name))?;
+        .map_err(|e| format!("cannot read NodeSlicePool {}: {}", want.name, chain(&e)))?;
     let creating = existing.is_none();
     let mut known = nodes.clone();
     known.extend(assigned_nodes(existing.as_ref()));
@@ -445,7 +446,11 @@ async fn sync_pool(
             metrics.conflicts.inc();
             Err(format!("NodeSlicePool {} changed meanwhile", want.name))
         }
-        Err(err) => Err(format!("cannot write NodeSlicePool {}: {err}", want.name)),
+        Err(err) => Err(format!(
+            "cannot write NodeSlicePool {}: {}",
+            want.name,
+            chain(&err)
+        )),
     }
 }
 

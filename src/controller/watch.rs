@@ -22,6 +22,7 @@ use super::metrics::Metrics;
 use super::worker::{Job, Jobs};
 use crate::cleanup::judge::PodPhase;
 use crate::cleanup::pods;
+use crate::store::error::chain;
 
 /// Follows pods for ever: every deletion and every pod reaching Succeeded or Failed goes to the
 /// worker; every completed list (at start, after a gap) asks for a full reconcile, which covers
@@ -128,11 +129,13 @@ where
 
 /// A cache of the objects `stream` (a watcher) reports, kept by a reflector, and the future that
 /// keeps it: the changes `wake` names (and every completed list that changed what is cached)
-/// wake `changed`.
+/// wake `changed`. A failure of the watch counts as `failure` (one of the metrics'
+/// operations): a watch refused for good (its role lacks the resource) never lists, and the
+/// node slices then never follow the nodes and networks.
 pub fn reflect<K>(
     stream: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
     dyntype: K::DynamicType,
-    (what, wake): (&'static str, Wake),
+    (what, failure, wake): (&'static str, &'static str, Wake),
     metrics: Arc<Metrics>,
     changed: Arc<Notify>,
 ) -> (Store<K>, impl Future<Output = ()>)
@@ -152,7 +155,8 @@ where
                 Ok(Event::InitDone) => metrics.resynced(what),
                 Ok(_) => {}
                 Err(err) => {
-                    tracing::debug!(%err, what, "watch failed; trying again");
+                    metrics.error(failure);
+                    tracing::warn!(error = %chain(err), what, "watch failed; trying again");
                     continue;
                 }
             }
