@@ -318,6 +318,18 @@ impl Metrics {
         }
     }
 
+    /// The gauges only the leader keeps up to date, dropped when it stops leading: both
+    /// replicas are scraped, and a former leader's frozen pools and slices would be summed with
+    /// the live ones (or keep an alert on a pool's free addresses firing).
+    pub fn stepped_down(&self) {
+        self.held.clear();
+        for family in [&self.pool_size, &self.pool_used, &self.pool_free] {
+            family.clear();
+        }
+        self.slices.clear();
+        self.slices_assigned.clear();
+    }
+
     /// Slices assigned and in total, per NodeSlicePool.
     pub fn set_slices(&self, pool: &str, assigned: u64, total: u64) {
         let label = SliceLabel {
@@ -409,5 +421,34 @@ mod tests {
         // A pool that went away leaves no stale series.
         m.set_pools(&[]);
         assert!(!m.render().contains("whereabouts_pool_free{"));
+    }
+
+    #[test]
+    fn a_replica_that_stops_leading_drops_what_only_the_leader_keeps() {
+        let m = Metrics::default();
+        let stat = PoolStat {
+            pool: "10.0.0.0-29".into(),
+            range: "10.0.0.0/29".into(),
+            size: 6,
+            used: 2,
+        };
+        m.set_pools(&[stat]);
+        m.set_slices("slicenet", 2, 4);
+        m.reconciled(0.1, BTreeMap::from([("pod_alive", 2)]), 1);
+        m.released("pod_deleted", 1);
+        m.stepped_down();
+        let text = m.render();
+        for gone in [
+            "whereabouts_pool_",
+            "whereabouts_node_slices",
+            "whereabouts_allocations{",
+        ] {
+            assert!(
+                !text.lines().any(|l| l.starts_with(gone)),
+                "{gone} left: {text}"
+            );
+        }
+        // Counters are the process's own history.
+        assert!(text.contains("whereabouts_releases_total{reason=\"pod_deleted\"} 1"));
     }
 }

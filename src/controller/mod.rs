@@ -129,6 +129,8 @@ fn start_election(
             if leading {
                 // Whatever happened while another replica led (or none did) is judged now.
                 let _ = jobs.send(Job::Reconcile { why: "elected" });
+            } else {
+                metrics.stepped_down();
             }
         },
     ));
