@@ -16,11 +16,7 @@ fn cli(conf: &Path, args: &[&str]) -> Reply {
         .arg(conf)
         .output()
         .unwrap();
-    Reply {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Reply::from(out)
 }
 
 /// Three pods in the first range and one in the second, through the plugin; the file it wrote.

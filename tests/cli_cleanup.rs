@@ -59,11 +59,7 @@ impl Setup {
             cmd.arg("--pod-kubeconfig").arg(&self.kubeconfig);
         }
         let out = cmd.output().expect("run the CLI");
-        Reply {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Reply::from(out)
     }
 
     fn addresses(&self) -> Vec<String> {
@@ -278,11 +274,7 @@ fn release_errors_are_one_clear_line() {
             .arg("--pod-kubeconfig")
             .arg(missing);
         let out = cmd.output().unwrap();
-        Reply {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Reply::from(out)
     };
     assert_refused(&reply, "cannot read kubeconfig");
 }
@@ -334,11 +326,7 @@ fn gc_and_release_on_etcd() {
             cmd.arg("--pod-kubeconfig").arg(&kubeconfig);
         }
         let out = cmd.output().unwrap();
-        Reply {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Reply::from(out)
     };
     assert_refused(&cli(&["release", &addr["alive"]]), "pod is alive");
     let released = cli(&["release", &addr["other-gone"], "-o", "json"]).ok();
@@ -424,11 +412,7 @@ fn gc_frees_what_it_can_and_fails_for_the_rest() {
             .arg(&kubeconfig)
             .output()
             .unwrap();
-        Reply {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Reply::from(out)
     };
     let reservations = || -> Vec<String> {
         let mut names: Vec<String> = ns

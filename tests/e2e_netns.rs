@@ -106,11 +106,7 @@ fn main_plugin(plugin: &str, command: &str, conf: &Value, container: &str, netns
             child.wait_with_output()
         })
         .expect("run the main plugin");
-    Reply {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Reply::from(out)
 }
 
 fn address_in(netns_name: &str) -> String {

@@ -40,6 +40,16 @@ pub struct Reply {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Reply {
+    fn from(out: std::process::Output) -> Reply {
+        Reply {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl Reply {
     /// stdout as JSON; panics with the whole reply when it is not exactly one JSON value.
     pub fn json(&self) -> Value {
@@ -106,11 +116,7 @@ pub fn run_bin<K: AsRef<OsStr>, V: AsRef<OsStr>>(bin: &str, vars: &[(K, V)], std
         let _ = input.write_all(stdin.as_bytes());
     }
     let out = child.wait_with_output().expect("wait for whereabouts");
-    Reply {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Reply::from(out)
 }
 
 /// The addresses of a 0.3.0-or-later result, in order.
