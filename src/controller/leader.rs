@@ -15,6 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
+use crate::store::error::chain;
+
 /// The Lease's name, in the controller's namespace (its RBAC names it).
 pub const LEASE_NAME: &str = "whereabouts-controller";
 
@@ -231,4 +233,3 @@ pub async fn release(client: Client, election: &Election) {
         }
     }
 }
-use crate::store::error::chain;

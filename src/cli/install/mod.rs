@@ -41,6 +41,7 @@ pub const NODENAME_FILE_NAME: &str = "nodename";
 pub const BINARY_MODE: u32 = 0o755;
 pub const KUBECONFIG_MODE: u32 = 0o600;
 pub const FLAT_FILE_MODE: u32 = 0o600;
+pub const NODENAME_MODE: u32 = 0o644;
 
 /// The flat file's keys the installer sets (or removes, when its settings leave them out).
 const INSTALLER_KEYS: [&str; 7] = [
@@ -52,7 +53,6 @@ const INSTALLER_KEYS: [&str; 7] = [
     "go_whereabouts",
     "agent_socket",
 ];
-pub const NODENAME_MODE: u32 = 0o644;
 
 /// The flags of `whereabouts install`, boxed so that the CLI's subcommand enum stays small;
 /// fields are reached through `Deref` to [`InstallOptions`].

@@ -9,9 +9,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio_util::task::TaskTracker;
 
 use futures::future::BoxFuture;
+use tokio_util::task::TaskTracker;
 
 use super::api::ApiError;
 use super::job::{Granted, Job};
