@@ -311,6 +311,29 @@ fn replaces_the_binary_while_the_old_one_runs() {
     assert_eq!(out.stdout, b"the new plugin\n");
 }
 
+/// With the agent, a kubeconfig that appears after the start (an earlier installer stopping
+/// during the rollout, a hand-made one) is removed by the watcher: the host keeps no credential.
+#[test]
+fn with_the_agent_the_watcher_keeps_the_host_without_a_kubeconfig() {
+    let host = Host::new();
+    let settings = host.settings(&["--poll-interval-ms=20", "--agent=true"]);
+    install::install_once(&settings).unwrap();
+    let path = host.wd().join("whereabouts.kubeconfig");
+    assert!(!path.exists());
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (settings, stop) = (settings.clone(), stop.clone());
+        std::thread::spawn(move || install::watch(&settings, &stop))
+    };
+    fs::write(&path, "left by another writer").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || !path.exists()),
+        "the kubeconfig stayed on the host"
+    );
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+}
+
 #[test]
 fn rewrites_the_kubeconfig_when_the_token_or_ca_rotates() {
     let host = Host::new();

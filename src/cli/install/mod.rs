@@ -488,8 +488,10 @@ fn remove_kubeconfig(settings: &Settings) -> Result<(), InstallError> {
     }
 }
 
-/// Keeps the kubeconfig fresh until `stop` is set. A failed check (the kubelet swapping the
-/// token, a full disk) is logged and retried at the next poll rather than ending the pod.
+/// Keeps the kubeconfig fresh until `stop` is set; with the agent, keeps the host without one
+/// (another writer, an earlier installer stopping during a rollout, may leave one after the
+/// start removed it). A failed check (the kubelet swapping the token, a full disk) is logged
+/// and retried at the next poll rather than ending the pod.
 pub fn watch(settings: &Settings, stop: &AtomicBool) {
     // Sleep in short steps so a stop request is honoured promptly.
     let step = settings.poll_interval.min(Duration::from_millis(100));
@@ -503,6 +505,9 @@ pub fn watch(settings: &Settings, stop: &AtomicBool) {
             break;
         }
         if settings.agent {
+            if let Err(err) = remove_kubeconfig(settings) {
+                tracing::warn!(error = %err, "cannot remove the kubeconfig; retrying");
+            }
             continue;
         }
         if let Err(err) = refresh_kubeconfig(settings) {
