@@ -406,7 +406,7 @@ impl Survey {
                     ),
                 );
                 f.reservation = Some(name.clone());
-                if young(r, orphan_age) {
+                if young(r, orphan_age, jiff::Timestamp::now()) {
                     f.action = "none yet: younger than an ADD's deadline".into();
                 }
                 self.findings.push(f);
@@ -427,12 +427,15 @@ impl Survey {
     }
 }
 
-fn young(r: &OverlappingRangeIPReservation, orphan_age: Duration) -> bool {
+/// Whether the reservation may still be an ADD's under way (made before its pool entry). One
+/// made "in the future" (the operator's clock behind the API server's) counts as young: taken
+/// as old, an ADD's reservation could be removed before its entry is written.
+fn young(r: &OverlappingRangeIPReservation, orphan_age: Duration, now: jiff::Timestamp) -> bool {
     let Some(created) = &r.metadata.creation_timestamp else {
         return true;
     };
-    let age = jiff::Timestamp::now().duration_since(created.0);
-    age.unsigned_abs() < orphan_age
+    let age = now.duration_since(created.0);
+    age.is_negative() || age.unsigned_abs() < orphan_age
 }
 
 impl Survey {
@@ -520,6 +523,23 @@ pub async fn fix(kube: &Kube, survey: &mut Survey) {
 mod tests {
     use super::*;
     use crate::k8s::crd::{NodeSliceAllocation, NodeSlicePoolSpec, NodeSlicePoolStatus};
+
+    #[test]
+    fn a_reservation_made_after_the_operators_now_is_young() {
+        let now = jiff::Timestamp::from_second(1_764_547_200).unwrap();
+        let made = |minutes: i64| {
+            let mut r = OverlappingRangeIPReservation::new("10.0.0.1", Default::default());
+            let at = now + jiff::SignedDuration::from_mins(minutes);
+            r.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+            r
+        };
+        let age = Duration::from_secs(300);
+        assert!(young(&made(-1), age, now));
+        assert!(!young(&made(-10), age, now));
+        // The API server's clock ahead of the operator's.
+        assert!(young(&made(10), age, now));
+    }
 
     fn slices() -> Vec<NodeSlicePool> {
         let mut pool = NodeSlicePool::new(
