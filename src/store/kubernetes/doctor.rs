@@ -104,7 +104,7 @@ fn held_twice(holders: BTreeMap<(String, IpAddr), Vec<(String, Attachment)>>) ->
         let owners: BTreeSet<String> = held.iter().map(|(_, a)| a.describe()).collect();
         if owners.len() > 1 {
             let pools: Vec<&str> = held.iter().map(|(p, _)| p.as_str()).collect();
-            findings.push(finding(
+            let mut f = finding(
                 Problem::HeldTwice,
                 format!("IPPool/{}", pools.join(",IPPool/")),
                 Some(ip),
@@ -112,7 +112,9 @@ fn held_twice(holders: BTreeMap<(String, IpAddr), Vec<(String, Attachment)>>) ->
                     "network {network:?}: held by {}",
                     owners.into_iter().collect::<Vec<_>>().join(" and ")
                 ),
-            ));
+            );
+            f.reservation = Some(reservation::name(ip, &network));
+            findings.push(f);
         }
     }
     findings
@@ -308,6 +310,18 @@ impl Survey {
             }
         }
         findings.extend(held_twice(holders));
+        // Creating the reservation of an address two attachments hold would pick one of them:
+        // a human decides which.
+        let disputed: BTreeSet<Option<String>> = findings
+            .iter()
+            .filter(|f| f.problem == Problem::HeldTwice)
+            .map(|f| f.reservation.clone())
+            .collect();
+        for f in &mut findings {
+            if f.problem == Problem::MissingReservation && disputed.contains(&f.reservation) {
+                f.action = "none: the address is held twice (held_twice)".into();
+            }
+        }
         self.findings.extend(findings);
     }
 
@@ -660,5 +674,45 @@ mod tests {
         let missing = &survey.findings()[0];
         assert_eq!(missing.address.as_deref(), Some("10.0.1.4"));
         assert_eq!(missing.reservation.as_deref(), Some("10.0.1.4"));
+    }
+
+    /// An address two attachments hold gets no reservation from a repair, which would pick
+    /// one of them: a human decides.
+    #[test]
+    fn an_address_held_twice_is_left_to_a_human() {
+        use crate::k8s::crd::{IPAllocation, IPPoolSpec};
+        let pool = |name: &str, range: &str, key: &str, container: &str| {
+            let entry = IPAllocation {
+                id: container.into(),
+                podref: format!("ns/{container}"),
+                ifname: "net1".into(),
+            };
+            let spec = IPPoolSpec {
+                range: range.into(),
+                allocations: [(key.to_string(), entry)].into_iter().collect(),
+            };
+            IPPool::new(name, spec)
+        };
+        // 10.9.0.5 in both: key 5 of the /24, key 1 of the /30 at .4.
+        let pools = vec![
+            pool("10.9.0.0-24", "10.9.0.0/24", "5", "a"),
+            pool("10.9.0.4-30", "10.9.0.4/30", "1", "b"),
+        ];
+        let survey = Survey::of(pools, Vec::new(), &[], Duration::ZERO);
+        let actions: BTreeSet<(Problem, String)> = survey
+            .findings()
+            .iter()
+            .map(|f| (f.problem, f.action.clone()))
+            .collect();
+        let left = "none: the address is held twice (held_twice)".to_string();
+        assert_eq!(
+            actions,
+            BTreeSet::from([
+                (Problem::HeldTwice, "none".to_string()),
+                (Problem::MissingReservation, left),
+            ]),
+            "{:?}",
+            survey.findings()
+        );
     }
 }
