@@ -813,6 +813,52 @@ fn a_gc_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
     );
 }
 
+/// `doctor --fix` releases an old orphan reservation as a GC does: while Go binaries may write
+/// the pools, under their Lease and only if no pool holds its address by then. On the fake API
+/// server, for the same reasons as the GC's test above.
+#[test]
+fn doctor_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let orphan = json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+        "kind": "OverlappingRangeIPReservation", "metadata": {"name": "10.107.0.5"},
+        "spec": {"containerid": "o-1", "podref": "default/o", "ifname": "net1"}});
+    server.create(RESERVATIONS, NS, orphan);
+    server.set_created(RESERVATIONS, NS, "10.107.0.5", "2020-01-01T00:00:00Z");
+    let flat = go_present_flat_file(dir.path());
+    let doctor = || {
+        std::process::Command::new(bin())
+            .env_clear()
+            .env(cni::trust::FLAT_FILE_ENV, &flat)
+            .args(["doctor", "--fix", "--output", "json", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .output()
+            .expect("run whereabouts doctor")
+    };
+
+    server.close_gate("POST", "leases");
+    let out = std::thread::scope(|s| {
+        let out = s.spawn(doctor);
+        let held = held_within(Duration::from_secs(30), || server.waiting_at_gate() > 0);
+        if held {
+            let mut pool = upstream_pool("10.107.0.0-24", "10.107.0.0/24", &[]);
+            pool["spec"]["allocations"]["5"] =
+                json!({"id": "o-2", "podref": "default/o", "ifname": "net1"});
+            server.create("ippools", NS, pool);
+        }
+        server.open_gate();
+        assert!(held, "the doctor never took the Lease to delete the orphan");
+        out.join().unwrap()
+    });
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("held again meanwhile"), "{report}");
+    assert!(
+        server.get(RESERVATIONS, NS, "10.107.0.5").is_some(),
+        "the reservation the pod's next sandbox holds was deleted"
+    );
+}
+
 /// On the fake API server: a real one cannot be made on demand to answer slowly, answer 500s,
 /// apply a write and answer 504, or drop its connections.
 #[test]

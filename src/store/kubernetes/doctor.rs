@@ -9,13 +9,14 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::api::{ApiError, Kube};
+use super::engine::Engine;
 use super::pool_doc::{Entry, PoolDoc};
 use super::reservation;
 use crate::ipam::decide::GO_OFFSET_LIMIT;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
-use crate::store::{Attachment, StoreError};
+use crate::store::{Attachment, Reservation, StoreError};
 
 /// A reservation without a pool entry is left alone this long after its creation, by default:
 /// our ADD creates the reservation before the pool entry, so a young one may belong to an ADD
@@ -484,9 +485,13 @@ pub const SETTLE: Duration = Duration::from_secs(5);
 
 /// Repairs what is safe to repair, each with a conditional write, and records the outcome in
 /// the findings: a missing reservation is created for the entry's attachment (a create fails
-/// if someone made it meanwhile), an orphan reservation old enough is deleted only if it is
-/// still the object read (uid and resourceVersion).
-pub async fn fix(kube: &Kube, survey: &mut Survey) {
+/// if someone made it meanwhile), an orphan reservation old enough is released as the engine
+/// releases one: only if it is still the object read (uid and resourceVersion), and while Go
+/// binaries may write the pools, under their Lease and only if no pool holds its address
+/// again (a Go ADD of a pod's next sandbox reuses the reservation unwritten, then writes its
+/// entry).
+pub async fn fix(engine: &Engine, survey: &mut Survey) {
+    let kube = &engine.kube;
     let entries = survey.reserved_by_entries();
     for f in &mut survey.findings {
         if f.action != "fixable" {
@@ -509,17 +514,24 @@ pub async fn fix(kube: &Kube, survey: &mut Survey) {
                 let Some(name) = f.reservation.as_deref() else {
                     continue;
                 };
-                match survey.reservations.get(name) {
-                    Some(r) => {
-                        kube.delete_reservation(
-                            name,
-                            r.metadata.uid.as_deref(),
-                            r.metadata.resource_version.as_deref(),
-                        )
-                        .await
-                    }
-                    None => continue,
-                }
+                let Some(r) = survey.reservations.get(name) else {
+                    continue;
+                };
+                let orphan = Reservation {
+                    name: name.to_string(),
+                    attachment: Attachment::default(),
+                    version: format!(
+                        "{}/{}",
+                        r.metadata.uid.as_deref().unwrap_or_default(),
+                        r.metadata.resource_version.as_deref().unwrap_or_default()
+                    ),
+                };
+                f.action = match engine.release_unbacked(&orphan).await {
+                    Ok(true) => "fixed".into(),
+                    Ok(false) => "not fixed: changed or held again meanwhile; run again".into(),
+                    Err(err) => format!("not fixed: {}", err.describe()),
+                };
+                continue;
             }
             _ => continue,
         };

@@ -88,7 +88,7 @@ pub fn doctor(
         let earlier = std::mem::replace(&mut found, survey()?);
         found.confirm(&earlier);
         store.runtime.block_on(shared.run("doctor", async {
-            doctor::fix(kube, &mut found).await;
+            doctor::fix(&shared.engine, &mut found).await;
             Ok(())
         }))?;
     }
