@@ -768,21 +768,53 @@ fn a_release_keeps_the_reservation_a_go_add_of_the_pods_next_sandbox_kept() {
     assert_eq!(reservation["spec"]["podref"], "default/g");
 }
 
-/// While Go binaries may write the pools, an orphan reservation is deleted under their Lease,
-/// and only if no pool holds its address by then: a Go ADD of the holder's pod keeps it
-/// unwritten for its own entry. On the fake API server, whose gate holds the GC's taking of the
-/// Lease while the test writes that entry, and which backdates the reservation (only old
-/// orphans go).
+/// Runs `release` (a GC, a doctor) against an old orphan reservation of `{net}.5` while Go
+/// binaries are counted present: the fake's gate holds its taking of the Go Lease while a Go ADD
+/// of the orphan's pod writes the address's entry into the pool (the Go binary keeps the
+/// reservation unwritten for it). The reservation must stay. Returns what `release` returned.
+/// On the fake API server, whose gate holds a request on demand and which backdates the
+/// reservation (only old orphans go).
+fn release_while_a_go_add_takes_the_orphan<T: Send>(
+    server: &FakeApiServer,
+    net: &str,
+    release: impl FnOnce() -> T + Send,
+) -> T {
+    let address = format!("{net}.5");
+    let orphan = json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+        "kind": "OverlappingRangeIPReservation", "metadata": {"name": address},
+        "spec": {"containerid": "o-1", "podref": "default/o", "ifname": "net1"}});
+    server.create(RESERVATIONS, NS, orphan);
+    server.set_created(RESERVATIONS, NS, &address, "2020-01-01T00:00:00Z");
+
+    server.close_gate("POST", "leases");
+    let released = std::thread::scope(|s| {
+        let released = s.spawn(release);
+        let held = held_within(Duration::from_secs(30), || server.waiting_at_gate() > 0);
+        if held {
+            let (name, range) = (format!("{net}.0-24"), format!("{net}.0/24"));
+            let mut pool = upstream_pool(&name, &range, &[]);
+            pool["spec"]["allocations"]["5"] =
+                json!({"id": "o-2", "podref": "default/o", "ifname": "net1"});
+            server.create("ippools", NS, pool);
+        }
+        server.open_gate();
+        assert!(held, "the Lease was never taken to delete the orphan");
+        released.join().unwrap()
+    });
+    assert!(
+        server.get(RESERVATIONS, NS, &address).is_some(),
+        "the reservation the pod's next sandbox holds was deleted"
+    );
+    released
+}
+
+/// While Go binaries may write the pools, a GC deletes an orphan reservation under their
+/// Lease, and only if no pool holds its address by then.
 #[test]
 fn a_gc_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
     let server = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = server.write_kubeconfig(dir.path(), None);
-    let orphan = json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
-        "kind": "OverlappingRangeIPReservation", "metadata": {"name": "10.106.0.5"},
-        "spec": {"containerid": "o-1", "podref": "default/o", "ifname": "net1"}});
-    server.create(RESERVATIONS, NS, orphan);
-    server.set_created(RESERVATIONS, NS, "10.106.0.5", "2020-01-01T00:00:00Z");
     let mut gc_conf: Value = serde_json::from_str(&netconf(
         "gcnet",
         &ipam("10.106.0.0/24", &kubeconfig, json!({})),
@@ -791,43 +823,21 @@ fn a_gc_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
     gc_conf["cni.dev/valid-attachments"] = json!([]);
     let flat = go_present_flat_file(dir.path());
     let gc = with_flat_file(&flat, call("GC", "", ""));
-
-    server.close_gate("POST", "leases");
-    let reply = std::thread::scope(|s| {
-        let reply = s.spawn(|| run(bin(), &gc, &gc_conf.to_string()));
-        let held = held_within(Duration::from_secs(30), || server.waiting_at_gate() > 0);
-        if held {
-            let mut pool = upstream_pool("10.106.0.0-24", "10.106.0.0/24", &[]);
-            pool["spec"]["allocations"]["5"] =
-                json!({"id": "o-2", "podref": "default/o", "ifname": "net1"});
-            server.create("ippools", NS, pool);
-        }
-        server.open_gate();
-        assert!(held, "the GC never took the Lease to delete the orphan");
-        reply.join().unwrap()
+    let reply = release_while_a_go_add_takes_the_orphan(&server, "10.106.0", || {
+        run(bin(), &gc, &gc_conf.to_string())
     });
     assert_eq!(reply.code, 0, "{reply:?}");
-    assert!(
-        server.get(RESERVATIONS, NS, "10.106.0.5").is_some(),
-        "the reservation the pod's next sandbox holds was deleted"
-    );
 }
 
 /// `doctor --fix` releases an old orphan reservation as a GC does: while Go binaries may write
-/// the pools, under their Lease and only if no pool holds its address by then. On the fake API
-/// server, for the same reasons as the GC's test above.
+/// the pools, under their Lease and only if no pool holds its address by then.
 #[test]
 fn doctor_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
     let server = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = server.write_kubeconfig(dir.path(), None);
-    let orphan = json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
-        "kind": "OverlappingRangeIPReservation", "metadata": {"name": "10.107.0.5"},
-        "spec": {"containerid": "o-1", "podref": "default/o", "ifname": "net1"}});
-    server.create(RESERVATIONS, NS, orphan);
-    server.set_created(RESERVATIONS, NS, "10.107.0.5", "2020-01-01T00:00:00Z");
     let flat = go_present_flat_file(dir.path());
-    let doctor = || {
+    let out = release_while_a_go_add_takes_the_orphan(&server, "10.107.0", || {
         std::process::Command::new(bin())
             .env_clear()
             .env(cni::trust::FLAT_FILE_ENV, &flat)
@@ -835,28 +845,9 @@ fn doctor_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
             .arg(&kubeconfig)
             .output()
             .expect("run whereabouts doctor")
-    };
-
-    server.close_gate("POST", "leases");
-    let out = std::thread::scope(|s| {
-        let out = s.spawn(doctor);
-        let held = held_within(Duration::from_secs(30), || server.waiting_at_gate() > 0);
-        if held {
-            let mut pool = upstream_pool("10.107.0.0-24", "10.107.0.0/24", &[]);
-            pool["spec"]["allocations"]["5"] =
-                json!({"id": "o-2", "podref": "default/o", "ifname": "net1"});
-            server.create("ippools", NS, pool);
-        }
-        server.open_gate();
-        assert!(held, "the doctor never took the Lease to delete the orphan");
-        out.join().unwrap()
     });
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("held again meanwhile"), "{report}");
-    assert!(
-        server.get(RESERVATIONS, NS, "10.107.0.5").is_some(),
-        "the reservation the pod's next sandbox holds was deleted"
-    );
 }
 
 /// On the fake API server: a real one cannot be made on demand to answer slowly, answer 500s,
