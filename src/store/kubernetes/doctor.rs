@@ -11,12 +11,13 @@ use serde::Serialize;
 use super::api::{ApiError, Kube};
 use super::engine::Engine;
 use super::pool_doc::{Entry, PoolDoc};
+use super::release::Unbacked;
 use super::reservation;
 use crate::ipam::decide::GO_OFFSET_LIMIT;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
-use crate::store::{Attachment, Reservation, StoreError};
+use crate::store::{Attachment, StoreError};
 
 /// A reservation without a pool entry is left alone this long after its creation, by default:
 /// our ADD creates the reservation before the pool entry, so a young one may belong to an ADD
@@ -514,19 +515,15 @@ pub async fn fix(engine: &Engine, survey: &mut Survey) {
                 let Some(name) = f.reservation.as_deref() else {
                     continue;
                 };
-                let Some(r) = survey.reservations.get(name) else {
+                let Some(orphan) = survey
+                    .reservations
+                    .get(name)
+                    .cloned()
+                    .and_then(Unbacked::of)
+                else {
                     continue;
                 };
-                let orphan = Reservation {
-                    name: name.to_string(),
-                    attachment: Attachment::default(),
-                    version: format!(
-                        "{}/{}",
-                        r.metadata.uid.as_deref().unwrap_or_default(),
-                        r.metadata.resource_version.as_deref().unwrap_or_default()
-                    ),
-                };
-                f.action = match engine.release_unbacked(&orphan).await {
+                f.action = match engine.release_unbacked(&orphan.reservation).await {
                     Ok(true) => "fixed".into(),
                     Ok(false) => "not fixed: changed or held again meanwhile; run again".into(),
                     Err(err) => format!("not fixed: {}", err.describe()),

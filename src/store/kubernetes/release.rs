@@ -971,6 +971,14 @@ fn split_slice_holder(
     (prefix, None)
 }
 
+/// While Go binaries may write the pools, what a reservation's release needs: their Lease as
+/// held (checked before the delete) and the pool the released entry was in.
+#[derive(Clone, Copy)]
+pub(super) struct UnderGo<'a> {
+    pub hold: &'a Hold,
+    pub pool: &'a str,
+}
+
 /// A reservation found unbacked, with when it was made.
 pub struct Unbacked {
     pub name: String,
@@ -979,7 +987,8 @@ pub struct Unbacked {
 }
 
 impl Unbacked {
-    fn of(found: OverlappingRangeIPReservation) -> Option<Unbacked> {
+    /// The reservation as listed (its version for the conditional delete), if it has a name.
+    pub(super) fn of(found: OverlappingRangeIPReservation) -> Option<Unbacked> {
         let name = found.metadata.name.clone()?;
         let uid = found.metadata.uid.clone().unwrap_or_default();
         let rv = found.metadata.resource_version.clone().unwrap_or_default();
@@ -1088,12 +1097,4 @@ mod tests {
         let other = Cidr::parse("10.0.2.0/26", false).unwrap();
         assert_eq!(split("net-node1", other), read("net-node1", ""));
     }
-}
-
-/// While Go binaries may write the pools, what a reservation's release needs: their Lease as
-/// held (checked before the delete) and the pool the released entry was in.
-#[derive(Clone, Copy)]
-pub(super) struct UnderGo<'a> {
-    pub hold: &'a Hold,
-    pub pool: &'a str,
 }
