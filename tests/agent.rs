@@ -1038,23 +1038,26 @@ fn the_plugin_only_build_reaches_the_cluster_engine_through_the_agent() {
     assert_eq!(gone.cni_code(), 11, "{gone:?}");
 }
 
-/// The (device, inode) of the file at `path`, None when there is none.
-fn file_id(path: &Path) -> Option<(u64, u64)> {
+/// Device, inode and the time of the last change of content of the file at `path` (a file
+/// made at the path of a removed one may get its inode), None when there is none.
+type FileId = (u64, u64, i64, i64);
+
+fn file_id(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(path).ok()?;
-    Some((meta.dev(), meta.ino()))
+    Some((meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec()))
 }
 
 /// Waits (bounded) for `agent`, started on the socket of another, to exit without touching
 /// that socket (still the file `id` all along): its exit status.
-fn exits_leaving_the_socket(agent: &mut Agent, id: (u64, u64)) -> std::process::ExitStatus {
+fn exits_leaving_the_socket(agent: &mut Agent, id: FileId) -> std::process::ExitStatus {
     let started = std::time::Instant::now();
     loop {
         let exited = agent.exited_within(Duration::from_millis(20));
         assert_eq!(
             file_id(&agent.socket),
             Some(id),
-            "the new agent replaced the socket of the live one: {}",
+            "the new agent replaced the socket of the other one: {}",
             agent.log_text()
         );
         if let Some(status) = exited {
@@ -1120,7 +1123,7 @@ fn a_second_agent_leaves_a_live_agents_socket_alone() {
 
 /// `second`, started on the socket of `live` (the file `id`), exits in failure saying `said`,
 /// without touching that socket, and `live` serves on.
-fn refused_beside(live: &ServingAgent, mut second: Agent, id: (u64, u64), said: &str) {
+fn refused_beside(live: &ServingAgent, mut second: Agent, id: FileId, said: &str) {
     let status = exits_leaving_the_socket(&mut second, id);
     assert!(!status.success(), "{status}: {}", second.log_text());
     assert!(
@@ -1152,6 +1155,83 @@ fn a_stale_socket_of_a_killed_agent_is_replaced() {
         "a repeated ADD keeps its address"
     );
     added_on_node_0(agent, conf, 1);
+}
+
+/// An agent that finds the lock beside the socket held (another agent binding the path right
+/// now) stops without touching the socket, even a stale one; once the lock is free, it
+/// replaces the stale socket and serves.
+#[test]
+fn an_agent_leaves_the_socket_another_is_binding_alone() {
+    let mut stale_one = serving_agent(real_cluster!(), "binding", "10.160.0.0/29");
+    stale_one.agent.kill();
+    let id = file_id(&stale_one.agent.socket).expect("the killed agent's socket");
+    let mut lock_path = stale_one.agent.socket.clone().into_os_string();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .unwrap();
+    lock.try_lock().expect("nobody holds the lock");
+
+    let settings = kube_settings(&stale_one.kubeconfig);
+    let (dir, socket) = (stale_one.dir.path(), &stale_one.agent.socket);
+    let mut second = Agent::launch_on(dir, "second", settings, socket, &[]);
+    let status = exits_leaving_the_socket(&mut second, id);
+    assert!(!status.success(), "{status}: {}", second.log_text());
+    let said = format!("another agent is starting on {}", socket.display());
+    assert!(second.log_text().contains(&said), "{}", second.log_text());
+
+    drop(lock);
+    second.restart();
+    let (conf, first) = (&stale_one.conf, &stale_one.first);
+    assert_eq!(&added_on_node_0(&second, conf, 0), first);
+}
+
+/// Agents started all at once on a killed agent's socket (a node's restart, an admin's script):
+/// one serves there, every other one stops saying why. None goes on serving a socket another
+/// has unlinked, which no plugin could reach.
+#[test]
+fn of_agents_started_at_once_on_a_stale_socket_one_serves() {
+    let mut stale_one = serving_agent(real_cluster!(), "atonce", "10.162.0.0/29");
+    stale_one.agent.kill();
+    let (dir, socket) = (stale_one.dir.path(), &stale_one.agent.socket);
+    let mut agents: Vec<Agent> = (0..8)
+        .map(|i| {
+            let settings = kube_settings(&stale_one.kubeconfig);
+            Agent::launch_on(dir, &format!("rival-{i}"), settings, socket, &[])
+        })
+        .collect();
+
+    let serving = |agent: &Agent| agent.log_text().contains("agent serving");
+    let mut stopped = Vec::new();
+    let started = std::time::Instant::now();
+    while stopped.len() + agents.iter().filter(|a| serving(a)).count() < agents.len() {
+        for (i, agent) in agents.iter_mut().enumerate() {
+            if let Some(status) = agent.exited_within(Duration::ZERO) {
+                stopped.push((i, status));
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "still starting"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let servers: Vec<usize> = (0..agents.len()).filter(|&i| serving(&agents[i])).collect();
+    assert_eq!(servers.len(), 1, "agents {servers:?} serve");
+    let server = &agents[servers[0]];
+    assert!(server.pid().is_some(), "{}", server.log_text());
+    for (i, status) in stopped.iter().filter(|(i, _)| *i != servers[0]) {
+        let log = agents[*i].log_text();
+        assert!(
+            !status.success() && log.contains("another agent"),
+            "{status}: {log}"
+        );
+    }
+    let (conf, first) = (&stale_one.conf, &stale_one.first);
+    assert_eq!(&added_on_node_0(server, conf, 0), first);
 }
 
 /// An agent that cannot have its probe port (another agent's, on the host network) exits on

@@ -313,13 +313,22 @@ fn router(agent: Shared) -> Router {
 /// file, never a socket another agent has bound there since (a rolling update's successor).
 struct SocketFile {
     path: PathBuf,
-    id: (u64, u64),
+    id: FileId,
+}
+
+/// A file told from its successors at the same path: device and inode, which a file system
+/// may give the next file made as soon as this one is removed (ext4 does), and the time of the
+/// last change of its content, which a bind sets and a chmod leaves.
+type FileId = (u64, u64, i64, i64);
+
+fn file_id(meta: &std::fs::Metadata) -> FileId {
+    (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec())
 }
 
 impl SocketFile {
     fn is_still_ours(&self) -> bool {
         std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|meta| meta.file_type().is_socket() && (meta.dev(), meta.ino()) == self.id)
+            .is_ok_and(|meta| meta.file_type().is_socket() && file_id(&meta) == self.id)
     }
 }
 
@@ -336,9 +345,11 @@ impl Drop for SocketFile {
 fn remove_stale(path: &Path) -> Result<(), String> {
     use std::io::ErrorKind::{ConnectionRefused, NotFound, TimedOut, WouldBlock};
     match connect_within(path, Duration::from_secs(1)) {
-        Ok(()) => Err(another_agent(path)),
+        Ok(()) => Err(another_agent("serves", path)),
         // A full backlog (a busy agent) does not take the connection at once: served all the same.
-        Err(err) if matches!(err.kind(), WouldBlock | TimedOut) => Err(another_agent(path)),
+        Err(err) if matches!(err.kind(), WouldBlock | TimedOut) => {
+            Err(another_agent("serves", path))
+        }
         Err(err) if err.kind() == ConnectionRefused => std::fs::remove_file(path)
             .map_err(|e| format!("cannot replace the stale socket {}: {e}", path.display())),
         // Gone meanwhile: nothing to replace.
@@ -350,9 +361,9 @@ fn remove_stale(path: &Path) -> Result<(), String> {
     }
 }
 
-fn another_agent(path: &Path) -> String {
+fn another_agent(doing: &str, path: &Path) -> String {
     format!(
-        "another agent serves {}: stop it first, or give this one another --socket",
+        "another agent {doing} {}: stop it first, or give this one another --socket",
         path.display()
     )
 }
@@ -365,12 +376,41 @@ fn connect_within(path: &Path, limit: Duration) -> std::io::Result<()> {
     socket.connect_timeout(&SockAddr::unix(path)?, limit)
 }
 
+/// Locks `<socket>.lock` (made if missing, root's only, never removed: a removed lock file
+/// would let a third agent lock another file) for the check and replacement of the socket.
+/// Another agent holding it is binding the path right now, so this one stops; its restart
+/// finds that agent serving.
+fn lock_binding(socket: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut path = socket.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|err| format!("cannot open the lock {}: {err}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(another_agent("is starting on", socket)),
+        Err(std::fs::TryLockError::Error(err)) => {
+            Err(format!("cannot lock {}: {err}", path.display()))
+        }
+    }
+}
+
 /// Binds the socket, readable and writable by root only: whoever can connect can allocate.
 fn bind(path: &Path) -> Result<(UnixListener, SocketFile), String> {
     let fail = |what: &str, err: std::io::Error| format!("{what} {}: {err}", path.display());
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| fail("cannot make the folder of", e))?;
     }
+    // Held until the socket is bound: without it, two agents started at once on a killed one's
+    // socket both find it stale, and the second unlinks the socket the first has just bound.
+    let _binding = lock_binding(path)?;
     match is_socket(path).map_err(|e| fail("cannot look at", e))? {
         Some(true) => remove_stale(path)?,
         Some(false) => return Err(format!("{} exists and is not a socket", path.display())),
@@ -387,7 +427,7 @@ fn bind(path: &Path) -> Result<(UnixListener, SocketFile), String> {
     // From here on the file is ours: dropped on an error below, it is removed.
     let file = SocketFile {
         path: path.to_path_buf(),
-        id: (meta.dev(), meta.ino()),
+        id: file_id(&meta),
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| fail("cannot restrict", e))?;
