@@ -37,7 +37,7 @@ pub fn ask<B: Serialize, T: DeserializeOwned>(
     timeout: Duration,
 ) -> Result<Result<T, StoreError>, NotServed> {
     let bytes = serde_json::to_vec(body).map_err(|e| NotServed(e.to_string()))?;
-    let (ok, bytes) = match post(socket, path, &bytes, Instant::now() + timeout) {
+    let (status, bytes) = match post(socket, path, &bytes, Instant::now() + timeout) {
         Ok(answer) => answer,
         Err(Failed::Late) => {
             return Ok(Err(StoreError::try_again(format!(
@@ -47,7 +47,15 @@ pub fn ask<B: Serialize, T: DeserializeOwned>(
         }
         Err(Failed::Lost(why)) => return Err(NotServed(why)),
     };
-    if ok {
+    if status == 404 {
+        // Each version of the protocol has paths of its own: an agent of a release that
+        // predates this one's (a rolling update under way) has no such path.
+        return Err(NotServed(format!(
+            "the agent at {} does not serve {path}: it runs a release without it",
+            socket.display()
+        )));
+    }
+    if (200..300).contains(&status) {
         return serde_json::from_slice(&bytes)
             .map(Ok)
             .map_err(|e| NotServed(format!("unreadable answer: {e}")));
@@ -82,14 +90,14 @@ impl Failed {
 /// released addresses at most some megabytes).
 const MAX_ANSWER: usize = 64 << 20;
 
-/// One HTTP/1.1 request on a fresh connection, answered by `deadline`: whether the status was
-/// a success, and the body.
+/// One HTTP/1.1 request on a fresh connection, answered by `deadline`: the answer's status and
+/// body.
 fn post(
     socket: &Path,
     path: &str,
     body: &[u8],
     deadline: Instant,
-) -> Result<(bool, Vec<u8>), Failed> {
+) -> Result<(u16, Vec<u8>), Failed> {
     let mut stream = connect(socket, deadline)?;
     let mut request = format!(
         "POST {path} HTTP/1.1\r\nhost: whereabouts-agent\r\ncontent-type: application/json\r\n\
@@ -126,9 +134,9 @@ fn remaining(deadline: Instant) -> Result<Duration, Failed> {
 
 /// Reads the answer: its head (parsed by httparse), then as many body bytes as its
 /// `content-length` says. The agent always sends whole bodies with their length.
-fn read_answer(stream: &mut UnixStream, deadline: Instant) -> Result<(bool, Vec<u8>), Failed> {
+fn read_answer(stream: &mut UnixStream, deadline: Instant) -> Result<(u16, Vec<u8>), Failed> {
     let mut buf = Vec::with_capacity(4096);
-    let (ok, head, length) = loop {
+    let (status, head, length) = loop {
         read_more(stream, &mut buf, deadline)?;
         let mut headers = [httparse::EMPTY_HEADER; 16];
         let mut answer = httparse::Response::new(&mut headers);
@@ -136,15 +144,16 @@ fn read_answer(stream: &mut UnixStream, deadline: Instant) -> Result<(bool, Vec<
             .parse(&buf)
             .map_err(|e| Failed::Lost(format!("unreadable answer: {e}")))?;
         if let httparse::Status::Complete(head) = parsed {
-            let ok = answer.code.is_some_and(|code| (200..300).contains(&code));
-            break (ok, head, content_length(answer.headers)?);
+            // A complete head always has its code.
+            let status = answer.code.unwrap_or_default();
+            break (status, head, content_length(answer.headers)?);
         }
     };
     while buf.len() < head + length {
         read_more(stream, &mut buf, deadline)?;
     }
     buf.truncate(head + length);
-    Ok((ok, buf.split_off(head)))
+    Ok((status, buf.split_off(head)))
 }
 
 fn content_length(headers: &[httparse::Header]) -> Result<usize, Failed> {
@@ -304,6 +313,20 @@ mod tests {
                 "{why}"
             );
         }
+    }
+
+    /// An agent without the request's path (axum's 404 has an empty body) is named as another
+    /// release, not as an unreadable answer.
+    #[test]
+    fn an_agent_without_the_path_is_not_served_as_another_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = agent(dir.path(), |mut stream, _, _| {
+            stream
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                .unwrap();
+        });
+        let NotServed(why) = ask_agent(&socket, PATIENT).unwrap_err();
+        assert!(why.contains("does not serve /v1/add"), "{why}");
     }
 
     #[test]
