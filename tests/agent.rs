@@ -1591,6 +1591,36 @@ fn readiness_asks_the_server_only_while_the_copies_are_out_of_step() {
     wait_until("ready again", || ready() == Some(200));
 }
 
+/// While the copies are out of step, readiness asks the server once for the probes that come
+/// together: readiness is served on the node's TCP port too, where any process on the host may
+/// ask it as often as it likes. On the fake: it is taken down (the copies' watches end and
+/// fail), then back up with its pool lists held at its gate, where it counts what waits.
+#[test]
+fn probes_at_once_while_out_of_step_ask_the_server_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _kubeconfig, agent) = agent_on_a_fake_server(dir.path());
+    wait_until("the copies in step", || copies_in_step(&agent));
+    server.set_down(true);
+    server.end_watches();
+    wait_until("out of step", || !copies_in_step(&agent));
+    server.close_gate("GET", "ippools");
+    server.set_down(false);
+
+    let probes: Vec<_> = (0..20)
+        .map(|_| {
+            let socket = agent.socket.clone();
+            std::thread::spawn(move || agent_process::get(&socket, "/readyz").map(|(s, _)| s))
+        })
+        .collect();
+    for probe in probes {
+        assert_eq!(probe.join().unwrap(), Some(503));
+    }
+    // One list of readiness's, and the pool copy's own.
+    let waiting = server.waiting_at_gate();
+    server.open_gate();
+    assert!(waiting <= 2, "{waiting} pool lists waited");
+}
+
 /// Through the agent too (its DELs are combined per pool), an entry upstream wrote without an
 /// interface name is its container's, for an interface the container holds no entry of its
 /// own for: the DEL of net1 frees it, and the other interface's entry stays. On the fake: a

@@ -136,7 +136,11 @@ impl Backend {
 struct Agent {
     backend: Backend,
     metrics: Arc<Metrics>,
+    /// The engine's last answer to readiness, and when it came (see [`readyz`]).
+    readiness: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
 }
+
+type Readiness = (StatusCode, String);
 
 type Shared = Arc<Agent>;
 
@@ -265,14 +269,33 @@ async fn metrics(State(agent): State<Shared>) -> impl IntoResponse {
 /// manifests), so that a server that does not answer reads "not ready", said, not a timeout.
 const READY_WITHIN: Duration = Duration::from_secs(4);
 
+/// How long the engine's answer to readiness stands: far below the probe's period (10 s), so a
+/// probe never reads an old answer, yet readiness on the node's TCP port, which any process on
+/// the host may ask as often as it likes, asks the engine at most once a second.
+const READINESS_STANDS: Duration = Duration::from_secs(1);
+
 /// Ready when the engine could serve an ADD now (reachable, CRDs installed): while the copies
 /// follow their servers (see [`Metrics::copies_in_step`]) that is shown already; otherwise
-/// (starting, a watch failed, no etcd pool served yet) the engine is asked.
+/// (starting, a watch failed, no etcd pool served yet) the engine is asked, once for every
+/// probe that comes meanwhile and for [`READINESS_STANDS`] after.
 async fn readyz(State(agent): State<Shared>) -> impl IntoResponse {
     if agent.metrics.copies_in_step() {
         return (StatusCode::OK, "ok\n".to_string());
     }
-    match tokio::time::timeout(READY_WITHIN, agent.backend.status()).await {
+    let mut last = agent.readiness.lock().await;
+    if let Some((_, answer)) = last
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < READINESS_STANDS)
+    {
+        return answer.clone();
+    }
+    let answer = ask_readiness(&agent.backend).await;
+    *last = Some((Instant::now(), answer.clone()));
+    answer
+}
+
+async fn ask_readiness(backend: &Backend) -> Readiness {
+    match tokio::time::timeout(READY_WITHIN, backend.status()).await {
         Ok(Ok(())) => (StatusCode::OK, "ok\n".to_string()),
         Ok(Err(err)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n")),
         Err(_) => (
@@ -448,7 +471,11 @@ async fn shutdown() {
 pub async fn serve(options: Options) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let backend = Backend::open(&options.ipam, metrics.clone()).await?;
-    let agent = Arc::new(Agent { backend, metrics });
+    let agent = Arc::new(Agent {
+        backend,
+        metrics,
+        readiness: tokio::sync::Mutex::new(None),
+    });
     // The probe port first: an agent that cannot have it (another agent's, on the host
     // network) exits before it touches the socket.
     let tcp = match options.listen {
