@@ -332,8 +332,33 @@ fn static_addresses_are_reserved() {
 }
 
 /// `args.cni.ips` is the pod's own say (Multus fills it from the pod's `cni-args` whatever the
-/// network configuration declares): inside a range it is reserved like any static address,
-/// outside every range it is refused, or a pod could take its segment's router address.
+/// network configuration declares): inside a range's `range_start..range_end` it is reserved
+/// like any static address. Outside that window (where admins keep routers and appliances) it
+/// is refused; the network configuration's own static addresses (CNI_ARGS `IP`) may lie there.
+#[test]
+fn a_pods_own_address_must_lie_within_range_start_and_range_end() {
+    let net = Net::local(
+        json!({"range": "10.27.0.0/24", "range_start": "10.27.0.100",
+                                "range_end": "10.27.0.200"}),
+    );
+    let mut conf = net.conf.clone();
+    for (below_or_above, container) in [("10.27.0.2/24", "a"), ("10.27.0.201/24", "b")] {
+        conf["args"] = json!({"cni": {"ips": [below_or_above]}});
+        let reply = call_with(&conf, "ADD", container, "eth0", "");
+        assert_eq!(reply.err_code(), 7, "{below_or_above}: {reply:?}");
+        assert!(reply.msg().contains("range_start"), "{reply:?}");
+    }
+    conf["args"] = json!({"cni": {"ips": ["10.27.0.150/24"]}});
+    assert_eq!(
+        ips(&call_with(&conf, "ADD", "c", "eth0", "").ok()),
+        ["10.27.0.150/24"]
+    );
+    let r = net.call("ADD", "d", "eth0", "IgnoreUnknown=1;IP=10.27.0.2/24");
+    assert_eq!(ips(&r.ok()), ["10.27.0.2/24"]);
+}
+
+/// Outside every range, the pod's own address is refused, or a pod could take its segment's
+/// router address.
 #[test]
 fn a_pods_own_address_must_lie_in_a_range() {
     let net = Net::local(json!({"range": "10.25.0.0/24"}));

@@ -52,10 +52,24 @@ pub fn parse_requested(text: &str, source: &str) -> Result<(IpAddr, Option<u8>),
 }
 
 /// A static address inside a range must be one a pod may hold: not the network or broadcast
-/// address, not the gateway, not excluded.
-fn refuse_unusable(pool: &PoolRef, ip: IpAddr) -> Result<(), CniError> {
+/// address, not the gateway, not excluded. The pod's own (`pods_own`) must also lie between
+/// `range_start` and `range_end`: admins keep their routers and appliances outside that
+/// window, where only the network configuration places addresses.
+fn refuse_unusable(pool: &PoolRef, ip: IpAddr, pods_own: bool) -> Result<(), CniError> {
     let cidr = pool.cidr();
     let offset = cidr.offset_of(ip).unwrap_or_default();
+    let window = &pool.range;
+    if pods_own && (offset < window.first || offset > window.last) {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "args.cni.ips asks for {ip}, outside {}-{} of range {cidr}: only the network \
+                 configuration's addresses may lie outside range_start..range_end",
+                window.first_ip(),
+                window.last_ip()
+            ),
+        ));
+    }
     let why = if offset == 0 {
         Some("the network address")
     } else if offset == cidr.last_offset() {
@@ -119,7 +133,7 @@ pub fn place_statics(pools: Vec<PoolRef>, statics: Vec<Requested>) -> Result<Pla
             Some(at) => {
                 let slot = &mut ranges[at];
                 gateways[at] = gateway.or(gateways[at]);
-                refuse_unusable(&slot.pool, ip)?;
+                refuse_unusable(&slot.pool, ip, pods_own)?;
                 let offset = slot.pool.cidr().offset_of(ip).unwrap_or_default();
                 match slot.requested {
                     Some(prev) if prev != offset => {
