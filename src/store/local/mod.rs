@@ -189,12 +189,15 @@ impl LocalStore {
     }
 
     /// A write, as an ADD makes: a full or read-only disk shows here. A lock held by another
-    /// process means writes are going through; waiting for it would only delay STATUS.
+    /// process means writes are going through; waiting for it would only delay STATUS. It
+    /// writes back the schema version it reads under the lock: the one STATUS checked before
+    /// may have been raised meanwhile by a newer binary's migration, which must not run again.
     fn probe_write(&self) -> Result<(), StoreError> {
         let probe = || -> Result<(), rusqlite::Error> {
             self.conn.busy_timeout(STATUS_LOCK_WAIT)?;
             let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
-            tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+            let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+            tx.execute_batch(&format!("PRAGMA user_version = {version}"))?;
             tx.commit()
         };
         let outcome = probe();
@@ -849,6 +852,25 @@ mod tests {
             })
             .unwrap();
         rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("; ")
+    }
+
+    /// STATUS's probe write keeps the schema version it finds, though its check read an older
+    /// one: a newer binary's migration in between is not undone.
+    #[test]
+    fn the_probe_write_keeps_a_newer_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("w.db")).unwrap();
+        let newer = SCHEMA_VERSION + 1;
+        store
+            .conn
+            .execute_batch(&format!("PRAGMA user_version = {newer}"))
+            .unwrap();
+        store.probe_write().unwrap();
+        let version: i64 = store
+            .conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, newer);
     }
 
     /// The queries on the allocation path answer through an index, never by walking a pool:
