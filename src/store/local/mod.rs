@@ -94,7 +94,8 @@ fn to_store_error(path: &Path, fail: Fail) -> StoreError {
         .because(e),
         Fail::Sql(e) if is_broken(&e) => StoreError::broken(format!(
             "local database {} is damaged; a new one knows none of the addresses this node's pods \
-             hold: drain the node before moving it aside",
+             hold: drain the node and stop its container runtime before moving it aside, with \
+             its -wal and -shm files",
             path.display()
         ))
         .because(e),
