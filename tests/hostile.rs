@@ -91,6 +91,118 @@ fn a_network_configuration_cannot_choose_where_root_writes() {
     assert!(!net.path().join("other.db").exists());
 }
 
+/// A process in a mount namespace of its own, its root a tmpfs holding `file` with `content`:
+/// a tenant's container. From the host, `/proc/<pid>/root` is a link whose text is `/`.
+struct Container {
+    unshare: std::process::Child,
+    pid: u32,
+}
+
+impl Container {
+    fn start(dir: &std::path::Path, file: &str, content: &str) -> Option<Container> {
+        let tools = ["unshare", "pivot_root", "busybox"];
+        if unsafe { libc::geteuid() } != 0 || tools.iter().any(|t| which(t).is_none()) {
+            missing_prerequisite(
+                "root, unshare, pivot_root and busybox (util-linux, busybox-static)",
+            );
+            return None;
+        }
+        let (root, pid_file) = (dir.join("root"), dir.join("pid"));
+        std::fs::create_dir_all(&root).unwrap();
+        let script = format!(
+            "set -e; mount -t tmpfs none {root}; cd {root}; mkdir -p old {folder}; \
+             cp {busybox} busybox; printf '%s' '{content}' > {file}; echo $$ > {pid}; \
+             pivot_root . old; exec /busybox sleep 600",
+            root = root.display(),
+            folder = std::path::Path::new(file.trim_start_matches('/'))
+                .parent()
+                .unwrap()
+                .display(),
+            busybox = which("busybox").unwrap().display(),
+            file = file.trim_start_matches('/'),
+            pid = pid_file.display(),
+        );
+        let mut container = Container {
+            pid: 0,
+            unshare: std::process::Command::new("unshare")
+                .args([
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--fork",
+                    "--kill-child",
+                ])
+                .args(["sh", "-c", &script])
+                .spawn()
+                .unwrap(),
+        };
+        // Dropped (killed and waited for) should it never start.
+        let started = std::time::Instant::now();
+        loop {
+            let pid = std::fs::read_to_string(&pid_file).ok();
+            if let Some(pid) = pid.and_then(|p| p.trim().parse::<u32>().ok()) {
+                let root_link = std::fs::read_link(format!("/proc/{pid}/root")).ok();
+                if root_link.as_deref() == Some(std::path::Path::new("/")) {
+                    container.pid = pid;
+                    return Some(container);
+                }
+            }
+            assert!(
+                started.elapsed().as_secs() < 30,
+                "the container never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(tool))
+        .find(|path| path.is_file())
+}
+
+/// `configuration_path` through `/proc/<pid>/root`: from another mount namespace that link
+/// reads `/`, so the path passes by its text for the installer's folder, while an open reaches
+/// the container's own file. A tenant's flat file there would decide every trust rule (here:
+/// root writes the store where it says); it is refused, and nothing is written.
+#[test]
+fn a_flat_file_in_a_containers_root_is_not_the_admins() {
+    let mut net = Net::local(json!({"range": "10.62.0.0/24"}));
+    let victim = net.path().join("victim.db");
+    let tenants = json!({"allow_inline_paths": ["/"], "local_path": victim});
+    let file = "/etc/cni/net.d/whereabouts.d/tenant.conf";
+    let Some(container) = Container::start(net.path(), file, &tenants.to_string()) else {
+        return;
+    };
+    let flat = admin_flat_file(&net, json!({"local_path": net.db()}));
+    let named = format!("/proc/{}/root{file}", container.pid);
+    assert!(
+        std::fs::read(&named).is_ok(),
+        "the tenant's file is readable"
+    );
+    net.conf["ipam"]["configuration_path"] = named.into();
+    let ipam = net.conf["ipam"].as_object_mut().unwrap();
+    ipam.remove("local_path");
+
+    let reply = call_as(&net, &flat, "ADD", "c1");
+    assert_eq!(reply.err_code(), 7, "{reply:?}");
+    assert!(reply.msg().contains("ipam.configuration_path"), "{reply:?}");
+    assert!(
+        !victim.exists(),
+        "the tenant's flat file was read as the admin's"
+    );
+}
+
 /// The admin's flat file for `net` (as the tests' own) that also lets network configurations
 /// name files in `/dev`: the trust screen lets those through, so what refuses them is the
 /// plugin's check when it opens them.

@@ -120,31 +120,52 @@ pub fn is_inside(path: &Path, dirs: &[PathBuf]) -> bool {
         return false;
     }
     let resolved = match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) => resolve_existing(parent).join(name),
+        (Some(parent), Some(name)) => resolve_existing(parent).map(|p| p.join(name)),
         _ => resolve_existing(path),
     };
-    dirs.iter()
-        .any(|dir| dir.is_absolute() && resolved.starts_with(resolve_existing(dir)))
+    let Some(resolved) = resolved else {
+        return false;
+    };
+    dirs.iter().any(|dir| {
+        dir.is_absolute() && resolve_existing(dir).is_some_and(|dir| resolved.starts_with(dir))
+    })
 }
 
-/// The canonical form of the longest existing ancestor, then the rest as written.
-fn resolve_existing(path: &Path) -> PathBuf {
+/// The canonical form of the longest existing ancestor, then the rest as written; None when
+/// that ancestor is not the very folder its canonical form names. Links are resolved by their
+/// text, and a magic link's text is not where the kernel goes: `/proc/<pid>/root` reads `/`
+/// from any mount namespace, so `/proc/<pid>/root/etc/cni/net.d/whereabouts.d` would pass
+/// for the host's folder while an open reaches the container's.
+fn resolve_existing(path: &Path) -> Option<PathBuf> {
     let mut existing = path;
     let mut rest = Vec::new();
     loop {
         if let Ok(canonical) = std::fs::canonicalize(existing) {
-            return rest
-                .iter()
-                .rev()
-                .fold(canonical, |out, name| out.join(name));
+            if !same_file(existing, &canonical) {
+                return None;
+            }
+            return Some(
+                rest.iter()
+                    .rev()
+                    .fold(canonical, |out, name| out.join(name)),
+            );
         }
         match (existing.parent(), existing.file_name()) {
             (Some(parent), Some(name)) => {
                 rest.push(name);
                 existing = parent;
             }
-            _ => return path.to_path_buf(),
+            _ => return Some(path.to_path_buf()),
         }
+    }
+}
+
+/// Whether both paths reach the same file (device and inode), links followed.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
