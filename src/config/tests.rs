@@ -403,6 +403,28 @@ fn credentials_stay_with_their_endpoint() {
         }
         other => panic!("{other:?}"),
     }
+    // The admin's credentials named again (the same path, another spelling of it) do not
+    // follow the network configuration's own endpoint.
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        certs.path().join("client.crt"),
+        certs.path().join("client.key"),
+    );
+    std::fs::write(&cert, "cert").unwrap();
+    std::fs::write(&key, "key").unwrap();
+    let tls = json!({"etcd_host": "https://etcd.admin:2379", "etcd_cert_file": cert,
+        "etcd_key_file": key, "allow_inline_endpoints": true,
+        "allow_inline_paths": [certs.path()]});
+    let (_dir, load) = untrusted(tls);
+    let respelled = format!("{}/./client.crt", certs.path().display());
+    let asked = json!({"etcd_host": "https://mine:2379", "etcd_cert_file": respelled,
+        "etcd_key_file": key});
+    let msg = load(asked).unwrap_err();
+    assert!(
+        msg.contains("ipam.etcd_cert_file") && msg.contains("flat file's credential"),
+        "{msg}"
+    );
+    assert!(load(json!({"etcd_host": "https://mine:2379"})).is_ok());
     let (_dir, load) = untrusted(json!({"datastore": "kubernetes",
         "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"}}));
     assert!(load(json!({"datastore": "local"}))

@@ -330,6 +330,12 @@ fn screen_etcd(
             )));
         }
         for key in ETCD_CREDENTIALS {
+            if names_admins_credential(inline, flat, key) {
+                return Err(invalid(format!(
+                    "ipam.{key} in a network configuration names the flat file's credential, \
+                     which is not sent to the network configuration's own etcd_host"
+                )));
+            }
             flat.remove(key);
         }
         return Ok(());
@@ -345,6 +351,27 @@ fn screen_etcd(
         }
     }
     Ok(())
+}
+
+/// Whether the inline `key` is the flat file's credential: the same text, or for the TLS
+/// files a path that reaches the same file (which `inline_only` lets through as the admin's
+/// own value, and another spelling of its folder as an allowed path).
+fn names_admins_credential(
+    inline: &Map<String, Value>,
+    flat: &Map<String, Value>,
+    key: &str,
+) -> bool {
+    let (Some(ours), Some(admins)) = (inline.get(key), flat.get(key)) else {
+        return false;
+    };
+    if is_unset(ours) || is_unset(admins) {
+        return false;
+    }
+    let same_path = match (ours.as_str(), admins.as_str()) {
+        (Some(a), Some(b)) if key.ends_with("_file") => same_file(Path::new(a), Path::new(b)),
+        _ => false,
+    };
+    ours == admins || same_path
 }
 
 #[cfg(test)]
