@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::error::ConfigError;
-use super::raw::{field, lowercase_keys, merge_flat_file, text};
+use super::raw::{field, lowercase_map, merge_flat_file, text, SameField};
 use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
     Datastore, EtcdConfig, GoPeers, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
@@ -89,7 +89,13 @@ pub(super) fn load_inner(
             kind_of(ipam)
         )));
     };
-    let mut map = lowercase_map(ipam);
+    let mut map = lowercase_map(ipam).map_err(|SameField(a, b)| {
+        invalid(format!(
+            "ipam has both {:?} and {:?}, which name the same field (keys match in any case): keep one",
+            shown(&a),
+            shown(&b)
+        ))
+    })?;
     let kind = text(&map, "type", "ipam.type")?.unwrap_or_default();
     if kind != "whereabouts" {
         return Err(invalid(format!(
@@ -299,7 +305,12 @@ fn read_flat_file(path: &Path) -> Result<Map<String, Value>, ConfigError> {
         cause: Box::new(err),
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(map)) => Ok(lowercase_map(&map)),
+        Ok(Value::Object(map)) => lowercase_map(&map).map_err(|_| {
+            invalid(format!(
+                "flat file {} has two keys that name the same field (keys match in any case)",
+                shown_path(path)
+            ))
+        }),
         Ok(other) => Err(invalid(format!(
             "flat file {} must hold a JSON object, not {}",
             shown_path(path),
@@ -312,12 +323,6 @@ fn read_flat_file(path: &Path) -> Result<Map<String, Value>, ConfigError> {
             err.column()
         ))),
     }
-}
-
-fn lowercase_map(map: &Map<String, Value>) -> Map<String, Value> {
-    map.iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), lowercase_keys(v)))
-        .collect()
 }
 
 /// Refuses a list longer than its cap, naming it.

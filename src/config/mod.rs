@@ -134,6 +134,7 @@ pub mod trust;
 
 pub use error::ConfigError;
 pub use load::{find_flat_file, load, load_for_operator, load_untrusted, load_with_flat_files};
+pub use raw::same_key;
 pub use trust::Trust;
 
 #[cfg(test)]

@@ -7,17 +7,56 @@ use serde_json::{Map, Value};
 use super::error::ConfigError;
 use crate::files::shown;
 
-/// The object with every key lower-cased, recursively.
-pub fn lowercase_keys(value: &Value) -> Value {
+/// A key as upstream's decoder matches it to a field: Go's encoding/json compares names under
+/// Unicode case folding, where two letters beyond ASCII also match ASCII ones (KELVIN SIGN is
+/// `k`, LONG S is `s`). Every field name is ASCII, so no other letter matters.
+pub fn folded_key(key: &str) -> String {
+    key.chars()
+        .map(|c| match c {
+            '\u{212A}' => 'k',
+            '\u{17F}' => 's',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+/// Whether two keys name the same field, as [`folded_key`] matches them.
+pub fn same_key(a: &str, b: &str) -> bool {
+    folded_key(a) == folded_key(b)
+}
+
+/// Two keys of one object that name the same field.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SameField(pub String, pub String);
+
+/// The object with every key folded ([`folded_key`]), recursively. Two keys of one object that
+/// fold alike are refused: upstream's decoder takes the later one in the document, an order
+/// this parse does not keep, and a node reading another value than a Go node does (another
+/// pool name, another range) hands out addresses that node hands out too.
+pub fn lowercase_keys(value: &Value) -> Result<Value, SameField> {
     match value {
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), lowercase_keys(v)))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.iter().map(lowercase_keys).collect()),
-        other => other.clone(),
+        Value::Object(map) => lowercase_map(map).map(Value::Object),
+        Value::Array(items) => items
+            .iter()
+            .map(lowercase_keys)
+            .collect::<Result<_, _>>()
+            .map(Value::Array),
+        other => Ok(other.clone()),
     }
+}
+
+/// As [`lowercase_keys`], for an object.
+pub fn lowercase_map(map: &Map<String, Value>) -> Result<Map<String, Value>, SameField> {
+    let mut out = Map::new();
+    let mut first_of: std::collections::HashMap<String, &str> = Default::default();
+    for (key, value) in map {
+        let folded = folded_key(key);
+        if let Some(earlier) = first_of.insert(folded.clone(), key) {
+            return Err(SameField(earlier.to_string(), key.clone()));
+        }
+        out.insert(folded, lowercase_keys(value)?);
+    }
+    Ok(out)
 }
 
 /// Whether a value counts as "not set" when merging with the flat file (Go's zero values).

@@ -147,6 +147,35 @@ fn keys_are_case_insensitive() {
     assert_eq!(cfg.ranges[1].exclude.len(), 1);
 }
 
+/// Keys match as Go's decoder matches them, under Unicode case folding: KELVIN SIGN is `k`,
+/// LONG S is `s` (a Go node reads `networK_name` as `network_name`, so this node must too).
+#[test]
+fn keys_fold_as_upstreams_decoder_folds_them() {
+    let cfg = load(json!({"type": "whereabouts", "range": "10.0.0.0/24",
+        "networ\u{212A}_name": "blue", "range_\u{17F}tart": "10.0.0.9"}))
+    .unwrap();
+    assert_eq!(cfg.network_name, "blue");
+    assert_eq!(cfg.ranges[0].start.unwrap().to_string(), "10.0.0.9");
+}
+
+/// Two keys of one object naming the same field: Go's decoder takes the later in the
+/// document, an order the parse does not keep, so reading either could differ from a Go
+/// node's reading (another pool, another range). Refused, naming both; in a range too.
+#[test]
+fn keys_naming_the_same_field_are_refused() {
+    let msg = err(json!({"type": "whereabouts", "range": "10.0.0.0/24",
+        "network_name": "a", "Network_name": "b"}));
+    assert!(
+        msg.contains("Network_name") && msg.contains("network_name"),
+        "{msg}"
+    );
+    let msg = err(
+        json!({"type": "whereabouts", "ipRanges": [{"range": "10.0.0.0/24",
+        "range_start": "10.0.0.5", "range_\u{17F}tart": "10.0.0.9"}]}),
+    );
+    assert!(msg.contains("same field"), "{msg}");
+}
+
 #[test]
 fn top_level_range_comes_first() {
     let cfg = load(json!({"type": "whereabouts", "ipRanges": [{"range": "10.1.0.0/24"}], "range": "10.0.0.0/24"})).unwrap();

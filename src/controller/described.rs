@@ -36,7 +36,7 @@ pub(super) fn pool_part(ipam: &Value, also: &str) -> Value {
         POOL_KEYS
             .iter()
             .chain([&also])
-            .any(|w| k.eq_ignore_ascii_case(w))
+            .any(|w| config::same_key(k, w))
     };
     Value::Object(
         map.iter()
@@ -90,10 +90,7 @@ fn pools_of(config_text: &str) -> Result<Vec<PoolRef>, String> {
     let Some(map) = ipam.as_object().filter(|_| is_whereabouts) else {
         return Ok(Vec::new());
     };
-    if map
-        .keys()
-        .any(|k| k.eq_ignore_ascii_case("node_slice_size"))
-    {
+    if map.keys().any(|k| config::same_key(k, "node_slice_size")) {
         return Ok(Vec::new());
     }
     let cfg = config::load_untrusted(Some(&pool_part(&ipam, "gateway")), &[])

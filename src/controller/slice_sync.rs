@@ -88,7 +88,7 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
         .as_object()
         .and_then(|m| {
             m.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("node_slice_size"))
+                .find(|(k, _)| config::same_key(k, "node_slice_size"))
                 .and_then(|(_, v)| v.as_str())
         })
         .map_or_else(|| format!("/{size}"), str::to_string);
@@ -126,7 +126,7 @@ fn owner_of(nad: &DynamicObject, first: bool) -> Option<OwnerReference> {
 fn has_key(object: &Value, key: &str) -> bool {
     object
         .as_object()
-        .is_some_and(|m| m.keys().any(|k| k.eq_ignore_ascii_case(key)))
+        .is_some_and(|m| m.keys().any(|k| config::same_key(k, key)))
 }
 
 /// The pools the NetworkAttachmentDefinitions ask for, and whether every one of them could be
