@@ -7,6 +7,7 @@
 //! serves with hyper's own builder.
 
 use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -135,6 +136,44 @@ async fn serve_at_most(listener: TcpListener, app: Router, max: usize) {
     }
 }
 
+/// Binds the port at `addr`. The IPv6 wildcard (`[::]`, the controller's default) takes IPv4
+/// connections too, whatever the host's `bindv6only` says: a pod's probes and scrapes come to
+/// its address, which is IPv6 on an IPv6-only cluster and IPv4 on most others. Where the
+/// kernel has no IPv6 at all, it falls back to the IPv4 wildcard.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let bound = bind_exactly(addr);
+    match (&bound, addr.ip()) {
+        (Err(err), IpAddr::V6(ip)) if ip.is_unspecified() && no_ipv6(err) => {
+            tracing::info!(%addr, "no IPv6 on this host: listening on IPv4 only");
+            bind_exactly(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+        }
+        _ => bound,
+    }
+}
+
+/// The errors of a host without IPv6: none in the kernel, or none on any interface.
+fn no_ipv6(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
+}
+
+fn bind_exactly(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    // As std's and tokio's bind: a restarted process is not kept off its port by the last
+    // one's connections in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +205,19 @@ mod tests {
         let request = "GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
         probe.write_all(request.as_bytes()).await.unwrap();
         read_to_close(&mut probe, SERVED_WITHIN).await
+    }
+
+    /// The IPv6 wildcard serves IPv4 and IPv6 clients alike.
+    #[tokio::test]
+    async fn the_ipv6_wildcard_serves_both_families() {
+        let listener = bind("[::]:0".parse().unwrap()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
+        tokio::spawn(serve_at_most(listener, app, MAX_CONNECTIONS));
+        for client in ["127.0.0.1", "::1"] {
+            let addr = SocketAddr::new(client.parse().unwrap(), port);
+            assert!(probe(addr).await.ends_with("ok\n"), "through {client}");
+        }
     }
 
     /// Closed for want of a request head, well before the limit on a whole connection.

@@ -1167,8 +1167,9 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
     );
     assert_eq!(args.listen.port(), port, "{source}");
     assert!(
-        args.listen.ip().is_unspecified(),
-        "{source}: the kubelet's probes and Prometheus reach the pod's address"
+        args.listen.is_ipv6() && args.listen.ip().is_unspecified(),
+        "{source}: the kubelet's probes and Prometheus reach the pod's address, of either \
+         family (the IPv6 wildcard takes IPv4 connections too)"
     );
     let env: Vec<(String, Value)> = container["env"]
         .as_array()
@@ -1490,6 +1491,25 @@ fn the_daemonset_runs_the_agent_unless_switched_off() {
         9200,
         "chart, custom",
     );
+    // An IPv6 host is written as an address with a port can be: in brackets.
+    let Some(v6) = render_chart("whereabouts", "kube-system", &["agent.listenHost=::"]) else {
+        return;
+    };
+    let agent = &named(&v6, "DaemonSet", "whereabouts")["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .cloned()
+        .expect("the agent");
+    let command: Vec<String> = agent["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(text_of)
+        .collect();
+    let listen = command.iter().skip_while(|a| *a != "--listen").nth(1);
+    assert_eq!(listen.map(String::as_str), Some("[::]:9094"), "{command:?}");
     let Some(off) = render_chart("whereabouts", "kube-system", &["agent.enabled=false"]) else {
         return;
     };

@@ -279,7 +279,7 @@ fn the_controller_reaches_the_server_with_its_pods_service_account() {
     );
     // Only its port changes: 9090 may be taken on a shared machine.
     for arg in &mut controller.args {
-        *arg = arg.replace("0.0.0.0:9090", "127.0.0.1:0");
+        *arg = arg.replace("[::]:9090", "127.0.0.1:0");
     }
     let log = root.path().join("controller.log");
     let _controller = controller.spawn(&log);

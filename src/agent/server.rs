@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::UnixListener;
 
 use super::metrics::Metrics;
 use super::wire::{
@@ -480,8 +480,7 @@ pub async fn serve(options: Options) -> Result<(), String> {
     // network) exits before it touches the socket.
     let tcp = match options.listen {
         Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
+            crate::probe_port::bind(addr)
                 .map_err(|err| format!("cannot listen on {addr}: {err}"))?,
         ),
         None => None,

@@ -17,8 +17,8 @@ pub struct ControllerArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Where to serve /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:9090")]
+    /// Where to serve /metrics, /healthz and /readyz (`[::]` takes IPv4 connections too).
+    #[arg(long, default_value = "[::]:9090")]
     pub listen: SocketAddr,
     /// Do not manage NodeSlicePools.
     #[arg(long)]

@@ -153,8 +153,7 @@ async fn clients(opts: &Options) -> Result<(Client, Client), ControllerError> {
 
 async fn main(opts: Options) -> Result<(), ControllerError> {
     let (client, watch_client) = clients(&opts).await?;
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
+    let listener = crate::probe_port::bind(opts.listen)
         .map_err(|e| ControllerError::Io(format!("cannot listen on {}: {e}", opts.listen)))?;
     let metrics = Arc::new(Metrics::default());
     let (jobs, queue) = tokio::sync::mpsc::unbounded_channel();
