@@ -443,15 +443,16 @@ impl Survey {
     }
 }
 
-/// Whether the reservation may still be an ADD's under way (made before its pool entry). One
-/// made "in the future" (the operator's clock behind the API server's) counts as young: taken
-/// as old, an ADD's reservation could be removed before its entry is written.
+/// Whether the reservation may still be an ADD's under way (made, or taken over from an
+/// earlier sandbox, before its pool entry). One made "in the future" (the operator's clock
+/// behind the API server's) counts as young: taken as old, an ADD's reservation could be
+/// removed before its entry is written.
 fn young(r: &OverlappingRangeIPReservation, orphan_age: Duration, now: jiff::Timestamp) -> bool {
-    let Some(created) = &r.metadata.creation_timestamp else {
+    let Some(since) = reservation::held_since(r) else {
         return true;
     };
-    let age = now.duration_since(created.0);
-    age.is_negative() || age.unsigned_abs() < orphan_age
+    let age = now.as_second() - since;
+    age < 0 || age.unsigned_abs() < orphan_age.as_secs()
 }
 
 impl Survey {

@@ -979,7 +979,8 @@ pub(super) struct UnderGo<'a> {
     pub pool: &'a str,
 }
 
-/// A reservation found unbacked, with when it was made.
+/// A reservation found unbacked, with when it was made (or taken over: see
+/// [`reservation::TAKEN_OVER_AT`]).
 pub struct Unbacked {
     pub name: String,
     pub created: Option<i64>,
@@ -992,9 +993,10 @@ impl Unbacked {
         let name = found.metadata.name.clone()?;
         let uid = found.metadata.uid.clone().unwrap_or_default();
         let rv = found.metadata.resource_version.clone().unwrap_or_default();
+        let created = reservation::held_since(&found);
         let spec = found.spec;
         Some(Unbacked {
-            created: found.metadata.creation_timestamp.map(|t| t.0.as_second()),
+            created,
             reservation: Reservation {
                 name: name.clone(),
                 attachment: Attachment {
@@ -1042,6 +1044,25 @@ fn reservation_ip(name: &str, network_name: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reservation taken over by a pod's next sandbox counts as made then: the sweeps of
+    /// unbacked reservations must not take it while its pool entry is on its way.
+    #[test]
+    fn a_reservation_taken_over_is_as_young_as_the_take_over() {
+        let mut found = reservation::new_object("10.0.0.5", &Attachment::default());
+        let long_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(48);
+        found.metadata.creation_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(long_ago),
+        );
+        assert_eq!(
+            Unbacked::of(found.clone()).unwrap().created,
+            Some(long_ago.as_second())
+        );
+        let now = jiff::Timestamp::now().as_second();
+        let taken = reservation::taken_over(&found, &Attachment::default());
+        let created = Unbacked::of(taken).unwrap().created.unwrap();
+        assert!((now - created).abs() <= 5, "{created} is not about {now}");
+    }
 
     #[test]
     fn names_read_back() {

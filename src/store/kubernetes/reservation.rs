@@ -66,8 +66,14 @@ pub fn released_with(reservation: &OverlappingRangeIPReservation, who: &Attachme
     }
 }
 
-/// `found`, held by `who` from now on (its container, pod and interface); the rest of the
-/// object (its resourceVersion, the precondition of the update, labels, owners) as read.
+/// When an ADD took the reservation over from an earlier sandbox of its pod (RFC 3339, the
+/// node's clock). The sweeps of unbacked reservations judge their age from it: taken over, an
+/// old object is as young as a new one whose pool entry is still on its way.
+pub const TAKEN_OVER_AT: &str = "whereabouts.cni.cncf.io/taken-over-at";
+
+/// `found`, held by `who` from now on (its container, pod and interface) and stamped with
+/// [`TAKEN_OVER_AT`]; the rest of the object (its resourceVersion, the precondition of the
+/// update, labels, owners) as read.
 pub fn taken_over(
     found: &OverlappingRangeIPReservation,
     who: &Attachment,
@@ -76,6 +82,23 @@ pub fn taken_over(
     object.spec = spec_of(who);
     object.metadata.managed_fields = None;
     object
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(TAKEN_OVER_AT.into(), jiff::Timestamp::now().to_string());
+    object
+}
+
+/// When the reservation was last given its holder, in seconds: made, or taken over since.
+pub fn held_since(reservation: &OverlappingRangeIPReservation) -> Option<i64> {
+    let meta = &reservation.metadata;
+    let created = meta.creation_timestamp.as_ref().map(|t| t.0.as_second());
+    let taken_over = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TAKEN_OVER_AT)?.parse::<jiff::Timestamp>().ok())
+        .map(|t| t.as_second());
+    created.max(taken_over)
 }
 
 /// Whether reservation `name` is one of `ip` (in whichever network: the name ends with the
