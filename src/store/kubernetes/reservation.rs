@@ -105,7 +105,9 @@ pub fn held_since(reservation: &OverlappingRangeIPReservation) -> Option<i64> {
 /// address as reservation names write it).
 pub fn names_address(name: &str, ip: IpAddr) -> bool {
     let bare = reservation_name(ip, "");
-    name == bare || name.ends_with(&format!("-{bare}"))
+    // Without a network name, an address written from a leading `::` gets a valid object
+    // name of its own (`0--1` for `::1`).
+    name == bare || name == object_name(&bare) || name.ends_with(&format!("-{bare}"))
 }
 
 /// The attachment a reservation names, as far as it records one.
@@ -149,6 +151,21 @@ mod tests {
             ifname: ifname.into(),
             pod_ref: pod.map(String::from),
             pod_uid: None,
+        }
+    }
+
+    #[test]
+    fn names_of_an_address_in_any_network() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (address, network) in [
+            ("::1", ""),
+            ("::1", "net"),
+            ("10.0.0.1", ""),
+            ("fd00::", ""),
+        ] {
+            let object = name(ip(address), network);
+            assert!(names_address(&object, ip(address)), "{object} of {address}");
+            assert!(!names_address(&object, ip("10.9.9.9")), "{object}");
         }
     }
 
