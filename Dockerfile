@@ -3,6 +3,7 @@
 # build at /whereabouts-plugin, nothing else.
 #
 #   docker build -t ghcr.io/whereabouts-rs/whereabouts:0.1.0 .
+#   docker buildx build --platform linux/amd64,linux/arm64 -t ghcr.io/whereabouts-rs/whereabouts:0.1.0 --push .
 #
 # The DaemonSet runs `/whereabouts install`, which copies the plugin into the host's CNI bin
 # directory as `whereabouts`: the plugin-only build when the node agent serves the plugin (as the
@@ -25,14 +26,18 @@ COPY .cargo ./.cargo
 # benches/ is listed because Cargo.toml names its bench targets.
 COPY benches ./benches
 COPY src ./src
-# The target directory is a cache mount, so the binary is copied out of it.
+# The target directory is a cache mount, so the binary is copied out of it. The target is the
+# build stage's own platform (crt-static needs it named, or the build scripts and procedural
+# macros would be linked statically too), so `docker buildx build --platform
+# linux/amd64,linux/arm64` builds the image for both: the DaemonSet runs on every Linux node.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
-    cargo build --release --locked --target x86_64-unknown-linux-gnu \
+    target="$(rustc -vV | sed -n 's/^host: //p')" \
+    && RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
+    cargo build --release --locked --target "$target" \
         --bin whereabouts --bin whereabouts-plugin \
-    && cp target/x86_64-unknown-linux-gnu/release/whereabouts /whereabouts \
-    && cp target/x86_64-unknown-linux-gnu/release/whereabouts-plugin /whereabouts-plugin
+    && cp "target/$target/release/whereabouts" /whereabouts \
+    && cp "target/$target/release/whereabouts-plugin" /whereabouts-plugin
 
 FROM scratch
 COPY --from=build /whereabouts /whereabouts
