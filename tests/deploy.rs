@@ -701,27 +701,41 @@ fn the_chart_renders_the_plain_manifest() {
 #[test]
 fn rbac_wiring_and_no_wildcards() {
     for (source, objects) in both_installs() {
-        let role = named(&objects, "ClusterRole", "whereabouts-cni");
-        assert!(
-            !role["rules"].to_string().contains('*'),
-            "{source}: wildcard in RBAC"
+        let sa = named(&objects, "ServiceAccount", "whereabouts");
+        let namespace = &sa["metadata"]["namespace"];
+        let role = named(&objects, "Role", "whereabouts-cni");
+        let cluster_role = named(&objects, "ClusterRole", "whereabouts-cni");
+        for r in [role, cluster_role] {
+            assert!(
+                !r["rules"].to_string().contains('*'),
+                "{source}: wildcard in RBAC"
+            );
+        }
+        // The plugin's objects are in its namespace, and so are its grants on them; cluster
+        // wide it reads pods alone (GC asks where a pod runs).
+        assert_eq!(&role["metadata"]["namespace"], namespace, "{source}");
+        let cluster_wide: Vec<_> = cluster_role["rules"].as_array().unwrap().iter().collect();
+        assert_eq!(
+            cluster_wide,
+            [&json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]})],
+            "{source}: the plugin's cluster-wide rules"
         );
-        // The plugin's account has no namespaced grants; the only Role is the controller's.
         let roles: Vec<_> = objects.iter().filter(|o| o["kind"] == "Role").collect();
         assert!(
-            roles
-                .iter()
-                .all(|r| r["metadata"]["name"] == "whereabouts-controller"),
+            roles.iter().all(|r| {
+                let name = &r["metadata"]["name"];
+                name == "whereabouts-controller" || name == "whereabouts-cni"
+            }),
             "{source}: unexpected Role"
         );
-        let sa = named(&objects, "ServiceAccount", "whereabouts");
-        let binding = named(&objects, "ClusterRoleBinding", "whereabouts");
-        assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
-        assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
-        assert_eq!(
-            binding["subjects"],
-            json!([{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}])
-        );
+        let subjects = json!([{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+            "namespace": namespace}]);
+        for (kind, bound) in [("RoleBinding", role), ("ClusterRoleBinding", cluster_role)] {
+            let binding = named(&objects, kind, "whereabouts");
+            assert_eq!(binding["roleRef"]["name"], bound["metadata"]["name"]);
+            assert_eq!(binding["roleRef"]["kind"], bound["kind"]);
+            assert_eq!(binding["subjects"], subjects, "{source}: {kind}");
+        }
         let ds = one(&objects, "DaemonSet");
         assert_eq!(
             ds["spec"]["template"]["spec"]["serviceAccountName"],

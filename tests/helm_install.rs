@@ -92,6 +92,8 @@ fn the_seed_helm_command_installs_and_upgrades() {
     }
     get(plane, &["clusterrole", "whereabouts-cni"]);
     get(plane, &["clusterrolebinding", "whereabouts"]);
+    get(plane, &["role", "whereabouts-cni", "-n", "kube-system"]);
+    get(plane, &["rolebinding", "whereabouts", "-n", "kube-system"]);
     let before = installer(plane);
 
     // An upgrade with changed values reaches the DaemonSet; the release is at revision 2.
