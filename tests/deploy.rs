@@ -1285,6 +1285,25 @@ fn controller_deployment_runs_the_controller_as_the_binary_parses_it() {
     let annotations = &c.deployment["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["team"], "net");
     assert_eq!(annotations["prometheus.io/port"], "9100");
+
+    // An operator's annotation takes the place of the default one of its key (a key twice is
+    // refused by strict YAML readers).
+    let set = [r"controller.podAnnotations.prometheus\.io/scrape=false"];
+    let Some(unscraped) = render_chart("wa", "net", &set) else {
+        return;
+    };
+    let deployment = controller_objects(&unscraped, "wa").deployment;
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "false");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    // The DaemonSet's too are strings, as the API server takes annotations only.
+    let set = [r"podAnnotations.sidecar\.istio\.io/inject=false"];
+    let Some(uninjected) = render_chart("wa", "net", &set) else {
+        return;
+    };
+    let ds = one(&uninjected, "DaemonSet");
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["sidecar.istio.io/inject"], "false");
 }
 
 /// An affinity of the operator's replaces the default spread of the replicas, as the values
