@@ -1270,6 +1270,14 @@ fn an_agent_that_exits_leaves_its_successors_socket() {
         old.log_text()
     );
     added_on_node_0(&new, conf, 1);
+    // Its own socket, the successor removes as it exits.
+    let status = new.terminate(Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "{}", new.log_text());
+    assert!(
+        !new.socket.exists(),
+        "the socket stayed: {}",
+        new.log_text()
+    );
 }
 
 /// Two nodes: node-0's plugin has credentials of its own (it falls back while its agent is

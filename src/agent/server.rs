@@ -282,6 +282,18 @@ async fn readyz(State(agent): State<Shared>) -> impl IntoResponse {
     if agent.metrics.copies_in_step() {
         return (StatusCode::OK, "ok\n".to_string());
     }
+    // A task of its own: a probe that hangs up while it asks must not take the answer the
+    // probes queued behind it wait for (they would ask again, each after the last).
+    tokio::spawn(latest_readiness(agent))
+        .await
+        .unwrap_or_else(|err| {
+            let why = format!("readiness failed: {err}\n");
+            (StatusCode::SERVICE_UNAVAILABLE, why)
+        })
+}
+
+/// The engine's answer to readiness, asked unless another came within [`READINESS_STANDS`].
+async fn latest_readiness(agent: Shared) -> Readiness {
     let mut last = agent.readiness.lock().await;
     if let Some((_, answer)) = last
         .as_ref()
@@ -356,7 +368,13 @@ impl SocketFile {
 }
 
 impl Drop for SocketFile {
+    /// Under the binding lock: a successor that finds the socket stale and binds its own
+    /// between the check and the removal would otherwise lose it. A successor holding the lock
+    /// replaces the stale socket itself.
     fn drop(&mut self) {
+        let Ok(_binding) = lock_binding(&self.path) else {
+            return;
+        };
         if self.is_still_ours() {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -446,15 +464,21 @@ fn bind(path: &Path) -> Result<(UnixListener, SocketFile), String> {
     // SAFETY: as above.
     unsafe { libc::umask(previous) };
     let listener = listener.map_err(|e| fail("cannot listen on", e))?;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| fail("cannot look at", e))?;
-    // From here on the file is ours: dropped on an error below, it is removed.
-    let file = SocketFile {
-        path: path.to_path_buf(),
-        id: file_id(&meta),
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| fail("cannot restrict", e))?;
-    Ok((listener, file))
+    // The file is ours (made just now, under the lock): on an error below, it is removed.
+    let restricted = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| fail("cannot restrict", e))
+        .and_then(|()| std::fs::symlink_metadata(path).map_err(|e| fail("cannot look at", e)));
+    match restricted {
+        Ok(meta) => {
+            let id = file_id(&meta);
+            let path = path.to_path_buf();
+            Ok((listener, SocketFile { path, id }))
+        }
+        Err(err) => {
+            let _ = std::fs::remove_file(path);
+            Err(err)
+        }
+    }
 }
 
 async fn shutdown() {
