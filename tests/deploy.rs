@@ -1524,25 +1524,28 @@ fn the_daemonset_runs_the_agent_unless_switched_off() {
         9200,
         "chart, custom",
     );
-    // An IPv6 host is written as an address with a port can be: in brackets.
-    let Some(v6) = render_chart("whereabouts", "kube-system", &["agent.listenHost=::"]) else {
-        return;
-    };
-    let agent = &named(&v6, "DaemonSet", "whereabouts")["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "agent")
-        .cloned()
-        .expect("the agent");
-    let command: Vec<String> = agent["command"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(text_of)
-        .collect();
-    let listen = command.iter().skip_while(|a| *a != "--listen").nth(1);
-    assert_eq!(listen.map(String::as_str), Some("[::]:9094"), "{command:?}");
+    // An IPv6 host is written as an address with a port can be: in brackets, given or not.
+    for host in ["::", "[::]"] {
+        let set = format!("agent.listenHost={host}");
+        let Some(v6) = render_chart("whereabouts", "kube-system", &[&set]) else {
+            return;
+        };
+        let ds = named(&v6, "DaemonSet", "whereabouts");
+        let agent = ds["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .expect("the agent");
+        let command: Vec<String> = agent["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(text_of)
+            .collect();
+        let listen = command.iter().skip_while(|a| *a != "--listen").nth(1);
+        assert_eq!(listen.map(String::as_str), Some("[::]:9094"), "{command:?}");
+    }
     let Some(off) = render_chart("whereabouts", "kube-system", &["agent.enabled=false"]) else {
         return;
     };

@@ -454,6 +454,16 @@ fn credentials_stay_with_their_endpoint() {
         "{msg}"
     );
     assert!(load(json!({"etcd_host": "https://mine:2379"})).is_ok());
+    // A user name is no secret: etcd's superuser is `root` on every cluster.
+    let (_dir, load) = untrusted(json!({"etcd_host": "https://etcd.admin:2379",
+        "etcd_username": "root", "etcd_password": "admin-secret",
+        "allow_inline_endpoints": true}));
+    let own = json!({"etcd_host": "https://mine:2379", "etcd_username": "root",
+        "etcd_password": "mine"});
+    match load(own).unwrap().datastore {
+        Datastore::Etcd(etcd) => assert_eq!(etcd.password.as_deref(), Some("mine")),
+        other => panic!("{other:?}"),
+    }
     let (_dir, load) = untrusted(json!({"datastore": "kubernetes",
         "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"}}));
     assert!(load(json!({"datastore": "local"}))

@@ -353,25 +353,28 @@ fn screen_etcd(
     Ok(())
 }
 
-/// Whether the inline `key` is the flat file's credential: the same text, or for the TLS
-/// files a path that reaches the same file (which `inline_only` lets through as the admin's
-/// own value, and another spelling of its folder as an allowed path).
+/// Whether the inline `key` is one of the flat file's TLS files: the same path, or one that
+/// reaches the same file (which `inline_only` lets through as the admin's own value, and
+/// another spelling of its folder as an allowed path). Their content is what the network
+/// configuration's author does not know; a user name or password written inline is known to
+/// whoever wrote it, whoever else uses it too (etcd's own superuser is `root` everywhere).
 fn names_admins_credential(
     inline: &Map<String, Value>,
     flat: &Map<String, Value>,
     key: &str,
 ) -> bool {
+    if !key.ends_with("_file") {
+        return false;
+    }
     let (Some(ours), Some(admins)) = (inline.get(key), flat.get(key)) else {
         return false;
     };
-    if is_unset(ours) || is_unset(admins) {
-        return false;
-    }
-    let same_path = match (ours.as_str(), admins.as_str()) {
-        (Some(a), Some(b)) if key.ends_with("_file") => same_file(Path::new(a), Path::new(b)),
+    match (ours.as_str(), admins.as_str()) {
+        (Some(a), Some(b)) if !is_unset(ours) && !is_unset(admins) => {
+            a == b || same_file(Path::new(a), Path::new(b))
+        }
         _ => false,
-    };
-    ours == admins || same_path
+    }
 }
 
 #[cfg(test)]
