@@ -355,6 +355,15 @@ fn a_pods_own_address_must_lie_within_range_start_and_range_end() {
     );
     let r = net.call("ADD", "d", "eth0", "IgnoreUnknown=1;IP=10.27.0.2/24");
     assert_eq!(ips(&r.ok()), ["10.27.0.2/24"]);
+
+    // A range inside another's CIDR, with a window of its own: the address is its.
+    let net = Net::local(json!({"ipRanges": [
+        {"range": "10.28.0.0/16", "range_start": "10.28.0.10", "range_end": "10.28.0.50"},
+        {"range": "10.28.5.0/24", "range_start": "10.28.5.100", "range_end": "10.28.5.200"}]}));
+    let mut conf = net.conf.clone();
+    conf["args"] = json!({"cni": {"ips": ["10.28.5.150/24"]}});
+    let r = call_with(&conf, "ADD", "e", "eth0", "").ok();
+    assert!(ips(&r).contains(&"10.28.5.150/24".to_string()), "{r}");
 }
 
 /// Outside every range, the pod's own address is refused, or a pod could take its segment's

@@ -112,6 +112,23 @@ pub struct Placement {
     pub outside: Vec<StaticAddress>,
 }
 
+/// The range a static address is placed in: the first that contains it; for a pod's own
+/// address, the first whose `range_start..range_end` holds it, if one does (two ranges of one
+/// network may share a CIDR, each with its own window).
+fn range_of(ranges: &[RangeRequest], ip: IpAddr, pods_own: bool) -> Option<usize> {
+    let window_holds = |r: &RangeRequest| {
+        let range = &r.pool.range;
+        range
+            .cidr
+            .offset_of(ip)
+            .is_some_and(|offset| (range.first..=range.last).contains(&offset))
+    };
+    let in_window = pods_own
+        .then(|| ranges.iter().position(window_holds))
+        .flatten();
+    in_window.or_else(|| ranges.iter().position(|r| r.pool.cidr().contains(ip)))
+}
+
 pub fn place_statics(pools: Vec<PoolRef>, statics: Vec<Requested>) -> Result<Placement, CniError> {
     let mut ranges: Vec<RangeRequest> = pools
         .into_iter()
@@ -129,7 +146,7 @@ pub fn place_statics(pools: Vec<PoolRef>, statics: Vec<Requested>) -> Result<Pla
         pods_own,
     } in statics
     {
-        match ranges.iter_mut().position(|r| r.pool.cidr().contains(ip)) {
+        match range_of(&ranges, ip, pods_own) {
             Some(at) => {
                 let slot = &mut ranges[at];
                 gateways[at] = gateway.or(gateways[at]);
