@@ -9,8 +9,8 @@
 # directory as `whereabouts`: the plugin-only build when the node agent serves the plugin (as the
 # manifest and the chart set it up), this same binary when it does not. A static binary (glibc
 # linked in with crt-static) runs on any host, whatever its libc. hack/images/build writes the
-# same image (one layer, the same entrypoint and command) from the same build command, as an OCI
-# archive, where there is no Docker engine.
+# same image (one layer, the same entrypoint and command) from the same build command for x86_64
+# (the test machines'), as an OCI archive, where there is no Docker engine.
 
 ARG RUST_VERSION=1.95
 

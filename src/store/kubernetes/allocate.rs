@@ -1200,10 +1200,10 @@ impl Engine {
         match self.kube.replace_reservation(&update).await {
             Ok(updated) => Ok(Some(updated)),
             Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => Ok(None),
-            // A ClusterRole from before reservations were taken over (not applied yet): kept
-            // as it is, as then, rather than failing every ADD of the pod.
+            // Rules from before reservations were taken over (not applied yet): kept as it
+            // is, as then, rather than failing every ADD of the pod.
             Err(ApiError::Refused(why)) => {
-                tracing::warn!(%why, "cannot take a reservation over: the node's ClusterRole lacks update of reservations; apply the manifest again");
+                tracing::warn!(%why, "cannot take a reservation over: the plugin's Role lacks update of reservations; apply the manifest again");
                 Ok(Some(found))
             }
             Err(err) => Err(err.into()),

@@ -1059,7 +1059,20 @@ mod tests {
             Some(long_ago.as_second())
         );
         let now = jiff::Timestamp::now().as_second();
-        let taken = reservation::taken_over(&found, &Attachment::default());
+        let mut taken = reservation::taken_over(&found, &Attachment::default());
+        let created = Unbacked::of(taken.clone()).unwrap().created.unwrap();
+        assert!((now - created).abs() <= 5, "{created} is not about {now}");
+
+        // Stamped by a node whose clock is an hour behind: the server's time of the write
+        // counts.
+        let behind = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)).to_string();
+        let annotations = taken.metadata.annotations.as_mut().unwrap();
+        annotations.insert(reservation::TAKEN_OVER_AT.into(), behind);
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
+        taken.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            time: Some(Time(jiff::Timestamp::now())),
+            ..Default::default()
+        }]);
         let created = Unbacked::of(taken).unwrap().created.unwrap();
         assert!((now - created).abs() <= 5, "{created} is not about {now}");
     }

@@ -90,15 +90,25 @@ pub fn taken_over(
 }
 
 /// When the reservation was last given its holder, in seconds: made, or taken over since.
+/// A take-over is dated by its stamp (the node's clock) and, where the server records one, by
+/// the time of the object's last write (the server's): a node's clock behind the sweeper's
+/// does not make a fresh take-over look old.
 pub fn held_since(reservation: &OverlappingRangeIPReservation) -> Option<i64> {
     let meta = &reservation.metadata;
     let created = meta.creation_timestamp.as_ref().map(|t| t.0.as_second());
-    let taken_over = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(TAKEN_OVER_AT)?.parse::<jiff::Timestamp>().ok())
-        .map(|t| t.as_second());
-    created.max(taken_over)
+    let annotations = meta.annotations.as_ref();
+    let Some(stamp) = annotations.and_then(|a| a.get(TAKEN_OVER_AT)) else {
+        return created;
+    };
+    let stamped = stamp.parse::<jiff::Timestamp>().ok().map(|t| t.as_second());
+    let written = meta
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|entry| entry.time.as_ref())
+        .map(|time| time.0.as_second())
+        .max();
+    created.max(stamped).max(written)
 }
 
 /// Whether reservation `name` is one of `ip` (in whichever network: the name ends with the
