@@ -160,6 +160,10 @@ fn values_hidden(err: ConfigError, from_flat: &[String], flat: &Map<String, Valu
     for key in from_flat {
         texts_in(&flat[key], &mut filled_texts);
     }
+    // Addresses and ranges are shown as parsed, which need not be as written (`10.77.0.0/16`
+    // for `10.77.5.5/16`, `10.0.0.5` for `010.0.0.5`).
+    let parsed: Vec<String> = filled_texts.iter().flat_map(|t| as_parsed(t)).collect();
+    filled_texts.extend(parsed);
     let shows_a_value = filled_texts
         .iter()
         .any(|t| t.len() >= 3 && msg.contains(t.as_str()));
@@ -178,6 +182,21 @@ fn values_hidden(err: ConfigError, from_flat: &[String], flat: &Map<String, Valu
         "{} (a field of this configuration comes from the flat file: values not shown)",
         without_values(&msg)
     ))
+}
+
+/// The forms an error may show `text` in once parsed as an address or a range.
+fn as_parsed(text: &str) -> Vec<String> {
+    if let Some(ip) = parse_ip(text) {
+        return vec![ip.to_string()];
+    }
+    match Cidr::parse(text, false) {
+        Some(cidr) => vec![
+            cidr.to_string(),
+            cidr.network().to_string(),
+            cidr.addr.to_string(),
+        ],
+        None => Vec::new(),
+    }
 }
 
 /// The strings and numbers in `value`, as text.

@@ -628,6 +628,10 @@ fn refusals_never_show_the_flat_files_values() {
         msg.contains("ipam.log_level") && !msg.contains("admin-level"),
         "{msg}"
     );
+    // Shown as parsed, which is not as written.
+    let (_dir, load) = untrusted(json!({"exclude": ["10.77.5.5/16"]}));
+    let msg = load(json!({"range": "fd00::/64"})).unwrap_err();
+    assert!(!msg.contains("10.77"), "{msg}");
     // A refusal of the network configuration's own values shows them.
     let (_dir, load) = untrusted(json!({"log_level": "error"}));
     let msg = load(json!({"range": "10.88.0.0/33"})).unwrap_err();
