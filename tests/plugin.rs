@@ -247,6 +247,37 @@ fn gc_releases_what_is_not_valid() {
     }
 }
 
+/// A list of valid attachments written as `null` (what a runtime written in Go sends for a
+/// network with no pod left on the node: a nil list) names none: everything of the network
+/// goes, as with `[]`.
+#[test]
+fn gc_with_a_null_list_releases_everything_of_the_network() {
+    let mut net = Net::local(json!({"range": "10.29.0.0/24"}));
+    net.add("a", "eth0").ok();
+    net.conf["cni.dev/valid-attachments"] = serde_json::Value::Null;
+    net.call("GC", "", "", "").ok_empty();
+    net.conf
+        .as_object_mut()
+        .unwrap()
+        .remove("cni.dev/valid-attachments");
+    assert_eq!(ips(&net.add("b", "eth0").ok()), ["10.29.0.1/24"]);
+}
+
+/// A pod's own `cni-args` that do not read (Multus passes them on unchecked) fail its ADD,
+/// never its DEL: what it holds is released.
+#[test]
+fn unreadable_static_addresses_fail_the_add_but_not_the_del() {
+    let net = Net::local(json!({"range": "10.30.0.0/24"}));
+    net.add("a", "eth0").ok();
+    let mut conf = net.conf.clone();
+    conf["args"] = json!({"cni": {"ips": "10.30.0.5"}});
+    let reply = call_with(&conf, "ADD", "b", "eth0", "");
+    assert_eq!(reply.err_code(), 6, "{reply:?}");
+    assert!(reply.msg().contains("args.cni.ips"), "{reply:?}");
+    call_with(&conf, "DEL", "a", "eth0", "").ok_empty();
+    assert_eq!(ips(&net.add("c", "eth0").ok()), ["10.30.0.1/24"]);
+}
+
 #[test]
 fn gc_and_status_need_1_1_0_and_check_0_4_0() {
     let mut net = Net::local(json!({"range": "10.21.0.0/24"}));

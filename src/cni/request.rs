@@ -227,6 +227,10 @@ pub struct NetConf {
     /// Static addresses from `args.cni.ips` (Multus passes the pod's `cni-args` there, whatever
     /// the network configuration says).
     pub arg_ips: Vec<String>,
+    /// Why `requested_ips` or `arg_ips` could not be read (both then empty): an error of the
+    /// ADD that uses them only. A DEL must still release what the pod holds, whatever its own
+    /// `cni-args` (which Multus passes on unchecked) say.
+    pub static_ips_error: Option<CniError>,
     /// `cni.dev/valid-attachments` (or the older `cni.dev/attachments`) of a GC.
     pub valid_attachments: Option<Vec<(String, String)>>,
     /// The addresses of `prevResult` (CNI 0.3.0 and later), which runtimes pass on DEL: at
@@ -242,7 +246,9 @@ fn valid_attachments(map: &Map<String, Value>) -> Result<Option<Vec<(String, Str
         .get("cni.dev/valid-attachments")
         .or_else(|| map.get("cni.dev/attachments"));
     let items = match attachments {
-        None | Some(Value::Null) => return Ok(None),
+        None => return Ok(None),
+        // What a runtime writing Go sends for no attachment at all (a nil list): none valid.
+        Some(Value::Null) => return Ok(Some(Vec::new())),
         Some(Value::Array(items)) => items,
         Some(other) => {
             return Err(decode_error(format!(
@@ -321,16 +327,21 @@ impl NetConf {
                     .map_err(|e| decode_error(format!("{what} must be a list of strings: {e}"))),
             }
         };
-        let requested_ips = strings(
+        let static_ips = strings(
             map.get("runtimeConfig").and_then(|r| r.get("ips")),
             "runtimeConfig.ips",
-        )?;
-        let arg_ips = strings(
-            map.get("args")
-                .and_then(|a| a.get("cni"))
-                .and_then(|c| c.get("ips")),
-            "args.cni.ips",
-        )?;
+        )
+        .and_then(|requested| {
+            let args = map.get("args").and_then(|a| a.get("cni"));
+            Ok((
+                requested,
+                strings(args.and_then(|c| c.get("ips")), "args.cni.ips")?,
+            ))
+        });
+        let (requested_ips, arg_ips, static_ips_error) = match static_ips {
+            Ok((requested, args)) => (requested, args, None),
+            Err(err) => (Vec::new(), Vec::new(), Some(err)),
+        };
         Ok(NetConf {
             cni_version: string("cniVersion")?,
             cni_versions: strings(map.get("cniVersions"), "cniVersions")?,
@@ -338,6 +349,7 @@ impl NetConf {
             ipam: map.get("ipam").filter(|v| !v.is_null()).cloned(),
             requested_ips,
             arg_ips,
+            static_ips_error,
             valid_attachments: valid_attachments(map)?,
             prev_ips: prev_result_ips(map.get("prevResult")),
         })

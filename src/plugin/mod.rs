@@ -201,6 +201,9 @@ fn attachment(env: &CniEnv) -> Result<Attachment, CniError> {
 
 /// Static addresses of the call: `addresses`, CNI_ARGS `IP=` and `runtimeConfig.ips`.
 fn statics(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig) -> Result<Vec<Requested>, CniError> {
+    if let Some(err) = &conf.static_ips_error {
+        return Err(err.clone());
+    }
     let mut out: Vec<Requested> = cfg
         .addresses
         .iter()
