@@ -175,7 +175,10 @@ fn gc_refuses_to_free_everything_unless_forced() {
     };
     let gone = s.pod("gone", None);
     let other = s.pod("other-gone", None);
-    assert_refused(&s.cli(&["gc"], true), "refusing to free every address");
+    assert_refused(
+        &s.cli(&["gc"], true),
+        "refusing to free addresses of pods not found",
+    );
     assert_eq!(s.addresses().len(), 2);
     // A dry run lists them all: what the check stops.
     let dry = s.cli(&["gc", "--dry-run", "-o", "json"], true).ok();
@@ -231,6 +234,24 @@ fn release_frees_the_address_of_a_gone_pod() {
     assert_eq!(s.addresses(), vec![pending]);
 }
 
+/// Not one pod the store names exists where pods are read: the pod of the address asked
+/// for is not taken for gone (every pod is "gone" in another cluster) unless forced.
+#[test]
+fn release_refuses_a_pod_not_found_where_no_pod_is_found() {
+    let Some(s) = setup("release-refuses-where-no-pod-is-found") else {
+        return;
+    };
+    let gone = s.pod("gone", None);
+    let reply = s.cli(&["release", &gone], true);
+    assert_refused(&reply, "refusing to free addresses of pods not found");
+    assert_eq!(s.addresses(), vec![gone.clone()]);
+    let forced = s
+        .cli(&["release", &gone, "--force", "-o", "json"], true)
+        .ok();
+    assert_eq!(forced[0]["reason"], "release: pod no longer exists");
+    assert!(s.addresses().is_empty());
+}
+
 #[test]
 fn release_without_pod_information_needs_force() {
     let Some(s) = setup("release-without-pod-information-needs-fo") else {
@@ -277,6 +298,19 @@ fn release_errors_are_one_clear_line() {
         Reply::from(out)
     };
     assert_refused(&reply, "cannot read kubeconfig");
+    // Forced, a pod state that cannot be read does not stand in the way, as --force says.
+    let mut cmd = common::operator();
+    cmd.args(["release", &held, "--force", "--config"])
+        .arg(&s.conf)
+        .arg("--pod-kubeconfig")
+        .arg(missing);
+    let forced = Reply::from(cmd.output().unwrap());
+    assert_eq!(forced.code, 0, "{forced:?}");
+    assert!(
+        forced.stdout.contains("forced: pod state unreadable"),
+        "{forced:?}"
+    );
+    assert!(s.addresses().is_empty());
 }
 
 mod etcd_cluster;

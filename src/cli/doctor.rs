@@ -76,7 +76,8 @@ finding_row!(etcd::doctor::Finding);
 /// Prints the findings; fails (exit status 1) while any remains unfixed.
 pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let cfg = args.store.ipam()?;
-    let failed = |e: crate::store::StoreError| anyhow::anyhow!("{e}");
+    // The error keeps its causes (a refusal's "forbidden: cannot list ippools", a TLS failure).
+    let failed = anyhow::Error::new::<crate::store::StoreError>;
     match &cfg.datastore {
         Datastore::Kubernetes(k8s) => {
             let orphan_age = std::time::Duration::from_secs(args.orphan_age);

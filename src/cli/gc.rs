@@ -106,9 +106,10 @@ pub fn rows(args: &GcArgs, store: &dyn Store, cfg: &IpamConfig) -> anyhow::Resul
     Ok(out)
 }
 
-/// Refuses a sweep in which not one pod the allocations name exists: the pods were most likely
-/// read from another cluster (a kubeconfig's other context), and every address would go.
-fn pods_from_this_cluster(
+/// Refuses a sweep (or a release) in which not one pod the allocations name exists: the pods
+/// were most likely read from another cluster (a kubeconfig's other context), and every
+/// address would go.
+pub(super) fn pods_from_this_cluster(
     allocations: &[Allocation],
     pods: &HashMap<String, PodState>,
 ) -> anyhow::Result<()> {
@@ -120,9 +121,9 @@ fn pods_from_this_cluster(
         return Ok(());
     }
     anyhow::bail!(
-        "refusing to free every address: not one of the {} pods the allocations name exists \
-         where pods were read (a kubeconfig of another cluster?); check --pod-kubeconfig and \
-         $KUBECONFIG, or give --force if they are all gone",
+        "refusing to free addresses of pods not found: not one of the {} pods the allocations \
+         name exists where pods were read (a kubeconfig of another cluster?); check \
+         --pod-kubeconfig and $KUBECONFIG, or give --force if they are all gone",
         named.len()
     )
 }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::gc::ClusterArgs;
+use super::gc::{pods_from_this_cluster, ClusterArgs};
 use super::output::{print, OutputArgs};
 use super::store_args::StoreArgs;
 use crate::cleanup::judge::{judge, Verdict};
@@ -48,8 +48,11 @@ pub fn release(args: &ReleaseArgs) -> anyhow::Result<ReleaseRow> {
     let ip: IpAddr = parse_ip(&args.address)
         .ok_or_else(|| anyhow::anyhow!("{:?} is not an IP address", args.address))?;
     let (cfg, store) = args.store.open()?;
-    let allocation = held(store.as_ref(), args.pool.as_deref(), ip)?;
-    let reason = reason(args, &cfg, &allocation)?;
+    let allocations = store
+        .allocations(args.pool.as_deref())
+        .map_err(anyhow::Error::new)?;
+    let allocation = held(&allocations, args.pool.as_deref(), ip)?;
+    let reason = reason(args, &cfg, &allocation, &allocations)?;
     let released = release_judged(store.as_ref(), &allocation)?;
     Ok(ReleaseRow {
         address: released.ip.to_string(),
@@ -73,14 +76,9 @@ fn release_judged(store: &dyn Store, allocation: &Allocation) -> anyhow::Result<
     })
 }
 
-/// The one allocation of `ip` (in `pool`, when given).
-fn held(store: &dyn Store, pool: Option<&str>, ip: IpAddr) -> anyhow::Result<Allocation> {
-    let held: Vec<_> = store
-        .allocations(pool)
-        .map_err(anyhow::Error::new)?
-        .into_iter()
-        .filter(|l| l.ip == ip)
-        .collect();
+/// The one allocation of `ip` among `allocations` (of `pool`, when given).
+fn held(allocations: &[Allocation], pool: Option<&str>, ip: IpAddr) -> anyhow::Result<Allocation> {
+    let held: Vec<_> = allocations.iter().filter(|l| l.ip == ip).cloned().collect();
     match held.as_slice() {
         [] => match pool {
             Some(pool) => anyhow::bail!("{ip} is not allocated in pool {pool}"),
@@ -99,19 +97,21 @@ fn held(store: &dyn Store, pool: Option<&str>, ip: IpAddr) -> anyhow::Result<All
 
 /// Why `allocation` may be released: its pod's state says so, or `--force`; an error naming
 /// the pod when neither does.
-fn reason(args: &ReleaseArgs, cfg: &IpamConfig, allocation: &Allocation) -> anyhow::Result<String> {
+fn reason(
+    args: &ReleaseArgs,
+    cfg: &IpamConfig,
+    allocation: &Allocation,
+    allocations: &[Allocation],
+) -> anyhow::Result<String> {
     let ip = allocation.ip;
     let pod = allocation.attachment.pod_ref.clone().unwrap_or_default();
     let verdict = match cluster_source(args.cluster.pod_kubeconfig.as_deref(), cfg) {
         None => None,
-        Some(source) => {
-            let reader = PodReader::open(source, cfg.trust.insecure_tls)?;
-            let alive = match allocation.attachment.pod_ref.as_deref() {
-                Some(r) => reader.get(r).map_err(|e| anyhow::anyhow!(e))?,
-                None => None,
-            };
-            Some(judge(allocation, alive.as_ref()))
-        }
+        Some(source) => match pod_verdict(source, cfg, allocation, allocations, args.force) {
+            Ok(verdict) => Some(verdict),
+            Err(err) if args.force => return Ok(format!("forced: pod state unreadable: {err:#}")),
+            Err(err) => return Err(err),
+        },
     };
     Ok(match (&verdict, args.force) {
         (Some(v @ Verdict::Release(_)), _) => v.to_string(),
@@ -129,6 +129,28 @@ fn reason(args: &ReleaseArgs, cfg: &IpamConfig, allocation: &Allocation) -> anyh
             if pod.is_empty() { "(none recorded)" } else { &pod }
         ),
     })
+}
+
+/// What the pod of `allocation` says, read from `source`. A pod not found is taken for gone
+/// only where some pod the store names exists (unless `force`): otherwise the pods were most
+/// likely read from another cluster, where every pod is "gone".
+fn pod_verdict(
+    source: crate::k8s::cluster::Access,
+    cfg: &IpamConfig,
+    allocation: &Allocation,
+    allocations: &[Allocation],
+    force: bool,
+) -> anyhow::Result<Verdict> {
+    let reader = PodReader::open(source, cfg.trust.insecure_tls)?;
+    let alive = match allocation.attachment.pod_ref.as_deref() {
+        Some(r) => reader.get(r).map_err(|e| anyhow::anyhow!(e))?,
+        None => None,
+    };
+    if alive.is_none() && !force {
+        let pods = reader.list().map_err(|e| anyhow::anyhow!(e))?;
+        pods_from_this_cluster(allocations, &pods)?;
+    }
+    Ok(judge(allocation, alive.as_ref()))
 }
 
 pub fn run(args: ReleaseArgs) -> anyhow::Result<()> {
@@ -206,7 +228,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::local::open(&dir.path().join("db")).unwrap();
         let ip = add(store.as_ref(), "old", "ns/old");
-        let judged = held(store.as_ref(), None, ip).unwrap();
+        let judged = held(&store.allocations(None).unwrap(), None, ip).unwrap();
         // Meanwhile the old pod's DEL frees the address and a new pod takes it.
         store.release(&judged.pool, ip, None).unwrap();
         assert_eq!(add(store.as_ref(), "new", "ns/new"), ip);
@@ -214,11 +236,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("another pod"), "{msg}");
-        let now = held(store.as_ref(), None, ip).unwrap();
+        let now = held(&store.allocations(None).unwrap(), None, ip).unwrap();
         assert_eq!(now.attachment.container_id, "new");
         // Still held by the one judged, it goes.
         assert_eq!(release_judged(store.as_ref(), &now).unwrap().ip, ip);
-        assert!(held(store.as_ref(), None, ip).is_err());
+        assert!(held(&store.allocations(None).unwrap(), None, ip).is_err());
     }
 
     /// A dual-stack pod's IPv4 address released by hand: its IPv6 address stays (the pod still
@@ -228,9 +250,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::local::open(&dir.path().join("db")).unwrap();
         let got = add_in(store.as_ref(), &["10.9.0.0/29", "fd09::/125"], "c", "ns/p");
-        let judged = held(store.as_ref(), None, got[0]).unwrap();
+        let judged = held(&store.allocations(None).unwrap(), None, got[0]).unwrap();
         assert_eq!(release_judged(store.as_ref(), &judged).unwrap().ip, got[0]);
-        let left = held(store.as_ref(), None, got[1]).unwrap();
+        let left = held(&store.allocations(None).unwrap(), None, got[1]).unwrap();
         assert_eq!(left.attachment.container_id, "c");
     }
 }
