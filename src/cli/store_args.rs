@@ -95,11 +95,23 @@ impl StoreArgs {
             }
             None => json!({"type": "whereabouts"}),
         };
+        // A flag's key replaces the file's in whatever case it is written there.
         let set = |ipam: &mut Value, key: &str, value: Value| {
-            ipam[key] = value;
+            if let Some(map) = ipam.as_object_mut() {
+                map.retain(|k, _| !config::same_key(k, key));
+                map.insert(key.to_string(), value);
+            }
         };
-        if let Some(d) = &self.datastore {
-            set(&mut ipam, "datastore", d.as_str().into());
+        // A store flag alone names its engine, over the engine the file or the flat file names
+        // (the installer's flat file always says "kubernetes").
+        let implied = match (&self.local_path, &self.kubeconfig, &self.etcd_host) {
+            (Some(_), None, None) => Some("local"),
+            (None, Some(_), None) => Some("kubernetes"),
+            (None, None, Some(_)) => Some("etcd"),
+            _ => None,
+        };
+        if let Some(d) = self.datastore.as_deref().or(implied) {
+            set(&mut ipam, "datastore", d.into());
         }
         if let Some(p) = &self.local_path {
             set(&mut ipam, "local_path", p.to_string_lossy().into());
@@ -118,5 +130,39 @@ impl StoreArgs {
         let cfg = self.ipam()?;
         let store = store::open_for_operator(&cfg).map_err(anyhow::Error::new)?;
         Ok((cfg, store))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store flag alone selects its engine over a file naming another (the installer's flat
+    /// file names kubernetes), whatever the case of the file's keys; --datastore wins over it.
+    #[test]
+    fn a_store_flag_names_its_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("net.conf");
+        let file = json!({"type": "whereabouts", "Datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"}});
+        std::fs::write(&conf, file.to_string()).unwrap();
+        let local = StoreArgs {
+            config: Some(conf.clone()),
+            local_path: Some(dir.path().join("old.db")),
+            ..StoreArgs::default()
+        };
+        let cfg = local.ipam().unwrap();
+        assert!(
+            matches!(cfg.datastore, Datastore::Local { .. }),
+            "{:?}",
+            cfg.datastore
+        );
+        let etcd = StoreArgs {
+            config: Some(conf),
+            etcd_host: Some("https://etcd.example:2379".into()),
+            datastore: Some("kubernetes".into()),
+            ..StoreArgs::default()
+        };
+        assert_eq!(etcd.ipam_object().unwrap()["datastore"], "kubernetes");
     }
 }
