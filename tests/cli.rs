@@ -116,8 +116,12 @@ fn pools_and_allocations_on_the_local_store() {
         ipam(json!({"local_path": dir.path().join("wb.db")})),
     );
     check_listings(&conf, &got);
-    // Flags override the file: another database is empty.
+    // Flags override the file: another database (made by a plugin's STATUS) is empty.
     let other = dir.path().join("other.db");
+    let mut status = json!({"cniVersion": "1.1.0", "name": "clinet", "type": "bridge",
+        "ipam": ipam(json!({"local_path": other}))});
+    status["ipam"]["type"] = "whereabouts".into();
+    call_with(&status, "STATUS", "", "", "").ok_empty();
     let empty = cli(
         &conf,
         &[
@@ -159,6 +163,24 @@ fn cli_errors_are_one_line_and_non_zero() {
     assert_ne!(reply.code, 0);
     assert_eq!(reply.stderr.trim().lines().count(), 1, "{reply:?}");
     assert!(reply.stderr.contains("etcd_host"), "{reply:?}");
+    // A local database that is not there (a mistyped path) is no empty store: nothing made.
+    let typo = dir.path().join("typo/whereabouts.db");
+    let conf = dir.path().join("local.conf");
+    let ipam = json!({"ipam": {"type": "whereabouts", "range": "10.0.0.0/24", "local_path": typo}});
+    std::fs::write(&conf, ipam.to_string()).unwrap();
+    for command in ["allocations", "pools", "gc", "release"] {
+        let mut args = vec![command];
+        if command == "release" {
+            args.push("10.0.0.1");
+        }
+        let reply = cli(&conf, &args);
+        assert_ne!(reply.code, 0, "{command}: {reply:?}");
+        assert!(
+            reply.stderr.contains("no local database"),
+            "{command}: {reply:?}"
+        );
+    }
+    assert!(!typo.parent().unwrap().exists());
 }
 
 /// [`populate`] on a 3-member etcd cluster of its own: the cluster, the folder, the file and

@@ -128,6 +128,17 @@ impl StoreArgs {
     /// The configuration and its store.
     pub fn open(&self) -> anyhow::Result<(IpamConfig, Box<dyn Store>)> {
         let cfg = self.ipam()?;
+        // The commands look at a node's database: one that is not there (a mistyped path, a
+        // flat file not found) is an error, not an empty store made on the spot that reads
+        // "nothing allocated".
+        if let Datastore::Local { path } = &cfg.datastore {
+            if std::fs::symlink_metadata(path).is_err() {
+                anyhow::bail!(
+                    "no local database at {} (--local-path, else the flat file's local_path)",
+                    path.display()
+                );
+            }
+        }
         let store = store::open_for_operator(&cfg).map_err(anyhow::Error::new)?;
         Ok((cfg, store))
     }
