@@ -56,6 +56,9 @@ fn check_listings(conf: &Path, got: &[String]) {
         .unwrap()
         .iter()
         .all(|r| r["address"].as_str().unwrap().starts_with("10.90.0.")));
+    // A wider block holds them too (a node-sliced range's addresses are in its slices' pools).
+    let wider = cli(conf, &["allocations", "10.90.0.0/16", "-o", "json"]).ok();
+    assert_eq!(wider, v4);
     let by_name = cli(conf, &["allocations", "fd90---120", "-o", "json"]).ok();
     assert_eq!(by_name.as_array().unwrap().len(), 3, "{by_name}");
     // The table names its columns and every address.

@@ -9,7 +9,8 @@ use crate::store::Allocation;
 
 #[derive(clap::Args, Debug)]
 pub struct AllocationsArgs {
-    /// Only this range (a CIDR) or pool (its name).
+    /// Only the addresses inside this CIDR (a range, a node's slice of it, a wider block), or
+    /// of this pool (its name).
     pub range: Option<String>,
     #[command(flatten)]
     pub store: StoreArgs,
@@ -42,12 +43,13 @@ impl From<Allocation> for AllocationRow {
     }
 }
 
-/// Whether `allocation` belongs to `filter` (a CIDR or a pool name).
+/// Whether `allocation` belongs to `filter` (a CIDR holding its address, or its pool's name):
+/// a node-sliced range's addresses are in pools of the slices, each of its own range.
 fn selected(allocation: &Allocation, filter: Option<&(String, Option<Cidr>)>) -> bool {
     match filter {
         None => true,
         Some((name, cidr)) => {
-            allocation.pool == *name || cidr.is_some_and(|c| c == allocation.range.network())
+            allocation.pool == *name || cidr.is_some_and(|c| c.network().contains(allocation.ip))
         }
     }
 }
