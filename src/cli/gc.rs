@@ -102,7 +102,10 @@ pub fn rows(args: &GcArgs, store: &dyn Store, cfg: &IpamConfig) -> anyhow::Resul
         };
         out.push(done);
     }
-    out.sort_by_key(|r| (r.pool.clone(), r.address.clone()));
+    // In address order, as `allocations` lists them (10.0.0.9 before 10.0.0.10).
+    let numeric =
+        |r: &GcRow| crate::ipam::addr::parse_ip(&r.address).map(crate::ipam::addr::to_u128);
+    out.sort_by_key(|r| (r.pool.clone(), numeric(r)));
     Ok(out)
 }
 
