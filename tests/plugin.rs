@@ -223,6 +223,25 @@ fn check_fails_when_nothing_is_recorded() {
     assert!(reply.msg().contains("10.18.0.0/24"));
 }
 
+/// CHECK consults prevResult, as the CNI specification asks: an address the runtime was given
+/// inside a configured range must still be the attachment's; others (a static address outside
+/// every range, another plugin's) are not this plugin's to check.
+#[test]
+fn check_compares_the_addresses_of_prev_result() {
+    let net = Net::local(json!({"range": "10.31.0.0/24"}));
+    net.add("a", "eth0").ok();
+    let with_prev = |addresses: &[&str]| {
+        let mut conf = net.conf.clone();
+        let ips: Vec<_> = addresses.iter().map(|a| json!({"address": a})).collect();
+        conf["prevResult"] = json!({"cniVersion": "1.1.0", "ips": ips});
+        call_with(&conf, "CHECK", "a", "eth0", "")
+    };
+    with_prev(&["10.31.0.1/24", "192.0.2.7/24"]).ok_empty();
+    let reply = with_prev(&["10.31.0.9/24"]);
+    assert_eq!(reply.err_code(), 102, "{reply:?}");
+    assert!(reply.msg().contains("10.31.0.9"), "{reply:?}");
+}
+
 #[test]
 fn gc_releases_what_is_not_valid() {
     for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {

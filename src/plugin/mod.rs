@@ -410,6 +410,20 @@ fn check(env: &CniEnv, conf: &NetConf, cfg: &IpamConfig, open: Opener) -> Result
             ));
         }
     }
+    // The runtime's prevResult says which addresses the container was given: each inside a
+    // configured range must still be this attachment's (a repeated ADD may have moved it).
+    let in_ranges = |ip: &std::net::IpAddr| req.pools.iter().any(|p| p.cidr().contains(*ip));
+    for ip in conf.prev_ips.iter().filter(|ip| in_ranges(ip)) {
+        if !allocations.iter().any(|l| l.ip == *ip) {
+            return Err(CniError::new(
+                code::NOT_RECORDED,
+                format!(
+                    "{ip} of prevResult is not recorded for container {} interface {}",
+                    req.container_id, req.ifname
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
