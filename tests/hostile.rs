@@ -100,26 +100,35 @@ struct Container {
 
 impl Container {
     fn start(dir: &std::path::Path, file: &str, content: &str) -> Option<Container> {
-        let tools = ["unshare", "pivot_root", "busybox"];
-        if unsafe { libc::geteuid() } != 0 || tools.iter().any(|t| which(t).is_none()) {
+        let runs = |tool: &str, arg: &str| {
+            let mut command = std::process::Command::new(tool);
+            command.arg(arg);
+            command.stdout(std::process::Stdio::null());
+            command.stderr(std::process::Stdio::null());
+            command.status().is_ok_and(|s| s.success())
+        };
+        // SAFETY: geteuid reads the process's user id; it has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let tools = runs("unshare", "--version")
+            && runs("pivot_root", "--version")
+            && runs("busybox", "true");
+        if !root || !tools {
             missing_prerequisite(
                 "root, unshare, pivot_root and busybox (util-linux, busybox-static)",
             );
             return None;
         }
-        let (root, pid_file) = (dir.join("root"), dir.join("pid"));
+        let (root, pid_file, source) = (dir.join("root"), dir.join("pid"), dir.join("content"));
         std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(&source, content).unwrap();
+        let inside = file.trim_start_matches('/');
         let script = format!(
             "set -e; mount -t tmpfs none {root}; cd {root}; mkdir -p old {folder}; \
-             cp {busybox} busybox; printf '%s' '{content}' > {file}; echo $$ > {pid}; \
+             cp \"$(command -v busybox)\" busybox; cp {source} {inside}; echo $$ > {pid}; \
              pivot_root . old; exec /busybox sleep 600",
             root = root.display(),
-            folder = std::path::Path::new(file.trim_start_matches('/'))
-                .parent()
-                .unwrap()
-                .display(),
-            busybox = which("busybox").unwrap().display(),
-            file = file.trim_start_matches('/'),
+            folder = std::path::Path::new(inside).parent().unwrap().display(),
+            source = source.display(),
             pid = pid_file.display(),
         );
         let mut container = Container {
@@ -161,14 +170,6 @@ impl Drop for Container {
         let _ = self.unshare.kill();
         let _ = self.unshare.wait();
     }
-}
-
-fn which(tool: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .map(|dir| dir.join(tool))
-        .find(|path| path.is_file())
 }
 
 /// `configuration_path` through `/proc/<pid>/root`: from another mount namespace that link
