@@ -37,9 +37,14 @@ pub fn socket_path(cfg: &IpamConfig) -> PathBuf {
 /// The file a plugin leaves next to the socket when it found no agent, so that it says so once
 /// per outage; the agent removes it when it starts serving.
 pub fn fallback_marker(socket: &Path) -> PathBuf {
-    let mut marker = socket.as_os_str().to_owned();
-    marker.push(".fallback");
-    PathBuf::from(marker)
+    beside(socket, ".fallback")
+}
+
+/// A file next to the socket: its path with `suffix` added.
+fn beside(socket: &Path, suffix: &str) -> PathBuf {
+    let mut path = socket.as_os_str().to_owned();
+    path.push(suffix);
+    PathBuf::from(path)
 }
 
 /// What `whereabouts agent` runs with.

@@ -423,9 +423,7 @@ fn connect_within(path: &Path, limit: Duration) -> std::io::Result<()> {
 /// finds that agent serving.
 fn lock_binding(socket: &Path) -> Result<std::fs::File, String> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut path = socket.as_os_str().to_owned();
-    path.push(".lock");
-    let path = PathBuf::from(path);
+    let path = super::beside(socket, ".lock");
     let lock = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
