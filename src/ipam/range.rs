@@ -154,7 +154,12 @@ impl Range {
 
     /// Whether `offset` may be handed out by the dynamic choice.
     pub fn is_usable(&self, offset: u128) -> bool {
-        offset >= self.first && offset <= self.last && !self.blocked.contains(offset)
+        self.within(offset) && !self.blocked.contains(offset)
+    }
+
+    /// Whether `offset` lies between `range_start` and `range_end` (exclusions aside).
+    pub fn within(&self, offset: u128) -> bool {
+        (self.first..=self.last).contains(&offset)
     }
 
     pub fn ip(&self, offset: u128) -> IpAddr {

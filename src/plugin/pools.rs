@@ -59,7 +59,7 @@ fn refuse_unusable(pool: &PoolRef, ip: IpAddr, pods_own: bool) -> Result<(), Cni
     let cidr = pool.cidr();
     let offset = cidr.offset_of(ip).unwrap_or_default();
     let window = &pool.range;
-    if pods_own && (offset < window.first || offset > window.last) {
+    if pods_own && !window.within(offset) {
         return Err(CniError::new(
             code::INVALID_CONFIG,
             format!(
@@ -113,15 +113,12 @@ pub struct Placement {
 }
 
 /// The range a static address is placed in: the first that contains it; for a pod's own
-/// address, the first whose `range_start..range_end` holds it, if one does (two ranges of one
-/// network may share a CIDR, each with its own window).
+/// address, the first whose `range_start..range_end` holds it, if one does (a range may lie
+/// inside another's CIDR, with a window of its own).
 fn range_of(ranges: &[RangeRequest], ip: IpAddr, pods_own: bool) -> Option<usize> {
     let window_holds = |r: &RangeRequest| {
         let range = &r.pool.range;
-        range
-            .cidr
-            .offset_of(ip)
-            .is_some_and(|offset| (range.first..=range.last).contains(&offset))
+        range.cidr.offset_of(ip).is_some_and(|o| range.within(o))
     };
     let in_window = pods_own
         .then(|| ranges.iter().position(window_holds))
