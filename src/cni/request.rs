@@ -327,20 +327,15 @@ impl NetConf {
                     .map_err(|e| decode_error(format!("{what} must be a list of strings: {e}"))),
             }
         };
-        let static_ips = strings(
+        let requested = strings(
             map.get("runtimeConfig").and_then(|r| r.get("ips")),
             "runtimeConfig.ips",
-        )
-        .and_then(|requested| {
-            let args = map.get("args").and_then(|a| a.get("cni"));
-            Ok((
-                requested,
-                strings(args.and_then(|c| c.get("ips")), "args.cni.ips")?,
-            ))
-        });
-        let (requested_ips, arg_ips, static_ips_error) = match static_ips {
-            Ok((requested, args)) => (requested, args, None),
-            Err(err) => (Vec::new(), Vec::new(), Some(err)),
+        );
+        let args = map.get("args").and_then(|a| a.get("cni"));
+        let args = strings(args.and_then(|c| c.get("ips")), "args.cni.ips");
+        let (requested_ips, arg_ips, static_ips_error) = match (requested, args) {
+            (Ok(requested), Ok(args)) => (requested, args, None),
+            (Err(err), _) | (_, Err(err)) => (Vec::new(), Vec::new(), Some(err)),
         };
         Ok(NetConf {
             cni_version: string("cniVersion")?,

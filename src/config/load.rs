@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::error::ConfigError;
-use super::raw::{field, lowercase_map, merge_flat_file, text, SameField};
+use super::raw::{field, folded_map, merge_flat_file, text, SameField};
 use super::trust::{screen, Trust, FLAT_FILE_ENV};
 use super::{
     Datastore, EtcdConfig, GoPeers, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
@@ -89,7 +89,7 @@ pub(super) fn load_inner(
             kind_of(ipam)
         )));
     };
-    let mut map = lowercase_map(ipam).map_err(|SameField(a, b)| {
+    let mut map = folded_map(ipam).map_err(|SameField(a, b)| {
         invalid(format!(
             "ipam has both {:?} and {:?}, which name the same field (keys match in any case): keep one",
             shown(&a),
@@ -324,7 +324,7 @@ fn read_flat_file(path: &Path) -> Result<Map<String, Value>, ConfigError> {
         cause: Box::new(err),
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(map)) => lowercase_map(&map).map_err(|_| {
+        Ok(Value::Object(map)) => folded_map(&map).map_err(|_| {
             invalid(format!(
                 "flat file {} has two keys that name the same field (keys match in any case)",
                 shown_path(path)

@@ -33,20 +33,20 @@ pub struct SameField(pub String, pub String);
 /// fold alike are refused: upstream's decoder takes the later one in the document, an order
 /// this parse does not keep, and a node reading another value than a Go node does (another
 /// pool name, another range) hands out addresses that node hands out too.
-pub fn lowercase_keys(value: &Value) -> Result<Value, SameField> {
+pub fn folded_keys(value: &Value) -> Result<Value, SameField> {
     match value {
-        Value::Object(map) => lowercase_map(map).map(Value::Object),
+        Value::Object(map) => folded_map(map).map(Value::Object),
         Value::Array(items) => items
             .iter()
-            .map(lowercase_keys)
+            .map(folded_keys)
             .collect::<Result<_, _>>()
             .map(Value::Array),
         other => Ok(other.clone()),
     }
 }
 
-/// As [`lowercase_keys`], for an object.
-pub fn lowercase_map(map: &Map<String, Value>) -> Result<Map<String, Value>, SameField> {
+/// As [`folded_keys`], for an object.
+pub fn folded_map(map: &Map<String, Value>) -> Result<Map<String, Value>, SameField> {
     let mut out = Map::new();
     let mut first_of: std::collections::HashMap<String, &str> = Default::default();
     for (key, value) in map {
@@ -54,7 +54,7 @@ pub fn lowercase_map(map: &Map<String, Value>) -> Result<Map<String, Value>, Sam
         if let Some(earlier) = first_of.insert(folded.clone(), key) {
             return Err(SameField(earlier.to_string(), key.clone()));
         }
-        out.insert(folded, lowercase_keys(value)?);
+        out.insert(folded, folded_keys(value)?);
     }
     Ok(out)
 }
