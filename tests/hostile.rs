@@ -124,8 +124,8 @@ impl Container {
         let inside = file.trim_start_matches('/');
         let script = format!(
             "set -e; mount -t tmpfs none {root}; cd {root}; mkdir -p old {folder}; \
-             cp \"$(command -v busybox)\" busybox; cp {source} {inside}; echo $$ > {pid}; \
-             pivot_root . old; exec /busybox sleep 600",
+             cp \"$(command -v busybox)\" busybox; cp {source} {inside}; \
+             pivot_root . old; echo $$ > /old{pid}; exec /busybox sleep 600",
             root = root.display(),
             folder = std::path::Path::new(inside).parent().unwrap().display(),
             source = source.display(),
@@ -145,16 +145,16 @@ impl Container {
                 .spawn()
                 .unwrap(),
         };
-        // Dropped (killed and waited for) should it never start.
+        // Dropped (killed and waited for) should it never start. The pid is written once the
+        // root has moved, and the test's premise holds from then: the link reads `/`.
         let started = std::time::Instant::now();
         loop {
             let pid = std::fs::read_to_string(&pid_file).ok();
             if let Some(pid) = pid.and_then(|p| p.trim().parse::<u32>().ok()) {
-                let root_link = std::fs::read_link(format!("/proc/{pid}/root")).ok();
-                if root_link.as_deref() == Some(std::path::Path::new("/")) {
-                    container.pid = pid;
-                    return Some(container);
-                }
+                let root_link = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+                assert_eq!(root_link, std::path::Path::new("/"));
+                container.pid = pid;
+                return Some(container);
             }
             assert!(
                 started.elapsed().as_secs() < 30,
