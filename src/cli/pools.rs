@@ -6,6 +6,8 @@ use serde::Serialize;
 
 use super::output::{print, OutputArgs};
 use super::store_args::StoreArgs;
+use crate::config::{Datastore, IpamConfig};
+use crate::ipam::names::object_name;
 use crate::ipam::Cidr;
 use crate::plugin;
 
@@ -32,12 +34,32 @@ fn default_capacity(cidr: &Cidr) -> u128 {
     cidr.last_offset().saturating_sub(1)
 }
 
+/// Range, capacity and addresses used, by pool name.
+type Pools = BTreeMap<String, (Cidr, u128, u128)>;
+
+/// The configured ranges' pools, each under the name its store keeps it by, so that a pool
+/// nothing is allocated from yet still has its row and a used one has a single row. A
+/// node-sliced network has no pool of its whole range: its pools are the nodes' slices, which
+/// the allocations name.
+fn configured(cfg: &IpamConfig) -> anyhow::Result<Pools> {
+    let mut pools = Pools::new();
+    if cfg.node_slice_size.is_some() {
+        return Ok(pools);
+    }
+    for pool in plugin::pools(cfg).map_err(|e| anyhow::anyhow!(e.msg))? {
+        let name = match cfg.datastore {
+            // The Kubernetes engine stores a pool as an object, lower-cased as upstream does.
+            Datastore::Kubernetes(_) => object_name(&pool.name),
+            Datastore::Local { .. } | Datastore::Etcd(_) => pool.name.clone(),
+        };
+        pools.insert(name, (pool.cidr(), pool.range.capacity(), 0));
+    }
+    Ok(pools)
+}
+
 pub fn rows(args: &StoreArgs) -> anyhow::Result<Vec<PoolRow>> {
     let (cfg, store) = args.open()?;
-    let mut pools: BTreeMap<String, (Cidr, u128, u128)> = BTreeMap::new();
-    for pool in plugin::pools(&cfg).map_err(|e| anyhow::anyhow!(e.msg))? {
-        pools.insert(pool.name.clone(), (pool.cidr(), pool.range.capacity(), 0));
-    }
+    let mut pools = configured(&cfg)?;
     for allocation in store.allocations(None).map_err(anyhow::Error::new)? {
         let entry = pools
             .entry(allocation.pool.clone())
@@ -76,4 +98,44 @@ pub fn run(args: PoolsArgs) -> anyhow::Result<()> {
             ]
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ipam(settings: serde_json::Value) -> IpamConfig {
+        let mut ipam = json!({"type": "whereabouts", "range": "10.70.0.0/16",
+                              "network_name": "Tenant"});
+        ipam.as_object_mut()
+            .unwrap()
+            .extend(settings.as_object().unwrap().clone());
+        crate::config::load_with_flat_files(Some(&ipam), &[]).unwrap()
+    }
+
+    fn names(pools: &Pools) -> Vec<&str> {
+        pools.keys().map(String::as_str).collect()
+    }
+
+    /// A configured range's row carries the name its store keeps the pool by, so its
+    /// allocations count on it rather than on a second row; a node-sliced range has no row of
+    /// its own beside its slices.
+    #[test]
+    fn configured_pools_are_named_as_stored() {
+        let kubernetes = json!({"datastore": "kubernetes",
+                                "kubernetes": {"kubeconfig": "/nonexistent"}});
+        let local = json!({"local_path": "/nonexistent.db"});
+        assert_eq!(
+            names(&configured(&ipam(kubernetes.clone())).unwrap()),
+            ["tenant-10.70.0.0-16"]
+        );
+        assert_eq!(
+            names(&configured(&ipam(local)).unwrap()),
+            ["Tenant-10.70.0.0-16"]
+        );
+        let mut sliced = kubernetes;
+        sliced["node_slice_size"] = "/24".into();
+        assert!(configured(&ipam(sliced)).unwrap().is_empty());
+    }
 }
