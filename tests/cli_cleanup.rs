@@ -526,3 +526,70 @@ fn gc_frees_what_it_can_and_fails_for_the_rest() {
     assert_eq!(rows[0]["action"], "released");
     assert_eq!(reservations(), [addr["alive"].clone()]);
 }
+
+/// `gc` frees an overlapping-range reservation no allocation backs once its pod is gone (an
+/// ADD or DEL stopped half-way leaves one, and it blocks the address in every range of the
+/// network), and keeps one whose pod exists (an ADD in flight writes its reservation first)
+/// and every reservation an allocation backs.
+#[test]
+fn gc_frees_orphaned_reservations_of_gone_pods() {
+    let Some(plane) = kube_apiserver::control_plane() else {
+        return;
+    };
+    let ns = plane.namespace("gc-frees-orphaned-reservations");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let network = json!({"cniVersion": "1.1.0", "name": "kubenet", "type": "bridge",
+        "ipam": {"type": "whereabouts", "range": "10.86.0.0/24", "log_level": "error",
+                 "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
+    let uid = ns.add_pod("alive", "Running");
+    let args = common::pod_args_with_uid(&format!("{}/alive", ns.name), &uid);
+    let reply = common::call_with(&network, "ADD", "c-alive", "net1", &args);
+    let alive = bare(&ips(&reply.ok())[0]);
+    ns.add_pod("starting", "Pending");
+    for (address, pod) in [("10.86.0.200", "long-gone"), ("10.86.0.201", "starting")] {
+        ns.create(
+            "overlappingrangeipreservations",
+            json!({"metadata": {"name": address},
+                   "spec": {"podref": format!("{}/{pod}", ns.name), "containerid": "c-x"}}),
+        );
+    }
+    let conf = dir.path().join("net.conf");
+    std::fs::write(&conf, network.to_string()).unwrap();
+    let gc = |dry_run: bool| {
+        let mut cmd = common::operator();
+        cmd.args(["gc", "-o", "json", "--config"])
+            .arg(&conf)
+            .arg("--pod-kubeconfig")
+            .arg(&kubeconfig);
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        Reply::from(cmd.output().unwrap()).ok()
+    };
+    let reservations = || -> Vec<String> {
+        let mut names: Vec<String> = ns
+            .list("overlappingrangeipreservations")
+            .iter()
+            .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let mut all = vec![alive.clone(), "10.86.0.200".into(), "10.86.0.201".into()];
+    all.sort();
+
+    let dry = gc(true);
+    assert_eq!(dry.as_array().unwrap().len(), 1, "{dry}");
+    assert_eq!(dry[0]["reservation"], "10.86.0.200");
+    assert_eq!(dry[0]["pod"], Value::from(format!("{}/long-gone", ns.name)));
+    assert_eq!(dry[0]["action"], "would release");
+    assert_eq!(reservations(), all, "a dry run frees nothing");
+
+    let done = gc(false);
+    assert_eq!(done.as_array().unwrap().len(), 1, "{done}");
+    assert_eq!(done[0]["action"], "released");
+    all.retain(|name| name != "10.86.0.200");
+    assert_eq!(reservations(), all);
+    assert_eq!(gc(false), json!([]));
+}

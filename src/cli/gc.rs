@@ -1,5 +1,6 @@
-//! `whereabouts gc [--dry-run]`: every allocation no live pod holds, with the reason, freed
-//! unless `--dry-run`. The same decision the controller makes.
+//! `whereabouts gc [--dry-run]`: every allocation no live pod holds, and every overlapping-range
+//! reservation no allocation backs whose pod is gone, with the reason, freed unless
+//! `--dry-run`. The same decisions the controller makes.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -9,11 +10,11 @@ use serde::Serialize;
 
 use super::output::{print, OutputArgs};
 use super::store_args::StoreArgs;
-use crate::cleanup::judge::{PodState, Verdict};
+use crate::cleanup::judge::{judge_holder, PodState, Verdict};
 use crate::cleanup::plan::{plan, release_if_held};
 use crate::cleanup::pods::{cluster_source, PodReader};
 use crate::config::IpamConfig;
-use crate::store::{Allocation, Store};
+use crate::store::{Allocation, Attachment, Reservation, Store};
 
 /// Where the operator's commands read pods from.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -43,12 +44,17 @@ pub struct GcArgs {
 
 #[derive(Serialize, Debug, PartialEq)]
 pub struct GcRow {
+    /// Empty on a reservation's row, whose name says the address.
     pub address: String,
     pub pool: String,
+    /// The overlapping-range reservation the row frees; empty on an allocation's row.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reservation: String,
     pub pod: String,
     pub container: String,
     pub interface: String,
-    /// "would release", "released", "already gone" or "failed" (the reason then says why).
+    /// "would release", "released", "already gone", "kept" (a reservation changed since
+    /// listed) or "failed" (the reason then says why).
     pub action: String,
     pub reason: String,
 }
@@ -57,6 +63,7 @@ fn row(allocation: &Allocation, action: &str, verdict: &Verdict) -> GcRow {
     GcRow {
         address: allocation.ip.to_string(),
         pool: allocation.pool.clone(),
+        reservation: String::new(),
         pod: allocation.attachment.pod_ref.clone().unwrap_or_default(),
         container: allocation.attachment.container_id.clone(),
         interface: allocation.attachment.ifname.clone(),
@@ -73,9 +80,17 @@ pub fn rows(args: &GcArgs, store: &dyn Store, cfg: &IpamConfig) -> anyhow::Resul
     let reader = PodReader::open(source, cfg.trust.insecure_tls)?;
     // Leases first, pods second (see cleanup::plan).
     let allocations = store.allocations(None).map_err(anyhow::Error::new)?;
+    let reservations = store
+        .unbacked_reservations()
+        .map_err(anyhow::Error::new)
+        .context("cannot list the overlapping-range reservations")?;
     let pods = reader.list().map_err(|e| anyhow::anyhow!(e))?;
     if !args.dry_run && !args.force {
-        pods_from_this_cluster(&allocations, &pods)?;
+        let holders = reservations.iter().map(|r| &r.attachment);
+        pods_from_this_cluster(
+            allocations.iter().map(|a| &a.attachment).chain(holders),
+            &pods,
+        )?;
     }
     let mut out = Vec::new();
     for decision in plan(allocations, &pods) {
@@ -106,19 +121,77 @@ pub fn rows(args: &GcArgs, store: &dyn Store, cfg: &IpamConfig) -> anyhow::Resul
     let numeric =
         |r: &GcRow| crate::ipam::addr::parse_ip(&r.address).map(crate::ipam::addr::to_u128);
     out.sort_by_key(|r| (r.pool.clone(), numeric(r)));
+    for orphan in reservations {
+        out.extend(orphan_row(args.dry_run, store, &reader, &orphan, &pods));
+    }
     Ok(out)
 }
 
-/// Refuses a sweep (or a release) in which not one pod the allocations name exists: the pods
+/// A reservation no allocation backs whose pod is gone (an ADD or DEL stopped half-way), freed
+/// unless `dry_run`, as the controller frees it. One whose pod exists may be an ADD in flight
+/// (its reservation lands before its pool entry) and stays; the pod is read again just before
+/// the release, since a pod of that name created after the list may have taken it over. The
+/// store deletes it only while it is what was listed.
+fn orphan_row(
+    dry_run: bool,
+    store: &dyn Store,
+    reader: &PodReader,
+    orphan: &Reservation,
+    pods: &HashMap<String, PodState>,
+) -> Option<GcRow> {
+    let pod_ref = orphan.attachment.pod_ref.as_deref();
+    let verdict = judge_holder(pod_ref, None, pods.get(pod_ref.unwrap_or_default()));
+    if !matches!(verdict, Verdict::Release(_)) {
+        return None;
+    }
+    let mut row = GcRow {
+        address: String::new(),
+        pool: String::new(),
+        reservation: orphan.name.clone(),
+        pod: pod_ref.unwrap_or_default().to_string(),
+        container: orphan.attachment.container_id.clone(),
+        interface: orphan.attachment.ifname.clone(),
+        action: "would release".to_string(),
+        reason: format!("{verdict}; no allocation backs the reservation"),
+    };
+    if dry_run {
+        return Some(row);
+    }
+    let now = match reader.get(pod_ref.unwrap_or_default()) {
+        Ok(now) => judge_holder(pod_ref, None, now.as_ref()),
+        Err(err) => {
+            row.action = "failed".to_string();
+            row.reason = format!("{}; cannot read the pod again: {err}", row.reason);
+            return Some(row);
+        }
+    };
+    if !matches!(now, Verdict::Release(_)) {
+        return None;
+    }
+    match store.release_reservation(orphan) {
+        Ok(true) => row.action = "released".to_string(),
+        Ok(false) => {
+            row.action = "kept".to_string();
+            row.reason = "changed or backed since listed".to_string();
+        }
+        Err(err) => {
+            row.action = "failed".to_string();
+            row.reason = format!("{}; cannot release: {}", row.reason, err.describe());
+        }
+    }
+    Some(row)
+}
+
+/// Refuses a sweep (or a release) in which not one pod the holders name exists: the pods
 /// were most likely read from another cluster (a kubeconfig's other context), and every
 /// address would go.
-pub(super) fn pods_from_this_cluster(
-    allocations: &[Allocation],
+pub(super) fn pods_from_this_cluster<'a>(
+    holders: impl IntoIterator<Item = &'a Attachment>,
     pods: &HashMap<String, PodState>,
 ) -> anyhow::Result<()> {
-    let named: HashSet<&str> = allocations
-        .iter()
-        .filter_map(|a| a.attachment.pod_ref.as_deref())
+    let named: HashSet<&str> = holders
+        .into_iter()
+        .filter_map(|a| a.pod_ref.as_deref())
         .collect();
     if named.is_empty() || named.iter().any(|pod| pods.contains_key(*pod)) {
         return Ok(());
@@ -142,9 +215,14 @@ pub fn run(args: GcArgs) -> anyhow::Result<()> {
         &rows,
         &["ADDRESS", "POOL", "POD", "ACTION", "REASON"],
         |r| {
+            // A reservation's row: its name says the address.
+            let (address, pool) = match r.reservation.as_str() {
+                "" => (r.address.clone(), r.pool.clone()),
+                name => (name.to_string(), "(reservation)".to_string()),
+            };
             vec![
-                r.address.clone(),
-                r.pool.clone(),
+                address,
+                pool,
                 r.pod.clone(),
                 r.action.clone(),
                 r.reason.clone(),

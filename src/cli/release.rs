@@ -148,7 +148,7 @@ fn pod_verdict(
     };
     if alive.is_none() && !force {
         let pods = reader.list().map_err(|e| anyhow::anyhow!(e))?;
-        pods_from_this_cluster(allocations, &pods)?;
+        pods_from_this_cluster(allocations.iter().map(|a| &a.attachment), &pods)?;
     }
     Ok(judge(allocation, alive.as_ref()))
 }
