@@ -448,15 +448,7 @@ fn gc_frees_what_it_can_and_fails_for_the_rest() {
             .unwrap();
         Reply::from(out)
     };
-    let reservations = || -> Vec<String> {
-        let mut names: Vec<String> = ns
-            .list("overlappingrangeipreservations")
-            .iter()
-            .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
-            .collect();
-        names.sort();
-        names
-    };
+    let reservations = || reservation_names(&ns);
 
     let partial = gc();
     assert_eq!(partial.code, 1, "{partial:?}");
@@ -567,15 +559,7 @@ fn gc_frees_orphaned_reservations_of_gone_pods() {
         }
         Reply::from(cmd.output().unwrap()).ok()
     };
-    let reservations = || -> Vec<String> {
-        let mut names: Vec<String> = ns
-            .list("overlappingrangeipreservations")
-            .iter()
-            .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
-            .collect();
-        names.sort();
-        names
-    };
+    let reservations = || reservation_names(&ns);
     let mut all = vec![alive.clone(), "10.86.0.200".into(), "10.86.0.201".into()];
     all.sort();
 
@@ -592,4 +576,15 @@ fn gc_frees_orphaned_reservations_of_gone_pods() {
     all.retain(|name| name != "10.86.0.200");
     assert_eq!(reservations(), all);
     assert_eq!(gc(false), json!([]));
+}
+
+/// The names of the namespace's overlapping-range reservations, sorted.
+fn reservation_names(ns: &TestNamespace) -> Vec<String> {
+    let mut names: Vec<String> = ns
+        .list("overlappingrangeipreservations")
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
 }
