@@ -413,7 +413,11 @@ impl Worker {
             if !self.holder_still_gone(pod_ref) {
                 continue;
             }
-            match self.store.release_reservation(&found) {
+            let released = self.store.release_reservation(&found);
+            // Each orphan costs requests of its own (a pod read, and the Go binaries' Lease
+            // while they may write): a long list of them is progress, not a stuck batch.
+            self.metrics.progressed();
+            match released {
                 Ok(true) => {
                     freed += 1;
                     self.metrics.released("orphan_reservation", 1);
