@@ -97,7 +97,11 @@ pub async fn run(
             election.renew_deadline(),
             try_hold(&api, &election, &mut observed),
         );
-        match answer.await {
+        let answer = answer.await;
+        // Still taken for the leader, but the deadline passed while the attempt was out: work
+        // was dropped meanwhile (the worker leaves it to a new leader's reconcile).
+        let lapsed = leading && !leadership.is_leader();
+        match answer {
             Ok(Ok(true)) => leadership.hold_until(Some(attempt + election.renew_deadline())),
             Ok(Ok(false)) => {
                 if leading {
@@ -118,16 +122,33 @@ pub async fn run(
         // Whatever the answer, what counts is whether the deadline still lies ahead: a renewal
         // that landed late leaves this replica not leading, and the next one that lands in
         // time makes it lead again, with the reconcile of a new leader.
-        if leadership.is_leader() != leading {
-            leading = !leading;
-            if leading {
-                tracing::info!(identity = %election.identity, "leading");
-            } else {
-                tracing::warn!(identity = %election.identity, "not leading");
+        let now_leading = leadership.is_leader();
+        if let Some(news) = news(leading, lapsed, now_leading) {
+            match (news, lapsed && leading) {
+                (true, true) => {
+                    tracing::info!(identity = %election.identity, "leading again after a late renewal")
+                }
+                (true, false) => tracing::info!(identity = %election.identity, "leading"),
+                (false, _) => tracing::warn!(identity = %election.identity, "not leading"),
             }
-            changed(leading);
+            changed(news);
         }
+        leading = now_leading;
         tokio::time::sleep(election.retry_period()).await;
+    }
+}
+
+/// What an attempt tells the rest of the controller, if anything: whether it now leads. A
+/// replica that leads again after its deadline passed while it still took itself for the
+/// leader (a renewal that landed late, but before anyone else could take the Lease) is news
+/// too: the worker dropped what came meanwhile, which a new leader's reconcile judges.
+fn news(was_leading: bool, lapsed: bool, leads_now: bool) -> Option<bool> {
+    if leads_now != was_leading {
+        Some(leads_now)
+    } else if lapsed && leads_now {
+        Some(true)
+    } else {
+        None
     }
 }
 
@@ -231,5 +252,22 @@ pub async fn release(client: Client, election: &Election) {
         Err(err) => {
             tracing::warn!(error = %chain(&err), "cannot give up the Lease; it expires by itself")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::news;
+
+    /// Each change of leadership is news, and so is leading again after a lapse; a renewal in
+    /// time, or a standby staying one, is not.
+    #[test]
+    fn leadership_news() {
+        assert_eq!(news(false, false, true), Some(true), "elected");
+        assert_eq!(news(true, false, false), Some(false), "stepped down");
+        assert_eq!(news(true, true, false), Some(false), "lapsed and lost");
+        assert_eq!(news(true, true, true), Some(true), "lapsed, then renewed");
+        assert_eq!(news(true, false, true), None, "renewed in time");
+        assert_eq!(news(false, false, false), None, "still a standby");
     }
 }
