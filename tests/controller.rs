@@ -1274,6 +1274,14 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
         "network-attachment-definitions",
         nad(&drop_it, "10.73.0.0/24"),
     );
+    // Another network's NAD whose configuration Multus reads from a file on the node: it
+    // cannot be read here, and holds up no removal.
+    let from_file = format!("{}-from-file", ns.name);
+    ns.create(
+        "network-attachment-definitions",
+        json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+               "metadata": {"name": from_file}, "spec": {"config": ""}}),
+    );
     let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
         "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
     let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &["--lease-duration", "4"]);
@@ -1296,6 +1304,7 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
     assert!(has_slice(&keep), "{}", ctl.log());
     // Nodes and NetworkAttachmentDefinitions are seen by every controller on the shared plane.
     ns.delete("network-attachment-definitions", &keep);
+    ns.delete("network-attachment-definitions", &from_file);
     ns.delete("nodes", &node);
 }
 

@@ -381,8 +381,10 @@ async fn keep_node_slices(
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        match slice_sync::sync(&client, &namespace, &nads, &nodes, &metrics).await {
+        match slice_sync::sync(&client, &namespace, (&nads, &nodes), &metrics, &leadership).await {
             Ok(()) => pause = pauses(),
+            // Stopped for the Lease, not failed: the loop waits to lead again.
+            Err(_) if !leadership.is_leader() => continue,
             Err(err) => {
                 let wait = pause.next().unwrap_or(Duration::from_secs(60));
                 tracing::warn!(%err, retry_in = ?wait, "node slices");

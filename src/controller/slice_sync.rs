@@ -16,6 +16,7 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 use super::described::pool_part;
+use super::leader::Leadership;
 use super::metrics::Metrics;
 use super::slices::assign;
 use crate::cli::store_args::ipam_of;
@@ -61,8 +62,14 @@ pub struct Wanted {
 /// `ipam` object is read by the `config` module, as the plugin reads it on the node (keys in
 /// any case, the flat file's trust rules at their defaults).
 pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String> {
-    let conf: Value = serde_json::from_str(config_text)
-        .map_err(|e| format!("{source}: spec.config is not JSON: {e}"))?;
+    let conf: Value = match serde_json::from_str(config_text) {
+        Ok(conf) => conf,
+        // A configuration that cannot be read wants no pool of ours unless it might name this
+        // plugin (an escape can spell it): an empty `config`, which Multus fills from a file
+        // on the node, or any other network's typo, must not hold up every pool's removal.
+        Err(_) if !might_name_whereabouts(config_text) => return Ok(None),
+        Err(e) => return Err(format!("{source}: spec.config is not JSON: {e}")),
+    };
     let Some(ipam) = ipam_of(&conf) else {
         return Ok(None);
     };
@@ -108,6 +115,11 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
         source: source.to_string(),
         owners: Vec::new(),
     }))
+}
+
+/// Whether JSON text that does not parse may still have been meant to name this plugin.
+fn might_name_whereabouts(text: &str) -> bool {
+    text.to_ascii_lowercase().contains("whereabouts") || text.contains("\\u")
 }
 
 /// The owner reference of a NetworkAttachmentDefinition; `first`: the controlling one.
@@ -186,9 +198,9 @@ fn wanted_pools(nads: &[Arc<DynamicObject>], namespace: &str) -> (BTreeMap<Strin
 pub async fn sync(
     client: &Client,
     namespace: &str,
-    nads: &Store<DynamicObject>,
-    nodes: &Store<PartialObjectMeta<Node>>,
+    (nads, nodes): (&Store<DynamicObject>, &Store<PartialObjectMeta<Node>>),
     metrics: &Arc<Metrics>,
+    leadership: &Leadership,
 ) -> Result<(), String> {
     // Oldest first, so "the first one wins" names the same one every time.
     let mut nads = nads.state();
@@ -210,7 +222,7 @@ pub async fn sync(
     let api: Api<NodeSlicePool> = Api::namespaced(client.clone(), namespace);
     let mut failed = Vec::new();
     if complete {
-        if let Err(err) = remove_unwanted(&api, &pools, metrics).await {
+        if let Err(err) = remove_unwanted(&api, &pools, metrics, leadership).await {
             failed.push(err);
         }
     }
@@ -224,6 +236,9 @@ pub async fn sync(
                 .collect(),
         };
         for want in pools.values() {
+            if !leadership.is_leader() {
+                return Err(NOT_LEADING.to_string());
+            }
             if let Err(err) = sync_pool(&api, want, &nodes, &held, metrics).await {
                 failed.push(err);
             }
@@ -236,12 +251,16 @@ pub async fn sync(
     }
 }
 
+/// A pass cut short: the Lease was lost (or its renewal is late) since it started.
+const NOT_LEADING: &str = "not the leader any more: pass stopped";
+
 /// NodeSlicePools that no NetworkAttachmentDefinition asks for: their network is gone. The
 /// IPPools of their slices stay (their allocations are cleanup's to judge).
 async fn remove_unwanted(
     api: &Api<NodeSlicePool>,
     pools: &BTreeMap<String, Wanted>,
     metrics: &Arc<Metrics>,
+    leadership: &Leadership,
 ) -> Result<(), String> {
     let existing = match api.list(&ListParams::default()).await {
         Ok(list) => list.items,
@@ -254,6 +273,12 @@ async fn remove_unwanted(
         };
         if pools.contains_key(&name) {
             continue;
+        }
+        // A pass takes a while (each request up to its timeout): a replica that lost the Lease
+        // meanwhile must not delete a pool the new leader has just made for a network its own
+        // caches have not seen yet.
+        if !leadership.is_leader() {
+            return Err(NOT_LEADING.to_string());
         }
         let params = DeleteParams {
             preconditions: Some(Preconditions {
@@ -548,7 +573,18 @@ mod tests {
         )
         .unwrap()
         .is_none());
-        assert!(wanted("nad", "not json").is_err());
+        // Unreadable: another network's (or an empty config, which Multus reads from a file on
+        // the node) wants no pool; one that may name this plugin leaves the pass incomplete.
+        for other in ["", "not json", r#"{"name":"x","ipam":{"type":"host-local""#] {
+            assert_eq!(wanted("nad", other), Ok(None), "{other:?}");
+        }
+        for ours in [
+            r#"{"name":"x","ipam":{"type":"whereabouts""#,
+            r#"{"name":"x","ipam":{"type":"Whereabouts","#,
+            r#"{"name":"x","ipam":{"type":"where\u0061bouts""#,
+        ] {
+            assert!(wanted("nad", ours).is_err(), "{ours:?}");
+        }
         // Keys in any case, as the plugin reads them; engine settings play no part.
         let mixed = r#"{"name":"net-c","ipam":{"type":"whereabouts","Range":"10.1.0.0/16","Node_Slice_Size":"/24","kubernetes":{"kubeconfig":"/elsewhere/k"}}}"#;
         let w = wanted("nad", mixed).unwrap().unwrap();
