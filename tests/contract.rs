@@ -249,7 +249,7 @@ fn network_name_scopes_pools(open: Opener) {
 
 /// Network `a` with `2001:db8::/64` and network `a-2001` with `db8::/64` share the pool name
 /// `a-2001-db8---64`. An engine may refuse the second, but never answer it with an address
-/// outside its range, nor disturb the first's.
+/// outside its range, nor disturb the first's; each one's addresses can be released.
 fn a_pool_name_two_networks_share(open: Opener) {
     let store = open("samename");
     let first = [pool_in("a", "2001:db8::/64", &[])];
@@ -267,6 +267,10 @@ fn a_pool_name_two_networks_share(open: Opener) {
             let got: Vec<IpAddr> = store.check(&req).unwrap().iter().map(|l| l.ip).collect();
             assert_eq!(got.len(), 1);
             assert!(second_cidr.contains(got[0]), "{got:?} outside db8::/64");
+            // Cleanup and the operator's release find it, though the pool's first record is
+            // the other network's.
+            let released = store.release(&second[0].name, got[0], None).unwrap();
+            assert_eq!(released.map(|a| a.ip), Some(got[0]));
         }
         Err(err @ (StoreError::Config { .. } | StoreError::Io { .. })) => {
             eprintln!("refused: {err}");

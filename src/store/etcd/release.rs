@@ -674,6 +674,11 @@ pub fn allocations(s: &Session, pool: Option<&str>) -> Result<Vec<Allocation>, S
     Ok(out)
 }
 
+/// The offset of `ip` within the prefix of length `prefix` that holds it.
+fn offset_within_own_prefix(ip: IpAddr, prefix: u8) -> Option<u128> {
+    crate::ipam::Cidr::new(ip, prefix)?.network().offset_of(ip)
+}
+
 pub fn release(
     s: &Session,
     backoff: &Backoff,
@@ -681,22 +686,25 @@ pub fn release(
     holder: Option<&Attachment>,
 ) -> Result<Option<Allocation>, StoreError> {
     let dl = Deadline::after(s.timeouts.deadline);
-    // Any record of the pool names its range, which turns the address into an offset.
+    // Any record of the pool names its range's prefix length, which turns the address into an
+    // offset. Two networks' ranges may share a pool (their pool names coincide: `a` with
+    // `2001:db8::/64` and `a-2001` with `db8::/64`), always of one length since the name ends
+    // with it: the offset is taken within the address's own prefix of that length, and the
+    // record found there must name the address. A few records are read, so that one damaged
+    // record does not stop every release of its pool.
     let first = s.get(
         &dl,
         "pool read",
         s.keys.allocations_dir(pool),
-        Some(GetOptions::new().with_prefix().with_limit(1)),
+        Some(GetOptions::new().with_prefix().with_limit(8)),
     )?;
-    let Some(range) = first
-        .kvs()
-        .first()
-        .and_then(|kv| AllocationRecord::from_json(kv.value()))
-        .and_then(|r| crate::ipam::Cidr::parse(&r.range, false))
-    else {
+    let Some(range) = first.kvs().iter().find_map(|kv| {
+        let record = AllocationRecord::from_json(kv.value())?;
+        crate::ipam::Cidr::parse(&record.range, false)
+    }) else {
         return Ok(None);
     };
-    let Some(offset) = range.offset_of(ip) else {
+    let Some(offset) = offset_within_own_prefix(ip, range.prefix) else {
         return Ok(None);
     };
     release_one(
