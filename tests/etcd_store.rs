@@ -616,6 +616,36 @@ fn an_agent_skips_addresses_an_overlapping_range_holds() {
     assert!(got.is_subset(&near), "{got:?}");
 }
 
+/// A pod's next sandbox keeps its address through an agent, whose first try plans from its copy
+/// without the pod's index entries and loses its commit on them: that is no race with another
+/// node, and the next ADD still gets the lowest free address, the pool not spread as contended.
+#[test]
+fn a_pods_next_sandbox_through_an_agent_leaves_the_pool_uncontended() {
+    let Some((cluster, runtime, observed)) = agents_cluster() else {
+        return;
+    };
+    let agent = agent_store(&cluster, &runtime, &observed);
+    let p = pool("10.32.0.0/24", "");
+    let pools = std::slice::from_ref(&p);
+    let pods = ["ns/db-0", "ns/db-1"];
+    for (i, pod) in pods.iter().enumerate() {
+        let got = agent.add(&add_req(who(&format!("first-{i}"), Some(pod)), pools, ""));
+        assert_eq!(got.unwrap(), vec![p.range.ip(i as u128 + 1)]);
+    }
+    // Two losses in a row would make a race with other nodes (contention::CONTENDED_AFTER).
+    for (i, pod) in pods.iter().enumerate() {
+        eventually("the copy in step", || observed.synced());
+        let got = agent.add(&add_req(who(&format!("next-{i}"), Some(pod)), pools, ""));
+        assert_eq!(got.unwrap(), vec![p.range.ip(i as u128 + 1)]);
+    }
+    let fresh = agent.add(&add_req(who("fresh", Some("ns/web-0")), pools, ""));
+    assert_eq!(
+        fresh.unwrap(),
+        vec![ip("10.32.0.3")],
+        "the lowest free address"
+    );
+}
+
 #[test]
 fn an_agent_plans_from_its_copy_without_reading() {
     const ADDS: usize = 20;

@@ -754,7 +754,9 @@ fn read_back_gets(s: &Session, req: &AddRequest, plans: &[Plan], starts: &Starts
 
 /// What a lost commit of `req` read back ([`read_back_gets`], `size` answers), with the offsets
 /// it lost in a race with another writer (the pool is contended): all but those whose address
-/// an overlapping range holds, which the next search skips. `None` when it did not read that.
+/// an overlapping range holds, which the next search skips, and those still free where the
+/// attachment already holds an address (it lost on its own index entries). `None` when it did
+/// not read that.
 fn parse_read_back<'r>(
     req: &'r AddRequest,
     plans: &[Plan],
@@ -779,6 +781,9 @@ fn parse_read_back<'r>(
             (from, window::parse(from, &mut results))
         })
         .collect();
+    // A first round plans from the copies with no index entries: a repeated ADD, or a pod's
+    // next sandbox, loses its commit on its own entries, which is no race in the pool.
+    let holds_already = hits.iter().any(|h| h.owner.is_some() || h.pod.is_some());
     let mut avoid = HashSet::new();
     let mut raced = Vec::new();
     for (rr, plan) in req.ranges.iter().zip(plans) {
@@ -787,7 +792,7 @@ fn parse_read_back<'r>(
             let reserved = req.overlap && !results.next().unwrap_or_default().is_empty();
             if reserved && !held {
                 avoid.insert(*ip);
-            } else {
+            } else if held || !holds_already {
                 raced.push((rr.pool.name.as_str(), *offset));
             }
         }
