@@ -195,6 +195,11 @@ pub fn parse_hex(text: &str) -> Option<u128> {
     if digits.len() != 32 {
         return None;
     }
+    // Exactly the form `hex` writes: `from_str_radix` alone would also take a leading `+` and
+    // capitals, reading a key no engine wrote as the one at that offset.
+    if !digits.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
     u128::from_str_radix(digits, 16).ok()
 }
 
@@ -222,7 +227,8 @@ pub fn unescape(segment: &str) -> String {
         out.push_str(&rest[..at]);
         let code = rest
             .get(at + 1..at + 3)
-            .filter(|d| d.bytes().all(|b| b.is_ascii_hexdigit()))
+            // Capitals only, as `escape` writes: `%2f` was never made from a `/`.
+            .filter(|d| d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F')))
             .and_then(|d| u8::from_str_radix(d, 16).ok());
         match code {
             Some(code) => {
@@ -253,6 +259,9 @@ mod tests {
             assert_eq!(parse_hex(&hex(o)), Some(o));
         }
         assert_eq!(parse_hex("zz"), None);
+        // Only the form written: no sign, no capitals.
+        assert_eq!(parse_hex(&format!("+{}", &hex(5)[1..])), None);
+        assert_eq!(parse_hex(&hex(10).to_uppercase()), None);
     }
 
     #[test]
@@ -279,6 +288,7 @@ mod tests {
         }
         // Only what escape writes is decoded; a stray `%` stays.
         assert_eq!(unescape("%+F%zz%"), "%+F%zz%");
+        assert_eq!(unescape("a%2fb"), "a%2fb");
     }
 
     #[test]
