@@ -179,7 +179,7 @@ fn fold(
     marks: &[Mark],
 ) -> Result<(), CallFailed> {
     let commit = fold_commit(&s.keys, pool, run, marks);
-    commit_folds(s, dl, pool, vec![(commit, marks.len())]).map(drop)
+    commit_folds(s, dl, pool, vec![(commit, marks.len())], None).map(drop)
 }
 
 /// Folds the marks of `pool` (see [`fold_pages`]). Whether there were marks: the addresses they
@@ -265,34 +265,41 @@ fn fold_marks(s: &Session, dl: &Deadline, pool: &str, marks: &[Mark]) -> Result<
         .collect();
     let floors = s.reads(dl, "freed marks read", floors)?;
     let (by_run, orphans) = marks_by_run(marks, floors);
-    let mut commits: Vec<(TxnOp, usize)> = by_run
+    let commits: Vec<(TxnOp, usize)> = by_run
         .iter()
         .map(|(run, marks)| (fold_commit(&s.keys, pool, *run, marks), marks.len()))
         .collect();
-    if !orphans.is_empty() {
-        commits.push((orphans_deleted(&s.keys, pool, &orphans), orphans.len()));
-    }
-    commit_folds(s, dl, pool, commits)
+    let orphans =
+        (!orphans.is_empty()).then(|| (orphans_deleted(&s.keys, pool, &orphans), orphans.len()));
+    commit_folds(s, dl, pool, commits, orphans)
 }
 
-/// Sends the fold `commits` of `pool` (each with how many marks it deletes) in one
-/// transaction: how many marks the commits that applied deleted.
+/// Sends the fold `commits` of `pool` (each with how many marks it deletes), and the deletion
+/// of marks no run covers, in one transaction: how many marks the commits that applied
+/// deleted.
 fn commit_folds(
     s: &Session,
     dl: &Deadline,
     pool: &str,
     commits: Vec<(TxnOp, usize)>,
+    orphans: Option<(TxnOp, usize)>,
 ) -> Result<usize, CallFailed> {
-    let (commits, sizes): (Vec<TxnOp>, Vec<usize>) = commits.into_iter().unzip();
+    let folds = commits.len();
+    let (commits, sizes): (Vec<TxnOp>, Vec<usize>) = commits.into_iter().chain(orphans).unzip();
     let resp = s.txn(dl, "fold of freed marks", Txn::new().and_then(commits))?;
-    let mut folded = 0;
-    for (size, answer) in sizes.into_iter().zip(resp.op_responses()) {
+    let (mut folded, mut runs_changed) = (0, false);
+    for (i, (size, answer)) in sizes.into_iter().zip(resp.op_responses()).enumerate() {
         if matches!(answer, TxnOpResponse::Txn(t) if t.succeeded()) {
             folded += size;
+            runs_changed |= i < folds;
         }
     }
-    if folded > 0 {
+    // Only a fold writes runs: an agent's copy waits to show the revision noted here, and
+    // never would for a deletion of marks alone.
+    if runs_changed {
         s.runs_written.note(pool, revision_of(&resp));
+    }
+    if folded > 0 {
         s.freed.folded(folded);
     }
     Ok(folded)

@@ -197,7 +197,10 @@ pub fn parse_hex(text: &str) -> Option<u128> {
     }
     // Exactly the form `hex` writes: `from_str_radix` alone would also take a leading `+` and
     // capitals, reading a key no engine wrote as the one at that offset.
-    if !digits.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if !digits
+        .bytes()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return None;
     }
     u128::from_str_radix(digits, 16).ok()
