@@ -184,16 +184,26 @@ fn orphan_row(
 
 /// Refuses a sweep (or a release) in which not one pod the holders name exists: the pods
 /// were most likely read from another cluster (a kubeconfig's other context), and every
-/// address would go.
+/// address would go. Where a holder recorded its pod's UID, only a pod of that UID counts: a
+/// cluster built from the same charts has pods of the same names (StatefulSets), never of the
+/// same UIDs.
 pub(super) fn pods_from_this_cluster<'a>(
     holders: impl IntoIterator<Item = &'a Attachment>,
     pods: &HashMap<String, PodState>,
 ) -> anyhow::Result<()> {
-    let named: HashSet<&str> = holders
-        .into_iter()
-        .filter_map(|a| a.pod_ref.as_deref())
-        .collect();
-    if named.is_empty() || named.iter().any(|pod| pods.contains_key(*pod)) {
+    let mut named = HashSet::new();
+    let mut found = false;
+    for holder in holders {
+        let Some(pod_ref) = holder.pod_ref.as_deref() else {
+            continue;
+        };
+        named.insert(pod_ref);
+        let uid = holder.pod_uid.as_deref().filter(|u| !u.is_empty());
+        found |= pods
+            .get(pod_ref)
+            .is_some_and(|pod| uid.is_none_or(|uid| uid == pod.uid));
+    }
+    if named.is_empty() || found {
         return Ok(());
     }
     anyhow::bail!(
@@ -246,4 +256,43 @@ pub fn run(args: GcArgs) -> anyhow::Result<()> {
         anyhow::bail!("{failed} of the releases failed (the rows marked failed say why)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cleanup::judge::PodPhase;
+
+    fn holder(pod: &str, uid: Option<&str>) -> Attachment {
+        Attachment {
+            container_id: format!("c-{pod}"),
+            ifname: "net1".into(),
+            pod_ref: Some(pod.into()),
+            pod_uid: uid.map(String::from),
+        }
+    }
+
+    fn running(uid: &str) -> PodState {
+        PodState {
+            uid: uid.into(),
+            phase: PodPhase::Running,
+            terminating: false,
+            node: None,
+        }
+    }
+
+    /// Pods read from another cluster built from the same charts have the same names: where
+    /// the holders recorded UIDs, only a pod of a recorded UID says these are this cluster's.
+    #[test]
+    fn pods_of_another_cluster_are_told_by_their_uids() {
+        let other_cluster = HashMap::from([("db/db-0".to_string(), running("uid-elsewhere"))]);
+        let holders = [holder("db/db-0", Some("uid-here")), holder("web/w-1", None)];
+        assert!(pods_from_this_cluster(&holders, &other_cluster).is_err());
+        let this_cluster = HashMap::from([("db/db-0".to_string(), running("uid-here"))]);
+        assert!(pods_from_this_cluster(&holders, &this_cluster).is_ok());
+        // Without a recorded UID, the name alone is all there is to go by.
+        let unrecorded = [holder("db/db-0", None)];
+        assert!(pods_from_this_cluster(&unrecorded, &other_cluster).is_ok());
+        assert!(pods_from_this_cluster(&[], &HashMap::new()).is_ok());
+    }
 }
