@@ -716,21 +716,35 @@ impl Sandboxes {
         run(bin(), &call, &self.conf)
     }
 
-    /// An ADD from container `first`, and one from `second` that arrives while the first waits
-    /// in its batch (the gate holds it at its reservation's create): their replies.
-    fn while_the_first_waits(&self, first: &str, second: &str) -> (Reply, Reply) {
+    /// An ADD from container `first`, and a `command` from `second` that arrives while the
+    /// first waits in its batch (the gate holds it at its reservation's create): their replies.
+    /// Another container's ADD waits in the agent's queue; the same container's ADD or DEL waits
+    /// for the first to finish.
+    fn while_the_first_waits(
+        &self,
+        first_container: &str,
+        (command, second_container): (&'static str, &str),
+    ) -> (Reply, Reply) {
         let queued = r#"whereabouts_agent_requests_queued_total{operation="add"}"#;
         let queued_before = self.agent.metric(queued);
+        let waiting = "waiting for this attachment's operation under way";
+        let waiting_before = self.agent.log_text().matches(waiting).count();
         self.server.close_gate("POST", RESERVATIONS);
         std::thread::scope(|s| {
-            let first = s.spawn(|| self.call("ADD", first));
+            let first = s.spawn(|| self.call("ADD", first_container));
             wait_until("the first ADD's reservation waits at the gate", || {
                 self.server.waiting_at_gate() == 1
             });
-            let second = s.spawn(|| self.call("ADD", second));
-            wait_until("the second ADD waits in the agent's queue", || {
-                self.agent.metric(queued) - queued_before == 1.0
-            });
+            let second = s.spawn(|| self.call(command, second_container));
+            if first_container == second_container {
+                wait_until("the second call waits for the first", || {
+                    self.agent.log_text().matches(waiting).count() > waiting_before
+                });
+            } else {
+                wait_until("the second ADD waits in the agent's queue", || {
+                    self.agent.metric(queued) - queued_before == 1.0
+                });
+            }
             self.server.open_gate();
             (first.join().unwrap(), second.join().unwrap())
         })
@@ -754,10 +768,28 @@ impl Sandboxes {
 fn a_repeated_add_waiting_behind_its_first_gets_the_same_address() {
     let dir = tempfile::tempdir().unwrap();
     let pod = Sandboxes::start(dir.path());
-    let (first, again) = pod.while_the_first_waits("first", "first");
+    let (first, again) = pod.while_the_first_waits("first", ("ADD", "first"));
     assert_eq!((first.cni_code(), again.cni_code()), (0, 0), "{again:?}");
     assert_eq!(ip_of(&first), ip_of(&again));
     assert_eq!(pod.holders(), ["first"]);
+}
+
+/// A runtime's DEL of a container whose ADD is still under way (the plugin gave up waiting
+/// for the agent, and the runtime cleans the sandbox up) waits for that ADD, and releases what
+/// it wrote: found nothing yet, it would leave the address held by a sandbox that is gone. On
+/// the fake API server (see [`Sandboxes`]), whose gate holds the ADD at its reservation's
+/// create.
+#[test]
+fn a_del_arriving_while_its_add_is_under_way_releases_what_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = Sandboxes::start(dir.path());
+    let (added, deleted) = pod.while_the_first_waits("first", ("DEL", "first"));
+    assert_eq!(
+        (added.cni_code(), deleted.cni_code()),
+        (0, 0),
+        "{deleted:?}"
+    );
+    assert_eq!(pod.holders(), Vec::<String>::new());
 }
 
 /// A pod's ADD from a new sandbox (another container ID) that arrives while its first ADD waits
@@ -770,7 +802,7 @@ fn a_repeated_add_waiting_behind_its_first_gets_the_same_address() {
 fn a_pods_new_sandbox_is_not_served_as_its_first_ones_repetition() {
     let dir = tempfile::tempdir().unwrap();
     let pod = Sandboxes::start(dir.path());
-    let (first, second) = pod.while_the_first_waits("first", "second");
+    let (first, second) = pod.while_the_first_waits("first", ("ADD", "second"));
     assert_eq!(first.cni_code(), 0, "{first:?}");
     // The runtime tears the first sandbox down; the second retries.
     assert_eq!(pod.call("DEL", "first").cni_code(), 0);

@@ -30,6 +30,7 @@ pub mod etcd;
 pub mod kubernetes;
 pub mod local;
 pub mod node;
+pub mod one_at_a_time;
 pub mod queues;
 pub mod retry;
 

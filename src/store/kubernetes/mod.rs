@@ -29,6 +29,7 @@ use tokio::runtime::Runtime;
 
 use crate::config::{Datastore, IpamConfig, KubernetesConfig};
 use crate::k8s::cluster::{self, in_pod, operator_access, Access};
+use crate::store::one_at_a_time::OneAtATime;
 use crate::store::{
     AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, Reservation, Store,
     StoreError,
@@ -170,6 +171,7 @@ async fn connect_engine(
             go_peers: ipam.go_peers,
             unreleased: Arc::default(),
         },
+        attachments: Arc::default(),
     })
 }
 
@@ -220,6 +222,8 @@ pub async fn open_agent(
 pub struct SharedEngine {
     server: String,
     engine: Engine,
+    /// An attachment's ADD (with its undo) and DEL one at a time.
+    attachments: Arc<OneAtATime>,
 }
 
 impl SharedEngine {
@@ -284,6 +288,8 @@ impl SharedEngine {
 
     /// An ADD; what it wrote is taken back if it fails.
     pub async fn add(&self, req: &AddRequest) -> Result<Vec<IpAddr>, StoreError> {
+        let who = &req.attachment;
+        let _alone = self.attachments.enter(&who.container_id, &who.ifname).await;
         let undo = UndoLog::default();
         let result = self.run("ADD", self.engine.add(req, &undo)).await;
         if result.is_err() {
@@ -301,6 +307,7 @@ impl SharedEngine {
     }
 
     pub async fn del(&self, req: &AttachmentRequest) -> Result<Vec<Allocation>, StoreError> {
+        let _alone = self.attachments.enter(&req.container_id, &req.ifname).await;
         self.run("DEL", self.engine.del(req)).await
     }
 
