@@ -523,10 +523,11 @@ fn a_start_keeps_the_admins_keys_in_the_flat_file() {
         "log_file": "/var/log/whereabouts.log",
     });
     let mut found = admins.clone();
-    found["datastore"] = json!("etcd");
+    found["datastore"] = json!("Kubernetes");
     found["agent_socket"] = json!("/elsewhere.sock");
-    // The plugin reads keys in any case.
+    // The plugin reads keys in any case, and folds them as Go does (the Kelvin sign is `k`).
     found["Log_Level"] = json!("debug");
+    found["\u{212A}ubernetes"] = json!({"kubeconfig": "/elsewhere/kubeconfig"});
     fs::write(&flat_path, found.to_string()).unwrap();
 
     install::run(host.args(&["--once"])).unwrap();
@@ -565,6 +566,41 @@ fn a_start_keeps_the_admins_keys_in_the_flat_file() {
     install::run(host.args(&["--once"])).unwrap();
     ours(&host);
     assert_eq!(fs::read_to_string(&elsewhere).unwrap(), found.to_string());
+}
+
+/// A flat file that selects another engine (an etcd cluster's, written by hand) stops the
+/// start, and stays as it was: written over, the node would switch to the Kubernetes engine in
+/// silence and hand out the etcd store's live addresses again.
+#[test]
+fn a_flat_file_of_another_engine_stops_the_start() {
+    let host = Host::new();
+    fs::create_dir_all(host.wd()).unwrap();
+    let flat_path = host.wd().join("whereabouts.conf");
+    let etcd = "https://etcd.example:2379";
+    for (found, key) in [
+        (json!({"datastore": "etcd", "etcd_host": etcd}), "datastore"),
+        (json!({"DataStore": " local "}), "datastore"),
+        (json!({"etcd_host": etcd}), "etcd_host"),
+    ] {
+        fs::write(&flat_path, found.to_string()).unwrap();
+        let err = install::run(host.args(&["--once"])).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains(&format!("its {key} selects another engine")),
+            "{err}"
+        );
+        assert!(
+            !err.contains("etcd.example"),
+            "the file's content shown: {err}"
+        );
+        assert_eq!(fs::read_to_string(&flat_path).unwrap(), found.to_string());
+        assert!(!host.bin_dir().join("whereabouts").exists());
+    }
+    // An etcd_host beside the Kubernetes engine's kubeconfig is not the engine's choice.
+    let beside = json!({"etcd_host": etcd,
+                        "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/k"}});
+    fs::write(&flat_path, beside.to_string()).unwrap();
+    install::run(host.args(&["--once"])).unwrap();
 }
 
 /// With the node agent the host gets no credential: no kubeconfig is written, one left by an

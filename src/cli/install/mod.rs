@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::config;
 use crate::config::trust::INSTALLER_DIRS;
 use crate::k8s::cluster;
 
@@ -295,27 +296,42 @@ impl Settings {
     /// The flat file over the one found on the node (`existing`): the keys this installer
     /// writes are its own, set or removed by its settings at every start; every other key is
     /// the admin's (`allow_inline_paths` and the other rules only a flat file may set, which no
-    /// flag carries) and is kept. A file that is not a JSON object is replaced whole.
-    pub fn flat_file_over(&self, existing: Option<&[u8]>) -> String {
+    /// flag carries) and is kept. A file that is not a JSON object is replaced whole. A file
+    /// that selects another engine is refused: this installer sets up the Kubernetes engine,
+    /// and switching a node's engine in silence would hand out the other store's addresses
+    /// again.
+    pub fn flat_file_over(&self, existing: Option<&[u8]>) -> Result<String, InstallError> {
         let ours = self.flat_file();
         let mut merged = match existing.map(serde_json::from_slice::<serde_json::Value>) {
             Some(Ok(serde_json::Value::Object(theirs))) => theirs,
-            None => return ours,
+            None => return Ok(ours),
             Some(_) => {
                 tracing::warn!("the flat file found is no JSON object: replaced whole");
-                return ours;
+                return Ok(ours);
             }
         };
-        // The plugin reads keys in any case: `Agent_Socket` left behind would still be read.
-        merged.retain(|key, _| !INSTALLER_KEYS.contains(&key.to_ascii_lowercase().as_str()));
+        if let Some(key) = another_engine(&merged) {
+            return Err(InstallError::Invalid(format!(
+                "flat file: its {key} selects another engine than kubernetes, which this \
+                 installer sets up; to switch the node, remove the file's datastore and etcd \
+                 settings (the other store's addresses are not carried over)"
+            )));
+        }
+        // The plugin reads keys in any case, and folds them as Go does: `Agent_Socket` left
+        // behind would still be read, and two keys for one field are refused.
+        merged.retain(|key, _| {
+            !INSTALLER_KEYS
+                .iter()
+                .any(|ours| config::same_key(key, ours))
+        });
         let Ok(serde_json::Value::Object(ours)) = serde_json::from_str(&ours) else {
-            return ours;
+            return Ok(ours);
         };
         merged.extend(ours);
         let merged = serde_json::Value::Object(merged);
         let mut text = serde_json::to_string_pretty(&merged).unwrap_or_else(|_| merged.to_string());
         text.push('\n');
-        text
+        Ok(text)
     }
 
     /// The flat file's content: upstream's keys, with host paths.
@@ -394,6 +410,28 @@ fn default_binary(agent: bool) -> Result<PathBuf, InstallError> {
 /// what is there cannot be one (a symbolic link, a device, a file over the size cap), which is
 /// replaced. Any other failure to read it stops the start: replacing a file that could not be
 /// read would drop the admin's rules for good.
+/// The key by which a flat file selects another engine than the Kubernetes engine, read as the
+/// plugin reads it: `datastore`, else an `etcd_host` without a `kubernetes.kubeconfig`.
+fn another_engine(flat: &serde_json::Map<String, serde_json::Value>) -> Option<&'static str> {
+    let value = |map: &serde_json::Map<String, serde_json::Value>, name: &str| {
+        map.iter()
+            .find(|(key, _)| config::same_key(key, name))
+            .map(|(_, value)| value.clone())
+            .filter(|value| value.as_str().is_none_or(|text| !text.trim().is_empty()))
+            .filter(|value| !value.is_null())
+    };
+    if let Some(named) = value(flat, "datastore") {
+        let kubernetes = named
+            .as_str()
+            .is_some_and(|text| text.trim().eq_ignore_ascii_case("kubernetes"));
+        return (!kubernetes).then_some("datastore");
+    }
+    let kubeconfig = value(flat, "kubernetes")
+        .and_then(|k| k.as_object().and_then(|k| value(k, "kubeconfig")))
+        .is_some();
+    (!kubeconfig && value(flat, "etcd_host").is_some()).then_some("etcd_host")
+}
+
 fn found_flat_file(path: &Path) -> Result<Option<Vec<u8>>, InstallError> {
     use crate::files::FileError;
     match crate::files::read_config_file(path) {
@@ -431,7 +469,7 @@ pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
 
     let flat = dir.join(FLAT_FILE_NAME);
     let existing = found_flat_file(&flat)?;
-    let content = settings.flat_file_over(existing.as_deref());
+    let content = settings.flat_file_over(existing.as_deref())?;
     files::write_atomic(&flat, content.as_bytes(), FLAT_FILE_MODE)
         .map_err(io_err("cannot write", &flat))?;
 
