@@ -235,6 +235,12 @@ fn overlapping_ranges(open: Opener) {
     let mut req = add(&other, who("c5", "e"));
     req.overlap = false;
     assert_eq!(store.add(&req).unwrap(), ips(&["10.13.0.1"]));
+    // One ADD with two overlapping ranges: an address for each, never one twice (the second
+    // range would find the first's reservation the ADD's own); the same again when repeated.
+    let both = [pool("10.13.1.0/24"), pool("10.13.1.0/25")];
+    let got = store.add(&add(&both, who("c6", "f"))).unwrap();
+    assert_eq!(got, ips(&["10.13.1.1", "10.13.1.2"]));
+    assert_eq!(store.add(&add(&both, who("c6", "f"))).unwrap(), got);
 }
 
 fn network_name_scopes_pools(open: Opener) {

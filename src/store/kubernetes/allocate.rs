@@ -251,10 +251,10 @@ impl Engine {
                 }
                 None => None,
             };
-            ips.push(
-                self.allocate(&pool, requested, req, undo, go_present)
-                    .await?,
-            );
+            let ip = self
+                .allocate(&pool, (requested, &ips), req, undo, go_present)
+                .await?;
+            ips.push(ip);
         }
         Ok(ips)
     }
@@ -264,7 +264,7 @@ impl Engine {
     async fn allocate(
         &self,
         pool: &PoolRef,
-        requested: Option<u128>,
+        requested: (Option<u128>, &[IpAddr]),
         req: &AddRequest,
         undo: &UndoLog,
         go_present: bool,
@@ -288,15 +288,16 @@ impl Engine {
         self.allocate_as(pool, requested, req, undo, &go).await
     }
 
+    /// `requested`: the static address, if any, and the addresses of the ADD's earlier ranges.
     async fn allocate_as(
         &self,
         pool: &PoolRef,
-        requested: Option<u128>,
+        (requested, earlier): (Option<u128>, &[IpAddr]),
         req: &AddRequest,
         undo: &UndoLog,
         go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
-        let job = Job::new(&req.attachment, requested);
+        let job = Job::new(&req.attachment, requested).passing_over(&pool.range, earlier);
         // While Go binaries may write the pools, each ADD holds their Lease and is served on
         // its own; the agent combines the rest. Without the agent, each process writes alone.
         match (&self.batches, go.present) {
@@ -1482,7 +1483,7 @@ impl Slot {
         Slot {
             who: job.attachment(),
             requested: job.requested(),
-            avoid: BTreeSet::new(),
+            avoid: job.earlier().iter().copied().collect(),
             reserved: None,
             salt: u32::from(contended),
             decision: None,

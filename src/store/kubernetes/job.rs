@@ -11,6 +11,10 @@ pub struct Job {
     who: Attachment,
     /// A static address, as an offset of the pool's range.
     requested: Option<u128>,
+    /// Offsets of the pool's range this ADD already holds through its earlier ranges: an
+    /// overlapping range must not answer one of them again (its reservation is the ADD's own,
+    /// and would be taken over).
+    earlier: Vec<u128>,
 }
 
 impl Job {
@@ -21,7 +25,22 @@ impl Job {
                 ..who.clone()
             },
             requested,
+            earlier: Vec::new(),
         }
+    }
+
+    /// The job, passing over the addresses `ips` (those of the ADD's earlier ranges) where
+    /// `range` holds them.
+    pub fn passing_over(mut self, range: &Range, ips: &[std::net::IpAddr]) -> Job {
+        self.earlier = ips
+            .iter()
+            .filter_map(|ip| range.cidr.offset_of(*ip))
+            .collect();
+        self
+    }
+
+    pub fn earlier(&self) -> &[u128] {
+        &self.earlier
     }
 
     pub fn attachment(&self) -> Attachment {
