@@ -990,6 +990,57 @@ fn errors_through_the_agent_keep_their_code() {
     assert_ne!(status.code, 0, "{status:?}");
 }
 
+/// A network configuration naming a store of its own (a kubeconfig of another cluster, in a
+/// folder the flat file allows) is served by the plugin itself, never by the node's agent,
+/// which serves the flat file's store: while the agent is down the plugin would serve it itself,
+/// and the two stores would hand the network's addresses out apart. A network of the flat
+/// file's store is served by the agent. The plugin reads the agent's flat file here, which
+/// names the store and the socket, as the installer's does.
+#[test]
+fn a_network_with_a_store_of_its_own_is_served_by_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, kubeconfig, agent) = agent_on_a_fake_server(dir.path());
+    let other = fake_apiserver::FakeApiServer::start();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_kubeconfig = other.write_kubeconfig(other_dir.path(), None);
+    let served = || agent.metric(r#"whereabouts_agent_requests_total{operation="add""#);
+    let add = |i: usize, conf: &str| {
+        let pod = format!("pod-{i}");
+        let call = Call {
+            command: "ADD",
+            container: &format!("agent-{i}"),
+            ifname: "net1",
+            pod: Some(("bench", &pod)),
+            node: Some("node-0"),
+            env: vec![(
+                "WHEREABOUTS_FLAT_FILE",
+                agent.flat_file.display().to_string(),
+            )],
+        };
+        run(bin(), &call, conf)
+    };
+
+    let own = netconf("ownstore", &ipam("10.150.0.0/28", &other_kubeconfig));
+    let reply = add(1, &own);
+    assert_eq!(reply.cni_code(), 0, "{reply:?}");
+    assert_eq!(served(), 0.0, "the agent served another store's network");
+    assert!(other
+        .get("ippools", "kube-system", "10.150.0.0-28")
+        .is_some());
+    assert!(server
+        .get("ippools", "kube-system", "10.150.0.0-28")
+        .is_none());
+
+    let flat_files = netconf("flatstore", &ipam("10.151.0.0/28", &kubeconfig));
+    let reply = add(2, &flat_files);
+    assert_eq!(reply.cni_code(), 0, "{reply:?}");
+    assert_eq!(
+        served(),
+        1.0,
+        "the flat file's store not served by the agent"
+    );
+}
+
 /// An agent told to stop (SIGTERM: a rollout, a node drain) first finishes the writes under
 /// way, also those of a request whose plugin has hung up: stopping there would leave the
 /// reservation, made before the pool's write, without its entry, holding the address until

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use super::error::ConfigError;
 use super::raw::{field, folded_map, merge_flat_file, text, SameField};
-use super::trust::{screen, Trust, FLAT_FILE_ENV};
+use super::trust::{screen, Screened, Trust, FLAT_FILE_ENV};
 use super::{
     Datastore, EtcdConfig, GoPeers, IpamConfig, KubernetesConfig, LogLevel, StaticAddress,
     DEFAULT_KUBECONFIG, DEFAULT_LOCAL_PATH, FLAT_FILE_PATHS, MAX_EXCLUDES, MAX_RANGES, MAX_ROUTES,
@@ -104,17 +104,17 @@ pub(super) fn load_inner(
         )));
     }
     let configuration_path = text(&map, "configuration_path", "ipam.configuration_path")?;
-    let (flat, trust, warnings) = if caller == Caller::Network {
+    let (flat, trust, screened) = if caller == Caller::Network {
         let (flat, trust) = admin_flat_file(configuration_path.as_deref(), default_flat_files)?;
         let mut flat = flat.unwrap_or_default();
-        let warnings = screen(&mut map, &mut flat, &trust)?;
-        (flat, trust, warnings)
+        let screened = screen(&mut map, &mut flat, &trust)?;
+        (flat, trust, screened)
     } else {
         let flat = match find_flat_file(configuration_path.as_deref(), default_flat_files)? {
             Some(file) => read_flat_file(&file)?,
             None => Map::new(),
         };
-        (flat, Trust::operator(), Vec::new())
+        (flat, Trust::operator(), Screened::default())
     };
     let go_peers = go_peers(&flat)?;
     let from_flat = merge_flat_file(&mut map, &flat);
@@ -122,7 +122,8 @@ pub(super) fn load_inner(
         .map_err(|err| values_hidden(err, &from_flat, &flat))?;
     cfg.go_peers = go_peers;
     cfg.trust = trust;
-    cfg.warnings = warnings;
+    cfg.warnings = screened.warnings;
+    cfg.own_store = screened.own_store;
     if cfg.node_slice_size.is_some() {
         cfg.warnings.extend(slice_keys_from_flat_file(&from_flat));
     }
@@ -473,6 +474,7 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, Confi
         agent_socket: text(map, "agent_socket", "flat file agent_socket")?.map(PathBuf::from),
         trust: Trust::default(),
         warnings: Vec::new(),
+        own_store: false,
         go_peers: GoPeers::default(),
     })
 }

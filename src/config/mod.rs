@@ -125,6 +125,11 @@ pub struct IpamConfig {
     pub trust: Trust,
     /// What was ignored from the network configuration, to log once logging is set up.
     pub warnings: Vec<String>,
+    /// The network configuration names a store of its own, another than the one the flat file
+    /// names (a kubeconfig outside the installer's folders, another etcd endpoint): the node's
+    /// agent serves the flat file's store, so the plugin serves this one itself, always, or an
+    /// outage of the agent would move the network's addresses to another store.
+    pub own_store: bool,
 }
 
 pub mod error;

@@ -637,3 +637,35 @@ fn refusals_never_show_the_flat_files_values() {
     let msg = load(json!({"range": "10.88.0.0/33"})).unwrap_err();
     assert!(msg.contains("10.88.0.0/33"), "{msg}");
 }
+
+/// A network configuration naming a store of its own (its own etcd endpoint, a kubeconfig of
+/// an allowed folder) is served by the plugin itself, never by the node's agent, which serves
+/// the flat file's store; the flat file's store named again, or the installer's kubeconfig as
+/// upstream's NADs name it, is not a store of its own.
+#[test]
+fn a_store_of_its_own_is_told() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let kubeconfig = elsewhere.path().join("tenant.kubeconfig");
+    let installer = "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
+    let (_dir, load) = untrusted(json!({"datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": installer},
+        "allow_inline_paths": [elsewhere.path()]}));
+    let own = |ipam: Value| load(ipam).unwrap().own_store;
+    assert!(!own(json!({})));
+    assert!(!own(json!({"kubernetes": {"kubeconfig": installer}})));
+    let other_installer = "/etc/kubernetes/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
+    assert!(!own(json!({"kubernetes": {"kubeconfig": other_installer}})));
+    assert!(own(json!({"kubernetes": {"kubeconfig": kubeconfig}})));
+    let (_dir, load) = untrusted(json!({"etcd_host": "https://etcd.admin:2379",
+        "allow_inline_endpoints": true}));
+    let own = |ipam: Value| load(ipam).unwrap().own_store;
+    assert!(!own(json!({})));
+    assert!(!own(json!({"etcd_host": "https://etcd.admin:2379"})));
+    assert!(own(json!({"etcd_host": "https://mine:2379"})));
+    // A flat file that names no store leaves the network configuration's as the node's.
+    let (_dir, load) = untrusted(json!({"allow_inline_paths": [elsewhere.path()],
+        "allow_inline_endpoints": true}));
+    let own = |ipam: Value| load(ipam).unwrap().own_store;
+    assert!(!own(json!({"kubernetes": {"kubeconfig": kubeconfig}})));
+    assert!(!own(json!({"etcd_host": "https://mine:2379"})));
+}

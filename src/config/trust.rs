@@ -177,6 +177,15 @@ fn refused(key: &str, value: &str) -> ConfigError {
     ))
 }
 
+/// What screening a network configuration found.
+#[derive(Debug, Default)]
+pub struct Screened {
+    /// What was ignored, to log.
+    pub warnings: Vec<String>,
+    /// It names a store of its own ([`crate::config::IpamConfig::own_store`]).
+    pub own_store: bool,
+}
+
 /// Takes out of the (lower-cased) inline object what it may not decide, and out of the flat
 /// file the credentials that must not follow the inline endpoint. Errors for what cannot be
 /// ignored safely; warnings (to log) for what was ignored.
@@ -184,7 +193,7 @@ pub fn screen(
     inline: &mut Map<String, Value>,
     flat: &mut Map<String, Value>,
     trust: &Trust,
-) -> Result<Vec<String>, ConfigError> {
+) -> Result<Screened, ConfigError> {
     let mut warnings = Vec::new();
     if inline
         .remove("sleep_for_race")
@@ -209,10 +218,13 @@ pub fn screen(
             }
         }
     }
-    screen_kubeconfig(inline, flat, trust)?;
+    let own_kubeconfig = screen_kubeconfig(inline, flat, trust)?;
     screen_datastore(inline, flat)?;
-    screen_etcd(inline, flat, trust)?;
-    Ok(warnings)
+    let own_endpoint = screen_etcd(inline, flat, trust)?;
+    Ok(Screened {
+        warnings,
+        own_store: own_kubeconfig || own_endpoint,
+    })
 }
 
 /// The inline value of `key` when it is set and differs from the flat file's. Compared as
@@ -247,23 +259,31 @@ fn screen_log_file(
     Ok(())
 }
 
+/// Whether the network configuration names a kubeconfig of its own: another than the flat
+/// file's, outside the installer's folders (a file there is the installer's, as upstream's
+/// NADs name it). Where the flat file names none, the network configuration's is the node's.
 fn screen_kubeconfig(
     inline: &Map<String, Value>,
     flat: &Map<String, Value>,
     trust: &Trust,
-) -> Result<(), ConfigError> {
+) -> Result<bool, ConfigError> {
     let (Some(Value::Object(inner)), admin) = (inline.get("kubernetes"), flat.get("kubernetes"))
     else {
-        return Ok(());
+        return Ok(false);
     };
     let empty = Map::new();
     let admin = admin.and_then(Value::as_object).unwrap_or(&empty);
-    if let Some(value) = inline_only(inner, admin, "kubeconfig")? {
-        if !trust.allows_installer_file(Path::new(&value)) {
-            return Err(refused("kubernetes.kubeconfig", &value));
-        }
+    let Some(value) = inline_only(inner, admin, "kubeconfig")? else {
+        return Ok(false);
+    };
+    if !trust.allows_installer_file(Path::new(&value)) {
+        return Err(refused("kubernetes.kubeconfig", &value));
     }
-    Ok(())
+    let installer: Vec<PathBuf> = INSTALLER_DIRS.iter().map(PathBuf::from).collect();
+    let admins = text(admin, "kubeconfig", "flat file kubernetes.kubeconfig")
+        .ok()
+        .flatten();
+    Ok(admins.is_some() && !is_inside(Path::new(&value), &installer))
 }
 
 /// The admin's engine stands, named or implied (a kubeconfig, an etcd endpoint): a network
@@ -317,11 +337,14 @@ fn engine_key(inline: &Map<String, Value>) -> &'static str {
 }
 
 /// Credentials stay with the endpoint of their source.
+/// Whether the network configuration names an etcd endpoint of its own: another than the flat
+/// file's (where the flat file names none, the network configuration's is the node's).
 fn screen_etcd(
     inline: &Map<String, Value>,
     flat: &mut Map<String, Value>,
     trust: &Trust,
-) -> Result<(), ConfigError> {
+) -> Result<bool, ConfigError> {
+    let admins = text(flat, "etcd_host", "flat file etcd_host")?.is_some();
     if let Some(host) = inline_only(inline, flat, "etcd_host")? {
         if !trust.inline_endpoints {
             return Err(invalid(format!(
@@ -338,10 +361,10 @@ fn screen_etcd(
             }
             flat.remove(key);
         }
-        return Ok(());
+        return Ok(admins);
     }
-    if text(flat, "etcd_host", "flat file etcd_host")?.is_none() {
-        return Ok(());
+    if !admins {
+        return Ok(false);
     }
     for key in ETCD_CREDENTIALS {
         if inline.get(key).is_some_and(|v| !is_unset(v)) && inline.get(key) != flat.get(key) {
@@ -350,7 +373,7 @@ fn screen_etcd(
             )));
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Whether the inline `key` is one of the flat file's TLS files: the same path, or one that

@@ -30,12 +30,17 @@ fn patience(datastore: &Datastore) -> Duration {
     }
 }
 
-/// Asks the agent at `path`; `None` when no agent served the request (or the engine is local).
+/// Asks the agent at `path`; `None` when no agent served the request, or when the plugin
+/// serves it itself (the local engine, or a store of the network configuration's own, which
+/// the agent does not serve).
 fn through_agent<B: Serialize, R: DeserializeOwned>(
     cfg: &IpamConfig,
     path: &str,
     body: impl FnOnce(EngineKind) -> B,
 ) -> Result<Result<R, StoreError>, Fallback> {
+    if cfg.own_store {
+        return Err(Fallback::Local);
+    }
     let kind = EngineKind::of(&cfg.datastore).ok_or(Fallback::Local)?;
     let socket = socket_path(cfg);
     let url = format!("{}/{path}", crate::agent::wire::PREFIX);
@@ -44,8 +49,12 @@ fn through_agent<B: Serialize, R: DeserializeOwned>(
 }
 
 enum Fallback {
+    /// Served here: the local engine, or the network configuration's own store.
     Local,
-    NoAgent { socket: PathBuf, why: String },
+    NoAgent {
+        socket: PathBuf,
+        why: String,
+    },
 }
 
 /// Says once per outage (a marker next to the socket, which the agent removes when it starts)

@@ -91,6 +91,19 @@ impl Agent {
         let flat_file = dir.join(format!("{node}.conf"));
         let mut flat = settings;
         flat["agent_socket"] = json!(socket);
+        // A test's plugin may read this file too: the tests' trust rules, unless the test sets
+        // its own.
+        let temp = std::env::temp_dir();
+        let temp = temp.canonicalize().unwrap_or(temp);
+        for (key, value) in [
+            ("allow_inline_paths", json!([temp])),
+            ("allow_inline_endpoints", json!(true)),
+            ("allow_insecure_tls", json!(true)),
+        ] {
+            if flat.get(key).is_none() {
+                flat[key] = value;
+            }
+        }
         std::fs::write(&flat_file, flat.to_string()).unwrap();
         let mut agent = Agent {
             binary: binary.to_path_buf(),
@@ -213,6 +226,8 @@ impl Agent {
             .sum()
     }
 
+    /// The environment of this node's plugin: the agent's socket. The plugin reads the tests'
+    /// flat file, which names no store: the network configuration's is the node's.
     pub fn env(&self) -> (&'static str, String) {
         (
             "WHEREABOUTS_AGENT_SOCKET",
