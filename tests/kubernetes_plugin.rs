@@ -604,6 +604,25 @@ fn an_entry_keyed_from_host_bits_a_failed_add_cannot_take_back_keeps_its_reserva
     );
 }
 
+/// A pool whose `spec.range` carries host bits far into an IPv6 range (`fd00::1:0:0:0/64`) has
+/// no key for the 2^48 addresses below that one: the search passes them as one block, and the
+/// ADD gets the first address that has a key (one address at a time, it would never end). On
+/// the fake API server, where the pool is written as another tool would.
+#[test]
+fn a_pool_keyed_from_host_bits_far_into_its_range_is_searched_in_one_step() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    server.create(
+        "ippools",
+        NS,
+        upstream_pool("fd00---64", "fd00::1:0:0:0/64", &[]),
+    );
+    let conf = netconf("hostbits", &ipam("fd00::/64", &kubeconfig, json!({})));
+    let reply = run(bin(), &call("ADD", "x", "x"), &conf);
+    assert_eq!(reply.ips(), ["fd00::1:0:0:0"], "{reply:?}");
+}
+
 /// A reservation whose create landed but whose every answer was lost is taken back with the
 /// failed ADD: nothing else names it until the controller's orphan pass. On the fake API server,
 /// which applies a request and then answers 504.

@@ -126,7 +126,10 @@ impl Snapshot for BatchView<'_> {
         if let Some(end) = self.taken.run_containing(offset) {
             return Ok(Some(end));
         }
-        let skip = self.slot.avoid.contains(&offset) || self.doc.unaddressable(offset);
+        if let Some(end) = self.doc.unaddressable_until(offset) {
+            return Ok(Some(end));
+        }
+        let skip = self.slot.avoid.contains(&offset);
         if !skip
             && self
                 .hints
@@ -1101,7 +1104,7 @@ impl Engine {
         offset: u128,
     ) -> Result<(), StoreError> {
         let range = &pool.range;
-        if offset > range.cidr.last_offset() || doc.unaddressable(offset) {
+        if offset > range.cidr.last_offset() || doc.unaddressable_until(offset).is_some() {
             return Err(StoreError::config(format!(
                 "requested address {} cannot be held in pool {}",
                 range.ip(offset),

@@ -107,10 +107,16 @@ impl PoolDoc {
         self.entries().into_iter().map(|e| e.offset).collect()
     }
 
-    /// Whether `offset` cannot be written in this pool's key space (below the IP part of a
-    /// `spec.range` written with host bits), so it must be treated as taken.
-    pub fn unaddressable(&self, offset: u128) -> bool {
-        self.key_of(offset).is_none()
+    /// The last offset of the block around `offset` that cannot be written in this pool's key
+    /// space (below the IP part of a `spec.range` written with host bits), which must be treated
+    /// as taken; `None` when `offset` can be written. One block: a search passes it in one step,
+    /// not one address at a time (2^48 of them below `fd00::1:0:0:0/64`).
+    pub fn unaddressable_until(&self, offset: u128) -> Option<u128> {
+        if self.key_of(offset).is_some() {
+            return None;
+        }
+        let shift = self.key_base.saturating_sub(self.cidr.base());
+        Some(if offset < shift { shift - 1 } else { offset })
     }
 
     /// The first offset whose key is `key_limit` or more (keys count from the IP part of
@@ -127,6 +133,9 @@ impl PoolDoc {
     }
 
     fn offset_of_key(&self, key: &str) -> Option<u128> {
+        // As Go's strconv.ParseInt reads it: a `+` sign is taken (a key written so by hand
+        // still holds its address for a Go node, so it must for ours), any other is not.
+        let key = key.strip_prefix('+').unwrap_or(key);
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
@@ -296,7 +305,12 @@ mod tests {
         assert_eq!(entries[0].ip.to_string(), "10.0.0.5");
         assert_eq!(entries[0].offset, 5);
         assert_eq!(doc.key_of(5).as_deref(), Some("1"));
-        assert!(doc.unaddressable(3));
+        // A key with a sign, as Go reads it.
+        let signed = PoolDoc::new("x", cidr, Some(pool("10.0.0.0/24", &["+7"]))).unwrap();
+        assert_eq!(signed.entries()[0].offset, 7);
+        // Offsets 0 to 3 have no key: one block, passed in one step.
+        assert_eq!(doc.unaddressable_until(1), Some(3));
+        assert_eq!(doc.unaddressable_until(4), None);
     }
 
     #[test]
