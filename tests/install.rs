@@ -334,6 +334,31 @@ fn with_the_agent_the_watcher_keeps_the_host_without_a_kubeconfig() {
     watcher.join().unwrap();
 }
 
+/// A flat file removed while the installer runs (by hand, by a clean-up of the folder) is
+/// written again: without it the plugin would use a local database of its own on the node and
+/// hand out the other nodes' addresses again.
+#[test]
+fn the_watcher_writes_a_removed_flat_file_again() {
+    let host = Host::new();
+    let settings = host.settings(&["--poll-interval-ms=20", "--agent=true"]);
+    install::install_once(&settings).unwrap();
+    let flat = host.wd().join("whereabouts.conf");
+    let written = fs::read_to_string(&flat).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (settings, stop) = (settings.clone(), stop.clone());
+        std::thread::spawn(move || install::watch(&settings, &stop))
+    };
+    fs::remove_file(&flat).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || fs::read_to_string(&flat)
+            .is_ok_and(|now| now == written)),
+        "the flat file stayed away"
+    );
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+}
+
 #[test]
 fn rewrites_the_kubeconfig_when_the_token_or_ca_rotates() {
     let host = Host::new();

@@ -467,11 +467,7 @@ pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
         files::remove_stale_temps(dest, files::STALE_TEMP_AGE);
     }
 
-    let flat = dir.join(FLAT_FILE_NAME);
-    let existing = found_flat_file(&flat)?;
-    let content = settings.flat_file_over(existing.as_deref())?;
-    files::write_atomic(&flat, content.as_bytes(), FLAT_FILE_MODE)
-        .map_err(io_err("cannot write", &flat))?;
+    write_flat_file(settings)?;
 
     if settings.agent {
         remove_kubeconfig(settings)?;
@@ -501,6 +497,30 @@ pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
     Ok(())
 }
 
+/// Writes the flat file over the one on the node (see [`Settings::flat_file_over`]), when it
+/// differs; whether it did.
+fn write_flat_file(settings: &Settings) -> Result<bool, InstallError> {
+    let flat = settings.whereabouts_d().join(FLAT_FILE_NAME);
+    let existing = found_flat_file(&flat)?;
+    let content = settings.flat_file_over(existing.as_deref())?;
+    files::write_atomic(&flat, content.as_bytes(), FLAT_FILE_MODE)
+        .map_err(io_err("cannot write", &flat))
+}
+
+/// Writes the flat file again if it is gone. Only then: an installer of another release
+/// running beside this one (a rollout with surge) must not have the two rewrite each other's
+/// settings at every poll.
+fn restore_flat_file(settings: &Settings) {
+    let flat = settings.whereabouts_d().join(FLAT_FILE_NAME);
+    if std::fs::symlink_metadata(&flat).is_ok() {
+        return;
+    }
+    match write_flat_file(settings) {
+        Ok(_) => tracing::warn!(path = %flat.display(), "the flat file was gone: written again"),
+        Err(err) => tracing::warn!(error = %err, "cannot write the flat file again; retrying"),
+    }
+}
+
 /// Rewrites the kubeconfig when it differs from what the current token and CA give (rotation,
 /// or someone deleted or edited it). Returns whether it was rewritten.
 pub fn refresh_kubeconfig(settings: &Settings) -> Result<bool, InstallError> {
@@ -528,8 +548,10 @@ fn remove_kubeconfig(settings: &Settings) -> Result<(), InstallError> {
 
 /// Keeps the kubeconfig fresh until `stop` is set; with the agent, keeps the host without one
 /// (another writer, an earlier installer stopping during a rollout, may leave one after the
-/// start removed it). A failed check (the kubelet swapping the token, a full disk) is logged
-/// and retried at the next poll rather than ending the pod.
+/// start removed it). Writes the flat file again if it goes: without it (removed by hand, by a
+/// clean-up of the folder) the plugin would fall back to a local database of its own on every
+/// node, and hand out the same addresses as the other nodes. A failed check (the kubelet swapping the
+/// token, a full disk) is logged and retried at the next poll rather than ending the pod.
 pub fn watch(settings: &Settings, stop: &AtomicBool) {
     // Sleep in short steps so a stop request is honoured promptly.
     let step = settings.poll_interval.min(Duration::from_millis(100));
@@ -542,6 +564,7 @@ pub fn watch(settings: &Settings, stop: &AtomicBool) {
         if stop.load(Ordering::Relaxed) {
             break;
         }
+        restore_flat_file(settings);
         if settings.agent {
             if let Err(err) = remove_kubeconfig(settings) {
                 tracing::warn!(error = %err, "cannot remove the kubeconfig; retrying");
