@@ -133,9 +133,6 @@ impl PoolDoc {
     }
 
     fn offset_of_key(&self, key: &str) -> Option<u128> {
-        // As Go's strconv.ParseInt reads it: a `+` sign is taken (a key written so by hand
-        // still holds its address for a Go node, so it must for ours), any other is not.
-        let key = key.strip_prefix('+').unwrap_or(key);
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
@@ -305,9 +302,6 @@ mod tests {
         assert_eq!(entries[0].ip.to_string(), "10.0.0.5");
         assert_eq!(entries[0].offset, 5);
         assert_eq!(doc.key_of(5).as_deref(), Some("1"));
-        // A key with a sign, as Go reads it.
-        let signed = PoolDoc::new("x", cidr, Some(pool("10.0.0.0/24", &["+7"]))).unwrap();
-        assert_eq!(signed.entries()[0].offset, 7);
         // Offsets 0 to 3 have no key: one block, passed in one step.
         assert_eq!(doc.unaddressable_until(1), Some(3));
         assert_eq!(doc.unaddressable_until(4), None);
