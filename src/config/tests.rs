@@ -662,6 +662,16 @@ fn a_store_of_its_own_is_told() {
     assert!(!own(json!({})));
     assert!(!own(json!({"etcd_host": "https://etcd.admin:2379"})));
     assert!(own(json!({"etcd_host": "https://mine:2379"})));
+    // On a Kubernetes node, an etcd_host left in the flat file and another one inline are
+    // no store of the node's engine.
+    let (_dir, load) = untrusted(json!({"datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": installer}, "etcd_host": "https://etcd.old:2379",
+        "allow_inline_endpoints": true}));
+    assert!(
+        !load(json!({"etcd_host": "https://mine:2379"}))
+            .unwrap()
+            .own_store
+    );
     // A flat file that names no store leaves the network configuration's as the node's.
     let (_dir, load) = untrusted(json!({"allow_inline_paths": [elsewhere.path()],
         "allow_inline_endpoints": true}));

@@ -220,10 +220,19 @@ pub fn screen(
     }
     let own_kubeconfig = screen_kubeconfig(inline, flat, trust)?;
     screen_datastore(inline, flat)?;
+    // The flat file's engine, before its etcd credentials may leave the map below.
+    let engine = named_engine(flat, "flat file ")?;
     let own_endpoint = screen_etcd(inline, flat, trust)?;
+    // Only the engine in use counts: an etcd_host left in the flat file of a Kubernetes node
+    // (the installer keeps the admin's keys) says nothing about the store.
+    let own_store = match engine.as_deref() {
+        Some("kubernetes") => own_kubeconfig,
+        Some("etcd") => own_endpoint,
+        _ => false,
+    };
     Ok(Screened {
         warnings,
-        own_store: own_kubeconfig || own_endpoint,
+        own_store,
     })
 }
 
