@@ -39,11 +39,12 @@ type Pools = BTreeMap<String, (Cidr, u128, u128)>;
 
 /// The configured ranges' pools, each under the name its store keeps it by, so that a pool
 /// nothing is allocated from yet still has its row and a used one has a single row. A
-/// node-sliced network has no pool of its whole range: its pools are the nodes' slices, which
-/// the allocations name.
+/// node-sliced network on the Kubernetes engine (the one that slices) has no pool of its whole
+/// range: its pools are the nodes' slices, which the allocations name.
 fn configured(cfg: &IpamConfig) -> anyhow::Result<Pools> {
     let mut pools = Pools::new();
-    if cfg.node_slice_size.is_some() {
+    let sliced = matches!(cfg.datastore, Datastore::Kubernetes(_)) && cfg.node_slice_size.is_some();
+    if sliced {
         return Ok(pools);
     }
     for pool in plugin::pools(cfg).map_err(|e| anyhow::anyhow!(e.msg))? {
@@ -131,9 +132,13 @@ mod tests {
             ["tenant-10.70.0.0-16"]
         );
         assert_eq!(
-            names(&configured(&ipam(local)).unwrap()),
+            names(&configured(&ipam(local.clone())).unwrap()),
             ["Tenant-10.70.0.0-16"]
         );
+        // The local engine does not slice: its range keeps its row.
+        let mut local_sliced = local;
+        local_sliced["node_slice_size"] = "/24".into();
+        assert_eq!(configured(&ipam(local_sliced)).unwrap().len(), 1);
         let mut sliced = kubernetes;
         sliced["node_slice_size"] = "/24".into();
         assert!(configured(&ipam(sliced)).unwrap().is_empty());
