@@ -47,9 +47,15 @@ fn beside(socket: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(path)
 }
 
+/// Reads the agent's configuration again (its flat file, as at the start).
+pub type Reread = std::sync::Arc<dyn Fn() -> Result<IpamConfig, String> + Send + Sync>;
+
 /// What `whereabouts agent` runs with.
 pub struct Options {
     pub ipam: IpamConfig,
+    /// The configuration read again while the agent runs, for what may change under it: the
+    /// flat file's `go_whereabouts` (see `server::follow_go_peers`).
+    pub reread: Reread,
     pub socket: PathBuf,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` over TCP too (the DaemonSet's
     /// probes); they are always served on the socket.

@@ -490,6 +490,33 @@ async fn shutdown() {
     }
 }
 
+/// How often the agent reads its flat file again.
+const REREAD_EVERY: Duration = Duration::from_secs(2);
+
+/// Follows the flat file's `go_whereabouts` while the agent runs. The installer and the agent
+/// start together, so an upgrade's installer (`helm upgrade --set goWhereabouts=present`, the
+/// first step of a rollback to Go binaries) may write the file after the agent read it; an agent
+/// that kept the old `absent` would never take the Go binaries' Lease. A small file read every
+/// two seconds: polling, rather than a file watch, follows a hostPath whose file is replaced by
+/// rename as well as any edit.
+async fn follow_go_peers(engine: Arc<SharedEngine>, reread: super::Reread) {
+    loop {
+        tokio::time::sleep(REREAD_EVERY).await;
+        let reread = reread.clone();
+        match tokio::task::spawn_blocking(move || reread()).await {
+            Ok(Ok(ipam)) => {
+                if engine.set_go_peers(ipam.go_peers) {
+                    tracing::info!(go_whereabouts = ?ipam.go_peers, "the flat file's go_whereabouts changed: followed");
+                }
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(%err, "cannot read the flat file again; keeping what was read")
+            }
+            Err(err) => tracing::debug!(%err, "the flat file's reader failed"),
+        }
+    }
+}
+
 pub async fn serve(options: Options) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let backend = Backend::open(&options.ipam, metrics.clone()).await?;
@@ -512,6 +539,9 @@ pub async fn serve(options: Options) -> Result<(), String> {
     if let Some(tcp) = tcp {
         let app = probes(agent.clone());
         tokio::spawn(crate::probe_port::serve(tcp, app));
+    }
+    if let Backend::Kubernetes(engine) = &agent.backend {
+        tokio::spawn(follow_go_peers(engine.clone(), options.reread.clone()));
     }
     tracing::info!(socket = %options.socket.display(), engine = ?agent.backend.kind(), "agent serving");
     let served = axum::serve(listener, router(agent.clone()))

@@ -51,8 +51,14 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| agent::socket_path(&ipam));
+    let store = args.store.clone();
+    let reread: agent::Reread = std::sync::Arc::new(move || {
+        let object = store.ipam_object().map_err(|e| format!("{e:#}"))?;
+        config::load_for_operator(Some(&object)).map_err(|e| e.describe())
+    });
     agent::run(Options {
         ipam,
+        reread,
         socket,
         listen: args.listen,
     })

@@ -30,8 +30,9 @@ pub struct Engine {
     /// The agent's watch-fed copies of the pools, the reservations and the Go binaries' Lease:
     /// guesses that spare a read, never trusted for a decision without a conditional write.
     pub cache: Option<Arc<Cache>>,
-    /// Whether Go binaries may still write the pools (the flat file's `go_whereabouts`).
-    pub go_peers: GoPeers,
+    /// Whether Go binaries may still write the pools (the flat file's `go_whereabouts`), as last
+    /// read: the agent reads its flat file again while it runs.
+    pub go_peers: Arc<Mutex<GoPeers>>,
     /// Reservations whose pool entries are removed and that are not released yet.
     pub unreleased: Arc<Unreleased>,
 }
@@ -60,12 +61,13 @@ impl Engine {
     /// Whether Go binaries may write the pools now ([`go_lease::go_present`]); the agent asks
     /// its watched copy of their Lease while that copy is in step with the server.
     pub async fn go_present(&self) -> Result<bool, StoreError> {
-        if self.go_peers == GoPeers::Auto {
+        let go_peers = *lock(&self.go_peers);
+        if go_peers == GoPeers::Auto {
             if let Some(lease) = self.cache.as_ref().and_then(|c| c.go_lease()) {
                 return Ok(lease.as_ref().is_some_and(go_lease::recently_renewed_by_go));
             }
         }
-        go_lease::go_present(&self.kube, self.go_peers).await
+        go_lease::go_present(&self.kube, go_peers).await
     }
 
     /// The Go binaries' Lease, taken for this process within the operation's deadline.

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use tokio::runtime::Runtime;
 
-use crate::config::{Datastore, IpamConfig, KubernetesConfig};
+use crate::config::{Datastore, GoPeers, IpamConfig, KubernetesConfig};
 use crate::k8s::cluster::{self, in_pod, operator_access, Access};
 use crate::store::one_at_a_time::OneAtATime;
 use crate::store::{
@@ -168,7 +168,7 @@ async fn connect_engine(
             configuration_path: ipam.configuration_path.clone(),
             batches,
             cache,
-            go_peers: ipam.go_peers,
+            go_peers: Arc::new(std::sync::Mutex::new(ipam.go_peers)),
             unreleased: Arc::default(),
         },
         attachments: Arc::default(),
@@ -244,6 +244,14 @@ impl SharedEngine {
         };
         task.await
             .unwrap_or_else(|err| Err(StoreError::io("the agent's task failed").because(err)))
+    }
+
+    /// Takes the flat file's `go_whereabouts` as read again (the agent's flat file changed: an
+    /// upgrade's installer may write it after the agent started, or the admin edits it); whether
+    /// it changed.
+    pub fn set_go_peers(&self, go_peers: GoPeers) -> bool {
+        let mut now = crate::store::queues::lock(&self.engine.go_peers);
+        std::mem::replace(&mut *now, go_peers) != go_peers
     }
 
     /// Waits, for at most one operation's bound, for the writes under way (the queues' and
