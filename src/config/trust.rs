@@ -220,7 +220,7 @@ pub fn screen(
     }
     let own_kubeconfig = screen_kubeconfig(inline, flat, trust)?;
     screen_datastore(inline, flat)?;
-    // The flat file's engine, before its etcd credentials may leave the map below.
+    // The flat file's engine (`screen_datastore` has read it without error).
     let engine = named_engine(flat, "flat file ")?;
     let own_endpoint = screen_etcd(inline, flat, trust)?;
     // Only the engine in use counts: an etcd_host left in the flat file of a Kubernetes node
@@ -345,9 +345,9 @@ fn engine_key(inline: &Map<String, Value>) -> &'static str {
     }
 }
 
-/// Credentials stay with the endpoint of their source.
-/// Whether the network configuration names an etcd endpoint of its own: another than the flat
-/// file's (where the flat file names none, the network configuration's is the node's).
+/// Credentials stay with the endpoint of their source. Returns whether the network
+/// configuration names an etcd endpoint of its own: another than the flat file's (where the
+/// flat file names none, the network configuration's is the node's).
 fn screen_etcd(
     inline: &Map<String, Value>,
     flat: &mut Map<String, Value>,
