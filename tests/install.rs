@@ -320,18 +320,13 @@ fn with_the_agent_the_watcher_keeps_the_host_without_a_kubeconfig() {
     install::install_once(&settings).unwrap();
     let path = host.wd().join("whereabouts.kubeconfig");
     assert!(!path.exists());
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (settings, stop) = (settings.clone(), stop.clone());
-        std::thread::spawn(move || install::watch(&settings, &stop))
-    };
+    let watcher = Watcher::start(&settings);
     fs::write(&path, "left by another writer").unwrap();
     assert!(
         eventually(Duration::from_secs(10), || !path.exists()),
         "the kubeconfig stayed on the host"
     );
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().unwrap();
+    watcher.stop();
 }
 
 /// A flat file removed while the installer runs (by hand, by a clean-up of the folder) is
@@ -344,19 +339,14 @@ fn the_watcher_writes_a_removed_flat_file_again() {
     install::install_once(&settings).unwrap();
     let flat = host.wd().join("whereabouts.conf");
     let written = fs::read_to_string(&flat).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (settings, stop) = (settings.clone(), stop.clone());
-        std::thread::spawn(move || install::watch(&settings, &stop))
-    };
+    let watcher = Watcher::start(&settings);
     fs::remove_file(&flat).unwrap();
     assert!(
         eventually(Duration::from_secs(10), || fs::read_to_string(&flat)
             .is_ok_and(|now| now == written)),
         "the flat file stayed away"
     );
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().unwrap();
+    watcher.stop();
 }
 
 #[test]
@@ -418,6 +408,26 @@ fn rewrites_the_kubeconfig_when_the_token_or_ca_rotates() {
 
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
+}
+
+/// `install::watch` on a thread of its own, until stopped.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Watcher {
+    fn start(settings: &Settings) -> Watcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (settings, flag) = (settings.clone(), stop.clone());
+        let thread = std::thread::spawn(move || install::watch(&settings, &flag));
+        Watcher { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+    }
 }
 
 /// What the watcher logs, kept for the test to read.

@@ -230,6 +230,18 @@ fn network_names_kubernetes_cannot_name_objects_after_are_refused_on_add() {
     assert!(ns.get(RESERVATIONS, "blue.net-10.91.9.1").is_some());
 }
 
+/// A fake API server holding `pools` (IPPools of the installation's namespace), and its
+/// kubeconfig in a directory of its own.
+fn server_with_pools(pools: &[Value]) -> (FakeApiServer, tempfile::TempDir, PathBuf) {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    for pool in pools {
+        server.create("ippools", NS, pool.clone());
+    }
+    (server, dir, kubeconfig)
+}
+
 fn upstream_pool(name: &str, range: &str, keys: &[u128]) -> Value {
     let allocations: serde_json::Map<String, Value> = keys
         .iter()
@@ -536,15 +548,9 @@ fn failure(server: &FakeApiServer, conf: &str, what: &str) -> Reply {
 /// server, which fails the removal on demand.
 #[test]
 fn an_entry_a_failed_add_cannot_take_back_keeps_its_reservation() {
-    let server = FakeApiServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
     // The second range is full: the ADD fails there, after its first range's pool is created.
-    server.create(
-        "ippools",
-        NS,
-        upstream_pool("10.102.0.0-30", "10.102.0.0/30", &[1, 2]),
-    );
+    let (server, _dir, kubeconfig) =
+        server_with_pools(&[upstream_pool("10.102.0.0-30", "10.102.0.0/30", &[1, 2])]);
     let ranges = json!({"ipRanges": [{"range": "10.102.0.0/30"}]});
     let conf = netconf("undo", &ipam("10.101.0.0/24", &kubeconfig, ranges));
     // The pool is created, so the only update is the removal that takes the entry back.
@@ -570,19 +576,10 @@ fn an_entry_a_failed_add_cannot_take_back_keeps_its_reservation() {
 /// On the fake API server, which fails the removal on demand.
 #[test]
 fn an_entry_keyed_from_host_bits_a_failed_add_cannot_take_back_keeps_its_reservation() {
-    let server = FakeApiServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
-    server.create(
-        "ippools",
-        NS,
+    let (server, _dir, kubeconfig) = server_with_pools(&[
         upstream_pool("10.104.0.0-30", "10.104.0.0/30", &[1, 2]),
-    );
-    server.create(
-        "ippools",
-        NS,
         upstream_pool("10.103.0.0-24", "10.103.0.4/24", &[]),
-    );
+    ]);
     let ranges = json!({"ipRanges": [{"range": "10.104.0.0/30"}]});
     let conf = netconf("undo", &ipam("10.103.0.0/24", &kubeconfig, ranges));
     // The entry's write lands but its answer is lost; every later write of the pool fails
@@ -610,14 +607,8 @@ fn an_entry_keyed_from_host_bits_a_failed_add_cannot_take_back_keeps_its_reserva
 /// the fake API server, where the pool is written as another tool would.
 #[test]
 fn a_pool_keyed_from_host_bits_far_into_its_range_is_searched_in_one_step() {
-    let server = FakeApiServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
-    server.create(
-        "ippools",
-        NS,
-        upstream_pool("fd00---64", "fd00::1:0:0:0/64", &[]),
-    );
+    let (_server, _dir, kubeconfig) =
+        server_with_pools(&[upstream_pool("fd00---64", "fd00::1:0:0:0/64", &[])]);
     let conf = netconf("hostbits", &ipam("fd00::/64", &kubeconfig, json!({})));
     let reply = run(bin(), &call("ADD", "x", "x"), &conf);
     assert_eq!(reply.ips(), ["fd00::1:0:0:0"], "{reply:?}");
