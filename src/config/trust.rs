@@ -96,9 +96,14 @@ impl Trust {
     /// As [`Trust::allows_path`], also accepting the installer's folders (for the files
     /// upstream's network configurations name there).
     pub fn allows_installer_file(&self, path: &Path) -> bool {
-        let installer: Vec<PathBuf> = INSTALLER_DIRS.iter().map(PathBuf::from).collect();
-        self.allows_path(path) || is_inside(path, &installer)
+        self.allows_path(path) || in_installer_dirs(path)
     }
+}
+
+/// Whether `path` lies in one of the installer's folders.
+fn in_installer_dirs(path: &Path) -> bool {
+    let installer: Vec<PathBuf> = INSTALLER_DIRS.iter().map(PathBuf::from).collect();
+    is_inside(path, &installer)
 }
 
 fn invalid(msg: impl Into<String>) -> ConfigError {
@@ -285,14 +290,15 @@ fn screen_kubeconfig(
     let Some(value) = inline_only(inner, admin, "kubeconfig")? else {
         return Ok(false);
     };
-    if !trust.allows_installer_file(Path::new(&value)) {
+    // Resolved once: the installer's folders decide both whether it may be named and whose it is.
+    let installers = in_installer_dirs(Path::new(&value));
+    if !installers && !trust.allows_path(Path::new(&value)) {
         return Err(refused("kubernetes.kubeconfig", &value));
     }
-    let installer: Vec<PathBuf> = INSTALLER_DIRS.iter().map(PathBuf::from).collect();
     let admins = text(admin, "kubeconfig", "flat file kubernetes.kubeconfig")
         .ok()
         .flatten();
-    Ok(admins.is_some() && !is_inside(Path::new(&value), &installer))
+    Ok(admins.is_some() && !installers)
 }
 
 /// The admin's engine stands, named or implied (a kubeconfig, an etcd endpoint): a network
