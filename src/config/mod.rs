@@ -138,7 +138,9 @@ mod raw;
 pub mod trust;
 
 pub use error::ConfigError;
-pub use load::{find_flat_file, load, load_for_operator, load_untrusted, load_with_flat_files};
+pub use load::{
+    find_flat_file, flat_file_engine, load, load_for_operator, load_untrusted, load_with_flat_files,
+};
 pub use raw::same_key;
 pub use trust::Trust;
 

@@ -410,26 +410,19 @@ fn default_binary(agent: bool) -> Result<PathBuf, InstallError> {
 /// what is there cannot be one (a symbolic link, a device, a file over the size cap), which is
 /// replaced. Any other failure to read it stops the start: replacing a file that could not be
 /// read would drop the admin's rules for good.
-/// The key by which a flat file selects another engine than the Kubernetes engine, read as the
+/// The key by which a flat file selects another engine than the Kubernetes engine, as the
 /// plugin reads it: `datastore`, else an `etcd_host` without a `kubernetes.kubeconfig`.
 fn another_engine(flat: &serde_json::Map<String, serde_json::Value>) -> Option<&'static str> {
-    let value = |map: &serde_json::Map<String, serde_json::Value>, name: &str| {
-        map.iter()
-            .find(|(key, _)| config::same_key(key, name))
-            .map(|(_, value)| value.clone())
-            .filter(|value| value.as_str().is_none_or(|text| !text.trim().is_empty()))
-            .filter(|value| !value.is_null())
-    };
-    if let Some(named) = value(flat, "datastore") {
-        let kubernetes = named
-            .as_str()
-            .is_some_and(|text| text.trim().eq_ignore_ascii_case("kubernetes"));
-        return (!kubernetes).then_some("datastore");
+    let engine = config::flat_file_engine(flat)?;
+    if engine == "kubernetes" {
+        return None;
     }
-    let kubeconfig = value(flat, "kubernetes")
-        .and_then(|k| k.as_object().and_then(|k| value(k, "kubeconfig")))
-        .is_some();
-    (!kubeconfig && value(flat, "etcd_host").is_some()).then_some("etcd_host")
+    let names_datastore = flat.keys().any(|key| config::same_key(key, "datastore"));
+    Some(if names_datastore {
+        "datastore"
+    } else {
+        "etcd_host"
+    })
 }
 
 fn found_flat_file(path: &Path) -> Result<Option<Vec<u8>>, InstallError> {
