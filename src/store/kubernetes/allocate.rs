@@ -254,10 +254,10 @@ impl Engine {
                 }
                 None => None,
             };
-            let ip = self
-                .allocate(&pool, (requested, &ips), req, undo, go_present)
-                .await?;
-            ips.push(ip);
+            // Passing over the addresses of the ADD's earlier ranges (an overlapping range
+            // would find their reservations its own).
+            let job = Job::new(&req.attachment, requested).passing_over(&pool.range, &ips);
+            ips.push(self.allocate(&pool, job, req, undo, go_present).await?);
         }
         Ok(ips)
     }
@@ -267,7 +267,7 @@ impl Engine {
     async fn allocate(
         &self,
         pool: &PoolRef,
-        requested: (Option<u128>, &[IpAddr]),
+        job: Job,
         req: &AddRequest,
         undo: &UndoLog,
         go_present: bool,
@@ -280,7 +280,7 @@ impl Engine {
                 present: true,
                 hold: Some(&hold),
             };
-            let result = self.allocate_as(pool, requested, req, undo, &go).await;
+            let result = self.allocate_as(pool, job, req, undo, &go).await;
             hold.release().await;
             return result;
         }
@@ -288,19 +288,17 @@ impl Engine {
             present: go_present,
             hold: None,
         };
-        self.allocate_as(pool, requested, req, undo, &go).await
+        self.allocate_as(pool, job, req, undo, &go).await
     }
 
-    /// `requested`: the static address, if any, and the addresses of the ADD's earlier ranges.
     async fn allocate_as(
         &self,
         pool: &PoolRef,
-        (requested, earlier): (Option<u128>, &[IpAddr]),
+        job: Job,
         req: &AddRequest,
         undo: &UndoLog,
         go: &GoTerms<'_>,
     ) -> Result<IpAddr, StoreError> {
-        let job = Job::new(&req.attachment, requested).passing_over(&pool.range, earlier);
         // While Go binaries may write the pools, each ADD holds their Lease and is served on
         // its own; the agent combines the rest. Without the agent, each process writes alone.
         match (&self.batches, go.present) {
