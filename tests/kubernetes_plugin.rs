@@ -392,6 +392,44 @@ fn a_pods_new_sandbox_takes_its_reservation_over() {
     assert_eq!(pool["spec"]["allocations"], json!({}), "{pool}");
 }
 
+/// Keys written by hand (`007`, `+8`) hold their addresses as Go reads them: no other pod gets
+/// them, the holder's new sandbox keeps its address under the key as stored (a write under `7`
+/// would find no entry, and every ADD of the pod would fail), and its DEL frees it.
+#[test]
+fn keys_written_by_hand_hold_their_addresses_for_their_pods() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("keys-written-by-hand");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let entry = |id: &str, pod: &str| json!({"id": id, "podref": pod, "ifname": "net1"});
+    let mut pool = upstream_pool("10.97.0.0-28", "10.97.0.0/28", &[]);
+    pool["spec"]["allocations"] = json!({
+        "007": entry("old", "default/w"),
+        "+8": entry("v-1", "default/v"),
+    });
+    ns.create("ippools", pool);
+    let conf = netconf("by-hand", &ipam("10.97.0.0/28", &kubeconfig, json!({})));
+    let again = run(bin(), &call("ADD", "new", "w"), &conf);
+    assert_eq!(again.ips(), ["10.97.0.7"], "{again:?}");
+    let pool = ns.get("ippools", "10.97.0.0-28").unwrap();
+    let allocations = &pool["spec"]["allocations"];
+    assert_eq!(allocations["007"]["id"], "new", "{pool}");
+    assert_eq!(allocations["+8"]["id"], "v-1", "{pool}");
+    assert_eq!(allocations.as_object().unwrap().len(), 2, "{pool}");
+    for i in 1..=12 {
+        let c = format!("other-{i}");
+        let reply = run(bin(), &call("ADD", &c, &c), &conf);
+        let ip = &reply.ips()[0];
+        assert!(
+            !["10.97.0.7", "10.97.0.8"].contains(&ip.as_str()),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(run(bin(), &call("DEL", "new", "w"), &conf).code, 0);
+    let pool = ns.get("ippools", "10.97.0.0-28").unwrap();
+    assert!(pool["spec"]["allocations"].get("007").is_none(), "{pool}");
+}
+
 /// A pod whose entry was taken over by its new sandbox while its reservation kept naming the old
 /// container (upstream's binary, or a build before reservations followed, left it so): the new
 /// sandbox's DEL frees the reservation with the entry, which nothing else would.

@@ -36,8 +36,8 @@ const SLICED: (&str, [&str; 2]) = ("10.0.0.32/27", ["10.0.0.32/28", "10.0.0.48/2
 /// One finding, as compared: the problem, the objects (sorted) and the address.
 type Seen = (Problem, Vec<String>, Option<String>);
 
-/// 4-byte records, each a pool entry (a readable key, with or without leading zeros, or one
-/// past the range or not a number; one of four holders, with or without a pod), a reservation
+/// 4-byte records, each a pool entry (a readable key, with or without leading zeros or a `+`
+/// sign, or one past the range or negative; one of four holders, with or without a pod), a reservation
 /// (of any network, for an address of any of the pools or none, held by one of the holders
 /// or by a container or pod alone), or the slice the NodeSlicePool gives the node; a later
 /// record replaces an earlier one of the same object and key. The survey must report exactly
@@ -235,8 +235,10 @@ impl Objects {
     }
 }
 
-/// The offset a key names in a pool of 16 addresses: decimal digits only.
+/// The offset a key names in a pool of 16 addresses: decimal digits, after a `+` sign if any
+/// (as Go's strconv.ParseInt reads them).
 fn offset(key: &str) -> Option<u128> {
+    let key = key.strip_prefix('+').unwrap_or(key);
     let digits = !key.is_empty() && key.bytes().all(|b| b.is_ascii_digit());
     digits
         .then(|| key.parse::<u128>().ok())
@@ -255,14 +257,15 @@ fn meta(name: String) -> ObjectMeta {
     }
 }
 
-/// A key of a pool of 16 addresses: an offset, the same with leading zeros, one past the
-/// range, or no number.
+/// A key of a pool of 16 addresses: an offset, the same with leading zeros or a `+` sign, one
+/// past the range, or no number.
 fn key(b: u8) -> String {
     match b >> 6 {
         0 | 1 => (b % 16).to_string(),
         2 => format!("00{}", b % 16),
         _ if b & 1 == 0 => (16 + b % 32).to_string(),
-        _ => format!("+{}", b % 16),
+        _ if b & 2 == 0 => format!("+{}", b % 16),
+        _ => format!("-{}", b % 16),
     }
 }
 

@@ -15,7 +15,7 @@ use super::choose::SPREAD;
 use super::engine::{newer, Engine, Step, UndoLog};
 use super::go_lease::Hold;
 use super::job::{pool_key, Granted, Job};
-use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op, PoolDoc};
+use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op, Entry, PoolDoc};
 use super::reservation::{self, Held};
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::{is_valid_object_name, object_name};
@@ -68,7 +68,7 @@ const WATCH_CATCH_UP: Duration = Duration::from_millis(20);
 /// chose already, and what this job found reserved through overlapping ranges.
 struct BatchView<'a> {
     doc: &'a PoolDoc,
-    held: &'a BTreeMap<u128, Attachment>,
+    held: &'a BTreeMap<u128, Entry>,
     taken: &'a OffsetRuns,
     slot: &'a Slot,
     /// The agent's watched reservations, which steer the search past addresses another node
@@ -104,14 +104,14 @@ impl Snapshot for BatchView<'_> {
         Ok(self
             .held
             .iter()
-            .filter(|(_, h)| h.same_owner(who))
+            .filter(|(_, h)| h.attachment.same_owner(who))
             .map(|(offset, _)| *offset)
             .collect())
     }
 
     fn holder(&mut self, offset: u128) -> Result<Option<String>, Self::Error> {
         Ok(match self.held.get(&offset) {
-            Some(h) => Some(h.describe()),
+            Some(h) => Some(h.attachment.describe()),
             // This job's own reservation of an earlier attempt is no one else's.
             None if self.taken.contains(offset)
                 && self.slot.reserved.as_ref().map(|r| r.0) != Some(offset) =>
@@ -654,11 +654,8 @@ impl Engine {
         RefusedWrite::still_refused(failed, doc.resource_version(), || {
             format!("the API server refused the update of IPPool {name} although it is unchanged")
         })?;
-        let held: BTreeMap<u128, Attachment> = doc
-            .entries()
-            .into_iter()
-            .map(|e| (e.offset, e.attachment))
-            .collect();
+        let held: BTreeMap<u128, Entry> =
+            doc.entries().into_iter().map(|e| (e.offset, e)).collect();
         let mut taken = doc.taken();
         for (offset, _) in slots.iter().filter_map(|slot| slot.reserved.as_ref()) {
             taken.insert(*offset);
@@ -704,8 +701,11 @@ impl Engine {
                         }
                     }
                     let who = slots[i].who.clone();
-                    let key = round.doc.key_of(offset).unwrap_or_default();
-                    let held_id = round.held.get(&offset).map(|h| h.container_id.clone());
+                    // Under the entry's key as stored: a key written by hand (`007`) names
+                    // the same address as the one upstream writes (`7`), which is not there.
+                    let held = round.held.get(&offset);
+                    let key = held.map(|h| h.key.clone()).unwrap_or_default();
+                    let held_id = held.map(|h| h.attachment.container_id.clone());
                     // The answer stands only if the entry is still there as read.
                     round
                         .ops
@@ -1362,7 +1362,7 @@ struct BatchCx<'a> {
 /// One read of the pool in a batch, and the write planned on it.
 struct Round {
     doc: PoolDoc,
-    held: BTreeMap<u128, Attachment>,
+    held: BTreeMap<u128, Entry>,
     /// The pool's addresses and those this batch reserved.
     taken: OffsetRuns,
     /// No offset at or beyond it is handed out (a Go binary may rewrite the pool).
@@ -1381,10 +1381,11 @@ impl Round {
     fn releasing(&mut self, release: &[u128]) -> Vec<(IpAddr, Attachment)> {
         let mut out = Vec::new();
         for offset in release {
-            if let (Some(key), Some(who)) = (self.doc.key_of(*offset), self.held.get(offset)) {
-                self.ops.push(holder_test(&key, &who.container_id));
-                self.ops.push(remove_op(&key));
-                out.push((self.doc.cidr.at(*offset), who.clone()));
+            if let Some(held) = self.held.get(offset) {
+                self.ops
+                    .push(holder_test(&held.key, &held.attachment.container_id));
+                self.ops.push(remove_op(&held.key));
+                out.push((held.ip, held.attachment.clone()));
             }
         }
         out

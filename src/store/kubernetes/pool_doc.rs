@@ -133,6 +133,10 @@ impl PoolDoc {
     }
 
     fn offset_of_key(&self, key: &str) -> Option<u128> {
+        // As Go's strconv.ParseInt reads it: a `+` sign and leading zeros are taken (such a key
+        // written by hand holds its address for a Go node, so it must for ours; writes to an
+        // entry go under its key as stored), any other sign is not.
+        let key = key.strip_prefix('+').unwrap_or(key);
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
@@ -302,6 +306,10 @@ mod tests {
         assert_eq!(entries[0].ip.to_string(), "10.0.0.5");
         assert_eq!(entries[0].offset, 5);
         assert_eq!(doc.key_of(5).as_deref(), Some("1"));
+        // Keys written by hand, as Go reads them.
+        let by_hand = PoolDoc::new("x", cidr, Some(pool("10.0.0.0/24", &["+7", "009"]))).unwrap();
+        let offsets: Vec<u128> = by_hand.entries().iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, [7, 9]);
         // Offsets 0 to 3 have no key: one block, passed in one step.
         assert_eq!(doc.unaddressable_until(1), Some(3));
         assert_eq!(doc.unaddressable_until(4), None);
