@@ -1163,6 +1163,78 @@ fn the_plugin_only_build_reaches_the_cluster_engine_through_the_agent() {
     assert_eq!(gone.cni_code(), 11, "{gone:?}");
 }
 
+/// A server at the agent's socket that runs as another user than root (an admin's socket
+/// folder that others can write in) is not asked: it could answer any address. The plugin does
+/// the work itself, as without an agent.
+#[test]
+fn a_server_at_the_socket_not_run_by_root_is_not_asked() {
+    // SAFETY: geteuid reads the process's user id; it has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!kube_apiserver::in_ci(), "CI runs the tests as root");
+        eprintln!("\n*** SKIPPED: root, to start a server as another user ***\n");
+        return;
+    }
+    let plane = real_cluster!();
+    let ns = plane.namespace("impostor-at-the-socket");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let open_to_all = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open_to_all.path(), PermissionsExt::from_mode(0o777)).unwrap();
+    let socket = open_to_all.path().join("agent.sock");
+    let impostor = r#"
+import os, socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o666)
+server.listen(8)
+print("ready", flush=True)
+body = b'{"ips":["192.0.2.66"]}'
+while True:
+    client, _ = server.accept()
+    client.recv(65536)
+    client.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    client.close()
+"#;
+    let mut server = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+        ])
+        .arg(impostor)
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux) and Debian's python3");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready, "ready\n");
+    let conf = netconf("impostor", &ipam("10.143.0.0/29", &kubeconfig));
+    let env = ("WHEREABOUTS_AGENT_SOCKET", socket.display().to_string());
+    let reply = run(
+        bin(),
+        &Call {
+            command: "ADD",
+            container: "c-1",
+            ifname: "net1",
+            pod: Some(("default", "p-1")),
+            node: Some("node-0"),
+            env: vec![env],
+        },
+        &conf,
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(reply.ips(), ["10.143.0.1"], "{reply:?}");
+    assert_eq!(assert_consistent(&ns).len(), 1);
+}
+
 /// Device, inode and the time of the last change of content of the file at `path` (a file
 /// made at the path of a removed one may get its inode), None when there is none.
 type FileId = (u64, u64, i64, i64);

@@ -10,6 +10,7 @@
 //! keeps out of its semantic versioning, so it is not used here.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -122,7 +123,50 @@ fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, Failed> {
     client
         .connect_timeout(&address, remaining(deadline)?)
         .map_err(cannot)?;
-    Ok(client.into())
+    match server_uid(&client) {
+        Ok(uid) if uid == 0 || uid == own_uid() => Ok(client.into()),
+        Ok(uid) => Err(Failed::Lost(format!(
+            "the server at {} runs as uid {uid}, not as root: not asked",
+            socket.display()
+        ))),
+        Err(err) => Err(Failed::Lost(format!(
+            "cannot tell who serves {}: {err}",
+            socket.display()
+        ))),
+    }
+}
+
+/// The user of the process that listens at the other end of `client` (as it was when it
+/// started listening). The agent runs as root; anyone else at its path (an admin's folder that
+/// others can write in) could answer with any address, so it is not asked.
+fn server_uid(client: &Socket) -> io::Result<u32> {
+    let mut peer = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut size = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes one ucred, at most `size` bytes, into `peer`.
+    let read = unsafe {
+        libc::getsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(peer).cast(),
+            &mut size,
+        )
+    };
+    match read {
+        0 => Ok(peer.uid),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// The plugin's own effective user: root on a node; the tests' user where they run the agent
+/// as themselves.
+fn own_uid() -> u32 {
+    // SAFETY: geteuid only reads the process's credentials.
+    unsafe { libc::geteuid() }
 }
 
 /// Time left until the deadline, or [`Failed::Late`].

@@ -38,7 +38,7 @@ fn repo() -> &'static Path {
 #[allow(clippy::duplicate_mod)]
 #[path = "../common/ci.rs"]
 mod ci;
-use ci::in_ci;
+pub use ci::in_ci;
 
 /// The shared control plane, started on first use; `None` (after a loud message) when it cannot
 /// be started outside CI.
