@@ -58,10 +58,13 @@ impl Batches {
         }
     }
 
-    /// Remembers `pool` as the agent wrote it (the server's answer to the write).
+    /// Remembers `pool` as the agent wrote it (the server's answer to the write), without the
+    /// managedFields no batch reads, as the watched copies keep it.
     pub fn wrote(&self, pool: &IPPool) {
         if let Some(name) = &pool.metadata.name {
-            lock(&self.written).insert(name.clone(), pool.clone());
+            let mut kept = pool.clone();
+            kept.metadata.managed_fields = None;
+            lock(&self.written).insert(name.clone(), kept);
         }
     }
 

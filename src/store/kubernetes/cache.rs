@@ -27,6 +27,7 @@ use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
 use super::go_lease::GO_LEASE_NAME;
+use super::reservation;
 use crate::k8s::crd::{IPPool, IPPoolSpec, OverlappingRangeIPReservation};
 use crate::store::queues::Observer;
 use crate::store::retry::growing_pauses;
@@ -102,6 +103,7 @@ where
     fn follow(
         api: Api<K>,
         config: watcher::Config,
+        trim: fn(&mut K),
         namespace: &str,
         what: &'static str,
         observer: Arc<dyn Observer>,
@@ -112,6 +114,7 @@ where
         let follower = Follower {
             api,
             config,
+            trim,
             writer,
             synced: synced.clone(),
             changed: changed.clone(),
@@ -173,6 +176,8 @@ where
 {
     api: Api<K>,
     config: watcher::Config,
+    /// Drops what the copy never reads from each object, before it is kept.
+    trim: fn(&mut K),
     writer: reflector::store::Writer<K>,
     synced: Arc<AtomicBool>,
     changed: Arc<Notify>,
@@ -209,6 +214,7 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
+                    let event = event.modify(self.trim);
                     self.writer.apply_watcher_event(&event);
                     if !matches!(event, Event::Init | Event::InitApply(_)) {
                         in_step_since.get_or_insert_with(std::time::Instant::now);
@@ -246,9 +252,11 @@ impl Cache {
     /// Starts the watches on the current runtime.
     pub fn follow(client: kube::Client, namespace: &str, observer: Arc<dyn Observer>) -> Cache {
         let watch = || watcher::Config::default().timeout(WATCH_SECONDS);
+        // Only a reservation's age is read from its managedFields (see `held_since`).
         let pools = Copy::follow(
             Api::namespaced(client.clone(), namespace),
             watch(),
+            |pool: &mut WatchedPool| pool.metadata.managed_fields = None,
             namespace,
             "ippools",
             observer.clone(),
@@ -256,6 +264,9 @@ impl Cache {
         let reservations = Copy::follow(
             Api::namespaced(client.clone(), namespace),
             watch(),
+            |r: &mut OverlappingRangeIPReservation| {
+                reservation::keep_last_write_time(&mut r.metadata)
+            },
             namespace,
             "reservations",
             observer.clone(),
@@ -264,6 +275,7 @@ impl Cache {
         let go_lease = Copy::follow(
             Api::namespaced(client, namespace),
             one_lease,
+            |lease: &mut Lease| lease.metadata.managed_fields = None,
             namespace,
             "lease",
             observer,
