@@ -578,6 +578,52 @@ fn gc_frees_orphaned_reservations_of_gone_pods() {
     assert_eq!(gc(false), json!([]));
 }
 
+/// `doctor --fix` deletes an orphan reservation as `gc` does: once its pod is gone. One whose
+/// pod runs stays, reported unfixed: its pool entry was lost (an IPPool deleted or restored by
+/// hand), and the reservation is all that keeps the pod's address from another pod.
+#[test]
+fn doctor_fix_keeps_an_orphan_reservation_whose_pod_runs() {
+    let Some(plane) = kube_apiserver::control_plane() else {
+        return;
+    };
+    let ns = plane.namespace("doctor-keeps-a-running-pods-orphan");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    ns.add_pod("alive", "Running");
+    for (address, pod) in [("10.88.0.5", "alive"), ("10.88.0.6", "long-gone")] {
+        ns.create(
+            "overlappingrangeipreservations",
+            json!({"metadata": {"name": address},
+                   "spec": {"podref": format!("{}/{pod}", ns.name), "containerid": "c-x"}}),
+        );
+    }
+    let out = common::operator()
+        .args([
+            "doctor",
+            "--fix",
+            "--orphan-age",
+            "0",
+            "-o",
+            "json",
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!out.status.success(), "{report:#}");
+    assert_eq!(reservation_names(&ns), ["10.88.0.5"], "{report:#}");
+    let kept = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["problem"] == "orphan_reservation" && f["reservation"] == "10.88.0.5")
+        .cloned()
+        .unwrap_or_else(|| panic!("{report:#}"));
+    let action = kept["action"].as_str().unwrap();
+    assert!(action.starts_with("not fixed: pod is alive"), "{kept}");
+}
+
 /// The names of the namespace's overlapping-range reservations, sorted.
 fn reservation_names(ns: &TestNamespace) -> Vec<String> {
     let mut names: Vec<String> = ns

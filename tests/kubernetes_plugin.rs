@@ -877,6 +877,46 @@ fn a_gc_keeps_an_orphan_reservation_a_go_add_of_its_pod_took_meanwhile() {
     assert_eq!(reply.code, 0, "{reply:?}");
 }
 
+/// A node's GC deletes an old reservation that no pool entry backs only once its pod is gone:
+/// a pool entry lost while its pod runs (its IPPool deleted or restored by hand) leaves the
+/// reservation the one guard of the pod's address, and the valid list names this node's
+/// attachments only. On the fake API server, which backdates the reservations (only old
+/// orphans go).
+#[test]
+fn a_gc_keeps_an_orphan_reservation_whose_pod_runs() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    server.add_pod("default", "alive", "Running");
+    for (address, pod) in [("10.108.0.5", "alive"), ("10.108.0.6", "gone")] {
+        let orphan = json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+            "kind": "OverlappingRangeIPReservation", "metadata": {"name": address},
+            "spec": {"containerid": format!("c-{pod}"), "podref": format!("default/{pod}"),
+                     "ifname": "net1"}});
+        server.create(RESERVATIONS, NS, orphan);
+        server.set_created(RESERVATIONS, NS, address, "2020-01-01T00:00:00Z");
+    }
+    let conf = netconf("gcnet", &ipam("10.108.0.0/29", &kubeconfig, json!({})));
+    let mut gc_conf: Value = serde_json::from_str(&conf).unwrap();
+    gc_conf["cni.dev/valid-attachments"] = json!([]);
+    let reply = run(bin(), &call("GC", "", ""), &gc_conf.to_string());
+    assert_eq!(reply.code, 0, "{reply:?}");
+    assert!(server.get(RESERVATIONS, NS, "10.108.0.6").is_none());
+    assert!(
+        server.get(RESERVATIONS, NS, "10.108.0.5").is_some(),
+        "the running pod's address lost its guard"
+    );
+    // The range's other addresses go; the running pod's is never handed out.
+    for i in 0..5 {
+        let c = format!("new-{i}");
+        let reply = run(bin(), &call("ADD", &c, &c), &conf);
+        assert_ne!(reply.ips(), ["10.108.0.5"], "{reply:?}");
+        assert_eq!(reply.code, 0, "{reply:?}");
+    }
+    let full = run(bin(), &call("ADD", "one-more", "one-more"), &conf);
+    assert_eq!(full.cni_code(), 100, "{full:?}");
+}
+
 /// `doctor --fix` releases an old orphan reservation as a GC does: while Go binaries may write
 /// the pools, under their Lease and only if no pool holds its address by then.
 #[test]

@@ -14,7 +14,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::cleanup::judge::PodPlace;
+use crate::cleanup::judge::{PodPlace, PodState};
+use crate::cleanup::pods::PodError;
 use crate::ipam::names::is_valid_object_name;
 use crate::k8s::cluster::is_transient;
 use crate::k8s::crd::{IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation};
@@ -470,6 +471,11 @@ impl Kube {
         let pp = PostParams::default();
         self.call(&what, || self.leases.replace(name, &pp, lease))
             .await
+    }
+
+    /// The pod `namespace/name` as cleanup judges pods; `None` when there is no such pod.
+    pub async fn pod(&self, reference: &str) -> Result<Option<PodState>, PodError> {
+        crate::cleanup::pods::get(&self.client, reference).await
     }
 
     /// Where the pod `namespace/name` is; [`PodPlace::Gone`] when there is no such pod.

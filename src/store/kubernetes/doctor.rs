@@ -13,15 +13,18 @@ use super::engine::Engine;
 use super::pool_doc::{Entry, PoolDoc};
 use super::release::Unbacked;
 use super::reservation;
+use crate::cleanup::judge::{judge_holder, Verdict};
 use crate::ipam::decide::GO_OFFSET_LIMIT;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
+use crate::store::error::chain;
 use crate::store::{Attachment, StoreError};
 
 /// A reservation without a pool entry is left alone this long after its creation, by default:
 /// our ADD creates the reservation before the pool entry, so a young one may belong to an ADD
-/// in progress. Longer than any ADD's deadline.
+/// in progress. Longer than an ADD's deadline at the default timeout; past it, the ADD's pod,
+/// which exists while its ADD runs, still keeps the reservation (see `release_orphan`).
 pub const ORPHAN_AGE: Duration = Duration::from_secs(300);
 
 /// What is wrong, one kind per rule.
@@ -492,6 +495,32 @@ pub const SETTLE: Duration = Duration::from_secs(5);
 /// binaries may write the pools, under their Lease and only if no pool holds its address
 /// again (a Go ADD of a pod's next sandbox reuses the reservation unwritten, then writes its
 /// entry).
+/// Deletes an orphan reservation as `whereabouts gc` does: only once its pod is gone or has
+/// finished (read just before), since a pool entry lost while its pod runs (an IPPool deleted
+/// or restored by hand, a Go binary dropping an offset beyond 2^63) leaves the reservation the
+/// one guard of a live address; and only while it is as listed. Returns the finding's action.
+async fn release_orphan(engine: &Engine, orphan: &Unbacked) -> String {
+    let pod_ref = orphan.reservation.attachment.pod_ref.as_deref();
+    let pod = match pod_ref.filter(|r| !r.is_empty()) {
+        Some(reference) => match engine.kube.pod(reference).await {
+            Ok(pod) => pod,
+            Err(err) => return format!("not fixed: cannot read pod {reference}: {}", chain(&err)),
+        },
+        None => None,
+    };
+    if let Verdict::Keep(why) = judge_holder(pod_ref, None, pod.as_ref()) {
+        return format!(
+            "not fixed: {}, and the address may be in use (its pool entry lost?)",
+            why.as_str()
+        );
+    }
+    match engine.release_unbacked(&orphan.reservation).await {
+        Ok(true) => "fixed".into(),
+        Ok(false) => "not fixed: changed or held again meanwhile; run again".into(),
+        Err(err) => format!("not fixed: {}", err.describe()),
+    }
+}
+
 pub async fn fix(engine: &Engine, survey: &mut Survey) {
     let kube = &engine.kube;
     let entries = survey.reserved_by_entries();
@@ -524,11 +553,7 @@ pub async fn fix(engine: &Engine, survey: &mut Survey) {
                 else {
                     continue;
                 };
-                f.action = match engine.release_unbacked(&orphan.reservation).await {
-                    Ok(true) => "fixed".into(),
-                    Ok(false) => "not fixed: changed or held again meanwhile; run again".into(),
-                    Err(err) => format!("not fixed: {}", err.describe()),
-                };
+                f.action = release_orphan(engine, &orphan).await;
                 continue;
             }
             _ => continue,

@@ -683,19 +683,8 @@ impl Engine {
         let Some(pod_ref) = who.pod_ref.as_deref() else {
             return Ok(false);
         };
-        let place = match places.get(pod_ref) {
-            Some(place) => place.clone(),
-            None => {
-                // Only `namespace/name` names a pod (an empty name would read as a list).
-                let parts = pod_ref.split_once('/');
-                let Some((namespace, name)) = parts.filter(|(n, p)| !n.is_empty() && !p.is_empty())
-                else {
-                    return Ok(false);
-                };
-                let place = self.kube.pod_place(namespace, name).await?;
-                places.insert(pod_ref.to_string(), place.clone());
-                place
-            }
+        let Some(place) = self.place_of(pod_ref, places).await? else {
+            return Ok(false);
         };
         Ok(leaked_on_node(
             Some(pod_ref),
@@ -706,9 +695,32 @@ impl Engine {
         ))
     }
 
+    /// Where pod `pod_ref` is, looked up once per `places`; `None` when the reference cannot
+    /// name a pod (only `namespace/name` can: an empty name would read as a list).
+    async fn place_of(
+        &self,
+        pod_ref: &str,
+        places: &mut HashMap<String, PodPlace>,
+    ) -> Result<Option<PodPlace>, StoreError> {
+        if let Some(place) = places.get(pod_ref) {
+            return Ok(Some(place.clone()));
+        }
+        let parts = pod_ref.split_once('/');
+        let Some((namespace, name)) = parts.filter(|(n, p)| !n.is_empty() && !p.is_empty()) else {
+            return Ok(None);
+        };
+        let place = self.kube.pod_place(namespace, name).await?;
+        places.insert(pod_ref.to_string(), place.clone());
+        Ok(Some(place))
+    }
+
     /// Deletes the reservations, among the addresses of the configured ranges, that no pool of
     /// the namespace backs (left by an ADD that could not finish its undo). Only old ones: an
-    /// ADD in flight holds its reservation for a moment before its pool entry lands.
+    /// ADD in flight holds its reservation for a moment before its pool entry lands. And only
+    /// those whose pod is gone: a pool entry lost while its pod runs (an IPPool deleted or
+    /// restored by hand, a Go binary dropping an offset beyond 2^63) leaves the reservation the
+    /// one guard of a live address, and the valid list names this node's attachments only. A
+    /// reservation that names no pod has only the valid list to judge it.
     async fn gc_orphan_reservations(
         &self,
         req: &GcRequest,
@@ -716,6 +728,7 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let min_age = (self.settings.deadline.as_secs() as i64 * 2).max(300);
         let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        let mut places: HashMap<String, PodPlace> = HashMap::new();
         for found in self.unbacked_reservations().await? {
             let Some(ip) = reservation_ip(&found.name, &req.network_name) else {
                 continue;
@@ -723,8 +736,16 @@ impl Engine {
             let ours = req.pools.iter().any(|p| p.range.cidr.contains(ip));
             let old = found.created.is_some_and(|t| now - t >= min_age);
             let mut holder = found.reservation.attachment.clone();
-            holder.pod_ref = None;
-            if ours && old && !is_valid(&holder) {
+            let pod_ref = holder.pod_ref.take().filter(|r| !r.is_empty());
+            if !ours || !old || is_valid(&holder) {
+                continue;
+            }
+            let pod_gone = match pod_ref {
+                Some(pod_ref) => (self.place_of(&pod_ref, &mut places).await?)
+                    .is_none_or(|place| place == PodPlace::Gone),
+                None => true,
+            };
+            if pod_gone {
                 self.release_unbacked(&found.reservation).await?;
             }
         }
