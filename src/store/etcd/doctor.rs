@@ -126,6 +126,33 @@ pub fn findings(prefix: &str, kvs: impl IntoIterator<Item = (String, Vec<u8>)>) 
     survey.findings
 }
 
+/// The findings after a repair: those of `before` that `after` no longer has, marked fixed,
+/// then `after`'s. A finding about a run is the same finding if `after` has one of its problem
+/// in the same pool: the fold re-keys the runs it cuts (a run from offset 1 becomes one from 4),
+/// and a leak it left is not fixed under its new key.
+pub fn after_repair(prefix: &str, before: Vec<Finding>, after: Vec<Finding>) -> Vec<Finding> {
+    let keys = Keys::new(prefix);
+    let run_pool = |key: &str| match keys.parse(key) {
+        Some(Parsed::Run { pool, .. }) => Some(pool),
+        _ => None,
+    };
+    let same = |a: &Finding, b: &Finding| {
+        a.problem == b.problem
+            && (a.object == b.object
+                || run_pool(&a.object).is_some_and(|pool| run_pool(&b.object) == Some(pool)))
+    };
+    let mut out: Vec<Finding> = before
+        .into_iter()
+        .filter(|f| !after.iter().any(|a| same(f, a)))
+        .map(|f| Finding {
+            action: "fixed".to_string(),
+            ..f
+        })
+        .collect();
+    out.extend(after);
+    out
+}
+
 fn finding(problem: Problem, object: &str, address: Option<IpAddr>, detail: String) -> Finding {
     Finding {
         problem,
@@ -458,6 +485,40 @@ mod tests {
         let before = kvs.len();
         kvs.retain(|(k, _)| k != key);
         assert_eq!(kvs.len(), before - 1, "{key} was there");
+    }
+
+    #[test]
+    fn a_leak_under_a_run_the_fold_re_keyed_is_not_fixed() {
+        let k = Keys::new("/w/");
+        let leak = |start: u128| {
+            finding(
+                Problem::LeakedOffsets,
+                &k.run(POOL, start),
+                None,
+                String::new(),
+            )
+        };
+        let mark = finding(
+            Problem::MarkOutsideRuns,
+            &k.freed(POOL, 30),
+            None,
+            String::new(),
+        );
+        let other = k.run("net-10.0.1.0-24", 1);
+        let elsewhere = finding(Problem::LeakedOffsets, &other, None, String::new());
+        let before = vec![leak(1), mark.clone(), elsewhere.clone()];
+        let reported = after_repair(k.prefix(), before, vec![leak(4), elsewhere.clone()]);
+        let actions: Vec<(&str, &str)> = reported
+            .iter()
+            .map(|f| (f.object.as_str(), f.action.as_str()))
+            .collect();
+        let run4 = k.run(POOL, 4);
+        let expected = [
+            (mark.object.as_str(), "fixed"),
+            (run4.as_str(), "none"),
+            (other.as_str(), "none"),
+        ];
+        assert_eq!(actions, expected);
     }
 
     #[test]

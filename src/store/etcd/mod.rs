@@ -84,20 +84,7 @@ pub fn doctor(
     let dl = Deadline::after(DOCTOR_DEADLINE);
     freed::fold_everywhere(s, &dl)?;
     let after = survey()?;
-    let mut fixed: Vec<doctor::Finding> = before
-        .into_iter()
-        .filter(|f| {
-            !after
-                .iter()
-                .any(|a| (a.problem, &a.object) == (f.problem, &f.object))
-        })
-        .map(|f| doctor::Finding {
-            action: "fixed".to_string(),
-            ..f
-        })
-        .collect();
-    fixed.extend(after);
-    Ok(fixed)
+    Ok(doctor::after_repair(s.keys.prefix(), before, after))
 }
 
 /// As [`open`], for the node agent, which shares the one client among its requests and
