@@ -232,6 +232,42 @@ fn store_semantics_on_a_real_cluster() {
     );
 }
 
+/// A pod's next sandbox on a node whose name is unknown keeps its address, and the record no
+/// longer names the old node: that node's GC, whose valid list lacks the new sandbox, leaves it
+/// (before, the record kept the old node's name and that GC freed the live pod's address).
+#[test]
+fn a_pod_kept_on_a_node_of_unknown_name_is_no_other_nodes_to_collect() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, "/moved/");
+    let p4 = pool("10.0.0.0/24", "");
+    let first = add_req(
+        who("db-0-a", Some("db/db-0")),
+        std::slice::from_ref(&p4),
+        "",
+    );
+    assert_eq!(store.add(&first).unwrap(), vec![ip("10.0.0.1")]);
+    let mut moved = add_req(
+        who("db-0-b", Some("db/db-0")),
+        std::slice::from_ref(&p4),
+        "",
+    );
+    moved.node = None;
+    assert_eq!(store.add(&moved).unwrap(), vec![ip("10.0.0.1")]);
+    let old_node = GcRequest {
+        cni_network: "net".into(),
+        network_name: String::new(),
+        pools: vec![p4.clone()],
+        valid: vec![],
+        node: Some("node-a".into()),
+        node_slice_size: None,
+    };
+    assert_eq!(store.gc(&old_node).unwrap(), vec![]);
+    assert_eq!(store.check(&att_req("db-0-b", &[p4])).unwrap().len(), 1);
+}
+
 /// A record no build can read (edited by hand, a bad restore) does not hold its pod's teardown
 /// for ever: the DEL releases the attachment's other addresses and answers "broken" (the plugin
 /// then succeeds, loudly). The record stays, so its address is not handed out again.

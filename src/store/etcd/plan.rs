@@ -262,8 +262,9 @@ pub(super) fn kept(req: &AddRequest, record: &AllocationRecord) -> AllocationRec
         container_id: who.container_id.clone(),
         pod_uid: who.pod_uid.clone().or_else(|| record.pod_uid.clone()),
         pod_ref: who.pod_ref.clone().or_else(|| record.pod_ref.clone()),
-        // A repeated ADD comes from the node the pod runs on now.
-        node: req.node.clone().or_else(|| record.node.clone()),
+        // A repeated ADD comes from the node the pod runs on now: unknown when that node's
+        // name is, and then no node's GC touches it (the old node's GC does not list it).
+        node: req.node.clone(),
         // And through the network configuration that attaches it now: GC of the one it came
         // through before does not list it.
         cni_network: req.cni_network.clone(),
