@@ -488,13 +488,6 @@ impl Survey {
 /// from its pool entry to its reservation.
 pub const SETTLE: Duration = Duration::from_secs(5);
 
-/// Repairs what is safe to repair, each with a conditional write, and records the outcome in
-/// the findings: a missing reservation is created for the entry's attachment (a create fails
-/// if someone made it meanwhile), an orphan reservation old enough is released as the engine
-/// releases one: only if it is still the object read (uid and resourceVersion), and while Go
-/// binaries may write the pools, under their Lease and only if no pool holds its address
-/// again (a Go ADD of a pod's next sandbox reuses the reservation unwritten, then writes its
-/// entry).
 /// Deletes an orphan reservation as `whereabouts gc` does: only once its pod is gone or has
 /// finished (read just before), since a pool entry lost while its pod runs (an IPPool deleted
 /// or restored by hand, a Go binary dropping an offset beyond 2^63) leaves the reservation the
@@ -521,6 +514,13 @@ async fn release_orphan(engine: &Engine, orphan: &Unbacked) -> String {
     }
 }
 
+/// Repairs what is safe to repair, each with a conditional write, and records the outcome in
+/// the findings: a missing reservation is created for the entry's attachment (a create fails
+/// if someone made it meanwhile); an orphan reservation old enough whose pod is gone or has
+/// finished is released as the engine releases one (see [`release_orphan`]): only if it is
+/// still the object read (uid and resourceVersion), and while Go binaries may write the pools,
+/// under their Lease and only if no pool holds its address again (a Go ADD of a pod's next
+/// sandbox reuses the reservation unwritten, then writes its entry).
 pub async fn fix(engine: &Engine, survey: &mut Survey) {
     let kube = &engine.kube;
     let entries = survey.reserved_by_entries();

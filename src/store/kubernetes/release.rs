@@ -720,7 +720,7 @@ impl Engine {
     /// those whose pod is gone: a pool entry lost while its pod runs (an IPPool deleted or
     /// restored by hand, a Go binary dropping an offset beyond 2^63) leaves the reservation the
     /// one guard of a live address, and the valid list names this node's attachments only. A
-    /// reservation that names no pod has only the valid list to judge it.
+    /// reservation that names no pod stays (`whereabouts doctor` reports it).
     async fn gc_orphan_reservations(
         &self,
         req: &GcRequest,
@@ -740,12 +740,11 @@ impl Engine {
             if !ours || !old || is_valid(&holder) {
                 continue;
             }
-            let pod_gone = match pod_ref {
-                Some(pod_ref) => (self.place_of(&pod_ref, &mut places).await?)
-                    .is_none_or(|place| place == PodPlace::Gone),
-                None => true,
+            // One that names no pod may be another node's: nothing tells its address unused.
+            let Some(pod_ref) = pod_ref else {
+                continue;
             };
-            if pod_gone {
+            if self.place_of(&pod_ref, &mut places).await? == Some(PodPlace::Gone) {
                 self.release_unbacked(&found.reservation).await?;
             }
         }
