@@ -1195,6 +1195,14 @@ while True:
     client.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
     client.close()
 "#;
+    // Killed when the test ends, however it ends.
+    struct Impostor(std::process::Child);
+    impl Drop for Impostor {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut server = std::process::Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -1208,12 +1216,10 @@ while True:
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("setpriv (util-linux) and Debian's python3");
+    let answers = server.stdout.take().unwrap();
+    let _server = Impostor(server);
     let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(answers), &mut ready).unwrap();
     assert_eq!(ready, "ready\n");
     let conf = netconf("impostor", &ipam("10.143.0.0/29", &kubeconfig));
     let env = ("WHEREABOUTS_AGENT_SOCKET", socket.display().to_string());
@@ -1229,8 +1235,6 @@ while True:
         },
         &conf,
     );
-    let _ = server.kill();
-    let _ = server.wait();
     assert_eq!(reply.ips(), ["10.143.0.1"], "{reply:?}");
     assert_eq!(assert_consistent(&ns).len(), 1);
 }
