@@ -27,7 +27,6 @@ use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
 use super::go_lease::GO_LEASE_NAME;
-use super::reservation;
 use crate::k8s::crd::{IPPool, IPPoolSpec, OverlappingRangeIPReservation};
 use crate::store::queues::Observer;
 use crate::store::retry::growing_pauses;
@@ -252,7 +251,8 @@ impl Cache {
     /// Starts the watches on the current runtime.
     pub fn follow(client: kube::Client, namespace: &str, observer: Arc<dyn Observer>) -> Cache {
         let watch = || watcher::Config::default().timeout(WATCH_SECONDS);
-        // Only a reservation's age is read from its managedFields (see `held_since`).
+        // No copy's managedFields are read (a reservation's age is read from the server's
+        // list, see `unbacked_reservations`), and they would be most of each object's size.
         let pools = Copy::follow(
             Api::namespaced(client.clone(), namespace),
             watch(),
@@ -264,9 +264,7 @@ impl Cache {
         let reservations = Copy::follow(
             Api::namespaced(client.clone(), namespace),
             watch(),
-            |r: &mut OverlappingRangeIPReservation| {
-                reservation::keep_last_write_time(&mut r.metadata)
-            },
+            |r: &mut OverlappingRangeIPReservation| r.metadata.managed_fields = None,
             namespace,
             "reservations",
             observer.clone(),

@@ -3,7 +3,6 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::api::ObjectMeta;
 
 use crate::ipam::names::{object_name, reservation_name};
@@ -112,26 +111,6 @@ pub fn held_since(reservation: &OverlappingRangeIPReservation) -> Option<i64> {
     created.max(stamped).max(written)
 }
 
-/// Keeps of `meta`'s managedFields only what [`held_since`] reads: the time of the last write,
-/// in one entry without its field set. The agent's copies hold every reservation of the
-/// namespace, and the field sets would be most of each one's size.
-pub fn keep_last_write_time(meta: &mut ObjectMeta) {
-    let Some(entries) = meta.managed_fields.as_mut() else {
-        return;
-    };
-    let latest = entries
-        .iter()
-        .filter_map(|entry| entry.time.clone())
-        .max_by_key(|time| time.0);
-    *entries = latest
-        .map(|time| ManagedFieldsEntry {
-            time: Some(time),
-            ..ManagedFieldsEntry::default()
-        })
-        .into_iter()
-        .collect();
-}
-
 /// Whether reservation `name` is one of `ip` (in whichever network: the name ends with the
 /// address as reservation names write it).
 pub fn names_address(name: &str, ip: IpAddr) -> bool {
@@ -213,44 +192,6 @@ mod tests {
         assert!(!released_with(&r, &who("c1", Some("ns/a"), "net2")));
         assert_eq!(name("2001::".parse().unwrap(), ""), "2001--0");
         assert_eq!(name("::".parse().unwrap(), ""), "0--0");
-    }
-
-    #[test]
-    fn a_trimmed_copy_is_as_old_as_the_reservation() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, Time};
-        let at = |text: &str| Time(text.parse::<jiff::Timestamp>().unwrap());
-        let write = |manager: &str, time: &str| ManagedFieldsEntry {
-            manager: Some(manager.into()),
-            time: Some(at(time)),
-            fields_v1: Some(FieldsV1(serde_json::json!({"f:spec": {"f:podref": {}}}))),
-            ..ManagedFieldsEntry::default()
-        };
-        let mut r = new_object("10.0.0.1", &who("c1", Some("ns/a"), "net1"));
-        r.metadata.creation_timestamp = Some(at("2026-01-01T00:00:00Z"));
-        let stamp = [(
-            TAKEN_OVER_AT.to_string(),
-            "2026-01-01T00:00:05Z".to_string(),
-        )];
-        r.metadata.annotations = Some(stamp.into_iter().collect());
-        r.metadata.managed_fields = Some(vec![
-            write("node-a", "2026-01-01T00:00:00Z"),
-            write("node-b", "2026-01-01T00:00:09Z"),
-            write("node-c", "2026-01-01T00:00:03Z"),
-        ]);
-        let before = held_since(&r);
-        keep_last_write_time(&mut r.metadata);
-        assert_eq!(held_since(&r), before);
-        assert_eq!(before, Some(at("2026-01-01T00:00:09Z").0.as_second()));
-        let kept = r.metadata.managed_fields.as_deref().unwrap();
-        assert_eq!(kept.len(), 1);
-        assert_eq!(
-            (kept[0].fields_v1.as_ref(), kept[0].manager.as_ref()),
-            (None, None)
-        );
-        // Nothing written: nothing kept.
-        r.metadata.managed_fields = Some(Vec::new());
-        keep_last_write_time(&mut r.metadata);
-        assert_eq!(r.metadata.managed_fields, Some(Vec::new()));
     }
 
     #[test]
