@@ -258,7 +258,7 @@ fn meta(name: String) -> ObjectMeta {
 }
 
 /// A key of a pool of 16 addresses: an offset, the same with leading zeros or a `+` sign, one
-/// past the range, or no number.
+/// past the range, or a negative number (which no build reads).
 fn key(b: u8) -> String {
     match b >> 6 {
         0 | 1 => (b % 16).to_string(),
