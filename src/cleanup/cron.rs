@@ -25,6 +25,13 @@ pub struct CronError {
     pub why: String,
 }
 
+/// A period in whole seconds, at least one, as upstream's cron library takes `@every`: a
+/// reconcile lists every pod and allocation, and `@every 15ms` (a slip for `15m`) would have
+/// the controller do so without a pause.
+fn whole_seconds(period: SignedDuration) -> SignedDuration {
+    SignedDuration::from_secs(period.as_secs().max(1))
+}
+
 impl Schedule {
     pub fn parse(expression: &str) -> Result<Schedule, CronError> {
         let err = |why: String| CronError {
@@ -39,7 +46,7 @@ impl Schedule {
                 .parse::<SignedDuration>()
                 .ok()
                 .filter(|d| d.is_positive())
-                .map(Schedule::Every)
+                .map(|d| Schedule::Every(whole_seconds(d)))
                 .ok_or_else(|| err("expected a period such as \"@every 15m\"".into()));
         }
         let text = if text.eq_ignore_ascii_case("@midnight") {
@@ -97,6 +104,9 @@ mod tests {
         assert_eq!(next("@every 2s", NOW), NOW + 2);
         assert_eq!(next("@every 10m", NOW), NOW + 600);
         assert_eq!(next("@every 1h30m", NOW), NOW + 5400);
+        // Whole seconds, at least one.
+        assert_eq!(next("@every 15ms", NOW), NOW + 1);
+        assert_eq!(next("@every 2.9s", NOW), NOW + 2);
         // Sunday 00:00: two days and 1h34m ahead.
         assert_eq!(next("0 0 * * sun", NOW), NOW + 86_400 + 94 * 60);
         assert_eq!(next("0 0 * * 7", NOW), NOW + 86_400 + 94 * 60);
