@@ -1178,7 +1178,8 @@ fn a_server_at_the_socket_not_run_by_root_is_not_asked() {
     let ns = plane.namespace("impostor-at-the-socket");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
-    let open_to_all = tempfile::tempdir().unwrap();
+    // In /tmp, which every user can reach (a $TMPDIR may sit under a folder only root can).
+    let open_to_all = tempfile::tempdir_in("/tmp").unwrap();
     std::fs::set_permissions(open_to_all.path(), PermissionsExt::from_mode(0o777)).unwrap();
     let socket = open_to_all.path().join("agent.sock");
     let impostor = r#"
