@@ -637,9 +637,6 @@ fn datastore(map: &Map<String, Value>, operator: bool) -> Result<Datastore, Conf
     }
 }
 
-/// The engine (lower-cased) `map` names in `datastore`, or else implies: a kubeconfig means
-/// Kubernetes, an etcd endpoint etcd. None when it says nothing of it (for a whole
-/// configuration, the local engine). `prefix` names the map in errors (`ipam.`).
 /// The engine a flat file (as read from its JSON, keys in any case) names or implies, as the
 /// plugin reads it; `None` when it names none or cannot be read so.
 pub fn flat_file_engine(flat: &Map<String, Value>) -> Option<String> {
@@ -647,6 +644,9 @@ pub fn flat_file_engine(flat: &Map<String, Value>) -> Option<String> {
     named_engine(&folded, "flat file ").ok().flatten()
 }
 
+/// The engine (lower-cased) `map` names in `datastore`, or else implies: a kubeconfig means
+/// Kubernetes, an etcd endpoint etcd. None when it says nothing of it (for a whole
+/// configuration, the local engine). `prefix` names the map in errors (`ipam.`).
 pub(super) fn named_engine(
     map: &Map<String, Value>,
     prefix: &str,

@@ -406,10 +406,6 @@ fn default_binary(agent: bool) -> Result<PathBuf, InstallError> {
     })
 }
 
-/// The flat file on the node, to keep the admin's keys of. None when there is none, or when
-/// what is there cannot be one (a symbolic link, a device, a file over the size cap), which is
-/// replaced. Any other failure to read it stops the start: replacing a file that could not be
-/// read would drop the admin's rules for good.
 /// The key by which a flat file selects another engine than the Kubernetes engine, as the
 /// plugin reads it: `datastore`, else an `etcd_host` without a `kubernetes.kubeconfig`.
 fn another_engine(flat: &serde_json::Map<String, serde_json::Value>) -> Option<&'static str> {
@@ -425,6 +421,10 @@ fn another_engine(flat: &serde_json::Map<String, serde_json::Value>) -> Option<&
     })
 }
 
+/// The flat file on the node, to keep the admin's keys of. None when there is none, or when
+/// what is there cannot be one (a symbolic link, a device, a file over the size cap), which is
+/// replaced. Any other failure to read it stops the start: replacing a file that could not be
+/// read would drop the admin's rules for good.
 fn found_flat_file(path: &Path) -> Result<Option<Vec<u8>>, InstallError> {
     use crate::files::FileError;
     match crate::files::read_config_file(path) {
