@@ -224,9 +224,7 @@ pub fn screen(
         }
     }
     let own_kubeconfig = screen_kubeconfig(inline, flat, trust)?;
-    screen_datastore(inline, flat)?;
-    // The flat file's engine (`screen_datastore` has read it without error).
-    let engine = named_engine(flat, "flat file ")?;
+    let engine = screen_datastore(inline, flat)?;
     let own_endpoint = screen_etcd(inline, flat, trust)?;
     // Only the engine in use counts: an etcd_host left in the flat file of a Kubernetes node
     // (the installer keeps the admin's keys) says nothing about the store.
@@ -304,13 +302,14 @@ fn screen_kubeconfig(
 /// The admin's engine stands, named or implied (a kubeconfig, an etcd endpoint): a network
 /// configuration may only name it again. Another engine would keep this network's
 /// addresses apart from the other nodes' (the local engine: one store per node), and hand
-/// out the same address twice.
+/// out the same address twice. Returns the admin's engine, if the flat file names or implies
+/// one.
 fn screen_datastore(
     inline: &Map<String, Value>,
     flat: &Map<String, Value>,
-) -> Result<(), ConfigError> {
+) -> Result<Option<String>, ConfigError> {
     let Some(admin) = named_engine(flat, "flat file ")? else {
-        return Ok(());
+        return Ok(None);
     };
     if !ENGINES.contains(&admin.as_str()) {
         return Err(invalid(
@@ -328,7 +327,7 @@ fn screen_datastore(
             shown(&chosen)
         )));
     }
-    Ok(())
+    Ok(Some(admin))
 }
 
 /// The engines a `datastore` may name.
