@@ -927,6 +927,38 @@ fn a_gc_keeps_an_orphan_reservation_whose_pod_runs() {
     assert_eq!(full.cni_code(), 100, "{full:?}");
 }
 
+/// A pool entry's pod reference comes from whoever wrote the pool: one no pod can have
+/// (`ns/web/status`) names no pod, and a node's GC frees its entry as a gone pod's, without
+/// putting it into a request's path (where it read pod `web`'s status, and kept the entry for
+/// as long as `web` lived). The live pod's own entry stays.
+#[test]
+fn a_gc_asks_for_no_object_an_entrys_pod_reference_cannot_name() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("gc-pod-references-that-name-no-pod");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    ns.add_pod("web", "Running");
+    let mut pool = upstream_pool("10.109.0.0-29", "10.109.0.0/29", &[]);
+    let entry = |id: &str, pod: String| json!({"id": id, "podref": pod, "ifname": "net1"});
+    pool["spec"]["allocations"] = json!({
+        "1": entry("c-web", format!("{}/web", ns.name)),
+        "2": entry("c-forged", format!("{}/web/status", ns.name)),
+    });
+    ns.create("ippools", pool);
+    let conf = netconf("forged", &ipam("10.109.0.0/29", &kubeconfig, json!({})));
+    let mut gc_conf: Value = serde_json::from_str(&conf).unwrap();
+    gc_conf["cni.dev/valid-attachments"] = json!([]);
+    let gc = Call {
+        node: Some("node-a"),
+        ..call("GC", "", "")
+    };
+    let reply = run(bin(), &gc, &gc_conf.to_string());
+    assert_eq!(reply.code, 0, "{reply:?}");
+    let pool = ns.get("ippools", "10.109.0.0-29").unwrap();
+    let left: Vec<String> = pool_ips(&pool).iter().map(|ip| ip.to_string()).collect();
+    assert_eq!(left, ["10.109.0.1"], "{pool}");
+}
+
 /// `doctor --fix` releases an old orphan reservation as a GC does: while Go binaries may write
 /// the pools, under their Lease and only if no pool holds its address by then.
 #[test]

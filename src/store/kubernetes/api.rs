@@ -478,8 +478,14 @@ impl Kube {
         crate::cleanup::pods::get(&self.client, reference).await
     }
 
-    /// Where the pod `namespace/name` is; [`PodPlace::Gone`] when there is no such pod.
+    /// Where the pod `namespace/name` is; [`PodPlace::Gone`] when there is no such pod. The
+    /// parts come from the store, where anyone who could write it put them: parts no object can
+    /// have (a `/`, `..`, `?`) name no pod, and are not put into a request's path, where they
+    /// would ask for another object.
     pub async fn pod_place(&self, namespace: &str, name: &str) -> Result<PodPlace, ApiError> {
+        if !is_valid_object_name(namespace) || !is_valid_object_name(name) {
+            return Ok(PodPlace::Gone);
+        }
         let what = format!("get pod {namespace}/{name}");
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let pod = self.call(&what, || pods.get_opt(name)).await?;
