@@ -79,7 +79,7 @@ pub enum GoPeers {
 /// counted when it does.
 pub const GO_ACTIVE_WINDOW_SECS: u64 = 24 * 3600;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
     /// Endpoints as given (comma separated in `etcd_host`), with or without scheme.
     pub endpoints: Vec<String>,
@@ -88,6 +88,20 @@ pub struct EtcdConfig {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub ca_cert_file: Option<PathBuf>,
+}
+
+/// Shows no password: a configuration logged whole (`{:?}`) leaks nothing.
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "(hidden)"))
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("ca_cert_file", &self.ca_cert_file)
+            .finish()
+    }
 }
 
 /// The engine that keeps allocations.

@@ -122,13 +122,36 @@ pub fn field<T: DeserializeOwned>(
                 } else {
                     format!(
                         "invalid {path}: {}: {}",
-                        shown(&value.to_string()),
-                        shown(&err.to_string())
+                        shown_closed(&value.to_string()),
+                        shown_closed(&err.to_string())
                     )
                 };
                 ConfigError::invalid(msg)
             }),
     }
+}
+
+/// [`shown`], with a quote its cut left open closed. A field the flat file filled has its
+/// values hidden later by what quotes enclose: an open quote would turn that inside out, and
+/// leave serde's own quoted copy of the value outside quotes.
+fn shown_closed(text: &str) -> String {
+    let mut out = shown(text);
+    let (mut quoted, mut escaped) = (false, false);
+    for c in out.chars() {
+        match (quoted, escaped, c) {
+            (true, false, '\\') => escaped = true,
+            (true, true, _) => escaped = false,
+            (_, _, '"') => quoted = !quoted,
+            _ => {}
+        }
+    }
+    if escaped {
+        out.push('\\');
+    }
+    if quoted {
+        out.push('"');
+    }
+    out
 }
 
 fn is_secret(key: &str) -> bool {

@@ -409,6 +409,12 @@ fn credentials_stay_with_their_endpoint() {
     let admin = json!({"etcd_host": "https://etcd.admin:2379", "etcd_username": "root",
         "etcd_password": "admin-secret"});
     let (_dir, load) = untrusted(admin.clone());
+    // A configuration logged whole shows no password.
+    let shown = format!("{:?}", load(json!({})).unwrap());
+    assert!(
+        shown.contains("etcd.admin") && !shown.contains("admin-secret"),
+        "{shown}"
+    );
     let msg = load(json!({"etcd_host": "http://attacker:2379"})).unwrap_err();
     assert!(
         msg.contains("etcd_host") && !msg.contains("admin-secret"),
@@ -632,6 +638,15 @@ fn refusals_never_show_the_flat_files_values() {
     let (_dir, load) = untrusted(json!({"exclude": ["10.77.5.5/16"]}));
     let msg = load(json!({"range": "fd00::/64"})).unwrap_err();
     assert!(!msg.contains("10.77"), "{msg}");
+    // A value too long to be shown whole is hidden all the same: cut, it once left a quote
+    // open, and the hiding took what serde quotes again for text outside quotes.
+    let long = "correct horse battery staple ".repeat(5);
+    let (_dir, load) = untrusted(json!({"sleep_for_race": long}));
+    let msg = load(json!({})).unwrap_err();
+    assert!(
+        msg.contains("ipam.sleep_for_race") && !msg.contains("horse"),
+        "{msg}"
+    );
     // A refusal of the network configuration's own values shows them.
     let (_dir, load) = untrusted(json!({"log_level": "error"}));
     let msg = load(json!({"range": "10.88.0.0/33"})).unwrap_err();
