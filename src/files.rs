@@ -167,6 +167,24 @@ pub fn shown_within(text: &str, max: usize) -> String {
     out
 }
 
+/// A URL for a message, as [`shown`], without the user information and query it may carry
+/// (`https://user:secret@host/?token=...`): an endpoint is the admin's, and a network
+/// configuration's author reads the messages.
+pub fn shown_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let host = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("…@{host}"),
+        None => authority.to_string(),
+    };
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    shown(&format!("{scheme}{host}{path}"))
+}
+
 /// A path for a message, as [`shown`].
 pub fn shown_path(path: &Path) -> String {
     shown(&path.to_string_lossy())
@@ -175,6 +193,20 @@ pub fn shown_path(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        assert_eq!(
+            shown_url("https://root:s3cret@etcd.admin:2379/v3?token=t#x"),
+            "https://…@etcd.admin:2379/v3"
+        );
+        assert_eq!(shown_url("root:s3cret@etcd:2379"), "…@etcd:2379");
+        assert_eq!(
+            shown_url("https://10.0.0.1:6443/"),
+            "https://10.0.0.1:6443/"
+        );
+        assert_eq!(shown_url("etcd:2379"), "etcd:2379");
+    }
 
     #[test]
     fn symlinks_fifos_and_big_files_are_refused() {

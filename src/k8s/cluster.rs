@@ -442,7 +442,8 @@ fn finish(
         // costs several milliseconds of every plugin call.
         config.root_cert = Some(Vec::new());
     }
-    let server = config.cluster_url.to_string();
+    // As messages show it: without user information.
+    let server = crate::files::shown_url(&config.cluster_url.to_string());
     let client = kube::client::ClientBuilder::try_from(config)
         .map_err(|err| {
             ClusterError::because(

@@ -67,13 +67,15 @@ pub fn endpoints(cfg: &EtcdConfig) -> Result<Vec<String>, StoreError> {
         let with_scheme = if e.starts_with("http://") || e.starts_with("https://") {
             if tls && e.starts_with("http://") {
                 return Err(StoreError::config(format!(
-                    "etcd endpoint {e:?} uses http:// but TLS files are configured; use https://"
+                    "etcd endpoint {:?} uses http:// but TLS files are configured; use https://",
+                    crate::files::shown_url(e)
                 )));
             }
             e.to_string()
         } else if e.contains("://") {
             return Err(StoreError::config(format!(
-                "etcd endpoint {e:?} has an unsupported scheme (expected http:// or https://)"
+                "etcd endpoint {:?} has an unsupported scheme (expected http:// or https://)",
+                crate::files::shown_url(e)
             )));
         } else if tls {
             format!("https://{e}")
@@ -101,7 +103,7 @@ pub fn require_tls_for_credentials(
         Some(plain) if has_credentials && !insecure_tls => Err(StoreError::config(format!(
             "etcd credentials are only sent over TLS, and endpoint {:?} is plain http:// \
              (use https:// with ipam.etcd_ca_cert_file, or allow_insecure_tls in the flat file)",
-            crate::files::shown(plain)
+            crate::files::shown_url(plain)
         ))),
         _ => Ok(()),
     }

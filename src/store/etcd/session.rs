@@ -17,6 +17,7 @@ use tokio::runtime::{Handle, Runtime};
 use super::connect::{self, Timeouts, TlsFiles};
 use super::keys::Keys;
 use crate::config::EtcdConfig;
+use crate::files::shown_url;
 use crate::store::queues::lock;
 use crate::store::StoreError;
 
@@ -588,6 +589,11 @@ fn dial(
     let connected = rt.block_on(async {
         tokio::time::timeout(wait, Client::connect(endpoints, Some(options))).await
     });
+    // The endpoints as messages show them: without user information.
+    let at = || {
+        let shown: Vec<String> = endpoints.iter().map(|e| shown_url(e)).collect();
+        shown.join(",")
+    };
     let client = match connected {
         Ok(Ok(client)) => client,
         Ok(Err(etcd_client::Error::InvalidArgs(msg))) => {
@@ -602,21 +608,19 @@ fn dial(
         {
             return Err(StoreError::config(format!(
                 "etcd at {} refused the credentials of ipam.etcd_username: {}",
-                endpoints.join(","),
+                at(),
                 status.message()
             )))
         }
         Ok(Err(e)) => {
-            return Err(StoreError::try_again(format!(
-                "cannot connect to etcd at {}",
-                endpoints.join(",")
-            ))
-            .because(e))
+            return Err(
+                StoreError::try_again(format!("cannot connect to etcd at {}", at())).because(e),
+            )
         }
         Err(_) => {
             return Err(StoreError::try_again(format!(
                 "timed out after {wait:?} connecting to etcd at {}",
-                endpoints.join(",")
+                at()
             )))
         }
     };
