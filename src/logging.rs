@@ -9,7 +9,10 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use tracing::Level;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogLevel;
 use crate::files;
@@ -32,6 +35,12 @@ pub fn init(log_file: Option<&Path>, log_level: Option<LogLevel>) {
         .with_max_level(level(log_level))
         .with_ansi(false)
         .with_target(false);
+    // The level asked for is ours; the libraries (HTTP, TLS, the Kubernetes client) speak only
+    // of what went wrong: their debug events (a span per request, each handshake's steps) would
+    // bury ours and cost every call their formatting.
+    let ours = Targets::new()
+        .with_target(env!("CARGO_CRATE_NAME"), level(log_level))
+        .with_default(Level::WARN);
     let file = log_file.and_then(|path| {
         files::open_append(path)
             .map_err(|err| {
@@ -43,8 +52,14 @@ pub fn init(log_file: Option<&Path>, log_level: Option<LogLevel>) {
             .ok()
     });
     let _ = match file {
-        Some(file) => builder.with_writer(Escaping(Mutex::new(file))).try_init(),
-        None => builder.with_writer(Escaping(io::stderr)).try_init(),
+        Some(file) => {
+            let writer = Escaping(Mutex::new(file));
+            builder.with_writer(writer).finish().with(ours).try_init()
+        }
+        None => {
+            let writer = Escaping(io::stderr);
+            builder.with_writer(writer).finish().with(ours).try_init()
+        }
     };
 }
 

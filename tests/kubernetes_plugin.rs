@@ -338,6 +338,26 @@ fn an_entry_without_an_interface_name_is_its_containers() {
     assert_eq!(left, ["4"], "the DEL of go-3 freed {pool}");
 }
 
+/// At `log_level: debug` the log is the plugin's: the HTTP and TLS libraries' debug events (a
+/// span per request, each handshake's steps) are left out; their warnings would stay.
+#[test]
+fn a_debug_log_holds_the_plugins_events_not_the_libraries() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-debug-log-holds-the-plugins-events");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let debug = json!({"log_level": "debug"});
+    let conf = netconf("logged", &ipam("10.94.0.0/28", &kubeconfig, debug));
+    let add = run(bin(), &call("ADD", "logged-1", "pod-1"), &conf);
+    assert_eq!(add.code, 0, "{add:?}");
+    assert!(add.stderr.contains("allocated"), "{add:?}");
+    let lines: Vec<&str> = add.stderr.lines().collect();
+    assert!(
+        lines.len() < 10 && !add.stderr.contains("http.method"),
+        "{lines:#?}"
+    );
+}
+
 /// An address held twice already (its reservation lost, then taken through an overlapping
 /// range) is not handed on to the first holder's new sandbox: its repeated ADD is refused (code
 /// 101), and the runtime's DEL of it frees its entry and leaves the other's reservation.
