@@ -694,6 +694,43 @@ fn a_failed_node_slice_pass_is_tried_again() {
     );
 }
 
+/// A network that cannot be sliced (a slice size larger than its range) fails no pass: it is
+/// logged, and another network's new node gets its slice in the next pass, not after a
+/// back-off that grows while the broken network stays. On the fake: nodes are added at will.
+#[test]
+fn a_network_that_cannot_be_sliced_holds_no_other_back() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    server.add_node("node-a");
+    let broken = json!({"cniVersion": "0.3.1", "name": "too-wide", "type": "macvlan",
+        "ipam": {"type": "whereabouts", "range": "10.62.0.0/24", "node_slice_size": "/16"}});
+    let fine = json!({"cniVersion": "0.3.1", "name": "fine", "type": "macvlan",
+        "ipam": {"type": "whereabouts", "range": "10.63.0.0/24", "node_slice_size": "/26"}});
+    server.add_nad("default", "too-wide", &broken);
+    server.add_nad("default", "fine", &fine);
+    let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
+        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}, "log_level": "verbose"}});
+    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
+    awaited_slice(&server, "fine", "node-a", Duration::from_secs(20));
+    // A node added once the first pass is over is served by a later pass.
+    server.add_node("node-b");
+    assert_eq!(
+        awaited_slice(&server, "fine", "node-b", Duration::from_secs(20)),
+        "10.63.0.64/26"
+    );
+    assert!(ctl.log().contains("too-wide"), "{}", ctl.log());
+    assert!(
+        server.get("nodeslicepools", NS, "too-wide").is_none(),
+        "a pool made for a layout that cannot be sliced"
+    );
+    assert_eq!(
+        ctl.metric("whereabouts_retries_total").unwrap_or(0.0),
+        0.0,
+        "a pass failed for the network that cannot be sliced"
+    );
+}
+
 #[test]
 fn node_slices_follow_nodes_ipv4_and_ipv6() {
     // On the fake: the exact slice layout needs a cluster whose only Nodes are this test's,

@@ -437,8 +437,16 @@ async fn sync_pool(
         networks: &held.networks,
     };
     let pools = network_pools(want, &held.pools, &names);
-    let (pool, plan) = desired_pool(existing, want, nodes, &pools)
-        .map_err(|e| format!("NodeSlicePool {} ({}): {e}", want.name, want.source))?;
+    let (pool, plan) = match desired_pool(existing, want, nodes, &pools) {
+        Ok(desired) => desired,
+        // The network's layout cannot be sliced (a slice larger than its range): no
+        // pass can do better until its NetworkAttachmentDefinition changes, which wakes the
+        // loop. Failing the pass would hold every other network's new nodes in its back-off.
+        Err(err) => {
+            tracing::warn!(pool = %want.name, source = %want.source, %err, "NodeSlicePool not made: the network cannot be sliced");
+            return Ok(());
+        }
+    };
     if !plan.unassigned.is_empty() {
         tracing::warn!(pool = %want.name, nodes = ?plan.unassigned, "no free slice left for these nodes");
     }
