@@ -1178,6 +1178,62 @@ fn status_fails_while_the_namespace_is_missing() {
     ns.delete("namespaces", &ns.name);
 }
 
+/// A DEL on a node whose slice the configuration does not allocate from (its bounds changed
+/// since the ADD, or the network was renumbered and the runtime deletes with the ADD's
+/// configuration) succeeds and frees what the node's pool holds for the attachment: a DEL
+/// that fails leaves the pod's sandbox for ever in teardown.
+#[test]
+fn a_del_succeeds_whatever_the_nodes_slice_is_to_its_configuration() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-del-succeeds-whatever-the-nodes-slice");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    ns.create(
+        "nodeslicepools",
+        json!({
+            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+            "kind": "NodeSlicePool",
+            "metadata": {"name": "bounded"},
+            "spec": {"range": "10.121.0.0/24", "sliceSize": "/28"},
+            "status": {"allocations": [
+                {"nodeName": "node-a", "sliceRange": "10.121.0.0/28"},
+                {"nodeName": "node-b", "sliceRange": "10.121.0.16/28"},
+            ]},
+        }),
+    );
+    let conf = |range: &str, extra: Value| {
+        let mut extra = extra;
+        extra["network_name"] = "bounded".into();
+        extra["node_slice_size"] = "/28".into();
+        netconf("bounded", &ipam(range, &kubeconfig, extra))
+    };
+    let on_a = |command: &'static str, c: &'static str| Call {
+        node: Some("node-a"),
+        ..call(command, c, c)
+    };
+    let whole = conf("10.121.0.0/24", json!({}));
+    let add = run(bin(), &on_a("ADD", "held"), &whole);
+    assert_eq!(add.ips(), ["10.121.0.1"], "{add:?}");
+    // The range now starts past node-a's slice: no ADD there, but the DEL frees the entry.
+    let bounded = conf("10.121.0.0/24", json!({"range_start": "10.121.0.16"}));
+    let refused = run(bin(), &on_a("ADD", "new"), &bounded);
+    assert_ne!(refused.code, 0, "{refused:?}");
+    for c in ["new", "held"] {
+        let del = run(bin(), &on_a("DEL", c), &bounded);
+        assert_eq!(del.code, 0, "{del:?}");
+    }
+    let pool = ns.get("ippools", "bounded-node-a-10.121.0.0-28").unwrap();
+    assert!(pool_ips(&pool).is_empty(), "{pool}");
+    // Renumbered: the NodeSlicePool follows the new range, the DEL brings the old one.
+    let add = run(bin(), &on_a("ADD", "before"), &whole);
+    assert_eq!(add.code, 0, "{add:?}");
+    let old = conf("10.99.0.0/24", json!({}));
+    let del = run(bin(), &on_a("DEL", "old"), &old);
+    assert_eq!(del.code, 0, "{del:?}");
+    let check = run(bin(), &on_a("CHECK", "before"), &old);
+    assert_eq!(check.cni_code(), 102, "{check:?}");
+}
+
 #[test]
 fn node_slices_from_a_nodeslicepool() {
     let plane = real_cluster!();

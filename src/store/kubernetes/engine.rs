@@ -226,8 +226,8 @@ impl UndoLog {
 }
 
 impl Engine {
-    /// The pool an operation works on: the configured one, or this node's slice of it.
-    pub async fn effective_pool(
+    /// The pool an ADD allocates from: the configured one, or this node's slice of it.
+    async fn effective_pool(
         &self,
         configured: &PoolRef,
         node_slice_size: Option<u8>,
@@ -237,6 +237,19 @@ impl Engine {
         if node_slice_size.is_none() {
             return Ok(Some(configured.clone()));
         }
+        let Some((slice, node)) = self.node_slice(network_name, cni_network).await? else {
+            return Ok(None);
+        };
+        node_slice::node_pool(configured, slice, network_name, &node).map(Some)
+    }
+
+    /// This node's slice of a sliced network, and the node's name: none while the
+    /// NodeSlicePool assigns it none.
+    pub async fn node_slice(
+        &self,
+        network_name: &str,
+        cni_network: &str,
+    ) -> Result<Option<(Cidr, String)>, StoreError> {
         let node = node_slice::node_name(self.configuration_path.as_deref())?;
         let name = node_slice::slice_pool_name(network_name, cni_network);
         let Some(slices) = self
@@ -247,10 +260,7 @@ impl Engine {
         else {
             return Ok(None);
         };
-        let Some(slice) = node_slice::slice_of(&slices, &node)? else {
-            return Ok(None);
-        };
-        node_slice::node_pool(configured, slice, network_name, &node).map(Some)
+        Ok(node_slice::slice_of(&slices, &node)?.map(|slice| (slice, node)))
     }
 
     /// As [`Engine::effective_pool`], for an ADD: a missing slice is a clear error.

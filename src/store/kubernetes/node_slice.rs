@@ -36,8 +36,8 @@ pub fn slice_of(pool: &NodeSlicePool, node: &str) -> Result<Option<Cidr>, StoreE
         })
 }
 
-/// The node's pool: the configured range narrowed to the slice, keeping its bounds, exclusions
-/// and gateway.
+/// The node's pool to allocate from: the configured range narrowed to the slice, keeping its
+/// bounds, exclusions and gateway.
 pub fn node_pool(
     configured: &PoolRef,
     slice: Cidr,
@@ -45,19 +45,15 @@ pub fn node_pool(
     node: &str,
 ) -> Result<PoolRef, StoreError> {
     let whole = configured.range.cidr;
-    if !whole.overlaps(&slice) || slice.prefix < whole.prefix {
+    if !is_slice_of(slice, whole) {
         return Err(StoreError::config(format!(
-            "this node's slice {slice} is not inside the configured range {whole}"
+            "this node's slice {slice} is not inside the configured range {whole} (the \
+             NodeSlicePool divides the configuration's first range only, and follows its \
+             NetworkAttachmentDefinition)"
         )));
     }
-    let spec = RangeSpec {
-        cidr: slice,
-        start: None,
-        end: None,
-        exclude: configured.spec.exclude.clone(),
-    };
-    let mut range = Range::resolve(&spec, configured.gateway)
-        .map_err(|err| StoreError::config(format!("node slice {slice}")).because(err))?;
+    let mut pool = slice_pool(configured, slice, network_name, node)?;
+    let range = &mut pool.range;
     // The configured bounds, as absolute values, intersected with the slice's own.
     let lo = whole.base() + configured.range.first;
     let hi = whole.base() + configured.range.last;
@@ -71,6 +67,45 @@ pub fn node_pool(
     }
     range.first = first - slice.base();
     range.last = last - slice.base();
+    Ok(pool)
+}
+
+/// The node's pool as a DEL, CHECK or GC looks in it: the slice's pool whatever the configured
+/// bounds, which decide only where an ADD takes an address. None when the slice is not of the
+/// configured range (the range was changed, or it is not the first of the configuration): no
+/// address of this range was ever drawn from it, and such a DEL must not fail, or the pod's
+/// sandbox would never be torn down.
+pub fn pool_to_release(
+    configured: &PoolRef,
+    slice: Cidr,
+    network_name: &str,
+    node: &str,
+) -> Option<PoolRef> {
+    if !is_slice_of(slice, configured.range.cidr) {
+        return None;
+    }
+    slice_pool(configured, slice, network_name, node).ok()
+}
+
+fn is_slice_of(slice: Cidr, whole: Cidr) -> bool {
+    whole.overlaps(&slice) && slice.prefix >= whole.prefix
+}
+
+/// The slice's pool with the configured exclusions and gateway, before the bounds narrow it.
+fn slice_pool(
+    configured: &PoolRef,
+    slice: Cidr,
+    network_name: &str,
+    node: &str,
+) -> Result<PoolRef, StoreError> {
+    let spec = RangeSpec {
+        cidr: slice,
+        start: None,
+        end: None,
+        exclude: configured.spec.exclude.clone(),
+    };
+    let range = Range::resolve(&spec, configured.gateway)
+        .map_err(|err| StoreError::config(format!("node slice {slice}")).because(err))?;
     Ok(PoolRef {
         name: pool_name(&slice, network_name, Some(node)),
         spec,
@@ -123,5 +158,19 @@ mod tests {
         assert_eq!(other.range.first, 1);
         let outside = Cidr::parse("10.1.0.0/24", false).unwrap();
         assert!(node_pool(&pool, outside, "", "n").is_err());
+        assert!(pool_to_release(&pool, outside, "", "n").is_none());
+    }
+
+    #[test]
+    fn a_slice_outside_the_bounds_is_no_pool_to_allocate_from_but_one_to_release_from() {
+        let pool = configured("10.0.0.0/16", Some("10.0.1.0"), &[], None);
+        let below = Cidr::parse("10.0.0.0/24", false).unwrap();
+        assert!(matches!(
+            node_pool(&pool, below, "net", "n"),
+            Err(StoreError::Exhausted { .. })
+        ));
+        let held = pool_to_release(&pool, below, "net", "n").unwrap();
+        assert_eq!(held.name, "net-n-10.0.0.0-24");
+        assert_eq!((held.range.first, held.range.last), (1, 254));
     }
 }

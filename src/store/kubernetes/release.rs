@@ -11,6 +11,7 @@ use super::api::{ApiError, RefusedWrite};
 use super::batch::{answers, in_halves, released_by, Batches, PendingRelease, Served};
 use super::engine::{newer, Engine, Owed};
 use super::go_lease::Hold;
+use super::node_slice;
 use super::pool_doc::{holder_test, remove_op, Entry, PoolDoc};
 use super::reservation;
 use crate::cleanup::judge::{leaked_on_node, PodPlace};
@@ -341,13 +342,22 @@ impl Engine {
         network_name: &str,
         cni_network: &str,
     ) -> Result<Vec<(Cidr, PoolRef)>, StoreError> {
+        let unsliced = configured
+            .iter()
+            .map(|pool| (pool.range.cidr, pool.clone()));
+        if node_slice_size.is_none() {
+            return Ok(unsliced.collect());
+        }
+        let Some((slice, node)) = self.node_slice(network_name, cni_network).await? else {
+            return Ok(Vec::new());
+        };
         let mut pools = Vec::with_capacity(configured.len());
         for pool in configured {
-            if let Some(effective) = self
-                .effective_pool(pool, node_slice_size, network_name, cni_network)
-                .await?
-            {
-                pools.push((pool.range.cidr, effective));
+            match node_slice::pool_to_release(pool, slice, network_name, &node) {
+                Some(held) => pools.push((pool.range.cidr, held)),
+                None => {
+                    tracing::debug!(%slice, range = %pool.range.cidr, "this node's slice is not of the range: nothing of it is looked for")
+                }
             }
         }
         Ok(pools)
