@@ -18,11 +18,11 @@ use serde_json::Value;
 use super::described::pool_part;
 use super::leader::Leadership;
 use super::metrics::Metrics;
-use super::slices::assign;
+use super::slices::{assign, unusable_slices};
 use crate::cli::store_args::ipam_of;
 use crate::config;
 use crate::ipam::names::{is_valid_object_name, object_name, pool_name};
-use crate::ipam::Cidr;
+use crate::ipam::{Cidr, Range};
 use crate::k8s::crd::{
     IPPool, NodeSliceAllocation, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus,
 };
@@ -53,6 +53,9 @@ pub struct Wanted {
     pub network_name: String,
     /// The NetworkAttachmentDefinition it came from, for messages.
     pub source: String,
+    /// The slices a new node must not get: it could hand out no address of them (outside the
+    /// bounds, excluded), as blocks.
+    pub unusable: Vec<Cidr>,
     /// The NetworkAttachmentDefinitions of the pool's namespace that ask for it, as owner
     /// references (the first, the oldest, as the controller), as the Go controller sets them.
     pub owners: Vec<OwnerReference>,
@@ -85,11 +88,12 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
     let Some(size) = cfg.node_slice_size else {
         return Ok(None);
     };
-    let range = cfg
+    let spec = cfg
         .ranges
         .first()
-        .ok_or_else(|| format!("{source}: node_slice_size is set but no range is"))?
-        .cidr;
+        .ok_or_else(|| format!("{source}: node_slice_size is set but no range is"))?;
+    let range = spec.cidr;
+    let usable = Range::resolve(spec, cfg.gateway).map_err(|e| format!("{source}: {e}"))?;
     let cni_network = conf.get("name").and_then(Value::as_str).unwrap_or("");
     let size_text = ipam
         .as_object()
@@ -110,6 +114,7 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
         name,
         range: range.network(),
         size,
+        unusable: unusable_slices(&range, size, &usable),
         size_text,
         network_name: cfg.network_name.clone(),
         source: source.to_string(),
@@ -520,7 +525,9 @@ fn desired_pool(
         .map(|s| s.allocations.clone())
         .unwrap_or_default();
     current.extend(pools.by_node.iter().cloned());
-    let plan = assign(&want.range, want.size, nodes, &current, &pools.busy)?;
+    let mut busy = pools.busy.clone();
+    busy.extend(want.unusable.iter().copied());
+    let plan = assign(&want.range, want.size, nodes, &current, &busy)?;
     let status = Some(NodeSlicePoolStatus {
         allocations: plan.allocations.clone(),
     });
@@ -600,6 +607,11 @@ mod tests {
         assert_eq!(w.size_text, "/24");
         let bare = r#"{"name":"net-d","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"24"}}"#;
         assert_eq!(wanted("nad", bare).unwrap().unwrap().size_text, "24");
+        // The bounds and exclusions keep new nodes off slices they could hand nothing out of.
+        let bounded = r#"{"name":"net-e","ipam":{"type":"whereabouts","range":"10.1.0.0/16","range_start":"10.1.128.0","exclude":["10.1.192.0/18"],"node_slice_size":"/24"}}"#;
+        let unusable = wanted("nad", bounded).unwrap().unwrap().unusable;
+        let shown: Vec<String> = unusable.iter().map(Cidr::to_string).collect();
+        assert_eq!(shown, ["10.1.0.0/17", "10.1.192.0/18"]);
     }
 
     fn nad(namespace: &str, name: &str, size: &str) -> Arc<DynamicObject> {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::ipam::slices::{slice_at, slice_count, slice_index, SliceError};
-use crate::ipam::Cidr;
+use crate::ipam::{Cidr, Range};
 use crate::k8s::crd::NodeSliceAllocation;
 
 /// Up to this many slices, the status lists every slice, free ones with an empty node name
@@ -125,6 +125,64 @@ pub fn assign(
     })
 }
 
+/// The slices of `range` (prefix length `size`) from which a node could hand out no address of
+/// `usable` (the configured range resolved), as blocks a new node passes over like busy ranges:
+/// those wholly before `range_start` or after `range_end`, and the exclusions that cover whole
+/// slices. A slice's pool loses its own first and last address too, as the plugin resolves it
+/// (`store::kubernetes::node_slice`). Blocks, not slices: a bound far into an IPv6 range leaves
+/// more slices before it than could be counted one by one.
+pub fn unusable_slices(range: &Cidr, size: u8, usable: &Range) -> Vec<Cidr> {
+    let range = range.network();
+    let step_bits = u32::from(range.bits().saturating_sub(size));
+    let span_bits = u32::from(size.saturating_sub(range.prefix));
+    // A slice of fewer than four addresses has none to hand out (the plugin refuses such sizes);
+    // one slice of the whole range is the range itself.
+    if step_bits < 2 || span_bits == 0 || step_bits >= 128 || span_bits >= 128 {
+        return Vec::new();
+    }
+    let step = 1u128 << step_bits;
+    let total = 1u128 << span_bits;
+    // The first slice whose last usable offset reaches `first`, and the first one past `last`.
+    let below = if usable.first.saturating_add(2) <= step {
+        0
+    } else {
+        (usable.first + 1) / step
+    };
+    let above = ((usable.last - 1) / step + 1).min(total);
+    let mut blocks = index_blocks(&range, size, (0, below.min(total)));
+    blocks.extend(index_blocks(&range, size, (above.max(below), total)));
+    let whole_slices = usable.blocked.as_slice().iter().filter_map(|&(a, b)| {
+        // The slices whose usable offsets (all but their first and last) lie within `a..=b`.
+        let from = a.saturating_sub(1).div_ceil(step);
+        let to = (b.checked_add(2)? / step).min(total);
+        (from < to).then_some((from, to))
+    });
+    for span in whole_slices {
+        blocks.extend(index_blocks(&range, size, span));
+    }
+    blocks
+}
+
+/// The slices `from..to` of `range` as the fewest CIDRs, each whole slices.
+fn index_blocks(range: &Cidr, size: u8, (mut from, to): (u128, u128)) -> Vec<Cidr> {
+    let mut blocks = Vec::new();
+    while from < to {
+        // The largest aligned run of slices that starts at `from` and ends by `to`.
+        let mut bits = from.trailing_zeros().min(127);
+        while bits > 0 && to - from < 1u128 << bits {
+            bits -= 1;
+        }
+        let first = slice_at(range, size, from);
+        let prefix = size.saturating_sub(u8::try_from(bits).unwrap_or(u8::MAX));
+        blocks.push(Cidr {
+            addr: first.addr,
+            prefix: prefix.max(range.prefix),
+        });
+        from += 1u128 << bits;
+    }
+    blocks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +276,74 @@ mod tests {
         let small = assign(&v4, 26, &two, &[], &busy(&["10.0.0.5/32"])).unwrap();
         assert_eq!(owner(&small, "10.0.0.64/26"), "a");
         assert_eq!(owner(&small, "10.0.0.0/26"), "");
+    }
+
+    fn usable(range: &str, start: Option<&str>, end: Option<&str>, exclude: &[&str]) -> Range {
+        let spec = crate::ipam::RangeSpec {
+            cidr: Cidr::parse(range, false).unwrap(),
+            start: start.map(|s| s.parse().unwrap()),
+            end: end.map(|s| s.parse().unwrap()),
+            exclude: exclude
+                .iter()
+                .map(|e| Cidr::parse(e, false).unwrap())
+                .collect(),
+        };
+        Range::resolve(&spec, None).unwrap()
+    }
+
+    fn shown(blocks: &[Cidr]) -> Vec<String> {
+        blocks.iter().map(Cidr::to_string).collect()
+    }
+
+    /// A new node gets a slice it can hand addresses out of: none wholly before `range_start`
+    /// or after `range_end`, none wholly excluded.
+    #[test]
+    fn slices_without_a_usable_address_are_passed_over() {
+        let range = Cidr::parse("10.0.0.0/16", false).unwrap();
+        let bounded = usable("10.0.0.0/16", Some("10.0.100.0"), Some("10.0.101.255"), &[]);
+        let blocks = unusable_slices(&range, 24, &bounded);
+        assert_eq!(
+            shown(&blocks),
+            [
+                "10.0.0.0/18",
+                "10.0.64.0/19",
+                "10.0.96.0/22",
+                "10.0.102.0/23",
+                "10.0.104.0/21",
+                "10.0.112.0/20",
+                "10.0.128.0/17"
+            ]
+        );
+        let busy: HashSet<Cidr> = blocks.into_iter().collect();
+        let plan = assign(&range, 24, &nodes(&["a", "b", "c"]), &[], &busy).unwrap();
+        assert_eq!(owner(&plan, "10.0.100.0/24"), "a");
+        assert_eq!(owner(&plan, "10.0.101.0/24"), "b");
+        assert_eq!(plan.unassigned, ["c"]);
+        // A bound on a slice's own last address (its broadcast) leaves that slice nothing.
+        let edge = usable("10.0.0.0/24", Some("10.0.0.63"), None, &[]);
+        assert_eq!(
+            shown(&unusable_slices(
+                &Cidr::parse("10.0.0.0/24", false).unwrap(),
+                26,
+                &edge
+            )),
+            ["10.0.0.0/26"]
+        );
+        let edge = usable("10.0.0.0/24", Some("10.0.0.62"), None, &[]);
+        assert!(unusable_slices(&Cidr::parse("10.0.0.0/24", false).unwrap(), 26, &edge).is_empty());
+        // Exclusions covering whole slices, and only those.
+        let excluded = usable("10.0.0.0/16", None, None, &["10.0.0.0/20", "10.0.16.5/32"]);
+        assert_eq!(
+            shown(&unusable_slices(&range, 24, &excluded)),
+            ["10.0.0.0/20"]
+        );
+        // Far into an IPv6 range: blocks, at once.
+        let v6 = Cidr::parse("fd00::/64", false).unwrap();
+        let far = usable("fd00::/64", Some("fd00::8000:0:0:0"), None, &[]);
+        assert_eq!(shown(&unusable_slices(&v6, 120, &far)), ["fd00::/65"]);
+        // One slice of the whole range, or slices too small to hold an address: nothing.
+        assert!(unusable_slices(&range, 16, &bounded).is_empty());
+        assert!(unusable_slices(&range, 31, &bounded).is_empty());
     }
 
     #[test]
