@@ -19,20 +19,27 @@ record_pid() {
   started_at "$2" >"${1%.pid}.started" || rm -f "${1%.pid}.started"
 }
 
-# Whether the process FILE names still runs: the same PID, started at the same time.
+# Whether the process FILE names still runs: the same PID, started at the same time. A PID
+# file of the scripts before start times were kept has no FILE.started: its process counts
+# when its program is COMMAND, so that `down` still stops it.
 recorded_alive() {
-  local pid started
-  [ -f "$1" ] && [ -f "${1%.pid}.started" ] || return 1
+  local pid started program=
+  [ -f "$1" ] || return 1
   pid=$(cat "$1")
+  if [ ! -f "${1%.pid}.started" ]; then
+    read -r -d '' program <"/proc/$pid/cmdline" 2>/dev/null || true
+    [ -n "${2:-}" ] && [ "${program##*/}" = "$2" ]
+    return
+  fi
   started=$(started_at "$pid") || return 1
   [ "$started" = "$(cat "${1%.pid}.started")" ]
 }
 
-# Stops the process FILE names (SIGTERM, then SIGKILL after ten seconds), if it still runs,
-# and forgets it.
+# Stops the process FILE names (SIGTERM, then SIGKILL after ten seconds), if it still runs
+# (COMMAND as for recorded_alive), and forgets it.
 stop_recorded() {
   local pid
-  if recorded_alive "$1"; then
+  if recorded_alive "$1" "${2:-}"; then
     pid=$(cat "$1")
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
