@@ -175,14 +175,14 @@ pub fn shown_url(url: &str) -> String {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => (String::new(), url),
     };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let host = match authority.rsplit_once('@') {
-        Some((_, host)) => format!("…@{host}"),
-        None => authority.to_string(),
+    // Everything up to the last `@`: a password may hold `/`, `?` or `#` unescaped, which
+    // would end the authority early (a path's own `@` costs the host in the message, no more).
+    let (hidden, rest) = match rest.rsplit_once('@') {
+        Some((_, after)) => ("…@", after),
+        None => ("", rest),
     };
-    let path = path.split(['?', '#']).next().unwrap_or_default();
-    shown(&format!("{scheme}{host}{path}"))
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    shown(&format!("{scheme}{hidden}{rest}"))
 }
 
 /// A path for a message, as [`shown`].
@@ -206,6 +206,14 @@ mod tests {
             "https://10.0.0.1:6443/"
         );
         assert_eq!(shown_url("etcd:2379"), "etcd:2379");
+        assert_eq!(
+            shown_url("https://root:p?s/s#x@etcd:2379"),
+            "https://…@etcd:2379"
+        );
+        assert_eq!(
+            shown_url("https://[fd00::1]:2379"),
+            "https://[fd00::1]:2379"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use crate::cni::types::{Dns, Route};
+use crate::files::shown_url;
 use crate::ipam::{Cidr, RangeSpec};
 
 /// Where the embedded store keeps its database unless `local_path` says otherwise.
@@ -90,13 +91,16 @@ pub struct EtcdConfig {
     pub ca_cert_file: Option<PathBuf>,
 }
 
-/// Shows no password: a configuration logged whole (`{:?}`) leaks nothing.
+/// Shows no credentials (user name, password, user information in an endpoint): a
+/// configuration logged whole (`{:?}`) leaks none.
 impl std::fmt::Debug for EtcdConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |set: &Option<String>| set.as_ref().map(|_| "(hidden)");
+        let endpoints: Vec<String> = self.endpoints.iter().map(|e| shown_url(e)).collect();
         f.debug_struct("EtcdConfig")
-            .field("endpoints", &self.endpoints)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "(hidden)"))
+            .field("endpoints", &endpoints)
+            .field("username", &hidden(&self.username))
+            .field("password", &hidden(&self.password))
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
             .field("ca_cert_file", &self.ca_cert_file)

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::ipam::slices::{slice_at, slice_count, slice_index, SliceError};
-use crate::ipam::{Cidr, Range};
+use crate::ipam::{Cidr, Intervals, Range};
 use crate::k8s::crd::NodeSliceAllocation;
 
 /// Up to this many slices, the status lists every slice, free ones with an empty node name
@@ -142,23 +142,28 @@ pub fn unusable_slices(range: &Cidr, size: u8, usable: &Range) -> Vec<Cidr> {
     }
     let step = 1u128 << step_bits;
     let total = 1u128 << span_bits;
-    // The first slice whose last usable offset reaches `first`, and the first one past `last`.
-    let below = if usable.first.saturating_add(2) <= step {
-        0
-    } else {
-        (usable.first + 1) / step
-    };
-    let above = ((usable.last - 1) / step + 1).min(total);
-    let mut blocks = index_blocks(&range, size, (0, below.min(total)));
-    blocks.extend(index_blocks(&range, size, (above.max(below), total)));
-    let whole_slices = usable.blocked.as_slice().iter().filter_map(|&(a, b)| {
+    // What the node may not hand out: the exclusions, and all before `first` and after `last`,
+    // as one set of intervals, so that a slice the bounds and an exclusion empty together is
+    // found too.
+    let mut blocked = usable.blocked.as_slice().to_vec();
+    if usable.first > 0 {
+        blocked.push((0, usable.first - 1));
+    }
+    if usable.last < range.last_offset() {
+        blocked.push((usable.last + 1, range.last_offset()));
+    }
+    let blocked = Intervals::from_unsorted(blocked);
+    let mut blocks = Vec::new();
+    for &(a, b) in blocked.as_slice() {
         // The slices whose usable offsets (all but their first and last) lie within `a..=b`.
         let from = a.saturating_sub(1).div_ceil(step);
-        let to = (b.checked_add(2)? / step).min(total);
-        (from < to).then_some((from, to))
-    });
-    for span in whole_slices {
-        blocks.extend(index_blocks(&range, size, span));
+        let to = match b.checked_sub(step - 2) {
+            Some(rest) => (rest / step + 1).min(total),
+            None => 0,
+        };
+        if from < to {
+            blocks.extend(index_blocks(&range, size, (from, to)));
+        }
     }
     blocks
 }
@@ -337,6 +342,18 @@ mod tests {
             shown(&unusable_slices(&range, 24, &excluded)),
             ["10.0.0.0/20"]
         );
+        // A slice the bounds and an exclusion empty together, at either end.
+        let start_and_exclude = usable("10.0.0.0/16", Some("10.0.0.128"), None, &["10.0.0.128/25"]);
+        let blocks = unusable_slices(&range, 24, &start_and_exclude);
+        assert_eq!(shown(&blocks), ["10.0.0.0/24"]);
+        let exclude_and_end = usable(
+            "10.0.0.0/16",
+            None,
+            Some("10.0.255.127"),
+            &["10.0.255.0/25"],
+        );
+        let blocks = unusable_slices(&range, 24, &exclude_and_end);
+        assert_eq!(shown(&blocks), ["10.0.255.0/24"]);
         // Far into an IPv6 range: blocks, at once.
         let v6 = Cidr::parse("fd00::/64", false).unwrap();
         let far = usable("fd00::/64", Some("fd00::8000:0:0:0"), None, &[]);
