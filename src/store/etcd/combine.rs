@@ -388,11 +388,12 @@ fn each_alone_after(operation: &str, failed: &CallFailed) {
 
 /// Runs `op` for each request left, each on a thread of its own when there are several (the
 /// engine's calls block), and puts its answer in place. A thread the system refuses (a pod's
-/// process limit) leaves its request unanswered, which its caller answers "try again".
+/// process limit) leaves its request unanswered, which its caller answers "try again"; so does
+/// a request whose `op` panics, while the batch's other answers (some of them committed) stand.
 fn side_by_side<T: Send, R: Send>(left: Vec<(&mut Option<R>, T)>, op: impl Fn(T) -> R + Sync) {
     if left.len() == 1 {
         for (answer, req) in left {
-            *answer = Some(op(req));
+            *answer = unless_panicking(&op, req);
         }
         return;
     }
@@ -400,11 +401,21 @@ fn side_by_side<T: Send, R: Send>(left: Vec<(&mut Option<R>, T)>, op: impl Fn(T)
         for (answer, req) in left {
             let op = &op;
             let thread = std::thread::Builder::new();
-            if let Err(err) = thread.spawn_scoped(scope, move || *answer = Some(op(req))) {
+            let run = move || *answer = unless_panicking(op, req);
+            if let Err(err) = thread.spawn_scoped(scope, run) {
                 tracing::warn!(%err, "cannot start a thread for a request: it is to try again");
             }
         }
     });
+}
+
+/// `op(req)`, or none when it panics (logged; the panic's message went to stderr already).
+fn unless_panicking<T, R>(op: &impl Fn(T) -> R, req: T) -> Option<R> {
+    let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(req)));
+    if answered.is_err() {
+        tracing::error!("a request panicked in the etcd engine: it is to try again");
+    }
+    answered.ok()
 }
 
 /// The indexes of the first request of each attachment (container ID, interface): two of one
@@ -866,6 +877,23 @@ mod tests {
     use super::*;
     use crate::ipam::{Cidr, Range, RangeSpec};
     use crate::store::{Attachment, PoolRef};
+
+    /// A request that panics leaves only its own answer unset (its caller: "try again"); the
+    /// others, run beside it, keep theirs, alone or several.
+    #[test]
+    fn a_panicking_request_costs_only_its_own_answer() {
+        let op = |n: u32| {
+            assert!(n != 2, "request {n} panics");
+            n * 10
+        };
+        let mut answers = [None, None, None];
+        let left = answers.iter_mut().zip(1..).collect();
+        side_by_side(left, op);
+        assert_eq!(answers, [Some(10), None, Some(30)]);
+        let mut alone = [None];
+        side_by_side(alone.iter_mut().zip([2]).collect(), op);
+        assert_eq!(alone, [None]);
+    }
 
     fn request(pool: &str, network_name: &str, overlap: bool) -> AddRequest {
         let spec = RangeSpec {
