@@ -64,7 +64,7 @@ pub struct Wanted {
 /// The NodeSlicePool a NetworkAttachmentDefinition's `spec.config` asks for, if any. The
 /// `ipam` object is read by the `config` module, as the plugin reads it on the node (keys in
 /// any case, the flat file's trust rules at their defaults).
-pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String> {
+pub fn wanted(source: &str, nad_name: &str, config_text: &str) -> Result<Option<Wanted>, String> {
     let conf: Value = match serde_json::from_str(config_text) {
         Ok(conf) => conf,
         // A configuration that cannot be read wants no pool of ours unless it might name this
@@ -94,7 +94,12 @@ pub fn wanted(source: &str, config_text: &str) -> Result<Option<Wanted>, String>
         .ok_or_else(|| format!("{source}: node_slice_size is set but no range is"))?;
     let range = spec.cidr;
     let usable = Range::resolve(spec, cfg.gateway).map_err(|e| format!("{source}: {e}"))?;
-    let cni_network = conf.get("name").and_then(Value::as_str).unwrap_or("");
+    // Multus gives a configuration without a name its NetworkAttachmentDefinition's name: the
+    // plugin then looks for the NodeSlicePool under that name.
+    let cni_network = match conf.get("name").and_then(Value::as_str) {
+        Some(name) if !name.is_empty() => name,
+        _ => nad_name,
+    };
     let size_text = ipam
         .as_object()
         .and_then(|m| {
@@ -169,7 +174,8 @@ fn wanted_pools(nads: &[Arc<DynamicObject>], namespace: &str) -> (BTreeMap<Strin
             continue;
         };
         let local = nad.metadata.namespace.as_deref() == Some(namespace);
-        match wanted(&source, config) {
+        let nad_name = nad.metadata.name.as_deref().unwrap_or_default();
+        match wanted(&source, nad_name, config) {
             Ok(Some(mut w)) => match pools.get_mut(&w.name) {
                 Some(first) if first.range != w.range || first.size != w.size => tracing::warn!(
                     pool = %w.name, first = %first.source, ignored = %w.source,
@@ -576,13 +582,14 @@ mod tests {
     #[test]
     fn reads_the_attachment_config() {
         let conf = r#"{"cniVersion":"0.3.1","name":"net-a","type":"macvlan","ipam":{"type":"whereabouts","range":"10.0.0.0/16","node_slice_size":"/24","network_name":"blue"}}"#;
-        let w = wanted("nad", conf).unwrap().unwrap();
+        let w = wanted("nad", "nad", conf).unwrap().unwrap();
         assert_eq!(w.name, "blue");
         assert_eq!(w.size, 24);
         let plain = r#"{"name":"net-b","ipam":{"type":"whereabouts","range":"fd00::/64","node_slice_size":"80"}}"#;
-        let w = wanted("nad", plain).unwrap().unwrap();
+        let w = wanted("nad", "nad", plain).unwrap().unwrap();
         assert_eq!(w.name, "net-b");
         assert!(wanted(
+            "nad",
             "nad",
             r#"{"name":"x","ipam":{"type":"whereabouts","range":"10.0.0.0/24"}}"#
         )
@@ -591,25 +598,29 @@ mod tests {
         // Unreadable: another network's (or an empty config, which Multus reads from a file on
         // the node) wants no pool; one that may name this plugin leaves the pass incomplete.
         for other in ["", "not json", r#"{"name":"x","ipam":{"type":"host-local""#] {
-            assert_eq!(wanted("nad", other), Ok(None), "{other:?}");
+            assert_eq!(wanted("nad", "nad", other), Ok(None), "{other:?}");
         }
         for ours in [
             r#"{"name":"x","ipam":{"type":"whereabouts""#,
             r#"{"name":"x","ipam":{"type":"Whereabouts","#,
             r#"{"name":"x","ipam":{"type":"where\u0061bouts""#,
         ] {
-            assert!(wanted("nad", ours).is_err(), "{ours:?}");
+            assert!(wanted("nad", "nad", ours).is_err(), "{ours:?}");
         }
         // Keys in any case, as the plugin reads them; engine settings play no part.
         let mixed = r#"{"name":"net-c","ipam":{"type":"whereabouts","Range":"10.1.0.0/16","Node_Slice_Size":"/24","kubernetes":{"kubeconfig":"/elsewhere/k"}}}"#;
-        let w = wanted("nad", mixed).unwrap().unwrap();
+        let w = wanted("nad", "nad", mixed).unwrap().unwrap();
         assert_eq!((w.name.as_str(), w.size), ("net-c", 24));
         assert_eq!(w.size_text, "/24");
         let bare = r#"{"name":"net-d","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"24"}}"#;
-        assert_eq!(wanted("nad", bare).unwrap().unwrap().size_text, "24");
+        assert_eq!(wanted("nad", "nad", bare).unwrap().unwrap().size_text, "24");
+        // Without a name, the NetworkAttachmentDefinition's, which Multus gives the plugin.
+        let nameless = r#"{"cniVersion":"0.4.0","type":"macvlan","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"24"}}"#;
+        let w = wanted("nad", "fast-net", nameless).unwrap().unwrap();
+        assert_eq!(w.name, "fast-net");
         // The bounds and exclusions keep new nodes off slices they could hand nothing out of.
         let bounded = r#"{"name":"net-e","ipam":{"type":"whereabouts","range":"10.1.0.0/16","range_start":"10.1.128.0","exclude":["10.1.192.0/18"],"node_slice_size":"/24"}}"#;
-        let unusable = wanted("nad", bounded).unwrap().unwrap().unusable;
+        let unusable = wanted("nad", "nad", bounded).unwrap().unwrap().unusable;
         let shown: Vec<String> = unusable.iter().map(Cidr::to_string).collect();
         assert_eq!(shown, ["10.1.0.0/17", "10.1.192.0/18"]);
     }
@@ -630,10 +641,14 @@ mod tests {
             let ipam = serde_json::json!({"type": "whereabouts", "range": "10.0.0.0/16",
                 "node_slice_size": "/24", "network_name": name});
             let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "net", "ipam": ipam});
-            assert_eq!(wanted("nad", &conf.to_string()).unwrap(), None, "{name}");
+            assert_eq!(
+                wanted("nad", "nad", &conf.to_string()).unwrap(),
+                None,
+                "{name}"
+            );
         }
         let conf = r#"{"cniVersion":"1.0.0","name":"Net.A","ipam":{"type":"whereabouts","range":"10.0.0.0/16","node_slice_size":"/24"}}"#;
-        assert_eq!(wanted("nad", conf).unwrap().unwrap().name, "net.a");
+        assert_eq!(wanted("nad", "nad", conf).unwrap().unwrap().name, "net.a");
     }
 
     #[test]
@@ -665,7 +680,7 @@ mod tests {
     /// Who gets which slice of `conf`'s layout, with `held` IPPools holding addresses and no
     /// NodeSlicePool yet (a new network, or one re-created with its attachment definition).
     fn slices_with(conf: &str, held: &[&str], nodes: &[&str]) -> Vec<(String, String)> {
-        let want = wanted("nad", conf).unwrap().unwrap();
+        let want = wanted("nad", "nad", conf).unwrap().unwrap();
         let nodes: BTreeSet<String> = nodes.iter().map(|n| n.to_string()).collect();
         let held: Vec<(String, Cidr)> = held
             .iter()
@@ -811,7 +826,7 @@ mod tests {
                 r#"{{"name":"n","ipam":{{"type":"whereabouts","range":"10.3.0.0/22","node_slice_size":"{size}"}}}}"#
             )
         };
-        let go_style = wanted("nad", &conf("24")).unwrap().unwrap();
+        let go_style = wanted("nad", "nad", &conf("24")).unwrap().unwrap();
         let (created, _) = desired_pool(None, &go_style, &nodes, &none).unwrap();
         let created = created.unwrap();
         assert_eq!(created.spec.slice_size, "24");
@@ -819,7 +834,7 @@ mod tests {
         let (same, _) = desired_pool(Some(created.clone()), &go_style, &nodes, &none).unwrap();
         assert!(same.is_none());
         // The NetworkAttachmentDefinition now says "/24": the same slices, the text follows it.
-        let ours = wanted("nad", &conf("/24")).unwrap().unwrap();
+        let ours = wanted("nad", "nad", &conf("/24")).unwrap().unwrap();
         let (rewritten, _) = desired_pool(Some(created.clone()), &ours, &nodes, &none).unwrap();
         let rewritten = rewritten.unwrap();
         assert_eq!(rewritten.spec.slice_size, "/24");
