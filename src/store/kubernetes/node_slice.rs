@@ -72,9 +72,10 @@ pub fn node_pool(
 
 /// The node's pool as a DEL, CHECK or GC looks in it: the slice's pool whatever the configured
 /// bounds, which decide only where an ADD takes an address. None when the slice is not of the
-/// configured range (the range was changed, or it is not the first of the configuration): no
-/// address of this range was ever drawn from it, and such a DEL must not fail, or the pod's
-/// sandbox would never be torn down.
+/// configured range (the network renumbered since the ADD, or a range after the configuration's
+/// first): the node's pool holds nothing of this range, and such a DEL must not fail, or the
+/// pod's sandbox would never be torn down (an address of the slice before a renumbering is the
+/// controller's cleanup's to free).
 pub fn pool_to_release(
     configured: &PoolRef,
     slice: Cidr,
