@@ -1178,6 +1178,21 @@ fn status_fails_while_the_namespace_is_missing() {
     ns.delete("namespaces", &ns.name);
 }
 
+/// A NodeSlicePool of /28 slices of `range`, giving each node its slice ("" for a free one).
+fn node_slice_pool(name: &str, range: &str, slices: &[(&str, &str)]) -> Value {
+    let allocations: Vec<Value> = slices
+        .iter()
+        .map(|(node, slice)| json!({"nodeName": node, "sliceRange": slice}))
+        .collect();
+    json!({
+        "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+        "kind": "NodeSlicePool",
+        "metadata": {"name": name},
+        "spec": {"range": range, "sliceSize": "/28"},
+        "status": {"allocations": allocations},
+    })
+}
+
 /// A DEL on a node whose slice the configuration does not allocate from (its bounds changed
 /// since the ADD, or the network was renumbered and the runtime deletes with the ADD's
 /// configuration) succeeds and frees what the node's pool holds for the attachment: a DEL
@@ -1188,18 +1203,10 @@ fn a_del_succeeds_whatever_the_nodes_slice_is_to_its_configuration() {
     let ns = plane.namespace("a-del-succeeds-whatever-the-nodes-slice");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
+    let slices = [("node-a", "10.121.0.0/28"), ("node-b", "10.121.0.16/28")];
     ns.create(
         "nodeslicepools",
-        json!({
-            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
-            "kind": "NodeSlicePool",
-            "metadata": {"name": "bounded"},
-            "spec": {"range": "10.121.0.0/24", "sliceSize": "/28"},
-            "status": {"allocations": [
-                {"nodeName": "node-a", "sliceRange": "10.121.0.0/28"},
-                {"nodeName": "node-b", "sliceRange": "10.121.0.16/28"},
-            ]},
-        }),
+        node_slice_pool("bounded", "10.121.0.0/24", &slices),
     );
     let conf = |range: &str, extra: Value| {
         let mut extra = extra;
@@ -1240,19 +1247,14 @@ fn node_slices_from_a_nodeslicepool() {
     let ns = plane.namespace("node-slices-from-a-nodeslicepool");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = ns.kubeconfig(dir.path());
+    let slices = [
+        ("node-a", "10.120.0.0/28"),
+        ("node-b", "10.120.0.16/28"),
+        ("", "10.120.0.32/28"),
+    ];
     ns.create(
         "nodeslicepools",
-        json!({
-            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
-            "kind": "NodeSlicePool",
-            "metadata": {"name": "slicenet"},
-            "spec": {"range": "10.120.0.0/24", "sliceSize": "/28"},
-            "status": {"allocations": [
-                {"nodeName": "node-a", "sliceRange": "10.120.0.0/28"},
-                {"nodeName": "node-b", "sliceRange": "10.120.0.16/28"},
-                {"nodeName": "", "sliceRange": "10.120.0.32/28"},
-            ]},
-        }),
+        node_slice_pool("slicenet", "10.120.0.0/24", &slices),
     );
     let conf = netconf(
         "slices",
