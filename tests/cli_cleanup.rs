@@ -624,6 +624,63 @@ fn doctor_fix_keeps_an_orphan_reservation_whose_pod_runs() {
     assert!(action.starts_with("not fixed: pod is alive"), "{kept}");
 }
 
+/// A network with `enable_overlapping_ranges: false` keeps no reservations: the doctor, which
+/// reads the NetworkAttachmentDefinitions, reports none missing for a pool only such networks
+/// describe, and creates none with `--fix`; a pool a network with reservations draws from
+/// still needs its own.
+#[test]
+fn doctor_needs_no_reservation_where_the_networks_keep_none() {
+    let Some(plane) = kube_apiserver::control_plane() else {
+        return;
+    };
+    let ns = plane.namespace("doctor-needs-no-reservation");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let entry = |pod: &str| json!({"id": format!("c-{pod}"), "podref": format!("{}/{pod}", ns.name), "ifname": "net1"});
+    for (network, range, overlap) in [
+        ("doctor-unreserved", "10.98.0.0/28", false),
+        ("doctor-reserved", "10.98.0.16/28", true),
+    ] {
+        let config = json!({"cniVersion": "0.4.0", "name": network, "type": "macvlan",
+            "ipam": {"type": "whereabouts", "range": range, "network_name": network,
+                     "enable_overlapping_ranges": overlap}});
+        ns.create(
+            "network-attachment-definitions",
+            json!({"metadata": {"name": network}, "spec": {"config": config.to_string()}}),
+        );
+        let pool = format!("{network}-{}", range.replace('/', "-"));
+        ns.add_pod(network, "Running");
+        ns.create(
+            "ippools",
+            json!({"metadata": {"name": pool},
+                   "spec": {"range": range, "allocations": {"3": entry(network)}}}),
+        );
+    }
+    let out = common::operator()
+        .args(["doctor", "--fix", "-o", "json", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let missing: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["problem"] == "missing_reservation")
+        .map(|f| f["object"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        missing,
+        ["IPPool/doctor-reserved-10.98.0.16-28"],
+        "{report:#}"
+    );
+    assert_eq!(
+        reservation_names(&ns),
+        ["doctor-reserved-10.98.0.19"],
+        "{report:#}"
+    );
+}
+
 /// The names of the namespace's overlapping-range reservations, sorted.
 fn reservation_names(ns: &TestNamespace) -> Vec<String> {
     let mut names: Vec<String> = ns

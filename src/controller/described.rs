@@ -1,16 +1,18 @@
 //! The pools the NetworkAttachmentDefinitions describe, for the pool gauges: a pool's real
 //! capacity (less its gateway, outside `range_start`/`range_end`, less `exclude`) is in the
 //! `ipam` object that draws from it, not in the IPPool, which holds only the CIDR. A pool no
-//! NetworkAttachmentDefinition describes keeps its CIDR's size (`metrics::pool_stats`).
+//! NetworkAttachmentDefinition describes keeps its CIDR's size (`metrics::pool_stats`). And
+//! for the doctor, the pools whose networks keep no reservations.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use kube::api::DynamicObject;
 use serde_json::Value;
 
 use crate::cli::store_args::ipam_of;
-use crate::config;
+use crate::config::{self, IpamConfig};
+use crate::ipam::names::object_name;
 use crate::store::PoolRef;
 
 /// The keys that decide a pool's name and range. The rest (engine, paths, logging) is the
@@ -81,21 +83,52 @@ pub fn described_pools(nads: &[Arc<DynamicObject>]) -> Vec<PoolRef> {
 
 /// The pools one `spec.config` describes; none for another IPAM or a sliced network.
 fn pools_of(config_text: &str) -> Result<Vec<PoolRef>, String> {
+    match pool_config(config_text, "gateway")? {
+        Some(cfg) => crate::plugin::pools(&cfg).map_err(|e| e.msg),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The pool part of one `spec.config` (and `also`), read as the plugin reads it; none for
+/// another IPAM or a sliced network (whose pools are per node).
+fn pool_config(config_text: &str, also: &str) -> Result<Option<IpamConfig>, String> {
     let conf: Value =
         serde_json::from_str(config_text).map_err(|e| format!("spec.config is not JSON: {e}"))?;
     let Some(ipam) = ipam_of(&conf) else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
     let is_whereabouts = ipam.get("type").and_then(Value::as_str) == Some("whereabouts");
     let Some(map) = ipam.as_object().filter(|_| is_whereabouts) else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
     if map.keys().any(|k| config::same_key(k, "node_slice_size")) {
-        return Ok(Vec::new());
+        return Ok(None);
     }
-    let cfg = config::load_untrusted(Some(&pool_part(&ipam, "gateway")), &[])
-        .map_err(|e| e.describe())?;
-    crate::plugin::pools(&cfg).map_err(|e| e.msg)
+    config::load_untrusted(Some(&pool_part(&ipam, also)), &[])
+        .map(Some)
+        .map_err(|e| e.describe())
+}
+
+/// The IPPools (by object name) that only networks keeping no reservations draw from
+/// (`enable_overlapping_ranges: false` in every NetworkAttachmentDefinition describing them):
+/// their entries need none. A pool none describes (a network configured in the nodes' files),
+/// or one a network with reservations draws from too, is not among them.
+pub fn pools_without_reservations(nads: &[Arc<DynamicObject>]) -> BTreeSet<String> {
+    let mut reserved: BTreeMap<String, bool> = BTreeMap::new();
+    for nad in nads {
+        let config = nad.data.get("spec").and_then(|s| s.get("config"));
+        let Some(config) = config.and_then(Value::as_str) else {
+            continue;
+        };
+        let Ok(Some(cfg)) = pool_config(config, "enable_overlapping_ranges") else {
+            continue;
+        };
+        for pool in crate::plugin::pools(&cfg).unwrap_or_default() {
+            *reserved.entry(object_name(&pool.name)).or_default() |= cfg.enable_overlapping_ranges;
+        }
+    }
+    let unreserved = reserved.into_iter().filter(|(_, reserved)| !reserved);
+    unreserved.map(|(name, _)| name).collect()
 }
 
 #[cfg(test)]

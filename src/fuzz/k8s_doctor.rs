@@ -50,7 +50,7 @@ pub fn k8s_doctor(bytes: &[u8]) {
     let survey = Survey::of(
         objects.pools(),
         objects.reservations(),
-        &[objects.slice_pool()],
+        (&[objects.slice_pool()], Default::default()),
         Duration::ZERO,
     );
     let mut reported: Vec<Seen> = survey

@@ -3,10 +3,13 @@
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::Retryable;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions,
+};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -16,6 +19,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::cleanup::judge::{PodPlace, PodState};
 use crate::cleanup::pods::PodError;
+use crate::controller::slice_sync::nad_resource;
 use crate::ipam::names::is_valid_object_name;
 use crate::k8s::cluster::is_transient;
 use crate::k8s::crd::{IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation};
@@ -371,6 +375,21 @@ impl Kube {
             .await
         {
             Ok(list) => Ok(list.items),
+            Err(ApiError::NotFound(_)) => Ok(Vec::new()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Every NetworkAttachmentDefinition of the cluster; none where the cluster lacks the
+    /// resource (no Multus).
+    pub async fn list_nads(&self) -> Result<Vec<Arc<DynamicObject>>, ApiError> {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &nad_resource());
+        let lp = ListParams::default();
+        match self
+            .call("list NetworkAttachmentDefinitions", || api.list(&lp))
+            .await
+        {
+            Ok(list) => Ok(list.items.into_iter().map(Arc::new).collect()),
             Err(ApiError::NotFound(_)) => Ok(Vec::new()),
             Err(err) => Err(err),
         }

@@ -14,6 +14,7 @@ use super::pool_doc::{Entry, PoolDoc};
 use super::release::Unbacked;
 use super::reservation;
 use crate::cleanup::judge::{judge_holder, Verdict};
+use crate::controller::described::pools_without_reservations;
 use crate::ipam::decide::GO_OFFSET_LIMIT;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
@@ -83,6 +84,9 @@ struct Pool {
 /// Everything read, in one place.
 pub struct Survey {
     pools: Vec<Pool>,
+    /// The pools whose networks keep no reservations (`enable_overlapping_ranges: false`),
+    /// as the NetworkAttachmentDefinitions say: an entry there needs none.
+    unreserved: BTreeSet<String>,
     reservations: BTreeMap<String, OverlappingRangeIPReservation>,
     findings: Vec<Finding>,
 }
@@ -131,7 +135,23 @@ pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreEr
     let reservations = kube.list_reservations(None).await?;
     // Without the NodeSlicePool resource there are no node slices to check.
     let slices = kube.list_slices().await?;
-    Ok(Survey::of(pools, reservations, &slices, orphan_age))
+    // A kubeconfig that may not list them leaves every entry needing its reservation.
+    let unreserved = match kube.list_nads().await {
+        Ok(nads) => pools_without_reservations(&nads),
+        Err(err) => {
+            tracing::warn!(
+                "NetworkAttachmentDefinitions not read ({}): the entries of networks that keep no reservations are reported missing_reservation",
+                chain(&err)
+            );
+            BTreeSet::new()
+        }
+    };
+    Ok(Survey::of(
+        pools,
+        reservations,
+        (&slices, unreserved),
+        orphan_age,
+    ))
 }
 
 /// The network and node a pool's name stands for (`[network-][node-]<range>`), the node's
@@ -222,11 +242,12 @@ impl Survey {
     pub fn of(
         pools: Vec<IPPool>,
         reservations: Vec<OverlappingRangeIPReservation>,
-        slices: &[NodeSlicePool],
+        (slices, unreserved): (&[NodeSlicePool], BTreeSet<String>),
         orphan_age: Duration,
     ) -> Survey {
         let mut survey = Survey {
             pools: Vec::new(),
+            unreserved,
             reservations: reservations
                 .into_iter()
                 .filter_map(|r| Some((r.metadata.name.clone()?, r)))
@@ -364,6 +385,7 @@ impl Survey {
             return findings;
         }
         let problem = match self.reservations.get(&name) {
+            None if self.unreserved.contains(&pool.name) => None,
             None => Some((
                 Problem::MissingReservation,
                 format!("no reservation for {}", entry.attachment.describe()),
@@ -625,7 +647,12 @@ mod tests {
                 .collect();
             let range = "10.9.0.0/24".into();
             let pool = IPPool::new("10.9.0.0-24", IPPoolSpec { range, allocations });
-            Survey::of(vec![pool], Vec::new(), &[], Duration::ZERO)
+            Survey::of(
+                vec![pool],
+                Vec::new(),
+                (&[], BTreeSet::new()),
+                Duration::ZERO,
+            )
         };
         let action = |survey: &Survey, address: &str| {
             let found = survey.findings().iter();
@@ -703,7 +730,12 @@ mod tests {
         };
         let name = reservation::name("10.0.1.3".parse().unwrap(), "n1");
         let r = OverlappingRangeIPReservation::new(&name, spec);
-        let survey = Survey::of(vec![pool], vec![r], &slices(), Duration::ZERO);
+        let survey = Survey::of(
+            vec![pool],
+            vec![r],
+            (&slices(), BTreeSet::new()),
+            Duration::ZERO,
+        );
         let problems: Vec<_> = survey.findings().iter().map(|f| f.problem).collect();
         assert_eq!(problems, [Problem::MissingReservation]);
         let missing = &survey.findings()[0];
@@ -733,7 +765,7 @@ mod tests {
             pool("10.9.0.0-24", "10.9.0.0/24", "5", "a"),
             pool("10.9.0.4-30", "10.9.0.4/30", "1", "b"),
         ];
-        let survey = Survey::of(pools, Vec::new(), &[], Duration::ZERO);
+        let survey = Survey::of(pools, Vec::new(), (&[], BTreeSet::new()), Duration::ZERO);
         let actions: BTreeSet<(Problem, String)> = survey
             .findings()
             .iter()
