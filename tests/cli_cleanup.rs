@@ -597,31 +597,36 @@ fn doctor_fix_keeps_an_orphan_reservation_whose_pod_runs() {
                    "spec": {"podref": format!("{}/{pod}", ns.name), "containerid": "c-x"}}),
         );
     }
-    let out = common::operator()
-        .args([
-            "doctor",
-            "--fix",
-            "--orphan-age",
-            "0",
-            "-o",
-            "json",
-            "--kubeconfig",
-        ])
-        .arg(&kubeconfig)
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(!out.status.success(), "{report:#}");
+    let doctor = |fix: &[&str]| {
+        let out = common::operator()
+            .args(["doctor", "--orphan-age", "0", "-o", "json", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(fix)
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.success(), report)
+    };
+    // Without --fix the report says which --fix would keep, and why.
+    let (_, survey) = doctor(&[]);
+    let action_for = |report: &Value, name: &str| {
+        let findings = report["findings"].as_array().unwrap();
+        let orphan = findings
+            .iter()
+            .find(|f| f["problem"] == "orphan_reservation" && f["reservation"] == name);
+        let action = orphan.and_then(|f| f["action"].as_str());
+        action.unwrap_or_else(|| panic!("{report:#}")).to_string()
+    };
+    assert!(
+        action_for(&survey, "10.88.0.5").starts_with("none: pod is alive"),
+        "{survey:#}"
+    );
+    assert_eq!(action_for(&survey, "10.88.0.6"), "fixable", "{survey:#}");
+    let (healthy, report) = doctor(&["--fix"]);
+    assert!(!healthy, "{report:#}");
     assert_eq!(reservation_names(&ns), ["10.88.0.5"], "{report:#}");
-    let kept = report["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["problem"] == "orphan_reservation" && f["reservation"] == "10.88.0.5")
-        .cloned()
-        .unwrap_or_else(|| panic!("{report:#}"));
-    let action = kept["action"].as_str().unwrap();
-    assert!(action.starts_with("not fixed: pod is alive"), "{kept}");
+    let action = action_for(&report, "10.88.0.5");
+    assert!(action.starts_with("not fixed: pod is alive"), "{report:#}");
 }
 
 /// A network with `enable_overlapping_ranges: false` keeps no reservations: the doctor, which

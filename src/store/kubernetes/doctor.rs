@@ -515,24 +515,56 @@ pub const SETTLE: Duration = Duration::from_secs(5);
 /// or restored by hand, a Go binary dropping an offset beyond 2^63) leaves the reservation the
 /// one guard of a live address; and only while it is as listed. Returns the finding's action.
 async fn release_orphan(engine: &Engine, orphan: &Unbacked) -> String {
-    let pod_ref = orphan.reservation.attachment.pod_ref.as_deref();
-    let pod = match pod_ref.filter(|r| !r.is_empty()) {
-        Some(reference) => match engine.kube.pod(reference).await {
-            Ok(pod) => pod,
-            Err(err) => return format!("not fixed: cannot read pod {reference}: {}", chain(&err)),
-        },
-        None => None,
-    };
-    if let Verdict::Keep(why) = judge_holder(pod_ref, None, pod.as_ref()) {
-        return format!(
-            "not fixed: {}, and the address may be in use (its pool entry lost?)",
-            why.as_str()
-        );
+    match kept_for_its_pod(engine, orphan).await {
+        Ok(None) => {}
+        Ok(Some(why)) => return format!("not fixed: {why}"),
+        Err(err) => return format!("not fixed: {err}"),
     }
     match engine.release_unbacked(&orphan.reservation).await {
         Ok(true) => "fixed".into(),
         Ok(false) => "not fixed: changed or held again meanwhile; run again".into(),
         Err(err) => format!("not fixed: {}", err.describe()),
+    }
+}
+
+/// Why an orphan reservation stays for its pod (alive, or not finished), read just now; none
+/// when its pod is gone or has finished. The error says which pod could not be read.
+async fn kept_for_its_pod(engine: &Engine, orphan: &Unbacked) -> Result<Option<String>, String> {
+    let pod_ref = orphan.reservation.attachment.pod_ref.as_deref();
+    let pod = match pod_ref.filter(|r| !r.is_empty()) {
+        Some(reference) => engine
+            .kube
+            .pod(reference)
+            .await
+            .map_err(|err| format!("cannot read pod {reference}: {}", chain(&err)))?,
+        None => None,
+    };
+    Ok(match judge_holder(pod_ref, None, pod.as_ref()) {
+        Verdict::Keep(why) => Some(format!(
+            "{}, and the address may be in use (its pool entry lost?)",
+            why.as_str()
+        )),
+        _ => None,
+    })
+}
+
+/// For a run without `--fix`: an orphan reservation `--fix` would keep for its pod (see
+/// [`release_orphan`]) is reported so, not as fixable; its pod is read as `--fix` reads it.
+pub async fn judge_orphans(engine: &Engine, survey: &mut Survey) {
+    for f in &mut survey.findings {
+        if f.problem != Problem::OrphanReservation || f.action != "fixable" {
+            continue;
+        }
+        let reservation = f.reservation.as_deref();
+        let listed = reservation.and_then(|name| survey.reservations.get(name));
+        let Some(orphan) = listed.cloned().and_then(Unbacked::of) else {
+            continue;
+        };
+        match kept_for_its_pod(engine, &orphan).await {
+            Ok(None) => {}
+            Ok(Some(why)) => f.action = format!("none: {why}"),
+            Err(err) => f.action = format!("fixable unless its pod runs: {err}"),
+        }
     }
 }
 

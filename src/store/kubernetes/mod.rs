@@ -83,6 +83,12 @@ pub fn doctor(
         store.runtime.block_on(shared.run("doctor", survey))
     };
     let mut found = survey()?;
+    if !fix {
+        store.runtime.block_on(shared.run("doctor", async {
+            doctor::judge_orphans(&shared.engine, &mut found).await;
+            Ok(())
+        }))?;
+    }
     if fix && found.fixable() {
         // Each survey within its own deadline: the wait is not the API server's time.
         std::thread::sleep(doctor::SETTLE);
