@@ -446,7 +446,9 @@ fn found_flat_file(path: &Path) -> Result<Option<Vec<u8>>, InstallError> {
 }
 
 /// Writes everything once: binary, flat file, kubeconfig, node name. The binary goes last so
-/// that a node never has a plugin binary without its configuration.
+/// that a node never has a plugin binary without its configuration; with the agent, the
+/// kubeconfig goes after it, since the binary it replaces (an earlier release, upstream's) may
+/// still need it for the calls it serves meanwhile.
 pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
     let dir = settings.whereabouts_d();
     std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
@@ -461,10 +463,7 @@ pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
     }
 
     write_flat_file(settings)?;
-
-    if settings.agent {
-        remove_kubeconfig(settings)?;
-    } else {
+    if !settings.agent {
         refresh_kubeconfig(settings)?;
     }
 
@@ -481,6 +480,9 @@ pub fn install_once(settings: &Settings) -> Result<(), InstallError> {
     let binary = settings.cni_bin_dir.join(BINARY_NAME);
     let changed = files::copy_atomic(&settings.binary_source, &binary, BINARY_MODE)
         .map_err(io_err("cannot install the binary at", &binary))?;
+    if settings.agent {
+        remove_kubeconfig(settings)?;
+    }
     tracing::info!(
         binary = %binary.display(),
         changed,
