@@ -81,7 +81,9 @@ impl Server {
         }
     }
 
-    /// Requests for the whereabouts objects so far (the fake also counts by verb).
+    /// Requests so far (the fake counts every request, and by verb; the real server's count is
+    /// of the whereabouts objects and the Leases, the Go binaries' that the plugin reads while
+    /// they may write the pools among them).
     fn requests(&self) -> (u64, String) {
         match self {
             Server::Fake(server) => (
@@ -89,8 +91,9 @@ impl Server {
                 format!("{:?}", server.requests_by_verb()),
             ),
             Server::Real(namespace) => (
-                namespace.plane.requests_for_group(kube_apiserver::GROUP),
-                String::from("(apiserver_request_total)"),
+                namespace.plane.requests_for_group(kube_apiserver::GROUP)
+                    + namespace.plane.requests_for_leases(),
+                String::from("(apiserver_request_total: whereabouts objects and Leases)"),
             ),
         }
     }

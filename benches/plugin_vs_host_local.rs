@@ -108,8 +108,9 @@ fn main() {
         std::process::exit(1);
     }
     let dir = tempfile::tempdir().unwrap();
-    // Each build runs from a fresh copy in one folder: where a binary's file lies (cargo's
-    // hard-linked output against a plain copy) moved process start by a tenth of a millisecond.
+    // Each build, and host-local, runs from a fresh copy in one folder: where a binary's file
+    // lies (cargo's hard-linked output against a plain copy) moved process start by a tenth of
+    // a millisecond.
     let whereabouts = |name: &'static str, exe: PathBuf, db: &str| Plugin {
         name,
         exe: {
@@ -130,7 +131,11 @@ fn main() {
         ),
         Plugin {
             name: "host-local",
-            exe: PathBuf::from(HOST_LOCAL),
+            exe: {
+                let copy = dir.path().join("host-local.bin");
+                std::fs::copy(HOST_LOCAL, &copy).expect("copy host-local");
+                copy
+            },
             conf: serde_json::json!({"cniVersion": "1.0.0", "name": "bench", "type": "bridge",
                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.0.0.0/16"}]],
                          "dataDir": dir.path().join("host-local")}})

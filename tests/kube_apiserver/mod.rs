@@ -328,10 +328,23 @@ impl ControlPlane {
     /// Metrics of the API server: the number of requests served so far for `group` (all verbs),
     /// read from `apiserver_request_total`.
     pub fn requests_for_group(&self, group: &str) -> u64 {
+        self.requests_matching(&[format!("group=\"{group}\"")])
+    }
+
+    /// As [`Self::requests_for_group`], for Leases: the Go binaries' Lease that our plugin
+    /// reads while they may write the pools, and the API server's own (renewed every 10 s).
+    pub fn requests_for_leases(&self) -> u64 {
+        self.requests_matching(&[
+            "group=\"coordination.k8s.io\"".to_string(),
+            "resource=\"leases\"".to_string(),
+        ])
+    }
+
+    fn requests_matching(&self, labels: &[String]) -> u64 {
         let text = self.kubectl(&["get", "--raw", "/metrics"]);
         text.lines()
             .filter(|l| l.starts_with("apiserver_request_total{"))
-            .filter(|l| l.contains(&format!("group=\"{group}\"")))
+            .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }
