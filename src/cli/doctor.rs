@@ -81,11 +81,16 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     match &cfg.datastore {
         Datastore::Kubernetes(k8s) => {
             let orphan_age = std::time::Duration::from_secs(args.orphan_age);
-            let (scope, findings) =
-                kubernetes::doctor(&cfg, k8s, args.fix, orphan_age).map_err(failed)?;
+            let checked = kubernetes::doctor(&cfg, k8s, args.fix, orphan_age).map_err(failed)?;
             // An empty report of the wrong namespace reads as healthy: say which was read.
-            eprintln!("checked the IPPools and reservations of {scope} (--namespace to change)");
-            report(args.format.output, &findings)
+            eprintln!(
+                "checked the IPPools and reservations of {} (--namespace to change)",
+                checked.scope
+            );
+            if let Some(unread) = &checked.unread {
+                eprintln!("{unread}");
+            }
+            report(args.format.output, &checked.findings)
         }
         Datastore::Etcd(store) => {
             let mut progress = EtcdProgress::default();

@@ -89,6 +89,8 @@ pub struct Survey {
     unreserved: BTreeSet<String>,
     reservations: BTreeMap<String, OverlappingRangeIPReservation>,
     findings: Vec<Finding>,
+    /// What the survey could not read, for the operator (stderr): the report is the poorer.
+    pub unread: Option<String>,
 }
 
 fn finding(problem: Problem, object: String, address: Option<IpAddr>, detail: String) -> Finding {
@@ -136,22 +138,20 @@ pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreEr
     // Without the NodeSlicePool resource there are no node slices to check.
     let slices = kube.list_slices().await?;
     // A kubeconfig that may not list them leaves every entry needing its reservation.
-    let unreserved = match kube.list_nads().await {
-        Ok(nads) => pools_without_reservations(&nads),
-        Err(err) => {
-            tracing::warn!(
-                "NetworkAttachmentDefinitions not read ({}): the entries of networks that keep no reservations are reported missing_reservation",
+    let (unreserved, unread) = match kube.list_nads().await {
+        Ok(nads) => (pools_without_reservations(&nads), None),
+        Err(err) => (
+            BTreeSet::new(),
+            Some(format!(
+                "NetworkAttachmentDefinitions not read ({}): the entries of networks that keep \
+                 no reservations are reported missing_reservation",
                 chain(&err)
-            );
-            BTreeSet::new()
-        }
+            )),
+        ),
     };
-    Ok(Survey::of(
-        pools,
-        reservations,
-        (&slices, unreserved),
-        orphan_age,
-    ))
+    let mut survey = Survey::of(pools, reservations, (&slices, unreserved), orphan_age);
+    survey.unread = unread;
+    Ok(survey)
 }
 
 /// The network and node a pool's name stands for (`[network-][node-]<range>`), the node's
@@ -253,6 +253,7 @@ impl Survey {
                 .filter_map(|r| Some((r.metadata.name.clone()?, r)))
                 .collect(),
             findings: Vec::new(),
+            unread: None,
         };
         for object in pools {
             survey.read_pool(object, slices);

@@ -66,14 +66,22 @@ pub fn open_for_operator(
     open_with(ipam, &access)
 }
 
-/// `whereabouts doctor`: the findings in the engine's namespace, repaired where safe with `fix`,
-/// and where it looked (the server and the namespace).
+/// What `whereabouts doctor` found, and where it looked.
+pub struct DoctorReport {
+    /// The server and the namespace.
+    pub scope: String,
+    pub findings: Vec<doctor::Finding>,
+    /// What it could not read there, which the findings suffer from.
+    pub unread: Option<String>,
+}
+
+/// `whereabouts doctor`: the findings in the engine's namespace, repaired where safe with `fix`.
 pub fn doctor(
     ipam: &IpamConfig,
     cfg: &KubernetesConfig,
     fix: bool,
     orphan_age: std::time::Duration,
-) -> Result<(String, Vec<doctor::Finding>), StoreError> {
+) -> Result<DoctorReport, StoreError> {
     let access = operator_access(&cfg.kubeconfig, in_pod());
     let store = connect_store(ipam, &access)?;
     let shared = &store.shared;
@@ -104,10 +112,11 @@ pub fn doctor(
         (a.problem, &a.object, &a.address).cmp(&(b.problem, &b.object, &b.address))
     });
     let namespace = kube.pools.namespace().unwrap_or_default();
-    Ok((
-        format!("namespace {namespace} at {}", shared.server),
+    Ok(DoctorReport {
+        scope: format!("namespace {namespace} at {}", shared.server),
         findings,
-    ))
+        unread: found.unread.take(),
+    })
 }
 
 fn open_with(ipam: &IpamConfig, access: &Access) -> Result<Box<dyn Store>, StoreError> {
