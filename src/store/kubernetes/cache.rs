@@ -102,7 +102,6 @@ where
     fn follow(
         api: Api<K>,
         config: watcher::Config,
-        trim: fn(&mut K),
         namespace: &str,
         what: &'static str,
         observer: Arc<dyn Observer>,
@@ -113,7 +112,6 @@ where
         let follower = Follower {
             api,
             config,
-            trim,
             writer,
             synced: synced.clone(),
             changed: changed.clone(),
@@ -175,8 +173,6 @@ where
 {
     api: Api<K>,
     config: watcher::Config,
-    /// Drops what the copy never reads from each object, before it is kept.
-    trim: fn(&mut K),
     writer: reflector::store::Writer<K>,
     synced: Arc<AtomicBool>,
     changed: Arc<Notify>,
@@ -213,7 +209,10 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
-                    let event = event.modify(self.trim);
+                    // No copy's managedFields are read (a reservation's age is read from the
+                    // server's list, see `unbacked_reservations`), and they would be most of
+                    // each object's size.
+                    let event = event.modify(|k| k.meta_mut().managed_fields = None);
                     self.writer.apply_watcher_event(&event);
                     if !matches!(event, Event::Init | Event::InitApply(_)) {
                         in_step_since.get_or_insert_with(std::time::Instant::now);
@@ -251,12 +250,9 @@ impl Cache {
     /// Starts the watches on the current runtime.
     pub fn follow(client: kube::Client, namespace: &str, observer: Arc<dyn Observer>) -> Cache {
         let watch = || watcher::Config::default().timeout(WATCH_SECONDS);
-        // No copy's managedFields are read (a reservation's age is read from the server's
-        // list, see `unbacked_reservations`), and they would be most of each object's size.
         let pools = Copy::follow(
             Api::namespaced(client.clone(), namespace),
             watch(),
-            |pool: &mut WatchedPool| pool.metadata.managed_fields = None,
             namespace,
             "ippools",
             observer.clone(),
@@ -264,7 +260,6 @@ impl Cache {
         let reservations = Copy::follow(
             Api::namespaced(client.clone(), namespace),
             watch(),
-            |r: &mut OverlappingRangeIPReservation| r.metadata.managed_fields = None,
             namespace,
             "reservations",
             observer.clone(),
@@ -273,7 +268,6 @@ impl Cache {
         let go_lease = Copy::follow(
             Api::namespaced(client, namespace),
             one_lease,
-            |lease: &mut Lease| lease.metadata.managed_fields = None,
             namespace,
             "lease",
             observer,
