@@ -331,7 +331,7 @@ fn start_node_slices(
         metrics.clone(),
         changed.clone(),
     );
-    let nad = slice_sync::nad_resource();
+    let nad = crate::k8s::crd::nad_resource();
     let (nads, follow_nads) = watch::reflect(
         watcher::watcher(
             Api::<DynamicObject>::all_with(watch_client.clone(), &nad),

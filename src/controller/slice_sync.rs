@@ -8,8 +8,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, PartialObjectMeta,
-    PostParams, Preconditions,
+    DeleteParams, DynamicObject, ListParams, ObjectMeta, PartialObjectMeta, PostParams,
+    Preconditions,
 };
 use kube::runtime::reflector::Store;
 use kube::{Api, Client};
@@ -24,20 +24,11 @@ use crate::config;
 use crate::ipam::names::{is_valid_object_name, object_name, pool_name};
 use crate::ipam::{Cidr, Range};
 use crate::k8s::crd::{
-    IPPool, NodeSliceAllocation, NodeSlicePool, NodeSlicePoolSpec, NodeSlicePoolStatus,
+    nad_resource, IPPool, NodeSliceAllocation, NodeSlicePool, NodeSlicePoolSpec,
+    NodeSlicePoolStatus,
 };
 use crate::store::error::chain;
 use crate::store::kubernetes::slice_pool_name;
-
-pub fn nad_resource() -> ApiResource {
-    ApiResource {
-        group: "k8s.cni.cncf.io".into(),
-        version: "v1".into(),
-        api_version: "k8s.cni.cncf.io/v1".into(),
-        kind: "NetworkAttachmentDefinition".into(),
-        plural: "network-attachment-definitions".into(),
-    }
-}
 
 /// What one NodeSlicePool must divide.
 #[derive(Clone, Debug, PartialEq)]

@@ -94,3 +94,15 @@ pub struct NodeSliceAllocation {
     #[serde(rename = "sliceRange")]
     pub slice_range: String,
 }
+
+/// Multus's NetworkAttachmentDefinition, read as a dynamic object: its CRD is Multus's, and
+/// only `spec.config` (a JSON text) is read from it.
+pub fn nad_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "k8s.cni.cncf.io".into(),
+        version: "v1".into(),
+        api_version: "k8s.cni.cncf.io/v1".into(),
+        kind: "NetworkAttachmentDefinition".into(),
+        plural: "network-attachment-definitions".into(),
+    }
+}

@@ -19,10 +19,11 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::cleanup::judge::{PodPlace, PodState};
 use crate::cleanup::pods::PodError;
-use crate::controller::slice_sync::nad_resource;
 use crate::ipam::names::is_valid_object_name;
 use crate::k8s::cluster::is_transient;
-use crate::k8s::crd::{IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation};
+use crate::k8s::crd::{
+    nad_resource, IPPool, IPPoolSpec, NodeSlicePool, OverlappingRangeIPReservation,
+};
 use crate::k8s::throttle;
 use crate::store::error::chain;
 use crate::store::kubernetes::settings::Settings;

@@ -342,10 +342,10 @@ impl Engine {
         network_name: &str,
         cni_network: &str,
     ) -> Result<Vec<(Cidr, PoolRef)>, StoreError> {
-        let unsliced = configured
-            .iter()
-            .map(|pool| (pool.range.cidr, pool.clone()));
         if node_slice_size.is_none() {
+            let unsliced = configured
+                .iter()
+                .map(|pool| (pool.range.cidr, pool.clone()));
             return Ok(unsliced.collect());
         }
         let Some((slice, node)) = self.node_slice(network_name, cni_network).await? else {
