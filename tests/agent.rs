@@ -1896,3 +1896,62 @@ fn the_agents_del_frees_an_entry_without_an_interface_name() {
     del_leaves(&["4", "5"]);
     server.hold_watches(false);
 }
+
+/// Through the agent too, an ADD in a sliced network without reservations whose node's slice is
+/// withdrawn while it writes takes its entry back and asks the runtime to try again
+/// (`an_add_whose_slice_is_withdrawn_meanwhile_takes_its_address_back` of the plugin's own
+/// path). On the fake: it holds the agent's pool write while the NodeSlicePool changes.
+#[test]
+fn the_agent_takes_back_an_add_whose_slice_is_withdrawn_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = fake_apiserver::FakeApiServer::start();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    // The agent allocates from its own node's slice.
+    let settings = kube_settings(&kubeconfig);
+    let agent = Agent::start_with_env(dir.path(), "node-0", settings, &[("NODENAME", "node-0")]);
+    let slices = |node: &str| {
+        json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "NodeSlicePool",
+               "metadata": {"name": "loose"},
+               "spec": {"range": "10.162.0.0/24", "sliceSize": "/28"},
+               "status": {"allocations": [{"nodeName": node, "sliceRange": "10.162.0.0/28"}]}})
+    };
+    server.create("nodeslicepools", "kube-system", slices("node-0"));
+    let mut ipam = ipam("10.162.0.0/24", &kubeconfig);
+    ipam["enable_overlapping_ranges"] = json!(false);
+    ipam["node_slice_size"] = json!("/28");
+    ipam["network_name"] = json!("loose");
+    let conf = netconf("loose", &ipam);
+    assert_eq!(added_on_node_0(&agent, &conf, 1), "10.162.0.1");
+    // The pool exists: the next ADD's write of it is an update, held at the gate.
+    server.close_gate("PATCH", "ippools");
+    let reply = std::thread::scope(|s| {
+        let second = s.spawn(|| call("ADD", 2, "node-0", &agent, &conf));
+        wait_until("the ADD's write at the gate", || {
+            server.waiting_at_gate() > 0
+        });
+        assert!(server.delete_now("nodeslicepools", "kube-system", "loose"));
+        server.create("nodeslicepools", "kube-system", slices(""));
+        server.open_gate();
+        second.join().unwrap()
+    });
+    assert_eq!(reply.cni_code(), 11, "{reply:?}");
+    assert!(
+        agent.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"try_again\"}")
+            >= 1.0,
+        "the ADD did not go through the agent"
+    );
+    let pool = server
+        .get("ippools", "kube-system", "loose-node-0-10.162.0.0-28")
+        .unwrap();
+    let holders: Vec<&Value> = pool["spec"]["allocations"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|e| &e["id"])
+        .collect();
+    assert_eq!(
+        holders,
+        ["agent-1"],
+        "the withdrawn slice's entry stayed: {pool}"
+    );
+}

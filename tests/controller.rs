@@ -694,6 +694,57 @@ fn a_failed_node_slice_pass_is_tried_again() {
     );
 }
 
+/// A removed node's slice goes to a new node only in the pass after the one that withdrew it,
+/// which lists the IPPools again: an ADD on the removed node that read the NodeSlicePool before
+/// the withdrawal may still write into the slice's pool. That pass follows at once, not at the
+/// minute's check. On the fake: the NodeSlicePool is written before the controller starts, still
+/// naming a node the server no longer has, so that one pass sees the removal and the new node.
+#[test]
+fn a_removed_nodes_slice_goes_to_a_new_node_in_the_next_pass() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    server.add_node("node-b");
+    server.add_node("node-c");
+    let nad = json!({"cniVersion": "0.3.1", "name": "full", "type": "macvlan",
+        "ipam": {"type": "whereabouts", "range": "10.64.0.0/25", "node_slice_size": "/26"}});
+    server.add_nad("default", "full", &nad);
+    let given = [("node-a", "10.64.0.0/26"), ("node-b", "10.64.0.64/26")];
+    let allocations: Vec<Value> = given
+        .iter()
+        .map(|(node, slice)| json!({"nodeName": node, "sliceRange": slice}))
+        .collect();
+    server.create(
+        "nodeslicepools",
+        NS,
+        json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "NodeSlicePool",
+               "metadata": {"name": "full"},
+               "spec": {"range": "10.64.0.0/25", "sliceSize": "/26"},
+               "status": {"allocations": allocations}}),
+    );
+    let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
+        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}, "log_level": "verbose"}});
+    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
+    assert_eq!(
+        awaited_slice(&server, "full", "node-c", Duration::from_secs(20)),
+        "10.64.0.0/26"
+    );
+    assert_eq!(
+        slice_of(&server, "full", "node-b").as_deref(),
+        Some("10.64.0.64/26")
+    );
+    assert!(
+        ctl.log().contains("wait for the next pass"),
+        "{}",
+        ctl.log()
+    );
+    assert_eq!(
+        server.requests_by_verb().get("PUT nodeslicepools"),
+        Some(&2),
+        "one write withdraws node-a's slice, the next gives it to node-c"
+    );
+}
+
 /// A network that cannot be sliced (a slice size larger than its range) fails no pass: it is
 /// logged, and another network's new node gets its slice in the next pass, not after a
 /// back-off that grows while the broken network stays. On the fake: nodes are added at will.

@@ -1241,6 +1241,71 @@ fn a_del_succeeds_whatever_the_nodes_slice_is_to_its_configuration() {
     assert_eq!(check.cni_code(), 102, "{check:?}");
 }
 
+/// Without reservations only the NodeSlicePool keeps two nodes' pools apart: an ADD whose
+/// node's slice is withdrawn while it writes (the node removed, a new layout) takes its entry
+/// back and asks the runtime to try again, since the slice may be another node's by then. On the
+/// fake API server, which holds the ADD's pool write while the NodeSlicePool changes: a real
+/// server cannot be paused between two requests of one client.
+#[test]
+fn an_add_whose_slice_is_withdrawn_meanwhile_takes_its_address_back() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let assigned = [("node-a", "10.122.0.0/28"), ("node-b", "10.122.0.16/28")];
+    let withdrawn = [("", "10.122.0.0/28"), ("node-b", "10.122.0.16/28")];
+    let slices = |given: &[(&str, &str)]| node_slice_pool("loose", "10.122.0.0/24", given);
+    server.create("nodeslicepools", NS, slices(&assigned));
+    let extra = json!({"network_name": "loose", "node_slice_size": "/28",
+                       "enable_overlapping_ranges": false});
+    let conf = netconf("loose", &ipam("10.122.0.0/24", &kubeconfig, extra));
+    let on_a = |c: &'static str| Call {
+        node: Some("node-a"),
+        ..call("ADD", c, c)
+    };
+    let first = run(bin(), &on_a("first"), &conf);
+    assert_eq!(first.ips(), ["10.122.0.1"], "{first:?}");
+    // The pool exists: the next ADD's write of it is an update, held at the gate.
+    server.close_gate("PATCH", "ippools");
+    let second = cni::start(bin(), &on_a("second"), &conf);
+    let reached = held_within(Duration::from_secs(30), || server.waiting_at_gate() > 0);
+    if reached {
+        assert!(server.delete_now("nodeslicepools", NS, "loose"));
+        server.create("nodeslicepools", NS, slices(&withdrawn));
+    }
+    server.open_gate();
+    let out = second.wait_with_output().unwrap();
+    assert!(reached, "the ADD's write never reached the gate");
+    let reply = Reply {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_eq!(reply.cni_code(), 11, "{reply:?}");
+    assert!(
+        reply.stdout.contains("withdrew this node's slice"),
+        "{reply:?}"
+    );
+    let pool = server
+        .get("ippools", NS, "loose-node-a-10.122.0.0-28")
+        .unwrap();
+    let holders: Vec<&Value> = pool["spec"]["allocations"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|e| &e["id"])
+        .collect();
+    assert_eq!(
+        holders,
+        ["first"],
+        "the withdrawn slice's entry stayed: {pool}"
+    );
+    // Given its slice back, the runtime's retry gets an address.
+    assert!(server.delete_now("nodeslicepools", NS, "loose"));
+    server.create("nodeslicepools", NS, slices(&assigned));
+    let retried = run(bin(), &on_a("second"), &conf);
+    assert_eq!(retried.ips(), ["10.122.0.2"], "{retried:?}");
+}
+
 #[test]
 fn node_slices_from_a_nodeslicepool() {
     let plane = real_cluster!();

@@ -382,7 +382,12 @@ async fn keep_node_slices(
             continue;
         }
         match slice_sync::sync(&client, &namespace, (&nads, &nodes), &metrics, &leadership).await {
-            Ok(()) => pause = pauses(),
+            Ok(pass) => {
+                pause = pauses();
+                if pass == slice_sync::Pass::Again {
+                    changed.notify_one();
+                }
+            }
             // Stopped for the Lease, not failed: the loop waits to lead again.
             Err(_) if !leadership.is_leader() => continue,
             Err(err) => {

@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::described::pool_part;
 use super::leader::Leadership;
 use super::metrics::Metrics;
-use super::slices::{assign, unusable_slices};
+use super::slices::{assign, unusable_slices, withdrawn, Assignment};
 use crate::cli::store_args::ipam_of;
 use crate::config;
 use crate::ipam::names::{is_valid_object_name, object_name, pool_name};
@@ -203,7 +203,7 @@ pub async fn sync(
     (nads, nodes): (&Store<DynamicObject>, &Store<PartialObjectMeta<Node>>),
     metrics: &Arc<Metrics>,
     leadership: &Leadership,
-) -> Result<(), String> {
+) -> Result<Pass, String> {
     // Oldest first, so "the first one wins" names the same one every time.
     let mut nads = nads.state();
     nads.sort_by(|a, b| {
@@ -223,6 +223,7 @@ pub async fn sync(
         .collect();
     let api: Api<NodeSlicePool> = Api::namespaced(client.clone(), namespace);
     let mut failed = Vec::new();
+    let mut pass = Pass::Done;
     if complete {
         if let Err(err) = remove_unwanted(&api, &pools, metrics, leadership).await {
             failed.push(err);
@@ -241,16 +242,27 @@ pub async fn sync(
             if !leadership.is_leader() {
                 return Err(NOT_LEADING.to_string());
             }
-            if let Err(err) = sync_pool(&api, want, &nodes, &held, metrics).await {
-                failed.push(err);
+            match sync_pool(&api, want, &nodes, &held, metrics).await {
+                Ok(Pass::Again) => pass = Pass::Again,
+                Ok(Pass::Done) => {}
+                Err(err) => failed.push(err),
             }
         }
     }
     if failed.is_empty() {
-        Ok(())
+        Ok(pass)
     } else {
         Err(failed.join("; "))
     }
+}
+
+/// What a pass that succeeded leaves to the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Nothing until the next change or the minute's check.
+    Done,
+    /// Slices were withdrawn from nodes: the next pass, at once, may give them out.
+    Again,
 }
 
 /// A pass cut short: the Lease was lost (or its renewal is late) since it started.
@@ -426,7 +438,7 @@ async fn sync_pool(
     nodes: &BTreeSet<String>,
     held: &Held,
     metrics: &Arc<Metrics>,
-) -> Result<(), String> {
+) -> Result<Pass, String> {
     let existing = api
         .get_opt(&want.name)
         .await
@@ -439,17 +451,23 @@ async fn sync_pool(
         networks: &held.networks,
     };
     let pools = network_pools(want, &held.pools, &names);
-    let (pool, plan) = match desired_pool(existing, want, nodes, &pools) {
+    let Desired {
+        pool,
+        plan,
+        withdraws,
+    } = match desired_pool(existing, want, nodes, &pools) {
         Ok(desired) => desired,
         // The network's layout cannot be sliced (a slice larger than its range): no
         // pass can do better until its NetworkAttachmentDefinition changes, which wakes the
         // loop. Failing the pass would hold every other network's new nodes in its back-off.
         Err(err) => {
             tracing::warn!(pool = %want.name, source = %want.source, %err, "NodeSlicePool not made: the network cannot be sliced");
-            return Ok(());
+            return Ok(Pass::Done);
         }
     };
-    if !plan.unassigned.is_empty() {
+    if withdraws && !plan.unassigned.is_empty() {
+        tracing::info!(pool = %want.name, nodes = ?plan.unassigned, "these nodes wait for the next pass: the slices this one withdraws are given out after the IPPools are listed again");
+    } else if !plan.unassigned.is_empty() {
         tracing::warn!(pool = %want.name, nodes = ?plan.unassigned, "no free slice left for these nodes");
     }
     let assigned = plan
@@ -463,7 +481,7 @@ async fn sync_pool(
         u64::try_from(plan.total).unwrap_or(u64::MAX),
     );
     let Some(pool) = pool else {
-        return Ok(());
+        return Ok(Pass::Done);
     };
     let result = if creating {
         api.create(&PostParams::default(), &pool).await.map(|_| ())
@@ -475,7 +493,7 @@ async fn sync_pool(
     match result {
         Ok(()) => {
             tracing::info!(pool = %want.name, assigned, "NodeSlicePool updated");
-            Ok(())
+            Ok(if withdraws { Pass::Again } else { Pass::Done })
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
             metrics.conflicts.inc();
@@ -498,16 +516,24 @@ fn assigned_nodes(pool: Option<&NodeSlicePool>) -> impl Iterator<Item = String> 
         .map(|a| a.node_name.clone())
 }
 
-/// The NodeSlicePool to write (`None`: `existing` is up to date), and the assignment. The
-/// slice size is compared by value (`"24"` is `"/24"`) and written as the
-/// NetworkAttachmentDefinition has it; owner references to NetworkAttachmentDefinitions are
-/// the wanted ones, others are kept.
+/// What a pass makes of one NodeSlicePool.
+struct Desired {
+    /// The object to write; `None`: the existing one is up to date.
+    pool: Option<NodeSlicePool>,
+    plan: Assignment,
+    /// Whether the write takes slices from nodes, which a later pass may give out.
+    withdraws: bool,
+}
+
+/// The NodeSlicePool to write, and the assignment. The slice size is compared by value (`"24"`
+/// is `"/24"`) and written as the NetworkAttachmentDefinition has it; owner references to
+/// NetworkAttachmentDefinitions are the wanted ones, others are kept.
 fn desired_pool(
     existing: Option<NodeSlicePool>,
     want: &Wanted,
     nodes: &BTreeSet<String>,
     pools: &NetworkPools,
-) -> Result<(Option<NodeSlicePool>, super::slices::Assignment), crate::ipam::slices::SliceError> {
+) -> Result<Desired, crate::ipam::slices::SliceError> {
     let spec = NodeSlicePoolSpec {
         range: want.range.to_string(),
         slice_size: want.size_text.clone(),
@@ -524,7 +550,18 @@ fn desired_pool(
     current.extend(pools.by_node.iter().cloned());
     let mut busy = pools.busy.clone();
     busy.extend(want.unusable.iter().copied());
-    let plan = assign(&want.range, want.size, nodes, &current, &busy)?;
+    let mut plan = assign(&want.range, want.size, nodes, &current, &busy)?;
+    // A slice this pass takes from a node (the node removed, a new layout) is judged free from
+    // a list of the IPPools made before this write; an ADD on that node that read the old
+    // NodeSlicePool may still write into it meanwhile. It goes to another node only in a later
+    // pass, whose list sees such an entry (the plugin takes back one whose slice it finds
+    // withdrawn after its write).
+    let given = existing.as_ref().and_then(|p| p.status.as_ref());
+    let withdrawn = withdrawn(given.map_or(&[], |s| &s.allocations), &plan.allocations);
+    if !withdrawn.is_empty() {
+        busy.extend(withdrawn.iter().copied());
+        plan = assign(&want.range, want.size, nodes, &current, &busy)?;
+    }
     let status = Some(NodeSlicePoolStatus {
         allocations: plan.allocations.clone(),
     });
@@ -563,7 +600,11 @@ fn desired_pool(
             Some(pool)
         }
     };
-    Ok((pool, plan))
+    Ok(Desired {
+        pool,
+        plan,
+        withdraws: !withdrawn.is_empty(),
+    })
 }
 
 #[cfg(test)]
@@ -687,7 +728,7 @@ mod tests {
             networks: &networks,
         };
         let pools = network_pools(&want, &held, &names);
-        let (_, plan) = desired_pool(None, &want, &nodes, &pools).unwrap();
+        let plan = desired_pool(None, &want, &nodes, &pools).unwrap().plan;
         let given = plan.allocations.into_iter();
         given
             .filter(|a| !a.node_name.is_empty())
@@ -808,6 +849,73 @@ mod tests {
         }
     }
 
+    /// The nodes given a slice by `pool`, with their slices.
+    fn given(pool: &NodeSlicePool) -> Vec<(String, String)> {
+        let status = pool.status.iter().flat_map(|s| &s.allocations);
+        let given = status.filter(|a| !a.node_name.is_empty());
+        given
+            .map(|a| (a.node_name.clone(), a.slice_range.clone()))
+            .collect()
+    }
+
+    /// A slice taken from a node goes to another only in a later pass, which lists the IPPools
+    /// again: an ADD on the first node that read the old NodeSlicePool may still write into the
+    /// slice's pool after this pass's list.
+    #[test]
+    fn a_withdrawn_slice_is_given_out_in_a_later_pass_only() {
+        let conf = |size: &str| {
+            format!(
+                r#"{{"name":"n","ipam":{{"type":"whereabouts","range":"10.3.0.0/23","node_slice_size":"{size}"}}}}"#
+            )
+        };
+        let none = NetworkPools::default();
+        let halves = wanted("nad", "nad", &conf("/24")).unwrap().unwrap();
+        let first = desired_pool(None, &halves, &nodes(&["a", "gone"]), &none).unwrap();
+        assert!(!first.withdraws);
+        let first = first.pool.unwrap();
+        assert_eq!(
+            given(&first),
+            pairs(&[("a", "10.3.0.0/24"), ("gone", "10.3.1.0/24")])
+        );
+        // "gone" is removed and "b" joins: no other slice is free, so "b" waits.
+        let removed = desired_pool(Some(first), &halves, &nodes(&["a", "b"]), &none).unwrap();
+        assert!(removed.withdraws);
+        assert_eq!(removed.plan.unassigned, ["b"]);
+        let removed = removed.pool.unwrap();
+        assert_eq!(given(&removed), pairs(&[("a", "10.3.0.0/24")]));
+        // The next pass (no pool holds addresses there) gives it.
+        let next = desired_pool(Some(removed), &halves, &nodes(&["a", "b"]), &none).unwrap();
+        assert!(!next.withdraws);
+        let next = next.pool.unwrap();
+        assert_eq!(
+            given(&next),
+            pairs(&[("a", "10.3.0.0/24"), ("b", "10.3.1.0/24")])
+        );
+        // A new layout: the nodes' old slices are withdrawn, the new slices avoid them first.
+        let quarters = wanted("nad", "nad", &conf("/25")).unwrap().unwrap();
+        let relaid = desired_pool(Some(next.clone()), &quarters, &nodes(&["a", "b"]), &none);
+        let relaid = relaid.unwrap();
+        assert!(relaid.withdraws);
+        assert_eq!(relaid.plan.unassigned, ["a", "b"]);
+        let relaid = relaid.pool.unwrap();
+        assert!(given(&relaid).is_empty(), "{:?}", given(&relaid));
+        let after = desired_pool(Some(relaid), &quarters, &nodes(&["a", "b"]), &none).unwrap();
+        assert!(!after.withdraws);
+        let after = after.pool.unwrap();
+        assert_eq!(
+            given(&after),
+            pairs(&[("a", "10.3.0.0/25"), ("b", "10.3.0.128/25")])
+        );
+        // A node keeps a slice the new layout still has; nothing is withdrawn from it.
+        let same = desired_pool(Some(next), &halves, &nodes(&["a", "b", "c"]), &none).unwrap();
+        assert!(!same.withdraws);
+        assert_eq!(same.plan.unassigned, ["c"]);
+    }
+
+    fn nodes(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
     #[test]
     fn a_size_written_the_other_way_keeps_every_slice() {
         let nodes: BTreeSet<String> = ["a", "b"].iter().map(|n| n.to_string()).collect();
@@ -818,15 +926,19 @@ mod tests {
             )
         };
         let go_style = wanted("nad", "nad", &conf("24")).unwrap().unwrap();
-        let (created, _) = desired_pool(None, &go_style, &nodes, &none).unwrap();
+        let created = desired_pool(None, &go_style, &nodes, &none).unwrap().pool;
         let created = created.unwrap();
         assert_eq!(created.spec.slice_size, "24");
         // Unchanged: nothing to write.
-        let (same, _) = desired_pool(Some(created.clone()), &go_style, &nodes, &none).unwrap();
+        let same = desired_pool(Some(created.clone()), &go_style, &nodes, &none)
+            .unwrap()
+            .pool;
         assert!(same.is_none());
         // The NetworkAttachmentDefinition now says "/24": the same slices, the text follows it.
         let ours = wanted("nad", "nad", &conf("/24")).unwrap().unwrap();
-        let (rewritten, _) = desired_pool(Some(created.clone()), &ours, &nodes, &none).unwrap();
+        let rewritten = desired_pool(Some(created.clone()), &ours, &nodes, &none)
+            .unwrap()
+            .pool;
         let rewritten = rewritten.unwrap();
         assert_eq!(rewritten.spec.slice_size, "/24");
         assert_eq!(rewritten.status, created.status);
@@ -839,14 +951,18 @@ mod tests {
             uid: "u".into(),
             ..OwnerReference::default()
         }]);
-        let (unchanged, _) = desired_pool(Some(owned.clone()), &go_style, &nodes, &none).unwrap();
+        let unchanged = desired_pool(Some(owned.clone()), &go_style, &nodes, &none)
+            .unwrap()
+            .pool;
         assert!(unchanged.is_none());
         let mut owned_by_nad = go_style;
         owned_by_nad.owners = wanted_pools(&[nad("kube-system", "a", "24")], "kube-system").0
             ["shared"]
             .owners
             .clone();
-        let (kept, _) = desired_pool(Some(owned), &owned_by_nad, &nodes, &none).unwrap();
+        let kept = desired_pool(Some(owned), &owned_by_nad, &nodes, &none)
+            .unwrap()
+            .pool;
         let refs = kept.unwrap().metadata.owner_references.unwrap();
         let names: Vec<&str> = refs.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["keep", "a"]);

@@ -125,6 +125,27 @@ pub fn assign(
     })
 }
 
+/// The slices `before` gives to nodes and `after` does not give them: what a change takes from
+/// its nodes (a node removed, a new layout).
+pub fn withdrawn(before: &[NodeSliceAllocation], after: &[NodeSliceAllocation]) -> Vec<Cidr> {
+    let given = |list: &'_ [NodeSliceAllocation]| {
+        let slices = list.iter().filter(|a| !a.node_name.is_empty());
+        slices
+            .filter_map(|a| {
+                Some((
+                    a.node_name.clone(),
+                    Cidr::parse(&a.slice_range, false)?.network(),
+                ))
+            })
+            .collect::<Vec<_>>()
+    };
+    let kept: HashSet<(String, Cidr)> = given(after).into_iter().collect();
+    let taken = given(before)
+        .into_iter()
+        .filter(|pair| !kept.contains(pair));
+    taken.map(|(_, slice)| slice).collect()
+}
+
 /// The slices of `range` (prefix length `size`) from which a node could hand out no address of
 /// `usable` (the configured range resolved), as blocks a new node passes over like busy ranges:
 /// those wholly before `range_start` or after `range_end`, and the exclusions that cover whole

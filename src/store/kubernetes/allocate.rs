@@ -15,11 +15,12 @@ use super::choose::SPREAD;
 use super::engine::{newer, Engine, Step, UndoLog};
 use super::go_lease::Hold;
 use super::job::{pool_key, Granted, Job};
+use super::node_slice::slice_pool_name;
 use super::pool_doc::{absent_test, add_op, holder_test, remove_op, replace_id_op, Entry, PoolDoc};
 use super::reservation::{self, Held};
 use crate::ipam::decide::{stable_hash, GO_OFFSET_LIMIT};
 use crate::ipam::names::{is_valid_object_name, object_name};
-use crate::ipam::{decide, Ask, Contention, Decision, OffsetRuns, Range, Snapshot};
+use crate::ipam::{decide, Ask, Cidr, Contention, Decision, OffsetRuns, Range, Snapshot};
 use crate::k8s::crd::{IPPool, OverlappingRangeIPReservation};
 use crate::store::queues::{dropped, Serving};
 use crate::store::{AddRequest, Attachment, PoolRef, StoreError};
@@ -230,6 +231,7 @@ impl Engine {
             refuse_podless(req)?;
         }
         let mut ips = Vec::with_capacity(req.ranges.len());
+        let mut slices = Vec::with_capacity(req.ranges.len());
         for wanted in &req.ranges {
             let pool = self
                 .pool_for_add(
@@ -258,8 +260,32 @@ impl Engine {
             // would find their reservations its own).
             let job = Job::new(&req.attachment, requested).passing_over(&pool.range, &ips);
             ips.push(self.allocate(&pool, job, req, undo, go_present).await?);
+            slices.push(pool.range.cidr);
+        }
+        if req.node_slice_size.is_some() && !req.overlap {
+            self.confirm_slices(req, &slices).await?;
         }
         Ok(ips)
+    }
+
+    /// Whether the node still holds the slices the ADD wrote into. Without reservations only
+    /// the NodeSlicePool keeps two nodes' pools apart, and the controller may have withdrawn a
+    /// slice from this node while the ADD ran (the node removed, a new layout): another node's
+    /// pool, which does not see this entry, may then cover it. The controller gives a withdrawn
+    /// slice out only in a later pass, which lists the pools again, so an entry written before
+    /// this read is seen there; one whose slice this read finds withdrawn is taken back (the
+    /// error makes the caller undo the ADD) and the runtime's retry reads the new slice.
+    async fn confirm_slices(&self, req: &AddRequest, used: &[Cidr]) -> Result<(), StoreError> {
+        let held = self.node_slice(&req.network_name, &req.cni_network).await?;
+        let held = held.map(|(slice, _)| slice);
+        if used.iter().all(|slice| Some(*slice) == held) {
+            return Ok(());
+        }
+        let name = slice_pool_name(&req.network_name, &req.cni_network);
+        Err(StoreError::try_again(format!(
+            "NodeSlicePool {name} withdrew this node's slice while the ADD ran: its address is \
+             taken back; the next ADD allocates from the node's new slice"
+        )))
     }
 
     /// One address of one pool: in the agent, combined with the node's other ADDs of the pool
