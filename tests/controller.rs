@@ -1370,6 +1370,16 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
         json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
                "metadata": {"name": from_file}, "spec": {"config": ""}}),
     );
+    // A NodeSlicePool made by hand, for a network configured in files on the nodes: no
+    // NetworkAttachmentDefinition asks for it, and it stays.
+    let by_hand = format!("{}-by-hand", ns.name);
+    ns.create(
+        "nodeslicepools",
+        json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "NodeSlicePool",
+               "metadata": {"name": by_hand},
+               "spec": {"range": "10.75.0.0/24", "sliceSize": "/26"},
+               "status": {"allocations": [{"nodeName": node, "sliceRange": "10.75.0.0/26"}]}}),
+    );
     let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
         "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
     let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &["--lease-duration", "4"]);
@@ -1390,6 +1400,7 @@ fn node_slice_pools_of_deleted_networks_are_removed() {
         || ns.get("nodeslicepools", &drop_it).is_none(),
     );
     assert!(has_slice(&keep), "{}", ctl.log());
+    assert!(has_slice(&by_hand), "{}", ctl.log());
     // Nodes and NetworkAttachmentDefinitions are seen by every controller on the shared plane.
     ns.delete("network-attachment-definitions", &keep);
     ns.delete("network-attachment-definitions", &from_file);

@@ -265,11 +265,36 @@ pub enum Pass {
     Again,
 }
 
+/// The label the controller puts on every NodeSlicePool it writes: it removes only pools it
+/// made (or a NetworkAttachmentDefinition owns, as Go's controller makes them), never one made
+/// by hand for a network configured outside NetworkAttachmentDefinitions.
+const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "whereabouts-controller");
+
+fn with_managed_by(labels: Option<BTreeMap<String, String>>) -> BTreeMap<String, String> {
+    let mut labels = labels.unwrap_or_default();
+    labels.insert(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string());
+    labels
+}
+
+fn managed_here(pool: &NodeSlicePool) -> bool {
+    let labels = pool.metadata.labels.as_ref();
+    labels.and_then(|l| l.get(MANAGED_BY.0)).map(String::as_str) == Some(MANAGED_BY.1)
+}
+
+/// Whether the controller may remove `pool` once no NetworkAttachmentDefinition asks for it:
+/// it made the pool, or a NetworkAttachmentDefinition owns it.
+fn removable(pool: &NodeSlicePool) -> bool {
+    let nad_kind = nad_resource().kind;
+    let owners = pool.metadata.owner_references.iter().flatten();
+    managed_here(pool) || owners.into_iter().any(|o| o.kind == nad_kind)
+}
+
 /// A pass cut short: the Lease was lost (or its renewal is late) since it started.
 const NOT_LEADING: &str = "not the leader any more: pass stopped";
 
-/// NodeSlicePools that no NetworkAttachmentDefinition asks for: their network is gone. The
-/// IPPools of their slices stay (their allocations are cleanup's to judge).
+/// NodeSlicePools that no NetworkAttachmentDefinition asks for, which the controller made or a
+/// NetworkAttachmentDefinition owns: their network is gone. The IPPools of their slices stay
+/// (their allocations are cleanup's to judge).
 async fn remove_unwanted(
     api: &Api<NodeSlicePool>,
     pools: &BTreeMap<String, Wanted>,
@@ -286,6 +311,10 @@ async fn remove_unwanted(
             continue;
         };
         if pools.contains_key(&name) {
+            continue;
+        }
+        if !removable(&pool) {
+            tracing::debug!(pool = %name, "NodeSlicePool kept: made by hand (no NetworkAttachmentDefinition owns it and the controller did not make it)");
             continue;
         }
         // A pass takes a while (each request up to its timeout): a replica that lost the Lease
@@ -580,21 +609,25 @@ fn desired_pool(
             let mut pool = NodeSlicePool::new(&want.name, spec);
             pool.status = status;
             pool.metadata.owner_references = owners;
+            pool.metadata.labels = Some(with_managed_by(None));
             Some(pool)
         }
         Some(pool)
             if pool.spec == spec
                 && pool.status == status
-                && pool.metadata.owner_references == owners =>
+                && pool.metadata.owner_references == owners
+                && managed_here(&pool) =>
         {
             None
         }
         Some(mut pool) => {
             pool.spec = spec;
             pool.status = status;
+            let labels = with_managed_by(pool.metadata.labels.take());
             pool.metadata = ObjectMeta {
                 managed_fields: None,
                 owner_references: owners,
+                labels: Some(labels),
                 ..pool.metadata
             };
             Some(pool)
@@ -863,11 +896,7 @@ mod tests {
     /// slice's pool after this pass's list.
     #[test]
     fn a_withdrawn_slice_is_given_out_in_a_later_pass_only() {
-        let conf = |size: &str| {
-            format!(
-                r#"{{"name":"n","ipam":{{"type":"whereabouts","range":"10.3.0.0/23","node_slice_size":"{size}"}}}}"#
-            )
-        };
+        let conf = |size: &str| nad_config("10.3.0.0/23", size);
         let none = NetworkPools::default();
         let halves = wanted("nad", "nad", &conf("/24")).unwrap().unwrap();
         let first = desired_pool(None, &halves, &nodes(&["a", "gone"]), &none).unwrap();
@@ -910,6 +939,46 @@ mod tests {
         let same = desired_pool(Some(next), &halves, &nodes(&["a", "b", "c"]), &none).unwrap();
         assert!(!same.withdraws);
         assert_eq!(same.plan.unassigned, ["c"]);
+    }
+
+    #[test]
+    fn only_pools_the_controller_made_or_a_network_owns_are_removable() {
+        let want = wanted("nad", "nad", &nad_config("10.5.0.0/24", "/26")).unwrap();
+        let want = want.unwrap();
+        let made = desired_pool(None, &want, &nodes(&["a"]), &NetworkPools::default());
+        let made = made.unwrap().pool.unwrap();
+        assert!(removable(&made));
+        let by_hand = NodeSlicePool::new("by-hand", made.spec.clone());
+        assert!(!removable(&by_hand));
+        // Go's controller's pools: owned by their NetworkAttachmentDefinition, unlabelled.
+        let mut by_go = by_hand.clone();
+        by_go.metadata.owner_references =
+            wanted_pools(&[nad("kube-system", "a", "24")], "kube-system").0["shared"]
+                .owners
+                .clone()
+                .into();
+        assert!(removable(&by_go));
+        // A wanted pool made before the label is labelled by the next pass, its labels kept.
+        let mut unlabelled = made.clone();
+        unlabelled.metadata.labels = Some(BTreeMap::from([("team".into(), "x".into())]));
+        let relabelled = desired_pool(
+            Some(unlabelled),
+            &want,
+            &nodes(&["a"]),
+            &NetworkPools::default(),
+        );
+        let labels = relabelled.unwrap().pool.unwrap().metadata.labels.unwrap();
+        assert_eq!(labels.get("team").map(String::as_str), Some("x"));
+        assert_eq!(
+            labels.get(MANAGED_BY.0).map(String::as_str),
+            Some(MANAGED_BY.1)
+        );
+    }
+
+    fn nad_config(range: &str, size: &str) -> String {
+        format!(
+            r#"{{"name":"n","ipam":{{"type":"whereabouts","range":"{range}","node_slice_size":"{size}"}}}}"#
+        )
     }
 
     fn nodes(names: &[&str]) -> BTreeSet<String> {
