@@ -31,16 +31,7 @@ fn level(level: Option<LogLevel>) -> Level {
 /// (missing folder, a symbolic link, a FIFO, not a regular file) falls back to stderr: logging
 /// never fails a CNI call.
 pub fn init(log_file: Option<&Path>, log_level: Option<LogLevel>) {
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(level(log_level))
-        .with_ansi(false)
-        .with_target(false);
-    // The level asked for is ours; the libraries (HTTP, TLS, the Kubernetes client) speak only
-    // of what went wrong: their debug events (a span per request, each handshake's steps) would
-    // bury ours and cost every call their formatting.
-    let ours = Targets::new()
-        .with_target(env!("CARGO_CRATE_NAME"), level(log_level))
-        .with_default(Level::WARN);
+    let level = level(log_level);
     let file = log_file.and_then(|path| {
         files::open_append(path)
             .map_err(|err| {
@@ -54,13 +45,38 @@ pub fn init(log_file: Option<&Path>, log_level: Option<LogLevel>) {
     let _ = match file {
         Some(file) => {
             let writer = Escaping(Mutex::new(file));
-            builder.with_writer(writer).finish().with(ours).try_init()
+            let logger = events(level).with_writer(writer).finish();
+            logger.with(ours_at(level)).try_init()
         }
         None => {
-            let writer = Escaping(io::stderr);
-            builder.with_writer(writer).finish().with(ours).try_init()
+            let logger = events(level).with_writer(Escaping(io::stderr)).finish();
+            logger.with(ours_at(level)).try_init()
         }
     };
+}
+
+/// A command's log (the installer's, an operator's): stderr, whose stdout carries its report,
+/// from `level` on. Once; later calls are ignored.
+pub fn init_command(level: Level) {
+    let logger = events(level).with_writer(Escaping(io::stderr)).finish();
+    let _ = logger.with(ours_at(level)).try_init();
+}
+
+/// How events are written: one line each, without colours or the module's path.
+fn events(level: Level) -> tracing_subscriber::fmt::SubscriberBuilder {
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_target(false)
+}
+
+/// The level asked for is ours; the libraries (HTTP, TLS, the Kubernetes client) speak only of
+/// what went wrong: their debug events (a span per request, each handshake's steps) would bury
+/// ours and cost every call their formatting.
+fn ours_at(level: Level) -> Targets {
+    Targets::new()
+        .with_target(env!("CARGO_CRATE_NAME"), level)
+        .with_default(Level::WARN)
 }
 
 /// Makes writers that escape control characters (see the module's documentation).

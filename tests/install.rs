@@ -499,6 +499,24 @@ fn the_binary_installs_itself_from_its_environment() {
     );
 }
 
+/// The installer's log is its container's: what it wrote and what it replaced, on stderr,
+/// without the content of a file it found.
+#[test]
+fn the_installer_says_what_it_did_on_stderr() {
+    let host = Host::new();
+    fs::create_dir_all(host.wd()).unwrap();
+    fs::write(host.wd().join("whereabouts.conf"), "secret-looking {").unwrap();
+    let out = binary(&host).args(["install", "--once"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("replaced whole"), "{log}");
+    assert!(log.contains("wrote the kubeconfig"), "{log}");
+    assert!(
+        !log.contains("secret-looking"),
+        "the file's content shown: {log}"
+    );
+}
+
 /// With the agent the host gets the plugin-only build (next to the installer, as in the image)
 /// under the plugin's name; with the agent switched off again, the full binary.
 #[test]

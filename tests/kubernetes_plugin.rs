@@ -590,6 +590,40 @@ fn ipv6_offsets_beyond_two_to_the_63() {
     assert!(ns.get("ippools", "0---126").is_some());
 }
 
+/// An operator command shows what went wrong on its way, beside its answer: the refused
+/// requests of a release that fails are logged on its stderr before its one-line error. On the
+/// fake API server, which refuses the deletes on demand.
+#[test]
+fn an_operator_command_shows_what_went_wrong_on_its_way() {
+    let (server, dir, kubeconfig) = server_with_pools(&[]);
+    let conf = netconf("ops", &ipam("10.123.0.0/24", &kubeconfig, json!({})));
+    let add = run(bin(), &call("ADD", "held", "held"), &conf);
+    assert_eq!(add.ips(), ["10.123.0.1"], "{add:?}");
+    let conf_path = dir.path().join("ops.conf");
+    std::fs::write(&conf_path, &conf).unwrap();
+    server.fail_next("DELETE", RESERVATIONS, 1000);
+    let out = std::process::Command::new(bin())
+        .env_clear()
+        .env(cni::trust::FLAT_FILE_ENV, cni::trust::test_flat_file())
+        .args(["release", "10.123.0.1", "--force", "--config"])
+        .arg(&conf_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let (error, log) = lines.split_last().unwrap();
+    assert!(
+        error.starts_with("whereabouts: cannot release 10.123.0.1"),
+        "{out:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains(" ERROR ") && l.contains("500")),
+        "{out:?}"
+    );
+}
+
 fn failure(server: &FakeApiServer, conf: &str, what: &str) -> Reply {
     let reply = run(bin(), &quick(call("ADD", "victim", "victim")), conf);
     assert_eq!(reply.cni_code(), 11, "{what}: {reply:?}");

@@ -46,6 +46,12 @@ pub enum Command {
 
 /// Runs a subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // The agent and the controller log as their flat file says, the installer its progress;
+    // the operator commands print their report, and what went wrong on the way on stderr.
+    match &cli.command {
+        Command::Agent(_) | Command::Controller(_) | Command::Install(_) => {}
+        _ => crate::logging::init_command(tracing::Level::WARN),
+    }
     match cli.command {
         Command::Install(args) => install::run(args),
         Command::Crds(args) => crds::run(args),
