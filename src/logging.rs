@@ -55,8 +55,8 @@ pub fn init(log_file: Option<&Path>, log_level: Option<LogLevel>) {
     };
 }
 
-/// A command's log (the installer's, an operator's): stderr, whose stdout carries its report,
-/// from `level` on. Once; later calls are ignored.
+/// An operator command's log: stderr (its stdout carries its report), from `level` on. Once;
+/// later calls are ignored.
 pub fn init_command(level: Level) {
     let logger = events(level).with_writer(Escaping(io::stderr)).finish();
     let _ = logger.with(ours_at(level)).try_init();

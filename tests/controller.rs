@@ -694,13 +694,14 @@ fn a_failed_node_slice_pass_is_tried_again() {
     );
 }
 
-/// A removed node's slice goes to a new node only in the pass after the one that withdrew it,
+/// A removed node's slice goes to a new node only in a pass after the one that withdrew it,
 /// which lists the IPPools again: an ADD on the removed node that read the NodeSlicePool before
-/// the withdrawal may still write into the slice's pool. That pass follows at once, not at the
-/// minute's check. On the fake: the NodeSlicePool is written before the controller starts, still
-/// naming a node the server no longer has, so that one pass sees the removal and the new node.
+/// the withdrawal may still write into the slice's pool meanwhile, and the slice is then not
+/// free. On the fake: the NodeSlicePool is written before the controller starts, still naming
+/// a node the server no longer has, so that one pass sees the removal and the new node, and the
+/// withdrawing write is held at the gate while that ADD's entry lands.
 #[test]
-fn a_removed_nodes_slice_goes_to_a_new_node_in_the_next_pass() {
+fn a_removed_nodes_slice_is_not_given_out_while_its_late_add_lands() {
     let server = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = server.write_kubeconfig(dir.path(), None);
@@ -722,26 +723,38 @@ fn a_removed_nodes_slice_goes_to_a_new_node_in_the_next_pass() {
                "spec": {"range": "10.64.0.0/25", "sliceSize": "/26"},
                "status": {"allocations": allocations}}),
     );
+    server.close_gate("PUT", "nodeslicepools");
     let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
         "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}, "log_level": "verbose"}});
     let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
-    assert_eq!(
-        awaited_slice(&server, "full", "node-c", Duration::from_secs(20)),
-        "10.64.0.0/26"
+    wait_for(
+        "the first write at the gate",
+        Duration::from_secs(20),
+        || server.waiting_at_gate() > 0,
     );
+    // node-a's late ADD, into its pool of the slice.
+    server.create(
+        "ippools",
+        NS,
+        json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool",
+               "metadata": {"name": "node-a-10.64.0.0-26"},
+               "spec": {"range": "10.64.0.0/26",
+                        "allocations": {"5": {"id": "late", "podref": "default/late"}}}}),
+    );
+    server.open_gate();
+    wait_for(
+        "a pass after the withdrawal",
+        Duration::from_secs(20),
+        || {
+            ctl.log().contains("no free slice left")
+                || slice_of(&server, "full", "node-c").is_some()
+        },
+    );
+    assert_eq!(slice_of(&server, "full", "node-c"), None, "{}", ctl.log());
+    assert_eq!(slice_of(&server, "full", "node-a"), None);
     assert_eq!(
         slice_of(&server, "full", "node-b").as_deref(),
         Some("10.64.0.64/26")
-    );
-    assert!(
-        ctl.log().contains("wait for the next pass"),
-        "{}",
-        ctl.log()
-    );
-    assert_eq!(
-        server.requests_by_verb().get("PUT nodeslicepools"),
-        Some(&2),
-        "one write withdraws node-a's slice, the next gives it to node-c"
     );
 }
 

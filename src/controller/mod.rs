@@ -385,6 +385,9 @@ async fn keep_node_slices(
             Ok(pass) => {
                 pause = pauses();
                 if pass == slice_sync::Pass::Again {
+                    // Soon, not at once: something that gives the slices back as fast as they
+                    // are withdrawn (another controller) must not keep the loop spinning.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                     changed.notify_one();
                 }
             }

@@ -224,12 +224,20 @@ pub async fn sync(
     let api: Api<NodeSlicePool> = Api::namespaced(client.clone(), namespace);
     let mut failed = Vec::new();
     let mut pass = Pass::Done;
+    let existing = slice_pools(&api).await?;
     if complete {
-        if let Err(err) = remove_unwanted(&api, &pools, metrics, leadership).await {
+        if let Err(err) = remove_unwanted(&api, &pools, &existing, metrics, leadership).await {
             failed.push(err);
         }
     }
     if !pools.is_empty() {
+        // The IPPools are listed after the NodeSlicePools are read: an ADD that read a pool's
+        // slice before any change the pass starts from (its own, another writer's, a deletion)
+        // wrote its entry before this list, or reads the change when it checks its slice.
+        let mut existing: BTreeMap<String, NodeSlicePool> = existing
+            .into_iter()
+            .filter_map(|p| Some((p.metadata.name.clone()?, p)))
+            .collect();
         let held = Held {
             pools: held_pools(client, namespace).await?,
             networks: pools
@@ -242,7 +250,8 @@ pub async fn sync(
             if !leadership.is_leader() {
                 return Err(NOT_LEADING.to_string());
             }
-            match sync_pool(&api, want, &nodes, &held, metrics).await {
+            let current = existing.remove(&want.name);
+            match sync_pool(&api, (want, current), &nodes, &held, metrics).await {
                 Ok(Pass::Again) => pass = Pass::Again,
                 Ok(Pass::Done) => {}
                 Err(err) => failed.push(err),
@@ -284,9 +293,9 @@ fn managed_here(pool: &NodeSlicePool) -> bool {
 /// Whether the controller may remove `pool` once no NetworkAttachmentDefinition asks for it:
 /// it made the pool, or a NetworkAttachmentDefinition owns it.
 fn removable(pool: &NodeSlicePool) -> bool {
-    let nad_kind = nad_resource().kind;
-    let owners = pool.metadata.owner_references.iter().flatten();
-    managed_here(pool) || owners.into_iter().any(|o| o.kind == nad_kind)
+    let nad = nad_resource();
+    let mut owners = pool.metadata.owner_references.iter().flatten();
+    managed_here(pool) || owners.any(|o| o.kind == nad.kind && o.api_version == nad.api_version)
 }
 
 /// A pass cut short: the Lease was lost (or its renewal is late) since it started.
@@ -298,14 +307,10 @@ const NOT_LEADING: &str = "not the leader any more: pass stopped";
 async fn remove_unwanted(
     api: &Api<NodeSlicePool>,
     pools: &BTreeMap<String, Wanted>,
+    existing: &[NodeSlicePool],
     metrics: &Arc<Metrics>,
     leadership: &Leadership,
 ) -> Result<(), String> {
-    let existing = match api.list(&ListParams::default()).await {
-        Ok(list) => list.items,
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-        Err(e) => return Err(format!("cannot list NodeSlicePools: {}", chain(&e))),
-    };
     for pool in existing {
         let Some(name) = pool.metadata.name.clone() else {
             continue;
@@ -313,7 +318,7 @@ async fn remove_unwanted(
         if pools.contains_key(&name) {
             continue;
         }
-        if !removable(&pool) {
+        if !removable(pool) {
             tracing::debug!(pool = %name, "NodeSlicePool kept: made by hand (no NetworkAttachmentDefinition owns it and the controller did not make it)");
             continue;
         }
@@ -461,17 +466,24 @@ fn network_pools(want: &Wanted, held: &[(String, Cidr)], names: &Names<'_>) -> N
     out
 }
 
+/// The NodeSlicePools of the namespace; none without the resource.
+async fn slice_pools(api: &Api<NodeSlicePool>) -> Result<Vec<NodeSlicePool>, String> {
+    match api.list(&ListParams::default()).await {
+        Ok(list) => Ok(list.items),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
+        Err(e) => Err(format!("cannot list NodeSlicePools: {}", chain(&e))),
+    }
+}
+
+/// Brings `want`'s NodeSlicePool (`existing`, as the pass read it) up to date; a write is
+/// refused if the pool changed since.
 async fn sync_pool(
     api: &Api<NodeSlicePool>,
-    want: &Wanted,
+    (want, existing): (&Wanted, Option<NodeSlicePool>),
     nodes: &BTreeSet<String>,
     held: &Held,
     metrics: &Arc<Metrics>,
 ) -> Result<Pass, String> {
-    let existing = api
-        .get_opt(&want.name)
-        .await
-        .map_err(|e| format!("cannot read NodeSlicePool {}: {}", want.name, chain(&e)))?;
     let creating = existing.is_none();
     let mut known = nodes.clone();
     known.extend(assigned_nodes(existing.as_ref()));
@@ -484,6 +496,7 @@ async fn sync_pool(
         pool,
         plan,
         withdraws,
+        waiting,
     } = match desired_pool(existing, want, nodes, &pools) {
         Ok(desired) => desired,
         // The network's layout cannot be sliced (a slice larger than its range): no
@@ -494,10 +507,16 @@ async fn sync_pool(
             return Ok(Pass::Done);
         }
     };
-    if withdraws && !plan.unassigned.is_empty() {
-        tracing::info!(pool = %want.name, nodes = ?plan.unassigned, "these nodes wait for the next pass: the slices this one withdraws are given out after the IPPools are listed again");
-    } else if !plan.unassigned.is_empty() {
-        tracing::warn!(pool = %want.name, nodes = ?plan.unassigned, "no free slice left for these nodes");
+    if !waiting.is_empty() {
+        tracing::info!(pool = %want.name, nodes = ?waiting, "these nodes wait for the next pass: the slices this one withdraws are given out after the IPPools are listed again");
+    }
+    let full: Vec<&String> = plan
+        .unassigned
+        .iter()
+        .filter(|n| !waiting.contains(n))
+        .collect();
+    if !full.is_empty() {
+        tracing::warn!(pool = %want.name, nodes = ?full, "no free slice left for these nodes");
     }
     let assigned = plan
         .allocations
@@ -552,6 +571,8 @@ struct Desired {
     plan: Assignment,
     /// Whether the write takes slices from nodes, which a later pass may give out.
     withdraws: bool,
+    /// The nodes left without a slice only because the free ones were withdrawn in this pass.
+    waiting: Vec<String>,
 }
 
 /// The NodeSlicePool to write, and the assignment. The slice size is compared by value (`"24"`
@@ -580,6 +601,7 @@ fn desired_pool(
     let mut busy = pools.busy.clone();
     busy.extend(want.unusable.iter().copied());
     let mut plan = assign(&want.range, want.size, nodes, &current, &busy)?;
+    let mut waiting = Vec::new();
     // A slice this pass takes from a node (the node removed, a new layout) is judged free from
     // a list of the IPPools made before this write; an ADD on that node that read the old
     // NodeSlicePool may still write into it meanwhile. It goes to another node only in a later
@@ -589,7 +611,18 @@ fn desired_pool(
     let withdrawn = withdrawn(given.map_or(&[], |s| &s.allocations), &plan.allocations);
     if !withdrawn.is_empty() {
         busy.extend(withdrawn.iter().copied());
+        // Nor does a node take such a slice up again in this pass for its own pool's addresses.
+        let from_status = given.map_or(0, |s| s.allocations.len());
+        let mut taken_up = current.split_off(from_status.min(current.len()));
+        taken_up.retain(|a| {
+            let slice = Cidr::parse(&a.slice_range, false);
+            !slice.is_some_and(|slice| withdrawn.iter().any(|w| w.overlaps(&slice)))
+        });
+        current.extend(taken_up);
+        let first = plan;
         plan = assign(&want.range, want.size, nodes, &current, &busy)?;
+        waiting = plan.unassigned.clone();
+        waiting.retain(|node| !first.unassigned.contains(node));
     }
     let status = Some(NodeSlicePoolStatus {
         allocations: plan.allocations.clone(),
@@ -637,6 +670,7 @@ fn desired_pool(
         pool,
         plan,
         withdraws: !withdrawn.is_empty(),
+        waiting,
     })
 }
 
@@ -902,6 +936,7 @@ mod tests {
         let first = desired_pool(None, &halves, &nodes(&["a", "gone"]), &none).unwrap();
         assert!(!first.withdraws);
         let first = first.pool.unwrap();
+        let first_again = first.clone();
         assert_eq!(
             given(&first),
             pairs(&[("a", "10.3.0.0/24"), ("gone", "10.3.1.0/24")])
@@ -935,6 +970,24 @@ mod tests {
             given(&after),
             pairs(&[("a", "10.3.0.0/25"), ("b", "10.3.0.128/25")])
         );
+        // A node whose own pool holds addresses in a slice this pass withdraws from another
+        // node takes it up in a later pass only.
+        let mine = NetworkPools {
+            by_node: vec![NodeSliceAllocation {
+                node_name: "b".into(),
+                slice_range: "10.3.1.0/24".into(),
+            }],
+            ..NetworkPools::default()
+        };
+        let retaken = desired_pool(
+            Some(first_again.clone()),
+            &halves,
+            &nodes(&["a", "b"]),
+            &mine,
+        );
+        let retaken = retaken.unwrap();
+        assert!(retaken.withdraws);
+        assert_eq!(retaken.plan.unassigned, ["b"]);
         // A node keeps a slice the new layout still has; nothing is withdrawn from it.
         let same = desired_pool(Some(next), &halves, &nodes(&["a", "b", "c"]), &none).unwrap();
         assert!(!same.withdraws);

@@ -217,6 +217,41 @@ mod tests {
         names.iter().map(|n| n.to_string()).collect()
     }
 
+    fn given(pairs: &[(&str, &str)]) -> Vec<NodeSliceAllocation> {
+        let given = pairs.iter().map(|(node, slice)| NodeSliceAllocation {
+            node_name: node.to_string(),
+            slice_range: slice.to_string(),
+        });
+        given.collect()
+    }
+
+    #[test]
+    fn withdrawn_slices_are_those_no_longer_given_to_their_node() {
+        let cidr = |text: &str| Cidr::parse(text, false).unwrap().network();
+        let before = given(&[
+            ("a", "10.0.0.0/26"),
+            ("b", "10.0.0.64/26"),
+            // Twice in the status: the second is not the node's any more.
+            ("a", "10.0.0.128/26"),
+            // Written with host bits: the slice it names.
+            ("c", "10.0.0.197/26"),
+            ("d", "not a slice"),
+            ("", "10.0.1.0/26"),
+        ]);
+        let after = given(&[("a", "10.0.0.0/26"), ("b", "10.0.0.64/26"), ("c", "")]);
+        assert_eq!(
+            withdrawn(&before, &after),
+            [cidr("10.0.0.128/26"), cidr("10.0.0.192/26")]
+        );
+        // The same slice written otherwise is kept, not withdrawn.
+        let after = given(&[
+            ("a", "10.0.0.0/26"),
+            ("a", "10.0.0.128/26"),
+            ("c", "10.0.0.192/26"),
+        ]);
+        assert_eq!(withdrawn(&before, &after), [cidr("10.0.0.64/26")]);
+    }
+
     fn none() -> HashSet<Cidr> {
         HashSet::new()
     }

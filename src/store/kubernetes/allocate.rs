@@ -283,8 +283,8 @@ impl Engine {
         }
         let name = slice_pool_name(&req.network_name, &req.cni_network);
         Err(StoreError::try_again(format!(
-            "NodeSlicePool {name} withdrew this node's slice while the ADD ran: its address is \
-             taken back; the next ADD allocates from the node's new slice"
+            "NodeSlicePool {name} withdrew this node's slice while the ADD ran: what the ADD \
+             wrote there is taken back; a retry allocates from the slice the node has then"
         )))
     }
 
