@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use agent_process::Agent;
 use fake_apiserver::cni::{netconf, run, Call, Reply};
-use fake_apiserver::harness::pool_ips;
+use fake_apiserver::harness::{pool_holders, pool_ips};
 use serde_json::{json, Value};
 
 const RESERVATIONS: &str = "overlappingrangeipreservations";
@@ -1943,14 +1943,8 @@ fn the_agent_takes_back_an_add_whose_slice_is_withdrawn_meanwhile() {
     let pool = server
         .get("ippools", "kube-system", "loose-node-0-10.162.0.0-28")
         .unwrap();
-    let holders: Vec<&Value> = pool["spec"]["allocations"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|e| &e["id"])
-        .collect();
     assert_eq!(
-        holders,
+        pool_holders(&pool),
         ["agent-1"],
         "the withdrawn slice's entry stayed: {pool}"
     );

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use fake_apiserver::burst::{container, run_burst, Burst};
 use fake_apiserver::cni::{self, netconf, run, Call, Reply};
-use fake_apiserver::harness::pool_ips;
+use fake_apiserver::harness::{pool_holders, pool_ips};
 use fake_apiserver::FakeApiServer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use serde_json::{json, Value};
@@ -1322,14 +1322,8 @@ fn an_add_whose_slice_is_withdrawn_meanwhile_takes_its_address_back() {
     let pool = server
         .get("ippools", NS, "loose-node-a-10.122.0.0-28")
         .unwrap();
-    let holders: Vec<&Value> = pool["spec"]["allocations"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|e| &e["id"])
-        .collect();
     assert_eq!(
-        holders,
+        pool_holders(&pool),
         ["first"],
         "the withdrawn slice's entry stayed: {pool}"
     );

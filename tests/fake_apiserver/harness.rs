@@ -104,6 +104,17 @@ pub fn gc_request(cfg: &IpamConfig, valid: &[(&str, &str)]) -> GcRequest {
     }
 }
 
+/// The container ids of an IPPool object's entries, in key order.
+pub fn pool_holders(pool: &Value) -> Vec<String> {
+    let entries = pool["spec"]["allocations"]
+        .as_object()
+        .into_iter()
+        .flatten();
+    entries
+        .map(|(_, e)| e["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 /// The addresses recorded in an IPPool object (key offsets from the IP part of spec.range).
 pub fn pool_ips(pool: &Value) -> Vec<IpAddr> {
     let range = pool["spec"]["range"].as_str().unwrap_or_default();
