@@ -323,10 +323,13 @@ impl<'a> Scenario<'a> {
     fn node_slice_calls(&self) -> Result<(), Stop> {
         let network = format!("{}-slices", self.id);
         let node = format!("{}-slice-node", self.id);
+        // Labelled as the controller labels its own: its network (no NetworkAttachmentDefinition
+        // asks for it) is gone by the time the controller starts, which removes it.
         self.system().create(
             "nodeslicepools",
             json!({
-                "metadata": {"name": network},
+                "metadata": {"name": network,
+                             "labels": {"app.kubernetes.io/managed-by": "whereabouts-controller"}},
                 "spec": {"range": "10.202.0.0/24", "sliceSize": "/28"},
                 "status": {"allocations": [{"nodeName": node, "sliceRange": "10.202.0.16/28"}]},
             }),
@@ -427,6 +430,10 @@ impl<'a> Scenario<'a> {
     ) -> Result<(), Stop> {
         self.wait("a slice for the first node", || {
             self.sliced_nodes(sliced).iter().any(|n| n == first)
+        })?;
+        self.wait("the NodeSlicePool no network asks for removed", || {
+            let unwanted = format!("{}-slices", self.id);
+            self.system().get("nodeslicepools", &unwanted).is_none()
         })?;
         let second = format!("{}-b", self.id);
         self.add_node(&second);

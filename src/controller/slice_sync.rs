@@ -397,11 +397,16 @@ struct Names<'a> {
 /// The held pools of `want`'s network (`[network_name-][node-]<range>`): another network's
 /// are another address space, with addresses and reservations named apart. Without a network
 /// name, a pool `<x>-<range>` is a node's when `x` is a known node, or when its range is a slice
-/// of the layout (a node removed since, whose pods' entries may not be cleaned up yet) and `x`
-/// is not another sliced network's pool; another network's plain pools do not count.
+/// of this layout or of one before (a node removed since, whose pods' entries may not be
+/// cleaned up yet) and `x` is not another sliced network's pool; another network's plain pools
+/// over the whole range do not count.
 fn network_pools(want: &Wanted, held: &[(String, Cidr)], names: &Names<'_>) -> NetworkPools {
     let network = object_name(&want.network_name);
     let is_slice = |range: &Cidr| range.prefix == want.size && want.range.contains(range.addr);
+    // A slice of this layout or of one before (a node removed with or before a change of the
+    // slice size), not the whole range, which another network's plain pool may be.
+    let node_sized =
+        |range: &Cidr| range.prefix > want.range.prefix && want.range.contains(range.addr);
     let another_networks = |prefix: &str| {
         let networks = names.networks.iter();
         networks.filter(|n| **n != network).any(|n| {
@@ -425,7 +430,7 @@ fn network_pools(want: &Wanted, held: &[(String, Cidr)], names: &Names<'_>) -> N
             }
         };
         let node = if want.network_name.is_empty() {
-            let removed_nodes = is_slice(range) && !another_networks(prefix);
+            let removed_nodes = node_sized(range) && !another_networks(prefix);
             if !prefix.is_empty() && !known.contains(prefix) && !removed_nodes {
                 continue;
             }
@@ -879,6 +884,13 @@ mod tests {
                 ],
                 ab,
                 &[("a", "10.10.1.0/24"), ("b", "10.10.2.0/24")],
+            ),
+            (
+                "a removed node's pool of the layout before holds its range back",
+                plain,
+                &["c-10.10.0.0-23 10.10.0.0/23"],
+                ab,
+                &[("a", "10.10.2.0/24"), ("b", "10.10.3.0/24")],
             ),
             (
                 "a slice another pool of the network holds addresses in is taken up by nobody",
