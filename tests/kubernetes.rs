@@ -1,6 +1,7 @@
 //! The Kubernetes engine at library level, against the real API server (one namespace per
-//! test). The fake server stays for what the real one cannot do on demand: being unreachable
-//! and the checks of the fake's own strictness.
+//! test). The fake server stays for what the real one cannot do on demand: being unreachable,
+//! holding a request while the test changes what it reads, and the checks of the fake's own
+//! strictness.
 
 mod fake_apiserver;
 mod kube_apiserver;
@@ -689,4 +690,64 @@ fn an_agents_grant_whose_request_gave_up_is_taken_back() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     });
+}
+
+/// A CNI GC judges each pool's unlisted entries by their pods as they are after that pool is
+/// read: a pod gone when an earlier pool was judged may be created again meanwhile (a
+/// StatefulSet's), and its ADD write its new sandbox into this pool's entry,
+/// which must stay. On the fake API server, which holds the GC's first release at its gate
+/// while that happens.
+#[test]
+fn a_gc_judges_each_pool_by_its_pods_as_they_are_then() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let ranges = json!({"ipRanges": [{"range": "10.9.1.0/24"}]});
+    let cfg = config(&ipam_json("10.9.0.0/24", &kubeconfig, ranges));
+    let store = open(&cfg).unwrap();
+    let ips = store
+        .add(&add_request(
+            &cfg,
+            attachment("c1", "default/web-0", "net1"),
+        ))
+        .unwrap();
+    assert_eq!(ips.len(), 2);
+    server.close_gate("PATCH", "ippools");
+    let (gc, second_pool) = std::thread::scope(|s| {
+        // A store of its own: a process's, as the runtime's GC call is.
+        let gc = s.spawn(|| open(&cfg).unwrap().gc(&gc_request(&cfg, &[])));
+        let start = std::time::Instant::now();
+        while server.waiting_at_gate() == 0 && start.elapsed().as_secs() < 30 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let reached = server.waiting_at_gate() > 0;
+        if reached {
+            // web-0 again, its ADD keeping its address of the second range (with a new sandbox
+            // it writes its new container into the entry).
+            server.add_pod("default", "web-0", "Running");
+            let mut pool = server.get("ippools", "kube-system", "10.9.1.0-24").unwrap();
+            let entries = pool["spec"]["allocations"].as_object_mut().unwrap();
+            for entry in entries.values_mut() {
+                entry["id"] = json!("c2");
+            }
+            let path =
+                "/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/kube-system/ippools/10.9.1.0-24";
+            let (code, _) = server.raw("PUT", path, "application/json", &pool.to_string());
+            assert_eq!(code, 200);
+        }
+        server.open_gate();
+        assert!(reached, "the GC's first release never reached the gate");
+        (
+            gc.join().unwrap(),
+            server.get("ippools", "kube-system", "10.9.1.0-24"),
+        )
+    });
+    let freed: Vec<IpAddr> = gc.unwrap().into_iter().map(|a| a.ip).collect();
+    assert_eq!(
+        freed,
+        ips[..1],
+        "only the first range's entry is the gone pod's"
+    );
+    let second_pool = second_pool.unwrap();
+    assert_eq!(pool_holders(&second_pool), ["c2"], "{second_pool}");
 }

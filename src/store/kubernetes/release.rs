@@ -637,13 +637,16 @@ impl Engine {
         is_valid: &(dyn Fn(&Attachment) -> bool + Sync),
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
-        // Each pod is looked up once per GC, however many entries and pools name it.
-        let mut places: HashMap<String, PodPlace> = HashMap::new();
         for (configured, pool) in pools {
             let name = object_name(&pool.name);
             let Some(object) = self.kube.get_pool(&name).await? else {
                 continue;
             };
+            // Each pod is looked up once per pool, after the pool is read: a pod gone when an
+            // earlier pool was judged may have been created again since, and its ADD may have
+            // written its new sandbox into this pool's entry, which must be judged by the pod
+            // as it is now.
+            let mut places: HashMap<String, PodPlace> = HashMap::new();
             let doc = PoolDoc::new(&name, pool.range.cidr, Some(object))?;
             let mut leaked = BTreeSet::new();
             for entry in doc
