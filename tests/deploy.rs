@@ -749,12 +749,7 @@ fn rbac_wiring_and_no_wildcards() {
 /// into the flags they stand for (through clap's own env names), fieldRef values filled in.
 fn settings_of(ds: &Value, source: &str) -> Settings {
     let container = &ds["spec"]["template"]["spec"]["containers"][0];
-    let command: Vec<String> = container["command"]
-        .as_array()
-        .expect("command")
-        .iter()
-        .map(text_of)
-        .collect();
+    let command = argv_of(container, source);
     assert_eq!(command, ["/whereabouts", "install"], "{source}: command");
 
     #[derive(Parser)]
@@ -999,6 +994,20 @@ fn controller_objects<'a>(objects: &'a [Value], base: &str) -> ControllerObjects
     }
 }
 
+/// A container's command line: its command and its arguments, both set, so that a `kubectl
+/// apply` over an object written otherwise (Go Whereabouts' chart, whose container has `args`)
+/// leaves none of the other's in place.
+fn argv_of(container: &Value, source: &str) -> Vec<String> {
+    let part = |key: &str| -> Vec<String> {
+        let list = container[key].as_array();
+        let list = list.unwrap_or_else(|| panic!("{source}: {} without {key}", container["name"]));
+        list.iter().map(text_of).collect()
+    };
+    let mut argv = part("command");
+    argv.extend(part("args"));
+    argv
+}
+
 /// The container's command parsed by the binary's own command line definition.
 fn controller_args(
     deployment: &Value,
@@ -1006,12 +1015,7 @@ fn controller_args(
 ) -> whereabouts::cli::controller::ControllerArgs {
     use whereabouts::cli::{Cli, Command};
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let argv: Vec<String> = container["command"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{source}: no command"))
-        .iter()
-        .map(text_of)
-        .collect();
+    let argv = argv_of(container, source);
     assert_eq!(argv[0], "/whereabouts", "{source}: the image's binary");
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{source}: {argv:?}: {e}"));
     match cli.command {
@@ -1469,12 +1473,7 @@ fn check_agent(ds: &Value, port: u16, source: &str) {
         agent["image"], containers[0]["image"],
         "{source}: same image"
     );
-    let command: Vec<String> = agent["command"]
-        .as_array()
-        .expect("command")
-        .iter()
-        .map(text_of)
-        .collect();
+    let command = argv_of(agent, source);
     assert_eq!(command[..2], ["/whereabouts", "agent"], "{source}");
     let mut argv = vec!["agent".to_string()];
     argv.extend(command[2..].iter().cloned());
@@ -1524,27 +1523,34 @@ fn the_daemonset_runs_the_agent_unless_switched_off() {
         9200,
         "chart, custom",
     );
-    // An IPv6 host is written as an address with a port can be: in brackets, given or not.
-    for host in ["::", "[::]"] {
+    // An IPv6 host is written as an address with a port can be: in brackets, given or not. The
+    // probes ask the address listened on (a wildcard's on the loopback), or the agent listening
+    // elsewhere would never be ready and be restarted for ever.
+    let hosts = [
+        ("::", "[::]:9094", "127.0.0.1"),
+        ("[::]", "[::]:9094", "127.0.0.1"),
+        ("0.0.0.0", "0.0.0.0:9094", "127.0.0.1"),
+        ("::1", "[::1]:9094", "::1"),
+        ("192.0.2.7", "192.0.2.7:9094", "192.0.2.7"),
+    ];
+    for (host, listened, probed) in hosts {
         let set = format!("agent.listenHost={host}");
-        let Some(v6) = render_chart("whereabouts", "kube-system", &[&set]) else {
+        let Some(rendered) = render_chart("whereabouts", "kube-system", &[&set]) else {
             return;
         };
-        let ds = named(&v6, "DaemonSet", "whereabouts");
+        let ds = named(&rendered, "DaemonSet", "whereabouts");
         let agent = ds["spec"]["template"]["spec"]["containers"]
             .as_array()
             .unwrap()
             .iter()
             .find(|c| c["name"] == "agent")
             .expect("the agent");
-        let command: Vec<String> = agent["command"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(text_of)
-            .collect();
+        let command = argv_of(agent, &set);
         let listen = command.iter().skip_while(|a| *a != "--listen").nth(1);
-        assert_eq!(listen.map(String::as_str), Some("[::]:9094"), "{command:?}");
+        assert_eq!(listen.map(String::as_str), Some(listened), "{command:?}");
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(agent[probe]["httpGet"]["host"], probed, "{set}: {probe}");
+        }
     }
     let Some(off) = render_chart("whereabouts", "kube-system", &["agent.enabled=false"]) else {
         return;

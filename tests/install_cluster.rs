@@ -145,10 +145,9 @@ impl Process {
 /// The container's command and environment: paths under the pod's root, fieldRefs as the
 /// kubelet would fill them in, plus what the kubelet adds.
 fn process(container: &Value, pod: &Pod, deployed: &Deployed) -> Process {
-    let argv: Vec<String> = container["command"]
-        .as_array()
-        .unwrap()
+    let argv: Vec<String> = ["command", "args"]
         .iter()
+        .flat_map(|key| container[*key].as_array().into_iter().flatten())
         .map(|a| a.as_str().unwrap().to_string())
         .collect();
     assert_eq!(argv[0], "/whereabouts");
