@@ -186,9 +186,10 @@ fn this_node(cfg: &IpamConfig) -> Option<String> {
 
 fn attachment(env: &CniEnv) -> Result<Attachment, CniError> {
     let args = &env.args;
+    // A pod name without its namespace names no pod: taken for `default`'s, cleanup would judge
+    // the address by a pod that may not exist, and free it.
     let pod_ref = match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
         (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
-        (None, Some(name)) => Some(format!("default/{name}")),
         _ => None,
     };
     Ok(Attachment {
@@ -455,4 +456,33 @@ fn status(cfg: &IpamConfig, open: Opener) -> Result<(), CniError> {
 /// STATUS's answer when ADDs cannot be served, with the reason.
 fn not_available(err: CniError) -> CniError {
     CniError::new(code::NOT_AVAILABLE, format!("not available: {}", err.msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn attachment_of(cni_args: &str) -> Attachment {
+        let vars: HashMap<String, String> = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "net1"),
+            ("CNI_ARGS", cni_args),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        attachment(&CniEnv::from_vars(&vars).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_pod_is_named_by_its_namespace_and_name_together() {
+        let both = attachment_of("K8S_POD_NAMESPACE=web;K8S_POD_NAME=w-0;K8S_POD_UID=u");
+        assert_eq!(both.pod_ref.as_deref(), Some("web/w-0"));
+        assert_eq!(both.pod_uid.as_deref(), Some("u"));
+        assert_eq!(attachment_of("K8S_POD_NAME=w-0").pod_ref, None);
+        assert_eq!(attachment_of("K8S_POD_NAMESPACE=web").pod_ref, None);
+    }
 }
