@@ -1949,3 +1949,18 @@ fn the_agent_takes_back_an_add_whose_slice_is_withdrawn_meanwhile() {
         "the withdrawn slice's entry stayed: {pool}"
     );
 }
+
+/// An empty `WHEREABOUTS_AGENT_SOCKET` is unset for the agent as for the plugin: both look for
+/// the flat file's socket (the agent refused to start on it while the plugins answered "try
+/// again"). On the fake: any engine would do.
+#[test]
+fn an_empty_socket_variable_is_unset_for_the_agent_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = fake_apiserver::FakeApiServer::start();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let settings = kube_settings(&kubeconfig);
+    let empty = [("WHEREABOUTS_AGENT_SOCKET", "")];
+    // Ready once it answers on the flat file's socket.
+    let agent = Agent::start_with_env(dir.path(), "node-0", settings, &empty);
+    assert!(agent.socket.exists());
+}

@@ -13,9 +13,10 @@ use crate::config::{self, LogLevel};
 pub struct AgentArgs {
     #[command(flatten)]
     pub store: StoreArgs,
-    /// The unix socket to serve (default: the flat file's `agent_socket`, else
-    /// /run/whereabouts/agent.sock).
-    #[arg(long, env = agent::SOCKET_ENV)]
+    /// The unix socket to serve (default: `$WHEREABOUTS_AGENT_SOCKET` when set and not empty,
+    /// else the flat file's `agent_socket`, else /run/whereabouts/agent.sock: where the plugin
+    /// looks for it).
+    #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Also serve /metrics, /healthz and /readyz on this TCP address (the DaemonSet's probes).
     #[arg(long)]
