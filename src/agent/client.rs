@@ -115,14 +115,17 @@ fn post(
 }
 
 /// Connects within the deadline: an agent too busy to accept (its backlog full) is late, not
-/// absent.
+/// absent. A unix socket's blocking connect waits for room in the backlog for as long as the
+/// send timeout lets it, then fails with EAGAIN (late); a non-blocking one fails at once, and
+/// socket2's `connect_timeout` then reads the socket's hang-up as another error (absent).
 fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, Failed> {
     let cannot = |e| Failed::of(&format!("cannot connect to {}", socket.display()), e);
     let address = SockAddr::unix(socket).map_err(cannot)?;
     let client = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(cannot)?;
     client
-        .connect_timeout(&address, remaining(deadline)?)
+        .set_write_timeout(Some(remaining(deadline)?))
         .map_err(cannot)?;
+    client.connect(&address).map_err(cannot)?;
     match server_uid(&client) {
         Ok(uid) if uid == 0 || uid == own_uid() => Ok(client.into()),
         Ok(uid) => Err(Failed::Lost(format!(
@@ -283,6 +286,25 @@ mod tests {
     }
 
     const PATIENT: Duration = Duration::from_secs(30);
+
+    /// An agent whose backlog is full (it accepts nothing for a while) is late, not absent: the
+    /// plugin answers "try again" rather than serve the call itself beside a live agent.
+    #[test]
+    fn a_full_backlog_is_late_not_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        // A backlog of one connection, taken by the first client; never accepted.
+        listener.listen(0).unwrap();
+        let _waiting = UnixStream::connect(&path).unwrap();
+        let answer = ask_agent(&path, Duration::from_millis(300));
+        match answer {
+            Ok(Err(StoreError::TryAgain { .. })) => {}
+            Ok(other) => panic!("not \"try again\": {other:?}"),
+            Err(NotServed(why)) => panic!("taken for no agent: {why}"),
+        }
+    }
 
     #[test]
     fn an_answer_in_pieces_is_read_whole() {
