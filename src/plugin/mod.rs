@@ -187,9 +187,13 @@ fn this_node(cfg: &IpamConfig) -> Option<String> {
 fn attachment(env: &CniEnv) -> Result<Attachment, CniError> {
     let args = &env.args;
     // A pod name without its namespace names no pod: taken for `default`'s, cleanup would judge
-    // the address by a pod that may not exist, and free it.
+    // the address by a pod that may not exist, and free it. Nor do parts holding the separator
+    // (no Kubernetes name does): `a/b` with `c` and `a` with `b/c` would be one pod, and the
+    // second would take the first one's address over.
     let pod_ref = match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
-        (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+        (Some(ns), Some(name)) if !ns.contains('/') && !name.contains('/') => {
+            Some(format!("{ns}/{name}"))
+        }
         _ => None,
     };
     Ok(Attachment {
@@ -484,5 +488,11 @@ mod tests {
         assert_eq!(both.pod_uid.as_deref(), Some("u"));
         assert_eq!(attachment_of("K8S_POD_NAME=w-0").pod_ref, None);
         assert_eq!(attachment_of("K8S_POD_NAMESPACE=web").pod_ref, None);
+        for split in [
+            "K8S_POD_NAMESPACE=a/b;K8S_POD_NAME=c",
+            "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b/c",
+        ] {
+            assert_eq!(attachment_of(split).pod_ref, None, "{split}");
+        }
     }
 }
