@@ -55,9 +55,13 @@ impl AllocationRecord {
         Self::parse(bytes).ok()
     }
 
-    /// As [`Self::from_json`], with what made it unreadable.
-    pub fn parse(bytes: &[u8]) -> Result<AllocationRecord, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    /// As [`Self::from_json`], with what made it unreadable (where, never the value).
+    pub fn parse(bytes: &[u8]) -> Result<AllocationRecord, UnreadableRecord> {
+        serde_json::from_slice(bytes).map_err(|err| UnreadableRecord {
+            category: err.classify(),
+            line: err.line(),
+            column: err.column(),
+        })
     }
 
     /// The allocation this record describes; `None` only for a record whose range and address are
@@ -119,6 +123,36 @@ impl ReservationRecord {
                 "container {} ({}) in pool {}",
                 self.container_id, self.ifname, self.pool
             ),
+        }
+    }
+}
+
+/// Why a stored record could not be read, by where: serde's own message quotes the value it
+/// met, which a hand edit may have filled with anything.
+#[derive(Debug, thiserror::Error)]
+#[error("not an allocation record ({category:?} error at line {line}, column {column})")]
+pub struct UnreadableRecord {
+    category: serde_json::error::Category,
+    line: usize,
+    column: usize,
+}
+
+#[cfg(test)]
+mod unreadable_tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_record_is_told_by_where_not_by_its_value() {
+        let stored: [&[u8]; 4] = [
+            br#"{"ip": "hidden-value"}"#,
+            br#""hidden-value""#,
+            b"hidden-value",
+            br#"{"ip": 7"#,
+        ];
+        for stored in stored {
+            let err = AllocationRecord::parse(stored).unwrap_err().to_string();
+            assert!(!err.contains("hidden"), "{err}");
+            assert!(err.contains("line 1"), "{err}");
         }
     }
 }
