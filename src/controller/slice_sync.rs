@@ -270,7 +270,7 @@ pub async fn sync(
 pub enum Pass {
     /// Nothing until the next change or the minute's check.
     Done,
-    /// Slices were withdrawn from nodes: the next pass, at once, may give them out.
+    /// Slices were withdrawn from nodes: the next pass, soon after, may give them out.
     Again,
 }
 
