@@ -1964,3 +1964,36 @@ fn an_empty_socket_variable_is_unset_for_the_agent_too() {
     let agent = Agent::start_with_env(dir.path(), "node-0", settings, &empty);
     assert!(agent.socket.exists());
 }
+
+/// The probes fail once the socket the plugins ask is gone (a folder cleaned by hand) or
+/// replaced: no plugin reaches the agent any more, and the liveness probe's restart binds it
+/// again. On the fake: any engine would do.
+#[test]
+fn an_agent_whose_socket_is_gone_fails_its_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = fake_apiserver::FakeApiServer::start();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .to_string();
+    let socket = dir.path().join("node-0.sock");
+    let settings = kube_settings(&kubeconfig);
+    let args = ["--listen", port.as_str()];
+    let mut agent = Agent::launch_on(dir.path(), "node-0", settings, &socket, &args);
+    agent.wait_ready();
+    let probe = |path: &str| -> u16 {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&port).unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: probe\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer[9..12].parse().unwrap()
+    };
+    assert_eq!(probe("/healthz"), 200);
+    assert_eq!(probe("/readyz"), 200);
+    std::fs::remove_file(&socket).unwrap();
+    assert_eq!(probe("/healthz"), 503, "{}", agent.log_text());
+    assert_eq!(probe("/readyz"), 503);
+}

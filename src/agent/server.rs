@@ -138,6 +138,22 @@ struct Agent {
     metrics: Arc<Metrics>,
     /// The engine's last answer to readiness, and when it came (see [`readyz`]).
     readiness: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
+    /// The socket the plugins ask, as bound: the probes fail once it is gone or replaced.
+    socket: (PathBuf, FileId),
+}
+
+impl Agent {
+    /// Why no plugin can reach this agent, if none can: its socket file removed (a folder
+    /// cleaned by hand) or replaced. Only a restart binds it again, which the liveness probe
+    /// then asks for.
+    fn unreachable(&self) -> Option<Readiness> {
+        let (path, id) = &self.socket;
+        if still_bound(path, *id) {
+            return None;
+        }
+        let why = format!("the socket {} is gone or replaced\n", path.display());
+        Some((StatusCode::SERVICE_UNAVAILABLE, why))
+    }
 }
 
 type Readiness = (StatusCode, String);
@@ -279,6 +295,9 @@ const READINESS_STANDS: Duration = Duration::from_secs(1);
 /// (starting, a watch failed, no etcd pool served yet) the engine is asked, once for every
 /// probe that comes meanwhile and for [`READINESS_STANDS`] after.
 async fn readyz(State(agent): State<Shared>) -> impl IntoResponse {
+    if let Some(unreachable) = agent.unreachable() {
+        return unreachable;
+    }
     if agent.metrics.copies_in_step() {
         return (StatusCode::OK, "ok\n".to_string());
     }
@@ -317,8 +336,10 @@ async fn ask_readiness(backend: &Backend) -> Readiness {
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(agent): State<Shared>) -> Readiness {
+    agent
+        .unreachable()
+        .unwrap_or_else(|| (StatusCode::OK, "ok\n".to_string()))
 }
 
 fn probe_routes() -> Router<Shared> {
@@ -362,8 +383,7 @@ fn file_id(meta: &std::fs::Metadata) -> FileId {
 
 impl SocketFile {
     fn is_still_ours(&self) -> bool {
-        std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|meta| meta.file_type().is_socket() && file_id(&meta) == self.id)
+        still_bound(&self.path, self.id)
     }
 }
 
@@ -379,6 +399,12 @@ impl Drop for SocketFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Whether `path` is still the socket bound as `id`.
+fn still_bound(path: &Path, id: FileId) -> bool {
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|meta| meta.file_type().is_socket() && file_id(&meta) == id)
 }
 
 /// Removes a socket at `path` only when nobody listens on it (left by an agent that died):
@@ -520,11 +546,6 @@ async fn follow_go_peers(engine: Arc<SharedEngine>, reread: super::Reread) {
 pub async fn serve(options: Options) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let backend = Backend::open(&options.ipam, metrics.clone()).await?;
-    let agent = Arc::new(Agent {
-        backend,
-        metrics,
-        readiness: tokio::sync::Mutex::new(None),
-    });
     // The probe port first: an agent that cannot have it (another agent's, on the host
     // network) exits before it touches the socket.
     let tcp = match options.listen {
@@ -535,6 +556,12 @@ pub async fn serve(options: Options) -> Result<(), String> {
         None => None,
     };
     let (listener, socket_file) = bind(&options.socket)?;
+    let agent = Arc::new(Agent {
+        backend,
+        metrics,
+        readiness: tokio::sync::Mutex::new(None),
+        socket: (socket_file.path.clone(), socket_file.id),
+    });
     let _ = std::fs::remove_file(super::fallback_marker(&options.socket));
     if let Some(tcp) = tcp {
         let app = probes(agent.clone());
