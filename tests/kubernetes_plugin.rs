@@ -1307,13 +1307,8 @@ fn an_add_whose_slice_is_withdrawn_meanwhile_takes_its_address_back() {
         server.create("nodeslicepools", NS, slices(&withdrawn));
     }
     server.open_gate();
-    let out = second.wait_with_output().unwrap();
+    let reply = cni::finish(second);
     assert!(reached, "the ADD's write never reached the gate");
-    let reply = Reply {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
     assert_eq!(reply.cni_code(), 11, "{reply:?}");
     assert!(
         reply.stdout.contains("withdrew this node's slice"),

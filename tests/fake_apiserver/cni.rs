@@ -71,9 +71,12 @@ pub fn netconf(name: &str, ipam: &Value) -> String {
 }
 
 pub fn run(bin: &Path, call: &Call, stdin: &str) -> Reply {
-    let out = start(bin, call, stdin)
-        .wait_with_output()
-        .expect("wait for whereabouts");
+    finish(start(bin, call, stdin))
+}
+
+/// The reply of a call [`start`]ed.
+pub fn finish(child: std::process::Child) -> Reply {
+    let out = child.wait_with_output().expect("wait for whereabouts");
     Reply {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
