@@ -42,21 +42,18 @@ pub fn init(log_file: Option<&Path>, log_level: Option<LogLevel>) {
             })
             .ok()
     });
-    let _ = match file {
+    match file {
         Some(file) => {
             let writer = Escaping(Mutex::new(file));
             let logger = events(level).with_writer(writer).finish();
-            logger.with(ours_at(level)).try_init()
+            let _ = logger.with(ours_at(level)).try_init();
         }
-        None => {
-            let logger = events(level).with_writer(Escaping(io::stderr)).finish();
-            logger.with(ours_at(level)).try_init()
-        }
-    };
+        None => init_command(level),
+    }
 }
 
-/// An operator command's log: stderr (its stdout carries its report), from `level` on. Once;
-/// later calls are ignored.
+/// A log on stderr from `level` on: an operator command's (its stdout carries its report), or
+/// any without a log file. Once; later calls are ignored.
 pub fn init_command(level: Level) {
     let logger = events(level).with_writer(Escaping(io::stderr)).finish();
     let _ = logger.with(ours_at(level)).try_init();
