@@ -139,7 +139,7 @@ struct Agent {
     /// The engine's last answer to readiness, and when it came (see [`readyz`]).
     readiness: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
     /// The socket the plugins ask, as bound: the probes fail once it is gone or replaced.
-    socket: (PathBuf, FileId),
+    socket: BoundSocket,
 }
 
 impl Agent {
@@ -147,11 +147,13 @@ impl Agent {
     /// cleaned by hand) or replaced. Only a restart binds it again, which the liveness probe
     /// then asks for.
     fn unreachable(&self) -> Option<Readiness> {
-        let (path, id) = &self.socket;
-        if still_bound(path, *id) {
+        if self.socket.is_still_ours() {
             return None;
         }
-        let why = format!("the socket {} is gone or replaced\n", path.display());
+        let why = format!(
+            "the socket {} is gone or replaced\n",
+            self.socket.path.display()
+        );
         Some((StatusCode::SERVICE_UNAVAILABLE, why))
     }
 }
@@ -365,12 +367,23 @@ fn router(agent: Shared) -> Router {
         .with_state(agent)
 }
 
-/// The socket file this agent made: at exit it removes the path only while it is still that
-/// file, never a socket another agent has bound there since (a rolling update's successor).
-struct SocketFile {
+/// The socket file as this agent bound it, told from a file put at its path since.
+#[derive(Clone)]
+struct BoundSocket {
     path: PathBuf,
     id: FileId,
 }
+
+impl BoundSocket {
+    fn is_still_ours(&self) -> bool {
+        std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| meta.file_type().is_socket() && file_id(&meta) == self.id)
+    }
+}
+
+/// The socket file this agent made: at exit it removes the path only while it is still that
+/// file, never a socket another agent has bound there since (a rolling update's successor).
+struct SocketFile(BoundSocket);
 
 /// A file told from its successors at the same path: device and inode, which a file system
 /// may give the next file made as soon as this one is removed (ext4 does), and the time of the
@@ -381,30 +394,18 @@ fn file_id(meta: &std::fs::Metadata) -> FileId {
     (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec())
 }
 
-impl SocketFile {
-    fn is_still_ours(&self) -> bool {
-        still_bound(&self.path, self.id)
-    }
-}
-
 impl Drop for SocketFile {
     /// Under the binding lock: a successor that finds the socket stale and binds its own
     /// between the check and the removal would otherwise lose it. A successor holding the lock
     /// replaces the stale socket itself.
     fn drop(&mut self) {
-        let Ok(_binding) = lock_binding(&self.path) else {
+        let Ok(_binding) = lock_binding(&self.0.path) else {
             return;
         };
-        if self.is_still_ours() {
-            let _ = std::fs::remove_file(&self.path);
+        if self.0.is_still_ours() {
+            let _ = std::fs::remove_file(&self.0.path);
         }
     }
-}
-
-/// Whether `path` is still the socket bound as `id`.
-fn still_bound(path: &Path, id: FileId) -> bool {
-    std::fs::symlink_metadata(path)
-        .is_ok_and(|meta| meta.file_type().is_socket() && file_id(&meta) == id)
 }
 
 /// Removes a socket at `path` only when nobody listens on it (left by an agent that died):
@@ -496,7 +497,7 @@ fn bind(path: &Path) -> Result<(UnixListener, SocketFile), String> {
         Ok(meta) => {
             let id = file_id(&meta);
             let path = path.to_path_buf();
-            Ok((listener, SocketFile { path, id }))
+            Ok((listener, SocketFile(BoundSocket { path, id })))
         }
         Err(err) => {
             let _ = std::fs::remove_file(path);
@@ -560,7 +561,7 @@ pub async fn serve(options: Options) -> Result<(), String> {
         backend,
         metrics,
         readiness: tokio::sync::Mutex::new(None),
-        socket: (socket_file.path.clone(), socket_file.id),
+        socket: socket_file.0.clone(),
     });
     let _ = std::fs::remove_file(super::fallback_marker(&options.socket));
     if let Some(tcp) = tcp {
