@@ -8,7 +8,6 @@
 //! axum serves HTTP; one worker thread owns the store, which is synchronous, and does every
 //! release, only while this replica leads.
 
-pub mod described;
 pub mod events;
 pub mod http;
 pub mod leader;

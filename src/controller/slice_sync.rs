@@ -15,7 +15,6 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client};
 use serde_json::Value;
 
-use super::described::pool_part;
 use super::leader::Leadership;
 use super::metrics::Metrics;
 use super::slices::{assign, unusable_slices, withdrawn, Assignment};
@@ -27,6 +26,7 @@ use crate::k8s::crd::{
     nad_resource, IPPool, NodeSliceAllocation, NodeSlicePool, NodeSlicePoolSpec,
     NodeSlicePoolStatus,
 };
+use crate::k8s::described::pool_part;
 use crate::store::error::chain;
 use crate::store::kubernetes::slice_pool_name;
 

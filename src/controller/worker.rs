@@ -18,7 +18,6 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::Semaphore;
 
-use super::described::described_pools;
 use super::events::{self, Released};
 use super::leader::Leadership;
 use super::metrics::{pool_stats, Metrics};
@@ -26,6 +25,7 @@ use crate::cleanup::judge::{freed_by_deletion, judge, judge_holder, PodState, Ve
 use crate::cleanup::plan::{plan, release_if_held};
 use crate::cleanup::pods;
 use crate::k8s::crd::OverlappingRangeIPReservation;
+use crate::k8s::described::described_pools;
 use crate::store::error::chain;
 use crate::store::{Allocation, PoolRef, Reservation, Store};
 

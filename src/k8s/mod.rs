@@ -2,4 +2,5 @@
 
 pub mod cluster;
 pub mod crd;
+pub mod described;
 pub mod throttle;

@@ -14,11 +14,11 @@ use super::pool_doc::{Entry, PoolDoc};
 use super::release::Unbacked;
 use super::reservation;
 use crate::cleanup::judge::{judge_holder, Verdict};
-use crate::controller::described::pools_without_reservations;
 use crate::ipam::decide::GO_OFFSET_LIMIT;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
+use crate::k8s::described::pools_without_reservations;
 use crate::store::error::chain;
 use crate::store::{Attachment, StoreError};
 

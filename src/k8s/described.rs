@@ -1,8 +1,9 @@
-//! The pools the NetworkAttachmentDefinitions describe, for the pool gauges: a pool's real
-//! capacity (less its gateway, outside `range_start`/`range_end`, less `exclude`) is in the
-//! `ipam` object that draws from it, not in the IPPool, which holds only the CIDR. A pool no
-//! NetworkAttachmentDefinition describes keeps its CIDR's size (`metrics::pool_stats`). And
-//! for the doctor, the pools whose networks keep no reservations.
+//! The pools the NetworkAttachmentDefinitions describe, for the controller's pool gauges: a
+//! pool's real capacity (less its gateway, outside `range_start`/`range_end`, less `exclude`)
+//! is in the `ipam` object that draws from it, not in the IPPool, which holds only the CIDR. A
+//! pool no NetworkAttachmentDefinition describes keeps its CIDR's size
+//! (`controller::metrics::pool_stats`). For the node-slice controller, the keys that decide
+//! slicing; for the store's doctor, the pools whose networks keep no reservations.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -30,7 +31,7 @@ const POOL_KEYS: [&str; 7] = [
 
 /// The part of `ipam` the controller reads: [`POOL_KEYS`] and `also` (keys in any case, as the
 /// `config` module reads them).
-pub(super) fn pool_part(ipam: &Value, also: &str) -> Value {
+pub fn pool_part(ipam: &Value, also: &str) -> Value {
     let Some(map) = ipam.as_object() else {
         return ipam.clone();
     };
