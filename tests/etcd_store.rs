@@ -1623,3 +1623,74 @@ fn an_agent_denied_the_prefix_says_so_until_its_role_grants_it() {
         "after the role granted the prefix",
     );
 }
+
+/// The runs of pool `p` under the default prefix, as (start, end) offsets, lowest first.
+fn runs_of(cluster: &Cluster, p: &PoolRef) -> Vec<(u128, u128)> {
+    let dir = format!("{DEFAULT_PREFIX}pools/{}/r/", p.name);
+    let offset = |hex: &str| u128::from_str_radix(hex, 16).unwrap();
+    let mut runs: Vec<(u128, u128)> = cluster
+        .key_values(&dir)
+        .iter()
+        .map(|(k, v)| (offset(&k[dir.len()..]), offset(v)))
+        .collect();
+    runs.sort();
+    runs
+}
+
+/// The run covering an address is looked for among the runs that start near it, and further
+/// back only when none does. Releases, static requests and searches find the right run both
+/// ways: in a fragmented stretch, where a run starts a few addresses before, and in a long run
+/// that starts far before the address, above about a hundred others.
+#[test]
+fn runs_are_found_near_and_far_in_a_fragmented_pool() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let store = open(&cluster, DEFAULT_PREFIX);
+    let p = pool("10.40.0.0/20", "");
+    let pools = std::slice::from_ref(&p);
+    let add = |c: &str| store.add(&add_req(who(c, None), pools, "")).unwrap();
+    let at = |offset: u128| p.range.ip(offset);
+    // c{i} holds offset i + 1.
+    for i in 0..400 {
+        add(&format!("c{i}"));
+    }
+    for i in (0..200).step_by(2) {
+        store.del(&att_req(&format!("c{i}"), pools)).unwrap();
+    }
+    let runs = runs_of(&cluster, &p);
+    let below = runs.iter().filter(|(start, _)| *start < 200).count();
+    let covering = |offset| {
+        runs.iter()
+            .find(|(s, e)| *s <= offset && offset <= *e)
+            .copied()
+    };
+    assert!(below >= 90, "{runs:?}");
+    // One long run from 200: offset 250 has its start near, offset 351 far.
+    assert!(
+        covering(351).is_some_and(|(start, _)| start + 100 <= 351),
+        "{runs:?}"
+    );
+
+    for (container, offset) in [("c350", 351), ("c249", 250)] {
+        let released = store.del(&att_req(container, pools)).unwrap();
+        assert_eq!(released.len(), 1, "{container}");
+        assert_eq!(released[0].ip, at(offset), "{container}");
+    }
+    // A static request inside the long run: a held address is refused, a released one given.
+    let asked = |c: &str, offset: u128| {
+        let mut req = add_req(who(c, None), pools, "");
+        req.ranges[0].requested = Some(offset);
+        store.add(&req)
+    };
+    assert!(asked("s1", 300).is_err(), "offset 300 is held");
+    assert_eq!(asked("s2", 351).unwrap(), vec![at(351)]);
+    // The lowest free addresses, in order: the fragmented stretch, then the hole at 250.
+    let expected: Vec<IpAddr> = (1..200).step_by(2).chain([250, 401]).map(at).collect();
+    let got: Vec<IpAddr> = (0..expected.len())
+        .flat_map(|i| add(&format!("n{i}")))
+        .collect();
+    assert_eq!(got, expected);
+    cluster.assert_doctor_healthy();
+}

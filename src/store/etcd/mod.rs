@@ -10,6 +10,7 @@ mod connect;
 mod contention;
 mod copy;
 pub mod doctor;
+mod floor;
 mod freed;
 pub(crate) mod keys;
 mod plan;
