@@ -1694,3 +1694,33 @@ fn runs_are_found_near_and_far_in_a_fragmented_pool() {
     assert_eq!(got, expected);
     cluster.assert_doctor_healthy();
 }
+
+/// An ADD whose caller gave up goes on in the agent once its batch has started. The
+/// attachment's DEL, which the runtime sends next, waits for it and releases what it took: no
+/// address is left to a container that is gone.
+#[test]
+fn a_del_waits_for_the_add_its_caller_gave_up_on() {
+    let Some((cluster, runtime, observed)) = agents_cluster() else {
+        return;
+    };
+    let cfg = config(&cluster);
+    let Datastore::Etcd(etcd) = &cfg.datastore else {
+        panic!("etcd datastore expected");
+    };
+    let handle = runtime.handle().clone();
+    let agent = open_shared(handle, &cfg, etcd, observed.clone(), Following::AGENT).unwrap();
+    let p = pool("10.32.0.0/24", "");
+    let pools = std::slice::from_ref(&p);
+    // The engine's test hook pauses the ADD between its read and its commit, for longer than
+    // its caller waits.
+    let mut slow = add_req(who("gone", None), pools, "");
+    slow.sleep_for_race = 2;
+    let gave_up = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_millis(300), agent.add_waiting(&slow)).await
+    });
+    assert!(gave_up.is_err(), "the ADD answered at once: {gave_up:?}");
+    let released = runtime.block_on(agent.del_waiting(&att_req("gone", pools)));
+    assert_eq!(released.unwrap().len(), 1, "the DEL released nothing");
+    let left = agent.allocations(Some(&p.name)).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -27,29 +27,40 @@ impl OneAtATime {
     /// Waits until no other operation of the attachment is under way; it holds the attachment
     /// until the guard is dropped.
     pub async fn enter(&self, container_id: &str, ifname: &str) -> OwnedMutexGuard<()> {
-        let slot = {
-            let mut slots = lock(&self.slots);
-            // Slots of finished operations go: the map holds only what is under way.
-            slots.retain(|_, slot| slot.strong_count() > 0);
-            let key = (container_id.to_string(), ifname.to_string());
-            match slots.get(&key).and_then(Weak::upgrade) {
-                Some(slot) => slot,
-                None => {
-                    let slot = Arc::new(Slot::default());
-                    slots.insert(key, Arc::downgrade(&slot));
-                    slot
-                }
-            }
-        };
+        let slot = self.slot(container_id, ifname);
         match slot.clone().try_lock_owned() {
             Ok(alone) => alone,
             Err(_) => {
-                tracing::info!(
-                    container = container_id,
-                    ifname,
-                    "waiting for this attachment's operation under way"
-                );
+                waiting(container_id, ifname);
                 slot.lock_owned().await
+            }
+        }
+    }
+
+    /// [`OneAtATime::enter`] for a caller outside the runtime, which it blocks.
+    pub fn enter_blocking(&self, container_id: &str, ifname: &str) -> OwnedMutexGuard<()> {
+        let slot = self.slot(container_id, ifname);
+        match slot.clone().try_lock_owned() {
+            Ok(alone) => alone,
+            Err(_) => {
+                waiting(container_id, ifname);
+                slot.blocking_lock_owned()
+            }
+        }
+    }
+
+    /// The attachment's slot, shared by its operations under way or waiting.
+    fn slot(&self, container_id: &str, ifname: &str) -> Arc<Slot> {
+        let mut slots = lock(&self.slots);
+        // Slots of finished operations go: the map holds only what is under way.
+        slots.retain(|_, slot| slot.strong_count() > 0);
+        let key = (container_id.to_string(), ifname.to_string());
+        match slots.get(&key).and_then(Weak::upgrade) {
+            Some(slot) => slot,
+            None => {
+                let slot = Arc::new(Slot::default());
+                slots.insert(key, Arc::downgrade(&slot));
+                slot
             }
         }
     }
@@ -61,6 +72,14 @@ impl OneAtATime {
         slots.retain(|_, slot| slot.strong_count() > 0);
         slots.len()
     }
+}
+
+fn waiting(container_id: &str, ifname: &str) {
+    tracing::info!(
+        container = container_id,
+        ifname,
+        "waiting for this attachment's operation under way"
+    );
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Txn, TxnOp, TxnOpResponse, TxnResponse};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedMutexGuard};
 
 use super::allocate::{
     self, index_gets, parse_hits, plan_all, refuse_unsupported, search_from, Memory, Planned,
@@ -39,6 +39,7 @@ use super::runs::ReadRun;
 use super::session::{key_get, revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use super::window::{self, Window};
 use super::EtcdStore;
+use crate::store::one_at_a_time::OneAtATime;
 use crate::store::queues::{drop_abandoned, dropped, Observer, Queues, Serving};
 use crate::store::{
     AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, RangeRequest, Store,
@@ -70,6 +71,15 @@ type Reply<T> = Result<T, StoreError>;
 type Answer = Reply<Vec<IpAddr>>;
 type DelAnswer = Reply<Vec<Allocation>>;
 
+/// A queued request, holding its attachment ([`OneAtATime`]) for as long as it exists: until
+/// its batch is done with it, or until it is dropped unserved. A caller that gives up on a
+/// started batch leaves its request to go on, so the attachment's next operation (the runtime's
+/// DEL after an ADD it timed out) must wait for the request, not for its caller.
+struct Held<J> {
+    job: J,
+    alone: OwnedMutexGuard<()>,
+}
+
 /// What one combined round did.
 struct Round {
     /// The requests it answered, with their addresses.
@@ -86,8 +96,10 @@ pub struct Combining {
 
 struct Inner {
     store: EtcdStore,
-    adds: Queues<AddRequest, Answer>,
-    dels: Queues<AttachmentRequest, DelAnswer>,
+    adds: Queues<Held<AddRequest>, Answer>,
+    dels: Queues<Held<AttachmentRequest>, DelAnswer>,
+    /// The attachments with a request queued or under way.
+    attachments: OneAtATime,
     observer: Arc<dyn Observer>,
     runtime: tokio::runtime::Handle,
     /// The pools' runs as the watch brings them.
@@ -111,6 +123,7 @@ impl Combining {
                 store,
                 adds: Queues::new("add", observer.clone()),
                 dels: Queues::new("del", observer.clone()),
+                attachments: OneAtATime::default(),
                 observer,
                 runtime,
                 copies,
@@ -124,7 +137,7 @@ impl Inner {
     /// Serves the queue `key` until it is empty, a batch at a time with `serve_batch`.
     fn serve<J, R>(
         &self,
-        queues: &Queues<J, R>,
+        queues: &Queues<Held<J>, R>,
         key: &str,
         serve_batch: impl Fn(&Self, &[J]) -> Vec<R>,
     ) {
@@ -136,7 +149,9 @@ impl Inner {
             }
             while !waiting.is_empty() {
                 let mut rest = waiting.split_off(waiting.len().min(MAX_BATCH));
-                let (jobs, replies): (Vec<J>, Vec<_>) = waiting.into_iter().unzip();
+                let (held, replies): (Vec<Held<J>>, Vec<_>) = waiting.into_iter().unzip();
+                let (jobs, alone): (Vec<J>, Vec<_>) =
+                    held.into_iter().map(|h| (h.job, h.alone)).unzip();
                 self.observer.batch(queues.operation(), jobs.len());
                 let answers = serve_batch(self, &jobs);
                 // Counted before the answers go: whoever reads the metrics after an answer
@@ -149,6 +164,8 @@ impl Inner {
                     // The plugin may have hung up; what was done stays done.
                     let _ = reply.send(answer);
                 }
+                // Done with: the attachments' next operations may start.
+                drop(alone);
                 drop_abandoned(&mut rest);
                 waiting = rest;
             }
@@ -157,15 +174,15 @@ impl Inner {
 }
 
 impl Combining {
-    /// Queues `job` in the queue of pool `key` (of the queues `queues` picks); its answer comes
-    /// on the receiver. The first job of an idle queue starts the blocking task that serves it
-    /// with `serve_batch`. A caller that drops the receiver before its batch starts is not
-    /// served; once the batch has started, its job is done.
+    /// Queues `job`, which holds its attachment, in the queue of pool `key` (of the queues
+    /// `queues` picks); its answer comes on the receiver. The first job of an idle queue starts
+    /// the blocking task that serves it with `serve_batch`. A caller that drops the receiver
+    /// before its batch starts is not served; once the batch has started, its job is done.
     fn queue<J: Send + 'static, T: Send + 'static>(
         &self,
         key: String,
-        job: J,
-        queues: fn(&Inner) -> &Queues<J, Reply<T>>,
+        job: Held<J>,
+        queues: fn(&Inner) -> &Queues<Held<J>, Reply<T>>,
         serve_batch: fn(&Inner, &[J]) -> Vec<Reply<T>>,
     ) -> oneshot::Receiver<Reply<T>> {
         let (answer, start) = queues(&self.inner).submit(&key, job);
@@ -178,37 +195,54 @@ impl Combining {
         answer
     }
 
-    fn add_queued(&self, req: &AddRequest) -> oneshot::Receiver<Answer> {
+    fn add_queued(
+        &self,
+        req: &AddRequest,
+        alone: OwnedMutexGuard<()>,
+    ) -> oneshot::Receiver<Answer> {
         let key = req.ranges.first().map(|rr| rr.pool.name.clone());
-        self.queue(
-            key.unwrap_or_default(),
-            req.clone(),
-            |i| &i.adds,
-            Inner::add_many,
-        )
+        let job = Held {
+            job: req.clone(),
+            alone,
+        };
+        self.queue(key.unwrap_or_default(), job, |i| &i.adds, Inner::add_many)
     }
 
-    fn del_queued(&self, req: &AttachmentRequest) -> oneshot::Receiver<DelAnswer> {
+    fn del_queued(
+        &self,
+        req: &AttachmentRequest,
+        alone: OwnedMutexGuard<()>,
+    ) -> oneshot::Receiver<DelAnswer> {
         let key = req.pools.first().map(|pool| pool.name.clone());
-        self.queue(
-            key.unwrap_or_default(),
-            req.clone(),
-            |i| &i.dels,
-            Inner::del_many,
-        )
+        let job = Held {
+            job: req.clone(),
+            alone,
+        };
+        self.queue(key.unwrap_or_default(), job, |i| &i.dels, Inner::del_many)
     }
 
-    /// [`Store::add`] for a caller on the runtime: it waits for the batch without holding a
-    /// thread of the blocking pool.
+    /// [`Store::add`] for a caller on the runtime: it waits for the attachment's operation
+    /// under way, if any, then for the batch, without holding a thread of the blocking pool.
     pub async fn add_waiting(&self, req: &AddRequest) -> Answer {
-        self.add_queued(req)
+        let who = &req.attachment;
+        let alone = self
+            .inner
+            .attachments
+            .enter(&who.container_id, &who.ifname)
+            .await;
+        self.add_queued(req, alone)
             .await
             .unwrap_or_else(|_| Err(dropped()))
     }
 
     /// [`Store::del`] for a caller on the runtime, as [`Combining::add_waiting`].
     pub async fn del_waiting(&self, req: &AttachmentRequest) -> DelAnswer {
-        self.del_queued(req)
+        let alone = self
+            .inner
+            .attachments
+            .enter(&req.container_id, &req.ifname)
+            .await;
+        self.del_queued(req, alone)
             .await
             .unwrap_or_else(|_| Err(dropped()))
     }
@@ -216,12 +250,15 @@ impl Combining {
 
 impl Store for Combining {
     fn add(&self, req: &AddRequest) -> Answer {
-        let answer = self.add_queued(req).blocking_recv();
+        let who = &req.attachment;
+        let alone = (self.inner.attachments).enter_blocking(&who.container_id, &who.ifname);
+        let answer = self.add_queued(req, alone).blocking_recv();
         answer.unwrap_or_else(|_| Err(dropped()))
     }
 
     fn del(&self, req: &AttachmentRequest) -> DelAnswer {
-        let answer = self.del_queued(req).blocking_recv();
+        let alone = (self.inner.attachments).enter_blocking(&req.container_id, &req.ifname);
+        let answer = self.del_queued(req, alone).blocking_recv();
         answer.unwrap_or_else(|_| Err(dropped()))
     }
 
