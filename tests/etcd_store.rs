@@ -1637,10 +1637,9 @@ fn runs_of(cluster: &Cluster, p: &PoolRef) -> Vec<(u128, u128)> {
     runs
 }
 
-/// The run covering an address is looked for among the runs that start near it, and further
-/// back only when none does. Releases, static requests and searches find the right run both
-/// ways: in a fragmented stretch, where a run starts a few addresses before, and in a long run
-/// that starts far before the address, above about a hundred others.
+/// Releases, static requests and searches find the run covering an address (the greatest run
+/// key up to it) wherever it starts: in a fragmented stretch, a few addresses before, and in a
+/// long run that starts far before the address, above about a hundred others.
 #[test]
 fn runs_are_found_near_and_far_in_a_fragmented_pool() {
     if !etcd_available() {

@@ -14,7 +14,6 @@ use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse, TxnRe
 
 use super::commit::{build_commit, compact_chain};
 use super::contention::start_past;
-use super::floor::{got, Level};
 use super::freed::fold_pool;
 use super::keys::parse_hex;
 use super::plan::{
@@ -368,7 +367,7 @@ fn probes_for(
                 .next_hint(*offset)
                 .filter(|h| *h <= rr.pool.range.last && rr.requested.is_none());
             if let Some(h) = hint {
-                gets.extend(window::gets(&s.keys, &rr.pool.name, h, Level::Branch));
+                gets.extend(window::gets(&s.keys, &rr.pool.name, h));
             }
             probes.push(Probe {
                 range: i,
@@ -505,10 +504,10 @@ fn branches_taken(resp: TxnResponse, alternatives: usize) -> Vec<TxnResponse> {
 /// off, start past it), an address reserved through an overlapping range (search again at
 /// once), or a changed run or index entry (contention).
 fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Probes, memory: &mut Memory) {
-    let mut answers = resp
-        .op_responses()
-        .into_iter()
-        .map(|r| got(r).unwrap_or_default());
+    let mut answers = resp.op_responses().into_iter().map(|r| match r {
+        TxnOpResponse::Get(mut g) => g.take_kvs(),
+        _ => Vec::new(),
+    });
     memory.hits = Some(parse_hits(req, &mut answers));
     memory.wait = false;
     memory.prefetched.iter_mut().for_each(|w| *w = None);
@@ -625,7 +624,7 @@ fn first_read(
             .is_none()
             .then(|| memory.start(i, &rr.pool.range));
         if let Some(start) = start {
-            gets.extend(window::gets(&s.keys, &rr.pool.name, start, Level::Top));
+            gets.extend(window::gets(&s.keys, &rr.pool.name, start));
         }
         starts.push(start);
     }

@@ -31,7 +31,6 @@ use super::allocate::{
 use super::commit::{build_commit, compact_chain};
 use super::contention;
 use super::copy::{Copies, Following};
-use super::floor::{got, Level};
 use super::plan::{IndexHits, Plan};
 use super::release;
 use super::release_together::release_together;
@@ -731,7 +730,7 @@ fn read_together(
         .flat_map(|&i| index_gets(s, &reqs[i]))
         .collect();
     for (pool, from) in &pools {
-        gets.extend(window::gets(&s.keys, pool, *from, Level::Top));
+        gets.extend(window::gets(&s.keys, pool, *from));
     }
     let mut results = s.reads(dl, "combined pool read", gets)?.into_iter();
     let hits: Vec<Vec<IndexHits>> = together
@@ -784,7 +783,6 @@ fn read_back_gets(s: &Session, req: &AddRequest, plans: &[Plan], starts: &Starts
             &s.keys,
             &rr.pool.name,
             search_start(rr, starts),
-            Level::Branch,
         ));
     }
     for (rr, plan) in req.ranges.iter().zip(plans) {
@@ -818,7 +816,10 @@ fn parse_read_back<'r>(
     if size == 0 || answers.len() != size {
         return None;
     }
-    let mut results = answers.into_iter().map(|r| got(r).unwrap_or_default());
+    let mut results = answers.into_iter().map(|r| match r {
+        TxnOpResponse::Get(mut g) => g.take_kvs(),
+        _ => Vec::new(),
+    });
     let hits = parse_hits(req, &mut results);
     let windows = req
         .ranges

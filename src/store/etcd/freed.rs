@@ -23,10 +23,9 @@ use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpRes
 use rand::Rng;
 
 use super::commit::{push_run_change, unchanged};
-use super::floor::{floor_get, got, Level};
 use super::keys::{parse_hex, range_end, Keys, Parsed};
 use super::runs::{self, ReadRun};
-use super::session::{revision_of, CallFailed, Deadline, Session};
+use super::session::{floor_get, revision_of, CallFailed, Deadline, Session};
 
 /// Marks a fold cuts out of runs at most, and a release reads back at most: a fold's commit
 /// then holds at most 66 compares (the run, the marks, the new run keys) and 66 writes.
@@ -52,7 +51,7 @@ pub(super) fn cut_or_mark(keys: &Keys, pool: &str, offsets: &[u128], read: ReadR
         .map(|o| TxnOp::put(keys.freed(pool, *o), "", None))
         .collect();
     let first = offsets.iter().min().copied().unwrap_or(read.run.start);
-    mark.push(floor_get(keys, pool, first, Level::Branch));
+    mark.push(floor_get(&keys.runs_dir(pool), &keys.run(pool, first)));
     mark.push(marks_get(keys, pool, read.run.start, read.run.end));
     TxnOp::txn(Txn::new().when(compares).and_then(cut).or_else(mark))
 }
@@ -113,7 +112,10 @@ pub(super) fn run_answer(answer: TxnOpResponse) -> Option<RunAnswer> {
         .iter()
         .filter(|r| matches!(r, TxnOpResponse::Put(_)))
         .count();
-    let mut gets = answers.into_iter().rev().filter_map(got);
+    let mut gets = answers.into_iter().rev().filter_map(|r| match r {
+        TxnOpResponse::Get(mut g) => Some(g.take_kvs()),
+        _ => None,
+    });
     let (marks, floor) = (gets.next()?, gets.next()?);
     let run = floor.first().and_then(ReadRun::from_kv);
     let marks = marks.iter().filter_map(Mark::from_kv).collect();
@@ -259,7 +261,7 @@ fn fold_page(s: &Session, dl: &Deadline, pool: &str) -> Result<Option<usize>, Ca
 fn fold_marks(s: &Session, dl: &Deadline, pool: &str, marks: &[Mark]) -> Result<usize, CallFailed> {
     let floors = marks
         .iter()
-        .map(|m| floor_get(&s.keys, pool, m.offset, Level::Top))
+        .map(|m| floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, m.offset)))
         .collect();
     let floors = s.reads(dl, "freed marks read", floors)?;
     let (by_run, orphans) = marks_by_run(marks, floors);

@@ -10,7 +10,6 @@ mod connect;
 mod contention;
 mod copy;
 pub mod doctor;
-mod floor;
 mod freed;
 pub(crate) mod keys;
 mod plan;

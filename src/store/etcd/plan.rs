@@ -9,11 +9,10 @@ use rand::Rng;
 
 use crate::ipam::Snapshot;
 
-use super::floor::{floor_get, Level};
 use super::freed::fold_pool;
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::ReadRun;
-use super::session::{key_get, CallFailed, Deadline, Session};
+use super::session::{floor_get, key_get, CallFailed, Deadline, Session};
 use super::window::{self, Window};
 use crate::ipam::Range;
 use crate::store::{AddRequest, RangeRequest, StoreError};
@@ -133,7 +132,7 @@ impl Snapshot for RangeView<'_> {
         }
         let mut gets = vec![
             key_get(&s.keys.allocation(pool, offset)),
-            floor_get(&s.keys, pool, offset, Level::Top),
+            floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, offset)),
             key_get(&s.keys.freed(pool, offset)),
         ];
         if req.overlap {
@@ -178,7 +177,7 @@ impl Snapshot for RangeView<'_> {
         }
         let pool = &self.rr.pool.name;
         if !self.window.knows(candidate) {
-            let gets = window::gets(&self.s.keys, pool, candidate, Level::Top);
+            let gets = window::gets(&self.s.keys, pool, candidate);
             let mut res = self.s.reads(self.dl, "pool read", gets)?.into_iter();
             self.window = window::parse(candidate, &mut res);
         }
@@ -199,7 +198,7 @@ pub(super) fn read_released(
     mod_revision: i64,
     record: AllocationRecord,
 ) -> Result<Released, Stop> {
-    let mut gets = vec![floor_get(&s.keys, pool, offset, Level::Top)];
+    let mut gets = vec![floor_get(&s.keys.runs_dir(pool), &s.keys.run(pool, offset))];
     if record.reserved {
         gets.push(key_get(
             &s.keys.reservation(&record.network_name, record.ip),

@@ -10,13 +10,12 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 
-use super::floor::{floor_get, got, Level};
 use super::freed::{after_release, cut_or_mark, run_answer};
 use super::keys::{parse_hex, range_end, Keys, Parsed};
 use super::plan::Stop;
 use super::records::{AllocationRecord, ReservationRecord};
 use super::runs::ReadRun;
-use super::session::{key_get, revision_of, CallFailed, Deadline, Session, MAX_READS};
+use super::session::{floor_get, key_get, revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use crate::store::retry::Backoff;
 use crate::store::{Allocation, Attachment, AttachmentRequest, GcRequest, Hints, StoreError};
 
@@ -82,17 +81,12 @@ pub(super) struct ReleaseRead {
     side: Vec<(String, Vec<KeyValue>)>,
 }
 
-/// The gets of what a release reads, at `level` of their transaction: the record of `offset`,
-/// the run at or before it, and the keys `side`; [`ReleaseRead::of`] reads their answers.
-pub(super) fn release_gets(
-    keys: &Keys,
-    (pool, offset): (&str, u128),
-    side: &[String],
-    level: Level,
-) -> Vec<TxnOp> {
+/// The gets of what a release reads: the record of `offset`, the run at or before it, and
+/// the keys `side`; [`ReleaseRead::of`] reads their answers.
+pub(super) fn release_gets(keys: &Keys, pool: &str, offset: u128, side: &[String]) -> Vec<TxnOp> {
     let mut gets = vec![
         key_get(&keys.allocation(pool, offset)),
-        floor_get(keys, pool, offset, level),
+        floor_get(&keys.runs_dir(pool), &keys.run(pool, offset)),
     ];
     gets.extend(side.iter().map(|k| key_get(k)));
     gets
@@ -127,6 +121,14 @@ impl ReleaseRead {
 /// The answers of a transaction branch made of gets only; `None` if it holds anything else.
 fn gets_answered(resp: TxnResponse) -> Option<Vec<Vec<KeyValue>>> {
     resp.op_responses().into_iter().map(got).collect()
+}
+
+/// What a get found; `None` for the answer of anything else.
+fn got(answer: TxnOpResponse) -> Option<Vec<KeyValue>> {
+    match answer {
+        TxnOpResponse::Get(mut get) => Some(get.take_kvs()),
+        _ => None,
+    }
 }
 
 /// One allocation as read, that is its caller's to release.
@@ -200,7 +202,7 @@ fn try_release(
     let read = match std::mem::replace(known, Known::Likely(Vec::new())) {
         Known::Read(read) => read,
         Known::Likely(likely) => {
-            let gets = release_gets(keys, (pool, offset), &likely, Level::Top);
+            let gets = release_gets(keys, pool, offset, &likely);
             // What the next attempt starts from, should this read fail.
             *known = Known::Likely(likely.clone());
             let answers = s.reads(dl, "release read", gets)?;
@@ -225,7 +227,7 @@ fn try_release(
         }
     };
     let (compares, ops) = release_alone(keys, (pool, offset), held.revision, &side, held.run);
-    let read_back = release_gets(keys, (pool, offset), &wanted.keys, Level::Branch);
+    let read_back = release_gets(keys, pool, offset, &wanted.keys);
     let txn = Txn::new().when(compares).and_then(ops).or_else(read_back);
     let resp = s.txn(dl, "release commit", txn)?;
     if !resp.succeeded() {
@@ -432,7 +434,7 @@ pub(super) fn del_by(
     dl: &Deadline,
 ) -> Result<Vec<Allocation>, StoreError> {
     // The owner entries take one get of the transaction.
-    let named = Named::of(&s.keys, req, MAX_READS - 1);
+    let named = Named::of(&s.keys, req, MAX_TXN_OPS - 1);
     let gets = first_gets(&s.keys, req, &named);
     let resp = s.txn(dl, "release read", Txn::new().and_then(gets))?;
     let (owned_page, mut read) =
@@ -525,12 +527,7 @@ pub(super) fn first_gets(keys: &Keys, req: &AttachmentRequest, named: &[Named]) 
         .with_limit(POOLS_PER_DEL);
     let mut gets = vec![TxnOp::get(dir, Some(options))];
     for n in named {
-        gets.extend(release_gets(
-            keys,
-            (&n.pool, n.offset),
-            &n.likely,
-            Level::Top,
-        ));
+        gets.extend(release_gets(keys, &n.pool, n.offset, &n.likely));
     }
     gets
 }

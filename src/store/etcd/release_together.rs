@@ -13,13 +13,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use etcd_client::{KeyValue, Txn, TxnOp, TxnOpResponse};
 
-use super::floor::Level;
 use super::freed::{after_release, cut_or_mark, run_answer};
 use super::release::{
     first_answers, first_gets, likely_side_keys, owned_by, push_release, release_gets, side_keys,
     Named, PoolsHeld, Releasable, ReleaseRead,
 };
-use super::session::{revision_of, CallFailed, Deadline, Session, MAX_READS};
+use super::session::{revision_of, CallFailed, Deadline, Session, MAX_TXN_OPS};
 use crate::store::{Allocation, AttachmentRequest};
 
 /// Releases of one run in one commit at most, and commits in one transaction at most: a
@@ -208,7 +207,7 @@ fn read_first(
 ) -> Result<(Vec<Option<PoolsHeld>>, Reads), CallFailed> {
     // Every DEL's owner entries first; the named allocations fill what is left of the
     // transaction, and those that do not fit are read with the unnamed ones.
-    let mut spare = MAX_READS.saturating_sub(together.len());
+    let mut spare = MAX_TXN_OPS.saturating_sub(together.len());
     let mut gets = Vec::new();
     let mut named_of = Vec::new();
     for &i in together {
@@ -250,9 +249,7 @@ fn read_unnamed(
         .collect();
     let gets = unread
         .iter()
-        .flat_map(|(_, pool, offset, likely)| {
-            release_gets(keys, (pool, *offset), likely, Level::Top)
-        })
+        .flat_map(|(_, pool, offset, likely)| release_gets(keys, pool, *offset, likely))
         .collect();
     let mut answers = s.reads(dl, "combined release read", gets)?.into_iter();
     for (del, pool, offset, likely) in unread {

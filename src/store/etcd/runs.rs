@@ -1,7 +1,7 @@
 //! Runs: the allocated offsets of a pool, kept as a partition into intervals, one key per
-//! interval (`r/<start>` -> `<end>`). The run holding an offset is one read away (`floor`,
-//! bounded to the runs near it), so finding the lowest free address costs one read per few
-//! runs crossed, however many allocations the pool holds.
+//! interval (`r/<start>` -> `<end>`). The run holding an offset is one descending range read
+//! away, so finding the lowest free address costs one read per few runs crossed, however many
+//! allocations the pool holds.
 //!
 //! An allocation never touches an existing run: it creates the run `[x, x]` (a key that must
 //! not exist), so two writers taking different addresses never conflict. Runs left adjacent

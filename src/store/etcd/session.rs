@@ -8,11 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnResponse};
+use etcd_client::{
+    Client, GetOptions, GetResponse, KeyValue, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
+};
 use tokio::runtime::{Handle, Runtime};
 
 use super::connect::{self, Timeouts, TlsFiles};
-use super::floor::got;
 use super::keys::Keys;
 use crate::config::EtcdConfig;
 use crate::files::shown_url;
@@ -23,11 +25,6 @@ use crate::store::StoreError;
 /// compares, the success and the failure operations each. A nested transaction gets what its
 /// parent's operations leave of it.
 pub const MAX_TXN_OPS: usize = 128;
-
-/// Gets of one transaction of reads ([`Session::reads`]): one fewer than [`MAX_TXN_OPS`], so
-/// that a bounded floor read ([`super::floor::floor_get`]) among them, which nests a
-/// transaction of one operation, still fits.
-pub const MAX_READS: usize = MAX_TXN_OPS - 1;
 
 /// gRPC status codes for credentials etcd will not accept: invalid argument, permission
 /// denied, unauthenticated.
@@ -448,7 +445,7 @@ impl Session {
     }
 
     /// Several reads in one round trip, at one revision (a transaction of gets only). More
-    /// than a transaction may hold ([`MAX_READS`]) take a round trip per full transaction,
+    /// than a transaction may hold ([`MAX_TXN_OPS`]) take a round trip per full transaction,
     /// each at its own revision: callers compare what they rely on when they commit.
     pub fn reads(
         &self,
@@ -458,13 +455,12 @@ impl Session {
     ) -> Result<Vec<Vec<KeyValue>>, CallFailed> {
         let mut found = Vec::with_capacity(gets.len());
         while !gets.is_empty() {
-            let rest = gets.split_off(gets.len().min(MAX_READS));
+            let rest = gets.split_off(gets.len().min(MAX_TXN_OPS));
             let resp = self.txn(dl, what, Txn::new().and_then(gets))?;
-            found.extend(
-                resp.op_responses()
-                    .into_iter()
-                    .map(|r| got(r).unwrap_or_default()),
-            );
+            found.extend(resp.op_responses().into_iter().map(|r| match r {
+                TxnOpResponse::Get(mut g) => g.take_kvs(),
+                _ => Vec::new(),
+            }));
             gets = rest;
         }
         Ok(found)
@@ -629,6 +625,21 @@ fn dial(
         }
     };
     Ok(client)
+}
+
+/// A get of the greatest key in `dir` that is not greater than `key`.
+pub fn floor_get(dir: &str, key: &str) -> TxnOp {
+    let mut end = key.as_bytes().to_vec();
+    end.push(0);
+    TxnOp::get(
+        dir,
+        Some(
+            GetOptions::new()
+                .with_range(end)
+                .with_sort(SortTarget::Key, SortOrder::Descend)
+                .with_limit(1),
+        ),
+    )
 }
 
 /// A get of one key.

@@ -4,17 +4,17 @@
 
 use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget, TxnOp};
 
-use super::floor::{floor_get, Level};
 use super::keys::{range_end, Keys};
 use super::runs::ReadRun;
+use super::session::floor_get;
 
 /// Runs fetched after the first one; more means fewer reads when the pool is fragmented.
 pub const AHEAD: i64 = 32;
 
-/// The two gets that read the window starting at `from`, at `level` of their transaction.
-pub fn gets(keys: &Keys, pool: &str, from: u128, level: Level) -> Vec<TxnOp> {
+/// The two gets that read the window starting at `from`.
+pub fn gets(keys: &Keys, pool: &str, from: u128) -> Vec<TxnOp> {
     let dir = keys.runs_dir(pool);
-    let mut gets = vec![floor_get(keys, pool, from, level)];
+    let mut gets = vec![floor_get(&dir, &keys.run(pool, from))];
     match from.checked_add(1) {
         Some(next) => gets.push(TxnOp::get(
             keys.run(pool, next),
@@ -26,7 +26,7 @@ pub fn gets(keys: &Keys, pool: &str, from: u128, level: Level) -> Vec<TxnOp> {
             ),
         )),
         // Nothing can start after the last offset; read the floor twice to keep the shape.
-        None => gets.push(floor_get(keys, pool, from, level)),
+        None => gets.push(floor_get(&dir, &keys.run(pool, from))),
     }
     gets
 }
