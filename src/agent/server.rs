@@ -83,8 +83,9 @@ impl Backend {
                 let engine = e.clone();
                 e.detached(async move { engine.add(&req).await }).await
             }
-            // Queued at the first poll; once its batch has started, the ADD is done even if the
-            // caller hangs up (before, it is left out: see `queues::drop_abandoned`).
+            // Queued once no other operation of the attachment is under way; once its batch has
+            // started, the ADD is done even if the caller hangs up (before, it is left out: see
+            // `queues::drop_abandoned`).
             Backend::Etcd(s) => s.add_waiting(&req).await,
         }
     }

@@ -159,12 +159,13 @@ impl Inner {
                 if marked > 0 || folded > 0 {
                     self.observer.freed(marked, folded);
                 }
-                for (reply, answer) in replies.into_iter().zip(answers) {
+                for ((reply, answer), alone) in replies.into_iter().zip(answers).zip(alone) {
+                    // Done with: the attachment's next operation may start, and need not meet
+                    // this one still held once its caller has the answer.
+                    drop(alone);
                     // The plugin may have hung up; what was done stays done.
                     let _ = reply.send(answer);
                 }
-                // Done with: the attachments' next operations may start.
-                drop(alone);
                 drop_abandoned(&mut rest);
                 waiting = rest;
             }
