@@ -623,3 +623,37 @@ fn the_wal_stays_short_across_many_one_call_processes() {
     );
     audit(&db);
 }
+
+/// The database and the `-wal` and `-shm` files beside it are their owner's alone, whether the
+/// store creates them or finds them readable by all (as an earlier release left them): anyone
+/// who could open the `-shm` file could hold the lock every writer needs.
+#[test]
+fn the_database_files_are_their_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, store) = fresh();
+    let p = pool("10.70.0.0/24");
+    add1(store.as_ref(), &p, "c1");
+    let files = || {
+        ["wb.db", "wb.db-wal", "wb.db-shm"]
+            .map(|name| dir.path().join(name))
+            .into_iter()
+            .filter(|f| f.exists())
+            .collect::<Vec<_>>()
+    };
+    let modes = || {
+        files()
+            .iter()
+            .map(|f| std::fs::metadata(f).unwrap().permissions().mode() & 0o777)
+            .collect::<Vec<_>>()
+    };
+    // The write-ahead log is kept between calls.
+    assert_eq!(files().len(), 3, "{:?}", files());
+    assert_eq!(modes(), [0o600; 3]);
+    drop(store);
+    for f in files() {
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let store = local::open(&dir.path().join("wb.db")).unwrap();
+    add1(store.as_ref(), &p, "c2");
+    assert_eq!(modes(), [0o600; 3]);
+}

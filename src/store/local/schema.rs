@@ -3,6 +3,8 @@
 //! Every CNI call is a fresh process, so opening must cost a few page reads when the schema is
 //! already there, and must be safe when hundreds of processes meet a brand-new file at once.
 
+use std::fs::{Metadata, OpenOptions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -74,7 +76,8 @@ pub fn connect(path: &Path) -> Result<Connection, Fail> {
             )
         })?;
     }
-    refuse_special_file(path)?;
+    let found = refuse_special_file(path)?;
+    owner_only(path, found.as_ref())?;
     // NOFOLLOW: a symbolic link planted at the path must not make root write elsewhere.
     let conn = Connection::open_with_flags(
         path,
@@ -106,14 +109,61 @@ pub fn connect(path: &Path) -> Result<Connection, Fail> {
 }
 
 /// An existing path must be a regular file (not a link, device, FIFO or folder): SQLite would
-/// otherwise block on a FIFO or write through to whatever the path names.
-fn refuse_special_file(path: &Path) -> Result<(), Fail> {
+/// otherwise block on a FIFO or write through to whatever the path names. What it found there.
+fn refuse_special_file(path: &Path) -> Result<Option<Metadata>, Fail> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_file() => Err(Fail::Msg(format!(
             "the local database {} is not a regular file",
             crate::files::shown_path(path)
         ))),
-        _ => Ok(()),
+        found => Ok(found.ok()),
+    }
+}
+
+/// The database and its `-wal` and `-shm` files are root's alone. Anyone who can open the
+/// `-shm` file can hold the lock every writer needs, and stall each ADD and DEL of the node
+/// for the busy timeout (besides reading its pods' names). SQLite gives the `-wal` and `-shm`
+/// files the database file's own mode when it creates them, so a new database file is created
+/// 0600 before SQLite opens it; one an earlier release created readable by all is made 0600,
+/// with the `-wal` and `-shm` files it kept beside it. Nothing follows a link.
+fn owner_only(path: &Path, found: Option<&Metadata>) -> Result<(), Fail> {
+    let cannot = |what: &Path, e: std::io::Error| {
+        Fail::Store(
+            StoreError::io(format!(
+                "cannot make the local database file {} readable by its owner only",
+                crate::files::shown_path(what)
+            ))
+            .because(e),
+        )
+    };
+    // NONBLOCK: a FIFO swapped in since the path was looked at must not hang the call.
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    let mut create = OpenOptions::new();
+    create
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(flags);
+    let mut existing = OpenOptions::new();
+    existing.read(true).custom_flags(flags);
+    match found {
+        None => create.open(path).map(drop).map_err(|e| cannot(path, e)),
+        Some(meta) if meta.permissions().mode() & 0o077 == 0 => Ok(()),
+        Some(_) => {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut name = path.as_os_str().to_owned();
+                name.push(suffix);
+                let file = Path::new(&name);
+                match existing.open(file) {
+                    Ok(f) => f
+                        .set_permissions(std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| cannot(file, e))?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(cannot(file, e)),
+                }
+            }
+            Ok(())
+        }
     }
 }
 
