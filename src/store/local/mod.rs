@@ -54,11 +54,16 @@ impl From<StoreError> for Fail {
 /// How long STATUS waits for another process's write lock before taking it as a sign of life.
 const STATUS_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Whether SQLite gave up waiting for another process's lock.
+/// Whether SQLite gave up waiting for another process's lock, or (SQLITE_PROTOCOL) for the
+/// WAL's locks, which it tries many times before giving up under heavy contention.
 pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::FileLockingProtocolFailed
+        )
     )
 }
 
@@ -842,6 +847,23 @@ mod tests {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(schema::SCHEMA).unwrap();
         conn
+    }
+
+    /// Lock contention that clears by itself is "try again" (11), not an I/O failure (5).
+    #[test]
+    fn lock_contention_is_worth_another_try() {
+        for code in [
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_LOCKED,
+            rusqlite::ffi::SQLITE_PROTOCOL,
+        ] {
+            let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+            let err = to_store_error(Path::new("/x.db"), Fail::Sql(e));
+            assert!(
+                matches!(err, StoreError::TryAgain { .. }),
+                "{code}: {err:?}"
+            );
+        }
     }
 
     fn plan(conn: &Connection, sql: &str) -> String {
