@@ -47,7 +47,7 @@ fn is_namespace_name(name: &str) -> bool {
 /// The `ipam` object of a configuration file: a network configuration, a configuration list
 /// (its first plugin using whereabouts) or a bare `ipam` object.
 pub fn ipam_of(file: &Value) -> Option<Value> {
-    if file.get("type").and_then(Value::as_str) == Some("whereabouts") {
+    if names_whereabouts(file) {
         return Some(file.clone());
     }
     if let Some(ipam) = file.get("ipam") {
@@ -57,8 +57,18 @@ pub fn ipam_of(file: &Value) -> Option<Value> {
         .as_array()?
         .iter()
         .filter_map(|p| p.get("ipam"))
-        .find(|ipam| ipam.get("type").and_then(Value::as_str) == Some("whereabouts"))
+        .find(|ipam| names_whereabouts(ipam))
         .cloned()
+}
+
+/// Whether the `ipam` object's `type` is this plugin, its key matched in any case: the
+/// runtime's plugins (Go's decoder) call the IPAM plugin so, and the plugin reads its keys so.
+pub fn names_whereabouts(ipam: &Value) -> bool {
+    ipam.as_object().is_some_and(|fields| {
+        fields.iter().any(|(key, value)| {
+            config::same_key(key, "type") && value.as_str() == Some("whereabouts")
+        })
+    })
 }
 
 impl StoreArgs {

@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::leader::Leadership;
 use super::metrics::Metrics;
 use super::slices::{assign, unusable_slices, withdrawn, Assignment};
-use crate::cli::store_args::ipam_of;
+use crate::cli::store_args::{ipam_of, names_whereabouts};
 use crate::config;
 use crate::ipam::names::{is_valid_object_name, object_name, pool_name};
 use crate::ipam::{Cidr, Range};
@@ -67,11 +67,7 @@ pub fn wanted(source: &str, nad_name: &str, config_text: &str) -> Result<Option<
     let Some(ipam) = ipam_of(&conf) else {
         return Ok(None);
     };
-    let is_whereabouts = ipam
-        .get("type")
-        .and_then(Value::as_str)
-        .is_some_and(|t| t == "whereabouts");
-    if !is_whereabouts || !has_key(&ipam, "node_slice_size") {
+    if !names_whereabouts(&ipam) || !has_key(&ipam, "node_slice_size") {
         return Ok(None);
     }
     let cfg = config::load_untrusted(Some(&pool_part(&ipam, "node_slice_size")), &[])
@@ -712,7 +708,7 @@ mod tests {
             assert!(wanted("nad", "nad", ours).is_err(), "{ours:?}");
         }
         // Keys in any case, as the plugin reads them; engine settings play no part.
-        let mixed = r#"{"name":"net-c","ipam":{"type":"whereabouts","Range":"10.1.0.0/16","Node_Slice_Size":"/24","kubernetes":{"kubeconfig":"/elsewhere/k"}}}"#;
+        let mixed = r#"{"name":"net-c","ipam":{"Type":"whereabouts","Range":"10.1.0.0/16","Node_Slice_Size":"/24","kubernetes":{"kubeconfig":"/elsewhere/k"}}}"#;
         let w = wanted("nad", "nad", mixed).unwrap().unwrap();
         assert_eq!((w.name.as_str(), w.size), ("net-c", 24));
         assert_eq!(w.size_text, "/24");

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use kube::api::DynamicObject;
 use serde_json::Value;
 
-use crate::cli::store_args::ipam_of;
+use crate::cli::store_args::{ipam_of, names_whereabouts};
 use crate::config::{self, IpamConfig};
 use crate::ipam::names::object_name;
 use crate::store::PoolRef;
@@ -98,8 +98,7 @@ fn pool_config(config_text: &str, also: &str) -> Result<Option<IpamConfig>, Stri
     let Some(ipam) = ipam_of(&conf) else {
         return Ok(None);
     };
-    let is_whereabouts = ipam.get("type").and_then(Value::as_str) == Some("whereabouts");
-    let Some(map) = ipam.as_object().filter(|_| is_whereabouts) else {
+    let Some(map) = ipam.as_object().filter(|_| names_whereabouts(&ipam)) else {
         return Ok(None);
     };
     if map.keys().any(|k| config::same_key(k, "node_slice_size")) {
@@ -156,10 +155,11 @@ mod tests {
                        "range_start": "10.0.0.100", "range_end": "10.0.0.109",
                        "exclude": ["10.0.0.104/30"], "kubernetes": {"kubeconfig": "/x"}}),
             ),
+            // The `type` key in any case, as the runtime's plugins read it.
             nad(
                 "a",
                 "gateway",
-                json!({"type": "whereabouts", "range": "10.1.0.0/29", "gateway": "10.1.0.1",
+                json!({"TYPE": "whereabouts", "range": "10.1.0.0/29", "gateway": "10.1.0.1",
                        "network_name": "blue"}),
             ),
             nad(
