@@ -696,3 +696,51 @@ fn reservation_names(ns: &TestNamespace) -> Vec<String> {
     names.sort();
     names
 }
+
+/// A plain network whose name reads like a sliced network's node (`sriov-w1` beside the sliced
+/// network `sriov` and its node `w1`) has the IPPool name of that node's slice pool when its
+/// range is that slice. Its pods run on any node: cleanup must not free their addresses as
+/// pods moved off the slice's node. (A pod that did move holds its network's address from its
+/// new node's slice; the unit tests of `judge` hold that case.)
+#[test]
+fn a_plain_pool_named_like_a_nodes_slice_keeps_its_pods_on_other_nodes() {
+    let Some(plane) = kube_apiserver::control_plane() else {
+        return;
+    };
+    let ns = plane.namespace("plain-pool-named-like-a-slice");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let network = json!({"cniVersion": "1.1.0", "name": "plain", "type": "bridge",
+        "ipam": {"type": "whereabouts", "range": "10.87.1.0/24", "network_name": "sriov-w1",
+                 "log_level": "error",
+                 "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
+    ns.create(
+        "nodeslicepools",
+        json!({"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "NodeSlicePool",
+               "metadata": {"name": "sriov"},
+               "spec": {"range": "10.87.0.0/16", "sliceSize": "/24"},
+               "status": {"allocations": [{"nodeName": "w1", "sliceRange": "10.87.1.0/24"}]}}),
+    );
+    let uid = ns.add_pod_on("db-0", "Running", Some("w2"));
+    let args = common::pod_args_with_uid(&format!("{}/db-0", ns.name), &uid);
+    let reply = common::call_with(&network, "ADD", "c-db", "net1", &args);
+    let held = bare(&ips(&reply.ok())[0]);
+    assert!(ns.get("ippools", "sriov-w1-10.87.1.0-24").is_some());
+    let conf = dir.path().join("net.conf");
+    std::fs::write(&conf, network.to_string()).unwrap();
+    let gc = |dry_run: bool| {
+        let mut cmd = common::operator();
+        cmd.args(["gc", "-o", "json", "--config"])
+            .arg(&conf)
+            .arg("--pod-kubeconfig")
+            .arg(&kubeconfig);
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        Reply::from(cmd.output().unwrap()).ok()
+    };
+    assert_eq!(gc(true), json!([]));
+    assert_eq!(gc(false), json!([]));
+    let check = common::call_with(&network, "CHECK", "c-db", "net1", &args);
+    assert_eq!(check.code, 0, "{check:?}: {held} no longer held");
+}

@@ -2,6 +2,7 @@
 //! cluster says about its pod. The controller, `whereabouts gc --dry-run` and
 //! `whereabouts release` all decide with this one function, so they never disagree.
 
+use std::collections::HashSet;
 use std::fmt;
 
 use crate::store::Allocation;
@@ -66,7 +67,8 @@ pub enum ReleaseReason {
     PodGone,
     /// The pod ran to completion or failed: its sandbox is gone.
     PodFinished,
-    /// The address is in a node's slice pool, and the pod of that name runs on another node: a
+    /// The address is in a node's slice pool, and the pod of that name runs on another node,
+    /// where it holds an address of the same network and interface from that node's slice: a
     /// new pod (a StatefulSet's, its node lost), whose ADD drew from its own node's slice.
     PodMoved,
 }
@@ -125,8 +127,43 @@ impl fmt::Display for Verdict {
     }
 }
 
-/// Decides about `allocation` given the pod its pod reference names (`None`: no such pod).
-pub fn judge(allocation: &Allocation, pod: Option<&PodState>) -> Verdict {
+/// Where pods hold addresses from node slices: (network, pod, interface, node) of every
+/// allocation of a slice pool.
+#[derive(Debug, Default)]
+pub struct SliceHolders(HashSet<(String, String, String, String)>);
+
+impl SliceHolders {
+    pub fn of<'a>(allocations: impl IntoIterator<Item = &'a Allocation>) -> SliceHolders {
+        let held = allocations.into_iter().filter_map(|a| {
+            Some((
+                a.network_name.clone(),
+                a.attachment.pod_ref.clone()?,
+                a.attachment.ifname.clone(),
+                a.slice_node.clone()?,
+            ))
+        });
+        SliceHolders(held.collect())
+    }
+
+    /// Whether the pod of `allocation` holds an address of its network and interface from the
+    /// slice of `node`.
+    fn holds_on(&self, allocation: &Allocation, node: &str) -> bool {
+        let Some(pod_ref) = &allocation.attachment.pod_ref else {
+            return false;
+        };
+        let key = (
+            allocation.network_name.clone(),
+            pod_ref.clone(),
+            allocation.attachment.ifname.clone(),
+            node.to_string(),
+        );
+        self.0.contains(&key)
+    }
+}
+
+/// Decides about `allocation` given the pod its pod reference names (`None`: no such pod) and
+/// where pods hold addresses from node slices.
+pub fn judge(allocation: &Allocation, pod: Option<&PodState>, slices: &SliceHolders) -> Verdict {
     let verdict = judge_holder(
         allocation.attachment.pod_ref.as_deref(),
         allocation.attachment.pod_uid.as_deref(),
@@ -134,12 +171,15 @@ pub fn judge(allocation: &Allocation, pod: Option<&PodState>) -> Verdict {
     );
     // Only a node's own pods draw from its slice: a pod of that name elsewhere is another
     // pod (an entry records no UID to say so), and nothing else would ever free this address.
+    // It counts as moved once it holds the same network's address from its new node's slice:
+    // a pool read as a node's slice may be another network's plain pool whose name reads
+    // alike (a network `net-w1` beside a sliced network `net` with a node `w1`), whose pods
+    // run anywhere and hold nothing from slices.
     let elsewhere = |pod: &PodState| {
         let on = pod.node.as_deref();
-        allocation
-            .slice_node
-            .as_deref()
-            .is_some_and(|slice| on.is_some_and(|on| on != slice))
+        allocation.slice_node.as_deref().is_some_and(|slice| {
+            on.is_some_and(|on| on != slice && slices.holds_on(allocation, on))
+        })
     };
     match (verdict, pod) {
         (Verdict::Keep(_), Some(pod)) if elsewhere(pod) => {
@@ -269,35 +309,54 @@ mod tests {
     #[test]
     fn a_slice_entry_of_a_pod_now_on_another_node_is_released() {
         let mut l = allocation(Some("ns/web-0"), None);
+        l.network_name = "net".into();
         l.slice_node = Some("node-a".into());
+        // Its ADD on node-b drew from node-b's slice.
+        let mut there = allocation(Some("ns/web-0"), Some("u2"));
+        there.network_name = "net".into();
+        there.slice_node = Some("node-b".into());
+        let slices = SliceHolders::of([&l, &there]);
         let on = |node: Option<&str>, phase, terminating| PodState {
             node: node.map(String::from),
             ..pod("u2", phase, terminating)
         };
+        let judged = |l: &Allocation, pod: PodState| judge(l, Some(&pod), &slices);
         let moved = Verdict::Release(ReleaseReason::PodMoved);
         assert_eq!(
-            judge(&l, Some(&on(Some("node-b"), PodPhase::Running, false))),
+            judged(&l, on(Some("node-b"), PodPhase::Running, false)),
             moved
         );
         assert_eq!(
-            judge(&l, Some(&on(Some("node-b"), PodPhase::Pending, true))),
+            judged(&l, on(Some("node-b"), PodPhase::Pending, true)),
             moved
         );
         // On the slice's own node, or not scheduled yet: the pod may hold it.
         let alive = Verdict::Keep(KeepReason::PodAlive);
         assert_eq!(
-            judge(&l, Some(&on(Some("node-a"), PodPhase::Running, false))),
+            judged(&l, on(Some("node-a"), PodPhase::Running, false)),
             alive
         );
         let pending = Verdict::Keep(KeepReason::PodPending);
+        assert_eq!(judged(&l, on(None, PodPhase::Pending, false)), pending);
+        // On a node where it holds nothing from a slice of the network (yet, or ever: the pool
+        // is another network's whose name reads like a node's slice pool), it keeps it.
         assert_eq!(
-            judge(&l, Some(&on(None, PodPhase::Pending, false))),
-            pending
+            judged(&l, on(Some("node-c"), PodPhase::Running, false)),
+            alive
+        );
+        let mut other_interface = l.clone();
+        other_interface.attachment.ifname = "net2".into();
+        assert_eq!(
+            judged(
+                &other_interface,
+                on(Some("node-b"), PodPhase::Running, false)
+            ),
+            alive
         );
         // Outside node slices, a pod that moved keeps its address (a StatefulSet's).
         l.slice_node = None;
         assert_eq!(
-            judge(&l, Some(&on(Some("node-b"), PodPhase::Running, false))),
+            judged(&l, on(Some("node-b"), PodPhase::Running, false)),
             alive
         );
     }
@@ -305,35 +364,66 @@ mod tests {
     #[test]
     fn decisions() {
         let l = allocation(Some("ns/a"), Some("u1"));
-        assert_eq!(judge(&l, None), Verdict::Release(ReleaseReason::PodGone));
         assert_eq!(
-            judge(&l, Some(&pod("u1", PodPhase::Running, false))),
+            judge(&l, None, &SliceHolders::default()),
+            Verdict::Release(ReleaseReason::PodGone)
+        );
+        assert_eq!(
+            judge(
+                &l,
+                Some(&pod("u1", PodPhase::Running, false)),
+                &SliceHolders::default()
+            ),
             Verdict::Keep(KeepReason::PodAlive)
         );
         assert_eq!(
-            judge(&l, Some(&pod("u1", PodPhase::Pending, false))),
+            judge(
+                &l,
+                Some(&pod("u1", PodPhase::Pending, false)),
+                &SliceHolders::default()
+            ),
             Verdict::Keep(KeepReason::PodPending)
         );
         assert_eq!(
-            judge(&l, Some(&pod("u2", PodPhase::Pending, false))),
+            judge(
+                &l,
+                Some(&pod("u2", PodPhase::Pending, false)),
+                &SliceHolders::default()
+            ),
             Verdict::Keep(KeepReason::PodRecreated)
         );
         assert_eq!(
-            judge(&l, Some(&pod("u1", PodPhase::Running, true))),
+            judge(
+                &l,
+                Some(&pod("u1", PodPhase::Running, true)),
+                &SliceHolders::default()
+            ),
             Verdict::Keep(KeepReason::PodTerminating)
         );
         assert_eq!(
-            judge(&l, Some(&pod("u1", PodPhase::Succeeded, false))),
+            judge(
+                &l,
+                Some(&pod("u1", PodPhase::Succeeded, false)),
+                &SliceHolders::default()
+            ),
             Verdict::Release(ReleaseReason::PodFinished)
         );
         assert_eq!(
-            judge(&l, Some(&pod("u1", PodPhase::Unknown, false))),
+            judge(
+                &l,
+                Some(&pod("u1", PodPhase::Unknown, false)),
+                &SliceHolders::default()
+            ),
             Verdict::Keep(KeepReason::PodAlive)
         );
         // Without a recorded UID the pod of that name is taken to be the one.
         let no_uid = allocation(Some("ns/a"), None);
         assert_eq!(
-            judge(&no_uid, Some(&pod("u9", PodPhase::Failed, false))),
+            judge(
+                &no_uid,
+                Some(&pod("u9", PodPhase::Failed, false)),
+                &SliceHolders::default()
+            ),
             Verdict::Release(ReleaseReason::PodFinished)
         );
         for no_pod in [
@@ -345,7 +435,7 @@ mod tests {
             Some("a/b/c"),
         ] {
             assert_eq!(
-                judge(&allocation(no_pod, None), None),
+                judge(&allocation(no_pod, None), None, &SliceHolders::default()),
                 Verdict::Keep(KeepReason::NoPodReference),
                 "{no_pod:?}"
             );

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::judge::{judge, PodState, Verdict};
+use super::judge::{judge, PodState, SliceHolders, Verdict};
 use crate::store::{Allocation, Store, StoreError};
 
 /// One allocation and what cleanup decides about it.
@@ -19,6 +19,7 @@ pub struct Decision {
 /// exists, so every allocation of the list then has its pod in the pod list unless that pod is gone.
 /// Listing in the other order would free the address of a pod created in between.
 pub fn plan(allocations: Vec<Allocation>, pods: &HashMap<String, PodState>) -> Vec<Decision> {
+    let slices = SliceHolders::of(&allocations);
     allocations
         .into_iter()
         .map(|allocation| {
@@ -27,7 +28,7 @@ pub fn plan(allocations: Vec<Allocation>, pods: &HashMap<String, PodState>) -> V
                 .pod_ref
                 .as_ref()
                 .and_then(|r| pods.get(r));
-            let verdict = judge(&allocation, pod);
+            let verdict = judge(&allocation, pod, &slices);
             Decision {
                 allocation,
                 verdict,

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::gc::{pods_from_this_cluster, ClusterArgs};
 use super::output::{print, OutputArgs};
 use super::store_args::StoreArgs;
-use crate::cleanup::judge::{judge, Verdict};
+use crate::cleanup::judge::{judge, SliceHolders, Verdict};
 use crate::cleanup::plan::release_if_held;
 use crate::cleanup::pods::{cluster_source, PodReader};
 use crate::config::IpamConfig;
@@ -150,7 +150,11 @@ fn pod_verdict(
         let pods = reader.list().map_err(|e| anyhow::anyhow!(e))?;
         pods_from_this_cluster(allocations.iter().map(|a| &a.attachment), &pods)?;
     }
-    Ok(judge(allocation, alive.as_ref()))
+    Ok(judge(
+        allocation,
+        alive.as_ref(),
+        &SliceHolders::of(allocations),
+    ))
 }
 
 pub fn run(args: ReleaseArgs) -> anyhow::Result<()> {

@@ -21,7 +21,9 @@ use tokio::sync::Semaphore;
 use super::events::{self, Released};
 use super::leader::Leadership;
 use super::metrics::{pool_stats, Metrics};
-use crate::cleanup::judge::{freed_by_deletion, judge, judge_holder, PodState, Verdict};
+use crate::cleanup::judge::{
+    freed_by_deletion, judge, judge_holder, PodState, SliceHolders, Verdict,
+};
 use crate::cleanup::plan::{plan, release_if_held};
 use crate::cleanup::pods;
 use crate::k8s::crd::OverlappingRangeIPReservation;
@@ -208,6 +210,7 @@ impl Worker {
             })
             .cloned()
             .collect();
+        let slices = SliceHolders::of(&allocations);
         let mut now: HashMap<String, Option<PodState>> = HashMap::new();
         let mut unread = false;
         let mut released = HashSet::new();
@@ -229,7 +232,7 @@ impl Worker {
                 }
             }
             let pod = now.get(&pod_ref).and_then(Option::as_ref);
-            let verdict = judge(&allocation, pod);
+            let verdict = judge(&allocation, pod, &slices);
             let uid = deleted
                 .iter()
                 .find(|(r, _)| *r == pod_ref)
