@@ -1329,6 +1329,81 @@ fn an_add_whose_slice_is_withdrawn_meanwhile_takes_its_address_back() {
     assert_eq!(retried.ips(), ["10.122.0.2"], "{retried:?}");
 }
 
+/// A plain network named like a sliced network's node (`slicenet-node-a` beside `slicenet`
+/// and its node `node-a`), over node-a's slice, writes the IPPool named like node-a's slice
+/// pool. node-a's CNI GC for the sliced network, whose list names none of that network's pods,
+/// keeps the entry of its pod running on node-b: the pod holds nothing from node-b's slice, so
+/// it is no pod of the sliced network that moved. A pod of the sliced network that moved to
+/// node-b, and holds an address from its slice, has its entry freed.
+#[test]
+fn a_nodes_gc_keeps_a_plain_pools_pod_that_runs_elsewhere() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("a-nodes-gc-keeps-a-plain-pools-pod");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let slices = [("node-a", "10.122.0.0/28"), ("node-b", "10.122.0.16/28")];
+    ns.create(
+        "nodeslicepools",
+        node_slice_pool("slicenet", "10.122.0.0/24", &slices),
+    );
+    let sliced = netconf(
+        "slices",
+        &ipam(
+            "10.122.0.0/24",
+            &kubeconfig,
+            json!({"network_name": "slicenet", "node_slice_size": "/28"}),
+        ),
+    );
+    let plain = netconf(
+        "plain",
+        &ipam(
+            "10.122.0.0/28",
+            &kubeconfig,
+            json!({"network_name": "slicenet-node-a"}),
+        ),
+    );
+    ns.add_pod_on("db-0", "Running", Some("node-b"));
+    let add = Call {
+        node: Some("node-b"),
+        pod: Some((ns.name.as_str(), "db-0")),
+        ..call("ADD", "db", "db-0")
+    };
+    assert_eq!(run(bin(), &add, &plain).code, 0);
+    // A pod of the sliced network that did move: re-created on node-b, its ADD there drew
+    // from node-b's slice, and its address from node-a's slice is a leak.
+    ns.add_pod_on("web-0", "Running", Some("node-b"));
+    for (node, container) in [("node-a", "web-a"), ("node-b", "web-b")] {
+        let add = Call {
+            node: Some(node),
+            pod: Some((ns.name.as_str(), "web-0")),
+            ..call("ADD", container, "web-0")
+        };
+        assert_eq!(run(bin(), &add, &sliced).code, 0);
+    }
+    let shared = "slicenet-node-a-10.122.0.0-28";
+    let holders = || {
+        let pool = ns.get("ippools", shared).unwrap();
+        let entries = pool["spec"]["allocations"].as_object().cloned().unwrap();
+        let mut pods: Vec<String> = entries
+            .values()
+            .map(|e| e["podref"].as_str().unwrap().to_string())
+            .collect();
+        pods.sort();
+        pods
+    };
+    let (db, web) = (format!("{}/db-0", ns.name), format!("{}/web-0", ns.name));
+    assert_eq!(holders(), [db.clone(), web]);
+    let mut gc_conf: Value = serde_json::from_str(&sliced).unwrap();
+    gc_conf["cni.dev/valid-attachments"] = json!([]);
+    let gc = Call {
+        node: Some("node-a"),
+        ..call("GC", "", "")
+    };
+    let reply = run(bin(), &gc, &gc_conf.to_string());
+    assert_eq!(reply.code, 0, "{reply:?}");
+    assert_eq!(holders(), [db], "node-a's GC");
+}
+
 #[test]
 fn node_slices_from_a_nodeslicepool() {
     let plane = real_cluster!();
@@ -1464,9 +1539,16 @@ fn node_slices_from_a_nodeslicepool() {
         };
         assert_eq!(run(bin(), &add, &conf).code, 0);
     }
+    let again = Call {
+        node: Some("node-b"),
+        pod: Some((ns.name.as_str(), "moved")),
+        ..call("ADD", "moved-b", "moved-b")
+    };
+    assert_eq!(run(bin(), &again, &conf).code, 0);
     // The operator's gc (the cleanup controller's judgement and release): the a-* pods do not
-    // exist and `moved` runs elsewhere, so all but `stays` go, each with its reservation, which
-    // is named after the network, not after the node-slice pool's name.
+    // exist and `moved` runs elsewhere, holding an address from node-b's slice, so all of
+    // node-a's slice but `stays` goes, each with its reservation, which is named after the
+    // network, not after the node-slice pool's name.
     let gc = std::process::Command::new(bin())
         .args(["gc", "-o", "json", "--kubeconfig"])
         .arg(&kubeconfig)
@@ -1486,11 +1568,13 @@ fn node_slices_from_a_nodeslicepool() {
         "{freed:?}"
     );
     let left: Vec<Value> = ns.list(RESERVATIONS);
-    assert_eq!(left.len(), 1, "reservations left: {left:?}");
-    assert_eq!(
-        left[0]["spec"]["podref"],
-        format!("{}/stays", ns.name).as_str()
-    );
+    let mut holders: Vec<&str> = left
+        .iter()
+        .filter_map(|r| r["spec"]["podref"].as_str())
+        .collect();
+    holders.sort();
+    let (stays, moved) = (format!("{}/stays", ns.name), format!("{}/moved", ns.name));
+    assert_eq!(holders, [moved.as_str(), stays.as_str()], "{left:?}");
 }
 
 #[test]

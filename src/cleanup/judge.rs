@@ -236,14 +236,16 @@ pub enum PodPlace {
 /// the same range and `network_name` draws from one pool, so a live pod's entry may be another
 /// network's attachment, which this list never names. So the entry is a leak only when its pod
 /// is gone, or the name is a new pod's (another UID), or, in this node's slice pool (which only
-/// this node's pods draw from), the pod runs on another node. A pod not scheduled yet, and a
-/// record that names no pod, are never touched.
+/// this node's pods draw from), the pod runs on another node and holds an address of the
+/// network from that node's slice (`moved_off`, which the caller looks up: a plain pool of
+/// another network may be named like this node's slice pool, and its pods run anywhere). A pod
+/// not scheduled yet, and a record that names no pod, are never touched.
 pub fn leaked_on_node(
     pod_ref: Option<&str>,
     pod_uid: Option<&str>,
     place: &PodPlace,
     node: &str,
-    in_node_slice: bool,
+    moved_off: bool,
 ) -> bool {
     if pod_ref
         .and_then(|r| r.split_once('/'))
@@ -255,7 +257,7 @@ pub fn leaked_on_node(
         PodPlace::Gone => true,
         PodPlace::Exists { uid, node: on } => {
             let recreated = pod_uid.is_some_and(|recorded| !recorded.is_empty() && recorded != uid);
-            let elsewhere = in_node_slice && on.as_deref().is_some_and(|on| on != node);
+            let elsewhere = moved_off && on.as_deref().is_some_and(|on| on != node);
             recreated || elsewhere
         }
     }
@@ -486,7 +488,8 @@ mod tests {
                 in_slice
             ));
         }
-        // Another node's live pod: kept in a shared pool; in this node's slice, a stray.
+        // Another node's live pod: kept in a shared pool, or in this node's slice pool unless it
+        // holds the network's address from its own node's slice; then a stray.
         assert!(!leaked_on_node(pod, Some("u1"), &on("n2"), "n1", false));
         assert!(leaked_on_node(pod, None, &on("n2"), "n1", true));
     }

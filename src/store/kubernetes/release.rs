@@ -17,8 +17,8 @@ use super::reservation;
 use crate::cleanup::judge::{leaked_on_node, PodPlace};
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
-use crate::k8s::crd::IPPool;
 use crate::k8s::crd::OverlappingRangeIPReservation;
+use crate::k8s::crd::{IPPool, NodeSlicePool};
 use crate::store::queues::{dropped, Serving};
 use crate::store::{
     Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, Reservation, StoreError,
@@ -637,11 +637,16 @@ impl Engine {
         is_valid: &(dyn Fn(&Attachment) -> bool + Sync),
     ) -> Result<Vec<Allocation>, StoreError> {
         let mut released = Vec::new();
+        let mut other_slices = OtherSlices::default();
         for (configured, pool) in pools {
             let name = object_name(&pool.name);
             let Some(object) = self.kube.get_pool(&name).await? else {
                 continue;
             };
+            let slice_of = node_slices.then(|| SliceOf {
+                req,
+                configured: req.pools.iter().find(|p| p.range.cidr == *configured),
+            });
             // Each pod is looked up once per pool, after the pool is read: a pod gone when an
             // earlier pool was judged may have been created again since, and its ADD may have
             // written its new sandbox into this pool's entry, which must be judged by the pod
@@ -654,8 +659,9 @@ impl Engine {
                 .into_iter()
                 .filter(|e| !is_valid(&e.attachment))
             {
+                let moved = slice_of.as_ref().map(|s| (s, &mut other_slices));
                 if self
-                    .is_leak_of(&entry.attachment, node, node_slices, &mut places)
+                    .is_leak_of(&entry.attachment, node, moved, &mut places)
                     .await?
                 {
                     leaked.insert((
@@ -686,11 +692,13 @@ impl Engine {
     }
 
     /// Whether an unlisted entry held by `who` is this node's leak (its pod is looked up, once).
+    /// In this node's slice pool (`in_slice`), a pod running on another node is looked for in
+    /// that node's slice pool of the network.
     async fn is_leak_of(
         &self,
         who: &Attachment,
         node: &str,
-        in_node_slice: bool,
+        in_slice: Option<(&SliceOf<'_>, &mut OtherSlices)>,
         places: &mut HashMap<String, PodPlace>,
     ) -> Result<bool, StoreError> {
         let Some(pod_ref) = who.pod_ref.as_deref() else {
@@ -699,13 +707,61 @@ impl Engine {
         let Some(place) = self.place_of(pod_ref, places).await? else {
             return Ok(false);
         };
+        let moved_off = match (&place, in_slice) {
+            (PodPlace::Exists { node: Some(on), .. }, Some((slice_of, seen))) if on != node => {
+                self.holds_from_slice(slice_of, who, on, seen).await?
+            }
+            _ => false,
+        };
         Ok(leaked_on_node(
             Some(pod_ref),
             who.pod_uid.as_deref(),
             &place,
             node,
-            in_node_slice,
+            moved_off,
         ))
+    }
+
+    /// Whether the pod of `who` holds an address of the GC's network, on the same interface,
+    /// from node `on`'s slice of the configured range: the network's NodeSlicePool and that
+    /// node's pool are read once per GC.
+    async fn holds_from_slice(
+        &self,
+        slice_of: &SliceOf<'_>,
+        who: &Attachment,
+        on: &str,
+        seen: &mut OtherSlices,
+    ) -> Result<bool, StoreError> {
+        let Some(configured) = slice_of.configured else {
+            return Ok(false);
+        };
+        let req = slice_of.req;
+        if seen.slices.is_none() {
+            let name = node_slice::slice_pool_name(&req.network_name, &req.cni_network);
+            seen.slices = Some(self.kube.get_slice_pool(&name).await?);
+        }
+        let key = (on.to_string(), configured.range.cidr);
+        if !seen.holders.contains_key(&key) {
+            let slices = seen.slices.as_ref().and_then(Option::as_ref);
+            let slice = slices.and_then(|s| node_slice::slice_of(s, on).ok().flatten());
+            let pool = slice.and_then(|slice| {
+                node_slice::pool_to_release(configured, slice, &req.network_name, on)
+            });
+            let mut holders = Vec::new();
+            if let Some(pool) = pool {
+                let name = object_name(&pool.name);
+                if let Some(object) = self.kube.get_pool(&name).await? {
+                    let doc = PoolDoc::new(&name, pool.range.cidr, Some(object))?;
+                    let entries = doc.entries().into_iter().map(|e| e.attachment);
+                    holders.extend(entries.map(|a| (a.pod_ref, a.ifname)));
+                }
+            }
+            seen.holders.insert(key.clone(), holders);
+        }
+        let held = &seen.holders[&key];
+        Ok(held
+            .iter()
+            .any(|(pod_ref, ifname)| *pod_ref == who.pod_ref && *ifname == who.ifname))
     }
 
     /// Where pod `pod_ref` is, looked up once per `places`; `None` when the reference cannot
@@ -1003,6 +1059,24 @@ fn split_slice_holder(
     }
     (prefix, None)
 }
+
+/// What a node's GC needs to look for a pod in another node's slice pool of its network: the
+/// request, and the configured range the pool under judgement serves.
+struct SliceOf<'a> {
+    req: &'a GcRequest,
+    configured: Option<&'a PoolRef>,
+}
+
+/// What a node's GC read of other nodes' slices: the network's NodeSlicePool (once), and the
+/// holders of each node's slice pool of a configured range, by node and range.
+#[derive(Default)]
+struct OtherSlices {
+    slices: Option<Option<NodeSlicePool>>,
+    holders: HashMap<(String, Cidr), Vec<PodInterface>>,
+}
+
+/// An entry's pod reference and interface.
+type PodInterface = (Option<String>, String);
 
 /// While Go binaries may write the pools, what a reservation's release needs: their Lease as
 /// held (checked before the delete) and the pool the released entry was in.
