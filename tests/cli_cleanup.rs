@@ -548,17 +548,7 @@ fn gc_frees_orphaned_reservations_of_gone_pods() {
     }
     let conf = dir.path().join("net.conf");
     std::fs::write(&conf, network.to_string()).unwrap();
-    let gc = |dry_run: bool| {
-        let mut cmd = common::operator();
-        cmd.args(["gc", "-o", "json", "--config"])
-            .arg(&conf)
-            .arg("--pod-kubeconfig")
-            .arg(&kubeconfig);
-        if dry_run {
-            cmd.arg("--dry-run");
-        }
-        Reply::from(cmd.output().unwrap()).ok()
-    };
+    let gc = |dry_run: bool| gc_json(&conf, &kubeconfig, dry_run);
     let reservations = || reservation_names(&ns);
     let mut all = vec![alive.clone(), "10.86.0.200".into(), "10.86.0.201".into()];
     all.sort();
@@ -687,6 +677,20 @@ fn doctor_needs_no_reservation_where_the_networks_keep_none() {
 }
 
 /// The names of the namespace's overlapping-range reservations, sorted.
+/// `whereabouts gc` (a dry run when `dry_run`) on the configuration `conf`, pods read with
+/// `kubeconfig`: its JSON report.
+fn gc_json(conf: &Path, kubeconfig: &Path, dry_run: bool) -> Value {
+    let mut cmd = common::operator();
+    cmd.args(["gc", "-o", "json", "--config"])
+        .arg(conf)
+        .arg("--pod-kubeconfig")
+        .arg(kubeconfig);
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    Reply::from(cmd.output().unwrap()).ok()
+}
+
 fn reservation_names(ns: &TestNamespace) -> Vec<String> {
     let mut names: Vec<String> = ns
         .list("overlappingrangeipreservations")
@@ -728,17 +732,7 @@ fn a_plain_pool_named_like_a_nodes_slice_keeps_its_pods_on_other_nodes() {
     assert!(ns.get("ippools", "sriov-w1-10.87.1.0-24").is_some());
     let conf = dir.path().join("net.conf");
     std::fs::write(&conf, network.to_string()).unwrap();
-    let gc = |dry_run: bool| {
-        let mut cmd = common::operator();
-        cmd.args(["gc", "-o", "json", "--config"])
-            .arg(&conf)
-            .arg("--pod-kubeconfig")
-            .arg(&kubeconfig);
-        if dry_run {
-            cmd.arg("--dry-run");
-        }
-        Reply::from(cmd.output().unwrap()).ok()
-    };
+    let gc = |dry_run: bool| gc_json(&conf, &kubeconfig, dry_run);
     assert_eq!(gc(true), json!([]));
     assert_eq!(gc(false), json!([]));
     let check = common::call_with(&network, "CHECK", "c-db", "net1", &args);

@@ -366,66 +366,38 @@ mod tests {
     #[test]
     fn decisions() {
         let l = allocation(Some("ns/a"), Some("u1"));
+        // No node slices here.
+        let verdict =
+            |l: &Allocation, pod: Option<&PodState>| judge(l, pod, &SliceHolders::default());
+        assert_eq!(verdict(&l, None), Verdict::Release(ReleaseReason::PodGone));
         assert_eq!(
-            judge(&l, None, &SliceHolders::default()),
-            Verdict::Release(ReleaseReason::PodGone)
-        );
-        assert_eq!(
-            judge(
-                &l,
-                Some(&pod("u1", PodPhase::Running, false)),
-                &SliceHolders::default()
-            ),
+            verdict(&l, Some(&pod("u1", PodPhase::Running, false))),
             Verdict::Keep(KeepReason::PodAlive)
         );
         assert_eq!(
-            judge(
-                &l,
-                Some(&pod("u1", PodPhase::Pending, false)),
-                &SliceHolders::default()
-            ),
+            verdict(&l, Some(&pod("u1", PodPhase::Pending, false))),
             Verdict::Keep(KeepReason::PodPending)
         );
         assert_eq!(
-            judge(
-                &l,
-                Some(&pod("u2", PodPhase::Pending, false)),
-                &SliceHolders::default()
-            ),
+            verdict(&l, Some(&pod("u2", PodPhase::Pending, false))),
             Verdict::Keep(KeepReason::PodRecreated)
         );
         assert_eq!(
-            judge(
-                &l,
-                Some(&pod("u1", PodPhase::Running, true)),
-                &SliceHolders::default()
-            ),
+            verdict(&l, Some(&pod("u1", PodPhase::Running, true))),
             Verdict::Keep(KeepReason::PodTerminating)
         );
         assert_eq!(
-            judge(
-                &l,
-                Some(&pod("u1", PodPhase::Succeeded, false)),
-                &SliceHolders::default()
-            ),
+            verdict(&l, Some(&pod("u1", PodPhase::Succeeded, false))),
             Verdict::Release(ReleaseReason::PodFinished)
         );
         assert_eq!(
-            judge(
-                &l,
-                Some(&pod("u1", PodPhase::Unknown, false)),
-                &SliceHolders::default()
-            ),
+            verdict(&l, Some(&pod("u1", PodPhase::Unknown, false))),
             Verdict::Keep(KeepReason::PodAlive)
         );
         // Without a recorded UID the pod of that name is taken to be the one.
         let no_uid = allocation(Some("ns/a"), None);
         assert_eq!(
-            judge(
-                &no_uid,
-                Some(&pod("u9", PodPhase::Failed, false)),
-                &SliceHolders::default()
-            ),
+            verdict(&no_uid, Some(&pod("u9", PodPhase::Failed, false))),
             Verdict::Release(ReleaseReason::PodFinished)
         );
         for no_pod in [
@@ -437,7 +409,7 @@ mod tests {
             Some("a/b/c"),
         ] {
             assert_eq!(
-                judge(&allocation(no_pod, None), None, &SliceHolders::default()),
+                verdict(&allocation(no_pod, None), None),
                 Verdict::Keep(KeepReason::NoPodReference),
                 "{no_pod:?}"
             );
