@@ -127,15 +127,9 @@ fn refuse_special_file(path: &Path) -> Result<Option<Metadata>, Fail> {
 /// 0600 before SQLite opens it; one an earlier release created readable by all is made 0600,
 /// with the `-wal` and `-shm` files it kept beside it. Nothing follows a link.
 fn owner_only(path: &Path, found: Option<&Metadata>) -> Result<(), Fail> {
-    let cannot = |what: &Path, e: std::io::Error| {
-        Fail::Store(
-            StoreError::io(format!(
-                "cannot make the local database file {} readable by its owner only",
-                crate::files::shown_path(what)
-            ))
-            .because(e),
-        )
-    };
+    let failed =
+        |message: String, e: std::io::Error| Fail::Store(StoreError::io(message).because(e));
+    let shown = crate::files::shown_path;
     // NONBLOCK: a FIFO swapped in since the path was looked at must not hang the call.
     let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
     let mut create = OpenOptions::new();
@@ -147,19 +141,31 @@ fn owner_only(path: &Path, found: Option<&Metadata>) -> Result<(), Fail> {
     let mut existing = OpenOptions::new();
     existing.read(true).custom_flags(flags);
     match found {
-        None => create.open(path).map(drop).map_err(|e| cannot(path, e)),
+        None => create.open(path).map(drop).map_err(|e| {
+            failed(
+                format!("cannot create the local database file {}", shown(path)),
+                e,
+            )
+        }),
         Some(meta) if meta.permissions().mode() & 0o077 == 0 => Ok(()),
         Some(_) => {
             for suffix in ["", "-wal", "-shm"] {
                 let mut name = path.as_os_str().to_owned();
                 name.push(suffix);
                 let file = Path::new(&name);
+                let not_unshared = |e| {
+                    let what = format!(
+                        "cannot make the local database file {} readable by its owner only",
+                        shown(file)
+                    );
+                    failed(what, e)
+                };
                 match existing.open(file) {
                     Ok(f) => f
                         .set_permissions(std::fs::Permissions::from_mode(0o600))
-                        .map_err(|e| cannot(file, e))?,
+                        .map_err(not_unshared)?,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(cannot(file, e)),
+                    Err(e) => return Err(not_unshared(e)),
                 }
             }
             Ok(())
