@@ -705,7 +705,8 @@ fn reservation_names(ns: &TestNamespace) -> Vec<String> {
 /// network `sriov` and its node `w1`) has the IPPool name of that node's slice pool when its
 /// range is that slice. Its pods run on any node: cleanup must not free their addresses as
 /// pods moved off the slice's node. (A pod that did move holds its network's address from its
-/// new node's slice; the unit tests of `judge` hold that case.)
+/// new node's slice; the unit tests of `judge` hold that case.) The doctor reports the shared
+/// object.
 #[test]
 fn a_plain_pool_named_like_a_nodes_slice_keeps_its_pods_on_other_nodes() {
     let Some(plane) = kube_apiserver::control_plane() else {
@@ -737,4 +738,24 @@ fn a_plain_pool_named_like_a_nodes_slice_keeps_its_pods_on_other_nodes() {
     assert_eq!(gc(false), json!([]));
     let check = common::call_with(&network, "CHECK", "c-db", "net1", &args);
     assert_eq!(check.code, 0, "{check:?}: {held} no longer held");
+    // The doctor says the two networks share the object, once a NetworkAttachmentDefinition
+    // describes the plain one.
+    ns.create(
+        "network-attachment-definitions",
+        json!({"metadata": {"name": "plain"}, "spec": {"config": network.to_string()}}),
+    );
+    let out = common::operator()
+        .args(["doctor", "-o", "json", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shared: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["problem"] == "shared_name")
+        .map(|f| f["object"].as_str().unwrap())
+        .collect();
+    assert_eq!(shared, ["IPPool/sriov-w1-10.87.1.0-24"], "{report:#}");
 }

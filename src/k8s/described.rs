@@ -113,6 +113,12 @@ fn pool_config(config_text: &str, also: &str) -> Result<Option<IpamConfig>, Stri
 /// (`enable_overlapping_ranges: false` in every NetworkAttachmentDefinition describing them):
 /// their entries need none. A pool none describes (a network configured in the nodes' files),
 /// or one a network with reservations draws from too, is not among them.
+/// The object names of the pools the NetworkAttachmentDefinitions describe outside node slices.
+pub fn plain_pools(nads: &[Arc<DynamicObject>]) -> BTreeSet<String> {
+    let pools = described_pools(nads).into_iter();
+    pools.map(|pool| object_name(&pool.name)).collect()
+}
+
 pub fn pools_without_reservations(nads: &[Arc<DynamicObject>]) -> BTreeSet<String> {
     let mut reserved: BTreeMap<String, bool> = BTreeMap::new();
     for nad in nads {
@@ -190,6 +196,25 @@ mod tests {
                 ("blue-10.1.0.0-29".to_string(), 5)
             ]
         );
+    }
+
+    /// The object names of the pools outside node slices: a sliced network's are per node.
+    #[test]
+    fn plain_pools_are_named_as_their_objects() {
+        let nads = [
+            nad(
+                "a",
+                "plain",
+                json!({"type": "whereabouts", "range": "fd00::/64", "network_name": "Blue"}),
+            ),
+            nad(
+                "a",
+                "sliced",
+                json!({"type": "whereabouts", "range": "10.2.0.0/16", "node_slice_size": "/24"}),
+            ),
+        ];
+        let names: Vec<String> = plain_pools(&nads).into_iter().collect();
+        assert_eq!(names, ["blue-fd00---64"]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::ipam::decide::GO_OFFSET_LIMIT;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
-use crate::k8s::described::pools_without_reservations;
+use crate::k8s::described::{plain_pools, pools_without_reservations};
 use crate::store::error::chain;
 use crate::store::{Attachment, StoreError};
 
@@ -53,6 +53,20 @@ pub enum Problem {
     /// A node's slice pool holding addresses although the NodeSlicePool gives that node
     /// another slice (or none).
     SliceMismatch,
+    /// A node's slice pool that is also the pool of a network the NetworkAttachmentDefinitions
+    /// describe (`net-w1` over node `w1`'s slice of `net`): the two networks keep their entries
+    /// in one object.
+    SharedName,
+}
+
+/// What the NetworkAttachmentDefinitions say of the pools, by object name.
+#[derive(Debug, Default)]
+pub struct Described {
+    /// The pools whose networks keep no reservations (`enable_overlapping_ranges: false`): an
+    /// entry there needs none.
+    pub unreserved: BTreeSet<String>,
+    /// The pools of networks outside node slices.
+    pub plain: BTreeSet<String>,
 }
 
 /// One finding, and what `--fix` did or would do about it.
@@ -84,9 +98,8 @@ struct Pool {
 /// Everything read, in one place.
 pub struct Survey {
     pools: Vec<Pool>,
-    /// The pools whose networks keep no reservations (`enable_overlapping_ranges: false`),
-    /// as the NetworkAttachmentDefinitions say: an entry there needs none.
-    unreserved: BTreeSet<String>,
+    /// What the NetworkAttachmentDefinitions say of the pools.
+    described: Described,
     reservations: BTreeMap<String, OverlappingRangeIPReservation>,
     findings: Vec<Finding>,
     /// What the survey could not read, for the operator (stderr): the report is the poorer.
@@ -138,10 +151,14 @@ pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreEr
     // Without the NodeSlicePool resource there are no node slices to check.
     let slices = kube.list_slices().await?;
     // A kubeconfig that may not list them leaves every entry needing its reservation.
-    let (unreserved, unread) = match kube.list_nads().await {
-        Ok(nads) => (pools_without_reservations(&nads), None),
+    let (described, unread) = match kube.list_nads().await {
+        Ok(nads) => {
+            let unreserved = pools_without_reservations(&nads);
+            let plain = plain_pools(&nads);
+            (Described { unreserved, plain }, None)
+        }
         Err(err) => (
-            BTreeSet::new(),
+            Described::default(),
             Some(format!(
                 "NetworkAttachmentDefinitions not read ({}): the entries of networks that keep \
                  no reservations are reported missing_reservation",
@@ -149,7 +166,7 @@ pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreEr
             )),
         ),
     };
-    let mut survey = Survey::of(pools, reservations, (&slices, unreserved), orphan_age);
+    let mut survey = Survey::of(pools, reservations, (&slices, described), orphan_age);
     survey.unread = unread;
     Ok(survey)
 }
@@ -242,12 +259,12 @@ impl Survey {
     pub fn of(
         pools: Vec<IPPool>,
         reservations: Vec<OverlappingRangeIPReservation>,
-        (slices, unreserved): (&[NodeSlicePool], BTreeSet<String>),
+        (slices, described): (&[NodeSlicePool], Described),
         orphan_age: Duration,
     ) -> Survey {
         let mut survey = Survey {
             pools: Vec::new(),
-            unreserved,
+            described,
             reservations: reservations
                 .into_iter()
                 .filter_map(|r| Some((r.metadata.name.clone()?, r)))
@@ -302,6 +319,20 @@ impl Survey {
                 None,
                 format!("key {key:?} is not an address of {range}"),
             ));
+        }
+        if let Some((node, true)) = node {
+            if self.described.plain.contains(&name) {
+                self.findings.push(finding(
+                    Problem::SharedName,
+                    what.clone(),
+                    None,
+                    format!(
+                        "node {node}'s slice pool of network {:?} is also the pool of network \
+                         {:?}: give one of them another network_name",
+                        reading.network, reading.plain
+                    ),
+                ));
+            }
         }
         if let Some((node, false)) = node {
             if !doc.entries().is_empty() {
@@ -386,7 +417,7 @@ impl Survey {
             return findings;
         }
         let problem = match self.reservations.get(&name) {
-            None if self.unreserved.contains(&pool.name) => None,
+            None if self.described.unreserved.contains(&pool.name) => None,
             None => Some((
                 Problem::MissingReservation,
                 format!("no reservation for {}", entry.attachment.describe()),
@@ -683,7 +714,7 @@ mod tests {
             Survey::of(
                 vec![pool],
                 Vec::new(),
-                (&[], BTreeSet::new()),
+                (&[], Described::default()),
                 Duration::ZERO,
             )
         };
@@ -736,6 +767,44 @@ mod tests {
         );
     }
 
+    /// A pool that is node n1's slice pool of `blue` and the pool a NetworkAttachmentDefinition
+    /// describes for network `blue-n1` is reported; the slice pool of another node, or a name
+    /// no description has, is not.
+    #[test]
+    fn a_slice_pool_that_is_another_networks_pool_is_reported() {
+        use crate::k8s::crd::IPPoolSpec;
+        let pool = |name: &str, range: &str| {
+            let spec = IPPoolSpec {
+                range: range.into(),
+                allocations: Default::default(),
+            };
+            IPPool::new(name, spec)
+        };
+        let shared = "blue-n1-10.0.1.0-24";
+        let found = |plain: &[&str]| {
+            let described = Described {
+                unreserved: BTreeSet::new(),
+                plain: plain.iter().map(|p| p.to_string()).collect(),
+            };
+            let pools = vec![
+                pool(shared, "10.0.1.0/24"),
+                pool("blue-n2-10.0.2.0-24", "10.0.2.0/24"),
+            ];
+            let survey = Survey::of(pools, Vec::new(), (&slices(), described), Duration::ZERO);
+            let found: Vec<(Problem, String)> = survey
+                .findings()
+                .iter()
+                .map(|f| (f.problem, f.object.clone()))
+                .collect();
+            found
+        };
+        assert_eq!(
+            found(&[shared, "blue-n2-10.0.2.0-24"]),
+            [(Problem::SharedName, format!("IPPool/{shared}"))]
+        );
+        assert_eq!(found(&["10.0.1.0-24"]), []);
+    }
+
     /// A pool named `n1-<range>` is node n1's slice pool of a network without a name, or the
     /// pool of network `n1`: a reservation of either reading is its entry's, none is deleted
     /// as an orphan, and a missing one is made for the slice reading.
@@ -766,7 +835,7 @@ mod tests {
         let survey = Survey::of(
             vec![pool],
             vec![r],
-            (&slices(), BTreeSet::new()),
+            (&slices(), Described::default()),
             Duration::ZERO,
         );
         let problems: Vec<_> = survey.findings().iter().map(|f| f.problem).collect();
@@ -798,7 +867,12 @@ mod tests {
             pool("10.9.0.0-24", "10.9.0.0/24", "5", "a"),
             pool("10.9.0.4-30", "10.9.0.4/30", "1", "b"),
         ];
-        let survey = Survey::of(pools, Vec::new(), (&[], BTreeSet::new()), Duration::ZERO);
+        let survey = Survey::of(
+            pools,
+            Vec::new(),
+            (&[], Described::default()),
+            Duration::ZERO,
+        );
         let actions: BTreeSet<(Problem, String)> = survey
             .findings()
             .iter()
