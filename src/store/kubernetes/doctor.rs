@@ -161,7 +161,8 @@ pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreEr
             Described::default(),
             Some(format!(
                 "NetworkAttachmentDefinitions not read ({}): the entries of networks that keep \
-                 no reservations are reported missing_reservation",
+                 no reservations are reported missing_reservation, and a node's slice pool \
+                 another network shares is not reported",
                 chain(&err)
             )),
         ),
