@@ -651,19 +651,8 @@ fn doctor_needs_no_reservation_where_the_networks_keep_none() {
                    "spec": {"range": range, "allocations": {"3": entry(network)}}}),
         );
     }
-    let out = common::operator()
-        .args(["doctor", "--fix", "-o", "json", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let missing: Vec<&str> = report["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["problem"] == "missing_reservation")
-        .map(|f| f["object"].as_str().unwrap())
-        .collect();
+    let report = doctor_report(&kubeconfig, &["--fix"]);
+    let missing = objects_of(&report, "missing_reservation");
     assert_eq!(
         missing,
         ["IPPool/doctor-reserved-10.98.0.16-28"],
@@ -689,6 +678,26 @@ fn gc_json(conf: &Path, kubeconfig: &Path, dry_run: bool) -> Value {
         cmd.arg("--dry-run");
     }
     Reply::from(cmd.output().unwrap()).ok()
+}
+
+/// `whereabouts doctor -o json` with `flags`, its report.
+fn doctor_report(kubeconfig: &Path, flags: &[&str]) -> Value {
+    let out = common::operator()
+        .args(["doctor", "-o", "json", "--kubeconfig"])
+        .arg(kubeconfig)
+        .args(flags)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The objects of a doctor's `report` with findings of `problem`.
+fn objects_of<'a>(report: &'a Value, problem: &str) -> Vec<&'a str> {
+    let findings = report["findings"].as_array().unwrap().iter();
+    findings
+        .filter(|f| f["problem"] == problem)
+        .map(|f| f["object"].as_str().unwrap())
+        .collect()
 }
 
 fn reservation_names(ns: &TestNamespace) -> Vec<String> {
@@ -744,18 +753,7 @@ fn a_plain_pool_named_like_a_nodes_slice_keeps_its_pods_on_other_nodes() {
         "network-attachment-definitions",
         json!({"metadata": {"name": "plain"}, "spec": {"config": network.to_string()}}),
     );
-    let out = common::operator()
-        .args(["doctor", "-o", "json", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let shared: Vec<&str> = report["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["problem"] == "shared_name")
-        .map(|f| f["object"].as_str().unwrap())
-        .collect();
+    let report = doctor_report(&kubeconfig, &[]);
+    let shared = objects_of(&report, "shared_name");
     assert_eq!(shared, ["IPPool/sriov-w1-10.87.1.0-24"], "{report:#}");
 }

@@ -1227,6 +1227,21 @@ fn node_slice_pool(name: &str, range: &str, slices: &[(&str, &str)]) -> Value {
     })
 }
 
+/// A namespace named after `hint` whose NodeSlicePool `name` gives `slices` of `range`, with a
+/// kubeconfig for it (in the folder returned, which must outlive it).
+fn sliced_namespace(
+    plane: &'static kube_apiserver::ControlPlane,
+    hint: &str,
+    (name, range): (&str, &str),
+    slices: &[(&str, &str)],
+) -> (kube_apiserver::TestNamespace, tempfile::TempDir, PathBuf) {
+    let ns = plane.namespace(hint);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    ns.create("nodeslicepools", node_slice_pool(name, range, slices));
+    (ns, dir, kubeconfig)
+}
+
 /// A DEL on a node whose slice the configuration does not allocate from (its bounds changed
 /// since the ADD, or the network was renumbered and the runtime deletes with the ADD's
 /// configuration) succeeds and frees what the node's pool holds for the attachment: a DEL
@@ -1234,13 +1249,12 @@ fn node_slice_pool(name: &str, range: &str, slices: &[(&str, &str)]) -> Value {
 #[test]
 fn a_del_succeeds_whatever_the_nodes_slice_is_to_its_configuration() {
     let plane = real_cluster!();
-    let ns = plane.namespace("a-del-succeeds-whatever-the-nodes-slice");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = ns.kubeconfig(dir.path());
     let slices = [("node-a", "10.121.0.0/28"), ("node-b", "10.121.0.16/28")];
-    ns.create(
-        "nodeslicepools",
-        node_slice_pool("bounded", "10.121.0.0/24", &slices),
+    let (ns, _dir, kubeconfig) = sliced_namespace(
+        plane,
+        "a-del-succeeds-whatever-the-nodes-slice",
+        ("bounded", "10.121.0.0/24"),
+        &slices,
     );
     let conf = |range: &str, extra: Value| {
         let mut extra = extra;
@@ -1338,13 +1352,12 @@ fn an_add_whose_slice_is_withdrawn_meanwhile_takes_its_address_back() {
 #[test]
 fn a_nodes_gc_keeps_a_plain_pools_pod_that_runs_elsewhere() {
     let plane = real_cluster!();
-    let ns = plane.namespace("a-nodes-gc-keeps-a-plain-pools-pod");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = ns.kubeconfig(dir.path());
     let slices = [("node-a", "10.122.0.0/28"), ("node-b", "10.122.0.16/28")];
-    ns.create(
-        "nodeslicepools",
-        node_slice_pool("slicenet", "10.122.0.0/24", &slices),
+    let (ns, _dir, kubeconfig) = sliced_namespace(
+        plane,
+        "a-nodes-gc-keeps-a-plain-pools-pod",
+        ("slicenet", "10.122.0.0/24"),
+        &slices,
     );
     let sliced = netconf(
         "slices",
@@ -1407,17 +1420,16 @@ fn a_nodes_gc_keeps_a_plain_pools_pod_that_runs_elsewhere() {
 #[test]
 fn node_slices_from_a_nodeslicepool() {
     let plane = real_cluster!();
-    let ns = plane.namespace("node-slices-from-a-nodeslicepool");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = ns.kubeconfig(dir.path());
     let slices = [
         ("node-a", "10.120.0.0/28"),
         ("node-b", "10.120.0.16/28"),
         ("", "10.120.0.32/28"),
     ];
-    ns.create(
-        "nodeslicepools",
-        node_slice_pool("slicenet", "10.120.0.0/24", &slices),
+    let (ns, _dir, kubeconfig) = sliced_namespace(
+        plane,
+        "node-slices-from-a-nodeslicepool",
+        ("slicenet", "10.120.0.0/24"),
+        &slices,
     );
     let conf = netconf(
         "slices",

@@ -3,7 +3,8 @@
 //! is in the `ipam` object that draws from it, not in the IPPool, which holds only the CIDR. A
 //! pool no NetworkAttachmentDefinition describes keeps its CIDR's size
 //! (`controller::metrics::pool_stats`). For the node-slice controller, the keys that decide
-//! slicing; for the store's doctor, the pools whose networks keep no reservations.
+//! slicing; for the store's doctor, the pools whose networks keep no reservations and those
+//! outside node slices.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -138,7 +138,7 @@ pub struct UnreadableRecord {
 }
 
 #[cfg(test)]
-mod unreadable_tests {
+mod tests {
     use super::*;
 
     #[test]
