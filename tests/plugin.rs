@@ -200,6 +200,29 @@ fn repeated_add_returns_the_same_address() {
     assert_eq!(ips(&net.add_pod("c3", "net1", "ns/pod-b").ok()), first);
 }
 
+/// A network configuration written `"IPAM"` (or `"Name"`, `"RuntimeConfig"`) works with the
+/// runtime's plugins and with upstream's, whose decoder matches keys in any case: a node that
+/// swaps binaries keeps serving it.
+#[test]
+fn the_network_configurations_keys_are_read_in_any_case() {
+    let net = Net::local(json!({"range": "10.18.0.0/24"}));
+    let mut conf = net.conf.clone();
+    let map = conf.as_object_mut().unwrap();
+    let ipam = map.remove("ipam").unwrap();
+    map.insert("IPAM".into(), ipam);
+    map.insert("RuntimeConfig".into(), json!({"IPs": ["10.18.0.9/24"]}));
+    assert_eq!(
+        ips(&call_with(&conf, "ADD", "a", "eth0", "").ok()),
+        ["10.18.0.9/24"]
+    );
+    // The same pool as the configuration spelled as the specification spells it.
+    let taken = net.call("ADD", "b", "eth0", "IgnoreUnknown=1;IP=10.18.0.9");
+    assert_eq!(taken.err_code(), 101, "{taken:?}");
+    call_with(&conf, "DEL", "a", "eth0", "").ok_empty();
+    let freed = net.call("ADD", "b", "eth0", "IgnoreUnknown=1;IP=10.18.0.9");
+    assert_eq!(ips(&freed.ok()), ["10.18.0.9/24"]);
+}
+
 #[test]
 fn del_releases_and_is_idempotent() {
     let net = Net::local(json!({"range": "10.17.0.0/24", "ipRanges": [{"range": "fd17::/120"}]}));

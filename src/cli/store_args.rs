@@ -44,33 +44,6 @@ fn is_namespace_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
-/// The `ipam` object of a configuration file: a network configuration, a configuration list
-/// (its first plugin using whereabouts) or a bare `ipam` object.
-pub fn ipam_of(file: &Value) -> Option<Value> {
-    if names_whereabouts(file) {
-        return Some(file.clone());
-    }
-    if let Some(ipam) = file.get("ipam") {
-        return Some(ipam.clone());
-    }
-    file.get("plugins")?
-        .as_array()?
-        .iter()
-        .filter_map(|p| p.get("ipam"))
-        .find(|ipam| names_whereabouts(ipam))
-        .cloned()
-}
-
-/// Whether the `ipam` object's `type` is this plugin, its key matched in any case: the
-/// runtime's plugins (Go's decoder) call the IPAM plugin so, and the plugin reads its keys so.
-pub fn names_whereabouts(ipam: &Value) -> bool {
-    ipam.as_object().is_some_and(|fields| {
-        fields.iter().any(|(key, value)| {
-            config::same_key(key, "type") && value.as_str() == Some("whereabouts")
-        })
-    })
-}
-
 impl StoreArgs {
     /// The configuration, with the flags applied over it.
     pub fn ipam(&self) -> anyhow::Result<IpamConfig> {
@@ -99,7 +72,7 @@ impl StoreArgs {
                     .with_context(|| format!("cannot read {}", path.display()))?;
                 let file: Value = serde_json::from_str(&text)
                     .with_context(|| format!("cannot parse {}", path.display()))?;
-                ipam_of(&file).with_context(|| {
+                config::ipam_of(&file).with_context(|| {
                     format!("{} has no ipam object of type whereabouts", path.display())
                 })?
             }

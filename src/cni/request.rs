@@ -282,6 +282,35 @@ fn prev_result_ips(prev: Option<&Value>) -> Vec<IpAddr> {
         .collect()
 }
 
+/// A key of the network configuration, matched in any case as the runtime's plugins match it
+/// ([`crate::config::get_any_case`]).
+fn any_case<'a>(map: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Value>, CniError> {
+    crate::config::get_any_case(map, key).map_err(|crate::config::SameField(a, b)| {
+        decode_error(format!(
+            "the network configuration has both {:?} and {:?}, which name {key} (keys match in \
+             any case): keep one",
+            crate::files::shown(&a),
+            crate::files::shown(&b)
+        ))
+    })
+}
+
+/// The value at `path` through nested objects, each key matched in any case; none when a
+/// step is missing or not an object.
+fn nested<'a>(map: &'a Map<String, Value>, path: &[&str]) -> Result<Option<&'a Value>, CniError> {
+    let mut object = map;
+    let mut found = None;
+    for (i, key) in path.iter().enumerate() {
+        found = any_case(object, key)?;
+        match found {
+            Some(Value::Object(inner)) => object = inner,
+            Some(_) if i + 1 == path.len() => {}
+            _ => return Ok(None),
+        }
+    }
+    Ok(found)
+}
+
 /// The JSON type of a value, for messages that must not show it.
 pub fn kind_of(value: &Value) -> &'static str {
     match value {
@@ -310,8 +339,9 @@ impl NetConf {
                 kind_of(&value)
             )));
         };
+        let get = |key: &str| any_case(map, key);
         let string = |key: &str| -> Result<Option<String>, CniError> {
-            match map.get(key) {
+            match get(key)? {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
                 Some(other) => Err(decode_error(format!(
@@ -327,21 +357,19 @@ impl NetConf {
                     .map_err(|e| decode_error(format!("{what} must be a list of strings: {e}"))),
             }
         };
-        let requested = strings(
-            map.get("runtimeConfig").and_then(|r| r.get("ips")),
-            "runtimeConfig.ips",
-        );
-        let args = map.get("args").and_then(|a| a.get("cni"));
-        let args = strings(args.and_then(|c| c.get("ips")), "args.cni.ips");
+        let requested = nested(map, &["runtimeConfig", "ips"])
+            .and_then(|ips| strings(ips, "runtimeConfig.ips"));
+        let args =
+            nested(map, &["args", "cni", "ips"]).and_then(|ips| strings(ips, "args.cni.ips"));
         let (requested_ips, arg_ips, static_ips_error) = match (requested, args) {
             (Ok(requested), Ok(args)) => (requested, args, None),
             (Err(err), _) | (_, Err(err)) => (Vec::new(), Vec::new(), Some(err)),
         };
         Ok(NetConf {
             cni_version: string("cniVersion")?,
-            cni_versions: strings(map.get("cniVersions"), "cniVersions")?,
+            cni_versions: strings(get("cniVersions")?, "cniVersions")?,
             name: string("name")?.unwrap_or_default(),
-            ipam: map.get("ipam").filter(|v| !v.is_null()).cloned(),
+            ipam: get("ipam")?.filter(|v| !v.is_null()).cloned(),
             requested_ips,
             arg_ips,
             static_ips_error,
@@ -408,6 +436,42 @@ mod tests {
         assert!(conf.ipam.is_none());
         assert!(conf.prev_ips.is_empty());
         assert_eq!(NetConf::parse(b"{ asdf }").unwrap_err().code, 6);
+    }
+
+    #[test]
+    fn the_network_configurations_keys_match_in_any_case_as_the_runtimes_plugins_read_them() {
+        let conf = NetConf::parse(
+            br#"{"CNIVersion":"1.0.0","Name":"n","IPAM":{"type":"whereabouts"},
+                "RuntimeConfig":{"IPs":["10.0.0.5/24"]},"ARGS":{"Cni":{"ips":["10.0.0.6"]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.cni_version.as_deref(), Some("1.0.0"));
+        assert_eq!(conf.name, "n");
+        assert_eq!(conf.ipam, Some(serde_json::json!({"type": "whereabouts"})));
+        assert_eq!(conf.requested_ips, ["10.0.0.5/24"]);
+        assert_eq!(conf.arg_ips, ["10.0.0.6"]);
+
+        // The runtime writes `name` and `cniVersion` beside the file's spelling: its key wins.
+        let conf = NetConf::parse(
+            br#"{"Name":"file","name":"runtime","ipam":{"range":"a"},"Ipam":{"range":"b"}}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.name, "runtime");
+        assert_eq!(conf.ipam, Some(serde_json::json!({"range": "a"})));
+
+        // Two spellings and not the one as written: which one Go reads depends on an order
+        // the parse does not keep.
+        let err = NetConf::parse(br#"{"IPAM":{"range":"a"},"Ipam":{"range":"b"}}"#).unwrap_err();
+        assert_eq!(err.code, 6);
+        assert!(
+            err.msg.contains("\"IPAM\"") && err.msg.contains("\"Ipam\""),
+            "{err:?}"
+        );
+        assert!(!err.msg.contains("range"), "a value is shown: {err:?}");
+        // ... and in a static address's path, only an ADD that uses them fails.
+        let conf = NetConf::parse(br#"{"args":{"cni":{"IPS":["10.0.0.6"],"Ips":[]}}}"#).unwrap();
+        assert_eq!(conf.static_ips_error.map(|e| e.code), Some(6));
+        assert!(conf.arg_ips.is_empty());
     }
 
     #[test]

@@ -152,6 +152,7 @@ pub struct IpamConfig {
 
 pub mod error;
 mod load;
+mod network;
 mod raw;
 pub mod trust;
 
@@ -159,7 +160,8 @@ pub use error::ConfigError;
 pub use load::{
     find_flat_file, flat_file_engine, load, load_for_operator, load_untrusted, load_with_flat_files,
 };
-pub use raw::same_key;
+pub use network::{ipam_of, names_whereabouts, network_name_of};
+pub use raw::{get_any_case, same_key, SameField};
 pub use trust::Trust;
 
 #[cfg(test)]

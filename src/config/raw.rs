@@ -29,6 +29,26 @@ pub fn same_key(a: &str, b: &str) -> bool {
 #[derive(Debug, PartialEq, Eq)]
 pub struct SameField(pub String, pub String);
 
+/// The value of `key` in a network configuration's object, found as the runtime's plugins
+/// (Go's decoder) find it: the key as written, else the one key that folds alike
+/// ([`folded_key`]). The key as written wins over others that fold alike because the runtime
+/// writes `name`, `cniVersion` and `runtimeConfig` so beside whatever spelling the file had;
+/// two other spellings and not that one are refused, the order deciding between them in Go
+/// being lost here.
+pub fn get_any_case<'a>(
+    map: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a Value>, SameField> {
+    if let Some(value) = map.get(key) {
+        return Ok(Some(value));
+    }
+    let mut alike = map.iter().filter(|(k, _)| same_key(k, key));
+    match (alike.next(), alike.next()) {
+        (Some((a, _)), Some((b, _))) => Err(SameField(a.clone(), b.clone())),
+        (found, _) => Ok(found.map(|(_, value)| value)),
+    }
+}
+
 /// The object with every key folded ([`folded_key`]), recursively. Two keys of one object that
 /// fold alike are refused: upstream's decoder takes the later one in the document, an order
 /// this parse does not keep, and a node reading another value than a Go node does (another

@@ -18,8 +18,7 @@ use serde_json::Value;
 use super::leader::Leadership;
 use super::metrics::Metrics;
 use super::slices::{assign, unusable_slices, withdrawn, Assignment};
-use crate::cli::store_args::{ipam_of, names_whereabouts};
-use crate::config;
+use crate::config::{self, ipam_of, names_whereabouts};
 use crate::ipam::names::{is_valid_object_name, object_name, pool_name};
 use crate::ipam::{Cidr, Range};
 use crate::k8s::crd::{
@@ -83,7 +82,7 @@ pub fn wanted(source: &str, nad_name: &str, config_text: &str) -> Result<Option<
     let usable = Range::resolve(spec, cfg.gateway).map_err(|e| format!("{source}: {e}"))?;
     // Multus gives a configuration without a name its NetworkAttachmentDefinition's name: the
     // plugin then looks for the NodeSlicePool under that name.
-    let cni_network = match conf.get("name").and_then(Value::as_str) {
+    let cni_network = match config::network_name_of(&conf) {
         Some(name) if !name.is_empty() => name,
         _ => nad_name,
     };
@@ -712,6 +711,10 @@ mod tests {
         let w = wanted("nad", "nad", mixed).unwrap().unwrap();
         assert_eq!((w.name.as_str(), w.size), ("net-c", 24));
         assert_eq!(w.size_text, "/24");
+        // The configuration's own keys too: the runtime passes the plugin the name it decoded.
+        let spelled = r#"{"Name":"net-f","IPAM":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"/24"}}"#;
+        let w = wanted("nad", "nad", spelled).unwrap().unwrap();
+        assert_eq!(w.name, "net-f");
         let bare = r#"{"name":"net-d","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"24"}}"#;
         assert_eq!(wanted("nad", "nad", bare).unwrap().unwrap().size_text, "24");
         // Without a name, the NetworkAttachmentDefinition's, which Multus gives the plugin.

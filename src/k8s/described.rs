@@ -12,8 +12,7 @@ use std::sync::Arc;
 use kube::api::DynamicObject;
 use serde_json::Value;
 
-use crate::cli::store_args::{ipam_of, names_whereabouts};
-use crate::config::{self, IpamConfig};
+use crate::config::{self, ipam_of, names_whereabouts, IpamConfig};
 use crate::ipam::names::object_name;
 use crate::store::PoolRef;
 
