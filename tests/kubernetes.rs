@@ -117,8 +117,14 @@ fn unreachable_server_is_try_again() {
     assert!(matches!(err, StoreError::TryAgain { .. }), "{err:?}");
     let reply = whereabouts::cni::error::CniError::from(err.clone());
     assert_eq!(reply.code, 11);
-    // The cause (the refused connection) is kept and shown to the admin.
-    assert!(reply.msg.contains("unavailable: "), "{}", reply.msg);
+    // The cause (the refused connection, at the kubeconfig's server) is kept for the admin's
+    // log; the runtime is told what failed.
+    assert!(
+        reply.msg.contains("kubernetes API server unavailable"),
+        "{}",
+        reply.msg
+    );
+    assert!(reply.for_the_log().contains("unavailable: "), "{reply:?}");
     assert!(store.status().is_err());
 }
 

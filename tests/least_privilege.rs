@@ -824,9 +824,18 @@ fn a_kubeconfig_with_another_ca_is_a_clear_error() {
         [7, 11].contains(&error["code"].as_u64().unwrap_or(0)),
         "{reply:?}"
     );
+    // The field, not its value: the path is the admin's, the log's.
     assert!(
-        msg.contains(&kubeconfig.display().to_string()),
+        msg.contains("ipam.kubernetes.kubeconfig"),
         "names the kubeconfig: {msg}"
+    );
+    assert!(
+        !msg.contains(&kubeconfig.display().to_string()),
+        "shows the path: {msg}"
+    );
+    assert!(
+        reply.stderr.contains(&kubeconfig.display().to_string()),
+        "the log names the kubeconfig: {reply:?}"
     );
     assert!(
         msg.to_lowercase().contains("certificate"),

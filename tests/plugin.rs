@@ -345,7 +345,9 @@ fn status_reports_an_unusable_store_as_code_50() {
     let bad = Net::local(json!({"range": "10.22.0.0/24", "local_path": blocker.join("db.sqlite")}));
     let reply = bad.call("STATUS", "", "", "");
     assert_eq!(reply.err_code(), 50);
-    assert!(reply.msg().contains("not-a-dir"), "{reply:?}");
+    assert!(reply.msg().contains("ipam.local_path"), "{reply:?}");
+    assert!(!reply.msg().contains("not-a-dir"), "{reply:?}");
+    assert!(reply.stderr.contains("not-a-dir"), "{reply:?}");
     // A configuration every ADD would refuse: not available either, and why.
     let refused = Net::local(json!({"range": "10.22.0.0/33"}));
     let reply = refused.call("STATUS", "", "", "");
@@ -577,9 +579,18 @@ fn an_engine_not_reachable_is_an_error_not_a_panic() {
     // configuration (7).
     assert_eq!(reply.err_code(), 5, "{reply:?}");
     assert!(!reply.stderr.contains("panicked"), "{reply:?}");
+    // The reply names the field and the kind of failure; the path, the admin's, is the log's
+    // (with the system's own words).
     let msg = reply.msg();
     assert!(msg.contains("local database"), "{reply:?}");
-    assert!(msg.contains(&*blocker.to_string_lossy()), "{reply:?}");
+    assert!(msg.contains("<ipam.local_path's folder>"), "{reply:?}");
+    assert!(msg.contains("entity already exists"), "{reply:?}");
+    assert!(!msg.contains(&*blocker.to_string_lossy()), "{reply:?}");
+    assert!(
+        reply.stderr.contains(&*blocker.to_string_lossy()),
+        "{reply:?}"
+    );
+    assert!(reply.stderr.contains("File exists"), "{reply:?}");
     assert!(!msg.contains("allow_inline_paths"), "{reply:?}");
 }
 

@@ -215,7 +215,12 @@ impl Agent {
     }
 }
 
+/// The answer to a plugin, which passes it on to the runtime: the causes, which may quote the
+/// agent's settings, stay in the agent's log.
 fn wire(err: StoreError) -> WireError {
+    if !matches!(err, StoreError::Exhausted { .. } | StoreError::InUse { .. }) {
+        tracing::warn!("{}", err.describe());
+    }
     WireError::from(&err)
 }
 

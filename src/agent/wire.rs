@@ -220,18 +220,18 @@ impl From<&StoreError> for WireError {
                 range: range.clone(),
                 holder: holder.clone(),
             },
-            // The message with its causes: the plugin reports what the agent saw.
+            // What the runtime may be told: the plugin passes it on, the agent logs the causes.
             StoreError::TryAgain { .. } => WireError::TryAgain {
-                message: err.describe(),
+                message: err.public(),
             },
             StoreError::Config { .. } => WireError::Config {
-                message: err.describe(),
+                message: err.public(),
             },
             StoreError::Io { .. } => WireError::Io {
-                message: err.describe(),
+                message: err.public(),
             },
             StoreError::Broken { .. } => WireError::Broken {
-                message: err.describe(),
+                message: err.public(),
             },
         }
     }
@@ -587,7 +587,8 @@ mod tests {
             let again = StoreError::from(back.error);
             let code = |e: &StoreError| crate::cni::error::CniError::from(e.clone()).code;
             assert_eq!(code(&again), code(&err), "{err:?}");
-            assert_eq!(again.describe(), err.describe());
+            // What the runtime is told is the same with or without the agent.
+            assert_eq!(again.public(), err.public());
         }
     }
 

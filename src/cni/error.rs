@@ -34,7 +34,15 @@ pub struct CniError {
     pub msg: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub details: String,
+    /// What the node's log shows instead of `msg`: the message with its causes, which may
+    /// quote what the admin configured and so is not the runtime's to see.
+    #[serde(skip)]
+    pub logged: Option<String>,
 }
+
+/// The shortest admin value [`CniError::hiding`] looks for: a shorter one would mostly match
+/// other words.
+const MIN_HIDDEN_CHARS: usize = 4;
 
 /// The longest message an error carries: whatever its parts, one short line.
 pub const MAX_MESSAGE_CHARS: usize = 600;
@@ -47,7 +55,33 @@ impl CniError {
             code,
             msg: crate::files::shown_within(&msg.into(), MAX_MESSAGE_CHARS),
             details: String::new(),
+            logged: None,
         }
+    }
+
+    /// What the node's log shows of this error.
+    pub fn for_the_log(&self) -> &str {
+        self.logged.as_deref().unwrap_or(&self.msg)
+    }
+
+    /// The error with each of the admin's `values` (paths, endpoints: what the flat file set)
+    /// in its message and details replaced by the field that names it: the network
+    /// configuration's author reads the reply (the pod's events), the log keeps them.
+    pub fn hiding(mut self, values: &[(String, &str)]) -> CniError {
+        let hide = |text: &mut String| {
+            for (value, field) in values {
+                if value.chars().count() >= MIN_HIDDEN_CHARS && text.contains(value.as_str()) {
+                    *text = text.replace(value.as_str(), &format!("<{field}>"));
+                }
+            }
+        };
+        let before = self.msg.clone();
+        hide(&mut self.msg);
+        hide(&mut self.details);
+        if self.msg != before && self.logged.is_none() {
+            self.logged = Some(before);
+        }
+        self
     }
 
     pub fn with_details(mut self, details: impl Into<String>) -> CniError {
@@ -84,10 +118,12 @@ pub fn store_code(err: &StoreError) -> u32 {
     }
 }
 
-/// The code, and the message with its causes (the cause is what an admin acts on: "connection
-/// refused", "permission denied").
+/// The code and the public message ([`StoreError::public`]: the kind of failure underneath,
+/// "connection refused", "permission denied"); the log has the causes.
 impl From<StoreError> for CniError {
     fn from(err: StoreError) -> Self {
-        CniError::new(store_code(&err), err.describe())
+        let mut cni = CniError::new(store_code(&err), err.public());
+        cni.logged = Some(err.describe());
+        cni
     }
 }

@@ -2,7 +2,7 @@
 //! file, validated up front, and resolved into typed values.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::cni::types::{Dns, Route};
 use crate::files::shown_url;
@@ -148,6 +148,52 @@ pub struct IpamConfig {
     /// agent serves the flat file's store, so the plugin serves this one itself, always, or an
     /// outage of the agent would move the network's addresses to another store.
     pub own_store: bool,
+}
+
+impl IpamConfig {
+    /// The admin's settings a store error may quote, each with the field that sets it: the
+    /// engine's paths and endpoints (as written, as messages show them, and their host), the
+    /// agent's socket and the log file: the flat file's, or ones it lets a network configuration
+    /// set (which are then shown by their field too).
+    pub fn admin_values(&self) -> Vec<(String, &'static str)> {
+        let path = |p: &Path| p.display().to_string();
+        let mut values = Vec::new();
+        match &self.datastore {
+            Datastore::Local { path: db } => {
+                values.push((path(db), "ipam.local_path"));
+                let folders = db
+                    .ancestors()
+                    .skip(1)
+                    .filter(|f| f.components().count() > 2);
+                values.extend(folders.map(|f| (path(f), "ipam.local_path's folder")));
+            }
+            Datastore::Kubernetes(k8s) => {
+                values.push((path(&k8s.kubeconfig), "ipam.kubernetes.kubeconfig"));
+            }
+            Datastore::Etcd(etcd) => {
+                for endpoint in &etcd.endpoints {
+                    let shown = shown_url(endpoint);
+                    let host = shown.split_once("://").map_or(&*shown, |(_, h)| h);
+                    let host = host.split('/').next().unwrap_or_default().to_string();
+                    values.extend(
+                        [endpoint.clone(), shown.clone(), host].map(|v| (v, "ipam.etcd_host")),
+                    );
+                }
+                for (file, field) in [
+                    (&etcd.ca_cert_file, "ipam.etcd_ca_cert_file"),
+                    (&etcd.cert_file, "ipam.etcd_cert_file"),
+                    (&etcd.key_file, "ipam.etcd_key_file"),
+                ] {
+                    values.extend(file.as_deref().map(|f| (path(f), field)));
+                }
+            }
+        }
+        values.push((path(&crate::agent::socket_path(self)), "agent_socket"));
+        values.extend(self.log_file.as_deref().map(|f| (path(f), "log_file")));
+        // The longest first: a path before the folder it is in.
+        values.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+        values
+    }
 }
 
 pub mod error;

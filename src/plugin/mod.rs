@@ -84,10 +84,13 @@ pub fn run(vars: &HashMap<String, String>, stdin: &[u8], open: Opener) -> Outcom
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        Err(CniError::new(
+        // The panic's text may quote anything the plugin held: the log's, not the runtime's.
+        let mut err = CniError::new(
             code::INTERNAL,
-            format!("internal error, a defect of the plugin: {what}"),
-        ))
+            "internal error, a defect of the plugin (its message is in the node's whereabouts log)",
+        );
+        err.logged = Some(format!("internal error, a defect of the plugin: {what}"));
+        Err(err)
     });
     match result {
         Ok(stdout) => Outcome {
@@ -95,7 +98,7 @@ pub fn run(vars: &HashMap<String, String>, stdin: &[u8], open: Opener) -> Outcom
             exit_code: 0,
         },
         Err(err) => {
-            tracing::error!(code = err.code, "{}", err.msg);
+            tracing::error!(code = err.code, "{}", err.for_the_log());
             Outcome {
                 stdout: Some(err.to_json(&reply_version)),
                 exit_code: 1,
@@ -151,14 +154,15 @@ fn call(
         tracing::warn!("{warning}");
     }
     tracing::debug!(command = ?env.command, container = ?env.container_id, ifname = ?env.ifname, "CNI call");
-    match env.command {
+    let done = match env.command {
         Command::Add => add(&env, &conf, &cfg, &version, open).map(Some),
         Command::Del => del(&env, &conf, &cfg, open).map(|_| None),
         Command::Check => check(&env, &conf, &cfg, open).map(|_| None),
         Command::Gc => gc(&conf, &cfg, open).map(|_| None),
         Command::Status => status(&cfg, open).map(|_| None),
         Command::Version => unreachable!("answered above"),
-    }
+    };
+    done.map_err(|err| err.hiding(&cfg.admin_values()))
 }
 
 fn version_reply(stdin: &[u8], reply_version: &mut String) -> Value {
@@ -459,7 +463,9 @@ fn status(cfg: &IpamConfig, open: Opener) -> Result<(), CniError> {
 
 /// STATUS's answer when ADDs cannot be served, with the reason.
 fn not_available(err: CniError) -> CniError {
-    CniError::new(code::NOT_AVAILABLE, format!("not available: {}", err.msg))
+    let mut answer = CniError::new(code::NOT_AVAILABLE, format!("not available: {}", err.msg));
+    answer.logged = Some(format!("not available: {}", err.for_the_log()));
+    answer
 }
 
 #[cfg(test)]

@@ -119,10 +119,64 @@ impl StoreError {
         self
     }
 
-    /// The message followed by its causes: what a log line or a CNI error shows.
+    /// The same error, with `text` (a place the admin configured: a path, an endpoint, a
+    /// server) in front of its cause: the log shows it, the runtime's reply does not
+    /// ([`StoreError::public`]).
+    pub fn logging(self, text: impl Into<String>) -> StoreError {
+        let source = match &self {
+            StoreError::TryAgain { cause, .. }
+            | StoreError::Config { cause, .. }
+            | StoreError::Io { cause, .. }
+            | StoreError::Broken { cause, .. } => cause.clone(),
+            StoreError::Exhausted { .. } | StoreError::InUse { .. } => return self,
+        };
+        self.because(Detail {
+            text: text.into(),
+            source,
+        })
+    }
+
+    /// The message followed by its causes: what a log line or the operator's commands show.
     pub fn describe(&self) -> String {
         chain(self)
     }
+
+    /// What the CNI runtime is told, and through it the author of the network configuration:
+    /// the message and, of its causes, only the kind of system failure underneath ("connection
+    /// refused", "permission denied"). The causes' own text quotes what the admin configured
+    /// (endpoints, paths, certificate names) and goes to the node's log ([`describe`]).
+    ///
+    /// [`describe`]: StoreError::describe
+    pub fn public(&self) -> String {
+        let Some(cause) = std::error::Error::source(self) else {
+            return self.to_string();
+        };
+        let kind = std::iter::successors(Some(cause), |e| e.source())
+            .find_map(io_error)
+            .map(|e| e.kind().to_string())
+            .filter(|kind| !matches!(kind.as_str(), "other error" | "uncategorized error"));
+        match kind {
+            Some(kind) => format!("{self}: {kind} (the cause is in the node's whereabouts log)"),
+            None => format!("{self} (the cause is in the node's whereabouts log)"),
+        }
+    }
+}
+
+/// `err` as an I/O error, also when it is one kept in a [`Cause`] (an `Arc`, another type).
+fn io_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    err.downcast_ref::<std::io::Error>().or_else(|| {
+        err.downcast_ref::<Cause>()
+            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+    })
+}
+
+/// Text for the log, in front of the failure underneath ([`StoreError::logging`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+struct Detail {
+    text: String,
+    #[source]
+    source: Option<Cause>,
 }
 
 /// `err` and its sources, joined by ": ", each cause shown once (a cause whose text the message
@@ -164,5 +218,37 @@ mod tests {
             .because(std::fmt::Error)
             .source()
             .is_none());
+    }
+
+    #[test]
+    fn the_public_text_keeps_the_kind_of_failure_and_leaves_the_causes_to_the_log() {
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "tcp connect to 10.9.8.7:2379 failed",
+        );
+        let err = StoreError::try_again("cannot connect to etcd")
+            .because(refused)
+            .logging("at https://10.9.8.7:2379");
+        assert_eq!(
+            err.describe(),
+            "cannot connect to etcd: at https://10.9.8.7:2379: tcp connect to 10.9.8.7:2379 failed"
+        );
+        assert_eq!(
+            err.public(),
+            "cannot connect to etcd: connection refused (the cause is in the node's whereabouts log)"
+        );
+        let library = StoreError::config("cannot use the kubeconfig").because(std::fmt::Error);
+        assert!(
+            !library.public().contains("formatter"),
+            "{}",
+            library.public()
+        );
+        assert_eq!(StoreError::io("disk").public(), "disk");
+        let in_use = StoreError::InUse {
+            ip: "10.0.0.5".parse().unwrap(),
+            range: "10.0.0.0/24".into(),
+            holder: "ns/pod".into(),
+        };
+        assert_eq!(in_use.clone().logging("x").public(), in_use.to_string());
     }
 }

@@ -140,20 +140,34 @@ impl CallFailed {
     }
 }
 
+impl CallFailed {
+    /// What the runtime may be told: what failed and, when etcd answered, its answer (its own
+    /// words: "etcdserver: permission denied"). The client's failures (transport, TLS) quote
+    /// the endpoints and stay in the cause, for the log.
+    fn answered(&self, summary: &str) -> String {
+        match self.cause.as_deref() {
+            Some(etcd_client::Error::GRpcStatus(status)) => {
+                format!("{summary}: {}: {}", self.what, status.message())
+            }
+            _ => format!("{summary}: {}", self.what),
+        }
+    }
+}
+
 impl From<CallFailed> for StoreError {
     fn from(e: CallFailed) -> Self {
         if e.permission_denied() {
-            return StoreError::config("etcd denied access to the engine's keys").because(e);
+            let what = e.answered("etcd denied access to the engine's keys");
+            return StoreError::config(what).because(e);
         }
         if e.too_many_ops() {
-            return StoreError::config("etcd refused the engine's transactions").because(e);
+            let what = e.answered("etcd refused the engine's transactions");
+            return StoreError::config(what).because(e);
         }
-        let what = if e.refused() {
-            "etcd refused the request"
-        } else {
-            "etcd did not answer"
-        };
-        StoreError::try_again(what).because(e)
+        if e.refused() {
+            return StoreError::try_again(e.answered("etcd refused the request")).because(e);
+        }
+        StoreError::try_again("etcd did not answer").because(e)
     }
 }
 

@@ -190,12 +190,12 @@ fn check_names(pool: &PoolRef, req: &AddRequest) -> Result<(), StoreError> {
 /// default: about 10,000 allocations). The pool takes more once some are released; retrying
 /// sooner only sends the server the same oversized object again.
 fn pool_full(name: &str, more: usize, refused: ApiError) -> StoreError {
-    StoreError::io(format!(
+    let what = format!(
         "IPPool {name} cannot take {more} more allocation(s): the API server cannot store it \
          that large (an IPPool holds about 10,000); node_slice_size gives each node's slice an \
          IPPool of its own"
-    ))
-    .because(refused)
+    );
+    StoreError::io(refused.answered(&what)).because(refused)
 }
 
 /// While Go binaries write the pools, an ADD without a pod (no `K8S_POD_NAME`), which would be

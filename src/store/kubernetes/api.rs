@@ -86,7 +86,32 @@ impl ApiError {
                 }
             }
             _ if transient => ApiError::Transient(format!("{what}: {}", chain(&err))),
-            other => ApiError::Refused(format!("{what}: {}", chain(&other))),
+            // The client's own failure (its credentials, its TLS settings): the library's text
+            // quotes the kubeconfig's files and server, so only the log has it.
+            other => {
+                tracing::warn!("{what}: {}", chain(&other));
+                ApiError::Refused(format!(
+                    "{what}: the request could not be made (the cause is in the node's \
+                     whereabouts log)"
+                ))
+            }
+        }
+    }
+
+    /// `what`, followed by the server's answer when this is one: an admission policy's
+    /// message is written for whoever made the request, the pod's owner, so the runtime is
+    /// shown it (a store error's causes go to the log only). The client's own failures
+    /// (transport, TLS) quote the kubeconfig's server and files: not shown.
+    pub fn answered(&self, what: &str) -> String {
+        match self {
+            ApiError::Refused(text)
+            | ApiError::AlreadyExists(text)
+            | ApiError::NotFound(text)
+            | ApiError::TooLarge(text)
+            | ApiError::Conflict(text) => format!("{what}: {text}"),
+            ApiError::Transient(_) | ApiError::Throttled { .. } | ApiError::Untrusted(_) => {
+                what.to_string()
+            }
         }
     }
 
@@ -102,10 +127,16 @@ impl ApiError {
                 StoreError::try_again("kubernetes object kept changing, gave up")
             }
             ApiError::Refused(_) | ApiError::AlreadyExists(_) | ApiError::NotFound(_) => {
-                StoreError::io("kubernetes API server refused")
+                StoreError::io(self.answered("kubernetes API server refused"))
             }
-            ApiError::TooLarge(_) => StoreError::io("kubernetes object too large to store"),
-            ApiError::Untrusted(_) => StoreError::config("cannot trust the API server"),
+            ApiError::TooLarge(_) => {
+                StoreError::io(self.answered("kubernetes object too large to store"))
+            }
+            ApiError::Untrusted(_) => StoreError::config(
+                "cannot trust the API server: its TLS certificate is not signed by the CA that \
+                 the kubeconfig (ipam.kubernetes.kubeconfig) trusts (check its \
+                 certificate-authority and server)",
+            ),
         };
         error.because(self)
     }
@@ -135,7 +166,8 @@ impl RefusedWrite {
     ) -> Result<(), StoreError> {
         match refused {
             Some(refused) if now == Some(refused.rv.as_str()) => {
-                Err(StoreError::io(what()).because(refused.refusal.clone()))
+                let what = refused.refusal.answered(&what());
+                Err(StoreError::io(what).because(refused.refusal.clone()))
             }
             _ => Ok(()),
         }

@@ -298,9 +298,9 @@ impl SharedEngine {
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::try_again(format!(
-                "{what}: the kubernetes API server at {} did not complete it within {deadline:?}",
-                self.server
-            )))
+                    "{what}: the kubernetes API server did not complete it within {deadline:?}"
+                ))
+                .logging(format!("the API server at {}", self.server)))
             });
         if result.is_err() {
             // A failed DEL's retry finds its entries gone: their reservations go now.
@@ -348,9 +348,9 @@ impl SharedEngine {
             let kube = &self.engine.kube;
             let missing = |crd: &str| {
                 StoreError::config(format!(
-                    "the CustomResourceDefinition {crd} is not installed on {}",
-                    self.server
+                    "the CustomResourceDefinition {crd} is not installed on the API server"
                 ))
+                .logging(format!("the API server at {}", self.server))
             };
             match kube.list_pools(Some(1)).await {
                 Ok(_) => {}
@@ -373,9 +373,10 @@ impl SharedEngine {
             }
             let namespace = kube.pools.namespace().unwrap_or_default();
             Err(StoreError::config(format!(
-                "the namespace {namespace} does not exist on {} (the namespace of {})",
-                self.server, kube.origin
-            )))
+                "the namespace {namespace} does not exist on the API server (the namespace of {})",
+                kube.origin
+            ))
+            .logging(format!("the API server at {}", self.server)))
         })
         .await
     }
