@@ -1,11 +1,11 @@
 //! A network configuration file as the runtime and its plugins read it (a NetworkAttachmentDefinition's
 //! `spec.config`, a file given to the operator's commands): where its whereabouts `ipam` object
-//! and its name are. Keys are matched as Go's decoder matches them ([`get_any_case`]), except
-//! a configuration list's own keys, which the runtime's library reads as written.
+//! and its name are. `ipam` is matched as Go's decoder matches it ([`get_any_case`]); `name`
+//! and `plugins` as written, as Multus and the runtime's library read them.
 
 use serde_json::Value;
 
-use super::raw::{get_any_case, same_key};
+use super::raw::{get_any_case, same_key, SameField};
 
 /// The `ipam` object of a configuration file: a network configuration, a configuration list
 /// (its first plugin using whereabouts) or a bare `ipam` object. A key spelled twice in
@@ -40,16 +40,25 @@ pub fn names_whereabouts(ipam: &Value) -> bool {
     })
 }
 
-/// The network's name as its plugins receive it: a configuration list's `name` as written, a
-/// single configuration's in any case (the runtime passes on the name it decoded so).
-pub fn network_name_of(file: &Value) -> Option<&str> {
-    let map = file.as_object()?;
-    let name = if map.contains_key("plugins") {
-        map.get("name")
-    } else {
-        get_any_case(map, "name").ok().flatten()
+/// The network's name as its plugins receive it: `name` as written. Multus reads that key
+/// alone, and gives a configuration without it its NetworkAttachmentDefinition's name, which
+/// the runtime then passes on as `name` beside any other spelling (none: `Ok(None)`). Another
+/// spelling beside `name` is refused: the runtime's decoder takes the later one in the
+/// document, an order not kept here.
+pub fn network_name_of(file: &Value) -> Result<Option<&str>, SameField> {
+    let Some(map) = file.as_object() else {
+        return Ok(None);
     };
-    name.and_then(Value::as_str)
+    let Some(name) = map.get("name") else {
+        return Ok(None);
+    };
+    if let Some((other, _)) = map
+        .iter()
+        .find(|(k, _)| *k != "name" && same_key(k, "name"))
+    {
+        return Err(SameField("name".into(), other.clone()));
+    }
+    Ok(name.as_str())
 }
 
 #[cfg(test)]
@@ -63,16 +72,18 @@ mod tests {
         let ipam = json!({"Type": "whereabouts", "range": "10.0.0.0/24"});
         let single = json!({"Name": "net", "type": "macvlan", "IPAM": ipam});
         assert_eq!(ipam_of(&single), Some(ipam.clone()));
-        assert_eq!(network_name_of(&single), Some("net"));
+        // Multus reads `name` as written, and gives a configuration without it the
+        // NetworkAttachmentDefinition's name (which the caller supplies).
+        assert_eq!(network_name_of(&single), Ok(None));
+        assert_eq!(network_name_of(&json!({"name": "net"})), Ok(Some("net")));
+        assert!(network_name_of(&json!({"name": "a", "Name": "b"})).is_err());
         let list = json!({"name": "list", "plugins": [
             {"type": "macvlan", "Ipam": {"type": "host-local"}},
             {"type": "ipvlan", "ipam": ipam},
         ]});
         assert_eq!(ipam_of(&list), Some(ipam.clone()));
-        assert_eq!(network_name_of(&list), Some("list"));
+        assert_eq!(network_name_of(&list), Ok(Some("list")));
         assert_eq!(ipam_of(&ipam), Some(ipam.clone()), "a bare ipam object");
-        // The library reads a list's name as written.
-        assert_eq!(network_name_of(&json!({"Name": "x", "plugins": []})), None);
         // Two spellings: the plugin refuses it, so no pool of it is described.
         let twice = json!({"IPAM": ipam, "Ipam": ipam});
         assert_eq!(ipam_of(&twice), None);

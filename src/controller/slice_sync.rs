@@ -82,7 +82,10 @@ pub fn wanted(source: &str, nad_name: &str, config_text: &str) -> Result<Option<
     let usable = Range::resolve(spec, cfg.gateway).map_err(|e| format!("{source}: {e}"))?;
     // Multus gives a configuration without a name its NetworkAttachmentDefinition's name: the
     // plugin then looks for the NodeSlicePool under that name.
-    let cni_network = match config::network_name_of(&conf) {
+    let named = config::network_name_of(&conf).map_err(|config::SameField(a, b)| {
+        format!("{source}: spec.config has both {a:?} and {b:?}, which name the network: keep one")
+    })?;
+    let cni_network = match named {
         Some(name) if !name.is_empty() => name,
         _ => nad_name,
     };
@@ -711,10 +714,13 @@ mod tests {
         let w = wanted("nad", "nad", mixed).unwrap().unwrap();
         assert_eq!((w.name.as_str(), w.size), ("net-c", 24));
         assert_eq!(w.size_text, "/24");
-        // The configuration's own keys too: the runtime passes the plugin the name it decoded.
+        // `ipam` in any case too; `name` as Multus reads it, as written (without it, Multus
+        // passes the plugin the NetworkAttachmentDefinition's name).
         let spelled = r#"{"Name":"net-f","IPAM":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"/24"}}"#;
-        let w = wanted("nad", "nad", spelled).unwrap().unwrap();
-        assert_eq!(w.name, "net-f");
+        let w = wanted("nad", "fast-net", spelled).unwrap().unwrap();
+        assert_eq!(w.name, "fast-net");
+        let twice = r#"{"name":"a","Name":"b","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"/24"}}"#;
+        assert!(wanted("nad", "nad", twice).is_err());
         let bare = r#"{"name":"net-d","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"24"}}"#;
         assert_eq!(wanted("nad", "nad", bare).unwrap().unwrap().size_text, "24");
         // Without a name, the NetworkAttachmentDefinition's, which Multus gives the plugin.
