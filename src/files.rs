@@ -185,6 +185,41 @@ pub fn shown_url(url: &str) -> String {
     shown(&format!("{scheme}{hidden}{rest}"))
 }
 
+/// `text` with its values left out: what it quotes (`"..."`), and every word holding a digit
+/// or a path or address separator (addresses, ranges, numbers, paths), field names kept.
+pub fn without_values(text: &str) -> String {
+    let mut unquoted = String::new();
+    let mut quoted = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        match (quoted, escaped, c) {
+            (true, false, '\\') => escaped = true,
+            (true, true, _) => escaped = false,
+            (_, _, '"') => {
+                if !quoted {
+                    unquoted.push('…');
+                }
+                quoted = !quoted;
+            }
+            (true, false, _) => {}
+            (false, _, c) => unquoted.push(c),
+        }
+    }
+    let word = |w: &str| {
+        let body = w.trim_end_matches([':', ',', ';', ')']);
+        let value = body
+            .chars()
+            .any(|c| c.is_ascii_digit() || "/.:".contains(c));
+        if value && !body.starts_with("ipam.") {
+            format!("…{}", &w[body.len()..])
+        } else {
+            w.to_string()
+        }
+    };
+    let words: Vec<String> = unquoted.split(' ').map(word).collect();
+    words.join(" ")
+}
+
 /// A path for a message, as [`shown`].
 pub fn shown_path(path: &Path) -> String {
     shown(&path.to_string_lossy())

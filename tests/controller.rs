@@ -1248,9 +1248,15 @@ fn the_plugin_never_falls_back_to_a_service_account() {
     ];
     vars.extend(POD_ENV);
     let reply = common::run(&vars, &conf.to_string());
+    // What failed, by its field; the path is the log's.
     let msg = reply.msg();
     assert!(
-        msg.contains("cannot read kubeconfig") && msg.contains(&*missing.to_string_lossy()),
+        msg.contains("cannot read kubeconfig") && msg.contains("ipam.kubernetes.kubeconfig"),
+        "{reply:?}"
+    );
+    assert!(!msg.contains(&*missing.to_string_lossy()), "{reply:?}");
+    assert!(
+        reply.stderr.contains(&*missing.to_string_lossy()),
         "{reply:?}"
     );
 }

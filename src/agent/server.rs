@@ -141,6 +141,9 @@ struct Agent {
     readiness: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
     /// The socket the plugins ask, as bound: the probes fail once it is gone or replaced.
     socket: BoundSocket,
+    /// The agent's own settings its errors may quote (its kubeconfig, its endpoints): shown
+    /// to the plugins, and so to the runtime, as their fields.
+    admin_values: Vec<(String, &'static str)>,
 }
 
 impl Agent {
@@ -215,20 +218,30 @@ impl Agent {
     }
 }
 
-/// The answer to a plugin, which passes it on to the runtime: the causes, which may quote the
-/// agent's settings, stay in the agent's log.
-fn wire(err: StoreError) -> WireError {
-    if !matches!(err, StoreError::Exhausted { .. } | StoreError::InUse { .. }) {
-        tracing::warn!("{}", err.describe());
+impl Agent {
+    /// The answer to a plugin, which passes it on to the runtime: the causes, which may quote
+    /// the agent's settings, stay in the agent's log, and its settings show as their fields.
+    fn wire(&self, err: StoreError) -> WireError {
+        if !matches!(err, StoreError::Exhausted { .. } | StoreError::InUse { .. }) {
+            tracing::warn!("{}", err.describe());
+        }
+        let mut wire = WireError::from(&err);
+        if let Some(message) = wire.message_mut() {
+            *message = crate::cni::error::hide_values(message, &self.admin_values);
+        }
+        wire
     }
-    WireError::from(&err)
 }
 
 async fn add(State(agent): State<Shared>, body: Bytes) -> Response {
     let started = Instant::now();
     let result = async {
         let body: AddBody = agent.parse(&body, |b: &AddBody| b.engine)?;
-        let ips = agent.backend.add(body.request()?).await.map_err(wire)?;
+        let ips = agent
+            .backend
+            .add(body.request()?)
+            .await
+            .map_err(|e| agent.wire(e))?;
         Ok(AddedBody { ips })
     }
     .await;
@@ -239,7 +252,11 @@ async fn del(State(agent): State<Shared>, body: Bytes) -> Response {
     let started = Instant::now();
     let result = async {
         let body: AttachmentBody = agent.parse(&body, |b: &AttachmentBody| b.engine)?;
-        let released = agent.backend.del(body.request()?).await.map_err(wire)?;
+        let released = agent
+            .backend
+            .del(body.request()?)
+            .await
+            .map_err(|e| agent.wire(e))?;
         Ok(AllocationsBody::of(&released))
     }
     .await;
@@ -250,7 +267,11 @@ async fn check(State(agent): State<Shared>, body: Bytes) -> Response {
     let started = Instant::now();
     let result = async {
         let body: AttachmentBody = agent.parse(&body, |b: &AttachmentBody| b.engine)?;
-        let held = agent.backend.check(body.request()?).await.map_err(wire)?;
+        let held = agent
+            .backend
+            .check(body.request()?)
+            .await
+            .map_err(|e| agent.wire(e))?;
         Ok(AllocationsBody::of(&held))
     }
     .await;
@@ -261,7 +282,11 @@ async fn gc(State(agent): State<Shared>, body: Bytes) -> Response {
     let started = Instant::now();
     let result = async {
         let body: GcBody = agent.parse(&body, |b: &GcBody| b.engine)?;
-        let released = agent.backend.gc(body.request()?).await.map_err(wire)?;
+        let released = agent
+            .backend
+            .gc(body.request()?)
+            .await
+            .map_err(|e| agent.wire(e))?;
         Ok(AllocationsBody::of(&released))
     }
     .await;
@@ -272,7 +297,7 @@ async fn status(State(agent): State<Shared>, body: Bytes) -> Response {
     let started = Instant::now();
     let result = async {
         agent.parse(&body, |b: &StatusBody| b.engine)?;
-        agent.backend.status().await.map_err(wire)?;
+        agent.backend.status().await.map_err(|e| agent.wire(e))?;
         Ok(serde_json::json!({}))
     }
     .await;
@@ -568,6 +593,7 @@ pub async fn serve(options: Options) -> Result<(), String> {
         metrics,
         readiness: tokio::sync::Mutex::new(None),
         socket: socket_file.0.clone(),
+        admin_values: options.ipam.admin_values(),
     });
     let _ = std::fs::remove_file(super::fallback_marker(&options.socket));
     if let Some(tcp) = tcp {

@@ -202,6 +202,19 @@ impl WireError {
         }
     }
 
+    /// The message of an error that carries one.
+    pub fn message_mut(&mut self) -> Option<&mut String> {
+        match self {
+            WireError::Exhausted { .. } | WireError::InUse { .. } => None,
+            WireError::TryAgain { message }
+            | WireError::Config { message }
+            | WireError::Io { message }
+            | WireError::Broken { message }
+            | WireError::WrongEngine { message }
+            | WireError::BadRequest { message } => Some(message),
+        }
+    }
+
     pub fn bad_request(message: impl Into<String>) -> WireError {
         WireError::BadRequest {
             message: message.into(),

@@ -68,19 +68,13 @@ impl CniError {
     /// in its message and details replaced by the field that names it: the network
     /// configuration's author reads the reply (the pod's events), the log keeps them.
     pub fn hiding(mut self, values: &[(String, &str)]) -> CniError {
-        let hide = |text: &mut String| {
-            for (value, field) in values {
-                if value.chars().count() >= MIN_HIDDEN_CHARS && text.contains(value.as_str()) {
-                    *text = text.replace(value.as_str(), &format!("<{field}>"));
-                }
-            }
-        };
-        let before = self.msg.clone();
-        hide(&mut self.msg);
-        hide(&mut self.details);
-        if self.msg != before && self.logged.is_none() {
-            self.logged = Some(before);
+        let msg = hide_values(&self.msg, values);
+        if msg != self.msg && self.logged.is_none() {
+            self.logged = Some(std::mem::replace(&mut self.msg, msg));
+        } else {
+            self.msg = msg;
         }
+        self.details = hide_values(&self.details, values);
         self
     }
 
@@ -107,6 +101,35 @@ impl From<ConfigError> for CniError {
     }
 }
 
+/// `text` with each of `values` replaced by `<field>`, its field: in one pass, the longest
+/// value at each place first, so that a value inside another (a folder of a path) or inside a
+/// field's name (a host `etcd`) does not break what was already replaced.
+pub fn hide_values(text: &str, values: &[(String, &str)]) -> String {
+    let values: Vec<&(String, &str)> = values
+        .iter()
+        .filter(|(value, _)| value.chars().count() >= MIN_HIDDEN_CHARS)
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let longest = values
+            .iter()
+            .filter(|(value, _)| rest.starts_with(value.as_str()))
+            .max_by_key(|(value, _)| value.len());
+        match longest {
+            Some((value, field)) => {
+                out.push_str(&format!("<{field}>"));
+                rest = &rest[value.len()..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
+}
+
 /// The CNI code of a store failure.
 pub fn store_code(err: &StoreError) -> u32 {
     match err {
@@ -125,5 +148,65 @@ impl From<StoreError> for CniError {
         let mut cni = CniError::new(store_code(&err), err.public());
         cni.logged = Some(err.describe());
         cni
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Datastore, EtcdConfig, IpamConfig};
+
+    fn with_datastore(datastore: Datastore) -> IpamConfig {
+        let ipam = serde_json::json!({"type": "whereabouts", "range": "10.0.0.0/24"});
+        let mut cfg = crate::config::load_for_operator(Some(&ipam)).unwrap();
+        cfg.datastore = datastore;
+        cfg
+    }
+
+    fn etcd_config(endpoints: &[&str]) -> IpamConfig {
+        with_datastore(Datastore::Etcd(EtcdConfig {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            username: None,
+            password: None,
+            cert_file: None,
+            key_file: Some("/etc/whereabouts/tls/client.key".into()),
+            ca_cert_file: None,
+        }))
+    }
+
+    #[test]
+    fn the_admins_settings_show_as_their_fields_and_stay_in_the_log() {
+        let cfg = etcd_config(&["https://root:pw@etcd-0.infra.example:2379", "http://etcd"]);
+        let err = StoreError::try_again(
+            "cannot connect to etcd at https://…@etcd-0.infra.example:2379,http://etcd \
+             (etcd-0.infra.example:2379 refused); key /etc/whereabouts/tls/client.key",
+        );
+        let reply = CniError::from(err).hiding(&cfg.admin_values());
+        assert_eq!(
+            reply.msg,
+            "cannot connect to etcd at <ipam.etcd_host>,<ipam.etcd_host> (<ipam.etcd_host> \
+             refused); key <ipam.etcd_key_file>"
+        );
+        assert!(
+            reply.for_the_log().contains("etcd-0.infra.example:2379"),
+            "{reply:?}"
+        );
+        // A bare host name hides no other word: "etcd" stays what it says.
+        assert!(reply.msg.starts_with("cannot connect to etcd at"));
+        // Nothing to hide: nothing changes.
+        let plain = CniError::new(code::IO_FAILURE, "disk full").hiding(&cfg.admin_values());
+        assert_eq!((plain.msg.as_str(), plain.logged), ("disk full", None));
+    }
+
+    #[test]
+    fn a_local_database_and_its_folders_are_hidden_longest_first() {
+        let cfg = with_datastore(Datastore::Local {
+            path: "/var/lib/whereabouts/pods.db".into(),
+        });
+        let text = "cannot open /var/lib/whereabouts/pods.db-wal in /var/lib/whereabouts";
+        assert_eq!(
+            hide_values(text, &cfg.admin_values()),
+            "cannot open <ipam.local_path>-wal in <ipam.local_path's folder>"
+        );
     }
 }

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::cni::request::kind_of;
 use crate::cni::types::{Dns, Route};
-use crate::files::{self, shown, shown_path};
+use crate::files::{self, shown, shown_path, without_values};
 use crate::ipam::addr::parse_ip;
 use crate::ipam::slices::parse_slice_size;
 use crate::ipam::{parse_exclude, parse_range_text, Cidr, Range, RangeError, RangeSpec};
@@ -209,41 +209,6 @@ fn texts_in(value: &Value, out: &mut Vec<String>) {
         Value::Object(map) => map.values().for_each(|v| texts_in(v, out)),
         Value::Bool(_) | Value::Null => {}
     }
-}
-
-/// `text` with its values left out: what it quotes (`"..."`), and every word holding a digit
-/// or a path or address separator (addresses, ranges, numbers, paths), field names kept.
-fn without_values(text: &str) -> String {
-    let mut unquoted = String::new();
-    let mut quoted = false;
-    let mut escaped = false;
-    for c in text.chars() {
-        match (quoted, escaped, c) {
-            (true, false, '\\') => escaped = true,
-            (true, true, _) => escaped = false,
-            (_, _, '"') => {
-                if !quoted {
-                    unquoted.push('…');
-                }
-                quoted = !quoted;
-            }
-            (true, false, _) => {}
-            (false, _, c) => unquoted.push(c),
-        }
-    }
-    let word = |w: &str| {
-        let body = w.trim_end_matches([':', ',', ';', ')']);
-        let value = body
-            .chars()
-            .any(|c| c.is_ascii_digit() || "/.:".contains(c));
-        if value && !body.starts_with("ipam.") {
-            format!("…{}", &w[body.len()..])
-        } else {
-            w.to_string()
-        }
-    };
-    let words: Vec<String> = unquoted.split(' ').map(word).collect();
-    words.join(" ")
 }
 
 /// The admin's flat file and its trust rules, for a network configuration naming

@@ -153,45 +153,53 @@ pub struct IpamConfig {
 impl IpamConfig {
     /// The admin's settings a store error may quote, each with the field that sets it: the
     /// engine's paths and endpoints (as written, as messages show them, and their host), the
-    /// agent's socket and the log file: the flat file's, or ones it lets a network configuration
-    /// set (which are then shown by their field too).
+    /// agent's socket and the log file: the flat file's, or ones it lets a network
+    /// configuration set (which are then shown by their field too).
     pub fn admin_values(&self) -> Vec<(String, &'static str)> {
-        let path = |p: &Path| p.display().to_string();
         let mut values = Vec::new();
+        // A path as written, and as messages show it (cut, escaped).
+        let mut path = |p: &Path, field: &'static str| {
+            values.push((p.display().to_string(), field));
+            values.push((crate::files::shown_path(p), field));
+        };
         match &self.datastore {
             Datastore::Local { path: db } => {
-                values.push((path(db), "ipam.local_path"));
-                let folders = db
-                    .ancestors()
-                    .skip(1)
-                    .filter(|f| f.components().count() > 2);
-                values.extend(folders.map(|f| (path(f), "ipam.local_path's folder")));
-            }
-            Datastore::Kubernetes(k8s) => {
-                values.push((path(&k8s.kubeconfig), "ipam.kubernetes.kubeconfig"));
-            }
-            Datastore::Etcd(etcd) => {
-                for endpoint in &etcd.endpoints {
-                    let shown = shown_url(endpoint);
-                    let host = shown.split_once("://").map_or(&*shown, |(_, h)| h);
-                    let host = host.split('/').next().unwrap_or_default().to_string();
-                    values.extend(
-                        [endpoint.clone(), shown.clone(), host].map(|v| (v, "ipam.etcd_host")),
-                    );
+                path(db, "ipam.local_path");
+                let folders = db.ancestors().skip(1);
+                for folder in folders.filter(|f| f.components().count() > 2) {
+                    path(folder, "ipam.local_path's folder");
                 }
+            }
+            Datastore::Kubernetes(k8s) => path(&k8s.kubeconfig, "ipam.kubernetes.kubeconfig"),
+            Datastore::Etcd(etcd) => {
                 for (file, field) in [
                     (&etcd.ca_cert_file, "ipam.etcd_ca_cert_file"),
                     (&etcd.cert_file, "ipam.etcd_cert_file"),
                     (&etcd.key_file, "ipam.etcd_key_file"),
                 ] {
-                    values.extend(file.as_deref().map(|f| (path(f), field)));
+                    if let Some(file) = file {
+                        path(file, field);
+                    }
+                }
+                for endpoint in &etcd.endpoints {
+                    let shown = shown_url(endpoint);
+                    let host = shown.split_once("://").map_or(&*shown, |(_, h)| h);
+                    let host = host.split('/').next().unwrap_or_default();
+                    let host = host.rsplit('@').next().unwrap_or_default().to_string();
+                    values.extend([endpoint.clone(), shown.clone()].map(|v| (v, "ipam.etcd_host")));
+                    // A bare name (`etcd`) would hide every word like it: only an address or
+                    // a name with its port or domain.
+                    if host.contains(['.', ':']) {
+                        values.push((host, "ipam.etcd_host"));
+                    }
                 }
             }
         }
-        values.push((path(&crate::agent::socket_path(self)), "agent_socket"));
-        values.extend(self.log_file.as_deref().map(|f| (path(f), "log_file")));
-        // The longest first: a path before the folder it is in.
-        values.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+        let socket = crate::agent::socket_path(self);
+        values.push((socket.display().to_string(), "agent_socket"));
+        if let Some(log) = &self.log_file {
+            values.push((log.display().to_string(), "log_file"));
+        }
         values
     }
 }

@@ -103,8 +103,9 @@ fn served<B: Serialize, R: DeserializeOwned, T>(
     let store = open(cfg).map_err(|err| match (&socket, &err) {
         (Some((socket, why)), StoreError::Config { .. } | StoreError::Io { .. }) => {
             StoreError::try_again(format!(
-                "the whereabouts agent at {} does not answer ({why}) and this node cannot reach the store itself",
-                socket.display()
+                "the whereabouts agent at {} does not answer ({why}) and this node cannot reach the store itself: {}",
+                socket.display(),
+                err.public()
             ))
             .because(err)
         }

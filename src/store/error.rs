@@ -154,13 +154,21 @@ impl StoreError {
         let kind = std::iter::successors(Some(cause), |e| e.source())
             .find_map(io_error)
             .map(|e| e.kind().to_string())
-            .filter(|kind| !matches!(kind.as_str(), "other error" | "uncategorized error"));
-        match kind {
-            Some(kind) => format!("{self}: {kind} (the cause is in the node's whereabouts log)"),
-            None => format!("{self} (the cause is in the node's whereabouts log)"),
+            .filter(|kind| !matches!(kind.as_str(), "other error" | "uncategorized error"))
+            .filter(|kind| !self.to_string().contains(kind.as_str()));
+        let mut text = self.to_string();
+        if let Some(kind) = kind {
+            text = format!("{text}: {kind}");
         }
+        if !text.contains(IN_THE_LOG) {
+            text = format!("{text} {IN_THE_LOG}");
+        }
+        text
     }
 }
+
+/// Where a public text ([`StoreError::public`]) sends the reader for the causes it leaves out.
+const IN_THE_LOG: &str = "(the cause is in the node's whereabouts log)";
 
 /// `err` as an I/O error, also when it is one kept in a [`Cause`] (an `Arc`, another type).
 fn io_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {

@@ -84,11 +84,11 @@ pub(super) fn add_by(
             }
         }
     }
-    Err(StoreError::try_again(format!(
+    let what = format!(
         "could not allocate from etcd within {:?}",
         s.timeouts.deadline
-    ))
-    .because(last))
+    );
+    Err(StoreError::try_again(last.answered(&what)).because(last))
 }
 
 /// What this engine cannot serve, before anything is read.

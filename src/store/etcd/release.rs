@@ -47,10 +47,8 @@ fn release_one(
             Err(Stop::Retry(failed)) => last = failed,
         }
     }
-    Err(
-        StoreError::try_again(format!("could not release {pool} offset {offset} in etcd"))
-            .because(last),
-    )
+    let what = format!("could not release {pool} offset {offset} in etcd");
+    Err(StoreError::try_again(last.answered(&what)).because(last))
 }
 
 /// How one release attempt ended. Only ever returned, never stored: its size does not matter.

@@ -144,7 +144,7 @@ impl CallFailed {
     /// What the runtime may be told: what failed and, when etcd answered, its answer (its own
     /// words: "etcdserver: permission denied"). The client's failures (transport, TLS) quote
     /// the endpoints and stay in the cause, for the log.
-    fn answered(&self, summary: &str) -> String {
+    pub fn answered(&self, summary: &str) -> String {
         match self.cause.as_deref() {
             Some(etcd_client::Error::GRpcStatus(status)) => {
                 format!("{summary}: {}: {}", self.what, status.message())

@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::cleanup::judge::{PodPlace, PodState};
 use crate::cleanup::pods::PodError;
+use crate::files::without_values;
 use crate::ipam::names::is_valid_object_name;
 use crate::k8s::cluster::is_transient;
 use crate::k8s::crd::{
@@ -85,40 +86,36 @@ impl ApiError {
                     _ => ApiError::Refused(text),
                 }
             }
-            _ if transient => ApiError::Transient(format!("{what}: {}", chain(&err))),
-            // The client's own failure (its credentials, its TLS settings): the library's text
-            // quotes the kubeconfig's files and server, so only the log has it.
+            // The client's own failure (no connection, its credentials, its TLS settings): the
+            // library's text quotes the kubeconfig's server and files, which the runtime's
+            // reply must not show, so it is kept without its values (and logged whole).
             other => {
-                tracing::warn!("{what}: {}", chain(&other));
-                ApiError::Refused(format!(
-                    "{what}: the request could not be made (the cause is in the node's \
-                     whereabouts log)"
-                ))
+                let full = chain(&other);
+                tracing::debug!("{what}: {full}");
+                let text = format!("{what}: {}", without_values(&full));
+                if transient {
+                    ApiError::Transient(text)
+                } else {
+                    ApiError::Refused(text)
+                }
             }
         }
     }
 
-    /// `what`, followed by the server's answer when this is one: an admission policy's
-    /// message is written for whoever made the request, the pod's owner, so the runtime is
-    /// shown it (a store error's causes go to the log only). The client's own failures
-    /// (transport, TLS) quote the kubeconfig's server and files: not shown.
+    /// `what`, followed by this error's text: the server's answer (an admission policy's
+    /// message is written for whoever made the request, the pod's owner) or the client's
+    /// failure without its values ([`ApiError::from_kube`]). A store error's causes go to the
+    /// log only, so the text the runtime may be shown is put in its message.
     pub fn answered(&self, what: &str) -> String {
-        match self {
-            ApiError::Refused(text)
-            | ApiError::AlreadyExists(text)
-            | ApiError::NotFound(text)
-            | ApiError::TooLarge(text)
-            | ApiError::Conflict(text) => format!("{what}: {text}"),
-            ApiError::Transient(_) | ApiError::Throttled { .. } | ApiError::Untrusted(_) => {
-                what.to_string()
-            }
-        }
+        format!("{what}: {self}")
     }
 
     /// As a store error: transient failures are "try again" (CNI code 11).
     pub fn into_store(self) -> StoreError {
         let error = match &self {
-            ApiError::Transient(_) => StoreError::try_again("kubernetes API server unavailable"),
+            ApiError::Transient(_) => {
+                StoreError::try_again(self.answered("kubernetes API server unavailable"))
+            }
             ApiError::Throttled { .. } => StoreError::try_again(
                 "the kubernetes API server kept shedding the requests (429 Too Many Requests: \
                  see its API Priority and Fairness settings)",
@@ -132,11 +129,9 @@ impl ApiError {
             ApiError::TooLarge(_) => {
                 StoreError::io(self.answered("kubernetes object too large to store"))
             }
-            ApiError::Untrusted(_) => StoreError::config(
-                "cannot trust the API server: its TLS certificate is not signed by the CA that \
-                 the kubeconfig (ipam.kubernetes.kubeconfig) trusts (check its \
-                 certificate-authority and server)",
-            ),
+            ApiError::Untrusted(_) => {
+                StoreError::config(self.answered("cannot trust the API server"))
+            }
         };
         error.because(self)
     }

@@ -199,7 +199,13 @@ async fn connect(
     let mut connection = cluster::connect(access, timeouts, ipam.trust.insecure_tls)
         .await
         .map_err(|err| {
-            StoreError::config("kubernetes datastore (ipam.kubernetes.kubeconfig)").because(err)
+            // What is wrong with the kubeconfig, for the runtime without its values (the
+            // file's names, paths and server); the log has them.
+            let what = crate::files::without_values(&err.to_string());
+            StoreError::config(format!(
+                "kubernetes datastore (ipam.kubernetes.kubeconfig): {what}"
+            ))
+            .because(err)
         })?;
     if let Datastore::Kubernetes(KubernetesConfig {
         namespace: Some(namespace),

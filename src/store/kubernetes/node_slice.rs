@@ -106,7 +106,7 @@ fn slice_pool(
         exclude: configured.spec.exclude.clone(),
     };
     let range = Range::resolve(&spec, configured.gateway)
-        .map_err(|err| StoreError::config(format!("node slice {slice}")).because(err))?;
+        .map_err(|err| StoreError::config(format!("node slice {slice}: {err}")).because(err))?;
     Ok(PoolRef {
         name: pool_name(&slice, network_name, Some(node)),
         spec,
