@@ -68,7 +68,7 @@ impl CniError {
     /// in its message and details replaced by the field that names it: the network
     /// configuration's author reads the reply (the pod's events), the log keeps them.
     pub fn hiding(mut self, values: &[(String, &str)]) -> CniError {
-        let msg = hide_values(&self.msg, values);
+        let msg = hide_cut_value(&hide_values(&self.msg, values), values);
         if msg != self.msg && self.logged.is_none() {
             self.logged = Some(std::mem::replace(&mut self.msg, msg));
         } else {
@@ -128,6 +128,30 @@ pub fn hide_values(text: &str, values: &[(String, &str)]) -> String {
         }
     }
     out
+}
+
+/// `text` without the start of one of `values` it ends with when [`CniError::new`] cut it
+/// there (its `…`): the whole value would have been hidden.
+fn hide_cut_value(text: &str, values: &[(String, &str)]) -> String {
+    let Some(kept) = text.strip_suffix('…') else {
+        return text.to_string();
+    };
+    let cut = values.iter().find_map(|(value, field)| {
+        let starts = value
+            .char_indices()
+            .map(|(at, _)| at)
+            .skip(MIN_HIDDEN_CHARS);
+        let mut starts: Vec<usize> = starts.collect();
+        starts.reverse();
+        starts
+            .into_iter()
+            .find(|&at| kept.ends_with(&value[..at]))
+            .map(|at| (kept.len() - at, field))
+    });
+    match cut {
+        Some((at, field)) => format!("{}<{field}>…", &kept[..at]),
+        None => text.to_string(),
+    }
 }
 
 /// The CNI code of a store failure.
@@ -196,6 +220,15 @@ mod tests {
         // Nothing to hide: nothing changes.
         let plain = CniError::new(code::IO_FAILURE, "disk full").hiding(&cfg.admin_values());
         assert_eq!((plain.msg.as_str(), plain.logged), ("disk full", None));
+    }
+
+    #[test]
+    fn a_value_the_length_cut_splits_is_hidden_too() {
+        let cfg = etcd_config(&["https://etcd-0.infra.example:2379"]);
+        let long = format!("{} https://etcd-0.infra.example:2379", "x".repeat(580));
+        let reply = CniError::new(code::TRY_AGAIN, long).hiding(&cfg.admin_values());
+        assert!(reply.msg.ends_with(" <ipam.etcd_host>…"), "{}", reply.msg);
+        assert!(!reply.msg.contains("https"), "{}", reply.msg);
     }
 
     #[test]
