@@ -1177,11 +1177,14 @@ fn status_fails_while_the_namespace_is_missing() {
 
     let reply = run(bin(), &call("STATUS", "", ""), &conf);
     assert_eq!(reply.cni_code(), 50, "{reply:?}");
+    // The namespace comes with the kubeconfig's context: named in the log, not to the runtime.
     let message = reply.json()["msg"].as_str().unwrap().to_string();
     assert!(
-        message.contains(&format!("the namespace {missing} does not exist")),
+        message.contains("the engine's namespace does not exist"),
         "{message}"
     );
+    assert!(!message.contains(&missing), "{message}");
+    assert!(reply.stderr.contains(&missing), "{reply:?}");
     // The kubeconfig by its field: its path is the admin's, the log's.
     assert!(
         message.contains("(the namespace of kubeconfig <ipam.kubernetes.kubeconfig>)"),
@@ -1193,7 +1196,8 @@ fn status_fails_while_the_namespace_is_missing() {
     );
     let reply = run(bin(), &call("ADD", "ns-missing", "ns-missing"), &conf);
     assert_ne!(reply.code, 0, "{reply:?}");
-    assert!(reply.stdout.contains(&missing), "{reply:?}");
+    assert!(!reply.stdout.contains(&missing), "{reply:?}");
+    assert!(reply.stderr.contains(&missing), "{reply:?}");
 
     let ns = kube_apiserver::TestNamespace {
         plane,

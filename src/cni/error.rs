@@ -136,18 +136,20 @@ fn hide_cut_value(text: &str, values: &[(String, &str)]) -> String {
     let Some(kept) = text.strip_suffix('…') else {
         return text.to_string();
     };
-    let cut = values.iter().find_map(|(value, field)| {
-        let starts = value
-            .char_indices()
-            .map(|(at, _)| at)
-            .skip(MIN_HIDDEN_CHARS);
-        let mut starts: Vec<usize> = starts.collect();
-        starts.reverse();
-        starts
-            .into_iter()
-            .find(|&at| kept.ends_with(&value[..at]))
-            .map(|at| (kept.len() - at, field))
-    });
+    // The longest start of any value the text ends with.
+    let cut = values
+        .iter()
+        .flat_map(|(value, field)| {
+            let starts = value
+                .char_indices()
+                .map(|(at, _)| at)
+                .skip(MIN_HIDDEN_CHARS);
+            starts
+                .filter(|&at| kept.ends_with(&value[..at]))
+                .map(move |at| (at, *field))
+        })
+        .max_by_key(|(at, _)| *at)
+        .map(|(at, field)| (kept.len() - at, field));
     match cut {
         Some((at, field)) => format!("{}<{field}>…", &kept[..at]),
         None => text.to_string(),
@@ -200,7 +202,7 @@ mod tests {
 
     #[test]
     fn the_admins_settings_show_as_their_fields_and_stay_in_the_log() {
-        let cfg = etcd_config(&["https://root:pw@etcd-0.infra.example:2379", "http://etcd"]);
+        let cfg = etcd_config(&["https://root:pw@etcd-0.infra.example:2379", "etcd/"]);
         let err = StoreError::try_again(
             "cannot connect to etcd at https://…@etcd-0.infra.example:2379,http://etcd \
              (etcd-0.infra.example:2379 refused); key /etc/whereabouts/tls/client.key",

@@ -182,15 +182,23 @@ impl IpamConfig {
                     }
                 }
                 for endpoint in &etcd.endpoints {
+                    let endpoint = endpoint.trim();
                     let shown = shown_url(endpoint);
                     let host = shown.split_once("://").map_or(&*shown, |(_, h)| h);
                     let host = host.split('/').next().unwrap_or_default();
-                    let host = host.rsplit('@').next().unwrap_or_default().to_string();
-                    values.extend([endpoint.clone(), shown.clone()].map(|v| (v, "ipam.etcd_host")));
-                    // A bare name (`etcd`) would hide every word like it: only an address or
-                    // a name with its port or domain.
-                    if host.contains(['.', ':']) {
-                        values.push((host, "ipam.etcd_host"));
+                    let host = host.rsplit('@').next().unwrap_or_default();
+                    // As written, as messages show it (without user information, and without
+                    // the trailing `/` the client drops), and its host. A bare name (`etcd`)
+                    // would hide every word like it: only an address, or a name with its
+                    // scheme, port or domain.
+                    let trimmed = shown.trim_end_matches('/');
+                    // Without a scheme, the client gives it one.
+                    let schemed = (!trimmed.contains("://"))
+                        .then(|| ["http://", "https://"].map(|s| format!("{s}{trimmed}")));
+                    let forms = [endpoint, &shown, trimmed, host].map(str::to_string);
+                    let forms = forms.into_iter().chain(schemed.into_iter().flatten());
+                    for form in forms.filter(|f| f.contains(['.', ':', '/'])) {
+                        values.push((form, "ipam.etcd_host"));
                     }
                 }
             }

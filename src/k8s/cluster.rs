@@ -391,12 +391,9 @@ async fn connect_kubeconfig(
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|err| {
-            // The library's message may quote the file: shown cut and escaped, as text.
-            ClusterError::new(format!(
-                "cannot use kubeconfig {}: {}",
-                shown_path(path),
-                shown(&err.to_string())
-            ))
+            // The library's message may quote the file (a context's or a cluster's name): its
+            // cause, which the runtime's reply leaves out.
+            ClusterError::because(format!("cannot use kubeconfig {}", shown_path(path)), err)
         })?;
     finish(
         config,

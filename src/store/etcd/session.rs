@@ -167,7 +167,7 @@ impl From<CallFailed> for StoreError {
         if e.refused() {
             return StoreError::try_again(e.answered("etcd refused the request")).because(e);
         }
-        StoreError::try_again("etcd did not answer").because(e)
+        StoreError::try_again(e.answered("etcd did not answer")).because(e)
     }
 }
 

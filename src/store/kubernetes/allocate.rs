@@ -1230,7 +1230,7 @@ impl Engine {
             Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => Ok(None),
             // Rules from before reservations were taken over (not applied yet): kept as it
             // is, as then, rather than failing every ADD of the pod.
-            Err(ApiError::Refused(why)) => {
+            Err(why) if why.is_refused() => {
                 tracing::warn!(%why, "cannot take a reservation over: the plugin's Role lacks update of reservations; apply the manifest again");
                 Ok(Some(found))
             }

@@ -62,6 +62,12 @@ pub enum ApiError {
     /// (or server address) in the kubeconfig, which no retry can fix.
     #[error("{0}")]
     Untrusted(String),
+    /// The client failed before the server answered (no connection, its credentials, its TLS
+    /// settings); `transient` as [`is_transient`] judges it. Its text is the library's, which
+    /// quotes the kubeconfig's server and files: the runtime is shown it without its values
+    /// ([`ApiError::answered`]), the log whole.
+    #[error("{text}")]
+    Client { text: String, transient: bool },
 }
 
 impl ApiError {
@@ -86,20 +92,37 @@ impl ApiError {
                     _ => ApiError::Refused(text),
                 }
             }
-            // The client's own failure (no connection, its credentials, its TLS settings): the
-            // library's text quotes the kubeconfig's server and files, which the runtime's
-            // reply must not show, so it is kept without its values (and logged whole).
-            other => {
-                let full = chain(&other);
-                tracing::debug!("{what}: {full}");
-                let text = format!("{what}: {}", without_values(&full));
-                if transient {
-                    ApiError::Transient(text)
-                } else {
-                    ApiError::Refused(text)
-                }
-            }
+            other => ApiError::Client {
+                text: format!("{what}: {}", chain(&other)),
+                transient,
+            },
         }
+    }
+
+    /// Whether trying again may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Transient(_)
+                | ApiError::Throttled { .. }
+                | ApiError::Client {
+                    transient: true,
+                    ..
+                }
+        )
+    }
+
+    /// Whether the request was refused for good: by the server (401, 403, 400, ...) or by the
+    /// client before it was sent.
+    pub fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Refused(_)
+                | ApiError::Client {
+                    transient: false,
+                    ..
+                }
+        )
     }
 
     /// `what`, followed by this error's text: the server's answer (an admission policy's
@@ -107,15 +130,24 @@ impl ApiError {
     /// failure without its values ([`ApiError::from_kube`]). A store error's causes go to the
     /// log only, so the text the runtime may be shown is put in its message.
     pub fn answered(&self, what: &str) -> String {
-        format!("{what}: {self}")
+        match self {
+            ApiError::Client { text, .. } | ApiError::Untrusted(text) => {
+                format!("{what}: {}", without_values(text))
+            }
+            answer => format!("{what}: {}", without_identities(&answer.to_string())),
+        }
     }
 
     /// As a store error: transient failures are "try again" (CNI code 11).
     pub fn into_store(self) -> StoreError {
         let error = match &self {
-            ApiError::Transient(_) => {
-                StoreError::try_again(self.answered("kubernetes API server unavailable"))
-            }
+            ApiError::Transient(_)
+            | ApiError::Client {
+                transient: true, ..
+            } => StoreError::try_again(self.answered("kubernetes API server unavailable")),
+            ApiError::Client {
+                transient: false, ..
+            } => StoreError::io(self.answered("the kubernetes client failed")),
             ApiError::Throttled { .. } => StoreError::try_again(
                 "the kubernetes API server kept shedding the requests (429 Too Many Requests: \
                  see its API Priority and Fairness settings)",
@@ -219,6 +251,25 @@ fn is_untrusted_certificate(chain: &str) -> bool {
     chain.contains("invalid peer certificate")
 }
 
+/// A server's answer without the identities it may quote: an RBAC refusal names the
+/// credential's user (`User "system:serviceaccount:…"`) and the engine's namespace, which are
+/// the kubeconfig's, not the network configuration author's to see.
+fn without_identities(answer: &str) -> String {
+    let mut out = answer.to_string();
+    for marker in ["User \"", "namespace \"", "namespaces \"", "Namespace \""] {
+        let mut from = 0;
+        while let Some(found) = out[from..].find(marker) {
+            let start = from + found + marker.len();
+            let Some(len) = out[start..].find('"') else {
+                break;
+            };
+            out.replace_range(start..start + len, "…");
+            from = start + '…'.len_utf8() + 1;
+        }
+    }
+    out
+}
+
 /// The three custom resources in the engine's namespace.
 #[derive(Clone)]
 pub struct Kube {
@@ -251,10 +302,16 @@ impl Kube {
 
     fn error(&self, what: &str, err: kube::Error) -> ApiError {
         match ApiError::from_kube(what, err) {
-            ApiError::Transient(msg) if is_untrusted_certificate(&msg) => {
+            ApiError::Client { text: msg, .. } if is_untrusted_certificate(&msg) => {
+                // Named by its field, which the runtime's reply keeps (the path it drops).
+                let trusting = if self.origin.starts_with("kubeconfig") {
+                    "the kubeconfig, ipam.kubernetes.kubeconfig,"
+                } else {
+                    "the pod's service account"
+                };
                 ApiError::Untrusted(format!(
-                    "{msg}: the API server's TLS certificate is not signed by the CA that {} \
-                     trusts (check its certificate-authority and server)",
+                    "{msg}: the API server's TLS certificate is not signed by the CA that \
+                     {trusting} trusts (check its certificate-authority and server): {}",
                     self.origin
                 ))
             }
@@ -288,7 +345,7 @@ impl Kube {
         let mut throttled = Throttled::within(self.settings.throttled_wait);
         attempt
             .retry(self.settings.transient.pacing())
-            .when(|err| matches!(err, ApiError::Transient(_) | ApiError::Throttled { .. }))
+            .when(ApiError::is_transient)
             .adjust(|err, pause| match err {
                 ApiError::Throttled { asked, .. } => throttled.next_wait(*asked, pause),
                 _ => pause,
@@ -375,10 +432,8 @@ impl Kube {
             .call(what, || self.pools.create(&dry_run, &probe))
             .await
         {
-            Ok(_)
-            | Err(ApiError::AlreadyExists(_) | ApiError::Refused(_) | ApiError::Conflict(_)) => {
-                Ok(true)
-            }
+            Ok(_) | Err(ApiError::AlreadyExists(_) | ApiError::Conflict(_)) => Ok(true),
+            Err(err) if err.is_refused() => Ok(true),
             Err(ApiError::NotFound(_)) => Ok(false),
             Err(err) => Err(err),
         }
@@ -549,6 +604,42 @@ impl Kube {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runtime_is_told_the_servers_answer_and_the_clients_failure_without_their_values() {
+        let denied = ApiError::Refused(
+            "patch IPPool 10.0.0.0-24: ippools.whereabouts.cni.cncf.io \"10.0.0.0-24\" is \
+             forbidden: User \"system:serviceaccount:infra:wb\" cannot patch resource \
+             \"ippools\" in the namespace \"infra\" (403)"
+                .into(),
+        );
+        let told = denied.answered("refused");
+        assert!(told.contains("User \"…\" cannot patch"), "{told}");
+        assert!(told.contains("in the namespace \"…\" (403)"), "{told}");
+        assert!(!told.contains("infra"), "{told}");
+        // An admission policy's message is the pod owner's to read, whole.
+        let policy =
+            ApiError::Refused("update IPPool x: at most 4 allocations in 10.0.0.0/24 (422)".into());
+        assert!(policy
+            .answered("refused")
+            .ends_with("at most 4 allocations in 10.0.0.0/24 (422)"));
+        let client = ApiError::Client {
+            text: "list IPPools: client error (Connect): tcp connect error to \
+                   https://api.infra.example:6443: Connection refused"
+                .into(),
+            transient: true,
+        };
+        let told = client.answered("unavailable");
+        assert!(!told.contains("infra"), "{told}");
+        assert!(told.ends_with("Connection refused"), "{told}");
+        let store = StoreError::from(client.clone());
+        assert!(matches!(store, StoreError::TryAgain { .. }));
+        assert!(
+            store.describe().contains("api.infra.example"),
+            "the log keeps it"
+        );
+        assert!(client.is_transient() && !client.is_refused());
+    }
 
     #[test]
     fn shed_requests_wait_as_asked_until_the_budget_is_spent() {

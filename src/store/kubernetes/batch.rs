@@ -159,10 +159,9 @@ fn refused_for_its_content(err: &StoreError) -> bool {
     else {
         return false;
     };
-    matches!(
-        cause.downcast_ref::<ApiError>(),
-        Some(ApiError::TooLarge(_) | ApiError::Conflict(_) | ApiError::Refused(_))
-    )
+    cause.downcast_ref::<ApiError>().is_some_and(|err| {
+        err.is_refused() || matches!(err, ApiError::TooLarge(_) | ApiError::Conflict(_))
+    })
 }
 
 #[cfg(test)]

@@ -289,9 +289,12 @@ impl Engine {
                 let node = node_slice::node_name(self.configuration_path.as_deref())?;
                 let slice_pool = slice_pool_name();
                 Err(StoreError::config(format!(
-                    "node_slice_size is set but NodeSlicePool {slice_pool} (namespace {}) assigns no slice of {} to node {node} yet; the node slice controller assigns slices",
-                    self.kube.pools.namespace().unwrap_or_default(),
+                    "node_slice_size is set but NodeSlicePool {slice_pool} assigns no slice of {} to node {node} yet; the node slice controller assigns slices",
                     configured.range.cidr
+                ))
+                .logging(format!(
+                    "the NodeSlicePool's namespace: {}",
+                    self.kube.pools.namespace().unwrap_or_default()
                 )))
             }
         }

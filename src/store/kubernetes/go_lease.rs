@@ -95,8 +95,8 @@ pub async fn go_present(kube: &Kube, peers: GoPeers) -> Result<bool, StoreError>
             Ok(None) => Ok(false),
             // Not allowed to read it: an installation whose RBAC predates this check, which
             // has no Go binary to protect either (upstream's RBAC grants every Lease).
-            Err(ApiError::Refused(msg)) => {
-                tracing::debug!(%msg, "cannot read the Go Whereabouts' Lease; taken as absent");
+            Err(err) if err.is_refused() => {
+                tracing::debug!(%err, "cannot read the Go Whereabouts' Lease; taken as absent");
                 Ok(false)
             }
             Err(err) => Err(err.into()),

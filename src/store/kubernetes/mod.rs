@@ -377,12 +377,13 @@ impl SharedEngine {
             if kube.namespace_exists().await? {
                 return Ok(());
             }
+            // Its name comes with the kubeconfig's context: the log's.
             let namespace = kube.pools.namespace().unwrap_or_default();
             Err(StoreError::config(format!(
-                "the namespace {namespace} does not exist on the API server (the namespace of {})",
+                "the engine's namespace does not exist on the API server (the namespace of {})",
                 kube.origin
             ))
-            .logging(format!("the API server at {}", self.server)))
+            .logging(format!("namespace {namespace} at {}", self.server)))
         })
         .await
     }
