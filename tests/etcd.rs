@@ -49,6 +49,21 @@ impl Net {
         Net { ipam }
     }
 
+    /// The runtime's reply (which the network configuration's author reads) names the
+    /// endpoints by their field, never their addresses, nor the TLS files.
+    fn shows_no_endpoint(&self, reply: &Reply) {
+        let text = reply.stdout.to_string();
+        let endpoints = self.ipam["etcd_host"].as_str().unwrap().split(',');
+        for host in endpoints.map(|e| e.rsplit("://").next().unwrap()) {
+            assert!(!text.contains(host), "{host} shown: {text}");
+        }
+        for file in ["etcd_ca_cert_file", "etcd_cert_file", "etcd_key_file"] {
+            if let Some(path) = self.ipam[file].as_str() {
+                assert!(!text.contains(path), "{path} shown: {text}");
+            }
+        }
+    }
+
     fn conf(&self, version: &str) -> Vec<u8> {
         serde_json::to_vec(&json!({
             "cniVersion": version,
@@ -441,6 +456,7 @@ fn gc_then_all_members_down_add_is_code_11_within_the_timeout_and_status_is_50()
     let add = plugin("ADD", Some(&other), &net.conf("1.0.0"), &timeout);
     assert_ne!(add.exit, 0);
     assert_eq!(add.code(), Some(11), "{}", add.stdout);
+    net.shows_no_endpoint(&add);
     assert!(
         add.elapsed < Duration::from_millis(3000 + 2000),
         "ADD took {:?} with a 3 s deadline",
@@ -448,6 +464,7 @@ fn gc_then_all_members_down_add_is_code_11_within_the_timeout_and_status_is_50()
     );
     let status = plugin("STATUS", None, &net.conf("1.1.0"), &timeout);
     assert_eq!(status.code(), Some(50), "{}", status.stdout);
+    net.shows_no_endpoint(&status);
     assert!(
         status.elapsed < Duration::from_millis(5000),
         "{:?}",
@@ -495,6 +512,7 @@ fn tls_with_client_certificates() {
         &[("WHEREABOUTS_ETCD_TIMEOUT_MS", "2000")],
     );
     assert_eq!(refused.code(), Some(11), "{}", refused.stdout);
+    no_cert.shows_no_endpoint(&refused);
 
     for pod in &all {
         let reply = plugin("DEL", Some(pod), &conf, &[]);

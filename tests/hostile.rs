@@ -370,6 +370,10 @@ fn kubeconfigs_that_run_commands_hang_or_flood_are_refused() {
         // is the log's.
         let msg = reply.msg();
         assert!(msg.contains("ipam.kubernetes.kubeconfig"), "{reply:?}");
+        if path == kubeconfig {
+            // What is wrong, without the user's name.
+            assert!(msg.contains("runs a command (exec)"), "{reply:?}");
+        }
         assert!(!msg.contains(&why), "{why}: {reply:?}");
         assert!(reply.stderr.contains(&why), "{why}: {reply:?}");
         assert!(!msg.contains("allow_inline_paths"), "{reply:?}");

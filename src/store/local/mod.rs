@@ -104,7 +104,17 @@ fn to_store_error(path: &Path, fail: Fail) -> StoreError {
             path.display()
         ))
         .because(e),
-        Fail::Sql(e) => StoreError::io(format!("local database {}", path.display())).because(e),
+        // SQLite's own kind of failure (`CannotOpen`, `ReadOnly`, `SystemIoFailure`) is told;
+        // its message, which may quote a statement or a path, is the log's.
+        Fail::Sql(e) => {
+            let kind = e.sqlite_error_code().map(|code| format!(": {code:?}"));
+            let what = format!(
+                "local database {}{}",
+                path.display(),
+                kind.unwrap_or_default()
+            );
+            StoreError::io(what).because(e)
+        }
         Fail::Msg(m) => StoreError::io(format!("local database {}: {m}", path.display())),
     }
 }
@@ -864,6 +874,25 @@ mod tests {
                 "{code}: {err:?}"
             );
         }
+    }
+
+    /// SQLite's kind of failure reaches the runtime; its message (which may quote a statement
+    /// or a path) and the database's path only the log.
+    #[test]
+    fn a_database_failure_is_told_by_its_kind() {
+        let e = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some("cannot open /var/lib/secret/x.db".into()),
+        );
+        let err = to_store_error(Path::new("/var/lib/secret/x.db"), Fail::Sql(e));
+        assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
+        assert!(err.public().contains(": CannotOpen"), "{}", err.public());
+        assert!(!err.public().contains("cannot open"), "{}", err.public());
+        assert!(
+            err.describe().contains("cannot open /var/lib/secret"),
+            "{}",
+            err.describe()
+        );
     }
 
     fn plan(conn: &Connection, sql: &str) -> String {
