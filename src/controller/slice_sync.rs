@@ -721,6 +721,10 @@ mod tests {
         assert_eq!(w.name, "fast-net");
         let twice = r#"{"name":"a","Name":"b","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"/24"}}"#;
         assert!(wanted("nad", "nad", twice).is_err());
+        // A name the API server would refuse is skipped, not sent: the refusal would fail the
+        // pass of every network.
+        let unnameable = r#"{"name":"x..y","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"/24"}}"#;
+        assert_eq!(wanted("nad", "nad", unnameable), Ok(None));
         let bare = r#"{"name":"net-d","ipam":{"type":"whereabouts","range":"10.1.0.0/16","node_slice_size":"24"}}"#;
         assert_eq!(wanted("nad", "nad", bare).unwrap().unwrap().size_text, "24");
         // Without a name, the NetworkAttachmentDefinition's, which Multus gives the plugin.

@@ -33,16 +33,21 @@ pub fn reservation_name(ip: IpAddr, network_name: &str) -> String {
     }
 }
 
-/// Whether `name` is a valid Kubernetes object name (an RFC 1123 subdomain).
+/// Whether `name` is a valid Kubernetes object name (an RFC 1123 subdomain, as the API server
+/// checks it): at most 253 bytes of dot-separated labels, each of lower-case letters, digits and
+/// `-`, starting and ending with a letter or digit. A name the server would refuse (`a..b`,
+/// `a.-b`) is refused before any request: the controller's pass would otherwise fail on it for
+/// every network.
 pub fn is_valid_object_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 253
-        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'.')
+    let label = |part: &str| {
+        let bytes = part.as_bytes();
+        bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+            && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+    };
+    name.len() <= 253 && name.split('.').all(label)
 }
 
 /// A valid object name for `upstream`: the upstream name when Kubernetes accepts it, otherwise
@@ -97,6 +102,26 @@ mod tests {
         assert_eq!(reservation_name(ip("2001::"), ""), "2001--0");
         assert_eq!(reservation_name(ip("abcd::1"), ""), "abcd--1");
         assert_eq!(reservation_name(ip("10.0.0.1"), "mynet"), "mynet-10.0.0.1");
+    }
+
+    /// The API server's rule, label by label: a name it would refuse is refused here first.
+    #[test]
+    fn object_names_are_rfc_1123_subdomains() {
+        for valid in [
+            "a",
+            "10.0.0.0-8",
+            "net.blue-10.0.0.0-24",
+            "0---126",
+            "a-b.c",
+        ] {
+            assert!(is_valid_object_name(valid), "{valid}");
+        }
+        let long = "a".repeat(254);
+        for invalid in [
+            "", "a..b", "a.-b", "a-.b", ".a", "a.", "-a", "A", "a_b", &long,
+        ] {
+            assert!(!is_valid_object_name(invalid), "{invalid}");
+        }
     }
 
     #[test]
