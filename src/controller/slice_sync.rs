@@ -145,8 +145,18 @@ fn has_key(object: &Value, key: &str) -> bool {
 /// `namespace` (the pools') that agree on the layout own the pool; one in another namespace
 /// cannot (the garbage collector takes an owner outside the namespace for a missing one, and
 /// would delete the pool).
-fn wanted_pools(nads: &[Arc<DynamicObject>], namespace: &str) -> (BTreeMap<String, Wanted>, bool) {
-    let mut pools: BTreeMap<String, Wanted> = BTreeMap::new();
+///
+/// Pool names hold no namespace, so definitions anywhere may ask for one pool. Of those that
+/// disagree, the oldest that asks for the layout the pool already has wins (`existing`: name
+/// to range and slice size), else the oldest: a newer definition elsewhere cannot re-slice a
+/// network in use (nor take it over when its own definition is re-created), and one whose
+/// author edits it cannot make the pool flap between layouts while another still asks for it.
+fn wanted_pools(
+    nads: &[Arc<DynamicObject>],
+    namespace: &str,
+    existing: &BTreeMap<String, Layout>,
+) -> (BTreeMap<String, Wanted>, bool) {
+    let mut asked: BTreeMap<String, Vec<(Wanted, Option<OwnerReference>)>> = BTreeMap::new();
     let mut complete = true;
     for nad in nads {
         let source = format!(
@@ -165,23 +175,10 @@ fn wanted_pools(nads: &[Arc<DynamicObject>], namespace: &str) -> (BTreeMap<Strin
         let local = nad.metadata.namespace.as_deref() == Some(namespace);
         let nad_name = nad.metadata.name.as_deref().unwrap_or_default();
         match wanted(&source, nad_name, config) {
-            Ok(Some(mut w)) => match pools.get_mut(&w.name) {
-                Some(first) if first.range != w.range || first.size != w.size => tracing::warn!(
-                    pool = %w.name, first = %first.source, ignored = %w.source,
-                    "two NetworkAttachmentDefinitions want the same NodeSlicePool with different ranges; the first wins"
-                ),
-                Some(first) => {
-                    let first_owner = first.owners.is_empty();
-                    first
-                        .owners
-                        .extend(local.then(|| owner_of(nad, first_owner)).flatten());
-                }
-                None => {
-                    w.owners
-                        .extend(local.then(|| owner_of(nad, true)).flatten());
-                    pools.insert(w.name.clone(), w);
-                }
-            },
+            Ok(Some(w)) => {
+                let owner = local.then(|| owner_of(nad, false)).flatten();
+                asked.entry(w.name.clone()).or_default().push((w, owner));
+            }
             Ok(None) => {}
             Err(err) => {
                 complete = false;
@@ -189,7 +186,59 @@ fn wanted_pools(nads: &[Arc<DynamicObject>], namespace: &str) -> (BTreeMap<Strin
             }
         }
     }
+    let pools = asked
+        .into_iter()
+        .map(|(name, candidates)| {
+            let chosen = chosen(candidates, existing.get(&name));
+            (name, chosen)
+        })
+        .collect();
     (pools, complete)
+}
+
+/// A NodeSlicePool's layout: its range and slice size.
+pub type Layout = (Cidr, u8);
+
+/// The layout each NodeSlicePool has; none for a pool whose spec does not read.
+fn layouts(pools: &[NodeSlicePool]) -> BTreeMap<String, Layout> {
+    let layout = |p: &NodeSlicePool| {
+        let range = Cidr::parse(&p.spec.range, false)?.network();
+        let size = crate::ipam::slices::parse_slice_size(&p.spec.slice_size).ok()?;
+        Some((p.metadata.name.clone()?, (range, size)))
+    };
+    pools.iter().filter_map(layout).collect()
+}
+
+/// Of the definitions asking for one pool (oldest first), the one that decides it ([`wanted_pools`]),
+/// owned by those of its layout in the pool's namespace, the oldest as the controller.
+fn chosen(candidates: Vec<(Wanted, Option<OwnerReference>)>, has: Option<&Layout>) -> Wanted {
+    let layout = |w: &Wanted| (w.range, w.size);
+    let at = has
+        .and_then(|has| candidates.iter().position(|(w, _)| layout(w) == *has))
+        .unwrap_or(0);
+    let winner = layout(&candidates[at].0);
+    let mut owners = Vec::new();
+    for (w, owner) in &candidates {
+        if layout(w) == winner {
+            owners.extend(owner.clone());
+        } else {
+            tracing::warn!(
+                pool = %w.name, chosen = %candidates[at].0.source, ignored = %w.source,
+                "two NetworkAttachmentDefinitions want the same NodeSlicePool with different ranges or slice sizes; the one the pool already follows (else the oldest) wins"
+            );
+        }
+    }
+    if let Some(first) = owners.first_mut() {
+        first.controller = Some(true);
+        first.block_owner_deletion = Some(true);
+    }
+    let mut want = candidates
+        .into_iter()
+        .nth(at)
+        .map(|(w, _)| w)
+        .expect("a candidate");
+    want.owners = owners;
+    want
 }
 
 /// One pass over the cached NetworkAttachmentDefinitions and nodes: every wanted pool brought
@@ -213,16 +262,16 @@ pub async fn sync(
         };
         key(a).cmp(&key(b))
     });
-    let (pools, complete) = wanted_pools(&nads, namespace);
+    let api: Api<NodeSlicePool> = Api::namespaced(client.clone(), namespace);
+    let existing = slice_pools(&api).await?;
+    let (pools, complete) = wanted_pools(&nads, namespace, &layouts(&existing));
     let nodes: BTreeSet<String> = nodes
         .state()
         .iter()
         .filter_map(|n| n.metadata.name.clone())
         .collect();
-    let api: Api<NodeSlicePool> = Api::namespaced(client.clone(), namespace);
     let mut failed = Vec::new();
     let mut pass = Pass::Done;
-    let existing = slice_pools(&api).await?;
     if complete {
         if let Err(err) = remove_unwanted(&api, &pools, &existing, metrics, leadership).await {
             failed.push(err);
@@ -772,7 +821,7 @@ mod tests {
             nad("kube-system", "second", "/24"),
             nad("kube-system", "other-size", "/25"),
         ];
-        let (pools, complete) = wanted_pools(&nads, "kube-system");
+        let (pools, complete) = wanted_pools(&nads, "kube-system", &BTreeMap::new());
         assert!(complete);
         let want = &pools["shared"];
         assert_eq!(want.size_text, "24");
@@ -788,6 +837,51 @@ mod tests {
             .all(|o| o.api_version == "k8s.cni.cncf.io/v1"
                 && o.kind == "NetworkAttachmentDefinition"
                 && o.uid.starts_with("uid-kube-system-")));
+    }
+
+    /// A newer definition elsewhere naming the same pool cannot re-slice a network in use: the
+    /// layout the pool already has wins, the oldest only when none asks for it.
+    #[test]
+    fn the_layout_a_pool_already_follows_wins_over_an_older_definition_elsewhere() {
+        let nads = [
+            nad("tenant-b", "squatter", "/28"),
+            nad("kube-system", "net", "/24"),
+        ];
+        let layout = |size| (Cidr::parse("10.2.0.0/16", false).unwrap(), size);
+        let existing = BTreeMap::from([("shared".to_string(), layout(24))]);
+        let (pools, _) = wanted_pools(&nads, "kube-system", &existing);
+        let want = &pools["shared"];
+        assert_eq!(
+            (want.size, want.source.as_str()),
+            (24, "NetworkAttachmentDefinition kube-system/net")
+        );
+        let owners: Vec<(&str, Option<bool>)> = want
+            .owners
+            .iter()
+            .map(|o| (o.name.as_str(), o.controller))
+            .collect();
+        assert_eq!(owners, vec![("net", Some(true))]);
+        // The pool's layout as the controller (or Go's) wrote it.
+        for size in ["24", "/24"] {
+            let spec = NodeSlicePoolSpec {
+                range: "10.2.0.0/16".into(),
+                slice_size: size.into(),
+            };
+            let read = layouts(&[NodeSlicePool::new("shared", spec)]);
+            assert_eq!(read, existing, "{size}");
+        }
+        // No pool yet, or one of a layout no one asks for any more: the oldest.
+        for existing in [
+            BTreeMap::new(),
+            BTreeMap::from([("shared".to_string(), layout(20))]),
+        ] {
+            let (pools, _) = wanted_pools(&nads, "kube-system", &existing);
+            assert_eq!(pools["shared"].size, 28);
+            assert!(
+                pools["shared"].owners.is_empty(),
+                "the winner's namespace is not the pool's"
+            );
+        }
     }
 
     /// Who gets which slice of `conf`'s layout, with `held` IPPools holding addresses and no
@@ -1026,11 +1120,15 @@ mod tests {
         assert!(!removable(&by_hand));
         // Go's controller's pools: owned by their NetworkAttachmentDefinition, unlabelled.
         let mut by_go = by_hand.clone();
-        by_go.metadata.owner_references =
-            wanted_pools(&[nad("kube-system", "a", "24")], "kube-system").0["shared"]
-                .owners
-                .clone()
-                .into();
+        by_go.metadata.owner_references = wanted_pools(
+            &[nad("kube-system", "a", "24")],
+            "kube-system",
+            &BTreeMap::new(),
+        )
+        .0["shared"]
+            .owners
+            .clone()
+            .into();
         assert!(removable(&by_go));
         // A wanted pool made before the label is labelled by the next pass, its labels kept.
         let mut unlabelled = made.clone();
@@ -1099,8 +1197,12 @@ mod tests {
             .pool;
         assert!(unchanged.is_none());
         let mut owned_by_nad = go_style;
-        owned_by_nad.owners = wanted_pools(&[nad("kube-system", "a", "24")], "kube-system").0
-            ["shared"]
+        owned_by_nad.owners = wanted_pools(
+            &[nad("kube-system", "a", "24")],
+            "kube-system",
+            &BTreeMap::new(),
+        )
+        .0["shared"]
             .owners
             .clone();
         let kept = desired_pool(Some(owned), &owned_by_nad, &nodes, &none)
