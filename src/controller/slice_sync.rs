@@ -216,14 +216,23 @@ fn chosen(candidates: Vec<(Wanted, Option<OwnerReference>)>, has: Option<&Layout
     let at = has
         .and_then(|has| candidates.iter().position(|(w, _)| layout(w) == *has))
         .unwrap_or(0);
-    let winner = layout(&candidates[at].0);
+    let first = &candidates[at].0;
+    let winner = layout(first);
     let mut owners = Vec::new();
     for (w, owner) in &candidates {
         if layout(w) == winner {
             owners.extend(owner.clone());
+            // Merged, but what they would hand out differs: the chosen one's bounds,
+            // exclusions and IPPool names apply to the other's nodes too.
+            if w.unusable != first.unusable || w.network_name != first.network_name {
+                tracing::warn!(
+                    pool = %w.name, chosen = %first.source, other = %w.source,
+                    "two NetworkAttachmentDefinitions want the same NodeSlicePool with the same range and slice size but different bounds, exclusions or network_name; the chosen one's apply"
+                );
+            }
         } else {
             tracing::warn!(
-                pool = %w.name, chosen = %candidates[at].0.source, ignored = %w.source,
+                pool = %w.name, chosen = %first.source, ignored = %w.source,
                 "two NetworkAttachmentDefinitions want the same NodeSlicePool with different ranges or slice sizes; the one the pool already follows (else the oldest) wins"
             );
         }
