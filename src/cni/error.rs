@@ -105,29 +105,19 @@ impl From<ConfigError> for CniError {
 /// value at each place first, so that a value inside another (a folder of a path) or inside a
 /// field's name (a host `etcd`) does not break what was already replaced.
 pub fn hide_values(text: &str, values: &[(String, &str)]) -> String {
-    let values: Vec<&(String, &str)> = values
+    let (patterns, fields): (Vec<&str>, Vec<String>) = values
         .iter()
         .filter(|(value, _)| value.chars().count() >= MIN_HIDDEN_CHARS)
-        .collect();
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        let longest = values
-            .iter()
-            .filter(|(value, _)| rest.starts_with(value.as_str()))
-            .max_by_key(|(value, _)| value.len());
-        match longest {
-            Some((value, field)) => {
-                out.push_str(&format!("<{field}>"));
-                rest = &rest[value.len()..];
-            }
-            None => {
-                out.push(c);
-                rest = &rest[c.len_utf8()..];
-            }
-        }
+        .map(|(value, field)| (value.as_str(), format!("<{field}>")))
+        .unzip();
+    let matcher = aho_corasick::AhoCorasick::builder()
+        .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+        .build(&patterns);
+    match matcher {
+        Ok(matcher) => matcher.replace_all(text, &fields),
+        // Only a pattern set beyond the library's limits: every value is hidden with the rest.
+        Err(_) => crate::files::without_values(text),
     }
-    out
 }
 
 /// `text` without the start of one of `values` it ends with when [`CniError::new`] cut it

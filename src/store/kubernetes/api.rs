@@ -255,19 +255,10 @@ fn is_untrusted_certificate(chain: &str) -> bool {
 /// credential's user (`User "system:serviceaccount:…"`) and the engine's namespace, which are
 /// the kubeconfig's, not the network configuration author's to see.
 fn without_identities(answer: &str) -> String {
-    let mut out = answer.to_string();
-    for marker in ["User \"", "namespace \"", "namespaces \"", "Namespace \""] {
-        let mut from = 0;
-        while let Some(found) = out[from..].find(marker) {
-            let start = from + found + marker.len();
-            let Some(len) = out[start..].find('"') else {
-                break;
-            };
-            out.replace_range(start..start + len, "…");
-            from = start + '…'.len_utf8() + 1;
-        }
-    }
-    out
+    static QUOTED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"(User|[Nn]amespaces?) "[^"]*""#).expect("a valid pattern")
+    });
+    QUOTED.replace_all(answer, r#"$1 "…""#).into_owned()
 }
 
 /// The three custom resources in the engine's namespace.
