@@ -150,6 +150,25 @@ pub struct IpamConfig {
     pub own_store: bool,
 }
 
+/// The forms a message may show an etcd endpoint in: as written, as messages show it (without
+/// user information), without the trailing `/` the client drops, with the scheme the client
+/// gives one written without, and its host. Only forms holding `.`, `:` or `/`: a bare name
+/// (`etcd`) would hide every word like it.
+fn endpoint_forms(endpoint: &str) -> Vec<String> {
+    let endpoint = endpoint.trim();
+    let shown = shown_url(endpoint);
+    let trimmed = shown.trim_end_matches('/');
+    let host = trimmed.split_once("://").map_or(trimmed, |(_, h)| h);
+    let host = host.split('/').next().unwrap_or_default();
+    let host = host.rsplit('@').next().unwrap_or_default();
+    let mut forms: Vec<String> = [endpoint, &shown, trimmed, host].map(str::to_string).into();
+    if !trimmed.contains("://") {
+        forms.extend(["http://", "https://"].map(|scheme| format!("{scheme}{trimmed}")));
+    }
+    forms.retain(|form| form.contains(['.', ':', '/']));
+    forms
+}
+
 impl IpamConfig {
     /// The admin's settings a store error may quote, each with the field that sets it: the
     /// engine's paths and endpoints (as written, as messages show them, and their host), the
@@ -181,25 +200,8 @@ impl IpamConfig {
                         path(file, field);
                     }
                 }
-                for endpoint in &etcd.endpoints {
-                    let endpoint = endpoint.trim();
-                    let shown = shown_url(endpoint);
-                    let host = shown.split_once("://").map_or(&*shown, |(_, h)| h);
-                    let host = host.split('/').next().unwrap_or_default();
-                    let host = host.rsplit('@').next().unwrap_or_default();
-                    // As written, as messages show it (without user information, and without
-                    // the trailing `/` the client drops), and its host. A bare name (`etcd`)
-                    // would hide every word like it: only an address, or a name with its
-                    // scheme, port or domain.
-                    let trimmed = shown.trim_end_matches('/');
-                    // Without a scheme, the client gives it one.
-                    let schemed = (!trimmed.contains("://"))
-                        .then(|| ["http://", "https://"].map(|s| format!("{s}{trimmed}")));
-                    let forms = [endpoint, &shown, trimmed, host].map(str::to_string);
-                    let forms = forms.into_iter().chain(schemed.into_iter().flatten());
-                    for form in forms.filter(|f| f.contains(['.', ':', '/'])) {
-                        values.push((form, "ipam.etcd_host"));
-                    }
+                for form in etcd.endpoints.iter().flat_map(|e| endpoint_forms(e)) {
+                    values.push((form, "ipam.etcd_host"));
                 }
             }
         }

@@ -109,16 +109,16 @@ fn pool_config(config_text: &str, also: &str) -> Result<Option<IpamConfig>, Stri
         .map_err(|e| e.describe())
 }
 
-/// The IPPools (by object name) that only networks keeping no reservations draw from
-/// (`enable_overlapping_ranges: false` in every NetworkAttachmentDefinition describing them):
-/// their entries need none. A pool none describes (a network configured in the nodes' files),
-/// or one a network with reservations draws from too, is not among them.
 /// The object names of the pools the NetworkAttachmentDefinitions describe outside node slices.
 pub fn plain_pools(nads: &[Arc<DynamicObject>]) -> BTreeSet<String> {
     let pools = described_pools(nads).into_iter();
     pools.map(|pool| object_name(&pool.name)).collect()
 }
 
+/// The IPPools (by object name) that only networks keeping no reservations draw from
+/// (`enable_overlapping_ranges: false` in every NetworkAttachmentDefinition describing them):
+/// their entries need none. A pool none describes (a network configured in the nodes' files),
+/// or one a network with reservations draws from too, is not among them.
 pub fn pools_without_reservations(nads: &[Arc<DynamicObject>]) -> BTreeSet<String> {
     let mut reserved: BTreeMap<String, bool> = BTreeMap::new();
     for nad in nads {

@@ -17,8 +17,7 @@ use super::reservation;
 use crate::cleanup::judge::{leaked_on_node, PodPlace};
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
-use crate::k8s::crd::OverlappingRangeIPReservation;
-use crate::k8s::crd::{IPPool, NodeSlicePool};
+use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
 use crate::store::queues::{dropped, Serving};
 use crate::store::{
     Allocation, Attachment, AttachmentRequest, GcRequest, PoolRef, Reservation, StoreError,
