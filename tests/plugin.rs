@@ -380,13 +380,19 @@ fn static_addresses_are_reserved() {
     // runtimeConfig.ips inside the range replaces the dynamic choice; outside addresses are returned as-is.
     let mut conf = net.conf.clone();
     conf["runtimeConfig"] = json!({"ips": ["10.23.0.7/24"]});
-    let r = call_with(&conf, "ADD", "a", "eth0", "").ok();
+    let r = call_with(&conf, "ADD", "a", "eth0", &pod_args("team-a/holder")).ok();
     assert_eq!(ips(&r), ["10.23.0.7/24", "192.0.2.10/24"]);
     assert_eq!(r["ips"][1]["gateway"], "192.0.2.1");
-    // Another pod cannot take it, by CNI_ARGS IP= either.
+    // Another pod cannot take it, by CNI_ARGS IP= either. The holder may be another tenant's
+    // pod: the reply does not name it, the log does.
     let reply = net.call("ADD", "b", "eth0", "IgnoreUnknown=1;IP=10.23.0.7");
     assert_eq!(reply.err_code(), 101);
     assert!(reply.msg().contains("10.23.0.7"), "{reply:?}");
+    let asked = format!("{};IP=10.23.0.7", pod_args("team-b/asker"));
+    let reply = net.call("ADD", "b", "eth1", &asked);
+    assert_eq!(reply.err_code(), 101);
+    assert!(!reply.msg().contains("team-a"), "{reply:?}");
+    assert!(reply.stderr.contains("team-a/holder"), "{reply:?}");
     // Dynamic allocation skips it.
     for expected in [
         "10.23.0.1/24",

@@ -144,10 +144,18 @@ impl StoreError {
     /// What the CNI runtime is told, and through it the author of the network configuration:
     /// the message and, of its causes, only the kind of system failure underneath ("connection
     /// refused", "permission denied"). The causes' own text quotes what the admin configured
-    /// (endpoints, paths, certificate names) and goes to the node's log ([`describe`]).
+    /// (endpoints, paths, certificate names) and goes to the node's log ([`describe`]), as does
+    /// the holder of an address asked for.
     ///
     /// [`describe`]: StoreError::describe
     pub fn public(&self) -> String {
+        // The holder may be another tenant's pod: the asker learns that the address is taken.
+        if let StoreError::InUse { ip, range, .. } = self {
+            return format!(
+                "requested IP address {ip} in range {range} is already held by another \
+                 attachment (the node's whereabouts log names it)"
+            );
+        }
         let Some(cause) = std::error::Error::source(self) else {
             return self.to_string();
         };
@@ -257,6 +265,9 @@ mod tests {
             range: "10.0.0.0/24".into(),
             holder: "ns/pod".into(),
         };
-        assert_eq!(in_use.clone().logging("x").public(), in_use.to_string());
+        assert_eq!(in_use.clone().logging("x").describe(), in_use.to_string());
+        assert!(in_use.to_string().contains("ns/pod"));
+        assert!(!in_use.public().contains("ns/pod"), "{}", in_use.public());
+        assert!(in_use.public().contains("10.0.0.5"), "{}", in_use.public());
     }
 }
