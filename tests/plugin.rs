@@ -18,6 +18,8 @@ fn version_lists_every_supported_version() {
         run(&[("CNI_COMMAND", "VERSION")], "").ok()["cniVersion"],
         "1.1.0"
     );
+    let spelled = run(&[("CNI_COMMAND", "VERSION")], r#"{"CNIVersion":"0.3.1"}"#);
+    assert_eq!(spelled.ok()["cniVersion"], "0.3.1");
 }
 
 #[test]

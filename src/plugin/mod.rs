@@ -169,9 +169,11 @@ fn version_reply(stdin: &[u8], reply_version: &mut String) -> Value {
     let asked = serde_json::from_slice::<Value>(stdin)
         .ok()
         .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(String::from)
+            // As the other commands read it (the runtime's decoder matches keys in any case);
+            // two other spellings answer with the latest version, as a missing one does.
+            let conf = v.as_object()?;
+            let asked = config::get_any_case(conf, "cniVersion").ok().flatten()?;
+            asked.as_str().map(String::from)
         })
         .filter(|v| version::is_supported(v))
         .unwrap_or_else(|| LATEST.to_string());
