@@ -176,6 +176,17 @@ fn missing_variables_are_code_4_naming_them() {
     assert_eq!(run(&[("CNI_COMMAND", "FROB")], &conf).err_code(), 4);
 }
 
+/// A level Go's plugin ignores (`info`) must not fail the calls of the pods it served.
+#[test]
+fn an_unknown_log_level_fails_no_call() {
+    let net = Net::local(json!({"range": "10.31.0.0/24", "log_level": "info"}));
+    let added = net.add("a", "eth0");
+    assert_eq!(ips(&added.ok()), ["10.31.0.1/24"]);
+    assert!(added.stderr.contains("ipam.log_level"), "{added:?}");
+    net.del("a", "eth0").ok_empty();
+    assert_eq!(ips(&net.add("b", "eth0").ok()), ["10.31.0.1/24"]);
+}
+
 #[test]
 fn exhausted_pool_names_the_range() {
     let net = Net::local(json!({"range": "10.15.0.0/30"}));

@@ -122,7 +122,7 @@ pub(super) fn load_inner(
         .map_err(|err| values_hidden(err, &from_flat, &flat))?;
     cfg.go_peers = go_peers;
     cfg.trust = trust;
-    cfg.warnings = screened.warnings;
+    cfg.warnings.extend(screened.warnings);
     cfg.own_store = screened.own_store;
     if cfg.node_slice_size.is_some() {
         cfg.warnings.extend(slice_keys_from_flat_file(&from_flat));
@@ -396,7 +396,7 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, Confi
             "ipam needs a range, ipRanges or addresses: none is set",
         ));
     }
-    let log_level = log_level(map)?;
+    let (log_level, level_warning) = log_level(map)?;
     let node_slice_size = text(map, "node_slice_size", "ipam.node_slice_size")?
         .map(|s| {
             parse_slice_size(&s)
@@ -438,7 +438,7 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, Confi
         datastore: datastore(map, operator)?,
         agent_socket: text(map, "agent_socket", "flat file agent_socket")?.map(PathBuf::from),
         trust: Trust::default(),
-        warnings: Vec::new(),
+        warnings: level_warning.into_iter().collect(),
         own_store: false,
         go_peers: GoPeers::default(),
     })
@@ -549,19 +549,28 @@ fn static_addresses(map: &Map<String, Value>) -> Result<Vec<StaticAddress>, Conf
     Ok(addresses)
 }
 
-fn log_level(map: &Map<String, Value>) -> Result<Option<LogLevel>, ConfigError> {
-    text(map, "log_level", "ipam.log_level")?
-        .map(|level| match level.to_ascii_lowercase().as_str() {
-            "debug" => Ok(LogLevel::Debug),
-            "verbose" => Ok(LogLevel::Verbose),
-            "error" => Ok(LogLevel::Error),
-            "panic" => Ok(LogLevel::Panic),
-            _ => Err(invalid(format!(
-                "invalid ipam.log_level: {:?} (expected debug, verbose, error or panic)",
-                shown(&level)
-            ))),
-        })
-        .transpose()
+/// The log level, and a warning when it names none. Go's plugin ignores a level it does not
+/// know (`info`, `warn`), so configurations carry them: refusing one would fail every DEL of the
+/// pods they served, and logging never fails a CNI call.
+fn log_level(map: &Map<String, Value>) -> Result<(Option<LogLevel>, Option<String>), ConfigError> {
+    let Some(level) = text(map, "log_level", "ipam.log_level")? else {
+        return Ok((None, None));
+    };
+    let known = match level.to_ascii_lowercase().as_str() {
+        "debug" => Some(LogLevel::Debug),
+        "verbose" => Some(LogLevel::Verbose),
+        "error" => Some(LogLevel::Error),
+        "panic" => Some(LogLevel::Panic),
+        _ => None,
+    };
+    let warning = known.is_none().then(|| {
+        format!(
+            "ipam.log_level {:?} is not a level (debug, verbose, error or panic): the default is \
+             used",
+            shown(&level)
+        )
+    });
+    Ok((known, warning))
 }
 
 /// `operator`: an operator's command or the controller, for which the Kubernetes engine's

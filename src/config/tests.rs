@@ -215,8 +215,6 @@ fn bad_values_are_named() {
     assert!(m.contains("ipam.exclude"), "{m}");
     let m = base("datastore", "redis".into());
     assert!(m.contains("redis"), "{m}");
-    let m = base("log_level", "loud".into());
-    assert!(m.contains("loud"), "{m}");
     let m = base("node_slice_size", "/x".into());
     assert!(m.contains("node_slice_size"), "{m}");
     let m = err(
@@ -236,6 +234,35 @@ fn bad_values_are_named() {
     assert!(m.contains("twice"), "{m}");
     let m = err(json!({"type": "whereabouts", "range": "10.0.0.0/24", "datastore": "etcd"}));
     assert!(m.contains("etcd_host"), "{m}");
+}
+
+/// Go's plugin ignores a level it does not know: configurations written for it carry `info`.
+#[test]
+fn an_unknown_log_level_is_a_warning() {
+    let range = json!({"type": "whereabouts", "range": "10.0.0.0/24"});
+    let with = |level: Value| {
+        let mut ipam = range.clone();
+        ipam["log_level"] = level;
+        load(ipam)
+    };
+    let cfg = with("info".into()).unwrap();
+    assert_eq!(cfg.log_level, None);
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    assert!(
+        cfg.warnings[0].contains("ipam.log_level"),
+        "{:?}",
+        cfg.warnings
+    );
+    let cfg = with("Verbose".into()).unwrap();
+    assert_eq!(
+        (cfg.log_level, cfg.warnings.len()),
+        (Some(LogLevel::Verbose), 0)
+    );
+    // Go's decoder refuses a level that is not text: so does this one.
+    assert!(
+        err(json!({"type": "whereabouts", "range": "10.0.0.0/24", "log_level": 3}))
+            .contains("ipam.log_level")
+    );
 }
 
 #[test]
@@ -619,7 +646,7 @@ fn refusals_never_show_the_flat_files_values() {
     );
     // Wrong only once merged: the field is named, the flat file's value is not shown (a blank
     // range is unset, for the flat file to fill).
-    let (_dir, load) = untrusted(json!({"range": "10.77.0.0/24", "log_level": "admin-level"}));
+    let (_dir, load) = untrusted(json!({"range": "10.77.0.0/24", "gateway": "admin-gateway"}));
     let msg = load(json!({"range": "", "range_start": "10.99.0.1"})).unwrap_err();
     assert!(
         msg.contains("ipam.range") && !msg.contains("10.77.0.0"),
@@ -631,7 +658,7 @@ fn refusals_never_show_the_flat_files_values() {
     assert!(!msg.contains("fd00:77"), "{msg}");
     let msg = load(json!({"range": "", "range_start": "10.77.0.1"})).unwrap_err();
     assert!(
-        msg.contains("ipam.log_level") && !msg.contains("admin-level"),
+        msg.contains("ipam.gateway") && !msg.contains("admin-gateway"),
         "{msg}"
     );
     // Shown as parsed, which is not as written.
