@@ -187,6 +187,22 @@ fn an_unknown_log_level_fails_no_call() {
     assert_eq!(ips(&net.add("b", "eth0").ok()), ["10.31.0.1/24"]);
 }
 
+/// A configuration whose `range_start` lies outside its range (Go's plugin ignores it) is
+/// refused for ADD, and still releases what its pods hold: a node whose binary is swapped
+/// tears down the pods Go's plugin served.
+#[test]
+fn a_start_outside_the_range_refuses_adds_but_not_dels() {
+    let net = Net::local(json!({"range": "10.32.0.0/24"}));
+    assert_eq!(ips(&net.add("a", "eth0").ok()), ["10.32.0.1/24"]);
+    let mut wrong = net.conf.clone();
+    wrong["ipam"]["range_start"] = "10.33.0.1".into();
+    assert_eq!(call_with(&wrong, "ADD", "b", "eth0", "").err_code(), 7);
+    let del = call_with(&wrong, "DEL", "a", "eth0", "");
+    del.ok_empty();
+    assert!(del.stderr.contains("without its range_start"), "{del:?}");
+    assert_eq!(ips(&net.add("c", "eth0").ok()), ["10.32.0.1/24"]);
+}
+
 #[test]
 fn exhausted_pool_names_the_range() {
     let net = Net::local(json!({"range": "10.15.0.0/30"}));

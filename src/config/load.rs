@@ -28,7 +28,16 @@ fn invalid(msg: impl Into<String>) -> ConfigError {
 /// trusted, see [`super::trust`]) and the admin's flat file, `$WHEREABOUTS_FLAT_FILE` or the
 /// first of the standard places that exists.
 pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
-    load_inner(ipam, &flat_files(), Caller::Network)
+    load_inner(ipam, &flat_files(), Caller::Network, Narrowing::Refused)
+}
+
+/// As [`load`], for the calls that release or look at what is held (DEL, CHECK, GC): a range's
+/// `range_start`, `range_end` or `exclude` that [`load`] refuses is left out, with a warning. A
+/// pool is its range and network name alone, so nothing they find changes; a configuration Go's
+/// plugin accepts (it ignores a start outside the range, checks exclusions only when it
+/// allocates) keeps releasing the addresses of its pods here, while its ADDs are refused.
+pub fn load_to_release(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
+    load_inner(ipam, &flat_files(), Caller::Network, Narrowing::Warned)
 }
 
 /// As [`load`], for the operator's commands and the node agent: the engine settings matter,
@@ -36,7 +45,7 @@ pub fn load(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
 /// what the operator gives is trusted. The flat file is the one the node's plugin reads, so
 /// they reach the store the plugin would use.
 pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError> {
-    load_inner(ipam, &flat_files(), Caller::Operator)
+    load_inner(ipam, &flat_files(), Caller::Operator, Narrowing::Refused)
 }
 
 /// Where the flat file is looked for: `$WHEREABOUTS_FLAT_FILE` alone when set, else the
@@ -54,7 +63,7 @@ pub fn load_with_flat_files(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
 ) -> Result<IpamConfig, ConfigError> {
-    load_inner(ipam, default_flat_files, Caller::Admin)
+    load_inner(ipam, default_flat_files, Caller::Admin, Narrowing::Refused)
 }
 
 /// As [`load`] with the default flat-file locations given: the `ipam` object is a network
@@ -63,7 +72,12 @@ pub fn load_untrusted(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
 ) -> Result<IpamConfig, ConfigError> {
-    load_inner(ipam, default_flat_files, Caller::Network)
+    load_inner(
+        ipam,
+        default_flat_files,
+        Caller::Network,
+        Narrowing::Refused,
+    )
 }
 
 /// Who hands over the `ipam` object.
@@ -77,10 +91,20 @@ pub(super) enum Caller {
     Operator,
 }
 
+/// What a wrong `range_start`, `range_end` or `exclude` of a range does to a load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Narrowing {
+    /// The load fails: an ADD, which would hand out an address the admin meant to keep.
+    Refused,
+    /// The range is read without them, with a warning ([`load_to_release`]).
+    Warned,
+}
+
 pub(super) fn load_inner(
     ipam: Option<&Value>,
     default_flat_files: &[PathBuf],
     caller: Caller,
+    narrowing: Narrowing,
 ) -> Result<IpamConfig, ConfigError> {
     let ipam = ipam.ok_or_else(|| invalid("IPAM config missing 'ipam' key"))?;
     let Value::Object(ipam) = ipam else {
@@ -118,7 +142,7 @@ pub(super) fn load_inner(
     };
     let go_peers = go_peers(&flat)?;
     let from_flat = merge_flat_file(&mut map, &flat);
-    let mut cfg = resolve(&map, caller == Caller::Operator)
+    let mut cfg = resolve(&map, caller == Caller::Operator, narrowing)
         .map_err(|err| values_hidden(err, &from_flat, &flat))?;
     cfg.go_peers = go_peers;
     cfg.trust = trust;
@@ -338,12 +362,42 @@ fn ip_field(
 }
 
 /// One range entry (the top level or an `ipRanges` item).
-fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>, ConfigError> {
+fn range_spec(
+    map: &Map<String, Value>,
+    path: &str,
+    narrowing: Narrowing,
+    warnings: &mut Vec<String>,
+) -> Result<Option<RangeSpec>, ConfigError> {
     let Some(range_text) = text(map, "range", &format!("{path}range"))? else {
         return Ok(None);
     };
-    let (cidr, dash_start, dash_end) = parse_range_text(range_text.trim())
+    let parsed = parse_range_text(range_text.trim())
         .map_err(|err| invalid(format!("invalid {path}range: {err}")))?;
+    match (narrowed(map, path, &range_text, parsed), narrowing) {
+        (Ok(spec), _) => Ok(Some(spec)),
+        (Err(err), Narrowing::Warned) => {
+            warnings.push(format!(
+                "{err}: the range is read without its range_start, range_end and exclude"
+            ));
+            Ok(Some(RangeSpec {
+                cidr: parsed.0,
+                start: None,
+                end: None,
+                exclude: Vec::new(),
+            }))
+        }
+        (Err(err), Narrowing::Refused) => Err(err),
+    }
+}
+
+/// The range `range_text` parsed to `(cidr, dash_start, dash_end)`, narrowed by the entry's
+/// `range_start`, `range_end` and `exclude`, and checked to leave an address.
+fn narrowed(
+    map: &Map<String, Value>,
+    path: &str,
+    range_text: &str,
+    (cidr, dash_start, dash_end): (Cidr, Option<IpAddr>, Option<IpAddr>),
+) -> Result<RangeSpec, ConfigError> {
     let start = match dash_start {
         Some(start) => Some(start),
         None => ip_field(map, "range_start", &format!("{path}range_start"))?,
@@ -372,21 +426,26 @@ fn range_spec(map: &Map<String, Value>, path: &str) -> Result<Option<RangeSpec>,
     let range = Range::resolve(&spec, None).map_err(|err| {
         invalid(format!(
             "invalid {path}range {:?}: {err}",
-            shown(&range_text)
+            shown(range_text)
         ))
     })?;
     if range.capacity() == 0 {
         return Err(invalid(format!(
             "invalid {path}range {:?}: {}",
-            shown(&range_text),
+            shown(range_text),
             RangeError::NothingLeft(spec.cidr)
         )));
     }
-    Ok(Some(spec))
+    Ok(spec)
 }
 
-fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, ConfigError> {
-    let ranges = ranges(map)?;
+fn resolve(
+    map: &Map<String, Value>,
+    operator: bool,
+    narrowing: Narrowing,
+) -> Result<IpamConfig, ConfigError> {
+    let mut warnings = Vec::new();
+    let ranges = ranges(map, narrowing, &mut warnings)?;
     let gateway = ip_field(map, "gateway", "ipam.gateway")?;
     let routes = routes(map)?;
     let dns: Option<Dns> = field(map, "dns", "ipam.dns")?;
@@ -396,7 +455,7 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, Confi
             "ipam needs a range, ipRanges or addresses: none is set",
         ));
     }
-    let (log_level, level_warning) = log_level(map)?;
+    let log_level = log_level(map, &mut warnings)?;
     let node_slice_size = text(map, "node_slice_size", "ipam.node_slice_size")?
         .map(|s| {
             parse_slice_size(&s)
@@ -438,7 +497,7 @@ fn resolve(map: &Map<String, Value>, operator: bool) -> Result<IpamConfig, Confi
         datastore: datastore(map, operator)?,
         agent_socket: text(map, "agent_socket", "flat file agent_socket")?.map(PathBuf::from),
         trust: Trust::default(),
-        warnings: level_warning.into_iter().collect(),
+        warnings,
         own_store: false,
         go_peers: GoPeers::default(),
     })
@@ -461,14 +520,24 @@ fn go_peers(flat: &Map<String, Value>) -> Result<GoPeers, ConfigError> {
 }
 
 /// `range` (with `range_start`, `range_end`, `exclude`) and `ipRanges`, in that order.
-fn ranges(map: &Map<String, Value>) -> Result<Vec<RangeSpec>, ConfigError> {
+fn ranges(
+    map: &Map<String, Value>,
+    narrowing: Narrowing,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<RangeSpec>, ConfigError> {
     let mut ranges = Vec::new();
-    if let Some(top) = range_spec(map, "ipam.")? {
+    if let Some(top) = range_spec(map, "ipam.", narrowing, warnings)? {
         ranges.push(top);
     } else {
+        // They apply to `range` alone (an ipRanges entry takes its own): the admin's intent,
+        // an address kept out, cannot be honoured. Go's plugin ignores them.
         for key in ["range_start", "range_end", "exclude"] {
             if map.get(key).is_some_and(|v| !super::raw::is_unset(v)) {
-                return Err(invalid(format!("ipam.{key} is set but ipam.range is not")));
+                let refusal = format!("ipam.{key} is set but ipam.range is not");
+                match narrowing {
+                    Narrowing::Refused => return Err(invalid(refusal)),
+                    Narrowing::Warned => warnings.push(format!("{refusal}: ignored")),
+                }
             }
         }
     }
@@ -486,8 +555,8 @@ fn ranges(map: &Map<String, Value>) -> Result<Vec<RangeSpec>, ConfigError> {
                 kind_of(item)
             )));
         };
-        let spec =
-            range_spec(entry, &path)?.ok_or_else(|| invalid(format!("{path}range is missing")))?;
+        let spec = range_spec(entry, &path, narrowing, warnings)?
+            .ok_or_else(|| invalid(format!("{path}range is missing")))?;
         if ranges.iter().any(|r: &RangeSpec| r.cidr == spec.cidr) {
             return Err(invalid(format!(
                 "invalid {path}range: {} is configured twice (one address is taken per range)",
@@ -549,12 +618,15 @@ fn static_addresses(map: &Map<String, Value>) -> Result<Vec<StaticAddress>, Conf
     Ok(addresses)
 }
 
-/// The log level, and a warning when it names none. Go's plugin ignores a level it does not
+/// The log level; one that names none is a warning. Go's plugin ignores a level it does not
 /// know (`info`, `warn`), so configurations carry them: refusing one would fail every DEL of the
 /// pods they served, and logging never fails a CNI call.
-fn log_level(map: &Map<String, Value>) -> Result<(Option<LogLevel>, Option<String>), ConfigError> {
+fn log_level(
+    map: &Map<String, Value>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<LogLevel>, ConfigError> {
     let Some(level) = text(map, "log_level", "ipam.log_level")? else {
-        return Ok((None, None));
+        return Ok(None);
     };
     let known = match level.to_ascii_lowercase().as_str() {
         "debug" => Some(LogLevel::Debug),
@@ -563,14 +635,14 @@ fn log_level(map: &Map<String, Value>) -> Result<(Option<LogLevel>, Option<Strin
         "panic" => Some(LogLevel::Panic),
         _ => None,
     };
-    let warning = known.is_none().then(|| {
-        format!(
+    if known.is_none() {
+        warnings.push(format!(
             "ipam.log_level {:?} is not a level (debug, verbose, error or panic): the default is \
              used",
             shown(&level)
-        )
-    });
-    Ok((known, warning))
+        ));
+    }
+    Ok(known)
 }
 
 /// `operator`: an operator's command or the controller, for which the Kubernetes engine's

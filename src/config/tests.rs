@@ -265,6 +265,59 @@ fn an_unknown_log_level_is_a_warning() {
     );
 }
 
+/// A range's narrowing keys that an ADD refuses (Go's plugin ignores a start outside the
+/// range, and checks exclusions only when it allocates) are left out, with a warning, for the
+/// calls that release: the pods a configuration served keep being torn down.
+#[test]
+fn wrong_narrowing_keys_refuse_adds_only() {
+    use super::load::{load_inner, Caller, Narrowing};
+    let to_release = |ipam: Value| load_inner(Some(&ipam), &[], Caller::Admin, Narrowing::Warned);
+    let cases = [
+        (
+            json!({"range": "10.1.0.0/24", "range_start": "10.2.0.1"}),
+            "10.1.0.0/24",
+        ),
+        (
+            json!({"range": "10.1.0.0/24", "exclude": ["10.1.0.300/32"]}),
+            "10.1.0.0/24",
+        ),
+        (
+            json!({"range": "10.1.0.0/30", "exclude": ["10.1.0.0/30"]}),
+            "10.1.0.0/30",
+        ),
+        (
+            json!({"ipRanges": [{"range": "10.3.0.0/24", "range_start": "10.2.0.1",
+                "exclude": ["10.3.0.7/32"]}]}),
+            "10.3.0.0/24",
+        ),
+    ];
+    for (mut ipam, cidr) in cases {
+        ipam["type"] = "whereabouts".into();
+        assert!(load(ipam.clone()).is_err(), "{ipam}");
+        let cfg = to_release(ipam.clone()).unwrap();
+        assert_eq!(cfg.ranges.len(), 1, "{ipam}");
+        assert_eq!(cfg.ranges[0].cidr.to_string(), cidr);
+        assert!(
+            cfg.ranges[0].start.is_none() && cfg.ranges[0].exclude.is_empty(),
+            "{ipam}"
+        );
+        assert_eq!(cfg.warnings.len(), 1, "{ipam}: {:?}", cfg.warnings);
+    }
+    // Beside ipRanges without a range: nothing to apply them to.
+    let beside = json!({"type": "whereabouts", "exclude": ["10.1.0.1/32"],
+        "ipRanges": [{"range": "10.1.0.0/24"}]});
+    assert!(err(beside.clone()).contains("ipam.exclude"));
+    let cfg = to_release(beside).unwrap();
+    assert!(cfg.ranges[0].exclude.is_empty());
+    assert!(
+        cfg.warnings[0].contains("ipam.exclude"),
+        "{:?}",
+        cfg.warnings
+    );
+    // The range itself stays required: it names the pool.
+    assert!(to_release(json!({"type": "whereabouts", "range": "10.1.0.0/33"})).is_err());
+}
+
 #[test]
 fn engines_are_selected() {
     let ds = |ipam: Value| load(ipam).unwrap().datastore;
@@ -317,7 +370,13 @@ fn kubernetes_engine_without_kubeconfig_defaults_only_for_operators() {
     assert!(err(ipam.clone()).contains("ipam.kubernetes.kubeconfig is not set"));
     // The operator's commands and the controller take the node's (or, in a pod, the service
     // account when that file is absent: see k8s::cluster::operator_access).
-    let cfg = super::load::load_inner(Some(&ipam), &[], super::load::Caller::Operator).unwrap();
+    let cfg = super::load::load_inner(
+        Some(&ipam),
+        &[],
+        super::load::Caller::Operator,
+        super::load::Narrowing::Refused,
+    )
+    .unwrap();
     assert_eq!(
         cfg.datastore,
         Datastore::Kubernetes(KubernetesConfig {

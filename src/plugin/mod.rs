@@ -143,7 +143,11 @@ fn call(
             ),
         ));
     }
-    let cfg = match config::load(conf.ipam.as_ref()) {
+    let loaded = match env.command {
+        Command::Del | Command::Check | Command::Gc => config::load_to_release(conf.ipam.as_ref()),
+        _ => config::load(conf.ipam.as_ref()),
+    };
+    let cfg = match loaded {
         Ok(cfg) => cfg,
         // STATUS answers whether ADDs can be served: a configuration they would refuse says no.
         Err(err) if env.command == Command::Status => return Err(not_available(err.into())),
