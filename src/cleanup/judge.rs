@@ -48,7 +48,8 @@ pub enum Verdict {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeepReason {
-    /// Recorded without a pod: only its runtime's DEL or GC can free it.
+    /// Recorded without a pod, or with a reference no pod can have (a runtime outside
+    /// Kubernetes): only its runtime's DEL or GC can free it.
     NoPodReference,
     /// The pod is alive (running, or in an unknown phase that may still be running).
     PodAlive,
@@ -196,11 +197,11 @@ pub fn judge_holder(
     pod_uid: Option<&str>,
     pod: Option<&PodState>,
 ) -> Verdict {
-    // Only `namespace/name` can name a pod; anything else was not recorded by a pod's ADD, so
+    // Only `namespace/name` of two object names can name a pod; anything else was not
+    // recorded by a pod's ADD (runtimes outside Kubernetes pass K8S_POD_NAMESPACE and
+    // K8S_POD_NAME too: podman's CNI library sets both to the container's name, `web_1`), so
     // no pod's absence says anything about it.
-    let names_a_pod = pod_ref
-        .and_then(|r| r.split_once('/'))
-        .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'));
+    let names_a_pod = pod_ref.and_then(super::pods::namespace_and_name).is_some();
     if !names_a_pod {
         return Verdict::Keep(KeepReason::NoPodReference);
     }
@@ -407,6 +408,9 @@ mod tests {
             Some("/x"),
             Some("ns/"),
             Some("a/b/c"),
+            Some("web_1/web_1"),
+            Some("Team/pod"),
+            Some("ns/..x"),
         ] {
             assert_eq!(
                 verdict(&allocation(no_pod, None), None),

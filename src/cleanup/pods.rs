@@ -115,7 +115,7 @@ pub async fn get(client: &Client, reference: &str) -> Result<Option<PodState>, P
 /// References come from the store, where anyone who could write it put them, and kube's
 /// requests put the parts into the path as they are: a `/`, `..`, `?` or `%` would ask for
 /// another object than the pod.
-fn namespace_and_name(reference: &str) -> Option<(&str, &str)> {
+pub(crate) fn namespace_and_name(reference: &str) -> Option<(&str, &str)> {
     let (ns, name) = reference.split_once('/')?;
     (is_valid_object_name(ns) && is_valid_object_name(name)).then_some((ns, name))
 }
