@@ -519,6 +519,38 @@ fn a_full_etcd_database_is_named_in_the_answer() {
     assert!(text.contains("database space exceeded"), "{text}");
 }
 
+/// The agent's combined commits nest every ADD's puts, which etcd prices at nothing: they too
+/// are refused when the database is full (it grew past its quota, and then refused reads as
+/// well), and a DEL still releases.
+#[test]
+fn an_agents_adds_are_refused_when_the_database_is_full() {
+    if !etcd_available() {
+        return;
+    }
+    let cluster = Cluster::start_with(false, &["--quota-backend-bytes", "1048576"]);
+    let (runtime, observed) = (agent_runtime(), Arc::new(Combined::default()));
+    let agent = agent_store(&cluster, &runtime, &observed);
+    let p = [pool("10.0.0.0/24", "")];
+    assert!(agent.add(&add_req(who("c1", Some("ns/a")), &p, "")).is_ok());
+    eventually("the copy in step", || observed.synced());
+    let filler = "x".repeat(100_000);
+    for i in 0.. {
+        if !cluster.try_put(&format!("filler/{i}"), &filler) {
+            break;
+        }
+        assert!(i < 100, "no quota at 10 MB written");
+    }
+    let err = agent
+        .add(&add_req(who("c2", Some("ns/b")), &p, ""))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::TryAgain { .. }), "{err:?}");
+    let text = whereabouts::store::error::chain(&err);
+    assert!(text.contains("database space exceeded"), "{text}");
+    assert!(observed.batches("add").len() >= 2, "combined commits");
+    let released = agent.del(&att_req("c1", &p)).unwrap();
+    assert_eq!(released.len(), 1, "{released:?}");
+}
+
 /// What an agent's store reports of its combining and of its copy.
 #[derive(Default)]
 struct Combined {

@@ -612,7 +612,10 @@ impl Inner {
         if planned.is_empty() {
             return Ok(round);
         }
-        let (commits, read_back_sizes) = nested_commits(s, reqs, &planned, starts);
+        let (mut commits, read_back_sizes) = nested_commits(s, reqs, &planned, starts);
+        // Last, after the answers zipped with `planned`: a put of the commit's own, which etcd
+        // refuses when its database is full (the nested ones pass; see `Keys::quota`).
+        commits.push(TxnOp::put(s.keys.quota(), "", None));
         let resp = s.txn(
             dl,
             "combined allocation commit",

@@ -211,7 +211,7 @@ impl Survey {
             }
             // Pod index entries: a pod's newer attachment takes the entry over, so an older
             // record without one is no fault; what they point at is only a hint.
-            Some(Parsed::Pod) => true,
+            Some(Parsed::Pod | Parsed::Quota) => true,
             None => false,
         };
         if !readable {

@@ -8,6 +8,7 @@
 //! <prefix>reservations/<network>/<ip>             network-wide overlap reservation (JSON)
 //! <prefix>owners/<container id>/<ifname>/<pool>   owner index: value = <offset>
 //! <prefix>pods/<namespace/name>/<ifname>/<pool>   pod index: value = <offset>
+//! <prefix>quota                                   written by every combined ADD commit
 //! ```
 //!
 //! Names coming from configuration or the runtime are escaped so that a `/` inside them can
@@ -100,6 +101,14 @@ impl Keys {
         self.owner_dir(container_id, ifname) + &escape(pool)
     }
 
+    /// The key a combined ADD commit puts at its own level: etcd prices a transaction by the
+    /// puts of its top level, and refuses one priced above nothing when its database is full.
+    /// The ADDs' own puts are nested, priced at nothing: without it, a full database would take
+    /// them.
+    pub fn quota(&self) -> String {
+        format!("{}quota", self.prefix)
+    }
+
     pub fn pod(&self, pod_ref: &str, ifname: &str, pool: &str) -> String {
         format!(
             "{}pods/{}/{}/{}",
@@ -137,6 +146,7 @@ pub enum Parsed {
         pool: String,
     },
     Pod,
+    Quota,
 }
 
 impl Keys {
@@ -168,6 +178,7 @@ impl Keys {
                 pool: unescape(pool),
             },
             ["pods", _, _, _] => Parsed::Pod,
+            ["quota"] => Parsed::Quota,
             _ => return None,
         };
         Some(parsed)
@@ -361,6 +372,7 @@ mod tests {
                 },
             ),
             (k.pod("ns/pod", "eth0", "a/b%c\u{85}"), Parsed::Pod),
+            (k.quota(), Parsed::Quota),
         ];
         for (key, parsed) in cases {
             assert_eq!(k.parse(&key), Some(parsed), "{key}");
