@@ -730,6 +730,25 @@ fn a_failed_add_takes_back_a_reservation_whose_create_went_unanswered() {
     );
 }
 
+/// A flat file in `dir` for the fake API server saying Go binaries write the pools, the ADD
+/// waiting `sleep_for_race` seconds between choosing and writing.
+fn go_present_on_fake(server: &FakeApiServer, dir: &Path, sleep_for_race: u64) -> PathBuf {
+    let kubeconfig = server.write_kubeconfig(dir, None);
+    let flat = dir.join("whereabouts.conf");
+    let settings = json!({"go_whereabouts": "present", "datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": kubeconfig}, "allow_insecure_tls": true,
+        "sleep_for_race": sleep_for_race});
+    std::fs::write(&flat, settings.to_string()).unwrap();
+    flat
+}
+
+/// Who holds the Go binaries' Lease on `server`, if anyone.
+fn go_lease_holder(server: &FakeApiServer) -> Option<String> {
+    let lease = server.get("leases", NS, "whereabouts").expect("the Lease");
+    let holder = lease["spec"]["holderIdentity"].as_str().map(String::from);
+    holder.filter(|h| !h.is_empty())
+}
+
 /// While Go binaries may write the pools, an ADD writes only while its hold of their Lease is
 /// fresh: a renewal that hangs (a slow server) stops it before a Go binary, which takes the
 /// Lease 1.5 s after it last saw it change, could write too. On the fake API server, whose gate
@@ -738,13 +757,7 @@ fn a_failed_add_takes_back_a_reservation_whose_create_went_unanswered() {
 fn an_add_whose_lease_renewals_hang_writes_nothing() {
     let server = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
-    let flat = dir.path().join("whereabouts.conf");
-    // The fake server speaks plain http; the ADD waits two seconds between choosing and writing.
-    let settings = json!({"go_whereabouts": "present", "datastore": "kubernetes",
-        "kubernetes": {"kubeconfig": kubeconfig}, "allow_insecure_tls": true,
-        "sleep_for_race": 2});
-    std::fs::write(&flat, settings.to_string()).unwrap();
+    let flat = go_present_on_fake(&server, dir.path(), 2);
     let ipam = json!({"type": "whereabouts", "range": "10.103.0.0/28"});
     let conf = netconf("leased", &ipam);
     server.close_gate("PUT", "leases");
@@ -780,6 +793,52 @@ fn an_add_whose_lease_renewals_hang_writes_nothing() {
     let pool = server.get("ippools", NS, "10.103.0.0-28");
     let held = pool.map(|p| p["spec"]["allocations"].clone());
     assert!(held.as_ref().is_none_or(|a| *a == json!({})), "{held:?}");
+}
+
+/// A renewal of the Go binaries' Lease that the server applied though its answer was lost (a
+/// gateway timing out after the write) leaves the Lease a version ahead of the hold's: the ADD
+/// stops, and its release of the Lease reads it again and gives it up, instead of leaving it
+/// held for four seconds, which every Go binary's and every other process's next operation
+/// would wait out. On the fake API server, which can lose an answer on demand.
+#[test]
+fn a_hold_whose_renewal_answer_was_lost_still_gives_the_lease_up() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let flat = go_present_on_fake(&server, dir.path(), 1);
+    let conf = netconf(
+        "leased",
+        &json!({"type": "whereabouts", "range": "10.105.0.0/28"}),
+    );
+    server.fail_next_after_applying("PUT", "leases", 1);
+    let reply = run(
+        bin(),
+        &with_flat_file(&flat, call("ADD", "c1", "p1")),
+        &conf,
+    );
+    assert_eq!(reply.cni_code(), 11, "{reply:?}");
+    assert_eq!(go_lease_holder(&server), None, "{reply:?}");
+}
+
+/// A taking of the Go binaries' Lease that the server applied though its answer was lost finds
+/// the Lease naming its own hold when it looks again, and goes on at once: waiting the hold out
+/// (four seconds) would outlast this ADD's deadline (three, with half-second requests). On the
+/// fake API server, which can lose an answer on demand.
+#[test]
+fn a_taking_whose_answer_was_lost_goes_on_at_once() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let flat = go_present_on_fake(&server, dir.path(), 0);
+    let conf = netconf(
+        "leased",
+        &json!({"type": "whereabouts", "range": "10.106.0.0/28"}),
+    );
+    server.fail_next_after_applying("POST", "leases", 1);
+    let mut add = with_flat_file(&flat, call("ADD", "c1", "p1"));
+    add.env
+        .push(("WHEREABOUTS_KUBERNETES_TIMEOUT", "0.5".into()));
+    let reply = run(bin(), &add, &conf);
+    assert_eq!(reply.ips(), ["10.106.0.1"], "{reply:?}");
+    assert_eq!(go_lease_holder(&server), None);
 }
 
 /// While Go binaries may write the pools, a DEL holds their Lease, as their own DEL does: a Go

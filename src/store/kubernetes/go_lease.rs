@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::ObjectMeta;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use super::api::{ApiError, Kube};
 use crate::config::{GoPeers, GO_ACTIVE_WINDOW_SECS};
@@ -111,7 +111,9 @@ pub struct Hold {
     lost: Arc<AtomicBool>,
     /// When the last renewal that landed (or the taking) was sent.
     renewed: Arc<std::sync::Mutex<Instant>>,
-    renewer: tokio::task::JoinHandle<()>,
+    /// Tells the renewer to stop after the renewal it may be sending.
+    stop: Arc<Notify>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
     /// Whether [`Hold::release`] gave it up (else dropping it does, in the background).
     released: bool,
 }
@@ -133,9 +135,26 @@ impl Hold {
     /// Gives the Lease up as client-go does (no holder, one second), so the next one takes it
     /// at once. A failure only delays the next holder by [`HOLD`].
     pub async fn release(mut self) {
-        self.renewer.abort();
         self.released = true;
+        stop_renewing(&self.stop, self.renewer.take()).await;
         give_up(&self.kube, &self.lease).await;
+    }
+}
+
+/// Stops the renewer once a renewal it is sending has landed, and its written Lease is kept:
+/// cut off mid-request, a renewal the server applied would leave the Lease a version ahead of
+/// the one the release writes against, and the release would fail (the Lease then stays held
+/// for [`HOLD`], stalling every Go binary's and every other process's next operation).
+async fn stop_renewing(stop: &Notify, renewer: Option<tokio::task::JoinHandle<()>>) {
+    let Some(mut renewer) = renewer else {
+        return;
+    };
+    stop.notify_one();
+    if tokio::time::timeout(FRESH_WITHIN, &mut renewer)
+        .await
+        .is_err()
+    {
+        renewer.abort();
     }
 }
 
@@ -144,21 +163,45 @@ impl Drop for Hold {
     /// background: the next taker (this process's owed releases, a Go binary) would otherwise
     /// wait [`HOLD`] for it to expire.
     fn drop(&mut self) {
-        self.renewer.abort();
+        let renewer = self.renewer.take();
         if self.released {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (kube, lease) = (self.kube.clone(), self.lease.clone());
-            runtime.spawn(async move { give_up(&kube, &lease).await });
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let (kube, lease, stop) =
+                    (self.kube.clone(), self.lease.clone(), self.stop.clone());
+                runtime.spawn(async move {
+                    stop_renewing(&stop, renewer).await;
+                    give_up(&kube, &lease).await;
+                });
+            }
+            Err(_) => renewer.into_iter().for_each(|r| r.abort()),
         }
     }
 }
 
 /// Writes the Lease as given up (no holder, one second), conditional on the version last
-/// written; a failure leaves it to expire.
+/// written. When another version is there (a write of ours whose answer was lost), it is read
+/// and given up if it still names this hold; any other failure leaves it to expire.
 async fn give_up(kube: &Kube, lease: &Mutex<Lease>) {
-    let mut lease = lease.lock().await.clone();
+    let held = lease.lock().await.clone();
+    let ours = held.spec.as_ref().and_then(|s| s.holder_identity.clone());
+    let mut written = kube.replace_lease(&given_up(held)).await;
+    if matches!(written, Err(ApiError::Conflict(_))) {
+        written = match kube.get_lease(GO_LEASE_NAME).await {
+            Ok(Some(now)) if holder_of(&now) == ours => kube.replace_lease(&given_up(now)).await,
+            Ok(_) => return,
+            Err(err) => Err(err),
+        };
+    }
+    if let Err(err) = written {
+        tracing::debug!(%err, "could not release the Go Whereabouts' Lease; it expires");
+    }
+}
+
+/// `lease` as given up: no holder, one second.
+fn given_up(mut lease: Lease) -> Lease {
     let stamp = now();
     if let Some(spec) = lease.spec.as_mut() {
         spec.holder_identity = None;
@@ -167,9 +210,13 @@ async fn give_up(kube: &Kube, lease: &Mutex<Lease>) {
         spec.acquire_time = Some(MicroTime(stamp));
     }
     mark(&mut lease.metadata, stamp, None);
-    if let Err(err) = kube.replace_lease(&lease).await {
-        tracing::debug!(%err, "could not release the Go Whereabouts' Lease; it expires");
-    }
+    lease
+}
+
+/// Who holds `lease`, if anyone.
+fn holder_of(lease: &Lease) -> Option<String> {
+    let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.clone());
+    holder.filter(|h| !h.is_empty())
 }
 
 /// Records our write's time, and the last Go renewal seen, in the Lease's annotations.
@@ -234,8 +281,10 @@ async fn try_take(
         return Ok(written(kube.create_lease(&lease).await)?.map(|l| (l, sent)));
     };
     let spec = lease.spec.clone().unwrap_or_default();
-    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-    if holder.is_some() {
+    let holder = holder_of(&lease);
+    // Held by this very take: an earlier write of it landed though its answer was lost (a
+    // request retried after a timeout then finds its own version). It is taken again at once.
+    if holder.as_ref().is_some_and(|h| h != identity) {
         let record = (holder, spec.renew_time.clone());
         let duration = expires_after(spec.lease_duration_seconds);
         match seen {
@@ -276,16 +325,21 @@ fn written(result: Result<Lease, ApiError>) -> Result<Option<Lease>, StoreError>
 /// Renews the Lease `lease`, taken by a write sent at `taken`, until the hold is dropped.
 fn start_renewing(kube: &Kube, lease: Lease, taken: Instant) -> Hold {
     let lease = Arc::new(Mutex::new(lease));
+    let stop = Arc::new(Notify::new());
     let lost = Arc::new(AtomicBool::new(false));
     let renewed = Arc::new(std::sync::Mutex::new(taken));
     let renewer = {
         let (kube, lease, lost) = (kube.clone(), lease.clone(), lost.clone());
         let renewed = renewed.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let mut last_sent = taken;
             loop {
                 // Every RENEW_EVERY from the last send, however long its request took.
-                tokio::time::sleep_until((last_sent + RENEW_EVERY).into()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until((last_sent + RENEW_EVERY).into()) => {}
+                    _ = stop.notified() => return,
+                }
                 let mut held = lease.lock().await;
                 let mut next = held.clone();
                 let stamp = now();
@@ -314,7 +368,8 @@ fn start_renewing(kube: &Kube, lease: Lease, taken: Instant) -> Hold {
         lease,
         lost,
         renewed,
-        renewer,
+        stop,
+        renewer: Some(renewer),
         released: false,
     }
 }
