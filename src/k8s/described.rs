@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::config::{self, ipam_of, names_whereabouts, IpamConfig};
 use crate::ipam::names::object_name;
+use crate::store::kubernetes::slice_pool_name;
 use crate::store::PoolRef;
 
 /// The keys that decide a pool's name and range. The rest (engine, paths, logging) is the
@@ -135,6 +136,41 @@ pub fn pools_without_reservations(nads: &[Arc<DynamicObject>]) -> BTreeSet<Strin
     }
     let unreserved = reserved.into_iter().filter(|(_, reserved)| !reserved);
     unreserved.map(|(name, _)| name).collect()
+}
+
+/// The NodeSlicePools (by name, as the node-slice controller names them) that only sliced
+/// networks keeping no reservations ask for (`enable_overlapping_ranges: false` in every
+/// NetworkAttachmentDefinition asking for them): the entries of their nodes' slice pools need
+/// none.
+pub fn slice_pools_without_reservations(nads: &[Arc<DynamicObject>]) -> BTreeSet<String> {
+    let mut reserved: BTreeMap<String, bool> = BTreeMap::new();
+    for (name, keeps) in nads.iter().filter_map(|nad| sliced_reservations(nad)) {
+        *reserved.entry(name).or_default() |= keeps;
+    }
+    let unreserved = reserved.into_iter().filter(|(_, reserved)| !reserved);
+    unreserved.map(|(name, _)| name).collect()
+}
+
+/// The NodeSlicePool a sliced network's NetworkAttachmentDefinition asks for, and whether the
+/// network keeps reservations; none for another IPAM, an unsliced network or what cannot be
+/// read.
+fn sliced_reservations(nad: &DynamicObject) -> Option<(String, bool)> {
+    let config = nad.data.get("spec")?.get("config")?.as_str()?;
+    let conf: Value = serde_json::from_str(config).ok()?;
+    let ipam = ipam_of(&conf)?;
+    let map = ipam.as_object().filter(|_| names_whereabouts(&ipam))?;
+    if !map.keys().any(|k| config::same_key(k, "node_slice_size")) {
+        return None;
+    }
+    let part = pool_part(&ipam, "enable_overlapping_ranges");
+    let cfg = config::load_untrusted(Some(&part), &[]).ok()?;
+    // Multus gives a configuration without a name its NetworkAttachmentDefinition's name.
+    let named = config::network_name_of(&conf)
+        .ok()?
+        .filter(|n| !n.is_empty());
+    let cni_network = named.or(nad.metadata.name.as_deref())?;
+    let pool = slice_pool_name(&cfg.network_name, cni_network);
+    Some((pool, cfg.enable_overlapping_ranges))
 }
 
 #[cfg(test)]

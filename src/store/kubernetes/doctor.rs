@@ -18,7 +18,9 @@ use crate::ipam::decide::GO_OFFSET_LIMIT;
 use crate::ipam::names::{object_name, pool_name};
 use crate::ipam::Cidr;
 use crate::k8s::crd::{IPPool, NodeSlicePool, OverlappingRangeIPReservation};
-use crate::k8s::described::{plain_pools, pools_without_reservations};
+use crate::k8s::described::{
+    plain_pools, pools_without_reservations, slice_pools_without_reservations,
+};
 use crate::store::error::chain;
 use crate::store::{Attachment, StoreError};
 
@@ -65,6 +67,9 @@ pub struct Described {
     /// The pools whose networks keep no reservations (`enable_overlapping_ranges: false`): an
     /// entry there needs none.
     pub unreserved: BTreeSet<String>,
+    /// The NodeSlicePools (by name) of sliced networks that keep no reservations: an entry of
+    /// a node's slice pool of theirs needs none.
+    pub unreserved_slices: BTreeSet<String>,
     /// The pools of networks outside node slices.
     pub plain: BTreeSet<String>,
 }
@@ -93,6 +98,8 @@ struct Pool {
     /// network n1's pool): a reservation of either reading is its entry's, and neither is
     /// deleted as an orphan.
     also_network: Option<String>,
+    /// The NodeSlicePool whose node slice this pool is, if it is one.
+    slice_pool: Option<String>,
 }
 
 /// Everything read, in one place.
@@ -153,9 +160,12 @@ pub async fn survey(kube: &Kube, orphan_age: Duration) -> Result<Survey, StoreEr
     // A kubeconfig that may not list them leaves every entry needing its reservation.
     let (described, unread) = match kube.list_nads().await {
         Ok(nads) => {
-            let unreserved = pools_without_reservations(&nads);
-            let plain = plain_pools(&nads);
-            (Described { unreserved, plain }, None)
+            let described = Described {
+                unreserved: pools_without_reservations(&nads),
+                unreserved_slices: slice_pools_without_reservations(&nads),
+                plain: plain_pools(&nads),
+            };
+            (described, None)
         }
         Err(err) => (
             Described::default(),
@@ -216,6 +226,7 @@ fn identify(name: &str, range: &Cidr, slices: &[NodeSlicePool]) -> Reading {
                 network: net.to_string(),
                 node: Some((node.to_string(), holds)),
                 plain: plain_network(name, range),
+                slice_pool: Some(network.clone()),
             };
         }
     }
@@ -224,6 +235,7 @@ fn identify(name: &str, range: &Cidr, slices: &[NodeSlicePool]) -> Reading {
         network: network.clone(),
         node: None,
         plain: network,
+        slice_pool: None,
     }
 }
 
@@ -235,6 +247,8 @@ struct Reading {
     node: Option<(String, bool)>,
     /// The network the name stands for read as a plain pool (`<network>-<range>`).
     plain: String,
+    /// The NodeSlicePool of the node's slice, when the name reads as one.
+    slice_pool: Option<String>,
 }
 
 impl Reading {
@@ -352,7 +366,16 @@ impl Survey {
             doc,
             also_network: reading.other_network(),
             network: reading.network,
+            slice_pool: reading.slice_pool,
         });
+    }
+
+    /// Whether the networks of `pool` keep no reservations: its entries need none.
+    fn needs_no_reservation(&self, pool: &Pool) -> bool {
+        let described = &self.described;
+        let sliced = pool.slice_pool.as_ref();
+        described.unreserved.contains(&pool.name)
+            || sliced.is_some_and(|s| described.unreserved_slices.contains(s))
     }
 
     /// Every entry against its reservation, the Go binary's limits, and the other entries.
@@ -418,7 +441,7 @@ impl Survey {
             return findings;
         }
         let problem = match self.reservations.get(&name) {
-            None if self.described.unreserved.contains(&pool.name) => None,
+            None if self.needs_no_reservation(pool) => None,
             None => Some((
                 Problem::MissingReservation,
                 format!("no reservation for {}", entry.attachment.describe()),
@@ -784,8 +807,8 @@ mod tests {
         let shared = "blue-n1-10.0.1.0-24";
         let found = |plain: &[&str]| {
             let described = Described {
-                unreserved: BTreeSet::new(),
                 plain: plain.iter().map(|p| p.to_string()).collect(),
+                ..Described::default()
             };
             let pools = vec![
                 pool(shared, "10.0.1.0/24"),
@@ -804,6 +827,44 @@ mod tests {
             [(Problem::SharedName, format!("IPPool/{shared}"))]
         );
         assert_eq!(found(&["10.0.1.0-24"]), []);
+    }
+
+    /// The entries of a node's slice pool of a sliced network that keeps no reservations need
+    /// none: not reported missing, and `--fix` makes none. With reservations, one is missing.
+    #[test]
+    fn a_sliced_network_without_reservations_needs_none() {
+        use crate::k8s::crd::{IPAllocation, IPPoolSpec};
+        use crate::k8s::described::slice_pools_without_reservations;
+        let entry = IPAllocation {
+            id: "c1".into(),
+            podref: "ns/p1".into(),
+            ifname: "net1".into(),
+        };
+        let spec = IPPoolSpec {
+            range: "10.0.1.0/24".into(),
+            allocations: [("5".to_string(), entry)].into(),
+        };
+        let missing = |overlap: bool| {
+            let config = serde_json::json!({"cniVersion": "0.3.1", "name": "nad", "type": "macvlan",
+                "ipam": {"type": "whereabouts", "range": "10.0.0.0/16", "node_slice_size": "24",
+                         "network_name": "blue", "enable_overlapping_ranges": overlap}});
+            let resource =
+                kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&());
+            let mut nad = kube::api::DynamicObject::new("nad", &resource).within("ns");
+            nad.data = serde_json::json!({"spec": {"config": config.to_string()}});
+            let described = Described {
+                unreserved_slices: slice_pools_without_reservations(&[std::sync::Arc::new(nad)]),
+                ..Described::default()
+            };
+            let pools = vec![IPPool::new("blue-n1-10.0.1.0-24", spec.clone())];
+            let survey = Survey::of(pools, Vec::new(), (&slices(), described), Duration::ZERO);
+            let found = survey.findings().iter();
+            found
+                .filter(|f| f.problem == Problem::MissingReservation)
+                .count()
+        };
+        assert_eq!(missing(false), 0);
+        assert_eq!(missing(true), 1);
     }
 
     /// A pool named `n1-<range>` is node n1's slice pool of a network without a name, or the
