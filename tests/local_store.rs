@@ -157,6 +157,28 @@ fn exclusions_and_upstream_vectors() {
     assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
 }
 
+/// Two pairs of network name and range can give one pool name (`2001` with `db8::/64`,
+/// none with `2001:db8::/64`): the second is refused while the first holds an address, and
+/// takes the name once it holds none, whichever came first on the node.
+#[test]
+fn a_pool_name_two_networks_share_goes_to_the_one_asking_once_empty() {
+    let (dir, store) = fresh();
+    let squatter = pool_in("2001", "db8::/64", None, &[]);
+    let owner = pool_in("", "2001:db8::/64", None, &[]);
+    assert_eq!(squatter.name, owner.name);
+    let by = |network: &str, pool: &PoolRef, container: &str| {
+        let pod = format!("ns/{container}");
+        store.add(&add_req(network, &[pool], who(container, Some(&pod))))
+    };
+    by("2001", &squatter, "a").unwrap();
+    let refused = by("", &owner, "b").unwrap_err();
+    assert!(matches!(refused, StoreError::Config { .. }), "{refused:?}");
+    store.del(&del_req(&[&squatter], "a")).unwrap();
+    assert_eq!(by("", &owner, "b").unwrap(), [ip("2001:db8::1")]);
+    assert!(by("2001", &squatter, "c").is_err());
+    audit(&dir.path().join("wb.db"));
+}
+
 #[test]
 fn exhausted_names_the_range() {
     let (dir, store) = fresh();

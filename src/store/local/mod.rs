@@ -350,7 +350,10 @@ impl LocalStore {
 ///
 /// A pool's name is the network's name and the range's text joined by `-`, which two pairs can
 /// share (`a` with `2001:db8::/64`, `a-2001` with `db8::/64`): a pool recorded for another
-/// pair is refused, or the two would hand out each other's addresses.
+/// pair is refused while it holds an address, or the two would hand out each other's
+/// addresses. Once it holds none it is recorded again for the pair asking: the first pair to
+/// use a name on a node (another namespace's network, perhaps) must not keep it from the other
+/// for ever.
 fn ensure_pool(tx: &Connection, pool: &PoolRef, network_name: &str) -> Result<(), Fail> {
     let cidr = pool.cidr().network();
     // One read in the usual case: the pool is recorded already.
@@ -360,10 +363,25 @@ fn ensure_pool(tx: &Connection, pool: &PoolRef, network_name: &str) -> Result<()
         .optional()?;
     match recorded {
         Some((network, range)) if network == network_name && range == cidr.to_string() => Ok(()),
+        Some(_) if !holds_any(tx, &pool.name)? => {
+            tx.prepare_cached(
+                "UPDATE pools SET network_name = ?2, cidr = ?3, base = ?4, prefix = ?5, v6 = ?6 \
+                 WHERE name = ?1",
+            )?
+            .execute((
+                &pool.name,
+                network_name,
+                cidr.to_string(),
+                runs::blob(cidr.base()),
+                cidr.prefix,
+                cidr.is_v6(),
+            ))?;
+            Ok(())
+        }
         Some((_, range)) => Err(Fail::Store(StoreError::config(format!(
             "pool {} is already that of range {range} of another network_name: range {cidr} \
-             with this ipam.network_name gives the same pool name; choose another \
-             ipam.network_name",
+             with this ipam.network_name gives the same pool name; it is this range's once the \
+             other holds no address on this node, or choose another ipam.network_name",
             pool.name
         )))),
         None => {
@@ -382,6 +400,15 @@ fn ensure_pool(tx: &Connection, pool: &PoolRef, network_name: &str) -> Result<()
             Ok(())
         }
     }
+}
+
+/// Whether the pool `name` holds an address (its runs follow its allocations).
+fn holds_any(tx: &Connection, name: &str) -> Result<bool, Fail> {
+    let held = tx
+        .prepare_cached("SELECT 1 FROM allocations WHERE pool = ?1 LIMIT 1")?
+        .query_row([name], |_| Ok(()))
+        .optional()?;
+    Ok(held.is_some())
 }
 
 fn pool_row(tx: &Connection, name: &str) -> Result<Option<PoolRow>, Fail> {
