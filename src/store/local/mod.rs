@@ -363,31 +363,22 @@ fn ensure_pool(tx: &Connection, pool: &PoolRef, network_name: &str) -> Result<()
         .optional()?;
     match recorded {
         Some((network, range)) if network == network_name && range == cidr.to_string() => Ok(()),
-        Some(_) if !holds_any(tx, &pool.name)? => {
-            tx.prepare_cached(
-                "UPDATE pools SET network_name = ?2, cidr = ?3, base = ?4, prefix = ?5, v6 = ?6 \
-                 WHERE name = ?1",
-            )?
-            .execute((
-                &pool.name,
-                network_name,
-                cidr.to_string(),
-                runs::blob(cidr.base()),
-                cidr.prefix,
-                cidr.is_v6(),
-            ))?;
-            Ok(())
+        Some((_, range)) if holds_any(tx, &pool.name)? => {
+            Err(Fail::Store(StoreError::config(format!(
+                "pool {} is already that of range {range} of another network_name: range {cidr} \
+                 with this ipam.network_name gives the same pool name; it is this range's once \
+                 the other holds no address on this node, or choose another ipam.network_name",
+                pool.name
+            ))))
         }
-        Some((_, range)) => Err(Fail::Store(StoreError::config(format!(
-            "pool {} is already that of range {range} of another network_name: range {cidr} \
-             with this ipam.network_name gives the same pool name; it is this range's once the \
-             other holds no address on this node, or choose another ipam.network_name",
-            pool.name
-        )))),
-        None => {
+        // Not recorded, or recorded for another pair and empty: recorded for this one.
+        _ => {
             tx.prepare_cached(
                 "INSERT INTO pools (name, network_name, cidr, base, prefix, v6) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (name) DO UPDATE SET network_name = excluded.network_name, \
+                 cidr = excluded.cidr, base = excluded.base, prefix = excluded.prefix, \
+                 v6 = excluded.v6",
             )?
             .execute((
                 &pool.name,
