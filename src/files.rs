@@ -216,8 +216,11 @@ pub fn without_values(text: &str) -> String {
             w.to_string()
         }
     };
-    let words: Vec<String> = unquoted.split(' ').map(word).collect();
-    words.join(" ")
+    // Words are runs of anything but white space: a value after a tab or a line break is one.
+    static WORD: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r"\S+").expect("a valid pattern"));
+    WORD.replace_all(&unquoted, |found: &regex::Captures| word(&found[0]))
+        .into_owned()
 }
 
 /// A path for a message, as [`shown`].
@@ -228,6 +231,15 @@ pub fn shown_path(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_are_left_out_whatever_separates_them() {
+        let text = "cannot reach \"etcd.admin\" at 10.1.2.3:2379,\tpath /etc/admin.d\nfield ipam.range: bad";
+        assert_eq!(
+            without_values(text),
+            "cannot reach … at …,\tpath …\nfield ipam.range: bad"
+        );
+    }
 
     #[test]
     fn urls_are_shown_without_credentials() {
