@@ -186,6 +186,36 @@ fn cli_errors_are_one_line_and_non_zero() {
     assert!(!typo.parent().unwrap().exists());
 }
 
+/// The agent serves the store of the node's flat file, which the plugin uses when no agent
+/// answers: a flag naming another store (or the namespace) is refused before anything starts.
+#[test]
+fn the_agent_serves_no_store_but_the_flat_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("other.kubeconfig");
+    let kubeconfig = kubeconfig.to_str().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let socket = socket.to_str().unwrap();
+    for (flag, value) in [
+        ("--kubeconfig", kubeconfig),
+        ("--etcd-host", "https://other:2379"),
+        ("--config", kubeconfig),
+        ("--namespace", "elsewhere"),
+    ] {
+        let out = common::operator()
+            .args(["agent", "--socket", socket, flag, value])
+            .output()
+            .unwrap();
+        let reply = Reply::from(out);
+        assert_ne!(reply.code, 0, "{flag}: {reply:?}");
+        assert!(reply.stderr.contains(flag), "{flag}: {reply:?}");
+        assert!(
+            reply.stderr.contains("is not the agent's"),
+            "{flag}: {reply:?}"
+        );
+    }
+    assert!(!Path::new(socket).exists());
+}
+
 /// [`populate`] on a 3-member etcd cluster of its own: the cluster, the folder, the file and
 /// the addresses; `None` (said loudly, and a failure in CI) where etcd is not installed.
 fn populated_etcd() -> Option<(

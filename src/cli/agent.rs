@@ -35,6 +35,23 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
              namespace the node's configuration gives (WHEREABOUTS_NAMESPACE of the DaemonSet)"
         );
     }
+    // Nor may another store: the plugin sends a network configuration to the agent when the
+    // store it names is the flat file's (or none), and does the work itself with the flat
+    // file's store when no agent answers. An agent serving another would split a network's
+    // addresses between two stores, each handing out the other's.
+    let store = &args.store;
+    let named = [
+        ("--config (WHEREABOUTS_CONFIG)", store.config.is_some()),
+        ("--local-path", store.local_path.is_some()),
+        ("--kubeconfig", store.kubeconfig.is_some()),
+        ("--etcd-host", store.etcd_host.is_some()),
+    ];
+    if let Some((flag, _)) = named.iter().find(|(_, set)| *set) {
+        anyhow::bail!(
+            "{flag} is not the agent's: it serves the store of the node's flat file, which the \
+             plugin uses when no agent answers"
+        );
+    }
     let object = args.store.ipam_object()?;
     let ipam =
         config::load_for_operator(Some(&object)).map_err(|e| anyhow::anyhow!(e.describe()))?;
