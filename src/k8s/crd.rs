@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// One allocated address of an IPPool, keyed in `allocations` by its decimal offset from the IP
 /// part of `spec.range`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, JsonSchema)]
 pub struct IPAllocation {
     /// The container ID of the attachment.
     pub id: String,
@@ -18,6 +18,26 @@ pub struct IPAllocation {
     pub podref: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ifname: String,
+}
+
+/// Every field read as empty when missing, as Go reads them, while the schema (derived from
+/// the type above) still requires `id` and `podref`, as upstream's does: entries written
+/// before a field existed stay in pools still in use, and one unreadable entry would make its
+/// whole pool (and every list of pools) unreadable.
+impl<'de> Deserialize<'de> for IPAllocation {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Stored {
+            #[serde(default)]
+            id: String,
+            #[serde(default)]
+            podref: String,
+            #[serde(default)]
+            ifname: String,
+        }
+        let Stored { id, podref, ifname } = Stored::deserialize(deserializer)?;
+        Ok(IPAllocation { id, podref, ifname })
+    }
 }
 
 /// An address range and the addresses handed out from it.
@@ -104,5 +124,24 @@ pub fn nad_resource() -> kube::api::ApiResource {
         api_version: "k8s.cni.cncf.io/v1".into(),
         kind: "NetworkAttachmentDefinition".into(),
         plural: "network-attachment-definitions".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An entry of a release before `podref` (or without `id`) reads as empty there, and its
+    /// pool reads whole; the schema still requires both, as upstream's does.
+    #[test]
+    fn an_entry_without_podref_is_read() {
+        let spec: IPPoolSpec = serde_json::from_value(serde_json::json!({
+            "range": "10.0.0.0/24", "allocations": {"5": {"id": "c5"}, "6": {"podref": "ns/p"}}
+        }))
+        .unwrap();
+        assert_eq!(spec.allocations["5"].podref, "");
+        assert_eq!(spec.allocations["6"].id, "");
+        let schema = serde_json::to_value(schemars::schema_for!(IPAllocation)).unwrap();
+        assert_eq!(schema["required"], serde_json::json!(["id", "podref"]));
     }
 }
