@@ -200,6 +200,18 @@ async fn give_up(kube: &Kube, lease: &Mutex<Lease>) {
     }
 }
 
+/// After the renewal `sent` met another version of the Lease: the Lease as it is, when that
+/// version is this very renewal (the server applied it, its answer was lost, and the retry met
+/// it), which holds on; `None` when anyone else wrote it.
+async fn landed(kube: &Kube, sent: &Lease) -> Option<Lease> {
+    let now = kube.get_lease(GO_LEASE_NAME).await.ok()??;
+    let record = |l: &Lease| {
+        let spec = l.spec.as_ref()?;
+        Some((spec.holder_identity.clone(), spec.renew_time.clone()))
+    };
+    (record(&now) == record(sent)).then_some(now)
+}
+
 /// `lease` as given up: no holder, one second.
 fn given_up(mut lease: Lease) -> Lease {
     let stamp = now();
@@ -349,7 +361,12 @@ fn start_renewing(kube: &Kube, lease: Lease, taken: Instant) -> Hold {
                 mark(&mut next.metadata, stamp, None);
                 let sent = Instant::now();
                 last_sent = sent;
-                match kube.replace_lease(&next).await {
+                let written = match kube.replace_lease(&next).await {
+                    Ok(written) => Ok(written),
+                    Err(ApiError::Conflict(err)) => landed(&kube, &next).await.ok_or(err),
+                    Err(err) => Err(err.to_string()),
+                };
+                match written {
                     Ok(written) => {
                         *held = written;
                         *renewed.lock().unwrap_or_else(|p| p.into_inner()) = sent;
