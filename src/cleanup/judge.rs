@@ -248,10 +248,9 @@ pub fn leaked_on_node(
     node: &str,
     moved_off: bool,
 ) -> bool {
-    if pod_ref
-        .and_then(|r| r.split_once('/'))
-        .is_none_or(|(ns, name)| ns.is_empty() || name.is_empty())
-    {
+    // A reference no pod can have (a runtime outside Kubernetes: see `judge_holder`) says
+    // nothing about the entry's owner.
+    if pod_ref.and_then(super::pods::namespace_and_name).is_none() {
         return false;
     }
     match place {
@@ -456,13 +455,10 @@ mod tests {
             assert!(leaked_on_node(pod, Some("u0"), &on("n2"), "n1", in_slice));
             // No pod named: nothing says whose it is.
             assert!(!leaked_on_node(None, None, &PodPlace::Gone, "n1", in_slice));
-            assert!(!leaked_on_node(
-                Some("no-slash"),
-                None,
-                &PodPlace::Gone,
-                "n1",
-                in_slice
-            ));
+            for no_pod in ["no-slash", "web_1/web_1", "Team/pod"] {
+                let gone = &PodPlace::Gone;
+                assert!(!leaked_on_node(Some(no_pod), None, gone, "n1", in_slice));
+            }
         }
         // Another node's live pod: kept in a shared pool, or in this node's slice pool unless it
         // holds the network's address from its own node's slice; then a stray.

@@ -764,7 +764,8 @@ impl Engine {
     }
 
     /// Where pod `pod_ref` is, looked up once per `places`; `None` when the reference cannot
-    /// name a pod (only `namespace/name` can: an empty name would read as a list).
+    /// name a pod (only `namespace/name` of two object names can: an empty name would read as
+    /// a list, and a runtime outside Kubernetes records its container's name, `web_1/web_1`).
     async fn place_of(
         &self,
         pod_ref: &str,
@@ -773,8 +774,7 @@ impl Engine {
         if let Some(place) = places.get(pod_ref) {
             return Ok(Some(place.clone()));
         }
-        let parts = pod_ref.split_once('/');
-        let Some((namespace, name)) = parts.filter(|(n, p)| !n.is_empty() && !p.is_empty()) else {
+        let Some((namespace, name)) = crate::cleanup::pods::namespace_and_name(pod_ref) else {
             return Ok(None);
         };
         let place = self.kube.pod_place(namespace, name).await?;
