@@ -370,12 +370,15 @@ impl Survey {
         });
     }
 
-    /// Whether the networks of `pool` keep no reservations: its entries need none.
+    /// Whether the networks of `pool` keep no reservations: its entries need none. A name
+    /// that reads as a node's slice pool and as a described network's plain pool needs them
+    /// unless both networks keep none.
     fn needs_no_reservation(&self, pool: &Pool) -> bool {
         let described = &self.described;
         let sliced = pool.slice_pool.as_ref();
         described.unreserved.contains(&pool.name)
-            || sliced.is_some_and(|s| described.unreserved_slices.contains(s))
+            || (sliced.is_some_and(|s| described.unreserved_slices.contains(s))
+                && !described.plain.contains(&pool.name))
     }
 
     /// Every entry against its reservation, the Go binary's limits, and the other entries.
@@ -844,7 +847,7 @@ mod tests {
             range: "10.0.1.0/24".into(),
             allocations: [("5".to_string(), entry)].into(),
         };
-        let missing = |overlap: bool| {
+        let missing = |overlap: bool, plain: &[&str]| {
             let config = serde_json::json!({"cniVersion": "0.3.1", "name": "nad", "type": "macvlan",
                 "ipam": {"type": "whereabouts", "range": "10.0.0.0/16", "node_slice_size": "24",
                          "network_name": "blue", "enable_overlapping_ranges": overlap}});
@@ -854,6 +857,7 @@ mod tests {
             nad.data = serde_json::json!({"spec": {"config": config.to_string()}});
             let described = Described {
                 unreserved_slices: slice_pools_without_reservations(&[std::sync::Arc::new(nad)]),
+                plain: plain.iter().map(|p| p.to_string()).collect(),
                 ..Described::default()
             };
             let pools = vec![IPPool::new("blue-n1-10.0.1.0-24", spec.clone())];
@@ -863,8 +867,10 @@ mod tests {
                 .filter(|f| f.problem == Problem::MissingReservation)
                 .count()
         };
-        assert_eq!(missing(false), 0);
-        assert_eq!(missing(true), 1);
+        assert_eq!(missing(false, &[]), 0);
+        assert_eq!(missing(true, &[]), 1);
+        // Also the pool of network `blue-n1`, which keeps reservations: its entry needs one.
+        assert_eq!(missing(false, &["blue-n1-10.0.1.0-24"]), 1);
     }
 
     /// A pool named `n1-<range>` is node n1's slice pool of a network without a name, or the
