@@ -348,9 +348,11 @@ fn start_renewing(kube: &Kube, lease: Lease, taken: Instant) -> Hold {
             let mut last_sent = taken;
             loop {
                 // Every RENEW_EVERY from the last send, however long its request took.
+                // The stop first: a renewal that took longer than RENEW_EVERY finds both ready.
                 tokio::select! {
-                    _ = tokio::time::sleep_until((last_sent + RENEW_EVERY).into()) => {}
+                    biased;
                     _ = stop.notified() => return,
+                    _ = tokio::time::sleep_until((last_sent + RENEW_EVERY).into()) => {}
                 }
                 let mut held = lease.lock().await;
                 let mut next = held.clone();
