@@ -1172,6 +1172,16 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
         "{source}"
     );
 
+    // Whether Go binaries remain, as the nodes are told: the controller reads no flat file.
+    let go_peers = |container: &Value| {
+        let env = container["env"].as_array().cloned().unwrap_or_default();
+        let peers = env.iter().find(|e| e["name"] == "WHEREABOUTS_GO_PEERS");
+        peers.map(|e| e["value"].clone())
+    };
+    let installer = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert!(go_peers(installer).is_some(), "{source}");
+    assert_eq!(go_peers(container), go_peers(installer), "{source}");
+
     // Its flags, as the binary parses them.
     let args = controller_args(d, source);
     assert_eq!(
@@ -1199,6 +1209,7 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
                 e["valueFrom"]["fieldRef"]["fieldPath"].clone(),
             )
         })
+        .filter(|(name, _)| name != "WHEREABOUTS_GO_PEERS")
         .collect();
     assert_eq!(
         env,
@@ -1206,7 +1217,7 @@ fn check_controller(objects: &[Value], base: &str, port: u16, source: &str) {
             whereabouts::k8s::cluster::NAMESPACE_ENV.to_string(),
             json!("metadata.namespace")
         )],
-        "{source}: the engine's namespace is the pod's"
+        "{source}: the engine's namespace is the pod's (and whether Go binaries remain, above)"
     );
 
     // The metrics port: named, probed, announced to Prometheus.
@@ -1277,6 +1288,7 @@ fn controller_deployment_runs_the_controller_as_the_binary_parses_it() {
             "controller.cronExpression=@hourly",
             "controller.podAnnotations.team=net",
             "image.tag=dev",
+            "goWhereabouts=present",
         ],
     ) else {
         return;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use super::gc::ClusterArgs;
 use super::store_args::StoreArgs;
 use crate::cleanup::pods::cluster_source;
-use crate::config::LogLevel;
+use crate::config::{GoPeers, LogLevel};
 use crate::controller::{self, Options};
 
 #[derive(clap::Args, Debug)]
@@ -42,10 +42,23 @@ pub struct ControllerArgs {
     /// Log level, over the configuration's `log_level` (a Deployment has no flat file to set it).
     #[arg(long, value_parser = ["debug", "verbose", "error", "panic"])]
     pub log_level: Option<String>,
+    /// Whether Go Whereabouts binaries may still write the pools (`auto`, `present` during a
+    /// migration from or back to them, `absent`), over the flat file's `go_whereabouts`: the
+    /// controller's releases take part in their Lease while they may. It reads no flat file in
+    /// its pod: the manifest and the chart set this as they set the nodes'.
+    #[arg(long, env = "WHEREABOUTS_GO_PEERS", value_parser = ["auto", "present", "absent"])]
+    pub go_whereabouts: Option<String>,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
-    let ipam = args.store.ipam()?;
+    let mut ipam = args.store.ipam()?;
+    if let Some(peers) = args.go_whereabouts.as_deref() {
+        ipam.go_peers = match peers {
+            "present" => GoPeers::Present,
+            "absent" => GoPeers::Absent,
+            _ => GoPeers::Auto,
+        };
+    }
     // A long-running process: informational logs unless the flag or the configuration asks
     // for another level.
     let flag = args.log_level.as_deref().map(|l| match l {
