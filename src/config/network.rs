@@ -41,24 +41,22 @@ pub fn names_whereabouts(ipam: &Value) -> bool {
 }
 
 /// The network's name as its plugins receive it: `name` as written. Multus reads that key
-/// alone, and gives a configuration without it its NetworkAttachmentDefinition's name, which
-/// the runtime then passes on as `name` beside any other spelling (none: `Ok(None)`). Another
-/// spelling beside `name` is refused: the runtime's decoder takes the later one in the
-/// document, an order not kept here.
-pub fn network_name_of(file: &Value) -> Result<Option<&str>, SameField> {
-    let Some(map) = file.as_object() else {
-        return Ok(None);
-    };
-    let Some(name) = map.get("name") else {
-        return Ok(None);
-    };
+/// alone, and gives a configuration without it (or with an empty one) its
+/// NetworkAttachmentDefinition's name, `nad_name`, which the runtime then passes on as `name`
+/// beside any other spelling. Another spelling beside `name` is refused: the runtime's decoder
+/// takes the later one in the document, an order not kept here.
+pub fn network_name_of<'a>(file: &'a Value, nad_name: &'a str) -> Result<&'a str, SameField> {
+    let map = file.as_object();
+    let name = map.and_then(|m| m.get("name"));
     if let Some((other, _)) = map
-        .iter()
-        .find(|(k, _)| *k != "name" && same_key(k, "name"))
+        .into_iter()
+        .flatten()
+        .find(|(k, _)| name.is_some() && *k != "name" && same_key(k, "name"))
     {
         return Err(SameField("name".into(), other.clone()));
     }
-    Ok(name.as_str())
+    let named = name.and_then(Value::as_str).filter(|n| !n.is_empty());
+    Ok(named.unwrap_or(nad_name))
 }
 
 #[cfg(test)]
@@ -74,15 +72,16 @@ mod tests {
         assert_eq!(ipam_of(&single), Some(ipam.clone()));
         // Multus reads `name` as written, and gives a configuration without it the
         // NetworkAttachmentDefinition's name (which the caller supplies).
-        assert_eq!(network_name_of(&single), Ok(None));
-        assert_eq!(network_name_of(&json!({"name": "net"})), Ok(Some("net")));
-        assert!(network_name_of(&json!({"name": "a", "Name": "b"})).is_err());
+        assert_eq!(network_name_of(&single, "nad"), Ok("nad"));
+        assert_eq!(network_name_of(&json!({"name": ""}), "nad"), Ok("nad"));
+        assert_eq!(network_name_of(&json!({"name": "net"}), "nad"), Ok("net"));
+        assert!(network_name_of(&json!({"name": "a", "Name": "b"}), "nad").is_err());
         let list = json!({"name": "list", "plugins": [
             {"type": "macvlan", "Ipam": {"type": "host-local"}},
             {"type": "ipvlan", "ipam": ipam},
         ]});
         assert_eq!(ipam_of(&list), Some(ipam.clone()));
-        assert_eq!(network_name_of(&list), Ok(Some("list")));
+        assert_eq!(network_name_of(&list, "nad"), Ok("list"));
         assert_eq!(ipam_of(&ipam), Some(ipam.clone()), "a bare ipam object");
         // Two spellings: the plugin refuses it, so no pool of it is described.
         let twice = json!({"IPAM": ipam, "Ipam": ipam});

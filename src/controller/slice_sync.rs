@@ -82,13 +82,12 @@ pub fn wanted(source: &str, nad_name: &str, config_text: &str) -> Result<Option<
     let usable = Range::resolve(spec, cfg.gateway).map_err(|e| format!("{source}: {e}"))?;
     // Multus gives a configuration without a name its NetworkAttachmentDefinition's name: the
     // plugin then looks for the NodeSlicePool under that name.
-    let named = config::network_name_of(&conf).map_err(|config::SameField(a, b)| {
-        format!("{source}: spec.config has both {a:?} and {b:?}, which name the network: keep one")
-    })?;
-    let cni_network = match named {
-        Some(name) if !name.is_empty() => name,
-        _ => nad_name,
-    };
+    let cni_network =
+        config::network_name_of(&conf, nad_name).map_err(|config::SameField(a, b)| {
+            format!(
+                "{source}: spec.config has both {a:?} and {b:?}, which name the network: keep one"
+            )
+        })?;
     let size_text = ipam
         .as_object()
         .and_then(|m| {

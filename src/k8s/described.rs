@@ -164,11 +164,7 @@ fn sliced_reservations(nad: &DynamicObject) -> Option<(String, bool)> {
     }
     let part = pool_part(&ipam, "enable_overlapping_ranges");
     let cfg = config::load_untrusted(Some(&part), &[]).ok()?;
-    // Multus gives a configuration without a name its NetworkAttachmentDefinition's name.
-    let named = config::network_name_of(&conf)
-        .ok()?
-        .filter(|n| !n.is_empty());
-    let cni_network = named.or(nad.metadata.name.as_deref())?;
+    let cni_network = config::network_name_of(&conf, nad.metadata.name.as_deref()?).ok()?;
     let pool = slice_pool_name(&cfg.network_name, cni_network);
     Some((pool, cfg.enable_overlapping_ranges))
 }
