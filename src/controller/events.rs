@@ -42,17 +42,11 @@ pub async fn publish(
         .await
 }
 
-/// The pod an Event is about; None when the allocation names no pod.
+/// The pod an Event is about; None when the allocation names no pod (or a reference no pod
+/// can have).
 pub fn regarding(released: &Released) -> Option<ObjectReference> {
-    let (ns, name) = released
-        .allocation
-        .attachment
-        .pod_ref
-        .as_deref()?
-        .split_once('/')?;
-    if ns.is_empty() || name.is_empty() {
-        return None;
-    }
+    let pod_ref = released.allocation.attachment.pod_ref.as_deref()?;
+    let (ns, name) = crate::cleanup::pods::namespace_and_name(pod_ref)?;
     Some(ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Pod".into()),

@@ -186,7 +186,7 @@ impl Drop for Hold {
 /// and given up if it still names this hold; any other failure leaves it to expire.
 async fn give_up(kube: &Kube, lease: &Mutex<Lease>) {
     let held = lease.lock().await.clone();
-    let ours = held.spec.as_ref().and_then(|s| s.holder_identity.clone());
+    let ours = holder_of(&held);
     let mut written = kube.replace_lease(&given_up(held)).await;
     if matches!(written, Err(ApiError::Conflict(_))) {
         written = match kube.get_lease(GO_LEASE_NAME).await {
