@@ -94,20 +94,42 @@ fn pools_of(config_text: &str) -> Result<Vec<PoolRef>, String> {
 /// The pool part of one `spec.config` (and `also`), read as the plugin reads it; none for
 /// another IPAM or a sliced network (whose pools are per node).
 fn pool_config(config_text: &str, also: &str) -> Result<Option<IpamConfig>, String> {
-    let conf: Value =
-        serde_json::from_str(config_text).map_err(|e| format!("spec.config is not JSON: {e}"))?;
-    let Some(ipam) = ipam_of(&conf) else {
+    let Some(ours) = whereabouts_config(config_text)? else {
         return Ok(None);
     };
-    let Some(map) = ipam.as_object().filter(|_| names_whereabouts(&ipam)) else {
-        return Ok(None);
-    };
-    if map.keys().any(|k| config::same_key(k, "node_slice_size")) {
+    if ours.sliced {
         return Ok(None);
     }
-    config::load_untrusted(Some(&pool_part(&ipam, also)), &[])
-        .map(Some)
-        .map_err(|e| e.describe())
+    ours.pool_part(also).map(Some)
+}
+
+/// A `spec.config` whose `ipam` names this plugin.
+struct Ours {
+    conf: Value,
+    ipam: Value,
+    /// Whether it sets `node_slice_size`: its pools are per node.
+    sliced: bool,
+}
+
+impl Ours {
+    /// The pool part of the `ipam` object (and `also`), read as the plugin reads it.
+    fn pool_part(&self, also: &str) -> Result<IpamConfig, String> {
+        config::load_untrusted(Some(&pool_part(&self.ipam, also)), &[]).map_err(|e| e.describe())
+    }
+}
+
+/// `config_text` read, when its `ipam` names this plugin.
+fn whereabouts_config(config_text: &str) -> Result<Option<Ours>, String> {
+    let conf: Value =
+        serde_json::from_str(config_text).map_err(|e| format!("spec.config is not JSON: {e}"))?;
+    let Some(ipam) = ipam_of(&conf).filter(names_whereabouts) else {
+        return Ok(None);
+    };
+    let Some(map) = ipam.as_object() else {
+        return Ok(None);
+    };
+    let sliced = map.keys().any(|k| config::same_key(k, "node_slice_size"));
+    Ok(Some(Ours { conf, ipam, sliced }))
 }
 
 /// The object names of the pools the NetworkAttachmentDefinitions describe outside node slices.
@@ -156,15 +178,12 @@ pub fn slice_pools_without_reservations(nads: &[Arc<DynamicObject>]) -> BTreeSet
 /// read.
 fn sliced_reservations(nad: &DynamicObject) -> Option<(String, bool)> {
     let config = nad.data.get("spec")?.get("config")?.as_str()?;
-    let conf: Value = serde_json::from_str(config).ok()?;
-    let ipam = ipam_of(&conf)?;
-    let map = ipam.as_object().filter(|_| names_whereabouts(&ipam))?;
-    if !map.keys().any(|k| config::same_key(k, "node_slice_size")) {
+    let ours = whereabouts_config(config).ok()??;
+    if !ours.sliced {
         return None;
     }
-    let part = pool_part(&ipam, "enable_overlapping_ranges");
-    let cfg = config::load_untrusted(Some(&part), &[]).ok()?;
-    let cni_network = config::network_name_of(&conf, nad.metadata.name.as_deref()?).ok()?;
+    let cfg = ours.pool_part("enable_overlapping_ranges").ok()?;
+    let cni_network = config::network_name_of(&ours.conf, nad.metadata.name.as_deref()?).ok()?;
     let pool = slice_pool_name(&cfg.network_name, cni_network);
     Some((pool, cfg.enable_overlapping_ranges))
 }
