@@ -91,6 +91,38 @@ fn a_network_configuration_cannot_choose_where_root_writes() {
     assert!(!net.path().join("other.db").exists());
 }
 
+/// A NetworkAttachmentDefinition written for Go's etcd days (`datastore`, `etcd_host`, its
+/// credentials and TLS files) on a node whose flat file names the engine: Go's plugin ignores
+/// those keys, so the pods it served must still be torn down, and new ones served, by the
+/// flat file's engine; the endpoint is never dialled, the files never opened.
+#[test]
+fn another_engines_settings_are_set_aside_for_the_flat_files_engine() {
+    let mut net = Net::local(json!({"range": "10.66.0.0/24"}));
+    let db = net.db();
+    let flat = admin_flat_file(&net, json!({"datastore": "local", "local_path": db}));
+    let key_file = net.path().join("tenant.key");
+    let ipam = net.conf["ipam"].as_object_mut().unwrap();
+    ipam.remove("local_path");
+    for (key, value) in [
+        ("datastore", json!("etcd")),
+        ("etcd_host", json!("https://192.0.2.1:2379")),
+        ("etcd_username", json!("tenant")),
+        ("etcd_password", json!("tenant-secret")),
+        ("etcd_key_file", json!(key_file)),
+        ("etcd_cert_file", json!("/root/tenant.pem")),
+    ] {
+        ipam.insert(key.into(), value);
+    }
+    let added = call_as(&net, &flat, "ADD", "c1");
+    assert_eq!(ips(&added.ok()), ["10.66.0.1/24"]);
+    assert!(added.stderr.contains("ipam.etcd_host"), "{added:?}");
+    // In the flat file's database, where a configuration naming no engine finds it.
+    let plain = Net::local(json!({"range": "10.66.0.0/24", "local_path": db}));
+    assert_eq!(ips(&plain.add("c2", "eth0").ok()), ["10.66.0.2/24"]);
+    call_as(&net, &flat, "DEL", "c1").ok_empty();
+    assert_eq!(ips(&plain.add("c3", "eth0").ok()), ["10.66.0.1/24"]);
+}
+
 /// A process in a mount namespace of its own, its root a tmpfs holding `file` with `content`:
 /// a tenant's container. From the host, `/proc/<pid>/root` is a link whose text is `/`.
 struct Container {

@@ -558,9 +558,11 @@ fn credentials_stay_with_their_endpoint() {
     }
     let (_dir, load) = untrusted(json!({"datastore": "kubernetes",
         "kubernetes": {"kubeconfig": "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"}}));
-    assert!(load(json!({"datastore": "local"}))
-        .unwrap_err()
-        .contains("datastore"));
+    // Another engine's name is set aside (the_engine_the_flat_file_implies_stands).
+    assert!(matches!(
+        load(json!({"datastore": "local"})).unwrap().datastore,
+        Datastore::Kubernetes(_)
+    ));
     assert!(load(json!({"datastore": "Kubernetes"})).is_ok());
 }
 
@@ -638,6 +640,10 @@ fn the_admins_path_written_otherwise_is_another_path() {
     assert!(load(json!({"local_path": "/var/lib/admin/net.db"})).is_ok());
 }
 
+/// The flat file's engine serves the node whatever a network configuration selects: another
+/// engine's name and settings are set aside with a warning, as Go's plugin (one engine)
+/// ignores them, never refused (that failed the DELs of pods Go served) nor used (another
+/// engine would hand out the other nodes' addresses again).
 #[test]
 fn the_engine_the_flat_file_implies_stands() {
     let kubeconfig = "/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig";
@@ -646,28 +652,74 @@ fn the_engine_the_flat_file_implies_stands() {
     for (other, key) in [
         (json!({"datastore": "local"}), "ipam.datastore"),
         (
-            json!({"kubernetes": {"kubeconfig": kubeconfig}}),
+            json!({"datastore": "local", "local_path": "/tmp/x.db"}),
+            "ipam.local_path",
+        ),
+        (
+            json!({"kubernetes": {"kubeconfig": "/tmp/tenant.kubeconfig"}}),
             "ipam.kubernetes.kubeconfig",
         ),
     ] {
-        let msg = etcd(other.clone()).unwrap_err();
+        let cfg = etcd(other.clone()).unwrap();
+        let Datastore::Etcd(settings) = &cfg.datastore else {
+            panic!("{other}: {:?}", cfg.datastore);
+        };
+        assert_eq!(settings.endpoints, ["https://etcd.admin:2379"], "{other}");
+        assert!(!cfg.own_store, "{other}");
+        let warning = cfg.warnings.join("\n");
         assert!(
-            msg.starts_with(key) && !msg.contains("etcd.admin"),
-            "{other}: {msg}"
+            warning.contains(key) && warning.contains("ignored"),
+            "{other}: {warning}"
         );
     }
-    assert!(matches!(
-        etcd(json!({})).unwrap().datastore,
-        Datastore::Etcd(_)
-    ));
-    assert!(etcd(json!({"datastore": "ETCD"})).is_ok());
+    assert!(etcd(json!({"datastore": "ETCD"}))
+        .unwrap()
+        .warnings
+        .is_empty());
+
+    // A NetworkAttachmentDefinition written for Go's etcd days on a Kubernetes node: its etcd
+    // endpoint, credentials and TLS files (outside every allowed folder) are never screened,
+    // opened or dialled.
     let (_dir, kubernetes) = untrusted(json!({"kubernetes": {"kubeconfig": kubeconfig}}));
-    assert!(kubernetes(json!({"datastore": "local"})).is_err());
-    assert!(kubernetes(json!({"datastore": "kubernetes"})).is_ok());
+    let old_etcd = json!({"datastore": "etcd", "etcd_host": "https://10.0.0.1:2379",
+        "etcd_username": "u", "etcd_password": "p", "etcd_cert_file": "/root/tenant.pem",
+        "etcd_key_file": "/root/tenant.key", "etcd_ca_cert_file": "/root/ca.pem"});
+    for ipam in [
+        old_etcd,
+        json!({"datastore": "local", "local_path": "/root/x.db"}),
+    ] {
+        let cfg = kubernetes(ipam.clone()).unwrap();
+        assert!(
+            matches!(&cfg.datastore, Datastore::Kubernetes(k) if k.kubeconfig == Path::new(kubeconfig)),
+            "{ipam}: {:?}",
+            cfg.datastore
+        );
+        let warning = cfg.warnings.join("\n");
+        assert!(warning.contains("ipam.datastore"), "{ipam}: {warning}");
+        assert!(!warning.contains("10.0.0.1"), "{warning}");
+    }
+    let named_again = kubernetes(json!({"datastore": "Kubernetes"})).unwrap();
+    assert!(
+        named_again.warnings.is_empty(),
+        "{:?}",
+        named_again.warnings
+    );
+    // A datastore that is not text is still wrong, as it is for Go's decoder.
+    assert!(kubernetes(json!({"datastore": 3}))
+        .unwrap_err()
+        .contains("ipam.datastore"));
     // A flat file that says nothing of the engine leaves it to the network configuration.
     let (_dir, silent) = untrusted(json!({"log_level": "error"}));
-    assert!(silent(json!({"datastore": "local"})).is_ok());
-    assert!(silent(json!({"kubernetes": {"kubeconfig": kubeconfig}})).is_ok());
+    assert!(matches!(
+        silent(json!({"datastore": "local"})).unwrap().datastore,
+        Datastore::Local { .. }
+    ));
+    assert!(matches!(
+        silent(json!({"kubernetes": {"kubeconfig": kubeconfig}}))
+            .unwrap()
+            .datastore,
+        Datastore::Kubernetes(_)
+    ));
 }
 
 #[test]

@@ -200,6 +200,10 @@ pub fn screen(
     trust: &Trust,
 ) -> Result<Screened, ConfigError> {
     let mut warnings = Vec::new();
+    let admins_engine = admins_engine(flat)?;
+    if let Some(engine) = &admins_engine {
+        set_aside_other_engines(inline, engine, &mut warnings);
+    }
     if inline
         .remove("sleep_for_race")
         .is_some_and(|v| !is_unset(&v))
@@ -224,11 +228,13 @@ pub fn screen(
         }
     }
     let own_kubeconfig = screen_kubeconfig(inline, flat, trust)?;
-    let engine = screen_datastore(inline, flat)?;
+    if let Some(engine) = &admins_engine {
+        check_engine_stands(inline, flat, engine)?;
+    }
     let own_endpoint = screen_etcd(inline, flat, trust)?;
     // Only the engine in use counts: an etcd_host left in the flat file of a Kubernetes node
     // (the installer keeps the admin's keys) says nothing about the store.
-    let own_store = match engine.as_deref() {
+    let own_store = match admins_engine.as_deref() {
         Some("kubernetes") => own_kubeconfig,
         Some("etcd") => own_endpoint,
         _ => false,
@@ -299,56 +305,105 @@ fn screen_kubeconfig(
     Ok(admins.is_some() && !installers)
 }
 
-/// The admin's engine stands, named or implied (a kubeconfig, an etcd endpoint): a network
-/// configuration may only name it again. Another engine would keep this network's
-/// addresses apart from the other nodes' (the local engine: one store per node), and hand
-/// out the same address twice. Returns the admin's engine, if the flat file names or implies
-/// one.
-fn screen_datastore(
-    inline: &Map<String, Value>,
-    flat: &Map<String, Value>,
-) -> Result<Option<String>, ConfigError> {
-    let Some(admin) = named_engine(flat, "flat file ")? else {
-        return Ok(None);
-    };
-    if !ENGINES.contains(&admin.as_str()) {
+/// The engine the flat file names or implies (a kubeconfig, an etcd endpoint), lower-cased;
+/// None when it says nothing of it.
+fn admins_engine(flat: &Map<String, Value>) -> Result<Option<String>, ConfigError> {
+    let admins = named_engine(flat, "flat file ")?;
+    if admins
+        .as_deref()
+        .is_some_and(|engine| !ENGINES.contains(&engine))
+    {
         return Err(invalid(
             "invalid flat file datastore: expected \"local\", \"kubernetes\" or \"etcd\"",
         ));
     }
+    Ok(admins)
+}
+
+/// The admin's engine stands: a network configuration's `datastore` naming another, and its
+/// settings of the engines not in use, are taken out with a warning. Go's plugin, with one
+/// engine, ignores them, and NetworkAttachmentDefinitions written for its etcd days still
+/// carry them: refusing them would fail the DELs of the pods it served. Another engine would
+/// keep this network's addresses apart from the other nodes' (the local engine: one store per
+/// node), so it is never taken; the keys are never screened, opened or dialled either.
+fn set_aside_other_engines(
+    inline: &mut Map<String, Value>,
+    admins: &str,
+    warnings: &mut Vec<String>,
+) {
+    let mut ignored = Vec::new();
+    let named = text(inline, "datastore", "ipam.datastore").ok().flatten();
+    if named.is_some_and(|named| named.trim().to_ascii_lowercase() != admins) {
+        inline.remove("datastore");
+        ignored.push("datastore".to_string());
+    }
+    for (engine, keys) in ENGINE_KEYS {
+        if engine == admins {
+            continue;
+        }
+        for key in keys {
+            if inline.remove(*key).is_some_and(|v| !is_unset(&v)) {
+                ignored.push(key.to_string());
+            }
+        }
+    }
+    if admins != "kubernetes" {
+        let kubernetes = inline.get_mut("kubernetes").and_then(Value::as_object_mut);
+        if kubernetes
+            .and_then(|k| k.remove("kubeconfig"))
+            .is_some_and(|v| !is_unset(&v))
+        {
+            ignored.push("kubernetes.kubeconfig".to_string());
+        }
+    }
+    if !ignored.is_empty() {
+        warnings.push(format!(
+            "ipam.{} in a network configuration ignored: the flat file's {admins:?} engine \
+             serves every network on this node",
+            ignored.join(", ipam.")
+        ));
+    }
+}
+
+/// The settings of each engine (besides `kubernetes.kubeconfig`) that a network configuration
+/// of another engine's node carries unused.
+const ENGINE_KEYS: [(&str, &[&str]); 2] = [
+    ("local", &["local_path"]),
+    (
+        "etcd",
+        &[
+            "etcd_host",
+            "etcd_username",
+            "etcd_password",
+            "etcd_cert_file",
+            "etcd_key_file",
+            "etcd_ca_cert_file",
+        ],
+    ),
+];
+
+/// What the network configuration selects once merged with the flat file is the admin's engine
+/// ([`set_aside_other_engines`] took out every other choice): a check that it stays so.
+fn check_engine_stands(
+    inline: &Map<String, Value>,
+    flat: &Map<String, Value>,
+    admins: &str,
+) -> Result<(), ConfigError> {
     let mut merged = inline.clone();
     merge_flat_file(&mut merged, flat);
     let chosen = named_engine(&merged, "ipam.")?.unwrap_or_else(|| "local".into());
-    if chosen != admin {
+    if chosen != admins {
         return Err(invalid(format!(
-            "{}: this network configuration selects the {:?} engine, not the flat file's: the \
-             admin chooses the engine",
-            engine_key(inline),
+            "ipam.datastore: this network configuration selects the {:?} engine, not the flat \
+             file's: the admin chooses the engine",
             shown(&chosen)
         )));
     }
-    Ok(Some(admin))
+    Ok(())
 }
 
 /// The engines a `datastore` may name.
 const ENGINES: [&str; 3] = ["local", "kubernetes", "etcd"];
-
-/// The inline key that selects an engine, as `named_engine` reads them: the one a refusal
-/// names.
-fn engine_key(inline: &Map<String, Value>) -> &'static str {
-    let set = |v: Option<&Value>| v.is_some_and(|v| !is_unset(v));
-    let kubeconfig = inline
-        .get("kubernetes")
-        .and_then(Value::as_object)
-        .and_then(|k| k.get("kubeconfig"));
-    if set(inline.get("datastore")) || !(set(kubeconfig) || set(inline.get("etcd_host"))) {
-        "ipam.datastore"
-    } else if set(kubeconfig) {
-        "ipam.kubernetes.kubeconfig"
-    } else {
-        "ipam.etcd_host"
-    }
-}
 
 /// Credentials stay with the endpoint of their source. Returns whether the network
 /// configuration names an etcd endpoint of its own: another than the flat file's (where the
