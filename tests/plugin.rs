@@ -203,6 +203,32 @@ fn a_start_outside_the_range_refuses_adds_but_not_dels() {
     assert_eq!(ips(&net.add("c", "eth0").ok()), ["10.32.0.1/24"]);
 }
 
+/// Ranges Go's plugin accepts but which leave nothing to hand out (a /32, a /31) or are listed
+/// twice are refused for ADDs only: the DELs of the pods Go served still succeed, and a DEL
+/// still releases what the attachment holds.
+#[test]
+fn a_range_without_addresses_or_listed_twice_refuses_adds_but_not_dels() {
+    let net = Net::local(json!({"range": "10.34.0.0/24"}));
+    assert_eq!(ips(&net.add("a", "eth0").ok()), ["10.34.0.1/24"]);
+    for range in ["10.34.9.9/32", "10.34.9.8/31"] {
+        let mut tiny = net.conf.clone();
+        tiny["ipam"]["range"] = range.into();
+        assert_eq!(
+            call_with(&tiny, "ADD", "t", "eth0", "").err_code(),
+            7,
+            "{range}"
+        );
+        call_with(&tiny, "DEL", "t", "eth0", "").ok_empty();
+    }
+    let mut twice = net.conf.clone();
+    twice["ipam"]["ipRanges"] = json!([{"range": "10.34.0.0/24"}]);
+    assert_eq!(call_with(&twice, "ADD", "b", "eth0", "").err_code(), 7);
+    let del = call_with(&twice, "DEL", "a", "eth0", "");
+    del.ok_empty();
+    assert!(del.stderr.contains("configured twice"), "{del:?}");
+    assert_eq!(ips(&net.add("c", "eth0").ok()), ["10.34.0.1/24"]);
+}
+
 #[test]
 fn exhausted_pool_names_the_range() {
     let net = Net::local(json!({"range": "10.15.0.0/30"}));

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Datastore, MAX_EXCLUDES, MAX_RANGES};
 use crate::ipam::names::pool_name;
-use crate::ipam::{Cidr, Range, RangeSpec};
+use crate::ipam::{Cidr, Range, RangeError, RangeSpec};
 use crate::store::{
     AddRequest, Allocation, Attachment, AttachmentRequest, GcRequest, Hints, PoolRef, RangeRequest,
     StoreError,
@@ -276,8 +276,21 @@ impl WirePool {
         }
     }
 
-    /// The pool, resolved again as the plugin resolves the configuration.
+    /// The pool of an ADD, resolved again as the plugin resolves the configuration.
     pub fn resolve(&self, network_name: &str) -> Result<PoolRef, WireError> {
+        self.resolve_with(network_name, Range::resolve)
+    }
+
+    /// The pool of a DEL, CHECK or GC, resolved as the plugin does ([`Range::resolve_held`]).
+    fn resolve_held(&self, network_name: &str) -> Result<PoolRef, WireError> {
+        self.resolve_with(network_name, Range::resolve_held)
+    }
+
+    fn resolve_with(
+        &self,
+        network_name: &str,
+        resolve: fn(&RangeSpec, Option<IpAddr>) -> Result<Range, RangeError>,
+    ) -> Result<PoolRef, WireError> {
         let cidr = Cidr::parse(&self.cidr, false)
             .ok_or_else(|| WireError::bad_request(format!("range {:?} is not a CIDR", self.cidr)))?
             .network();
@@ -301,7 +314,7 @@ impl WirePool {
             end: self.end,
             exclude,
         };
-        let range = Range::resolve(&spec, self.gateway)
+        let range = resolve(&spec, self.gateway)
             .map_err(|err| WireError::bad_request(format!("invalid range {cidr}: {err}")))?;
         Ok(PoolRef {
             name: pool_name(&spec.cidr, network_name, None),
@@ -318,7 +331,7 @@ fn pools_of(pools: &[WirePool], network_name: &str) -> Result<Vec<PoolRef>, Wire
             "more than {MAX_RANGES} ranges"
         )));
     }
-    pools.iter().map(|p| p.resolve(network_name)).collect()
+    pools.iter().map(|p| p.resolve_held(network_name)).collect()
 }
 
 impl AddBody {
@@ -616,5 +629,19 @@ mod tests {
         let mut wire = WirePool::of(&pool(""));
         wire.start = parse_ip("192.168.0.1");
         assert!(wire.resolve("").is_err());
+    }
+
+    /// A range with no address to hand out is refused for an ADD; a DEL, CHECK or GC of it
+    /// looks for what is held, as the plugin does without the agent.
+    #[test]
+    fn a_range_without_addresses_is_released_from() {
+        let mut wire = WirePool::of(&pool(""));
+        wire.cidr = "10.1.2.3/32".into();
+        assert!(wire.resolve("").is_err());
+        let held = wire.resolve_held("").unwrap();
+        assert_eq!(
+            (held.name.as_str(), held.range.capacity()),
+            ("10.1.2.3-32", 0)
+        );
     }
 }

@@ -558,10 +558,16 @@ fn ranges(
         let spec = range_spec(entry, &path, narrowing, warnings)?
             .ok_or_else(|| invalid(format!("{path}range is missing")))?;
         if ranges.iter().any(|r: &RangeSpec| r.cidr == spec.cidr) {
-            return Err(invalid(format!(
+            let refusal = format!(
                 "invalid {path}range: {} is configured twice (one address is taken per range)",
                 spec.cidr
-            )));
+            );
+            // One pool either way: what a DEL, CHECK or GC finds does not change.
+            match narrowing {
+                Narrowing::Refused => return Err(invalid(refusal)),
+                Narrowing::Warned => warnings.push(format!("{refusal}: the second is ignored")),
+            }
+            continue;
         }
         ranges.push(spec);
     }

@@ -143,6 +143,25 @@ impl Range {
         })
     }
 
+    /// As [`Range::resolve`], except that a range too small to hand out an address (a /31,
+    /// /32, /127 or /128) resolves to one with nothing free: DEL, CHECK and GC only look for
+    /// what is held, and a configuration refused for ADDs must not fail the teardown of its
+    /// pods (Go's plugin never checks a range on DEL).
+    pub fn resolve_held(spec: &RangeSpec, gateway: Option<IpAddr>) -> Result<Range, RangeError> {
+        match Range::resolve(spec, gateway) {
+            Err(RangeError::NoUsable(cidr)) => {
+                let last = cidr.last_offset();
+                Ok(Range {
+                    cidr,
+                    first: 0,
+                    last,
+                    blocked: Intervals::from_unsorted(vec![(0, last)]),
+                })
+            }
+            resolved => resolved,
+        }
+    }
+
     pub fn is_v6(&self) -> bool {
         self.cidr.is_v6()
     }
@@ -300,6 +319,11 @@ mod tests {
         for tiny in ["192.168.0.0/31", "192.168.0.0/32", "::/127", "::/128"] {
             let err = Range::resolve(&spec(tiny, None, None, &[]), None).unwrap_err();
             assert!(matches!(err, RangeError::NoUsable(_)), "{tiny}: {err}");
+            // For the commands that only look for what is held: a range with nothing free.
+            let held = Range::resolve_held(&spec(tiny, None, None, &[]), None).unwrap();
+            assert_eq!(held.capacity(), 0, "{tiny}");
+            assert!((0..=held.cidr.last_offset()).all(|offset| !held.is_usable(offset)));
+            assert_eq!(held.lowest_free(|_| Ok::<_, ()>(None)), Ok(None), "{tiny}");
         }
     }
 

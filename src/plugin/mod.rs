@@ -19,7 +19,7 @@ use crate::store::{
     self, AddRequest, Attachment, AttachmentRequest, GcRequest, Hints, Opener, StoreError,
 };
 
-pub use pools::{parse_requested, place_statics, pools, Requested};
+pub use pools::{held_pools, parse_requested, place_statics, pools, Requested};
 
 /// What the process prints on stdout and the code it exits with.
 pub struct Outcome {
@@ -376,7 +376,7 @@ fn attachment_request(
         network_name: cfg.network_name.clone(),
         container_id: who.container_id,
         ifname: who.ifname,
-        pools: pools(cfg)?,
+        pools: held_pools(cfg)?,
         node_slice_size: cfg.node_slice_size,
         hints: Hints {
             pod_ref: who.pod_ref,
@@ -453,7 +453,7 @@ fn gc(conf: &NetConf, cfg: &IpamConfig, open: Opener) -> Result<(), CniError> {
     let req = GcRequest {
         cni_network: conf.name.clone(),
         network_name: cfg.network_name.clone(),
-        pools: pools(cfg)?,
+        pools: held_pools(cfg)?,
         valid,
         node: this_node(cfg),
         node_slice_size: cfg.node_slice_size,

@@ -6,15 +6,28 @@ use crate::cni::error::{code, CniError};
 use crate::config::{IpamConfig, StaticAddress};
 use crate::ipam::addr::{family_bits, parse_ip};
 use crate::ipam::names::pool_name;
-use crate::ipam::{Cidr, Range};
+use crate::ipam::{Cidr, Range, RangeError, RangeSpec};
 use crate::store::{PoolRef, RangeRequest};
 
 /// The pools of the configured ranges, in order.
 pub fn pools(cfg: &IpamConfig) -> Result<Vec<PoolRef>, CniError> {
+    resolved_pools(cfg, Range::resolve)
+}
+
+/// As [`pools`], for DEL, CHECK and GC: a range too small to hand out an address is a pool
+/// with nothing free ([`Range::resolve_held`]).
+pub fn held_pools(cfg: &IpamConfig) -> Result<Vec<PoolRef>, CniError> {
+    resolved_pools(cfg, Range::resolve_held)
+}
+
+fn resolved_pools(
+    cfg: &IpamConfig,
+    resolve: fn(&RangeSpec, Option<IpAddr>) -> Result<Range, RangeError>,
+) -> Result<Vec<PoolRef>, CniError> {
     cfg.ranges
         .iter()
         .map(|spec| {
-            let range = Range::resolve(spec, cfg.gateway).map_err(|err| {
+            let range = resolve(spec, cfg.gateway).map_err(|err| {
                 CniError::new(
                     code::INVALID_CONFIG,
                     format!("invalid range {}: {err}", spec.cidr),
