@@ -120,7 +120,11 @@ fn might_name_whereabouts(text: &str) -> bool {
     text.to_ascii_lowercase().contains("whereabouts") || text.contains("\\u")
 }
 
-/// The owner reference of a NetworkAttachmentDefinition; `first`: the controlling one.
+/// The owner reference of a NetworkAttachmentDefinition; `first`: the controlling one. It does
+/// not block its owner's deletion: where the API server enforces owner reference permissions
+/// (OpenShift, hardened clusters), setting `blockOwnerDeletion` needs `update` on the
+/// definitions' `finalizers`, which the controller is not granted, and a foreground deletion
+/// of a definition has no reason to wait for its pool.
 fn owner_of(nad: &DynamicObject, first: bool) -> Option<OwnerReference> {
     Some(OwnerReference {
         api_version: nad_resource().api_version,
@@ -128,7 +132,7 @@ fn owner_of(nad: &DynamicObject, first: bool) -> Option<OwnerReference> {
         name: nad.metadata.name.clone()?,
         uid: nad.metadata.uid.clone()?,
         controller: first.then_some(true),
-        block_owner_deletion: first.then_some(true),
+        block_owner_deletion: None,
     })
 }
 
@@ -238,7 +242,6 @@ fn chosen(candidates: Vec<(Wanted, Option<OwnerReference>)>, has: Option<&Layout
     }
     if let Some(first) = owners.first_mut() {
         first.controller = Some(true);
-        first.block_owner_deletion = Some(true);
     }
     let mut want = candidates
         .into_iter()
@@ -652,12 +655,27 @@ fn desired_pool(
     // the new layout (`assign` drops the others); the new slices avoid every pool of the
     // network that still holds addresses, so the live addresses of the old layout are never
     // handed out again. A node the status does not name takes up its own pool's slice again.
-    let mut current = existing
+    // No node keeps or takes up a slice the bounds and exclusions leave no address in (Go's
+    // controller gives slices out in order whatever the bounds, and an exclusion may be added
+    // later): its ADDs would fail for as long as it held it. Such a slice is withdrawn like any
+    // other, and the node gets a usable one.
+    let usable = |a: &NodeSliceAllocation| {
+        let slice = Cidr::parse(&a.slice_range, false);
+        !slice.is_some_and(|slice| want.unusable.iter().any(|u| u.overlaps(&slice)))
+    };
+    let mut current: Vec<NodeSliceAllocation> = existing
         .as_ref()
         .and_then(|p| p.status.as_ref())
-        .map(|s| s.allocations.clone())
+        .map(|s| {
+            s.allocations
+                .iter()
+                .filter(|a| usable(a))
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
-    current.extend(pools.by_node.iter().cloned());
+    let from_status = current.len();
+    current.extend(pools.by_node.iter().filter(|a| usable(a)).cloned());
     let mut busy = pools.busy.clone();
     busy.extend(want.unusable.iter().copied());
     let mut plan = assign(&want.range, want.size, nodes, &current, &busy)?;
@@ -672,8 +690,7 @@ fn desired_pool(
     if !withdrawn.is_empty() {
         busy.extend(withdrawn.iter().copied());
         // Nor does a node take such a slice up again in this pass for its own pool's addresses.
-        let from_status = given.map_or(0, |s| s.allocations.len());
-        let mut taken_up = current.split_off(from_status.min(current.len()));
+        let mut taken_up = current.split_off(from_status);
         taken_up.retain(|a| {
             let slice = Cidr::parse(&a.slice_range, false);
             !slice.is_some_and(|slice| withdrawn.iter().any(|w| w.overlaps(&slice)))
@@ -1115,6 +1132,44 @@ mod tests {
         let same = desired_pool(Some(next), &halves, &nodes(&["a", "b", "c"]), &none).unwrap();
         assert!(!same.withdraws);
         assert_eq!(same.plan.unassigned, ["c"]);
+    }
+
+    /// A node whose slice the bounds and exclusions leave no address in gets a usable one:
+    /// slices Go's controller gave out in order whatever the bounds, or an exclusion added
+    /// later, would otherwise fail its ADDs for as long as it kept the slice.
+    #[test]
+    fn a_slice_left_without_usable_addresses_is_replaced() {
+        let none = NetworkPools::default();
+        let unbounded = wanted("nad", "nad", &nad_config("10.6.0.0/22", "/24"));
+        let unbounded = unbounded.unwrap().unwrap();
+        let ab = nodes(&["a", "b"]);
+        let in_order = desired_pool(None, &unbounded, &ab, &none)
+            .unwrap()
+            .pool
+            .unwrap();
+        assert_eq!(
+            given(&in_order),
+            pairs(&[("a", "10.6.0.0/24"), ("b", "10.6.1.0/24")])
+        );
+        let bounded = r#"{"name":"n","ipam":{"type":"whereabouts","range":"10.6.0.0/22","range_start":"10.6.1.0","exclude":["10.6.3.0/24"],"node_slice_size":"/24"}}"#;
+        let bounded = wanted("nad", "nad", bounded).unwrap().unwrap();
+        let replaced = desired_pool(Some(in_order), &bounded, &ab, &none).unwrap();
+        assert!(replaced.withdraws);
+        let replaced = replaced.pool.unwrap();
+        assert_eq!(
+            given(&replaced),
+            pairs(&[("b", "10.6.1.0/24"), ("a", "10.6.2.0/24")])
+        );
+        // Nor does a node take such a slice up again for its own pool's addresses.
+        let held = NetworkPools {
+            by_node: vec![NodeSliceAllocation {
+                node_name: "a".into(),
+                slice_range: "10.6.3.0/24".into(),
+            }],
+            ..NetworkPools::default()
+        };
+        let plan = desired_pool(Some(replaced), &bounded, &ab, &held).unwrap();
+        assert!(plan.pool.is_none(), "{:?}", plan.plan);
     }
 
     #[test]
