@@ -62,6 +62,8 @@ impl Drop for Scenario<'_> {
         }
         let nads = "network-attachment-definitions.k8s.cni.cncf.io";
         delete(&["delete", nads, "--all", "-n", &self.ns.name, "--wait=false"]);
+        let sliced = format!("{}-sliced", self.id);
+        delete(&["delete", nads, &sliced, "-n", NAMESPACE, "--wait=false"]);
     }
 }
 
@@ -403,9 +405,11 @@ impl<'a> Scenario<'a> {
         let sliced = format!("{}-sliced", self.id);
         let ipam = json!({"type": "whereabouts", "range": "10.203.0.0/24",
                           "node_slice_size": "/28", "network_name": sliced});
-        self.ns.create(
+        // In the installation's namespace, so that the NodeSlicePool is owned by it: the API
+        // server enforces owner references' permissions (hack/control-plane), as OpenShift does.
+        self.system().create(
             "network-attachment-definitions",
-            json!({"metadata": {"name": "sliced"},
+            json!({"metadata": {"name": sliced},
                    "spec": {"config": cni::netconf(&sliced, &ipam)}}),
         );
         let first = format!("{}-a", self.id);
