@@ -249,7 +249,14 @@ pub struct Cache {
 impl Cache {
     /// Starts the watches on the current runtime.
     pub fn follow(client: kube::Client, namespace: &str, observer: Arc<dyn Observer>) -> Cache {
-        let watch = || watcher::Config::default().timeout(WATCH_SECONDS);
+        // Lists may come from the API server's watch cache: a copy is a guess that every write
+        // checks against the server, and after an API server restart every node's agent lists
+        // again at once, which must not all reach etcd.
+        let watch = || {
+            watcher::Config::default()
+                .any_semantic()
+                .timeout(WATCH_SECONDS)
+        };
         let pools = Copy::follow(
             Api::namespaced(client.clone(), namespace),
             watch(),
