@@ -638,6 +638,46 @@ struct Desired {
     waiting: Vec<String>,
 }
 
+/// The slices the status and the nodes' own pools give to nodes, as `assign` reads them (the
+/// status's first; how many of them is the second value), and the plan they make. A slice the
+/// bounds and exclusions leave no address in is dropped, so that its node gets a usable one:
+/// Go's controller gives slices out in order whatever the bounds, and an exclusion may be added
+/// later, and the node's ADDs would fail for as long as it held it. A node no usable slice is
+/// left for keeps it: without a slice, its DELs would find nothing to release either.
+fn first_plan(
+    existing: Option<&NodeSlicePool>,
+    want: &Wanted,
+    nodes: &BTreeSet<String>,
+    pools: &NetworkPools,
+    busy: &HashSet<Cidr>,
+) -> Result<(Vec<NodeSliceAllocation>, usize, Assignment), crate::ipam::slices::SliceError> {
+    let status = existing
+        .and_then(|p| p.status.as_ref())
+        .map_or(&[][..], |s| &s.allocations);
+    let unusable = |a: &NodeSliceAllocation| {
+        let slice = Cidr::parse(&a.slice_range, false);
+        slice.is_some_and(|slice| want.unusable.iter().any(|u| u.overlaps(&slice)))
+    };
+    let plan_keeping = |keep: &dyn Fn(&NodeSliceAllocation) -> bool| {
+        let mut current: Vec<NodeSliceAllocation> =
+            status.iter().filter(|a| keep(a)).cloned().collect();
+        let from_status = current.len();
+        current.extend(pools.by_node.iter().filter(|a| keep(a)).cloned());
+        let plan = assign(&want.range, want.size, nodes, &current, busy)?;
+        Ok((current, from_status, plan))
+    };
+    let first = plan_keeping(&|a| !unusable(a))?;
+    let stranded: BTreeSet<&str> = first.2.unassigned.iter().map(String::as_str).collect();
+    let dropped_from_stranded = status
+        .iter()
+        .chain(&pools.by_node)
+        .any(|a| unusable(a) && stranded.contains(a.node_name.as_str()));
+    if !dropped_from_stranded {
+        return Ok(first);
+    }
+    plan_keeping(&|a| !unusable(a) || stranded.contains(a.node_name.as_str()))
+}
+
 /// The NodeSlicePool to write, and the assignment. The slice size is compared by value (`"24"`
 /// is `"/24"`) and written as the NetworkAttachmentDefinition has it; owner references to
 /// NetworkAttachmentDefinitions are the wanted ones, others are kept.
@@ -655,30 +695,10 @@ fn desired_pool(
     // the new layout (`assign` drops the others); the new slices avoid every pool of the
     // network that still holds addresses, so the live addresses of the old layout are never
     // handed out again. A node the status does not name takes up its own pool's slice again.
-    // No node keeps or takes up a slice the bounds and exclusions leave no address in (Go's
-    // controller gives slices out in order whatever the bounds, and an exclusion may be added
-    // later): its ADDs would fail for as long as it held it. Such a slice is withdrawn like any
-    // other, and the node gets a usable one.
-    let usable = |a: &NodeSliceAllocation| {
-        let slice = Cidr::parse(&a.slice_range, false);
-        !slice.is_some_and(|slice| want.unusable.iter().any(|u| u.overlaps(&slice)))
-    };
-    let mut current: Vec<NodeSliceAllocation> = existing
-        .as_ref()
-        .and_then(|p| p.status.as_ref())
-        .map(|s| {
-            s.allocations
-                .iter()
-                .filter(|a| usable(a))
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
-    let from_status = current.len();
-    current.extend(pools.by_node.iter().filter(|a| usable(a)).cloned());
     let mut busy = pools.busy.clone();
     busy.extend(want.unusable.iter().copied());
-    let mut plan = assign(&want.range, want.size, nodes, &current, &busy)?;
+    let (mut current, from_status, mut plan) =
+        first_plan(existing.as_ref(), want, nodes, pools, &busy)?;
     let mut waiting = Vec::new();
     // A slice this pass takes from a node (the node removed, a new layout) is judged free from
     // a list of the IPPools made before this write; an ADD on that node that read the old
@@ -1160,7 +1180,8 @@ mod tests {
             given(&replaced),
             pairs(&[("b", "10.6.1.0/24"), ("a", "10.6.2.0/24")])
         );
-        // Nor does a node take such a slice up again for its own pool's addresses.
+        // Nor does a node take such a slice up again for its own pool's addresses (the
+        // NodeSlicePool made again, naming no node).
         let held = NetworkPools {
             by_node: vec![NodeSliceAllocation {
                 node_name: "a".into(),
@@ -1168,8 +1189,33 @@ mod tests {
             }],
             ..NetworkPools::default()
         };
-        let plan = desired_pool(Some(replaced), &bounded, &ab, &held).unwrap();
-        assert!(plan.pool.is_none(), "{:?}", plan.plan);
+        let remade = desired_pool(None, &bounded, &ab, &held)
+            .unwrap()
+            .pool
+            .unwrap();
+        assert_eq!(
+            given(&remade),
+            pairs(&[("a", "10.6.1.0/24"), ("b", "10.6.2.0/24")])
+        );
+        // A node no usable slice is left for keeps its own: without one, its DELs would find
+        // nothing to release either.
+        let abc = nodes(&["a", "b", "c"]);
+        let three = desired_pool(None, &unbounded, &abc, &none)
+            .unwrap()
+            .pool
+            .unwrap();
+        let low_half_out = r#"{"name":"n","ipam":{"type":"whereabouts","range":"10.6.0.0/22","exclude":["10.6.0.0/23"],"node_slice_size":"/24"}}"#;
+        let low_half_out = wanted("nad", "nad", low_half_out).unwrap().unwrap();
+        let stranded = desired_pool(Some(three), &low_half_out, &abc, &none).unwrap();
+        assert!(stranded.plan.unassigned.is_empty(), "{:?}", stranded.plan);
+        assert_eq!(
+            given(&stranded.pool.unwrap()),
+            pairs(&[
+                ("b", "10.6.1.0/24"),
+                ("c", "10.6.2.0/24"),
+                ("a", "10.6.3.0/24")
+            ])
+        );
     }
 
     #[test]
