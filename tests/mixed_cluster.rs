@@ -204,8 +204,14 @@ fn pool_base(pool: &Value) -> u128 {
     to_u128(range.split('/').next().unwrap().parse().unwrap())
 }
 
-/// One ADD of a burst as a runtime makes it: on failure the runtime's cleanup DEL follows,
-/// through the same binary. Returns the address handed out, if any.
+/// How many times a runtime tries a pod's ADD in these bursts before the test gives up.
+const ADD_ATTEMPTS: usize = 5;
+
+/// One pod's ADD of a burst as a runtime makes it: on failure the runtime's cleanup DEL
+/// follows, through the same binary, and the runtime tries again (the kubelet creates the
+/// sandbox again). Our binary may fail only with code 11 (try again: the Go binaries' Lease
+/// held past its deadline); the Go binary's failures under these races are its own. Returns
+/// the address handed out.
 fn add_like_a_runtime(
     site: &Site,
     binary: Binary,
@@ -213,16 +219,21 @@ fn add_like_a_runtime(
     node: &str,
     range: &str,
     sleep: u64,
-) -> Option<String> {
-    let reply = site.call(binary, "ADD", pod, node, range, sleep);
-    if reply.code == 0 {
-        let ips = reply.ips();
-        assert_eq!(ips.len(), 1, "{binary:?} ADD {pod}: {reply:?}");
-        return ips.into_iter().next();
+) -> String {
+    for _ in 0..ADD_ATTEMPTS {
+        let reply = site.call(binary, "ADD", pod, node, range, sleep);
+        if reply.code == 0 {
+            let ips = reply.ips();
+            assert_eq!(ips.len(), 1, "{binary:?} ADD {pod}: {reply:?}");
+            return ips.into_iter().next().unwrap();
+        }
+        if binary != Binary::Go {
+            assert_eq!(reply.cni_code(), 11, "{binary:?} ADD {pod}: {reply:?}");
+        }
+        let del = site.call(binary, "DEL", pod, node, range, 0);
+        assert_eq!(del.code, 0, "{binary:?} cleanup DEL {pod}: {del:?}");
     }
-    let del = site.call(binary, "DEL", pod, node, range, 0);
-    assert_eq!(del.code, 0, "{binary:?} cleanup DEL {pod}: {del:?}");
-    None
+    panic!("{binary:?} ADD {pod} failed {ADD_ATTEMPTS} times in a row");
 }
 
 /// Runs `jobs` (binary, pod, node, range, sleep) `parallel` at a time; the addresses handed out.
@@ -241,7 +252,7 @@ fn burst(
                     return;
                 };
                 let ip = add_like_a_runtime(site, *binary, pod, node, range, *sleep);
-                results.lock().unwrap().push((pod.clone(), ip));
+                results.lock().unwrap().push((pod.clone(), Some(ip)));
             });
         }
     });
@@ -283,8 +294,9 @@ fn overlapping_ranges_served_by_both_binaries() {
             (binary, format!("pod-{i}"), node, range.to_string(), sleep)
         })
         .collect();
+    // Every pod gets its address (a runtime tries again), our ADDs failing only as "try again"
+    // (add_like_a_runtime fails the test otherwise).
     let granted = burst(&site, &jobs, 8);
-    assert!(granted.iter().filter(|(_, ip)| ip.is_some()).count() >= 20);
     let through_agent = site
         .agent
         .metric("whereabouts_agent_requests_total{operation=\"add\"");
@@ -414,10 +426,6 @@ fn go_reconciler_over_entries_of_both_binaries() {
     let (gone, live): (Vec<_>, Vec<_>) = granted
         .into_iter()
         .partition(|(pod, _)| index(pod) % 4 >= 2);
-    assert!(
-        live.iter().chain(&gone).all(|(_, ip)| ip.is_some()),
-        "{live:?} {gone:?}"
-    );
     for (pod, ip) in &live {
         add_pod_with_network_status(&site.ns, pod, ip.as_deref().unwrap());
     }
