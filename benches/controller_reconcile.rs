@@ -99,8 +99,12 @@ fn reconcile(
                       "reconciler_cron_expression": "0 0 1 1 *"});
     std::fs::write(&conf, json!({"name": "bench", "ipam": ipam}).to_string()).unwrap();
     let log = folder.join("controller.log");
+    // A flat file of its own: the controller would otherwise read the host's, if it has one.
+    let flat = folder.join("whereabouts.conf");
+    std::fs::write(&flat, "{}").unwrap();
     let started = Instant::now();
     let mut child = Command::new(bin)
+        .env("WHEREABOUTS_FLAT_FILE", &flat)
         .args(["controller", "--config"])
         .arg(&conf)
         .arg("--pod-kubeconfig")

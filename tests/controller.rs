@@ -645,9 +645,6 @@ fn awaited_slice(server: &FakeApiServer, pool: &str, node: &str, limit: Duration
     slice_of(server, pool, node).unwrap_or_default()
 }
 
-/// A pass over the node slices that fails (the server refuses the NodeSlicePool's creation,
-/// twice) is tried again after a pause, without waiting for another event: the slices are
-/// there within seconds, and each failure is counted. On the fake: its failures on demand.
 /// A node or network watch that fails is counted and logged, not only retried: one refused
 /// for good (a role without the resource) would otherwise leave the node slices silently
 /// behind. On the fake API server, which fails a list on demand.
@@ -670,6 +667,9 @@ fn failing_node_and_network_watches_are_counted() {
     assert!(ctl.log().contains("watch failed"), "{}", ctl.log());
 }
 
+/// A pass over the node slices that fails (the server refuses the NodeSlicePool's creation,
+/// twice) is tried again after a pause, without waiting for another event: the slices are
+/// there within seconds, and each failure is counted. On the fake: its failures on demand.
 #[test]
 fn a_failed_node_slice_pass_is_tried_again() {
     let server = FakeApiServer::start();
@@ -1178,14 +1178,13 @@ fn failed_start(mut cmd: Command) -> String {
 
 #[test]
 fn in_a_pod_without_a_kubeconfig_the_store_turns_to_the_service_account() {
-    let sa = whereabouts::k8s::cluster::SERVICE_ACCOUNT_DIR;
-    // In a pod, the account would reach a real cluster.
-    if Path::new(sa).exists() && common::missing_prerequisite(&format!("a machine without {sa}")) {
-        return;
-    }
     let plane = real_cluster!();
     let ns = plane.namespace("ctl-in-a-pod");
     let dir = tempfile::tempdir().unwrap();
+    // The pod's service-account folder, absent: the test's own (`$SERVICE_ACCOUNT_PATH`), so
+    // that a machine that is itself a pod does not lend its account.
+    let sa = dir.path().join("serviceaccount");
+    let sa = sa.to_str().unwrap();
     let pods = ns.kubeconfig(dir.path());
     // The engine's kubeconfig: the Deployment's default path, which no pod has, stands for
     // a path of the test's own that does not exist (the host's may).
@@ -1196,7 +1195,9 @@ fn in_a_pod_without_a_kubeconfig_the_store_turns_to_the_service_account() {
 
     // As the Deployment runs it: no kubeconfig file anywhere, in a pod. The engine goes for
     // the pod's service account (absent on this machine, so start-up stops, naming it).
-    let stderr = failed_start(controller_command(true, &args));
+    let mut in_a_pod = controller_command(true, &args);
+    in_a_pod.env("SERVICE_ACCOUNT_PATH", sa);
+    let stderr = failed_start(in_a_pod);
     assert!(
         stderr.contains("service account") && stderr.contains(sa),
         "{stderr}"
@@ -1214,6 +1215,7 @@ fn in_a_pod_without_a_kubeconfig_the_store_turns_to_the_service_account() {
     let with_file = [&args[..4], &[kubeconfig[0], pods.as_os_str()]].concat();
     let log = dir.path().join("controller.log");
     let child = controller_command(true, &with_file)
+        .env("SERVICE_ACCOUNT_PATH", sa)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

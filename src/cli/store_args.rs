@@ -47,8 +47,15 @@ fn is_namespace_name(name: &str) -> bool {
 impl StoreArgs {
     /// The configuration, with the flags applied over it.
     pub fn ipam(&self) -> anyhow::Result<IpamConfig> {
-        let mut cfg = config::load_for_operator(Some(&self.ipam_object()?))
-            .map_err(|e| anyhow::anyhow!(e.describe()))?;
+        self.ipam_loaded_by(|ipam| config::load_for_operator(Some(ipam)))
+    }
+
+    /// As [`StoreArgs::ipam`], the configuration loaded by `load` (the tests' own flat files).
+    fn ipam_loaded_by(
+        &self,
+        load: impl FnOnce(&serde_json::Value) -> Result<IpamConfig, config::ConfigError>,
+    ) -> anyhow::Result<IpamConfig> {
+        let mut cfg = load(&self.ipam_object()?).map_err(|e| anyhow::anyhow!(e.describe()))?;
         if let Some(namespace) = &self.namespace {
             if !is_namespace_name(namespace) {
                 anyhow::bail!(
@@ -145,7 +152,9 @@ mod tests {
             local_path: Some(dir.path().join("old.db")),
             ..StoreArgs::default()
         };
-        let cfg = local.ipam().unwrap();
+        let cfg = local
+            .ipam_loaded_by(|ipam| config::load_for_operator_with_flat_files(Some(ipam), &[]))
+            .unwrap();
         assert!(
             matches!(cfg.datastore, Datastore::Local { .. }),
             "{:?}",

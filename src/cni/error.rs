@@ -174,7 +174,7 @@ mod tests {
 
     fn with_datastore(datastore: Datastore) -> IpamConfig {
         let ipam = serde_json::json!({"type": "whereabouts", "range": "10.0.0.0/24"});
-        let mut cfg = crate::config::load_for_operator(Some(&ipam)).unwrap();
+        let mut cfg = crate::config::load_with_flat_files(Some(&ipam), &[]).unwrap();
         cfg.datastore = datastore;
         cfg
     }

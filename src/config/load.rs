@@ -48,6 +48,15 @@ pub fn load_for_operator(ipam: Option<&Value>) -> Result<IpamConfig, ConfigError
     load_inner(ipam, &flat_files(), Caller::Operator, Narrowing::Refused)
 }
 
+/// As [`load_for_operator`] with the flat-file locations given (tests, which must not read the
+/// host's).
+pub fn load_for_operator_with_flat_files(
+    ipam: Option<&Value>,
+    flat_files: &[PathBuf],
+) -> Result<IpamConfig, ConfigError> {
+    load_inner(ipam, flat_files, Caller::Operator, Narrowing::Refused)
+}
+
 /// Where the flat file is looked for: `$WHEREABOUTS_FLAT_FILE` alone when set, else the
 /// standard places.
 fn flat_files() -> Vec<PathBuf> {

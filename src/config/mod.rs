@@ -222,8 +222,8 @@ pub mod trust;
 
 pub use error::ConfigError;
 pub use load::{
-    find_flat_file, flat_file_engine, load, load_for_operator, load_to_release, load_untrusted,
-    load_with_flat_files,
+    find_flat_file, flat_file_engine, load, load_for_operator, load_for_operator_with_flat_files,
+    load_to_release, load_untrusted, load_with_flat_files,
 };
 pub use network::{ipam_of, names_whereabouts, network_name_of};
 pub use raw::{get_any_case, same_key, SameField};

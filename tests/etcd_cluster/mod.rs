@@ -508,8 +508,12 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("ipam.json");
         std::fs::write(&conf, ipam.to_string()).unwrap();
+        // A flat file of its own: the doctor would otherwise read the host's, if it has one.
+        let flat = dir.path().join("whereabouts.conf");
+        std::fs::write(&flat, "{}").unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_whereabouts"))
             .env_clear()
+            .env("WHEREABOUTS_FLAT_FILE", &flat)
             .args(["doctor", "-o", "json", "--config"])
             .arg(&conf)
             .output()
