@@ -695,12 +695,18 @@ fn an_entry_keyed_from_host_bits_a_failed_add_cannot_take_back_keeps_its_reserva
 
 /// A pool whose `spec.range` carries host bits far into an IPv6 range (`fd00::1:0:0:0/64`) has
 /// no key for the 2^48 addresses below that one: the search passes them as one block, and the
-/// ADD gets the first address that has a key (one address at a time, it would never end). On
-/// the fake API server, where the pool is written as another tool would.
+/// ADD gets the first address that has a key (one address at a time, it would never end). The
+/// pool is written as another tool would.
 #[test]
 fn a_pool_keyed_from_host_bits_far_into_its_range_is_searched_in_one_step() {
-    let (_server, _dir, kubeconfig) =
-        server_with_pools(&[upstream_pool("fd00---64", "fd00::1:0:0:0/64", &[])]);
+    let plane = real_cluster!();
+    let ns = plane.namespace("pool-keyed-from-host-bits");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    ns.create(
+        "ippools",
+        upstream_pool("fd00---64", "fd00::1:0:0:0/64", &[]),
+    );
     let conf = netconf("hostbits", &ipam("fd00::/64", &kubeconfig, json!({})));
     let reply = run(bin(), &call("ADD", "x", "x"), &conf);
     assert_eq!(reply.ips(), ["fd00::1:0:0:0"], "{reply:?}");
