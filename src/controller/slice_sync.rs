@@ -1076,6 +1076,17 @@ mod tests {
         }
     }
 
+    /// The network's pools when `node`'s own pool holds addresses in `slice` (and no other does).
+    fn own_pool_of(node: &str, slice: &str) -> NetworkPools {
+        NetworkPools {
+            by_node: vec![NodeSliceAllocation {
+                node_name: node.into(),
+                slice_range: slice.into(),
+            }],
+            ..NetworkPools::default()
+        }
+    }
+
     /// The nodes given a slice by `pool`, with their slices.
     fn given(pool: &NodeSlicePool) -> Vec<(String, String)> {
         let status = pool.status.iter().flat_map(|s| &s.allocations);
@@ -1132,13 +1143,7 @@ mod tests {
         );
         // A node whose own pool holds addresses in a slice this pass withdraws from another
         // node takes it up in a later pass only.
-        let mine = NetworkPools {
-            by_node: vec![NodeSliceAllocation {
-                node_name: "b".into(),
-                slice_range: "10.3.1.0/24".into(),
-            }],
-            ..NetworkPools::default()
-        };
+        let mine = own_pool_of("b", "10.3.1.0/24");
         let retaken = desired_pool(
             Some(first_again.clone()),
             &halves,
@@ -1182,13 +1187,7 @@ mod tests {
         );
         // Nor does a node take such a slice up again for its own pool's addresses (the
         // NodeSlicePool made again, naming no node).
-        let held = NetworkPools {
-            by_node: vec![NodeSliceAllocation {
-                node_name: "a".into(),
-                slice_range: "10.6.3.0/24".into(),
-            }],
-            ..NetworkPools::default()
-        };
+        let held = own_pool_of("a", "10.6.3.0/24");
         let remade = desired_pool(None, &bounded, &ab, &held)
             .unwrap()
             .pool
