@@ -349,6 +349,26 @@ fn overlapping_ranges_share_addresses_only_when_asked() {
     audit(&dir.path().join("wb.db"));
 }
 
+/// The local engine keeps no reservations: an ADD that takes part in overlap checks looks at the
+/// overlapping pools' allocations, so it skips even one an ADD that took no part made, where the
+/// cluster engines (reservations, as upstream) cannot see it (tests/contract.rs says so too).
+#[test]
+fn an_add_that_takes_part_skips_what_one_that_did_not_holds() {
+    let (dir, store) = fresh();
+    let wide = pool_in("", "10.23.0.0/24", None, &[]);
+    let narrow = pool_in("", "10.23.0.0/25", None, &[]);
+    let apart = |p: &PoolRef, container: &str| {
+        let mut req = add_req("", &[p], who(container, None));
+        req.overlap = false;
+        req
+    };
+    assert_eq!(store.add(&apart(&wide, "c1")).unwrap(), [ip("10.23.0.1")]);
+    let taking_part = add_req("", &[&narrow], who("c2", None));
+    assert_eq!(store.add(&taking_part).unwrap(), [ip("10.23.0.2")]);
+    assert_eq!(store.add(&apart(&narrow, "c3")).unwrap(), [ip("10.23.0.1")]);
+    audit(&dir.path().join("wb.db"));
+}
+
 #[test]
 fn overlap_collisions_jump_whole_blocks() {
     let dir = tempfile::tempdir().unwrap();
