@@ -1539,6 +1539,64 @@ fn agents_killed_mid_burst_lose_nothing_and_leak_nothing() {
     after_the_outage(&ns, &agents, &confs, &added, failed, 20, retry);
 }
 
+/// Two nodes' agents (processes, each with its own etcd client and copy of the runs) fill a
+/// /28 to its last address at once, plugin processes asking them, then again once everything
+/// was released: the contention the in-process tests of tests/etcd_store.rs model, between
+/// processes. Every address is handed out once, the pods beyond them are told the pool is full
+/// (code 100) and nothing is lost to freed marks.
+#[test]
+fn etcd_agents_fill_a_small_pool_completely_and_again() {
+    const FREE: usize = 14;
+    const PODS: usize = FREE + 2;
+    let Some(nodes) = etcd_nodes("etcdfill", "10.149.0.0/28") else {
+        return;
+    };
+    let EtcdNodes {
+        agents,
+        conf,
+        cluster,
+        ..
+    } = &nodes;
+    let mut first_round = None;
+    for round in ["first", "second"] {
+        let added = burst("ADD", PODS, PODS, agents, &[conf], |_| {});
+        let mut given = BTreeSet::new();
+        let mut full = 0;
+        for (i, reply) in added {
+            // A runtime tries again what it is told to: an agent that kept losing the last
+            // addresses to the other node's commits answers "try again".
+            let mut reply = reply;
+            for _ in 0..10 {
+                if reply.cni_code() != 11 {
+                    break;
+                }
+                let agents = agents.lock().unwrap();
+                let node = i % agents.len();
+                reply = call("ADD", i, &format!("node-{node}"), &agents[node], conf);
+            }
+            match reply.cni_code() {
+                0 => assert!(
+                    given.insert(ip_of(&reply)),
+                    "{round} round: {} handed out twice",
+                    ip_of(&reply)
+                ),
+                100 => full += 1,
+                other => panic!("{round} round: ADD {i}: code {other}: {reply:?}"),
+            }
+        }
+        assert_eq!(given.len(), FREE, "{round} round: {given:?}");
+        assert_eq!(full, PODS - FREE, "{round} round");
+        assert_eq!(first_round.get_or_insert_with(|| given.clone()), &given);
+        cluster.assert_doctor_healthy();
+        let deleted = burst("DEL", PODS, PODS, agents, &[conf], |_| {});
+        for (i, reply) in &deleted {
+            assert_eq!(reply.code, 0, "{round} round: DEL {i}: {reply:?}");
+        }
+    }
+    let left = cluster.left_after_releasing_all("/whereabouts/");
+    assert!(left.is_empty(), "keys left after every DEL: {left:?}");
+}
+
 /// The etcd engine's agents killed with SIGKILL in the middle of a burst (their batches and
 /// copies lost with them) and started again: every ADD answers an address or "try again", no
 /// address twice once the runtime has retried, repeated ADDs keep what each pod holds, and
