@@ -46,18 +46,18 @@ pub struct ControllerArgs {
     /// migration from or back to them, `absent`), over the flat file's `go_whereabouts`: the
     /// controller's releases take part in their Lease while they may. It reads no flat file in
     /// its pod: the manifest and the chart set this as they set the nodes'.
-    #[arg(long, env = "WHEREABOUTS_GO_PEERS", value_parser = ["auto", "present", "absent"])]
-    pub go_whereabouts: Option<String>,
+    #[arg(long, env = "WHEREABOUTS_GO_PEERS", value_parser = go_peers)]
+    pub go_whereabouts: Option<GoPeers>,
+}
+
+fn go_peers(text: &str) -> Result<GoPeers, String> {
+    GoPeers::parse(text).ok_or_else(|| "expected auto, present or absent".to_string())
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let mut ipam = args.store.ipam()?;
-    if let Some(peers) = args.go_whereabouts.as_deref() {
-        ipam.go_peers = match peers {
-            "present" => GoPeers::Present,
-            "absent" => GoPeers::Absent,
-            _ => GoPeers::Auto,
-        };
+    if let Some(peers) = args.go_whereabouts {
+        ipam.go_peers = peers;
     }
     // A long-running process: informational logs unless the flag or the configuration asks
     // for another level.

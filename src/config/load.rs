@@ -515,16 +515,13 @@ fn resolve(
 /// The flat file's `go_whereabouts`: the admin's word on whether Go binaries remain.
 fn go_peers(flat: &Map<String, Value>) -> Result<GoPeers, ConfigError> {
     let path = "flat file go_whereabouts";
-    match text(flat, "go_whereabouts", path)?
-        .as_deref()
-        .map(str::trim)
-    {
-        None | Some("auto") => Ok(GoPeers::Auto),
-        Some("present") => Ok(GoPeers::Present),
-        Some("absent") => Ok(GoPeers::Absent),
-        Some(_) => Err(invalid(format!(
-            "invalid {path}: expected \"auto\", \"present\" or \"absent\""
-        ))),
+    match text(flat, "go_whereabouts", path)? {
+        None => Ok(GoPeers::Auto),
+        Some(named) => GoPeers::parse(&named).ok_or_else(|| {
+            invalid(format!(
+                "invalid {path}: expected \"auto\", \"present\" or \"absent\""
+            ))
+        }),
     }
 }
 

@@ -75,6 +75,19 @@ pub enum GoPeers {
     Absent,
 }
 
+impl GoPeers {
+    /// The value a flat file's `go_whereabouts` or the controller's flag names (spaces around
+    /// it ignored); None for another word.
+    pub fn parse(text: &str) -> Option<GoPeers> {
+        match text.trim() {
+            "auto" => Some(GoPeers::Auto),
+            "present" => Some(GoPeers::Present),
+            "absent" => Some(GoPeers::Absent),
+            _ => None,
+        }
+    }
+}
+
 /// How long after a Go binary last renewed the `whereabouts` Lease `auto` still counts it as
 /// present: a day, so a node that runs the Go binary and starts no pod for hours is still
 /// counted when it does.
