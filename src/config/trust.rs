@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::error::ConfigError;
 use super::load::named_engine;
-use super::raw::{field, is_unset, merge_flat_file, text};
+use super::raw::{field, is_unset, text};
 use crate::files::shown;
 
 /// Names the flat file in place of the default locations (set by the runtime's environment,
@@ -228,9 +228,6 @@ pub fn screen(
         }
     }
     let own_kubeconfig = screen_kubeconfig(inline, flat, trust)?;
-    if let Some(engine) = &admins_engine {
-        check_engine_stands(inline, flat, engine)?;
-    }
     let own_endpoint = screen_etcd(inline, flat, trust)?;
     // Only the engine in use counts: an etcd_host left in the flat file of a Kubernetes node
     // (the installer keeps the admin's keys) says nothing about the store.
@@ -325,7 +322,9 @@ fn admins_engine(flat: &Map<String, Value>) -> Result<Option<String>, ConfigErro
 /// engine, ignores them, and NetworkAttachmentDefinitions written for its etcd days still
 /// carry them: refusing them would fail the DELs of the pods it served. Another engine would
 /// keep this network's addresses apart from the other nodes' (the local engine: one store per
-/// node), so it is never taken; the keys are never screened, opened or dialled either.
+/// node), so it is never taken; the keys are never screened, opened or dialled either. What is
+/// left, merged with the flat file, selects the admin's engine (a `datastore` that is not text
+/// is refused when the configuration is resolved, as Go's decoder refuses it).
 fn set_aside_other_engines(
     inline: &mut Map<String, Value>,
     admins: &str,
@@ -381,26 +380,6 @@ const ENGINE_KEYS: [(&str, &[&str]); 2] = [
         ],
     ),
 ];
-
-/// What the network configuration selects once merged with the flat file is the admin's engine
-/// ([`set_aside_other_engines`] took out every other choice): a check that it stays so.
-fn check_engine_stands(
-    inline: &Map<String, Value>,
-    flat: &Map<String, Value>,
-    admins: &str,
-) -> Result<(), ConfigError> {
-    let mut merged = inline.clone();
-    merge_flat_file(&mut merged, flat);
-    let chosen = named_engine(&merged, "ipam.")?.unwrap_or_else(|| "local".into());
-    if chosen != admins {
-        return Err(invalid(format!(
-            "ipam.datastore: this network configuration selects the {:?} engine, not the flat \
-             file's: the admin chooses the engine",
-            shown(&chosen)
-        )));
-    }
-    Ok(())
-}
 
 /// The engines a `datastore` may name.
 const ENGINES: [&str; 3] = ["local", "kubernetes", "etcd"];
