@@ -241,7 +241,7 @@ fn burst(
     site: &Site,
     jobs: &[(Binary, String, String, String, u64)],
     parallel: usize,
-) -> Vec<(String, Option<String>)> {
+) -> Vec<(String, String)> {
     let next = AtomicUsize::new(0);
     let results = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
@@ -252,7 +252,7 @@ fn burst(
                     return;
                 };
                 let ip = add_like_a_runtime(site, *binary, pod, node, range, *sleep);
-                results.lock().unwrap().push((pod.clone(), Some(ip)));
+                results.lock().unwrap().push((pod.clone(), ip));
             });
         }
     });
@@ -260,11 +260,10 @@ fn burst(
 }
 
 /// Zero duplicates among the addresses handed out, and every one still held by its pod.
-fn assert_granted_and_held(site: &Site, granted: &[(String, Option<String>)], step: &str) {
+fn assert_granted_and_held(site: &Site, granted: &[(String, String)], step: &str) {
     let held = site.held();
     let mut seen = BTreeSet::new();
     for (pod, ip) in granted {
-        let Some(ip) = ip else { continue };
         assert!(seen.insert(ip.clone()), "{step}: {ip} handed out twice");
         assert_eq!(held.get(ip), Some(pod), "{step}: {ip} of {pod} is not held");
     }
@@ -343,7 +342,7 @@ fn rollout_and_rollback_node_by_node() {
     };
     schedule.extend((0..NODES).map(|n| Some((n, ours_on(n)))));
     schedule.extend((0..NODES).map(|n| Some((n, Binary::Go))));
-    let mut alive: Vec<(String, usize, Option<String>)> = Vec::new();
+    let mut alive: Vec<(String, usize, String)> = Vec::new();
     for (step, change) in schedule.into_iter().enumerate() {
         if let Some((node, binary)) = change {
             binaries[node] = binary;
@@ -367,7 +366,7 @@ fn rollout_and_rollback_node_by_node() {
         let granted = burst(&site, &jobs, NODES * 2);
         let by_pod: BTreeMap<_, _> = granted.iter().cloned().collect();
         for (i, (_, pod, _, _, _)) in jobs.iter().enumerate() {
-            alive.push((pod.clone(), i % NODES, by_pod.get(pod).cloned().flatten()));
+            alive.push((pod.clone(), i % NODES, by_pod[pod].clone()));
         }
         let granted: Vec<_> = alive
             .iter()
@@ -427,7 +426,7 @@ fn go_reconciler_over_entries_of_both_binaries() {
         .into_iter()
         .partition(|(pod, _)| index(pod) % 4 >= 2);
     for (pod, ip) in &live {
-        add_pod_with_network_status(&site.ns, pod, ip.as_deref().unwrap());
+        add_pod_with_network_status(&site.ns, pod, ip);
     }
 
     let mut control_loop = GoControlLoop::start(&site, &tools);
@@ -441,7 +440,6 @@ fn go_reconciler_over_entries_of_both_binaries() {
         .filter_map(|r| r["metadata"]["name"].as_str().map(String::from))
         .collect();
     for (pod, ip) in &gone {
-        let ip = ip.as_deref().unwrap();
         assert!(
             !held.contains_key(ip),
             "{ip} of gone pod {pod} is still held"
