@@ -1975,6 +1975,68 @@ fn the_agents_del_frees_an_entry_without_an_interface_name() {
     server.hold_watches(false);
 }
 
+/// A pod re-created under its name whose ADD through the agent fails in a range added since
+/// (full) leaves its first range's address under its old sandbox, as the plugin's own ADD does
+/// (the contract's `a_failed_add_leaves_a_kept_address_as_it_was`): the entry and its
+/// reservation name the old sandbox again, the runtime's DEL of the failed one releases
+/// nothing, and the pod's next sandbox gets the address.
+#[test]
+fn a_failed_add_through_the_agent_leaves_a_kept_address_as_it_was() {
+    let plane = real_cluster!();
+    let ns = plane.namespace("agent-failed-keep");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = ns.kubeconfig(dir.path());
+    let agent = Agent::start(dir.path(), "node-0", kube_settings(&kubeconfig));
+    let conf = |ranges: &[&str]| {
+        let mut ipam = ipam(ranges[0], &dir.path().join("no-such.kubeconfig"));
+        ipam.as_object_mut().unwrap().remove("range");
+        ipam["ipRanges"] = ranges.iter().map(|r| json!({"range": r})).collect();
+        netconf("keptnet", &ipam)
+    };
+    let (first, full) = (conf(&["10.163.0.0/24"]), conf(&["10.163.1.0/30"]));
+    let both = conf(&["10.163.0.0/24", "10.163.1.0/30"]);
+    let sandbox = |command: &'static str, container: &str, pod: &str, conf: &str| {
+        let call = Call {
+            command,
+            container,
+            ifname: "net1",
+            pod: Some(("bench", pod)),
+            node: Some("node-0"),
+            env: vec![agent.env()],
+        };
+        run(bin(), &call, conf)
+    };
+    let added = |container: &str, pod: &str, conf: &str| {
+        let reply = sandbox("ADD", container, pod, conf);
+        assert_eq!(reply.code, 0, "{reply:?}");
+        ip_of(&reply)
+    };
+    added("c0", "x", &first);
+    let kept = added("c1", "a", &first);
+    // The lowest address is free again: a freed address would give the pod another one.
+    assert_eq!(sandbox("DEL", "c0", "x", &first).code, 0);
+    added("f1", "f1", &full);
+    added("f2", "f2", &full);
+    let failed = sandbox("ADD", "c2", "a", &both);
+    assert_eq!(failed.cni_code(), 100, "{failed:?}");
+    assert_eq!(sandbox("DEL", "c2", "a", &both).code, 0);
+    let reservation_holder = || {
+        let reservations = ns.list(RESERVATIONS);
+        let of_kept = reservations
+            .iter()
+            .find(|r| r["metadata"]["name"].as_str().unwrap().ends_with(&kept));
+        of_kept.map(|r| r["spec"]["containerid"].clone())
+    };
+    assert_eq!(reservation_holder(), Some(json!("c1")));
+    assert_eq!(added("c3", "a", &first), kept);
+    assert_eq!(reservation_holder(), Some(json!("c3")));
+    assert_eq!(
+        agent.metric("whereabouts_agent_requests_total{operation=\"add\",result=\"exhausted\"}"),
+        1.0,
+        "the failed ADD went through the agent"
+    );
+}
+
 /// Through the agent too, an ADD in a sliced network without reservations whose node's slice is
 /// withdrawn while it writes takes its entry back and asks the runtime to try again
 /// (`an_add_whose_slice_is_withdrawn_meanwhile_takes_its_address_back` of the plugin's own

@@ -249,6 +249,30 @@ fn overlapping_ranges(open: Opener) {
     assert_eq!(store.add(&add(&both, who("c6", "f"))).unwrap(), got);
 }
 
+/// An ADD that fails in one of its ranges leaves every range as it was. A pod re-created under
+/// its name (a new sandbox) whose ADD finds a range added since full keeps its first range's
+/// address under its old sandbox: the runtime's DEL of the failed sandbox releases nothing, and
+/// the next try gets the address again.
+fn a_failed_add_leaves_a_kept_address_as_it_was(open: Opener) {
+    let store = open("failedadd");
+    let first = [pool("10.24.0.0/24")];
+    let full = [pool("10.24.1.0/30")];
+    store.add(&add(&first, who("c0", "x"))).unwrap();
+    let kept = store.add(&add(&first, who("c1", "a"))).unwrap();
+    assert_eq!(kept, ips(&["10.24.0.2"]));
+    // The lowest address is free again: a freed sticky address would be given another one.
+    store.del(&attachment_req(&first, "c0")).unwrap();
+    for (container, pod) in [("f1", "f1"), ("f2", "f2")] {
+        store.add(&add(&full, who(container, pod))).unwrap();
+    }
+    let both = [first[0].clone(), full[0].clone()];
+    let err = store.add(&add(&both, who("c2", "a"))).unwrap_err();
+    assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
+    assert!(store.del(&attachment_req(&both, "c2")).unwrap().is_empty());
+    assert_eq!(held(&*store, &first, "c1"), kept);
+    assert_eq!(store.add(&add(&first, who("c3", "a"))).unwrap(), kept);
+}
+
 fn network_name_scopes_pools(open: Opener) {
     let store = open("netname");
     let blue = [pool_in("blue", "10.14.0.0/24", &[])];
@@ -489,6 +513,10 @@ const BEHAVIOURS: &[Behaviour] = &[
         changing_a_static_address_moves_it,
     ),
     ("overlapping_ranges", overlapping_ranges),
+    (
+        "a_failed_add_leaves_a_kept_address_as_it_was",
+        a_failed_add_leaves_a_kept_address_as_it_was,
+    ),
     ("network_name_scopes_pools", network_name_scopes_pools),
     (
         "a_pool_name_two_networks_share",

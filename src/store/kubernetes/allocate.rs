@@ -412,28 +412,27 @@ impl Engine {
                 let key = result.as_ref().ok().map(|granted| granted.key.clone());
                 match reply.send(result) {
                     Ok(()) => received.extend(key),
-                    Err(Ok(granted)) if granted.fresh => {
-                        unreceived.push(granted_steps(granted, pool, who));
-                    }
-                    Err(_) => {}
+                    Err(Ok(granted)) => unreceived.push(granted_steps(granted, pool, req, who)),
+                    Err(Err(_)) => {}
                 }
             }
             self.take_back_unreceived(unreceived, &received).await;
         }
     }
 
-    /// Takes back the fresh grants whose requests gave up (their deadline passed, their plugin
+    /// Takes back the grants whose requests gave up (their deadline passed, their plugin
     /// answered "try again" and its runtime's DEL may have found nothing yet), unless a
-    /// repetition of the same request received the address. Before the queue's next batch: a
-    /// retry of the request waiting there finds the address free, or, if taking it back failed,
-    /// its own entry to keep.
+    /// repetition of the same request received the address: fresh entries are removed, kept
+    /// ones name their earlier sandbox again. Before the queue's next batch: a retry of the
+    /// request waiting there finds the address free (or its pod's), or, if taking it back
+    /// failed, its own entry to keep.
     async fn take_back_unreceived(&self, unreceived: Vec<Vec<Step>>, received: &BTreeSet<String>) {
         let steps: Vec<Step> = unreceived
             .into_iter()
             .filter(|steps| {
                 !steps
                     .iter()
-                    .any(|s| matches!(s, Step::PoolEntry { key, .. } if received.contains(key)))
+                    .any(|s| matches!(s, Step::PoolEntry { key, .. } | Step::Kept { key, .. } if received.contains(key)))
             })
             .flatten()
             .collect();
@@ -521,10 +520,8 @@ impl Engine {
     ) -> Result<IpAddr, StoreError> {
         let granted = granted?;
         let ip = granted.ip;
-        if granted.fresh {
-            for step in granted_steps(granted, pool, &req.attachment) {
-                undo.push(step);
-            }
+        for step in granted_steps(granted, pool, req, &req.attachment) {
+            undo.push(step);
         }
         Ok(ip)
     }
@@ -716,6 +713,7 @@ impl Engine {
             }
             let decision = self.pick(cx, round, &mut slots[i]);
             let earlier = slots[i].reserved.take();
+            slots[i].kept_from = None;
             match decision {
                 Some(Decision::Keep { offset, release }) => {
                     // A repeated ADD: hand back what the owner holds, with the new container ID.
@@ -738,6 +736,7 @@ impl Engine {
                         .push(holder_test(&key, held_id.as_deref().unwrap_or_default()));
                     if held_id.as_ref() != Some(&who.container_id) {
                         round.ops.push(replace_id_op(&key, &who.container_id));
+                        slots[i].kept_from = held.map(|h| h.attachment.clone());
                     }
                     slots[i].releasing = round.releasing(&release);
                     round.planned.push((i, offset, key, false));
@@ -923,12 +922,17 @@ impl Engine {
                 }
             }
             let reservation = slots[i].reserved.take().map(|(_, held)| held);
-            slots[i].done = Some(Ok(Granted {
+            let granted = Granted {
                 ip,
                 key,
                 reservation,
                 fresh,
-            }));
+                kept_from: slots[i].kept_from.take(),
+            };
+            if let Some(step) = kept_step(cx.pool, cx.req, &granted, &slots[i].who) {
+                cx.undo.push(step);
+            }
+            slots[i].done = Some(Ok(granted));
         }
         Ok(())
     }
@@ -1309,9 +1313,13 @@ impl Engine {
         let mut standing = Vec::new();
         let (entries, reservations): (Vec<_>, Vec<_>) = steps
             .into_iter()
-            .partition(|s| matches!(s, Step::PoolEntry { .. }));
+            .partition(|s| matches!(s, Step::PoolEntry { .. } | Step::Kept { .. }));
         for step in entries.into_iter().rev() {
-            if let Step::PoolEntry {
+            if let Step::Kept { .. } = step {
+                if let Err(err) = self.give_back_kept(step).await {
+                    first_error.get_or_insert(err);
+                }
+            } else if let Step::PoolEntry {
                 pool,
                 cidr,
                 key,
@@ -1337,7 +1345,7 @@ impl Engine {
             let name = match &step {
                 Step::Reservation { held } => &held.name,
                 Step::Asked { name, .. } => name,
-                Step::PoolEntry { .. } => continue,
+                Step::PoolEntry { .. } | Step::Kept { .. } => continue,
             };
             // An entry that could not be removed may still stand, and without its reservation
             // an overlapping range would hand its address out again.
@@ -1360,6 +1368,42 @@ impl Engine {
         }
     }
 
+    /// Names the sandbox that held a kept entry before this ADD again, if the entry still names
+    /// this ADD's sandbox (the test of the patch); then its reservation likewise.
+    async fn give_back_kept(&self, step: Step) -> Result<(), StoreError> {
+        let Step::Kept {
+            pool,
+            key,
+            ip,
+            before,
+            after,
+            network_name,
+        } = step
+        else {
+            return Ok(());
+        };
+        let ops = [
+            holder_test(&key, &after.container_id),
+            replace_id_op(&key, &before.container_id),
+        ];
+        match self.kube.patch_pool(&pool, None, &ops).await {
+            Ok(_) => {}
+            // Released or kept again since: no longer this ADD's to give back.
+            Err(ApiError::Conflict(_) | ApiError::NotFound(_)) => return Ok(()),
+            Err(err) => return Err(err.into()),
+        }
+        let Some(network_name) = network_name else {
+            return Ok(());
+        };
+        let name = reservation::name(ip, &network_name);
+        match self.kube.get_reservation(&name).await? {
+            Some(found) if reservation::names_container(&found, &after) => {
+                self.take_over(found, &before).await.map(drop)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Deletes the reservation a step made: exactly the object created, or, for a create that
     /// went unanswered, the object of that name if it names the asking container and interface
     /// (as the create wrote them; an adoption would have taken it as this ADD's too).
@@ -1370,7 +1414,7 @@ impl Engine {
                 Some(found) if reservation::names_container(&found, &who) => Held::of(&found),
                 _ => return Ok(()),
             },
-            Step::PoolEntry { .. } => return Ok(()),
+            Step::PoolEntry { .. } | Step::Kept { .. } => return Ok(()),
         };
         let (uid, rv) = (held.uid.as_deref(), held.rv.as_deref());
         self.kube.delete_reservation(&held.name, uid, rv).await
@@ -1418,20 +1462,48 @@ impl Round {
     }
 }
 
-/// What taking back a fresh grant to `who` in `pool` undoes: its entry, then its reservation.
-fn granted_steps(granted: Granted, pool: &PoolRef, who: &Attachment) -> Vec<Step> {
-    let mut steps = vec![Step::PoolEntry {
+/// What taking back a grant to `who` in `pool` undoes: a kept entry's move to `who`'s sandbox;
+/// a fresh grant's entry, then its reservation.
+fn granted_steps(
+    granted: Granted,
+    pool: &PoolRef,
+    req: &AddRequest,
+    who: &Attachment,
+) -> Vec<Step> {
+    let mut steps: Vec<Step> = kept_step(pool, req, &granted, who).into_iter().collect();
+    if !granted.fresh {
+        return steps;
+    }
+    steps.push(Step::PoolEntry {
         pool: object_name(&pool.name),
         cidr: pool.range.cidr,
         key: granted.key,
         ip: granted.ip,
         container_id: who.container_id.clone(),
         ifname: who.ifname.clone(),
-    }];
+    });
     if let Some(held) = granted.reservation {
         steps.push(Step::Reservation { held });
     }
     steps
+}
+
+/// What gives an entry kept for `who`'s sandbox back to the one that held it before, if the
+/// grant kept one. `req` is any request of the pool's batch (they share network and overlap).
+fn kept_step(
+    pool: &PoolRef,
+    req: &AddRequest,
+    granted: &Granted,
+    who: &Attachment,
+) -> Option<Step> {
+    Some(Step::Kept {
+        pool: object_name(&pool.name),
+        key: granted.key.clone(),
+        ip: granted.ip,
+        before: granted.kept_from.clone()?,
+        after: who.clone(),
+        network_name: req.overlap.then(|| req.network_name.clone()),
+    })
 }
 
 /// Marks each slot added since the last call that repeats an earlier slot's attachment (a
@@ -1476,6 +1548,7 @@ fn results_of(slots: &mut [Slot], twin_of: &[Option<usize>]) -> Vec<Result<Grant
                 Ok(granted) => Ok(Granted {
                     fresh: false,
                     reservation: None,
+                    kept_from: None,
                     ..Granted::clone(granted)
                 }),
                 Err(err) => Err(StoreError::clone(err)),
@@ -1502,6 +1575,8 @@ struct Slot {
     decision: Option<Decision<String>>,
     /// Entries the write gives back (a move, a duplicate): their reservations go after it.
     releasing: Vec<(IpAddr, Attachment)>,
+    /// Who held the entry a keep moves to this job's sandbox.
+    kept_from: Option<Attachment>,
     done: Option<Result<Granted, StoreError>>,
 }
 
@@ -1516,6 +1591,7 @@ impl Slot {
             salt: u32::from(contended),
             decision: None,
             releasing: Vec::new(),
+            kept_from: None,
             done: None,
         }
     }

@@ -194,6 +194,19 @@ pub enum Step {
         container_id: String,
         ifname: String,
     },
+    /// An entry this ADD kept for the owner's new sandbox: its container ID (and, with
+    /// overlapping ranges, its reservation) was moved from `before`'s to `after`'s.
+    /// Taken back, it names `before` again, so the runtime's DEL of the failed sandbox leaves
+    /// the pod's address for its next try.
+    Kept {
+        pool: String,
+        key: String,
+        ip: IpAddr,
+        before: Attachment,
+        after: Attachment,
+        /// The reservation's network, when the ADD takes part in overlapping ranges.
+        network_name: Option<String>,
+    },
 }
 
 /// The steps of the running ADD. It lives outside the ADD's future so that the steps survive

@@ -62,6 +62,9 @@ pub struct Granted {
     pub reservation: Option<Held>,
     /// False when the attachment already held the address (nothing to take back).
     pub fresh: bool,
+    /// Who held the entry before this ADD moved it to the new sandbox (a kept address):
+    /// a failed ADD gives it back.
+    pub kept_from: Option<Attachment>,
 }
 
 /// What requests must share to be combined in one batch: the cluster, the pool, its range and
