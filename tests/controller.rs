@@ -609,10 +609,84 @@ fn a_pools_size_is_what_its_network_hands_out() {
     c.ns.delete("network-attachment-definitions", "narrow");
 }
 
+/// Where a test reads the controller's NodeSlicePools from.
+trait SlicePools {
+    fn slice_pool(&self, name: &str) -> Option<Value>;
+}
+
+impl SlicePools for FakeApiServer {
+    fn slice_pool(&self, name: &str) -> Option<Value> {
+        self.get("nodeslicepools", NS, name)
+    }
+}
+
+/// A real control plane of one test's own (CRDs applied) for the node-slice tests whose exact
+/// layout depends on every Node of the cluster: the shared plane holds other tests' Nodes. The
+/// controller keeps its NodeSlicePools in kube-system, as installed.
+struct SlicePlane {
+    system: kube_apiserver::TestNamespace,
+    dir: tempfile::TempDir,
+}
+
+impl SlicePlane {
+    fn start(name: &str) -> Option<SlicePlane> {
+        let plane = kube_apiserver::dedicated_control_plane(name)?;
+        plane.apply_crds().expect("the CRDs");
+        Some(SlicePlane {
+            system: kube_apiserver::TestNamespace {
+                plane,
+                name: NS.into(),
+            },
+            dir: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    /// The admin's kubeconfig, its context in kube-system.
+    fn kubeconfig(&self) -> PathBuf {
+        self.system.kubeconfig(self.dir.path())
+    }
+
+    /// A controller whose own store is the Kubernetes engine on this plane.
+    fn controller(&self) -> Controller {
+        let kubeconfig = self.kubeconfig();
+        let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
+            "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}, "log_level": "verbose"}});
+        Controller::start(self.dir.path(), &conf, &kubeconfig, &[])
+    }
+
+    fn add_node(&self, node: &str) {
+        self.system.create(
+            "nodes",
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
+        );
+    }
+
+    fn remove_node(&self, node: &str) {
+        assert!(self.system.delete("nodes", node), "no node {node}");
+    }
+
+    /// A namespace of this plane holding a NetworkAttachmentDefinition `name` of `config`.
+    fn namespace_with_nad(&self, name: &str, config: &Value) -> kube_apiserver::TestNamespace {
+        let ns = self.system.plane.namespace(name);
+        ns.create(
+            "network-attachment-definitions",
+            json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                   "metadata": {"name": name}, "spec": {"config": config.to_string()}}),
+        );
+        ns
+    }
+}
+
+impl SlicePools for SlicePlane {
+    fn slice_pool(&self, name: &str) -> Option<Value> {
+        self.system.get("nodeslicepools", name)
+    }
+}
+
 /// The NodeSlicePool's slice per node ("" for free slices).
-fn slices(server: &FakeApiServer, name: &str) -> Vec<(String, String)> {
+fn slices(server: &impl SlicePools, name: &str) -> Vec<(String, String)> {
     server
-        .get("nodeslicepools", NS, name)
+        .slice_pool(name)
         .map(|p| {
             p["status"]["allocations"]
                 .as_array()
@@ -630,7 +704,7 @@ fn slices(server: &FakeApiServer, name: &str) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-fn slice_of(server: &FakeApiServer, pool: &str, node: &str) -> Option<String> {
+fn slice_of(server: &impl SlicePools, pool: &str, node: &str) -> Option<String> {
     slices(server, pool)
         .into_iter()
         .find(|(n, _)| n == node)
@@ -638,7 +712,7 @@ fn slice_of(server: &FakeApiServer, pool: &str, node: &str) -> Option<String> {
 }
 
 /// The slice of `node` in NodeSlicePool `pool`, once it has one (waiting at most `limit`).
-fn awaited_slice(server: &FakeApiServer, pool: &str, node: &str, limit: Duration) -> String {
+fn awaited_slice(server: &impl SlicePools, pool: &str, node: &str, limit: Duration) -> String {
     wait_for(&format!("{node}'s slice of {pool}"), limit, || {
         slice_of(server, pool, node).is_some()
     });
@@ -760,22 +834,21 @@ fn a_removed_nodes_slice_is_not_given_out_while_its_late_add_lands() {
 
 /// A network that cannot be sliced (a slice size larger than its range) fails no pass: it is
 /// logged, and another network's new node gets its slice in the next pass, not after a
-/// back-off that grows while the broken network stays. On the fake: nodes are added at will.
+/// back-off that grows while the broken network stays. On a control plane of its own (the
+/// slices given depend on every Node of the cluster).
 #[test]
 fn a_network_that_cannot_be_sliced_holds_no_other_back() {
-    let server = FakeApiServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let Some(server) = SlicePlane::start("unsliceable") else {
+        return;
+    };
     server.add_node("node-a");
     let broken = json!({"cniVersion": "0.3.1", "name": "too-wide", "type": "macvlan",
         "ipam": {"type": "whereabouts", "range": "10.62.0.0/24", "node_slice_size": "/16"}});
     let fine = json!({"cniVersion": "0.3.1", "name": "fine", "type": "macvlan",
         "ipam": {"type": "whereabouts", "range": "10.63.0.0/24", "node_slice_size": "/26"}});
-    server.add_nad("default", "too-wide", &broken);
-    server.add_nad("default", "fine", &fine);
-    let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
-        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}, "log_level": "verbose"}});
-    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
+    server.namespace_with_nad("too-wide", &broken);
+    server.namespace_with_nad("fine", &fine);
+    let ctl = server.controller();
     awaited_slice(&server, "fine", "node-a", Duration::from_secs(20));
     // A node added once the first pass is over is served by a later pass.
     server.add_node("node-b");
@@ -785,7 +858,7 @@ fn a_network_that_cannot_be_sliced_holds_no_other_back() {
     );
     assert!(ctl.log().contains("too-wide"), "{}", ctl.log());
     assert!(
-        server.get("nodeslicepools", NS, "too-wide").is_none(),
+        server.slice_pool("too-wide").is_none(),
         "a pool made for a layout that cannot be sliced"
     );
     assert_eq!(
@@ -793,16 +866,19 @@ fn a_network_that_cannot_be_sliced_holds_no_other_back() {
         0.0,
         "a pass failed for the network that cannot be sliced"
     );
+    drop(ctl);
+    server.system.plane.down();
 }
 
+/// Node slices follow the cluster's Nodes, IPv4 and IPv6, and the plugin allocates from its
+/// node's slice. On a control plane of its own: the exact layout needs a cluster whose only
+/// Nodes are this test's.
 #[test]
 fn node_slices_follow_nodes_ipv4_and_ipv6() {
-    // On the fake: the exact slice layout needs a cluster whose only Nodes are this test's,
-    // and the shared control plane holds other tests' Nodes; NodeSlicePool removal runs on
-    // the real server (node_slice_pools_of_deleted_networks_are_removed).
-    let server = FakeApiServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let Some(server) = SlicePlane::start("slices-follow-nodes") else {
+        return;
+    };
+    let kubeconfig = server.kubeconfig();
     server.add_node("node-a");
     server.add_node("node-b");
     let v4 = json!({"cniVersion": "0.3.1", "name": "slices-v4", "type": "macvlan",
@@ -811,12 +887,9 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
                  "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}}});
     let v6 = json!({"cniVersion": "0.3.1", "name": "slices-v6", "plugins": [{"type": "macvlan",
         "ipam": {"type": "whereabouts", "range": "fd00:60::/64", "node_slice_size": "80"}}]});
-    server.add_nad("default", "blue", &v4);
-    server.add_nad("other", "v6", &v6);
-    // The controller's own store: the Kubernetes engine on the same server.
-    let conf = json!({"name": "controller", "ipam": {"type": "whereabouts",
-        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()}, "log_level": "verbose"}});
-    let ctl = Controller::start(dir.path(), &conf, &kubeconfig, &[]);
+    let pods = server.namespace_with_nad("blue", &v4);
+    server.namespace_with_nad("v6", &v6);
+    let ctl = server.controller();
     wait_for(
         "both pools with both nodes",
         Duration::from_secs(20),
@@ -834,7 +907,7 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
         Some("10.60.0.64/26")
     );
     assert_eq!(slices(&server, "blue").len(), 4, "every slice listed");
-    let pool = server.get("nodeslicepools", NS, "blue").unwrap();
+    let pool = server.slice_pool("blue").unwrap();
     assert_eq!(
         pool["spec"],
         json!({"range": "10.60.0.0/24", "sliceSize": "/26"})
@@ -854,14 +927,15 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
     );
 
     // The plugin allocates from its node's slice.
-    let add_on = |node: &'static str, pod: &'static str| {
+    let add_on = |node: &str, pod: &str| {
+        pods.add_pod(pod, "Running");
         let reply = fake_apiserver::cni::run(
             Path::new(common::bin()),
             &fake_apiserver::cni::Call {
                 command: "ADD",
                 container: pod,
                 ifname: "net1",
-                pod: Some(("default", pod)),
+                pod: Some((&pods.name, pod)),
                 node: Some(node),
                 env: vec![],
             },
@@ -873,12 +947,10 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
             .unwrap()
             .octets()[3]
     };
-    server.add_pod("default", "on-b", "Running");
     assert!(
         (65..=126).contains(&add_on("node-b", "on-b")),
         "not from node-b's slice"
     );
-    server.add_pod("default", "on-a", "Running");
     assert!(
         (1..=62).contains(&add_on("node-a", "on-a")),
         "not from node-a's slice"
@@ -913,8 +985,9 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
         slice_of(&server, "slices-v6", "node-b").as_deref(),
         Some("fd00:60:0:0:1::/80")
     );
-    // Once on-a is gone and its address freed, the slice is free for the next node.
-    server.delete_now("pods", "default", "on-a");
+    // Once on-a is gone (a pod no node runs goes at once) and its address freed, the slice is
+    // free for the next node.
+    assert!(pods.delete("pods", "on-a"));
     ctl.wait_metric("whereabouts_releases_total{reason=\"pod_deleted\"}", 1.0);
     server.add_node("node-d");
     assert_eq!(
@@ -925,6 +998,8 @@ fn node_slices_follow_nodes_ipv4_and_ipv6() {
         ctl.metric("whereabouts_node_slices_assigned{nodeslicepool=\"blue\"}"),
         Some(3.0)
     );
+    drop(ctl);
+    server.system.plane.down();
 }
 
 #[test]

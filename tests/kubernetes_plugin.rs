@@ -1,7 +1,7 @@
 //! The real binary, as a runtime calls it, against the real API server (one namespace per
 //! test). The strict fake server stays for what a real one cannot be made to do on demand:
-//! latency, injected 500s, dropped connections and a server without the CRDs
-//! (`slow_failing_or_refusing_servers_...` and the first half of `status_needs_the_crds`).
+//! latency, injected 500s and dropped connections (`slow_failing_or_refusing_servers_...`).
+//! A server without the CRDs is a real one of its own (`status_needs_the_crds`).
 
 mod fake_apiserver;
 mod kube_apiserver;
@@ -1199,16 +1199,18 @@ fn slow_failing_or_refusing_servers_give_try_again_and_leave_consistent_objects(
     assert_eq!(server.list(RESERVATIONS, NS).len(), 2);
 }
 
-/// The server without the CRDs is the fake one: the shared real control plane always has them
-/// installed (cluster-wide, so they cannot be taken away from one test), and a dedicated real
-/// plane without them would cost this one assertion the start of a whole control plane.
+/// The server without the CRDs is a control plane of its own: the shared one has them
+/// installed (cluster-wide, so they cannot be taken away from one test).
 #[test]
 fn status_needs_the_crds() {
     let dir = tempfile::tempdir().unwrap();
-    let bare = FakeApiServer::start_without_crds();
-    let kubeconfig = bare.write_kubeconfig(dir.path(), None);
+    let Some(bare) = kube_apiserver::dedicated_control_plane("without-crds") else {
+        return;
+    };
+    let kubeconfig = bare.namespace("status").kubeconfig(dir.path());
     let conf = netconf("status", &ipam("10.110.0.0/24", &kubeconfig, json!({})));
     let reply = run(bin(), &call("STATUS", "", ""), &conf);
+    bare.down();
     assert_eq!(reply.cni_code(), 50, "{reply:?}");
     assert!(reply.json()["msg"]
         .as_str()

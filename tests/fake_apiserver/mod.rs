@@ -153,7 +153,7 @@ impl FakeApiServer {
     }
 
     /// A server on which no CRD is installed (every resource is 404).
-    pub fn start_without_crds() -> FakeApiServer {
+    fn start_without_crds() -> FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let port = listener.local_addr().expect("local addr").port();
         let shared = Arc::new(Shared::default());
