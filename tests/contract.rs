@@ -273,6 +273,32 @@ fn a_failed_add_leaves_a_kept_address_as_it_was(open: Opener) {
     assert_eq!(store.add(&add(&first, who("c3", "a"))).unwrap(), kept);
 }
 
+/// A static address the attachment holds through another range of the network (the range
+/// edited since its ADD) is its own, not someone else's: the pod's new sandbox asking for it
+/// through the new range gets it, nobody else can take it through either range, and the old
+/// sandbox's DEL frees only what that sandbox held.
+fn a_static_address_its_owner_holds_through_another_range(open: Opener) {
+    let store = open("staticown");
+    let (old, new) = ([pool("10.25.0.0/24")], [pool("10.25.0.0/25")]);
+    store
+        .add(&add_static(&old, who("c1", "a"), "10.25.0.9"))
+        .unwrap();
+    let got = store
+        .add(&add_static(&new, who("c2", "a"), "10.25.0.9"))
+        .unwrap();
+    assert_eq!(got, ips(&["10.25.0.9"]));
+    let err = store
+        .add(&add_static(&new, who("c3", "b"), "10.25.0.9"))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    assert_eq!(store.del(&attachment_req(&old, "c1")).unwrap().len(), 1);
+    assert_eq!(held(&*store, &new, "c2"), got);
+    let err = store
+        .add(&add_static(&old, who("c4", "d"), "10.25.0.9"))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+}
+
 fn network_name_scopes_pools(open: Opener) {
     let store = open("netname");
     let blue = [pool_in("blue", "10.14.0.0/24", &[])];
@@ -516,6 +542,10 @@ const BEHAVIOURS: &[Behaviour] = &[
     (
         "a_failed_add_leaves_a_kept_address_as_it_was",
         a_failed_add_leaves_a_kept_address_as_it_was,
+    ),
+    (
+        "a_static_address_its_owner_holds_through_another_range",
+        a_static_address_its_owner_holds_through_another_range,
     ),
     ("network_name_scopes_pools", network_name_scopes_pools),
     (

@@ -320,6 +320,7 @@ pub(super) fn plan_all(
             taken: &taken,
             window: windows[i].take().unwrap_or_default(),
             walked: Vec::new(),
+            own_reservation: None,
         };
         let (plan, free_after) = plan_range(view, memory.ask(i, rr), *hit, held)?;
         if rr.requested.is_none() {
@@ -520,7 +521,9 @@ fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Probes, memory
             lost_any = true;
             memory.start_hint[probe.range] = window.as_ref().map(|(h, _)| *h);
             memory.prefetched[probe.range] = window.map(|(_, w)| w);
-        } else if req.overlap && reserved {
+        } else if req.overlap && reserved && req.ranges[probe.range].requested.is_none() {
+            // A static address's reservation is read again as the next attempt decides (it
+            // may be the attachment's own, through another pool).
             memory.reserved_elsewhere.insert(probe.ip);
         } else {
             memory.wait = true;
@@ -547,6 +550,8 @@ fn plan_range(
 ) -> Result<(Plan, Vec<u128>), Stop> {
     let (s, dl, rr) = (view.s, view.dl, view.rr);
     let range = &rr.pool.range;
+    let decision = decide(range, &ask, &mut view)?;
+    let own_reservation = view.own_reservation;
     let take = |offset: u128, walked: Vec<ReadRun>, release: Option<Box<Released>>| Plan::Take {
         offset,
         ip: range.ip(offset),
@@ -554,13 +559,16 @@ fn plan_range(
         owner_rev: hit.owner.map(|(rev, _)| rev),
         pod_rev: hit.pod.map(|(rev, _)| rev),
         release,
+        reservation_rev: own_reservation
+            .filter(|(own, _)| *own == offset)
+            .map(|(_, rev)| rev),
     };
     let vanished = || {
         Stop::Retry(CallFailed::new(
             "the held allocation vanished while deciding",
         ))
     };
-    let plan = match decide(range, &ask, &mut view)? {
+    let plan = match decision {
         Decision::Keep { offset, .. } => {
             let (_, mod_revision, record) = held.ok_or_else(vanished)?;
             let reservation = read_kept_reservation(s, dl, (view.req, &rr.pool.name), &record)?;

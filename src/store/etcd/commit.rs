@@ -103,6 +103,7 @@ pub(super) fn build_commit(
                 owner_rev,
                 pod_rev,
                 release: released,
+                reservation_rev,
                 ..
             } => {
                 if let Some(released) = released {
@@ -113,7 +114,7 @@ pub(super) fn build_commit(
                     req,
                     rr,
                     (*offset, *ip),
-                    (*owner_rev, *pod_rev),
+                    (*owner_rev, *pod_rev, *reservation_rev),
                     &mut txn,
                 );
             }
@@ -185,7 +186,7 @@ fn take(
     req: &AddRequest,
     rr: &RangeRequest,
     (offset, ip): (u128, IpAddr),
-    (owner_rev, pod_rev): (Option<i64>, Option<i64>),
+    (owner_rev, pod_rev, reservation_rev): (Option<i64>, Option<i64>, Option<i64>),
     txn: &mut Commit,
 ) {
     let who = &req.attachment;
@@ -218,7 +219,7 @@ fn take(
     }
     if req.overlap {
         let rkey = keys.reservation(&req.network_name, ip);
-        txn.compares.push(unchanged(&rkey, None));
+        txn.compares.push(unchanged(&rkey, reservation_rev));
         let value = ReservationRecord::of(pool, &record).to_json();
         txn.ops.push(TxnOp::put(rkey, value, None));
     }

@@ -63,6 +63,9 @@ pub(super) enum Plan {
         pod_rev: Option<i64>,
         /// A move: what the attachment held in this pool before, released by the same commit.
         release: Option<Box<Released>>,
+        /// The revision of the address's reservation when it is the attachment's own, through
+        /// another pool of the network: the commit takes it over (otherwise it must be absent).
+        reservation_rev: Option<i64>,
     },
 }
 
@@ -113,6 +116,9 @@ pub(super) struct RangeView<'a> {
     pub window: Window,
     /// The runs the search crossed.
     pub walked: Vec<ReadRun>,
+    /// A static address the attachment holds through another pool of the network (a range
+    /// edited since its ADD), with its reservation's revision: not someone else's.
+    pub own_reservation: Option<(u128, i64)>,
 }
 
 impl Snapshot for RangeView<'_> {
@@ -161,9 +167,18 @@ impl Snapshot for RangeView<'_> {
             ))));
         }
         if let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) {
-            // Even this attachment's own, through another pool: the commit needs the key absent.
+            let found = ReservationRecord::from_json(kv.value());
+            if found
+                .as_ref()
+                .is_some_and(|r| r.owner().same_owner(&req.attachment))
+            {
+                // The attachment's own, through another pool: the commit takes it over, as
+                // the other engines take such an address.
+                self.own_reservation = Some((offset, kv.mod_revision()));
+                return Ok(None);
+            }
             return Ok(Some(
-                ReservationRecord::from_json(kv.value())
+                found
                     .map(|r| r.holder())
                     .unwrap_or_else(|| "an unreadable reservation".into()),
             ));
@@ -334,6 +349,8 @@ pub(super) fn alternatives(req: &AddRequest, plans: &[Plan], spare: &[u128]) -> 
                 owner_rev: *owner_rev,
                 pod_rev: *pod_rev,
                 release: None,
+                // Dynamic: an address reserved through another pool is never chosen.
+                reservation_rev: None,
             });
         }
     }

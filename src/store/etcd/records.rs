@@ -116,6 +116,16 @@ impl ReservationRecord {
         self.pool == pool && record.is_of(&self.container_id, &self.ifname)
     }
 
+    /// The attachment this reservation names (no pod UID: it records none).
+    pub fn owner(&self) -> Attachment {
+        Attachment {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+            pod_ref: self.pod_ref.clone(),
+            pod_uid: None,
+        }
+    }
+
     pub fn holder(&self) -> String {
         match &self.pod_ref {
             Some(pod) => format!("pod {pod} ({}) in pool {}", self.ifname, self.pool),

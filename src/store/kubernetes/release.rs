@@ -217,10 +217,12 @@ impl Engine {
     }
 
     /// Deletes the reservation of `ip` if `who` holds it ([`released_with`]): it names `who`'s
-    /// container, or names the pod's older sandbox and was last written before the write that
-    /// removed the entry (`removed_at`). That is one upstream's binary (or a build before the
-    /// take-over) left naming the container the entry was taken over from; one taken over by
-    /// the pod's next sandbox was written after, and is that sandbox's.
+    /// container, or names the pod's older sandbox, was last written before the write that
+    /// removed the entry (`removed_at`) and was never taken over. That is one upstream's binary
+    /// (or a build before the take-over) left naming the container the entry was taken over
+    /// from; one taken over by the pod's next sandbox names that sandbox exactly, also when
+    /// that sandbox holds the address through another pool of the network (a range edited
+    /// since), which this pool's removal says nothing about.
     ///
     /// Under Go binaries (`go`), the Lease is checked before the delete, and a reservation whose
     /// address the pool holds again for the same pod stays: see [`Self::held_again_by_its_pod`].
@@ -238,6 +240,7 @@ impl Engine {
                 || (removed_at.is_some()
                     && found.spec.ifname == who.ifname
                     && reservation::held_by(found, who)
+                    && !reservation::taken_over_ever(found)
                     && !newer(version, removed_at))
         };
         let name = reservation::name(ip, network_name);

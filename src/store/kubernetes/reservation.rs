@@ -89,6 +89,12 @@ pub fn taken_over(
     object
 }
 
+/// Whether an ADD of this build took the reservation over (it names its holder exactly since).
+pub fn taken_over_ever(reservation: &OverlappingRangeIPReservation) -> bool {
+    let annotations = reservation.metadata.annotations.as_ref();
+    annotations.is_some_and(|a| a.contains_key(TAKEN_OVER_AT))
+}
+
 /// When the reservation was last given its holder, in seconds: made, or taken over since.
 /// A take-over is dated by its stamp (the node's clock) and, where the server records one, by
 /// the time of the object's last write (the server's): a node's clock behind the sweeper's
