@@ -297,6 +297,37 @@ fn a_static_address_its_owner_holds_through_another_range(open: Opener) {
         .add(&add_static(&old, who("c4", "d"), "10.25.0.9"))
         .unwrap_err();
     assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    // Edited back: the pod's next sandbox keeps the old range's entry, and the DEL of the
+    // sandbox that held the address through the new range leaves it reserved for the pod.
+    let other = "10.25.0.10";
+    store.add(&add_static(&old, who("c5", "e"), other)).unwrap();
+    store.add(&add_static(&new, who("c6", "e"), other)).unwrap();
+    let kept = store.add(&add_static(&old, who("c7", "e"), other)).unwrap();
+    assert_eq!(kept, ips(&[other]));
+    assert_eq!(store.del(&attachment_req(&new, "c6")).unwrap().len(), 1);
+    let err = store
+        .add(&add_static(&new, who("c8", "f"), other))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    // The pod's next sandbox asking for it through the new range, its ADD failing in another
+    // range (full), leaves it with the sandbox that holds it.
+    let third = "10.25.0.11";
+    store.add(&add_static(&old, who("c9", "g"), third)).unwrap();
+    let full = pool("10.25.1.0/30");
+    for (container, pod) in [("f1", "f1"), ("f2", "f2")] {
+        let req = add(std::slice::from_ref(&full), who(container, pod));
+        store.add(&req).unwrap();
+    }
+    let both = [new[0].clone(), full];
+    let err = store
+        .add(&add_static(&both, who("c10", "g"), third))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
+    store.del(&attachment_req(&both, "c10")).unwrap();
+    let err = store
+        .add(&add_static(&new, who("c11", "h"), third))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
 }
 
 fn network_name_scopes_pools(open: Opener) {

@@ -502,8 +502,9 @@ fn branches_taken(resp: TxnResponse, alternatives: usize) -> Vec<TxnResponse> {
 
 /// What the probes of a failed commit say about the next attempt, which plans from the index
 /// entries they read back: an offset lost to another writer of the pool (contention: back
-/// off, start past it), an address reserved through an overlapping range (search again at
-/// once), or a changed run or index entry (contention).
+/// off, start past it), a dynamic choice reserved through an overlapping range (search again
+/// at once), or a changed run or index entry (contention; a static address's reservation is
+/// read again as the next attempt decides).
 fn learn_from_probes(req: &AddRequest, resp: TxnResponse, probes: Probes, memory: &mut Memory) {
     let mut answers = resp.op_responses().into_iter().map(|r| match r {
         TxnOpResponse::Get(mut g) => g.take_kvs(),

@@ -291,7 +291,14 @@ impl Survey {
     ) -> Result<(String, IpAddr), String> {
         let at = (record.network_name.clone(), record.ip);
         match self.reservations.get(&at) {
-            Some((holder, _)) if holder.is_for(pool, record) => Ok(at),
+            // Or the pod's later sandbox's, through another pool (a range edited since): it
+            // holds the address for this record's pod all the same.
+            Some((holder, _))
+                if holder.is_for(pool, record)
+                    || holder.owner().same_owner(&record.attachment()) =>
+            {
+                Ok(at)
+            }
             Some((holder, _)) => Err(format!("its reservation names {}", holder.holder())),
             None => Err(format!(
                 "no reservation in network {:?}",
@@ -604,6 +611,29 @@ mod tests {
         assert_eq!(
             orphan,
             [(Problem::OrphanReservation, k.reservation("", ip5))]
+        );
+        // Taken over by the pod's later sandbox through another pool (a range edited since):
+        // the record's pod holds it all the same; another pod's is two findings (the record
+        // unreserved, the reservation held by no record).
+        let taken_over_by = |pod: &str| {
+            after(|k, kvs| {
+                let holder = ReservationRecord {
+                    pool: "10.0.0.0-25".into(),
+                    container_id: "c2-new".into(),
+                    ifname: "eth0".into(),
+                    pod_ref: Some(pod.into()),
+                };
+                without(kvs, &k.reservation("", ip2));
+                kvs.push((k.reservation("", ip2), holder.to_json()));
+            })
+        };
+        assert_eq!(taken_over_by("ns/pod-2"), []);
+        assert_eq!(
+            taken_over_by("ns/another"),
+            [
+                (Problem::MissingReservation, k.allocation(POOL, 2)),
+                (Problem::OrphanReservation, k.reservation("", ip2))
+            ]
         );
     }
 

@@ -111,7 +111,8 @@ pub(super) struct RangeView<'a> {
     pub rr: &'a RangeRequest,
     /// What the attachment already holds in this pool, from the owner and pod index.
     pub held: Option<u128>,
-    /// Addresses chosen for earlier ranges, or found reserved through another pool.
+    /// Addresses chosen for earlier ranges, or found reserved through another pool (for a
+    /// dynamic choice: a static one reads the reservation again).
     pub taken: &'a dyn Fn(&IpAddr) -> bool,
     pub window: Window,
     /// The runs the search crossed.
@@ -168,12 +169,14 @@ impl Snapshot for RangeView<'_> {
         }
         if let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) {
             let found = ReservationRecord::from_json(kv.value());
-            if found
-                .as_ref()
-                .is_some_and(|r| r.owner().same_owner(&req.attachment))
-            {
-                // The attachment's own, through another pool: the commit takes it over, as
-                // the other engines take such an address.
+            let own_elsewhere = |r: &ReservationRecord| {
+                r.owner().same_owner(&req.attachment)
+                    && req.ranges.iter().all(|rr| rr.pool.name != r.pool)
+            };
+            if found.as_ref().is_some_and(own_elsewhere) {
+                // The attachment's own, through a pool this ADD does not name (a range edited
+                // since): the commit takes it over, as the other engines take such an address.
+                // Through another range of this same ADD, which keeps it, it stays in use.
                 self.own_reservation = Some((offset, kv.mod_revision()));
                 return Ok(None);
             }
@@ -255,7 +258,12 @@ pub(super) fn read_kept_reservation(
     Ok(Some(match read {
         None => KeptReservation::Missing,
         Some(kv) => match ReservationRecord::from_json(kv.value()) {
-            Some(r) if r.is_for(pool, record) => KeptReservation::Ours(kv.mod_revision()),
+            // Or the pod's through another pool of the network (a later sandbox took the
+            // address over through a range edited since): the keep takes it back, or that
+            // sandbox's DEL would leave this record without one.
+            Some(r) if r.is_for(pool, record) || r.owner().same_owner(&req.attachment) => {
+                KeptReservation::Ours(kv.mod_revision())
+            }
             _ => {
                 tracing::warn!(
                     key = %key,
@@ -349,7 +357,7 @@ pub(super) fn alternatives(req: &AddRequest, plans: &[Plan], spare: &[u128]) -> 
                 owner_rev: *owner_rev,
                 pod_rev: *pod_rev,
                 release: None,
-                // Dynamic: an address reserved through another pool is never chosen.
+                // Dynamic: the commit requires the reservation absent, whoever holds it.
                 reservation_rev: None,
             });
         }

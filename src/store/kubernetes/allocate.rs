@@ -12,7 +12,7 @@ use super::api::{ApiError, RefusedWrite};
 use super::batch::{in_halves, Batches, Served};
 use super::cache::Cache;
 use super::choose::SPREAD;
-use super::engine::{newer, Engine, Step, UndoLog};
+use super::engine::{newer, Engine, Kept, Step, UndoLog};
 use super::go_lease::Hold;
 use super::job::{pool_key, Granted, Job};
 use super::node_slice::slice_pool_name;
@@ -432,7 +432,7 @@ impl Engine {
             .filter(|steps| {
                 !steps
                     .iter()
-                    .any(|s| matches!(s, Step::PoolEntry { key, .. } | Step::Kept { key, .. } if received.contains(key)))
+                    .any(|s| step_key(s).is_some_and(|key| received.contains(key)))
             })
             .flatten()
             .collect();
@@ -736,7 +736,16 @@ impl Engine {
                         .push(holder_test(&key, held_id.as_deref().unwrap_or_default()));
                     if held_id.as_ref() != Some(&who.container_id) {
                         round.ops.push(replace_id_op(&key, &who.container_id));
-                        slots[i].kept_from = held.map(|h| h.attachment.clone());
+                        let before = held.map(|h| h.attachment.clone());
+                        // In the log before the write: a failure after it (this ADD's reservation
+                        // work, another range) gives the entry back. A write that never landed
+                        // leaves the entry as it was, and giving back then finds nothing to do.
+                        if let Some(before) = &before {
+                            let at = (key.as_str(), cx.pool.range.ip(offset));
+                            cx.undo
+                                .push(Step::Kept(kept(cx.pool, cx.req, at, before, &who)));
+                        }
+                        slots[i].kept_from = before;
                     }
                     slots[i].releasing = round.releasing(&release);
                     round.planned.push((i, offset, key, false));
@@ -912,7 +921,9 @@ impl Engine {
                 if let Some(holder) = other.await? {
                     // Held twice already (a reservation lost and the address taken through an
                     // overlapping range): handing it on would keep the duplicate. Refused, the
-                    // runtime's DEL frees this entry, never the other's reservation.
+                    // runtime's DEL frees this entry, never the other's reservation (so it is
+                    // not given back to the old sandbox).
+                    cx.undo.forget_kept(&object_name(&cx.pool.name), &key);
                     slots[i].done = Some(Err(StoreError::InUse {
                         ip,
                         range: cx.pool.range.cidr.to_string(),
@@ -922,17 +933,13 @@ impl Engine {
                 }
             }
             let reservation = slots[i].reserved.take().map(|(_, held)| held);
-            let granted = Granted {
+            slots[i].done = Some(Ok(Granted {
                 ip,
                 key,
                 reservation,
                 fresh,
                 kept_from: slots[i].kept_from.take(),
-            };
-            if let Some(step) = kept_step(cx.pool, cx.req, &granted, &slots[i].who) {
-                cx.undo.push(step);
-            }
-            slots[i].done = Some(Ok(granted));
+            }));
         }
         Ok(())
     }
@@ -1205,10 +1212,15 @@ impl Engine {
             // before interface names) is the pod's other interface's as likely, and stays its
             // holder's.
             Some(found) if found.spec.ifname == who.ifname && reservation::held_by(&found, who) => {
+                let before = (!reservation::names_container(&found, who))
+                    .then(|| reservation::holder(&found));
                 let Some(adopted) = self.take_over(found, who).await? else {
                     return Ok(None);
                 };
-                let held = Held::of(&adopted);
+                let held = Held {
+                    before,
+                    ..Held::of(&adopted)
+                };
                 claim.undo.push(Step::Reservation { held: held.clone() });
                 Some(Reserve::Ours(held))
             }
@@ -1291,12 +1303,8 @@ impl Engine {
     }
 
     async fn drop_reservation(&self, held: &Held, undo: &UndoLog) -> Result<(), StoreError> {
-        match self
-            .kube
-            .delete_reservation(&held.name, held.uid.as_deref(), held.rv.as_deref())
-            .await
-        {
-            // A failed precondition: the object is no longer the one we created.
+        match self.take_back_held(held).await {
+            // A failed precondition: the object is no longer the one we wrote.
             Ok(()) | Err(ApiError::Conflict(_)) => {
                 undo.forget_reservation(held);
                 Ok(())
@@ -1315,8 +1323,8 @@ impl Engine {
             .into_iter()
             .partition(|s| matches!(s, Step::PoolEntry { .. } | Step::Kept { .. }));
         for step in entries.into_iter().rev() {
-            if let Step::Kept { .. } = step {
-                if let Err(err) = self.give_back_kept(step).await {
+            if let Step::Kept(kept) = step {
+                if let Err(err) = self.give_back_kept(kept).await {
                     first_error.get_or_insert(err);
                 }
             } else if let Step::PoolEntry {
@@ -1345,7 +1353,7 @@ impl Engine {
             let name = match &step {
                 Step::Reservation { held } => &held.name,
                 Step::Asked { name, .. } => name,
-                Step::PoolEntry { .. } | Step::Kept { .. } => continue,
+                Step::PoolEntry { .. } | Step::Kept(_) => continue,
             };
             // An entry that could not be removed may still stand, and without its reservation
             // an overlapping range would hand its address out again.
@@ -1370,18 +1378,15 @@ impl Engine {
 
     /// Names the sandbox that held a kept entry before this ADD again, if the entry still names
     /// this ADD's sandbox (the test of the patch); then its reservation likewise.
-    async fn give_back_kept(&self, step: Step) -> Result<(), StoreError> {
-        let Step::Kept {
+    async fn give_back_kept(&self, kept: Kept) -> Result<(), StoreError> {
+        let Kept {
             pool,
             key,
             ip,
             before,
             after,
             network_name,
-        } = step
-        else {
-            return Ok(());
-        };
+        } = kept;
         let ops = [
             holder_test(&key, &after.container_id),
             replace_id_op(&key, &before.container_id),
@@ -1404,9 +1409,9 @@ impl Engine {
         }
     }
 
-    /// Deletes the reservation a step made: exactly the object created, or, for a create that
-    /// went unanswered, the object of that name if it names the asking container and interface
-    /// (as the create wrote them; an adoption would have taken it as this ADD's too).
+    /// Takes back the reservation a step made: exactly the object written, or, for a create
+    /// that went unanswered, the object of that name if it names the asking container and
+    /// interface (as the create wrote them; an adoption would have taken it as this ADD's too).
     async fn take_back_reservation(&self, step: Step) -> Result<(), ApiError> {
         let held = match step {
             Step::Reservation { held } => held,
@@ -1414,10 +1419,30 @@ impl Engine {
                 Some(found) if reservation::names_container(&found, &who) => Held::of(&found),
                 _ => return Ok(()),
             },
-            Step::PoolEntry { .. } | Step::Kept { .. } => return Ok(()),
+            Step::PoolEntry { .. } | Step::Kept(_) => return Ok(()),
         };
+        self.take_back_held(&held).await
+    }
+
+    /// Deletes exactly the reservation object this ADD wrote or, if the ADD took it over from
+    /// an earlier sandbox of the pod, names that sandbox again: it may hold the address
+    /// through another pool of the network, and the reservation is its guard there. Changed
+    /// since (a Conflict, or another object or version read), it is no longer this ADD's.
+    async fn take_back_held(&self, held: &Held) -> Result<(), ApiError> {
         let (uid, rv) = (held.uid.as_deref(), held.rv.as_deref());
-        self.kube.delete_reservation(&held.name, uid, rv).await
+        let Some(before) = &held.before else {
+            return self.kube.delete_reservation(&held.name, uid, rv).await;
+        };
+        match self.kube.get_reservation(&held.name).await? {
+            Some(found)
+                if found.metadata.uid.as_deref() == uid
+                    && found.metadata.resource_version.as_deref() == rv =>
+            {
+                let back = reservation::taken_over(&found, before);
+                self.kube.replace_reservation(&back).await.map(drop)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -1470,7 +1495,12 @@ fn granted_steps(
     req: &AddRequest,
     who: &Attachment,
 ) -> Vec<Step> {
-    let mut steps: Vec<Step> = kept_step(pool, req, &granted, who).into_iter().collect();
+    let mut steps: Vec<Step> = granted
+        .kept_from
+        .as_ref()
+        .map(|before| Step::Kept(kept(pool, req, (&granted.key, granted.ip), before, who)))
+        .into_iter()
+        .collect();
     if !granted.fresh {
         return steps;
     }
@@ -1488,22 +1518,31 @@ fn granted_steps(
     steps
 }
 
-/// What gives an entry kept for `who`'s sandbox back to the one that held it before, if the
-/// grant kept one. `req` is any request of the pool's batch (they share network and overlap).
-fn kept_step(
+/// What gives entry `key` (of address `ip`) of `pool`, kept for `after`'s sandbox, back to
+/// `before`'s. `req` is any request of the pool's batch (they share network and overlap).
+fn kept(
     pool: &PoolRef,
     req: &AddRequest,
-    granted: &Granted,
-    who: &Attachment,
-) -> Option<Step> {
-    Some(Step::Kept {
+    (key, ip): (&str, IpAddr),
+    before: &Attachment,
+    after: &Attachment,
+) -> Kept {
+    Kept {
         pool: object_name(&pool.name),
-        key: granted.key.clone(),
-        ip: granted.ip,
-        before: granted.kept_from.clone()?,
-        after: who.clone(),
+        key: key.to_string(),
+        ip,
+        before: before.clone(),
+        after: after.clone(),
         network_name: req.overlap.then(|| req.network_name.clone()),
-    })
+    }
+}
+
+/// The entry key an undo step names, if any.
+fn step_key(step: &Step) -> Option<&str> {
+    match step {
+        Step::PoolEntry { key, .. } | Step::Kept(Kept { key, .. }) => Some(key),
+        Step::Reservation { .. } | Step::Asked { .. } => None,
+    }
 }
 
 /// Marks each slot added since the last call that repeats an earlier slot's attachment (a

@@ -194,19 +194,22 @@ pub enum Step {
         container_id: String,
         ifname: String,
     },
-    /// An entry this ADD kept for the owner's new sandbox: its container ID (and, with
-    /// overlapping ranges, its reservation) was moved from `before`'s to `after`'s.
-    /// Taken back, it names `before` again, so the runtime's DEL of the failed sandbox leaves
-    /// the pod's address for its next try.
-    Kept {
-        pool: String,
-        key: String,
-        ip: IpAddr,
-        before: Attachment,
-        after: Attachment,
-        /// The reservation's network, when the ADD takes part in overlapping ranges.
-        network_name: Option<String>,
-    },
+    /// An entry this ADD kept for the owner's new sandbox.
+    Kept(Kept),
+}
+
+/// An entry an ADD kept for the owner's new sandbox: its container ID (and, with overlapping
+/// ranges, its reservation) moved from `before`'s to `after`'s. Taken back, it names `before`
+/// again, so the runtime's DEL of the failed sandbox leaves the pod's address for its next try.
+#[derive(Clone, Debug)]
+pub struct Kept {
+    pub pool: String,
+    pub key: String,
+    pub ip: IpAddr,
+    pub before: Attachment,
+    pub after: Attachment,
+    /// The reservation's network, when the ADD takes part in overlapping ranges.
+    pub network_name: Option<String>,
 }
 
 /// The steps of the running ADD. It lives outside the ADD's future so that the steps survive
@@ -224,6 +227,13 @@ impl UndoLog {
     pub fn forget_reservation(&self, held: &Held) {
         self.0
             .retain(|s| !matches!(s, Step::Reservation { held: h, .. } if h == held));
+    }
+
+    /// Forgets the keep of entry `key` of `pool`: refused after its write, the entry is for the
+    /// runtime's DEL to free rather than to give back.
+    pub fn forget_kept(&self, pool: &str, key: &str) {
+        self.0
+            .retain(|s| !matches!(s, Step::Kept(k) if k.pool == pool && k.key == key));
     }
 
     /// Forgets the asking for reservation `name`: its create was answered, and what it came to

@@ -145,6 +145,10 @@ pub struct Held {
     pub name: String,
     pub uid: Option<String>,
     pub rv: Option<String>,
+    /// Whom it named before this ADD took it over (an earlier sandbox of the pod, which may
+    /// still hold the address through another pool of the network): taken back, it names them
+    /// again instead of going.
+    pub before: Option<Attachment>,
 }
 
 impl Held {
@@ -153,6 +157,7 @@ impl Held {
             name: reservation.metadata.name.clone().unwrap_or_default(),
             uid: reservation.metadata.uid.clone(),
             rv: reservation.metadata.resource_version.clone(),
+            before: None,
         }
     }
 }
