@@ -309,6 +309,20 @@ fn a_static_address_its_owner_holds_through_another_range(open: Opener) {
         .add(&add_static(&new, who("c8", "f"), other))
         .unwrap_err();
     assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    // Held through both ranges, by two sandboxes: a later sandbox naming both ranges keeps
+    // what the pod holds in each, the address twice (etcd writes its reservation once).
+    let fourth = "10.25.0.12";
+    store
+        .add(&add_static(&old, who("c12", "i"), fourth))
+        .unwrap();
+    store
+        .add(&add_static(&new, who("c13", "i"), fourth))
+        .unwrap();
+    let both = [old[0].clone(), new[0].clone()];
+    let twice = store
+        .add(&add_static(&both, who("c14", "i"), fourth))
+        .unwrap();
+    assert_eq!(twice, ips(&[fourth, fourth]));
     // The pod's next sandbox asking for it through the new range, its ADD failing in another
     // range (full), leaves it with the sandbox that holds it.
     let third = "10.25.0.11";

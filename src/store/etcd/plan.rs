@@ -169,11 +169,7 @@ impl Snapshot for RangeView<'_> {
         }
         if let Some(kv) = res.next().and_then(|kvs| kvs.into_iter().next()) {
             let found = ReservationRecord::from_json(kv.value());
-            let own_elsewhere = |r: &ReservationRecord| {
-                r.owner().same_owner(&req.attachment)
-                    && req.ranges.iter().all(|rr| rr.pool.name != r.pool)
-            };
-            if found.as_ref().is_some_and(own_elsewhere) {
+            if found.as_ref().is_some_and(|r| r.owner_elsewhere(req)) {
                 // The attachment's own, through a pool this ADD does not name (a range edited
                 // since): the commit takes it over, as the other engines take such an address.
                 // Through another range of this same ADD, which keeps it, it stays in use.
@@ -258,10 +254,11 @@ pub(super) fn read_kept_reservation(
     Ok(Some(match read {
         None => KeptReservation::Missing,
         Some(kv) => match ReservationRecord::from_json(kv.value()) {
-            // Or the pod's through another pool of the network (a later sandbox took the
+            // Or the pod's through a pool this ADD does not name (a later sandbox took the
             // address over through a range edited since): the keep takes it back, or that
-            // sandbox's DEL would leave this record without one.
-            Some(r) if r.is_for(pool, record) || r.owner().same_owner(&req.attachment) => {
+            // sandbox's DEL would leave this record without one. Through a pool the ADD names,
+            // that range's own plan writes the key (one transaction cannot write it twice).
+            Some(r) if r.is_for(pool, record) || r.owner_elsewhere(req) => {
                 KeptReservation::Ours(kv.mod_revision())
             }
             _ => {

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::ipam::Cidr;
-use crate::store::{Allocation, Attachment};
+use crate::store::{AddRequest, Allocation, Attachment};
 
 /// One held address: the value of `pools/<pool>/a/<offset>`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +124,13 @@ impl ReservationRecord {
             pod_ref: self.pod_ref.clone(),
             pod_uid: None,
         }
+    }
+
+    /// Whether this is `req`'s attachment's own, through a pool `req` does not name (a range
+    /// edited since its ADD).
+    pub fn owner_elsewhere(&self, req: &AddRequest) -> bool {
+        self.owner().same_owner(&req.attachment)
+            && req.ranges.iter().all(|rr| rr.pool.name != self.pool)
     }
 
     pub fn holder(&self) -> String {

@@ -1212,9 +1212,19 @@ impl Engine {
             // before interface names) is the pod's other interface's as likely, and stays its
             // holder's.
             Some(found) if found.spec.ifname == who.ifname && reservation::held_by(&found, who) => {
-                let before = (!reservation::names_container(&found, who))
-                    .then(|| reservation::holder(&found));
-                let Some(adopted) = self.take_over(found, who).await? else {
+                let before = (!reservation::names_container(&found, who)).then(|| {
+                    let before = reservation::holder(&found);
+                    claim.undo.push(Step::TakingOver {
+                        name: name.to_string(),
+                        uid: found.metadata.uid.clone(),
+                        before: before.clone(),
+                        after: who.clone(),
+                    });
+                    before
+                });
+                let adopted = self.take_over(found, who).await?;
+                claim.undo.took_over(name);
+                let Some(adopted) = adopted else {
                     return Ok(None);
                 };
                 let held = Held {
@@ -1353,6 +1363,7 @@ impl Engine {
             let name = match &step {
                 Step::Reservation { held } => &held.name,
                 Step::Asked { name, .. } => name,
+                Step::TakingOver { name, .. } => name,
                 Step::PoolEntry { .. } | Step::Kept(_) => continue,
             };
             // An entry that could not be removed may still stand, and without its reservation
@@ -1419,6 +1430,23 @@ impl Engine {
                 Some(found) if reservation::names_container(&found, &who) => Held::of(&found),
                 _ => return Ok(()),
             },
+            Step::TakingOver {
+                name,
+                uid,
+                before,
+                after,
+            } => {
+                return match self.kube.get_reservation(&name).await? {
+                    Some(found)
+                        if found.metadata.uid == uid
+                            && reservation::names_container(&found, &after) =>
+                    {
+                        let back = reservation::taken_over(&found, &before);
+                        self.kube.replace_reservation(&back).await.map(drop)
+                    }
+                    _ => Ok(()),
+                }
+            }
             Step::PoolEntry { .. } | Step::Kept(_) => return Ok(()),
         };
         self.take_back_held(&held).await
@@ -1434,9 +1462,11 @@ impl Engine {
             return self.kube.delete_reservation(&held.name, uid, rv).await;
         };
         match self.kube.get_reservation(&held.name).await? {
+            // Still naming `before` (the Role could not take it over): nothing to give back.
             Some(found)
                 if found.metadata.uid.as_deref() == uid
-                    && found.metadata.resource_version.as_deref() == rv =>
+                    && found.metadata.resource_version.as_deref() == rv
+                    && !reservation::names_container(&found, before) =>
             {
                 let back = reservation::taken_over(&found, before);
                 self.kube.replace_reservation(&back).await.map(drop)
@@ -1541,7 +1571,7 @@ fn kept(
 fn step_key(step: &Step) -> Option<&str> {
     match step {
         Step::PoolEntry { key, .. } | Step::Kept(Kept { key, .. }) => Some(key),
-        Step::Reservation { .. } | Step::Asked { .. } => None,
+        Step::Reservation { .. } | Step::Asked { .. } | Step::TakingOver { .. } => None,
     }
 }
 

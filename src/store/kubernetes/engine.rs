@@ -196,6 +196,15 @@ pub enum Step {
     },
     /// An entry this ADD kept for the owner's new sandbox.
     Kept(Kept),
+    /// A reservation (object `uid`) this ADD is taking over from an earlier sandbox of the pod,
+    /// `before`, for `after`, the answer not known yet: taken back, it names `before` again if
+    /// it names `after`.
+    TakingOver {
+        name: String,
+        uid: Option<String>,
+        before: Attachment,
+        after: Attachment,
+    },
 }
 
 /// An entry an ADD kept for the owner's new sandbox: its container ID (and, with overlapping
@@ -234,6 +243,13 @@ impl UndoLog {
     pub fn forget_kept(&self, pool: &str, key: &str) {
         self.0
             .retain(|s| !matches!(s, Step::Kept(k) if k.pool == pool && k.key == key));
+    }
+
+    /// Forgets the taking over of reservation `name`: answered, and what it came to is in the
+    /// log if it is ours.
+    pub fn took_over(&self, name: &str) {
+        self.0
+            .retain(|s| !matches!(s, Step::TakingOver { name: n, .. } if n == name));
     }
 
     /// Forgets the asking for reservation `name`: its create was answered, and what it came to
