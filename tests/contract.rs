@@ -352,6 +352,29 @@ fn a_static_address_its_owner_holds_through_another_range(open: Opener) {
         .add(&add_static(&new, who("c11", "h"), third))
         .unwrap_err();
     assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    // Held through both ranges by two sandboxes, the later one's holding the reservation: a
+    // next sandbox keeping the old range's entry, its ADD failing in a full range, leaves the
+    // reservation with the sandbox that held it, so the old sandbox's DEL does not free the
+    // address the later one holds.
+    let fifth = "10.25.0.13";
+    store
+        .add(&add_static(&old, who("c15", "j"), fifth))
+        .unwrap();
+    store
+        .add(&add_static(&new, who("c16", "j"), fifth))
+        .unwrap();
+    let old_and_full = [old[0].clone(), both[1].clone()];
+    let err = store
+        .add(&add_static(&old_and_full, who("c17", "j"), fifth))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
+    store.del(&attachment_req(&old_and_full, "c17")).unwrap();
+    assert_eq!(store.del(&attachment_req(&old, "c15")).unwrap().len(), 1);
+    assert_eq!(held(&*store, &new, "c16"), ips(&[fifth]));
+    let err = store
+        .add(&add_static(&old, who("c18", "k"), fifth))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
 }
 
 /// What the pod's earlier sandbox holds through another range of the network is not free for

@@ -412,7 +412,7 @@ impl Engine {
                 let key = result.as_ref().ok().map(|granted| granted.key.clone());
                 match reply.send(result) {
                     Ok(()) => received.extend(key),
-                    Err(Ok(granted)) => unreceived.push(granted_steps(granted, pool, req, who)),
+                    Err(Ok(granted)) => unreceived.push(granted_steps(granted, pool, who)),
                     Err(Err(_)) => {}
                 }
             }
@@ -520,7 +520,7 @@ impl Engine {
     ) -> Result<IpAddr, StoreError> {
         let granted = granted?;
         let ip = granted.ip;
-        for step in granted_steps(granted, pool, req, &req.attachment) {
+        for step in granted_steps(granted, pool, &req.attachment) {
             undo.push(step);
         }
         Ok(ip)
@@ -713,7 +713,7 @@ impl Engine {
             }
             let decision = self.pick(cx, round, &mut slots[i]);
             let earlier = slots[i].reserved.take();
-            slots[i].kept_from = None;
+            slots[i].kept = None;
             match decision {
                 Some(Decision::Keep { offset, release }) => {
                     // A repeated ADD: hand back what the owner holds, with the new container ID.
@@ -736,16 +736,15 @@ impl Engine {
                         .push(holder_test(&key, held_id.as_deref().unwrap_or_default()));
                     if held_id.as_ref() != Some(&who.container_id) {
                         round.ops.push(replace_id_op(&key, &who.container_id));
-                        let before = held.map(|h| h.attachment.clone());
                         // In the log before the write: a failure after it (this ADD's reservation
                         // work, another range) gives the entry back. A write that never landed
                         // leaves the entry as it was, and giving back then finds nothing to do.
-                        if let Some(before) = &before {
-                            let at = (key.as_str(), cx.pool.range.ip(offset));
-                            cx.undo
-                                .push(Step::Kept(kept(cx.pool, cx.req, at, before, &who)));
+                        let at = (key.as_str(), cx.pool.range.ip(offset));
+                        let kept = held.map(|h| kept(cx.pool, cx.req, at, &h.attachment, &who));
+                        if let Some(kept) = &kept {
+                            cx.undo.push(Step::Kept(kept.clone()));
                         }
-                        slots[i].kept_from = before;
+                        slots[i].kept = kept;
                     }
                     slots[i].releasing = round.releasing(&release);
                     round.planned.push((i, offset, key, false));
@@ -917,19 +916,33 @@ impl Engine {
             }
             let ip = cx.pool.range.ip(offset);
             if !fresh && cx.req.overlap {
-                let other = self.ensure_reservation(ip, &slots[i].who, network_name);
-                if let Some(holder) = other.await? {
-                    // Held twice already (a reservation lost and the address taken through an
-                    // overlapping range): handing it on would keep the duplicate. Refused, the
-                    // runtime's DEL frees this entry, never the other's reservation (so it is
-                    // not given back to the old sandbox).
-                    cx.undo.forget_kept(&object_name(&cx.pool.name), &key);
-                    slots[i].done = Some(Err(StoreError::InUse {
-                        ip,
-                        range: cx.pool.range.cidr.to_string(),
-                        holder,
-                    }));
-                    continue;
+                let pool = object_name(&cx.pool.name);
+                match self
+                    .ensure_reservation(ip, &slots[i].who, network_name)
+                    .await?
+                {
+                    Err(holder) => {
+                        // Held twice already (a reservation lost and the address taken through
+                        // an overlapping range): handing it on would keep the duplicate.
+                        // Refused, the runtime's DEL frees this entry, never the other's
+                        // reservation (so it is not given back to the old sandbox).
+                        cx.undo.forget_kept(&pool, &key);
+                        slots[i].done = Some(Err(StoreError::InUse {
+                            ip,
+                            range: cx.pool.range.cidr.to_string(),
+                            holder,
+                        }));
+                        continue;
+                    }
+                    // Taken over from another sandbox of the pod than the entry's (one holding
+                    // the address through another pool): a give-back names that one again.
+                    Ok(Some(from)) => {
+                        cx.undo.kept_reservation_from(&pool, &key, &from);
+                        if let Some(kept) = &mut slots[i].kept {
+                            kept.reservation_before = from;
+                        }
+                    }
+                    Ok(None) => {}
                 }
             }
             let reservation = slots[i].reserved.take().map(|(_, held)| held);
@@ -938,7 +951,7 @@ impl Engine {
                 key,
                 reservation,
                 fresh,
-                kept_from: slots[i].kept_from.take(),
+                kept: slots[i].kept.take(),
             }));
         }
         Ok(())
@@ -1280,20 +1293,21 @@ impl Engine {
     }
 
     /// A repeated ADD keeps its reservation: re-create it if it is missing, take it over from
-    /// the pod's sandbox before (as its pool entry was). Returns who else holds it, if another
-    /// attachment does.
+    /// the pod's sandbox before (as its pool entry was). Returns whom it took it over from (a
+    /// sandbox other than `who`'s), or, as the error, who else holds it if another attachment
+    /// does.
     async fn ensure_reservation(
         &self,
         ip: IpAddr,
         who: &Attachment,
         network_name: &str,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Result<Option<Attachment>, String>, StoreError> {
         let name = reservation::name(ip, network_name);
         let object = reservation::new_object(&name, who);
         // Each turn loses only to a change made meanwhile.
         for _ in 0..3 {
             match self.kube.create_reservation(&object).await {
-                Ok(_) => return Ok(None),
+                Ok(_) => return Ok(Ok(None)),
                 Err(ApiError::AlreadyExists(_)) => {}
                 Err(err) => return Err(err.into()),
             }
@@ -1301,10 +1315,12 @@ impl Engine {
                 continue;
             };
             if !reservation::held_by(&found, who) {
-                return Ok(Some(reservation::holder(&found).describe()));
+                return Ok(Err(reservation::holder(&found).describe()));
             }
+            let from =
+                (!reservation::names_container(&found, who)).then(|| reservation::holder(&found));
             if self.take_over(found, who).await?.is_some() {
-                return Ok(None);
+                return Ok(Ok(from));
             }
         }
         Err(StoreError::try_again(format!(
@@ -1397,6 +1413,7 @@ impl Engine {
             before,
             after,
             network_name,
+            reservation_before,
         } = kept;
         let ops = [
             holder_test(&key, &after.container_id),
@@ -1414,7 +1431,7 @@ impl Engine {
         let name = reservation::name(ip, &network_name);
         match self.kube.get_reservation(&name).await? {
             Some(found) if reservation::names_container(&found, &after) => {
-                self.take_over(found, &before).await.map(drop)
+                self.take_over(found, &reservation_before).await.map(drop)
             }
             _ => Ok(()),
         }
@@ -1519,18 +1536,8 @@ impl Round {
 
 /// What taking back a grant to `who` in `pool` undoes: a kept entry's move to `who`'s sandbox;
 /// a fresh grant's entry, then its reservation.
-fn granted_steps(
-    granted: Granted,
-    pool: &PoolRef,
-    req: &AddRequest,
-    who: &Attachment,
-) -> Vec<Step> {
-    let mut steps: Vec<Step> = granted
-        .kept_from
-        .as_ref()
-        .map(|before| Step::Kept(kept(pool, req, (&granted.key, granted.ip), before, who)))
-        .into_iter()
-        .collect();
+fn granted_steps(granted: Granted, pool: &PoolRef, who: &Attachment) -> Vec<Step> {
+    let mut steps: Vec<Step> = granted.kept.map(Step::Kept).into_iter().collect();
     if !granted.fresh {
         return steps;
     }
@@ -1564,6 +1571,7 @@ fn kept(
         before: before.clone(),
         after: after.clone(),
         network_name: req.overlap.then(|| req.network_name.clone()),
+        reservation_before: before.clone(),
     }
 }
 
@@ -1617,7 +1625,7 @@ fn results_of(slots: &mut [Slot], twin_of: &[Option<usize>]) -> Vec<Result<Grant
                 Ok(granted) => Ok(Granted {
                     fresh: false,
                     reservation: None,
-                    kept_from: None,
+                    kept: None,
                     ..Granted::clone(granted)
                 }),
                 Err(err) => Err(StoreError::clone(err)),
@@ -1645,7 +1653,7 @@ struct Slot {
     /// Entries the write gives back (a move, a duplicate): their reservations go after it.
     releasing: Vec<(IpAddr, Attachment)>,
     /// Who held the entry a keep moves to this job's sandbox.
-    kept_from: Option<Attachment>,
+    kept: Option<Kept>,
     done: Option<Result<Granted, StoreError>>,
 }
 
@@ -1660,7 +1668,7 @@ impl Slot {
             salt: u32::from(contended),
             decision: None,
             releasing: Vec::new(),
-            kept_from: None,
+            kept: None,
             done: None,
         }
     }

@@ -147,8 +147,8 @@ impl Unreleased {
 }
 
 /// A list kept outside the future that fills it ([`Unreleased`], [`UndoLog`]). A panic while
-/// it was held loses nothing: every change is one push, one retain or one take, so a poisoned
-/// lock still holds a consistent list, and it is used as is.
+/// it was held loses nothing: every change is one push, one retain, one take or one field set
+/// per entry, so a poisoned lock still holds a consistent list, and it is used as is.
 struct Ledger<T>(Mutex<Vec<T>>);
 
 impl<T> Default for Ledger<T> {
@@ -164,6 +164,10 @@ impl<T: Clone> Ledger<T> {
 
     fn retain(&self, keep: impl FnMut(&T) -> bool) {
         lock(&self.0).retain(keep);
+    }
+
+    fn update(&self, change: impl FnMut(&mut T)) {
+        lock(&self.0).iter_mut().for_each(change);
     }
 
     fn entries(&self) -> Vec<T> {
@@ -210,7 +214,7 @@ pub enum Step {
 /// An entry an ADD kept for the owner's new sandbox: its container ID (and, with overlapping
 /// ranges, its reservation) moved from `before`'s to `after`'s. Taken back, it names `before`
 /// again, so the runtime's DEL of the failed sandbox leaves the pod's address for its next try.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Kept {
     pub pool: String,
     pub key: String,
@@ -219,6 +223,9 @@ pub struct Kept {
     pub after: Attachment,
     /// The reservation's network, when the ADD takes part in overlapping ranges.
     pub network_name: Option<String>,
+    /// Whom the reservation named before the keep took it over: `before`, unless another
+    /// sandbox of the pod held it (through another pool of the network).
+    pub reservation_before: Attachment,
 }
 
 /// The steps of the running ADD. It lives outside the ADD's future so that the steps survive
@@ -243,6 +250,17 @@ impl UndoLog {
     pub fn forget_kept(&self, pool: &str, key: &str) {
         self.0
             .retain(|s| !matches!(s, Step::Kept(k) if k.pool == pool && k.key == key));
+    }
+
+    /// Notes that the keep of entry `key` of `pool` took its reservation over from `from`.
+    pub fn kept_reservation_from(&self, pool: &str, key: &str, from: &Attachment) {
+        self.0.update(|s| {
+            if let Step::Kept(k) = s {
+                if k.pool == pool && k.key == key {
+                    k.reservation_before = from.clone();
+                }
+            }
+        });
     }
 
     /// Forgets the taking over of reservation `name`: answered, and what it came to is in the

@@ -1,6 +1,7 @@
 //! One ADD's request for an address of a pool, as the agent queues it to combine it with the
 //! node's other ADDs of that pool ([`super::batch`]), and what it is given.
 
+use super::engine::Kept;
 use super::reservation::Held;
 use crate::ipam::Range;
 use crate::store::Attachment;
@@ -62,9 +63,9 @@ pub struct Granted {
     pub reservation: Option<Held>,
     /// False when the attachment already held the address (nothing to take back).
     pub fresh: bool,
-    /// Who held the entry before this ADD moved it to the new sandbox (a kept address):
-    /// a failed ADD gives it back.
-    pub kept_from: Option<Attachment>,
+    /// The entry this ADD moved to the new sandbox (a kept address), for a failed ADD to give
+    /// back.
+    pub kept: Option<Kept>,
 }
 
 /// What requests must share to be combined in one batch: the cluster, the pool, its range and
