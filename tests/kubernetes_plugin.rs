@@ -736,6 +736,45 @@ fn a_failed_add_takes_back_a_reservation_whose_create_went_unanswered() {
     );
 }
 
+/// A failed ADD that took over the reservation of its pod's earlier sandbox (which holds the
+/// address through another range, edited since) gives it back to that sandbox also when the
+/// take-over's answer was lost: deleted, the earlier sandbox's entry would stand unguarded and
+/// another pod could take the address through the new range. On the fake API server, which
+/// applies the take-over and then answers 504.
+#[test]
+fn a_failed_add_gives_back_a_reservation_whose_take_over_went_unanswered() {
+    let server = FakeApiServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.write_kubeconfig(dir.path(), None);
+    let conf = |ranges: &[&str], static_ip: Option<&str>| {
+        let mut ipam = ipam(ranges[0], &kubeconfig, json!({}));
+        ipam.as_object_mut().unwrap().remove("range");
+        ipam["ipRanges"] = ranges.iter().map(|r| json!({"range": r})).collect();
+        let mut conf: Value = serde_json::from_str(&netconf("takeover", &ipam)).unwrap();
+        if let Some(ip) = static_ip {
+            conf["runtimeConfig"] = json!({"ips": [ip]});
+        }
+        conf.to_string()
+    };
+    let (old, new, full) = ("10.106.0.0/24", "10.106.0.0/25", "10.106.1.0/30");
+    let added = |container: &str, pod: &str, conf: &str| {
+        let reply = run(bin(), &call("ADD", container, pod), conf);
+        assert_eq!(reply.code, 0, "{reply:?}");
+    };
+    added("c1", "p", &conf(&[old], Some("10.106.0.9/24")));
+    added("f1", "f1", &conf(&[full], None));
+    added("f2", "f2", &conf(&[full], None));
+    server.fail_next_after_applying("PUT", RESERVATIONS, 1);
+    let both = conf(&[new, full], Some("10.106.0.9/25"));
+    let reply = run(bin(), &call("ADD", "c2", "p"), &both);
+    assert_ne!(reply.code, 0, "{reply:?}");
+    let reservation = server.get(RESERVATIONS, NS, "10.106.0.9");
+    let holder = reservation
+        .as_ref()
+        .map(|r| r["spec"]["containerid"].clone());
+    assert_eq!(holder, Some(json!("c1")), "{reservation:?}");
+}
+
 /// A flat file in `dir` for the fake API server saying Go binaries write the pools, the ADD
 /// waiting `sleep_for_race` seconds between choosing and writing.
 fn go_present_on_fake(server: &FakeApiServer, dir: &Path, sleep_for_race: u64) -> PathBuf {

@@ -1225,7 +1225,11 @@ impl Engine {
             // before interface names) is the pod's other interface's as likely, and stays its
             // holder's.
             Some(found) if found.spec.ifname == who.ifname && reservation::held_by(&found, who) => {
-                let before = (!reservation::names_container(&found, who)).then(|| {
+                let before = if reservation::names_container(&found, who) {
+                    // Ours already: made by an earlier attempt, or taken over by one whose
+                    // answer was lost (then from whom that attempt logged).
+                    claim.undo.taking_over_from(name)
+                } else {
                     let before = reservation::holder(&found);
                     claim.undo.push(Step::TakingOver {
                         name: name.to_string(),
@@ -1233,13 +1237,14 @@ impl Engine {
                         before: before.clone(),
                         after: who.clone(),
                     });
-                    before
-                });
-                let adopted = self.take_over(found, who).await?;
-                claim.undo.took_over(name);
-                let Some(adopted) = adopted else {
+                    Some(before)
+                };
+                // Refused (changed meanwhile, or a resent write that had landed): the step
+                // stays for the next look, which may find the object ours.
+                let Some(adopted) = self.take_over(found, who).await? else {
                     return Ok(None);
                 };
+                claim.undo.took_over(name);
                 let held = Held {
                     before,
                     ..Held::of(&adopted)

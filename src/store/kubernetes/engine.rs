@@ -263,6 +263,16 @@ impl UndoLog {
         });
     }
 
+    /// Whom a take-over of reservation `name` still in the log took it from.
+    pub fn taking_over_from(&self, name: &str) -> Option<Attachment> {
+        self.0.entries().into_iter().find_map(|s| match s {
+            Step::TakingOver {
+                name: n, before, ..
+            } if n == name => Some(before),
+            _ => None,
+        })
+    }
+
     /// Forgets the taking over of reservation `name`: answered, and what it came to is in the
     /// log if it is ours.
     pub fn took_over(&self, name: &str) {
