@@ -266,21 +266,50 @@ fn overlapping_ranges(open: Opener) {
 fn a_failed_add_leaves_a_kept_address_as_it_was(open: Opener) {
     let store = open("failedadd");
     let first = [pool("10.24.0.0/24")];
-    let full = [pool("10.24.1.0/30")];
     store.add(&add(&first, who("c0", "x"))).unwrap();
     let kept = store.add(&add(&first, who("c1", "a"))).unwrap();
     assert_eq!(kept, ips(&["10.24.0.2"]));
     // The lowest address is free again: a freed sticky address would be given another one.
     store.del(&attachment_req(&first, "c0")).unwrap();
-    for (container, pod) in [("f1", "f1"), ("f2", "f2")] {
-        store.add(&add(&full, who(container, pod))).unwrap();
-    }
-    let both = [first[0].clone(), full[0].clone()];
-    let err = store.add(&add(&both, who("c2", "a"))).unwrap_err();
-    assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
+    let both = [first[0].clone(), filled(&*store, "10.24.1.0/30")];
+    refused_exhausted(store.add(&add(&both, who("c2", "a"))));
     assert!(store.del(&attachment_req(&both, "c2")).unwrap().is_empty());
     assert_eq!(held(&*store, &first, "c1"), kept);
     assert_eq!(store.add(&add(&first, who("c3", "a"))).unwrap(), kept);
+}
+
+/// Asserts that an ADD was refused because its static address is someone else's.
+fn refused_in_use(result: Result<Vec<IpAddr>, StoreError>) {
+    let err = result.unwrap_err();
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+}
+
+/// Asserts that an ADD was refused because a range of it is full.
+fn refused_exhausted(result: Result<Vec<IpAddr>, StoreError>) {
+    let err = result.unwrap_err();
+    assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
+}
+
+/// The pool of the /30 `range`, its two addresses held by two other pods.
+fn filled(store: &dyn Store, range: &str) -> PoolRef {
+    let full = pool(range);
+    for (container, pod) in [("f1", "f1"), ("f2", "f2")] {
+        let req = add(std::slice::from_ref(&full), who(container, pod));
+        store.add(&req).unwrap();
+    }
+    full
+}
+
+/// The static `ip` taken through `old` by `first`, then through `new` by `second`, a later
+/// sandbox of the same pod (a range edited since).
+fn held_through_both(
+    store: &dyn Store,
+    (old, new): (&[PoolRef], &[PoolRef]),
+    (first, second): (Attachment, Attachment),
+    ip: &str,
+) -> Vec<IpAddr> {
+    store.add(&add_static(old, first, ip)).unwrap();
+    store.add(&add_static(new, second, ip)).unwrap()
 }
 
 /// A static address the attachment holds through another range of the network (the range
@@ -290,91 +319,62 @@ fn a_failed_add_leaves_a_kept_address_as_it_was(open: Opener) {
 fn a_static_address_its_owner_holds_through_another_range(open: Opener) {
     let store = open("staticown");
     let (old, new) = ([pool("10.25.0.0/24")], [pool("10.25.0.0/25")]);
-    store
-        .add(&add_static(&old, who("c1", "a"), "10.25.0.9"))
-        .unwrap();
-    let got = store
-        .add(&add_static(&new, who("c2", "a"), "10.25.0.9"))
-        .unwrap();
+    let ranges = (&old[..], &new[..]);
+    let got = held_through_both(
+        &*store,
+        ranges,
+        (who("c1", "a"), who("c2", "a")),
+        "10.25.0.9",
+    );
     assert_eq!(got, ips(&["10.25.0.9"]));
-    let err = store
-        .add(&add_static(&new, who("c3", "b"), "10.25.0.9"))
-        .unwrap_err();
-    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    refused_in_use(store.add(&add_static(&new, who("c3", "b"), "10.25.0.9")));
     assert_eq!(store.del(&attachment_req(&old, "c1")).unwrap().len(), 1);
     assert_eq!(held(&*store, &new, "c2"), got);
-    let err = store
-        .add(&add_static(&old, who("c4", "d"), "10.25.0.9"))
-        .unwrap_err();
-    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    refused_in_use(store.add(&add_static(&old, who("c4", "d"), "10.25.0.9")));
     // Edited back: the pod's next sandbox keeps the old range's entry, and the DEL of the
     // sandbox that held the address through the new range leaves it reserved for the pod.
     let other = "10.25.0.10";
-    store.add(&add_static(&old, who("c5", "e"), other)).unwrap();
-    store.add(&add_static(&new, who("c6", "e"), other)).unwrap();
+    held_through_both(&*store, ranges, (who("c5", "e"), who("c6", "e")), other);
     let kept = store.add(&add_static(&old, who("c7", "e"), other)).unwrap();
     assert_eq!(kept, ips(&[other]));
     assert_eq!(store.del(&attachment_req(&new, "c6")).unwrap().len(), 1);
-    let err = store
-        .add(&add_static(&new, who("c8", "f"), other))
-        .unwrap_err();
-    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    refused_in_use(store.add(&add_static(&new, who("c8", "f"), other)));
     // Held through both ranges, by two sandboxes: a later sandbox naming both ranges keeps
     // what the pod holds in each, the address twice (etcd writes its reservation once).
     let fourth = "10.25.0.12";
-    store
-        .add(&add_static(&old, who("c12", "i"), fourth))
-        .unwrap();
-    store
-        .add(&add_static(&new, who("c13", "i"), fourth))
-        .unwrap();
+    held_through_both(&*store, ranges, (who("c12", "i"), who("c13", "i")), fourth);
     let both = [old[0].clone(), new[0].clone()];
     let twice = store
         .add(&add_static(&both, who("c14", "i"), fourth))
         .unwrap();
     assert_eq!(twice, ips(&[fourth, fourth]));
-    // The pod's next sandbox asking for it through the new range, its ADD failing in another
-    // range (full), leaves it with the sandbox that holds it.
+}
+
+/// A pod's next sandbox whose ADD fails in a full range leaves what the pod holds through
+/// other ranges of the network as it was: asked for through the new range, the address stays
+/// with the sandbox that holds it through the old one; kept through the old range while a
+/// later sandbox holds it through the new one, its reservation stays with that later sandbox,
+/// so the old sandbox's DEL does not free an address in use.
+fn a_failed_add_leaves_what_its_pod_holds_through_another_range(open: Opener) {
+    let store = open("staticownfailed");
+    let (old, new) = ([pool("10.25.0.0/24")], [pool("10.25.0.0/25")]);
+    let full = filled(&*store, "10.25.1.0/30");
     let third = "10.25.0.11";
     store.add(&add_static(&old, who("c9", "g"), third)).unwrap();
-    let full = pool("10.25.1.0/30");
-    for (container, pod) in [("f1", "f1"), ("f2", "f2")] {
-        let req = add(std::slice::from_ref(&full), who(container, pod));
-        store.add(&req).unwrap();
-    }
-    let both = [new[0].clone(), full];
-    let err = store
-        .add(&add_static(&both, who("c10", "g"), third))
-        .unwrap_err();
-    assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
-    store.del(&attachment_req(&both, "c10")).unwrap();
-    let err = store
-        .add(&add_static(&new, who("c11", "h"), third))
-        .unwrap_err();
-    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
-    // Held through both ranges by two sandboxes, the later one's holding the reservation: a
-    // next sandbox keeping the old range's entry, its ADD failing in a full range, leaves the
-    // reservation with the sandbox that held it, so the old sandbox's DEL does not free the
-    // address the later one holds.
+    let new_and_full = [new[0].clone(), full.clone()];
+    refused_exhausted(store.add(&add_static(&new_and_full, who("c10", "g"), third)));
+    store.del(&attachment_req(&new_and_full, "c10")).unwrap();
+    refused_in_use(store.add(&add_static(&new, who("c11", "h"), third)));
+
     let fifth = "10.25.0.13";
-    store
-        .add(&add_static(&old, who("c15", "j"), fifth))
-        .unwrap();
-    store
-        .add(&add_static(&new, who("c16", "j"), fifth))
-        .unwrap();
-    let old_and_full = [old[0].clone(), both[1].clone()];
-    let err = store
-        .add(&add_static(&old_and_full, who("c17", "j"), fifth))
-        .unwrap_err();
-    assert!(matches!(err, StoreError::Exhausted { .. }), "{err}");
+    let ranges = (&old[..], &new[..]);
+    held_through_both(&*store, ranges, (who("c15", "j"), who("c16", "j")), fifth);
+    let old_and_full = [old[0].clone(), full];
+    refused_exhausted(store.add(&add_static(&old_and_full, who("c17", "j"), fifth)));
     store.del(&attachment_req(&old_and_full, "c17")).unwrap();
     assert_eq!(store.del(&attachment_req(&old, "c15")).unwrap().len(), 1);
     assert_eq!(held(&*store, &new, "c16"), ips(&[fifth]));
-    let err = store
-        .add(&add_static(&old, who("c18", "k"), fifth))
-        .unwrap_err();
-    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    refused_in_use(store.add(&add_static(&old, who("c18", "k"), fifth)));
 }
 
 /// What the pod's earlier sandbox holds through another range of the network is not free for
@@ -635,6 +635,10 @@ const BEHAVIOURS: &[Behaviour] = &[
     (
         "a_static_address_its_owner_holds_through_another_range",
         a_static_address_its_owner_holds_through_another_range,
+    ),
+    (
+        "a_failed_add_leaves_what_its_pod_holds_through_another_range",
+        a_failed_add_leaves_what_its_pod_holds_through_another_range,
     ),
     (
         "a_dynamic_add_passes_over_what_its_pod_holds_through_another_range",

@@ -1352,7 +1352,7 @@ impl Engine {
         let mut standing = Vec::new();
         let (entries, reservations): (Vec<_>, Vec<_>) = steps
             .into_iter()
-            .partition(|s| matches!(s, Step::PoolEntry { .. } | Step::Kept { .. }));
+            .partition(|s| matches!(s, Step::PoolEntry { .. } | Step::Kept(_)));
         for step in entries.into_iter().rev() {
             if let Step::Kept(kept) = step {
                 if let Err(err) = self.give_back_kept(kept).await {
